@@ -1,0 +1,119 @@
+//! How a host reaches the replicated device.
+//!
+//! A frontend (NBD today, ublk next) turns host requests into [`BlockRequest`]s and hands them to
+//! a [`BlockDevice`]. The engine is the only real implementation; tests use [`MemDevice`]. Nothing
+//! outside this module (and the `blkrepl-ublk` crate) knows a frontend's wire format.
+
+pub mod nbd;
+
+use bytes::Bytes;
+use std::sync::Mutex;
+
+/// One request from the host. Offsets and lengths are in bytes; frontends check alignment and
+/// bounds against [`BlockDevice::size_bytes`] before submitting.
+#[derive(Debug, Clone)]
+pub enum BlockRequest {
+    Read { offset: u64, len: u32 },
+    /// `fua`: complete only once the data is durable on every replica that receives it.
+    Write { offset: u64, data: Bytes, fua: bool },
+    /// Complete only once every write completed before it is durable locally and on every
+    /// connected UpToDate peer.
+    Flush,
+    /// The range's content becomes unspecified (a hint; may be a no-op).
+    Discard { offset: u64, len: u32 },
+    /// The range reads back as zeroes afterwards.
+    WriteZeroes { offset: u64, len: u32, fua: bool },
+}
+
+/// Why a request failed, mapped by each frontend onto its own error codes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    #[error("I/O error on the backing disk")]
+    Io,
+    #[error("no space left on the backing disk")]
+    NoSpace,
+    #[error("request outside the device or misaligned")]
+    Invalid,
+    /// The node is not primary (or lost the right to write, e.g. quorum).
+    #[error("device is read-only on this node")]
+    ReadOnly,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("device is shutting down")]
+    Shutdown,
+}
+
+/// What a completed request yields: the data for a read, nothing otherwise.
+pub type BlockResult = Result<Option<Bytes>, BlockError>;
+
+/// Called exactly once per submitted request, from whichever thread completes it.
+pub type Completion = Box<dyn FnOnce(BlockResult) + Send>;
+
+/// The narrow interface between a frontend and the replication engine.
+///
+/// `submit` must not block for the duration of the I/O: it queues the request and returns, so a
+/// frontend can keep many requests in flight. It may block briefly (e.g. while an overlapping
+/// write is in flight), which back-pressures the frontend.
+pub trait BlockDevice: Send + Sync {
+    fn size_bytes(&self) -> u64;
+    /// The smallest unit of addressing; requests are multiples of it.
+    fn block_size(&self) -> u32 {
+        512
+    }
+    fn submit(&self, request: BlockRequest, done: Completion);
+}
+
+/// An in-memory device, completing every request synchronously: for frontend tests.
+#[derive(Debug)]
+pub struct MemDevice {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemDevice {
+    pub fn new(size_bytes: usize) -> Self {
+        Self { data: Mutex::new(vec![0; size_bytes]) }
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().expect("MemDevice lock").clone()
+    }
+}
+
+impl BlockDevice for MemDevice {
+    fn size_bytes(&self) -> u64 {
+        self.data.lock().expect("MemDevice lock").len() as u64
+    }
+
+    fn submit(&self, request: BlockRequest, done: Completion) {
+        let mut data = self.data.lock().expect("MemDevice lock");
+        let range = |offset: u64, len: usize| -> Option<std::ops::Range<usize>> {
+            let start = usize::try_from(offset).ok()?;
+            let end = start.checked_add(len)?;
+            (end <= data.len()).then_some(start..end)
+        };
+        let result = match request {
+            BlockRequest::Read { offset, len } => range(offset, len as usize)
+                .map(|r| Some(Bytes::copy_from_slice(&data[r])))
+                .ok_or(BlockError::Invalid),
+            BlockRequest::Write { offset, data: bytes, .. } => match range(offset, bytes.len()) {
+                Some(r) => {
+                    data[r].copy_from_slice(&bytes);
+                    Ok(None)
+                }
+                None => Err(BlockError::Invalid),
+            },
+            BlockRequest::Discard { offset, len } | BlockRequest::WriteZeroes { offset, len, .. } => {
+                match range(offset, len as usize) {
+                    Some(r) => {
+                        data[r].fill(0);
+                        Ok(None)
+                    }
+                    None => Err(BlockError::Invalid),
+                }
+            }
+            BlockRequest::Flush => Ok(None),
+        };
+        drop(data);
+        done(result);
+    }
+}
