@@ -1,1 +1,381 @@
-//! TODO
+//! Resource files: `DIR/<resource>.toml`, one per replicated resource.
+//!
+//! Parsing is strict (unknown keys are errors) because a typo in a replication config silently
+//! ignored is how data gets lost; every error names the file, the key and what to do.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Write-completion protocol (see docs/DESIGN.md): when a write is acknowledged upward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    /// Local write done and the data handed to the send path.
+    A,
+    /// Local write done and the peer has received the data.
+    B,
+    /// Local write done and the peer's disk write done.
+    C,
+}
+
+impl Protocol {
+    pub fn as_byte(self) -> u8 {
+        match self {
+            Protocol::A => b'A',
+            Protocol::B => b'B',
+            Protocol::C => b'C',
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.as_byte() as char)
+    }
+}
+
+/// Quorum policy. Only `off` exists until the quorum work lands; the key is accepted from the
+/// start so resource files written today keep working.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuorumPolicy {
+    Off,
+}
+
+impl fmt::Display for QuorumPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuorumPolicy::Off => f.write_str("off"),
+        }
+    }
+}
+
+/// One node of a resource, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Stable node id (0..=31); stored in metadata, so it must never change for a node.
+    pub id: u8,
+    pub name: String,
+    /// Replication endpoint: this node listens here, peers dial it.
+    pub address: SocketAddr,
+    /// Backing file or block device.
+    pub disk: PathBuf,
+    /// External metadata device; `None` keeps metadata at the end of `disk`.
+    pub meta_disk: Option<PathBuf>,
+    /// NBD export address while this node is primary.
+    pub nbd: Option<SocketAddr>,
+}
+
+/// A validated resource file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub protocol: Protocol,
+    pub quorum: QuorumPolicy,
+    /// Shared secret for peer authentication (HMAC challenge-response); `None` = no auth.
+    pub secret: Option<Vec<u8>>,
+    /// Bytes of data per dirty-bitmap bit.
+    pub bitmap_block_size: u32,
+    /// Activity-log slots (hot 4 MiB extents).
+    pub al_extents: u32,
+    /// Upper bound of the resync rate.
+    pub resync_rate_max_kib: u64,
+    pub nodes: Vec<NodeConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read resource file {path}: {source} (create it, or pass --config-dir)")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {problem}")]
+    Invalid { path: PathBuf, key: String, problem: String },
+    #[error("{path}: node `{node}` is not configured (configured: {known}); check --node or BLKREPL_NODE")]
+    UnknownNode { path: PathBuf, node: String, known: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    name: String,
+    #[serde(default = "default_protocol")]
+    protocol: String,
+    #[serde(default)]
+    quorum: Option<String>,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    bitmap_block_size: Option<u32>,
+    al_extents: Option<u32>,
+    resync_rate_max_kib: Option<u64>,
+    #[serde(default)]
+    node: Vec<RawNode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    id: Option<u8>,
+    name: String,
+    address: String,
+    disk: PathBuf,
+    meta_disk: Option<PathBuf>,
+    nbd: Option<String>,
+}
+
+fn default_protocol() -> String {
+    "C".to_owned()
+}
+
+pub const DEFAULT_BITMAP_BLOCK_SIZE: u32 = 4096;
+pub const DEFAULT_AL_EXTENTS: u32 = 1237;
+pub const DEFAULT_RESYNC_RATE_MAX_KIB: u64 = 100 * 1024;
+/// Node ids fit the metadata's peer slots and the wire's u8.
+pub const MAX_NODE_ID: u8 = 31;
+
+impl ResourceConfig {
+    /// The file of `resource` in `dir`.
+    pub fn path_in(dir: &Path, resource: &str) -> PathBuf {
+        dir.join(format!("{resource}.toml"))
+    }
+
+    /// Loads `DIR/<resource>.toml`.
+    pub fn load(dir: &Path, resource: &str) -> Result<Self, ConfigError> {
+        let path = Self::path_in(dir, resource);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let config = Self::parse(&path, &text)?;
+        if config.name != resource {
+            return Err(invalid(&path, "name", format!("is \"{}\" but the file is named for \"{resource}\"", config.name)));
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates the text of a resource file; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawResource =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        validate(path, raw)
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.iter().find(|n| n.name == name).ok_or_else(|| ConfigError::UnknownNode {
+            path: self.path.clone(),
+            node: name.to_owned(),
+            known: self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    pub fn node_by_id(&self, id: u8) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.id == id)
+    }
+
+    /// Every node but `me`.
+    pub fn peers_of<'a>(&'a self, me: &'a NodeConfig) -> impl Iterator<Item = &'a NodeConfig> + 'a {
+        self.nodes.iter().filter(move |n| n.id != me.id)
+    }
+}
+
+fn invalid(path: &Path, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { path: path.to_owned(), key: key.into(), problem: problem.into() }
+}
+
+fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError> {
+    if raw.name.is_empty()
+        || raw.name.len() > 63
+        || !raw.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(path, "name", "must be 1-63 characters of letters, digits, '-' or '_'"));
+    }
+    let protocol = match raw.protocol.as_str() {
+        "A" => Protocol::A,
+        "B" => Protocol::B,
+        "C" => Protocol::C,
+        other => return Err(invalid(path, "protocol", format!("\"{other}\" is not one of \"A\", \"B\", \"C\""))),
+    };
+    let quorum = match raw.quorum.as_deref() {
+        None | Some("off") => QuorumPolicy::Off,
+        Some(other) => {
+            return Err(invalid(path, "quorum", format!("\"{other}\" is not supported by this version (use \"off\")")))
+        }
+    };
+    let secret = match (raw.secret, raw.secret_file) {
+        (Some(_), Some(_)) => return Err(invalid(path, "secret_file", "set either `secret` or `secret_file`, not both")),
+        (Some(s), None) => Some(s.into_bytes()),
+        (None, Some(file)) => {
+            let bytes = std::fs::read(&file)
+                .map_err(|e| invalid(path, "secret_file", format!("cannot read {}: {e}", file.display())))?;
+            Some(trim_newline(bytes))
+        }
+        (None, None) => None,
+    };
+    if secret.as_ref().is_some_and(|s| s.is_empty()) {
+        return Err(invalid(path, "secret", "is empty"));
+    }
+    let bitmap_block_size = raw.bitmap_block_size.unwrap_or(DEFAULT_BITMAP_BLOCK_SIZE);
+    if !bitmap_block_size.is_power_of_two() || !(4096..=1 << 20).contains(&bitmap_block_size) {
+        return Err(invalid(path, "bitmap_block_size", "must be a power of two from 4096 to 1048576"));
+    }
+    let al_extents = raw.al_extents.unwrap_or(DEFAULT_AL_EXTENTS);
+    if !(7..=6433).contains(&al_extents) {
+        return Err(invalid(path, "al_extents", "must be from 7 to 6433"));
+    }
+    let resync_rate_max_kib = raw.resync_rate_max_kib.unwrap_or(DEFAULT_RESYNC_RATE_MAX_KIB);
+    if resync_rate_max_kib < 250 {
+        return Err(invalid(path, "resync_rate_max_kib", "must be at least 250"));
+    }
+
+    if raw.node.len() < 2 {
+        return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
+    }
+    let mut nodes: Vec<NodeConfig> = Vec::with_capacity(raw.node.len());
+    for (index, node) in raw.node.into_iter().enumerate() {
+        let key = |field: &str| format!("node[{index}].{field}");
+        let id = match node.id {
+            Some(id) => id,
+            None => u8::try_from(index).map_err(|_| invalid(path, key("id"), "too many nodes"))?,
+        };
+        if id > MAX_NODE_ID {
+            return Err(invalid(path, key("id"), format!("{id} is above the maximum {MAX_NODE_ID}")));
+        }
+        if node.name.is_empty() {
+            return Err(invalid(path, key("name"), "is empty"));
+        }
+        let address = parse_addr(&node.address).map_err(|p| invalid(path, key("address"), p))?;
+        let nbd = node.nbd.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
+        if node.disk.as_os_str().is_empty() {
+            return Err(invalid(path, key("disk"), "is empty"));
+        }
+        if let Some(other) = nodes.iter().find(|n| n.name == node.name) {
+            return Err(invalid(path, key("name"), format!("\"{}\" is used twice (node id {})", node.name, other.id)));
+        }
+        if let Some(other) = nodes.iter().find(|n| n.id == id) {
+            return Err(invalid(path, key("id"), format!("{id} is already node \"{}\"'s", other.name)));
+        }
+        if let Some(other) = nodes.iter().find(|n| n.address == address) {
+            return Err(invalid(path, key("address"), format!("{address} is already node \"{}\"'s", other.name)));
+        }
+        nodes.push(NodeConfig { id, name: node.name, address, disk: node.disk, meta_disk: node.meta_disk, nbd });
+    }
+    Ok(ResourceConfig {
+        name: raw.name,
+        path: path.to_owned(),
+        protocol,
+        quorum,
+        secret,
+        bitmap_block_size,
+        al_extents,
+        resync_rate_max_kib,
+        nodes,
+    })
+}
+
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| format!("\"{text}\" is not an address like \"127.0.0.1:7789\" or \"[::1]:7789\""))
+}
+
+fn trim_newline(mut bytes: Vec<u8>) -> Vec<u8> {
+    while bytes.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        bytes.pop();
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "r0"
+protocol = "C"
+quorum = "off"
+[[node]]
+name = "alpha"
+address = "127.0.0.1:7789"
+disk = "/var/lib/blkrepl/alpha.img"
+nbd = "127.0.0.1:10809"
+[[node]]
+name = "beta"
+address = "127.0.0.1:7790"
+disk = "/var/lib/blkrepl/beta.img"
+"#;
+
+    fn parse(text: &str) -> Result<ResourceConfig, ConfigError> {
+        ResourceConfig::parse(Path::new("/etc/blkrepl/r0.toml"), text)
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.protocol, Protocol::C);
+        assert_eq!(config.nodes.len(), 2);
+        assert_eq!(config.nodes[1].id, 1);
+        assert_eq!(config.nodes[0].nbd, Some("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(config.nodes[1].nbd, None);
+        assert_eq!(config.node("beta").unwrap().address.port(), 7790);
+        assert_eq!(config.bitmap_block_size, DEFAULT_BITMAP_BLOCK_SIZE);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = error_of(&GOOD.replace("quorum = \"off\"", "quorom = \"off\""));
+        assert!(err.contains("quorom"), "{err}");
+        assert!(err.contains("r0.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (from, to, key) in [
+            ("protocol = \"C\"", "protocol = \"D\"", "protocol"),
+            ("quorum = \"off\"", "quorum = \"sometimes\"", "quorum"),
+            ("127.0.0.1:7790", "localhost", "node[1].address"),
+            ("127.0.0.1:10809", "nowhere", "node[0].nbd"),
+            ("name = \"beta\"", "name = \"alpha\"", "node[1].name"),
+            ("127.0.0.1:7790", "127.0.0.1:7789", "node[1].address"),
+            ("name = \"r0\"", "name = \"r 0\"", "name"),
+        ] {
+            let err = error_of(&GOOD.replacen(from, to, 1));
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn one_node_is_not_a_resource() {
+        let one = GOOD.split("[[node]]").take(2).collect::<Vec<_>>().join("[[node]]");
+        assert!(error_of(&one).contains("at least two"));
+    }
+
+    #[test]
+    fn malformed_toml_reports_position() {
+        let err = error_of("name = \"r0\"\nprotocol = ");
+        assert!(err.contains("r0.toml"), "{err}");
+        assert!(err.contains("line 2") || err.contains("2:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_node_lists_the_configured_ones() {
+        let config = parse(GOOD).unwrap();
+        let err = config.node("gamma").unwrap_err().to_string();
+        assert!(err.contains("alpha, beta"), "{err}");
+    }
+
+    #[test]
+    fn secret_and_secret_file_are_exclusive() {
+        let text = GOOD.replace("quorum = \"off\"", "secret = \"s\"\nsecret_file = \"/x\"");
+        assert!(error_of(&text).contains("`secret_file`"));
+    }
+
+    #[test]
+    fn load_checks_the_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("r1.toml"), GOOD).unwrap();
+        let err = ResourceConfig::load(dir.path(), "r1").unwrap_err().to_string();
+        assert!(err.contains("`name`"), "{err}");
+        let missing = ResourceConfig::load(dir.path(), "r9").unwrap_err().to_string();
+        assert!(missing.contains("r9.toml"), "{missing}");
+    }
+}

@@ -1,1 +1,6 @@
-//! TODO
+//! The pure state machines: no sockets, no files, no clock, no randomness. Drivers in
+//! [`crate::engine`] feed them events and carry out what they decide, so the same rules can be
+//! driven by a deterministic simulator.
+
+pub mod states;
+pub mod sync_decision;

@@ -1,0 +1,388 @@
+//! The decision at connect: from both nodes' generation UUIDs, who (if anyone) resyncs whom.
+//!
+//! Both nodes run [`decide`] on the same pair of [`UuidView`]s (each from its own side), and the
+//! function is antisymmetric, so they agree without another round trip. The table and its
+//! reasoning are in docs/DESIGN.md ("Generation UUIDs"); the rule numbers below match it.
+
+/// The UUID value of metadata that was created and never written as a source.
+pub const UUID_JUST_CREATED: u64 = 4;
+
+/// Bit 0 of a UUID records "was primary"; it is not part of the identity.
+pub fn same_uuid(a: u64, b: u64) -> bool {
+    a & !1 == b & !1
+}
+
+/// One node's side of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UuidView {
+    pub node_id: u8,
+    pub current: u64,
+    /// This node's bitmap UUID for the *other* node (0 when it tracks nothing for it).
+    pub bitmap_for_peer: u64,
+    pub history: [u64; 4],
+    /// Metadata said "primary" at attach: the node crashed while primary and its activity log's
+    /// extents were marked out of sync.
+    pub crashed_primary: bool,
+    pub is_primary: bool,
+    /// Disk is Inconsistent: it can only ever be a target.
+    pub inconsistent: bool,
+}
+
+impl UuidView {
+    fn just_created(&self) -> bool {
+        same_uuid(self.current, UUID_JUST_CREATED)
+    }
+
+    fn in_history(&self, uuid: u64) -> bool {
+        uuid != 0 && self.history.iter().any(|h| *h != 0 && same_uuid(*h, uuid))
+    }
+}
+
+/// Which way data flows after connecting, from the point of view of the node that decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDecision {
+    /// Same data; replicate from here on.
+    InSync,
+    /// Resync the blocks set in either node's bitmap for the other; this node sends.
+    BitmapSource,
+    BitmapTarget,
+    /// Resync every block.
+    FullSource,
+    FullTarget,
+    /// Both wrote since they last agreed, and both still track changes from that common point
+    /// (equal bitmap UUIDs): an after-split-brain policy could resolve it from the bitmaps.
+    SplitBrain,
+    /// Both wrote since they last agreed, with no common bitmap: only the operator can resolve it.
+    SplitBrainManual,
+    /// No shared ancestry: these disks never held the same data.
+    Unrelated,
+    /// The UUIDs call for a sync the states forbid; the reason says what the operator must do.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// This node is Inconsistent yet the UUIDs make it the source.
+    InconsistentSource,
+    /// This node is primary yet the UUIDs make it the target: syncing would overwrite live data.
+    PrimaryWouldBeTarget,
+    /// The peer is Inconsistent or primary and would be the wrong side (mirror of the above).
+    PeerCannotFollow,
+}
+
+impl SyncDecision {
+    /// The same decision as seen from the peer.
+    pub fn mirrored(self) -> SyncDecision {
+        use SyncDecision::*;
+        match self {
+            BitmapSource => BitmapTarget,
+            BitmapTarget => BitmapSource,
+            FullSource => FullTarget,
+            FullTarget => FullSource,
+            other => other,
+        }
+    }
+
+    pub fn is_source(self) -> bool {
+        matches!(self, SyncDecision::BitmapSource | SyncDecision::FullSource)
+    }
+
+    pub fn is_target(self) -> bool {
+        matches!(self, SyncDecision::BitmapTarget | SyncDecision::FullTarget)
+    }
+}
+
+/// Decides from `me`'s side. `decide(a, b) == decide(b, a).mirrored()` for every input.
+pub fn decide(me: &UuidView, peer: &UuidView) -> SyncDecision {
+    let by_uuids = decide_by_uuids(me, peer);
+    check_states(finish_interrupted_resync(by_uuids, me, peer), me, peer)
+}
+
+fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
+    use SyncDecision::*;
+    // 1. Two fresh disks: nothing to copy until one is declared the source.
+    if me.just_created() && peer.just_created() {
+        return InSync;
+    }
+    // 2. A bitmap UUID says "I recorded every change since the peer was at this UUID": a bitmap
+    //    resync suffices. Checked before the just-created rule so an interrupted initial sync
+    //    resumes from its bitmap instead of starting over.
+    let mine_tracks_peer = me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current);
+    let peer_tracks_me = peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current);
+    if mine_tracks_peer && !peer_tracks_me {
+        return BitmapSource;
+    }
+    if peer_tracks_me && !mine_tracks_peer {
+        return BitmapTarget;
+    }
+    // 3. Exactly one fresh disk: everything flows from the other.
+    if me.just_created() {
+        return FullTarget;
+    }
+    if peer.just_created() {
+        return FullSource;
+    }
+    // 4. Same current UUID.
+    if same_uuid(me.current, peer.current) {
+        return decide_same_current(me, peer);
+    }
+    // 5. One node's current is in the other's history: the other moved on without a bitmap.
+    if peer.in_history(me.current) {
+        return FullTarget;
+    }
+    if me.in_history(peer.current) {
+        return FullSource;
+    }
+    // 6. Both rotated away from the same current: both wrote independently.
+    if me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.bitmap_for_peer) {
+        return SplitBrain;
+    }
+    // 7. Shared ancestry somewhere in the histories: split brain without usable bitmaps.
+    let related = me.history.iter().chain([&me.bitmap_for_peer]).any(|u| *u != 0 && peer.in_history(*u))
+        || (peer.bitmap_for_peer != 0 && me.in_history(peer.bitmap_for_peer));
+    if related {
+        return SplitBrainManual;
+    }
+    // 8. Nothing in common.
+    Unrelated
+}
+
+fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
+    use SyncDecision::*;
+    // A crash as primary leaves writes in the activity log's extents that may not have reached
+    // the peer (or reached only the peer). Those extents are already in the crashed side's
+    // bitmap; they flow from the side that is primary now, else from the side that crashed.
+    if me.crashed_primary || peer.crashed_primary {
+        return match (me.is_primary, peer.is_primary) {
+            (true, false) => BitmapSource,
+            (false, true) => BitmapTarget,
+            _ => match (me.crashed_primary, peer.crashed_primary) {
+                (true, false) => BitmapSource,
+                (false, true) => BitmapTarget,
+                // Both crashed as primary with the same UUID: their writes after the last common
+                // point are within both activity logs; the lower node id wins deterministically.
+                _ if me.node_id < peer.node_id => BitmapSource,
+                _ => BitmapTarget,
+            },
+        };
+    }
+    // A leftover bitmap UUID means the end of a resync was missed: finish it.
+    match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {
+        (true, false) => BitmapSource,
+        (false, true) => BitmapTarget,
+        _ => InSync,
+    }
+}
+
+/// Same UUIDs but one side Inconsistent: a resync into it was interrupted after its UUIDs were
+/// adopted; it stays the target.
+fn finish_interrupted_resync(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
+    let both_fresh = me.just_created() && peer.just_created();
+    if decision != SyncDecision::InSync || me.inconsistent == peer.inconsistent || both_fresh {
+        return decision;
+    }
+    if me.inconsistent {
+        SyncDecision::BitmapTarget
+    } else {
+        SyncDecision::BitmapSource
+    }
+}
+
+fn check_states(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
+    use SyncDecision::*;
+    if decision.is_source() && me.inconsistent || decision.is_target() && me.is_primary {
+        return Refused(if me.inconsistent && decision.is_source() {
+            Refusal::InconsistentSource
+        } else {
+            Refusal::PrimaryWouldBeTarget
+        });
+    }
+    if decision.is_target() && peer.inconsistent || decision.is_source() && peer.is_primary {
+        return Refused(Refusal::PeerCannotFollow);
+    }
+    decision
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyncDecision::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn view(node_id: u8, current: u64) -> UuidView {
+        UuidView {
+            node_id,
+            current,
+            bitmap_for_peer: 0,
+            history: [0; 4],
+            crashed_primary: false,
+            is_primary: false,
+            inconsistent: false,
+        }
+    }
+
+    fn both(a: &UuidView, b: &UuidView) -> SyncDecision {
+        let d = decide(a, b);
+        let mirrored = match decide(b, a) {
+            Refused(_) => d,
+            other => other.mirrored(),
+        };
+        if !matches!(d, Refused(_)) {
+            assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
+        }
+        d
+    }
+
+    #[test]
+    fn fresh_pair_is_in_sync_until_forced() {
+        let mut a = view(0, UUID_JUST_CREATED);
+        let mut b = view(1, UUID_JUST_CREATED);
+        a.inconsistent = true;
+        b.inconsistent = true;
+        assert_eq!(both(&a, &b), InSync);
+    }
+
+    #[test]
+    fn forced_primary_fully_syncs_a_fresh_peer() {
+        let a = view(0, 0x1000);
+        let mut b = view(1, UUID_JUST_CREATED);
+        b.inconsistent = true;
+        assert_eq!(both(&a, &b), FullSource);
+    }
+
+    #[test]
+    fn interrupted_initial_sync_resumes_from_the_bitmap() {
+        let mut a = view(0, 0x1000);
+        a.bitmap_for_peer = UUID_JUST_CREATED;
+        let mut b = view(1, UUID_JUST_CREATED);
+        b.inconsistent = true;
+        assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    #[test]
+    fn primary_that_lost_its_peer_resyncs_it_by_bitmap() {
+        let mut a = view(0, 0x2001);
+        a.bitmap_for_peer = 0x1000;
+        a.history = [0x1000, 0, 0, 0];
+        let b = view(1, 0x1000);
+        assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    #[test]
+    fn crashed_primary_becomes_target_of_the_promoted_peer() {
+        // alpha crashed as primary at 0x1000; beta promoted alone and rotated to 0x3001.
+        let mut alpha = view(0, 0x1001);
+        alpha.crashed_primary = true;
+        let mut beta = view(1, 0x3001);
+        beta.bitmap_for_peer = 0x1000;
+        beta.is_primary = true;
+        assert_eq!(both(&alpha, &beta), BitmapTarget);
+    }
+
+    #[test]
+    fn crashed_primary_with_unchanged_peer_resyncs_its_activity_log() {
+        let mut alpha = view(0, 0x1001);
+        alpha.crashed_primary = true;
+        let beta = view(1, 0x1000);
+        assert_eq!(both(&alpha, &beta), BitmapSource);
+    }
+
+    #[test]
+    fn missed_resync_end_is_finished() {
+        let mut a = view(0, 0x1000);
+        a.bitmap_for_peer = 0x0800;
+        let b = view(1, 0x1000);
+        assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    #[test]
+    fn history_without_bitmap_means_full_sync() {
+        let mut a = view(0, 0x3000);
+        a.history = [0x2000, 0x1000, 0, 0];
+        let b = view(1, 0x1000);
+        assert_eq!(both(&a, &b), FullSource);
+    }
+
+    #[test]
+    fn both_rotated_from_the_same_uuid_is_split_brain() {
+        let mut a = view(0, 0x2001);
+        a.bitmap_for_peer = 0x1000;
+        a.history = [0x1000, 0, 0, 0];
+        let mut b = view(1, 0x3001);
+        b.bitmap_for_peer = 0x1000;
+        b.history = [0x1000, 0, 0, 0];
+        assert_eq!(both(&a, &b), SplitBrain);
+    }
+
+    #[test]
+    fn shared_history_only_is_manual_split_brain() {
+        let mut a = view(0, 0x2000);
+        a.history = [0x1000, 0, 0, 0];
+        let mut b = view(1, 0x3000);
+        b.history = [0x1000, 0, 0, 0];
+        assert_eq!(both(&a, &b), SplitBrainManual);
+    }
+
+    #[test]
+    fn unrelated_disks_are_refused() {
+        assert_eq!(both(&view(0, 0x2000), &view(1, 0x3000)), Unrelated);
+    }
+
+    #[test]
+    fn primary_is_never_overwritten() {
+        let mut a = view(0, 0x1000);
+        a.is_primary = true;
+        let mut b = view(1, 0x2001);
+        b.bitmap_for_peer = 0x1000;
+        assert_eq!(decide(&a, &b), Refused(Refusal::PrimaryWouldBeTarget));
+        assert_eq!(decide(&b, &a), Refused(Refusal::PeerCannotFollow));
+    }
+
+    #[test]
+    fn inconsistent_node_is_never_a_source() {
+        let mut a = view(0, 0x2001);
+        a.bitmap_for_peer = 0x1000;
+        a.inconsistent = true;
+        let b = view(1, 0x1000);
+        assert_eq!(decide(&a, &b), Refused(Refusal::InconsistentSource));
+    }
+
+    #[test]
+    fn inconsistent_side_with_same_uuid_stays_target() {
+        let a = view(0, 0x1000);
+        let mut b = view(1, 0x1000);
+        b.inconsistent = true;
+        assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    fn arb_uuid() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0u64), Just(UUID_JUST_CREATED), 0x1000u64..0x1006]
+    }
+
+    fn arb_view(node_id: u8) -> impl Strategy<Value = UuidView> {
+        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>())
+            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent)| UuidView {
+                node_id,
+                current: current.max(UUID_JUST_CREATED),
+                bitmap_for_peer,
+                history,
+                crashed_primary,
+                is_primary,
+                inconsistent,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn both_sides_agree(a in arb_view(0), b in arb_view(1)) {
+            let (da, db) = (decide(&a, &b), decide(&b, &a));
+            match (da, db) {
+                (Refused(_), Refused(_)) => {}
+                (Refused(_), _) | (_, Refused(_)) => prop_assert!(false, "one side refused alone: {da:?} / {db:?}"),
+                _ => prop_assert_eq!(da, db.mirrored()),
+            }
+            prop_assert!(!(da.is_source() && a.inconsistent));
+            prop_assert!(!(da.is_target() && a.is_primary));
+        }
+    }
+}
