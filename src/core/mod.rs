@@ -4,3 +4,5 @@
 
 pub mod states;
 pub mod sync_decision;
+pub mod inflight;
+pub mod transfer_log;

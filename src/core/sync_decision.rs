@@ -127,11 +127,12 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
         return decide_same_current(me, peer);
     }
     // 5. One node's current is in the other's history: the other moved on without a bitmap.
-    if peer.in_history(me.current) {
-        return FullTarget;
-    }
-    if me.in_history(peer.current) {
-        return FullSource;
+    match (peer.in_history(me.current), me.in_history(peer.current)) {
+        (true, false) => return FullTarget,
+        (false, true) => return FullSource,
+        // Each is the other's past: histories that contradict each other; never guess.
+        (true, true) => return SplitBrainManual,
+        (false, false) => {}
     }
     // 6. Both rotated away from the same current: both wrote independently.
     if me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.bitmap_for_peer) {

@@ -1,0 +1,86 @@
+//! What a peer may not have durably yet.
+//!
+//! Every write or resync block sent to a peer stays here until the peer acknowledges a barrier
+//! that covers its epoch (the peer flushed it). If the connection drops first, everything left is
+//! marked out of sync for that peer: a peer that lost power may have lost it from its cache.
+
+use std::collections::VecDeque;
+
+#[derive(Debug, Default)]
+pub struct TransferLog {
+    entries: VecDeque<(u64, u64, u64)>,
+    /// Writes sent in the current (open) epoch.
+    open_epoch_writes: u32,
+}
+
+/// A barrier ack whose count disagrees with what was sent: the streams are out of step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("barrier ack for epoch {epoch} counts {acked} writes, {sent} were sent")]
+pub struct BarrierMismatch {
+    pub epoch: u64,
+    pub sent: u32,
+    pub acked: u32,
+}
+
+impl TransferLog {
+    pub fn record(&mut self, epoch: u64, offset: u64, len: u64) {
+        self.entries.push_back((epoch, offset, len));
+        self.open_epoch_writes += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Writes in the open epoch (the count a barrier for it carries).
+    pub fn open_epoch_writes(&self) -> u32 {
+        self.open_epoch_writes
+    }
+
+    /// The open epoch is closed by a barrier; returns its write count.
+    pub fn close_epoch(&mut self) -> u32 {
+        std::mem::take(&mut self.open_epoch_writes)
+    }
+
+    /// The peer flushed everything up to and including `epoch`; returns the ranges now known durable
+    /// there.
+    pub fn barrier_acked(&mut self, epoch: u64) -> Vec<(u64, u64)> {
+        let mut durable = Vec::new();
+        while let Some(&(e, offset, len)) = self.entries.front() {
+            if e > epoch {
+                break;
+            }
+            durable.push((offset, len));
+            self.entries.pop_front();
+        }
+        durable
+    }
+
+    /// The connection is gone: every range the peer might lack.
+    pub fn drain_lost(&mut self) -> Vec<(u64, u64)> {
+        self.open_epoch_writes = 0;
+        self.entries.drain(..).map(|(_, offset, len)| (offset, len)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn barrier_ack_releases_only_its_epochs() {
+        let mut log = TransferLog::default();
+        log.record(1, 0, 4096);
+        log.record(1, 4096, 4096);
+        assert_eq!(log.close_epoch(), 2);
+        log.record(2, 8192, 4096);
+        assert_eq!(log.barrier_acked(1), vec![(0, 4096), (4096, 4096)]);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log.drain_lost(), vec![(8192, 4096)]);
+        assert!(log.is_empty());
+    }
+}
