@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod daemon;
 pub mod engine;
 pub mod frontend;
 pub mod meta;

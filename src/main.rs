@@ -1,1 +1,311 @@
-fn main() {}
+//! `blkrepl`: the admin CLI (and, with `up --foreground`, the daemon itself).
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error, 3 resource not running, 10 configuration
+//! error, 11 refused by the resource's state, 12 device in use, 13 permission denied.
+
+use blkrepl::config::{ConfigError, NodeConfig, ResourceConfig};
+use blkrepl::control::{self, client, Request};
+use blkrepl::daemon;
+use blkrepl::disk::{Disk, FileDisk};
+use blkrepl::engine::ResourceStatus;
+use blkrepl::meta::{MetaParams, MetaStore};
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+#[derive(Parser)]
+#[command(name = "blkrepl", version, about = "Replicated block device: admin commands and daemon")]
+struct Cli {
+    /// Directory of resource files (`<resource>.toml`).
+    #[arg(long, global = true, env = "BLKREPL_CONFIG_DIR", default_value = "/etc/blkrepl")]
+    config_dir: PathBuf,
+    /// This node's name in the resource files (default: the host name).
+    #[arg(long, global = true, env = "BLKREPL_NODE")]
+    node: Option<String>,
+    /// Where daemons keep their control sockets, locks and logs.
+    #[arg(long, global = true, env = "BLKREPL_RUN_DIR", default_value = "/run/blkrepl")]
+    run_dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write fresh metadata (superblock, bitmaps, activity log) to this node's disk.
+    CreateMd {
+        /// Overwrite existing metadata (its generation and bitmaps are lost).
+        #[arg(long)]
+        force: bool,
+        resource: String,
+    },
+    /// Start the resource's daemon; returns once it listens.
+    Up {
+        /// Stay in the foreground (systemd), logging to stderr.
+        #[arg(long)]
+        foreground: bool,
+        resource: String,
+    },
+    /// Stop the daemon cleanly (refused while the device is in use).
+    Down { resource: String },
+    /// Make this node Primary and export the device.
+    Primary {
+        /// Declare this node's data the good copy even if it is not UpToDate.
+        #[arg(long)]
+        force: bool,
+        resource: String,
+    },
+    /// Make this node Secondary (refused while the device is in use).
+    Secondary { resource: String },
+    /// Connect to the peers again after `disconnect` (or a refused connection).
+    Connect { resource: String },
+    /// Drop the peer connections and stay StandAlone.
+    Disconnect { resource: String },
+    /// Show roles, disk and connection states, resync progress.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// One resource (default: every resource file in the config directory).
+        resource: Option<String>,
+    },
+    /// Start a new data generation; with --clear-bitmap on two fresh nodes, skip the initial sync.
+    NewCurrentUuid {
+        #[arg(long)]
+        clear_bitmap: bool,
+        resource: String,
+    },
+}
+
+/// A failure with the exit code it maps to.
+struct Failure {
+    message: String,
+    code: u8,
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Failure {
+        Failure { message: e.to_string(), code: 10 }
+    }
+}
+
+fn fail(message: impl Into<String>, code: u8) -> Failure {
+    Failure { message: message.into(), code }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("blkrepl: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn node_name(cli: &Cli) -> Result<String, Failure> {
+    match &cli.node {
+        Some(node) => Ok(node.clone()),
+        None => nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .map_err(|e| fail(format!("cannot read the host name ({e}): pass --node"), 10)),
+    }
+}
+
+fn load(cli: &Cli, resource: &str) -> Result<(ResourceConfig, NodeConfig), Failure> {
+    let config = ResourceConfig::load(&cli.config_dir, resource)?;
+    let me = config.node(&node_name(cli)?)?.clone();
+    Ok((config, me))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Cmd::CreateMd { force, resource } => create_md(&cli, resource, *force),
+        Cmd::Up { foreground, resource } => up(&cli, resource, *foreground),
+        Cmd::Down { resource } => request(&cli, resource, Request::Down).map(|_| ()),
+        Cmd::Primary { force, resource } => request(&cli, resource, Request::Primary { force: *force }).map(|_| ()),
+        Cmd::Secondary { resource } => request(&cli, resource, Request::Secondary).map(|_| ()),
+        Cmd::Connect { resource } => request(&cli, resource, Request::Connect).map(|_| ()),
+        Cmd::Disconnect { resource } => request(&cli, resource, Request::Disconnect).map(|_| ()),
+        Cmd::NewCurrentUuid { clear_bitmap, resource } => {
+            request(&cli, resource, Request::NewCurrentUuid { clear_bitmap: *clear_bitmap }).map(|_| ())
+        }
+        Cmd::Status { json, resource } => status(&cli, resource.as_deref(), *json),
+    }
+}
+
+fn request(cli: &Cli, resource: &str, request: Request) -> Result<Option<ResourceStatus>, Failure> {
+    let (config, me) = load(cli, resource)?;
+    let socket = control::socket_path(&cli.run_dir, &config.name, &me.name);
+    match client::call(&socket, &request) {
+        Ok(response) => match response.error {
+            None => Ok(response.status),
+            Some(error) => Err(fail(format!("{resource}: {error}"), response.exit_code.clamp(1, 255) as u8)),
+        },
+        Err(client::ClientError::NotRunning) => {
+            Err(fail(format!("{resource} is not up on node {} (start it with `blkrepl up {resource}`)", me.name), 3))
+        }
+        Err(e) => Err(fail(e.to_string(), 1)),
+    }
+}
+
+fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
+    let (config, me) = load(cli, resource)?;
+    let open = |path: &Path| {
+        if !path.exists() {
+            return Err(fail(
+                format!("disk {} does not exist: create it (e.g. `truncate -s 1G {}`) or fix `disk` in {}", path.display(), path.display(), config.path.display()),
+                1,
+            ));
+        }
+        FileDisk::open(path).map_err(|e| fail(e.to_string(), 1))
+    };
+    let data = open(&me.disk)?;
+    let data_len = data.len().map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+    let (meta_disk, internal): (std::sync::Arc<dyn Disk>, bool) = match &me.meta_disk {
+        Some(path) => (std::sync::Arc::new(open(path)?), false),
+        None => (std::sync::Arc::new(data), true),
+    };
+    let params = MetaParams {
+        max_peers: (config.nodes.len() - 1) as u8,
+        bitmap_block_size: config.bitmap_block_size,
+        al_extents: config.al_extents,
+    };
+    let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
+    let store = MetaStore::create(meta_disk, data_len, internal, params, &config.name, me.id, &peers, force)
+        .map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+    println!(
+        "{resource}: metadata created on {} for node {} (id {}): device size {} bytes, bitmaps for {} peer(s)",
+        me.disk.display(),
+        me.name,
+        me.id,
+        store.data_size_bytes(),
+        peers.len()
+    );
+    Ok(())
+}
+
+fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
+    let (config, me) = load(cli, resource)?;
+    if foreground {
+        daemon::block_termination_signals();
+        let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREPL_LOG").unwrap_or_else(|_| "info".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        let ready = daemon::Readiness::from_env();
+        return daemon::run(config, me, &cli.run_dir, ready).map_err(|e| fail(e.to_string(), 1));
+    }
+    std::fs::create_dir_all(&cli.run_dir).map_err(|e| fail(format!("cannot create {}: {e}", cli.run_dir.display()), 1))?;
+    let log = control::log_path(&cli.run_dir, &config.name, &me.name);
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(|e| fail(format!("cannot open log {}: {e}", log.display()), 1))?;
+    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find own executable: {e}"), 1))?;
+    let mut child = Command::new(exe);
+    child
+        .arg("--config-dir")
+        .arg(&cli.config_dir)
+        .arg("--node")
+        .arg(&me.name)
+        .arg("--run-dir")
+        .arg(&cli.run_dir)
+        .args(["up", "--foreground", resource])
+        .env("BLKREPL_READY_PIPE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .process_group(0);
+    let mut child = child.spawn().map_err(|e| fail(format!("cannot start the daemon: {e}"), 1))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    match lines.next() {
+        Some(Ok(line)) if line == "READY" => {
+            println!("{resource}: up on node {} (pid {}, log {})", me.name, child.id(), log.display());
+            Ok(())
+        }
+        Some(Ok(line)) => {
+            let _ = child.wait();
+            Err(fail(line.trim_start_matches("ERROR: ").to_owned(), 1))
+        }
+        _ => {
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            Err(fail(format!("the daemon exited during start-up ({status}); see {}", log.display()), 1))
+        }
+    }
+}
+
+fn status(cli: &Cli, resource: Option<&str>, json: bool) -> Result<(), Failure> {
+    let names: Vec<String> = match resource {
+        Some(name) => vec![name.to_owned()],
+        None => resource_names(&cli.config_dir)?,
+    };
+    let mut statuses = Vec::new();
+    let mut down = Vec::new();
+    for name in &names {
+        match request(cli, name, Request::Status) {
+            Ok(Some(status)) => statuses.push(status),
+            Ok(None) => {}
+            Err(f) if f.code == 3 && resource.is_none() => down.push(name.clone()),
+            Err(f) => return Err(f),
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "resources": statuses }));
+    } else {
+        for status in &statuses {
+            print!("{}", format_status(status));
+        }
+        for name in down {
+            println!("{name}: not running");
+        }
+    }
+    Ok(())
+}
+
+fn resource_names(dir: &Path) -> Result<Vec<String>, Failure> {
+    let entries = std::fs::read_dir(dir).map_err(|e| fail(format!("cannot read {}: {e}", dir.display()), 10))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".toml")).map(str::to_owned))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn kib(bytes: u64) -> String {
+    format!("{}KiB", bytes / 1024)
+}
+
+/// The human form, in the layout of `drbdadm status`.
+fn format_status(s: &ResourceStatus) -> String {
+    let mut out = format!("{} node:{} role:{} disk:{} quorum:{} protocol:{}", s.name, s.node, s.role, s.disk, if s.quorum { "yes" } else { "no" }, s.protocol);
+    if let Some(device) = &s.device {
+        out += &format!(" device:{device}");
+    }
+    out.push('\n');
+    for p in &s.peers {
+        out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
+        if p.connection == "Connected" {
+            out += &format!(" role:{}", p.peer_role);
+        }
+        out.push('\n');
+        out += &format!("    replication:{} peer-disk:{}", p.replication, p.peer_disk);
+        if let Some(r) = &p.resync {
+            out += &format!(" done:{:.1}% rate:{}KiB/s", r.done_percent, r.rate_kib_per_s);
+            if let Some(eta) = r.eta_s {
+                out += &format!(" eta:{eta}s");
+            }
+        }
+        out.push('\n');
+        out += &format!("    out-of-sync:{} sent:{} received:{}\n", kib(p.out_of_sync_bytes), kib(p.sent_bytes), kib(p.received_bytes));
+        if p.connection != "Connected" {
+            if let Some(e) = &p.last_error {
+                out += &format!("    last-error: {e}\n");
+            }
+        }
+    }
+    out
+}

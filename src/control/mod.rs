@@ -1,1 +1,58 @@
-//! TODO
+//! The daemon's control socket: one JSON request line, one JSON response line.
+//!
+//! The socket lives in the run directory, is mode 0600, and the server also checks the caller's
+//! credentials (SO_PEERCRED): only root or the daemon's own user may drive a replicated device.
+
+pub mod client;
+pub mod server;
+
+use crate::engine::ResourceStatus;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Primary { force: bool },
+    Secondary,
+    Connect,
+    Disconnect,
+    Down,
+    NewCurrentUuid { clear_bitmap: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Empty when the request succeeded.
+    pub error: Option<String>,
+    /// What the CLI exits with (0 on success).
+    pub exit_code: i32,
+    pub status: Option<ResourceStatus>,
+}
+
+impl Response {
+    pub fn ok(status: Option<ResourceStatus>) -> Response {
+        Response { error: None, exit_code: 0, status }
+    }
+
+    pub fn failed(error: String, exit_code: i32) -> Response {
+        Response { error: Some(error), exit_code, status: None }
+    }
+}
+
+/// `RUN_DIR/<resource>.<node>.sock`: one per resource and node, so several nodes of a test
+/// cluster can share a run directory.
+pub fn socket_path(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
+    run_dir.join(format!("{resource}.{node}.sock"))
+}
+
+/// Held (flock) by the running daemon: a second `up` finds it taken.
+pub fn lock_path(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
+    run_dir.join(format!("{resource}.{node}.lock"))
+}
+
+/// The daemon's log when it runs detached.
+pub fn log_path(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
+    run_dir.join(format!("{resource}.{node}.log"))
+}

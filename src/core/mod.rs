@@ -6,3 +6,4 @@ pub mod states;
 pub mod sync_decision;
 pub mod inflight;
 pub mod transfer_log;
+pub mod generation;

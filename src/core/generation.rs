@@ -1,0 +1,103 @@
+//! Where generation UUIDs rotate. Pure: the caller supplies the fresh random value and persists
+//! the result before any write happens under the new generation.
+
+use super::sync_decision::same_uuid;
+
+/// A node's UUIDs as this module sees them (the superblock stores them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    pub current: u64,
+    pub history: [u64; 4],
+    /// One bitmap UUID per peer slot.
+    pub bitmap: Vec<u64>,
+}
+
+impl Generation {
+    /// Keeps the newest entries; the oldest falls off.
+    pub fn push_history(&mut self, uuid: u64) {
+        if uuid == 0 || self.history.iter().any(|h| same_uuid(*h, uuid)) {
+            return;
+        }
+        self.history.rotate_right(1);
+        self.history[0] = uuid;
+    }
+
+    /// Starts a new generation because this node writes without the peers in `absent_slots`
+    /// following: each of them whose bitmap slot is empty starts tracking from the old current
+    /// UUID. Returns the slots that started tracking (their bitmaps must be set in full when the
+    /// old generation was the just-created one: the peer holds none of this node's data).
+    pub fn new_current(&mut self, fresh: u64, primary: bool, absent_slots: &[usize]) -> Vec<usize> {
+        let old = self.current;
+        let mut started = Vec::new();
+        for &slot in absent_slots {
+            if self.bitmap[slot] == 0 {
+                self.bitmap[slot] = old & !1;
+                started.push(slot);
+            }
+        }
+        if started.is_empty() {
+            self.push_history(old & !1);
+        }
+        self.current = (fresh & !1) | u64::from(primary);
+        started
+    }
+
+    /// This node was the source of a finished resync to `slot`: the bitmap's starting point is
+    /// history now.
+    pub fn resync_finished_as_source(&mut self, slot: usize) {
+        let old = std::mem::take(&mut self.bitmap[slot]);
+        self.push_history(old);
+    }
+
+    /// This node was the target of a finished resync from `slot`: it now holds the source's
+    /// generation.
+    pub fn resync_finished_as_target(&mut self, slot: usize, current: u64, history: [u64; 4]) {
+        self.current = current;
+        self.history = history;
+        self.bitmap[slot] = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation() -> Generation {
+        Generation { current: 0x1000, history: [0; 4], bitmap: vec![0, 0] }
+    }
+
+    #[test]
+    fn absent_peer_starts_tracking_from_the_old_current() {
+        let mut g = generation();
+        assert_eq!(g.new_current(0x2000, true, &[1]), vec![1]);
+        assert_eq!(g.current, 0x2001);
+        assert_eq!(g.bitmap, vec![0, 0x1000]);
+    }
+
+    #[test]
+    fn already_tracking_peer_keeps_its_older_start() {
+        let mut g = generation();
+        g.new_current(0x2000, true, &[1]);
+        assert!(g.new_current(0x3000, true, &[1]).is_empty());
+        assert_eq!(g.bitmap[1], 0x1000);
+        assert_eq!(g.history[0], 0x2000);
+    }
+
+    #[test]
+    fn finished_resync_moves_the_bitmap_uuid_into_history() {
+        let mut g = generation();
+        g.new_current(0x2000, true, &[1]);
+        g.resync_finished_as_source(1);
+        assert_eq!(g.bitmap[1], 0);
+        assert_eq!(g.history[0], 0x1000);
+    }
+
+    #[test]
+    fn history_keeps_the_newest_four() {
+        let mut g = generation();
+        for uuid in [0x10, 0x20, 0x30, 0x40, 0x50] {
+            g.push_history(uuid);
+        }
+        assert_eq!(g.history, [0x50, 0x40, 0x30, 0x20]);
+    }
+}

@@ -1,0 +1,595 @@
+//! Peer connections: dialing and accepting, the handshake (versions, identities, sizes, shared
+//! secret), the reader that applies the peer's stream, and what happens when a link dies.
+//!
+//! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
+//! two connections into existence.
+
+use super::link::PeerLink;
+use super::state::{Deferred, ResyncProgress, State, STATE_FLAG_CRASHED_PRIMARY};
+use super::{random_bytes, random_u64, resync, write_path, Shared};
+use crate::core::inflight::AckLevel;
+use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::sync_decision::{decide, SyncDecision, UuidView};
+use crate::meta::MetaFlags;
+use crate::wire::{auth, read_message, write_message, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Hello feature bit: this node requires the shared-secret challenge.
+const FEATURE_AUTH: u64 = 1;
+/// A handshake step or a silent established link (pings flow every second) times out after this.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_INTERVAL: Duration = Duration::from_millis(300);
+/// BitmapRuns frames carry at most this many runs.
+const RUNS_PER_FRAME: usize = 4096;
+
+pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) {
+    std::thread::Builder::new()
+        .name("peer-listener".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                if shared.lock().stopping {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                let shared = shared.clone();
+                std::thread::spawn(move || {
+                    let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    if let Err(reason) = accept(&shared, stream) {
+                        tracing::warn!(resource = %shared.config.name, %from, "refused a peer connection: {reason}");
+                    }
+                });
+            }
+        })
+        .expect("spawn listener thread");
+}
+
+pub fn spawn_dialers(shared: &Arc<Shared>) {
+    for peer in shared.config.peers_of(&shared.me).filter(|p| p.id < shared.me.id) {
+        let (shared, peer_id, address) = (shared.clone(), peer.id, peer.address);
+        std::thread::Builder::new()
+            .name(format!("dial-{}", peer.name))
+            .spawn(move || {
+                let mut last_error = String::new();
+                loop {
+                    {
+                        let st = shared.lock();
+                        if st.stopping {
+                            return;
+                        }
+                        let peer = st.peer(peer_id);
+                        if !peer.want_connect || peer.link.is_some() {
+                            let _ = shared.changed.wait_timeout(st, DIAL_INTERVAL);
+                            continue;
+                        }
+                    }
+                    let result = TcpStream::connect_timeout(&address, READ_TIMEOUT)
+                        .map_err(|e| format!("cannot reach {address}: {e}"))
+                        .and_then(|stream| dial(&shared, peer_id, stream));
+                    if let Err(reason) = result {
+                        // Log a failure once, not every retry: a peer that is down for an hour
+                        // must not fill the log.
+                        if reason != last_error {
+                            tracing::info!(resource = %shared.config.name, peer = peer_id, "connecting: {reason}");
+                            last_error = reason.clone();
+                        }
+                        shared.lock().peer_mut(peer_id).last_error = Some(reason);
+                        std::thread::sleep(DIAL_INTERVAL);
+                    } else {
+                        last_error.clear();
+                    }
+                }
+            })
+            .expect("spawn dialer thread");
+    }
+}
+
+fn my_hello(shared: &Shared, to_node: u8) -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        features: if shared.config.secret.is_some() { FEATURE_AUTH } else { 0 },
+        resource: shared.config.name.clone(),
+        from_node: shared.me.id,
+        to_node,
+        data_size_bytes: shared.data_size_bytes,
+        bitmap_block_size: shared.config.bitmap_block_size,
+        protocol: shared.config.protocol.as_byte(),
+    }
+}
+
+/// Checks the peer's Hello against this node's configuration; the error is the reason sent to
+/// the peer and logged here.
+fn check_hello(shared: &Shared, hello: &Hello, expected_from: Option<u8>) -> Result<u8, String> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(format!(
+            "peer speaks protocol version {}, this node {PROTOCOL_VERSION}: run the same blkrepl version on both",
+            hello.version
+        ));
+    }
+    if hello.resource != shared.config.name {
+        return Err(format!("peer is for resource \"{}\", this is \"{}\": check the addresses", hello.resource, shared.config.name));
+    }
+    if hello.to_node != shared.me.id {
+        return Err(format!("peer wants node id {}, this node is {}: check the node ids", hello.to_node, shared.me.id));
+    }
+    let Some(peer) = shared.config.node_by_id(hello.from_node).filter(|n| n.id != shared.me.id) else {
+        return Err(format!("node id {} is not a peer in {}", hello.from_node, shared.config.path.display()));
+    };
+    if expected_from.is_some_and(|id| id != peer.id) {
+        return Err(format!("expected node {}, {} answered", expected_from.unwrap_or_default(), peer.name));
+    }
+    if hello.protocol != shared.config.protocol.as_byte() {
+        return Err(format!(
+            "peer {} uses protocol {}, this node {}: make the resource files agree",
+            peer.name, hello.protocol as char, shared.config.protocol
+        ));
+    }
+    if hello.data_size_bytes != shared.data_size_bytes {
+        return Err(format!(
+            "device sizes differ: {} has {} bytes, this node {}: give both nodes disks of the same size and run create-md",
+            peer.name, hello.data_size_bytes, shared.data_size_bytes
+        ));
+    }
+    if hello.bitmap_block_size != shared.config.bitmap_block_size {
+        return Err(format!("bitmap_block_size differs from {}'s: make the resource files agree", peer.name));
+    }
+    if (hello.features & FEATURE_AUTH != 0) != shared.config.secret.is_some() {
+        return Err(format!("only one of this node and {} has a shared secret configured", peer.name));
+    }
+    Ok(peer.id)
+}
+
+fn refuse(stream: &TcpStream, reason: &str) -> String {
+    let mut out = BufWriter::new(stream);
+    let _ = write_message(&mut out, &Message::Disconnect { reason: reason.to_owned() });
+    let _ = out.flush();
+    reason.to_owned()
+}
+
+fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
+    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let hello = match read_message(&mut reader) {
+        Ok(Message::Hello(hello)) => hello,
+        Ok(other) => return Err(refuse(&stream, &format!("expected Hello, got {}", other.name()))),
+        Err(e) => return Err(format!("handshake: {e}")),
+    };
+    let peer_id = check_hello(shared, &hello, None).map_err(|reason| refuse(&stream, &reason))?;
+    if peer_id < shared.me.id {
+        return Err(refuse(&stream, "the node with the higher id dials: check the node ids in both resource files"));
+    }
+    send(&stream, &Message::Hello(my_hello(shared, peer_id)))?;
+    authenticate(shared, &stream, &mut reader, peer_id)?;
+    attach(shared, peer_id, stream, reader)
+}
+
+fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
+    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    send(&stream, &Message::Hello(my_hello(shared, peer_id)))?;
+    let hello = match read_message(&mut reader) {
+        Ok(Message::Hello(hello)) => hello,
+        Ok(Message::Disconnect { reason }) => return Err(format!("peer refused: {reason}")),
+        Ok(other) => return Err(refuse(&stream, &format!("expected Hello, got {}", other.name()))),
+        Err(e) => return Err(format!("handshake: {e}")),
+    };
+    check_hello(shared, &hello, Some(peer_id)).map_err(|reason| refuse(&stream, &reason))?;
+    authenticate(shared, &stream, &mut reader, peer_id)?;
+    attach(shared, peer_id, stream, reader)
+}
+
+fn send(stream: &TcpStream, msg: &Message) -> Result<(), String> {
+    let mut out = BufWriter::new(stream);
+    write_message(&mut out, msg).and_then(|()| out.flush()).map_err(|e| format!("handshake send: {e}"))
+}
+
+/// Mutual challenge-response: each side proves it knows the secret before any data flows.
+fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<TcpStream>, peer_id: u8) -> Result<(), String> {
+    let Some(secret) = &shared.config.secret else {
+        return Ok(());
+    };
+    let mut nonce = [0u8; 32];
+    random_bytes(&mut nonce);
+    send(stream, &Message::AuthChallenge { nonce })?;
+    let peer_nonce = match read_message(reader) {
+        Ok(Message::AuthChallenge { nonce }) => nonce,
+        Ok(Message::Disconnect { reason }) => return Err(format!("peer refused: {reason}")),
+        Ok(other) => return Err(refuse(stream, &format!("expected AuthChallenge, got {}", other.name()))),
+        Err(e) => return Err(format!("authentication: {e}")),
+    };
+    let mac = auth::challenge_response(secret, &peer_nonce, &shared.config.name, shared.me.id);
+    send(stream, &Message::AuthResponse { mac })?;
+    match read_message(reader) {
+        Ok(Message::AuthResponse { mac }) if auth::verify(secret, &nonce, &shared.config.name, peer_id, &mac) => Ok(()),
+        Ok(Message::AuthResponse { .. }) => {
+            Err(refuse(stream, "authentication failed: the shared secrets differ"))
+        }
+        Ok(Message::Disconnect { reason }) => Err(format!("peer refused: {reason}")),
+        Ok(other) => Err(refuse(stream, &format!("expected AuthResponse, got {}", other.name()))),
+        Err(e) => Err(format!("authentication: {e}")),
+    }
+}
+
+/// The handshake is done: the connection becomes this peer's link.
+fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReader<TcpStream>) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    let mut st = shared.lock();
+    if st.stopping {
+        return Err(refuse(&stream, "node is going down"));
+    }
+    let peer = st.peer(peer_id);
+    if !peer.want_connect {
+        return Err(refuse(&stream, "node is StandAlone (disconnected by the operator)"));
+    }
+    if peer.link.is_some() {
+        return Err(refuse(&stream, "already connected"));
+    }
+    let link = Arc::new(PeerLink::new(stream));
+    let state = st.peer_state_for(st.peer(peer_id));
+    let peer = st.peer_mut(peer_id);
+    peer.generation += 1;
+    let generation = peer.generation;
+    peer.link = Some(link.clone());
+    peer.conn = ConnState::Connected;
+    peer.repl = ReplState::Off;
+    peer.last_error = None;
+    peer.rx_epoch_writes = 0;
+    link.send_control(Message::State(state));
+    tracing::info!(resource = %shared.config.name, peer = %peer.name, "connected");
+    shared.changed.notify_all();
+    drop(st);
+
+    let (shared_w, link_w) = (shared.clone(), link.clone());
+    std::thread::Builder::new()
+        .name(format!("send-{peer_id}"))
+        .spawn(move || {
+            let reason = link_w.run_writer();
+            lost(&shared_w, peer_id, generation, &reason);
+        })
+        .map_err(|e| e.to_string())?;
+    let shared_r = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("recv-{peer_id}"))
+        .spawn(move || {
+            let reason = run_reader(&shared_r, peer_id, generation, reader);
+            lost(&shared_r, peer_id, generation, &reason);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: BufReader<TcpStream>) -> String {
+    loop {
+        let msg = match read_message(&mut reader) {
+            Ok(msg) => msg,
+            Err(WireError::Closed) => return "peer closed the connection".into(),
+            Err(e) => return format!("receive failed: {e}"),
+        };
+        if let Err(reason) = dispatch(shared, peer_id, generation, msg) {
+            return reason;
+        }
+    }
+}
+
+/// Applies one frame from the peer. An error drops the connection with that reason; nothing was
+/// written for the offending frame.
+fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
+    match msg {
+        Message::Data { id, epoch: _, offset, fua, payload } => {
+            let len = payload.len() as u64;
+            apply_peer_write(shared, peer_id, id, offset, len, fua, |disk| disk.write_at(&payload, offset))
+        }
+        Message::Zeroes { id, epoch: _, offset, len, fua, discard } => {
+            let op = super::io_pool::IoOp::Zeroes { offset, len: u64::from(len), discard, fua: false };
+            apply_peer_write(shared, peer_id, id, offset, u64::from(len), fua, |disk| {
+                super::io_pool::execute(disk, op).map(drop)
+            })
+        }
+        Message::RecvAck { id } => Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Received)),
+        Message::WriteAck { id } => Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Written)),
+        Message::NegAck { id, errno } => Err(format!("peer failed to write request {id} (errno {errno}); its disk is out of sync")),
+        Message::Barrier { epoch } => {
+            shared.data.sync().map_err(|e| format!("local flush for barrier {epoch} failed: {e}"))?;
+            let mut st = shared.lock();
+            let peer = st.peer_mut(peer_id);
+            let writes = std::mem::take(&mut peer.rx_epoch_writes);
+            if let Some(link) = &peer.link {
+                link.send_control(Message::BarrierAck { epoch, writes });
+            }
+            Ok(())
+        }
+        Message::BarrierAck { epoch, writes } => barrier_acked(shared, peer_id, epoch, writes),
+        Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, peer_id, offset, &payload),
+        Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, peer_id, current_uuid, history),
+        Message::State(state) => on_peer_state(shared, peer_id, generation, state),
+        Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, peer_id, last, &runs),
+        Message::Ping => {
+            if let Some(link) = &shared.lock().peer(peer_id).link {
+                link.send_control(Message::PingAck);
+            }
+            Ok(())
+        }
+        Message::PingAck => Ok(()),
+        Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
+        other @ (Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } | Message::ResyncAck { .. }) => {
+            Err(format!("unexpected {} after the handshake", other.name()))
+        }
+    }
+}
+
+/// A write replicated from the primary (this node is secondary): checked, written in stream
+/// order, acknowledged as the protocol asks.
+fn apply_peer_write(
+    shared: &Arc<Shared>,
+    peer_id: u8,
+    id: u64,
+    offset: u64,
+    len: u64,
+    fua: bool,
+    write: impl FnOnce(&dyn crate::disk::Disk) -> std::io::Result<()>,
+) -> Result<(), String> {
+    let protocol = shared.config.protocol;
+    let link = {
+        let mut st = shared.lock();
+        if st.role == Role::Primary {
+            return Err("peer sent a write but this node is Primary: two primaries, dropping the connection".into());
+        }
+        if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
+            return Err(format!("write at {offset}+{len} is outside the device"));
+        }
+        let peer = st.peer_mut(peer_id);
+        peer.rx_epoch_writes += 1;
+        peer.received_bytes += len;
+        peer.link.clone().ok_or("link closed")?
+    };
+    if protocol == crate::config::Protocol::B {
+        link.send_control(Message::RecvAck { id });
+    }
+    let result = write(&*shared.data).and_then(|()| if fua { shared.data.sync() } else { Ok(()) });
+    match result {
+        Ok(()) if protocol == crate::config::Protocol::C || fua => link.send_control(Message::WriteAck { id }),
+        Ok(()) => {}
+        Err(e) => {
+            tracing::error!(resource = %shared.config.name, error = %e, offset, "replicated write failed");
+            link.send_control(Message::NegAck { id, errno: e.raw_os_error().unwrap_or(5) as u32 });
+        }
+    }
+    Ok(())
+}
+
+fn barrier_acked(shared: &Arc<Shared>, peer_id: u8, epoch: u64, writes: u32) -> Result<(), String> {
+    let mut st = shared.lock();
+    let peer = st.peer_mut(peer_id);
+    let Some((sent_epoch, sent_writes)) = peer.barriers.pop_front() else {
+        return Err(format!("barrier ack for epoch {epoch} that was never sent"));
+    };
+    if sent_epoch != epoch || sent_writes != writes {
+        return Err(format!("barrier ack for epoch {epoch} counts {writes} writes; epoch {sent_epoch} had {sent_writes}"));
+    }
+    let durable = peer.tl.barrier_acked(epoch);
+    let slot = peer.slot;
+    // The peer now durably holds these blocks exactly as this node does.
+    for (offset, len) in durable {
+        st.bitmaps[slot].clear_range(offset, len);
+    }
+    let mut deferred = Deferred::default();
+    for flush in st.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
+        flush.peers_pending.retain(|id| *id != peer_id);
+    }
+    write_path::finish_flushes(&mut st, &mut deferred);
+    shared.changed.notify_all();
+    drop(st);
+    deferred.run();
+    Ok(())
+}
+
+fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
+    UuidView {
+        node_id: peer_id,
+        current: state.current_uuid,
+        bitmap_for_peer: state.bitmap_uuid,
+        history: state.history,
+        crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
+        is_primary: Role::from_wire(state.role) == Some(Role::Primary),
+        inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
+    }
+}
+
+fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: PeerState) -> Result<(), String> {
+    let mut st = shared.lock();
+    let peer = st.peer_mut(peer_id);
+    if peer.generation != generation {
+        return Ok(());
+    }
+    peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
+    peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
+    peer.last_state = Some(state);
+    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() {
+        resync::finish_as_source(shared, &mut st, peer_id)?;
+    }
+    let result = reconsider(shared, &mut st, peer_id);
+    shared.changed.notify_all();
+    result
+}
+
+/// Re-runs the connect-time decision with every connected peer whose stream is idle (after a
+/// promotion, say, a peer may now need a sync).
+pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
+    let ids: Vec<u8> = st.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
+    for id in ids {
+        if let Err(reason) = reconsider(shared, st, id) {
+            drop_peer(shared, st, id, &reason, deferred);
+        }
+    }
+}
+
+/// Decides what to do with a connected peer whose state is known and whose link is not syncing.
+fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
+    let peer = st.peer(peer_id);
+    let Some(peer_state) = peer.last_state else { return Ok(()) };
+    if peer.link.is_none() || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
+        return Ok(());
+    }
+    let mine = st.uuid_view(peer);
+    let theirs = peer_view(peer_id, &peer_state);
+    let decision = decide(&mine, &theirs);
+    let name = peer.name.clone();
+    match decision {
+        SyncDecision::InSync => {
+            let fresh_pair = mine.inconsistent && theirs.inconsistent;
+            let peer = st.peer_mut(peer_id);
+            let was = peer.repl;
+            peer.repl = ReplState::Established;
+            let peer_good = matches!(peer.disk, DiskState::UpToDate | DiskState::Consistent);
+            if !fresh_pair && st.disk == DiskState::Consistent && peer_good {
+                st.disk = DiskState::UpToDate;
+                st.broadcast_state();
+            }
+            if was == ReplState::Off {
+                tracing::info!(resource = %shared.config.name, peer = %name, "in sync, replicating");
+            }
+            Ok(())
+        }
+        d if d.is_source() || d.is_target() => {
+            tracing::info!(resource = %shared.config.name, peer = %name, decision = ?d,
+                mine = format_args!("{:016X}/{:016X}", mine.current, mine.bitmap_for_peer),
+                theirs = format_args!("{:016X}/{:016X}", theirs.current, theirs.bitmap_for_peer),
+                "resync needed");
+            let peer = st.peer_mut(peer_id);
+            peer.pending_sync = Some(d);
+            let slot = peer.slot;
+            let link = peer.link.clone().ok_or("link closed")?;
+            send_bitmap(&link, &st.bitmaps[slot]);
+            Ok(())
+        }
+        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual => {
+            let reason = format!(
+                "split brain detected with {name}: both changed data since they last agreed (this node {:016X} bitmap {:016X}, {name} {:016X} bitmap {:016X}); not connecting. Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there",
+                mine.current, mine.bitmap_for_peer, theirs.current, theirs.bitmap_for_peer
+            );
+            tracing::error!(resource = %shared.config.name, "{reason}");
+            st.peer_mut(peer_id).want_connect = false;
+            Err(reason)
+        }
+        SyncDecision::Unrelated => {
+            st.peer_mut(peer_id).want_connect = false;
+            Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
+        }
+        SyncDecision::Refused(why) => {
+            st.peer_mut(peer_id).want_connect = false;
+            Err(format!("cannot sync with {name}: {why:?} (demote the primary or invalidate the stale node)"))
+        }
+        _ => unreachable!("every decision is handled"),
+    }
+}
+
+fn send_bitmap(link: &PeerLink, bitmap: &crate::meta::DirtyBitmap) {
+    let runs: Vec<(u64, u64)> = bitmap.runs().collect();
+    let mut chunks = runs.chunks(RUNS_PER_FRAME).peekable();
+    if chunks.peek().is_none() {
+        link.send_control(Message::BitmapRuns { last: true, runs: Vec::new() });
+    }
+    while let Some(chunk) = chunks.next() {
+        link.send_control(Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
+    }
+}
+
+/// The peer's bitmap for this node: merged into ours, so both resync the union of what either
+/// side knows to differ (a crashed primary's activity-log extents are only in its own bitmap).
+fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
+    let mut st = shared.lock();
+    let slot = st.peer(peer_id).slot;
+    let blocks = st.bitmaps[slot].blocks();
+    if runs.iter().any(|(start, len)| start.checked_add(*len).is_none_or(|end| end > blocks)) {
+        return Err("bitmap run outside the device".into());
+    }
+    st.bitmaps[slot].or_runs(runs);
+    st.sb.peers[slot].bitmap_crc = None;
+    if !last {
+        return Ok(());
+    }
+    let decision = st.peer_mut(peer_id).pending_sync.take().ok_or("bitmap received without a sync decision")?;
+    let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
+    if full {
+        let len = shared.data_size_bytes;
+        st.mark_out_of_sync(slot, 0, len);
+    }
+    let total_bytes = st.bitmaps[slot].weight_bytes();
+    let peer = st.peer_mut(peer_id);
+    peer.resync = Some(ResyncProgress { started: Instant::now(), total_bytes, full });
+    if decision.is_target() {
+        peer.repl = ReplState::SyncTarget;
+        st.disk = DiskState::Inconsistent;
+        st.sb.flags.remove(MetaFlags::CONSISTENT);
+        st.persist().map_err(|e| format!("cannot mark the disk Inconsistent before resync: {e}"))?;
+        st.broadcast_state();
+        tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as target");
+    } else {
+        peer.repl = ReplState::SyncSource;
+        let generation = peer.generation;
+        st.meta.write_bitmap(slot, &st.bitmaps[slot]).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
+        tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as source");
+        resync::spawn_source(shared.clone(), peer_id, generation);
+    }
+    shared.changed.notify_all();
+    Ok(())
+}
+
+/// The link to `peer_id` (of `generation`) died.
+fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
+    let mut st = shared.lock();
+    if st.peer(peer_id).generation != generation {
+        return;
+    }
+    let mut deferred = Deferred::default();
+    drop_peer(shared, &mut st, peer_id, reason, &mut deferred);
+    drop(st);
+    deferred.run();
+}
+
+/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
+/// for it complete, and a primary starts a new generation before those completions go out.
+pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+    let peer = st.peer_mut(peer_id);
+    let Some(link) = peer.link.take() else { return };
+    link.close();
+    peer.sent_bytes_before += link.sent_bytes();
+    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
+    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
+    peer.role = Role::Unknown;
+    peer.disk = DiskState::DUnknown;
+    peer.last_state = None;
+    peer.pending_sync = None;
+    peer.resync = None;
+    peer.barriers.clear();
+    peer.last_error = Some(reason.to_owned());
+    let slot = peer.slot;
+    let mut lacking = peer.tl.drain_lost();
+    lacking.extend(st.inflight.pending_for(peer_id));
+    for (offset, len) in lacking {
+        st.mark_out_of_sync(slot, offset, len);
+    }
+    tracing::warn!(resource = %shared.config.name, peer = %st.peer(peer_id).name, was = %was, "connection lost: {reason}");
+
+    if st.role == Role::Primary {
+        let mut generation = st.generation();
+        generation.new_current(random_u64(), true, &[slot]);
+        st.set_generation(generation);
+        if let Err(e) = st.persist() {
+            tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the new generation; failing writes");
+            st.disk = DiskState::Failed;
+        }
+    }
+    let failed = st.disk == DiskState::Failed;
+    for mut finished in st.inflight.peer_lost(peer_id) {
+        finished.local_failed |= failed;
+        write_path::complete(st, finished, deferred);
+    }
+    for flush in st.flushes.iter_mut() {
+        flush.peers_pending.retain(|id| *id != peer_id);
+    }
+    write_path::finish_flushes(st, deferred);
+    shared.changed.notify_all();
+}

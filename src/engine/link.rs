@@ -1,0 +1,147 @@
+//! The sending half of a peer connection: one ordered stream, with control frames (acks, pings,
+//! barrier acks, state) overtaking queued bulk data so a large transfer never delays an ack.
+
+use crate::wire::{write_message, Message};
+use std::collections::VecDeque;
+use std::io::{BufWriter, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// Runs once the frame it belongs to has been handed to the kernel (protocol A's completion).
+pub type OnSent = Box<dyn FnOnce() + Send>;
+
+/// Bulk bytes queued before writers of new data wait: the send buffer of protocol A.
+pub const BULK_QUEUE_LIMIT_BYTES: usize = 8 << 20;
+/// A ping goes out after this long without any other frame, so the peer's read timeout only
+/// fires on a dead link.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct SendQueue {
+    control: VecDeque<Message>,
+    bulk: VecDeque<(Message, Option<OnSent>)>,
+    bulk_bytes: usize,
+    closed: bool,
+}
+
+pub struct PeerLink {
+    queue: Mutex<SendQueue>,
+    changed: Condvar,
+    stream: TcpStream,
+    sent_bytes: AtomicU64,
+}
+
+fn payload_len(msg: &Message) -> usize {
+    match msg {
+        Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
+impl PeerLink {
+    pub fn new(stream: TcpStream) -> PeerLink {
+        PeerLink { queue: Mutex::default(), changed: Condvar::new(), stream, sent_bytes: AtomicU64::new(0) }
+    }
+
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn send_control(&self, msg: Message) {
+        let mut q = self.queue.lock().expect("link queue");
+        if !q.closed {
+            q.control.push_back(msg);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Queues a frame behind earlier bulk frames; `on_sent` runs when it is written (or never,
+    /// if the link dies first: the engine's loss handling covers that write).
+    pub fn send_bulk(&self, msg: Message, on_sent: Option<OnSent>) {
+        let mut q = self.queue.lock().expect("link queue");
+        if !q.closed {
+            q.bulk_bytes += payload_len(&msg);
+            q.bulk.push_back((msg, on_sent));
+            self.changed.notify_all();
+        }
+    }
+
+    /// Blocks while the bulk queue is over its limit (back-pressure for writers).
+    pub fn wait_for_room(&self) {
+        let mut q = self.queue.lock().expect("link queue");
+        while !q.closed && q.bulk_bytes > BULK_QUEUE_LIMIT_BYTES {
+            q = self.changed.wait(q).expect("link queue");
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.queue.lock().expect("link queue").closed
+    }
+
+    /// Stops the writer and breaks the socket, which also wakes the reader.
+    pub fn close(&self) {
+        let mut q = self.queue.lock().expect("link queue");
+        q.closed = true;
+        q.control.clear();
+        q.bulk.clear();
+        q.bulk_bytes = 0;
+        self.changed.notify_all();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    /// Sends everything queued, control first, until the link is closed or a write fails.
+    /// Returns why it stopped.
+    pub fn run_writer(&self) -> String {
+        let stream = match self.stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => return format!("cannot clone socket: {e}"),
+        };
+        let mut out = BufWriter::with_capacity(256 << 10, stream);
+        let mut sent_callbacks: Vec<OnSent> = Vec::new();
+        loop {
+            let (msg, on_sent) = {
+                let mut q = self.queue.lock().expect("link queue");
+                loop {
+                    if q.closed {
+                        return "link closed".to_owned();
+                    }
+                    if let Some(msg) = q.control.pop_front() {
+                        break (Some(msg), None);
+                    }
+                    if let Some((msg, on_sent)) = q.bulk.pop_front() {
+                        q.bulk_bytes -= payload_len(&msg);
+                        self.changed.notify_all();
+                        break (Some(msg), on_sent);
+                    }
+                    if !out.buffer().is_empty() || !sent_callbacks.is_empty() {
+                        break (None, None);
+                    }
+                    let (next, timeout) = self.changed.wait_timeout(q, PING_INTERVAL).expect("link queue");
+                    q = next;
+                    if timeout.timed_out() && q.control.is_empty() && q.bulk.is_empty() && !q.closed {
+                        break (Some(Message::Ping), None);
+                    }
+                }
+            };
+            let result = match msg {
+                Some(msg) => {
+                    let len = payload_len(&msg) as u64;
+                    write_message(&mut out, &msg).map(|()| {
+                        self.sent_bytes.fetch_add(len, Ordering::Relaxed);
+                    })
+                }
+                // Queue drained: push buffered frames to the kernel and report them sent.
+                None => out.flush(),
+            };
+            if let Err(e) = result {
+                return format!("send failed: {e}");
+            }
+            sent_callbacks.extend(on_sent);
+            if out.buffer().is_empty() {
+                sent_callbacks.drain(..).for_each(|callback| callback());
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Requests from the frontends on the primary: reads are served locally; writes go to the local
+//! disk and to every replicating peer, and complete when the protocol says so; flushes close an
+//! epoch and wait for the barrier acks.
+
+use super::io_pool::IoOp;
+use super::state::{Deferred, PendingFlush, State};
+use super::Shared;
+use crate::config::Protocol;
+use crate::core::inflight::{AckLevel, Finished, PeerSet};
+use crate::core::states::{DiskState, Role};
+use crate::frontend::{BlockError, BlockRequest, Completion};
+use crate::wire::Message;
+use bytes::Bytes;
+use std::io;
+use std::sync::{Arc, MutexGuard};
+
+/// An epoch is closed with a barrier after this many writes even without a FLUSH, which bounds
+/// the transfer log (and so the resync after a lost connection).
+const MAX_EPOCH_WRITES: u32 = 4096;
+
+pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
+    match request {
+        BlockRequest::Read { offset, len } => submit_read(shared, offset, len, done),
+        BlockRequest::Write { offset, data, fua } => {
+            let len = data.len() as u64;
+            submit_write(shared, offset, len, WriteKind::Data { data, fua }, done)
+        }
+        BlockRequest::WriteZeroes { offset, len, fua } => {
+            submit_write(shared, offset, u64::from(len), WriteKind::Zeroes { discard: false, fua }, done)
+        }
+        BlockRequest::Discard { offset, len } => {
+            submit_write(shared, offset, u64::from(len), WriteKind::Zeroes { discard: true, fua: false }, done)
+        }
+        BlockRequest::Flush => submit_flush(shared, done),
+    }
+}
+
+enum WriteKind {
+    Data { data: Bytes, fua: bool },
+    /// Zeroes, or a discard (which must also read back as zeroes on every replica, so replicas
+    /// stay identical).
+    Zeroes { discard: bool, fua: bool },
+}
+
+impl WriteKind {
+    fn fua(&self) -> bool {
+        match self {
+            WriteKind::Data { fua, .. } | WriteKind::Zeroes { fua, .. } => *fua,
+        }
+    }
+}
+
+fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), BlockError> {
+    if st.stopping {
+        return Err(BlockError::Shutdown);
+    }
+    if st.role != Role::Primary {
+        return Err(BlockError::ReadOnly);
+    }
+    if st.disk != DiskState::UpToDate {
+        return Err(BlockError::Io);
+    }
+    in_bounds(shared, offset, len)
+}
+
+fn in_bounds(shared: &Shared, offset: u64, len: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= shared.data_size_bytes => Ok(()),
+        _ => Err(BlockError::Invalid),
+    }
+}
+
+fn submit_read(shared: &Arc<Shared>, offset: u64, len: u32, done: Completion) {
+    {
+        let st = shared.lock();
+        if st.role != Role::Primary {
+            return done(Err(BlockError::ReadOnly));
+        }
+        if let Err(e) = in_bounds(shared, offset, u64::from(len)) {
+            return done(Err(e));
+        }
+    }
+    shared.io.submit(
+        IoOp::Read { offset, len: len as usize },
+        Box::new(move |result| done(result.map_err(|e| io_error(&e)))),
+    );
+}
+
+fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, done: Completion) {
+    // Back-pressure outside the lock: a full send queue slows writers down, it never blocks
+    // the acks that drain it.
+    let links: Vec<_> = shared.lock().peers.iter().filter_map(|p| p.link.clone()).collect();
+    links.iter().for_each(|link| link.wait_for_room());
+
+    let mut st = shared.lock();
+    if let Err(e) = writable(shared, &st, offset, len) {
+        drop(st);
+        return done(Err(e));
+    }
+    // Overlapping writes land in the same order everywhere: wait for the earlier one.
+    while st.overlaps_busy(offset, len) {
+        st = shared.changed.wait(st).expect("engine state lock poisoned");
+    }
+    let extents = crate::meta::extents_for(offset, len);
+    let prepared = loop {
+        match st.al.prepare(extents.clone()) {
+            Ok(prepared) => break prepared,
+            Err(_busy) => st = shared.changed.wait(st).expect("engine state lock poisoned"),
+        }
+    };
+    if let Err(e) = make_extents_hot(&mut st, prepared) {
+        tracing::error!(resource = %shared.config.name, error = %e, "activity log write failed");
+        st.disk = DiskState::Failed;
+        st.al.release(extents);
+        drop(st);
+        return done(Err(BlockError::Io));
+    }
+
+    let fua = kind.fua();
+    let level = if fua { AckLevel::Written } else { ack_level(shared.config.protocol) };
+    let mut targets = PeerSet::default();
+    let mut lagging = Vec::new();
+    for peer in st.peers.iter() {
+        if peer.is_replicating() {
+            targets.insert(peer.node_id);
+        } else {
+            lagging.push(peer.slot);
+        }
+    }
+    for slot in lagging {
+        st.mark_out_of_sync(slot, offset, len);
+    }
+    let id = st.inflight.start(offset, len, level, targets);
+    st.completions.insert(id, done);
+    let epoch = st.epoch;
+    let message = match &kind {
+        WriteKind::Data { data, fua } => Message::Data { id, epoch, offset, fua: *fua, payload: data.clone() },
+        WriteKind::Zeroes { discard, fua } => {
+            Message::Zeroes { id, epoch, offset, len: len as u32, fua: *fua, discard: *discard }
+        }
+    };
+    let mut close_epoch = false;
+    for peer in st.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
+        peer.tl.record(epoch, offset, len);
+        close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES;
+        let on_sent = (level == AckLevel::Sent).then(|| {
+            let (shared, node_id) = (shared.clone(), peer.node_id);
+            Box::new(move || peer_reached(&shared, id, node_id, AckLevel::Sent)) as super::link::OnSent
+        });
+        if let Some(link) = &peer.link {
+            link.send_bulk(message.clone(), on_sent);
+        }
+    }
+    if close_epoch {
+        send_barriers(&mut st);
+    }
+    drop(st);
+
+    let op = match kind {
+        WriteKind::Data { data, fua } => IoOp::Write { offset, data, fua },
+        WriteKind::Zeroes { discard, fua } => IoOp::Zeroes { offset, len, discard, fua },
+    };
+    let shared2 = shared.clone();
+    shared.io.submit(op, Box::new(move |result| local_done(&shared2, id, local_ok(&shared2, result))));
+}
+
+fn local_ok(shared: &Shared, result: io::Result<Option<Bytes>>) -> bool {
+    match result {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(resource = %shared.config.name, error = %e, "local write failed");
+            false
+        }
+    }
+}
+
+/// Persists what the activity log needs before data may be written into newly hot extents:
+/// the bitmap pages of evicted extents first, then the durable transaction.
+fn make_extents_hot(st: &mut State, prepared: crate::meta::AlPrepared) -> Result<(), crate::meta::MetaError> {
+    if let Some(transaction) = prepared.transaction() {
+        for &extent in prepared.evicted() {
+            let (offset, len) = crate::meta::extent_range(extent, st.sb.data_size_bytes);
+            for slot in 0..st.bitmaps.len() {
+                let pages = st.bitmaps[slot].pages_for_range(offset, len);
+                st.meta.write_bitmap_pages(slot, &st.bitmaps[slot], pages)?;
+            }
+        }
+        st.meta.write_al_transaction(transaction)?;
+    }
+    st.al.commit(prepared);
+    Ok(())
+}
+
+fn ack_level(protocol: Protocol) -> AckLevel {
+    match protocol {
+        Protocol::A => AckLevel::Sent,
+        Protocol::B => AckLevel::Received,
+        Protocol::C => AckLevel::Written,
+    }
+}
+
+fn io_error(e: &io::Error) -> BlockError {
+    if e.kind() == io::ErrorKind::StorageFull {
+        BlockError::NoSpace
+    } else {
+        BlockError::Io
+    }
+}
+
+fn local_done(shared: &Arc<Shared>, id: u64, ok: bool) {
+    let mut st = shared.lock();
+    let finished = st.inflight.local_done(id, ok);
+    let mut deferred = Deferred::default();
+    if let Some(f) = finished {
+        complete(&mut st, f, &mut deferred);
+    }
+    shared.changed.notify_all();
+    drop(st);
+    deferred.run();
+}
+
+/// A peer reached `level` for write `id`.
+pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel) {
+    let mut st = shared.lock();
+    let mut deferred = Deferred::default();
+    if let Some(f) = st.inflight.peer_reached(id, node_id, level) {
+        complete(&mut st, f, &mut deferred);
+        shared.changed.notify_all();
+    }
+    drop(st);
+    deferred.run();
+}
+
+/// A write is done everywhere it will be: release its extents and answer the frontend.
+pub fn complete(st: &mut MutexGuard<'_, State>, finished: Finished, deferred: &mut Deferred) {
+    st.al.release(crate::meta::extents_for(finished.offset, finished.len));
+    if let Some(done) = st.completions.remove(&finished.id) {
+        deferred.push(done, if finished.local_failed { Err(BlockError::Io) } else { Ok(None) });
+    }
+}
+
+/// Closes the open epoch on every replicating peer with a barrier. Returns the closed epoch.
+pub fn send_barriers(st: &mut State) -> u64 {
+    let epoch = st.epoch;
+    st.epoch += 1;
+    for peer in st.peers.iter_mut().filter(|p| p.is_replicating()) {
+        let writes = peer.tl.close_epoch();
+        peer.barriers.push_back((epoch, writes));
+        if let Some(link) = &peer.link {
+            link.send_bulk(Message::Barrier { epoch }, None);
+        }
+    }
+    epoch
+}
+
+/// FLUSH: durable locally (every completed write is in the page cache, so one sync covers them)
+/// and on every replicating peer (a barrier after everything sent so far, acked after its flush).
+pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
+    let mut st = shared.lock();
+    let epoch = send_barriers(&mut st);
+    let peers_pending: Vec<u8> = st.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
+    st.next_flush_id += 1;
+    let id = st.next_flush_id;
+    st.flushes.push(PendingFlush { id, epoch, local_pending: true, local_failed: false, peers_pending, done: Some(done) });
+    drop(st);
+    let shared2 = shared.clone();
+    shared.io.submit(
+        IoOp::Sync,
+        Box::new(move |result| {
+            let mut st = shared2.lock();
+            let mut deferred = Deferred::default();
+            if let Some(flush) = st.flushes.iter_mut().find(|f| f.id == id) {
+                flush.local_pending = false;
+                flush.local_failed = result.is_err();
+            }
+            finish_flushes(&mut st, &mut deferred);
+            drop(st);
+            deferred.run();
+        }),
+    );
+}
+
+/// Answers every flush that waits for nothing more.
+pub fn finish_flushes(st: &mut State, deferred: &mut Deferred) {
+    let mut i = 0;
+    while i < st.flushes.len() {
+        let flush = &mut st.flushes[i];
+        if flush.local_pending || !flush.peers_pending.is_empty() {
+            i += 1;
+            continue;
+        }
+        let mut flush = st.flushes.remove(i);
+        if let Some(done) = flush.done.take() {
+            deferred.push(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) });
+        }
+    }
+}
