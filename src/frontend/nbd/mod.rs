@@ -15,6 +15,8 @@ mod inflight;
 mod protocol;
 mod reply;
 mod request;
+#[cfg(test)]
+mod tests;
 mod transmission;
 
 use std::io::{self, BufReader};
