@@ -284,10 +284,12 @@ fn write_zeroes_become_write_zeroes_requests() {
 
 #[test]
 fn discard_becomes_a_discard_request() {
-    let (server, device) = serve_test_device(MIB, false);
-    qemu_io_ok(&server, &["write -P 0x66 0 128k", "discard 0 64k"]);
+    let (server, device) = serve_test_device(64 * MIB, false);
+    qemu_io_ok(&server, &["write -P 0x66 0 128k", "discard 0 64k", "discard 1M 48M"]);
     let ops = device.ops();
     assert!(ops.contains(&Op::Discard { offset: 0, len: 65536 }), "{ops:?}");
+    // Discards carry no payload, so the 32 MiB maximum payload does not limit them.
+    assert!(ops.contains(&Op::Discard { offset: MIB as u64, len: 48 * MIB as u32 }), "{ops:?}");
     // MemDevice zeroes discarded ranges; the untouched half keeps its data.
     let snapshot = device.mem.snapshot();
     assert_filled(&snapshot, 0, 65536, 0);

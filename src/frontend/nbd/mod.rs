@@ -4,10 +4,10 @@
 //! the handshake and then reads requests. Replies are written by whichever thread completes
 //! the request. We speak fixed newstyle with simple replies only, and export one device.
 //!
-//! Modules, in the order a connection meets them: [`handshake`] (option haggling),
-//! [`request`] (validating a request), [`inflight`] (bounding outstanding work),
-//! [`transmission`] (the request loop), [`reply`] (the shared writer); [`protocol`] holds
-//! the wire format and [`error`] the reasons a session ends.
+//! Modules, in the order a connection meets them: `handshake` (option haggling), `request`
+//! (validating a request), `inflight` (bounding outstanding work), `transmission` (the request
+//! loop), `reply` (the shared writer); `protocol` holds the wire format and `error` the
+//! reasons a session ends.
 
 mod error;
 mod handshake;
