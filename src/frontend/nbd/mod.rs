@@ -1,0 +1,301 @@
+//! The NBD frontend: serves a [`BlockDevice`] to NBD clients (qemu, the Linux `nbd` driver).
+//!
+//! Plain blocking sockets and threads: one accept thread, and per client one thread that runs
+//! the handshake and then reads requests. Replies are written by whichever thread completes
+//! the request. We speak fixed newstyle with simple replies only, and export one device.
+//!
+//! Modules, in the order a connection meets them: `handshake` (option haggling), `request`
+//! (validating a request), `inflight` (bounding outstanding work), `transmission` (the request
+//! loop), `reply` (the shared writer); `protocol` holds the wire format and `error` the
+//! reasons a session ends.
+
+mod error;
+mod handshake;
+mod inflight;
+mod protocol;
+mod reply;
+mod request;
+#[cfg(test)]
+mod tests;
+mod transmission;
+
+use std::io::{self, BufReader};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use tracing::{debug, debug_span, warn};
+
+use self::error::SessionError;
+use self::handshake::Outcome;
+use crate::frontend::BlockDevice;
+
+/// Read buffer per client: large enough to batch small requests into one syscall.
+const READ_BUFFER: usize = 64 * 1024;
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop cannot spin.
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// A bound listener that has not started serving yet.
+#[derive(Debug)]
+pub struct NbdServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl NbdServer {
+    /// Binds the listener (address like "127.0.0.1:10809"; port 0 allowed for tests).
+    pub fn bind(addr: &str) -> io::Result<NbdServer> {
+        let listener = TcpListener::bind(addr)?;
+        let local_addr = listener.local_addr()?;
+        Ok(NbdServer { listener, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Starts serving `device` under `export_name` on a background accept thread.
+    ///
+    /// The empty name also selects the export: the protocol reserves it for the default
+    /// export, and ours is the only one.
+    ///
+    /// # Panics
+    /// If the operating system refuses to start the accept thread, like [`thread::spawn`].
+    pub fn serve(self, export_name: &str, device: Arc<dyn BlockDevice>) -> NbdHandle {
+        let shared = Arc::new(Shared {
+            export_name: export_name.to_owned(),
+            device,
+            transmitting: AtomicUsize::new(0),
+            clients: Mutex::new(Clients::default()),
+        });
+        let listener = Arc::new(self.listener);
+        let accept_thread = {
+            let (listener, shared) = (Arc::clone(&listener), Arc::clone(&shared));
+            thread::Builder::new()
+                .name("nbd-accept".into())
+                .spawn(move || accept_loop(&listener, &shared))
+                .expect("failed to start the NBD accept thread")
+        };
+        debug!(addr = %self.local_addr, export = export_name, "NBD server listening");
+        NbdHandle {
+            local_addr: self.local_addr,
+            shared,
+            listener,
+            accept_thread: Some(accept_thread),
+        }
+    }
+}
+
+/// A running server. Dropping it shuts it down like [`NbdHandle::shutdown`].
+pub struct NbdHandle {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    listener: Arc<TcpListener>,
+    /// `None` once shut down.
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl NbdHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Number of clients currently in the transmission phase (the daemon refuses to demote
+    /// while > 0). A client counts until its last in-flight request has completed.
+    pub fn connected_clients(&self) -> usize {
+        self.shared.transmitting.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, shuts down every client socket, waits for in-flight completions,
+    /// joins threads. Blocks for as long as the device takes to complete what is in flight.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(accept_thread) = self.accept_thread.take() else {
+            return;
+        };
+        let clients = {
+            let mut clients = self.shared.lock_clients();
+            clients.closed = true;
+            std::mem::take(&mut clients.live)
+        };
+        // On Linux, shutting down a listening socket fails a blocked `accept` with EINVAL.
+        match nix::sys::socket::shutdown(
+            self.listener.as_raw_fd(),
+            nix::sys::socket::Shutdown::Read,
+        ) {
+            Ok(()) => join(accept_thread, "accept"),
+            Err(error) => warn!(%error, "could not wake the NBD accept thread; leaving it behind"),
+        }
+        for client in &clients {
+            let _ = client.stream.shutdown(Shutdown::Both);
+        }
+        for client in clients {
+            join(client.thread, "client");
+        }
+        debug!(addr = %self.local_addr, "NBD server stopped");
+    }
+}
+
+impl std::fmt::Debug for NbdHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdHandle")
+            .field("local_addr", &self.local_addr)
+            .field("export_name", &self.shared.export_name)
+            .field("connected_clients", &self.connected_clients())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for NbdHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// What one connection is offered, sampled from the device when the client connects.
+#[derive(Debug, Clone)]
+struct Export {
+    name: String,
+    size: u64,
+    /// Our alignment for offsets and lengths, advertised as the minimum block size.
+    block_size: u32,
+}
+
+impl Export {
+    fn sample(name: &str, device: &dyn BlockDevice) -> Export {
+        Export {
+            name: name.to_owned(),
+            size: device.size_bytes(),
+            block_size: device.block_size().max(protocol::MIN_BLOCK_SIZE),
+        }
+    }
+
+    fn matches(&self, requested: &[u8]) -> bool {
+        requested.is_empty() || requested == self.name.as_bytes()
+    }
+}
+
+/// State shared by the handle, the accept thread and every client thread.
+struct Shared {
+    export_name: String,
+    device: Arc<dyn BlockDevice>,
+    transmitting: AtomicUsize,
+    clients: Mutex<Clients>,
+}
+
+impl Shared {
+    fn lock_clients(&self) -> MutexGuard<'_, Clients> {
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Clients {
+    /// Set by shutdown: connections accepted from now on are dropped.
+    closed: bool,
+    live: Vec<Client>,
+}
+
+#[derive(Debug)]
+struct Client {
+    /// A second handle on the socket, so shutdown can unblock the client's thread.
+    stream: TcpStream,
+    thread: JoinHandle<()>,
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    loop {
+        let accepted = listener.accept();
+        let mut clients = shared.lock_clients();
+        if clients.closed {
+            return;
+        }
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                drop(clients);
+                warn!(%error, "NBD accept failed");
+                thread::sleep(ACCEPT_RETRY_DELAY);
+                continue;
+            }
+        };
+        // Reap finished clients here, so a long-running server does not accumulate them.
+        let (finished, live) = std::mem::take(&mut clients.live)
+            .into_iter()
+            .partition(|client: &Client| client.thread.is_finished());
+        clients.live = live;
+        for client in finished {
+            join(client.thread, "client");
+        }
+        match spawn_client(stream, peer, shared) {
+            Ok(client) => clients.live.push(client),
+            Err(error) => warn!(%peer, %error, "could not start an NBD client thread"),
+        }
+    }
+}
+
+fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> io::Result<Client> {
+    let handle = stream.try_clone()?;
+    let shared = Arc::clone(shared);
+    let thread = thread::Builder::new()
+        .name(format!("nbd-{peer}"))
+        .spawn(move || run_client(&stream, peer, &shared))?;
+    Ok(Client { stream: handle, thread })
+}
+
+fn run_client(stream: &TcpStream, peer: SocketAddr, shared: &Shared) {
+    let _span = debug_span!("nbd_client", %peer).entered();
+    debug!("client connected");
+    match session(stream, shared) {
+        Ok(()) => debug!("client disconnected"),
+        Err(error) if error.is_protocol_violation() => {
+            warn!(reason = %error, "closing NBD connection: protocol violation");
+        }
+        Err(error) => debug!(reason = %error, "NBD connection closed"),
+    }
+    // The accept loop holds a clone of the socket, so dropping ours would not close it.
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
+    // Replies are single small writes; do not hold them back waiting for more data.
+    stream.set_nodelay(true)?;
+    let export = Export::sample(&shared.export_name, shared.device.as_ref());
+    let mut reader = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
+    let mut writer = stream;
+    if handshake::negotiate(&mut reader, &mut writer, &export)? == Outcome::Aborted {
+        debug!("client aborted the handshake");
+        return Ok(());
+    }
+    debug!(size = export.size, block_size = export.block_size, "entering transmission");
+    let _counted = Transmitting::enter(&shared.transmitting);
+    transmission::serve(&mut reader, stream.try_clone()?, &shared.device, &export)
+}
+
+/// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.
+struct Transmitting<'a>(&'a AtomicUsize);
+
+impl<'a> Transmitting<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Transmitting(counter)
+    }
+}
+
+impl Drop for Transmitting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn join(thread: JoinHandle<()>, what: &str) {
+    if thread.join().is_err() {
+        warn!(thread = what, "NBD {what} thread panicked");
+    }
+}
