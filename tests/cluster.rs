@@ -1,0 +1,144 @@
+//! Two real daemons on 127.0.0.1: initial sync, failover after kill -9, bitmap resync after a
+//! disconnect, the protocols, and role rules. I/O goes through the NBD export with qemu-io.
+
+mod common;
+
+use common::{check_patterns, write_patterns, Cluster, Options};
+
+const MIB: u64 = 1 << 20;
+
+/// A connected pair with alpha Primary and beta UpToDate after the initial full sync.
+fn synced_pair(options: Options) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], options);
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c
+}
+
+fn patterns() -> Vec<(u64, u64, u8)> {
+    vec![(0, MIB, 0x11), (5 * MIB, 64 << 10, 0x22), (17 * MIB + 4096, 4096, 0x33), (63 * MIB, MIB, 0x44)]
+}
+
+#[test]
+fn failover_after_kill_9_serves_every_acknowledged_write() {
+    let c = synced_pair(Options::default());
+    let status = c.status("alpha");
+    assert_eq!(status["role"], "Primary");
+    assert_eq!(status["device"], c.nbd_url("alpha"));
+    let data = patterns();
+    write_patterns(&c.nbd_url("alpha"), &data);
+    // Writes after the flush, acknowledged under protocol C without another flush.
+    write_patterns(&c.nbd_url("alpha"), &[(30 * MIB, 128 << 10, 0x55)]);
+
+    c.kill("alpha");
+    c.wait_for("beta", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] == "Connecting");
+    assert_eq!(c.status("beta")["disk"], "UpToDate");
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[data.clone(), vec![(30 * MIB, 128 << 10, 0x55)]].concat());
+    assert!(ok, "beta lost acknowledged data: {out}");
+
+    // beta writes on alone; alpha comes back, resyncs from beta and holds beta's data.
+    write_patterns(&c.nbd_url("beta"), &[(40 * MIB, MIB, 0x66)]);
+    assert!(Cluster::peer(&c.status("beta"), "alpha")["out_of_sync_bytes"].as_u64().unwrap() >= MIB);
+    c.ok("alpha", &["up", "r0"]);
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
+    let beta = c.status("beta");
+    assert_eq!(Cluster::peer(&beta, "alpha")["out_of_sync_bytes"], 0);
+    c.ok("beta", &["secondary", "r0"]);
+    c.ok("alpha", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("alpha"), &[data, vec![(40 * MIB, MIB, 0x66)]].concat());
+    assert!(ok, "alpha did not get beta's writes back: {out}");
+}
+
+#[test]
+fn reconnect_resyncs_only_what_changed() {
+    let c = synced_pair(Options { disk_mib: 256, ..Options::default() });
+    let received_before = Cluster::peer(&c.status("beta"), "alpha")["received_bytes"].as_u64().unwrap();
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    write_patterns(&c.nbd_url("alpha"), &[(10 * MIB, 2 * MIB, 0x77), (200 * MIB, 4096, 0x78)]);
+    let dirty = Cluster::peer(&c.status("alpha"), "beta")["out_of_sync_bytes"].as_u64().unwrap();
+    assert_eq!(dirty, 2 * MIB + 4096, "bitmap must record exactly the written blocks");
+
+    c.ok("beta", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    let moved = Cluster::peer(&c.status("beta"), "alpha")["received_bytes"].as_u64().unwrap() - received_before;
+    assert!(moved >= dirty && moved < dirty + MIB, "resync moved {moved} bytes for {dirty} dirty bytes (disk is 256 MiB)");
+
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(10 * MIB, 2 * MIB, 0x77), (200 * MIB, 4096, 0x78)]);
+    assert!(ok, "resynced data differs: {out}");
+}
+
+fn replicates_with(protocol: &'static str) {
+    let c = synced_pair(Options { protocol, ..Options::default() });
+    let data = patterns();
+    write_patterns(&c.nbd_url("alpha"), &data);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &data);
+    assert!(ok, "protocol {protocol}: {out}");
+}
+
+#[test]
+fn protocol_a_replicates() {
+    replicates_with("A");
+}
+
+#[test]
+fn protocol_b_replicates() {
+    replicates_with("B");
+}
+
+#[test]
+fn role_rules_are_enforced() {
+    let c = Cluster::new(&["alpha", "beta"], Options::default());
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    // Fresh metadata is Inconsistent: promotion needs --force.
+    let out = c.cli("alpha", &["primary", "r0"]);
+    assert_eq!(out.status.code(), Some(11), "{}", common::text(&out.stderr));
+    assert!(common::text(&out.stderr).contains("not UpToDate"));
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    // Only one primary.
+    let out = c.cli("beta", &["primary", "--force", "r0"]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(common::text(&out.stderr).contains("alpha is primary"), "{}", common::text(&out.stderr));
+    // The secondary exports nothing.
+    assert!(c.status("beta")["device"].is_null());
+    // Demotion is refused while a client has the device open.
+    let mut client = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &c.nbd_url("alpha")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    c.wait_for("alpha", "client connected", |_| {
+        let out = c.cli("alpha", &["secondary", "r0"]);
+        out.status.code() == Some(12)
+    });
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    c.wait_for("alpha", "demotion after the client left", |_| c.cli("alpha", &["secondary", "r0"]).status.success());
+    assert_eq!(c.status("alpha")["role"], "Secondary");
+    assert!(c.status("alpha")["device"].is_null());
+}
+
+#[test]
+fn skip_initial_sync_of_two_fresh_disks() {
+    let c = Cluster::new(&["alpha", "beta"], Options::default());
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let alpha = c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+    assert_eq!(Cluster::peer(&alpha, "beta")["out_of_sync_bytes"], 0);
+    assert_eq!(alpha["generation_uuid"], c.status("beta")["generation_uuid"]);
+    c.ok("alpha", &["primary", "r0"]);
+    assert_eq!(Cluster::peer(&c.status("alpha"), "beta")["replication"], "Established");
+}

@@ -1,0 +1,220 @@
+//! A local cluster of real `blkrepl` daemons on 127.0.0.1 with file-backed disks, driven through
+//! the CLI exactly as an operator (or a cluster manager) would, and real NBD clients (qemu-io).
+
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_blkrepl");
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<String>,
+    pub nbd_ports: Vec<u16>,
+    pub resource: String,
+}
+
+/// Ports free right now (bound and released; a test cluster uses them at once).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+pub struct Options {
+    pub protocol: &'static str,
+    pub disk_mib: u64,
+    pub extra: &'static str,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { protocol: "C", disk_mib: 64, extra: "" }
+    }
+}
+
+impl Cluster {
+    pub fn new(nodes: &[&str], options: Options) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(nodes.len() * 2);
+        let mut text = format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"off\"\n{}\n", options.protocol, options.extra);
+        for (i, name) in nodes.iter().enumerate() {
+            let disk = dir.path().join(format!("{name}.img"));
+            std::fs::File::create(&disk).unwrap().set_len(options.disk_mib << 20).unwrap();
+            text += &format!(
+                "[[node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"127.0.0.1:{}\"\n",
+                ports[2 * i],
+                disk.display(),
+                ports[2 * i + 1]
+            );
+        }
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        std::fs::write(dir.path().join("etc/r0.toml"), text).unwrap();
+        Cluster {
+            nbd_ports: (0..nodes.len()).map(|i| ports[2 * i + 1]).collect(),
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            dir,
+            resource: "r0".into(),
+        }
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    pub fn disk(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.img"))
+    }
+
+    pub fn nbd_url(&self, node: &str) -> String {
+        let i = self.nodes.iter().position(|n| n == node).unwrap();
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_ports[i], self.resource)
+    }
+
+    /// Runs `blkrepl --node NODE ARGS...` and returns its output.
+    pub fn cli(&self, node: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config-dir")
+            .arg(self.config_dir())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--node")
+            .arg(node)
+            .args(args)
+            .env("BLKREPL_LOG", "debug")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed.
+    pub fn ok(&self, node: &str, args: &[&str]) -> String {
+        let out = self.cli(node, args);
+        assert!(out.status.success(), "blkrepl {args:?} on {node} failed: {}\n{}", text(&out.stderr), self.logs());
+        text(&out.stdout)
+    }
+
+    pub fn create_md_and_up(&self) {
+        for node in &self.nodes {
+            self.ok(node, &["create-md", "r0"]);
+            self.ok(node, &["up", "r0"]);
+        }
+    }
+
+    pub fn status(&self, node: &str) -> Value {
+        let out = self.ok(node, &["status", "--json", "r0"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["resources"][0].clone()
+    }
+
+    pub fn peer<'a>(status: &'a Value, name: &str) -> &'a Value {
+        status["peers"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap()
+    }
+
+    /// Waits until `cond` holds for the node's status; panics with the last status and the logs.
+    pub fn wait_for(&self, node: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status(node);
+            if cond(&status) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting on {node} for {what}; last status {status:#}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `node` sees `peer` connected with the given replication state and peer disk.
+    pub fn wait_peer(&self, node: &str, peer: &str, replication: &str, peer_disk: &str) -> Value {
+        self.wait_for(node, &format!("{peer} {replication}/{peer_disk}"), |s| {
+            let p = Cluster::peer(s, peer);
+            p["replication"] == replication && p["peer_disk"] == peer_disk
+        })
+    }
+
+    pub fn pid(&self, node: &str) -> i32 {
+        let lock = self.run_dir().join(format!("r0.{node}.lock"));
+        std::fs::read_to_string(lock).unwrap().trim().parse().unwrap()
+    }
+
+    /// kill -9 the node's daemon and wait until it is gone.
+    pub fn kill(&self, node: &str) {
+        let pid = self.pid(node);
+        Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            // Reap if it is our grandchild's zombie: it is not (process group of its own), so
+            // just wait for /proc to drop it.
+            if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let log = self.run_dir().join(format!("r0.{node}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out += &format!("--- log of {node} (last 40 lines) ---\n");
+            for line in tail.into_iter().rev() {
+                out += line;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let lock = self.run_dir().join(format!("r0.{node}.lock"));
+            if let Ok(pid) = std::fs::read_to_string(lock) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs qemu-io against an NBD URL with the given commands; returns (success, stdout+stderr).
+pub fn qemu_io(url: &str, commands: &[String]) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw", "-t", "writeback", url]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("qemu-io not runnable ({e}): apt-get install qemu-utils"));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let ok = out.status.success() && !all.contains("Pattern verification failed") && !all.contains("error");
+    (ok, all)
+}
+
+/// Writes each (offset, len, pattern) and flushes.
+pub fn write_patterns(url: &str, patterns: &[(u64, u64, u8)]) {
+    let mut commands: Vec<String> =
+        patterns.iter().map(|(o, l, p)| format!("write -P 0x{p:02x} {o} {l}")).collect();
+    commands.push("flush".into());
+    let (ok, out) = qemu_io(url, &commands);
+    assert!(ok, "qemu-io write failed: {out}");
+}
+
+/// Reads each (offset, len, pattern) back and checks it.
+pub fn check_patterns(url: &str, patterns: &[(u64, u64, u8)]) -> (bool, String) {
+    let commands: Vec<String> = patterns.iter().map(|(o, l, p)| format!("read -P 0x{p:02x} {o} {l}")).collect();
+    qemu_io(url, &commands)
+}
