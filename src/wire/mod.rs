@@ -6,6 +6,7 @@
 //! `std::io` streams, so the same code serves TCP, tests and fuzzing. The byte layout is
 //! specified in `docs/PROTOCOL.md`; the tests in `tests.rs` pin it.
 
+pub mod auth;
 mod frame;
 mod message;
 
