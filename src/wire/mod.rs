@@ -10,6 +10,8 @@ pub mod auth;
 mod frame;
 mod message;
 
+#[cfg(test)]
+mod tests;
 
 pub use frame::{
     decode, encode, read_message, write_message, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD,
