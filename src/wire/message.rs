@@ -108,21 +108,22 @@ pub enum Message {
     },
     /// Protocol B: write `id` has arrived at the peer (not necessarily on its disk).
     RecvAck { id: u64 },
-    /// Protocol C: write `id` is done on the peer's disk (durable when it was FUA).
+    /// Write `id` is done on the peer's disk: the ack of protocol C, and of a FUA write under
+    /// any protocol (then it also means durable).
     WriteAck { id: u64 },
     /// Write `id` failed on the peer with this errno; the sender marks the blocks out of sync
     /// for that peer rather than failing the application write.
     NegAck { id: u64, errno: u32 },
-    /// Closes write epoch `epoch`: the receiver acks it once every write of the epoch is done
-    /// and its disk has been flushed.
+    /// Closes write epoch `epoch`: the receiver acks it once every write it received before
+    /// the barrier is done and its disk has been flushed.
     Barrier { epoch: u64 },
     /// Epoch `epoch` is durable on the peer; `writes` is how many writes it held, which the
     /// sender checks against its own count (a mismatch is a protocol error).
     BarrierAck { epoch: u64, writes: u32 },
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
-    /// Resync: the `len` bytes at `offset` are written on the target; the source may clear
-    /// those bits for this peer.
+    /// Resync: the `len` bytes at `offset` are written on the target. Not yet durable: the
+    /// source clears their bits only once a later `BarrierAck` covers them.
     ResyncAck { offset: u64, len: u32 },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids.
     ResyncDone {
