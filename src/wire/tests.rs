@@ -226,7 +226,7 @@ impl Write for ShortWrites {
 
 proptest! {
     #[test]
-    fn wire_round_trip(msg in arb_message()) {
+    fn round_trip(msg in arb_message()) {
         let frame = encoded(&msg);
         let (decoded, used) = decode(&frame).expect("an encoded frame decodes");
         prop_assert_eq!(&decoded, &msg);
@@ -239,7 +239,7 @@ proptest! {
     }
 
     #[test]
-    fn wire_stream_of_frames_through_short_io(msgs in vec(arb_message(), 1..8)) {
+    fn stream_of_frames_through_short_io(msgs in vec(arb_message(), 1..8)) {
         let mut out = ShortWrites(Vec::new());
         for msg in &msgs {
             write_message(&mut out, msg).expect("short writes are retried");
@@ -254,7 +254,7 @@ proptest! {
     /// Any changed byte outside magic and length (whose changes give their own errors) is
     /// caught by the crc, the header's type and flags included.
     #[test]
-    fn wire_flipped_byte_is_bad_crc(msg in arb_message(), pick in any::<prop::sample::Index>(), bit in 0..8u8) {
+    fn flipped_byte_is_bad_crc(msg in arb_message(), pick in any::<prop::sample::Index>(), bit in 0..8u8) {
         let mut frame = encoded(&msg);
         let checked: Vec<usize> = (4..8).chain(12..frame.len()).collect();
         frame[*pick.get(&checked)] ^= 1 << bit;
@@ -262,14 +262,14 @@ proptest! {
     }
 
     #[test]
-    fn wire_decode_of_arbitrary_bytes_never_panics(bytes in vec(any::<u8>(), 0..512)) {
+    fn decode_of_arbitrary_bytes_never_panics(bytes in vec(any::<u8>(), 0..512)) {
         let _ = decode(&bytes);
     }
 
     /// Arbitrary bytes rarely pass the magic and crc checks, so this wraps arbitrary payloads
     /// in valid headers of every known type to reach the payload decoders.
     #[test]
-    fn wire_decode_of_arbitrary_payload_never_panics(
+    fn decode_of_arbitrary_payload_never_panics(
         code in prop::sample::select(vec![
             0x01u16, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16,
             0x20, 0x21, 0x22, 0x30, 0x31, 0x32,
@@ -289,7 +289,7 @@ proptest! {
 }
 
 #[test]
-fn wire_header_layout_is_as_documented() {
+fn header_layout_is_as_documented() {
     let frame = encoded(&Message::Barrier {
         epoch: 0x0102_0304_0506_0708,
     });
@@ -310,7 +310,7 @@ fn wire_header_layout_is_as_documented() {
 }
 
 #[test]
-fn wire_payload_sizes_are_as_documented() {
+fn payload_sizes_are_as_documented() {
     let state = PeerState {
         role: 0,
         disk: 0,
@@ -396,7 +396,7 @@ fn wire_payload_sizes_are_as_documented() {
 }
 
 #[test]
-fn wire_hello_layout_is_as_documented() {
+fn hello_layout_is_as_documented() {
     let frame = encoded(&Message::Hello(hello("r0")));
     let payload = &frame[HEADER_LEN..];
     assert_eq!(&payload[0..4], &PROTOCOL_VERSION.to_be_bytes());
@@ -413,7 +413,7 @@ fn wire_hello_layout_is_as_documented() {
 }
 
 #[test]
-fn wire_control_messages_are_the_small_acks() {
+fn control_messages_are_the_small_acks() {
     let control = [
         Message::RecvAck { id: 1 },
         Message::WriteAck { id: 1 },
@@ -444,7 +444,7 @@ fn wire_control_messages_are_the_small_acks() {
 }
 
 #[test]
-fn wire_limits_are_inclusive() {
+fn limits_are_inclusive() {
     let biggest = [
         data(MAX_DATA_BYTES),
         Message::Hello(hello(&"r".repeat(MAX_RESOURCE_BYTES))),
@@ -468,7 +468,7 @@ fn wire_limits_are_inclusive() {
 }
 
 #[test]
-fn wire_bad_magic() {
+fn bad_magic() {
     let mut frame = encoded(&Message::Ping);
     frame[0] = b'X';
     match decode(&frame) {
@@ -478,7 +478,7 @@ fn wire_bad_magic() {
 }
 
 #[test]
-fn wire_bad_crc_reports_both_values() {
+fn bad_crc_reports_both_values() {
     let mut frame = encoded(&Message::Barrier { epoch: 9 });
     let sent = u32::from_be_bytes([frame[12], frame[13], frame[14], frame[15]]);
     frame[HEADER_LEN] ^= 1;
@@ -492,7 +492,7 @@ fn wire_bad_crc_reports_both_values() {
 }
 
 #[test]
-fn wire_truncated_frame_is_a_clean_error() {
+fn truncated_frame_is_a_clean_error() {
     let frame = encoded(&data(100));
     assert!(matches!(
         read_message(&mut &frame[..0]),
@@ -509,7 +509,7 @@ fn wire_truncated_frame_is_a_clean_error() {
 /// The reader holds only the header: had the decoder tried to allocate and read the payload it
 /// would report `UnexpectedEof`, not `TooLarge`.
 #[test]
-fn wire_oversize_length_is_rejected_before_reading_the_payload() {
+fn oversize_length_is_rejected_before_reading_the_payload() {
     for len in [MAX_PAYLOAD + 1, u32::MAX] {
         let mut header = raw_frame(0x10, 0, &[]);
         header[8..12].copy_from_slice(&len.to_be_bytes());
@@ -523,7 +523,7 @@ fn wire_oversize_length_is_rejected_before_reading_the_payload() {
 }
 
 #[test]
-fn wire_unknown_type() {
+fn unknown_type() {
     for code in [0x0000, 0x0006, 0x7777, 0xffff] {
         assert!(
             matches!(decode(&raw_frame(code, 0, &[])), Err(WireError::UnknownType(c)) if c == code)
@@ -532,7 +532,7 @@ fn wire_unknown_type() {
 }
 
 #[test]
-fn wire_reserved_flags_are_refused() {
+fn reserved_flags_are_refused() {
     assert_eq!(
         malformed_reason(&raw_frame(0x30, 0x0001, &[])),
         "reserved header flags set"
@@ -540,7 +540,7 @@ fn wire_reserved_flags_are_refused() {
 }
 
 #[test]
-fn wire_malformed_hello() {
+fn malformed_hello() {
     let good = encoded(&Message::Hello(hello("r0")));
     let resource_len_at = HEADER_LEN + 12;
     let mutate = |at: usize, byte: u8| {
@@ -573,7 +573,7 @@ fn wire_malformed_hello() {
 }
 
 #[test]
-fn wire_hello_ignores_fields_a_later_version_appends() {
+fn hello_ignores_fields_a_later_version_appends() {
     let mut payload = encoded(&Message::Hello(hello("r0")))[HEADER_LEN..].to_vec();
     payload.extend_from_slice(&[0xee; 40]);
     let (msg, _) = decode(&raw_frame(0x01, 0, &payload)).expect("longer Hello decodes");
@@ -581,7 +581,7 @@ fn wire_hello_ignores_fields_a_later_version_appends() {
 }
 
 #[test]
-fn wire_bad_bool() {
+fn bad_bool() {
     let data_fua_at = HEADER_LEN + 24;
     let zeroes_discard_at = HEADER_LEN + 29;
     let runs_last_at = HEADER_LEN;
@@ -614,7 +614,7 @@ fn wire_bad_bool() {
 }
 
 #[test]
-fn wire_runs_count_must_match_length() {
+fn runs_count_must_match_length() {
     let runs_payload = |count: u32, run_bytes: usize| {
         let mut payload = vec![1];
         payload.extend_from_slice(&count.to_be_bytes());
@@ -636,7 +636,7 @@ fn wire_runs_count_must_match_length() {
 }
 
 #[test]
-fn wire_malformed_text() {
+fn malformed_text() {
     let long = vec![b'x'; MAX_REASON_BYTES + 1];
     assert_eq!(
         malformed_reason(&raw_frame(0x32, 0, &long)),
@@ -649,7 +649,7 @@ fn wire_malformed_text() {
 }
 
 #[test]
-fn wire_data_over_one_mib_is_malformed() {
+fn data_over_one_mib_is_malformed() {
     let payload = vec![0; 25 + MAX_DATA_BYTES + 1];
     assert_eq!(
         malformed_reason(&raw_frame(0x10, 0, &payload)),
@@ -658,7 +658,7 @@ fn wire_data_over_one_mib_is_malformed() {
 }
 
 #[test]
-fn wire_wrong_payload_length() {
+fn wrong_payload_length() {
     assert_eq!(
         malformed_reason(&raw_frame(0x04, 0, &[0; 61])),
         "payload too short"
@@ -682,7 +682,7 @@ fn wire_wrong_payload_length() {
 }
 
 #[test]
-fn wire_sender_refuses_what_the_receiver_would_reject() {
+fn sender_refuses_what_the_receiver_would_reject() {
     let refused = [
         data(MAX_DATA_BYTES + 1),
         Message::Hello(hello(&"r".repeat(MAX_RESOURCE_BYTES + 1))),
@@ -708,12 +708,12 @@ fn wire_sender_refuses_what_the_receiver_would_reject() {
 
 #[test]
 #[should_panic(expected = "cannot encode Data: data longer than 1 MiB")]
-fn wire_encode_panics_on_a_message_the_receiver_would_reject() {
+fn encode_panics_on_a_message_the_receiver_would_reject() {
     encode(&data(MAX_DATA_BYTES + 1), &mut BytesMut::new());
 }
 
 #[test]
-fn wire_decode_reports_bytes_used_in_a_buffer_of_frames() {
+fn decode_reports_bytes_used_in_a_buffer_of_frames() {
     let mut buf = BytesMut::new();
     encode(&Message::Ping, &mut buf);
     encode(&data(10), &mut buf);
