@@ -82,7 +82,7 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
 }
 
 /// Reads one frame, blocking until it is complete, and checks it in this order: magic, length
-/// (before allocating), crc, message type, payload.
+/// (before allocating), crc, message type, header flags, payload.
 ///
 /// A stream that ends before the first byte of a frame gives `Closed`; one that ends inside a
 /// frame gives `Io` with `UnexpectedEof`.
