@@ -1,1 +1,26 @@
-//! TODO
+//! The peer-to-peer wire format: frames, the messages they carry, and the HMAC helpers of the
+//! handshake.
+//!
+//! Encode/decode only: nothing here opens a socket, keeps connection state or decides what a
+//! message means for replication (that is `core`'s job). The readers and writers are generic
+//! `std::io` streams, so the same code serves TCP, tests and fuzzing. The byte layout is
+//! specified in `docs/PROTOCOL.md`; the tests in `tests.rs` pin it.
+
+pub mod auth;
+mod frame;
+mod message;
+
+#[cfg(test)]
+mod tests;
+
+pub use frame::{
+    decode, encode, read_message, write_message, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD,
+};
+pub use message::{
+    Hello, Message, PeerState, MAX_BITMAP_RUNS, MAX_DATA_BYTES, MAX_REASON_BYTES,
+    MAX_RESOURCE_BYTES,
+};
+
+/// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
+/// value; later versions may negotiate down.
+pub const PROTOCOL_VERSION: u32 = 1;

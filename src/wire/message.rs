@@ -1,0 +1,588 @@
+//! The messages peers exchange and the codecs of their payloads (the bytes after the frame
+//! header). Layouts are in `docs/PROTOCOL.md`; every integer is big-endian.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::frame::WireError;
+
+/// Longest resource name a `Hello` carries; the name travels in a fixed 64-byte field.
+pub const MAX_RESOURCE_BYTES: usize = 63;
+/// Longest `Disconnect` reason: enough for a sentence in a log line, small enough that a
+/// hostile peer cannot make the receiver log megabytes.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Most data one `Data` or `ResyncData` frame carries; the engine splits larger requests.
+pub const MAX_DATA_BYTES: usize = 1 << 20;
+/// Most runs one `BitmapRuns` frame carries (16 bytes each, so 1 MiB of runs); a longer
+/// bitmap is sent as several frames, the final one marked `last`.
+pub const MAX_BITMAP_RUNS: usize = 65_536;
+
+/// Size of the fixed resource-name field of `Hello`: a length byte, then the name padded with
+/// zeroes.
+const RESOURCE_FIELD_BYTES: usize = 1 + MAX_RESOURCE_BYTES;
+/// Size of one `(start, count)` run in `BitmapRuns`.
+const RUN_BYTES: usize = 16;
+
+/// The first frame each side sends: who it is, what it speaks, and what it replicates, so the
+/// peer can refuse a connection to the wrong node, resource or size before any data flows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The sender's protocol version ([`super::PROTOCOL_VERSION`]); v1 requires equality.
+    pub version: u32,
+    /// Optional features the sender supports; the peer ignores bits it does not know, and a
+    /// feature is in use only when both sides set its bit. No bits are defined in v1; bit 0 is
+    /// reserved for an upgrade of the connection to TLS.
+    pub features: u64,
+    /// The resource (replicated device) this connection is for; at most 63 bytes of UTF-8.
+    pub resource: String,
+    /// The sender's node id.
+    pub from_node: u8,
+    /// The node id the sender believes it is talking to; a mismatch means a misconfiguration.
+    pub to_node: u8,
+    /// Usable size of the sender's replicated data area, in bytes.
+    pub data_size_bytes: u64,
+    /// Bytes covered by one bit of the sender's dirty bitmaps; both sides must agree for
+    /// `BitmapRuns` to mean the same blocks.
+    pub bitmap_block_size: u32,
+    /// The replication protocol the sender is configured for: `b'A'`, `b'B'` or `b'C'`.
+    pub protocol: u8,
+}
+
+/// The sender's view of itself, from which the receiver decides sync direction and split
+/// brain (the generation-UUID rules of `core`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerState {
+    /// The sender's role (primary/secondary), as numbered by `core`.
+    pub role: u8,
+    /// The sender's disk state (diskless, inconsistent, up to date, ...), as numbered by `core`.
+    pub disk: u8,
+    /// State flags defined by `core` (for example: a `--discard-my-data` connect).
+    pub flags: u32,
+    /// The sender's current generation UUID.
+    pub current_uuid: u64,
+    /// The sender's bitmap UUID for the receiver: the current UUID at the moment the sender
+    /// started recording changes the receiver lacks; 0 when it records none.
+    pub bitmap_uuid: u64,
+    /// The sender's most recent earlier generation UUIDs, newest first.
+    pub history: [u64; 4],
+    /// Number of set bits in the sender's bitmap for the receiver (blocks it changed since).
+    pub bitmap_weight: u64,
+}
+
+/// One frame's worth of meaning. The doc comment of each variant says what it asks of the
+/// receiver; `docs/PROTOCOL.md` says when it may be sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// First frame each side sends.
+    Hello(Hello),
+    /// Sent after `Hello` when the resource has a shared secret: the peer must answer with
+    /// an HMAC over this fresh random nonce (see [`super::auth`]).
+    AuthChallenge { nonce: [u8; 32] },
+    /// The answer to the peer's `AuthChallenge`; nothing else flows until it verifies.
+    AuthResponse { mac: [u8; 32] },
+    /// The sender's state; sent after the handshake and whenever role/disk/uuids change.
+    State(PeerState),
+    /// One chunk of the sender's dirty bitmap for the receiver, as runs of set blocks:
+    /// `(first block, block count)` in units of the negotiated bitmap block size. `last`
+    /// marks the final chunk, after which the receiver knows the whole bitmap.
+    BitmapRuns { last: bool, runs: Vec<(u64, u64)> },
+    /// An application write to replicate: write `payload` at byte `offset`. `id` names the
+    /// write in its acks; `epoch` is the write epoch it belongs to (closed by a `Barrier`);
+    /// `fua` asks that it be durable before it is acknowledged.
+    Data {
+        id: u64,
+        epoch: u64,
+        offset: u64,
+        fua: bool,
+        payload: Bytes,
+    },
+    /// A write of `len` zero bytes at `offset`, sent without the zeroes; with `discard` the
+    /// receiver may deallocate the range instead (it must still read back as zeroes).
+    /// Acked and ordered like `Data`.
+    Zeroes {
+        id: u64,
+        epoch: u64,
+        offset: u64,
+        len: u32,
+        fua: bool,
+        discard: bool,
+    },
+    /// Protocol B: write `id` has arrived at the peer (not necessarily on its disk).
+    RecvAck { id: u64 },
+    /// Write `id` is done on the peer's disk: the ack of protocol C, and of a FUA write under
+    /// any protocol (then it also means durable).
+    WriteAck { id: u64 },
+    /// Write `id` failed on the peer with this errno; the sender marks the blocks out of sync
+    /// for that peer rather than failing the application write.
+    NegAck { id: u64, errno: u32 },
+    /// Closes write epoch `epoch`: the receiver acks it once every write it received before
+    /// the barrier is done and its disk has been flushed.
+    Barrier { epoch: u64 },
+    /// Epoch `epoch` is durable on the peer; `writes` is how many writes it held, which the
+    /// sender checks against its own count (a mismatch is a protocol error).
+    BarrierAck { epoch: u64, writes: u32 },
+    /// Resync: the source's current content of the blocks at byte `offset`.
+    ResyncData { offset: u64, payload: Bytes },
+    /// Resync: the `len` bytes at `offset` are written on the target. Not yet durable: the
+    /// source clears their bits only once a later `BarrierAck` covers them.
+    ResyncAck { offset: u64, len: u32 },
+    /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids.
+    ResyncDone {
+        current_uuid: u64,
+        history: [u64; 4],
+    },
+    /// Liveness probe; answered with `PingAck`.
+    Ping,
+    /// The answer to `Ping`.
+    PingAck,
+    /// Orderly close with a human-readable reason (logged by the receiver).
+    Disconnect { reason: String },
+}
+
+/// The message type: the `u16` in the frame header that says how to read the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub(super) enum Kind {
+    Hello = 0x0001,
+    AuthChallenge = 0x0002,
+    AuthResponse = 0x0003,
+    State = 0x0004,
+    BitmapRuns = 0x0005,
+    Data = 0x0010,
+    Zeroes = 0x0011,
+    Barrier = 0x0012,
+    RecvAck = 0x0013,
+    WriteAck = 0x0014,
+    NegAck = 0x0015,
+    BarrierAck = 0x0016,
+    ResyncData = 0x0020,
+    ResyncAck = 0x0021,
+    ResyncDone = 0x0022,
+    Ping = 0x0030,
+    PingAck = 0x0031,
+    Disconnect = 0x0032,
+}
+
+impl Kind {
+    const ALL: [Kind; 18] = [
+        Kind::Hello,
+        Kind::AuthChallenge,
+        Kind::AuthResponse,
+        Kind::State,
+        Kind::BitmapRuns,
+        Kind::Data,
+        Kind::Zeroes,
+        Kind::Barrier,
+        Kind::RecvAck,
+        Kind::WriteAck,
+        Kind::NegAck,
+        Kind::BarrierAck,
+        Kind::ResyncData,
+        Kind::ResyncAck,
+        Kind::ResyncDone,
+        Kind::Ping,
+        Kind::PingAck,
+        Kind::Disconnect,
+    ];
+
+    pub(super) fn code(self) -> u16 {
+        self as u16
+    }
+
+    pub(super) fn from_code(code: u16) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.code() == code)
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kind::Hello => "Hello",
+            Kind::AuthChallenge => "AuthChallenge",
+            Kind::AuthResponse => "AuthResponse",
+            Kind::State => "State",
+            Kind::BitmapRuns => "BitmapRuns",
+            Kind::Data => "Data",
+            Kind::Zeroes => "Zeroes",
+            Kind::Barrier => "Barrier",
+            Kind::RecvAck => "RecvAck",
+            Kind::WriteAck => "WriteAck",
+            Kind::NegAck => "NegAck",
+            Kind::BarrierAck => "BarrierAck",
+            Kind::ResyncData => "ResyncData",
+            Kind::ResyncAck => "ResyncAck",
+            Kind::ResyncDone => "ResyncDone",
+            Kind::Ping => "Ping",
+            Kind::PingAck => "PingAck",
+            Kind::Disconnect => "Disconnect",
+        }
+    }
+}
+
+impl Message {
+    /// The variant's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+
+    /// Acks, pings and barrier acks: small frames the engine sends ahead of queued bulk data,
+    /// so that a large transfer never delays the completion of a write or trips a ping timeout.
+    pub fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Message::RecvAck { .. }
+                | Message::WriteAck { .. }
+                | Message::NegAck { .. }
+                | Message::BarrierAck { .. }
+                | Message::ResyncAck { .. }
+                | Message::Ping
+                | Message::PingAck
+        )
+    }
+
+    pub(super) fn kind(&self) -> Kind {
+        match self {
+            Message::Hello(_) => Kind::Hello,
+            Message::AuthChallenge { .. } => Kind::AuthChallenge,
+            Message::AuthResponse { .. } => Kind::AuthResponse,
+            Message::State(_) => Kind::State,
+            Message::BitmapRuns { .. } => Kind::BitmapRuns,
+            Message::Data { .. } => Kind::Data,
+            Message::Zeroes { .. } => Kind::Zeroes,
+            Message::Barrier { .. } => Kind::Barrier,
+            Message::RecvAck { .. } => Kind::RecvAck,
+            Message::WriteAck { .. } => Kind::WriteAck,
+            Message::NegAck { .. } => Kind::NegAck,
+            Message::BarrierAck { .. } => Kind::BarrierAck,
+            Message::ResyncData { .. } => Kind::ResyncData,
+            Message::ResyncAck { .. } => Kind::ResyncAck,
+            Message::ResyncDone { .. } => Kind::ResyncDone,
+            Message::Ping => Kind::Ping,
+            Message::PingAck => Kind::PingAck,
+            Message::Disconnect { .. } => Kind::Disconnect,
+        }
+    }
+
+    /// The bounds a receiver enforces, checked by the sender too so that a message the peer
+    /// would reject is refused locally with the same reason. Every bound here also keeps the
+    /// payload within the frame limit.
+    pub(super) fn check_limits(&self) -> Result<(), &'static str> {
+        match self {
+            Message::Hello(hello) if hello.resource.len() > MAX_RESOURCE_BYTES => {
+                Err("resource name longer than 63 bytes")
+            }
+            Message::Hello(hello) if !matches!(hello.protocol, b'A' | b'B' | b'C') => {
+                Err("protocol is not A, B or C")
+            }
+            Message::BitmapRuns { runs, .. } if runs.len() > MAX_BITMAP_RUNS => {
+                Err("more than 65536 runs")
+            }
+            Message::Data { payload, .. } | Message::ResyncData { payload, .. }
+                if payload.len() > MAX_DATA_BYTES =>
+            {
+                Err("data longer than 1 MiB")
+            }
+            Message::Disconnect { reason } if reason.len() > MAX_REASON_BYTES => {
+                Err("reason longer than 1024 bytes")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends the payload's fixed fields to `out` and returns the bytes that follow them
+    /// (the data of `Data`/`ResyncData`, the text of `Disconnect`), kept apart so that
+    /// `write_message` can send a megabyte of data without copying it.
+    pub(super) fn put_fields<'m>(&'m self, out: &mut BytesMut) -> &'m [u8] {
+        match self {
+            Message::Hello(hello) => {
+                out.put_u32(hello.version);
+                out.put_u64(hello.features);
+                put_resource(out, &hello.resource);
+                out.put_u8(hello.from_node);
+                out.put_u8(hello.to_node);
+                out.put_u64(hello.data_size_bytes);
+                out.put_u32(hello.bitmap_block_size);
+                out.put_u8(hello.protocol);
+            }
+            Message::AuthChallenge { nonce } => out.put_slice(nonce),
+            Message::AuthResponse { mac } => out.put_slice(mac),
+            Message::State(state) => {
+                out.put_u8(state.role);
+                out.put_u8(state.disk);
+                out.put_u32(state.flags);
+                out.put_u64(state.current_uuid);
+                out.put_u64(state.bitmap_uuid);
+                state.history.iter().for_each(|uuid| out.put_u64(*uuid));
+                out.put_u64(state.bitmap_weight);
+            }
+            Message::BitmapRuns { last, runs } => {
+                out.put_u8(u8::from(*last));
+                // check_limits bounds the count to MAX_BITMAP_RUNS, so it fits.
+                out.put_u32(runs.len() as u32);
+                out.reserve(runs.len() * RUN_BYTES);
+                for (start, count) in runs {
+                    out.put_u64(*start);
+                    out.put_u64(*count);
+                }
+            }
+            Message::Data {
+                id,
+                epoch,
+                offset,
+                fua,
+                payload,
+            } => {
+                out.put_u64(*id);
+                out.put_u64(*epoch);
+                out.put_u64(*offset);
+                out.put_u8(u8::from(*fua));
+                return payload;
+            }
+            Message::Zeroes {
+                id,
+                epoch,
+                offset,
+                len,
+                fua,
+                discard,
+            } => {
+                out.put_u64(*id);
+                out.put_u64(*epoch);
+                out.put_u64(*offset);
+                out.put_u32(*len);
+                out.put_u8(u8::from(*fua));
+                out.put_u8(u8::from(*discard));
+            }
+            Message::RecvAck { id } | Message::WriteAck { id } => out.put_u64(*id),
+            Message::NegAck { id, errno } => {
+                out.put_u64(*id);
+                out.put_u32(*errno);
+            }
+            Message::Barrier { epoch } => out.put_u64(*epoch),
+            Message::BarrierAck { epoch, writes } => {
+                out.put_u64(*epoch);
+                out.put_u32(*writes);
+            }
+            Message::ResyncData { offset, payload } => {
+                out.put_u64(*offset);
+                return payload;
+            }
+            Message::ResyncAck { offset, len } => {
+                out.put_u64(*offset);
+                out.put_u32(*len);
+            }
+            Message::ResyncDone {
+                current_uuid,
+                history,
+            } => {
+                out.put_u64(*current_uuid);
+                history.iter().for_each(|uuid| out.put_u64(*uuid));
+            }
+            Message::Ping | Message::PingAck => {}
+            Message::Disconnect { reason } => return reason.as_bytes(),
+        }
+        &[]
+    }
+
+    /// Reads a `kind` payload. Takes the payload as `Bytes` so that data is sliced out of the
+    /// receive buffer, not copied.
+    pub(super) fn decode_fields(kind: Kind, payload: Bytes) -> Result<Message, WireError> {
+        let mut fields = Fields {
+            payload,
+            pos: 0,
+            kind,
+        };
+        let msg = match kind {
+            Kind::Hello => {
+                let hello = Hello {
+                    version: fields.u32()?,
+                    features: fields.u64()?,
+                    resource: fields.resource()?,
+                    from_node: fields.u8()?,
+                    to_node: fields.u8()?,
+                    data_size_bytes: fields.u64()?,
+                    bitmap_block_size: fields.u32()?,
+                    protocol: fields.u8()?,
+                };
+                // A later version may append fields to Hello; skipping them lets this node
+                // read far enough to report a version mismatch instead of a malformed frame.
+                let _later_fields = fields.rest();
+                Message::Hello(hello)
+            }
+            Kind::AuthChallenge => Message::AuthChallenge {
+                nonce: fields.array()?,
+            },
+            Kind::AuthResponse => Message::AuthResponse {
+                mac: fields.array()?,
+            },
+            Kind::State => Message::State(PeerState {
+                role: fields.u8()?,
+                disk: fields.u8()?,
+                flags: fields.u32()?,
+                current_uuid: fields.u64()?,
+                bitmap_uuid: fields.u64()?,
+                history: fields.uuids()?,
+                bitmap_weight: fields.u64()?,
+            }),
+            Kind::BitmapRuns => Message::BitmapRuns {
+                last: fields.bool()?,
+                runs: fields.runs()?,
+            },
+            Kind::Data => Message::Data {
+                id: fields.u64()?,
+                epoch: fields.u64()?,
+                offset: fields.u64()?,
+                fua: fields.bool()?,
+                payload: fields.rest(),
+            },
+            Kind::Zeroes => Message::Zeroes {
+                id: fields.u64()?,
+                epoch: fields.u64()?,
+                offset: fields.u64()?,
+                len: fields.u32()?,
+                fua: fields.bool()?,
+                discard: fields.bool()?,
+            },
+            Kind::Barrier => Message::Barrier {
+                epoch: fields.u64()?,
+            },
+            Kind::RecvAck => Message::RecvAck { id: fields.u64()? },
+            Kind::WriteAck => Message::WriteAck { id: fields.u64()? },
+            Kind::NegAck => Message::NegAck {
+                id: fields.u64()?,
+                errno: fields.u32()?,
+            },
+            Kind::BarrierAck => Message::BarrierAck {
+                epoch: fields.u64()?,
+                writes: fields.u32()?,
+            },
+            Kind::ResyncData => Message::ResyncData {
+                offset: fields.u64()?,
+                payload: fields.rest(),
+            },
+            Kind::ResyncAck => Message::ResyncAck {
+                offset: fields.u64()?,
+                len: fields.u32()?,
+            },
+            Kind::ResyncDone => Message::ResyncDone {
+                current_uuid: fields.u64()?,
+                history: fields.uuids()?,
+            },
+            Kind::Ping => Message::Ping,
+            Kind::PingAck => Message::PingAck,
+            Kind::Disconnect => Message::Disconnect {
+                reason: fields.text()?,
+            },
+        };
+        fields.finish()?;
+        msg.check_limits()
+            .map_err(|reason| fields.malformed(reason))?;
+        Ok(msg)
+    }
+}
+
+/// Writes the fixed 64-byte resource field. `check_limits` has bounded the name to 63 bytes.
+fn put_resource(out: &mut BytesMut, resource: &str) {
+    out.put_u8(resource.len() as u8);
+    out.put_slice(resource.as_bytes());
+    out.put_bytes(0, MAX_RESOURCE_BYTES - resource.len());
+}
+
+/// A cursor over a payload that turns every shortfall into `Malformed` instead of a panic.
+struct Fields {
+    payload: Bytes,
+    pos: usize,
+    kind: Kind,
+}
+
+impl Fields {
+    fn malformed(&self, reason: &'static str) -> WireError {
+        WireError::Malformed {
+            msg_type: self.kind.name(),
+            reason,
+        }
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let field = self.payload[self.pos..]
+            .first_chunk::<N>()
+            .copied()
+            .ok_or_else(|| self.malformed("payload too short"))?;
+        self.pos += N;
+        Ok(field)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.array().map(u8::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    /// A bool is one byte, 0 or 1; anything else means the sender and receiver disagree about
+    /// the layout, which is better caught than guessed at.
+    fn bool(&mut self) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(self.malformed("bool is neither 0 nor 1")),
+        }
+    }
+
+    fn uuids(&mut self) -> Result<[u64; 4], WireError> {
+        Ok([self.u64()?, self.u64()?, self.u64()?, self.u64()?])
+    }
+
+    /// The fixed resource field: a length byte, the name, zero padding to 64 bytes.
+    fn resource(&mut self) -> Result<String, WireError> {
+        let field: [u8; RESOURCE_FIELD_BYTES] = self.array()?;
+        let (len, name_and_padding) = (usize::from(field[0]), &field[1..]);
+        let name = name_and_padding
+            .get(..len)
+            .ok_or_else(|| self.malformed("resource name longer than 63 bytes"))?;
+        if name_and_padding[len..].iter().any(|byte| *byte != 0) {
+            return Err(self.malformed("resource padding is not zero"));
+        }
+        String::from_utf8(name.to_vec()).map_err(|_| self.malformed("resource name is not UTF-8"))
+    }
+
+    /// A count of runs followed by exactly that many runs. The count is checked against the
+    /// payload length before anything is allocated, so it cannot inflate an allocation.
+    fn runs(&mut self) -> Result<Vec<(u64, u64)>, WireError> {
+        let count = self.u32()? as usize;
+        let remaining = self.payload.len() - self.pos;
+        if remaining % RUN_BYTES != 0 || remaining / RUN_BYTES != count {
+            return Err(self.malformed("run count does not match payload length"));
+        }
+        let mut runs = Vec::with_capacity(count);
+        for _ in 0..count {
+            runs.push((self.u64()?, self.u64()?));
+        }
+        Ok(runs)
+    }
+
+    /// The rest of the payload as UTF-8 (its length is bounded by the frame limit and then by
+    /// `check_limits`).
+    fn text(&mut self) -> Result<String, WireError> {
+        let bytes = self.rest();
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("text is not UTF-8"))
+    }
+
+    /// The rest of the payload, sliced without a copy.
+    fn rest(&mut self) -> Bytes {
+        let rest = self.payload.slice(self.pos..);
+        self.pos = self.payload.len();
+        rest
+    }
+
+    /// Trailing bytes mean the peer's idea of the layout differs from ours.
+    fn finish(&self) -> Result<(), WireError> {
+        if self.pos == self.payload.len() {
+            Ok(())
+        } else {
+            Err(self.malformed("trailing bytes after the payload"))
+        }
+    }
+}
