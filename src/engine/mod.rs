@@ -115,10 +115,10 @@ impl Engine {
         if crashed_primary {
             // Writes in the hot extents may have reached only this disk, or only the peers:
             // every hot extent is out of sync with every peer until a resync says otherwise.
-            let hot: Vec<u32> = al.hot_extents().collect();
+            let hot = al.hot_extents();
             tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             for extent in &hot {
-                let (offset, len) = crate::meta::extent_range(*extent, sb.data_size_bytes);
+                let (offset, len) = state::extent_range(*extent, sb.data_size_bytes);
                 for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
                     bitmap.set_range(offset, len);
                     sb.peers[slot].bitmap_crc = None;
@@ -127,8 +127,9 @@ impl Engine {
             for (slot, bitmap) in bitmaps.iter().enumerate() {
                 meta.write_bitmap(slot, bitmap)?;
             }
-            let clean = al.mark_clean();
-            meta.write_al_transaction(&clean)?;
+            let clean = al.mark_clean().expect("nothing is in flight at attach");
+            meta.write_al_transaction(&clean.transaction)?;
+            al.commit(clean);
             meta.write_superblock(&sb)?;
         }
 
@@ -299,8 +300,9 @@ impl Engine {
         self.flush_all();
         let mut st = shared.lock();
         st.sb.flags.remove(MetaFlags::PRIMARY_IND);
-        let clean = st.al.mark_clean();
-        let result = st.meta.write_al_transaction(&clean).and_then(|()| {
+        // Every write finished (flush_all waited), so nothing holds an extent.
+        let clean = st.al.mark_clean().expect("no write in flight after the final flush");
+        let result = st.apply_al_update(clean).and_then(|()| {
             st.sb.flags.insert(MetaFlags::AL_CLEAN);
             st.persist()
         });

@@ -9,11 +9,18 @@ use crate::core::sync_decision::{SyncDecision, UuidView};
 use crate::core::transfer_log::TransferLog;
 use crate::frontend::nbd::NbdHandle;
 use crate::frontend::{BlockResult, Completion};
+use crate::meta::activity_log::{extent_offset, AlUpdate, AL_EXTENT_SIZE};
 use crate::meta::{ActivityLog, DirtyBitmap, MetaError, MetaFlags, MetaStore, Superblock};
 use crate::wire::PeerState;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The byte range of an activity-log extent, clipped to the device.
+pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
+    let offset = extent_offset(extent);
+    (offset, AL_EXTENT_SIZE.min(data_size_bytes.saturating_sub(offset)))
+}
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
@@ -142,6 +149,21 @@ impl State {
         if self.bitmaps[slot].set_range(offset, len) > 0 {
             self.sb.peers[slot].bitmap_crc = None;
         }
+    }
+
+    /// Makes an activity-log change durable, in the order crash recovery relies on: the bitmap
+    /// pages of every evicted extent (they leave the log's protection), then the transaction.
+    pub fn apply_al_update(&mut self, update: AlUpdate) -> Result<(), MetaError> {
+        for &extent in &update.evicted {
+            let (offset, len) = extent_range(extent, self.sb.data_size_bytes);
+            for slot in 0..self.bitmaps.len() {
+                let pages = self.bitmaps[slot].pages_for_range(offset, len);
+                self.meta.write_bitmap_pages(slot, &self.bitmaps[slot], pages)?;
+            }
+        }
+        self.meta.write_al_transaction(&update.transaction)?;
+        self.al.commit(update);
+        Ok(())
     }
 
     pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {

@@ -9,6 +9,8 @@ use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, PeerSet};
 use crate::core::states::{DiskState, Role};
 use crate::frontend::{BlockError, BlockRequest, Completion};
+use crate::meta::activity_log::{extents_for, AlError, AlPrepared};
+use crate::meta::MetaError;
 use crate::wire::Message;
 use bytes::Bytes;
 use std::io;
@@ -101,11 +103,19 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     while st.overlaps_busy(offset, len) {
         st = shared.changed.wait(st).expect("engine state lock poisoned");
     }
-    let extents = crate::meta::extents_for(offset, len);
+    let Some(extents) = extents_for(offset, len) else {
+        drop(st);
+        return done(Err(BlockError::Invalid));
+    };
     let prepared = loop {
         match st.al.prepare(extents.clone()) {
             Ok(prepared) => break prepared,
-            Err(_busy) => st = shared.changed.wait(st).expect("engine state lock poisoned"),
+            Err(AlError::Busy) => st = shared.changed.wait(st).expect("engine state lock poisoned"),
+            Err(e) => {
+                drop(st);
+                tracing::warn!(resource = %shared.config.name, error = %e, offset, len, "write refused");
+                return done(Err(BlockError::Invalid));
+            }
         }
     };
     if let Err(e) = make_extents_hot(&mut st, prepared) {
@@ -176,19 +186,11 @@ fn local_ok(shared: &Shared, result: io::Result<Option<Bytes>>) -> bool {
 
 /// Persists what the activity log needs before data may be written into newly hot extents:
 /// the bitmap pages of evicted extents first, then the durable transaction.
-fn make_extents_hot(st: &mut State, prepared: crate::meta::AlPrepared) -> Result<(), crate::meta::MetaError> {
-    if let Some(transaction) = prepared.transaction() {
-        for &extent in prepared.evicted() {
-            let (offset, len) = crate::meta::extent_range(extent, st.sb.data_size_bytes);
-            for slot in 0..st.bitmaps.len() {
-                let pages = st.bitmaps[slot].pages_for_range(offset, len);
-                st.meta.write_bitmap_pages(slot, &st.bitmaps[slot], pages)?;
-            }
-        }
-        st.meta.write_al_transaction(transaction)?;
+fn make_extents_hot(st: &mut State, prepared: AlPrepared) -> Result<(), MetaError> {
+    match prepared {
+        AlPrepared::AllHot => Ok(()),
+        AlPrepared::Transaction(update) => st.apply_al_update(update),
     }
-    st.al.commit(prepared);
-    Ok(())
 }
 
 fn ack_level(protocol: Protocol) -> AckLevel {
@@ -233,7 +235,9 @@ pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel)
 
 /// A write is done everywhere it will be: release its extents and answer the frontend.
 pub fn complete(st: &mut MutexGuard<'_, State>, finished: Finished, deferred: &mut Deferred) {
-    st.al.release(crate::meta::extents_for(finished.offset, finished.len));
+    if let Some(extents) = extents_for(finished.offset, finished.len) {
+        st.al.release(extents);
+    }
     if let Some(done) = st.completions.remove(&finished.id) {
         deferred.push(done, if finished.local_failed { Err(BlockError::Io) } else { Ok(None) });
     }
