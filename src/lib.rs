@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod daemon;
+pub mod disk;
 pub mod engine;
 pub mod frontend;
 pub mod meta;

@@ -501,11 +501,7 @@ fn send_bitmap(link: &PeerLink, bitmap: &crate::meta::DirtyBitmap) {
 fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
     let mut st = shared.lock();
     let slot = st.peer(peer_id).slot;
-    let blocks = st.bitmaps[slot].blocks();
-    if runs.iter().any(|(start, len)| start.checked_add(*len).is_none_or(|end| end > blocks)) {
-        return Err("bitmap run outside the device".into());
-    }
-    st.bitmaps[slot].or_runs(runs);
+    st.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
     st.sb.peers[slot].bitmap_crc = None;
     if !last {
         return Ok(());

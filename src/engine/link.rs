@@ -76,10 +76,6 @@ impl PeerLink {
         }
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.queue.lock().expect("link queue").closed
-    }
-
     /// Stops the writer and breaks the socket, which also wakes the reader.
     pub fn close(&self) {
         let mut q = self.queue.lock().expect("link queue");

@@ -97,7 +97,7 @@ impl Engine {
             Some(path) => (Arc::new(FileDisk::open(path)?), false),
             None => (data.clone(), true),
         };
-        let data_disk_len = data.len().map_err(|source| DiskError::Io { path: me.disk.clone(), source })?;
+        let data_disk_len = data.len().map_err(|source| DiskError::Open { path: me.disk.clone(), source })?;
         let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
         let mut sb = loaded.superblock;
 
@@ -118,7 +118,7 @@ impl Engine {
             let hot = al.hot_extents();
             tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             for extent in &hot {
-                let (offset, len) = state::extent_range(*extent, sb.data_size_bytes);
+                let (offset, len) = state::extent_range(*extent, sb.data_size);
                 for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
                     bitmap.set_range(offset, len);
                     sb.peers[slot].bitmap_crc = None;
@@ -163,7 +163,7 @@ impl Engine {
             })
             .collect();
         let disk = State::disk_state_from_flags(sb.flags);
-        let data_size_bytes = sb.data_size_bytes;
+        let data_size_bytes = sb.data_size;
         let state = State {
             role: Role::Secondary,
             disk,

@@ -155,7 +155,7 @@ impl State {
     /// pages of every evicted extent (they leave the log's protection), then the transaction.
     pub fn apply_al_update(&mut self, update: AlUpdate) -> Result<(), MetaError> {
         for &extent in &update.evicted {
-            let (offset, len) = extent_range(extent, self.sb.data_size_bytes);
+            let (offset, len) = extent_range(extent, self.sb.data_size);
             for slot in 0..self.bitmaps.len() {
                 let pages = self.bitmaps[slot].pages_for_range(offset, len);
                 self.meta.write_bitmap_pages(slot, &self.bitmaps[slot], pages)?;

@@ -14,7 +14,7 @@ use crate::meta::MetaError;
 use crate::wire::Message;
 use bytes::Bytes;
 use std::io;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 
 /// An epoch is closed with a barrier after this many writes even without a FLUSH, which bounds
 /// the transfer log (and so the resync after a lost connection).
@@ -234,7 +234,7 @@ pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel)
 }
 
 /// A write is done everywhere it will be: release its extents and answer the frontend.
-pub fn complete(st: &mut MutexGuard<'_, State>, finished: Finished, deferred: &mut Deferred) {
+pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
     if let Some(extents) = extents_for(finished.offset, finished.len) {
         st.al.release(extents);
     }
