@@ -49,13 +49,15 @@ trap cleanup EXIT
 
 br() { local node=$1; shift; echo "\$ blkrepl --node $node $*"; "$BIN" --node "$node" "$@"; }
 status() { br "$1" status r0; echo; }
-wait_for() { # node, jq-free check on the JSON status
-  local node=$1 needle=$2 i
+wait_for() { # node, then fields that must all appear in its JSON status (one peer here)
+  local node=$1 i json needle missing; shift
   for i in $(seq 1 300); do
-    "$BIN" --node "$node" status --json r0 | grep -q "$needle" && return 0
+    json=$("$BIN" --node "$node" status --json r0); missing=0
+    for needle in "$@"; do grep -qF "$needle" <<<"$json" || missing=1; done
+    [ $missing = 0 ] && return 0
     sleep 0.2
   done
-  echo "timed out waiting for $needle on $node" >&2; "$BIN" --node "$node" status r0; exit 1
+  echo "timed out waiting for $* on $node" >&2; echo "$json" >&2; exit 1
 }
 
 if [ -e /dev/ublk-control ]; then
@@ -113,7 +115,7 @@ status beta
 echo "== 6. alpha comes back and resyncs only what changed while it was away"
 qemu-io -f raw -t writeback nbd://127.0.0.1:10810/r0 -c "write -P 0xee 100M 4M" -c flush >/dev/null
 br alpha up r0
-wait_for beta '"replication":"Established","peer_role":"Secondary","peer_disk":"UpToDate"'
+wait_for beta '"replication":"Established"' '"peer_role":"Secondary"' '"peer_disk":"UpToDate"'
 status beta
 br beta down r0
 br alpha down r0
