@@ -19,7 +19,7 @@ fn synced_pair(options: Options) -> Cluster {
 }
 
 fn patterns() -> Vec<(u64, u64, u8)> {
-    vec![(0, MIB, 0x11), (5 * MIB, 64 << 10, 0x22), (17 * MIB + 4096, 4096, 0x33), (63 * MIB, MIB, 0x44)]
+    vec![(0, MIB, 0x11), (5 * MIB, 64 << 10, 0x22), (17 * MIB + 4096, 4096, 0x33), (59 * MIB, MIB, 0x44)]
 }
 
 #[test]
@@ -118,10 +118,10 @@ fn role_rules_are_enforced() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    c.wait_for("alpha", "client connected", |_| {
-        let out = c.cli("alpha", &["secondary", "r0"]);
-        out.status.code() == Some(12)
-    });
+    c.wait_for("alpha", "client connected", |s| s["nbd_clients"] == 1);
+    let out = c.cli("alpha", &["secondary", "r0"]);
+    assert_eq!(out.status.code(), Some(12), "{}", common::text(&out.stderr));
+    assert!(common::text(&out.stderr).contains("in use by 1 NBD client"));
     drop(client.stdin.take());
     client.wait().unwrap();
     c.wait_for("alpha", "demotion after the client left", |_| c.cli("alpha", &["secondary", "r0"]).status.success());

@@ -292,6 +292,9 @@ impl Engine {
             return Err(EngineError::InUse { clients });
         }
         st.role = Role::Secondary;
+        // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
+        // this node is no longer primary and may promote itself.
+        st.broadcast_state();
         let nbd = st.nbd.take();
         drop(st);
         if let Some(nbd) = nbd {
@@ -311,7 +314,6 @@ impl Engine {
             return Err(EngineError::MetaWrite(e));
         }
         tracing::info!(resource = %shared.config.name, "demoted to Secondary");
-        st.broadcast_state();
         shared.changed.notify_all();
         Ok(())
     }

@@ -15,6 +15,8 @@ pub struct ResourceStatus {
     pub quorum_policy: String,
     /// Where the device is exported while primary (`nbd://ADDR/NAME`).
     pub device: Option<String>,
+    /// NBD clients connected to the export (demotion is refused while any is).
+    pub nbd_clients: usize,
     pub protocol: String,
     pub size_bytes: u64,
     pub generation_uuid: String,
@@ -87,6 +89,7 @@ pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
         quorum: true,
         quorum_policy: shared.config.quorum.to_string(),
         device: st.nbd.as_ref().map(|n| format!("nbd://{}/{}", n.local_addr(), shared.config.name)),
+        nbd_clients: st.nbd.as_ref().map_or(0, |n| n.connected_clients()),
         protocol: shared.config.protocol.to_string(),
         size_bytes: shared.data_size_bytes,
         generation_uuid: format!("{:016X}", st.sb.uuids.current),
