@@ -39,13 +39,20 @@ impl PeerSet {
     }
 }
 
+/// Why the local part of a write failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalFailure {
+    Io,
+    NoSpace,
+}
+
 #[derive(Debug)]
 struct Inflight {
     offset: u64,
     len: u64,
     level: AckLevel,
     local_pending: bool,
-    local_failed: bool,
+    local_failure: Option<LocalFailure>,
     peers_pending: PeerSet,
 }
 
@@ -56,7 +63,7 @@ pub struct Finished {
     pub offset: u64,
     pub len: u64,
     /// The local write failed: the request fails upward.
-    pub local_failed: bool,
+    pub local_failure: Option<LocalFailure>,
 }
 
 #[derive(Debug, Default)]
@@ -89,15 +96,15 @@ impl InflightWrites {
         let id = self.next_id;
         self.writes.insert(
             id,
-            Inflight { offset, len, level, local_pending: true, local_failed: false, peers_pending: peers },
+            Inflight { offset, len, level, local_pending: true, local_failure: None, peers_pending: peers },
         );
         id
     }
 
-    pub fn local_done(&mut self, id: u64, ok: bool) -> Option<Finished> {
+    pub fn local_done(&mut self, id: u64, result: Result<(), LocalFailure>) -> Option<Finished> {
         let write = self.writes.get_mut(&id)?;
         write.local_pending = false;
-        write.local_failed |= !ok;
+        write.local_failure = result.err();
         self.finish_if_done(id)
     }
 
@@ -134,7 +141,7 @@ impl InflightWrites {
             return None;
         }
         let write = self.writes.remove(&id)?;
-        Some(Finished { id, offset: write.offset, len: write.len, local_failed: write.local_failed })
+        Some(Finished { id, offset: write.offset, len: write.len, local_failure: write.local_failure })
     }
 }
 
@@ -153,9 +160,9 @@ mod tests {
         let mut w = InflightWrites::new();
         let id = w.start(0, 4096, AckLevel::Written, peers(&[1]));
         assert_eq!(w.peer_reached(id, 1, AckLevel::Received), None, "B-level ack is not enough for C");
-        assert_eq!(w.local_done(id, true), None);
+        assert_eq!(w.local_done(id, Ok(())), None);
         let done = w.peer_reached(id, 1, AckLevel::Written).expect("finished");
-        assert!(!done.local_failed);
+        assert_eq!(done.local_failure, None);
         assert!(w.is_empty());
     }
 
@@ -165,7 +172,7 @@ mod tests {
         let id = w.start(0, 4096, AckLevel::Sent, peers(&[1, 2]));
         assert_eq!(w.peer_reached(id, 1, AckLevel::Sent), None);
         assert_eq!(w.peer_reached(id, 2, AckLevel::Written), None);
-        assert!(w.local_done(id, true).is_some());
+        assert!(w.local_done(id, Ok(())).is_some());
     }
 
     #[test]
@@ -183,11 +190,11 @@ mod tests {
         let mut w = InflightWrites::new();
         let a = w.start(0, 4096, AckLevel::Written, peers(&[1]));
         let b = w.start(4096, 4096, AckLevel::Written, peers(&[1]));
-        w.local_done(a, true);
+        w.local_done(a, Ok(()));
         assert_eq!(w.pending_for(1).len(), 2);
         let finished = w.peer_lost(1);
         assert_eq!(finished.iter().map(|f| f.id).collect::<Vec<_>>(), vec![a]);
-        assert_eq!(w.local_done(b, false).map(|f| f.local_failed), Some(true));
+        assert_eq!(w.local_done(b, Err(LocalFailure::NoSpace)).map(|f| f.local_failure), Some(Some(LocalFailure::NoSpace)));
         assert_eq!(w.peer_reached(a, 1, AckLevel::Written), None, "late ack after loss is ignored");
     }
 }

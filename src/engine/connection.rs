@@ -580,7 +580,9 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     }
     let failed = st.disk == DiskState::Failed;
     for mut finished in st.inflight.peer_lost(peer_id) {
-        finished.local_failed |= failed;
+        if failed {
+            finished.local_failure.get_or_insert(crate::core::inflight::LocalFailure::Io);
+        }
         write_path::complete(st, finished, deferred);
     }
     for flush in st.flushes.iter_mut() {

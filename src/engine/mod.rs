@@ -93,10 +93,23 @@ impl Engine {
     /// No network activity yet: see [`Engine::start`].
     pub fn open(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
         let data: Arc<dyn Disk> = Arc::new(FileDisk::open(&me.disk)?);
-        let (meta_disk, internal): (Arc<dyn Disk>, bool) = match &me.meta_disk {
-            Some(path) => (Arc::new(FileDisk::open(path)?), false),
-            None => (data.clone(), true),
+        let meta_disk = match &me.meta_disk {
+            Some(path) => Some(Arc::new(FileDisk::open(path)?) as Arc<dyn Disk>),
+            None => None,
         };
+        Engine::open_on(config, me, data, meta_disk)
+    }
+
+    /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.
+    /// `meta_disk == None` means internal metadata on `data`.
+    pub fn open_on(
+        config: ResourceConfig,
+        me: NodeConfig,
+        data: Arc<dyn Disk>,
+        meta_disk: Option<Arc<dyn Disk>>,
+    ) -> Result<Engine, EngineError> {
+        let internal = meta_disk.is_none();
+        let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
         let data_disk_len = data.len().map_err(|source| DiskError::Open { path: me.disk.clone(), source })?;
         let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
         let mut sb = loaded.superblock;

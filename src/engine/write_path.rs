@@ -6,7 +6,7 @@ use super::io_pool::IoOp;
 use super::state::{Deferred, PendingFlush, State};
 use super::Shared;
 use crate::config::Protocol;
-use crate::core::inflight::{AckLevel, Finished, PeerSet};
+use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::states::{DiskState, Role};
 use crate::frontend::{BlockError, BlockRequest, Completion};
 use crate::meta::activity_log::{extents_for, AlError, AlPrepared};
@@ -174,12 +174,12 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     shared.io.submit(op, Box::new(move |result| local_done(&shared2, id, local_ok(&shared2, result))));
 }
 
-fn local_ok(shared: &Shared, result: io::Result<Option<Bytes>>) -> bool {
+fn local_ok(shared: &Shared, result: io::Result<Option<Bytes>>) -> Result<(), LocalFailure> {
     match result {
-        Ok(_) => true,
+        Ok(_) => Ok(()),
         Err(e) => {
             tracing::error!(resource = %shared.config.name, error = %e, "local write failed");
-            false
+            Err(if e.kind() == io::ErrorKind::StorageFull { LocalFailure::NoSpace } else { LocalFailure::Io })
         }
     }
 }
@@ -209,9 +209,9 @@ fn io_error(e: &io::Error) -> BlockError {
     }
 }
 
-fn local_done(shared: &Arc<Shared>, id: u64, ok: bool) {
+fn local_done(shared: &Arc<Shared>, id: u64, result: Result<(), LocalFailure>) {
     let mut st = shared.lock();
-    let finished = st.inflight.local_done(id, ok);
+    let finished = st.inflight.local_done(id, result);
     let mut deferred = Deferred::default();
     if let Some(f) = finished {
         complete(&mut st, f, &mut deferred);
@@ -239,7 +239,12 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
         st.al.release(extents);
     }
     if let Some(done) = st.completions.remove(&finished.id) {
-        deferred.push(done, if finished.local_failed { Err(BlockError::Io) } else { Ok(None) });
+        let result = match finished.local_failure {
+            None => Ok(None),
+            Some(LocalFailure::Io) => Err(BlockError::Io),
+            Some(LocalFailure::NoSpace) => Err(BlockError::NoSpace),
+        };
+        deferred.push(done, result);
     }
 }
 

@@ -1,0 +1,94 @@
+//! The engine on a fault-injecting disk: a full disk or a failing disk fails the request with
+//! the right error and loses nothing that was acknowledged before.
+
+use blkrepl::config::ResourceConfig;
+use blkrepl::disk::{Disk, Fault, FaultyDisk, MemDisk};
+use blkrepl::engine::Engine;
+use blkrepl::frontend::{BlockDevice, BlockError, BlockRequest, BlockResult};
+use blkrepl::meta::{MetaParams, MetaStore};
+use bytes::Bytes;
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+
+const DISK_BYTES: usize = 32 << 20;
+
+fn config() -> ResourceConfig {
+    let text = r#"
+name = "r0"
+[[node]]
+name = "alpha"
+address = "127.0.0.1:1"
+disk = "/unused"
+[[node]]
+name = "beta"
+address = "127.0.0.1:2"
+disk = "/unused"
+"#;
+    ResourceConfig::parse(Path::new("r0.toml"), text).unwrap()
+}
+
+fn submit(engine: &Engine, request: BlockRequest) -> BlockResult {
+    let (tx, rx) = channel();
+    engine.submit(request, Box::new(move |result| tx.send(result).unwrap()));
+    rx.recv().unwrap()
+}
+
+/// A primary (forced, its peer absent) on a faulty in-memory disk.
+fn primary_on_faulty_disk() -> (Engine, Arc<FaultyDisk<MemDisk>>) {
+    let config = config();
+    let me = config.node("alpha").unwrap().clone();
+    let disk = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
+    let params = MetaParams { max_peers: 1, ..MetaParams::default() };
+    MetaStore::create(disk.clone(), DISK_BYTES as u64, true, params, "r0", 0, &[1], false).unwrap();
+    let engine = Engine::open_on(config, me, disk.clone() as Arc<dyn Disk>, None).unwrap();
+    engine.promote(true).unwrap();
+    (engine, disk)
+}
+
+fn write(offset: u64, byte: u8, len: usize) -> BlockRequest {
+    BlockRequest::Write { offset, data: Bytes::from(vec![byte; len]), fua: false }
+}
+
+#[test]
+fn full_disk_fails_the_write_with_enospc_and_keeps_earlier_data() {
+    let (engine, disk) = primary_on_faulty_disk();
+    submit(&engine, write(0, 0xAB, 65536)).unwrap();
+    submit(&engine, BlockRequest::Flush).unwrap();
+    disk.fail_writes_after(0, Fault::Enospc);
+    assert_eq!(submit(&engine, write(1 << 20, 0xCD, 4096)), Err(BlockError::NoSpace));
+    disk.heal();
+    let read = submit(&engine, BlockRequest::Read { offset: 0, len: 65536 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0xAB), "acknowledged data changed");
+    // The disk has room again: writing works again.
+    submit(&engine, write(1 << 20, 0xCD, 4096)).unwrap();
+    let read = submit(&engine, BlockRequest::Read { offset: 1 << 20, len: 4096 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0xCD));
+}
+
+#[test]
+fn io_error_fails_the_write_and_flush() {
+    let (engine, disk) = primary_on_faulty_disk();
+    submit(&engine, write(8192, 0x11, 4096)).unwrap();
+    disk.fail_writes_after(0, Fault::Eio);
+    assert_eq!(submit(&engine, write(8192, 0x22, 4096)), Err(BlockError::Io));
+    assert_eq!(submit(&engine, BlockRequest::Flush), Err(BlockError::Io));
+}
+
+#[test]
+fn forced_promotion_of_fresh_metadata_owes_the_peer_the_whole_device() {
+    let (engine, _disk) = primary_on_faulty_disk();
+    let status = engine.status();
+    assert_eq!(status.disk, "UpToDate");
+    assert_eq!(status.peers[0].out_of_sync_bytes, engine.size_bytes());
+    submit(&engine, write(4 << 20, 0x33, 8192)).unwrap();
+    assert_eq!(engine.status().peers[0].out_of_sync_bytes, engine.size_bytes());
+}
+
+#[test]
+fn requests_outside_the_device_are_invalid() {
+    let (engine, _disk) = primary_on_faulty_disk();
+    let size = engine.size_bytes();
+    assert_eq!(submit(&engine, write(size, 0, 4096)), Err(BlockError::Invalid));
+    assert_eq!(submit(&engine, BlockRequest::Read { offset: size - 512, len: 4096 }), Err(BlockError::Invalid));
+}
