@@ -181,7 +181,7 @@ impl Drop for Cluster {
         for node in &self.nodes {
             let lock = self.run_dir().join(format!("r0.{node}.lock"));
             if let Ok(pid) = std::fs::read_to_string(lock) {
-                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+                let _ = Command::new("kill").args(["-9", pid.trim()]).stderr(std::process::Stdio::null()).status();
             }
         }
     }
