@@ -1,0 +1,53 @@
+//! Generation UUIDs: which history of writes a disk's data belongs to.
+//!
+//! The decisions made with them (resync direction, split brain) live in `core`; this module only
+//! defines the values and how they compare. See `/work/shared/SEMANTICS.md`.
+
+/// The current UUID of freshly created metadata. Two just-created disks hold no data anyone
+/// relies on, which lets the connect logic recognise them.
+pub const UUID_JUST_CREATED: u64 = 4;
+
+/// Bit 0 of a UUID: the node was primary when it generated the UUID. It tells split-brain
+/// recovery who wrote, and is not part of the UUID's identity.
+pub const UUID_PRIMARY_BIT: u64 = 1;
+
+/// Whether two UUIDs name the same generation (the primary bit is ignored).
+pub fn same(a: u64, b: u64) -> bool {
+    (a ^ b) & !UUID_PRIMARY_BIT == 0
+}
+
+/// The node's own generations: the current one and the most recent older ones.
+///
+/// Per-peer bitmap UUIDs live in the superblock's peer slots, next to the bitmaps they describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationUuids {
+    pub current: u64,
+    /// Older current UUIDs, most recent first; 0 = empty.
+    pub history: [u64; 4],
+}
+
+impl GenerationUuids {
+    /// The UUIDs of freshly created metadata.
+    pub fn just_created() -> GenerationUuids {
+        GenerationUuids { current: UUID_JUST_CREATED, history: [0; 4] }
+    }
+
+    pub fn is_just_created(&self) -> bool {
+        same(self.current, UUID_JUST_CREATED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_ignores_primary_bit_only() {
+        assert!(same(0x1234_5670, 0x1234_5671));
+        assert!(same(7, 7));
+        assert!(!same(0x1234_5670, 0x1234_5672));
+        assert!(GenerationUuids { current: UUID_JUST_CREATED | 1, history: [0; 4] }
+            .is_just_created());
+        assert!(!GenerationUuids { current: 8, history: [0; 4] }.is_just_created());
+    }
+}
