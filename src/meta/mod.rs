@@ -8,6 +8,7 @@
 pub mod activity_log;
 pub mod bitmap;
 pub mod layout;
+pub mod store;
 pub mod superblock;
 pub mod uuids;
 
@@ -17,6 +18,7 @@ pub use activity_log::{
 };
 pub use bitmap::DirtyBitmap;
 pub use layout::{layout, MetaLayout, MetaParams};
+pub use store::{Loaded, MetaStore};
 pub use superblock::{MetaFlags, PeerSlot, Superblock};
 pub use uuids::GenerationUuids;
 
