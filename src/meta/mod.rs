@@ -12,6 +12,9 @@ pub mod store;
 pub mod superblock;
 pub mod uuids;
 
+#[cfg(test)]
+mod crash_tests;
+
 pub use activity_log::{
     extent_offset, extents_for, ActivityLog, AlError, AlPrepared, AlTransaction, AlUpdate,
     AL_EXTENT_SIZE, AL_RING_BLOCKS,

@@ -91,26 +91,31 @@ impl MetaStore {
             flags: MetaFlags::empty(),
         };
         superblock.validate()?;
-        match read_superblock(&*disk, meta_len) {
+        let current_slot = match read_superblock(&*disk, meta_len) {
             Ok((existing, ..)) if !force => {
                 return Err(MetaError::AlreadyHasMetadata { resource: existing.resource });
             }
             Err(e @ (MetaError::UnsupportedVersion { .. } | MetaError::Io { .. })) if !force => {
                 return Err(e);
             }
-            _ => {}
-        }
-        // Invalidate the old superblocks first: until the new one is complete, a crash leaves
-        // "no metadata", never old metadata over a half-reset bitmap and log.
-        let [first_slot, _] = layout.superblock_offsets();
+            Ok((_, _, slot)) => slot,
+            Err(_) => 0,
+        };
+        // Invalidate the old superblocks first, so that until the new one is complete a crash
+        // leaves "no metadata" (or the old metadata untouched), never old metadata over a
+        // half-reset bitmap and log. The older slot goes first: were the current one first, a
+        // crash in between would resurrect the previous superblock version.
         let what = "invalidating the old superblocks";
-        disk.write_at(&[0; 2 * BLOCK_SIZE], first_slot).map_err(MetaError::io(what))?;
-        disk.sync().map_err(MetaError::io(what))?;
+        let offsets = layout.superblock_offsets();
+        for slot in [1 - current_slot, current_slot] {
+            disk.write_at(&[0; BLOCK_SIZE], offsets[slot]).map_err(MetaError::io(what))?;
+            disk.sync().map_err(MetaError::io(what))?;
+        }
         let what = "clearing the bitmaps and the activity log";
         disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK).map_err(MetaError::io(what))?;
         disk.sync().map_err(MetaError::io(what))?;
         let mut store = MetaStore { disk, layout, superblock: superblock.clone(), seq: 0, slot: 1 };
-        store.write_superblock(&superblock)?;
+        store.write_superblock_as_is(superblock)?;
         Ok(store)
     }
 
@@ -168,7 +173,26 @@ impl MetaStore {
     }
 
     /// Writes `sb` durably into the older slot. Identity and geometry cannot change in place.
+    ///
+    /// The bitmap checksums are the store's to manage (set by `create` and `clean_shutdown`,
+    /// cleared before a bitmap page changes): whatever `sb` holds there is replaced by the
+    /// store's current value, so a stale copy of the superblock cannot vouch for a bitmap that
+    /// has changed since. A new or reassigned peer slot gets none.
     pub fn write_superblock(&mut self, sb: &Superblock) -> Result<(), MetaError> {
+        let mut sb = sb.clone();
+        for (i, peer) in sb.peers.iter_mut().enumerate() {
+            peer.bitmap_crc = self
+                .superblock
+                .peers
+                .get(i)
+                .filter(|current| current.node_id == peer.node_id)
+                .and_then(|current| current.bitmap_crc);
+        }
+        self.write_superblock_as_is(sb)
+    }
+
+    /// Writes `sb` durably into the older slot, bitmap checksums included.
+    fn write_superblock_as_is(&mut self, sb: Superblock) -> Result<(), MetaError> {
         let current = &self.superblock;
         if (&sb.resource, sb.node_id, sb.internal, sb.data_size, sb.params)
             != (&current.resource, current.node_id, current.internal, current.data_size, current.params)
@@ -184,7 +208,7 @@ impl MetaStore {
             .write_at(&block, self.layout.superblock_offsets()[slot])
             .map_err(MetaError::io(what))?;
         self.disk.sync().map_err(MetaError::io(what))?;
-        self.superblock = sb.clone();
+        self.superblock = sb;
         self.seq += 1;
         self.slot = slot;
         Ok(())
@@ -217,7 +241,7 @@ impl MetaStore {
         if self.superblock.peers[slot].bitmap_crc.is_some() {
             let mut sb = self.superblock.clone();
             sb.peers[slot].bitmap_crc = None;
-            self.write_superblock(&sb)?;
+            self.write_superblock_as_is(sb)?;
         }
         let what = "writing bitmap pages";
         let area = self.layout.bitmap_area_offset(slot);
@@ -301,7 +325,7 @@ impl MetaStore {
         for (peer, bitmap) in sb.peers.iter_mut().zip(bitmaps.iter()) {
             peer.bitmap_crc = Some(bitmap.crc32c());
         }
-        self.write_superblock(&sb)
+        self.write_superblock_as_is(sb)
     }
 
     fn check_bitmap_count(&self, bitmaps: &[DirtyBitmap]) -> Result<(), MetaError> {
