@@ -238,11 +238,7 @@ impl DirtyBitmap {
         for i in 0..WORDS_PER_PAGE {
             let w = le::u64_at(page, i * 8);
             let bit = first_bit + i as u64 * 64;
-            let valid = if bit >= self.blocks {
-                0
-            } else {
-                mask(0, (self.blocks - bit).min(64))
-            };
+            let valid = if bit >= self.blocks { 0 } else { mask(0, (self.blocks - bit).min(64)) };
             if w & !valid != 0 {
                 return Err(MetaError::corrupt(format!(
                     "bitmap page {index} has bits set beyond the end of the {}-block bitmap",

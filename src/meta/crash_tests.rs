@@ -53,7 +53,11 @@ fn rig(image: &[u8]) -> (Arc<Faulty>, Arc<MemDisk>) {
 /// Runs `scenario` once without a crash to count its writes, then once per crash point and tear
 /// variant, calling `check(k, image_after_crash)` each time; finally checks the uncrashed result
 /// as `k = writes + 1`.
-fn for_every_crash(image: &[u8], scenario: impl Fn(Arc<Faulty>), check: impl Fn(u64, Arc<MemDisk>)) {
+fn for_every_crash(
+    image: &[u8],
+    scenario: impl Fn(Arc<Faulty>),
+    check: impl Fn(u64, Arc<MemDisk>),
+) {
     let (faulty, inner) = rig(image);
     scenario(faulty.clone());
     let writes = faulty.writes();
@@ -401,7 +405,10 @@ fn crash_every_write_of_a_session(first: &[Op], second: &[Op]) {
 fn engine_session_with_evictions_and_lazy_clears_survives_every_crash() {
     let ops: Vec<Op> = (0..40u64)
         .map(|i| match i % 5 {
-            0 | 1 | 3 => Op::Write { start: (i * 7919) % (DATA_LEN / 4096 - 1100), blocks: 1 + i * 37 % 1100 },
+            0 | 1 | 3 => Op::Write {
+                start: (i * 7919) % (DATA_LEN / 4096 - 1100),
+                blocks: 1 + i * 37 % 1100,
+            },
             2 => Op::Complete,
             _ if i % 10 == 4 => Op::Flush,
             _ => Op::Resynced { extent: i * 13 % EXTENTS },
@@ -514,8 +521,9 @@ fn open_reports_identity_and_geometry_mismatches() {
 fn internal_metadata_round_trips_and_io_errors_name_the_operation() {
     let disk = Arc::new(MemDisk::new(64 << 20));
     let len = disk.len().unwrap();
-    let store = MetaStore::create(disk.clone(), len, true, MetaParams::default(), "r", 0, &[1], false)
-        .unwrap();
+    let store =
+        MetaStore::create(disk.clone(), len, true, MetaParams::default(), "r", 0, &[1], false)
+            .unwrap();
     assert_eq!(store.layout().data_size + store.layout().meta_size, len);
     let (_, loaded) = MetaStore::open(disk.clone(), len, true, "r", 0).unwrap();
     assert_eq!(loaded.superblock.data_size, store.layout().data_size);

@@ -76,7 +76,8 @@ impl MetaStore {
     ) -> Result<MetaStore, MetaError> {
         let meta_len = disk_len(&*disk)?;
         let layout = layout(meta_len, data_disk_len, internal, params)?;
-        let clean_bitmap_crc = DirtyBitmap::new(layout.data_size, params.bitmap_block_size).crc32c();
+        let clean_bitmap_crc =
+            DirtyBitmap::new(layout.data_size, params.bitmap_block_size).crc32c();
         let superblock = Superblock {
             resource: resource.to_string(),
             node_id,
@@ -85,7 +86,11 @@ impl MetaStore {
             params,
             peers: peer_node_ids
                 .iter()
-                .map(|&node_id| PeerSlot { node_id, bitmap_uuid: 0, bitmap_crc: Some(clean_bitmap_crc) })
+                .map(|&node_id| PeerSlot {
+                    node_id,
+                    bitmap_uuid: 0,
+                    bitmap_crc: Some(clean_bitmap_crc),
+                })
                 .collect(),
             uuids: GenerationUuids::just_created(),
             flags: MetaFlags::empty(),
@@ -112,7 +117,8 @@ impl MetaStore {
             disk.sync().map_err(MetaError::io(what))?;
         }
         let what = "clearing the bitmaps and the activity log";
-        disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK).map_err(MetaError::io(what))?;
+        disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK)
+            .map_err(MetaError::io(what))?;
         disk.sync().map_err(MetaError::io(what))?;
         let mut store = MetaStore { disk, layout, superblock: superblock.clone(), seq: 0, slot: 1 };
         store.write_superblock_as_is(superblock)?;
@@ -136,7 +142,10 @@ impl MetaStore {
             });
         }
         if superblock.node_id != expected_node_id {
-            return Err(MetaError::WrongNode { found: superblock.node_id, expected: expected_node_id });
+            return Err(MetaError::WrongNode {
+                found: superblock.node_id,
+                expected: expected_node_id,
+            });
         }
         if superblock.internal != internal {
             let kind = |internal| if internal { "internal" } else { "external" };
@@ -195,7 +204,13 @@ impl MetaStore {
     fn write_superblock_as_is(&mut self, sb: Superblock) -> Result<(), MetaError> {
         let current = &self.superblock;
         if (&sb.resource, sb.node_id, sb.internal, sb.data_size, sb.params)
-            != (&current.resource, current.node_id, current.internal, current.data_size, current.params)
+            != (
+                &current.resource,
+                current.node_id,
+                current.internal,
+                current.data_size,
+                current.params,
+            )
         {
             return Err(MetaError::ConfigMismatch(
                 "resource name, node id and geometry are fixed at create-md time".into(),
@@ -249,14 +264,19 @@ impl MetaStore {
         while i < pages.len() {
             // Coalesce consecutive pages into one write.
             let mut run = 1;
-            while i + run < pages.len() && run < MAX_PAGES_PER_IO && pages[i + run] == pages[i] + run {
+            while i + run < pages.len()
+                && run < MAX_PAGES_PER_IO
+                && pages[i + run] == pages[i] + run
+            {
                 run += 1;
             }
             let mut buf = Vec::with_capacity(run * BLOCK_SIZE);
             for &page in &pages[i..i + run] {
                 buf.extend_from_slice(&bitmap.encode_page(page));
             }
-            self.disk.write_at(&buf, area + pages[i] as u64 * BLOCK).map_err(MetaError::io(what))?;
+            self.disk
+                .write_at(&buf, area + pages[i] as u64 * BLOCK)
+                .map_err(MetaError::io(what))?;
             i += run;
         }
         self.disk.sync().map_err(MetaError::io(what))

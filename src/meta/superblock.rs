@@ -177,7 +177,10 @@ impl Superblock {
             }
         }
         if self.data_size == 0 || self.data_size % BLOCK_SIZE as u64 != 0 {
-            return invalid(format!("data size {} is not a positive multiple of 4 KiB", self.data_size));
+            return invalid(format!(
+                "data size {} is not a positive multiple of 4 KiB",
+                self.data_size
+            ));
         }
         Ok(())
     }
@@ -229,10 +232,19 @@ enum Slot {
     /// Magic but a bad checksum: a torn or damaged write.
     Torn,
     /// Intact, but a format this release does not know.
-    Unsupported { version: u32, seq: u64 },
+    Unsupported {
+        version: u32,
+        seq: u64,
+    },
     /// Intact and in our format, yet nonsensical. Never a crash artifact.
-    Invalid { seq: u64, detail: String },
-    Valid { superblock: Superblock, seq: u64 },
+    Invalid {
+        seq: u64,
+        detail: String,
+    },
+    Valid {
+        superblock: Superblock,
+        seq: u64,
+    },
 }
 
 impl Slot {
