@@ -191,6 +191,37 @@ fn create_md_over_old_metadata_never_mixes_old_and_new() {
     });
 }
 
+#[test]
+fn create_md_over_a_newer_format_needs_force_and_never_resurrects_the_older_slot() {
+    let (mut image, _) = used_metadata("old");
+    // Rewrite the current superblock slot as an intact block of an unknown format version.
+    let l = layout(image.len() as u64, DATA_LEN, false, params()).unwrap();
+    let offsets = l.superblock_offsets().map(|o| o as usize);
+    let seq_of = |image: &[u8], at: usize| le::u64_at(&image[at..at + BLOCK_SIZE], 16);
+    let newest = if seq_of(&image, offsets[0]) > seq_of(&image, offsets[1]) { 0 } else { 1 };
+    let block = &mut image[offsets[newest]..offsets[newest] + BLOCK_SIZE];
+    le::put_u32(block, 8, 2);
+    let mut copy: Block = [0; BLOCK_SIZE];
+    copy.copy_from_slice(block);
+    le::put_u32(block, 12, block_crc(&copy, 12));
+    let (faulty, _) = rig(&image);
+    assert!(matches!(
+        create(faulty, "new", false),
+        Err(MetaError::UnsupportedVersion { found: 2, supported: 1 })
+    ));
+    let scenario = |faulty: Arc<Faulty>| {
+        create(faulty, "new", true).unwrap();
+    };
+    for_every_crash(&image, scenario, |k, inner| match open(inner, "new") {
+        Ok((_, loaded)) => assert_fresh(&loaded, k),
+        Err(MetaError::NoMetadata | MetaError::UnsupportedVersion { .. }) => {}
+        Err(e @ MetaError::Corrupt { .. }) => {
+            assert!(e.to_string().contains("create-md"), "crash at {k}: unclear: {e}");
+        }
+        Err(e) => panic!("crash at {k}: {e}"),
+    });
+}
+
 /// One step of the simulated engine.
 #[derive(Debug, Clone)]
 enum Op {

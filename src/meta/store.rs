@@ -12,7 +12,7 @@ use crate::disk::Disk;
 use super::activity_log::{extent_offset, ActivityLog, AlTransaction, AlUpdate, AL_EXTENT_SIZE};
 use super::bitmap::DirtyBitmap;
 use super::layout::{layout, superblock_offsets, MetaLayout, MetaParams};
-use super::superblock::{pick, MetaFlags, PeerSlot, Superblock};
+use super::superblock::{newest_intact, pick, MetaFlags, PeerSlot, Superblock};
 use super::uuids::GenerationUuids;
 use super::{Block, MetaError, AL_RING_BLOCKS, BLOCK_SIZE};
 
@@ -45,12 +45,18 @@ pub struct MetaStore {
 
 /// Reads both superblock slots and picks the current one.
 fn read_superblock(disk: &dyn Disk, meta_len: u64) -> Result<(Superblock, u64, usize), MetaError> {
+    let slots = read_slots(disk, meta_len)?;
+    pick([&slots[0], &slots[1]])
+}
+
+/// The raw superblock slots.
+fn read_slots(disk: &dyn Disk, meta_len: u64) -> Result<[Block; 2], MetaError> {
     let offsets = superblock_offsets(meta_len).ok_or(MetaError::NoMetadata)?;
     let mut slots = [[0u8; BLOCK_SIZE]; 2];
     for (slot, offset) in slots.iter_mut().zip(offsets) {
         disk.read_at(slot, offset).map_err(MetaError::io("reading the superblock"))?;
     }
-    pick([&slots[0], &slots[1]])
+    Ok(slots)
 }
 
 fn disk_len(disk: &dyn Disk) -> Result<u64, MetaError> {
@@ -96,20 +102,19 @@ impl MetaStore {
             flags: MetaFlags::empty(),
         };
         superblock.validate()?;
-        let current_slot = match read_superblock(&*disk, meta_len) {
+        let slots = read_slots(&*disk, meta_len)?;
+        match pick([&slots[0], &slots[1]]) {
             Ok((existing, ..)) if !force => {
                 return Err(MetaError::AlreadyHasMetadata { resource: existing.resource });
             }
-            Err(e @ (MetaError::UnsupportedVersion { .. } | MetaError::Io { .. })) if !force => {
-                return Err(e);
-            }
-            Ok((_, _, slot)) => slot,
-            Err(_) => 0,
-        };
+            Err(e @ MetaError::UnsupportedVersion { .. }) if !force => return Err(e),
+            _ => {}
+        }
         // Invalidate the old superblocks first, so that until the new one is complete a crash
         // leaves "no metadata" (or the old metadata untouched), never old metadata over a
-        // half-reset bitmap and log. The older slot goes first: were the current one first, a
-        // crash in between would resurrect the previous superblock version.
+        // half-reset bitmap and log. The newest intact slot goes last: were it first, a crash
+        // in between would resurrect the superblock version before it.
+        let current_slot = newest_intact([&slots[0], &slots[1]]).unwrap_or(0);
         let what = "invalidating the old superblocks";
         let offsets = layout.superblock_offsets();
         for slot in [1 - current_slot, current_slot] {

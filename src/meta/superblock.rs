@@ -339,8 +339,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
 /// intact does the content of the slots decide between "nothing here" and "damaged".
 pub(crate) fn pick(blocks: [&Block; 2]) -> Result<(Superblock, u64, usize), MetaError> {
     let slots = blocks.map(Slot::read);
-    let newest = (0..2).filter(|&i| slots[i].seq().is_some()).max_by_key(|&i| slots[i].seq());
-    let Some(i) = newest else {
+    let Some(i) = newest_of(&slots) else {
         return match (&slots[0], &slots[1]) {
             (Slot::Empty, Slot::Empty) => Err(MetaError::NoMetadata),
             (Slot::Torn, Slot::Empty) | (Slot::Empty, Slot::Torn) => Err(MetaError::corrupt(
@@ -364,6 +363,16 @@ pub(crate) fn pick(blocks: [&Block; 2]) -> Result<(Superblock, u64, usize), Meta
             slots[1 - i].describe()
         ))),
     }
+}
+
+/// The intact slot with the highest sequence number, whether usable or not: the one an update
+/// or an invalidation must overwrite last.
+pub(crate) fn newest_intact(blocks: [&Block; 2]) -> Option<usize> {
+    newest_of(&blocks.map(Slot::read))
+}
+
+fn newest_of(slots: &[Slot; 2]) -> Option<usize> {
+    (0..2).filter(|&i| slots[i].seq().is_some()).max_by_key(|&i| slots[i].seq())
 }
 
 #[cfg(test)]
