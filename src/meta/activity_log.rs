@@ -84,6 +84,7 @@ pub enum AlError {
 pub struct AlTransaction {
     seq: u64,
     ring_index: usize,
+    empties_log: bool,
     bytes: Box<Block>,
 }
 
@@ -99,6 +100,11 @@ impl AlTransaction {
 
     pub fn bytes(&self) -> &Block {
         &self.bytes
+    }
+
+    /// Whether this transaction empties the whole log (from `mark_clean`).
+    pub fn empties_log(&self) -> bool {
+        self.empties_log
     }
 }
 
@@ -374,7 +380,12 @@ impl ActivityLog {
         }
         let crc = block_crc(&b, CRC_OFFSET);
         le::put_u32(&mut b[..], CRC_OFFSET, crc);
-        AlTransaction { seq, ring_index: (seq % AL_RING_BLOCKS as u64) as usize, bytes: b }
+        AlTransaction {
+            seq,
+            ring_index: (seq % AL_RING_BLOCKS as u64) as usize,
+            empties_log: kind == KIND_CLEAR,
+            bytes: b,
+        }
     }
 }
 

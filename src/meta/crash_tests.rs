@@ -338,8 +338,9 @@ impl Engine {
 
     /// Promote (PRIMARY_IND durable before the first write), run, shut down cleanly.
     fn run(&mut self, ops: &[Op]) {
+        // `sb` still says AL_CLEAN from the last shutdown: the store drops it durably before the
+        // first transaction makes an extent hot.
         self.sb.flags.insert(MetaFlags::PRIMARY_IND);
-        self.sb.flags.remove(MetaFlags::AL_CLEAN);
         self.store.write_superblock(&self.sb).unwrap();
         for op in ops {
             self.step(op);
@@ -395,6 +396,9 @@ fn check_session(
         }
     }
     let hot: BTreeSet<u64> = loaded.activity_log.hot_extents().into_iter().collect();
+    if loaded.superblock.flags.contains(MetaFlags::AL_CLEAN) {
+        assert!(hot.is_empty(), "crash at {k}: AL_CLEAN over hot extents {hot:?}");
+    }
     for e in &hot_required {
         assert!(hot.contains(e), "crash at {k}: committed hot extent {e} lost; hot = {hot:?}");
     }
@@ -491,6 +495,9 @@ fn recovery_after_a_crash_as_primary_is_itself_crash_safe() {
     };
     for_every_crash(&image, scenario, |k, inner| {
         let (_, after) = open(inner, "r0").unwrap_or_else(|e| panic!("crash at {k}: {e}"));
+        if after.superblock.flags.contains(MetaFlags::AL_CLEAN) {
+            assert!(after.activity_log.hot_extents().is_empty(), "crash at {k}");
+        }
         for e in before.activity_log.hot_extents() {
             let first = extent_offset(e) / 4096;
             for block in first..first + AL_EXTENT_SIZE / 4096 {
@@ -505,6 +512,41 @@ fn recovery_after_a_crash_as_primary_is_itself_crash_safe() {
             assert_eq!(peer1.weight(), 3 * AL_EXTENT_SIZE / 4096, "crash at {k}: peer 1 bits");
         }
     });
+}
+
+#[test]
+fn al_clean_is_only_ever_written_over_an_empty_log() {
+    let disk = meta_disk();
+    create(disk.clone(), "r0", false).unwrap();
+    let (mut store, mut loaded) = open(disk.clone(), "r0").unwrap();
+    let mut stale = loaded.superblock.clone();
+    stale.flags.insert(MetaFlags::AL_CLEAN);
+    store.write_superblock(&stale).unwrap();
+    assert!(store.superblock().flags.contains(MetaFlags::AL_CLEAN), "empty log: allowed");
+
+    let al = &mut loaded.activity_log;
+    let AlPrepared::Transaction(update) = al.prepare(3..=3).unwrap() else { unreachable!() };
+    store.write_al_update(&update, &loaded.bitmaps).unwrap();
+    al.commit(update);
+    assert!(!store.superblock().flags.contains(MetaFlags::AL_CLEAN), "dropped before hot");
+    store.write_superblock(&stale).unwrap();
+    assert!(!store.superblock().flags.contains(MetaFlags::AL_CLEAN), "stale copy refused");
+    let (_, reloaded) = open(disk.clone(), "r0").unwrap();
+    assert!(!reloaded.superblock.flags.contains(MetaFlags::AL_CLEAN));
+    assert_eq!(reloaded.activity_log.hot_extents(), vec![3]);
+
+    al.release(3..=3);
+    let update = al.mark_clean().unwrap();
+    store.write_al_update(&update, &loaded.bitmaps).unwrap();
+    al.commit(update);
+    store.write_superblock(&stale).unwrap();
+    assert!(store.superblock().flags.contains(MetaFlags::AL_CLEAN));
+    let mut other_peers = stale.clone();
+    other_peers.peers.pop();
+    assert!(matches!(
+        store.clean_shutdown(&other_peers, &mut loaded.bitmaps, al),
+        Err(MetaError::InvalidParams(_))
+    ));
 }
 
 #[test]

@@ -41,6 +41,9 @@ pub struct MetaStore {
     superblock: Superblock,
     seq: u64,
     slot: usize,
+    /// The activity log on disk is known to be empty: the only state in which AL_CLEAN may be
+    /// written.
+    al_empty: bool,
 }
 
 /// Reads both superblock slots and picks the current one.
@@ -125,7 +128,14 @@ impl MetaStore {
         disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK)
             .map_err(MetaError::io(what))?;
         disk.sync().map_err(MetaError::io(what))?;
-        let mut store = MetaStore { disk, layout, superblock: superblock.clone(), seq: 0, slot: 1 };
+        let mut store = MetaStore {
+            disk,
+            layout,
+            superblock: superblock.clone(),
+            seq: 0,
+            slot: 1,
+            al_empty: true,
+        };
         store.write_superblock_as_is(superblock)?;
         Ok(store)
     }
@@ -168,11 +178,13 @@ impl MetaStore {
                 superblock.data_size, layout.data_size
             )));
         }
-        let store = MetaStore { disk, layout, superblock: superblock.clone(), seq, slot };
+        let mut store =
+            MetaStore { disk, layout, superblock: superblock.clone(), seq, slot, al_empty: false };
         let bitmaps = (0..superblock.peers.len())
             .map(|i| store.read_bitmap(i))
             .collect::<Result<Vec<_>, _>>()?;
         let activity_log = store.read_activity_log()?;
+        store.al_empty = activity_log.hot_extents().is_empty();
         let crashed_as_primary = superblock.flags.contains(MetaFlags::PRIMARY_IND);
         Ok((store, Loaded { superblock, bitmaps, activity_log, crashed_as_primary }))
     }
@@ -188,12 +200,16 @@ impl MetaStore {
 
     /// Writes `sb` durably into the older slot. Identity and geometry cannot change in place.
     ///
-    /// The bitmap checksums are the store's to manage (set by `create` and `clean_shutdown`,
-    /// cleared before a bitmap page changes): whatever `sb` holds there is replaced by the
-    /// store's current value, so a stale copy of the superblock cannot vouch for a bitmap that
-    /// has changed since. A new or reassigned peer slot gets none.
+    /// Two things in it vouch for other structures, so the store has the last word on them and a
+    /// stale copy of the superblock cannot make them lie:
+    /// - the bitmap checksums (set by `create` and `clean_shutdown`, cleared before a bitmap page
+    ///   changes) are replaced by the store's current values; a new or reassigned peer slot gets
+    ///   none;
+    /// - AL_CLEAN is written only if requested **and** the log on disk is empty.
     pub fn write_superblock(&mut self, sb: &Superblock) -> Result<(), MetaError> {
         let mut sb = sb.clone();
+        let clean = sb.flags.contains(MetaFlags::AL_CLEAN) && self.al_empty;
+        sb.flags.set(MetaFlags::AL_CLEAN, clean);
         for (i, peer) in sb.peers.iter_mut().enumerate() {
             peer.bitmap_crc = self
                 .superblock
@@ -292,12 +308,25 @@ impl MetaStore {
         self.write_bitmap_pages(slot, bitmap, 0..bitmap.page_count())
     }
 
-    /// Writes an activity-log transaction durably at its ring position.
-    pub fn write_al_transaction(&self, transaction: &AlTransaction) -> Result<(), MetaError> {
+    /// Writes an activity-log transaction durably at its ring position. A transaction that makes
+    /// extents hot first durably removes AL_CLEAN from the superblock, if set.
+    pub fn write_al_transaction(&mut self, transaction: &AlTransaction) -> Result<(), MetaError> {
+        if !transaction.empties_log() {
+            self.al_empty = false;
+            if self.superblock.flags.contains(MetaFlags::AL_CLEAN) {
+                let mut sb = self.superblock.clone();
+                sb.flags.remove(MetaFlags::AL_CLEAN);
+                self.write_superblock_as_is(sb)?;
+            }
+        }
         let what = "writing an activity-log transaction";
         let offset = self.layout.al_block_offset(transaction.ring_index());
         self.disk.write_at(transaction.bytes(), offset).map_err(MetaError::io(what))?;
-        self.disk.sync().map_err(MetaError::io(what))
+        self.disk.sync().map_err(MetaError::io(what))?;
+        if transaction.empties_log() {
+            self.al_empty = true;
+        }
+        Ok(())
     }
 
     /// Makes an activity-log update durable in the required order: first the bitmap pages
@@ -332,6 +361,14 @@ impl MetaStore {
         activity_log: &mut ActivityLog,
     ) -> Result<(), MetaError> {
         self.check_bitmap_count(bitmaps)?;
+        let node_ids = |sb: &Superblock| sb.peers.iter().map(|p| p.node_id).collect::<Vec<_>>();
+        if node_ids(sb) != node_ids(&self.superblock) {
+            return Err(MetaError::InvalidParams(
+                "clean shutdown with a peer list that differs from the one on disk; write the \
+                 superblock with the new peer list first"
+                    .into(),
+            ));
+        }
         for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
             let pages = bitmap.take_dirty_pages();
             if let Err(e) = self.write_bitmap_pages(slot, bitmap, pages.iter().copied()) {
