@@ -1,4 +1,4 @@
-//! On-disk metadata: where it lives ([`layout`]), what it holds ([`superblock`], [`uuids`],
+//! On-disk metadata: where it lives ([`layout`](mod@layout)), what it holds ([`superblock`], [`uuids`],
 //! [`bitmap`], [`activity_log`]) and how it is read and written safely ([`store`]).
 //!
 //! Every structure is a whole number of 4 KiB blocks at 4 KiB-aligned offsets, checksummed with
