@@ -1,5 +1,5 @@
-//! On-disk metadata: where it lives ([`layout`](mod@layout)), what it holds ([`superblock`], [`uuids`],
-//! [`bitmap`], [`activity_log`]) and how it is read and written safely ([`store`]).
+//! On-disk metadata: where it lives ([`layout`](mod@layout)), what it holds ([`superblock`],
+//! [`uuids`], [`bitmap`], [`activity_log`]) and how it is read and written safely ([`store`]).
 //!
 //! Every structure is a whole number of 4 KiB blocks at 4 KiB-aligned offsets, checksummed with
 //! crc32c where a torn write could otherwise go unnoticed. Why each write sequence is crash-safe
