@@ -607,7 +607,10 @@ mod tests {
         #[test]
         fn ring_replay_rebuilds_the_table(
             al_extents in prop_oneof![Just(7u32), Just(300), Just(MAX_AL_EXTENTS)],
-            ops in prop::collection::vec((0..20_000u64, 1..4u64, prop::bool::weighted(0.02)), 1..120),
+            ops in prop::collection::vec(
+                (0..20_000u64, 1..4u64, prop::bool::weighted(0.02)),
+                1..120,
+            ),
         ) {
             let mut al = ActivityLog::new(al_extents);
             let mut ring = blank_ring();

@@ -408,7 +408,8 @@ impl MetaStore {
         let geometry = (self.layout.data_size, self.layout.params.bitmap_block_size);
         if (bitmap.data_size(), bitmap.block_size()) != geometry {
             return Err(MetaError::InvalidParams(format!(
-                "bitmap for {} bytes in {}-byte blocks, but the device has {} bytes in {}-byte blocks",
+                "bitmap for {} bytes in {}-byte blocks, but the device has {} bytes in \
+                 {}-byte blocks",
                 bitmap.data_size(),
                 bitmap.block_size(),
                 geometry.0,

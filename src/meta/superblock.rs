@@ -484,7 +484,9 @@ mod tests {
                 .filter(|&id| id != node_id)
                 .take(usize::from(max_peers))
                 .zip(crcs)
-                .map(|(node_id, (bitmap_uuid, bitmap_crc))| PeerSlot { node_id, bitmap_uuid, bitmap_crc })
+                .map(|(node_id, (bitmap_uuid, bitmap_crc))| {
+                    PeerSlot { node_id, bitmap_uuid, bitmap_crc }
+                })
                 .collect();
             Superblock {
                 resource,
@@ -508,7 +510,11 @@ mod tests {
         }
 
         #[test]
-        fn any_single_byte_damage_is_detected(sb in superblock(), at in 0..BLOCK_SIZE, flip in 1..=255u8) {
+        fn any_single_byte_damage_is_detected(
+            sb in superblock(),
+            at in 0..BLOCK_SIZE,
+            flip in 1..=255u8,
+        ) {
             let good = sb.encode(5).unwrap();
             let mut bad = good;
             bad[at] ^= flip;
