@@ -24,6 +24,8 @@ pub const SECTOR_SIZE: u64 = 512;
 const ZERO_CHUNK: u64 = 1 << 20;
 
 /// Positional storage with explicit durability.
+// A disk is never empty in a way callers would ask about; `len` is its size.
+#[allow(clippy::len_without_is_empty)]
 pub trait Disk: Send + Sync + std::fmt::Debug {
     /// Fills `buf` from `offset`. Reading past the end is `ErrorKind::UnexpectedEof`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
@@ -155,7 +157,9 @@ impl Disk for FileDisk {
         match fallocate(self.file.as_raw_fd(), punch, off, n) {
             Ok(()) => Ok(()),
             // Not supported by the file system / device, or misaligned for the device.
-            Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENODEV) => self.write_zeroes(offset, len),
+            Err(Errno::EOPNOTSUPP | Errno::EINVAL | Errno::ENODEV) => {
+                self.write_zeroes(offset, len)
+            }
             Err(errno) => Err(errno.into()),
         }
     }
@@ -172,7 +176,6 @@ impl Disk for FileDisk {
 }
 
 /// A fixed-size disk in memory. Writes past the end fail like a full block device would.
-#[derive(Debug)]
 pub struct MemDisk {
     data: Mutex<Vec<u8>>,
 }
@@ -198,6 +201,13 @@ impl MemDisk {
     }
 }
 
+impl std::fmt::Debug for MemDisk {
+    /// The size only: the content can be gigabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemDisk").field("len", &self.lock().len()).finish_non_exhaustive()
+    }
+}
+
 /// The in-bounds byte range `offset..offset+len` of a `size`-byte disk, if there is one.
 fn span(offset: u64, len: usize, size: usize) -> Option<std::ops::Range<usize>> {
     let start = usize::try_from(offset).ok()?;
@@ -217,8 +227,8 @@ impl Disk for MemDisk {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut data = self.lock();
-        let range = span(offset, buf.len(), data.len())
-            .ok_or_else(|| io::Error::from(Errno::ENOSPC))?;
+        let range =
+            span(offset, buf.len(), data.len()).ok_or_else(|| io::Error::from(Errno::ENOSPC))?;
         data[range].copy_from_slice(buf);
         Ok(())
     }

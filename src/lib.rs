@@ -3,7 +3,8 @@
 //! Layering (arrows point one way): the CLI (`main.rs`) talks to a daemon through [`control`];
 //! the daemon runs the [`engine`], whose drivers feed events into the pure state machines of
 //! [`core`], which use the on-disk formats of [`meta`] and the frame formats of [`wire`].
-//! [`frontend`] exposes the engine to hosts (NBD, ublk).
+//! [`frontend`] exposes the engine to hosts (NBD, ublk). Every disk access, data and metadata,
+//! goes through [`disk`].
 
 pub mod config;
 pub mod control;

@@ -181,7 +181,7 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
         me.disk.display(),
         me.name,
         me.id,
-        store.data_size_bytes(),
+        store.layout().data_size,
         peers.len()
     );
     Ok(())

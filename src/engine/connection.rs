@@ -502,7 +502,6 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
     let mut st = shared.lock();
     let slot = st.peer(peer_id).slot;
     st.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
-    st.sb.peers[slot].bitmap_crc = None;
     if !last {
         return Ok(());
     }
@@ -525,7 +524,7 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
     } else {
         peer.repl = ReplState::SyncSource;
         let generation = peer.generation;
-        st.meta.write_bitmap(slot, &st.bitmaps[slot]).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
+        st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
         tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as source");
         resync::spawn_source(shared.clone(), peer_id, generation);
     }

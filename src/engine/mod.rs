@@ -112,7 +112,7 @@ impl Engine {
         let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
         let data_disk_len = data.len().map_err(|source| DiskError::Open { path: me.disk.clone(), source })?;
         let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
-        let mut sb = loaded.superblock;
+        let sb = loaded.superblock;
 
         let mut in_meta: Vec<u8> = sb.peers.iter().map(|p| p.node_id).collect();
         let mut in_config: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
@@ -123,27 +123,24 @@ impl Engine {
         }
 
         let mut bitmaps = loaded.bitmaps;
-        let mut al = loaded.al;
-        let crashed_primary = loaded.crashed_primary;
+        let mut al = loaded.activity_log;
+        let crashed_primary = loaded.crashed_as_primary;
         if crashed_primary {
             // Writes in the hot extents may have reached only this disk, or only the peers:
             // every hot extent is out of sync with every peer until a resync says otherwise.
+            // PRIMARY_IND stays set until then, so a second crash does not forget it.
             let hot = al.hot_extents();
             tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             for extent in &hot {
                 let (offset, len) = state::extent_range(*extent, sb.data_size);
-                for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
+                for bitmap in bitmaps.iter_mut() {
                     bitmap.set_range(offset, len);
-                    sb.peers[slot].bitmap_crc = None;
                 }
             }
-            for (slot, bitmap) in bitmaps.iter().enumerate() {
-                meta.write_bitmap(slot, bitmap)?;
-            }
+            // Emptying the log writes the evicted extents' bitmap pages first.
             let clean = al.mark_clean().expect("nothing is in flight at attach");
-            meta.write_al_transaction(&clean.transaction)?;
+            meta.write_al_update(&clean, &bitmaps)?;
             al.commit(clean);
-            meta.write_superblock(&sb)?;
         }
 
         let peers = sb
@@ -407,11 +404,10 @@ impl Engine {
                 }
             }
         }
-        st.persist().map_err(EngineError::MetaWrite)?;
         for slot in 0..st.bitmaps.len() {
-            let bitmap = &st.bitmaps[slot];
-            st.meta.write_bitmap(slot, bitmap).map_err(EngineError::MetaWrite)?;
+            st.persist_bitmap(slot).map_err(EngineError::MetaWrite)?;
         }
+        st.persist().map_err(EngineError::MetaWrite)?;
         st.broadcast_state();
         Ok(())
     }
@@ -438,13 +434,15 @@ impl Engine {
         for id in st.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
             connection::drop_peer(shared, &mut st, id, "going down", &mut deferred);
         }
-        for slot in 0..st.bitmaps.len() {
-            let crc = st.bitmaps[slot].crc32c();
-            let bitmap = &st.bitmaps[slot];
-            st.meta.write_bitmap(slot, bitmap)?;
-            st.sb.peers[slot].bitmap_crc = Some(crc);
+        let crashed_primary = st.crashed_primary;
+        let State { meta, sb, bitmaps, al, .. } = &mut *st;
+        meta.clean_shutdown(sb, bitmaps, al)?;
+        if crashed_primary {
+            // The activity log's extents are in the bitmaps, but no resync has repaired them
+            // yet: keep the marker that makes the next connection resync them.
+            st.sb.flags.insert(MetaFlags::PRIMARY_IND);
+            st.persist()?;
         }
-        st.persist()?;
         shared.changed.notify_all();
         drop(st);
         deferred.run();

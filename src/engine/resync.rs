@@ -159,7 +159,7 @@ pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history
     st.bitmaps[slot].clear_all();
     st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
     clear_crash_marker(&mut st);
-    st.meta.write_bitmap(slot, &st.bitmaps[slot]).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
+    st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
     st.disk = DiskState::UpToDate;
     let peer = st.peer_mut(peer_id);
@@ -178,7 +178,7 @@ pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Re
     generation.resync_finished_as_source(slot);
     st.set_generation(generation);
     clear_crash_marker(st);
-    st.meta.write_bitmap(slot, &st.bitmaps[slot]).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
+    st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
     let peer = st.peer_mut(peer_id);
     peer.repl = ReplState::Established;

@@ -143,27 +143,22 @@ impl State {
         }
     }
 
-    /// Marks a range out of sync for a peer. The bitmap on disk is stale from now on until it is
-    /// written again; its checksum no longer describes it.
+    /// Marks a range out of sync for a peer (in memory: the activity log covers it on disk).
     pub fn mark_out_of_sync(&mut self, slot: usize, offset: u64, len: u64) {
-        if self.bitmaps[slot].set_range(offset, len) > 0 {
-            self.sb.peers[slot].bitmap_crc = None;
-        }
+        self.bitmaps[slot].set_range(offset, len);
     }
 
     /// Makes an activity-log change durable, in the order crash recovery relies on: the bitmap
     /// pages of every evicted extent (they leave the log's protection), then the transaction.
     pub fn apply_al_update(&mut self, update: AlUpdate) -> Result<(), MetaError> {
-        for &extent in &update.evicted {
-            let (offset, len) = extent_range(extent, self.sb.data_size);
-            for slot in 0..self.bitmaps.len() {
-                let pages = self.bitmaps[slot].pages_for_range(offset, len);
-                self.meta.write_bitmap_pages(slot, &self.bitmaps[slot], pages)?;
-            }
-        }
-        self.meta.write_al_transaction(&update.transaction)?;
+        self.meta.write_al_update(&update, &self.bitmaps)?;
         self.al.commit(update);
         Ok(())
+    }
+
+    /// Writes one peer's whole bitmap.
+    pub fn persist_bitmap(&mut self, slot: usize) -> Result<(), MetaError> {
+        self.meta.write_bitmap(slot, &self.bitmaps[slot])
     }
 
     pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {

@@ -192,8 +192,8 @@ pub fn layout(
         }
         (data_disk, meta_end - meta_size)
     };
-    let bitmap_area_size = pages_for_blocks(data_disk.div_ceil(u64::from(params.bitmap_block_size)))
-        * BLOCK;
+    let bitmap_area_size =
+        pages_for_blocks(data_disk.div_ceil(u64::from(params.bitmap_block_size))) * BLOCK;
     Ok(MetaLayout { internal, params, data_size, meta_offset, meta_size, bitmap_area_size })
 }
 

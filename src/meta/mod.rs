@@ -1,5 +1,5 @@
-//! On-disk metadata: where it lives ([`layout`]), what it holds ([`superblock`], [`uuids`],
-//! [`bitmap`], [`activity_log`]) and how it is read and written safely ([`store`]).
+//! On-disk metadata: where it lives ([`layout`](mod@layout)), what it holds ([`superblock`],
+//! [`uuids`], [`bitmap`], [`activity_log`]) and how it is read and written safely ([`store`]).
 //!
 //! Every structure is a whole number of 4 KiB blocks at 4 KiB-aligned offsets, checksummed with
 //! crc32c where a torn write could otherwise go unnoticed. Why each write sequence is crash-safe
@@ -12,6 +12,8 @@ pub mod store;
 pub mod superblock;
 pub mod uuids;
 
+#[cfg(test)]
+mod crash_tests;
 
 pub use activity_log::{
     extent_offset, extents_for, ActivityLog, AlError, AlPrepared, AlTransaction, AlUpdate,
@@ -64,6 +66,8 @@ pub enum MetaError {
     WrongNode { found: u8, expected: u8 },
     #[error("the metadata does not match the configuration: {0}")]
     ConfigMismatch(String),
+    #[error("activity log: {0}")]
+    ActivityLog(#[from] AlError),
     #[error("metadata I/O failed while {what}: {source}")]
     Io {
         what: &'static str,

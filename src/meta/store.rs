@@ -1,26 +1,24 @@
-//! Reading and writing the metadata area of a disk, in the orders that keep it crash-safe (see
-//! docs/DESIGN.md, "Crash safety").
+//! Reading and writing the metadata area, in an order that survives a crash at any point.
+//!
+//! The store owns the metadata disk and the superblock's slot rotation; the bitmaps and the
+//! activity log stay with the caller (the engine), which hands them in when something must be
+//! persisted. Every write method returns only after a sync, so "returned Ok" means durable.
+//! The orderings, and why each is safe, are in `docs/meta-crash-safety.md`.
 
-use super::activity_log::{ActivityLog, AlTransaction, AL_RING_BLOCKS};
-use super::bitmap::DirtyBitmap;
-use super::layout::{layout, superblock_offsets, MetaLayout, MetaParams};
-use super::superblock::{pick, MetaFlags, PeerSlot, Superblock};
-use super::uuids::GenerationUuids;
-use super::{Block, MetaError, BLOCK_SIZE};
-use crate::disk::Disk;
-use std::ops::Range;
 use std::sync::Arc;
 
-/// The metadata of one node, open for updates.
-#[derive(Debug)]
-pub struct MetaStore {
-    disk: Arc<dyn Disk>,
-    layout: MetaLayout,
-    /// Sequence number of the newest superblock written.
-    seq: u64,
-    /// The slot the next superblock goes to (never the one holding the newest).
-    next_slot: usize,
-}
+use crate::disk::Disk;
+
+use super::activity_log::{extent_offset, ActivityLog, AlTransaction, AlUpdate, AL_EXTENT_SIZE};
+use super::bitmap::DirtyBitmap;
+use super::layout::{layout, superblock_offsets, MetaLayout, MetaParams};
+use super::superblock::{newest_intact, pick, MetaFlags, PeerSlot, Superblock};
+use super::uuids::GenerationUuids;
+use super::{Block, MetaError, AL_RING_BLOCKS, BLOCK_SIZE};
+
+const BLOCK: u64 = BLOCK_SIZE as u64;
+/// Most pages read or written with one call (1 MiB).
+const MAX_PAGES_PER_IO: usize = 256;
 
 /// What `open` found on disk.
 #[derive(Debug)]
@@ -28,32 +26,52 @@ pub struct Loaded {
     pub superblock: Superblock,
     /// One per peer slot, in slot order.
     pub bitmaps: Vec<DirtyBitmap>,
-    pub al: ActivityLog,
-    /// The node was primary when it stopped without a clean demotion.
-    pub crashed_primary: bool,
+    /// The hot set as recovered from the ring.
+    pub activity_log: ActivityLog,
+    /// PRIMARY_IND was set: the node died as primary, so its hot extents may differ from peers.
+    pub crashed_as_primary: bool,
 }
 
-fn read_block(disk: &dyn Disk, offset: u64, what: &'static str) -> Result<Block, MetaError> {
-    let mut block = [0u8; BLOCK_SIZE];
-    disk.read_at(&mut block, offset).map_err(MetaError::io(what))?;
-    Ok(block)
+/// The metadata area of one local disk.
+#[derive(Debug)]
+pub struct MetaStore {
+    disk: Arc<dyn Disk>,
+    layout: MetaLayout,
+    /// The superblock as last written, its sequence number and slot.
+    superblock: Superblock,
+    seq: u64,
+    slot: usize,
+    /// The activity log on disk is known to be empty: the only state in which AL_CLEAN may be
+    /// written.
+    al_empty: bool,
 }
 
-fn read_superblock(disk: &dyn Disk) -> Result<(Superblock, u64, usize), MetaError> {
-    let len = disk.len().map_err(MetaError::io("reading the metadata disk size"))?;
-    let Some([a, b]) = superblock_offsets(len) else { return Err(MetaError::NoMetadata) };
-    let first = read_block(disk, a, "reading superblock slot 0")?;
-    let second = read_block(disk, b, "reading superblock slot 1")?;
-    pick([&first, &second])
+/// Reads both superblock slots and picks the current one.
+fn read_superblock(disk: &dyn Disk, meta_len: u64) -> Result<(Superblock, u64, usize), MetaError> {
+    let slots = read_slots(disk, meta_len)?;
+    pick([&slots[0], &slots[1]])
+}
+
+/// The raw superblock slots.
+fn read_slots(disk: &dyn Disk, meta_len: u64) -> Result<[Block; 2], MetaError> {
+    let offsets = superblock_offsets(meta_len).ok_or(MetaError::NoMetadata)?;
+    let mut slots = [[0u8; BLOCK_SIZE]; 2];
+    for (slot, offset) in slots.iter_mut().zip(offsets) {
+        disk.read_at(slot, offset).map_err(MetaError::io("reading the superblock"))?;
+    }
+    Ok(slots)
+}
+
+fn disk_len(disk: &dyn Disk) -> Result<u64, MetaError> {
+    disk.len().map_err(MetaError::io("reading the metadata disk size"))
 }
 
 impl MetaStore {
-    /// Writes fresh metadata: no generation (just created), empty bitmaps, an empty activity
-    /// log, Inconsistent. Refuses to overwrite existing metadata unless `force`.
+    /// Writes fresh metadata: UUID "just created", no flags (Inconsistent), clear bitmaps (one
+    /// slot per entry of `peer_node_ids`), empty activity log.
     ///
-    /// Order: both superblock slots are invalidated first, then the bitmaps and the ring are
-    /// zeroed, then the new superblock is written. A crash anywhere before the last write leaves
-    /// no superblock ("run create-md"), never one describing half-initialised areas.
+    /// Refuses to overwrite valid metadata (or metadata of an unknown newer format) unless
+    /// `force`. Damaged metadata is overwritten without asking: nothing in it can be used.
     #[allow(clippy::too_many_arguments)]
     pub fn create(
         disk: Arc<dyn Disk>,
@@ -65,59 +83,64 @@ impl MetaStore {
         peer_node_ids: &[u8],
         force: bool,
     ) -> Result<MetaStore, MetaError> {
-        let meta_len = disk.len().map_err(MetaError::io("reading the metadata disk size"))?;
+        let meta_len = disk_len(&*disk)?;
         let layout = layout(meta_len, data_disk_len, internal, params)?;
-        if !force {
-            match read_superblock(&*disk) {
-                Err(MetaError::NoMetadata) => {}
-                Ok((existing, _, _)) => return Err(MetaError::AlreadyHasMetadata { resource: existing.resource }),
-                Err(e) => {
-                    return Err(MetaError::corrupt(format!(
-                        "the disk holds damaged metadata ({e}); pass --force to overwrite it"
-                    )))
-                }
-            }
-        }
-        let zero = [0u8; BLOCK_SIZE];
-        for offset in layout.superblock_offsets() {
-            disk.write_at(&zero, offset).map_err(MetaError::io("invalidating the old superblock"))?;
-        }
-        disk.sync().map_err(MetaError::io("invalidating the old superblock"))?;
-        let zero_area = |start: u64, len: u64, what: &'static str| -> Result<(), MetaError> {
-            let chunk = vec![0u8; (256 << 10).min(len as usize).max(BLOCK_SIZE)];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(chunk.len() as u64) as usize;
-                disk.write_at(&chunk[..n], start + done).map_err(MetaError::io(what))?;
-                done += n as u64;
-            }
-            Ok(())
-        };
-        zero_area(layout.bitmap_area_offset(0), layout.bitmap_area_size * u64::from(params.max_peers), "clearing the bitmaps")?;
-        zero_area(layout.al_offset(), (AL_RING_BLOCKS * BLOCK_SIZE) as u64, "clearing the activity log")?;
-        disk.sync().map_err(MetaError::io("clearing the metadata areas"))?;
-
-        let empty_crc = DirtyBitmap::new(layout.data_size, params.bitmap_block_size).crc32c();
+        let clean_bitmap_crc =
+            DirtyBitmap::new(layout.data_size, params.bitmap_block_size).crc32c();
         let superblock = Superblock {
-            resource: resource.to_owned(),
+            resource: resource.to_string(),
             node_id,
             internal,
             data_size: layout.data_size,
             params,
             peers: peer_node_ids
                 .iter()
-                .map(|&id| PeerSlot { node_id: id, bitmap_uuid: 0, bitmap_crc: Some(empty_crc) })
+                .map(|&node_id| PeerSlot {
+                    node_id,
+                    bitmap_uuid: 0,
+                    bitmap_crc: Some(clean_bitmap_crc),
+                })
                 .collect(),
             uuids: GenerationUuids::just_created(),
-            flags: MetaFlags::AL_CLEAN,
+            flags: MetaFlags::empty(),
         };
-        let mut store = MetaStore { disk, layout, seq: 0, next_slot: 0 };
-        store.write_superblock(&superblock)?;
+        superblock.validate()?;
+        let slots = read_slots(&*disk, meta_len)?;
+        match pick([&slots[0], &slots[1]]) {
+            Ok((existing, ..)) if !force => {
+                return Err(MetaError::AlreadyHasMetadata { resource: existing.resource });
+            }
+            Err(e @ MetaError::UnsupportedVersion { .. }) if !force => return Err(e),
+            _ => {}
+        }
+        // Invalidate the old superblocks first, so that until the new one is complete a crash
+        // leaves "no metadata" (or the old metadata untouched), never old metadata over a
+        // half-reset bitmap and log. The newest intact slot goes last: were it first, a crash
+        // in between would resurrect the superblock version before it.
+        let current_slot = newest_intact([&slots[0], &slots[1]]).unwrap_or(0);
+        let what = "invalidating the old superblocks";
+        let offsets = layout.superblock_offsets();
+        for slot in [1 - current_slot, current_slot] {
+            disk.write_at(&[0; BLOCK_SIZE], offsets[slot]).map_err(MetaError::io(what))?;
+            disk.sync().map_err(MetaError::io(what))?;
+        }
+        let what = "clearing the bitmaps and the activity log";
+        disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK)
+            .map_err(MetaError::io(what))?;
+        disk.sync().map_err(MetaError::io(what))?;
+        let mut store = MetaStore {
+            disk,
+            layout,
+            superblock: superblock.clone(),
+            seq: 0,
+            slot: 1,
+            al_empty: true,
+        };
+        store.write_superblock_as_is(superblock)?;
         Ok(store)
     }
 
-    /// Opens existing metadata, checking that it belongs to this resource and node, and loads
-    /// the bitmaps and the activity log.
+    /// Reads and checks the metadata: identity, geometry, bitmap checksums, activity log.
     pub fn open(
         disk: Arc<dyn Disk>,
         data_disk_len: u64,
@@ -125,99 +148,323 @@ impl MetaStore {
         expected_resource: &str,
         expected_node_id: u8,
     ) -> Result<(MetaStore, Loaded), MetaError> {
-        let (superblock, seq, slot) = read_superblock(&*disk)?;
+        let meta_len = disk_len(&*disk)?;
+        let (superblock, seq, slot) = read_superblock(&*disk, meta_len)?;
         if superblock.resource != expected_resource {
-            return Err(MetaError::OtherResource { found: superblock.resource, expected: expected_resource.to_owned() });
+            return Err(MetaError::OtherResource {
+                found: superblock.resource,
+                expected: expected_resource.to_string(),
+            });
         }
         if superblock.node_id != expected_node_id {
-            return Err(MetaError::WrongNode { found: superblock.node_id, expected: expected_node_id });
+            return Err(MetaError::WrongNode {
+                found: superblock.node_id,
+                expected: expected_node_id,
+            });
         }
         if superblock.internal != internal {
+            let kind = |internal| if internal { "internal" } else { "external" };
             return Err(MetaError::ConfigMismatch(format!(
-                "the metadata is {}, the configuration says {} (`meta_disk`)",
-                if superblock.internal { "internal" } else { "external" },
-                if internal { "internal" } else { "external" }
+                "the metadata was created as {}, but is configured as {}",
+                kind(superblock.internal),
+                kind(internal)
             )));
         }
-        let meta_len = disk.len().map_err(MetaError::io("reading the metadata disk size"))?;
         let layout = layout(meta_len, data_disk_len, internal, superblock.params)?;
         if layout.data_size != superblock.data_size {
-            return Err(MetaError::ConfigMismatch(format!(
-                "the metadata describes {} data bytes, the disk now leaves {}: was the disk resized? \
-                 recreate the metadata (`create-md --force`, full resync)",
+            return Err(MetaError::corrupt(format!(
+                "the metadata describes {} bytes of data, but the disk sizes give {} (was a disk \
+                 resized or replaced?)",
                 superblock.data_size, layout.data_size
             )));
         }
-        let store = MetaStore { disk, layout, seq, next_slot: 1 - slot };
-
-        let mut bitmaps = Vec::with_capacity(superblock.peers.len());
-        for (index, peer) in superblock.peers.iter().enumerate() {
-            let mut bitmap = store.read_bitmap(index)?;
-            if peer.bitmap_crc.is_some_and(|crc| crc != bitmap.crc32c()) {
-                // A damaged bitmap could under-report: resync everything with that peer.
-                tracing::warn!(peer = peer.node_id, "bitmap checksum mismatch: marking every block out of sync");
-                bitmap.set_all();
-            }
-            bitmaps.push(bitmap);
-        }
-        let mut ring = Vec::with_capacity(AL_RING_BLOCKS);
-        for index in 0..AL_RING_BLOCKS {
-            ring.push(read_block(&*store.disk, layout.al_block_offset(index), "reading the activity log")?);
-        }
-        let al = ActivityLog::recover(superblock.params.al_extents, &ring)?;
-        let crashed_primary = superblock.flags.contains(MetaFlags::PRIMARY_IND);
-        Ok((store, Loaded { superblock, bitmaps, al, crashed_primary }))
+        let mut store =
+            MetaStore { disk, layout, superblock: superblock.clone(), seq, slot, al_empty: false };
+        let bitmaps = (0..superblock.peers.len())
+            .map(|i| store.read_bitmap(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let activity_log = store.read_activity_log()?;
+        store.al_empty = activity_log.hot_extents().is_empty();
+        let crashed_as_primary = superblock.flags.contains(MetaFlags::PRIMARY_IND);
+        Ok((store, Loaded { superblock, bitmaps, activity_log, crashed_as_primary }))
     }
 
-    pub fn data_size_bytes(&self) -> u64 {
-        self.layout.data_size
+    pub fn layout(&self) -> &MetaLayout {
+        &self.layout
+    }
+
+    /// The superblock as last written.
+    pub fn superblock(&self) -> &Superblock {
+        &self.superblock
+    }
+
+    /// Writes `sb` durably into the older slot. Identity and geometry cannot change in place.
+    ///
+    /// Two things in it vouch for other structures, so the store has the last word on them and a
+    /// stale copy of the superblock cannot make them lie:
+    /// - the bitmap checksums (set by `create` and `clean_shutdown`, cleared before a bitmap page
+    ///   changes) are replaced by the store's current values; a new or reassigned peer slot gets
+    ///   none;
+    /// - AL_CLEAN is written only if requested **and** the log on disk is empty.
+    pub fn write_superblock(&mut self, sb: &Superblock) -> Result<(), MetaError> {
+        let mut sb = sb.clone();
+        let clean = sb.flags.contains(MetaFlags::AL_CLEAN) && self.al_empty;
+        sb.flags.set(MetaFlags::AL_CLEAN, clean);
+        for (i, peer) in sb.peers.iter_mut().enumerate() {
+            peer.bitmap_crc = self
+                .superblock
+                .peers
+                .get(i)
+                .filter(|current| current.node_id == peer.node_id)
+                .and_then(|current| current.bitmap_crc);
+        }
+        self.write_superblock_as_is(sb)
+    }
+
+    /// Writes `sb` durably into the older slot, bitmap checksums included.
+    fn write_superblock_as_is(&mut self, sb: Superblock) -> Result<(), MetaError> {
+        let current = &self.superblock;
+        if (&sb.resource, sb.node_id, sb.internal, sb.data_size, sb.params)
+            != (
+                &current.resource,
+                current.node_id,
+                current.internal,
+                current.data_size,
+                current.params,
+            )
+        {
+            return Err(MetaError::ConfigMismatch(
+                "resource name, node id and geometry are fixed at create-md time".into(),
+            ));
+        }
+        let slot = 1 - self.slot;
+        let block = sb.encode(self.seq + 1)?;
+        let what = "writing the superblock";
+        self.disk
+            .write_at(&block, self.layout.superblock_offsets()[slot])
+            .map_err(MetaError::io(what))?;
+        self.disk.sync().map_err(MetaError::io(what))?;
+        self.superblock = sb;
+        self.seq += 1;
+        self.slot = slot;
+        Ok(())
+    }
+
+    /// Writes the given pages of peer slot `slot`'s bitmap durably.
+    ///
+    /// If the superblock still holds a checksum for this bitmap, it is cleared durably first:
+    /// from the first changed page on, the on-disk bitmap no longer matches it.
+    pub fn write_bitmap_pages(
+        &mut self,
+        slot: usize,
+        bitmap: &DirtyBitmap,
+        pages: impl IntoIterator<Item = usize>,
+    ) -> Result<(), MetaError> {
+        self.check_bitmap(slot, bitmap)?;
+        let mut pages: Vec<usize> = pages.into_iter().collect();
+        pages.sort_unstable();
+        pages.dedup();
+        if let Some(&last) = pages.last() {
+            if last >= bitmap.page_count() {
+                return Err(MetaError::InvalidParams(format!(
+                    "bitmap page {last} of a {}-page bitmap",
+                    bitmap.page_count()
+                )));
+            }
+        } else {
+            return Ok(());
+        }
+        if self.superblock.peers[slot].bitmap_crc.is_some() {
+            let mut sb = self.superblock.clone();
+            sb.peers[slot].bitmap_crc = None;
+            self.write_superblock_as_is(sb)?;
+        }
+        let what = "writing bitmap pages";
+        let area = self.layout.bitmap_area_offset(slot);
+        let mut i = 0;
+        while i < pages.len() {
+            // Coalesce consecutive pages into one write.
+            let mut run = 1;
+            while i + run < pages.len()
+                && run < MAX_PAGES_PER_IO
+                && pages[i + run] == pages[i] + run
+            {
+                run += 1;
+            }
+            let mut buf = Vec::with_capacity(run * BLOCK_SIZE);
+            for &page in &pages[i..i + run] {
+                buf.extend_from_slice(&bitmap.encode_page(page));
+            }
+            self.disk
+                .write_at(&buf, area + pages[i] as u64 * BLOCK)
+                .map_err(MetaError::io(what))?;
+            i += run;
+        }
+        self.disk.sync().map_err(MetaError::io(what))
+    }
+
+    /// Writes the whole bitmap of peer slot `slot` durably.
+    pub fn write_bitmap(&mut self, slot: usize, bitmap: &DirtyBitmap) -> Result<(), MetaError> {
+        self.write_bitmap_pages(slot, bitmap, 0..bitmap.page_count())
+    }
+
+    /// Writes an activity-log transaction durably at its ring position. A transaction that makes
+    /// extents hot first durably removes AL_CLEAN from the superblock, if set.
+    pub fn write_al_transaction(&mut self, transaction: &AlTransaction) -> Result<(), MetaError> {
+        if !transaction.empties_log() {
+            self.al_empty = false;
+            if self.superblock.flags.contains(MetaFlags::AL_CLEAN) {
+                let mut sb = self.superblock.clone();
+                sb.flags.remove(MetaFlags::AL_CLEAN);
+                self.write_superblock_as_is(sb)?;
+            }
+        }
+        let what = "writing an activity-log transaction";
+        let offset = self.layout.al_block_offset(transaction.ring_index());
+        self.disk.write_at(transaction.bytes(), offset).map_err(MetaError::io(what))?;
+        self.disk.sync().map_err(MetaError::io(what))?;
+        if transaction.empties_log() {
+            self.al_empty = true;
+        }
+        Ok(())
+    }
+
+    /// Makes an activity-log update durable in the required order: first the bitmap pages
+    /// covering each evicted extent, for every peer, then the transaction. Afterwards, call
+    /// [`ActivityLog::commit`].
+    pub fn write_al_update(
+        &mut self,
+        update: &AlUpdate,
+        bitmaps: &[DirtyBitmap],
+    ) -> Result<(), MetaError> {
+        self.check_bitmap_count(bitmaps)?;
+        if !update.evicted.is_empty() {
+            for (slot, bitmap) in bitmaps.iter().enumerate() {
+                let pages: Vec<usize> = update
+                    .evicted
+                    .iter()
+                    .flat_map(|&e| bitmap.pages_for_range(extent_offset(e), AL_EXTENT_SIZE))
+                    .collect();
+                self.write_bitmap_pages(slot, bitmap, pages)?;
+            }
+        }
+        self.write_al_transaction(&update.transaction)
+    }
+
+    /// Persists everything for a clean stop: the dirty bitmap pages, an empty activity log, then
+    /// a superblock (based on `sb`) with AL_CLEAN, without PRIMARY_IND, and with each bitmap's
+    /// checksum. Fails with `AlError::Busy` if I/O still holds activity-log extents.
+    pub fn clean_shutdown(
+        &mut self,
+        sb: &Superblock,
+        bitmaps: &mut [DirtyBitmap],
+        activity_log: &mut ActivityLog,
+    ) -> Result<(), MetaError> {
+        self.check_bitmap_count(bitmaps)?;
+        let node_ids = |sb: &Superblock| sb.peers.iter().map(|p| p.node_id).collect::<Vec<_>>();
+        if node_ids(sb) != node_ids(&self.superblock) {
+            return Err(MetaError::InvalidParams(
+                "clean shutdown with a peer list that differs from the one on disk; write the \
+                 superblock with the new peer list first"
+                    .into(),
+            ));
+        }
+        for (slot, bitmap) in bitmaps.iter_mut().enumerate() {
+            let pages = bitmap.take_dirty_pages();
+            if let Err(e) = self.write_bitmap_pages(slot, bitmap, pages.iter().copied()) {
+                bitmap.mark_pages_dirty(pages);
+                return Err(e);
+            }
+        }
+        let update = activity_log.mark_clean()?;
+        // The log is empty in memory now; if this write fails the metadata disk is failing and
+        // the caller detaches, so the log is not used again either way.
+        self.write_al_transaction(&update.transaction)?;
+        activity_log.commit(update);
+        let mut sb = sb.clone();
+        sb.flags.insert(MetaFlags::AL_CLEAN);
+        sb.flags.remove(MetaFlags::PRIMARY_IND);
+        for (peer, bitmap) in sb.peers.iter_mut().zip(bitmaps.iter()) {
+            peer.bitmap_crc = Some(bitmap.crc32c());
+        }
+        self.write_superblock_as_is(sb)
+    }
+
+    fn check_bitmap_count(&self, bitmaps: &[DirtyBitmap]) -> Result<(), MetaError> {
+        if bitmaps.len() != self.superblock.peers.len() {
+            return Err(MetaError::InvalidParams(format!(
+                "{} bitmaps for {} peer slots",
+                bitmaps.len(),
+                self.superblock.peers.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_bitmap(&self, slot: usize, bitmap: &DirtyBitmap) -> Result<(), MetaError> {
+        if slot >= self.superblock.peers.len() {
+            return Err(MetaError::InvalidParams(format!("no peer slot {slot}")));
+        }
+        let geometry = (self.layout.data_size, self.layout.params.bitmap_block_size);
+        if (bitmap.data_size(), bitmap.block_size()) != geometry {
+            return Err(MetaError::InvalidParams(format!(
+                "bitmap for {} bytes in {}-byte blocks, but the device has {} bytes in \
+                 {}-byte blocks",
+                bitmap.data_size(),
+                bitmap.block_size(),
+                geometry.0,
+                geometry.1
+            )));
+        }
+        Ok(())
     }
 
     fn read_bitmap(&self, slot: usize) -> Result<DirtyBitmap, MetaError> {
-        let mut bitmap = DirtyBitmap::new(self.layout.data_size, self.layout.params.bitmap_block_size);
-        let base = self.layout.bitmap_area_offset(slot);
-        for page in 0..bitmap.page_count() {
-            let block = read_block(&*self.disk, base + (page * BLOCK_SIZE) as u64, "reading a bitmap")?;
-            bitmap.load_page(page, &block)?;
+        let mut bitmap =
+            DirtyBitmap::new(self.layout.data_size, self.layout.params.bitmap_block_size);
+        let area = self.layout.bitmap_area_offset(slot);
+        let mut buf = vec![0u8; MAX_PAGES_PER_IO * BLOCK_SIZE];
+        let mut page = 0;
+        while page < bitmap.page_count() {
+            let n = (bitmap.page_count() - page).min(MAX_PAGES_PER_IO);
+            let buf = &mut buf[..n * BLOCK_SIZE];
+            self.disk
+                .read_at(buf, area + page as u64 * BLOCK)
+                .map_err(MetaError::io("reading a bitmap"))?;
+            for (i, chunk) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
+                let mut block: Block = [0; BLOCK_SIZE];
+                block.copy_from_slice(chunk);
+                bitmap.load_page(page + i, &block)?;
+            }
+            page += n;
+        }
+        let peer = &self.superblock.peers[slot];
+        if let Some(expected) = peer.bitmap_crc {
+            if bitmap.crc32c() != expected {
+                return Err(MetaError::corrupt(format!(
+                    "the bitmap for peer node {} does not match the checksum written at clean \
+                     shutdown; which blocks differ from that peer is unknown, so it needs a full \
+                     sync (`blkrepl invalidate` on the side to overwrite)",
+                    peer.node_id
+                )));
+            }
         }
         Ok(bitmap)
     }
 
-    /// Writes the superblock to the slot not holding the newest one, then syncs: a torn write
-    /// leaves the previous superblock in the other slot.
-    pub fn write_superblock(&mut self, superblock: &Superblock) -> Result<(), MetaError> {
-        let seq = self.seq + 1;
-        let block = superblock.encode(seq)?;
-        let offset = self.layout.superblock_offsets()[self.next_slot];
-        self.disk.write_at(&block, offset).map_err(MetaError::io("writing the superblock"))?;
-        self.disk.sync().map_err(MetaError::io("syncing the superblock"))?;
-        self.seq = seq;
-        self.next_slot = 1 - self.next_slot;
-        Ok(())
-    }
-
-    /// Writes some pages of a peer's bitmap and syncs them (an activity-log transaction that
-    /// relies on them may follow).
-    pub fn write_bitmap_pages(&self, slot: usize, bitmap: &DirtyBitmap, pages: Range<usize>) -> Result<(), MetaError> {
-        if pages.is_empty() {
-            return Ok(());
-        }
-        let base = self.layout.bitmap_area_offset(slot);
-        for page in pages {
-            let block = bitmap.encode_page(page);
-            self.disk.write_at(&block, base + (page * BLOCK_SIZE) as u64).map_err(MetaError::io("writing a bitmap page"))?;
-        }
-        self.disk.sync().map_err(MetaError::io("syncing bitmap pages"))
-    }
-
-    pub fn write_bitmap(&self, slot: usize, bitmap: &DirtyBitmap) -> Result<(), MetaError> {
-        self.write_bitmap_pages(slot, bitmap, 0..bitmap.page_count())
-    }
-
-    /// Writes an activity-log transaction durably.
-    pub fn write_al_transaction(&self, transaction: &AlTransaction) -> Result<(), MetaError> {
-        let offset = self.layout.al_block_offset(transaction.ring_index());
-        self.disk.write_at(transaction.bytes(), offset).map_err(MetaError::io("writing an activity-log transaction"))?;
-        self.disk.sync().map_err(MetaError::io("syncing the activity log"))
+    fn read_activity_log(&self) -> Result<ActivityLog, MetaError> {
+        let mut buf = vec![0u8; AL_RING_BLOCKS * BLOCK_SIZE];
+        self.disk
+            .read_at(&mut buf, self.layout.al_offset())
+            .map_err(MetaError::io("reading the activity log"))?;
+        let ring: Vec<Block> = buf
+            .chunks_exact(BLOCK_SIZE)
+            .map(|chunk| {
+                let mut block = [0; BLOCK_SIZE];
+                block.copy_from_slice(chunk);
+                block
+            })
+            .collect();
+        ActivityLog::recover(self.layout.params.al_extents, &ring)
     }
 }

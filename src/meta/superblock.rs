@@ -177,7 +177,10 @@ impl Superblock {
             }
         }
         if self.data_size == 0 || self.data_size % BLOCK_SIZE as u64 != 0 {
-            return invalid(format!("data size {} is not a positive multiple of 4 KiB", self.data_size));
+            return invalid(format!(
+                "data size {} is not a positive multiple of 4 KiB",
+                self.data_size
+            ));
         }
         Ok(())
     }
@@ -229,10 +232,19 @@ enum Slot {
     /// Magic but a bad checksum: a torn or damaged write.
     Torn,
     /// Intact, but a format this release does not know.
-    Unsupported { version: u32, seq: u64 },
+    Unsupported {
+        version: u32,
+        seq: u64,
+    },
     /// Intact and in our format, yet nonsensical. Never a crash artifact.
-    Invalid { seq: u64, detail: String },
-    Valid { superblock: Superblock, seq: u64 },
+    Invalid {
+        seq: u64,
+        detail: String,
+    },
+    Valid {
+        superblock: Superblock,
+        seq: u64,
+    },
 }
 
 impl Slot {
@@ -327,8 +339,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
 /// intact does the content of the slots decide between "nothing here" and "damaged".
 pub(crate) fn pick(blocks: [&Block; 2]) -> Result<(Superblock, u64, usize), MetaError> {
     let slots = blocks.map(Slot::read);
-    let newest = (0..2).filter(|&i| slots[i].seq().is_some()).max_by_key(|&i| slots[i].seq());
-    let Some(i) = newest else {
+    let Some(i) = newest_of(&slots) else {
         return match (&slots[0], &slots[1]) {
             (Slot::Empty, Slot::Empty) => Err(MetaError::NoMetadata),
             (Slot::Torn, Slot::Empty) | (Slot::Empty, Slot::Torn) => Err(MetaError::corrupt(
@@ -352,6 +363,16 @@ pub(crate) fn pick(blocks: [&Block; 2]) -> Result<(Superblock, u64, usize), Meta
             slots[1 - i].describe()
         ))),
     }
+}
+
+/// The intact slot with the highest sequence number, whether usable or not: the one an update
+/// or an invalidation must overwrite last.
+pub(crate) fn newest_intact(blocks: [&Block; 2]) -> Option<usize> {
+    newest_of(&blocks.map(Slot::read))
+}
+
+fn newest_of(slots: &[Slot; 2]) -> Option<usize> {
+    (0..2).filter(|&i| slots[i].seq().is_some()).max_by_key(|&i| slots[i].seq())
 }
 
 #[cfg(test)]
@@ -463,7 +484,9 @@ mod tests {
                 .filter(|&id| id != node_id)
                 .take(usize::from(max_peers))
                 .zip(crcs)
-                .map(|(node_id, (bitmap_uuid, bitmap_crc))| PeerSlot { node_id, bitmap_uuid, bitmap_crc })
+                .map(|(node_id, (bitmap_uuid, bitmap_crc))| {
+                    PeerSlot { node_id, bitmap_uuid, bitmap_crc }
+                })
                 .collect();
             Superblock {
                 resource,
@@ -487,7 +510,11 @@ mod tests {
         }
 
         #[test]
-        fn any_single_byte_damage_is_detected(sb in superblock(), at in 0..BLOCK_SIZE, flip in 1..=255u8) {
+        fn any_single_byte_damage_is_detected(
+            sb in superblock(),
+            at in 0..BLOCK_SIZE,
+            flip in 1..=255u8,
+        ) {
             let good = sb.encode(5).unwrap();
             let mut bad = good;
             bad[at] ^= flip;

@@ -46,8 +46,9 @@ mod tests {
         assert!(same(0x1234_5670, 0x1234_5671));
         assert!(same(7, 7));
         assert!(!same(0x1234_5670, 0x1234_5672));
-        assert!(GenerationUuids { current: UUID_JUST_CREATED | 1, history: [0; 4] }
-            .is_just_created());
+        assert!(
+            GenerationUuids { current: UUID_JUST_CREATED | 1, history: [0; 4] }.is_just_created()
+        );
         assert!(!GenerationUuids { current: 8, history: [0; 4] }.is_just_created());
     }
 }

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Write-path benchmark, all in one run so the figures compare: 4 KiB random writes at queue depth
+# 1 and 32 and 1 MiB sequential writes through the NBD export (fio's nbd engine) for protocol C,
+# protocol A and the same daemon with no peer (local-only), against the limits: the raw backing
+# file (fio on the file) and raw TCP loopback bandwidth (iperf3).
+#
+#   scripts/bench.sh                 RUNTIME=10 (s per job)  BENCH_DIR=/dev/shm/blkrepl-bench
+# Needs fio and iperf3 (apt-get install fio iperf3; installed here if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in fio iperf3 python3; do
+  command -v $tool >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio iperf3 >/dev/null; break; }
+done
+cargo build --release --bins -q
+BIN=$PWD/target/release/blkrepl
+RUNTIME=${RUNTIME:-10}
+DIR=${BENCH_DIR:-/dev/shm/blkrepl-bench}
+SIZE=${SIZE:-1G}
+rm -rf "$DIR"; mkdir -p "$DIR/etc" "$DIR/run"
+export BLKREPL_CONFIG_DIR=$DIR/etc BLKREPL_RUN_DIR=$DIR/run BLKREPL_LOG=warn
+RESULTS=$DIR/results.txt; : > "$RESULTS"
+
+stop_all() {
+  for lock in "$DIR"/run/*.lock; do [ -f "$lock" ] && kill -9 "$(cat "$lock")" 2>/dev/null || true; done
+  sleep 0.3; rm -f "$DIR"/run/*
+}
+trap 'stop_all; pkill -f "iperf3 -s -p 15201" || true' EXIT
+
+# fio job: name, target args... ; records "name iops mibps"
+run_fio() {
+  local label=$1 rw=$2 bs=$3 qd=$4; shift 4
+  local json
+  json=$(fio --name=job --rw="$rw" --bs="$bs" --iodepth="$qd" --runtime="$RUNTIME" --time_based \
+             --size=512M --numjobs=1 --group_reporting --output-format=json "$@" 2>/dev/null)
+  python3 - "$label" "$json" >> "$RESULTS" <<'PY'
+import json, sys
+label, data = sys.argv[1], json.loads(sys.argv[2])
+w = data["jobs"][0]["write"]
+print(f"{label} {w['iops']:.0f} {w['bw_bytes']/1048576:.1f}")
+PY
+}
+
+# Three jobs against one target.
+run_jobs() {
+  local prefix=$1; shift
+  run_fio "$prefix.rand4k.qd1" randwrite 4k 1 "$@"
+  run_fio "$prefix.rand4k.qd32" randwrite 4k 32 "$@"
+  run_fio "$prefix.seq1m" write 1M 4 "$@"
+}
+
+config() { # protocol, peers (1 or 2)
+  {
+    echo "name = \"r0\""; echo "protocol = \"$1\""
+    echo "[[node]]"; echo "name = \"alpha\""; echo "address = \"127.0.0.1:17789\""
+    echo "disk = \"$DIR/alpha.img\""; echo "nbd = \"127.0.0.1:20809\""
+    echo "[[node]]"; echo "name = \"beta\""; echo "address = \"127.0.0.1:17790\""
+    echo "disk = \"$DIR/beta.img\""; echo "nbd = \"127.0.0.1:20810\""
+  } > "$DIR/etc/r0.toml"
+  rm -f "$DIR"/*.img; truncate -s "$SIZE" "$DIR/alpha.img" "$DIR/beta.img"
+}
+
+wait_json() { local node=$1 needle=$2; for _ in $(seq 1 200); do "$BIN" --node "$node" status --json r0 | grep -qF "$needle" && return 0; sleep 0.1; done; echo "timeout: $needle" >&2; exit 1; }
+
+echo "== limits: raw backing file ($DIR, tmpfs if /dev/shm) and raw TCP loopback"
+truncate -s "$SIZE" "$DIR/raw.img"
+run_fio raw.rand4k.qd1 randwrite 4k 1 --ioengine=psync --filename="$DIR/raw.img"
+run_fio raw.rand4k.qd32 randwrite 4k 32 --ioengine=libaio --filename="$DIR/raw.img"
+run_fio raw.seq1m write 1M 4 --ioengine=libaio --filename="$DIR/raw.img"
+rm -f "$DIR/raw.img"
+iperf3 -s -p 15201 -D >/dev/null; sleep 0.5
+tcp=$(iperf3 -c 127.0.0.1 -p 15201 -t "$RUNTIME" -J | python3 -c 'import json,sys; bps = json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]; print(round(bps / 8 / 1048576, 1))')
+echo "tcp.loopback 0 $tcp" >> "$RESULTS"
+pkill -f "iperf3 -s -p 15201" || true
+
+NBD=(--ioengine=nbd --uri=nbd://127.0.0.1:20809/r0)
+
+echo "== local-only: one daemon, its peer absent"
+config C; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node alpha up r0 >/dev/null
+"$BIN" --node alpha primary --force r0
+run_jobs local "${NBD[@]}"
+stop_all
+
+for proto in C A; do
+  echo "== protocol $proto: two daemons, in sync"
+  config $proto
+  for n in alpha beta; do "$BIN" --node $n create-md r0 >/dev/null; "$BIN" --node $n up r0 >/dev/null; done
+  wait_json alpha '"connection":"Connected"'
+  "$BIN" --node alpha new-current-uuid --clear-bitmap r0
+  wait_json beta '"disk":"UpToDate"'
+  "$BIN" --node alpha primary r0
+  run_jobs "proto$proto" "${NBD[@]}"
+  "$BIN" --node alpha status r0 | sed 's/^/   /'
+  stop_all
+done
+
+python3 - "$RESULTS" <<'PY'
+import sys
+r = {}
+for line in open(sys.argv[1]):
+    k, iops, mib = line.split(); r[k] = (float(iops), float(mib))
+print()
+print(f"{'target':<10} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
+for t in ["raw", "local", "protoC", "protoA"]:
+    print(f"{t:<10} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
+print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
+limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
+print()
+print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f} (target >= 0.80)")
+print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f}")
+print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
+print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
+print(f"local-only seq / raw file seq:         {r['local.seq1m'][1]/r['raw.seq1m'][1]:.2f}")
+PY
