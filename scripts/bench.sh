@@ -34,7 +34,9 @@ run_fio() {
              --size=512M --numjobs=1 --group_reporting --output-format=json "$@" 2>/dev/null)
   python3 - "$label" "$json" >> "$RESULTS" <<'PY'
 import json, sys
-label, data = sys.argv[1], json.loads(sys.argv[2])
+# fio's nbd engine prints a line of its own before the JSON.
+label, text = sys.argv[1], sys.argv[2]
+data = json.loads(text[text.index("{"):])
 w = data["jobs"][0]["write"]
 print(f"{label} {w['iops']:.0f} {w['bw_bytes']/1048576:.1f}")
 PY
