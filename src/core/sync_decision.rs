@@ -4,13 +4,7 @@
 //! function is antisymmetric, so they agree without another round trip. The table and its
 //! reasoning are in docs/DESIGN.md ("Generation UUIDs"); the rule numbers below match it.
 
-/// The UUID value of metadata that was created and never written as a source.
-pub const UUID_JUST_CREATED: u64 = 4;
-
-/// Bit 0 of a UUID records "was primary"; it is not part of the identity.
-pub fn same_uuid(a: u64, b: u64) -> bool {
-    a & !1 == b & !1
-}
+pub use crate::meta::uuids::{same as same_uuid, UUID_JUST_CREATED};
 
 /// One node's side of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
