@@ -6,4 +6,10 @@ cd "$(dirname "$0")/.."
 command -v qemu-io >/dev/null || { echo "qemu-io missing: apt-get install qemu-utils" >&2; exit 1; }
 cargo build --release --bins
 # Cluster tests start several daemons each; two at a time keeps a 2-core machine responsive.
-cargo test --release -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --release -- --test-threads 2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit $status
