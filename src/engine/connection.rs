@@ -226,7 +226,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReade
     if peer.link.is_some() {
         return Err(refuse(&stream, "already connected"));
     }
-    let link = Arc::new(PeerLink::new(stream));
+    let link = Arc::new(PeerLink::new(stream).map_err(|e| e.to_string())?);
     let state = st.peer_state_for(st.peer(peer_id));
     let peer = st.peer_mut(peer_id);
     peer.generation += 1;

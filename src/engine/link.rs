@@ -26,9 +26,12 @@ struct SendQueue {
     closed: bool,
 }
 
+/// Lock order: `queue` before `out`. The writer thread takes `out` before it lets go of `queue`,
+/// so a frame it popped is on the wire before any frame sent directly after it.
 pub struct PeerLink {
     queue: Mutex<SendQueue>,
     changed: Condvar,
+    out: Mutex<Option<BufWriter<TcpStream>>>,
     stream: TcpStream,
     sent_bytes: AtomicU64,
 }
@@ -41,20 +44,49 @@ fn payload_len(msg: &Message) -> usize {
 }
 
 impl PeerLink {
-    pub fn new(stream: TcpStream) -> PeerLink {
-        PeerLink { queue: Mutex::default(), changed: Condvar::new(), stream, sent_bytes: AtomicU64::new(0) }
+    pub fn new(stream: TcpStream) -> std::io::Result<PeerLink> {
+        let out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+        Ok(PeerLink {
+            queue: Mutex::default(),
+            changed: Condvar::new(),
+            out: Mutex::new(Some(out)),
+            stream,
+            sent_bytes: AtomicU64::new(0),
+        })
     }
 
     pub fn sent_bytes(&self) -> u64 {
         self.sent_bytes.load(Ordering::Relaxed)
     }
 
+    /// Sends a control frame ahead of queued bulk data. An ack with nothing queued before it is
+    /// written by the caller itself when the socket is free: no thread handoff per write.
+    ///
+    /// Only acks take that path. They are sent by the side that receives bulk data, whose peer's
+    /// reader never writes to the socket itself; so a reader blocked writing an ack always has
+    /// a peer draining it, and two readers can never wait on each other.
     pub fn send_control(&self, msg: Message) {
         let mut q = self.queue.lock().expect("link queue");
-        if !q.closed {
-            q.control.push_back(msg);
-            self.changed.notify_all();
+        if q.closed {
+            return;
         }
+        let is_ack = matches!(
+            msg,
+            Message::RecvAck { .. } | Message::WriteAck { .. } | Message::NegAck { .. } | Message::BarrierAck { .. }
+        );
+        if is_ack && q.control.is_empty() {
+            if let Ok(mut out) = self.out.try_lock() {
+                if let Some(out) = out.as_mut() {
+                    if write_message(out, &msg).and_then(|()| out.flush()).is_err() {
+                        // The writer thread finds the socket broken too and reports the loss.
+                        let _ = self.stream.shutdown(Shutdown::Both);
+                    }
+                    return;
+                }
+            }
+        }
+        q.control.push_back(msg);
+        self.changed.notify_all();
     }
 
     /// Queues a frame behind earlier bulk frames; `on_sent` runs when it is written (or never,
@@ -90,41 +122,37 @@ impl PeerLink {
     /// Sends everything queued, control first, until the link is closed or a write fails.
     /// Returns why it stopped.
     pub fn run_writer(&self) -> String {
-        let stream = match self.stream.try_clone() {
-            Ok(s) => s,
-            Err(e) => return format!("cannot clone socket: {e}"),
-        };
-        let mut out = BufWriter::with_capacity(256 << 10, stream);
         let mut sent_callbacks: Vec<OnSent> = Vec::new();
         loop {
-            let (msg, on_sent) = {
-                let mut q = self.queue.lock().expect("link queue");
-                loop {
-                    if q.closed {
-                        return "link closed".to_owned();
-                    }
-                    if let Some(msg) = q.control.pop_front() {
-                        break (Some(msg), None);
-                    }
-                    if let Some((msg, on_sent)) = q.bulk.pop_front() {
-                        q.bulk_bytes -= payload_len(&msg);
-                        self.changed.notify_all();
-                        break (Some(msg), on_sent);
-                    }
-                    if !out.buffer().is_empty() || !sent_callbacks.is_empty() {
-                        break (None, None);
-                    }
-                    let (next, timeout) = self.changed.wait_timeout(q, PING_INTERVAL).expect("link queue");
-                    q = next;
-                    if timeout.timed_out() && q.control.is_empty() && q.bulk.is_empty() && !q.closed {
-                        break (Some(Message::Ping), None);
-                    }
+            let mut q = self.queue.lock().expect("link queue");
+            let (msg, on_sent) = loop {
+                if q.closed {
+                    return "link closed".to_owned();
+                }
+                if let Some(msg) = q.control.pop_front() {
+                    break (Some(msg), None);
+                }
+                if let Some((msg, on_sent)) = q.bulk.pop_front() {
+                    q.bulk_bytes -= payload_len(&msg);
+                    self.changed.notify_all();
+                    break (Some(msg), on_sent);
+                }
+                if !sent_callbacks.is_empty() || self.out_has_buffered() {
+                    break (None, None);
+                }
+                let (next, timeout) = self.changed.wait_timeout(q, PING_INTERVAL).expect("link queue");
+                q = next;
+                if timeout.timed_out() && q.control.is_empty() && q.bulk.is_empty() && !q.closed {
+                    break (Some(Message::Ping), None);
                 }
             };
+            let mut out_guard = self.out.lock().expect("link writer");
+            drop(q);
+            let Some(out) = out_guard.as_mut() else { return "link closed".to_owned() };
             let result = match msg {
                 Some(msg) => {
                     let len = payload_len(&msg) as u64;
-                    write_message(&mut out, &msg).map(|()| {
+                    write_message(out, &msg).map(|()| {
                         self.sent_bytes.fetch_add(len, Ordering::Relaxed);
                     })
                 }
@@ -135,9 +163,15 @@ impl PeerLink {
                 return format!("send failed: {e}");
             }
             sent_callbacks.extend(on_sent);
-            if out.buffer().is_empty() {
+            let flushed = out.buffer().is_empty();
+            drop(out_guard);
+            if flushed {
                 sent_callbacks.drain(..).for_each(|callback| callback());
             }
         }
+    }
+
+    fn out_has_buffered(&self) -> bool {
+        self.out.try_lock().map_or(true, |out| out.as_ref().is_some_and(|o| !o.buffer().is_empty()))
     }
 }
