@@ -8,13 +8,13 @@ use super::Shared;
 use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::states::{DiskState, Role};
-use crate::frontend::{BlockError, BlockRequest, Completion};
+use crate::frontend::{BlockError, BlockRequest, BlockResult, Completion};
 use crate::meta::activity_log::{extents_for, AlError, AlPrepared};
 use crate::meta::MetaError;
-use crate::wire::Message;
+use crate::wire::{Message, MAX_DATA_BYTES};
 use bytes::Bytes;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// An epoch is closed with a barrier after this many writes even without a FLUSH, which bounds
 /// the transfer log (and so the resync after a lost connection).
@@ -23,6 +23,9 @@ const MAX_EPOCH_WRITES: u32 = 4096;
 pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
     match request {
         BlockRequest::Read { offset, len } => submit_read(shared, offset, len, done),
+        BlockRequest::Write { offset, data, fua } if data.len() > MAX_DATA_BYTES => {
+            submit_in_pieces(shared, offset, data, fua, done)
+        }
         BlockRequest::Write { offset, data, fua } => {
             let len = data.len() as u64;
             submit_write(shared, offset, len, WriteKind::Data { data, fua }, done)
@@ -34,6 +37,38 @@ pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
             submit_write(shared, offset, u64::from(len), WriteKind::Zeroes { discard: true, fua: false }, done)
         }
         BlockRequest::Flush => submit_flush(shared, done),
+    }
+}
+
+/// A write larger than one Data frame (qemu-img sends 2 MiB writes, NBD allows 32 MiB) goes out
+/// as several pieces; the request completes when all have, with the first error if any failed.
+fn submit_in_pieces(shared: &Arc<Shared>, offset: u64, data: Bytes, fua: bool, done: Completion) {
+    struct Pending {
+        remaining: usize,
+        result: BlockResult,
+        done: Option<Completion>,
+    }
+    let pieces = data.len().div_ceil(MAX_DATA_BYTES);
+    let pending = Arc::new(Mutex::new(Pending { remaining: pieces, result: Ok(None), done: Some(done) }));
+    for start in (0..data.len()).step_by(MAX_DATA_BYTES) {
+        let piece = data.slice(start..(start + MAX_DATA_BYTES).min(data.len()));
+        let pending = pending.clone();
+        let piece_done: Completion = Box::new(move |result| {
+            let mut p = pending.lock().expect("piece completion lock");
+            if p.result.is_ok() {
+                p.result = result;
+            }
+            p.remaining -= 1;
+            if p.remaining == 0 {
+                let (done, result) = (p.done.take(), std::mem::replace(&mut p.result, Ok(None)));
+                drop(p);
+                if let Some(done) = done {
+                    done(result);
+                }
+            }
+        });
+        let len = piece.len() as u64;
+        submit_write(shared, offset + start as u64, len, WriteKind::Data { data: piece, fua }, piece_done);
     }
 }
 
