@@ -68,6 +68,10 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
     spawn_signal_handler(engine.clone());
     ready.report("READY");
     server::serve(&listener, &engine);
+    // Stopped cleanly: nothing listens on the socket any more.
+    if let Some(path) = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)) {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 
