@@ -235,7 +235,7 @@ impl Engine {
         if matches!(st.disk, DiskState::Diskless | DiskState::Failed) {
             return Err(EngineError::Refused(format!("cannot promote with a {} disk", st.disk)));
         }
-        let before = (st.disk, st.sb.clone(), st.bitmaps.iter().map(|b| b.weight()).collect::<Vec<_>>());
+        let (disk_before, sb_before) = (st.disk, st.sb.clone());
         // Peers that will not see this node's writes from the start: a new generation begins,
         // and they track from the old one.
         let absent: Vec<usize> = st
@@ -273,8 +273,9 @@ impl Engine {
                 }
                 Err(source) => {
                     st.role = Role::Secondary;
-                    st.disk = before.0;
-                    st.sb = before.1;
+                    // Bits marked for absent peers stay: over-reporting is safe.
+                    st.disk = disk_before;
+                    st.sb = sb_before;
                     let _ = st.persist();
                     return Err(EngineError::Nbd { address, source });
                 }
