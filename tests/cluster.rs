@@ -160,3 +160,22 @@ fn writes_larger_than_a_frame_replicate_without_reconnecting() {
     let (ok, out) = check_patterns(&c.nbd_url("beta"), &data);
     assert!(ok, "large writes did not reach beta intact: {out}");
 }
+
+#[test]
+fn secondary_crash_and_restart_resyncs_only_what_it_missed() {
+    let c = synced_pair(Options { disk_mib: 256, ..Options::default() });
+    c.kill("beta");
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    write_patterns(&c.nbd_url("alpha"), &[(100 * MIB, MIB, 0x99)]);
+    assert_eq!(Cluster::peer(&c.status("alpha"), "beta")["out_of_sync_bytes"], MIB);
+
+    c.ok("beta", &["up", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    // The restarted daemon counts from zero: everything it received is the resync.
+    let moved = Cluster::peer(&c.status("beta"), "alpha")["received_bytes"].as_u64().unwrap();
+    assert!((MIB..2 * MIB).contains(&moved), "resync after a secondary crash moved {moved} bytes for 1 MiB written");
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(100 * MIB, MIB, 0x99)]);
+    assert!(ok, "{out}");
+}
