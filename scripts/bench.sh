@@ -5,11 +5,11 @@
 # file (fio on the file) and raw TCP loopback bandwidth (iperf3).
 #
 #   scripts/bench.sh                 RUNTIME=10 (s per job)  BENCH_DIR=/dev/shm/blkrepl-bench
-# Needs fio and iperf3 (apt-get install fio iperf3; installed here if missing).
+# Needs fio, iperf3 and qemu-nbd (apt-get install fio iperf3 qemu-utils; installed here if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for tool in fio iperf3 python3; do
-  command -v $tool >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio iperf3 >/dev/null; break; }
+for tool in fio iperf3 qemu-nbd; do
+  command -v $tool >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio iperf3 qemu-utils >/dev/null; break; }
 done
 cargo build --release --bins -q
 BIN=$PWD/target/release/blkrepl
@@ -76,6 +76,13 @@ pkill -f "iperf3 -s -p 15201" || true
 
 NBD=(--ioengine=nbd --uri=nbd://127.0.0.1:20809/r0)
 
+echo "== reference NBD server: qemu-nbd serving a file of the same size (what local-only should match)"
+truncate -s "$SIZE" "$DIR/qemu.img"
+qemu-nbd -f raw -x r0 -p 20811 -b 127.0.0.1 -t --cache=writeback "$DIR/qemu.img" & QEMU_NBD=$!
+sleep 0.5
+run_jobs qemunbd --ioengine=nbd --uri=nbd://127.0.0.1:20811/r0
+kill $QEMU_NBD; wait $QEMU_NBD 2>/dev/null || true; rm -f "$DIR/qemu.img"
+
 echo "== local-only: one daemon, its peer absent"
 config C; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node alpha up r0 >/dev/null
 "$BIN" --node alpha primary --force r0
@@ -102,7 +109,7 @@ for line in open(sys.argv[1]):
     k, iops, mib = line.split(); r[k] = (float(iops), float(mib))
 print()
 print(f"{'target':<10} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
-for t in ["raw", "local", "protoC", "protoA"]:
+for t in ["raw", "qemunbd", "local", "protoC", "protoA"]:
     print(f"{t:<10} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
 print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
 limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
@@ -112,4 +119,6 @@ print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['loc
 print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
 print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
 print(f"local-only seq / raw file seq:         {r['local.seq1m'][1]/r['raw.seq1m'][1]:.2f}")
+print(f"local-only / qemu-nbd, 4k QD32 IOPS:   {r['local.rand4k.qd32'][0]/r['qemunbd.rand4k.qd32'][0]:.2f}")
+print(f"local-only / qemu-nbd, 1M seq MiB/s:   {r['local.seq1m'][1]/r['qemunbd.seq1m'][1]:.2f}")
 PY
