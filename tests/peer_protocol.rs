@@ -66,37 +66,32 @@ fn disk_at(c: &Cluster, offset: u64) -> Vec<u8> {
     bytes
 }
 
+/// Sends `hello` to alpha and expects a refusal whose reason contains `needle`.
+fn assert_refused(address: &str, hello: Message, needle: &str) {
+    let (mut stream, mut reader) = connect(address);
+    write_message(&mut stream, &hello).unwrap();
+    match read_message(&mut reader).unwrap() {
+        Message::Disconnect { reason } => assert!(reason.contains(needle), "{reason}"),
+        other => panic!("expected a refusal, got {}", other.name()),
+    }
+}
+
 #[test]
 fn peer_with_another_version_is_told_why() {
     let (c, address) = alpha_alone();
-    let (mut stream, mut reader) = connect(&address);
-    write_message(&mut stream, &hello(PROTOCOL_VERSION + 1, alpha_size(&c))).unwrap();
-    match read_message(&mut reader).unwrap() {
-        Message::Disconnect { reason } => assert!(reason.contains("protocol version"), "{reason}"),
-        other => panic!("expected a refusal, got {}", other.name()),
-    }
+    assert_refused(&address, hello(PROTOCOL_VERSION + 1, alpha_size(&c)), "protocol version");
 }
 
 #[test]
 fn peer_with_another_size_is_told_why() {
     let (c, address) = alpha_alone();
-    let (mut stream, mut reader) = connect(&address);
-    write_message(&mut stream, &hello(PROTOCOL_VERSION, alpha_size(&c) + 4096)).unwrap();
-    match read_message(&mut reader).unwrap() {
-        Message::Disconnect { reason } => assert!(reason.contains("sizes differ"), "{reason}"),
-        other => panic!("expected a refusal, got {}", other.name()),
-    }
+    assert_refused(&address, hello(PROTOCOL_VERSION, alpha_size(&c) + 4096), "sizes differ");
 }
 
 #[test]
 fn peer_of_another_resource_is_told_why() {
     let (c, address) = alpha_alone();
-    let (mut stream, mut reader) = connect(&address);
-    write_message(&mut stream, &hello_for("r7", PROTOCOL_VERSION, alpha_size(&c))).unwrap();
-    match read_message(&mut reader).unwrap() {
-        Message::Disconnect { reason } => assert!(reason.contains("\"r7\""), "{reason}"),
-        other => panic!("expected a refusal, got {}", other.name()),
-    }
+    assert_refused(&address, hello_for("r7", PROTOCOL_VERSION, alpha_size(&c)), "\"r7\"");
 }
 
 #[test]
