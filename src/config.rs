@@ -131,8 +131,8 @@ fn default_protocol() -> String {
 pub const DEFAULT_BITMAP_BLOCK_SIZE: u32 = 4096;
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const DEFAULT_RESYNC_RATE_MAX_KIB: u64 = 100 * 1024;
-/// Node ids fit the metadata's peer slots and the wire's u8.
-pub const MAX_NODE_ID: u8 = 31;
+pub use crate::meta::superblock::MAX_NODE_ID;
+use crate::meta::layout::{MAX_AL_EXTENTS, MAX_BITMAP_BLOCK_SIZE, MIN_AL_EXTENTS, MIN_BITMAP_BLOCK_SIZE};
 
 impl ResourceConfig {
     /// The file of `resource` in `dir`.
@@ -213,12 +213,18 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         return Err(invalid(path, "secret", "is empty"));
     }
     let bitmap_block_size = raw.bitmap_block_size.unwrap_or(DEFAULT_BITMAP_BLOCK_SIZE);
-    if !bitmap_block_size.is_power_of_two() || !(4096..=1 << 20).contains(&bitmap_block_size) {
-        return Err(invalid(path, "bitmap_block_size", "must be a power of two from 4096 to 1048576"));
+    if !bitmap_block_size.is_power_of_two()
+        || !(MIN_BITMAP_BLOCK_SIZE..=MAX_BITMAP_BLOCK_SIZE).contains(&bitmap_block_size)
+    {
+        return Err(invalid(
+            path,
+            "bitmap_block_size",
+            format!("must be a power of two from {MIN_BITMAP_BLOCK_SIZE} to {MAX_BITMAP_BLOCK_SIZE}"),
+        ));
     }
     let al_extents = raw.al_extents.unwrap_or(DEFAULT_AL_EXTENTS);
-    if !(7..=6433).contains(&al_extents) {
-        return Err(invalid(path, "al_extents", "must be from 7 to 6433"));
+    if !(MIN_AL_EXTENTS..=MAX_AL_EXTENTS).contains(&al_extents) {
+        return Err(invalid(path, "al_extents", format!("must be from {MIN_AL_EXTENTS} to {MAX_AL_EXTENTS}")));
     }
     let resync_rate_max_kib = raw.resync_rate_max_kib.unwrap_or(DEFAULT_RESYNC_RATE_MAX_KIB);
     if resync_rate_max_kib < 250 {
