@@ -313,7 +313,7 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         }
         Message::PingAck => Ok(()),
         Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
-        other @ (Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } | Message::ResyncAck { .. }) => {
+        other @ (Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. }) => {
             Err(format!("unexpected {} after the handshake", other.name()))
         }
     }

@@ -122,9 +122,6 @@ pub enum Message {
     BarrierAck { epoch: u64, writes: u32 },
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
-    /// Resync: the `len` bytes at `offset` are written on the target. Not yet durable: the
-    /// source clears their bits only once a later `BarrierAck` covers them.
-    ResyncAck { offset: u64, len: u32 },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids.
     ResyncDone {
         current_uuid: u64,
@@ -155,7 +152,6 @@ pub(super) enum Kind {
     NegAck = 0x0015,
     BarrierAck = 0x0016,
     ResyncData = 0x0020,
-    ResyncAck = 0x0021,
     ResyncDone = 0x0022,
     Ping = 0x0030,
     PingAck = 0x0031,
@@ -163,7 +159,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 18] = [
+    const ALL: [Kind; 17] = [
         Kind::Hello,
         Kind::AuthChallenge,
         Kind::AuthResponse,
@@ -177,7 +173,6 @@ impl Kind {
         Kind::NegAck,
         Kind::BarrierAck,
         Kind::ResyncData,
-        Kind::ResyncAck,
         Kind::ResyncDone,
         Kind::Ping,
         Kind::PingAck,
@@ -207,7 +202,6 @@ impl Kind {
             Kind::NegAck => "NegAck",
             Kind::BarrierAck => "BarrierAck",
             Kind::ResyncData => "ResyncData",
-            Kind::ResyncAck => "ResyncAck",
             Kind::ResyncDone => "ResyncDone",
             Kind::Ping => "Ping",
             Kind::PingAck => "PingAck",
@@ -231,7 +225,6 @@ impl Message {
                 | Message::WriteAck { .. }
                 | Message::NegAck { .. }
                 | Message::BarrierAck { .. }
-                | Message::ResyncAck { .. }
                 | Message::Ping
                 | Message::PingAck
         )
@@ -252,7 +245,6 @@ impl Message {
             Message::NegAck { .. } => Kind::NegAck,
             Message::BarrierAck { .. } => Kind::BarrierAck,
             Message::ResyncData { .. } => Kind::ResyncData,
-            Message::ResyncAck { .. } => Kind::ResyncAck,
             Message::ResyncDone { .. } => Kind::ResyncDone,
             Message::Ping => Kind::Ping,
             Message::PingAck => Kind::PingAck,
@@ -364,10 +356,6 @@ impl Message {
                 out.put_u64(*offset);
                 return payload;
             }
-            Message::ResyncAck { offset, len } => {
-                out.put_u64(*offset);
-                out.put_u32(*len);
-            }
             Message::ResyncDone {
                 current_uuid,
                 history,
@@ -456,10 +444,6 @@ impl Message {
             Kind::ResyncData => Message::ResyncData {
                 offset: fields.u64()?,
                 payload: fields.rest(),
-            },
-            Kind::ResyncAck => Message::ResyncAck {
-                offset: fields.u64()?,
-                len: fields.u32()?,
             },
             Kind::ResyncDone => Message::ResyncDone {
                 current_uuid: fields.u64()?,

@@ -176,7 +176,6 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, writes)| Message::BarrierAck { epoch, writes }),
         (any::<u64>(), arb_bytes(8192))
             .prop_map(|(offset, payload)| Message::ResyncData { offset, payload }),
-        (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Message::ResyncAck { offset, len }),
         (any::<u64>(), any::<[u64; 4]>()).prop_map(|(current_uuid, history)| Message::ResyncDone {
             current_uuid,
             history
@@ -320,7 +319,7 @@ fn payload_sizes_are_as_documented() {
         history: [0; 4],
         bitmap_weight: 0,
     };
-    let cases: [(Message, usize); 18] = [
+    let cases: [(Message, usize); 17] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
@@ -361,13 +360,6 @@ fn payload_sizes_are_as_documented() {
                 payload: Bytes::from_static(&[1; 512]),
             },
             8 + 512,
-        ),
-        (
-            Message::ResyncAck {
-                offset: 0,
-                len: 512,
-            },
-            12,
         ),
         (
             Message::ResyncDone {
@@ -422,7 +414,6 @@ fn control_messages_are_the_small_acks() {
             epoch: 1,
             writes: 1,
         },
-        Message::ResyncAck { offset: 0, len: 1 },
         Message::Ping,
         Message::PingAck,
     ];
