@@ -100,6 +100,12 @@ impl PeerLink {
         }
     }
 
+    /// Whether writers of new data must wait (see [`PeerLink::wait_for_room`]).
+    pub fn is_full(&self) -> bool {
+        let q = self.queue.lock().expect("link queue");
+        !q.closed && q.bulk_bytes > BULK_QUEUE_LIMIT_BYTES
+    }
+
     /// Blocks while the bulk queue is over its limit (back-pressure for writers).
     pub fn wait_for_room(&self) {
         let mut q = self.queue.lock().expect("link queue");

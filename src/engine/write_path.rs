@@ -124,12 +124,19 @@ fn submit_read(shared: &Arc<Shared>, offset: u64, len: u32, done: Completion) {
 }
 
 fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, done: Completion) {
-    // Back-pressure outside the lock: a full send queue slows writers down, it never blocks
-    // the acks that drain it.
-    let links: Vec<_> = shared.lock().peers.iter().filter_map(|p| p.link.clone()).collect();
-    links.iter().for_each(|link| link.wait_for_room());
-
-    let mut st = shared.lock();
+    // Back-pressure: a full send queue slows writers down. The wait happens outside the engine
+    // lock, so it never blocks the acks that drain the queue.
+    let mut st = loop {
+        let st = shared.lock();
+        let full = st.peers.iter().filter_map(|p| p.link.as_ref()).find(|l| l.is_full()).cloned();
+        match full {
+            None => break st,
+            Some(link) => {
+                drop(st);
+                link.wait_for_room();
+            }
+        }
+    };
     if let Err(e) = writable(shared, &st, offset, len) {
         drop(st);
         return done(Err(e));
