@@ -231,6 +231,14 @@ impl Device {
         if offered.cmd_ioctl_encode() {
             flags |= u64::from(sys::UBLK_F_CMD_IOCTL_ENCODE);
         }
+        // libublk deletes the device of a failed ADD_DEV's id, even when the failure was that
+        // another device already has that id: check first.
+        if let Some(id) = config.id {
+            if Device::status(id)?.is_some() {
+                let source = io::Error::from_raw_os_error(libc::EEXIST);
+                return Err(Error::Control { op: "ADD_DEV", id: Some(id), source });
+            }
+        }
         let ctrl = UblkCtrlBuilder::default()
             .name("blkrepl")
             .id(config.id.map_or(-1, |id| id as i32))

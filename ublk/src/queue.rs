@@ -230,6 +230,7 @@ fn arm_wakeup(queue: &UblkQueue<'_>, shared: &QueueShared) -> io::Result<()> {
 
 fn commit_finished(queue: &UblkQueue<'_>, shared: &QueueShared) {
     for (tag, result) in shared.take_finished() {
+        tracing::trace!(device = shared.device_id, queue = shared.qid, tag, result, "commit");
         if let Err(e) = queue.complete_io_cmd_unified(tag, shared.buf_desc(tag), Ok(UblkIORes::Result(result))) {
             tracing::error!(device = shared.device_id, queue = shared.qid, tag, error = %to_io(e), "cannot commit a request");
         }
@@ -245,6 +246,7 @@ fn start_request(queue: &UblkQueue<'_>, tag: u16, shared: &Arc<QueueShared>, han
             return Completion::new(Arc::clone(shared), tag, Op::Flush).fail(errno);
         }
     };
+    tracing::trace!(device = shared.device_id, queue = shared.qid, tag, ?op, "request");
     let done = Completion::new(Arc::clone(shared), tag, op);
     let request = match op {
         Op::Read { offset, len } => Request::Read { offset, len },

@@ -60,14 +60,18 @@ const SECTOR_SHIFT: u32 = 9;
 
 /// Decodes a request descriptor; `Err(errno)` for operations the device does not offer.
 pub(crate) fn decode(op_flags: u32, start_sector: u64, nr_sectors: u32) -> Result<Op, i32> {
+    let op = op_flags & 0xff;
+    // A flush's sector fields are not set: only the other operations have a range.
+    if op == sys::UBLK_IO_OP_FLUSH {
+        return Ok(Op::Flush);
+    }
     let offset = start_sector.checked_shl(SECTOR_SHIFT).filter(|o| o >> SECTOR_SHIFT == start_sector);
     let len = u32::try_from(u64::from(nr_sectors) << SECTOR_SHIFT).ok();
     let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
     let (Some(offset), Some(len)) = (offset, len) else { return Err(libc::EINVAL) };
-    match op_flags & 0xff {
+    match op {
         sys::UBLK_IO_OP_READ => Ok(Op::Read { offset, len }),
         sys::UBLK_IO_OP_WRITE => Ok(Op::Write { offset, len, fua }),
-        sys::UBLK_IO_OP_FLUSH => Ok(Op::Flush),
         sys::UBLK_IO_OP_DISCARD => Ok(Op::Discard { offset, len }),
         sys::UBLK_IO_OP_WRITE_ZEROES => Ok(Op::WriteZeroes { offset, len, fua }),
         _ => Err(libc::EOPNOTSUPP),
@@ -164,6 +168,8 @@ mod tests {
             Ok(Op::Write { offset: 512, len: 512, fua: true })
         );
         assert_eq!(decode(sys::UBLK_IO_OP_FLUSH, 0, 0), Ok(Op::Flush));
+        // Seen from the 6.12 driver: a flush carries whatever was in the descriptor before.
+        assert_eq!(decode(sys::UBLK_IO_OP_FLUSH, u64::MAX, u32::MAX), Ok(Op::Flush));
         assert_eq!(decode(sys::UBLK_IO_OP_DISCARD, 16, 32), Ok(Op::Discard { offset: 8192, len: 16384 }));
         assert_eq!(
             decode(sys::UBLK_IO_OP_WRITE_ZEROES, 0, 2048),

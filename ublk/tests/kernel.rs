@@ -14,6 +14,12 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
 const SIZE: u64 = 64 << 20;
+
+/// `UBLK_TEST_LOG=trace` shows every request and commit.
+fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UBLK_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
 const OWNER_TAG: u64 = 0x7465_7374;
 
 #[derive(Default)]
@@ -117,6 +123,7 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 fn roundtrip(copy: CopyMode, logical_block_size: u32) {
+    logs();
     let disk = RamDisk::new();
     let mut config = DeviceConfig::new(SIZE, OWNER_TAG);
     config.queues = 2;
@@ -187,17 +194,22 @@ fn ram_disk_with_buffered_copies_and_4k_blocks() {
 #[test]
 #[ignore = "needs root and ublk_drv: run by scripts/vm/test.sh in a guest"]
 fn holders_name_the_process_that_has_the_device_open() {
+    logs();
     let disk = RamDisk::new();
     let device = Device::create(&DeviceConfig::new(SIZE, OWNER_TAG), disk).expect("create the device");
     assert_eq!(device.holders().unwrap(), []);
     let mut child = std::process::Command::new("sh")
-        .args(["-c", &format!("exec 3<{}; echo open; exec sleep 60", device.path().display())])
-        .stdout(std::process::Stdio::piped())
+        .args(["-c", &format!("exec 3<{}; exec sleep 60", device.path().display())])
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
-    assert_eq!(line, "open\n");
+    // The shell opens the device, then becomes `sleep`.
+    let comm = format!("/proc/{}/comm", child.id());
+    for _ in 0..1000 {
+        if std::fs::read_to_string(&comm).unwrap() == "sleep\n" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let holders = device.holders().unwrap();
     assert_eq!(holders, [Holder::Process { pid: child.id(), command: "sleep".into() }]);
     assert!(holders[0].to_string().contains(&format!("process {} (sleep)", child.id())));
@@ -216,6 +228,7 @@ fn holders_name_the_process_that_has_the_device_open() {
 #[test]
 #[ignore = "needs root and ublk_drv: run by scripts/vm/test.sh in a guest"]
 fn a_fixed_id_is_used_and_a_taken_one_is_refused() {
+    logs();
     let mut config = DeviceConfig::new(SIZE, OWNER_TAG);
     config.id = Some(42);
     let device = Device::create(&config, RamDisk::new()).expect("create /dev/ublkb42");
