@@ -50,6 +50,34 @@ impl fmt::Display for QuorumPolicy {
     }
 }
 
+/// How a node exports the replicated device while it is primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frontend {
+    /// No export (a node without `nbd` and no `frontend` key, as before frontends were chosen).
+    None,
+    /// An NBD server on this address.
+    Nbd(SocketAddr),
+    /// A Linux ublk block device, `/dev/ublkbN`.
+    Ublk(UblkSettings),
+}
+
+/// The ublk device of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UblkSettings {
+    /// A fixed device number (`/dev/ublkbN`); `None` lets the kernel pick one.
+    pub id: Option<u32>,
+    /// Hardware queues; `None` = one per CPU.
+    pub queues: Option<u16>,
+    /// Requests in flight per queue.
+    pub depth: u16,
+}
+
+pub const DEFAULT_UBLK_DEPTH: u16 = 128;
+/// The ublk driver's limits: 4096 queues of at most 4096 requests, 20-bit device numbers.
+const MAX_UBLK_QUEUES: u16 = 4096;
+const MAX_UBLK_DEPTH: u16 = 4096;
+const MAX_UBLK_ID: u32 = (1 << 20) - 1;
+
 /// One node of a resource, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -62,8 +90,8 @@ pub struct NodeConfig {
     pub disk: PathBuf,
     /// External metadata device; `None` keeps metadata at the end of `disk`.
     pub meta_disk: Option<PathBuf>,
-    /// NBD export address while this node is primary.
-    pub nbd: Option<SocketAddr>,
+    /// How the device is exported while this node is primary.
+    pub frontend: Frontend,
 }
 
 /// A validated resource file.
@@ -81,6 +109,8 @@ pub struct ResourceConfig {
     pub al_extents: u32,
     /// Upper bound of the resync rate.
     pub resync_rate_max_kib: u64,
+    /// The device's logical block size (512 or 4096), as every frontend exports it.
+    pub logical_block_size: u32,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -109,6 +139,8 @@ struct RawResource {
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
+    frontend: Option<String>,
+    logical_block_size: Option<u32>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -122,6 +154,10 @@ struct RawNode {
     disk: PathBuf,
     meta_disk: Option<PathBuf>,
     nbd: Option<String>,
+    frontend: Option<String>,
+    ublk_id: Option<u32>,
+    ublk_queues: Option<u16>,
+    ublk_depth: Option<u16>,
 }
 
 fn default_protocol() -> String {
@@ -230,6 +266,11 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     if resync_rate_max_kib < 250 {
         return Err(invalid(path, "resync_rate_max_kib", "must be at least 250"));
     }
+    let logical_block_size = raw.logical_block_size.unwrap_or(512);
+    if !matches!(logical_block_size, 512 | 4096) {
+        return Err(invalid(path, "logical_block_size", format!("{logical_block_size} is not 512 or 4096")));
+    }
+    let frontend = raw.frontend.as_deref().map(parse_frontend).transpose().map_err(|p| invalid(path, "frontend", p))?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -249,6 +290,37 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         }
         let address = parse_addr(&node.address).map_err(|p| invalid(path, key("address"), p))?;
         let nbd = node.nbd.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
+        let kind = node.frontend.as_deref().map(parse_frontend).transpose().map_err(|p| invalid(path, key("frontend"), p))?;
+        let frontend = match (kind.or(frontend), nbd) {
+            (None, None) => Frontend::None,
+            (None | Some(FrontendKind::Nbd), Some(address)) => Frontend::Nbd(address),
+            (Some(FrontendKind::Nbd), None) => {
+                return Err(invalid(path, key("nbd"), "is missing: this node's frontend is \"nbd\", give it `nbd = \"IP:PORT\"`"))
+            }
+            (Some(FrontendKind::Ublk), Some(_)) => {
+                return Err(invalid(path, key("nbd"), "is set but this node's frontend is \"ublk\": remove it, or set `frontend = \"nbd\"` for this node"))
+            }
+            (Some(FrontendKind::Ublk), None) => Frontend::Ublk(UblkSettings {
+                id: node.ublk_id,
+                queues: node.ublk_queues,
+                depth: node.ublk_depth.unwrap_or(DEFAULT_UBLK_DEPTH),
+            }),
+        };
+        let ublk_keys = [("ublk_id", node.ublk_id.is_some()), ("ublk_queues", node.ublk_queues.is_some()), ("ublk_depth", node.ublk_depth.is_some())];
+        if let Some((name, _)) = ublk_keys.iter().find(|(_, set)| *set).filter(|_| !matches!(frontend, Frontend::Ublk(_))) {
+            return Err(invalid(path, key(name), "only applies to the ublk frontend: set `frontend = \"ublk\"` or remove it"));
+        }
+        if let Frontend::Ublk(ublk) = &frontend {
+            if ublk.id.is_some_and(|id| id > MAX_UBLK_ID) {
+                return Err(invalid(path, key("ublk_id"), format!("must be at most {MAX_UBLK_ID}")));
+            }
+            if ublk.queues.is_some_and(|q| !(1..=MAX_UBLK_QUEUES).contains(&q)) {
+                return Err(invalid(path, key("ublk_queues"), format!("must be from 1 to {MAX_UBLK_QUEUES}")));
+            }
+            if !(1..=MAX_UBLK_DEPTH).contains(&ublk.depth) {
+                return Err(invalid(path, key("ublk_depth"), format!("must be from 1 to {MAX_UBLK_DEPTH}")));
+            }
+        }
         if node.disk.as_os_str().is_empty() {
             return Err(invalid(path, key("disk"), "is empty"));
         }
@@ -261,7 +333,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         if let Some(other) = nodes.iter().find(|n| n.address == address) {
             return Err(invalid(path, key("address"), format!("{address} is already node \"{}\"'s", other.name)));
         }
-        nodes.push(NodeConfig { id, name: node.name, address, disk: node.disk, meta_disk: node.meta_disk, nbd });
+        nodes.push(NodeConfig { id, name: node.name, address, disk: node.disk, meta_disk: node.meta_disk, frontend });
     }
     Ok(ResourceConfig {
         name: raw.name,
@@ -272,8 +344,24 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,
+        logical_block_size,
         nodes,
     })
+}
+
+/// The `frontend` key's values.
+#[derive(Clone, Copy)]
+enum FrontendKind {
+    Nbd,
+    Ublk,
+}
+
+fn parse_frontend(text: &str) -> Result<FrontendKind, String> {
+    match text {
+        "nbd" => Ok(FrontendKind::Nbd),
+        "ublk" => Ok(FrontendKind::Ublk),
+        other => Err(format!("\"{other}\" is not one of \"nbd\", \"ublk\"")),
+    }
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -320,8 +408,9 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(config.protocol, Protocol::C);
         assert_eq!(config.nodes.len(), 2);
         assert_eq!(config.nodes[1].id, 1);
-        assert_eq!(config.nodes[0].nbd, Some("127.0.0.1:10809".parse().unwrap()));
-        assert_eq!(config.nodes[1].nbd, None);
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(config.nodes[1].frontend, Frontend::None);
+        assert_eq!(config.logical_block_size, 512);
         assert_eq!(config.node("beta").unwrap().address.port(), 7790);
         assert_eq!(config.bitmap_block_size, DEFAULT_BITMAP_BLOCK_SIZE);
     }
@@ -346,6 +435,37 @@ disk = "/var/lib/blkrepl/beta.img"
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn frontends_are_chosen_per_resource_and_node() {
+        let ublk = GOOD.replace("quorum = \"off\"", "quorum = \"off\"\nfrontend = \"ublk\"\nlogical_block_size = 4096")
+            .replace("nbd = \"127.0.0.1:10809\"", "frontend = \"nbd\"\nnbd = \"127.0.0.1:10809\"")
+            .replace("disk = \"/var/lib/blkrepl/beta.img\"", "disk = \"/var/lib/blkrepl/beta.img\"\nublk_id = 7\nublk_queues = 2");
+        let config = parse(&ublk).unwrap();
+        assert_eq!(config.logical_block_size, 4096);
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(
+            config.nodes[1].frontend,
+            Frontend::Ublk(UblkSettings { id: Some(7), queues: Some(2), depth: DEFAULT_UBLK_DEPTH })
+        );
+    }
+
+    #[test]
+    fn frontend_keys_that_do_not_fit_the_node_are_refused() {
+        let ublk_resource = GOOD.replace("quorum = \"off\"", "quorum = \"off\"\nfrontend = \"ublk\"");
+        for (text, key, says) in [
+            (GOOD.replace("quorum = \"off\"", "frontend = \"iscsi\""), "frontend", "not one of"),
+            (GOOD.replace("quorum = \"off\"", "logical_block_size = 1024"), "logical_block_size", "not 512 or 4096"),
+            (ublk_resource.clone(), "node[0].nbd", "frontend is \"ublk\""),
+            (GOOD.replace("quorum = \"off\"", "frontend = \"nbd\""), "node[1].nbd", "is missing"),
+            (GOOD.replace("nbd = \"127.0.0.1:10809\"", "nbd = \"127.0.0.1:10809\"\nublk_depth = 64"), "node[0].ublk_depth", "only applies"),
+            (ublk_resource.replace("nbd = \"127.0.0.1:10809\"", "ublk_queues = 0"), "node[0].ublk_queues", "from 1 to"),
+            (ublk_resource.replace("nbd = \"127.0.0.1:10809\"", "ublk_id = 2000000"), "node[0].ublk_id", "at most"),
+        ] {
+            let err = error_of(&text);
+            assert!(err.contains(&format!("`{key}`")) && err.contains(says), "{key}: {err}");
         }
     }
 

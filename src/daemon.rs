@@ -85,8 +85,9 @@ fn start(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Start
         .map_err(|source| DaemonError::RunDir { path: run_dir.to_owned(), source })?;
     let lock = take_lock(&config.name, &me.name, run_dir)?;
     let socket = control::socket_path(run_dir, &config.name, &me.name);
-    let engine = Engine::open(config, me)?;
+    let engine = Engine::open(config, me, run_dir)?;
     engine.start()?;
+    engine.resume_export();
     let listener = server::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
     Ok((engine, listener, lock))
 }

@@ -286,6 +286,9 @@ fn format_status(s: &ResourceStatus) -> String {
         out += &format!(" device:{device}");
     }
     out.push('\n');
+    if let Some(io) = s.device_io.as_deref().filter(|io| *io != "serving") {
+        out += &format!("  device-io: {io}\n");
+    }
     for p in &s.peers {
         out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
         if p.connection == "Connected" {

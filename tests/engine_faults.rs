@@ -41,7 +41,8 @@ fn primary_on_faulty_disk() -> (Engine, Arc<FaultyDisk<MemDisk>>) {
     let disk = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
     let params = MetaParams { max_peers: 1, ..MetaParams::default() };
     MetaStore::create(disk.clone(), DISK_BYTES as u64, true, params, "r0", 0, &[1], false).unwrap();
-    let engine = Engine::open_on(config, me, disk.clone() as Arc<dyn Disk>, None).unwrap();
+    // No frontend is configured: nothing is kept in the run directory.
+    let engine = Engine::open_on(config, me, disk.clone() as Arc<dyn Disk>, None, Path::new("/nonexistent")).unwrap();
     engine.promote(true).unwrap();
     (engine, disk)
 }

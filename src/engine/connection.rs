@@ -524,6 +524,13 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
     } else {
         peer.repl = ReplState::SyncSource;
         let generation = peer.generation;
+        // The pair agreed this node holds the newer data (e.g. it crashed as primary and the
+        // peer did not move on): like "in sync" with a good peer, that confirms it UpToDate, so
+        // a daemon restarted under a mounted device can become primary again.
+        if st.disk == DiskState::Consistent {
+            st.disk = DiskState::UpToDate;
+            st.broadcast_state();
+        }
         st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
         tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as source");
         resync::spawn_source(shared.clone(), peer_id, generation);

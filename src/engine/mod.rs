@@ -11,20 +11,23 @@ mod write_path;
 
 pub use status::{PeerStatus, ResourceStatus, ResyncStatus};
 
-use crate::config::{NodeConfig, ResourceConfig};
+use crate::config::{Frontend, NodeConfig, ResourceConfig, UblkSettings};
 use crate::core::inflight::InflightWrites;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::UUID_JUST_CREATED;
 use crate::core::transfer_log::TransferLog;
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
+use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
+use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
 use state::{Deferred, Peer, State};
 use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::net::TcpListener;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// Threads doing local disk I/O for the frontends.
@@ -44,10 +47,12 @@ pub enum EngineError {
     NotUpToDate { disk: DiskState },
     #[error("peer {peer} is primary: demote it first (`blkrepl secondary` there)")]
     PeerIsPrimary { peer: String },
-    #[error("the device is in use by {clients} NBD client(s): disconnect them first")]
-    InUse { clients: usize },
+    #[error("the device {device} is in use by {users}: stop using it (unmount it, close it, disconnect NBD clients) first")]
+    InUse { device: String, users: String },
     #[error("cannot export NBD on {address}: {source}")]
     Nbd { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot export the ublk device: {0}")]
+    Ublk(#[from] UblkError),
     #[error("{0}")]
     Refused(String),
     #[error("writing metadata failed: {0}; the disk is marked Failed")]
@@ -74,11 +79,21 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     /// Signalled whenever in-flight writes, peers or roles change.
     pub changed: Condvar,
+    /// Where this node's daemon keeps run-time files (the ublk device record).
+    pub run_dir: PathBuf,
+    /// Serializes role changes: a promotion starts the export without the state lock held (a
+    /// ublk device reads from the engine while it starts), so nothing else may change the role
+    /// meanwhile.
+    pub admin: Mutex<()>,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("engine state lock poisoned")
+    }
+
+    fn admin(&self) -> MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -90,14 +105,14 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the disks and metadata, recovers from a crash as primary, and starts as Secondary.
-    /// No network activity yet: see [`Engine::start`].
-    pub fn open(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
+    /// No network activity yet: see [`Engine::start`]. `run_dir` holds the node's run-time files.
+    pub fn open(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Engine, EngineError> {
         let data: Arc<dyn Disk> = Arc::new(FileDisk::open(&me.disk)?);
         let meta_disk = match &me.meta_disk {
             Some(path) => Some(Arc::new(FileDisk::open(path)?) as Arc<dyn Disk>),
             None => None,
         };
-        Engine::open_on(config, me, data, meta_disk)
+        Engine::open_on(config, me, data, meta_disk, run_dir)
     }
 
     /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.
@@ -107,6 +122,7 @@ impl Engine {
         me: NodeConfig,
         data: Arc<dyn Disk>,
         meta_disk: Option<Arc<dyn Disk>>,
+        run_dir: &Path,
     ) -> Result<Engine, EngineError> {
         let internal = meta_disk.is_none();
         let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
@@ -188,12 +204,24 @@ impl Engine {
             next_flush_id: 0,
             epoch: 1,
             peers,
-            nbd: None,
+            export: None,
+            export_failing: None,
+            left_behind: None,
             resync_lock: None,
             stopping: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
-        let shared = Shared { config, me, data, data_size_bytes, io, state: Mutex::new(state), changed: Condvar::new() };
+        let shared = Shared {
+            config,
+            me,
+            data,
+            data_size_bytes,
+            io,
+            state: Mutex::new(state),
+            changed: Condvar::new(),
+            run_dir: run_dir.to_owned(),
+            admin: Mutex::new(()),
+        };
         Ok(Engine { shared: Arc::new(shared) })
     }
 
@@ -222,6 +250,7 @@ impl Engine {
     /// Promotes this node to Primary and exports the device.
     pub fn promote(&self, force: bool) -> Result<(), EngineError> {
         let shared = &self.shared;
+        let _admin = shared.admin();
         let mut st = shared.lock();
         if st.role == Role::Primary {
             return Ok(());
@@ -265,23 +294,31 @@ impl Engine {
             return Err(EngineError::MetaWrite(e));
         }
         st.role = Role::Primary;
-        if let Some(address) = shared.me.nbd {
-            match NbdServer::bind(&address.to_string()) {
-                Ok(server) => {
-                    let device: Arc<dyn crate::frontend::BlockDevice> = Arc::new(self.clone());
-                    st.nbd = Some(server.serve(&shared.config.name, device));
+        // A device that was failing every request stays attached and starts serving.
+        let attached = st.export.is_some();
+        drop(st);
+        let started = if attached { Ok(None) } else { self.start_export(false) };
+        let mut st = shared.lock();
+        match started {
+            Ok(export) => {
+                st.export = st.export.take().or(export);
+                if let Some(Export::Ublk(ublk)) = &st.export {
+                    ublk.set_failing(false);
                 }
-                Err(source) => {
-                    st.role = Role::Secondary;
-                    // Bits marked for absent peers stay: over-reporting is safe.
-                    st.disk = disk_before;
-                    st.sb = sb_before;
-                    let _ = st.persist();
-                    return Err(EngineError::Nbd { address, source });
-                }
+                st.export_failing = None;
+                st.left_behind = None;
+            }
+            Err(e) => {
+                st.role = Role::Secondary;
+                // Bits marked for absent peers stay: over-reporting is safe.
+                st.disk = disk_before;
+                st.sb = sb_before;
+                let _ = st.persist();
+                return Err(e);
             }
         }
-        tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.sb.uuids.current), "promoted to Primary");
+        tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.sb.uuids.current),
+            device = st.export.as_ref().map(|e| e.device()).unwrap_or_default(), "promoted to Primary");
         st.broadcast_state();
         let mut deferred = Deferred::default();
         connection::reconsider_peers(shared, &mut st, &mut deferred);
@@ -291,26 +328,141 @@ impl Engine {
         Ok(())
     }
 
+    /// Starts this node's configured export of the device (nothing, NBD, or ublk). Called
+    /// without the state lock: a starting ublk device reads its partition table from us.
+    fn start_export(&self, failing: bool) -> Result<Option<Export>, EngineError> {
+        let shared = &self.shared;
+        let device: Arc<dyn BlockDevice> = Arc::new(self.clone());
+        match &shared.me.frontend {
+            Frontend::None => Ok(None),
+            Frontend::Nbd(address) => {
+                let server = NbdServer::bind(&address.to_string())
+                    .map_err(|source| EngineError::Nbd { address: *address, source })?;
+                let export_name = shared.config.name.clone();
+                Ok(Some(Export::Nbd { handle: server.serve(&export_name, device), export_name }))
+            }
+            Frontend::Ublk(settings) => {
+                let ublk = UblkExport::start(&self.ublk_plan(settings), device, failing)?;
+                Ok(Some(Export::Ublk(ublk)))
+            }
+        }
+    }
+
+    fn ublk_plan(&self, settings: &UblkSettings) -> UblkPlan {
+        let shared = &self.shared;
+        UblkPlan::new(
+            *settings,
+            &shared.config.name,
+            &shared.me.name,
+            &shared.run_dir,
+            shared.data_size_bytes,
+            shared.config.logical_block_size,
+        )
+    }
+
+    /// After a restart: a ublk device the previous daemon left behind when it died as primary
+    /// (its I/O held by the kernel) is re-attached as soon as this node may be primary again
+    /// under the usual rules, so a filesystem mounted on it carries on. If another node became
+    /// primary, or this node takes newer data from a peer, it is attached failing every request
+    /// instead: a filesystem that survived on it must never see the data change under it.
+    pub fn resume_export(&self) {
+        let Frontend::Ublk(settings) = &self.shared.me.frontend else { return };
+        let Some(id) = self.ublk_plan(settings).left_behind() else { return };
+        let generation = {
+            let mut st = self.shared.lock();
+            st.left_behind = Some((id, "waiting for the peers' state".into()));
+            st.sb.uuids.current
+        };
+        tracing::warn!(resource = %self.shared.config.name, device = id,
+            "the previous daemon died as primary and left /dev/ublkb{id} behind with its I/O held; re-attaching it once this node may be primary again");
+        let engine = self.clone();
+        std::thread::Builder::new()
+            .name("resume-export".into())
+            .spawn(move || engine.resume(generation))
+            .expect("failed to start the thread that resumes the export");
+    }
+
+    fn resume(&self, generation: u64) {
+        let shared = &self.shared;
+        loop {
+            {
+                let st = shared.lock();
+                if st.left_behind.is_none() || st.stopping {
+                    return;
+                }
+                if st.disk == DiskState::Inconsistent || st.sb.uuids.current != generation {
+                    drop(st);
+                    return self.give_up_left_behind("this node is taking newer data from a peer (another node was primary while this daemon was down)");
+                }
+            }
+            match self.promote(false) {
+                Ok(()) => return,
+                Err(EngineError::PeerIsPrimary { peer }) => {
+                    return self.give_up_left_behind(&format!("{peer} became primary while this daemon was down"));
+                }
+                Err(e) => {
+                    let mut st = shared.lock();
+                    if let Some((_, why)) = st.left_behind.as_mut() {
+                        *why = format!("waiting to be primary again: {e}");
+                    }
+                    let _ = shared.changed.wait_timeout(st, Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Attaches a device left behind failing every request (a host can then unmount it).
+    fn give_up_left_behind(&self, why: &str) {
+        let shared = &self.shared;
+        let _admin = shared.admin();
+        if let Err(e) = self.fail_left_behind(why) {
+            tracing::error!(resource = %shared.config.name, error = %e, "cannot attach the device left behind");
+        }
+    }
+
+    /// Needs the admin lock.
+    fn fail_left_behind(&self, why: &str) -> Result<(), EngineError> {
+        let shared = &self.shared;
+        let Some((id, _)) = shared.lock().left_behind.clone() else { return Ok(()) };
+        let export = self.start_export(true)?;
+        let reason = format!("{why}; it fails every request rather than serve stale data: unmount it, then `blkrepl secondary {}`", shared.config.name);
+        tracing::error!(resource = %shared.config.name, device = id, "/dev/ublkb{id} {reason}");
+        let mut st = shared.lock();
+        st.export = export;
+        st.export_failing = Some(reason);
+        st.left_behind = None;
+        Ok(())
+    }
+
     /// Demotes to Secondary: refuses while the device is in use; otherwise waits for in-flight
-    /// writes and makes everything durable on this node and its connected peers.
+    /// writes and makes everything durable on this node and its connected peers. A device that
+    /// fails every request (see [`Engine::resume_export`]) goes away too, once unused.
     pub fn demote(&self) -> Result<(), EngineError> {
         let shared = &self.shared;
+        let _admin = shared.admin();
+        // A device still left behind must first be attached (failing): its holders could never
+        // unmount it while its I/O is held.
+        self.fail_left_behind("demoted by the operator")?;
         let mut st = shared.lock();
-        if st.role != Role::Primary {
-            return Ok(());
+        if let Some(export) = &st.export {
+            if let Some(users) = export.users() {
+                return Err(EngineError::InUse { device: export.device(), users });
+            }
         }
-        if let Some(clients) = st.nbd.as_ref().map(|n| n.connected_clients()).filter(|c| *c > 0) {
-            return Err(EngineError::InUse { clients });
+        if st.role != Role::Primary {
+            let export = st.export.take();
+            st.export_failing = None;
+            drop(st);
+            stop_export(&shared.config.name, export);
+            return Ok(());
         }
         st.role = Role::Secondary;
         // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
         // this node is no longer primary and may promote itself.
         st.broadcast_state();
-        let nbd = st.nbd.take();
+        let export = st.export.take();
         drop(st);
-        if let Some(nbd) = nbd {
-            nbd.shutdown();
-        }
+        stop_export(&shared.config.name, export);
         self.flush_all();
         let mut st = shared.lock();
         st.sb.flags.remove(MetaFlags::PRIMARY_IND);
@@ -453,9 +605,24 @@ impl Engine {
     }
 }
 
+/// Stops an export taken out of the state; a ublk device that cannot be removed is logged (it
+/// keeps its record in the run directory, so the next start finds it).
+fn stop_export(resource: &str, export: Option<Export>) {
+    if let Some(export) = export {
+        let device = export.device();
+        if let Err(error) = export.stop() {
+            tracing::error!(resource, device, %error, "cannot remove the device");
+        }
+    }
+}
+
 impl crate::frontend::BlockDevice for Engine {
     fn size_bytes(&self) -> u64 {
         self.shared.data_size_bytes
+    }
+
+    fn block_size(&self) -> u32 {
+        self.shared.config.logical_block_size
     }
 
     fn submit(&self, request: crate::frontend::BlockRequest, done: crate::frontend::Completion) {

@@ -7,7 +7,7 @@ use crate::core::inflight::InflightWrites;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{SyncDecision, UuidView};
 use crate::core::transfer_log::TransferLog;
-use crate::frontend::nbd::NbdHandle;
+use crate::frontend::Export;
 use crate::frontend::{BlockResult, Completion};
 use crate::meta::activity_log::{extent_offset, AlUpdate, AL_EXTENT_SIZE};
 use crate::meta::{ActivityLog, DirtyBitmap, MetaError, MetaFlags, MetaStore, Superblock};
@@ -108,7 +108,14 @@ pub struct State {
     pub next_flush_id: u64,
     pub epoch: u64,
     pub peers: Vec<Peer>,
-    pub nbd: Option<NbdHandle>,
+    /// The device as hosts see it (NBD server or /dev/ublkbN): while primary, or while failing
+    /// every request after this node gave up a device left behind (see `left_behind`).
+    pub export: Option<Export>,
+    /// Set while the exported device fails every request: why.
+    pub export_failing: Option<String>,
+    /// A ublk device a daemon of this node left behind when it died as primary, with its I/O
+    /// held by the kernel until this node may be primary again (device id, why not yet).
+    pub left_behind: Option<(u32, String)>,
     /// A block range being read for resync: writes into it wait (see engine::resync).
     pub resync_lock: Option<(u64, u64)>,
     pub stopping: bool,

@@ -13,8 +13,14 @@ pub struct ResourceStatus {
     /// Whether this node has quorum (always, while the policy is "off").
     pub quorum: bool,
     pub quorum_policy: String,
-    /// Where the device is exported while primary (`nbd://ADDR/NAME`).
+    /// Where the device is exported while primary (`nbd://ADDR/NAME` or `/dev/ublkbN`).
     pub device: Option<String>,
+    /// "serving"; "suspended: WHY" for a ublk device left behind by a daemon that died as
+    /// primary, its I/O held until this node is primary again; "failing: WHY" when this node
+    /// gave that up and fails every request rather than serve stale data.
+    pub device_io: Option<String>,
+    /// The ublk features the device runs with (user copy, recovery, ...); absent for NBD.
+    pub ublk_features: Option<Vec<String>>,
     /// NBD clients connected to the export (demotion is refused while any is).
     pub nbd_clients: usize,
     pub protocol: String,
@@ -88,8 +94,19 @@ pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
         disk: st.disk.to_string(),
         quorum: true,
         quorum_policy: shared.config.quorum.to_string(),
-        device: st.nbd.as_ref().map(|n| format!("nbd://{}/{}", n.local_addr(), shared.config.name)),
-        nbd_clients: st.nbd.as_ref().map_or(0, |n| n.connected_clients()),
+        device: match (&st.export, &st.left_behind) {
+            (Some(export), _) => Some(export.device()),
+            (None, Some((id, _))) => Some(blkrepl_ublk::block_device_path(*id).display().to_string()),
+            (None, None) => None,
+        },
+        device_io: match (&st.export, &st.export_failing, &st.left_behind) {
+            (Some(_), Some(why), _) => Some(format!("failing: {why}")),
+            (Some(_), None, _) => Some("serving".into()),
+            (None, _, Some((_, why))) => Some(format!("suspended: {why}")),
+            (None, _, None) => None,
+        },
+        ublk_features: st.export.as_ref().and_then(|e| e.ublk_features()),
+        nbd_clients: st.export.as_ref().map_or(0, |e| e.nbd_clients()),
         protocol: shared.config.protocol.to_string(),
         size_bytes: shared.data_size_bytes,
         generation_uuid: format!("{:016X}", st.sb.uuids.current),

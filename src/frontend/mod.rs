@@ -1,13 +1,70 @@
 //! How a host reaches the replicated device.
 //!
-//! A frontend (NBD today, ublk next) turns host requests into [`BlockRequest`]s and hands them to
-//! a [`BlockDevice`]. The engine is the only real implementation; tests use [`MemDevice`]. Nothing
-//! outside this module (and the `blkrepl-ublk` crate) knows a frontend's wire format.
+//! A frontend (NBD, or ublk's `/dev/ublkbN`) turns host requests into [`BlockRequest`]s and hands
+//! them to a [`BlockDevice`]. The engine is the only real implementation; tests use
+//! [`MemDevice`]. Nothing outside this module (and the `blkrepl-ublk` crate) knows a frontend's
+//! wire format.
 
 pub mod nbd;
+pub mod ublk;
 
 use bytes::Bytes;
 use std::sync::Mutex;
+
+/// A running export of the device, whichever frontend serves it.
+#[derive(Debug)]
+pub enum Export {
+    Nbd { handle: nbd::NbdHandle, export_name: String },
+    Ublk(ublk::UblkExport),
+}
+
+impl Export {
+    /// Where hosts find the device: `nbd://ADDR/NAME` or `/dev/ublkbN`.
+    pub fn device(&self) -> String {
+        match self {
+            Export::Nbd { handle, export_name } => format!("nbd://{}/{export_name}", handle.local_addr()),
+            Export::Ublk(ublk) => ublk.path().display().to_string(),
+        }
+    }
+
+    /// Who uses the device right now ("1 NBD client(s)", "a mount on /mnt (ext4)"), if anyone:
+    /// demotion and `down` refuse while someone does.
+    pub fn users(&self) -> Option<String> {
+        match self {
+            Export::Nbd { handle, .. } => match handle.connected_clients() {
+                0 => None,
+                n => Some(format!("{n} NBD client(s)")),
+            },
+            Export::Ublk(ublk) => ublk.users(),
+        }
+    }
+
+    pub fn nbd_clients(&self) -> usize {
+        match self {
+            Export::Nbd { handle, .. } => handle.connected_clients(),
+            Export::Ublk(_) => 0,
+        }
+    }
+
+    /// The ublk features in use; `None` for NBD.
+    pub fn ublk_features(&self) -> Option<Vec<String>> {
+        match self {
+            Export::Nbd { .. } => None,
+            Export::Ublk(ublk) => Some(ublk.features()),
+        }
+    }
+
+    /// Stops serving: NBD clients are disconnected, a ublk device is removed.
+    pub fn stop(self) -> Result<(), ublk::UblkError> {
+        match self {
+            Export::Nbd { handle, .. } => {
+                handle.shutdown();
+                Ok(())
+            }
+            Export::Ublk(ublk) => ublk.remove(),
+        }
+    }
+}
 
 /// One request from the host. Offsets and lengths are in bytes; frontends check alignment and
 /// bounds against [`BlockDevice::size_bytes`] before submitting.

@@ -21,13 +21,14 @@ pub enum Holder {
     Exclusive,
 }
 
+/// Reads after "in use by": "in use by a mount on /mnt (ext4)".
 impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Holder::Mount { mount_point, fs_type } => write!(f, "mounted on {} ({fs_type})", mount_point.display()),
-            Holder::Stacked { name } => write!(f, "held by block device {name}"),
-            Holder::Process { pid, command } => write!(f, "open in process {pid} ({command})"),
-            Holder::Exclusive => f.write_str("held exclusively (a mount in another mount namespace?)"),
+            Holder::Mount { mount_point, fs_type } => write!(f, "a mount on {} ({fs_type})", mount_point.display()),
+            Holder::Stacked { name } => write!(f, "block device {name}"),
+            Holder::Process { pid, command } => write!(f, "process {pid} ({command})"),
+            Holder::Exclusive => f.write_str("an exclusive holder (a mount in another mount namespace?)"),
         }
     }
 }
