@@ -20,55 +20,11 @@
 set -uo pipefail
 REPO=$1 CRATE_TESTS=$2; shift 2
 SUBTESTS=("$@"); [ ${#SUBTESTS[@]} -gt 0 ] || SUBTESTS=(crate one-node restart failover demote)
-BIN=$REPO/target/release/blkrepl
-WORK=/var/tmp/blkrepl-guest
-export BLKREPL_CONFIG_DIR=$WORK/etc BLKREPL_RUN_DIR=$WORK/run
-
-modprobe ublk_drv || { echo "FAIL setup: no ublk_drv in $(uname -r)"; exit 1; }
-modprobe veth
-# As systemd does: mounts propagate into the mount namespaces `ip netns exec` creates, so a
-# daemon there sees (in /proc/self/mountinfo) the filesystems mounted on its device.
-mount --make-rshared /
-rm -rf "$WORK"; mkdir -p "$WORK/etc" "$WORK/run"
+# shellcheck source=guest-lib.sh
+. "$REPO/scripts/vm/guest-lib.sh"
 echo "suite: kernel $(uname -r), $(nproc) CPUs"
 
-# --- helpers -------------------------------------------------------------------------------
-# Ends the subtest (each runs in a subshell) with its reason.
-die() { echo "  error: $*" >&2; exit 1; }
 result() { echo "RESULT: $*"; }
-bl() { local node=$1; shift; "$BIN" --node "$node" "$@"; }
-status() { bl "$1" status --json "$2" | jq -c '.resources[0]'; }
-field() { status "$1" "$2" | jq -r "$3"; }
-# wait_for NODE RES JQ-CONDITION [TRIES]: poll the status until the condition holds.
-wait_for() {
-  local i
-  for i in $(seq 1 "${4:-600}"); do
-    [ "$(status "$1" "$2" | jq -r "$3")" = true ] && return 0
-    sleep 0.2
-  done
-  die "$1: timed out waiting for $3; status: $(status "$1" "$2")"
-}
-daemon_pid() { cat "$WORK/run/$2.$1.lock"; }
-# The pid is gone (or a zombie: its files, and so its locks and devices, are closed).
-wait_dead() {
-  local i
-  for i in $(seq 1 300); do
-    [ -d /proc/$1 ] && ! grep -q '^State:.*Z' /proc/$1/status 2>/dev/null || return 0
-    sleep 0.1
-  done
-  die "process $1 did not die"
-}
-# resource NAME "NODE ADDRESS ..." [extra top-level TOML]
-resource() {
-  local name=$1 nodes=($2) extra=${3:-} i
-  {
-    printf 'name = "%s"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\nsecret = "guest-suite"\n%s\n' "$name" "$extra"
-    for ((i = 0; i < ${#nodes[@]}; i += 2)); do
-      truncate -s 256M "$WORK/$name.${nodes[i]}.img"
-      printf '[[node]]\nname = "%s"\naddress = "%s"\ndisk = "%s"\n' "${nodes[i]}" "${nodes[i+1]}" "$WORK/$name.${nodes[i]}.img"
-    done
-  } > "$WORK/etc/$name.toml"
-}
 # Files of random data with their checksums appended to SUMS.
 write_files() {
   local dir=$1 count=$2 sums=$3 i
@@ -85,39 +41,10 @@ show_logs() {
 FIO_COMMON=(--ioengine=libaio --direct=1 --verify=crc32c --randrepeat=1 --output-format=terse --terse-version=3)
 # fio's terse v3 output: field 5 is the job's error code.
 fio_ok() { local out; out=$(fio "$@" 2>&1) || { echo "$out" | tail -5 >&2; return 1; }; [ "$(echo "$out" | tail -1 | cut -d';' -f5)" = 0 ]; }
-
-# The veth pair between the namespaces of the two-node subtests, created once.
-netns_pair() {
-  ip netns list | grep -q '^nsA' && return 0
-  ip netns add nsA && ip netns add nsB &&
-  ip link add vA type veth peer name vB &&
-  ip link set vA netns nsA && ip link set vB netns nsB &&
-  ip -n nsA addr add 10.99.0.1/24 dev vA && ip -n nsB addr add 10.99.0.2/24 dev vB &&
-  ip -n nsA link set vA up && ip -n nsB link set vB up &&
-  ip -n nsA link set lo up && ip -n nsB link set lo up
-}
-# A connected pair: alpha (nsA) Primary with a filesystem mounted on MOUNT, beta (nsB) UpToDate.
+# A connected pair (alpha Primary) with a filesystem on alpha's device $DEV mounted on MOUNT.
 pair_with_filesystem() {
-  local r=$1 mnt=$2
-  netns_pair || die "cannot create the network namespaces"
-  resource "$r" "alpha 10.99.0.1:7789 beta 10.99.0.2:7789"
-  bl alpha create-md "$r" >/dev/null && bl beta create-md "$r" >/dev/null || return 1
-  ip netns exec nsA "$BIN" --node alpha up "$r" >/dev/null && ip netns exec nsB "$BIN" --node beta up "$r" >/dev/null || return 1
-  wait_for alpha "$r" '.peers[0].connection == "Connected"' || return 1
-  # Two fresh disks: declared in sync without copying 256 MiB.
-  bl alpha new-current-uuid --clear-bitmap "$r" >/dev/null || return 1
-  wait_for beta "$r" '.disk == "UpToDate"' && wait_for alpha "$r" '.disk == "UpToDate"' || return 1
-  bl alpha primary "$r" >/dev/null || return 1
-  DEV=$(field alpha "$r" .device)
-  [ -b "$DEV" ] || die "alpha's device $DEV is not a block device"
-  mkfs.ext4 -q -F "$DEV" && mkdir -p "$mnt" && mount "$DEV" "$mnt"
-}
-stop_resource() { # RES NODE...: best effort, for the next subtest's sake
-  local r=$1 n; shift
-  for n in "$@"; do
-    [ -f "$WORK/run/$r.$n.lock" ] && kill -9 "$(cat "$WORK/run/$r.$n.lock")" 2>/dev/null
-  done
-  return 0
+  replicated_pair "$1" || return 1
+  mkfs.ext4 -q -F "$DEV" && mkdir -p "$2" && mount "$DEV" "$2"
 }
 
 # --- subtests ------------------------------------------------------------------------------
