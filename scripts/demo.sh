@@ -2,6 +2,8 @@
 # The main job, end to end on one machine: a two-node replicated cluster on file-backed disks,
 # data written through the primary's device, the primary killed (kill -9), the other node
 # promoted, the data read back and checked, the old primary rejoining. Status at each step.
+# The device is /dev/ublkbN when the kernel has ublk (/dev/ublk-control; `modprobe ublk_drv`),
+# an NBD export otherwise.
 #
 #   scripts/demo.sh            (as root; installs qemu-utils if missing)
 #   DEMO_DIR=/some/dir scripts/demo.sh
@@ -21,23 +23,29 @@ rm -rf "$DIR"; mkdir -p "$DIR/etc" "$DIR/run"
 export BLKREPL_CONFIG_DIR=$DIR/etc BLKREPL_RUN_DIR=$DIR/run
 SIZE_MIB=256
 truncate -s ${SIZE_MIB}M "$DIR/alpha.img" "$DIR/beta.img"
+if [ -e /dev/ublk-control ]; then
+  FRONTEND=ublk; EXPORTS=("" "")
+else
+  FRONTEND=nbd; EXPORTS=('nbd = "127.0.0.1:10809"' 'nbd = "127.0.0.1:10810"')
+fi
 cat > "$DIR/etc/r0.toml" <<TOML
 name = "r0"
 protocol = "C"
 quorum = "off"
+frontend = "$FRONTEND"
 secret = "demo-secret-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
 
 [[node]]
 name = "alpha"
 address = "127.0.0.1:7789"
 disk = "$DIR/alpha.img"
-nbd = "127.0.0.1:10809"
+${EXPORTS[0]}
 
 [[node]]
 name = "beta"
 address = "127.0.0.1:7790"
 disk = "$DIR/beta.img"
-nbd = "127.0.0.1:10810"
+${EXPORTS[1]}
 TOML
 
 cleanup() {
@@ -60,10 +68,12 @@ wait_for() { # node, then fields that must all appear in its JSON status (one pe
   echo "timed out waiting for $* on $node" >&2; echo "$json" >&2; exit 1
 }
 
-if [ -e /dev/ublk-control ]; then
-  echo "== this kernel has ublk; the ublk frontend is not built yet, using the NBD export"
+# Where a node's device is while it is primary: /dev/ublkbN or nbd://ADDR/r0.
+device() { "$BIN" --node "$1" status --json r0 | sed -n 's/.*"device":"\([^"]*\)".*/\1/p'; }
+if [ $FRONTEND = ublk ]; then
+  echo "== this kernel has ublk: the primary's device is /dev/ublkbN"
 else
-  echo "== this kernel has no ublk_drv: the device is exported over NBD (nbd://127.0.0.1:10809/r0)"
+  echo "== this kernel has no ublk_drv (modprobe ublk_drv to get /dev/ublkbN): the device is exported over NBD"
 fi
 
 echo "== 1. metadata and daemons"
@@ -79,7 +89,8 @@ br alpha primary --force r0
 wait_for alpha '"peer_disk":"UpToDate"'
 status alpha
 
-echo "== 3. writing data through alpha's device (qemu-io)"
+DEV_ALPHA=$(device alpha)
+echo "== 3. writing data through alpha's device $DEV_ALPHA (qemu-io)"
 PATTERNS=()
 for i in $(seq 1 16); do
   off=$(( (i * 13 % SIZE_MIB) * 1048576 )); pat=$(printf '0x%02x' $((i * 7 + 1)))
@@ -87,25 +98,28 @@ for i in $(seq 1 16); do
 done
 args=()
 for p in "${PATTERNS[@]}"; do set -- $p; args+=(-c "write -P $2 $1 1M"); done
-qemu-io -f raw -t writeback nbd://127.0.0.1:10809/r0 "${args[@]}" -c flush | grep -c wrote | sed 's/^/   writes: /'
-qemu-img convert -f raw -O raw nbd://127.0.0.1:10809/r0 "$DIR/before.raw"
+qemu-io -f raw -t writeback "$DEV_ALPHA" "${args[@]}" -c flush | grep -c wrote | sed 's/^/   writes: /'
+qemu-img convert -f raw -O raw "$DEV_ALPHA" "$DIR/before.raw"
 BEFORE=$(md5sum < "$DIR/before.raw" | cut -d' ' -f1)
 echo "   device checksum on alpha: $BEFORE"
 status alpha
 
 echo "== 4. kill -9 the primary"
+[ $FRONTEND = nbd ] || echo "   (its $DEV_ALPHA stays, quiesced: I/O on it waits for a daemon to re-attach)"
 kill -9 "$(cat "$DIR/run/r0.alpha.lock")"
 wait_for beta '"connection":"Connecting"'
 status beta
 
 echo "== 5. beta (UpToDate) is promoted and serves every acknowledged byte"
 br beta primary r0
+DEV_BETA=$(device beta)
+echo "   beta's device: $DEV_BETA"
 args=()
 for p in "${PATTERNS[@]}"; do set -- $p; args+=(-c "read -P $2 $1 1M"); done
-if qemu-io -f raw nbd://127.0.0.1:10810/r0 "${args[@]}" | grep -q "Pattern verification failed"; then
+if qemu-io -f raw "$DEV_BETA" "${args[@]}" | grep -q "Pattern verification failed"; then
   echo "DATA MISMATCH on beta" >&2; exit 1
 fi
-qemu-img convert -f raw -O raw nbd://127.0.0.1:10810/r0 "$DIR/after.raw"
+qemu-img convert -f raw -O raw "$DEV_BETA" "$DIR/after.raw"
 AFTER=$(md5sum < "$DIR/after.raw" | cut -d' ' -f1)
 echo "   device checksum on beta:  $AFTER"
 [ "$BEFORE" = "$AFTER" ] || { echo "CHECKSUMS DIFFER" >&2; exit 1; }
@@ -113,10 +127,15 @@ echo "   all 16 patterns verified, checksums match"
 status beta
 
 echo "== 6. alpha comes back and resyncs only what changed while it was away"
-qemu-io -f raw -t writeback nbd://127.0.0.1:10810/r0 -c "write -P 0xee 100M 4M" -c flush >/dev/null
+qemu-io -f raw -t writeback "$DEV_BETA" -c "write -P 0xee 100M 4M" -c flush >/dev/null
 br alpha up r0
 wait_for beta '"replication":"Established"' '"peer_role":"Secondary"' '"peer_disk":"UpToDate"'
 status beta
+if [ $FRONTEND = ublk ]; then
+  # beta is primary now: alpha re-attached its old device only to fail its I/O (never stale data).
+  wait_for alpha '"device_io":"failing'
+  status alpha
+fi
 br beta down r0
 br alpha down r0
 echo "== demo finished: no acknowledged write was lost"

@@ -7,6 +7,7 @@ export BLKREPL_CONFIG_DIR=$WORK/etc BLKREPL_RUN_DIR=$WORK/run
 
 modprobe ublk_drv || { echo "FAIL setup: no ublk_drv in $(uname -r)"; exit 1; }
 modprobe veth
+ip link set lo up
 # As systemd does: mounts propagate into the mount namespaces `ip netns exec` creates, so a
 # daemon there sees (in /proc/self/mountinfo) the filesystems mounted on its device.
 mount --make-rshared /
