@@ -343,7 +343,7 @@ impl Engine {
             }
             Frontend::Ublk(settings) => {
                 let ublk = UblkExport::start(&self.ublk_plan(settings), device, failing)?;
-                Ok(Some(Export::Ublk(ublk)))
+                Ok(Some(Export::Ublk(Box::new(ublk))))
             }
         }
     }

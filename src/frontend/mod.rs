@@ -15,7 +15,7 @@ use std::sync::Mutex;
 #[derive(Debug)]
 pub enum Export {
     Nbd { handle: nbd::NbdHandle, export_name: String },
-    Ublk(ublk::UblkExport),
+    Ublk(Box<ublk::UblkExport>),
 }
 
 impl Export {
