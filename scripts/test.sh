@@ -13,7 +13,7 @@ cargo build --release --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --release -- --test-threads 2 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace -- --test-threads 2 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 
