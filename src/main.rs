@@ -162,8 +162,12 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
         }
         FileDisk::open(path).map_err(|e| fail(e.to_string(), 1))
     };
-    let data = open(&me.disk)?;
-    let data_len = data.len().map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+    let Some(disk) = &me.disk else {
+        println!("{resource}: node {} is a diskless witness (disk = \"none\"): it keeps no metadata, nothing to create", me.name);
+        return Ok(());
+    };
+    let data = open(disk)?;
+    let data_len = data.len().map_err(|e| fail(format!("{}: {e}", disk.display()), 1))?;
     let (meta_disk, internal): (std::sync::Arc<dyn Disk>, bool) = match &me.meta_disk {
         Some(path) => (std::sync::Arc::new(open(path)?), false),
         None => (std::sync::Arc::new(data), true),
@@ -175,10 +179,10 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
     };
     let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
     let store = MetaStore::create(meta_disk, data_len, internal, params, &config.name, me.id, &peers, force)
-        .map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+        .map_err(|e| fail(format!("{}: {e}", disk.display()), 1))?;
     println!(
         "{resource}: metadata created on {} for node {} (id {}): device size {} bytes, bitmaps for {} peer(s)",
-        me.disk.display(),
+        disk.display(),
         me.name,
         me.id,
         store.layout().data_size,

@@ -570,7 +570,7 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
 
     if st.role == Role::Primary {
         let mut generation = st.generation();
-        generation.new_current(random_u64(), true, &[slot]);
+        generation.new_current(random_u64(), true, true, &[slot]);
         st.set_generation(generation);
         if let Err(e) = st.persist() {
             tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the new generation; failing writes");

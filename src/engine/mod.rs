@@ -92,12 +92,33 @@ impl Engine {
     /// Opens the disks and metadata, recovers from a crash as primary, and starts as Secondary.
     /// No network activity yet: see [`Engine::start`].
     pub fn open(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
-        let data: Arc<dyn Disk> = Arc::new(FileDisk::open(&me.disk)?);
+        let Some(disk) = &me.disk else {
+            return Engine::open_witness(config, me);
+        };
+        let data: Arc<dyn Disk> = Arc::new(FileDisk::open(disk)?);
         let meta_disk = match &me.meta_disk {
             Some(path) => Some(Arc::new(FileDisk::open(path)?) as Arc<dyn Disk>),
             None => None,
         };
         Engine::open_on(config, me, data, meta_disk)
+    }
+
+    /// A diskless witness: it keeps no data and no metadata, only votes. The engine runs over a
+    /// small in-memory store so one code path serves data nodes and witnesses; nothing in it is
+    /// ever sent or persisted.
+    fn open_witness(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
+        const WITNESS_STORE_BYTES: usize = 4 << 20;
+        let store: Arc<dyn Disk> = Arc::new(crate::disk::MemDisk::new(WITNESS_STORE_BYTES));
+        let params = crate::meta::MetaParams {
+            max_peers: (config.nodes.len() - 1) as u8,
+            bitmap_block_size: config.bitmap_block_size,
+            al_extents: crate::meta::layout::MIN_AL_EXTENTS,
+        };
+        let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
+        MetaStore::create(store.clone(), WITNESS_STORE_BYTES as u64, true, params, &config.name, me.id, &peers, true)?;
+        let engine = Engine::open_on(config, me, store, None)?;
+        engine.shared.lock().disk = DiskState::Diskless;
+        Ok(engine)
     }
 
     /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.
@@ -110,7 +131,8 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let internal = meta_disk.is_none();
         let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
-        let data_disk_len = data.len().map_err(|source| DiskError::Open { path: me.disk.clone(), source })?;
+        let data_disk_len =
+            data.len().map_err(|source| DiskError::Open { path: me.disk.clone().unwrap_or_default(), source })?;
         let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
         let sb = loaded.superblock;
 
@@ -119,7 +141,8 @@ impl Engine {
         in_meta.sort_unstable();
         in_config.sort_unstable();
         if in_meta != in_config {
-            return Err(EngineError::PeersChanged { disk: me.disk.display().to_string(), in_meta, in_config });
+            let disk = me.disk.as_ref().map_or_else(|| "(witness)".into(), |d| d.display().to_string());
+            return Err(EngineError::PeersChanged { disk, in_meta, in_config });
         }
 
         let mut bitmaps = loaded.bitmaps;
@@ -247,7 +270,7 @@ impl Engine {
         if force || !absent.is_empty() {
             let was_fresh = crate::core::sync_decision::same_uuid(st.sb.uuids.current, UUID_JUST_CREATED);
             let mut generation = st.generation();
-            let started = generation.new_current(random_u64(), true, &absent);
+            let started = generation.new_current(random_u64(), true, false, &absent);
             st.set_generation(generation);
             if was_fresh {
                 // A peer of a just-created node holds none of its data: all of it must flow.
@@ -390,7 +413,8 @@ impl Engine {
             }
         }
         let mut generation = st.generation();
-        generation.new_current(random_u64(), st.role == Role::Primary, &[]);
+        let primary = st.role == Role::Primary;
+        generation.new_current(random_u64(), primary, primary, &[]);
         st.set_generation(generation);
         if clear_bitmap {
             for bitmap in st.bitmaps.iter_mut() {
