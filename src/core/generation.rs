@@ -28,6 +28,18 @@ impl Generation {
     /// policy "discard-younger-primary" reads it; comparisons ignore bit 0). Returns the slots that started tracking (their bitmaps must be set in full when the
     /// old generation was the just-created one: the peer holds none of this node's data).
     pub fn new_current(&mut self, fresh: u64, primary: bool, was_primary: bool, absent_slots: &[usize]) -> Vec<usize> {
+        self.rotate((fresh & !1) | u64::from(primary), was_primary, absent_slots)
+    }
+
+    /// A secondary in sync with a primary that started a new generation follows it. The peers
+    /// in `absent_slots` do not receive the primary's writes through this node's view either,
+    /// so they start tracking here too: if the primary dies, this node can still bring them up
+    /// to date from its own bitmap.
+    pub fn follow(&mut self, primary_current: u64, absent_slots: &[usize]) -> Vec<usize> {
+        self.rotate(primary_current, false, absent_slots)
+    }
+
+    fn rotate(&mut self, next: u64, was_primary: bool, absent_slots: &[usize]) -> Vec<usize> {
         let old = self.current;
         let mut started = Vec::new();
         for &slot in absent_slots {
@@ -39,7 +51,7 @@ impl Generation {
         if started.is_empty() {
             self.push_history(old & !1);
         }
-        self.current = (fresh & !1) | u64::from(primary);
+        self.current = next;
         started
     }
 
@@ -91,6 +103,16 @@ mod tests {
         g.resync_finished_as_source(1);
         assert_eq!(g.bitmap[1], 0);
         assert_eq!(g.history[0], 0x1000);
+    }
+
+    #[test]
+    fn a_follower_tracks_the_peers_the_primary_left_behind() {
+        let mut g = Generation { current: 0x1000, history: [0; 4], bitmap: vec![0, 0] };
+        assert_eq!(g.follow(0x2001, &[1]), vec![1]);
+        assert_eq!((g.current, g.bitmap[1]), (0x2001, 0x1000));
+        // With nobody left behind the old generation goes into history.
+        g.follow(0x3001, &[]);
+        assert_eq!(g.history[0], 0x2000);
     }
 
     #[test]

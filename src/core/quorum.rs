@@ -47,7 +47,7 @@ impl std::fmt::Display for QuorumPolicy {
 
 /// The resource's `on_no_quorum` setting: what a primary does with writes while it has no
 /// quorum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnNoQuorum {
     /// Hold completions (and new writes) until quorum returns or the node is demoted.
