@@ -655,7 +655,7 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
 pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
     let peer = st.peer_mut(peer_id);
     let Some(link) = peer.link.take() else { return };
-    link.close();
+    link.close(reason);
     peer.sent_bytes_before += link.sent_bytes();
     peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
     let was = std::mem::replace(&mut peer.repl, ReplState::Off);

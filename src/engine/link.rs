@@ -137,9 +137,21 @@ impl PeerLink {
         }
     }
 
-    /// Stops the writer and breaks the socket, which also wakes the reader.
-    pub fn close(&self) {
+    /// Stops the writer and breaks the socket, which also wakes the reader. First, best
+    /// effort and without waiting on a stuck socket, the queued control frames (this node's
+    /// State among them) and a Disconnect with `reason` go out, so the peer learns why and
+    /// reaches the same decision (a split brain is then reported on both sides).
+    pub fn close(&self, reason: &str) {
         let mut q = self.queue.lock().expect("link queue");
+        if !q.closed {
+            if let Ok(mut out) = self.out.try_lock() {
+                if let Some(out) = out.as_mut() {
+                    let _ = self.stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let goodbye = Message::Disconnect { reason: reason.to_owned() };
+                    let _ = q.control.iter().chain([&goodbye]).try_for_each(|msg| write_message(out, msg)).and_then(|()| out.flush());
+                }
+            }
+        }
         q.closed = true;
         q.control.clear();
         q.bulk.clear();

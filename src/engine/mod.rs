@@ -265,11 +265,11 @@ impl Engine {
         if st.role == Role::Primary {
             return Ok(());
         }
-        if let Some(peer) = st.peers.iter().find(|p| p.link.is_some() && p.role == Role::Primary) {
-            return Err(EngineError::PeerIsPrimary { peer: peer.name.clone() });
-        }
         if shared.me.disk.is_none() {
             return Err(EngineError::Refused("this node is a diskless witness: it only votes and can never be primary".into()));
+        }
+        if let Some(peer) = st.peers.iter().find(|p| p.link.is_some() && p.role == Role::Primary) {
+            return Err(EngineError::PeerIsPrimary { peer: peer.name.clone() });
         }
         if !quorum.has_quorum {
             return Err(EngineError::NoQuorum { votes: quorum.votes, voters: quorum.voters, needed: quorum.needed });

@@ -27,12 +27,16 @@ fn free_ports(n: usize) -> Vec<u16> {
 pub struct Options {
     pub protocol: &'static str,
     pub disk_mib: u64,
+    /// The `quorum` setting; "off" unless a test is about quorum.
+    pub quorum: &'static str,
+    /// Nodes that are diskless witnesses.
+    pub witnesses: &'static [&'static str],
     pub extra: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { protocol: "C", disk_mib: 64, extra: "" }
+        Options { protocol: "C", disk_mib: 64, quorum: "off", witnesses: &[], extra: "" }
     }
 }
 
@@ -40,8 +44,13 @@ impl Cluster {
     pub fn new(nodes: &[&str], options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let ports = free_ports(nodes.len() * 2);
-        let mut text = format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"off\"\n{}\n", options.protocol, options.extra);
+        let mut text =
+            format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{}\n", options.protocol, options.quorum, options.extra);
         for (i, name) in nodes.iter().enumerate() {
+            if options.witnesses.contains(name) {
+                text += &format!("[[node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"none\"\n", ports[2 * i]);
+                continue;
+            }
             let disk = dir.path().join(format!("{name}.img"));
             std::fs::File::create(&disk).unwrap().set_len(options.disk_mib << 20).unwrap();
             text += &format!(
@@ -158,6 +167,21 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Replaces `from` with `to` in the resource file (for `adjust`).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.config_dir().join("r0.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{from} not in the resource file");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    }
+
+    /// The data area of a node's disk (metadata at its end excluded).
+    pub fn data_of(&self, node: &str, size_bytes: u64) -> Vec<u8> {
+        let mut data = std::fs::read(self.disk(node)).unwrap();
+        data.truncate(size_bytes as usize);
+        data
     }
 
     pub fn logs(&self) -> String {
