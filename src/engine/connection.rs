@@ -282,6 +282,9 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
         let msg = match read_message(&mut reader) {
             Ok(msg) => msg,
             Err(WireError::Closed) => return "peer closed the connection".into(),
+            Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return format!("nothing heard from the peer for {} s (dead link or network partition)", READ_TIMEOUT.as_secs());
+            }
             Err(e) => return format!("receive failed: {e}"),
         };
         if let Err(reason) = dispatch(shared, peer_id, generation, msg) {
@@ -429,6 +432,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
 
 fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: PeerState) -> Result<(), String> {
     let mut st = shared.lock();
+    let primaries_before = st.primaries();
     let peer = st.peer_mut(peer_id);
     if peer.generation != generation {
         return Ok(());
@@ -445,10 +449,18 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
         follow_primary(shared, &mut st, peer_id, state.current_uuid)?;
     }
     let peer = st.peer(peer_id);
-    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() {
+    // The target reports UpToDate under this node's generation only after it applied the whole
+    // resync (ResyncDone); an UpToDate from before it started (a State already in flight) must
+    // not end the resync.
+    let adopted = crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current);
+    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
         resync::finish_as_source(shared, &mut st, peer_id)?;
     }
     let result = reconsider(shared, &mut st, peer_id);
+    if st.primaries() != primaries_before {
+        // Others see primaries through this node (a witness especially): pass the news on.
+        st.broadcast_state();
+    }
     let mut deferred = Deferred::default();
     st.release_suspended(false, &mut deferred);
     shared.changed.notify_all();
@@ -653,6 +665,7 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
 /// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
 /// for it complete, and a primary starts a new generation before those completions go out.
 pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+    let primaries_before = st.primaries();
     let peer = st.peer_mut(peer_id);
     let Some(link) = peer.link.take() else { return };
     link.close(reason);
@@ -695,5 +708,8 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
         flush.peers_pending.retain(|id| *id != peer_id);
     }
     write_path::finish_flushes(st, deferred);
+    if st.primaries() != primaries_before {
+        st.broadcast_state();
+    }
     shared.changed.notify_all();
 }

@@ -233,9 +233,15 @@ impl State {
         evaluate(self.quorum_policy, self.sb.node_id, &views)
     }
 
-    /// Whether this node may complete writes now.
+    /// Whether this node may complete writes now: as primary, only with quorum and while no
+    /// reachable node reports another primary (a healed partition can reconnect an isolated
+    /// old primary to a witness that already follows the new one).
     pub fn may_complete_writes(&self) -> bool {
-        self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off || self.quorum().has_quorum
+        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
+            return true;
+        }
+        let quorum = self.quorum();
+        quorum.has_quorum && quorum.other_primary.is_none()
     }
 
     /// Completes a write or flush, unless this primary has lost quorum: then the completion is
@@ -257,14 +263,22 @@ impl State {
         }
     }
 
-    /// Releases held completions once quorum is back (or fails them when `fail`: demotion).
+    /// Another node was promoted while this primary had no quorum: the writes it holds can never
+    /// be acknowledged (the new primary does not have them).
+    pub fn superseded(&self) -> bool {
+        self.role == Role::Primary && self.quorum_policy != QuorumPolicy::Off && self.quorum().other_primary.is_some()
+    }
+
+    /// Releases held completions once quorum is back, or fails them when `fail` (demotion) or
+    /// when another primary took over.
     pub fn release_suspended(&mut self, fail: bool, deferred: &mut Deferred) {
+        let fail = fail || self.superseded();
         if self.suspended.is_empty() || !(fail || self.may_complete_writes()) {
             return;
         }
         let held = std::mem::take(&mut self.suspended);
         if fail {
-            tracing::warn!(writes = held.len(), "failing write completions held without quorum");
+            tracing::error!(writes = held.len(), "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
         } else {
             tracing::info!(writes = held.len(), "quorum is back: completing held writes");
         }

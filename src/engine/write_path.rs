@@ -98,9 +98,10 @@ fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), Bl
     if st.disk != DiskState::UpToDate {
         return Err(BlockError::Io);
     }
-    // Without quorum under io-error, fail before writing anything: the data would diverge from
-    // the side that may be promoted. (suspend-io writes and holds the completion instead.)
-    if st.on_no_quorum == OnNoQuorum::IoError && !st.may_complete_writes() {
+    // Without quorum under io-error, or once another node is primary, fail before writing
+    // anything: the data would diverge from the side that may be promoted. (suspend-io writes
+    // and holds the completion instead, while the outcome is open.)
+    if (st.on_no_quorum == OnNoQuorum::IoError && !st.may_complete_writes()) || st.superseded() {
         return Err(BlockError::Io);
     }
     in_bounds(shared, offset, len)
