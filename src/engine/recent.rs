@@ -51,8 +51,8 @@ mod tests {
 
     #[test]
     fn covers_at_least_one_window_and_forgets_after_two() {
-        let t0 = Instant::now();
         let mut recent = RecentWrites::new(1 << 20, 4096);
+        let t0 = Instant::now();
         recent.record(0, 4096, t0);
         recent.record(8192, 4096, t0 + WINDOW);
         let mut target = DirtyBitmap::new(1 << 20, 4096);
