@@ -55,6 +55,13 @@ impl DataDisk {
         !fails
     }
 
+    /// A clean stop waits for the writes in progress.
+    pub fn settle(&mut self) {
+        for io in self.writing.keys().copied().collect::<Vec<_>>() {
+            self.finish_write(io);
+        }
+    }
+
     /// Power loss: each write in progress reached the medium or not.
     pub fn power_loss(&mut self, rng: &mut Rng) {
         for (_, (block, version, fails)) in std::mem::take(&mut self.writing) {

@@ -158,6 +158,8 @@ pub struct Node {
     /// The newest data generation this node acknowledged from a primary, or created as one
     /// (`Amendments::generation_votes`). Durable: it survives crashes.
     pub acknowledged: u64,
+    /// The checkers' number for this node's current (or last) time as primary.
+    pub tenure: usize,
 }
 
 /// The blocks of an activity-log extent.
@@ -211,6 +213,7 @@ impl Node {
             discard_my_data: false,
             io_errors: IoErrors::default(),
             acknowledged: 0,
+            tenure: 0,
         }
     }
 
@@ -332,6 +335,7 @@ impl Node {
             cx.send(self.id, id, conn, Msg::Disconnect { departing });
             self.drop_peer(cx, id, "going down", false)?;
         }
+        self.data.settle();
         if let Some(meta) = self.meta.as_mut() {
             meta.clean_shutdown()?;
             if self.crashed_primary {
@@ -443,6 +447,7 @@ impl Node {
         meta.persist()?;
         self.disk = DiskState::UpToDate;
         self.role = Role::Primary;
+        self.tenure = cx.history.new_tenure(self.id);
         let current = self.meta().sb.uuids.current;
         self.acknowledge(current);
         cx.log(self.id, || format!("promoted{}, generation {current:X}", if force { " (forced)" } else { "" }));

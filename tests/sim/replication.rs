@@ -142,7 +142,7 @@ impl Node {
             cx.history.fail(w.version);
         } else if self.can_complete(cx.now, cx.rules) {
             cx.log(self.id, || format!("ack v{} (block {})", w.version, w.block));
-            cx.history.ack(w.block, w.version);
+            cx.history.ack(cx.now, self.tenure, w.block, w.version);
         } else if cx.rules.on_no_quorum == OnNoQuorum::SuspendIo && self.role == Role::Primary {
             cx.log(self.id, || format!("hold v{}: no quorum", w.version));
             self.suspended.push(w);
@@ -160,7 +160,7 @@ impl Node {
         }
         for w in std::mem::take(&mut self.suspended) {
             cx.log(self.id, || format!("ack v{} (block {}) after quorum returned", w.version, w.block));
-            cx.history.ack(w.block, w.version);
+            cx.history.ack(cx.now, self.tenure, w.block, w.version);
         }
     }
 

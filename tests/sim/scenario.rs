@@ -3,12 +3,12 @@
 //! resolved by the operator, a primary elected) until the cluster settles, with the checkers
 //! after every step.
 
-use super::checkers::{self, Checkers, Violation};
+use super::checkers::{self, Checkers, History, Violation};
 use super::disk::Crashed;
 use super::network::Network;
 use super::node::{AppWrite, Node};
 use super::rng::Rng;
-use super::world::{Amendments, Ctx, Event, History, Ids, NodeEvent, Queue, Rules, Trace};
+use super::world::{Amendments, Ctx, Event, Ids, NodeEvent, Queue, Rules, Trace};
 use super::{Time, BLOCKS, MS, SEC};
 use blkrepl::core::quorum::{OnNoQuorum, QuorumPolicy};
 use blkrepl::core::split_brain::{AfterSb0Pri, AfterSb1Pri, SplitBrainPolicies};
@@ -29,7 +29,7 @@ pub struct Config {
     pub fault_phase: Time,
     /// Faults that may be drawn, with their weights.
     pub faults: &'static [(Fault, u64)],
-    /// Checker 1 applies even with quorum off (a test that expects it to fire).
+    /// Checker 1 applies (quorum on, or a test that expects it to fire with quorum off).
     pub check_exclusive_primary: bool,
 }
 
@@ -158,9 +158,9 @@ impl Sim {
             queue: Queue::default(),
             rng,
             trace: Trace::new(trace),
-            history: History::new(),
+            history: History::new(config.check_exclusive_primary),
             ids: Ids::default(),
-            checkers: Checkers::new(config.check_exclusive_primary),
+            checkers: Checkers::default(),
             config,
             outstanding: BTreeMap::new(),
             next_version: 0,
@@ -235,7 +235,7 @@ impl Sim {
             if let Some(v) = self.history.violations.pop() {
                 return Err(v);
             }
-            self.checkers.after_step(&self.nodes, self.now, &self.config.rules)?;
+            self.checkers.after_step(&self.nodes)?;
             self.client_answers();
             if self.settled {
                 return checkers::at_end(&self.nodes, &self.history.acked);
@@ -552,11 +552,12 @@ impl Sim {
                     continue;
                 }
                 let lacking = |x: u8| checkers::missing_acked(&self.nodes[usize::from(x)], &self.history.acked).len();
-                let victim = match (self.nodes[usize::from(a)].role, self.nodes[usize::from(b)].role) {
-                    (Role::Primary, Role::Secondary) => b,
-                    (Role::Secondary, Role::Primary) => a,
-                    _ if lacking(a) > lacking(b) => a,
-                    _ => b,
+                let primary = |x: u8| self.nodes[usize::from(x)].role == Role::Primary;
+                let victim = match lacking(a).cmp(&lacking(b)) {
+                    std::cmp::Ordering::Greater => a,
+                    std::cmp::Ordering::Less => b,
+                    std::cmp::Ordering::Equal if primary(b) && !primary(a) => a,
+                    std::cmp::Ordering::Equal => b,
                 };
                 if self.nodes[usize::from(victim)].role == Role::Primary {
                     if !self.nodes[usize::from(victim)].draining {

@@ -277,7 +277,9 @@ impl Node {
             meta.persist()?;
         }
         self.discard_my_data = false;
-        let run = ResyncRun { id: cx.ids.resync(), total_blocks: self.meta().bitmaps[slot].weight(), cursor: 0, draining: None, target_started: false };
+        // A target that was Inconsistent already (an interrupted resync) says nothing new.
+        let target_started = self.link(peer).expect("linked").disk == DiskState::Inconsistent;
+        let run = ResyncRun { id: cx.ids.resync(), total_blocks: self.meta().bitmaps[slot].weight(), cursor: 0, draining: None, target_started };
         cx.log(self.id, || format!("resync with n{peer}: {decision:?}, {} blocks", run.total_blocks));
         let link = self.link_mut(peer).expect("linked");
         link.resync = Some(run);

@@ -2,7 +2,7 @@
 
 use super::network::{Envelope, Msg, Network};
 use super::rng::Rng;
-use super::{Time, BLOCKS, SEC};
+use super::{Time, SEC};
 use blkrepl::core::quorum::{OnNoQuorum, QuorumPolicy};
 use blkrepl::core::split_brain::SplitBrainPolicies;
 use std::cmp::Reverse;
@@ -151,33 +151,6 @@ impl Trace {
     }
 }
 
-/// What the client was told, and violations noticed in the middle of a step.
-pub struct History {
-    /// Per block, the newest version acknowledged to the client.
-    pub acked: [u64; BLOCKS],
-    pub acked_writes: u64,
-    /// Versions whose write finished (acknowledged or failed) since the client last looked.
-    pub finished: Vec<u64>,
-    /// Violations noticed inside a step (at a promotion).
-    pub violations: Vec<super::checkers::Violation>,
-}
-
-impl History {
-    pub fn new() -> History {
-        History { acked: [0; BLOCKS], acked_writes: 0, finished: Vec::new(), violations: Vec::new() }
-    }
-
-    pub fn ack(&mut self, block: usize, version: u64) {
-        self.acked[block] = self.acked[block].max(version);
-        self.acked_writes += 1;
-        self.finished.push(version);
-    }
-
-    pub fn fail(&mut self, version: u64) {
-        self.finished.push(version);
-    }
-}
-
 /// Fresh identifiers for connections and resyncs.
 #[derive(Default)]
 pub struct Ids {
@@ -203,7 +176,7 @@ pub struct Ctx<'a> {
     pub net: &'a mut Network,
     pub queue: &'a mut Queue,
     pub trace: &'a mut Trace,
-    pub history: &'a mut History,
+    pub history: &'a mut super::checkers::History,
     pub ids: &'a mut Ids,
     pub rules: &'a Rules,
 }
