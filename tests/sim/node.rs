@@ -374,7 +374,7 @@ impl Node {
                 VoterView {
                     node_id: p.id,
                     reachable: state.is_some_and(|(l, s)| (!as_primary || now < l.lease_until) && counts_for_me(s)),
-                    departed: p.departed,
+                    departed: p.departed && !rules.amend.departed_still_vote,
                     sees_primary: state.map_or(0, |(_, s)| s.sees_primary),
                 }
             })

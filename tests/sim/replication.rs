@@ -158,6 +158,8 @@ impl Node {
         if self.suspended.is_empty() || !self.can_complete(cx.now, cx.rules) {
             return;
         }
+        let q = self.quorum(cx.now, cx.rules, true);
+        cx.log(self.id, || format!("quorum returned: {} of {} votes", q.votes, q.voters));
         for w in std::mem::take(&mut self.suspended) {
             cx.log(self.id, || format!("ack v{} (block {}) after quorum returned", w.version, w.block));
             cx.history.ack(cx.now, self.tenure, w.block, w.version);

@@ -517,13 +517,14 @@ impl Sim {
             .map(|n| n.id)
             .collect();
         let before = std::mem::replace(&mut self.quorumless, quorumless.clone());
-        for id in quorumless.into_iter().filter(|id| before.contains(id)) {
+        let demoted: Vec<u8> = quorumless.into_iter().filter(|id| before.contains(id)).collect();
+        for &id in &demoted {
             self.log(|| format!("manager: demote n{id}, it has no quorum"));
             self.demote(id);
         }
         self.resolve_stand_alone();
         let data = self.config.data_nodes as u8;
-        if !self.nodes.iter().any(|n| n.role == Role::Primary) {
+        if demoted.is_empty() && !self.nodes.iter().any(|n| n.role == Role::Primary) {
             if let Some(id) = (0..data).find(|id| self.nodes[usize::from(*id)].may_promote(self.now, &self.config.rules)) {
                 self.log(|| format!("manager: promote n{id}"));
                 self.with_node(id, |n, cx| n.promote(cx, false));
@@ -566,7 +567,9 @@ impl Sim {
                     continue;
                 }
                 self.log(|| format!("operator: connect --discard-my-data on n{victim} (pair n{a}-n{b})"));
+                let survivor = if victim == a { b } else { a };
                 self.nodes[usize::from(victim)].discard_my_data = true;
+                self.nodes[usize::from(survivor)].discard_my_data = false;
                 for (x, y) in [(a, b), (b, a)] {
                     self.nodes[usize::from(x)].peer_mut(y).want_connect = true;
                 }

@@ -214,9 +214,14 @@ impl Node {
                     SbResolution::Disconnect(why) => return self.stand_alone(cx, peer, &format!("split brain: {why}")),
                 }
             }
-            // Only shared history: the victim the operator names gets everything.
-            SyncDecision::SplitBrainManual if self.discard_my_data && !mine.is_primary => SyncDecision::FullTarget,
-            SyncDecision::SplitBrainManual if theirs.discard_my_data && !their_view.is_primary => SyncDecision::FullSource,
+            // Only shared history, or none left to see: the victim the operator names gets
+            // everything (`--discard-my-data`, or `invalidate`, with a full sync).
+            SyncDecision::SplitBrainManual | SyncDecision::Unrelated if self.discard_my_data && !mine.is_primary => {
+                SyncDecision::FullTarget
+            }
+            SyncDecision::SplitBrainManual | SyncDecision::Unrelated if theirs.discard_my_data && !their_view.is_primary => {
+                SyncDecision::FullSource
+            }
             other => other,
         };
         match plan {

@@ -42,11 +42,20 @@ pub struct Amendments {
     /// without the writes acknowledged meanwhile (and a primary that lost quorum regains it
     /// through that witness after others moved on).
     pub generation_votes: bool,
+    /// A node that left cleanly still counts as a voter. With `core::quorum`'s rule (it stops
+    /// counting until it returns) the nodes that saw it leave and those it has since come back
+    /// to count majorities of different voter sets, which need not intersect: two primaries
+    /// acknowledge writes at the same time.
+    pub departed_still_vote: bool,
 }
 
 impl Amendments {
-    pub const ALL: Amendments =
-        Amendments { resync_end_after_target_started: true, full_sync_resumes_by_bitmap: true, generation_votes: true };
+    pub const ALL: Amendments = Amendments {
+        resync_end_after_target_started: true,
+        full_sync_resumes_by_bitmap: true,
+        generation_votes: true,
+        departed_still_vote: true,
+    };
 }
 
 /// Something a node does later: a timer or a disk completion.
