@@ -417,7 +417,8 @@ impl Node {
             peer_up_to_date: self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.disk == DiskState::UpToDate)),
         };
         let peer_primary = self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.role == Role::Primary));
-        inputs.may_promote() && !peer_primary
+        let target = self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.pending_sync.is_some_and(|d| d.is_target())));
+        inputs.may_promote() && !peer_primary && !(target && rules.amend.no_promotion_while_target)
     }
 
     /// The engine's `Engine::promote`: peers that will not see this node's writes from the start

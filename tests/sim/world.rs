@@ -47,6 +47,11 @@ pub struct Amendments {
     /// to count majorities of different voter sets, which need not intersect: two primaries
     /// acknowledge writes at the same time.
     pub departed_still_vote: bool,
+    /// `primary` refuses while a connection has decided this node is a resync target and
+    /// waits for the bitmaps. The engine checks only that the disk is UpToDate, which it still
+    /// is until the bitmaps arrive; the new primary then turns Inconsistent under its users,
+    /// and every later connect is refused.
+    pub no_promotion_while_target: bool,
 }
 
 impl Amendments {
@@ -55,6 +60,7 @@ impl Amendments {
         full_sync_resumes_by_bitmap: true,
         generation_votes: true,
         departed_still_vote: true,
+        no_promotion_while_target: true,
     };
 }
 
