@@ -4,12 +4,19 @@
 //! What is modelled and what is not: tests/sim/mod.rs and docs/DESIGN.md ("Simulator").
 //!
 //! - `BLKREPL_SIM_SEEDS=<n>`: run seeds 0..n (default 2000).
-//! - `BLKREPL_SIM_SEED=<s>`: replay seed `s` alone and print its trace.
+//! - `BLKREPL_SIM_SEED=<s>`: replay seed `s` alone and print its whole trace.
+//!
+//! The other tests prove that the checkers can fail: a deliberately broken cluster (quorum off)
+//! must be caught, and so must each engine rule the model amends (`world::Amendments`) when
+//! the model follows the engine instead.
 
 mod sim;
 
+use blkrepl::core::quorum::QuorumPolicy;
+use blkrepl::core::split_brain::{AfterSb0Pri, AfterSb1Pri};
 use sim::checkers::Violation;
-use sim::scenario::{Config, Outcome, Sim};
+use sim::scenario::{Config, Fault, Sim, DEFAULT_FAULTS};
+use sim::world::Stats;
 use std::io::Write;
 use std::time::Instant;
 
@@ -20,52 +27,151 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(value.parse().unwrap_or_else(|_| panic!("{name}={value:?} is not a number")))
 }
 
-/// Bypasses the test harness's output capture, so the line shows in a normal `cargo test`.
+/// Bypasses the test harness's output capture, so the line shows in a plain `cargo test`.
 fn say(text: &str) {
     let _ = writeln!(std::io::stderr(), "{text}");
 }
 
-/// Replays `seed` with its trace on (the run is deterministic, so it fails the same way) and
+/// Replays a failed seed with its trace on (runs are deterministic: it fails the same way) and
 /// formats the report.
-fn report(seed: u64, config: Option<Config>, violation: &Violation) -> String {
-    let replay = Sim::new(seed, config, 150).run();
+fn report(seed: u64, adjust: fn(&mut Config), violation: &Violation) -> String {
+    let replay = Sim::new(seed, adjust, 150).run();
     let mut out = format!("seed {seed} failed: {violation}\nconfig: {:?}\ntrace tail:\n", replay.config);
     for line in &replay.trace {
         out += line;
         out.push('\n');
     }
-    out += &format!("replay: BLKREPL_SIM_SEED={seed} cargo test --release --test simulator\n");
     out
 }
+
+fn unchanged(_: &mut Config) {}
 
 #[test]
 fn random_seeds_keep_every_invariant() {
     if let Some(seed) = env_u64("BLKREPL_SIM_SEED") {
-        let outcome = Sim::new(seed, None, usize::MAX).run();
+        let outcome = Sim::new(seed, unchanged, usize::MAX).run();
         for line in &outcome.trace {
             say(line);
         }
-        if let Some(v) = &outcome.violation {
-            panic!("seed {seed} failed: {v}\nconfig: {:?}", outcome.config);
+        match &outcome.violation {
+            Some(v) => panic!("seed {seed} failed: {v}\nconfig: {:?}", outcome.config),
+            None => say(&format!("seed {seed}: ok, {:?}\n{:?}", outcome.config, outcome.stats)),
         }
-        say(&format!("seed {seed}: ok, {} acknowledged writes, {:?}", outcome.acked_writes, outcome.config));
         return;
     }
     let seeds = env_u64("BLKREPL_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
     let started = Instant::now();
-    let (mut acked, mut virtual_us) = (0, 0);
+    let mut total = Stats::default();
     for seed in 0..seeds {
-        let Outcome { violation, acked_writes, end, .. } = Sim::new(seed, None, 0).run();
-        if let Some(v) = violation {
-            panic!("{}", report(seed, None, &v));
+        let outcome = Sim::new(seed, unchanged, 0).run();
+        if let Some(v) = outcome.violation {
+            panic!("{}replay: BLKREPL_SIM_SEED={seed} cargo test --release --test simulator", report(seed, unchanged, &v));
         }
-        acked += acked_writes;
-        virtual_us += end;
+        total.add(&outcome.stats);
     }
     let secs = started.elapsed().as_secs_f64();
     say(&format!(
-        "simulator: {seeds} seeds in {secs:.1} s ({:.0} seeds/s), {:.0} virtual hours, {acked} acknowledged writes",
+        "simulator: {seeds} seeds in {secs:.1} s ({:.0} seeds/s, {:.1} virtual hours): {} acknowledged writes, \
+         {} promotions, {} power losses ({} in a metadata write), {} clean downs, {} bitmap resyncs, {} full syncs ({} after a missed resync end), \
+         {} split brains resolved by policy and {} left to the operator, {} unrelated connects",
         seeds as f64 / secs,
-        virtual_us as f64 / 3.6e9
+        total.virtual_us as f64 / 3.6e9,
+        total.acked_writes,
+        total.promotions,
+        total.power_losses,
+        total.torn_metadata,
+        total.clean_downs,
+        total.bitmap_resyncs,
+        total.full_syncs,
+        total.full_syncs_missed_end,
+        total.split_brains_resolved,
+        total.split_brains_stand_alone,
+        total.unrelated,
     ));
+}
+
+/// The first seed (below `max`) whose run, with the drawn config `adjust`ed, fails a checker.
+fn first_failure(max: u64, adjust: fn(&mut Config)) -> Option<(u64, Violation)> {
+    (0..max).find_map(|seed| Sim::new(seed, adjust, 0).run().violation.map(|v| (seed, v)))
+}
+
+/// Asserts that the model, adjusted to follow a weaker rule, fails one of `checkers` within
+/// `max` seeds, and prints which seed and how.
+fn must_fail(what: &str, max: u64, adjust: fn(&mut Config), checkers: &[u8]) {
+    let (seed, v) = first_failure(max, adjust).unwrap_or_else(|| panic!("{what}: no failure in {max} seeds"));
+    assert!(checkers.contains(&v.checker), "{what}: expected checker {checkers:?}, got {}", report(seed, adjust, &v));
+    say(&format!("{what}: seed {seed} fails {v}"));
+}
+
+/// Partitions and promotions, nothing else: two sides that each elect a primary.
+const SPLITS: [(Fault, u64); 4] = [(Fault::Partition, 10), (Fault::CutLink, 5), (Fault::Promote, 30), (Fault::HealAll, 2)];
+
+#[test]
+fn quorum_off_lets_two_primaries_accept_writes_and_the_checkers_catch_it() {
+    must_fail(
+        "quorum off, promotions on both sides of partitions",
+        50,
+        |c| {
+            c.rules.quorum = QuorumPolicy::Off;
+            c.faults = &SPLITS;
+        },
+        &[1, 2],
+    );
+}
+
+#[test]
+fn engine_rule_votes_without_generations_loses_acknowledged_writes() {
+    must_fail("votes without generations", 2000, |c| c.rules.amend.generation_votes = false, &[1, 2]);
+}
+
+#[test]
+fn engine_rule_departed_nodes_stop_counting_allows_two_primaries() {
+    must_fail(
+        "departed nodes stop counting",
+        3000,
+        |c| {
+            c.rules.amend.departed_still_vote = false;
+            c.witnesses = 3;
+        },
+        &[1, 2],
+    );
+}
+
+#[test]
+fn engine_rule_resync_ends_on_any_up_to_date_state() {
+    must_fail("resync ends on any UpToDate State", 2000, |c| c.rules.amend.resync_end_after_target_started = false, &[3]);
+}
+
+#[test]
+fn engine_rule_promotion_while_resync_target() {
+    must_fail("promotion while a resync target", 6000, |c| c.rules.amend.no_promotion_while_target = false, &[3]);
+}
+
+#[test]
+fn split_brain_policies_that_discard_a_quorum_primary_lose_acknowledged_writes() {
+    must_fail(
+        "after_sb_0pri discard-younger-primary, after_sb_1pri discard-secondary",
+        2000,
+        |c| {
+            c.rules.split_brain.zero_primaries = AfterSb0Pri::DiscardYoungerPrimary;
+            c.rules.split_brain.one_primary = AfterSb1Pri::DiscardSecondary;
+        },
+        &[2],
+    );
+}
+
+/// Faults of the default run, plus primaries whose own data writes fail.
+const LOCAL_ERRORS: [(Fault, u64); DEFAULT_FAULTS.len() + 1] = {
+    let mut faults = [(Fault::FailingLocalDisk, 8); DEFAULT_FAULTS.len() + 1];
+    let mut i = 0;
+    while i < DEFAULT_FAULTS.len() {
+        faults[i] = DEFAULT_FAULTS[i];
+        i += 1;
+    }
+    faults
+};
+
+#[test]
+fn engine_rule_primary_local_write_error_leaves_replicas_different() {
+    must_fail("failed local writes on the primary", 2000, |c| c.faults = &LOCAL_ERRORS, &[3, 4]);
 }

@@ -16,6 +16,11 @@
 //!    write in progress on either disk is not settled yet (should the node crash, its activity
 //!    log covers it).
 //! 5. Resync progress (done = total - bits left, on either side) never goes backwards.
+//! 6. A full sync happens only where the operator asked for one (`--discard-my-data` or
+//!    `invalidate` on a pair with no usable bitmap): an outage, a crash or a reboot ends in a
+//!    bitmap resync, never a full one (issue #4). One known exception is counted instead of
+//!    failed (`Stats::full_syncs_missed_end`): the decision table cannot see a resync whose end
+//!    the source missed once the source has moved on to a newer generation.
 //!
 //! "Checker 0" reports metadata that a restart cannot read back after a crash.
 
@@ -107,6 +112,15 @@ pub fn on_promotion(node: &Node, cx: &mut Ctx) {
             checker: 2,
             what: format!("n{} promoted without acknowledged writes (block, acked version, its version): {missing:?}", node.id),
         });
+    }
+}
+
+/// Checker 6, when `source` starts a full sync to `target`.
+pub fn on_full_sync(source: u8, target: u8, operator_asked: bool, missed_end: bool, cx: &mut Ctx) {
+    if missed_end && !operator_asked {
+        cx.stats.full_syncs_missed_end += 1;
+    } else if !operator_asked {
+        cx.history.violations.push(Violation { checker: 6, what: format!("n{source} started a full sync to n{target} nobody asked for") });
     }
 }
 

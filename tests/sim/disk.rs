@@ -128,8 +128,13 @@ impl Meta {
         self.disk.crash_after(k, tear_sectors);
     }
 
+    /// An armed crash went off in a metadata write.
+    pub fn crashed(&self) -> bool {
+        self.disk.has_crashed()
+    }
+
     fn survived(&self) -> Result<(), Crashed> {
-        if self.disk.has_crashed() {
+        if self.crashed() {
             Err(Crashed)
         } else {
             Ok(())

@@ -293,6 +293,8 @@ impl Node {
     /// Power loss: memory is gone, data writes in progress landed or not, the metadata disk
     /// holds what reached it.
     pub fn power_loss(&mut self, cx: &mut Ctx) {
+        cx.stats.power_losses += 1;
+        cx.stats.torn_metadata += u64::from(self.meta.as_ref().is_some_and(|m| m.crashed()));
         self.data.power_loss(cx.rng);
         self.meta = None;
         self.up = false;
@@ -347,6 +349,7 @@ impl Node {
         self.meta = None;
         self.up = false;
         self.incarnation += 1;
+        cx.stats.clean_downs += 1;
         cx.log(self.id, || "down".into());
         Ok(())
     }
@@ -424,12 +427,12 @@ impl Node {
     /// The engine's `Engine::promote`: peers that will not see this node's writes from the start
     /// make it begin a new generation; metadata says Primary before any write.
     pub fn promote(&mut self, cx: &mut Ctx, force: bool) -> Result<(), Crashed> {
-        let absent: Vec<usize> = self
-            .peers
-            .iter()
-            .filter(|p| force || !p.link.as_ref().is_some_and(|l| l.repl == ReplState::Established && l.disk == DiskState::UpToDate))
-            .filter_map(|p| p.slot)
-            .collect();
+        let resyncing_counts = cx.rules.amend.resync_target_is_present;
+        let present = |l: &Link| {
+            l.repl == ReplState::Established && l.disk == DiskState::UpToDate || resyncing_counts && l.repl == ReplState::SyncSource
+        };
+        let absent: Vec<usize> =
+            self.peers.iter().filter(|p| force || !p.link.as_ref().is_some_and(present)).filter_map(|p| p.slot).collect();
         let fresh = fresh_uuid(cx);
         let meta = self.meta();
         if force || !absent.is_empty() {
@@ -449,6 +452,7 @@ impl Node {
         self.disk = DiskState::UpToDate;
         self.role = Role::Primary;
         self.tenure = cx.history.new_tenure(self.id);
+        cx.stats.promotions += 1;
         let current = self.meta().sb.uuids.current;
         self.acknowledge(current);
         cx.log(self.id, || format!("promoted{}, generation {current:X}", if force { " (forced)" } else { "" }));

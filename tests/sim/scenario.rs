@@ -8,7 +8,7 @@ use super::disk::Crashed;
 use super::network::Network;
 use super::node::{AppWrite, Node};
 use super::rng::Rng;
-use super::world::{Amendments, Ctx, Event, Ids, NodeEvent, Queue, Rules, Trace};
+use super::world::{Amendments, Ctx, Event, Ids, NodeEvent, Queue, Rules, Stats, Trace};
 use super::{Time, BLOCKS, MS, SEC};
 use blkrepl::core::quorum::{OnNoQuorum, QuorumPolicy};
 use blkrepl::core::split_brain::{AfterSb0Pri, AfterSb1Pri, SplitBrainPolicies};
@@ -116,8 +116,7 @@ pub struct Outcome {
     pub violation: Option<Violation>,
     pub trace: Vec<String>,
     pub config: Config,
-    pub acked_writes: u64,
-    pub end: Time,
+    pub stats: Stats,
 }
 
 /// Longest heal phase before "did not settle" is reported.
@@ -133,6 +132,7 @@ pub struct Sim {
     trace: Trace,
     history: History,
     ids: Ids,
+    stats: Stats,
     config: Config,
     checkers: Checkers,
     /// Client writes not answered yet: version -> (node, block).
@@ -145,10 +145,12 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// A run of `seed`, with the config drawn from it unless given; `trace` lines are kept.
-    pub fn new(seed: u64, config: Option<Config>, trace: usize) -> Sim {
+    /// A run of `seed`: the config is drawn from it, then `adjust`ed; the last `trace` lines
+    /// of the trace are kept.
+    pub fn new(seed: u64, adjust: impl FnOnce(&mut Config), trace: usize) -> Sim {
         let mut rng = Rng::new(seed);
-        let config = config.unwrap_or_else(|| Config::random(&mut rng));
+        let mut config = Config::random(&mut rng);
+        adjust(&mut config);
         let ids: Vec<(u8, bool)> = (0..config.nodes() as u8).map(|id| (id, usize::from(id) >= config.data_nodes)).collect();
         let nodes = ids.iter().map(|&(id, witness)| Node::new(id, witness, &ids)).collect();
         Sim {
@@ -160,6 +162,7 @@ impl Sim {
             trace: Trace::new(trace),
             history: History::new(config.check_exclusive_primary),
             ids: Ids::default(),
+            stats: Stats { runs: 1, ..Stats::default() },
             checkers: Checkers::default(),
             config,
             outstanding: BTreeMap::new(),
@@ -181,6 +184,7 @@ impl Sim {
             history: &mut self.history,
             ids: &mut self.ids,
             rules: &self.config.rules,
+            stats: &mut self.stats,
         };
         (&mut self.nodes, cx)
     }
@@ -219,13 +223,9 @@ impl Sim {
     pub fn run(mut self) -> Outcome {
         self.start();
         let violation = self.event_loop().err();
-        Outcome {
-            violation,
-            trace: self.trace.lines().cloned().collect(),
-            acked_writes: self.history.acked_writes,
-            end: self.now,
-            config: self.config,
-        }
+        self.stats.acked_writes = self.history.acked_writes;
+        self.stats.virtual_us = self.now;
+        Outcome { violation, trace: self.trace.lines().cloned().collect(), config: self.config, stats: self.stats }
     }
 
     fn event_loop(&mut self) -> Result<(), Violation> {

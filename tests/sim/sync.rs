@@ -191,6 +191,7 @@ impl Node {
             inconsistent: theirs.disk == DiskState::Inconsistent,
         };
         let decision = decide(&mine, &their_view);
+        cx.stats.unrelated += u64::from(decision == SyncDecision::Unrelated);
         let plan = match decision {
             SyncDecision::SplitBrain => {
                 let slot = p.slot.expect("data peer");
@@ -208,7 +209,13 @@ impl Node {
                     changed_blocks: theirs.changed_blocks,
                     discard_my_data: theirs.discard_my_data,
                 };
-                match resolve(&cx.rules.split_brain, &me, &them) {
+                let resolution = resolve(&cx.rules.split_brain, &me, &them);
+                if matches!(resolution, SbResolution::Disconnect(_)) {
+                    cx.stats.split_brains_stand_alone += 1;
+                } else {
+                    cx.stats.split_brains_resolved += 1;
+                }
+                match resolution {
                     SbResolution::DiscardMine => SyncDecision::BitmapTarget,
                     SbResolution::DiscardTheirs => SyncDecision::BitmapSource,
                     SbResolution::Disconnect(why) => return self.stand_alone(cx, peer, &format!("split brain: {why}")),
@@ -272,8 +279,23 @@ impl Node {
         let Some(decision) = self.link_mut(peer).expect("linked").pending_sync.take() else {
             return self.drop_peer(cx, peer, "bitmap received without a sync decision", true);
         };
-        if matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget) {
+        let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
+        if full {
             self.meta().bitmaps[slot].set_all();
+        }
+        if full && decision.is_source() {
+            let theirs = self.link(peer).and_then(|l| l.state.clone()).expect("decided on the peer's State");
+            let (_, ancestors) = self.lineage();
+            let asked = self.discard_my_data || theirs.discard_my_data;
+            // The target adopted this node's generation at the end of a resync whose end this
+            // node missed, and it has moved on since (a primary does when it loses the link).
+            let missed_end = theirs.disk != DiskState::Inconsistent
+                && self.meta().sb.peers[slot].bitmap_uuid != 0
+                && holds(0, &ancestors, theirs.current);
+            super::checkers::on_full_sync(self.id, peer, asked, missed_end, cx);
+        }
+        if decision.is_source() {
+            *if full { &mut cx.stats.full_syncs } else { &mut cx.stats.bitmap_resyncs } += 1;
         }
         if decision == SyncDecision::FullSource && cx.rules.amend.full_sync_resumes_by_bitmap {
             let target_current = self.link(peer).and_then(|l| l.state.as_ref()).expect("decided on the peer's State").current;

@@ -52,6 +52,12 @@ pub struct Amendments {
     /// is until the bitmaps arrive; the new primary then turns Inconsistent under its users,
     /// and every later connect is refused.
     pub no_promotion_while_target: bool,
+    /// At promotion, a peer this node is resyncing counts as present (it receives every write,
+    /// and its bitmap covers the rest), so no new generation starts for it. The engine counts
+    /// it absent: the promotion rotates the generation while the resync's end, naming the old
+    /// one, may be on its way; the target adopts a generation the source has left, and a full
+    /// sync follows.
+    pub resync_target_is_present: bool,
 }
 
 impl Amendments {
@@ -61,6 +67,7 @@ impl Amendments {
         generation_votes: true,
         departed_still_vote: true,
         no_promotion_while_target: true,
+        resync_target_is_present: true,
     };
 }
 
@@ -166,6 +173,46 @@ impl Trace {
     }
 }
 
+/// What a run exercised, for the report (summed over a sweep).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub runs: u64,
+    pub acked_writes: u64,
+    pub promotions: u64,
+    pub power_losses: u64,
+    /// Power losses in the middle of a metadata write.
+    pub torn_metadata: u64,
+    pub clean_downs: u64,
+    pub bitmap_resyncs: u64,
+    pub full_syncs: u64,
+    /// Full syncs after a resync end the source missed (see checker 6).
+    pub full_syncs_missed_end: u64,
+    /// Split brains the policies resolved, and those left to the operator.
+    pub split_brains_resolved: u64,
+    pub split_brains_stand_alone: u64,
+    /// Connects that found no common history.
+    pub unrelated: u64,
+    pub virtual_us: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.runs += o.runs;
+        self.acked_writes += o.acked_writes;
+        self.promotions += o.promotions;
+        self.power_losses += o.power_losses;
+        self.torn_metadata += o.torn_metadata;
+        self.clean_downs += o.clean_downs;
+        self.bitmap_resyncs += o.bitmap_resyncs;
+        self.full_syncs += o.full_syncs;
+        self.full_syncs_missed_end += o.full_syncs_missed_end;
+        self.split_brains_resolved += o.split_brains_resolved;
+        self.split_brains_stand_alone += o.split_brains_stand_alone;
+        self.unrelated += o.unrelated;
+        self.virtual_us += o.virtual_us;
+    }
+}
+
 /// Fresh identifiers for connections and resyncs.
 #[derive(Default)]
 pub struct Ids {
@@ -194,6 +241,7 @@ pub struct Ctx<'a> {
     pub history: &'a mut super::checkers::History,
     pub ids: &'a mut Ids,
     pub rules: &'a Rules,
+    pub stats: &'a mut Stats,
 }
 
 impl Ctx<'_> {
