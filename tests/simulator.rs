@@ -90,15 +90,13 @@ fn random_seeds_keep_every_invariant() {
     ));
 }
 
-/// The first seed (below `max`) whose run, with the drawn config `adjust`ed, fails a checker.
-fn first_failure(max: u64, adjust: fn(&mut Config)) -> Option<(u64, Violation)> {
-    (0..max).find_map(|seed| Sim::new(seed, adjust, 0).run().violation.map(|v| (seed, v)))
-}
-
-/// Asserts that the model, adjusted to follow a weaker rule, fails one of `checkers` within
-/// `max` seeds, and prints which seed and how.
-fn must_fail(what: &str, max: u64, adjust: fn(&mut Config), checkers: &[u8]) {
-    let (seed, v) = first_failure(max, adjust).unwrap_or_else(|| panic!("{what}: no failure in {max} seeds"));
+/// Asserts that the model, adjusted to follow a weaker rule, fails one of `checkers` on a seed
+/// of `seeds`, and prints which seed and how. The ranges start where the weaker rule is known
+/// to fail (scanning from 0 costs seconds each); after a change to the model shifts the random
+/// streams, widen the range to find the seed again.
+fn must_fail(what: &str, seeds: std::ops::Range<u64>, adjust: fn(&mut Config), checkers: &[u8]) {
+    let found = seeds.clone().find_map(|seed| Sim::new(seed, adjust, 0).run().violation.map(|v| (seed, v)));
+    let (seed, v) = found.unwrap_or_else(|| panic!("{what}: no failure in seeds {seeds:?}"));
     assert!(checkers.contains(&v.checker), "{what}: expected checker {checkers:?}, got {}", report(seed, adjust, &v));
     say(&format!("{what}: seed {seed} fails {v}"));
 }
@@ -110,7 +108,7 @@ const SPLITS: [(Fault, u64); 4] = [(Fault::Partition, 10), (Fault::CutLink, 5), 
 fn quorum_off_lets_two_primaries_accept_writes_and_the_checkers_catch_it() {
     must_fail(
         "quorum off, promotions on both sides of partitions",
-        50,
+        0..50,
         |c| {
             c.rules.quorum = QuorumPolicy::Off;
             c.faults = &SPLITS;
@@ -119,39 +117,66 @@ fn quorum_off_lets_two_primaries_accept_writes_and_the_checkers_catch_it() {
     );
 }
 
+/// The same, caught by checker 1 itself: a seed where the second primary's promotion loses
+/// nothing yet, and then both acknowledge writes.
+#[test]
+fn quorum_off_two_primaries_acknowledging_at_once_fail_checker_1() {
+    let adjust = |c: &mut Config| {
+        c.rules.quorum = QuorumPolicy::Off;
+        c.faults = &SPLITS;
+        c.witnesses = 0;
+    };
+    must_fail("quorum off, two data nodes", 22..200, adjust, &[1]);
+}
+
 #[test]
 fn engine_rule_votes_without_generations_loses_acknowledged_writes() {
-    must_fail("votes without generations", 2000, |c| c.rules.amend.generation_votes = false, &[1, 2]);
+    must_fail("votes without generations", 114..300, |c| c.rules.amend.generation_votes = false, &[1, 2]);
 }
 
 #[test]
 fn engine_rule_departed_nodes_stop_counting_allows_two_primaries() {
-    must_fail(
-        "departed nodes stop counting",
-        3000,
-        |c| {
-            c.rules.amend.departed_still_vote = false;
-            c.witnesses = 3;
-        },
-        &[1, 2],
-    );
+    let adjust = |c: &mut Config| {
+        c.rules.amend.departed_still_vote = false;
+        c.witnesses = 3;
+    };
+    must_fail("departed nodes stop counting", 1079..1300, adjust, &[1, 2]);
 }
 
 #[test]
 fn engine_rule_resync_ends_on_any_up_to_date_state() {
-    must_fail("resync ends on any UpToDate State", 2000, |c| c.rules.amend.resync_end_after_target_started = false, &[3]);
+    must_fail("resync ends on any UpToDate State", 3..200, |c| c.rules.amend.resync_end_after_target_started = false, &[6]);
+}
+
+#[test]
+fn engine_rule_full_sync_starts_over_after_an_interruption() {
+    must_fail("full sync starts over", 259..500, |c| c.rules.amend.full_sync_resumes_by_bitmap = false, &[6]);
 }
 
 #[test]
 fn engine_rule_promotion_while_resync_target() {
-    must_fail("promotion while a resync target", 6000, |c| c.rules.amend.no_promotion_while_target = false, &[3]);
+    must_fail("promotion while a resync target", 5979..6200, |c| c.rules.amend.no_promotion_while_target = false, &[3]);
+}
+
+#[test]
+fn engine_rule_promotion_rotates_the_generation_under_a_resync() {
+    must_fail("promotion counts a resync target absent", 2854..3100, |c| c.rules.amend.resync_target_is_present = false, &[6]);
+}
+
+/// Not amended (it needs a new rule in the decision table): a resync whose end the source
+/// missed, after which the source moved to a new generation, is repaired by a full sync.
+#[test]
+fn missed_resync_end_is_repaired_by_a_full_sync() {
+    let outcome = Sim::new(259, unchanged, 0).run();
+    assert!(outcome.violation.is_none());
+    assert_eq!(outcome.stats.full_syncs_missed_end, 1, "seed 259 misses the end of a resync");
 }
 
 #[test]
 fn split_brain_policies_that_discard_a_quorum_primary_lose_acknowledged_writes() {
     must_fail(
         "after_sb_0pri discard-younger-primary, after_sb_1pri discard-secondary",
-        2000,
+        338..600,
         |c| {
             c.rules.split_brain.zero_primaries = AfterSb0Pri::DiscardYoungerPrimary;
             c.rules.split_brain.one_primary = AfterSb1Pri::DiscardSecondary;
@@ -173,5 +198,6 @@ const LOCAL_ERRORS: [(Fault, u64); DEFAULT_FAULTS.len() + 1] = {
 
 #[test]
 fn engine_rule_primary_local_write_error_leaves_replicas_different() {
-    must_fail("failed local writes on the primary", 2000, |c| c.faults = &LOCAL_ERRORS, &[3, 4]);
+    must_fail("failed local writes on the primary", 0..100, |c| c.faults = &LOCAL_ERRORS, &[3, 4]);
 }
+

@@ -9,8 +9,11 @@ use super::{Time, MS};
 use blkrepl::core::states::{DiskState, Role};
 use std::collections::VecDeque;
 
+/// History (4) and bitmap UUIDs (up to 4 data peers).
+pub type Ancestors = [u64; 8];
+
 /// What a node tells a peer about itself (the engine's `State` frame, plus what quorum needs).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateMsg {
     pub role: Role,
     pub disk: DiskState,
@@ -25,8 +28,8 @@ pub struct StateMsg {
     pub changed_blocks: u64,
     /// The operator told the sender to drop its changes (`connect --discard-my-data`).
     pub discard_my_data: bool,
-    /// The generations the sender's data descends from (history and bitmap UUIDs).
-    pub ancestors: Vec<u64>,
+    /// The generations the sender's data descends from (history and bitmap UUIDs; 0: none).
+    pub ancestors: Ancestors,
     /// The newest data generation the sender acknowledged from a primary (see
     /// `Amendments::generation_votes`; 0: none).
     pub acknowledged: u64,

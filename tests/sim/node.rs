@@ -8,7 +8,7 @@
 //! `core::split_brain`; docs/DESIGN.md ("Simulator") lists these.
 
 use super::disk::{Crashed, DataDisk, Meta};
-use super::network::{Msg, StateMsg};
+use super::network::{Ancestors, Msg, StateMsg};
 use super::world::{Ctx, Event, NodeEvent, Rules};
 use super::{Time, BLOCKS, BLOCK_BYTES, MS, SEC};
 use blkrepl::core::inflight::InflightWrites;
@@ -173,6 +173,7 @@ impl Node {
     /// `nodes` lists every node of the resource as (id, is_witness).
     pub fn new(id: u8, witness: bool, nodes: &[(u8, bool)]) -> Node {
         let data_peers: Vec<u8> = nodes.iter().filter(|(n, w)| *n != id && !w).map(|(n, _)| *n).collect();
+        assert!(data_peers.len() <= 4, "State carries the bitmap UUIDs of at most 4 data peers");
         let meta_disk = (!witness).then(|| {
             let disk = super::disk::new_meta_disk(data_peers.len());
             Meta::create(&disk, id, &data_peers);
@@ -386,14 +387,15 @@ impl Node {
     }
 
     /// This node's current generation and those its data descends from (none for a witness).
-    pub fn lineage(&self) -> (u64, Vec<u64>) {
-        match &self.meta {
-            Some(m) => {
-                let bitmaps = m.sb.peers.iter().map(|p| p.bitmap_uuid);
-                (m.sb.uuids.current, m.sb.uuids.history.iter().copied().chain(bitmaps).filter(|u| *u != 0).collect())
+    pub fn lineage(&self) -> (u64, Ancestors) {
+        let mut ancestors = [0; 8];
+        if let Some(m) = &self.meta {
+            let uuids = m.sb.uuids.history.iter().copied().chain(m.sb.peers.iter().map(|p| p.bitmap_uuid));
+            for (slot, uuid) in ancestors.iter_mut().zip(uuids) {
+                *slot = uuid;
             }
-            None => (0, Vec::new()),
         }
+        (self.meta.as_ref().map_or(0, |m| m.sb.uuids.current), ancestors)
     }
 
     /// Takes `current` as the generation this node acknowledges.
@@ -518,7 +520,7 @@ impl Node {
         for i in 0..self.peers.len() {
             let Some(link) = &self.peers[i].link else { continue };
             let state = self.state_for(&self.peers[i]);
-            let key = StateMsg { changed_blocks: 0, ..state.clone() };
+            let key = StateMsg { changed_blocks: 0, ..state };
             if link.sent_state.as_ref() == Some(&key) {
                 continue;
             }

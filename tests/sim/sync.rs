@@ -284,7 +284,7 @@ impl Node {
             self.meta().bitmaps[slot].set_all();
         }
         if full && decision.is_source() {
-            let theirs = self.link(peer).and_then(|l| l.state.clone()).expect("decided on the peer's State");
+            let theirs = self.link(peer).and_then(|l| l.state).expect("decided on the peer's State");
             let (_, ancestors) = self.lineage();
             let asked = self.discard_my_data || theirs.discard_my_data;
             // The target adopted this node's generation at the end of a resync whose end this
