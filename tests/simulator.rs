@@ -65,7 +65,10 @@ fn random_seeds_keep_every_invariant() {
     for seed in 0..seeds {
         let outcome = Sim::new(seed, unchanged, 0).run();
         if let Some(v) = outcome.violation {
-            panic!("{}replay: BLKREPL_SIM_SEED={seed} cargo test --release --test simulator", report(seed, unchanged, &v));
+            panic!(
+                "{}replay: BLKREPL_SIM_SEED={seed} cargo test --release --test simulator",
+                report(seed, unchanged, &v)
+            );
         }
         total.add(&outcome.stats);
     }
@@ -102,7 +105,8 @@ fn must_fail(what: &str, seeds: std::ops::Range<u64>, adjust: fn(&mut Config), c
 }
 
 /// Partitions and promotions, nothing else: two sides that each elect a primary.
-const SPLITS: [(Fault, u64); 4] = [(Fault::Partition, 10), (Fault::CutLink, 5), (Fault::Promote, 30), (Fault::HealAll, 2)];
+const SPLITS: [(Fault, u64); 4] =
+    [(Fault::Partition, 10), (Fault::CutLink, 5), (Fault::Promote, 30), (Fault::HealAll, 2)];
 
 #[test]
 fn quorum_off_lets_two_primaries_accept_writes_and_the_checkers_catch_it() {
@@ -145,7 +149,12 @@ fn engine_rule_departed_nodes_stop_counting_allows_two_primaries() {
 
 #[test]
 fn engine_rule_resync_ends_on_any_up_to_date_state() {
-    must_fail("resync ends on any UpToDate State", 3..200, |c| c.rules.amend.resync_end_after_target_started = false, &[6]);
+    must_fail(
+        "resync ends on any UpToDate State",
+        3..200,
+        |c| c.rules.amend.resync_end_after_target_started = false,
+        &[6],
+    );
 }
 
 #[test]
@@ -160,7 +169,12 @@ fn engine_rule_promotion_while_resync_target() {
 
 #[test]
 fn engine_rule_promotion_rotates_the_generation_under_a_resync() {
-    must_fail("promotion counts a resync target absent", 2854..3100, |c| c.rules.amend.resync_target_is_present = false, &[6]);
+    must_fail(
+        "promotion counts a resync target absent",
+        2854..3100,
+        |c| c.rules.amend.resync_target_is_present = false,
+        &[6],
+    );
 }
 
 /// Not amended (it needs a new rule in the decision table): a resync whose end the source
@@ -201,7 +215,6 @@ fn engine_rule_primary_local_write_error_leaves_replicas_different() {
     must_fail("failed local writes on the primary", 0..100, |c| c.faults = &LOCAL_ERRORS, &[3, 4]);
 }
 
-
 /// Not amended (the model would need DRBD-9-style rules the engine lacks: secondaries that
 /// mark what their unreachable peers miss, and that take over the primary's new generation):
 /// with three data nodes, two secondaries end up differing with no bit set in either's bitmap,
@@ -214,4 +227,3 @@ fn engine_rules_with_three_data_nodes_lose_track_of_differences() {
     };
     must_fail("three data nodes", 0..50, adjust, &[4]);
 }
-

@@ -49,10 +49,7 @@ fn violation(checker: u8, what: String) -> Result<(), Violation> {
 
 /// Blocks where `node` lacks an acknowledged write (holds an older version).
 pub fn missing_acked(node: &Node, acked: &[u64; BLOCKS]) -> Vec<(usize, u64, u64)> {
-    (0..BLOCKS)
-        .filter(|b| node.data.blocks()[*b] < acked[*b])
-        .map(|b| (b, acked[b], node.data.blocks()[b]))
-        .collect()
+    (0..BLOCKS).filter(|b| node.data.blocks()[*b] < acked[*b]).map(|b| (b, acked[b], node.data.blocks()[b])).collect()
 }
 
 /// What the client was told, and what the checkers noticed in the middle of a step.
@@ -71,7 +68,14 @@ pub struct History {
 
 impl History {
     pub fn new(exclusive: bool) -> History {
-        History { acked: [0; BLOCKS], acked_writes: 0, finished: Vec::new(), violations: Vec::new(), tenures: Vec::new(), exclusive }
+        History {
+            acked: [0; BLOCKS],
+            acked_writes: 0,
+            finished: Vec::new(),
+            violations: Vec::new(),
+            tenures: Vec::new(),
+            exclusive,
+        }
     }
 
     /// `node` became primary: a new tenure.
@@ -88,7 +92,11 @@ impl History {
         let (node, span) = &mut self.tenures[tenure];
         let (node, first) = (*node, span.map_or(now, |(first, _)| first));
         *span = Some((first, now));
-        let overlapping = self.tenures.iter().enumerate().find(|(t, (_, span))| *t != tenure && span.is_some_and(|(_, last)| last >= first));
+        let overlapping = self
+            .tenures
+            .iter()
+            .enumerate()
+            .find(|(t, (_, span))| *t != tenure && span.is_some_and(|(_, last)| last >= first));
         if let Some((_, (other, Some((other_first, other_last))))) = overlapping.filter(|_| self.exclusive) {
             self.violations.push(Violation {
                 checker: 1,
@@ -110,7 +118,10 @@ pub fn on_promotion(node: &Node, cx: &mut Ctx) {
     if !missing.is_empty() {
         cx.history.violations.push(Violation {
             checker: 2,
-            what: format!("n{} promoted without acknowledged writes (block, acked version, its version): {missing:?}", node.id),
+            what: format!(
+                "n{} promoted without acknowledged writes (block, acked version, its version): {missing:?}",
+                node.id
+            ),
         });
     }
 }
@@ -120,7 +131,10 @@ pub fn on_full_sync(source: u8, target: u8, operator_asked: bool, missed_end: bo
     if missed_end && !operator_asked {
         cx.stats.full_syncs_missed_end += 1;
     } else if !operator_asked {
-        cx.history.violations.push(Violation { checker: 6, what: format!("n{source} started a full sync to n{target} nobody asked for") });
+        cx.history.violations.push(Violation {
+            checker: 6,
+            what: format!("n{source} started a full sync to n{target} nobody asked for"),
+        });
     }
 }
 
@@ -145,7 +159,13 @@ impl Checkers {
                 let done = run.total_blocks.saturating_sub(left);
                 let last = self.progress.entry((node.id, peer.id, run.id)).or_insert(0);
                 if done < *last {
-                    return violation(5, format!("n{} resync #{} with n{} went back from {} to {done} of {} blocks", node.id, run.id, peer.id, *last, run.total_blocks));
+                    return violation(
+                        5,
+                        format!(
+                            "n{} resync #{} with n{} went back from {} to {done} of {} blocks",
+                            node.id, run.id, peer.id, *last, run.total_blocks
+                        ),
+                    );
                 }
                 *last = done;
             }
@@ -175,11 +195,14 @@ fn bitmaps_cover_differences(nodes: &[Node]) -> Result<(), Violation> {
             }
             let (a_bits, b_bits) = (bitmap_for(a, b.id), bitmap_for(b, a.id));
             let missed: Vec<usize> = (0..BLOCKS)
-                .filter(|&blk| a.data.blocks()[blk] != b.data.blocks()[blk] && !a.data.writing(blk) && !b.data.writing(blk))
+                .filter(|&blk| {
+                    a.data.blocks()[blk] != b.data.blocks()[blk] && !a.data.writing(blk) && !b.data.writing(blk)
+                })
                 .filter(|&blk| !a_bits.test_block(blk as u64) && !b_bits.test_block(blk as u64))
                 .collect();
             if !missed.is_empty() {
-                let versions: Vec<(usize, u64, u64)> = missed.iter().map(|&blk| (blk, a.data.blocks()[blk], b.data.blocks()[blk])).collect();
+                let versions: Vec<(usize, u64, u64)> =
+                    missed.iter().map(|&blk| (blk, a.data.blocks()[blk], b.data.blocks()[blk])).collect();
                 return violation(4, format!(
                     "n{} and n{} ({decision:?}) differ on blocks set in neither bitmap (block, n{}'s version, n{}'s): {versions:?}",
                     a.id, b.id, a.id, b.id
@@ -204,7 +227,10 @@ pub fn settled(nodes: &[Node]) -> bool {
             && n.suspended.is_empty()
             && n.peers.iter().all(|p| {
                 p.link.as_ref().is_some_and(|l| {
-                    (p.witness || n.witness || l.repl == ReplState::Established) && l.pending_sync.is_none() && l.inbox.is_empty() && !l.busy
+                    (p.witness || n.witness || l.repl == ReplState::Established)
+                        && l.pending_sync.is_none()
+                        && l.inbox.is_empty()
+                        && !l.busy
                 })
             })
     })
@@ -215,17 +241,23 @@ pub fn at_end(nodes: &[Node], acked: &[u64; BLOCKS]) -> Result<(), Violation> {
     let up_to_date: Vec<&Node> = nodes.iter().filter(|n| n.disk == DiskState::UpToDate).collect();
     for n in &up_to_date {
         if n.data.blocks() != up_to_date[0].data.blocks() {
-            return violation(3, format!(
-                "after heal and resync, UpToDate n{} and n{} differ: {:?} vs {:?}",
-                up_to_date[0].id,
-                n.id,
-                up_to_date[0].data.blocks(),
-                n.data.blocks()
-            ));
+            return violation(
+                3,
+                format!(
+                    "after heal and resync, UpToDate n{} and n{} differ: {:?} vs {:?}",
+                    up_to_date[0].id,
+                    n.id,
+                    up_to_date[0].data.blocks(),
+                    n.data.blocks()
+                ),
+            );
         }
         let missing = missing_acked(n, acked);
         if !missing.is_empty() {
-            return violation(2, format!("after heal, UpToDate n{} lacks acknowledged writes (block, acked, has): {missing:?}", n.id));
+            return violation(
+                2,
+                format!("after heal, UpToDate n{} lacks acknowledged writes (block, acked, has): {missing:?}", n.id),
+            );
         }
     }
     Ok(())

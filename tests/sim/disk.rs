@@ -106,11 +106,26 @@ impl Meta {
     /// `create-md` for node `id` with the given data peers.
     pub fn create(disk: &Arc<MemDisk>, id: u8, data_peers: &[u8]) -> Meta {
         let faulty = Arc::new(FaultyDisk::new(disk.clone()));
-        let store = MetaStore::create(faulty.clone(), DATA_BYTES, false, params(data_peers.len()), RESOURCE, id, data_peers, false)
-            .expect("create-md on a blank in-memory disk");
+        let store = MetaStore::create(
+            faulty.clone(),
+            DATA_BYTES,
+            false,
+            params(data_peers.len()),
+            RESOURCE,
+            id,
+            data_peers,
+            false,
+        )
+        .expect("create-md on a blank in-memory disk");
         let sb = store.superblock().clone();
         let blank = || DirtyBitmap::new(DATA_BYTES, BLOCK_BYTES as u32);
-        Meta { store, disk: faulty, sb, bitmaps: (0..data_peers.len()).map(|_| blank()).collect(), al: ActivityLog::new(AL_EXTENTS) }
+        Meta {
+            store,
+            disk: faulty,
+            sb,
+            bitmaps: (0..data_peers.len()).map(|_| blank()).collect(),
+            al: ActivityLog::new(AL_EXTENTS),
+        }
     }
 
     /// Attach after a restart; also returns whether the node crashed as primary. An error means
@@ -118,7 +133,8 @@ impl Meta {
     pub fn open(disk: &Arc<MemDisk>, id: u8) -> Result<(Meta, bool), MetaError> {
         let faulty = Arc::new(FaultyDisk::new(disk.clone()));
         let (store, loaded) = MetaStore::open(faulty.clone(), DATA_BYTES, false, RESOURCE, id)?;
-        let meta = Meta { store, disk: faulty, sb: loaded.superblock, bitmaps: loaded.bitmaps, al: loaded.activity_log };
+        let meta =
+            Meta { store, disk: faulty, sb: loaded.superblock, bitmaps: loaded.bitmaps, al: loaded.activity_log };
         Ok((meta, loaded.crashed_as_primary))
     }
 

@@ -42,19 +42,42 @@ pub enum Msg {
     HelloReply,
     Refuse,
     State(StateMsg),
-    Data { id: u64, block: usize, version: u64 },
-    WriteAck { id: u64 },
+    Data {
+        id: u64,
+        block: usize,
+        version: u64,
+    },
+    WriteAck {
+        id: u64,
+    },
     NegAck,
-    Barrier { epoch: u64 },
-    BarrierAck { epoch: u64, writes: u32 },
+    Barrier {
+        epoch: u64,
+    },
+    BarrierAck {
+        epoch: u64,
+        writes: u32,
+    },
     /// The sender's whole bitmap for the receiver, as set blocks.
     BitmapBlocks(Vec<usize>),
-    ResyncData { block: usize, version: u64 },
-    ResyncDone { current: u64, history: [u64; 4] },
-    Ping { sent_at: Time },
-    PingAck { sent_at: Time },
+    ResyncData {
+        block: usize,
+        version: u64,
+    },
+    ResyncDone {
+        current: u64,
+        history: [u64; 4],
+    },
+    Ping {
+        sent_at: Time,
+    },
+    PingAck {
+        sent_at: Time,
+    },
     /// An orderly goodbye; `departing` = the sender is going down (it stops counting as a voter).
-    Disconnect { departing: bool },
+    Disconnect {
+        departing: bool,
+    },
     /// The sender closed the connection (the peer reads end-of-stream).
     Close,
 }

@@ -267,7 +267,8 @@ impl Node {
             peer.link = None;
         }
         if let Some(disk) = &self.meta_disk {
-            let (mut meta, crashed_primary) = Meta::open(disk, self.id).map_err(|e| format!("n{} cannot attach its metadata: {e}", self.id))?;
+            let (mut meta, crashed_primary) =
+                Meta::open(disk, self.id).map_err(|e| format!("n{} cannot attach its metadata: {e}", self.id))?;
             if crashed_primary {
                 // Writes in the hot extents may have reached only this disk or only the peers.
                 for extent in meta.al.hot_extents() {
@@ -285,7 +286,9 @@ impl Node {
             self.meta = Some(meta);
         }
         self.up = true;
-        cx.log(self.id, || format!("up: {} {}{}", self.role, self.disk, if self.crashed_primary { ", crashed as primary" } else { "" }));
+        cx.log(self.id, || {
+            format!("up: {} {}{}", self.role, self.disk, if self.crashed_primary { ", crashed as primary" } else { "" })
+        });
         let phase = cx.rng.range(0, TICK);
         self.schedule(cx, phase, NodeEvent::Tick);
         Ok(())
@@ -324,7 +327,8 @@ impl Node {
     /// and keeps its vote.
     pub fn shut_down(&mut self, cx: &mut Ctx) -> Result<(), Crashed> {
         assert_eq!(self.role, Role::Secondary, "demote before down");
-        let successor = self.peers.iter().any(|p| !p.witness && p.link.as_ref().is_some_and(|l| l.disk == DiskState::UpToDate));
+        let successor =
+            self.peers.iter().any(|p| !p.witness && p.link.as_ref().is_some_and(|l| l.disk == DiskState::UpToDate));
         let departing = successor || self.witness;
         if successor && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
             self.disk = DiskState::Outdated;
@@ -358,7 +362,10 @@ impl Node {
     /// The nodes this node sees as primary, itself included.
     pub fn sees_primary(&self) -> u32 {
         let me = if self.role == Role::Primary { 1 << self.id } else { 0 };
-        self.peers.iter().filter(|p| p.link.as_ref().is_some_and(|l| l.role == Role::Primary)).fold(me, |m, p| m | 1 << p.id)
+        self.peers
+            .iter()
+            .filter(|p| p.link.as_ref().is_some_and(|l| l.role == Role::Primary))
+            .fold(me, |m, p| m | 1 << p.id)
     }
 
     /// `core::quorum::evaluate` over this node's view. A peer counts once its State arrived
@@ -368,7 +375,11 @@ impl Node {
         let (current, ancestors) = self.lineage();
         let counts_for_me = |state: &StateMsg| {
             !rules.amend.generation_votes
-                || if as_primary { same_uuid(state.acknowledged, current) } else { holds(current, &ancestors, state.acknowledged) }
+                || if as_primary {
+                    same_uuid(state.acknowledged, current)
+                } else {
+                    holds(current, &ancestors, state.acknowledged)
+                }
         };
         let views: Vec<VoterView> = self
             .peers
@@ -422,7 +433,8 @@ impl Node {
             peer_up_to_date: self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.disk == DiskState::UpToDate)),
         };
         let peer_primary = self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.role == Role::Primary));
-        let target = self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.pending_sync.is_some_and(|d| d.is_target())));
+        let target =
+            self.peers.iter().any(|p| p.link.as_ref().is_some_and(|l| l.pending_sync.is_some_and(|d| d.is_target())));
         inputs.may_promote() && !peer_primary && !(target && rules.amend.no_promotion_while_target)
     }
 
@@ -431,10 +443,15 @@ impl Node {
     pub fn promote(&mut self, cx: &mut Ctx, force: bool) -> Result<(), Crashed> {
         let resyncing_counts = cx.rules.amend.resync_target_is_present;
         let present = |l: &Link| {
-            l.repl == ReplState::Established && l.disk == DiskState::UpToDate || resyncing_counts && l.repl == ReplState::SyncSource
+            l.repl == ReplState::Established && l.disk == DiskState::UpToDate
+                || resyncing_counts && l.repl == ReplState::SyncSource
         };
-        let absent: Vec<usize> =
-            self.peers.iter().filter(|p| force || !p.link.as_ref().is_some_and(present)).filter_map(|p| p.slot).collect();
+        let absent: Vec<usize> = self
+            .peers
+            .iter()
+            .filter(|p| force || !p.link.as_ref().is_some_and(present))
+            .filter_map(|p| p.slot)
+            .collect();
         let fresh = fresh_uuid(cx);
         let meta = self.meta();
         if force || !absent.is_empty() {

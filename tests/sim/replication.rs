@@ -258,7 +258,14 @@ impl Node {
 
     /// The disk finished a stream write: it is on the medium whatever became of the link; the
     /// ack goes out only on the same connection.
-    pub fn stream_write_done(&mut self, cx: &mut Ctx, peer: u8, conn: u64, io: u64, applied: Applied) -> Result<(), Crashed> {
+    pub fn stream_write_done(
+        &mut self,
+        cx: &mut Ctx,
+        peer: u8,
+        conn: u64,
+        io: u64,
+        applied: Applied,
+    ) -> Result<(), Crashed> {
         let ok = self.data.finish_write(io);
         let Some(link) = self.link_on(peer, conn) else { return Ok(()) };
         link.busy = false;

@@ -103,10 +103,17 @@ pub enum Step {
     Client,
     Fault,
     /// An armed crash that no metadata write triggered yet happens now.
-    CrashDeadline { node: u8, incarnation: u64 },
-    Restart { node: u8 },
+    CrashDeadline {
+        node: u8,
+        incarnation: u64,
+    },
+    Restart {
+        node: u8,
+    },
     /// Retry a `down` once the node is demoted.
-    Down { node: u8 },
+    Down {
+        node: u8,
+    },
     EndFaults,
     HealCheck,
 }
@@ -151,7 +158,8 @@ impl Sim {
         let mut rng = Rng::new(seed);
         let mut config = Config::random(&mut rng);
         adjust(&mut config);
-        let ids: Vec<(u8, bool)> = (0..config.nodes() as u8).map(|id| (id, usize::from(id) >= config.data_nodes)).collect();
+        let ids: Vec<(u8, bool)> =
+            (0..config.nodes() as u8).map(|id| (id, usize::from(id) >= config.data_nodes)).collect();
         let nodes = ids.iter().map(|&(id, witness)| Node::new(id, witness, &ids)).collect();
         Sim {
             now: 0,
@@ -286,7 +294,9 @@ impl Sim {
                     self.with_node(node, |n, cx| match what {
                         NodeEvent::Tick => n.tick(cx),
                         NodeEvent::LocalWriteDone { id } => n.local_write_done(cx, id),
-                        NodeEvent::StreamWriteDone { peer, conn, io, applied } => n.stream_write_done(cx, peer, conn, io, applied),
+                        NodeEvent::StreamWriteDone { peer, conn, io, applied } => {
+                            n.stream_write_done(cx, peer, conn, io, applied)
+                        }
                         NodeEvent::ResyncStep { peer, conn } => {
                             n.resync_step(cx, peer, conn);
                             Ok(())
@@ -307,7 +317,17 @@ impl Sim {
             Step::Fault => {
                 let total: u64 = self.config.faults.iter().map(|(_, w)| w).sum();
                 let mut draw = self.rng.range(0, total);
-                let &(fault, _) = self.config.faults.iter().find(|(_, w)| draw < *w || { draw -= w; false }).expect("a weight");
+                let &(fault, _) = self
+                    .config
+                    .faults
+                    .iter()
+                    .find(|(_, w)| {
+                        draw < *w || {
+                            draw -= w;
+                            false
+                        }
+                    })
+                    .expect("a weight");
                 self.fault(fault);
                 let next = self.rng.range(200 * MS, 2500 * MS);
                 self.queue.at(self.now + next, Event::Scenario(Step::Fault));
@@ -438,7 +458,8 @@ impl Sim {
                 }
             }
             Fault::Demote => {
-                let primaries: Vec<u8> = self.nodes.iter().filter(|n| n.up && n.role == Role::Primary).map(|n| n.id).collect();
+                let primaries: Vec<u8> =
+                    self.nodes.iter().filter(|n| n.up && n.role == Role::Primary).map(|n| n.id).collect();
                 if !primaries.is_empty() {
                     let id = self.rng.pick(&primaries);
                     self.log(|| format!("manager: demote n{id}"));
@@ -525,7 +546,9 @@ impl Sim {
         self.resolve_stand_alone();
         let data = self.config.data_nodes as u8;
         if demoted.is_empty() && !self.nodes.iter().any(|n| n.role == Role::Primary) {
-            if let Some(id) = (0..data).find(|id| self.nodes[usize::from(*id)].may_promote(self.now, &self.config.rules)) {
+            if let Some(id) =
+                (0..data).find(|id| self.nodes[usize::from(*id)].may_promote(self.now, &self.config.rules))
+            {
                 self.log(|| format!("manager: promote n{id}"));
                 self.with_node(id, |n, cx| n.promote(cx, false));
             }
@@ -535,7 +558,14 @@ impl Sim {
             return Ok(());
         }
         if self.now - since > HEAL_LIMIT {
-            return Err(Violation { checker: 3, what: format!("the cluster did not settle within {} s of healing:\n{}", HEAL_LIMIT / SEC, self.describe()) });
+            return Err(Violation {
+                checker: 3,
+                what: format!(
+                    "the cluster did not settle within {} s of healing:\n{}",
+                    HEAL_LIMIT / SEC,
+                    self.describe()
+                ),
+            });
         }
         self.queue.at(self.now + 500 * MS, Event::Scenario(Step::HealCheck));
         Ok(())
@@ -585,7 +615,8 @@ impl Sim {
             let uuid = n.meta.as_ref().map_or(0, |m| m.sb.uuids.current);
             out += &format!("  n{} up={} {} {} uuid={uuid:X} data={:?}\n", n.id, n.up, n.role, n.disk, n.data.blocks());
             for p in &n.peers {
-                let link = p.link.as_ref().map_or("-".to_string(), |l| format!("{} pending={:?}", l.repl, l.pending_sync));
+                let link =
+                    p.link.as_ref().map_or("-".to_string(), |l| format!("{} pending={:?}", l.repl, l.pending_sync));
                 out += &format!("     n{}: want={} {link}\n", p.id, p.want_connect);
             }
         }

@@ -124,7 +124,10 @@ impl Node {
 
     /// The peer's State: remember it, end a resync it confirms, and decide what to do with it.
     pub fn on_state(&mut self, cx: &mut Ctx, peer: u8, state: StateMsg) -> Result<(), Crashed> {
-        if state.role == Role::Primary && self.role != Role::Primary && holds(state.current, &state.ancestors, self.acknowledged) {
+        if state.role == Role::Primary
+            && self.role != Role::Primary
+            && holds(state.current, &state.ancestors, self.acknowledged)
+        {
             self.acknowledge(state.current);
         }
         let link = self.link_mut(peer).expect("linked");
@@ -177,7 +180,11 @@ impl Node {
         let p = self.peer(peer);
         let Some(link) = &p.link else { return Ok(()) };
         let Some(theirs) = &link.state else { return Ok(()) };
-        if self.witness || p.witness || !matches!(link.repl, ReplState::Off | ReplState::Established) || link.pending_sync.is_some() {
+        if self.witness
+            || p.witness
+            || !matches!(link.repl, ReplState::Off | ReplState::Established)
+            || link.pending_sync.is_some()
+        {
             return Ok(());
         }
         let mine = self.uuid_view(peer);
@@ -226,7 +233,9 @@ impl Node {
             SyncDecision::SplitBrainManual | SyncDecision::Unrelated if self.discard_my_data && !mine.is_primary => {
                 SyncDecision::FullTarget
             }
-            SyncDecision::SplitBrainManual | SyncDecision::Unrelated if theirs.discard_my_data && !their_view.is_primary => {
+            SyncDecision::SplitBrainManual | SyncDecision::Unrelated
+                if theirs.discard_my_data && !their_view.is_primary =>
+            {
                 SyncDecision::FullSource
             }
             other => other,
@@ -251,9 +260,16 @@ impl Node {
                 Ok(())
             }
             d if d.is_source() || d.is_target() => {
-                cx.log(self.id, || format!("with n{peer}: {d:?} (mine {:X}/{:X}, theirs {:X}/{:X})", mine.current, mine.bitmap_for_peer, their_view.current, their_view.bitmap_for_peer));
+                cx.log(self.id, || {
+                    format!(
+                        "with n{peer}: {d:?} (mine {:X}/{:X}, theirs {:X}/{:X})",
+                        mine.current, mine.bitmap_for_peer, their_view.current, their_view.bitmap_for_peer
+                    )
+                });
                 let slot = self.peer(peer).slot.expect("data peer");
-                let blocks: Vec<usize> = (0..BLOCKS).filter(|b| self.meta.as_ref().expect("data node").bitmaps[slot].test_block(*b as u64)).collect();
+                let blocks: Vec<usize> = (0..BLOCKS)
+                    .filter(|b| self.meta.as_ref().expect("data node").bitmaps[slot].test_block(*b as u64))
+                    .collect();
                 let link = self.link_mut(peer).expect("linked");
                 link.pending_sync = Some(d);
                 let conn = link.conn;
@@ -298,7 +314,8 @@ impl Node {
             *if full { &mut cx.stats.full_syncs } else { &mut cx.stats.bitmap_resyncs } += 1;
         }
         if decision == SyncDecision::FullSource && cx.rules.amend.full_sync_resumes_by_bitmap {
-            let target_current = self.link(peer).and_then(|l| l.state.as_ref()).expect("decided on the peer's State").current;
+            let target_current =
+                self.link(peer).and_then(|l| l.state.as_ref()).expect("decided on the peer's State").current;
             let meta = self.meta();
             meta.sb.peers[slot].bitmap_uuid = target_current & !1;
             meta.persist()?;
@@ -306,7 +323,13 @@ impl Node {
         self.discard_my_data = false;
         // A target that was Inconsistent already (an interrupted resync) says nothing new.
         let target_started = self.link(peer).expect("linked").disk == DiskState::Inconsistent;
-        let run = ResyncRun { id: cx.ids.resync(), total_blocks: self.meta().bitmaps[slot].weight(), cursor: 0, draining: None, target_started };
+        let run = ResyncRun {
+            id: cx.ids.resync(),
+            total_blocks: self.meta().bitmaps[slot].weight(),
+            cursor: 0,
+            draining: None,
+            target_started,
+        };
         cx.log(self.id, || format!("resync with n{peer}: {decision:?}, {} blocks", run.total_blocks));
         let link = self.link_mut(peer).expect("linked");
         link.resync = Some(run);
@@ -349,7 +372,8 @@ impl Node {
             }
             None => {
                 let epoch = self.send_barriers(cx);
-                self.link_on(peer, conn).and_then(|l| l.resync.as_mut()).expect("resync running").draining = Some(epoch);
+                self.link_on(peer, conn).and_then(|l| l.resync.as_mut()).expect("resync running").draining =
+                    Some(epoch);
                 self.schedule(cx, 10 * MS, NodeEvent::ResyncStep { peer, conn });
             }
             Some((block, _)) => {
