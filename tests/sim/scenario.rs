@@ -22,15 +22,13 @@ pub struct Config {
     pub data_nodes: usize,
     pub witnesses: usize,
     pub rules: Rules,
-    /// Start from fresh metadata with node 0 forced primary (an initial full sync), instead of
-    /// in-sync replicas.
+    /// Start from fresh metadata with node 0 forced primary (its peers then get every block),
+    /// instead of from in-sync replicas.
     pub forced_start: bool,
     /// How long faults are injected before the heal phase.
     pub fault_phase: Time,
     /// Faults that may be drawn, with their weights.
     pub faults: &'static [(Fault, u64)],
-    /// Checker 1 applies (quorum on, or a test that expects it to fire with quorum off).
-    pub check_exclusive_primary: bool,
 }
 
 /// One kind of fault.
@@ -88,7 +86,6 @@ impl Config {
             forced_start: rng.percent(25),
             fault_phase: rng.range(10, 40) * SEC,
             faults: &DEFAULT_FAULTS,
-            check_exclusive_primary: true,
         }
     }
 
@@ -168,7 +165,7 @@ impl Sim {
             queue: Queue::default(),
             rng,
             trace: Trace::new(trace),
-            history: History::new(config.check_exclusive_primary),
+            history: History::new(),
             ids: Ids::default(),
             stats: Stats { runs: 1, ..Stats::default() },
             checkers: Checkers::default(),
@@ -315,19 +312,7 @@ impl Sim {
             Step::Client => self.client(),
             Step::Fault if self.healing_since.is_some() => {}
             Step::Fault => {
-                let total: u64 = self.config.faults.iter().map(|(_, w)| w).sum();
-                let mut draw = self.rng.range(0, total);
-                let &(fault, _) = self
-                    .config
-                    .faults
-                    .iter()
-                    .find(|(_, w)| {
-                        draw < *w || {
-                            draw -= w;
-                            false
-                        }
-                    })
-                    .expect("a weight");
+                let fault = self.draw_fault();
                 self.fault(fault);
                 let next = self.rng.range(200 * MS, 2500 * MS);
                 self.queue.at(self.now + next, Event::Scenario(Step::Fault));
@@ -391,6 +376,19 @@ impl Sim {
         for version in std::mem::take(&mut self.history.finished) {
             self.outstanding.remove(&version);
         }
+    }
+
+    /// A fault drawn by weight.
+    fn draw_fault(&mut self) -> Fault {
+        let total: u64 = self.config.faults.iter().map(|(_, w)| w).sum();
+        let mut draw = self.rng.range(0, total);
+        for &(fault, weight) in self.config.faults {
+            if draw < weight {
+                return fault;
+            }
+            draw -= weight;
+        }
+        unreachable!("the draw is below the total weight")
     }
 
     fn fault(&mut self, fault: Fault) {
