@@ -144,7 +144,7 @@ fn engine_rule_departed_nodes_stop_counting_allows_two_primaries() {
         c.rules.amend.departed_still_vote = false;
         c.witnesses = 3;
     };
-    must_fail("departed nodes stop counting", 1079..1300, adjust, &[1, 2]);
+    must_fail("departed nodes stop counting", 4711..4900, adjust, &[1, 2]);
 }
 
 #[test]
@@ -177,6 +177,11 @@ fn engine_rule_promotion_rotates_the_generation_under_a_resync() {
     );
 }
 
+#[test]
+fn engine_rule_promotion_counts_stale_links() {
+    must_fail("promotion counts connected peers", 19839..20000, |c| c.rules.amend.leased_votes_for_promotion = false, &[2]);
+}
+
 /// Not amended (it needs a new rule in the decision table): a resync whose end the source
 /// missed, after which the source moved to a new generation, is repaired by a full sync.
 #[test]
@@ -190,7 +195,7 @@ fn missed_resync_end_is_repaired_by_a_full_sync() {
 fn split_brain_policies_that_discard_a_quorum_primary_lose_acknowledged_writes() {
     must_fail(
         "after_sb_0pri discard-younger-primary, after_sb_1pri discard-secondary",
-        338..600,
+        2096..2300,
         |c| {
             c.rules.split_brain.zero_primaries = AfterSb0Pri::DiscardYoungerPrimary;
             c.rules.split_brain.one_primary = AfterSb1Pri::DiscardSecondary;

@@ -21,13 +21,15 @@ use blkrepl::meta::{extent_offset, MetaFlags, AL_EXTENT_SIZE};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-/// How often a node looks after its links (pings, read timeout, dialing).
+/// How often a node looks after its links: pings, the read timeout, and dialing (the engine's
+/// dialers retry every 300 ms).
 pub const TICK: Time = 250 * MS;
 /// The engine's `link::PING_INTERVAL`.
 pub const PING_INTERVAL: Time = SEC;
 /// The engine's `connection::READ_TIMEOUT`: a link silent this long is dropped.
 pub const READ_TIMEOUT: Time = 5 * SEC;
 
+/// `core::quorum::LEASE` in virtual time.
 pub fn lease() -> Time {
     LEASE.as_micros() as Time
 }
@@ -369,9 +371,10 @@ impl Node {
     }
 
     /// `core::quorum::evaluate` over this node's view. A peer counts once its State arrived
-    /// (before that its `sees_primary` is unknown); as a primary, only within its lease; with
-    /// `generation_votes`, only for the generation it acknowledged.
+    /// (before that its `sees_primary` is unknown); as a primary (and, amended, as a candidate)
+    /// only within its lease; amended, only for the generation it acknowledged.
     pub fn quorum(&self, now: Time, rules: &Rules, as_primary: bool) -> QuorumState {
+        let leased = as_primary || rules.amend.leased_votes_for_promotion;
         let (current, ancestors) = self.lineage();
         let counts_for_me = |state: &StateMsg| {
             !rules.amend.generation_votes
@@ -388,7 +391,7 @@ impl Node {
                 let state = p.link.as_ref().and_then(|l| l.state.as_ref().map(|s| (l, s)));
                 VoterView {
                     node_id: p.id,
-                    reachable: state.is_some_and(|(l, s)| (!as_primary || now < l.lease_until) && counts_for_me(s)),
+                    reachable: state.is_some_and(|(l, s)| (!leased || now < l.lease_until) && counts_for_me(s)),
                     departed: p.departed && !rules.amend.departed_still_vote,
                     sees_primary: state.map_or(0, |(_, s)| s.sees_primary),
                 }

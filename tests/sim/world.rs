@@ -58,6 +58,11 @@ pub struct Amendments {
     /// one, may be on its way; the target adopts a generation the source has left, and a full
     /// sync follows.
     pub resync_target_is_present: bool,
+    /// A candidate for promotion, too, counts a peer's vote only within the lease of a ping the
+    /// peer answered. `core::quorum` counts any connected peer, and a link is given up only
+    /// after 5 s of silence: a candidate can count the vote of the primary on the other side
+    /// of a fresh partition, whose State announcing its promotion is stuck in the cut link.
+    pub leased_votes_for_promotion: bool,
 }
 
 impl Amendments {
@@ -68,6 +73,7 @@ impl Amendments {
         departed_still_vote: true,
         no_promotion_while_target: true,
         resync_target_is_present: true,
+        leased_votes_for_promotion: true,
     };
 }
 
