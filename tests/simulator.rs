@@ -179,7 +179,12 @@ fn engine_rule_promotion_rotates_the_generation_under_a_resync() {
 
 #[test]
 fn engine_rule_promotion_counts_stale_links() {
-    must_fail("promotion counts connected peers", 19839..20000, |c| c.rules.amend.leased_votes_for_promotion = false, &[2]);
+    must_fail(
+        "promotion counts connected peers",
+        19839..20000,
+        |c| c.rules.amend.leased_votes_for_promotion = false,
+        &[2],
+    );
 }
 
 /// Not amended (it needs a new rule in the decision table): a resync whose end the source

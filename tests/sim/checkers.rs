@@ -67,7 +67,13 @@ pub struct History {
 
 impl History {
     pub fn new() -> History {
-        History { acked: [0; BLOCKS], acked_writes: 0, finished: Vec::new(), violations: Vec::new(), tenures: Vec::new() }
+        History {
+            acked: [0; BLOCKS],
+            acked_writes: 0,
+            finished: Vec::new(),
+            violations: Vec::new(),
+            tenures: Vec::new(),
+        }
     }
 
     /// `node` became primary: a new tenure.

@@ -13,8 +13,9 @@
 //! - [`disk`]: data disks (latency, I/O errors, power loss) and the metadata store wrapper.
 //! - [`node`], [`replication`], [`sync`]: one node: roles and quorum; the write path and the
 //!   replicated stream; handshake, connect-time decision and resync.
-//! - [`world`]: the event queue and the context handed to nodes.
-//! - [`checkers`]: the invariants checked after every step.
+//! - [`world`]: the event queue, the context handed to nodes, the resource's rules and the
+//!   amendments the model makes to the engine's rules (each one a finding of this simulator).
+//! - [`checkers`]: the invariants checked after every step, and what the client was told.
 //! - [`scenario`]: the cluster, the client and the random fault schedule; runs one seed.
 
 pub mod checkers;
