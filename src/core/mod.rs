@@ -7,3 +7,5 @@ pub mod sync_decision;
 pub mod inflight;
 pub mod transfer_log;
 pub mod generation;
+pub mod quorum;
+pub mod split_brain;

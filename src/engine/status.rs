@@ -2,6 +2,8 @@
 
 use super::state::State;
 use super::Shared;
+use crate::core::quorum::{OnNoQuorum, PromotionInputs};
+use crate::core::states::{DiskState, Role};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -13,6 +15,17 @@ pub struct ResourceStatus {
     /// Whether this node has quorum (always, while the policy is "off").
     pub quorum: bool,
     pub quorum_policy: String,
+    /// Voters reached (itself included), voters counted, votes needed.
+    pub quorum_votes: u8,
+    pub quorum_voters: u8,
+    pub quorum_needed: u8,
+    pub on_no_quorum: OnNoQuorum,
+    /// Writes completed locally but held because this primary has no quorum (suspend-io).
+    pub suspended_writes: usize,
+    /// Whether `primary` (without --force) would succeed now.
+    pub may_promote: bool,
+    /// How good a primary this node would be (Pacemaker's scale): none without quorum.
+    pub promotion_score: Option<u32>,
     /// Where the device is exported while primary (`nbd://ADDR/NAME` or `/dev/ublkbN`).
     pub device: Option<String>,
     /// "serving"; "suspended: WHY" for a ublk device left behind by a daemon that died as
@@ -33,6 +46,10 @@ pub struct ResourceStatus {
 pub struct PeerStatus {
     pub name: String,
     pub node_id: u8,
+    /// A diskless witness (votes only).
+    pub witness: bool,
+    /// Left cleanly and no longer counted for quorum until it returns.
+    pub departed: bool,
     pub connection: String,
     pub replication: String,
     pub peer_role: String,
@@ -75,6 +92,8 @@ pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
             PeerStatus {
                 name: p.name.clone(),
                 node_id: p.node_id,
+                witness: p.witness,
+                departed: p.departed,
                 connection: p.conn.to_string(),
                 replication: p.repl.to_string(),
                 peer_role: p.role.to_string(),
@@ -87,13 +106,28 @@ pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
             }
         })
         .collect();
+    let quorum = st.quorum();
+    let promotion = PromotionInputs {
+        role: st.role,
+        disk: st.disk,
+        quorum,
+        all_data_peers_known: st.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
+        peer_up_to_date: st.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
+    };
     ResourceStatus {
         name: shared.config.name.clone(),
         node: shared.me.name.clone(),
         role: st.role.to_string(),
         disk: st.disk.to_string(),
-        quorum: true,
-        quorum_policy: shared.config.quorum.to_string(),
+        quorum: quorum.has_quorum,
+        quorum_policy: st.quorum_policy.to_string(),
+        quorum_votes: quorum.votes,
+        quorum_voters: quorum.voters,
+        quorum_needed: quorum.needed,
+        on_no_quorum: st.on_no_quorum,
+        suspended_writes: st.suspended.len(),
+        may_promote: st.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
+        promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
         device: match (&st.export, &st.left_behind) {
             (Some(export), _) => Some(export.device()),
             (None, Some((id, _))) => Some(blkrepl_ublk::block_device_path(*id).display().to_string()),

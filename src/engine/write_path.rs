@@ -4,6 +4,7 @@
 
 use super::io_pool::IoOp;
 use super::state::{Deferred, PendingFlush, State};
+use crate::core::quorum::OnNoQuorum;
 use super::Shared;
 use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
@@ -95,6 +96,12 @@ fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), Bl
         return Err(BlockError::ReadOnly);
     }
     if st.disk != DiskState::UpToDate {
+        return Err(BlockError::Io);
+    }
+    // Without quorum under io-error, or once another node is primary, fail before writing
+    // anything: the data would diverge from the side that may be promoted. (suspend-io writes
+    // and holds the completion instead, while the outcome is open.)
+    if (st.on_no_quorum == OnNoQuorum::IoError && !st.may_complete_writes()) || st.superseded() {
         return Err(BlockError::Io);
     }
     in_bounds(shared, offset, len)
@@ -286,7 +293,7 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
             Some(LocalFailure::Io) => Err(BlockError::Io),
             Some(LocalFailure::NoSpace) => Err(BlockError::NoSpace),
         };
-        deferred.push(done, result);
+        st.finish_write(done, result, deferred);
     }
 }
 
@@ -342,7 +349,7 @@ pub fn finish_flushes(st: &mut State, deferred: &mut Deferred) {
         }
         let mut flush = st.flushes.remove(i);
         if let Some(done) = flush.done.take() {
-            deferred.push(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) });
+            st.finish_write(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) }, deferred);
         }
     }
 }
