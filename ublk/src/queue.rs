@@ -243,6 +243,7 @@ fn start_request(queue: &UblkQueue<'_>, tag: u16, shared: &Arc<QueueShared>, han
         Ok(op) => op,
         Err(errno) => {
             tracing::debug!(device = shared.device_id, op_flags = iod.op_flags, errno, "request refused");
+            // The op of a completion only shapes a success; any will do for a failure.
             return Completion::new(Arc::clone(shared), tag, Op::Flush).fail(errno);
         }
     };
