@@ -159,10 +159,8 @@ pub enum DeviceState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceStatus {
     pub state: DeviceState,
+    /// As given at creation ([`DeviceConfig::owner_tag`]).
     pub owner_tag: u64,
-    /// The last server's process id.
-    pub server_pid: i32,
-    pub features: Features,
 }
 
 /// A started device, served by this process. Dropping it removes the device like
@@ -258,12 +256,7 @@ impl Device {
     pub fn status(id: u32) -> Result<Option<DeviceStatus>, Error> {
         Ok(existing(id, UblkFlags::empty())?.map(|ctrl| {
             let info = ctrl.dev_info();
-            DeviceStatus {
-                state: state_of(info.state),
-                owner_tag: info.ublksrv_flags,
-                server_pid: info.ublksrv_pid,
-                features: Features::from_bits(info.flags),
-            }
+            DeviceStatus { state: state_of(info.state), owner_tag: info.ublksrv_flags }
         }))
     }
 

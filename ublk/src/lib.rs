@@ -22,7 +22,7 @@ mod holders;
 mod queue;
 mod request;
 
-pub use device::{CopyMode, Device, DeviceConfig, DeviceState};
+pub use device::{CopyMode, Device, DeviceConfig, DeviceState, DeviceStatus};
 pub use error::Error;
 pub use features::Features;
 pub use holders::{holders, Holder};
