@@ -60,6 +60,11 @@ fn a_partitioned_primary_stops_the_majority_promotes_and_nothing_acknowledged_is
     // between the two primaries is reported, not merged, and the write alpha held can never be
     // acknowledged: it fails.
     c.heal("alpha");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !writer.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the old primary still holds its write after the heal\n{}", c.logs());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let (ok, out) = writer.join().unwrap();
     assert!(!ok, "the old primary acknowledged a write after the heal: {out}");
     c.wait_for("alpha", "split brain reported", |s| {

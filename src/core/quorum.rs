@@ -2,11 +2,12 @@
 //! writes, given which of the configured nodes it can hear right now.
 //!
 //! Every configured node votes, data nodes and diskless witnesses alike. A node counts itself
-//! and each peer it is connected to (for a primary: heard from within its lease, see
-//! [`LEASE`]). A peer that left cleanly (`down` while connected) told us so and marked its own
-//! disk Outdated first; it stops counting until it returns, so the last node standing of an
-//! orderly shutdown may still serve. A peer that vanished still counts as a voter: the
-//! partition it may be in could hold the majority.
+//! and each peer the caller deems reachable (connected, within the lease of an answered ping,
+//! see [`LEASE`], and holding a generation that lets it vote for this node). A peer that left
+//! cleanly (`down` while connected) told us so and marked its own disk Outdated first; while
+//! every other voter is reachable it stops counting, so the last node standing of an orderly
+//! shutdown may still serve. A peer that vanished still counts as a voter: the partition it may
+//! be in could hold the majority.
 //!
 //! Quorum alone does not make two primaries impossible: in a triangle whose A-B edge broke, A
 //! and B can each reach the witness and both hold a majority. So each node also reports which
@@ -64,8 +65,8 @@ pub struct VoterView {
     pub reachable: bool,
     /// Left cleanly and is Outdated: not a voter until it returns.
     pub departed: bool,
-    /// The nodes this peer reports as primary, one bit per node id (itself included). Only
-    /// meaningful while reachable.
+    /// The nodes this peer reports as primary, one bit per node id (itself included); 0 when
+    /// it cannot be heard from now.
     pub sees_primary: u32,
 }
 
@@ -85,7 +86,12 @@ pub struct QuorumState {
 
 /// Counts the votes. `peers` holds every other configured node.
 pub fn evaluate(policy: QuorumPolicy, me: u8, peers: &[VoterView]) -> QuorumState {
-    let counted = || peers.iter().filter(|p| !p.departed);
+    // Departed voters are discounted only while every other voter is reachable: nodes that saw
+    // different departures must not count majorities of different voter sets on two sides of a
+    // partition (the simulator found two primaries that way). An orderly shutdown, node by
+    // node with the rest connected, still leaves the last one standing with quorum.
+    let everyone_else_here = peers.iter().all(|p| p.departed || p.reachable);
+    let counted = || peers.iter().filter(|p| !(p.departed && everyone_else_here));
     let voters = 1 + counted().count() as u8;
     let votes = 1 + counted().filter(|p| p.reachable).count() as u8;
     let needed = match policy {
@@ -93,9 +99,10 @@ pub fn evaluate(policy: QuorumPolicy, me: u8, peers: &[VoterView]) -> QuorumStat
         QuorumPolicy::Majority => voters / 2 + 1,
         QuorumPolicy::Votes(n) => n,
     };
+    // Every peer heard from counts here, vote or not: a witness that follows a newer primary
+    // does not vote for this node, but its news of that primary matters all the more.
     let other_primary = peers
         .iter()
-        .filter(|p| p.reachable)
         .map(|p| p.sees_primary & !(1u32 << me))
         .find(|mask| *mask != 0)
         .map(|mask| mask.trailing_zeros() as u8);
@@ -165,10 +172,14 @@ mod tests {
         let departed = VoterView { departed: true, ..peer(2, false) };
         let q = evaluate(QuorumPolicy::Majority, 1, &[departed]);
         assert_eq!((q.votes, q.voters, q.needed, q.has_quorum), (1, 1, 1, true));
-        // Of five, two left cleanly: two of the three remaining are a majority.
+        // Of five, two left cleanly and the other two are here: three voters, all reachable.
+        let peers = [VoterView { departed: true, ..peer(2, false) }, VoterView { departed: true, ..peer(3, false) }, peer(4, true), peer(5, true)];
+        let q = evaluate(QuorumPolicy::Majority, 1, &peers);
+        assert_eq!((q.votes, q.voters, q.needed, q.has_quorum), (3, 3, 2, true));
+        // With a voter missing, departures are not discounted: two of five is no majority.
         let peers = [VoterView { departed: true, ..peer(2, false) }, VoterView { departed: true, ..peer(3, false) }, peer(4, true), peer(5, false)];
         let q = evaluate(QuorumPolicy::Majority, 1, &peers);
-        assert_eq!((q.votes, q.voters, q.needed, q.has_quorum), (2, 3, 2, true));
+        assert_eq!((q.votes, q.voters, q.needed, q.has_quorum), (2, 5, 3, false));
     }
 
     #[test]

@@ -444,13 +444,19 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     peer.last_state = Some(state);
     if saw_before & !state.primaries != 0 {
         // It no longer sees a primary it saw: what that primary sent lately may have missed it.
-        st.mark_recent_for(peer_id);
+        st.mark_recent_for(peer_id, Some(state.current_uuid)).map_err(|e| format!("cannot persist a bitmap UUID: {e}"))?;
     }
     let peer = st.peer_mut(peer_id);
     if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
         peer.departed = true;
         tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
     }
+    if shared.me.disk.is_none() && peer.role == Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
+        // A witness votes by the newest primary generation it has seen, and says so.
+        st.sb.uuids.current = state.current_uuid;
+        st.broadcast_state();
+    }
+    let peer = st.peer(peer_id);
     let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
     if follows && st.disk == DiskState::UpToDate && st.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
         follow_primary(shared, &mut st, peer_id, state.current_uuid)?;
@@ -686,6 +692,7 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     peer.sent_bytes_before += link.sent_bytes();
     peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
     let was = std::mem::replace(&mut peer.repl, ReplState::Off);
+    let last_generation = peer.last_state.filter(|_| was == ReplState::Established).map(|s| s.current_uuid);
     peer.role = Role::Unknown;
     peer.disk = DiskState::DUnknown;
     peer.last_state = None;
@@ -699,7 +706,10 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     for (offset, len) in lacking {
         st.mark_out_of_sync(slot, offset, len);
     }
-    st.mark_recent_for(peer_id);
+    if let Err(e) = st.mark_recent_for(peer_id, last_generation) {
+        tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the bitmap UUID of a lost peer");
+        st.disk = DiskState::Failed;
+    }
     tracing::warn!(resource = %shared.config.name, peer = %st.peer(peer_id).name, was = %was, "connection lost: {reason}");
 
     // A witness holds no data, so losing it starts no new generation.

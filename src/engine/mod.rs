@@ -313,6 +313,12 @@ impl Engine {
                 "a connected node reports {name} as primary (this node cannot reach it directly): demote {name} first"
             )));
         }
+        if let Some(source) = st.peers.iter().find(|p| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target())) {
+            return Err(EngineError::Refused(format!(
+                "this node is being resynced from {}: wait until it is UpToDate",
+                source.name
+            )));
+        }
         if st.disk != DiskState::UpToDate && !force {
             return Err(EngineError::NotUpToDate { disk: st.disk });
         }

@@ -216,12 +216,23 @@ impl State {
     }
 
     /// A data peer stopped following the primary (its link here or to the primary is gone):
-    /// what this node applied lately may have missed it too.
-    pub fn mark_recent_for(&mut self, peer_id: u8) {
+    /// what this node applied lately may have missed it too. If this node tracked nothing for
+    /// it yet, it starts tracking from the generation the peer last reported, so their next
+    /// connect finds a bitmap resync (not a full sync) even if this node followed the
+    /// primary's new generation before it noticed the peer was gone.
+    pub fn mark_recent_for(&mut self, peer_id: u8, peer_generation: Option<u64>) -> Result<(), MetaError> {
         let peer = self.peer(peer_id);
-        if self.role != Role::Primary && !peer.witness {
-            let slot = peer.slot;
-            self.recent.mark_into(&mut self.bitmaps[slot]);
+        if self.role == Role::Primary || peer.witness {
+            return Ok(());
+        }
+        let slot = peer.slot;
+        self.recent.mark_into(&mut self.bitmaps[slot]);
+        match peer_generation {
+            Some(uuid) if self.sb.peers[slot].bitmap_uuid == 0 => {
+                self.sb.peers[slot].bitmap_uuid = uuid & !1;
+                self.persist()
+            }
+            _ => Ok(()),
         }
     }
 
@@ -234,10 +245,11 @@ impl State {
     /// Counts the votes now. A peer counts once its state is known; for a primary, only while
     /// the peer's lease holds (see `core::quorum::LEASE`).
     pub fn quorum(&self) -> QuorumState {
-        self.quorum_with_leases(self.role == Role::Primary)
+        self.quorum_with_leases(true)
     }
 
-    /// [`State::quorum`], choosing whether leases count (they do for a primary).
+    /// [`State::quorum`], choosing whether leases count (they always do, but a promotion waits
+    /// for the first ping of a peer that connected a moment ago: see `Engine::promote`).
     pub fn quorum_with_leases(&self, leases: bool) -> QuorumState {
         let now = Instant::now();
         let views: Vec<VoterView> = self
@@ -245,13 +257,30 @@ impl State {
             .iter()
             .map(|p| VoterView {
                 node_id: p.node_id,
-                reachable: p.last_state.is_some()
-                    && p.link.as_ref().is_some_and(|l| !leases || l.lease_holds(now)),
+                reachable: p.link.as_ref().is_some_and(|l| !leases || l.lease_holds(now)) && self.votes_for_me(p),
                 departed: p.departed,
-                sees_primary: p.last_state.map_or(0, |s| s.primaries),
+                sees_primary: p.last_state.filter(|_| p.link.is_some()).map_or(0, |s| s.primaries),
             })
             .collect();
         evaluate(self.quorum_policy, self.sb.node_id, &views)
+    }
+
+    /// Whether `peer`'s vote counts for this node, judged by the generation it holds (a
+    /// witness: the newest primary generation it has seen). A primary needs voters that know its
+    /// current generation (or receive its writes as resync targets); a candidate needs voters
+    /// that know no generation newer than its own. Otherwise a secondary left behind could form
+    /// a majority with a witness once the primary is gone, and promote without the writes
+    /// acknowledged meanwhile.
+    fn votes_for_me(&self, peer: &Peer) -> bool {
+        let Some(state) = peer.last_state else { return false };
+        let same = |uuid: u64| crate::core::sync_decision::same_uuid(state.current_uuid, uuid);
+        if self.role == Role::Primary {
+            return same(self.sb.uuids.current) || peer.repl == ReplState::SyncSource;
+        }
+        let knows_nothing = peer.witness && same(crate::core::sync_decision::UUID_JUST_CREATED);
+        knows_nothing
+            || same(self.sb.uuids.current)
+            || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| *u != 0 && same(*u))
     }
 
     /// Whether this node may complete writes now: as primary, only with quorum and while no
