@@ -7,3 +7,7 @@ pub mod sync_decision;
 pub mod inflight;
 pub mod transfer_log;
 pub mod generation;
+pub mod block_digest;
+pub mod leftover_bits;
+pub mod resync_rate;
+pub mod sync_progress;
