@@ -79,8 +79,12 @@ pub struct ResourceConfig {
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
     pub al_extents: u32,
-    /// Upper bound of the resync rate.
+    /// Upper bound of the resync rate, shared with the application's writes.
     pub resync_rate_max_kib: u64,
+    /// What a resync keeps however busy the application is.
+    pub resync_rate_min_kib: u64,
+    /// Send block digests first and data only where they differ.
+    pub csums_resync: bool,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -109,6 +113,9 @@ struct RawResource {
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
+    resync_rate_min_kib: Option<u64>,
+    #[serde(default)]
+    csums_resync: bool,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -131,6 +138,7 @@ fn default_protocol() -> String {
 pub const DEFAULT_BITMAP_BLOCK_SIZE: u32 = 4096;
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const DEFAULT_RESYNC_RATE_MAX_KIB: u64 = 100 * 1024;
+pub const DEFAULT_RESYNC_RATE_MIN_KIB: u64 = 250;
 pub use crate::meta::superblock::MAX_NODE_ID;
 use crate::meta::layout::{MAX_AL_EXTENTS, MAX_BITMAP_BLOCK_SIZE, MIN_AL_EXTENTS, MIN_BITMAP_BLOCK_SIZE};
 
@@ -230,6 +238,14 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     if resync_rate_max_kib < 250 {
         return Err(invalid(path, "resync_rate_max_kib", "must be at least 250"));
     }
+    let resync_rate_min_kib = raw.resync_rate_min_kib.unwrap_or(DEFAULT_RESYNC_RATE_MIN_KIB.min(resync_rate_max_kib));
+    if resync_rate_min_kib == 0 || resync_rate_min_kib > resync_rate_max_kib {
+        return Err(invalid(
+            path,
+            "resync_rate_min_kib",
+            format!("must be from 1 to resync_rate_max_kib ({resync_rate_max_kib}): a resync must always move"),
+        ));
+    }
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -272,6 +288,8 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,
+        resync_rate_min_kib,
+        csums_resync: raw.csums_resync,
         nodes,
     })
 }
@@ -324,6 +342,7 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(config.nodes[1].nbd, None);
         assert_eq!(config.node("beta").unwrap().address.port(), 7790);
         assert_eq!(config.bitmap_block_size, DEFAULT_BITMAP_BLOCK_SIZE);
+        assert_eq!((config.resync_rate_min_kib, config.csums_resync), (DEFAULT_RESYNC_RATE_MIN_KIB, false));
     }
 
     #[test]
@@ -343,10 +362,18 @@ disk = "/var/lib/blkrepl/beta.img"
             ("name = \"beta\"", "name = \"alpha\"", "node[1].name"),
             ("127.0.0.1:7790", "127.0.0.1:7789", "node[1].address"),
             ("name = \"r0\"", "name = \"r 0\"", "name"),
+            ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_min_kib = 0", "resync_rate_min_kib"),
+            ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_max_kib = 1000\nresync_rate_min_kib = 1001", "resync_rate_min_kib"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_shows_its_line() {
+        let err = error_of(&GOOD.replace("quorum = \"off\"", "csums_resync = \"yes\""));
+        assert!(err.contains("csums_resync = \"yes\"") && err.contains("boolean"), "{err}");
     }
 
     #[test]

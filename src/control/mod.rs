@@ -20,6 +20,8 @@ pub enum Request {
     Disconnect,
     Down,
     NewCurrentUuid { clear_bitmap: bool },
+    Verify,
+    Invalidate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,9 +11,7 @@
 
 use sha2::{Digest, Sha256};
 
-/// Bytes in one block digest.
-pub const DIGEST_BYTES: usize = 32;
-pub type BlockDigest = [u8; DIGEST_BYTES];
+pub type BlockDigest = [u8; crate::wire::DIGEST_BYTES];
 
 /// The digest of each `block_size` piece of `data`, in order; a shorter last piece (the end of
 /// the device) gets the digest of its own bytes.

@@ -5,17 +5,18 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
-use super::state::{Deferred, ResyncProgress, State, STATE_FLAG_CRASHED_PRIMARY};
-use super::{random_bytes, random_u64, resync, write_path, Shared};
+use super::state::{Deferred, State, STATE_FLAG_CRASHED_PRIMARY};
+use super::{digests, random_bytes, random_u64, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::leftover_bits::resync_leftover_bits;
 use crate::core::sync_decision::{decide, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
-use crate::wire::{auth, read_message, write_message, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
+use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Hello feature bit: this node requires the shared-secret challenge.
 const FEATURE_AUTH: u64 = 1;
@@ -303,6 +304,13 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         Message::BarrierAck { epoch, writes } => barrier_acked(shared, peer_id, epoch, writes),
         Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, peer_id, offset, &payload),
         Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, peer_id, current_uuid, history),
+        Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, peer_id, purpose, offset, &digests),
+        Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
+            verify::on_reply(shared, peer_id, offset, blocks, &differing)
+        }
+        Message::DigestReply { purpose: DigestPurpose::Resync, offset, blocks, differing } => {
+            resync::on_digest_reply(shared, peer_id, offset, blocks, &differing)
+        }
         Message::State(state) => on_peer_state(shared, peer_id, generation, state),
         Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, peer_id, last, &runs),
         Message::Ping => {
@@ -426,7 +434,7 @@ pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Def
 }
 
 /// Decides what to do with a connected peer whose state is known and whose link is not syncing.
-fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
+pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
     let peer = st.peer(peer_id);
     let Some(peer_state) = peer.last_state else { return Ok(()) };
     if peer.link.is_none() || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
@@ -434,7 +442,12 @@ fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), S
     }
     let mine = st.uuid_view(peer);
     let theirs = peer_view(peer_id, &peer_state);
-    let decision = decide(&mine, &theirs);
+    let mut decision = decide(&mine, &theirs);
+    if peer.repl == ReplState::Off {
+        // At connect only: blocks an online verify marked are resynced by reconnecting.
+        let my_bits = st.bitmaps[peer.slot].weight();
+        decision = resync_leftover_bits(decision, &mine, my_bits, &theirs, peer_state.bitmap_weight);
+    }
     let name = peer.name.clone();
     match decision {
         SyncDecision::InSync => {
@@ -513,7 +526,7 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
     }
     let total_bytes = st.bitmaps[slot].weight_bytes();
     let peer = st.peer_mut(peer_id);
-    peer.resync = Some(ResyncProgress { started: Instant::now(), total_bytes, full });
+    peer.resync = Some(resync::progress(total_bytes, full));
     if decision.is_target() {
         peer.repl = ReplState::SyncTarget;
         st.disk = DiskState::Inconsistent;

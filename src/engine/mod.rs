@@ -2,14 +2,16 @@
 //! into the pure pieces of [`crate::core`] and carry out what those decide.
 
 mod connection;
+mod digests;
 mod io_pool;
 mod link;
 mod resync;
 mod state;
 mod status;
+mod verify;
 mod write_path;
 
-pub use status::{PeerStatus, ResourceStatus, ResyncStatus};
+pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{NodeConfig, ResourceConfig};
 use crate::core::inflight::InflightWrites;
@@ -166,6 +168,7 @@ impl Engine {
                     rx_epoch_writes: 0,
                     pending_sync: None,
                     resync: None,
+                    sync: Default::default(),
                     sent_bytes_before: 0,
                     received_bytes: 0,
                     last_error: None,
@@ -189,7 +192,8 @@ impl Engine {
             epoch: 1,
             peers,
             nbd: None,
-            resync_lock: None,
+            read_locks: Vec::new(),
+            app_write_bytes: 0,
             stopping: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
@@ -216,7 +220,19 @@ impl Engine {
     }
 
     pub fn status(&self) -> ResourceStatus {
-        status::build(&self.shared, &self.shared.lock())
+        status::build(&self.shared, &mut self.shared.lock())
+    }
+
+    /// Starts an online verify with every connected peer it can run against; returns their
+    /// names. Progress and findings are in `status`.
+    pub fn verify(&self) -> Result<Vec<String>, EngineError> {
+        verify::start(&self.shared)
+    }
+
+    /// Discards this node's data and resyncs all of it from a connected UpToDate peer; returns
+    /// that peer's name.
+    pub fn invalidate(&self) -> Result<String, EngineError> {
+        resync::invalidate(&self.shared)
     }
 
     /// Promotes this node to Primary and exports the device.

@@ -6,6 +6,7 @@ use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{SyncDecision, UuidView};
+use crate::core::sync_progress::SyncProgress;
 use crate::core::transfer_log::TransferLog;
 use crate::frontend::nbd::NbdHandle;
 use crate::frontend::{BlockResult, Completion};
@@ -56,7 +57,8 @@ pub struct PendingFlush {
 #[derive(Debug, Clone)]
 pub struct ResyncProgress {
     pub started: Instant,
-    pub total_bytes: u64,
+    /// Observed against the bitmap's weight for the peer whenever status is read.
+    pub progress: SyncProgress,
     pub full: bool,
 }
 
@@ -81,6 +83,8 @@ pub struct Peer {
     /// A sync decided at connect, waiting for the peer's bitmap.
     pub pending_sync: Option<SyncDecision>,
     pub resync: Option<ResyncProgress>,
+    /// Online verify and checksum-based resync with this peer.
+    pub sync: super::resync::PeerSync,
     pub sent_bytes_before: u64,
     pub received_bytes: u64,
     pub last_error: Option<String>,
@@ -109,8 +113,12 @@ pub struct State {
     pub epoch: u64,
     pub peers: Vec<Peer>,
     pub nbd: Option<NbdHandle>,
-    /// A block range being read for resync: writes into it wait (see engine::resync).
-    pub resync_lock: Option<(u64, u64)>,
+    /// Block ranges being read for resync or verify: writes into them wait (see
+    /// `engine::resync::read_range_then`).
+    pub read_locks: Vec<(u64, u64)>,
+    /// Bytes of application writes started on this node: the resync rate controller measures the
+    /// application's write rate from it.
+    pub app_write_bytes: u64,
     pub stopping: bool,
 }
 
@@ -163,7 +171,7 @@ impl State {
 
     pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {
         self.inflight.overlaps(offset, len)
-            || self.resync_lock.is_some_and(|(o, l)| offset < o + l && o < offset + len)
+            || self.read_locks.iter().any(|&(o, l)| offset < o + l && o < offset + len)
     }
 
     /// This node's side of the connect-time decision with `peer`.

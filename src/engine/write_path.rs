@@ -182,6 +182,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     for slot in lagging {
         st.mark_out_of_sync(slot, offset, len);
     }
+    st.app_write_bytes += len;
     let id = st.inflight.start(offset, len, level, targets);
     st.completions.insert(id, done);
     let epoch = st.epoch;
