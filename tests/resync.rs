@@ -95,3 +95,92 @@ fn invalidate_resyncs_the_whole_device() {
     assert_eq!(c.received("beta", "alpha") - received, size, "invalidate moves the whole device");
     assert_replicas_equal(&c);
 }
+
+#[test]
+fn checksum_resync_sends_only_the_blocks_that_differ() {
+    let c = synced_pair(Options { extra: "csums_resync = true", ..Options::default() });
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    c.corrupt_byte("beta", 30 * MIB + 5);
+    let received = c.received("beta", "alpha");
+    c.ok("beta", &["invalidate", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    let digests = size / 4096 * 32;
+    let moved = c.received("beta", "alpha") - received;
+    assert_eq!(moved, digests + 4096, "a digest per block, data for the one block that differs (device {size} bytes)");
+    assert_replicas_equal(&c);
+}
+
+/// Two fresh nodes declared in sync without a copy, alpha Primary: tests that need a slow
+/// resync do not wait for a slow initial one.
+fn fresh_pair(extra: &'static str) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], Options { extra, ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.ok("alpha", &["primary", "r0"]);
+    c
+}
+
+#[test]
+fn an_invalidated_node_killed_midway_resyncs_after_restart() {
+    let c = fresh_pair("resync_rate_max_kib = 4096\nresync_rate_min_kib = 4096");
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    c.ok("beta", &["invalidate", "r0"]);
+    c.wait_for("beta", "resync started", |s| Cluster::peer(s, "alpha")["replication"] == "SyncTarget");
+    c.kill("beta");
+    c.ok("beta", &["up", "r0"]);
+    assert_eq!(c.status("beta")["disk"], "Inconsistent", "the invalidation survived the crash");
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    assert_eq!(c.received("beta", "alpha"), size, "after the restart the whole device is resynced again");
+    assert_replicas_equal(&c);
+}
+
+#[test]
+fn resync_progress_never_runs_backwards_and_no_copy_shows_up_to_date_while_out_of_sync() {
+    let c = fresh_pair("resync_rate_max_kib = 2048\nresync_rate_min_kib = 1024");
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    write_patterns(&c.nbd_url("alpha"), &[(0, 8 * MIB, 0x51)]);
+    c.ok("beta", &["connect", "r0"]);
+    // The application keeps writing while the resync runs: into blocks not resynced yet and
+    // elsewhere.
+    let url = c.nbd_url("alpha");
+    let writer = std::thread::spawn(move || {
+        for (i, offset) in [6 * MIB, 40 * MIB, 2 * MIB, 50 * MIB].into_iter().enumerate() {
+            write_patterns(&url, &[(offset, MIB, 0x60 + i as u8)]);
+        }
+    });
+    let mut last_percent = [0.0f64; 2];
+    let mut samples = 0;
+    loop {
+        let statuses = [c.status("alpha"), c.status("beta")];
+        for (i, status) in statuses.iter().enumerate() {
+            for peer in status["peers"].as_array().unwrap() {
+                let out_of_sync = peer["out_of_sync_bytes"].as_u64().unwrap();
+                assert!(
+                    out_of_sync == 0 || status["disk"] != "UpToDate" || peer["peer_disk"] != "UpToDate",
+                    "both copies shown UpToDate with {out_of_sync} bytes out of sync: {status:#}"
+                );
+                if let Some(percent) = peer["resync"]["done_percent"].as_f64() {
+                    assert!(percent >= last_percent[i], "progress ran backwards: {percent} after {}", last_percent[i]);
+                    last_percent[i] = percent;
+                    samples += 1;
+                }
+            }
+        }
+        let beta_peer = Cluster::peer(&statuses[0], "beta");
+        if writer.is_finished() && beta_peer["replication"] == "Established" && statuses[1]["disk"] == "UpToDate" {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(samples > 2, "the resync was never seen running");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+}
