@@ -50,6 +50,21 @@ impl fmt::Display for QuorumPolicy {
     }
 }
 
+/// What a primary does when a peer's send queue fills up under protocol A.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCongestion {
+    /// Writes wait for room in the send queue: the peer's link paces the application.
+    Block,
+    /// Once the queue holds more than `fill_bytes`, the primary goes Ahead of that peer: it stops
+    /// sending it data, records the writes in its bitmap, and resyncs them when the queue has
+    /// drained. Writes never wait for a slow peer; the peer is Outdated meanwhile.
+    PullAhead { fill_bytes: u64 },
+}
+
+/// Bytes of bulk frames a peer link queues before writers of new data wait.
+pub const SEND_QUEUE_KIB: u64 = 8 * 1024;
+pub const DEFAULT_CONGESTION_FILL_KIB: u64 = SEND_QUEUE_KIB / 2;
+
 /// One node of a resource, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -85,6 +100,7 @@ pub struct ResourceConfig {
     pub resync_rate_min_kib: u64,
     /// Send block digests first and data only where they differ.
     pub csums_resync: bool,
+    pub on_congestion: OnCongestion,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -116,6 +132,8 @@ struct RawResource {
     resync_rate_min_kib: Option<u64>,
     #[serde(default)]
     csums_resync: bool,
+    on_congestion: Option<String>,
+    congestion_fill_kib: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -246,6 +264,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
             format!("must be from 1 to resync_rate_max_kib ({resync_rate_max_kib}): a resync must always move"),
         ));
     }
+    let on_congestion = on_congestion(path, protocol, raw.on_congestion.as_deref(), raw.congestion_fill_kib)?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -290,8 +309,32 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         resync_rate_max_kib,
         resync_rate_min_kib,
         csums_resync: raw.csums_resync,
+        on_congestion,
         nodes,
     })
+}
+
+fn on_congestion(path: &Path, protocol: Protocol, mode: Option<&str>, fill_kib: Option<u64>) -> Result<OnCongestion, ConfigError> {
+    match mode {
+        None | Some("block") => match fill_kib {
+            None => Ok(OnCongestion::Block),
+            Some(_) => Err(invalid(path, "congestion_fill_kib", "applies only with on_congestion = \"pull-ahead\"")),
+        },
+        Some("pull-ahead") if protocol != Protocol::A => Err(invalid(
+            path,
+            "on_congestion",
+            format!("\"pull-ahead\" needs protocol = \"A\" (under {protocol} every write waits for the peer anyway)"),
+        )),
+        Some("pull-ahead") => match fill_kib.unwrap_or(DEFAULT_CONGESTION_FILL_KIB) {
+            fill @ 1..SEND_QUEUE_KIB => Ok(OnCongestion::PullAhead { fill_bytes: fill * 1024 }),
+            _ => Err(invalid(
+                path,
+                "congestion_fill_kib",
+                format!("must be from 1 to {}: the send queue holds {SEND_QUEUE_KIB} KiB", SEND_QUEUE_KIB - 1),
+            )),
+        },
+        Some(other) => Err(invalid(path, "on_congestion", format!("\"{other}\" is not one of \"block\", \"pull-ahead\""))),
+    }
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
@@ -364,10 +407,24 @@ disk = "/var/lib/blkrepl/beta.img"
             ("name = \"r0\"", "name = \"r 0\"", "name"),
             ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_min_kib = 0", "resync_rate_min_kib"),
             ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_max_kib = 1000\nresync_rate_min_kib = 1001", "resync_rate_min_kib"),
+            ("quorum = \"off\"", "quorum = \"off\"\non_congestion = \"pull-ahead\"", "on_congestion"),
+            ("quorum = \"off\"", "quorum = \"off\"\non_congestion = \"drop\"", "on_congestion"),
+            ("quorum = \"off\"", "quorum = \"off\"\ncongestion_fill_kib = 100", "congestion_fill_kib"),
+            ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 8192", "congestion_fill_kib"),
+            ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 0", "congestion_fill_kib"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn pull_ahead_under_protocol_a() {
+        let config = parse(&GOOD.replace("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"")).unwrap();
+        assert_eq!(config.on_congestion, OnCongestion::PullAhead { fill_bytes: DEFAULT_CONGESTION_FILL_KIB * 1024 });
+        assert_eq!(parse(GOOD).unwrap().on_congestion, OnCongestion::Block);
+        let err = error_of(&GOOD.replace("quorum = \"off\"", "on_congestion = \"pull-ahead\""));
+        assert!(err.contains("needs protocol = \"A\""), "{err}");
     }
 
     #[test]

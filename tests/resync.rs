@@ -114,8 +114,8 @@ fn checksum_resync_sends_only_the_blocks_that_differ() {
 
 /// Two fresh nodes declared in sync without a copy, alpha Primary: tests that need a slow
 /// resync do not wait for a slow initial one.
-fn fresh_pair(extra: &'static str) -> Cluster {
-    let c = Cluster::new(&["alpha", "beta"], Options { extra, ..Options::default() });
+fn fresh_pair(options: Options) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], options);
     c.create_md_and_up();
     c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
     c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
@@ -127,7 +127,7 @@ fn fresh_pair(extra: &'static str) -> Cluster {
 
 #[test]
 fn an_invalidated_node_killed_midway_resyncs_after_restart() {
-    let c = fresh_pair("resync_rate_max_kib = 4096\nresync_rate_min_kib = 4096");
+    let c = fresh_pair(Options { extra: "resync_rate_max_kib = 4096\nresync_rate_min_kib = 4096", ..Options::default() });
     write_patterns(&c.nbd_url("alpha"), &patterns());
     c.ok("beta", &["invalidate", "r0"]);
     c.wait_for("beta", "resync started", |s| Cluster::peer(s, "alpha")["replication"] == "SyncTarget");
@@ -143,7 +143,7 @@ fn an_invalidated_node_killed_midway_resyncs_after_restart() {
 
 #[test]
 fn resync_progress_never_runs_backwards_and_no_copy_shows_up_to_date_while_out_of_sync() {
-    let c = fresh_pair("resync_rate_max_kib = 2048\nresync_rate_min_kib = 1024");
+    let c = fresh_pair(Options { extra: "resync_rate_max_kib = 2048\nresync_rate_min_kib = 1024", ..Options::default() });
     c.ok("beta", &["disconnect", "r0"]);
     c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
     write_patterns(&c.nbd_url("alpha"), &[(0, 8 * MIB, 0x51)]);
@@ -182,5 +182,32 @@ fn resync_progress_never_runs_backwards_and_no_copy_shows_up_to_date_while_out_o
     writer.join().unwrap();
     assert!(samples > 2, "the resync was never seen running");
     assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+}
+
+/// Stops (or resumes) a daemon: a peer that neither reads nor answers, as on a saturated link.
+fn signal(c: &Cluster, node: &str, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &c.pid(node).to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn pull_ahead_keeps_writes_completing_while_the_peer_is_stuck_then_resyncs() {
+    let extra = "on_congestion = \"pull-ahead\"\ncongestion_fill_kib = 1024";
+    let c = fresh_pair(Options { protocol: "A", extra, ..Options::default() });
+    let data = [(0, 40 * MIB, 0x7a), (50 * MIB, 4 * MIB, 0x7b)];
+    signal(&c, "beta", "-STOP");
+    // Under `block` these writes would wait for beta once the 8 MiB send queue is full.
+    write_patterns(&c.nbd_url("alpha"), &data);
+    let alpha = c.status("alpha");
+    signal(&c, "beta", "-CONT");
+    let beta = Cluster::peer(&alpha, "beta");
+    assert_eq!(beta["replication"], "Ahead", "{alpha:#}");
+    assert_eq!(beta["connection"], "Connected");
+    assert!(beta["out_of_sync_bytes"].as_u64().unwrap() > 0);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert!(std::fs::read_to_string(c.run_dir().join("r0.alpha.log")).unwrap().contains("Ahead of beta"));
     assert_replicas_equal(&c);
 }

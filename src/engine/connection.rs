@@ -5,8 +5,8 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
-use super::state::{Deferred, State, STATE_FLAG_CRASHED_PRIMARY};
-use super::{digests, random_bytes, random_u64, resync, verify, write_path, Shared};
+use super::state::{Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY};
+use super::{congestion, digests, random_bytes, random_u64, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::leftover_bits::resync_leftover_bits;
@@ -417,6 +417,7 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() {
         resync::finish_as_source(shared, &mut st, peer_id)?;
     }
+    congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
     let result = reconsider(shared, &mut st, peer_id);
     shared.changed.notify_all();
     result
@@ -557,30 +558,17 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
     deferred.run();
 }
 
-/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
-/// for it complete, and a primary starts a new generation before those completions go out.
-pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+/// The peer no longer receives this node's writes (its link died, or it fell Behind):
+/// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
+/// primary starts a new generation before those completions go out.
+pub(super) fn stops_following(shared: &Arc<Shared>, st: &mut State, peer_id: u8, deferred: &mut Deferred) {
     let peer = st.peer_mut(peer_id);
-    let Some(link) = peer.link.take() else { return };
-    link.close();
-    peer.sent_bytes_before += link.sent_bytes();
-    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
-    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
-    peer.role = Role::Unknown;
-    peer.disk = DiskState::DUnknown;
-    peer.last_state = None;
-    peer.pending_sync = None;
-    peer.resync = None;
-    peer.barriers.clear();
-    peer.last_error = Some(reason.to_owned());
     let slot = peer.slot;
     let mut lacking = peer.tl.drain_lost();
     lacking.extend(st.inflight.pending_for(peer_id));
     for (offset, len) in lacking {
         st.mark_out_of_sync(slot, offset, len);
     }
-    tracing::warn!(resource = %shared.config.name, peer = %st.peer(peer_id).name, was = %was, "connection lost: {reason}");
-
     if st.role == Role::Primary {
         let mut generation = st.generation();
         generation.new_current(random_u64(), true, &[slot]);
@@ -602,4 +590,24 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     }
     write_path::finish_flushes(st, deferred);
     shared.changed.notify_all();
+}
+
+/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
+/// for it complete, and a primary starts a new generation before those completions go out.
+pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+    let peer = st.peer_mut(peer_id);
+    let Some(link) = peer.link.take() else { return };
+    link.close();
+    peer.sent_bytes_before += link.sent_bytes();
+    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
+    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
+    peer.role = Role::Unknown;
+    peer.disk = DiskState::DUnknown;
+    peer.last_state = None;
+    peer.pending_sync = None;
+    peer.resync = None;
+    peer.barriers.clear();
+    peer.last_error = Some(reason.to_owned());
+    tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
+    stops_following(shared, st, peer_id, deferred);
 }

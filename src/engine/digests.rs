@@ -38,10 +38,12 @@ pub fn answer(shared: &Arc<Shared>, peer_id: u8, purpose: DigestPurpose, offset:
         let st = shared.lock();
         let repl = st.peer(peer_id).repl;
         let expected = match purpose {
-            DigestPurpose::Verify => ReplState::Established,
-            DigestPurpose::Resync => ReplState::SyncTarget,
+            // Behind: the peer went Ahead during the verify or resync; what it queued before
+            // still arrives, and is answered (an answer changes nothing on this node's data).
+            DigestPurpose::Verify => matches!(repl, ReplState::Established | ReplState::Behind),
+            DigestPurpose::Resync => matches!(repl, ReplState::SyncTarget | ReplState::Behind),
         };
-        if repl != expected || st.role == Role::Primary {
+        if !expected || st.role == Role::Primary {
             return Err(format!("{purpose:?} digests while {repl} and {}", st.role));
         }
     }

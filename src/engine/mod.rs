@@ -1,6 +1,7 @@
 //! The drivers: backing-disk I/O, peer connections, resync, admin operations. They feed events
 //! into the pure pieces of [`crate::core`] and carry out what those decide.
 
+mod congestion;
 mod connection;
 mod digests;
 mod io_pool;

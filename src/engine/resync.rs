@@ -12,7 +12,7 @@
 
 use super::state::{Deferred, ResyncProgress, State};
 use super::digests::block_range;
-use super::{connection, verify, write_path, EngineError, Shared};
+use super::{congestion, connection, verify, write_path, EngineError, Shared};
 use crate::core::block_digest::{block_digests, matching_runs};
 use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
@@ -200,7 +200,7 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
         let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
         drop(st);
 
-        link.wait_for_room();
+        link.wait_for_room(congestion::resync_room_bytes(&shared.config));
         let prepare = |data: Vec<u8>| match digests {
             true => Chunk::Digests(block_digests(&data, block_size as usize)),
             false => Chunk::Data(Bytes::from(data)),
@@ -239,8 +239,11 @@ pub fn on_digest_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u
     let mut st = shared.lock();
     let epoch = st.epoch;
     let peer = st.peer_mut(peer_id);
-    if peer.repl != ReplState::SyncSource {
-        return Err(format!("resync digest answer while {}", peer.repl));
+    match peer.repl {
+        ReplState::SyncSource => {}
+        // The resync stopped when this node went Ahead; the blocks stay marked.
+        ReplState::Ahead => return Ok(()),
+        repl => return Err(format!("resync digest answer while {repl}")),
     }
     match peer.sync.resync_digests.pop_front() {
         Some(expected) if expected == (offset, blocks) => {}
@@ -260,7 +263,8 @@ pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload
     let len = payload.len() as u64;
     {
         let st = shared.lock();
-        if st.peer(peer_id).repl != ReplState::SyncTarget {
+        // Behind: the source went Ahead during the resync; what it queued before still arrives.
+        if !matches!(st.peer(peer_id).repl, ReplState::SyncTarget | ReplState::Behind) {
             return Err("resync data while not SyncTarget".into());
         }
         if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {

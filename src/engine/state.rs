@@ -25,6 +25,8 @@ pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
+/// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
+pub const STATE_FLAG_AHEAD: u32 = 2;
 
 /// Requests completed under the lock, answered after it is released (a completion may write to
 /// a socket).
@@ -192,7 +194,8 @@ impl State {
         PeerState {
             role: self.role.to_wire(),
             disk: self.disk.to_wire(),
-            flags: if self.crashed_primary { STATE_FLAG_CRASHED_PRIMARY } else { 0 },
+            flags: if self.crashed_primary { STATE_FLAG_CRASHED_PRIMARY } else { 0 }
+                | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,

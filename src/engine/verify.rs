@@ -13,7 +13,7 @@
 
 use super::resync::{read_range_then, Pacer, WAIT_SLICE};
 use super::state::State;
-use super::{digests::block_range, EngineError, Shared};
+use super::{congestion, digests::block_range, EngineError, Shared};
 use crate::core::block_digest::block_digests;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_progress::SyncProgress;
@@ -41,6 +41,8 @@ pub enum VerifyState {
 /// One verify with one peer, as the node that runs it sees it.
 #[derive(Debug)]
 pub struct VerifyRun {
+    /// The connection it runs on: answers arrive on that one only.
+    generation: u64,
     pub started: Instant,
     pub state: VerifyState,
     /// Bytes compared (answered) out of the device's size.
@@ -80,7 +82,13 @@ pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
     if let Some(primary) = st.peers.iter().filter(connected).find(|p| p.role == Role::Primary && !me_primary) {
         return Err(EngineError::Refused(format!("{} is primary: run `blkrepl verify` there", primary.name)));
     }
-    if let Some(busy) = st.peers.iter().find(|p| p.sync.verify.as_ref().is_some_and(|v| v.state == VerifyState::Running)) {
+    // An aborted verify's answers may still be on their way; a new run would take them for its own.
+    let busy = |p: &super::state::Peer| {
+        p.sync.verify.as_ref().is_some_and(|v| {
+            v.state == VerifyState::Running || v.generation == p.generation && !v.awaiting.is_empty()
+        })
+    };
+    if let Some(busy) = st.peers.iter().find(|p| busy(p)) {
         return Err(EngineError::Refused(format!("a verify with {} is still running", busy.name)));
     }
     let targets: Vec<(u8, u64, String)> =
@@ -92,6 +100,7 @@ pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
     }
     for (peer_id, generation, name) in &targets {
         st.peer_mut(*peer_id).sync.verify = Some(VerifyRun {
+            generation: *generation,
             started: Instant::now(),
             state: VerifyState::Running,
             progress: SyncProgress::start(shared.data_size_bytes),
@@ -153,7 +162,7 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
         let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
         drop(st);
 
-        link.wait_for_room();
+        link.wait_for_room(congestion::resync_room_bytes(&shared.config));
         let still = |st: &State| interrupted(st, peer_id, generation).is_none();
         let prepare = |data: Vec<u8>| block_digests(&data, block_size as usize);
         let send = |st: &mut State, digests: Vec<[u8; 32]>| {
@@ -172,8 +181,9 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
 pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
     let mut st = shared.lock();
     let peer = st.peer_mut(peer_id);
-    let (slot, name) = (peer.slot, peer.name.clone());
-    let Some(run) = peer.sync.verify.as_mut().filter(|v| v.state == VerifyState::Running) else {
+    let (slot, name, generation) = (peer.slot, peer.name.clone(), peer.generation);
+    // An aborted run still takes its answers: what they report is as true as before.
+    let Some(run) = peer.sync.verify.as_mut().filter(|v| v.generation == generation) else {
         return Err("verify answer while no verify runs".into());
     };
     match run.awaiting.pop_front() {
