@@ -10,7 +10,7 @@
 //! peer that reads nothing.
 
 use super::link::BULK_QUEUE_LIMIT_BYTES;
-use super::resync::WAIT_SLICE;
+use super::resync::{self, WAIT_SLICE};
 use super::state::{Deferred, State};
 use super::{connection, write_path, Shared};
 use crate::config::{OnCongestion, ResourceConfig};
@@ -86,16 +86,8 @@ fn catch_up_after(shared: &Arc<Shared>, peer_id: u8, generation: u64, last_epoch
     let peer = st.peer_mut(peer_id);
     peer.repl = ReplState::Off;
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "the peer caught up with the send queue: resyncing what it missed");
-    // The state without the Ahead flag goes first: the peer leaves Behind and decides the
-    // resync on its side before this node's bitmap reaches it.
-    st.broadcast_state();
-    let mut deferred = Deferred::default();
-    if let Err(reason) = connection::reconsider(shared, &mut st, peer_id) {
-        connection::drop_peer(shared, &mut st, peer_id, &reason, &mut deferred);
-    }
-    shared.changed.notify_all();
-    drop(st);
-    deferred.run();
+    // The state without the Ahead flag makes the peer leave Behind.
+    resync::announce_and_reconsider(shared, st, peer_id);
 }
 
 /// The peer's `State` says whether it is Ahead of this node: follow it into Behind (this node's

@@ -558,6 +558,26 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
     deferred.run();
 }
 
+/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
+/// for it complete, and a primary starts a new generation before those completions go out.
+pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+    let peer = st.peer_mut(peer_id);
+    let Some(link) = peer.link.take() else { return };
+    link.close();
+    peer.sent_bytes_before += link.sent_bytes();
+    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
+    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
+    peer.role = Role::Unknown;
+    peer.disk = DiskState::DUnknown;
+    peer.last_state = None;
+    peer.pending_sync = None;
+    peer.resync = None;
+    peer.barriers.clear();
+    peer.last_error = Some(reason.to_owned());
+    tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
+    stops_following(shared, st, peer_id, deferred);
+}
+
 /// The peer no longer receives this node's writes (its link died, or it fell Behind):
 /// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
 /// primary starts a new generation before those completions go out.
@@ -590,24 +610,4 @@ pub(super) fn stops_following(shared: &Arc<Shared>, st: &mut State, peer_id: u8,
     }
     write_path::finish_flushes(st, deferred);
     shared.changed.notify_all();
-}
-
-/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
-/// for it complete, and a primary starts a new generation before those completions go out.
-pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
-    let peer = st.peer_mut(peer_id);
-    let Some(link) = peer.link.take() else { return };
-    link.close();
-    peer.sent_bytes_before += link.sent_bytes();
-    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
-    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
-    peer.role = Role::Unknown;
-    peer.disk = DiskState::DUnknown;
-    peer.last_state = None;
-    peer.pending_sync = None;
-    peer.resync = None;
-    peer.barriers.clear();
-    peer.last_error = Some(reason.to_owned());
-    tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
-    stops_following(shared, st, peer_id, deferred);
 }

@@ -21,7 +21,7 @@ use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message};
 use bytes::Bytes;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Largest resync frame.
@@ -322,8 +322,15 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
     }
     st.disk = DiskState::Inconsistent;
     tracing::warn!(resource = %shared.config.name, peer = %name, "invalidated by the operator: this node's data is resynced in full from {name}");
-    // The new state must reach the peer before this node's bitmap, which the peer expects only
-    // once it has decided on the resync itself.
+    announce_and_reconsider(shared, st, peer_id);
+    Ok(name)
+}
+
+/// This node's state changed in a way that calls for a resync with `peer_id` (invalidate, the
+/// end of pull-ahead): the peer hears of it first, so it decides on its side before this node's
+/// bitmap reaches it (it takes a bitmap only once it has decided), then this node decides.
+/// Releases the lock.
+pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>, peer_id: u8) {
     st.broadcast_state();
     let mut deferred = Deferred::default();
     if let Err(reason) = connection::reconsider(shared, &mut st, peer_id) {
@@ -332,7 +339,6 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
     shared.changed.notify_all();
     drop(st);
     deferred.run();
-    Ok(name)
 }
 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.

@@ -732,7 +732,7 @@ fn malformed_digest_frames() {
     let request = |purpose: u8, digest_bytes: usize| {
         let mut payload = vec![purpose];
         payload.extend_from_slice(&0u64.to_be_bytes());
-        payload.extend(std::iter::repeat(0).take(digest_bytes));
+        payload.extend(std::iter::repeat_n(0, digest_bytes));
         raw_frame(0x23, 0, &payload)
     };
     assert_eq!(malformed_reason(&request(0, 32)), "unknown digest purpose");
