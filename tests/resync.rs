@@ -101,7 +101,8 @@ fn checksum_resync_sends_only_the_blocks_that_differ() {
     let c = synced_pair(Options { extra: "csums_resync = true", ..Options::default() });
     write_patterns(&c.nbd_url("alpha"), &patterns());
     c.corrupt_byte("beta", 30 * MIB + 5);
-    let received = c.received("beta", "alpha");
+    let sent = |c: &Cluster| peer_of(c, "alpha", "beta")["sent_bytes"].as_u64().unwrap();
+    let (received, sent_before) = (c.received("beta", "alpha"), sent(&c));
     c.ok("beta", &["invalidate", "r0"]);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");
     c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
@@ -109,6 +110,7 @@ fn checksum_resync_sends_only_the_blocks_that_differ() {
     let digests = size / 4096 * 32;
     let moved = c.received("beta", "alpha") - received;
     assert_eq!(moved, digests + 4096, "a digest per block, data for the one block that differs (device {size} bytes)");
+    assert_eq!(sent(&c) - sent_before, moved, "both ends count the same bytes");
     assert_replicas_equal(&c);
 }
 

@@ -36,9 +36,11 @@ pub struct PeerLink {
     sent_bytes: AtomicU64,
 }
 
+/// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
 fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
+        Message::DigestRequest { digests, .. } => digests.len() * crate::wire::DIGEST_BYTES,
         _ => 0,
     }
 }
