@@ -198,9 +198,16 @@ pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, dif
         run.record_found(start, len);
         tracing::warn!(resource = %shared.config.name, peer = %name, offset = start, len, "online verify: blocks differ");
     }
+    // Durable before anything reports them: outside the activity log's hot extents nothing
+    // else would bring them back after a crash, and the peer already counts itself Outdated.
+    let mut pages = Vec::new();
     for (start, len) in found {
         st.mark_out_of_sync(slot, start, len);
+        pages.extend(st.bitmaps[slot].pages_for_range(start, len));
     }
+    let State { meta, bitmaps, .. } = &mut *st;
+    meta.write_bitmap_pages(slot, &bitmaps[slot], pages)
+        .map_err(|e| format!("cannot persist the blocks verify found out of sync: {e}"))?;
     shared.changed.notify_all();
     Ok(())
 }
@@ -224,10 +231,10 @@ pub fn found_here(shared: &Shared, st: &mut State, peer_id: u8, offset: u64, dif
     Ok(())
 }
 
-/// The verify thread stopped: record how, keep the marks on disk, and tell the operator.
+/// The verify thread stopped: record how and tell the operator.
 fn end(shared: &Shared, peer_id: u8, outcome: Result<(), String>) {
     let mut st = shared.lock();
-    let (slot, name, primary) = (st.peer(peer_id).slot, st.peer(peer_id).name.clone(), st.role == Role::Primary);
+    let (name, primary) = (st.peer(peer_id).name.clone(), st.role == Role::Primary);
     let Some(run) = st.peer_mut(peer_id).sync.verify.as_mut() else { return };
     run.state = match outcome {
         Ok(()) => VerifyState::Finished,
@@ -244,9 +251,6 @@ fn end(shared: &Shared, peer_id: u8, outcome: Result<(), String>) {
         return;
     }
     let first = run.found_ranges[0];
-    if let Err(e) = st.persist_bitmap(slot) {
-        tracing::error!(resource = %resource, error = %e, "cannot persist the blocks verify marked out of sync");
-    }
     let other_way = if primary {
         String::new()
     } else {
