@@ -35,20 +35,8 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Quorum policy. Only `off` exists until the quorum work lands; the key is accepted from the
-/// start so resource files written today keep working.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QuorumPolicy {
-    Off,
-}
-
-impl fmt::Display for QuorumPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QuorumPolicy::Off => f.write_str("off"),
-        }
-    }
-}
+pub use crate::core::quorum::{OnNoQuorum, QuorumPolicy};
+pub use crate::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicies};
 
 /// What a primary does when a peer's send queue fills up under protocol A.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +61,9 @@ pub struct NodeConfig {
     pub name: String,
     /// Replication endpoint: this node listens here, peers dial it.
     pub address: SocketAddr,
-    /// Backing file or block device.
-    pub disk: PathBuf,
+    /// Backing file or block device; `None` for a diskless witness (`disk = "none"`), which
+    /// only votes for quorum.
+    pub disk: Option<PathBuf>,
     /// External metadata device; `None` keeps metadata at the end of `disk`.
     pub meta_disk: Option<PathBuf>,
     /// NBD export address while this node is primary.
@@ -88,6 +77,9 @@ pub struct ResourceConfig {
     pub path: PathBuf,
     pub protocol: Protocol,
     pub quorum: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    /// What to do when a connect finds a split brain, by the number of primaries involved.
+    pub split_brain: SplitBrainPolicies,
     /// Shared secret for peer authentication (HMAC challenge-response); `None` = no auth.
     pub secret: Option<Vec<u8>>,
     /// Bytes of data per dirty-bitmap bit.
@@ -122,8 +114,11 @@ struct RawResource {
     name: String,
     #[serde(default = "default_protocol")]
     protocol: String,
-    #[serde(default)]
-    quorum: Option<String>,
+    quorum: Option<RawQuorum>,
+    on_no_quorum: Option<String>,
+    after_sb_0pri: Option<String>,
+    after_sb_1pri: Option<String>,
+    after_sb_2pri: Option<String>,
     secret: Option<String>,
     secret_file: Option<PathBuf>,
     bitmap_block_size: Option<u32>,
@@ -136,6 +131,14 @@ struct RawResource {
     congestion_fill_kib: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
+}
+
+/// `quorum = "majority"`, `quorum = "off"` or `quorum = 2`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawQuorum {
+    Word(String),
+    Votes(i64),
 }
 
 #[derive(Deserialize)]
@@ -196,6 +199,37 @@ impl ResourceConfig {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// Whether `node` is a diskless witness.
+    pub fn is_witness(&self, node_id: u8) -> bool {
+        self.node_by_id(node_id).is_some_and(|n| n.disk.is_none())
+    }
+
+    /// Nodes that hold data (not witnesses).
+    pub fn data_nodes(&self) -> impl Iterator<Item = &NodeConfig> + '_ {
+        self.nodes.iter().filter(|n| n.disk.is_some())
+    }
+
+    /// Sound but risky settings, printed by `up` and logged by the daemon.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let witnesses = self.nodes.len() - self.data_nodes().count();
+        if self.quorum == QuorumPolicy::Majority && self.nodes.len() == 2 && witnesses == 0 {
+            warnings.push(format!(
+                "{}: two nodes and no witness under quorum \"majority\": if one node fails, the survivor cannot \
+                 become primary (it cannot tell a dead peer from a partition). Add a diskless witness node \
+                 (disk = \"none\"), or set quorum = \"off\" and configure fencing.",
+                self.path.display()
+            ));
+        }
+        if self.quorum == QuorumPolicy::Off {
+            warnings.push(format!(
+                "{}: quorum is off: two partitioned nodes can both be promoted (split brain); use fencing",
+                self.path.display()
+            ));
+        }
+        warnings
+    }
+
     /// Every node but `me`.
     pub fn peers_of<'a>(&'a self, me: &'a NodeConfig) -> impl Iterator<Item = &'a NodeConfig> + 'a {
         self.nodes.iter().filter(move |n| n.id != me.id)
@@ -219,11 +253,31 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         "C" => Protocol::C,
         other => return Err(invalid(path, "protocol", format!("\"{other}\" is not one of \"A\", \"B\", \"C\""))),
     };
-    let quorum = match raw.quorum.as_deref() {
-        None | Some("off") => QuorumPolicy::Off,
+    let quorum = match raw.quorum {
+        None => QuorumPolicy::Majority,
+        Some(RawQuorum::Word(word)) => match word.as_str() {
+            "majority" => QuorumPolicy::Majority,
+            "off" => QuorumPolicy::Off,
+            other => match other.parse::<i64>() {
+                Ok(n) => quorum_votes(path, n, raw.node.len())?,
+                Err(_) => {
+                    return Err(invalid(path, "quorum", format!("\"{other}\" is not \"majority\", \"off\" or a number of votes")))
+                }
+            },
+        },
+        Some(RawQuorum::Votes(n)) => quorum_votes(path, n, raw.node.len())?,
+    };
+    let on_no_quorum = match raw.on_no_quorum.as_deref() {
+        None | Some("suspend-io") => OnNoQuorum::SuspendIo,
+        Some("io-error") => OnNoQuorum::IoError,
         Some(other) => {
-            return Err(invalid(path, "quorum", format!("\"{other}\" is not supported by this version (use \"off\")")))
+            return Err(invalid(path, "on_no_quorum", format!("\"{other}\" is not \"suspend-io\" or \"io-error\"")))
         }
+    };
+    let split_brain = SplitBrainPolicies {
+        zero_primaries: parse_choice(path, "after_sb_0pri", raw.after_sb_0pri.as_deref(), AfterSb0Pri::parse)?,
+        one_primary: parse_choice(path, "after_sb_1pri", raw.after_sb_1pri.as_deref(), AfterSb1Pri::parse)?,
+        two_primaries: parse_choice(path, "after_sb_2pri", raw.after_sb_2pri.as_deref(), AfterSb2Pri::parse)?,
     };
     let secret = match (raw.secret, raw.secret_file) {
         (Some(_), Some(_)) => return Err(invalid(path, "secret_file", "set either `secret` or `secret_file`, not both")),
@@ -285,7 +339,11 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         let address = parse_addr(&node.address).map_err(|p| invalid(path, key("address"), p))?;
         let nbd = node.nbd.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
         if node.disk.as_os_str().is_empty() {
-            return Err(invalid(path, key("disk"), "is empty"));
+            return Err(invalid(path, key("disk"), "is empty (a diskless witness says disk = \"none\")"));
+        }
+        let disk = (node.disk.as_os_str() != "none").then_some(node.disk);
+        if disk.is_none() && (node.meta_disk.is_some() || nbd.is_some()) {
+            return Err(invalid(path, key("disk"), "a witness (disk = \"none\") holds no data: it takes no meta_disk and no nbd"));
         }
         if let Some(other) = nodes.iter().find(|n| n.name == node.name) {
             return Err(invalid(path, key("name"), format!("\"{}\" is used twice (node id {})", node.name, other.id)));
@@ -296,13 +354,18 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         if let Some(other) = nodes.iter().find(|n| n.address == address) {
             return Err(invalid(path, key("address"), format!("{address} is already node \"{}\"'s", other.name)));
         }
-        nodes.push(NodeConfig { id, name: node.name, address, disk: node.disk, meta_disk: node.meta_disk, nbd });
+        nodes.push(NodeConfig { id, name: node.name, address, disk, meta_disk: node.meta_disk, nbd });
+    }
+    if nodes.iter().filter(|n| n.disk.is_some()).count() < 2 {
+        return Err(invalid(path, "node", "a resource needs at least two nodes with a disk (witnesses only vote)"));
     }
     Ok(ResourceConfig {
         name: raw.name,
         path: path.to_owned(),
         protocol,
         quorum,
+        on_no_quorum,
+        split_brain,
         secret,
         bitmap_block_size,
         al_extents,
@@ -335,6 +398,23 @@ fn on_congestion(path: &Path, protocol: Protocol, mode: Option<&str>, fill_kib: 
         },
         Some(other) => Err(invalid(path, "on_congestion", format!("\"{other}\" is not one of \"block\", \"pull-ahead\""))),
     }
+}
+
+fn quorum_votes(path: &Path, n: i64, nodes: usize) -> Result<QuorumPolicy, ConfigError> {
+    match u8::try_from(n) {
+        Ok(votes) if votes >= 1 && usize::from(votes) <= nodes => Ok(QuorumPolicy::Votes(votes)),
+        _ => Err(invalid(path, "quorum", format!("{n} votes: must be from 1 to the number of nodes ({nodes})"))),
+    }
+}
+
+/// A keyword setting: the default when absent, otherwise one of the words `parse` knows.
+fn parse_choice<T: Default>(
+    path: &Path,
+    key: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<T, ConfigError> {
+    value.map_or(Ok(T::default()), |v| parse(v).map_err(|problem| invalid(path, key, problem)))
 }
 
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {

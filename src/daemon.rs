@@ -62,6 +62,9 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
         }
     };
     tracing::info!(resource = engine.resource(), "up");
+    for warning in engine.config_warnings() {
+        tracing::warn!(resource = engine.resource(), "{warning}");
+    }
     if !engine.has_secret() {
         tracing::warn!(resource = engine.resource(), "no `secret` configured: any host that reaches the replication port can connect as a peer");
     }

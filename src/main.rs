@@ -59,7 +59,15 @@ enum Cmd {
     /// Make this node Secondary (refused while the device is in use).
     Secondary { resource: String },
     /// Connect to the peers again after `disconnect` (or a refused connection).
-    Connect { resource: String },
+    Connect {
+        /// This node is the victim of a split brain: overwrite its changes since the split
+        /// with the peer's (a bitmap resync of both sides' changes).
+        #[arg(long)]
+        discard_my_data: bool,
+        resource: String,
+    },
+    /// Re-read the resource file and apply quorum, on_no_quorum and after_sb_* changes.
+    Adjust { resource: String },
     /// Drop the peer connections and stay StandAlone.
     Disconnect { resource: String },
     /// Show roles, disk and connection states, resync progress.
@@ -132,7 +140,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Down { resource } => request(&cli, resource, Request::Down).map(|_| ()),
         Cmd::Primary { force, resource } => request(&cli, resource, Request::Primary { force: *force }).map(|_| ()),
         Cmd::Secondary { resource } => request(&cli, resource, Request::Secondary).map(|_| ()),
-        Cmd::Connect { resource } => request(&cli, resource, Request::Connect).map(|_| ()),
+        Cmd::Connect { discard_my_data, resource } => {
+            request(&cli, resource, Request::Connect { discard_my_data: *discard_my_data }).map(|_| ())
+        }
+        Cmd::Adjust { resource } => request(&cli, resource, Request::Adjust).map(|_| ()),
         Cmd::Disconnect { resource } => request(&cli, resource, Request::Disconnect).map(|_| ()),
         Cmd::NewCurrentUuid { clear_bitmap, resource } => {
             request(&cli, resource, Request::NewCurrentUuid { clear_bitmap: *clear_bitmap }).map(|_| ())
@@ -183,8 +194,12 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
         }
         FileDisk::open(path).map_err(|e| fail(e.to_string(), 1))
     };
-    let data = open(&me.disk)?;
-    let data_len = data.len().map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+    let Some(disk) = &me.disk else {
+        println!("{resource}: node {} is a diskless witness (disk = \"none\"): it keeps no metadata, nothing to create", me.name);
+        return Ok(());
+    };
+    let data = open(disk)?;
+    let data_len = data.len().map_err(|e| fail(format!("{}: {e}", disk.display()), 1))?;
     let (meta_disk, internal): (std::sync::Arc<dyn Disk>, bool) = match &me.meta_disk {
         Some(path) => (std::sync::Arc::new(open(path)?), false),
         None => (std::sync::Arc::new(data), true),
@@ -196,10 +211,10 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
     };
     let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
     let store = MetaStore::create(meta_disk, data_len, internal, params, &config.name, me.id, &peers, force)
-        .map_err(|e| fail(format!("{}: {e}", me.disk.display()), 1))?;
+        .map_err(|e| fail(format!("{}: {e}", disk.display()), 1))?;
     println!(
         "{resource}: metadata created on {} for node {} (id {}): device size {} bytes, bitmaps for {} peer(s)",
-        me.disk.display(),
+        disk.display(),
         me.name,
         me.id,
         store.layout().data_size,
@@ -216,6 +231,9 @@ fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
         let ready = daemon::Readiness::from_env();
         return daemon::run(config, me, &cli.run_dir, ready).map_err(|e| fail(e.to_string(), 1));
+    }
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
     }
     std::fs::create_dir_all(&cli.run_dir).map_err(|e| fail(format!("cannot create {}: {e}", cli.run_dir.display()), 1))?;
     let log = control::log_path(&cli.run_dir, &config.name, &me.name);
@@ -302,13 +320,35 @@ fn kib(bytes: u64) -> String {
 
 /// The human form, in the layout of `drbdadm status`.
 fn format_status(s: &ResourceStatus) -> String {
-    let mut out = format!("{} node:{} role:{} disk:{} quorum:{} protocol:{}", s.name, s.node, s.role, s.disk, if s.quorum { "yes" } else { "no" }, s.protocol);
+    let mut out = format!(
+        "{} node:{} role:{} disk:{} quorum:{} ({}/{} votes, policy {}) may-promote:{} promotion-score:{} protocol:{}",
+        s.name,
+        s.node,
+        s.role,
+        s.disk,
+        if s.quorum { "yes" } else { "no" },
+        s.quorum_votes,
+        s.quorum_needed,
+        s.quorum_policy,
+        if s.may_promote { "yes" } else { "no" },
+        s.promotion_score.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+        s.protocol
+    );
+    if s.suspended_writes > 0 {
+        out += &format!(" suspended-writes:{}", s.suspended_writes);
+    }
     if let Some(device) = &s.device {
         out += &format!(" device:{device}");
     }
     out.push('\n');
     for p in &s.peers {
         out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
+        if p.witness {
+            out += " witness";
+        }
+        if p.departed {
+            out += " departed";
+        }
         if p.connection == "Connected" {
             out += &format!(" role:{}", p.peer_role);
         }

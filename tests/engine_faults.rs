@@ -13,9 +13,11 @@ use std::sync::Arc;
 
 const DISK_BYTES: usize = 32 << 20;
 
+/// Quorum off: these tests run one node whose peer never comes.
 fn config() -> ResourceConfig {
     let text = r#"
 name = "r0"
+quorum = "off"
 [[node]]
 name = "alpha"
 address = "127.0.0.1:1"

@@ -18,7 +18,8 @@ fn peer_of(c: &Cluster, node: &str, peer: &str) -> serde_json::Value {
 
 /// Asserts both replicas hold the same bytes.
 fn assert_replicas_equal(c: &Cluster) {
-    assert!(c.data_area("alpha") == c.data_area("beta"), "the replicas differ\n{}", c.logs());
+    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    assert!(c.data_of("alpha", size) == c.data_of("beta", size), "the replicas differ\n{}", c.logs());
 }
 
 #[test]

@@ -16,9 +16,11 @@ pub enum Request {
     Status,
     Primary { force: bool },
     Secondary,
-    Connect,
+    Connect { discard_my_data: bool },
     Disconnect,
     Down,
+    /// Re-read the resource file and apply the settings that may change while up.
+    Adjust,
     NewCurrentUuid { clear_bitmap: bool },
     Verify,
     Invalidate,

@@ -58,10 +58,8 @@ fn handle(stream: &UnixStream, engine: &Engine) -> bool {
         Request::Status => Ok(()),
         Request::Primary { force } => engine.promote(force),
         Request::Secondary => engine.demote(),
-        Request::Connect => {
-            engine.connect();
-            Ok(())
-        }
+        Request::Connect { discard_my_data } => engine.connect(discard_my_data),
+        Request::Adjust => engine.adjust(),
         Request::Disconnect => {
             engine.disconnect();
             Ok(())

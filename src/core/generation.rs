@@ -24,21 +24,34 @@ impl Generation {
 
     /// Starts a new generation because this node writes without the peers in `absent_slots`
     /// following: each of them whose bitmap slot is empty starts tracking from the old current
-    /// UUID. Returns the slots that started tracking (their bitmaps must be set in full when the
+    /// UUID, with bit 0 saying whether this node was primary at that moment (the split-brain
+    /// policy "discard-younger-primary" reads it; comparisons ignore bit 0). Returns the slots that started tracking (their bitmaps must be set in full when the
     /// old generation was the just-created one: the peer holds none of this node's data).
-    pub fn new_current(&mut self, fresh: u64, primary: bool, absent_slots: &[usize]) -> Vec<usize> {
+    pub fn new_current(&mut self, fresh: u64, primary: bool, was_primary: bool, absent_slots: &[usize]) -> Vec<usize> {
+        self.rotate((fresh & !1) | u64::from(primary), was_primary, absent_slots)
+    }
+
+    /// A secondary in sync with a primary that started a new generation follows it. The peers
+    /// in `absent_slots` do not receive the primary's writes through this node's view either,
+    /// so they start tracking here too: if the primary dies, this node can still bring them up
+    /// to date from its own bitmap.
+    pub fn follow(&mut self, primary_current: u64, absent_slots: &[usize]) -> Vec<usize> {
+        self.rotate(primary_current, false, absent_slots)
+    }
+
+    fn rotate(&mut self, next: u64, was_primary: bool, absent_slots: &[usize]) -> Vec<usize> {
         let old = self.current;
         let mut started = Vec::new();
         for &slot in absent_slots {
             if self.bitmap[slot] == 0 {
-                self.bitmap[slot] = old & !1;
+                self.bitmap[slot] = (old & !1) | u64::from(was_primary);
                 started.push(slot);
             }
         }
         if started.is_empty() {
             self.push_history(old & !1);
         }
-        self.current = (fresh & !1) | u64::from(primary);
+        self.current = next;
         started
     }
 
@@ -46,7 +59,7 @@ impl Generation {
     /// history now.
     pub fn resync_finished_as_source(&mut self, slot: usize) {
         let old = std::mem::take(&mut self.bitmap[slot]);
-        self.push_history(old);
+        self.push_history(old & !1);
     }
 
     /// This node was the target of a finished resync from `slot`: it now holds the source's
@@ -69,27 +82,37 @@ mod tests {
     #[test]
     fn absent_peer_starts_tracking_from_the_old_current() {
         let mut g = generation();
-        assert_eq!(g.new_current(0x2000, true, &[1]), vec![1]);
+        assert_eq!(g.new_current(0x2000, true, true, &[1]), vec![1]);
         assert_eq!(g.current, 0x2001);
-        assert_eq!(g.bitmap, vec![0, 0x1000]);
+        assert_eq!(g.bitmap, vec![0, 0x1001], "bit 0: was primary when tracking began");
     }
 
     #[test]
     fn already_tracking_peer_keeps_its_older_start() {
         let mut g = generation();
-        g.new_current(0x2000, true, &[1]);
-        assert!(g.new_current(0x3000, true, &[1]).is_empty());
-        assert_eq!(g.bitmap[1], 0x1000);
+        g.new_current(0x2000, true, true, &[1]);
+        assert!(g.new_current(0x3000, true, true, &[1]).is_empty());
+        assert_eq!(g.bitmap[1], 0x1001);
         assert_eq!(g.history[0], 0x2000);
     }
 
     #[test]
     fn finished_resync_moves_the_bitmap_uuid_into_history() {
         let mut g = generation();
-        g.new_current(0x2000, true, &[1]);
+        g.new_current(0x2000, true, true, &[1]);
         g.resync_finished_as_source(1);
         assert_eq!(g.bitmap[1], 0);
         assert_eq!(g.history[0], 0x1000);
+    }
+
+    #[test]
+    fn a_follower_tracks_the_peers_the_primary_left_behind() {
+        let mut g = Generation { current: 0x1000, history: [0; 4], bitmap: vec![0, 0] };
+        assert_eq!(g.follow(0x2001, &[1]), vec![1]);
+        assert_eq!((g.current, g.bitmap[1]), (0x2001, 0x1000));
+        // With nobody left behind the old generation goes into history.
+        g.follow(0x3001, &[]);
+        assert_eq!(g.history[0], 0x2000);
     }
 
     #[test]

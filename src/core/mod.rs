@@ -11,3 +11,5 @@ pub mod block_digest;
 pub mod leftover_bits;
 pub mod resync_rate;
 pub mod sync_progress;
+pub mod quorum;
+pub mod split_brain;

@@ -5,11 +5,14 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
-use super::state::{Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY};
+use super::state::{
+    Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
+};
 use super::{congestion, digests, random_bytes, random_u64, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
-use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::leftover_bits::resync_leftover_bits;
+use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::sync_decision::{decide, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
 use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
@@ -20,6 +23,8 @@ use std::time::Duration;
 
 /// Hello feature bit: this node requires the shared-secret challenge.
 const FEATURE_AUTH: u64 = 1;
+/// Hello feature bit: this node is a diskless witness (no data, no size to compare).
+const FEATURE_DISKLESS: u64 = 2;
 /// A handshake step or a silent established link (pings flow every second) times out after this.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(300);
@@ -90,7 +95,8 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
 fn my_hello(shared: &Shared, to_node: u8) -> Hello {
     Hello {
         version: PROTOCOL_VERSION,
-        features: if shared.config.secret.is_some() { FEATURE_AUTH } else { 0 },
+        features: if shared.config.secret.is_some() { FEATURE_AUTH } else { 0 }
+            | if shared.me.disk.is_none() { FEATURE_DISKLESS } else { 0 },
         resource: shared.config.name.clone(),
         from_node: shared.me.id,
         to_node,
@@ -127,7 +133,17 @@ fn check_hello(shared: &Shared, hello: &Hello, expected_from: Option<u8>) -> Res
             peer.name, hello.protocol as char, shared.config.protocol
         ));
     }
-    if hello.data_size_bytes != shared.data_size_bytes {
+    let peer_diskless = hello.features & FEATURE_DISKLESS != 0;
+    if peer_diskless != peer.disk.is_none() {
+        return Err(format!(
+            "{} is {} here but says it is {}: make the resource files agree on its `disk`",
+            peer.name,
+            if peer.disk.is_none() { "a witness" } else { "a data node" },
+            if peer_diskless { "a witness" } else { "a data node" }
+        ));
+    }
+    let either_diskless = peer_diskless || shared.me.disk.is_none();
+    if !either_diskless && hello.data_size_bytes != shared.data_size_bytes {
         return Err(format!(
             "device sizes differ: {} has {} bytes, this node {}: give both nodes disks of the same size and run create-md",
             peer.name, hello.data_size_bytes, shared.data_size_bytes
@@ -235,6 +251,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReade
     peer.link = Some(link.clone());
     peer.conn = ConnState::Connected;
     peer.repl = ReplState::Off;
+    peer.departed = false;
     peer.last_error = None;
     peer.rx_epoch_writes = 0;
     link.send_control(Message::State(state));
@@ -266,6 +283,9 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
         let msg = match read_message(&mut reader) {
             Ok(msg) => msg,
             Err(WireError::Closed) => return "peer closed the connection".into(),
+            Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return format!("nothing heard from the peer for {} s (dead link or network partition)", READ_TIMEOUT.as_secs());
+            }
             Err(e) => return format!("receive failed: {e}"),
         };
         if let Err(reason) = dispatch(shared, peer_id, generation, msg) {
@@ -319,7 +339,17 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
             }
             Ok(())
         }
-        Message::PingAck => Ok(()),
+        Message::PingAck => {
+            let mut st = shared.lock();
+            if let Some(link) = &st.peer(peer_id).link {
+                link.ping_answered();
+            }
+            let mut deferred = Deferred::default();
+            st.release_suspended(false, &mut deferred);
+            drop(st);
+            deferred.run();
+            Ok(())
+        }
         Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
         other @ (Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. }) => {
             Err(format!("unexpected {} after the handshake", other.name()))
@@ -346,6 +376,9 @@ fn apply_peer_write(
         }
         if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
             return Err(format!("write at {offset}+{len} is outside the device"));
+        }
+        for slot in st.slots_not_following(peer_id) {
+            st.mark_out_of_sync(slot, offset, len);
         }
         let peer = st.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
@@ -407,6 +440,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
 
 fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: PeerState) -> Result<(), String> {
     let mut st = shared.lock();
+    let primaries_before = st.primaries();
     let peer = st.peer_mut(peer_id);
     if peer.generation != generation {
         return Ok(());
@@ -414,13 +448,49 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
     peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
     peer.last_state = Some(state);
-    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() {
+    if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
+        peer.departed = true;
+        tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
+    }
+    // First: a primary that went Ahead of this node is not followed into its new generation.
+    congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
+    let peer = st.peer(peer_id);
+    let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
+    if follows && st.disk == DiskState::UpToDate && st.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
+        follow_primary(shared, &mut st, peer_id, state.current_uuid)?;
+    }
+    let peer = st.peer(peer_id);
+    // The target reports UpToDate under this node's generation only after it applied the whole
+    // resync (ResyncDone); an UpToDate from before it started (a State already in flight) must
+    // not end the resync.
+    let adopted = crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current);
+    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
         resync::finish_as_source(shared, &mut st, peer_id)?;
     }
-    congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
     let result = reconsider(shared, &mut st, peer_id);
+    if st.primaries() != primaries_before {
+        // Others see primaries through this node (a witness especially): pass the news on.
+        st.broadcast_state();
+    }
+    let mut deferred = Deferred::default();
+    st.release_suspended(false, &mut deferred);
     shared.changed.notify_all();
+    drop(st);
+    deferred.run();
     result
+}
+
+/// An in-sync primary started a new generation (it lost or left behind another peer): take
+/// it over, and start tracking for the peers that do not follow it either.
+fn follow_primary(shared: &Shared, st: &mut State, primary_id: u8, current: u64) -> Result<(), String> {
+    let absent = st.slots_not_following(primary_id);
+    let mut generation = st.generation();
+    generation.follow(current, &absent);
+    st.set_generation(generation);
+    st.persist().map_err(|e| format!("cannot persist the primary's new generation: {e}"))?;
+    tracing::info!(resource = %shared.config.name, uuid = format_args!("{current:016X}"), "following the primary's new generation");
+    st.broadcast_state();
+    Ok(())
 }
 
 /// Re-runs the connect-time decision with every connected peer whose stream is idle (after a
@@ -441,23 +511,28 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
     if peer.link.is_none() || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
         return Ok(());
     }
-    let mine = st.uuid_view(peer);
-    let theirs = peer_view(peer_id, &peer_state);
-    let mut decision = decide(&mine, &theirs);
-    if peer.repl == ReplState::Off {
-        // At connect only: blocks an online verify marked are resynced by reconnecting.
-        let my_bits = st.bitmaps[peer.slot].weight();
-        decision = resync_leftover_bits(decision, &mine, my_bits, &theirs, peer_state.bitmap_weight);
+    if peer.witness || shared.me.disk.is_none() {
+        // A witness only votes: no data and no generations flow either way.
+        if peer.repl == ReplState::Off {
+            tracing::info!(resource = %shared.config.name, peer = %peer.name, "connected (witness link: votes only)");
+            st.peer_mut(peer_id).repl = ReplState::Established;
+        }
+        return Ok(());
     }
-    let name = peer.name.clone();
+    let (at_connect, my_bits) = (peer.repl == ReplState::Off, st.bitmaps[peer.slot].weight());
+    let (mine, theirs, name) = (st.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
+    let decision = match decide(&mine, &theirs) {
+        d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => after_split_brain(shared, st, peer_id, d)?,
+        // At connect only: blocks an online verify marked are resynced by reconnecting.
+        d if at_connect => resync_leftover_bits(d, &mine, my_bits, &theirs, peer_state.bitmap_weight),
+        d => d,
+    };
     match decision {
         SyncDecision::InSync => {
-            let fresh_pair = mine.inconsistent && theirs.inconsistent;
             let peer = st.peer_mut(peer_id);
             let was = peer.repl;
             peer.repl = ReplState::Established;
-            let peer_good = matches!(peer.disk, DiskState::UpToDate | DiskState::Consistent);
-            if !fresh_pair && st.disk == DiskState::Consistent && peer_good {
+            if st.disk != DiskState::UpToDate && st.confirmed_up_to_date_by(peer_id) {
                 st.disk = DiskState::UpToDate;
                 st.broadcast_state();
             }
@@ -478,15 +553,6 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
             send_bitmap(&link, &st.bitmaps[slot]);
             Ok(())
         }
-        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual => {
-            let reason = format!(
-                "split brain detected with {name}: both changed data since they last agreed (this node {:016X} bitmap {:016X}, {name} {:016X} bitmap {:016X}); not connecting. Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there",
-                mine.current, mine.bitmap_for_peer, theirs.current, theirs.bitmap_for_peer
-            );
-            tracing::error!(resource = %shared.config.name, "{reason}");
-            st.peer_mut(peer_id).want_connect = false;
-            Err(reason)
-        }
         SyncDecision::Unrelated => {
             st.peer_mut(peer_id).want_connect = false;
             Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
@@ -497,6 +563,58 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
         }
         _ => unreachable!("every decision is handled"),
     }
+}
+
+/// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose
+/// changes are then overwritten from the survivor. With shared bitmaps (`SplitBrain`) that is a
+/// bitmap resync of both sides' changes; with only shared history, a full sync. Otherwise the
+/// link is refused and the node stays StandAlone.
+fn after_split_brain(shared: &Shared, st: &mut State, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
+    let peer = st.peer(peer_id);
+    let theirs = peer.last_state.ok_or("split brain without the peer's state")?;
+    let mine = st.uuid_view(peer);
+    let me = SbSide {
+        node_id: shared.me.id,
+        is_primary: st.role == Role::Primary,
+        was_primary_at_split: mine.bitmap_for_peer & 1 != 0,
+        changed_blocks: st.bitmaps[peer.slot].weight(),
+        discard_my_data: st.discard_my_data,
+    };
+    let them = SbSide {
+        node_id: peer_id,
+        is_primary: Role::from_wire(theirs.role) == Some(Role::Primary),
+        was_primary_at_split: theirs.bitmap_uuid & 1 != 0,
+        changed_blocks: theirs.bitmap_weight,
+        discard_my_data: theirs.flags & STATE_FLAG_DISCARD_MY_DATA != 0,
+    };
+    let bitmaps_usable = decision == SyncDecision::SplitBrain;
+    // Without shared bitmaps nothing says which blocks differ: only the operator may choose.
+    let policies = if bitmaps_usable { st.split_brain } else { SplitBrainPolicies::default() };
+    let name = peer.name.clone();
+    let both = format!(
+        "this node current {:016X} bitmap {:016X} changed {} blocks, {name} current {:016X} bitmap {:016X} changed {} blocks",
+        mine.current, mine.bitmap_for_peer, me.changed_blocks, theirs.current_uuid, theirs.bitmap_uuid, them.changed_blocks
+    );
+    let resolved = match split_brain::resolve(&policies, &me, &them) {
+        SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
+        SbResolution::DiscardMine => SyncDecision::FullTarget,
+        SbResolution::DiscardTheirs if bitmaps_usable => SyncDecision::BitmapSource,
+        SbResolution::DiscardTheirs => SyncDecision::FullSource,
+        SbResolution::Disconnect(why) => {
+            let reason = format!(
+                "split brain detected with {name}: both changed data since they last agreed ({both}); not connecting ({why}). Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there"
+            );
+            tracing::error!(resource = %shared.config.name, "{reason}");
+            st.peer_mut(peer_id).want_connect = false;
+            return Err(reason);
+        }
+    };
+    let victim = if resolved.is_target() { "this node" } else { name.as_str() };
+    tracing::warn!(resource = %shared.config.name, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
+    if resolved.is_target() {
+        st.discard_my_data = false;
+    }
+    Ok(resolved)
 }
 
 fn send_bitmap(link: &PeerLink, bitmap: &crate::meta::DirtyBitmap) {
@@ -561,9 +679,10 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
 /// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
 /// for it complete, and a primary starts a new generation before those completions go out.
 pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
+    let primaries_before = st.primaries();
     let peer = st.peer_mut(peer_id);
     let Some(link) = peer.link.take() else { return };
-    link.close();
+    link.close(reason);
     peer.sent_bytes_before += link.sent_bytes();
     peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
     let was = std::mem::replace(&mut peer.repl, ReplState::Off);
@@ -576,6 +695,9 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     peer.last_error = Some(reason.to_owned());
     tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
     stops_following(shared, st, peer_id, deferred);
+    if st.primaries() != primaries_before {
+        st.broadcast_state();
+    }
 }
 
 /// The peer no longer receives this node's writes (its link died, or it fell Behind):
@@ -589,9 +711,10 @@ pub(super) fn stops_following(shared: &Arc<Shared>, st: &mut State, peer_id: u8,
     for (offset, len) in lacking {
         st.mark_out_of_sync(slot, offset, len);
     }
-    if st.role == Role::Primary {
+    // A witness holds no data, so losing it starts no new generation.
+    if st.role == Role::Primary && !st.peer(peer_id).witness {
         let mut generation = st.generation();
-        generation.new_current(random_u64(), true, &[slot]);
+        generation.new_current(random_u64(), true, true, &[slot]);
         st.set_generation(generation);
         if let Err(e) = st.persist() {
             tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the new generation; failing writes");

@@ -7,15 +7,15 @@ use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Runs once the frame it belongs to has been handed to the kernel (protocol A's completion).
 pub type OnSent = Box<dyn FnOnce() + Send>;
 
 /// Bulk bytes queued before writers of new data wait: the send buffer of protocol A.
 pub const BULK_QUEUE_LIMIT_BYTES: usize = (crate::config::SEND_QUEUE_KIB * 1024) as usize;
-/// A ping goes out after this long without any other frame, so the peer's read timeout only
-/// fires on a dead link.
+/// A ping goes out this often, busy or idle: the peer's read timeout only fires on a dead link,
+/// and each answered ping renews the peer's quorum lease (see `core::quorum::LEASE`).
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
@@ -34,6 +34,14 @@ pub struct PeerLink {
     out: Mutex<Option<BufWriter<TcpStream>>>,
     stream: TcpStream,
     sent_bytes: AtomicU64,
+    lease: Mutex<Lease>,
+}
+
+/// Pings in flight and the send time of the newest one answered.
+#[derive(Default)]
+struct Lease {
+    unanswered: VecDeque<Instant>,
+    answered_sent_at: Option<Instant>,
 }
 
 /// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
@@ -54,7 +62,22 @@ impl PeerLink {
             out: Mutex::new(Some(out)),
             stream,
             sent_bytes: AtomicU64::new(0),
+            lease: Mutex::default(),
         })
+    }
+
+    /// The peer answered the oldest unanswered ping (pings are answered in order).
+    pub fn ping_answered(&self) {
+        let mut lease = self.lease.lock().expect("link lease");
+        if let Some(sent_at) = lease.unanswered.pop_front() {
+            lease.answered_sent_at = Some(sent_at);
+        }
+    }
+
+    /// Whether the peer answered a ping sent less than `LEASE` before `now`.
+    pub fn lease_holds(&self, now: Instant) -> bool {
+        let lease = self.lease.lock().expect("link lease");
+        lease.answered_sent_at.is_some_and(|sent| now.saturating_duration_since(sent) < crate::core::quorum::LEASE)
     }
 
     pub fn sent_bytes(&self) -> u64 {
@@ -122,9 +145,21 @@ impl PeerLink {
         }
     }
 
-    /// Stops the writer and breaks the socket, which also wakes the reader.
-    pub fn close(&self) {
+    /// Stops the writer and breaks the socket, which also wakes the reader. First, best
+    /// effort and without waiting on a stuck socket, the queued control frames (this node's
+    /// State among them) and a Disconnect with `reason` go out, so the peer learns why and
+    /// reaches the same decision (a split brain is then reported on both sides).
+    pub fn close(&self, reason: &str) {
         let mut q = self.queue.lock().expect("link queue");
+        if !q.closed {
+            if let Ok(mut out) = self.out.try_lock() {
+                if let Some(out) = out.as_mut() {
+                    let _ = self.stream.set_write_timeout(Some(Duration::from_millis(100)));
+                    let goodbye = Message::Disconnect { reason: reason.to_owned() };
+                    let _ = q.control.iter().chain([&goodbye]).try_for_each(|msg| write_message(out, msg)).and_then(|()| out.flush());
+                }
+            }
+        }
         q.closed = true;
         q.control.clear();
         q.bulk.clear();
@@ -137,6 +172,8 @@ impl PeerLink {
     /// Returns why it stopped.
     pub fn run_writer(&self) -> String {
         let mut sent_callbacks: Vec<OnSent> = Vec::new();
+        // The first ping goes out at once, so a new peer's lease starts within a round trip.
+        let mut next_ping = Instant::now();
         loop {
             let mut q = self.queue.lock().expect("link queue");
             let (msg, on_sent) = loop {
@@ -146,6 +183,13 @@ impl PeerLink {
                 if let Some(msg) = q.control.pop_front() {
                     break (Some(msg), None);
                 }
+                // Ahead of bulk data, so a busy link still renews its lease every interval.
+                if Instant::now() >= next_ping {
+                    next_ping = Instant::now() + PING_INTERVAL;
+                    // Recorded before the write: the lease counts from no later than the send.
+                    self.lease.lock().expect("link lease").unanswered.push_back(Instant::now());
+                    break (Some(Message::Ping), None);
+                }
                 if let Some((msg, on_sent)) = q.bulk.pop_front() {
                     q.bulk_bytes -= payload_len(&msg);
                     self.changed.notify_all();
@@ -154,11 +198,8 @@ impl PeerLink {
                 if !sent_callbacks.is_empty() || self.out_has_buffered() {
                     break (None, None);
                 }
-                let (next, timeout) = self.changed.wait_timeout(q, PING_INTERVAL).expect("link queue");
-                q = next;
-                if timeout.timed_out() && q.control.is_empty() && q.bulk.is_empty() && !q.closed {
-                    break (Some(Message::Ping), None);
-                }
+                let wait = next_ping.saturating_duration_since(Instant::now());
+                q = self.changed.wait_timeout(q, wait).expect("link queue").0;
             };
             let mut out_guard = self.out.lock().expect("link writer");
             drop(q);

@@ -16,6 +16,7 @@ pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStat
 
 use crate::config::{NodeConfig, ResourceConfig};
 use crate::core::inflight::InflightWrites;
+use crate::core::quorum::QuorumState;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::UUID_JUST_CREATED;
 use crate::core::transfer_log::TransferLog;
@@ -47,6 +48,8 @@ pub enum EngineError {
     NotUpToDate { disk: DiskState },
     #[error("peer {peer} is primary: demote it first (`blkrepl secondary` there)")]
     PeerIsPrimary { peer: String },
+    #[error("no quorum: this node reaches {votes} of {voters} voters and needs {needed}; bring more nodes (or the witness) up and connected. --force does not override quorum: if the majority is lost for good, change `quorum` in the resource file on purpose and run `blkrepl adjust`")]
+    NoQuorum { votes: u8, voters: u8, needed: u8 },
     #[error("the device is in use by {clients} NBD client(s): disconnect them first")]
     InUse { clients: usize },
     #[error("cannot export NBD on {address}: {source}")]
@@ -63,6 +66,7 @@ impl EngineError {
         match self {
             EngineError::NotUpToDate { .. } | EngineError::PeerIsPrimary { .. } | EngineError::Refused(_) => 11,
             EngineError::InUse { .. } => 12,
+            EngineError::NoQuorum { .. } => 14,
             _ => 1,
         }
     }
@@ -95,12 +99,33 @@ impl Engine {
     /// Opens the disks and metadata, recovers from a crash as primary, and starts as Secondary.
     /// No network activity yet: see [`Engine::start`].
     pub fn open(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
-        let data: Arc<dyn Disk> = Arc::new(FileDisk::open(&me.disk)?);
+        let Some(disk) = &me.disk else {
+            return Engine::open_witness(config, me);
+        };
+        let data: Arc<dyn Disk> = Arc::new(FileDisk::open(disk)?);
         let meta_disk = match &me.meta_disk {
             Some(path) => Some(Arc::new(FileDisk::open(path)?) as Arc<dyn Disk>),
             None => None,
         };
         Engine::open_on(config, me, data, meta_disk)
+    }
+
+    /// A diskless witness: it keeps no data and no metadata, only votes. The engine runs over a
+    /// small in-memory store so one code path serves data nodes and witnesses; nothing in it is
+    /// ever sent or persisted.
+    fn open_witness(config: ResourceConfig, me: NodeConfig) -> Result<Engine, EngineError> {
+        const WITNESS_STORE_BYTES: usize = 4 << 20;
+        let store: Arc<dyn Disk> = Arc::new(crate::disk::MemDisk::new(WITNESS_STORE_BYTES));
+        let params = crate::meta::MetaParams {
+            max_peers: (config.nodes.len() - 1) as u8,
+            bitmap_block_size: config.bitmap_block_size,
+            al_extents: crate::meta::layout::MIN_AL_EXTENTS,
+        };
+        let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
+        MetaStore::create(store.clone(), WITNESS_STORE_BYTES as u64, true, params, &config.name, me.id, &peers, true)?;
+        let engine = Engine::open_on(config, me, store, None)?;
+        engine.shared.lock().disk = DiskState::Diskless;
+        Ok(engine)
     }
 
     /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.
@@ -113,7 +138,8 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let internal = meta_disk.is_none();
         let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
-        let data_disk_len = data.len().map_err(|source| DiskError::Open { path: me.disk.clone(), source })?;
+        let data_disk_len =
+            data.len().map_err(|source| DiskError::Open { path: me.disk.clone().unwrap_or_default(), source })?;
         let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
         let sb = loaded.superblock;
 
@@ -122,7 +148,8 @@ impl Engine {
         in_meta.sort_unstable();
         in_config.sort_unstable();
         if in_meta != in_config {
-            return Err(EngineError::PeersChanged { disk: me.disk.display().to_string(), in_meta, in_config });
+            let disk = me.disk.as_ref().map_or_else(|| "(witness)".into(), |d| d.display().to_string());
+            return Err(EngineError::PeersChanged { disk, in_meta, in_config });
         }
 
         let mut bitmaps = loaded.bitmaps;
@@ -156,6 +183,8 @@ impl Engine {
                     node_id: p.node_id,
                     name: node.name.clone(),
                     slot,
+                    witness: node.disk.is_none(),
+                    departed: false,
                     want_connect: true,
                     conn: ConnState::Connecting,
                     repl: ReplState::Off,
@@ -196,6 +225,11 @@ impl Engine {
             read_locks: Vec::new(),
             app_write_bytes: 0,
             stopping: false,
+            quorum_policy: config.quorum,
+            on_no_quorum: config.on_no_quorum,
+            split_brain: config.split_brain,
+            discard_my_data: false,
+            suspended: Vec::new(),
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
         let shared = Shared { config, me, data, data_size_bytes, io, state: Mutex::new(state), changed: Condvar::new() };
@@ -213,6 +247,11 @@ impl Engine {
 
     pub fn resource(&self) -> &str {
         &self.shared.config.name
+    }
+
+    /// Risky settings of the resource file (see [`ResourceConfig::warnings`]).
+    pub fn config_warnings(&self) -> Vec<String> {
+        self.shared.config.warnings()
     }
 
     /// Whether peers must prove they know the shared secret.
@@ -239,12 +278,24 @@ impl Engine {
     /// Promotes this node to Primary and exports the device.
     pub fn promote(&self, force: bool) -> Result<(), EngineError> {
         let shared = &self.shared;
-        let mut st = shared.lock();
+        let (mut st, quorum) = self.wait_for_quorum(shared.lock());
         if st.role == Role::Primary {
             return Ok(());
         }
+        if shared.me.disk.is_none() {
+            return Err(EngineError::Refused("this node is a diskless witness: it only votes and can never be primary".into()));
+        }
         if let Some(peer) = st.peers.iter().find(|p| p.link.is_some() && p.role == Role::Primary) {
             return Err(EngineError::PeerIsPrimary { peer: peer.name.clone() });
+        }
+        if !quorum.has_quorum {
+            return Err(EngineError::NoQuorum { votes: quorum.votes, voters: quorum.voters, needed: quorum.needed });
+        }
+        if let Some(other) = quorum.other_primary {
+            let name = shared.config.node_by_id(other).map_or_else(|| other.to_string(), |n| n.name.clone());
+            return Err(EngineError::Refused(format!(
+                "a connected node reports {name} as primary (this node cannot reach it directly): demote {name} first"
+            )));
         }
         if st.disk != DiskState::UpToDate && !force {
             return Err(EngineError::NotUpToDate { disk: st.disk });
@@ -258,13 +309,14 @@ impl Engine {
         let absent: Vec<usize> = st
             .peers
             .iter()
+            .filter(|p| !p.witness)
             .filter(|p| force || !(p.link.is_some() && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
             .map(|p| p.slot)
             .collect();
         if force || !absent.is_empty() {
             let was_fresh = crate::core::sync_decision::same_uuid(st.sb.uuids.current, UUID_JUST_CREATED);
             let mut generation = st.generation();
-            let started = generation.new_current(random_u64(), true, &absent);
+            let started = generation.new_current(random_u64(), true, false, &absent);
             st.set_generation(generation);
             if was_fresh {
                 // A peer of a just-created node holds none of its data: all of it must flow.
@@ -320,11 +372,14 @@ impl Engine {
             return Err(EngineError::InUse { clients });
         }
         st.role = Role::Secondary;
+        let mut held = Deferred::default();
+        st.release_suspended(true, &mut held);
         // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
         // this node is no longer primary and may promote itself.
         st.broadcast_state();
         let nbd = st.nbd.take();
         drop(st);
+        held.run();
         if let Some(nbd) = nbd {
             nbd.shutdown();
         }
@@ -361,9 +416,17 @@ impl Engine {
         }
     }
 
-    /// Lets the node (re)connect to every peer.
-    pub fn connect(&self) {
+    /// Lets the node (re)connect to every peer. With `discard_my_data`, this node offers
+    /// itself as the victim of a split brain: its changes since the split are overwritten.
+    pub fn connect(&self, discard_my_data: bool) -> Result<(), EngineError> {
         let mut st = self.shared.lock();
+        if discard_my_data {
+            if st.role == Role::Primary {
+                return Err(EngineError::Refused("--discard-my-data on a primary: demote it first (its data is live)".into()));
+            }
+            tracing::warn!(resource = %self.shared.config.name, "connect --discard-my-data: this node's changes since a split brain will be overwritten");
+            st.discard_my_data = true;
+        }
         for peer in st.peers.iter_mut() {
             peer.want_connect = true;
             if peer.link.is_none() {
@@ -371,7 +434,23 @@ impl Engine {
                 peer.last_error = None;
             }
         }
+        st.broadcast_state();
         self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// Quorum as this node would have it as primary: peers count only with a valid lease. A
+    /// peer that connected a moment ago gets up to one lease period to answer its first ping.
+    fn wait_for_quorum<'a>(&'a self, mut st: MutexGuard<'a, State>) -> (MutexGuard<'a, State>, QuorumState) {
+        let deadline = std::time::Instant::now() + crate::core::quorum::LEASE;
+        loop {
+            let quorum = st.quorum_with_leases(true);
+            let pending = st.quorum_with_leases(false) != quorum;
+            if quorum.has_quorum || !pending || std::time::Instant::now() >= deadline {
+                return (st, quorum);
+            }
+            st = self.shared.changed.wait_timeout(st, Duration::from_millis(20)).expect("engine state lock poisoned").0;
+        }
     }
 
     /// Drops every peer connection and stays StandAlone until `connect`.
@@ -407,7 +486,8 @@ impl Engine {
             }
         }
         let mut generation = st.generation();
-        generation.new_current(random_u64(), st.role == Role::Primary, &[]);
+        let primary = st.role == Role::Primary;
+        generation.new_current(random_u64(), primary, primary, &[]);
         st.set_generation(generation);
         if clear_bitmap {
             for bitmap in st.bitmaps.iter_mut() {
@@ -430,6 +510,38 @@ impl Engine {
         Ok(())
     }
 
+    /// Re-reads the resource file and applies `quorum`, `on_no_quorum` and `after_sb_*` at
+    /// once. Other settings only take effect at the next `up`: a difference in them is refused
+    /// rather than half-applied.
+    pub fn adjust(&self) -> Result<(), EngineError> {
+        let running = &self.shared.config;
+        let dir = running.path.parent().unwrap_or(std::path::Path::new("."));
+        let new = ResourceConfig::load(dir, &running.name).map_err(|e| EngineError::Refused(e.to_string()))?;
+        let mut rest = new.clone();
+        (rest.quorum, rest.on_no_quorum, rest.split_brain) = (running.quorum, running.on_no_quorum, running.split_brain);
+        if rest != *running {
+            return Err(EngineError::Refused(format!(
+                "{} changed in more than quorum, on_no_quorum and after_sb_*: those other changes need `blkrepl down` and `up`",
+                running.path.display()
+            )));
+        }
+        let mut st = self.shared.lock();
+        tracing::warn!(
+            resource = %running.name,
+            "adjust: quorum {} -> {}, on_no_quorum {:?} -> {:?}, split-brain policies {:?} -> {:?}",
+            st.quorum_policy, new.quorum, st.on_no_quorum, new.on_no_quorum, st.split_brain, new.split_brain
+        );
+        st.quorum_policy = new.quorum;
+        st.on_no_quorum = new.on_no_quorum;
+        st.split_brain = new.split_brain;
+        let mut deferred = Deferred::default();
+        st.release_suspended(false, &mut deferred);
+        self.shared.changed.notify_all();
+        drop(st);
+        deferred.run();
+        Ok(())
+    }
+
     /// Orderly stop: refuses while the device is in use; demotes, tells the peers, and leaves
     /// clean metadata (bitmaps written with their checksums, activity log clean).
     pub fn shutdown(&self) -> Result<(), EngineError> {
@@ -437,6 +549,15 @@ impl Engine {
         let shared = &self.shared;
         let mut st = shared.lock();
         st.stopping = true;
+        // Peers that stay up go on without this node: it is Outdated from now on, tells them
+        // so (the leaving flag), and they stop counting it for quorum.
+        let data_peer_stays = st.peers.iter().any(|p| !p.witness && p.link.is_some() && p.repl == ReplState::Established);
+        if data_peer_stays && shared.me.disk.is_some() && st.disk == DiskState::UpToDate {
+            st.disk = DiskState::Outdated;
+            st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+            tracing::info!(resource = %shared.config.name, "leaving while peers stay up: this node is Outdated until it reconnects");
+        }
+        st.broadcast_state();
         let ids: Vec<u8> = st.peers.iter().map(|p| p.node_id).collect();
         let mut deferred = Deferred::default();
         for id in ids {

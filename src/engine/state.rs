@@ -4,6 +4,8 @@
 use super::link::PeerLink;
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
+use crate::core::quorum::{evaluate, OnNoQuorum, QuorumPolicy, QuorumState, VoterView};
+use crate::core::split_brain::SplitBrainPolicies;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{SyncDecision, UuidView};
 use crate::core::sync_progress::SyncProgress;
@@ -25,8 +27,12 @@ pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
+/// The sender is going down cleanly and marked itself Outdated: stop counting it for quorum.
+pub const STATE_FLAG_LEAVING: u32 = 2;
+/// The operator chose the sender as the victim of a split brain (`connect --discard-my-data`).
+pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
 /// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
-pub const STATE_FLAG_AHEAD: u32 = 2;
+pub const STATE_FLAG_AHEAD: u32 = 8;
 
 /// Requests completed under the lock, answered after it is released (a completion may write to
 /// a socket).
@@ -68,6 +74,10 @@ pub struct Peer {
     pub node_id: u8,
     pub name: String,
     pub slot: usize,
+    /// A diskless witness: it votes, never receives data, and its bitmap slot stays empty.
+    pub witness: bool,
+    /// Left cleanly (told us so before going down): not a quorum voter until it returns.
+    pub departed: bool,
     pub want_connect: bool,
     pub conn: ConnState,
     pub repl: ReplState,
@@ -94,7 +104,7 @@ pub struct Peer {
 
 impl Peer {
     pub fn is_replicating(&self) -> bool {
-        self.link.is_some() && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
+        !self.witness && self.link.is_some() && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
     }
 }
 
@@ -122,6 +132,15 @@ pub struct State {
     /// application's write rate from it.
     pub app_write_bytes: u64,
     pub stopping: bool,
+    /// Quorum settings: here rather than in the immutable config because `adjust` changes them.
+    pub quorum_policy: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    pub split_brain: SplitBrainPolicies,
+    /// Set by `connect --discard-my-data` until a split brain has been resolved with this node
+    /// as the victim.
+    pub discard_my_data: bool,
+    /// Write and flush completions held while this primary has no quorum (suspend-io).
+    pub suspended: Vec<(Completion, BlockResult)>,
 }
 
 impl State {
@@ -154,8 +173,128 @@ impl State {
     }
 
     /// Marks a range out of sync for a peer (in memory: the activity log covers it on disk).
+    /// A witness's slot stays empty: it holds no data to be out of sync.
     pub fn mark_out_of_sync(&mut self, slot: usize, offset: u64, len: u64) {
-        self.bitmaps[slot].set_range(offset, len);
+        if !self.peers.iter().any(|p| p.slot == slot && p.witness) {
+            self.bitmaps[slot].set_range(offset, len);
+        }
+    }
+
+    /// Bitmap slots of the data peers that do not receive `sender`'s writes as far as this node
+    /// can tell (not connected here, or not reporting `sender` as a primary they see): a
+    /// secondary records the writes it applies for them, so it can resync them itself if the
+    /// primary dies. Over-reporting only costs resync.
+    pub fn slots_not_following(&self, sender: u8) -> Vec<usize> {
+        self.peers
+            .iter()
+            .filter(|p| p.node_id != sender && !p.witness)
+            .filter(|p| p.link.is_none() || p.last_state.is_none_or(|s| s.primaries & (1 << sender) == 0))
+            .map(|p| p.slot)
+            .collect()
+    }
+
+    /// Whether connecting in sync with `peer_id` proves this node's data is the newest: the
+    /// peer is UpToDate, or every data peer is connected in sync with the same generation (so
+    /// no node anywhere can hold newer data). Two fresh nodes prove nothing.
+    pub fn confirmed_up_to_date_by(&self, peer_id: u8) -> bool {
+        let good = |d: DiskState| matches!(d, DiskState::Consistent | DiskState::Outdated);
+        if !good(self.disk) {
+            return false;
+        }
+        let peer = self.peer(peer_id);
+        if peer.disk == DiskState::UpToDate {
+            return true;
+        }
+        let fresh = crate::core::sync_decision::same_uuid(self.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
+        !fresh
+            && self.peers.iter().filter(|p| !p.witness).all(|p| {
+                p.repl == ReplState::Established
+                    && good(p.disk)
+                    && p.last_state.is_some_and(|s| crate::core::sync_decision::same_uuid(s.current_uuid, self.sb.uuids.current))
+            })
+    }
+
+    /// The nodes this node sees as primary, itself included (see `PeerState::primaries`).
+    pub fn primaries(&self) -> u32 {
+        let me = u32::from(self.role == Role::Primary) << self.sb.node_id;
+        self.peers.iter().filter(|p| p.link.is_some() && p.role == Role::Primary).fold(me, |mask, p| mask | 1 << p.node_id)
+    }
+
+    /// Counts the votes now. A peer counts once its state is known; for a primary, only while
+    /// the peer's lease holds (see `core::quorum::LEASE`).
+    pub fn quorum(&self) -> QuorumState {
+        self.quorum_with_leases(self.role == Role::Primary)
+    }
+
+    /// [`State::quorum`], choosing whether leases count (they do for a primary).
+    pub fn quorum_with_leases(&self, leases: bool) -> QuorumState {
+        let now = Instant::now();
+        let views: Vec<VoterView> = self
+            .peers
+            .iter()
+            .map(|p| VoterView {
+                node_id: p.node_id,
+                reachable: p.last_state.is_some()
+                    && p.link.as_ref().is_some_and(|l| !leases || l.lease_holds(now)),
+                departed: p.departed,
+                sees_primary: p.last_state.map_or(0, |s| s.primaries),
+            })
+            .collect();
+        evaluate(self.quorum_policy, self.sb.node_id, &views)
+    }
+
+    /// Whether this node may complete writes now: as primary, only with quorum and while no
+    /// reachable node reports another primary (a healed partition can reconnect an isolated
+    /// old primary to a witness that already follows the new one).
+    pub fn may_complete_writes(&self) -> bool {
+        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
+            return true;
+        }
+        let quorum = self.quorum();
+        quorum.has_quorum && quorum.other_primary.is_none()
+    }
+
+    /// Completes a write or flush, unless this primary has lost quorum: then the completion is
+    /// held (suspend-io) or fails (io-error). An acknowledged write must be on the side that
+    /// keeps quorum, the only side that may promote.
+    pub fn finish_write(&mut self, done: Completion, result: BlockResult, deferred: &mut Deferred) {
+        if self.may_complete_writes() {
+            deferred.push(done, result);
+            return;
+        }
+        match self.on_no_quorum {
+            OnNoQuorum::SuspendIo => {
+                if self.suspended.is_empty() {
+                    tracing::warn!(quorum = ?self.quorum(), "no quorum: suspending write completions until it returns");
+                }
+                self.suspended.push((done, result));
+            }
+            OnNoQuorum::IoError => deferred.push(done, Err(crate::frontend::BlockError::Io)),
+        }
+    }
+
+    /// Another node was promoted while this primary had no quorum: the writes it holds can never
+    /// be acknowledged (the new primary does not have them).
+    pub fn superseded(&self) -> bool {
+        self.role == Role::Primary && self.quorum_policy != QuorumPolicy::Off && self.quorum().other_primary.is_some()
+    }
+
+    /// Releases held completions once quorum is back, or fails them when `fail` (demotion) or
+    /// when another primary took over.
+    pub fn release_suspended(&mut self, fail: bool, deferred: &mut Deferred) {
+        let fail = fail || self.superseded();
+        if self.suspended.is_empty() || !(fail || self.may_complete_writes()) {
+            return;
+        }
+        let held = std::mem::take(&mut self.suspended);
+        if fail {
+            tracing::error!(writes = held.len(), "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
+        } else {
+            tracing::info!(writes = held.len(), "quorum is back: completing held writes");
+        }
+        for (done, result) in held {
+            deferred.push(done, if fail { Err(crate::frontend::BlockError::Io) } else { result });
+        }
     }
 
     /// Makes an activity-log change durable, in the order crash recovery relies on: the bitmap
@@ -194,13 +333,27 @@ impl State {
         PeerState {
             role: self.role.to_wire(),
             disk: self.disk.to_wire(),
-            flags: if self.crashed_primary { STATE_FLAG_CRASHED_PRIMARY } else { 0 }
-                | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
+            flags: self.state_flags() | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,
             bitmap_weight: self.bitmaps[peer.slot].weight(),
+            primaries: self.primaries(),
         }
+    }
+
+    fn state_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.crashed_primary {
+            flags |= STATE_FLAG_CRASHED_PRIMARY;
+        }
+        if self.stopping {
+            flags |= STATE_FLAG_LEAVING;
+        }
+        if self.discard_my_data {
+            flags |= STATE_FLAG_DISCARD_MY_DATA;
+        }
+        flags
     }
 
     /// Sends the current state to every connected peer.

@@ -3,7 +3,8 @@
 use super::state::State;
 use super::verify::VerifyState;
 use super::Shared;
-use crate::core::states::DiskState;
+use crate::core::quorum::{OnNoQuorum, PromotionInputs};
+use crate::core::states::{DiskState, Role};
 use crate::core::sync_progress::SyncProgress;
 use std::time::Instant;
 use serde::{Deserialize, Serialize};
@@ -17,6 +18,17 @@ pub struct ResourceStatus {
     /// Whether this node has quorum (always, while the policy is "off").
     pub quorum: bool,
     pub quorum_policy: String,
+    /// Voters reached (itself included), voters counted, votes needed.
+    pub quorum_votes: u8,
+    pub quorum_voters: u8,
+    pub quorum_needed: u8,
+    pub on_no_quorum: OnNoQuorum,
+    /// Writes completed locally but held because this primary has no quorum (suspend-io).
+    pub suspended_writes: usize,
+    /// Whether `primary` (without --force) would succeed now.
+    pub may_promote: bool,
+    /// How good a primary this node would be (Pacemaker's scale): none without quorum.
+    pub promotion_score: Option<u32>,
     /// Where the device is exported while primary (`nbd://ADDR/NAME`).
     pub device: Option<String>,
     /// NBD clients connected to the export (demotion is refused while any is).
@@ -31,6 +43,10 @@ pub struct ResourceStatus {
 pub struct PeerStatus {
     pub name: String,
     pub node_id: u8,
+    /// A diskless witness (votes only).
+    pub witness: bool,
+    /// Left cleanly and no longer counted for quorum until it returns.
+    pub departed: bool,
     pub connection: String,
     pub replication: String,
     pub peer_role: String,
@@ -137,6 +153,8 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
             PeerStatus {
                 name: p.name.clone(),
                 node_id: p.node_id,
+                witness: p.witness,
+                departed: p.departed,
                 connection: p.conn.to_string(),
                 replication: p.repl.to_string(),
                 peer_role: p.role.to_string(),
@@ -150,13 +168,28 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
             }
         })
         .collect();
+    let quorum = st.quorum();
+    let promotion = PromotionInputs {
+        role: st.role,
+        disk: st.disk,
+        quorum,
+        all_data_peers_known: st.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
+        peer_up_to_date: st.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
+    };
     ResourceStatus {
         name: shared.config.name.clone(),
         node: shared.me.name.clone(),
         role: st.role.to_string(),
         disk: st.disk.to_string(),
-        quorum: true,
-        quorum_policy: shared.config.quorum.to_string(),
+        quorum: quorum.has_quorum,
+        quorum_policy: st.quorum_policy.to_string(),
+        quorum_votes: quorum.votes,
+        quorum_voters: quorum.voters,
+        quorum_needed: quorum.needed,
+        on_no_quorum: st.on_no_quorum,
+        suspended_writes: st.suspended.len(),
+        may_promote: st.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
+        promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
         device: st.nbd.as_ref().map(|n| format!("nbd://{}/{}", n.local_addr(), shared.config.name)),
         nbd_clients: st.nbd.as_ref().map_or(0, |n| n.connected_clients()),
         protocol: shared.config.protocol.to_string(),

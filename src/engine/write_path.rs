@@ -6,6 +6,7 @@ use super::io_pool::IoOp;
 use super::state::{Deferred, PendingFlush, State};
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::{congestion, Shared};
+use crate::core::quorum::OnNoQuorum;
 use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::states::{DiskState, Role};
@@ -96,6 +97,12 @@ fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), Bl
         return Err(BlockError::ReadOnly);
     }
     if st.disk != DiskState::UpToDate {
+        return Err(BlockError::Io);
+    }
+    // Without quorum under io-error, or once another node is primary, fail before writing
+    // anything: the data would diverge from the side that may be promoted. (suspend-io writes
+    // and holds the completion instead, while the outcome is open.)
+    if (st.on_no_quorum == OnNoQuorum::IoError && !st.may_complete_writes()) || st.superseded() {
         return Err(BlockError::Io);
     }
     in_bounds(shared, offset, len)
@@ -296,7 +303,7 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
             Some(LocalFailure::Io) => Err(BlockError::Io),
             Some(LocalFailure::NoSpace) => Err(BlockError::NoSpace),
         };
-        deferred.push(done, result);
+        st.finish_write(done, result, deferred);
     }
 }
 
@@ -352,7 +359,7 @@ pub fn finish_flushes(st: &mut State, deferred: &mut Deferred) {
         }
         let mut flush = st.flushes.remove(i);
         if let Some(done) = flush.done.take() {
-            deferred.push(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) });
+            st.finish_write(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) }, deferred);
         }
     }
 }

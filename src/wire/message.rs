@@ -91,6 +91,9 @@ pub struct PeerState {
     pub history: [u64; 4],
     /// Number of set bits in the sender's bitmap for the receiver (blocks it changed since).
     pub bitmap_weight: u64,
+    /// The nodes the sender sees as primary (itself included), one bit per node id: lets a
+    /// node see a primary through a third node whose link to it still works.
+    pub primaries: u32,
 }
 
 /// One frame's worth of meaning. The doc comment of each variant says what it asks of the
@@ -366,6 +369,7 @@ impl Message {
                 out.put_u64(state.bitmap_uuid);
                 state.history.iter().for_each(|uuid| out.put_u64(*uuid));
                 out.put_u64(state.bitmap_weight);
+                out.put_u32(state.primaries);
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
@@ -497,6 +501,7 @@ impl Message {
                 bitmap_uuid: fields.u64()?,
                 history: fields.uuids()?,
                 bitmap_weight: fields.u64()?,
+                primaries: fields.u32()?,
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
                 last: fields.bool()?,

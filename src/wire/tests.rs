@@ -115,10 +115,10 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<u64>(),
         any::<[u64; 4]>(),
-        any::<u64>(),
+        (any::<u64>(), any::<u32>()),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, bitmap_weight)| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries))| PeerState {
                 role,
                 disk,
                 flags,
@@ -126,6 +126,7 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 bitmap_uuid,
                 history,
                 bitmap_weight,
+                primaries,
             },
         )
 }
@@ -355,12 +356,13 @@ fn payload_sizes_are_as_documented() {
         bitmap_uuid: 0,
         history: [0; 4],
         bitmap_weight: 0,
+        primaries: 0,
     };
     let cases: [(Message, usize); 19] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 62),
+        (Message::State(state), 66),
         (
             Message::BitmapRuns {
                 last: true,

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,8 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     pub nbd_ports: Vec<u16>,
     pub resource: String,
+    /// Set when the nodes live in network namespaces (see [`netns::Net`]).
+    pub net: Option<netns::Net>,
 }
 
 /// Ports free right now (bound and released; a test cluster uses them at once).
@@ -27,27 +31,43 @@ fn free_ports(n: usize) -> Vec<u16> {
 pub struct Options {
     pub protocol: &'static str,
     pub disk_mib: u64,
+    /// The `quorum` setting; "off" unless a test is about quorum.
+    pub quorum: &'static str,
+    /// Nodes that are diskless witnesses.
+    pub witnesses: &'static [&'static str],
+    /// Each node in its own network namespace (root only), so partitions can be made.
+    pub netns: bool,
     pub extra: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { protocol: "C", disk_mib: 64, extra: "" }
+        Options { protocol: "C", disk_mib: 64, quorum: "off", witnesses: &[], netns: false, extra: "" }
     }
 }
 
 impl Cluster {
     pub fn new(nodes: &[&str], options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports = free_ports(nodes.len() * 2);
-        let mut text = format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"off\"\n{}\n", options.protocol, options.extra);
+        let net = options.netns.then(|| netns::Net::create(nodes.len()));
+        // In namespaces every node has its own address and the standard ports.
+        let ports: Vec<u16> = if net.is_some() { [7789, 10809].repeat(nodes.len()) } else { free_ports(nodes.len() * 2) };
+        let host = |i: usize| if net.is_some() { netns::Net::address(i) } else { "127.0.0.1".to_owned() };
+        let mut text =
+            format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{}\n", options.protocol, options.quorum, options.extra);
         for (i, name) in nodes.iter().enumerate() {
+            if options.witnesses.contains(name) {
+                text += &format!("[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"none\"\n", host(i), ports[2 * i]);
+                continue;
+            }
             let disk = dir.path().join(format!("{name}.img"));
             std::fs::File::create(&disk).unwrap().set_len(options.disk_mib << 20).unwrap();
             text += &format!(
-                "[[node]]\nname = \"{name}\"\naddress = \"127.0.0.1:{}\"\ndisk = \"{}\"\nnbd = \"127.0.0.1:{}\"\n",
+                "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"{}\"\nnbd = \"{}:{}\"\n",
+                host(i),
                 ports[2 * i],
                 disk.display(),
+                host(i),
                 ports[2 * i + 1]
             );
         }
@@ -58,6 +78,7 @@ impl Cluster {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             dir,
             resource: "r0".into(),
+            net,
         }
     }
 
@@ -74,13 +95,60 @@ impl Cluster {
     }
 
     pub fn nbd_url(&self, node: &str) -> String {
-        let i = self.nodes.iter().position(|n| n == node).unwrap();
-        format!("nbd://127.0.0.1:{}/{}", self.nbd_ports[i], self.resource)
+        let i = self.index(node);
+        let host = if self.net.is_some() { netns::Net::address(i) } else { "127.0.0.1".to_owned() };
+        format!("nbd://{host}:{}/{}", self.nbd_ports[i], self.resource)
+    }
+
+    fn index(&self, node: &str) -> usize {
+        self.nodes.iter().position(|n| n == node).unwrap()
+    }
+
+    /// The node's network namespace, when the cluster has them.
+    pub fn ns(&self, node: &str) -> Option<String> {
+        self.net.as_ref().map(|net| net.ns(self.index(node)))
+    }
+
+    /// A command run in the node's namespace (or directly without namespaces).
+    fn command_for(&self, node: &str, program: &str) -> Command {
+        match self.ns(node) {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Cuts `node` off from every other node.
+    pub fn isolate(&self, node: &str) {
+        self.net.as_ref().expect("a netns cluster").isolate(self.index(node));
+    }
+
+    pub fn heal(&self, node: &str) {
+        self.net.as_ref().expect("a netns cluster").heal(self.index(node));
+    }
+
+    /// qemu-io on `node`'s export, from inside its namespace.
+    pub fn qemu_io(&self, node: &str, commands: &[String]) -> (bool, String) {
+        run_qemu_io(self.command_for(node, "qemu-io"), &self.nbd_url(node), commands)
+    }
+
+    /// Writes the patterns through `node`'s export and flushes.
+    pub fn write(&self, node: &str, patterns: &[(u64, u64, u8)]) {
+        let (ok, out) = self.qemu_io(node, &pattern_writes(patterns));
+        assert!(ok, "qemu-io write on {node} failed: {out}");
+    }
+
+    /// Reads the patterns back through `node`'s export.
+    pub fn check(&self, node: &str, patterns: &[(u64, u64, u8)]) -> (bool, String) {
+        self.qemu_io(node, &pattern_reads(patterns))
     }
 
     /// Runs `blkrepl --node NODE ARGS...` and returns its output.
     pub fn cli(&self, node: &str, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command_for(node, BIN)
             .arg("--config-dir")
             .arg(self.config_dir())
             .arg("--run-dir")
@@ -172,26 +240,34 @@ impl Cluster {
         file.write_all(&[!byte[0]]).unwrap();
     }
 
-    /// The replicated data area of the node's backing file (its metadata excluded); the node
-    /// must be up (its status gives the size).
-    pub fn data_area(&self, node: &str) -> Vec<u8> {
-        let size = self.status(node)["size_bytes"].as_u64().unwrap();
-        let mut data = std::fs::read(self.disk(node)).unwrap();
-        data.truncate(size as usize);
-        data
-    }
-
     /// Bytes the node has received from `peer` (data, resync data and digests).
     pub fn received(&self, node: &str, peer: &str) -> u64 {
         Cluster::peer(&self.status(node), peer)["received_bytes"].as_u64().unwrap()
     }
+
+    /// Replaces `from` with `to` in the resource file (for `adjust`).
+    pub fn edit_config(&self, from: &str, to: &str) {
+        let path = self.config_dir().join("r0.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(from), "{from} not in the resource file");
+        std::fs::write(&path, text.replace(from, to)).unwrap();
+    }
+
+    /// The data area of a node's disk (metadata at its end excluded).
+    pub fn data_of(&self, node: &str, size_bytes: u64) -> Vec<u8> {
+        let mut data = std::fs::read(self.disk(node)).unwrap();
+        data.truncate(size_bytes as usize);
+        data
+    }
+
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {
             let log = self.run_dir().join(format!("r0.{node}.log"));
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            // The harness polls status: those lines would hide everything else.
+            let tail: Vec<&str> = text.lines().rev().filter(|l| !l.contains("control request")).take(40).collect();
             out += &format!("--- log of {node} (last 40 lines) ---\n");
             for line in tail.into_iter().rev() {
                 out += line;
@@ -230,7 +306,10 @@ pub fn text(bytes: &[u8]) -> String {
 
 /// Runs qemu-io against an NBD URL with the given commands; returns (success, stdout+stderr).
 pub fn qemu_io(url: &str, commands: &[String]) -> (bool, String) {
-    let mut cmd = Command::new("qemu-io");
+    run_qemu_io(Command::new("qemu-io"), url, commands)
+}
+
+fn run_qemu_io(mut cmd: Command, url: &str, commands: &[String]) -> (bool, String) {
     cmd.args(["-f", "raw", "-t", "writeback", url]);
     for c in commands {
         cmd.arg("-c").arg(c);
@@ -243,15 +322,22 @@ pub fn qemu_io(url: &str, commands: &[String]) -> (bool, String) {
 
 /// Writes each (offset, len, pattern) and flushes.
 pub fn write_patterns(url: &str, patterns: &[(u64, u64, u8)]) {
-    let mut commands: Vec<String> =
-        patterns.iter().map(|(o, l, p)| format!("write -P 0x{p:02x} {o} {l}")).collect();
-    commands.push("flush".into());
-    let (ok, out) = qemu_io(url, &commands);
+    let (ok, out) = qemu_io(url, &pattern_writes(patterns));
     assert!(ok, "qemu-io write failed: {out}");
 }
 
 /// Reads each (offset, len, pattern) back and checks it.
 pub fn check_patterns(url: &str, patterns: &[(u64, u64, u8)]) -> (bool, String) {
-    let commands: Vec<String> = patterns.iter().map(|(o, l, p)| format!("read -P 0x{p:02x} {o} {l}")).collect();
-    qemu_io(url, &commands)
+    qemu_io(url, &pattern_reads(patterns))
+}
+
+/// qemu-io commands writing each (offset, len, pattern), then a flush.
+fn pattern_writes(patterns: &[(u64, u64, u8)]) -> Vec<String> {
+    let mut commands: Vec<String> = patterns.iter().map(|(o, l, p)| format!("write -P 0x{p:02x} {o} {l}")).collect();
+    commands.push("flush".into());
+    commands
+}
+
+fn pattern_reads(patterns: &[(u64, u64, u8)]) -> Vec<String> {
+    patterns.iter().map(|(o, l, p)| format!("read -P 0x{p:02x} {o} {l}")).collect()
 }

@@ -1,0 +1,85 @@
+//! Network namespaces for a test cluster: one per node, each joined by a veth pair to a bridge
+//! in a switch namespace. Cutting a node's switch port partitions it from every other node;
+//! raising it again heals the partition. Addresses are private to these namespaces.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Net {
+    prefix: String,
+    nodes: usize,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip (iproute2) runs");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether this machine lets the tests make namespaces (root and iproute2). CI must: there a
+/// missing capability fails the test instead of skipping it.
+pub fn usable() -> bool {
+    let probe = format!("blkprobe{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+    let ok = Command::new("ip").args(["netns", "add", &probe]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        let _ = Command::new("ip").args(["netns", "del", &probe]).output();
+    }
+    assert!(ok || std::env::var("CI").is_err(), "CI must run the network-namespace tests: run as root with iproute2");
+    if !ok {
+        eprintln!("skipping: network namespaces need root and iproute2");
+    }
+    ok
+}
+
+impl Net {
+    pub fn create(nodes: usize) -> Net {
+        let net = Net { prefix: format!("blk{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)), nodes };
+        let switch = net.switch();
+        ip(&["netns", "add", &switch]);
+        ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &switch, "link", "set", "br0", "up"]);
+        for i in 0..nodes {
+            let ns = net.ns(i);
+            ip(&["netns", "add", &ns]);
+            let port = format!("port{i}");
+            ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &switch]);
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", Net::address(i)), "dev", "eth0"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &switch, "link", "set", &port, "up"]);
+        }
+        net
+    }
+
+    fn switch(&self) -> String {
+        format!("{}sw", self.prefix)
+    }
+
+    /// The namespace of node `i`.
+    pub fn ns(&self, i: usize) -> String {
+        format!("{}n{i}", self.prefix)
+    }
+
+    pub fn address(i: usize) -> String {
+        format!("10.99.0.{}", i + 1)
+    }
+
+    /// Cuts node `i` off from every other node (both directions, no reset: packets vanish).
+    pub fn isolate(&self, i: usize) {
+        ip(&["-n", &self.switch(), "link", "set", &format!("port{i}"), "down"]);
+    }
+
+    pub fn heal(&self, i: usize) {
+        ip(&["-n", &self.switch(), "link", "set", &format!("port{i}"), "up"]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in (0..self.nodes).map(|i| self.ns(i)).chain([self.switch()]) {
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        }
+    }
+}

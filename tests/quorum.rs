@@ -1,0 +1,214 @@
+//! Quorum, witnesses and split brain with real daemons on 127.0.0.1: who may promote, what an
+//! isolated primary does with writes, and how a split brain ends. I/O through NBD with qemu-io.
+
+mod common;
+
+use common::{check_patterns, qemu_io, write_patterns, Cluster, Options};
+use std::process::Output;
+
+const MIB: u64 = 1 << 20;
+
+/// alpha and beta hold data, `tie` is a diskless witness; quorum majority; alpha Primary and
+/// beta UpToDate.
+fn trio(extra: &'static str) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], extra, ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "peers", |s| {
+        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
+    });
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c
+}
+
+fn stderr(out: &Output) -> String {
+    common::text(&out.stderr)
+}
+
+#[test]
+fn with_a_witness_the_survivor_takes_over_every_acknowledged_write() {
+    let c = trio("");
+    let alpha = c.status("alpha");
+    assert_eq!((alpha["quorum"].as_bool(), alpha["quorum_votes"].as_u64(), alpha["quorum_voters"].as_u64()), (Some(true), Some(3), Some(3)));
+    assert!(Cluster::peer(&alpha, "tie")["witness"].as_bool().unwrap());
+    assert_eq!(Cluster::peer(&alpha, "tie")["out_of_sync_bytes"], 0, "a witness holds no data to be out of sync");
+    let beta = c.status("beta");
+    assert_eq!(beta["may_promote"], false, "alpha is primary");
+    assert!(beta["promotion_score"].is_null());
+    let data = vec![(0, MIB, 0x11), (9 * MIB, 64 << 10, 0x22)];
+    write_patterns(&c.nbd_url("alpha"), &data);
+
+    c.kill("alpha");
+    let beta = c.wait_for("beta", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] == "Connecting");
+    let tie = c.wait_for("tie", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] == "Connecting");
+    assert_eq!(tie["may_promote"], false, "a witness never promotes");
+    assert_eq!((beta["quorum"].as_bool(), beta["quorum_votes"].as_u64()), (Some(true), Some(2)));
+    c.wait_for("beta", "may promote", |s| s["may_promote"] == true);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &data);
+    assert!(ok, "beta lost acknowledged writes: {out}");
+    let witness_promote = c.cli("tie", &["primary", "r0"]);
+    assert_eq!(witness_promote.status.code(), Some(11), "{}", stderr(&witness_promote));
+    assert!(stderr(&witness_promote).contains("witness"));
+}
+
+#[test]
+fn the_data_nodes_keep_quorum_when_the_witness_is_down() {
+    let c = trio("");
+    c.kill("tie");
+    c.wait_for("alpha", "tie gone", |s| Cluster::peer(s, "tie")["connection"] == "Connecting");
+    let data = vec![(3 * MIB, MIB, 0x33)];
+    write_patterns(&c.nbd_url("alpha"), &data);
+    let alpha = c.status("alpha");
+    assert_eq!((alpha["quorum"].as_bool(), alpha["quorum_votes"].as_u64()), (Some(true), Some(2)));
+    assert_eq!(Cluster::peer(&alpha, "beta")["out_of_sync_bytes"], 0);
+}
+
+#[test]
+fn a_primary_without_quorum_fails_writes_under_io_error_until_quorum_returns() {
+    let c = trio("on_no_quorum = \"io-error\"");
+    c.kill("beta");
+    c.kill("tie");
+    c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    let (ok, out) = qemu_io(&c.nbd_url("alpha"), &["write -P 0x44 0 64k".into()]);
+    assert!(!ok, "a write completed without quorum: {out}");
+    c.ok("tie", &["up", "r0"]);
+    c.wait_for("alpha", "quorum back", |s| s["quorum"] == true);
+    write_patterns(&c.nbd_url("alpha"), &[(0, 64 << 10, 0x45)]);
+}
+
+#[test]
+fn suspended_writes_complete_when_quorum_returns() {
+    let c = trio("");
+    c.kill("beta");
+    c.kill("tie");
+    c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    let url = c.nbd_url("alpha");
+    let writer = std::thread::spawn(move || qemu_io(&url, &["write -P 0x55 1M 128k".into()]));
+    c.wait_for("alpha", "write held", |s| s["suspended_writes"].as_u64().unwrap() > 0);
+    assert!(!writer.is_finished(), "the write completed without quorum");
+    c.ok("tie", &["up", "r0"]);
+    let (ok, out) = writer.join().unwrap();
+    assert!(ok, "held write failed after quorum returned: {out}");
+    assert_eq!(c.status("alpha")["suspended_writes"], 0);
+    // beta missed the write: it is in beta's bitmap and flows when beta returns.
+    c.ok("beta", &["up", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.ok("alpha", &["secondary", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(MIB, 128 << 10, 0x55)]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_lone_survivor_of_two_cannot_promote_until_the_operator_changes_quorum() {
+    let c = Cluster::new(&["alpha", "beta"], Options { quorum: "majority", ..Options::default() });
+    for node in ["alpha", "beta"] {
+        c.ok(node, &["create-md", "r0"]);
+        let up = c.cli(node, &["up", "r0"]);
+        assert!(up.status.success());
+        assert!(stderr(&up).contains("cannot become primary"), "no two-node warning: {}", stderr(&up));
+    }
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    write_patterns(&c.nbd_url("alpha"), &[(0, MIB, 0x66)]);
+    c.kill("alpha");
+    c.wait_for("beta", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] == "Connecting");
+    for args in [&["primary", "r0"][..], &["primary", "--force", "r0"][..]] {
+        let out = c.cli("beta", args);
+        assert_eq!(out.status.code(), Some(14), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("no quorum"), "{}", stderr(&out));
+    }
+    assert_eq!(c.status("beta")["promotion_score"], serde_json::Value::Null);
+    // The operator knows alpha is gone for good and says so on purpose.
+    c.edit_config("quorum = \"majority\"", "quorum = \"off\"");
+    c.ok("beta", &["adjust", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(0, MIB, 0x66)]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_peer_that_leaves_cleanly_stops_counting_and_comes_back_outdated() {
+    let c = Cluster::new(&["alpha", "beta"], Options { quorum: "majority", ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.ok("beta", &["down", "r0"]);
+    let alpha = c.wait_for("alpha", "beta departed", |s| Cluster::peer(s, "beta")["departed"] == true);
+    assert_eq!((alpha["quorum"].as_bool(), alpha["quorum_voters"].as_u64()), (Some(true), Some(1)));
+    write_patterns(&c.nbd_url("alpha"), &[(2 * MIB, MIB, 0x77)]);
+    c.ok("beta", &["up", "r0"]);
+    let beta = c.status("beta");
+    assert_ne!(beta["disk"], "UpToDate", "a node that left while others went on must not claim the newest data");
+    c.wait_for("beta", "resynced", |s| s["disk"] == "UpToDate");
+    let alpha = c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    assert_eq!(Cluster::peer(&alpha, "beta")["departed"], false);
+}
+
+/// Two nodes (quorum off) split: each is primary alone and writes; both are demoted again.
+/// alpha writes `alpha_bytes` at 0, beta 64 KiB at 40 MiB.
+fn split_brain(extra: &'static str, alpha_bytes: u64) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], Options { extra, ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.ok("alpha", &["disconnect", "r0"]);
+    c.ok("beta", &["disconnect", "r0"]);
+    write_patterns(&c.nbd_url("alpha"), &[(0, alpha_bytes, 0xA1)]);
+    c.ok("beta", &["primary", "r0"]);
+    write_patterns(&c.nbd_url("beta"), &[(40 * MIB, 64 << 10, 0xB2)]);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["secondary", "r0"]);
+    c
+}
+
+fn received(c: &Cluster, node: &str, from: &str) -> u64 {
+    Cluster::peer(&c.status(node), from)["received_bytes"].as_u64().unwrap()
+}
+
+/// After the resync the victim holds the survivor's data everywhere, and only the blocks both
+/// sides changed moved (not the whole device).
+fn assert_resynced(c: &Cluster, survivor: &str, victim: &str, received_before: u64, changed: u64) {
+    c.wait_peer(survivor, victim, "Established", "UpToDate");
+    c.wait_for(victim, "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status(survivor)["size_bytes"].as_u64().unwrap();
+    assert!(c.data_of(survivor, size) == c.data_of(victim, size), "{victim} differs from {survivor} after the resync");
+    let moved = received(c, victim, survivor) - received_before;
+    assert!((changed..changed + MIB).contains(&moved), "moved {moved} bytes for {changed} changed");
+}
+
+#[test]
+fn a_split_brain_is_resolved_by_the_discard_least_changes_policy() {
+    let c = split_brain("after_sb_0pri = \"discard-least-changes\"", 2 * MIB);
+    let before = received(&c, "beta", "alpha");
+    c.ok("alpha", &["connect", "r0"]);
+    c.ok("beta", &["connect", "r0"]);
+    // beta changed 64 KiB, alpha 2 MiB: beta is the victim; both sides' changes flow to it.
+    assert_resynced(&c, "alpha", "beta", before, 2 * MIB + (64 << 10));
+    assert!(c.logs().contains("split brain"), "the split brain must be logged");
+}
+
+#[test]
+fn a_split_brain_waits_for_the_operator_and_discard_my_data_resyncs_both_bitmaps() {
+    let c = split_brain("", MIB);
+    let before = received(&c, "alpha", "beta");
+    c.ok("alpha", &["connect", "r0"]);
+    c.ok("beta", &["connect", "r0"]);
+    let alpha = c.wait_for("alpha", "split brain refused", |s| Cluster::peer(s, "beta")["connection"] == "StandAlone");
+    let error = Cluster::peer(&alpha, "beta")["last_error"].as_str().unwrap().to_owned();
+    assert!(error.contains("split brain") && error.contains("--discard-my-data"), "{error}");
+    c.wait_for("beta", "split brain refused", |s| Cluster::peer(s, "alpha")["connection"] == "StandAlone");
+    // The operator keeps beta's changes: alpha is the victim.
+    c.ok("beta", &["connect", "r0"]);
+    c.ok("alpha", &["connect", "--discard-my-data", "r0"]);
+    assert_resynced(&c, "beta", "alpha", before, MIB + (64 << 10));
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(40 * MIB, 64 << 10, 0xB2), (0, MIB, 0)]);
+    assert!(ok, "alpha's discarded changes or beta's kept ones are wrong: {out}");
+}
