@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: a two-node replicated cluster on file-backed disks,
-# data written through the primary's device, the primary killed (kill -9), the other node
-# promoted, the data read back and checked, the old primary rejoining. Status at each step.
+# The main job, end to end on one machine: a replicated cluster of two data nodes on file-backed
+# disks and a diskless witness (quorum "majority": the survivor of a failure may take over,
+# a partitioned node may not), data written through the primary's device, the primary killed
+# (kill -9), the other node promoted, the data read back and checked, the old primary rejoining.
+# Status at each step.
 #
 #   scripts/demo.sh            (as root; installs qemu-utils if missing)
 #   DEMO_DIR=/some/dir scripts/demo.sh
@@ -24,7 +26,7 @@ truncate -s ${SIZE_MIB}M "$DIR/alpha.img" "$DIR/beta.img"
 cat > "$DIR/etc/r0.toml" <<TOML
 name = "r0"
 protocol = "C"
-quorum = "off"
+quorum = "majority"
 secret = "demo-secret-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')"
 
 [[node]]
@@ -38,10 +40,15 @@ name = "beta"
 address = "127.0.0.1:7790"
 disk = "$DIR/beta.img"
 nbd = "127.0.0.1:10810"
+
+[[node]]
+name = "tie"
+address = "127.0.0.1:7791"
+disk = "none"
 TOML
 
 cleanup() {
-  for n in alpha beta; do
+  for n in alpha beta tie; do
     [ -f "$DIR/run/r0.$n.lock" ] && kill -9 "$(cat "$DIR/run/r0.$n.lock")" 2>/dev/null || true
   done
 }
@@ -69,9 +76,11 @@ fi
 echo "== 1. metadata and daemons"
 br alpha create-md r0
 br beta create-md r0
+br tie create-md r0
 br alpha up r0
 br beta up r0
-wait_for alpha '"connection":"Connected"'
+br tie up r0
+wait_for alpha '"quorum_votes":3'
 status alpha
 
 echo "== 2. alpha becomes primary; the initial sync copies its disk to beta"
@@ -119,4 +128,5 @@ wait_for beta '"replication":"Established"' '"peer_role":"Secondary"' '"peer_dis
 status beta
 br beta down r0
 br alpha down r0
+br tie down r0
 echo "== demo finished: no acknowledged write was lost"

@@ -321,13 +321,14 @@ fn kib(bytes: u64) -> String {
 /// The human form, in the layout of `drbdadm status`.
 fn format_status(s: &ResourceStatus) -> String {
     let mut out = format!(
-        "{} node:{} role:{} disk:{} quorum:{} ({}/{} votes, policy {}) may-promote:{} promotion-score:{} protocol:{}",
+        "{} node:{} role:{} disk:{} quorum:{} (votes {} of {}, need {}, {}) may-promote:{} promotion-score:{} protocol:{}",
         s.name,
         s.node,
         s.role,
         s.disk,
         if s.quorum { "yes" } else { "no" },
         s.quorum_votes,
+        s.quorum_voters,
         s.quorum_needed,
         s.quorum_policy,
         if s.may_promote { "yes" } else { "no" },

@@ -212,3 +212,51 @@ fn a_split_brain_waits_for_the_operator_and_discard_my_data_resyncs_both_bitmaps
     let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(40 * MIB, 64 << 10, 0xB2), (0, MIB, 0)]);
     assert!(ok, "alpha's discarded changes or beta's kept ones are wrong: {out}");
 }
+
+#[test]
+fn five_nodes_a_secondary_keeps_the_bitmap_for_a_peer_the_dead_primary_left_behind() {
+    let c = Cluster::new(
+        &["alpha", "beta", "gamma", "w1", "w2"],
+        Options { quorum: "majority", witnesses: &["w1", "w2"], ..Options::default() },
+    );
+    c.create_md_and_up();
+    c.wait_for("alpha", "peers", |s| s["quorum_votes"] == 5);
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    for node in ["beta", "gamma"] {
+        c.wait_peer("alpha", node, "Established", "UpToDate");
+    }
+    let p1 = (0, MIB, 0x01);
+    write_patterns(&c.nbd_url("alpha"), &[p1]);
+    c.kill("gamma");
+    c.wait_for("alpha", "gamma gone", |s| Cluster::peer(s, "gamma")["connection"] == "Connecting");
+    let p2 = (10 * MIB, 2 * MIB, 0x02);
+    write_patterns(&c.nbd_url("alpha"), &[p2]);
+    // beta receives alpha's writes and records them for gamma, which does not.
+    let beta = c.wait_for("beta", "tracking gamma", |s| Cluster::peer(s, "gamma")["out_of_sync_bytes"].as_u64() >= Some(2 * MIB));
+    assert_eq!(beta["generation_uuid"], c.status("alpha")["generation_uuid"], "beta follows alpha's new generation");
+
+    c.kill("alpha");
+    c.wait_for("beta", "may promote", |s| s["may_promote"] == true);
+    c.ok("beta", &["primary", "r0"]);
+    let p3 = (30 * MIB, MIB, 0x03);
+    write_patterns(&c.nbd_url("beta"), &[p3]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[p1, p2]);
+    assert!(ok, "beta lost alpha's acknowledged writes: {out}");
+
+    // gamma returns: a bitmap resync from beta of what it missed (p2 and p3), not a full sync.
+    // beta also counts the writes it applied in the seconds before it noticed gamma's death
+    // (p1 here): gamma may have missed those too.
+    c.ok("gamma", &["up", "r0"]);
+    c.wait_peer("beta", "gamma", "Established", "UpToDate");
+    let moved = received(&c, "gamma", "beta");
+    assert!((3 * MIB..=4 * MIB).contains(&moved), "gamma resynced {moved} bytes for 3 MiB missed (+1 MiB recent)");
+    // alpha returns after its crash as primary and follows beta.
+    c.ok("alpha", &["up", "r0"]);
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
+    c.ok("beta", &["secondary", "r0"]);
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    for node in ["alpha", "gamma"] {
+        c.wait_for(node, "UpToDate", |s| s["disk"] == "UpToDate");
+        assert!(c.data_of(node, size) == c.data_of("beta", size), "{node} differs from beta");
+    }
+}

@@ -19,7 +19,7 @@ use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Messa
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Hello feature bit: this node requires the shared-secret challenge.
 const FEATURE_AUTH: u64 = 1;
@@ -380,6 +380,7 @@ fn apply_peer_write(
         for slot in st.slots_not_following(peer_id) {
             st.mark_out_of_sync(slot, offset, len);
         }
+        st.recent.record(offset, len, Instant::now());
         let peer = st.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
@@ -447,7 +448,13 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     }
     peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
     peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
+    let saw_before = peer.last_state.map_or(0, |s| s.primaries);
     peer.last_state = Some(state);
+    if saw_before & !state.primaries != 0 {
+        // It no longer sees a primary it saw: what that primary sent lately may have missed it.
+        st.mark_recent_for(peer_id);
+    }
+    let peer = st.peer_mut(peer_id);
     if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
         peer.departed = true;
         tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
@@ -711,6 +718,7 @@ pub(super) fn stops_following(shared: &Arc<Shared>, st: &mut State, peer_id: u8,
     for (offset, len) in lacking {
         st.mark_out_of_sync(slot, offset, len);
     }
+    st.mark_recent_for(peer_id);
     // A witness holds no data, so losing it starts no new generation.
     if st.role == Role::Primary && !st.peer(peer_id).witness {
         let mut generation = st.generation();
@@ -720,6 +728,8 @@ pub(super) fn stops_following(shared: &Arc<Shared>, st: &mut State, peer_id: u8,
             tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the new generation; failing writes");
             st.disk = DiskState::Failed;
         }
+        // The secondaries still connected follow the new generation.
+        st.broadcast_state();
     }
     let failed = st.disk == DiskState::Failed;
     for mut finished in st.inflight.peer_lost(peer_id) {

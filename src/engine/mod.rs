@@ -6,6 +6,7 @@ mod connection;
 mod digests;
 mod io_pool;
 mod link;
+mod recent;
 mod resync;
 mod state;
 mod status;
@@ -207,14 +208,17 @@ impl Engine {
             .collect();
         let disk = State::disk_state_from_flags(sb.flags);
         let data_size_bytes = sb.data_size;
+        let recent = recent::RecentWrites::new(sb.data_size, sb.params.bitmap_block_size);
         let state = State {
             role: Role::Secondary,
+            recent,
             disk,
             meta,
             sb,
             bitmaps,
             al,
             crashed_primary,
+            crash_repair_pending: if crashed_primary { config.data_nodes().map(|n| n.id).filter(|id| *id != me.id).collect() } else { Vec::new() },
             inflight: InflightWrites::new(),
             completions: HashMap::new(),
             flushes: Vec::new(),

@@ -359,7 +359,7 @@ pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history
     st.set_generation(generation);
     st.bitmaps[slot].clear_all();
     st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
-    clear_crash_marker(&mut st);
+    clear_crash_marker(&mut st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
     st.disk = DiskState::UpToDate;
@@ -378,7 +378,7 @@ pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Re
     let mut generation = st.generation();
     generation.resync_finished_as_source(slot);
     st.set_generation(generation);
-    clear_crash_marker(st);
+    clear_crash_marker(st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
     let peer = st.peer_mut(peer_id);
@@ -389,9 +389,15 @@ pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Re
     Ok(())
 }
 
-/// After a crash as primary, the first completed resync has repaired the activity log's extents.
-fn clear_crash_marker(st: &mut State) {
-    if st.crashed_primary {
+/// After a crash as primary, the activity log's extents are repaired once a resync with every
+/// data peer has completed; until then the marker stays (in memory and in the metadata), so the
+/// peers not yet met still resync those extents and a second crash does not forget them.
+fn clear_crash_marker(st: &mut State, peer_id: u8) {
+    if !st.crashed_primary {
+        return;
+    }
+    st.crash_repair_pending.retain(|id| *id != peer_id);
+    if st.crash_repair_pending.is_empty() {
         st.crashed_primary = false;
         if st.role != Role::Primary {
             st.sb.flags.remove(MetaFlags::PRIMARY_IND);

@@ -116,8 +116,12 @@ pub struct State {
     /// One per peer slot of the superblock.
     pub bitmaps: Vec<DirtyBitmap>,
     pub al: ActivityLog,
-    /// Crashed while primary; cleared once a peer has been brought in sync with this node.
+    /// Blocks applied lately as a secondary (see `engine::recent`).
+    pub recent: super::recent::RecentWrites,
+    /// Crashed while primary; cleared once every data peer has been brought in sync with it.
     pub crashed_primary: bool,
+    /// Data peers not yet resynced since the crash as primary.
+    pub crash_repair_pending: Vec<u8>,
     pub inflight: InflightWrites,
     pub completions: HashMap<u64, Completion>,
     pub flushes: Vec<PendingFlush>,
@@ -212,6 +216,16 @@ impl State {
                     && good(p.disk)
                     && p.last_state.is_some_and(|s| crate::core::sync_decision::same_uuid(s.current_uuid, self.sb.uuids.current))
             })
+    }
+
+    /// A data peer stopped following the primary (its link here or to the primary is gone):
+    /// what this node applied lately may have missed it too.
+    pub fn mark_recent_for(&mut self, peer_id: u8) {
+        let peer = self.peer(peer_id);
+        if self.role != Role::Primary && !peer.witness {
+            let slot = peer.slot;
+            self.recent.mark_into(&mut self.bitmaps[slot]);
+        }
     }
 
     /// The nodes this node sees as primary, itself included (see `PeerState::primaries`).

@@ -1,0 +1,66 @@
+//! The blocks a secondary applied lately, so it can record them for a peer it learns (late)
+//! has stopped receiving the primary's writes.
+//!
+//! A secondary records the primary's writes in its bitmap for every data peer that visibly does
+//! not follow the primary. A peer dies or drops its link to the primary a few seconds before
+//! anyone notices (the read timeout); the writes it missed in that window must not be missed by
+//! this node's bitmap too, or a later resync from here (after the primary dies) would leave them
+//! out. Two bitmaps that rotate every [`WINDOW`] cover at least the last `WINDOW` of writes.
+
+use crate::meta::DirtyBitmap;
+use std::time::{Duration, Instant};
+
+/// Longer than the time a lost link goes unnoticed (the 5 s read timeout, plus a ping).
+pub const WINDOW: Duration = Duration::from_secs(7);
+
+pub struct RecentWrites {
+    current: DirtyBitmap,
+    previous: DirtyBitmap,
+    since: Instant,
+}
+
+impl RecentWrites {
+    pub fn new(data_size_bytes: u64, block_size: u32) -> RecentWrites {
+        RecentWrites {
+            current: DirtyBitmap::new(data_size_bytes, block_size),
+            previous: DirtyBitmap::new(data_size_bytes, block_size),
+            since: Instant::now(),
+        }
+    }
+
+    pub fn record(&mut self, offset: u64, len: u64, now: Instant) {
+        if now.saturating_duration_since(self.since) >= WINDOW {
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear_all();
+            self.since = now;
+        }
+        self.current.set_range(offset, len);
+    }
+
+    /// Sets every recently written block in `target` (same geometry).
+    pub fn mark_into(&self, target: &mut DirtyBitmap) {
+        for bitmap in [&self.current, &self.previous] {
+            target.or_runs(bitmap.runs()).expect("recent-write bitmaps share the device's geometry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn covers_at_least_one_window_and_forgets_after_two() {
+        let mut recent = RecentWrites::new(1 << 20, 4096);
+        let t0 = Instant::now();
+        recent.record(0, 4096, t0);
+        recent.record(8192, 4096, t0 + WINDOW);
+        let mut target = DirtyBitmap::new(1 << 20, 4096);
+        recent.mark_into(&mut target);
+        assert_eq!(target.runs().collect::<Vec<_>>(), vec![(0, 1), (2, 1)]);
+        recent.record(16384, 4096, t0 + 2 * WINDOW);
+        let mut target = DirtyBitmap::new(1 << 20, 4096);
+        recent.mark_into(&mut target);
+        assert_eq!(target.runs().collect::<Vec<_>>(), vec![(2, 1), (4, 1)], "the oldest window is forgotten");
+    }
+}
