@@ -7,23 +7,45 @@
 //! holding the bits becomes the source of a bitmap resync, so exactly those blocks flow, and the
 //! peer ends UpToDate again.
 //!
-//! Both nodes evaluate this on the same inputs (each side's bitmap weight travels in `State`), so
-//! they agree on the direction without another round trip.
+//! Equal generations mean both nodes applied the same writes, so a bitmap resync between them
+//! in either direction only rewrites blocks that are equal or known damaged: when both hold bits
+//! (a secondary also marks the writes it applied lately when a peer drops), the side that is not
+//! Outdated sends; if neither is, nobody knows which copy is right and nothing moves.
+//!
+//! Both nodes evaluate this on the same inputs (each side's bitmap weight and disk state travel
+//! in `State`), so they agree on the direction without another round trip.
 
-use super::sync_decision::{SyncDecision, UuidView};
+use super::states::DiskState;
+use super::sync_decision::SyncDecision;
 
-/// Turns an "in sync" decision into a bitmap resync when exactly one side holds out-of-sync
-/// bits for the other and may be its source. `my_bits` is this node's bitmap weight for the peer,
-/// `peer_bits` the peer's for this node. Bits on both sides leave the decision alone: which copy
-/// is right is then the operator's call (`invalidate` on the node to overwrite).
-pub fn resync_leftover_bits(decision: SyncDecision, me: &UuidView, my_bits: u64, peer: &UuidView, peer_bits: u64) -> SyncDecision {
+/// One side of the connection, as both nodes see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitsHolder {
+    /// Set bits in this side's bitmap for the other side.
+    pub bits_for_other: u64,
+    pub disk: DiskState,
+    pub is_primary: bool,
+}
+
+impl BitsHolder {
+    /// May send a resync to `target`: good data, and never into a primary.
+    fn may_send_to(&self, target: &BitsHolder) -> bool {
+        self.bits_for_other > 0
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+            && !target.is_primary
+            && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
+    }
+}
+
+/// Turns an "in sync" decision into a bitmap resync when one side holds out-of-sync bits for the
+/// other and may be its source (see the module documentation). Any other decision stands.
+pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &BitsHolder) -> SyncDecision {
     if decision != SyncDecision::InSync {
         return decision;
     }
-    let may_send = |source: &UuidView, target: &UuidView| !source.inconsistent && !target.is_primary;
-    match (my_bits > 0, peer_bits > 0) {
-        (true, false) if may_send(me, peer) => SyncDecision::BitmapSource,
-        (false, true) if may_send(peer, me) => SyncDecision::BitmapTarget,
+    match (me.may_send_to(peer), peer.may_send_to(me)) {
+        (true, false) => SyncDecision::BitmapSource,
+        (false, true) => SyncDecision::BitmapTarget,
         _ => decision,
     }
 }
@@ -33,61 +55,61 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn view(node_id: u8) -> UuidView {
-        UuidView {
-            node_id,
-            current: 0x1230,
-            bitmap_for_peer: 0,
-            history: [0; 4],
-            crashed_primary: false,
-            is_primary: false,
-            inconsistent: false,
-        }
+    fn side(bits_for_other: u64, disk: DiskState) -> BitsHolder {
+        BitsHolder { bits_for_other, disk, is_primary: false }
     }
 
     #[test]
     fn the_side_holding_bits_is_the_source() {
-        let (a, b) = (view(0), view(1));
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, 1, &b, 0), SyncDecision::BitmapSource);
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, 0, &a, 1), SyncDecision::BitmapTarget);
+        let (a, b) = (side(1, DiskState::UpToDate), side(0, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, &a), SyncDecision::BitmapTarget);
     }
 
     #[test]
-    fn no_bits_or_bits_on_both_sides_stay_in_sync() {
-        let (a, b) = (view(0), view(1));
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, 0, &b, 0), SyncDecision::InSync);
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, 3, &b, 5), SyncDecision::InSync);
+    fn with_bits_on_both_sides_the_outdated_one_is_the_target() {
+        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
+        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::UpToDate));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "nobody knows better");
     }
 
     #[test]
-    fn never_into_a_primary_nor_out_of_an_inconsistent_disk() {
-        let (a, mut b) = (view(0), view(1));
+    fn no_bits_stay_in_sync() {
+        let (a, b) = (side(0, DiskState::UpToDate), side(0, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
+    }
+
+    #[test]
+    fn never_into_a_primary_nor_out_of_a_disk_without_good_data() {
+        let (a, mut b) = (side(8, DiskState::UpToDate), side(0, DiskState::UpToDate));
         b.is_primary = true;
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, 8, &b, 0), SyncDecision::InSync);
-        let (mut a, b) = (view(0), view(1));
-        a.inconsistent = true;
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, 8, &b, 0), SyncDecision::InSync);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
+        for disk in [DiskState::Inconsistent, DiskState::Outdated] {
+            let (a, b) = (side(8, disk), side(0, DiskState::UpToDate));
+            assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "{disk}");
+        }
     }
 
     #[test]
     fn other_decisions_are_kept() {
-        let (a, b) = (view(0), view(1));
+        let (a, b) = (side(8, DiskState::UpToDate), side(0, DiskState::UpToDate));
         for d in [SyncDecision::FullTarget, SyncDecision::BitmapTarget, SyncDecision::SplitBrain] {
-            assert_eq!(resync_leftover_bits(d, &a, 8, &b, 0), d);
+            assert_eq!(resync_leftover_bits(d, &a, &b), d);
         }
+    }
+
+    fn arb_side() -> impl Strategy<Value = BitsHolder> {
+        let disks = [DiskState::Inconsistent, DiskState::Outdated, DiskState::Consistent, DiskState::UpToDate];
+        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>())
+            .prop_map(|(bits_for_other, disk, is_primary)| BitsHolder { bits_for_other, disk, is_primary })
     }
 
     proptest! {
         #[test]
-        fn both_sides_agree(
-            a_flags in any::<(bool, bool)>(), b_flags in any::<(bool, bool)>(),
-            a_bits in 0u64..3, b_bits in 0u64..3,
-        ) {
-            let (mut a, mut b) = (view(0), view(1));
-            (a.is_primary, a.inconsistent) = a_flags;
-            (b.is_primary, b.inconsistent) = b_flags;
-            let from_a = resync_leftover_bits(SyncDecision::InSync, &a, a_bits, &b, b_bits);
-            let from_b = resync_leftover_bits(SyncDecision::InSync, &b, b_bits, &a, a_bits);
+        fn both_sides_agree(a in arb_side(), b in arb_side()) {
+            let from_a = resync_leftover_bits(SyncDecision::InSync, &a, &b);
+            let from_b = resync_leftover_bits(SyncDecision::InSync, &b, &a);
             prop_assert_eq!(from_a, from_b.mirrored());
         }
     }

@@ -10,7 +10,7 @@ use super::state::{
 };
 use super::{congestion, digests, random_bytes, random_u64, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
-use crate::core::leftover_bits::resync_leftover_bits;
+use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::sync_decision::{decide, SyncDecision, UuidView};
@@ -526,12 +526,14 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
         }
         return Ok(());
     }
-    let (at_connect, my_bits) = (peer.repl == ReplState::Off, st.bitmaps[peer.slot].weight());
+    let at_connect = peer.repl == ReplState::Off;
+    let my_bits = BitsHolder { bits_for_other: st.bitmaps[peer.slot].weight(), disk: st.disk, is_primary: st.role == Role::Primary };
+    let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
     let (mine, theirs, name) = (st.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
     let decision = match decide(&mine, &theirs) {
         d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => after_split_brain(shared, st, peer_id, d)?,
         // At connect only: blocks an online verify marked are resynced by reconnecting.
-        d if at_connect => resync_leftover_bits(d, &mine, my_bits, &theirs, peer_state.bitmap_weight),
+        d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
         d => d,
     };
     match decision {

@@ -332,6 +332,8 @@ impl Engine {
         }
         st.disk = DiskState::UpToDate;
         st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
+        // Promoted (with --force, if verify had marked it): this copy is the good one now.
+        st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
         st.sb.flags.remove(MetaFlags::AL_CLEAN);
         if let Err(e) = st.persist() {
             st.disk = DiskState::Failed;

@@ -359,6 +359,7 @@ pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history
     st.set_generation(generation);
     st.bitmaps[slot].clear_all();
     st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+    st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
     clear_crash_marker(&mut st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;

@@ -202,7 +202,8 @@ impl State {
     /// no node anywhere can hold newer data). Two fresh nodes prove nothing.
     pub fn confirmed_up_to_date_by(&self, peer_id: u8) -> bool {
         let good = |d: DiskState| matches!(d, DiskState::Consistent | DiskState::Outdated);
-        if !good(self.disk) {
+        // Known to differ (online verify): equal generations prove nothing; a resync must run.
+        if !good(self.disk) || self.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
             return false;
         }
         let peer = self.peer(peer_id);

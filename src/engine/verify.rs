@@ -221,8 +221,9 @@ pub fn found_here(shared: &Shared, st: &mut State, peer_id: u8, offset: u64, dif
         let (start, len) = block_range(shared, offset, *run);
         tracing::warn!(resource = %shared.config.name, peer = %name, offset = start, len, "online verify: this node's blocks differ from the peer's");
     }
-    if st.disk == DiskState::UpToDate {
+    if !st.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
         st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        st.sb.flags.insert(MetaFlags::VERIFY_DIFFERS);
         st.persist().map_err(|e| format!("cannot persist the Outdated disk state: {e}"))?;
         st.disk = DiskState::Outdated;
         tracing::warn!(resource = %shared.config.name, peer = %name, "online verify found blocks that differ: this node is Outdated until resynced");
