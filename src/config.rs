@@ -66,6 +66,21 @@ const MAX_UBLK_QUEUES: u16 = 4096;
 const MAX_UBLK_DEPTH: u16 = 4096;
 const MAX_UBLK_ID: u32 = (1 << 20) - 1;
 
+/// What a primary does when a peer's send queue fills up under protocol A.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnCongestion {
+    /// Writes wait for room in the send queue: the peer's link paces the application.
+    Block,
+    /// Once the queue holds more than `fill_bytes`, the primary goes Ahead of that peer: it stops
+    /// sending it data, records the writes in its bitmap, and resyncs them when the queue has
+    /// drained. Writes never wait for a slow peer; the peer is Outdated meanwhile.
+    PullAhead { fill_bytes: u64 },
+}
+
+/// Bytes of bulk frames a peer link queues before writers of new data wait.
+pub const SEND_QUEUE_KIB: u64 = 8 * 1024;
+pub const DEFAULT_CONGESTION_FILL_KIB: u64 = SEND_QUEUE_KIB / 2;
+
 /// One node of a resource, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -99,10 +114,15 @@ pub struct ResourceConfig {
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
     pub al_extents: u32,
-    /// Upper bound of the resync rate.
+    /// Upper bound of the resync rate, shared with the application's writes.
     pub resync_rate_max_kib: u64,
     /// The device's logical block size (512 or 4096), as every frontend exports it.
     pub logical_block_size: u32,
+    /// What a resync keeps however busy the application is.
+    pub resync_rate_min_kib: u64,
+    /// Send block digests first and data only where they differ.
+    pub csums_resync: bool,
+    pub on_congestion: OnCongestion,
     pub nodes: Vec<NodeConfig>,
 }
 
@@ -136,6 +156,11 @@ struct RawResource {
     resync_rate_max_kib: Option<u64>,
     frontend: Option<String>,
     logical_block_size: Option<u32>,
+    resync_rate_min_kib: Option<u64>,
+    #[serde(default)]
+    csums_resync: bool,
+    on_congestion: Option<String>,
+    congestion_fill_kib: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -170,6 +195,7 @@ fn default_protocol() -> String {
 pub const DEFAULT_BITMAP_BLOCK_SIZE: u32 = 4096;
 pub const DEFAULT_AL_EXTENTS: u32 = 1237;
 pub const DEFAULT_RESYNC_RATE_MAX_KIB: u64 = 100 * 1024;
+pub const DEFAULT_RESYNC_RATE_MIN_KIB: u64 = 250;
 pub use crate::meta::superblock::MAX_NODE_ID;
 use crate::meta::layout::{MAX_AL_EXTENTS, MAX_BITMAP_BLOCK_SIZE, MIN_AL_EXTENTS, MIN_BITMAP_BLOCK_SIZE};
 
@@ -325,6 +351,15 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         return Err(invalid(path, "logical_block_size", format!("{logical_block_size} is not 512 or 4096")));
     }
     let frontend = raw.frontend.as_deref().map(parse_frontend).transpose().map_err(|p| invalid(path, "frontend", p))?;
+    let resync_rate_min_kib = raw.resync_rate_min_kib.unwrap_or(DEFAULT_RESYNC_RATE_MIN_KIB.min(resync_rate_max_kib));
+    if resync_rate_min_kib == 0 || resync_rate_min_kib > resync_rate_max_kib {
+        return Err(invalid(
+            path,
+            "resync_rate_min_kib",
+            format!("must be from 1 to resync_rate_max_kib ({resync_rate_max_kib}): a resync must always move"),
+        ));
+    }
+    let on_congestion = on_congestion(path, protocol, raw.on_congestion.as_deref(), raw.congestion_fill_kib)?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -411,6 +446,9 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         al_extents,
         resync_rate_max_kib,
         logical_block_size,
+        resync_rate_min_kib,
+        csums_resync: raw.csums_resync,
+        on_congestion,
         nodes,
     })
 }
@@ -427,6 +465,29 @@ fn parse_frontend(text: &str) -> Result<FrontendKind, String> {
         "nbd" => Ok(FrontendKind::Nbd),
         "ublk" => Ok(FrontendKind::Ublk),
         other => Err(format!("\"{other}\" is not one of \"nbd\", \"ublk\"")),
+    }
+}
+
+fn on_congestion(path: &Path, protocol: Protocol, mode: Option<&str>, fill_kib: Option<u64>) -> Result<OnCongestion, ConfigError> {
+    match mode {
+        None | Some("block") => match fill_kib {
+            None => Ok(OnCongestion::Block),
+            Some(_) => Err(invalid(path, "congestion_fill_kib", "applies only with on_congestion = \"pull-ahead\"")),
+        },
+        Some("pull-ahead") if protocol != Protocol::A => Err(invalid(
+            path,
+            "on_congestion",
+            format!("\"pull-ahead\" needs protocol = \"A\" (under {protocol} every write waits for the peer anyway)"),
+        )),
+        Some("pull-ahead") => match fill_kib.unwrap_or(DEFAULT_CONGESTION_FILL_KIB) {
+            fill @ 1..SEND_QUEUE_KIB => Ok(OnCongestion::PullAhead { fill_bytes: fill * 1024 }),
+            _ => Err(invalid(
+                path,
+                "congestion_fill_kib",
+                format!("must be from 1 to {}: the send queue holds {SEND_QUEUE_KIB} KiB", SEND_QUEUE_KIB - 1),
+            )),
+        },
+        Some(other) => Err(invalid(path, "on_congestion", format!("\"{other}\" is not one of \"block\", \"pull-ahead\""))),
     }
 }
 
@@ -496,6 +557,7 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(config.logical_block_size, 512);
         assert_eq!(config.node("beta").unwrap().address.port(), 7790);
         assert_eq!(config.bitmap_block_size, DEFAULT_BITMAP_BLOCK_SIZE);
+        assert_eq!((config.resync_rate_min_kib, config.csums_resync), (DEFAULT_RESYNC_RATE_MIN_KIB, false));
     }
 
     #[test]
@@ -515,6 +577,13 @@ disk = "/var/lib/blkrepl/beta.img"
             ("name = \"beta\"", "name = \"alpha\"", "node[1].name"),
             ("127.0.0.1:7790", "127.0.0.1:7789", "node[1].address"),
             ("name = \"r0\"", "name = \"r 0\"", "name"),
+            ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_min_kib = 0", "resync_rate_min_kib"),
+            ("quorum = \"off\"", "quorum = \"off\"\nresync_rate_max_kib = 1000\nresync_rate_min_kib = 1001", "resync_rate_min_kib"),
+            ("quorum = \"off\"", "quorum = \"off\"\non_congestion = \"pull-ahead\"", "on_congestion"),
+            ("quorum = \"off\"", "quorum = \"off\"\non_congestion = \"drop\"", "on_congestion"),
+            ("quorum = \"off\"", "quorum = \"off\"\ncongestion_fill_kib = 100", "congestion_fill_kib"),
+            ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 8192", "congestion_fill_kib"),
+            ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 0", "congestion_fill_kib"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
@@ -550,6 +619,21 @@ disk = "/var/lib/blkrepl/beta.img"
             let err = error_of(&text);
             assert!(err.contains(&format!("`{key}`")) && err.contains(says), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn pull_ahead_under_protocol_a() {
+        let config = parse(&GOOD.replace("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"")).unwrap();
+        assert_eq!(config.on_congestion, OnCongestion::PullAhead { fill_bytes: DEFAULT_CONGESTION_FILL_KIB * 1024 });
+        assert_eq!(parse(GOOD).unwrap().on_congestion, OnCongestion::Block);
+        let err = error_of(&GOOD.replace("quorum = \"off\"", "on_congestion = \"pull-ahead\""));
+        assert!(err.contains("needs protocol = \"A\""), "{err}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_shows_its_line() {
+        let err = error_of(&GOOD.replace("quorum = \"off\"", "csums_resync = \"yes\""));
+        assert!(err.contains("csums_resync = \"yes\"") && err.contains("boolean"), "{err}");
     }
 
     #[test]

@@ -84,6 +84,11 @@ enum Cmd {
         clear_bitmap: bool,
         resource: String,
     },
+    /// Online verify: compare every block with each connected peer; blocks that differ are
+    /// marked out of sync and reported in `status` (nothing is repaired).
+    Verify { resource: String },
+    /// Discard this node's data and resync all of it from a connected UpToDate peer.
+    Invalidate { resource: String },
 }
 
 /// A failure with the exit code it maps to.
@@ -144,6 +149,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             request(&cli, resource, Request::NewCurrentUuid { clear_bitmap: *clear_bitmap }).map(|_| ())
         }
         Cmd::Status { json, resource } => status(&cli, resource.as_deref(), *json),
+        Cmd::Verify { resource } => {
+            let status = request(&cli, resource, Request::Verify)?;
+            let peers: Vec<&str> = status
+                .iter()
+                .flat_map(|s| &s.peers)
+                .filter(|p| p.verify.as_ref().is_some_and(|v| v.state == "running"))
+                .map(|p| p.name.as_str())
+                .collect();
+            println!("{resource}: online verify started with {}; `blkrepl status {resource}` shows progress and findings", peers.join(", "));
+            Ok(())
+        }
+        Cmd::Invalidate { resource } => {
+            request(&cli, resource, Request::Invalidate)?;
+            println!("{resource}: invalidated; all of this node's data is resynced from its UpToDate peer (`blkrepl status {resource}` shows progress)");
+            Ok(())
+        }
     }
 }
 
@@ -345,6 +366,13 @@ fn format_status(s: &ResourceStatus) -> String {
         }
         out.push('\n');
         out += &format!("    out-of-sync:{} sent:{} received:{}\n", kib(p.out_of_sync_bytes), kib(p.sent_bytes), kib(p.received_bytes));
+        if let Some(v) = &p.verify {
+            out += &format!("    verify:{} done:{:.1}% found-out-of-sync:{}", v.state, v.done_percent, kib(v.out_of_sync_found_bytes));
+            for range in &v.first_out_of_sync {
+                out += &format!(" {}+{}", range.offset, range.len);
+            }
+            out.push('\n');
+        }
         if p.connection != "Connected" {
             if let Some(e) = &p.last_error {
                 out += &format!("    last-error: {e}\n");

@@ -3,20 +3,9 @@
 
 mod common;
 
-use common::{check_patterns, write_patterns, Cluster, Options};
+use common::{check_patterns, synced_pair, write_patterns, Cluster, Options};
 
 const MIB: u64 = 1 << 20;
-
-/// A connected pair with alpha Primary and beta UpToDate after the initial full sync.
-fn synced_pair(options: Options) -> Cluster {
-    let c = Cluster::new(&["alpha", "beta"], options);
-    c.create_md_and_up();
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
-    c.ok("alpha", &["primary", "--force", "r0"]);
-    c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
-    c
-}
 
 fn patterns() -> Vec<(u64, u64, u8)> {
     vec![(0, MIB, 0x11), (5 * MIB, 64 << 10, 0x22), (17 * MIB + 4096, 4096, 0x33), (59 * MIB, MIB, 0x44)]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use blkrepl::wire::{read_message, write_message, Hello, Message, PROTOCOL_VERSION};
+use blkrepl::wire::{read_message, write_message, DigestPurpose, Hello, Message, PROTOCOL_VERSION};
 use bytes::{Bytes, BytesMut};
 use common::{Cluster, Options};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -126,4 +126,40 @@ fn write_outside_the_device_drops_the_connection() {
     assert_eq!(disk_at(&c, size), metadata_before, "the metadata area was written");
     c.ok("alpha", &["down", "r0"]);
     c.ok("alpha", &["up", "r0"]);
+}
+
+#[test]
+fn bad_digest_frames_drop_the_connection_and_change_nothing() {
+    let (c, address) = alpha_alone();
+    let disk_before = c.status("alpha")["disk"].clone();
+    let digests = vec![[0xAB; 32]];
+    let cases = [
+        (
+            Message::DigestRequest { purpose: DigestPurpose::Verify, offset: 512, digests: digests.clone() },
+            "do not match the device's 4096-byte blocks",
+        ),
+        (
+            Message::DigestRequest { purpose: DigestPurpose::Verify, offset: alpha_size(&c), digests: digests.clone() },
+            "do not match the device's 4096-byte blocks",
+        ),
+        // Well formed, but this connection never became Established: nothing is compared.
+        (Message::DigestRequest { purpose: DigestPurpose::Verify, offset: 0, digests }, "Verify digests while Off"),
+        (
+            Message::DigestReply { purpose: DigestPurpose::Verify, offset: 0, blocks: 1, differing: vec![(0, 1)] },
+            "verify answer while no verify runs",
+        ),
+        (
+            Message::DigestReply { purpose: DigestPurpose::Resync, offset: 0, blocks: 1, differing: vec![] },
+            "resync digest answer while Off",
+        ),
+    ];
+    for (msg, needle) in cases {
+        let (mut stream, _reader) = handshake_as_beta(&c, &address);
+        write_message(&mut stream, &msg).unwrap();
+        let s = c.wait_for("alpha", "drop", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+        let reason = Cluster::peer(&s, "beta")["last_error"].as_str().unwrap().to_owned();
+        assert!(reason.contains(needle), "{}: {reason}", msg.name());
+        assert_eq!(s["disk"], disk_before);
+        assert_eq!(Cluster::peer(&s, "beta")["out_of_sync_bytes"], 0);
+    }
 }

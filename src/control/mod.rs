@@ -22,6 +22,8 @@ pub enum Request {
     /// Re-read the resource file and apply the settings that may change while up.
     Adjust,
     NewCurrentUuid { clear_bitmap: bool },
+    Verify,
+    Invalidate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -65,6 +65,8 @@ fn handle(stream: &UnixStream, engine: &Engine) -> bool {
             Ok(())
         }
         Request::NewCurrentUuid { clear_bitmap } => engine.new_current_uuid(clear_bitmap),
+        Request::Verify => engine.verify().map(drop),
+        Request::Invalidate => engine.invalidate().map(drop),
         Request::Down => match engine.shutdown() {
             Ok(()) => {
                 answer(stream, &Response::ok(None));

@@ -70,6 +70,12 @@ wire_enum!(
         Established = 1 => "Established",
         SyncSource = 2 => "SyncSource",
         SyncTarget = 3 => "SyncTarget",
+        /// Protocol A, `on_congestion = "pull-ahead"`: the send queue to this peer filled up, so
+        /// this primary stopped sending it data and records its writes in the bitmap until the
+        /// queue has drained (then it resyncs them).
+        Ahead = 4 => "Ahead",
+        /// The mirror of Ahead: the primary records what this node misses; it is Outdated.
+        Behind = 5 => "Behind",
     }
 );
 

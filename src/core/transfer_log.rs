@@ -28,6 +28,13 @@ impl TransferLog {
         self.open_epoch_writes += 1;
     }
 
+    /// A range the peer already holds (checksum-based resync found it equal): it counts as
+    /// durable there once a barrier after it is acked, like a write, but is no write of the
+    /// epoch (the peer counts none for it).
+    pub fn record_held(&mut self, epoch: u64, offset: u64, len: u64) {
+        self.entries.push_back((epoch, offset, len));
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -82,5 +89,16 @@ mod tests {
         assert_eq!(log.len(), 1);
         assert_eq!(log.drain_lost(), vec![(8192, 4096)]);
         assert!(log.is_empty());
+    }
+
+    #[test]
+    fn a_held_range_clears_with_its_epoch_but_is_not_counted() {
+        let mut log = TransferLog::default();
+        log.record(3, 0, 4096);
+        log.record_held(3, 1 << 20, 1 << 18);
+        assert_eq!(log.close_epoch(), 1, "the peer counts only the write");
+        log.record_held(4, 8192, 4096);
+        assert_eq!(log.barrier_acked(3), vec![(0, 4096), (1 << 20, 1 << 18)]);
+        assert_eq!(log.drain_lost(), vec![(8192, 4096)], "a lost link re-marks what was not acked");
     }
 }

@@ -6,15 +6,16 @@
 
 use super::link::PeerLink;
 use super::state::{
-    Deferred, ResyncProgress, State, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
+    Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
 };
-use super::{random_bytes, random_u64, resync, write_path, Shared};
+use super::{congestion, digests, random_bytes, random_u64, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
+use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::sync_decision::{decide, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
-use crate::wire::{auth, read_message, write_message, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
+use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -323,6 +324,13 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         Message::BarrierAck { epoch, writes } => barrier_acked(shared, peer_id, epoch, writes),
         Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, peer_id, offset, &payload),
         Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, peer_id, current_uuid, history),
+        Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, peer_id, purpose, offset, &digests),
+        Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
+            verify::on_reply(shared, peer_id, offset, blocks, &differing)
+        }
+        Message::DigestReply { purpose: DigestPurpose::Resync, offset, blocks, differing } => {
+            resync::on_digest_reply(shared, peer_id, offset, blocks, &differing)
+        }
         Message::State(state) => on_peer_state(shared, peer_id, generation, state),
         Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, peer_id, last, &runs),
         Message::Ping => {
@@ -442,8 +450,9 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
     let saw_before = peer.last_state.map_or(0, |s| s.primaries);
     peer.last_state = Some(state);
-    if saw_before & !state.primaries != 0 {
-        // It no longer sees a primary it saw: what that primary sent lately may have missed it.
+    if saw_before & !state.primaries & st.primaries() != 0 {
+        // It no longer sees a primary it saw and this node still sees (that primary did not just
+        // demote): what that primary sent lately may have missed it.
         st.mark_recent_for(peer_id, Some(state.current_uuid)).map_err(|e| format!("cannot persist a bitmap UUID: {e}"))?;
     }
     let peer = st.peer_mut(peer_id);
@@ -456,6 +465,8 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
         st.sb.uuids.current = state.current_uuid;
         st.broadcast_state();
     }
+    // A primary that went Ahead of this node is not followed into its new generation.
+    congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
     let peer = st.peer(peer_id);
     let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
     if follows && st.disk == DiskState::UpToDate && st.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
@@ -507,7 +518,7 @@ pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Def
 }
 
 /// Decides what to do with a connected peer whose state is known and whose link is not syncing.
-fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
+pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
     let peer = st.peer(peer_id);
     let Some(peer_state) = peer.last_state else { return Ok(()) };
     if peer.link.is_none() || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
@@ -521,9 +532,14 @@ fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), S
         }
         return Ok(());
     }
+    let at_connect = peer.repl == ReplState::Off;
+    let my_bits = BitsHolder { bits_for_other: st.bitmaps[peer.slot].weight(), disk: st.disk, is_primary: st.role == Role::Primary };
+    let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
     let (mine, theirs, name) = (st.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
     let decision = match decide(&mine, &theirs) {
         d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => after_split_brain(shared, st, peer_id, d)?,
+        // At connect only: blocks an online verify marked are resynced by reconnecting.
+        d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
         d => d,
     };
     match decision {
@@ -644,7 +660,7 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
     }
     let total_bytes = st.bitmaps[slot].weight_bytes();
     let peer = st.peer_mut(peer_id);
-    peer.resync = Some(ResyncProgress { started: Instant::now(), total_bytes, full });
+    peer.resync = Some(resync::progress(total_bytes, full));
     if decision.is_target() {
         peer.repl = ReplState::SyncTarget;
         st.disk = DiskState::Inconsistent;
@@ -700,6 +716,25 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
     peer.resync = None;
     peer.barriers.clear();
     peer.last_error = Some(reason.to_owned());
+    tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
+    stops_following(shared, st, peer_id, last_generation, deferred);
+    if st.primaries() != primaries_before {
+        st.broadcast_state();
+    }
+}
+
+/// The peer no longer receives this node's writes (its link died, or it fell Behind):
+/// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
+/// primary starts a new generation before those completions go out. `last_generation`: the
+/// generation the peer last reported while in sync (see `State::mark_recent_for`).
+pub(super) fn stops_following(
+    shared: &Arc<Shared>,
+    st: &mut State,
+    peer_id: u8,
+    last_generation: Option<u64>,
+    deferred: &mut Deferred,
+) {
+    let peer = st.peer_mut(peer_id);
     let slot = peer.slot;
     let mut lacking = peer.tl.drain_lost();
     lacking.extend(st.inflight.pending_for(peer_id));
@@ -710,8 +745,6 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
         tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the bitmap UUID of a lost peer");
         st.disk = DiskState::Failed;
     }
-    tracing::warn!(resource = %shared.config.name, peer = %st.peer(peer_id).name, was = %was, "connection lost: {reason}");
-
     // A witness holds no data, so losing it starts no new generation.
     if st.role == Role::Primary && !st.peer(peer_id).witness {
         let mut generation = st.generation();
@@ -735,8 +768,5 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
         flush.peers_pending.retain(|id| *id != peer_id);
     }
     write_path::finish_flushes(st, deferred);
-    if st.primaries() != primaries_before {
-        st.broadcast_state();
-    }
     shared.changed.notify_all();
 }

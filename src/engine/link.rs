@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub type OnSent = Box<dyn FnOnce() + Send>;
 
 /// Bulk bytes queued before writers of new data wait: the send buffer of protocol A.
-pub const BULK_QUEUE_LIMIT_BYTES: usize = 8 << 20;
+pub const BULK_QUEUE_LIMIT_BYTES: usize = (crate::config::SEND_QUEUE_KIB * 1024) as usize;
 /// A ping goes out this often, busy or idle: the peer's read timeout only fires on a dead link,
 /// and each answered ping renews the peer's quorum lease (see `core::quorum::LEASE`).
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,9 +44,11 @@ struct Lease {
     answered_sent_at: Option<Instant>,
 }
 
+/// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
 fn payload_len(msg: &Message) -> usize {
     match msg {
         Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
+        Message::DigestRequest { digests, .. } => digests.len() * crate::wire::DIGEST_BYTES,
         _ => 0,
     }
 }
@@ -123,16 +125,22 @@ impl PeerLink {
         }
     }
 
+    /// Bulk bytes queued and not yet handed to the kernel.
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.lock().expect("link queue").bulk_bytes
+    }
+
     /// Whether writers of new data must wait (see [`PeerLink::wait_for_room`]).
     pub fn is_full(&self) -> bool {
         let q = self.queue.lock().expect("link queue");
         !q.closed && q.bulk_bytes > BULK_QUEUE_LIMIT_BYTES
     }
 
-    /// Blocks while the bulk queue is over its limit (back-pressure for writers).
-    pub fn wait_for_room(&self) {
+    /// Blocks while more than `limit_bytes` of bulk frames are queued (back-pressure: writers
+    /// pass [`BULK_QUEUE_LIMIT_BYTES`], a resync may keep further below it).
+    pub fn wait_for_room(&self, limit_bytes: usize) {
         let mut q = self.queue.lock().expect("link queue");
-        while !q.closed && q.bulk_bytes > BULK_QUEUE_LIMIT_BYTES {
+        while !q.closed && q.bulk_bytes > limit_bytes {
             q = self.changed.wait(q).expect("link queue");
         }
     }

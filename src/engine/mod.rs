@@ -1,16 +1,19 @@
 //! The drivers: backing-disk I/O, peer connections, resync, admin operations. They feed events
 //! into the pure pieces of [`crate::core`] and carry out what those decide.
 
+mod congestion;
 mod connection;
+mod digests;
 mod io_pool;
 mod link;
 mod recent;
 mod resync;
 mod state;
 mod status;
+mod verify;
 mod write_path;
 
-pub use status::{PeerStatus, ResourceStatus, ResyncStatus};
+pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{Frontend, NodeConfig, ResourceConfig, UblkSettings};
 use crate::core::inflight::InflightWrites;
@@ -212,6 +215,7 @@ impl Engine {
                     rx_epoch_writes: 0,
                     pending_sync: None,
                     resync: None,
+                    sync: Default::default(),
                     sent_bytes_before: 0,
                     received_bytes: 0,
                     last_error: None,
@@ -240,7 +244,8 @@ impl Engine {
             export: None,
             export_failing: None,
             left_behind: None,
-            resync_lock: None,
+            read_locks: Vec::new(),
+            app_write_bytes: 0,
             stopping: false,
             quorum_policy: config.quorum,
             on_no_quorum: config.on_no_quorum,
@@ -287,7 +292,19 @@ impl Engine {
     }
 
     pub fn status(&self) -> ResourceStatus {
-        status::build(&self.shared, &self.shared.lock())
+        status::build(&self.shared, &mut self.shared.lock())
+    }
+
+    /// Starts an online verify with every connected peer it can run against; returns their
+    /// names. Progress and findings are in `status`.
+    pub fn verify(&self) -> Result<Vec<String>, EngineError> {
+        verify::start(&self.shared)
+    }
+
+    /// Discards this node's data and resyncs all of it from a connected UpToDate peer; returns
+    /// that peer's name.
+    pub fn invalidate(&self) -> Result<String, EngineError> {
+        resync::invalidate(&self.shared)
     }
 
     /// Promotes this node to Primary and exports the device.
@@ -350,6 +367,8 @@ impl Engine {
         }
         st.disk = DiskState::UpToDate;
         st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
+        // Promoted (with --force, if verify had marked it): this copy is the good one now.
+        st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
         st.sb.flags.remove(MetaFlags::AL_CLEAN);
         if let Err(e) = st.persist() {
             st.disk = DiskState::Failed;

@@ -2,23 +2,118 @@
 //! a bit is cleared only when a barrier ack proves the target holds the block durably.
 //!
 //! Application writes keep flowing during a resync. A block being read for resync is locked
-//! against writes (`State::resync_lock`), so its resync copy enters the stream before any newer
+//! against writes ([`read_range_then`]), so its resync copy enters the stream before any newer
 //! write to it: the target, applying the stream in order, can never end with stale data.
+//!
+//! With `csums_resync` the source sends the digests of each dirty run first (`DigestRequest`);
+//! the target compares them with its own blocks and answers which differ. Only those are sent as
+//! data; a block that matched is recorded in the transfer log like a write without data, so its
+//! bit clears with the next barrier ack (after which the target's copy is durable too).
 
-use super::state::{Deferred, State};
-use super::{connection, write_path, Shared};
+use super::state::{Deferred, ResyncProgress, State};
+use super::digests::block_range;
+use super::{congestion, connection, verify, write_path, EngineError, Shared};
+use crate::core::block_digest::{block_digests, matching_runs};
+use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
+use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
-use crate::wire::Message;
+use crate::wire::{DigestPurpose, Message};
 use bytes::Bytes;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Largest resync frame.
 const MAX_CHUNK_BYTES: u64 = 256 << 10;
-/// Resync frames per epoch before a barrier, which lets bits clear (and progress advance) in
-/// steps of this many chunks.
+/// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
+/// progress advance) in steps of this many chunks.
 const CHUNKS_PER_EPOCH: u32 = 32;
+/// Digest requests of a checksum-based resync left unanswered at most: enough to keep the link
+/// busy, and a bound on the answers still to come when the pass ends.
+const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
+/// How long a resync or verify thread waits for an answer before it looks at the state again.
+pub(super) const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// Per-peer state of the checksum exchanges: online verify and checksum-based resync.
+#[derive(Debug, Default)]
+pub struct PeerSync {
+    /// The last online verify with this peer (running, finished or aborted).
+    pub verify: Option<verify::VerifyRun>,
+    /// Digest requests of a checksum-based resync awaiting their answer, in stream order:
+    /// `(offset, blocks)`.
+    pub resync_digests: VecDeque<(u64, u32)>,
+    /// Ranges whose digests differed: their data goes out next.
+    pub resync_wanted: VecDeque<(u64, u64)>,
+}
+
+/// Paces a resync or a verify with the rate controller, on the engine's clock.
+pub(super) struct Pacer {
+    rate: ResyncRate,
+    started: Instant,
+}
+
+impl Pacer {
+    pub fn new(shared: &Shared) -> Pacer {
+        let config = &shared.config;
+        let app_write_bytes = shared.lock().app_write_bytes;
+        let rate = ResyncRate::new(config.resync_rate_max_kib * 1024, config.resync_rate_min_kib * 1024, 0, app_write_bytes);
+        Pacer { rate, started: Instant::now() }
+    }
+
+    /// Sleeps until the controller lets the next chunk go.
+    pub fn pause(&mut self, shared: &Shared) {
+        loop {
+            let app_write_bytes = shared.lock().app_write_bytes;
+            self.rate.advance(self.started.elapsed().as_millis() as u64, app_write_bytes);
+            match self.rate.wait_ms() {
+                0 => return,
+                ms => std::thread::sleep(Duration::from_millis(ms).min(WAIT_SLICE)),
+            }
+        }
+    }
+
+    pub fn spend(&mut self, bytes: u64) {
+        self.rate.spend(bytes);
+    }
+}
+
+/// Reads `[offset, offset + len)` with application writes to it held off, turns the bytes into
+/// a frame's contents outside the engine lock (`prepare`), and calls `send` under the lock
+/// before any write to the range may proceed: what `send` queues enters the peer's stream ahead
+/// of every later write to those blocks, so the peer, applying its stream in order, writes or
+/// compares exactly the data this node held at that point. `None` when `still` says the job
+/// ended meanwhile.
+pub(super) fn read_range_then<P, T>(
+    shared: &Shared,
+    offset: u64,
+    len: u64,
+    still: impl Fn(&State) -> bool,
+    prepare: impl FnOnce(Vec<u8>) -> P,
+    send: impl FnOnce(&mut State, P) -> T,
+) -> Result<Option<T>, String> {
+    let range = (offset, len);
+    let mut st = shared.lock();
+    while st.overlaps_busy(offset, len) {
+        st = shared.changed.wait(st).expect("engine state lock poisoned");
+    }
+    if !still(&st) {
+        return Ok(None);
+    }
+    st.read_locks.push(range);
+    drop(st);
+
+    let mut buf = vec![0u8; len as usize];
+    let prepared = shared.data.read_at(&mut buf, offset).map(|()| prepare(buf));
+
+    let mut st = shared.lock();
+    if let Some(i) = st.read_locks.iter().position(|r| *r == range) {
+        st.read_locks.swap_remove(i);
+    }
+    shared.changed.notify_all();
+    let prepared = prepared.map_err(|e| format!("read at {offset}+{len} failed: {e}"))?;
+    Ok(still(&st).then(|| send(&mut st, prepared)))
+}
 
 pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
     std::thread::Builder::new()
@@ -42,20 +137,27 @@ fn still_syncing(st: &State, peer_id: u8, generation: u64) -> bool {
     !st.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
 }
 
+/// What the source sends for one range.
+enum Chunk {
+    Data(Bytes),
+    Digests(Vec<[u8; crate::wire::DIGEST_BYTES]>),
+}
+
 fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {
-    let rate_bytes_per_s = shared.config.resync_rate_max_kib * 1024;
-    let started = Instant::now();
-    let mut sent_bytes = 0u64;
+    let csums = shared.config.csums_resync;
+    let mut pacer = Pacer::new(shared);
     let mut cursor = 0u64;
+    let mut frames_in_epoch = 0u32;
     // Epoch whose barrier must be acked before the bitmap is scanned again from the start.
     let mut draining: Option<u64> = None;
+    {
+        let mut st = shared.lock();
+        let sync = &mut st.peer_mut(peer_id).sync;
+        sync.resync_digests.clear();
+        sync.resync_wanted.clear();
+    }
     loop {
-        // Rate limit: never ahead of the configured maximum.
-        let allowed = rate_bytes_per_s.saturating_mul(started.elapsed().as_millis() as u64) / 1000;
-        if sent_bytes > allowed {
-            std::thread::sleep(Duration::from_millis(((sent_bytes - allowed) * 1000 / rate_bytes_per_s).clamp(1, 100)));
-            continue;
-        }
+        pacer.pause(shared);
         let mut st = shared.lock();
         if !still_syncing(&st, peer_id, generation) {
             return Ok(());
@@ -63,58 +165,97 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
         let slot = st.peer(peer_id).slot;
         if let Some(epoch) = draining {
             if st.peer(peer_id).barriers.iter().any(|(e, _)| *e <= epoch) {
-                let _ = shared.changed.wait_timeout(st, Duration::from_millis(100));
+                let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
                 continue;
             }
             draining = None;
             cursor = 0;
         }
         let block_size = u64::from(st.bitmaps[slot].block_size());
-        let Some((start, blocks)) = st.bitmaps[slot].next_run(cursor, MAX_CHUNK_BYTES / block_size) else {
-            if cursor == 0 {
-                // Every bit is clear: each block was resent and barrier-acked.
-                let uuids = st.sb.uuids;
-                let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
-                link.send_bulk(Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
-                return Ok(());
-            }
+        let awaiting = st.peer(peer_id).sync.resync_digests.len();
+        let (offset, len, digests) = if let Some((offset, len)) = st.peer_mut(peer_id).sync.resync_wanted.pop_front() {
+            (offset, len, false)
+        } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
+            let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            continue;
+        } else if let Some((start, blocks)) = st.bitmaps[slot].next_run(cursor, MAX_CHUNK_BYTES / block_size) {
+            cursor = start + blocks;
+            let offset = start * block_size;
+            (offset, (blocks * block_size).min(shared.data_size_bytes - offset), csums)
+        } else if awaiting > 0 {
+            // Answers still to come may ask for data.
+            let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            continue;
+        } else if cursor == 0 {
+            // Every bit is clear: each block was resent (or matched) and barrier-acked.
+            let uuids = st.sb.uuids;
+            let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
+            link.send_bulk(Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
+            return Ok(());
+        } else {
             draining = Some(write_path::send_barriers(&mut st));
+            frames_in_epoch = 0;
             continue;
         };
-        let offset = start * block_size;
-        let len = (blocks * block_size).min(shared.data_size_bytes - offset);
-        while st.overlaps_busy(offset, len) {
-            st = shared.changed.wait(st).expect("engine state lock poisoned");
-        }
-        if !still_syncing(&st, peer_id, generation) {
-            return Ok(());
-        }
-        st.resync_lock = Some((offset, len));
         let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
         drop(st);
 
-        link.wait_for_room();
-        let mut buf = vec![0u8; len as usize];
-        let read = shared.data.read_at(&mut buf, offset);
-
-        let mut st = shared.lock();
-        st.resync_lock = None;
-        shared.changed.notify_all();
-        read.map_err(|e| format!("resync read at {offset} failed: {e}"))?;
-        if !still_syncing(&st, peer_id, generation) {
+        link.wait_for_room(congestion::resync_room_bytes(&shared.config));
+        let prepare = |data: Vec<u8>| match digests {
+            true => Chunk::Digests(block_digests(&data, block_size as usize)),
+            false => Chunk::Data(Bytes::from(data)),
+        };
+        let send = |st: &mut State, chunk: Chunk| {
+            let epoch = st.epoch;
+            let peer = st.peer_mut(peer_id);
+            let msg = match chunk {
+                Chunk::Data(payload) => {
+                    peer.tl.record(epoch, offset, len);
+                    Message::ResyncData { offset, payload }
+                }
+                Chunk::Digests(digests) => {
+                    peer.sync.resync_digests.push_back((offset, digests.len() as u32));
+                    Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }
+                }
+            };
+            link.send_bulk(msg, None);
+            frames_in_epoch += 1;
+            if frames_in_epoch >= CHUNKS_PER_EPOCH {
+                write_path::send_barriers(st);
+                frames_in_epoch = 0;
+            }
+        };
+        let still = |st: &State| still_syncing(st, peer_id, generation);
+        if read_range_then(shared, offset, len, still, prepare, send)?.is_none() {
             return Ok(());
         }
-        let epoch = st.epoch;
-        let peer = st.peer_mut(peer_id);
-        peer.tl.record(epoch, offset, len);
-        link.send_bulk(Message::ResyncData { offset, payload: Bytes::from(buf) }, None);
-        let close = peer.tl.open_epoch_writes() >= CHUNKS_PER_EPOCH;
-        if close {
-            write_path::send_barriers(&mut st);
-        }
-        cursor = start + blocks;
-        sent_bytes += len;
+        pacer.spend(len);
     }
+}
+
+/// The answer to a digest request of a checksum-based resync (this node is the source): blocks
+/// that matched clear with the next barrier ack; the others are queued to be sent as data.
+pub fn on_digest_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
+    let mut st = shared.lock();
+    let epoch = st.epoch;
+    let peer = st.peer_mut(peer_id);
+    match peer.repl {
+        ReplState::SyncSource => {}
+        // The resync stopped when this node went Ahead; the blocks stay marked.
+        ReplState::Ahead => return Ok(()),
+        repl => return Err(format!("resync digest answer while {repl}")),
+    }
+    match peer.sync.resync_digests.pop_front() {
+        Some(expected) if expected == (offset, blocks) => {}
+        expected => return Err(format!("resync digest answer for {offset} ({blocks} blocks), expected {expected:?}")),
+    }
+    let range = |run| block_range(shared, offset, run);
+    for (start, len) in matching_runs(blocks, differing).into_iter().map(range) {
+        peer.tl.record_held(epoch, start, len);
+    }
+    peer.sync.resync_wanted.extend(differing.iter().copied().map(range));
+    shared.changed.notify_all();
+    Ok(())
 }
 
 /// A resync block from the source (this node is the target).
@@ -122,7 +263,8 @@ pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload
     let len = payload.len() as u64;
     {
         let st = shared.lock();
-        if st.peer(peer_id).repl != ReplState::SyncTarget {
+        // Behind: the source went Ahead during the resync; what it queued before still arrives.
+        if !matches!(st.peer(peer_id).repl, ReplState::SyncTarget | ReplState::Behind) {
             return Err("resync data while not SyncTarget".into());
         }
         if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
@@ -138,6 +280,65 @@ pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload
     // Only for progress on this side; the source's bitmap is the authority.
     st.bitmaps[slot].clear_range(offset, len);
     Ok(())
+}
+
+/// Starts tracking a resync that the bitmaps just agreed on: `total_bytes` is its size.
+pub fn progress(total_bytes: u64, full: bool) -> ResyncProgress {
+    ResyncProgress { started: Instant::now(), progress: SyncProgress::start(total_bytes), full }
+}
+
+/// `invalidate`: this node's data is declared bad and fully resynced from a connected UpToDate
+/// peer. The disk is Inconsistent (and the whole bitmap for that peer set) on disk before anything
+/// else happens, so a crash or a lost connection midway still ends in a resync, never in this
+/// node trusting data it gave up. Returns the peer it resyncs from.
+pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
+    let mut st = shared.lock();
+    if st.role == Role::Primary {
+        return Err(EngineError::Refused(
+            "this node is Primary: invalidating it would discard the data it serves; make another node primary first (`blkrepl secondary` here)".into(),
+        ));
+    }
+    let Some(source) = st
+        .peers
+        .iter()
+        .find(|p| p.link.is_some() && p.repl == ReplState::Established && p.disk == DiskState::UpToDate)
+        .map(|p| (p.node_id, p.slot, p.name.clone()))
+    else {
+        return Err(EngineError::Refused(
+            "no connected UpToDate peer to resync from (one must be Established, not syncing): connect one first (`blkrepl connect`)".into(),
+        ));
+    };
+    let (peer_id, slot, name) = source;
+    st.bitmaps[slot].set_all();
+    // The bitmap first: a crash before the superblock write leaves a consistent disk with extra
+    // bits (harmless), never an Inconsistent disk with too few.
+    let persisted = st.persist_bitmap(slot).and_then(|()| {
+        st.sb.flags.remove(MetaFlags::CONSISTENT);
+        st.persist()
+    });
+    if let Err(e) = persisted {
+        st.disk = DiskState::Failed;
+        return Err(EngineError::MetaWrite(e));
+    }
+    st.disk = DiskState::Inconsistent;
+    tracing::warn!(resource = %shared.config.name, peer = %name, "invalidated by the operator: this node's data is resynced in full from {name}");
+    announce_and_reconsider(shared, st, peer_id);
+    Ok(name)
+}
+
+/// This node's state changed in a way that calls for a resync with `peer_id` (invalidate, the
+/// end of pull-ahead): the peer hears of it first, so it decides on its side before this node's
+/// bitmap reaches it (it takes a bitmap only once it has decided), then this node decides.
+/// Releases the lock.
+pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>, peer_id: u8) {
+    st.broadcast_state();
+    let mut deferred = Deferred::default();
+    if let Err(reason) = connection::reconsider(shared, &mut st, peer_id) {
+        connection::drop_peer(shared, &mut st, peer_id, &reason, &mut deferred);
+    }
+    shared.changed.notify_all();
+    drop(st);
+    deferred.run();
 }
 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.
@@ -158,6 +359,7 @@ pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history
     st.set_generation(generation);
     st.bitmaps[slot].clear_all();
     st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+    st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
     clear_crash_marker(&mut st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;

@@ -8,6 +8,7 @@ use crate::core::quorum::{evaluate, OnNoQuorum, QuorumPolicy, QuorumState, Voter
 use crate::core::split_brain::SplitBrainPolicies;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{SyncDecision, UuidView};
+use crate::core::sync_progress::SyncProgress;
 use crate::core::transfer_log::TransferLog;
 use crate::frontend::Export;
 use crate::frontend::{BlockResult, Completion};
@@ -30,6 +31,8 @@ pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
 pub const STATE_FLAG_LEAVING: u32 = 2;
 /// The operator chose the sender as the victim of a split brain (`connect --discard-my-data`).
 pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
+/// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
+pub const STATE_FLAG_AHEAD: u32 = 8;
 
 /// Requests completed under the lock, answered after it is released (a completion may write to
 /// a socket).
@@ -62,7 +65,8 @@ pub struct PendingFlush {
 #[derive(Debug, Clone)]
 pub struct ResyncProgress {
     pub started: Instant,
-    pub total_bytes: u64,
+    /// Observed against the bitmap's weight for the peer whenever status is read.
+    pub progress: SyncProgress,
     pub full: bool,
 }
 
@@ -91,6 +95,8 @@ pub struct Peer {
     /// A sync decided at connect, waiting for the peer's bitmap.
     pub pending_sync: Option<SyncDecision>,
     pub resync: Option<ResyncProgress>,
+    /// Online verify and checksum-based resync with this peer.
+    pub sync: super::resync::PeerSync,
     pub sent_bytes_before: u64,
     pub received_bytes: u64,
     pub last_error: Option<String>,
@@ -130,8 +136,12 @@ pub struct State {
     /// A ublk device a daemon of this node left behind when it died as primary, with its I/O
     /// held by the kernel until this node may be primary again (device id, why not yet).
     pub left_behind: Option<(u32, String)>,
-    /// A block range being read for resync: writes into it wait (see engine::resync).
-    pub resync_lock: Option<(u64, u64)>,
+    /// Block ranges being read for resync or verify: writes into them wait (see
+    /// `engine::resync::read_range_then`).
+    pub read_locks: Vec<(u64, u64)>,
+    /// Bytes of application writes started on this node: the resync rate controller measures the
+    /// application's write rate from it.
+    pub app_write_bytes: u64,
     pub stopping: bool,
     /// Quorum settings: here rather than in the immutable config because `adjust` changes them.
     pub quorum_policy: QuorumPolicy,
@@ -199,7 +209,8 @@ impl State {
     /// no node anywhere can hold newer data). Two fresh nodes prove nothing.
     pub fn confirmed_up_to_date_by(&self, peer_id: u8) -> bool {
         let good = |d: DiskState| matches!(d, DiskState::Consistent | DiskState::Outdated);
-        if !good(self.disk) {
+        // Known to differ (online verify): equal generations prove nothing; a resync must run.
+        if !good(self.disk) || self.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
             return false;
         }
         let peer = self.peer(peer_id);
@@ -352,7 +363,7 @@ impl State {
 
     pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {
         self.inflight.overlaps(offset, len)
-            || self.resync_lock.is_some_and(|(o, l)| offset < o + l && o < offset + len)
+            || self.read_locks.iter().any(|&(o, l)| offset < o + l && o < offset + len)
     }
 
     /// This node's side of the connect-time decision with `peer`.
@@ -373,7 +384,7 @@ impl State {
         PeerState {
             role: self.role.to_wire(),
             disk: self.disk.to_wire(),
-            flags: self.state_flags(),
+            flags: self.state_flags() | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,

@@ -1,9 +1,12 @@
 //! A snapshot of one resource for `blkrepl status` (human and `--json`).
 
 use super::state::State;
+use super::verify::VerifyState;
 use super::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
 use crate::core::states::{DiskState, Role};
+use crate::core::sync_progress::SyncProgress;
+use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,11 +56,16 @@ pub struct PeerStatus {
     pub connection: String,
     pub replication: String,
     pub peer_role: String,
+    /// The peer's disk as this node knows it: never UpToDate while this UpToDate node holds
+    /// blocks out of sync for it (see `shown_peer_disk`).
     pub peer_disk: String,
+    /// Bytes that differ (or may) between this node and the peer.
     pub out_of_sync_bytes: u64,
     pub sent_bytes: u64,
     pub received_bytes: u64,
     pub resync: Option<ResyncStatus>,
+    /// The last online verify with this peer run from this node.
+    pub verify: Option<VerifyStatus>,
     /// Why the last connection attempt or connection ended, if it did.
     pub last_error: Option<String>,
 }
@@ -65,28 +73,87 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResyncStatus {
     pub full: bool,
+    /// Bytes this pass moves: what was out of sync at its start plus what became so since.
     pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Never lower than any value shown before (`core::sync_progress`).
     pub done_percent: f64,
     pub rate_kib_per_s: u64,
     pub eta_s: Option<u64>,
 }
 
-pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
-    let peers = st
-        .peers
-        .iter()
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VerifyStatus {
+    /// `running`, `finished` or `aborted: <reason>`.
+    pub state: String,
+    pub total_bytes: u64,
+    pub checked_bytes: u64,
+    pub done_percent: f64,
+    pub rate_kib_per_s: u64,
+    pub eta_s: Option<u64>,
+    /// Bytes found to differ (marked out of sync for the peer).
+    pub out_of_sync_found_bytes: u64,
+    /// The first ranges found to differ (the log has every one).
+    pub first_out_of_sync: Vec<ByteRange>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Progress figures of a pass that started at `started`.
+fn progress_figures(progress: &SyncProgress, started: Instant) -> (f64, u64, Option<u64>) {
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    (progress.done_percent(), progress.rate_bytes_per_s(elapsed_ms) / 1024, progress.eta_s(elapsed_ms))
+}
+
+/// Two copies shown UpToDate must be equal: a peer that lacks blocks this UpToDate node holds is
+/// shown Outdated, whatever it last reported, until the resync brings them (it reports
+/// Inconsistent itself as soon as the resync starts). Without this a reconnect would show
+/// "UpToDate" next to a non-zero out-of-sync count for the length of the handshake.
+fn shown_peer_disk(my_disk: DiskState, peer_disk: DiskState, out_of_sync_bytes: u64) -> DiskState {
+    match (my_disk, peer_disk) {
+        (DiskState::UpToDate, DiskState::UpToDate) if out_of_sync_bytes > 0 => DiskState::Outdated,
+        _ => peer_disk,
+    }
+}
+
+/// Takes the state mutably: reading resync progress records the bitmap's weight in it.
+pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
+    let State { peers, bitmaps, disk, .. } = st;
+    let peers = peers
+        .iter_mut()
         .map(|p| {
-            let out_of_sync_bytes = st.bitmaps[p.slot].weight_bytes().min(shared.data_size_bytes);
-            let resync = p.resync.as_ref().map(|r| {
-                let done = r.total_bytes.saturating_sub(out_of_sync_bytes);
-                let elapsed_ms = r.started.elapsed().as_millis().max(1) as u64;
-                let rate = done * 1000 / elapsed_ms;
+            let out_of_sync_bytes = bitmaps[p.slot].weight_bytes().min(shared.data_size_bytes);
+            let resync = p.resync.as_mut().map(|r| {
+                r.progress.observe(out_of_sync_bytes);
+                let (done_percent, rate_kib_per_s, eta_s) = progress_figures(&r.progress, r.started);
                 ResyncStatus {
                     full: r.full,
-                    total_bytes: r.total_bytes,
-                    done_percent: if r.total_bytes == 0 { 100.0 } else { done as f64 * 100.0 / r.total_bytes as f64 },
-                    rate_kib_per_s: rate / 1024,
-                    eta_s: (rate > 0).then(|| out_of_sync_bytes / rate),
+                    total_bytes: r.progress.total_bytes(),
+                    done_bytes: r.progress.done_bytes(),
+                    done_percent,
+                    rate_kib_per_s,
+                    eta_s,
+                }
+            });
+            let verify = p.sync.verify.as_ref().map(|v| {
+                let (done_percent, rate_kib_per_s, eta_s) = progress_figures(&v.progress, v.started);
+                VerifyStatus {
+                    state: match &v.state {
+                        VerifyState::Running => "running".into(),
+                        VerifyState::Finished => "finished".into(),
+                        VerifyState::Aborted(reason) => format!("aborted: {reason}"),
+                    },
+                    total_bytes: v.progress.total_bytes(),
+                    checked_bytes: v.progress.done_bytes(),
+                    done_percent,
+                    rate_kib_per_s,
+                    eta_s: eta_s.filter(|_| v.state == VerifyState::Running),
+                    out_of_sync_found_bytes: v.found_bytes,
+                    first_out_of_sync: v.found_ranges.iter().map(|&(offset, len)| ByteRange { offset, len }).collect(),
                 }
             });
             PeerStatus {
@@ -97,11 +164,12 @@ pub fn build(shared: &Shared, st: &State) -> ResourceStatus {
                 connection: p.conn.to_string(),
                 replication: p.repl.to_string(),
                 peer_role: p.role.to_string(),
-                peer_disk: p.disk.to_string(),
+                peer_disk: shown_peer_disk(*disk, p.disk, out_of_sync_bytes).to_string(),
                 out_of_sync_bytes,
                 sent_bytes: p.sent_bytes_before + p.link.as_ref().map_or(0, |l| l.sent_bytes()),
                 received_bytes: p.received_bytes,
                 resync,
+                verify,
                 last_error: p.last_error.clone(),
             }
         })

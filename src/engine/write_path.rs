@@ -4,8 +4,9 @@
 
 use super::io_pool::IoOp;
 use super::state::{Deferred, PendingFlush, State};
+use super::link::BULK_QUEUE_LIMIT_BYTES;
+use super::{congestion, Shared};
 use crate::core::quorum::OnNoQuorum;
-use super::Shared;
 use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::states::{DiskState, Role};
@@ -131,16 +132,24 @@ fn submit_read(shared: &Arc<Shared>, offset: u64, len: u32, done: Completion) {
 }
 
 fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, done: Completion) {
-    // Back-pressure: a full send queue slows writers down. The wait happens outside the engine
-    // lock, so it never blocks the acks that drain the queue.
+    // Back-pressure: a full send queue slows writers down (under pull-ahead the peer is left
+    // behind first). The wait happens outside the engine lock, so it never blocks the acks that
+    // drain the queue.
     let mut st = loop {
-        let st = shared.lock();
-        let full = st.peers.iter().filter_map(|p| p.link.as_ref()).find(|l| l.is_full()).cloned();
+        let mut st = shared.lock();
+        let mut deferred = Deferred::default();
+        if congestion::pull_ahead_if_congested(shared, &mut st, &mut deferred) {
+            drop(st);
+            deferred.run();
+            continue;
+        }
+        let replicating = st.peers.iter().filter(|p| p.is_replicating());
+        let full = replicating.filter_map(|p| p.link.as_ref()).find(|l| l.is_full()).cloned();
         match full {
             None => break st,
             Some(link) => {
                 drop(st);
-                link.wait_for_room();
+                link.wait_for_room(BULK_QUEUE_LIMIT_BYTES);
             }
         }
     };
@@ -189,6 +198,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     for slot in lagging {
         st.mark_out_of_sync(slot, offset, len);
     }
+    st.app_write_bytes += len;
     let id = st.inflight.start(offset, len, level, targets);
     st.completions.insert(id, done);
     let epoch = st.epoch;

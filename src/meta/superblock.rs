@@ -51,14 +51,19 @@ impl MetaFlags {
     pub const FULL_SYNC_PENDING: MetaFlags = MetaFlags(1 << 4);
     /// The peer was marked outdated (fencing), so we may promote without it.
     pub const PEER_OUTDATED: MetaFlags = MetaFlags(1 << 5);
+    /// An online verify found blocks of this node that differ from a peer's: the data stays
+    /// Outdated (an in-sync connection does not make it UpToDate) until a resync or a forced
+    /// promotion settles which copy is right.
+    pub const VERIFY_DIFFERS: MetaFlags = MetaFlags(1 << 6);
 
-    const NAMES: [(MetaFlags, &'static str); 6] = [
+    const NAMES: [(MetaFlags, &'static str); 7] = [
         (MetaFlags::CONSISTENT, "CONSISTENT"),
         (MetaFlags::WAS_UP_TO_DATE, "WAS_UP_TO_DATE"),
         (MetaFlags::PRIMARY_IND, "PRIMARY_IND"),
         (MetaFlags::AL_CLEAN, "AL_CLEAN"),
         (MetaFlags::FULL_SYNC_PENDING, "FULL_SYNC_PENDING"),
         (MetaFlags::PEER_OUTDATED, "PEER_OUTDATED"),
+        (MetaFlags::VERIFY_DIFFERS, "VERIFY_DIFFERS"),
     ];
 
     pub const fn empty() -> MetaFlags {

@@ -15,12 +15,37 @@ pub const MAX_DATA_BYTES: usize = 1 << 20;
 /// Most runs one `BitmapRuns` frame carries (16 bytes each, so 1 MiB of runs); a longer
 /// bitmap is sent as several frames, the final one marked `last`.
 pub const MAX_BITMAP_RUNS: usize = 65_536;
+/// Most block digests one `DigestRequest` carries (and so most blocks one `DigestReply`
+/// answers for): 128 KiB of digests, 16 MiB of data at 4 KiB blocks.
+pub const MAX_DIGESTS: usize = 4096;
+/// Bytes in one block digest (SHA-256).
+pub const DIGEST_BYTES: usize = 32;
 
 /// Size of the fixed resource-name field of `Hello`: a length byte, then the name padded with
 /// zeroes.
 const RESOURCE_FIELD_BYTES: usize = 1 + MAX_RESOURCE_BYTES;
 /// Size of one `(start, count)` run in `BitmapRuns`.
 const RUN_BYTES: usize = 16;
+/// Size of one `(first, count)` run of differing blocks in `DigestReply`.
+const BLOCK_RUN_BYTES: usize = 8;
+
+/// What a `DigestRequest` asks the receiver to do with the digests, and what its
+/// `DigestReply` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigestPurpose {
+    /// Online verify: compare, report the blocks that differ (nothing is written).
+    Verify = 1,
+    /// Checksum-based resync: blocks that match need no data; the source sends the others.
+    Resync = 2,
+}
+
+impl DigestPurpose {
+    fn from_byte(byte: u8) -> Option<DigestPurpose> {
+        [DigestPurpose::Verify, DigestPurpose::Resync]
+            .into_iter()
+            .find(|p| *p as u8 == byte)
+    }
+}
 
 /// The first frame each side sends: who it is, what it speaks, and what it replicates, so the
 /// peer can refuse a connection to the wrong node, resource or size before any data flows.
@@ -130,6 +155,21 @@ pub enum Message {
         current_uuid: u64,
         history: [u64; 4],
     },
+    /// The sender's SHA-256 of each bitmap block from byte `offset` (the last block of the
+    /// device may be short); the receiver compares its own blocks and answers `DigestReply`.
+    DigestRequest {
+        purpose: DigestPurpose,
+        offset: u64,
+        digests: Vec<[u8; DIGEST_BYTES]>,
+    },
+    /// The answer to the `DigestRequest` at `offset` for `blocks` blocks: the runs of blocks,
+    /// `(first, count)` counted from the request's first block, whose digests differed.
+    DigestReply {
+        purpose: DigestPurpose,
+        offset: u64,
+        blocks: u32,
+        differing: Vec<(u32, u32)>,
+    },
     /// Liveness probe; answered with `PingAck`.
     Ping,
     /// The answer to `Ping`.
@@ -156,13 +196,15 @@ pub(super) enum Kind {
     BarrierAck = 0x0016,
     ResyncData = 0x0020,
     ResyncDone = 0x0022,
+    DigestRequest = 0x0023,
+    DigestReply = 0x0024,
     Ping = 0x0030,
     PingAck = 0x0031,
     Disconnect = 0x0032,
 }
 
 impl Kind {
-    const ALL: [Kind; 17] = [
+    const ALL: [Kind; 19] = [
         Kind::Hello,
         Kind::AuthChallenge,
         Kind::AuthResponse,
@@ -177,6 +219,8 @@ impl Kind {
         Kind::BarrierAck,
         Kind::ResyncData,
         Kind::ResyncDone,
+        Kind::DigestRequest,
+        Kind::DigestReply,
         Kind::Ping,
         Kind::PingAck,
         Kind::Disconnect,
@@ -206,6 +250,8 @@ impl Kind {
             Kind::BarrierAck => "BarrierAck",
             Kind::ResyncData => "ResyncData",
             Kind::ResyncDone => "ResyncDone",
+            Kind::DigestRequest => "DigestRequest",
+            Kind::DigestReply => "DigestReply",
             Kind::Ping => "Ping",
             Kind::PingAck => "PingAck",
             Kind::Disconnect => "Disconnect",
@@ -219,8 +265,9 @@ impl Message {
         self.kind().name()
     }
 
-    /// Acks, pings and barrier acks: small frames the engine sends ahead of queued bulk data,
-    /// so that a large transfer never delays the completion of a write or trips a ping timeout.
+    /// Acks, digest replies, pings and barrier acks: small frames the engine sends ahead of
+    /// queued bulk data, so that a large transfer never delays the completion of a write (or a
+    /// verify's progress) or trips a ping timeout.
     pub fn is_control(&self) -> bool {
         matches!(
             self,
@@ -228,6 +275,7 @@ impl Message {
                 | Message::WriteAck { .. }
                 | Message::NegAck { .. }
                 | Message::BarrierAck { .. }
+                | Message::DigestReply { .. }
                 | Message::Ping
                 | Message::PingAck
         )
@@ -249,6 +297,8 @@ impl Message {
             Message::BarrierAck { .. } => Kind::BarrierAck,
             Message::ResyncData { .. } => Kind::ResyncData,
             Message::ResyncDone { .. } => Kind::ResyncDone,
+            Message::DigestRequest { .. } => Kind::DigestRequest,
+            Message::DigestReply { .. } => Kind::DigestReply,
             Message::Ping => Kind::Ping,
             Message::PingAck => Kind::PingAck,
             Message::Disconnect { .. } => Kind::Disconnect,
@@ -277,6 +327,19 @@ impl Message {
             Message::Disconnect { reason } if reason.len() > MAX_REASON_BYTES => {
                 Err("reason longer than 1024 bytes")
             }
+            Message::DigestRequest { digests, .. }
+                if digests.is_empty() || digests.len() > MAX_DIGESTS =>
+            {
+                Err("digest count is not 1 to 4096")
+            }
+            Message::DigestReply { blocks, .. }
+                if *blocks == 0 || *blocks as usize > MAX_DIGESTS =>
+            {
+                Err("block count is not 1 to 4096")
+            }
+            Message::DigestReply {
+                blocks, differing, ..
+            } => check_block_runs(*blocks, differing),
             _ => Ok(()),
         }
     }
@@ -367,6 +430,32 @@ impl Message {
                 out.put_u64(*current_uuid);
                 history.iter().for_each(|uuid| out.put_u64(*uuid));
             }
+            Message::DigestRequest {
+                purpose,
+                offset,
+                digests,
+            } => {
+                out.put_u8(*purpose as u8);
+                out.put_u64(*offset);
+                out.reserve(digests.len() * DIGEST_BYTES);
+                digests.iter().for_each(|digest| out.put_slice(digest));
+            }
+            Message::DigestReply {
+                purpose,
+                offset,
+                blocks,
+                differing,
+            } => {
+                out.put_u8(*purpose as u8);
+                out.put_u64(*offset);
+                out.put_u32(*blocks);
+                // check_limits bounds the runs by the block count, so the count fits.
+                out.put_u32(differing.len() as u32);
+                for (first, count) in differing {
+                    out.put_u32(*first);
+                    out.put_u32(*count);
+                }
+            }
             Message::Ping | Message::PingAck => {}
             Message::Disconnect { reason } => return reason.as_bytes(),
         }
@@ -454,6 +543,17 @@ impl Message {
                 current_uuid: fields.u64()?,
                 history: fields.uuids()?,
             },
+            Kind::DigestRequest => Message::DigestRequest {
+                purpose: fields.purpose()?,
+                offset: fields.u64()?,
+                digests: fields.digests()?,
+            },
+            Kind::DigestReply => Message::DigestReply {
+                purpose: fields.purpose()?,
+                offset: fields.u64()?,
+                blocks: fields.u32()?,
+                differing: fields.block_runs()?,
+            },
             Kind::Ping => Message::Ping,
             Kind::PingAck => Message::PingAck,
             Kind::Disconnect => Message::Disconnect {
@@ -465,6 +565,22 @@ impl Message {
             .map_err(|reason| fields.malformed(reason))?;
         Ok(msg)
     }
+}
+
+/// Runs of differing blocks must lie within the request's blocks, in order, without overlap, so
+/// the receiver can mark (and count) them without checking again.
+fn check_block_runs(blocks: u32, runs: &[(u32, u32)]) -> Result<(), &'static str> {
+    let mut next = 0u64;
+    for &(first, count) in runs {
+        let end = u64::from(first) + u64::from(count);
+        if count == 0 || u64::from(first) < next || end > u64::from(blocks) {
+            return Err(
+                "differing runs are empty, overlap, are out of order or pass the block count",
+            );
+        }
+        next = end;
+    }
+    Ok(())
 }
 
 /// Writes the fixed 64-byte resource field. `check_limits` has bounded the name to 63 bytes.
@@ -537,19 +653,50 @@ impl Fields {
         String::from_utf8(name.to_vec()).map_err(|_| self.malformed("resource name is not UTF-8"))
     }
 
-    /// A count of runs followed by exactly that many runs. The count is checked against the
-    /// payload length before anything is allocated, so it cannot inflate an allocation.
+    /// Runs of `BitmapRuns`: `(first block, block count)`, 16 bytes each.
     fn runs(&mut self) -> Result<Vec<(u64, u64)>, WireError> {
+        self.counted(RUN_BYTES, |f| Ok((f.u64()?, f.u64()?)))
+    }
+
+    fn purpose(&mut self) -> Result<DigestPurpose, WireError> {
+        DigestPurpose::from_byte(self.u8()?).ok_or_else(|| self.malformed("unknown digest purpose"))
+    }
+
+    /// The rest of the payload as whole digests (their count is bounded by `check_limits`).
+    fn digests(&mut self) -> Result<Vec<[u8; DIGEST_BYTES]>, WireError> {
+        let bytes = self.rest();
+        if bytes.len() % DIGEST_BYTES != 0 {
+            return Err(self.malformed("digest bytes are not a multiple of 32"));
+        }
+        Ok(bytes
+            .chunks_exact(DIGEST_BYTES)
+            .map(|d| d.try_into().expect("exact chunk"))
+            .collect())
+    }
+
+    /// Runs of differing blocks of `DigestReply`: `(first, count)`, 8 bytes each.
+    fn block_runs(&mut self) -> Result<Vec<(u32, u32)>, WireError> {
+        self.counted(BLOCK_RUN_BYTES, |f| Ok((f.u32()?, f.u32()?)))
+    }
+
+    /// A u32 count followed by exactly that many items of `item_bytes` each. The count is
+    /// checked against the payload length before anything is allocated, so it cannot inflate
+    /// an allocation.
+    fn counted<T>(
+        &mut self,
+        item_bytes: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, WireError>,
+    ) -> Result<Vec<T>, WireError> {
         let count = self.u32()? as usize;
         let remaining = self.payload.len() - self.pos;
-        if remaining % RUN_BYTES != 0 || remaining / RUN_BYTES != count {
+        if remaining % item_bytes != 0 || remaining / item_bytes != count {
             return Err(self.malformed("run count does not match payload length"));
         }
-        let mut runs = Vec::with_capacity(count);
+        let mut items = Vec::with_capacity(count);
         for _ in 0..count {
-            runs.push((self.u64()?, self.u64()?));
+            items.push(item(self)?);
         }
-        Ok(runs)
+        Ok(items)
     }
 
     /// The rest of the payload as UTF-8 (its length is bounded by the frame limit and then by

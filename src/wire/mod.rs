@@ -17,8 +17,8 @@ pub use frame::{
     decode, encode, read_message, write_message, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD,
 };
 pub use message::{
-    Hello, Message, PeerState, MAX_BITMAP_RUNS, MAX_DATA_BYTES, MAX_REASON_BYTES,
-    MAX_RESOURCE_BYTES,
+    DigestPurpose, Hello, Message, PeerState, DIGEST_BYTES, MAX_BITMAP_RUNS, MAX_DATA_BYTES,
+    MAX_DIGESTS, MAX_REASON_BYTES, MAX_RESOURCE_BYTES,
 };
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same

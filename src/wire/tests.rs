@@ -181,11 +181,48 @@ fn arb_message() -> impl Strategy<Value = Message> {
             current_uuid,
             history
         }),
+        (
+            arb_purpose(),
+            any::<u64>(),
+            vec(any::<[u8; DIGEST_BYTES]>(), 1..64)
+        )
+            .prop_map(|(purpose, offset, digests)| Message::DigestRequest {
+                purpose,
+                offset,
+                digests
+            }),
+        (
+            arb_purpose(),
+            any::<u64>(),
+            1..=MAX_DIGESTS as u32,
+            any::<u64>()
+        )
+            .prop_map(|(purpose, offset, blocks, seed)| Message::DigestReply {
+                purpose,
+                offset,
+                blocks,
+                differing: runs_within(blocks, seed),
+            }),
         Just(Message::Ping),
         Just(Message::PingAck),
         // At most 256 chars of at most 4 bytes: within the 1024-byte limit.
         "\\PC{0,256}".prop_map(|reason| Message::Disconnect { reason }),
     ]
+}
+
+fn arb_purpose() -> impl Strategy<Value = DigestPurpose> {
+    prop_oneof![Just(DigestPurpose::Verify), Just(DigestPurpose::Resync)]
+}
+
+/// Valid differing runs within `blocks` blocks, chosen by the bits of `seed`: each bit of the
+/// seed marks whether one of up to 64 equal slices of the blocks differs.
+fn runs_within(blocks: u32, seed: u64) -> Vec<(u32, u32)> {
+    let slice = blocks.div_ceil(64).max(1);
+    (0..64u32)
+        .filter(|i| seed & (1 << i) != 0)
+        .map(|i| (i * slice, slice))
+        .filter(|(first, count)| first + count <= blocks)
+        .collect()
 }
 
 /// Hands out one byte per call and an `Interrupted` error before every other byte, the
@@ -272,7 +309,7 @@ proptest! {
     fn decode_of_arbitrary_payload_never_panics(
         code in prop::sample::select(vec![
             0x01u16, 0x02, 0x03, 0x04, 0x05, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16,
-            0x20, 0x21, 0x22, 0x30, 0x31, 0x32,
+            0x20, 0x21, 0x22, 0x23, 0x24, 0x30, 0x31, 0x32,
         ]),
         payload in vec(any::<u8>(), 0..256),
     ) {
@@ -321,7 +358,7 @@ fn payload_sizes_are_as_documented() {
         bitmap_weight: 0,
         primaries: 0,
     };
-    let cases: [(Message, usize); 17] = [
+    let cases: [(Message, usize); 19] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
@@ -370,6 +407,23 @@ fn payload_sizes_are_as_documented() {
             },
             40,
         ),
+        (
+            Message::DigestRequest {
+                purpose: DigestPurpose::Verify,
+                offset: 0,
+                digests: vec![[0; 32]; 3],
+            },
+            9 + 3 * 32,
+        ),
+        (
+            Message::DigestReply {
+                purpose: DigestPurpose::Resync,
+                offset: 0,
+                blocks: 64,
+                differing: vec![(1, 2), (9, 1)],
+            },
+            17 + 2 * 8,
+        ),
         (Message::Ping, 0),
         (Message::PingAck, 0),
         (
@@ -416,6 +470,12 @@ fn control_messages_are_the_small_acks() {
             epoch: 1,
             writes: 1,
         },
+        Message::DigestReply {
+            purpose: DigestPurpose::Verify,
+            offset: 0,
+            blocks: 1,
+            differing: vec![],
+        },
         Message::Ping,
         Message::PingAck,
     ];
@@ -430,6 +490,11 @@ fn control_messages_are_the_small_acks() {
             reason: String::new(),
         },
         Message::Hello(hello("r0")),
+        Message::DigestRequest {
+            purpose: DigestPurpose::Resync,
+            offset: 0,
+            digests: vec![[0; 32]],
+        },
     ];
     assert!(control.iter().all(Message::is_control));
     assert!(!bulk.iter().any(Message::is_control));
@@ -447,6 +512,17 @@ fn limits_are_inclusive() {
         },
         Message::Disconnect {
             reason: "x".repeat(MAX_REASON_BYTES),
+        },
+        Message::DigestRequest {
+            purpose: DigestPurpose::Resync,
+            offset: u64::MAX,
+            digests: vec![[0xff; DIGEST_BYTES]; MAX_DIGESTS],
+        },
+        Message::DigestReply {
+            purpose: DigestPurpose::Verify,
+            offset: u64::MAX,
+            blocks: MAX_DIGESTS as u32,
+            differing: (0..MAX_DIGESTS as u32 / 2).map(|i| (2 * i, 1)).collect(),
         },
     ];
     for msg in biggest {
@@ -629,6 +705,92 @@ fn runs_count_must_match_length() {
 }
 
 #[test]
+fn digest_layout_is_as_documented() {
+    let frame = encoded(&Message::DigestReply {
+        purpose: DigestPurpose::Verify,
+        offset: 0x1000,
+        blocks: 16,
+        differing: vec![(3, 2)],
+    });
+    let payload = &frame[HEADER_LEN..];
+    assert_eq!(&frame[4..6], &[0x00, 0x24]);
+    assert_eq!(payload[0], 1, "purpose: verify");
+    assert_eq!(&payload[1..9], &0x1000u64.to_be_bytes());
+    assert_eq!(&payload[9..13], &16u32.to_be_bytes(), "blocks");
+    assert_eq!(&payload[13..17], &1u32.to_be_bytes(), "run count");
+    assert_eq!(&payload[17..25], &[0, 0, 0, 3, 0, 0, 0, 2]);
+    let frame = encoded(&Message::DigestRequest {
+        purpose: DigestPurpose::Resync,
+        offset: 7,
+        digests: vec![[0xab; 32]],
+    });
+    assert_eq!(&frame[4..6], &[0x00, 0x23]);
+    assert_eq!(frame[HEADER_LEN], 2, "purpose: resync");
+    assert_eq!(&frame[HEADER_LEN + 9..], &[0xab; 32]);
+}
+
+#[test]
+fn malformed_digest_frames() {
+    let request = |purpose: u8, digest_bytes: usize| {
+        let mut payload = vec![purpose];
+        payload.extend_from_slice(&0u64.to_be_bytes());
+        payload.extend(std::iter::repeat_n(0, digest_bytes));
+        raw_frame(0x23, 0, &payload)
+    };
+    assert_eq!(malformed_reason(&request(0, 32)), "unknown digest purpose");
+    assert_eq!(malformed_reason(&request(3, 32)), "unknown digest purpose");
+    assert_eq!(
+        malformed_reason(&request(1, 33)),
+        "digest bytes are not a multiple of 32"
+    );
+    assert_eq!(
+        malformed_reason(&request(1, 0)),
+        "digest count is not 1 to 4096"
+    );
+    assert_eq!(
+        malformed_reason(&request(2, 32 * (MAX_DIGESTS + 1))),
+        "digest count is not 1 to 4096"
+    );
+
+    let reply = |blocks: u32, runs: &[(u32, u32)], count: u32| {
+        let mut payload = vec![1];
+        payload.extend_from_slice(&0u64.to_be_bytes());
+        payload.extend_from_slice(&blocks.to_be_bytes());
+        payload.extend_from_slice(&count.to_be_bytes());
+        for (first, n) in runs {
+            payload.extend_from_slice(&first.to_be_bytes());
+            payload.extend_from_slice(&n.to_be_bytes());
+        }
+        raw_frame(0x24, 0, &payload)
+    };
+    let bad_runs = "differing runs are empty, overlap, are out of order or pass the block count";
+    assert_eq!(malformed_reason(&reply(8, &[(6, 3)], 1)), bad_runs);
+    assert_eq!(malformed_reason(&reply(8, &[(2, 0)], 1)), bad_runs);
+    assert_eq!(malformed_reason(&reply(8, &[(4, 2), (1, 1)], 2)), bad_runs);
+    assert_eq!(malformed_reason(&reply(8, &[(1, 2), (2, 1)], 2)), bad_runs);
+    assert_eq!(
+        malformed_reason(&reply(u32::MAX, &[(u32::MAX - 1, 2)], 1)),
+        "block count is not 1 to 4096"
+    );
+    assert_eq!(
+        malformed_reason(&reply(0, &[], 0)),
+        "block count is not 1 to 4096"
+    );
+    assert_eq!(
+        malformed_reason(&reply(8, &[(1, 1)], 2)),
+        "run count does not match payload length"
+    );
+    assert_eq!(
+        malformed_reason(&reply(8, &[], u32::MAX)),
+        "run count does not match payload length"
+    );
+    assert!(
+        decode(&reply(8, &[(0, 1), (1, 7)], 2)).is_ok(),
+        "touching runs are fine"
+    );
+}
+
+#[test]
 fn malformed_text() {
     let long = vec![b'x'; MAX_REASON_BYTES + 1];
     assert_eq!(
@@ -689,6 +851,17 @@ fn sender_refuses_what_the_receiver_would_reject() {
         },
         Message::Disconnect {
             reason: "x".repeat(MAX_REASON_BYTES + 1),
+        },
+        Message::DigestRequest {
+            purpose: DigestPurpose::Verify,
+            offset: 0,
+            digests: vec![],
+        },
+        Message::DigestReply {
+            purpose: DigestPurpose::Verify,
+            offset: 0,
+            blocks: 4,
+            differing: vec![(3, 2)],
         },
     ];
     for msg in refused {

@@ -228,6 +228,23 @@ impl Cluster {
         }
     }
 
+    /// Flips every bit of one byte of the node's backing file behind the daemon's back: a disk
+    /// that silently corrupted a block.
+    pub fn corrupt_byte(&self, node: &str, offset: u64) {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().read(true).write(true).open(self.disk(node)).unwrap();
+        let mut byte = [0u8];
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&[!byte[0]]).unwrap();
+    }
+
+    /// Bytes the node has received from `peer` (data, resync data and digests).
+    pub fn received(&self, node: &str, peer: &str) -> u64 {
+        Cluster::peer(&self.status(node), peer)["received_bytes"].as_u64().unwrap()
+    }
+
     /// Replaces `from` with `to` in the resource file (for `adjust`).
     pub fn edit_config(&self, from: &str, to: &str) {
         let path = self.config_dir().join("r0.toml");
@@ -242,6 +259,7 @@ impl Cluster {
         data.truncate(size_bytes as usize);
         data
     }
+
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -269,6 +287,17 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// A connected pair with alpha Primary and beta UpToDate after the initial full sync.
+pub fn synced_pair(options: Options) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], options);
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c
 }
 
 pub fn text(bytes: &[u8]) -> String {

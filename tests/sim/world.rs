@@ -42,10 +42,10 @@ pub struct Amendments {
     /// without the writes acknowledged meanwhile (and a primary that lost quorum regains it
     /// through that witness after others moved on).
     pub generation_votes: bool,
-    /// A node that left cleanly still counts as a voter. With `core::quorum`'s rule (it stops
-    /// counting until it returns) the nodes that saw it leave and those it has since come back
-    /// to count majorities of different voter sets, which need not intersect: two primaries
-    /// acknowledge writes at the same time.
+    /// A node that left cleanly still counts as a voter. Off, `core::quorum`'s rule applies: it
+    /// stops counting only while every other voter is reachable. (Discounting it
+    /// unconditionally let nodes that saw it leave and those it came back to count majorities
+    /// of different voter sets: two primaries acknowledged writes at the same time.)
     pub departed_still_vote: bool,
     /// `primary` refuses while a connection has decided this node is a resync target and
     /// waits for the bitmaps. The engine checks only that the disk is UpToDate, which it still
@@ -70,7 +70,7 @@ impl Amendments {
         resync_end_after_target_started: true,
         full_sync_resumes_by_bitmap: true,
         generation_votes: true,
-        departed_still_vote: true,
+        departed_still_vote: false,
         no_promotion_while_target: true,
         resync_target_is_present: true,
         leased_votes_for_promotion: true,

@@ -1,0 +1,116 @@
+//! Out-of-sync bits that survive into a connection between nodes whose generations agree.
+//!
+//! Equal current UUIDs end the decision table in "in sync", and nothing else would ever resync
+//! blocks one node still has marked for the other. Such bits exist when an online verify found
+//! blocks that differ: the verifying node marked them in its bitmap for the peer (the peer marked
+//! itself Outdated), and the operator reconnects to repair them. At that connection the node
+//! holding the bits becomes the source of a bitmap resync, so exactly those blocks flow, and the
+//! peer ends UpToDate again.
+//!
+//! Equal generations mean both nodes applied the same writes, so a bitmap resync between them
+//! in either direction only rewrites blocks that are equal or known damaged: when both hold bits
+//! (a secondary also marks the writes it applied lately when a peer drops), the side that is not
+//! Outdated sends; if neither is, nobody knows which copy is right and nothing moves.
+//!
+//! Both nodes evaluate this on the same inputs (each side's bitmap weight and disk state travel
+//! in `State`), so they agree on the direction without another round trip.
+
+use super::states::DiskState;
+use super::sync_decision::SyncDecision;
+
+/// One side of the connection, as both nodes see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitsHolder {
+    /// Set bits in this side's bitmap for the other side.
+    pub bits_for_other: u64,
+    pub disk: DiskState,
+    pub is_primary: bool,
+}
+
+impl BitsHolder {
+    /// May send a resync to `target`: good data, and never into a primary.
+    fn may_send_to(&self, target: &BitsHolder) -> bool {
+        self.bits_for_other > 0
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+            && !target.is_primary
+            && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
+    }
+}
+
+/// Turns an "in sync" decision into a bitmap resync when one side holds out-of-sync bits for the
+/// other and may be its source (see the module documentation). Any other decision stands.
+pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &BitsHolder) -> SyncDecision {
+    if decision != SyncDecision::InSync {
+        return decision;
+    }
+    match (me.may_send_to(peer), peer.may_send_to(me)) {
+        (true, false) => SyncDecision::BitmapSource,
+        (false, true) => SyncDecision::BitmapTarget,
+        _ => decision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn side(bits_for_other: u64, disk: DiskState) -> BitsHolder {
+        BitsHolder { bits_for_other, disk, is_primary: false }
+    }
+
+    #[test]
+    fn the_side_holding_bits_is_the_source() {
+        let (a, b) = (side(1, DiskState::UpToDate), side(0, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, &a), SyncDecision::BitmapTarget);
+    }
+
+    #[test]
+    fn with_bits_on_both_sides_the_outdated_one_is_the_target() {
+        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
+        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::UpToDate));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "nobody knows better");
+    }
+
+    #[test]
+    fn no_bits_stay_in_sync() {
+        let (a, b) = (side(0, DiskState::UpToDate), side(0, DiskState::Outdated));
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
+    }
+
+    #[test]
+    fn never_into_a_primary_nor_out_of_a_disk_without_good_data() {
+        let (a, mut b) = (side(8, DiskState::UpToDate), side(0, DiskState::UpToDate));
+        b.is_primary = true;
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
+        for disk in [DiskState::Inconsistent, DiskState::Outdated] {
+            let (a, b) = (side(8, disk), side(0, DiskState::UpToDate));
+            assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "{disk}");
+        }
+    }
+
+    #[test]
+    fn other_decisions_are_kept() {
+        let (a, b) = (side(8, DiskState::UpToDate), side(0, DiskState::UpToDate));
+        for d in [SyncDecision::FullTarget, SyncDecision::BitmapTarget, SyncDecision::SplitBrain] {
+            assert_eq!(resync_leftover_bits(d, &a, &b), d);
+        }
+    }
+
+    fn arb_side() -> impl Strategy<Value = BitsHolder> {
+        let disks = [DiskState::Inconsistent, DiskState::Outdated, DiskState::Consistent, DiskState::UpToDate];
+        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>())
+            .prop_map(|(bits_for_other, disk, is_primary)| BitsHolder { bits_for_other, disk, is_primary })
+    }
+
+    proptest! {
+        #[test]
+        fn both_sides_agree(a in arb_side(), b in arb_side()) {
+            let from_a = resync_leftover_bits(SyncDecision::InSync, &a, &b);
+            let from_b = resync_leftover_bits(SyncDecision::InSync, &b, &a);
+            prop_assert_eq!(from_a, from_b.mirrored());
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Online verify, invalidate, checksum-based resync and resync progress, with real daemons on
+//! 127.0.0.1: every test asserts bytes moved, states and errors.
+
+mod common;
+
+use common::{synced_pair, text, write_patterns, Cluster, Options};
+
+const MIB: u64 = 1 << 20;
+
+fn patterns() -> Vec<(u64, u64, u8)> {
+    vec![(0, MIB, 0x11), (5 * MIB, 64 << 10, 0x22), (17 * MIB, 256 << 10, 0x33), (59 * MIB, MIB, 0x44)]
+}
+
+/// The peer entry `node` shows for `peer`.
+fn peer_of(c: &Cluster, node: &str, peer: &str) -> serde_json::Value {
+    Cluster::peer(&c.status(node), peer).clone()
+}
+
+/// Asserts both replicas hold the same bytes.
+fn assert_replicas_equal(c: &Cluster) {
+    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    assert!(c.data_of("alpha", size) == c.data_of("beta", size), "the replicas differ\n{}", c.logs());
+}
+
+#[test]
+fn verify_reports_the_corrupted_block_and_a_reconnect_repairs_it() {
+    let c = synced_pair(Options::default());
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    let corrupted = 17 * MIB + 3 * 4096 + 100;
+    c.corrupt_byte("beta", corrupted);
+
+    let out = c.cli("beta", &["verify", "r0"]);
+    assert_eq!(out.status.code(), Some(11), "a secondary does not verify against its primary");
+    assert!(text(&out.stderr).contains("alpha is primary"), "{}", text(&out.stderr));
+
+    let started = c.ok("alpha", &["verify", "r0"]);
+    assert!(started.contains("with beta"), "{started}");
+    let s = c.wait_for("alpha", "verify finished", |s| Cluster::peer(s, "beta")["verify"]["state"] == "finished");
+    let beta = Cluster::peer(&s, "beta");
+    let verify = &beta["verify"];
+    assert_eq!(verify["checked_bytes"], s["size_bytes"]);
+    assert_eq!(verify["out_of_sync_found_bytes"], 4096);
+    assert_eq!(verify["first_out_of_sync"], serde_json::json!([{ "offset": 17 * MIB + 3 * 4096, "len": 4096 }]));
+    assert_eq!(beta["out_of_sync_bytes"], 4096);
+    assert_eq!(beta["peer_disk"], "Outdated", "a copy known to differ is never shown UpToDate");
+    assert_eq!(c.status("beta")["disk"], "Outdated");
+    assert!(text(&std::fs::read(c.run_dir().join("r0.alpha.log")).unwrap()).contains("disconnect r0"));
+    let human = c.ok("alpha", &["status", "r0"]);
+    assert!(human.contains("verify:finished") && human.contains(&format!("{}+4096", 17 * MIB + 3 * 4096)), "{human}");
+
+    // Verify repaired nothing. Between two secondaries a reconnect resyncs the block.
+    c.ok("alpha", &["secondary", "r0"]);
+    // The demotion's State reached beta before its final barrier did: being in sync with an
+    // UpToDate peer does not make a copy known to differ UpToDate.
+    assert_eq!(c.status("beta")["disk"], "Outdated");
+    let received = c.received("beta", "alpha");
+    c.ok("alpha", &["disconnect", "r0"]);
+    c.ok("alpha", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    // The union of both bitmaps moves: the marked block, and on beta's side the writes it
+    // applied lately (a secondary marks those for a peer that drops), never the whole device.
+    let moved = c.received("beta", "alpha") - received;
+    let written: u64 = patterns().iter().map(|(_, len, _)| len).sum();
+    assert!((4096..=written + 4096).contains(&moved), "the reconnect moved {moved} bytes");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+
+    // A second verify finds nothing.
+    c.ok("alpha", &["verify", "r0"]);
+    let s = c.wait_for("alpha", "verify finished", |s| Cluster::peer(s, "beta")["verify"]["state"] == "finished");
+    assert_eq!(Cluster::peer(&s, "beta")["verify"]["out_of_sync_found_bytes"], 0);
+    assert_eq!(c.status("beta")["disk"], "UpToDate");
+}
+
+#[test]
+fn verify_and_invalidate_are_refused_without_a_peer() {
+    let c = synced_pair(Options::default());
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    let out = c.cli("alpha", &["verify", "r0"]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(text(&out.stderr).contains("no peer to verify against"), "{}", text(&out.stderr));
+    let out = c.cli("alpha", &["invalidate", "r0"]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(text(&out.stderr).contains("Primary"), "{}", text(&out.stderr));
+    let out = c.cli("beta", &["invalidate", "r0"]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(text(&out.stderr).contains("no connected UpToDate peer"), "{}", text(&out.stderr));
+    assert_eq!(c.status("beta")["disk"], "UpToDate", "a refused invalidate changes nothing");
+}
+
+#[test]
+fn invalidate_resyncs_the_whole_device() {
+    let c = synced_pair(Options::default());
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    c.corrupt_byte("beta", 30 * MIB);
+    let received = c.received("beta", "alpha");
+    c.ok("beta", &["invalidate", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    assert_eq!(c.received("beta", "alpha") - received, size, "invalidate moves the whole device");
+    assert_replicas_equal(&c);
+}
+
+#[test]
+fn checksum_resync_sends_only_the_blocks_that_differ() {
+    let c = synced_pair(Options { extra: "csums_resync = true", ..Options::default() });
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    c.corrupt_byte("beta", 30 * MIB + 5);
+    let sent = |c: &Cluster| peer_of(c, "alpha", "beta")["sent_bytes"].as_u64().unwrap();
+    let (received, sent_before) = (c.received("beta", "alpha"), sent(&c));
+    c.ok("beta", &["invalidate", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    let digests = size / 4096 * 32;
+    let moved = c.received("beta", "alpha") - received;
+    assert_eq!(moved, digests + 4096, "a digest per block, data for the one block that differs (device {size} bytes)");
+    assert_eq!(sent(&c) - sent_before, moved, "both ends count the same bytes");
+    assert_replicas_equal(&c);
+}
+
+/// Two fresh nodes declared in sync without a copy, alpha Primary: tests that need a slow
+/// resync do not wait for a slow initial one.
+fn fresh_pair(options: Options) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], options);
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.ok("alpha", &["primary", "r0"]);
+    c
+}
+
+#[test]
+fn an_invalidated_node_killed_midway_resyncs_after_restart() {
+    let c = fresh_pair(Options { extra: "resync_rate_max_kib = 4096\nresync_rate_min_kib = 4096", ..Options::default() });
+    write_patterns(&c.nbd_url("alpha"), &patterns());
+    c.ok("beta", &["invalidate", "r0"]);
+    c.wait_for("beta", "resync started", |s| Cluster::peer(s, "alpha")["replication"] == "SyncTarget");
+    c.kill("beta");
+    c.ok("beta", &["up", "r0"]);
+    assert_eq!(c.status("beta")["disk"], "Inconsistent", "the invalidation survived the crash");
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    assert_eq!(c.received("beta", "alpha"), size, "after the restart the whole device is resynced again");
+    assert_replicas_equal(&c);
+}
+
+#[test]
+fn resync_progress_never_runs_backwards_and_no_copy_shows_up_to_date_while_out_of_sync() {
+    let c = fresh_pair(Options { extra: "resync_rate_max_kib = 2048\nresync_rate_min_kib = 1024", ..Options::default() });
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    write_patterns(&c.nbd_url("alpha"), &[(0, 8 * MIB, 0x51)]);
+    c.ok("beta", &["connect", "r0"]);
+    // The application keeps writing while the resync runs: into blocks not resynced yet and
+    // elsewhere.
+    let url = c.nbd_url("alpha");
+    let writer = std::thread::spawn(move || {
+        for (i, offset) in [6 * MIB, 40 * MIB, 2 * MIB, 50 * MIB].into_iter().enumerate() {
+            write_patterns(&url, &[(offset, MIB, 0x60 + i as u8)]);
+        }
+    });
+    let mut last_percent = [0.0f64; 2];
+    let mut samples = 0;
+    loop {
+        let statuses = [c.status("alpha"), c.status("beta")];
+        for (i, status) in statuses.iter().enumerate() {
+            for peer in status["peers"].as_array().unwrap() {
+                let out_of_sync = peer["out_of_sync_bytes"].as_u64().unwrap();
+                assert!(
+                    out_of_sync == 0 || status["disk"] != "UpToDate" || peer["peer_disk"] != "UpToDate",
+                    "both copies shown UpToDate with {out_of_sync} bytes out of sync: {status:#}"
+                );
+                if let Some(percent) = peer["resync"]["done_percent"].as_f64() {
+                    assert!(percent >= last_percent[i], "progress ran backwards: {percent} after {}", last_percent[i]);
+                    last_percent[i] = percent;
+                    samples += 1;
+                }
+            }
+        }
+        let beta_peer = Cluster::peer(&statuses[0], "beta");
+        if writer.is_finished() && beta_peer["replication"] == "Established" && statuses[1]["disk"] == "UpToDate" {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    assert!(samples > 2, "the resync was never seen running");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+}
+
+/// Stops (or resumes) a daemon: a peer that neither reads nor answers, as on a saturated link.
+fn signal(c: &Cluster, node: &str, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &c.pid(node).to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn pull_ahead_keeps_writes_completing_while_the_peer_is_stuck_then_resyncs() {
+    let extra = "on_congestion = \"pull-ahead\"\ncongestion_fill_kib = 1024";
+    let c = fresh_pair(Options { protocol: "A", extra, ..Options::default() });
+    let data = [(0, 40 * MIB, 0x7a), (50 * MIB, 4 * MIB, 0x7b)];
+    signal(&c, "beta", "-STOP");
+    // Under `block` these writes would wait for beta once the 8 MiB send queue is full.
+    write_patterns(&c.nbd_url("alpha"), &data);
+    let alpha = c.status("alpha");
+    signal(&c, "beta", "-CONT");
+    let beta = Cluster::peer(&alpha, "beta");
+    assert_eq!(beta["replication"], "Ahead", "{alpha:#}");
+    assert_eq!(beta["connection"], "Connected");
+    assert!(beta["out_of_sync_bytes"].as_u64().unwrap() > 0);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert!(std::fs::read_to_string(c.run_dir().join("r0.alpha.log")).unwrap().contains("Ahead of beta"));
+    assert_replicas_equal(&c);
+}
