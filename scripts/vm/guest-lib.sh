@@ -64,13 +64,14 @@ replicated_pair() {
   local r=$1
   netns_pair || die "cannot create the network namespaces"
   resource "$r" "alpha 10.99.0.1:7789 beta 10.99.0.2:7789"
-  bl alpha create-md "$r" >/dev/null && bl beta create-md "$r" >/dev/null || return 1
-  ip netns exec nsA "$BIN" --node alpha up "$r" >/dev/null && ip netns exec nsB "$BIN" --node beta up "$r" >/dev/null || return 1
-  wait_for alpha "$r" '.peers[0].connection == "Connected"' || return 1
+  bl alpha create-md "$r" >/dev/null && bl beta create-md "$r" >/dev/null || die "create-md failed for $r"
+  ip netns exec nsA "$BIN" --node alpha up "$r" >/dev/null && ip netns exec nsB "$BIN" --node beta up "$r" >/dev/null ||
+    die "up failed for $r"
+  wait_for alpha "$r" '.peers[0].connection == "Connected"'
   # Two fresh disks: declared in sync without copying them.
-  bl alpha new-current-uuid --clear-bitmap "$r" >/dev/null || return 1
-  wait_for beta "$r" '.disk == "UpToDate"' && wait_for alpha "$r" '.disk == "UpToDate"' || return 1
-  bl alpha primary "$r" >/dev/null || return 1
+  bl alpha new-current-uuid --clear-bitmap "$r" >/dev/null || die "new-current-uuid failed"
+  wait_for beta "$r" '.disk == "UpToDate"' && wait_for alpha "$r" '.disk == "UpToDate"'
+  bl alpha primary "$r" >/dev/null || die "alpha refused promotion: $(status alpha "$r")"
   DEV=$(field alpha "$r" .device)
   [ -b "$DEV" ] || die "alpha's device $DEV is not a block device"
 }

@@ -443,9 +443,10 @@ impl Engine {
 
     /// After a restart: a ublk device the previous daemon left behind when it died as primary
     /// (its I/O held by the kernel) is re-attached as soon as this node may be primary again
-    /// under the usual rules, so a filesystem mounted on it carries on. If another node became
-    /// primary, or this node takes newer data from a peer, it is attached failing every request
-    /// instead: a filesystem that survived on it must never see the data change under it.
+    /// under the usual rules (after a resync from a peer of the same generation, if the peer
+    /// decides so), so a filesystem mounted on it carries on. If another node became primary,
+    /// or this node takes data of a newer generation from a peer, it is attached failing every
+    /// request instead: a filesystem that survived on it must never see its data change under it.
     pub fn resume_export(&self) {
         let Frontend::Ublk(settings) = &self.shared.me.frontend else { return };
         let Some(id) = self.ublk_plan(settings).left_behind() else { return };
@@ -471,7 +472,13 @@ impl Engine {
                 if st.left_behind.is_none() || st.stopping {
                     return;
                 }
-                if st.disk == DiskState::Inconsistent || st.sb.uuids.current != generation {
+                // A resync from a peer of the same generation only brings back what this node
+                // may have lost (its activity-log extents), and the requests the filesystem
+                // still waits for are re-issued after it: the device may come back. A peer of
+                // another generation wrote while this daemon was down.
+                let same = |uuid: u64| crate::core::sync_decision::same_uuid(uuid, generation);
+                let newer = st.peers.iter().any(|p| p.repl == ReplState::SyncTarget && !p.last_state.is_some_and(|s| same(s.current_uuid)));
+                if newer || !same(st.sb.uuids.current) {
                     drop(st);
                     return self.give_up_left_behind("this node is taking newer data from a peer (another node was primary while this daemon was down)");
                 }
