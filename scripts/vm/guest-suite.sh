@@ -89,7 +89,7 @@ t_restart() {
   : > "$WORK/r2.before.sums"
   write_files $mnt/before 8 "$WORK/r2.before.sums" && sync || return 1
   # Writers: fio (writes then verifies what it wrote) and files fsync'ed one by one.
-  fio --name=restart --filename=$mnt/restart.dat --rw=randwrite --bs=4k --size=24M --iodepth=8 --do_verify=1 \
+  fio --name=restart --filename=$mnt/restart.dat --rw=randwrite --bs=4k --size=24M --iodepth=8 --do_verify=1 --verify_state_save=0 \
       --verify_fatal=1 "${FIO_COMMON[@]}" > "$WORK/restart.fio" 2>&1 &
   local fio_pid=$!
   ( mkdir -p $mnt/during; for i in $(seq 1 30); do
