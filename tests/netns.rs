@@ -10,23 +10,7 @@ const MIB: u64 = 1 << 20;
 
 /// alpha Primary, beta UpToDate, witness `tie`; each in its own namespace.
 fn trio(extra: &'static str) -> Option<Cluster> {
-    if !netns::usable() {
-        return None;
-    }
-    let options = Options { quorum: "majority", witnesses: &["tie"], netns: true, disk_mib: 128, extra, ..Options::default() };
-    let c = Cluster::new(&["alpha", "beta", "tie"], options);
-    c.create_md_and_up();
-    c.wait_for("alpha", "peers", |s| {
-        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
-    });
-    c.ok("alpha", &["primary", "--force", "r0"]);
-    c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
-    Some(c)
-}
-
-fn received(c: &Cluster, node: &str, from: &str) -> u64 {
-    Cluster::peer(&c.status(node), from)["received_bytes"].as_u64().unwrap()
+    netns::usable().then(|| Cluster::witness_trio(Options { netns: true, disk_mib: 128, extra, ..Options::default() }))
 }
 
 #[test]
@@ -100,7 +84,7 @@ fn witness_down_secondary_reboot_and_primary_crash_resync_only_what_differs() {
     c.write("alpha", &[(8 * MIB, 2 * MIB, 0x32)]);
     c.ok("beta", &["up", "r0"]);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    let moved = received(&c, "beta", "alpha");
+    let moved = c.received("beta", "alpha");
     assert!((2 * MIB..3 * MIB).contains(&moved), "secondary reboot moved {moved} bytes for 2 MiB written");
 
     // Primary crash: beta takes over; alpha returns and resyncs only its activity log's hot
@@ -112,7 +96,7 @@ fn witness_down_secondary_reboot_and_primary_crash_resync_only_what_differs() {
     c.write("beta", &[(100 * MIB, MIB, 0x34)]);
     c.ok("alpha", &["up", "r0"]);
     c.wait_peer("beta", "alpha", "Established", "UpToDate");
-    let moved = received(&c, "alpha", "beta");
+    let moved = c.received("alpha", "beta");
     assert!(moved >= MIB && moved <= MIB + 4 * 4 * MIB, "crashed primary resynced {moved} bytes");
     let (ok, out) = c.check("beta", &[(0, MIB, 0x31), (8 * MIB, 2 * MIB, 0x32), (60 * MIB, 4096, 0x33), (100 * MIB, MIB, 0x34)]);
     assert!(ok, "{out}");

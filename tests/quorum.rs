@@ -11,15 +11,7 @@ const MIB: u64 = 1 << 20;
 /// alpha and beta hold data, `tie` is a diskless witness; quorum majority; alpha Primary and
 /// beta UpToDate.
 fn trio(extra: &'static str) -> Cluster {
-    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], extra, ..Options::default() });
-    c.create_md_and_up();
-    c.wait_for("alpha", "peers", |s| {
-        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
-    });
-    c.ok("alpha", &["primary", "--force", "r0"]);
-    c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
-    c
+    Cluster::witness_trio(Options { extra, ..Options::default() })
 }
 
 fn stderr(out: &Output) -> String {
@@ -168,9 +160,6 @@ fn split_brain(extra: &'static str, alpha_bytes: u64) -> Cluster {
     c
 }
 
-fn received(c: &Cluster, node: &str, from: &str) -> u64 {
-    Cluster::peer(&c.status(node), from)["received_bytes"].as_u64().unwrap()
-}
 
 /// After the resync the victim holds the survivor's data everywhere, and only the blocks both
 /// sides changed moved (not the whole device).
@@ -179,14 +168,14 @@ fn assert_resynced(c: &Cluster, survivor: &str, victim: &str, received_before: u
     c.wait_for(victim, "UpToDate", |s| s["disk"] == "UpToDate");
     let size = c.status(survivor)["size_bytes"].as_u64().unwrap();
     assert!(c.data_of(survivor, size) == c.data_of(victim, size), "{victim} differs from {survivor} after the resync");
-    let moved = received(c, victim, survivor) - received_before;
+    let moved = c.received(victim, survivor) - received_before;
     assert!((changed..changed + MIB).contains(&moved), "moved {moved} bytes for {changed} changed");
 }
 
 #[test]
 fn a_split_brain_is_resolved_by_the_discard_least_changes_policy() {
     let c = split_brain("after_sb_0pri = \"discard-least-changes\"", 2 * MIB);
-    let before = received(&c, "beta", "alpha");
+    let before = c.received("beta", "alpha");
     c.ok("alpha", &["connect", "r0"]);
     c.ok("beta", &["connect", "r0"]);
     // beta changed 64 KiB, alpha 2 MiB: beta is the victim; both sides' changes flow to it.
@@ -197,7 +186,7 @@ fn a_split_brain_is_resolved_by_the_discard_least_changes_policy() {
 #[test]
 fn a_split_brain_waits_for_the_operator_and_discard_my_data_resyncs_both_bitmaps() {
     let c = split_brain("", MIB);
-    let before = received(&c, "alpha", "beta");
+    let before = c.received("alpha", "beta");
     c.ok("alpha", &["connect", "r0"]);
     c.ok("beta", &["connect", "r0"]);
     let alpha = c.wait_for("alpha", "split brain refused", |s| Cluster::peer(s, "beta")["connection"] == "StandAlone");
@@ -249,7 +238,7 @@ fn five_nodes_a_secondary_keeps_the_bitmap_for_a_peer_the_dead_primary_left_behi
     // alpha's new generation before noticing, it is a full sync: a known gap, see DESIGN.md.)
     c.ok("gamma", &["up", "r0"]);
     c.wait_peer("beta", "gamma", "Established", "UpToDate");
-    assert!(received(&c, "gamma", "beta") >= 3 * MIB, "gamma did not receive what it missed");
+    assert!(c.received("gamma", "beta") >= 3 * MIB, "gamma did not receive what it missed");
     // alpha returns after its crash as primary and follows beta.
     c.ok("alpha", &["up", "r0"]);
     c.wait_peer("beta", "alpha", "Established", "UpToDate");

@@ -245,6 +245,20 @@ impl Cluster {
         Cluster::peer(&self.status(node), peer)["received_bytes"].as_u64().unwrap()
     }
 
+    /// Data nodes alpha and beta and the witness `tie` under quorum "majority" (plus `options`),
+    /// up, with alpha Primary and beta UpToDate after the initial sync.
+    pub fn witness_trio(options: Options) -> Cluster {
+        let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..options });
+        c.create_md_and_up();
+        c.wait_for("alpha", "peers", |s| {
+            Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
+        });
+        c.ok("alpha", &["primary", "--force", "r0"]);
+        c.wait_peer("alpha", "beta", "Established", "UpToDate");
+        c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+        c
+    }
+
     /// Replaces `from` with `to` in the resource file (for `adjust`).
     pub fn edit_config(&self, from: &str, to: &str) {
         let path = self.config_dir().join("r0.toml");
