@@ -6,15 +6,12 @@
 # Status at each step. The device is /dev/ublkbN when the kernel has ublk (/dev/ublk-control;
 # `modprobe ublk_drv`), an NBD export otherwise.
 #
-#   scripts/demo.sh            (as root; installs qemu-utils if missing)
+#   scripts/demo.sh            (as root; installs what it needs first: scripts/setup.sh demo)
 #   DEMO_DIR=/some/dir scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v qemu-io >/dev/null; then
-  echo "== installing qemu-utils (NBD clients qemu-io, qemu-img)"
-  DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-utils
-fi
+scripts/setup.sh demo
 echo "== building"
 cargo build --release --bins -q
 BIN=$PWD/target/release/blkrepl

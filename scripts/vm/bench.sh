@@ -10,5 +10,6 @@ cd "$(dirname "$0")/../.."
 kernel=6.12
 while getopts "k:" o; do case $o in k) kernel=$OPTARG;; *) sed -n 2,8p "$0"; exit 2;; esac; done
 shift $((OPTIND - 1))
+scripts/setup.sh vm
 cargo build --release --bins
 scripts/vm/run-guest.sh -k "$kernel" -m 3G -t 1200 scripts/vm/guest-bench.sh "$PWD" "${1:-10}"

@@ -18,7 +18,7 @@
 # thrown away at poweroff except under /shared. Modules of KVER are at /lib/modules/KVER.
 # The exit code of GUEST_SCRIPT becomes this script's exit code (125: the VM died or timed out).
 #
-# Host packages: qemu-system-x86 busybox-static cpio kmod xz-utils (apt-get install -y ...).
+# Host packages: installed first if missing (scripts/setup.sh vm).
 # KVM on these machines is PVM and cannot run a stock kernel, so qemu runs under TCG (software
 # emulation): boot to the guest script takes about 8 s; I/O figures inside are only relative.
 set -euo pipefail
@@ -30,34 +30,16 @@ while getopts "k:s:t:m:c:p" o; do case $o in
   *) sed -n 2,26p "$0"; exit 2;; esac; done
 shift $((OPTIND-1))
 [ $# -ge 1 ] || [ -n "$PRINT" ] || { sed -n 2,26p "$0"; exit 2; }
-for b in qemu-system-x86_64 busybox cpio depmod modprobe xz; do
-  command -v $b >/dev/null || {
-    echo "missing $b: apt-get install -y qemu-system-x86 busybox-static cpio kmod xz-utils" >&2; exit 2; }
-done
+"$(dirname "$0")/../setup.sh" vm >&2
 
-APTD=$CACHE/apt
-aptopts() { echo "-o Dir::Etc::SourceList=$APTD/etc/sources.list -o Dir::Etc::SourceParts=/nonexistent \
- -o Dir::State::Lists=$APTD/lists -o Dir::Cache=$APTD/cache -o Dir::State::status=$APTD/status -o APT::Sandbox::User=root"; }
-
-# A private apt configuration (the host's /etc/apt is not touched) over the host's own Debian mirror.
-apt_ready() {
-  [ -n "$(ls $APTD/lists/*Packages* 2>/dev/null)" ] && return 0
-  local mirror
-  mirror=$(grep -h -m1 -oE '^URIs: *[^ ]+/debian$' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -1 | awk '{print $2}')
-  [ -n "$mirror" ] || mirror=$(grep -h -m1 -oE '^deb +[^ ]+/debian ' /etc/apt/sources.list 2>/dev/null | head -1 | awk '{print $2}')
-  [ -n "$mirror" ] || { echo "run-guest: cannot find the Debian mirror in /etc/apt" >&2; exit 2; }
-  mkdir -p $APTD/lists/partial $APTD/cache/archives/partial $APTD/etc
-  touch $APTD/status
-  printf 'deb %s %s main\n' "$mirror" bookworm-backports "$mirror" trixie-backports > $APTD/etc/sources.list
-  apt-get $(aptopts) update -q >&2
-}
+. "$(dirname "$0")/../lib/backports-apt.sh"
 
 # A series (6.12, 7) stands for its newest kernel: 6.x kernels are packaged as
 # linux-image-KVER-unsigned, 7.x ones as linux-binary-KVER.
 case ${KVER:-6.12} in
   *-amd64) ;;
-  *) series=${KVER:-6.12}; apt_ready
-     KVER=$(apt-cache $(aptopts) search --names-only "^linux-(image|binary)-${series//./\\.}\\.[0-9.]+\\+deb[0-9]+-amd64(-unsigned)?\$" |
+  *) series=${KVER:-6.12}
+     KVER=$(backports_apt apt-cache search --names-only "^linux-(image|binary)-${series//./\\.}\\.[0-9.]+\\+deb[0-9]+-amd64(-unsigned)?\$" |
             awk '{print $1}' | sed -E 's/^linux-(image|binary)-//; s/-unsigned$//' | sort -V | tail -1)
      [ -n "$KVER" ] || { echo "run-guest: no $series kernel found in bookworm/trixie-backports" >&2; exit 2; };;
 esac
@@ -66,16 +48,15 @@ GUEST_SCRIPT=$(readlink -f "$1"); shift
 
 KDIR=$CACHE/kernels/$KVER
 fetch_kernel() {
-  apt_ready
   local pk=() d f
-  if apt-cache $(aptopts) show linux-image-$KVER-unsigned >/dev/null 2>&1; then
+  if backports_apt apt-cache show linux-image-$KVER-unsigned >/dev/null 2>&1; then
     pk=(linux-image-$KVER-unsigned)                                   # 6.x packaging
   else
     pk=(linux-binary-$KVER linux-modules-$KVER linux-base-$KVER)       # 7.x packaging
   fi
   rm -rf $KDIR.tmp; mkdir -p $KDIR.tmp
   d=$(mktemp -d $CACHE/dl.XXXX)
-  (cd $d && apt-get $(aptopts) download "${pk[@]}" >&2)
+  (cd $d && backports_apt apt-get download "${pk[@]}" >&2)
   for f in $d/*.deb; do dpkg-deb -x $f $KDIR.tmp; done
   rm -rf $d
   mv $KDIR.tmp $KDIR

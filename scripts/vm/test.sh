@@ -6,7 +6,7 @@
 #
 # Default kernels: the newest 6.12 of bookworm-backports and the newest 7.x of trixie-backports
 # (zero copy and the other 7.x features are probed and reported). Subtests: see guest-suite.sh.
-# Host packages: qemu-system-x86 busybox-static cpio kmod xz-utils fio e2fsprogs iproute2 jq.
+# Installs the host packages it needs first (scripts/setup.sh vm).
 # Exits 1 if any subtest failed on any kernel.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,10 +14,7 @@ kernels=()
 while getopts "k:" o; do case $o in k) kernels+=("$OPTARG");; *) sed -n 2,11p "$0"; exit 2;; esac; done
 shift $((OPTIND - 1))
 [ ${#kernels[@]} -gt 0 ] || kernels=(6.12 7)
-for tool in fio mkfs.ext4 e2fsck ip jq; do
-  command -v $tool >/dev/null || {
-    echo "missing $tool: apt-get install -y fio e2fsprogs iproute2 jq" >&2; exit 2; }
-done
+scripts/setup.sh vm
 
 cargo build --release --bins
 crate_tests=$(cargo test --release -p blkrepl-ublk --test kernel --no-run --message-format=json 2>/dev/null |

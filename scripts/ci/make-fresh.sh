@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Puts this machine back into a state a fresh machine can be in, so that the entry points run
+# after it prove they install what they need (scripts/setup.sh) instead of relying on what an
+# earlier run left behind. .ci/run uses it; it changes the machine's packages, so it runs only
+# under CI=true or with --yes.
+#
+#   scripts/ci/make-fresh.sh [--yes] missing      remove libclang-dev, qemu-system-x86, qemu-utils
+#                                                 and the other packages the entry points install
+#   scripts/ci/make-fresh.sh [--yes] other-qemu   remove qemu-system-x86 and put in a qemu-utils of
+#                                                 another upload than the apt sources' qemu-system-x86
+#                                                 (bookworm-backports', as seen on fresh images)
+#
+# Nothing is removed that other installed packages depend on: apt's plan is checked first and a
+# removal that would take anything else along is refused.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+yes=""
+[ "${1:-}" != --yes ] || { yes=1; shift; }
+[ $# = 1 ] || { sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+if [ "${CI:-}" != true ] && [ -z "$yes" ]; then
+  echo "make-fresh: this removes packages from the machine; run it under CI=true or with --yes" >&2
+  exit 2
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+installed() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed; }
+
+# Purges the installed ones of the named packages, and nothing else.
+remove() {
+  local present=() p plan extra
+  for p in "$@"; do installed "$p" && present+=("$p"); done
+  [ ${#present[@]} -gt 0 ] || return 0
+  plan=$(apt-get -s purge "${present[@]}" | awk '/^Purg /{print $2}')
+  extra=$(comm -23 <(sort <<<"$plan") <(printf '%s\n' "${present[@]}" | sort))
+  if [ -n "$extra" ]; then
+    echo "make-fresh: removing ${present[*]} would also remove: $(echo $extra); refused" >&2
+    exit 1
+  fi
+  echo "make-fresh: removing ${present[*]}"
+  apt-get purge -y -q "${present[@]}" >/dev/null
+}
+
+QEMU_SYSTEM=(qemu-system-x86 qemu-system-gui qemu-system-common qemu-system-data qemu-block-extra)
+LIBCLANG=(libclang-dev libclang-14-dev libclang-common-14-dev libclang1-14)
+
+case $1 in
+  missing)
+    remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0
+    ;;
+  other-qemu)
+    remove "${QEMU_SYSTEM[@]}"
+    . scripts/lib/backports-apt.sh
+    sources=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
+    other=$(backports_apt apt-cache policy qemu-utils | sed -n 's/^ *Candidate: //p')
+    if [ -z "$other" ] || [ "$other" = "(none)" ] || [ "$other" = "$sources" ]; then
+      echo "make-fresh: bookworm-backports has no qemu-utils of another version than $sources" >&2
+      exit 1
+    fi
+    if [ "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" != "$other" ]; then
+      d=$(mktemp -d)
+      (cd "$d" && backports_apt apt-get download -q qemu-utils >/dev/null)
+      apt-get update -q >/dev/null
+      echo "make-fresh: installing qemu-utils $other from bookworm-backports (the sources' qemu-system-x86 is $sources)"
+      apt-get install -y -q --no-install-recommends --allow-downgrades "$d"/qemu-utils_*.deb >/dev/null
+      rm -rf "$d"
+    fi
+    ;;
+  *) sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
