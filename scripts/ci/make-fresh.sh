@@ -51,14 +51,15 @@ case $1 in
     remove "${QEMU_SYSTEM[@]}"
     . scripts/lib/backports-apt.sh
     sources=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
-    other=$(backports_apt apt-cache policy qemu-utils | sed -n 's/^ *Candidate: //p')
-    if [ -z "$other" ] || [ "$other" = "(none)" ] || [ "$other" = "$sources" ]; then
+    # bookworm-backports' (trixie-backports' needs trixie's libraries).
+    other=$(backports_apt apt-cache madison qemu-utils | awk -F' *[|] *' '$3 ~ / bookworm-backports\// { print $2; exit }')
+    if [ -z "$other" ] || [ "$other" = "$sources" ]; then
       echo "make-fresh: bookworm-backports has no qemu-utils of another version than $sources" >&2
       exit 1
     fi
     if [ "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" != "$other" ]; then
       d=$(mktemp -d)
-      (cd "$d" && backports_apt apt-get download -q qemu-utils >/dev/null)
+      (cd "$d" && backports_apt apt-get download -q "qemu-utils=$other" >/dev/null)
       apt-get update -q >/dev/null
       echo "make-fresh: installing qemu-utils $other from bookworm-backports (the sources' qemu-system-x86 is $sources)"
       apt-get install -y -q --no-install-recommends --allow-downgrades "$d"/qemu-utils_*.deb >/dev/null
