@@ -7,6 +7,7 @@ use serde::Deserialize;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Write-completion protocol (see docs/DESIGN.md): when a write is acknowledged upward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -35,7 +36,7 @@ impl fmt::Display for Protocol {
     }
 }
 
-pub use crate::core::quorum::{OnNoQuorum, QuorumPolicy};
+pub use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 pub use crate::core::split_brain::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, SplitBrainPolicies};
 
 /// How a node exports the replicated device while it is primary.
@@ -123,7 +124,22 @@ pub struct ResourceConfig {
     /// Send block digests first and data only where they differ.
     pub csums_resync: bool,
     pub on_congestion: OnCongestion,
+    /// What a primary that lost quorum does once it learns another node was promoted.
+    pub on_superseded: OnSuperseded,
+    pub timing: LinkTiming,
     pub nodes: Vec<NodeConfig>,
+}
+
+/// The `on_suspended_primary_outdated` setting (DRBD 9's name): what a primary without quorum
+/// does once a connected node reports that another node was promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnSuperseded {
+    /// Fail what it holds, become Secondary and Outdated, drop the export, and resync from the
+    /// new primary: a healed partition needs no operator.
+    ForceSecondary,
+    /// Fail what it holds and stay primary, refusing to connect to the new primary, until an
+    /// operator demotes it.
+    Disconnect,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +177,9 @@ struct RawResource {
     csums_resync: bool,
     on_congestion: Option<String>,
     congestion_fill_kib: Option<u64>,
+    on_suspended_primary_outdated: Option<String>,
+    ping_interval_ms: Option<u64>,
+    ping_timeout_ms: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -360,6 +379,18 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         ));
     }
     let on_congestion = on_congestion(path, protocol, raw.on_congestion.as_deref(), raw.congestion_fill_kib)?;
+    let on_superseded = match raw.on_suspended_primary_outdated.as_deref() {
+        None | Some("force-secondary") => OnSuperseded::ForceSecondary,
+        Some("disconnect") => OnSuperseded::Disconnect,
+        Some(other) => {
+            return Err(invalid(
+                path,
+                "on_suspended_primary_outdated",
+                format!("\"{other}\" is not \"force-secondary\" or \"disconnect\""),
+            ))
+        }
+    };
+    let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms)?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -449,8 +480,32 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         resync_rate_min_kib,
         csums_resync: raw.csums_resync,
         on_congestion,
+        on_superseded,
+        timing,
         nodes,
     })
+}
+
+/// `ping_interval_ms` and `ping_timeout_ms`: the timeout must span enough pings for the quorum
+/// lease (half the timeout) to outlive one late answer; see `LinkTiming::lease`.
+fn link_timing(path: &Path, interval_ms: Option<u64>, timeout_ms: Option<u64>) -> Result<LinkTiming, ConfigError> {
+    const MIN_INTERVAL_MS: u64 = 50;
+    const MAX_TIMEOUT_MS: u64 = 600_000;
+    let default = LinkTiming::DEFAULT;
+    let interval = interval_ms.unwrap_or(default.ping_interval.as_millis() as u64);
+    if interval < MIN_INTERVAL_MS {
+        return Err(invalid(path, "ping_interval_ms", format!("{interval} is below the minimum of {MIN_INTERVAL_MS}")));
+    }
+    let per = u64::from(LinkTiming::TIMEOUT_PER_INTERVAL);
+    let timeout = timeout_ms.unwrap_or((default.ping_timeout.as_millis() as u64).max(interval * per));
+    if timeout < interval * per || timeout > MAX_TIMEOUT_MS {
+        return Err(invalid(
+            path,
+            "ping_timeout_ms",
+            format!("{timeout} must lie between {per} x ping_interval_ms ({}) and {MAX_TIMEOUT_MS}", interval * per),
+        ));
+    }
+    Ok(LinkTiming { ping_interval: Duration::from_millis(interval), ping_timeout: Duration::from_millis(timeout) })
 }
 
 /// The `frontend` key's values.

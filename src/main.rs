@@ -345,6 +345,9 @@ fn format_status(s: &ResourceStatus) -> String {
     if let Some(io) = s.device_io.as_deref().filter(|io| *io != "serving") {
         out += &format!("  device-io: {io}\n");
     }
+    if let Some(why) = &s.stepped_down {
+        out += &format!("  stepped-down: {why}\n");
+    }
     for p in &s.peers {
         out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
         if p.witness {

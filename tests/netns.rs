@@ -14,57 +14,76 @@ fn trio(extra: &'static str) -> Option<Cluster> {
 }
 
 #[test]
-fn a_partitioned_primary_stops_the_majority_promotes_and_nothing_acknowledged_is_lost() {
-    let Some(c) = trio("after_sb_1pri = \"discard-secondary\"") else { return };
+fn a_partitioned_primary_stops_the_majority_promotes_and_the_heal_needs_no_operator() {
+    let Some(c) = trio("") else { return };
     let before = vec![(0, MIB, 0x11), (20 * MIB, 256 << 10, 0x12)];
     c.write("alpha", &before);
+    let generation_before = c.status("alpha")["generation_uuid"].as_str().unwrap().to_owned();
 
     c.isolate("alpha");
-    // A client keeps writing on the isolated primary: it must not be acknowledged.
-    let ns = c.ns("alpha").unwrap();
-    let url = c.nbd_url("alpha");
-    let writer = std::thread::spawn(move || {
-        let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-t", "writeback", &url])
-            .args(["-c", "write -P 0x66 0 1M", "-c", "flush"])
-            .output()
-            .unwrap();
-        (out.status.success(), format!("{}{}", common::text(&out.stdout), common::text(&out.stderr)))
-    });
+    // Clients keep writing on the isolated primary: nothing may be acknowledged. The first write
+    // may start while alpha's lease still holds (it then reaches alpha's disk only); the second
+    // starts once quorum is lost and must not reach any disk.
+    let writer = |command: &str| {
+        let (ns, url, command) = (c.ns("alpha").unwrap(), c.nbd_url("alpha"), command.to_owned());
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-t", "writeback", &url])
+                .args(["-c", &command, "-c", "flush"])
+                .output()
+                .unwrap();
+            (out.status.success(), format!("{}{}", common::text(&out.stdout), common::text(&out.stderr)))
+        })
+    };
+    let early = writer("write -P 0x66 0 1M");
     c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    let late = writer("write -P 0x67 2M 1M");
+    c.wait_for("alpha", "both writes held", |s| s["suspended_writes"].as_u64() >= Some(2));
     c.wait_for("beta", "may promote", |s| s["may_promote"] == true);
     c.ok("beta", &["primary", "r0"]);
     let after = vec![(40 * MIB, MIB, 0x22)];
     c.write("beta", &after);
     let alpha = c.status("alpha");
-    assert!(!writer.is_finished(), "the isolated primary acknowledged a write");
+    assert!(!early.is_finished() && !late.is_finished(), "the isolated primary acknowledged a write");
     assert_eq!((alpha["role"].as_str(), alpha["quorum"].as_bool()), (Some("Primary"), Some(false)));
+    // Without quorum it started no generation of its own: the new primary's history holds its.
+    assert_eq!(alpha["generation_uuid"].as_str(), Some(generation_before.as_str()), "a new generation without quorum");
+    let held_block = c.data_of("alpha", 3 * MIB).split_off(2 * MIB as usize);
+    assert!(held_block.iter().all(|b| *b == 0), "a write held without quorum reached the isolated primary's disk");
 
-    // Heal: alpha sees beta as primary (directly or through the witness); the split brain
-    // between the two primaries is reported, not merged, and the write alpha held can never be
-    // acknowledged: it fails.
+    // Heal: alpha learns (directly or through the witness) that beta was promoted. It fails the
+    // write it held, steps down to Secondary by itself and resyncs from beta: no split brain,
+    // no operator command.
     c.heal("alpha");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !writer.is_finished() {
-        assert!(std::time::Instant::now() < deadline, "the old primary still holds its write after the heal\n{}", c.logs());
+    while !(early.is_finished() && late.is_finished()) {
+        assert!(std::time::Instant::now() < deadline, "the old primary still holds writes after the heal\n{}", c.logs());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let (ok, out) = writer.join().unwrap();
-    assert!(!ok, "the old primary acknowledged a write after the heal: {out}");
-    c.wait_for("alpha", "split brain reported", |s| {
-        Cluster::peer(s, "beta")["last_error"].as_str().is_some_and(|e| e.contains("split brain"))
-    });
-    c.ok("alpha", &["secondary", "r0"]);
-    // Both sides went StandAlone at the split brain; the operator reconnects them, and
-    // after_sb_1pri = discard-secondary drops alpha's unacknowledged change.
-    c.ok("beta", &["connect", "r0"]);
-    c.ok("alpha", &["connect", "r0"]);
+    for w in [early, late] {
+        let (ok, out) = w.join().unwrap();
+        assert!(!ok, "the old primary acknowledged a write after the heal: {out}");
+    }
+    let alpha = c.wait_for("alpha", "stepped down", |s| s["role"] == "Secondary");
+    assert!(alpha["stepped_down"].as_str().is_some_and(|why| why.contains("beta")), "status says why: {alpha}");
     c.wait_peer("beta", "alpha", "Established", "UpToDate");
     c.wait_for("alpha", "resynced", |s| s["disk"] == "UpToDate");
+    let beta = c.status("beta");
+    assert_eq!(beta["role"], "Primary", "{}", c.logs());
+    assert!(beta["peers"].as_array().unwrap().iter().all(|p| p["last_error"].as_str().is_none_or(|e| !e.contains("split brain"))), "{beta}");
+    // beta kept serving throughout: a write after the heal completes at once.
+    let later = vec![(60 * MIB, MIB, 0x23)];
+    c.write("beta", &later);
+    // What alpha held or wrote alone is gone everywhere (2 MiB..3 MiB reads back as zeroes).
+    let all = [before, after, later, vec![(2 * MIB, MIB, 0)]].concat();
+    let (ok, out) = c.check("beta", &all);
+    assert!(ok, "an acknowledged write is missing on the primary: {out}");
+    // And alpha holds the same bytes: a switchover to it loses nothing.
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
     c.ok("beta", &["secondary", "r0"]);
     c.wait_for("alpha", "may promote", |s| s["may_promote"] == true);
     c.ok("alpha", &["primary", "r0"]);
-    let (ok, out) = c.check("alpha", &[before, after].concat());
+    let (ok, out) = c.check("alpha", &all);
     assert!(ok, "an acknowledged write is missing after the heal: {out}");
 }
 

@@ -55,6 +55,26 @@ impl Generation {
         started
     }
 
+    /// A diskless witness votes by the newest primary generation it has seen (see
+    /// `core::quorum`). It takes a primary's generation unless it has moved past it already (its
+    /// history holds it): at a heal, an old primary that lost quorum and still reports the
+    /// generation the witness left for the new primary's must not pull the witness back, or the
+    /// primary that has quorum would lose it to the one that has not. The generation it leaves
+    /// goes into its history, and so does the primary's own history. Returns whether it changed.
+    pub fn witness_learns(&mut self, primary_current: u64, primary_history: &[u64]) -> bool {
+        let known = |uuid: u64| same_uuid(uuid, self.current) || self.history.iter().any(|h| *h != 0 && same_uuid(*h, uuid));
+        if known(primary_current) {
+            return false;
+        }
+        let old = self.current;
+        for uuid in primary_history.iter().rev() {
+            self.push_history(*uuid & !1);
+        }
+        self.push_history(old & !1);
+        self.current = primary_current;
+        true
+    }
+
     /// This node was the source of a finished resync to `slot`: the bitmap's starting point is
     /// history now.
     pub fn resync_finished_as_source(&mut self, slot: usize) {
@@ -77,6 +97,21 @@ mod tests {
 
     fn generation() -> Generation {
         Generation { current: 0x1000, history: [0; 4], bitmap: vec![0, 0] }
+    }
+
+    #[test]
+    fn a_witness_never_goes_back_to_a_generation_it_left() {
+        let mut w = Generation { current: 0x1000, history: [0; 4], bitmap: vec![] };
+        // The new primary's generation: taken, the old one goes into history.
+        assert!(w.witness_learns(0x2001, &[0x0500, 0, 0, 0]));
+        assert_eq!((w.current, w.history), (0x2001, [0x1000, 0x0500, 0, 0]));
+        // The old primary comes back from a partition with the old generation: ignored.
+        assert!(!w.witness_learns(0x1001, &[0x0500, 0, 0, 0]));
+        assert!(!w.witness_learns(0x2000, &[]), "bit 0 is not part of the identity");
+        // A later generation of the lineage is taken again.
+        assert!(w.witness_learns(0x3001, &[0x2000, 0, 0, 0]));
+        assert_eq!(w.current, 0x3001);
+        assert!(!w.witness_learns(0x1000, &[]), "still in history");
     }
 
     #[test]

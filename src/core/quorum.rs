@@ -3,7 +3,7 @@
 //!
 //! Every configured node votes, data nodes and diskless witnesses alike. A node counts itself
 //! and each peer the caller deems reachable (connected, within the lease of an answered ping,
-//! see [`LEASE`], and holding a generation that lets it vote for this node). A peer that left
+//! see [`LinkTiming::lease`], and holding a generation that lets it vote for this node). A peer that left
 //! cleanly (`down` while connected) told us so and marked its own disk Outdated first; while
 //! every other voter is reachable it stops counting, so the last node standing of an orderly
 //! shutdown may still serve. A peer that vanished still counts as a voter: the partition it may
@@ -18,11 +18,39 @@ use super::states::{DiskState, Role};
 use serde::Serialize;
 use std::time::Duration;
 
-/// How long a primary may rely on a peer's vote after the last ping that peer answered, counted
-/// from when the ping was *sent*. Peers drop a silent link after their read timeout (5 s), so
-/// by the time a partitioned peer stops reporting this node as primary (and another node may
-/// promote), this node has stopped completing writes for several seconds.
-pub const LEASE: Duration = Duration::from_secs(2);
+/// How often a node pings each peer and how long it keeps a link it hears nothing on (the
+/// resource's `ping_interval_ms` and `ping_timeout_ms`); the quorum lease follows from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkTiming {
+    pub ping_interval: Duration,
+    /// A link silent this long is dropped (a dead peer or a partition).
+    pub ping_timeout: Duration,
+}
+
+impl LinkTiming {
+    /// Failover after a silent partition within about `ping_timeout` (2 s).
+    pub const DEFAULT: LinkTiming =
+        LinkTiming { ping_interval: Duration::from_millis(500), ping_timeout: Duration::from_millis(2000) };
+
+    /// The smallest `ping_timeout` for a given `ping_interval`: a lease of half the timeout
+    /// must span two pings, so one late answer does not cost quorum.
+    pub const TIMEOUT_PER_INTERVAL: u32 = 4;
+
+    /// How long a primary (or a candidate) may rely on a peer's vote after the last ping that
+    /// peer answered, counted from when this node *sent* that ping: half the ping timeout.
+    ///
+    /// Why an isolated primary always stops acknowledging before another node may promote:
+    /// another node promotes only once no node it hears from reports this one as primary, so
+    /// every voter this primary relied on must first have dropped its link, which happens a
+    /// ping timeout after the voter last received anything from it. The ping whose answer
+    /// renewed the lease was sent before that last reception, so the lease ends at least half
+    /// a timeout before the earliest drop. That margin also absorbs clock-rate drift: the
+    /// order holds as long as the two nodes' clocks run within a factor of 3 of each other's
+    /// rate (lease x (1 + d) < timeout x (1 - d) for any drift d below 1/3).
+    pub fn lease(&self) -> Duration {
+        self.ping_timeout / 2
+    }
+}
 
 /// The resource's `quorum` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

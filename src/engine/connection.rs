@@ -8,12 +8,13 @@ use super::link::PeerLink;
 use super::state::{
     Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
 };
-use super::{congestion, digests, random_bytes, random_u64, resync, verify, write_path, Shared};
+use super::{congestion, digests, random_bytes, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
-use crate::core::sync_decision::{decide, SyncDecision, UuidView};
+use crate::core::quorum::QuorumPolicy;
+use crate::core::sync_decision::{decide, Refusal, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
 use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
@@ -25,8 +26,6 @@ use std::time::{Duration, Instant};
 const FEATURE_AUTH: u64 = 1;
 /// Hello feature bit: this node is a diskless witness (no data, no size to compare).
 const FEATURE_DISKLESS: u64 = 2;
-/// A handshake step or a silent established link (pings flow every second) times out after this.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_INTERVAL: Duration = Duration::from_millis(300);
 /// BitmapRuns frames carry at most this many runs.
 const RUNS_PER_FRAME: usize = 4096;
@@ -71,7 +70,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                             continue;
                         }
                     }
-                    let result = TcpStream::connect_timeout(&address, READ_TIMEOUT)
+                    let result = TcpStream::connect_timeout(&address, shared.config.timing.ping_timeout)
                         .map_err(|e| format!("cannot reach {address}: {e}"))
                         .and_then(|stream| dial(&shared, peer_id, stream));
                     if let Err(reason) = result {
@@ -166,7 +165,7 @@ fn refuse(stream: &TcpStream, reason: &str) -> String {
 }
 
 fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let hello = match read_message(&mut reader) {
         Ok(Message::Hello(hello)) => hello,
@@ -183,7 +182,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
 }
 
 fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
-    stream.set_read_timeout(Some(READ_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     send(&stream, &Message::Hello(my_hello(shared, peer_id)))?;
     let hello = match read_message(&mut reader) {
@@ -243,7 +242,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReade
     if peer.link.is_some() {
         return Err(refuse(&stream, "already connected"));
     }
-    let link = Arc::new(PeerLink::new(stream).map_err(|e| e.to_string())?);
+    let link = Arc::new(PeerLink::new(stream, shared.config.timing).map_err(|e| e.to_string())?);
     let state = st.peer_state_for(st.peer(peer_id));
     let peer = st.peer_mut(peer_id);
     peer.generation += 1;
@@ -284,7 +283,8 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
             Ok(msg) => msg,
             Err(WireError::Closed) => return "peer closed the connection".into(),
             Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return format!("nothing heard from the peer for {} s (dead link or network partition)", READ_TIMEOUT.as_secs());
+                let silent = shared.config.timing.ping_timeout;
+                return format!("nothing heard from the peer for {silent:?} (dead link or network partition)");
             }
             Err(e) => return format!("receive failed: {e}"),
         };
@@ -346,8 +346,9 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
             }
             let mut deferred = Deferred::default();
             st.release_suspended(false, &mut deferred);
+            super::step_down_if_superseded(shared, &mut st);
             drop(st);
-            deferred.run();
+            deferred.run(shared);
             Ok(())
         }
         Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
@@ -423,7 +424,7 @@ fn barrier_acked(shared: &Arc<Shared>, peer_id: u8, epoch: u64, writes: u32) -> 
     write_path::finish_flushes(&mut st, &mut deferred);
     shared.changed.notify_all();
     drop(st);
-    deferred.run();
+    deferred.run(shared);
     Ok(())
 }
 
@@ -460,10 +461,13 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
         peer.departed = true;
         tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
     }
-    if shared.me.disk.is_none() && peer.role == Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
+    if shared.me.disk.is_none() && peer.role == Role::Primary {
         // A witness votes by the newest primary generation it has seen, and says so.
-        st.sb.uuids.current = state.current_uuid;
-        st.broadcast_state();
+        let mut known = st.generation();
+        if known.witness_learns(state.current_uuid, &state.history) {
+            st.set_generation(known);
+            st.broadcast_state();
+        }
     }
     // A primary that went Ahead of this node is not followed into its new generation.
     congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
@@ -487,9 +491,10 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     }
     let mut deferred = Deferred::default();
     st.release_suspended(false, &mut deferred);
+    super::step_down_if_superseded(shared, &mut st);
     shared.changed.notify_all();
     drop(st);
-    deferred.run();
+    deferred.run(shared);
     result
 }
 
@@ -571,6 +576,22 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
         SyncDecision::Unrelated => {
             st.peer_mut(peer_id).want_connect = false;
             Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
+        }
+        // Two primaries, one of them superseded under quorum: it steps down by itself (see
+        // `Engine::step_down`) and its next State reopens the decision. Until then the link
+        // stays up, idle.
+        SyncDecision::Refused(Refusal::PrimaryWouldBeTarget) if st.superseded() => {
+            tracing::info!(resource = %shared.config.name, peer = %name, "{name} is primary with quorum: stepping down before resyncing from it");
+            Ok(())
+        }
+        SyncDecision::Refused(Refusal::PeerCannotFollow)
+            if st.role == Role::Primary
+                && st.peer(peer_id).role == Role::Primary
+                && st.quorum_policy != QuorumPolicy::Off
+                && st.quorum().has_quorum =>
+        {
+            tracing::info!(resource = %shared.config.name, peer = %name, "{name} is an old primary without quorum: waiting for it to step down");
+            Ok(())
         }
         SyncDecision::Refused(why) => {
             st.peer_mut(peer_id).want_connect = false;
@@ -695,11 +716,11 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
     let mut deferred = Deferred::default();
     drop_peer(shared, &mut st, peer_id, reason, &mut deferred);
     drop(st);
-    deferred.run();
+    deferred.run(shared);
 }
 
 /// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
-/// for it complete, and a primary starts a new generation before those completions go out.
+/// for it complete, and a primary starts a new generation before any of them completes.
 pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
     let primaries_before = st.primaries();
     let peer = st.peer_mut(peer_id);
@@ -725,7 +746,7 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
 
 /// The peer no longer receives this node's writes (its link died, or it fell Behind):
 /// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
-/// primary starts a new generation before those completions go out. `last_generation`: the
+/// primary starts a new generation before any of them completes. `last_generation`: the
 /// generation the peer last reported while in sync (see `State::mark_recent_for`).
 pub(super) fn stops_following(
     shared: &Arc<Shared>,
@@ -745,17 +766,11 @@ pub(super) fn stops_following(
         tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the bitmap UUID of a lost peer");
         st.disk = DiskState::Failed;
     }
-    // A witness holds no data, so losing it starts no new generation.
-    if st.role == Role::Primary && !st.peer(peer_id).witness {
-        let mut generation = st.generation();
-        generation.new_current(random_u64(), true, true, &[slot]);
-        st.set_generation(generation);
-        if let Err(e) = st.persist() {
-            tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the new generation; failing writes");
-            st.disk = DiskState::Failed;
-        }
-        // The secondaries still connected follow the new generation.
-        st.broadcast_state();
+    // A witness holds no data, so losing it starts no new generation. For a data peer the new
+    // generation starts before the next write completes, which needs quorum (see
+    // `State::generation_pending`).
+    if st.role == Role::Primary && !st.peer(peer_id).witness && !st.generation_pending.contains(&slot) {
+        st.generation_pending.push(slot);
     }
     let failed = st.disk == DiskState::Failed;
     for mut finished in st.inflight.peer_lost(peer_id) {

@@ -1,6 +1,7 @@
 //! The sending half of a peer connection: one ordered stream, with control frames (acks, pings,
 //! barrier acks, state) overtaking queued bulk data so a large transfer never delays an ack.
 
+use crate::core::quorum::LinkTiming;
 use crate::wire::{write_message, Message};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
@@ -14,9 +15,6 @@ pub type OnSent = Box<dyn FnOnce() + Send>;
 
 /// Bulk bytes queued before writers of new data wait: the send buffer of protocol A.
 pub const BULK_QUEUE_LIMIT_BYTES: usize = (crate::config::SEND_QUEUE_KIB * 1024) as usize;
-/// A ping goes out this often, busy or idle: the peer's read timeout only fires on a dead link,
-/// and each answered ping renews the peer's quorum lease (see `core::quorum::LEASE`).
-pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct SendQueue {
@@ -35,6 +33,9 @@ pub struct PeerLink {
     stream: TcpStream,
     sent_bytes: AtomicU64,
     lease: Mutex<Lease>,
+    /// A ping goes out this often, busy or idle: the peer's read timeout only fires on a dead
+    /// link, and each answered ping renews the peer's quorum lease.
+    timing: LinkTiming,
 }
 
 /// Pings in flight and the send time of the newest one answered.
@@ -54,7 +55,7 @@ fn payload_len(msg: &Message) -> usize {
 }
 
 impl PeerLink {
-    pub fn new(stream: TcpStream) -> std::io::Result<PeerLink> {
+    pub fn new(stream: TcpStream, timing: LinkTiming) -> std::io::Result<PeerLink> {
         let out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
         Ok(PeerLink {
             queue: Mutex::default(),
@@ -63,6 +64,7 @@ impl PeerLink {
             stream,
             sent_bytes: AtomicU64::new(0),
             lease: Mutex::default(),
+            timing,
         })
     }
 
@@ -74,10 +76,11 @@ impl PeerLink {
         }
     }
 
-    /// Whether the peer answered a ping sent less than `LEASE` before `now`.
+    /// Whether the peer answered a ping sent less than a lease (`LinkTiming::lease`) before
+    /// `now`.
     pub fn lease_holds(&self, now: Instant) -> bool {
         let lease = self.lease.lock().expect("link lease");
-        lease.answered_sent_at.is_some_and(|sent| now.saturating_duration_since(sent) < crate::core::quorum::LEASE)
+        lease.answered_sent_at.is_some_and(|sent| now.saturating_duration_since(sent) < self.timing.lease())
     }
 
     pub fn sent_bytes(&self) -> u64 {
@@ -185,7 +188,7 @@ impl PeerLink {
                 }
                 // Ahead of bulk data, so a busy link still renews its lease every interval.
                 if Instant::now() >= next_ping {
-                    next_ping = Instant::now() + PING_INTERVAL;
+                    next_ping = Instant::now() + self.timing.ping_interval;
                     // Recorded before the write: the lease counts from no later than the send.
                     self.lease.lock().expect("link lease").unanswered.push_back(Instant::now());
                     break (Some(Message::Ping), None);

@@ -15,7 +15,7 @@ mod write_path;
 
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
-use crate::config::{Frontend, NodeConfig, ResourceConfig, UblkSettings};
+use crate::config::{Frontend, NodeConfig, OnSuperseded, ResourceConfig, UblkSettings};
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::QuorumState;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
@@ -252,6 +252,10 @@ impl Engine {
             split_brain: config.split_brain,
             discard_my_data: false,
             suspended: Vec::new(),
+            held_writes: Vec::new(),
+            generation_pending: Vec::new(),
+            stepping_down: false,
+            stepped_down: None,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
         let shared = Shared {
@@ -388,6 +392,7 @@ impl Engine {
                 }
                 st.export_failing = None;
                 st.left_behind = None;
+                st.stepped_down = None;
             }
             Err(e) => {
                 st.role = Role::Secondary;
@@ -405,7 +410,7 @@ impl Engine {
         connection::reconsider_peers(shared, &mut st, &mut deferred);
         shared.changed.notify_all();
         drop(st);
-        deferred.run();
+        deferred.run(shared);
         Ok(())
     }
 
@@ -544,16 +549,27 @@ impl Engine {
             stop_export(&shared.config.name, export);
             return Ok(());
         }
+        let export = st.export.take();
+        self.leave_primary(st, export)?;
+        tracing::info!(resource = %shared.config.name, "demoted to Secondary");
+        Ok(())
+    }
+
+    /// Becomes Secondary (needs the admin lock): what is held fails, peers learn it first, the
+    /// export taken out of the state stops, and every write is made durable before the
+    /// metadata says this node is no longer primary.
+    fn leave_primary(&self, mut st: MutexGuard<'_, State>, export: Option<Export>) -> Result<(), EngineError> {
+        let shared = &self.shared;
         st.role = Role::Secondary;
         let mut held = Deferred::default();
         st.release_suspended(true, &mut held);
+        st.generation_pending.clear();
         // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
         // this node is no longer primary and may promote itself.
         st.broadcast_state();
-        let export = st.export.take();
         drop(st);
         // The export's removal waits for requests in flight: the held ones must finish first.
-        held.run();
+        held.run(shared);
         stop_export(&shared.config.name, export);
         self.flush_all();
         let mut st = shared.lock();
@@ -568,9 +584,83 @@ impl Engine {
             st.disk = DiskState::Failed;
             return Err(EngineError::MetaWrite(e));
         }
-        tracing::info!(resource = %shared.config.name, "demoted to Secondary");
         shared.changed.notify_all();
         Ok(())
+    }
+
+    /// Steps down by itself (`on_suspended_primary_outdated = "force-secondary"`, see
+    /// [`step_down_if_superseded`]): this primary lost quorum, and a connected node reports
+    /// another primary, promoted meanwhile by the majority. Nothing it holds was acknowledged and
+    /// its data lacks the new primary's writes, so it fails what it holds, becomes Secondary and
+    /// Outdated, and resyncs from the new primary like any node that fell behind (it started no
+    /// generation without quorum, so the new primary's history holds its own). Its export goes:
+    /// NBD clients are disconnected; a ublk device in use fails every request (the filesystem
+    /// above sees EIO) until nothing holds it, then goes.
+    fn step_down(&self) {
+        let shared = &self.shared;
+        let _admin = shared.admin();
+        let mut st = shared.lock();
+        st.stepping_down = false;
+        if !st.superseded() {
+            return;
+        }
+        let other = st.quorum().other_primary.map_or_else(String::new, |id| {
+            shared.config.node_by_id(id).map_or_else(|| format!("node {id}"), |n| n.name.clone())
+        });
+        let why = format!("{other} was promoted while this node had no quorum");
+        tracing::error!(resource = %shared.config.name,
+            "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from {other}");
+        st.disk = DiskState::Outdated;
+        st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        st.stepped_down = Some(why.clone());
+        // A device in use cannot go at once: it fails every request until nothing holds it.
+        let keep_failing = matches!(&st.export, Some(Export::Ublk(ublk)) if ublk.users().is_some());
+        let export = if keep_failing {
+            if let Some(Export::Ublk(ublk)) = &st.export {
+                ublk.set_failing(true);
+            }
+            st.export_failing = Some(format!("{why}; it fails every request until it is unmounted, then goes away"));
+            None
+        } else {
+            st.export.take()
+        };
+        if let Err(e) = self.leave_primary(st, export) {
+            tracing::error!(resource = %shared.config.name, error = %e, "stepping down failed");
+        }
+        let mut st = shared.lock();
+        let mut deferred = Deferred::default();
+        connection::reconsider_peers(shared, &mut st, &mut deferred);
+        drop(st);
+        deferred.run(shared);
+        if keep_failing {
+            self.retire_export_when_unused();
+        }
+    }
+
+    /// Removes a device that fails every request once nothing holds it any more (the host
+    /// unmounted it), unless this node was promoted again meanwhile.
+    fn retire_export_when_unused(&self) {
+        let engine = self.clone();
+        let spawned = std::thread::Builder::new().name("retire-export".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let shared = &engine.shared;
+            let _admin = shared.admin();
+            let mut st = shared.lock();
+            if st.stopping || st.role == Role::Primary || st.export_failing.is_none() {
+                return;
+            }
+            if st.export.as_ref().is_some_and(|e| e.users().is_none()) {
+                let export = st.export.take();
+                st.export_failing = None;
+                drop(st);
+                stop_export(&shared.config.name, export);
+                return;
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(resource = %self.shared.config.name, error = %e,
+                "cannot watch the failing device: it goes at `blkrepl secondary` once unmounted");
+        }
     }
 
     /// Waits for every in-flight write, then flushes locally and on connected peers.
@@ -614,7 +704,7 @@ impl Engine {
     /// Quorum as this node would have it as primary: peers count only with a valid lease. A
     /// peer that connected a moment ago gets up to one lease period to answer its first ping.
     fn wait_for_quorum<'a>(&'a self, mut st: MutexGuard<'a, State>) -> (MutexGuard<'a, State>, QuorumState) {
-        let deadline = std::time::Instant::now() + crate::core::quorum::LEASE;
+        let deadline = std::time::Instant::now() + self.shared.config.timing.lease();
         loop {
             let quorum = st.quorum_with_leases(true);
             let pending = st.quorum_with_leases(false) != quorum;
@@ -636,7 +726,7 @@ impl Engine {
             st.peer_mut(id).conn = ConnState::StandAlone;
         }
         drop(st);
-        deferred.run();
+        deferred.run(&self.shared);
     }
 
     /// Starts a new data generation on two fresh nodes and declares them in sync without copying
@@ -710,7 +800,7 @@ impl Engine {
         st.release_suspended(false, &mut deferred);
         self.shared.changed.notify_all();
         drop(st);
-        deferred.run();
+        deferred.run(&self.shared);
         Ok(())
     }
 
@@ -756,10 +846,24 @@ impl Engine {
         }
         shared.changed.notify_all();
         drop(st);
-        deferred.run();
+        deferred.run(shared);
         shared.io.shutdown();
         tracing::info!(resource = %shared.config.name, "stopped");
         Ok(())
+    }
+}
+
+/// Starts a step-down (see [`Engine::step_down`]) once this primary was superseded, unless the
+/// resource says to stay primary (`on_suspended_primary_outdated = "disconnect"`).
+pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State) {
+    if st.stepping_down || shared.config.on_superseded != OnSuperseded::ForceSecondary || !st.superseded() {
+        return;
+    }
+    st.stepping_down = true;
+    let engine = Engine { shared: shared.clone() };
+    if let Err(e) = std::thread::Builder::new().name("step-down".into()).spawn(move || engine.step_down()) {
+        st.stepping_down = false;
+        tracing::error!(resource = %shared.config.name, error = %e, "cannot start stepping down; retried at the next state change");
     }
 }
 

@@ -125,7 +125,7 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
                     let mut deferred = Deferred::default();
                     connection::drop_peer(&shared, &mut st, peer_id, &reason, &mut deferred);
                     drop(st);
-                    deferred.run();
+                    deferred.run(&shared);
                 }
             }
         })
@@ -338,7 +338,7 @@ pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: MutexGuard<'
     }
     shared.changed.notify_all();
     drop(st);
-    deferred.run();
+    deferred.run(shared);
 }
 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.

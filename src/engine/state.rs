@@ -2,6 +2,8 @@
 //! the peers. Methods here change state and say what to do; they never block on the network.
 
 use super::link::PeerLink;
+use super::write_path::HeldWrite;
+use super::Shared;
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::{evaluate, OnNoQuorum, QuorumPolicy, QuorumState, VoterView};
@@ -35,19 +37,50 @@ pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
 pub const STATE_FLAG_AHEAD: u32 = 8;
 
 /// Requests completed under the lock, answered after it is released (a completion may write to
-/// a socket).
+/// a socket), and held writes to submit again (submission takes the lock).
 #[derive(Default)]
-pub struct Deferred(Vec<(Completion, BlockResult)>);
+pub struct Deferred {
+    completions: Vec<(Completion, BlockResult)>,
+    resubmit: Vec<HeldWrite>,
+}
 
 impl Deferred {
     pub fn push(&mut self, done: Completion, result: BlockResult) {
-        self.0.push((done, result));
+        self.completions.push((done, result));
     }
-    pub fn run(self) {
-        for (done, result) in self.0 {
+    pub fn run(self, shared: &Arc<Shared>) {
+        for (done, result) in self.completions {
             done(result);
         }
+        if self.resubmit.is_empty() {
+            return;
+        }
+        // On a thread of their own: a submission may wait (overlaps, the activity log, a full
+        // send queue) for acks that the thread running this, a peer's reader, would deliver.
+        let (shared, writes) = (shared.clone(), std::sync::Arc::new(std::sync::Mutex::new(Some(self.resubmit))));
+        let mine = writes.clone();
+        let spawned = std::thread::Builder::new().name("held-writes".into()).spawn(move || {
+            for held in mine.lock().expect("held writes").take().unwrap_or_default() {
+                super::write_path::resubmit(&shared, held);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the thread that submits held writes: failing them");
+            for held in writes.lock().expect("held writes").take().unwrap_or_default() {
+                (held.done)(Err(crate::frontend::BlockError::Io));
+            }
+        }
     }
+}
+
+/// What a primary does with a new write, judged once per write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Proceed,
+    /// Park it before it touches the disk (see `HeldWrite`).
+    Hold,
+    /// Fail it: no quorum under io-error, or another node was promoted meanwhile.
+    Refuse,
 }
 
 /// A FLUSH waiting for the local disk and for barrier acks.
@@ -150,8 +183,21 @@ pub struct State {
     /// Set by `connect --discard-my-data` until a split brain has been resolved with this node
     /// as the victim.
     pub discard_my_data: bool,
-    /// Write and flush completions held while this primary has no quorum (suspend-io).
+    /// Write and flush completions held while this primary has no quorum (suspend-io): writes
+    /// that were in flight when quorum went.
     pub suspended: Vec<(Completion, BlockResult)>,
+    /// Writes that arrived while this primary had no quorum (suspend-io), not yet written
+    /// anywhere, in arrival order.
+    pub held_writes: Vec<HeldWrite>,
+    /// Bitmap slots of data peers this primary lost: a new generation starts for them before
+    /// the next write completes with quorum. Not before: a primary that lost quorum and is
+    /// superseded must still hold the generation the new primary has in its history, so that it
+    /// comes back as a plain sync target instead of a split brain.
+    pub generation_pending: Vec<usize>,
+    /// A step-down (see `Engine::step_down`) is on its way.
+    pub stepping_down: bool,
+    /// Why this node last stepped down by itself, until it is promoted again.
+    pub stepped_down: Option<String>,
 }
 
 impl State {
@@ -254,7 +300,7 @@ impl State {
     }
 
     /// Counts the votes now. A peer counts once its state is known; for a primary, only while
-    /// the peer's lease holds (see `core::quorum::LEASE`).
+    /// the peer's lease holds (see `LinkTiming::lease`).
     pub fn quorum(&self) -> QuorumState {
         self.quorum_with_leases(true)
     }
@@ -294,57 +340,107 @@ impl State {
             || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| *u != 0 && same(*u))
     }
 
-    /// Whether this node may complete writes now: as primary, only with quorum and while no
-    /// reachable node reports another primary (a healed partition can reconnect an isolated
-    /// old primary to a witness that already follows the new one).
-    pub fn may_complete_writes(&self) -> bool {
+    /// What quorum lets this node do with writes now. As primary: complete them only with
+    /// quorum and while no reachable node reports another primary (a healed partition can
+    /// reconnect an isolated old primary to a witness that already follows the new one). A
+    /// primary without quorum that sees another primary was superseded: nothing it holds can
+    /// ever be acknowledged. A primary with quorum that sees another primary waits for that
+    /// one, which lacks quorum, to step down: it never fails a write because of it.
+    pub fn admission(&self) -> Admission {
         if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
-            return true;
+            return Admission::Proceed;
         }
         let quorum = self.quorum();
-        quorum.has_quorum && quorum.other_primary.is_none()
+        match (quorum.has_quorum, quorum.other_primary.is_some()) {
+            (true, false) => Admission::Proceed,
+            (true, true) => Admission::Hold,
+            (false, true) => Admission::Refuse,
+            (false, false) => match self.on_no_quorum {
+                OnNoQuorum::SuspendIo => Admission::Hold,
+                OnNoQuorum::IoError => Admission::Refuse,
+            },
+        }
     }
 
-    /// Completes a write or flush, unless this primary has lost quorum: then the completion is
-    /// held (suspend-io) or fails (io-error). An acknowledged write must be on the side that
-    /// keeps quorum, the only side that may promote.
+    /// Completes a write or flush, unless this primary may not (see [`State::admission`]): then
+    /// the completion is held or fails. An acknowledged write must be on the side that keeps
+    /// quorum, the only side that may promote, and under a generation the lost peers lack.
     pub fn finish_write(&mut self, done: Completion, result: BlockResult, deferred: &mut Deferred) {
-        if self.may_complete_writes() {
-            deferred.push(done, result);
-            return;
-        }
-        match self.on_no_quorum {
-            OnNoQuorum::SuspendIo => {
+        match self.admission() {
+            Admission::Proceed => {
+                let result = result.and_then(|r| self.start_pending_generation().map(|()| r));
+                deferred.push(done, result);
+            }
+            Admission::Hold => {
                 if self.suspended.is_empty() {
                     tracing::warn!(quorum = ?self.quorum(), "no quorum: suspending write completions until it returns");
                 }
                 self.suspended.push((done, result));
             }
-            OnNoQuorum::IoError => deferred.push(done, Err(crate::frontend::BlockError::Io)),
+            Admission::Refuse => deferred.push(done, Err(crate::frontend::BlockError::Io)),
         }
+    }
+
+    /// Starts the new generation owed to the data peers lost since the last one (see
+    /// `generation_pending`), persisted before any write under it completes.
+    fn start_pending_generation(&mut self) -> Result<(), crate::frontend::BlockError> {
+        if self.generation_pending.is_empty() || self.role != Role::Primary {
+            return Ok(());
+        }
+        let slots = std::mem::take(&mut self.generation_pending);
+        let mut generation = self.generation();
+        generation.new_current(super::random_u64(), true, true, &slots);
+        self.set_generation(generation);
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "cannot persist the new generation; failing writes");
+            self.disk = DiskState::Failed;
+            return Err(crate::frontend::BlockError::Io);
+        }
+        tracing::info!(uuid = format_args!("{:016X}", self.sb.uuids.current), "new generation: writing without a lost peer");
+        // The secondaries still connected follow the new generation.
+        self.broadcast_state();
+        Ok(())
     }
 
     /// Another node was promoted while this primary had no quorum: the writes it holds can never
-    /// be acknowledged (the new primary does not have them).
+    /// be acknowledged (the new primary does not have them), and it steps down.
     pub fn superseded(&self) -> bool {
-        self.role == Role::Primary && self.quorum_policy != QuorumPolicy::Off && self.quorum().other_primary.is_some()
+        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
+            return false;
+        }
+        let quorum = self.quorum();
+        !quorum.has_quorum && quorum.other_primary.is_some()
     }
 
-    /// Releases held completions once quorum is back, or fails them when `fail` (demotion) or
-    /// when another primary took over.
+    /// Releases held completions and writes once this primary may complete writes again, or
+    /// fails them when `fail` (demotion) or when another primary took over.
     pub fn release_suspended(&mut self, fail: bool, deferred: &mut Deferred) {
-        let fail = fail || self.superseded();
-        if self.suspended.is_empty() || !(fail || self.may_complete_writes()) {
+        if self.suspended.is_empty() && self.held_writes.is_empty() {
             return;
         }
-        let held = std::mem::take(&mut self.suspended);
-        if fail {
-            tracing::error!(writes = held.len(), "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
-        } else {
-            tracing::info!(writes = held.len(), "quorum is back: completing held writes");
+        let fail = fail || self.role != Role::Primary || self.superseded();
+        if !fail && self.admission() != Admission::Proceed {
+            return;
         }
-        for (done, result) in held {
-            deferred.push(done, if fail { Err(crate::frontend::BlockError::Io) } else { result });
+        let completions = std::mem::take(&mut self.suspended);
+        let writes = std::mem::take(&mut self.held_writes);
+        if fail {
+            tracing::error!(completions = completions.len(), writes = writes.len(),
+                "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
+        } else {
+            tracing::info!(completions = completions.len(), writes = writes.len(), "quorum is back: completing held writes");
+        }
+        let generation = if fail { Ok(()) } else { self.start_pending_generation() };
+        for (done, result) in completions {
+            let result = if fail { Err(crate::frontend::BlockError::Io) } else { generation.clone().and(result) };
+            deferred.push(done, result);
+        }
+        for held in writes {
+            if fail {
+                deferred.push(held.done, Err(crate::frontend::BlockError::Io));
+            } else {
+                deferred.resubmit.push(held);
+            }
         }
     }
 

@@ -23,8 +23,13 @@ pub struct ResourceStatus {
     pub quorum_voters: u8,
     pub quorum_needed: u8,
     pub on_no_quorum: OnNoQuorum,
-    /// Writes completed locally but held because this primary has no quorum (suspend-io).
+    /// Writes held because this primary has no quorum (suspend-io): those in flight when quorum
+    /// went (completed locally, not acknowledged) and new ones, not written anywhere yet.
     pub suspended_writes: usize,
+    /// Why this node last stepped down from primary by itself (another node was promoted while
+    /// it had no quorum), until it is promoted again.
+    #[serde(default)]
+    pub stepped_down: Option<String>,
     /// Whether `primary` (without --force) would succeed now.
     pub may_promote: bool,
     /// How good a primary this node would be (Pacemaker's scale): none without quorum.
@@ -193,7 +198,8 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         quorum_voters: quorum.voters,
         quorum_needed: quorum.needed,
         on_no_quorum: st.on_no_quorum,
-        suspended_writes: st.suspended.len(),
+        suspended_writes: st.suspended.len() + st.held_writes.len(),
+        stepped_down: st.stepped_down.clone(),
         may_promote: st.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
         promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
         device: match (&st.export, &st.left_behind) {

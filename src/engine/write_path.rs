@@ -3,10 +3,9 @@
 //! epoch and wait for the barrier acks.
 
 use super::io_pool::IoOp;
-use super::state::{Deferred, PendingFlush, State};
+use super::state::{Admission, Deferred, PendingFlush, State};
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::{congestion, Shared};
-use crate::core::quorum::OnNoQuorum;
 use crate::config::Protocol;
 use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::states::{DiskState, Role};
@@ -74,6 +73,22 @@ fn submit_in_pieces(shared: &Arc<Shared>, offset: u64, data: Bytes, fua: bool, d
     }
 }
 
+/// A write this primary holds before it touches any disk: it has no quorum (suspend-io), so the
+/// write may never be acknowledged, and written here it would make this replica differ from the
+/// side that may be promoted (a split brain at the heal). Submitted again, in arrival order, once
+/// quorum returns; failed if this node steps down or is demoted.
+pub struct HeldWrite {
+    offset: u64,
+    len: u64,
+    kind: WriteKind,
+    pub done: Completion,
+}
+
+/// Submits a held write again (see [`HeldWrite`]).
+pub fn resubmit(shared: &Arc<Shared>, held: HeldWrite) {
+    submit_write(shared, held.offset, held.len, held.kind, held.done);
+}
+
 enum WriteKind {
     Data { data: Bytes, fua: bool },
     /// Zeroes, or a discard (which must also read back as zeroes on every replica, so replicas
@@ -89,7 +104,8 @@ impl WriteKind {
     }
 }
 
-fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), BlockError> {
+/// Whether a write may start now, must wait for quorum (before it touches any disk), or fails.
+fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<Admission, BlockError> {
     if st.stopping {
         return Err(BlockError::Shutdown);
     }
@@ -99,13 +115,15 @@ fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<(), Bl
     if st.disk != DiskState::UpToDate {
         return Err(BlockError::Io);
     }
-    // Without quorum under io-error, or once another node is primary, fail before writing
-    // anything: the data would diverge from the side that may be promoted. (suspend-io writes
-    // and holds the completion instead, while the outcome is open.)
-    if (st.on_no_quorum == OnNoQuorum::IoError && !st.may_complete_writes()) || st.superseded() {
-        return Err(BlockError::Io);
+    in_bounds(shared, offset, len)?;
+    // Writes already held keep their place: a later one waits behind them.
+    if !st.held_writes.is_empty() {
+        return Ok(Admission::Hold);
     }
-    in_bounds(shared, offset, len)
+    match st.admission() {
+        Admission::Refuse => Err(BlockError::Io),
+        admission => Ok(admission),
+    }
 }
 
 fn in_bounds(shared: &Shared, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -140,7 +158,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         let mut deferred = Deferred::default();
         if congestion::pull_ahead_if_congested(shared, &mut st, &mut deferred) {
             drop(st);
-            deferred.run();
+            deferred.run(shared);
             continue;
         }
         let replicating = st.peers.iter().filter(|p| p.is_replicating());
@@ -153,9 +171,20 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
             }
         }
     };
-    if let Err(e) = writable(shared, &st, offset, len) {
-        drop(st);
-        return done(Err(e));
+    match writable(shared, &st, offset, len) {
+        Ok(Admission::Proceed) => {}
+        Ok(_) => {
+            if st.held_writes.is_empty() {
+                tracing::warn!(resource = %shared.config.name, quorum = ?st.quorum(),
+                    "no quorum: holding new writes before they reach any disk, until it returns");
+            }
+            st.held_writes.push(HeldWrite { offset, len, kind, done });
+            return;
+        }
+        Err(e) => {
+            drop(st);
+            return done(Err(e));
+        }
     }
     // Overlapping writes land in the same order everywhere: wait for the earlier one.
     while st.overlaps_busy(offset, len) {
@@ -277,7 +306,7 @@ fn local_done(shared: &Arc<Shared>, id: u64, result: Result<(), LocalFailure>) {
     }
     shared.changed.notify_all();
     drop(st);
-    deferred.run();
+    deferred.run(shared);
 }
 
 /// A peer reached `level` for write `id`.
@@ -289,7 +318,7 @@ pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel)
         shared.changed.notify_all();
     }
     drop(st);
-    deferred.run();
+    deferred.run(shared);
 }
 
 /// A write is done everywhere it will be: release its extents and answer the frontend.
@@ -343,7 +372,7 @@ pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
             }
             finish_flushes(&mut st, &mut deferred);
             drop(st);
-            deferred.run();
+            deferred.run(&shared2);
         }),
     );
 }

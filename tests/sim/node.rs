@@ -10,9 +10,9 @@
 use super::disk::{Crashed, DataDisk, Meta};
 use super::network::{Ancestors, Msg, StateMsg};
 use super::world::{Ctx, Event, NodeEvent, Rules};
-use super::{Time, BLOCKS, BLOCK_BYTES, MS, SEC};
+use super::{Time, BLOCKS, BLOCK_BYTES, MS};
 use blkrepl::core::inflight::InflightWrites;
-use blkrepl::core::quorum::{evaluate, PromotionInputs, QuorumState, VoterView, LEASE};
+use blkrepl::core::quorum::{evaluate, LinkTiming, PromotionInputs, QuorumState, VoterView};
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::core::sync_decision::{same_uuid, SyncDecision, UUID_JUST_CREATED};
 use blkrepl::core::transfer_log::TransferLog;
@@ -24,14 +24,14 @@ use std::sync::Arc;
 /// How often a node looks after its links: pings, the read timeout, and dialing (the engine's
 /// dialers retry every 300 ms).
 pub const TICK: Time = 250 * MS;
-/// The engine's `link::PING_INTERVAL`.
-pub const PING_INTERVAL: Time = SEC;
-/// The engine's `connection::READ_TIMEOUT`: a link silent this long is dropped.
-pub const READ_TIMEOUT: Time = 5 * SEC;
+/// The engine's default `ping_interval_ms`.
+pub const PING_INTERVAL: Time = LinkTiming::DEFAULT.ping_interval.as_micros() as Time;
+/// The engine's default `ping_timeout_ms`: a link silent this long is dropped.
+pub const READ_TIMEOUT: Time = LinkTiming::DEFAULT.ping_timeout.as_micros() as Time;
 
-/// `core::quorum::LEASE` in virtual time.
+/// `LinkTiming::lease` of the defaults, in virtual time.
 pub fn lease() -> Time {
-    LEASE.as_micros() as Time
+    LinkTiming::DEFAULT.lease().as_micros() as Time
 }
 
 /// A client write: which block, and the version it writes (unique, increasing).
