@@ -639,10 +639,27 @@ disk = "/var/lib/blkrepl/beta.img"
             ("quorum = \"off\"", "quorum = \"off\"\ncongestion_fill_kib = 100", "congestion_fill_kib"),
             ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 8192", "congestion_fill_kib"),
             ("protocol = \"C\"", "protocol = \"A\"\non_congestion = \"pull-ahead\"\ncongestion_fill_kib = 0", "congestion_fill_kib"),
+            ("quorum = \"off\"", "quorum = \"off\"\non_suspended_primary_outdated = \"stay\"", "on_suspended_primary_outdated"),
+            ("quorum = \"off\"", "quorum = \"off\"\nping_interval_ms = 10", "ping_interval_ms"),
+            ("quorum = \"off\"", "quorum = \"off\"\nping_timeout_ms = 1000", "ping_timeout_ms"),
+            ("quorum = \"off\"", "quorum = \"off\"\nping_interval_ms = 1000\nping_timeout_ms = 3000", "ping_timeout_ms"),
+            ("quorum = \"off\"", "quorum = \"off\"\nping_timeout_ms = 700000", "ping_timeout_ms"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn link_timing_defaults_and_a_longer_interval_stretch_the_timeout() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.timing, LinkTiming::DEFAULT);
+        assert_eq!(config.timing.lease(), Duration::from_secs(1));
+        assert_eq!(config.on_superseded, OnSuperseded::ForceSecondary);
+        let slow = parse(&GOOD.replacen("quorum = \"off\"", "quorum = \"off\"\nping_interval_ms = 1000", 1)).unwrap();
+        assert_eq!(slow.timing.ping_timeout, Duration::from_secs(4), "the default timeout grows to 4 intervals");
+        let off = parse(&GOOD.replacen("quorum = \"off\"", "quorum = \"off\"\non_suspended_primary_outdated = \"disconnect\"", 1)).unwrap();
+        assert_eq!(off.on_superseded, OnSuperseded::Disconnect);
     }
 
     #[test]
