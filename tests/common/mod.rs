@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod nbd_client;
 pub mod netns;
 
 use serde_json::Value;
@@ -211,6 +212,12 @@ impl Cluster {
     pub fn pid(&self, node: &str) -> i32 {
         let lock = self.run_dir().join(format!("r0.{node}.lock"));
         std::fs::read_to_string(lock).unwrap().trim().parse().unwrap()
+    }
+
+    /// Sends `signal` (STOP, CONT, ...) to the node's daemon.
+    pub fn signal(&self, node: &str, signal: &str) {
+        let pid = self.pid(node);
+        assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
     }
 
     /// kill -9 the node's daemon and wait until it is gone.

@@ -1,11 +1,15 @@
 //! Network namespaces for a test cluster: one per node, each joined by a veth pair to a bridge
-//! in a switch namespace. Cutting a node's switch port partitions it from every other node;
-//! raising it again heals the partition. Addresses are private to these namespaces.
+//! in a switch namespace, and one for clients on the same bridge. Cutting a node's switch port
+//! partitions it from every other node and from the clients; raising it again heals the
+//! partition. Addresses are private to these namespaces.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// The clients' address on the cluster's network.
+const CLIENT_ADDRESS: &str = "10.99.0.200";
 
 pub struct Net {
     prefix: String,
@@ -50,7 +54,28 @@ impl Net {
             ip(&["-n", &switch, "link", "set", &port, "master", "br0"]);
             ip(&["-n", &switch, "link", "set", &port, "up"]);
         }
+        let client = net.client_ns();
+        ip(&["netns", "add", &client]);
+        ip(&["link", "add", "eth0", "netns", &client, "type", "veth", "peer", "name", "client", "netns", &switch]);
+        ip(&["-n", &client, "addr", "add", &format!("{CLIENT_ADDRESS}/24"), "dev", "eth0"]);
+        ip(&["-n", &client, "link", "set", "lo", "up"]);
+        ip(&["-n", &client, "link", "set", "eth0", "up"]);
+        ip(&["-n", &switch, "link", "set", "client", "master", "br0"]);
+        ip(&["-n", &switch, "link", "set", "client", "up"]);
         net
+    }
+
+    /// The clients' namespace: it reaches every node that is not cut off.
+    pub fn client_ns(&self) -> String {
+        format!("{}cl", self.prefix)
+    }
+
+    /// Moves the calling thread into the clients' namespace: sockets it opens afterwards reach
+    /// the nodes' addresses.
+    pub fn enter_client(&self) {
+        let path = format!("/var/run/netns/{}", self.client_ns());
+        let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the clients' namespace");
     }
 
     fn switch(&self) -> String {
@@ -78,7 +103,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in (0..self.nodes).map(|i| self.ns(i)).chain([self.switch()]) {
+        for ns in (0..self.nodes).map(|i| self.ns(i)).chain([self.client_ns(), self.switch()]) {
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         }
     }

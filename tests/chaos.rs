@@ -1,0 +1,322 @@
+//! Faults on the primary, cycle after cycle, under a client that keeps writing and remembers the
+//! fate of every write: two data nodes and a diskless witness, each in its own network namespace
+//! (root only), quorum "majority", protocol C, the NBD export. Each cycle puts one fault on the
+//! primary (kill -9 of its daemon, a silent partition of its node, SIGSTOP past the ping
+//! timeout), promotes the other data node with `primary` (the only operator command; a killed
+//! daemon is started again with `up`, as its service manager would), moves the writer there,
+//! reads every block back, heals the fault, waits for the old primary to come back as a
+//! secondary by itself, and compares the replicas. Under quorum there must be no split brain,
+//! no lost acknowledged write, and no write failed by the primary that has quorum.
+
+mod common;
+
+use common::nbd_client::{NbdClient, Outcome};
+use common::{netns, Cluster, Options};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+/// The writer's region: 4 MiB at the start of the device.
+const BLOCKS: u64 = 1024;
+/// The failover probe writes here, outside the writer's region.
+const PROBE_OFFSET: u64 = 8 * MIB;
+const CYCLES: usize = 21;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    Kill,
+    Partition,
+    Stop,
+}
+
+/// What the writer did, write by write.
+#[derive(Default)]
+struct History {
+    next_version: u64,
+    /// Per block: the newest acknowledged version (0: never written).
+    acked: Vec<u64>,
+    /// Per block: every version a write carried, acknowledged or not.
+    tried: Vec<Vec<u64>>,
+    acked_writes: u64,
+    /// Per node: writes answered with an error, and writes never answered.
+    failed: BTreeMap<String, u64>,
+    unanswered: BTreeMap<String, u64>,
+}
+
+#[derive(Default)]
+struct Control {
+    /// Where to write (node name, NBD address); `None`: nowhere for now.
+    target: Option<(String, SocketAddr)>,
+    paused: bool,
+    /// The writer is between writes, waiting (set while `paused` or without a target).
+    idle: bool,
+    stop: bool,
+    history: History,
+}
+
+type Shared = Arc<(Mutex<Control>, Condvar)>;
+
+/// Stops the writer when dropped, also when an assertion fails: the thread scope waits for it.
+struct StopWriter<'a>(&'a Shared);
+
+impl Drop for StopWriter<'_> {
+    fn drop(&mut self) {
+        let (lock, cv) = &**self.0;
+        lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stop = true;
+        cv.notify_all();
+    }
+}
+
+/// Every 16 bytes of a block: its number and the version written, so a torn or misplaced write
+/// shows.
+fn pattern(block: u64, version: u64) -> Vec<u8> {
+    let mut chunk = block.to_le_bytes().to_vec();
+    chunk.extend(version.to_le_bytes());
+    chunk.repeat(BLOCK / 16)
+}
+
+fn run_writer(net: &netns::Net, shared: &Shared) {
+    net.enter_client();
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    loop {
+        let (node, address) = {
+            let (lock, cv) = &**shared;
+            let mut ctl = lock.lock().unwrap();
+            loop {
+                if ctl.stop {
+                    return;
+                }
+                match (&ctl.target, ctl.paused) {
+                    (Some(target), false) => break target.clone(),
+                    _ => {
+                        ctl.idle = true;
+                        cv.notify_all();
+                        ctl = cv.wait(ctl).unwrap();
+                    }
+                }
+            }
+        };
+        shared.0.lock().unwrap().idle = false;
+        let Ok(mut client) = NbdClient::connect(address, "r0", CLIENT_TIMEOUT) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        loop {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let block = rng % BLOCKS;
+            let version = {
+                let mut ctl = shared.0.lock().unwrap();
+                if ctl.stop || ctl.paused || ctl.target.as_ref().map(|t| &t.0) != Some(&node) {
+                    break;
+                }
+                let h = &mut ctl.history;
+                h.next_version += 1;
+                let v = h.next_version;
+                h.tried[block as usize].push(v);
+                v
+            };
+            let outcome = client.write(block * BLOCK as u64, &pattern(block, version));
+            let mut ctl = shared.0.lock().unwrap();
+            let h = &mut ctl.history;
+            match outcome {
+                Outcome::Answered(0) => {
+                    h.acked_writes += 1;
+                    let acked = &mut h.acked[block as usize];
+                    *acked = (*acked).max(version);
+                }
+                Outcome::Answered(_) => *h.failed.entry(node.clone()).or_default() += 1,
+                Outcome::Unanswered(_) => {
+                    *h.unanswered.entry(node.clone()).or_default() += 1;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the clients' namespace.
+fn as_client<T: Send>(net: &netns::Net, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            net.enter_client();
+            f()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+fn address(c: &Cluster, node: &str) -> SocketAddr {
+    c.nbd_url(node).trim_start_matches("nbd://").split('/').next().unwrap().parse().unwrap()
+}
+
+/// Reads every block of the writer's region through `node` and checks it against the history:
+/// the newest acknowledged version or a later one that was tried, never anything older.
+fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
+    let net = c.net.as_ref().unwrap();
+    let address = address(c, node);
+    let data = as_client(net, || {
+        let mut client = NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to the new primary");
+        let mut data = vec![0u8; BLOCKS as usize * BLOCK];
+        for (i, chunk) in data.chunks_mut(256 << 10).enumerate() {
+            let outcome = client.read(i as u64 * (256 << 10), chunk);
+            assert!(matches!(outcome, Outcome::Answered(0)), "read through {node}: {outcome:?}");
+        }
+        data
+    });
+    let ctl = shared.0.lock().unwrap();
+    let h = &ctl.history;
+    for block in 0..BLOCKS {
+        let bytes = &data[block as usize * BLOCK..][..BLOCK];
+        let version = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let acked = h.acked[block as usize];
+        if version == 0 && bytes.iter().all(|b| *b == 0) {
+            assert_eq!(acked, 0, "block {block} lost acknowledged version {acked} on {node}");
+            continue;
+        }
+        assert_eq!(bytes, pattern(block, version).as_slice(), "block {block} on {node} is torn or misplaced");
+        assert!(version >= acked, "block {block} on {node} holds version {version}, older than the acknowledged {acked}");
+        assert!(h.tried[block as usize].contains(&version), "block {block} on {node} holds version {version}, never written there");
+    }
+}
+
+fn split_brains(c: &Cluster) -> usize {
+    c.nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(c.run_dir().join(format!("r0.{n}.log"))).unwrap_or_default())
+        .map(|log| log.matches("split brain").count())
+        .sum()
+}
+
+fn wait_until(c: &Cluster, what: &str, deadline_s: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(deadline_s);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
+    if !netns::usable() {
+        return;
+    }
+    let c = Cluster::witness_trio(Options { netns: true, disk_mib: 64, ..Options::default() });
+    let net = c.net.as_ref().unwrap();
+    let shared: Shared = Arc::default();
+    {
+        let mut ctl = shared.0.lock().unwrap();
+        ctl.history.acked = vec![0; BLOCKS as usize];
+        ctl.history.tried = vec![Vec::new(); BLOCKS as usize];
+        ctl.target = Some(("alpha".into(), address(&c, "alpha")));
+    }
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| run_writer(net, &shared));
+        let stop_writer = StopWriter(&shared);
+        let (mut primary, mut secondary) = ("alpha", "beta");
+        let faults = [Fault::Kill, Fault::Partition, Fault::Stop];
+        let mut failovers = Vec::new();
+        for cycle in 0..CYCLES {
+            let fault = faults[cycle % faults.len()];
+            let acked_before = shared.0.lock().unwrap().history.acked_writes;
+            wait_until(&c, "the writer to make progress", 30, || shared.0.lock().unwrap().history.acked_writes > acked_before + 50);
+
+            let t0 = Instant::now();
+            match fault {
+                Fault::Kill => c.kill(primary),
+                Fault::Partition => c.isolate(primary),
+                Fault::Stop => c.signal(primary, "STOP"),
+            }
+            c.wait_for(secondary, "may promote", |s| s["may_promote"] == true);
+            c.ok(secondary, &["primary", "r0"]);
+            let probe = address(&c, secondary);
+            as_client(net, || {
+                let mut client = NbdClient::connect(probe, "r0", Duration::from_secs(10)).expect("connect to the new primary");
+                let outcome = client.write(PROBE_OFFSET, &pattern(u64::MAX, cycle as u64));
+                assert!(matches!(outcome, Outcome::Answered(0)), "the new primary refused a write: {outcome:?}");
+            });
+            let failover = t0.elapsed();
+            failovers.push(failover);
+            {
+                let mut ctl = shared.0.lock().unwrap();
+                ctl.target = Some((secondary.to_owned(), probe));
+                shared.1.notify_all();
+            }
+            let (failed_before, acked_before) = {
+                let ctl = shared.0.lock().unwrap();
+                (ctl.history.failed.get(secondary).copied().unwrap_or(0), ctl.history.acked_writes)
+            };
+            wait_until(&c, "writes on the new primary", 30, || shared.0.lock().unwrap().history.acked_writes > acked_before + 50);
+
+            // Heal while the writer goes on: the old primary must come back as a secondary by
+            // itself, and the new one must keep serving.
+            match fault {
+                Fault::Kill => drop(c.ok(primary, &["up", "r0"])),
+                Fault::Partition => c.heal(primary),
+                Fault::Stop => c.signal(primary, "CONT"),
+            }
+            c.wait_for(primary, "the old primary back as a secondary", |s| s["role"] == "Secondary" && s["disk"] == "UpToDate");
+            let acked_now = shared.0.lock().unwrap().history.acked_writes;
+            wait_until(&c, "writes after the heal", 30, || shared.0.lock().unwrap().history.acked_writes > acked_now + 50);
+
+            // Quiet: every acknowledged write reads back through the new primary, and the two
+            // replicas are identical.
+            {
+                let mut ctl = shared.0.lock().unwrap();
+                ctl.paused = true;
+                shared.1.notify_all();
+            }
+            wait_until(&c, "the writer to pause", 30, || shared.0.lock().unwrap().idle);
+            check_blocks(&c, secondary, &shared);
+            c.wait_peer(secondary, primary, "Established", "UpToDate");
+            // The data area: the metadata at the end of each disk differs by nature.
+            let size = c.status(secondary)["size_bytes"].as_u64().unwrap();
+            let (old, new) = (c.data_of(primary, size), c.data_of(secondary, size));
+            if let Some(at) = old.iter().zip(&new).position(|(a, b)| a != b) {
+                let block = at / BLOCK * BLOCK;
+                let show = |d: &[u8]| format!("{:?}", &d[block..block + 16]);
+                panic!(
+                    "cycle {cycle}: the replicas differ after the rejoin, first at byte {at}: {primary} {} {secondary} {}\n{}",
+                    show(&old),
+                    show(&new),
+                    c.logs()
+                );
+            }
+            let (failed, unanswered, acked, failed_new) = {
+                let ctl = shared.0.lock().unwrap();
+                let h = &ctl.history;
+                (h.failed.clone(), h.unanswered.clone(), h.acked_writes, h.failed.get(secondary).copied().unwrap_or(0))
+            };
+            assert_eq!(failed_new, failed_before, "cycle {cycle}: the primary with quorum ({secondary}) failed writes");
+            let brains = split_brains(&c);
+            println!(
+                "cycle {cycle:2} {fault:?} on {primary}: failover {:.2} s; acknowledged {acked}, failed {failed:?}, unanswered {unanswered:?}, split brains {brains}",
+                failover.as_secs_f64()
+            );
+            assert_eq!(brains, 0, "split brain in cycle {cycle}\n{}", c.logs());
+            {
+                let mut ctl = shared.0.lock().unwrap();
+                ctl.paused = false;
+                shared.1.notify_all();
+            }
+            (primary, secondary) = (secondary, primary);
+        }
+        drop(stop_writer);
+        writer.join().unwrap();
+        for fault in faults {
+            let times: Vec<String> = failovers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| faults[i % faults.len()] == fault)
+                .map(|(_, d)| format!("{:.2}", d.as_secs_f64()))
+                .collect();
+            println!("failover after {fault:?}: {} s", times.join(", "));
+        }
+    });
+}
