@@ -14,12 +14,16 @@
 #              re-attached failing, is unmounted and removed
 #   demote     demotion and `down` refused while mounted (the message names the mount); after
 #              umount the device is gone
+#   partition  two data nodes and a witness under quorum, each in its own namespace on a bridge:
+#              the primary (ext4 mounted, a writer running) is cut off silently, the other is
+#              promoted; at the heal the old primary steps down by itself: its mounted device
+#              fails I/O, goes once unmounted (no `secondary`), and it resyncs as a secondary
 #
 # Prints "PASS <subtest>: ..." or "FAIL <subtest>: <reason>" per subtest; exits 1 on any failure.
 # Every wait is a bounded poll for a state, never a fixed sleep standing in for one.
 set -uo pipefail
 REPO=$1 CRATE_TESTS=$2; shift 2
-SUBTESTS=("$@"); [ ${#SUBTESTS[@]} -gt 0 ] || SUBTESTS=(crate one-node restart failover demote)
+SUBTESTS=("$@"); [ ${#SUBTESTS[@]} -gt 0 ] || SUBTESTS=(crate one-node restart failover demote partition)
 # shellcheck source=guest-lib.sh
 . "$REPO/scripts/vm/guest-lib.sh"
 echo "suite: kernel $(uname -r), $(nproc) CPUs"
@@ -202,6 +206,71 @@ t_demote() {
   [ "$(field alpha $r .device)" = null ] || die "status still shows a device"
   bl alpha down $r >/dev/null || return 1
   result "secondary and down refused with exit 12 naming $mnt; after umount $DEV is gone"
+}
+
+t_partition() {
+  local r=r5 mnt=/mnt/r5a mntb=/mnt/r5b
+  modprobe bridge || die "no bridge module"
+  ip link add brP type bridge && ip link set brP up || die "cannot create the bridge"
+  local n i=1
+  for n in alpha beta tie; do
+    ip netns add "p$n" && ip link add "e$n" type veth peer name "b$n" && ip link set "e$n" netns "p$n" &&
+      ip link set "b$n" master brP && ip link set "b$n" up &&
+      ip -n "p$n" addr add "10.98.0.$i/24" dev "e$n" && ip -n "p$n" link set "e$n" up && ip -n "p$n" link set lo up ||
+      die "cannot create the namespace of $n"
+    i=$((i + 1))
+  done
+  truncate -s 256M "$WORK/$r.alpha.img" "$WORK/$r.beta.img"
+  printf 'name = "%s"\nprotocol = "C"\nquorum = "majority"\nfrontend = "ublk"\nsecret = "guest-suite"\n' $r > "$WORK/etc/$r.toml"
+  printf '[[node]]\nname = "%s"\naddress = "%s"\ndisk = "%s"\n' alpha 10.98.0.1:7789 "$WORK/$r.alpha.img" \
+    beta 10.98.0.2:7789 "$WORK/$r.beta.img" tie 10.98.0.3:7789 none >> "$WORK/etc/$r.toml"
+  for n in alpha beta tie; do
+    bl $n create-md $r >/dev/null && ip netns exec "p$n" "$BIN" --node $n up $r >/dev/null || die "up failed for $n"
+  done
+  wait_for alpha $r '.quorum_votes == 3' || return 1
+  bl alpha new-current-uuid --clear-bitmap $r >/dev/null || die "new-current-uuid failed"
+  wait_for beta $r '.disk == "UpToDate"' && wait_for alpha $r '.disk == "UpToDate"' || return 1
+  bl alpha primary $r >/dev/null || die "alpha refused promotion: $(status alpha $r)"
+  local adev; adev=$(field alpha $r .device)
+  mkfs.ext4 -q -F "$adev" && mkdir -p $mnt && mount "$adev" $mnt || die "mkfs/mount on $adev failed"
+  : > "$WORK/r5.synced.sums"
+  write_files $mnt/synced 10 "$WORK/r5.synced.sums" && sync || return 1
+  # A writer that keeps going until its filesystem fails it.
+  ( mkdir -p $mnt/during; for i in $(seq 1 100000); do
+      head -c 64K /dev/urandom > $mnt/during/g$i && sync $mnt/during/g$i || exit 0
+    done ) &
+  local writer_pid=$!
+
+  ip link set balpha down || die "cannot cut alpha off"
+  echo "  alpha cut off (its bridge port down); waiting for beta to be allowed to promote"
+  wait_for alpha $r '.quorum == false' || return 1
+  wait_for beta $r '.may_promote == true' || return 1
+  bl beta primary $r >/dev/null || die "beta refused promotion: $(status beta $r)"
+  local bdev; bdev=$(field beta $r .device)
+  [ -b "$bdev" ] || die "beta's device $bdev did not appear"
+  e2fsck -y -E journal_only "$bdev" >/dev/null 2>&1
+  e2fsck -fn "$bdev" > "$WORK/e2fsck5.out" 2>&1 || { tail -20 "$WORK/e2fsck5.out" >&2; die "e2fsck -fn found errors on beta"; }
+  mkdir -p $mntb && mount "$bdev" $mntb || die "cannot mount beta's device"
+  sed "s# $mnt/# $mntb/#" "$WORK/r5.synced.sums" | sha256sum --quiet -c - || die "a file synced before the partition differs on beta"
+  [ "$(field alpha $r .role)" = Primary ] || die "alpha gave up before it heard of beta: $(status alpha $r)"
+
+  ip link set balpha up || die "cannot heal"
+  echo "  healed; alpha must step down by itself"
+  wait_for alpha $r '.role == "Secondary" and (.stepped_down // "" | contains("beta"))' || return 1
+  wait_for alpha $r '(.device_io // "") | startswith("failing")' || return 1
+  echo "  alpha: $(field alpha $r .stepped_down); device: $(field alpha $r .device_io)"
+  timeout 120 tail --pid="$writer_pid" -f /dev/null || die "the writer on alpha's filesystem did not fail"
+  umount $mnt || umount -l $mnt || die "cannot unmount alpha's failing device"
+  local k
+  for k in $(seq 1 100); do [ -e "$adev" ] || break; sleep 0.2; done
+  [ ! -e "$adev" ] || die "$adev still exists 20 s after it was unmounted"
+  [ "$(field alpha $r .device)" = null ] || die "alpha's status still shows a device"
+  wait_for alpha $r '.disk == "UpToDate"' || return 1
+  wait_for beta $r '[.peers[] | select(.name == "alpha")][0] | .replication == "Established" and .peer_disk == "UpToDate"' || return 1
+  [ "$(field beta $r .role)" = Primary ] || die "beta is no longer primary"
+  grep -q "split brain" "$WORK"/run/$r.*.log && die "a split brain was logged"
+  umount $mntb || return 1
+  result "alpha stepped down by itself; its mounted $adev failed I/O and went once unmounted; it resynced from beta; no split brain"
 }
 
 # --- runner --------------------------------------------------------------------------------
