@@ -186,6 +186,12 @@ fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
     }
 }
 
+/// Written past the test harness's capture, so CI's log shows every cycle.
+fn say(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{text}");
+}
+
 fn split_brains(c: &Cluster) -> usize {
     c.nodes
         .iter()
@@ -295,10 +301,10 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
             };
             assert_eq!(failed_new, failed_before, "cycle {cycle}: the primary with quorum ({secondary}) failed writes");
             let brains = split_brains(&c);
-            println!(
-                "cycle {cycle:2} {fault:?} on {primary}: failover {:.2} s; acknowledged {acked}, failed {failed:?}, unanswered {unanswered:?}, split brains {brains}",
+            say(&format!(
+                "chaos: cycle {cycle:2} {fault:?} on {primary}: failover {:.2} s; acknowledged {acked}, failed {failed:?}, unanswered {unanswered:?}, split brains {brains}",
                 failover.as_secs_f64()
-            );
+            ));
             assert_eq!(brains, 0, "split brain in cycle {cycle}\n{}", c.logs());
             {
                 let mut ctl = shared.0.lock().unwrap();
@@ -316,7 +322,7 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
                 .filter(|(i, _)| faults[i % faults.len()] == fault)
                 .map(|(_, d)| format!("{:.2}", d.as_secs_f64()))
                 .collect();
-            println!("failover after {fault:?}: {} s", times.join(", "));
+            say(&format!("chaos: failover after {fault:?}: {} s", times.join(", ")));
         }
     });
 }

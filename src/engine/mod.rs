@@ -176,11 +176,13 @@ impl Engine {
             // Writes in the hot extents may have reached only this disk, or only the peers:
             // every hot extent is out of sync with every peer until a resync says otherwise.
             // PRIMARY_IND stays set until then, so a second crash does not forget it.
+            // A witness holds no data: its slot stays empty.
             let hot = al.hot_extents();
             tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
+            let holds_data = |slot: usize| config.node_by_id(sb.peers[slot].node_id).is_some_and(|n| n.disk.is_some());
             for extent in &hot {
                 let (offset, len) = state::extent_range(*extent, sb.data_size);
-                for bitmap in bitmaps.iter_mut() {
+                for (_, bitmap) in bitmaps.iter_mut().enumerate().filter(|(slot, _)| holds_data(*slot)) {
                     bitmap.set_range(offset, len);
                 }
             }
@@ -758,7 +760,8 @@ impl Engine {
             st.disk = DiskState::UpToDate;
             st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
             let uuids = (st.sb.uuids.current, st.sb.uuids.history);
-            for peer in st.peers.iter() {
+            // A witness holds no data to declare in sync (it would report itself UpToDate).
+            for peer in st.peers.iter().filter(|p| !p.witness) {
                 if let Some(link) = &peer.link {
                     link.send_control(crate::wire::Message::ResyncDone { current_uuid: uuids.0, history: uuids.1 });
                 }
