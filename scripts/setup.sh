@@ -29,8 +29,10 @@ needs_of() {
     # the host's own fio, mkfs/e2fsck, ip and jq.
     vm) needs_of build
         echo qemu-system-x86 qemu-utils busybox-static cpio kmod xz-utils zstd fio e2fsprogs iproute2 jq ;;
-    # Host tests: real daemons driven by qemu-io, network namespaces with ip; then the guest suite.
-    test) needs_of vm ;;
+    # Host tests: real daemons driven by qemu-io, network namespaces with ip, the Pacemaker
+    # agent under ocf-tester (resource-agents; xmllint checks its meta-data); then the guest
+    # suite.
+    test) needs_of vm; echo resource-agents libxml2-utils ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
     *) echo "setup: unknown purpose '$1' (build demo test vm bench)" >&2; exit 2 ;;

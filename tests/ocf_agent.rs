@@ -1,0 +1,133 @@
+//! The Pacemaker resource agent (`scripts/ocf/blkrepl`) against real daemons on 127.0.0.1:
+//! `ocf-tester` (Debian's resource-agents) runs every action on one node of a resource of two
+//! data nodes and a witness, and the agent's monitor codes and refusals are checked state by
+//! state.
+
+mod common;
+
+use common::{Cluster, Options, BIN};
+use std::path::PathBuf;
+use std::process::Command;
+
+const OCF_SUCCESS: i32 = 0;
+const OCF_ERR_GENERIC: i32 = 1;
+const OCF_NOT_RUNNING: i32 = 7;
+const OCF_RUNNING_PROMOTED: i32 = 8;
+
+fn agent() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/ocf/blkrepl")
+}
+
+/// The agent's parameters for `node`, as Pacemaker passes them.
+fn params(c: &Cluster, node: &str) -> Vec<(String, String)> {
+    [
+        ("resource", "r0".to_owned()),
+        ("config_dir", c.config_dir().display().to_string()),
+        ("run_dir", c.run_dir().display().to_string()),
+        ("node", node.to_owned()),
+        ("binary", BIN.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Runs one action of the agent; returns its exit code and output.
+fn action(c: &Cluster, node: &str, name: &str) -> (i32, String) {
+    let mut cmd = Command::new(agent());
+    cmd.arg(name).env("OCF_ROOT", "/usr/lib/ocf").env("OCF_RESOURCE_INSTANCE", "blkrepl_r0");
+    for (k, v) in params(c, node) {
+        cmd.env(format!("OCF_RESKEY_{k}"), v);
+    }
+    let out = cmd.output().expect("the agent runs");
+    (out.status.code().unwrap_or(-1), format!("{}{}", common::text(&out.stdout), common::text(&out.stderr)))
+}
+
+/// Three fresh nodes declared in sync, then alpha's daemon down: what Pacemaker finds before it
+/// starts the clone on alpha.
+fn cluster() -> Cluster {
+    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "peers", |s| {
+        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
+    });
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.ok("alpha", &["down", "r0"]);
+    c
+}
+
+#[test]
+fn ocf_tester_passes_every_action() {
+    let c = cluster();
+    let mut cmd = Command::new("ocf-tester");
+    cmd.args(["-n", "blkrepl_r0"]);
+    for (k, v) in params(&c, "alpha") {
+        cmd.arg("-o").arg(format!("{k}={v}"));
+    }
+    let out = cmd.arg(agent()).output().expect("ocf-tester (resource-agents) runs");
+    let text = format!("{}{}", common::text(&out.stdout), common::text(&out.stderr));
+    assert!(out.status.success(), "ocf-tester failed:\n{text}\n{}", c.logs());
+    assert!(text.contains("passed all tests"), "{text}");
+    // It ends with the resource stopped.
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING);
+}
+
+#[test]
+fn monitor_reports_each_role_and_promotion_follows_quorum() {
+    let c = cluster();
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING, "down");
+    assert_eq!(action(&c, "alpha", "start").0, OCF_SUCCESS);
+    assert_eq!(action(&c, "alpha", "start").0, OCF_SUCCESS, "start is idempotent");
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_SUCCESS, "up, Secondary");
+    c.wait_for("alpha", "peers", |s| s["quorum_votes"] == 3);
+    assert_eq!(action(&c, "alpha", "promote").0, OCF_SUCCESS);
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_RUNNING_PROMOTED, "Primary");
+    assert_eq!(action(&c, "alpha", "demote").0, OCF_SUCCESS);
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_SUCCESS);
+
+    // Without quorum Pacemaker's promote is refused, with the daemon's reason, and nothing changes.
+    c.kill("beta");
+    c.kill("tie");
+    c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    let (rc, out) = action(&c, "alpha", "promote");
+    assert_eq!(rc, OCF_ERR_GENERIC, "{out}");
+    assert!(out.contains("quorum"), "the refusal says why: {out}");
+    assert_eq!(c.status("alpha")["role"], "Secondary");
+    assert!(c.status("alpha")["promotion_score"].is_null());
+
+    // A device in use cannot be demoted: the agent fails the demote and says by what.
+    c.ok("beta", &["up", "r0"]);
+    c.ok("tie", &["up", "r0"]);
+    c.wait_for("alpha", "quorum back", |s| s["may_promote"] == true);
+    assert_eq!(action(&c, "alpha", "promote").0, OCF_SUCCESS);
+    let url = c.nbd_url("alpha");
+    let mut client = Command::new("qemu-io")
+        .args(["-f", "raw", &url])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    c.wait_for("alpha", "client connected", |s| s["nbd_clients"] == 1);
+    let (rc, out) = action(&c, "alpha", "demote");
+    assert_eq!(rc, OCF_ERR_GENERIC, "{out}");
+    assert!(out.contains("NBD client"), "{out}");
+    drop(client.stdin.take());
+    client.wait().unwrap();
+    c.wait_for("alpha", "client gone", |s| s["nbd_clients"] == 0);
+    assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS, "stop demotes first");
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING);
+    assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS, "stop is idempotent");
+}
+
+#[test]
+fn a_missing_resource_file_is_a_configuration_error_and_probes_say_not_running() {
+    let c = cluster();
+    std::fs::remove_file(c.config_dir().join("r0.toml")).unwrap();
+    let (rc, out) = action(&c, "alpha", "validate-all");
+    assert_eq!(rc, 6, "OCF_ERR_CONFIGURED: {out}");
+    assert!(out.contains("r0.toml"), "{out}");
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING);
+    assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS);
+}
