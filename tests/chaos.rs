@@ -23,6 +23,7 @@ const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024;
 /// The failover probe writes here, outside the writer's region.
 const PROBE_OFFSET: u64 = 8 * MIB;
+/// Cycles in CI; `BLKREPL_CHAOS_CYCLES` runs more.
 const CYCLES: usize = 21;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -228,7 +229,8 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
         let (mut primary, mut secondary) = ("alpha", "beta");
         let faults = [Fault::Kill, Fault::Partition, Fault::Stop];
         let mut failovers = Vec::new();
-        for cycle in 0..CYCLES {
+        let cycles = std::env::var("BLKREPL_CHAOS_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(CYCLES);
+        for cycle in 0..cycles {
             let fault = faults[cycle % faults.len()];
             let acked_before = shared.0.lock().unwrap().history.acked_writes;
             wait_until(&c, "the writer to make progress", 30, || shared.0.lock().unwrap().history.acked_writes > acked_before + 50);
@@ -299,7 +301,7 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
                 let h = &ctl.history;
                 (h.failed.clone(), h.unanswered.clone(), h.acked_writes, h.failed.get(secondary).copied().unwrap_or(0))
             };
-            assert_eq!(failed_new, failed_before, "cycle {cycle}: the primary with quorum ({secondary}) failed writes");
+            assert_eq!(failed_new, failed_before, "cycle {cycle}: the primary with quorum ({secondary}) failed writes\n{}", c.logs());
             let brains = split_brains(&c);
             say(&format!(
                 "chaos: cycle {cycle:2} {fault:?} on {primary}: failover {:.2} s; acknowledged {acked}, failed {failed:?}, unanswered {unanswered:?}, split brains {brains}",

@@ -335,17 +335,32 @@ impl State {
             return same(self.sb.uuids.current) || peer.repl == ReplState::SyncSource;
         }
         let knows_nothing = peer.witness && same(crate::core::sync_decision::UUID_JUST_CREATED);
-        knows_nothing
-            || same(self.sb.uuids.current)
-            || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| *u != 0 && same(*u))
+        knows_nothing || self.knows_generation(state.current_uuid)
+    }
+
+    /// Whether `uuid` is this node's generation or one it has moved past (its history, or where
+    /// one of its bitmaps starts): not newer than its data.
+    fn knows_generation(&self, uuid: u64) -> bool {
+        let same = |u: u64| u != 0 && crate::core::sync_decision::same_uuid(u, uuid);
+        same(self.sb.uuids.current) || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| same(*u))
+    }
+
+    /// Whether a connected node reports another primary and holds a generation this node does
+    /// not know, i.e. one started after this node's: evidence that another node was promoted
+    /// past this one. A stale primary seen next to this one (directly, with a generation this
+    /// node left behind, or through a node that follows this node's generation) is no such
+    /// evidence: a primary whose lease lapsed for a moment must not give up for it.
+    fn newer_primary_seen(&self) -> bool {
+        let me = 1u32 << self.sb.node_id;
+        self.peers.iter().filter(|p| p.link.is_some()).filter_map(|p| p.last_state).any(|s| s.primaries & !me != 0 && !self.knows_generation(s.current_uuid))
     }
 
     /// What quorum lets this node do with writes now. As primary: complete them only with
     /// quorum and while no reachable node reports another primary (a healed partition can
     /// reconnect an isolated old primary to a witness that already follows the new one). A
-    /// primary without quorum that sees another primary was superseded: nothing it holds can
-    /// ever be acknowledged. A primary with quorum that sees another primary waits for that
-    /// one, which lacks quorum, to step down: it never fails a write because of it.
+    /// primary without quorum that sees a newer primary was superseded: nothing it holds can
+    /// ever be acknowledged. A primary that sees an older one waits for it to step down: it
+    /// never fails a write because of it.
     pub fn admission(&self) -> Admission {
         if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
             return Admission::Proceed;
@@ -354,8 +369,8 @@ impl State {
         match (quorum.has_quorum, quorum.other_primary.is_some()) {
             (true, false) => Admission::Proceed,
             (true, true) => Admission::Hold,
-            (false, true) => Admission::Refuse,
-            (false, false) => match self.on_no_quorum {
+            (false, true) if self.newer_primary_seen() => Admission::Refuse,
+            (false, _) => match self.on_no_quorum {
                 OnNoQuorum::SuspendIo => Admission::Hold,
                 OnNoQuorum::IoError => Admission::Refuse,
             },
@@ -402,14 +417,15 @@ impl State {
         Ok(())
     }
 
-    /// Another node was promoted while this primary had no quorum: the writes it holds can never
-    /// be acknowledged (the new primary does not have them), and it steps down.
+    /// Another node was promoted while this primary had no quorum (a connected node reports
+    /// it, with a generation newer than this node's): the writes it holds can never be
+    /// acknowledged (the new primary does not have them), and it steps down.
     pub fn superseded(&self) -> bool {
         if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
             return false;
         }
         let quorum = self.quorum();
-        !quorum.has_quorum && quorum.other_primary.is_some()
+        !quorum.has_quorum && quorum.other_primary.is_some() && self.newer_primary_seen()
     }
 
     /// Releases held completions and writes once this primary may complete writes again, or
