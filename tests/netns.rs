@@ -120,3 +120,40 @@ fn witness_down_secondary_reboot_and_primary_crash_resync_only_what_differs() {
     let (ok, out) = c.check("beta", &[(0, MIB, 0x31), (8 * MIB, 2 * MIB, 0x32), (60 * MIB, 4096, 0x33), (100 * MIB, MIB, 0x34)]);
     assert!(ok, "{out}");
 }
+
+/// `on_suspended_primary_outdated = "disconnect"`: the old primary does not step down; it fails
+/// what it holds and goes StandAlone, so the new primary does not wait for it, until an operator
+/// demotes and reconnects it.
+#[test]
+fn an_old_primary_told_to_disconnect_goes_stand_alone_and_the_new_one_keeps_writing() {
+    let Some(c) = trio("on_suspended_primary_outdated = \"disconnect\"") else { return };
+    c.write("alpha", &[(0, MIB, 0x41)]);
+    c.isolate("alpha");
+    c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    let (ns, url) = (c.ns("alpha").unwrap(), c.nbd_url("alpha"));
+    let held = std::thread::spawn(move || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-t", "writeback", &url, "-c", "write -P 0x42 4M 64k", "-c", "flush"])
+            .output()
+            .unwrap();
+        out.status.success()
+    });
+    c.wait_for("alpha", "the write held", |s| s["suspended_writes"].as_u64() >= Some(1));
+    c.wait_for("beta", "may promote", |s| s["may_promote"] == true);
+    c.ok("beta", &["primary", "r0"]);
+    c.heal("alpha");
+    assert!(!held.join().unwrap(), "the old primary acknowledged a write it held");
+    let alpha = c.wait_for("alpha", "StandAlone", |s| {
+        s["peers"].as_array().unwrap().iter().all(|p| p["connection"] == "StandAlone")
+    });
+    assert_eq!(alpha["role"], "Primary", "disconnect keeps it primary: {alpha}");
+    let (ok, out) = c.qemu_io("alpha", &["write -P 0x44 4M 64k".into()]);
+    assert!(!ok, "a superseded primary accepted a write: {out}");
+    // beta does not wait for it: writes complete.
+    c.write("beta", &[(8 * MIB, MIB, 0x43)]);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("alpha", &["connect", "r0"]);
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
+    let (ok, out) = c.check("beta", &[(0, MIB, 0x41), (4 * MIB, 64 << 10, 0), (8 * MIB, MIB, 0x43)]);
+    assert!(ok, "{out}");
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Cluster, Options, BIN};
+use common::{Cluster, BIN};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -46,14 +46,7 @@ fn action(c: &Cluster, node: &str, name: &str) -> (i32, String) {
 /// Three fresh nodes declared in sync, then alpha's daemon down: what Pacemaker finds before it
 /// starts the clone on alpha.
 fn cluster() -> Cluster {
-    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
-    c.create_md_and_up();
-    c.wait_for("alpha", "peers", |s| {
-        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
-    });
-    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
-    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
-    c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+    let c = Cluster::fresh_witness_trio();
     c.ok("alpha", &["down", "r0"]);
     c
 }

@@ -53,13 +53,7 @@ fn with_a_witness_the_survivor_takes_over_every_acknowledged_write() {
 
 #[test]
 fn declaring_fresh_disks_in_sync_leaves_the_witness_diskless() {
-    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
-    c.create_md_and_up();
-    c.wait_for("alpha", "peers", |s| {
-        Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
-    });
-    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
-    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let c = Cluster::fresh_witness_trio();
     c.ok("alpha", &["primary", "r0"]);
     // The witness hears of the primary after anything alpha sent before: it is in order.
     let tie = c.wait_for("tie", "alpha primary", |s| Cluster::peer(s, "alpha")["peer_role"] == "Primary");

@@ -45,6 +45,19 @@ show_logs() {
 FIO_COMMON=(--ioengine=libaio --direct=1 --verify=crc32c --randrepeat=1 --output-format=terse --terse-version=3)
 # fio's terse v3 output: field 5 is the job's error code.
 fio_ok() { local out; out=$(fio "$@" 2>&1) || { echo "$out" | tail -5 >&2; return 1; }; [ "$(echo "$out" | tail -1 | cut -d';' -f5)" = 0 ]; }
+# beta was promoted after alpha failed: beta's device (in $BDEV) gets alpha's journal replayed
+# (as a mount would), passes e2fsck -fn, is mounted on MOUNTB, and holds every file of SUMS
+# (checksums of files alpha had synced under MOUNT).
+promoted_beta_fs() {
+  local r=$1 mnt=$2 mntb=$3 sums=$4
+  bl beta primary "$r" >/dev/null || die "beta refused promotion: $(status beta "$r")"
+  BDEV=$(field beta "$r" .device)
+  [ -b "$BDEV" ] || die "beta's device $BDEV did not appear"
+  e2fsck -y -E journal_only "$BDEV" >/dev/null 2>&1
+  e2fsck -fn "$BDEV" > "$WORK/$r.e2fsck.out" 2>&1 || { tail -20 "$WORK/$r.e2fsck.out" >&2; die "e2fsck -fn found errors on beta"; }
+  mkdir -p "$mntb" && mount "$BDEV" "$mntb" || die "cannot mount beta's device"
+  sed "s# $mnt/# $mntb/#" "$sums" | sha256sum --quiet -c - || die "a file synced before the failure differs on beta"
+}
 # A connected pair (alpha Primary) with a filesystem on alpha's device $DEV mounted on MOUNT.
 pair_with_filesystem() {
   replicated_pair "$1" || return 1
@@ -149,15 +162,8 @@ t_failover() {
   kill -9 "$pid" && wait_dead "$pid" || return 1
   echo "  killed alpha's daemon (pid $pid) mid-write; promoting beta"
   wait_for beta $r '.peers[0].connection != "Connected"' || return 1
-  bl beta primary $r >/dev/null || die "beta refused promotion: $(status beta $r)"
-  local bdev; bdev=$(field beta $r .device)
-  [ -b "$bdev" ] || die "beta's device $bdev did not appear"
-  # Replay the journal alpha left (as a mount would), then the full read-only check.
-  e2fsck -y -E journal_only "$bdev" >/dev/null 2>&1
-  e2fsck -fn "$bdev" > "$WORK/e2fsck.out" 2>&1 || { tail -20 "$WORK/e2fsck.out" >&2; die "e2fsck -fn found errors"; }
-  mkdir -p $mntb && mount "$bdev" $mntb || die "cannot mount beta's device"
+  promoted_beta_fs $r $mnt $mntb "$WORK/r2.synced.sums" || return 1
   local synced; synced=$(wc -l < "$WORK/r2.synced.sums")
-  sed "s# $mnt/# $mntb/#" "$WORK/r2.synced.sums" | sha256sum --quiet -c - || die "a file synced before the kill differs on beta"
 
   # alpha restarts: beta is primary now, so alpha's device, held since the kill, is attached
   # failing every request. fio gets its errors, saves its verify state and ends.
@@ -245,13 +251,7 @@ t_partition() {
   echo "  alpha cut off (its bridge port down); waiting for beta to be allowed to promote"
   wait_for alpha $r '.quorum == false' || return 1
   wait_for beta $r '.may_promote == true' || return 1
-  bl beta primary $r >/dev/null || die "beta refused promotion: $(status beta $r)"
-  local bdev; bdev=$(field beta $r .device)
-  [ -b "$bdev" ] || die "beta's device $bdev did not appear"
-  e2fsck -y -E journal_only "$bdev" >/dev/null 2>&1
-  e2fsck -fn "$bdev" > "$WORK/e2fsck5.out" 2>&1 || { tail -20 "$WORK/e2fsck5.out" >&2; die "e2fsck -fn found errors on beta"; }
-  mkdir -p $mntb && mount "$bdev" $mntb || die "cannot mount beta's device"
-  sed "s# $mnt/# $mntb/#" "$WORK/r5.synced.sums" | sha256sum --quiet -c - || die "a file synced before the partition differs on beta"
+  promoted_beta_fs $r $mnt $mntb "$WORK/r5.synced.sums" || return 1
   [ "$(field alpha $r .role)" = Primary ] || die "alpha gave up before it heard of beta: $(status alpha $r)"
 
   ip link set balpha up || die "cannot heal"

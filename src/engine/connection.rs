@@ -27,6 +27,13 @@ const FEATURE_AUTH: u64 = 1;
 /// Hello feature bit: this node is a diskless witness (no data, no size to compare).
 const FEATURE_DISKLESS: u64 = 2;
 const DIAL_INTERVAL: Duration = Duration::from_millis(300);
+/// After a peer refused the connection (it is StandAlone, or refuses this node): it will not
+/// change its mind within a dial interval, and each refusal costs it a handshake.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
+/// How a dial that the peer refused is reported.
+const PEER_REFUSED: &str = "peer refused: ";
+/// Why a StandAlone node refuses a peer (expected, so logged quietly by the refusing side).
+const STAND_ALONE: &str = "node is StandAlone (disconnected; `blkrepl connect` reconnects it)";
 /// BitmapRuns frames carry at most this many runs.
 const RUNS_PER_FRAME: usize = 4096;
 
@@ -42,8 +49,12 @@ pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) {
                 let shared = shared.clone();
                 std::thread::spawn(move || {
                     let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    if let Err(reason) = accept(&shared, stream) {
-                        tracing::warn!(resource = %shared.config.name, %from, "refused a peer connection: {reason}");
+                    match accept(&shared, stream) {
+                        Err(reason) if reason == STAND_ALONE => {
+                            tracing::debug!(resource = %shared.config.name, %from, "refused a peer connection: {reason}");
+                        }
+                        Err(reason) => tracing::warn!(resource = %shared.config.name, %from, "refused a peer connection: {reason}"),
+                        Ok(()) => {}
                     }
                 });
             }
@@ -58,7 +69,13 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
             .name(format!("dial-{}", peer.name))
             .spawn(move || {
                 let mut last_error = String::new();
+                let mut last_attempt: Option<Instant> = None;
                 loop {
+                    // At most one attempt per dial interval, also when the last one connected
+                    // and was closed at once (a peer that refuses after its handshake).
+                    if let Some(wait) = last_attempt.and_then(|t| DIAL_INTERVAL.checked_sub(t.elapsed())) {
+                        std::thread::sleep(wait);
+                    }
                     {
                         let st = shared.lock();
                         if st.stopping {
@@ -70,6 +87,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                             continue;
                         }
                     }
+                    last_attempt = Some(Instant::now());
                     let result = TcpStream::connect_timeout(&address, shared.config.timing.ping_timeout)
                         .map_err(|e| format!("cannot reach {address}: {e}"))
                         .and_then(|stream| dial(&shared, peer_id, stream));
@@ -80,8 +98,9 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                             tracing::info!(resource = %shared.config.name, peer = peer_id, "connecting: {reason}");
                             last_error = reason.clone();
                         }
+                        let refused = reason.starts_with(PEER_REFUSED);
                         shared.lock().peer_mut(peer_id).last_error = Some(reason);
-                        std::thread::sleep(DIAL_INTERVAL);
+                        std::thread::sleep(if refused { REFUSED_RETRY } else { DIAL_INTERVAL });
                     } else {
                         last_error.clear();
                     }
@@ -173,6 +192,9 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
         Err(e) => return Err(format!("handshake: {e}")),
     };
     let peer_id = check_hello(shared, &hello, None).map_err(|reason| refuse(&stream, &reason))?;
+    if !shared.lock().peer(peer_id).want_connect {
+        return Err(refuse(&stream, STAND_ALONE));
+    }
     if peer_id < shared.me.id {
         return Err(refuse(&stream, "the node with the higher id dials: check the node ids in both resource files"));
     }
@@ -187,7 +209,7 @@ fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), Stri
     send(&stream, &Message::Hello(my_hello(shared, peer_id)))?;
     let hello = match read_message(&mut reader) {
         Ok(Message::Hello(hello)) => hello,
-        Ok(Message::Disconnect { reason }) => return Err(format!("peer refused: {reason}")),
+        Ok(Message::Disconnect { reason }) => return Err(format!("{PEER_REFUSED}{reason}")),
         Ok(other) => return Err(refuse(&stream, &format!("expected Hello, got {}", other.name()))),
         Err(e) => return Err(format!("handshake: {e}")),
     };
@@ -237,7 +259,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReade
     }
     let peer = st.peer(peer_id);
     if !peer.want_connect {
-        return Err(refuse(&stream, "node is StandAlone (disconnected by the operator)"));
+        return Err(refuse(&stream, STAND_ALONE));
     }
     if peer.link.is_some() {
         return Err(refuse(&stream, "already connected"));
@@ -346,7 +368,7 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
             }
             let mut deferred = Deferred::default();
             st.release_suspended(false, &mut deferred);
-            super::step_down_if_superseded(shared, &mut st);
+            super::step_down_if_superseded(shared, &mut st, &mut deferred);
             drop(st);
             deferred.run(shared);
             Ok(())
@@ -491,7 +513,7 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     }
     let mut deferred = Deferred::default();
     st.release_suspended(false, &mut deferred);
-    super::step_down_if_superseded(shared, &mut st);
+    super::step_down_if_superseded(shared, &mut st, &mut deferred);
     shared.changed.notify_all();
     drop(st);
     deferred.run(shared);

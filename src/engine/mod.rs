@@ -258,6 +258,7 @@ impl Engine {
             generation_pending: Vec::new(),
             stepping_down: false,
             stepped_down: None,
+            superseded_latched: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
         let shared = Shared {
@@ -563,6 +564,7 @@ impl Engine {
     fn leave_primary(&self, mut st: MutexGuard<'_, State>, export: Option<Export>) -> Result<(), EngineError> {
         let shared = &self.shared;
         st.role = Role::Secondary;
+        st.superseded_latched = false;
         let mut held = Deferred::default();
         st.release_suspended(true, &mut held);
         st.generation_pending.clear();
@@ -720,13 +722,8 @@ impl Engine {
     /// Drops every peer connection and stays StandAlone until `connect`.
     pub fn disconnect(&self) {
         let mut st = self.shared.lock();
-        let ids: Vec<u8> = st.peers.iter().map(|p| p.node_id).collect();
         let mut deferred = Deferred::default();
-        for id in ids {
-            st.peer_mut(id).want_connect = false;
-            connection::drop_peer(&self.shared, &mut st, id, "disconnected by the operator", &mut deferred);
-            st.peer_mut(id).conn = ConnState::StandAlone;
-        }
+        stand_alone(&self.shared, &mut st, "disconnected by the operator", &mut deferred);
         drop(st);
         deferred.run(&self.shared);
     }
@@ -856,10 +853,29 @@ impl Engine {
     }
 }
 
-/// Starts a step-down (see [`Engine::step_down`]) once this primary was superseded, unless the
-/// resource says to stay primary (`on_suspended_primary_outdated = "disconnect"`).
-pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State) {
-    if st.stepping_down || shared.config.on_superseded != OnSuperseded::ForceSecondary || !st.superseded() {
+/// Drops every peer connection and stays StandAlone until `connect`.
+fn stand_alone(shared: &Arc<Shared>, st: &mut State, reason: &str, deferred: &mut Deferred) {
+    for id in st.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
+        st.peer_mut(id).want_connect = false;
+        connection::drop_peer(shared, st, id, reason, deferred);
+        st.peer_mut(id).conn = ConnState::StandAlone;
+    }
+}
+
+/// Once this primary was superseded: starts a step-down (see [`Engine::step_down`]), or, when
+/// the resource says to stay primary (`on_suspended_primary_outdated = "disconnect"`), fails
+/// what it holds and goes StandAlone until an operator acts, so that nobody sees it as a
+/// primary any more (the primary with quorum would otherwise wait for it, holding writes).
+pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
+    if st.stepping_down || !st.superseded() {
+        return;
+    }
+    if shared.config.on_superseded == OnSuperseded::Disconnect {
+        tracing::error!(resource = %shared.config.name,
+            "another node was promoted while this node had no quorum: failing what it holds and disconnecting (on_suspended_primary_outdated is disconnect); demote it, then `connect`");
+        st.superseded_latched = true;
+        st.release_suspended(true, deferred);
+        stand_alone(shared, st, "superseded by a newer primary (on_suspended_primary_outdated is disconnect)", deferred);
         return;
     }
     st.stepping_down = true;

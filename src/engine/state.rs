@@ -198,6 +198,10 @@ pub struct State {
     pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
+    /// This primary learned it was superseded and stays primary, disconnected
+    /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
+    /// is demoted, though it no longer sees the newer primary.
+    pub superseded_latched: bool,
 }
 
 impl State {
@@ -365,6 +369,9 @@ impl State {
         if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
             return Admission::Proceed;
         }
+        if self.superseded_latched {
+            return Admission::Refuse;
+        }
         let quorum = self.quorum();
         match (quorum.has_quorum, quorum.other_primary.is_some()) {
             (true, false) => Admission::Proceed,
@@ -388,7 +395,7 @@ impl State {
             }
             Admission::Hold => {
                 if self.suspended.is_empty() {
-                    tracing::warn!(quorum = ?self.quorum(), "no quorum: suspending write completions until it returns");
+                    tracing::warn!(quorum = ?self.quorum(), "no quorum, or an old primary still seen: holding write completions");
                 }
                 self.suspended.push((done, result));
             }

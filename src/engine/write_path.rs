@@ -176,7 +176,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         Ok(_) => {
             if st.held_writes.is_empty() {
                 tracing::warn!(resource = %shared.config.name, quorum = ?st.quorum(),
-                    "no quorum: holding new writes before they reach any disk, until it returns");
+                    "no quorum, or an old primary still seen: holding new writes before they reach any disk");
             }
             st.held_writes.push(HeldWrite { offset, len, kind, done });
             return;

@@ -266,6 +266,20 @@ impl Cluster {
         c
     }
 
+    /// alpha and beta with fresh disks declared in sync (`new-current-uuid --clear-bitmap`), a
+    /// witness `tie`, quorum majority, all Secondary and connected.
+    pub fn fresh_witness_trio() -> Cluster {
+        let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
+        c.create_md_and_up();
+        c.wait_for("alpha", "peers", |s| {
+            Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
+        });
+        c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+        c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+        c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
+        c
+    }
+
     /// Replaces `from` with `to` in the resource file (for `adjust`).
     pub fn edit_config(&self, from: &str, to: &str) {
         let path = self.config_dir().join("r0.toml");
