@@ -75,6 +75,11 @@ export DEBIAN_FRONTEND=noninteractive
 verb=installing; [ -z "$plan" ] || verb="would install"
 echo "setup: $verb for ${purposes[*]}: ${missing[*]}"
 if [ "$(id -u)" = 0 ]; then
+  # An earlier install that was interrupted leaves dpkg half done, and apt refuses to go on.
+  if [ -n "$(dpkg --audit 2>/dev/null)" ] && [ -z "$plan" ]; then
+    echo "setup: an earlier package installation was interrupted: dpkg --configure -a"
+    dpkg --configure -a >/dev/null 2>&1 || echo "setup: dpkg --configure -a failed; run it by hand" >&2
+  fi
   apt-get update -q >/dev/null || echo "setup: apt-get update failed; trying the package lists already here" >&2
 fi
 
