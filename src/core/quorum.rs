@@ -137,6 +137,59 @@ pub fn evaluate(policy: QuorumPolicy, me: u8, peers: &[VoterView]) -> QuorumStat
     QuorumState { votes, voters, needed, has_quorum: votes >= needed, other_primary }
 }
 
+/// What a primary does with a write now (on arrival, and again at its completion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Proceed,
+    /// Hold it: a new write before it reaches any disk, a write in flight by its completion.
+    Hold,
+    /// Fail it: no quorum under io-error, or another node was promoted meanwhile.
+    Refuse,
+}
+
+/// Everything [`admission`] decides on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionInputs {
+    pub policy: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    pub quorum: QuorumState,
+    /// A connected node reports another primary and holds a generation this node does not
+    /// know: evidence of a promotion past this node.
+    pub newer_primary_seen: bool,
+    /// This primary already learned it was superseded and stays primary, disconnected
+    /// (`on_suspended_primary_outdated = "disconnect"`).
+    pub superseded_latched: bool,
+}
+
+/// The rule for a primary's writes. With quorum it completes them, unless it still sees
+/// another primary: then it holds them until that one (which cannot have quorum too: votes are
+/// tied to generations) has stepped down, never failing them because of it. Without quorum it
+/// was superseded if it sees a newer primary: nothing it holds can ever be acknowledged.
+/// Otherwise `on_no_quorum` decides.
+pub fn admission(i: &AdmissionInputs) -> Admission {
+    if i.policy == QuorumPolicy::Off {
+        return Admission::Proceed;
+    }
+    if i.superseded_latched {
+        return Admission::Refuse;
+    }
+    match (i.quorum.has_quorum, i.quorum.other_primary.is_some()) {
+        (true, false) => Admission::Proceed,
+        (true, true) => Admission::Hold,
+        (false, true) if i.newer_primary_seen => Admission::Refuse,
+        (false, _) => match i.on_no_quorum {
+            OnNoQuorum::SuspendIo => Admission::Hold,
+            OnNoQuorum::IoError => Admission::Refuse,
+        },
+    }
+}
+
+/// Whether a primary was superseded: no quorum, and a newer primary seen. It then steps down
+/// (or disconnects, per `on_suspended_primary_outdated`).
+pub fn superseded(i: &AdmissionInputs) -> bool {
+    i.policy != QuorumPolicy::Off && !i.quorum.has_quorum && i.quorum.other_primary.is_some() && i.newer_primary_seen
+}
+
 /// What this node knows that decides whether it may promote and how good a choice it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PromotionInputs {
@@ -175,6 +228,42 @@ impl PromotionInputs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admission_table() {
+        use Admission::*;
+        use OnNoQuorum::*;
+        let q = |has_quorum: bool, other: bool| QuorumState {
+            votes: 0,
+            voters: 3,
+            needed: 2,
+            has_quorum,
+            other_primary: other.then_some(1),
+        };
+        // (quorum, other primary seen, newer primary seen, latched, on_no_quorum) -> admission, superseded
+        let rows = [
+            (true, false, false, false, SuspendIo, Proceed, false),
+            (true, true, false, false, SuspendIo, Hold, false),
+            (true, true, true, false, IoError, Hold, false),
+            (false, false, false, false, SuspendIo, Hold, false),
+            (false, false, false, false, IoError, Refuse, false),
+            (false, true, false, false, SuspendIo, Hold, false),
+            (false, true, true, false, SuspendIo, Refuse, true),
+            (true, false, false, true, SuspendIo, Refuse, false),
+        ];
+        for (has, other, newer, latched, on_no_quorum, want, superseded_want) in rows {
+            let i = AdmissionInputs {
+                policy: QuorumPolicy::Majority,
+                on_no_quorum,
+                quorum: q(has, other),
+                newer_primary_seen: newer,
+                superseded_latched: latched,
+            };
+            assert_eq!(admission(&i), want, "{i:?}");
+            assert_eq!(superseded(&i), superseded_want, "{i:?}");
+            assert_eq!(admission(&AdmissionInputs { policy: QuorumPolicy::Off, ..i }), Proceed);
+        }
+    }
     use proptest::prelude::*;
 
     fn peer(node_id: u8, reachable: bool) -> VoterView {

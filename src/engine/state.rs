@@ -6,7 +6,7 @@ use super::write_path::HeldWrite;
 use super::Shared;
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
-use crate::core::quorum::{evaluate, OnNoQuorum, QuorumPolicy, QuorumState, VoterView};
+use crate::core::quorum::{evaluate, AdmissionInputs, OnNoQuorum, QuorumPolicy, QuorumState, VoterView};
 use crate::core::split_brain::SplitBrainPolicies;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{SyncDecision, UuidView};
@@ -73,15 +73,7 @@ impl Deferred {
     }
 }
 
-/// What a primary does with a new write, judged once per write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Proceed,
-    /// Park it before it touches the disk (see `HeldWrite`).
-    Hold,
-    /// Fail it: no quorum under io-error, or another node was promoted meanwhile.
-    Refuse,
-}
+pub use crate::core::quorum::Admission;
 
 /// A FLUSH waiting for the local disk and for barrier acks.
 pub struct PendingFlush {
@@ -359,29 +351,27 @@ impl State {
         self.peers.iter().filter(|p| p.link.is_some()).filter_map(|p| p.last_state).any(|s| s.primaries & !me != 0 && !self.knows_generation(s.current_uuid))
     }
 
-    /// What quorum lets this node do with writes now. As primary: complete them only with
-    /// quorum and while no reachable node reports another primary (a healed partition can
-    /// reconnect an isolated old primary to a witness that already follows the new one). A
-    /// primary without quorum that sees a newer primary was superseded: nothing it holds can
-    /// ever be acknowledged. A primary that sees an older one waits for it to step down: it
-    /// never fails a write because of it.
+    /// The inputs of `core::quorum::admission` as this node sees them now. The peers'
+    /// generations are only looked at when they matter (no quorum, another primary seen): not
+    /// on every write.
+    fn admission_inputs(&self) -> AdmissionInputs {
+        let quorum = self.quorum();
+        AdmissionInputs {
+            policy: self.quorum_policy,
+            on_no_quorum: self.on_no_quorum,
+            quorum,
+            newer_primary_seen: !quorum.has_quorum && quorum.other_primary.is_some() && self.newer_primary_seen(),
+            superseded_latched: self.superseded_latched,
+        }
+    }
+
+    /// What quorum lets this node do with writes now (see `core::quorum::admission`); a
+    /// secondary's writes are refused earlier, by role.
     pub fn admission(&self) -> Admission {
         if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
             return Admission::Proceed;
         }
-        if self.superseded_latched {
-            return Admission::Refuse;
-        }
-        let quorum = self.quorum();
-        match (quorum.has_quorum, quorum.other_primary.is_some()) {
-            (true, false) => Admission::Proceed,
-            (true, true) => Admission::Hold,
-            (false, true) if self.newer_primary_seen() => Admission::Refuse,
-            (false, _) => match self.on_no_quorum {
-                OnNoQuorum::SuspendIo => Admission::Hold,
-                OnNoQuorum::IoError => Admission::Refuse,
-            },
-        }
+        crate::core::quorum::admission(&self.admission_inputs())
     }
 
     /// Completes a write or flush, unless this primary may not (see [`State::admission`]): then
@@ -428,11 +418,9 @@ impl State {
     /// it, with a generation newer than this node's): the writes it holds can never be
     /// acknowledged (the new primary does not have them), and it steps down.
     pub fn superseded(&self) -> bool {
-        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
-            return false;
-        }
-        let quorum = self.quorum();
-        !quorum.has_quorum && quorum.other_primary.is_some() && self.newer_primary_seen()
+        self.role == Role::Primary
+            && self.quorum_policy != QuorumPolicy::Off
+            && crate::core::quorum::superseded(&self.admission_inputs())
     }
 
     /// Releases held completions and writes once this primary may complete writes again, or
