@@ -6,6 +6,7 @@
 #
 #   scripts/ci/make-fresh.sh [--yes] missing      remove libclang-dev, qemu-system-x86, qemu-utils
 #                                                 and the other packages the entry points install
+#                                                 that fresh images lack
 #   scripts/ci/make-fresh.sh [--yes] other-qemu   remove qemu-system-x86 and put in a qemu-utils of
 #                                                 another upload than the apt sources' qemu-system-x86
 #                                                 (bookworm-backports', as seen on fresh images)
@@ -45,7 +46,7 @@ LIBCLANG=(libclang-dev libclang-14-dev libclang-common-14-dev libclang1-14)
 
 case $1 in
   missing)
-    remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0
+    remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0 resource-agents libxml2-utils
     ;;
   other-qemu)
     remove "${QEMU_SYSTEM[@]}"
