@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 yes=""
 [ "${1:-}" != --yes ] || { yes=1; shift; }
-[ $# = 1 ] || { sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# = 1 ] || { sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 if [ "${CI:-}" != true ] && [ -z "$yes" ]; then
   echo "make-fresh: this removes packages from the machine; run it under CI=true or with --yes" >&2
   exit 2
@@ -67,5 +67,5 @@ case $1 in
       rm -rf "$d"
     fi
     ;;
-  *) sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
