@@ -35,7 +35,6 @@ needs_of() {
     test) needs_of vm; echo resource-agents libxml2-utils ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
-    *) echo "setup: unknown purpose '$1' (build demo test vm bench)" >&2; exit 2 ;;
   esac
 }
 
@@ -49,6 +48,12 @@ for a in "$@"; do
   case $a in --plan) plan=1 ;; -h|--help) usage ;; -*) usage ;; *) purposes+=("$a") ;; esac
 done
 [ ${#purposes[@]} -gt 0 ] || usage
+for p in "${purposes[@]}"; do
+  case $p in
+    build|demo|test|vm|bench) ;;
+    *) echo "setup: unknown purpose '$p' (build demo test vm bench)" >&2; exit 2 ;;
+  esac
+done
 
 if ! command -v cargo >/dev/null; then
   echo "setup: cargo is missing: install the Rust toolchain first (https://rustup.rs), then run this again" >&2
