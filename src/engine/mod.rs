@@ -226,7 +226,8 @@ impl Engine {
             .collect();
         let disk = State::disk_state_from_flags(sb.flags);
         let data_size_bytes = sb.data_size;
-        let recent = recent::RecentWrites::new(sb.data_size, sb.params.bitmap_block_size);
+        let window = recent::RecentWrites::window_for(&config.timing);
+        let recent = recent::RecentWrites::new(sb.data_size, sb.params.bitmap_block_size, window);
         let state = State {
             role: Role::Secondary,
             recent,

@@ -5,31 +5,37 @@
 //! not follow the primary. A peer dies or drops its link to the primary a few seconds before
 //! anyone notices (the read timeout); the writes it missed in that window must not be missed by
 //! this node's bitmap too, or a later resync from here (after the primary dies) would leave them
-//! out. Two bitmaps that rotate every [`WINDOW`] cover at least the last `WINDOW` of writes.
+//! out. Two bitmaps that rotate every window (see [`RecentWrites::window_for`]) cover at least
+//! the last window of writes.
 
+use crate::core::quorum::LinkTiming;
 use crate::meta::DirtyBitmap;
 use std::time::{Duration, Instant};
-
-/// Longer than the time a lost link goes unnoticed (the 5 s read timeout, plus a ping).
-pub const WINDOW: Duration = Duration::from_secs(7);
 
 pub struct RecentWrites {
     current: DirtyBitmap,
     previous: DirtyBitmap,
     since: Instant,
+    window: Duration,
 }
 
 impl RecentWrites {
-    pub fn new(data_size_bytes: u64, block_size: u32) -> RecentWrites {
+    /// Longer than the time a lost link goes unnoticed (the ping timeout), plus two pings.
+    pub fn window_for(timing: &LinkTiming) -> Duration {
+        timing.ping_timeout + 2 * timing.ping_interval
+    }
+
+    pub fn new(data_size_bytes: u64, block_size: u32, window: Duration) -> RecentWrites {
         RecentWrites {
             current: DirtyBitmap::new(data_size_bytes, block_size),
             previous: DirtyBitmap::new(data_size_bytes, block_size),
             since: Instant::now(),
+            window,
         }
     }
 
     pub fn record(&mut self, offset: u64, len: u64, now: Instant) {
-        if now.saturating_duration_since(self.since) >= WINDOW {
+        if now.saturating_duration_since(self.since) >= self.window {
             std::mem::swap(&mut self.current, &mut self.previous);
             self.current.clear_all();
             self.since = now;
@@ -51,7 +57,9 @@ mod tests {
 
     #[test]
     fn covers_at_least_one_window_and_forgets_after_two() {
-        let mut recent = RecentWrites::new(1 << 20, 4096);
+        const WINDOW: Duration = Duration::from_secs(3);
+        assert_eq!(RecentWrites::window_for(&LinkTiming::DEFAULT), WINDOW);
+        let mut recent = RecentWrites::new(1 << 20, 4096, WINDOW);
         let t0 = Instant::now();
         recent.record(0, 4096, t0);
         recent.record(8192, 4096, t0 + WINDOW);

@@ -59,7 +59,7 @@ pub struct Link {
     pub conn: u64,
     pub last_received: Time,
     pub next_ping: Time,
-    /// As a primary, this peer's vote counts until then (LEASE after the send time of the last
+    /// As a primary, this peer's vote counts until then (a lease after the send time of the last
     /// ping it answered).
     pub lease_until: Time,
     pub repl: ReplState,

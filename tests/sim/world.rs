@@ -60,7 +60,7 @@ pub struct Amendments {
     pub resync_target_is_present: bool,
     /// A candidate for promotion, too, counts a peer's vote only within the lease of a ping the
     /// peer answered. `core::quorum` counts any connected peer, and a link is given up only
-    /// after 5 s of silence: a candidate can count the vote of the primary on the other side
+    /// after a ping timeout of silence: a candidate can count the vote of the primary on the other side
     /// of a fresh partition, whose State announcing its promotion is stuck in the cut link.
     pub leased_votes_for_promotion: bool,
 }
