@@ -599,20 +599,18 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
             st.peer_mut(peer_id).want_connect = false;
             Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
         }
-        // Two primaries, one of them superseded under quorum: it steps down by itself (see
-        // `Engine::step_down`) and its next State reopens the decision. Until then the link
-        // stays up, idle.
-        SyncDecision::Refused(Refusal::PrimaryWouldBeTarget) if st.superseded() => {
-            tracing::info!(resource = %shared.config.name, peer = %name, "{name} is primary with quorum: stepping down before resyncing from it");
-            Ok(())
-        }
-        SyncDecision::Refused(Refusal::PeerCannotFollow)
-            if st.role == Role::Primary
-                && st.peer(peer_id).role == Role::Primary
-                && st.quorum_policy != QuorumPolicy::Off
-                && st.quorum().has_quorum =>
+        // Two primaries under quorum: the older one (its generation is the other's past) steps
+        // down by itself (see `Engine::step_down`), and its next State reopens the decision.
+        // Until then the link stays up, idle, on both sides. Judged by generations, not by
+        // this instant's quorum: a lease that lapses for a moment must not refuse for good.
+        SyncDecision::Refused(Refusal::PrimaryWouldBeTarget | Refusal::PeerCannotFollow)
+            if st.role == Role::Primary && st.peer(peer_id).role == Role::Primary && st.quorum_policy != QuorumPolicy::Off =>
         {
-            tracing::info!(resource = %shared.config.name, peer = %name, "{name} is an old primary without quorum: waiting for it to step down");
+            if st.knows_generation(peer_state.current_uuid) {
+                tracing::info!(resource = %shared.config.name, peer = %name, "{name} is an older primary: waiting for it to step down");
+            } else {
+                tracing::info!(resource = %shared.config.name, peer = %name, "{name} is a newer primary: stepping down before resyncing from it");
+            }
             Ok(())
         }
         SyncDecision::Refused(why) => {

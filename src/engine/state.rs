@@ -336,7 +336,7 @@ impl State {
 
     /// Whether `uuid` is this node's generation or one it has moved past (its history, or where
     /// one of its bitmaps starts): not newer than its data.
-    fn knows_generation(&self, uuid: u64) -> bool {
+    pub fn knows_generation(&self, uuid: u64) -> bool {
         let same = |u: u64| u != 0 && crate::core::sync_decision::same_uuid(u, uuid);
         same(self.sb.uuids.current) || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| same(*u))
     }
