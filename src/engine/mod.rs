@@ -260,6 +260,7 @@ impl Engine {
             stepping_down: false,
             stepped_down: None,
             superseded_latched: false,
+            left_generation: 0,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
         let shared = Shared {
@@ -566,6 +567,7 @@ impl Engine {
         let shared = &self.shared;
         st.role = Role::Secondary;
         st.superseded_latched = false;
+        st.left_generation = 0;
         let mut held = Deferred::default();
         st.release_suspended(true, &mut held);
         st.generation_pending.clear();

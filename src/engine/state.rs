@@ -194,6 +194,11 @@ pub struct State {
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
     pub superseded_latched: bool,
+    /// The generation this primary left when it started a new one with quorum after losing a
+    /// data peer (0: none). Voters still report it until they hear of the new one; they are
+    /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
+    /// writes under io-error). No other primary can hold it: it was this one's, with quorum.
+    pub left_generation: u64,
 }
 
 impl State {
@@ -328,7 +333,9 @@ impl State {
         let Some(state) = peer.last_state else { return false };
         let same = |uuid: u64| crate::core::sync_decision::same_uuid(state.current_uuid, uuid);
         if self.role == Role::Primary {
-            return same(self.sb.uuids.current) || peer.repl == ReplState::SyncSource;
+            return same(self.sb.uuids.current)
+                || (self.left_generation != 0 && same(self.left_generation))
+                || peer.repl == ReplState::SyncSource;
         }
         let knows_nothing = peer.witness && same(crate::core::sync_decision::UUID_JUST_CREATED);
         knows_nothing || self.knows_generation(state.current_uuid)
@@ -400,6 +407,7 @@ impl State {
             return Ok(());
         }
         let slots = std::mem::take(&mut self.generation_pending);
+        self.left_generation = self.sb.uuids.current;
         let mut generation = self.generation();
         generation.new_current(super::random_u64(), true, true, &slots);
         self.set_generation(generation);
