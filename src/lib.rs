@@ -14,4 +14,5 @@ pub mod disk;
 pub mod engine;
 pub mod frontend;
 pub mod meta;
+pub mod replica;
 pub mod wire;

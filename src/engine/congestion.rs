@@ -34,11 +34,12 @@ pub fn resync_room_bytes(config: &ResourceConfig) -> usize {
 pub fn pull_ahead_if_congested(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) -> bool {
     let OnCongestion::PullAhead { fill_bytes } = shared.config.on_congestion else { return false };
     let congested: Vec<(u8, usize)> = st
+        .replica
         .peers
         .iter()
         // A peer whose bitmap exchange is under way is left alone: its resync decision stands.
         .filter(|p| p.is_replicating() && p.pending_sync.is_none())
-        .filter_map(|p| p.link.as_ref().map(|link| (p.node_id, link.queued_bytes())))
+        .filter_map(|p| st.link(p.node_id).map(|link| (p.node_id, link.queued_bytes())))
         .filter(|(_, queued)| *queued as u64 > fill_bytes)
         .collect();
     for &(peer_id, queued_bytes) in &congested {
@@ -52,7 +53,7 @@ fn go_ahead(shared: &Arc<Shared>, st: &mut State, peer_id: u8, queued_bytes: usi
     // it end with a barrier whose count matches what the peer will count, and whose ack says
     // the peer has taken in everything queued before.
     let last_epoch = write_path::send_barriers(st);
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     let was = std::mem::replace(&mut peer.repl, ReplState::Ahead);
     // A resync in progress stops (its thread sees the state) and starts over when caught up.
     peer.resync = None;
@@ -62,7 +63,7 @@ fn go_ahead(shared: &Arc<Shared>, st: &mut State, peer_id: u8, queued_bytes: usi
         "send queue passed congestion_fill_kib: Ahead of {name}; its writes are recorded in the bitmap until it catches up"
     );
     connection::stops_following(shared, st, peer_id, None, deferred);
-    st.broadcast_state();
+    st.replica.broadcast_state();
     let shared = shared.clone();
     std::thread::Builder::new()
         .name(format!("ahead-{peer_id}"))
@@ -74,16 +75,16 @@ fn go_ahead(shared: &Arc<Shared>, st: &mut State, peer_id: u8, queued_bytes: usi
 fn catch_up_after(shared: &Arc<Shared>, peer_id: u8, generation: u64, last_epoch: u64) {
     let mut st = shared.lock();
     loop {
-        let peer = st.peer(peer_id);
+        let peer = st.replica.peer(peer_id);
         if peer.generation != generation || peer.repl != ReplState::Ahead {
             return;
         }
         if !peer.barriers.iter().any(|(epoch, _)| *epoch <= last_epoch) {
             break;
         }
-        st = shared.changed.wait_timeout(st, WAIT_SLICE).expect("engine state lock poisoned").0;
+        st = st.wait_timeout(WAIT_SLICE);
     }
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     peer.repl = ReplState::Off;
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "the peer caught up with the send queue: resyncing what it missed");
     // The state without the Ahead flag makes the peer leave Behind.
@@ -93,16 +94,16 @@ fn catch_up_after(shared: &Arc<Shared>, peer_id: u8, generation: u64, last_epoch
 /// The peer's `State` says whether it is Ahead of this node: follow it into Behind (this node's
 /// data is then Outdated) and out of it (the connect-time decision then starts the resync).
 pub fn follow_peer(shared: &Shared, st: &mut State, peer_id: u8, peer_ahead: bool) -> Result<(), String> {
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     match (peer_ahead, peer.repl) {
         (true, ReplState::Established | ReplState::SyncTarget) => {
             peer.repl = ReplState::Behind;
             tracing::warn!(resource = %shared.config.name, peer = %peer.name, "Behind: the peer's send queue filled up; it resyncs what this node misses once this node has caught up");
-            if st.disk == DiskState::UpToDate {
-                st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+            if st.replica.disk == DiskState::UpToDate {
+                st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
                 st.persist().map_err(|e| format!("cannot persist the Outdated disk state: {e}"))?;
-                st.disk = DiskState::Outdated;
-                st.broadcast_state();
+                st.replica.disk = DiskState::Outdated;
+                st.replica.broadcast_state();
             }
         }
         (false, ReplState::Behind) => peer.repl = ReplState::Off,

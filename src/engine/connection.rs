@@ -5,13 +5,12 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
-use super::state::{
-    Deferred, State, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
-};
+use super::state::{Deferred, State};
+use crate::replica::{STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING};
 use super::{congestion, digests, random_bytes, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
-use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::quorum::QuorumPolicy;
 use crate::core::sync_decision::{decide, Refusal, SyncDecision, UuidView};
@@ -42,7 +41,7 @@ pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) {
         .name("peer-listener".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                if shared.lock().stopping {
+                if shared.lock().replica.stopping {
                     return;
                 }
                 let Ok(stream) = stream else { continue };
@@ -78,12 +77,12 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                     }
                     {
                         let st = shared.lock();
-                        if st.stopping {
+                        if st.replica.stopping {
                             return;
                         }
-                        let peer = st.peer(peer_id);
-                        if !peer.want_connect || peer.link.is_some() {
-                            let _ = shared.changed.wait_timeout(st, DIAL_INTERVAL);
+                        let peer = st.replica.peer(peer_id);
+                        if !peer.want_connect || peer.connected {
+                            drop(st.wait_timeout(DIAL_INTERVAL));
                             continue;
                         }
                     }
@@ -99,7 +98,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                             last_error = reason.clone();
                         }
                         let refused = reason.starts_with(PEER_REFUSED);
-                        shared.lock().peer_mut(peer_id).last_error = Some(reason);
+                        shared.lock().replica.peer_mut(peer_id).last_error = Some(reason);
                         std::thread::sleep(if refused { REFUSED_RETRY } else { DIAL_INTERVAL });
                     } else {
                         last_error.clear();
@@ -192,7 +191,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
         Err(e) => return Err(format!("handshake: {e}")),
     };
     let peer_id = check_hello(shared, &hello, None).map_err(|reason| refuse(&stream, &reason))?;
-    if !shared.lock().peer(peer_id).want_connect {
+    if !shared.lock().replica.peer(peer_id).want_connect {
         return Err(refuse(&stream, STAND_ALONE));
     }
     if peer_id < shared.me.id {
@@ -254,30 +253,22 @@ fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<TcpS
 fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReader<TcpStream>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut st = shared.lock();
-    if st.stopping {
+    if st.replica.stopping {
         return Err(refuse(&stream, "node is going down"));
     }
-    let peer = st.peer(peer_id);
+    let peer = st.replica.peer(peer_id);
     if !peer.want_connect {
         return Err(refuse(&stream, STAND_ALONE));
     }
-    if peer.link.is_some() {
+    if peer.connected {
         return Err(refuse(&stream, "already connected"));
     }
-    let link = Arc::new(PeerLink::new(stream, shared.config.timing).map_err(|e| e.to_string())?);
-    let state = st.peer_state_for(st.peer(peer_id));
-    let peer = st.peer_mut(peer_id);
-    peer.generation += 1;
-    let generation = peer.generation;
-    peer.link = Some(link.clone());
-    peer.conn = ConnState::Connected;
-    peer.repl = ReplState::Off;
-    peer.departed = false;
-    peer.last_error = None;
-    peer.rx_epoch_writes = 0;
-    link.send_control(Message::State(state));
-    tracing::info!(resource = %shared.config.name, peer = %peer.name, "connected");
+    let link = Arc::new(PeerLink::new(stream).map_err(|e| e.to_string())?);
+    st.set_link(peer_id, Some(link.clone()));
+    let generation = st.replica.link_up(peer_id, Instant::now());
+    tracing::info!(resource = %shared.config.name, peer = %st.replica.peer(peer_id).name, "connected");
     shared.changed.notify_all();
+    shared.timer.notify_all();
     drop(st);
 
     let (shared_w, link_w) = (shared.clone(), link.clone());
@@ -336,11 +327,8 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         Message::Barrier { epoch } => {
             shared.data.sync().map_err(|e| format!("local flush for barrier {epoch} failed: {e}"))?;
             let mut st = shared.lock();
-            let peer = st.peer_mut(peer_id);
-            let writes = std::mem::take(&mut peer.rx_epoch_writes);
-            if let Some(link) = &peer.link {
-                link.send_control(Message::BarrierAck { epoch, writes });
-            }
+            let writes = std::mem::take(&mut st.replica.peer_mut(peer_id).rx_epoch_writes);
+            st.replica.send(peer_id, Message::BarrierAck { epoch, writes });
             Ok(())
         }
         Message::BarrierAck { epoch, writes } => barrier_acked(shared, peer_id, epoch, writes),
@@ -356,16 +344,12 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         Message::State(state) => on_peer_state(shared, peer_id, generation, state),
         Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, peer_id, last, &runs),
         Message::Ping => {
-            if let Some(link) = &shared.lock().peer(peer_id).link {
-                link.send_control(Message::PingAck);
-            }
+            shared.lock().replica.send(peer_id, Message::PingAck);
             Ok(())
         }
         Message::PingAck => {
             let mut st = shared.lock();
-            if let Some(link) = &st.peer(peer_id).link {
-                link.ping_answered();
-            }
+            st.replica.peer_mut(peer_id).lease.answered();
             let mut deferred = Deferred::default();
             st.release_suspended(false, &mut deferred);
             super::step_down_if_superseded(shared, &mut st, &mut deferred);
@@ -394,20 +378,20 @@ fn apply_peer_write(
     let protocol = shared.config.protocol;
     let link = {
         let mut st = shared.lock();
-        if st.role == Role::Primary {
+        if st.replica.role == Role::Primary {
             return Err("peer sent a write but this node is Primary: two primaries, dropping the connection".into());
         }
         if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
             return Err(format!("write at {offset}+{len} is outside the device"));
         }
-        for slot in st.slots_not_following(peer_id) {
-            st.mark_out_of_sync(slot, offset, len);
+        for slot in st.replica.slots_not_following(peer_id) {
+            st.replica.mark_out_of_sync(slot, offset, len);
         }
-        st.recent.record(offset, len, Instant::now());
-        let peer = st.peer_mut(peer_id);
+        st.replica.recent.record(offset, len, Instant::now());
+        let peer = st.replica.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
-        peer.link.clone().ok_or("link closed")?
+        st.link(peer_id).cloned().ok_or("link closed")?
     };
     if protocol == crate::config::Protocol::B {
         link.send_control(Message::RecvAck { id });
@@ -426,7 +410,7 @@ fn apply_peer_write(
 
 fn barrier_acked(shared: &Arc<Shared>, peer_id: u8, epoch: u64, writes: u32) -> Result<(), String> {
     let mut st = shared.lock();
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     let Some((sent_epoch, sent_writes)) = peer.barriers.pop_front() else {
         return Err(format!("barrier ack for epoch {epoch} that was never sent"));
     };
@@ -437,10 +421,10 @@ fn barrier_acked(shared: &Arc<Shared>, peer_id: u8, epoch: u64, writes: u32) -> 
     let slot = peer.slot;
     // The peer now durably holds these blocks exactly as this node does.
     for (offset, len) in durable {
-        st.bitmaps[slot].clear_range(offset, len);
+        st.replica.bitmaps[slot].clear_range(offset, len);
     }
     let mut deferred = Deferred::default();
-    for flush in st.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
+    for flush in st.replica.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
         flush.peers_pending.retain(|id| *id != peer_id);
     }
     write_path::finish_flushes(&mut st, &mut deferred);
@@ -464,8 +448,8 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
 
 fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: PeerState) -> Result<(), String> {
     let mut st = shared.lock();
-    let primaries_before = st.primaries();
-    let peer = st.peer_mut(peer_id);
+    let primaries_before = st.replica.primaries();
+    let peer = st.replica.peer_mut(peer_id);
     if peer.generation != generation {
         return Ok(());
     }
@@ -473,43 +457,43 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
     peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
     let saw_before = peer.last_state.map_or(0, |s| s.primaries);
     peer.last_state = Some(state);
-    if saw_before & !state.primaries & st.primaries() != 0 {
+    if saw_before & !state.primaries & st.replica.primaries() != 0 {
         // It no longer sees a primary it saw and this node still sees (that primary did not just
         // demote): what that primary sent lately may have missed it.
         st.mark_recent_for(peer_id, Some(state.current_uuid)).map_err(|e| format!("cannot persist a bitmap UUID: {e}"))?;
     }
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
         peer.departed = true;
         tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
     }
     if shared.me.disk.is_none() && peer.role == Role::Primary {
         // A witness votes by the newest primary generation it has seen, and says so.
-        let mut known = st.generation();
+        let mut known = st.replica.generation();
         if known.witness_learns(state.current_uuid, &state.history) {
-            st.set_generation(known);
-            st.broadcast_state();
+            st.replica.set_generation(known);
+            st.replica.broadcast_state();
         }
     }
     // A primary that went Ahead of this node is not followed into its new generation.
     congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
-    let peer = st.peer(peer_id);
+    let peer = st.replica.peer(peer_id);
     let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
-    if follows && st.disk == DiskState::UpToDate && st.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current) {
+    if follows && st.replica.disk == DiskState::UpToDate && st.replica.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.replica.sb.uuids.current) {
         follow_primary(shared, &mut st, peer_id, state.current_uuid)?;
     }
-    let peer = st.peer(peer_id);
+    let peer = st.replica.peer(peer_id);
     // The target reports UpToDate under this node's generation only after it applied the whole
     // resync (ResyncDone); an UpToDate from before it started (a State already in flight) must
     // not end the resync.
-    let adopted = crate::core::sync_decision::same_uuid(state.current_uuid, st.sb.uuids.current);
+    let adopted = crate::core::sync_decision::same_uuid(state.current_uuid, st.replica.sb.uuids.current);
     if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
         resync::finish_as_source(shared, &mut st, peer_id)?;
     }
     let result = reconsider(shared, &mut st, peer_id);
-    if st.primaries() != primaries_before {
+    if st.replica.primaries() != primaries_before {
         // Others see primaries through this node (a witness especially): pass the news on.
-        st.broadcast_state();
+        st.replica.broadcast_state();
     }
     let mut deferred = Deferred::default();
     st.release_suspended(false, &mut deferred);
@@ -523,20 +507,20 @@ fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: Peer
 /// An in-sync primary started a new generation (it lost or left behind another peer): take
 /// it over, and start tracking for the peers that do not follow it either.
 fn follow_primary(shared: &Shared, st: &mut State, primary_id: u8, current: u64) -> Result<(), String> {
-    let absent = st.slots_not_following(primary_id);
-    let mut generation = st.generation();
+    let absent = st.replica.slots_not_following(primary_id);
+    let mut generation = st.replica.generation();
     generation.follow(current, &absent);
-    st.set_generation(generation);
+    st.replica.set_generation(generation);
     st.persist().map_err(|e| format!("cannot persist the primary's new generation: {e}"))?;
     tracing::info!(resource = %shared.config.name, uuid = format_args!("{current:016X}"), "following the primary's new generation");
-    st.broadcast_state();
+    st.replica.broadcast_state();
     Ok(())
 }
 
 /// Re-runs the connect-time decision with every connected peer whose stream is idle (after a
 /// promotion, say, a peer may now need a sync).
 pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
-    let ids: Vec<u8> = st.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
+    let ids: Vec<u8> = st.replica.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
     for id in ids {
         if let Err(reason) = reconsider(shared, st, id) {
             drop_peer(shared, st, id, &reason, deferred);
@@ -546,23 +530,23 @@ pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Def
 
 /// Decides what to do with a connected peer whose state is known and whose link is not syncing.
 pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
-    let peer = st.peer(peer_id);
+    let peer = st.replica.peer(peer_id);
     let Some(peer_state) = peer.last_state else { return Ok(()) };
-    if peer.link.is_none() || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
+    if !peer.connected || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
         return Ok(());
     }
     if peer.witness || shared.me.disk.is_none() {
         // A witness only votes: no data and no generations flow either way.
         if peer.repl == ReplState::Off {
             tracing::info!(resource = %shared.config.name, peer = %peer.name, "connected (witness link: votes only)");
-            st.peer_mut(peer_id).repl = ReplState::Established;
+            st.replica.peer_mut(peer_id).repl = ReplState::Established;
         }
         return Ok(());
     }
     let at_connect = peer.repl == ReplState::Off;
-    let my_bits = BitsHolder { bits_for_other: st.bitmaps[peer.slot].weight(), disk: st.disk, is_primary: st.role == Role::Primary };
+    let my_bits = BitsHolder { bits_for_other: st.replica.bitmaps[peer.slot].weight(), disk: st.replica.disk, is_primary: st.replica.role == Role::Primary };
     let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
-    let (mine, theirs, name) = (st.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
+    let (mine, theirs, name) = (st.replica.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
     let decision = match decide(&mine, &theirs) {
         d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => after_split_brain(shared, st, peer_id, d)?,
         // At connect only: blocks an online verify marked are resynced by reconnecting.
@@ -571,12 +555,12 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
     };
     match decision {
         SyncDecision::InSync => {
-            let peer = st.peer_mut(peer_id);
+            let peer = st.replica.peer_mut(peer_id);
             let was = peer.repl;
             peer.repl = ReplState::Established;
-            if st.disk != DiskState::UpToDate && st.confirmed_up_to_date_by(peer_id) {
-                st.disk = DiskState::UpToDate;
-                st.broadcast_state();
+            if st.replica.disk != DiskState::UpToDate && st.replica.confirmed_up_to_date_by(peer_id) {
+                st.replica.disk = DiskState::UpToDate;
+                st.replica.broadcast_state();
             }
             if was == ReplState::Off {
                 tracing::info!(resource = %shared.config.name, peer = %name, "in sync, replicating");
@@ -588,15 +572,14 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
                 mine = format_args!("{:016X}/{:016X}", mine.current, mine.bitmap_for_peer),
                 theirs = format_args!("{:016X}/{:016X}", theirs.current, theirs.bitmap_for_peer),
                 "resync needed");
-            let peer = st.peer_mut(peer_id);
+            let peer = st.replica.peer_mut(peer_id);
             peer.pending_sync = Some(d);
             let slot = peer.slot;
-            let link = peer.link.clone().ok_or("link closed")?;
-            send_bitmap(&link, &st.bitmaps[slot]);
+            send_bitmap(&mut st.replica, peer_id, slot);
             Ok(())
         }
         SyncDecision::Unrelated => {
-            st.peer_mut(peer_id).want_connect = false;
+            st.replica.peer_mut(peer_id).want_connect = false;
             Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
         }
         // Two primaries under quorum: the older one (its generation is the other's past) steps
@@ -604,9 +587,9 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
         // Until then the link stays up, idle, on both sides. Judged by generations, not by
         // this instant's quorum: a lease that lapses for a moment must not refuse for good.
         SyncDecision::Refused(Refusal::PrimaryWouldBeTarget | Refusal::PeerCannotFollow)
-            if st.role == Role::Primary && st.peer(peer_id).role == Role::Primary && st.quorum_policy != QuorumPolicy::Off =>
+            if st.replica.role == Role::Primary && st.replica.peer(peer_id).role == Role::Primary && st.replica.quorum_policy != QuorumPolicy::Off =>
         {
-            if st.knows_generation(peer_state.current_uuid) {
+            if st.replica.knows_generation(peer_state.current_uuid) {
                 tracing::info!(resource = %shared.config.name, peer = %name, "{name} is an older primary: waiting for it to step down");
             } else {
                 tracing::info!(resource = %shared.config.name, peer = %name, "{name} is a newer primary: stepping down before resyncing from it");
@@ -614,7 +597,7 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
             Ok(())
         }
         SyncDecision::Refused(why) => {
-            st.peer_mut(peer_id).want_connect = false;
+            st.replica.peer_mut(peer_id).want_connect = false;
             Err(format!("cannot sync with {name}: {why:?} (demote the primary or invalidate the stale node)"))
         }
         _ => unreachable!("every decision is handled"),
@@ -626,15 +609,15 @@ pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> R
 /// bitmap resync of both sides' changes; with only shared history, a full sync. Otherwise the
 /// link is refused and the node stays StandAlone.
 fn after_split_brain(shared: &Shared, st: &mut State, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
-    let peer = st.peer(peer_id);
+    let peer = st.replica.peer(peer_id);
     let theirs = peer.last_state.ok_or("split brain without the peer's state")?;
-    let mine = st.uuid_view(peer);
+    let mine = st.replica.uuid_view(peer);
     let me = SbSide {
         node_id: shared.me.id,
-        is_primary: st.role == Role::Primary,
+        is_primary: st.replica.role == Role::Primary,
         was_primary_at_split: mine.bitmap_for_peer & 1 != 0,
-        changed_blocks: st.bitmaps[peer.slot].weight(),
-        discard_my_data: st.discard_my_data,
+        changed_blocks: st.replica.bitmaps[peer.slot].weight(),
+        discard_my_data: st.replica.discard_my_data,
     };
     let them = SbSide {
         node_id: peer_id,
@@ -645,7 +628,7 @@ fn after_split_brain(shared: &Shared, st: &mut State, peer_id: u8, decision: Syn
     };
     let bitmaps_usable = decision == SyncDecision::SplitBrain;
     // Without shared bitmaps nothing says which blocks differ: only the operator may choose.
-    let policies = if bitmaps_usable { st.split_brain } else { SplitBrainPolicies::default() };
+    let policies = if bitmaps_usable { st.replica.split_brain } else { SplitBrainPolicies::default() };
     let name = peer.name.clone();
     let both = format!(
         "this node current {:016X} bitmap {:016X} changed {} blocks, {name} current {:016X} bitmap {:016X} changed {} blocks",
@@ -661,26 +644,27 @@ fn after_split_brain(shared: &Shared, st: &mut State, peer_id: u8, decision: Syn
                 "split brain detected with {name}: both changed data since they last agreed ({both}); not connecting ({why}). Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there"
             );
             tracing::error!(resource = %shared.config.name, "{reason}");
-            st.peer_mut(peer_id).want_connect = false;
+            st.replica.peer_mut(peer_id).want_connect = false;
             return Err(reason);
         }
     };
     let victim = if resolved.is_target() { "this node" } else { name.as_str() };
     tracing::warn!(resource = %shared.config.name, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
     if resolved.is_target() {
-        st.discard_my_data = false;
+        st.replica.discard_my_data = false;
     }
     Ok(resolved)
 }
 
-fn send_bitmap(link: &PeerLink, bitmap: &crate::meta::DirtyBitmap) {
-    let runs: Vec<(u64, u64)> = bitmap.runs().collect();
+/// Sends this node's bitmap for `peer` (bitmap `slot`) in frames of at most `RUNS_PER_FRAME` runs.
+fn send_bitmap(replica: &mut crate::replica::Replica, peer: u8, slot: usize) {
+    let runs: Vec<(u64, u64)> = replica.bitmaps[slot].runs().collect();
     let mut chunks = runs.chunks(RUNS_PER_FRAME).peekable();
     if chunks.peek().is_none() {
-        link.send_control(Message::BitmapRuns { last: true, runs: Vec::new() });
+        replica.send(peer, Message::BitmapRuns { last: true, runs: Vec::new() });
     }
     while let Some(chunk) = chunks.next() {
-        link.send_control(Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
+        replica.send(peer, Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
     }
 }
 
@@ -688,26 +672,26 @@ fn send_bitmap(link: &PeerLink, bitmap: &crate::meta::DirtyBitmap) {
 /// side knows to differ (a crashed primary's activity-log extents are only in its own bitmap).
 fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
     let mut st = shared.lock();
-    let slot = st.peer(peer_id).slot;
-    st.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
+    let slot = st.replica.peer(peer_id).slot;
+    st.replica.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
     if !last {
         return Ok(());
     }
-    let decision = st.peer_mut(peer_id).pending_sync.take().ok_or("bitmap received without a sync decision")?;
+    let decision = st.replica.peer_mut(peer_id).pending_sync.take().ok_or("bitmap received without a sync decision")?;
     let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
     if full {
         let len = shared.data_size_bytes;
-        st.mark_out_of_sync(slot, 0, len);
+        st.replica.mark_out_of_sync(slot, 0, len);
     }
-    let total_bytes = st.bitmaps[slot].weight_bytes();
-    let peer = st.peer_mut(peer_id);
+    let total_bytes = st.replica.bitmaps[slot].weight_bytes();
+    let peer = st.replica.peer_mut(peer_id);
     peer.resync = Some(resync::progress(total_bytes, full));
     if decision.is_target() {
         peer.repl = ReplState::SyncTarget;
-        st.disk = DiskState::Inconsistent;
-        st.sb.flags.remove(MetaFlags::CONSISTENT);
+        st.replica.disk = DiskState::Inconsistent;
+        st.replica.sb.flags.remove(MetaFlags::CONSISTENT);
         st.persist().map_err(|e| format!("cannot mark the disk Inconsistent before resync: {e}"))?;
-        st.broadcast_state();
+        st.replica.broadcast_state();
         tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as target");
     } else {
         peer.repl = ReplState::SyncSource;
@@ -715,9 +699,9 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
         // The pair agreed this node holds the newer data (e.g. it crashed as primary and the
         // peer did not move on): like "in sync" with a good peer, that confirms it UpToDate, so
         // a daemon restarted under a mounted device can become primary again.
-        if st.disk == DiskState::Consistent {
-            st.disk = DiskState::UpToDate;
-            st.broadcast_state();
+        if st.replica.disk == DiskState::Consistent {
+            st.replica.disk = DiskState::UpToDate;
+            st.replica.broadcast_state();
         }
         st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
         tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as source");
@@ -728,9 +712,9 @@ fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u
 }
 
 /// The link to `peer_id` (of `generation`) died.
-fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
+pub(super) fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
     let mut st = shared.lock();
-    if st.peer(peer_id).generation != generation {
+    if st.replica.peer(peer_id).generation != generation {
         return;
     }
     let mut deferred = Deferred::default();
@@ -742,25 +726,14 @@ fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &str) {
 /// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
 /// for it complete, and a primary starts a new generation before any of them completes.
 pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
-    let primaries_before = st.primaries();
-    let peer = st.peer_mut(peer_id);
-    let Some(link) = peer.link.take() else { return };
+    let primaries_before = st.replica.primaries();
+    let Some(link) = st.set_link(peer_id, None) else { return };
     link.close(reason);
-    peer.sent_bytes_before += link.sent_bytes();
-    peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
-    let was = std::mem::replace(&mut peer.repl, ReplState::Off);
-    let last_generation = peer.last_state.filter(|_| was == ReplState::Established).map(|s| s.current_uuid);
-    peer.role = Role::Unknown;
-    peer.disk = DiskState::DUnknown;
-    peer.last_state = None;
-    peer.pending_sync = None;
-    peer.resync = None;
-    peer.barriers.clear();
-    peer.last_error = Some(reason.to_owned());
-    tracing::warn!(resource = %shared.config.name, peer = %peer.name, was = %was, "connection lost: {reason}");
+    let (was, last_generation) = st.replica.link_down(peer_id, reason, link.sent_bytes());
+    tracing::warn!(resource = %shared.config.name, peer = %st.replica.peer(peer_id).name, was = %was, "connection lost: {reason}");
     stops_following(shared, st, peer_id, last_generation, deferred);
-    if st.primaries() != primaries_before {
-        st.broadcast_state();
+    if st.replica.primaries() != primaries_before {
+        st.replica.broadcast_state();
     }
 }
 
@@ -775,31 +748,31 @@ pub(super) fn stops_following(
     last_generation: Option<u64>,
     deferred: &mut Deferred,
 ) {
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     let slot = peer.slot;
     let mut lacking = peer.tl.drain_lost();
-    lacking.extend(st.inflight.pending_for(peer_id));
+    lacking.extend(st.replica.inflight.pending_for(peer_id));
     for (offset, len) in lacking {
-        st.mark_out_of_sync(slot, offset, len);
+        st.replica.mark_out_of_sync(slot, offset, len);
     }
     if let Err(e) = st.mark_recent_for(peer_id, last_generation) {
         tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the bitmap UUID of a lost peer");
-        st.disk = DiskState::Failed;
+        st.replica.disk = DiskState::Failed;
     }
     // A witness holds no data, so losing it starts no new generation. For a data peer the new
     // generation starts before the next write completes, which needs quorum (see
     // `State::generation_pending`).
-    if st.role == Role::Primary && !st.peer(peer_id).witness && !st.generation_pending.contains(&slot) {
-        st.generation_pending.push(slot);
+    if st.replica.role == Role::Primary && !st.replica.peer(peer_id).witness && !st.replica.generation_pending.contains(&slot) {
+        st.replica.generation_pending.push(slot);
     }
-    let failed = st.disk == DiskState::Failed;
-    for mut finished in st.inflight.peer_lost(peer_id) {
+    let failed = st.replica.disk == DiskState::Failed;
+    for mut finished in st.replica.inflight.peer_lost(peer_id) {
         if failed {
             finished.local_failure.get_or_insert(crate::core::inflight::LocalFailure::Io);
         }
         write_path::complete(st, finished, deferred);
     }
-    for flush in st.flushes.iter_mut() {
+    for flush in st.replica.flushes.iter_mut() {
         flush.peers_pending.retain(|id| *id != peer_id);
     }
     write_path::finish_flushes(st, deferred);

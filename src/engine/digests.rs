@@ -36,15 +36,15 @@ pub fn answer(shared: &Arc<Shared>, peer_id: u8, purpose: DigestPurpose, offset:
     let len = checked_len(shared, offset, blocks)?;
     {
         let st = shared.lock();
-        let repl = st.peer(peer_id).repl;
+        let repl = st.replica.peer(peer_id).repl;
         let expected = match purpose {
             // Behind: the peer went Ahead during the verify or resync; what it queued before
             // still arrives, and is answered (an answer changes nothing on this node's data).
             DigestPurpose::Verify => matches!(repl, ReplState::Established | ReplState::Behind),
             DigestPurpose::Resync => matches!(repl, ReplState::SyncTarget | ReplState::Behind),
         };
-        if !expected || st.role == Role::Primary {
-            return Err(format!("{purpose:?} digests while {repl} and {}", st.role));
+        if !expected || st.replica.role == Role::Primary {
+            return Err(format!("{purpose:?} digests while {repl} and {}", st.replica.role));
         }
     }
     // This node is secondary: the peer's stream, applied by this very thread, is its only
@@ -55,22 +55,22 @@ pub fn answer(shared: &Arc<Shared>, peer_id: u8, purpose: DigestPurpose, offset:
     let differing = differing_runs(&block_digests(&data, block_size), digests);
 
     let mut st = shared.lock();
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     peer.received_bytes += (digests.len() * DIGEST_BYTES) as u64;
-    let (slot, link) = (peer.slot, peer.link.clone().ok_or("link closed")?);
+    let slot = peer.slot;
     match purpose {
         DigestPurpose::Verify if !differing.is_empty() => verify::found_here(shared, &mut st, peer_id, offset, &differing)?,
         DigestPurpose::Verify => {}
         // Only for progress on this side, as for resync data.
         DigestPurpose::Resync => clear_matching(shared, &mut st, slot, offset, blocks, &differing),
     }
-    link.send_control(Message::DigestReply { purpose, offset, blocks, differing });
+    st.replica.send(peer_id, Message::DigestReply { purpose, offset, blocks, differing });
     Ok(())
 }
 
 fn clear_matching(shared: &Shared, st: &mut State, slot: usize, offset: u64, blocks: u32, differing: &[(u32, u32)]) {
     for run in matching_runs(blocks, differing) {
         let (start, len) = block_range(shared, offset, run);
-        st.bitmaps[slot].clear_range(start, len);
+        st.replica.bitmaps[slot].clear_range(start, len);
     }
 }

@@ -1,14 +1,13 @@
 //! The sending half of a peer connection: one ordered stream, with control frames (acks, pings,
 //! barrier acks, state) overtaking queued bulk data so a large transfer never delays an ack.
 
-use crate::core::quorum::LinkTiming;
 use crate::wire::{write_message, Message};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Runs once the frame it belongs to has been handed to the kernel (protocol A's completion).
 pub type OnSent = Box<dyn FnOnce() + Send>;
@@ -32,17 +31,6 @@ pub struct PeerLink {
     out: Mutex<Option<BufWriter<TcpStream>>>,
     stream: TcpStream,
     sent_bytes: AtomicU64,
-    lease: Mutex<Lease>,
-    /// A ping goes out this often, busy or idle: the peer's read timeout only fires on a dead
-    /// link, and each answered ping renews the peer's quorum lease.
-    timing: LinkTiming,
-}
-
-/// Pings in flight and the send time of the newest one answered.
-#[derive(Default)]
-struct Lease {
-    unanswered: VecDeque<Instant>,
-    answered_sent_at: Option<Instant>,
 }
 
 /// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
@@ -55,7 +43,7 @@ fn payload_len(msg: &Message) -> usize {
 }
 
 impl PeerLink {
-    pub fn new(stream: TcpStream, timing: LinkTiming) -> std::io::Result<PeerLink> {
+    pub fn new(stream: TcpStream) -> std::io::Result<PeerLink> {
         let out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
         Ok(PeerLink {
             queue: Mutex::default(),
@@ -63,24 +51,7 @@ impl PeerLink {
             out: Mutex::new(Some(out)),
             stream,
             sent_bytes: AtomicU64::new(0),
-            lease: Mutex::default(),
-            timing,
         })
-    }
-
-    /// The peer answered the oldest unanswered ping (pings are answered in order).
-    pub fn ping_answered(&self) {
-        let mut lease = self.lease.lock().expect("link lease");
-        if let Some(sent_at) = lease.unanswered.pop_front() {
-            lease.answered_sent_at = Some(sent_at);
-        }
-    }
-
-    /// Whether the peer answered a ping sent less than a lease (`LinkTiming::lease`) before
-    /// `now`.
-    pub fn lease_holds(&self, now: Instant) -> bool {
-        let lease = self.lease.lock().expect("link lease");
-        lease.answered_sent_at.is_some_and(|sent| now.saturating_duration_since(sent) < self.timing.lease())
     }
 
     pub fn sent_bytes(&self) -> u64 {
@@ -115,6 +86,16 @@ impl PeerLink {
         }
         q.control.push_back(msg);
         self.changed.notify_all();
+    }
+
+    /// Queues a control frame ahead of queued bulk data, never writing it from the calling
+    /// thread (the engine queues frames under its lock).
+    pub fn queue_control(&self, msg: Message) {
+        let mut q = self.queue.lock().expect("link queue");
+        if !q.closed {
+            q.control.push_back(msg);
+            self.changed.notify_all();
+        }
     }
 
     /// Queues a frame behind earlier bulk frames; `on_sent` runs when it is written (or never,
@@ -175,8 +156,6 @@ impl PeerLink {
     /// Returns why it stopped.
     pub fn run_writer(&self) -> String {
         let mut sent_callbacks: Vec<OnSent> = Vec::new();
-        // The first ping goes out at once, so a new peer's lease starts within a round trip.
-        let mut next_ping = Instant::now();
         loop {
             let mut q = self.queue.lock().expect("link queue");
             let (msg, on_sent) = loop {
@@ -186,13 +165,6 @@ impl PeerLink {
                 if let Some(msg) = q.control.pop_front() {
                     break (Some(msg), None);
                 }
-                // Ahead of bulk data, so a busy link still renews its lease every interval.
-                if Instant::now() >= next_ping {
-                    next_ping = Instant::now() + self.timing.ping_interval;
-                    // Recorded before the write: the lease counts from no later than the send.
-                    self.lease.lock().expect("link lease").unanswered.push_back(Instant::now());
-                    break (Some(Message::Ping), None);
-                }
                 if let Some((msg, on_sent)) = q.bulk.pop_front() {
                     q.bulk_bytes -= payload_len(&msg);
                     self.changed.notify_all();
@@ -201,8 +173,7 @@ impl PeerLink {
                 if !sent_callbacks.is_empty() || self.out_has_buffered() {
                     break (None, None);
                 }
-                let wait = next_ping.saturating_duration_since(Instant::now());
-                q = self.changed.wait_timeout(q, wait).expect("link queue").0;
+                q = self.changed.wait(q).expect("link queue");
             };
             let mut out_guard = self.out.lock().expect("link writer");
             drop(q);

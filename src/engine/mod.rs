@@ -6,7 +6,8 @@ mod connection;
 mod digests;
 mod io_pool;
 mod link;
-mod recent;
+mod locked;
+mod timer;
 mod resync;
 mod state;
 mod status;
@@ -16,24 +17,24 @@ mod write_path;
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{Frontend, NodeConfig, OnSuperseded, ResourceConfig, UblkSettings};
-use crate::core::inflight::InflightWrites;
 use crate::core::quorum::QuorumState;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::UUID_JUST_CREATED;
-use crate::core::transfer_log::TransferLog;
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
 use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
-use state::{Deferred, Peer, State};
-use std::collections::{HashMap, VecDeque};
+use crate::replica::{Attached, Peer, Replica};
+use locked::Locked;
+use state::{Deferred, State};
+use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Threads doing local disk I/O for the frontends.
 const IO_THREADS: usize = 4;
@@ -79,6 +80,8 @@ impl EngineError {
 }
 
 pub(crate) struct Shared {
+    /// This, for what must outlive a borrow of it (protocol A's sent notifications).
+    pub this: std::sync::Weak<Shared>,
     pub config: ResourceConfig,
     pub me: NodeConfig,
     pub data: Arc<dyn Disk>,
@@ -87,6 +90,8 @@ pub(crate) struct Shared {
     pub state: Mutex<State>,
     /// Signalled whenever in-flight writes, peers or roles change.
     pub changed: Condvar,
+    /// Wakes the timer thread (see `timer`) when a deadline may have moved closer.
+    pub timer: Condvar,
     /// Where this node's daemon keeps run-time files (the ublk device record).
     pub run_dir: PathBuf,
     /// Serializes role changes: a promotion starts the export without the state lock held (a
@@ -96,8 +101,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("engine state lock poisoned")
+    pub fn lock(&self) -> Locked<'_> {
+        Locked::new(self, self.state.lock().expect("engine state lock poisoned"))
     }
 
     fn admin(&self) -> MutexGuard<'_, ()> {
@@ -139,9 +144,7 @@ impl Engine {
         };
         let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
         MetaStore::create(store.clone(), WITNESS_STORE_BYTES as u64, true, params, &config.name, me.id, &peers, true)?;
-        let engine = Engine::open_on(config, me, store, None, run_dir)?;
-        engine.shared.lock().disk = DiskState::Diskless;
-        Ok(engine)
+        Engine::open_on(config, me, store, None, run_dir)
     }
 
     /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.
@@ -181,7 +184,7 @@ impl Engine {
             tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             let holds_data = |slot: usize| config.node_by_id(sb.peers[slot].node_id).is_some_and(|n| n.disk.is_some());
             for extent in &hot {
-                let (offset, len) = state::extent_range(*extent, sb.data_size);
+                let (offset, len) = crate::replica::extent_range(*extent, sb.data_size);
                 for (_, bitmap) in bitmaps.iter_mut().enumerate().filter(|(slot, _)| holds_data(*slot)) {
                     bitmap.set_range(offset, len);
                 }
@@ -192,78 +195,46 @@ impl Engine {
             al.commit(clean);
         }
 
-        let peers = sb
+        let peers: Vec<Peer> = sb
             .peers
             .iter()
             .enumerate()
             .map(|(slot, p)| {
                 let node = config.node_by_id(p.node_id).expect("peer ids checked against the config");
-                Peer {
-                    node_id: p.node_id,
-                    name: node.name.clone(),
-                    slot,
-                    witness: node.disk.is_none(),
-                    departed: false,
-                    want_connect: true,
-                    conn: ConnState::Connecting,
-                    repl: ReplState::Off,
-                    role: Role::Unknown,
-                    disk: DiskState::DUnknown,
-                    generation: 0,
-                    link: None,
-                    last_state: None,
-                    tl: TransferLog::default(),
-                    barriers: VecDeque::new(),
-                    rx_epoch_writes: 0,
-                    pending_sync: None,
-                    resync: None,
-                    sync: Default::default(),
-                    sent_bytes_before: 0,
-                    received_bytes: 0,
-                    last_error: None,
-                }
+                Peer::new(p.node_id, node.name.clone(), slot, node.disk.is_none())
             })
             .collect();
-        let disk = State::disk_state_from_flags(sb.flags);
         let data_size_bytes = sb.data_size;
-        let window = recent::RecentWrites::window_for(&config.timing);
-        let recent = recent::RecentWrites::new(sb.data_size, sb.params.bitmap_block_size, window);
-        let state = State {
-            role: Role::Secondary,
-            recent,
-            disk,
-            meta,
+        let links = peers.iter().map(|_| None).collect();
+        let replica = Replica::attach(Attached {
+            witness: me.disk.is_none(),
+            timing: config.timing,
             sb,
             bitmaps,
             al,
             crashed_primary,
             crash_repair_pending: if crashed_primary { config.data_nodes().map(|n| n.id).filter(|id| *id != me.id).collect() } else { Vec::new() },
-            inflight: InflightWrites::new(),
-            completions: HashMap::new(),
-            flushes: Vec::new(),
-            next_flush_id: 0,
-            epoch: 1,
             peers,
-            export: None,
-            export_failing: None,
-            left_behind: None,
-            read_locks: Vec::new(),
-            app_write_bytes: 0,
-            stopping: false,
             quorum_policy: config.quorum,
             on_no_quorum: config.on_no_quorum,
             split_brain: config.split_brain,
-            discard_my_data: false,
+            now: std::time::Instant::now(),
+        });
+        let state = State {
+            replica,
+            meta,
+            links,
+            completions: HashMap::new(),
+            flush_done: HashMap::new(),
+            export: None,
+            export_failing: None,
+            left_behind: None,
             suspended: Vec::new(),
             held_writes: Vec::new(),
-            generation_pending: Vec::new(),
-            stepping_down: false,
-            stepped_down: None,
-            superseded_latched: false,
-            left_generation: 0,
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
-        let shared = Shared {
+        let shared = Arc::new_cyclic(|this| Shared {
+            this: this.clone(),
             config,
             me,
             data,
@@ -271,10 +242,11 @@ impl Engine {
             io,
             state: Mutex::new(state),
             changed: Condvar::new(),
+            timer: Condvar::new(),
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
-        };
-        Ok(Engine { shared: Arc::new(shared) })
+        });
+        Ok(Engine { shared })
     }
 
     /// Starts listening for peers and dialing them.
@@ -283,6 +255,7 @@ impl Engine {
         let listener = TcpListener::bind(address).map_err(|source| EngineError::Listen { address, source })?;
         connection::spawn_listener(self.shared.clone(), listener);
         connection::spawn_dialers(&self.shared);
+        timer::spawn(self.shared.clone());
         Ok(())
     }
 
@@ -321,13 +294,13 @@ impl Engine {
         let shared = &self.shared;
         let _admin = shared.admin();
         let (mut st, quorum) = self.wait_for_quorum(shared.lock());
-        if st.role == Role::Primary {
+        if st.replica.role == Role::Primary {
             return Ok(());
         }
         if shared.me.disk.is_none() {
             return Err(EngineError::Refused("this node is a diskless witness: it only votes and can never be primary".into()));
         }
-        if let Some(peer) = st.peers.iter().find(|p| p.link.is_some() && p.role == Role::Primary) {
+        if let Some(peer) = st.replica.peers.iter().find(|p| p.connected && p.role == Role::Primary) {
             return Err(EngineError::PeerIsPrimary { peer: peer.name.clone() });
         }
         if !quorum.has_quorum {
@@ -339,51 +312,52 @@ impl Engine {
                 "a connected node reports {name} as primary (this node cannot reach it directly): demote {name} first"
             )));
         }
-        if let Some(source) = st.peers.iter().find(|p| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target())) {
+        if let Some(source) = st.replica.peers.iter().find(|p| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target())) {
             return Err(EngineError::Refused(format!(
                 "this node is being resynced from {}: wait until it is UpToDate",
                 source.name
             )));
         }
-        if st.disk != DiskState::UpToDate && !force {
-            return Err(EngineError::NotUpToDate { disk: st.disk });
+        if st.replica.disk != DiskState::UpToDate && !force {
+            return Err(EngineError::NotUpToDate { disk: st.replica.disk });
         }
-        if matches!(st.disk, DiskState::Diskless | DiskState::Failed) {
-            return Err(EngineError::Refused(format!("cannot promote with a {} disk", st.disk)));
+        if matches!(st.replica.disk, DiskState::Diskless | DiskState::Failed) {
+            return Err(EngineError::Refused(format!("cannot promote with a {} disk", st.replica.disk)));
         }
-        let (disk_before, sb_before) = (st.disk, st.sb.clone());
+        let (disk_before, sb_before) = (st.replica.disk, st.replica.sb.clone());
         // Peers that will not see this node's writes from the start: a new generation begins,
         // and they track from the old one.
         let absent: Vec<usize> = st
+            .replica
             .peers
             .iter()
             .filter(|p| !p.witness)
-            .filter(|p| force || !(p.link.is_some() && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
+            .filter(|p| force || !(p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
             .map(|p| p.slot)
             .collect();
         if force || !absent.is_empty() {
-            let was_fresh = crate::core::sync_decision::same_uuid(st.sb.uuids.current, UUID_JUST_CREATED);
-            let mut generation = st.generation();
+            let was_fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, UUID_JUST_CREATED);
+            let mut generation = st.replica.generation();
             let started = generation.new_current(random_u64(), true, false, &absent);
-            st.set_generation(generation);
+            st.replica.set_generation(generation);
             if was_fresh {
                 // A peer of a just-created node holds none of its data: all of it must flow.
                 for slot in started {
-                    let len = st.bitmaps[slot].blocks() * u64::from(st.bitmaps[slot].block_size());
-                    st.mark_out_of_sync(slot, 0, len);
+                    let len = st.replica.bitmaps[slot].blocks() * u64::from(st.replica.bitmaps[slot].block_size());
+                    st.replica.mark_out_of_sync(slot, 0, len);
                 }
             }
         }
-        st.disk = DiskState::UpToDate;
-        st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
+        st.replica.disk = DiskState::UpToDate;
+        st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
         // Promoted (with --force, if verify had marked it): this copy is the good one now.
-        st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
-        st.sb.flags.remove(MetaFlags::AL_CLEAN);
+        st.replica.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+        st.replica.sb.flags.remove(MetaFlags::AL_CLEAN);
         if let Err(e) = st.persist() {
-            st.disk = DiskState::Failed;
+            st.replica.disk = DiskState::Failed;
             return Err(EngineError::MetaWrite(e));
         }
-        st.role = Role::Primary;
+        st.replica.role = Role::Primary;
         // A device that was failing every request stays attached and starts serving.
         let attached = st.export.is_some();
         drop(st);
@@ -397,20 +371,20 @@ impl Engine {
                 }
                 st.export_failing = None;
                 st.left_behind = None;
-                st.stepped_down = None;
+                st.replica.stepped_down = None;
             }
             Err(e) => {
-                st.role = Role::Secondary;
+                st.replica.role = Role::Secondary;
                 // Bits marked for absent peers stay: over-reporting is safe.
-                st.disk = disk_before;
-                st.sb = sb_before;
+                st.replica.disk = disk_before;
+                st.replica.sb = sb_before;
                 let _ = st.persist();
                 return Err(e);
             }
         }
-        tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.sb.uuids.current),
+        tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.replica.sb.uuids.current),
             device = st.export.as_ref().map(|e| e.device()).unwrap_or_default(), "promoted to Primary");
-        st.broadcast_state();
+        st.replica.broadcast_state();
         let mut deferred = Deferred::default();
         connection::reconsider_peers(shared, &mut st, &mut deferred);
         shared.changed.notify_all();
@@ -463,7 +437,7 @@ impl Engine {
         let generation = {
             let mut st = self.shared.lock();
             st.left_behind = Some((id, "waiting for the peers' state".into()));
-            st.sb.uuids.current
+            st.replica.sb.uuids.current
         };
         tracing::warn!(resource = %self.shared.config.name, device = id,
             "the previous daemon died as primary and left /dev/ublkb{id} behind with its I/O held; re-attaching it once this node may be primary again");
@@ -479,7 +453,7 @@ impl Engine {
         loop {
             {
                 let st = shared.lock();
-                if st.left_behind.is_none() || st.stopping {
+                if st.left_behind.is_none() || st.replica.stopping {
                     return;
                 }
                 // A resync from a peer of the same generation only brings back what this node
@@ -487,8 +461,8 @@ impl Engine {
                 // still waits for are re-issued after it: the device may come back. A peer of
                 // another generation wrote while this daemon was down.
                 let same = |uuid: u64| crate::core::sync_decision::same_uuid(uuid, generation);
-                let newer = st.peers.iter().any(|p| p.repl == ReplState::SyncTarget && !p.last_state.is_some_and(|s| same(s.current_uuid)));
-                if newer || !same(st.sb.uuids.current) {
+                let newer = st.replica.peers.iter().any(|p| p.repl == ReplState::SyncTarget && !p.last_state.is_some_and(|s| same(s.current_uuid)));
+                if newer || !same(st.replica.sb.uuids.current) {
                     drop(st);
                     return self.give_up_left_behind("this node is taking newer data from a peer (another node was primary while this daemon was down)");
                 }
@@ -503,7 +477,7 @@ impl Engine {
                     if let Some((_, why)) = st.left_behind.as_mut() {
                         *why = format!("waiting to be primary again: {e}");
                     }
-                    let _ = shared.changed.wait_timeout(st, Duration::from_secs(1));
+                    drop(st.wait_timeout(Duration::from_secs(1)));
                 }
             }
         }
@@ -547,7 +521,7 @@ impl Engine {
                 return Err(EngineError::InUse { device: export.device(), users });
             }
         }
-        if st.role != Role::Primary {
+        if st.replica.role != Role::Primary {
             let export = st.export.take();
             st.export_failing = None;
             drop(st);
@@ -563,32 +537,32 @@ impl Engine {
     /// Becomes Secondary (needs the admin lock): what is held fails, peers learn it first, the
     /// export taken out of the state stops, and every write is made durable before the
     /// metadata says this node is no longer primary.
-    fn leave_primary(&self, mut st: MutexGuard<'_, State>, export: Option<Export>) -> Result<(), EngineError> {
+    fn leave_primary(&self, mut st: Locked<'_>, export: Option<Export>) -> Result<(), EngineError> {
         let shared = &self.shared;
-        st.role = Role::Secondary;
-        st.superseded_latched = false;
-        st.left_generation = 0;
+        st.replica.role = Role::Secondary;
+        st.replica.superseded_latched = false;
+        st.replica.left_generation = 0;
         let mut held = Deferred::default();
         st.release_suspended(true, &mut held);
-        st.generation_pending.clear();
+        st.replica.generation_pending.clear();
         // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
         // this node is no longer primary and may promote itself.
-        st.broadcast_state();
+        st.replica.broadcast_state();
         drop(st);
         // The export's removal waits for requests in flight: the held ones must finish first.
         held.run(shared);
         stop_export(&shared.config.name, export);
         self.flush_all();
         let mut st = shared.lock();
-        st.sb.flags.remove(MetaFlags::PRIMARY_IND);
+        st.replica.sb.flags.remove(MetaFlags::PRIMARY_IND);
         // Every write finished (flush_all waited), so nothing holds an extent.
-        let clean = st.al.mark_clean().expect("no write in flight after the final flush");
+        let clean = st.replica.al.mark_clean().expect("no write in flight after the final flush");
         let result = st.apply_al_update(clean).and_then(|()| {
-            st.sb.flags.insert(MetaFlags::AL_CLEAN);
+            st.replica.sb.flags.insert(MetaFlags::AL_CLEAN);
             st.persist()
         });
         if let Err(e) = result {
-            st.disk = DiskState::Failed;
+            st.replica.disk = DiskState::Failed;
             return Err(EngineError::MetaWrite(e));
         }
         shared.changed.notify_all();
@@ -607,19 +581,19 @@ impl Engine {
         let shared = &self.shared;
         let _admin = shared.admin();
         let mut st = shared.lock();
-        st.stepping_down = false;
+        st.replica.stepping_down = false;
         if !st.superseded() {
             return;
         }
-        let other = st.quorum().other_primary.map_or_else(String::new, |id| {
+        let other = st.replica.quorum(Instant::now()).other_primary.map_or_else(String::new, |id| {
             shared.config.node_by_id(id).map_or_else(|| format!("node {id}"), |n| n.name.clone())
         });
         let why = format!("{other} was promoted while this node had no quorum");
         tracing::error!(resource = %shared.config.name,
             "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from {other}");
-        st.disk = DiskState::Outdated;
-        st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-        st.stepped_down = Some(why.clone());
+        st.replica.disk = DiskState::Outdated;
+        st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        st.replica.stepped_down = Some(why.clone());
         // A device in use cannot go at once: it fails every request until nothing holds it.
         let keep_failing = matches!(&st.export, Some(Export::Ublk(ublk)) if ublk.users().is_some());
         let export = if keep_failing {
@@ -653,7 +627,7 @@ impl Engine {
             let shared = &engine.shared;
             let _admin = shared.admin();
             let mut st = shared.lock();
-            if st.stopping || st.role == Role::Primary || st.export_failing.is_none() {
+            if st.replica.stopping || st.replica.role == Role::Primary || st.export_failing.is_none() {
                 return;
             }
             if st.export.as_ref().is_some_and(|e| e.users().is_none()) {
@@ -674,8 +648,8 @@ impl Engine {
     fn flush_all(&self) {
         {
             let mut st = self.shared.lock();
-            while !st.inflight.is_empty() {
-                st = self.shared.changed.wait(st).expect("engine state lock poisoned");
+            while !st.replica.inflight.is_empty() {
+                st = st.wait();
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
@@ -690,35 +664,36 @@ impl Engine {
     pub fn connect(&self, discard_my_data: bool) -> Result<(), EngineError> {
         let mut st = self.shared.lock();
         if discard_my_data {
-            if st.role == Role::Primary {
+            if st.replica.role == Role::Primary {
                 return Err(EngineError::Refused("--discard-my-data on a primary: demote it first (its data is live)".into()));
             }
             tracing::warn!(resource = %self.shared.config.name, "connect --discard-my-data: this node's changes since a split brain will be overwritten");
-            st.discard_my_data = true;
+            st.replica.discard_my_data = true;
         }
-        for peer in st.peers.iter_mut() {
+        for peer in st.replica.peers.iter_mut() {
             peer.want_connect = true;
-            if peer.link.is_none() {
+            if !peer.connected {
                 peer.conn = ConnState::Connecting;
                 peer.last_error = None;
             }
         }
-        st.broadcast_state();
+        st.replica.broadcast_state();
         self.shared.changed.notify_all();
         Ok(())
     }
 
     /// Quorum as this node would have it as primary: peers count only with a valid lease. A
     /// peer that connected a moment ago gets up to one lease period to answer its first ping.
-    fn wait_for_quorum<'a>(&'a self, mut st: MutexGuard<'a, State>) -> (MutexGuard<'a, State>, QuorumState) {
+    fn wait_for_quorum<'a>(&'a self, mut st: Locked<'a>) -> (Locked<'a>, QuorumState) {
         let deadline = std::time::Instant::now() + self.shared.config.timing.lease();
         loop {
-            let quorum = st.quorum_with_leases(true);
-            let pending = st.quorum_with_leases(false) != quorum;
+            let now = Instant::now();
+            let quorum = st.replica.quorum_with_leases(now, true);
+            let pending = st.replica.quorum_with_leases(now, false) != quorum;
             if quorum.has_quorum || !pending || std::time::Instant::now() >= deadline {
                 return (st, quorum);
             }
-            st = self.shared.changed.wait_timeout(st, Duration::from_millis(20)).expect("engine state lock poisoned").0;
+            st = st.wait_timeout(Duration::from_millis(20));
         }
     }
 
@@ -738,40 +713,39 @@ impl Engine {
         let shared = &self.shared;
         let mut st = shared.lock();
         if clear_bitmap {
-            let fresh = crate::core::sync_decision::same_uuid(st.sb.uuids.current, UUID_JUST_CREATED);
-            let all_fresh_and_connected = st.peers.iter().all(|p| {
-                p.link.is_some()
+            let fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, UUID_JUST_CREATED);
+            let all_fresh_and_connected = st.replica.peers.iter().all(|p| {
+                p.connected
                     && p.last_state.is_some_and(|s| crate::core::sync_decision::same_uuid(s.current_uuid, UUID_JUST_CREATED))
             });
-            if !fresh || !all_fresh_and_connected || st.role == Role::Primary {
+            if !fresh || !all_fresh_and_connected || st.replica.role == Role::Primary {
                 return Err(EngineError::Refused(
                     "--clear-bitmap needs freshly created metadata on every node, all connected, all Secondary".into(),
                 ));
             }
         }
-        let mut generation = st.generation();
-        let primary = st.role == Role::Primary;
+        let mut generation = st.replica.generation();
+        let primary = st.replica.role == Role::Primary;
         generation.new_current(random_u64(), primary, primary, &[]);
-        st.set_generation(generation);
+        st.replica.set_generation(generation);
         if clear_bitmap {
-            for bitmap in st.bitmaps.iter_mut() {
+            for bitmap in st.replica.bitmaps.iter_mut() {
                 bitmap.clear_all();
             }
-            st.disk = DiskState::UpToDate;
-            st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
-            let uuids = (st.sb.uuids.current, st.sb.uuids.history);
+            st.replica.disk = DiskState::UpToDate;
+            st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+            let uuids = (st.replica.sb.uuids.current, st.replica.sb.uuids.history);
             // A witness holds no data to declare in sync (it would report itself UpToDate).
-            for peer in st.peers.iter().filter(|p| !p.witness) {
-                if let Some(link) = &peer.link {
-                    link.send_control(crate::wire::Message::ResyncDone { current_uuid: uuids.0, history: uuids.1 });
-                }
+            let data_peers: Vec<u8> = st.replica.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect();
+            for peer in data_peers {
+                st.replica.send(peer, crate::wire::Message::ResyncDone { current_uuid: uuids.0, history: uuids.1 });
             }
         }
-        for slot in 0..st.bitmaps.len() {
+        for slot in 0..st.replica.bitmaps.len() {
             st.persist_bitmap(slot).map_err(EngineError::MetaWrite)?;
         }
         st.persist().map_err(EngineError::MetaWrite)?;
-        st.broadcast_state();
+        st.replica.broadcast_state();
         Ok(())
     }
 
@@ -794,11 +768,11 @@ impl Engine {
         tracing::warn!(
             resource = %running.name,
             "adjust: quorum {} -> {}, on_no_quorum {:?} -> {:?}, split-brain policies {:?} -> {:?}",
-            st.quorum_policy, new.quorum, st.on_no_quorum, new.on_no_quorum, st.split_brain, new.split_brain
+            st.replica.quorum_policy, new.quorum, st.replica.on_no_quorum, new.on_no_quorum, st.replica.split_brain, new.split_brain
         );
-        st.quorum_policy = new.quorum;
-        st.on_no_quorum = new.on_no_quorum;
-        st.split_brain = new.split_brain;
+        st.replica.quorum_policy = new.quorum;
+        st.replica.on_no_quorum = new.on_no_quorum;
+        st.replica.split_brain = new.split_brain;
         let mut deferred = Deferred::default();
         st.release_suspended(false, &mut deferred);
         self.shared.changed.notify_all();
@@ -813,38 +787,36 @@ impl Engine {
         self.demote()?;
         let shared = &self.shared;
         let mut st = shared.lock();
-        st.stopping = true;
+        st.replica.stopping = true;
         // Peers that stay up go on without this node: it is Outdated from now on, tells them
         // so (the leaving flag), and they stop counting it for quorum.
-        let data_peer_stays = st.peers.iter().any(|p| !p.witness && p.link.is_some() && p.repl == ReplState::Established);
-        if data_peer_stays && shared.me.disk.is_some() && st.disk == DiskState::UpToDate {
-            st.disk = DiskState::Outdated;
-            st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        let data_peer_stays = st.replica.peers.iter().any(|p| !p.witness && p.connected && p.repl == ReplState::Established);
+        if data_peer_stays && shared.me.disk.is_some() && st.replica.disk == DiskState::UpToDate {
+            st.replica.disk = DiskState::Outdated;
+            st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
             tracing::info!(resource = %shared.config.name, "leaving while peers stay up: this node is Outdated until it reconnects");
         }
-        st.broadcast_state();
-        let ids: Vec<u8> = st.peers.iter().map(|p| p.node_id).collect();
+        st.replica.broadcast_state();
+        let ids: Vec<u8> = st.replica.peers.iter().map(|p| p.node_id).collect();
         let mut deferred = Deferred::default();
         for id in ids {
-            if let Some(link) = &st.peer(id).link {
-                link.send_control(crate::wire::Message::Disconnect { reason: "peer is going down".into() });
-            }
-            st.peer_mut(id).want_connect = false;
+            st.replica.send(id, crate::wire::Message::Disconnect { reason: "peer is going down".into() });
+            st.replica.peer_mut(id).want_connect = false;
         }
         // Give the writers a moment to put the goodbye on the wire.
         drop(st);
         std::thread::sleep(Duration::from_millis(50));
         let mut st = shared.lock();
-        for id in st.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
+        for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
             connection::drop_peer(shared, &mut st, id, "going down", &mut deferred);
         }
-        let crashed_primary = st.crashed_primary;
-        let State { meta, sb, bitmaps, al, .. } = &mut *st;
-        meta.clean_shutdown(sb, bitmaps, al)?;
+        let crashed_primary = st.replica.crashed_primary;
+        let State { meta, replica, .. } = &mut *st;
+        meta.clean_shutdown(&mut replica.sb, &mut replica.bitmaps, &mut replica.al)?;
         if crashed_primary {
             // The activity log's extents are in the bitmaps, but no resync has repaired them
             // yet: keep the marker that makes the next connection resync them.
-            st.sb.flags.insert(MetaFlags::PRIMARY_IND);
+            st.replica.sb.flags.insert(MetaFlags::PRIMARY_IND);
             st.persist()?;
         }
         shared.changed.notify_all();
@@ -858,10 +830,10 @@ impl Engine {
 
 /// Drops every peer connection and stays StandAlone until `connect`.
 fn stand_alone(shared: &Arc<Shared>, st: &mut State, reason: &str, deferred: &mut Deferred) {
-    for id in st.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
-        st.peer_mut(id).want_connect = false;
+    for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
+        st.replica.peer_mut(id).want_connect = false;
         connection::drop_peer(shared, st, id, reason, deferred);
-        st.peer_mut(id).conn = ConnState::StandAlone;
+        st.replica.peer_mut(id).conn = ConnState::StandAlone;
     }
 }
 
@@ -870,21 +842,21 @@ fn stand_alone(shared: &Arc<Shared>, st: &mut State, reason: &str, deferred: &mu
 /// what it holds and goes StandAlone until an operator acts, so that nobody sees it as a
 /// primary any more (the primary with quorum would otherwise wait for it, holding writes).
 pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
-    if st.stepping_down || !st.superseded() {
+    if st.replica.stepping_down || !st.superseded() {
         return;
     }
     if shared.config.on_superseded == OnSuperseded::Disconnect {
         tracing::error!(resource = %shared.config.name,
             "another node was promoted while this node had no quorum: failing what it holds and disconnecting (on_suspended_primary_outdated is disconnect); demote it, then `connect`");
-        st.superseded_latched = true;
+        st.replica.superseded_latched = true;
         st.release_suspended(true, deferred);
         stand_alone(shared, st, "superseded by a newer primary (on_suspended_primary_outdated is disconnect)", deferred);
         return;
     }
-    st.stepping_down = true;
+    st.replica.stepping_down = true;
     let engine = Engine { shared: shared.clone() };
     if let Err(e) = std::thread::Builder::new().name("step-down".into()).spawn(move || engine.step_down()) {
-        st.stepping_down = false;
+        st.replica.stepping_down = false;
         tracing::error!(resource = %shared.config.name, error = %e, "cannot start stepping down; retried at the next state change");
     }
 }

@@ -10,9 +10,11 @@
 //! data; a block that matched is recorded in the transfer log like a write without data, so its
 //! bit clears with the next barrier ack (after which the target's copy is durable too).
 
-use super::state::{Deferred, ResyncProgress, State};
+use super::state::{Deferred, State};
+use super::locked::Locked;
+use crate::replica::ResyncProgress;
 use super::digests::block_range;
-use super::{congestion, connection, verify, write_path, EngineError, Shared};
+use super::{congestion, connection, write_path, EngineError, Shared};
 use crate::core::block_digest::{block_digests, matching_runs};
 use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
@@ -20,8 +22,7 @@ use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message};
 use bytes::Bytes;
-use std::collections::VecDeque;
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest resync frame.
@@ -35,18 +36,6 @@ const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
 /// How long a resync or verify thread waits for an answer before it looks at the state again.
 pub(super) const WAIT_SLICE: Duration = Duration::from_millis(100);
 
-/// Per-peer state of the checksum exchanges: online verify and checksum-based resync.
-#[derive(Debug, Default)]
-pub struct PeerSync {
-    /// The last online verify with this peer (running, finished or aborted).
-    pub verify: Option<verify::VerifyRun>,
-    /// Digest requests of a checksum-based resync awaiting their answer, in stream order:
-    /// `(offset, blocks)`.
-    pub resync_digests: VecDeque<(u64, u32)>,
-    /// Ranges whose digests differed: their data goes out next.
-    pub resync_wanted: VecDeque<(u64, u64)>,
-}
-
 /// Paces a resync or a verify with the rate controller, on the engine's clock.
 pub(super) struct Pacer {
     rate: ResyncRate,
@@ -56,7 +45,7 @@ pub(super) struct Pacer {
 impl Pacer {
     pub fn new(shared: &Shared) -> Pacer {
         let config = &shared.config;
-        let app_write_bytes = shared.lock().app_write_bytes;
+        let app_write_bytes = shared.lock().replica.app_write_bytes;
         let rate = ResyncRate::new(config.resync_rate_max_kib * 1024, config.resync_rate_min_kib * 1024, 0, app_write_bytes);
         Pacer { rate, started: Instant::now() }
     }
@@ -64,7 +53,7 @@ impl Pacer {
     /// Sleeps until the controller lets the next chunk go.
     pub fn pause(&mut self, shared: &Shared) {
         loop {
-            let app_write_bytes = shared.lock().app_write_bytes;
+            let app_write_bytes = shared.lock().replica.app_write_bytes;
             self.rate.advance(self.started.elapsed().as_millis() as u64, app_write_bytes);
             match self.rate.wait_ms() {
                 0 => return,
@@ -94,21 +83,21 @@ pub(super) fn read_range_then<P, T>(
 ) -> Result<Option<T>, String> {
     let range = (offset, len);
     let mut st = shared.lock();
-    while st.overlaps_busy(offset, len) {
-        st = shared.changed.wait(st).expect("engine state lock poisoned");
+    while st.replica.overlaps_busy(offset, len) {
+        st = st.wait();
     }
     if !still(&st) {
         return Ok(None);
     }
-    st.read_locks.push(range);
+    st.replica.read_locks.push(range);
     drop(st);
 
     let mut buf = vec![0u8; len as usize];
     let prepared = shared.data.read_at(&mut buf, offset).map(|()| prepare(buf));
 
     let mut st = shared.lock();
-    if let Some(i) = st.read_locks.iter().position(|r| *r == range) {
-        st.read_locks.swap_remove(i);
+    if let Some(i) = st.replica.read_locks.iter().position(|r| *r == range) {
+        st.replica.read_locks.swap_remove(i);
     }
     shared.changed.notify_all();
     let prepared = prepared.map_err(|e| format!("read at {offset}+{len} failed: {e}"))?;
@@ -121,7 +110,7 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
         .spawn(move || {
             if let Err(reason) = run_source(&shared, peer_id, generation) {
                 let mut st = shared.lock();
-                if st.peer(peer_id).generation == generation {
+                if st.replica.peer(peer_id).generation == generation {
                     let mut deferred = Deferred::default();
                     connection::drop_peer(&shared, &mut st, peer_id, &reason, &mut deferred);
                     drop(st);
@@ -133,8 +122,8 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
 }
 
 fn still_syncing(st: &State, peer_id: u8, generation: u64) -> bool {
-    let peer = st.peer(peer_id);
-    !st.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
+    let peer = st.replica.peer(peer_id);
+    !st.replica.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
 }
 
 /// What the source sends for one range.
@@ -152,7 +141,7 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
     let mut draining: Option<u64> = None;
     {
         let mut st = shared.lock();
-        let sync = &mut st.peer_mut(peer_id).sync;
+        let sync = &mut st.replica.peer_mut(peer_id).sync;
         sync.resync_digests.clear();
         sync.resync_wanted.clear();
     }
@@ -162,42 +151,41 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
         if !still_syncing(&st, peer_id, generation) {
             return Ok(());
         }
-        let slot = st.peer(peer_id).slot;
+        let slot = st.replica.peer(peer_id).slot;
         if let Some(epoch) = draining {
-            if st.peer(peer_id).barriers.iter().any(|(e, _)| *e <= epoch) {
-                let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            if st.replica.peer(peer_id).barriers.iter().any(|(e, _)| *e <= epoch) {
+                drop(st.wait_timeout(WAIT_SLICE));
                 continue;
             }
             draining = None;
             cursor = 0;
         }
-        let block_size = u64::from(st.bitmaps[slot].block_size());
-        let awaiting = st.peer(peer_id).sync.resync_digests.len();
-        let (offset, len, digests) = if let Some((offset, len)) = st.peer_mut(peer_id).sync.resync_wanted.pop_front() {
+        let block_size = u64::from(st.replica.bitmaps[slot].block_size());
+        let awaiting = st.replica.peer(peer_id).sync.resync_digests.len();
+        let (offset, len, digests) = if let Some((offset, len)) = st.replica.peer_mut(peer_id).sync.resync_wanted.pop_front() {
             (offset, len, false)
         } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
-            let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            drop(st.wait_timeout(WAIT_SLICE));
             continue;
-        } else if let Some((start, blocks)) = st.bitmaps[slot].next_run(cursor, MAX_CHUNK_BYTES / block_size) {
+        } else if let Some((start, blocks)) = st.replica.bitmaps[slot].next_run(cursor, MAX_CHUNK_BYTES / block_size) {
             cursor = start + blocks;
             let offset = start * block_size;
             (offset, (blocks * block_size).min(shared.data_size_bytes - offset), csums)
         } else if awaiting > 0 {
             // Answers still to come may ask for data.
-            let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            drop(st.wait_timeout(WAIT_SLICE));
             continue;
         } else if cursor == 0 {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
-            let uuids = st.sb.uuids;
-            let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
-            link.send_bulk(Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
+            let uuids = st.replica.sb.uuids;
+            st.replica.send_bulk(peer_id, Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
             return Ok(());
         } else {
             draining = Some(write_path::send_barriers(&mut st));
             frames_in_epoch = 0;
             continue;
         };
-        let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
+        let link = st.link(peer_id).cloned().ok_or("link closed")?;
         drop(st);
 
         link.wait_for_room(congestion::resync_room_bytes(&shared.config));
@@ -206,8 +194,8 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
             false => Chunk::Data(Bytes::from(data)),
         };
         let send = |st: &mut State, chunk: Chunk| {
-            let epoch = st.epoch;
-            let peer = st.peer_mut(peer_id);
+            let epoch = st.replica.epoch;
+            let peer = st.replica.peer_mut(peer_id);
             let msg = match chunk {
                 Chunk::Data(payload) => {
                     peer.tl.record(epoch, offset, len);
@@ -218,7 +206,7 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
                     Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }
                 }
             };
-            link.send_bulk(msg, None);
+            st.replica.send_bulk(peer_id, msg, None);
             frames_in_epoch += 1;
             if frames_in_epoch >= CHUNKS_PER_EPOCH {
                 write_path::send_barriers(st);
@@ -237,8 +225,8 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
 /// that matched clear with the next barrier ack; the others are queued to be sent as data.
 pub fn on_digest_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
     let mut st = shared.lock();
-    let epoch = st.epoch;
-    let peer = st.peer_mut(peer_id);
+    let epoch = st.replica.epoch;
+    let peer = st.replica.peer_mut(peer_id);
     match peer.repl {
         ReplState::SyncSource => {}
         // The resync stopped when this node went Ahead; the blocks stay marked.
@@ -264,7 +252,7 @@ pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload
     {
         let st = shared.lock();
         // Behind: the source went Ahead during the resync; what it queued before still arrives.
-        if !matches!(st.peer(peer_id).repl, ReplState::SyncTarget | ReplState::Behind) {
+        if !matches!(st.replica.peer(peer_id).repl, ReplState::SyncTarget | ReplState::Behind) {
             return Err("resync data while not SyncTarget".into());
         }
         if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
@@ -273,12 +261,12 @@ pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload
     }
     shared.data.write_at(payload, offset).map_err(|e| format!("resync write at {offset} failed: {e}"))?;
     let mut st = shared.lock();
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     peer.rx_epoch_writes += 1;
     peer.received_bytes += len;
     let slot = peer.slot;
     // Only for progress on this side; the source's bitmap is the authority.
-    st.bitmaps[slot].clear_range(offset, len);
+    st.replica.bitmaps[slot].clear_range(offset, len);
     Ok(())
 }
 
@@ -293,15 +281,16 @@ pub fn progress(total_bytes: u64, full: bool) -> ResyncProgress {
 /// node trusting data it gave up. Returns the peer it resyncs from.
 pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
     let mut st = shared.lock();
-    if st.role == Role::Primary {
+    if st.replica.role == Role::Primary {
         return Err(EngineError::Refused(
             "this node is Primary: invalidating it would discard the data it serves; make another node primary first (`blkrepl secondary` here)".into(),
         ));
     }
     let Some(source) = st
+        .replica
         .peers
         .iter()
-        .find(|p| p.link.is_some() && p.repl == ReplState::Established && p.disk == DiskState::UpToDate)
+        .find(|p| p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate)
         .map(|p| (p.node_id, p.slot, p.name.clone()))
     else {
         return Err(EngineError::Refused(
@@ -309,18 +298,18 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
         ));
     };
     let (peer_id, slot, name) = source;
-    st.bitmaps[slot].set_all();
+    st.replica.bitmaps[slot].set_all();
     // The bitmap first: a crash before the superblock write leaves a consistent disk with extra
     // bits (harmless), never an Inconsistent disk with too few.
     let persisted = st.persist_bitmap(slot).and_then(|()| {
-        st.sb.flags.remove(MetaFlags::CONSISTENT);
+        st.replica.sb.flags.remove(MetaFlags::CONSISTENT);
         st.persist()
     });
     if let Err(e) = persisted {
-        st.disk = DiskState::Failed;
+        st.replica.disk = DiskState::Failed;
         return Err(EngineError::MetaWrite(e));
     }
-    st.disk = DiskState::Inconsistent;
+    st.replica.disk = DiskState::Inconsistent;
     tracing::warn!(resource = %shared.config.name, peer = %name, "invalidated by the operator: this node's data is resynced in full from {name}");
     announce_and_reconsider(shared, st, peer_id);
     Ok(name)
@@ -330,8 +319,8 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
 /// end of pull-ahead): the peer hears of it first, so it decides on its side before this node's
 /// bitmap reaches it (it takes a bitmap only once it has decided), then this node decides.
 /// Releases the lock.
-pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: MutexGuard<'_, State>, peer_id: u8) {
-    st.broadcast_state();
+pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8) {
+    st.replica.broadcast_state();
     let mut deferred = Deferred::default();
     if let Err(reason) = connection::reconsider(shared, &mut st, peer_id) {
         connection::drop_peer(shared, &mut st, peer_id, &reason, &mut deferred);
@@ -344,49 +333,49 @@ pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: MutexGuard<'
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.
 pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history: [u64; 4]) -> Result<(), String> {
     let mut st = shared.lock();
-    let fresh = crate::core::sync_decision::same_uuid(st.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
-    let peer = st.peer(peer_id);
+    let fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
+    let peer = st.replica.peer(peer_id);
     if peer.repl != ReplState::SyncTarget && !(fresh && peer.repl == ReplState::Established) {
         return Err("ResyncDone while not SyncTarget".into());
     }
-    if st.role == Role::Primary {
+    if st.replica.role == Role::Primary {
         return Err("ResyncDone on a Primary".into());
     }
     shared.data.sync().map_err(|e| format!("flush at the end of resync failed: {e}"))?;
     let slot = peer.slot;
-    let mut generation = st.generation();
+    let mut generation = st.replica.generation();
     generation.resync_finished_as_target(slot, current, history);
-    st.set_generation(generation);
-    st.bitmaps[slot].clear_all();
-    st.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
-    st.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+    st.replica.set_generation(generation);
+    st.replica.bitmaps[slot].clear_all();
+    st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+    st.replica.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
     clear_crash_marker(&mut st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
-    st.disk = DiskState::UpToDate;
-    let peer = st.peer_mut(peer_id);
+    st.replica.disk = DiskState::UpToDate;
+    let peer = st.replica.peer_mut(peer_id);
     peer.repl = ReplState::Established;
     peer.resync = None;
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "resync finished: UpToDate");
-    st.broadcast_state();
+    st.replica.broadcast_state();
     shared.changed.notify_all();
     Ok(())
 }
 
 /// The target confirmed it is UpToDate: the resync is over.
 pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
-    let slot = st.peer(peer_id).slot;
-    let mut generation = st.generation();
+    let slot = st.replica.peer(peer_id).slot;
+    let mut generation = st.replica.generation();
     generation.resync_finished_as_source(slot);
-    st.set_generation(generation);
+    st.replica.set_generation(generation);
     clear_crash_marker(st, peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     peer.repl = ReplState::Established;
     peer.resync = None;
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "resync finished: peer UpToDate");
-    st.broadcast_state();
+    st.replica.broadcast_state();
     Ok(())
 }
 
@@ -394,14 +383,14 @@ pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Re
 /// data peer has completed; until then the marker stays (in memory and in the metadata), so the
 /// peers not yet met still resync those extents and a second crash does not forget them.
 fn clear_crash_marker(st: &mut State, peer_id: u8) {
-    if !st.crashed_primary {
+    if !st.replica.crashed_primary {
         return;
     }
-    st.crash_repair_pending.retain(|id| *id != peer_id);
-    if st.crash_repair_pending.is_empty() {
-        st.crashed_primary = false;
-        if st.role != Role::Primary {
-            st.sb.flags.remove(MetaFlags::PRIMARY_IND);
+    st.replica.crash_repair_pending.retain(|id| *id != peer_id);
+    if st.replica.crash_repair_pending.is_empty() {
+        st.replica.crashed_primary = false;
+        if st.replica.role != Role::Primary {
+            st.replica.sb.flags.remove(MetaFlags::PRIMARY_IND);
         }
     }
 }

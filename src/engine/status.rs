@@ -1,7 +1,7 @@
 //! A snapshot of one resource for `blkrepl status` (human and `--json`).
 
 use super::state::State;
-use super::verify::VerifyState;
+use crate::replica::{Replica, VerifyState};
 use super::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
 use crate::core::states::{DiskState, Role};
@@ -127,10 +127,12 @@ fn shown_peer_disk(my_disk: DiskState, peer_disk: DiskState, out_of_sync_bytes: 
 
 /// Takes the state mutably: reading resync progress records the bitmap's weight in it.
 pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
-    let State { peers, bitmaps, disk, .. } = st;
+    let link_sent: Vec<u64> = st.links.iter().map(|l| l.as_ref().map_or(0, |l| l.sent_bytes())).collect();
+    let Replica { peers, bitmaps, disk, .. } = &mut st.replica;
     let peers = peers
         .iter_mut()
-        .map(|p| {
+        .zip(link_sent)
+        .map(|(p, link_sent)| {
             let out_of_sync_bytes = bitmaps[p.slot].weight_bytes().min(shared.data_size_bytes);
             let resync = p.resync.as_mut().map(|r| {
                 r.progress.observe(out_of_sync_bytes);
@@ -171,7 +173,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 peer_role: p.role.to_string(),
                 peer_disk: shown_peer_disk(*disk, p.disk, out_of_sync_bytes).to_string(),
                 out_of_sync_bytes,
-                sent_bytes: p.sent_bytes_before + p.link.as_ref().map_or(0, |l| l.sent_bytes()),
+                sent_bytes: p.sent_bytes_before + link_sent,
                 received_bytes: p.received_bytes,
                 resync,
                 verify,
@@ -179,28 +181,28 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
             }
         })
         .collect();
-    let quorum = st.quorum();
+    let quorum = st.replica.quorum(Instant::now());
     let promotion = PromotionInputs {
-        role: st.role,
-        disk: st.disk,
+        role: st.replica.role,
+        disk: st.replica.disk,
         quorum,
-        all_data_peers_known: st.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
-        peer_up_to_date: st.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
+        all_data_peers_known: st.replica.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
+        peer_up_to_date: st.replica.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
     };
     ResourceStatus {
         name: shared.config.name.clone(),
         node: shared.me.name.clone(),
-        role: st.role.to_string(),
-        disk: st.disk.to_string(),
+        role: st.replica.role.to_string(),
+        disk: st.replica.disk.to_string(),
         quorum: quorum.has_quorum,
-        quorum_policy: st.quorum_policy.to_string(),
+        quorum_policy: st.replica.quorum_policy.to_string(),
         quorum_votes: quorum.votes,
         quorum_voters: quorum.voters,
         quorum_needed: quorum.needed,
-        on_no_quorum: st.on_no_quorum,
+        on_no_quorum: st.replica.on_no_quorum,
         suspended_writes: st.suspended.len() + st.held_writes.len(),
-        stepped_down: st.stepped_down.clone(),
-        may_promote: st.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
+        stepped_down: st.replica.stepped_down.clone(),
+        may_promote: st.replica.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
         promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
         device: match (&st.export, &st.left_behind) {
             (Some(export), _) => Some(export.device()),
@@ -217,7 +219,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         nbd_clients: st.export.as_ref().map_or(0, |e| e.nbd_clients()),
         protocol: shared.config.protocol.to_string(),
         size_bytes: shared.data_size_bytes,
-        generation_uuid: format!("{:016X}", st.sb.uuids.current),
+        generation_uuid: format!("{:016X}", st.replica.sb.uuids.current),
         peers,
     }
 }

@@ -13,101 +13,55 @@
 
 use super::resync::{read_range_then, Pacer, WAIT_SLICE};
 use super::state::State;
+use crate::replica::{Peer, VerifyRun, VerifyState};
 use super::{congestion, digests::block_range, EngineError, Shared};
 use crate::core::block_digest::block_digests;
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message, MAX_DIGESTS};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Differing ranges a verify keeps for `status` (the log has every one).
-pub const MAX_REPORTED_RANGES: usize = 8;
 /// Bytes per verify request: 256 digests at 4 KiB blocks.
 const CHUNK_BYTES: u64 = 1 << 20;
 /// Requests sent and not yet answered, at most.
 const MAX_REQUESTS_IN_FLIGHT: usize = 16;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VerifyState {
-    Running,
-    Finished,
-    /// Stopped before the end (the reason says why); what was found so far stays marked.
-    Aborted(String),
-}
-
-/// One verify with one peer, as the node that runs it sees it.
-#[derive(Debug)]
-pub struct VerifyRun {
-    /// The connection it runs on: answers arrive on that one only.
-    generation: u64,
-    pub started: Instant,
-    pub state: VerifyState,
-    /// Bytes compared (answered) out of the device's size.
-    pub progress: SyncProgress,
-    /// Requests awaiting their answer, in stream order: `(offset, blocks)`.
-    awaiting: VecDeque<(u64, u32)>,
-    /// Bytes found to differ, and the first ranges of them (adjacent ones merged).
-    pub found_bytes: u64,
-    pub found_ranges: Vec<(u64, u64)>,
-}
-
-impl VerifyRun {
-    fn record_found(&mut self, offset: u64, len: u64) {
-        self.found_bytes += len;
-        let kept = self.found_ranges.len();
-        match self.found_ranges.last_mut() {
-            Some((start, l)) if *start + *l == offset => *l += len,
-            _ if kept < MAX_REPORTED_RANGES => self.found_ranges.push((offset, len)),
-            _ => {}
-        }
-    }
-}
-
 /// Starts a verify with every connected peer it can run against. Returns their names.
 pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
     let mut st = shared.lock();
-    if st.disk != DiskState::UpToDate {
+    if st.replica.disk != DiskState::UpToDate {
         return Err(EngineError::Refused(format!(
             "this node's disk is {}: verify compares an UpToDate copy with its peers",
-            st.disk
+            st.replica.disk
         )));
     }
-    let me_primary = st.role == Role::Primary;
-    let connected = |p: &&super::state::Peer| {
-        p.link.is_some() && p.repl == ReplState::Established && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated)
+    let me_primary = st.replica.role == Role::Primary;
+    let connected = |p: &&Peer| {
+        p.connected && p.repl == ReplState::Established && matches!(p.disk, DiskState::UpToDate | DiskState::Outdated)
     };
-    if let Some(primary) = st.peers.iter().filter(connected).find(|p| p.role == Role::Primary && !me_primary) {
+    if let Some(primary) = st.replica.peers.iter().filter(connected).find(|p| p.role == Role::Primary && !me_primary) {
         return Err(EngineError::Refused(format!("{} is primary: run `blkrepl verify` there", primary.name)));
     }
     // An aborted verify's answers may still be on their way; a new run would take them for its own.
-    let busy = |p: &super::state::Peer| {
+    let busy = |p: &Peer| {
         p.sync.verify.as_ref().is_some_and(|v| {
             v.state == VerifyState::Running || v.generation == p.generation && !v.awaiting.is_empty()
         })
     };
-    if let Some(busy) = st.peers.iter().find(|p| busy(p)) {
+    if let Some(busy) = st.replica.peers.iter().find(|p| busy(p)) {
         return Err(EngineError::Refused(format!("a verify with {} is still running", busy.name)));
     }
     let targets: Vec<(u8, u64, String)> =
-        st.peers.iter().filter(connected).map(|p| (p.node_id, p.generation, p.name.clone())).collect();
+        st.replica.peers.iter().filter(connected).map(|p| (p.node_id, p.generation, p.name.clone())).collect();
     if targets.is_empty() {
         return Err(EngineError::Refused(
             "no peer to verify against: one must be connected, Established (not syncing) and have a disk".into(),
         ));
     }
     for (peer_id, generation, name) in &targets {
-        st.peer_mut(*peer_id).sync.verify = Some(VerifyRun {
-            generation: *generation,
-            started: Instant::now(),
-            state: VerifyState::Running,
-            progress: SyncProgress::start(shared.data_size_bytes),
-            awaiting: VecDeque::new(),
-            found_bytes: 0,
-            found_ranges: Vec::new(),
-        });
+        st.replica.peer_mut(*peer_id).sync.verify = Some(VerifyRun::new(*generation, Instant::now(), shared.data_size_bytes));
         tracing::info!(resource = %shared.config.name, peer = %name, "online verify started");
         let (shared, peer_id, generation) = (shared.clone(), *peer_id, *generation);
         std::thread::Builder::new()
@@ -123,10 +77,10 @@ pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
 
 /// Why a verify cannot go on, if it cannot.
 fn interrupted(st: &State, peer_id: u8, generation: u64) -> Option<String> {
-    let peer = st.peer(peer_id);
-    if st.stopping {
+    let peer = st.replica.peer(peer_id);
+    if st.replica.stopping {
         Some("this node is going down".into())
-    } else if peer.generation != generation || peer.link.is_none() {
+    } else if peer.generation != generation || !peer.connected {
         Some(format!("the connection to {} ended", peer.name))
     } else if peer.repl != ReplState::Established {
         Some(format!("replication with {} became {}", peer.name, peer.repl))
@@ -136,7 +90,7 @@ fn interrupted(st: &State, peer_id: u8, generation: u64) -> Option<String> {
 }
 
 fn awaiting(st: &mut State, peer_id: u8) -> &mut VecDeque<(u64, u32)> {
-    &mut st.peer_mut(peer_id).sync.verify.as_mut().expect("a running verify").awaiting
+    &mut st.replica.peer_mut(peer_id).sync.verify.as_mut().expect("a running verify").awaiting
 }
 
 fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {
@@ -155,11 +109,11 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
             return Ok(());
         }
         if cursor >= shared.data_size_bytes || in_flight >= MAX_REQUESTS_IN_FLIGHT {
-            let _ = shared.changed.wait_timeout(st, WAIT_SLICE);
+            drop(st.wait_timeout(WAIT_SLICE));
             continue;
         }
         let (offset, len) = (cursor, chunk.min(shared.data_size_bytes - cursor));
-        let link = st.peer(peer_id).link.clone().ok_or("link closed")?;
+        let link = st.link(peer_id).cloned().ok_or("link closed")?;
         drop(st);
 
         link.wait_for_room(congestion::resync_room_bytes(&shared.config));
@@ -167,7 +121,7 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
         let prepare = |data: Vec<u8>| block_digests(&data, block_size as usize);
         let send = |st: &mut State, digests: Vec<[u8; 32]>| {
             awaiting(st, peer_id).push_back((offset, digests.len() as u32));
-            link.send_bulk(Message::DigestRequest { purpose: DigestPurpose::Verify, offset, digests }, None);
+            st.replica.send_bulk(peer_id, Message::DigestRequest { purpose: DigestPurpose::Verify, offset, digests }, None);
         };
         if read_range_then(shared, offset, len, still, prepare, send)?.is_none() {
             continue; // `interrupted` says why at the top of the loop
@@ -180,7 +134,7 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
 /// The peer's answer: blocks that differ are marked out of sync for it and reported.
 pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
     let mut st = shared.lock();
-    let peer = st.peer_mut(peer_id);
+    let peer = st.replica.peer_mut(peer_id);
     let (slot, name, generation) = (peer.slot, peer.name.clone(), peer.generation);
     // An aborted run still takes its answers: what they report is as true as before.
     let Some(run) = peer.sync.verify.as_mut().filter(|v| v.generation == generation) else {
@@ -202,11 +156,11 @@ pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, dif
     // else would bring them back after a crash, and the peer already counts itself Outdated.
     let mut pages = Vec::new();
     for (start, len) in found {
-        st.mark_out_of_sync(slot, start, len);
-        pages.extend(st.bitmaps[slot].pages_for_range(start, len));
+        st.replica.mark_out_of_sync(slot, start, len);
+        pages.extend(st.replica.bitmaps[slot].pages_for_range(start, len));
     }
-    let State { meta, bitmaps, .. } = &mut *st;
-    meta.write_bitmap_pages(slot, &bitmaps[slot], pages)
+    let State { meta, replica, .. } = &mut *st;
+    meta.write_bitmap_pages(slot, &replica.bitmaps[slot], pages)
         .map_err(|e| format!("cannot persist the blocks verify found out of sync: {e}"))?;
     shared.changed.notify_all();
     Ok(())
@@ -216,18 +170,18 @@ pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, dif
 /// UpToDate any more, and it says so before its answer goes out (so the verifying node never
 /// shows it UpToDate next to blocks out of sync).
 pub fn found_here(shared: &Shared, st: &mut State, peer_id: u8, offset: u64, differing: &[(u32, u32)]) -> Result<(), String> {
-    let name = st.peer(peer_id).name.clone();
+    let name = st.replica.peer(peer_id).name.clone();
     for run in differing {
         let (start, len) = block_range(shared, offset, *run);
         tracing::warn!(resource = %shared.config.name, peer = %name, offset = start, len, "online verify: this node's blocks differ from the peer's");
     }
-    if !st.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
-        st.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-        st.sb.flags.insert(MetaFlags::VERIFY_DIFFERS);
+    if !st.replica.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
+        st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        st.replica.sb.flags.insert(MetaFlags::VERIFY_DIFFERS);
         st.persist().map_err(|e| format!("cannot persist the Outdated disk state: {e}"))?;
-        st.disk = DiskState::Outdated;
+        st.replica.disk = DiskState::Outdated;
         tracing::warn!(resource = %shared.config.name, peer = %name, "online verify found blocks that differ: this node is Outdated until resynced");
-        st.broadcast_state();
+        st.replica.broadcast_state();
     }
     Ok(())
 }
@@ -235,8 +189,8 @@ pub fn found_here(shared: &Shared, st: &mut State, peer_id: u8, offset: u64, dif
 /// The verify thread stopped: record how and tell the operator.
 fn end(shared: &Shared, peer_id: u8, outcome: Result<(), String>) {
     let mut st = shared.lock();
-    let (name, primary) = (st.peer(peer_id).name.clone(), st.role == Role::Primary);
-    let Some(run) = st.peer_mut(peer_id).sync.verify.as_mut() else { return };
+    let (name, primary) = (st.replica.peer(peer_id).name.clone(), st.replica.role == Role::Primary);
+    let Some(run) = st.replica.peer_mut(peer_id).sync.verify.as_mut() else { return };
     run.state = match outcome {
         Ok(()) => VerifyState::Finished,
         Err(reason) => VerifyState::Aborted(reason),

@@ -3,7 +3,10 @@
 //! epoch and wait for the barrier acks.
 
 use super::io_pool::IoOp;
-use super::state::{Admission, Deferred, PendingFlush, State};
+use super::state::{Deferred, State};
+use crate::core::quorum::Admission;
+use crate::replica::PendingFlush;
+use std::time::Instant;
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::{congestion, Shared};
 use crate::config::Protocol;
@@ -106,13 +109,13 @@ impl WriteKind {
 
 /// Whether a write may start now, must wait for quorum (before it touches any disk), or fails.
 fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<Admission, BlockError> {
-    if st.stopping {
+    if st.replica.stopping {
         return Err(BlockError::Shutdown);
     }
-    if st.role != Role::Primary {
+    if st.replica.role != Role::Primary {
         return Err(BlockError::ReadOnly);
     }
-    if st.disk != DiskState::UpToDate {
+    if st.replica.disk != DiskState::UpToDate {
         return Err(BlockError::Io);
     }
     in_bounds(shared, offset, len)?;
@@ -120,7 +123,7 @@ fn writable(shared: &Shared, st: &State, offset: u64, len: u64) -> Result<Admiss
     if !st.held_writes.is_empty() {
         return Ok(Admission::Hold);
     }
-    match st.admission() {
+    match st.replica.admission(Instant::now()) {
         Admission::Refuse => Err(BlockError::Io),
         admission => Ok(admission),
     }
@@ -136,7 +139,7 @@ fn in_bounds(shared: &Shared, offset: u64, len: u64) -> Result<(), BlockError> {
 fn submit_read(shared: &Arc<Shared>, offset: u64, len: u32, done: Completion) {
     {
         let st = shared.lock();
-        if st.role != Role::Primary {
+        if st.replica.role != Role::Primary {
             return done(Err(BlockError::ReadOnly));
         }
         if let Err(e) = in_bounds(shared, offset, u64::from(len)) {
@@ -161,8 +164,8 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
             deferred.run(shared);
             continue;
         }
-        let replicating = st.peers.iter().filter(|p| p.is_replicating());
-        let full = replicating.filter_map(|p| p.link.as_ref()).find(|l| l.is_full()).cloned();
+        let replicating = st.replica.peers.iter().filter(|p| p.is_replicating());
+        let full = replicating.filter_map(|p| st.link(p.node_id)).find(|l| l.is_full()).cloned();
         match full {
             None => break st,
             Some(link) => {
@@ -175,7 +178,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         Ok(Admission::Proceed) => {}
         Ok(_) => {
             if st.held_writes.is_empty() {
-                tracing::warn!(resource = %shared.config.name, quorum = ?st.quorum(),
+                tracing::warn!(resource = %shared.config.name, quorum = ?st.replica.quorum(Instant::now()),
                     "no quorum, or an old primary still seen: holding new writes before they reach any disk");
             }
             st.held_writes.push(HeldWrite { offset, len, kind, done });
@@ -187,17 +190,17 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         }
     }
     // Overlapping writes land in the same order everywhere: wait for the earlier one.
-    while st.overlaps_busy(offset, len) {
-        st = shared.changed.wait(st).expect("engine state lock poisoned");
+    while st.replica.overlaps_busy(offset, len) {
+        st = st.wait();
     }
     let Some(extents) = extents_for(offset, len) else {
         drop(st);
         return done(Err(BlockError::Invalid));
     };
     let prepared = loop {
-        match st.al.prepare(extents.clone()) {
+        match st.replica.al.prepare(extents.clone()) {
             Ok(prepared) => break prepared,
-            Err(AlError::Busy) => st = shared.changed.wait(st).expect("engine state lock poisoned"),
+            Err(AlError::Busy) => st = st.wait(),
             Err(e) => {
                 drop(st);
                 tracing::warn!(resource = %shared.config.name, error = %e, offset, len, "write refused");
@@ -207,8 +210,8 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     };
     if let Err(e) = make_extents_hot(&mut st, prepared) {
         tracing::error!(resource = %shared.config.name, error = %e, "activity log write failed");
-        st.disk = DiskState::Failed;
-        st.al.release(extents);
+        st.replica.disk = DiskState::Failed;
+        st.replica.al.release(extents);
         drop(st);
         return done(Err(BlockError::Io));
     }
@@ -217,7 +220,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
     let level = if fua { AckLevel::Written } else { ack_level(shared.config.protocol) };
     let mut targets = PeerSet::default();
     let mut lagging = Vec::new();
-    for peer in st.peers.iter() {
+    for peer in st.replica.peers.iter() {
         if peer.is_replicating() {
             targets.insert(peer.node_id);
         } else {
@@ -225,12 +228,12 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         }
     }
     for slot in lagging {
-        st.mark_out_of_sync(slot, offset, len);
+        st.replica.mark_out_of_sync(slot, offset, len);
     }
-    st.app_write_bytes += len;
-    let id = st.inflight.start(offset, len, level, targets);
+    st.replica.app_write_bytes += len;
+    let id = st.replica.inflight.start(offset, len, level, targets);
     st.completions.insert(id, done);
-    let epoch = st.epoch;
+    let epoch = st.replica.epoch;
     let message = match &kind {
         WriteKind::Data { data, fua } => Message::Data { id, epoch, offset, fua: *fua, payload: data.clone() },
         WriteKind::Zeroes { discard, fua } => {
@@ -238,16 +241,15 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         }
     };
     let mut close_epoch = false;
-    for peer in st.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
+    let sent_write = (level == AckLevel::Sent).then_some(id);
+    let mut sent_to = Vec::new();
+    for peer in st.replica.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
         peer.tl.record(epoch, offset, len);
         close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES;
-        let on_sent = (level == AckLevel::Sent).then(|| {
-            let (shared, node_id) = (shared.clone(), peer.node_id);
-            Box::new(move || peer_reached(&shared, id, node_id, AckLevel::Sent)) as super::link::OnSent
-        });
-        if let Some(link) = &peer.link {
-            link.send_bulk(message.clone(), on_sent);
-        }
+        sent_to.push(peer.node_id);
+    }
+    for peer in sent_to {
+        st.replica.send_bulk(peer, message.clone(), sent_write);
     }
     if close_epoch {
         send_barriers(&mut st);
@@ -299,7 +301,7 @@ fn io_error(e: &io::Error) -> BlockError {
 
 fn local_done(shared: &Arc<Shared>, id: u64, result: Result<(), LocalFailure>) {
     let mut st = shared.lock();
-    let finished = st.inflight.local_done(id, result);
+    let finished = st.replica.inflight.local_done(id, result);
     let mut deferred = Deferred::default();
     if let Some(f) = finished {
         complete(&mut st, f, &mut deferred);
@@ -313,7 +315,7 @@ fn local_done(shared: &Arc<Shared>, id: u64, result: Result<(), LocalFailure>) {
 pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel) {
     let mut st = shared.lock();
     let mut deferred = Deferred::default();
-    if let Some(f) = st.inflight.peer_reached(id, node_id, level) {
+    if let Some(f) = st.replica.inflight.peer_reached(id, node_id, level) {
         complete(&mut st, f, &mut deferred);
         shared.changed.notify_all();
     }
@@ -324,7 +326,7 @@ pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel)
 /// A write is done everywhere it will be: release its extents and answer the frontend.
 pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
     if let Some(extents) = extents_for(finished.offset, finished.len) {
-        st.al.release(extents);
+        st.replica.al.release(extents);
     }
     if let Some(done) = st.completions.remove(&finished.id) {
         let result = match finished.local_failure {
@@ -338,14 +340,16 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
 
 /// Closes the open epoch on every replicating peer with a barrier. Returns the closed epoch.
 pub fn send_barriers(st: &mut State) -> u64 {
-    let epoch = st.epoch;
-    st.epoch += 1;
-    for peer in st.peers.iter_mut().filter(|p| p.is_replicating()) {
+    let epoch = st.replica.epoch;
+    st.replica.epoch += 1;
+    let mut closed = Vec::new();
+    for peer in st.replica.peers.iter_mut().filter(|p| p.is_replicating()) {
         let writes = peer.tl.close_epoch();
         peer.barriers.push_back((epoch, writes));
-        if let Some(link) = &peer.link {
-            link.send_bulk(Message::Barrier { epoch }, None);
-        }
+        closed.push(peer.node_id);
+    }
+    for peer in closed {
+        st.replica.send_bulk(peer, Message::Barrier { epoch }, None);
     }
     epoch
 }
@@ -355,10 +359,11 @@ pub fn send_barriers(st: &mut State) -> u64 {
 pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
     let mut st = shared.lock();
     let epoch = send_barriers(&mut st);
-    let peers_pending: Vec<u8> = st.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
-    st.next_flush_id += 1;
-    let id = st.next_flush_id;
-    st.flushes.push(PendingFlush { id, epoch, local_pending: true, local_failed: false, peers_pending, done: Some(done) });
+    let peers_pending: Vec<u8> = st.replica.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
+    st.replica.next_flush_id += 1;
+    let id = st.replica.next_flush_id;
+    st.replica.flushes.push(PendingFlush { id, epoch, local_pending: true, local_failed: false, peers_pending });
+    st.flush_done.insert(id, done);
     drop(st);
     let shared2 = shared.clone();
     shared.io.submit(
@@ -366,7 +371,7 @@ pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
         Box::new(move |result| {
             let mut st = shared2.lock();
             let mut deferred = Deferred::default();
-            if let Some(flush) = st.flushes.iter_mut().find(|f| f.id == id) {
+            if let Some(flush) = st.replica.flushes.iter_mut().find(|f| f.id == id) {
                 flush.local_pending = false;
                 flush.local_failed = result.is_err();
             }
@@ -380,14 +385,14 @@ pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
 /// Answers every flush that waits for nothing more.
 pub fn finish_flushes(st: &mut State, deferred: &mut Deferred) {
     let mut i = 0;
-    while i < st.flushes.len() {
-        let flush = &mut st.flushes[i];
+    while i < st.replica.flushes.len() {
+        let flush = &mut st.replica.flushes[i];
         if flush.local_pending || !flush.peers_pending.is_empty() {
             i += 1;
             continue;
         }
-        let mut flush = st.flushes.remove(i);
-        if let Some(done) = flush.done.take() {
+        let flush = st.replica.flushes.remove(i);
+        if let Some(done) = st.flush_done.remove(&flush.id) {
             st.finish_write(done, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) }, deferred);
         }
     }

@@ -25,11 +25,11 @@ impl RecentWrites {
         timing.ping_timeout + 2 * timing.ping_interval
     }
 
-    pub fn new(data_size_bytes: u64, block_size: u32, window: Duration) -> RecentWrites {
+    pub fn new(data_size_bytes: u64, block_size: u32, window: Duration, now: Instant) -> RecentWrites {
         RecentWrites {
             current: DirtyBitmap::new(data_size_bytes, block_size),
             previous: DirtyBitmap::new(data_size_bytes, block_size),
-            since: Instant::now(),
+            since: now,
             window,
         }
     }
@@ -59,8 +59,8 @@ mod tests {
     fn covers_at_least_one_window_and_forgets_after_two() {
         const WINDOW: Duration = Duration::from_secs(3);
         assert_eq!(RecentWrites::window_for(&LinkTiming::DEFAULT), WINDOW);
-        let mut recent = RecentWrites::new(1 << 20, 4096, WINDOW);
         let t0 = Instant::now();
+        let mut recent = RecentWrites::new(1 << 20, 4096, WINDOW, t0);
         recent.record(0, 4096, t0);
         recent.record(8192, 4096, t0 + WINDOW);
         let mut target = DirtyBitmap::new(1 << 20, 4096);

@@ -1,0 +1,111 @@
+//! The engine's state under its lock, and the carrying out of what the replica queued meanwhile:
+//! frames join their links' queues in the order the replica pushed them, while the lock is
+//! still held (so two threads' frames never swap places), and without any socket write (a
+//! queued frame is written by the link's own thread). Links the replica gave up on are dropped
+//! once the lock is released.
+
+use super::state::State;
+use super::Shared;
+use crate::replica::{Action, Lane};
+use std::ops::{Deref, DerefMut};
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+pub(crate) struct Locked<'a> {
+    shared: &'a Shared,
+    guard: Option<MutexGuard<'a, State>>,
+}
+
+impl<'a> Locked<'a> {
+    pub fn new(shared: &'a Shared, guard: MutexGuard<'a, State>) -> Locked<'a> {
+        Locked { shared, guard: Some(guard) }
+    }
+
+    /// Waits for `Shared::changed`, the lock released meanwhile (queued frames go out first).
+    pub fn wait(mut self) -> Locked<'a> {
+        let guard = self.release_for_wait();
+        let guard = self.shared.changed.wait(guard).expect("engine state lock poisoned");
+        Locked::new(self.shared, guard)
+    }
+
+    /// [`Locked::wait`], for at most `timeout`.
+    pub fn wait_timeout(mut self, timeout: Duration) -> Locked<'a> {
+        let guard = self.release_for_wait();
+        let (guard, _) = self.shared.changed.wait_timeout(guard, timeout).expect("engine state lock poisoned");
+        Locked::new(self.shared, guard)
+    }
+
+    /// Waits for `Shared::timer` (a new deadline) for at most `timeout`; the lock is released
+    /// meanwhile and what the replica decided is carried out first.
+    pub fn wait_timer(mut self, timeout: Duration) -> Locked<'a> {
+        let guard = self.guard.take().expect("locked");
+        drop(Locked::new(self.shared, guard));
+        let guard = self.shared.state.lock().expect("engine state lock poisoned");
+        let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
+        Locked::new(self.shared, guard)
+    }
+
+    /// Queues the frames before the wait; links to drop stay queued for the final release.
+    fn release_for_wait(&mut self) -> MutexGuard<'a, State> {
+        let mut guard = self.guard.take().expect("locked");
+        let drops = send_queued(self.shared, &mut guard);
+        guard.replica.requeue(drops);
+        guard
+    }
+}
+
+/// Puts every queued frame on its link; returns the other actions, to run after the lock.
+fn send_queued(shared: &Shared, st: &mut State) -> Vec<Action> {
+    let mut rest = Vec::new();
+    for action in st.replica.take_actions() {
+        match action {
+            Action::Send { peer, msg, lane, sent_write } => {
+                let Some(link) = st.link(peer) else { continue };
+                match lane {
+                    Lane::Control => link.queue_control(msg),
+                    Lane::Bulk => {
+                        let on_sent = sent_write.and_then(|id| {
+                            let shared = shared.this.upgrade()?;
+                            Some(Box::new(move || {
+                                super::write_path::peer_reached(&shared, id, peer, crate::core::inflight::AckLevel::Sent)
+                            }) as super::link::OnSent)
+                        });
+                        link.send_bulk(msg, on_sent);
+                    }
+                }
+            }
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else { return };
+        let after = send_queued(self.shared, &mut guard);
+        drop(guard);
+        if after.is_empty() {
+            return;
+        }
+        let Some(shared) = self.shared.this.upgrade() else { return };
+        for action in after {
+            if let Action::DropLink { peer, generation, reason } = action {
+                super::connection::lost(&shared, peer, generation, &reason);
+            }
+        }
+    }
+}
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.guard.as_ref().expect("locked")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.guard.as_mut().expect("locked")
+    }
+}

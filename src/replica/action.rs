@@ -1,0 +1,23 @@
+//! What a replica asks its driver to do. The replica decides; the driver carries the actions
+//! out, in the order they were pushed, after the replica is no longer borrowed.
+
+use crate::wire::Message;
+
+/// Which queue of a peer's stream a frame joins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Acks, pings, state: they overtake queued bulk data.
+    Control,
+    /// Data, barriers, resync and verify traffic: in order among themselves.
+    Bulk,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    /// Send `msg` to `peer` if its link is still up. `sent_write`: protocol A's completion,
+    /// reported back for this write once the frame has been handed to the kernel.
+    Send { peer: u8, msg: Message, lane: Lane, sent_write: Option<u64> },
+    /// Drop the link of connection `generation` to `peer` for `reason` (nothing happens if
+    /// that connection is gone already).
+    DropLink { peer: u8, generation: u64, reason: String },
+}

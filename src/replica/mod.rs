@@ -1,0 +1,380 @@
+//! The replica: what one node knows about one resource, and the replication rules that change
+//! it. No I/O, no threads, no clock and no randomness in here: time comes in as a value, what
+//! must be sent goes out as [`Action`]s that the driver (`crate::engine`) carries out once the
+//! replica is no longer borrowed. The pure decisions of [`crate::core`] are called from here.
+//!
+//! The rules move here from the engine step by step (see docs/DESIGN.md, "The replica"); what is
+//! here is the single home of those rules: quorum and leases, the generations a vote is judged
+//! by, which frames a peer may send in which state, and when a peer that stops making progress
+//! is dropped.
+
+mod action;
+pub mod peer;
+mod recent;
+mod votes;
+
+pub use action::{Action, Lane};
+pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
+pub use recent::RecentWrites;
+
+use crate::core::generation::Generation;
+use crate::core::inflight::InflightWrites;
+use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use crate::core::split_brain::SplitBrainPolicies;
+use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::sync_decision::{same_uuid, UuidView, UUID_JUST_CREATED};
+use crate::meta::activity_log::{extent_offset, AL_EXTENT_SIZE};
+use crate::meta::{ActivityLog, DirtyBitmap, MetaFlags, Superblock};
+use crate::wire::{Message, PeerState};
+use std::time::Instant;
+
+/// State flag bits carried in `PeerState::flags`.
+pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
+/// The sender is going down cleanly and marked itself Outdated: stop counting it for quorum.
+pub const STATE_FLAG_LEAVING: u32 = 2;
+/// The operator chose the sender as the victim of a split brain (`connect --discard-my-data`).
+pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
+/// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
+pub const STATE_FLAG_AHEAD: u32 = 8;
+
+/// The byte range of an activity-log extent, clipped to the device.
+pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
+    let offset = extent_offset(extent);
+    (offset, AL_EXTENT_SIZE.min(data_size_bytes.saturating_sub(offset)))
+}
+
+/// A FLUSH waiting for the local disk and for barrier acks.
+pub struct PendingFlush {
+    pub id: u64,
+    /// The epoch its barrier closed.
+    pub epoch: u64,
+    pub local_pending: bool,
+    pub local_failed: bool,
+    pub peers_pending: Vec<u8>,
+}
+
+pub struct Replica {
+    /// Whether this node is a diskless witness (it votes, holds no data).
+    pub witness: bool,
+    pub timing: LinkTiming,
+    pub role: Role,
+    pub disk: DiskState,
+    pub sb: Superblock,
+    /// One per peer slot of the superblock.
+    pub bitmaps: Vec<DirtyBitmap>,
+    pub al: ActivityLog,
+    /// Blocks applied lately as a secondary (see [`RecentWrites`]).
+    pub recent: RecentWrites,
+    /// Crashed while primary; cleared once every data peer has been brought in sync with it.
+    pub crashed_primary: bool,
+    /// Data peers not yet resynced since the crash as primary.
+    pub crash_repair_pending: Vec<u8>,
+    pub inflight: InflightWrites,
+    pub flushes: Vec<PendingFlush>,
+    pub next_flush_id: u64,
+    pub epoch: u64,
+    pub peers: Vec<Peer>,
+    /// Block ranges being read for resync or verify: writes into them wait (see
+    /// `engine::resync::read_range_then`).
+    pub read_locks: Vec<(u64, u64)>,
+    /// Bytes of application writes started on this node: the resync rate controller measures the
+    /// application's write rate from it.
+    pub app_write_bytes: u64,
+    pub stopping: bool,
+    /// Quorum settings: here rather than in the immutable config because `adjust` changes them.
+    pub quorum_policy: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    pub split_brain: SplitBrainPolicies,
+    /// Set by `connect --discard-my-data` until a split brain has been resolved with this node
+    /// as the victim.
+    pub discard_my_data: bool,
+    /// Bitmap slots of data peers this primary lost: a new generation starts for them before
+    /// the next write completes with quorum. Not before: a primary that lost quorum and is
+    /// superseded must still hold the generation the new primary has in its history, so that it
+    /// comes back as a plain sync target instead of a split brain.
+    pub generation_pending: Vec<usize>,
+    /// A step-down (see `Engine::step_down`) is on its way.
+    pub stepping_down: bool,
+    /// Why this node last stepped down by itself, until it is promoted again.
+    pub stepped_down: Option<String>,
+    /// This primary learned it was superseded and stays primary, disconnected
+    /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
+    /// is demoted, though it no longer sees the newer primary.
+    pub superseded_latched: bool,
+    /// The generation this primary left when it started a new one with quorum after losing a
+    /// data peer (0: none). Voters still report it until they hear of the new one; they are
+    /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
+    /// writes under io-error). No other primary can hold it: it was this one's, with quorum.
+    pub left_generation: u64,
+    /// What the driver is to do next, in order (see [`Replica::take_actions`]).
+    outbox: Vec<Action>,
+}
+
+/// What a replica starts from: the node's metadata as loaded (and repaired after a crash).
+pub struct Attached {
+    pub witness: bool,
+    pub timing: LinkTiming,
+    pub sb: Superblock,
+    pub bitmaps: Vec<DirtyBitmap>,
+    pub al: ActivityLog,
+    pub crashed_primary: bool,
+    /// Data peers to resync before the crash marker clears.
+    pub crash_repair_pending: Vec<u8>,
+    pub peers: Vec<Peer>,
+    pub quorum_policy: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    pub split_brain: SplitBrainPolicies,
+    pub now: Instant,
+}
+
+impl Replica {
+    /// A replica as the node attaches: Secondary, its disk state from the metadata flags.
+    pub fn attach(a: Attached) -> Replica {
+        let window = RecentWrites::window_for(&a.timing);
+        let recent = RecentWrites::new(a.sb.data_size, a.sb.params.bitmap_block_size, window, a.now);
+        Replica {
+            witness: a.witness,
+            timing: a.timing,
+            role: Role::Secondary,
+            disk: if a.witness { DiskState::Diskless } else { Replica::disk_state_from_flags(a.sb.flags) },
+            recent,
+            sb: a.sb,
+            bitmaps: a.bitmaps,
+            al: a.al,
+            crashed_primary: a.crashed_primary,
+            crash_repair_pending: a.crash_repair_pending,
+            inflight: InflightWrites::new(),
+            flushes: Vec::new(),
+            next_flush_id: 0,
+            epoch: 1,
+            peers: a.peers,
+            read_locks: Vec::new(),
+            app_write_bytes: 0,
+            stopping: false,
+            quorum_policy: a.quorum_policy,
+            on_no_quorum: a.on_no_quorum,
+            split_brain: a.split_brain,
+            discard_my_data: false,
+            generation_pending: Vec::new(),
+            stepping_down: false,
+            stepped_down: None,
+            superseded_latched: false,
+            left_generation: 0,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The actions pushed since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Puts actions back at the front of the queue (a driver that could not carry them out yet).
+    pub fn requeue(&mut self, mut actions: Vec<Action>) {
+        actions.append(&mut self.outbox);
+        self.outbox = actions;
+    }
+
+    /// Queues a control frame (acks, state, pings) for `peer`, dropped if it is not connected.
+    pub fn send(&mut self, peer: u8, msg: Message) {
+        self.outbox.push(Action::Send { peer, msg, lane: Lane::Control, sent_write: None });
+    }
+
+    /// Queues a bulk frame for `peer` behind the bulk frames queued before it.
+    pub fn send_bulk(&mut self, peer: u8, msg: Message, sent_write: Option<u64>) {
+        self.outbox.push(Action::Send { peer, msg, lane: Lane::Bulk, sent_write });
+    }
+
+    pub fn peer(&self, node_id: u8) -> &Peer {
+        self.peers.iter().find(|p| p.node_id == node_id).expect("configured peer")
+    }
+
+    pub fn peer_mut(&mut self, node_id: u8) -> &mut Peer {
+        self.peers.iter_mut().find(|p| p.node_id == node_id).expect("configured peer")
+    }
+
+    pub fn node_id(&self) -> u8 {
+        self.sb.node_id
+    }
+
+    pub fn generation(&self) -> Generation {
+        Generation {
+            current: self.sb.uuids.current,
+            history: self.sb.uuids.history,
+            bitmap: self.sb.peers.iter().map(|p| p.bitmap_uuid).collect(),
+        }
+    }
+
+    pub fn set_generation(&mut self, g: Generation) {
+        self.sb.uuids.current = g.current;
+        self.sb.uuids.history = g.history;
+        for (slot, uuid) in self.sb.peers.iter_mut().zip(g.bitmap) {
+            slot.bitmap_uuid = uuid;
+        }
+    }
+
+    /// Marks a range out of sync for a peer (in memory: the activity log covers it on disk).
+    /// A witness's slot stays empty: it holds no data to be out of sync.
+    pub fn mark_out_of_sync(&mut self, slot: usize, offset: u64, len: u64) {
+        if !self.peers.iter().any(|p| p.slot == slot && p.witness) {
+            self.bitmaps[slot].set_range(offset, len);
+        }
+    }
+
+    /// Bitmap slots of the data peers that do not receive `sender`'s writes as far as this node
+    /// can tell (not connected here, or not reporting `sender` as a primary they see): a
+    /// secondary records the writes it applies for them, so it can resync them itself if the
+    /// primary dies. Over-reporting only costs resync.
+    pub fn slots_not_following(&self, sender: u8) -> Vec<usize> {
+        self.peers
+            .iter()
+            .filter(|p| p.node_id != sender && !p.witness)
+            .filter(|p| !p.connected || p.last_state.is_none_or(|s| s.primaries & (1 << sender) == 0))
+            .map(|p| p.slot)
+            .collect()
+    }
+
+    /// Whether connecting in sync with `peer_id` proves this node's data is the newest: the
+    /// peer is UpToDate, or every data peer is connected in sync with the same generation (so
+    /// no node anywhere can hold newer data). Two fresh nodes prove nothing.
+    pub fn confirmed_up_to_date_by(&self, peer_id: u8) -> bool {
+        let good = |d: DiskState| matches!(d, DiskState::Consistent | DiskState::Outdated);
+        // Known to differ (online verify): equal generations prove nothing; a resync must run.
+        if !good(self.disk) || self.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
+            return false;
+        }
+        if self.peer(peer_id).disk == DiskState::UpToDate {
+            return true;
+        }
+        let fresh = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED);
+        !fresh
+            && self.peers.iter().filter(|p| !p.witness).all(|p| {
+                p.repl == ReplState::Established
+                    && good(p.disk)
+                    && p.last_state.is_some_and(|s| same_uuid(s.current_uuid, self.sb.uuids.current))
+            })
+    }
+
+    /// The nodes this node sees as primary, itself included (see `PeerState::primaries`).
+    pub fn primaries(&self) -> u32 {
+        let me = u32::from(self.role == Role::Primary) << self.sb.node_id;
+        self.peers.iter().filter(|p| p.connected && p.role == Role::Primary).fold(me, |mask, p| mask | 1 << p.node_id)
+    }
+
+    pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {
+        self.inflight.overlaps(offset, len)
+            || self.read_locks.iter().any(|&(o, l)| offset < o + l && o < offset + len)
+    }
+
+    /// This node's side of the connect-time decision with `peer`.
+    pub fn uuid_view(&self, peer: &Peer) -> UuidView {
+        UuidView {
+            node_id: self.sb.node_id,
+            current: self.sb.uuids.current,
+            bitmap_for_peer: self.sb.peers[peer.slot].bitmap_uuid,
+            history: self.sb.uuids.history,
+            crashed_primary: self.crashed_primary,
+            is_primary: self.role == Role::Primary,
+            inconsistent: self.disk == DiskState::Inconsistent,
+        }
+    }
+
+    /// What this node tells `peer` about itself.
+    pub fn peer_state_for(&self, peer: &Peer) -> PeerState {
+        PeerState {
+            role: self.role.to_wire(),
+            disk: self.disk.to_wire(),
+            flags: self.state_flags() | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
+            current_uuid: self.sb.uuids.current,
+            bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
+            history: self.sb.uuids.history,
+            bitmap_weight: self.bitmaps[peer.slot].weight(),
+            primaries: self.primaries(),
+        }
+    }
+
+    fn state_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.crashed_primary {
+            flags |= STATE_FLAG_CRASHED_PRIMARY;
+        }
+        if self.stopping {
+            flags |= STATE_FLAG_LEAVING;
+        }
+        if self.discard_my_data {
+            flags |= STATE_FLAG_DISCARD_MY_DATA;
+        }
+        flags
+    }
+
+    /// Sends the current state to every connected peer.
+    pub fn broadcast_state(&mut self) {
+        let states: Vec<(u8, PeerState)> =
+            self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
+        for (peer, state) in states {
+            self.send(peer, Message::State(state));
+        }
+    }
+
+    /// Disk state at attach, from the metadata flags. "UpToDate" needs a peer's confirmation (or
+    /// a promotion), so a node that restarts alone reports Consistent.
+    pub fn disk_state_from_flags(flags: MetaFlags) -> DiskState {
+        if flags.contains(MetaFlags::CONSISTENT) && flags.contains(MetaFlags::WAS_UP_TO_DATE) {
+            DiskState::Consistent
+        } else if flags.contains(MetaFlags::CONSISTENT) {
+            DiskState::Outdated
+        } else {
+            DiskState::Inconsistent
+        }
+    }
+
+    /// A link to `peer_id` is up (handshake done): a new connection generation, its lease
+    /// starting, and this node's state as its first frame. Returns the connection generation.
+    pub fn link_up(&mut self, peer_id: u8, now: Instant) -> u64 {
+        let state = self.peer_state_for(self.peer(peer_id));
+        let peer = self.peer_mut(peer_id);
+        peer.generation += 1;
+        peer.connected = true;
+        peer.conn = ConnState::Connected;
+        peer.repl = ReplState::Off;
+        peer.departed = false;
+        peer.last_error = None;
+        peer.rx_epoch_writes = 0;
+        peer.lease.restart(now);
+        let generation = peer.generation;
+        self.send(peer_id, Message::State(state));
+        generation
+    }
+
+    /// The link to `peer_id` is gone (`sent_bytes` on it): what this node knew of the peer
+    /// through it is forgotten. Returns the replication state it had and, if it was in sync,
+    /// the generation it last reported.
+    pub fn link_down(&mut self, peer_id: u8, reason: &str, sent_bytes: u64) -> (ReplState, Option<u64>) {
+        let peer = self.peer_mut(peer_id);
+        peer.connected = false;
+        peer.lease.end();
+        peer.sent_bytes_before += sent_bytes;
+        peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
+        let was = std::mem::replace(&mut peer.repl, ReplState::Off);
+        let last_generation = peer.last_state.filter(|_| was == ReplState::Established).map(|s| s.current_uuid);
+        peer.role = Role::Unknown;
+        peer.disk = DiskState::DUnknown;
+        peer.last_state = None;
+        peer.pending_sync = None;
+        peer.resync = None;
+        peer.barriers.clear();
+        peer.last_error = Some(reason.to_owned());
+        (was, last_generation)
+    }
+
+    /// Timers: pings that are due go out. Returns when to call again.
+    pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+        let timing = self.timing;
+        let due: Vec<u8> =
+            self.peers.iter_mut().filter(|p| p.connected).filter_map(|p| p.lease.ping_due(now, &timing).then_some(p.node_id)).collect();
+        for peer in due {
+            self.send(peer, Message::Ping);
+        }
+        self.peers.iter().filter(|p| p.connected).filter_map(|p| p.lease.next_ping()).min()
+    }
+}

@@ -1,0 +1,205 @@
+//! What a replica knows about one peer: its connection and replication state, what it last
+//! reported, the writes and barriers in flight to it, and the pings that renew its lease.
+
+use crate::core::quorum::LinkTiming;
+use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::core::sync_decision::SyncDecision;
+use crate::core::sync_progress::SyncProgress;
+use crate::core::transfer_log::TransferLog;
+use crate::wire::PeerState;
+use std::collections::VecDeque;
+use std::time::Instant;
+
+pub struct Peer {
+    pub node_id: u8,
+    pub name: String,
+    pub slot: usize,
+    /// A diskless witness: it votes, never receives data, and its bitmap slot stays empty.
+    pub witness: bool,
+    /// Left cleanly (told us so before going down): not a quorum voter until it returns.
+    pub departed: bool,
+    pub want_connect: bool,
+    pub conn: ConnState,
+    /// Whether a link to the peer is up (handshake done, not yet lost).
+    pub connected: bool,
+    pub repl: ReplState,
+    pub role: Role,
+    pub disk: DiskState,
+    /// Bumped per connection, so events from a dead connection's threads are ignored.
+    pub generation: u64,
+    pub lease: Lease,
+    pub last_state: Option<PeerState>,
+    pub tl: TransferLog,
+    /// Barriers sent and not yet acked: (epoch, writes in it).
+    pub barriers: VecDeque<(u64, u32)>,
+    /// Writes received in the peer's open epoch (this node as the receiving side).
+    pub rx_epoch_writes: u32,
+    /// A sync decided at connect, waiting for the peer's bitmap.
+    pub pending_sync: Option<SyncDecision>,
+    pub resync: Option<ResyncProgress>,
+    /// Online verify and checksum-based resync with this peer.
+    pub sync: PeerSync,
+    /// Bytes sent on earlier connections (the current link counts its own).
+    pub sent_bytes_before: u64,
+    pub received_bytes: u64,
+    pub last_error: Option<String>,
+}
+
+impl Peer {
+    /// A configured peer as it starts: not connected, wanted.
+    pub fn new(node_id: u8, name: String, slot: usize, witness: bool) -> Peer {
+        Peer {
+            node_id,
+            name,
+            slot,
+            witness,
+            departed: false,
+            want_connect: true,
+            conn: ConnState::Connecting,
+            connected: false,
+            repl: ReplState::Off,
+            role: Role::Unknown,
+            disk: DiskState::DUnknown,
+            generation: 0,
+            lease: Lease::default(),
+            last_state: None,
+            tl: TransferLog::default(),
+            barriers: VecDeque::new(),
+            rx_epoch_writes: 0,
+            pending_sync: None,
+            resync: None,
+            sync: PeerSync::default(),
+            sent_bytes_before: 0,
+            received_bytes: 0,
+            last_error: None,
+        }
+    }
+
+    pub fn is_replicating(&self) -> bool {
+        !self.witness && self.connected && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
+    }
+}
+
+/// Pings in flight to a peer and the send time of the newest one it answered: the peer's vote
+/// counts for a primary only while that answer is younger than a lease (see
+/// [`LinkTiming::lease`]).
+#[derive(Debug, Default)]
+pub struct Lease {
+    unanswered: VecDeque<Instant>,
+    answered_sent_at: Option<Instant>,
+    next_ping: Option<Instant>,
+}
+
+impl Lease {
+    /// A new link: the first ping is due at once, so the lease starts within a round trip.
+    pub fn restart(&mut self, now: Instant) {
+        *self = Lease { next_ping: Some(now), ..Lease::default() };
+    }
+
+    /// Whether a ping is due at `now`; if so it counts as sent at `now` (queued ahead of bulk
+    /// data, it leaves no earlier, so the lease never counts from before the real send).
+    pub fn ping_due(&mut self, now: Instant, timing: &LinkTiming) -> bool {
+        match self.next_ping {
+            Some(due) if now >= due => {
+                self.next_ping = Some(now + timing.ping_interval);
+                self.unanswered.push_back(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// When the next ping is due (none while the link is down).
+    pub fn next_ping(&self) -> Option<Instant> {
+        self.next_ping
+    }
+
+    /// The peer answered the oldest unanswered ping (pings are answered in order).
+    pub fn answered(&mut self) {
+        if let Some(sent_at) = self.unanswered.pop_front() {
+            self.answered_sent_at = Some(sent_at);
+        }
+    }
+
+    /// Whether the peer answered a ping sent less than a lease before `now`.
+    pub fn holds(&self, now: Instant, timing: &LinkTiming) -> bool {
+        self.answered_sent_at.is_some_and(|sent| now.saturating_duration_since(sent) < timing.lease())
+    }
+
+    /// The link is gone: no more pings, no lease.
+    pub fn end(&mut self) {
+        *self = Lease::default();
+    }
+}
+
+/// A resync in progress with one peer, as this node sees it.
+#[derive(Debug, Clone)]
+pub struct ResyncProgress {
+    pub started: Instant,
+    /// Observed against the bitmap's weight for the peer whenever status is read.
+    pub progress: SyncProgress,
+    pub full: bool,
+}
+
+/// Per-peer state of the checksum exchanges: online verify and checksum-based resync.
+#[derive(Debug, Default)]
+pub struct PeerSync {
+    /// The last online verify with this peer (running, finished or aborted).
+    pub verify: Option<VerifyRun>,
+    /// Digest requests of a checksum-based resync awaiting their answer, in stream order:
+    /// `(offset, blocks)`.
+    pub resync_digests: VecDeque<(u64, u32)>,
+    /// Ranges whose digests differed: their data goes out next.
+    pub resync_wanted: VecDeque<(u64, u64)>,
+}
+
+/// Differing ranges a verify keeps for `status` (the log has every one).
+pub const MAX_REPORTED_RANGES: usize = 8;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyState {
+    Running,
+    Finished,
+    /// Stopped before the end (the reason says why); what was found so far stays marked.
+    Aborted(String),
+}
+
+/// One verify with one peer, as the node that runs it sees it.
+#[derive(Debug)]
+pub struct VerifyRun {
+    /// The connection it runs on: answers arrive on that one only.
+    pub generation: u64,
+    pub started: Instant,
+    pub state: VerifyState,
+    /// Bytes compared (answered) out of the device's size.
+    pub progress: SyncProgress,
+    /// Requests awaiting their answer, in stream order: `(offset, blocks)`.
+    pub awaiting: VecDeque<(u64, u32)>,
+    /// Bytes found to differ, and the first ranges of them (adjacent ones merged).
+    pub found_bytes: u64,
+    pub found_ranges: Vec<(u64, u64)>,
+}
+
+impl VerifyRun {
+    pub fn new(generation: u64, started: Instant, device_bytes: u64) -> VerifyRun {
+        VerifyRun {
+            generation,
+            started,
+            state: VerifyState::Running,
+            progress: SyncProgress::start(device_bytes),
+            awaiting: VecDeque::new(),
+            found_bytes: 0,
+            found_ranges: Vec::new(),
+        }
+    }
+
+    pub fn record_found(&mut self, offset: u64, len: u64) {
+        self.found_bytes += len;
+        let kept = self.found_ranges.len();
+        match self.found_ranges.last_mut() {
+            Some((start, l)) if *start + *l == offset => *l += len,
+            _ if kept < MAX_REPORTED_RANGES => self.found_ranges.push((offset, len)),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Quorum as this replica counts it: which peers' votes count (by lease and by the generation
+//! they hold), and what that lets a primary do with writes.
+
+use super::{Peer, Replica};
+use crate::core::quorum::{self, evaluate, Admission, AdmissionInputs, QuorumPolicy, QuorumState, VoterView};
+use crate::core::states::{ReplState, Role};
+use crate::core::sync_decision::{same_uuid, UUID_JUST_CREATED};
+use std::time::Instant;
+
+impl Replica {
+    /// Counts the votes at `now`. A peer counts once its state is known; for a primary, only
+    /// while the peer's lease holds (see `LinkTiming::lease`).
+    pub fn quorum(&self, now: Instant) -> QuorumState {
+        self.quorum_with_leases(now, true)
+    }
+
+    /// [`Replica::quorum`], choosing whether leases count (they always do, but a promotion waits
+    /// for the first ping of a peer that connected a moment ago: see `Engine::promote`).
+    pub fn quorum_with_leases(&self, now: Instant, leases: bool) -> QuorumState {
+        let views: Vec<VoterView> = self
+            .peers
+            .iter()
+            .map(|p| VoterView {
+                node_id: p.node_id,
+                reachable: p.connected && (!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p),
+                departed: p.departed,
+                sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
+            })
+            .collect();
+        evaluate(self.quorum_policy, self.sb.node_id, &views)
+    }
+
+    /// Whether `peer`'s vote counts for this node, judged by the generation it holds (a
+    /// witness: the newest primary generation it has seen). A primary needs voters that know its
+    /// current generation (or receive its writes as resync targets); a candidate needs voters
+    /// that know no generation newer than its own. Otherwise a secondary left behind could form
+    /// a majority with a witness once the primary is gone, and promote without the writes
+    /// acknowledged meanwhile.
+    fn votes_for_me(&self, peer: &Peer) -> bool {
+        let Some(state) = peer.last_state else { return false };
+        let same = |uuid: u64| same_uuid(state.current_uuid, uuid);
+        if self.role == Role::Primary {
+            return same(self.sb.uuids.current)
+                || (self.left_generation != 0 && same(self.left_generation))
+                || peer.repl == ReplState::SyncSource;
+        }
+        let knows_nothing = peer.witness && same(UUID_JUST_CREATED);
+        knows_nothing || self.knows_generation(state.current_uuid)
+    }
+
+    /// Whether `uuid` is this node's generation or one it has moved past (its history, or where
+    /// one of its bitmaps starts): not newer than its data.
+    pub fn knows_generation(&self, uuid: u64) -> bool {
+        let same = |u: u64| u != 0 && same_uuid(u, uuid);
+        same(self.sb.uuids.current) || self.sb.uuids.history.iter().chain(self.sb.peers.iter().map(|p| &p.bitmap_uuid)).any(|u| same(*u))
+    }
+
+    /// Whether a connected node reports another primary and holds a generation this node does
+    /// not know, i.e. one started after this node's: evidence that another node was promoted
+    /// past this one. A stale primary seen next to this one (directly, with a generation this
+    /// node left behind, or through a node that follows this node's generation) is no such
+    /// evidence: a primary whose lease lapsed for a moment must not give up for it.
+    fn newer_primary_seen(&self) -> bool {
+        let me = 1u32 << self.sb.node_id;
+        self.peers
+            .iter()
+            .filter(|p| p.connected)
+            .filter_map(|p| p.last_state)
+            .any(|s| s.primaries & !me != 0 && !self.knows_generation(s.current_uuid))
+    }
+
+    /// The inputs of `core::quorum::admission` as this node sees them at `now`. The peers'
+    /// generations are only looked at when they matter (no quorum, another primary seen): not
+    /// on every write.
+    fn admission_inputs(&self, now: Instant) -> AdmissionInputs {
+        let quorum = self.quorum(now);
+        AdmissionInputs {
+            policy: self.quorum_policy,
+            on_no_quorum: self.on_no_quorum,
+            quorum,
+            newer_primary_seen: !quorum.has_quorum && quorum.other_primary.is_some() && self.newer_primary_seen(),
+            superseded_latched: self.superseded_latched,
+        }
+    }
+
+    /// What quorum lets this node do with writes at `now` (see `core::quorum::admission`); a
+    /// secondary's writes are refused earlier, by role.
+    pub fn admission(&self, now: Instant) -> Admission {
+        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
+            return Admission::Proceed;
+        }
+        quorum::admission(&self.admission_inputs(now))
+    }
+
+    /// Another node was promoted while this primary had no quorum (a connected node reports
+    /// it, with a generation newer than this node's): the writes it holds can never be
+    /// acknowledged (the new primary does not have them), and it steps down.
+    pub fn superseded(&self, now: Instant) -> bool {
+        self.role == Role::Primary && self.quorum_policy != QuorumPolicy::Off && quorum::superseded(&self.admission_inputs(now))
+    }
+}
