@@ -180,6 +180,7 @@ struct RawResource {
     on_suspended_primary_outdated: Option<String>,
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
+    peer_stall_timeout_ms: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
 }
@@ -334,6 +335,15 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         one_primary: parse_choice(path, "after_sb_1pri", raw.after_sb_1pri.as_deref(), AfterSb1Pri::parse)?,
         two_primaries: parse_choice(path, "after_sb_2pri", raw.after_sb_2pri.as_deref(), AfterSb2Pri::parse)?,
     };
+    if let (true, Some((key, value))) = (quorum != QuorumPolicy::Off, split_brain.discarding_changes()) {
+        return Err(invalid(
+            path,
+            key,
+            format!(
+                "\"{value}\" is refused while quorum is on: under quorum a split brain only follows an operator's override, and either side may hold writes acknowledged under quorum, which this policy would discard. Keep \"disconnect\" (or \"discard-zero-changes\", which discards nothing) and choose the victim with `connect --discard-my-data`, or set quorum = \"off\" (with fencing)"
+            ),
+        ));
+    }
     let secret = match (raw.secret, raw.secret_file) {
         (Some(_), Some(_)) => return Err(invalid(path, "secret_file", "set either `secret` or `secret_file`, not both")),
         (Some(s), None) => Some(s.into_bytes()),
@@ -390,7 +400,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
             ))
         }
     };
-    let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms)?;
+    let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms, raw.peer_stall_timeout_ms)?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -488,7 +498,9 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
 
 /// `ping_interval_ms` and `ping_timeout_ms`: the timeout must span enough pings for the quorum
 /// lease (half the timeout) to outlive one late answer; see `LinkTiming::lease`.
-fn link_timing(path: &Path, interval_ms: Option<u64>, timeout_ms: Option<u64>) -> Result<LinkTiming, ConfigError> {
+/// `peer_stall_timeout_ms`: no shorter than the ping timeout (a peer that stops answering at
+/// all is dropped by that one first).
+fn link_timing(path: &Path, interval_ms: Option<u64>, timeout_ms: Option<u64>, stall_ms: Option<u64>) -> Result<LinkTiming, ConfigError> {
     const MIN_INTERVAL_MS: u64 = 50;
     const MAX_TIMEOUT_MS: u64 = 600_000;
     let default = LinkTiming::DEFAULT;
@@ -505,7 +517,19 @@ fn link_timing(path: &Path, interval_ms: Option<u64>, timeout_ms: Option<u64>) -
             format!("{timeout} must lie between {per} x ping_interval_ms ({}) and {MAX_TIMEOUT_MS}", interval * per),
         ));
     }
-    Ok(LinkTiming { ping_interval: Duration::from_millis(interval), ping_timeout: Duration::from_millis(timeout) })
+    let stall = stall_ms.unwrap_or((default.stall_timeout.as_millis() as u64).max(timeout));
+    if stall < timeout || stall > MAX_TIMEOUT_MS {
+        return Err(invalid(
+            path,
+            "peer_stall_timeout_ms",
+            format!("{stall} must lie between ping_timeout_ms ({timeout}) and {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok(LinkTiming {
+        ping_interval: Duration::from_millis(interval),
+        ping_timeout: Duration::from_millis(timeout),
+        stall_timeout: Duration::from_millis(stall),
+    })
 }
 
 /// The `frontend` key's values.
@@ -644,10 +668,23 @@ disk = "/var/lib/blkrepl/beta.img"
             ("quorum = \"off\"", "quorum = \"off\"\nping_timeout_ms = 1000", "ping_timeout_ms"),
             ("quorum = \"off\"", "quorum = \"off\"\nping_interval_ms = 1000\nping_timeout_ms = 3000", "ping_timeout_ms"),
             ("quorum = \"off\"", "quorum = \"off\"\nping_timeout_ms = 700000", "ping_timeout_ms"),
+            ("quorum = \"off\"", "quorum = \"off\"\npeer_stall_timeout_ms = 1500", "peer_stall_timeout_ms"),
+            ("quorum = \"off\"", "quorum = \"majority\"\nafter_sb_0pri = \"discard-younger-primary\"", "after_sb_0pri"),
+            ("quorum = \"off\"", "quorum = 2\nafter_sb_0pri = \"discard-least-changes\"", "after_sb_0pri"),
+            ("quorum = \"off\"", "quorum = \"majority\"\nafter_sb_1pri = \"discard-secondary\"", "after_sb_1pri"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn policies_that_discard_nothing_stay_allowed_under_quorum() {
+        let safe = "quorum = \"majority\"\nafter_sb_0pri = \"discard-zero-changes\"\nafter_sb_1pri = \"consensus\"";
+        let config = parse(&GOOD.replacen("quorum = \"off\"", safe, 1)).unwrap();
+        assert_eq!(config.split_brain.zero_primaries, AfterSb0Pri::DiscardZeroChanges);
+        let off = "quorum = \"off\"\nafter_sb_0pri = \"discard-younger-primary\"\nafter_sb_1pri = \"discard-secondary\"";
+        assert!(parse(&GOOD.replacen("quorum = \"off\"", off, 1)).is_ok(), "without quorum the operator's choice stands");
     }
 
     #[test]

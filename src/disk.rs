@@ -12,7 +12,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags, Flock, FlockArg};
@@ -279,6 +279,8 @@ impl Fault {
 pub struct FaultyDisk<D: Disk> {
     inner: D,
     state: Mutex<FaultState>,
+    /// Signalled when hung writes may go on (see [`FaultyDisk::hang_writes`]).
+    released: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -293,6 +295,8 @@ struct FaultState {
     /// Tear this write, then drop everything.
     crash_at: Option<(u64, u64)>,
     crashed: bool,
+    /// Writes block until released: a disk that stopped answering.
+    hung: bool,
 }
 
 /// What to do with one write.
@@ -305,7 +309,7 @@ enum Action {
 
 impl<D: Disk> FaultyDisk<D> {
     pub fn new(inner: D) -> FaultyDisk<D> {
-        FaultyDisk { inner, state: Mutex::new(FaultState::default()) }
+        FaultyDisk { inner, state: Mutex::new(FaultState::default()), released: Condvar::new() }
     }
 
     pub fn inner(&self) -> &D {
@@ -347,6 +351,18 @@ impl<D: Disk> FaultyDisk<D> {
         self.lock().crashed
     }
 
+    /// Makes every write from now on block until [`FaultyDisk::release_writes`]: a disk that
+    /// hangs (reads still work).
+    pub fn hang_writes(&self) {
+        self.lock().hung = true;
+    }
+
+    /// Lets hung writes go on.
+    pub fn release_writes(&self) {
+        self.lock().hung = false;
+        self.released.notify_all();
+    }
+
     /// Removes injected failures (not a crash: a crashed disk stays crashed).
     pub fn heal(&self) {
         let mut state = self.lock();
@@ -362,6 +378,9 @@ impl<D: Disk> FaultyDisk<D> {
     /// Numbers the next write and decides its fate.
     fn next_write(&self) -> Action {
         let mut state = self.lock();
+        while state.hung {
+            state = self.released.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
         state.writes += 1;
         let n = state.writes;
         if state.crashed {

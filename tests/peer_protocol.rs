@@ -143,14 +143,14 @@ fn bad_digest_frames_drop_the_connection_and_change_nothing() {
             "do not match the device's 4096-byte blocks",
         ),
         // Well formed, but this connection never became Established: nothing is compared.
-        (Message::DigestRequest { purpose: DigestPurpose::Verify, offset: 0, digests }, "Verify digests while Off"),
+        (Message::DigestRequest { purpose: DigestPurpose::Verify, offset: 0, digests }, "Verify digests from beta while replication is Off"),
         (
             Message::DigestReply { purpose: DigestPurpose::Verify, offset: 0, blocks: 1, differing: vec![(0, 1)] },
-            "verify answer while no verify runs",
+            "verify answer for 0 (1 blocks), expected None",
         ),
         (
             Message::DigestReply { purpose: DigestPurpose::Resync, offset: 0, blocks: 1, differing: vec![] },
-            "resync digest answer while Off",
+            "resync digest answer from beta while replication is Off",
         ),
     ];
     for (msg, needle) in cases {
@@ -161,5 +161,31 @@ fn bad_digest_frames_drop_the_connection_and_change_nothing() {
         assert!(reason.contains(needle), "{}: {reason}", msg.name());
         assert_eq!(s["disk"], disk_before);
         assert_eq!(Cluster::peer(&s, "beta")["out_of_sync_bytes"], 0);
+    }
+}
+
+/// Frames a connected peer may not send in this state of the link: each drops the connection
+/// with its reason, and nothing of it reaches the disk or the bitmaps.
+#[test]
+fn frames_out_of_turn_drop_the_connection_and_change_nothing() {
+    let (c, address) = alpha_alone();
+    let before = disk_at(&c, 0);
+    let cases = [
+        // beta never said it is primary: no write of its may land.
+        (Message::Data { id: 1, epoch: 1, offset: 0, fua: false, payload: Bytes::from(vec![0xEE; 4096]) }, "but is not primary"),
+        (Message::Barrier { epoch: 1 }, "but is not primary"),
+        (Message::BitmapRuns { last: true, runs: vec![(0, 16)] }, "no sync decision is pending"),
+        (Message::ResyncData { offset: 0, payload: Bytes::from(vec![0xEE; 4096]) }, "resync data from beta while replication is Off"),
+        (Message::ResyncDone { current_uuid: 0x1234_5678, history: [0; 4] }, "ended a resync it does not run"),
+        (Message::BarrierAck { epoch: 7, writes: 0 }, "never sent"),
+    ];
+    for (msg, needle) in cases {
+        let (mut stream, _reader) = handshake_as_beta(&c, &address);
+        write_message(&mut stream, &msg).unwrap();
+        let s = c.wait_for("alpha", "drop", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+        let reason = Cluster::peer(&s, "beta")["last_error"].as_str().unwrap().to_owned();
+        assert!(reason.contains(needle), "{}: {reason}", msg.name());
+        assert_eq!(Cluster::peer(&s, "beta")["out_of_sync_bytes"], 0, "{}", msg.name());
+        assert_eq!(disk_at(&c, 0), before, "{} wrote data", msg.name());
     }
 }

@@ -130,6 +130,11 @@ impl InflightWrites {
             .collect()
     }
 
+    /// Whether any write waits for `peer`.
+    pub fn waits_for(&self, peer: u8) -> bool {
+        self.writes.values().any(|w| w.peers_pending.contains(peer))
+    }
+
     /// Ranges still waiting for `peer`.
     pub fn pending_for(&self, peer: u8) -> Vec<(u64, u64)> {
         self.writes.values().filter(|w| w.peers_pending.contains(peer)).map(|w| (w.offset, w.len)).collect()

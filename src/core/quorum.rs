@@ -25,12 +25,20 @@ pub struct LinkTiming {
     pub ping_interval: Duration,
     /// A link silent this long is dropped (a dead peer or a partition).
     pub ping_timeout: Duration,
+    /// A peer that owes write or barrier acks and sends none for this long is dropped, though
+    /// it still answers pings (a hung disk): its writes go to the bitmap, so a protocol-C
+    /// primary never waits on it forever.
+    pub stall_timeout: Duration,
 }
 
 impl LinkTiming {
     /// Failover after a silent partition within about `ping_timeout` (2 s).
     pub const DEFAULT: LinkTiming =
-        LinkTiming { ping_interval: Duration::from_millis(500), ping_timeout: Duration::from_millis(2000) };
+        LinkTiming {
+            ping_interval: Duration::from_millis(500),
+            ping_timeout: Duration::from_millis(2000),
+            stall_timeout: Duration::from_secs(10),
+        };
 
     /// The smallest `ping_timeout` for a given `ping_interval`: a lease of half the timeout
     /// must span two pings, so one late answer does not cost quorum.

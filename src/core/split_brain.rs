@@ -81,6 +81,22 @@ pub struct SplitBrainPolicies {
     pub two_primaries: AfterSb2Pri,
 }
 
+impl SplitBrainPolicies {
+    /// The first policy (key and value) that discards a side with changes, if any. Under
+    /// quorum a split brain only comes from an override, and either side may hold writes that
+    /// were acknowledged under quorum (the younger primary was promoted with quorum; a
+    /// secondary may be an old primary that stepped down): such a policy would drop them. Only
+    /// `disconnect` and `discard-zero-changes` (which drops nothing) are safe there.
+    pub fn discarding_changes(&self) -> Option<(&'static str, &'static str)> {
+        match (self.zero_primaries, self.one_primary) {
+            (AfterSb0Pri::DiscardYoungerPrimary, _) => Some(("after_sb_0pri", "discard-younger-primary")),
+            (AfterSb0Pri::DiscardLeastChanges, _) => Some(("after_sb_0pri", "discard-least-changes")),
+            (_, AfterSb1Pri::DiscardSecondary) => Some(("after_sb_1pri", "discard-secondary")),
+            _ => None,
+        }
+    }
+}
+
 /// One side of a split brain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SbSide {

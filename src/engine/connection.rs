@@ -5,6 +5,7 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
+use super::locked::Locked;
 use super::state::{Deferred, State};
 use crate::replica::{STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING};
 use super::{congestion, digests, random_bytes, resync, verify, write_path, Shared};
@@ -308,47 +309,56 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
 }
 
 /// Applies one frame from the peer. An error drops the connection with that reason; nothing was
-/// written for the offending frame.
+/// written for the offending frame. The replica checks the frame against the link's state
+/// (`Replica::check_frame`) under the same lock the handler starts with.
 fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
+    match msg {
+        Message::RecvAck { id } => return Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Received)),
+        Message::WriteAck { id } => return Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Written)),
+        _ => debug_assert!(crate::replica::frames::needs_check(&msg)),
+    }
+    let st = shared.lock();
+    st.replica.check_frame(peer_id, generation, &msg)?;
     match msg {
         Message::Data { id, epoch: _, offset, fua, payload } => {
             let len = payload.len() as u64;
-            apply_peer_write(shared, peer_id, id, offset, len, fua, |disk| disk.write_at(&payload, offset))
+            apply_peer_write(shared, st, peer_id, id, offset, len, fua, |disk| disk.write_at(&payload, offset))
         }
         Message::Zeroes { id, epoch: _, offset, len, fua, discard } => {
             let op = super::io_pool::IoOp::Zeroes { offset, len: u64::from(len), discard, fua: false };
-            apply_peer_write(shared, peer_id, id, offset, u64::from(len), fua, |disk| {
+            apply_peer_write(shared, st, peer_id, id, offset, u64::from(len), fua, |disk| {
                 super::io_pool::execute(disk, op).map(drop)
             })
         }
-        Message::RecvAck { id } => Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Received)),
-        Message::WriteAck { id } => Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Written)),
+        Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),
         Message::NegAck { id, errno } => Err(format!("peer failed to write request {id} (errno {errno}); its disk is out of sync")),
         Message::Barrier { epoch } => {
+            drop(st);
             shared.data.sync().map_err(|e| format!("local flush for barrier {epoch} failed: {e}"))?;
             let mut st = shared.lock();
             let writes = std::mem::take(&mut st.replica.peer_mut(peer_id).rx_epoch_writes);
             st.replica.send(peer_id, Message::BarrierAck { epoch, writes });
             Ok(())
         }
-        Message::BarrierAck { epoch, writes } => barrier_acked(shared, peer_id, epoch, writes),
-        Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, peer_id, offset, &payload),
-        Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, peer_id, current_uuid, history),
-        Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, peer_id, purpose, offset, &digests),
+        Message::BarrierAck { epoch, .. } => barrier_acked(shared, st, peer_id, epoch),
+        Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, st, peer_id, offset, &payload),
+        Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, st, peer_id, current_uuid, history),
+        Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, st, peer_id, purpose, offset, &digests),
         Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
-            verify::on_reply(shared, peer_id, offset, blocks, &differing)
+            verify::on_reply(shared, st, peer_id, offset, blocks, &differing)
         }
         Message::DigestReply { purpose: DigestPurpose::Resync, offset, blocks, differing } => {
-            resync::on_digest_reply(shared, peer_id, offset, blocks, &differing)
+            resync::on_digest_reply(shared, st, peer_id, offset, blocks, &differing)
         }
-        Message::State(state) => on_peer_state(shared, peer_id, generation, state),
-        Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, peer_id, last, &runs),
+        Message::State(state) => on_peer_state(shared, st, peer_id, state),
+        Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, st, peer_id, last, &runs),
         Message::Ping => {
-            shared.lock().replica.send(peer_id, Message::PingAck);
+            let mut st = st;
+            st.replica.send(peer_id, Message::PingAck);
             Ok(())
         }
         Message::PingAck => {
-            let mut st = shared.lock();
+            let mut st = st;
             st.replica.peer_mut(peer_id).lease.answered();
             let mut deferred = Deferred::default();
             st.release_suspended(false, &mut deferred);
@@ -358,16 +368,18 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
             Ok(())
         }
         Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
-        other @ (Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. }) => {
-            Err(format!("unexpected {} after the handshake", other.name()))
+        Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } => {
+            unreachable!("refused by check_frame")
         }
     }
 }
 
 /// A write replicated from the primary (this node is secondary): checked, written in stream
 /// order, acknowledged as the protocol asks.
+#[allow(clippy::too_many_arguments)]
 fn apply_peer_write(
     shared: &Arc<Shared>,
+    mut st: Locked<'_>,
     peer_id: u8,
     id: u64,
     offset: u64,
@@ -376,23 +388,15 @@ fn apply_peer_write(
     write: impl FnOnce(&dyn crate::disk::Disk) -> std::io::Result<()>,
 ) -> Result<(), String> {
     let protocol = shared.config.protocol;
-    let link = {
-        let mut st = shared.lock();
-        if st.replica.role == Role::Primary {
-            return Err("peer sent a write but this node is Primary: two primaries, dropping the connection".into());
-        }
-        if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
-            return Err(format!("write at {offset}+{len} is outside the device"));
-        }
-        for slot in st.replica.slots_not_following(peer_id) {
-            st.replica.mark_out_of_sync(slot, offset, len);
-        }
-        st.replica.recent.record(offset, len, Instant::now());
-        let peer = st.replica.peer_mut(peer_id);
-        peer.rx_epoch_writes += 1;
-        peer.received_bytes += len;
-        st.link(peer_id).cloned().ok_or("link closed")?
-    };
+    for slot in st.replica.slots_not_following(peer_id) {
+        st.replica.mark_out_of_sync(slot, offset, len);
+    }
+    st.replica.recent.record(offset, len, Instant::now());
+    let peer = st.replica.peer_mut(peer_id);
+    peer.rx_epoch_writes += 1;
+    peer.received_bytes += len;
+    let link = st.link(peer_id).cloned().ok_or("link closed")?;
+    drop(st);
     if protocol == crate::config::Protocol::B {
         link.send_control(Message::RecvAck { id });
     }
@@ -408,15 +412,11 @@ fn apply_peer_write(
     Ok(())
 }
 
-fn barrier_acked(shared: &Arc<Shared>, peer_id: u8, epoch: u64, writes: u32) -> Result<(), String> {
-    let mut st = shared.lock();
+/// A barrier ack that `Replica::check_frame` matched with the oldest barrier sent.
+fn barrier_acked(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, epoch: u64) -> Result<(), String> {
+    st.replica.peer_progressed(peer_id, Instant::now());
     let peer = st.replica.peer_mut(peer_id);
-    let Some((sent_epoch, sent_writes)) = peer.barriers.pop_front() else {
-        return Err(format!("barrier ack for epoch {epoch} that was never sent"));
-    };
-    if sent_epoch != epoch || sent_writes != writes {
-        return Err(format!("barrier ack for epoch {epoch} counts {writes} writes; epoch {sent_epoch} had {sent_writes}"));
-    }
+    peer.barriers.pop_front();
     let durable = peer.tl.barrier_acked(epoch);
     let slot = peer.slot;
     // The peer now durably holds these blocks exactly as this node does.
@@ -446,14 +446,11 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
     }
 }
 
-fn on_peer_state(shared: &Arc<Shared>, peer_id: u8, generation: u64, state: PeerState) -> Result<(), String> {
-    let mut st = shared.lock();
+fn on_peer_state(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, state: PeerState) -> Result<(), String> {
     let primaries_before = st.replica.primaries();
     let peer = st.replica.peer_mut(peer_id);
-    if peer.generation != generation {
-        return Ok(());
-    }
     peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
+    peer.was_primary |= peer.role == Role::Primary;
     peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
     let saw_before = peer.last_state.map_or(0, |s| s.primaries);
     peer.last_state = Some(state);
@@ -670,14 +667,13 @@ fn send_bitmap(replica: &mut crate::replica::Replica, peer: u8, slot: usize) {
 
 /// The peer's bitmap for this node: merged into ours, so both resync the union of what either
 /// side knows to differ (a crashed primary's activity-log extents are only in its own bitmap).
-fn on_bitmap_runs(shared: &Arc<Shared>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
-    let mut st = shared.lock();
+fn on_bitmap_runs(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
     let slot = st.replica.peer(peer_id).slot;
     st.replica.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
     if !last {
         return Ok(());
     }
-    let decision = st.replica.peer_mut(peer_id).pending_sync.take().ok_or("bitmap received without a sync decision")?;
+    let decision = st.replica.peer_mut(peer_id).pending_sync.take().expect("checked: a sync decision is pending");
     let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
     if full {
         let len = shared.data_size_bytes;

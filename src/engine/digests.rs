@@ -4,7 +4,7 @@
 use super::state::State;
 use super::{verify, Shared};
 use crate::core::block_digest::{block_digests, differing_runs, matching_runs};
-use crate::core::states::{ReplState, Role};
+use super::locked::Locked;
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
 use std::sync::Arc;
 
@@ -16,37 +16,15 @@ pub(super) fn block_range(shared: &Shared, offset: u64, (first, count): (u32, u3
     (start, (u64::from(count) * block_size).min(shared.data_size_bytes.saturating_sub(start)))
 }
 
-/// Checks that `blocks` blocks from `offset` are blocks of the device: aligned to the bitmap
-/// block size, none past the end. Returns their length in bytes.
-fn checked_len(shared: &Shared, offset: u64, blocks: u32) -> Result<u64, String> {
-    let block_size = u64::from(shared.config.bitmap_block_size);
-    let size = shared.data_size_bytes;
-    let last_start = u64::from(blocks - 1).checked_mul(block_size).and_then(|b| b.checked_add(offset));
-    if offset % block_size != 0 || last_start.is_none_or(|start| start >= size) {
-        return Err(format!("digests for {blocks} blocks at {offset} do not match the device's {block_size}-byte blocks"));
-    }
-    Ok(block_range(shared, offset, (0, blocks)).1)
-}
-
 /// A `DigestRequest` from the peer. Checked whole before anything is read or written; an error
 /// drops the connection.
-pub fn answer(shared: &Arc<Shared>, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: &[[u8; DIGEST_BYTES]]) -> Result<(), String> {
+/// A `DigestRequest` from the peer, which `Replica::check_frame` found fitting the link's state
+/// and the device's blocks.
+pub fn answer(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: &[[u8; DIGEST_BYTES]]) -> Result<(), String> {
     // The codec guarantees 1..=MAX_DIGESTS digests.
     let blocks = digests.len() as u32;
-    let len = checked_len(shared, offset, blocks)?;
-    {
-        let st = shared.lock();
-        let repl = st.replica.peer(peer_id).repl;
-        let expected = match purpose {
-            // Behind: the peer went Ahead during the verify or resync; what it queued before
-            // still arrives, and is answered (an answer changes nothing on this node's data).
-            DigestPurpose::Verify => matches!(repl, ReplState::Established | ReplState::Behind),
-            DigestPurpose::Resync => matches!(repl, ReplState::SyncTarget | ReplState::Behind),
-        };
-        if !expected || st.replica.role == Role::Primary {
-            return Err(format!("{purpose:?} digests while {repl} and {}", st.replica.role));
-        }
-    }
+    let len = block_range(shared, offset, (0, blocks)).1;
+    drop(st);
     // This node is secondary: the peer's stream, applied by this very thread, is its only
     // writer, so the blocks read now are those at this point of the stream.
     let mut data = vec![0u8; len as usize];

@@ -35,12 +35,9 @@ impl<'a> Locked<'a> {
         Locked::new(self.shared, guard)
     }
 
-    /// Waits for `Shared::timer` (a new deadline) for at most `timeout`; the lock is released
-    /// meanwhile and what the replica decided is carried out first.
+    /// [`Locked::wait_timeout`] on `Shared::timer` (a nearer deadline).
     pub fn wait_timer(mut self, timeout: Duration) -> Locked<'a> {
-        let guard = self.guard.take().expect("locked");
-        drop(Locked::new(self.shared, guard));
-        let guard = self.shared.state.lock().expect("engine state lock poisoned");
+        let guard = self.release_for_wait();
         let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
         Locked::new(self.shared, guard)
     }

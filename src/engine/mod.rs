@@ -545,9 +545,10 @@ impl Engine {
         let mut held = Deferred::default();
         st.release_suspended(true, &mut held);
         st.replica.generation_pending.clear();
-        // Sent ahead of the final flush's barrier: once the barrier is acked, every peer knows
-        // this node is no longer primary and may promote itself.
-        st.replica.broadcast_state();
+        // Behind the writes already sent and ahead of the final flush's barrier: once the
+        // barrier is acked, every peer knows this node is no longer primary and may promote
+        // itself, and no write of this node reaches a peer after that news.
+        st.replica.broadcast_state_in_stream();
         drop(st);
         // The export's removal waits for requests in flight: the held ones must finish first.
         held.run(shared);

@@ -223,20 +223,15 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
 
 /// The answer to a digest request of a checksum-based resync (this node is the source): blocks
 /// that matched clear with the next barrier ack; the others are queued to be sent as data.
-pub fn on_digest_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
-    let mut st = shared.lock();
+/// `Replica::check_frame` matched it with the oldest digest request.
+pub fn on_digest_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
     let epoch = st.replica.epoch;
     let peer = st.replica.peer_mut(peer_id);
-    match peer.repl {
-        ReplState::SyncSource => {}
-        // The resync stopped when this node went Ahead; the blocks stay marked.
-        ReplState::Ahead => return Ok(()),
-        repl => return Err(format!("resync digest answer while {repl}")),
+    // The resync stopped when this node went Ahead; the blocks stay marked.
+    if peer.repl == ReplState::Ahead {
+        return Ok(());
     }
-    match peer.sync.resync_digests.pop_front() {
-        Some(expected) if expected == (offset, blocks) => {}
-        expected => return Err(format!("resync digest answer for {offset} ({blocks} blocks), expected {expected:?}")),
-    }
+    peer.sync.resync_digests.pop_front();
     let range = |run| block_range(shared, offset, run);
     for (start, len) in matching_runs(blocks, differing).into_iter().map(range) {
         peer.tl.record_held(epoch, start, len);
@@ -247,18 +242,10 @@ pub fn on_digest_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u
 }
 
 /// A resync block from the source (this node is the target).
-pub fn apply_resync_data(shared: &Arc<Shared>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
+/// A resync block from the source (this node is the target, as `Replica::check_frame` saw).
+pub fn apply_resync_data(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
     let len = payload.len() as u64;
-    {
-        let st = shared.lock();
-        // Behind: the source went Ahead during the resync; what it queued before still arrives.
-        if !matches!(st.replica.peer(peer_id).repl, ReplState::SyncTarget | ReplState::Behind) {
-            return Err("resync data while not SyncTarget".into());
-        }
-        if offset.checked_add(len).is_none_or(|end| end > shared.data_size_bytes) {
-            return Err(format!("resync data at {offset}+{len} is outside the device"));
-        }
-    }
+    drop(st);
     shared.data.write_at(payload, offset).map_err(|e| format!("resync write at {offset} failed: {e}"))?;
     let mut st = shared.lock();
     let peer = st.replica.peer_mut(peer_id);
@@ -331,16 +318,9 @@ pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, 
 }
 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.
-pub fn finish_as_target(shared: &Arc<Shared>, peer_id: u8, current: u64, history: [u64; 4]) -> Result<(), String> {
-    let mut st = shared.lock();
-    let fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
+/// `Replica::check_frame` saw `peer_id` as this node's sync source.
+pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, current: u64, history: [u64; 4]) -> Result<(), String> {
     let peer = st.replica.peer(peer_id);
-    if peer.repl != ReplState::SyncTarget && !(fresh && peer.repl == ReplState::Established) {
-        return Err("ResyncDone while not SyncTarget".into());
-    }
-    if st.replica.role == Role::Primary {
-        return Err("ResyncDone on a Primary".into());
-    }
     shared.data.sync().map_err(|e| format!("flush at the end of resync failed: {e}"))?;
     let slot = peer.slot;
     let mut generation = st.replica.generation();

@@ -1,5 +1,7 @@
-//! The replica's clock: one thread calls `Replica::tick` whenever the replica said its next
-//! deadline is due (pings, and the checks that run on them), and carries out what it decides.
+//! The replica's clock: one thread calls `Replica::tick` whenever the replica's next deadline
+//! (`Replica::poll_timeout`) is due, and carries out what it decides. A new deadline (a link
+//! that came up) wakes it through `Shared::timer`, which it waits on with the lock held, so no
+//! wake-up is lost.
 
 use super::Shared;
 use std::sync::Arc;
@@ -16,14 +18,17 @@ pub fn spawn(shared: Arc<Shared>) {
 }
 
 fn run(shared: &Shared) {
-    let mut st = shared.lock();
     loop {
+        let mut st = shared.lock();
         if st.replica.stopping {
             return;
         }
+        st.replica.tick(Instant::now());
+        // Released: frames queued, stalled links dropped.
+        drop(st);
+        let st = shared.lock();
         let now = Instant::now();
-        let next = st.replica.tick(now);
-        let sleep = next.map_or(MAX_SLEEP, |at| at.saturating_duration_since(now).min(MAX_SLEEP));
-        st = st.wait_timer(sleep);
+        let sleep = st.replica.poll_timeout().map_or(MAX_SLEEP, |at| at.saturating_duration_since(now).min(MAX_SLEEP));
+        drop(st.wait_timer(sleep));
     }
 }

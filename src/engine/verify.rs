@@ -12,6 +12,7 @@
 //! against its own requests is not defined.
 
 use super::resync::{read_range_then, Pacer, WAIT_SLICE};
+use super::locked::Locked;
 use super::state::State;
 use crate::replica::{Peer, VerifyRun, VerifyState};
 use super::{congestion, digests::block_range, EngineError, Shared};
@@ -132,18 +133,13 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
 }
 
 /// The peer's answer: blocks that differ are marked out of sync for it and reported.
-pub fn on_reply(shared: &Arc<Shared>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
-    let mut st = shared.lock();
+/// `Replica::check_frame` matched it with the oldest request of this connection's verify.
+/// An aborted run still takes its answers: what they report is as true as before.
+pub fn on_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
     let peer = st.replica.peer_mut(peer_id);
-    let (slot, name, generation) = (peer.slot, peer.name.clone(), peer.generation);
-    // An aborted run still takes its answers: what they report is as true as before.
-    let Some(run) = peer.sync.verify.as_mut().filter(|v| v.generation == generation) else {
-        return Err("verify answer while no verify runs".into());
-    };
-    match run.awaiting.pop_front() {
-        Some(expected) if expected == (offset, blocks) => {}
-        expected => return Err(format!("verify answer for {offset} ({blocks} blocks), expected {expected:?}")),
-    }
+    let (slot, name) = (peer.slot, peer.name.clone());
+    let run = peer.sync.verify.as_mut().expect("checked: a verify awaits this answer");
+    run.awaiting.pop_front();
     let checked = block_range(shared, offset, (0, blocks));
     let remaining = run.progress.remaining_bytes().saturating_sub(checked.1);
     run.progress.observe(remaining);

@@ -314,6 +314,9 @@ fn local_done(shared: &Arc<Shared>, id: u64, result: Result<(), LocalFailure>) {
 /// A peer reached `level` for write `id`.
 pub fn peer_reached(shared: &Arc<Shared>, id: u64, node_id: u8, level: AckLevel) {
     let mut st = shared.lock();
+    if level != AckLevel::Sent {
+        st.replica.peer_progressed(node_id, Instant::now());
+    }
     let mut deferred = Deferred::default();
     if let Some(f) = st.replica.inflight.peer_reached(id, node_id, level) {
         complete(&mut st, f, &mut deferred);

@@ -9,8 +9,12 @@
 //! is dropped.
 
 mod action;
+pub mod frames;
+mod progress;
 pub mod peer;
 mod recent;
+#[cfg(test)]
+pub(crate) mod testing;
 mod votes;
 
 pub use action::{Action, Lane};
@@ -175,6 +179,11 @@ impl Replica {
         self.outbox = actions;
     }
 
+    /// Queues actions behind those already queued.
+    fn requeue_after(&mut self, mut actions: Vec<Action>) {
+        self.outbox.append(&mut actions);
+    }
+
     /// Queues a control frame (acks, state, pings) for `peer`, dropped if it is not connected.
     pub fn send(&mut self, peer: u8, msg: Message) {
         self.outbox.push(Action::Send { peer, msg, lane: Lane::Control, sent_write: None });
@@ -316,6 +325,17 @@ impl Replica {
         }
     }
 
+    /// Sends the current state to every connected peer behind the bulk frames queued to it: a
+    /// primary that demotes says so after the writes it sent and before its last barrier, so a
+    /// peer that acked that barrier knows it may promote, and no write arrives after it.
+    pub fn broadcast_state_in_stream(&mut self) {
+        let states: Vec<(u8, PeerState)> =
+            self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
+        for (peer, state) in states {
+            self.send_bulk(peer, Message::State(state), None);
+        }
+    }
+
     /// Disk state at attach, from the metadata flags. "UpToDate" needs a peer's confirmation (or
     /// a promotion), so a node that restarts alone reports Consistent.
     pub fn disk_state_from_flags(flags: MetaFlags) -> DiskState {
@@ -337,10 +357,12 @@ impl Replica {
         peer.connected = true;
         peer.conn = ConnState::Connected;
         peer.repl = ReplState::Off;
+        peer.was_primary = false;
         peer.departed = false;
         peer.last_error = None;
         peer.rx_epoch_writes = 0;
         peer.lease.restart(now);
+        peer.progress_at = Some(now);
         let generation = peer.generation;
         self.send(peer_id, Message::State(state));
         generation
@@ -353,6 +375,7 @@ impl Replica {
         let peer = self.peer_mut(peer_id);
         peer.connected = false;
         peer.lease.end();
+        peer.progress_at = None;
         peer.sent_bytes_before += sent_bytes;
         peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
         let was = std::mem::replace(&mut peer.repl, ReplState::Off);
@@ -367,14 +390,21 @@ impl Replica {
         (was, last_generation)
     }
 
-    /// Timers: pings that are due go out. Returns when to call again.
-    pub fn tick(&mut self, now: Instant) -> Option<Instant> {
+    /// Timers: pings that are due go out, and peers that stopped making progress are dropped
+    /// (see [`Replica::peer_progressed`]).
+    pub fn tick(&mut self, now: Instant) {
         let timing = self.timing;
         let due: Vec<u8> =
             self.peers.iter_mut().filter(|p| p.connected).filter_map(|p| p.lease.ping_due(now, &timing).then_some(p.node_id)).collect();
         for peer in due {
             self.send(peer, Message::Ping);
         }
-        self.peers.iter().filter(|p| p.connected).filter_map(|p| p.lease.next_ping()).min()
+        self.drop_stalled_peers(now);
+    }
+
+    /// When [`Replica::tick`] has something to do next (none: nothing is connected).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let pings = self.peers.iter().filter(|p| p.connected).filter_map(|p| p.lease.next_ping());
+        pings.chain(self.stall_deadlines()).min()
     }
 }

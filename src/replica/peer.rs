@@ -24,10 +24,16 @@ pub struct Peer {
     pub connected: bool,
     pub repl: ReplState,
     pub role: Role,
+    /// The peer said it was Primary at some point of this connection: its last epoch's barrier
+    /// may follow the State in which it demoted.
+    pub was_primary: bool,
     pub disk: DiskState,
     /// Bumped per connection, so events from a dead connection's threads are ignored.
     pub generation: u64,
     pub lease: Lease,
+    /// While connected: when the peer last acknowledged a write or a barrier, or last owed
+    /// nothing (see `Replica::peer_progressed`).
+    pub progress_at: Option<Instant>,
     pub last_state: Option<PeerState>,
     pub tl: TransferLog,
     /// Barriers sent and not yet acked: (epoch, writes in it).
@@ -59,9 +65,11 @@ impl Peer {
             connected: false,
             repl: ReplState::Off,
             role: Role::Unknown,
+            was_primary: false,
             disk: DiskState::DUnknown,
             generation: 0,
             lease: Lease::default(),
+            progress_at: None,
             last_state: None,
             tl: TransferLog::default(),
             barriers: VecDeque::new(),
@@ -112,6 +120,11 @@ impl Lease {
     /// When the next ping is due (none while the link is down).
     pub fn next_ping(&self) -> Option<Instant> {
         self.next_ping
+    }
+
+    /// Whether a ping is waiting for its answer.
+    pub fn awaits_answer(&self) -> bool {
+        !self.unanswered.is_empty()
     }
 
     /// The peer answered the oldest unanswered ping (pings are answered in order).

@@ -1,0 +1,34 @@
+//! Replicas for unit tests: real metadata, created and loaded as a node attaching would.
+
+use super::{Attached, Peer, Replica};
+use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use crate::disk::{Disk, MemDisk};
+use crate::meta::{MetaParams, MetaStore};
+use std::sync::Arc;
+use std::time::Instant;
+
+const DISK_BYTES: u64 = 32 << 20;
+
+/// Node 0 of two data nodes (its peer is node 1, "beta"), Secondary, quorum off; and the
+/// instant it attached.
+pub fn two_node_replica() -> (Replica, Instant) {
+    let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
+    MetaStore::create(disk.clone(), DISK_BYTES, true, MetaParams::default(), "r0", 0, &[1], false).expect("create metadata");
+    let (_, loaded) = MetaStore::open(disk, DISK_BYTES, true, "r0", 0).expect("open metadata");
+    let now = Instant::now();
+    let replica = Replica::attach(Attached {
+        witness: false,
+        timing: LinkTiming::DEFAULT,
+        sb: loaded.superblock,
+        bitmaps: loaded.bitmaps,
+        al: loaded.activity_log,
+        crashed_primary: false,
+        crash_repair_pending: Vec::new(),
+        peers: vec![Peer::new(1, "beta".into(), 0, false)],
+        quorum_policy: QuorumPolicy::Off,
+        on_no_quorum: OnNoQuorum::SuspendIo,
+        split_brain: Default::default(),
+        now,
+    });
+    (replica, now)
+}

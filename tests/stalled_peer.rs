@@ -1,0 +1,105 @@
+//! A peer whose disk hangs keeps answering pings, so its link never times out; a protocol-C
+//! primary must not wait on it forever. Two engines in this process on 127.0.0.1, the
+//! secondary's disk made to hang: the primary's write completes once the peer is dropped as
+//! stalled, the peer's bitmap holds the write, and once the disk answers again the peer
+//! reconnects, is resynced and holds the bytes.
+
+use blkrepl::config::ResourceConfig;
+use blkrepl::disk::{Disk, FaultyDisk, MemDisk};
+use blkrepl::engine::{Engine, PeerStatus};
+use blkrepl::frontend::{BlockDevice, BlockRequest, BlockResult};
+use blkrepl::meta::{MetaParams, MetaStore};
+use bytes::Bytes;
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const DISK_BYTES: usize = 16 << 20;
+
+fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+}
+
+fn config(alpha_port: u16, beta_port: u16) -> ResourceConfig {
+    let text = format!(
+        r#"
+name = "r0"
+protocol = "C"
+quorum = "off"
+ping_interval_ms = 100
+ping_timeout_ms = 400
+peer_stall_timeout_ms = 1500
+[[node]]
+name = "alpha"
+address = "127.0.0.1:{alpha_port}"
+disk = "/unused"
+[[node]]
+name = "beta"
+address = "127.0.0.1:{beta_port}"
+disk = "/unused"
+"#
+    );
+    ResourceConfig::parse(Path::new("r0.toml"), &text).unwrap()
+}
+
+fn node(config: &ResourceConfig, name: &str) -> (Engine, Arc<FaultyDisk<MemDisk>>) {
+    let me = config.node(name).unwrap().clone();
+    let peer = config.nodes.iter().find(|n| n.name != name).unwrap().id;
+    let disk = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
+    MetaStore::create(disk.clone(), DISK_BYTES as u64, true, MetaParams::default(), "r0", me.id, &[peer], false).unwrap();
+    let engine = Engine::open_on(config.clone(), me, disk.clone() as Arc<dyn Disk>, None, Path::new("/nonexistent")).unwrap();
+    engine.start().unwrap();
+    (engine, disk)
+}
+
+fn submit(engine: &Engine, request: BlockRequest, timeout: Duration) -> BlockResult {
+    let (tx, rx) = channel();
+    engine.submit(request, Box::new(move |result| tx.send(result).unwrap()));
+    rx.recv_timeout(timeout).expect("the request was never answered")
+}
+
+fn wait_for(what: &str, engine: &Engine, done: impl Fn(&PeerStatus) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = engine.status();
+        if done(&status.peers[0]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {:?}", status.peers[0]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn in_sync(p: &PeerStatus) -> bool {
+    p.replication == "Established" && p.peer_disk == "UpToDate" && p.out_of_sync_bytes == 0
+}
+
+#[test]
+fn a_peer_whose_disk_hangs_is_dropped_and_resynced_once_it_answers() {
+    let (alpha_port, beta_port) = free_ports();
+    let config = config(alpha_port, beta_port);
+    let (alpha, _) = node(&config, "alpha");
+    let (beta, beta_disk) = node(&config, "beta");
+    alpha.promote(true).unwrap();
+    wait_for("initial sync", &alpha, in_sync);
+
+    beta_disk.hang_writes();
+    let offset = 1 << 20;
+    let write = BlockRequest::Write { offset, data: Bytes::from(vec![0x5A; 4096]), fua: false };
+    assert_eq!(submit(&alpha, write, Duration::from_secs(60)), Ok(None), "the write completes without the hung peer");
+    let peer = &alpha.status().peers[0];
+    let why = peer.last_error.clone().unwrap_or_default();
+    assert!(why.contains("acknowledged no write or barrier"), "dropped for another reason: {why}");
+    assert!(peer.out_of_sync_bytes >= 4096, "the write is not in beta's bitmap: {peer:?}");
+
+    beta_disk.release_writes();
+    wait_for("resync after the disk came back", &alpha, in_sync);
+    let mut block = vec![0u8; 4096];
+    beta_disk.inner().read_at(&mut block, offset).unwrap();
+    assert!(block.iter().all(|b| *b == 0x5A), "beta does not hold the write after its resync");
+    drop(beta);
+}
