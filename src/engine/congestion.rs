@@ -14,8 +14,7 @@ use super::resync::{self, WAIT_SLICE};
 use super::state::{Deferred, State};
 use super::{connection, write_path, Shared};
 use crate::config::{OnCongestion, ResourceConfig};
-use crate::core::states::{DiskState, ReplState};
-use crate::meta::MetaFlags;
+use crate::core::states::ReplState;
 use std::sync::Arc;
 
 /// How full a resync (or verify) lets the send queue get before it waits. Under pull-ahead it
@@ -89,25 +88,4 @@ fn catch_up_after(shared: &Arc<Shared>, peer_id: u8, generation: u64, last_epoch
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "the peer caught up with the send queue: resyncing what it missed");
     // The state without the Ahead flag makes the peer leave Behind.
     resync::announce_and_reconsider(shared, st, peer_id);
-}
-
-/// The peer's `State` says whether it is Ahead of this node: follow it into Behind (this node's
-/// data is then Outdated) and out of it (the connect-time decision then starts the resync).
-pub fn follow_peer(shared: &Shared, st: &mut State, peer_id: u8, peer_ahead: bool) -> Result<(), String> {
-    let peer = st.replica.peer_mut(peer_id);
-    match (peer_ahead, peer.repl) {
-        (true, ReplState::Established | ReplState::SyncTarget) => {
-            peer.repl = ReplState::Behind;
-            tracing::warn!(resource = %shared.config.name, peer = %peer.name, "Behind: the peer's send queue filled up; it resyncs what this node misses once this node has caught up");
-            if st.replica.disk == DiskState::UpToDate {
-                st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-                st.persist().map_err(|e| format!("cannot persist the Outdated disk state: {e}"))?;
-                st.replica.disk = DiskState::Outdated;
-                st.replica.broadcast_state();
-            }
-        }
-        (false, ReplState::Behind) => peer.repl = ReplState::Off,
-        _ => {}
-    }
-    Ok(())
 }

@@ -7,14 +7,10 @@
 use super::link::PeerLink;
 use super::locked::Locked;
 use super::state::{Deferred, State};
-use crate::replica::{STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING};
-use super::{congestion, digests, random_bytes, resync, verify, write_path, Shared};
+use super::{digests, random_bytes, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
-use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
-use crate::core::quorum::QuorumPolicy;
-use crate::core::sync_decision::{decide, Refusal, SyncDecision, UuidView};
+use crate::core::sync_decision::SyncDecision;
 use crate::meta::MetaFlags;
 use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
@@ -34,8 +30,6 @@ const REFUSED_RETRY: Duration = Duration::from_secs(2);
 const PEER_REFUSED: &str = "peer refused: ";
 /// Why a StandAlone node refuses a peer (expected, so logged quietly by the refusing side).
 const STAND_ALONE: &str = "node is StandAlone (disconnected; `blkrepl connect` reconnects it)";
-/// BitmapRuns frames carry at most this many runs.
-const RUNS_PER_FRAME: usize = 4096;
 
 pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) {
     std::thread::Builder::new()
@@ -434,64 +428,8 @@ fn barrier_acked(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, epoch: u
     Ok(())
 }
 
-fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
-    UuidView {
-        node_id: peer_id,
-        current: state.current_uuid,
-        bitmap_for_peer: state.bitmap_uuid,
-        history: state.history,
-        crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
-        is_primary: Role::from_wire(state.role) == Some(Role::Primary),
-        inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
-    }
-}
-
 fn on_peer_state(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, state: PeerState) -> Result<(), String> {
-    let primaries_before = st.replica.primaries();
-    let peer = st.replica.peer_mut(peer_id);
-    peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
-    peer.was_primary |= peer.role == Role::Primary;
-    peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
-    let saw_before = peer.last_state.map_or(0, |s| s.primaries);
-    peer.last_state = Some(state);
-    if saw_before & !state.primaries & st.replica.primaries() != 0 {
-        // It no longer sees a primary it saw and this node still sees (that primary did not just
-        // demote): what that primary sent lately may have missed it.
-        st.mark_recent_for(peer_id, Some(state.current_uuid)).map_err(|e| format!("cannot persist a bitmap UUID: {e}"))?;
-    }
-    let peer = st.replica.peer_mut(peer_id);
-    if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
-        peer.departed = true;
-        tracing::info!(resource = %shared.config.name, peer = %peer.name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
-    }
-    if shared.me.disk.is_none() && peer.role == Role::Primary {
-        // A witness votes by the newest primary generation it has seen, and says so.
-        let mut known = st.replica.generation();
-        if known.witness_learns(state.current_uuid, &state.history) {
-            st.replica.set_generation(known);
-            st.replica.broadcast_state();
-        }
-    }
-    // A primary that went Ahead of this node is not followed into its new generation.
-    congestion::follow_peer(shared, &mut st, peer_id, state.flags & STATE_FLAG_AHEAD != 0)?;
-    let peer = st.replica.peer(peer_id);
-    let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
-    if follows && st.replica.disk == DiskState::UpToDate && st.replica.role != Role::Primary && !crate::core::sync_decision::same_uuid(state.current_uuid, st.replica.sb.uuids.current) {
-        follow_primary(shared, &mut st, peer_id, state.current_uuid)?;
-    }
-    let peer = st.replica.peer(peer_id);
-    // The target reports UpToDate under this node's generation only after it applied the whole
-    // resync (ResyncDone); an UpToDate from before it started (a State already in flight) must
-    // not end the resync.
-    let adopted = crate::core::sync_decision::same_uuid(state.current_uuid, st.replica.sb.uuids.current);
-    if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
-        resync::finish_as_source(shared, &mut st, peer_id)?;
-    }
-    let result = reconsider(shared, &mut st, peer_id);
-    if st.replica.primaries() != primaries_before {
-        // Others see primaries through this node (a witness especially): pass the news on.
-        st.replica.broadcast_state();
-    }
+    let result = st.replica.peer_state_received(peer_id, state);
     let mut deferred = Deferred::default();
     st.release_suspended(false, &mut deferred);
     super::step_down_if_superseded(shared, &mut st, &mut deferred);
@@ -501,167 +439,11 @@ fn on_peer_state(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, state: P
     result
 }
 
-/// An in-sync primary started a new generation (it lost or left behind another peer): take
-/// it over, and start tracking for the peers that do not follow it either.
-fn follow_primary(shared: &Shared, st: &mut State, primary_id: u8, current: u64) -> Result<(), String> {
-    let absent = st.replica.slots_not_following(primary_id);
-    let mut generation = st.replica.generation();
-    generation.follow(current, &absent);
-    st.replica.set_generation(generation);
-    st.persist().map_err(|e| format!("cannot persist the primary's new generation: {e}"))?;
-    tracing::info!(resource = %shared.config.name, uuid = format_args!("{current:016X}"), "following the primary's new generation");
-    st.replica.broadcast_state();
-    Ok(())
-}
-
 /// Re-runs the connect-time decision with every connected peer whose stream is idle (after a
 /// promotion, say, a peer may now need a sync).
 pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
-    let ids: Vec<u8> = st.replica.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
-    for id in ids {
-        if let Err(reason) = reconsider(shared, st, id) {
-            drop_peer(shared, st, id, &reason, deferred);
-        }
-    }
-}
-
-/// Decides what to do with a connected peer whose state is known and whose link is not syncing.
-pub(super) fn reconsider(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
-    let peer = st.replica.peer(peer_id);
-    let Some(peer_state) = peer.last_state else { return Ok(()) };
-    if !peer.connected || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
-        return Ok(());
-    }
-    if peer.witness || shared.me.disk.is_none() {
-        // A witness only votes: no data and no generations flow either way.
-        if peer.repl == ReplState::Off {
-            tracing::info!(resource = %shared.config.name, peer = %peer.name, "connected (witness link: votes only)");
-            st.replica.peer_mut(peer_id).repl = ReplState::Established;
-        }
-        return Ok(());
-    }
-    let at_connect = peer.repl == ReplState::Off;
-    let my_bits = BitsHolder { bits_for_other: st.replica.bitmaps[peer.slot].weight(), disk: st.replica.disk, is_primary: st.replica.role == Role::Primary };
-    let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
-    let (mine, theirs, name) = (st.replica.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
-    let decision = match decide(&mine, &theirs) {
-        d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => after_split_brain(shared, st, peer_id, d)?,
-        // At connect only: blocks an online verify marked are resynced by reconnecting.
-        d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
-        d => d,
-    };
-    match decision {
-        SyncDecision::InSync => {
-            let peer = st.replica.peer_mut(peer_id);
-            let was = peer.repl;
-            peer.repl = ReplState::Established;
-            if st.replica.disk != DiskState::UpToDate && st.replica.confirmed_up_to_date_by(peer_id) {
-                st.replica.disk = DiskState::UpToDate;
-                st.replica.broadcast_state();
-            }
-            if was == ReplState::Off {
-                tracing::info!(resource = %shared.config.name, peer = %name, "in sync, replicating");
-            }
-            Ok(())
-        }
-        d if d.is_source() || d.is_target() => {
-            tracing::info!(resource = %shared.config.name, peer = %name, decision = ?d,
-                mine = format_args!("{:016X}/{:016X}", mine.current, mine.bitmap_for_peer),
-                theirs = format_args!("{:016X}/{:016X}", theirs.current, theirs.bitmap_for_peer),
-                "resync needed");
-            let peer = st.replica.peer_mut(peer_id);
-            peer.pending_sync = Some(d);
-            let slot = peer.slot;
-            send_bitmap(&mut st.replica, peer_id, slot);
-            Ok(())
-        }
-        SyncDecision::Unrelated => {
-            st.replica.peer_mut(peer_id).want_connect = false;
-            Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
-        }
-        // Two primaries under quorum: the older one (its generation is the other's past) steps
-        // down by itself (see `Engine::step_down`), and its next State reopens the decision.
-        // Until then the link stays up, idle, on both sides. Judged by generations, not by
-        // this instant's quorum: a lease that lapses for a moment must not refuse for good.
-        SyncDecision::Refused(Refusal::PrimaryWouldBeTarget | Refusal::PeerCannotFollow)
-            if st.replica.role == Role::Primary && st.replica.peer(peer_id).role == Role::Primary && st.replica.quorum_policy != QuorumPolicy::Off =>
-        {
-            if st.replica.knows_generation(peer_state.current_uuid) {
-                tracing::info!(resource = %shared.config.name, peer = %name, "{name} is an older primary: waiting for it to step down");
-            } else {
-                tracing::info!(resource = %shared.config.name, peer = %name, "{name} is a newer primary: stepping down before resyncing from it");
-            }
-            Ok(())
-        }
-        SyncDecision::Refused(why) => {
-            st.replica.peer_mut(peer_id).want_connect = false;
-            Err(format!("cannot sync with {name}: {why:?} (demote the primary or invalidate the stale node)"))
-        }
-        _ => unreachable!("every decision is handled"),
-    }
-}
-
-/// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose
-/// changes are then overwritten from the survivor. With shared bitmaps (`SplitBrain`) that is a
-/// bitmap resync of both sides' changes; with only shared history, a full sync. Otherwise the
-/// link is refused and the node stays StandAlone.
-fn after_split_brain(shared: &Shared, st: &mut State, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
-    let peer = st.replica.peer(peer_id);
-    let theirs = peer.last_state.ok_or("split brain without the peer's state")?;
-    let mine = st.replica.uuid_view(peer);
-    let me = SbSide {
-        node_id: shared.me.id,
-        is_primary: st.replica.role == Role::Primary,
-        was_primary_at_split: mine.bitmap_for_peer & 1 != 0,
-        changed_blocks: st.replica.bitmaps[peer.slot].weight(),
-        discard_my_data: st.replica.discard_my_data,
-    };
-    let them = SbSide {
-        node_id: peer_id,
-        is_primary: Role::from_wire(theirs.role) == Some(Role::Primary),
-        was_primary_at_split: theirs.bitmap_uuid & 1 != 0,
-        changed_blocks: theirs.bitmap_weight,
-        discard_my_data: theirs.flags & STATE_FLAG_DISCARD_MY_DATA != 0,
-    };
-    let bitmaps_usable = decision == SyncDecision::SplitBrain;
-    // Without shared bitmaps nothing says which blocks differ: only the operator may choose.
-    let policies = if bitmaps_usable { st.replica.split_brain } else { SplitBrainPolicies::default() };
-    let name = peer.name.clone();
-    let both = format!(
-        "this node current {:016X} bitmap {:016X} changed {} blocks, {name} current {:016X} bitmap {:016X} changed {} blocks",
-        mine.current, mine.bitmap_for_peer, me.changed_blocks, theirs.current_uuid, theirs.bitmap_uuid, them.changed_blocks
-    );
-    let resolved = match split_brain::resolve(&policies, &me, &them) {
-        SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
-        SbResolution::DiscardMine => SyncDecision::FullTarget,
-        SbResolution::DiscardTheirs if bitmaps_usable => SyncDecision::BitmapSource,
-        SbResolution::DiscardTheirs => SyncDecision::FullSource,
-        SbResolution::Disconnect(why) => {
-            let reason = format!(
-                "split brain detected with {name}: both changed data since they last agreed ({both}); not connecting ({why}). Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there"
-            );
-            tracing::error!(resource = %shared.config.name, "{reason}");
-            st.replica.peer_mut(peer_id).want_connect = false;
-            return Err(reason);
-        }
-    };
-    let victim = if resolved.is_target() { "this node" } else { name.as_str() };
-    tracing::warn!(resource = %shared.config.name, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
-    if resolved.is_target() {
-        st.replica.discard_my_data = false;
-    }
-    Ok(resolved)
-}
-
-/// Sends this node's bitmap for `peer` (bitmap `slot`) in frames of at most `RUNS_PER_FRAME` runs.
-fn send_bitmap(replica: &mut crate::replica::Replica, peer: u8, slot: usize) {
-    let runs: Vec<(u64, u64)> = replica.bitmaps[slot].runs().collect();
-    let mut chunks = runs.chunks(RUNS_PER_FRAME).peekable();
-    if chunks.peek().is_none() {
-        replica.send(peer, Message::BitmapRuns { last: true, runs: Vec::new() });
-    }
-    while let Some(chunk) = chunks.next() {
-        replica.send(peer, Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
+    for (id, reason) in st.replica.reconsider_all() {
+        drop_peer(shared, st, id, &reason, deferred);
     }
 }
 
@@ -736,7 +518,7 @@ pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str
 /// The peer no longer receives this node's writes (its link died, or it fell Behind):
 /// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
 /// primary starts a new generation before any of them completes. `last_generation`: the
-/// generation the peer last reported while in sync (see `State::mark_recent_for`).
+/// generation the peer last reported while in sync (see `Replica::mark_recent_for`).
 pub(super) fn stops_following(
     shared: &Arc<Shared>,
     st: &mut State,
@@ -751,10 +533,7 @@ pub(super) fn stops_following(
     for (offset, len) in lacking {
         st.replica.mark_out_of_sync(slot, offset, len);
     }
-    if let Err(e) = st.mark_recent_for(peer_id, last_generation) {
-        tracing::error!(resource = %shared.config.name, error = %e, "cannot persist the bitmap UUID of a lost peer");
-        st.replica.disk = DiskState::Failed;
-    }
+    st.replica.mark_recent_for(peer_id, last_generation);
     // A witness holds no data, so losing it starts no new generation. For a data peer the new
     // generation starts before the next write completes, which needs quorum (see
     // `State::generation_pending`).

@@ -45,17 +45,25 @@ impl<'a> Locked<'a> {
     /// Queues the frames before the wait; links to drop stay queued for the final release.
     fn release_for_wait(&mut self) -> MutexGuard<'a, State> {
         let mut guard = self.guard.take().expect("locked");
-        let drops = send_queued(self.shared, &mut guard);
+        let drops = carry_out_in_order(self.shared, &mut guard);
         guard.replica.requeue(drops);
         guard
     }
 }
 
-/// Puts every queued frame on its link; returns the other actions, to run after the lock.
-fn send_queued(shared: &Shared, st: &mut State) -> Vec<Action> {
+/// Puts every queued frame on its link and makes every queued metadata write durable, in the
+/// replica's order; returns the other actions, to run after the lock.
+fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<Action> {
     let mut rest = Vec::new();
-    for action in st.replica.take_actions() {
+    let mut queue = st.replica.take_actions().into_iter();
+    while let Some(action) = queue.next() {
         match action {
+            Action::Persist(what) => {
+                if let Err(e) = st.write_meta(what) {
+                    st.replica.persist_failed(what, &e.to_string(), queue.collect());
+                    queue = st.replica.take_actions().into_iter();
+                }
+            }
             Action::Send { peer, msg, lane, sent_write } => {
                 let Some(link) = st.link(peer) else { continue };
                 match lane {
@@ -80,7 +88,7 @@ fn send_queued(shared: &Shared, st: &mut State) -> Vec<Action> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let Some(mut guard) = self.guard.take() else { return };
-        let after = send_queued(self.shared, &mut guard);
+        let after = carry_out_in_order(self.shared, &mut guard);
         drop(guard);
         if after.is_empty() {
             return;

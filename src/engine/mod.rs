@@ -207,6 +207,7 @@ impl Engine {
         let data_size_bytes = sb.data_size;
         let links = peers.iter().map(|_| None).collect();
         let replica = Replica::attach(Attached {
+            resource: config.name.clone(),
             witness: me.disk.is_none(),
             timing: config.timing,
             sb,

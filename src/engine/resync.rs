@@ -309,7 +309,7 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
 pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8) {
     st.replica.broadcast_state();
     let mut deferred = Deferred::default();
-    if let Err(reason) = connection::reconsider(shared, &mut st, peer_id) {
+    if let Err(reason) = st.replica.reconsider(peer_id) {
         connection::drop_peer(shared, &mut st, peer_id, &reason, &mut deferred);
     }
     shared.changed.notify_all();
@@ -329,7 +329,7 @@ pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, c
     st.replica.bitmaps[slot].clear_all();
     st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
     st.replica.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
-    clear_crash_marker(&mut st, peer_id);
+    st.replica.clear_crash_marker(peer_id);
     st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
     st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
     st.replica.disk = DiskState::UpToDate;
@@ -340,37 +340,4 @@ pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, c
     st.replica.broadcast_state();
     shared.changed.notify_all();
     Ok(())
-}
-
-/// The target confirmed it is UpToDate: the resync is over.
-pub fn finish_as_source(shared: &Arc<Shared>, st: &mut State, peer_id: u8) -> Result<(), String> {
-    let slot = st.replica.peer(peer_id).slot;
-    let mut generation = st.replica.generation();
-    generation.resync_finished_as_source(slot);
-    st.replica.set_generation(generation);
-    clear_crash_marker(st, peer_id);
-    st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
-    st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
-    let peer = st.replica.peer_mut(peer_id);
-    peer.repl = ReplState::Established;
-    peer.resync = None;
-    tracing::info!(resource = %shared.config.name, peer = %peer.name, "resync finished: peer UpToDate");
-    st.replica.broadcast_state();
-    Ok(())
-}
-
-/// After a crash as primary, the activity log's extents are repaired once a resync with every
-/// data peer has completed; until then the marker stays (in memory and in the metadata), so the
-/// peers not yet met still resync those extents and a second crash does not forget them.
-fn clear_crash_marker(st: &mut State, peer_id: u8) {
-    if !st.replica.crashed_primary {
-        return;
-    }
-    st.replica.crash_repair_pending.retain(|id| *id != peer_id);
-    if st.replica.crash_repair_pending.is_empty() {
-        st.replica.crashed_primary = false;
-        if st.replica.role != Role::Primary {
-            st.replica.sb.flags.remove(MetaFlags::PRIMARY_IND);
-        }
-    }
 }

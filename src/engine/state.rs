@@ -12,7 +12,7 @@ use crate::frontend::Export;
 use crate::frontend::{BlockResult, Completion};
 use crate::meta::activity_log::AlUpdate;
 use crate::meta::{MetaError, MetaStore};
-use crate::replica::Replica;
+use crate::replica::{MetaWrite, Replica};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -93,30 +93,16 @@ impl State {
         std::mem::replace(&mut self.links[index], link)
     }
 
-    pub fn persist(&mut self) -> Result<(), MetaError> {
-        self.meta.write_superblock(&self.replica.sb)
+    /// Carries out a metadata write the replica queued.
+    pub fn write_meta(&mut self, what: MetaWrite) -> Result<(), MetaError> {
+        match what {
+            MetaWrite::Superblock => self.persist(),
+            MetaWrite::Bitmap(slot) => self.persist_bitmap(slot),
+        }
     }
 
-    /// A data peer stopped following the primary (its link here or to the primary is gone):
-    /// what this node applied lately may have missed it too. If this node tracked nothing for
-    /// it yet, it starts tracking from the generation the peer last reported, so their next
-    /// connect finds a bitmap resync (not a full sync) even if this node followed the
-    /// primary's new generation before it noticed the peer was gone.
-    pub fn mark_recent_for(&mut self, peer_id: u8, peer_generation: Option<u64>) -> Result<(), MetaError> {
-        let r = &mut self.replica;
-        let peer = r.peer(peer_id);
-        if r.role == Role::Primary || peer.witness {
-            return Ok(());
-        }
-        let slot = peer.slot;
-        r.recent.mark_into(&mut r.bitmaps[slot]);
-        match peer_generation {
-            Some(uuid) if r.sb.peers[slot].bitmap_uuid == 0 => {
-                r.sb.peers[slot].bitmap_uuid = uuid & !1;
-                self.persist()
-            }
-            _ => Ok(()),
-        }
+    pub fn persist(&mut self) -> Result<(), MetaError> {
+        self.meta.write_superblock(&self.replica.sb)
     }
 
     /// Completes a write or flush, unless this primary may not (see `Replica::admission`):

@@ -12,8 +12,21 @@ pub enum Lane {
     Bulk,
 }
 
+/// Metadata the replica changed. Its write must be durable before any action queued after it
+/// is carried out; it writes the replica's state as it is when carried out (never older than
+/// when it was queued).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaWrite {
+    Superblock,
+    /// One peer slot's whole bitmap.
+    Bitmap(usize),
+}
+
 #[derive(Debug)]
 pub enum Action {
+    /// Make `MetaWrite` durable; on failure the driver hands the actions queued behind it to
+    /// [`crate::replica::Replica::persist_failed`] instead of carrying them out.
+    Persist(MetaWrite),
     /// Send `msg` to `peer` if its link is still up. `sent_write`: protocol A's completion,
     /// reported back for this write once the frame has been handed to the kernel.
     Send { peer: u8, msg: Message, lane: Lane, sent_write: Option<u64> },

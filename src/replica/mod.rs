@@ -9,6 +9,7 @@
 //! is dropped.
 
 mod action;
+mod connect;
 pub mod frames;
 mod progress;
 pub mod peer;
@@ -17,7 +18,7 @@ mod recent;
 pub(crate) mod testing;
 mod votes;
 
-pub use action::{Action, Lane};
+pub use action::{Action, Lane, MetaWrite};
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
 
@@ -58,6 +59,8 @@ pub struct PendingFlush {
 }
 
 pub struct Replica {
+    /// The resource's name, for the log.
+    pub resource: String,
     /// Whether this node is a diskless witness (it votes, holds no data).
     pub witness: bool,
     pub timing: LinkTiming,
@@ -116,6 +119,7 @@ pub struct Replica {
 
 /// What a replica starts from: the node's metadata as loaded (and repaired after a crash).
 pub struct Attached {
+    pub resource: String,
     pub witness: bool,
     pub timing: LinkTiming,
     pub sb: Superblock,
@@ -137,6 +141,7 @@ impl Replica {
         let window = RecentWrites::window_for(&a.timing);
         let recent = RecentWrites::new(a.sb.data_size, a.sb.params.bitmap_block_size, window, a.now);
         Replica {
+            resource: a.resource,
             witness: a.witness,
             timing: a.timing,
             role: Role::Secondary,
@@ -182,6 +187,23 @@ impl Replica {
     /// Queues actions behind those already queued.
     fn requeue_after(&mut self, mut actions: Vec<Action>) {
         self.outbox.append(&mut actions);
+    }
+
+    /// Queues a metadata write: durable before anything queued after it is carried out.
+    pub fn persist(&mut self, what: MetaWrite) {
+        self.outbox.push(Action::Persist(what));
+    }
+
+    /// A metadata write failed: the disk is Failed (its metadata no longer follows what this
+    /// node knows). Of `rest`, the actions queued behind the write, the frames and writes are
+    /// dropped (they may announce what never became durable); the peers hear of the Failed
+    /// disk instead.
+    pub fn persist_failed(&mut self, what: MetaWrite, error: &str, rest: Vec<Action>) {
+        tracing::error!(resource = %self.resource, ?what, error, "metadata write failed: the disk is Failed");
+        self.disk = DiskState::Failed;
+        let kept = rest.into_iter().filter(|a| !matches!(a, Action::Send { .. } | Action::Persist(_))).collect();
+        self.requeue(kept);
+        self.broadcast_state();
     }
 
     /// Queues a control frame (acks, state, pings) for `peer`, dropped if it is not connected.

@@ -17,6 +17,7 @@ pub fn two_node_replica() -> (Replica, Instant) {
     let (_, loaded) = MetaStore::open(disk, DISK_BYTES, true, "r0", 0).expect("open metadata");
     let now = Instant::now();
     let replica = Replica::attach(Attached {
+        resource: "r0".into(),
         witness: false,
         timing: LinkTiming::DEFAULT,
         sb: loaded.superblock,

@@ -1,0 +1,372 @@
+//! What a peer's `State` changes here, and the connect-time decision: in sync, which way a
+//! resync goes, a split brain and its policies, or a refusal. Also where a secondary follows
+//! its primary's new generation, and where a resync ends on the source's side.
+
+use super::{MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING};
+use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
+use crate::core::quorum::QuorumPolicy;
+use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
+use crate::core::states::{DiskState, ReplState, Role};
+use crate::core::sync_decision::{decide, same_uuid, Refusal, SyncDecision, UuidView};
+use crate::meta::MetaFlags;
+use crate::wire::{Message, PeerState};
+
+/// BitmapRuns frames carry at most this many runs.
+const RUNS_PER_FRAME: usize = 4096;
+
+/// The peer's side of the connect-time decision, from its last `State`.
+fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
+    UuidView {
+        node_id: peer_id,
+        current: state.current_uuid,
+        bitmap_for_peer: state.bitmap_uuid,
+        history: state.history,
+        crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
+        is_primary: Role::from_wire(state.role) == Some(Role::Primary),
+        inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
+    }
+}
+
+impl Replica {
+    /// A `State` from `peer_id`. The error is why the link must be dropped.
+    pub fn peer_state_received(&mut self, peer_id: u8, state: PeerState) -> Result<(), String> {
+        let primaries_before = self.primaries();
+        let peer = self.peer_mut(peer_id);
+        peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
+        peer.was_primary |= peer.role == Role::Primary;
+        peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
+        let saw_before = peer.last_state.map_or(0, |s| s.primaries);
+        peer.last_state = Some(state);
+        if saw_before & !state.primaries & self.primaries() != 0 {
+            // It no longer sees a primary it saw and this node still sees (that primary did not
+            // just demote): what that primary sent lately may have missed it.
+            self.mark_recent_for(peer_id, Some(state.current_uuid));
+        }
+        let peer = self.peer_mut(peer_id);
+        if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
+            peer.departed = true;
+            tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
+        }
+        if self.witness && self.peer(peer_id).role == Role::Primary {
+            // A witness votes by the newest primary generation it has seen, and says so.
+            let mut known = self.generation();
+            if known.witness_learns(state.current_uuid, &state.history) {
+                self.set_generation(known);
+                self.broadcast_state();
+            }
+        }
+        // A primary that went Ahead of this node is not followed into its new generation.
+        self.follow_ahead(peer_id, state.flags & STATE_FLAG_AHEAD != 0);
+        let peer = self.peer(peer_id);
+        let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
+        if follows && self.disk == DiskState::UpToDate && self.role != Role::Primary && !same_uuid(state.current_uuid, self.sb.uuids.current) {
+            self.follow_primary(peer_id, state.current_uuid);
+        }
+        let peer = self.peer(peer_id);
+        // The target reports UpToDate under this node's generation only after it applied the
+        // whole resync (ResyncDone); an UpToDate from before it started (a State already in
+        // flight) must not end the resync.
+        let adopted = same_uuid(state.current_uuid, self.sb.uuids.current);
+        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
+            self.finish_resync_as_source(peer_id);
+        }
+        let result = self.reconsider(peer_id);
+        if self.primaries() != primaries_before {
+            // Others see primaries through this node (a witness especially): pass the news on.
+            self.broadcast_state();
+        }
+        result
+    }
+
+    /// A data peer stopped following the primary (its link here or to the primary is gone):
+    /// what this node applied lately may have missed it too. If this node tracked nothing for
+    /// it yet, it starts tracking from the generation the peer last reported, so their next
+    /// connect finds a bitmap resync (not a full sync) even if this node followed the
+    /// primary's new generation before it noticed the peer was gone.
+    pub fn mark_recent_for(&mut self, peer_id: u8, peer_generation: Option<u64>) {
+        let peer = self.peer(peer_id);
+        if self.role == Role::Primary || peer.witness {
+            return;
+        }
+        let slot = peer.slot;
+        self.recent.mark_into(&mut self.bitmaps[slot]);
+        if let Some(uuid) = peer_generation.filter(|_| self.sb.peers[slot].bitmap_uuid == 0) {
+            self.sb.peers[slot].bitmap_uuid = uuid & !1;
+            self.persist(MetaWrite::Superblock);
+        }
+    }
+
+    /// An in-sync primary started a new generation (it lost or left behind another peer): take
+    /// it over, and start tracking for the peers that do not follow it either.
+    fn follow_primary(&mut self, primary_id: u8, current: u64) {
+        let absent = self.slots_not_following(primary_id);
+        let mut generation = self.generation();
+        generation.follow(current, &absent);
+        self.set_generation(generation);
+        self.persist(MetaWrite::Superblock);
+        tracing::info!(resource = %self.resource, uuid = format_args!("{current:016X}"), "following the primary's new generation");
+        self.broadcast_state();
+    }
+
+    /// The peer's `State` says whether it is Ahead of this node (pull-ahead): follow it into
+    /// Behind (this node's data is then Outdated) and out of it (the connect-time decision then
+    /// starts the resync).
+    fn follow_ahead(&mut self, peer_id: u8, peer_ahead: bool) {
+        let peer = self.peer_mut(peer_id);
+        match (peer_ahead, peer.repl) {
+            (true, ReplState::Established | ReplState::SyncTarget) => {
+                peer.repl = ReplState::Behind;
+                tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, "Behind: the peer's send queue filled up; it resyncs what this node misses once this node has caught up");
+                if self.disk == DiskState::UpToDate {
+                    self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+                    self.persist(MetaWrite::Superblock);
+                    self.disk = DiskState::Outdated;
+                    self.broadcast_state();
+                }
+            }
+            (false, ReplState::Behind) => peer.repl = ReplState::Off,
+            _ => {}
+        }
+    }
+
+    /// The target confirmed it is UpToDate: the resync is over.
+    pub fn finish_resync_as_source(&mut self, peer_id: u8) {
+        let slot = self.peer(peer_id).slot;
+        let mut generation = self.generation();
+        generation.resync_finished_as_source(slot);
+        self.set_generation(generation);
+        self.clear_crash_marker(peer_id);
+        self.persist(MetaWrite::Bitmap(slot));
+        self.persist(MetaWrite::Superblock);
+        let peer = self.peer_mut(peer_id);
+        peer.repl = ReplState::Established;
+        peer.resync = None;
+        tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: peer UpToDate");
+        self.broadcast_state();
+    }
+
+    /// After a crash as primary, the activity log's extents are repaired once a resync with
+    /// every data peer has completed; until then the marker stays (in memory and in the
+    /// metadata), so the peers not yet met still resync those extents and a second crash does
+    /// not forget them.
+    pub fn clear_crash_marker(&mut self, peer_id: u8) {
+        if !self.crashed_primary {
+            return;
+        }
+        self.crash_repair_pending.retain(|id| *id != peer_id);
+        if self.crash_repair_pending.is_empty() {
+            self.crashed_primary = false;
+            if self.role != Role::Primary {
+                self.sb.flags.remove(MetaFlags::PRIMARY_IND);
+            }
+        }
+    }
+
+    /// Re-runs the connect-time decision with every peer whose state is known (after a
+    /// promotion, say, a peer may now need a sync). Returns the peers to drop, with why.
+    pub fn reconsider_all(&mut self) -> Vec<(u8, String)> {
+        let ids: Vec<u8> = self.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
+        ids.into_iter().filter_map(|id| self.reconsider(id).err().map(|reason| (id, reason))).collect()
+    }
+
+    /// Decides what to do with a connected peer whose state is known and whose link is not
+    /// syncing. The error is why the link must be dropped.
+    pub fn reconsider(&mut self, peer_id: u8) -> Result<(), String> {
+        let peer = self.peer(peer_id);
+        let Some(peer_state) = peer.last_state else { return Ok(()) };
+        if !peer.connected || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
+            return Ok(());
+        }
+        if peer.witness || self.witness {
+            // A witness only votes: no data and no generations flow either way.
+            if peer.repl == ReplState::Off {
+                tracing::info!(resource = %self.resource, peer = %peer.name, "connected (witness link: votes only)");
+                self.peer_mut(peer_id).repl = ReplState::Established;
+            }
+            return Ok(());
+        }
+        let at_connect = peer.repl == ReplState::Off;
+        let my_bits = BitsHolder { bits_for_other: self.bitmaps[peer.slot].weight(), disk: self.disk, is_primary: self.role == Role::Primary };
+        let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
+        let (mine, theirs, name) = (self.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
+        let decision = match decide(&mine, &theirs) {
+            d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
+            // At connect only: blocks an online verify marked are resynced by reconnecting.
+            d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
+            d => d,
+        };
+        match decision {
+            SyncDecision::InSync => {
+                let peer = self.peer_mut(peer_id);
+                let was = peer.repl;
+                peer.repl = ReplState::Established;
+                if self.disk != DiskState::UpToDate && self.confirmed_up_to_date_by(peer_id) {
+                    self.disk = DiskState::UpToDate;
+                    self.broadcast_state();
+                }
+                if was == ReplState::Off {
+                    tracing::info!(resource = %self.resource, peer = %name, "in sync, replicating");
+                }
+                Ok(())
+            }
+            d if d.is_source() || d.is_target() => {
+                tracing::info!(resource = %self.resource, peer = %name, decision = ?d,
+                    mine = format_args!("{:016X}/{:016X}", mine.current, mine.bitmap_for_peer),
+                    theirs = format_args!("{:016X}/{:016X}", theirs.current, theirs.bitmap_for_peer),
+                    "resync needed");
+                let peer = self.peer_mut(peer_id);
+                peer.pending_sync = Some(d);
+                let slot = peer.slot;
+                self.send_bitmap(peer_id, slot);
+                Ok(())
+            }
+            SyncDecision::Unrelated => {
+                self.peer_mut(peer_id).want_connect = false;
+                Err(format!("{name}'s data has no history in common with this node's: wrong disk? not connecting"))
+            }
+            // Two primaries under quorum: the older one (its generation is the other's past)
+            // steps down by itself (see `Engine::step_down`), and its next State reopens the
+            // decision. Until then the link stays up, idle, on both sides. Judged by
+            // generations, not by this instant's quorum: a lease that lapses for a moment must
+            // not refuse for good.
+            SyncDecision::Refused(Refusal::PrimaryWouldBeTarget | Refusal::PeerCannotFollow)
+                if self.role == Role::Primary && self.peer(peer_id).role == Role::Primary && self.quorum_policy != QuorumPolicy::Off =>
+            {
+                if self.knows_generation(peer_state.current_uuid) {
+                    tracing::info!(resource = %self.resource, peer = %name, "{name} is an older primary: waiting for it to step down");
+                } else {
+                    tracing::info!(resource = %self.resource, peer = %name, "{name} is a newer primary: stepping down before resyncing from it");
+                }
+                Ok(())
+            }
+            SyncDecision::Refused(why) => {
+                self.peer_mut(peer_id).want_connect = false;
+                Err(format!("cannot sync with {name}: {why:?} (demote the primary or invalidate the stale node)"))
+            }
+            _ => unreachable!("every decision is handled"),
+        }
+    }
+
+    /// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose
+    /// changes are then overwritten from the survivor. With shared bitmaps (`SplitBrain`) that
+    /// is a bitmap resync of both sides' changes; with only shared history, a full sync.
+    /// Otherwise the link is refused and the node stays StandAlone.
+    fn after_split_brain(&mut self, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
+        let peer = self.peer(peer_id);
+        let theirs = peer.last_state.ok_or("split brain without the peer's state")?;
+        let mine = self.uuid_view(peer);
+        let me = SbSide {
+            node_id: self.node_id(),
+            is_primary: self.role == Role::Primary,
+            was_primary_at_split: mine.bitmap_for_peer & 1 != 0,
+            changed_blocks: self.bitmaps[peer.slot].weight(),
+            discard_my_data: self.discard_my_data,
+        };
+        let them = SbSide {
+            node_id: peer_id,
+            is_primary: Role::from_wire(theirs.role) == Some(Role::Primary),
+            was_primary_at_split: theirs.bitmap_uuid & 1 != 0,
+            changed_blocks: theirs.bitmap_weight,
+            discard_my_data: theirs.flags & STATE_FLAG_DISCARD_MY_DATA != 0,
+        };
+        let bitmaps_usable = decision == SyncDecision::SplitBrain;
+        // Without shared bitmaps nothing says which blocks differ: only the operator may choose.
+        let policies = if bitmaps_usable { self.split_brain } else { SplitBrainPolicies::default() };
+        let name = peer.name.clone();
+        let both = format!(
+            "this node current {:016X} bitmap {:016X} changed {} blocks, {name} current {:016X} bitmap {:016X} changed {} blocks",
+            mine.current, mine.bitmap_for_peer, me.changed_blocks, theirs.current_uuid, theirs.bitmap_uuid, them.changed_blocks
+        );
+        let resolved = match split_brain::resolve(&policies, &me, &them) {
+            SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
+            SbResolution::DiscardMine => SyncDecision::FullTarget,
+            SbResolution::DiscardTheirs if bitmaps_usable => SyncDecision::BitmapSource,
+            SbResolution::DiscardTheirs => SyncDecision::FullSource,
+            SbResolution::Disconnect(why) => {
+                let reason = format!(
+                    "split brain detected with {name}: both changed data since they last agreed ({both}); not connecting ({why}). Decide which node's changes to drop and run `blkrepl connect --discard-my-data` there"
+                );
+                tracing::error!(resource = %self.resource, "{reason}");
+                self.peer_mut(peer_id).want_connect = false;
+                return Err(reason);
+            }
+        };
+        let victim = if resolved.is_target() { "this node" } else { name.as_str() };
+        tracing::warn!(resource = %self.resource, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
+        if resolved.is_target() {
+            self.discard_my_data = false;
+        }
+        Ok(resolved)
+    }
+
+    /// Sends this node's bitmap for `peer` (bitmap `slot`) in frames of at most
+    /// `RUNS_PER_FRAME` runs.
+    fn send_bitmap(&mut self, peer: u8, slot: usize) {
+        let runs: Vec<(u64, u64)> = self.bitmaps[slot].runs().collect();
+        let mut chunks = runs.chunks(RUNS_PER_FRAME).peekable();
+        if chunks.peek().is_none() {
+            self.send(peer, Message::BitmapRuns { last: true, runs: Vec::new() });
+        }
+        while let Some(chunk) = chunks.next() {
+            self.send(peer, Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::states::{DiskState, ReplState, Role};
+    use crate::replica::testing::two_node_replica;
+    use crate::replica::{Action, MetaWrite};
+    use crate::wire::{Message, PeerState};
+
+    fn primary_state(current_uuid: u64, history: [u64; 4]) -> PeerState {
+        PeerState {
+            role: Role::Primary.to_wire(),
+            disk: DiskState::UpToDate.to_wire(),
+            flags: 0,
+            current_uuid,
+            bitmap_uuid: 0,
+            history,
+            bitmap_weight: 0,
+            primaries: 1 << 1,
+        }
+    }
+
+    #[test]
+    fn a_secondary_follows_its_primary_into_a_new_generation_durably_before_saying_so() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.sb.uuids.current = 0xA0;
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::Established;
+        r.take_actions();
+        r.peer_state_received(1, primary_state(0xB0, [0xA0, 0, 0, 0])).unwrap();
+        assert_eq!(r.sb.uuids.current, 0xB0);
+        let actions = r.take_actions();
+        let persisted = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::Superblock)));
+        let announced = actions.iter().position(
+            |a| matches!(a, Action::Send { msg: Message::State(s), .. } if s.current_uuid == 0xB0),
+        );
+        assert!(persisted.is_some() && persisted < announced, "{actions:?}");
+        assert_eq!(r.peer(1).repl, ReplState::Established, "still in sync with its primary");
+    }
+
+    #[test]
+    fn a_failed_metadata_write_fails_the_disk_and_drops_what_it_would_have_announced() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.link_up(1, t0);
+        r.take_actions();
+        let rest = vec![
+            Action::Send { peer: 1, msg: Message::Ping, lane: crate::replica::Lane::Control, sent_write: None },
+            Action::DropLink { peer: 1, generation: 1, reason: "x".into() },
+        ];
+        r.persist_failed(MetaWrite::Superblock, "EIO", rest);
+        assert_eq!(r.disk, DiskState::Failed);
+        let actions = r.take_actions();
+        assert!(matches!(actions[0], Action::DropLink { .. }), "{actions:?}");
+        assert!(matches!(&actions[1], Action::Send { msg: Message::State(s), .. } if s.disk == DiskState::Failed.to_wire()));
+        assert_eq!(actions.len(), 2, "the queued ping is dropped: {actions:?}");
+    }
+}
