@@ -336,8 +336,16 @@ pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, c
     let peer = st.replica.peer_mut(peer_id);
     peer.repl = ReplState::Established;
     peer.resync = None;
+    peer.resync_end_unconfirmed = peer.last_state.map(|s| s.bitmap_uuid).filter(|uuid| *uuid != 0);
     tracing::info!(resource = %shared.config.name, peer = %peer.name, "resync finished: UpToDate");
     st.replica.broadcast_state();
+    // Decisions with other peers waited for this resync (see `Replica::reconsider`).
+    let mut deferred = Deferred::default();
+    for (id, reason) in st.replica.reconsider_all_but(Some(peer_id)) {
+        connection::drop_peer(shared, &mut st, id, &reason, &mut deferred);
+    }
     shared.changed.notify_all();
+    drop(st);
+    deferred.run(shared);
     Ok(())
 }

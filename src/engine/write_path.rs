@@ -342,11 +342,13 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
 }
 
 /// Closes the open epoch on every replicating peer with a barrier. Returns the closed epoch.
+/// Never to a primary: a secondary that resyncs a third node sends the primary nothing to
+/// close (and a primary takes no barrier, see `Replica::check_frame`).
 pub fn send_barriers(st: &mut State) -> u64 {
     let epoch = st.replica.epoch;
     st.replica.epoch += 1;
     let mut closed = Vec::new();
-    for peer in st.replica.peers.iter_mut().filter(|p| p.is_replicating()) {
+    for peer in st.replica.peers.iter_mut().filter(|p| p.is_replicating() && p.role != Role::Primary) {
         let writes = peer.tl.close_epoch();
         peer.barriers.push_back((epoch, writes));
         closed.push(peer.node_id);

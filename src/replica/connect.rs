@@ -2,7 +2,10 @@
 //! resync goes, a split brain and its policies, or a refusal. Also where a secondary follows
 //! its primary's new generation, and where a resync ends on the source's side.
 
-use super::{MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING};
+use super::{
+    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
+    STATE_FLAG_SYNC_TARGET,
+};
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
@@ -37,6 +40,9 @@ impl Replica {
         peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
         let saw_before = peer.last_state.map_or(0, |s| s.primaries);
         peer.last_state = Some(state);
+        if peer.resync_end_unconfirmed.is_some_and(|uuid| !same_uuid(uuid, state.bitmap_uuid)) {
+            peer.resync_end_unconfirmed = None;
+        }
         if saw_before & !state.primaries & self.primaries() != 0 {
             // It no longer sees a primary it saw and this node still sees (that primary did not
             // just demote): what that primary sent lately may have missed it.
@@ -165,7 +171,14 @@ impl Replica {
     /// Re-runs the connect-time decision with every peer whose state is known (after a
     /// promotion, say, a peer may now need a sync). Returns the peers to drop, with why.
     pub fn reconsider_all(&mut self) -> Vec<(u8, String)> {
-        let ids: Vec<u8> = self.peers.iter().filter(|p| p.last_state.is_some()).map(|p| p.node_id).collect();
+        self.reconsider_all_but(None)
+    }
+
+    /// [`Replica::reconsider_all`] but for `except`: the source of a resync that just ended
+    /// here, whose last State predates that end (its next one reopens the decision).
+    pub fn reconsider_all_but(&mut self, except: Option<u8>) -> Vec<(u8, String)> {
+        let ids: Vec<u8> =
+            self.peers.iter().filter(|p| p.last_state.is_some() && Some(p.node_id) != except).map(|p| p.node_id).collect();
         ids.into_iter().filter_map(|id| self.reconsider(id).err().map(|reason| (id, reason))).collect()
     }
 
@@ -175,6 +188,11 @@ impl Replica {
         let peer = self.peer(peer_id);
         let Some(peer_state) = peer.last_state else { return Ok(()) };
         if !peer.connected || !matches!(peer.repl, ReplState::Off | ReplState::Established) || peer.pending_sync.is_some() {
+            return Ok(());
+        }
+        if peer.resync_end_unconfirmed.is_some() {
+            // The resync it ran into this node just ended here; its States until it ends there
+            // too still carry the bitmap UUID of that resync, which would restart it.
             return Ok(());
         }
         if peer.witness || self.witness {
@@ -189,7 +207,17 @@ impl Replica {
         let my_bits = BitsHolder { bits_for_other: self.bitmaps[peer.slot].weight(), disk: self.disk, is_primary: self.role == Role::Primary };
         let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
         let (mine, theirs, name) = (self.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
-        let decision = match decide(&mine, &theirs) {
+        let decided = decide(&mine, &theirs);
+        // One resync into a node at a time: while this node or the peer is being resynced by a
+        // third node (the peer says so in its State), nothing but "in sync" is decided between
+        // them; that resync's end brings a new State and a new decision. Deciding now would
+        // pit two sources against one target, or refuse an Inconsistent node for good.
+        let busy = self.sync_target_of().filter(|id| *id != peer_id).is_some() || peer_state.flags & STATE_FLAG_SYNC_TARGET != 0;
+        if busy && decided != SyncDecision::InSync {
+            tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "a resync with a third node is under way: deciding after it");
+            return Ok(());
+        }
+        let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
             // At connect only: blocks an online verify marked are resynced by reconnecting.
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
@@ -217,6 +245,10 @@ impl Replica {
                 let peer = self.peer_mut(peer_id);
                 peer.pending_sync = Some(d);
                 let slot = peer.slot;
+                if d.is_target() {
+                    // The other peers hold off their decisions with this node meanwhile.
+                    self.broadcast_state();
+                }
                 self.send_bitmap(peer_id, slot);
                 Ok(())
             }

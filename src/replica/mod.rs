@@ -41,6 +41,9 @@ pub const STATE_FLAG_LEAVING: u32 = 2;
 pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
 /// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
 pub const STATE_FLAG_AHEAD: u32 = 8;
+/// The sender is being resynced (or has decided to be) by another node: a resync with it waits
+/// until that one ends (see `Replica::reconsider`).
+pub const STATE_FLAG_SYNC_TARGET: u32 = 16;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -286,6 +289,12 @@ impl Replica {
             })
     }
 
+    /// The peer resyncing this node, or about to (a target decision waits for its bitmap).
+    pub fn sync_target_of(&self) -> Option<u8> {
+        let target = |p: &Peer| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target());
+        self.peers.iter().find(|p| p.connected && target(p)).map(|p| p.node_id)
+    }
+
     /// The nodes this node sees as primary, itself included (see `PeerState::primaries`).
     pub fn primaries(&self) -> u32 {
         let me = u32::from(self.role == Role::Primary) << self.sb.node_id;
@@ -297,6 +306,13 @@ impl Replica {
             || self.read_locks.iter().any(|&(o, l)| offset < o + l && o < offset + len)
     }
 
+    /// Whether this node crashed as primary and has not been resynced with `peer` since: the
+    /// activity log's extents may differ between them. A peer already resynced since is not
+    /// told again (a resync of nothing, over and over, until the last peer is done).
+    fn crash_unrepaired_with(&self, peer: &Peer) -> bool {
+        self.crashed_primary && self.crash_repair_pending.contains(&peer.node_id)
+    }
+
     /// This node's side of the connect-time decision with `peer`.
     pub fn uuid_view(&self, peer: &Peer) -> UuidView {
         UuidView {
@@ -304,7 +320,7 @@ impl Replica {
             current: self.sb.uuids.current,
             bitmap_for_peer: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,
-            crashed_primary: self.crashed_primary,
+            crashed_primary: self.crash_unrepaired_with(peer),
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
         }
@@ -315,7 +331,9 @@ impl Replica {
         PeerState {
             role: self.role.to_wire(),
             disk: self.disk.to_wire(),
-            flags: self.state_flags() | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 },
+            flags: self.state_flags()
+                | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 }
+                | if self.crash_unrepaired_with(peer) { STATE_FLAG_CRASHED_PRIMARY } else { 0 },
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,
@@ -326,14 +344,14 @@ impl Replica {
 
     fn state_flags(&self) -> u32 {
         let mut flags = 0;
-        if self.crashed_primary {
-            flags |= STATE_FLAG_CRASHED_PRIMARY;
-        }
         if self.stopping {
             flags |= STATE_FLAG_LEAVING;
         }
         if self.discard_my_data {
             flags |= STATE_FLAG_DISCARD_MY_DATA;
+        }
+        if self.sync_target_of().is_some() {
+            flags |= STATE_FLAG_SYNC_TARGET;
         }
         flags
     }
@@ -406,6 +424,7 @@ impl Replica {
         peer.disk = DiskState::DUnknown;
         peer.last_state = None;
         peer.pending_sync = None;
+        peer.resync_end_unconfirmed = None;
         peer.resync = None;
         peer.barriers.clear();
         peer.last_error = Some(reason.to_owned());

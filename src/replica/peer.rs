@@ -42,6 +42,10 @@ pub struct Peer {
     pub rx_epoch_writes: u32,
     /// A sync decided at connect, waiting for the peer's bitmap.
     pub pending_sync: Option<SyncDecision>,
+    /// This node finished a resync from the peer, whose bitmap UUID for this node was this:
+    /// until the peer's State shows it ended the resync too (its bitmap UUID moves on), its
+    /// States predate the end and decide nothing (see `Replica::reconsider`).
+    pub resync_end_unconfirmed: Option<u64>,
     pub resync: Option<ResyncProgress>,
     /// Online verify and checksum-based resync with this peer.
     pub sync: PeerSync,
@@ -75,6 +79,7 @@ impl Peer {
             barriers: VecDeque::new(),
             rx_epoch_writes: 0,
             pending_sync: None,
+            resync_end_unconfirmed: None,
             resync: None,
             sync: PeerSync::default(),
             sent_bytes_before: 0,
