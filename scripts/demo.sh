@@ -49,6 +49,7 @@ ${EXPORTS[1]}
 name = "tie"
 address = "127.0.0.1:7791"
 disk = "none"
+meta_disk = "$DIR/tie.meta"
 TOML
 
 cleanup() {

@@ -277,6 +277,15 @@ impl ResourceConfig {
                 self.path.display()
             ));
         }
+        for witness in self.nodes.iter().filter(|n| n.disk.is_none() && n.meta_disk.is_none()) {
+            warnings.push(format!(
+                "{}: witness {} has no meta_disk: the newest primary generation it saw is kept in memory and forgotten when its daemon restarts; give it a small metadata file (meta_disk = \"/var/lib/blkrepl/{}-{}.meta\", then `blkrepl create-md`)",
+                self.path.display(),
+                witness.name,
+                self.name,
+                witness.name
+            ));
+        }
         if self.quorum == QuorumPolicy::Off {
             warnings.push(format!(
                 "{}: quorum is off: two partitioned nodes can both be promoted (split brain); use fencing",
@@ -425,8 +434,8 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         }
         let disk = (node.disk.as_os_str() != "none").then_some(node.disk);
         let exports = nbd.is_some() || node.frontend.is_some() || node.ublk_id.is_some() || node.ublk_queues.is_some() || node.ublk_depth.is_some();
-        if disk.is_none() && (node.meta_disk.is_some() || exports) {
-            return Err(invalid(path, key("disk"), "a witness (disk = \"none\") holds no data: it takes no meta_disk, nbd, frontend or ublk_* key"));
+        if disk.is_none() && exports {
+            return Err(invalid(path, key("disk"), "a witness (disk = \"none\") holds no data: it takes no nbd, frontend or ublk_* key"));
         }
         let kind = node.frontend.as_deref().map(parse_frontend).transpose().map_err(|p| invalid(path, key("frontend"), p))?;
         // A witness is never primary: it exports nothing whatever the resource's frontend.

@@ -7,7 +7,7 @@ use blkrepl::config::{ConfigError, NodeConfig, ResourceConfig};
 use blkrepl::control::{self, client, Request};
 use blkrepl::daemon;
 use blkrepl::disk::{Disk, FileDisk};
-use blkrepl::engine::ResourceStatus;
+use blkrepl::engine::{Engine, ResourceStatus};
 use blkrepl::meta::{MetaParams, MetaStore};
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, BufReader};
@@ -195,7 +195,12 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
         FileDisk::open(path).map_err(|e| fail(e.to_string(), 1))
     };
     let Some(disk) = &me.disk else {
-        println!("{resource}: node {} is a diskless witness (disk = \"none\"): it keeps no metadata, nothing to create", me.name);
+        if me.meta_disk.is_none() {
+            println!("{resource}: node {} is a diskless witness (disk = \"none\") without meta_disk: it keeps what it learns in memory, nothing to create", me.name);
+            return Ok(());
+        }
+        let path = Engine::create_witness_metadata(&config, &me, force).map_err(|e| fail(e.to_string(), 1))?;
+        println!("{resource}: witness metadata created in {} for node {} (id {})", path.display(), me.name, me.id);
         return Ok(());
     };
     let data = open(disk)?;

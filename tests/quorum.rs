@@ -266,3 +266,24 @@ fn five_nodes_a_secondary_keeps_the_bitmap_for_a_peer_the_dead_primary_left_behi
         assert!(c.data_of(node, size) == c.data_of("beta", size), "{node} differs from beta");
     }
 }
+
+/// A witness keeps what it learned in its metadata file (`meta_disk`): after a restart with
+/// no other node up, it still knows the newest primary generation it saw, so a stale primary
+/// it might hear first cannot take its vote back to an older generation.
+#[test]
+fn a_witness_remembers_the_newest_primary_generation_across_a_restart() {
+    let c = Cluster::witness_trio(Options::default());
+    write_patterns(&c.nbd_url("alpha"), &[(0, MIB, 0x21)]);
+    c.kill("beta");
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] == "Connecting");
+    // The next write starts the generation beta lacks; the witness learns it from alpha.
+    write_patterns(&c.nbd_url("alpha"), &[(2 * MIB, MIB, 0x22)]);
+    let newest = c.status("alpha")["generation_uuid"].clone();
+    c.wait_for("tie", "learned", |s| s["generation_uuid"] == newest);
+    c.kill("alpha");
+    c.kill("tie");
+    c.ok("tie", &["up", "r0"]);
+    let tie = c.status("tie");
+    assert_eq!(tie["generation_uuid"], newest, "the witness forgot the newest generation it saw");
+    assert!(tie["peers"].as_array().unwrap().iter().all(|p| p["connection"] != "Connected"), "nobody could have told it");
+}

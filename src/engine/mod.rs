@@ -39,6 +39,21 @@ use std::time::{Duration, Instant};
 /// Threads doing local disk I/O for the frontends.
 const IO_THREADS: usize = 4;
 
+/// A witness's metadata store: big enough for the smallest layout, its "data" never used.
+const WITNESS_STORE_BYTES: u64 = 4 << 20;
+
+/// Creates a witness's metadata on `store`.
+fn create_witness_store(config: &ResourceConfig, me: &NodeConfig, store: Arc<dyn Disk>, force: bool) -> Result<(), EngineError> {
+    let params = crate::meta::MetaParams {
+        max_peers: (config.nodes.len() - 1) as u8,
+        bitmap_block_size: config.bitmap_block_size,
+        al_extents: crate::meta::layout::MIN_AL_EXTENTS,
+    };
+    let peers: Vec<u8> = config.peers_of(me).map(|p| p.id).collect();
+    MetaStore::create(store, WITNESS_STORE_BYTES, true, params, &config.name, me.id, &peers, force)?;
+    Ok(())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
@@ -131,20 +146,42 @@ impl Engine {
         Engine::open_on(config, me, data, meta_disk, run_dir)
     }
 
-    /// A diskless witness: it keeps no data and no metadata, only votes. The engine runs over a
-    /// small in-memory store so one code path serves data nodes and witnesses; nothing in it is
-    /// ever sent or persisted.
+    /// A diskless witness: it keeps no data, only votes. It runs over a small metadata store of
+    /// its own, so one code path serves data nodes and witnesses: what it learns (the newest
+    /// primary generation it saw) lives there. With `meta_disk` that store is a file and
+    /// survives a restart; without, it is in memory and starts fresh each time.
     fn open_witness(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Engine, EngineError> {
-        const WITNESS_STORE_BYTES: usize = 4 << 20;
-        let store: Arc<dyn Disk> = Arc::new(crate::disk::MemDisk::new(WITNESS_STORE_BYTES));
-        let params = crate::meta::MetaParams {
-            max_peers: (config.nodes.len() - 1) as u8,
-            bitmap_block_size: config.bitmap_block_size,
-            al_extents: crate::meta::layout::MIN_AL_EXTENTS,
+        let store: Arc<dyn Disk> = match &me.meta_disk {
+            Some(path) if !path.exists() => {
+                return Err(EngineError::Refused(format!(
+                    "the witness's metadata file {} does not exist: run `blkrepl create-md {}` on this node first",
+                    path.display(),
+                    config.name
+                )))
+            }
+            Some(path) => Arc::new(FileDisk::open(path)?),
+            None => {
+                let store: Arc<dyn Disk> = Arc::new(crate::disk::MemDisk::new(WITNESS_STORE_BYTES as usize));
+                create_witness_store(&config, &me, store.clone(), true)?;
+                store
+            }
         };
-        let peers: Vec<u8> = config.peers_of(&me).map(|p| p.id).collect();
-        MetaStore::create(store.clone(), WITNESS_STORE_BYTES as u64, true, params, &config.name, me.id, &peers, true)?;
         Engine::open_on(config, me, store, None, run_dir)
+    }
+
+    /// Creates a witness's metadata file at its `meta_disk` (see [`Engine::open_witness`]);
+    /// an existing one is kept unless `force`.
+    pub fn create_witness_metadata(config: &ResourceConfig, me: &NodeConfig, force: bool) -> Result<PathBuf, EngineError> {
+        let path = me.meta_disk.clone().ok_or_else(|| EngineError::Refused("this witness has no meta_disk".into()))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|file| if file.metadata()?.len() < WITNESS_STORE_BYTES { file.set_len(WITNESS_STORE_BYTES) } else { Ok(()) });
+        file.map_err(|source| DiskError::Open { path: path.clone(), source })?;
+        create_witness_store(config, me, Arc::new(FileDisk::open(&path)?), force)?;
+        Ok(path)
     }
 
     /// [`Engine::open`] on given disks: tests use in-memory and fault-injecting ones.

@@ -58,7 +58,14 @@ impl Cluster {
             format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{}\n", options.protocol, options.quorum, options.extra);
         for (i, name) in nodes.iter().enumerate() {
             if options.witnesses.contains(name) {
-                text += &format!("[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"none\"\n", host(i), ports[2 * i]);
+                // As a witness should run: what it learns is kept in its metadata file.
+                let meta = dir.path().join(format!("{name}.meta"));
+                text += &format!(
+                    "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"none\"\nmeta_disk = \"{}\"\n",
+                    host(i),
+                    ports[2 * i],
+                    meta.display()
+                );
                 continue;
             }
             let disk = dir.path().join(format!("{name}.img"));
