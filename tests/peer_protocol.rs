@@ -154,11 +154,7 @@ fn bad_digest_frames_drop_the_connection_and_change_nothing() {
         ),
     ];
     for (msg, needle) in cases {
-        let (mut stream, _reader) = handshake_as_beta(&c, &address);
-        write_message(&mut stream, &msg).unwrap();
-        let s = c.wait_for("alpha", "drop", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
-        let reason = Cluster::peer(&s, "beta")["last_error"].as_str().unwrap().to_owned();
-        assert!(reason.contains(needle), "{}: {reason}", msg.name());
+        let s = assert_dropped_for(&c, &address, &msg, needle);
         assert_eq!(s["disk"], disk_before);
         assert_eq!(Cluster::peer(&s, "beta")["out_of_sync_bytes"], 0);
     }
@@ -180,12 +176,19 @@ fn frames_out_of_turn_drop_the_connection_and_change_nothing() {
         (Message::BarrierAck { epoch: 7, writes: 0 }, "never sent"),
     ];
     for (msg, needle) in cases {
-        let (mut stream, _reader) = handshake_as_beta(&c, &address);
-        write_message(&mut stream, &msg).unwrap();
-        let s = c.wait_for("alpha", "drop", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
-        let reason = Cluster::peer(&s, "beta")["last_error"].as_str().unwrap().to_owned();
-        assert!(reason.contains(needle), "{}: {reason}", msg.name());
+        let s = assert_dropped_for(&c, &address, &msg, needle);
         assert_eq!(Cluster::peer(&s, "beta")["out_of_sync_bytes"], 0, "{}", msg.name());
         assert_eq!(disk_at(&c, 0), before, "{} wrote data", msg.name());
     }
+}
+
+/// Sends `msg` to alpha on a fresh connection as beta; alpha must drop it for a reason that
+/// contains `needle`. Returns alpha's status after the drop.
+fn assert_dropped_for(c: &Cluster, address: &str, msg: &Message, needle: &str) -> serde_json::Value {
+    let (mut stream, _reader) = handshake_as_beta(c, address);
+    write_message(&mut stream, msg).unwrap();
+    let s = c.wait_for("alpha", "drop", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    let reason = Cluster::peer(&s, "beta")["last_error"].as_str().unwrap().to_owned();
+    assert!(reason.contains(needle), "{}: {reason}", msg.name());
+    s
 }

@@ -2,6 +2,7 @@
 //! the result before any write happens under the new generation.
 
 use super::sync_decision::same_uuid;
+use crate::meta::Superblock;
 
 /// A node's UUIDs as this module sees them (the superblock stores them).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +14,20 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// The UUIDs a superblock holds.
+    pub fn of(sb: &Superblock) -> Generation {
+        Generation { current: sb.uuids.current, history: sb.uuids.history, bitmap: sb.peers.iter().map(|p| p.bitmap_uuid).collect() }
+    }
+
+    /// Writes these UUIDs into `sb` (in memory: the caller persists it).
+    pub fn store_in(self, sb: &mut Superblock) {
+        sb.uuids.current = self.current;
+        sb.uuids.history = self.history;
+        for (slot, uuid) in sb.peers.iter_mut().zip(self.bitmap) {
+            slot.bitmap_uuid = uuid;
+        }
+    }
+
     /// Keeps the newest entries; the oldest falls off.
     pub fn push_history(&mut self, uuid: u64) {
         if uuid == 0 || self.history.iter().any(|h| same_uuid(*h, uuid)) {

@@ -183,19 +183,11 @@ impl Meta {
     }
 
     pub fn generation(&self) -> Generation {
-        Generation {
-            current: self.sb.uuids.current,
-            history: self.sb.uuids.history,
-            bitmap: self.sb.peers.iter().map(|p| p.bitmap_uuid).collect(),
-        }
+        Generation::of(&self.sb)
     }
 
     pub fn set_generation(&mut self, g: Generation) {
-        self.sb.uuids.current = g.current;
-        self.sb.uuids.history = g.history;
-        for (slot, uuid) in self.sb.peers.iter_mut().zip(g.bitmap) {
-            slot.bitmap_uuid = uuid;
-        }
+        g.store_in(&mut self.sb);
     }
 
     /// Marks a block out of sync for a peer slot (memory only, as in the engine: the activity

@@ -283,7 +283,7 @@ impl Node {
                 let clean = meta.al.mark_clean().expect("nothing in flight at attach");
                 meta.apply_al_update(clean).expect("no crash is armed at attach");
             }
-            self.disk = disk_state_from_flags(meta.sb.flags);
+            self.disk = blkrepl::replica::Replica::disk_state_from_flags(meta.sb.flags);
             self.crashed_primary = crashed_primary;
             self.meta = Some(meta);
         }
@@ -555,17 +555,6 @@ impl Node {
         if std::mem::take(&mut self.crashed_primary) && self.role != Role::Primary {
             self.meta().sb.flags.remove(MetaFlags::PRIMARY_IND);
         }
-    }
-}
-
-/// The engine's `State::disk_state_from_flags`.
-fn disk_state_from_flags(flags: MetaFlags) -> DiskState {
-    if flags.contains(MetaFlags::CONSISTENT) && flags.contains(MetaFlags::WAS_UP_TO_DATE) {
-        DiskState::Consistent
-    } else if flags.contains(MetaFlags::CONSISTENT) {
-        DiskState::Outdated
-    } else {
-        DiskState::Inconsistent
     }
 }
 
