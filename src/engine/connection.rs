@@ -306,11 +306,16 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
 /// written for the offending frame. The replica checks the frame against the link's state
 /// (`Replica::check_frame`) under the same lock the handler starts with.
 fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
-    match msg {
-        Message::RecvAck { id } => return Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Received)),
-        Message::WriteAck { id } => return Ok(write_path::peer_reached(shared, id, peer_id, AckLevel::Written)),
-        _ => debug_assert!(crate::replica::frames::needs_check(&msg)),
+    let acked = match msg {
+        Message::RecvAck { id } => Some((id, AckLevel::Received)),
+        Message::WriteAck { id } => Some((id, AckLevel::Written)),
+        _ => None,
+    };
+    if let Some((id, level)) = acked {
+        write_path::peer_reached(shared, id, peer_id, level);
+        return Ok(());
     }
+    debug_assert!(crate::replica::frames::needs_check(&msg));
     let st = shared.lock();
     st.replica.check_frame(peer_id, generation, &msg)?;
     match msg {

@@ -851,7 +851,7 @@ impl Engine {
         }
         let crashed_primary = st.replica.crashed_primary;
         let State { meta, replica, .. } = &mut *st;
-        meta.clean_shutdown(&mut replica.sb, &mut replica.bitmaps, &mut replica.al)?;
+        meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al)?;
         if crashed_primary {
             // The activity log's extents are in the bitmaps, but no resync has repaired them
             // yet: keep the marker that makes the next connection resync them.

@@ -687,7 +687,7 @@ fn runs_count_must_match_length() {
     let runs_payload = |count: u32, run_bytes: usize| {
         let mut payload = vec![1];
         payload.extend_from_slice(&count.to_be_bytes());
-        payload.extend(std::iter::repeat(0).take(run_bytes));
+        payload.extend(std::iter::repeat_n(0, run_bytes));
         raw_frame(0x05, 0, &payload)
     };
     let reason = "run count does not match payload length";

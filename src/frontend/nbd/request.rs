@@ -91,7 +91,7 @@ pub fn validate(header: &RequestHeader, export: &Export) -> Result<Command, Reje
     if offset % block != 0 || u64::from(len) % block != 0 {
         return Err(Rejection::new(Errno::Inval, "request not aligned to the block size"));
     }
-    if offset.checked_add(u64::from(len)).map_or(true, |end| end > export.size) {
+    if offset.checked_add(u64::from(len)).is_none_or(|end| end > export.size) {
         let errno = match command {
             Command::Write { .. } | Command::WriteZeroes { .. } => Errno::NoSpc,
             _ => Errno::Inval,
