@@ -287,3 +287,22 @@ fn a_witness_remembers_the_newest_primary_generation_across_a_restart() {
     assert_eq!(tie["generation_uuid"], newest, "the witness forgot the newest generation it saw");
     assert!(tie["peers"].as_array().unwrap().iter().all(|p| p["connection"] != "Connected"), "nobody could have told it");
 }
+
+/// A peer that left cleanly stays out of the voter count across a restart of the node that saw
+/// it leave (it is kept in the metadata), until it connects again.
+#[test]
+fn a_clean_departure_is_remembered_across_a_restart() {
+    let c = Cluster::witness_trio(Options::default());
+    c.ok("beta", &["down", "r0"]);
+    c.wait_for("alpha", "beta departed", |s| Cluster::peer(s, "beta")["departed"] == true);
+    for node in ["alpha", "tie"] {
+        c.kill(node);
+        c.ok(node, &["up", "r0"]);
+    }
+    assert_eq!(Cluster::peer(&c.status("alpha"), "beta")["departed"], true, "the restart forgot that beta left cleanly");
+    // Discounted once every other voter (the witness) counts again.
+    c.wait_for("alpha", "beta not counted", |s| Cluster::peer(s, "tie")["connection"] == "Connected" && s["quorum_voters"] == 2);
+    assert_eq!(Cluster::peer(&c.status("tie"), "beta")["departed"], true, "the witness forgot it too");
+    c.ok("beta", &["up", "r0"]);
+    c.wait_for("alpha", "beta back", |s| Cluster::peer(s, "beta")["departed"] == false && s["quorum_voters"] == 3);
+}

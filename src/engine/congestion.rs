@@ -12,7 +12,7 @@
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::resync::{self, WAIT_SLICE};
 use super::state::{Deferred, State};
-use super::{connection, write_path, Shared};
+use super::{connection, Shared};
 use crate::config::{OnCongestion, ResourceConfig};
 use crate::core::states::ReplState;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ fn go_ahead(shared: &Arc<Shared>, st: &mut State, peer_id: u8, queued_bytes: usi
     // Close the epoch while the peer still counts as replicating: the writes already queued to
     // it end with a barrier whose count matches what the peer will count, and whose ack says
     // the peer has taken in everything queued before.
-    let last_epoch = write_path::send_barriers(st);
+    let last_epoch = st.replica.close_epoch();
     let peer = st.replica.peer_mut(peer_id);
     let was = std::mem::replace(&mut peer.repl, ReplState::Ahead);
     // A resync in progress stops (its thread sees the state) and starts over when caught up.

@@ -12,27 +12,18 @@
 
 use super::state::{Deferred, State};
 use super::locked::Locked;
-use crate::replica::ResyncProgress;
+use crate::replica::{ResyncChunk, ResyncProgress, ResyncStep};
 use super::digests::block_range;
-use super::{congestion, connection, write_path, EngineError, Shared};
+use super::{congestion, connection, EngineError, Shared};
 use crate::core::block_digest::{block_digests, matching_runs};
 use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
-use crate::wire::{DigestPurpose, Message};
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest resync frame.
-const MAX_CHUNK_BYTES: u64 = 256 << 10;
-/// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
-/// progress advance) in steps of this many chunks.
-const CHUNKS_PER_EPOCH: u32 = 32;
-/// Digest requests of a checksum-based resync left unanswered at most: enough to keep the link
-/// busy, and a bound on the answers still to come when the pass ends.
-const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
 /// How long a resync or verify thread waits for an answer before it looks at the state again.
 pub(super) const WAIT_SLICE: Duration = Duration::from_millis(100);
 
@@ -121,99 +112,35 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
         .expect("spawn resync thread");
 }
 
-fn still_syncing(st: &State, peer_id: u8, generation: u64) -> bool {
-    let peer = st.replica.peer(peer_id);
-    !st.replica.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
-}
-
-/// What the source sends for one range.
-enum Chunk {
-    Data(Bytes),
-    Digests(Vec<[u8; crate::wire::DIGEST_BYTES]>),
-}
-
 fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {
     let csums = shared.config.csums_resync;
+    let block_size = shared.config.bitmap_block_size as usize;
     let mut pacer = Pacer::new(shared);
-    let mut cursor = 0u64;
-    let mut frames_in_epoch = 0u32;
-    // Epoch whose barrier must be acked before the bitmap is scanned again from the start.
-    let mut draining: Option<u64> = None;
-    {
-        let mut st = shared.lock();
-        let sync = &mut st.replica.peer_mut(peer_id).sync;
-        sync.resync_digests.clear();
-        sync.resync_wanted.clear();
-    }
+    shared.lock().replica.resync_source_started(peer_id);
     loop {
         pacer.pause(shared);
         let mut st = shared.lock();
-        if !still_syncing(&st, peer_id, generation) {
+        if !st.replica.resyncing(peer_id, generation) {
             return Ok(());
         }
-        let slot = st.replica.peer(peer_id).slot;
-        if let Some(epoch) = draining {
-            if st.replica.peer(peer_id).barriers.iter().any(|(e, _)| *e <= epoch) {
+        let (offset, len, digests) = match st.replica.resync_next(peer_id, csums) {
+            ResyncStep::Finished => return Ok(()),
+            ResyncStep::Wait => {
                 drop(st.wait_timeout(WAIT_SLICE));
                 continue;
             }
-            draining = None;
-            cursor = 0;
-        }
-        let block_size = u64::from(st.replica.bitmaps[slot].block_size());
-        let awaiting = st.replica.peer(peer_id).sync.resync_digests.len();
-        let (offset, len, digests) = if let Some((offset, len)) = st.replica.peer_mut(peer_id).sync.resync_wanted.pop_front() {
-            (offset, len, false)
-        } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
-            drop(st.wait_timeout(WAIT_SLICE));
-            continue;
-        } else if let Some((start, blocks)) = st.replica.bitmaps[slot].next_run(cursor, MAX_CHUNK_BYTES / block_size) {
-            cursor = start + blocks;
-            let offset = start * block_size;
-            (offset, (blocks * block_size).min(shared.data_size_bytes - offset), csums)
-        } else if awaiting > 0 {
-            // Answers still to come may ask for data.
-            drop(st.wait_timeout(WAIT_SLICE));
-            continue;
-        } else if cursor == 0 {
-            // Every bit is clear: each block was resent (or matched) and barrier-acked.
-            let uuids = st.replica.sb.uuids;
-            st.replica.send_bulk(peer_id, Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
-            return Ok(());
-        } else {
-            draining = Some(write_path::send_barriers(&mut st));
-            frames_in_epoch = 0;
-            continue;
+            ResyncStep::Read { offset, len, digests } => (offset, len, digests),
         };
         let link = st.link(peer_id).cloned().ok_or("link closed")?;
         drop(st);
 
         link.wait_for_room(congestion::resync_room_bytes(&shared.config));
         let prepare = |data: Vec<u8>| match digests {
-            true => Chunk::Digests(block_digests(&data, block_size as usize)),
-            false => Chunk::Data(Bytes::from(data)),
+            true => ResyncChunk::Digests(block_digests(&data, block_size)),
+            false => ResyncChunk::Data(Bytes::from(data)),
         };
-        let send = |st: &mut State, chunk: Chunk| {
-            let epoch = st.replica.epoch;
-            let peer = st.replica.peer_mut(peer_id);
-            let msg = match chunk {
-                Chunk::Data(payload) => {
-                    peer.tl.record(epoch, offset, len);
-                    Message::ResyncData { offset, payload }
-                }
-                Chunk::Digests(digests) => {
-                    peer.sync.resync_digests.push_back((offset, digests.len() as u32));
-                    Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }
-                }
-            };
-            st.replica.send_bulk(peer_id, msg, None);
-            frames_in_epoch += 1;
-            if frames_in_epoch >= CHUNKS_PER_EPOCH {
-                write_path::send_barriers(st);
-                frames_in_epoch = 0;
-            }
-        };
-        let still = |st: &State| still_syncing(st, peer_id, generation);
+        let send = |st: &mut State, chunk| st.replica.resync_chunk_read(peer_id, offset, len, chunk);
+        let still = |st: &State| st.replica.resyncing(peer_id, generation);
         if read_range_then(shared, offset, len, still, prepare, send)?.is_none() {
             return Ok(());
         }

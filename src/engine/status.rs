@@ -128,7 +128,7 @@ fn shown_peer_disk(my_disk: DiskState, peer_disk: DiskState, out_of_sync_bytes: 
 /// Takes the state mutably: reading resync progress records the bitmap's weight in it.
 pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
     let link_sent: Vec<u64> = st.links.iter().map(|l| l.as_ref().map_or(0, |l| l.sent_bytes())).collect();
-    let Replica { peers, bitmaps, disk, .. } = &mut st.replica;
+    let Replica { peers, bitmaps, disk, sb, .. } = &mut st.replica;
     let peers = peers
         .iter_mut()
         .zip(link_sent)
@@ -167,7 +167,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 name: p.name.clone(),
                 node_id: p.node_id,
                 witness: p.witness,
-                departed: p.departed,
+                departed: sb.peers[p.slot].departed,
                 connection: p.conn.to_string(),
                 replication: p.repl.to_string(),
                 peer_role: p.role.to_string(),

@@ -252,7 +252,7 @@ fn submit_write(shared: &Arc<Shared>, offset: u64, len: u64, kind: WriteKind, do
         st.replica.send_bulk(peer, message.clone(), sent_write);
     }
     if close_epoch {
-        send_barriers(&mut st);
+        st.replica.close_epoch();
     }
     drop(st);
 
@@ -341,29 +341,11 @@ pub fn complete(st: &mut State, finished: Finished, deferred: &mut Deferred) {
     }
 }
 
-/// Closes the open epoch on every replicating peer with a barrier. Returns the closed epoch.
-/// Never to a primary: a secondary that resyncs a third node sends the primary nothing to
-/// close (and a primary takes no barrier, see `Replica::check_frame`).
-pub fn send_barriers(st: &mut State) -> u64 {
-    let epoch = st.replica.epoch;
-    st.replica.epoch += 1;
-    let mut closed = Vec::new();
-    for peer in st.replica.peers.iter_mut().filter(|p| p.is_replicating() && p.role != Role::Primary) {
-        let writes = peer.tl.close_epoch();
-        peer.barriers.push_back((epoch, writes));
-        closed.push(peer.node_id);
-    }
-    for peer in closed {
-        st.replica.send_bulk(peer, Message::Barrier { epoch }, None);
-    }
-    epoch
-}
-
 /// FLUSH: durable locally (every completed write is in the page cache, so one sync covers them)
 /// and on every replicating peer (a barrier after everything sent so far, acked after its flush).
 pub fn submit_flush(shared: &Arc<Shared>, done: Completion) {
     let mut st = shared.lock();
-    let epoch = send_barriers(&mut st);
+    let epoch = st.replica.close_epoch();
     let peers_pending: Vec<u8> = st.replica.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
     st.replica.next_flush_id += 1;
     let id = st.replica.next_flush_id;

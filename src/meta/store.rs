@@ -99,6 +99,7 @@ impl MetaStore {
                     node_id,
                     bitmap_uuid: 0,
                     bitmap_crc: Some(clean_bitmap_crc),
+                    departed: false,
                 })
                 .collect(),
             uuids: GenerationUuids::just_created(),

@@ -133,7 +133,14 @@ pub struct PeerSlot {
     /// crc32c of the peer's whole on-disk bitmap, written at clean shutdown and cleared before
     /// the on-disk bitmap changes again: lets attach detect a damaged bitmap.
     pub bitmap_crc: Option<u32>,
+    /// The peer left cleanly (it said so before going down) and has not been connected since:
+    /// not counted as a quorum voter while every other voter is reachable. Kept here so a
+    /// restart does not forget it (an older release ignores the byte: stricter, never looser).
+    pub departed: bool,
 }
+
+/// Bit of a peer slot's flags byte: see [`PeerSlot::departed`].
+const PEER_DEPARTED: u8 = 1;
 
 /// The logical content of the superblock (the slot's sequence number is the store's business).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +227,7 @@ impl Superblock {
             let at = PEERS_OFFSET + i * PEER_SIZE;
             b[at] = peer.node_id;
             b[at + 1] = u8::from(peer.bitmap_crc.is_some());
+            b[at + 2] = if peer.departed { PEER_DEPARTED } else { 0 };
             le::put_u32(&mut b, at + 4, peer.bitmap_crc.unwrap_or(0));
             le::put_u64(&mut b, at + 8, peer.bitmap_uuid);
         }
@@ -312,6 +320,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
                 node_id: b[at],
                 bitmap_uuid: le::u64_at(b, at + 8),
                 bitmap_crc: (b[at + 1] != 0).then(|| le::u32_at(b, at + 4)),
+                departed: b[at + 2] & PEER_DEPARTED != 0,
             }
         })
         .collect();
@@ -393,8 +402,8 @@ mod tests {
             data_size: 1 << 30,
             params: MetaParams { max_peers: 3, ..MetaParams::default() },
             peers: vec![
-                PeerSlot { node_id: 2, bitmap_uuid: 0xabc, bitmap_crc: Some(0) },
-                PeerSlot { node_id: 0, bitmap_uuid: 0, bitmap_crc: None },
+                PeerSlot { node_id: 2, bitmap_uuid: 0xabc, bitmap_crc: Some(0), departed: true },
+                PeerSlot { node_id: 0, bitmap_uuid: 0, bitmap_crc: None, departed: false },
             ],
             uuids: GenerationUuids { current: 0x1234_5679, history: [5, 6, 0, 0] },
             flags: MetaFlags::CONSISTENT | MetaFlags::PRIMARY_IND,
@@ -445,14 +454,14 @@ mod tests {
         sb.resource = "x".repeat(64);
         assert!(sb.encode(1).is_err());
         let mut sb = sample();
-        sb.peers.push(PeerSlot { node_id: 2, bitmap_uuid: 0, bitmap_crc: None });
+        sb.peers.push(PeerSlot { node_id: 2, bitmap_uuid: 0, bitmap_crc: None, departed: false });
         assert!(sb.encode(1).is_err(), "duplicate peer");
         let mut sb = sample();
         sb.peers[0].node_id = 1;
         assert!(sb.encode(1).is_err(), "own node id as peer");
         let mut sb = sample();
-        sb.peers.push(PeerSlot { node_id: 3, bitmap_uuid: 0, bitmap_crc: None });
-        sb.peers.push(PeerSlot { node_id: 4, bitmap_uuid: 0, bitmap_crc: None });
+        sb.peers.push(PeerSlot { node_id: 3, bitmap_uuid: 0, bitmap_crc: None, departed: false });
+        sb.peers.push(PeerSlot { node_id: 4, bitmap_uuid: 0, bitmap_crc: None, departed: false });
         assert!(sb.encode(1).is_err(), "more peers than max_peers");
         let mut sb = sample();
         sb.data_size = 4097;
@@ -482,15 +491,15 @@ mod tests {
             peer_ids in prop::collection::btree_set(0..=MAX_NODE_ID, 0..=31),
             uuids in any::<(u64, [u64; 4])>(),
             flags in any::<u32>(),
-            crcs in prop::collection::vec(any::<(u64, Option<u32>)>(), 31),
+            crcs in prop::collection::vec(any::<(u64, Option<u32>, bool)>(), 31),
         ) -> Superblock {
             let peers: Vec<PeerSlot> = peer_ids
                 .into_iter()
                 .filter(|&id| id != node_id)
                 .take(usize::from(max_peers))
                 .zip(crcs)
-                .map(|(node_id, (bitmap_uuid, bitmap_crc))| {
-                    PeerSlot { node_id, bitmap_uuid, bitmap_crc }
+                .map(|(node_id, (bitmap_uuid, bitmap_crc, departed))| {
+                    PeerSlot { node_id, bitmap_uuid, bitmap_crc, departed }
                 })
                 .collect();
             Superblock {

@@ -48,9 +48,8 @@ impl Replica {
             // just demote): what that primary sent lately may have missed it.
             self.mark_recent_for(peer_id, Some(state.current_uuid));
         }
-        let peer = self.peer_mut(peer_id);
-        if state.flags & STATE_FLAG_LEAVING != 0 && !peer.departed {
-            peer.departed = true;
+        if state.flags & STATE_FLAG_LEAVING != 0 && !self.departed(self.peer(peer_id)) {
+            self.set_departed(peer_id, true);
             tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
         }
         if self.witness && self.peer(peer_id).role == Role::Primary {

@@ -14,6 +14,7 @@ pub mod frames;
 mod progress;
 pub mod peer;
 mod recent;
+mod resync;
 #[cfg(test)]
 pub(crate) mod testing;
 mod votes;
@@ -21,6 +22,7 @@ mod votes;
 pub use action::{Action, Lane, MetaWrite};
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
+pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
 
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
@@ -281,6 +283,21 @@ impl Replica {
             })
     }
 
+    /// Whether `peer` left cleanly and has not been connected since (see `PeerSlot::departed`).
+    pub fn departed(&self, peer: &Peer) -> bool {
+        self.sb.peers[peer.slot].departed
+    }
+
+    /// Records that `peer_id` left cleanly (or came back), durably: a restart must not count it
+    /// as a voter it no longer is (that would be stricter than needed, never looser).
+    pub fn set_departed(&mut self, peer_id: u8, departed: bool) {
+        let slot = self.peer(peer_id).slot;
+        if self.sb.peers[slot].departed != departed {
+            self.sb.peers[slot].departed = departed;
+            self.persist(MetaWrite::Superblock);
+        }
+    }
+
     /// The peer resyncing this node, or about to (a target decision waits for its bitmap).
     pub fn sync_target_of(&self) -> Option<u8> {
         let target = |p: &Peer| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target());
@@ -390,12 +407,12 @@ impl Replica {
         peer.conn = ConnState::Connected;
         peer.repl = ReplState::Off;
         peer.was_primary = false;
-        peer.departed = false;
         peer.last_error = None;
         peer.rx_epoch_writes = 0;
         peer.lease.restart(now);
         peer.progress_at = Some(now);
         let generation = peer.generation;
+        self.set_departed(peer_id, false);
         self.send(peer_id, Message::State(state));
         generation
     }

@@ -16,8 +16,6 @@ pub struct Peer {
     pub slot: usize,
     /// A diskless witness: it votes, never receives data, and its bitmap slot stays empty.
     pub witness: bool,
-    /// Left cleanly (told us so before going down): not a quorum voter until it returns.
-    pub departed: bool,
     pub want_connect: bool,
     pub conn: ConnState,
     /// Whether a link to the peer is up (handshake done, not yet lost).
@@ -63,7 +61,6 @@ impl Peer {
             name,
             slot,
             witness,
-            departed: false,
             want_connect: true,
             conn: ConnState::Connecting,
             connected: false,
@@ -169,6 +166,8 @@ pub struct PeerSync {
     pub resync_digests: VecDeque<(u64, u32)>,
     /// Ranges whose digests differed: their data goes out next.
     pub resync_wanted: VecDeque<(u64, u64)>,
+    /// Where this node, as the peer's resync source, is in its walk.
+    pub walk: super::ResyncWalk,
 }
 
 /// Differing ranges a verify keeps for `status` (the log has every one).

@@ -23,7 +23,7 @@ impl Replica {
             .map(|p| VoterView {
                 node_id: p.node_id,
                 reachable: p.connected && (!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p),
-                departed: p.departed,
+                departed: self.departed(p),
                 sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
             })
             .collect();

@@ -1,0 +1,208 @@
+//! Epochs and the resync source's schedule. An epoch is closed by a barrier on every peer that
+//! receives this node's stream; a resync source walks its bitmap for the target in disk order,
+//! sends each dirty run (or its digests first, with checksum resync), closes an epoch every
+//! `CHUNKS_PER_EPOCH` frames so bits clear as barrier acks come back, and ends once a pass
+//! finds every bit clear. The driver reads the ranges and paces the walk; what to send, and
+//! when the resync is over, is decided here.
+
+use super::Replica;
+use crate::core::states::{ReplState, Role};
+use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
+use bytes::Bytes;
+
+/// Largest resync frame.
+const MAX_CHUNK_BYTES: u64 = 256 << 10;
+/// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
+/// progress advance) in steps of this many chunks.
+const CHUNKS_PER_EPOCH: u32 = 32;
+/// Digest requests of a checksum-based resync left unanswered at most: enough to keep the link
+/// busy, and a bound on the answers still to come when the pass ends.
+const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
+
+/// Where a resync source is in its walk of the target's bitmap.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResyncWalk {
+    /// The next bitmap block to look at.
+    cursor: u64,
+    frames_in_epoch: u32,
+    /// A pass ended with bits still set: the epoch whose barrier must be acked before the
+    /// bitmap is scanned again from the start.
+    draining: Option<u64>,
+}
+
+/// What a resync source does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncStep {
+    /// Nothing until an answer or a barrier ack arrives.
+    Wait,
+    /// Read `[offset, offset + len)` and hand it to [`Replica::resync_chunk_read`]; `digests`:
+    /// send its block digests first (checksum resync), not the data.
+    Read { offset: u64, len: u64, digests: bool },
+    /// Every bit is clear and acked: the resync's end went out to the target.
+    Finished,
+}
+
+/// A range the source read, as it goes out.
+pub enum ResyncChunk {
+    Data(Bytes),
+    Digests(Vec<[u8; DIGEST_BYTES]>),
+}
+
+impl Replica {
+    /// Closes the open epoch on every peer that receives this node's stream, with a barrier.
+    /// Returns the closed epoch. Never to a primary: a secondary that resyncs a third node
+    /// sends the primary nothing to close (and a primary takes no barrier, see
+    /// `Replica::check_frame`).
+    pub fn close_epoch(&mut self) -> u64 {
+        let epoch = self.epoch;
+        self.epoch += 1;
+        let mut closed = Vec::new();
+        for peer in self.peers.iter_mut().filter(|p| p.is_replicating() && p.role != Role::Primary) {
+            let writes = peer.tl.close_epoch();
+            peer.barriers.push_back((epoch, writes));
+            closed.push(peer.node_id);
+        }
+        for peer in closed {
+            self.send_bulk(peer, Message::Barrier { epoch }, None);
+        }
+        epoch
+    }
+
+    /// This node starts resyncing `peer_id` as its source: the walk starts over.
+    pub fn resync_source_started(&mut self, peer_id: u8) {
+        let sync = &mut self.peer_mut(peer_id).sync;
+        sync.resync_digests.clear();
+        sync.resync_wanted.clear();
+        sync.walk = ResyncWalk::default();
+    }
+
+    /// The next step of the resync of `peer_id` (this node its source). `csums`: checksum
+    /// resync.
+    pub fn resync_next(&mut self, peer_id: u8, csums: bool) -> ResyncStep {
+        let data_size = self.sb.data_size;
+        let peer = self.peer(peer_id);
+        let slot = peer.slot;
+        let mut walk = peer.sync.walk;
+        if let Some(epoch) = walk.draining {
+            if peer.barriers.iter().any(|(e, _)| *e <= epoch) {
+                return ResyncStep::Wait;
+            }
+            walk = ResyncWalk::default();
+        }
+        let block_size = u64::from(self.bitmaps[slot].block_size());
+        let awaiting = peer.sync.resync_digests.len();
+        let step = if let Some((offset, len)) = self.peer_mut(peer_id).sync.resync_wanted.pop_front() {
+            ResyncStep::Read { offset, len, digests: false }
+        } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
+            ResyncStep::Wait
+        } else if let Some((start, blocks)) = self.bitmaps[slot].next_run(walk.cursor, MAX_CHUNK_BYTES / block_size) {
+            walk.cursor = start + blocks;
+            let offset = start * block_size;
+            ResyncStep::Read { offset, len: (blocks * block_size).min(data_size - offset), digests: csums }
+        } else if awaiting > 0 {
+            // Answers still to come may ask for data.
+            ResyncStep::Wait
+        } else if walk.cursor == 0 {
+            // Every bit is clear: each block was resent (or matched) and barrier-acked.
+            let uuids = self.sb.uuids;
+            self.send_bulk(peer_id, Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
+            ResyncStep::Finished
+        } else {
+            walk.draining = Some(self.close_epoch());
+            walk.frames_in_epoch = 0;
+            ResyncStep::Wait
+        };
+        self.peer_mut(peer_id).sync.walk = walk;
+        step
+    }
+
+    /// The range of a [`ResyncStep::Read`] was read: it goes out, ahead of any later write to
+    /// those blocks (the driver calls this before letting one through).
+    pub fn resync_chunk_read(&mut self, peer_id: u8, offset: u64, len: u64, chunk: ResyncChunk) {
+        let epoch = self.epoch;
+        let peer = self.peer_mut(peer_id);
+        let msg = match chunk {
+            ResyncChunk::Data(payload) => {
+                peer.tl.record(epoch, offset, len);
+                Message::ResyncData { offset, payload }
+            }
+            ResyncChunk::Digests(digests) => {
+                peer.sync.resync_digests.push_back((offset, digests.len() as u32));
+                Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }
+            }
+        };
+        peer.sync.walk.frames_in_epoch += 1;
+        let close = peer.sync.walk.frames_in_epoch >= CHUNKS_PER_EPOCH;
+        self.send_bulk(peer_id, msg, None);
+        if close {
+            self.close_epoch();
+            self.peer_mut(peer_id).sync.walk.frames_in_epoch = 0;
+        }
+    }
+
+    /// Whether this node still resyncs `peer_id` on connection `generation`.
+    pub fn resyncing(&self, peer_id: u8, generation: u64) -> bool {
+        let peer = self.peer(peer_id);
+        !self.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ResyncChunk, ResyncStep};
+    use crate::core::states::ReplState;
+    use crate::replica::testing::two_node_replica;
+    use crate::replica::Action;
+    use crate::wire::Message;
+    use bytes::Bytes;
+
+    const BLOCK: u64 = 4096;
+
+    #[test]
+    fn the_source_walks_the_bitmap_closes_the_pass_and_ends_once_every_bit_cleared() {
+        let (mut r, t0) = two_node_replica();
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[0].set_range(0, 4 * BLOCK);
+        r.bitmaps[0].set_range(100 * BLOCK, BLOCK);
+        r.resync_source_started(1);
+        r.take_actions();
+        assert_eq!(r.resync_next(1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        r.resync_chunk_read(1, 0, 4 * BLOCK, ResyncChunk::Data(Bytes::from(vec![7; 4 * BLOCK as usize])));
+        assert_eq!(r.resync_next(1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
+        r.resync_chunk_read(1, 100 * BLOCK, BLOCK, ResyncChunk::Data(Bytes::from(vec![7; BLOCK as usize])));
+        // The pass is over with bits still set: its epoch is closed, and the walk waits for the ack.
+        assert_eq!(r.resync_next(1, false), ResyncStep::Wait);
+        let (epoch, writes) = *r.peer(1).barriers.back().expect("a barrier closes the pass");
+        assert_eq!(writes, 2, "both chunks are in the closed epoch");
+        assert_eq!(r.resync_next(1, false), ResyncStep::Wait, "no new pass before the ack");
+        // The ack: the target holds both ranges durably (the engine clears their bits then).
+        r.peer_mut(1).barriers.pop_front();
+        for (offset, len) in r.peer_mut(1).tl.barrier_acked(epoch) {
+            r.bitmaps[0].clear_range(offset, len);
+        }
+        assert_eq!(r.resync_next(1, false), ResyncStep::Finished);
+        let sent: Vec<String> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Send { msg, .. } => Some(msg.name().to_string()),
+            _ => None,
+        }).collect();
+        assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn checksum_resync_sends_digests_first_and_the_differing_blocks_after() {
+        let (mut r, t0) = two_node_replica();
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[0].set_range(0, 2 * BLOCK);
+        r.resync_source_started(1);
+        assert_eq!(r.resync_next(1, true), ResyncStep::Read { offset: 0, len: 2 * BLOCK, digests: true });
+        r.resync_chunk_read(1, 0, 2 * BLOCK, ResyncChunk::Digests(vec![[0; 32]; 2]));
+        assert_eq!(r.resync_next(1, true), ResyncStep::Wait, "the answer may still ask for data");
+        // The answer: block 1 differs (the engine queues it as wanted).
+        r.peer_mut(1).sync.resync_digests.pop_front();
+        r.peer_mut(1).sync.resync_wanted.push_back((BLOCK, BLOCK));
+        assert_eq!(r.resync_next(1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })));
+    }
+}
