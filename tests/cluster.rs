@@ -122,7 +122,7 @@ fn role_rules_are_enforced() {
 fn skip_initial_sync_of_two_fresh_disks() {
     let c = Cluster::new(&["alpha", "beta"], Options::default());
     c.create_md_and_up();
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.wait_connected("alpha", &["beta"]);
     c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
     c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
     let alpha = c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");

@@ -127,7 +127,7 @@ fn checksum_resync_sends_only_the_blocks_that_differ() {
 fn fresh_pair(options: Options) -> Cluster {
     let c = Cluster::new(&["alpha", "beta"], options);
     c.create_md_and_up();
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.wait_connected("alpha", &["beta"]);
     c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
     c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
     c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");

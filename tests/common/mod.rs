@@ -278,13 +278,20 @@ impl Cluster {
     pub fn fresh_witness_trio() -> Cluster {
         let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
         c.create_md_and_up();
-        c.wait_for("alpha", "peers", |s| {
-            Cluster::peer(s, "beta")["connection"] == "Connected" && Cluster::peer(s, "tie")["connection"] == "Connected"
-        });
+        c.wait_connected("alpha", &["beta", "tie"]);
         c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
         c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
         c.wait_for("alpha", "UpToDate", |s| s["disk"] == "UpToDate");
         c
+    }
+
+    /// Waits until `node` is connected to each of `peers` and has heard their State (their
+    /// role is known): what `new-current-uuid --clear-bitmap` checks, for one.
+    pub fn wait_connected(&self, node: &str, peers: &[&str]) -> Value {
+        let known = |s: &Value, peer: &str| {
+            Cluster::peer(s, peer)["connection"] == "Connected" && Cluster::peer(s, peer)["peer_role"] != "Unknown"
+        };
+        self.wait_for(node, "peers connected", |s| peers.iter().all(|p| known(s, p)))
     }
 
     /// Replaces `from` with `to` in the resource file (for `adjust`).
