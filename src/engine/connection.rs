@@ -9,9 +9,7 @@ use super::locked::Locked;
 use super::state::{Deferred, State};
 use super::{digests, random_bytes, resync, verify, write_path, Shared};
 use crate::core::inflight::AckLevel;
-use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::sync_decision::SyncDecision;
-use crate::meta::MetaFlags;
+use crate::core::states::{DiskState, Role};
 use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
@@ -455,41 +453,7 @@ pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Def
 /// The peer's bitmap for this node: merged into ours, so both resync the union of what either
 /// side knows to differ (a crashed primary's activity-log extents are only in its own bitmap).
 fn on_bitmap_runs(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
-    let slot = st.replica.peer(peer_id).slot;
-    st.replica.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
-    if !last {
-        return Ok(());
-    }
-    let decision = st.replica.peer_mut(peer_id).pending_sync.take().expect("checked: a sync decision is pending");
-    let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
-    if full {
-        let len = shared.data_size_bytes;
-        st.replica.mark_out_of_sync(slot, 0, len);
-    }
-    let total_bytes = st.replica.bitmaps[slot].weight_bytes();
-    let peer = st.replica.peer_mut(peer_id);
-    peer.resync = Some(resync::progress(total_bytes, full));
-    if decision.is_target() {
-        peer.repl = ReplState::SyncTarget;
-        st.replica.disk = DiskState::Inconsistent;
-        st.replica.sb.flags.remove(MetaFlags::CONSISTENT);
-        st.persist().map_err(|e| format!("cannot mark the disk Inconsistent before resync: {e}"))?;
-        st.replica.broadcast_state();
-        tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as target");
-    } else {
-        peer.repl = ReplState::SyncSource;
-        let generation = peer.generation;
-        // The pair agreed this node holds the newer data (e.g. it crashed as primary and the
-        // peer did not move on): like "in sync" with a good peer, that confirms it UpToDate, so
-        // a daemon restarted under a mounted device can become primary again.
-        if st.replica.disk == DiskState::Consistent {
-            st.replica.disk = DiskState::UpToDate;
-            st.replica.broadcast_state();
-        }
-        st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
-        tracing::info!(resource = %shared.config.name, peer = peer_id, bytes = total_bytes, full, "resync started as source");
-        resync::spawn_source(shared.clone(), peer_id, generation);
-    }
+    st.replica.bitmap_received(peer_id, last, runs, Instant::now())?;
     shared.changed.notify_all();
     Ok(())
 }

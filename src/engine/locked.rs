@@ -6,7 +6,7 @@
 
 use super::state::State;
 use super::Shared;
-use crate::replica::{Action, Lane};
+use crate::replica::{Action, Lane, MetaWrite};
 use std::ops::{Deref, DerefMut};
 use std::sync::MutexGuard;
 use std::time::Duration;
@@ -59,8 +59,13 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<Action> {
     while let Some(action) = queue.next() {
         match action {
             Action::Persist(what) => {
-                if let Err(e) = st.write_meta(what) {
-                    st.replica.persist_failed(what, &e.to_string(), queue.collect());
+                let written = match what {
+                    MetaWrite::Superblock => st.persist().map_err(|e| e.to_string()),
+                    MetaWrite::Bitmap(slot) => st.persist_bitmap(slot).map_err(|e| e.to_string()),
+                    MetaWrite::DataFlush => shared.data.sync().map_err(|e| e.to_string()),
+                };
+                if let Err(e) = written {
+                    st.replica.persist_failed(what, &e, queue.collect());
                     queue = st.replica.take_actions().into_iter();
                 }
             }
@@ -95,8 +100,10 @@ impl Drop for Locked<'_> {
         }
         let Some(shared) = self.shared.this.upgrade() else { return };
         for action in after {
-            if let Action::DropLink { peer, generation, reason } = action {
-                super::connection::lost(&shared, peer, generation, &reason);
+            match action {
+                Action::DropLink { peer, generation, reason } => super::connection::lost(&shared, peer, generation, &reason),
+                Action::StartResync { peer, generation } => super::resync::spawn_source(shared.clone(), peer, generation),
+                Action::Send { .. } | Action::Persist(_) => unreachable!("carried out under the lock"),
             }
         }
     }

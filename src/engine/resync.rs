@@ -12,13 +12,12 @@
 
 use super::state::{Deferred, State};
 use super::locked::Locked;
-use crate::replica::{ResyncChunk, ResyncProgress, ResyncStep};
+use crate::replica::{ResyncChunk, ResyncStep};
 use super::digests::block_range;
 use super::{congestion, connection, EngineError, Shared};
 use crate::core::block_digest::{block_digests, matching_runs};
 use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -168,7 +167,6 @@ pub fn on_digest_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, of
     Ok(())
 }
 
-/// A resync block from the source (this node is the target).
 /// A resync block from the source (this node is the target, as `Replica::check_frame` saw).
 pub fn apply_resync_data(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
     let len = payload.len() as u64;
@@ -182,11 +180,6 @@ pub fn apply_resync_data(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, offs
     // Only for progress on this side; the source's bitmap is the authority.
     st.replica.bitmaps[slot].clear_range(offset, len);
     Ok(())
-}
-
-/// Starts tracking a resync that the bitmaps just agreed on: `total_bytes` is its size.
-pub fn progress(total_bytes: u64, full: bool) -> ResyncProgress {
-    ResyncProgress { started: Instant::now(), progress: SyncProgress::start(total_bytes), full }
 }
 
 /// `invalidate`: this node's data is declared bad and fully resynced from a connected UpToDate
@@ -247,32 +240,7 @@ pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.
 /// `Replica::check_frame` saw `peer_id` as this node's sync source.
 pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, current: u64, history: [u64; 4]) -> Result<(), String> {
-    let peer = st.replica.peer(peer_id);
-    shared.data.sync().map_err(|e| format!("flush at the end of resync failed: {e}"))?;
-    let slot = peer.slot;
-    let mut generation = st.replica.generation();
-    generation.resync_finished_as_target(slot, current, history);
-    st.replica.set_generation(generation);
-    st.replica.bitmaps[slot].clear_all();
-    st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
-    st.replica.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
-    st.replica.clear_crash_marker(peer_id);
-    st.persist_bitmap(slot).map_err(|e| format!("cannot persist the bitmap: {e}"))?;
-    st.persist().map_err(|e| format!("cannot persist the end of resync: {e}"))?;
-    st.replica.disk = DiskState::UpToDate;
-    let peer = st.replica.peer_mut(peer_id);
-    peer.repl = ReplState::Established;
-    peer.resync = None;
-    peer.resync_end_unconfirmed = peer.last_state.map(|s| s.bitmap_uuid).filter(|uuid| *uuid != 0);
-    tracing::info!(resource = %shared.config.name, peer = %peer.name, "resync finished: UpToDate");
-    st.replica.broadcast_state();
-    // Decisions with other peers waited for this resync (see `Replica::reconsider`).
-    let mut deferred = Deferred::default();
-    for (id, reason) in st.replica.reconsider_all_but(Some(peer_id)) {
-        connection::drop_peer(shared, &mut st, id, &reason, &mut deferred);
-    }
+    st.replica.resync_done_received(peer_id, current, history);
     shared.changed.notify_all();
-    drop(st);
-    deferred.run(shared);
     Ok(())
 }

@@ -12,7 +12,7 @@ use crate::frontend::Export;
 use crate::frontend::{BlockResult, Completion};
 use crate::meta::activity_log::AlUpdate;
 use crate::meta::{MetaError, MetaStore};
-use crate::replica::{MetaWrite, Replica};
+use crate::replica::Replica;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
@@ -91,14 +91,6 @@ impl State {
     pub fn set_link(&mut self, node_id: u8, link: Option<Arc<PeerLink>>) -> Option<Arc<PeerLink>> {
         let index = self.replica.peers.iter().position(|p| p.node_id == node_id).expect("configured peer");
         std::mem::replace(&mut self.links[index], link)
-    }
-
-    /// Carries out a metadata write the replica queued.
-    pub fn write_meta(&mut self, what: MetaWrite) -> Result<(), MetaError> {
-        match what {
-            MetaWrite::Superblock => self.persist(),
-            MetaWrite::Bitmap(slot) => self.persist_bitmap(slot),
-        }
     }
 
     pub fn persist(&mut self) -> Result<(), MetaError> {

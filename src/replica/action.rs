@@ -20,6 +20,9 @@ pub enum MetaWrite {
     Superblock,
     /// One peer slot's whole bitmap.
     Bitmap(usize),
+    /// The data disk's cache flushed: what was written to it is durable (the end of a resync
+    /// is recorded only after the data it brought).
+    DataFlush,
 }
 
 #[derive(Debug)]
@@ -33,4 +36,7 @@ pub enum Action {
     /// Drop the link of connection `generation` to `peer` for `reason` (nothing happens if
     /// that connection is gone already).
     DropLink { peer: u8, generation: u64, reason: String },
+    /// Start walking the bitmap for `peer` as its resync source on connection `generation`
+    /// (the driver reads and paces; `Replica::resync_next` decides).
+    StartResync { peer: u8, generation: u64 },
 }

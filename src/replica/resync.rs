@@ -5,10 +5,14 @@
 //! finds every bit clear. The driver reads the ranges and paces the walk; what to send, and
 //! when the resync is over, is decided here.
 
-use super::Replica;
-use crate::core::states::{ReplState, Role};
+use super::{Action, MetaWrite, Replica, ResyncProgress};
+use crate::core::states::{DiskState, ReplState, Role};
+use crate::core::sync_decision::SyncDecision;
+use crate::core::sync_progress::SyncProgress;
+use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
 use bytes::Bytes;
+use std::time::Instant;
 
 /// Largest resync frame.
 const MAX_CHUNK_BYTES: u64 = 256 << 10;
@@ -66,6 +70,77 @@ impl Replica {
             self.send_bulk(peer, Message::Barrier { epoch }, None);
         }
         epoch
+    }
+
+    /// Part of the peer's bitmap for this node (a sync decision waits for it, see
+    /// `check_frame`): merged into ours, so both resync the union of what either side knows
+    /// to differ (a crashed primary's activity-log extents are only in its own bitmap). With
+    /// the last part the resync starts: as target this node is Inconsistent on disk before
+    /// anything arrives; as source it starts walking. The error is why the link must go.
+    pub fn bitmap_received(&mut self, peer_id: u8, last: bool, runs: &[(u64, u64)], now: Instant) -> Result<(), String> {
+        let slot = self.peer(peer_id).slot;
+        self.bitmaps[slot].or_runs(runs.iter().copied()).map_err(|e| format!("peer's bitmap: {e}"))?;
+        if !last {
+            return Ok(());
+        }
+        let decision = self.peer_mut(peer_id).pending_sync.take().expect("checked: a sync decision is pending");
+        let full = matches!(decision, SyncDecision::FullSource | SyncDecision::FullTarget);
+        if full {
+            self.mark_out_of_sync(slot, 0, self.sb.data_size);
+        }
+        let total_bytes = self.bitmaps[slot].weight_bytes();
+        let peer = self.peer_mut(peer_id);
+        peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
+        if decision.is_target() {
+            peer.repl = ReplState::SyncTarget;
+            self.disk = DiskState::Inconsistent;
+            self.sb.flags.remove(MetaFlags::CONSISTENT);
+            self.persist(MetaWrite::Superblock);
+            self.broadcast_state();
+            tracing::info!(resource = %self.resource, peer = peer_id, bytes = total_bytes, full, "resync started as target");
+        } else {
+            peer.repl = ReplState::SyncSource;
+            let generation = peer.generation;
+            // The pair agreed this node holds the newer data (e.g. it crashed as primary and
+            // the peer did not move on): like "in sync" with a good peer, that confirms it
+            // UpToDate, so a daemon restarted under a mounted device can become primary again.
+            if self.disk == DiskState::Consistent {
+                self.disk = DiskState::UpToDate;
+                self.broadcast_state();
+            }
+            self.persist(MetaWrite::Bitmap(slot));
+            tracing::info!(resource = %self.resource, peer = peer_id, bytes = total_bytes, full, "resync started as source");
+            self.outbox.push(Action::StartResync { peer: peer_id, generation });
+        }
+        Ok(())
+    }
+
+    /// The source ended the resync into this node (or, for two fresh nodes, declared them in
+    /// sync): its data, then its generation, made durable here, and this node UpToDate. The
+    /// other peers' decisions waited for this (see `Replica::reconsider`).
+    pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4]) {
+        self.persist(MetaWrite::DataFlush);
+        let slot = self.peer(peer_id).slot;
+        let mut generation = self.generation();
+        generation.resync_finished_as_target(slot, current, history);
+        self.set_generation(generation);
+        self.bitmaps[slot].clear_all();
+        self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+        self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+        self.clear_crash_marker(peer_id);
+        self.persist(MetaWrite::Bitmap(slot));
+        self.persist(MetaWrite::Superblock);
+        self.disk = DiskState::UpToDate;
+        let peer = self.peer_mut(peer_id);
+        peer.repl = ReplState::Established;
+        peer.resync = None;
+        peer.resync_end_unconfirmed = peer.last_state.map(|s| s.bitmap_uuid).filter(|uuid| *uuid != 0);
+        tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: UpToDate");
+        self.broadcast_state();
+        for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
+            let generation = self.peer(id).generation;
+            self.outbox.push(Action::DropLink { peer: id, generation, reason });
+        }
     }
 
     /// This node starts resyncing `peer_id` as its source: the walk starts over.
@@ -204,5 +279,50 @@ mod tests {
         r.peer_mut(1).sync.resync_wanted.push_back((BLOCK, BLOCK));
         assert_eq!(r.resync_next(1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })));
+    }
+}
+
+#[cfg(test)]
+mod ends {
+    use crate::core::states::{DiskState, ReplState};
+    use crate::core::sync_decision::SyncDecision;
+    use crate::replica::testing::two_node_replica;
+    use crate::replica::{Action, MetaWrite};
+    use crate::wire::Message;
+
+    #[test]
+    fn a_target_is_inconsistent_on_disk_before_the_resync_and_its_data_durable_before_its_end() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::Outdated;
+        r.link_up(1, t0);
+        r.peer_mut(1).pending_sync = Some(SyncDecision::BitmapTarget);
+        r.take_actions();
+        r.bitmap_received(1, true, &[(0, 4)], t0).unwrap();
+        assert_eq!((r.disk, r.peer(1).repl), (DiskState::Inconsistent, ReplState::SyncTarget));
+        let started = r.take_actions();
+        assert!(matches!(started[0], Action::Persist(MetaWrite::Superblock)), "{started:?}");
+        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0]);
+        assert_eq!((r.disk, r.sb.uuids.current), (DiskState::UpToDate, 0xC0));
+        let order: Vec<String> = r.take_actions().iter().map(|a| match a {
+            Action::Persist(what) => format!("{what:?}"),
+            Action::Send { msg: Message::State(_), .. } => "State".into(),
+            other => format!("{other:?}"),
+        }).collect();
+        assert_eq!(order[..4], ["DataFlush", "Bitmap(0)", "Superblock", "State"], "{order:?}");
+    }
+
+    #[test]
+    fn a_source_starts_walking_once_the_bitmaps_are_merged() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.link_up(1, t0);
+        r.peer_mut(1).pending_sync = Some(SyncDecision::BitmapSource);
+        r.take_actions();
+        r.bitmap_received(1, false, &[(0, 2)], t0).unwrap();
+        assert!(r.take_actions().is_empty(), "nothing before the last part");
+        r.bitmap_received(1, true, &[(10, 1)], t0).unwrap();
+        assert_eq!(r.bitmaps[0].weight(), 3, "the peer's runs are merged into the bitmap");
+        let actions = r.take_actions();
+        assert!(matches!(actions.last(), Some(Action::StartResync { peer: 1, generation: 1 })), "{actions:?}");
     }
 }
