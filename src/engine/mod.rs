@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 /// Threads doing local disk I/O for the frontends.
 const IO_THREADS: usize = 4;
 
+/// How long `secondary` waits for the device's last user to finish going before it refuses.
+const IN_USE_GRACE: Duration = Duration::from_secs(1);
+
 /// A witness's metadata store: big enough for the smallest layout, its "data" never used.
 const WITNESS_STORE_BYTES: u64 = 4 << 20;
 
@@ -553,12 +556,21 @@ impl Engine {
         // A device still left behind must first be attached (failing): its holders could never
         // unmount it while its I/O is held.
         self.fail_left_behind("demoted by the operator")?;
-        let mut st = shared.lock();
-        if let Some(export) = &st.export {
-            if let Some(users) = export.users() {
-                return Err(EngineError::InUse { device: export.device(), users });
+        // A user that is just going (an NBD client whose disconnect is being processed, a
+        // device just unmounted) gets a moment: `umount && blkrepl secondary` must not race.
+        let deadline = Instant::now() + IN_USE_GRACE;
+        let mut st = loop {
+            let st = shared.lock();
+            let users = st.export.as_ref().and_then(|e| e.users().map(|users| (e.device(), users)));
+            match users {
+                None => break st,
+                Some((device, users)) if Instant::now() >= deadline => return Err(EngineError::InUse { device, users }),
+                Some(_) => {
+                    drop(st);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
-        }
+        };
         if st.replica.role != Role::Primary {
             let export = st.export.take();
             st.export_failing = None;
