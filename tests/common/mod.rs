@@ -233,9 +233,12 @@ impl Cluster {
         Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            // Reap if it is our grandchild's zombie: it is not (process group of its own), so
-            // just wait for /proc to drop it.
-            if std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z ")) {
+            // A zombie is not ours to reap (it has a process group of its own): it is dead once
+            // its other threads are gone too. Until then they still hold its files, and with
+            // them its run-dir lock (the leader turns zombie before the last thread exits).
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+            if zombie && threads <= 1 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
