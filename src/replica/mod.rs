@@ -367,21 +367,21 @@ impl Replica {
 
     /// Sends the current state to every connected peer.
     pub fn broadcast_state(&mut self) {
-        let states: Vec<(u8, PeerState)> =
-            self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
-        for (peer, state) in states {
-            self.send(peer, Message::State(state));
-        }
+        self.broadcast_state_on(Lane::Control);
     }
 
     /// Sends the current state to every connected peer behind the bulk frames queued to it: a
     /// primary that demotes says so after the writes it sent and before its last barrier, so a
     /// peer that acked that barrier knows it may promote, and no write arrives after it.
     pub fn broadcast_state_in_stream(&mut self) {
+        self.broadcast_state_on(Lane::Bulk);
+    }
+
+    fn broadcast_state_on(&mut self, lane: Lane) {
         let states: Vec<(u8, PeerState)> =
             self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
         for (peer, state) in states {
-            self.send_bulk(peer, Message::State(state), None);
+            self.outbox.push(Action::Send { peer, msg: Message::State(state), lane, sent_write: None });
         }
     }
 
