@@ -46,6 +46,25 @@ pub enum LocalFailure {
     NoSpace,
 }
 
+impl LocalFailure {
+    /// The errno a NegAck carries for it.
+    pub fn errno(self) -> u32 {
+        match self {
+            LocalFailure::Io => 5,       // EIO
+            LocalFailure::NoSpace => 28, // ENOSPC
+        }
+    }
+
+    /// How a failed disk syscall counts.
+    pub fn of(error: &std::io::Error) -> LocalFailure {
+        if error.kind() == std::io::ErrorKind::StorageFull {
+            LocalFailure::NoSpace
+        } else {
+            LocalFailure::Io
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inflight {
     offset: u64,

@@ -6,10 +6,10 @@
 
 use super::link::PeerLink;
 use super::locked::Locked;
-use super::state::{Deferred, State};
-use super::{digests, random_bytes, resync, verify, write_path, Shared};
+use super::state::State;
+use super::{digests, random_bytes, resync, verify, Shared};
 use crate::core::inflight::AckLevel;
-use crate::core::states::{DiskState, Role};
+use crate::replica::LocalIo;
 use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
@@ -310,34 +310,37 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         _ => None,
     };
     if let Some((id, level)) = acked {
-        write_path::peer_reached(shared, id, peer_id, level);
+        shared.lock().replica.peer_reached(Instant::now(), id, peer_id, level);
+        shared.changed.notify_all();
         return Ok(());
     }
     debug_assert!(crate::replica::frames::needs_check(&msg));
     let st = shared.lock();
     st.replica.check_frame(peer_id, generation, &msg)?;
+    let mut st = st;
     match msg {
         Message::Data { id, epoch: _, offset, fua, payload } => {
             let len = payload.len() as u64;
-            apply_peer_write(shared, st, peer_id, id, offset, len, fua, |disk| disk.write_at(&payload, offset))
+            let op = LocalIo::Write { offset, data: payload, fua };
+            st.replica.peer_write_received(Instant::now(), peer_id, id, offset, len, fua, op);
+            Ok(())
         }
         Message::Zeroes { id, epoch: _, offset, len, fua, discard } => {
-            let op = super::io_pool::IoOp::Zeroes { offset, len: u64::from(len), discard, fua: false };
-            apply_peer_write(shared, st, peer_id, id, offset, u64::from(len), fua, |disk| {
-                super::io_pool::execute(disk, op).map(drop)
-            })
+            let op = LocalIo::Zeroes { offset, len: u64::from(len), discard, fua };
+            st.replica.peer_write_received(Instant::now(), peer_id, id, offset, u64::from(len), fua, op);
+            Ok(())
         }
         Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),
         Message::NegAck { id, errno } => Err(format!("peer failed to write request {id} (errno {errno}); its disk is out of sync")),
         Message::Barrier { epoch } => {
-            drop(st);
-            shared.data.sync().map_err(|e| format!("local flush for barrier {epoch} failed: {e}"))?;
-            let mut st = shared.lock();
-            let writes = std::mem::take(&mut st.replica.peer_mut(peer_id).rx_epoch_writes);
-            st.replica.send(peer_id, Message::BarrierAck { epoch, writes });
+            st.replica.peer_barrier_received(peer_id, epoch);
             Ok(())
         }
-        Message::BarrierAck { epoch, .. } => barrier_acked(shared, st, peer_id, epoch),
+        Message::BarrierAck { epoch, .. } => {
+            st.replica.barrier_acked(Instant::now(), peer_id, epoch);
+            shared.changed.notify_all();
+            Ok(())
+        }
         Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, st, peer_id, offset, &payload),
         Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, st, peer_id, current_uuid, history),
         Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, st, peer_id, purpose, offset, &digests),
@@ -350,18 +353,13 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
         Message::State(state) => on_peer_state(shared, st, peer_id, state),
         Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, st, peer_id, last, &runs),
         Message::Ping => {
-            let mut st = st;
             st.replica.send(peer_id, Message::PingAck);
             Ok(())
         }
         Message::PingAck => {
-            let mut st = st;
             st.replica.peer_mut(peer_id).lease.answered();
-            let mut deferred = Deferred::default();
-            st.release_suspended(false, &mut deferred);
-            super::step_down_if_superseded(shared, &mut st, &mut deferred);
-            drop(st);
-            deferred.run(shared);
+            st.replica.release_suspended(Instant::now(), false);
+            super::step_down_if_superseded(shared, &mut st);
             Ok(())
         }
         Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
@@ -371,83 +369,12 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) ->
     }
 }
 
-/// A write replicated from the primary (this node is secondary): checked, written in stream
-/// order, acknowledged as the protocol asks.
-#[allow(clippy::too_many_arguments)]
-fn apply_peer_write(
-    shared: &Arc<Shared>,
-    mut st: Locked<'_>,
-    peer_id: u8,
-    id: u64,
-    offset: u64,
-    len: u64,
-    fua: bool,
-    write: impl FnOnce(&dyn crate::disk::Disk) -> std::io::Result<()>,
-) -> Result<(), String> {
-    let protocol = shared.config.protocol;
-    for slot in st.replica.slots_not_following(peer_id) {
-        st.replica.mark_out_of_sync(slot, offset, len);
-    }
-    st.replica.recent.record(offset, len, Instant::now());
-    let peer = st.replica.peer_mut(peer_id);
-    peer.rx_epoch_writes += 1;
-    peer.received_bytes += len;
-    let link = st.link(peer_id).cloned().ok_or("link closed")?;
-    drop(st);
-    if protocol == crate::config::Protocol::B {
-        link.send_control(Message::RecvAck { id });
-    }
-    let result = write(&*shared.data).and_then(|()| if fua { shared.data.sync() } else { Ok(()) });
-    match result {
-        Ok(()) if protocol == crate::config::Protocol::C || fua => link.send_control(Message::WriteAck { id }),
-        Ok(()) => {}
-        Err(e) => {
-            tracing::error!(resource = %shared.config.name, error = %e, offset, "replicated write failed");
-            link.send_control(Message::NegAck { id, errno: e.raw_os_error().unwrap_or(5) as u32 });
-        }
-    }
-    Ok(())
-}
-
-/// A barrier ack that `Replica::check_frame` matched with the oldest barrier sent.
-fn barrier_acked(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, epoch: u64) -> Result<(), String> {
-    st.replica.peer_progressed(peer_id, Instant::now());
-    let peer = st.replica.peer_mut(peer_id);
-    peer.barriers.pop_front();
-    let durable = peer.tl.barrier_acked(epoch);
-    let slot = peer.slot;
-    // The peer now durably holds these blocks exactly as this node does.
-    for (offset, len) in durable {
-        st.replica.bitmaps[slot].clear_range(offset, len);
-    }
-    let mut deferred = Deferred::default();
-    for flush in st.replica.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
-        flush.peers_pending.retain(|id| *id != peer_id);
-    }
-    write_path::finish_flushes(&mut st, &mut deferred);
-    shared.changed.notify_all();
-    drop(st);
-    deferred.run(shared);
-    Ok(())
-}
-
 fn on_peer_state(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, state: PeerState) -> Result<(), String> {
     let result = st.replica.peer_state_received(peer_id, state);
-    let mut deferred = Deferred::default();
-    st.release_suspended(false, &mut deferred);
-    super::step_down_if_superseded(shared, &mut st, &mut deferred);
+    st.replica.release_suspended(Instant::now(), false);
+    super::step_down_if_superseded(shared, &mut st);
     shared.changed.notify_all();
-    drop(st);
-    deferred.run(shared);
     result
-}
-
-/// Re-runs the connect-time decision with every connected peer whose stream is idle (after a
-/// promotion, say, a peer may now need a sync).
-pub fn reconsider_peers(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
-    for (id, reason) in st.replica.reconsider_all() {
-        drop_peer(shared, st, id, &reason, deferred);
-    }
 }
 
 /// The peer's bitmap for this node: merged into ours, so both resync the union of what either
@@ -464,61 +391,13 @@ pub(super) fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &
     if st.replica.peer(peer_id).generation != generation {
         return;
     }
-    let mut deferred = Deferred::default();
-    drop_peer(shared, &mut st, peer_id, reason, &mut deferred);
-    drop(st);
-    deferred.run(shared);
+    drop_peer(shared, &mut st, peer_id, reason);
 }
 
-/// Tears down the link to a peer: everything it may lack goes into its bitmap, writes waiting
-/// for it complete, and a primary starts a new generation before any of them completes.
-pub fn drop_peer(shared: &Arc<Shared>, st: &mut State, peer_id: u8, reason: &str, deferred: &mut Deferred) {
-    let primaries_before = st.replica.primaries();
+/// Tears down the link to a peer (see `Replica::peer_lost`).
+pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) {
     let Some(link) = st.set_link(peer_id, None) else { return };
     link.close(reason);
-    let (was, last_generation) = st.replica.link_down(peer_id, reason, link.sent_bytes());
-    tracing::warn!(resource = %shared.config.name, peer = %st.replica.peer(peer_id).name, was = %was, "connection lost: {reason}");
-    stops_following(shared, st, peer_id, last_generation, deferred);
-    if st.replica.primaries() != primaries_before {
-        st.replica.broadcast_state();
-    }
-}
-
-/// The peer no longer receives this node's writes (its link died, or it fell Behind):
-/// everything it may lack goes into its bitmap, writes and flushes waiting for it complete, and a
-/// primary starts a new generation before any of them completes. `last_generation`: the
-/// generation the peer last reported while in sync (see `Replica::mark_recent_for`).
-pub(super) fn stops_following(
-    shared: &Arc<Shared>,
-    st: &mut State,
-    peer_id: u8,
-    last_generation: Option<u64>,
-    deferred: &mut Deferred,
-) {
-    let peer = st.replica.peer_mut(peer_id);
-    let slot = peer.slot;
-    let mut lacking = peer.tl.drain_lost();
-    lacking.extend(st.replica.inflight.pending_for(peer_id));
-    for (offset, len) in lacking {
-        st.replica.mark_out_of_sync(slot, offset, len);
-    }
-    st.replica.mark_recent_for(peer_id, last_generation);
-    // A witness holds no data, so losing it starts no new generation. For a data peer the new
-    // generation starts before the next write completes, which needs quorum (see
-    // `State::generation_pending`).
-    if st.replica.role == Role::Primary && !st.replica.peer(peer_id).witness && !st.replica.generation_pending.contains(&slot) {
-        st.replica.generation_pending.push(slot);
-    }
-    let failed = st.replica.disk == DiskState::Failed;
-    for mut finished in st.replica.inflight.peer_lost(peer_id) {
-        if failed {
-            finished.local_failure.get_or_insert(crate::core::inflight::LocalFailure::Io);
-        }
-        write_path::complete(st, finished, deferred);
-    }
-    for flush in st.replica.flushes.iter_mut() {
-        flush.peers_pending.retain(|id| *id != peer_id);
-    }
-    write_path::finish_flushes(st, deferred);
+    st.replica.peer_lost(Instant::now(), peer_id, reason, link.sent_bytes());
     shared.changed.notify_all();
 }

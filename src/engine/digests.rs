@@ -20,13 +20,17 @@ pub(super) fn block_range(shared: &Shared, offset: u64, (first, count): (u32, u3
 /// drops the connection.
 /// A `DigestRequest` from the peer, which `Replica::check_frame` found fitting the link's state
 /// and the device's blocks.
-pub fn answer(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: &[[u8; DIGEST_BYTES]]) -> Result<(), String> {
+pub fn answer(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: &[[u8; DIGEST_BYTES]]) -> Result<(), String> {
     // The codec guarantees 1..=MAX_DIGESTS digests.
     let blocks = digests.len() as u32;
     let len = block_range(shared, offset, (0, blocks)).1;
+    // This node is secondary: the peer's stream is its only writer. Once the writes received
+    // before this request are on the disk (and the next frame is read only after this one is
+    // answered), the blocks read are those at this point of the stream.
+    while st.replica.overlaps_busy(offset, len) {
+        st = st.wait();
+    }
     drop(st);
-    // This node is secondary: the peer's stream, applied by this very thread, is its only
-    // writer, so the blocks read now are those at this point of the stream.
     let mut data = vec![0u8; len as usize];
     shared.data.read_at(&mut data, offset).map_err(|e| format!("read at {offset}+{len} to compare digests failed: {e}"))?;
     let block_size = shared.config.bitmap_block_size as usize;

@@ -2,23 +2,17 @@
 //! flight. A small fixed pool of threads doing positional I/O on the backing disk.
 
 use crate::disk::Disk;
+use crate::replica::LocalIo;
 use bytes::Bytes;
 use std::io;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-pub enum IoOp {
-    Read { offset: u64, len: usize },
-    Write { offset: u64, data: Bytes, fua: bool },
-    Zeroes { offset: u64, len: u64, discard: bool, fua: bool },
-    Sync,
-}
-
 pub type IoDone = Box<dyn FnOnce(io::Result<Option<Bytes>>) + Send>;
 
 pub struct IoPool {
-    jobs: Mutex<Option<Sender<(IoOp, IoDone)>>>,
+    jobs: Mutex<Option<Sender<(LocalIo, IoDone)>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -27,7 +21,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 impl IoPool {
     pub fn new(disk: Arc<dyn Disk>, threads: usize) -> IoPool {
-        let (tx, rx) = channel::<(IoOp, IoDone)>();
+        let (tx, rx) = channel::<(LocalIo, IoDone)>();
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..threads)
             .map(|i| {
@@ -41,7 +35,7 @@ impl IoPool {
         IoPool { jobs: Mutex::new(Some(tx)), threads: Mutex::new(handles) }
     }
 
-    pub fn submit(&self, op: IoOp, done: IoDone) {
+    pub fn submit(&self, op: LocalIo, done: IoDone) {
         let jobs = self.jobs.lock().expect("io pool lock");
         match jobs.as_ref() {
             Some(tx) if tx.send((op, done)).is_ok() => {}
@@ -58,7 +52,7 @@ impl IoPool {
     }
 }
 
-fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<(IoOp, IoDone)>>) {
+fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<(LocalIo, IoDone)>>) {
     loop {
         let job = rx.lock().expect("io pool queue").recv();
         let Ok((op, done)) = job else { return };
@@ -67,21 +61,21 @@ fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<(IoOp, IoDone)>>) {
 }
 
 /// Performs one operation synchronously on the calling thread.
-pub fn execute(disk: &dyn Disk, op: IoOp) -> io::Result<Option<Bytes>> {
+fn execute(disk: &dyn Disk, op: LocalIo) -> io::Result<Option<Bytes>> {
     match op {
-        IoOp::Read { offset, len } => {
+        LocalIo::Read { offset, len } => {
             let mut buf = vec![0; len];
             disk.read_at(&mut buf, offset)?;
             Ok(Some(Bytes::from(buf)))
         }
-        IoOp::Write { offset, data, fua } => {
+        LocalIo::Write { offset, data, fua } => {
             disk.write_at(&data, offset)?;
             if fua {
                 disk.sync()?;
             }
             Ok(None)
         }
-        IoOp::Zeroes { offset, len, discard, fua } => {
+        LocalIo::Zeroes { offset, len, discard, fua } => {
             if discard {
                 disk.discard(offset, len)?;
             } else {
@@ -92,7 +86,7 @@ pub fn execute(disk: &dyn Disk, op: IoOp) -> io::Result<Option<Bytes>> {
             }
             Ok(None)
         }
-        IoOp::Sync => disk.sync().map(|()| None),
+        LocalIo::Flush => disk.sync().map(|()| None),
     }
 }
 

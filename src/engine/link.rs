@@ -58,36 +58,6 @@ impl PeerLink {
         self.sent_bytes.load(Ordering::Relaxed)
     }
 
-    /// Sends a control frame ahead of queued bulk data. An ack with nothing queued before it is
-    /// written by the caller itself when the socket is free: no thread handoff per write.
-    ///
-    /// Only acks take that path. They are sent by the side that receives bulk data, whose peer's
-    /// reader never writes to the socket itself; so a reader blocked writing an ack always has
-    /// a peer draining it, and two readers can never wait on each other.
-    pub fn send_control(&self, msg: Message) {
-        let mut q = self.queue.lock().expect("link queue");
-        if q.closed {
-            return;
-        }
-        let is_ack = matches!(
-            msg,
-            Message::RecvAck { .. } | Message::WriteAck { .. } | Message::NegAck { .. } | Message::BarrierAck { .. }
-        );
-        if is_ack && q.control.is_empty() {
-            if let Ok(mut out) = self.out.try_lock() {
-                if let Some(out) = out.as_mut() {
-                    if write_message(out, &msg).and_then(|()| out.flush()).is_err() {
-                        // The writer thread finds the socket broken too and reports the loss.
-                        let _ = self.stream.shutdown(Shutdown::Both);
-                    }
-                    return;
-                }
-            }
-        }
-        q.control.push_back(msg);
-        self.changed.notify_all();
-    }
-
     /// Queues a control frame ahead of queued bulk data, never writing it from the calling
     /// thread (the engine queues frames under its lock).
     pub fn queue_control(&self, msg: Message) {

@@ -6,10 +6,12 @@
 
 use super::state::State;
 use super::Shared;
+use crate::core::inflight::{AckLevel, LocalFailure};
+use crate::frontend::{BlockResult, Completion};
 use crate::replica::{Action, Lane, MetaWrite};
 use std::ops::{Deref, DerefMut};
 use std::sync::MutexGuard;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) struct Locked<'a> {
     shared: &'a Shared,
@@ -22,50 +24,76 @@ impl<'a> Locked<'a> {
     }
 
     /// Waits for `Shared::changed`, the lock released meanwhile (queued frames go out first).
+    /// Returns at once, as a spurious wakeup would, when completions or dropped links had to
+    /// run without the lock first (a wakeup may have been missed meanwhile).
     pub fn wait(mut self) -> Locked<'a> {
-        let guard = self.release_for_wait();
-        let guard = self.shared.changed.wait(guard).expect("engine state lock poisoned");
-        Locked::new(self.shared, guard)
+        match self.release_for_wait() {
+            Some(guard) => Locked::new(self.shared, self.shared.changed.wait(guard).expect("engine state lock poisoned")),
+            None => self.shared.lock(),
+        }
     }
 
     /// [`Locked::wait`], for at most `timeout`.
     pub fn wait_timeout(mut self, timeout: Duration) -> Locked<'a> {
-        let guard = self.release_for_wait();
-        let (guard, _) = self.shared.changed.wait_timeout(guard, timeout).expect("engine state lock poisoned");
-        Locked::new(self.shared, guard)
+        match self.release_for_wait() {
+            Some(guard) => {
+                let (guard, _) = self.shared.changed.wait_timeout(guard, timeout).expect("engine state lock poisoned");
+                Locked::new(self.shared, guard)
+            }
+            None => self.shared.lock(),
+        }
     }
 
     /// [`Locked::wait_timeout`] on `Shared::timer` (a nearer deadline).
     pub fn wait_timer(mut self, timeout: Duration) -> Locked<'a> {
-        let guard = self.release_for_wait();
-        let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
-        Locked::new(self.shared, guard)
+        match self.release_for_wait() {
+            Some(guard) => {
+                let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
+                Locked::new(self.shared, guard)
+            }
+            None => self.shared.lock(),
+        }
     }
 
-    /// Queues the frames before the wait; links to drop stay queued for the final release.
-    fn release_for_wait(&mut self) -> MutexGuard<'a, State> {
+    /// Carries out what must happen under the lock; `None` if what must happen without it
+    /// (completions, which may write to a socket, and links to drop) had to run, the lock
+    /// released for it.
+    fn release_for_wait(&mut self) -> Option<MutexGuard<'a, State>> {
         let mut guard = self.guard.take().expect("locked");
-        let drops = carry_out_in_order(self.shared, &mut guard);
-        guard.replica.requeue(drops);
-        guard
+        let after = carry_out_in_order(self.shared, &mut guard);
+        if after.is_empty() {
+            return Some(guard);
+        }
+        drop(guard);
+        run_after(self.shared, after);
+        None
     }
 }
 
-/// Puts every queued frame on its link and makes every queued metadata write durable, in the
-/// replica's order; returns the other actions, to run after the lock.
-fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<Action> {
+/// What is left to do once the lock is released.
+enum After {
+    Action(Action),
+    Complete(Completion, BlockResult),
+}
+
+/// Puts every queued frame on its link, makes every queued metadata write durable and submits
+/// every local I/O, in the replica's order; returns the rest, to run after the lock.
+fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
     let mut rest = Vec::new();
     let mut queue = st.replica.take_actions().into_iter();
     while let Some(action) = queue.next() {
         match action {
             Action::Persist(what) => {
-                let written = match what {
+                let written = match &what {
                     MetaWrite::Superblock => st.persist().map_err(|e| e.to_string()),
-                    MetaWrite::Bitmap(slot) => st.persist_bitmap(slot).map_err(|e| e.to_string()),
+                    MetaWrite::Bitmap(slot) => st.persist_bitmap(*slot).map_err(|e| e.to_string()),
                     MetaWrite::DataFlush => shared.data.sync().map_err(|e| e.to_string()),
+                    MetaWrite::ActivityLog(update) => {
+                        st.meta.write_al_update(update, &st.replica.bitmaps).map_err(|e| e.to_string())
+                    }
                 };
                 if let Err(e) = written {
-                    st.replica.persist_failed(what, &e, queue.collect());
+                    st.replica.persist_failed(Instant::now(), what, &e, queue.collect());
                     queue = st.replica.take_actions().into_iter();
                 }
             }
@@ -77,14 +105,30 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<Action> {
                         let on_sent = sent_write.and_then(|id| {
                             let shared = shared.this.upgrade()?;
                             Some(Box::new(move || {
-                                super::write_path::peer_reached(&shared, id, peer, crate::core::inflight::AckLevel::Sent)
+                                shared.lock().replica.peer_reached(Instant::now(), id, peer, AckLevel::Sent);
                             }) as super::link::OnSent)
                         });
                         link.send_bulk(msg, on_sent);
                     }
                 }
             }
-            other => rest.push(other),
+            Action::Io { tag, op } => {
+                let Some(owner) = shared.this.upgrade() else { continue };
+                shared.io.submit(
+                    op,
+                    Box::new(move |result| {
+                        let mut st = owner.lock();
+                        st.replica.io_done(Instant::now(), tag, result.map_err(|e| LocalFailure::of(&e)));
+                        owner.changed.notify_all();
+                    }),
+                );
+            }
+            Action::Complete { request, result } => {
+                if let Some(done) = st.requests.remove(&request) {
+                    rest.push(After::Complete(done, result));
+                }
+            }
+            other => rest.push(After::Action(other)),
         }
     }
     rest
@@ -95,15 +139,28 @@ impl Drop for Locked<'_> {
         let Some(mut guard) = self.guard.take() else { return };
         let after = carry_out_in_order(self.shared, &mut guard);
         drop(guard);
-        if after.is_empty() {
-            return;
-        }
-        let Some(shared) = self.shared.this.upgrade() else { return };
-        for action in after {
-            match action {
-                Action::DropLink { peer, generation, reason } => super::connection::lost(&shared, peer, generation, &reason),
-                Action::StartResync { peer, generation } => super::resync::spawn_source(shared.clone(), peer, generation),
-                Action::Send { .. } | Action::Persist(_) => unreachable!("carried out under the lock"),
+        run_after(self.shared, after);
+    }
+}
+
+/// Answers completed requests and drops the links the replica gave up on, without the lock.
+fn run_after(shared: &Shared, after: Vec<After>) {
+    if after.is_empty() {
+        return;
+    }
+    let owner = shared.this.upgrade();
+    for after in after {
+        match after {
+            After::Complete(done, result) => done(result),
+            After::Action(action) => {
+                let Some(shared) = &owner else { continue };
+                match action {
+                    Action::DropLink { peer, generation, reason } => super::connection::lost(shared, peer, generation, &reason),
+                    Action::StartResync { peer, generation } => super::resync::spawn_source(shared.clone(), peer, generation),
+                    Action::Send { .. } | Action::Persist(_) | Action::Io { .. } | Action::Complete { .. } => {
+                        unreachable!("carried out under the lock")
+                    }
+                }
             }
         }
     }

@@ -16,7 +16,7 @@ mod write_path;
 
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
-use crate::config::{Frontend, NodeConfig, OnSuperseded, ResourceConfig, UblkSettings};
+use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, UblkSettings};
 use crate::core::quorum::QuorumState;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::UUID_JUST_CREATED;
@@ -28,7 +28,7 @@ use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
 use crate::replica::{Attached, Peer, Replica};
 use locked::Locked;
-use state::{Deferred, State};
+use state::State;
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;
@@ -250,6 +250,11 @@ impl Engine {
             resource: config.name.clone(),
             witness: me.disk.is_none(),
             timing: config.timing,
+            protocol: config.protocol,
+            congestion_fill: match config.on_congestion {
+                OnCongestion::Block => None,
+                OnCongestion::PullAhead { fill_bytes } => Some(fill_bytes),
+            },
             sb,
             bitmaps,
             al,
@@ -260,18 +265,17 @@ impl Engine {
             on_no_quorum: config.on_no_quorum,
             split_brain: config.split_brain,
             now: std::time::Instant::now(),
+            uuid_seed: random_u64(),
         });
         let state = State {
             replica,
             meta,
             links,
-            completions: HashMap::new(),
-            flush_done: HashMap::new(),
+            requests: HashMap::new(),
+            next_request: 0,
             export: None,
             export_failing: None,
             left_behind: None,
-            suspended: Vec::new(),
-            held_writes: Vec::new(),
         };
         let io = IoPool::new(data.clone(), IO_THREADS);
         let shared = Arc::new_cyclic(|this| Shared {
@@ -426,11 +430,8 @@ impl Engine {
         tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.replica.sb.uuids.current),
             device = st.export.as_ref().map(|e| e.device()).unwrap_or_default(), "promoted to Primary");
         st.replica.broadcast_state();
-        let mut deferred = Deferred::default();
-        connection::reconsider_peers(shared, &mut st, &mut deferred);
+        st.replica.reconsider_all_or_drop();
         shared.changed.notify_all();
-        drop(st);
-        deferred.run(shared);
         Ok(())
     }
 
@@ -592,16 +593,15 @@ impl Engine {
         st.replica.role = Role::Secondary;
         st.replica.superseded_latched = false;
         st.replica.left_generation = 0;
-        let mut held = Deferred::default();
-        st.release_suspended(true, &mut held);
+        st.replica.release_suspended(Instant::now(), true);
         st.replica.generation_pending.clear();
         // Behind the writes already sent and ahead of the final flush's barrier: once the
         // barrier is acked, every peer knows this node is no longer primary and may promote
         // itself, and no write of this node reaches a peer after that news.
         st.replica.broadcast_state_in_stream();
+        // The export's removal waits for requests in flight: the held ones fail first (as the
+        // lock is released).
         drop(st);
-        // The export's removal waits for requests in flight: the held ones must finish first.
-        held.run(shared);
         stop_export(&shared.config.name, export);
         self.flush_all();
         let mut st = shared.lock();
@@ -633,7 +633,7 @@ impl Engine {
         let _admin = shared.admin();
         let mut st = shared.lock();
         st.replica.stepping_down = false;
-        if !st.superseded() {
+        if !st.replica.superseded(Instant::now()) {
             return;
         }
         let other = st.replica.quorum(Instant::now()).other_primary.map_or_else(String::new, |id| {
@@ -659,11 +659,7 @@ impl Engine {
         if let Err(e) = self.leave_primary(st, export) {
             tracing::error!(resource = %shared.config.name, error = %e, "stepping down failed");
         }
-        let mut st = shared.lock();
-        let mut deferred = Deferred::default();
-        connection::reconsider_peers(shared, &mut st, &mut deferred);
-        drop(st);
-        deferred.run(shared);
+        shared.lock().replica.reconsider_all_or_drop();
         if keep_failing {
             self.retire_export_when_unused();
         }
@@ -699,12 +695,12 @@ impl Engine {
     fn flush_all(&self) {
         {
             let mut st = self.shared.lock();
-            while !st.replica.inflight.is_empty() {
+            while !st.replica.writes_idle() {
                 st = st.wait();
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        write_path::submit_flush(&self.shared, Box::new(move |result| drop(tx.send(result))));
+        write_path::submit(&self.shared, crate::frontend::BlockRequest::Flush, Box::new(move |result| drop(tx.send(result))));
         if let Ok(Err(e)) = rx.recv() {
             tracing::warn!(resource = %self.shared.config.name, error = %e, "flush at demotion failed");
         }
@@ -751,10 +747,7 @@ impl Engine {
     /// Drops every peer connection and stays StandAlone until `connect`.
     pub fn disconnect(&self) {
         let mut st = self.shared.lock();
-        let mut deferred = Deferred::default();
-        stand_alone(&self.shared, &mut st, "disconnected by the operator", &mut deferred);
-        drop(st);
-        deferred.run(&self.shared);
+        stand_alone(&self.shared, &mut st, "disconnected by the operator");
     }
 
     /// Starts a new data generation on two fresh nodes and declares them in sync without copying
@@ -824,11 +817,8 @@ impl Engine {
         st.replica.quorum_policy = new.quorum;
         st.replica.on_no_quorum = new.on_no_quorum;
         st.replica.split_brain = new.split_brain;
-        let mut deferred = Deferred::default();
-        st.release_suspended(false, &mut deferred);
+        st.replica.release_suspended(Instant::now(), false);
         self.shared.changed.notify_all();
-        drop(st);
-        deferred.run(&self.shared);
         Ok(())
     }
 
@@ -849,7 +839,6 @@ impl Engine {
         }
         st.replica.broadcast_state();
         let ids: Vec<u8> = st.replica.peers.iter().map(|p| p.node_id).collect();
-        let mut deferred = Deferred::default();
         for id in ids {
             st.replica.send(id, crate::wire::Message::Disconnect { reason: "peer is going down".into() });
             st.replica.peer_mut(id).want_connect = false;
@@ -859,7 +848,7 @@ impl Engine {
         std::thread::sleep(Duration::from_millis(50));
         let mut st = shared.lock();
         for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
-            connection::drop_peer(shared, &mut st, id, "going down", &mut deferred);
+            connection::drop_peer(shared, &mut st, id, "going down");
         }
         let crashed_primary = st.replica.crashed_primary;
         let State { meta, replica, .. } = &mut *st;
@@ -872,7 +861,6 @@ impl Engine {
         }
         shared.changed.notify_all();
         drop(st);
-        deferred.run(shared);
         shared.io.shutdown();
         tracing::info!(resource = %shared.config.name, "stopped");
         Ok(())
@@ -880,10 +868,10 @@ impl Engine {
 }
 
 /// Drops every peer connection and stays StandAlone until `connect`.
-fn stand_alone(shared: &Arc<Shared>, st: &mut State, reason: &str, deferred: &mut Deferred) {
+fn stand_alone(shared: &Shared, st: &mut State, reason: &str) {
     for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
         st.replica.peer_mut(id).want_connect = false;
-        connection::drop_peer(shared, st, id, reason, deferred);
+        connection::drop_peer(shared, st, id, reason);
         st.replica.peer_mut(id).conn = ConnState::StandAlone;
     }
 }
@@ -892,16 +880,16 @@ fn stand_alone(shared: &Arc<Shared>, st: &mut State, reason: &str, deferred: &mu
 /// the resource says to stay primary (`on_suspended_primary_outdated = "disconnect"`), fails
 /// what it holds and goes StandAlone until an operator acts, so that nobody sees it as a
 /// primary any more (the primary with quorum would otherwise wait for it, holding writes).
-pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State, deferred: &mut Deferred) {
-    if st.replica.stepping_down || !st.superseded() {
+pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State) {
+    if st.replica.stepping_down || !st.replica.superseded(Instant::now()) {
         return;
     }
     if shared.config.on_superseded == OnSuperseded::Disconnect {
         tracing::error!(resource = %shared.config.name,
             "another node was promoted while this node had no quorum: failing what it holds and disconnecting (on_suspended_primary_outdated is disconnect); demote it, then `connect`");
         st.replica.superseded_latched = true;
-        st.release_suspended(true, deferred);
-        stand_alone(shared, st, "superseded by a newer primary (on_suspended_primary_outdated is disconnect)", deferred);
+        st.replica.release_suspended(Instant::now(), true);
+        stand_alone(shared, st, "superseded by a newer primary (on_suspended_primary_outdated is disconnect)");
         return;
     }
     st.replica.stepping_down = true;

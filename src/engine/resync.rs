@@ -10,7 +10,7 @@
 //! data; a block that matched is recorded in the transfer log like a write without data, so its
 //! bit clears with the next barrier ack (after which the target's copy is durable too).
 
-use super::state::{Deferred, State};
+use super::state::State;
 use super::locked::Locked;
 use crate::replica::{ResyncChunk, ResyncStep};
 use super::digests::block_range;
@@ -79,16 +79,14 @@ pub(super) fn read_range_then<P, T>(
     if !still(&st) {
         return Ok(None);
     }
-    st.replica.read_locks.push(range);
+    st.replica.read_lock(range);
     drop(st);
 
     let mut buf = vec![0u8; len as usize];
     let prepared = shared.data.read_at(&mut buf, offset).map(|()| prepare(buf));
 
     let mut st = shared.lock();
-    if let Some(i) = st.replica.read_locks.iter().position(|r| *r == range) {
-        st.replica.read_locks.swap_remove(i);
-    }
+    st.replica.read_unlock(range);
     shared.changed.notify_all();
     let prepared = prepared.map_err(|e| format!("read at {offset}+{len} failed: {e}"))?;
     Ok(still(&st).then(|| send(&mut st, prepared)))
@@ -101,10 +99,7 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
             if let Err(reason) = run_source(&shared, peer_id, generation) {
                 let mut st = shared.lock();
                 if st.replica.peer(peer_id).generation == generation {
-                    let mut deferred = Deferred::default();
-                    connection::drop_peer(&shared, &mut st, peer_id, &reason, &mut deferred);
-                    drop(st);
-                    deferred.run(&shared);
+                    connection::drop_peer(&shared, &mut st, peer_id, &reason);
                 }
             }
         })
@@ -168,8 +163,12 @@ pub fn on_digest_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, of
 }
 
 /// A resync block from the source (this node is the target, as `Replica::check_frame` saw).
-pub fn apply_resync_data(shared: &Arc<Shared>, st: Locked<'_>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
+pub fn apply_resync_data(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
     let len = payload.len() as u64;
+    // Behind the writes of the stream before it that are still on their way to the disk.
+    while st.replica.overlaps_busy(offset, len) {
+        st = st.wait();
+    }
     drop(st);
     shared.data.write_at(payload, offset).map_err(|e| format!("resync write at {offset} failed: {e}"))?;
     let mut st = shared.lock();
@@ -228,13 +227,8 @@ pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
 /// Releases the lock.
 pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8) {
     st.replica.broadcast_state();
-    let mut deferred = Deferred::default();
-    if let Err(reason) = st.replica.reconsider(peer_id) {
-        connection::drop_peer(shared, &mut st, peer_id, &reason, &mut deferred);
-    }
+    st.replica.reconsider_or_drop(peer_id);
     shared.changed.notify_all();
-    drop(st);
-    deferred.run(shared);
 }
 
 /// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.

@@ -200,7 +200,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         quorum_voters: quorum.voters,
         quorum_needed: quorum.needed,
         on_no_quorum: st.replica.on_no_quorum,
-        suspended_writes: st.suspended.len() + st.held_writes.len(),
+        suspended_writes: st.replica.held_count(),
         stepped_down: st.replica.stepped_down.clone(),
         may_promote: st.replica.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
         promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),

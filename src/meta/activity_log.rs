@@ -121,7 +121,7 @@ impl std::fmt::Debug for AlTransaction {
 ///
 /// Protocol: persist the bitmap pages covering every `evicted` extent (for every peer), then
 /// write `transaction` durably, then [`ActivityLog::commit`].
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct AlUpdate {
     pub transaction: AlTransaction,
     /// Extents leaving the log, sorted.

@@ -1,7 +1,13 @@
 //! What a replica asks its driver to do. The replica decides; the driver carries the actions
 //! out, in the order they were pushed, after the replica is no longer borrowed.
 
+use crate::frontend::BlockResult;
 use crate::wire::Message;
+use bytes::Bytes;
+
+/// A frontend request's id, chosen by the driver; the replica answers it with one
+/// [`Action::Complete`].
+pub type RequestId = u64;
 
 /// Which queue of a peer's stream a frame joins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +21,7 @@ pub enum Lane {
 /// Metadata the replica changed. Its write must be durable before any action queued after it
 /// is carried out; it writes the replica's state as it is when carried out (never older than
 /// when it was queued).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum MetaWrite {
     Superblock,
     /// One peer slot's whole bitmap.
@@ -23,6 +29,36 @@ pub enum MetaWrite {
     /// The data disk's cache flushed: what was written to it is durable (the end of a resync
     /// is recorded only after the data it brought).
     DataFlush,
+    /// An activity-log transaction (already applied to the replica's log): the bitmap pages of
+    /// the extents it evicts, then the transaction itself, in that order (crash recovery
+    /// relies on it).
+    ActivityLog(crate::meta::activity_log::AlUpdate),
+}
+
+/// One operation on the local data disk.
+#[derive(Debug, Clone)]
+pub enum LocalIo {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Bytes, fua: bool },
+    /// Zeroes, or a discard (which must read back as zeroes too, so replicas stay identical).
+    Zeroes { offset: u64, len: u64, discard: bool, fua: bool },
+    /// The disk's volatile cache made durable.
+    Flush,
+}
+
+/// What a local I/O was for: handed back with its result to [`crate::replica::Replica::io_done`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoTag {
+    /// A frontend read.
+    Read(RequestId),
+    /// The local half of the primary's write `id` (see `InflightWrites`).
+    Write(u64),
+    /// The local half of FLUSH `id` (see `PendingFlush`).
+    Flush(u64),
+    /// A write replicated from `peer` on connection `generation`: its `id` in the peer's stream.
+    PeerWrite { peer: u8, generation: u64, id: u64 },
+    /// The flush behind `peer`'s barrier for `epoch`.
+    Barrier { peer: u8, generation: u64, epoch: u64 },
 }
 
 #[derive(Debug)]
@@ -33,6 +69,12 @@ pub enum Action {
     /// Send `msg` to `peer` if its link is still up. `sent_write`: protocol A's completion,
     /// reported back for this write once the frame has been handed to the kernel.
     Send { peer: u8, msg: Message, lane: Lane, sent_write: Option<u64> },
+    /// Submit a local I/O; its result comes back through `Replica::io_done` with `tag`. Local
+    /// I/Os may complete in any order: the replica submits two that must not overlap in time
+    /// (overlapping writes, a barrier's flush and the writes before it) one after the other.
+    Io { tag: IoTag, op: LocalIo },
+    /// Answer frontend request `request`.
+    Complete { request: RequestId, result: BlockResult },
     /// Drop the link of connection `generation` to `peer` for `reason` (nothing happens if
     /// that connection is gone already).
     DropLink { peer: u8, generation: u64, reason: String },

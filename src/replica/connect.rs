@@ -393,7 +393,7 @@ mod tests {
             Action::Send { peer: 1, msg: Message::Ping, lane: crate::replica::Lane::Control, sent_write: None },
             Action::DropLink { peer: 1, generation: 1, reason: "x".into() },
         ];
-        r.persist_failed(MetaWrite::Superblock, "EIO", rest);
+        r.persist_failed(t0, MetaWrite::Superblock, "EIO", rest);
         assert_eq!(r.disk, DiskState::Failed);
         let actions = r.take_actions();
         assert!(matches!(actions[0], Action::DropLink { .. }), "{actions:?}");

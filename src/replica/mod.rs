@@ -9,21 +9,28 @@
 //! is dropped.
 
 mod action;
+mod apply;
 mod connect;
 pub mod frames;
+mod loss;
 mod progress;
 pub mod peer;
 mod recent;
 mod resync;
 #[cfg(test)]
 pub(crate) mod testing;
+mod uuids;
 mod votes;
+mod writes;
 
-pub use action::{Action, Lane, MetaWrite};
+pub use action::{Action, IoTag, Lane, LocalIo, MetaWrite, RequestId};
+pub use apply::Applying;
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
+pub use writes::{PendingFlush, Pieces, QueuedWrite, WriteKind};
 
+use crate::config::Protocol;
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -32,8 +39,12 @@ use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UuidView, UUID_JUST_CREATED};
 use crate::meta::activity_log::{extent_offset, AL_EXTENT_SIZE};
 use crate::meta::{ActivityLog, DirtyBitmap, MetaFlags, Superblock};
+use crate::core::inflight::LocalFailure;
+use crate::frontend::{BlockError, BlockResult};
 use crate::wire::{Message, PeerState};
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
+use uuids::UuidSource;
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
@@ -53,22 +64,16 @@ pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
     (offset, AL_EXTENT_SIZE.min(data_size_bytes.saturating_sub(offset)))
 }
 
-/// A FLUSH waiting for the local disk and for barrier acks.
-pub struct PendingFlush {
-    pub id: u64,
-    /// The epoch its barrier closed.
-    pub epoch: u64,
-    pub local_pending: bool,
-    pub local_failed: bool,
-    pub peers_pending: Vec<u8>,
-}
-
 pub struct Replica {
     /// The resource's name, for the log.
     pub resource: String,
     /// Whether this node is a diskless witness (it votes, holds no data).
     pub witness: bool,
     pub timing: LinkTiming,
+    pub protocol: Protocol,
+    /// Pull-ahead's fill mark (`on_congestion = "pull-ahead"`): a peer whose send queue holds
+    /// more is left behind.
+    pub congestion_fill: Option<u64>,
     pub role: Role,
     pub disk: DiskState,
     pub sb: Superblock,
@@ -82,6 +87,17 @@ pub struct Replica {
     /// Data peers not yet resynced since the crash as primary.
     pub crash_repair_pending: Vec<u8>,
     pub inflight: InflightWrites,
+    /// The frontend request of each write in flight (by its id in `inflight`).
+    write_requests: HashMap<u64, RequestId>,
+    /// Requests split into several writes (see [`Pieces`]).
+    pieces: HashMap<RequestId, Pieces>,
+    /// Admitted writes not started yet, in arrival order (see `Replica::start_waiting`).
+    waiting: VecDeque<QueuedWrite>,
+    /// Writes that arrived while this primary had no quorum (suspend-io), not yet written
+    /// anywhere, in arrival order.
+    held: VecDeque<QueuedWrite>,
+    /// Write and flush completions held while this primary has no quorum (suspend-io).
+    suspended: Vec<(RequestId, BlockResult)>,
     pub flushes: Vec<PendingFlush>,
     pub next_flush_id: u64,
     pub epoch: u64,
@@ -118,6 +134,7 @@ pub struct Replica {
     /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
     /// writes under io-error). No other primary can hold it: it was this one's, with quorum.
     pub left_generation: u64,
+    uuids: UuidSource,
     /// What the driver is to do next, in order (see [`Replica::take_actions`]).
     outbox: Vec<Action>,
 }
@@ -127,6 +144,8 @@ pub struct Attached {
     pub resource: String,
     pub witness: bool,
     pub timing: LinkTiming,
+    pub protocol: Protocol,
+    pub congestion_fill: Option<u64>,
     pub sb: Superblock,
     pub bitmaps: Vec<DirtyBitmap>,
     pub al: ActivityLog,
@@ -138,6 +157,8 @@ pub struct Attached {
     pub on_no_quorum: OnNoQuorum,
     pub split_brain: SplitBrainPolicies,
     pub now: Instant,
+    /// Where generation UUIDs come from (see [`UuidSource`]).
+    pub uuid_seed: u64,
 }
 
 impl Replica {
@@ -149,6 +170,8 @@ impl Replica {
             resource: a.resource,
             witness: a.witness,
             timing: a.timing,
+            protocol: a.protocol,
+            congestion_fill: a.congestion_fill,
             role: Role::Secondary,
             disk: if a.witness { DiskState::Diskless } else { Replica::disk_state_from_flags(a.sb.flags) },
             recent,
@@ -158,6 +181,11 @@ impl Replica {
             crashed_primary: a.crashed_primary,
             crash_repair_pending: a.crash_repair_pending,
             inflight: InflightWrites::new(),
+            write_requests: HashMap::new(),
+            pieces: HashMap::new(),
+            waiting: VecDeque::new(),
+            held: VecDeque::new(),
+            suspended: Vec::new(),
             flushes: Vec::new(),
             next_flush_id: 0,
             epoch: 1,
@@ -174,6 +202,7 @@ impl Replica {
             stepped_down: None,
             superseded_latched: false,
             left_generation: 0,
+            uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),
         }
     }
@@ -200,14 +229,32 @@ impl Replica {
     }
 
     /// A metadata write failed: the disk is Failed (its metadata no longer follows what this
-    /// node knows). Of `rest`, the actions queued behind the write, the frames and writes are
-    /// dropped (they may announce what never became durable); the peers hear of the Failed
-    /// disk instead.
-    pub fn persist_failed(&mut self, what: MetaWrite, error: &str, rest: Vec<Action>) {
+    /// node knows). Of `rest`, the actions queued behind the write: metadata writes and frames
+    /// other than the write stream are dropped (they may announce what never became durable;
+    /// the peers hear of the Failed disk instead), local I/O fails without being submitted
+    /// (a write into an extent whose activity-log transaction failed must not reach the disk),
+    /// and requests completed behind it fail (a write's new generation may not be durable).
+    /// The write stream goes on: the peers' copies do not depend on this node's metadata.
+    pub fn persist_failed(&mut self, now: Instant, what: MetaWrite, error: &str, rest: Vec<Action>) {
         tracing::error!(resource = %self.resource, ?what, error, "metadata write failed: the disk is Failed");
         self.disk = DiskState::Failed;
-        let kept = rest.into_iter().filter(|a| !matches!(a, Action::Send { .. } | Action::Persist(_))).collect();
+        let mut kept = Vec::new();
+        let mut failed_io = Vec::new();
+        for action in rest {
+            match action {
+                Action::Send { ref msg, .. } if matches!(msg, Message::Data { .. } | Message::Zeroes { .. } | Message::Barrier { .. }) => {
+                    kept.push(action)
+                }
+                Action::Send { .. } | Action::Persist(_) => {}
+                Action::Io { tag, .. } => failed_io.push(tag),
+                Action::Complete { request, result: Ok(_) } => kept.push(Action::Complete { request, result: Err(BlockError::Io) }),
+                other => kept.push(other),
+            }
+        }
         self.requeue(kept);
+        for tag in failed_io {
+            self.io_done(now, tag, Err(LocalFailure::Io));
+        }
         self.broadcast_state();
     }
 
@@ -310,9 +357,12 @@ impl Replica {
         self.peers.iter().filter(|p| p.connected && p.role == Role::Primary).fold(me, |mask, p| mask | 1 << p.node_id)
     }
 
+    /// Whether a write to `[offset, offset + len)` is in flight here (the primary's own, or a
+    /// peer's being applied) or a resync read holds it.
     pub fn overlaps_busy(&self, offset: u64, len: u64) -> bool {
         self.inflight.overlaps(offset, len)
             || self.read_locks.iter().any(|&(o, l)| offset < o + l && o < offset + len)
+            || self.peers.iter().any(|p| p.applying.overlaps(offset, len))
     }
 
     /// Whether this node crashed as primary and has not been resynced with `peer` since: the
@@ -436,6 +486,8 @@ impl Replica {
         peer.resync_end_unconfirmed = None;
         peer.resync = None;
         peer.barriers.clear();
+        peer.ahead_until = None;
+        peer.applying.link_down();
         peer.last_error = Some(reason.to_owned());
         (was, last_generation)
     }

@@ -1,6 +1,7 @@
 //! What a replica knows about one peer: its connection and replication state, what it last
 //! reported, the writes and barriers in flight to it, and the pings that renew its lease.
 
+use super::apply::Applying;
 use crate::core::quorum::LinkTiming;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::SyncDecision;
@@ -51,6 +52,11 @@ pub struct Peer {
     pub sent_bytes_before: u64,
     pub received_bytes: u64,
     pub last_error: Option<String>,
+    /// Pull-ahead: this node is Ahead of the peer until it acks the barrier of this epoch, the
+    /// last one queued to it before it was left behind.
+    pub ahead_until: Option<u64>,
+    /// The peer's stream as this node applies it (this node as the receiving side).
+    pub applying: Applying,
 }
 
 impl Peer {
@@ -82,6 +88,8 @@ impl Peer {
             sent_bytes_before: 0,
             received_bytes: 0,
             last_error: None,
+            ahead_until: None,
+            applying: Applying::default(),
         }
     }
 

@@ -1,6 +1,7 @@
 //! Replicas for unit tests: real metadata, created and loaded as a node attaching would.
 
 use super::{Attached, Peer, Replica};
+use crate::config::Protocol;
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use crate::disk::{Disk, MemDisk};
 use crate::meta::{MetaParams, MetaStore};
@@ -20,6 +21,8 @@ pub fn two_node_replica() -> (Replica, Instant) {
         resource: "r0".into(),
         witness: false,
         timing: LinkTiming::DEFAULT,
+        protocol: Protocol::C,
+        congestion_fill: None,
         sb: loaded.superblock,
         bitmaps: loaded.bitmaps,
         al: loaded.activity_log,
@@ -30,6 +33,7 @@ pub fn two_node_replica() -> (Replica, Instant) {
         on_no_quorum: OnNoQuorum::SuspendIo,
         split_brain: Default::default(),
         now,
+        uuid_seed: 1,
     });
     (replica, now)
 }

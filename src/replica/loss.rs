@@ -1,0 +1,72 @@
+//! A peer this node stops replicating to, because its link went or because it was left behind
+//! (pull-ahead): everything it may lack goes into its bitmap, the writes and flushes waiting
+//! for it complete, and a primary owes a new generation before any of them completes.
+
+use super::{Action, Replica};
+use crate::core::inflight::LocalFailure;
+use crate::core::states::Role;
+use std::time::Instant;
+
+impl Replica {
+    /// The link to `peer_id` is gone (`sent_bytes` went out on it), for `reason`.
+    pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
+        let primaries_before = self.primaries();
+        let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
+        tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
+        self.stops_following(now, peer_id, last_generation);
+        if self.primaries() != primaries_before {
+            self.broadcast_state();
+        }
+    }
+
+    /// The peer no longer receives this node's writes. `last_generation`: the generation it
+    /// last reported while in sync (see `Replica::mark_recent_for`).
+    pub(super) fn stops_following(&mut self, now: Instant, peer_id: u8, last_generation: Option<u64>) {
+        let peer = self.peer_mut(peer_id);
+        let slot = peer.slot;
+        let mut lacking = peer.tl.drain_lost();
+        lacking.extend(self.inflight.pending_for(peer_id));
+        for (offset, len) in lacking {
+            self.mark_out_of_sync(slot, offset, len);
+        }
+        self.mark_recent_for(peer_id, last_generation);
+        // A witness holds no data, so losing it starts no new generation. For a data peer the
+        // new generation starts before the next write completes, which needs quorum (see
+        // `Replica::generation_pending`).
+        if self.role == Role::Primary && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
+            self.generation_pending.push(slot);
+        }
+        let failed = self.disk == crate::core::states::DiskState::Failed;
+        for mut finished in self.inflight.peer_lost(peer_id) {
+            if failed {
+                finished.local_failure.get_or_insert(LocalFailure::Io);
+            }
+            self.write_finished(now, finished);
+        }
+        for flush in self.flushes.iter_mut() {
+            flush.peers_pending.retain(|id| *id != peer_id);
+        }
+        self.finish_flushes(now);
+    }
+
+    /// Re-runs the connect-time decision with `peer_id`; a peer it cannot go on with is dropped.
+    pub fn reconsider_or_drop(&mut self, peer_id: u8) {
+        if let Err(reason) = self.reconsider(peer_id) {
+            self.drop_link(peer_id, reason);
+        }
+    }
+
+    /// [`Replica::reconsider_or_drop`] for every connected peer whose stream is idle (after a
+    /// promotion, say, a peer may now need a sync).
+    pub fn reconsider_all_or_drop(&mut self) {
+        for (peer_id, reason) in self.reconsider_all() {
+            self.drop_link(peer_id, reason);
+        }
+    }
+
+    /// Asks the driver to drop the current link to `peer_id`.
+    pub fn drop_link(&mut self, peer_id: u8, reason: String) {
+        let generation = self.peer(peer_id).generation;
+        self.outbox.push(Action::DropLink { peer: peer_id, generation, reason });
+    }
+}

@@ -1,0 +1,538 @@
+//! The primary's requests. A read is served by the local disk. A write goes to the local disk
+//! and to every replicating peer (the others get it in their bitmap) and completes when the
+//! protocol says so. A FLUSH closes an epoch and waits for the local flush and the barrier
+//! acks. Overlapping writes start in arrival order, one after the other, so they land in the
+//! same order everywhere; a write into a cold activity-log extent starts behind the log's
+//! transaction. Under suspend-io a write that arrives without quorum is held before it touches
+//! any disk, and a completion without quorum is held too (see `Replica::admission`).
+
+use super::{Action, IoTag, LocalIo, MetaWrite, Replica, RequestId};
+use crate::config::Protocol;
+use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
+use crate::core::quorum::Admission;
+use crate::core::states::{DiskState, ReplState, Role};
+use crate::frontend::{BlockError, BlockRequest, BlockResult};
+use crate::meta::activity_log::{extents_for, AlError, AlPrepared};
+use crate::wire::{Message, MAX_DATA_BYTES};
+use bytes::Bytes;
+use std::time::Instant;
+
+/// An epoch is closed with a barrier after this many writes even without a FLUSH, which bounds
+/// the transfer log (and so the resync after a lost connection).
+const MAX_EPOCH_WRITES: u32 = 4096;
+
+#[derive(Debug, Clone)]
+pub enum WriteKind {
+    Data { data: Bytes, fua: bool },
+    /// Zeroes, or a discard (which must also read back as zeroes on every replica, so replicas
+    /// stay identical).
+    Zeroes { len: u64, discard: bool, fua: bool },
+}
+
+/// A write not started yet: held without quorum, or waiting for an overlapping write, a resync
+/// read of its blocks, or room in the activity log.
+#[derive(Debug)]
+pub struct QueuedWrite {
+    pub request: RequestId,
+    pub offset: u64,
+    pub kind: WriteKind,
+}
+
+impl QueuedWrite {
+    fn len(&self) -> u64 {
+        match &self.kind {
+            WriteKind::Data { data, .. } => data.len() as u64,
+            WriteKind::Zeroes { len, .. } => *len,
+        }
+    }
+
+    fn fua(&self) -> bool {
+        match &self.kind {
+            WriteKind::Data { fua, .. } | WriteKind::Zeroes { fua, .. } => *fua,
+        }
+    }
+}
+
+/// A write larger than one Data frame (qemu-img sends 2 MiB writes, NBD allows 32 MiB) goes out
+/// as several pieces; the request completes when all have, with the first error if any failed.
+#[derive(Debug)]
+pub struct Pieces {
+    remaining: usize,
+    result: BlockResult,
+}
+
+/// A FLUSH waiting for the local disk and for barrier acks.
+pub struct PendingFlush {
+    pub id: u64,
+    pub request: RequestId,
+    /// The epoch its barrier closed.
+    pub epoch: u64,
+    pub local_pending: bool,
+    pub local_failed: bool,
+    pub peers_pending: Vec<u8>,
+}
+
+fn ack_level(protocol: Protocol) -> AckLevel {
+    match protocol {
+        Protocol::A => AckLevel::Sent,
+        Protocol::B => AckLevel::Received,
+        Protocol::C => AckLevel::Written,
+    }
+}
+
+fn overlap((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
+    a < b + blen && b < a + alen
+}
+
+impl Replica {
+    /// A request from the frontend.
+    pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest) {
+        let write = |offset, kind| QueuedWrite { request, offset, kind };
+        match req {
+            BlockRequest::Read { offset, len } => self.submit_read(request, offset, len),
+            BlockRequest::Flush => self.submit_flush(request),
+            BlockRequest::Write { offset, data, fua } => {
+                if data.len() <= MAX_DATA_BYTES {
+                    return self.submit_write(now, write(offset, WriteKind::Data { data, fua }));
+                }
+                let pieces = data.len().div_ceil(MAX_DATA_BYTES);
+                self.pieces.insert(request, Pieces { remaining: pieces, result: Ok(None) });
+                for start in (0..data.len()).step_by(MAX_DATA_BYTES) {
+                    let piece = data.slice(start..(start + MAX_DATA_BYTES).min(data.len()));
+                    self.submit_write(now, write(offset + start as u64, WriteKind::Data { data: piece, fua }));
+                }
+            }
+            BlockRequest::WriteZeroes { offset, len, fua } => {
+                self.submit_write(now, write(offset, WriteKind::Zeroes { len: u64::from(len), discard: false, fua }));
+            }
+            BlockRequest::Discard { offset, len } => {
+                self.submit_write(now, write(offset, WriteKind::Zeroes { len: u64::from(len), discard: true, fua: false }));
+            }
+        }
+    }
+
+    fn in_bounds(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.sb.data_size => Ok(()),
+            _ => Err(BlockError::Invalid),
+        }
+    }
+
+    fn submit_read(&mut self, request: RequestId, offset: u64, len: u32) {
+        let refused = if self.role != Role::Primary { Err(BlockError::ReadOnly) } else { self.in_bounds(offset, len.into()) };
+        match refused {
+            Err(e) => self.answer(request, Err(e)),
+            Ok(()) => self.outbox.push(Action::Io { tag: IoTag::Read(request), op: LocalIo::Read { offset, len: len as usize } }),
+        }
+    }
+
+    /// Why no write may start on this node now, if none may.
+    fn write_refusal(&self) -> Option<BlockError> {
+        if self.stopping {
+            Some(BlockError::Shutdown)
+        } else if self.role != Role::Primary {
+            Some(BlockError::ReadOnly)
+        } else if self.disk != DiskState::UpToDate {
+            Some(BlockError::Io)
+        } else {
+            None
+        }
+    }
+
+    fn submit_write(&mut self, now: Instant, write: QueuedWrite) {
+        let admission = match self.write_refusal() {
+            Some(e) => Err(e),
+            None => self.in_bounds(write.offset, write.len()).and_then(|()| {
+                // Writes already held keep their place: a later one waits behind them.
+                if !self.held.is_empty() {
+                    return Ok(Admission::Hold);
+                }
+                match self.admission(now) {
+                    Admission::Refuse => Err(BlockError::Io),
+                    admission => Ok(admission),
+                }
+            }),
+        };
+        match admission {
+            Err(e) => self.answer(write.request, Err(e)),
+            Ok(Admission::Proceed) => {
+                self.waiting.push_back(write);
+                self.start_waiting();
+            }
+            Ok(_) => {
+                if self.held.is_empty() {
+                    tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
+                        "no quorum, or an old primary still seen: holding new writes before they reach any disk");
+                }
+                self.held.push_back(write);
+            }
+        }
+    }
+
+    /// Starts every waiting write that may start: none overlapping an earlier waiting one (so
+    /// overlapping writes start in arrival order), a write in flight or a resync read, and
+    /// each with its activity-log extents hot or made hot.
+    pub(super) fn start_waiting(&mut self) {
+        let mut blocked: Vec<(u64, u64)> = Vec::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let range = (self.waiting[i].offset, self.waiting[i].len());
+            if let Some(e) = self.write_refusal() {
+                let write = self.waiting.remove(i).expect("indexed");
+                self.answer(write.request, Err(e));
+                continue;
+            }
+            if blocked.iter().any(|&b| overlap(b, range)) || self.overlaps_busy(range.0, range.1) {
+                blocked.push(range);
+                i += 1;
+                continue;
+            }
+            let Some(extents) = extents_for(range.0, range.1) else {
+                let write = self.waiting.remove(i).expect("indexed");
+                self.answer(write.request, Err(BlockError::Invalid));
+                continue;
+            };
+            match self.al.prepare(extents) {
+                Ok(prepared) => {
+                    let write = self.waiting.remove(i).expect("indexed");
+                    self.start_write(write, prepared);
+                }
+                Err(AlError::Busy) => {
+                    blocked.push(range);
+                    i += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(resource = %self.resource, error = %e, offset = range.0, len = range.1, "write refused");
+                    let write = self.waiting.remove(i).expect("indexed");
+                    self.answer(write.request, Err(BlockError::Invalid));
+                }
+            }
+        }
+    }
+
+    /// Sends a write to the replicating peers (the others get it in their bitmap) and to the
+    /// local disk, behind the activity-log transaction that makes its extents hot if one is due.
+    fn start_write(&mut self, write: QueuedWrite, prepared: AlPrepared) {
+        if let AlPrepared::Transaction(update) = prepared {
+            // Committed in memory now; the driver makes it durable before anything queued after
+            // it, the local write included.
+            self.al.commit(update.clone());
+            self.persist(MetaWrite::ActivityLog(update));
+        }
+        let (offset, len, fua) = (write.offset, write.len(), write.fua());
+        let level = if fua { AckLevel::Written } else { ack_level(self.protocol) };
+        let mut targets = PeerSet::default();
+        let mut lagging = Vec::new();
+        for peer in self.peers.iter() {
+            if peer.is_replicating() {
+                targets.insert(peer.node_id);
+            } else {
+                lagging.push(peer.slot);
+            }
+        }
+        for slot in lagging {
+            self.mark_out_of_sync(slot, offset, len);
+        }
+        self.app_write_bytes += len;
+        let id = self.inflight.start(offset, len, level, targets);
+        self.write_requests.insert(id, write.request);
+        let epoch = self.epoch;
+        let message = match &write.kind {
+            WriteKind::Data { data, fua } => Message::Data { id, epoch, offset, fua: *fua, payload: data.clone() },
+            WriteKind::Zeroes { len, discard, fua } => {
+                Message::Zeroes { id, epoch, offset, len: *len as u32, fua: *fua, discard: *discard }
+            }
+        };
+        let sent_write = (level == AckLevel::Sent).then_some(id);
+        let mut close_epoch = false;
+        let mut sent_to = Vec::new();
+        for peer in self.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
+            peer.tl.record(epoch, offset, len);
+            close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES;
+            sent_to.push(peer.node_id);
+        }
+        for peer in sent_to {
+            self.send_bulk(peer, message.clone(), sent_write);
+        }
+        if close_epoch {
+            self.close_epoch();
+        }
+        let op = match write.kind {
+            WriteKind::Data { data, fua } => LocalIo::Write { offset, data, fua },
+            WriteKind::Zeroes { len, discard, fua } => LocalIo::Zeroes { offset, len, discard, fua },
+        };
+        self.outbox.push(Action::Io { tag: IoTag::Write(id), op });
+    }
+
+    /// FLUSH: durable locally (every completed write is in the disk's cache, so one flush covers
+    /// them) and on every replicating peer (a barrier after everything sent so far, acked after
+    /// the peer's flush).
+    fn submit_flush(&mut self, request: RequestId) {
+        let epoch = self.close_epoch();
+        let peers_pending = self.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
+        self.next_flush_id += 1;
+        let id = self.next_flush_id;
+        self.flushes.push(PendingFlush { id, request, epoch, local_pending: true, local_failed: false, peers_pending });
+        self.outbox.push(Action::Io { tag: IoTag::Flush(id), op: LocalIo::Flush });
+    }
+
+    /// A local I/O the replica asked for finished.
+    pub fn io_done(&mut self, now: Instant, tag: IoTag, result: Result<Option<Bytes>, LocalFailure>) {
+        match tag {
+            IoTag::Read(request) => {
+                let result = result.map_err(|failure| {
+                    tracing::error!(resource = %self.resource, ?failure, "local read failed");
+                    BlockError::from(failure)
+                });
+                self.answer(request, result);
+            }
+            IoTag::Write(id) => {
+                if let Err(failure) = result {
+                    tracing::error!(resource = %self.resource, ?failure, "local write failed");
+                }
+                if let Some(finished) = self.inflight.local_done(id, result.map(drop)) {
+                    self.write_finished(now, finished);
+                }
+            }
+            IoTag::Flush(id) => {
+                if let Some(flush) = self.flushes.iter_mut().find(|f| f.id == id) {
+                    flush.local_pending = false;
+                    flush.local_failed = result.is_err();
+                }
+                self.finish_flushes(now);
+            }
+            IoTag::PeerWrite { peer, generation, id } => self.peer_write_done(peer, generation, id, result.map(drop)),
+            IoTag::Barrier { peer, generation, epoch } => self.barrier_flushed(peer, generation, epoch, result.map(drop)),
+        }
+    }
+
+    /// `peer` reached `level` for write `id` (an ack, or protocol A's frame handed to the kernel).
+    pub fn peer_reached(&mut self, now: Instant, id: u64, peer: u8, level: AckLevel) {
+        if level != AckLevel::Sent {
+            self.peer_progressed(peer, now);
+        }
+        if let Some(finished) = self.inflight.peer_reached(id, peer, level) {
+            self.write_finished(now, finished);
+        }
+    }
+
+    /// A write is done everywhere it will be: its extents are released, its request answered,
+    /// and the writes that waited for it may start.
+    pub(super) fn write_finished(&mut self, now: Instant, finished: Finished) {
+        if let Some(extents) = extents_for(finished.offset, finished.len) {
+            self.al.release(extents);
+        }
+        if let Some(request) = self.write_requests.remove(&finished.id) {
+            let result = finished.local_failure.map_or(Ok(None), |failure| Err(BlockError::from(failure)));
+            self.finish_request(now, request, result);
+        }
+        self.start_waiting();
+    }
+
+    /// Answers every flush that waits for nothing more.
+    pub(super) fn finish_flushes(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.flushes.len() {
+            let flush = &self.flushes[i];
+            if flush.local_pending || !flush.peers_pending.is_empty() {
+                i += 1;
+                continue;
+            }
+            let flush = self.flushes.remove(i);
+            self.finish_request(now, flush.request, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) });
+        }
+    }
+
+    /// Completes a write or flush, unless this primary may not (see `Replica::admission`):
+    /// then the completion is held or fails. An acknowledged write must be on the side that
+    /// keeps quorum, the only side that may promote, and under a generation the lost peers lack.
+    fn finish_request(&mut self, now: Instant, request: RequestId, result: BlockResult) {
+        match self.admission(now) {
+            Admission::Proceed => {
+                self.start_pending_generation();
+                self.answer(request, result);
+            }
+            Admission::Hold => {
+                if self.suspended.is_empty() {
+                    tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
+                        "no quorum, or an old primary still seen: holding write completions");
+                }
+                self.suspended.push((request, result));
+            }
+            Admission::Refuse => self.answer(request, Err(BlockError::Io)),
+        }
+    }
+
+    /// Queues the answer to `request` (or counts a piece of it, see [`Pieces`]).
+    fn answer(&mut self, request: RequestId, result: BlockResult) {
+        let result = match self.pieces.get_mut(&request) {
+            None => result,
+            Some(pieces) => {
+                if pieces.result.is_ok() {
+                    pieces.result = result;
+                }
+                pieces.remaining -= 1;
+                if pieces.remaining > 0 {
+                    return;
+                }
+                self.pieces.remove(&request).expect("present").result
+            }
+        };
+        self.outbox.push(Action::Complete { request, result });
+    }
+
+    /// Starts the new generation owed to the data peers lost since the last one (see
+    /// `Replica::generation_pending`), durable before any write under it completes (a failed
+    /// superblock write fails the completions queued behind it, see `persist_failed`).
+    fn start_pending_generation(&mut self) {
+        if self.generation_pending.is_empty() || self.role != Role::Primary {
+            return;
+        }
+        let slots = std::mem::take(&mut self.generation_pending);
+        self.left_generation = self.sb.uuids.current;
+        let mut generation = self.generation();
+        generation.new_current(self.uuids.next(), true, true, &slots);
+        self.set_generation(generation);
+        self.persist(MetaWrite::Superblock);
+        tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current),
+            "new generation: writing without a lost peer");
+        // The secondaries still connected follow the new generation.
+        self.broadcast_state();
+    }
+
+    /// Releases held completions and writes once this primary may complete writes again, or
+    /// fails them when `fail` (demotion) or when another primary took over.
+    pub fn release_suspended(&mut self, now: Instant, fail: bool) {
+        if self.suspended.is_empty() && self.held.is_empty() {
+            return;
+        }
+        let fail = fail || self.role != Role::Primary || self.superseded(now);
+        if !fail && self.admission(now) != Admission::Proceed {
+            return;
+        }
+        let completions = std::mem::take(&mut self.suspended);
+        let writes = std::mem::take(&mut self.held);
+        if fail {
+            tracing::error!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
+                "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
+        } else {
+            tracing::info!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
+                "quorum is back: completing held writes");
+            self.start_pending_generation();
+        }
+        for (request, result) in completions {
+            self.answer(request, if fail { Err(BlockError::Io) } else { result });
+        }
+        for write in writes {
+            if fail {
+                self.answer(write.request, Err(BlockError::Io));
+            } else {
+                self.waiting.push_back(write);
+            }
+        }
+        self.start_waiting();
+    }
+
+    /// Writes and completions held without quorum.
+    pub fn held_count(&self) -> usize {
+        self.suspended.len() + self.held.len()
+    }
+
+    /// Whether no write is in flight or waiting to start (a demotion's final flush waits for it).
+    pub fn writes_idle(&self) -> bool {
+        self.inflight.is_empty() && self.waiting.is_empty()
+    }
+
+    /// A resync or verify reads `range`: writes into it wait until [`Replica::read_unlock`].
+    pub fn read_lock(&mut self, range: (u64, u64)) {
+        self.read_locks.push(range);
+    }
+
+    pub fn read_unlock(&mut self, range: (u64, u64)) {
+        if let Some(i) = self.read_locks.iter().position(|r| *r == range) {
+            self.read_locks.swap_remove(i);
+        }
+        self.start_waiting();
+    }
+
+    /// The peer acknowledged the barrier of `epoch` (`check_frame` matched it with the oldest
+    /// one sent): the blocks of that epoch are durable there exactly as here, and flushes and a
+    /// pull-ahead waiting for it go on.
+    pub fn barrier_acked(&mut self, now: Instant, peer_id: u8, epoch: u64) {
+        self.peer_progressed(peer_id, now);
+        let peer = self.peer_mut(peer_id);
+        peer.barriers.pop_front();
+        let durable = peer.tl.barrier_acked(epoch);
+        let slot = peer.slot;
+        for (offset, len) in durable {
+            self.bitmaps[slot].clear_range(offset, len);
+        }
+        for flush in self.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
+            flush.peers_pending.retain(|id| *id != peer_id);
+        }
+        self.finish_flushes(now);
+        self.catch_up_if_drained(peer_id);
+    }
+
+    /// How much waits in each peer's send queue, before a write is submitted. Protocol A on a
+    /// slow link (`on_congestion = "pull-ahead"`): every replicating peer whose send queue
+    /// passed the fill mark is left behind. This primary goes Ahead of it: it stops
+    /// sending it data and records the writes in its bitmap (a new generation starts, as for a
+    /// lost peer, so the peer can never be promoted as if it were current), and the peer goes
+    /// Behind and Outdated. Application writes never wait for the slow peer.
+    pub fn send_queues(&mut self, now: Instant, queued_bytes: impl Fn(u8) -> usize) {
+        let Some(fill_bytes) = self.congestion_fill else { return };
+        let congested: Vec<(u8, usize)> = self
+            .peers
+            .iter()
+            // A peer whose bitmap exchange is under way is left alone: its resync decision stands.
+            .filter(|p| p.is_replicating() && p.pending_sync.is_none())
+            .map(|p| (p.node_id, queued_bytes(p.node_id)))
+            .filter(|(_, queued)| *queued as u64 > fill_bytes)
+            .collect();
+        for (peer_id, queued) in congested {
+            // Close the epoch while the peer still counts as replicating: the writes already
+            // queued to it end with a barrier whose ack says it has taken in all of them.
+            let last_epoch = self.close_epoch();
+            let peer = self.peer_mut(peer_id);
+            let was = std::mem::replace(&mut peer.repl, ReplState::Ahead);
+            // A resync in progress stops and starts over once caught up.
+            peer.resync = None;
+            peer.ahead_until = Some(last_epoch);
+            let name = peer.name.clone();
+            tracing::warn!(resource = %self.resource, peer = %name, was = %was, queued_bytes = queued,
+                "send queue passed congestion_fill_kib: Ahead of {name}; its writes are recorded in the bitmap until it catches up");
+            self.stops_following(now, peer_id, None);
+            self.broadcast_state();
+        }
+    }
+
+    /// The end of pull-ahead: once the peer acknowledged the barrier that closed what was
+    /// queued to it (the ack, not an empty queue, is the signal: kernel socket buffers take
+    /// megabytes from a peer that reads nothing), this node resyncs what it missed through the
+    /// usual connect-time decision (the bitmap UUID it just set makes it the source of a
+    /// bitmap resync). The peer hears first, so it decides on its side before the bitmap
+    /// reaches it.
+    fn catch_up_if_drained(&mut self, peer_id: u8) {
+        let peer = self.peer_mut(peer_id);
+        let Some(last_epoch) = peer.ahead_until.filter(|_| peer.repl == ReplState::Ahead) else { return };
+        if peer.barriers.iter().any(|(epoch, _)| *epoch <= last_epoch) {
+            return;
+        }
+        peer.ahead_until = None;
+        peer.repl = ReplState::Off;
+        tracing::info!(peer = %peer.name, "the peer caught up with the send queue: resyncing what it missed");
+        // The state without the Ahead flag makes the peer leave Behind.
+        self.broadcast_state();
+        self.reconsider_or_drop(peer_id);
+    }
+}
+
+impl From<LocalFailure> for BlockError {
+    fn from(failure: LocalFailure) -> BlockError {
+        match failure {
+            LocalFailure::Io => BlockError::Io,
+            LocalFailure::NoSpace => BlockError::NoSpace,
+        }
+    }
+}
