@@ -212,7 +212,7 @@ fn pull_ahead_keeps_writes_completing_while_the_peer_is_stuck_then_resyncs() {
     let alpha = c.status("alpha");
     signal(&c, "beta", "-CONT");
     let beta = Cluster::peer(&alpha, "beta");
-    assert_eq!(beta["replication"], "Ahead", "{alpha:#}");
+    assert_eq!(beta["replication"], "Ahead", "{alpha:#}\n{}", c.logs());
     assert_eq!(beta["connection"], "Connected");
     assert!(beta["out_of_sync_bytes"].as_u64().unwrap() > 0);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");

@@ -34,14 +34,6 @@ pub struct PeerLink {
 }
 
 /// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
-fn payload_len(msg: &Message) -> usize {
-    match msg {
-        Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
-        Message::DigestRequest { digests, .. } => digests.len() * crate::wire::DIGEST_BYTES,
-        _ => 0,
-    }
-}
-
 impl PeerLink {
     pub fn new(stream: TcpStream) -> std::io::Result<PeerLink> {
         let out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
@@ -73,7 +65,7 @@ impl PeerLink {
     pub fn send_bulk(&self, msg: Message, on_sent: Option<OnSent>) {
         let mut q = self.queue.lock().expect("link queue");
         if !q.closed {
-            q.bulk_bytes += payload_len(&msg);
+            q.bulk_bytes += msg.payload_len();
             q.bulk.push_back((msg, on_sent));
             self.changed.notify_all();
         }
@@ -136,7 +128,7 @@ impl PeerLink {
                     break (Some(msg), None);
                 }
                 if let Some((msg, on_sent)) = q.bulk.pop_front() {
-                    q.bulk_bytes -= payload_len(&msg);
+                    q.bulk_bytes -= msg.payload_len();
                     self.changed.notify_all();
                     break (Some(msg), on_sent);
                 }
@@ -150,7 +142,7 @@ impl PeerLink {
             let Some(out) = out_guard.as_mut() else { return "link closed".to_owned() };
             let result = match msg {
                 Some(msg) => {
-                    let len = payload_len(&msg) as u64;
+                    let len = msg.payload_len() as u64;
                     write_message(out, &msg).map(|()| {
                         self.sent_bytes.fetch_add(len, Ordering::Relaxed);
                     })

@@ -86,10 +86,12 @@ pub(super) fn read_range_then<P, T>(
     let prepared = shared.data.read_at(&mut buf, offset).map(|()| prepare(buf));
 
     let mut st = shared.lock();
+    // What `send` queues goes first: unlocking starts the writes that waited for the range,
+    // and their frames must follow it.
+    let sent = prepared.map(|prepared| still(&st).then(|| send(&mut st, prepared)));
     st.replica.read_unlock(range);
     shared.changed.notify_all();
-    let prepared = prepared.map_err(|e| format!("read at {offset}+{len} failed: {e}"))?;
-    Ok(still(&st).then(|| send(&mut st, prepared)))
+    sent.map_err(|e| format!("read at {offset}+{len} failed: {e}"))
 }
 
 pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {

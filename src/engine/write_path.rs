@@ -4,6 +4,7 @@
 
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::locked::Locked;
+use super::state::State;
 use super::Shared;
 use crate::frontend::{BlockRequest, Completion};
 use std::sync::Arc;
@@ -17,7 +18,13 @@ pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
     let id = st.next_request;
     st.next_request += 1;
     st.requests.insert(id, done);
-    st.replica.submit(Instant::now(), id, request);
+    let queued = queued_bytes(&st);
+    st.replica.submit(Instant::now(), id, request, |peer| queued.iter().find(|(id, _)| *id == peer).map_or(0, |(_, q)| *q));
+}
+
+/// How much waits in each connected peer's send queue.
+fn queued_bytes(st: &State) -> Vec<(u8, usize)> {
+    st.replica.peers.iter().filter_map(|p| st.link(p.node_id).map(|l| (p.node_id, l.queued_bytes()))).collect()
 }
 
 /// Back-pressure: a full send queue slows writers down (under pull-ahead the replica leaves the
@@ -25,9 +32,8 @@ pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
 /// that drain the queue.
 fn wait_for_room<'a>(shared: &'a Shared, mut st: Locked<'a>) -> Locked<'a> {
     loop {
-        let queued: Vec<(u8, usize)> =
-            st.replica.peers.iter().filter_map(|p| st.link(p.node_id).map(|l| (p.node_id, l.queued_bytes()))).collect();
-        st.replica.send_queues(Instant::now(), |peer| queued.iter().find(|(id, _)| *id == peer).map_or(0, |(_, q)| *q));
+        let queued = queued_bytes(&st);
+        st.replica.send_queues(Instant::now(), &queued);
         let replicating = st.replica.peers.iter().filter(|p| p.is_replicating());
         let full = replicating.filter_map(|p| st.link(p.node_id)).find(|l| l.is_full()).cloned();
         match full {

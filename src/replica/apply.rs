@@ -175,3 +175,73 @@ impl Replica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::core::inflight::LocalFailure;
+    use crate::replica::testing::secondary_of_primary;
+    use crate::replica::{Action, IoTag, LocalIo};
+    use crate::wire::Message;
+    use bytes::Bytes;
+
+    fn data(offset: u64) -> LocalIo {
+        LocalIo::Write { offset, data: Bytes::from(vec![1u8; 4096]), fua: false }
+    }
+
+    fn io_tags(actions: &[Action]) -> Vec<IoTag> {
+        actions.iter().filter_map(|a| match a {
+            Action::Io { tag, .. } => Some(*tag),
+            _ => None,
+        }).collect()
+    }
+
+    fn sent(actions: &[Action]) -> Vec<&Message> {
+        actions.iter().filter_map(|a| match a {
+            Action::Send { msg, .. } => Some(msg),
+            _ => None,
+        }).collect()
+    }
+
+    #[test]
+    fn overlapping_writes_apply_in_stream_order_and_a_barrier_waits_for_the_writes_before_it() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        r.peer_write_received(t0, 1, 1, 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, 2, 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, 3, 8192, 4096, false, data(8192));
+        r.peer_barrier_received(1, 7);
+        let actions = r.take_actions();
+        let write = |id| IoTag::PeerWrite { peer: 1, generation, id };
+        assert_eq!(io_tags(&actions), vec![write(1), write(3)], "write 2 waits for write 1");
+        r.io_done(t0, write(3), Ok(None));
+        r.io_done(t0, write(1), Ok(None));
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![write(2)]);
+        assert!(matches!(sent(&actions)[..], [Message::WriteAck { id: 3 }, Message::WriteAck { id: 1 }]), "{actions:?}");
+        r.io_done(t0, write(2), Ok(None));
+        let actions = r.take_actions();
+        let barrier = IoTag::Barrier { peer: 1, generation, epoch: 7 };
+        assert_eq!(io_tags(&actions), vec![barrier], "the flush follows the last write before the barrier");
+        r.io_done(t0, barrier, Ok(None));
+        let actions = r.take_actions();
+        assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, writes: 3 }]), "{actions:?}");
+    }
+
+    #[test]
+    fn a_failed_write_is_nacked_and_a_write_of_a_replaced_connection_is_not_acked() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        r.peer_write_received(t0, 1, 1, 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, 2, 4096, 4096, false, data(4096));
+        r.take_actions();
+        r.io_done(t0, IoTag::PeerWrite { peer: 1, generation, id: 1 }, Err(LocalFailure::NoSpace));
+        assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 1, errno: 28 }]));
+        r.link_down(1, "gone", 0);
+        r.link_up(1, t0);
+        r.take_actions();
+        assert!(r.overlaps_busy(4096, 4096), "a write still on its way keeps later ones to its blocks waiting");
+        r.io_done(t0, IoTag::PeerWrite { peer: 1, generation, id: 2 }, Ok(None));
+        assert!(sent(&r.take_actions()).is_empty(), "no ack on the new connection for the old one's write");
+        assert!(!r.overlaps_busy(4096, 4096));
+    }
+}

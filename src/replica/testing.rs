@@ -37,3 +37,31 @@ pub fn two_node_replica() -> (Replica, Instant) {
     });
     (replica, now)
 }
+
+/// [`two_node_replica`] as a primary replicating to its connected, Established peer (whose
+/// State arrived); the actions of getting there are taken.
+pub fn primary_replicating() -> (Replica, Instant) {
+    let (mut r, t0) = two_node_replica();
+    r.role = crate::core::states::Role::Primary;
+    r.disk = crate::core::states::DiskState::UpToDate;
+    r.link_up(1, t0);
+    let peer = r.peer_mut(1);
+    peer.repl = crate::core::states::ReplState::Established;
+    peer.role = crate::core::states::Role::Secondary;
+    peer.disk = crate::core::states::DiskState::UpToDate;
+    r.take_actions();
+    (r, t0)
+}
+
+/// [`two_node_replica`] as a secondary whose peer is its Established primary.
+pub fn secondary_of_primary() -> (Replica, Instant) {
+    let (mut r, t0) = two_node_replica();
+    r.disk = crate::core::states::DiskState::UpToDate;
+    r.link_up(1, t0);
+    let peer = r.peer_mut(1);
+    peer.repl = crate::core::states::ReplState::Established;
+    peer.role = crate::core::states::Role::Primary;
+    peer.disk = crate::core::states::DiskState::UpToDate;
+    r.take_actions();
+    (r, t0)
+}

@@ -85,19 +85,29 @@ fn overlap((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
 }
 
 impl Replica {
-    /// A request from the frontend.
-    pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest) {
+    /// A request from the frontend. `queued_bytes`: how much waits in each peer's send queue
+    /// (see [`Replica::send_queues`]).
+    pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest, queued_bytes: impl Fn(u8) -> usize) {
         let write = |offset, kind| QueuedWrite { request, offset, kind };
         match req {
             BlockRequest::Read { offset, len } => self.submit_read(request, offset, len),
             BlockRequest::Flush => self.submit_flush(request),
             BlockRequest::Write { offset, data, fua } => {
+                // Each piece may find a queue past the fill mark, counting the pieces before it.
+                let congestion = |r: &mut Replica| {
+                    let queued: Vec<(u8, usize)> = r.peers.iter().map(|p| (p.node_id, queued_bytes(p.node_id) + r.outbox_bulk_bytes(p.node_id))).collect();
+                    r.send_queues(now, &queued);
+                };
+                congestion(self);
                 if data.len() <= MAX_DATA_BYTES {
                     return self.submit_write(now, write(offset, WriteKind::Data { data, fua }));
                 }
                 let pieces = data.len().div_ceil(MAX_DATA_BYTES);
                 self.pieces.insert(request, Pieces { remaining: pieces, result: Ok(None) });
                 for start in (0..data.len()).step_by(MAX_DATA_BYTES) {
+                    if start > 0 {
+                        congestion(self);
+                    }
                     let piece = data.slice(start..(start + MAX_DATA_BYTES).min(data.len()));
                     self.submit_write(now, write(offset + start as u64, WriteKind::Data { data: piece, fua }));
                 }
@@ -433,6 +443,17 @@ impl Replica {
         self.start_waiting();
     }
 
+    /// Bytes of bulk frames for `peer` queued here, not yet handed to its link.
+    fn outbox_bulk_bytes(&self, peer: u8) -> usize {
+        self.outbox
+            .iter()
+            .map(|a| match a {
+                Action::Send { peer: p, msg, lane: super::Lane::Bulk, .. } if *p == peer => msg.payload_len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Writes and completions held without quorum.
     pub fn held_count(&self) -> usize {
         self.suspended.len() + self.held.len()
@@ -480,14 +501,14 @@ impl Replica {
     /// sending it data and records the writes in its bitmap (a new generation starts, as for a
     /// lost peer, so the peer can never be promoted as if it were current), and the peer goes
     /// Behind and Outdated. Application writes never wait for the slow peer.
-    pub fn send_queues(&mut self, now: Instant, queued_bytes: impl Fn(u8) -> usize) {
+    pub fn send_queues(&mut self, now: Instant, queued_bytes: &[(u8, usize)]) {
         let Some(fill_bytes) = self.congestion_fill else { return };
         let congested: Vec<(u8, usize)> = self
             .peers
             .iter()
             // A peer whose bitmap exchange is under way is left alone: its resync decision stands.
             .filter(|p| p.is_replicating() && p.pending_sync.is_none())
-            .map(|p| (p.node_id, queued_bytes(p.node_id)))
+            .filter_map(|p| queued_bytes.iter().find(|(id, _)| *id == p.node_id).copied())
             .filter(|(_, queued)| *queued as u64 > fill_bytes)
             .collect();
         for (peer_id, queued) in congested {
@@ -534,5 +555,176 @@ impl From<LocalFailure> for BlockError {
             LocalFailure::Io => BlockError::Io,
             LocalFailure::NoSpace => BlockError::NoSpace,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::core::inflight::{AckLevel, LocalFailure};
+    use crate::frontend::{BlockError, BlockRequest};
+    use crate::replica::testing::primary_replicating;
+    use crate::replica::{Action, IoTag, MetaWrite, Replica};
+    use crate::wire::{Message, MAX_DATA_BYTES};
+    use bytes::Bytes;
+
+    fn write(offset: u64, len: usize) -> BlockRequest {
+        BlockRequest::Write { offset, data: Bytes::from(vec![7u8; len]), fua: false }
+    }
+
+    fn no_queue(_: u8) -> usize {
+        0
+    }
+
+    /// The local writes asked for, by write id.
+    fn local_writes(actions: &[Action]) -> Vec<u64> {
+        actions.iter().filter_map(write_id).collect()
+    }
+
+    fn write_id(a: &Action) -> Option<u64> {
+        match a {
+            Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    fn completions(actions: &[Action]) -> Vec<(u64, bool)> {
+        actions.iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((*request, result.is_ok())),
+            _ => None,
+        }).collect()
+    }
+
+    /// Finishes write `id` everywhere (local disk, then the peer's WriteAck).
+    fn finish(r: &mut Replica, now: std::time::Instant, id: u64) {
+        r.io_done(now, IoTag::Write(id), Ok(None));
+        r.peer_reached(now, id, 1, AckLevel::Written);
+    }
+
+    #[test]
+    fn overlapping_writes_start_in_arrival_order_and_complete_once_everywhere() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 10, write(0, 4096), no_queue);
+        r.submit(t0, 11, write(0, 4096), no_queue);
+        r.submit(t0, 12, write(8192, 4096), no_queue);
+        let actions = r.take_actions();
+        let first = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))).expect("a cold extent");
+        let io = actions.iter().position(|a| matches!(a, Action::Io { .. })).expect("a local write");
+        assert!(first < io, "the activity log's transaction goes before the write into its extent: {actions:?}");
+        let started = local_writes(&actions);
+        assert_eq!(started.len(), 2, "the second write to block 0 waits for the first: {actions:?}");
+        let data_frames = actions.iter().filter(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })).count();
+        assert_eq!(data_frames, 2);
+        r.io_done(t0, IoTag::Write(started[0]), Ok(None));
+        assert!(local_writes(&r.take_actions()).is_empty(), "still waiting for the peer's ack (protocol C)");
+        r.peer_reached(t0, started[0], 1, AckLevel::Written);
+        let actions = r.take_actions();
+        assert_eq!(completions(&actions), vec![(10, true)]);
+        let second = local_writes(&actions);
+        assert_eq!(second.len(), 1, "the waiting write starts now: {actions:?}");
+        finish(&mut r, t0, second[0]);
+        finish(&mut r, t0, started[1]);
+        let mut done = completions(&r.take_actions());
+        done.sort_unstable();
+        assert_eq!(done, vec![(11, true), (12, true)]);
+        assert!(r.writes_idle());
+    }
+
+    #[test]
+    fn a_write_larger_than_a_frame_goes_in_pieces_and_completes_once_with_the_first_error() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 5, write(0, 2 * MAX_DATA_BYTES + 4096), no_queue);
+        let actions = r.take_actions();
+        let ids = local_writes(&actions);
+        assert_eq!(ids.len(), 3);
+        r.io_done(t0, IoTag::Write(ids[1]), Err(LocalFailure::NoSpace));
+        r.peer_reached(t0, ids[1], 1, AckLevel::Written);
+        finish(&mut r, t0, ids[0]);
+        assert!(completions(&r.take_actions()).is_empty(), "one piece is still out");
+        finish(&mut r, t0, ids[2]);
+        let actions = r.take_actions();
+        let answers: Vec<_> = actions.iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((*request, result.clone())),
+            _ => None,
+        }).collect();
+        assert_eq!(answers, vec![(5, Err(BlockError::NoSpace))]);
+    }
+
+    #[test]
+    fn writes_are_refused_outside_the_device_and_on_a_secondary() {
+        let (mut r, t0) = primary_replicating();
+        let end = r.sb.data_size;
+        r.submit(t0, 1, write(end - 4096, 8192), no_queue);
+        r.role = crate::core::states::Role::Secondary;
+        r.submit(t0, 2, write(0, 4096), no_queue);
+        r.submit(t0, 3, BlockRequest::Read { offset: 0, len: 4096 }, no_queue);
+        let actions = r.take_actions();
+        let answers: Vec<_> = actions.iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((*request, result.clone())),
+            _ => None,
+        }).collect();
+        assert_eq!(answers, vec![(1, Err(BlockError::Invalid)), (2, Err(BlockError::ReadOnly)), (3, Err(BlockError::ReadOnly))]);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. })), "{actions:?}");
+    }
+
+    #[test]
+    fn a_flush_waits_for_the_local_flush_and_the_barrier_ack() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let id = local_writes(&r.take_actions())[0];
+        finish(&mut r, t0, id);
+        r.take_actions();
+        r.submit(t0, 2, BlockRequest::Flush, no_queue);
+        let actions = r.take_actions();
+        let epoch = actions.iter().find_map(|a| match a {
+            Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
+            _ => None,
+        }).expect("a barrier closes the epoch");
+        let flush = actions.iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("a local flush");
+        r.io_done(t0, flush, Ok(None));
+        assert!(completions(&r.take_actions()).is_empty(), "the peer has not flushed yet");
+        r.barrier_acked(t0, 1, epoch);
+        assert_eq!(completions(&r.take_actions()), vec![(2, true)]);
+    }
+
+    #[test]
+    fn a_failed_activity_log_write_keeps_the_write_off_the_disk_and_fails_it() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let mut actions = r.take_actions();
+        let at = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))).expect("a transaction");
+        let rest = actions.split_off(at + 1);
+        let Some(Action::Persist(what)) = actions.pop() else { unreachable!() };
+        let id = rest.iter().find_map(write_id).expect("the write");
+        r.persist_failed(t0, what, "EIO", rest);
+        let actions = r.take_actions();
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. })), "nothing reaches the disk: {actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "the peer still gets it");
+        r.peer_reached(t0, id, 1, AckLevel::Written);
+        let answers: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((request, result)),
+            _ => None,
+        }).collect();
+        assert_eq!(answers, vec![(1, Err(BlockError::Io))]);
+    }
+
+    #[test]
+    fn pull_ahead_leaves_a_congested_peer_behind_and_takes_it_back_once_it_drained() {
+        let (mut r, t0) = primary_replicating();
+        r.protocol = crate::config::Protocol::A;
+        r.congestion_fill = Some(1 << 20);
+        r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
+        let actions = r.take_actions();
+        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::Ahead);
+        let last = actions.iter().find_map(|a| match a {
+            Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
+            _ => None,
+        }).expect("the queue is closed with a barrier");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "no data for it: {actions:?}");
+        assert!(r.bitmaps[0].weight() > 0, "the write is in its bitmap");
+        r.barrier_acked(t0, 1, last);
+        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::Off, "caught up: decided again");
     }
 }

@@ -260,6 +260,15 @@ impl Kind {
 }
 
 impl Message {
+    /// The bytes of bulk content it carries (what a send queue's fill is counted in).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
+            Message::DigestRequest { digests, .. } => digests.len() * DIGEST_BYTES,
+            _ => 0,
+        }
+    }
+
     /// The variant's name, for logs and errors.
     pub fn name(&self) -> &'static str {
         self.kind().name()
