@@ -5,12 +5,9 @@
 //! two connections into existence.
 
 use super::link::PeerLink;
-use super::locked::Locked;
 use super::state::State;
-use super::{digests, random_bytes, resync, verify, Shared};
-use crate::core::inflight::AckLevel;
-use crate::replica::LocalIo;
-use crate::wire::{auth, read_message, write_message, DigestPurpose, Hello, Message, PeerState, WireError, PROTOCOL_VERSION};
+use super::{random_bytes, Shared};
+use crate::wire::{auth, read_message, write_message, Hello, Message, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -300,89 +297,14 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
     }
 }
 
-/// Applies one frame from the peer. An error drops the connection with that reason; nothing was
-/// written for the offending frame. The replica checks the frame against the link's state
-/// (`Replica::check_frame`) under the same lock the handler starts with.
+/// Hands one frame from the peer to the replica. An error drops the connection with that
+/// reason; nothing was applied for the offending frame.
 fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
-    let acked = match msg {
-        Message::RecvAck { id } => Some((id, AckLevel::Received)),
-        Message::WriteAck { id } => Some((id, AckLevel::Written)),
-        _ => None,
-    };
-    if let Some((id, level)) = acked {
-        shared.lock().replica.peer_reached(Instant::now(), id, peer_id, level);
-        shared.changed.notify_all();
-        return Ok(());
-    }
-    debug_assert!(crate::replica::frames::needs_check(&msg));
-    let st = shared.lock();
-    st.replica.check_frame(peer_id, generation, &msg)?;
-    let mut st = st;
-    match msg {
-        Message::Data { id, epoch: _, offset, fua, payload } => {
-            let len = payload.len() as u64;
-            let op = LocalIo::Write { offset, data: payload, fua };
-            st.replica.peer_write_received(Instant::now(), peer_id, id, offset, len, fua, op);
-            Ok(())
-        }
-        Message::Zeroes { id, epoch: _, offset, len, fua, discard } => {
-            let op = LocalIo::Zeroes { offset, len: u64::from(len), discard, fua };
-            st.replica.peer_write_received(Instant::now(), peer_id, id, offset, u64::from(len), fua, op);
-            Ok(())
-        }
-        Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),
-        Message::NegAck { id, errno } => Err(format!("peer failed to write request {id} (errno {errno}); its disk is out of sync")),
-        Message::Barrier { epoch } => {
-            st.replica.peer_barrier_received(peer_id, epoch);
-            Ok(())
-        }
-        Message::BarrierAck { epoch, .. } => {
-            st.replica.barrier_acked(Instant::now(), peer_id, epoch);
-            shared.changed.notify_all();
-            Ok(())
-        }
-        Message::ResyncData { offset, payload } => resync::apply_resync_data(shared, st, peer_id, offset, &payload),
-        Message::ResyncDone { current_uuid, history } => resync::finish_as_target(shared, st, peer_id, current_uuid, history),
-        Message::DigestRequest { purpose, offset, digests } => digests::answer(shared, st, peer_id, purpose, offset, &digests),
-        Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
-            verify::on_reply(shared, st, peer_id, offset, blocks, &differing)
-        }
-        Message::DigestReply { purpose: DigestPurpose::Resync, offset, blocks, differing } => {
-            resync::on_digest_reply(shared, st, peer_id, offset, blocks, &differing)
-        }
-        Message::State(state) => on_peer_state(shared, st, peer_id, state),
-        Message::BitmapRuns { last, runs } => on_bitmap_runs(shared, st, peer_id, last, &runs),
-        Message::Ping => {
-            st.replica.send(peer_id, Message::PingAck);
-            Ok(())
-        }
-        Message::PingAck => {
-            st.replica.peer_mut(peer_id).lease.answered();
-            st.replica.release_suspended(Instant::now(), false);
-            super::step_down_if_superseded(shared, &mut st);
-            Ok(())
-        }
-        Message::Disconnect { reason } => Err(format!("peer disconnected: {reason}")),
-        Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } => {
-            unreachable!("refused by check_frame")
-        }
-    }
-}
-
-fn on_peer_state(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, state: PeerState) -> Result<(), String> {
-    let result = st.replica.peer_state_received(peer_id, state);
-    st.replica.release_suspended(Instant::now(), false);
+    let mut st = shared.lock();
+    let result = st.replica.receive(Instant::now(), peer_id, generation, msg);
     super::step_down_if_superseded(shared, &mut st);
     shared.changed.notify_all();
     result
-}
-
-/// The peer's bitmap for this node: merged into ours, so both resync the union of what either
-/// side knows to differ (a crashed primary's activity-log extents are only in its own bitmap).
-fn on_bitmap_runs(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, last: bool, runs: &[(u64, u64)]) -> Result<(), String> {
-    st.replica.bitmap_received(peer_id, last, runs, Instant::now())?;
-    shared.changed.notify_all();
-    Ok(())
 }
 
 /// The link to `peer_id` (of `generation`) died.

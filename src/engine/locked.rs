@@ -87,6 +87,10 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
                 let written = match &what {
                     MetaWrite::Superblock => st.persist().map_err(|e| e.to_string()),
                     MetaWrite::Bitmap(slot) => st.persist_bitmap(*slot).map_err(|e| e.to_string()),
+                    MetaWrite::BitmapPages { slot, pages } => {
+                        let State { meta, replica, .. } = &mut *st;
+                        meta.write_bitmap_pages(*slot, &replica.bitmaps[*slot], pages.iter().copied()).map_err(|e| e.to_string())
+                    }
                     MetaWrite::DataFlush => shared.data.sync().map_err(|e| e.to_string()),
                     MetaWrite::ActivityLog(update) => {
                         st.meta.write_al_update(update, &st.replica.bitmaps).map_err(|e| e.to_string())

@@ -3,7 +3,6 @@
 
 mod congestion;
 mod connection;
-mod digests;
 mod io_pool;
 mod link;
 mod locked;

@@ -13,9 +13,8 @@
 use super::state::State;
 use super::locked::Locked;
 use crate::replica::{ResyncChunk, ResyncStep};
-use super::digests::block_range;
 use super::{congestion, connection, EngineError, Shared};
-use crate::core::block_digest::{block_digests, matching_runs};
+use crate::core::block_digest::block_digests;
 use crate::core::resync_rate::ResyncRate;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::meta::MetaFlags;
@@ -144,45 +143,6 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
     }
 }
 
-/// The answer to a digest request of a checksum-based resync (this node is the source): blocks
-/// that matched clear with the next barrier ack; the others are queued to be sent as data.
-/// `Replica::check_frame` matched it with the oldest digest request.
-pub fn on_digest_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
-    let epoch = st.replica.epoch;
-    let peer = st.replica.peer_mut(peer_id);
-    // The resync stopped when this node went Ahead; the blocks stay marked.
-    if peer.repl == ReplState::Ahead {
-        return Ok(());
-    }
-    peer.sync.resync_digests.pop_front();
-    let range = |run| block_range(shared, offset, run);
-    for (start, len) in matching_runs(blocks, differing).into_iter().map(range) {
-        peer.tl.record_held(epoch, start, len);
-    }
-    peer.sync.resync_wanted.extend(differing.iter().copied().map(range));
-    shared.changed.notify_all();
-    Ok(())
-}
-
-/// A resync block from the source (this node is the target, as `Replica::check_frame` saw).
-pub fn apply_resync_data(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, payload: &[u8]) -> Result<(), String> {
-    let len = payload.len() as u64;
-    // Behind the writes of the stream before it that are still on their way to the disk.
-    while st.replica.overlaps_busy(offset, len) {
-        st = st.wait();
-    }
-    drop(st);
-    shared.data.write_at(payload, offset).map_err(|e| format!("resync write at {offset} failed: {e}"))?;
-    let mut st = shared.lock();
-    let peer = st.replica.peer_mut(peer_id);
-    peer.rx_epoch_writes += 1;
-    peer.received_bytes += len;
-    let slot = peer.slot;
-    // Only for progress on this side; the source's bitmap is the authority.
-    st.replica.bitmaps[slot].clear_range(offset, len);
-    Ok(())
-}
-
 /// `invalidate`: this node's data is declared bad and fully resynced from a connected UpToDate
 /// peer. The disk is Inconsistent (and the whole bitmap for that peer set) on disk before anything
 /// else happens, so a crash or a lost connection midway still ends in a resync, never in this
@@ -233,10 +193,3 @@ pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, 
     shared.changed.notify_all();
 }
 
-/// The source finished (or, for two fresh nodes, declared them in sync): adopt its generation.
-/// `Replica::check_frame` saw `peer_id` as this node's sync source.
-pub fn finish_as_target(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, current: u64, history: [u64; 4]) -> Result<(), String> {
-    st.replica.resync_done_received(peer_id, current, history);
-    shared.changed.notify_all();
-    Ok(())
-}

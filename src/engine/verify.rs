@@ -12,13 +12,11 @@
 //! against its own requests is not defined.
 
 use super::resync::{read_range_then, Pacer, WAIT_SLICE};
-use super::locked::Locked;
 use super::state::State;
 use crate::replica::{Peer, VerifyRun, VerifyState};
-use super::{congestion, digests::block_range, EngineError, Shared};
+use super::{congestion, EngineError, Shared};
 use crate::core::block_digest::block_digests;
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message, MAX_DIGESTS};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -130,56 +128,6 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
         cursor += len;
         pacer.spend(len);
     }
-}
-
-/// The peer's answer: blocks that differ are marked out of sync for it and reported.
-/// `Replica::check_frame` matched it with the oldest request of this connection's verify.
-/// An aborted run still takes its answers: what they report is as true as before.
-pub fn on_reply(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8, offset: u64, blocks: u32, differing: &[(u32, u32)]) -> Result<(), String> {
-    let peer = st.replica.peer_mut(peer_id);
-    let (slot, name) = (peer.slot, peer.name.clone());
-    let run = peer.sync.verify.as_mut().expect("checked: a verify awaits this answer");
-    run.awaiting.pop_front();
-    let checked = block_range(shared, offset, (0, blocks));
-    let remaining = run.progress.remaining_bytes().saturating_sub(checked.1);
-    run.progress.observe(remaining);
-    let found: Vec<(u64, u64)> = differing.iter().map(|run| block_range(shared, offset, *run)).collect();
-    for &(start, len) in &found {
-        run.record_found(start, len);
-        tracing::warn!(resource = %shared.config.name, peer = %name, offset = start, len, "online verify: blocks differ");
-    }
-    // Durable before anything reports them: outside the activity log's hot extents nothing
-    // else would bring them back after a crash, and the peer already counts itself Outdated.
-    let mut pages = Vec::new();
-    for (start, len) in found {
-        st.replica.mark_out_of_sync(slot, start, len);
-        pages.extend(st.replica.bitmaps[slot].pages_for_range(start, len));
-    }
-    let State { meta, replica, .. } = &mut *st;
-    meta.write_bitmap_pages(slot, &replica.bitmaps[slot], pages)
-        .map_err(|e| format!("cannot persist the blocks verify found out of sync: {e}"))?;
-    shared.changed.notify_all();
-    Ok(())
-}
-
-/// This node answered a verify and found blocks that differ from the peer's: its copy is not
-/// UpToDate any more, and it says so before its answer goes out (so the verifying node never
-/// shows it UpToDate next to blocks out of sync).
-pub fn found_here(shared: &Shared, st: &mut State, peer_id: u8, offset: u64, differing: &[(u32, u32)]) -> Result<(), String> {
-    let name = st.replica.peer(peer_id).name.clone();
-    for run in differing {
-        let (start, len) = block_range(shared, offset, *run);
-        tracing::warn!(resource = %shared.config.name, peer = %name, offset = start, len, "online verify: this node's blocks differ from the peer's");
-    }
-    if !st.replica.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
-        st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-        st.replica.sb.flags.insert(MetaFlags::VERIFY_DIFFERS);
-        st.persist().map_err(|e| format!("cannot persist the Outdated disk state: {e}"))?;
-        st.replica.disk = DiskState::Outdated;
-        tracing::warn!(resource = %shared.config.name, peer = %name, "online verify found blocks that differ: this node is Outdated until resynced");
-        st.replica.broadcast_state();
-    }
-    Ok(())
 }
 
 /// The verify thread stopped: record how and tell the operator.

@@ -26,6 +26,8 @@ pub enum MetaWrite {
     Superblock,
     /// One peer slot's whole bitmap.
     Bitmap(usize),
+    /// Some pages of one peer slot's bitmap.
+    BitmapPages { slot: usize, pages: Vec<usize> },
     /// The data disk's cache flushed: what was written to it is durable (the end of a resync
     /// is recorded only after the data it brought).
     DataFlush,
@@ -55,8 +57,9 @@ pub enum IoTag {
     Write(u64),
     /// The local half of FLUSH `id` (see `PendingFlush`).
     Flush(u64),
-    /// A write replicated from `peer` on connection `generation`: its `id` in the peer's stream.
-    PeerWrite { peer: u8, generation: u64, id: u64 },
+    /// Step `seq` of `peer`'s stream (a replicated write, resync data, a digest comparison's
+    /// read), received on connection `generation`.
+    Stream { peer: u8, generation: u64, seq: u64 },
     /// The flush behind `peer`'s barrier for `epoch`.
     Barrier { peer: u8, generation: u64, epoch: u64 },
 }

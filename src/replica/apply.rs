@@ -1,68 +1,100 @@
-//! The secondary's side of the primary's stream: replicated writes go to the local disk in
-//! stream order where they overlap (the local I/Os of two that do not may run at once), each is
-//! acknowledged as the protocol asks, and a barrier's flush waits for every write received
-//! before it, so its ack says all of them are durable here.
+//! The receiving side of a peer's stream. Replicated writes, resync data and digest
+//! comparisons go to the local disk in stream order where they touch the same blocks (the local
+//! I/Os of those that do not may run at once), writes are acknowledged as the protocol asks, a
+//! barrier's flush waits for every write received before it (so its ack says all of them are
+//! durable here), and the end of a resync waits for the resync data before it.
 
 use super::{Action, IoTag, LocalIo, Replica};
 use crate::config::Protocol;
+use crate::core::block_digest::{block_digests, differing_runs};
 use crate::core::inflight::LocalFailure;
-use crate::wire::Message;
+use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
+use bytes::Bytes;
 use std::collections::VecDeque;
 use std::time::Instant;
 
-/// One replicated write on its way to the local disk.
+/// What one step of a peer's stream does on the local disk.
 #[derive(Debug)]
-struct Apply {
+enum Work {
+    /// A replicated write, `id` in the primary's stream.
+    Write { id: u64, fua: bool, op: LocalIo },
+    /// A block from this node's resync source.
+    Resync { data: Bytes },
+    /// Blocks to compare with the peer's digests (verify or checksum resync): read, then
+    /// answered. Answers go out in request order, so one comparison runs at a time.
+    Compare { purpose: DigestPurpose, digests: Vec<[u8; DIGEST_BYTES]> },
+}
+
+#[derive(Debug)]
+struct Step {
     /// Its place in the peer's stream (across connections).
     seq: u64,
     generation: u64,
-    id: u64,
     offset: u64,
     len: u64,
-    fua: bool,
-    op: LocalIo,
+    work: Work,
 }
 
-/// A barrier received, waiting for the writes before it and then for its flush.
+impl Step {
+    /// Whether this step must wait for `earlier` (a step before it in the stream).
+    fn waits_for(&self, earlier: &Step) -> bool {
+        let both_compare = matches!(self.work, Work::Compare { .. }) && matches!(earlier.work, Work::Compare { .. });
+        both_compare || (self.offset < earlier.offset + earlier.len && earlier.offset < self.offset + self.len)
+    }
+
+    fn io(&self) -> LocalIo {
+        match &self.work {
+            Work::Write { op, .. } => op.clone(),
+            Work::Resync { data } => LocalIo::Write { offset: self.offset, data: data.clone(), fua: false },
+            Work::Compare { .. } => LocalIo::Read { offset: self.offset, len: self.len as usize },
+        }
+    }
+}
+
+/// A point of the stream that waits for every step before it.
 #[derive(Debug)]
-struct BarrierIn {
-    epoch: u64,
-    /// Writes in its epoch, as counted here (the primary checks them against its own count).
-    writes: u32,
-    /// The stream position of the last write before it.
-    after_seq: u64,
-    flushing: bool,
+enum Mark {
+    /// A barrier: flushed, then acknowledged with the writes of its epoch (as counted here; the
+    /// primary checks them against its own count).
+    Barrier { epoch: u64, writes: u32, flushing: bool },
+    /// The sync source's end of a resync.
+    ResyncDone { current: u64, history: [u64; 4] },
 }
 
-/// The writes and barriers of one peer's stream that are not done locally yet.
+/// The steps and marks of one peer's stream that are not done yet.
 #[derive(Debug, Default)]
 pub struct Applying {
     received: u64,
     /// Submitted to the local disk.
-    running: Vec<Apply>,
-    /// Waiting for an earlier overlapping write, in stream order.
-    waiting: VecDeque<Apply>,
-    barriers: VecDeque<BarrierIn>,
+    running: Vec<Step>,
+    /// Waiting for an earlier step, in stream order.
+    waiting: VecDeque<Step>,
+    /// With the stream position of the last step before each.
+    marks: VecDeque<(u64, Mark)>,
 }
 
 impl Applying {
-    /// Whether a write of the stream to `[offset, offset + len)` is not on the disk yet.
+    /// Whether a step of the stream that touches `[offset, offset + len)` is not done yet.
     pub fn overlaps(&self, offset: u64, len: u64) -> bool {
         self.running.iter().chain(&self.waiting).any(|a| offset < a.offset + a.len && a.offset < offset + len)
     }
 
-    /// The link went: writes not yet submitted and barriers are dropped (the primary resyncs
-    /// whatever it did not hear back about); writes submitted finish, unanswered.
+    /// The link went: steps not yet submitted and marks are dropped (the source resyncs
+    /// whatever it did not hear back about); steps submitted finish, unanswered.
     pub fn link_down(&mut self) {
         self.waiting.clear();
-        self.barriers.clear();
+        self.marks.clear();
+    }
+
+    fn done_through(&self, seq: u64) -> bool {
+        !self.running.iter().chain(&self.waiting).any(|a| a.seq <= seq)
     }
 }
 
 impl Replica {
     /// A write in the primary's stream (`check_frame` passed it): recorded for the peers that
-    /// do not follow the primary, acknowledged as received under protocol B, and submitted
-    /// once no earlier write of the stream to the same blocks is still running.
+    /// do not follow the primary, acknowledged as received under protocol B, and applied in
+    /// stream order.
     #[allow(clippy::too_many_arguments)]
     pub fn peer_write_received(&mut self, now: Instant, peer_id: u8, id: u64, offset: u64, len: u64, fua: bool, op: LocalIo) {
         for slot in self.slots_not_following(peer_id) {
@@ -72,86 +104,147 @@ impl Replica {
         let peer = self.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
-        peer.applying.received += 1;
-        let apply = Apply { seq: peer.applying.received, generation: peer.generation, id, offset, len, fua, op };
         if self.protocol == Protocol::B {
             self.send(peer_id, Message::RecvAck { id });
         }
-        let peer = self.peer_mut(peer_id);
-        if peer.applying.overlaps(offset, len) {
-            peer.applying.waiting.push_back(apply);
-        } else {
-            self.submit_apply(peer_id, apply);
-        }
+        self.stream_step(peer_id, offset, len, Work::Write { id, fua, op });
     }
 
-    fn submit_apply(&mut self, peer_id: u8, apply: Apply) {
-        let tag = IoTag::PeerWrite { peer: peer_id, generation: apply.generation, id: apply.id };
-        self.outbox.push(Action::Io { tag, op: apply.op.clone() });
-        self.peer_mut(peer_id).applying.running.push(apply);
+    /// A block from this node's sync source (`check_frame` saw it as one).
+    pub fn resync_data_received(&mut self, peer_id: u8, offset: u64, data: Bytes) {
+        let peer = self.peer_mut(peer_id);
+        let len = data.len() as u64;
+        peer.rx_epoch_writes += 1;
+        peer.received_bytes += len;
+        self.stream_step(peer_id, offset, len, Work::Resync { data });
+    }
+
+    /// A `DigestRequest` (`check_frame` found it fitting): this node reads the blocks at this
+    /// point of the stream and answers which differ.
+    pub fn digest_request_received(&mut self, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: Vec<[u8; DIGEST_BYTES]>) {
+        self.peer_mut(peer_id).received_bytes += (digests.len() * DIGEST_BYTES) as u64;
+        let (offset, len) = self.block_range(offset, (0, digests.len() as u32));
+        self.stream_step(peer_id, offset, len, Work::Compare { purpose, digests });
     }
 
     /// A barrier in the primary's stream: its flush follows every write received before it.
     pub fn peer_barrier_received(&mut self, peer_id: u8, epoch: u64) {
         let peer = self.peer_mut(peer_id);
         let writes = std::mem::take(&mut peer.rx_epoch_writes);
-        let after_seq = peer.applying.received;
-        peer.applying.barriers.push_back(BarrierIn { epoch, writes, after_seq, flushing: false });
-        self.flush_next_barrier(peer_id);
+        peer.applying.marks.push_back((peer.applying.received, Mark::Barrier { epoch, writes, flushing: false }));
+        self.advance_marks(peer_id);
     }
 
-    /// Starts the oldest barrier's flush once the writes before it are done.
-    fn flush_next_barrier(&mut self, peer_id: u8) {
+    /// The sync source ended the resync: taken once the resync data before it is written.
+    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4]) {
+        let applying = &mut self.peer_mut(peer_id).applying;
+        applying.marks.push_back((applying.received, Mark::ResyncDone { current, history }));
+        self.advance_marks(peer_id);
+    }
+
+    fn stream_step(&mut self, peer_id: u8, offset: u64, len: u64, work: Work) {
         let peer = self.peer_mut(peer_id);
-        let generation = peer.generation;
+        peer.applying.received += 1;
+        let step = Step { seq: peer.applying.received, generation: peer.generation, offset, len, work };
         let applying = &mut peer.applying;
-        let Some(barrier) = applying.barriers.front_mut() else { return };
-        let before_done = !applying.running.iter().chain(&applying.waiting).any(|a| a.seq <= barrier.after_seq);
-        if barrier.flushing || !before_done {
-            return;
+        if applying.running.iter().chain(&applying.waiting).any(|earlier| step.waits_for(earlier)) {
+            applying.waiting.push_back(step);
+        } else {
+            self.submit_step(peer_id, step);
         }
-        barrier.flushing = true;
-        let tag = IoTag::Barrier { peer: peer_id, generation, epoch: barrier.epoch };
-        self.outbox.push(Action::Io { tag, op: LocalIo::Flush });
     }
 
-    /// A replicated write reached the local disk (or failed): acknowledged on its connection if
-    /// that is still the peer's, and the writes and barrier waiting for it go on.
-    pub(super) fn peer_write_done(&mut self, peer_id: u8, generation: u64, id: u64, result: Result<(), LocalFailure>) {
-        let protocol = self.protocol;
+    fn submit_step(&mut self, peer_id: u8, step: Step) {
+        let tag = IoTag::Stream { peer: peer_id, generation: step.generation, seq: step.seq };
+        self.outbox.push(Action::Io { tag, op: step.io() });
+        self.peer_mut(peer_id).applying.running.push(step);
+    }
+
+    /// A step's local I/O finished: it is answered on its connection if that is still the
+    /// peer's, and the steps and marks waiting for it go on.
+    pub(super) fn stream_step_done(&mut self, peer_id: u8, generation: u64, seq: u64, result: Result<Option<Bytes>, LocalFailure>) {
         let peer = self.peer_mut(peer_id);
-        let Some(index) = peer.applying.running.iter().position(|a| a.generation == generation && a.id == id) else { return };
-        let apply = peer.applying.running.swap_remove(index);
+        let Some(index) = peer.applying.running.iter().position(|a| a.generation == generation && a.seq == seq) else { return };
+        let step = peer.applying.running.swap_remove(index);
         let current = peer.connected && peer.generation == generation;
-        match result {
-            Ok(()) if current && (protocol == Protocol::C || apply.fua) => self.send(peer_id, Message::WriteAck { id }),
-            Ok(()) => {}
-            Err(failure) => {
-                tracing::error!(resource = %self.resource, ?failure, offset = apply.offset, "replicated write failed");
-                if current {
-                    self.send(peer_id, Message::NegAck { id, errno: failure.errno() });
-                }
-            }
+        if current {
+            self.answer_step(peer_id, step, result);
         }
-        // The oldest waiting writes that no longer overlap anything earlier start now.
-        let peer = self.peer_mut(peer_id);
-        let mut started = Vec::new();
+        // The waiting steps that no longer wait for anything earlier start now.
+        let applying = &mut self.peer_mut(peer_id).applying;
+        let mut ready = Vec::new();
         let mut i = 0;
-        while i < peer.applying.waiting.len() {
-            let a = &peer.applying.waiting[i];
-            let mut earlier = peer.applying.running.iter().chain(peer.applying.waiting.iter().take(i));
-            if earlier.any(|e| a.offset < e.offset + e.len && e.offset < a.offset + a.len) {
+        while i < applying.waiting.len() {
+            let step = &applying.waiting[i];
+            let mut earlier = applying.running.iter().chain(applying.waiting.iter().take(i));
+            if earlier.any(|e| step.waits_for(e)) {
                 i += 1;
                 continue;
             }
-            let a = peer.applying.waiting.remove(i).expect("indexed");
-            started.push((IoTag::PeerWrite { peer: peer_id, generation: a.generation, id: a.id }, a.op.clone()));
-            peer.applying.running.push(a);
+            ready.push(applying.waiting.remove(i).expect("indexed"));
         }
-        for (tag, op) in started {
-            self.outbox.push(Action::Io { tag, op });
+        for step in ready {
+            self.submit_step(peer_id, step);
         }
-        self.flush_next_barrier(peer_id);
+        self.advance_marks(peer_id);
+    }
+
+    fn answer_step(&mut self, peer_id: u8, step: Step, result: Result<Option<Bytes>, LocalFailure>) {
+        let generation = step.generation;
+        match (step.work, result) {
+            (Work::Write { id, fua, .. }, Ok(_)) => {
+                if self.protocol == Protocol::C || fua {
+                    self.send(peer_id, Message::WriteAck { id });
+                }
+            }
+            (Work::Write { id, .. }, Err(failure)) => {
+                tracing::error!(resource = %self.resource, ?failure, offset = step.offset, "replicated write failed");
+                self.send(peer_id, Message::NegAck { id, errno: failure.errno() });
+            }
+            (Work::Resync { .. }, Ok(_)) => {
+                // Only for progress on this side; the source's bitmap is the authority.
+                let slot = self.peer(peer_id).slot;
+                self.bitmaps[slot].clear_range(step.offset, step.len);
+            }
+            (Work::Compare { purpose, digests }, Ok(Some(data))) => {
+                let block_size = self.sb.params.bitmap_block_size as usize;
+                let differing = differing_runs(&block_digests(&data, block_size), &digests);
+                self.compared(peer_id, purpose, step.offset, digests.len() as u32, differing);
+            }
+            (work, result) => {
+                let what = if matches!(work, Work::Resync { .. }) { "resync write" } else { "read to compare digests" };
+                let reason = format!("{what} at {}+{} failed: {:?}", step.offset, step.len, result.err());
+                self.outbox.push(Action::DropLink { peer: peer_id, generation, reason });
+            }
+        }
+    }
+
+    /// Carries out the marks whose steps before them are all done, in order.
+    fn advance_marks(&mut self, peer_id: u8) {
+        loop {
+            let peer = self.peer_mut(peer_id);
+            let generation = peer.generation;
+            let applying = &mut peer.applying;
+            let Some(&(after, _)) = applying.marks.front() else { return };
+            if !applying.done_through(after) {
+                return;
+            }
+            let (_, mark) = applying.marks.front_mut().expect("present");
+            match mark {
+                Mark::Barrier { flushing: true, .. } => return,
+                Mark::Barrier { epoch, flushing, .. } => {
+                    *flushing = true;
+                    let tag = IoTag::Barrier { peer: peer_id, generation, epoch: *epoch };
+                    self.outbox.push(Action::Io { tag, op: LocalIo::Flush });
+                    return;
+                }
+                Mark::ResyncDone { current, history } => {
+                    let (current, history) = (*current, *history);
+                    applying.marks.pop_front();
+                    self.resync_done_received(peer_id, current, history);
+                }
+            }
+        }
     }
 
     /// A barrier's flush finished: acknowledged with the epoch's write count, or the link goes
@@ -161,12 +254,12 @@ impl Replica {
         if !peer.connected || peer.generation != generation {
             return;
         }
-        let Some(barrier) = peer.applying.barriers.pop_front() else { return };
-        debug_assert_eq!(barrier.epoch, epoch);
+        let Some((_, Mark::Barrier { epoch: flushed, writes, .. })) = peer.applying.marks.pop_front() else { return };
+        debug_assert_eq!(flushed, epoch);
         match result {
             Ok(()) => {
-                self.send(peer_id, Message::BarrierAck { epoch, writes: barrier.writes });
-                self.flush_next_barrier(peer_id);
+                self.send(peer_id, Message::BarrierAck { epoch, writes });
+                self.advance_marks(peer_id);
             }
             Err(failure) => {
                 let reason = format!("local flush for barrier {epoch} failed: {failure:?}");
@@ -211,7 +304,7 @@ mod tests {
         r.peer_write_received(t0, 1, 3, 8192, 4096, false, data(8192));
         r.peer_barrier_received(1, 7);
         let actions = r.take_actions();
-        let write = |id| IoTag::PeerWrite { peer: 1, generation, id };
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
         assert_eq!(io_tags(&actions), vec![write(1), write(3)], "write 2 waits for write 1");
         r.io_done(t0, write(3), Ok(None));
         r.io_done(t0, write(1), Ok(None));
@@ -234,13 +327,13 @@ mod tests {
         r.peer_write_received(t0, 1, 1, 0, 4096, false, data(0));
         r.peer_write_received(t0, 1, 2, 4096, 4096, false, data(4096));
         r.take_actions();
-        r.io_done(t0, IoTag::PeerWrite { peer: 1, generation, id: 1 }, Err(LocalFailure::NoSpace));
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::NoSpace));
         assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 1, errno: 28 }]));
         r.link_down(1, "gone", 0);
         r.link_up(1, t0);
         r.take_actions();
         assert!(r.overlaps_busy(4096, 4096), "a write still on its way keeps later ones to its blocks waiting");
-        r.io_done(t0, IoTag::PeerWrite { peer: 1, generation, id: 2 }, Ok(None));
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 2 }, Ok(None));
         assert!(sent(&r.take_actions()).is_empty(), "no ack on the new connection for the old one's write");
         assert!(!r.overlaps_busy(4096, 4096));
     }

@@ -10,11 +10,13 @@
 
 mod action;
 mod apply;
+mod compare;
 mod connect;
 pub mod frames;
 mod loss;
 mod progress;
 pub mod peer;
+mod receive;
 mod recent;
 mod resync;
 #[cfg(test)]

@@ -311,7 +311,7 @@ impl Replica {
                 }
                 self.finish_flushes(now);
             }
-            IoTag::PeerWrite { peer, generation, id } => self.peer_write_done(peer, generation, id, result.map(drop)),
+            IoTag::Stream { peer, generation, seq } => self.stream_step_done(peer, generation, seq, result),
             IoTag::Barrier { peer, generation, epoch } => self.barrier_flushed(peer, generation, epoch, result.map(drop)),
         }
     }

@@ -439,7 +439,8 @@ mod tests {
     fn configurations_are_checked_before_the_kernel_sees_them() {
         let good = DeviceConfig::new(1 << 30, 7);
         assert!(good.validate().is_ok());
-        let cases: [(fn(&mut DeviceConfig), &str); 6] = [
+        type Breaks = fn(&mut DeviceConfig);
+        let cases: [(Breaks, &str); 6] = [
             (|c| c.logical_block_size = 1024, "not 512 or 4096"),
             (|c| c.size_bytes = (1 << 30) + 512, "not a positive multiple"),
             (|c| c.queues = 0, "queues"),
