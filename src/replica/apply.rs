@@ -338,3 +338,73 @@ mod tests {
         assert!(!r.overlaps_busy(4096, 4096));
     }
 }
+
+#[cfg(test)]
+mod stream_tests {
+    use crate::core::block_digest::block_digests;
+    use crate::replica::testing::secondary_of_primary;
+    use crate::replica::{Action, IoTag, LocalIo, Replica};
+    use crate::wire::{DigestPurpose, Message};
+    use bytes::Bytes;
+
+    fn io_tags(actions: &[Action]) -> Vec<IoTag> {
+        actions.iter().filter_map(|a| match a {
+            Action::Io { tag, .. } => Some(*tag),
+            _ => None,
+        }).collect()
+    }
+
+    /// Makes this node the peer's sync target.
+    fn sync_target(r: &mut Replica) {
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncTarget;
+        r.disk = crate::core::states::DiskState::Inconsistent;
+    }
+
+    #[test]
+    fn resync_data_follows_the_write_before_it_and_the_end_of_the_resync_follows_the_data() {
+        let (mut r, t0) = secondary_of_primary();
+        sync_target(&mut r);
+        let generation = r.peer(1).generation;
+        let step = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let block = Bytes::from(vec![3u8; 4096]);
+        r.peer_write_received(t0, 1, 9, 0, 4096, false, LocalIo::Write { offset: 0, data: block.clone(), fua: false });
+        r.resync_data_received(1, 0, block.clone());
+        r.resync_data_received(1, 4096, block);
+        r.resync_done_in_stream(1, 0x1234, [0; 4]);
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
+        r.io_done(t0, step(1), Ok(None));
+        r.io_done(t0, step(3), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![step(2)]);
+        assert_ne!(r.generation().current, 0x1234, "the end waits for the last resync block");
+        assert_eq!(r.disk, crate::core::states::DiskState::Inconsistent);
+        r.io_done(t0, step(2), Ok(None));
+        let actions = r.take_actions();
+        assert!(actions.iter().any(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::DataFlush))), "{actions:?}");
+        assert_eq!(r.generation().current, 0x1234);
+        assert_eq!(r.disk, crate::core::states::DiskState::UpToDate);
+    }
+
+    #[test]
+    fn digest_comparisons_read_in_stream_order_and_answer_in_request_order() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        let step = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let ones = vec![1u8; 8192];
+        let digests = block_digests(&ones, 4096);
+        r.digest_request_received(1, DigestPurpose::Verify, 0, digests.clone());
+        r.digest_request_received(1, DigestPurpose::Verify, 1 << 20, digests);
+        assert_eq!(io_tags(&r.take_actions()), vec![step(1)], "one comparison at a time");
+        let mut mine = ones.clone();
+        mine[4096] = 9;
+        r.io_done(t0, step(1), Ok(Some(Bytes::from(mine))));
+        let actions = r.take_actions();
+        let reply = actions.iter().find_map(|a| match a {
+            Action::Send { msg: Message::DigestReply { offset, differing, .. }, .. } => Some((*offset, differing.clone())),
+            _ => None,
+        });
+        assert_eq!(reply, Some((0, vec![(1, 1)])), "{actions:?}");
+        assert_eq!(r.disk, crate::core::states::DiskState::Outdated, "it knows its copy differs");
+        assert_eq!(io_tags(&actions), vec![step(2)], "the second comparison starts after the first is answered");
+    }
+}
