@@ -301,6 +301,7 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
 /// reason; nothing was applied for the offending frame.
 fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
     let mut st = shared.lock();
+    st.run_stream_io_here();
     let result = st.replica.receive(Instant::now(), peer_id, generation, msg);
     super::step_down_if_superseded(shared, &mut st);
     shared.changed.notify_all();

@@ -61,7 +61,7 @@ fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<(LocalIo, IoDone)>>) {
 }
 
 /// Performs one operation synchronously on the calling thread.
-fn execute(disk: &dyn Disk, op: LocalIo) -> io::Result<Option<Bytes>> {
+pub fn execute(disk: &dyn Disk, op: LocalIo) -> io::Result<Option<Bytes>> {
     match op {
         LocalIo::Read { offset, len } => {
             let mut buf = vec![0; len];

@@ -50,6 +50,33 @@ impl PeerLink {
         self.sent_bytes.load(Ordering::Relaxed)
     }
 
+    /// Sends an ack ahead of queued bulk data, written by the caller itself when nothing else
+    /// waits in the control queue and the socket is free: no thread handoff per write. Called
+    /// without the engine lock.
+    ///
+    /// Acks are sent by the side that receives bulk data, and its reader keeps draining the
+    /// peer's frames while another thread blocks writing one; so a thread blocked writing an
+    /// ack always has a peer draining it, and two nodes can never wait on each other.
+    pub fn send_ack(&self, msg: Message) {
+        let mut q = self.queue.lock().expect("link queue");
+        if q.closed {
+            return;
+        }
+        if q.control.is_empty() {
+            if let Ok(mut out) = self.out.try_lock() {
+                if let Some(out) = out.as_mut() {
+                    if write_message(out, &msg).and_then(|()| out.flush()).is_err() {
+                        // The writer thread finds the socket broken too and reports the loss.
+                        let _ = self.stream.shutdown(Shutdown::Both);
+                    }
+                    return;
+                }
+            }
+        }
+        q.control.push_back(msg);
+        self.changed.notify_all();
+    }
+
     /// Queues a control frame ahead of queued bulk data, never writing it from the calling
     /// thread (the engine queues frames under its lock).
     pub fn queue_control(&self, msg: Message) {

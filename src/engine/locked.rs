@@ -8,7 +8,10 @@ use super::state::State;
 use super::Shared;
 use crate::core::inflight::{AckLevel, LocalFailure};
 use crate::frontend::{BlockResult, Completion};
-use crate::replica::{Action, Lane, MetaWrite};
+use super::link::PeerLink;
+use crate::replica::{Action, IoTag, Lane, LocalIo, MetaWrite};
+use crate::wire::Message;
+use std::sync::Arc;
 use std::ops::{Deref, DerefMut};
 use std::sync::MutexGuard;
 use std::time::{Duration, Instant};
@@ -16,11 +19,22 @@ use std::time::{Duration, Instant};
 pub(crate) struct Locked<'a> {
     shared: &'a Shared,
     guard: Option<MutexGuard<'a, State>>,
+    /// Local I/O of a peer's stream runs on this thread once the lock is released (see
+    /// [`Locked::run_stream_io_here`]).
+    stream_io_here: bool,
 }
 
 impl<'a> Locked<'a> {
     pub fn new(shared: &'a Shared, guard: MutexGuard<'a, State>) -> Locked<'a> {
-        Locked { shared, guard: Some(guard) }
+        Locked { shared, guard: Some(guard), stream_io_here: false }
+    }
+
+    /// The local I/O of a peer's stream queued under this guard (replicated writes, resync
+    /// data, reads to compare, barrier flushes) runs on this thread once the lock is released,
+    /// not on the I/O pool: a peer's reader applies its stream without a thread handoff per
+    /// write, as it reads it. The replica already ordered what may run together.
+    pub fn run_stream_io_here(&mut self) {
+        self.stream_io_here = true;
     }
 
     /// Waits for `Shared::changed`, the lock released meanwhile (queued frames go out first).
@@ -28,7 +42,7 @@ impl<'a> Locked<'a> {
     /// run without the lock first (a wakeup may have been missed meanwhile).
     pub fn wait(mut self) -> Locked<'a> {
         match self.release_for_wait() {
-            Some(guard) => Locked::new(self.shared, self.shared.changed.wait(guard).expect("engine state lock poisoned")),
+            Some(guard) => self.relocked(self.shared.changed.wait(guard).expect("engine state lock poisoned")),
             None => self.shared.lock(),
         }
     }
@@ -38,7 +52,7 @@ impl<'a> Locked<'a> {
         match self.release_for_wait() {
             Some(guard) => {
                 let (guard, _) = self.shared.changed.wait_timeout(guard, timeout).expect("engine state lock poisoned");
-                Locked::new(self.shared, guard)
+                self.relocked(guard)
             }
             None => self.shared.lock(),
         }
@@ -49,7 +63,7 @@ impl<'a> Locked<'a> {
         match self.release_for_wait() {
             Some(guard) => {
                 let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
-                Locked::new(self.shared, guard)
+                self.relocked(guard)
             }
             None => self.shared.lock(),
         }
@@ -60,7 +74,7 @@ impl<'a> Locked<'a> {
     /// released for it.
     fn release_for_wait(&mut self) -> Option<MutexGuard<'a, State>> {
         let mut guard = self.guard.take().expect("locked");
-        let after = carry_out_in_order(self.shared, &mut guard);
+        let after = carry_out_in_order(self.shared, &mut guard, self.stream_io_here);
         if after.is_empty() {
             return Some(guard);
         }
@@ -68,17 +82,25 @@ impl<'a> Locked<'a> {
         run_after(self.shared, after);
         None
     }
+
+    fn relocked(&self, guard: MutexGuard<'a, State>) -> Locked<'a> {
+        Locked { shared: self.shared, guard: Some(guard), stream_io_here: self.stream_io_here }
+    }
 }
 
 /// What is left to do once the lock is released.
 enum After {
-    Action(Action),
+    /// Written by this thread when the socket is free (see `PeerLink::send_ack`).
+    Ack(Arc<PeerLink>, Message),
+    /// Run by this thread (see [`Locked::run_stream_io_here`]).
+    StreamIo(IoTag, LocalIo),
     Complete(Completion, BlockResult),
+    Action(Action),
 }
 
 /// Puts every queued frame on its link, makes every queued metadata write durable and submits
 /// every local I/O, in the replica's order; returns the rest, to run after the lock.
-fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
+fn carry_out_in_order(shared: &Shared, st: &mut State, stream_io_here: bool) -> Vec<After> {
     let mut rest = Vec::new();
     let mut queue = st.replica.take_actions().into_iter();
     while let Some(action) = queue.next() {
@@ -103,7 +125,11 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
             }
             Action::Send { peer, msg, lane, sent_write } => {
                 let Some(link) = st.link(peer) else { continue };
+                let ack = matches!(msg, Message::RecvAck { .. } | Message::WriteAck { .. } | Message::NegAck { .. } | Message::BarrierAck { .. });
                 match lane {
+                    // Acks may overtake or follow other control frames: each is matched by
+                    // what it answers, never by its place.
+                    Lane::Control if ack => rest.push(After::Ack(link.clone(), msg)),
                     Lane::Control => link.queue_control(msg),
                     Lane::Bulk => {
                         let on_sent = sent_write.and_then(|id| {
@@ -115,6 +141,9 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
                         link.send_bulk(msg, on_sent);
                     }
                 }
+            }
+            Action::Io { tag, op } if stream_io_here && matches!(tag, IoTag::Stream { .. } | IoTag::Barrier { .. }) => {
+                rest.push(After::StreamIo(tag, op));
             }
             Action::Io { tag, op } => {
                 let Some(owner) = shared.this.upgrade() else { continue };
@@ -141,7 +170,7 @@ fn carry_out_in_order(shared: &Shared, st: &mut State) -> Vec<After> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         let Some(mut guard) = self.guard.take() else { return };
-        let after = carry_out_in_order(self.shared, &mut guard);
+        let after = carry_out_in_order(self.shared, &mut guard, self.stream_io_here);
         drop(guard);
         run_after(self.shared, after);
     }
@@ -155,6 +184,12 @@ fn run_after(shared: &Shared, after: Vec<After>) {
     let owner = shared.this.upgrade();
     for after in after {
         match after {
+            After::Ack(link, msg) => link.send_ack(msg),
+            After::StreamIo(tag, op) => {
+                let result = super::io_pool::execute(&*shared.data, op).map_err(|e| LocalFailure::of(&e));
+                shared.lock().replica.io_done(Instant::now(), tag, result);
+                shared.changed.notify_all();
+            }
             After::Complete(done, result) => done(result),
             After::Action(action) => {
                 let Some(shared) = &owner else { continue };

@@ -16,16 +16,14 @@ mod write_path;
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, UblkSettings};
-use crate::core::quorum::QuorumState;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
-use crate::core::sync_decision::UUID_JUST_CREATED;
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
 use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
-use crate::replica::{Attached, Peer, Replica};
+use crate::replica::{Attached, Peer, PromoteRefusal, Replica};
 use locked::Locked;
 use state::State;
 use std::collections::HashMap;
@@ -82,6 +80,19 @@ pub enum EngineError {
     Refused(String),
     #[error("writing metadata failed: {0}; the disk is marked Failed")]
     MetaWrite(MetaError),
+    #[error("a metadata write failed and the disk is marked Failed (the log has the error)")]
+    DiskFailed,
+}
+
+impl From<PromoteRefusal> for EngineError {
+    fn from(refusal: PromoteRefusal) -> EngineError {
+        match refusal {
+            PromoteRefusal::PeerIsPrimary { peer } => EngineError::PeerIsPrimary { peer },
+            PromoteRefusal::NoQuorum { votes, voters, needed } => EngineError::NoQuorum { votes, voters, needed },
+            PromoteRefusal::NotUpToDate { disk } => EngineError::NotUpToDate { disk },
+            other => EngineError::Refused(other.to_string()),
+        }
+    }
 }
 
 impl EngineError {
@@ -199,7 +210,7 @@ impl Engine {
         let meta_disk = meta_disk.unwrap_or_else(|| data.clone());
         let data_disk_len =
             data.len().map_err(|source| DiskError::Open { path: me.disk.clone().unwrap_or_default(), source })?;
-        let (mut meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
+        let (meta, loaded) = MetaStore::open(meta_disk, data_disk_len, internal, &config.name, me.id)?;
         let sb = loaded.superblock;
 
         let mut in_meta: Vec<u8> = sb.peers.iter().map(|p| p.node_id).collect();
@@ -211,29 +222,7 @@ impl Engine {
             return Err(EngineError::PeersChanged { disk, in_meta, in_config });
         }
 
-        let mut bitmaps = loaded.bitmaps;
-        let mut al = loaded.activity_log;
         let crashed_primary = loaded.crashed_as_primary;
-        if crashed_primary {
-            // Writes in the hot extents may have reached only this disk, or only the peers:
-            // every hot extent is out of sync with every peer until a resync says otherwise.
-            // PRIMARY_IND stays set until then, so a second crash does not forget it.
-            // A witness holds no data: its slot stays empty.
-            let hot = al.hot_extents();
-            tracing::warn!(resource = %config.name, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
-            let holds_data = |slot: usize| config.node_by_id(sb.peers[slot].node_id).is_some_and(|n| n.disk.is_some());
-            for extent in &hot {
-                let (offset, len) = crate::replica::extent_range(*extent, sb.data_size);
-                for (_, bitmap) in bitmaps.iter_mut().enumerate().filter(|(slot, _)| holds_data(*slot)) {
-                    bitmap.set_range(offset, len);
-                }
-            }
-            // Emptying the log writes the evicted extents' bitmap pages first.
-            let clean = al.mark_clean().expect("nothing is in flight at attach");
-            meta.write_al_update(&clean, &bitmaps)?;
-            al.commit(clean);
-        }
-
         let peers: Vec<Peer> = sb
             .peers
             .iter()
@@ -255,8 +244,8 @@ impl Engine {
                 OnCongestion::PullAhead { fill_bytes } => Some(fill_bytes),
             },
             sb,
-            bitmaps,
-            al,
+            bitmaps: loaded.bitmaps,
+            al: loaded.activity_log,
             crashed_primary,
             crash_repair_pending: if crashed_primary { config.data_nodes().map(|n| n.id).filter(|id| *id != me.id).collect() } else { Vec::new() },
             peers,
@@ -290,7 +279,12 @@ impl Engine {
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
         });
-        Ok(Engine { shared })
+        let engine = Engine { shared };
+        // What attaching queued (the activity log emptied after a crash as primary) is written
+        // as the lock is released.
+        drop(engine.shared.lock());
+        engine.refuse_if_disk_failed()?;
+        Ok(engine)
     }
 
     /// Starts listening for peers and dialing them.
@@ -330,82 +324,40 @@ impl Engine {
     /// Discards this node's data and resyncs all of it from a connected UpToDate peer; returns
     /// that peer's name.
     pub fn invalidate(&self) -> Result<String, EngineError> {
-        resync::invalidate(&self.shared)
+        let mut st = self.shared.lock();
+        let name = st.replica.invalidate().map_err(EngineError::Refused)?;
+        drop(st);
+        self.shared.changed.notify_all();
+        self.refuse_if_disk_failed()?;
+        Ok(name)
+    }
+
+    /// After a command whose metadata writes were carried out as the lock was released: a
+    /// failed one left the disk Failed.
+    fn refuse_if_disk_failed(&self) -> Result<(), EngineError> {
+        match self.shared.lock().replica.disk {
+            DiskState::Failed => Err(EngineError::DiskFailed),
+            _ => Ok(()),
+        }
     }
 
     /// Promotes this node to Primary and exports the device.
     pub fn promote(&self, force: bool) -> Result<(), EngineError> {
         let shared = &self.shared;
         let _admin = shared.admin();
-        let (mut st, quorum) = self.wait_for_quorum(shared.lock());
+        let mut st = self.wait_for_quorum(shared.lock());
         if st.replica.role == Role::Primary {
             return Ok(());
         }
-        if shared.me.disk.is_none() {
-            return Err(EngineError::Refused("this node is a diskless witness: it only votes and can never be primary".into()));
-        }
-        if let Some(peer) = st.replica.peers.iter().find(|p| p.connected && p.role == Role::Primary) {
-            return Err(EngineError::PeerIsPrimary { peer: peer.name.clone() });
-        }
-        if !quorum.has_quorum {
-            return Err(EngineError::NoQuorum { votes: quorum.votes, voters: quorum.voters, needed: quorum.needed });
-        }
-        if let Some(other) = quorum.other_primary {
-            let name = shared.config.node_by_id(other).map_or_else(|| other.to_string(), |n| n.name.clone());
-            return Err(EngineError::Refused(format!(
-                "a connected node reports {name} as primary (this node cannot reach it directly): demote {name} first"
-            )));
-        }
-        if let Some(source) = st.replica.peers.iter().find(|p| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target())) {
-            return Err(EngineError::Refused(format!(
-                "this node is being resynced from {}: wait until it is UpToDate",
-                source.name
-            )));
-        }
-        if st.replica.disk != DiskState::UpToDate && !force {
-            return Err(EngineError::NotUpToDate { disk: st.replica.disk });
-        }
-        if matches!(st.replica.disk, DiskState::Diskless | DiskState::Failed) {
-            return Err(EngineError::Refused(format!("cannot promote with a {} disk", st.replica.disk)));
-        }
-        let (disk_before, sb_before) = (st.replica.disk, st.replica.sb.clone());
-        // Peers that will not see this node's writes from the start: a new generation begins,
-        // and they track from the old one.
-        let absent: Vec<usize> = st
-            .replica
-            .peers
-            .iter()
-            .filter(|p| !p.witness)
-            .filter(|p| force || !(p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
-            .map(|p| p.slot)
-            .collect();
-        if force || !absent.is_empty() {
-            let was_fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, UUID_JUST_CREATED);
-            let mut generation = st.replica.generation();
-            let started = generation.new_current(random_u64(), true, false, &absent);
-            st.replica.set_generation(generation);
-            if was_fresh {
-                // A peer of a just-created node holds none of its data: all of it must flow.
-                for slot in started {
-                    let len = st.replica.bitmaps[slot].blocks() * u64::from(st.replica.bitmaps[slot].block_size());
-                    st.replica.mark_out_of_sync(slot, 0, len);
-                }
-            }
-        }
-        st.replica.disk = DiskState::UpToDate;
-        st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
-        // Promoted (with --force, if verify had marked it): this copy is the good one now.
-        st.replica.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
-        st.replica.sb.flags.remove(MetaFlags::AL_CLEAN);
-        if let Err(e) = st.persist() {
-            st.replica.disk = DiskState::Failed;
-            return Err(EngineError::MetaWrite(e));
-        }
-        st.replica.role = Role::Primary;
+        let undo = st.replica.promote(Instant::now(), force)?;
         // A device that was failing every request stays attached and starts serving.
         let attached = st.export.is_some();
         drop(st);
-        let started = if attached { Ok(None) } else { self.start_export(false) };
+        // The promotion's metadata write was carried out as the lock was released.
+        let started = match self.refuse_if_disk_failed() {
+            Ok(()) if !attached => self.start_export(false),
+            other => other.map(|()| None),
+        };
         let mut st = shared.lock();
         match started {
             Ok(export) => {
@@ -415,21 +367,14 @@ impl Engine {
                 }
                 st.export_failing = None;
                 st.left_behind = None;
-                st.replica.stepped_down = None;
             }
             Err(e) => {
-                st.replica.role = Role::Secondary;
-                // Bits marked for absent peers stay: over-reporting is safe.
-                st.replica.disk = disk_before;
-                st.replica.sb = sb_before;
-                let _ = st.persist();
+                st.replica.promotion_failed(undo);
                 return Err(e);
             }
         }
-        tracing::info!(resource = %shared.config.name, force, uuid = format_args!("{:016X}", st.replica.sb.uuids.current),
-            device = st.export.as_ref().map(|e| e.device()).unwrap_or_default(), "promoted to Primary");
-        st.replica.broadcast_state();
-        st.replica.reconsider_all_or_drop();
+        tracing::info!(resource = %shared.config.name, force, device = st.export.as_ref().map(|e| e.device()).unwrap_or_default(), "exporting");
+        st.replica.promoted();
         shared.changed.notify_all();
         Ok(())
     }
@@ -584,39 +529,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Becomes Secondary (needs the admin lock): what is held fails, peers learn it first, the
-    /// export taken out of the state stops, and every write is made durable before the
-    /// metadata says this node is no longer primary.
+    /// Becomes Secondary (needs the admin lock; see `Replica::begin_demotion`): the export taken
+    /// out of the state stops, and every write is made durable before the metadata says this
+    /// node is no longer primary.
     fn leave_primary(&self, mut st: Locked<'_>, export: Option<Export>) -> Result<(), EngineError> {
         let shared = &self.shared;
-        st.replica.role = Role::Secondary;
-        st.replica.superseded_latched = false;
-        st.replica.left_generation = 0;
-        st.replica.release_suspended(Instant::now(), true);
-        st.replica.generation_pending.clear();
-        // Behind the writes already sent and ahead of the final flush's barrier: once the
-        // barrier is acked, every peer knows this node is no longer primary and may promote
-        // itself, and no write of this node reaches a peer after that news.
-        st.replica.broadcast_state_in_stream();
+        st.replica.begin_demotion(Instant::now());
         // The export's removal waits for requests in flight: the held ones fail first (as the
         // lock is released).
         drop(st);
         stop_export(&shared.config.name, export);
         self.flush_all();
         let mut st = shared.lock();
-        st.replica.sb.flags.remove(MetaFlags::PRIMARY_IND);
-        // Every write finished (flush_all waited), so nothing holds an extent.
-        let clean = st.replica.al.mark_clean().expect("no write in flight after the final flush");
-        let result = st.apply_al_update(clean).and_then(|()| {
-            st.replica.sb.flags.insert(MetaFlags::AL_CLEAN);
-            st.persist()
-        });
-        if let Err(e) = result {
-            st.replica.disk = DiskState::Failed;
-            return Err(EngineError::MetaWrite(e));
-        }
+        st.replica.finish_demotion();
+        drop(st);
         shared.changed.notify_all();
-        Ok(())
+        self.refuse_if_disk_failed()
     }
 
     /// Steps down by itself (`on_suspended_primary_outdated = "force-secondary"`, see
@@ -632,18 +560,7 @@ impl Engine {
         let _admin = shared.admin();
         let mut st = shared.lock();
         st.replica.stepping_down = false;
-        if !st.replica.superseded(Instant::now()) {
-            return;
-        }
-        let other = st.replica.quorum(Instant::now()).other_primary.map_or_else(String::new, |id| {
-            shared.config.node_by_id(id).map_or_else(|| format!("node {id}"), |n| n.name.clone())
-        });
-        let why = format!("{other} was promoted while this node had no quorum");
-        tracing::error!(resource = %shared.config.name,
-            "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from {other}");
-        st.replica.disk = DiskState::Outdated;
-        st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-        st.replica.stepped_down = Some(why.clone());
+        let Some(why) = st.replica.step_down(Instant::now()) else { return };
         // A device in use cannot go at once: it fails every request until nothing holds it.
         let keep_failing = matches!(&st.export, Some(Export::Ublk(ublk)) if ublk.users().is_some());
         let export = if keep_failing {
@@ -730,14 +647,14 @@ impl Engine {
 
     /// Quorum as this node would have it as primary: peers count only with a valid lease. A
     /// peer that connected a moment ago gets up to one lease period to answer its first ping.
-    fn wait_for_quorum<'a>(&'a self, mut st: Locked<'a>) -> (Locked<'a>, QuorumState) {
+    fn wait_for_quorum<'a>(&'a self, mut st: Locked<'a>) -> Locked<'a> {
         let deadline = std::time::Instant::now() + self.shared.config.timing.lease();
         loop {
             let now = Instant::now();
             let quorum = st.replica.quorum_with_leases(now, true);
             let pending = st.replica.quorum_with_leases(now, false) != quorum;
             if quorum.has_quorum || !pending || std::time::Instant::now() >= deadline {
-                return (st, quorum);
+                return st;
             }
             st = st.wait_timeout(Duration::from_millis(20));
         }
@@ -753,43 +670,8 @@ impl Engine {
     /// (both disks hold nothing of value yet), or with `clear_bitmap == false` simply begins a
     /// new generation on this node.
     pub fn new_current_uuid(&self, clear_bitmap: bool) -> Result<(), EngineError> {
-        let shared = &self.shared;
-        let mut st = shared.lock();
-        if clear_bitmap {
-            let fresh = crate::core::sync_decision::same_uuid(st.replica.sb.uuids.current, UUID_JUST_CREATED);
-            let all_fresh_and_connected = st.replica.peers.iter().all(|p| {
-                p.connected
-                    && p.last_state.is_some_and(|s| crate::core::sync_decision::same_uuid(s.current_uuid, UUID_JUST_CREATED))
-            });
-            if !fresh || !all_fresh_and_connected || st.replica.role == Role::Primary {
-                return Err(EngineError::Refused(
-                    "--clear-bitmap needs freshly created metadata on every node, all connected, all Secondary".into(),
-                ));
-            }
-        }
-        let mut generation = st.replica.generation();
-        let primary = st.replica.role == Role::Primary;
-        generation.new_current(random_u64(), primary, primary, &[]);
-        st.replica.set_generation(generation);
-        if clear_bitmap {
-            for bitmap in st.replica.bitmaps.iter_mut() {
-                bitmap.clear_all();
-            }
-            st.replica.disk = DiskState::UpToDate;
-            st.replica.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
-            let uuids = (st.replica.sb.uuids.current, st.replica.sb.uuids.history);
-            // A witness holds no data to declare in sync (it would report itself UpToDate).
-            let data_peers: Vec<u8> = st.replica.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect();
-            for peer in data_peers {
-                st.replica.send(peer, crate::wire::Message::ResyncDone { current_uuid: uuids.0, history: uuids.1 });
-            }
-        }
-        for slot in 0..st.replica.bitmaps.len() {
-            st.persist_bitmap(slot).map_err(EngineError::MetaWrite)?;
-        }
-        st.persist().map_err(EngineError::MetaWrite)?;
-        st.replica.broadcast_state();
-        Ok(())
+        self.shared.lock().replica.new_current_uuid(clear_bitmap).map_err(EngineError::Refused)?;
+        self.refuse_if_disk_failed()
     }
 
     /// Re-reads the resource file and applies `quorum`, `on_no_quorum` and `after_sb_*` at

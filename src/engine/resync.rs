@@ -11,13 +11,10 @@
 //! bit clears with the next barrier ack (after which the target's copy is durable too).
 
 use super::state::State;
-use super::locked::Locked;
 use crate::replica::{ResyncChunk, ResyncStep};
-use super::{congestion, connection, EngineError, Shared};
+use super::{congestion, connection, Shared};
 use crate::core::block_digest::block_digests;
 use crate::core::resync_rate::ResyncRate;
-use crate::core::states::{DiskState, ReplState, Role};
-use crate::meta::MetaFlags;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,55 +138,5 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
         }
         pacer.spend(len);
     }
-}
-
-/// `invalidate`: this node's data is declared bad and fully resynced from a connected UpToDate
-/// peer. The disk is Inconsistent (and the whole bitmap for that peer set) on disk before anything
-/// else happens, so a crash or a lost connection midway still ends in a resync, never in this
-/// node trusting data it gave up. Returns the peer it resyncs from.
-pub fn invalidate(shared: &Arc<Shared>) -> Result<String, EngineError> {
-    let mut st = shared.lock();
-    if st.replica.role == Role::Primary {
-        return Err(EngineError::Refused(
-            "this node is Primary: invalidating it would discard the data it serves; make another node primary first (`blkrepl secondary` here)".into(),
-        ));
-    }
-    let Some(source) = st
-        .replica
-        .peers
-        .iter()
-        .find(|p| p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate)
-        .map(|p| (p.node_id, p.slot, p.name.clone()))
-    else {
-        return Err(EngineError::Refused(
-            "no connected UpToDate peer to resync from (one must be Established, not syncing): connect one first (`blkrepl connect`)".into(),
-        ));
-    };
-    let (peer_id, slot, name) = source;
-    st.replica.bitmaps[slot].set_all();
-    // The bitmap first: a crash before the superblock write leaves a consistent disk with extra
-    // bits (harmless), never an Inconsistent disk with too few.
-    let persisted = st.persist_bitmap(slot).and_then(|()| {
-        st.replica.sb.flags.remove(MetaFlags::CONSISTENT);
-        st.persist()
-    });
-    if let Err(e) = persisted {
-        st.replica.disk = DiskState::Failed;
-        return Err(EngineError::MetaWrite(e));
-    }
-    st.replica.disk = DiskState::Inconsistent;
-    tracing::warn!(resource = %shared.config.name, peer = %name, "invalidated by the operator: this node's data is resynced in full from {name}");
-    announce_and_reconsider(shared, st, peer_id);
-    Ok(name)
-}
-
-/// This node's state changed in a way that calls for a resync with `peer_id` (invalidate, the
-/// end of pull-ahead): the peer hears of it first, so it decides on its side before this node's
-/// bitmap reaches it (it takes a bitmap only once it has decided), then this node decides.
-/// Releases the lock.
-pub(super) fn announce_and_reconsider(shared: &Arc<Shared>, mut st: Locked<'_>, peer_id: u8) {
-    st.replica.broadcast_state();
-    st.replica.reconsider_or_drop(peer_id);
-    shared.changed.notify_all();
 }
 

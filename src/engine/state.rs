@@ -5,7 +5,6 @@
 
 use super::link::PeerLink;
 use crate::frontend::{Completion, Export};
-use crate::meta::activity_log::AlUpdate;
 use crate::meta::{MetaError, MetaStore};
 use crate::replica::{Replica, RequestId};
 use std::collections::HashMap;
@@ -46,14 +45,6 @@ impl State {
 
     pub fn persist(&mut self) -> Result<(), MetaError> {
         self.meta.write_superblock(&self.replica.sb)
-    }
-
-    /// Makes an activity-log change durable, in the order crash recovery relies on: the bitmap
-    /// pages of every evicted extent (they leave the log's protection), then the transaction.
-    pub fn apply_al_update(&mut self, update: AlUpdate) -> Result<(), MetaError> {
-        self.meta.write_al_update(&update, &self.replica.bitmaps)?;
-        self.replica.al.commit(update);
-        Ok(())
     }
 
     /// Writes one peer's whole bitmap.

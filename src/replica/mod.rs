@@ -9,6 +9,7 @@
 //! is dropped.
 
 mod action;
+mod admin;
 mod apply;
 mod compare;
 mod connect;
@@ -19,9 +20,11 @@ pub mod peer;
 mod receive;
 mod recent;
 mod resync;
+mod roles;
 #[cfg(test)]
 pub(crate) mod testing;
 mod uuids;
+mod verify;
 mod votes;
 mod writes;
 
@@ -30,6 +33,8 @@ pub use apply::Applying;
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
+pub use roles::{PromoteRefusal, Promotion};
+pub use verify::VerifyStep;
 pub use writes::{PendingFlush, Pieces, QueuedWrite, WriteKind};
 
 use crate::config::Protocol;
@@ -164,8 +169,32 @@ pub struct Attached {
 }
 
 impl Replica {
-    /// A replica as the node attaches: Secondary, its disk state from the metadata flags.
+    /// A replica as the node attaches: Secondary, its disk state from the metadata flags. After
+    /// a crash as primary, writes in the activity log's hot extents may have reached only this
+    /// disk, or only the peers: every hot extent is out of sync with every data peer until a
+    /// resync says otherwise, and the log is emptied (its transaction queued behind the bitmap
+    /// pages of the extents it evicts). PRIMARY_IND stays set until the resync, so a second
+    /// crash does not forget it.
     pub fn attach(a: Attached) -> Replica {
+        let mut replica = Replica::attached(a);
+        if replica.crashed_primary {
+            let hot = replica.al.hot_extents();
+            tracing::warn!(resource = %replica.resource, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
+            let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
+            for extent in hot {
+                let (offset, len) = extent_range(extent, replica.sb.data_size);
+                for &slot in &slots {
+                    replica.mark_out_of_sync(slot, offset, len);
+                }
+            }
+            let clean = replica.al.mark_clean().expect("nothing is in flight at attach");
+            replica.al.commit(clean.clone());
+            replica.persist(MetaWrite::ActivityLog(clean));
+        }
+        replica
+    }
+
+    fn attached(a: Attached) -> Replica {
         let window = RecentWrites::window_for(&a.timing);
         let recent = RecentWrites::new(a.sb.data_size, a.sb.params.bitmap_block_size, window, a.now);
         Replica {

@@ -200,6 +200,8 @@ pub struct VerifyRun {
     pub progress: SyncProgress,
     /// Requests awaiting their answer, in stream order: `(offset, blocks)`.
     pub awaiting: VecDeque<(u64, u32)>,
+    /// Where the walk goes on: everything before it was requested.
+    pub cursor: u64,
     /// Bytes found to differ, and the first ranges of them (adjacent ones merged).
     pub found_bytes: u64,
     pub found_ranges: Vec<(u64, u64)>,
@@ -213,6 +215,7 @@ impl VerifyRun {
             state: VerifyState::Running,
             progress: SyncProgress::start(device_bytes),
             awaiting: VecDeque::new(),
+            cursor: 0,
             found_bytes: 0,
             found_ranges: Vec::new(),
         }

@@ -1,0 +1,248 @@
+//! Promotion and demotion: when this node may become primary, what a promotion changes in its
+//! generations and metadata, and what becoming secondary again leaves on disk. The driver runs
+//! the export around them (started after `promote`, stopped before `finish_demotion`).
+
+use super::{MetaWrite, Replica};
+use crate::core::states::{DiskState, ReplState, Role};
+use crate::core::sync_decision::{same_uuid, UUID_JUST_CREATED};
+use crate::meta::{MetaFlags, Superblock};
+use std::time::Instant;
+
+/// Why this node may not be promoted now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PromoteRefusal {
+    #[error("this node is a diskless witness: it only votes and can never be primary")]
+    Witness,
+    #[error("peer {peer} is primary: demote it first")]
+    PeerIsPrimary { peer: String },
+    #[error("no quorum: {votes} of {voters} votes, {needed} needed")]
+    NoQuorum { votes: u8, voters: u8, needed: u8 },
+    #[error("a connected node reports {name} as primary (this node cannot reach it directly): demote {name} first")]
+    OtherPrimary { name: String },
+    #[error("this node is being resynced from {source_name}: wait until it is UpToDate")]
+    BeingResynced { source_name: String },
+    #[error("this node's disk is {disk}, not UpToDate")]
+    NotUpToDate { disk: DiskState },
+    #[error("cannot promote with a {disk} disk")]
+    NoDisk { disk: DiskState },
+}
+
+/// What a promotion changed, to undo it if the export cannot start.
+#[derive(Debug)]
+pub struct Promotion {
+    disk_before: DiskState,
+    sb_before: Superblock,
+}
+
+impl Replica {
+    /// Promotes this node (`force`: even without an UpToDate disk, and starting a new
+    /// generation for every peer). Its metadata says primary (durably, before anything queued
+    /// after) and the role is Primary when this returns; the driver then starts the export and
+    /// reports with [`Replica::promoted`] or [`Replica::promotion_failed`].
+    pub fn promote(&mut self, now: Instant, force: bool) -> Result<Promotion, PromoteRefusal> {
+        if self.witness {
+            return Err(PromoteRefusal::Witness);
+        }
+        if let Some(peer) = self.peers.iter().find(|p| p.connected && p.role == Role::Primary) {
+            return Err(PromoteRefusal::PeerIsPrimary { peer: peer.name.clone() });
+        }
+        let quorum = self.quorum(now);
+        if !quorum.has_quorum {
+            return Err(PromoteRefusal::NoQuorum { votes: quorum.votes, voters: quorum.voters, needed: quorum.needed });
+        }
+        if let Some(other) = quorum.other_primary {
+            let name = self.peers.iter().find(|p| p.node_id == other).map_or_else(|| format!("node {other}"), |p| p.name.clone());
+            return Err(PromoteRefusal::OtherPrimary { name });
+        }
+        if let Some(source) = self.peers.iter().find(|p| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target())) {
+            return Err(PromoteRefusal::BeingResynced { source_name: source.name.clone() });
+        }
+        if self.disk != DiskState::UpToDate && !force {
+            return Err(PromoteRefusal::NotUpToDate { disk: self.disk });
+        }
+        if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
+            return Err(PromoteRefusal::NoDisk { disk: self.disk });
+        }
+        let undo = Promotion { disk_before: self.disk, sb_before: self.sb.clone() };
+        // Peers that will not see this node's writes from the start: a new generation begins,
+        // and they track from the old one.
+        let absent: Vec<usize> = self
+            .peers
+            .iter()
+            .filter(|p| !p.witness)
+            .filter(|p| force || !(p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
+            .map(|p| p.slot)
+            .collect();
+        if force || !absent.is_empty() {
+            let was_fresh = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED);
+            let mut generation = self.generation();
+            let started = generation.new_current(self.uuids.next(), true, false, &absent);
+            self.set_generation(generation);
+            if was_fresh {
+                // A peer of a just-created node holds none of its data: all of it must flow.
+                for slot in started {
+                    let len = self.bitmaps[slot].blocks() * u64::from(self.bitmaps[slot].block_size());
+                    self.mark_out_of_sync(slot, 0, len);
+                }
+            }
+        }
+        self.disk = DiskState::UpToDate;
+        self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
+        // Promoted (with --force, if verify had marked it): this copy is the good one now.
+        self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+        self.sb.flags.remove(MetaFlags::AL_CLEAN);
+        self.persist(MetaWrite::Superblock);
+        self.role = Role::Primary;
+        Ok(undo)
+    }
+
+    /// The export started: the peers hear of the new primary, and the connections that now
+    /// call for a resync get one.
+    pub fn promoted(&mut self) {
+        self.stepped_down = None;
+        tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current), "promoted to Primary");
+        self.broadcast_state();
+        self.reconsider_all_or_drop();
+    }
+
+    /// The export could not start, or the promotion's metadata write failed: back to what the
+    /// node was (bits marked for absent peers stay: over-reporting is safe). A Failed disk
+    /// stays Failed.
+    pub fn promotion_failed(&mut self, undo: Promotion) {
+        self.role = Role::Secondary;
+        if self.disk == DiskState::Failed {
+            return;
+        }
+        self.disk = undo.disk_before;
+        self.sb = undo.sb_before;
+        self.persist(MetaWrite::Superblock);
+    }
+
+    /// The first half of becoming Secondary: what is held fails, the new generation owed to
+    /// lost peers is forgotten (no write will complete under it), and the peers learn it behind
+    /// the writes already sent and ahead of the final flush's barrier: once the barrier is
+    /// acked, every peer knows this node is no longer primary and may promote itself, and no
+    /// write of this node reaches a peer after that news. The driver then stops the export,
+    /// waits for the writes in flight ([`Replica::writes_idle`]), flushes, and calls
+    /// [`Replica::finish_demotion`].
+    pub fn begin_demotion(&mut self, now: Instant) {
+        self.role = Role::Secondary;
+        self.superseded_latched = false;
+        self.left_generation = 0;
+        self.release_suspended(now, true);
+        self.generation_pending.clear();
+        self.broadcast_state_in_stream();
+    }
+
+    /// Every write finished and was flushed: the metadata no longer says primary, and the
+    /// activity log is empty (its extents need no resync after a crash from now on).
+    pub fn finish_demotion(&mut self) {
+        self.sb.flags.remove(MetaFlags::PRIMARY_IND);
+        match self.al.mark_clean() {
+            Ok(clean) => {
+                self.al.commit(clean.clone());
+                self.persist(MetaWrite::ActivityLog(clean));
+                self.sb.flags.insert(MetaFlags::AL_CLEAN);
+            }
+            // A write still holds an extent (the driver did not wait): the log stays as it is,
+            // and a crash resyncs its extents.
+            Err(e) => tracing::error!(resource = %self.resource, error = %e, "demoted with writes in flight: the activity log stays"),
+        }
+        self.persist(MetaWrite::Superblock);
+    }
+
+    /// Steps down by itself: this primary lost quorum and another node was promoted meanwhile
+    /// (see `Replica::superseded`). Nothing it holds was acknowledged and its data lacks the
+    /// new primary's writes: it is Outdated, and resyncs from the new primary like any node
+    /// that fell behind (it started no generation without quorum, so the new primary's history
+    /// holds its own). Returns why, for the log and `status`; the driver demotes it next.
+    pub fn step_down(&mut self, now: Instant) -> Option<String> {
+        if !self.superseded(now) {
+            return None;
+        }
+        let other = self.quorum(now).other_primary.map_or_else(String::new, |id| {
+            self.peers.iter().find(|p| p.node_id == id).map_or_else(|| format!("node {id}"), |p| p.name.clone())
+        });
+        let why = format!("{other} was promoted while this node had no quorum");
+        tracing::error!(resource = %self.resource,
+            "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from {other}");
+        self.disk = DiskState::Outdated;
+        self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        self.stepped_down = Some(why.clone());
+        Some(why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PromoteRefusal;
+    use crate::core::states::{DiskState, Role};
+    use crate::meta::MetaFlags;
+    use crate::replica::testing::{primary_replicating, two_node_replica};
+    use crate::replica::{Action, MetaWrite};
+    use crate::wire::Message;
+
+    #[test]
+    fn a_promotion_without_the_peer_starts_a_generation_durably_before_the_peer_hears_of_it() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        let before = r.generation().current;
+        let undo = r.promote(t0, false).expect("quorum is off, the disk UpToDate");
+        assert_eq!(r.role, Role::Primary);
+        assert_ne!(r.generation().current, before, "the absent peer tracks from the old generation");
+        assert_eq!(r.sb.peers[0].bitmap_uuid & !1, before & !1);
+        assert!(r.sb.flags.contains(MetaFlags::PRIMARY_IND));
+        r.link_up(1, t0);
+        r.promoted();
+        let actions = r.take_actions();
+        let persisted = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::Superblock))).expect("persisted");
+        let told = actions.iter().position(|a| matches!(a, Action::Send { msg: Message::State(_), .. })).expect("told");
+        assert!(persisted < told, "{actions:?}");
+        drop(undo);
+    }
+
+    #[test]
+    fn a_promotion_is_refused_with_the_reason() {
+        let (mut r, t0) = two_node_replica();
+        assert_eq!(r.promote(t0, false).unwrap_err(), PromoteRefusal::NotUpToDate { disk: r.disk });
+        r.disk = DiskState::UpToDate;
+        r.link_up(1, t0);
+        r.peer_mut(1).role = Role::Primary;
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::PeerIsPrimary { .. })));
+        assert_eq!(r.role, Role::Secondary);
+        assert!(r.take_actions().iter().all(|a| !matches!(a, Action::Persist(_))), "nothing written");
+    }
+
+    #[test]
+    fn a_failed_export_undoes_the_promotion() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::Consistent;
+        let sb = r.sb.clone();
+        let undo = r.promote(t0, true).expect("--force");
+        r.promotion_failed(undo);
+        assert_eq!((r.role, r.disk), (Role::Secondary, DiskState::Consistent));
+        assert_eq!(r.sb.uuids.current, sb.uuids.current);
+        assert!(!r.sb.flags.contains(MetaFlags::PRIMARY_IND));
+    }
+
+    #[test]
+    fn demotion_empties_the_activity_log_before_the_superblock_says_clean() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, crate::frontend::BlockRequest::Write { offset: 0, data: vec![1u8; 4096].into(), fua: false }, |_| 0);
+        let id = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: crate::replica::IoTag::Write(id), .. } => Some(*id),
+            _ => None,
+        }).expect("written");
+        r.begin_demotion(t0);
+        assert!(!r.writes_idle());
+        r.io_done(t0, crate::replica::IoTag::Write(id), Ok(None));
+        r.peer_reached(t0, id, 1, crate::core::inflight::AckLevel::Written);
+        assert!(r.writes_idle());
+        r.take_actions();
+        r.finish_demotion();
+        let actions = r.take_actions();
+        assert!(matches!(&actions[..], [Action::Persist(MetaWrite::ActivityLog(_)), Action::Persist(MetaWrite::Superblock)]), "{actions:?}");
+        assert!(r.sb.flags.contains(MetaFlags::AL_CLEAN) && !r.sb.flags.contains(MetaFlags::PRIMARY_IND));
+        assert!(r.al.hot_extents().is_empty());
+    }
+}
