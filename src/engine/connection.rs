@@ -72,7 +72,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                         }
                         let peer = st.replica.peer(peer_id);
                         if !peer.want_connect || peer.connected {
-                            drop(st.wait_timeout(DIAL_INTERVAL));
+                            drop(st.wait_dial(DIAL_INTERVAL));
                             continue;
                         }
                     }
@@ -323,4 +323,5 @@ pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) {
     link.close(reason);
     st.replica.peer_lost(Instant::now(), peer_id, reason, link.sent_bytes());
     shared.changed.notify_all();
+    shared.dial.notify_all();
 }

@@ -13,7 +13,7 @@ use crate::replica::{Action, IoTag, Lane, LocalIo, MetaWrite};
 use crate::wire::Message;
 use std::sync::Arc;
 use std::ops::{Deref, DerefMut};
-use std::sync::MutexGuard;
+use std::sync::{Condvar, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub(crate) struct Locked<'a> {
@@ -48,21 +48,27 @@ impl<'a> Locked<'a> {
     }
 
     /// [`Locked::wait`], for at most `timeout`.
-    pub fn wait_timeout(mut self, timeout: Duration) -> Locked<'a> {
-        match self.release_for_wait() {
-            Some(guard) => {
-                let (guard, _) = self.shared.changed.wait_timeout(guard, timeout).expect("engine state lock poisoned");
-                self.relocked(guard)
-            }
-            None => self.shared.lock(),
-        }
+    pub fn wait_timeout(self, timeout: Duration) -> Locked<'a> {
+        let changed = &self.shared.changed;
+        self.wait_timeout_on(changed, timeout)
     }
 
     /// [`Locked::wait_timeout`] on `Shared::timer` (a nearer deadline).
-    pub fn wait_timer(mut self, timeout: Duration) -> Locked<'a> {
+    pub fn wait_timer(self, timeout: Duration) -> Locked<'a> {
+        let timer = &self.shared.timer;
+        self.wait_timeout_on(timer, timeout)
+    }
+
+    /// [`Locked::wait_timeout`] on `Shared::dial` (a link went, or one is wanted).
+    pub fn wait_dial(self, timeout: Duration) -> Locked<'a> {
+        let dial = &self.shared.dial;
+        self.wait_timeout_on(dial, timeout)
+    }
+
+    fn wait_timeout_on(mut self, condvar: &Condvar, timeout: Duration) -> Locked<'a> {
         match self.release_for_wait() {
             Some(guard) => {
-                let (guard, _) = self.shared.timer.wait_timeout(guard, timeout).expect("engine state lock poisoned");
+                let (guard, _) = condvar.wait_timeout(guard, timeout).expect("engine state lock poisoned");
                 self.relocked(guard)
             }
             None => self.shared.lock(),
@@ -94,6 +100,8 @@ enum After {
     Ack(Arc<PeerLink>, Message),
     /// Run by this thread (see [`Locked::run_stream_io_here`]).
     StreamIo(IoTag, LocalIo),
+    /// Handed to the I/O pool.
+    PoolIo(IoTag, LocalIo),
     Complete(Completion, BlockResult),
     Action(Action),
 }
@@ -145,17 +153,7 @@ fn carry_out_in_order(shared: &Shared, st: &mut State, stream_io_here: bool) -> 
             Action::Io { tag, op } if stream_io_here && matches!(tag, IoTag::Stream { .. } | IoTag::Barrier { .. }) => {
                 rest.push(After::StreamIo(tag, op));
             }
-            Action::Io { tag, op } => {
-                let Some(owner) = shared.this.upgrade() else { continue };
-                shared.io.submit(
-                    op,
-                    Box::new(move |result| {
-                        let mut st = owner.lock();
-                        st.replica.io_done(Instant::now(), tag, result.map_err(|e| LocalFailure::of(&e)));
-                        owner.changed.notify_all();
-                    }),
-                );
-            }
+            Action::Io { tag, op } => rest.push(After::PoolIo(tag, op)),
             Action::Complete { request, result } => {
                 if let Some(done) = st.requests.remove(&request) {
                     rest.push(After::Complete(done, result));
@@ -189,6 +187,16 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                 let result = super::io_pool::execute(&*shared.data, op).map_err(|e| LocalFailure::of(&e));
                 shared.lock().replica.io_done(Instant::now(), tag, result);
                 shared.changed.notify_all();
+            }
+            After::PoolIo(tag, op) => {
+                let Some(owner) = owner.clone() else { continue };
+                shared.io.submit(
+                    op,
+                    Box::new(move |result| {
+                        owner.lock().replica.io_done(Instant::now(), tag, result.map_err(|e| LocalFailure::of(&e)));
+                        owner.changed.notify_all();
+                    }),
+                );
             }
             After::Complete(done, result) => done(result),
             After::Action(action) => {

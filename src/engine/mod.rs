@@ -120,6 +120,9 @@ pub(crate) struct Shared {
     pub changed: Condvar,
     /// Wakes the timer thread (see `timer`) when a deadline may have moved closer.
     pub timer: Condvar,
+    /// Wakes the dialers (see `connection::spawn_dialers`) when a link went or `connect`
+    /// wants one: not `changed`, which every frame signals.
+    pub dial: Condvar,
     /// Where this node's daemon keeps run-time files (the ublk device record).
     pub run_dir: PathBuf,
     /// Serializes role changes: a promotion starts the export without the state lock held (a
@@ -276,6 +279,7 @@ impl Engine {
             state: Mutex::new(state),
             changed: Condvar::new(),
             timer: Condvar::new(),
+            dial: Condvar::new(),
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
         });
@@ -642,6 +646,7 @@ impl Engine {
         }
         st.replica.broadcast_state();
         self.shared.changed.notify_all();
+        self.shared.dial.notify_all();
         Ok(())
     }
 

@@ -22,8 +22,11 @@ pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
     st.replica.submit(Instant::now(), id, request, |peer| queued.iter().find(|(id, _)| *id == peer).map_or(0, |(_, q)| *q));
 }
 
-/// How much waits in each connected peer's send queue.
+/// How much waits in each connected peer's send queue, where pull-ahead asks.
 fn queued_bytes(st: &State) -> Vec<(u8, usize)> {
+    if st.replica.congestion_fill.is_none() {
+        return Vec::new();
+    }
     st.replica.peers.iter().filter_map(|p| st.link(p.node_id).map(|l| (p.node_id, l.queued_bytes()))).collect()
 }
 

@@ -391,6 +391,7 @@ mod tests {
         r.take_actions();
         let rest = vec![
             Action::Send { peer: 1, msg: Message::Ping, lane: crate::replica::Lane::Control, sent_write: None },
+            Action::StartResync { peer: 1, generation: 1 },
             Action::DropLink { peer: 1, generation: 1, reason: "x".into() },
         ];
         r.persist_failed(t0, MetaWrite::Superblock, "EIO", rest);
@@ -398,6 +399,6 @@ mod tests {
         let actions = r.take_actions();
         assert!(matches!(actions[0], Action::DropLink { .. }), "{actions:?}");
         assert!(matches!(&actions[1], Action::Send { msg: Message::State(s), .. } if s.disk == DiskState::Failed.to_wire()));
-        assert_eq!(actions.len(), 2, "the queued ping is dropped: {actions:?}");
+        assert_eq!(actions.len(), 2, "the queued ping and resync are dropped: {actions:?}");
     }
 }

@@ -264,7 +264,8 @@ impl Replica {
     /// other than the write stream are dropped (they may announce what never became durable;
     /// the peers hear of the Failed disk instead), local I/O fails without being submitted
     /// (a write into an extent whose activity-log transaction failed must not reach the disk),
-    /// and requests completed behind it fail (a write's new generation may not be durable).
+    /// requests completed behind it fail (a write's new generation may not be durable), and a
+    /// resync decided behind it does not start.
     /// The write stream goes on: the peers' copies do not depend on this node's metadata.
     pub fn persist_failed(&mut self, now: Instant, what: MetaWrite, error: &str, rest: Vec<Action>) {
         tracing::error!(resource = %self.resource, ?what, error, "metadata write failed: the disk is Failed");
@@ -276,7 +277,9 @@ impl Replica {
                 Action::Send { ref msg, .. } if matches!(msg, Message::Data { .. } | Message::Zeroes { .. } | Message::Barrier { .. }) => {
                     kept.push(action)
                 }
-                Action::Send { .. } | Action::Persist(_) => {}
+                // A resync whose decision never became durable does not start; the peer hears
+                // of the Failed disk and decides again.
+                Action::Send { .. } | Action::Persist(_) | Action::StartResync { .. } => {}
                 Action::Io { tag, .. } => failed_io.push(tag),
                 Action::Complete { request, result: Ok(_) } => kept.push(Action::Complete { request, result: Err(BlockError::Io) }),
                 other => kept.push(other),
