@@ -271,10 +271,11 @@ impl Replica {
 
 #[cfg(test)]
 mod tests {
+    use crate::core::block_digest::block_digests;
     use crate::core::inflight::LocalFailure;
     use crate::replica::testing::secondary_of_primary;
-    use crate::replica::{Action, IoTag, LocalIo};
-    use crate::wire::Message;
+    use crate::replica::{Action, IoTag, LocalIo, Replica};
+    use crate::wire::{DigestPurpose, Message};
     use bytes::Bytes;
 
     fn data(offset: u64) -> LocalIo {
@@ -336,22 +337,6 @@ mod tests {
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 2 }, Ok(None));
         assert!(sent(&r.take_actions()).is_empty(), "no ack on the new connection for the old one's write");
         assert!(!r.overlaps_busy(4096, 4096));
-    }
-}
-
-#[cfg(test)]
-mod stream_tests {
-    use crate::core::block_digest::block_digests;
-    use crate::replica::testing::secondary_of_primary;
-    use crate::replica::{Action, IoTag, LocalIo, Replica};
-    use crate::wire::{DigestPurpose, Message};
-    use bytes::Bytes;
-
-    fn io_tags(actions: &[Action]) -> Vec<IoTag> {
-        actions.iter().filter_map(|a| match a {
-            Action::Io { tag, .. } => Some(*tag),
-            _ => None,
-        }).collect()
     }
 
     /// Makes this node the peer's sync target.

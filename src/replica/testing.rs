@@ -2,6 +2,7 @@
 
 use super::{Attached, Peer, Replica};
 use crate::config::Protocol;
+use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use crate::disk::{Disk, MemDisk};
 use crate::meta::{MetaParams, MetaStore};
@@ -38,30 +39,27 @@ pub fn two_node_replica() -> (Replica, Instant) {
     (replica, now)
 }
 
-/// [`two_node_replica`] as a primary replicating to its connected, Established peer (whose
-/// State arrived); the actions of getting there are taken.
-pub fn primary_replicating() -> (Replica, Instant) {
+/// [`two_node_replica`] connected to its peer, Established, with this node and the peer in the
+/// given roles, both UpToDate; the actions of getting there are taken.
+fn established(role: Role, peer_role: Role) -> (Replica, Instant) {
     let (mut r, t0) = two_node_replica();
-    r.role = crate::core::states::Role::Primary;
-    r.disk = crate::core::states::DiskState::UpToDate;
+    r.role = role;
+    r.disk = DiskState::UpToDate;
     r.link_up(1, t0);
     let peer = r.peer_mut(1);
-    peer.repl = crate::core::states::ReplState::Established;
-    peer.role = crate::core::states::Role::Secondary;
-    peer.disk = crate::core::states::DiskState::UpToDate;
+    peer.repl = ReplState::Established;
+    peer.role = peer_role;
+    peer.disk = DiskState::UpToDate;
     r.take_actions();
     (r, t0)
 }
 
-/// [`two_node_replica`] as a secondary whose peer is its Established primary.
+/// A primary replicating to its peer.
+pub fn primary_replicating() -> (Replica, Instant) {
+    established(Role::Primary, Role::Secondary)
+}
+
+/// A secondary whose peer is its primary.
 pub fn secondary_of_primary() -> (Replica, Instant) {
-    let (mut r, t0) = two_node_replica();
-    r.disk = crate::core::states::DiskState::UpToDate;
-    r.link_up(1, t0);
-    let peer = r.peer_mut(1);
-    peer.repl = crate::core::states::ReplState::Established;
-    peer.role = crate::core::states::Role::Primary;
-    peer.disk = crate::core::states::DiskState::UpToDate;
-    r.take_actions();
-    (r, t0)
+    established(Role::Secondary, Role::Primary)
 }

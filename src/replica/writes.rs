@@ -587,11 +587,15 @@ mod tests {
         }
     }
 
-    fn completions(actions: &[Action]) -> Vec<(u64, bool)> {
+    fn answers(actions: &[Action]) -> Vec<(u64, crate::frontend::BlockResult)> {
         actions.iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((*request, result.is_ok())),
+            Action::Complete { request, result } => Some((*request, result.clone())),
             _ => None,
         }).collect()
+    }
+
+    fn completions(actions: &[Action]) -> Vec<(u64, bool)> {
+        answers(actions).into_iter().map(|(request, result)| (request, result.is_ok())).collect()
     }
 
     /// Finishes write `id` everywhere (local disk, then the peer's WriteAck).
@@ -641,12 +645,7 @@ mod tests {
         finish(&mut r, t0, ids[0]);
         assert!(completions(&r.take_actions()).is_empty(), "one piece is still out");
         finish(&mut r, t0, ids[2]);
-        let actions = r.take_actions();
-        let answers: Vec<_> = actions.iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((*request, result.clone())),
-            _ => None,
-        }).collect();
-        assert_eq!(answers, vec![(5, Err(BlockError::NoSpace))]);
+        assert_eq!(answers(&r.take_actions()), vec![(5, Err(BlockError::NoSpace))]);
     }
 
     #[test]
@@ -658,11 +657,7 @@ mod tests {
         r.submit(t0, 2, write(0, 4096), no_queue);
         r.submit(t0, 3, BlockRequest::Read { offset: 0, len: 4096 }, no_queue);
         let actions = r.take_actions();
-        let answers: Vec<_> = actions.iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((*request, result.clone())),
-            _ => None,
-        }).collect();
-        assert_eq!(answers, vec![(1, Err(BlockError::Invalid)), (2, Err(BlockError::ReadOnly)), (3, Err(BlockError::ReadOnly))]);
+        assert_eq!(answers(&actions), vec![(1, Err(BlockError::Invalid)), (2, Err(BlockError::ReadOnly)), (3, Err(BlockError::ReadOnly))]);
         assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. })), "{actions:?}");
     }
 
@@ -703,11 +698,7 @@ mod tests {
         assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. })), "nothing reaches the disk: {actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "the peer still gets it");
         r.peer_reached(t0, id, 1, AckLevel::Written);
-        let answers: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((request, result)),
-            _ => None,
-        }).collect();
-        assert_eq!(answers, vec![(1, Err(BlockError::Io))]);
+        assert_eq!(answers(&r.take_actions()), vec![(1, Err(BlockError::Io))]);
     }
 
     #[test]
