@@ -98,6 +98,18 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
     if me.just_created() && peer.just_created() {
         return InSync;
     }
+    // 1b. The same generation, one side primary, and a bitmap UUID at that generation: what
+    //     the secondary recorded since, it applied from a primary of this generation (a
+    //     secondary writes nothing of its own, and a primary that writes without a peer starts
+    //     a new generation), so the primary holds it or newer. It is the source; the bitmaps
+    //     are merged, so every block either side recorded is sent again. (Without this, a
+    //     secondary that lost its link to a live primary marked the blocks it had just applied
+    //     and then claimed to be the source: the primary refused, and the pair never
+    //     reconnected.)
+    let tracking = me.bitmap_for_peer != 0 || peer.bitmap_for_peer != 0;
+    if same_uuid(me.current, peer.current) && tracking && me.is_primary != peer.is_primary && !me.crashed_primary && !peer.crashed_primary {
+        return if me.is_primary { BitmapSource } else { BitmapTarget };
+    }
     // 2. A bitmap UUID says "I recorded every change since the peer was at this UUID": a bitmap
     //    resync suffices. Checked before the just-created rule so an interrupted initial sync
     //    resumes from its bitmap instead of starting over.
@@ -331,6 +343,18 @@ mod tests {
         b.bitmap_for_peer = 0x1000;
         assert_eq!(decide(&a, &b), Refused(Refusal::PrimaryWouldBeTarget));
         assert_eq!(decide(&b, &a), Refused(Refusal::PeerCannotFollow));
+    }
+
+    #[test]
+    fn a_secondary_that_marked_what_it_applied_resyncs_from_its_primary() {
+        let mut primary = view(0, 0x2001);
+        primary.is_primary = true;
+        let mut secondary = view(1, 0x2000);
+        secondary.bitmap_for_peer = 0x2000;
+        assert_eq!(decide(&primary, &secondary), BitmapSource);
+        assert_eq!(decide(&secondary, &primary), BitmapTarget);
+        primary.bitmap_for_peer = 0x2000;
+        assert_eq!(decide(&primary, &secondary), BitmapSource, "both marked: still the primary");
     }
 
     #[test]
