@@ -1,0 +1,351 @@
+//! One seed: three data nodes under quorum, a client writing and reading through whichever node
+//! is primary, a cluster manager that promotes a node when none is primary (and demotes one
+//! that was superseded), and random faults (partitions, power losses). Then everything heals
+//! and the checkers look at what the client was told and what the disks hold.
+
+use super::world::{Event, Time, World, MS, PAGE, SEC};
+use blkrepl::config::Protocol;
+use blkrepl::core::states::{DiskState, ReplState, Role};
+use blkrepl::frontend::BlockRequest;
+use std::collections::HashMap;
+
+/// Blocks the client writes: one 4 KiB page at the start of each MiB (eight activity-log
+/// extents, one more than the log holds).
+pub const BLOCKS: u64 = 32;
+const BLOCK_STRIDE: u64 = 1 << 20;
+const FAULTY: Time = 20 * SEC;
+const SETTLE: Time = 30 * SEC;
+
+/// Scenario timers.
+const CLIENT: u64 = 1;
+const MANAGER: u64 = 2;
+const FAULT: u64 = 3;
+const RESTART: u64 = 4;
+const HEAL: u64 = 5;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub acked_writes: u64,
+    pub reads_checked: u64,
+    pub promotions: u64,
+    pub power_losses: u64,
+    pub partitions: u64,
+    pub virtual_us: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.acked_writes += o.acked_writes;
+        self.reads_checked += o.reads_checked;
+        self.promotions += o.promotions;
+        self.power_losses += o.power_losses;
+        self.partitions += o.partitions;
+        self.virtual_us += o.virtual_us;
+    }
+}
+
+enum Pending {
+    Write { block: u64, version: u64 },
+    /// A read, with the newest version acknowledged for its block when it was submitted.
+    Read { block: u64, at_least: u64 },
+    Flush,
+}
+
+fn page(block: u64, version: u64) -> Vec<u8> {
+    let mut data = vec![0u8; PAGE as usize];
+    data[..8].copy_from_slice(&version.to_le_bytes());
+    data[8..16].copy_from_slice(&block.to_le_bytes());
+    data
+}
+
+fn version_in(data: &[u8]) -> u64 {
+    u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
+}
+
+pub struct Scenario {
+    pub world: World,
+    pub stats: Stats,
+    next_request: u64,
+    next_version: u64,
+    /// Where the client sends its requests.
+    target: Option<u8>,
+    pending: HashMap<u64, (u8, Pending)>,
+    /// The newest acknowledged version per block.
+    acked: Vec<u64>,
+    /// Down nodes, restarted by a RESTART timer.
+    down: Vec<u8>,
+    /// Primaries stepping down: they finish once their writes are done.
+    demoting: Vec<u8>,
+    faults_on: bool,
+}
+
+impl Scenario {
+    pub fn new(seed: u64, tracing: bool) -> Scenario {
+        let protocol = [Protocol::A, Protocol::B, Protocol::C][(seed % 3) as usize];
+        let world = World::new(seed, 3, protocol, tracing);
+        Scenario {
+            world,
+            stats: Stats::default(),
+            next_request: 0,
+            next_version: 0,
+            target: None,
+            pending: HashMap::new(),
+            acked: vec![0; BLOCKS as usize],
+            down: Vec::new(),
+            demoting: Vec::new(),
+            faults_on: true,
+        }
+    }
+
+    /// Runs the seed; the error says which checker failed and why.
+    pub fn run(&mut self) -> Result<(), String> {
+        self.initial_sync()?;
+        let w = &mut self.world;
+        w.at(w.now + 10 * MS, Event::Scenario(CLIENT));
+        w.at(w.now + 50 * MS, Event::Scenario(MANAGER));
+        let first_fault = w.now + w.rng.range(300 * MS, 2 * SEC);
+        w.at(first_fault, Event::Scenario(FAULT));
+        let end_of_faults = self.world.now + FAULTY;
+        self.run_until(end_of_faults)?;
+        // Everything heals: links, nodes; the client stops writing.
+        self.faults_on = false;
+        self.world.heal_all();
+        for id in std::mem::take(&mut self.down) {
+            self.world.start(id);
+        }
+        let settled = self.world.now + SETTLE;
+        self.run_until(settled)?;
+        self.stats.virtual_us = self.world.now;
+        self.check_converged()
+    }
+
+    /// Two fresh nodes are declared in sync without copying, and node 0 is promoted.
+    fn initial_sync(&mut self) -> Result<(), String> {
+        let until = self.world.now + 2 * SEC;
+        self.world.run_until(until);
+        let connected = (1..3).all(|p| self.world.replica(0).is_some_and(|r| r.peer(p).connected && r.peer(p).last_state.is_some()));
+        if !connected {
+            return Err("the nodes did not connect".into());
+        }
+        self.world.replica_mut(0).expect("up").new_current_uuid(true).map_err(|e| format!("new-current-uuid: {e}"))?;
+        self.world.carry_out(0);
+        let until = self.world.now + SEC;
+        self.world.run_until(until);
+        self.promote(0).map_err(|e| format!("first promotion: {e}"))
+    }
+
+    fn run_until(&mut self, until: Time) -> Result<(), String> {
+        loop {
+            let step = self.world.run_until(until);
+            self.take_answers()?;
+            match step {
+                None => return Ok(()),
+                Some(CLIENT) => self.client(),
+                Some(MANAGER) => self.manager(),
+                Some(FAULT) => self.fault(),
+                Some(RESTART) => {
+                    if let Some(id) = self.down.first().copied() {
+                        self.down.remove(0);
+                        self.world.start(id);
+                    }
+                }
+                Some(HEAL) => self.world.heal_all(),
+                Some(other) => unreachable!("scenario step {other}"),
+            }
+            self.take_answers()?;
+        }
+    }
+
+    fn promote(&mut self, id: u8) -> Result<(), String> {
+        let now = self.world.instant();
+        let replica = self.world.replica_mut(id).ok_or("down")?;
+        replica.promote(now, false).map_err(|e| e.to_string())?;
+        replica.promoted();
+        self.world.carry_out(id);
+        self.world.log(id, || "promoted".into());
+        self.stats.promotions += 1;
+        self.target = Some(id);
+        Ok(())
+    }
+
+    /// The cluster manager: a primary that was superseded steps down; with no primary, a node
+    /// the replica lets promote is promoted.
+    fn manager(&mut self) {
+        let now = self.world.instant();
+        for id in self.world.primaries() {
+            let replica = self.world.replica_mut(id).expect("up");
+            if !self.demoting.contains(&id) && replica.step_down(now).is_some() {
+                replica.begin_demotion(now);
+                self.world.carry_out(id);
+                self.demoting.push(id);
+            }
+        }
+        let world = &mut self.world;
+        self.demoting.retain(|&id| match world.replica_mut(id) {
+            None => false,
+            Some(r) if r.writes_idle() => {
+                r.finish_demotion();
+                r.reconsider_all_or_drop();
+                world.carry_out(id);
+                false
+            }
+            Some(_) => true,
+        });
+        // As a cluster manager on the majority's side would: a primary cut off from it does not
+        // count (the replica refuses a promotion that would make two primaries).
+        let serving = self.world.primaries().into_iter().any(|p| self.world.replica(p).is_some_and(|r| r.quorum(now).has_quorum));
+        if !serving {
+            let mut candidates: Vec<u8> = (0..3).filter(|id| self.world.is_up(*id) && !self.world.primaries().contains(id)).collect();
+            while !candidates.is_empty() {
+                let id = candidates.remove(self.world.rng.below(candidates.len()));
+                match self.promote(id) {
+                    Ok(()) => break,
+                    Err(why) => self.world.log(id, || format!("not promoted: {why}")),
+                }
+            }
+        }
+        let w = &mut self.world;
+        w.at(w.now + 200 * MS, Event::Scenario(MANAGER));
+    }
+
+    fn client(&mut self) {
+        let w = &mut self.world;
+        let next = w.now + w.rng.range(2 * MS, 20 * MS);
+        w.at(next, Event::Scenario(CLIENT));
+        if !self.faults_on {
+            return;
+        }
+        let primaries = self.world.primaries();
+        if !self.target.is_some_and(|t| primaries.contains(&t)) {
+            self.target = primaries.first().copied();
+        }
+        let Some(node) = self.target else { return };
+        if self.pending.len() >= 8 {
+            return;
+        }
+        let block = self.world.rng.range(0, BLOCKS);
+        let busy = self.pending.values().any(|(_, p)| matches!(p, Pending::Write { block: b, .. } if *b == block));
+        self.next_request += 1;
+        let request = self.next_request;
+        let offset = block * BLOCK_STRIDE;
+        if self.world.rng.percent(25) {
+            let at_least = self.acked[block as usize];
+            self.pending.insert(request, (node, Pending::Read { block, at_least }));
+            self.world.submit(node, request, BlockRequest::Read { offset, len: PAGE as u32 });
+        } else if busy {
+            self.pending.insert(request, (node, Pending::Flush));
+            self.world.submit(node, request, BlockRequest::Flush);
+        } else {
+            self.next_version += 1;
+            let version = self.next_version;
+            let fua = self.world.rng.percent(10);
+            self.pending.insert(request, (node, Pending::Write { block, version }));
+            self.world.submit(node, request, BlockRequest::Write { offset, data: page(block, version).into(), fua });
+        }
+    }
+
+    /// Checks every answer the client got: an acknowledged write raises its block's floor, a
+    /// read on the primary never returns a version below the floor at its submission.
+    fn take_answers(&mut self) -> Result<(), String> {
+        for (node, request, result) in std::mem::take(&mut self.world.answers) {
+            let Some((sent_to, pending)) = self.pending.remove(&request) else { continue };
+            debug_assert_eq!(sent_to, node);
+            match (pending, result) {
+                (Pending::Write { block, version }, Ok(_)) => {
+                    self.stats.acked_writes += 1;
+                    let floor = &mut self.acked[block as usize];
+                    *floor = (*floor).max(version);
+                }
+                (Pending::Read { block, at_least }, Ok(Some(data))) => {
+                    self.stats.reads_checked += 1;
+                    let found = version_in(&data);
+                    if found < at_least {
+                        return Err(format!(
+                            "checker 1 (reads never stale): n{node} returned version {found} of block {block}, {at_least} was acknowledged before the read"
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self) {
+        if !self.faults_on {
+            return;
+        }
+        let w = &mut self.world;
+        let next = w.now + w.rng.range(500 * MS, 3 * SEC);
+        w.at(next, Event::Scenario(FAULT));
+        let up: Vec<u8> = (0..3).filter(|id| self.world.is_up(*id)).collect();
+        match self.world.rng.below(3) {
+            // A node cut off from the others (the primary more often than not).
+            0 | 1 => {
+                let id = match self.target.filter(|_| self.world.rng.percent(60)) {
+                    Some(primary) => primary,
+                    None => self.world.rng.pick(&[0u8, 1, 2]),
+                };
+                for other in (0..3).filter(|o| *o != id) {
+                    self.world.cut(id, other);
+                }
+                self.stats.partitions += 1;
+                self.world.log(id, || "partitioned".into());
+                let w = &mut self.world;
+                let heal = w.now + w.rng.range(SEC, 6 * SEC);
+                w.at(heal, Event::Scenario(HEAL));
+            }
+            // A power loss, and a restart a little later (at most one node down at a time).
+            _ if up.len() == 3 => {
+                let id = self.world.rng.pick(&up);
+                self.world.crash(id);
+                self.stats.power_losses += 1;
+                self.world.log(id, || "power loss".into());
+                self.pending.retain(|_, (node, _)| *node != id);
+                self.demoting.retain(|d| *d != id);
+                self.down.push(id);
+                let w = &mut self.world;
+                let restart = w.now + w.rng.range(300 * MS, 3 * SEC);
+                w.at(restart, Event::Scenario(RESTART));
+            }
+            _ => {}
+        }
+    }
+
+    /// After the faults healed: one primary, every node in sync with it and UpToDate, every
+    /// replica identical on the client's blocks, and no acknowledged write missing.
+    fn check_converged(&mut self) -> Result<(), String> {
+        let primaries = self.world.primaries();
+        let [primary] = primaries[..] else {
+            return Err(format!("checker 2 (one primary after healing): primaries {primaries:?}"));
+        };
+        for id in 0..3u8 {
+            let r = self.world.replica(id).ok_or_else(|| format!("n{id} is down after healing"))?;
+            if r.disk != DiskState::UpToDate {
+                return Err(format!("checker 3 (convergence): n{id} is {} after healing", r.disk));
+            }
+            for peer in r.peers.iter() {
+                if !peer.connected || peer.repl != ReplState::Established {
+                    return Err(format!("checker 3 (convergence): n{id} sees n{} as {} after healing", peer.node_id, peer.repl));
+                }
+            }
+            if id != primary && r.role != Role::Secondary {
+                return Err(format!("n{id} is {} next to primary n{primary}", r.role));
+            }
+        }
+        for block in 0..BLOCKS {
+            let offset = block * BLOCK_STRIDE;
+            let versions: Vec<u64> = (0..3u8).map(|id| version_in(&self.world.nodes[usize::from(id)].data.read(offset, 16))).collect();
+            if versions.iter().any(|v| *v != versions[0]) {
+                return Err(format!("checker 4 (replicas identical): block {block} holds versions {versions:?} on n0..n2"));
+            }
+            if versions[0] < self.acked[block as usize] {
+                return Err(format!(
+                    "checker 5 (no acknowledged write lost): block {block} holds version {} everywhere, {} was acknowledged",
+                    versions[0], self.acked[block as usize]
+                ));
+            }
+        }
+        Ok(())
+    }
+}

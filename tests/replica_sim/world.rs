@@ -1,0 +1,576 @@
+//! The simulated world around real replicas: virtual time, a network of ordered lanes carrying
+//! encoded frames, data disks with a volatile cache, metadata on memory disks that survive a
+//! node's crash, and the driver that carries out each replica's actions. Nothing here decides a
+//! replication rule: every decision is `blkrepl::replica::Replica`'s.
+
+use super::rng::Rng;
+use blkrepl::config::Protocol;
+use blkrepl::core::inflight::LocalFailure;
+use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use blkrepl::core::states::Role;
+use blkrepl::disk::{Disk, MemDisk};
+use blkrepl::frontend::{BlockRequest, BlockResult};
+use blkrepl::meta::{MetaParams, MetaStore};
+use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep};
+use blkrepl::wire::{read_message, write_message, Message};
+use bytes::Bytes;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Virtual time in microseconds.
+pub type Time = u64;
+pub const MS: Time = 1_000;
+pub const SEC: Time = 1_000_000;
+
+pub const RESOURCE: &str = "sim";
+/// The data disk: 32 MiB (eight activity-log extents, one more than the log holds).
+pub const DISK_BYTES: u64 = 32 << 20;
+pub const PAGE: u64 = 4096;
+const META_BYTES: u64 = 4 << 20;
+const TICK: Time = 100 * MS;
+
+/// A data disk: pages written and flushed, and pages written but still in the volatile cache
+/// (a power loss keeps each of those or not). Pages never written read as zeroes.
+#[derive(Default)]
+pub struct DataDisk {
+    durable: HashMap<u64, Bytes>,
+    cache: HashMap<u64, Bytes>,
+}
+
+impl DataDisk {
+    fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
+        for (i, page) in data.chunks(PAGE as usize).enumerate() {
+            let index = offset / PAGE + i as u64;
+            let page = Bytes::copy_from_slice(page);
+            if fua {
+                self.cache.remove(&index);
+                self.durable.insert(index, page);
+            } else {
+                self.cache.insert(index, page);
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        self.durable.extend(self.cache.drain());
+    }
+
+    pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
+        let mut out = vec![0u8; len as usize];
+        for i in 0..len.div_ceil(PAGE) {
+            let index = offset / PAGE + i;
+            if let Some(page) = self.cache.get(&index).or_else(|| self.durable.get(&index)) {
+                let at = (i * PAGE) as usize;
+                let n = page.len().min(out.len() - at);
+                out[at..at + n].copy_from_slice(&page[..n]);
+            }
+        }
+        out
+    }
+
+    fn power_loss(&mut self, rng: &mut Rng) {
+        for (index, page) in std::mem::take(&mut self.cache) {
+            if rng.percent(50) {
+                self.durable.insert(index, page);
+            }
+        }
+    }
+}
+
+/// One node: its disks survive its crashes; its replica does not.
+pub struct Node {
+    pub replica: Option<Replica>,
+    pub data: DataDisk,
+    meta_disk: Arc<dyn Disk>,
+    meta: Option<MetaStore>,
+    /// Bumped per start, so the events of a crashed incarnation are dropped.
+    pub incarnation: u64,
+    /// Per peer: the connection this node holds with it, and when it last heard on it.
+    links: HashMap<u8, (u64, Time)>,
+    /// Local I/O submitted and not completed.
+    io: HashMap<u64, (IoTag, LocalIo)>,
+    next_io: u64,
+}
+
+/// Something that happens at a time.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Deliver { from: u8, to: u8 },
+    IoDone { node: u8, incarnation: u64, io: u64 },
+    ResyncStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
+    Tick,
+    /// The scenario's own timers.
+    Scenario(u64),
+}
+
+struct Queued(Time, u64, Event);
+impl PartialEq for Queued {
+    fn eq(&self, o: &Self) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.0, self.1).cmp(&(o.0, o.1))
+    }
+}
+
+/// A directed lane: frames in order, each after its delay; a cut lane holds them.
+#[derive(Default)]
+struct Lane {
+    queue: VecDeque<(Time, u64, Bytes)>,
+}
+
+/// What the client was told, per request id.
+pub type Answers = Vec<(u8, u64, BlockResult)>;
+
+pub struct World {
+    pub now: Time,
+    base: Instant,
+    pub rng: Rng,
+    events: BinaryHeap<Reverse<Queued>>,
+    seq: u64,
+    pub nodes: Vec<Node>,
+    lanes: HashMap<(u8, u8), Lane>,
+    /// Pairs whose link is cut.
+    cut: Vec<(u8, u8)>,
+    next_conn: u64,
+    pub protocol: Protocol,
+    pub quorum: QuorumPolicy,
+    /// Answers to client requests since the scenario last took them: (node, request, result).
+    pub answers: Answers,
+    /// Whether what happens is printed (a seed replayed for a report; the replicas' own log
+    /// goes to the same output).
+    pub tracing: bool,
+}
+
+impl World {
+    pub fn new(seed: u64, data_nodes: u8, protocol: Protocol, tracing: bool) -> World {
+        let mut world = World {
+            now: 0,
+            base: Instant::now(),
+            rng: Rng::new(seed),
+            events: BinaryHeap::new(),
+            seq: 0,
+            nodes: Vec::new(),
+            lanes: HashMap::new(),
+            cut: Vec::new(),
+            next_conn: 0,
+            protocol,
+            quorum: QuorumPolicy::Majority,
+            answers: Vec::new(),
+            tracing,
+        };
+        for id in 0..data_nodes {
+            let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
+            let peers: Vec<u8> = (0..data_nodes).filter(|p| *p != id).collect();
+            let params = MetaParams { al_extents: 7, max_peers: 2, ..MetaParams::default() };
+            MetaStore::create(meta_disk.clone(), DISK_BYTES, false, params, RESOURCE, id, &peers, false).expect("create metadata");
+            world.nodes.push(Node {
+                replica: None,
+                data: DataDisk::default(),
+                meta_disk,
+                meta: None,
+                incarnation: 0,
+                links: HashMap::new(),
+                io: HashMap::new(),
+                next_io: 0,
+            });
+        }
+        for id in 0..data_nodes {
+            world.start(id);
+        }
+        world.at(TICK, Event::Tick);
+        world
+    }
+
+    pub fn at(&mut self, at: Time, event: Event) {
+        self.seq += 1;
+        self.events.push(Reverse(Queued(at, self.seq, event)));
+    }
+
+    pub fn instant(&self) -> Instant {
+        self.base + Duration::from_micros(self.now)
+    }
+
+    pub fn log(&mut self, who: u8, text: impl FnOnce() -> String) {
+        if self.tracing {
+            println!("{:>4}.{:06} n{who} {}", self.now / SEC, self.now % SEC, text());
+        }
+    }
+
+    /// Starts (or restarts after a crash) node `id` from its metadata.
+    pub fn start(&mut self, id: u8) {
+        let now = self.instant();
+        let seed = self.rng.next_u64();
+        let data_nodes = self.nodes.len() as u8;
+        let protocol = self.protocol;
+        let quorum = self.quorum;
+        let node = &mut self.nodes[usize::from(id)];
+        let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), DISK_BYTES, false, RESOURCE, id).expect("open metadata");
+        let peers = loaded
+            .superblock
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| Peer::new(p.node_id, format!("n{}", p.node_id), slot, false))
+            .collect();
+        let crashed_primary = loaded.crashed_as_primary;
+        let replica = Replica::attach(Attached {
+            // The replica's name in the log: the node's.
+            resource: format!("n{id}"),
+            witness: false,
+            timing: LinkTiming::DEFAULT,
+            protocol,
+            congestion_fill: None,
+            sb: loaded.superblock,
+            bitmaps: loaded.bitmaps,
+            al: loaded.activity_log,
+            crashed_primary,
+            crash_repair_pending: if crashed_primary { (0..data_nodes).filter(|p| *p != id).collect() } else { Vec::new() },
+            peers,
+            quorum_policy: quorum,
+            on_no_quorum: OnNoQuorum::SuspendIo,
+            split_brain: Default::default(),
+            now,
+            uuid_seed: seed,
+        });
+        node.meta = Some(meta);
+        node.replica = Some(replica);
+        node.incarnation += 1;
+        node.links.clear();
+        node.io.clear();
+        self.carry_out(id);
+    }
+
+    /// Power loss on node `id`: the replica and its links are gone; the cache keeps what it may.
+    pub fn crash(&mut self, id: u8) {
+        let node = &mut self.nodes[usize::from(id)];
+        node.replica = None;
+        node.meta = None;
+        node.data.power_loss(&mut self.rng);
+        let peers: Vec<(u8, u64)> = node.links.drain().map(|(p, (conn, _))| (p, conn)).collect();
+        for (peer, conn) in peers {
+            // The peer's TCP sees the reset soon (a cut link: at its read timeout).
+            if !self.is_cut(id, peer) {
+                self.close_at(peer, id, conn, "peer closed the connection");
+            }
+        }
+    }
+
+    pub fn is_up(&self, id: u8) -> bool {
+        self.nodes[usize::from(id)].replica.is_some()
+    }
+
+    pub fn replica(&self, id: u8) -> Option<&Replica> {
+        self.nodes[usize::from(id)].replica.as_ref()
+    }
+
+    pub fn replica_mut(&mut self, id: u8) -> Option<&mut Replica> {
+        self.nodes[usize::from(id)].replica.as_mut()
+    }
+
+    fn pair(a: u8, b: u8) -> (u8, u8) {
+        (a.min(b), a.max(b))
+    }
+
+    pub fn is_cut(&self, a: u8, b: u8) -> bool {
+        self.cut.contains(&World::pair(a, b))
+    }
+
+    pub fn cut(&mut self, a: u8, b: u8) {
+        if !self.is_cut(a, b) {
+            self.cut.push(World::pair(a, b));
+        }
+    }
+
+    pub fn heal(&mut self, a: u8, b: u8) {
+        self.cut.retain(|p| *p != World::pair(a, b));
+        for (from, to) in [(a, b), (b, a)] {
+            if self.lanes.get(&(from, to)).is_some_and(|l| !l.queue.is_empty()) {
+                self.at(self.now, Event::Deliver { from, to });
+            }
+        }
+    }
+
+    pub fn heal_all(&mut self) {
+        for (a, b) in std::mem::take(&mut self.cut) {
+            self.heal(a, b);
+        }
+    }
+
+    /// A frontend request to node `id` (it must be up).
+    pub fn submit(&mut self, id: u8, request: u64, req: BlockRequest) {
+        let now = self.instant();
+        self.replica_mut(id).expect("up").submit(now, request, req, |_| 0);
+        self.carry_out(id);
+    }
+
+    /// Runs events until `until`; the scenario's own events are handed back.
+    pub fn run_until(&mut self, until: Time) -> Option<u64> {
+        while let Some(Reverse(Queued(at, _, _))) = self.events.peek() {
+            if *at > until {
+                break;
+            }
+            let Reverse(Queued(at, _, event)) = self.events.pop().expect("peeked");
+            self.now = at;
+            match event {
+                Event::Scenario(step) => return Some(step),
+                Event::Tick => {
+                    self.tick();
+                    self.at(self.now + TICK, Event::Tick);
+                }
+                Event::Deliver { from, to } => self.deliver(from, to),
+                Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
+                Event::ResyncStep { node, incarnation, peer, generation } => self.resync_step(node, incarnation, peer, generation),
+            }
+        }
+        self.now = self.now.max(until);
+        None
+    }
+
+    /// Timers of every node, read timeouts of silent links, and the dialing of links that
+    /// are down between two nodes that are up and can reach each other.
+    fn tick(&mut self) {
+        let now = self.instant();
+        let timeout = LinkTiming::DEFAULT.ping_timeout.as_micros() as Time;
+        for id in 0..self.nodes.len() as u8 {
+            let Some(replica) = self.replica_mut(id) else { continue };
+            replica.tick(now);
+            let silent: Vec<(u8, u64)> = self.nodes[usize::from(id)]
+                .links
+                .iter()
+                .filter(|(_, (_, heard))| self.now.saturating_sub(*heard) > timeout)
+                .map(|(p, (conn, _))| (*p, *conn))
+                .collect();
+            for (peer, conn) in silent {
+                self.link_lost(id, peer, conn, "nothing heard from the peer (dead link or network partition)");
+            }
+            self.carry_out(id);
+        }
+        let n = self.nodes.len() as u8;
+        for a in 0..n {
+            for b in a + 1..n {
+                self.dial(a, b);
+            }
+        }
+    }
+
+    fn dial(&mut self, a: u8, b: u8) {
+        if !self.is_up(a) || !self.is_up(b) || self.is_cut(a, b) {
+            return;
+        }
+        let linked = |w: &World, x: u8, y: u8| w.nodes[usize::from(x)].links.contains_key(&y);
+        if linked(self, a, b) || linked(self, b, a) {
+            return;
+        }
+        let wants = |w: &World, x: u8, y: u8| w.replica(x).is_some_and(|r| r.peer(y).want_connect && !r.peer(y).connected);
+        if !wants(self, a, b) || !wants(self, b, a) {
+            return;
+        }
+        self.next_conn += 1;
+        let conn = self.next_conn;
+        let now = self.instant();
+        for (x, y) in [(a, b), (b, a)] {
+            self.nodes[usize::from(x)].links.insert(y, (conn, self.now));
+            self.replica_mut(x).expect("up").link_up(y, now);
+            self.log(x, || format!("connected to n{y} #{conn}"));
+        }
+        self.carry_out(a);
+        self.carry_out(b);
+    }
+
+    /// Node `id` lost its link `conn` to `peer` for `reason` (nothing if that link is gone).
+    fn link_lost(&mut self, id: u8, peer: u8, conn: u64, reason: &str) {
+        let node = &mut self.nodes[usize::from(id)];
+        if node.links.get(&peer).map(|(c, _)| *c) != Some(conn) {
+            return;
+        }
+        node.links.remove(&peer);
+        let now = self.instant();
+        self.log(id, || format!("lost n{peer} #{conn}: {reason}"));
+        if let Some(replica) = self.replica_mut(id) {
+            replica.peer_lost(now, peer, reason, 0);
+        }
+        self.carry_out(id);
+        // The other side sees the connection close, unless the link is cut (its read timeout).
+        if !self.is_cut(id, peer) {
+            self.close_at(peer, id, conn, "peer closed the connection");
+        }
+    }
+
+    fn close_at(&mut self, id: u8, peer: u8, conn: u64, reason: &str) {
+        let node = &self.nodes[usize::from(id)];
+        if node.links.get(&peer).map(|(c, _)| *c) == Some(conn) {
+            // Immediately: a close reaches the other side within a lane's delay anyway.
+            self.link_lost(id, peer, conn, reason);
+        }
+    }
+
+    fn send(&mut self, from: u8, to: u8, msg: &Message) {
+        let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return };
+        let mut bytes = Vec::new();
+        write_message(&mut bytes, msg).expect("encode a frame");
+        let delay = self.rng.range(50, 2 * MS);
+        let lane = self.lanes.entry((from, to)).or_default();
+        let due = lane.queue.back().map_or(0, |(t, _, _)| *t).max(self.now + delay);
+        let first = lane.queue.is_empty();
+        lane.queue.push_back((due, conn, Bytes::from(bytes)));
+        if first && !self.is_cut(from, to) {
+            self.at(due, Event::Deliver { from, to });
+        }
+    }
+
+    fn deliver(&mut self, from: u8, to: u8) {
+        if self.is_cut(from, to) {
+            return;
+        }
+        let Some(lane) = self.lanes.get_mut(&(from, to)) else { return };
+        let Some(&(due, _, _)) = lane.queue.front() else { return };
+        if due > self.now {
+            self.at(due, Event::Deliver { from, to });
+            return;
+        }
+        let (_, conn, bytes) = lane.queue.pop_front().expect("front");
+        if let Some(&(next, _, _)) = lane.queue.front() {
+            self.at(next.max(self.now), Event::Deliver { from, to });
+        }
+        let node = &mut self.nodes[usize::from(to)];
+        let Some(link) = node.links.get_mut(&from).filter(|(c, _)| *c == conn) else { return };
+        link.1 = self.now;
+        let msg = read_message(&mut &bytes[..]).expect("decode a frame the codec encoded");
+        let generation = self.replica(to).expect("linked nodes are up").peer(from).generation;
+        let now = self.instant();
+        let name = msg.name();
+        let result = self.replica_mut(to).expect("up").receive(now, from, generation, msg);
+        if let Err(reason) = result {
+            self.log(to, || format!("dropping n{from} on {name}: {reason}"));
+            self.link_lost(to, from, conn, &reason);
+        }
+        self.carry_out(to);
+    }
+
+    fn io_done(&mut self, id: u8, incarnation: u64, io: u64) {
+        let node = &mut self.nodes[usize::from(id)];
+        if node.incarnation != incarnation || node.replica.is_none() {
+            return;
+        }
+        let Some((tag, op)) = node.io.remove(&io) else { return };
+        let result: Result<Option<Bytes>, LocalFailure> = match op {
+            LocalIo::Read { offset, len } => Ok(Some(Bytes::from(node.data.read(offset, len as u64)))),
+            LocalIo::Write { offset, data, fua } => {
+                node.data.write(offset, &data, fua);
+                Ok(None)
+            }
+            LocalIo::Zeroes { offset, len, .. } => {
+                node.data.write(offset, &vec![0u8; len as usize], false);
+                Ok(None)
+            }
+            LocalIo::Flush => {
+                node.data.flush();
+                Ok(None)
+            }
+        };
+        let now = self.instant();
+        self.replica_mut(id).expect("up").io_done(now, tag, result);
+        self.carry_out(id);
+    }
+
+    /// The resync source's driver: asks the replica what next, reads, hands the chunk back.
+    fn resync_step(&mut self, id: u8, incarnation: u64, peer: u8, generation: u64) {
+        if self.nodes[usize::from(id)].incarnation != incarnation {
+            return;
+        }
+        let Some(replica) = self.replica_mut(id) else { return };
+        if !replica.resyncing(peer, generation) {
+            return;
+        }
+        let next = self.now + self.rng.range(100, 2 * MS);
+        match self.replica_mut(id).expect("up").resync_next(peer, false) {
+            ResyncStep::Finished => {}
+            ResyncStep::Wait => self.at(next + 20 * MS, Event::ResyncStep { node: id, incarnation, peer, generation }),
+            ResyncStep::Read { offset, len, .. } => {
+                // Read and queued in one step: no write can come between (the engine holds the
+                // range lock for it).
+                let data = Bytes::from(self.nodes[usize::from(id)].data.read(offset, len));
+                let replica = self.replica_mut(id).expect("up");
+                replica.resync_chunk_read(peer, offset, len, ResyncChunk::Data(data));
+                self.carry_out(id);
+                self.at(next, Event::ResyncStep { node: id, incarnation, peer, generation });
+            }
+        }
+    }
+
+    /// Carries out what node `id`'s replica asked for, in order.
+    pub fn carry_out(&mut self, id: u8) {
+        loop {
+            let Some(replica) = self.replica_mut(id) else { return };
+            let actions = replica.take_actions();
+            if actions.is_empty() {
+                return;
+            }
+            let mut queue = actions.into_iter();
+            while let Some(action) = queue.next() {
+                match action {
+                    Action::Persist(what) => {
+                        let node = &mut self.nodes[usize::from(id)];
+                        let (replica, meta) = (node.replica.as_ref().expect("up"), node.meta.as_mut().expect("up"));
+                        let written = match &what {
+                            MetaWrite::Superblock => meta.write_superblock(&replica.sb),
+                            MetaWrite::Bitmap(slot) => meta.write_bitmap(*slot, &replica.bitmaps[*slot]),
+                            MetaWrite::BitmapPages { slot, pages } => {
+                                meta.write_bitmap_pages(*slot, &replica.bitmaps[*slot], pages.iter().copied())
+                            }
+                            MetaWrite::ActivityLog(update) => meta.write_al_update(update, &replica.bitmaps),
+                            MetaWrite::DataFlush => {
+                                node.data.flush();
+                                Ok(())
+                            }
+                        };
+                        if let Err(e) = written {
+                            let now = self.instant();
+                            let rest: Vec<Action> = queue.collect();
+                            self.replica_mut(id).expect("up").persist_failed(now, what, &e.to_string(), rest);
+                            break;
+                        }
+                    }
+                    Action::Send { peer, msg, .. } => self.send(id, peer, &msg),
+                    Action::Io { tag, op } => {
+                        let node = &mut self.nodes[usize::from(id)];
+                        node.next_io += 1;
+                        let io = node.next_io;
+                        node.io.insert(io, (tag, op));
+                        let incarnation = node.incarnation;
+                        let due = self.now + self.rng.range(20, 3 * MS);
+                        self.at(due, Event::IoDone { node: id, incarnation, io });
+                    }
+                    Action::Complete { request, result } => self.answers.push((id, request, result)),
+                    Action::DropLink { peer, generation, reason } => {
+                        let current = self.replica(id).is_some_and(|r| r.peer(peer).generation == generation);
+                        if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer).filter(|_| current) {
+                            self.link_lost(id, peer, conn, &reason);
+                        }
+                    }
+                    Action::StartResync { peer, generation } => {
+                        let incarnation = self.nodes[usize::from(id)].incarnation;
+                        self.replica_mut(id).expect("up").resync_source_started(peer);
+                        self.at(self.now, Event::ResyncStep { node: id, incarnation, peer, generation });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The nodes that are up and Primary.
+    pub fn primaries(&self) -> Vec<u8> {
+        (0..self.nodes.len() as u8).filter(|id| self.replica(*id).is_some_and(|r| r.role == Role::Primary)).collect()
+    }
+}
