@@ -143,7 +143,7 @@ fn writes_larger_than_a_frame_replicate_without_reconnecting() {
     let beta = Cluster::peer(&alpha, "beta");
     assert_eq!(beta["connection"], "Connected");
     assert!(beta["last_error"].is_null(), "link dropped: {}", beta["last_error"]);
-    assert_eq!(alpha["generation_uuid"], generation, "a lost link would have started a new generation");
+    assert_eq!(alpha["generation_uuid"], generation, "a lost link would have started a new generation\n{}", c.logs());
     c.ok("alpha", &["secondary", "r0"]);
     c.ok("beta", &["primary", "r0"]);
     let (ok, out) = check_patterns(&c.nbd_url("beta"), &data);

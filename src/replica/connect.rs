@@ -70,9 +70,11 @@ impl Replica {
         let peer = self.peer(peer_id);
         // The target reports UpToDate under this node's generation only after it applied the
         // whole resync (ResyncDone); an UpToDate from before it started (a State already in
-        // flight) must not end the resync.
+        // flight, which can carry the same generation when the resync is decided by a bitmap
+        // UUID at it) must not end the resync: only a State after this node's ResyncDone can.
         let adopted = same_uuid(state.current_uuid, self.sb.uuids.current);
-        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
+        let after_done = peer.sync.walk.done_sent;
+        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted && after_done {
             self.finish_resync_as_source(peer_id);
         }
         let result = self.reconsider(peer_id);

@@ -32,6 +32,9 @@ pub struct ResyncWalk {
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
+    /// `ResyncDone` went out: only a State after it can end the resync (see
+    /// `Replica::peer_state_received`).
+    pub(super) done_sent: bool,
 }
 
 /// What a resync source does next.
@@ -100,6 +103,7 @@ impl Replica {
             tracing::info!(resource = %self.resource, peer = peer_id, bytes = total_bytes, full, "resync started as target");
         } else {
             peer.repl = ReplState::SyncSource;
+            peer.sync.walk = ResyncWalk::default();
             let generation = peer.generation;
             // The pair agreed this node holds the newer data (e.g. it crashed as primary and
             // the peer did not move on): like "in sync" with a good peer, that confirms it
@@ -181,6 +185,7 @@ impl Replica {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
             let uuids = self.sb.uuids;
             self.send_bulk(peer_id, Message::ResyncDone { current_uuid: uuids.current, history: uuids.history }, None);
+            walk.done_sent = true;
             ResyncStep::Finished
         } else {
             walk.draining = Some(self.close_epoch());

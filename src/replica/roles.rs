@@ -97,12 +97,19 @@ impl Replica {
     }
 
     /// The export started: the peers hear of the new primary, and the connections that now
-    /// call for a resync get one.
+    /// call for a resync get one. A peer in sync and UpToDate (one the promotion counted as
+    /// present) is not decided again: it follows the new generation when this State reaches
+    /// it, and deciding now against its State from before would take it for a node left
+    /// behind.
     pub fn promoted(&mut self) {
         self.stepped_down = None;
         tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current), "promoted to Primary");
         self.broadcast_state();
-        self.reconsider_all_or_drop();
+        let follows = |p: &&super::Peer| p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate;
+        let waiting: Vec<u8> = self.peers.iter().filter(|p| !follows(p)).map(|p| p.node_id).collect();
+        for peer in waiting {
+            self.reconsider_or_drop(peer);
+        }
     }
 
     /// The export could not start, or the promotion's metadata write failed: back to what the
