@@ -403,4 +403,25 @@ mod tests {
         assert!(matches!(&actions[1], Action::Send { msg: Message::State(s), .. } if s.disk == DiskState::Failed.to_wire()));
         assert_eq!(actions.len(), 2, "the queued ping and resync are dropped: {actions:?}");
     }
+
+    #[test]
+    fn a_source_ends_the_resync_only_on_a_state_after_its_resync_done() {
+        let (mut r, t0) = crate::replica::testing::primary_replicating();
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.resync_source_started(1);
+        let up_to_date = PeerState {
+            role: Role::Secondary.to_wire(),
+            primaries: 1,
+            current_uuid: r.sb.uuids.current,
+            ..primary_state(r.sb.uuids.current, [0; 4])
+        };
+        r.peer_state_received(1, up_to_date).expect("a fitting State");
+        assert_eq!(r.peer(1).repl, ReplState::SyncSource, "a State from before the target took the bitmap ends nothing");
+        assert_eq!(r.resync_next(1, false), crate::replica::ResyncStep::Finished, "nothing to send");
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::ResyncDone { .. }, .. })));
+        r.peer_state_received(1, up_to_date).expect("a fitting State");
+        assert_eq!(r.peer(1).repl, ReplState::Established);
+        let _ = t0;
+    }
+
 }

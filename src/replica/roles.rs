@@ -252,4 +252,27 @@ mod tests {
         assert!(r.sb.flags.contains(MetaFlags::AL_CLEAN) && !r.sb.flags.contains(MetaFlags::PRIMARY_IND));
         assert!(r.al.hot_extents().is_empty());
     }
+
+    #[test]
+    fn a_promotion_decides_again_only_with_peers_it_did_not_count_as_present() {
+        let (mut r, t0) = primary_replicating();
+        r.role = Role::Secondary;
+        r.peer_mut(1).last_state = Some(crate::wire::PeerState {
+            role: Role::Secondary.to_wire(),
+            disk: DiskState::UpToDate.to_wire(),
+            flags: 0,
+            current_uuid: r.sb.uuids.current,
+            bitmap_uuid: 0,
+            history: [0; 4],
+            bitmap_weight: 0,
+            primaries: 0,
+        });
+        r.promote(t0, false).expect("in sync with an UpToDate peer");
+        r.promoted();
+        let actions = r.take_actions();
+        assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::State(_), .. })), "{actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Send { msg: Message::BitmapRuns { .. }, .. })), "it follows: {actions:?}");
+        assert!(r.peer(1).pending_sync.is_none());
+    }
+
 }
