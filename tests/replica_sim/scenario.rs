@@ -45,10 +45,11 @@ impl Stats {
 }
 
 enum Pending {
-    Write { block: u64, version: u64 },
-    /// A read, with the newest version acknowledged for its block when it was submitted.
+    Write { block: u64, version: u64, fua: bool },
+    /// A read, with the version it must return at least.
     Read { block: u64, at_least: u64 },
-    Flush,
+    /// A FLUSH, with the acknowledged versions it makes durable.
+    Flush { covers: Vec<u64> },
 }
 
 fn page(block: u64, version: u64) -> Vec<u8> {
@@ -70,8 +71,15 @@ pub struct Scenario {
     /// Where the client sends its requests.
     target: Option<u8>,
     pending: HashMap<u64, (u8, Pending)>,
-    /// The newest acknowledged version per block.
-    acked: Vec<u64>,
+    /// Per block, the newest acknowledged version and the primary tenure that acknowledged it:
+    /// that tenure reads it back whatever the protocol.
+    acked: Vec<(u64, u8, u64)>,
+    /// Per block, the newest version made durable by a FUA write or a completed FLUSH after it:
+    /// every later primary holds it, whatever the protocol and power losses (volatile caches
+    /// and protocol A may lose the others at a failover, as DRBD's do).
+    durable: Vec<u64>,
+    /// Per node, its primary tenures so far.
+    tenure: Vec<u64>,
     /// Down nodes, restarted by a RESTART timer.
     down: Vec<u8>,
     /// Primaries stepping down: they finish once their writes are done.
@@ -90,7 +98,9 @@ impl Scenario {
             next_version: 0,
             target: None,
             pending: HashMap::new(),
-            acked: vec![0; BLOCKS as usize],
+            acked: vec![(0, 0, 0); BLOCKS as usize],
+            durable: vec![0; BLOCKS as usize],
+            tenure: vec![0; 3],
             down: Vec::new(),
             demoting: Vec::new(),
             faults_on: true,
@@ -164,6 +174,7 @@ impl Scenario {
         self.world.carry_out(id);
         self.world.log(id, || "promoted".into());
         self.stats.promotions += 1;
+        self.tenure[usize::from(id)] += 1;
         self.target = Some(id);
         Ok(())
     }
@@ -229,17 +240,20 @@ impl Scenario {
         let request = self.next_request;
         let offset = block * BLOCK_STRIDE;
         if self.world.rng.percent(25) {
-            let at_least = self.acked[block as usize];
+            let (version, by, tenure) = self.acked[block as usize];
+            let same_tenure = by == node && tenure == self.tenure[usize::from(node)];
+            let at_least = if same_tenure { version } else { self.durable[block as usize] };
             self.pending.insert(request, (node, Pending::Read { block, at_least }));
             self.world.submit(node, request, BlockRequest::Read { offset, len: PAGE as u32 });
-        } else if busy {
-            self.pending.insert(request, (node, Pending::Flush));
+        } else if busy || self.world.rng.percent(10) {
+            let covers = self.acked.iter().map(|a| a.0).collect();
+            self.pending.insert(request, (node, Pending::Flush { covers }));
             self.world.submit(node, request, BlockRequest::Flush);
         } else {
             self.next_version += 1;
             let version = self.next_version;
             let fua = self.world.rng.percent(10);
-            self.pending.insert(request, (node, Pending::Write { block, version }));
+            self.pending.insert(request, (node, Pending::Write { block, version, fua }));
             self.world.submit(node, request, BlockRequest::Write { offset, data: page(block, version).into(), fua });
         }
     }
@@ -251,17 +265,28 @@ impl Scenario {
             let Some((sent_to, pending)) = self.pending.remove(&request) else { continue };
             debug_assert_eq!(sent_to, node);
             match (pending, result) {
-                (Pending::Write { block, version }, Ok(_)) => {
+                (Pending::Write { block, version, fua }, Ok(_)) => {
                     self.stats.acked_writes += 1;
-                    let floor = &mut self.acked[block as usize];
-                    *floor = (*floor).max(version);
+                    let acked = &mut self.acked[block as usize];
+                    if version > acked.0 {
+                        *acked = (version, node, self.tenure[usize::from(node)]);
+                    }
+                    if fua {
+                        let durable = &mut self.durable[block as usize];
+                        *durable = (*durable).max(version);
+                    }
+                }
+                (Pending::Flush { covers }, Ok(_)) => {
+                    for (durable, covered) in self.durable.iter_mut().zip(covers) {
+                        *durable = (*durable).max(covered);
+                    }
                 }
                 (Pending::Read { block, at_least }, Ok(Some(data))) => {
                     self.stats.reads_checked += 1;
                     let found = version_in(&data);
                     if found < at_least {
                         return Err(format!(
-                            "checker 1 (reads never stale): n{node} returned version {found} of block {block}, {at_least} was acknowledged before the read"
+                            "checker 1 (reads never stale): n{node} returned version {found} of block {block}, {at_least} was acknowledged (by this primary, or durably) before the read"
                         ));
                     }
                 }
@@ -339,10 +364,10 @@ impl Scenario {
             if versions.iter().any(|v| *v != versions[0]) {
                 return Err(format!("checker 4 (replicas identical): block {block} holds versions {versions:?} on n0..n2"));
             }
-            if versions[0] < self.acked[block as usize] {
+            if versions[0] < self.durable[block as usize] {
                 return Err(format!(
-                    "checker 5 (no acknowledged write lost): block {block} holds version {} everywhere, {} was acknowledged",
-                    versions[0], self.acked[block as usize]
+                    "checker 5 (no durable write lost): block {block} holds version {} everywhere, {} was made durable",
+                    versions[0], self.durable[block as usize]
                 ));
             }
         }

@@ -5,7 +5,7 @@
 
 use super::rng::Rng;
 use blkrepl::config::Protocol;
-use blkrepl::core::inflight::LocalFailure;
+use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use blkrepl::core::states::Role;
 use blkrepl::disk::{Disk, MemDisk};
@@ -415,8 +415,9 @@ impl World {
         }
     }
 
-    fn send(&mut self, from: u8, to: u8, msg: &Message) {
-        let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return };
+    /// Queues a frame on the link from `from` to `to`; false if there is none.
+    fn send(&mut self, from: u8, to: u8, msg: &Message) -> bool {
+        let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return false };
         let mut bytes = Vec::new();
         write_message(&mut bytes, msg).expect("encode a frame");
         let delay = self.rng.range(50, 2 * MS);
@@ -427,6 +428,7 @@ impl World {
         if first && !self.is_cut(from, to) {
             self.at(due, Event::Deliver { from, to });
         }
+        true
     }
 
     fn deliver(&mut self, from: u8, to: u8) {
@@ -450,6 +452,9 @@ impl World {
         let generation = self.replica(to).expect("linked nodes are up").peer(from).generation;
         let now = self.instant();
         let name = msg.name();
+        if !matches!(msg, Message::Data { .. } | Message::Ping | Message::PingAck | Message::WriteAck { .. } | Message::RecvAck { .. } | Message::ResyncData { .. }) {
+            self.log(to, || format!("<- n{from} #{conn} {}", describe(&msg)));
+        }
         let result = self.replica_mut(to).expect("up").receive(now, from, generation, msg);
         if let Err(reason) = result {
             self.log(to, || format!("dropping n{from} on {name}: {reason}"));
@@ -542,7 +547,15 @@ impl World {
                             break;
                         }
                     }
-                    Action::Send { peer, msg, .. } => self.send(id, peer, &msg),
+                    Action::Send { peer, msg, sent_write, .. } => {
+                        // Handed to the network at once: protocol A's completion for the write.
+                        if self.send(id, peer, &msg) {
+                            if let Some(write) = sent_write {
+                                let now = self.instant();
+                                self.replica_mut(id).expect("up").peer_reached(now, write, peer, AckLevel::Sent);
+                            }
+                        }
+                    }
                     Action::Io { tag, op } => {
                         let node = &mut self.nodes[usize::from(id)];
                         node.next_io += 1;
@@ -572,5 +585,18 @@ impl World {
     /// The nodes that are up and Primary.
     pub fn primaries(&self) -> Vec<u8> {
         (0..self.nodes.len() as u8).filter(|id| self.replica(*id).is_some_and(|r| r.role == Role::Primary)).collect()
+    }
+}
+
+/// A frame as the trace shows it.
+fn describe(msg: &Message) -> String {
+    match msg {
+        Message::State(s) => format!(
+            "State role {} disk {} current {:016X} bitmap {:016X} flags {:#x}",
+            s.role, s.disk, s.current_uuid, s.bitmap_uuid, s.flags
+        ),
+        Message::ResyncDone { current_uuid, .. } => format!("ResyncDone {current_uuid:016X}"),
+        Message::BitmapRuns { last, runs } => format!("BitmapRuns last {last} runs {}", runs.len()),
+        other => other.name().to_string(),
     }
 }
