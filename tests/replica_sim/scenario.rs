@@ -246,7 +246,10 @@ impl Scenario {
             self.pending.insert(request, (node, Pending::Read { block, at_least }));
             self.world.submit(node, request, BlockRequest::Read { offset, len: PAGE as u32 });
         } else if busy || self.world.rng.percent(10) {
-            let covers = self.acked.iter().map(|a| a.0).collect();
+            // A flush covers what this tenure acknowledged (another primary's writes may never
+            // have reached this one).
+            let tenure = self.tenure[usize::from(node)];
+            let covers = self.acked.iter().map(|&(version, by, t)| if by == node && t == tenure { version } else { 0 }).collect();
             self.pending.insert(request, (node, Pending::Flush { covers }));
             self.world.submit(node, request, BlockRequest::Flush);
         } else {
@@ -263,6 +266,15 @@ impl Scenario {
     fn take_answers(&mut self) -> Result<(), String> {
         for (node, request, result) in std::mem::take(&mut self.world.answers) {
             let Some((sent_to, pending)) = self.pending.remove(&request) else { continue };
+            if self.world.tracing {
+                let what = match &pending {
+                    Pending::Write { block, version, fua } => format!("write block {block} v{version} fua {fua}"),
+                    Pending::Read { block, at_least } => format!("read block {block} (at least v{at_least})"),
+                    Pending::Flush { .. } => "flush".into(),
+                };
+                let ok = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                self.world.log(node, || format!("client: {what}: {ok:?}"));
+            }
             debug_assert_eq!(sent_to, node);
             match (pending, result) {
                 (Pending::Write { block, version, fua }, Ok(_)) => {
