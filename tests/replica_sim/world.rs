@@ -473,6 +473,10 @@ impl World {
             LocalIo::Read { offset, len } => Ok(Some(Bytes::from(node.data.read(offset, len as u64)))),
             LocalIo::Write { offset, data, fua } => {
                 node.data.write(offset, &data, fua);
+                if self.tracing && offset == 0 {
+                    let version = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+                    println!("{:>4}.{:06} n{id} disk: block 0 <- v{version} ({tag:?})", self.now / SEC, self.now % SEC);
+                }
                 Ok(None)
             }
             LocalIo::Zeroes { offset, len, .. } => {
