@@ -170,9 +170,10 @@ impl Replica {
         if current {
             self.answer_step(peer_id, step, result);
         }
-        // The waiting steps that no longer wait for anything earlier start now.
+        // The waiting steps that no longer wait for anything earlier start now; each joins the
+        // running ones at once, so a later step to the same blocks still waits for it.
         let applying = &mut self.peer_mut(peer_id).applying;
-        let mut ready = Vec::new();
+        let mut started = Vec::new();
         let mut i = 0;
         while i < applying.waiting.len() {
             let step = &applying.waiting[i];
@@ -181,10 +182,12 @@ impl Replica {
                 i += 1;
                 continue;
             }
-            ready.push(applying.waiting.remove(i).expect("indexed"));
+            let step = applying.waiting.remove(i).expect("indexed");
+            started.push((IoTag::Stream { peer: peer_id, generation: step.generation, seq: step.seq }, step.io()));
+            applying.running.push(step);
         }
-        for step in ready {
-            self.submit_step(peer_id, step);
+        for (tag, op) in started {
+            self.outbox.push(Action::Io { tag, op });
         }
         self.advance_marks(peer_id);
     }
@@ -319,6 +322,21 @@ mod tests {
         r.io_done(t0, barrier, Ok(None));
         let actions = r.take_actions();
         assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, writes: 3 }]), "{actions:?}");
+    }
+
+    #[test]
+    fn of_three_writes_to_one_block_only_the_next_starts_when_one_is_done() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        for id in 1..=3 {
+            r.peer_write_received(t0, 1, id, 0, 4096, false, data(0));
+        }
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
+        assert_eq!(io_tags(&r.take_actions()), vec![write(1)]);
+        r.io_done(t0, write(1), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![write(2)], "write 3 still waits for write 2");
+        r.io_done(t0, write(2), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![write(3)]);
     }
 
     #[test]
