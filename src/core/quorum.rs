@@ -195,7 +195,7 @@ pub fn admission(i: &AdmissionInputs) -> Admission {
 /// Whether a primary was superseded: no quorum, and a newer primary seen. It then steps down
 /// (or disconnects, per `on_suspended_primary_outdated`).
 pub fn superseded(i: &AdmissionInputs) -> bool {
-    i.policy != QuorumPolicy::Off && !i.quorum.has_quorum && i.quorum.other_primary.is_some() && i.newer_primary_seen
+    i.policy != QuorumPolicy::Off && !i.quorum.has_quorum && i.newer_primary_seen
 }
 
 /// What this node knows that decides whether it may promote and how good a choice it is.

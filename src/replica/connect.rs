@@ -262,13 +262,17 @@ impl Replica {
             // decision. Until then the link stays up, idle, on both sides. Judged by
             // generations, not by this instant's quorum: a lease that lapses for a moment must
             // not refuse for good.
+            //
+            // The same with one primary and a node whose data is newer than it (a primary
+            // promoted past it started that generation, though the node may not see it now):
+            // the primary steps down (see `Replica::newer_primary_seen`), and the node waits.
             SyncDecision::Refused(Refusal::PrimaryWouldBeTarget | Refusal::PeerCannotFollow)
-                if self.role == Role::Primary && self.peer(peer_id).role == Role::Primary && self.quorum_policy != QuorumPolicy::Off =>
+                if self.quorum_policy != QuorumPolicy::Off && (self.role == Role::Primary || self.peer(peer_id).role == Role::Primary) =>
             {
-                if self.knows_generation(peer_state.current_uuid) {
-                    tracing::info!(resource = %self.resource, peer = %name, "{name} is an older primary: waiting for it to step down");
+                if self.role == Role::Primary && !self.knows_generation(peer_state.current_uuid) {
+                    tracing::info!(resource = %self.resource, peer = %name, "{name} holds a newer generation: stepping down before resyncing from it");
                 } else {
-                    tracing::info!(resource = %self.resource, peer = %name, "{name} is a newer primary: stepping down before resyncing from it");
+                    tracing::info!(resource = %self.resource, peer = %name, "{name} is an older primary: waiting for it to step down");
                 }
                 Ok(())
             }

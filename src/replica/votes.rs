@@ -60,13 +60,18 @@ impl Replica {
     /// past this one. A stale primary seen next to this one (directly, with a generation this
     /// node left behind, or through a node that follows this node's generation) is no such
     /// evidence: a primary whose lease lapsed for a moment must not give up for it.
+    ///
+    /// A connected node whose data descends from this node's current generation (it is in its
+    /// history) is such evidence too, whether or not it sees that primary now: only a primary
+    /// starts a generation, and one that started after this node's could only be promoted past
+    /// it.
     fn newer_primary_seen(&self) -> bool {
         let me = 1u32 << self.sb.node_id;
-        self.peers
-            .iter()
-            .filter(|p| p.connected)
-            .filter_map(|p| p.last_state)
-            .any(|s| s.primaries & !me != 0 && !self.knows_generation(s.current_uuid))
+        let mine = self.sb.uuids.current;
+        self.peers.iter().filter(|p| p.connected).filter_map(|p| p.last_state).any(|s| {
+            let newer = !self.knows_generation(s.current_uuid);
+            newer && (s.primaries & !me != 0 || s.history.iter().any(|h| *h != 0 && same_uuid(*h, mine)))
+        })
     }
 
     /// The inputs of `core::quorum::admission` as this node sees them at `now`. The peers'
@@ -78,7 +83,7 @@ impl Replica {
             policy: self.quorum_policy,
             on_no_quorum: self.on_no_quorum,
             quorum,
-            newer_primary_seen: !quorum.has_quorum && quorum.other_primary.is_some() && self.newer_primary_seen(),
+            newer_primary_seen: !quorum.has_quorum && self.newer_primary_seen(),
             superseded_latched: self.superseded_latched,
         }
     }
