@@ -104,3 +104,38 @@ impl Replica {
         self.role == Role::Primary && self.quorum_policy != QuorumPolicy::Off && quorum::superseded(&self.admission_inputs(now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::core::quorum::QuorumPolicy;
+    use crate::core::states::{DiskState, Role};
+    use crate::replica::testing::two_node_replica;
+    use crate::wire::PeerState;
+
+    #[test]
+    fn a_primary_without_quorum_next_to_newer_data_was_superseded() {
+        let (mut r, t0) = two_node_replica();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.disk = DiskState::UpToDate;
+        r.role = Role::Primary;
+        let mine = r.sb.uuids.current;
+        r.link_up(1, t0);
+        let state = |current_uuid: u64, history: [u64; 4]| PeerState {
+            role: Role::Secondary.to_wire(),
+            disk: DiskState::UpToDate.to_wire(),
+            flags: 0,
+            current_uuid,
+            bitmap_uuid: 0,
+            history,
+            bitmap_weight: 0,
+            // It sees no primary now: the one promoted past this node is out of its reach.
+            primaries: 0,
+        };
+        r.peer_mut(1).last_state = Some(state(mine, [0; 4]));
+        assert!(!r.superseded(t0), "the peer follows this node's generation");
+        r.peer_mut(1).last_state = Some(state(0x7770, [mine & !1, 0, 0, 0]));
+        assert!(r.superseded(t0), "the peer's generation descends from this node's");
+        r.peer_mut(1).last_state = Some(state(0x7770, [0x1230, 0, 0, 0]));
+        assert!(!r.superseded(t0), "unrelated newer data proves nothing about a promotion past this node");
+    }
+}
