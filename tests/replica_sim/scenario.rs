@@ -7,7 +7,7 @@ use super::world::{Event, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Blocks the client writes: one 4 KiB page at the start of each MiB (eight activity-log
 /// extents, one more than the log holds).
@@ -70,7 +70,7 @@ pub struct Scenario {
     next_version: u64,
     /// Where the client sends its requests.
     target: Option<u8>,
-    pending: HashMap<u64, (u8, Pending)>,
+    pending: BTreeMap<u64, (u8, Pending)>,
     /// Per block, the newest acknowledged version and the primary tenure that acknowledged it:
     /// that tenure reads it back whatever the protocol.
     acked: Vec<(u64, u8, u64)>,
@@ -97,7 +97,7 @@ impl Scenario {
             next_request: 0,
             next_version: 0,
             target: None,
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
             acked: vec![(0, 0, 0); BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
             tenure: vec![0; 3],

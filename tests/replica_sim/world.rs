@@ -15,7 +15,7 @@ use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replic
 use blkrepl::wire::{read_message, write_message, Message};
 use bytes::Bytes;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,8 @@ const TICK: Time = 100 * MS;
 /// (a power loss keeps each of those or not). Pages never written read as zeroes.
 #[derive(Default)]
 pub struct DataDisk {
-    durable: HashMap<u64, Bytes>,
-    cache: HashMap<u64, Bytes>,
+    durable: BTreeMap<u64, Bytes>,
+    cache: BTreeMap<u64, Bytes>,
 }
 
 impl DataDisk {
@@ -54,7 +54,7 @@ impl DataDisk {
     }
 
     fn flush(&mut self) {
-        self.durable.extend(self.cache.drain());
+        self.durable.append(&mut self.cache);
     }
 
     pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
@@ -88,9 +88,9 @@ pub struct Node {
     /// Bumped per start, so the events of a crashed incarnation are dropped.
     pub incarnation: u64,
     /// Per peer: the connection this node holds with it, and when it last heard on it.
-    links: HashMap<u8, (u64, Time)>,
+    links: BTreeMap<u8, (u64, Time)>,
     /// Local I/O submitted and not completed.
-    io: HashMap<u64, (IoTag, LocalIo)>,
+    io: BTreeMap<u64, (IoTag, LocalIo)>,
     next_io: u64,
 }
 
@@ -139,7 +139,7 @@ pub struct World {
     events: BinaryHeap<Reverse<Queued>>,
     seq: u64,
     pub nodes: Vec<Node>,
-    lanes: HashMap<(u8, u8), Lane>,
+    lanes: BTreeMap<(u8, u8), Lane>,
     /// Pairs whose link is cut.
     cut: Vec<(u8, u8)>,
     next_conn: u64,
@@ -161,7 +161,7 @@ impl World {
             events: BinaryHeap::new(),
             seq: 0,
             nodes: Vec::new(),
-            lanes: HashMap::new(),
+            lanes: BTreeMap::new(),
             cut: Vec::new(),
             next_conn: 0,
             protocol,
@@ -180,8 +180,8 @@ impl World {
                 meta_disk,
                 meta: None,
                 incarnation: 0,
-                links: HashMap::new(),
-                io: HashMap::new(),
+                links: BTreeMap::new(),
+                io: BTreeMap::new(),
                 next_io: 0,
             });
         }
@@ -257,7 +257,7 @@ impl World {
         node.replica = None;
         node.meta = None;
         node.data.power_loss(&mut self.rng);
-        let peers: Vec<(u8, u64)> = node.links.drain().map(|(p, (conn, _))| (p, conn)).collect();
+        let peers: Vec<(u8, u64)> = std::mem::take(&mut node.links).into_iter().map(|(p, (conn, _))| (p, conn)).collect();
         for (peer, conn) in peers {
             // The peer's TCP sees the reset soon (a cut link: at its read timeout).
             if !self.is_cut(id, peer) {
