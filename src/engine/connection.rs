@@ -300,10 +300,15 @@ fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: Bu
 /// Hands one frame from the peer to the replica. An error drops the connection with that
 /// reason; nothing was applied for the offending frame.
 fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
+    // Only a State or a ping's answer can show that another node was promoted past this one:
+    // the writes' frames and acks need no look at quorum.
+    let may_supersede = matches!(msg, Message::State(_) | Message::PingAck);
     let mut st = shared.lock();
     st.run_stream_io_here();
     let result = st.replica.receive(Instant::now(), peer_id, generation, msg);
-    super::step_down_if_superseded(shared, &mut st);
+    if may_supersede {
+        super::step_down_if_superseded(shared, &mut st);
+    }
     shared.changed.notify_all();
     result
 }

@@ -353,21 +353,12 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use crate::core::states::{DiskState, ReplState, Role};
-    use crate::replica::testing::two_node_replica;
+    use crate::replica::testing::{secondary_state, two_node_replica};
     use crate::replica::{Action, MetaWrite};
     use crate::wire::{Message, PeerState};
 
     fn primary_state(current_uuid: u64, history: [u64; 4]) -> PeerState {
-        PeerState {
-            role: Role::Primary.to_wire(),
-            disk: DiskState::UpToDate.to_wire(),
-            flags: 0,
-            current_uuid,
-            bitmap_uuid: 0,
-            history,
-            bitmap_weight: 0,
-            primaries: 1 << 1,
-        }
+        PeerState { role: Role::Primary.to_wire(), primaries: 1 << 1, ..secondary_state(current_uuid, history) }
     }
 
     #[test]
@@ -413,12 +404,7 @@ mod tests {
         let (mut r, t0) = crate::replica::testing::primary_replicating();
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.resync_source_started(1);
-        let up_to_date = PeerState {
-            role: Role::Secondary.to_wire(),
-            primaries: 1,
-            current_uuid: r.sb.uuids.current,
-            ..primary_state(r.sb.uuids.current, [0; 4])
-        };
+        let up_to_date = PeerState { primaries: 1, ..secondary_state(r.sb.uuids.current, [0; 4]) };
         r.peer_state_received(1, up_to_date).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::SyncSource, "a State from before the target took the bitmap ends nothing");
         assert_eq!(r.resync_next(1, false), crate::replica::ResyncStep::Finished, "nothing to send");

@@ -185,7 +185,7 @@ mod tests {
     use super::PromoteRefusal;
     use crate::core::states::{DiskState, Role};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, two_node_replica};
+    use crate::replica::testing::{primary_replicating, secondary_state, two_node_replica};
     use crate::replica::{Action, MetaWrite};
     use crate::wire::Message;
 
@@ -257,16 +257,7 @@ mod tests {
     fn a_promotion_decides_again_only_with_peers_it_did_not_count_as_present() {
         let (mut r, t0) = primary_replicating();
         r.role = Role::Secondary;
-        r.peer_mut(1).last_state = Some(crate::wire::PeerState {
-            role: Role::Secondary.to_wire(),
-            disk: DiskState::UpToDate.to_wire(),
-            flags: 0,
-            current_uuid: r.sb.uuids.current,
-            bitmap_uuid: 0,
-            history: [0; 4],
-            bitmap_weight: 0,
-            primaries: 0,
-        });
+        r.peer_mut(1).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
         r.promote(t0, false).expect("in sync with an UpToDate peer");
         r.promoted();
         let actions = r.take_actions();

@@ -63,3 +63,17 @@ pub fn primary_replicating() -> (Replica, Instant) {
 pub fn secondary_of_primary() -> (Replica, Instant) {
     established(Role::Secondary, Role::Primary)
 }
+
+/// A peer's State: Secondary, UpToDate, at `current_uuid` with `history`, seeing no primary.
+pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::PeerState {
+    crate::wire::PeerState {
+        role: Role::Secondary.to_wire(),
+        disk: DiskState::UpToDate.to_wire(),
+        flags: 0,
+        current_uuid,
+        bitmap_uuid: 0,
+        history,
+        bitmap_weight: 0,
+        primaries: 0,
+    }
+}

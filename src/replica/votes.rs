@@ -109,8 +109,7 @@ impl Replica {
 mod tests {
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, Role};
-    use crate::replica::testing::two_node_replica;
-    use crate::wire::PeerState;
+    use crate::replica::testing::{secondary_state, two_node_replica};
 
     #[test]
     fn a_primary_without_quorum_next_to_newer_data_was_superseded() {
@@ -120,17 +119,8 @@ mod tests {
         r.role = Role::Primary;
         let mine = r.sb.uuids.current;
         r.link_up(1, t0);
-        let state = |current_uuid: u64, history: [u64; 4]| PeerState {
-            role: Role::Secondary.to_wire(),
-            disk: DiskState::UpToDate.to_wire(),
-            flags: 0,
-            current_uuid,
-            bitmap_uuid: 0,
-            history,
-            bitmap_weight: 0,
-            // It sees no primary now: the one promoted past this node is out of its reach.
-            primaries: 0,
-        };
+        // The peer sees no primary now: the one promoted past this node is out of its reach.
+        let state = secondary_state;
         r.peer_mut(1).last_state = Some(state(mine, [0; 4]));
         assert!(!r.superseded(t0), "the peer follows this node's generation");
         r.peer_mut(1).last_state = Some(state(0x7770, [mine & !1, 0, 0, 0]));

@@ -95,6 +95,9 @@ impl Replica {
             BlockRequest::Write { offset, data, fua } => {
                 // Each piece may find a queue past the fill mark, counting the pieces before it.
                 let congestion = |r: &mut Replica| {
+                    if r.congestion_fill.is_none() {
+                        return;
+                    }
                     let queued: Vec<(u8, usize)> = r.peers.iter().map(|p| (p.node_id, queued_bytes(p.node_id) + r.outbox_bulk_bytes(p.node_id))).collect();
                     r.send_queues(now, &queued);
                 };
