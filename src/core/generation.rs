@@ -63,9 +63,12 @@ impl Generation {
                 started.push(slot);
             }
         }
-        if started.is_empty() {
-            self.push_history(old & !1);
-        }
+        // Always into history too, even when a bitmap slot took it: the history is the whole
+        // ancestry a resync target inherits (`resync_finished_as_target`), and a slot's UUID
+        // does not travel with it. Without this a node resynced by a primary that had started
+        // a generation without a third node could not tell that node's data was its own past:
+        // a split brain where a full sync (at least) suffices.
+        self.push_history(old & !1);
         self.current = next;
         started
     }
@@ -160,9 +163,9 @@ mod tests {
         let mut g = Generation { current: 0x1000, history: [0; 4], bitmap: vec![0, 0] };
         assert_eq!(g.follow(0x2001, &[1]), vec![1]);
         assert_eq!((g.current, g.bitmap[1]), (0x2001, 0x1000));
-        // With nobody left behind the old generation goes into history.
+        assert_eq!(g.history[0], 0x1000, "the ancestry is complete either way");
         g.follow(0x3001, &[]);
-        assert_eq!(g.history[0], 0x2000);
+        assert_eq!(g.history[..2], [0x2000, 0x1000]);
     }
 
     #[test]

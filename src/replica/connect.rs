@@ -3,8 +3,8 @@
 //! its primary's new generation, and where a resync ends on the source's side.
 
 use super::{
-    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_LEAVING,
-    STATE_FLAG_SYNC_TARGET,
+    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_FOLLOWING,
+    STATE_FLAG_LEAVING, STATE_FLAG_SYNC_TARGET,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
@@ -79,10 +79,20 @@ impl Replica {
         }
         let result = self.reconsider(peer_id);
         if self.primaries() != primaries_before {
-            // Others see primaries through this node (a witness especially): pass the news on.
-            self.broadcast_state();
+            self.primaries_changed(Some(peer_id));
         }
         result
+    }
+
+    /// The primaries this node sees changed (`except`: the peer whose news it was, decided by
+    /// the caller). Others see primaries through this node (a witness especially): the news
+    /// is passed on; and a decision that waited because a primary was in the way (see
+    /// [`Replica::only_primary_resyncs`]) is taken now, before the peer's bitmap can arrive.
+    pub fn primaries_changed(&mut self, except: Option<u8>) {
+        self.broadcast_state();
+        for (id, reason) in self.reconsider_all_but(except) {
+            self.drop_link(id, reason);
+        }
     }
 
     /// A data peer stopped following the primary (its link here or to the primary is gone):
@@ -214,15 +224,18 @@ impl Replica {
         // them; that resync's end brings a new State and a new decision. Deciding now would
         // pit two sources against one target, or refuse an Inconsistent node for good.
         let busy = self.sync_target_of().filter(|id| *id != peer_id).is_some() || peer_state.flags & STATE_FLAG_SYNC_TARGET != 0;
-        if busy && decided != SyncDecision::InSync {
-            tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "a resync with a third node is under way: deciding after it");
-            return Ok(());
+        if busy {
+            return self.wait_for_third_resync(peer_id, decided);
         }
         let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
             // At connect only: blocks an online verify marked are resynced by reconnecting.
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
+        };
+        let Some(decision) = self.only_primary_resyncs(peer_id, &peer_state, decision) else {
+            tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "the target sees a primary that is not the source: only that primary resyncs it");
+            return Ok(());
         };
         match decision {
             SyncDecision::InSync => {
@@ -231,6 +244,9 @@ impl Replica {
                 peer.repl = ReplState::Established;
                 if self.disk != DiskState::UpToDate && self.confirmed_up_to_date_by(peer_id) {
                     self.disk = DiskState::UpToDate;
+                    self.broadcast_state();
+                } else if was == ReplState::Off && self.peer(peer_id).role == Role::Primary {
+                    // This node may now follow that primary (`STATE_FLAG_FOLLOWING`).
                     self.broadcast_state();
                 }
                 if was == ReplState::Off {
@@ -247,7 +263,9 @@ impl Replica {
                 peer.pending_sync = Some(d);
                 let slot = peer.slot;
                 if d.is_target() {
-                    // The other peers hold off their decisions with this node meanwhile.
+                    // Only the source writes here until the resync ends; the other peers hold
+                    // off their decisions with this node meanwhile.
+                    self.pause_links_but(peer_id);
                     self.broadcast_state();
                 }
                 self.send_bitmap(peer_id, slot);
@@ -282,6 +300,85 @@ impl Replica {
             }
             _ => unreachable!("every decision is handled"),
         }
+    }
+
+    /// A resync with a third node runs into this node or into the peer: nothing flows between
+    /// them until it ends, whose State reopens the decision. Nothing but "in sync" is decided
+    /// meanwhile (deciding now would pit two sources against one target, or refuse an
+    /// Inconsistent node for good), and a link that was in sync stops carrying writes: a
+    /// primary's write that reached the target could be overwritten by the source's older
+    /// copy of the block, read before the source applied that write (the streams of two nodes
+    /// are not ordered with each other). A primary drops the link (its writes to the peer go
+    /// to the bitmap, as for any lost link, and it records from then on); a secondary only
+    /// marks it idle.
+    fn wait_for_third_resync(&mut self, peer_id: u8, decided: SyncDecision) -> Result<(), String> {
+        let peer = self.peer(peer_id);
+        let name = peer.name.clone();
+        match peer.repl {
+            ReplState::Established if self.role == Role::Primary => {
+                Err(format!("{name} is being resynced by another node: it takes no writes from this primary until that ends"))
+            }
+            ReplState::Established => {
+                tracing::info!(resource = %self.resource, peer = %name, "a resync with a third node is under way: idle with {name} until it ends");
+                self.peer_mut(peer_id).repl = ReplState::Off;
+                Ok(())
+            }
+            ReplState::Off if decided == SyncDecision::InSync => Ok(()),
+            _ => {
+                tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "a resync with a third node is under way: deciding after it");
+                Ok(())
+            }
+        }
+    }
+
+    /// This node is about to be resynced by `source`: every other link in sync goes idle (see
+    /// [`Replica::wait_for_third_resync`]), so no write but the source's lands here until the
+    /// end. A primary among them cannot be (see [`Replica::only_primary_resyncs`]) unless it
+    /// was promoted meanwhile; its writes then arrive on an idle link and drop it.
+    fn pause_links_but(&mut self, source: u8) {
+        for peer in self.peers.iter_mut().filter(|p| p.node_id != source && !p.witness && p.repl == ReplState::Established) {
+            tracing::info!(resource = %self.resource, peer = %peer.name, "being resynced by another node: idle with this peer until it ends");
+            peer.repl = ReplState::Off;
+        }
+    }
+
+    /// A resync writes the target's blocks from the source's reads, which are ordered with the
+    /// source's own writes but not with a third node's: a primary's write that reached the
+    /// target before the source applied it would be overwritten by the source's older copy.
+    /// So a node that sees a primary is resynced by that primary only, and a secondary
+    /// resyncs a node only while that node sees no primary (after the primary is gone, the
+    /// source records every write of its own for the target until the end, see
+    /// `Replica::slots_not_following`). Two secondaries that both follow the same primary
+    /// in the same generation hold the same data (each has all that primary's writes, or gets
+    /// them in order on its stream from it), so what each recorded for the other is stale: it
+    /// is forgotten and they are in sync. Returns `None` while the decision must wait.
+    fn only_primary_resyncs(&mut self, peer_id: u8, peer_state: &PeerState, decision: SyncDecision) -> Option<SyncDecision> {
+        let target_sees = if decision.is_target() {
+            self.primaries()
+        } else if decision.is_source() {
+            peer_state.primaries
+        } else {
+            return Some(decision);
+        };
+        let others = target_sees & !(1u32 << self.node_id()) & !(1u32 << peer_id);
+        if others == 0 {
+            return Some(decision);
+        }
+        let same_primary = self.primaries() & peer_state.primaries & !(1u32 << self.node_id()) & !(1u32 << peer_id) != 0;
+        let both_follow = self.follows_primary() && peer_state.flags & STATE_FLAG_FOLLOWING != 0;
+        if !(same_primary && both_follow && same_uuid(peer_state.current_uuid, self.sb.uuids.current)) {
+            return None;
+        }
+        let slot = self.peer(peer_id).slot;
+        if self.bitmaps[slot].weight() > 0 || self.sb.peers[slot].bitmap_uuid != 0 {
+            tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, blocks = self.bitmaps[slot].weight(),
+                "both follow the same primary in the same generation: what this node recorded for the peer is stale, forgotten");
+            self.bitmaps[slot].clear_all();
+            self.sb.peers[slot].bitmap_uuid = 0;
+            self.persist(MetaWrite::Bitmap(slot));
+            self.persist(MetaWrite::Superblock);
+        }
+        Some(SyncDecision::InSync)
     }
 
     /// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose

@@ -15,7 +15,7 @@ impl Replica {
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
         self.stops_following(now, peer_id, last_generation);
         if self.primaries() != primaries_before {
-            self.broadcast_state();
+            self.primaries_changed(None);
         }
     }
 

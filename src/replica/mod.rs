@@ -64,6 +64,9 @@ pub const STATE_FLAG_AHEAD: u32 = 8;
 /// The sender is being resynced (or has decided to be) by another node: a resync with it waits
 /// until that one ends (see `Replica::reconsider`).
 pub const STATE_FLAG_SYNC_TARGET: u32 = 16;
+/// The sender is a secondary, UpToDate and in sync with every primary it sees (at least one):
+/// it holds that primary's data or receives it in order (see `Replica::only_primary_resyncs`).
+pub const STATE_FLAG_FOLLOWING: u32 = 32;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -446,7 +449,20 @@ impl Replica {
         if self.sync_target_of().is_some() {
             flags |= STATE_FLAG_SYNC_TARGET;
         }
+        if self.follows_primary() {
+            flags |= STATE_FLAG_FOLLOWING;
+        }
         flags
+    }
+
+    /// Whether this node is a secondary, UpToDate, in sync with every primary it sees, and
+    /// sees one (see `STATE_FLAG_FOLLOWING`).
+    pub fn follows_primary(&self) -> bool {
+        let mut primaries = self.peers.iter().filter(|p| p.connected && p.role == Role::Primary).peekable();
+        self.role == Role::Secondary
+            && self.disk == DiskState::UpToDate
+            && primaries.peek().is_some()
+            && primaries.all(|p| p.repl == ReplState::Established && p.pending_sync.is_none())
     }
 
     /// Sends the current state to every connected peer.

@@ -170,14 +170,25 @@ impl Replica {
         }
         let block_size = u64::from(self.bitmaps[slot].block_size());
         let awaiting = peer.sync.resync_digests.len();
-        let step = if let Some((offset, len)) = self.peer_mut(peer_id).sync.resync_wanted.pop_front() {
+        let next_run = self.bitmaps[slot].next_run(walk.cursor, MAX_CHUNK_BYTES / block_size);
+        let step = if let Some(&(offset, len)) = peer.sync.resync_wanted.front() {
+            if self.overlaps_busy(offset, len) {
+                return ResyncStep::Wait;
+            }
+            self.peer_mut(peer_id).sync.resync_wanted.pop_front();
             ResyncStep::Read { offset, len, digests: false }
         } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
             ResyncStep::Wait
-        } else if let Some((start, blocks)) = self.bitmaps[slot].next_run(walk.cursor, MAX_CHUNK_BYTES / block_size) {
-            walk.cursor = start + blocks;
+        } else if let Some((start, blocks)) = next_run {
             let offset = start * block_size;
-            ResyncStep::Read { offset, len: (blocks * block_size).min(data_size - offset), digests: csums }
+            let len = (blocks * block_size).min(data_size - offset);
+            if self.overlaps_busy(offset, len) {
+                // A write in flight to the range: what is read must hold it, so the copy sent
+                // is not older than the write the target may already have.
+                return ResyncStep::Wait;
+            }
+            walk.cursor = start + blocks;
+            ResyncStep::Read { offset, len, digests: csums }
         } else if awaiting > 0 {
             // Answers still to come may ask for data.
             ResyncStep::Wait

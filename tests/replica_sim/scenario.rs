@@ -90,7 +90,8 @@ pub struct Scenario {
 impl Scenario {
     pub fn new(seed: u64, tracing: bool) -> Scenario {
         let protocol = [Protocol::A, Protocol::B, Protocol::C][(seed % 3) as usize];
-        let world = World::new(seed, 3, protocol, tracing);
+        let mut world = World::new(seed, 3, protocol, tracing);
+        world.trace_offset = std::env::var("BLKREPL_SIM_TRACE_BLOCK").ok().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0) * BLOCK_STRIDE;
         Scenario {
             world,
             stats: Stats::default(),

@@ -150,6 +150,8 @@ pub struct World {
     /// Whether what happens is printed (a seed replayed for a report; the replicas' own log
     /// goes to the same output).
     pub tracing: bool,
+    /// The device offset whose writes are printed when tracing (`BLKREPL_SIM_TRACE_BLOCK`).
+    pub trace_offset: u64,
 }
 
 impl World {
@@ -168,6 +170,7 @@ impl World {
             quorum: QuorumPolicy::Majority,
             answers: Vec::new(),
             tracing,
+            trace_offset: 0,
         };
         for id in 0..data_nodes {
             let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
@@ -473,9 +476,11 @@ impl World {
             LocalIo::Read { offset, len } => Ok(Some(Bytes::from(node.data.read(offset, len as u64)))),
             LocalIo::Write { offset, data, fua } => {
                 node.data.write(offset, &data, fua);
-                if self.tracing && offset == 0 {
-                    let version = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
-                    println!("{:>4}.{:06} n{id} disk: block 0 <- v{version} ({tag:?})", self.now / SEC, self.now % SEC);
+                let traced = self.trace_offset.wrapping_sub(offset);
+                if self.tracing && traced < data.len() as u64 {
+                    let at = traced as usize;
+                    let version = u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+                    println!("{:>4}.{:06} n{id} disk: {:#x} <- v{version} ({tag:?})", self.now / SEC, self.now % SEC, self.trace_offset);
                 }
                 Ok(None)
             }
