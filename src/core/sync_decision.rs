@@ -113,8 +113,12 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
     // 2. A bitmap UUID says "I recorded every change since the peer was at this UUID": a bitmap
     //    resync suffices. Checked before the just-created rule so an interrupted initial sync
     //    resumes from its bitmap instead of starting over.
-    let mine_tracks_peer = me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current);
-    let peer_tracks_me = peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current);
+    //    Not so for an Inconsistent node at the peer's own generation: it is in the middle of a
+    //    resync from it (its bits are what it still lacks, plus what it marked for the peer
+    //    when the link went), and the rules for the same generation finish that resync.
+    let interrupted = |side: &UuidView| side.inconsistent && same_uuid(me.current, peer.current);
+    let mine_tracks_peer = me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current) && !interrupted(me);
+    let peer_tracks_me = peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current) && !interrupted(peer);
     if mine_tracks_peer && !peer_tracks_me {
         return BitmapSource;
     }
@@ -238,6 +242,16 @@ mod tests {
             assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
         }
         d
+    }
+
+    #[test]
+    fn an_interrupted_target_never_becomes_the_source_by_its_bitmap_uuid() {
+        // The target lost its source (a primary that crashed) mid-resync; it had marked what it
+        // applied lately for it, under the same generation.
+        let target = UuidView { bitmap_for_peer: 0x50, inconsistent: true, ..view(1, 0x51) };
+        let crashed = UuidView { crashed_primary: true, ..view(2, 0x51) };
+        assert_eq!(decide(&target, &crashed), BitmapTarget);
+        assert_eq!(decide(&crashed, &target), BitmapSource);
     }
 
     #[test]

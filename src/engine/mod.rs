@@ -23,7 +23,7 @@ use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
-use crate::replica::{Attached, Peer, PromoteRefusal, Replica};
+use crate::replica::{Attached, Peer, PromoteRefusal, PromoteStep, Replica};
 use locked::Locked;
 use state::State;
 use std::collections::HashMap;
@@ -353,7 +353,13 @@ impl Engine {
         if st.replica.role == Role::Primary {
             return Ok(());
         }
-        let undo = st.replica.promote(Instant::now(), force)?;
+        // Under quorum the votes are asked for; their answers arrive on the reader threads.
+        let undo = loop {
+            match st.replica.promote(Instant::now(), force)? {
+                PromoteStep::Promoted(undo) => break undo,
+                PromoteStep::Waiting => st = st.wait_timeout(Duration::from_millis(5)),
+            }
+        };
         // A device that was failing every request stays attached and starts serving.
         let attached = st.export.is_some();
         drop(st);

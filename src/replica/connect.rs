@@ -57,6 +57,9 @@ impl Replica {
             let mut known = self.generation();
             if known.witness_learns(state.current_uuid, &state.history) {
                 self.set_generation(known);
+                // Durable before anyone hears it: after a restart the witness must not vote
+                // for a generation older than one it told others about.
+                self.persist(MetaWrite::Superblock);
                 self.broadcast_state();
             }
         }
@@ -292,6 +295,15 @@ impl Replica {
                 } else {
                     tracing::info!(resource = %self.resource, peer = %name, "{name} is an older primary: waiting for it to step down");
                 }
+                Ok(())
+            }
+            // Neither side can be the source now because one of them is Inconsistent (its
+            // source went away mid-resync): a passing state, not a verdict. The link stays up,
+            // idle, and the State that says it was resynced (by a third node) decides again.
+            SyncDecision::Refused(Refusal::InconsistentSource | Refusal::PeerCannotFollow)
+                if self.disk == DiskState::Inconsistent || self.peer(peer_id).disk == DiskState::Inconsistent =>
+            {
+                tracing::info!(resource = %self.resource, peer = %name, "no source between this node and {name} while one is Inconsistent: waiting for a third node to resync it");
                 Ok(())
             }
             SyncDecision::Refused(why) => {

@@ -77,6 +77,7 @@ impl Replica {
                 None => Err(format!("barrier ack for epoch {epoch} that was never sent")),
             },
             Message::NegAck { .. } | Message::State(_) | Message::Ping | Message::Disconnect { .. } => Ok(()),
+            Message::VoteRequest { .. } | Message::Vote { .. } => Ok(()),
             Message::RecvAck { .. } | Message::WriteAck { .. } => Ok(()),
             Message::PingAck if peer.lease.awaits_answer() => Ok(()),
             Message::PingAck => Err("ping answer without a ping".into()),

@@ -13,6 +13,7 @@ mod admin;
 mod apply;
 mod compare;
 mod connect;
+mod election;
 pub mod frames;
 mod loss;
 mod progress;
@@ -33,6 +34,7 @@ pub use apply::Applying;
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
+pub use election::PromoteStep;
 pub use roles::{PromoteRefusal, Promotion};
 pub use verify::VerifyStep;
 pub use writes::{PendingFlush, Pieces, QueuedWrite, WriteKind};
@@ -135,6 +137,10 @@ pub struct Replica {
     pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
+    /// This node's request for votes to be promoted (see `replica/election.rs`).
+    pub candidacy: Option<election::Candidacy>,
+    /// The vote this node gave last (see `replica/election.rs`).
+    pub vote_given: Option<election::VoteGiven>,
     /// This primary learned it was superseded and stays primary, disconnected
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
@@ -234,6 +240,8 @@ impl Replica {
             generation_pending: Vec::new(),
             stepping_down: false,
             stepped_down: None,
+            candidacy: None,
+            vote_given: None,
             superseded_latched: false,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),

@@ -57,6 +57,8 @@ impl Replica {
                 self.peer_mut(peer_id).lease.answered();
                 self.release_suspended(now, false);
             }
+            Message::VoteRequest { ballot } => self.vote_requested(now, peer_id, ballot),
+            Message::Vote { ballot, granted } => self.vote_received(peer_id, ballot, granted),
             Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),
             Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),
             Message::Hello(_) | Message::AuthChallenge { .. } | Message::AuthResponse { .. } => {

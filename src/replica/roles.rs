@@ -25,6 +25,8 @@ pub enum PromoteRefusal {
     NotUpToDate { disk: DiskState },
     #[error("cannot promote with a {disk} disk")]
     NoDisk { disk: DiskState },
+    #[error("this node just gave its vote to {name}, which is being promoted: try again in a few seconds")]
+    VotedFor { name: String },
 }
 
 /// What a promotion changed, to undo it if the export cannot start.
@@ -35,11 +37,10 @@ pub struct Promotion {
 }
 
 impl Replica {
-    /// Promotes this node (`force`: even without an UpToDate disk, and starting a new
-    /// generation for every peer). Its metadata says primary (durably, before anything queued
-    /// after) and the role is Primary when this returns; the driver then starts the export and
-    /// reports with [`Replica::promoted`] or [`Replica::promotion_failed`].
-    pub fn promote(&mut self, now: Instant, force: bool) -> Result<Promotion, PromoteRefusal> {
+    /// Whether this node may be promoted now, as far as it can tell alone (`force`: even
+    /// without an UpToDate disk). Under quorum the votes are then asked for (see
+    /// `replica/election.rs`).
+    pub(super) fn promote_checks(&self, now: Instant, force: bool) -> Result<(), PromoteRefusal> {
         if self.witness {
             return Err(PromoteRefusal::Witness);
         }
@@ -63,6 +64,17 @@ impl Replica {
         if matches!(self.disk, DiskState::Diskless | DiskState::Failed) {
             return Err(PromoteRefusal::NoDisk { disk: self.disk });
         }
+        if let Some(candidate) = self.vote_given_to(now).filter(|id| *id != self.node_id()) {
+            return Err(PromoteRefusal::VotedFor { name: self.peer(candidate).name.clone() });
+        }
+        Ok(())
+    }
+
+    /// Promotes this node, the checks and the election passed (`force`: starting a new
+    /// generation for every peer). Its metadata says primary (durably, before anything queued
+    /// after) and the role is Primary when this returns; the driver then starts the export and
+    /// reports with [`Replica::promoted`] or [`Replica::promotion_failed`].
+    pub(super) fn promote_now(&mut self, force: bool) -> Promotion {
         let undo = Promotion { disk_before: self.disk, sb_before: self.sb.clone() };
         // Peers that will not see this node's writes from the start: a new generation begins,
         // and they track from the old one.
@@ -93,7 +105,7 @@ impl Replica {
         self.sb.flags.remove(MetaFlags::AL_CLEAN);
         self.persist(MetaWrite::Superblock);
         self.role = Role::Primary;
-        Ok(undo)
+        undo
     }
 
     /// The export started: the peers hear of the new primary, and the connections that now
@@ -225,7 +237,7 @@ mod tests {
         let (mut r, t0) = two_node_replica();
         r.disk = DiskState::Consistent;
         let sb = r.sb.clone();
-        let undo = r.promote(t0, true).expect("--force");
+        let Ok(super::super::PromoteStep::Promoted(undo)) = r.promote(t0, true) else { panic!("--force without quorum promotes at once") };
         r.promotion_failed(undo);
         assert_eq!((r.role, r.disk), (Role::Secondary, DiskState::Consistent));
         assert_eq!(r.sb.uuids.current, sb.uuids.current);

@@ -36,7 +36,7 @@ impl Replica {
     /// that know no generation newer than its own. Otherwise a secondary left behind could form
     /// a majority with a witness once the primary is gone, and promote without the writes
     /// acknowledged meanwhile.
-    fn votes_for_me(&self, peer: &Peer) -> bool {
+    pub(super) fn votes_for_me(&self, peer: &Peer) -> bool {
         let Some(state) = peer.last_state else { return false };
         let same = |uuid: u64| same_uuid(state.current_uuid, uuid);
         if self.role == Role::Primary {

@@ -174,6 +174,12 @@ pub enum Message {
     Ping,
     /// The answer to `Ping`.
     PingAck,
+    /// The sender wants to become primary: the receiver answers with `Vote` for this `ballot`
+    /// (see `replica/election.rs`).
+    VoteRequest { ballot: u64 },
+    /// The answer to `VoteRequest` `ballot`: whether the sender lets the candidate count its
+    /// vote (and then promotes nobody else, itself included, for a while).
+    Vote { ballot: u64, granted: bool },
     /// Orderly close with a human-readable reason (logged by the receiver).
     Disconnect { reason: String },
 }
@@ -201,10 +207,12 @@ pub(super) enum Kind {
     Ping = 0x0030,
     PingAck = 0x0031,
     Disconnect = 0x0032,
+    VoteRequest = 0x0033,
+    Vote = 0x0034,
 }
 
 impl Kind {
-    const ALL: [Kind; 19] = [
+    const ALL: [Kind; 21] = [
         Kind::Hello,
         Kind::AuthChallenge,
         Kind::AuthResponse,
@@ -224,6 +232,8 @@ impl Kind {
         Kind::Ping,
         Kind::PingAck,
         Kind::Disconnect,
+        Kind::VoteRequest,
+        Kind::Vote,
     ];
 
     pub(super) fn code(self) -> u16 {
@@ -255,6 +265,8 @@ impl Kind {
             Kind::Ping => "Ping",
             Kind::PingAck => "PingAck",
             Kind::Disconnect => "Disconnect",
+            Kind::VoteRequest => "VoteRequest",
+            Kind::Vote => "Vote",
         }
     }
 }
@@ -287,6 +299,8 @@ impl Message {
                 | Message::DigestReply { .. }
                 | Message::Ping
                 | Message::PingAck
+                | Message::VoteRequest { .. }
+                | Message::Vote { .. }
         )
     }
 
@@ -311,6 +325,8 @@ impl Message {
             Message::Ping => Kind::Ping,
             Message::PingAck => Kind::PingAck,
             Message::Disconnect { .. } => Kind::Disconnect,
+            Message::VoteRequest { .. } => Kind::VoteRequest,
+            Message::Vote { .. } => Kind::Vote,
         }
     }
 
@@ -466,6 +482,11 @@ impl Message {
                 }
             }
             Message::Ping | Message::PingAck => {}
+            Message::VoteRequest { ballot } => out.put_u64(*ballot),
+            Message::Vote { ballot, granted } => {
+                out.put_u64(*ballot);
+                out.put_u8(u8::from(*granted));
+            }
             Message::Disconnect { reason } => return reason.as_bytes(),
         }
         &[]
@@ -565,6 +586,11 @@ impl Message {
             },
             Kind::Ping => Message::Ping,
             Kind::PingAck => Message::PingAck,
+            Kind::VoteRequest => Message::VoteRequest { ballot: fields.u64()? },
+            Kind::Vote => Message::Vote {
+                ballot: fields.u64()?,
+                granted: fields.bool()?,
+            },
             Kind::Disconnect => Message::Disconnect {
                 reason: fields.text()?,
             },

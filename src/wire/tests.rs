@@ -205,6 +205,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         Just(Message::Ping),
         Just(Message::PingAck),
+        any::<u64>().prop_map(|ballot| Message::VoteRequest { ballot }),
+        (any::<u64>(), any::<bool>()).prop_map(|(ballot, granted)| Message::Vote { ballot, granted }),
         // At most 256 chars of at most 4 bytes: within the 1024-byte limit.
         "\\PC{0,256}".prop_map(|reason| Message::Disconnect { reason }),
     ]
@@ -358,7 +360,7 @@ fn payload_sizes_are_as_documented() {
         bitmap_weight: 0,
         primaries: 0,
     };
-    let cases: [(Message, usize); 19] = [
+    let cases: [(Message, usize); 21] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
@@ -426,6 +428,8 @@ fn payload_sizes_are_as_documented() {
         ),
         (Message::Ping, 0),
         (Message::PingAck, 0),
+        (Message::VoteRequest { ballot: 7 }, 8),
+        (Message::Vote { ballot: 7, granted: true }, 9),
         (
             Message::Disconnect {
                 reason: "bye".into(),
@@ -478,6 +482,8 @@ fn control_messages_are_the_small_acks() {
         },
         Message::Ping,
         Message::PingAck,
+        Message::VoteRequest { ballot: 1 },
+        Message::Vote { ballot: 1, granted: false },
     ];
     let bulk = [
         data(1),

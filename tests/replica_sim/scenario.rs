@@ -7,6 +7,7 @@ use super::world::{Event, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
+use blkrepl::replica::PromoteStep;
 use std::collections::BTreeMap;
 
 /// Blocks the client writes: one 4 KiB page at the start of each MiB (eight activity-log
@@ -22,6 +23,8 @@ const MANAGER: u64 = 2;
 const FAULT: u64 = 3;
 const RESTART: u64 = 4;
 const HEAL: u64 = 5;
+/// Asks the candidates again whether their election is over.
+const CAMPAIGN: u64 = 6;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -84,6 +87,8 @@ pub struct Scenario {
     down: Vec<u8>,
     /// Primaries stepping down: they finish once their writes are done.
     demoting: Vec<u8>,
+    /// Nodes waiting for the votes that would promote them.
+    campaigns: Vec<u8>,
     faults_on: bool,
 }
 
@@ -104,6 +109,7 @@ impl Scenario {
             tenure: vec![0; 3],
             down: Vec::new(),
             demoting: Vec::new(),
+            campaigns: Vec::new(),
             faults_on: true,
         }
     }
@@ -142,7 +148,17 @@ impl Scenario {
         self.world.carry_out(0);
         let until = self.world.now + SEC;
         self.world.run_until(until);
-        self.promote(0).map_err(|e| format!("first promotion: {e}"))
+        self.campaigns.push(0);
+        let until = self.world.now + SEC;
+        while !self.campaigns.is_empty() && self.world.now < until {
+            self.campaign();
+            let next = self.world.now + MS;
+            self.world.run_until(next);
+        }
+        match self.world.primaries()[..] {
+            [0] => Ok(()),
+            ref other => Err(format!("first promotion: primaries {other:?}")),
+        }
     }
 
     fn run_until(&mut self, until: Time) -> Result<(), String> {
@@ -161,23 +177,48 @@ impl Scenario {
                     }
                 }
                 Some(HEAL) => self.world.heal_all(),
+                Some(CAMPAIGN) => self.campaign(),
                 Some(other) => unreachable!("scenario step {other}"),
             }
             self.take_answers()?;
         }
     }
 
-    fn promote(&mut self, id: u8) -> Result<(), String> {
+    /// Asks every candidate's replica whether it may be promoted yet: promoted, refused, or
+    /// asked again in a millisecond.
+    fn campaign(&mut self) {
+        let mut waiting = Vec::new();
+        for id in std::mem::take(&mut self.campaigns) {
+            match self.promote(id) {
+                Ok(true) => {}
+                Ok(false) => waiting.push(id),
+                Err(why) => self.world.log(id, || format!("not promoted: {why}")),
+            }
+        }
+        if !waiting.is_empty() {
+            let w = &mut self.world;
+            w.at(w.now + MS, Event::Scenario(CAMPAIGN));
+        }
+        self.campaigns = waiting;
+    }
+
+    /// One step of `id`'s promotion: whether it is primary now (`false`: still waiting for votes).
+    fn promote(&mut self, id: u8) -> Result<bool, String> {
         let now = self.world.instant();
         let replica = self.world.replica_mut(id).ok_or("down")?;
-        replica.promote(now, false).map_err(|e| e.to_string())?;
+        let step = replica.promote(now, false).map_err(|e| e.to_string());
+        self.world.carry_out(id);
+        if !matches!(step?, PromoteStep::Promoted(_)) {
+            return Ok(false);
+        }
+        let replica = self.world.replica_mut(id).expect("up");
         replica.promoted();
         self.world.carry_out(id);
         self.world.log(id, || "promoted".into());
         self.stats.promotions += 1;
         self.tenure[usize::from(id)] += 1;
         self.target = Some(id);
-        Ok(())
+        Ok(true)
     }
 
     /// The cluster manager: a primary that was superseded steps down; with no primary, a node
@@ -205,15 +246,28 @@ impl Scenario {
         });
         // As a cluster manager on the majority's side would: a primary cut off from it does not
         // count (the replica refuses a promotion that would make two primaries).
+        // Sometimes every node's own promoter runs at once (the built-in promoter, or managers
+        // on both sides of a partition): the replicas' election must keep it to one primary.
         let serving = self.world.primaries().into_iter().any(|p| self.world.replica(p).is_some_and(|r| r.quorum(now).has_quorum));
-        if !serving {
+        if !serving && self.campaigns.is_empty() {
             let mut candidates: Vec<u8> = (0..3).filter(|id| self.world.is_up(*id) && !self.world.primaries().contains(id)).collect();
+            let all_at_once = self.world.rng.below(4) == 0;
             while !candidates.is_empty() {
                 let id = candidates.remove(self.world.rng.below(candidates.len()));
                 match self.promote(id) {
-                    Ok(()) => break,
+                    Ok(true) => break,
+                    Ok(false) => {
+                        self.campaigns.push(id);
+                        if !all_at_once {
+                            break;
+                        }
+                    }
                     Err(why) => self.world.log(id, || format!("not promoted: {why}")),
                 }
+            }
+            if !self.campaigns.is_empty() {
+                let w = &mut self.world;
+                w.at(w.now + MS, Event::Scenario(CAMPAIGN));
             }
         }
         let w = &mut self.world;

@@ -1,0 +1,219 @@
+//! Promotion under quorum is an election: a candidate counts only the voters that answered its
+//! request with their vote, and a voter gives its vote to one candidate at a time.
+//!
+//! Counting votes by lease alone lets two nodes promote at once: right after a partition cuts
+//! them apart, each still holds a lease on the other's last ping answer, so each counts the
+//! other, neither sees the other primary (that news cannot cross the partition), and both
+//! reach a majority (the simulator found this). Asking each voter first closes it: a vote is
+//! an answer to this candidacy's request, sent after the request (so a cut link gives none),
+//! and a voter that gave its vote promotes nobody else, itself included, for a ping timeout:
+//! by then the candidate, if it won, is primary in every State the voter receives, or the
+//! voter has dropped its link to it (and the candidate's lease on it has lapsed, see
+//! `LinkTiming::lease`). A candidate also refuses to vote for others while it waits, so two
+//! simultaneous candidates both lose and the cluster manager tries again.
+
+use super::{PromoteRefusal, Promotion, Replica};
+use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
+use crate::core::states::Role;
+use crate::wire::Message;
+use std::time::Instant;
+
+/// This node's request for votes, while it lasts.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidacy {
+    ballot: u64,
+    asked_at: Instant,
+    force: bool,
+    /// Peers asked, that answered, that gave their vote (one bit per node id).
+    asked: u32,
+    answered: u32,
+    granted: u32,
+}
+
+/// The vote this node gave last: to whom, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct VoteGiven {
+    candidate: u8,
+    at: Instant,
+}
+
+/// What a promotion request led to.
+#[derive(Debug)]
+pub enum PromoteStep {
+    /// Primary now; the driver starts the export (see [`Replica::promoted`]).
+    Promoted(Promotion),
+    /// The votes were asked for: call [`Replica::promote`] again once frames have arrived (or a
+    /// moment later); it answers within a lease.
+    Waiting,
+}
+
+impl Replica {
+    /// Asks to promote this node (`force`: even without an UpToDate disk, and starting a new
+    /// generation for every peer). Without quorum it is promoted at once; under quorum the
+    /// first call asks every connected peer for its vote and the driver calls again until the
+    /// answer is no longer [`PromoteStep::Waiting`].
+    pub fn promote(&mut self, now: Instant, force: bool) -> Result<PromoteStep, PromoteRefusal> {
+        self.promote_checks(now, force)?;
+        if self.quorum_policy == QuorumPolicy::Off {
+            return Ok(PromoteStep::Promoted(self.promote_now(force)));
+        }
+        let candidacy = match self.candidacy.filter(|c| c.force == force && self.candidacy_open(c, now)) {
+            Some(candidacy) => candidacy,
+            None => {
+                self.ask_for_votes(now, force);
+                return Ok(PromoteStep::Waiting);
+            }
+        };
+        let views: Vec<VoterView> = self
+            .peers
+            .iter()
+            .map(|p| VoterView {
+                node_id: p.node_id,
+                reachable: p.connected && candidacy.granted & (1 << p.node_id) != 0 && self.votes_for_me(p),
+                departed: self.departed(p),
+                sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
+            })
+            .collect();
+        let count = evaluate(self.quorum_policy, self.node_id(), &views);
+        if count.has_quorum && count.other_primary.is_none() {
+            self.candidacy = None;
+            return Ok(PromoteStep::Promoted(self.promote_now(force)));
+        }
+        let all_answered = candidacy.answered == candidacy.asked;
+        let expired = now.saturating_duration_since(candidacy.asked_at) >= self.timing.lease();
+        if all_answered || expired {
+            self.candidacy = None;
+            return Err(PromoteRefusal::NoQuorum { votes: count.votes, voters: count.voters, needed: count.needed });
+        }
+        Ok(PromoteStep::Waiting)
+    }
+
+    /// Whether `candidacy` still collects votes: answers count only within a lease of the
+    /// request (see `LinkTiming::lease`), like ping answers.
+    fn candidacy_open(&self, candidacy: &Candidacy, now: Instant) -> bool {
+        now.saturating_duration_since(candidacy.asked_at) < self.timing.lease()
+    }
+
+    fn ask_for_votes(&mut self, now: Instant, force: bool) {
+        let ballot = self.uuids.next();
+        let asked: Vec<u8> = self.peers.iter().filter(|p| p.connected && p.last_state.is_some()).map(|p| p.node_id).collect();
+        let mask = asked.iter().fold(0u32, |m, id| m | 1 << id);
+        self.candidacy = Some(Candidacy { ballot, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
+        for peer in asked {
+            self.send(peer, Message::VoteRequest { ballot });
+        }
+    }
+
+    /// A peer's answer to a request for votes; an answer to an older ballot is ignored.
+    pub fn vote_received(&mut self, peer_id: u8, ballot: u64, granted: bool) {
+        let Some(candidacy) = self.candidacy.as_mut().filter(|c| c.ballot == ballot) else { return };
+        candidacy.answered |= 1 << peer_id;
+        if granted {
+            candidacy.granted |= 1 << peer_id;
+        }
+    }
+
+    /// `candidate` asks for this node's vote: given unless this node is primary, sees one,
+    /// waits for votes itself, or gave its vote to another node less than a ping timeout ago.
+    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64) {
+        let busy_elsewhere = self.vote_given_to(now).is_some_and(|id| id != candidate);
+        let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
+        let granted = self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere;
+        if granted {
+            self.vote_given = Some(VoteGiven { candidate, at: now });
+        } else {
+            tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, busy_elsewhere, candidate_myself,
+                primaries = self.primaries(), "vote refused");
+        }
+        self.send(candidate, Message::Vote { ballot, granted });
+    }
+
+    /// The node this node gave its vote to less than a ping timeout before `now`.
+    pub fn vote_given_to(&self, now: Instant) -> Option<u8> {
+        self.vote_given.filter(|v| now.saturating_duration_since(v.at) < self.timing.ping_timeout).map(|v| v.candidate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PromoteStep;
+    use crate::core::quorum::QuorumPolicy;
+    use crate::core::states::{DiskState, ReplState};
+    use crate::replica::testing::{secondary_state, two_node_replica};
+    use crate::replica::{Action, PromoteRefusal, Replica};
+    use crate::wire::Message;
+    use std::time::{Duration, Instant};
+
+    fn candidate() -> (Replica, Instant) {
+        let (mut r, t0) = two_node_replica();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.disk = DiskState::UpToDate;
+        r.link_up(1, t0);
+        r.peer_mut(1).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
+        r.peer_mut(1).repl = ReplState::Established;
+        r.peer_mut(1).disk = DiskState::UpToDate;
+        let timing = r.timing;
+        assert!(r.peer_mut(1).lease.ping_due(t0, &timing));
+        r.peer_mut(1).lease.answered();
+        r.take_actions();
+        (r, t0)
+    }
+
+    fn ballot_sent(r: &mut Replica) -> u64 {
+        let actions = r.take_actions();
+        actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Send { peer: 1, msg: Message::VoteRequest { ballot }, .. } => Some(*ballot),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no vote request in {actions:?}"))
+    }
+
+    #[test]
+    fn a_candidate_is_promoted_only_once_a_majority_gave_its_vote() {
+        let (mut r, t0) = candidate();
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)), "the lease alone is not enough");
+        let ballot = ballot_sent(&mut r);
+        r.vote_received(1, ballot ^ 1, true);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)), "an answer to another ballot counts nothing");
+        r.vote_received(1, ballot, true);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
+    }
+
+    #[test]
+    fn a_cut_link_gives_no_vote_and_the_candidacy_ends_within_a_lease() {
+        let (mut r, t0) = candidate();
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let later = t0 + r.timing.lease();
+        assert!(matches!(r.promote(later, false), Err(PromoteRefusal::NoQuorum { votes: 1, .. })));
+    }
+
+    #[test]
+    fn a_refused_vote_ends_the_candidacy_at_once() {
+        let (mut r, t0) = candidate();
+        let _ = r.promote(t0, false);
+        let ballot = ballot_sent(&mut r);
+        r.vote_received(1, ballot, false);
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::NoQuorum { .. })));
+    }
+
+    #[test]
+    fn a_voter_gives_one_vote_at_a_time_and_not_while_a_candidate_itself() {
+        let (mut r, t0) = candidate();
+        r.vote_requested(t0, 1, 5);
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 5, granted: true }, .. })));
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VotedFor { .. })), "it voted for node 1");
+        let later = t0 + r.timing.ping_timeout + Duration::from_millis(1);
+        let timing = r.timing;
+        assert!(r.peer_mut(1).lease.ping_due(later, &timing));
+        r.peer_mut(1).lease.answered();
+        assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "the vote given has lapsed");
+        r.take_actions();
+        r.vote_requested(later, 1, 6);
+        assert!(
+            r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 6, granted: false }, .. })),
+            "a candidate votes for nobody else"
+        );
+    }
+}
