@@ -113,6 +113,10 @@ impl Replica {
                 self.broadcast_state();
             }
             self.persist(MetaWrite::Bitmap(slot));
+            // What this node sends must outlive a power loss here: the target keeps it and the
+            // bits clear, so a copy still in this disk's volatile cache (a write applied but
+            // not yet flushed by its barrier) would be lost here alone, unknown to anyone.
+            self.persist(MetaWrite::DataFlush);
             tracing::info!(resource = %self.resource, peer = peer_id, bytes = total_bytes, full, "resync started as source");
             self.outbox.push(Action::StartResync { peer: peer_id, generation });
         }

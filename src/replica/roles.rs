@@ -76,6 +76,10 @@ impl Replica {
     /// reports with [`Replica::promoted`] or [`Replica::promotion_failed`].
     pub(super) fn promote_now(&mut self, force: bool) -> Promotion {
         let undo = Promotion { disk_before: self.disk, sb_before: self.sb.clone() };
+        // The writes applied here as a secondary but not yet flushed (their barrier still to
+        // come) are durable before this node serves them: after a crash as primary only the
+        // activity log's extents are resynced, and those writes may lie outside them.
+        self.persist(MetaWrite::DataFlush);
         // Peers that will not see this node's writes from the start: a new generation begins,
         // and they track from the old one.
         let absent: Vec<usize> = self
