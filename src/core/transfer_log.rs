@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 #[derive(Debug, Default)]
 pub struct TransferLog {
-    entries: VecDeque<(u64, u64, u64)>,
+    entries: VecDeque<Entry>,
     /// Writes sent in the current (open) epoch.
     open_epoch_writes: u32,
 }
@@ -22,9 +22,19 @@ pub struct BarrierMismatch {
     pub acked: u32,
 }
 
+/// A range sent in `epoch`. `void`: marked out of sync again after it was sent (a newer write
+/// the peer does not get this way), so its barrier ack proves nothing about it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    epoch: u64,
+    offset: u64,
+    len: u64,
+    void: bool,
+}
+
 impl TransferLog {
     pub fn record(&mut self, epoch: u64, offset: u64, len: u64) {
-        self.entries.push_back((epoch, offset, len));
+        self.entries.push_back(Entry { epoch, offset, len, void: false });
         self.open_epoch_writes += 1;
     }
 
@@ -32,7 +42,17 @@ impl TransferLog {
     /// durable there once a barrier after it is acked, like a write, but is no write of the
     /// epoch (the peer counts none for it).
     pub fn record_held(&mut self, epoch: u64, offset: u64, len: u64) {
-        self.entries.push_back((epoch, offset, len));
+        self.entries.push_back(Entry { epoch, offset, len, void: false });
+    }
+
+    /// `[offset, offset + len)` was marked out of sync for the peer after some of what is in
+    /// flight to it was read: the ack of those ranges must not clear the new mark. (A resync
+    /// source that is a secondary applies a primary's write to a block it already sent the
+    /// target; the older copy's barrier ack would otherwise clear the bit of the newer write.)
+    pub fn void_overlapping(&mut self, offset: u64, len: u64) {
+        for entry in self.entries.iter_mut().filter(|e| e.offset < offset + len && offset < e.offset + e.len) {
+            entry.void = true;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -57,11 +77,13 @@ impl TransferLog {
     /// there.
     pub fn barrier_acked(&mut self, epoch: u64) -> Vec<(u64, u64)> {
         let mut durable = Vec::new();
-        while let Some(&(e, offset, len)) = self.entries.front() {
-            if e > epoch {
+        while let Some(&entry) = self.entries.front() {
+            if entry.epoch > epoch {
                 break;
             }
-            durable.push((offset, len));
+            if !entry.void {
+                durable.push((entry.offset, entry.len));
+            }
             self.entries.pop_front();
         }
         durable
@@ -70,7 +92,7 @@ impl TransferLog {
     /// The connection is gone: every range the peer might lack.
     pub fn drain_lost(&mut self) -> Vec<(u64, u64)> {
         self.open_epoch_writes = 0;
-        self.entries.drain(..).map(|(_, offset, len)| (offset, len)).collect()
+        self.entries.drain(..).map(|e| (e.offset, e.len)).collect()
     }
 }
 
@@ -89,6 +111,18 @@ mod tests {
         assert_eq!(log.len(), 1);
         assert_eq!(log.drain_lost(), vec![(8192, 4096)]);
         assert!(log.is_empty());
+    }
+
+    #[test]
+    fn a_range_marked_again_after_it_was_sent_is_not_cleared_by_its_ack() {
+        let mut log = TransferLog::default();
+        log.record(1, 0, 8192);
+        log.record(1, 1 << 20, 4096);
+        log.void_overlapping(4096, 512);
+        assert_eq!(log.barrier_acked(1), vec![(1 << 20, 4096)]);
+        log.record(2, 0, 4096);
+        log.void_overlapping(0, 4096);
+        assert_eq!(log.drain_lost(), vec![(0, 4096)], "a lost link still re-marks it");
     }
 
     #[test]

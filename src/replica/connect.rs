@@ -109,7 +109,9 @@ impl Replica {
             return;
         }
         let slot = peer.slot;
-        self.recent.mark_into(&mut self.bitmaps[slot]);
+        for (offset, len) in self.recent.ranges() {
+            self.mark_out_of_sync(slot, offset, len);
+        }
         if let Some(uuid) = peer_generation.filter(|_| self.sb.peers[slot].bitmap_uuid == 0) {
             self.sb.peers[slot].bitmap_uuid = uuid & !1;
             self.persist(MetaWrite::Superblock);

@@ -43,11 +43,10 @@ impl RecentWrites {
         self.current.set_range(offset, len);
     }
 
-    /// Sets every recently written block in `target` (same geometry).
-    pub fn mark_into(&self, target: &mut DirtyBitmap) {
-        for bitmap in [&self.current, &self.previous] {
-            target.or_runs(bitmap.runs()).expect("recent-write bitmaps share the device's geometry");
-        }
+    /// The recently written byte ranges, block-aligned (a block may appear twice).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        let block = u64::from(self.current.block_size());
+        [&self.current, &self.previous].into_iter().flat_map(|b| b.runs()).map(|(start, blocks)| (start * block, blocks * block)).collect()
     }
 }
 
@@ -63,12 +62,13 @@ mod tests {
         let mut recent = RecentWrites::new(1 << 20, 4096, WINDOW, t0);
         recent.record(0, 4096, t0);
         recent.record(8192, 4096, t0 + WINDOW);
-        let mut target = DirtyBitmap::new(1 << 20, 4096);
-        recent.mark_into(&mut target);
-        assert_eq!(target.runs().collect::<Vec<_>>(), vec![(0, 1), (2, 1)]);
+        let sorted = |recent: &RecentWrites| {
+            let mut ranges = recent.ranges();
+            ranges.sort();
+            ranges
+        };
+        assert_eq!(sorted(&recent), vec![(0, 4096), (8192, 4096)]);
         recent.record(16384, 4096, t0 + 2 * WINDOW);
-        let mut target = DirtyBitmap::new(1 << 20, 4096);
-        recent.mark_into(&mut target);
-        assert_eq!(target.runs().collect::<Vec<_>>(), vec![(2, 1), (4, 1)], "the oldest window is forgotten");
+        assert_eq!(sorted(&recent), vec![(8192, 4096), (16384, 4096)], "the oldest window is forgotten");
     }
 }
