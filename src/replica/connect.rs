@@ -128,6 +128,11 @@ impl Replica {
         self.persist(MetaWrite::Superblock);
         tracing::info!(resource = %self.resource, uuid = format_args!("{current:016X}"), "following the primary's new generation");
         self.broadcast_state();
+        // A decision that waited for both sides to follow the same generation (see
+        // `Replica::only_primary_resyncs`) is taken now; the primary's is its caller's.
+        for (id, reason) in self.reconsider_all_but(Some(primary_id)) {
+            self.drop_link(id, reason);
+        }
     }
 
     /// The peer's `State` says whether it is Ahead of this node (pull-ahead): follow it into
