@@ -22,7 +22,7 @@ pub use activity_log::{
 pub use bitmap::DirtyBitmap;
 pub use layout::{layout, MetaLayout, MetaParams};
 pub use store::{Loaded, MetaStore};
-pub use superblock::{MetaFlags, PeerSlot, Superblock};
+pub use superblock::{MetaFlags, PeerSlot, Superblock, Terms};
 pub use uuids::GenerationUuids;
 
 /// The unit of every metadata structure and of every metadata write.

@@ -103,6 +103,7 @@ impl MetaStore {
                 })
                 .collect(),
             uuids: GenerationUuids::just_created(),
+            terms: Default::default(),
             flags: MetaFlags::empty(),
         };
         superblock.validate()?;

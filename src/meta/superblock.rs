@@ -16,7 +16,8 @@
 //!  48 current uuid u64 56 history 4 x u64
 //!  88 resource name: length u8, 63 bytes
 //! 152 peer slots: 31 x (node id u8, has crc u8, zero u16, bitmap crc u32, bitmap uuid u64)
-//! 648 zero to the end
+//! 648 highest election term u64  656 term of the data's generation u64
+//! 664 zero to the end
 //! ```
 
 use super::layout::{MetaParams, MAX_PEERS};
@@ -29,6 +30,7 @@ const CRC_OFFSET: usize = 12;
 const NAME_OFFSET: usize = 88;
 const PEERS_OFFSET: usize = 152;
 const PEER_SIZE: usize = 16;
+const TERMS_OFFSET: usize = 648;
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_NAME: usize = 63;
 /// Node ids are 0..32: up to 32 nodes per resource.
@@ -153,7 +155,20 @@ pub struct Superblock {
     /// At most `params.max_peers`.
     pub peers: Vec<PeerSlot>,
     pub uuids: GenerationUuids,
+    pub terms: Terms,
     pub flags: MetaFlags,
+}
+
+/// Election terms (see `replica/election.rs`). Metadata written before terms existed reads as
+/// term 0 for both, which every election and comparison treats as the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Terms {
+    /// The highest election term this node voted in, won or heard of: it gives no vote in an
+    /// election of that term or lower.
+    pub highest: u64,
+    /// The term of the election that made the primary whose generation this node's data
+    /// carries: of two diverged copies, the one of the later election is kept.
+    pub of_data: u64,
 }
 
 impl Superblock {
@@ -231,6 +246,8 @@ impl Superblock {
             le::put_u32(&mut b, at + 4, peer.bitmap_crc.unwrap_or(0));
             le::put_u64(&mut b, at + 8, peer.bitmap_uuid);
         }
+        le::put_u64(&mut b, TERMS_OFFSET, self.terms.highest);
+        le::put_u64(&mut b, TERMS_OFFSET + 8, self.terms.of_data);
         let crc = block_crc(&b, CRC_OFFSET);
         le::put_u32(&mut b, CRC_OFFSET, crc);
         Ok(b)
@@ -340,6 +357,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
         },
         peers,
         uuids: GenerationUuids { current: le::u64_at(b, 48), history },
+        terms: Terms { highest: le::u64_at(b, TERMS_OFFSET), of_data: le::u64_at(b, TERMS_OFFSET + 8) },
         flags: MetaFlags::from_bits_retain(le::u32_at(b, 24)),
     };
     superblock.validate().map_err(|e| e.to_string())?;
@@ -406,6 +424,7 @@ mod tests {
                 PeerSlot { node_id: 0, bitmap_uuid: 0, bitmap_crc: None, departed: false },
             ],
             uuids: GenerationUuids { current: 0x1234_5679, history: [5, 6, 0, 0] },
+            terms: Terms { highest: 7, of_data: 6 },
             flags: MetaFlags::CONSISTENT | MetaFlags::PRIMARY_IND,
         }
     }
@@ -490,6 +509,7 @@ mod tests {
             al_extents in 7..=6433u32,
             peer_ids in prop::collection::btree_set(0..=MAX_NODE_ID, 0..=31),
             uuids in any::<(u64, [u64; 4])>(),
+            terms in any::<(u64, u64)>(),
             flags in any::<u32>(),
             crcs in prop::collection::vec(any::<(u64, Option<u32>, bool)>(), 31),
         ) -> Superblock {
@@ -510,6 +530,7 @@ mod tests {
                 params: MetaParams { max_peers, bitmap_block_size: 1 << shift, al_extents },
                 peers,
                 uuids: GenerationUuids { current: uuids.0, history: uuids.1 },
+                terms: Terms { highest: terms.0, of_data: terms.1 },
                 flags: MetaFlags::from_bits_retain(flags),
             }
         }

@@ -58,7 +58,7 @@ enum Mark {
     /// primary checks them against its own count).
     Barrier { epoch: u64, writes: u32, flushing: bool },
     /// The sync source's end of a resync.
-    ResyncDone { current: u64, history: [u64; 4] },
+    ResyncDone { current: u64, history: [u64; 4], data_term: u64 },
 }
 
 /// The steps and marks of one peer's stream that are not done yet.
@@ -136,9 +136,9 @@ impl Replica {
     }
 
     /// The sync source ended the resync: taken once the resync data before it is written.
-    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4]) {
+    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4], data_term: u64) {
         let applying = &mut self.peer_mut(peer_id).applying;
-        applying.marks.push_back((applying.received, Mark::ResyncDone { current, history }));
+        applying.marks.push_back((applying.received, Mark::ResyncDone { current, history, data_term }));
         self.advance_marks(peer_id);
     }
 
@@ -241,10 +241,10 @@ impl Replica {
                     self.outbox.push(Action::Io { tag, op: LocalIo::Flush });
                     return;
                 }
-                Mark::ResyncDone { current, history } => {
-                    let (current, history) = (*current, *history);
+                Mark::ResyncDone { current, history, data_term } => {
+                    let (current, history, data_term) = (*current, *history, *data_term);
                     applying.marks.pop_front();
-                    self.resync_done_received(peer_id, current, history);
+                    self.resync_done_received(peer_id, current, history, data_term);
                 }
             }
         }
@@ -373,7 +373,7 @@ mod tests {
         r.peer_write_received(t0, 1, 9, 0, 4096, false, LocalIo::Write { offset: 0, data: block.clone(), fua: false });
         r.resync_data_received(1, 0, block.clone());
         r.resync_data_received(1, 4096, block);
-        r.resync_done_in_stream(1, 0x1234, [0; 4]);
+        r.resync_done_in_stream(1, 0x1234, [0; 4], 0);
         let actions = r.take_actions();
         assert_eq!(io_tags(&actions), vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
         r.io_done(t0, step(1), Ok(None));

@@ -43,6 +43,12 @@ impl Replica {
         if peer.resync_end_unconfirmed.is_some_and(|uuid| !same_uuid(uuid, state.bitmap_uuid)) {
             peer.resync_end_unconfirmed = None;
         }
+        if state.term > self.sb.terms.highest && self.role != Role::Primary {
+            // A later election happened: this node votes in none up to it (a primary keeps the
+            // term it was elected in, which the peer's vote no longer counts for).
+            self.sb.terms.highest = state.term;
+            self.persist(MetaWrite::Superblock);
+        }
         if saw_before & !state.primaries & self.primaries() != 0 {
             // It no longer sees a primary it saw and this node still sees (that primary did not
             // just demote): what that primary sent lately may have missed it.
@@ -67,8 +73,18 @@ impl Replica {
         self.follow_ahead(peer_id, state.flags & STATE_FLAG_AHEAD != 0);
         let peer = self.peer(peer_id);
         let follows = peer.role == Role::Primary && peer.repl == ReplState::Established;
-        if follows && self.disk == DiskState::UpToDate && self.role != Role::Primary && !same_uuid(state.current_uuid, self.sb.uuids.current) {
-            self.follow_primary(peer_id, state.current_uuid);
+        // Not when the primary records blocks this node lacks (its bitmap UUID for this node):
+        // the decision below resyncs them first.
+        let tracked = state.bitmap_uuid != 0;
+        if follows && !tracked && self.disk == DiskState::UpToDate && self.role != Role::Primary {
+            if !same_uuid(state.current_uuid, self.sb.uuids.current) {
+                self.follow_primary(peer_id, state.current_uuid, state.data_term);
+            } else if state.data_term > self.sb.terms.of_data {
+                // Promoted without a new generation (every peer in sync): the data is that
+                // election's now.
+                self.sb.terms.of_data = state.data_term;
+                self.persist(MetaWrite::Superblock);
+            }
         }
         let peer = self.peer(peer_id);
         // The target reports UpToDate under this node's generation only after it applied the
@@ -120,11 +136,12 @@ impl Replica {
 
     /// An in-sync primary started a new generation (it lost or left behind another peer): take
     /// it over, and start tracking for the peers that do not follow it either.
-    fn follow_primary(&mut self, primary_id: u8, current: u64) {
+    fn follow_primary(&mut self, primary_id: u8, current: u64, data_term: u64) {
         let absent = self.slots_not_following(primary_id);
         let mut generation = self.generation();
         generation.follow(current, &absent);
         self.set_generation(generation);
+        self.sb.terms.of_data = data_term;
         self.persist(MetaWrite::Superblock);
         tracing::info!(resource = %self.resource, uuid = format_args!("{current:016X}"), "following the primary's new generation");
         self.broadcast_state();
@@ -430,7 +447,19 @@ impl Replica {
             "this node current {:016X} bitmap {:016X} changed {} blocks, {name} current {:016X} bitmap {:016X} changed {} blocks",
             mine.current, mine.bitmap_for_peer, me.changed_blocks, theirs.current_uuid, theirs.bitmap_uuid, them.changed_blocks
         );
-        let resolved = match split_brain::resolve(&policies, &me, &them) {
+        // Under quorum the copy of the later election wins (see `replica/election.rs`): the
+        // other's changes since they parted were never acknowledged, or acknowledged under
+        // protocol A by a primary that had lost its quorum without knowing.
+        let (my_term, their_term) = (self.sb.terms.of_data, theirs.data_term);
+        let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then(|| {
+            tracing::info!(resource = %self.resource, my_term, their_term, "split brain under quorum: the data of the later election is kept");
+            if my_term > their_term {
+                SbResolution::DiscardTheirs
+            } else {
+                SbResolution::DiscardMine
+            }
+        });
+        let resolved = match by_term.unwrap_or_else(|| split_brain::resolve(&policies, &me, &them)) {
             SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
             SbResolution::DiscardMine => SyncDecision::FullTarget,
             SbResolution::DiscardTheirs if bitmaps_usable => SyncDecision::BitmapSource,

@@ -11,8 +11,17 @@
 //! voter has dropped its link to it (and the candidate's lease on it has lapsed, see
 //! `LinkTiming::lease`). A candidate also refuses to vote for others while it waits, so two
 //! simultaneous candidates both lose and the cluster manager tries again.
+//!
+//! Elections are numbered (terms, kept in the superblock as `Terms`): a candidate asks for
+//! votes in the term after the highest it knows, a voter gives its vote only in a term higher
+//! than any it voted in or heard of, and remembers it durably before answering. So a primary
+//! elected in term t no longer counts a voter that has since voted in (or heard of) a later
+//! election: it was superseded, even if that voter's vote lapsed and it could reach it again.
+//! The data carries the term of the primary whose generation it holds: when two copies
+//! diverged (a primary wrote after losing its quorum, before it knew), the later election's
+//! copy is kept, without an operator.
 
-use super::{PromoteRefusal, Promotion, Replica};
+use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
 use crate::core::states::Role;
 use crate::wire::Message;
@@ -22,6 +31,7 @@ use std::time::Instant;
 #[derive(Debug, Clone, Copy)]
 pub struct Candidacy {
     ballot: u64,
+    term: u64,
     asked_at: Instant,
     force: bool,
     /// Peers asked, that answered, that gave their vote (one bit per node id).
@@ -55,6 +65,8 @@ impl Replica {
     pub fn promote(&mut self, now: Instant, force: bool) -> Result<PromoteStep, PromoteRefusal> {
         self.promote_checks(now, force)?;
         if self.quorum_policy == QuorumPolicy::Off {
+            self.sb.terms.highest += 1;
+            self.sb.terms.of_data = self.sb.terms.highest;
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let candidacy = match self.candidacy.filter(|c| c.force == force && self.candidacy_open(c, now)) {
@@ -77,6 +89,8 @@ impl Replica {
         let count = evaluate(self.quorum_policy, self.node_id(), &views);
         if count.has_quorum && count.other_primary.is_none() {
             self.candidacy = None;
+            self.sb.terms.highest = self.sb.terms.highest.max(candidacy.term);
+            self.sb.terms.of_data = candidacy.term;
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let all_answered = candidacy.answered == candidacy.asked;
@@ -96,11 +110,12 @@ impl Replica {
 
     fn ask_for_votes(&mut self, now: Instant, force: bool) {
         let ballot = self.uuids.next();
+        let term = self.sb.terms.highest + 1;
         let asked: Vec<u8> = self.peers.iter().filter(|p| p.connected && p.last_state.is_some()).map(|p| p.node_id).collect();
         let mask = asked.iter().fold(0u32, |m, id| m | 1 << id);
-        self.candidacy = Some(Candidacy { ballot, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
+        self.candidacy = Some(Candidacy { ballot, term, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
         for peer in asked {
-            self.send(peer, Message::VoteRequest { ballot });
+            self.send(peer, Message::VoteRequest { ballot, term });
         }
     }
 
@@ -113,17 +128,21 @@ impl Replica {
         }
     }
 
-    /// `candidate` asks for this node's vote: given unless this node is primary, sees one,
-    /// waits for votes itself, or gave its vote to another node less than a ping timeout ago.
-    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64) {
+    /// `candidate` asks for this node's vote in election `term`: given unless this node is
+    /// primary, sees one, waits for votes itself, gave its vote to another node less than a
+    /// ping timeout ago, or knows a term as high. A vote given is durable before it is sent.
+    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64, term: u64) {
         let busy_elsewhere = self.vote_given_to(now).is_some_and(|id| id != candidate);
         let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
-        let granted = self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere;
+        let stale_term = term <= self.sb.terms.highest;
+        let granted = self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere && !stale_term;
         if granted {
             self.vote_given = Some(VoteGiven { candidate, at: now });
+            self.sb.terms.highest = term;
+            self.persist(MetaWrite::Superblock);
         } else {
-            tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, busy_elsewhere, candidate_myself,
-                primaries = self.primaries(), "vote refused");
+            tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, term, known = self.sb.terms.highest,
+                busy_elsewhere, candidate_myself, primaries = self.primaries(), "vote refused");
         }
         self.send(candidate, Message::Vote { ballot, granted });
     }
@@ -164,7 +183,7 @@ mod tests {
         actions
             .iter()
             .find_map(|a| match a {
-                Action::Send { peer: 1, msg: Message::VoteRequest { ballot }, .. } => Some(*ballot),
+                Action::Send { peer: 1, msg: Message::VoteRequest { ballot, .. }, .. } => Some(*ballot),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no vote request in {actions:?}"))
@@ -201,7 +220,7 @@ mod tests {
     #[test]
     fn a_voter_gives_one_vote_at_a_time_and_not_while_a_candidate_itself() {
         let (mut r, t0) = candidate();
-        r.vote_requested(t0, 1, 5);
+        r.vote_requested(t0, 1, 5, 1);
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 5, granted: true }, .. })));
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VotedFor { .. })), "it voted for node 1");
         let later = t0 + r.timing.ping_timeout + Duration::from_millis(1);
@@ -210,7 +229,7 @@ mod tests {
         r.peer_mut(1).lease.answered();
         assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "the vote given has lapsed");
         r.take_actions();
-        r.vote_requested(later, 1, 6);
+        r.vote_requested(later, 1, 6, 9);
         assert!(
             r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 6, granted: false }, .. })),
             "a candidate votes for nobody else"

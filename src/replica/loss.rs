@@ -11,9 +11,13 @@ impl Replica {
     /// The link to `peer_id` is gone (`sent_bytes` went out on it), for `reason`.
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
         let primaries_before = self.primaries();
+        let was_primary = self.peer(peer_id).role == Role::Primary;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
         self.stops_following(now, peer_id, last_generation);
+        if was_primary {
+            self.primary_lost(peer_id);
+        }
         if self.primaries() != primaries_before {
             self.primaries_changed(None);
         }
@@ -47,6 +51,26 @@ impl Replica {
             flush.peers_pending.retain(|id| *id != peer_id);
         }
         self.finish_flushes(now);
+    }
+
+    /// The primary's link went: the last writes it sent may have reached some secondaries and
+    /// not others (those in flight when it died), so each secondary records what it applied
+    /// lately for every other data peer. Whichever of them is promoted next resyncs those
+    /// blocks into the others (see `Replica::promote_now`); if the primary comes back instead,
+    /// secondaries that follow it again forget these marks (see `only_primary_resyncs`).
+    fn primary_lost(&mut self, primary_id: u8) {
+        if self.role == Role::Primary || self.witness {
+            return;
+        }
+        let others: Vec<(u8, Option<u64>)> = self
+            .peers
+            .iter()
+            .filter(|p| p.node_id != primary_id && !p.witness)
+            .map(|p| (p.node_id, Some(p.last_state.map_or(self.sb.uuids.current, |s| s.current_uuid))))
+            .collect();
+        for (peer_id, generation) in others {
+            self.mark_recent_for(peer_id, generation);
+        }
     }
 
     /// Re-runs the connect-time decision with `peer_id`; a peer it cannot go on with is dropped.

@@ -447,6 +447,8 @@ impl Replica {
             history: self.sb.uuids.history,
             bitmap_weight: self.bitmaps[peer.slot].weight(),
             primaries: self.primaries(),
+            term: self.sb.terms.highest,
+            data_term: self.sb.terms.of_data,
         }
     }
 

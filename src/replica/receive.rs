@@ -38,7 +38,9 @@ impl Replica {
             Message::Barrier { epoch } => self.peer_barrier_received(peer_id, epoch),
             Message::BarrierAck { epoch, .. } => self.barrier_acked(now, peer_id, epoch),
             Message::ResyncData { offset, payload } => self.resync_data_received(peer_id, offset, payload),
-            Message::ResyncDone { current_uuid, history } => self.resync_done_in_stream(peer_id, current_uuid, history),
+            Message::ResyncDone { current_uuid, history, data_term } => {
+                self.resync_done_in_stream(peer_id, current_uuid, history, data_term)
+            }
             Message::DigestRequest { purpose, offset, digests } => self.digest_request_received(peer_id, purpose, offset, digests),
             Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
                 self.verify_reply_received(peer_id, offset, blocks, &differing)
@@ -57,7 +59,7 @@ impl Replica {
                 self.peer_mut(peer_id).lease.answered();
                 self.release_suspended(now, false);
             }
-            Message::VoteRequest { ballot } => self.vote_requested(now, peer_id, ballot),
+            Message::VoteRequest { ballot, term } => self.vote_requested(now, peer_id, ballot, term),
             Message::Vote { ballot, granted } => self.vote_received(peer_id, ballot, granted),
             Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),
             Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),

@@ -86,7 +86,9 @@ impl Replica {
             .peers
             .iter()
             .filter(|p| !p.witness)
-            .filter(|p| force || !(p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate))
+            // A peer this node holds bits for lacks blocks it has (the last writes of a primary
+            // that died, see `Replica::primary_lost`): it tracks too, and is resynced.
+            .filter(|p| force || !(p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate) || self.bitmaps[p.slot].weight() > 0)
             .map(|p| p.slot)
             .collect();
         if force || !absent.is_empty() {
@@ -121,7 +123,10 @@ impl Replica {
         self.stepped_down = None;
         tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current), "promoted to Primary");
         self.broadcast_state();
-        let follows = |p: &&super::Peer| p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate;
+        // A peer the promotion started tracking (see `promote_now`) is decided again too.
+        let follows = |p: &&super::Peer| {
+            p.connected && p.repl == ReplState::Established && p.disk == DiskState::UpToDate && self.sb.peers[p.slot].bitmap_uuid == 0
+        };
         let waiting: Vec<u8> = self.peers.iter().filter(|p| !follows(p)).map(|p| p.node_id).collect();
         for peer in waiting {
             self.reconsider_or_drop(peer);

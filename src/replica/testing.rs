@@ -75,5 +75,7 @@ pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::Pee
         history,
         bitmap_weight: 0,
         primaries: 0,
+        term: 0,
+        data_term: 0,
     }
 }

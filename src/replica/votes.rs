@@ -40,6 +40,11 @@ impl Replica {
         let Some(state) = peer.last_state else { return false };
         let same = |uuid: u64| same_uuid(state.current_uuid, uuid);
         if self.role == Role::Primary {
+            // A voter that took part in (or heard of) a later election may have made another
+            // primary since: it no longer counts for this one.
+            if state.term > self.sb.terms.highest {
+                return false;
+            }
             return same(self.sb.uuids.current)
                 || (self.left_generation != 0 && same(self.left_generation))
                 || peer.repl == ReplState::SyncSource;
@@ -65,10 +70,15 @@ impl Replica {
     /// history) is such evidence too, whether or not it sees that primary now: only a primary
     /// starts a generation, and one that started after this node's could only be promoted past
     /// it.
+    ///
+    /// So is a connected node that knows a later election than the one that made this primary.
     fn newer_primary_seen(&self) -> bool {
         let me = 1u32 << self.sb.node_id;
         let mine = self.sb.uuids.current;
         self.peers.iter().filter(|p| p.connected).filter_map(|p| p.last_state).any(|s| {
+            if s.term > self.sb.terms.highest {
+                return true;
+            }
             let newer = !self.knows_generation(s.current_uuid);
             newer && (s.primaries & !me != 0 || s.history.iter().any(|h| *h != 0 && same_uuid(*h, mine)))
         })

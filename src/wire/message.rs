@@ -94,6 +94,10 @@ pub struct PeerState {
     /// The nodes the sender sees as primary (itself included), one bit per node id: lets a
     /// node see a primary through a third node whose link to it still works.
     pub primaries: u32,
+    /// The highest election term the sender voted in, won or heard of.
+    pub term: u64,
+    /// The election term of the primary whose generation the sender's data carries.
+    pub data_term: u64,
 }
 
 /// One frame's worth of meaning. The doc comment of each variant says what it asks of the
@@ -150,10 +154,12 @@ pub enum Message {
     BarrierAck { epoch: u64, writes: u32 },
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
-    /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids.
+    /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids
+    /// and this election term of the data.
     ResyncDone {
         current_uuid: u64,
         history: [u64; 4],
+        data_term: u64,
     },
     /// The sender's SHA-256 of each bitmap block from byte `offset` (the last block of the
     /// device may be short); the receiver compares its own blocks and answers `DigestReply`.
@@ -174,9 +180,9 @@ pub enum Message {
     Ping,
     /// The answer to `Ping`.
     PingAck,
-    /// The sender wants to become primary: the receiver answers with `Vote` for this `ballot`
-    /// (see `replica/election.rs`).
-    VoteRequest { ballot: u64 },
+    /// The sender wants to become primary in election `term`: the receiver answers with `Vote`
+    /// for this `ballot` (see `replica/election.rs`).
+    VoteRequest { ballot: u64, term: u64 },
     /// The answer to `VoteRequest` `ballot`: whether the sender lets the candidate count its
     /// vote (and then promotes nobody else, itself included, for a while).
     Vote { ballot: u64, granted: bool },
@@ -395,6 +401,8 @@ impl Message {
                 state.history.iter().for_each(|uuid| out.put_u64(*uuid));
                 out.put_u64(state.bitmap_weight);
                 out.put_u32(state.primaries);
+                out.put_u64(state.term);
+                out.put_u64(state.data_term);
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
@@ -451,9 +459,11 @@ impl Message {
             Message::ResyncDone {
                 current_uuid,
                 history,
+                data_term,
             } => {
                 out.put_u64(*current_uuid);
                 history.iter().for_each(|uuid| out.put_u64(*uuid));
+                out.put_u64(*data_term);
             }
             Message::DigestRequest {
                 purpose,
@@ -482,7 +492,10 @@ impl Message {
                 }
             }
             Message::Ping | Message::PingAck => {}
-            Message::VoteRequest { ballot } => out.put_u64(*ballot),
+            Message::VoteRequest { ballot, term } => {
+                out.put_u64(*ballot);
+                out.put_u64(*term);
+            }
             Message::Vote { ballot, granted } => {
                 out.put_u64(*ballot);
                 out.put_u8(u8::from(*granted));
@@ -532,6 +545,8 @@ impl Message {
                 history: fields.uuids()?,
                 bitmap_weight: fields.u64()?,
                 primaries: fields.u32()?,
+                term: fields.u64()?,
+                data_term: fields.u64()?,
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
                 last: fields.bool()?,
@@ -572,6 +587,7 @@ impl Message {
             Kind::ResyncDone => Message::ResyncDone {
                 current_uuid: fields.u64()?,
                 history: fields.uuids()?,
+                data_term: fields.u64()?,
             },
             Kind::DigestRequest => Message::DigestRequest {
                 purpose: fields.purpose()?,
@@ -586,7 +602,10 @@ impl Message {
             },
             Kind::Ping => Message::Ping,
             Kind::PingAck => Message::PingAck,
-            Kind::VoteRequest => Message::VoteRequest { ballot: fields.u64()? },
+            Kind::VoteRequest => Message::VoteRequest {
+                ballot: fields.u64()?,
+                term: fields.u64()?,
+            },
             Kind::Vote => Message::Vote {
                 ballot: fields.u64()?,
                 granted: fields.bool()?,

@@ -115,10 +115,10 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<u64>(),
         any::<[u64; 4]>(),
-        (any::<u64>(), any::<u32>()),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries))| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term))| PeerState {
                 role,
                 disk,
                 flags,
@@ -127,6 +127,8 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 history,
                 bitmap_weight,
                 primaries,
+                term,
+                data_term,
             },
         )
 }
@@ -177,9 +179,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, writes)| Message::BarrierAck { epoch, writes }),
         (any::<u64>(), arb_bytes(8192))
             .prop_map(|(offset, payload)| Message::ResyncData { offset, payload }),
-        (any::<u64>(), any::<[u64; 4]>()).prop_map(|(current_uuid, history)| Message::ResyncDone {
+        (any::<u64>(), any::<[u64; 4]>(), any::<u64>()).prop_map(|(current_uuid, history, data_term)| Message::ResyncDone {
             current_uuid,
-            history
+            history,
+            data_term,
         }),
         (
             arb_purpose(),
@@ -205,7 +208,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         Just(Message::Ping),
         Just(Message::PingAck),
-        any::<u64>().prop_map(|ballot| Message::VoteRequest { ballot }),
+        any::<(u64, u64)>().prop_map(|(ballot, term)| Message::VoteRequest { ballot, term }),
         (any::<u64>(), any::<bool>()).prop_map(|(ballot, granted)| Message::Vote { ballot, granted }),
         // At most 256 chars of at most 4 bytes: within the 1024-byte limit.
         "\\PC{0,256}".prop_map(|reason| Message::Disconnect { reason }),
@@ -359,12 +362,14 @@ fn payload_sizes_are_as_documented() {
         history: [0; 4],
         bitmap_weight: 0,
         primaries: 0,
+        term: 0,
+        data_term: 0,
     };
     let cases: [(Message, usize); 21] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 66),
+        (Message::State(state), 82),
         (
             Message::BitmapRuns {
                 last: true,
@@ -406,8 +411,9 @@ fn payload_sizes_are_as_documented() {
             Message::ResyncDone {
                 current_uuid: 1,
                 history: [2; 4],
+                data_term: 3,
             },
-            40,
+            48,
         ),
         (
             Message::DigestRequest {
@@ -428,7 +434,7 @@ fn payload_sizes_are_as_documented() {
         ),
         (Message::Ping, 0),
         (Message::PingAck, 0),
-        (Message::VoteRequest { ballot: 7 }, 8),
+        (Message::VoteRequest { ballot: 7, term: 2 }, 16),
         (Message::Vote { ballot: 7, granted: true }, 9),
         (
             Message::Disconnect {
@@ -482,7 +488,7 @@ fn control_messages_are_the_small_acks() {
         },
         Message::Ping,
         Message::PingAck,
-        Message::VoteRequest { ballot: 1 },
+        Message::VoteRequest { ballot: 1, term: 1 },
         Message::Vote { ballot: 1, granted: false },
     ];
     let bulk = [
