@@ -90,10 +90,11 @@ impl Replica {
         // The target reports UpToDate under this node's generation only after it applied the
         // whole resync (ResyncDone); an UpToDate from before it started (a State already in
         // flight, which can carry the same generation when the resync is decided by a bitmap
-        // UUID at it) must not end the resync: only a State after this node's ResyncDone can.
-        let adopted = same_uuid(state.current_uuid, self.sb.uuids.current);
-        let after_done = peer.sync.walk.done_sent;
-        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted && after_done {
+        // UUID at it) must not end the resync: only a State after this node's ResyncDone can,
+        // carrying the generation that ResyncDone named (this node, a primary, may have started
+        // a newer one since: the target follows it once the resync is over here).
+        let adopted = peer.sync.walk.done_sent.is_some_and(|sent| same_uuid(state.current_uuid, sent));
+        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
             self.finish_resync_as_source(peer_id);
         }
         let result = self.reconsider(peer_id);

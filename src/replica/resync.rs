@@ -32,9 +32,9 @@ pub struct ResyncWalk {
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
-    /// `ResyncDone` went out: only a State after it can end the resync (see
-    /// `Replica::peer_state_received`).
-    pub(super) done_sent: bool,
+    /// `ResyncDone` went out, naming this generation: only a State after it can end the
+    /// resync (see `Replica::peer_state_received`).
+    pub(super) done_sent: Option<u64>,
 }
 
 /// What a resync source does next.
@@ -203,7 +203,7 @@ impl Replica {
             let uuids = self.sb.uuids;
             let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, data_term: self.sb.terms.of_data };
             self.send_bulk(peer_id, done, None);
-            walk.done_sent = true;
+            walk.done_sent = Some(uuids.current);
             ResyncStep::Finished
         } else {
             walk.draining = Some(self.close_epoch());
