@@ -452,6 +452,16 @@ impl Replica {
         // other's changes since they parted were never acknowledged, or acknowledged under
         // protocol A by a primary that had lost its quorum without knowing.
         let (my_term, their_term) = (self.sb.terms.of_data, theirs.data_term);
+        if self.quorum_policy != QuorumPolicy::Off && my_term != their_term {
+            // A primary of the earlier election steps down first (it was superseded); the link
+            // waits idle meanwhile (see the refusals in `reconsider`).
+            if my_term < their_term && me.is_primary {
+                return Ok(SyncDecision::Refused(Refusal::PrimaryWouldBeTarget));
+            }
+            if their_term < my_term && them.is_primary {
+                return Ok(SyncDecision::Refused(Refusal::PeerCannotFollow));
+            }
+        }
         let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then(|| {
             tracing::info!(resource = %self.resource, my_term, their_term, "split brain under quorum: the data of the later election is kept");
             if my_term > their_term {

@@ -108,6 +108,9 @@ pub struct Replica {
     /// Writes that arrived while this primary had no quorum (suspend-io), not yet written
     /// anywhere, in arrival order.
     held: VecDeque<QueuedWrite>,
+    /// Reads held without quorum (`offset`, `len`): the data here may be older than what a
+    /// primary promoted meanwhile acknowledged.
+    held_reads: Vec<(RequestId, u64, u32)>,
     /// Write and flush completions held while this primary has no quorum (suspend-io).
     suspended: Vec<(RequestId, BlockResult)>,
     pub flushes: Vec<PendingFlush>,
@@ -225,6 +228,7 @@ impl Replica {
             pieces: HashMap::new(),
             waiting: VecDeque::new(),
             held: VecDeque::new(),
+            held_reads: Vec::new(),
             suspended: Vec::new(),
             flushes: Vec::new(),
             next_flush_id: 0,

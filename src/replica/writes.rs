@@ -90,7 +90,7 @@ impl Replica {
     pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest, queued_bytes: impl Fn(u8) -> usize) {
         let write = |offset, kind| QueuedWrite { request, offset, kind };
         match req {
-            BlockRequest::Read { offset, len } => self.submit_read(request, offset, len),
+            BlockRequest::Read { offset, len } => self.submit_read(now, request, offset, len),
             BlockRequest::Flush => self.submit_flush(request),
             BlockRequest::Write { offset, data, fua } => {
                 // Each piece may find a queue past the fill mark, counting the pieces before it.
@@ -131,11 +131,16 @@ impl Replica {
         }
     }
 
-    fn submit_read(&mut self, request: RequestId, offset: u64, len: u32) {
+    /// A read is served only under the same quorum as a write: a primary that lost it may
+    /// have been superseded, and its data would then be older than writes acknowledged since.
+    fn submit_read(&mut self, now: Instant, request: RequestId, offset: u64, len: u32) {
         let refused = if self.role != Role::Primary { Err(BlockError::ReadOnly) } else { self.in_bounds(offset, len.into()) };
-        match refused {
+        let admission = refused.map(|()| self.admission(now));
+        match admission {
             Err(e) => self.answer(request, Err(e)),
-            Ok(()) => self.outbox.push(Action::Io { tag: IoTag::Read(request), op: LocalIo::Read { offset, len: len as usize } }),
+            Ok(Admission::Refuse) => self.answer(request, Err(BlockError::Io)),
+            Ok(Admission::Hold) => self.held_reads.push((request, offset, len)),
+            Ok(Admission::Proceed) => self.outbox.push(Action::Io { tag: IoTag::Read(request), op: LocalIo::Read { offset, len: len as usize } }),
         }
     }
 
@@ -416,7 +421,7 @@ impl Replica {
     /// Releases held completions and writes once this primary may complete writes again, or
     /// fails them when `fail` (demotion) or when another primary took over.
     pub fn release_suspended(&mut self, now: Instant, fail: bool) {
-        if self.suspended.is_empty() && self.held.is_empty() {
+        if self.suspended.is_empty() && self.held.is_empty() && self.held_reads.is_empty() {
             return;
         }
         let fail = fail || self.role != Role::Primary || self.superseded(now);
@@ -425,6 +430,13 @@ impl Replica {
         }
         let completions = std::mem::take(&mut self.suspended);
         let writes = std::mem::take(&mut self.held);
+        for (request, offset, len) in std::mem::take(&mut self.held_reads) {
+            if fail {
+                self.answer(request, Err(BlockError::Io));
+            } else {
+                self.outbox.push(Action::Io { tag: IoTag::Read(request), op: LocalIo::Read { offset, len: len as usize } });
+            }
+        }
         if fail {
             tracing::error!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
                 "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
@@ -459,7 +471,7 @@ impl Replica {
 
     /// Writes and completions held without quorum.
     pub fn held_count(&self) -> usize {
-        self.suspended.len() + self.held.len()
+        self.suspended.len() + self.held.len() + self.held_reads.len()
     }
 
     /// Whether no write is in flight or waiting to start (a demotion's final flush waits for it).
