@@ -113,12 +113,11 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
     // 2. A bitmap UUID says "I recorded every change since the peer was at this UUID": a bitmap
     //    resync suffices. Checked before the just-created rule so an interrupted initial sync
     //    resumes from its bitmap instead of starting over.
-    //    Not so for an Inconsistent node at the peer's own generation: it is in the middle of a
-    //    resync from it (its bits are what it still lacks, plus what it marked for the peer
-    //    when the link went), and the rules for the same generation finish that resync.
-    let interrupted = |side: &UuidView| side.inconsistent && same_uuid(me.current, peer.current);
-    let mine_tracks_peer = me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current) && !interrupted(me);
-    let peer_tracks_me = peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current) && !interrupted(peer);
+    //    Between nodes of the same generation the rules for it (4) decide instead: a crash as
+    //    primary, or an interrupted resync, says more there than who tracks whom.
+    let apart = !same_uuid(me.current, peer.current);
+    let mine_tracks_peer = apart && me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current);
+    let peer_tracks_me = apart && peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current);
     if mine_tracks_peer && !peer_tracks_me {
         return BitmapSource;
     }
@@ -176,6 +175,12 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
                 _ => BitmapTarget,
             },
         };
+    }
+    // An Inconsistent side is the target of a resync that was interrupted: it stays one.
+    match (me.inconsistent, peer.inconsistent) {
+        (true, false) => return BitmapTarget,
+        (false, true) => return BitmapSource,
+        _ => {}
     }
     // A leftover bitmap UUID means the end of a resync was missed: finish it.
     match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {

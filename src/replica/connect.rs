@@ -38,6 +38,12 @@ impl Replica {
         peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
         peer.was_primary |= peer.role == Role::Primary;
         peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
+        if peer.role == Role::Primary && self.vote_given.is_some_and(|v| v.candidate == peer_id) {
+            // The candidate won and says so: from here on it is a primary this node sees, and
+            // when it goes, another election may start at once.
+            self.vote_given = None;
+        }
+        let peer = self.peer_mut(peer_id);
         let saw_before = peer.last_state.map_or(0, |s| s.primaries);
         peer.last_state = Some(state);
         if peer.resync_end_unconfirmed.is_some_and(|uuid| !same_uuid(uuid, state.bitmap_uuid)) {

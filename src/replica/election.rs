@@ -43,7 +43,7 @@ pub struct Candidacy {
 /// The vote this node gave last: to whom, and when.
 #[derive(Debug, Clone, Copy)]
 pub struct VoteGiven {
-    candidate: u8,
+    pub(super) candidate: u8,
     at: Instant,
 }
 
