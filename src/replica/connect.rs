@@ -105,16 +105,17 @@ impl Replica {
         }
         let result = self.reconsider(peer_id);
         if self.primaries() != primaries_before {
-            self.primaries_changed(Some(peer_id));
+            self.standing_changed(Some(peer_id));
         }
         result
     }
 
-    /// The primaries this node sees changed (`except`: the peer whose news it was, decided by
-    /// the caller). Others see primaries through this node (a witness especially): the news
-    /// is passed on; and a decision that waited because a primary was in the way (see
-    /// [`Replica::only_primary_resyncs`]) is taken now, before the peer's bitmap can arrive.
-    pub fn primaries_changed(&mut self, except: Option<u8>) {
+    /// The primaries this node sees, or whether a third node resyncs it, changed (`except`:
+    /// the peer whose news it was, decided by the caller). Others see primaries through this
+    /// node (a witness especially) and wait while it is being resynced: the news is passed on;
+    /// and a decision that waited here (see [`Replica::only_primary_resyncs`] and
+    /// `wait_for_third_resync`) is taken now, before the peer's bitmap can arrive.
+    pub fn standing_changed(&mut self, except: Option<u8>) {
         self.broadcast_state();
         for (id, reason) in self.reconsider_all_but(except) {
             self.drop_link(id, reason);

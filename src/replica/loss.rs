@@ -10,7 +10,8 @@ use std::time::Instant;
 impl Replica {
     /// The link to `peer_id` is gone (`sent_bytes` went out on it), for `reason`.
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
-        let primaries_before = self.primaries();
+        let standing = |r: &Replica| (r.primaries(), r.sync_target_of());
+        let before = standing(self);
         let was_primary = self.peer(peer_id).role == Role::Primary;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
@@ -18,8 +19,8 @@ impl Replica {
         if was_primary {
             self.primary_lost(peer_id);
         }
-        if self.primaries() != primaries_before {
-            self.primaries_changed(None);
+        if standing(self) != before {
+            self.standing_changed(None);
         }
     }
 
