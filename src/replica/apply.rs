@@ -4,7 +4,8 @@
 //! barrier's flush waits for every write received before it (so its ack says all of them are
 //! durable here), and the end of a resync waits for the resync data before it.
 
-use super::{Action, IoTag, LocalIo, Replica};
+use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
+use crate::meta::activity_log::{extents_for, AlPrepared};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
 use crate::core::inflight::LocalFailure;
@@ -97,10 +98,12 @@ impl Replica {
     /// stream order.
     #[allow(clippy::too_many_arguments)]
     pub fn peer_write_received(&mut self, now: Instant, peer_id: u8, id: u64, offset: u64, len: u64, fua: bool, op: LocalIo) {
-        for slot in self.slots_not_following(peer_id) {
+        let absent = self.slots_not_following(peer_id);
+        for &slot in &absent {
             self.mark_out_of_sync(slot, offset, len);
         }
         self.recent.record(offset, len, now);
+        self.note_in_activity_log(offset, len, &absent);
         let peer = self.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
@@ -108,6 +111,30 @@ impl Replica {
             self.send(peer_id, Message::RecvAck { id });
         }
         self.stream_step(peer_id, offset, len, Work::Write { id, fua, op });
+    }
+
+    /// A write applied here as a secondary makes its extents hot in this node's activity log,
+    /// durably before it reaches the disk, as the primary's own writes do: the bits this node
+    /// records for peers that miss the primary's writes (and the recent writes it marks when
+    /// one goes) live in memory until a bitmap page is written, and after a crash the hot
+    /// extents stand for them (see `Replica::attach`). No reference is kept: a secondary's
+    /// extent may be evicted at any time, its bitmap pages written first. A write the log
+    /// cannot take writes the bitmaps of the peers it is recorded for instead.
+    fn note_in_activity_log(&mut self, offset: u64, len: u64, absent: &[usize]) {
+        let Some(extents) = extents_for(offset, len) else { return };
+        match self.al.prepare(extents.clone()) {
+            Ok(AlPrepared::Transaction(update)) => {
+                self.al.commit(update.clone());
+                self.persist(MetaWrite::ActivityLog(update));
+                self.al.release(extents);
+            }
+            Ok(AlPrepared::AllHot) => self.al.release(extents),
+            Err(_) => {
+                for &slot in absent {
+                    self.persist(MetaWrite::Bitmap(slot));
+                }
+            }
+        }
     }
 
     /// A block from this node's sync source (`check_frame` saw it as one).

@@ -187,9 +187,27 @@ impl Replica {
     /// resync says otherwise, and the log is emptied (its transaction queued behind the bitmap
     /// pages of the extents it evicts). PRIMARY_IND stays set until the resync, so a second
     /// crash does not forget it.
+    ///
+    /// After a crash as secondary, the hot extents hold the writes whose marks for the peers it
+    /// tracked may have been lost with its memory (see `Replica::note_in_activity_log`): they
+    /// are marked again for those peers only (for a peer in sync, this node's copy is the
+    /// suspect one, so it must not become a source by them).
     pub fn attach(a: Attached) -> Replica {
         let mut replica = Replica::attached(a);
-        if replica.crashed_primary {
+        let hot = replica.al.hot_extents();
+        if !replica.crashed_primary && !hot.is_empty() {
+            let tracked: Vec<usize> = replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(), "stopped without a clean shutdown: marking the activity log's extents for the peers this node tracks");
+            for extent in hot {
+                let (offset, len) = extent_range(extent, replica.sb.data_size);
+                for &slot in &tracked {
+                    replica.mark_out_of_sync(slot, offset, len);
+                }
+            }
+            let clean = replica.al.mark_clean().expect("nothing is in flight at attach");
+            replica.al.commit(clean.clone());
+            replica.persist(MetaWrite::ActivityLog(clean));
+        } else if replica.crashed_primary {
             let hot = replica.al.hot_extents();
             tracing::warn!(resource = %replica.resource, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();

@@ -365,6 +365,12 @@ impl Replica {
     /// then the completion is held or fails. An acknowledged write must be on the side that
     /// keeps quorum, the only side that may promote, and under a generation the lost peers lack.
     fn finish_request(&mut self, now: Instant, request: RequestId, result: BlockResult) {
+        if self.stepped_down.is_some() {
+            // Superseded: a write still in flight when this node stepped down finishes here
+            // unacknowledged, like the ones it held (the new primary may not have it).
+            self.answer(request, Err(BlockError::Io));
+            return;
+        }
         match self.admission(now) {
             Admission::Proceed => {
                 self.start_pending_generation();
