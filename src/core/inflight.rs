@@ -37,6 +37,9 @@ impl PeerSet {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+    pub fn len(self) -> u32 {
+        self.0.count_ones()
+    }
 }
 
 /// Why the local part of a write failed.

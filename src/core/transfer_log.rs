@@ -23,18 +23,39 @@ pub struct BarrierMismatch {
 }
 
 /// A range sent in `epoch`. `void`: marked out of sync again after it was sent (a newer write
-/// the peer does not get this way), so its barrier ack proves nothing about it.
+/// the peer does not get this way), so its barrier ack proves nothing about it. `write`: an
+/// application write, which holds its activity-log extents until it is settled here.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     epoch: u64,
     offset: u64,
     len: u64,
     void: bool,
+    write: bool,
+}
+
+/// A range the transfer log let go of: acknowledged durable by a barrier ack, or lost with
+/// the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub offset: u64,
+    pub len: u64,
+    /// Durable on the peer and not marked again since: its out-of-sync bits may clear.
+    pub durable: bool,
+    /// An application write: its activity-log extents are released now.
+    pub write: bool,
 }
 
 impl TransferLog {
+    /// An application write sent in `epoch`.
+    pub fn record_write(&mut self, epoch: u64, offset: u64, len: u64) {
+        self.entries.push_back(Entry { epoch, offset, len, void: false, write: true });
+        self.open_epoch_writes += 1;
+    }
+
+    /// Resync data sent in `epoch` (it counts as a write of the epoch on the peer).
     pub fn record(&mut self, epoch: u64, offset: u64, len: u64) {
-        self.entries.push_back(Entry { epoch, offset, len, void: false });
+        self.entries.push_back(Entry { epoch, offset, len, void: false, write: false });
         self.open_epoch_writes += 1;
     }
 
@@ -42,7 +63,7 @@ impl TransferLog {
     /// durable there once a barrier after it is acked, like a write, but is no write of the
     /// epoch (the peer counts none for it).
     pub fn record_held(&mut self, epoch: u64, offset: u64, len: u64) {
-        self.entries.push_back(Entry { epoch, offset, len, void: false });
+        self.entries.push_back(Entry { epoch, offset, len, void: false, write: false });
     }
 
     /// `[offset, offset + len)` was marked out of sync for the peer after some of what is in
@@ -73,26 +94,23 @@ impl TransferLog {
         std::mem::take(&mut self.open_epoch_writes)
     }
 
-    /// The peer flushed everything up to and including `epoch`; returns the ranges now known durable
-    /// there.
-    pub fn barrier_acked(&mut self, epoch: u64) -> Vec<(u64, u64)> {
-        let mut durable = Vec::new();
-        while let Some(&entry) = self.entries.front() {
-            if entry.epoch > epoch {
+    /// The peer flushed everything up to and including `epoch`: the ranges of those epochs.
+    pub fn barrier_acked(&mut self, epoch: u64) -> Vec<Settled> {
+        let mut settled = Vec::new();
+        while let Some(&e) = self.entries.front() {
+            if e.epoch > epoch {
                 break;
             }
-            if !entry.void {
-                durable.push((entry.offset, entry.len));
-            }
+            settled.push(Settled { offset: e.offset, len: e.len, durable: !e.void, write: e.write });
             self.entries.pop_front();
         }
-        durable
+        settled
     }
 
-    /// The connection is gone: every range the peer might lack.
-    pub fn drain_lost(&mut self) -> Vec<(u64, u64)> {
+    /// The connection is gone: every range the peer might lack (none durable).
+    pub fn drain_lost(&mut self) -> Vec<Settled> {
         self.open_epoch_writes = 0;
-        self.entries.drain(..).map(|e| (e.offset, e.len)).collect()
+        self.entries.drain(..).map(|e| Settled { offset: e.offset, len: e.len, durable: false, write: e.write }).collect()
     }
 }
 
@@ -100,16 +118,23 @@ impl TransferLog {
 mod tests {
     use super::*;
 
+    /// The ranges, and which of them are durable.
+    fn ranges(settled: &[Settled]) -> Vec<(u64, u64, bool)> {
+        settled.iter().map(|s| (s.offset, s.len, s.durable)).collect()
+    }
+
     #[test]
     fn barrier_ack_releases_only_its_epochs() {
         let mut log = TransferLog::default();
-        log.record(1, 0, 4096);
+        log.record_write(1, 0, 4096);
         log.record(1, 4096, 4096);
         assert_eq!(log.close_epoch(), 2);
-        log.record(2, 8192, 4096);
-        assert_eq!(log.barrier_acked(1), vec![(0, 4096), (4096, 4096)]);
+        log.record_write(2, 8192, 4096);
+        let acked = log.barrier_acked(1);
+        assert_eq!(ranges(&acked), vec![(0, 4096, true), (4096, 4096, true)]);
+        assert_eq!(acked.iter().map(|s| s.write).collect::<Vec<_>>(), vec![true, false], "only the write holds extents");
         assert_eq!(log.len(), 1);
-        assert_eq!(log.drain_lost(), vec![(8192, 4096)]);
+        assert_eq!(ranges(&log.drain_lost()), vec![(8192, 4096, false)]);
         assert!(log.is_empty());
     }
 
@@ -119,10 +144,10 @@ mod tests {
         log.record(1, 0, 8192);
         log.record(1, 1 << 20, 4096);
         log.void_overlapping(4096, 512);
-        assert_eq!(log.barrier_acked(1), vec![(1 << 20, 4096)]);
+        assert_eq!(ranges(&log.barrier_acked(1)), vec![(0, 8192, false), (1 << 20, 4096, true)]);
         log.record(2, 0, 4096);
         log.void_overlapping(0, 4096);
-        assert_eq!(log.drain_lost(), vec![(0, 4096)], "a lost link still re-marks it");
+        assert_eq!(ranges(&log.drain_lost()), vec![(0, 4096, false)], "a lost link still re-marks it");
     }
 
     #[test]
@@ -132,7 +157,7 @@ mod tests {
         log.record_held(3, 1 << 20, 1 << 18);
         assert_eq!(log.close_epoch(), 1, "the peer counts only the write");
         log.record_held(4, 8192, 4096);
-        assert_eq!(log.barrier_acked(3), vec![(0, 4096), (1 << 20, 1 << 18)]);
-        assert_eq!(log.drain_lost(), vec![(8192, 4096)], "a lost link re-marks what was not acked");
+        assert_eq!(ranges(&log.barrier_acked(3)), vec![(0, 4096, true), (1 << 20, 1 << 18, true)]);
+        assert_eq!(ranges(&log.drain_lost()), vec![(8192, 4096, false)], "a lost link re-marks what was not acked");
     }
 }

@@ -297,6 +297,20 @@ impl ActivityLog {
         }
     }
 
+    /// One more reference on extents `prepare` made hot (a write that also waits for a peer's
+    /// barrier ack holds them until then).
+    ///
+    /// # Panics
+    /// If an extent of the range is not hot.
+    pub fn retain(&mut self, extents: RangeInclusive<u64>) {
+        for e in extents {
+            match self.hot.get_mut(&e) {
+                Some(h) => h.refs += 1,
+                None => panic!("activity-log retain of extent {e} that is not hot"),
+            }
+        }
+    }
+
     /// Drops the references `prepare` took, once the I/O completed locally and on every peer.
     ///
     /// # Panics

@@ -23,7 +23,7 @@
 
 use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
-use crate::core::states::Role;
+use crate::core::states::{DiskState, Role};
 use crate::wire::Message;
 use std::time::Instant;
 
@@ -135,14 +135,18 @@ impl Replica {
         let busy_elsewhere = self.vote_given_to(now).is_some_and(|id| id != candidate);
         let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
         let stale_term = term <= self.sb.terms.highest;
-        let granted = self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere && !stale_term;
+        // A node being resynced holds part of newer data than its generation says: it cannot
+        // tell whether the candidate has that data, so it vouches for nobody.
+        let being_resynced = self.disk == DiskState::Inconsistent || self.sync_target_of().is_some();
+        let granted =
+            self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere && !stale_term && !being_resynced;
         if granted {
             self.vote_given = Some(VoteGiven { candidate, at: now });
             self.sb.terms.highest = term;
             self.persist(MetaWrite::Superblock);
         } else {
             tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, term, known = self.sb.terms.highest,
-                busy_elsewhere, candidate_myself, primaries = self.primaries(), "vote refused");
+                busy_elsewhere, candidate_myself, being_resynced, primaries = self.primaries(), "vote refused");
         }
         self.send(candidate, Message::Vote { ballot, granted });
     }

@@ -29,11 +29,18 @@ impl Replica {
     pub(super) fn stops_following(&mut self, now: Instant, peer_id: u8, last_generation: Option<u64>) {
         let peer = self.peer_mut(peer_id);
         let slot = peer.slot;
-        let mut lacking = peer.tl.drain_lost();
-        lacking.extend(self.inflight.pending_for(peer_id));
-        for (offset, len) in lacking {
+        let lost = peer.tl.drain_lost();
+        for s in &lost {
+            self.mark_out_of_sync(slot, s.offset, s.len);
+        }
+        for (offset, len) in self.inflight.pending_for(peer_id) {
             self.mark_out_of_sync(slot, offset, len);
         }
+        // Marked (in memory): an eviction of their extents writes these bits first.
+        for s in lost.into_iter().filter(|s| s.write) {
+            self.release_extents(s.offset, s.len);
+        }
+        self.start_waiting();
         self.mark_recent_for(peer_id, last_generation);
         // A witness holds no data, so losing it starts no new generation. For a data peer the
         // new generation starts before the next write completes, which needs quorum (see

@@ -56,15 +56,24 @@ pub enum ResyncChunk {
 }
 
 impl Replica {
+    /// Whether `peer` receives this node's stream, so epochs close towards it: every peer a
+    /// primary replicates to (never another primary), and for a secondary only the nodes it
+    /// resyncs and those its writes as a primary still await a barrier on (a demotion's last
+    /// flush). A secondary in sync takes barriers only from its primary (see `check_frame`).
+    pub(super) fn receives_stream(&self, peer: &super::Peer) -> bool {
+        peer.is_replicating()
+            && peer.role != Role::Primary
+            && (self.role == Role::Primary || peer.repl == ReplState::SyncSource || !peer.tl.is_empty())
+    }
+
     /// Closes the open epoch on every peer that receives this node's stream, with a barrier.
-    /// Returns the closed epoch. Never to a primary: a secondary that resyncs a third node
-    /// sends the primary nothing to close (and a primary takes no barrier, see
-    /// `Replica::check_frame`).
+    /// Returns the closed epoch.
     pub fn close_epoch(&mut self) -> u64 {
         let epoch = self.epoch;
         self.epoch += 1;
+        let receiving: Vec<u8> = self.peers.iter().filter(|p| self.receives_stream(p)).map(|p| p.node_id).collect();
         let mut closed = Vec::new();
-        for peer in self.peers.iter_mut().filter(|p| p.is_replicating() && p.role != Role::Primary) {
+        for peer in self.peers.iter_mut().filter(|p| receiving.contains(&p.node_id)) {
             let writes = peer.tl.close_epoch();
             peer.barriers.push_back((epoch, writes));
             closed.push(peer.node_id);
@@ -96,6 +105,7 @@ impl Replica {
         peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
         if decision.is_target() {
             peer.repl = ReplState::SyncTarget;
+            self.record_resync_for_others(peer_id);
             self.disk = DiskState::Inconsistent;
             self.sb.flags.remove(MetaFlags::CONSISTENT);
             self.persist(MetaWrite::Superblock);
@@ -121,6 +131,29 @@ impl Replica {
             self.outbox.push(Action::StartResync { peer: peer_id, generation });
         }
         Ok(())
+    }
+
+    /// This node is about to be rewritten from `source` where the resync's bitmap says. For a
+    /// peer it tracks (a bitmap UUID: the peer lacks what this node holds since then), what
+    /// arrives is news too, so those blocks are recorded for it, durably: a bitmap resync from
+    /// here must bring them (missing them left a third node without blocks this node held).
+    /// A peer it does not track needs nothing: the generation this node adopts at the end is
+    /// newer than the peer's, and their next decision sees it.
+    fn record_resync_for_others(&mut self, source: u8) {
+        let block = u64::from(self.bitmaps[self.peer(source).slot].block_size());
+        let runs: Vec<(u64, u64)> = self.bitmaps[self.peer(source).slot].runs().collect();
+        let tracked: Vec<usize> = self
+            .peers
+            .iter()
+            .filter(|p| p.node_id != source && !p.witness && self.sb.peers[p.slot].bitmap_uuid != 0)
+            .map(|p| p.slot)
+            .collect();
+        for slot in tracked {
+            for &(start, blocks) in &runs {
+                self.mark_out_of_sync(slot, start * block, blocks * block);
+            }
+            self.persist(MetaWrite::Bitmap(slot));
+        }
     }
 
     /// The source ended the resync into this node (or, for two fresh nodes, declared them in
@@ -276,7 +309,7 @@ mod tests {
         assert_eq!(r.resync_next(1, false), ResyncStep::Wait, "no new pass before the ack");
         // The ack: the target holds both ranges durably (the engine clears their bits then).
         r.peer_mut(1).barriers.pop_front();
-        for (offset, len) in r.peer_mut(1).tl.barrier_acked(epoch) {
+        for crate::core::transfer_log::Settled { offset, len, .. } in r.peer_mut(1).tl.barrier_acked(epoch) {
             r.bitmaps[0].clear_range(offset, len);
         }
         assert_eq!(r.resync_next(1, false), ResyncStep::Finished);

@@ -266,6 +266,11 @@ mod tests {
         r.io_done(t0, crate::replica::IoTag::Write(id), Ok(None));
         r.peer_reached(t0, id, 1, crate::core::inflight::AckLevel::Written);
         assert!(r.writes_idle());
+        // The driver's last flush: its barrier still goes to the peer, whose ack frees the
+        // write's extent there.
+        r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
+        let epoch = r.peer(1).barriers.back().expect("a barrier to the peer").0;
+        r.barrier_acked(t0, 1, epoch);
         r.take_actions();
         r.finish_demotion();
         let actions = r.take_actions();

@@ -216,6 +216,11 @@ impl Replica {
                     self.start_write(write, prepared);
                 }
                 Err(AlError::Busy) => {
+                    // Every extent is held, some by writes whose epoch no barrier closed yet:
+                    // close it, so their acks free extents (nothing else might).
+                    if self.peers.iter().any(|p| p.is_replicating() && p.tl.open_epoch_writes() > 0) {
+                        self.close_epoch();
+                    }
                     blocked.push(range);
                     i += 1;
                 }
@@ -264,8 +269,16 @@ impl Replica {
         let sent_write = (level == AckLevel::Sent).then_some(id);
         let mut close_epoch = false;
         let mut sent_to = Vec::new();
+        // Each peer's copy holds the extents too, until its barrier ack says it is durable
+        // there (or the link goes and the bitmap has it): an extent evicted earlier could take
+        // the only durable trace of a write the peer may still lose with a crash here.
+        if let Some(extents) = extents_for(offset, len) {
+            for _ in 0..targets.len() {
+                self.al.retain(extents.clone());
+            }
+        }
         for peer in self.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
-            peer.tl.record(epoch, offset, len);
+            peer.tl.record_write(epoch, offset, len);
             close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES;
             sent_to.push(peer.node_id);
         }
@@ -286,8 +299,8 @@ impl Replica {
     /// them) and on every replicating peer (a barrier after everything sent so far, acked after
     /// the peer's flush).
     fn submit_flush(&mut self, request: RequestId) {
+        let peers_pending = self.peers.iter().filter(|p| self.receives_stream(p)).map(|p| p.node_id).collect();
         let epoch = self.close_epoch();
-        let peers_pending = self.peers.iter().filter(|p| p.is_replicating()).map(|p| p.node_id).collect();
         self.next_flush_id += 1;
         let id = self.next_flush_id;
         self.flushes.push(PendingFlush { id, request, epoch, local_pending: true, local_failed: false, peers_pending });
@@ -331,6 +344,14 @@ impl Replica {
         }
         if let Some(finished) = self.inflight.peer_reached(id, peer, level) {
             self.write_finished(now, finished);
+        }
+    }
+
+    /// A peer's copy of a write is settled (durable there, or in the bitmap): one reference on
+    /// its extents goes (the caller then lets the writes waiting for a free extent start).
+    pub(super) fn release_extents(&mut self, offset: u64, len: u64) {
+        if let Some(extents) = extents_for(offset, len) {
+            self.al.release(extents);
         }
     }
 
@@ -504,11 +525,17 @@ impl Replica {
         self.peer_progressed(peer_id, now);
         let peer = self.peer_mut(peer_id);
         peer.barriers.pop_front();
-        let durable = peer.tl.barrier_acked(epoch);
+        let settled = peer.tl.barrier_acked(epoch);
         let slot = peer.slot;
-        for (offset, len) in durable {
-            self.bitmaps[slot].clear_range(offset, len);
+        for s in settled {
+            if s.durable {
+                self.bitmaps[slot].clear_range(s.offset, s.len);
+            }
+            if s.write {
+                self.release_extents(s.offset, s.len);
+            }
         }
+        self.start_waiting();
         for flush in self.flushes.iter_mut().filter(|f| f.epoch <= epoch) {
             flush.peers_pending.retain(|id| *id != peer_id);
         }

@@ -85,8 +85,11 @@ pub struct Scenario {
     tenure: Vec<u64>,
     /// Down nodes, restarted by a RESTART timer.
     down: Vec<u8>,
-    /// Primaries stepping down: they finish once their writes are done.
-    demoting: Vec<u8>,
+    /// Primaries stepping down: once their writes are done, a last flush (its request id once
+    /// sent), then the end of the demotion, as the daemon does.
+    demoting: Vec<(u8, Option<u64>)>,
+    /// The demotion flushes answered.
+    flushed: Vec<u64>,
     /// Nodes waiting for the votes that would promote them.
     campaigns: Vec<u8>,
     faults_on: bool,
@@ -109,6 +112,7 @@ impl Scenario {
             tenure: vec![0; 3],
             down: Vec::new(),
             demoting: Vec::new(),
+            flushed: Vec::new(),
             campaigns: Vec::new(),
             faults_on: true,
         }
@@ -227,23 +231,28 @@ impl Scenario {
         let now = self.world.instant();
         for id in self.world.primaries() {
             let replica = self.world.replica_mut(id).expect("up");
-            if !self.demoting.contains(&id) && replica.step_down(now).is_some() {
+            if !self.demoting.iter().any(|(d, _)| *d == id) && replica.step_down(now).is_some() {
                 replica.begin_demotion(now);
                 self.world.carry_out(id);
-                self.demoting.push(id);
+                self.demoting.push((id, None));
             }
         }
-        let world = &mut self.world;
-        self.demoting.retain(|&id| match world.replica_mut(id) {
-            None => false,
-            Some(r) if r.writes_idle() => {
-                r.finish_demotion();
-                r.reconsider_all_or_drop();
-                world.carry_out(id);
-                false
+        for (id, flush) in std::mem::take(&mut self.demoting) {
+            let Some(r) = self.world.replica_mut(id) else { continue };
+            match flush {
+                None if r.writes_idle() => {
+                    self.next_request += 1;
+                    self.world.submit(id, self.next_request, BlockRequest::Flush);
+                    self.demoting.push((id, Some(self.next_request)));
+                }
+                Some(request) if self.flushed.contains(&request) => {
+                    r.finish_demotion();
+                    r.reconsider_all_or_drop();
+                    self.world.carry_out(id);
+                }
+                _ => self.demoting.push((id, flush)),
             }
-            Some(_) => true,
-        });
+        }
         // As a cluster manager on the majority's side would: a primary cut off from it does not
         // count (the replica refuses a promotion that would make two primaries).
         // Sometimes every node's own promoter runs at once (the built-in promoter, or managers
@@ -320,7 +329,11 @@ impl Scenario {
     /// read on the primary never returns a version below the floor at its submission.
     fn take_answers(&mut self) -> Result<(), String> {
         for (node, request, result) in std::mem::take(&mut self.world.answers) {
-            let Some((sent_to, pending)) = self.pending.remove(&request) else { continue };
+            let Some((sent_to, pending)) = self.pending.remove(&request) else {
+                // A demotion's flush: its outcome does not matter, only that it is over.
+                self.flushed.push(request);
+                continue;
+            };
             if self.world.tracing {
                 let what = match &pending {
                     Pending::Write { block, version, fua } => format!("write block {block} v{version} fua {fua}"),
@@ -394,7 +407,7 @@ impl Scenario {
                 self.stats.power_losses += 1;
                 self.world.log(id, || "power loss".into());
                 self.pending.retain(|_, (node, _)| *node != id);
-                self.demoting.retain(|d| *d != id);
+                self.demoting.retain(|(d, _)| *d != id);
                 self.down.push(id);
                 let w = &mut self.world;
                 let restart = w.now + w.rng.range(300 * MS, 3 * SEC);

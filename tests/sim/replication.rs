@@ -297,8 +297,8 @@ impl Node {
         }
         let durable = link.tl.barrier_acked(epoch);
         if let Some(slot) = self.peer(peer).slot {
-            for (offset, len) in durable {
-                self.meta().bitmaps[slot].clear_range(offset, len);
+            for settled in durable.into_iter().filter(|s| s.durable) {
+                self.meta().bitmaps[slot].clear_range(settled.offset, settled.len);
             }
         }
         Ok(())

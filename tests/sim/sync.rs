@@ -98,7 +98,7 @@ impl Node {
             cx.send(self.id, peer, link.conn, Msg::Close);
         }
         if let Some(slot) = self.peer(peer).slot {
-            let mut lacking = link.tl.drain_lost();
+            let mut lacking: Vec<(u64, u64)> = link.tl.drain_lost().into_iter().map(|s| (s.offset, s.len)).collect();
             lacking.extend(self.inflight.pending_for(peer));
             let primary = self.role == Role::Primary;
             let fresh = fresh_uuid(cx);
