@@ -17,7 +17,8 @@
 //!  88 resource name: length u8, 63 bytes
 //! 152 peer slots: 31 x (node id u8, has crc u8, zero u16, bitmap crc u32, bitmap uuid u64)
 //! 648 highest election term u64  656 term of the data's generation u64
-//! 664 zero to the end
+//! 664 last barrier epoch of that term's primary held durably u64
+//! 672 zero to the end
 //! ```
 
 use super::layout::{MetaParams, MAX_PEERS};
@@ -169,6 +170,10 @@ pub struct Terms {
     /// The term of the election that made the primary whose generation this node's data
     /// carries: of two diverged copies, the one of the later election is kept.
     pub of_data: u64,
+    /// How far into that primary's stream this node's data is durable: the last barrier epoch
+    /// it acknowledged (a secondary). Of two copies of the same term, the one further in holds
+    /// every flushed write the other holds.
+    pub epoch_of_data: u64,
 }
 
 impl Superblock {
@@ -248,6 +253,7 @@ impl Superblock {
         }
         le::put_u64(&mut b, TERMS_OFFSET, self.terms.highest);
         le::put_u64(&mut b, TERMS_OFFSET + 8, self.terms.of_data);
+        le::put_u64(&mut b, TERMS_OFFSET + 16, self.terms.epoch_of_data);
         let crc = block_crc(&b, CRC_OFFSET);
         le::put_u32(&mut b, CRC_OFFSET, crc);
         Ok(b)
@@ -357,7 +363,11 @@ fn decode(b: &Block) -> Result<Superblock, String> {
         },
         peers,
         uuids: GenerationUuids { current: le::u64_at(b, 48), history },
-        terms: Terms { highest: le::u64_at(b, TERMS_OFFSET), of_data: le::u64_at(b, TERMS_OFFSET + 8) },
+        terms: Terms {
+            highest: le::u64_at(b, TERMS_OFFSET),
+            of_data: le::u64_at(b, TERMS_OFFSET + 8),
+            epoch_of_data: le::u64_at(b, TERMS_OFFSET + 16),
+        },
         flags: MetaFlags::from_bits_retain(le::u32_at(b, 24)),
     };
     superblock.validate().map_err(|e| e.to_string())?;
@@ -424,7 +434,7 @@ mod tests {
                 PeerSlot { node_id: 0, bitmap_uuid: 0, bitmap_crc: None, departed: false },
             ],
             uuids: GenerationUuids { current: 0x1234_5679, history: [5, 6, 0, 0] },
-            terms: Terms { highest: 7, of_data: 6 },
+            terms: Terms { highest: 7, of_data: 6, epoch_of_data: 5 },
             flags: MetaFlags::CONSISTENT | MetaFlags::PRIMARY_IND,
         }
     }
@@ -509,7 +519,7 @@ mod tests {
             al_extents in 7..=6433u32,
             peer_ids in prop::collection::btree_set(0..=MAX_NODE_ID, 0..=31),
             uuids in any::<(u64, [u64; 4])>(),
-            terms in any::<(u64, u64)>(),
+            terms in any::<(u64, u64, u64)>(),
             flags in any::<u32>(),
             crcs in prop::collection::vec(any::<(u64, Option<u32>, bool)>(), 31),
         ) -> Superblock {
@@ -530,7 +540,7 @@ mod tests {
                 params: MetaParams { max_peers, bitmap_block_size: 1 << shift, al_extents },
                 peers,
                 uuids: GenerationUuids { current: uuids.0, history: uuids.1 },
-                terms: Terms { highest: terms.0, of_data: terms.1 },
+                terms: Terms { highest: terms.0, of_data: terms.1, epoch_of_data: terms.2 },
                 flags: MetaFlags::from_bits_retain(flags),
             }
         }

@@ -5,6 +5,7 @@
 //! durable here), and the end of a resync waits for the resync data before it.
 
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
+use crate::core::states::Role;
 use crate::meta::activity_log::{extents_for, AlPrepared};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
@@ -59,7 +60,7 @@ enum Mark {
     /// primary checks them against its own count).
     Barrier { epoch: u64, writes: u32, flushing: bool },
     /// The sync source's end of a resync.
-    ResyncDone { current: u64, history: [u64; 4], data_term: u64 },
+    ResyncDone { current: u64, history: [u64; 4], position: (u64, u64) },
 }
 
 /// The steps and marks of one peer's stream that are not done yet.
@@ -163,9 +164,9 @@ impl Replica {
     }
 
     /// The sync source ended the resync: taken once the resync data before it is written.
-    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4], data_term: u64) {
+    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: (u64, u64)) {
         let applying = &mut self.peer_mut(peer_id).applying;
-        applying.marks.push_back((applying.received, Mark::ResyncDone { current, history, data_term }));
+        applying.marks.push_back((applying.received, Mark::ResyncDone { current, history, position }));
         self.advance_marks(peer_id);
     }
 
@@ -268,10 +269,10 @@ impl Replica {
                     self.outbox.push(Action::Io { tag, op: LocalIo::Flush });
                     return;
                 }
-                Mark::ResyncDone { current, history, data_term } => {
-                    let (current, history, data_term) = (*current, *history, *data_term);
+                Mark::ResyncDone { current, history, position } => {
+                    let (current, history, position) = (*current, *history, *position);
                     applying.marks.pop_front();
-                    self.resync_done_received(peer_id, current, history, data_term);
+                    self.resync_done_received(peer_id, current, history, position);
                 }
             }
         }
@@ -288,6 +289,12 @@ impl Replica {
         debug_assert_eq!(flushed, epoch);
         match result {
             Ok(()) => {
+                if self.peer(peer_id).role == Role::Primary {
+                    // Its primary's stream is durable here up to this epoch, and says so only
+                    // once that is durable too (see `Terms::epoch_of_data`).
+                    self.sb.terms.epoch_of_data = epoch;
+                    self.persist(MetaWrite::Superblock);
+                }
                 self.send(peer_id, Message::BarrierAck { epoch, writes });
                 self.advance_marks(peer_id);
             }
@@ -400,7 +407,7 @@ mod tests {
         r.peer_write_received(t0, 1, 9, 0, 4096, false, LocalIo::Write { offset: 0, data: block.clone(), fua: false });
         r.resync_data_received(1, 0, block.clone());
         r.resync_data_received(1, 4096, block);
-        r.resync_done_in_stream(1, 0x1234, [0; 4], 0);
+        r.resync_done_in_stream(1, 0x1234, [0; 4], (0, 0));
         let actions = r.take_actions();
         assert_eq!(io_tags(&actions), vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
         r.io_done(t0, step(1), Ok(None));

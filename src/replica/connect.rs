@@ -89,6 +89,7 @@ impl Replica {
                 // Promoted without a new generation (every peer in sync): the data is that
                 // election's now.
                 self.sb.terms.of_data = state.data_term;
+                self.sb.terms.epoch_of_data = 0;
                 self.persist(MetaWrite::Superblock);
             }
         }
@@ -149,7 +150,10 @@ impl Replica {
         let mut generation = self.generation();
         generation.follow(current, &absent);
         self.set_generation(generation);
-        self.sb.terms.of_data = data_term;
+        if data_term != self.sb.terms.of_data {
+            self.sb.terms.of_data = data_term;
+            self.sb.terms.epoch_of_data = 0;
+        }
         self.persist(MetaWrite::Superblock);
         tracing::info!(resource = %self.resource, uuid = format_args!("{current:016X}"), "following the primary's new generation");
         self.broadcast_state();

@@ -67,6 +67,7 @@ impl Replica {
         if self.quorum_policy == QuorumPolicy::Off {
             self.sb.terms.highest += 1;
             self.sb.terms.of_data = self.sb.terms.highest;
+            self.sb.terms.epoch_of_data = 0;
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let candidacy = match self.candidacy.filter(|c| c.force == force && self.candidacy_open(c, now)) {
@@ -91,6 +92,7 @@ impl Replica {
             self.candidacy = None;
             self.sb.terms.highest = self.sb.terms.highest.max(candidacy.term);
             self.sb.terms.of_data = candidacy.term;
+            self.sb.terms.epoch_of_data = 0;
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let all_answered = candidacy.answered == candidacy.asked;
@@ -114,8 +116,9 @@ impl Replica {
         let asked: Vec<u8> = self.peers.iter().filter(|p| p.connected && p.last_state.is_some()).map(|p| p.node_id).collect();
         let mask = asked.iter().fold(0u32, |m, id| m | 1 << id);
         self.candidacy = Some(Candidacy { ballot, term, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
+        let (data_term, data_epoch) = self.data_position();
         for peer in asked {
-            self.send(peer, Message::VoteRequest { ballot, term });
+            self.send(peer, Message::VoteRequest { ballot, term, data_term, data_epoch });
         }
     }
 
@@ -128,25 +131,33 @@ impl Replica {
         }
     }
 
-    /// `candidate` asks for this node's vote in election `term`: given unless this node is
-    /// primary, sees one, waits for votes itself, gave its vote to another node less than a
-    /// ping timeout ago, or knows a term as high. A vote given is durable before it is sent.
-    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64, term: u64) {
+    /// `candidate` asks for this node's vote in election `term`, its data at `position` (term,
+    /// epoch: see `Replica::data_position`): given unless this node is primary, sees one, waits
+    /// for votes itself, gave its vote to another node less than a ping timeout ago, knows a
+    /// term as high, or holds data further on (it could hold flushed writes the candidate
+    /// lacks). A vote given is durable before it is sent.
+    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64, term: u64, position: (u64, u64)) {
         let busy_elsewhere = self.vote_given_to(now).is_some_and(|id| id != candidate);
         let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
         let stale_term = term <= self.sb.terms.highest;
         // A node being resynced holds part of newer data than its generation says: it cannot
         // tell whether the candidate has that data, so it vouches for nobody.
         let being_resynced = self.disk == DiskState::Inconsistent || self.sync_target_of().is_some();
-        let granted =
-            self.role != Role::Primary && self.primaries() == 0 && !candidate_myself && !busy_elsewhere && !stale_term && !being_resynced;
+        let further = !self.witness && self.data_position() > position;
+        let granted = self.role != Role::Primary
+            && self.primaries() == 0
+            && !candidate_myself
+            && !busy_elsewhere
+            && !stale_term
+            && !being_resynced
+            && !further;
         if granted {
             self.vote_given = Some(VoteGiven { candidate, at: now });
             self.sb.terms.highest = term;
             self.persist(MetaWrite::Superblock);
         } else {
             tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, term, known = self.sb.terms.highest,
-                busy_elsewhere, candidate_myself, being_resynced, primaries = self.primaries(), "vote refused");
+                busy_elsewhere, candidate_myself, being_resynced, further, primaries = self.primaries(), "vote refused");
         }
         self.send(candidate, Message::Vote { ballot, granted });
     }
@@ -224,7 +235,7 @@ mod tests {
     #[test]
     fn a_voter_gives_one_vote_at_a_time_and_not_while_a_candidate_itself() {
         let (mut r, t0) = candidate();
-        r.vote_requested(t0, 1, 5, 1);
+        r.vote_requested(t0, 1, 5, 1, (0, 0));
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 5, granted: true }, .. })));
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VotedFor { .. })), "it voted for node 1");
         let later = t0 + r.timing.ping_timeout + Duration::from_millis(1);
@@ -233,7 +244,7 @@ mod tests {
         r.peer_mut(1).lease.answered();
         assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "the vote given has lapsed");
         r.take_actions();
-        r.vote_requested(later, 1, 6, 9);
+        r.vote_requested(later, 1, 6, 9, (0, 0));
         assert!(
             r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 6, granted: false }, .. })),
             "a candidate votes for nobody else"

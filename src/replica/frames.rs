@@ -186,7 +186,7 @@ mod tests {
     fn a_sync_source_sends_resync_data_and_ends_the_resync_nobody_else_does() {
         let mut r = linked_to_primary();
         let resync_data = Message::ResyncData { offset: 0, payload: Bytes::from(vec![0u8; 4096]) };
-        let done = Message::ResyncDone { current_uuid: 5, history: [0; 4], data_term: 0 };
+        let done = Message::ResyncDone { current_uuid: 5, history: [0; 4], data_term: 0, data_epoch: 0 };
         assert!(r.check_frame(1, 1, &resync_data).is_err());
         assert_eq!(r.check_frame(1, 1, &done), Ok(()), "two fresh nodes declared in sync (new-current-uuid --clear-bitmap)");
         r.sb.uuids.current = 0xABC0;

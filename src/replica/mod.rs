@@ -471,6 +471,7 @@ impl Replica {
             primaries: self.primaries(),
             term: self.sb.terms.highest,
             data_term: self.sb.terms.of_data,
+            data_epoch: self.data_position().1,
         }
     }
 
@@ -489,6 +490,15 @@ impl Replica {
             flags |= STATE_FLAG_FOLLOWING;
         }
         flags
+    }
+
+    /// How far this node's data goes: the election term of its primary, and the barrier epoch
+    /// of that primary's stream it holds durably (a primary: its own stream's open epoch, past
+    /// every barrier it sent). Compared as a pair: further data holds every flushed write of
+    /// the nearer (see `replica/election.rs`).
+    pub fn data_position(&self) -> (u64, u64) {
+        let epoch = if self.role == Role::Primary { self.epoch } else { self.sb.terms.epoch_of_data };
+        (self.sb.terms.of_data, epoch)
     }
 
     /// Whether this node is a secondary, UpToDate, in sync with every primary it sees, and

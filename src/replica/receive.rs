@@ -38,8 +38,8 @@ impl Replica {
             Message::Barrier { epoch } => self.peer_barrier_received(peer_id, epoch),
             Message::BarrierAck { epoch, .. } => self.barrier_acked(now, peer_id, epoch),
             Message::ResyncData { offset, payload } => self.resync_data_received(peer_id, offset, payload),
-            Message::ResyncDone { current_uuid, history, data_term } => {
-                self.resync_done_in_stream(peer_id, current_uuid, history, data_term)
+            Message::ResyncDone { current_uuid, history, data_term, data_epoch } => {
+                self.resync_done_in_stream(peer_id, current_uuid, history, (data_term, data_epoch))
             }
             Message::DigestRequest { purpose, offset, digests } => self.digest_request_received(peer_id, purpose, offset, digests),
             Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
@@ -59,7 +59,9 @@ impl Replica {
                 self.peer_mut(peer_id).lease.answered();
                 self.release_suspended(now, false);
             }
-            Message::VoteRequest { ballot, term } => self.vote_requested(now, peer_id, ballot, term),
+            Message::VoteRequest { ballot, term, data_term, data_epoch } => {
+                self.vote_requested(now, peer_id, ballot, term, (data_term, data_epoch))
+            }
             Message::Vote { ballot, granted } => self.vote_received(peer_id, ballot, granted),
             Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),
             Message::RecvAck { .. } | Message::WriteAck { .. } => unreachable!("answered above"),

@@ -159,13 +159,14 @@ impl Replica {
     /// The source ended the resync into this node (or, for two fresh nodes, declared them in
     /// sync): its data, then its generation, made durable here, and this node UpToDate. The
     /// other peers' decisions waited for this (see `Replica::reconsider`).
-    pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], data_term: u64) {
+    pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], (data_term, data_epoch): (u64, u64)) {
         self.persist(MetaWrite::DataFlush);
         let slot = self.peer(peer_id).slot;
         let mut generation = self.generation();
         generation.resync_finished_as_target(slot, current, history);
         self.set_generation(generation);
         self.sb.terms.of_data = data_term;
+        self.sb.terms.epoch_of_data = data_epoch;
         self.sb.terms.highest = self.sb.terms.highest.max(data_term);
         self.bitmaps[slot].clear_all();
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
@@ -234,7 +235,8 @@ impl Replica {
         } else if walk.cursor == 0 {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
             let uuids = self.sb.uuids;
-            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, data_term: self.sb.terms.of_data };
+            let (data_term, data_epoch) = self.data_position();
+            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, data_term, data_epoch };
             self.send_bulk(peer_id, done, None);
             walk.done_sent = Some(uuids.current);
             ResyncStep::Finished
@@ -357,7 +359,7 @@ mod ends {
         assert_eq!((r.disk, r.peer(1).repl), (DiskState::Inconsistent, ReplState::SyncTarget));
         let started = r.take_actions();
         assert!(matches!(started[0], Action::Persist(MetaWrite::Superblock)), "{started:?}");
-        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0], 0);
+        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0], (0, 0));
         assert_eq!((r.disk, r.sb.uuids.current), (DiskState::UpToDate, 0xC0));
         let order: Vec<String> = r.take_actions().iter().map(|a| match a {
             Action::Persist(what) => format!("{what:?}"),

@@ -77,5 +77,6 @@ pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::Pee
         primaries: 0,
         term: 0,
         data_term: 0,
+        data_epoch: 0,
     }
 }

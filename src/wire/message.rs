@@ -98,6 +98,8 @@ pub struct PeerState {
     pub term: u64,
     /// The election term of the primary whose generation the sender's data carries.
     pub data_term: u64,
+    /// How far into that primary's stream the sender's data is durable (a barrier epoch).
+    pub data_epoch: u64,
 }
 
 /// One frame's worth of meaning. The doc comment of each variant says what it asks of the
@@ -155,11 +157,12 @@ pub enum Message {
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids
-    /// and this election term of the data.
+    /// and this position of the data (election term, and barrier epoch in that term's stream).
     ResyncDone {
         current_uuid: u64,
         history: [u64; 4],
         data_term: u64,
+        data_epoch: u64,
     },
     /// The sender's SHA-256 of each bitmap block from byte `offset` (the last block of the
     /// device may be short); the receiver compares its own blocks and answers `DigestReply`.
@@ -180,9 +183,10 @@ pub enum Message {
     Ping,
     /// The answer to `Ping`.
     PingAck,
-    /// The sender wants to become primary in election `term`: the receiver answers with `Vote`
-    /// for this `ballot` (see `replica/election.rs`).
-    VoteRequest { ballot: u64, term: u64 },
+    /// The sender wants to become primary in election `term`, its data at `data_term` and
+    /// `data_epoch`: the receiver answers with `Vote` for this `ballot` (see
+    /// `replica/election.rs`).
+    VoteRequest { ballot: u64, term: u64, data_term: u64, data_epoch: u64 },
     /// The answer to `VoteRequest` `ballot`: whether the sender lets the candidate count its
     /// vote (and then promotes nobody else, itself included, for a while).
     Vote { ballot: u64, granted: bool },
@@ -403,6 +407,7 @@ impl Message {
                 out.put_u32(state.primaries);
                 out.put_u64(state.term);
                 out.put_u64(state.data_term);
+                out.put_u64(state.data_epoch);
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
@@ -460,10 +465,12 @@ impl Message {
                 current_uuid,
                 history,
                 data_term,
+                data_epoch,
             } => {
                 out.put_u64(*current_uuid);
                 history.iter().for_each(|uuid| out.put_u64(*uuid));
                 out.put_u64(*data_term);
+                out.put_u64(*data_epoch);
             }
             Message::DigestRequest {
                 purpose,
@@ -492,9 +499,11 @@ impl Message {
                 }
             }
             Message::Ping | Message::PingAck => {}
-            Message::VoteRequest { ballot, term } => {
+            Message::VoteRequest { ballot, term, data_term, data_epoch } => {
                 out.put_u64(*ballot);
                 out.put_u64(*term);
+                out.put_u64(*data_term);
+                out.put_u64(*data_epoch);
             }
             Message::Vote { ballot, granted } => {
                 out.put_u64(*ballot);
@@ -547,6 +556,7 @@ impl Message {
                 primaries: fields.u32()?,
                 term: fields.u64()?,
                 data_term: fields.u64()?,
+                data_epoch: fields.u64()?,
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
                 last: fields.bool()?,
@@ -588,6 +598,7 @@ impl Message {
                 current_uuid: fields.u64()?,
                 history: fields.uuids()?,
                 data_term: fields.u64()?,
+                data_epoch: fields.u64()?,
             },
             Kind::DigestRequest => Message::DigestRequest {
                 purpose: fields.purpose()?,
@@ -605,6 +616,8 @@ impl Message {
             Kind::VoteRequest => Message::VoteRequest {
                 ballot: fields.u64()?,
                 term: fields.u64()?,
+                data_term: fields.u64()?,
+                data_epoch: fields.u64()?,
             },
             Kind::Vote => Message::Vote {
                 ballot: fields.u64()?,

@@ -115,10 +115,10 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<u64>(),
         any::<[u64; 4]>(),
-        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term))| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term, data_epoch))| PeerState {
                 role,
                 disk,
                 flags,
@@ -129,6 +129,7 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 primaries,
                 term,
                 data_term,
+                data_epoch,
             },
         )
 }
@@ -179,10 +180,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, writes)| Message::BarrierAck { epoch, writes }),
         (any::<u64>(), arb_bytes(8192))
             .prop_map(|(offset, payload)| Message::ResyncData { offset, payload }),
-        (any::<u64>(), any::<[u64; 4]>(), any::<u64>()).prop_map(|(current_uuid, history, data_term)| Message::ResyncDone {
-            current_uuid,
-            history,
-            data_term,
+        (any::<u64>(), any::<[u64; 4]>(), any::<(u64, u64)>()).prop_map(|(current_uuid, history, (data_term, data_epoch))| {
+            Message::ResyncDone { current_uuid, history, data_term, data_epoch }
         }),
         (
             arb_purpose(),
@@ -208,7 +207,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         Just(Message::Ping),
         Just(Message::PingAck),
-        any::<(u64, u64)>().prop_map(|(ballot, term)| Message::VoteRequest { ballot, term }),
+        any::<(u64, u64, u64, u64)>()
+            .prop_map(|(ballot, term, data_term, data_epoch)| Message::VoteRequest { ballot, term, data_term, data_epoch }),
         (any::<u64>(), any::<bool>()).prop_map(|(ballot, granted)| Message::Vote { ballot, granted }),
         // At most 256 chars of at most 4 bytes: within the 1024-byte limit.
         "\\PC{0,256}".prop_map(|reason| Message::Disconnect { reason }),
@@ -364,12 +364,13 @@ fn payload_sizes_are_as_documented() {
         primaries: 0,
         term: 0,
         data_term: 0,
+        data_epoch: 0,
     };
     let cases: [(Message, usize); 21] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 82),
+        (Message::State(state), 90),
         (
             Message::BitmapRuns {
                 last: true,
@@ -412,8 +413,9 @@ fn payload_sizes_are_as_documented() {
                 current_uuid: 1,
                 history: [2; 4],
                 data_term: 3,
+                data_epoch: 4,
             },
-            48,
+            56,
         ),
         (
             Message::DigestRequest {
@@ -434,7 +436,7 @@ fn payload_sizes_are_as_documented() {
         ),
         (Message::Ping, 0),
         (Message::PingAck, 0),
-        (Message::VoteRequest { ballot: 7, term: 2 }, 16),
+        (Message::VoteRequest { ballot: 7, term: 2, data_term: 1, data_epoch: 9 }, 32),
         (Message::Vote { ballot: 7, granted: true }, 9),
         (
             Message::Disconnect {
@@ -488,7 +490,7 @@ fn control_messages_are_the_small_acks() {
         },
         Message::Ping,
         Message::PingAck,
-        Message::VoteRequest { ballot: 1, term: 1 },
+        Message::VoteRequest { ballot: 1, term: 1, data_term: 0, data_epoch: 0 },
         Message::Vote { ballot: 1, granted: false },
     ];
     let bulk = [
