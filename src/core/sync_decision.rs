@@ -20,6 +20,9 @@ pub struct UuidView {
     pub is_primary: bool,
     /// Disk is Inconsistent: it can only ever be a target.
     pub inconsistent: bool,
+    /// The election term of the primary whose generation the data carries (0 without
+    /// elections): of two copies of one generation, the later election's is the newer.
+    pub data_term: u64,
 }
 
 impl UuidView {
@@ -159,6 +162,11 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
 
 fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     use SyncDecision::*;
+    // A primary of a later election adopted this generation (promoted with every peer in
+    // sync) and wrote on: its copy is the newer one, whoever crashed before.
+    if me.data_term != peer.data_term && !me.inconsistent && !peer.inconsistent {
+        return if me.data_term > peer.data_term { BitmapSource } else { BitmapTarget };
+    }
     // A crash as primary leaves writes in the activity log's extents that may not have reached
     // the peer (or reached only the peer). Those extents are already in the crashed side's
     // bitmap; they flow from the side that is primary now, else from the side that crashed.
@@ -234,6 +242,7 @@ mod tests {
             crashed_primary: false,
             is_primary: false,
             inconsistent: false,
+            data_term: 0,
         }
     }
 
@@ -247,6 +256,14 @@ mod tests {
             assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
         }
         d
+    }
+
+    #[test]
+    fn of_one_generation_the_later_election_s_copy_wins_over_a_crashed_primary() {
+        let crashed = UuidView { crashed_primary: true, data_term: 3, ..view(0, 0x51) };
+        let later = UuidView { data_term: 4, ..view(1, 0x51) };
+        assert_eq!(decide(&later, &crashed), BitmapSource);
+        assert_eq!(decide(&crashed, &later), BitmapTarget);
     }
 
     #[test]
@@ -398,8 +415,8 @@ mod tests {
     }
 
     fn arb_view(node_id: u8) -> impl Strategy<Value = UuidView> {
-        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>())
-            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent)| UuidView {
+        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>(), 0..3u64)
+            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent, data_term)| UuidView {
                 node_id,
                 current: current.max(UUID_JUST_CREATED),
                 bitmap_for_peer,
@@ -407,6 +424,7 @@ mod tests {
                 crashed_primary,
                 is_primary,
                 inconsistent,
+                data_term,
             })
     }
 

@@ -27,6 +27,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
         crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
         is_primary: Role::from_wire(state.role) == Some(Role::Primary),
         inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
+        data_term: state.data_term,
     }
 }
 

@@ -368,14 +368,16 @@ impl Replica {
     }
 
     /// Bitmap slots of the data peers that do not receive `sender`'s writes as far as this node
-    /// can tell (not connected here, or not reporting `sender` as a primary they see): a
-    /// secondary records the writes it applies for them, so it can resync them itself if the
-    /// primary dies. Over-reporting only costs resync.
+    /// can tell (not connected here, not reporting `sender` as a primary they see, or not in
+    /// sync with it: being resynced, say, when the primary sends them nothing): a secondary
+    /// records the writes it applies for them, so it can resync them itself if the primary
+    /// dies. Over-reporting only costs resync.
     pub fn slots_not_following(&self, sender: u8) -> Vec<usize> {
+        let follows = |s: &PeerState| s.primaries & (1 << sender) != 0 && s.flags & STATE_FLAG_FOLLOWING != 0;
         self.peers
             .iter()
             .filter(|p| p.node_id != sender && !p.witness)
-            .filter(|p| !p.connected || p.last_state.is_none_or(|s| s.primaries & (1 << sender) == 0))
+            .filter(|p| !p.connected || p.last_state.is_none_or(|s| !follows(&s)))
             .map(|p| p.slot)
             .collect()
     }
@@ -453,6 +455,7 @@ impl Replica {
             crashed_primary: self.crash_unrepaired_with(peer),
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
+            data_term: self.sb.terms.of_data,
         }
     }
 

@@ -168,6 +168,7 @@ impl Node {
             bitmap_for_peer: meta.sb.peers[slot].bitmap_uuid,
             history: meta.sb.uuids.history,
             crashed_primary: self.crashed_primary,
+            data_term: 0,
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
         }
@@ -196,6 +197,7 @@ impl Node {
             crashed_primary: theirs.crashed_primary,
             is_primary: theirs.role == Role::Primary,
             inconsistent: theirs.disk == DiskState::Inconsistent,
+            data_term: 0,
         };
         let decision = decide(&mine, &their_view);
         cx.stats.unrelated += u64::from(decision == SyncDecision::Unrelated);
