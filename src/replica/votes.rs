@@ -32,7 +32,7 @@ impl Replica {
 
     /// Whether `peer`'s vote counts for this node, judged by the generation it holds (a
     /// witness: the newest primary generation it has seen). A primary needs voters that know its
-    /// current generation (or receive its writes as resync targets); a candidate needs voters
+    /// current generation (and are not being resynced by it); a candidate needs voters
     /// that know no generation newer than its own. Otherwise a secondary left behind could form
     /// a majority with a witness once the primary is gone, and promote without the writes
     /// acknowledged meanwhile.
@@ -45,9 +45,10 @@ impl Replica {
             if state.term > self.sb.terms.highest {
                 return false;
             }
-            return same(self.sb.uuids.current)
-                || (self.left_generation != 0 && same(self.left_generation))
-                || peer.repl == ReplState::SyncSource;
+            // A node this primary is resyncing does not count: it lacks writes acknowledged
+            // before it came back, and once done it could vote for a node that lacks them too
+            // (the simulator found an acknowledged FUA write lost that way).
+            return peer.repl != ReplState::SyncSource && (same(self.sb.uuids.current) || (self.left_generation != 0 && same(self.left_generation)));
         }
         let knows_nothing = peer.witness && same(UUID_JUST_CREATED);
         knows_nothing || self.knows_generation(state.current_uuid)
