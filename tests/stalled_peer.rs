@@ -87,8 +87,13 @@ fn a_peer_whose_disk_hangs_is_dropped_and_resynced_once_it_answers() {
     alpha.promote(true).unwrap();
     wait_for("initial sync", &alpha, in_sync);
 
-    beta_disk.hang_writes();
     let offset = 1 << 20;
+    // The extent is hot in beta's activity log first: its disk then hangs under the data
+    // writes only, and beta keeps answering pings (a metadata write on the hung disk would
+    // stop its link as a dead one, the other way a peer goes).
+    let warm = BlockRequest::Write { offset, data: Bytes::from(vec![0x11; 4096]), fua: false };
+    assert_eq!(submit(&alpha, warm, Duration::from_secs(60)), Ok(None));
+    beta_disk.hang_writes();
     let write = BlockRequest::Write { offset, data: Bytes::from(vec![0x5A; 4096]), fua: false };
     assert_eq!(submit(&alpha, write, Duration::from_secs(60)), Ok(None), "the write completes without the hung peer");
     let peer = &alpha.status().peers[0];

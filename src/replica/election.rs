@@ -23,7 +23,7 @@
 
 use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
-use crate::core::states::{DiskState, Role};
+use crate::core::states::Role;
 use crate::wire::Message;
 use std::time::Instant;
 
@@ -141,8 +141,8 @@ impl Replica {
         let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
         let stale_term = term <= self.sb.terms.highest;
         // A node being resynced holds part of newer data than its generation says: it cannot
-        // tell whether the candidate has that data, so it vouches for nobody.
-        let being_resynced = self.disk == DiskState::Inconsistent || self.sync_target_of().is_some();
+        // tell whether the candidate has that data, so it vouches for nobody meanwhile.
+        let being_resynced = self.sync_target_of().is_some();
         let further = !self.witness && self.data_position() > position;
         let granted = self.role != Role::Primary
             && self.primaries() == 0
