@@ -195,33 +195,31 @@ impl Replica {
     pub fn attach(a: Attached) -> Replica {
         let mut replica = Replica::attached(a);
         let hot = replica.al.hot_extents();
-        if !replica.crashed_primary && !hot.is_empty() {
-            let tracked: Vec<usize> = replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
-            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(), "stopped without a clean shutdown: marking the activity log's extents for the peers this node tracks");
-            for extent in hot {
-                let (offset, len) = extent_range(extent, replica.sb.data_size);
-                for &slot in &tracked {
-                    replica.mark_out_of_sync(slot, offset, len);
-                }
-            }
-            let clean = replica.al.mark_clean().expect("nothing is in flight at attach");
-            replica.al.commit(clean.clone());
-            replica.persist(MetaWrite::ActivityLog(clean));
-        } else if replica.crashed_primary {
-            let hot = replica.al.hot_extents();
+        if replica.crashed_primary {
             tracing::warn!(resource = %replica.resource, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
-            for extent in hot {
-                let (offset, len) = extent_range(extent, replica.sb.data_size);
-                for &slot in &slots {
-                    replica.mark_out_of_sync(slot, offset, len);
-                }
-            }
-            let clean = replica.al.mark_clean().expect("nothing is in flight at attach");
-            replica.al.commit(clean.clone());
-            replica.persist(MetaWrite::ActivityLog(clean));
+            replica.mark_extents_and_empty_log(&hot, &slots);
+        } else if !hot.is_empty() {
+            let tracked: Vec<usize> =
+                replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(), "activity log not empty at attach: marking its extents for the peers this node tracks");
+            replica.mark_extents_and_empty_log(&hot, &tracked);
         }
         replica
+    }
+
+    /// Marks `extents` out of sync in the bitmaps of `slots`, then empties the activity log (its
+    /// transaction queued behind the bitmap pages of the extents it evicts).
+    fn mark_extents_and_empty_log(&mut self, extents: &[u64], slots: &[usize]) {
+        for &extent in extents {
+            let (offset, len) = extent_range(extent, self.sb.data_size);
+            for &slot in slots {
+                self.mark_out_of_sync(slot, offset, len);
+            }
+        }
+        let clean = self.al.mark_clean().expect("nothing is in flight at attach");
+        self.al.commit(clean.clone());
+        self.persist(MetaWrite::ActivityLog(clean));
     }
 
     fn attached(a: Attached) -> Replica {
