@@ -70,7 +70,9 @@ impl Replica {
             self.sb.terms.epoch_of_data = 0;
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
-        let candidacy = match self.candidacy.filter(|c| c.force == force && self.candidacy_open(c, now)) {
+        // A candidacy left from an earlier request (its driver gave up on it) is not this one.
+        let current = |c: &Candidacy| c.force == force && now.saturating_duration_since(c.asked_at) < 2 * self.timing.lease();
+        let candidacy = match self.candidacy.filter(current) {
             Some(candidacy) => candidacy,
             None => {
                 self.ask_for_votes(now, force);
@@ -96,9 +98,12 @@ impl Replica {
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let all_answered = candidacy.answered == candidacy.asked;
-        let expired = now.saturating_duration_since(candidacy.asked_at) >= self.timing.lease();
-        if all_answered || expired {
+        if all_answered || !self.candidacy_open(&candidacy, now) {
             self.candidacy = None;
+            if let Some(other) = count.other_primary {
+                let name = self.peers.iter().find(|p| p.node_id == other).map_or_else(|| format!("node {other}"), |p| p.name.clone());
+                return Err(PromoteRefusal::OtherPrimary { name });
+            }
             return Err(PromoteRefusal::NoQuorum { votes: count.votes, voters: count.voters, needed: count.needed });
         }
         Ok(PromoteStep::Waiting)
@@ -219,8 +224,16 @@ mod tests {
     fn a_cut_link_gives_no_vote_and_the_candidacy_ends_within_a_lease() {
         let (mut r, t0) = candidate();
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        // The peer still answers pings (its lease holds) but never the request.
         let later = t0 + r.timing.lease();
-        assert!(matches!(r.promote(later, false), Err(PromoteRefusal::NoQuorum { votes: 1, .. })));
+        let timing = r.timing;
+        assert!(r.peer_mut(1).lease.ping_due(later, &timing));
+        r.peer_mut(1).lease.answered();
+        assert!(
+            matches!(r.promote(later, false), Err(PromoteRefusal::NoQuorum { votes: 1, .. })),
+            "refused once the lease is over, not asked again and again"
+        );
+        assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "a new request asks again");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use super::{Action, Replica};
 use crate::core::inflight::LocalFailure;
-use crate::core::states::Role;
+use crate::core::states::{ReplState, Role};
 use std::time::Instant;
 
 impl Replica {
@@ -15,7 +15,11 @@ impl Replica {
         let was_primary = self.peer(peer_id).role == Role::Primary;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
-        self.stops_following(now, peer_id, last_generation);
+        // A node this one was still resyncing has not taken its generation (a resync's end
+        // does that, see `finish_resync_as_source`) and is tracked from an older one already.
+        let tracked = self.sb.peers[self.peer(peer_id).slot].bitmap_uuid != 0;
+        let held_mine = !(was == ReplState::SyncSource && tracked);
+        self.stops_following(now, peer_id, last_generation, held_mine);
         if was_primary {
             self.primary_lost(peer_id);
         }
@@ -25,8 +29,12 @@ impl Replica {
     }
 
     /// The peer no longer receives this node's writes. `last_generation`: the generation it
-    /// last reported while in sync (see `Replica::mark_recent_for`).
-    pub(super) fn stops_following(&mut self, now: Instant, peer_id: u8, last_generation: Option<u64>) {
+    /// last reported while in sync (see `Replica::mark_recent_for`). `held_mine`: it may hold
+    /// this node's current generation, so a primary owes a new one (a peer still behind, being
+    /// resynced, is told apart by its older generation already: a new one for it would only
+    /// use up history, and a link that flapped during a resync used up all four entries within
+    /// seconds, after which two nodes could no longer tell they shared a past).
+    pub(super) fn stops_following(&mut self, now: Instant, peer_id: u8, last_generation: Option<u64>, held_mine: bool) {
         let peer = self.peer_mut(peer_id);
         let slot = peer.slot;
         let lost = peer.tl.drain_lost();
@@ -45,7 +53,7 @@ impl Replica {
         // A witness holds no data, so losing it starts no new generation. For a data peer the
         // new generation starts before the next write completes, which needs quorum (see
         // `Replica::generation_pending`).
-        if self.role == Role::Primary && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
+        if self.role == Role::Primary && held_mine && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
             self.generation_pending.push(slot);
         }
         let failed = self.disk == crate::core::states::DiskState::Failed;

@@ -571,7 +571,7 @@ impl Replica {
             let name = peer.name.clone();
             tracing::warn!(resource = %self.resource, peer = %name, was = %was, queued_bytes = queued,
                 "send queue passed congestion_fill_kib: Ahead of {name}; its writes are recorded in the bitmap until it catches up");
-            self.stops_following(now, peer_id, None);
+            self.stops_following(now, peer_id, None, true);
             self.broadcast_state();
         }
     }
