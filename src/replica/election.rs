@@ -92,6 +92,7 @@ impl Replica {
         let count = evaluate(self.quorum_policy, self.node_id(), &views);
         if count.has_quorum && count.other_primary.is_none() {
             self.candidacy = None;
+            self.elected = Some((candidacy.asked_at, candidacy.granted));
             self.sb.terms.highest = self.sb.terms.highest.max(candidacy.term);
             self.sb.terms.of_data = candidacy.term;
             self.sb.terms.epoch_of_data = 0;

@@ -144,6 +144,9 @@ pub struct Replica {
     pub candidacy: Option<election::Candidacy>,
     /// The vote this node gave last (see `replica/election.rs`).
     pub vote_given: Option<election::VoteGiven>,
+    /// When this node, elected primary, asked for the votes it won, and who gave them: they
+    /// count like ping answers for a lease from the request (see `Replica::quorum`).
+    pub elected: Option<(Instant, u32)>,
     /// This primary learned it was superseded and stays primary, disconnected
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
@@ -262,6 +265,7 @@ impl Replica {
             stepped_down: None,
             candidacy: None,
             vote_given: None,
+            elected: None,
             superseded_latched: false,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),

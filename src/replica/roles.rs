@@ -111,10 +111,6 @@ impl Replica {
         self.sb.flags.remove(MetaFlags::AL_CLEAN);
         self.persist(MetaWrite::Superblock);
         self.role = Role::Primary;
-        // The peers hear of it now, not once the export runs: a starting ublk device reads its
-        // partition table, reads need quorum, and a witness counts for this primary only once
-        // it has taken the new generation from this State.
-        self.broadcast_state();
         undo
     }
 
@@ -142,12 +138,13 @@ impl Replica {
     /// stays Failed.
     pub fn promotion_failed(&mut self, undo: Promotion) {
         self.role = Role::Secondary;
-        if self.disk != DiskState::Failed {
-            self.disk = undo.disk_before;
-            self.sb = undo.sb_before;
-            self.persist(MetaWrite::Superblock);
+        self.elected = None;
+        if self.disk == DiskState::Failed {
+            return;
         }
-        self.broadcast_state();
+        self.disk = undo.disk_before;
+        self.sb = undo.sb_before;
+        self.persist(MetaWrite::Superblock);
     }
 
     /// The first half of becoming Secondary: what is held fails, the new generation owed to

@@ -17,12 +17,20 @@ impl Replica {
     /// [`Replica::quorum`], choosing whether leases count (they always do, but a promotion waits
     /// for the first ping of a peer that connected a moment ago: see `Engine::promote`).
     pub fn quorum_with_leases(&self, now: Instant, leases: bool) -> QuorumState {
+        // A vote won in this node's election is an answer to a request sent less than a lease
+        // ago, like a ping's: it counts until then, even before the voter has taken the new
+        // generation (a witness takes it from the State this primary sends once its export
+        // runs, and a starting ublk device reads its partition table before that).
+        let elected = |p: &Peer| {
+            self.role == Role::Primary
+                && self.elected.is_some_and(|(asked, granted)| granted & (1 << p.node_id) != 0 && now.saturating_duration_since(asked) < self.timing.lease())
+        };
         let views: Vec<VoterView> = self
             .peers
             .iter()
             .map(|p| VoterView {
                 node_id: p.node_id,
-                reachable: p.connected && (!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p),
+                reachable: p.connected && (elected(p) || ((!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p))),
                 departed: self.departed(p),
                 sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
             })
