@@ -263,7 +263,10 @@ impl Replica {
         // third node (the peer says so in its State), nothing but "in sync" is decided between
         // them; that resync's end brings a new State and a new decision. Deciding now would
         // pit two sources against one target, or refuse an Inconsistent node for good.
-        let busy = self.sync_target_of().filter(|id| *id != peer_id).is_some() || peer_state.flags & STATE_FLAG_SYNC_TARGET != 0;
+        // The peer's flag does not say by whom: when this node decides to be its source, the
+        // flag is about this very resync (the peer decided first).
+        let peer_busy = peer_state.flags & STATE_FLAG_SYNC_TARGET != 0 && !decided.is_source();
+        let busy = self.sync_target_of().filter(|id| *id != peer_id).is_some() || peer_busy;
         if busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
@@ -364,9 +367,9 @@ impl Replica {
         let peer = self.peer(peer_id);
         let name = peer.name.clone();
         match peer.repl {
-            ReplState::Established if self.role == Role::Primary => {
-                Err(format!("{name} is being resynced by another node: it takes no writes from this primary until that ends"))
-            }
+            // Should a third node have started a resync into it before this promotion, that
+            // peer took this link idle and drops it on this primary's next write.
+            ReplState::Established if self.role == Role::Primary => Ok(()),
             ReplState::Established => {
                 tracing::info!(resource = %self.resource, peer = %name, "a resync with a third node is under way: idle with {name} until it ends");
                 self.peer_mut(peer_id).repl = ReplState::Off;
