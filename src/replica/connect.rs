@@ -270,6 +270,13 @@ impl Replica {
         if busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
+        if self.declared_with & (1 << peer_id) != 0 {
+            if same_uuid(peer_state.current_uuid, crate::core::sync_decision::UUID_JUST_CREATED) {
+                tracing::debug!(resource = %self.resource, peer = %name, "declared in sync with it: waiting for its declaration");
+                return Ok(());
+            }
+            self.declared_with &= !(1 << peer_id);
+        }
         let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
             // At connect only: blocks an online verify marked are resynced by reconnecting.

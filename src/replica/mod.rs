@@ -147,6 +147,10 @@ pub struct Replica {
     /// When this node, elected primary, asked for the votes it won, and who gave them: they
     /// count like ping answers for a lease from the request (see `Replica::quorum`).
     pub elected: Option<(Instant, u32)>,
+    /// The peers connected when another node declared this one in sync with them (see
+    /// `Replica::resync_done_received`): while one of them still reports a fresh disk, no
+    /// decision is taken with it; it leaves the set when its link goes or its State moves on.
+    pub declared_with: u32,
     /// This primary learned it was superseded and stays primary, disconnected
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
@@ -266,6 +270,7 @@ impl Replica {
             candidacy: None,
             vote_given: None,
             elected: None,
+            declared_with: 0,
             superseded_latched: false,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),
@@ -572,6 +577,7 @@ impl Replica {
     /// through it is forgotten. Returns the replication state it had and, if it was in sync,
     /// the generation it last reported.
     pub fn link_down(&mut self, peer_id: u8, reason: &str, sent_bytes: u64) -> (ReplState, Option<u64>) {
+        self.declared_with &= !(1 << peer_id);
         let peer = self.peer_mut(peer_id);
         peer.connected = false;
         peer.lease.end();

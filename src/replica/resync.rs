@@ -160,6 +160,12 @@ impl Replica {
     /// sync): its data, then its generation, made durable here, and this node UpToDate. The
     /// other peers' decisions waited for this (see `Replica::reconsider`).
     pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], (data_term, data_epoch): (u64, u64)) {
+        if self.peer(peer_id).repl != ReplState::SyncTarget {
+            // Declared in sync (`new-current-uuid --clear-bitmap`): the declaring node declared
+            // every fresh node it was connected to, so the fresh peers here are about to take
+            // the same generation; a full sync into them would copy the disk for nothing.
+            self.declared_with = self.peers.iter().filter(|p| p.connected && p.node_id != peer_id).fold(0, |m, p| m | 1 << p.node_id);
+        }
         self.persist(MetaWrite::DataFlush);
         let slot = self.peer(peer_id).slot;
         let mut generation = self.generation();
