@@ -92,7 +92,24 @@ impl SyncDecision {
 /// Decides from `me`'s side. `decide(a, b) == decide(b, a).mirrored()` for every input.
 pub fn decide(me: &UuidView, peer: &UuidView) -> SyncDecision {
     let by_uuids = decide_by_uuids(me, peer);
-    check_states(finish_interrupted_resync(by_uuids, me, peer), me, peer)
+    check_states(finish_interrupted_resync(inconsistent_side_loses(by_uuids, me, peer), me, peer), me, peer)
+}
+
+/// Diverged histories where one side is Inconsistent (a resync into it was cut off): no split
+/// brain, since nothing on that side is usable data; the other side's copy flows in full.
+/// (Nothing acknowledged depends on a node being resynced: it counts for no primary's quorum
+/// and gives no vote.)
+fn inconsistent_side_loses(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
+    match decision {
+        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual if me.inconsistent != peer.inconsistent => {
+            if me.inconsistent {
+                SyncDecision::FullTarget
+            } else {
+                SyncDecision::FullSource
+            }
+        }
+        d => d,
+    }
 }
 
 fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
@@ -264,6 +281,14 @@ mod tests {
         let later = UuidView { data_term: 4, ..view(1, 0x51) };
         assert_eq!(decide(&later, &crashed), BitmapSource);
         assert_eq!(decide(&crashed, &later), BitmapTarget);
+    }
+
+    #[test]
+    fn diverged_histories_with_an_inconsistent_side_are_a_full_sync_into_it() {
+        let target = UuidView { inconsistent: true, history: [0x30, 0, 0, 0], ..view(0, 0x40) };
+        let other = UuidView { history: [0x30, 0, 0, 0], ..view(1, 0x50) };
+        assert_eq!(decide(&target, &other), FullTarget);
+        assert_eq!(decide(&other, &target), FullSource);
     }
 
     #[test]
