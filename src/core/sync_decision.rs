@@ -23,6 +23,9 @@ pub struct UuidView {
     /// The election term of the primary whose generation the data carries (0 without
     /// elections): of two copies of one generation, the later election's is the newer.
     pub data_term: u64,
+    /// The node stopped without a clean shutdown as a secondary and has not been resynced
+    /// from this peer since: its activity log's extents (in its bitmap) may lack writes.
+    pub cache_lost: bool,
 }
 
 impl UuidView {
@@ -207,6 +210,12 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
         (false, true) => return BitmapSource,
         _ => {}
     }
+    // A side that lost its disk's cache is resynced where its bitmap says.
+    match (me.cache_lost, peer.cache_lost) {
+        (true, false) => return BitmapTarget,
+        (false, true) => return BitmapSource,
+        _ => {}
+    }
     // A leftover bitmap UUID means the end of a resync was missed: finish it.
     match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {
         (true, false) => BitmapSource,
@@ -260,6 +269,7 @@ mod tests {
             is_primary: false,
             inconsistent: false,
             data_term: 0,
+            cache_lost: false,
         }
     }
 
@@ -450,6 +460,7 @@ mod tests {
                 is_primary,
                 inconsistent,
                 data_term,
+                cache_lost: false,
             })
     }
 

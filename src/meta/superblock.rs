@@ -58,8 +58,12 @@ impl MetaFlags {
     /// Outdated (an in-sync connection does not make it UpToDate) until a resync or a forced
     /// promotion settles which copy is right.
     pub const VERIFY_DIFFERS: MetaFlags = MetaFlags(1 << 6);
+    /// This node stopped without a clean shutdown as a secondary: writes in its activity log's
+    /// extents may have been lost with its disk's cache, so it is resynced there from every
+    /// data peer before the flag clears.
+    pub const CACHE_LOST: MetaFlags = MetaFlags(1 << 7);
 
-    const NAMES: [(MetaFlags, &'static str); 7] = [
+    const NAMES: [(MetaFlags, &'static str); 8] = [
         (MetaFlags::CONSISTENT, "CONSISTENT"),
         (MetaFlags::WAS_UP_TO_DATE, "WAS_UP_TO_DATE"),
         (MetaFlags::PRIMARY_IND, "PRIMARY_IND"),
@@ -67,6 +71,7 @@ impl MetaFlags {
         (MetaFlags::FULL_SYNC_PENDING, "FULL_SYNC_PENDING"),
         (MetaFlags::PEER_OUTDATED, "PEER_OUTDATED"),
         (MetaFlags::VERIFY_DIFFERS, "VERIFY_DIFFERS"),
+        (MetaFlags::CACHE_LOST, "CACHE_LOST"),
     ];
 
     pub const fn empty() -> MetaFlags {

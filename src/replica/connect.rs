@@ -3,8 +3,8 @@
 //! its primary's new generation, and where a resync ends on the source's side.
 
 use super::{
-    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA, STATE_FLAG_FOLLOWING,
-    STATE_FLAG_LEAVING, STATE_FLAG_SYNC_TARGET,
+    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA,
+    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_SYNC_TARGET,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
@@ -28,6 +28,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
         is_primary: Role::from_wire(state.role) == Some(Role::Primary),
         inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
         data_term: state.data_term,
+        cache_lost: state.flags & STATE_FLAG_CACHE_LOST != 0,
     }
 }
 

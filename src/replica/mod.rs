@@ -69,6 +69,9 @@ pub const STATE_FLAG_SYNC_TARGET: u32 = 16;
 /// The sender is a secondary, UpToDate and in sync with every primary it sees (at least one):
 /// it holds that primary's data or receives it in order (see `Replica::only_primary_resyncs`).
 pub const STATE_FLAG_FOLLOWING: u32 = 32;
+/// The sender may have lost writes in its activity log's extents with its disk's cache (see
+/// `MetaFlags::CACHE_LOST`): it is the target of a resync of them.
+pub const STATE_FLAG_CACHE_LOST: u32 = 64;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -151,6 +154,9 @@ pub struct Replica {
     /// `Replica::resync_done_received`): while one of them still reports a fresh disk, no
     /// decision is taken with it; it leaves the set when its link goes or its State moves on.
     pub declared_with: u32,
+    /// Data peers not yet resynced into this node since it lost its disk's cache (see
+    /// `MetaFlags::CACHE_LOST`).
+    pub cache_repair_pending: Vec<u8>,
     /// This primary learned it was superseded and stays primary, disconnected
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
@@ -207,10 +213,17 @@ impl Replica {
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
             replica.mark_extents_and_empty_log(&hot, &slots);
         } else if !hot.is_empty() {
-            let tracked: Vec<usize> =
-                replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
-            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(), "activity log not empty at attach: marking its extents for the peers this node tracks");
-            replica.mark_extents_and_empty_log(&hot, &tracked);
+            // Writes in these extents may have been lost with the disk's cache: this node is
+            // resynced there from every data peer (and remembers it, so a second crash before
+            // that does not turn its stale copy into a source).
+            let data: Vec<usize> = replica.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), "stopped without a clean shutdown: this node's activity-log extents are resynced from its peers");
+            replica.mark_extents_and_empty_log(&hot, &data);
+            replica.sb.flags.insert(MetaFlags::CACHE_LOST);
+            replica.persist(MetaWrite::Superblock);
+        }
+        if replica.sb.flags.contains(MetaFlags::CACHE_LOST) {
+            replica.cache_repair_pending = replica.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect();
         }
         replica
     }
@@ -271,6 +284,7 @@ impl Replica {
             vote_given: None,
             elected: None,
             declared_with: 0,
+            cache_repair_pending: Vec::new(),
             superseded_latched: false,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),
@@ -463,6 +477,7 @@ impl Replica {
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
             data_term: self.sb.terms.of_data,
+            cache_lost: self.cache_repair_pending.contains(&peer.node_id),
         }
     }
 
@@ -473,7 +488,8 @@ impl Replica {
             disk: self.disk.to_wire(),
             flags: self.state_flags()
                 | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 }
-                | if self.crash_unrepaired_with(peer) { STATE_FLAG_CRASHED_PRIMARY } else { 0 },
+                | if self.crash_unrepaired_with(peer) { STATE_FLAG_CRASHED_PRIMARY } else { 0 }
+                | if self.cache_repair_pending.contains(&peer.node_id) { STATE_FLAG_CACHE_LOST } else { 0 },
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,

@@ -178,6 +178,10 @@ impl Replica {
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
         self.clear_crash_marker(peer_id);
+        self.cache_repair_pending.retain(|id| *id != peer_id);
+        if self.cache_repair_pending.is_empty() {
+            self.sb.flags.remove(MetaFlags::CACHE_LOST);
+        }
         self.persist(MetaWrite::Bitmap(slot));
         self.persist(MetaWrite::Superblock);
         self.disk = DiskState::UpToDate;

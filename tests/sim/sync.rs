@@ -169,6 +169,7 @@ impl Node {
             history: meta.sb.uuids.history,
             crashed_primary: self.crashed_primary,
             data_term: 0,
+            cache_lost: false,
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
         }
@@ -198,6 +199,7 @@ impl Node {
             is_primary: theirs.role == Role::Primary,
             inconsistent: theirs.disk == DiskState::Inconsistent,
             data_term: 0,
+            cache_lost: false,
         };
         let decision = decide(&mine, &their_view);
         cx.stats.unrelated += u64::from(decision == SyncDecision::Unrelated);
