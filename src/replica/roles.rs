@@ -106,8 +106,12 @@ impl Replica {
         }
         self.disk = DiskState::UpToDate;
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
-        // Promoted (with --force, if verify had marked it): this copy is the good one now.
+        // Promoted (with --force, if verify had marked it): this copy is the good one now. So
+        // with a disk cache lost in a crash: the writes it may lack were never flushed (an
+        // election weighs flushed data), and its copy now overwrites the others'.
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+        self.sb.flags.remove(MetaFlags::CACHE_LOST);
+        self.cache_repair_pending.clear();
         self.sb.flags.remove(MetaFlags::AL_CLEAN);
         self.persist(MetaWrite::Superblock);
         self.role = Role::Primary;
