@@ -9,6 +9,7 @@ pub mod netns;
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -24,9 +25,24 @@ pub struct Cluster {
 }
 
 /// Ports free right now (bound and released; a test cluster uses them at once).
+/// `n` ports to give the daemons, below the kernel's ephemeral range (32768 and up by
+/// default). A port the kernel handed out for port 0 is free only until someone else asks: a
+/// daemon dialing its peers took one as its source port before another daemon bound its NBD
+/// export there ("Address already in use"). Ports here are handed out once per test process
+/// (from a start that depends on its pid) and checked bindable.
 fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    listeners.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = (std::process::id() % 1_000) * 10;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 pub struct Options {
