@@ -4,7 +4,7 @@
 
 use super::{
     MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA,
-    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_SYNC_TARGET,
+    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
@@ -260,15 +260,25 @@ impl Replica {
         let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
         let (mine, theirs, name) = (self.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
         let decided = decide(&mine, &theirs);
+        // Only a primary resyncs a node that sees it (see `Replica::only_primary_resyncs`): a
+        // resync from a secondary, begun while this node saw no primary, gives way to a
+        // primary that can be the source. Its link goes; losing it reopens the decision here.
+        let third_source = self.sync_target_of().filter(|id| *id != peer_id);
+        if let Some(source) = third_source {
+            if self.peer(peer_id).role == Role::Primary && decided.is_target() && self.peer(source).role != Role::Primary {
+                let reason = format!("{name} is primary: it resyncs this node, not a secondary");
+                tracing::info!(resource = %self.resource, peer = %self.peer(source).name, "{reason}: stopping the resync from this peer");
+                self.drop_link(source, reason);
+                return Ok(());
+            }
+        }
         // One resync into a node at a time: while this node or the peer is being resynced by a
-        // third node (the peer says so in its State), nothing but "in sync" is decided between
-        // them; that resync's end brings a new State and a new decision. Deciding now would
-        // pit two sources against one target, or refuse an Inconsistent node for good.
-        // The peer's flag does not say by whom: when this node decides to be its source, the
-        // flag is about this very resync (the peer decided first).
-        let peer_busy = peer_state.flags & STATE_FLAG_SYNC_TARGET != 0 && !decided.is_source();
-        let busy = self.sync_target_of().filter(|id| *id != peer_id).is_some() || peer_busy;
-        if busy {
+        // third node (the peer names its source in its State), nothing but "in sync" is
+        // decided between them; that resync's end brings a new State and a new decision.
+        // Deciding now would pit two sources against one target, or refuse an Inconsistent
+        // node for good.
+        let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id());
+        if third_source.is_some() || peer_busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
         if self.declared_with & (1 << peer_id) != 0 {

@@ -63,9 +63,6 @@ pub const STATE_FLAG_LEAVING: u32 = 2;
 pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
 /// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
 pub const STATE_FLAG_AHEAD: u32 = 8;
-/// The sender is being resynced (or has decided to be) by another node: a resync with it waits
-/// until that one ends (see `Replica::reconsider`).
-pub const STATE_FLAG_SYNC_TARGET: u32 = 16;
 /// The sender is a secondary, UpToDate and in sync with every primary it sees (at least one):
 /// it holds that primary's data or receives it in order (see `Replica::only_primary_resyncs`).
 pub const STATE_FLAG_FOLLOWING: u32 = 32;
@@ -498,6 +495,7 @@ impl Replica {
             term: self.sb.terms.highest,
             data_term: self.sb.terms.of_data,
             data_epoch: self.data_position().1,
+            resynced_by: self.sync_target_of(),
         }
     }
 
@@ -508,9 +506,6 @@ impl Replica {
         }
         if self.discard_my_data {
             flags |= STATE_FLAG_DISCARD_MY_DATA;
-        }
-        if self.sync_target_of().is_some() {
-            flags |= STATE_FLAG_SYNC_TARGET;
         }
         if self.follows_primary() {
             flags |= STATE_FLAG_FOLLOWING;

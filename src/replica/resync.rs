@@ -137,15 +137,18 @@ impl Replica {
     /// peer it tracks (a bitmap UUID: the peer lacks what this node holds since then), what
     /// arrives is news too, so those blocks are recorded for it, durably: a bitmap resync from
     /// here must bring them (missing them left a third node without blocks this node held).
-    /// A peer it does not track needs nothing: the generation this node adopts at the end is
-    /// newer than the peer's, and their next decision sees it.
+    /// So are the blocks for a peer this node resyncs meanwhile (its bitmap is the walk's:
+    /// a block that arrives after the walk passed it goes out again). Another peer needs
+    /// nothing: the generation this node adopts at the end is newer than the peer's, and their
+    /// next decision sees it.
     fn record_resync_for_others(&mut self, source: u8) {
         let block = u64::from(self.bitmaps[self.peer(source).slot].block_size());
         let runs: Vec<(u64, u64)> = self.bitmaps[self.peer(source).slot].runs().collect();
+        let resyncing = |p: &super::Peer| p.repl == ReplState::SyncSource || p.pending_sync.is_some_and(|d| d.is_source());
         let tracked: Vec<usize> = self
             .peers
             .iter()
-            .filter(|p| p.node_id != source && !p.witness && self.sb.peers[p.slot].bitmap_uuid != 0)
+            .filter(|p| p.node_id != source && !p.witness && (self.sb.peers[p.slot].bitmap_uuid != 0 || resyncing(p)))
             .map(|p| p.slot)
             .collect();
         for slot in tracked {

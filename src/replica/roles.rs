@@ -182,6 +182,9 @@ impl Replica {
             Err(e) => tracing::error!(resource = %self.resource, error = %e, "demoted with writes in flight: the activity log stays"),
         }
         self.persist(MetaWrite::Superblock);
+        // A decision that waited for this primary to step down (a newer primary's resync into
+        // it) is taken now that its own writes are done.
+        self.standing_changed(None);
     }
 
     /// Steps down by itself: this primary lost quorum and another node was promoted meanwhile
@@ -279,7 +282,7 @@ mod tests {
         r.take_actions();
         r.finish_demotion();
         let actions = r.take_actions();
-        assert!(matches!(&actions[..], [Action::Persist(MetaWrite::ActivityLog(_)), Action::Persist(MetaWrite::Superblock)]), "{actions:?}");
+        assert!(matches!(&actions[..], [Action::Persist(MetaWrite::ActivityLog(_)), Action::Persist(MetaWrite::Superblock), ..]), "{actions:?}");
         assert!(r.sb.flags.contains(MetaFlags::AL_CLEAN) && !r.sb.flags.contains(MetaFlags::PRIMARY_IND));
         assert!(r.al.hot_extents().is_empty());
     }

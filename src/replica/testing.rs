@@ -78,5 +78,6 @@ pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::Pee
         term: 0,
         data_term: 0,
         data_epoch: 0,
+        resynced_by: None,
     }
 }

@@ -24,6 +24,8 @@ pub const DIGEST_BYTES: usize = 32;
 /// Size of the fixed resource-name field of `Hello`: a length byte, then the name padded with
 /// zeroes.
 const RESOURCE_FIELD_BYTES: usize = 1 + MAX_RESOURCE_BYTES;
+/// A node-id field that names no node.
+const NO_NODE: u8 = u8::MAX;
 /// Size of one `(start, count)` run in `BitmapRuns`.
 const RUN_BYTES: usize = 16;
 /// Size of one `(first, count)` run of differing blocks in `DigestReply`.
@@ -100,6 +102,9 @@ pub struct PeerState {
     pub data_term: u64,
     /// How far into that primary's stream the sender's data is durable (a barrier epoch).
     pub data_epoch: u64,
+    /// The node resyncing the sender (its source), or about to: decisions with the sender
+    /// wait for that resync to end, unless the receiver is that source.
+    pub resynced_by: Option<u8>,
 }
 
 /// One frame's worth of meaning. The doc comment of each variant says what it asks of the
@@ -408,6 +413,7 @@ impl Message {
                 out.put_u64(state.term);
                 out.put_u64(state.data_term);
                 out.put_u64(state.data_epoch);
+                out.put_u8(state.resynced_by.unwrap_or(NO_NODE));
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
@@ -557,6 +563,7 @@ impl Message {
                 term: fields.u64()?,
                 data_term: fields.u64()?,
                 data_epoch: fields.u64()?,
+                resynced_by: Some(fields.u8()?).filter(|id| *id != NO_NODE),
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
                 last: fields.bool()?,

@@ -23,4 +23,4 @@ pub use message::{
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;

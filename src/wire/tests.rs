@@ -116,9 +116,10 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<[u64; 4]>(),
         (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        proptest::option::of(0..u8::MAX),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term, data_epoch))| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term, data_epoch), resynced_by)| PeerState {
                 role,
                 disk,
                 flags,
@@ -130,6 +131,7 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 term,
                 data_term,
                 data_epoch,
+                resynced_by,
             },
         )
 }
@@ -365,12 +367,13 @@ fn payload_sizes_are_as_documented() {
         term: 0,
         data_term: 0,
         data_epoch: 0,
+        resynced_by: None,
     };
     let cases: [(Message, usize); 21] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 90),
+        (Message::State(state), 91),
         (
             Message::BitmapRuns {
                 last: true,
