@@ -20,9 +20,11 @@ pub struct UuidView {
     pub is_primary: bool,
     /// Disk is Inconsistent: it can only ever be a target.
     pub inconsistent: bool,
-    /// The election term of the primary whose generation the data carries (0 without
-    /// elections): of two copies of one generation, the later election's is the newer.
-    pub data_term: u64,
+    /// How far the data goes: the election term of the primary whose generation it carries
+    /// (0 without elections), then the barrier epoch of that primary's stream held durably.
+    /// Of two copies of one generation, the later election's is the newer; within one, the
+    /// further copy holds every flushed write of the nearer.
+    pub data_position: (u64, u64),
     /// The node stopped without a clean shutdown as a secondary and has not been resynced
     /// from this peer since: its activity log's extents (in its bitmap) may lack writes.
     pub cache_lost: bool,
@@ -184,8 +186,8 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     use SyncDecision::*;
     // A primary of a later election adopted this generation (promoted with every peer in
     // sync) and wrote on: its copy is the newer one, whoever crashed before.
-    if me.data_term != peer.data_term && !me.inconsistent && !peer.inconsistent {
-        return if me.data_term > peer.data_term { BitmapSource } else { BitmapTarget };
+    if me.data_position.0 != peer.data_position.0 && !me.inconsistent && !peer.inconsistent {
+        return if me.data_position.0 > peer.data_position.0 { BitmapSource } else { BitmapTarget };
     }
     // A crash as primary leaves writes in the activity log's extents that may not have reached
     // the peer (or reached only the peer). Those extents are already in the crashed side's
@@ -220,7 +222,12 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {
         (true, false) => BitmapSource,
         (false, true) => BitmapTarget,
-        _ => InSync,
+        // Each recorded for the other: two secondaries that lost their primary, each marking
+        // what it applied lately. The further copy holds every flushed write of the other and
+        // resyncs both sides' marks; of two equal ones the lower node id, so both agree.
+        (true, true) if (me.data_position, peer.node_id) > (peer.data_position, me.node_id) => BitmapSource,
+        (true, true) => BitmapTarget,
+        (false, false) => InSync,
     }
 }
 
@@ -268,7 +275,7 @@ mod tests {
             crashed_primary: false,
             is_primary: false,
             inconsistent: false,
-            data_term: 0,
+            data_position: (0, 0),
             cache_lost: false,
         }
     }
@@ -286,9 +293,18 @@ mod tests {
     }
 
     #[test]
+    fn two_secondaries_that_each_recorded_for_the_other_resync_from_the_further_copy() {
+        let near = UuidView { bitmap_for_peer: 0x50, data_position: (2, 7), ..view(0, 0x51) };
+        let far = UuidView { bitmap_for_peer: 0x50, data_position: (2, 9), ..view(1, 0x51) };
+        assert_eq!(both(&far, &near), BitmapSource);
+        let twin = UuidView { data_position: (2, 7), ..far };
+        assert_eq!(both(&near, &twin), BitmapSource, "equal positions: the lower node id");
+    }
+
+    #[test]
     fn of_one_generation_the_later_election_s_copy_wins_over_a_crashed_primary() {
-        let crashed = UuidView { crashed_primary: true, data_term: 3, ..view(0, 0x51) };
-        let later = UuidView { data_term: 4, ..view(1, 0x51) };
+        let crashed = UuidView { crashed_primary: true, data_position: (3, 9), ..view(0, 0x51) };
+        let later = UuidView { data_position: (4, 1), ..view(1, 0x51) };
         assert_eq!(decide(&later, &crashed), BitmapSource);
         assert_eq!(decide(&crashed, &later), BitmapTarget);
     }
@@ -450,8 +466,8 @@ mod tests {
     }
 
     fn arb_view(node_id: u8) -> impl Strategy<Value = UuidView> {
-        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>(), 0..3u64)
-            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent, data_term)| UuidView {
+        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>(), (0..3u64, 0..3u64))
+            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent, data_position)| UuidView {
                 node_id,
                 current: current.max(UUID_JUST_CREATED),
                 bitmap_for_peer,
@@ -459,7 +475,7 @@ mod tests {
                 crashed_primary,
                 is_primary,
                 inconsistent,
-                data_term,
+                data_position,
                 cache_lost: false,
             })
     }

@@ -27,7 +27,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
         crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
         is_primary: Role::from_wire(state.role) == Some(Role::Primary),
         inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
-        data_term: state.data_term,
+        data_position: (state.data_term, state.data_epoch),
         cache_lost: state.flags & STATE_FLAG_CACHE_LOST != 0,
     }
 }
@@ -193,7 +193,7 @@ impl Replica {
         let mut generation = self.generation();
         generation.resync_finished_as_source(slot);
         self.set_generation(generation);
-        self.clear_crash_marker(peer_id);
+        self.clear_crash_marker(peer_id, false);
         self.persist(MetaWrite::Bitmap(slot));
         self.persist(MetaWrite::Superblock);
         let peer = self.peer_mut(peer_id);
@@ -206,12 +206,12 @@ impl Replica {
     /// After a crash as primary, the activity log's extents are repaired once a resync with
     /// every data peer has completed; until then the marker stays (in memory and in the
     /// metadata), so the peers not yet met still resync those extents and a second crash does
-    /// not forget them.
-    pub fn clear_crash_marker(&mut self, peer_id: u8) {
+    /// not forget them. `all`: the marker goes whole (see `Replica::resync_done_received`).
+    pub fn clear_crash_marker(&mut self, peer_id: u8, all: bool) {
         if !self.crashed_primary {
             return;
         }
-        self.crash_repair_pending.retain(|id| *id != peer_id);
+        self.crash_repair_pending.retain(|id| *id != peer_id && !all);
         if self.crash_repair_pending.is_empty() {
             self.crashed_primary = false;
             if self.role != Role::Primary {

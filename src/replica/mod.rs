@@ -473,7 +473,7 @@ impl Replica {
             crashed_primary: self.crash_unrepaired_with(peer),
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
-            data_term: self.sb.terms.of_data,
+            data_position: self.data_position(),
             cache_lost: self.cache_repair_pending.contains(&peer.node_id),
         }
     }

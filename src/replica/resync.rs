@@ -7,7 +7,7 @@
 
 use super::{Action, MetaWrite, Replica, ResyncProgress};
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::sync_decision::SyncDecision;
+use crate::core::sync_decision::{same_uuid, SyncDecision};
 use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
@@ -172,6 +172,11 @@ impl Replica {
         self.persist(MetaWrite::DataFlush);
         let slot = self.peer(peer_id).slot;
         let mut generation = self.generation();
+        // The generation this node crashed in as primary is history once it adopts another
+        // through a resync: its activity log's extents were in that resync's bitmap and now
+        // hold the source's data, so no peer is to take them from here any more (a stale
+        // marker made an older copy the source of a node that held newer writes).
+        let left_crashed_generation = !same_uuid(generation.current, current);
         generation.resync_finished_as_target(slot, current, history);
         self.set_generation(generation);
         self.sb.terms.of_data = data_term;
@@ -180,7 +185,7 @@ impl Replica {
         self.bitmaps[slot].clear_all();
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
-        self.clear_crash_marker(peer_id);
+        self.clear_crash_marker(peer_id, left_crashed_generation);
         self.cache_repair_pending.retain(|id| *id != peer_id);
         if self.cache_repair_pending.is_empty() {
             self.sb.flags.remove(MetaFlags::CACHE_LOST);

@@ -168,7 +168,7 @@ impl Node {
             bitmap_for_peer: meta.sb.peers[slot].bitmap_uuid,
             history: meta.sb.uuids.history,
             crashed_primary: self.crashed_primary,
-            data_term: 0,
+            data_position: (0, 0),
             cache_lost: false,
             is_primary: self.role == Role::Primary,
             inconsistent: self.disk == DiskState::Inconsistent,
@@ -198,7 +198,7 @@ impl Node {
             crashed_primary: theirs.crashed_primary,
             is_primary: theirs.role == Role::Primary,
             inconsistent: theirs.disk == DiskState::Inconsistent,
-            data_term: 0,
+            data_position: (0, 0),
             cache_lost: false,
         };
         let decision = decide(&mine, &their_view);
