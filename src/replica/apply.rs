@@ -232,11 +232,11 @@ impl Replica {
                 tracing::error!(resource = %self.resource, ?failure, offset = step.offset, "replicated write failed");
                 self.send(peer_id, Message::NegAck { id, errno: failure.errno() });
             }
-            (Work::Resync { .. }, Ok(_)) => {
-                // Only for progress on this side; the source's bitmap is the authority.
-                let slot = self.peer(peer_id).slot;
-                self.bitmaps[slot].clear_range(step.offset, step.len);
-            }
+            // The resync's bits stay here until its end clears them all: should it be
+            // interrupted, they say where this node holds the source's data rather than its
+            // own, which the next source resends and other peers are told of (see
+            // `Replica::take_over_interrupted_resyncs`).
+            (Work::Resync { .. }, Ok(_)) => {}
             (Work::Compare { purpose, digests }, Ok(Some(data))) => {
                 let block_size = self.sb.params.bitmap_block_size as usize;
                 let differing = differing_runs(&block_digests(&data, block_size), &digests);

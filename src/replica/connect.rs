@@ -4,7 +4,7 @@
 
 use super::{
     MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA,
-    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING,
+    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_RESYNCS_OTHER,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
@@ -200,7 +200,9 @@ impl Replica {
         peer.repl = ReplState::Established;
         peer.resync = None;
         tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: peer UpToDate");
-        self.broadcast_state();
+        // A resync into this node that waited for this one is decided now, before its
+        // source's bitmap can arrive.
+        self.standing_changed(Some(peer_id));
     }
 
     /// After a crash as primary, the activity log's extents are repaired once a resync with
@@ -277,8 +279,13 @@ impl Replica {
         // decided between them; that resync's end brings a new State and a new decision.
         // Deciding now would pit two sources against one target, or refuse an Inconsistent
         // node for good.
-        let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id());
-        if third_source.is_some() || peer_busy {
+        // Nor is a node resynced while it resyncs another: what it reads for its target must
+        // not change under the walk (a block that arrived after the walk read it was lost to
+        // the target; seed 224).
+        let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id())
+            || decided.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
+        let me_busy = third_source.is_some() || decided.is_target() && self.resyncs_other_than(Some(peer_id));
+        if me_busy || peer_busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
         if self.declared_with & (1 << peer_id) != 0 {
@@ -327,6 +334,9 @@ impl Replica {
                     // Only the source writes here until the resync ends; the other peers hold
                     // off their decisions with this node meanwhile.
                     self.pause_links_but(peer_id);
+                    if self.disk == DiskState::Inconsistent {
+                        self.take_over_interrupted_resyncs(slot);
+                    }
                     self.broadcast_state();
                 }
                 self.send_bitmap(peer_id, slot);
@@ -399,6 +409,28 @@ impl Replica {
                 Ok(())
             }
         }
+    }
+
+    /// An Inconsistent node (a resync into it was interrupted) holds, where that resync's bits
+    /// are, another source's data or its own older data: the new source resends all of it.
+    /// Those bits are still in the slot of the interrupted resync's source (a target clears
+    /// them only at the end); which slot that was is not known, so every slot's bits go in
+    /// (a block resent that was equal costs only its transfer).
+    fn take_over_interrupted_resyncs(&mut self, slot: usize) {
+        let block = u64::from(self.bitmaps[slot].block_size());
+        let others: Vec<(u64, u64)> = self
+            .peers
+            .iter()
+            .filter(|p| p.slot != slot && !p.witness)
+            .flat_map(|p| self.bitmaps[p.slot].runs().collect::<Vec<_>>())
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        for (start, blocks) in others {
+            self.bitmaps[slot].set_range(start * block, blocks * block);
+        }
+        self.persist(MetaWrite::Bitmap(slot));
     }
 
     /// This node is about to be resynced by `source`: every other link in sync goes idle (see

@@ -10,7 +10,7 @@ use std::time::Instant;
 impl Replica {
     /// The link to `peer_id` is gone (`sent_bytes` went out on it), for `reason`.
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
-        let standing = |r: &Replica| (r.primaries(), r.sync_target_of());
+        let standing = |r: &Replica| (r.primaries(), r.sync_target_of(), r.resyncs_other_than(None));
         let before = standing(self);
         let was_primary = self.peer(peer_id).role == Role::Primary;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);

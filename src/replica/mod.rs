@@ -63,6 +63,9 @@ pub const STATE_FLAG_LEAVING: u32 = 2;
 pub const STATE_FLAG_DISCARD_MY_DATA: u32 = 4;
 /// The sender is Ahead of the receiver (pull-ahead): the receiver is Behind until it clears.
 pub const STATE_FLAG_AHEAD: u32 = 8;
+/// The sender resyncs a node other than the receiver, or is about to: it takes no resync
+/// into itself meanwhile (what it reads for its target must not change under the walk).
+pub const STATE_FLAG_RESYNCS_OTHER: u32 = 16;
 /// The sender is a secondary, UpToDate and in sync with every primary it sees (at least one):
 /// it holds that primary's data or receives it in order (see `Replica::only_primary_resyncs`).
 pub const STATE_FLAG_FOLLOWING: u32 = 32;
@@ -436,6 +439,12 @@ impl Replica {
         }
     }
 
+    /// Whether this node resyncs a peer other than `except`, or is about to.
+    pub fn resyncs_other_than(&self, except: Option<u8>) -> bool {
+        let source = |p: &Peer| p.repl == ReplState::SyncSource || p.pending_sync.is_some_and(|d| d.is_source());
+        self.peers.iter().any(|p| p.connected && Some(p.node_id) != except && source(p))
+    }
+
     /// The peer resyncing this node, or about to (a target decision waits for its bitmap).
     pub fn sync_target_of(&self) -> Option<u8> {
         let target = |p: &Peer| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target());
@@ -485,6 +494,7 @@ impl Replica {
             disk: self.disk.to_wire(),
             flags: self.state_flags()
                 | if peer.repl == ReplState::Ahead { STATE_FLAG_AHEAD } else { 0 }
+                | if self.resyncs_other_than(Some(peer.node_id)) { STATE_FLAG_RESYNCS_OTHER } else { 0 }
                 | if self.crash_unrepaired_with(peer) { STATE_FLAG_CRASHED_PRIMARY } else { 0 }
                 | if self.cache_repair_pending.contains(&peer.node_id) { STATE_FLAG_CACHE_LOST } else { 0 },
             current_uuid: self.sb.uuids.current,

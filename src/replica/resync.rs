@@ -134,13 +134,15 @@ impl Replica {
     }
 
     /// This node is about to be rewritten from `source` where the resync's bitmap says. For a
-    /// peer it tracks (a bitmap UUID: the peer lacks what this node holds since then), what
-    /// arrives is news too, so those blocks are recorded for it, durably: a bitmap resync from
-    /// here must bring them (missing them left a third node without blocks this node held).
-    /// So are the blocks for a peer this node resyncs meanwhile (its bitmap is the walk's:
-    /// a block that arrives after the walk passed it goes out again). Another peer needs
-    /// nothing: the generation this node adopts at the end is newer than the peer's, and their
-    /// next decision sees it.
+    /// peer it tracks (a bitmap UUID: the peer lacks what this node holds since then), or
+    /// holds blocks for (an interrupted resync from it left its bits here), what arrives is
+    /// news too, so those blocks are recorded for it, durably: a bitmap resync from here must
+    /// bring them (missing them left a third node without blocks this node held; seeds 131
+    /// and 223 of the simulator). So are the blocks for a peer this node resyncs meanwhile
+    /// (its bitmap is the walk's: a block that arrives after the walk passed it goes out
+    /// again). Another peer needs nothing: the generation this node adopts at the end is
+    /// newer than the peer's, and their next decision sees it. (Recording for every peer
+    /// instead made three secondaries without a primary resync each other in a ring forever.)
     fn record_resync_for_others(&mut self, source: u8) {
         let block = u64::from(self.bitmaps[self.peer(source).slot].block_size());
         let runs: Vec<(u64, u64)> = self.bitmaps[self.peer(source).slot].runs().collect();
@@ -148,7 +150,8 @@ impl Replica {
         let tracked: Vec<usize> = self
             .peers
             .iter()
-            .filter(|p| p.node_id != source && !p.witness && (self.sb.peers[p.slot].bitmap_uuid != 0 || resyncing(p)))
+            .filter(|p| p.node_id != source && !p.witness)
+            .filter(|p| self.sb.peers[p.slot].bitmap_uuid != 0 || self.bitmaps[p.slot].weight() > 0 || resyncing(p))
             .map(|p| p.slot)
             .collect();
         for slot in tracked {
