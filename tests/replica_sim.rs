@@ -2,7 +2,8 @@
 //! `blkrepl::replica::Replica`, frames travel through the real codec, and the world (network,
 //! disks with a volatile cache, clock, faults) is all this file adds. A seed replays exactly:
 //! `BLKREPL_SIM_SEED=N cargo test --release --test replica_sim -- --nocapture` runs seed N with
-//! its trace.
+//! its trace. `BLKREPL_SIM_SEEDS=n` sweeps n seeds from `BLKREPL_SIM_FIRST` (default 0);
+//! `BLKREPL_SIM_KEEP_GOING=1` reports every failing seed of the sweep instead of the first.
 
 #[path = "sim/rng.rs"]
 mod rng;
@@ -31,16 +32,26 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
         result.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         return;
     }
-    let seeds = std::env::var("BLKREPL_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(SEEDS);
+    let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
+    let seeds = env("BLKREPL_SIM_SEEDS").unwrap_or(SEEDS);
+    let first = env("BLKREPL_SIM_FIRST").unwrap_or(0);
+    let keep_going = env("BLKREPL_SIM_KEEP_GOING").is_some_and(|v| v != 0);
     let started = Instant::now();
     let mut total = Stats::default();
-    for seed in 0..seeds {
+    let mut failures = Vec::new();
+    for seed in first..first + seeds {
         let (result, scenario) = run_seed(seed, false);
         if let Err(e) = result {
-            panic!("seed {seed} fails: {e}\nreplay: BLKREPL_SIM_SEED={seed} cargo test --release --test replica_sim -- --nocapture");
+            let failure = format!("seed {seed} fails: {e}\nreplay: BLKREPL_SIM_SEED={seed} cargo test --release --test replica_sim -- --nocapture");
+            if !keep_going {
+                panic!("{failure}");
+            }
+            println!("{failure}");
+            failures.push(seed);
         }
         total.add(&scenario.stats);
     }
+    assert!(failures.is_empty(), "{} of {seeds} seeds fail: {failures:?}", failures.len());
     let secs = started.elapsed().as_secs_f64();
     println!(
         "replica_sim: {seeds} seeds in {secs:.1} s ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} partitions",
