@@ -54,13 +54,14 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
     assert!(failures.is_empty(), "{} of {seeds} seeds fail: {failures:?}", failures.len());
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "replica_sim: {seeds} seeds in {secs:.1} s ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} partitions",
+        "replica_sim: {seeds} seeds in {secs:.1} s ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} killed processes, {} partitions",
         seeds as f64 / secs,
         total.virtual_us as f64 / 3.6e9,
         total.acked_writes,
         total.reads_checked,
         total.promotions,
         total.power_losses,
+        total.kills,
         total.partitions
     );
 }

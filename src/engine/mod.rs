@@ -257,6 +257,7 @@ impl Engine {
             split_brain: config.split_brain,
             now: std::time::Instant::now(),
             uuid_seed: random_u64(),
+            boot_id: machine_boot_id(),
         });
         let state = State {
             replica,
@@ -818,6 +819,22 @@ impl crate::frontend::BlockDevice for Engine {
 }
 
 /// A fresh random value for generation UUIDs and auth nonces.
+/// The machine's boot id, zero if the kernel does not say (the replica then assumes a restart:
+/// see `Attached::boot_id`).
+fn machine_boot_id() -> [u8; 16] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
+    let mut id = [0u8; 16];
+    if hex.len() != 32 {
+        tracing::warn!("no boot id from the kernel: an unclean stop counts as a machine restart (its disk cache lost)");
+        return id;
+    }
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
+    }
+    id
+}
+
 pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     random_bytes(&mut bytes);

@@ -104,6 +104,7 @@ impl MetaStore {
                 .collect(),
             uuids: GenerationUuids::just_created(),
             terms: Default::default(),
+            boot_id: [0; 16],
             flags: MetaFlags::empty(),
         };
         superblock.validate()?;

@@ -18,7 +18,8 @@
 //! 152 peer slots: 31 x (node id u8, has crc u8, zero u16, bitmap crc u32, bitmap uuid u64)
 //! 648 highest election term u64  656 term of the data's generation u64
 //! 664 last barrier epoch of that term's primary held durably u64
-//! 672 zero to the end
+//! 672 boot id of the machine at the last attach, 16 bytes (zero: unknown)
+//! 688 zero to the end
 //! ```
 
 use super::layout::{MetaParams, MAX_PEERS};
@@ -32,6 +33,7 @@ const NAME_OFFSET: usize = 88;
 const PEERS_OFFSET: usize = 152;
 const PEER_SIZE: usize = 16;
 const TERMS_OFFSET: usize = 648;
+const BOOT_ID_OFFSET: usize = 672;
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_NAME: usize = 63;
 /// Node ids are 0..32: up to 32 nodes per resource.
@@ -162,6 +164,11 @@ pub struct Superblock {
     pub peers: Vec<PeerSlot>,
     pub uuids: GenerationUuids,
     pub terms: Terms,
+    /// The machine's boot id (`/proc/sys/kernel/random/boot_id`) when this metadata was last
+    /// attached, zero if unknown: after an unclean stop, the same id means only the process
+    /// died and the disk's volatile cache kept what it had completed; another means the
+    /// machine restarted and the cache may have dropped it.
+    pub boot_id: [u8; 16],
     pub flags: MetaFlags,
 }
 
@@ -259,6 +266,7 @@ impl Superblock {
         le::put_u64(&mut b, TERMS_OFFSET, self.terms.highest);
         le::put_u64(&mut b, TERMS_OFFSET + 8, self.terms.of_data);
         le::put_u64(&mut b, TERMS_OFFSET + 16, self.terms.epoch_of_data);
+        b[BOOT_ID_OFFSET..][..16].copy_from_slice(&self.boot_id);
         let crc = block_crc(&b, CRC_OFFSET);
         le::put_u32(&mut b, CRC_OFFSET, crc);
         Ok(b)
@@ -373,6 +381,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
             of_data: le::u64_at(b, TERMS_OFFSET + 8),
             epoch_of_data: le::u64_at(b, TERMS_OFFSET + 16),
         },
+        boot_id: b[BOOT_ID_OFFSET..][..16].try_into().expect("16 bytes"),
         flags: MetaFlags::from_bits_retain(le::u32_at(b, 24)),
     };
     superblock.validate().map_err(|e| e.to_string())?;
@@ -440,6 +449,7 @@ mod tests {
             ],
             uuids: GenerationUuids { current: 0x1234_5679, history: [5, 6, 0, 0] },
             terms: Terms { highest: 7, of_data: 6, epoch_of_data: 5 },
+            boot_id: [0; 16],
             flags: MetaFlags::CONSISTENT | MetaFlags::PRIMARY_IND,
         }
     }
@@ -525,6 +535,7 @@ mod tests {
             peer_ids in prop::collection::btree_set(0..=MAX_NODE_ID, 0..=31),
             uuids in any::<(u64, [u64; 4])>(),
             terms in any::<(u64, u64, u64)>(),
+            boot_id in any::<[u8; 16]>(),
             flags in any::<u32>(),
             crcs in prop::collection::vec(any::<(u64, Option<u32>, bool)>(), 31),
         ) -> Superblock {
@@ -546,6 +557,7 @@ mod tests {
                 peers,
                 uuids: GenerationUuids { current: uuids.0, history: uuids.1 },
                 terms: Terms { highest: terms.0, of_data: terms.1, epoch_of_data: terms.2 },
+                boot_id,
                 flags: MetaFlags::from_bits_retain(flags),
             }
         }

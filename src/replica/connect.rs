@@ -129,7 +129,11 @@ impl Replica {
     /// what this node applied lately may have missed it too. If this node tracked nothing for
     /// it yet, it starts tracking from the generation the peer last reported, so their next
     /// connect finds a bitmap resync (not a full sync) even if this node followed the
-    /// primary's new generation before it noticed the peer was gone.
+    /// primary's new generation before it noticed the peer was gone. Only a generation this
+    /// node held (its current one or one in its history) will do: a peer's newer one, which
+    /// this node never had, would make it look like the peer's past and this node its source
+    /// (seed 15: a node cut off before the primary's last generation resynced an older copy
+    /// into a node that held acknowledged writes).
     pub fn mark_recent_for(&mut self, peer_id: u8, peer_generation: Option<u64>) {
         let peer = self.peer(peer_id);
         if self.role == Role::Primary || peer.witness {
@@ -139,7 +143,8 @@ impl Replica {
         for (offset, len) in self.recent.ranges() {
             self.mark_out_of_sync(slot, offset, len);
         }
-        if let Some(uuid) = peer_generation.filter(|_| self.sb.peers[slot].bitmap_uuid == 0) {
+        let held = |uuid: &u64| same_uuid(*uuid, self.sb.uuids.current) || self.sb.uuids.history.iter().any(|h| *h != 0 && same_uuid(*h, *uuid));
+        if let Some(uuid) = peer_generation.filter(|uuid| self.sb.peers[slot].bitmap_uuid == 0 && held(uuid)) {
             self.sb.peers[slot].bitmap_uuid = uuid & !1;
             self.persist(MetaWrite::Superblock);
         }

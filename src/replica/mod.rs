@@ -191,6 +191,9 @@ pub struct Attached {
     pub now: Instant,
     /// Where generation UUIDs come from (see [`UuidSource`]).
     pub uuid_seed: u64,
+    /// The machine's boot id now (zero: unknown). The same as the metadata's after an unclean
+    /// stop means only the process died: what the disk completed is still in its cache.
+    pub boot_id: [u8; 16],
 }
 
 impl Replica {
@@ -203,21 +206,33 @@ impl Replica {
     ///
     /// After a crash as secondary, the hot extents hold the writes whose marks for the peers it
     /// tracked may have been lost with its memory (see `Replica::note_in_activity_log`): they
-    /// are marked again for those peers only (for a peer in sync, this node's copy is the
-    /// suspect one, so it must not become a source by them).
+    /// are marked again for those peers. If the machine restarted too, the disk's cache may
+    /// have dropped writes there: this node is resynced in them from every data peer.
     pub fn attach(a: Attached) -> Replica {
+        let boot_id = a.boot_id;
+        let cache_survived = boot_id != [0; 16] && boot_id == a.sb.boot_id;
         let mut replica = Replica::attached(a);
+        if replica.sb.boot_id != boot_id {
+            replica.sb.boot_id = boot_id;
+            replica.persist(MetaWrite::Superblock);
+        }
         let hot = replica.al.hot_extents();
         if replica.crashed_primary {
             tracing::warn!(resource = %replica.resource, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
             replica.mark_extents_and_empty_log(&hot, &slots);
+        } else if !hot.is_empty() && cache_survived {
+            let tracked: Vec<usize> =
+                replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(),
+                "stopped without a clean shutdown (the machine did not restart): marking the activity log's extents for the peers this node tracks");
+            replica.mark_extents_and_empty_log(&hot, &tracked);
         } else if !hot.is_empty() {
             // Writes in these extents may have been lost with the disk's cache: this node is
             // resynced there from every data peer (and remembers it, so a second crash before
             // that does not turn its stale copy into a source).
             let data: Vec<usize> = replica.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
-            tracing::info!(resource = %replica.resource, extents = hot.len(), "stopped without a clean shutdown: this node's activity-log extents are resynced from its peers");
+            tracing::info!(resource = %replica.resource, extents = hot.len(), "stopped without a clean shutdown and the machine restarted: this node's activity-log extents are resynced from its peers");
             replica.mark_extents_and_empty_log(&hot, &data);
             replica.sb.flags.insert(MetaFlags::CACHE_LOST);
             replica.persist(MetaWrite::Superblock);

@@ -35,6 +35,7 @@ pub fn two_node_replica() -> (Replica, Instant) {
         split_brain: Default::default(),
         now,
         uuid_seed: 1,
+        boot_id: [0; 16],
     });
     (replica, now)
 }

@@ -32,6 +32,7 @@ pub struct Stats {
     pub reads_checked: u64,
     pub promotions: u64,
     pub power_losses: u64,
+    pub kills: u64,
     pub partitions: u64,
     pub virtual_us: u64,
 }
@@ -42,6 +43,7 @@ impl Stats {
         self.reads_checked += o.reads_checked;
         self.promotions += o.promotions;
         self.power_losses += o.power_losses;
+        self.kills += o.kills;
         self.partitions += o.partitions;
         self.virtual_us += o.virtual_us;
     }
@@ -400,12 +402,19 @@ impl Scenario {
                 let heal = w.now + w.rng.range(SEC, 6 * SEC);
                 w.at(heal, Event::Scenario(HEAL));
             }
-            // A power loss, and a restart a little later (at most one node down at a time).
+            // A power loss or a killed process (one time in three), and a restart a little
+            // later (at most one node down at a time).
             _ if up.len() == 3 => {
                 let id = self.world.rng.pick(&up);
-                self.world.crash(id);
-                self.stats.power_losses += 1;
-                self.world.log(id, || "power loss".into());
+                let power = !self.world.rng.percent(33);
+                self.world.crash(id, power);
+                if power {
+                    self.stats.power_losses += 1;
+                    self.world.log(id, || "power loss".into());
+                } else {
+                    self.stats.kills += 1;
+                    self.world.log(id, || "process killed".into());
+                }
                 self.pending.retain(|_, (node, _)| *node != id);
                 self.demoting.retain(|(d, _)| *d != id);
                 self.down.push(id);

@@ -87,6 +87,8 @@ pub struct Node {
     meta: Option<MetaStore>,
     /// Bumped per start, so the events of a crashed incarnation are dropped.
     pub incarnation: u64,
+    /// Bumped per power loss: the machine's boot id is made of it.
+    boots: u64,
     /// Per peer: the connection this node holds with it, and when it last heard on it.
     links: BTreeMap<u8, (u64, Time)>,
     /// Local I/O submitted and not completed.
@@ -183,6 +185,7 @@ impl World {
                 meta_disk,
                 meta: None,
                 incarnation: 0,
+                boots: 0,
                 links: BTreeMap::new(),
                 io: BTreeMap::new(),
                 next_io: 0,
@@ -245,6 +248,7 @@ impl World {
             split_brain: Default::default(),
             now,
             uuid_seed: seed,
+            boot_id: boot_id(id, node.boots),
         });
         node.meta = Some(meta);
         node.replica = Some(replica);
@@ -254,12 +258,25 @@ impl World {
         self.carry_out(id);
     }
 
-    /// Power loss on node `id`: the replica and its links are gone; the cache keeps what it may.
-    pub fn crash(&mut self, id: u8) {
+    /// Node `id` goes down: its replica and its links are gone. A power loss (`power`) drops
+    /// what the disk's cache may and restarts the machine (a new boot id); a killed process
+    /// leaves the machine up, and the writes it had submitted land in the cache.
+    pub fn crash(&mut self, id: u8, power: bool) {
         let node = &mut self.nodes[usize::from(id)];
         node.replica = None;
         node.meta = None;
-        node.data.power_loss(&mut self.rng);
+        if power {
+            node.data.power_loss(&mut self.rng);
+            node.boots += 1;
+        } else {
+            for (_, op) in std::mem::take(&mut node.io).into_values() {
+                match op {
+                    LocalIo::Write { offset, data, fua } => node.data.write(offset, &data, fua),
+                    LocalIo::Zeroes { offset, len, .. } => node.data.write(offset, &vec![0u8; len as usize], false),
+                    LocalIo::Read { .. } | LocalIo::Flush => {}
+                }
+            }
+        }
         let peers: Vec<(u8, u64)> = std::mem::take(&mut node.links).into_iter().map(|(p, (conn, _))| (p, conn)).collect();
         for (peer, conn) in peers {
             // The peer's TCP sees the reset soon (a cut link: at its read timeout).
@@ -608,4 +625,12 @@ fn describe(msg: &Message) -> String {
         Message::BitmapRuns { last, runs } => format!("BitmapRuns last {last} runs {}", runs.len()),
         other => other.name().to_string(),
     }
+}
+
+/// A simulated machine's boot id: node and boot count.
+fn boot_id(node: u8, boots: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    id[0] = node + 1;
+    id[8..].copy_from_slice(&boots.to_le_bytes());
+    id
 }
