@@ -7,10 +7,12 @@
 //! holding the bits becomes the source of a bitmap resync, so exactly those blocks flow, and the
 //! peer ends UpToDate again.
 //!
-//! Equal generations mean both nodes applied the same writes, so a bitmap resync between them
-//! in either direction only rewrites blocks that are equal or known damaged: when both hold bits
-//! (a secondary also marks the writes it applied lately when a peer drops), the side that is not
-//! Outdated sends; if neither is, nobody knows which copy is right and nothing moves.
+//! Equal generations mean both nodes applied the same primary's writes, though not
+//! necessarily all of them: when both hold bits (secondaries mark the writes they applied
+//! lately when they lose the primary), the side that is not Outdated sends; if neither is, the
+//! copy further into the primary's stream does (its data position: it holds every flushed
+//! write of the other), and of two equally far the lower node id. Leaving both as they were
+//! left two UpToDate copies different for good (simulator seed 459).
 //!
 //! Both nodes evaluate this on the same inputs (each side's bitmap weight and disk state travel
 //! in `State`), so they agree on the direction without another round trip.
@@ -25,6 +27,9 @@ pub struct BitsHolder {
     pub bits_for_other: u64,
     pub disk: DiskState,
     pub is_primary: bool,
+    /// How far the data goes (see `UuidView::data_position`), then the node id: the order
+    /// between two sides that may both send.
+    pub position: ((u64, u64), u8),
 }
 
 impl BitsHolder {
@@ -34,6 +39,12 @@ impl BitsHolder {
             && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
             && !target.is_primary
             && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
+    }
+
+    /// Holds bits, good data, and the target is no primary: the target's bits alone stand in
+    /// the way (both sides are then ordered by position).
+    fn may_send_either_way(&self, target: &BitsHolder) -> bool {
+        self.bits_for_other > 0 && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) && !target.is_primary
     }
 }
 
@@ -46,6 +57,15 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
     match (me.may_send_to(peer), peer.may_send_to(me)) {
         (true, false) => SyncDecision::BitmapSource,
         (false, true) => SyncDecision::BitmapTarget,
+        _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) => {
+            let (mine, theirs) = (me.position, peer.position);
+            // The node ids differ, so the order is total: one side sends.
+            if (mine.0, theirs.1) > (theirs.0, mine.1) {
+                SyncDecision::BitmapSource
+            } else {
+                SyncDecision::BitmapTarget
+            }
+        }
         _ => decision,
     }
 }
@@ -56,7 +76,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn side(bits_for_other: u64, disk: DiskState) -> BitsHolder {
-        BitsHolder { bits_for_other, disk, is_primary: false }
+        BitsHolder { bits_for_other, disk, is_primary: false, position: ((1, 5), 0) }
+    }
+
+    #[test]
+    fn with_bits_on_both_good_sides_the_further_copy_is_the_source() {
+        let near = side(3, DiskState::UpToDate);
+        let far = BitsHolder { position: ((1, 9), 1), ..near };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &far, &near), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &far), SyncDecision::BitmapTarget);
+        let twin = BitsHolder { position: ((1, 5), 1), ..near };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &twin), SyncDecision::BitmapSource, "equally far: the lower node id");
     }
 
     #[test]
@@ -70,8 +100,9 @@ mod tests {
     fn with_bits_on_both_sides_the_outdated_one_is_the_target() {
         let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
-        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::UpToDate));
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "nobody knows better");
+        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
+        let b = BitsHolder { position: ((9, 9), 1), ..b };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource, "even if it is further");
     }
 
     #[test]
@@ -101,13 +132,14 @@ mod tests {
 
     fn arb_side() -> impl Strategy<Value = BitsHolder> {
         let disks = [DiskState::Inconsistent, DiskState::Outdated, DiskState::Consistent, DiskState::UpToDate];
-        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>())
-            .prop_map(|(bits_for_other, disk, is_primary)| BitsHolder { bits_for_other, disk, is_primary })
+        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>(), (0u64..2, 0u64..2))
+            .prop_map(|(bits_for_other, disk, is_primary, position)| BitsHolder { bits_for_other, disk, is_primary, position: (position, 0) })
     }
 
     proptest! {
         #[test]
         fn both_sides_agree(a in arb_side(), b in arb_side()) {
+            let b = BitsHolder { position: (b.position.0, 1), ..b };
             let from_a = resync_leftover_bits(SyncDecision::InSync, &a, &b);
             let from_b = resync_leftover_bits(SyncDecision::InSync, &b, &a);
             prop_assert_eq!(from_a, from_b.mirrored());

@@ -222,12 +222,9 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {
         (true, false) => BitmapSource,
         (false, true) => BitmapTarget,
-        // Each recorded for the other: two secondaries that lost their primary, each marking
-        // what it applied lately. The further copy holds every flushed write of the other and
-        // resyncs both sides' marks; of two equal ones the lower node id, so both agree.
-        (true, true) if (me.data_position, peer.node_id) > (peer.data_position, me.node_id) => BitmapSource,
-        (true, true) => BitmapTarget,
-        (false, false) => InSync,
+        // Each recorded for the other (two secondaries that lost their primary, each marking
+        // what it applied lately): the bits decide (see `leftover_bits`).
+        _ => InSync,
     }
 }
 
@@ -290,15 +287,6 @@ mod tests {
             assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
         }
         d
-    }
-
-    #[test]
-    fn two_secondaries_that_each_recorded_for_the_other_resync_from_the_further_copy() {
-        let near = UuidView { bitmap_for_peer: 0x50, data_position: (2, 7), ..view(0, 0x51) };
-        let far = UuidView { bitmap_for_peer: 0x50, data_position: (2, 9), ..view(1, 0x51) };
-        assert_eq!(both(&far, &near), BitmapSource);
-        let twin = UuidView { data_position: (2, 7), ..far };
-        assert_eq!(both(&near, &twin), BitmapSource, "equal positions: the lower node id");
     }
 
     #[test]

@@ -263,8 +263,18 @@ impl Replica {
             return Ok(());
         }
         let at_connect = peer.repl == ReplState::Off;
-        let my_bits = BitsHolder { bits_for_other: self.bitmaps[peer.slot].weight(), disk: self.disk, is_primary: self.role == Role::Primary };
-        let peer_bits = BitsHolder { bits_for_other: peer_state.bitmap_weight, disk: peer.disk, is_primary: peer.role == Role::Primary };
+        let my_bits = BitsHolder {
+            bits_for_other: self.bitmaps[peer.slot].weight(),
+            disk: self.disk,
+            is_primary: self.role == Role::Primary,
+            position: (self.data_position(), self.node_id()),
+        };
+        let peer_bits = BitsHolder {
+            bits_for_other: peer_state.bitmap_weight,
+            disk: peer.disk,
+            is_primary: peer.role == Role::Primary,
+            position: ((peer_state.data_term, peer_state.data_epoch), peer_id),
+        };
         let (mine, theirs, name) = (self.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
         let decided = decide(&mine, &theirs);
         // Only a primary resyncs a node that sees it (see `Replica::only_primary_resyncs`): a
