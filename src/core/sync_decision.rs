@@ -212,10 +212,15 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
         (false, true) => return BitmapSource,
         _ => {}
     }
-    // A side that lost its disk's cache is resynced where its bitmap says.
+    // A side that lost its disk's cache is resynced where its bitmap says, from a copy at
+    // least as far into the primary's stream: what it lost was never flushed, but what it
+    // holds beyond the other's position was (the other lacks acknowledged, flushed writes;
+    // seed 333), and it is the source then.
     match (me.cache_lost, peer.cache_lost) {
-        (true, false) => return BitmapTarget,
-        (false, true) => return BitmapSource,
+        (true, false) if me.data_position <= peer.data_position => return BitmapTarget,
+        (false, true) if peer.data_position <= me.data_position => return BitmapSource,
+        (true, false) => return BitmapSource,
+        (false, true) => return BitmapTarget,
         _ => {}
     }
     // A leftover bitmap UUID means the end of a resync was missed: finish it.
@@ -287,6 +292,15 @@ mod tests {
             assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
         }
         d
+    }
+
+    #[test]
+    fn a_node_that_lost_its_cache_is_the_target_unless_it_is_further() {
+        let lost = UuidView { cache_lost: true, data_position: (2, 7), ..view(0, 0x51) };
+        let behind = UuidView { data_position: (2, 5), ..view(1, 0x51) };
+        assert_eq!(both(&lost, &behind), BitmapSource, "the other lacks flushed writes");
+        let ahead = UuidView { data_position: (2, 7), ..behind };
+        assert_eq!(both(&lost, &ahead), BitmapTarget);
     }
 
     #[test]
