@@ -171,8 +171,9 @@ impl Replica {
     /// activity log is empty (its extents need no resync after a crash from now on).
     pub fn finish_demotion(&mut self) {
         self.sb.flags.remove(MetaFlags::PRIMARY_IND);
-        // Its data holds its whole stream, flushed: as a secondary it is that far.
-        self.sb.terms.epoch_of_data = self.epoch;
+        // Its data holds its whole stream, flushed by the last barrier (the epoch before the
+        // open one): as far as a secondary that acknowledged that barrier, no further.
+        self.sb.terms.epoch_of_data = self.epoch - 1;
         match self.al.mark_clean() {
             Ok(clean) => {
                 self.al.commit(clean.clone());
