@@ -143,6 +143,10 @@ pub struct Replica {
     pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
+    /// A demotion is under way: the peers that received this node's stream as primary, whose
+    /// ack of the final flush's barrier says they know it is no longer primary (see
+    /// `Replica::begin_demotion`).
+    demotion_stream: Vec<u8>,
     /// This node's request for votes to be promoted (see `replica/election.rs`).
     pub candidacy: Option<election::Candidacy>,
     /// The vote this node gave last (see `replica/election.rs`).
@@ -295,6 +299,7 @@ impl Replica {
             generation_pending: Vec::new(),
             stepping_down: false,
             stepped_down: None,
+            demotion_stream: Vec::new(),
             candidacy: None,
             vote_given: None,
             elected: None,

@@ -63,7 +63,10 @@ impl Replica {
     pub(super) fn receives_stream(&self, peer: &super::Peer) -> bool {
         peer.is_replicating()
             && peer.role != Role::Primary
-            && (self.role == Role::Primary || peer.repl == ReplState::SyncSource || !peer.tl.is_empty())
+            && (self.role == Role::Primary
+                || peer.repl == ReplState::SyncSource
+                || !peer.tl.is_empty()
+                || self.demotion_stream.contains(&peer.node_id))
     }
 
     /// Closes the open epoch on every peer that receives this node's stream, with a barrier.

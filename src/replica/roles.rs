@@ -159,6 +159,10 @@ impl Replica {
     /// waits for the writes in flight ([`Replica::writes_idle`]), flushes, and calls
     /// [`Replica::finish_demotion`].
     pub fn begin_demotion(&mut self, now: Instant) {
+        // The final flush's barrier goes to each of them even if nothing of theirs is left
+        // unacknowledged: its ack is what says they heard of the demotion (a protocol-A peer
+        // promoted right after `secondary` returned still saw this node as primary).
+        self.demotion_stream = self.peers.iter().filter(|p| self.receives_stream(p)).map(|p| p.node_id).collect();
         self.role = Role::Secondary;
         self.superseded_latched = false;
         self.left_generation = 0;
@@ -170,6 +174,7 @@ impl Replica {
     /// Every write finished and was flushed: the metadata no longer says primary, and the
     /// activity log is empty (its extents need no resync after a crash from now on).
     pub fn finish_demotion(&mut self) {
+        self.demotion_stream.clear();
         self.sb.flags.remove(MetaFlags::PRIMARY_IND);
         // Its data holds its whole stream, flushed by the last barrier (the epoch before the
         // open one): as far as a secondary that acknowledged that barrier, no further.
