@@ -4,13 +4,14 @@
 //! stalled, the peer's bitmap holds the write, and once the disk answers again the peer
 //! reconnects, is resynced and holds the bytes.
 
+mod common;
+
 use blkrepl::config::ResourceConfig;
 use blkrepl::disk::{Disk, FaultyDisk, MemDisk};
 use blkrepl::engine::{Engine, PeerStatus};
 use blkrepl::frontend::{BlockDevice, BlockRequest, BlockResult};
 use blkrepl::meta::{MetaParams, MetaStore};
 use bytes::Bytes;
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::Arc;
@@ -18,11 +19,6 @@ use std::time::{Duration, Instant};
 
 const DISK_BYTES: usize = 16 << 20;
 
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
-}
 
 fn config(alpha_port: u16, beta_port: u16) -> ResourceConfig {
     let text = format!(
@@ -80,7 +76,8 @@ fn in_sync(p: &PeerStatus) -> bool {
 
 #[test]
 fn a_peer_whose_disk_hangs_is_dropped_and_resynced_once_it_answers() {
-    let (alpha_port, beta_port) = free_ports();
+    let ports = common::free_ports(2);
+    let (alpha_port, beta_port) = (ports[0], ports[1]);
     let config = config(alpha_port, beta_port);
     let (alpha, _) = node(&config, "alpha");
     let (beta, beta_disk) = node(&config, "beta");

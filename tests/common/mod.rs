@@ -9,8 +9,8 @@ pub mod netns;
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_blkrepl");
@@ -24,24 +24,27 @@ pub struct Cluster {
     pub net: Option<netns::Net>,
 }
 
-/// Ports free right now (bound and released; a test cluster uses them at once).
 /// `n` ports to give the daemons, below the kernel's ephemeral range (32768 and up by
 /// default). A port the kernel handed out for port 0 is free only until someone else asks: a
 /// daemon dialing its peers took one as its source port before another daemon bound its NBD
 /// export there ("Address already in use"). Ports here are handed out once per test process
 /// (from a start that depends on its pid) and checked bindable.
-fn free_ports(n: usize) -> Vec<u16> {
+pub fn free_ports(n: usize) -> Vec<u16> {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_000;
     let start = (std::process::id() % 1_000) * 10;
     let mut ports = Vec::with_capacity(n);
-    while ports.len() < n {
+    for _ in 0..SPAN {
+        if ports.len() == n {
+            return ports;
+        }
         let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             ports.push(port);
         }
     }
+    assert_eq!(ports.len(), n, "fewer than {n} free ports in {FIRST}..{}", FIRST + SPAN);
     ports
 }
 
