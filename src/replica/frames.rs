@@ -90,6 +90,12 @@ impl Replica {
                 }
                 Ok(())
             }
+            Message::ThirdPeerBits { .. } => {
+                if primary_here || self.witness || repl != ReplState::SyncTarget {
+                    return Err(format!("{name} sent its bits for a third node outside a resync into this node (replication is {repl})"));
+                }
+                Ok(())
+            }
             Message::ResyncDone { .. } => {
                 // Two fresh nodes are declared in sync by `new-current-uuid --clear-bitmap` on one.
                 let fresh = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED) && repl == ReplState::Established;

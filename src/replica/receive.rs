@@ -54,6 +54,7 @@ impl Replica {
                 return result;
             }
             Message::BitmapRuns { last, runs } => return self.bitmap_received(peer_id, last, &runs, now),
+            Message::ThirdPeerBits { node, runs } => return self.third_peer_bits_received(peer_id, node, &runs),
             Message::Ping => self.send(peer_id, Message::PingAck),
             Message::PingAck => {
                 self.peer_mut(peer_id).lease.answered();

@@ -10,7 +10,7 @@ use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, SyncDecision};
 use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
-use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
+use crate::wire::{DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP_RUNS};
 use bytes::Bytes;
 use std::time::Instant;
 
@@ -165,6 +165,64 @@ impl Replica {
         }
     }
 
+    /// The resync into `target` ends: where it rewrote the target, the target holds this
+    /// node's data, which differs from a third node's where this node's bits for it say. Two
+    /// copies of one generation can differ in places no generation tells apart (a lost
+    /// primary's last writes, a crashed primary's activity log, a lost cache), so the target
+    /// takes those bits over (see `Replica::third_peer_bits_received`); without them a
+    /// resync from one node and then another left the target "in sync" with a node it
+    /// differed from (seeds 691, 1388). A node this one holds no bits for holds its data
+    /// there: nothing is sent, so bits never travel in a ring.
+    fn send_third_peer_bits(&mut self, target: u8) {
+        let thirds: Vec<(u8, usize)> = self
+            .peers
+            .iter()
+            .filter(|p| p.node_id != target && !p.witness && self.bitmaps[p.slot].weight() > 0)
+            .map(|p| (p.node_id, p.slot))
+            .collect();
+        for (node, slot) in thirds {
+            let runs: Vec<(u64, u64)> = self.bitmaps[slot].runs().collect();
+            for chunk in runs.chunks(MAX_BITMAP_RUNS) {
+                self.send_bulk(target, Message::ThirdPeerBits { node, runs: chunk.to_vec() }, None);
+            }
+        }
+    }
+
+    /// The source's bits for a third node (see `Replica::send_third_peer_bits`): the blocks of
+    /// them this resync covers (its bits stay in the source's slot until its end) are recorded
+    /// for that node, durably before this node says it is UpToDate.
+    pub fn third_peer_bits_received(&mut self, source: u8, node: u8, runs: &[(u64, u64)]) -> Result<(), String> {
+        let Some(third) = self.peers.iter().find(|p| p.node_id == node && p.node_id != source) else {
+            return Err(format!("bits for node {node}, which is no third node of this resource"));
+        };
+        if third.witness {
+            return Ok(());
+        }
+        let (slot, covered) = (third.slot, self.peer(source).slot);
+        let block = u64::from(self.bitmaps[covered].block_size());
+        let blocks = self.bitmaps[covered].blocks();
+        let mut overlap = Vec::new();
+        for &(start, count) in runs {
+            let end = start.checked_add(count).filter(|end| *end <= blocks).ok_or_else(|| format!("bits for node {node} past the device: {start}+{count}"))?;
+            let mut from = start;
+            while let Some((at, len)) = self.bitmaps[covered].next_run(from, end - from) {
+                if at >= end {
+                    break;
+                }
+                let len = len.min(end - at);
+                overlap.push((at, len));
+                from = at + len;
+            }
+        }
+        for (at, len) in overlap.iter().copied() {
+            self.mark_out_of_sync(slot, at * block, len * block);
+        }
+        if !overlap.is_empty() {
+            self.persist(MetaWrite::Bitmap(slot));
+        }
+        Ok(())
+    }
+
     /// The source ended the resync into this node (or, for two fresh nodes, declared them in
     /// sync): its data, then its generation, made durable here, and this node UpToDate. The
     /// other peers' decisions waited for this (see `Replica::reconsider`).
@@ -258,6 +316,7 @@ impl Replica {
             ResyncStep::Wait
         } else if walk.cursor == 0 {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
+            self.send_third_peer_bits(peer_id);
             let uuids = self.sb.uuids;
             let (data_term, data_epoch) = self.data_position();
             let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, data_term, data_epoch };
@@ -308,8 +367,8 @@ impl Replica {
 mod tests {
     use super::{ResyncChunk, ResyncStep};
     use crate::core::states::ReplState;
-    use crate::replica::testing::two_node_replica;
-    use crate::replica::Action;
+    use crate::replica::testing::{three_node_replica, two_node_replica};
+    use crate::replica::{Action, MetaWrite};
     use crate::wire::Message;
     use bytes::Bytes;
 
@@ -344,6 +403,37 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn a_source_hands_its_target_its_bits_for_third_nodes_before_the_end() {
+        let (mut r, t0) = three_node_replica();
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[1].set_range(8 * BLOCK, 2 * BLOCK);
+        r.resync_source_started(1);
+        r.take_actions();
+        assert_eq!(r.resync_next(1, false), ResyncStep::Finished);
+        let sent: Vec<Message> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Send { msg, .. } => Some(msg),
+            _ => None,
+        }).collect();
+        assert!(matches!(&sent[..], [Message::ThirdPeerBits { node: 2, runs }, Message::ResyncDone { .. }] if runs == &[(8, 2)]), "{sent:?}");
+    }
+
+    #[test]
+    fn a_target_records_for_a_third_node_where_its_source_differs_from_it_within_the_resync() {
+        let (mut r, t0) = three_node_replica();
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncTarget;
+        // The resync from beta covers blocks 0..8; beta's bits for gamma are 4..12 and 100.
+        r.bitmaps[0].set_range(0, 8 * BLOCK);
+        r.third_peer_bits_received(1, 2, &[(4, 8), (100, 1)]).expect("a third node");
+        assert_eq!(r.bitmaps[1].runs().collect::<Vec<_>>(), vec![(4, 4)], "only where the resync rewrote this node");
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Persist(MetaWrite::Bitmap(1)))), "durably");
+        for (node, runs) in [(7, (0, 1)), (1, (0, 1)), (2, (u64::MAX, 2))] {
+            assert!(r.third_peer_bits_received(1, node, &[runs]).is_err(), "node {node} runs {runs:?}");
+        }
     }
 
     #[test]

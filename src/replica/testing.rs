@@ -14,10 +14,22 @@ const DISK_BYTES: u64 = 32 << 20;
 /// Node 0 of two data nodes (its peer is node 1, "beta"), Secondary, quorum off; and the
 /// instant it attached.
 pub fn two_node_replica() -> (Replica, Instant) {
+    replica_with_peers(&[1])
+}
+
+/// Node 0 of three data nodes (node 1 "beta" in slot 0, node 2 "gamma" in slot 1), otherwise
+/// as [`two_node_replica`].
+pub fn three_node_replica() -> (Replica, Instant) {
+    replica_with_peers(&[1, 2])
+}
+
+fn replica_with_peers(ids: &[u8]) -> (Replica, Instant) {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
-    MetaStore::create(disk.clone(), DISK_BYTES, true, MetaParams::default(), "r0", 0, &[1], false).expect("create metadata");
+    let params = MetaParams { max_peers: ids.len() as u8, ..MetaParams::default() };
+    MetaStore::create(disk.clone(), DISK_BYTES, true, params, "r0", 0, ids, false).expect("create metadata");
     let (_, loaded) = MetaStore::open(disk, DISK_BYTES, true, "r0", 0).expect("open metadata");
     let now = Instant::now();
+    let names = ["alpha", "beta", "gamma"];
     let replica = Replica::attach(Attached {
         resource: "r0".into(),
         witness: false,
@@ -29,7 +41,7 @@ pub fn two_node_replica() -> (Replica, Instant) {
         al: loaded.activity_log,
         crashed_primary: false,
         crash_repair_pending: Vec::new(),
-        peers: vec![Peer::new(1, "beta".into(), 0, false)],
+        peers: ids.iter().enumerate().map(|(slot, id)| Peer::new(*id, names[usize::from(*id)].into(), slot, false)).collect(),
         quorum_policy: QuorumPolicy::Off,
         on_no_quorum: OnNoQuorum::SuspendIo,
         split_brain: Default::default(),

@@ -169,6 +169,11 @@ pub enum Message {
         data_term: u64,
         data_epoch: u64,
     },
+    /// Source -> target, just before `ResyncDone`: the sender's out-of-sync bits for a third
+    /// data node, `node`, as runs like `BitmapRuns` (several frames for a long list). Where the
+    /// resync rewrote the target, the target now holds the sender's data and differs from
+    /// `node` where the sender does: it records those blocks for `node`.
+    ThirdPeerBits { node: u8, runs: Vec<(u64, u64)> },
     /// The sender's SHA-256 of each bitmap block from byte `offset` (the last block of the
     /// device may be short); the receiver compares its own blocks and answers `DigestReply`.
     DigestRequest {
@@ -217,6 +222,7 @@ pub(super) enum Kind {
     BarrierAck = 0x0016,
     ResyncData = 0x0020,
     ResyncDone = 0x0022,
+    ThirdPeerBits = 0x0025,
     DigestRequest = 0x0023,
     DigestReply = 0x0024,
     Ping = 0x0030,
@@ -227,7 +233,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 21] = [
+    const ALL: [Kind; 22] = [
         Kind::Hello,
         Kind::AuthChallenge,
         Kind::AuthResponse,
@@ -242,6 +248,7 @@ impl Kind {
         Kind::BarrierAck,
         Kind::ResyncData,
         Kind::ResyncDone,
+        Kind::ThirdPeerBits,
         Kind::DigestRequest,
         Kind::DigestReply,
         Kind::Ping,
@@ -275,6 +282,7 @@ impl Kind {
             Kind::BarrierAck => "BarrierAck",
             Kind::ResyncData => "ResyncData",
             Kind::ResyncDone => "ResyncDone",
+            Kind::ThirdPeerBits => "ThirdPeerBits",
             Kind::DigestRequest => "DigestRequest",
             Kind::DigestReply => "DigestReply",
             Kind::Ping => "Ping",
@@ -335,6 +343,7 @@ impl Message {
             Message::BarrierAck { .. } => Kind::BarrierAck,
             Message::ResyncData { .. } => Kind::ResyncData,
             Message::ResyncDone { .. } => Kind::ResyncDone,
+            Message::ThirdPeerBits { .. } => Kind::ThirdPeerBits,
             Message::DigestRequest { .. } => Kind::DigestRequest,
             Message::DigestReply { .. } => Kind::DigestReply,
             Message::Ping => Kind::Ping,
@@ -356,7 +365,7 @@ impl Message {
             Message::Hello(hello) if !matches!(hello.protocol, b'A' | b'B' | b'C') => {
                 Err("protocol is not A, B or C")
             }
-            Message::BitmapRuns { runs, .. } if runs.len() > MAX_BITMAP_RUNS => {
+            Message::BitmapRuns { runs, .. } | Message::ThirdPeerBits { runs, .. } if runs.len() > MAX_BITMAP_RUNS => {
                 Err("more than 65536 runs")
             }
             Message::Data { payload, .. } | Message::ResyncData { payload, .. }
@@ -417,13 +426,11 @@ impl Message {
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
-                // check_limits bounds the count to MAX_BITMAP_RUNS, so it fits.
-                out.put_u32(runs.len() as u32);
-                out.reserve(runs.len() * RUN_BYTES);
-                for (start, count) in runs {
-                    out.put_u64(*start);
-                    out.put_u64(*count);
-                }
+                put_runs(out, runs);
+            }
+            Message::ThirdPeerBits { node, runs } => {
+                out.put_u8(*node);
+                put_runs(out, runs);
             }
             Message::Data {
                 id,
@@ -607,6 +614,10 @@ impl Message {
                 data_term: fields.u64()?,
                 data_epoch: fields.u64()?,
             },
+            Kind::ThirdPeerBits => Message::ThirdPeerBits {
+                node: fields.u8()?,
+                runs: fields.runs()?,
+            },
             Kind::DigestRequest => Message::DigestRequest {
                 purpose: fields.purpose()?,
                 offset: fields.u64()?,
@@ -658,6 +669,17 @@ fn check_block_runs(blocks: u32, runs: &[(u32, u32)]) -> Result<(), &'static str
 }
 
 /// Writes the fixed 64-byte resource field. `check_limits` has bounded the name to 63 bytes.
+/// `(first block, block count)` runs with their count ahead (check_limits bounds the count to
+/// `MAX_BITMAP_RUNS`, so it fits a u32).
+fn put_runs(out: &mut BytesMut, runs: &[(u64, u64)]) {
+    out.put_u32(runs.len() as u32);
+    out.reserve(runs.len() * RUN_BYTES);
+    for (start, count) in runs {
+        out.put_u64(*start);
+        out.put_u64(*count);
+    }
+}
+
 fn put_resource(out: &mut BytesMut, resource: &str) {
     out.put_u8(resource.len() as u8);
     out.put_slice(resource.as_bytes());

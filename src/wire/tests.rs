@@ -144,6 +144,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
         arb_state().prop_map(Message::State),
         (any::<bool>(), vec(any::<(u64, u64)>(), 0..64))
             .prop_map(|(last, runs)| Message::BitmapRuns { last, runs }),
+        (any::<u8>(), vec(any::<(u64, u64)>(), 0..64)).prop_map(|(node, runs)| Message::ThirdPeerBits { node, runs }),
         (
             any::<u64>(),
             any::<u64>(),
@@ -369,7 +370,7 @@ fn payload_sizes_are_as_documented() {
         data_epoch: 0,
         resynced_by: None,
     };
-    let cases: [(Message, usize); 21] = [
+    let cases: [(Message, usize); 22] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
@@ -420,6 +421,7 @@ fn payload_sizes_are_as_documented() {
             },
             56,
         ),
+        (Message::ThirdPeerBits { node: 2, runs: vec![(1, 2), (5, 1)] }, 5 + 32),
         (
             Message::DigestRequest {
                 purpose: DigestPurpose::Verify,
