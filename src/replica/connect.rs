@@ -35,6 +35,11 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
 impl Replica {
     /// A `State` from `peer_id`. The error is why the link must be dropped.
     pub fn peer_state_received(&mut self, peer_id: u8, state: PeerState) -> Result<(), String> {
+        if state.resynced_by == Some(self.node_id()) && self.sync_target_of() == Some(peer_id) {
+            // Each decided on a State of the other's that was already out of date: both wait
+            // to be resynced by the other. A new link brings fresh States to decide on.
+            return Err("both sides decided to be resynced by the other: deciding again on a new connection".into());
+        }
         let primaries_before = self.primaries();
         let peer = self.peer_mut(peer_id);
         peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;

@@ -66,7 +66,8 @@ impl Replica {
             // demoted follows the State saying so) or of this node's resync.
             Message::Barrier { .. } => match repl {
                 ReplState::SyncTarget | ReplState::Behind if !primary_here && !self.witness => Ok(()),
-                ReplState::Established if peer.was_primary && !primary_here && !self.witness => Ok(()),
+                // Off: this node paused the link for a resync from a third node meanwhile.
+                ReplState::Established | ReplState::Off if peer.was_primary && !primary_here && !self.witness => Ok(()),
                 _ => from_primary_stream(),
             },
             Message::BarrierAck { epoch, writes } => match peer.barriers.front() {
