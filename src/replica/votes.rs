@@ -55,8 +55,12 @@ impl Replica {
             }
             // A node this primary is resyncing does not count: it lacks writes acknowledged
             // before it came back, and once done it could vote for a node that lacks them too
-            // (the simulator found an acknowledged FUA write lost that way).
-            return peer.repl != ReplState::SyncSource && (same(self.sb.uuids.current) || (self.left_generation != 0 && same(self.left_generation)));
+            // (the simulator found an acknowledged FUA write lost that way). Nor does a data
+            // node that is connected but not replicating (its decision waits, say, for a resync
+            // it runs to end): the writes acknowledged meanwhile would live on this node alone,
+            // and that node could be promoted without them (seed 3713).
+            let receives_writes = peer.witness || peer.repl == ReplState::Established;
+            return receives_writes && (same(self.sb.uuids.current) || (self.left_generation != 0 && same(self.left_generation)));
         }
         let knows_nothing = peer.witness && same(UUID_JUST_CREATED);
         knows_nothing || self.knows_generation(state.current_uuid)
