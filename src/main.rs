@@ -137,7 +137,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Cmd::CreateMd { force, resource } => create_md(&cli, resource, *force),
         Cmd::Up { foreground, resource } => up(&cli, resource, *foreground),
-        Cmd::Down { resource } => request(&cli, resource, Request::Down).map(|_| ()),
+        Cmd::Down { resource } => down(&cli, resource),
         Cmd::Primary { force, resource } => request(&cli, resource, Request::Primary { force: *force }).map(|_| ()),
         Cmd::Secondary { resource } => request(&cli, resource, Request::Secondary).map(|_| ()),
         Cmd::Connect { discard_my_data, resource } => {
@@ -181,6 +181,26 @@ fn request(cli: &Cli, resource: &str, request: Request) -> Result<Option<Resourc
         }
         Err(e) => Err(fail(e.to_string(), 1)),
     }
+}
+
+/// Stops the daemon and returns once its process is gone: its disk and run locks are free, so
+/// an `up` right after it cannot find the disk "in use" (the daemon answers before it exits).
+fn down(cli: &Cli, resource: &str) -> Result<(), Failure> {
+    let (config, me) = load(cli, resource)?;
+    let lock = control::lock_path(&cli.run_dir, &config.name, &me.name);
+    let pid = std::fs::read_to_string(&lock).ok().and_then(|text| text.trim().parse::<u32>().ok());
+    request(cli, resource, Request::Down)?;
+    let Some(pid) = pid else { return Ok(()) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    // Gone, or a zombie (its files, and their locks, are closed by then).
+    let exited = || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')));
+    while !exited() {
+        if std::time::Instant::now() >= deadline {
+            return Err(fail(format!("{resource}: the daemon (pid {pid}) stopped but has not exited after 30 s"), 1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
