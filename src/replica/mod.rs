@@ -461,8 +461,7 @@ impl Replica {
 
     /// Whether this node resyncs a peer other than `except`, or is about to.
     pub fn resyncs_other_than(&self, except: Option<u8>) -> bool {
-        let source = |p: &Peer| p.repl == ReplState::SyncSource || p.pending_sync.is_some_and(|d| d.is_source());
-        self.peers.iter().any(|p| p.connected && Some(p.node_id) != except && source(p))
+        self.peers.iter().any(|p| p.connected && Some(p.node_id) != except && p.is_resynced_from_here())
     }
 
     /// The peer resyncing this node, or about to (a target decision waits for its bitmap).

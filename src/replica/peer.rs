@@ -96,6 +96,11 @@ impl Peer {
     pub fn is_replicating(&self) -> bool {
         !self.witness && self.connected && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
     }
+
+    /// This node resyncs the peer, or has decided to.
+    pub fn is_resynced_from_here(&self) -> bool {
+        self.repl == ReplState::SyncSource || self.pending_sync.is_some_and(|d| d.is_source())
+    }
 }
 
 /// Pings in flight to a peer and the send time of the newest one it answered: the peer's vote

@@ -149,12 +149,11 @@ impl Replica {
     fn record_resync_for_others(&mut self, source: u8) {
         let block = u64::from(self.bitmaps[self.peer(source).slot].block_size());
         let runs: Vec<(u64, u64)> = self.bitmaps[self.peer(source).slot].runs().collect();
-        let resyncing = |p: &super::Peer| p.repl == ReplState::SyncSource || p.pending_sync.is_some_and(|d| d.is_source());
         let tracked: Vec<usize> = self
             .peers
             .iter()
             .filter(|p| p.node_id != source && !p.witness)
-            .filter(|p| self.sb.peers[p.slot].bitmap_uuid != 0 || self.bitmaps[p.slot].weight() > 0 || resyncing(p))
+            .filter(|p| self.sb.peers[p.slot].bitmap_uuid != 0 || self.bitmaps[p.slot].weight() > 0 || p.is_resynced_from_here())
             .map(|p| p.slot)
             .collect();
         for slot in tracked {
