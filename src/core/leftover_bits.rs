@@ -19,6 +19,7 @@
 
 use super::states::DiskState;
 use super::sync_decision::SyncDecision;
+use crate::wire::DataPosition;
 
 /// One side of the connection, as both nodes see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub struct BitsHolder {
     pub is_primary: bool,
     /// How far the data goes (see `UuidView::data_position`), then the node id: the order
     /// between two sides that may both send.
-    pub position: ((u64, u64), u8),
+    pub position: (DataPosition, u8),
 }
 
 impl BitsHolder {
@@ -75,18 +76,25 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn at(term: u64, epoch: u64, fua: u64) -> DataPosition {
+        DataPosition { term, epoch, fua }
+    }
+
     fn side(bits_for_other: u64, disk: DiskState) -> BitsHolder {
-        BitsHolder { bits_for_other, disk, is_primary: false, position: ((1, 5), 0) }
+        BitsHolder { bits_for_other, disk, is_primary: false, position: (at(1, 5, 0), 0) }
     }
 
     #[test]
     fn with_bits_on_both_good_sides_the_further_copy_is_the_source() {
         let near = side(3, DiskState::UpToDate);
-        let far = BitsHolder { position: ((1, 9), 1), ..near };
+        let far = BitsHolder { position: (at(1, 9, 0), 1), ..near };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &far, &near), SyncDecision::BitmapSource);
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &far), SyncDecision::BitmapTarget);
-        let twin = BitsHolder { position: ((1, 5), 1), ..near };
+        let twin = BitsHolder { position: (at(1, 5, 0), 1), ..near };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &twin), SyncDecision::BitmapSource, "equally far: the lower node id");
+        // An acknowledged FUA write past the last barrier is further on than the barrier.
+        let fua = BitsHolder { position: (at(1, 5, 17), 1), ..near };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &fua), SyncDecision::BitmapTarget);
     }
 
     #[test]
@@ -101,7 +109,7 @@ mod tests {
         let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
         let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
-        let b = BitsHolder { position: ((9, 9), 1), ..b };
+        let b = BitsHolder { position: (at(9, 9, 0), 1), ..b };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource, "even if it is further");
     }
 
@@ -132,8 +140,13 @@ mod tests {
 
     fn arb_side() -> impl Strategy<Value = BitsHolder> {
         let disks = [DiskState::Inconsistent, DiskState::Outdated, DiskState::Consistent, DiskState::UpToDate];
-        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>(), (0u64..2, 0u64..2))
-            .prop_map(|(bits_for_other, disk, is_primary, position)| BitsHolder { bits_for_other, disk, is_primary, position: (position, 0) })
+        (0u64..3, prop::sample::select(disks.to_vec()), any::<bool>(), (0u64..2, 0u64..2, 0u64..2))
+            .prop_map(|(bits_for_other, disk, is_primary, (term, epoch, fua))| BitsHolder {
+                bits_for_other,
+                disk,
+                is_primary,
+                position: (at(term, epoch, fua), 0),
+            })
     }
 
     proptest! {

@@ -5,6 +5,7 @@
 //! reasoning are in docs/DESIGN.md ("Generation UUIDs"); the rule numbers below match it.
 
 pub use crate::meta::uuids::{same as same_uuid, UUID_JUST_CREATED};
+use crate::wire::DataPosition;
 
 /// One node's side of the comparison.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,11 +21,10 @@ pub struct UuidView {
     pub is_primary: bool,
     /// Disk is Inconsistent: it can only ever be a target.
     pub inconsistent: bool,
-    /// How far the data goes: the election term of the primary whose generation it carries
-    /// (0 without elections), then the barrier epoch of that primary's stream held durably.
-    /// Of two copies of one generation, the later election's is the newer; within one, the
-    /// further copy holds every flushed write of the nearer.
-    pub data_position: (u64, u64),
+    /// How far the data goes (`DataPosition`): of two copies of one generation, the later
+    /// election's is the newer; within one, the further copy holds every durable write of the
+    /// nearer.
+    pub data_position: DataPosition,
     /// The node stopped without a clean shutdown as a secondary and has not been resynced
     /// from this peer since: its activity log's extents (in its bitmap) may lack writes.
     pub cache_lost: bool,
@@ -186,8 +186,8 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     use SyncDecision::*;
     // A primary of a later election adopted this generation (promoted with every peer in
     // sync) and wrote on: its copy is the newer one, whoever crashed before.
-    if me.data_position.0 != peer.data_position.0 && !me.inconsistent && !peer.inconsistent {
-        return if me.data_position.0 > peer.data_position.0 { BitmapSource } else { BitmapTarget };
+    if me.data_position.term != peer.data_position.term && !me.inconsistent && !peer.inconsistent {
+        return if me.data_position.term > peer.data_position.term { BitmapSource } else { BitmapTarget };
     }
     // A crash as primary leaves writes in the activity log's extents that may not have reached
     // the peer (or reached only the peer). Those extents are already in the crashed side's
@@ -268,6 +268,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn position(term: u64, epoch: u64) -> DataPosition {
+        DataPosition { term, epoch, fua: 0 }
+    }
+
     fn view(node_id: u8, current: u64) -> UuidView {
         UuidView {
             node_id,
@@ -277,7 +281,7 @@ mod tests {
             crashed_primary: false,
             is_primary: false,
             inconsistent: false,
-            data_position: (0, 0),
+            data_position: DataPosition::default(),
             cache_lost: false,
         }
     }
@@ -296,17 +300,17 @@ mod tests {
 
     #[test]
     fn a_node_that_lost_its_cache_is_the_target_unless_it_is_further() {
-        let lost = UuidView { cache_lost: true, data_position: (2, 7), ..view(0, 0x51) };
-        let behind = UuidView { data_position: (2, 5), ..view(1, 0x51) };
+        let lost = UuidView { cache_lost: true, data_position: position(2, 7), ..view(0, 0x51) };
+        let behind = UuidView { data_position: position(2, 5), ..view(1, 0x51) };
         assert_eq!(both(&lost, &behind), BitmapSource, "the other lacks flushed writes");
-        let ahead = UuidView { data_position: (2, 7), ..behind };
+        let ahead = UuidView { data_position: position(2, 7), ..behind };
         assert_eq!(both(&lost, &ahead), BitmapTarget);
     }
 
     #[test]
     fn of_one_generation_the_later_election_s_copy_wins_over_a_crashed_primary() {
-        let crashed = UuidView { crashed_primary: true, data_position: (3, 9), ..view(0, 0x51) };
-        let later = UuidView { data_position: (4, 1), ..view(1, 0x51) };
+        let crashed = UuidView { crashed_primary: true, data_position: position(3, 9), ..view(0, 0x51) };
+        let later = UuidView { data_position: position(4, 1), ..view(1, 0x51) };
         assert_eq!(decide(&later, &crashed), BitmapSource);
         assert_eq!(decide(&crashed, &later), BitmapTarget);
     }
@@ -468,8 +472,8 @@ mod tests {
     }
 
     fn arb_view(node_id: u8) -> impl Strategy<Value = UuidView> {
-        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>(), (0..3u64, 0..3u64))
-            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent, data_position)| UuidView {
+        (arb_uuid(), arb_uuid(), proptest::array::uniform4(arb_uuid()), any::<bool>(), any::<bool>(), any::<bool>(), (0..3u64, 0..3u64, 0..2u64))
+            .prop_map(move |(current, bitmap_for_peer, history, crashed_primary, is_primary, inconsistent, (term, epoch, fua))| UuidView {
                 node_id,
                 current: current.max(UUID_JUST_CREATED),
                 bitmap_for_peer,
@@ -477,7 +481,7 @@ mod tests {
                 crashed_primary,
                 is_primary,
                 inconsistent,
-                data_position,
+                data_position: DataPosition { term, epoch, fua },
                 cache_lost: false,
             })
     }

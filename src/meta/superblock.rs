@@ -19,7 +19,8 @@
 //! 648 highest election term u64  656 term of the data's generation u64
 //! 664 last barrier epoch of that term's primary held durably u64
 //! 672 boot id of the machine at the last attach, 16 bytes (zero: unknown)
-//! 688 zero to the end
+//! 688 id of the last FUA write of the next epoch held durably u64 (zero: none)
+//! 696 zero to the end
 //! ```
 
 use super::layout::{MetaParams, MAX_PEERS};
@@ -34,6 +35,7 @@ const PEERS_OFFSET: usize = 152;
 const PEER_SIZE: usize = 16;
 const TERMS_OFFSET: usize = 648;
 const BOOT_ID_OFFSET: usize = 672;
+const FUA_OF_DATA_OFFSET: usize = 688;
 /// Longest resource name, in bytes.
 pub const MAX_RESOURCE_NAME: usize = 63;
 /// Node ids are 0..32: up to 32 nodes per resource.
@@ -186,6 +188,9 @@ pub struct Terms {
     /// it acknowledged (a secondary). Of two copies of the same term, the one further in holds
     /// every flushed write the other holds.
     pub epoch_of_data: u64,
+    /// Then the id of the last FUA write of the next epoch it holds durably with every FUA
+    /// write before it (0: none; see `wire::DataPosition`).
+    pub fua_of_data: u64,
 }
 
 impl Superblock {
@@ -266,6 +271,7 @@ impl Superblock {
         le::put_u64(&mut b, TERMS_OFFSET, self.terms.highest);
         le::put_u64(&mut b, TERMS_OFFSET + 8, self.terms.of_data);
         le::put_u64(&mut b, TERMS_OFFSET + 16, self.terms.epoch_of_data);
+        le::put_u64(&mut b, FUA_OF_DATA_OFFSET, self.terms.fua_of_data);
         b[BOOT_ID_OFFSET..][..16].copy_from_slice(&self.boot_id);
         let crc = block_crc(&b, CRC_OFFSET);
         le::put_u32(&mut b, CRC_OFFSET, crc);
@@ -380,6 +386,7 @@ fn decode(b: &Block) -> Result<Superblock, String> {
             highest: le::u64_at(b, TERMS_OFFSET),
             of_data: le::u64_at(b, TERMS_OFFSET + 8),
             epoch_of_data: le::u64_at(b, TERMS_OFFSET + 16),
+            fua_of_data: le::u64_at(b, FUA_OF_DATA_OFFSET),
         },
         boot_id: b[BOOT_ID_OFFSET..][..16].try_into().expect("16 bytes"),
         flags: MetaFlags::from_bits_retain(le::u32_at(b, 24)),
@@ -448,7 +455,7 @@ mod tests {
                 PeerSlot { node_id: 0, bitmap_uuid: 0, bitmap_crc: None, departed: false },
             ],
             uuids: GenerationUuids { current: 0x1234_5679, history: [5, 6, 0, 0] },
-            terms: Terms { highest: 7, of_data: 6, epoch_of_data: 5 },
+            terms: Terms { highest: 7, of_data: 6, epoch_of_data: 5, fua_of_data: 4 },
             boot_id: [0; 16],
             flags: MetaFlags::CONSISTENT | MetaFlags::PRIMARY_IND,
         }
@@ -534,7 +541,7 @@ mod tests {
             al_extents in 7..=6433u32,
             peer_ids in prop::collection::btree_set(0..=MAX_NODE_ID, 0..=31),
             uuids in any::<(u64, [u64; 4])>(),
-            terms in any::<(u64, u64, u64)>(),
+            terms in any::<(u64, u64, u64, u64)>(),
             boot_id in any::<[u8; 16]>(),
             flags in any::<u32>(),
             crcs in prop::collection::vec(any::<(u64, Option<u32>, bool)>(), 31),
@@ -556,7 +563,7 @@ mod tests {
                 params: MetaParams { max_peers, bitmap_block_size: 1 << shift, al_extents },
                 peers,
                 uuids: GenerationUuids { current: uuids.0, history: uuids.1 },
-                terms: Terms { highest: terms.0, of_data: terms.1, epoch_of_data: terms.2 },
+                terms: Terms { highest: terms.0, of_data: terms.1, epoch_of_data: terms.2, fua_of_data: terms.3 },
                 boot_id,
                 flags: MetaFlags::from_bits_retain(flags),
             }

@@ -40,11 +40,11 @@ impl Replica {
         }
         self.persist(MetaWrite::Superblock);
         if clear_bitmap {
-            let (current_uuid, history, (data_term, data_epoch)) = (self.sb.uuids.current, self.sb.uuids.history, self.data_position());
+            let (current_uuid, history, position) = (self.sb.uuids.current, self.sb.uuids.history, self.data_position());
             // A witness holds no data to declare in sync (it would report itself UpToDate).
             let data_peers: Vec<u8> = self.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect();
             for peer in data_peers {
-                self.send(peer, Message::ResyncDone { current_uuid, history, data_term, data_epoch });
+                self.send(peer, Message::ResyncDone { current_uuid, history, position });
             }
         }
         self.broadcast_state();

@@ -10,7 +10,7 @@ use crate::meta::activity_log::{extents_for, AlPrepared};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
 use crate::core::inflight::LocalFailure;
-use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
+use crate::wire::{DataPosition, DigestPurpose, Message, DIGEST_BYTES};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -60,7 +60,10 @@ enum Mark {
     /// primary checks them against its own count).
     Barrier { epoch: u64, writes: u32, flushing: bool },
     /// The sync source's end of a resync.
-    ResyncDone { current: u64, history: [u64; 4], position: (u64, u64) },
+    ResyncDone { current: u64, history: [u64; 4], position: DataPosition },
+    /// A FUA write of epoch `epoch`, acknowledged in stream order once it is `durable`: this
+    /// node's data position then names it (see `Replica::fua_write_reached`).
+    FuaWrite { id: u64, epoch: u64, durable: bool },
 }
 
 /// The steps and marks of one peer's stream that are not done yet.
@@ -98,7 +101,7 @@ impl Replica {
     /// do not follow the primary, acknowledged as received under protocol B, and applied in
     /// stream order.
     #[allow(clippy::too_many_arguments)]
-    pub fn peer_write_received(&mut self, now: Instant, peer_id: u8, id: u64, offset: u64, len: u64, fua: bool, op: LocalIo) {
+    pub fn peer_write_received(&mut self, now: Instant, peer_id: u8, (id, epoch): (u64, u64), offset: u64, len: u64, fua: bool, op: LocalIo) {
         let absent = self.slots_not_following(peer_id);
         for &slot in &absent {
             self.mark_out_of_sync(slot, offset, len);
@@ -112,6 +115,10 @@ impl Replica {
             self.send(peer_id, Message::RecvAck { id });
         }
         self.stream_step(peer_id, offset, len, Work::Write { id, fua, op });
+        if fua {
+            let applying = &mut self.peer_mut(peer_id).applying;
+            applying.marks.push_back((applying.received, Mark::FuaWrite { id, epoch, durable: false }));
+        }
     }
 
     /// A write applied here as a secondary makes its extents hot in this node's activity log,
@@ -164,7 +171,7 @@ impl Replica {
     }
 
     /// The sync source ended the resync: taken once the resync data before it is written.
-    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: (u64, u64)) {
+    pub fn resync_done_in_stream(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
         let applying = &mut self.peer_mut(peer_id).applying;
         applying.marks.push_back((applying.received, Mark::ResyncDone { current, history, position }));
         self.advance_marks(peer_id);
@@ -223,8 +230,14 @@ impl Replica {
     fn answer_step(&mut self, peer_id: u8, step: Step, result: Result<Option<Bytes>, LocalFailure>) {
         let generation = step.generation;
         match (step.work, result) {
-            (Work::Write { id, fua, .. }, Ok(_)) => {
-                if self.protocol == Protocol::C || fua {
+            (Work::Write { id, fua: true, .. }, Ok(_)) => {
+                let marks = &mut self.peer_mut(peer_id).applying.marks;
+                if let Some((_, Mark::FuaWrite { durable, .. })) = marks.iter_mut().find(|(_, m)| matches!(m, Mark::FuaWrite { id: i, .. } if *i == id)) {
+                    *durable = true;
+                }
+            }
+            (Work::Write { id, fua: false, .. }, Ok(_)) => {
+                if self.protocol == Protocol::C {
                     self.send(peer_id, Message::WriteAck { id });
                 }
             }
@@ -274,8 +287,31 @@ impl Replica {
                     applying.marks.pop_front();
                     self.resync_done_received(peer_id, current, history, position);
                 }
+                Mark::FuaWrite { id, epoch, durable } => {
+                    let (id, epoch, durable) = (*id, *epoch, *durable);
+                    applying.marks.pop_front();
+                    // A failed one was answered with its NegAck.
+                    if durable {
+                        self.fua_write_reached(peer_id, id, epoch);
+                    }
+                }
             }
         }
+    }
+
+    /// A FUA write is durable here, and so is every write and barrier before it in the
+    /// stream: from its primary, this node's data position moves to it, durably, before the
+    /// `WriteAck` that lets the primary acknowledge it (two copies that differed by an
+    /// acknowledged FUA write would otherwise tie, and the one without it could be chosen).
+    fn fua_write_reached(&mut self, peer_id: u8, id: u64, epoch: u64) {
+        if self.peer(peer_id).role == Role::Primary {
+            let position = DataPosition { epoch: epoch.saturating_sub(1), fua: id, ..self.data_position() };
+            if position > self.data_position() {
+                self.set_data_position(position);
+                self.persist(MetaWrite::Superblock);
+            }
+        }
+        self.send(peer_id, Message::WriteAck { id });
     }
 
     /// A barrier's flush finished: acknowledged with the epoch's write count, or the link goes
@@ -292,7 +328,7 @@ impl Replica {
                 if self.peer(peer_id).role == Role::Primary {
                     // Its primary's stream is durable here up to this epoch, and says so only
                     // once that is durable too (see `Terms::epoch_of_data`).
-                    self.sb.terms.epoch_of_data = epoch;
+                    self.set_data_position(DataPosition { epoch, fua: 0, ..self.data_position() });
                     self.persist(MetaWrite::Superblock);
                 }
                 self.send(peer_id, Message::BarrierAck { epoch, writes });
@@ -312,7 +348,7 @@ mod tests {
     use crate::core::inflight::LocalFailure;
     use crate::replica::testing::secondary_of_primary;
     use crate::replica::{Action, IoTag, LocalIo, Replica};
-    use crate::wire::{DigestPurpose, Message};
+    use crate::wire::{DataPosition, DigestPurpose, Message};
     use bytes::Bytes;
 
     fn data(offset: u64) -> LocalIo {
@@ -337,9 +373,9 @@ mod tests {
     fn overlapping_writes_apply_in_stream_order_and_a_barrier_waits_for_the_writes_before_it() {
         let (mut r, t0) = secondary_of_primary();
         let generation = r.peer(1).generation;
-        r.peer_write_received(t0, 1, 1, 0, 4096, false, data(0));
-        r.peer_write_received(t0, 1, 2, 0, 4096, false, data(0));
-        r.peer_write_received(t0, 1, 3, 8192, 4096, false, data(8192));
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, (2, 1), 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, (3, 1), 8192, 4096, false, data(8192));
         r.peer_barrier_received(1, 7);
         let actions = r.take_actions();
         let write = |seq| IoTag::Stream { peer: 1, generation, seq };
@@ -363,7 +399,7 @@ mod tests {
         let (mut r, t0) = secondary_of_primary();
         let generation = r.peer(1).generation;
         for id in 1..=3 {
-            r.peer_write_received(t0, 1, id, 0, 4096, false, data(0));
+            r.peer_write_received(t0, 1, (id, 1), 0, 4096, false, data(0));
         }
         let write = |seq| IoTag::Stream { peer: 1, generation, seq };
         assert_eq!(io_tags(&r.take_actions()), vec![write(1)]);
@@ -377,8 +413,8 @@ mod tests {
     fn a_failed_write_is_nacked_and_a_write_of_a_replaced_connection_is_not_acked() {
         let (mut r, t0) = secondary_of_primary();
         let generation = r.peer(1).generation;
-        r.peer_write_received(t0, 1, 1, 0, 4096, false, data(0));
-        r.peer_write_received(t0, 1, 2, 4096, 4096, false, data(4096));
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, (2, 1), 4096, 4096, false, data(4096));
         r.take_actions();
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::NoSpace));
         assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 1, errno: 28 }]));
@@ -389,6 +425,47 @@ mod tests {
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 2 }, Ok(None));
         assert!(sent(&r.take_actions()).is_empty(), "no ack on the new connection for the old one's write");
         assert!(!r.overlaps_busy(4096, 4096));
+    }
+
+    #[test]
+    fn a_fua_write_is_acked_in_stream_order_once_the_data_position_names_it_durably() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        let step = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let fua = |offset| LocalIo::Write { offset, data: Bytes::from(vec![2u8; 4096]), fua: true };
+        // Epoch 4: one FUA write, then the barrier; epoch 5: two FUA writes.
+        r.peer_write_received(t0, 1, (10, 4), 0, 4096, true, fua(0));
+        r.peer_barrier_received(1, 4);
+        r.peer_write_received(t0, 1, (11, 5), 4096, 4096, true, fua(4096));
+        r.peer_write_received(t0, 1, (12, 5), 8192, 4096, true, fua(8192));
+        assert_eq!(io_tags(&r.take_actions()), vec![step(1), step(2), step(3)]);
+        r.io_done(t0, step(3), Ok(None));
+        r.io_done(t0, step(2), Ok(None));
+        assert!(sent(&r.take_actions()).is_empty(), "not before the FUA write and the barrier before them");
+        r.io_done(t0, step(1), Ok(None));
+        let actions = r.take_actions();
+        assert!(matches!(sent(&actions)[..], [Message::WriteAck { id: 10 }]), "{actions:?}");
+        assert_eq!(r.data_position().epoch, 3, "the FUA write of epoch 4: past barrier 3");
+        assert_eq!(r.data_position().fua, 10);
+        r.io_done(t0, IoTag::Barrier { peer: 1, generation, epoch: 4 }, Ok(None));
+        let actions = r.take_actions();
+        let acks: Vec<&Message> = sent(&actions);
+        assert!(matches!(acks[..], [Message::BarrierAck { epoch: 4, writes: 1 }, Message::WriteAck { id: 11 }, Message::WriteAck { id: 12 }]), "{actions:?}");
+        assert_eq!((r.data_position().epoch, r.data_position().fua), (4, 12));
+        let persisted = actions.iter().rposition(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::Superblock))).expect("persisted");
+        let acked = actions.iter().rposition(|a| matches!(a, Action::Send { msg: Message::WriteAck { id: 12 }, .. })).expect("acked");
+        assert!(persisted < acked, "durable before the ack: {actions:?}");
+    }
+
+    #[test]
+    fn a_failed_fua_write_is_nacked_and_moves_no_position() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        r.peer_write_received(t0, 1, (7, 2), 0, 4096, true, LocalIo::Write { offset: 0, data: Bytes::from(vec![2u8; 4096]), fua: true });
+        r.take_actions();
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::NoSpace));
+        assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 7, errno: 28 }]));
+        assert_eq!(r.data_position().fua, 0);
     }
 
     /// Makes this node the peer's sync target.
@@ -404,10 +481,10 @@ mod tests {
         let generation = r.peer(1).generation;
         let step = |seq| IoTag::Stream { peer: 1, generation, seq };
         let block = Bytes::from(vec![3u8; 4096]);
-        r.peer_write_received(t0, 1, 9, 0, 4096, false, LocalIo::Write { offset: 0, data: block.clone(), fua: false });
+        r.peer_write_received(t0, 1, (9, 1), 0, 4096, false, LocalIo::Write { offset: 0, data: block.clone(), fua: false });
         r.resync_data_received(1, 0, block.clone());
         r.resync_data_received(1, 4096, block);
-        r.resync_done_in_stream(1, 0x1234, [0; 4], (0, 0));
+        r.resync_done_in_stream(1, 0x1234, [0; 4], DataPosition::default());
         let actions = r.take_actions();
         assert_eq!(io_tags(&actions), vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
         r.io_done(t0, step(1), Ok(None));

@@ -12,7 +12,7 @@ use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{decide, same_uuid, Refusal, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
-use crate::wire::{Message, PeerState};
+use crate::wire::{DataPosition, Message, PeerState};
 
 /// BitmapRuns frames carry at most this many runs.
 const RUNS_PER_FRAME: usize = 4096;
@@ -27,7 +27,7 @@ fn peer_view(peer_id: u8, state: &PeerState) -> UuidView {
         crashed_primary: state.flags & STATE_FLAG_CRASHED_PRIMARY != 0,
         is_primary: Role::from_wire(state.role) == Some(Role::Primary),
         inconsistent: DiskState::from_wire(state.disk) == Some(DiskState::Inconsistent),
-        data_position: (state.data_term, state.data_epoch),
+        data_position: state.data_position,
         cache_lost: state.flags & STATE_FLAG_CACHE_LOST != 0,
     }
 }
@@ -91,12 +91,11 @@ impl Replica {
         let tracked = state.bitmap_uuid != 0;
         if follows && !tracked && self.disk == DiskState::UpToDate && self.role != Role::Primary {
             if !same_uuid(state.current_uuid, self.sb.uuids.current) {
-                self.follow_primary(peer_id, state.current_uuid, state.data_term);
-            } else if state.data_term > self.sb.terms.of_data {
+                self.follow_primary(peer_id, state.current_uuid, state.data_position.term);
+            } else if state.data_position.term > self.sb.terms.of_data {
                 // Promoted without a new generation (every peer in sync): the data is that
                 // election's now.
-                self.sb.terms.of_data = state.data_term;
-                self.sb.terms.epoch_of_data = 0;
+                self.set_data_position(DataPosition { term: state.data_position.term, ..DataPosition::default() });
                 self.persist(MetaWrite::Superblock);
             }
         }
@@ -163,8 +162,7 @@ impl Replica {
         generation.follow(current, &absent);
         self.set_generation(generation);
         if data_term != self.sb.terms.of_data {
-            self.sb.terms.of_data = data_term;
-            self.sb.terms.epoch_of_data = 0;
+            self.set_data_position(DataPosition { term: data_term, ..DataPosition::default() });
         }
         self.persist(MetaWrite::Superblock);
         tracing::info!(resource = %self.resource, uuid = format_args!("{current:016X}"), "following the primary's new generation");
@@ -278,7 +276,7 @@ impl Replica {
             bits_for_other: peer_state.bitmap_weight,
             disk: peer.disk,
             is_primary: peer.role == Role::Primary,
-            position: ((peer_state.data_term, peer_state.data_epoch), peer_id),
+            position: (peer_state.data_position, peer_id),
         };
         let (mine, theirs, name) = (self.uuid_view(peer), peer_view(peer_id, &peer_state), peer.name.clone());
         let decided = decide(&mine, &theirs);
@@ -536,7 +534,7 @@ impl Replica {
         // Under quorum the copy of the later election wins (see `replica/election.rs`): the
         // other's changes since they parted were never acknowledged, or acknowledged under
         // protocol A by a primary that had lost its quorum without knowing.
-        let (my_term, their_term) = (self.sb.terms.of_data, theirs.data_term);
+        let (my_term, their_term) = (self.sb.terms.of_data, theirs.data_position.term);
         if self.quorum_policy != QuorumPolicy::Off && my_term != their_term {
             // A primary of the earlier election steps down first (it was superseded); the link
             // waits idle meanwhile (see the refusals in `reconsider`).

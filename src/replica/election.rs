@@ -24,7 +24,7 @@
 use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
 use crate::core::states::Role;
-use crate::wire::Message;
+use crate::wire::{DataPosition, Message};
 use std::time::Instant;
 
 /// This node's request for votes, while it lasts.
@@ -66,8 +66,7 @@ impl Replica {
         self.promote_checks(now, force)?;
         if self.quorum_policy == QuorumPolicy::Off {
             self.sb.terms.highest += 1;
-            self.sb.terms.of_data = self.sb.terms.highest;
-            self.sb.terms.epoch_of_data = 0;
+            self.set_data_position(DataPosition { term: self.sb.terms.highest, ..DataPosition::default() });
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         // A candidacy left from an earlier request (its driver gave up on it) is not this one.
@@ -94,8 +93,7 @@ impl Replica {
             self.candidacy = None;
             self.elected = Some((candidacy.asked_at, candidacy.granted));
             self.sb.terms.highest = self.sb.terms.highest.max(candidacy.term);
-            self.sb.terms.of_data = candidacy.term;
-            self.sb.terms.epoch_of_data = 0;
+            self.set_data_position(DataPosition { term: candidacy.term, ..DataPosition::default() });
             return Ok(PromoteStep::Promoted(self.promote_now(force)));
         }
         let all_answered = candidacy.answered == candidacy.asked;
@@ -122,9 +120,9 @@ impl Replica {
         let asked: Vec<u8> = self.peers.iter().filter(|p| p.connected && p.last_state.is_some()).map(|p| p.node_id).collect();
         let mask = asked.iter().fold(0u32, |m, id| m | 1 << id);
         self.candidacy = Some(Candidacy { ballot, term, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
-        let (data_term, data_epoch) = self.data_position();
+        let position = self.data_position();
         for peer in asked {
-            self.send(peer, Message::VoteRequest { ballot, term, data_term, data_epoch });
+            self.send(peer, Message::VoteRequest { ballot, term, position });
         }
     }
 
@@ -137,12 +135,12 @@ impl Replica {
         }
     }
 
-    /// `candidate` asks for this node's vote in election `term`, its data at `position` (term,
-    /// epoch: see `Replica::data_position`): given unless this node is primary, sees one, waits
+    /// `candidate` asks for this node's vote in election `term`, its data at `position` (see
+    /// `Replica::data_position`): given unless this node is primary, sees one, waits
     /// for votes itself, gave its vote to another node less than a ping timeout ago, knows a
     /// term as high, or holds data further on (it could hold flushed writes the candidate
     /// lacks). A vote given is durable before it is sent.
-    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64, term: u64, position: (u64, u64)) {
+    pub fn vote_requested(&mut self, now: Instant, candidate: u8, ballot: u64, term: u64, position: DataPosition) {
         let busy_elsewhere = self.vote_given_to(now).is_some_and(|id| id != candidate);
         let candidate_myself = self.candidacy.is_some_and(|c| self.candidacy_open(&c, now));
         let stale_term = term <= self.sb.terms.highest;
@@ -181,7 +179,7 @@ mod tests {
     use crate::core::states::{DiskState, ReplState};
     use crate::replica::testing::{secondary_state, two_node_replica};
     use crate::replica::{Action, PromoteRefusal, Replica};
-    use crate::wire::Message;
+    use crate::wire::{DataPosition, Message};
     use std::time::{Duration, Instant};
 
     fn candidate() -> (Replica, Instant) {
@@ -249,7 +247,7 @@ mod tests {
     #[test]
     fn a_voter_gives_one_vote_at_a_time_and_not_while_a_candidate_itself() {
         let (mut r, t0) = candidate();
-        r.vote_requested(t0, 1, 5, 1, (0, 0));
+        r.vote_requested(t0, 1, 5, 1, DataPosition::default());
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 5, granted: true }, .. })));
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VotedFor { .. })), "it voted for node 1");
         let later = t0 + r.timing.ping_timeout + Duration::from_millis(1);
@@ -258,7 +256,7 @@ mod tests {
         r.peer_mut(1).lease.answered();
         assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "the vote given has lapsed");
         r.take_actions();
-        r.vote_requested(later, 1, 6, 9, (0, 0));
+        r.vote_requested(later, 1, 6, 9, DataPosition::default());
         assert!(
             r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Vote { ballot: 6, granted: false }, .. })),
             "a candidate votes for nobody else"

@@ -148,7 +148,7 @@ mod tests {
     use crate::core::sync_decision::SyncDecision;
     use crate::replica::testing::two_node_replica;
     use crate::replica::Replica;
-    use crate::wire::{DigestPurpose, Message};
+    use crate::wire::{DataPosition, DigestPurpose, Message};
     use bytes::Bytes;
 
     /// This node Secondary, linked (connection 1) to node 1, an Established primary.
@@ -193,7 +193,7 @@ mod tests {
     fn a_sync_source_sends_resync_data_and_ends_the_resync_nobody_else_does() {
         let mut r = linked_to_primary();
         let resync_data = Message::ResyncData { offset: 0, payload: Bytes::from(vec![0u8; 4096]) };
-        let done = Message::ResyncDone { current_uuid: 5, history: [0; 4], data_term: 0, data_epoch: 0 };
+        let done = Message::ResyncDone { current_uuid: 5, history: [0; 4], position: DataPosition::default() };
         assert!(r.check_frame(1, 1, &resync_data).is_err());
         assert_eq!(r.check_frame(1, 1, &done), Ok(()), "two fresh nodes declared in sync (new-current-uuid --clear-bitmap)");
         r.sb.uuids.current = 0xABC0;

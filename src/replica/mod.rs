@@ -50,7 +50,7 @@ use crate::meta::activity_log::{extent_offset, AL_EXTENT_SIZE};
 use crate::meta::{ActivityLog, DirtyBitmap, MetaFlags, Superblock};
 use crate::core::inflight::LocalFailure;
 use crate::frontend::{BlockError, BlockResult};
-use crate::wire::{Message, PeerState};
+use crate::wire::{DataPosition, Message, PeerState};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 use uuids::UuidSource;
@@ -522,8 +522,7 @@ impl Replica {
             bitmap_weight: self.bitmaps[peer.slot].weight(),
             primaries: self.primaries(),
             term: self.sb.terms.highest,
-            data_term: self.sb.terms.of_data,
-            data_epoch: self.data_position().1,
+            data_position: self.data_position(),
             resynced_by: self.sync_target_of(),
         }
     }
@@ -542,13 +541,21 @@ impl Replica {
         flags
     }
 
-    /// How far this node's data goes: the election term of its primary, and the barrier epoch
-    /// of that primary's stream it holds durably (a primary: its own stream's open epoch, past
-    /// every barrier it sent). Compared as a pair: further data holds every flushed write of
-    /// the nearer (see `replica/election.rs`).
-    pub fn data_position(&self) -> (u64, u64) {
-        let epoch = if self.role == Role::Primary { self.epoch } else { self.sb.terms.epoch_of_data };
-        (self.sb.terms.of_data, epoch)
+    /// How far this node's data goes into its primary's stream (see `DataPosition`): a
+    /// primary's is its own stream's open epoch, past every barrier and FUA write it sent.
+    /// Further data holds every write the nearer holds durably (see `replica/election.rs`).
+    pub fn data_position(&self) -> DataPosition {
+        let terms = &self.sb.terms;
+        match self.role {
+            Role::Primary => DataPosition { term: terms.of_data, epoch: self.epoch, fua: 0 },
+            _ => DataPosition { term: terms.of_data, epoch: terms.epoch_of_data, fua: terms.fua_of_data },
+        }
+    }
+
+    /// Records how far this node's data goes (made durable with the next superblock write).
+    fn set_data_position(&mut self, position: DataPosition) {
+        let terms = &mut self.sb.terms;
+        (terms.of_data, terms.epoch_of_data, terms.fua_of_data) = (position.term, position.epoch, position.fua);
     }
 
     /// Whether this node is a secondary, UpToDate, in sync with every primary it sees, and

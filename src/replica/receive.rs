@@ -24,13 +24,13 @@ impl Replica {
         }
         self.check_frame(peer_id, generation, &msg)?;
         match msg {
-            Message::Data { id, epoch: _, offset, fua, payload } => {
+            Message::Data { id, epoch, offset, fua, payload } => {
                 let len = payload.len() as u64;
-                self.peer_write_received(now, peer_id, id, offset, len, fua, LocalIo::Write { offset, data: payload, fua });
+                self.peer_write_received(now, peer_id, (id, epoch), offset, len, fua, LocalIo::Write { offset, data: payload, fua });
             }
-            Message::Zeroes { id, epoch: _, offset, len, fua, discard } => {
+            Message::Zeroes { id, epoch, offset, len, fua, discard } => {
                 let op = LocalIo::Zeroes { offset, len: u64::from(len), discard, fua };
-                self.peer_write_received(now, peer_id, id, offset, u64::from(len), fua, op);
+                self.peer_write_received(now, peer_id, (id, epoch), offset, u64::from(len), fua, op);
             }
             Message::NegAck { id, errno } => {
                 return Err(format!("peer failed to write request {id} (errno {errno}); its disk is out of sync"));
@@ -38,8 +38,8 @@ impl Replica {
             Message::Barrier { epoch } => self.peer_barrier_received(peer_id, epoch),
             Message::BarrierAck { epoch, .. } => self.barrier_acked(now, peer_id, epoch),
             Message::ResyncData { offset, payload } => self.resync_data_received(peer_id, offset, payload),
-            Message::ResyncDone { current_uuid, history, data_term, data_epoch } => {
-                self.resync_done_in_stream(peer_id, current_uuid, history, (data_term, data_epoch))
+            Message::ResyncDone { current_uuid, history, position } => {
+                self.resync_done_in_stream(peer_id, current_uuid, history, position)
             }
             Message::DigestRequest { purpose, offset, digests } => self.digest_request_received(peer_id, purpose, offset, digests),
             Message::DigestReply { purpose: DigestPurpose::Verify, offset, blocks, differing } => {
@@ -60,8 +60,8 @@ impl Replica {
                 self.peer_mut(peer_id).lease.answered();
                 self.release_suspended(now, false);
             }
-            Message::VoteRequest { ballot, term, data_term, data_epoch } => {
-                self.vote_requested(now, peer_id, ballot, term, (data_term, data_epoch))
+            Message::VoteRequest { ballot, term, position } => {
+                self.vote_requested(now, peer_id, ballot, term, position)
             }
             Message::Vote { ballot, granted } => self.vote_received(peer_id, ballot, granted),
             Message::Disconnect { reason } => return Err(format!("peer disconnected: {reason}")),

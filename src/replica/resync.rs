@@ -10,7 +10,7 @@ use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, SyncDecision};
 use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
-use crate::wire::{DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP_RUNS};
+use crate::wire::{DataPosition, DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP_RUNS};
 use bytes::Bytes;
 use std::time::Instant;
 
@@ -225,7 +225,7 @@ impl Replica {
     /// The source ended the resync into this node (or, for two fresh nodes, declared them in
     /// sync): its data, then its generation, made durable here, and this node UpToDate. The
     /// other peers' decisions waited for this (see `Replica::reconsider`).
-    pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], (data_term, data_epoch): (u64, u64)) {
+    pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
         if self.peer(peer_id).repl != ReplState::SyncTarget {
             // Declared in sync (`new-current-uuid --clear-bitmap`): the declaring node declared
             // every fresh node it was connected to, so the fresh peers here are about to take
@@ -242,9 +242,8 @@ impl Replica {
         let left_crashed_generation = !same_uuid(generation.current, current);
         generation.resync_finished_as_target(slot, current, history);
         self.set_generation(generation);
-        self.sb.terms.of_data = data_term;
-        self.sb.terms.epoch_of_data = data_epoch;
-        self.sb.terms.highest = self.sb.terms.highest.max(data_term);
+        self.set_data_position(position);
+        self.sb.terms.highest = self.sb.terms.highest.max(position.term);
         self.bitmaps[slot].clear_all();
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
@@ -317,8 +316,7 @@ impl Replica {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
             self.send_third_peer_bits(peer_id);
             let uuids = self.sb.uuids;
-            let (data_term, data_epoch) = self.data_position();
-            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, data_term, data_epoch };
+            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.data_position() };
             self.send_bulk(peer_id, done, None);
             walk.done_sent = Some(uuids.current);
             ResyncStep::Finished
@@ -459,7 +457,7 @@ mod ends {
     use crate::core::sync_decision::SyncDecision;
     use crate::replica::testing::two_node_replica;
     use crate::replica::{Action, MetaWrite};
-    use crate::wire::Message;
+    use crate::wire::{DataPosition, Message};
 
     #[test]
     fn a_target_is_inconsistent_on_disk_before_the_resync_and_its_data_durable_before_its_end() {
@@ -472,7 +470,7 @@ mod ends {
         assert_eq!((r.disk, r.peer(1).repl), (DiskState::Inconsistent, ReplState::SyncTarget));
         let started = r.take_actions();
         assert!(matches!(started[0], Action::Persist(MetaWrite::Superblock)), "{started:?}");
-        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0], (0, 0));
+        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0], DataPosition::default());
         assert_eq!((r.disk, r.sb.uuids.current), (DiskState::UpToDate, 0xC0));
         let order: Vec<String> = r.take_actions().iter().map(|a| match a {
             Action::Persist(what) => format!("{what:?}"),

@@ -7,6 +7,7 @@ use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UUID_JUST_CREATED};
 use crate::meta::{MetaFlags, Superblock};
 use std::time::Instant;
+use crate::wire::DataPosition;
 
 /// Why this node may not be promoted now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -178,7 +179,7 @@ impl Replica {
         self.sb.flags.remove(MetaFlags::PRIMARY_IND);
         // Its data holds its whole stream, flushed by the last barrier (the epoch before the
         // open one): as far as a secondary that acknowledged that barrier, no further.
-        self.sb.terms.epoch_of_data = self.epoch - 1;
+        self.set_data_position(DataPosition { epoch: self.epoch - 1, ..self.data_position() });
         match self.al.mark_clean() {
             Ok(clean) => {
                 self.al.commit(clean.clone());

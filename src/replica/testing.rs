@@ -6,6 +6,7 @@ use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use crate::disk::{Disk, MemDisk};
 use crate::meta::{MetaParams, MetaStore};
+use crate::wire::DataPosition;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -89,8 +90,7 @@ pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::Pee
         bitmap_weight: 0,
         primaries: 0,
         term: 0,
-        data_term: 0,
-        data_epoch: 0,
+        data_position: DataPosition::default(),
         resynced_by: None,
     }
 }

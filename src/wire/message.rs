@@ -4,6 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::WireError;
+use super::position::DataPosition;
 
 /// Longest resource name a `Hello` carries; the name travels in a fixed 64-byte field.
 pub const MAX_RESOURCE_BYTES: usize = 63;
@@ -98,10 +99,9 @@ pub struct PeerState {
     pub primaries: u32,
     /// The highest election term the sender voted in, won or heard of.
     pub term: u64,
-    /// The election term of the primary whose generation the sender's data carries.
-    pub data_term: u64,
-    /// How far into that primary's stream the sender's data is durable (a barrier epoch).
-    pub data_epoch: u64,
+    /// How far into the stream of the primary whose generation it carries the sender's data
+    /// is durable.
+    pub data_position: DataPosition,
     /// The node resyncing the sender (its source), or about to: decisions with the sender
     /// wait for that resync to end, unless the receiver is that source.
     pub resynced_by: Option<u8>,
@@ -162,12 +162,11 @@ pub enum Message {
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids
-    /// and this position of the data (election term, and barrier epoch in that term's stream).
+    /// and this position of the data.
     ResyncDone {
         current_uuid: u64,
         history: [u64; 4],
-        data_term: u64,
-        data_epoch: u64,
+        position: DataPosition,
     },
     /// Source -> target, just before `ResyncDone`: the sender's out-of-sync bits for a third
     /// data node, `node`, as runs like `BitmapRuns` (several frames for a long list). Where the
@@ -193,10 +192,9 @@ pub enum Message {
     Ping,
     /// The answer to `Ping`.
     PingAck,
-    /// The sender wants to become primary in election `term`, its data at `data_term` and
-    /// `data_epoch`: the receiver answers with `Vote` for this `ballot` (see
-    /// `replica/election.rs`).
-    VoteRequest { ballot: u64, term: u64, data_term: u64, data_epoch: u64 },
+    /// The sender wants to become primary in election `term`, its data at `position`: the
+    /// receiver answers with `Vote` for this `ballot` (see `replica/election.rs`).
+    VoteRequest { ballot: u64, term: u64, position: DataPosition },
     /// The answer to `VoteRequest` `ballot`: whether the sender lets the candidate count its
     /// vote (and then promotes nobody else, itself included, for a while).
     Vote { ballot: u64, granted: bool },
@@ -420,8 +418,7 @@ impl Message {
                 out.put_u64(state.bitmap_weight);
                 out.put_u32(state.primaries);
                 out.put_u64(state.term);
-                out.put_u64(state.data_term);
-                out.put_u64(state.data_epoch);
+                put_position(out, &state.data_position);
                 out.put_u8(state.resynced_by.unwrap_or(NO_NODE));
             }
             Message::BitmapRuns { last, runs } => {
@@ -477,13 +474,11 @@ impl Message {
             Message::ResyncDone {
                 current_uuid,
                 history,
-                data_term,
-                data_epoch,
+                position,
             } => {
                 out.put_u64(*current_uuid);
                 history.iter().for_each(|uuid| out.put_u64(*uuid));
-                out.put_u64(*data_term);
-                out.put_u64(*data_epoch);
+                put_position(out, position);
             }
             Message::DigestRequest {
                 purpose,
@@ -512,11 +507,10 @@ impl Message {
                 }
             }
             Message::Ping | Message::PingAck => {}
-            Message::VoteRequest { ballot, term, data_term, data_epoch } => {
+            Message::VoteRequest { ballot, term, position } => {
                 out.put_u64(*ballot);
                 out.put_u64(*term);
-                out.put_u64(*data_term);
-                out.put_u64(*data_epoch);
+                put_position(out, position);
             }
             Message::Vote { ballot, granted } => {
                 out.put_u64(*ballot);
@@ -568,8 +562,7 @@ impl Message {
                 bitmap_weight: fields.u64()?,
                 primaries: fields.u32()?,
                 term: fields.u64()?,
-                data_term: fields.u64()?,
-                data_epoch: fields.u64()?,
+                data_position: fields.position()?,
                 resynced_by: Some(fields.u8()?).filter(|id| *id != NO_NODE),
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
@@ -611,8 +604,7 @@ impl Message {
             Kind::ResyncDone => Message::ResyncDone {
                 current_uuid: fields.u64()?,
                 history: fields.uuids()?,
-                data_term: fields.u64()?,
-                data_epoch: fields.u64()?,
+                position: fields.position()?,
             },
             Kind::ThirdPeerBits => Message::ThirdPeerBits {
                 node: fields.u8()?,
@@ -634,8 +626,7 @@ impl Message {
             Kind::VoteRequest => Message::VoteRequest {
                 ballot: fields.u64()?,
                 term: fields.u64()?,
-                data_term: fields.u64()?,
-                data_epoch: fields.u64()?,
+                position: fields.position()?,
             },
             Kind::Vote => Message::Vote {
                 ballot: fields.u64()?,
@@ -678,6 +669,12 @@ fn put_runs(out: &mut BytesMut, runs: &[(u64, u64)]) {
         out.put_u64(*start);
         out.put_u64(*count);
     }
+}
+
+fn put_position(out: &mut BytesMut, position: &DataPosition) {
+    out.put_u64(position.term);
+    out.put_u64(position.epoch);
+    out.put_u64(position.fua);
 }
 
 fn put_resource(out: &mut BytesMut, resource: &str) {
@@ -734,6 +731,10 @@ impl Fields {
 
     fn uuids(&mut self) -> Result<[u64; 4], WireError> {
         Ok([self.u64()?, self.u64()?, self.u64()?, self.u64()?])
+    }
+
+    fn position(&mut self) -> Result<DataPosition, WireError> {
+        Ok(DataPosition { term: self.u64()?, epoch: self.u64()?, fua: self.u64()? })
     }
 
     /// The fixed resource field: a length byte, the name, zero padding to 64 bytes.

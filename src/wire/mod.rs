@@ -9,6 +9,7 @@
 pub mod auth;
 mod frame;
 mod message;
+mod position;
 
 #[cfg(test)]
 mod tests;
@@ -20,7 +21,8 @@ pub use message::{
     DigestPurpose, Hello, Message, PeerState, DIGEST_BYTES, MAX_BITMAP_RUNS, MAX_DATA_BYTES,
     MAX_DIGESTS, MAX_REASON_BYTES, MAX_RESOURCE_BYTES,
 };
+pub use position::DataPosition;
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;

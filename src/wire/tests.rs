@@ -115,11 +115,11 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<u64>(),
         any::<[u64; 4]>(),
-        (any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()),
+        (any::<u64>(), any::<u32>(), any::<u64>(), arb_position()),
         proptest::option::of(0..u8::MAX),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_term, data_epoch), resynced_by)| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_position), resynced_by)| PeerState {
                 role,
                 disk,
                 flags,
@@ -129,11 +129,14 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 bitmap_weight,
                 primaries,
                 term,
-                data_term,
-                data_epoch,
+                data_position,
                 resynced_by,
             },
         )
+}
+
+fn arb_position() -> impl Strategy<Value = DataPosition> {
+    any::<(u64, u64, u64)>().prop_map(|(term, epoch, fua)| DataPosition { term, epoch, fua })
 }
 
 fn arb_message() -> impl Strategy<Value = Message> {
@@ -183,9 +186,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, writes)| Message::BarrierAck { epoch, writes }),
         (any::<u64>(), arb_bytes(8192))
             .prop_map(|(offset, payload)| Message::ResyncData { offset, payload }),
-        (any::<u64>(), any::<[u64; 4]>(), any::<(u64, u64)>()).prop_map(|(current_uuid, history, (data_term, data_epoch))| {
-            Message::ResyncDone { current_uuid, history, data_term, data_epoch }
-        }),
+        (any::<u64>(), any::<[u64; 4]>(), arb_position())
+            .prop_map(|(current_uuid, history, position)| Message::ResyncDone { current_uuid, history, position }),
         (
             arb_purpose(),
             any::<u64>(),
@@ -210,8 +212,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         Just(Message::Ping),
         Just(Message::PingAck),
-        any::<(u64, u64, u64, u64)>()
-            .prop_map(|(ballot, term, data_term, data_epoch)| Message::VoteRequest { ballot, term, data_term, data_epoch }),
+        (any::<(u64, u64)>(), arb_position())
+            .prop_map(|((ballot, term), position)| Message::VoteRequest { ballot, term, position }),
         (any::<u64>(), any::<bool>()).prop_map(|(ballot, granted)| Message::Vote { ballot, granted }),
         // At most 256 chars of at most 4 bytes: within the 1024-byte limit.
         "\\PC{0,256}".prop_map(|reason| Message::Disconnect { reason }),
@@ -366,15 +368,14 @@ fn payload_sizes_are_as_documented() {
         bitmap_weight: 0,
         primaries: 0,
         term: 0,
-        data_term: 0,
-        data_epoch: 0,
+        data_position: DataPosition::default(),
         resynced_by: None,
     };
     let cases: [(Message, usize); 22] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 91),
+        (Message::State(state), 99),
         (
             Message::BitmapRuns {
                 last: true,
@@ -416,10 +417,9 @@ fn payload_sizes_are_as_documented() {
             Message::ResyncDone {
                 current_uuid: 1,
                 history: [2; 4],
-                data_term: 3,
-                data_epoch: 4,
+                position: DataPosition { term: 3, epoch: 4, fua: 5 },
             },
-            56,
+            64,
         ),
         (Message::ThirdPeerBits { node: 2, runs: vec![(1, 2), (5, 1)] }, 5 + 32),
         (
@@ -441,7 +441,7 @@ fn payload_sizes_are_as_documented() {
         ),
         (Message::Ping, 0),
         (Message::PingAck, 0),
-        (Message::VoteRequest { ballot: 7, term: 2, data_term: 1, data_epoch: 9 }, 32),
+        (Message::VoteRequest { ballot: 7, term: 2, position: DataPosition { term: 1, epoch: 9, fua: 4 } }, 40),
         (Message::Vote { ballot: 7, granted: true }, 9),
         (
             Message::Disconnect {
@@ -495,7 +495,7 @@ fn control_messages_are_the_small_acks() {
         },
         Message::Ping,
         Message::PingAck,
-        Message::VoteRequest { ballot: 1, term: 1, data_term: 0, data_epoch: 0 },
+        Message::VoteRequest { ballot: 1, term: 1, position: DataPosition::default() },
         Message::Vote { ballot: 1, granted: false },
     ];
     let bulk = [
