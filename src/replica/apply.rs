@@ -5,7 +5,7 @@
 //! durable here), and the end of a resync waits for the resync data before it.
 
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
-use crate::core::states::Role;
+use crate::core::states::{DiskState, Role};
 use crate::meta::activity_log::{extents_for, AlPrepared};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
@@ -299,12 +299,22 @@ impl Replica {
         }
     }
 
+    /// Whether this node's data is the stream of `peer_id`, a primary: it is UpToDate in that
+    /// primary's term. A node being resynced holds part of the stream over older data, and
+    /// its position (of another term) says nothing of it.
+    fn holds_stream_of(&self, peer_id: u8) -> bool {
+        let peer = self.peer(peer_id);
+        peer.role == Role::Primary
+            && self.disk == DiskState::UpToDate
+            && peer.last_state.is_some_and(|s| s.data_position.term == self.sb.terms.of_data)
+    }
+
     /// A FUA write is durable here, and so is every write and barrier before it in the
     /// stream: from its primary, this node's data position moves to it, durably, before the
     /// `WriteAck` that lets the primary acknowledge it (two copies that differed by an
     /// acknowledged FUA write would otherwise tie, and the one without it could be chosen).
     fn fua_write_reached(&mut self, peer_id: u8, id: u64, epoch: u64) {
-        if self.peer(peer_id).role == Role::Primary {
+        if self.holds_stream_of(peer_id) {
             let position = DataPosition { epoch: epoch.saturating_sub(1), fua: id, ..self.data_position() };
             if position > self.data_position() {
                 self.set_data_position(position);
@@ -325,7 +335,7 @@ impl Replica {
         debug_assert_eq!(flushed, epoch);
         match result {
             Ok(()) => {
-                if self.peer(peer_id).role == Role::Primary {
+                if self.holds_stream_of(peer_id) {
                     // Its primary's stream is durable here up to this epoch, and says so only
                     // once that is durable too (see `Terms::epoch_of_data`).
                     self.set_data_position(DataPosition { epoch, fua: 0, ..self.data_position() });
@@ -346,9 +356,10 @@ impl Replica {
 mod tests {
     use crate::core::block_digest::block_digests;
     use crate::core::inflight::LocalFailure;
-    use crate::replica::testing::secondary_of_primary;
+    use crate::core::states::Role;
+    use crate::replica::testing::{secondary_of_primary, secondary_state};
     use crate::replica::{Action, IoTag, LocalIo, Replica};
-    use crate::wire::{DataPosition, DigestPurpose, Message};
+    use crate::wire::{DataPosition, DigestPurpose, Message, PeerState};
     use bytes::Bytes;
 
     fn data(offset: u64) -> LocalIo {
@@ -430,6 +441,7 @@ mod tests {
     #[test]
     fn a_fua_write_is_acked_in_stream_order_once_the_data_position_names_it_durably() {
         let (mut r, t0) = secondary_of_primary();
+        r.peer_mut(1).last_state = Some(PeerState { role: Role::Primary.to_wire(), ..secondary_state(r.sb.uuids.current, [0; 4]) });
         let generation = r.peer(1).generation;
         let step = |seq| IoTag::Stream { peer: 1, generation, seq };
         let fua = |offset| LocalIo::Write { offset, data: Bytes::from(vec![2u8; 4096]), fua: true };

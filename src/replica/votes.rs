@@ -21,8 +21,10 @@ impl Replica {
         // ago, like a ping's: it counts until then, even before the voter has taken the new
         // generation (a witness takes it from the State this primary sends once its export
         // runs, and a starting ublk device reads its partition table before that).
+        // Not a data node this primary resyncs, though: it lacks what it is being sent.
         let elected = |p: &Peer| {
             self.role == Role::Primary
+                && (p.witness || p.repl == ReplState::Established)
                 && self.elected.is_some_and(|(asked, granted)| granted & (1 << p.node_id) != 0 && now.saturating_duration_since(asked) < self.timing.lease())
         };
         let views: Vec<VoterView> = self
@@ -131,8 +133,8 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use crate::core::quorum::QuorumPolicy;
-    use crate::core::states::{DiskState, Role};
-    use crate::replica::testing::{secondary_state, two_node_replica};
+    use crate::core::states::{DiskState, ReplState, Role};
+    use crate::replica::testing::{primary_replicating, secondary_state, two_node_replica};
 
     #[test]
     fn a_primary_without_quorum_next_to_newer_data_was_superseded() {
@@ -150,5 +152,17 @@ mod tests {
         assert!(r.superseded(t0), "the peer's generation descends from this node's");
         r.peer_mut(1).last_state = Some(state(0x7770, [0x1230, 0, 0, 0]));
         assert!(!r.superseded(t0), "unrelated newer data proves nothing about a promotion past this node");
+    }
+
+    #[test]
+    fn a_vote_just_won_does_not_count_for_a_node_this_primary_resyncs() {
+        let (mut r, t0) = primary_replicating();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.elected = Some((t0, 1 << 1));
+        let state = secondary_state(r.sb.uuids.current, [0; 4]);
+        r.peer_mut(1).last_state = Some(state);
+        assert!(r.quorum(t0).has_quorum, "the voter replicates: its vote counts within the lease");
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        assert!(!r.quorum(t0).has_quorum, "a write acknowledged now would live on this node alone");
     }
 }
