@@ -108,7 +108,6 @@ impl Replica {
         peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
         if decision.is_target() {
             peer.repl = ReplState::SyncTarget;
-            self.record_resync_for_others(peer_id);
             self.disk = DiskState::Inconsistent;
             self.sb.flags.remove(MetaFlags::CONSISTENT);
             self.persist(MetaWrite::Superblock);
@@ -134,34 +133,6 @@ impl Replica {
             self.outbox.push(Action::StartResync { peer: peer_id, generation });
         }
         Ok(())
-    }
-
-    /// This node is about to be rewritten from `source` where the resync's bitmap says. For a
-    /// peer it tracks (a bitmap UUID: the peer lacks what this node holds since then), or
-    /// holds blocks for (an interrupted resync from it left its bits here), what arrives is
-    /// news too, so those blocks are recorded for it, durably: a bitmap resync from here must
-    /// bring them (missing them left a third node without blocks this node held; seeds 131
-    /// and 223 of the simulator). So are the blocks for a peer this node resyncs meanwhile
-    /// (its bitmap is the walk's: a block that arrives after the walk passed it goes out
-    /// again). Another peer needs nothing: the generation this node adopts at the end is
-    /// newer than the peer's, and their next decision sees it. (Recording for every peer
-    /// instead made three secondaries without a primary resync each other in a ring forever.)
-    fn record_resync_for_others(&mut self, source: u8) {
-        let block = u64::from(self.bitmaps[self.peer(source).slot].block_size());
-        let runs: Vec<(u64, u64)> = self.bitmaps[self.peer(source).slot].runs().collect();
-        let tracked: Vec<usize> = self
-            .peers
-            .iter()
-            .filter(|p| p.node_id != source && !p.witness)
-            .filter(|p| self.sb.peers[p.slot].bitmap_uuid != 0 || self.bitmaps[p.slot].weight() > 0 || p.is_resynced_from_here())
-            .map(|p| p.slot)
-            .collect();
-        for slot in tracked {
-            for &(start, blocks) in &runs {
-                self.mark_out_of_sync(slot, start * block, blocks * block);
-            }
-            self.persist(MetaWrite::Bitmap(slot));
-        }
     }
 
     /// The resync into `target` ends: where it rewrote the target, the target holds this
