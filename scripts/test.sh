@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite: unit, property, codec and multi-process cluster tests (real daemons on
-# 127.0.0.1, I/O through NBD with qemu-io), then the guest suite: the ublk frontend on real
+# The test suite: unit, property, codec, simulator and multi-process cluster tests (real daemons
+# on 127.0.0.1, I/O through NBD with qemu-io), then the guest suite: the ublk frontend on real
 # kernels in qemu guests (scripts/vm/test.sh: /dev/ublkbN with ext4, kill -9, failover).
 # Installs what it needs first (scripts/setup.sh test). BLKREPL_SKIP_GUEST=1 leaves the guest
 # suite out, with a message saying so; in CI (CI=true) it is never left out.
@@ -12,7 +12,11 @@ cargo build --release --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# The simulator sweeps 10,000 seeds here (about 5 minutes on 2 cores; `cargo test` alone runs
+# 200), then shows that each of its checkers fires when a rule is weakened.
+export BLKREPL_SIM_SEEDS="${BLKREPL_SIM_SEEDS:-10000}"
 cargo test --release --workspace -- --test-threads 2 2>&1 | tee "$log" || status=$?
+cargo test --release --features weakened-rules --test replica_sim_weakened -- --nocapture 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 

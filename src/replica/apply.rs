@@ -4,6 +4,7 @@
 //! barrier's flush waits for every write received before it (so its ack says all of them are
 //! durable here), and the end of a resync waits for the resync data before it.
 
+use super::weakened::{is_weakened, Rule};
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
 use crate::core::states::{DiskState, Role};
 use crate::meta::activity_log::{extents_for, AlPrepared};
@@ -232,7 +233,11 @@ impl Replica {
             return None;
         }
         let len = data.len() as u64;
-        let others: Vec<usize> = self.peers.iter().filter(|p| p.node_id != source && !p.witness).map(|p| p.slot).collect();
+        let others: Vec<usize> = if is_weakened(Rule::ResyncRecordsForNobody) {
+            Vec::new()
+        } else {
+            self.peers.iter().filter(|p| p.node_id != source && !p.witness).map(|p| p.slot).collect()
+        };
         for &slot in &others {
             self.mark_out_of_sync(slot, offset, len);
         }
@@ -316,7 +321,12 @@ impl Replica {
                 Mark::Barrier { flushing: true, .. } => return,
                 Mark::Barrier { epoch, flushing, .. } => {
                     *flushing = true;
-                    let tag = IoTag::Barrier { peer: peer_id, generation, epoch: *epoch };
+                    let epoch = *epoch;
+                    if is_weakened(Rule::BarrierWithoutFlush) {
+                        self.barrier_flushed(peer_id, generation, epoch, Ok(()));
+                        return;
+                    }
+                    let tag = IoTag::Barrier { peer: peer_id, generation, epoch };
                     self.outbox.push(Action::Io { tag, op: LocalIo::Flush });
                     return;
                 }

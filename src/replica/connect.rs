@@ -2,8 +2,9 @@
 //! resync goes, a split brain and its policies, or a refusal. Also where a secondary follows
 //! its primary's new generation, and where a resync ends on the source's side.
 
+use super::weakened::{is_weakened, Rule};
 use super::{
-    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DISCARD_MY_DATA,
+    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DEMOTING, STATE_FLAG_DISCARD_MY_DATA,
     STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_RESYNCS_OTHER,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
@@ -124,6 +125,9 @@ impl Replica {
     /// `wait_for_third_resync`) is taken now, before the peer's bitmap can arrive.
     pub fn standing_changed(&mut self, except: Option<u8>) {
         self.broadcast_state();
+        if is_weakened(Rule::NoDecidingAgain) {
+            return;
+        }
         for (id, reason) in self.reconsider_all_but(except) {
             self.drop_link(id, reason);
         }
@@ -300,9 +304,10 @@ impl Replica {
         // Nor is a node resynced while it resyncs another: what it reads for its target must
         // not change under the walk (a block that arrived after the walk read it was lost to
         // the target; seed 224).
+        // Nor while its demotion is under way (see `Replica::demoting`).
         let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id())
-            || decided.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
-        let me_busy = third_source.is_some() || decided.is_target() && self.resyncs_other_than(Some(peer_id));
+            || decided.is_source() && peer_state.flags & (STATE_FLAG_RESYNCS_OTHER | STATE_FLAG_DEMOTING) != 0;
+        let me_busy = third_source.is_some() || decided.is_target() && (self.demoting || self.resyncs_other_than(Some(peer_id)));
         if me_busy || peer_busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
@@ -571,6 +576,7 @@ impl Replica {
         tracing::warn!(resource = %self.resource, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
         if resolved.is_target() {
             self.discard_my_data = false;
+            self.split_brains_resolved += 1;
         }
         Ok(resolved)
     }

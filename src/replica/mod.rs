@@ -27,6 +27,7 @@ pub(crate) mod testing;
 mod uuids;
 mod verify;
 mod votes;
+pub mod weakened;
 mod writes;
 
 pub use action::{Action, IoTag, Lane, LocalIo, MetaWrite, RequestId};
@@ -72,6 +73,9 @@ pub const STATE_FLAG_FOLLOWING: u32 = 32;
 /// The sender may have lost writes in its activity log's extents with its disk's cache (see
 /// `MetaFlags::CACHE_LOST`): it is the target of a resync of them.
 pub const STATE_FLAG_CACHE_LOST: u32 = 64;
+/// The sender is stepping down from primary: its last writes and flush are under way, and it
+/// takes no resync into itself until they are done (see `Replica::demoting`).
+pub const STATE_FLAG_DEMOTING: u32 = 128;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -147,6 +151,11 @@ pub struct Replica {
     /// ack of the final flush's barrier says they know it is no longer primary (see
     /// `Replica::begin_demotion`).
     demotion_stream: Vec<u8>,
+    /// Between `begin_demotion` and `finish_demotion`: writes of its time as primary may still
+    /// land on the disk, so no resync writes into it yet (a resync begun then, and a power
+    /// loss before the demotion ended, left the node's crash marker on the generation the
+    /// resync gave it: it became the source of blocks it lacked; seed 3969).
+    demoting: bool,
     /// This node's request for votes to be promoted (see `replica/election.rs`).
     pub candidacy: Option<election::Candidacy>,
     /// The vote this node gave last (see `replica/election.rs`).
@@ -165,6 +174,9 @@ pub struct Replica {
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
     pub superseded_latched: bool,
+    /// Split brains this node resolved as the side whose changes were discarded, since it
+    /// started (each split brain counts once, on its victim).
+    pub split_brains_resolved: u64,
     /// The generation this primary left when it started a new one with quorum after losing a
     /// data peer (0: none). Voters still report it until they hear of the new one; they are
     /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
@@ -300,12 +312,14 @@ impl Replica {
             stepping_down: false,
             stepped_down: None,
             demotion_stream: Vec::new(),
+            demoting: false,
             candidacy: None,
             vote_given: None,
             elected: None,
             declared_with: 0,
             cache_repair_pending: Vec::new(),
             superseded_latched: false,
+            split_brains_resolved: 0,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),
@@ -537,6 +551,9 @@ impl Replica {
         }
         if self.follows_primary() {
             flags |= STATE_FLAG_FOLLOWING;
+        }
+        if self.demoting {
+            flags |= STATE_FLAG_DEMOTING;
         }
         flags
     }

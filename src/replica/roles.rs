@@ -2,6 +2,7 @@
 //! generations and metadata, and what becoming secondary again leaves on disk. The driver runs
 //! the export around them (started after `promote`, stopped before `finish_demotion`).
 
+use super::weakened::{is_weakened, Rule};
 use super::{MetaWrite, Replica};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UUID_JUST_CREATED};
@@ -165,6 +166,7 @@ impl Replica {
         // promoted right after `secondary` returned still saw this node as primary).
         self.demotion_stream = self.peers.iter().filter(|p| self.receives_stream(p)).map(|p| p.node_id).collect();
         self.role = Role::Secondary;
+        self.demoting = true;
         self.superseded_latched = false;
         self.left_generation = 0;
         self.release_suspended(now, true);
@@ -176,6 +178,7 @@ impl Replica {
     /// activity log is empty (its extents need no resync after a crash from now on).
     pub fn finish_demotion(&mut self) {
         self.demotion_stream.clear();
+        self.demoting = false;
         self.sb.flags.remove(MetaFlags::PRIMARY_IND);
         // Its data holds its whole stream, flushed by the last barrier (the epoch before the
         // open one): as far as a secondary that acknowledged that barrier, no further.
@@ -202,15 +205,20 @@ impl Replica {
     /// that fell behind (it started no generation without quorum, so the new primary's history
     /// holds its own). Returns why, for the log and `status`; the driver demotes it next.
     pub fn step_down(&mut self, now: Instant) -> Option<String> {
-        if !self.superseded(now) {
+        if !self.superseded(now) || is_weakened(Rule::NoStepDown) {
             return None;
         }
-        let other = self.quorum(now).other_primary.map_or_else(String::new, |id| {
+        let other = self.quorum(now).other_primary.map(|id| {
             self.peers.iter().find(|p| p.node_id == id).map_or_else(|| format!("node {id}"), |p| p.name.clone())
         });
-        let why = format!("{other} was promoted while this node had no quorum");
+        // Without a primary in sight, a peer knows a later election or a generation started
+        // after this node's: another node may have been promoted, out of reach.
+        let why = match &other {
+            Some(name) => format!("{name} was promoted while this node had no quorum"),
+            None => "a peer knows a later election or a newer generation: another node may have been promoted while this node had no quorum".to_string(),
+        };
         tracing::error!(resource = %self.resource,
-            "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from {other}");
+            "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from the new primary");
         self.disk = DiskState::Outdated;
         self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
         self.stepped_down = Some(why.clone());

@@ -34,6 +34,7 @@ pub struct Stats {
     pub power_losses: u64,
     pub kills: u64,
     pub partitions: u64,
+    pub split_brains: u64,
     pub virtual_us: u64,
 }
 
@@ -45,6 +46,7 @@ impl Stats {
         self.power_losses += o.power_losses;
         self.kills += o.kills;
         self.partitions += o.partitions;
+        self.split_brains += o.split_brains;
         self.virtual_us += o.virtual_us;
     }
 }
@@ -139,6 +141,7 @@ impl Scenario {
         let settled = self.world.now + SETTLE;
         self.run_until(settled)?;
         self.stats.virtual_us = self.world.now;
+        self.stats.split_brains = self.world.split_brains();
         self.check_converged()
     }
 

@@ -154,6 +154,8 @@ pub struct World {
     pub tracing: bool,
     /// The device offset whose writes are printed when tracing (`BLKREPL_SIM_TRACE_BLOCK`).
     pub trace_offset: u64,
+    /// Split brains resolved by nodes that have since crashed (see `World::split_brains`).
+    split_brains: u64,
 }
 
 impl World {
@@ -173,6 +175,7 @@ impl World {
             answers: Vec::new(),
             tracing,
             trace_offset: 0,
+            split_brains: 0,
         };
         for id in 0..data_nodes {
             let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
@@ -263,6 +266,7 @@ impl World {
     /// leaves the machine up, and the writes it had submitted land in the cache.
     pub fn crash(&mut self, id: u8, power: bool) {
         let node = &mut self.nodes[usize::from(id)];
+        self.split_brains += node.replica.as_ref().map_or(0, |r| r.split_brains_resolved);
         node.replica = None;
         node.meta = None;
         if power {
@@ -609,6 +613,12 @@ impl World {
     }
 
     /// The nodes that are up and Primary.
+    /// Split brains resolved so far (the nodes' whose changes were discarded count them), in
+    /// this run.
+    pub fn split_brains(&self) -> u64 {
+        self.split_brains + self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.split_brains_resolved).sum::<u64>()
+    }
+
     pub fn primaries(&self) -> Vec<u8> {
         (0..self.nodes.len() as u8).filter(|id| self.replica(*id).is_some_and(|r| r.role == Role::Primary)).collect()
     }

@@ -1,0 +1,43 @@
+//! Switches that each weaken one replication rule, for the simulator's demonstrations that its
+//! checkers catch what the rule prevents (`tests/replica_sim_weakened.rs`). The switches exist
+//! only in builds with the `weakened-rules` feature; in every other build [`is_weakened`] is a
+//! constant `false` and the branches it guards are compiled out.
+
+/// A rule that can be weakened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// A voter gives its vote even when its data is further on than the candidate's.
+    VoteForNearerData,
+    /// A primary that was superseded does not step down.
+    NoStepDown,
+    /// A node does not decide again with its waiting peers when its standing changes (a
+    /// resync ended, a primary stepped down).
+    NoDecidingAgain,
+    /// A resync block that changes what this node held is recorded for no other peer.
+    ResyncRecordsForNobody,
+    /// A secondary acknowledges a barrier without flushing its disk.
+    BarrierWithoutFlush,
+}
+
+#[cfg(feature = "weakened-rules")]
+thread_local! {
+    static WEAKENED: std::cell::Cell<Option<Rule>> = const { std::cell::Cell::new(None) };
+}
+
+/// Weakens `rule` (`None`: no rule) for the replicas this thread runs.
+#[cfg(feature = "weakened-rules")]
+pub fn weaken(rule: Option<Rule>) {
+    WEAKENED.with(|weakened| weakened.set(rule));
+}
+
+/// Whether `rule` is weakened for this thread's replicas.
+#[inline]
+pub(crate) fn is_weakened(rule: Rule) -> bool {
+    #[cfg(feature = "weakened-rules")]
+    return WEAKENED.with(|weakened| weakened.get() == Some(rule));
+    #[cfg(not(feature = "weakened-rules"))]
+    {
+        let _ = rule;
+        false
+    }
+}

@@ -1,0 +1,56 @@
+//! The simulator's checkers catch what the replica's rules prevent: for each checker, one rule
+//! is weakened (`blkrepl::replica::weakened`, a switch that exists only with the
+//! `weakened-rules` feature) and seeds are swept until one breaks that checker. A demonstration
+//! that finds no such seed fails: the checker, or the sweep, would not notice the loss.
+//! `cargo test --release --features weakened-rules --test replica_sim_weakened` runs them.
+
+#[path = "replica_sim/rng.rs"]
+mod rng;
+#[path = "replica_sim/scenario.rs"]
+mod scenario;
+#[path = "replica_sim/sweep.rs"]
+mod sweep;
+#[path = "replica_sim/world.rs"]
+mod world;
+
+use blkrepl::replica::weakened::{weaken, Rule};
+
+/// Seeds a demonstration sweeps at most before it gives up.
+const SEEDS: u64 = 2000;
+
+/// Sweeps with `rule` weakened until a seed fails `checker`, and prints that seed.
+fn demonstrate(rule: Rule, checker: u8) {
+    let expected = format!("checker {checker} ");
+    let swept = sweep::sweep(0, SEEDS, || weaken(Some(rule)), |error| error.starts_with(&expected));
+    let found = swept.failures.iter().find(|(_, error)| error.starts_with(&expected));
+    let others: Vec<&(u64, String)> = swept.failures.iter().filter(|(_, error)| !error.starts_with(&expected)).collect();
+    match found {
+        Some((seed, error)) => println!("{rule:?}: seed {seed} fails {error} ({} other failures on the way)", others.len()),
+        None => panic!("with {rule:?} weakened no seed of {SEEDS} failed checker {checker}; other failures: {others:?}"),
+    }
+}
+
+#[test]
+fn checker_1_catches_a_vote_for_a_candidate_with_less_data() {
+    demonstrate(Rule::VoteForNearerData, 1);
+}
+
+#[test]
+fn checker_2_catches_a_superseded_primary_that_stays() {
+    demonstrate(Rule::NoStepDown, 2);
+}
+
+#[test]
+fn checker_3_catches_decisions_that_wait_forever() {
+    demonstrate(Rule::NoDecidingAgain, 3);
+}
+
+#[test]
+fn checker_4_catches_a_resync_recorded_for_no_third_node() {
+    demonstrate(Rule::ResyncRecordsForNobody, 4);
+}
+
+#[test]
+fn checker_5_catches_barriers_acknowledged_without_a_flush() {
+    demonstrate(Rule::BarrierWithoutFlush, 5);
+}
