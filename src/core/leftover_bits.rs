@@ -12,7 +12,8 @@
 //! lately when they lose the primary), the side that is not Outdated sends; if neither is, the
 //! copy further into the primary's stream does (its data position: it holds every flushed
 //! write of the other), and of two equally far the lower node id. Leaving both as they were
-//! left two UpToDate copies different for good (simulator seed 459).
+//! left two UpToDate copies different for good (simulator seed 459). A primary is the source
+//! whenever either side holds bits.
 //!
 //! Both nodes evaluate this on the same inputs (each side's bitmap weight and disk state travel
 //! in `State`), so they agree on the direction without another round trip.
@@ -42,6 +43,17 @@ impl BitsHolder {
             && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
     }
 
+    /// A primary with good data resyncs a peer whenever either side holds bits for the other:
+    /// nothing goes into a primary, and what the peer holds that the primary lacks was never
+    /// acknowledged in the primary's term (both holding bits once left them "in sync"; seed
+    /// 3117).
+    fn is_primary_with_bits(&self, other: &BitsHolder) -> bool {
+        self.is_primary
+            && !other.is_primary
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+            && (self.bits_for_other > 0 || other.bits_for_other > 0)
+    }
+
     /// Holds bits, good data, and the target is no primary: the target's bits alone stand in
     /// the way (both sides are then ordered by position).
     fn may_send_either_way(&self, target: &BitsHolder) -> bool {
@@ -58,6 +70,8 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
     match (me.may_send_to(peer), peer.may_send_to(me)) {
         (true, false) => SyncDecision::BitmapSource,
         (false, true) => SyncDecision::BitmapTarget,
+        _ if me.is_primary_with_bits(peer) => SyncDecision::BitmapSource,
+        _ if peer.is_primary_with_bits(me) => SyncDecision::BitmapTarget,
         _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) => {
             let (mine, theirs) = (me.position, peer.position);
             // The node ids differ, so the order is total: one side sends.
@@ -114,6 +128,16 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_resyncs_its_peer_when_both_hold_bits() {
+        let (a, b) = (side(2063, DiskState::UpToDate), side(30, DiskState::UpToDate));
+        let primary = BitsHolder { is_primary: true, ..a };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &primary, &b), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, &primary), SyncDecision::BitmapTarget);
+        let empty = BitsHolder { bits_for_other: 0, ..primary };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &empty, &b), SyncDecision::BitmapSource, "the peer's bits alone");
+    }
+
+    #[test]
     fn no_bits_stay_in_sync() {
         let (a, b) = (side(0, DiskState::UpToDate), side(0, DiskState::Outdated));
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
@@ -123,7 +147,7 @@ mod tests {
     fn never_into_a_primary_nor_out_of_a_disk_without_good_data() {
         let (a, mut b) = (side(8, DiskState::UpToDate), side(0, DiskState::UpToDate));
         b.is_primary = true;
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapTarget, "the primary sends instead");
         for disk in [DiskState::Inconsistent, DiskState::Outdated] {
             let (a, b) = (side(8, disk), side(0, DiskState::UpToDate));
             assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::InSync, "{disk}");

@@ -628,8 +628,8 @@ impl World {
 fn describe(msg: &Message) -> String {
     match msg {
         Message::State(s) => format!(
-            "State role {} disk {} current {:016X} bitmap {:016X} flags {:#x}",
-            s.role, s.disk, s.current_uuid, s.bitmap_uuid, s.flags
+            "State role {} disk {} current {:016X} bitmap {:016X} ({} bits) flags {:#x} position {}/{}/{}",
+            s.role, s.disk, s.current_uuid, s.bitmap_uuid, s.bitmap_weight, s.flags, s.data_position.term, s.data_position.epoch, s.data_position.fua
         ),
         Message::ResyncDone { current_uuid, .. } => format!("ResyncDone {current_uuid:016X}"),
         Message::BitmapRuns { last, runs } => format!("BitmapRuns last {last} runs {}", runs.len()),
