@@ -25,14 +25,16 @@ fn demonstrate(rule: Rule, checker: u8) {
     let found = swept.failures.iter().find(|(_, error)| error.starts_with(&expected));
     let others: Vec<&(u64, String)> = swept.failures.iter().filter(|(_, error)| !error.starts_with(&expected)).collect();
     match found {
-        Some((seed, error)) => println!("{rule:?}: seed {seed} fails {error} ({} other failures on the way)", others.len()),
+        Some((seed, error)) => {
+            println!("{rule:?}: seed {seed} fails {error} ({} other failures on the way, {} threads)", others.len(), swept.threads)
+        }
         None => panic!("with {rule:?} weakened no seed of {SEEDS} failed checker {checker}; other failures: {others:?}"),
     }
 }
 
 #[test]
-fn checker_1_catches_a_vote_for_a_candidate_with_less_data() {
-    demonstrate(Rule::VoteForNearerData, 1);
+fn checker_1_catches_a_primary_serving_without_quorum() {
+    demonstrate(Rule::IoWithoutQuorum, 1);
 }
 
 #[test]

@@ -21,7 +21,6 @@
 //! diverged (a primary wrote after losing its quorum, before it knew), the later election's
 //! copy is kept, without an operator.
 
-use super::weakened::{is_weakened, Rule};
 use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
 use crate::core::states::Role;
@@ -148,7 +147,7 @@ impl Replica {
         // A node being resynced holds part of newer data than its generation says: it cannot
         // tell whether the candidate has that data, so it vouches for nobody meanwhile.
         let being_resynced = self.sync_target_of().is_some();
-        let further = !self.witness && self.data_position() > position && !is_weakened(Rule::VoteForNearerData);
+        let further = !self.witness && self.data_position() > position;
         let granted = self.role != Role::Primary
             && self.primaries() == 0
             && !candidate_myself

@@ -1,6 +1,7 @@
 //! Quorum as this replica counts it: which peers' votes count (by lease and by the generation
 //! they hold), and what that lets a primary do with writes.
 
+use super::weakened::{is_weakened, Rule};
 use super::{Peer, Replica};
 use crate::core::quorum::{self, evaluate, Admission, AdmissionInputs, QuorumPolicy, QuorumState, VoterView};
 use crate::core::states::{ReplState, Role};
@@ -116,7 +117,7 @@ impl Replica {
     /// What quorum lets this node do with writes at `now` (see `core::quorum::admission`); a
     /// secondary's writes are refused earlier, by role.
     pub fn admission(&self, now: Instant) -> Admission {
-        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off {
+        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
             return Admission::Proceed;
         }
         quorum::admission(&self.admission_inputs(now))

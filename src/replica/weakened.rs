@@ -6,8 +6,8 @@
 /// A rule that can be weakened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rule {
-    /// A voter gives its vote even when its data is further on than the candidate's.
-    VoteForNearerData,
+    /// A primary reads and writes without quorum.
+    IoWithoutQuorum,
     /// A primary that was superseded does not step down.
     NoStepDown,
     /// A node does not decide again with its waiting peers when its standing changes (a
