@@ -528,6 +528,34 @@ mod tests {
         assert_eq!(r.data_position().fua, 0);
     }
 
+    #[test]
+    fn a_resync_block_that_changes_this_node_is_recorded_for_the_other_peers_before_it_is_written() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.link_up(1, t0);
+        sync_target(&mut r);
+        r.take_actions();
+        let generation = r.peer(1).generation;
+        let step = IoTag::Stream { peer: 1, generation, seq: 1 };
+        let new = Bytes::from(vec![5u8; 4096]);
+        r.resync_data_received(1, 8192, new.clone());
+        assert!(matches!(r.take_actions()[..], [Action::Io { op: LocalIo::Read { offset: 8192, len: 4096 }, .. }]), "read first");
+        r.io_done(t0, step, Ok(Some(Bytes::from(vec![1u8; 4096]))));
+        let actions = r.take_actions();
+        assert!(r.bitmaps[1].test_block(2), "gamma held this node's old copy");
+        let logged = actions.iter().position(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::ActivityLog(_))));
+        let written = actions.iter().position(|a| matches!(a, Action::Io { op: LocalIo::Write { offset: 8192, .. }, .. }));
+        assert!(logged.is_some() && logged < written, "durable before the write: {actions:?}");
+        r.io_done(t0, step, Ok(None));
+        // The same data again: neither written nor recorded.
+        r.bitmaps[1].clear_all();
+        r.resync_data_received(1, 8192, new.clone());
+        r.take_actions();
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 2 }, Ok(Some(new)));
+        assert!(io_tags(&r.take_actions()).is_empty(), "nothing to write");
+        assert_eq!(r.bitmaps[1].weight(), 0);
+        assert!(!r.overlaps_busy(8192, 4096), "the step is done");
+    }
+
     /// Makes this node the peer's sync target.
     fn sync_target(r: &mut Replica) {
         r.peer_mut(1).repl = crate::core::states::ReplState::SyncTarget;

@@ -304,10 +304,9 @@ impl Replica {
         // Nor is a node resynced while it resyncs another: what it reads for its target must
         // not change under the walk (a block that arrived after the walk read it was lost to
         // the target; seed 224).
-        // Nor while its demotion is under way (see `Replica::demoting`).
         let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id())
-            || decided.is_source() && peer_state.flags & (STATE_FLAG_RESYNCS_OTHER | STATE_FLAG_DEMOTING) != 0;
-        let me_busy = third_source.is_some() || decided.is_target() && (self.demoting || self.resyncs_other_than(Some(peer_id)));
+            || decided.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
+        let me_busy = third_source.is_some() || decided.is_target() && self.resyncs_other_than(Some(peer_id));
         if me_busy || peer_busy {
             return self.wait_for_third_resync(peer_id, decided);
         }
@@ -328,6 +327,12 @@ impl Replica {
             tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "the target sees a primary that is not the source: only that primary resyncs it");
             return Ok(());
         };
+        // Nor is a node resynced while its demotion is under way (see `Replica::demoting`);
+        // its next State, once done, reopens the decision on both sides.
+        if decision.is_target() && self.demoting || decision.is_source() && peer_state.flags & STATE_FLAG_DEMOTING != 0 {
+            tracing::debug!(resource = %self.resource, peer = %name, decision = ?decision, "the target is being demoted: deciding after it");
+            return Ok(());
+        }
         match decision {
             SyncDecision::InSync => {
                 let peer = self.peer_mut(peer_id);
@@ -623,6 +628,24 @@ mod tests {
         );
         assert!(persisted.is_some() && persisted < announced, "{actions:?}");
         assert_eq!(r.peer(1).repl, ReplState::Established, "still in sync with its primary");
+    }
+
+    #[test]
+    fn a_node_being_demoted_takes_no_resync_until_its_demotion_is_done() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.role = Role::Primary;
+        r.begin_demotion(t0);
+        r.link_up(1, t0);
+        r.take_actions();
+        let current = r.sb.uuids.current;
+        // The new primary holds bits for this node: it would resync it.
+        let with_bits = PeerState { bitmap_weight: 3, ..primary_state(current, [0; 4]) };
+        r.peer_state_received(1, with_bits).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "its own writes may still land");
+        assert!(r.take_actions().iter().all(|a| !matches!(a, Action::Send { msg: Message::BitmapRuns { .. }, .. })));
+        r.finish_demotion();
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
     }
 
     #[test]
