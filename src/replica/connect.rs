@@ -556,7 +556,6 @@ impl Replica {
             }
         }
         let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then(|| {
-            tracing::info!(resource = %self.resource, my_term, their_term, "split brain under quorum: the data of the later election is kept");
             if my_term > their_term {
                 SbResolution::DiscardTheirs
             } else {
@@ -578,10 +577,17 @@ impl Replica {
             }
         };
         let victim = if resolved.is_target() { "this node" } else { name.as_str() };
-        tracing::warn!(resource = %self.resource, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
+        if by_term.is_some() {
+            // Not a split brain of acknowledged data: under quorum the side of the earlier
+            // election never completed a write after they parted.
+            tracing::warn!(resource = %self.resource,
+                "diverged from {name} ({both}): the later election's data is kept; {victim}'s changes since they parted are discarded (under quorum none was acknowledged, but under protocol A what was in flight when its quorum ended)");
+        } else {
+            tracing::warn!(resource = %self.resource, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
+        }
         if resolved.is_target() {
             self.discard_my_data = false;
-            self.split_brains_resolved += 1;
+            self.divergences_resolved += 1;
         }
         Ok(resolved)
     }

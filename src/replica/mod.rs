@@ -174,9 +174,10 @@ pub struct Replica {
     /// (`on_suspended_primary_outdated = "disconnect"`): every write and flush fails until it
     /// is demoted, though it no longer sees the newer primary.
     pub superseded_latched: bool,
-    /// Split brains this node resolved as the side whose changes were discarded, since it
-    /// started (each split brain counts once, on its victim).
-    pub split_brains_resolved: u64,
+    /// Diverged copies (a split brain, or under quorum the copy of an earlier election)
+    /// this node reconciled as the side whose changes were discarded, since it started (each
+    /// counts once, on its victim).
+    pub divergences_resolved: u64,
     /// The generation this primary left when it started a new one with quorum after losing a
     /// data peer (0: none). Voters still report it until they hear of the new one; they are
     /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
@@ -319,7 +320,7 @@ impl Replica {
             declared_with: 0,
             cache_repair_pending: Vec::new(),
             superseded_latched: false,
-            split_brains_resolved: 0,
+            divergences_resolved: 0,
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),

@@ -34,7 +34,7 @@ pub struct Stats {
     pub power_losses: u64,
     pub kills: u64,
     pub partitions: u64,
-    pub split_brains: u64,
+    pub divergences: u64,
     pub virtual_us: u64,
 }
 
@@ -46,7 +46,7 @@ impl Stats {
         self.power_losses += o.power_losses;
         self.kills += o.kills;
         self.partitions += o.partitions;
-        self.split_brains += o.split_brains;
+        self.divergences += o.divergences;
         self.virtual_us += o.virtual_us;
     }
 }
@@ -141,7 +141,7 @@ impl Scenario {
         let settled = self.world.now + SETTLE;
         self.run_until(settled)?;
         self.stats.virtual_us = self.world.now;
-        self.stats.split_brains = self.world.split_brains();
+        self.stats.divergences = self.world.divergences();
         self.check_converged()
     }
 

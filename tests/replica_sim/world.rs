@@ -154,8 +154,8 @@ pub struct World {
     pub tracing: bool,
     /// The device offset whose writes are printed when tracing (`BLKREPL_SIM_TRACE_BLOCK`).
     pub trace_offset: u64,
-    /// Split brains resolved by nodes that have since crashed (see `World::split_brains`).
-    split_brains: u64,
+    /// Divergences resolved by nodes that have since crashed (see `World::divergences`).
+    divergences: u64,
 }
 
 impl World {
@@ -175,7 +175,7 @@ impl World {
             answers: Vec::new(),
             tracing,
             trace_offset: 0,
-            split_brains: 0,
+            divergences: 0,
         };
         for id in 0..data_nodes {
             let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
@@ -266,7 +266,7 @@ impl World {
     /// leaves the machine up, and the writes it had submitted land in the cache.
     pub fn crash(&mut self, id: u8, power: bool) {
         let node = &mut self.nodes[usize::from(id)];
-        self.split_brains += node.replica.as_ref().map_or(0, |r| r.split_brains_resolved);
+        self.divergences += node.replica.as_ref().map_or(0, |r| r.divergences_resolved);
         node.replica = None;
         node.meta = None;
         if power {
@@ -613,10 +613,10 @@ impl World {
     }
 
     /// The nodes that are up and Primary.
-    /// Split brains resolved so far (the nodes' whose changes were discarded count them), in
+    /// Diverged copies reconciled so far (counted by the nodes whose changes were discarded), in
     /// this run.
-    pub fn split_brains(&self) -> u64 {
-        self.split_brains + self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.split_brains_resolved).sum::<u64>()
+    pub fn divergences(&self) -> u64 {
+        self.divergences + self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.divergences_resolved).sum::<u64>()
     }
 
     pub fn primaries(&self) -> Vec<u8> {
