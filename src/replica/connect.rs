@@ -555,13 +555,8 @@ impl Replica {
                 return Ok(SyncDecision::Refused(Refusal::PeerCannotFollow));
             }
         }
-        let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then(|| {
-            if my_term > their_term {
-                SbResolution::DiscardTheirs
-            } else {
-                SbResolution::DiscardMine
-            }
-        });
+        let later = if my_term > their_term { SbResolution::DiscardTheirs } else { SbResolution::DiscardMine };
+        let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then_some(later);
         let resolved = match by_term.unwrap_or_else(|| split_brain::resolve(&policies, &me, &them)) {
             SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
             SbResolution::DiscardMine => SyncDecision::FullTarget,
