@@ -42,7 +42,7 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
     let (total, threads) = (swept.stats, swept.threads);
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "replica_sim: {seeds} seeds in {secs:.1} s on {threads} threads ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} killed processes, {} partitions, {} diverged copies reconciled by election term (unacknowledged changes discarded)",
+        "replica_sim: {seeds} seeds in {secs:.1} s on {threads} threads ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} killed processes, {} partitions, {} diverged copies reconciled by election term (unacknowledged changes discarded), {} bitmap resyncs, {} full resyncs",
         seeds as f64 / secs,
         total.virtual_us as f64 / 3.6e9,
         total.acked_writes,
@@ -51,6 +51,8 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
         total.power_losses,
         total.kills,
         total.partitions,
-        total.divergences
+        total.divergences,
+        total.bitmap_resyncs,
+        total.full_resyncs
     );
 }

@@ -108,6 +108,7 @@ impl Replica {
         peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
         if decision.is_target() {
             peer.repl = ReplState::SyncTarget;
+            self.resyncs_taken[usize::from(full)] += 1;
             self.disk = DiskState::Inconsistent;
             self.sb.flags.remove(MetaFlags::CONSISTENT);
             self.persist(MetaWrite::Superblock);

@@ -35,6 +35,8 @@ pub struct Stats {
     pub kills: u64,
     pub partitions: u64,
     pub divergences: u64,
+    pub bitmap_resyncs: u64,
+    pub full_resyncs: u64,
     pub virtual_us: u64,
 }
 
@@ -47,6 +49,8 @@ impl Stats {
         self.kills += o.kills;
         self.partitions += o.partitions;
         self.divergences += o.divergences;
+        self.bitmap_resyncs += o.bitmap_resyncs;
+        self.full_resyncs += o.full_resyncs;
         self.virtual_us += o.virtual_us;
     }
 }
@@ -142,6 +146,7 @@ impl Scenario {
         self.run_until(settled)?;
         self.stats.virtual_us = self.world.now;
         self.stats.divergences = self.world.divergences();
+        [self.stats.bitmap_resyncs, self.stats.full_resyncs] = self.world.resyncs();
         self.check_converged()
     }
 

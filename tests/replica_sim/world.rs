@@ -156,6 +156,8 @@ pub struct World {
     pub trace_offset: u64,
     /// Divergences resolved by nodes that have since crashed (see `World::divergences`).
     divergences: u64,
+    /// Resyncs (by bitmap, full) taken by nodes that have since crashed.
+    resyncs: [u64; 2],
 }
 
 impl World {
@@ -176,6 +178,7 @@ impl World {
             tracing,
             trace_offset: 0,
             divergences: 0,
+            resyncs: [0; 2],
         };
         for id in 0..data_nodes {
             let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
@@ -266,7 +269,11 @@ impl World {
     /// leaves the machine up, and the writes it had submitted land in the cache.
     pub fn crash(&mut self, id: u8, power: bool) {
         let node = &mut self.nodes[usize::from(id)];
-        self.divergences += node.replica.as_ref().map_or(0, |r| r.divergences_resolved);
+        if let Some(replica) = &node.replica {
+            self.divergences += replica.divergences_resolved;
+            self.resyncs[0] += replica.resyncs_taken[0];
+            self.resyncs[1] += replica.resyncs_taken[1];
+        }
         node.replica = None;
         node.meta = None;
         if power {
@@ -617,6 +624,12 @@ impl World {
     /// this run.
     pub fn divergences(&self) -> u64 {
         self.divergences + self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.divergences_resolved).sum::<u64>()
+    }
+
+    /// Resyncs taken so far, by bitmap and full, in this run.
+    pub fn resyncs(&self) -> [u64; 2] {
+        let live = self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.resyncs_taken);
+        live.fold(self.resyncs, |[bitmap, full], [b, f]| [bitmap + b, full + f])
     }
 
     pub fn primaries(&self) -> Vec<u8> {
