@@ -94,10 +94,18 @@ impl Generation {
     }
 
     /// This node was the source of a finished resync to `slot`: the bitmap's starting point is
-    /// history now.
-    pub fn resync_finished_as_source(&mut self, slot: usize) {
+    /// history now. Unless the target ended at `target_at`, a generation this node has left
+    /// since: the slot then tracks from there (the bits hold what changed since).
+    pub fn resync_finished_as_source(&mut self, slot: usize, target_at: u64) {
         let old = std::mem::take(&mut self.bitmap[slot]);
-        self.push_history(old & !1);
+        if same_uuid(target_at, self.current) {
+            self.push_history(old & !1);
+            return;
+        }
+        if old != 0 && !same_uuid(old, target_at) {
+            self.push_history(old & !1);
+        }
+        self.bitmap[slot] = target_at & !1;
     }
 
     /// This node was the target of a finished resync from `slot`: it now holds the source's
@@ -153,9 +161,19 @@ mod tests {
     fn finished_resync_moves_the_bitmap_uuid_into_history() {
         let mut g = generation();
         g.new_current(0x2000, true, true, &[1]);
-        g.resync_finished_as_source(1);
+        g.resync_finished_as_source(1, 0x2000);
         assert_eq!(g.bitmap[1], 0);
         assert_eq!(g.history[0], 0x1000);
+    }
+
+    #[test]
+    fn a_target_left_behind_by_a_newer_generation_is_tracked_from_the_one_it_took() {
+        let mut g = generation();
+        g.new_current(0x2000, true, true, &[1]);
+        // The source followed a primary into 0x3000 after its resync's end named 0x2000.
+        g.follow(0x3001, &[1]);
+        g.resync_finished_as_source(1, 0x2000);
+        assert_eq!(g.bitmap[1], 0x2000, "a bitmap resync, not a full one, brings the rest");
     }
 
     #[test]

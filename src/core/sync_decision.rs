@@ -160,10 +160,14 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
     if same_uuid(me.current, peer.current) {
         return decide_same_current(me, peer);
     }
-    // 5. One node's current is in the other's history: the other moved on without a bitmap.
+    // 5. One node's current is in the other's history: the other moved on without a bitmap
+    //    for it. Unless both track each other from one generation: each recorded what it
+    //    changed since, so the two bitmaps together hold every block that differs (the
+    //    simulator found 1.5 % of resyncs copying the whole disk, most of them so).
+    let tracked_alike = me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.bitmap_for_peer);
     match (peer.in_history(me.current), me.in_history(peer.current)) {
-        (true, false) => return FullTarget,
-        (false, true) => return FullSource,
+        (true, false) => return if tracked_alike { BitmapTarget } else { FullTarget },
+        (false, true) => return if tracked_alike { BitmapSource } else { FullSource },
         // Each is the other's past: histories that contradict each other; never guess.
         (true, true) => return SplitBrainManual,
         (false, false) => {}
@@ -296,6 +300,15 @@ mod tests {
             assert_eq!(d, mirrored, "decisions disagree for {a:?} / {b:?}");
         }
         d
+    }
+
+    #[test]
+    fn a_node_behind_that_both_track_from_one_generation_gets_a_bitmap_resync() {
+        let ahead = UuidView { history: [0x61, 0x51, 0, 0], bitmap_for_peer: 0x51, ..view(0, 0x71) };
+        let behind = UuidView { bitmap_for_peer: 0x51, ..view(1, 0x61) };
+        assert_eq!(both(&ahead, &behind), BitmapSource);
+        let untracked = UuidView { bitmap_for_peer: 0, ..behind };
+        assert_eq!(both(&ahead, &untracked), FullSource, "nothing says what it lacks");
     }
 
     #[test]

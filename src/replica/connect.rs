@@ -199,11 +199,20 @@ impl Replica {
         }
     }
 
-    /// The target confirmed it is UpToDate: the resync is over.
+    /// The target confirmed it is UpToDate: the resync is over. A secondary source that
+    /// followed its primary into a newer generation since its `ResyncDone` keeps tracking the
+    /// target from the generation that named (the target does not follow a secondary, and
+    /// without a bitmap UUID their next decision copied the whole disk). A primary's target
+    /// follows it.
     pub fn finish_resync_as_source(&mut self, peer_id: u8) {
         let slot = self.peer(peer_id).slot;
+        let current = self.sb.uuids.current;
+        let target_at = match self.role {
+            Role::Primary => current,
+            _ => self.peer(peer_id).sync.walk.done_sent.unwrap_or(current),
+        };
         let mut generation = self.generation();
-        generation.resync_finished_as_source(slot);
+        generation.resync_finished_as_source(slot, target_at);
         self.set_generation(generation);
         self.clear_crash_marker(peer_id, false);
         self.persist(MetaWrite::Bitmap(slot));
