@@ -342,6 +342,17 @@ impl Replica {
             tracing::debug!(resource = %self.resource, peer = %name, decision = ?decision, "the target is being demoted: deciding after it");
             return Ok(());
         }
+        // A node whose disk lost its cache holds no good copy of its activity log's extents,
+        // and an Inconsistent node none of its interrupted resync's blocks: neither resyncs
+        // the other; both wait for a third node (seed 44941: the node that lost its cache
+        // overwrote an acknowledged write the Inconsistent one held).
+        let peer_inconsistent = self.peer(peer_id).disk == DiskState::Inconsistent;
+        let lost_cache_into_inconsistent = decision.is_source() && self.cache_repair_pending.contains(&peer_id) && peer_inconsistent
+            || decision.is_target() && peer_state.flags & STATE_FLAG_CACHE_LOST != 0 && self.disk == DiskState::Inconsistent;
+        if lost_cache_into_inconsistent {
+            tracing::info!(resource = %self.resource, peer = %name, "one side lost its disk's cache, the other is Inconsistent: waiting for a node with good data");
+            return Ok(());
+        }
         match decision {
             SyncDecision::InSync => {
                 let peer = self.peer_mut(peer_id);
