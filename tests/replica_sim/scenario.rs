@@ -5,7 +5,6 @@
 //! Then everything heals and the checkers look at what the client was told and what the data
 //! disks hold.
 
-use super::rng::Rng;
 use super::world::{DataDisk, Event, Shape, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
 use blkrepl::core::states::{DiskState, ReplState, Role};
@@ -40,20 +39,6 @@ pub const SHAPES: [Shape; 8] = [
     Shape { data: 3, witnesses: 2 },
     Shape { data: 3, witnesses: 3 },
 ];
-
-/// Where the shape's draw starts in SplitMix64's sequence: away from the world's stream, which
-/// the draw leaves alone, so a seed that draws 3+0 (or any seed with `BLKREPL_SIM_SHAPE=3+0`)
-/// runs the world it ran before shapes existed.
-const SHAPE_STREAM: u64 = 0x5348_4150_4553_0001;
-
-/// Seed `seed`'s shape: `BLKREPL_SIM_SHAPE` ("3+1": data nodes + witnesses, one of [`SHAPES`])
-/// forces one; otherwise drawn uniformly from the seed.
-pub fn shape_of(seed: u64) -> Shape {
-    if let Ok(forced) = std::env::var("BLKREPL_SIM_SHAPE") {
-        return *SHAPES.iter().find(|s| s.to_string() == forced).unwrap_or_else(|| panic!("BLKREPL_SIM_SHAPE={forced} is none of the shapes {SHAPES:?}"));
-    }
-    SHAPES[Rng::new(seed ^ SHAPE_STREAM).below(SHAPES.len())]
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -138,9 +123,9 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub fn new(seed: u64, tracing: bool) -> Scenario {
+    /// Seed `seed` in `shape`.
+    pub fn new(seed: u64, shape: Shape, tracing: bool) -> Scenario {
         let protocol = [Protocol::A, Protocol::B, Protocol::C][(seed % 3) as usize];
-        let shape = shape_of(seed);
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}");
