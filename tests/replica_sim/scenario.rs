@@ -1,9 +1,11 @@
-//! One seed: three data nodes under quorum, a client writing and reading through whichever node
-//! is primary, a cluster manager that promotes a node when none is primary (and demotes one
-//! that was superseded), and random faults (partitions, power losses). Then everything heals
-//! and the checkers look at what the client was told and what the disks hold.
+//! One seed: a cluster of two or three data nodes and up to three diskless witnesses, all voting
+//! under quorum, a client writing and reading through whichever data node is primary, a cluster
+//! manager that promotes a data node when none is primary (and demotes one that was
+//! superseded), and random faults (partitions, power losses, killed processes) on any node.
+//! Then everything heals and the checkers look at what the client was told and what the data
+//! disks hold.
 
-use super::world::{Event, Time, World, MS, PAGE, SEC};
+use super::world::{DataDisk, Event, Shape, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
@@ -26,6 +28,18 @@ const HEAL: u64 = 5;
 /// Asks the candidates again whether their election is over.
 const CAMPAIGN: u64 = 6;
 
+/// The cluster shapes a seed chooses from.
+pub const SHAPES: [Shape; 8] = [
+    Shape { data: 2, witnesses: 0 },
+    Shape { data: 2, witnesses: 1 },
+    Shape { data: 2, witnesses: 2 },
+    Shape { data: 2, witnesses: 3 },
+    Shape { data: 3, witnesses: 0 },
+    Shape { data: 3, witnesses: 1 },
+    Shape { data: 3, witnesses: 2 },
+    Shape { data: 3, witnesses: 3 },
+];
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub acked_writes: u64,
@@ -38,6 +52,8 @@ pub struct Stats {
     pub bitmap_resyncs: u64,
     pub full_resyncs: u64,
     pub virtual_us: u64,
+    /// Seeds run per shape, in the order of [`SHAPES`].
+    pub seeds_by_shape: [u64; SHAPES.len()],
 }
 
 impl Stats {
@@ -52,6 +68,9 @@ impl Stats {
         self.bitmap_resyncs += o.bitmap_resyncs;
         self.full_resyncs += o.full_resyncs;
         self.virtual_us += o.virtual_us;
+        for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
+            *mine += theirs;
+        }
     }
 }
 
@@ -104,20 +123,27 @@ pub struct Scenario {
 }
 
 impl Scenario {
-    pub fn new(seed: u64, tracing: bool) -> Scenario {
+    /// Seed `seed` in `shape`.
+    pub fn new(seed: u64, shape: Shape, tracing: bool) -> Scenario {
         let protocol = [Protocol::A, Protocol::B, Protocol::C][(seed % 3) as usize];
-        let mut world = World::new(seed, 3, protocol, tracing);
+        if tracing {
+            let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
+            println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}");
+        }
+        let mut world = World::new(seed, shape, protocol, tracing);
         world.trace_offset = std::env::var("BLKREPL_SIM_TRACE_BLOCK").ok().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0) * BLOCK_STRIDE;
+        let mut stats = Stats::default();
+        stats.seeds_by_shape[SHAPES.iter().position(|s| *s == shape).expect("one of the shapes")] = 1;
         Scenario {
             world,
-            stats: Stats::default(),
+            stats,
             next_request: 0,
             next_version: 0,
             target: None,
             pending: BTreeMap::new(),
             acked: vec![(0, 0, 0); BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
-            tenure: vec![0; 3],
+            tenure: vec![0; usize::from(shape.data)],
             down: Vec::new(),
             demoting: Vec::new(),
             flushed: Vec::new(),
@@ -150,11 +176,12 @@ impl Scenario {
         self.check_converged()
     }
 
-    /// Two fresh nodes are declared in sync without copying, and node 0 is promoted.
+    /// Fresh data nodes are declared in sync without copying, and node 0 is promoted (the
+    /// witnesses only learn its generation).
     fn initial_sync(&mut self) -> Result<(), String> {
         let until = self.world.now + 2 * SEC;
         self.world.run_until(until);
-        let connected = (1..3).all(|p| self.world.replica(0).is_some_and(|r| r.peer(p).connected && r.peer(p).last_state.is_some()));
+        let connected = self.world.shape.nodes().skip(1).all(|p| self.world.replica(0).is_some_and(|r| r.peer(p).connected && r.peer(p).last_state.is_some()));
         if !connected {
             return Err("the nodes did not connect".into());
         }
@@ -169,9 +196,18 @@ impl Scenario {
             let next = self.world.now + MS;
             self.world.run_until(next);
         }
+        self.world_kept_its_rules()?;
         match self.world.primaries()[..] {
             [0] => Ok(()),
             ref other => Err(format!("first promotion: primaries {other:?}")),
+        }
+    }
+
+    /// Fails the seed on what a replica asked that the world refused (see `World::violation`).
+    fn world_kept_its_rules(&mut self) -> Result<(), String> {
+        match self.world.violation.take() {
+            Some(violation) => Err(format!("witnesses hold no data: {violation}")),
+            None => Ok(()),
         }
     }
 
@@ -195,6 +231,7 @@ impl Scenario {
                 Some(other) => unreachable!("scenario step {other}"),
             }
             self.take_answers()?;
+            self.world_kept_its_rules()?;
         }
     }
 
@@ -269,7 +306,8 @@ impl Scenario {
         // on both sides of a partition): the replicas' election must keep it to one primary.
         let serving = self.world.primaries().into_iter().any(|p| self.world.replica(p).is_some_and(|r| r.quorum(now).has_quorum));
         if !serving && self.campaigns.is_empty() {
-            let mut candidates: Vec<u8> = (0..3).filter(|id| self.world.is_up(*id) && !self.world.primaries().contains(id)).collect();
+            let mut candidates: Vec<u8> =
+                self.world.shape.data_nodes().filter(|id| self.world.is_up(*id) && !self.world.primaries().contains(id)).collect();
             let all_at_once = self.world.rng.below(4) == 0;
             while !candidates.is_empty() {
                 let id = candidates.remove(self.world.rng.below(candidates.len()));
@@ -393,15 +431,17 @@ impl Scenario {
         let w = &mut self.world;
         let next = w.now + w.rng.range(500 * MS, 3 * SEC);
         w.at(next, Event::Scenario(FAULT));
-        let up: Vec<u8> = (0..3).filter(|id| self.world.is_up(*id)).collect();
+        let nodes: Vec<u8> = self.world.shape.nodes().collect();
+        let up: Vec<u8> = nodes.iter().copied().filter(|id| self.world.is_up(*id)).collect();
         match self.world.rng.below(3) {
-            // A node cut off from the others (the primary more often than not).
+            // A node, data node or witness, cut off from the others (the primary more often
+            // than not).
             0 | 1 => {
                 let id = match self.target.filter(|_| self.world.rng.percent(60)) {
                     Some(primary) => primary,
-                    None => self.world.rng.pick(&[0u8, 1, 2]),
+                    None => self.world.rng.pick(&nodes),
                 };
-                for other in (0..3).filter(|o| *o != id) {
+                for other in nodes.iter().copied().filter(|o| *o != id) {
                     self.world.cut(id, other);
                 }
                 self.stats.partitions += 1;
@@ -412,7 +452,7 @@ impl Scenario {
             }
             // A power loss or a killed process (one time in three), and a restart a little
             // later (at most one node down at a time).
-            _ if up.len() == 3 => {
+            _ if up.len() == nodes.len() => {
                 let id = self.world.rng.pick(&up);
                 let power = !self.world.rng.percent(33);
                 self.world.crash(id, power);
@@ -434,16 +474,20 @@ impl Scenario {
         }
     }
 
-    /// After the faults healed: one primary, every node in sync with it and UpToDate, every
-    /// replica identical on the client's blocks, and no acknowledged write missing.
+    /// After the faults healed: one primary, every data node in sync with it and UpToDate,
+    /// every witness Diskless and linked to every node (its links carry votes only, and are
+    /// Established like the others), every data node's replica identical on the client's
+    /// blocks, and no acknowledged write missing.
     fn check_converged(&mut self) -> Result<(), String> {
         let primaries = self.world.primaries();
         let [primary] = primaries[..] else {
             return Err(format!("checker 2 (one primary after healing): primaries {primaries:?}"));
         };
-        for id in 0..3u8 {
+        let shape = self.world.shape;
+        for id in shape.nodes() {
             let r = self.world.replica(id).ok_or_else(|| format!("n{id} is down after healing"))?;
-            if r.disk != DiskState::UpToDate {
+            let healthy = if shape.is_witness(id) { DiskState::Diskless } else { DiskState::UpToDate };
+            if r.disk != healthy {
                 return Err(format!("checker 3 (convergence): n{id} is {} after healing", r.disk));
             }
             for peer in r.peers.iter() {
@@ -455,11 +499,12 @@ impl Scenario {
                 return Err(format!("n{id} is {} next to primary n{primary}", r.role));
             }
         }
+        let disks: Vec<&DataDisk> = shape.data_nodes().map(|id| self.world.nodes[usize::from(id)].data.as_ref().expect("a data node")).collect();
         for block in 0..BLOCKS {
             let offset = block * BLOCK_STRIDE;
-            let versions: Vec<u64> = (0..3u8).map(|id| version_in(&self.world.nodes[usize::from(id)].data.read(offset, 16))).collect();
+            let versions: Vec<u64> = disks.iter().map(|disk| version_in(&disk.read(offset, 16))).collect();
             if versions.iter().any(|v| *v != versions[0]) {
-                return Err(format!("checker 4 (replicas identical): block {block} holds versions {versions:?} on n0..n2"));
+                return Err(format!("checker 4 (replicas identical): block {block} holds versions {versions:?} on n0..n{}", shape.data - 1));
             }
             if versions[0] < self.durable[block as usize] {
                 return Err(format!(

@@ -2,6 +2,7 @@
 //! the next seed until the range is done or a failure ends the sweep.
 
 use super::scenario::{Scenario, Stats};
+use super::world::Shape;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// What a sweep found: the runs' summed statistics and each failing seed with its error.
@@ -11,10 +12,16 @@ pub struct Swept {
     pub threads: usize,
 }
 
-/// Runs seeds `first..first + seeds`. `on_thread` prepares each sweeping thread (the
-/// weakened-rule demonstrations switch a rule off there); a failure for which `ends` holds
-/// stops the sweep (the seeds already running finish).
-pub fn sweep(first: u64, seeds: u64, on_thread: impl Fn() + Sync, ends: impl Fn(&str) -> bool + Sync) -> Swept {
+/// Runs seeds `first..first + seeds`, each in the shape `shape_of` gives it. `on_thread`
+/// prepares each sweeping thread (the weakened-rule demonstrations switch a rule off there); a
+/// failure for which `ends` holds stops the sweep (the seeds already running finish).
+pub fn sweep(
+    first: u64,
+    seeds: u64,
+    shape_of: impl Fn(u64) -> Shape + Sync,
+    on_thread: impl Fn() + Sync,
+    ends: impl Fn(&str) -> bool + Sync,
+) -> Swept {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let next = AtomicU64::new(first);
     let stop = AtomicBool::new(false);
@@ -27,7 +34,7 @@ pub fn sweep(first: u64, seeds: u64, on_thread: impl Fn() + Sync, ends: impl Fn(
             if seed >= first + seeds {
                 break;
             }
-            let mut scenario = Scenario::new(seed, false);
+            let mut scenario = Scenario::new(seed, shape_of(seed), false);
             if let Err(error) = scenario.run() {
                 if ends(&error) {
                     stop.store(true, Ordering::Relaxed);

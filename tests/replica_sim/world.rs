@@ -2,6 +2,9 @@
 //! encoded frames, data disks with a volatile cache, metadata on memory disks that survive a
 //! node's crash, and the driver that carries out each replica's actions. Nothing here decides a
 //! replication rule: every decision is `blkrepl::replica::Replica`'s.
+//!
+//! A world has a shape: data nodes first (ids from 0), then diskless witnesses, set up as the
+//! daemon sets them up (`blkrepl create-md` and `Engine::open_on`).
 
 use super::rng::Rng;
 use blkrepl::config::Protocol;
@@ -10,12 +13,15 @@ use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use blkrepl::core::states::Role;
 use blkrepl::disk::{Disk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
+use blkrepl::meta::layout::MIN_AL_EXTENTS;
 use blkrepl::meta::{MetaParams, MetaStore};
 use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep};
 use blkrepl::wire::{read_message, write_message, Message};
 use bytes::Bytes;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,8 +34,43 @@ pub const RESOURCE: &str = "sim";
 /// The data disk: 32 MiB (eight activity-log extents, one more than the log holds).
 pub const DISK_BYTES: u64 = 32 << 20;
 pub const PAGE: u64 = 4096;
+/// A data node's external metadata disk, and a witness's metadata store (the daemon's
+/// `WITNESS_STORE_BYTES`).
 const META_BYTES: u64 = 4 << 20;
 const TICK: Time = 100 * MS;
+
+/// Which nodes a world has: data nodes `0..data`, then witnesses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub data: u8,
+    pub witnesses: u8,
+}
+
+impl Shape {
+    /// Every node, data nodes and witnesses: they all vote.
+    pub fn nodes(self) -> Range<u8> {
+        0..self.data + self.witnesses
+    }
+
+    pub fn data_nodes(self) -> Range<u8> {
+        0..self.data
+    }
+
+    pub fn witness_nodes(self) -> Range<u8> {
+        self.data..self.data + self.witnesses
+    }
+
+    pub fn is_witness(self, id: u8) -> bool {
+        self.witness_nodes().contains(&id)
+    }
+}
+
+/// Data nodes + witnesses, as the sweep's summary counts them: "3+1".
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}+{}", self.data, self.witnesses)
+    }
+}
 
 /// A data disk: pages written and flushed, and pages written but still in the volatile cache
 /// (a power loss keeps each of those or not). Pages never written read as zeroes.
@@ -82,7 +123,8 @@ impl DataDisk {
 /// One node: its disks survive its crashes; its replica does not.
 pub struct Node {
     pub replica: Option<Replica>,
-    pub data: DataDisk,
+    /// None on a witness: it has no data disk.
+    pub data: Option<DataDisk>,
     meta_disk: Arc<dyn Disk>,
     meta: Option<MetaStore>,
     /// Bumped per start, so the events of a crashed incarnation are dropped.
@@ -158,10 +200,14 @@ pub struct World {
     divergences: u64,
     /// Resyncs (by bitmap, full) taken by nodes that have since crashed.
     resyncs: [u64; 2],
+    pub shape: Shape,
+    /// The first thing a replica asked that the world must not do (data I/O on a witness): the
+    /// scenario fails the seed on it.
+    pub violation: Option<String>,
 }
 
 impl World {
-    pub fn new(seed: u64, data_nodes: u8, protocol: Protocol, tracing: bool) -> World {
+    pub fn new(seed: u64, shape: Shape, protocol: Protocol, tracing: bool) -> World {
         let mut world = World {
             now: 0,
             base: Instant::now(),
@@ -179,16 +225,14 @@ impl World {
             trace_offset: 0,
             divergences: 0,
             resyncs: [0; 2],
+            shape,
+            violation: None,
         };
-        for id in 0..data_nodes {
-            let meta_disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
-            let peers: Vec<u8> = (0..data_nodes).filter(|p| *p != id).collect();
-            let params = MetaParams { al_extents: 7, max_peers: 2, ..MetaParams::default() };
-            MetaStore::create(meta_disk.clone(), DISK_BYTES, false, params, RESOURCE, id, &peers, false).expect("create metadata");
+        for id in shape.nodes() {
             world.nodes.push(Node {
                 replica: None,
-                data: DataDisk::default(),
-                meta_disk,
+                data: (!shape.is_witness(id)).then(DataDisk::default),
+                meta_disk: create_metadata(shape, id),
                 meta: None,
                 incarnation: 0,
                 boots: 0,
@@ -197,7 +241,7 @@ impl World {
                 next_io: 0,
             });
         }
-        for id in 0..data_nodes {
+        for id in shape.nodes() {
             world.start(id);
         }
         world.at(TICK, Event::Tick);
@@ -223,23 +267,24 @@ impl World {
     pub fn start(&mut self, id: u8) {
         let now = self.instant();
         let seed = self.rng.next_u64();
-        let data_nodes = self.nodes.len() as u8;
+        let shape = self.shape;
         let protocol = self.protocol;
         let quorum = self.quorum;
         let node = &mut self.nodes[usize::from(id)];
-        let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), DISK_BYTES, false, RESOURCE, id).expect("open metadata");
+        let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
+        let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), data_bytes, internal, RESOURCE, id).expect("open metadata");
         let peers = loaded
             .superblock
             .peers
             .iter()
             .enumerate()
-            .map(|(slot, p)| Peer::new(p.node_id, format!("n{}", p.node_id), slot, false))
+            .map(|(slot, p)| Peer::new(p.node_id, format!("n{}", p.node_id), slot, shape.is_witness(p.node_id)))
             .collect();
         let crashed_primary = loaded.crashed_as_primary;
         let replica = Replica::attach(Attached {
             // The replica's name in the log: the node's.
             resource: format!("n{id}"),
-            witness: false,
+            witness: shape.is_witness(id),
             timing: LinkTiming::DEFAULT,
             protocol,
             congestion_fill: None,
@@ -247,7 +292,7 @@ impl World {
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
             crashed_primary,
-            crash_repair_pending: if crashed_primary { (0..data_nodes).filter(|p| *p != id).collect() } else { Vec::new() },
+            crash_repair_pending: if crashed_primary { shape.data_nodes().filter(|p| *p != id).collect() } else { Vec::new() },
             peers,
             quorum_policy: quorum,
             on_no_quorum: OnNoQuorum::SuspendIo,
@@ -276,17 +321,22 @@ impl World {
         }
         node.replica = None;
         node.meta = None;
-        if power {
-            node.data.power_loss(&mut self.rng);
-            node.boots += 1;
-        } else {
-            for (_, op) in std::mem::take(&mut node.io).into_values() {
-                match op {
-                    LocalIo::Write { offset, data, fua } => node.data.write(offset, &data, fua),
-                    LocalIo::Zeroes { offset, len, .. } => node.data.write(offset, &vec![0u8; len as usize], false),
-                    LocalIo::Read { .. } | LocalIo::Flush => {}
+        // A witness has no data disk, and so no I/O in flight.
+        if let Some(disk) = node.data.as_mut() {
+            if power {
+                disk.power_loss(&mut self.rng);
+            } else {
+                for (_, op) in std::mem::take(&mut node.io).into_values() {
+                    match op {
+                        LocalIo::Write { offset, data, fua } => disk.write(offset, &data, fua),
+                        LocalIo::Zeroes { offset, len, .. } => disk.write(offset, &vec![0u8; len as usize], false),
+                        LocalIo::Read { .. } | LocalIo::Flush => {}
+                    }
                 }
             }
+        }
+        if power {
+            node.boots += 1;
         }
         let peers: Vec<(u8, u64)> = std::mem::take(&mut node.links).into_iter().map(|(p, (conn, _))| (p, conn)).collect();
         for (peer, conn) in peers {
@@ -500,10 +550,11 @@ impl World {
             return;
         }
         let Some((tag, op)) = node.io.remove(&io) else { return };
+        let disk = node.data.as_mut().expect("I/O is queued on data nodes only");
         let result: Result<Option<Bytes>, LocalFailure> = match op {
-            LocalIo::Read { offset, len } => Ok(Some(Bytes::from(node.data.read(offset, len as u64)))),
+            LocalIo::Read { offset, len } => Ok(Some(Bytes::from(disk.read(offset, len as u64)))),
             LocalIo::Write { offset, data, fua } => {
-                node.data.write(offset, &data, fua);
+                disk.write(offset, &data, fua);
                 let traced = self.trace_offset.wrapping_sub(offset);
                 if self.tracing && traced < data.len() as u64 {
                     let at = traced as usize;
@@ -513,11 +564,11 @@ impl World {
                 Ok(None)
             }
             LocalIo::Zeroes { offset, len, .. } => {
-                node.data.write(offset, &vec![0u8; len as usize], false);
+                disk.write(offset, &vec![0u8; len as usize], false);
                 Ok(None)
             }
             LocalIo::Flush => {
-                node.data.flush();
+                disk.flush();
                 Ok(None)
             }
         };
@@ -542,7 +593,8 @@ impl World {
             ResyncStep::Read { offset, len, .. } => {
                 // Read and queued in one step: no write can come between (the engine holds the
                 // range lock for it).
-                let data = Bytes::from(self.nodes[usize::from(id)].data.read(offset, len));
+                let disk = self.nodes[usize::from(id)].data.as_ref().expect("resyncs start on data nodes only");
+                let data = Bytes::from(disk.read(offset, len));
                 let replica = self.replica_mut(id).expect("up");
                 replica.resync_chunk_read(peer, offset, len, ResyncChunk::Data(data));
                 self.carry_out(id);
@@ -561,6 +613,12 @@ impl World {
             }
             let mut queue = actions.into_iter();
             while let Some(action) = queue.next() {
+                if self.shape.is_witness(id) {
+                    if let Some(what) = data_action(&action) {
+                        self.violation.get_or_insert_with(|| format!("witness n{id} was asked for {what}"));
+                        continue;
+                    }
+                }
                 match action {
                     Action::Persist(what) => {
                         let node = &mut self.nodes[usize::from(id)];
@@ -573,7 +631,7 @@ impl World {
                             }
                             MetaWrite::ActivityLog(update) => meta.write_al_update(update, &replica.bitmaps),
                             MetaWrite::DataFlush => {
-                                node.data.flush();
+                                node.data.as_mut().expect("a witness's data actions are refused above").flush();
                                 Ok(())
                             }
                         };
@@ -634,6 +692,38 @@ impl World {
 
     pub fn primaries(&self) -> Vec<u8> {
         (0..self.nodes.len() as u8).filter(|id| self.replica(*id).is_some_and(|r| r.role == Role::Primary)).collect()
+    }
+}
+
+/// What `action` would do to the data disk, if anything.
+fn data_action(action: &Action) -> Option<String> {
+    match action {
+        Action::Io { tag, .. } => Some(format!("data I/O ({tag:?})")),
+        Action::Persist(MetaWrite::DataFlush) => Some("a data flush".into()),
+        Action::StartResync { peer, .. } => Some(format!("a resync of n{peer}")),
+        _ => None,
+    }
+}
+
+/// The metadata of node `id`, as `blkrepl create-md` makes it: a peer slot for every other node,
+/// witnesses too, and the smallest activity log (whose eviction the client's blocks exercise).
+fn create_metadata(shape: Shape, id: u8) -> Arc<dyn Disk> {
+    let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
+    let peers: Vec<u8> = shape.nodes().filter(|p| *p != id).collect();
+    let params = MetaParams { al_extents: MIN_AL_EXTENTS, max_peers: peers.len() as u8, ..MetaParams::default() };
+    let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
+    MetaStore::create(disk.clone(), data_bytes, internal, params, RESOURCE, id, &peers, false).expect("create metadata");
+    disk
+}
+
+/// The data size and placement (internal or not) node metadata is created and opened with: a
+/// data node's is external to its data disk; a witness's store holds internal metadata over
+/// "data" never used (the daemon's `create_witness_store`).
+fn meta_geometry(witness: bool) -> (u64, bool) {
+    if witness {
+        (META_BYTES, true)
+    } else {
+        (DISK_BYTES, false)
     }
 }
 
