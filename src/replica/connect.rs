@@ -72,7 +72,12 @@ impl Replica {
             self.set_departed(peer_id, true);
             tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
         }
-        if self.witness && self.peer(peer_id).role == Role::Primary {
+        // A primary of an election older than one this witness took part in is stale (it was
+        // superseded, or will be): its generation is not learned (three witnesses that took a
+        // stale primary's generation after a heal let no candidate count them again, and no
+        // primary was ever elected; seed 992 with witnesses).
+        let stale_primary = state.data_position.term < self.sb.terms.highest;
+        if self.witness && self.peer(peer_id).role == Role::Primary && !stale_primary {
             // A witness votes by the newest primary generation it has seen, and says so.
             let mut known = self.generation();
             if known.witness_learns(state.current_uuid, &state.history) {

@@ -163,6 +163,13 @@ impl Replica {
             tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, term, known = self.sb.terms.highest,
                 busy_elsewhere, candidate_myself, being_resynced, further, primaries = self.primaries(), "vote refused");
         }
+        if stale_term {
+            // The candidate learns the later term from this node's State (`Vote` carries none):
+            // asking again in a term the voters already hold would be refused forever (seed
+            // 5187 with a witness: two candidates that lost the same term).
+            let state = self.peer_state_for(self.peer(candidate));
+            self.send(candidate, Message::State(state));
+        }
         self.send(candidate, Message::Vote { ballot, granted });
     }
 
