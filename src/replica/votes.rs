@@ -63,7 +63,11 @@ impl Replica {
             // it runs to end): the writes acknowledged meanwhile would live on this node alone,
             // and that node could be promoted without them (seed 3713).
             let receives_writes = peer.witness || peer.repl == ReplState::Established;
-            return receives_writes && (same(self.sb.uuids.current) || (self.left_generation != 0 && same(self.left_generation)));
+            // A voter still at the generation this primary left counts meanwhile if it receives
+            // the writes; a witness does not (the peer this primary lost holds that generation
+            // too, and the witness could elect it without the writes since; seed 8332).
+            let left = self.left_generation != 0 && same(self.left_generation) && !peer.witness;
+            return receives_writes && (same(self.sb.uuids.current) || left);
         }
         let knows_nothing = peer.witness && same(UUID_JUST_CREATED);
         knows_nothing || self.knows_generation(state.current_uuid)

@@ -435,6 +435,10 @@ impl Replica {
         }
         let slots = std::mem::take(&mut self.generation_pending);
         self.left_generation = self.sb.uuids.current;
+        // The votes won for the promotion count for the promotion's generation only: a voter
+        // counts under this one once it knows it (a witness counted for writes under a
+        // generation it never heard of later elected a node without them; seed 7247).
+        self.elected = None;
         let mut generation = self.generation();
         generation.new_current(self.uuids.next(), true, true, &slots);
         self.set_generation(generation);
