@@ -392,11 +392,13 @@ impl Replica {
             self.answer(request, Err(BlockError::Io));
             return;
         }
+        // The generation owed to lost peers starts first; the quorum is then judged under it
+        // (the voters that count are those that know it, see `Replica::votes_for_me`).
+        if self.admission(now) == Admission::Proceed {
+            self.start_pending_generation();
+        }
         match self.admission(now) {
-            Admission::Proceed => {
-                self.start_pending_generation();
-                self.answer(request, result);
-            }
+            Admission::Proceed => self.answer(request, result),
             Admission::Hold => {
                 if self.suspended.is_empty() {
                     tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
