@@ -223,9 +223,9 @@ impl Replica {
     /// pages of the extents it evicts). PRIMARY_IND stays set until the resync, so a second
     /// crash does not forget it.
     ///
-    /// After a crash as secondary, the hot extents hold the writes whose marks for its peers
-    /// may have been lost with its memory (see `Replica::note_in_activity_log`): they are
-    /// marked again for every data peer. If the machine restarted too, the disk's cache may
+    /// After a crash as secondary, the hot extents hold the writes whose marks for the peers it
+    /// tracked may have been lost with its memory (see `Replica::note_in_activity_log`): they
+    /// are marked again for those peers. If the machine restarted too, the disk's cache may
     /// have dropped writes there: this node is resynced in them from every data peer.
     pub fn attach(a: Attached) -> Replica {
         let boot_id = a.boot_id;
@@ -241,13 +241,11 @@ impl Replica {
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
             replica.mark_extents_and_empty_log(&hot, &slots);
         } else if !hot.is_empty() && cache_survived {
-            // Marks a secondary keeps in memory are not only for peers it tracks from a
-            // generation: it records a primary's writes for any peer that does not follow it
-            // (seed 56801 lost such a mark with a killed process, and the block with it).
-            let data: Vec<usize> = replica.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
-            tracing::info!(resource = %replica.resource, extents = hot.len(),
-                "stopped without a clean shutdown (the machine did not restart): marking the activity log's extents for every data peer");
-            replica.mark_extents_and_empty_log(&hot, &data);
+            let tracked: Vec<usize> =
+                replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(),
+                "stopped without a clean shutdown (the machine did not restart): marking the activity log's extents for the peers this node tracks");
+            replica.mark_extents_and_empty_log(&hot, &tracked);
         } else if !hot.is_empty() {
             // Writes in these extents may have been lost with the disk's cache: this node is
             // resynced there from every data peer (and remembers it, so a second crash before
