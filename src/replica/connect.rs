@@ -351,9 +351,13 @@ impl Replica {
         // and an Inconsistent node none of its interrupted resync's blocks: neither resyncs
         // the other; both wait for a third node (seed 44941: the node that lost its cache
         // overwrote an acknowledged write the Inconsistent one held).
+        // With two data nodes no third comes: the node that lost its cache is then the source
+        // (its disk holds everything but its extents' last unflushed writes).
+        let third_data_node = self.peers.iter().filter(|p| !p.witness).count() > 1;
         let peer_inconsistent = self.peer(peer_id).disk == DiskState::Inconsistent;
-        let lost_cache_into_inconsistent = decision.is_source() && self.cache_repair_pending.contains(&peer_id) && peer_inconsistent
-            || decision.is_target() && peer_state.flags & STATE_FLAG_CACHE_LOST != 0 && self.disk == DiskState::Inconsistent;
+        let lost_cache_into_inconsistent = third_data_node
+            && (decision.is_source() && self.cache_repair_pending.contains(&peer_id) && peer_inconsistent
+                || decision.is_target() && peer_state.flags & STATE_FLAG_CACHE_LOST != 0 && self.disk == DiskState::Inconsistent);
         if lost_cache_into_inconsistent {
             tracing::info!(resource = %self.resource, peer = %name, "one side lost its disk's cache, the other is Inconsistent: waiting for a node with good data");
             return Ok(());
