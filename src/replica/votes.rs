@@ -73,6 +73,30 @@ impl Replica {
         knows_nothing || self.knows_generation(state.current_uuid)
     }
 
+    /// Whether this primary would have quorum but for voters that have yet to confirm the
+    /// generation it started last (they report the one it left; its `State` is on its way to
+    /// them): completions wait for them, whatever `on_no_quorum` says.
+    pub(super) fn confirming_generation(&self, now: Instant) -> bool {
+        if self.role != Role::Primary || self.left_generation == 0 {
+            return false;
+        }
+        let at = |p: &Peer, uuid: u64| p.last_state.is_some_and(|s| same_uuid(s.current_uuid, uuid));
+        let views: Vec<VoterView> = self
+            .peers
+            .iter()
+            .map(|p| VoterView {
+                node_id: p.node_id,
+                reachable: p.connected
+                    && p.lease.holds(now, &self.timing)
+                    && (p.witness || p.repl == ReplState::Established)
+                    && (at(p, self.sb.uuids.current) || at(p, self.left_generation)),
+                departed: self.departed(p),
+                sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
+            })
+            .collect();
+        evaluate(self.quorum_policy, self.sb.node_id, &views).has_quorum
+    }
+
     /// Whether `uuid` is this node's generation or one it has moved past (its history, or where
     /// one of its bitmaps starts): not newer than its data.
     pub fn knows_generation(&self, uuid: u64) -> bool {

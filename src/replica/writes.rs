@@ -399,6 +399,9 @@ impl Replica {
         }
         match self.admission(now) {
             Admission::Proceed => self.answer(request, result),
+            // Under `io-error` too: the voters are there, they have yet to hear of the
+            // generation just started (released by their State, see `release_suspended`).
+            Admission::Refuse if self.confirming_generation(now) => self.suspended.push((request, result)),
             Admission::Hold => {
                 if self.suspended.is_empty() {
                     tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
@@ -457,8 +460,12 @@ impl Replica {
         if self.suspended.is_empty() && self.held.is_empty() && self.held_reads.is_empty() {
             return;
         }
-        let fail = fail || self.role != Role::Primary || self.superseded(now);
-        if !fail && self.admission(now) != Admission::Proceed {
+        let admission = self.admission(now);
+        // What waited for voters to confirm a new generation fails once quorum is gone instead
+        // (`io-error` holds nothing else).
+        let refused = admission == Admission::Refuse && !self.confirming_generation(now);
+        let fail = fail || refused || self.role != Role::Primary || self.superseded(now);
+        if !fail && admission != Admission::Proceed {
             return;
         }
         let completions = std::mem::take(&mut self.suspended);
