@@ -135,8 +135,7 @@ impl Replica {
         let Some(extents) = extents_for(offset, len) else { return };
         match self.al.prepare(extents.clone()) {
             Ok(AlPrepared::Transaction(update)) => {
-                self.al.commit(update.clone());
-                self.persist(MetaWrite::ActivityLog(update));
+                self.commit_al(update);
                 self.al.release(extents);
             }
             Ok(AlPrepared::AllHot) => self.al.release(extents),

@@ -47,7 +47,7 @@ use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use crate::core::split_brain::SplitBrainPolicies;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UuidView, UUID_JUST_CREATED};
-use crate::meta::activity_log::{extent_offset, AL_EXTENT_SIZE};
+use crate::meta::activity_log::{extent_offset, AlUpdate, AL_EXTENT_SIZE};
 use crate::meta::{ActivityLog, DirtyBitmap, MetaFlags, Superblock};
 use crate::core::inflight::LocalFailure;
 use crate::frontend::{BlockError, BlockResult};
@@ -272,8 +272,7 @@ impl Replica {
             }
         }
         let clean = self.al.mark_clean().expect("nothing is in flight at attach");
-        self.al.commit(clean.clone());
-        self.persist(MetaWrite::ActivityLog(clean));
+        self.commit_al(clean);
     }
 
     fn attached(a: Attached) -> Replica {
@@ -349,6 +348,19 @@ impl Replica {
     /// Queues a metadata write: durable before anything queued after it is carried out.
     pub fn persist(&mut self, what: MetaWrite) {
         self.outbox.push(Action::Persist(what));
+    }
+
+    /// Commits an activity-log transaction in memory and queues it. One that evicts extents
+    /// flushes the data disk first: after a crash only the logged extents are repaired, so what
+    /// this node wrote into an extent must be durable before the log stops naming it (a write
+    /// completed into the disk's cache, its extent evicted, then a power loss: the copies
+    /// differed there and no resync knew it).
+    fn commit_al(&mut self, update: AlUpdate) {
+        self.al.commit(update.clone());
+        if !update.evicted.is_empty() {
+            self.persist(MetaWrite::DataFlush);
+        }
+        self.persist(MetaWrite::ActivityLog(update));
     }
 
     /// A metadata write failed: the disk is Failed (its metadata no longer follows what this

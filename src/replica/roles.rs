@@ -185,8 +185,7 @@ impl Replica {
         self.set_data_position(DataPosition { epoch: self.epoch - 1, ..self.data_position() });
         match self.al.mark_clean() {
             Ok(clean) => {
-                self.al.commit(clean.clone());
-                self.persist(MetaWrite::ActivityLog(clean));
+                self.commit_al(clean);
                 self.sb.flags.insert(MetaFlags::AL_CLEAN);
             }
             // A write still holds an extent (the driver did not wait): the log stays as it is,
@@ -299,7 +298,7 @@ mod tests {
         r.take_actions();
         r.finish_demotion();
         let actions = r.take_actions();
-        assert!(matches!(&actions[..], [Action::Persist(MetaWrite::ActivityLog(_)), Action::Persist(MetaWrite::Superblock), ..]), "{actions:?}");
+        assert!(matches!(&actions[..], [Action::Persist(MetaWrite::DataFlush), Action::Persist(MetaWrite::ActivityLog(_)), Action::Persist(MetaWrite::Superblock), ..]), "{actions:?}");
         assert!(r.sb.flags.contains(MetaFlags::AL_CLEAN) && !r.sb.flags.contains(MetaFlags::PRIMARY_IND));
         assert!(r.al.hot_extents().is_empty());
     }

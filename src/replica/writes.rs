@@ -239,8 +239,7 @@ impl Replica {
         if let AlPrepared::Transaction(update) = prepared {
             // Committed in memory now; the driver makes it durable before anything queued after
             // it, the local write included.
-            self.al.commit(update.clone());
-            self.persist(MetaWrite::ActivityLog(update));
+            self.commit_al(update);
         }
         let (offset, len, fua) = (write.offset, write.len(), write.fua());
         let level = if fua { AckLevel::Written } else { ack_level(self.protocol) };
@@ -743,6 +742,34 @@ mod tests {
         assert!(completions(&r.take_actions()).is_empty(), "the peer has not flushed yet");
         r.barrier_acked(t0, 1, epoch);
         assert_eq!(completions(&r.take_actions()), vec![(2, true)]);
+    }
+
+    #[test]
+    fn an_extent_leaves_the_activity_log_only_after_the_data_disk_was_flushed() {
+        let (mut r, t0) = primary_replicating();
+        r.al = crate::meta::ActivityLog::new(1);
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let id = local_writes(&r.take_actions())[0];
+        finish(&mut r, t0, id);
+        // A flush frees the extent (the peer's barrier ack covers the write); the local
+        // flush is left pending, as a driver that has not carried it out yet.
+        r.submit(t0, 2, BlockRequest::Flush, no_queue);
+        let epoch = r.peer(1).barriers.back().expect("a barrier").0;
+        r.barrier_acked(t0, 1, epoch);
+        r.take_actions();
+        let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
+        r.submit(t0, 3, write(extent, 4096), no_queue);
+        let actions = r.take_actions();
+        let flushed = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::DataFlush))).expect("a data flush");
+        let logged = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(u)) if u.evicted == [0])).expect("extent 0 evicted");
+        let written = actions.iter().position(|a| matches!(a, Action::Io { op: crate::replica::LocalIo::Write { .. }, .. })).expect("the write");
+        assert!(flushed < logged && logged < written, "{actions:?}");
+        // A transaction that evicts nothing flushes nothing.
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let actions = r.take_actions();
+        assert!(actions.iter().any(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))));
+        assert!(!actions.iter().any(|a| matches!(a, Action::Persist(MetaWrite::DataFlush))), "{actions:?}");
     }
 
     #[test]
