@@ -373,6 +373,9 @@ fn format_status(s: &ResourceStatus) -> String {
     if let Some(why) = &s.stepped_down {
         out += &format!("  stepped-down: {why}\n");
     }
+    if let Some(why) = &s.local_write_failed {
+        out += &format!("  local-write-failed: {why}; every read and write fails: demote this node (`blkrepl secondary`)\n");
+    }
     for p in &s.peers {
         out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
         if p.witness {

@@ -70,12 +70,25 @@ fn full_disk_fails_the_write_with_enospc_and_keeps_earlier_data() {
 }
 
 #[test]
-fn io_error_fails_the_write_and_flush() {
+fn io_error_fails_the_write_then_every_request_until_the_primary_is_demoted() {
     let (engine, disk) = primary_on_faulty_disk();
     submit(&engine, write(8192, 0x11, 4096)).unwrap();
     disk.fail_writes_after(0, Fault::Eio);
     assert_eq!(submit(&engine, write(8192, 0x22, 4096)), Err(BlockError::Io));
     assert_eq!(submit(&engine, BlockRequest::Flush), Err(BlockError::Io));
+    disk.heal();
+    // The disk may be dying: what it holds is vouched for no more, even where it reads.
+    assert_eq!(submit(&engine, BlockRequest::Read { offset: 0, len: 4096 }), Err(BlockError::Io));
+    assert_eq!(submit(&engine, write(0, 0x33, 4096)), Err(BlockError::Io));
+    let why = engine.status().local_write_failed.expect("status says why");
+    assert!(why.contains("8192+4096"), "{why}");
+    // The operator (or the cluster manager) demotes it; promoted again, it serves.
+    engine.demote().unwrap();
+    engine.promote(true).unwrap();
+    assert_eq!(engine.status().local_write_failed, None);
+    submit(&engine, write(0, 0x33, 4096)).unwrap();
+    let read = submit(&engine, BlockRequest::Read { offset: 0, len: 4096 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0x33));
 }
 
 #[test]

@@ -62,3 +62,8 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 fn checker_5_catches_barriers_acknowledged_without_a_flush() {
     demonstrate(Rule::BarrierWithoutFlush, 5);
 }
+
+#[test]
+fn checker_6_catches_a_verify_that_reads_beside_writes_in_flight() {
+    demonstrate(Rule::VerifyBesideWrites, 6);
+}

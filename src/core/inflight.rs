@@ -112,6 +112,11 @@ impl InflightWrites {
         self.writes.values().any(|w| offset < w.offset + w.len && w.offset < offset + len)
     }
 
+    /// The range of write `id`, while it is in flight.
+    pub fn range(&self, id: u64) -> Option<(u64, u64)> {
+        self.writes.get(&id).map(|w| (w.offset, w.len))
+    }
+
     /// Registers a write that waits for the local disk and for `peers` to reach `level`.
     pub fn start(&mut self, offset: u64, len: u64, level: AckLevel, peers: PeerSet) -> u64 {
         self.next_id += 1;

@@ -30,6 +30,10 @@ pub struct ResourceStatus {
     /// it had no quorum), until it is promoted again.
     #[serde(default)]
     pub stepped_down: Option<String>,
+    /// Why this primary fails every read and write: a local write failed; demote it (its
+    /// blocks are resynced from a peer then).
+    #[serde(default)]
+    pub local_write_failed: Option<String>,
     /// Whether `primary` (without --force) would succeed now.
     pub may_promote: bool,
     /// How good a primary this node would be (Pacemaker's scale): none without quorum.
@@ -202,6 +206,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         on_no_quorum: st.replica.on_no_quorum,
         suspended_writes: st.replica.held_count(),
         stepped_down: st.replica.stepped_down.clone(),
+        local_write_failed: st.replica.io_failed.clone(),
         may_promote: st.replica.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
         promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
         device: match (&st.export, &st.left_behind) {

@@ -284,8 +284,8 @@ impl Replica {
                 }
             }
             (Work::Write { id, .. }, Err(failure)) => {
-                tracing::error!(resource = %self.resource, ?failure, offset = step.offset, "replicated write failed");
                 self.send(peer_id, Message::NegAck { id, errno: failure.errno() });
+                self.local_write_failed(step.offset, step.len, failure);
             }
             // The resync's bits stay here until its end clears them all: should it be
             // interrupted, they say where this node holds the source's data rather than its

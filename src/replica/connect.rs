@@ -45,7 +45,10 @@ impl Replica {
         let peer = self.peer_mut(peer_id);
         peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
         peer.was_primary |= peer.role == Role::Primary;
-        peer.disk = DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?;
+        let disk_before = std::mem::replace(&mut peer.disk, DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?);
+        // A third node that turned out Inconsistent may be what a decision with a node that lost
+        // its cache waited for (see `reconsider`): that decision is taken again below.
+        let now_inconsistent = !peer.witness && disk_before != DiskState::Inconsistent && peer.disk == DiskState::Inconsistent;
         if peer.role == Role::Primary && self.vote_given.is_some_and(|v| v.candidate == peer_id) {
             // The candidate won and says so: from here on it is a primary this node sees, and
             // when it goes, another election may start at once.
@@ -119,6 +122,10 @@ impl Replica {
         let result = self.reconsider(peer_id);
         if self.primaries() != primaries_before {
             self.standing_changed(Some(peer_id));
+        } else if now_inconsistent {
+            for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
+                self.drop_link(id, reason);
+            }
         }
         result
     }
@@ -351,9 +358,14 @@ impl Replica {
         // and an Inconsistent node none of its interrupted resync's blocks: neither resyncs
         // the other; both wait for a third node (seed 44941: the node that lost its cache
         // overwrote an acknowledged write the Inconsistent one held).
-        // With two data nodes no third comes: the node that lost its cache is then the source
-        // (its disk holds everything but its extents' last unflushed writes).
-        let third_data_node = self.peers.iter().filter(|p| !p.witness).count() > 1;
+        // With two data nodes no third comes, nor when every other data node is here and
+        // Inconsistent too (seed 1861: the source that lost its cache was resyncing both): the
+        // node that lost its cache is then the source (its disk holds everything but its
+        // extents' last unflushed writes, which no FLUSH made durable).
+        let third_data_node = self
+            .peers
+            .iter()
+            .any(|p| !p.witness && p.node_id != peer_id && !(p.connected && p.disk == DiskState::Inconsistent));
         let peer_inconsistent = self.peer(peer_id).disk == DiskState::Inconsistent;
         let lost_cache_into_inconsistent = third_data_node
             && (decision.is_source() && self.cache_repair_pending.contains(&peer_id) && peer_inconsistent
@@ -710,6 +722,23 @@ mod tests {
         r.peer_state_received(1, up_to_date).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::Established);
         let _ = t0;
+    }
+
+    #[test]
+    fn a_node_that_lost_its_cache_resyncs_inconsistent_peers_once_no_good_copy_can_come() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.sb.uuids.current = 0xA0;
+        r.cache_repair_pending = vec![1, 2];
+        r.link_up(1, t0);
+        r.link_up(2, t0);
+        r.take_actions();
+        let inconsistent = PeerState { disk: DiskState::Inconsistent.to_wire(), ..secondary_state(0xA0, [0; 4]) };
+        r.peer_state_received(1, inconsistent).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "gamma may hold good data: wait for it");
+        r.peer_state_received(2, inconsistent).expect("a fitting State");
+        let sources = [1, 2].map(|p| r.peer(p).pending_sync.is_some_and(|d| d.is_source()));
+        assert_eq!(sources, [true, true], "nobody better can come: this node resyncs both");
     }
 
 }

@@ -13,6 +13,7 @@ mod admin;
 mod apply;
 mod compare;
 mod connect;
+mod disk_failure;
 mod election;
 pub mod frames;
 mod loss;
@@ -147,6 +148,9 @@ pub struct Replica {
     pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
+    /// Why this primary fails every request: a local write failed (see `disk_failure.rs`).
+    /// Until it is promoted again after a demotion.
+    pub io_failed: Option<String>,
     /// A demotion is under way: the peers that received this node's stream as primary, whose
     /// ack of the final flush's barrier says they know it is no longer primary (see
     /// `Replica::begin_demotion`).
@@ -313,6 +317,7 @@ impl Replica {
             generation_pending: Vec::new(),
             stepping_down: false,
             stepped_down: None,
+            io_failed: None,
             demotion_stream: Vec::new(),
             demoting: false,
             candidacy: None,

@@ -12,6 +12,7 @@
 //! between secondaries): a secondary sees a primary's writes on the other stream, whose order
 //! against its own requests is not defined.
 
+use super::weakened::{is_weakened, Rule};
 use super::{Peer, Replica, VerifyRun, VerifyState};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES, MAX_DIGESTS};
@@ -101,7 +102,13 @@ impl Replica {
         }
         let block_size = u64::from(self.sb.params.bitmap_block_size);
         let chunk = (CHUNK_BYTES / block_size).clamp(1, MAX_DIGESTS as u64) * block_size;
-        VerifyStep::Read { offset: run.cursor, len: chunk.min(device - run.cursor) }
+        let (offset, len) = (run.cursor, chunk.min(device - run.cursor));
+        if self.overlaps_busy(offset, len) && !is_weakened(Rule::VerifyBesideWrites) {
+            // A write in flight there is in the stream ahead of this request, but maybe not on
+            // this disk yet: the peer would compare a newer block with an older digest.
+            return VerifyStep::Wait;
+        }
+        VerifyStep::Read { offset, len }
     }
 
     /// The digests of the blocks read at `offset` (under the range lock, before any later
@@ -193,6 +200,24 @@ mod tests {
         assert_eq!(requests.iter().map(|r| r.1).sum::<u64>(), r.sb.data_size, "the whole device, once");
         r.verify_ended(1, Ok(()));
         assert_eq!(r.peer(1).sync.verify.as_ref().unwrap().state, VerifyState::Finished);
+    }
+
+    #[test]
+    fn a_verify_request_waits_for_a_write_in_flight_to_its_blocks() {
+        let (mut r, t0) = primary_replicating();
+        let generation = r.verify_start(t0).unwrap()[0].1;
+        let data = bytes::Bytes::from(vec![7u8; 4096]);
+        r.submit(t0, 1, crate::frontend::BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
+        let id = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: crate::replica::IoTag::Write(id), .. } => Some(*id),
+            _ => None,
+        }).expect("the local write");
+        // Its Data frame is in the stream already, its local write not done: a digest read now
+        // would hold the old block and the peer would compare the new one.
+        assert_eq!(r.verify_next(1, generation), VerifyStep::Wait);
+        r.io_done(t0, crate::replica::IoTag::Write(id), Ok(None));
+        r.peer_reached(t0, id, 1, crate::core::inflight::AckLevel::Written);
+        assert!(matches!(r.verify_next(1, generation), VerifyStep::Read { offset: 0, .. }));
     }
 
     #[test]

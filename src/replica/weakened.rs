@@ -17,6 +17,8 @@ pub enum Rule {
     ResyncRecordsForNobody,
     /// A secondary acknowledges a barrier without flushing its disk.
     BarrierWithoutFlush,
+    /// An online verify reads blocks a write in flight is still changing.
+    VerifyBesideWrites,
 }
 
 #[cfg(feature = "weakened-rules")]

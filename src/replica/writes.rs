@@ -134,7 +134,14 @@ impl Replica {
     /// A read is served only under the same quorum as a write: a primary that lost it may
     /// have been superseded, and its data would then be older than writes acknowledged since.
     fn submit_read(&mut self, now: Instant, request: RequestId, offset: u64, len: u32) {
-        let refused = if self.role != Role::Primary { Err(BlockError::ReadOnly) } else { self.in_bounds(offset, len.into()) };
+        let refused = if self.role != Role::Primary {
+            Err(BlockError::ReadOnly)
+        } else if self.io_failed.is_some() {
+            // A local write failed (see `Replica::local_write_failed`).
+            Err(BlockError::Io)
+        } else {
+            self.in_bounds(offset, len.into())
+        };
         let admission = refused.map(|()| self.admission(now));
         match admission {
             Err(e) => self.answer(request, Err(e)),
@@ -150,7 +157,7 @@ impl Replica {
             Some(BlockError::Shutdown)
         } else if self.role != Role::Primary {
             Some(BlockError::ReadOnly)
-        } else if self.disk != DiskState::UpToDate {
+        } else if self.disk != DiskState::UpToDate || self.io_failed.is_some() {
             Some(BlockError::Io)
         } else {
             None
@@ -317,8 +324,8 @@ impl Replica {
                 self.answer(request, result);
             }
             IoTag::Write(id) => {
-                if let Err(failure) = result {
-                    tracing::error!(resource = %self.resource, ?failure, "local write failed");
+                if let (Err(failure), Some((offset, len))) = (result.as_ref(), self.inflight.range(id)) {
+                    self.local_write_failed(offset, len, *failure);
                 }
                 if let Some(finished) = self.inflight.local_done(id, result.map(drop)) {
                     self.write_finished(now, finished);
@@ -557,7 +564,7 @@ impl Replica {
 
     /// How much waits in each peer's send queue, before a write is submitted. Protocol A on a
     /// slow link (`on_congestion = "pull-ahead"`): every replicating peer whose send queue
-    /// passed the fill mark is left behind. This primary goes Ahead of it: it stops
+    /// passed the fill mark is left behind (an Established one: see below). This primary goes Ahead of it: it stops
     /// sending it data and records the writes in its bitmap (a new generation starts, as for a
     /// lost peer, so the peer can never be promoted as if it were current), and the peer goes
     /// Behind and Outdated. Application writes never wait for the slow peer.
@@ -566,8 +573,10 @@ impl Replica {
         let congested: Vec<(u8, usize)> = self
             .peers
             .iter()
-            // A peer whose bitmap exchange is under way is left alone: its resync decision stands.
-            .filter(|p| p.is_replicating() && p.pending_sync.is_none())
+            // A peer whose bitmap exchange is under way is left alone: its resync decision
+            // stands. So is one this node resyncs: its queue holds the resync's own (paced)
+            // traffic, and going Ahead would start that resync over, full, every time.
+            .filter(|p| p.repl == ReplState::Established && p.pending_sync.is_none())
             .filter_map(|p| queued_bytes.iter().find(|(id, _)| *id == p.node_id).copied())
             .filter(|(_, queued)| *queued as u64 > fill_bytes)
             .collect();
@@ -805,5 +814,18 @@ mod tests {
         assert!(r.bitmaps[0].weight() > 0, "the write is in its bitmap");
         r.barrier_acked(t0, 1, last);
         assert_eq!(r.peer(1).repl, crate::core::states::ReplState::Off, "caught up: decided again");
+    }
+
+    #[test]
+    fn a_peer_being_resynced_is_never_left_behind() {
+        let (mut r, t0) = primary_replicating();
+        r.protocol = crate::config::Protocol::A;
+        r.congestion_fill = Some(1 << 20);
+        // Its queue holds the resync's own traffic: going Ahead would start the resync over.
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
+        r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
+        let actions = r.take_actions();
+        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::SyncSource);
+        assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "it gets the write: {actions:?}");
     }
 }

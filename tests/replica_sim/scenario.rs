@@ -5,7 +5,8 @@
 //! Then everything heals and the checkers look at what the client was told and what the data
 //! disks hold.
 
-use super::world::{DataDisk, Event, Shape, Time, World, MS, PAGE, SEC};
+use super::rng::Rng;
+use super::world::{DataDisk, Event, Options, Shape, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
@@ -17,6 +18,8 @@ use std::collections::BTreeMap;
 pub const BLOCKS: u64 = 32;
 const BLOCK_STRIDE: u64 = 1 << 20;
 const FAULTY: Time = 20 * SEC;
+/// Pull-ahead's fill mark: sixteen 4 KiB writes queued to a peer (a cut link holds its frames).
+const PULL_AHEAD_FILL: u64 = 64 << 10;
 const SETTLE: Time = 30 * SEC;
 
 /// Scenario timers.
@@ -27,6 +30,10 @@ const RESTART: u64 = 4;
 const HEAL: u64 = 5;
 /// Asks the candidates again whether their election is over.
 const CAMPAIGN: u64 = 6;
+/// Starts an online verify on the primary (tried again until one starts).
+const VERIFY: u64 = 7;
+/// A data node's disk starts failing some reads and writes for a while.
+const DISK_FAULT: u64 = 8;
 
 /// The cluster shapes a seed chooses from.
 pub const SHAPES: [Shape; 8] = [
@@ -51,6 +58,17 @@ pub struct Stats {
     pub divergences: u64,
     pub bitmap_resyncs: u64,
     pub full_resyncs: u64,
+    /// Seeds whose resyncs send checksums first, and whose primaries pull ahead of a congested
+    /// peer (protocol A).
+    pub csums_seeds: u64,
+    pub pull_ahead_seeds: u64,
+    /// Online verifies that ran to their end, and the bytes they found differing.
+    pub verifies: u64,
+    pub verify_found_bytes: u64,
+    /// Seeds with a failing disk, and the local writes and reads that failed.
+    pub disk_fault_seeds: u64,
+    pub failed_writes: u64,
+    pub failed_reads: u64,
     pub virtual_us: u64,
     /// Seeds run per shape, in the order of [`SHAPES`].
     pub seeds_by_shape: [u64; SHAPES.len()],
@@ -67,6 +85,13 @@ impl Stats {
         self.divergences += o.divergences;
         self.bitmap_resyncs += o.bitmap_resyncs;
         self.full_resyncs += o.full_resyncs;
+        self.csums_seeds += o.csums_seeds;
+        self.pull_ahead_seeds += o.pull_ahead_seeds;
+        self.verifies += o.verifies;
+        self.verify_found_bytes += o.verify_found_bytes;
+        self.disk_fault_seeds += o.disk_fault_seeds;
+        self.failed_writes += o.failed_writes;
+        self.failed_reads += o.failed_reads;
         self.virtual_us += o.virtual_us;
         for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
             *mine += theirs;
@@ -120,19 +145,37 @@ pub struct Scenario {
     /// Nodes waiting for the votes that would promote them.
     campaigns: Vec<u8>,
     faults_on: bool,
+    /// When the seed's online verify is due, if it has one.
+    verify_at: Option<Time>,
+    /// When a data node's disk starts failing, which one, and for how long, if one does.
+    disk_fault: Option<(Time, u8, Time)>,
 }
 
 impl Scenario {
     /// Seed `seed` in `shape`.
     pub fn new(seed: u64, shape: Shape, tracing: bool) -> Scenario {
         let protocol = [Protocol::A, Protocol::B, Protocol::C][(seed % 3) as usize];
+        // The options come from their own generator: a seed's course without them stays as it
+        // was before they existed.
+        let mut draw = Rng::new(!seed);
+        let options = Options {
+            csums: draw.percent(25),
+            congestion_fill: (protocol == Protocol::A && draw.percent(50)).then_some(PULL_AHEAD_FILL),
+        };
+        let verify_at = draw.percent(25).then(|| draw.range(SEC, FAULTY + SETTLE / 2));
+        let disk_fault = draw.percent(25).then(|| (draw.range(SEC, FAULTY), draw.below(usize::from(shape.data)) as u8, draw.range(200 * MS, 2 * SEC)));
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
-            println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}");
+            println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
         }
-        let mut world = World::new(seed, shape, protocol, tracing);
+        let mut world = World::new(seed, shape, protocol, options, tracing);
         world.trace_offset = std::env::var("BLKREPL_SIM_TRACE_BLOCK").ok().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0) * BLOCK_STRIDE;
-        let mut stats = Stats::default();
+        let mut stats = Stats {
+            csums_seeds: options.csums.into(),
+            pull_ahead_seeds: options.congestion_fill.is_some().into(),
+            disk_fault_seeds: disk_fault.is_some().into(),
+            ..Stats::default()
+        };
         stats.seeds_by_shape[SHAPES.iter().position(|s| *s == shape).expect("one of the shapes")] = 1;
         Scenario {
             world,
@@ -149,6 +192,8 @@ impl Scenario {
             flushed: Vec::new(),
             campaigns: Vec::new(),
             faults_on: true,
+            verify_at,
+            disk_fault,
         }
     }
 
@@ -160,6 +205,12 @@ impl Scenario {
         w.at(w.now + 50 * MS, Event::Scenario(MANAGER));
         let first_fault = w.now + w.rng.range(300 * MS, 2 * SEC);
         w.at(first_fault, Event::Scenario(FAULT));
+        if let Some(after) = self.verify_at {
+            w.at(w.now + after, Event::Scenario(VERIFY));
+        }
+        if let Some((after, _, _)) = self.disk_fault {
+            w.at(w.now + after, Event::Scenario(DISK_FAULT));
+        }
         let end_of_faults = self.world.now + FAULTY;
         self.run_until(end_of_faults)?;
         // Everything heals: links, nodes; the client stops writing.
@@ -173,7 +224,9 @@ impl Scenario {
         self.stats.virtual_us = self.world.now;
         self.stats.divergences = self.world.divergences();
         [self.stats.bitmap_resyncs, self.stats.full_resyncs] = self.world.resyncs();
-        self.check_converged()
+        (self.stats.failed_writes, self.stats.failed_reads) = (self.world.failed_writes, self.world.failed_reads);
+        self.check_converged()?;
+        self.check_verifies()
     }
 
     /// Fresh data nodes are declared in sync without copying, and node 0 is promoted (the
@@ -228,6 +281,13 @@ impl Scenario {
                 }
                 Some(HEAL) => self.world.heal_all(),
                 Some(CAMPAIGN) => self.campaign(),
+                Some(VERIFY) => self.verify(),
+                Some(DISK_FAULT) => {
+                    let (_, node, lasting) = self.disk_fault.expect("scheduled with it");
+                    let until = self.world.now + lasting;
+                    self.world.fail_disk(node, until);
+                    self.world.log(node, || format!("disk failing for {lasting} µs"));
+                }
                 Some(other) => unreachable!("scenario step {other}"),
             }
             self.take_answers()?;
@@ -251,6 +311,19 @@ impl Scenario {
             w.at(w.now + MS, Event::Scenario(CAMPAIGN));
         }
         self.campaigns = waiting;
+    }
+
+    /// Starts the seed's online verify on the primary, or tries again in half a second (no
+    /// primary, or it has no peer to verify against yet).
+    fn verify(&mut self) {
+        let started = match self.world.primaries().first() {
+            Some(&primary) => self.world.start_verify(primary).map_err(|why| self.world.log(primary, || format!("verify refused: {why}"))).is_ok(),
+            None => false,
+        };
+        if !started {
+            let w = &mut self.world;
+            w.at(w.now + 500 * MS, Event::Scenario(VERIFY));
+        }
     }
 
     /// One step of `id`'s promotion: whether it is primary now (`false`: still waiting for votes).
@@ -278,7 +351,10 @@ impl Scenario {
         let now = self.world.instant();
         for id in self.world.primaries() {
             let replica = self.world.replica_mut(id).expect("up");
-            if !self.demoting.iter().any(|(d, _)| *d == id) && replica.step_down(now).is_some() {
+            // A primary whose disk failed a write serves nothing: the manager's monitor sees
+            // it (`status`) and demotes it, as Pacemaker would.
+            let failed = replica.io_failed.is_some();
+            if !self.demoting.iter().any(|(d, _)| *d == id) && (failed || replica.step_down(now).is_some()) {
                 replica.begin_demotion(now);
                 self.world.carry_out(id);
                 self.demoting.push((id, None));
@@ -304,7 +380,11 @@ impl Scenario {
         // count (the replica refuses a promotion that would make two primaries).
         // Sometimes every node's own promoter runs at once (the built-in promoter, or managers
         // on both sides of a partition): the replicas' election must keep it to one primary.
-        let serving = self.world.primaries().into_iter().any(|p| self.world.replica(p).is_some_and(|r| r.quorum(now).has_quorum));
+        let serving = self
+            .world
+            .primaries()
+            .into_iter()
+            .any(|p| self.world.replica(p).is_some_and(|r| r.quorum(now).has_quorum && r.io_failed.is_none()));
         if !serving && self.campaigns.is_empty() {
             let mut candidates: Vec<u8> =
                 self.world.shape.data_nodes().filter(|id| self.world.is_up(*id) && !self.world.primaries().contains(id)).collect();
@@ -472,6 +552,23 @@ impl Scenario {
             }
             _ => {}
         }
+    }
+
+    /// Checker 6: an online verify that ran to its end found blocks differing only where its
+    /// node held bits for the peer when it started (the rules say the copies are identical
+    /// everywhere else, and a verify compares both at the same point of the write stream).
+    fn check_verifies(&mut self) -> Result<(), String> {
+        for done in &self.world.verifies {
+            self.stats.verifies += 1;
+            self.stats.verify_found_bytes += done.found_bytes;
+            if done.marked_at_start == 0 && done.found_bytes > 0 {
+                return Err(format!(
+                    "checker 6 (verify finds only marked differences): n{}'s verify with n{} found {} bytes differing (first ranges {:?}) where it held no bit",
+                    done.node, done.peer, done.found_bytes, done.found_ranges
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// After the faults healed: one primary, every data node in sync with it and UpToDate,

@@ -8,6 +8,7 @@
 
 use super::rng::Rng;
 use blkrepl::config::Protocol;
+use blkrepl::core::block_digest::block_digests;
 use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use blkrepl::core::states::Role;
@@ -15,7 +16,7 @@ use blkrepl::disk::{Disk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
 use blkrepl::meta::layout::MIN_AL_EXTENTS;
 use blkrepl::meta::{MetaParams, MetaStore};
-use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep};
+use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep, VerifyState, VerifyStep};
 use blkrepl::wire::{read_message, write_message, Message};
 use bytes::Bytes;
 use std::cmp::Reverse;
@@ -38,6 +39,15 @@ pub const PAGE: u64 = 4096;
 /// `WITNESS_STORE_BYTES`).
 const META_BYTES: u64 = 4 << 20;
 const TICK: Time = 100 * MS;
+
+/// The resource options a seed draws (beside its shape and protocol).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Checksum-based resync.
+    pub csums: bool,
+    /// Pull-ahead's fill mark, protocol A only.
+    pub congestion_fill: Option<u64>,
+}
 
 /// Which nodes a world has: data nodes `0..data`, then witnesses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +146,8 @@ pub struct Node {
     /// Local I/O submitted and not completed.
     io: BTreeMap<u64, (IoTag, LocalIo)>,
     next_io: u64,
+    /// Until when its data disk fails some reads and writes.
+    failing_until: Time,
 }
 
 /// Something that happens at a time.
@@ -144,6 +156,7 @@ pub enum Event {
     Deliver { from: u8, to: u8 },
     IoDone { node: u8, incarnation: u64, io: u64 },
     ResyncStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
+    VerifyStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
     Tick,
     /// The scenario's own timers.
     Scenario(u64),
@@ -176,6 +189,19 @@ struct Lane {
 /// What the client was told, per request id.
 pub type Answers = Vec<(u8, u64, BlockResult)>;
 
+/// An online verify that ran to its end between `node` (which ran it) and `peer`.
+#[derive(Debug)]
+pub struct VerifyDone {
+    pub node: u8,
+    pub peer: u8,
+    /// Blocks the verifying node held marked for the peer when it started: where the copies
+    /// may differ by the rules.
+    pub marked_at_start: u64,
+    /// Bytes the verify found to differ, and the first ranges.
+    pub found_bytes: u64,
+    pub found_ranges: Vec<(u64, u64)>,
+}
+
 pub struct World {
     pub now: Time,
     base: Instant,
@@ -204,10 +230,25 @@ pub struct World {
     /// The first thing a replica asked that the world must not do (data I/O on a witness): the
     /// scenario fails the seed on it.
     pub violation: Option<String>,
+    /// Resyncs send block checksums first (`csums_resync`).
+    pub csums: bool,
+    /// Pull-ahead (`on_congestion = "pull-ahead"`): a primary goes Ahead of a peer whose lane
+    /// holds more than this many bytes.
+    pub congestion_fill: Option<u64>,
+    /// Per (node, peer), the blocks marked when its verify started.
+    verify_marked: BTreeMap<(u8, u8), u64>,
+    /// Verifies that ran to their end, for the scenario's checker.
+    pub verifies: Vec<VerifyDone>,
+    /// Decides which I/O of a failing disk fails: a generator of its own, so a seed whose
+    /// disks never fail keeps its course.
+    disk_rng: Rng,
+    /// Local writes and reads that failed.
+    pub failed_writes: u64,
+    pub failed_reads: u64,
 }
 
 impl World {
-    pub fn new(seed: u64, shape: Shape, protocol: Protocol, tracing: bool) -> World {
+    pub fn new(seed: u64, shape: Shape, protocol: Protocol, options: Options, tracing: bool) -> World {
         let mut world = World {
             now: 0,
             base: Instant::now(),
@@ -227,6 +268,13 @@ impl World {
             resyncs: [0; 2],
             shape,
             violation: None,
+            csums: options.csums,
+            congestion_fill: options.congestion_fill,
+            verify_marked: BTreeMap::new(),
+            verifies: Vec::new(),
+            disk_rng: Rng::new(seed.rotate_left(32)),
+            failed_writes: 0,
+            failed_reads: 0,
         };
         for id in shape.nodes() {
             world.nodes.push(Node {
@@ -239,6 +287,7 @@ impl World {
                 links: BTreeMap::new(),
                 io: BTreeMap::new(),
                 next_io: 0,
+                failing_until: 0,
             });
         }
         for id in shape.nodes() {
@@ -270,6 +319,7 @@ impl World {
         let shape = self.shape;
         let protocol = self.protocol;
         let quorum = self.quorum;
+        let congestion_fill = self.congestion_fill;
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
         let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), data_bytes, internal, RESOURCE, id).expect("open metadata");
@@ -287,7 +337,7 @@ impl World {
             witness: shape.is_witness(id),
             timing: LinkTiming::DEFAULT,
             protocol,
-            congestion_fill: None,
+            congestion_fill,
             sb: loaded.superblock,
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
@@ -307,6 +357,18 @@ impl World {
         node.links.clear();
         node.io.clear();
         self.carry_out(id);
+    }
+
+    /// Node `id`'s data disk fails some of its reads and writes until `until`.
+    pub fn fail_disk(&mut self, id: u8, until: Time) {
+        self.nodes[usize::from(id)].failing_until = until;
+    }
+
+    /// Whether a walk's read on node `id` fails now (its disk is failing).
+    fn walk_read_fails(&mut self, id: u8) -> bool {
+        let failed = self.now < self.nodes[usize::from(id)].failing_until && self.disk_rng.percent(10);
+        self.failed_reads += u64::from(failed);
+        failed
     }
 
     /// Node `id` goes down: its replica and its links are gone. A power loss (`power`) drops
@@ -391,8 +453,27 @@ impl World {
     /// A frontend request to node `id` (it must be up).
     pub fn submit(&mut self, id: u8, request: u64, req: BlockRequest) {
         let now = self.instant();
-        self.replica_mut(id).expect("up").submit(now, request, req, |_| 0);
+        // What the lane to each peer holds: the send queue pull-ahead measures.
+        let lanes = &self.lanes;
+        let queued = |peer: u8| lanes.get(&(id, peer)).map_or(0, |lane| lane.queue.iter().map(|(_, _, frame)| frame.len()).sum());
+        let replica = self.nodes[usize::from(id)].replica.as_mut().expect("up");
+        replica.submit(now, request, req, queued);
         self.carry_out(id);
+    }
+
+    /// Starts an online verify on node `id` with every peer it can run against (the error is
+    /// the replica's refusal).
+    pub fn start_verify(&mut self, id: u8) -> Result<(), String> {
+        let now = self.instant();
+        let targets = self.replica_mut(id).ok_or("down")?.verify_start(now)?;
+        let incarnation = self.nodes[usize::from(id)].incarnation;
+        for (peer, generation, _) in targets {
+            let replica = self.replica(id).expect("up");
+            let marked = replica.bitmaps[replica.peer(peer).slot].weight();
+            self.verify_marked.insert((id, peer), marked);
+            self.at(self.now, Event::VerifyStep { node: id, incarnation, peer, generation });
+        }
+        Ok(())
     }
 
     /// Runs events until `until`; the scenario's own events are handed back.
@@ -412,6 +493,7 @@ impl World {
                 Event::Deliver { from, to } => self.deliver(from, to),
                 Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
                 Event::ResyncStep { node, incarnation, peer, generation } => self.resync_step(node, incarnation, peer, generation),
+                Event::VerifyStep { node, incarnation, peer, generation } => self.verify_step(node, incarnation, peer, generation),
             }
         }
         self.now = self.now.max(until);
@@ -550,7 +632,34 @@ impl World {
             return;
         }
         let Some((tag, op)) = node.io.remove(&io) else { return };
+        // A failing disk fails one write in four (which may still have reached the medium)
+        // and one read in ten; flushes work.
+        let failing = self.now < node.failing_until;
+        let failed = match &op {
+            LocalIo::Write { .. } | LocalIo::Zeroes { .. } if failing && self.disk_rng.percent(25) => Some(self.disk_rng.percent(50)),
+            LocalIo::Read { .. } if failing && self.disk_rng.percent(10) => Some(false),
+            _ => None,
+        };
         let disk = node.data.as_mut().expect("I/O is queued on data nodes only");
+        if let Some(landed) = failed {
+            match &op {
+                LocalIo::Write { offset, data, fua } if landed => disk.write(*offset, data, *fua),
+                LocalIo::Zeroes { offset, len, .. } if landed => disk.write(*offset, &vec![0u8; *len as usize], false),
+                _ => {}
+            }
+            if matches!(op, LocalIo::Read { .. }) {
+                self.failed_reads += 1;
+            } else {
+                self.failed_writes += 1;
+            }
+            if self.tracing {
+                println!("{:>4}.{:06} n{id} disk: {op:?} failed ({tag:?})", self.now / SEC, self.now % SEC);
+            }
+            let now = self.instant();
+            self.replica_mut(id).expect("up").io_done(now, tag, Err(LocalFailure::Io));
+            self.carry_out(id);
+            return;
+        }
         let result: Result<Option<Bytes>, LocalFailure> = match op {
             LocalIo::Read { offset, len } => Ok(Some(Bytes::from(disk.read(offset, len as u64)))),
             LocalIo::Write { offset, data, fua } => {
@@ -587,18 +696,77 @@ impl World {
             return;
         }
         let next = self.now + self.rng.range(100, 2 * MS);
-        match self.replica_mut(id).expect("up").resync_next(peer, false) {
+        let csums = self.csums;
+        match self.replica_mut(id).expect("up").resync_next(peer, csums) {
             ResyncStep::Finished => {}
             ResyncStep::Wait => self.at(next + 20 * MS, Event::ResyncStep { node: id, incarnation, peer, generation }),
-            ResyncStep::Read { offset, len, .. } => {
+            ResyncStep::Read { offset, len, digests } => {
+                if self.walk_read_fails(id) {
+                    // The daemon's resync ends on a failed read and drops the link.
+                    let reason = format!("read at {offset}+{len} failed: Io");
+                    if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer) {
+                        self.link_lost(id, peer, conn, &reason);
+                    }
+                    return;
+                }
                 // Read and queued in one step: no write can come between (the engine holds the
                 // range lock for it).
-                let disk = self.nodes[usize::from(id)].data.as_ref().expect("resyncs start on data nodes only");
-                let data = Bytes::from(disk.read(offset, len));
+                let data = self.read_for_walk(id, offset, len);
                 let replica = self.replica_mut(id).expect("up");
-                replica.resync_chunk_read(peer, offset, len, ResyncChunk::Data(data));
+                let chunk = match digests {
+                    true => ResyncChunk::Digests(block_digests(&data, replica.sb.params.bitmap_block_size as usize)),
+                    false => ResyncChunk::Data(Bytes::from(data)),
+                };
+                replica.resync_chunk_read(peer, offset, len, chunk);
                 self.carry_out(id);
                 self.at(next, Event::ResyncStep { node: id, incarnation, peer, generation });
+            }
+        }
+    }
+
+    /// What a resync or verify walk reads: the disk as it is, read and queued in one step (the
+    /// engine holds the range lock for it).
+    fn read_for_walk(&self, id: u8, offset: u64, len: u64) -> Vec<u8> {
+        self.nodes[usize::from(id)].data.as_ref().expect("walks run on data nodes only").read(offset, len)
+    }
+
+    /// The verify driver, as the resync's: asks the replica what next, reads, hands the
+    /// digests back; at the end the replica records the outcome and the world keeps it.
+    fn verify_step(&mut self, id: u8, incarnation: u64, peer: u8, generation: u64) {
+        if self.nodes[usize::from(id)].incarnation != incarnation || !self.is_up(id) {
+            return;
+        }
+        let next = self.now + self.rng.range(100, 2 * MS);
+        let step = self.replica(id).expect("up").verify_next(peer, generation);
+        match step {
+            VerifyStep::Wait => self.at(next + 20 * MS, Event::VerifyStep { node: id, incarnation, peer, generation }),
+            VerifyStep::Read { offset, len } if self.walk_read_fails(id) => {
+                // The daemon's verify ends on a failed read.
+                self.replica_mut(id).expect("up").verify_ended(peer, Err(format!("read at {offset}+{len} failed: Io")));
+                self.carry_out(id);
+            }
+            VerifyStep::Read { offset, len } => {
+                let data = self.read_for_walk(id, offset, len);
+                let replica = self.replica_mut(id).expect("up");
+                let digests = block_digests(&data, replica.sb.params.bitmap_block_size as usize);
+                replica.verify_chunk_read(peer, offset, len, digests);
+                self.carry_out(id);
+                self.at(next, Event::VerifyStep { node: id, incarnation, peer, generation });
+            }
+            VerifyStep::Finished | VerifyStep::Stop(_) => {
+                let outcome = match step {
+                    VerifyStep::Stop(reason) => Err(reason),
+                    _ => Ok(()),
+                };
+                let replica = self.replica_mut(id).expect("up");
+                replica.verify_ended(peer, outcome);
+                let run = replica.peer(peer).sync.verify.as_ref().expect("the verify that ended");
+                if run.state == VerifyState::Finished {
+                    let (found_bytes, found_ranges) = (run.found_bytes, run.found_ranges.clone());
+                    let marked_at_start = self.verify_marked.remove(&(id, peer)).unwrap_or(0);
+                    self.verifies.push(VerifyDone { node: id, peer, marked_at_start, found_bytes, found_ranges });
+                }
+                self.carry_out(id);
             }
         }
     }
