@@ -100,13 +100,16 @@ pub fn decide(me: &UuidView, peer: &UuidView) -> SyncDecision {
     check_states(finish_interrupted_resync(inconsistent_side_loses(by_uuids, me, peer), me, peer), me, peer)
 }
 
-/// Diverged histories where one side is Inconsistent (a resync into it was cut off): no split
-/// brain, since nothing on that side is usable data; the other side's copy flows in full.
-/// (Nothing acknowledged depends on a node being resynced: it counts for no primary's quorum
-/// and gives no vote.)
+/// Diverged or unrelated histories where one side is Inconsistent (a resync into it was cut
+/// off): no split brain, since nothing on that side is usable data; the other side's copy
+/// flows in full. (Nothing acknowledged depends on a node being resynced: it counts for no
+/// primary's quorum and gives no vote.) Unrelated too: a node in the middle of a resync from a
+/// third node still carries the generation it had, which a peer that moved on through more
+/// generations than its history holds no longer knows (simulator seed 9664: the pair refused
+/// each other for good as "wrong disk"); a wrong disk attached by mistake is Consistent.
 fn inconsistent_side_loses(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
     match decision {
-        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual if me.inconsistent != peer.inconsistent => {
+        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual | SyncDecision::Unrelated if me.inconsistent != peer.inconsistent => {
             if me.inconsistent {
                 SyncDecision::FullTarget
             } else {
@@ -439,6 +442,13 @@ mod tests {
     #[test]
     fn unrelated_disks_are_refused() {
         assert_eq!(both(&view(0, 0x2000), &view(1, 0x3000)), Unrelated);
+    }
+
+    #[test]
+    fn an_inconsistent_node_with_a_generation_its_peer_forgot_takes_a_full_sync() {
+        let target = UuidView { inconsistent: true, ..view(0, 0x2000) };
+        let source = UuidView { history: [0x5000, 0x4000, 0x3000, 0x2800], ..view(1, 0x6000) };
+        assert_eq!(both(&target, &source), FullTarget);
     }
 
     #[test]

@@ -308,6 +308,29 @@ mod tests {
     }
 
     #[test]
+    fn a_node_being_demoted_fails_what_it_may_not_complete_without_quorum() {
+        let (mut r, t0) = primary_replicating();
+        r.quorum_policy = crate::core::quorum::QuorumPolicy::Majority;
+        r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ crate::replica::IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Ok(None));
+        r.begin_demotion(t0);
+        r.take_actions();
+        // The peer is cut off: its link goes long after its lease, and the flush that waited
+        // for its barrier ack would complete on this node alone.
+        let later = t0 + std::time::Duration::from_secs(10);
+        r.peer_lost(later, 1, "nothing heard", 0);
+        let answered: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((request, result.is_ok())),
+            _ => None,
+        }).collect();
+        assert_eq!(answered, vec![(2, false)], "not held: a demoted node has no time as primary left to wait for");
+    }
+
+    #[test]
     fn a_promotion_decides_again_only_with_peers_it_did_not_count_as_present() {
         let (mut r, t0) = primary_replicating();
         r.role = Role::Secondary;

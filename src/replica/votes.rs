@@ -144,11 +144,20 @@ impl Replica {
 
     /// What quorum lets this node do with writes at `now` (see `core::quorum::admission`); a
     /// secondary's writes are refused earlier, by role.
+    /// A node being demoted still answers the requests it took as primary under the same
+    /// quorum, and fails those it may not complete rather than holding them: it has no time
+    /// as primary left to wait for (a flush taken before a demotion began completed without
+    /// quorum once the cut-off peer's link went, and the write it made durable was not on the
+    /// node promoted next; seed 7650).
     pub fn admission(&self, now: Instant) -> Admission {
-        if self.role != Role::Primary || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
+        let answers_as_primary = self.role == Role::Primary || self.demoting;
+        if !answers_as_primary || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
             return Admission::Proceed;
         }
-        quorum::admission(&self.admission_inputs(now))
+        match quorum::admission(&self.admission_inputs(now)) {
+            Admission::Hold if self.demoting => Admission::Refuse,
+            admission => admission,
+        }
     }
 
     /// Another node was promoted while this primary had no quorum (a connected node reports
