@@ -22,7 +22,7 @@
 //! copy is kept, without an operator.
 
 use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
-use crate::core::quorum::{evaluate, QuorumPolicy, VoterView};
+use crate::core::quorum::QuorumPolicy;
 use crate::core::states::Role;
 use crate::wire::{DataPosition, Message};
 use std::time::Instant;
@@ -78,17 +78,7 @@ impl Replica {
                 return Ok(PromoteStep::Waiting);
             }
         };
-        let views: Vec<VoterView> = self
-            .peers
-            .iter()
-            .map(|p| VoterView {
-                node_id: p.node_id,
-                reachable: p.connected && candidacy.granted & (1 << p.node_id) != 0 && self.votes_for_me(p),
-                departed: self.departed(p),
-                sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
-            })
-            .collect();
-        let count = evaluate(self.quorum_policy, self.node_id(), &views);
+        let count = self.count_votes(|p| p.connected && candidacy.granted & (1 << p.node_id) != 0 && self.votes_for_me(p));
         if count.has_quorum && count.other_primary.is_none() {
             self.candidacy = None;
             self.elected = Some((candidacy.asked_at, candidacy.granted));

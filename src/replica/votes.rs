@@ -28,12 +28,18 @@ impl Replica {
                 && (p.witness || p.repl == ReplState::Established)
                 && self.elected.is_some_and(|(asked, granted)| granted & (1 << p.node_id) != 0 && now.saturating_duration_since(asked) < self.timing.lease())
         };
+        self.count_votes(|p| p.connected && (elected(p) || ((!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p))))
+    }
+
+    /// Counts the votes of the peers `counts` accepts (with every peer's departure and the
+    /// primaries it sees, which the count needs whatever the vote is for).
+    pub(super) fn count_votes(&self, counts: impl Fn(&Peer) -> bool) -> QuorumState {
         let views: Vec<VoterView> = self
             .peers
             .iter()
             .map(|p| VoterView {
                 node_id: p.node_id,
-                reachable: p.connected && (elected(p) || ((!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p))),
+                reachable: counts(p),
                 departed: self.departed(p),
                 sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
             })
@@ -81,20 +87,13 @@ impl Replica {
             return false;
         }
         let at = |p: &Peer, uuid: u64| p.last_state.is_some_and(|s| same_uuid(s.current_uuid, uuid));
-        let views: Vec<VoterView> = self
-            .peers
-            .iter()
-            .map(|p| VoterView {
-                node_id: p.node_id,
-                reachable: p.connected
-                    && p.lease.holds(now, &self.timing)
-                    && (p.witness || p.repl == ReplState::Established)
-                    && (at(p, self.sb.uuids.current) || at(p, self.left_generation)),
-                departed: self.departed(p),
-                sees_primary: p.last_state.filter(|_| p.connected).map_or(0, |s| s.primaries),
-            })
-            .collect();
-        evaluate(self.quorum_policy, self.sb.node_id, &views).has_quorum
+        let confirmed = self.count_votes(|p| {
+            p.connected
+                && p.lease.holds(now, &self.timing)
+                && (p.witness || p.repl == ReplState::Established)
+                && (at(p, self.sb.uuids.current) || at(p, self.left_generation))
+        });
+        confirmed.has_quorum
     }
 
     /// Whether `uuid` is this node's generation or one it has moved past (its history, or where
