@@ -20,8 +20,8 @@ use world::Shape;
 const SEEDS: u64 = 2000;
 
 /// The shape the demonstrations run in: the one each was first shown in, three data nodes and
-/// no witness (swept over every shape, 2000 seeds found none breaking checker 5 with barriers
-/// acknowledged without a flush).
+/// no witness (swept over every shape, 2000 seeds found none breaking checker 5 with a
+/// secondary that never flushes).
 const SHAPE: Shape = Shape { data: 3, witnesses: 0 };
 
 /// Sweeps with `rule` weakened until a seed fails `checker`, and prints that seed.
@@ -59,8 +59,8 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 }
 
 #[test]
-fn checker_5_catches_barriers_acknowledged_without_a_flush() {
-    demonstrate(Rule::BarrierWithoutFlush, 5);
+fn checker_5_catches_a_secondary_that_never_flushes() {
+    demonstrate(Rule::SecondaryWithoutFlush, 5);
 }
 
 #[test]

@@ -321,7 +321,7 @@ impl Replica {
                 Mark::Barrier { epoch, flushing, .. } => {
                     *flushing = true;
                     let epoch = *epoch;
-                    if is_weakened(Rule::BarrierWithoutFlush) {
+                    if is_weakened(Rule::SecondaryWithoutFlush) {
                         self.barrier_flushed(peer_id, generation, epoch, Ok(()));
                         return;
                     }

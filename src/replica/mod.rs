@@ -56,6 +56,7 @@ use crate::wire::{DataPosition, Message, PeerState};
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 use uuids::UuidSource;
+use weakened::{is_weakened, Rule};
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
@@ -362,7 +363,8 @@ impl Replica {
     /// differed there and no resync knew it).
     fn commit_al(&mut self, update: AlUpdate) {
         self.al.commit(update.clone());
-        if !update.evicted.is_empty() {
+        let weakened = self.role != Role::Primary && is_weakened(Rule::SecondaryWithoutFlush);
+        if !update.evicted.is_empty() && !weakened {
             self.persist(MetaWrite::DataFlush);
         }
         self.persist(MetaWrite::ActivityLog(update));

@@ -15,8 +15,9 @@ pub enum Rule {
     NoDecidingAgain,
     /// A resync block that changes what this node held is recorded for no other peer.
     ResyncRecordsForNobody,
-    /// A secondary acknowledges a barrier without flushing its disk.
-    BarrierWithoutFlush,
+    /// A secondary never flushes its disk: it acknowledges barriers, and lets extents leave its
+    /// activity log, without a flush.
+    SecondaryWithoutFlush,
     /// An online verify reads blocks a write in flight is still changing.
     VerifyBesideWrites,
 }
