@@ -1,9 +1,11 @@
 //! One seed: a cluster of two or three data nodes and up to three diskless witnesses, all voting
 //! under quorum, a client writing and reading through whichever data node is primary, a cluster
 //! manager that promotes a data node when none is primary (and demotes one that was
-//! superseded), and random faults (partitions, power losses, killed processes) on any node.
-//! Then everything heals and the checkers look at what the client was told and what the data
-//! disks hold.
+//! superseded or whose disk failed a write), and random faults (partitions, power losses,
+//! killed processes) on any node. The seed also draws, from a generator of its own, the
+//! resource's options (checksum resync, pull-ahead), an online verify and a failing disk. Then
+//! everything heals and the checkers look at what the client was told, what the verifies found
+//! and what the data disks hold.
 
 use super::rng::Rng;
 use super::world::{DataDisk, Event, Options, Shape, Time, World, MS, PAGE, SEC};

@@ -1,6 +1,7 @@
 //! The simulated world around real replicas: virtual time, a network of ordered lanes carrying
-//! encoded frames, data disks with a volatile cache, metadata on memory disks that survive a
-//! node's crash, and the driver that carries out each replica's actions. Nothing here decides a
+//! encoded frames, data disks with a volatile cache (and failing I/O when a scenario says so),
+//! metadata on memory disks that survive a node's crash, and the drivers that carry out each
+//! replica's actions (resync and verify walks included). Nothing here decides a
 //! replication rule: every decision is `blkrepl::replica::Replica`'s.
 //!
 //! A world has a shape: data nodes first (ids from 0), then diskless witnesses, set up as the
