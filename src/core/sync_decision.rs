@@ -38,6 +38,29 @@ impl UuidView {
     fn in_history(&self, uuid: u64) -> bool {
         uuid != 0 && self.history.iter().any(|h| *h != 0 && same_uuid(*h, uuid))
     }
+
+    /// Where `uuid` is in this node's history (0: the generation it left last).
+    fn history_index(&self, uuid: u64) -> Option<usize> {
+        self.history.iter().position(|h| *h != 0 && uuid != 0 && same_uuid(*h, uuid))
+    }
+
+    /// Whether this node's bitmap holds every block `peer` may lack: it tracks the peer from
+    /// the peer's current generation, or from an older one of its own past that the peer's
+    /// current descends from (the peer followed this node further than this node noted: the
+    /// bits since the older generation include those since the newer; a primary tracks a peer
+    /// that went silent from the generation the peer last reported, seed 17).
+    fn tracks(&self, peer: &UuidView) -> bool {
+        if self.bitmap_for_peer == 0 {
+            return false;
+        }
+        if same_uuid(self.bitmap_for_peer, peer.current) {
+            return true;
+        }
+        match (self.history_index(peer.current), self.history_index(self.bitmap_for_peer)) {
+            (Some(theirs), Some(tracked)) => theirs < tracked,
+            _ => false,
+        }
+    }
 }
 
 /// Which way data flows after connecting, from the point of view of the node that decided.
@@ -144,8 +167,8 @@ fn decide_by_uuids(me: &UuidView, peer: &UuidView) -> SyncDecision {
     //    Between nodes of the same generation the rules for it (4) decide instead: a crash as
     //    primary, or an interrupted resync, says more there than who tracks whom.
     let apart = !same_uuid(me.current, peer.current);
-    let mine_tracks_peer = apart && me.bitmap_for_peer != 0 && same_uuid(me.bitmap_for_peer, peer.current);
-    let peer_tracks_me = apart && peer.bitmap_for_peer != 0 && same_uuid(peer.bitmap_for_peer, me.current);
+    let mine_tracks_peer = apart && me.tracks(peer);
+    let peer_tracks_me = apart && peer.tracks(me);
     if mine_tracks_peer && !peer_tracks_me {
         return BitmapSource;
     }
@@ -310,8 +333,12 @@ mod tests {
         let ahead = UuidView { history: [0x61, 0x51, 0, 0], bitmap_for_peer: 0x51, ..view(0, 0x71) };
         let behind = UuidView { bitmap_for_peer: 0x51, ..view(1, 0x61) };
         assert_eq!(both(&ahead, &behind), BitmapSource);
+        // Tracked from 0x51 by the node ahead only: its bits since 0x51 hold what the other
+        // lacks of its writes, and the other, at 0x61, wrote nothing of its own.
         let untracked = UuidView { bitmap_for_peer: 0, ..behind };
-        assert_eq!(both(&ahead, &untracked), FullSource, "nothing says what it lacks");
+        assert_eq!(both(&ahead, &untracked), BitmapSource);
+        let unknown = UuidView { bitmap_for_peer: 0, ..ahead };
+        assert_eq!(both(&unknown, &untracked), FullSource, "nothing says what it lacks");
     }
 
     #[test]
@@ -442,6 +469,18 @@ mod tests {
     #[test]
     fn unrelated_disks_are_refused() {
         assert_eq!(both(&view(0, 0x2000), &view(1, 0x3000)), Unrelated);
+    }
+
+    #[test]
+    fn a_peer_tracked_from_an_older_generation_than_its_own_gets_a_bitmap_resync() {
+        // The primary tracks the peer from 0x2000; the peer followed it to 0x3000 first.
+        let primary = UuidView { bitmap_for_peer: 0x2000, history: [0x3000, 0x2000, 0, 0], is_primary: true, ..view(0, 0x4000) };
+        let peer = UuidView { history: [0x2000, 0, 0, 0], ..view(1, 0x3000) };
+        assert_eq!(both(&primary, &peer), BitmapSource);
+        // Tracked from a generation newer than the peer's: its bits miss what came between.
+        let primary = UuidView { bitmap_for_peer: 0x3000, history: [0x3000, 0x2000, 0, 0], is_primary: true, ..view(0, 0x4000) };
+        let peer = view(1, 0x2000);
+        assert_eq!(both(&primary, &peer), FullSource);
     }
 
     #[test]

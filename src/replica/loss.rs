@@ -3,6 +3,7 @@
 //! for it complete, and a primary owes a new generation before any of them completes.
 
 use super::{Action, Replica};
+use crate::core::sync_decision::same_uuid;
 use crate::core::inflight::LocalFailure;
 use crate::core::states::{ReplState, Role};
 use std::time::Instant;
@@ -54,6 +55,7 @@ impl Replica {
         // new generation starts before the next write completes, which needs quorum (see
         // `Replica::generation_pending`).
         if self.role == Role::Primary && held_mine && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
+            self.track_from_reported(slot, last_generation);
             self.generation_pending.push(slot);
         }
         let failed = self.disk == crate::core::states::DiskState::Failed;
@@ -67,6 +69,22 @@ impl Replica {
             flush.peers_pending.retain(|id| *id != peer_id);
         }
         self.finish_flushes(now);
+    }
+
+    /// A primary lost a data peer that tracks nothing yet, and whose last `State` in sync
+    /// named an older generation of this node's than its current (the link was already silent
+    /// when this node started the current one, for another lost peer): the peer holds that
+    /// generation, not the current one, so it is tracked from it. Otherwise the generation owed
+    /// to it would track it from the current one, which it never had, and its next connect
+    /// would copy the whole disk (seed 17).
+    fn track_from_reported(&mut self, slot: usize, reported: Option<u64>) {
+        let uuids = self.sb.uuids;
+        let older = reported.filter(|g| !same_uuid(*g, uuids.current) && uuids.history.iter().any(|h| *h != 0 && same_uuid(*h, *g)));
+        if let Some(generation) = older.filter(|_| self.sb.peers[slot].bitmap_uuid == 0) {
+            // Bit 0: this node was primary when the peer parted (see `Generation::new_current`).
+            self.sb.peers[slot].bitmap_uuid = (generation & !1) | 1;
+            self.persist(super::MetaWrite::Superblock);
+        }
     }
 
     /// The primary's link went: the last writes it sent may have reached some secondaries and
