@@ -124,3 +124,30 @@ fn a_missing_resource_file_is_a_configuration_error_and_probes_say_not_running()
     assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING);
     assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS);
 }
+
+/// A primary whose disk failed a write reports it in `status --json`: the agent's monitor says
+/// "failed promoted" (9), so Pacemaker demotes it and recovers the service elsewhere. The
+/// daemon's side (`local_write_failed` after an EIO) is `tests/engine_faults.rs`'s; here a
+/// stand-in binary answers `status` with it.
+#[test]
+fn monitor_fails_a_primary_whose_disk_failed_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("r0.toml"), "").unwrap();
+    let status = r#"{"resources":[{"role":"Primary","local_write_failed":"a local write at 8192+4096 failed (Io)","promotion_score":null}]}"#;
+    let stub = dir.path().join("blkrepl");
+    std::fs::write(&stub, format!("#!/bin/sh\necho '{status}'\n")).unwrap();
+    std::fs::set_permissions(&stub, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(agent())
+        .arg("monitor")
+        .env("OCF_ROOT", "/usr/lib/ocf")
+        .env("OCF_RESOURCE_INSTANCE", "blkrepl_r0")
+        .env("OCF_RESKEY_resource", "r0")
+        .env("OCF_RESKEY_config_dir", dir.path())
+        .env("OCF_RESKEY_run_dir", dir.path())
+        .env("OCF_RESKEY_binary", &stub)
+        .output()
+        .expect("the agent runs");
+    let said = format!("{}{}", common::text(&out.stdout), common::text(&out.stderr));
+    assert_eq!(out.status.code(), Some(9), "{said}");
+    assert!(said.contains("8192+4096"), "the reason reaches Pacemaker: {said}");
+}
