@@ -183,8 +183,9 @@ pub struct Replica {
     /// this node reconciled as the side whose changes were discarded, since it started (each
     /// counts once, on its victim).
     pub divergences_resolved: u64,
-    /// Resyncs this node started as target since it started: by bitmap, then full.
-    pub resyncs_taken: [u64; 2],
+    /// Resyncs this node started as target since it started: by bitmap, full, and full into a
+    /// disk that never held data (its first sync, which no bitmap could replace).
+    pub resyncs_taken: [u64; 3],
     /// The generation this primary left when it started a new one with quorum after losing a
     /// data peer (0: none). Voters still report it until they hear of the new one; they are
     /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
@@ -328,7 +329,7 @@ impl Replica {
             cache_repair_pending: Vec::new(),
             superseded_latched: false,
             divergences_resolved: 0,
-            resyncs_taken: [0; 2],
+            resyncs_taken: [0; 3],
             left_generation: 0,
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),

@@ -108,7 +108,8 @@ impl Replica {
         peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
         if decision.is_target() {
             peer.repl = ReplState::SyncTarget;
-            self.resyncs_taken[usize::from(full)] += 1;
+            let first = same_uuid(self.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
+            self.resyncs_taken[if !full { 0 } else if first { 2 } else { 1 }] += 1;
             self.disk = DiskState::Inconsistent;
             self.sb.flags.remove(MetaFlags::CONSISTENT);
             self.persist(MetaWrite::Superblock);

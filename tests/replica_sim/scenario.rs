@@ -60,6 +60,8 @@ pub struct Stats {
     pub divergences: u64,
     pub bitmap_resyncs: u64,
     pub full_resyncs: u64,
+    /// Full syncs into a disk that never held data (no bitmap could replace them).
+    pub first_syncs: u64,
     /// Seeds whose resyncs send checksums first, and whose primaries pull ahead of a congested
     /// peer (protocol A).
     pub csums_seeds: u64,
@@ -87,6 +89,7 @@ impl Stats {
         self.divergences += o.divergences;
         self.bitmap_resyncs += o.bitmap_resyncs;
         self.full_resyncs += o.full_resyncs;
+        self.first_syncs += o.first_syncs;
         self.csums_seeds += o.csums_seeds;
         self.pull_ahead_seeds += o.pull_ahead_seeds;
         self.verifies += o.verifies;
@@ -225,7 +228,7 @@ impl Scenario {
         self.run_until(settled)?;
         self.stats.virtual_us = self.world.now;
         self.stats.divergences = self.world.divergences();
-        [self.stats.bitmap_resyncs, self.stats.full_resyncs] = self.world.resyncs();
+        [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
         (self.stats.failed_writes, self.stats.failed_reads) = (self.world.failed_writes, self.world.failed_reads);
         self.check_converged()?;
         self.check_verifies()

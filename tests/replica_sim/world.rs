@@ -225,8 +225,8 @@ pub struct World {
     pub trace_offset: u64,
     /// Divergences resolved by nodes that have since crashed (see `World::divergences`).
     divergences: u64,
-    /// Resyncs (by bitmap, full) taken by nodes that have since crashed.
-    resyncs: [u64; 2],
+    /// Resyncs (by bitmap, full, first syncs of fresh disks) taken by nodes that have since crashed.
+    resyncs: [u64; 3],
     pub shape: Shape,
     /// The first thing a replica asked that the world must not do (data I/O on a witness): the
     /// scenario fails the seed on it.
@@ -266,7 +266,7 @@ impl World {
             tracing,
             trace_offset: 0,
             divergences: 0,
-            resyncs: [0; 2],
+            resyncs: [0; 3],
             shape,
             violation: None,
             csums: options.csums,
@@ -379,8 +379,9 @@ impl World {
         let node = &mut self.nodes[usize::from(id)];
         if let Some(replica) = &node.replica {
             self.divergences += replica.divergences_resolved;
-            self.resyncs[0] += replica.resyncs_taken[0];
-            self.resyncs[1] += replica.resyncs_taken[1];
+            for (total, taken) in self.resyncs.iter_mut().zip(replica.resyncs_taken) {
+                *total += taken;
+            }
         }
         node.replica = None;
         node.meta = None;
@@ -854,9 +855,9 @@ impl World {
     }
 
     /// Resyncs taken so far, by bitmap and full, in this run.
-    pub fn resyncs(&self) -> [u64; 2] {
+    pub fn resyncs(&self) -> [u64; 3] {
         let live = self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.resyncs_taken);
-        live.fold(self.resyncs, |[bitmap, full], [b, f]| [bitmap + b, full + f])
+        live.fold(self.resyncs, |[bitmap, full, first], [b, f, i]| [bitmap + b, full + f, first + i])
     }
 
     pub fn primaries(&self) -> Vec<u8> {
