@@ -35,6 +35,16 @@ impl GenerationUuids {
     pub fn is_just_created(&self) -> bool {
         same(self.current, UUID_JUST_CREATED)
     }
+
+    /// Whether `uuid` is one of this node's past generations (not its current one).
+    pub fn left(&self, uuid: u64) -> bool {
+        uuid != 0 && self.history.iter().any(|h| *h != 0 && same(*h, uuid))
+    }
+
+    /// Whether this node held generation `uuid`: its current one or one it left.
+    pub fn held(&self, uuid: u64) -> bool {
+        same(uuid, self.current) || self.left(uuid)
+    }
 }
 
 #[cfg(test)]

@@ -163,8 +163,7 @@ impl Replica {
         for (offset, len) in self.recent.ranges() {
             self.mark_out_of_sync(slot, offset, len);
         }
-        let held = |uuid: &u64| same_uuid(*uuid, self.sb.uuids.current) || self.sb.uuids.history.iter().any(|h| *h != 0 && same_uuid(*h, *uuid));
-        if let Some(uuid) = peer_generation.filter(|uuid| self.sb.peers[slot].bitmap_uuid == 0 && held(uuid)) {
+        if let Some(uuid) = peer_generation.filter(|uuid| self.sb.peers[slot].bitmap_uuid == 0 && self.sb.uuids.held(*uuid)) {
             self.sb.peers[slot].bitmap_uuid = uuid & !1;
             self.persist(MetaWrite::Superblock);
         }

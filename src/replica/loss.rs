@@ -79,7 +79,7 @@ impl Replica {
     /// would copy the whole disk (seed 17).
     fn track_from_reported(&mut self, slot: usize, reported: Option<u64>) {
         let uuids = self.sb.uuids;
-        let older = reported.filter(|g| !same_uuid(*g, uuids.current) && uuids.history.iter().any(|h| *h != 0 && same_uuid(*h, *g)));
+        let older = reported.filter(|g| !same_uuid(*g, uuids.current) && uuids.left(*g));
         if let Some(generation) = older.filter(|_| self.sb.peers[slot].bitmap_uuid == 0) {
             // Bit 0: this node was primary when the peer parted (see `Generation::new_current`).
             self.sb.peers[slot].bitmap_uuid = (generation & !1) | 1;
