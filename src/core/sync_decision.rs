@@ -131,8 +131,13 @@ pub fn decide(me: &UuidView, peer: &UuidView) -> SyncDecision {
 /// generations than its history holds no longer knows (simulator seed 9664: the pair refused
 /// each other for good as "wrong disk"); a wrong disk attached by mistake is Consistent.
 fn inconsistent_side_loses(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
+    // Not when the Inconsistent side was being resynced with a later election's data than the
+    // other holds: part of it is acknowledged writes the other lacks (seed 35721: an
+    // interrupted resync target took the older election's copy in full over a FUA write).
+    let (inconsistent, consistent) = if me.inconsistent { (me, peer) } else { (peer, me) };
+    let older_copy = consistent.data_position.term < inconsistent.data_position.term;
     match decision {
-        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual | SyncDecision::Unrelated if me.inconsistent != peer.inconsistent => {
+        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual | SyncDecision::Unrelated if me.inconsistent != peer.inconsistent && !older_copy => {
             if me.inconsistent {
                 SyncDecision::FullTarget
             } else {
@@ -481,6 +486,15 @@ mod tests {
         let primary = UuidView { bitmap_for_peer: 0x3000, history: [0x3000, 0x2000, 0, 0], is_primary: true, ..view(0, 0x4000) };
         let peer = view(1, 0x2000);
         assert_eq!(both(&primary, &peer), FullSource);
+    }
+
+    #[test]
+    fn an_inconsistent_node_holding_a_later_election_takes_nothing_from_an_older_copy() {
+        let target = UuidView { inconsistent: true, bitmap_for_peer: 0x1000, data_position: position(3, 3), ..view(0, 0x3001) };
+        let older = UuidView { bitmap_for_peer: 0x1000, data_position: position(2, 0), ..view(1, 0x2001) };
+        assert_ne!(decide(&target, &older), FullTarget, "it holds acknowledged writes of election 3");
+        let newer = UuidView { data_position: position(4, 0), ..older };
+        assert_eq!(both(&target, &newer), FullTarget);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum PromoteRefusal {
     NoDisk { disk: DiskState },
     #[error("this node just gave its vote to {name}, which is being promoted: try again in a few seconds")]
     VotedFor { name: String },
+    #[error("this node's demotion is still under way (its last writes and flush): try again once it is Secondary")]
+    Demoting,
 }
 
 /// What a promotion changed, to undo it if the export cannot start.
@@ -45,6 +47,12 @@ impl Replica {
     pub(super) fn promote_checks(&self, now: Instant, force: bool) -> Result<(), PromoteRefusal> {
         if self.witness {
             return Err(PromoteRefusal::Witness);
+        }
+        // Its end would clear the primary's marks under the new promotion (seed 33476: a
+        // primary promoted again mid-demotion lost its crash marker, and a write only it held
+        // was never resynced).
+        if self.demoting {
+            return Err(PromoteRefusal::Demoting);
         }
         if let Some(peer) = self.peers.iter().find(|p| p.connected && p.role == Role::Primary) {
             return Err(PromoteRefusal::PeerIsPrimary { peer: peer.name.clone() });
@@ -328,6 +336,15 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(answered, vec![(2, false)], "not held: a demoted node has no time as primary left to wait for");
+    }
+
+    #[test]
+    fn no_promotion_while_a_demotion_is_under_way() {
+        let (mut r, t0) = primary_replicating();
+        r.begin_demotion(t0);
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::Demoting)));
+        r.finish_demotion();
+        assert!(!matches!(r.promote(t0, false), Err(PromoteRefusal::Demoting)));
     }
 
     #[test]
