@@ -21,7 +21,7 @@ pub type BlockDigest = [u8; crate::wire::DIGEST_BYTES];
 /// that stops at the first set byte, a fraction of hashing it.
 pub fn block_digests(data: &[u8], block_size: usize) -> Vec<BlockDigest> {
     let mut zero_digest: Option<(usize, BlockDigest)> = None;
-    let mut digest_of = |block: &[u8]| -> BlockDigest {
+    let digest_of = |block: &[u8]| -> BlockDigest {
         if !is_zero(block) {
             return Sha256::digest(block).into();
         }
@@ -34,7 +34,7 @@ pub fn block_digests(data: &[u8], block_size: usize) -> Vec<BlockDigest> {
             }
         }
     };
-    data.chunks(block_size).map(|block| digest_of(block)).collect()
+    data.chunks(block_size).map(digest_of).collect()
 }
 
 /// Whether every byte of `block` is zero, 64 bytes at a time (the fold vectorises).
