@@ -84,8 +84,8 @@ fn io_error_fails_the_write_then_every_request_until_the_primary_is_demoted() {
     assert!(why.contains("8192+4096"), "{why}");
     // The operator (or the cluster manager) demotes it; promoted again, it serves.
     engine.demote().unwrap();
+    assert_eq!(engine.status().local_write_failed, None, "a secondary refuses nothing");
     engine.promote(true).unwrap();
-    assert_eq!(engine.status().local_write_failed, None);
     submit(&engine, write(0, 0x33, 4096)).unwrap();
     let read = submit(&engine, BlockRequest::Read { offset: 0, len: 4096 }).unwrap().unwrap();
     assert!(read.iter().all(|b| *b == 0x33));

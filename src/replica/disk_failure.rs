@@ -11,8 +11,9 @@
 //!
 //! On an I/O error a primary fails every read and write from then on (it would serve those
 //! blocks as if they were good; the disk may be dying) until it is demoted: `status` says why
-//! (`local_write_failed`), the cluster manager moves the service as after a crash, and the
-//! demoted node reconnects to its peers so the decision at connect resyncs the blocks. DRBD's
+//! (`local_write_failed`, until the demotion), the cluster manager moves the service as after a
+//! crash, and the demoted node reconnects to its peers so the decision at connect resyncs the
+//! blocks. DRBD's
 //! `pass_on` keeps serving by reading such blocks from a peer, which this protocol has no frame
 //! for. A write that found no space (ENOSPC: a full sparse file or thin pool) is no failing
 //! disk: the primary keeps serving and the blocks wait for the next connect.
@@ -48,10 +49,13 @@ impl Replica {
         self.io_failed.get_or_insert(why);
     }
 
-    /// Demoted after a local write failed: the blocks it marked are resynced by deciding again
-    /// at connect (bits left between two Established nodes are resynced only then, as after
-    /// a verify), so its links to the data peers are dropped and dialed again.
-    pub(super) fn resync_failed_writes(&mut self) {
+    /// Demoted after a local write failed (`why`): the blocks it marked are resynced by
+    /// deciding again at connect (bits left between two Established nodes are resynced only
+    /// then, as after a verify), so its links to the data peers are dropped and dialed again.
+    /// A secondary serves no request, so nothing is refused any more: `status` no longer
+    /// reports the failure, the log keeps it.
+    pub(super) fn resync_failed_writes(&mut self, why: &str) {
+        tracing::warn!(resource = %self.resource, "demoted after {why}: reconnecting to the data peers, which resync those blocks into this node");
         let connected: Vec<u8> = self.peers.iter().filter(|p| p.connected && !p.witness).map(|p| p.node_id).collect();
         for peer_id in connected {
             self.drop_link(peer_id, "a local write failed while this node was primary: reconnecting to resync those blocks".into());
@@ -104,6 +108,7 @@ mod tests {
         r.take_actions();
         r.finish_demotion();
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })));
+        assert_eq!(r.io_failed, None, "a secondary refuses nothing: status no longer reports it");
         // A flush still runs: it makes the writes acknowledged before durable, and the
         // demotion's last flush tells the peers this node is no longer primary.
         r.submit(t0, 4, BlockRequest::Flush, |_| 0);

@@ -150,7 +150,7 @@ pub struct Replica {
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
     /// Why this primary fails every request: a local write failed (see `disk_failure.rs`).
-    /// Until it is promoted again after a demotion.
+    /// Until its demotion ends.
     pub io_failed: Option<String>,
     /// A demotion is under way: the peers that received this node's stream as primary, whose
     /// ack of the final flush's barrier says they know it is no longer primary (see

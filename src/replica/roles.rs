@@ -135,7 +135,6 @@ impl Replica {
     /// behind.
     pub fn promoted(&mut self) {
         self.stepped_down = None;
-        self.io_failed = None;
         tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current), "promoted to Primary");
         self.broadcast_state();
         // A peer the promotion started tracking (see `promote_now`) is decided again too.
@@ -205,8 +204,8 @@ impl Replica {
         // A decision that waited for this primary to step down (a newer primary's resync into
         // it) is taken now that its own writes are done.
         self.standing_changed(None);
-        if self.io_failed.is_some() {
-            self.resync_failed_writes();
+        if let Some(why) = self.io_failed.take() {
+            self.resync_failed_writes(&why);
         }
     }
 
