@@ -5,6 +5,7 @@
 //! reasoning are in docs/DESIGN.md ("Generation UUIDs"); the rule numbers below match it.
 
 pub use crate::meta::uuids::{same as same_uuid, UUID_JUST_CREATED};
+use crate::meta::uuids::history_position;
 use crate::wire::DataPosition;
 
 /// One node's side of the comparison.
@@ -36,12 +37,12 @@ impl UuidView {
     }
 
     fn in_history(&self, uuid: u64) -> bool {
-        uuid != 0 && self.history.iter().any(|h| *h != 0 && same_uuid(*h, uuid))
+        self.history_index(uuid).is_some()
     }
 
     /// Where `uuid` is in this node's history (0: the generation it left last).
     fn history_index(&self, uuid: u64) -> Option<usize> {
-        self.history.iter().position(|h| *h != 0 && uuid != 0 && same_uuid(*h, uuid))
+        history_position(&self.history, uuid)
     }
 
     /// Whether this node's bitmap holds every block `peer` may lack: it tracks the peer from

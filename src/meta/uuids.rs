@@ -16,6 +16,12 @@ pub fn same(a: u64, b: u64) -> bool {
     (a ^ b) & !UUID_PRIMARY_BIT == 0
 }
 
+/// Where generation `uuid` is in `history` (older current UUIDs, most recent first, 0 = empty):
+/// 0 for the generation left last. Never for 0, which names no generation.
+pub fn history_position(history: &[u64; 4], uuid: u64) -> Option<usize> {
+    history.iter().position(|h| *h != 0 && uuid != 0 && same(*h, uuid))
+}
+
 /// The node's own generations: the current one and the most recent older ones.
 ///
 /// Per-peer bitmap UUIDs live in the superblock's peer slots, next to the bitmaps they describe.
@@ -38,7 +44,7 @@ impl GenerationUuids {
 
     /// Whether `uuid` is one of this node's past generations (not its current one).
     pub fn left(&self, uuid: u64) -> bool {
-        uuid != 0 && self.history.iter().any(|h| *h != 0 && same(*h, uuid))
+        history_position(&self.history, uuid).is_some()
     }
 
     /// Whether this node held generation `uuid`: its current one or one it left.
@@ -50,6 +56,18 @@ impl GenerationUuids {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generation_is_found_in_history_by_identity_and_never_as_zero() {
+        let history = [0x20, 0x11, 0, 0x40];
+        assert_eq!(history_position(&history, 0x21), Some(0), "the primary bit is no part of it");
+        assert_eq!(history_position(&history, 0x10), Some(1));
+        assert_eq!(history_position(&history, 0x40), Some(3));
+        assert_eq!(history_position(&history, 0), None, "an empty entry names nothing");
+        assert_eq!(history_position(&history, 0x30), None);
+        let uuids = GenerationUuids { current: 0x50, history };
+        assert!(uuids.left(0x10) && !uuids.left(0x50) && uuids.held(0x50) && !uuids.held(0x30));
+    }
 
     #[test]
     fn same_ignores_primary_bit_only() {
