@@ -220,6 +220,14 @@ pub use crate::meta::superblock::MAX_NODE_ID;
 use crate::meta::layout::{MAX_AL_EXTENTS, MAX_BITMAP_BLOCK_SIZE, MIN_AL_EXTENTS, MIN_BITMAP_BLOCK_SIZE};
 
 impl ResourceConfig {
+    /// The resync rate's bounds in bytes per second.
+    pub fn resync_rate(&self) -> crate::core::resync_rate::RateLimits {
+        crate::core::resync_rate::RateLimits {
+            max_bytes_per_s: self.resync_rate_max_kib * 1024,
+            min_bytes_per_s: self.resync_rate_min_kib * 1024,
+        }
+    }
+
     /// The file of `resource` in `dir`.
     pub fn path_in(dir: &Path, resource: &str) -> PathBuf {
         dir.join(format!("{resource}.toml"))

@@ -15,6 +15,14 @@ const SAMPLE_MS: u64 = 100;
 /// (waiting for a barrier ack, say) does not burst once it resumes.
 const BURST_MS: u64 = 100;
 
+/// The configured bounds of a resync's rate (`resync_rate_max_kib`, `resync_rate_min_kib`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimits {
+    pub max_bytes_per_s: u64,
+    /// At most `max_bytes_per_s`, above zero (the configuration checks it).
+    pub min_bytes_per_s: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ResyncRate {
     max_bytes_per_s: u64,
@@ -31,12 +39,11 @@ pub struct ResyncRate {
 
 impl ResyncRate {
     /// A controller starting at `now_ms`, when the application had written `app_write_bytes`.
-    /// `min_bytes_per_s` is at most `max_bytes_per_s` (the configuration checks it).
-    pub fn new(max_bytes_per_s: u64, min_bytes_per_s: u64, now_ms: u64, app_write_bytes: u64) -> ResyncRate {
-        debug_assert!(min_bytes_per_s <= max_bytes_per_s && min_bytes_per_s > 0);
+    pub fn new(limits: RateLimits, now_ms: u64, app_write_bytes: u64) -> ResyncRate {
+        debug_assert!(limits.min_bytes_per_s <= limits.max_bytes_per_s && limits.min_bytes_per_s > 0);
         ResyncRate {
-            max_bytes_per_s,
-            min_bytes_per_s,
+            max_bytes_per_s: limits.max_bytes_per_s,
+            min_bytes_per_s: limits.min_bytes_per_s,
             app_bytes_per_s: 0,
             sample_start_ms: now_ms,
             sample_start_app_bytes: app_write_bytes,
@@ -119,13 +126,17 @@ mod tests {
         (sent, app_total)
     }
 
+    fn limits(max_bytes_per_s: u64, min_bytes_per_s: u64) -> RateLimits {
+        RateLimits { max_bytes_per_s, min_bytes_per_s }
+    }
+
     fn within(value: u64, expected: u64, tolerance: u64) -> bool {
         value.abs_diff(expected) <= tolerance
     }
 
     #[test]
     fn an_idle_application_leaves_the_whole_maximum() {
-        let mut rate = ResyncRate::new(10 * MIB, MIB / 4, 0, 0);
+        let mut rate = ResyncRate::new(limits(10 * MIB, MIB / 4), 0, 0);
         let (sent, _) = run(&mut rate, 0, 10_000, (0, 0), 256 << 10);
         assert!(within(sent, 100 * MIB, MIB), "sent {sent} in 10 s at 10 MiB/s");
         assert_eq!(rate.rate_bytes_per_s(), 10 * MIB);
@@ -133,7 +144,7 @@ mod tests {
 
     #[test]
     fn application_writes_take_their_share_of_the_maximum() {
-        let mut rate = ResyncRate::new(100 * MIB, MIB, 0, 0);
+        let mut rate = ResyncRate::new(limits(100 * MIB, MIB), 0, 0);
         let (_, app) = run(&mut rate, 0, 2_000, (60 * MIB, 0), 256 << 10);
         assert!(within(rate.app_write_bytes_per_s(), 60 * MIB, MIB), "{}", rate.app_write_bytes_per_s());
         assert!(within(rate.rate_bytes_per_s(), 40 * MIB, MIB), "{}", rate.rate_bytes_per_s());
@@ -143,7 +154,7 @@ mod tests {
 
     #[test]
     fn a_busy_application_still_leaves_the_minimum() {
-        let mut rate = ResyncRate::new(50 * MIB, 2 * MIB, 0, 0);
+        let mut rate = ResyncRate::new(limits(50 * MIB, 2 * MIB), 0, 0);
         let (_, app) = run(&mut rate, 0, 2_000, (200 * MIB, 0), 64 << 10);
         assert_eq!(rate.rate_bytes_per_s(), 2 * MIB);
         let (sent, _) = run(&mut rate, 2_000, 12_000, (200 * MIB, app), 64 << 10);
@@ -152,7 +163,7 @@ mod tests {
 
     #[test]
     fn the_resync_speeds_up_again_when_the_application_stops() {
-        let mut rate = ResyncRate::new(100 * MIB, MIB, 0, 0);
+        let mut rate = ResyncRate::new(limits(100 * MIB, MIB), 0, 0);
         let (_, app) = run(&mut rate, 0, 2_000, (80 * MIB, 0), 256 << 10);
         assert!(rate.rate_bytes_per_s() < 25 * MIB);
         run(&mut rate, 2_000, 3_000, (0, app), 256 << 10);
@@ -161,7 +172,7 @@ mod tests {
 
     #[test]
     fn no_burst_after_a_pause() {
-        let mut rate = ResyncRate::new(10 * MIB, MIB, 0, 0);
+        let mut rate = ResyncRate::new(limits(10 * MIB, MIB), 0, 0);
         rate.advance(60_000, 0);
         let mut sent = 0;
         while rate.wait_ms() == 0 {
@@ -174,7 +185,7 @@ mod tests {
 
     #[test]
     fn the_wait_pays_back_a_large_chunk() {
-        let mut rate = ResyncRate::new(MIB, MIB / 4, 0, 0);
+        let mut rate = ResyncRate::new(limits(MIB, MIB / 4), 0, 0);
         rate.spend(MIB);
         assert_eq!(rate.wait_ms(), 1000);
         rate.advance(500, 0);

@@ -246,6 +246,7 @@ impl Engine {
                 OnCongestion::Block => None,
                 OnCongestion::PullAhead { fill_bytes } => Some(fill_bytes),
             },
+            resync_rate: config.resync_rate(),
             sb,
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,

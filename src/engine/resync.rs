@@ -14,44 +14,12 @@ use super::state::State;
 use crate::replica::{ResyncChunk, ResyncStep};
 use super::{congestion, connection, Shared};
 use crate::core::block_digest::block_digests;
-use crate::core::resync_rate::ResyncRate;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a resync or verify thread waits for an answer before it looks at the state again.
 pub(super) const WAIT_SLICE: Duration = Duration::from_millis(100);
-
-/// Paces a resync or a verify with the rate controller, on the engine's clock.
-pub(super) struct Pacer {
-    rate: ResyncRate,
-    started: Instant,
-}
-
-impl Pacer {
-    pub fn new(shared: &Shared) -> Pacer {
-        let config = &shared.config;
-        let app_write_bytes = shared.lock().replica.app_write_bytes;
-        let rate = ResyncRate::new(config.resync_rate_max_kib * 1024, config.resync_rate_min_kib * 1024, 0, app_write_bytes);
-        Pacer { rate, started: Instant::now() }
-    }
-
-    /// Sleeps until the controller lets the next chunk go.
-    pub fn pause(&mut self, shared: &Shared) {
-        loop {
-            let app_write_bytes = shared.lock().replica.app_write_bytes;
-            self.rate.advance(self.started.elapsed().as_millis() as u64, app_write_bytes);
-            match self.rate.wait_ms() {
-                0 => return,
-                ms => std::thread::sleep(Duration::from_millis(ms).min(WAIT_SLICE)),
-            }
-        }
-    }
-
-    pub fn spend(&mut self, bytes: u64) {
-        self.rate.spend(bytes);
-    }
-}
 
 /// Reads `[offset, offset + len)` with application writes to it held off, turns the bytes into
 /// a frame's contents outside the engine lock (`prepare`), and calls `send` under the lock
@@ -107,18 +75,21 @@ pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
 fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {
     let csums = shared.config.csums_resync;
     let block_size = shared.config.bitmap_block_size as usize;
-    let mut pacer = Pacer::new(shared);
-    shared.lock().replica.resync_source_started(peer_id);
+    shared.lock().replica.resync_source_started(Instant::now(), peer_id);
     loop {
-        pacer.pause(shared);
         let mut st = shared.lock();
         if !st.replica.resyncing(peer_id, generation) {
             return Ok(());
         }
-        let (offset, len, digests) = match st.replica.resync_next(peer_id, csums) {
+        let (offset, len, digests) = match st.replica.resync_next(Instant::now(), peer_id, csums) {
             ResyncStep::Finished => return Ok(()),
             ResyncStep::Wait => {
                 drop(st.wait_timeout(WAIT_SLICE));
+                continue;
+            }
+            ResyncStep::Pace(wait) => {
+                drop(st);
+                std::thread::sleep(wait.min(WAIT_SLICE));
                 continue;
             }
             ResyncStep::Read { offset, len, digests } => (offset, len, digests),
@@ -136,7 +107,6 @@ fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), 
         if read_range_then(shared, offset, len, still, prepare, send)?.is_none() {
             return Ok(());
         }
-        pacer.spend(len);
     }
 }
 

@@ -1,9 +1,9 @@
-//! The verify threads: one per peer, pacing the walk (`Replica::verify_next`) with the rate
-//! controller and reading each chunk under the range lock (see `resync::read_range_then`), so
+//! The verify threads: one per peer, walking as `Replica::verify_next` says (which paces it with
+//! the rate controller) and reading each chunk under the range lock (see `resync::read_range_then`), so
 //! the peer compares at the same point of the write stream. The rules are the replica's
 //! (`replica/verify.rs`).
 
-use super::resync::{read_range_then, Pacer, WAIT_SLICE};
+use super::resync::{read_range_then, WAIT_SLICE};
 use super::{congestion, EngineError, Shared};
 use crate::core::block_digest::block_digests;
 use crate::replica::VerifyStep;
@@ -28,15 +28,18 @@ pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
 
 fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {
     let block_size = shared.config.bitmap_block_size as usize;
-    let mut pacer = Pacer::new(shared);
     loop {
-        pacer.pause(shared);
-        let st = shared.lock();
-        let (offset, len) = match st.replica.verify_next(peer_id, generation) {
+        let mut st = shared.lock();
+        let (offset, len) = match st.replica.verify_next(Instant::now(), peer_id, generation) {
             VerifyStep::Finished => return Ok(()),
             VerifyStep::Stop(reason) => return Err(reason),
             VerifyStep::Wait => {
                 drop(st.wait_timeout(WAIT_SLICE));
+                continue;
+            }
+            VerifyStep::Pace(wait) => {
+                drop(st);
+                std::thread::sleep(wait.min(WAIT_SLICE));
                 continue;
             }
             VerifyStep::Read { offset, len } => (offset, len),
@@ -49,8 +52,6 @@ fn run(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String>
         let prepare = |data: Vec<u8>| block_digests(&data, block_size);
         let send = |st: &mut super::state::State, digests| st.replica.verify_chunk_read(peer_id, offset, len, digests);
         // `None`: interrupted meanwhile, and `verify_next` says why.
-        if read_range_then(shared, offset, len, still, prepare, send)?.is_some() {
-            pacer.spend(len);
-        }
+        read_range_then(shared, offset, len, still, prepare, send)?;
     }
 }

@@ -712,11 +712,11 @@ mod tests {
     fn a_source_ends_the_resync_only_on_a_state_after_its_resync_done() {
         let (mut r, t0) = crate::replica::testing::primary_replicating();
         r.peer_mut(1).repl = ReplState::SyncSource;
-        r.resync_source_started(1);
+        r.resync_source_started(t0, 1);
         let up_to_date = PeerState { primaries: 1, ..secondary_state(r.sb.uuids.current, [0; 4]) };
         r.peer_state_received(1, up_to_date).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::SyncSource, "a State from before the target took the bitmap ends nothing");
-        assert_eq!(r.resync_next(1, false), crate::replica::ResyncStep::Finished, "nothing to send");
+        assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Finished, "nothing to send");
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::ResyncDone { .. }, .. })));
         r.peer_state_received(1, up_to_date).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::Established);

@@ -17,6 +17,7 @@ mod disk_failure;
 mod election;
 pub mod frames;
 mod loss;
+mod pacing;
 mod progress;
 pub mod peer;
 mod receive;
@@ -45,6 +46,7 @@ use crate::config::Protocol;
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use crate::core::resync_rate::RateLimits;
 use crate::core::split_brain::SplitBrainPolicies;
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UuidView, UUID_JUST_CREATED};
@@ -131,7 +133,11 @@ pub struct Replica {
     pub read_locks: Vec<(u64, u64)>,
     /// Bytes of application writes started on this node: the resync rate controller measures the
     /// application's write rate from it.
-    pub app_write_bytes: u64,
+    app_write_bytes: u64,
+    /// The bounds of a resync's or verify's rate (see `pacing.rs`).
+    resync_rate: RateLimits,
+    /// When this replica attached: the origin of the rate controller's clock.
+    attached_at: Instant,
     pub stopping: bool,
     /// Quorum settings: here rather than in the immutable config because `adjust` changes them.
     pub quorum_policy: QuorumPolicy,
@@ -203,6 +209,7 @@ pub struct Attached {
     pub timing: LinkTiming,
     pub protocol: Protocol,
     pub congestion_fill: Option<u64>,
+    pub resync_rate: RateLimits,
     pub sb: Superblock,
     pub bitmaps: Vec<DirtyBitmap>,
     pub al: ActivityLog,
@@ -311,6 +318,8 @@ impl Replica {
             peers: a.peers,
             read_locks: Vec::new(),
             app_write_bytes: 0,
+            resync_rate: a.resync_rate,
+            attached_at: a.now,
             stopping: false,
             quorum_policy: a.quorum_policy,
             on_no_quorum: a.on_no_quorum,

@@ -181,6 +181,8 @@ pub struct PeerSync {
     pub resync_wanted: VecDeque<(u64, u64)>,
     /// Where this node, as the peer's resync source, is in its walk.
     pub walk: super::ResyncWalk,
+    /// The rate controller of the resync or verify walk with this peer (see `pacing.rs`).
+    pub pace: Option<crate::core::resync_rate::ResyncRate>,
 }
 
 /// Differing ranges a verify keeps for `status` (the log has every one).

@@ -12,7 +12,7 @@ use crate::core::sync_progress::SyncProgress;
 use crate::meta::MetaFlags;
 use crate::wire::{DataPosition, DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP_RUNS};
 use bytes::Bytes;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest resync frame.
 const MAX_CHUNK_BYTES: u64 = 256 << 10;
@@ -42,6 +42,8 @@ pub struct ResyncWalk {
 pub enum ResyncStep {
     /// Nothing until an answer or a barrier ack arrives.
     Wait,
+    /// The rate controller holds the walk back this long (see `pacing.rs`).
+    Pace(Duration),
     /// Read `[offset, offset + len)` and hand it to [`Replica::resync_chunk_read`]; `digests`:
     /// send its block digests first (checksum resync), not the data.
     Read { offset: u64, len: u64, digests: bool },
@@ -240,17 +242,20 @@ impl Replica {
         }
     }
 
-    /// This node starts resyncing `peer_id` as its source: the walk starts over.
-    pub fn resync_source_started(&mut self, peer_id: u8) {
+    /// This node starts resyncing `peer_id` as its source: the walk starts over, paced from
+    /// `now`.
+    pub fn resync_source_started(&mut self, now: Instant, peer_id: u8) {
         let sync = &mut self.peer_mut(peer_id).sync;
         sync.resync_digests.clear();
         sync.resync_wanted.clear();
         sync.walk = ResyncWalk::default();
+        self.start_pacing(peer_id, now);
     }
 
     /// The next step of the resync of `peer_id` (this node its source). `csums`: checksum
     /// resync.
-    pub fn resync_next(&mut self, peer_id: u8, csums: bool) -> ResyncStep {
+    pub fn resync_next(&mut self, now: Instant, peer_id: u8, csums: bool) -> ResyncStep {
+        let paced = self.pace_wait(peer_id, now);
         let data_size = self.sb.data_size;
         let peer = self.peer(peer_id);
         let slot = peer.slot;
@@ -265,6 +270,9 @@ impl Replica {
         let awaiting = peer.sync.resync_digests.len();
         let next_run = self.bitmaps[slot].next_run(walk.cursor, MAX_CHUNK_BYTES / block_size);
         let step = if let Some(&(offset, len)) = peer.sync.resync_wanted.front() {
+            if let Some(wait) = paced {
+                return ResyncStep::Pace(wait);
+            }
             if self.overlaps_busy(offset, len) {
                 return ResyncStep::Wait;
             }
@@ -272,6 +280,8 @@ impl Replica {
             ResyncStep::Read { offset, len, digests: false }
         } else if awaiting >= MAX_DIGEST_REQUESTS_IN_FLIGHT {
             ResyncStep::Wait
+        } else if let (Some(wait), Some(_)) = (paced, next_run) {
+            return ResyncStep::Pace(wait);
         } else if let Some((start, blocks)) = next_run {
             let offset = start * block_size;
             let len = (blocks * block_size).min(data_size - offset);
@@ -305,6 +315,7 @@ impl Replica {
     /// The range of a [`ResyncStep::Read`] was read: it goes out, ahead of any later write to
     /// those blocks (the driver calls this before letting one through).
     pub fn resync_chunk_read(&mut self, peer_id: u8, offset: u64, len: u64, chunk: ResyncChunk) {
+        self.paced(peer_id, len);
         let epoch = self.epoch;
         let peer = self.peer_mut(peer_id);
         let msg = match chunk {
@@ -337,7 +348,7 @@ impl Replica {
 mod tests {
     use super::{ResyncChunk, ResyncStep};
     use crate::core::states::ReplState;
-    use crate::replica::testing::{three_node_replica, two_node_replica};
+    use crate::replica::testing::{three_node_replica, two_node_replica, Ticks};
     use crate::replica::{Action, MetaWrite};
     use crate::wire::Message;
     use bytes::Bytes;
@@ -347,27 +358,28 @@ mod tests {
     #[test]
     fn the_source_walks_the_bitmap_closes_the_pass_and_ends_once_every_bit_cleared() {
         let (mut r, t0) = two_node_replica();
+        let mut ticks = Ticks(t0);
         r.link_up(1, t0);
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.bitmaps[0].set_range(0, 4 * BLOCK);
         r.bitmaps[0].set_range(100 * BLOCK, BLOCK);
-        r.resync_source_started(1);
+        r.resync_source_started(t0, 1);
         r.take_actions();
-        assert_eq!(r.resync_next(1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
         r.resync_chunk_read(1, 0, 4 * BLOCK, ResyncChunk::Data(Bytes::from(vec![7; 4 * BLOCK as usize])));
-        assert_eq!(r.resync_next(1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
         r.resync_chunk_read(1, 100 * BLOCK, BLOCK, ResyncChunk::Data(Bytes::from(vec![7; BLOCK as usize])));
         // The pass is over with bits still set: its epoch is closed, and the walk waits for the ack.
-        assert_eq!(r.resync_next(1, false), ResyncStep::Wait);
+        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Wait);
         let (epoch, writes) = *r.peer(1).barriers.back().expect("a barrier closes the pass");
         assert_eq!(writes, 2, "both chunks are in the closed epoch");
-        assert_eq!(r.resync_next(1, false), ResyncStep::Wait, "no new pass before the ack");
+        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Wait, "no new pass before the ack");
         // The ack: the target holds both ranges durably (the engine clears their bits then).
         r.peer_mut(1).barriers.pop_front();
         for crate::core::transfer_log::Settled { offset, len, .. } in r.peer_mut(1).tl.barrier_acked(epoch) {
             r.bitmaps[0].clear_range(offset, len);
         }
-        assert_eq!(r.resync_next(1, false), ResyncStep::Finished);
+        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Finished);
         let sent: Vec<String> = r.take_actions().into_iter().filter_map(|a| match a {
             Action::Send { msg, .. } => Some(msg.name().to_string()),
             _ => None,
@@ -381,9 +393,9 @@ mod tests {
         r.link_up(1, t0);
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.bitmaps[1].set_range(8 * BLOCK, 2 * BLOCK);
-        r.resync_source_started(1);
+        r.resync_source_started(t0, 1);
         r.take_actions();
-        assert_eq!(r.resync_next(1, false), ResyncStep::Finished);
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Finished);
         let sent: Vec<Message> = r.take_actions().into_iter().filter_map(|a| match a {
             Action::Send { msg, .. } => Some(msg),
             _ => None,
@@ -409,17 +421,18 @@ mod tests {
     #[test]
     fn checksum_resync_sends_digests_first_and_the_differing_blocks_after() {
         let (mut r, t0) = two_node_replica();
+        let mut ticks = Ticks(t0);
         r.link_up(1, t0);
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.bitmaps[0].set_range(0, 2 * BLOCK);
-        r.resync_source_started(1);
-        assert_eq!(r.resync_next(1, true), ResyncStep::Read { offset: 0, len: 2 * BLOCK, digests: true });
+        r.resync_source_started(t0, 1);
+        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Read { offset: 0, len: 2 * BLOCK, digests: true });
         r.resync_chunk_read(1, 0, 2 * BLOCK, ResyncChunk::Digests(vec![[0; 32]; 2]));
-        assert_eq!(r.resync_next(1, true), ResyncStep::Wait, "the answer may still ask for data");
+        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Wait, "the answer may still ask for data");
         // The answer: block 1 differs (the engine queues it as wanted).
         r.peer_mut(1).sync.resync_digests.pop_front();
         r.peer_mut(1).sync.resync_wanted.push_back((BLOCK, BLOCK));
-        assert_eq!(r.resync_next(1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })));
     }
 }

@@ -4,6 +4,7 @@ use super::{Attached, Peer, Replica};
 use crate::config::Protocol;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use crate::core::resync_rate::RateLimits;
 use crate::disk::{Disk, MemDisk};
 use crate::meta::{MetaParams, MetaStore};
 use crate::wire::DataPosition;
@@ -24,6 +25,23 @@ pub fn three_node_replica() -> (Replica, Instant) {
     replica_with_peers(&[1, 2])
 }
 
+/// A clock for tests of what a paced walk (a resync, a verify) does rather than how fast: each
+/// reading is a second after the last, so the rate controller never holds the walk back.
+pub struct Ticks(pub Instant);
+
+impl Ticks {
+    pub fn next(&mut self) -> Instant {
+        self.0 += std::time::Duration::from_secs(1);
+        self.0
+    }
+}
+
+/// The default bounds (`resync_rate_max_kib`, `resync_rate_min_kib`).
+pub const RESYNC_RATE: RateLimits = RateLimits {
+    max_bytes_per_s: crate::config::DEFAULT_RESYNC_RATE_MAX_KIB * 1024,
+    min_bytes_per_s: crate::config::DEFAULT_RESYNC_RATE_MIN_KIB * 1024,
+};
+
 fn replica_with_peers(ids: &[u8]) -> (Replica, Instant) {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
     let params = MetaParams { max_peers: ids.len() as u8, ..MetaParams::default() };
@@ -37,6 +55,7 @@ fn replica_with_peers(ids: &[u8]) -> (Replica, Instant) {
         timing: LinkTiming::DEFAULT,
         protocol: Protocol::C,
         congestion_fill: None,
+        resync_rate: RESYNC_RATE,
         sb: loaded.superblock,
         bitmaps: loaded.bitmaps,
         al: loaded.activity_log,

@@ -16,7 +16,7 @@ use super::weakened::{is_weakened, Rule};
 use super::{Peer, Replica, VerifyRun, VerifyState};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES, MAX_DIGESTS};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Bytes per verify request: 256 digests at 4 KiB blocks.
 const CHUNK_BYTES: u64 = 1 << 20;
@@ -30,6 +30,8 @@ pub enum VerifyStep {
     Read { offset: u64, len: u64 },
     /// Too many requests unanswered, or the walk is done and answers are missing.
     Wait,
+    /// The rate controller holds the walk back this long (see `pacing.rs`).
+    Pace(Duration),
     /// Every block was compared.
     Finished,
     /// It cannot go on, for this reason.
@@ -67,6 +69,7 @@ impl Replica {
         let device = self.sb.data_size;
         for (peer_id, generation, name) in &targets {
             self.peer_mut(*peer_id).sync.verify = Some(VerifyRun::new(*generation, now, device));
+            self.start_pacing(*peer_id, now);
             tracing::info!(resource = %self.resource, peer = %name, "online verify started");
         }
         Ok(targets)
@@ -87,22 +90,25 @@ impl Replica {
     }
 
     /// The next step of the verify with `peer_id` (see [`VerifyStep`]).
-    pub fn verify_next(&self, peer_id: u8, generation: u64) -> VerifyStep {
+    pub fn verify_next(&mut self, now: Instant, peer_id: u8, generation: u64) -> VerifyStep {
         if let Some(reason) = self.verify_interrupted(peer_id, generation) {
             return VerifyStep::Stop(reason);
         }
         let Some(run) = self.peer(peer_id).sync.verify.as_ref() else { return VerifyStep::Stop("no verify".into()) };
         let device = self.sb.data_size;
-        let in_flight = run.awaiting.len();
-        if run.cursor >= device {
+        let (in_flight, cursor) = (run.awaiting.len(), run.cursor);
+        if cursor >= device {
             return if in_flight == 0 { VerifyStep::Finished } else { VerifyStep::Wait };
         }
         if in_flight >= MAX_REQUESTS_IN_FLIGHT {
             return VerifyStep::Wait;
         }
+        if let Some(wait) = self.pace_wait(peer_id, now) {
+            return VerifyStep::Pace(wait);
+        }
         let block_size = u64::from(self.sb.params.bitmap_block_size);
         let chunk = (CHUNK_BYTES / block_size).clamp(1, MAX_DIGESTS as u64) * block_size;
-        let (offset, len) = (run.cursor, chunk.min(device - run.cursor));
+        let (offset, len) = (cursor, chunk.min(device - cursor));
         if self.overlaps_busy(offset, len) && !is_weakened(Rule::VerifyBesideWrites) {
             // A write in flight there is in the stream ahead of this request, but maybe not on
             // this disk yet: the peer would compare a newer block with an older digest.
@@ -114,6 +120,7 @@ impl Replica {
     /// The digests of the blocks read at `offset` (under the range lock, before any later
     /// write to them): the request goes out and the walk moves on.
     pub fn verify_chunk_read(&mut self, peer_id: u8, offset: u64, len: u64, digests: Vec<[u8; DIGEST_BYTES]>) {
+        self.paced(peer_id, len);
         let run = self.peer_mut(peer_id).sync.verify.as_mut().expect("a running verify");
         run.awaiting.push_back((offset, digests.len() as u32));
         run.cursor = offset + len;
@@ -167,13 +174,15 @@ mod tests {
         let generation = targets[0].1;
         assert!(r.verify_start(t0).unwrap_err().contains("still running"));
         let mut requests = Vec::new();
+        let mut now = t0;
         loop {
-            match r.verify_next(1, generation) {
+            match r.verify_next(now, 1, generation) {
                 VerifyStep::Read { offset, len } => {
                     let digests = vec![[0u8; 32]; (len / 4096) as usize];
                     r.verify_chunk_read(1, offset, len, digests);
                     requests.push((offset, len));
                 }
+                VerifyStep::Pace(wait) => now += wait,
                 VerifyStep::Wait => break,
                 other => panic!("{other:?}"),
             }
@@ -182,12 +191,13 @@ mod tests {
         let sent = r.take_actions().iter().filter(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })).count();
         assert_eq!(sent, 16);
         let mut answered = 0;
-        while r.verify_next(1, generation) != VerifyStep::Finished {
-            match r.verify_next(1, generation) {
+        while r.verify_next(now, 1, generation) != VerifyStep::Finished {
+            match r.verify_next(now, 1, generation) {
                 VerifyStep::Read { offset, len } => {
                     r.verify_chunk_read(1, offset, len, vec![[0u8; 32]; (len / 4096) as usize]);
                     requests.push((offset, len));
                 }
+                VerifyStep::Pace(wait) => now += wait,
                 VerifyStep::Wait => {
                     let (offset, len) = requests[answered];
                     r.verify_reply_received(1, offset, (len / 4096) as u32, &[]);
@@ -214,10 +224,10 @@ mod tests {
         }).expect("the local write");
         // Its Data frame is in the stream already, its local write not done: a digest read now
         // would hold the old block and the peer would compare the new one.
-        assert_eq!(r.verify_next(1, generation), VerifyStep::Wait);
+        assert_eq!(r.verify_next(t0, 1, generation), VerifyStep::Wait);
         r.io_done(t0, crate::replica::IoTag::Write(id), Ok(None));
         r.peer_reached(t0, id, 1, crate::core::inflight::AckLevel::Written);
-        assert!(matches!(r.verify_next(1, generation), VerifyStep::Read { offset: 0, .. }));
+        assert!(matches!(r.verify_next(t0, 1, generation), VerifyStep::Read { offset: 0, .. }));
     }
 
     #[test]
@@ -225,6 +235,6 @@ mod tests {
         let (mut r, t0) = primary_replicating();
         let generation = r.verify_start(t0).unwrap()[0].1;
         r.link_down(1, "gone", 0);
-        assert!(matches!(r.verify_next(1, generation), VerifyStep::Stop(reason) if reason.contains("ended")));
+        assert!(matches!(r.verify_next(t0, 1, generation), VerifyStep::Stop(reason) if reason.contains("ended")));
     }
 }

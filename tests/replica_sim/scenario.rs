@@ -10,6 +10,7 @@
 use super::rng::Rng;
 use super::world::{DataDisk, Event, Options, Shape, Time, World, MS, PAGE, SEC};
 use blkrepl::config::Protocol;
+use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
 use blkrepl::replica::PromoteStep;
@@ -23,6 +24,13 @@ const FAULTY: Time = 20 * SEC;
 /// Pull-ahead's fill mark: sixteen 4 KiB writes queued to a peer (a cut link holds its frames).
 const PULL_AHEAD_FILL: u64 = 64 << 10;
 const SETTLE: Time = 30 * SEC;
+/// The configuration's default resync rate bounds, and slow ones for a quarter of the seeds: a
+/// full sync of the simulated device then takes 8 s or more, so faults strike mid-resync.
+const DEFAULT_RESYNC: RateLimits = RateLimits {
+    max_bytes_per_s: blkrepl::config::DEFAULT_RESYNC_RATE_MAX_KIB * 1024,
+    min_bytes_per_s: blkrepl::config::DEFAULT_RESYNC_RATE_MIN_KIB * 1024,
+};
+const SLOW_RESYNC: RateLimits = RateLimits { max_bytes_per_s: 4 << 20, min_bytes_per_s: 1 << 20 };
 
 /// Scenario timers.
 const CLIENT: u64 = 1;
@@ -66,6 +74,8 @@ pub struct Stats {
     /// peer (protocol A).
     pub csums_seeds: u64,
     pub pull_ahead_seeds: u64,
+    /// Seeds whose resyncs and verifies are paced at `SLOW_RESYNC`.
+    pub slow_resync_seeds: u64,
     /// Online verifies that ran to their end, and the bytes they found differing.
     pub verifies: u64,
     pub verify_found_bytes: u64,
@@ -92,6 +102,7 @@ impl Stats {
         self.first_syncs += o.first_syncs;
         self.csums_seeds += o.csums_seeds;
         self.pull_ahead_seeds += o.pull_ahead_seeds;
+        self.slow_resync_seeds += o.slow_resync_seeds;
         self.verifies += o.verifies;
         self.verify_found_bytes += o.verify_found_bytes;
         self.disk_fault_seeds += o.disk_fault_seeds;
@@ -163,12 +174,12 @@ impl Scenario {
         // The options come from their own generator: a seed's course without them stays as it
         // was before they existed.
         let mut draw = Rng::new(!seed);
-        let options = Options {
-            csums: draw.percent(25),
-            congestion_fill: (protocol == Protocol::A && draw.percent(50)).then_some(PULL_AHEAD_FILL),
-        };
+        let csums = draw.percent(25);
+        let congestion_fill = (protocol == Protocol::A && draw.percent(50)).then_some(PULL_AHEAD_FILL);
         let verify_at = draw.percent(25).then(|| draw.range(SEC, FAULTY + SETTLE / 2));
         let disk_fault = draw.percent(25).then(|| (draw.range(SEC, FAULTY), draw.below(usize::from(shape.data)) as u8, draw.range(200 * MS, 2 * SEC)));
+        let resync_rate = if draw.percent(25) { SLOW_RESYNC } else { DEFAULT_RESYNC };
+        let options = Options { csums, congestion_fill, resync_rate };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
@@ -178,6 +189,7 @@ impl Scenario {
         let mut stats = Stats {
             csums_seeds: options.csums.into(),
             pull_ahead_seeds: options.congestion_fill.is_some().into(),
+            slow_resync_seeds: (options.resync_rate == SLOW_RESYNC).into(),
             disk_fault_seeds: disk_fault.is_some().into(),
             ..Stats::default()
         };

@@ -12,6 +12,7 @@ use blkrepl::config::Protocol;
 use blkrepl::core::block_digest::block_digests;
 use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
+use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::Role;
 use blkrepl::disk::{Disk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
@@ -42,12 +43,14 @@ const META_BYTES: u64 = 4 << 20;
 const TICK: Time = 100 * MS;
 
 /// The resource options a seed draws (beside its shape and protocol).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// Checksum-based resync.
     pub csums: bool,
     /// Pull-ahead's fill mark, protocol A only.
     pub congestion_fill: Option<u64>,
+    /// The bounds of the rate controller that paces resyncs and verifies.
+    pub resync_rate: RateLimits,
 }
 
 /// Which nodes a world has: data nodes `0..data`, then witnesses.
@@ -236,6 +239,7 @@ pub struct World {
     /// Pull-ahead (`on_congestion = "pull-ahead"`): a primary goes Ahead of a peer whose lane
     /// holds more than this many bytes.
     pub congestion_fill: Option<u64>,
+    pub resync_rate: RateLimits,
     /// Per (node, peer), the blocks marked when its verify started.
     verify_marked: BTreeMap<(u8, u8), u64>,
     /// Verifies that ran to their end, for the scenario's checker.
@@ -271,6 +275,7 @@ impl World {
             violation: None,
             csums: options.csums,
             congestion_fill: options.congestion_fill,
+            resync_rate: options.resync_rate,
             verify_marked: BTreeMap::new(),
             verifies: Vec::new(),
             disk_rng: Rng::new(seed.rotate_left(32)),
@@ -320,7 +325,7 @@ impl World {
         let shape = self.shape;
         let protocol = self.protocol;
         let quorum = self.quorum;
-        let congestion_fill = self.congestion_fill;
+        let (congestion_fill, resync_rate) = (self.congestion_fill, self.resync_rate);
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
         let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), data_bytes, internal, RESOURCE, id).expect("open metadata");
@@ -339,6 +344,7 @@ impl World {
             timing: LinkTiming::DEFAULT,
             protocol,
             congestion_fill,
+            resync_rate,
             sb: loaded.superblock,
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
@@ -698,10 +704,11 @@ impl World {
             return;
         }
         let next = self.now + self.rng.range(100, 2 * MS);
-        let csums = self.csums;
-        match self.replica_mut(id).expect("up").resync_next(peer, csums) {
+        let (csums, now) = (self.csums, self.instant());
+        match self.replica_mut(id).expect("up").resync_next(now, peer, csums) {
             ResyncStep::Finished => {}
             ResyncStep::Wait => self.at(next + 20 * MS, Event::ResyncStep { node: id, incarnation, peer, generation }),
+            ResyncStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::ResyncStep { node: id, incarnation, peer, generation }),
             ResyncStep::Read { offset, len, digests } => {
                 if self.walk_read_fails(id) {
                     // The daemon's resync ends on a failed read and drops the link.
@@ -739,9 +746,11 @@ impl World {
             return;
         }
         let next = self.now + self.rng.range(100, 2 * MS);
-        let step = self.replica(id).expect("up").verify_next(peer, generation);
+        let now = self.instant();
+        let step = self.replica_mut(id).expect("up").verify_next(now, peer, generation);
         match step {
             VerifyStep::Wait => self.at(next + 20 * MS, Event::VerifyStep { node: id, incarnation, peer, generation }),
+            VerifyStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::VerifyStep { node: id, incarnation, peer, generation }),
             VerifyStep::Read { offset, len } if self.walk_read_fails(id) => {
                 // The daemon's verify ends on a failed read.
                 self.replica_mut(id).expect("up").verify_ended(peer, Err(format!("read at {offset}+{len} failed: Io")));
@@ -839,7 +848,8 @@ impl World {
                     }
                     Action::StartResync { peer, generation } => {
                         let incarnation = self.nodes[usize::from(id)].incarnation;
-                        self.replica_mut(id).expect("up").resync_source_started(peer);
+                        let now = self.instant();
+                        self.replica_mut(id).expect("up").resync_source_started(now, peer);
                         self.at(self.now, Event::ResyncStep { node: id, incarnation, peer, generation });
                     }
                 }
