@@ -18,7 +18,7 @@
 //! for. A write that found no space (ENOSPC: a full sparse file or thin pool) is no failing
 //! disk: the primary keeps serving and the blocks wait for the next connect.
 
-use super::Replica;
+use super::{extent_range, Replica};
 use crate::core::inflight::LocalFailure;
 use crate::core::states::Role;
 
@@ -28,10 +28,7 @@ impl Replica {
         // In memory only: the write's extents are hot in the activity log until it is done,
         // and an extent's bitmap pages are written before it leaves the log (no metadata write
         // here, which a full disk would fail too).
-        let slots: Vec<usize> = self.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
-        for slot in slots {
-            self.mark_out_of_sync(slot, offset, len);
-        }
+        self.mark_for_every_data_peer(offset, len);
         if self.role != Role::Primary {
             tracing::error!(resource = %self.resource, ?failure, offset, len,
                 "a replicated write failed here: the primary is told (NegAck) and resyncs these blocks");
@@ -44,7 +41,42 @@ impl Replica {
             tracing::warn!(resource = %self.resource, offset, len, "a local write found no space: the blocks are resynced at the next connect");
             return;
         }
-        let why = format!("a local write at {offset}+{len} failed ({failure:?})");
+        self.disk_failing(format!("a local write at {offset}+{len} failed ({failure:?})"));
+    }
+
+    /// A flush of the data disk (a FLUSH request on this primary) failed with `failure`: what
+    /// the disk's cache held, the writes completed since its last flush, may never reach the
+    /// medium or may already be gone, while the peers hold them. Every such write lies in an
+    /// extent hot in the activity log (an extent leaves it only after a flush, see
+    /// `Replica::commit_al`): the hot extents are marked for every data peer, and the disk is
+    /// failing as after a failed write, whatever the errno (a cache that could not be written
+    /// for want of space is lost all the same). A secondary's failed flush is a barrier's:
+    /// it drops the link (`barrier_flushed`), and its primary keeps the epoch's writes marked.
+    /// Every later FLUSH on this primary fails too (`cache_lost`): it cannot make durable what
+    /// the failed one lost.
+    pub(super) fn local_flush_failed(&mut self, failure: LocalFailure) {
+        let data_size = self.sb.data_size;
+        for extent in self.al.hot_extents() {
+            let (offset, len) = extent_range(extent, data_size);
+            self.mark_for_every_data_peer(offset, len);
+        }
+        if self.role == Role::Primary {
+            self.cache_lost = true;
+            self.disk_failing(format!("a flush of the data disk failed ({failure:?})"));
+        }
+    }
+
+    /// The data of `[offset, offset + len)` here is unknown: whichever side is the source of
+    /// the next resync with any data peer repairs it.
+    fn mark_for_every_data_peer(&mut self, offset: u64, len: u64) {
+        let slots: Vec<usize> = self.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
+        for slot in slots {
+            self.mark_out_of_sync(slot, offset, len);
+        }
+    }
+
+    /// This primary's disk failed (`why`): every request fails until it is demoted.
+    fn disk_failing(&mut self, why: String) {
         tracing::error!(resource = %self.resource, "{why}: this primary fails every request until it is demoted; the blocks are resynced from a peer then");
         self.io_failed.get_or_insert(why);
     }
@@ -113,6 +145,47 @@ mod tests {
         // demotion's last flush tells the peers this node is no longer primary.
         r.submit(t0, 4, BlockRequest::Flush, |_| 0);
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Barrier { .. }, .. })));
+    }
+
+    #[test]
+    fn a_failed_flush_marks_every_hot_extent_for_every_peer_and_the_primary_serves_nothing() {
+        let (mut r, t0) = primary_replicating();
+        let data = Bytes::from(vec![9u8; 4096]);
+        r.submit(t0, 1, BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
+        let id = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
+            _ => None,
+        }).expect("the local write");
+        r.io_done(t0, IoTag::Write(id), Ok(None));
+        r.peer_reached(t0, id, 1, AckLevel::Written);
+        assert_eq!(answers(&r.take_actions()), vec![(1, None)], "acknowledged, in the disk's cache");
+        assert!(!r.bitmaps[0].test_block(2));
+        r.submit(t0, 2, BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Err(LocalFailure::Io));
+        let extent_blocks = crate::meta::activity_log::AL_EXTENT_SIZE / 4096;
+        assert!(r.bitmaps[0].test_block(2) && r.bitmaps[0].test_block(extent_blocks - 1), "the write's whole extent");
+        assert!(!r.bitmaps[0].test_block(extent_blocks), "not a cold one");
+        assert!(r.io_failed.as_deref().is_some_and(|why| why.contains("flush")), "{:?}", r.io_failed);
+        r.submit(t0, 3, BlockRequest::Read { offset: 8192, len: 4096 }, |_| 0);
+        assert_eq!(answers(&r.take_actions()), vec![(3, Some(BlockError::Io))], "its cache may have lost the write");
+        // A later flush succeeds on the disk, but cannot bring back what the failed one lost.
+        r.submit(t0, 4, BlockRequest::Flush, |_| 0);
+        let actions = r.take_actions();
+        let (flush, epoch) = actions.iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).zip(actions.iter().find_map(|a| match a {
+            Action::Send { msg: Message::Barrier { epoch, .. }, .. } => Some(*epoch),
+            _ => None,
+        })).expect("the local flush and the peer's barrier");
+        r.io_done(t0, flush, Ok(None));
+        r.barrier_acked(t0, 1, epoch);
+        let actions = r.take_actions();
+        assert!(answers(&actions).contains(&(4, Some(BlockError::Io))), "{actions:?}");
     }
 
     #[test]

@@ -158,6 +158,10 @@ pub struct Replica {
     /// Why this primary fails every request: a local write failed (see `disk_failure.rs`).
     /// Until its demotion ends.
     pub io_failed: Option<String>,
+    /// A flush of the data disk failed while this node was primary: no later flush vouches for
+    /// what the failed one lost (Linux reports a writeback error to one fsync; the next one
+    /// succeeds with the pages gone), so every FLUSH fails until the demotion ends.
+    cache_lost: bool,
     /// A demotion is under way: the peers that received this node's stream as primary, whose
     /// ack of the final flush's barrier says they know it is no longer primary (see
     /// `Replica::begin_demotion`).
@@ -329,6 +333,7 @@ impl Replica {
             stepping_down: false,
             stepped_down: None,
             io_failed: None,
+            cache_lost: false,
             demotion_stream: Vec::new(),
             demoting: false,
             candidacy: None,

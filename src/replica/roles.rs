@@ -204,6 +204,7 @@ impl Replica {
         // A decision that waited for this primary to step down (a newer primary's resync into
         // it) is taken now that its own writes are done.
         self.standing_changed(None);
+        self.cache_lost = false;
         if let Some(why) = self.io_failed.take() {
             self.resync_failed_writes(&why);
         }

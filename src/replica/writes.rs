@@ -332,6 +332,9 @@ impl Replica {
                 }
             }
             IoTag::Flush(id) => {
+                if let Err(failure) = result {
+                    self.local_flush_failed(failure);
+                }
                 if let Some(flush) = self.flushes.iter_mut().find(|f| f.id == id) {
                     flush.local_pending = false;
                     flush.local_failed = result.is_err();
@@ -384,7 +387,8 @@ impl Replica {
                 continue;
             }
             let flush = self.flushes.remove(i);
-            self.finish_request(now, flush.request, if flush.local_failed { Err(BlockError::Io) } else { Ok(None) });
+            let failed = flush.local_failed || self.cache_lost;
+            self.finish_request(now, flush.request, if failed { Err(BlockError::Io) } else { Ok(None) });
         }
     }
 

@@ -79,10 +79,11 @@ pub struct Stats {
     /// Online verifies that ran to their end, and the bytes they found differing.
     pub verifies: u64,
     pub verify_found_bytes: u64,
-    /// Seeds with a failing disk, and the local writes and reads that failed.
+    /// Seeds with a failing disk, and the local writes, reads and flushes that failed.
     pub disk_fault_seeds: u64,
     pub failed_writes: u64,
     pub failed_reads: u64,
+    pub failed_flushes: u64,
     pub virtual_us: u64,
     /// Seeds run per shape, in the order of [`SHAPES`].
     pub seeds_by_shape: [u64; SHAPES.len()],
@@ -108,6 +109,7 @@ impl Stats {
         self.disk_fault_seeds += o.disk_fault_seeds;
         self.failed_writes += o.failed_writes;
         self.failed_reads += o.failed_reads;
+        self.failed_flushes += o.failed_flushes;
         self.virtual_us += o.virtual_us;
         for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
             *mine += theirs;
@@ -241,7 +243,8 @@ impl Scenario {
         self.stats.virtual_us = self.world.now;
         self.stats.divergences = self.world.divergences();
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
-        (self.stats.failed_writes, self.stats.failed_reads) = (self.world.failed_writes, self.world.failed_reads);
+        (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes) =
+            (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes);
         self.check_converged()?;
         self.check_verifies()
     }

@@ -125,6 +125,16 @@ impl DataDisk {
         out
     }
 
+    /// A flush that failed: each page the cache held reached the medium, or is gone (a
+    /// writeback error, a controller that lost its cache).
+    fn failed_flush(&mut self, rng: &mut Rng) {
+        for (index, page) in std::mem::take(&mut self.cache) {
+            if rng.percent(50) {
+                self.durable.insert(index, page);
+            }
+        }
+    }
+
     fn power_loss(&mut self, rng: &mut Rng) {
         for (index, page) in std::mem::take(&mut self.cache) {
             if rng.percent(50) {
@@ -247,9 +257,10 @@ pub struct World {
     /// Decides which I/O of a failing disk fails: a generator of its own, so a seed whose
     /// disks never fail keeps its course.
     disk_rng: Rng,
-    /// Local writes and reads that failed.
+    /// Local writes, reads and flushes that failed.
     pub failed_writes: u64,
     pub failed_reads: u64,
+    pub failed_flushes: u64,
 }
 
 impl World {
@@ -281,6 +292,7 @@ impl World {
             disk_rng: Rng::new(seed.rotate_left(32)),
             failed_writes: 0,
             failed_reads: 0,
+            failed_flushes: 0,
         };
         for id in shape.nodes() {
             world.nodes.push(Node {
@@ -640,12 +652,12 @@ impl World {
             return;
         }
         let Some((tag, op)) = node.io.remove(&io) else { return };
-        // A failing disk fails one write in four (which may still have reached the medium)
-        // and one read in ten; flushes work.
+        // A failing disk fails one write in four (which may still have reached the medium),
+        // one read in ten and one flush in ten (which loses part of the cache).
         let failing = self.now < node.failing_until;
         let failed = match &op {
             LocalIo::Write { .. } | LocalIo::Zeroes { .. } if failing && self.disk_rng.percent(25) => Some(self.disk_rng.percent(50)),
-            LocalIo::Read { .. } if failing && self.disk_rng.percent(10) => Some(false),
+            LocalIo::Read { .. } | LocalIo::Flush if failing && self.disk_rng.percent(10) => Some(false),
             _ => None,
         };
         let disk = node.data.as_mut().expect("I/O is queued on data nodes only");
@@ -653,15 +665,22 @@ impl World {
             match &op {
                 LocalIo::Write { offset, data, fua } if landed => disk.write(*offset, data, *fua),
                 LocalIo::Zeroes { offset, len, .. } if landed => disk.write(*offset, &vec![0u8; *len as usize], false),
+                LocalIo::Flush => disk.failed_flush(&mut self.disk_rng),
                 _ => {}
             }
-            if matches!(op, LocalIo::Read { .. }) {
-                self.failed_reads += 1;
-            } else {
-                self.failed_writes += 1;
+            match op {
+                LocalIo::Read { .. } => self.failed_reads += 1,
+                LocalIo::Flush => self.failed_flushes += 1,
+                _ => self.failed_writes += 1,
             }
             if self.tracing {
-                println!("{:>4}.{:06} n{id} disk: {op:?} failed ({tag:?})", self.now / SEC, self.now % SEC);
+                let what = match &op {
+                    LocalIo::Read { offset, len } => format!("read {offset}+{len}"),
+                    LocalIo::Write { offset, data, .. } => format!("write {offset}+{}", data.len()),
+                    LocalIo::Zeroes { offset, len, .. } => format!("zeroes {offset}+{len}"),
+                    LocalIo::Flush => "flush".into(),
+                };
+                println!("{:>4}.{:06} n{id} disk: {what} failed ({tag:?})", self.now / SEC, self.now % SEC);
             }
             let now = self.instant();
             self.replica_mut(id).expect("up").io_done(now, tag, Err(LocalFailure::Io));
