@@ -292,6 +292,8 @@ struct FaultState {
     /// Fail every write after this one (and syncs once the first such write failed).
     fail_after: Option<(u64, Fault)>,
     failing: Option<Fault>,
+    /// Fail the next sync (only it).
+    fail_sync: Option<Fault>,
     /// Tear this write, then drop everything.
     crash_at: Option<(u64, u64)>,
     crashed: bool,
@@ -334,6 +336,11 @@ impl<D: Disk> FaultyDisk<D> {
         state.fail_after = Some((state.writes + n, fault));
     }
 
+    /// Fails the next sync with `fault` (writeback that failed once; later syncs succeed).
+    pub fn fail_next_sync(&self, fault: Fault) {
+        self.lock().fail_sync = Some(fault);
+    }
+
     /// Simulates a crash: `k - 1` more writes reach the disk, the `k`-th only with its first
     /// `torn_sectors` sectors (all of it if it is shorter), and every later write is dropped.
     /// `k == 0` crashes at once: nothing written from now on reaches the disk.
@@ -369,6 +376,7 @@ impl<D: Disk> FaultyDisk<D> {
         state.fail_one = None;
         state.fail_after = None;
         state.failing = None;
+        state.fail_sync = None;
     }
 
     fn lock(&self) -> MutexGuard<'_, FaultState> {
@@ -427,11 +435,11 @@ impl<D: Disk> Disk for FaultyDisk<D> {
     }
 
     fn sync(&self) -> io::Result<()> {
-        let state = self.lock();
+        let mut state = self.lock();
         if state.crashed {
             return Ok(());
         }
-        if let Some(fault) = state.failing {
+        if let Some(fault) = state.failing.or(state.fail_sync.take()) {
             return Err(fault.error());
         }
         drop(state);

@@ -92,6 +92,24 @@ fn io_error_fails_the_write_then_every_request_until_the_primary_is_demoted() {
 }
 
 #[test]
+fn a_failed_flush_fails_every_later_flush_and_request_until_the_primary_is_demoted() {
+    let (engine, disk) = primary_on_faulty_disk();
+    submit(&engine, write(8192, 0x11, 4096)).unwrap();
+    disk.fail_next_sync(Fault::Eio);
+    assert_eq!(submit(&engine, BlockRequest::Flush), Err(BlockError::Io));
+    // The disk syncs again, but what the failed flush held may be gone: no flush vouches for it.
+    assert_eq!(submit(&engine, BlockRequest::Flush), Err(BlockError::Io));
+    assert_eq!(submit(&engine, BlockRequest::Read { offset: 8192, len: 4096 }), Err(BlockError::Io));
+    let why = engine.status().local_write_failed.expect("status says why");
+    assert!(why.contains("flush"), "{why}");
+    engine.demote().unwrap();
+    assert_eq!(engine.status().local_write_failed, None);
+    engine.promote(true).unwrap();
+    submit(&engine, write(0, 0x22, 4096)).unwrap();
+    submit(&engine, BlockRequest::Flush).unwrap();
+}
+
+#[test]
 fn forced_promotion_of_fresh_metadata_owes_the_peer_the_whole_device() {
     let (engine, _disk) = primary_on_faulty_disk();
     let status = engine.status();

@@ -90,7 +90,7 @@ impl Replica {
         tracing::warn!(resource = %self.resource, "demoted after {why}: reconnecting to the data peers, which resync those blocks into this node");
         let connected: Vec<u8> = self.peers.iter().filter(|p| p.connected && !p.witness).map(|p| p.node_id).collect();
         for peer_id in connected {
-            self.drop_link(peer_id, "a local write failed while this node was primary: reconnecting to resync those blocks".into());
+            self.drop_link(peer_id, "this node's disk failed while it was primary: reconnecting to resync the blocks it may lack".into());
         }
     }
 }
