@@ -218,6 +218,20 @@ impl ActivityLog {
         Ok(log)
     }
 
+    /// Fails if a recovered extent lies beyond the `data_size` bytes of the device: a checksummed
+    /// transaction that names one was not written for this device, and the rest of the log is
+    /// no more to be trusted than it (the extents to resync after a crash would be guessed).
+    pub fn check_within(&self, data_size: u64) -> Result<(), MetaError> {
+        let extents = data_size.div_ceil(AL_EXTENT_SIZE);
+        match self.hot.keys().copied().filter(|e| *e >= extents).max() {
+            None => Ok(()),
+            Some(e) => Err(MetaError::corrupt(format!(
+                "the activity log names extent {e}, beyond the {extents} extents of the {data_size}-byte \
+                 device; the extents to resync are unknown, recreate the metadata (full resync)"
+            ))),
+        }
+    }
+
     pub fn al_extents(&self) -> u32 {
         self.slots.len() as u32
     }
@@ -582,6 +596,18 @@ mod tests {
         let recovered = ActivityLog::recover(100, &ring).unwrap();
         assert_eq!(recovered.hot_extents(), vec![5]);
         assert_eq!(recovered.next_seq, al.next_seq);
+    }
+
+    #[test]
+    fn an_extent_beyond_the_device_is_corruption() {
+        let mut al = ActivityLog::new(8);
+        let mut ring = blank_ring();
+        make_hot(&mut al, &mut ring, 3..=3);
+        let recovered = ActivityLog::recover(8, &ring).unwrap();
+        assert!(recovered.check_within(4 * AL_EXTENT_SIZE).is_ok());
+        assert!(recovered.check_within(3 * AL_EXTENT_SIZE + 1).is_ok(), "a last extent cut short");
+        let err = recovered.check_within(3 * AL_EXTENT_SIZE).unwrap_err();
+        assert!(matches!(&err, MetaError::Corrupt { .. }) && err.to_string().contains("extent 3"), "{err}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::disk::{Disk, FaultyDisk, MemDisk};
+use super::superblock::FORMAT_VERSION;
 
 type Faulty = FaultyDisk<Arc<MemDisk>>;
 
@@ -200,14 +201,14 @@ fn create_md_over_a_newer_format_needs_force_and_never_resurrects_the_older_slot
     let seq_of = |image: &[u8], at: usize| le::u64_at(&image[at..at + BLOCK_SIZE], 16);
     let newest = if seq_of(&image, offsets[0]) > seq_of(&image, offsets[1]) { 0 } else { 1 };
     let block = &mut image[offsets[newest]..offsets[newest] + BLOCK_SIZE];
-    le::put_u32(block, 8, 2);
+    le::put_u32(block, 8, FORMAT_VERSION + 1);
     let mut copy: Block = [0; BLOCK_SIZE];
     copy.copy_from_slice(block);
     le::put_u32(block, 12, block_crc(&copy, 12));
     let (faulty, _) = rig(&image);
     assert!(matches!(
         create(faulty, "new", false),
-        Err(MetaError::UnsupportedVersion { found: 2, supported: 1 })
+        Err(MetaError::UnsupportedVersion { found, supported: FORMAT_VERSION }) if found == FORMAT_VERSION + 1
     ));
     let scenario = |faulty: Arc<Faulty>| {
         create(faulty, "new", true).unwrap();
@@ -550,11 +551,21 @@ fn al_clean_is_only_ever_written_over_an_empty_log() {
 }
 
 #[test]
-fn bitmap_checksum_catches_a_damaged_bitmap_at_attach() {
+fn a_damaged_bitmap_page_loads_as_all_set_and_a_stale_intact_one_fails_the_clean_checksum() {
     let (image, _) = session_image(&[Op::Write { start: 5, blocks: 3 }]);
-    let disk = Arc::new(MemDisk::from_vec(image));
-    let l = layout(disk.len().unwrap(), DATA_LEN, false, params()).unwrap();
+    let l = layout(image.len() as u64, DATA_LEN, false, params()).unwrap();
+    // A byte of page 0 damaged: its blocks are all out of sync, the other pages as they were.
+    let disk = Arc::new(MemDisk::from_vec(image.clone()));
     disk.write_at(&[0xff], l.bitmap_area_offset(0) + 100).unwrap();
+    let (_, loaded) = open(disk, "r0").expect("a damaged page is over-reported, not refused");
+    let bitmap = &loaded.bitmaps[0];
+    assert_eq!(bitmap.weight(), BLOCKS_PER_PAGE.min(bitmap.blocks()), "page 0 all set");
+    assert_eq!(loaded.bitmaps[1].weight(), 0, "the other peer's bitmap as it was");
+    // An intact page of older content (a write that never landed) passes its own check; the
+    // checksum of the clean shutdown catches it.
+    let disk = Arc::new(MemDisk::from_vec(image));
+    let stale = DirtyBitmap::new(l.data_size, params().bitmap_block_size).encode_page(0);
+    disk.write_at(&stale, l.bitmap_area_offset(0)).unwrap();
     match open(disk, "r0") {
         Err(e @ MetaError::Corrupt { .. }) => assert!(e.to_string().contains("peer node 2"), "{e}"),
         other => panic!("expected Corrupt, got {other:?}"),

@@ -16,13 +16,13 @@
 //! that keeps the computation free of circularity):
 //!
 //! ```text
-//! bitmap_area = ceil(ceil(D / bitmap_block_size) / 32768) * 4 KiB      (one bit per block,
-//!                                                                      whole 4 KiB pages)
+//! bitmap_area = ceil(ceil(D / bitmap_block_size) / 32704) * 4 KiB      (one bit per block,
+//!                                          whole 4 KiB pages of 32,704 bits and a checksum)
 //! meta_size   = max_peers * bitmap_area + 32 * 4 KiB + 8 KiB
 //! data_size   = D - meta_size  (internal)        D  (external)
 //! ```
 //!
-//! For example 1 TiB, 4 KiB blocks, one peer: 32 MiB of bitmap + 136 KiB. The usable data size
+//! For example 1 TiB, 4 KiB blocks, one peer: 32.07 MiB of bitmap + 136 KiB. The usable data size
 //! is a multiple of 4 KiB and must not be 0.
 
 use super::activity_log::AL_RING_BLOCKS;
@@ -208,12 +208,13 @@ mod tests {
     fn one_tebibyte_matches_the_documented_formula() {
         let params = MetaParams::default();
         let l = layout(1 << 40, 1 << 40, true, params).unwrap();
-        assert_eq!(l.bitmap_area_size, 32 * MIB);
-        assert_eq!(l.meta_size, 32 * MIB + 34 * 4096);
+        // 2^28 bits in pages of 32,704: 8,209 pages, 32.07 MiB.
+        assert_eq!(l.bitmap_area_size, 8209 * 4096);
+        assert_eq!(l.meta_size, 8209 * 4096 + 34 * 4096);
         assert_eq!(l.data_size, (1 << 40) - l.meta_size);
         assert_eq!(l.meta_offset, l.data_size);
         assert_eq!(l.superblock_offsets(), [(1 << 40) - 8192, (1 << 40) - 4096]);
-        assert_eq!(l.al_offset(), l.meta_offset + 32 * MIB);
+        assert_eq!(l.al_offset(), l.meta_offset + 8209 * 4096);
         assert_eq!(l.bitmap_blocks(), l.data_size / 4096);
     }
 

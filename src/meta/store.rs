@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::disk::Disk;
 
 use super::activity_log::{extent_offset, ActivityLog, AlTransaction, AlUpdate, AL_EXTENT_SIZE};
-use super::bitmap::DirtyBitmap;
+use super::bitmap::{DirtyBitmap, PageLoad};
 use super::layout::{layout, superblock_offsets, MetaLayout, MetaParams};
 use super::superblock::{newest_intact, pick, MetaFlags, PeerSlot, Superblock};
 use super::uuids::GenerationUuids;
@@ -131,6 +131,12 @@ impl MetaStore {
         disk.discard(layout.meta_offset, layout.meta_size - 2 * BLOCK)
             .map_err(MetaError::io(what))?;
         disk.sync().map_err(MetaError::io(what))?;
+        // Every page of a bitmap carries its checksum: a zeroed one would load as all set.
+        let clear = DirtyBitmap::new(layout.data_size, params.bitmap_block_size);
+        let pages: Vec<usize> = (0..clear.page_count()).collect();
+        for slot in 0..superblock.peers.len() {
+            write_pages(&*disk, layout.bitmap_area_offset(slot), &clear, &pages)?;
+        }
         let mut store = MetaStore {
             disk,
             layout,
@@ -282,28 +288,7 @@ impl MetaStore {
             sb.peers[slot].bitmap_crc = None;
             self.write_superblock_as_is(sb)?;
         }
-        let what = "writing bitmap pages";
-        let area = self.layout.bitmap_area_offset(slot);
-        let mut i = 0;
-        while i < pages.len() {
-            // Coalesce consecutive pages into one write.
-            let mut run = 1;
-            while i + run < pages.len()
-                && run < MAX_PAGES_PER_IO
-                && pages[i + run] == pages[i] + run
-            {
-                run += 1;
-            }
-            let mut buf = Vec::with_capacity(run * BLOCK_SIZE);
-            for &page in &pages[i..i + run] {
-                buf.extend_from_slice(&bitmap.encode_page(page));
-            }
-            self.disk
-                .write_at(&buf, area + pages[i] as u64 * BLOCK)
-                .map_err(MetaError::io(what))?;
-            i += run;
-        }
-        self.disk.sync().map_err(MetaError::io(what))
+        write_pages(&*self.disk, self.layout.bitmap_area_offset(slot), bitmap, &pages)
     }
 
     /// Writes the whole bitmap of peer slot `slot` durably.
@@ -423,11 +408,13 @@ impl MetaStore {
     }
 
     fn read_bitmap(&self, slot: usize) -> Result<DirtyBitmap, MetaError> {
+        // (A page that fails its checksum loads as all set: see `DirtyBitmap::load_page`.)
         let mut bitmap =
             DirtyBitmap::new(self.layout.data_size, self.layout.params.bitmap_block_size);
         let area = self.layout.bitmap_area_offset(slot);
         let mut buf = vec![0u8; MAX_PAGES_PER_IO * BLOCK_SIZE];
         let mut page = 0;
+        let mut damaged = Vec::new();
         while page < bitmap.page_count() {
             let n = (bitmap.page_count() - page).min(MAX_PAGES_PER_IO);
             let buf = &mut buf[..n * BLOCK_SIZE];
@@ -437,11 +424,20 @@ impl MetaStore {
             for (i, chunk) in buf.chunks_exact(BLOCK_SIZE).enumerate() {
                 let mut block: Block = [0; BLOCK_SIZE];
                 block.copy_from_slice(chunk);
-                bitmap.load_page(page + i, &block)?;
+                if bitmap.load_page(page + i, &block)? == PageLoad::Damaged {
+                    damaged.push(page + i);
+                }
             }
             page += n;
         }
         let peer = &self.superblock.peers[slot];
+        if !damaged.is_empty() {
+            // Torn by a crash, or damaged since: their blocks are resynced whole. The
+            // whole-bitmap checksum cannot match any more, and every other page checked out.
+            tracing::warn!(peer = peer.node_id, pages = ?damaged,
+                "bitmap pages failed their checksum: every block they cover counts as out of sync");
+            return Ok(bitmap);
+        }
         if let Some(expected) = peer.bitmap_crc {
             if bitmap.crc32c() != expected {
                 return Err(MetaError::corrupt(format!(
@@ -468,6 +464,28 @@ impl MetaStore {
                 block
             })
             .collect();
-        ActivityLog::recover(self.layout.params.al_extents, &ring)
+        let log = ActivityLog::recover(self.layout.params.al_extents, &ring)?;
+        log.check_within(self.layout.data_size)?;
+        Ok(log)
     }
 }
+/// Writes `pages` (sorted, distinct) of `bitmap` durably into the bitmap area at `area`,
+/// consecutive pages coalesced into one write.
+fn write_pages(disk: &dyn Disk, area: u64, bitmap: &DirtyBitmap, pages: &[usize]) -> Result<(), MetaError> {
+    let what = "writing bitmap pages";
+    let mut i = 0;
+    while i < pages.len() {
+        let mut run = 1;
+        while i + run < pages.len() && run < MAX_PAGES_PER_IO && pages[i + run] == pages[i] + run {
+            run += 1;
+        }
+        let mut buf = Vec::with_capacity(run * BLOCK_SIZE);
+        for &page in &pages[i..i + run] {
+            buf.extend_from_slice(&bitmap.encode_page(page));
+        }
+        disk.write_at(&buf, area + pages[i] as u64 * BLOCK).map_err(MetaError::io(what))?;
+        i += run;
+    }
+    disk.sync().map_err(MetaError::io(what))
+}
+

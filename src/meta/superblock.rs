@@ -28,7 +28,8 @@ use super::uuids::GenerationUuids;
 use super::{block_crc, le, Block, MetaError, BLOCK_SIZE};
 
 const MAGIC: &[u8; 8] = b"BLKRPLMD";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: bitmap pages carry a checksum and their index (511 words of bits each, not 512).
+pub const FORMAT_VERSION: u32 = 2;
 const CRC_OFFSET: usize = 12;
 const NAME_OFFSET: usize = 88;
 const PEERS_OFFSET: usize = 152;
@@ -484,13 +485,13 @@ mod tests {
         assert!(err.to_string().contains("create-md"), "{err}");
         assert!(matches!(pick([&torn, &torn]), Err(MetaError::Corrupt { .. })));
         let mut future = sample().encode(9).unwrap();
-        le::put_u32(&mut future, 8, 2);
+        le::put_u32(&mut future, 8, FORMAT_VERSION + 1);
         let crc = block_crc(&future, CRC_OFFSET);
         le::put_u32(&mut future, CRC_OFFSET, crc);
         let old = sample().encode(8).unwrap();
         assert!(matches!(
             pick([&old, &future]),
-            Err(MetaError::UnsupportedVersion { found: 2, supported: 1 })
+            Err(MetaError::UnsupportedVersion { found, supported: FORMAT_VERSION }) if found == FORMAT_VERSION + 1
         ));
         let mut nonsense = sample().encode(10).unwrap();
         nonsense[30] = 0; // max peers 0
