@@ -120,7 +120,8 @@ fn a_lone_survivor_of_two_cannot_promote_until_the_operator_changes_quorum() {
         assert!(up.status.success());
         assert!(stderr(&up).contains("cannot become primary"), "no two-node warning: {}", stderr(&up));
     }
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    // Connected is not yet quorum: beta's vote counts once its State arrived.
+    c.wait_for("alpha", "quorum", |s| s["quorum"] == true);
     c.ok("alpha", &["primary", "--force", "r0"]);
     c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
     write_patterns(&c.nbd_url("alpha"), &[(0, MIB, 0x66)]);
@@ -144,7 +145,7 @@ fn a_lone_survivor_of_two_cannot_promote_until_the_operator_changes_quorum() {
 fn a_peer_that_leaves_cleanly_stops_counting_and_comes_back_outdated() {
     let c = Cluster::new(&["alpha", "beta"], Options { quorum: "majority", ..Options::default() });
     c.create_md_and_up();
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.wait_for("alpha", "quorum", |s| s["quorum"] == true);
     c.ok("alpha", &["primary", "--force", "r0"]);
     c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
     c.ok("beta", &["down", "r0"]);

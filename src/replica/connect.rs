@@ -4,7 +4,7 @@
 
 use super::weakened::{is_weakened, Rule};
 use super::{
-    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DEMOTING, STATE_FLAG_DISCARD_MY_DATA,
+    MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_BESIDE_DEMOTION, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DEMOTING, STATE_FLAG_DISCARD_MY_DATA,
     STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_RESYNCS_OTHER,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
@@ -41,7 +41,7 @@ impl Replica {
             // to be resynced by the other. A new link brings fresh States to decide on.
             return Err("both sides decided to be resynced by the other: deciding again on a new connection".into());
         }
-        let primaries_before = self.primaries();
+        let standing_before = (self.primaries(), self.demoting_peers());
         let peer = self.peer_mut(peer_id);
         peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
         peer.was_primary |= peer.role == Role::Primary;
@@ -120,7 +120,7 @@ impl Replica {
             self.finish_resync_as_source(peer_id);
         }
         let result = self.reconsider(peer_id);
-        if self.primaries() != primaries_before {
+        if (self.primaries(), self.demoting_peers()) != standing_before {
             self.standing_changed(Some(peer_id));
         } else if now_inconsistent {
             for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
@@ -351,6 +351,19 @@ impl Replica {
         // its next State, once done, reopens the decision on both sides.
         if decision.is_target() && self.demoting || decision.is_source() && peer_state.flags & STATE_FLAG_DEMOTING != 0 {
             tracing::debug!(resource = %self.resource, peer = %name, decision = ?decision, "the target is being demoted: deciding after it");
+            return Ok(());
+        }
+        // Nor by a third node while a primary's demotion is under way beside the target: that
+        // primary's last writes still reach it and would land among the resync's older copies
+        // (seed 16107: a FUA write of the demoting primary, overwritten by a secondary's resync
+        // of the target's lost cache). A demoting source is itself the one its target reports.
+        let beside_demotion = if decision.is_target() {
+            self.demoting_peers() & !(1 << peer_id) != 0
+        } else {
+            decision.is_source() && !self.demoting && peer_state.flags & STATE_FLAG_BESIDE_DEMOTION != 0
+        };
+        if beside_demotion {
+            tracing::debug!(resource = %self.resource, peer = %name, decision = ?decision, "a primary's demotion is under way beside the target: deciding after it");
             return Ok(());
         }
         // A node whose disk lost its cache holds no good copy of its activity log's extents,
@@ -686,6 +699,30 @@ mod tests {
         assert!(r.peer(1).pending_sync.is_none(), "its own writes may still land");
         assert!(r.take_actions().iter().all(|a| !matches!(a, Action::Send { msg: Message::BitmapRuns { .. }, .. })));
         r.finish_demotion();
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
+    }
+
+    #[test]
+    fn no_third_node_resyncs_a_node_while_a_primary_beside_it_is_being_demoted() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        let current = r.sb.uuids.current;
+        r.link_up(2, t0);
+        let demoting = PeerState { flags: crate::replica::STATE_FLAG_DEMOTING, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(2, demoting).expect("a fitting State");
+        assert_eq!(r.demoting_peers(), 1 << 2);
+        let flags = r.take_actions().iter().rev().find_map(|a| match a {
+            Action::Send { peer: 2, msg: Message::State(s), .. } => Some(s.flags),
+            _ => None,
+        });
+        assert!(flags.is_some_and(|f| f & crate::replica::STATE_FLAG_BESIDE_DEMOTION != 0), "the others hear of it: {flags:?}");
+        // A secondary whose missed resync end leaves it the source of this node.
+        r.link_up(1, t0);
+        let source = PeerState { bitmap_uuid: current, bitmap_weight: 3, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, source).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "the demoting primary's last writes may still land here");
+        // The demotion is over: the decision is taken.
+        r.peer_state_received(2, secondary_state(current, [0; 4])).expect("a fitting State");
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
     }
 

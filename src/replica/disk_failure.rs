@@ -20,7 +20,6 @@
 
 use super::{extent_range, Replica};
 use crate::core::inflight::LocalFailure;
-use crate::core::states::Role;
 
 impl Replica {
     /// The local write of `len` bytes at `offset` failed with `failure`.
@@ -29,7 +28,7 @@ impl Replica {
         // and an extent's bitmap pages are written before it leaves the log (no metadata write
         // here, which a full disk would fail too).
         self.mark_for_every_data_peer(offset, len);
-        if self.role != Role::Primary {
+        if !self.answers_as_primary() {
             tracing::error!(resource = %self.resource, ?failure, offset, len,
                 "a replicated write failed here: the primary is told (NegAck) and resyncs these blocks");
             return;
@@ -60,7 +59,8 @@ impl Replica {
             let (offset, len) = extent_range(extent, data_size);
             self.mark_for_every_data_peer(offset, len);
         }
-        if self.role == Role::Primary {
+        if self.answers_as_primary() {
+            // Demoting too: the flushes still to complete are its own (seed 25368).
             self.cache_lost = true;
             self.disk_failing(format!("a flush of the data disk failed ({failure:?})"));
         }

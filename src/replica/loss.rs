@@ -11,7 +11,7 @@ use std::time::Instant;
 impl Replica {
     /// The link to `peer_id` is gone (`sent_bytes` went out on it), for `reason`.
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
-        let standing = |r: &Replica| (r.primaries(), r.sync_target_of(), r.resyncs_other_than(None));
+        let standing = |r: &Replica| (r.primaries(), r.demoting_peers(), r.sync_target_of(), r.resyncs_other_than(None));
         let before = standing(self);
         let was_primary = self.peer(peer_id).role == Role::Primary;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
@@ -54,7 +54,7 @@ impl Replica {
         // A witness holds no data, so losing it starts no new generation. For a data peer the
         // new generation starts before the next write completes, which needs quorum (see
         // `Replica::generation_pending`).
-        if self.role == Role::Primary && held_mine && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
+        if self.answers_as_primary() && held_mine && !self.peer(peer_id).witness && !self.generation_pending.contains(&slot) {
             self.track_from_reported(slot, last_generation);
             self.generation_pending.push(slot);
         }

@@ -80,6 +80,10 @@ pub const STATE_FLAG_CACHE_LOST: u32 = 64;
 /// The sender is stepping down from primary: its last writes and flush are under way, and it
 /// takes no resync into itself until they are done (see `Replica::demoting`).
 pub const STATE_FLAG_DEMOTING: u32 = 128;
+/// A node connected to the sender is being demoted (its State carries `STATE_FLAG_DEMOTING`):
+/// that primary's last writes may still reach the sender, so no third node resyncs it until
+/// the demotion is over (see `Replica::reconsider`).
+pub const STATE_FLAG_BESIDE_DEMOTION: u32 = 256;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -149,7 +153,9 @@ pub struct Replica {
     /// Bitmap slots of data peers this primary lost: a new generation starts for them before
     /// the next write completes with quorum. Not before: a primary that lost quorum and is
     /// superseded must still hold the generation the new primary has in its history, so that it
-    /// comes back as a plain sync target instead of a split brain.
+    /// comes back as a plain sync target instead of a split brain. Kept while a demotion is
+    /// under way (a demoting node starts no generation: what it still completes fails instead,
+    /// see `Replica::finish_request`), dropped when it ends.
     pub generation_pending: Vec<usize>,
     /// A step-down (see `Engine::step_down`) is on its way.
     pub stepping_down: bool,
@@ -593,7 +599,16 @@ impl Replica {
         if self.demoting {
             flags |= STATE_FLAG_DEMOTING;
         }
+        if self.demoting_peers() != 0 {
+            flags |= STATE_FLAG_BESIDE_DEMOTION;
+        }
         flags
+    }
+
+    /// The connected peers whose demotion is under way, as a mask of node ids.
+    pub fn demoting_peers(&self) -> u32 {
+        let demoting = |p: &&Peer| p.connected && p.last_state.is_some_and(|s| s.flags & STATE_FLAG_DEMOTING != 0);
+        self.peers.iter().filter(demoting).fold(0, |mask, p| mask | 1 << p.node_id)
     }
 
     /// How far this node's data goes into its primary's stream (see `DataPosition`): a

@@ -161,8 +161,15 @@ impl Replica {
         self.persist(MetaWrite::Superblock);
     }
 
-    /// The first half of becoming Secondary: what is held fails, the new generation owed to
-    /// lost peers is forgotten (no write will complete under it), and the peers learn it behind
+    /// Whether this node answers requests as the primary: it is one, or its demotion is under
+    /// way (the writes and flushes it took as primary still complete, under the same rules).
+    pub fn answers_as_primary(&self) -> bool {
+        self.role == Role::Primary || self.demoting
+    }
+
+    /// The first half of becoming Secondary: what is held fails, a new generation owed to lost
+    /// peers never starts (while one is owed nothing more completes as acknowledged, see
+    /// `Replica::finish_request`), and the peers learn it behind
     /// the writes already sent and ahead of the final flush's barrier: once the barrier is
     /// acked, every peer knows this node is no longer primary and may promote itself, and no
     /// write of this node reaches a peer after that news. The driver then stops the export,
@@ -178,7 +185,6 @@ impl Replica {
         self.superseded_latched = false;
         self.left_generation = 0;
         self.release_suspended(now, true);
-        self.generation_pending.clear();
         self.broadcast_state_in_stream();
     }
 
@@ -187,6 +193,7 @@ impl Replica {
     pub fn finish_demotion(&mut self) {
         self.demotion_stream.clear();
         self.demoting = false;
+        self.generation_pending.clear();
         self.sb.flags.remove(MetaFlags::PRIMARY_IND);
         // Its data holds its whole stream, flushed by the last barrier (the epoch before the
         // open one): as far as a secondary that acknowledged that barrier, no further.
@@ -336,6 +343,28 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(answered, vec![(2, false)], "not held: a demoted node has no time as primary left to wait for");
+    }
+
+    #[test]
+    fn a_node_being_demoted_completes_nothing_after_losing_a_data_peer_that_lacks_its_writes() {
+        // Quorum off: the rule is not quorum's; no generation separates the lost peer.
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ crate::replica::IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Ok(None));
+        r.begin_demotion(t0);
+        r.take_actions();
+        r.peer_lost(t0, 1, "gone", 0);
+        let answered: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((request, result.is_ok())),
+            _ => None,
+        }).collect();
+        assert_eq!(answered, vec![(2, false)], "the peer could be elected without what the flush covered");
+        r.finish_demotion();
+        assert!(r.generation_pending.is_empty(), "owed no more once demoted");
     }
 
     #[test]

@@ -149,8 +149,7 @@ impl Replica {
     /// quorum once the cut-off peer's link went, and the write it made durable was not on the
     /// node promoted next; seed 7650).
     pub fn admission(&self, now: Instant) -> Admission {
-        let answers_as_primary = self.role == Role::Primary || self.demoting;
-        if !answers_as_primary || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
+        if !self.answers_as_primary() || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
             return Admission::Proceed;
         }
         match quorum::admission(&self.admission_inputs(now)) {

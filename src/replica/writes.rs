@@ -402,6 +402,14 @@ impl Replica {
             self.answer(request, Err(BlockError::Io));
             return;
         }
+        if self.demoting && !self.generation_pending.is_empty() {
+            // A data peer lacking this tenure's writes was lost, and a node being demoted starts
+            // no generation to keep it from being elected: nothing completes as acknowledged
+            // any more (seed 27534: a flush completed after the loss, the lost peer was
+            // elected without the write it covered).
+            self.answer(request, Err(BlockError::Io));
+            return;
+        }
         // The generation owed to lost peers starts first; the quorum is then judged under it
         // (the voters that count are those that know it, see `Replica::votes_for_me`).
         if self.admission(now) == Admission::Proceed {
