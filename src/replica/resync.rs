@@ -14,7 +14,8 @@ use crate::wire::{DataPosition, DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP
 use bytes::Bytes;
 use std::time::{Duration, Instant};
 
-/// Largest resync frame.
+/// Largest resync frame, unless one bitmap block is larger (then one block per frame; the
+/// largest block, 1 MiB, fits a frame).
 const MAX_CHUNK_BYTES: u64 = 256 << 10;
 /// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
 /// progress advance) in steps of this many chunks.
@@ -268,7 +269,9 @@ impl Replica {
         }
         let block_size = u64::from(self.bitmaps[slot].block_size());
         let awaiting = peer.sync.resync_digests.len();
-        let next_run = self.bitmaps[slot].next_run(walk.cursor, MAX_CHUNK_BYTES / block_size);
+        // At least one block: with blocks over 256 KiB nothing was read, and the walk, finding
+        // no run, declared the resync done with every bit still set.
+        let next_run = self.bitmaps[slot].next_run(walk.cursor, (MAX_CHUNK_BYTES / block_size).max(1));
         let step = if let Some(&(offset, len)) = peer.sync.resync_wanted.front() {
             if let Some(wait) = paced {
                 return ResyncStep::Pace(wait);
@@ -385,6 +388,25 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn a_source_sends_every_block_however_large_the_bitmap_blocks() {
+        for block in [4096u64, 256 << 10, 512 << 10, 1 << 20] {
+            let (mut r, t0) = crate::replica::testing::two_node_replica_with_blocks_of(block as u32);
+            let mut ticks = Ticks(t0);
+            r.link_up(1, t0);
+            r.peer_mut(1).repl = ReplState::SyncSource;
+            r.bitmaps[0].set_range(3 * block, 2 * block);
+            r.resync_source_started(t0, 1);
+            let mut read = 0;
+            while let ResyncStep::Read { offset, len, .. } = r.resync_next(ticks.next(), 1, false) {
+                assert_eq!(offset, 3 * block + read, "{block}-byte blocks");
+                r.resync_chunk_read(1, offset, len, ResyncChunk::Data(Bytes::from(vec![0; len as usize])));
+                read += len;
+            }
+            assert_eq!(read, 2 * block, "{block}-byte blocks: every marked block is sent before the end");
+        }
     }
 
     #[test]

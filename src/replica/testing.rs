@@ -16,13 +16,18 @@ const DISK_BYTES: u64 = 32 << 20;
 /// Node 0 of two data nodes (its peer is node 1, "beta"), Secondary, quorum off; and the
 /// instant it attached.
 pub fn two_node_replica() -> (Replica, Instant) {
-    replica_with_peers(&[1])
+    replica_with_peers(&[1], MetaParams::default().bitmap_block_size)
+}
+
+/// [`two_node_replica`] whose bitmap bit stands for `bitmap_block_size` bytes.
+pub fn two_node_replica_with_blocks_of(bitmap_block_size: u32) -> (Replica, Instant) {
+    replica_with_peers(&[1], bitmap_block_size)
 }
 
 /// Node 0 of three data nodes (node 1 "beta" in slot 0, node 2 "gamma" in slot 1), otherwise
 /// as [`two_node_replica`].
 pub fn three_node_replica() -> (Replica, Instant) {
-    replica_with_peers(&[1, 2])
+    replica_with_peers(&[1, 2], MetaParams::default().bitmap_block_size)
 }
 
 /// A clock for tests of what a paced walk (a resync, a verify) does rather than how fast: each
@@ -42,9 +47,9 @@ pub const RESYNC_RATE: RateLimits = RateLimits {
     min_bytes_per_s: crate::config::DEFAULT_RESYNC_RATE_MIN_KIB * 1024,
 };
 
-fn replica_with_peers(ids: &[u8]) -> (Replica, Instant) {
+fn replica_with_peers(ids: &[u8], bitmap_block_size: u32) -> (Replica, Instant) {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
-    let params = MetaParams { max_peers: ids.len() as u8, ..MetaParams::default() };
+    let params = MetaParams { max_peers: ids.len() as u8, bitmap_block_size, ..MetaParams::default() };
     MetaStore::create(disk.clone(), DISK_BYTES, true, params, "r0", 0, ids, false).expect("create metadata");
     let (_, loaded) = MetaStore::open(disk, DISK_BYTES, true, "r0", 0).expect("open metadata");
     let now = Instant::now();

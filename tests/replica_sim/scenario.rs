@@ -30,6 +30,9 @@ const DEFAULT_RESYNC: RateLimits = RateLimits {
     max_bytes_per_s: blkrepl::config::DEFAULT_RESYNC_RATE_MAX_KIB * 1024,
     min_bytes_per_s: blkrepl::config::DEFAULT_RESYNC_RATE_MIN_KIB * 1024,
 };
+/// Bitmap blocks a quarter of the seeds use instead of 4 KiB: a bit then covers several of the
+/// client's blocks, or the whole 1 MiB stride between them.
+const LARGE_BITMAP_BLOCKS: [u32; 3] = [64 << 10, 512 << 10, 1 << 20];
 const SLOW_RESYNC: RateLimits = RateLimits { max_bytes_per_s: 4 << 20, min_bytes_per_s: 1 << 20 };
 
 /// Scenario timers.
@@ -74,8 +77,10 @@ pub struct Stats {
     /// peer (protocol A).
     pub csums_seeds: u64,
     pub pull_ahead_seeds: u64,
-    /// Seeds whose resyncs and verifies are paced at `SLOW_RESYNC`.
+    /// Seeds whose resyncs and verifies are paced at `SLOW_RESYNC`, and with bitmap blocks
+    /// from `LARGE_BITMAP_BLOCKS`.
     pub slow_resync_seeds: u64,
+    pub large_block_seeds: u64,
     /// Online verifies that ran to their end, and the bytes they found differing.
     pub verifies: u64,
     pub verify_found_bytes: u64,
@@ -104,6 +109,7 @@ impl Stats {
         self.csums_seeds += o.csums_seeds;
         self.pull_ahead_seeds += o.pull_ahead_seeds;
         self.slow_resync_seeds += o.slow_resync_seeds;
+        self.large_block_seeds += o.large_block_seeds;
         self.verifies += o.verifies;
         self.verify_found_bytes += o.verify_found_bytes;
         self.disk_fault_seeds += o.disk_fault_seeds;
@@ -181,7 +187,8 @@ impl Scenario {
         let verify_at = draw.percent(25).then(|| draw.range(SEC, FAULTY + SETTLE / 2));
         let disk_fault = draw.percent(25).then(|| (draw.range(SEC, FAULTY), draw.below(usize::from(shape.data)) as u8, draw.range(200 * MS, 2 * SEC)));
         let resync_rate = if draw.percent(25) { SLOW_RESYNC } else { DEFAULT_RESYNC };
-        let options = Options { csums, congestion_fill, resync_rate };
+        let bitmap_block_size = if draw.percent(25) { draw.pick(&LARGE_BITMAP_BLOCKS) } else { 4096 };
+        let options = Options { csums, congestion_fill, resync_rate, bitmap_block_size };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
@@ -192,6 +199,7 @@ impl Scenario {
             csums_seeds: options.csums.into(),
             pull_ahead_seeds: options.congestion_fill.is_some().into(),
             slow_resync_seeds: (options.resync_rate == SLOW_RESYNC).into(),
+            large_block_seeds: (options.bitmap_block_size != 4096).into(),
             disk_fault_seeds: disk_fault.is_some().into(),
             ..Stats::default()
         };

@@ -51,6 +51,8 @@ pub struct Options {
     pub congestion_fill: Option<u64>,
     /// The bounds of the rate controller that paces resyncs and verifies.
     pub resync_rate: RateLimits,
+    /// Bytes of data per bitmap bit (`bitmap_block_size`).
+    pub bitmap_block_size: u32,
 }
 
 /// Which nodes a world has: data nodes `0..data`, then witnesses.
@@ -298,7 +300,7 @@ impl World {
             world.nodes.push(Node {
                 replica: None,
                 data: (!shape.is_witness(id)).then(DataDisk::default),
-                meta_disk: create_metadata(shape, id),
+                meta_disk: create_metadata(shape, id, options.bitmap_block_size),
                 meta: None,
                 incarnation: 0,
                 boots: 0,
@@ -906,10 +908,10 @@ fn data_action(action: &Action) -> Option<String> {
 
 /// The metadata of node `id`, as `blkrepl create-md` makes it: a peer slot for every other node,
 /// witnesses too, and the smallest activity log (whose eviction the client's blocks exercise).
-fn create_metadata(shape: Shape, id: u8) -> Arc<dyn Disk> {
+fn create_metadata(shape: Shape, id: u8, bitmap_block_size: u32) -> Arc<dyn Disk> {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
     let peers: Vec<u8> = shape.nodes().filter(|p| *p != id).collect();
-    let params = MetaParams { al_extents: MIN_AL_EXTENTS, max_peers: peers.len() as u8, ..MetaParams::default() };
+    let params = MetaParams { al_extents: MIN_AL_EXTENTS, max_peers: peers.len() as u8, bitmap_block_size };
     let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
     MetaStore::create(disk.clone(), data_bytes, internal, params, RESOURCE, id, &peers, false).expect("create metadata");
     disk
