@@ -221,3 +221,18 @@ fn pull_ahead_keeps_writes_completing_while_the_peer_is_stuck_then_resyncs() {
     assert!(std::fs::read_to_string(c.run_dir().join("r0.alpha.log")).unwrap().contains("Ahead of beta"));
     assert_replicas_equal(&c);
 }
+
+#[test]
+fn a_reconnect_resyncs_every_changed_bit_of_one_mebibyte_bitmap_blocks() {
+    let c = synced_pair(Options { extra: "bitmap_block_size = 1048576", ..Options::default() });
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    write_patterns(&c.nbd_url("alpha"), &[(3 * MIB + 100 * 4096, 4096, 0x5c), (10 * MIB, 2 * MIB, 0x5d)]);
+    let dirty = peer_of(&c, "alpha", "beta")["out_of_sync_bytes"].as_u64().unwrap();
+    assert_eq!(dirty, 3 * MIB, "a bit per mebibyte touched");
+    c.ok("beta", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+}
