@@ -26,15 +26,20 @@ const SHAPE: Shape = Shape { data: 3, witnesses: 0 };
 
 /// Sweeps with `rule` weakened until a seed fails `checker`, and prints that seed.
 fn demonstrate(rule: Rule, checker: u8) {
+    demonstrate_within(rule, checker, SEEDS);
+}
+
+/// [`demonstrate`], sweeping at most `seeds` seeds.
+fn demonstrate_within(rule: Rule, checker: u8, seeds: u64) {
     let expected = format!("checker {checker} ");
-    let swept = sweep::sweep(0, SEEDS, |_| SHAPE, || weaken(Some(rule)), |error| error.starts_with(&expected));
+    let swept = sweep::sweep(0, seeds, |_| SHAPE, || weaken(Some(rule)), |error| error.starts_with(&expected));
     let found = swept.failures.iter().find(|(_, error)| error.starts_with(&expected));
     let others: Vec<&(u64, String)> = swept.failures.iter().filter(|(_, error)| !error.starts_with(&expected)).collect();
     match found {
         Some((seed, error)) => {
             println!("{rule:?}: seed {seed} fails {error} ({} other failures on the way, {} threads)", others.len(), swept.threads)
         }
-        None => panic!("with {rule:?} weakened no seed of {SEEDS} failed checker {checker}; other failures: {others:?}"),
+        None => panic!("with {rule:?} weakened no seed of {seeds} failed checker {checker}; other failures: {others:?}"),
     }
 }
 
@@ -60,7 +65,10 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 
 #[test]
 fn checker_5_catches_a_secondary_that_never_flushes() {
-    demonstrate(Rule::SecondaryWithoutFlush, 5);
+    // Rarer than the others: since the seeds draw large bitmap blocks and failing flushes, the
+    // first seed that shows it is 2625 (a secondary's lost cache must hold a write a flush made
+    // durable, and then be the copy that survives).
+    demonstrate_within(Rule::SecondaryWithoutFlush, 5, 5000);
 }
 
 #[test]
