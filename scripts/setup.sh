@@ -30,9 +30,11 @@ needs_of() {
     vm) needs_of build
         echo qemu-system-x86 qemu-utils busybox-static cpio kmod xz-utils zstd fio e2fsprogs iproute2 jq ;;
     # Host tests: real daemons driven by qemu-io, network namespaces with ip, the Pacemaker
-    # agent under ocf-tester (resource-agents; xmllint checks its meta-data); then the guest
-    # suite.
-    test) needs_of vm; echo resource-agents libxml2-utils ;;
+    # agent under ocf-tester (resource-agents; xmllint checks its meta-data), a real Pacemaker
+    # + Corosync cluster in namespaces (scripts/pacemaker: ext4 on top through nbdfuse, bc for
+    # the RTO); then the guest suite.
+    test) needs_of vm
+          echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
   esac

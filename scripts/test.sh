@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The test suite: unit, property, codec, simulator and multi-process cluster tests (real daemons
-# on 127.0.0.1, I/O through NBD with qemu-io), then the guest suite: the ublk frontend on real
-# kernels in qemu guests (scripts/vm/test.sh: /dev/ublkbN with ext4, kill -9, failover).
+# on 127.0.0.1, I/O through NBD with qemu-io), a real Pacemaker cluster in namespaces
+# (scripts/pacemaker/test.sh: failover with fencing, RTO printed), then the guest suite: the ublk
+# frontend on real kernels in qemu guests (scripts/vm/test.sh: /dev/ublkbN with ext4, kill -9,
+# failover).
 # Installs what it needs first (scripts/setup.sh test). BLKREPL_SKIP_GUEST=1 leaves the guest
 # suite out, with a message saying so; in CI (CI=true) it is never left out.
 set -euo pipefail
@@ -19,6 +21,9 @@ cargo test --release --workspace -- --test-threads 2 --skip "$sim" 2>&1 | tee "$
 # weakened.
 BLKREPL_SIM_SEEDS="${BLKREPL_SIM_SEEDS:-10000}" cargo test --release --test replica_sim -- --nocapture 2>&1 | tee -a "$log" || status=$?
 cargo test --release --features weakened-rules --test replica_sim_weakened -- --nocapture 2>&1 | tee -a "$log" || status=$?
+# A real Pacemaker + Corosync cluster of three namespaced nodes: failover under the OCF agent,
+# with fencing, each scenario printing its RTO.
+scripts/pacemaker/test.sh 2>&1 | tee -a "$log" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 

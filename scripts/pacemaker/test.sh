@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The Pacemaker suite of the test command (scripts/test.sh): a fresh cluster of cluster.sh for
+# each scenario, each printing its RTO; fails on the first scenario that fails, after tearing the
+# cluster down (its logs stay in BRPCM_WORK, default /tmp/brpcm).
+#   1. kill -9 of the Primary's daemon, the export on the node's own address;
+#   2. the Primary's network cut (the survivors fence it), the export on the virtual IP and ext4
+#      mounted on top through nbdfuse: the file written before the cut is read on the new Primary.
+# Needs root, network and PID namespaces, and the packages `scripts/setup.sh test` installs.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+W=${BRPCM_WORK:-/tmp/brpcm}
+
+run() { # name, environment for cluster.sh up, scenario
+	local name=$1 env=$2 mode=$3 status=0
+	echo "== pacemaker: $name"
+	# shellcheck disable=SC2086 # $env is a list of assignments
+	if ! env $env "$HERE/cluster.sh" up; then
+		echo "FAIL: pacemaker: $name: the cluster did not come up (logs in $W)" >&2
+		status=1
+	elif ! "$HERE/scenario-kill.sh" "$mode"; then
+		echo "FAIL: pacemaker: $name (logs in $W)" >&2
+		status=1
+	fi
+	"$HERE/cluster.sh" down || { echo "FAIL: pacemaker: $name: teardown" >&2; status=1; }
+	return $status
+}
+
+run "kill -9 of the Primary's daemon" "" kill
+run "network cut of the Primary, ext4 over the virtual IP" "BRPCM_NBD=vip BRPCM_FS=1" cut
+echo "pacemaker: every scenario passed"
