@@ -4,7 +4,9 @@
 # cluster down (its logs stay in BRPCM_WORK, default /tmp/brpcm).
 #   1. kill -9 of the Primary's daemon, the export on the node's own address;
 #   2. the Primary's network cut (the survivors fence it), the export on the virtual IP and ext4
-#      mounted on top through nbdfuse: the file written before the cut is read on the new Primary.
+#      mounted on top through nbdfuse: the file written before the cut is read on the new Primary;
+#   3. a clean switchover (the Primary's node in standby), ext4 over the virtual IP again.
+# Each ends with the old Primary's return as an UpToDate Secondary that took only what changed.
 # Needs root, network and PID namespaces, and the packages `scripts/setup.sh test` installs.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -27,4 +29,5 @@ run() { # name, environment for cluster.sh up, scenario
 
 run "kill -9 of the Primary's daemon" "" kill
 run "network cut of the Primary, ext4 over the virtual IP" "BRPCM_NBD=vip BRPCM_FS=1" cut
+run "switchover: the Primary's node in standby, ext4 over the virtual IP" "BRPCM_NBD=vip BRPCM_FS=1" standby
 echo "pacemaker: every scenario passed"
