@@ -250,7 +250,8 @@ mod tests {
     use crate::core::states::{DiskState, Role};
     use crate::meta::MetaFlags;
     use crate::replica::testing::{primary_replicating, secondary_state, two_node_replica};
-    use crate::replica::{Action, MetaWrite};
+    use crate::replica::{Action, MetaWrite, Replica};
+    use std::time::Instant;
     use crate::wire::Message;
 
     #[test]
@@ -322,10 +323,11 @@ mod tests {
         assert!(r.al.hot_extents().is_empty());
     }
 
-    #[test]
-    fn a_node_being_demoted_fails_what_it_may_not_complete_without_quorum() {
+    /// A primary under `quorum` whose FLUSH (request 2) is done locally and waits for the
+    /// peer's barrier ack, its demotion begun.
+    fn demoting_with_a_flush_awaiting_the_peer(quorum: crate::core::quorum::QuorumPolicy) -> (Replica, Instant) {
         let (mut r, t0) = primary_replicating();
-        r.quorum_policy = crate::core::quorum::QuorumPolicy::Majority;
+        r.quorum_policy = quorum;
         r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
         let flush = r.take_actions().iter().find_map(|a| match a {
             Action::Io { tag: tag @ crate::replica::IoTag::Flush(_), .. } => Some(*tag),
@@ -334,35 +336,33 @@ mod tests {
         r.io_done(t0, flush, Ok(None));
         r.begin_demotion(t0);
         r.take_actions();
+        (r, t0)
+    }
+
+    /// The requests answered, and whether with success.
+    fn answered(r: &mut Replica) -> Vec<(u64, bool)> {
+        r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Complete { request, result } => Some((request, result.is_ok())),
+            _ => None,
+        }).collect()
+    }
+
+    #[test]
+    fn a_node_being_demoted_fails_what_it_may_not_complete_without_quorum() {
+        let (mut r, t0) = demoting_with_a_flush_awaiting_the_peer(crate::core::quorum::QuorumPolicy::Majority);
         // The peer is cut off: its link goes long after its lease, and the flush that waited
         // for its barrier ack would complete on this node alone.
         let later = t0 + std::time::Duration::from_secs(10);
         r.peer_lost(later, 1, "nothing heard", 0);
-        let answered: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((request, result.is_ok())),
-            _ => None,
-        }).collect();
-        assert_eq!(answered, vec![(2, false)], "not held: a demoted node has no time as primary left to wait for");
+        assert_eq!(answered(&mut r), vec![(2, false)], "not held: a demoted node has no time as primary left to wait for");
     }
 
     #[test]
     fn a_node_being_demoted_completes_nothing_after_losing_a_data_peer_that_lacks_its_writes() {
         // Quorum off: the rule is not quorum's; no generation separates the lost peer.
-        let (mut r, t0) = primary_replicating();
-        r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
-        let flush = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: tag @ crate::replica::IoTag::Flush(_), .. } => Some(*tag),
-            _ => None,
-        }).expect("the local flush");
-        r.io_done(t0, flush, Ok(None));
-        r.begin_demotion(t0);
-        r.take_actions();
+        let (mut r, t0) = demoting_with_a_flush_awaiting_the_peer(crate::core::quorum::QuorumPolicy::Off);
         r.peer_lost(t0, 1, "gone", 0);
-        let answered: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((request, result.is_ok())),
-            _ => None,
-        }).collect();
-        assert_eq!(answered, vec![(2, false)], "the peer could be elected without what the flush covered");
+        assert_eq!(answered(&mut r), vec![(2, false)], "the peer could be elected without what the flush covered");
         r.finish_demotion();
         assert!(r.generation_pending.is_empty(), "owed no more once demoted");
     }
