@@ -324,10 +324,13 @@ impl Replica {
         // Nor is a node resynced while it resyncs another: what it reads for its target must
         // not change under the walk (a block that arrived after the walk read it was lost to
         // the target; seed 224).
-        let peer_busy = peer_state.resynced_by.is_some_and(|source| source != self.node_id())
-            || decided.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
-        let me_busy = third_source.is_some() || decided.is_target() && self.resyncs_other_than(Some(peer_id));
-        if me_busy || peer_busy {
+        let busy = |r: &Replica, d: SyncDecision| {
+            let peer_busy = peer_state.resynced_by.is_some_and(|source| source != r.node_id())
+                || d.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
+            let me_busy = third_source.is_some() || d.is_target() && r.resyncs_other_than(Some(peer_id));
+            me_busy || peer_busy
+        };
+        if busy(self, decided) {
             return self.wait_for_third_resync(peer_id, decided);
         }
         if self.declared_with & (1 << peer_id) != 0 {
@@ -343,6 +346,13 @@ impl Replica {
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
         };
+        // Leftover bits turn "in sync" into a resync: the rules above hold for it too (seed
+        // 23033: a node resyncing a third took a resync from another peer at once, each end
+        // handed the next its bits for the third, and three secondaries resynced one another
+        // in a ring, refusing their votes meanwhile: nobody was ever promoted).
+        if decision != decided && busy(self, decision) {
+            return self.wait_for_third_resync(peer_id, decision);
+        }
         let Some(decision) = self.only_primary_resyncs(peer_id, &peer_state, decision) else {
             tracing::debug!(resource = %self.resource, peer = %name, decision = ?decided, "the target sees a primary that is not the source: only that primary resyncs it");
             return Ok(());
@@ -723,6 +733,26 @@ mod tests {
         assert!(r.peer(1).pending_sync.is_none(), "the demoting primary's last writes may still land here");
         // The demotion is over: the decision is taken.
         r.peer_state_received(2, secondary_state(current, [0; 4])).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
+    }
+
+    #[test]
+    fn leftover_bits_start_no_resync_into_a_node_that_resyncs_a_third() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        let current = r.sb.uuids.current;
+        r.link_up(2, t0);
+        r.peer_mut(2).repl = ReplState::SyncSource;
+        r.take_actions();
+        // A peer of the same generation with bits for this node: in sync by generations, a
+        // resync into this node by its leftover bits.
+        r.link_up(1, t0);
+        let with_bits = PeerState { bitmap_weight: 3, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, with_bits).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "what it reads for its own target must not change under the walk");
+        // Its resync of the third node is over: the decision is taken.
+        r.peer_mut(2).repl = ReplState::Established;
+        r.peer_state_received(1, with_bits).expect("a fitting State");
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
     }
 
