@@ -246,10 +246,14 @@ impl Replica {
     /// pages of the extents it evicts). PRIMARY_IND stays set until the resync, so a second
     /// crash does not forget it.
     ///
-    /// After a crash as secondary, the hot extents hold the writes whose marks for the peers it
-    /// tracked may have been lost with its memory (see `Replica::note_in_activity_log`): they
-    /// are marked again for those peers. If the machine restarted too, the disk's cache may
-    /// have dropped writes there: this node is resynced in them from every data peer.
+    /// After a crash as secondary, the hot extents hold the writes whose marks may have been
+    /// lost with its memory (see `Replica::note_in_activity_log`): those for the peers it
+    /// tracked, and the recent writes it would have marked for every other data peer had it
+    /// lived to see the primary go (see `Replica::primary_lost`). They are marked again for
+    /// every data peer: a secondary killed between applying the primary's last write and
+    /// noticing the primary's end held a write the promoted peer never got, and nothing
+    /// resynced it (seed 12660). If the machine restarted too, the disk's cache may have
+    /// dropped writes there: this node is resynced in them from every data peer.
     pub fn attach(a: Attached) -> Replica {
         let boot_id = a.boot_id;
         let cache_survived = boot_id != [0; 16] && boot_id == a.sb.boot_id;
@@ -264,11 +268,10 @@ impl Replica {
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
             replica.mark_extents_and_empty_log(&hot, &slots);
         } else if !hot.is_empty() && cache_survived {
-            let tracked: Vec<usize> =
-                replica.peers.iter().filter(|p| !p.witness && replica.sb.peers[p.slot].bitmap_uuid != 0).map(|p| p.slot).collect();
-            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = tracked.len(),
-                "stopped without a clean shutdown (the machine did not restart): marking the activity log's extents for the peers this node tracks");
-            replica.mark_extents_and_empty_log(&hot, &tracked);
+            let data: Vec<usize> = replica.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
+            tracing::info!(resource = %replica.resource, extents = hot.len(), peers = data.len(),
+                "stopped without a clean shutdown (the machine did not restart): marking the activity log's extents for every data peer");
+            replica.mark_extents_and_empty_log(&hot, &data);
         } else if !hot.is_empty() {
             // Writes in these extents may have been lost with the disk's cache: this node is
             // resynced there from every data peer (and remembers it, so a second crash before
@@ -732,5 +735,36 @@ impl Replica {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pings = self.peers.iter().filter(|p| p.connected).filter_map(|p| p.lease.next_ping());
         pings.chain(self.stall_deadlines()).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::three_node_secondary_restarted;
+    use crate::meta::{MetaFlags, AL_EXTENT_SIZE};
+
+    const HOT: u64 = 3 * AL_EXTENT_SIZE + 8192;
+
+    /// The bytes marked out of sync, per peer slot.
+    fn marked(r: &super::Replica) -> Vec<u64> {
+        r.bitmaps.iter().map(|b| b.weight_bytes()).collect()
+    }
+
+    #[test]
+    fn a_secondary_whose_process_died_marks_its_hot_extents_for_every_data_peer() {
+        // Neither peer was tracked: both were in sync. The primary may be gone by the time this
+        // node is back, and the peer promoted in its place may lack what this node applied last.
+        let (r, _) = three_node_secondary_restarted(HOT, [7; 16], [7; 16]);
+        assert_eq!(marked(&r), vec![AL_EXTENT_SIZE, AL_EXTENT_SIZE]);
+        assert!(r.al.hot_extents().is_empty(), "the log is emptied once its extents are marked");
+        assert!(!r.sb.flags.contains(MetaFlags::CACHE_LOST), "the disk kept what it completed");
+    }
+
+    #[test]
+    fn a_secondary_whose_machine_restarted_is_resynced_in_its_hot_extents() {
+        let (r, _) = three_node_secondary_restarted(HOT, [7; 16], [8; 16]);
+        assert_eq!(marked(&r), vec![AL_EXTENT_SIZE, AL_EXTENT_SIZE]);
+        assert!(r.sb.flags.contains(MetaFlags::CACHE_LOST));
+        assert_eq!(r.cache_repair_pending, vec![1, 2], "resynced from every data peer");
     }
 }

@@ -48,9 +48,35 @@ pub const RESYNC_RATE: RateLimits = RateLimits {
 };
 
 fn replica_with_peers(ids: &[u8], bitmap_block_size: u32) -> (Replica, Instant) {
+    let disk = created_disk(ids, bitmap_block_size);
+    attach_disk(disk, ids, [0; 16])
+}
+
+/// Node 0 of [`three_node_replica`] restarted after its process died as a secondary: the
+/// extent of `hot_offset` was hot in its activity log, and the machine's boot id was
+/// `stopped_in` then and is `boot_id` now.
+pub fn three_node_secondary_restarted(hot_offset: u64, stopped_in: [u8; 16], boot_id: [u8; 16]) -> (Replica, Instant) {
+    let ids = [1, 2];
+    let disk = created_disk(&ids, MetaParams::default().bitmap_block_size);
+    let (mut store, loaded) = MetaStore::open(disk.clone(), DISK_BYTES, true, "r0", 0).expect("open metadata");
+    let mut al = loaded.activity_log;
+    let extents = crate::meta::extents_for(hot_offset, 4096).expect("one extent");
+    let Ok(crate::meta::AlPrepared::Transaction(update)) = al.prepare(extents) else { panic!("a cold extent needs a transaction") };
+    store.write_al_update(&update, &loaded.bitmaps).expect("write the activity log");
+    let mut sb = loaded.superblock;
+    sb.boot_id = stopped_in;
+    store.write_superblock(&sb).expect("write the superblock");
+    attach_disk(disk, &ids, boot_id)
+}
+
+fn created_disk(ids: &[u8], bitmap_block_size: u32) -> Arc<dyn Disk> {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
     let params = MetaParams { max_peers: ids.len() as u8, bitmap_block_size, ..MetaParams::default() };
     MetaStore::create(disk.clone(), DISK_BYTES, true, params, "r0", 0, ids, false).expect("create metadata");
+    disk
+}
+
+fn attach_disk(disk: Arc<dyn Disk>, ids: &[u8], boot_id: [u8; 16]) -> (Replica, Instant) {
     let (_, loaded) = MetaStore::open(disk, DISK_BYTES, true, "r0", 0).expect("open metadata");
     let now = Instant::now();
     let names = ["alpha", "beta", "gamma"];
@@ -72,7 +98,7 @@ fn replica_with_peers(ids: &[u8], bitmap_block_size: u32) -> (Replica, Instant) 
         split_brain: Default::default(),
         now,
         uuid_seed: 1,
-        boot_id: [0; 16],
+        boot_id,
     });
     (replica, now)
 }
