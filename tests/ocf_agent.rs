@@ -112,6 +112,17 @@ fn monitor_reports_each_role_and_promotion_follows_quorum() {
     assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS, "stop demotes first");
     assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING);
     assert_eq!(action(&c, "alpha", "stop").0, OCF_SUCCESS, "stop is idempotent");
+
+    // The primary's daemon dies: Pacemaker demotes the failed instance before it restarts it,
+    // and a daemon that is gone holds no role to give up.
+    assert_eq!(action(&c, "alpha", "start").0, OCF_SUCCESS);
+    c.wait_for("alpha", "quorum", |s| s["may_promote"] == true);
+    assert_eq!(action(&c, "alpha", "promote").0, OCF_SUCCESS);
+    c.kill("alpha");
+    assert_eq!(action(&c, "alpha", "monitor").0, OCF_NOT_RUNNING, "killed");
+    let (rc, out) = action(&c, "alpha", "demote");
+    assert_eq!(rc, OCF_SUCCESS, "{out}");
+    assert!(out.contains("nothing to demote"), "{out}");
 }
 
 #[test]
