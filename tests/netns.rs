@@ -157,3 +157,59 @@ fn an_old_primary_told_to_disconnect_goes_stand_alone_and_the_new_one_keeps_writ
     let (ok, out) = c.check("beta", &[(0, MIB, 0x41), (4 * MIB, 64 << 10, 0), (8 * MIB, MIB, 0x43)]);
     assert!(ok, "{out}");
 }
+
+/// Anyone who reaches the replication port can open connections. A flood of idle ones from
+/// one address (the clients', a thousand opened and reopened as the daemon closes them) must
+/// not keep a real peer out, nor cost the daemon a thread and a descriptor each: beta
+/// reconnects to alpha meanwhile, and writes through alpha reach beta's disk.
+#[test]
+fn a_flood_of_idle_connections_does_not_keep_a_peer_out() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let Some(c) = trio("") else { return };
+    let (stop, opened) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let target: std::net::SocketAddr = format!("{}:7789", netns::Net::address(0)).parse().unwrap();
+    let client_ns = format!("/var/run/netns/{}", c.net.as_ref().unwrap().client_ns());
+    let flood = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&client_ns).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut open = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                open.retain(open_and_idle);
+                while open.len() < 1000 && !stop.load(Ordering::Relaxed) {
+                    let Ok(s) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) else { break };
+                    s.set_nonblocking(true).unwrap();
+                    open.push(s);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while opened.load(Ordering::Relaxed) < 1000 {
+        assert!(Instant::now() < deadline, "the flood opened only {} connections", opened.load(Ordering::Relaxed));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.logs().contains("closing unauthenticated connections at once"), "{}", c.logs());
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", c.pid("alpha"))).unwrap().count();
+    assert!(fds < 200, "alpha holds {fds} file descriptors under the flood");
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| common::Cluster::peer(s, "beta")["connection"] != "Connected");
+    c.ok("beta", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.write("alpha", &[(4 * MIB, MIB, 0x5a)]);
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let beta = c.data_of("beta", 5 * MIB);
+    assert!(beta[4 * MIB as usize..].iter().all(|b| *b == 0x5a), "the write did not reach beta");
+}
+
+/// Whether a non-blocking socket is still open with nothing to read.
+fn open_and_idle(s: &std::net::TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}

@@ -4,6 +4,7 @@
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
 //! two connections into existence.
 
+use super::admission::{HandshakeGate, PeerStream};
 use super::link::PeerLink;
 use super::state::State;
 use super::{random_bytes, Shared};
@@ -26,32 +27,74 @@ const PEER_REFUSED: &str = "peer refused: ";
 /// Why a StandAlone node refuses a peer (expected, so logged quietly by the refusing side).
 const STAND_ALONE: &str = "node is StandAlone (disconnected; `blkrepl connect` reconnects it)";
 
-pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) {
-    std::thread::Builder::new()
-        .name("peer-listener".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                if shared.lock().replica.stopping {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                let shared = shared.clone();
-                std::thread::spawn(move || {
-                    let from = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    match accept(&shared, stream) {
-                        Err(reason) if reason == STAND_ALONE => {
-                            tracing::debug!(resource = %shared.config.name, %from, "refused a peer connection: {reason}");
-                        }
-                        Err(reason) => tracing::warn!(resource = %shared.config.name, %from, "refused a peer connection: {reason}"),
-                        Ok(()) => {}
-                    }
-                });
-            }
-        })
-        .expect("spawn listener thread");
+/// Accept errors (out of file descriptors, say) are retried after a pause that doubles up to
+/// a second: retrying at once would spin a core while nothing can be accepted.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// How long a whole handshake may take, from accept or connect to the link being up: a few
+/// round trips on a healthy network, so the silence timeout twice over is generous.
+fn handshake_budget(shared: &Shared) -> Duration {
+    2 * shared.config.timing.ping_timeout
 }
 
-pub fn spawn_dialers(shared: &Arc<Shared>) {
+pub fn spawn_listener(shared: Arc<Shared>, listener: TcpListener) -> std::io::Result<()> {
+    std::thread::Builder::new().name("peer-listener".into()).spawn(move || run_listener(&shared, &listener))?;
+    Ok(())
+}
+
+/// Accepts connections until the node stops; each handshake runs on a thread of its own,
+/// within the bounds of [`HandshakeGate`].
+fn run_listener(shared: &Arc<Shared>, listener: &TcpListener) {
+    let gate = Arc::new(HandshakeGate::default());
+    let mut backoff = ACCEPT_BACKOFF.0;
+    let mut last_error = String::new();
+    loop {
+        let accepted = listener.accept();
+        if shared.lock().replica.stopping {
+            return;
+        }
+        let (stream, from) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                let error = e.to_string();
+                if error != last_error {
+                    tracing::warn!(resource = %shared.config.name, "cannot accept peer connections: {e}; retrying");
+                    last_error = error;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        backoff = ACCEPT_BACKOFF.0;
+        last_error.clear();
+        let admission = match gate.admit(from.ip()) {
+            Ok(admission) => admission,
+            Err((full, first)) => {
+                if first {
+                    tracing::warn!(resource = %shared.config.name, %from, "closing unauthenticated connections at once: {full}");
+                }
+                continue;
+            }
+        };
+        let handshake = shared.clone();
+        let spawned = std::thread::Builder::new().name("peer-handshake".into()).spawn(move || {
+            let _admission = admission;
+            match accept(&handshake, stream) {
+                Err(reason) if reason == STAND_ALONE => {
+                    tracing::debug!(resource = %handshake.config.name, %from, "refused a peer connection: {reason}");
+                }
+                Err(reason) => tracing::warn!(resource = %handshake.config.name, %from, "refused a peer connection: {reason}"),
+                Ok(()) => {}
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(resource = %shared.config.name, %from, "cannot start a thread for a peer connection, closed it: {e}");
+        }
+    }
+}
+
+pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
     for peer in shared.config.peers_of(&shared.me).filter(|p| p.id < shared.me.id) {
         let (shared, peer_id, address) = (shared.clone(), peer.id, peer.address);
         std::thread::Builder::new()
@@ -94,9 +137,9 @@ pub fn spawn_dialers(shared: &Arc<Shared>) {
                         last_error.clear();
                     }
                 }
-            })
-            .expect("spawn dialer thread");
+            })?;
     }
+    Ok(())
 }
 
 fn my_hello(shared: &Shared, to_node: u8) -> Hello {
@@ -172,9 +215,14 @@ fn refuse(stream: &TcpStream, reason: &str) -> String {
     reason.to_owned()
 }
 
+/// The reading side of a connection during its handshake (see [`PeerStream::handshaking`]).
+fn handshake_reader(shared: &Shared, stream: &TcpStream) -> Result<BufReader<PeerStream>, String> {
+    let clone = stream.try_clone().map_err(|e| e.to_string())?;
+    Ok(BufReader::new(PeerStream::handshaking(clone, handshake_budget(shared)).map_err(|e| e.to_string())?))
+}
+
 fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
-    stream.set_read_timeout(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut reader = handshake_reader(shared, &stream)?;
     let hello = match read_message(&mut reader) {
         Ok(Message::Hello(hello)) => hello,
         Ok(other) => return Err(refuse(&stream, &format!("expected Hello, got {}", other.name()))),
@@ -193,8 +241,7 @@ fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
 }
 
 fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
-    stream.set_read_timeout(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut reader = handshake_reader(shared, &stream)?;
     send(&stream, &Message::Hello(my_hello(shared, peer_id)))?;
     let hello = match read_message(&mut reader) {
         Ok(Message::Hello(hello)) => hello,
@@ -213,7 +260,7 @@ fn send(stream: &TcpStream, msg: &Message) -> Result<(), String> {
 }
 
 /// Mutual challenge-response: each side proves it knows the secret before any data flows.
-fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<TcpStream>, peer_id: u8) -> Result<(), String> {
+fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<PeerStream>, peer_id: u8) -> Result<(), String> {
     let Some(secret) = &shared.config.secret else {
         return Ok(());
     };
@@ -240,8 +287,9 @@ fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<TcpS
 }
 
 /// The handshake is done: the connection becomes this peer's link.
-fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReader<TcpStream>) -> Result<(), String> {
+fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, mut reader: BufReader<PeerStream>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
+    reader.get_mut().handshake_done(shared.config.timing.ping_timeout).map_err(|e| e.to_string())?;
     let mut st = shared.lock();
     if st.replica.stopping {
         return Err(refuse(&stream, "node is going down"));
@@ -280,7 +328,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, reader: BufReade
     Ok(())
 }
 
-fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: BufReader<TcpStream>) -> String {
+fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: BufReader<PeerStream>) -> String {
     loop {
         let msg = match read_message(&mut reader) {
             Ok(msg) => msg,

@@ -20,7 +20,7 @@ pub struct IoPool {
 const ZERO_CHUNK: usize = 1 << 20;
 
 impl IoPool {
-    pub fn new(disk: Arc<dyn Disk>, threads: usize) -> IoPool {
+    pub fn new(disk: Arc<dyn Disk>, threads: usize) -> std::io::Result<IoPool> {
         let (tx, rx) = channel::<(LocalIo, IoDone)>();
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..threads)
@@ -29,10 +29,9 @@ impl IoPool {
                 std::thread::Builder::new()
                     .name(format!("disk-io-{i}"))
                     .spawn(move || worker(&*disk, &rx))
-                    .expect("spawn disk I/O thread")
             })
-            .collect();
-        IoPool { jobs: Mutex::new(Some(tx)), threads: Mutex::new(handles) }
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(IoPool { jobs: Mutex::new(Some(tx)), threads: Mutex::new(handles) })
     }
 
     pub fn submit(&self, op: LocalIo, done: IoDone) {

@@ -1,6 +1,7 @@
 //! The drivers: backing-disk I/O, peer connections, resync, admin operations. They feed events
 //! into the pure pieces of [`crate::core`] and carry out what those decide.
 
+mod admission;
 mod congestion;
 mod connection;
 mod io_pool;
@@ -82,6 +83,8 @@ pub enum EngineError {
     MetaWrite(MetaError),
     #[error("a metadata write failed and the disk is marked Failed (the log has the error)")]
     DiskFailed,
+    #[error("cannot start a thread: {0} (out of memory, or the process's thread limit)")]
+    Thread(std::io::Error),
 }
 
 impl From<PromoteRefusal> for EngineError {
@@ -270,7 +273,7 @@ impl Engine {
             export_failing: None,
             left_behind: None,
         };
-        let io = IoPool::new(data.clone(), IO_THREADS);
+        let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
         let shared = Arc::new_cyclic(|this| Shared {
             this: this.clone(),
             config,
@@ -297,9 +300,9 @@ impl Engine {
     pub fn start(&self) -> Result<(), EngineError> {
         let address = self.shared.me.address;
         let listener = TcpListener::bind(address).map_err(|source| EngineError::Listen { address, source })?;
-        connection::spawn_listener(self.shared.clone(), listener);
-        connection::spawn_dialers(&self.shared);
-        timer::spawn(self.shared.clone());
+        connection::spawn_listener(self.shared.clone(), listener).map_err(EngineError::Thread)?;
+        connection::spawn_dialers(&self.shared).map_err(EngineError::Thread)?;
+        timer::spawn(self.shared.clone()).map_err(EngineError::Thread)?;
         Ok(())
     }
 

@@ -58,18 +58,22 @@ pub(super) fn read_range_then<P, T>(
     sent.map_err(|e| format!("read at {offset}+{len} failed: {e}"))
 }
 
+/// Starts the resync source's walk on a thread of its own (after the engine lock is released).
+/// A thread that cannot be started drops the link, and the resync starts again at the next
+/// connect.
 pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
-    std::thread::Builder::new()
-        .name(format!("resync-{peer_id}"))
-        .spawn(move || {
-            if let Err(reason) = run_source(&shared, peer_id, generation) {
-                let mut st = shared.lock();
-                if st.replica.peer(peer_id).generation == generation {
-                    connection::drop_peer(&shared, &mut st, peer_id, &reason);
-                }
+    let walker = shared.clone();
+    let spawned = std::thread::Builder::new().name(format!("resync-{peer_id}")).spawn(move || {
+        if let Err(reason) = run_source(&walker, peer_id, generation) {
+            let mut st = walker.lock();
+            if st.replica.peer(peer_id).generation == generation {
+                connection::drop_peer(&walker, &mut st, peer_id, &reason);
             }
-        })
-        .expect("spawn resync thread");
+        }
+    });
+    if let Err(e) = spawned {
+        connection::lost(&shared, peer_id, generation, &format!("cannot start the resync thread: {e}"));
+    }
 }
 
 fn run_source(shared: &Arc<Shared>, peer_id: u8, generation: u64) -> Result<(), String> {

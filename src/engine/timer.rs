@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 /// The longest the timer sleeps without looking: a bound on a missed wake-up, not a schedule.
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 
-pub fn spawn(shared: Arc<Shared>) {
-    std::thread::Builder::new()
-        .name("timer".into())
-        .spawn(move || run(&shared))
-        .expect("spawn timer thread");
+pub fn spawn(shared: Arc<Shared>) -> std::io::Result<()> {
+    std::thread::Builder::new().name("timer".into()).spawn(move || run(&shared))?;
+    Ok(())
 }
 
 fn run(shared: &Shared) {

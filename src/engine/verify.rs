@@ -14,14 +14,14 @@ use std::time::Instant;
 pub fn start(shared: &Arc<Shared>) -> Result<Vec<String>, EngineError> {
     let targets = shared.lock().replica.verify_start(Instant::now()).map_err(EngineError::Refused)?;
     for (peer_id, generation, _) in &targets {
-        let (shared, peer_id, generation) = (shared.clone(), *peer_id, *generation);
-        std::thread::Builder::new()
-            .name(format!("verify-{peer_id}"))
-            .spawn(move || {
-                let outcome = run(&shared, peer_id, generation);
-                shared.lock().replica.verify_ended(peer_id, outcome);
-            })
-            .expect("spawn verify thread");
+        let (walker, peer_id, generation) = (shared.clone(), *peer_id, *generation);
+        let spawned = std::thread::Builder::new().name(format!("verify-{peer_id}")).spawn(move || {
+            let outcome = run(&walker, peer_id, generation);
+            walker.lock().replica.verify_ended(peer_id, outcome);
+        });
+        if let Err(e) = spawned {
+            shared.lock().replica.verify_ended(peer_id, Err(format!("cannot start the verify thread: {e}")));
+        }
     }
     Ok(targets.into_iter().map(|(_, _, name)| name).collect())
 }
