@@ -300,6 +300,19 @@ impl ResourceConfig {
                 self.path.display()
             ));
         }
+        let exposed = self.nodes.iter().filter_map(|n| match n.frontend {
+            Frontend::Nbd(address) if !address.ip().is_loopback() => Some((n, address)),
+            _ => None,
+        });
+        for (node, address) in exposed {
+            warnings.push(format!(
+                "{}: node {} exports NBD on {address}, which other hosts can reach: NBD clients are neither \
+                 authenticated nor encrypted, so anyone who reaches it reads and writes the device; bind it to \
+                 127.0.0.1 (or a host-only address), or firewall it",
+                self.path.display(),
+                node.name
+            ));
+        }
         warnings
     }
 
@@ -640,6 +653,15 @@ disk = "/var/lib/blkrepl/beta.img"
 
     fn error_of(text: &str) -> String {
         parse(text).expect_err("config must be refused").to_string()
+    }
+
+    #[test]
+    fn an_nbd_export_other_hosts_reach_is_warned_about() {
+        let quiet = |config: &ResourceConfig| config.warnings().iter().all(|w| !w.contains("exports NBD"));
+        assert!(quiet(&parse(GOOD).unwrap()), "loopback is fine");
+        let exposed = parse(&GOOD.replace("nbd = \"127.0.0.1:10809\"", "nbd = \"0.0.0.0:10809\"")).unwrap();
+        let warning = exposed.warnings().into_iter().find(|w| w.contains("exports NBD")).expect("a warning");
+        assert!(warning.contains("alpha") && warning.contains("0.0.0.0:10809") && warning.contains("neither authenticated"), "{warning}");
     }
 
     #[test]

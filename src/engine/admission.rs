@@ -3,16 +3,13 @@
 //! Anyone who reaches the replication port can open connections. Each accepted one gets a
 //! thread for its handshake, so without a bound a flood of idle connections would exhaust
 //! threads and file descriptors, and a real peer (a node coming back after a partition) could
-//! not get in. Hence: a cap on handshakes in progress, in total and per source address (a
-//! flood from one address leaves room for the peers, which each have their own), and one
-//! deadline for the whole handshake rather than one per read (a client that trickles a byte at
-//! a time cannot hold its slot longer than that).
+//! not get in. Hence a cap on handshakes in progress, in total and per source address (a
+//! flood from one address leaves room for the peers, which each have their own); and one
+//! deadline for the whole handshake (see [`crate::handshake_stream`]).
 
 use std::collections::HashMap;
-use std::io::{self, Read};
-use std::net::{IpAddr, TcpStream};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 /// Handshakes in progress at once: a cluster has a few dozen nodes at most, each dialing once.
 pub const MAX_HANDSHAKES: usize = 32;
@@ -86,43 +83,6 @@ impl Drop for Admission {
     }
 }
 
-/// A peer's socket as its reader sees it: during the handshake every read waits at most until
-/// the handshake's deadline; once the link is up, until the link's silence timeout.
-pub struct PeerStream {
-    stream: TcpStream,
-    deadline: Option<Instant>,
-}
-
-impl PeerStream {
-    /// `stream` at the start of a handshake that must end within `budget` (writes too: a
-    /// client that never reads cannot hold a handshake's send either).
-    pub fn handshaking(stream: TcpStream, budget: Duration) -> io::Result<PeerStream> {
-        stream.set_write_timeout(Some(budget))?;
-        Ok(PeerStream { stream, deadline: Some(Instant::now() + budget) })
-    }
-
-    /// The handshake is done: reads wait up to `silence` each, writes as long as they take (the
-    /// link's sender bounds them itself).
-    pub fn handshake_done(&mut self, silence: Duration) -> io::Result<()> {
-        self.deadline = None;
-        self.stream.set_write_timeout(None)?;
-        self.stream.set_read_timeout(Some(silence))
-    }
-}
-
-impl Read for PeerStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "the handshake took too long"));
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        }
-        self.stream.read(buf)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,36 +112,5 @@ mod tests {
         let last = gate.admit(ip(200));
         assert!(last.is_ok());
         assert_eq!(gate.state.lock().unwrap().by_source.len(), 1, "sources with no handshake are forgotten");
-    }
-
-    #[test]
-    fn a_trickling_client_cannot_outlast_the_handshake_deadline() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
-        let mut stream = PeerStream::handshaking(server, Duration::from_millis(300)).unwrap();
-        let trickle = std::thread::spawn(move || {
-            use std::io::Write;
-            // One byte every 100 ms: each read alone would be quick enough.
-            for _ in 0..30 {
-                if client.write_all(b"x").is_err() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        let mut got = 0;
-        let mut buf = [0u8; 1];
-        let err = loop {
-            match stream.read(&mut buf) {
-                Ok(0) => panic!("the client closed first"),
-                Ok(n) => got += n,
-                Err(e) => break e,
-            }
-        };
-        assert!(matches!(err.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock), "{err}");
-        assert!(got < 30, "the deadline ended the handshake before the client stopped ({got} bytes)");
-        drop(stream);
-        trickle.join().unwrap();
     }
 }

@@ -4,7 +4,8 @@
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
 //! two connections into existence.
 
-use super::admission::{HandshakeGate, PeerStream};
+use super::admission::HandshakeGate;
+use crate::handshake_stream::HandshakeStream;
 use super::link::PeerLink;
 use super::state::State;
 use super::{random_bytes, Shared};
@@ -215,10 +216,10 @@ fn refuse(stream: &TcpStream, reason: &str) -> String {
     reason.to_owned()
 }
 
-/// The reading side of a connection during its handshake (see [`PeerStream::handshaking`]).
-fn handshake_reader(shared: &Shared, stream: &TcpStream) -> Result<BufReader<PeerStream>, String> {
+/// The reading side of a connection during its handshake (see [`HandshakeStream::handshaking`]).
+fn handshake_reader(shared: &Shared, stream: &TcpStream) -> Result<BufReader<HandshakeStream>, String> {
     let clone = stream.try_clone().map_err(|e| e.to_string())?;
-    Ok(BufReader::new(PeerStream::handshaking(clone, handshake_budget(shared)).map_err(|e| e.to_string())?))
+    Ok(BufReader::new(HandshakeStream::handshaking(clone, handshake_budget(shared)).map_err(|e| e.to_string())?))
 }
 
 fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
@@ -260,7 +261,7 @@ fn send(stream: &TcpStream, msg: &Message) -> Result<(), String> {
 }
 
 /// Mutual challenge-response: each side proves it knows the secret before any data flows.
-fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<PeerStream>, peer_id: u8) -> Result<(), String> {
+fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<HandshakeStream>, peer_id: u8) -> Result<(), String> {
     let Some(secret) = &shared.config.secret else {
         return Ok(());
     };
@@ -287,9 +288,9 @@ fn authenticate(shared: &Shared, stream: &TcpStream, reader: &mut BufReader<Peer
 }
 
 /// The handshake is done: the connection becomes this peer's link.
-fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, mut reader: BufReader<PeerStream>) -> Result<(), String> {
+fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, mut reader: BufReader<HandshakeStream>) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    reader.get_mut().handshake_done(shared.config.timing.ping_timeout).map_err(|e| e.to_string())?;
+    reader.get_mut().handshake_done(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
     let mut st = shared.lock();
     if st.replica.stopping {
         return Err(refuse(&stream, "node is going down"));
@@ -328,7 +329,7 @@ fn attach(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream, mut reader: BufR
     Ok(())
 }
 
-fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: BufReader<PeerStream>) -> String {
+fn run_reader(shared: &Arc<Shared>, peer_id: u8, generation: u64, mut reader: BufReader<HandshakeStream>) -> String {
     loop {
         let msg = match read_message(&mut reader) {
             Ok(msg) => msg,

@@ -32,11 +32,19 @@ use tracing::{debug, debug_span, warn};
 use self::error::SessionError;
 use self::handshake::Outcome;
 use crate::frontend::BlockDevice;
+use crate::handshake_stream::HandshakeStream;
 
 /// Read buffer per client: large enough to batch small requests into one syscall.
 const READ_BUFFER: usize = 64 * 1024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop cannot spin.
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// Clients connected at once (in the handshake or transmitting): a host attaches one or a
+/// few; beyond this a connection is closed at once, so nobody can exhaust threads and
+/// descriptors by connecting.
+pub const MAX_CLIENTS: usize = 16;
+/// How long the option haggling may take in all: a real client (qemu, nbd-client) is done in
+/// a few round trips; afterwards an idle client is legitimate (an idle VM disk).
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A bound listener that has not started serving yet.
 #[derive(Debug)]
@@ -233,6 +241,11 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
         for client in finished {
             join(client.thread, "client");
         }
+        if clients.live.len() >= MAX_CLIENTS {
+            warn!(%peer, "{MAX_CLIENTS} NBD clients are connected: closing this connection");
+            let _ = stream.shutdown(Shutdown::Both);
+            continue;
+        }
         match spawn_client(stream, peer, shared) {
             Ok(client) => clients.live.push(client),
             Err(error) => warn!(%peer, %error, "could not start an NBD client thread"),
@@ -267,15 +280,18 @@ fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
     // Replies are single small writes; do not hold them back waiting for more data.
     stream.set_nodelay(true)?;
     let export = Export::sample(&shared.export_name, shared.device.as_ref());
-    let mut reader = BufReader::with_capacity(READ_BUFFER, stream.try_clone()?);
+    let handshaking = HandshakeStream::handshaking(stream.try_clone()?, HANDSHAKE_DEADLINE)?;
+    let mut reader = BufReader::with_capacity(READ_BUFFER, handshaking);
     let mut writer = stream;
     if handshake::negotiate(&mut reader, &mut writer, &export)? == Outcome::Aborted {
         debug!("client aborted the handshake");
         return Ok(());
     }
+    reader.get_mut().handshake_done(None)?;
     debug!(size = export.size, block_size = export.block_size, "entering transmission");
     let _counted = Transmitting::enter(&shared.transmitting);
-    transmission::serve(&mut reader, stream.try_clone()?, &shared.device, &export)
+    let client = stream.peer_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    transmission::serve(&mut reader, stream.try_clone()?, &shared.device, &export, &client)
 }
 
 /// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.

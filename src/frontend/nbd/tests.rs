@@ -649,3 +649,76 @@ fn shutdown_closes_clients_and_waits_for_in_flight_completions() {
     busy.expect_closed();
     assert!(TcpStream::connect(addr).is_err(), "listener still accepting");
 }
+
+/// Completes every request on one thread, as the daemon's disk threads serve every client.
+struct SerialDevice {
+    queue: Mutex<std::sync::mpsc::Sender<(BlockRequest, Completion)>>,
+}
+
+impl SerialDevice {
+    fn new(inner: Arc<MemDevice>) -> Arc<SerialDevice> {
+        let (tx, rx) = std::sync::mpsc::channel::<(BlockRequest, Completion)>();
+        thread::spawn(move || {
+            for (request, done) in rx {
+                inner.submit(request, done);
+            }
+        });
+        Arc::new(SerialDevice { queue: Mutex::new(tx) })
+    }
+}
+
+impl BlockDevice for SerialDevice {
+    fn size_bytes(&self) -> u64 {
+        SIZE
+    }
+
+    fn submit(&self, request: BlockRequest, done: Completion) {
+        self.queue.lock().unwrap().send((request, done)).unwrap();
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_stalls_nobody_else() {
+    let device = SerialDevice::new(Arc::new(MemDevice::new(SIZE as usize)));
+    let server = serve(device);
+    // Sixty reads of the whole device, replies never read: far more than the sockets buffer.
+    let mut stalled = RawClient::transmitting(server.local_addr());
+    for cookie in 0..60 {
+        stalled.request(0, CMD_READ, cookie, 0, SIZE as u32);
+    }
+    // The device thread completed those reads; their replies wait on the stalled client's
+    // writer, not on it. Another client is served meanwhile.
+    let mut other = RawClient::transmitting(server.local_addr());
+    other.write(1, 0, &[0x5a; 4096]);
+    assert_eq!(other.reply(), (0, 1));
+    other.request(0, CMD_READ, 2, 0, 4096);
+    assert_eq!(other.reply(), (0, 2));
+    assert_eq!(other.read_bytes(4096), vec![0x5a; 4096]);
+    drop(stalled);
+}
+
+#[test]
+fn clients_beyond_the_cap_are_closed_at_once_and_places_come_back() {
+    let (server, _) = serve_mem();
+    let held: Vec<RawClient> = (0..super::MAX_CLIENTS).map(|_| RawClient::connect(server.local_addr())).collect();
+    let mut refused = TcpStream::connect(server.local_addr()).unwrap();
+    refused.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut byte = [0; 1];
+    assert!(matches!(refused.read(&mut byte), Ok(0) | Err(_)), "no greeting past the cap");
+    drop(held);
+    // The accept loop reaps finished clients as the next one arrives.
+    wait_until("a place again", || {
+        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.read(&mut byte).is_ok_and(|n| n == 1)
+    });
+}
+
+#[test]
+fn a_client_that_never_finishes_the_handshake_is_closed() {
+    let (server, _) = serve_mem();
+    let mut client = RawClient::connect(server.local_addr());
+    client.stream.set_read_timeout(Some(super::HANDSHAKE_DEADLINE + TIMEOUT)).unwrap();
+    // The greeting was read; the client's flags never come.
+    client.expect_closed();
+}

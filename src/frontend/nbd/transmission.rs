@@ -2,12 +2,9 @@
 //!
 //! The calling thread is the connection's only reader. It never waits for the device, only
 //! for room under the in-flight bounds, so many requests are in flight at once and their
-//! replies go out in completion order, matched by cookie. Completions write replies through
-//! the shared [`ReplySink`] from whichever thread the device completes on.
-//!
-//! A device that completes synchronously inside `submit` (like `MemDevice`) writes the reply
-//! from this thread; that is fine as long as the client reads replies while it sends, as
-//! every real client does.
+//! replies go out in completion order, matched by cookie. Completions queue replies on the
+//! client's [`ReplySink`], whose own thread writes them: no device thread ever waits on a
+//! client.
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -34,8 +31,9 @@ pub fn serve<R: Read>(
     stream: TcpStream,
     device: &Arc<dyn BlockDevice>,
     export: &Export,
+    client: &str,
 ) -> Result<(), SessionError> {
-    let sink = Arc::new(ReplySink::new(stream));
+    let sink = Arc::new(ReplySink::new(stream, client)?);
     let inflight = InFlight::new();
     let result = read_requests(reader, &sink, &inflight, device.as_ref(), export);
     // Requests already submitted still get their replies if the client is listening; the
@@ -70,14 +68,16 @@ fn read_requests<R: Read>(
                     "refusing request"
                 );
                 if rejection.fatal {
-                    sink.send(cookie, Err(rejection.errno));
+                    sink.send(cookie, Err(rejection.errno), inflight.acquire(0));
                     return Err(SessionError::OversizedRequest {
                         kind: header.kind,
                         len: header.len,
                     });
                 }
                 discard(reader, header.payload_len())?;
-                sink.send(cookie, Err(rejection.errno));
+                // The refusal holds a permit too: a client that sends bad requests without
+                // reading the answers is held up like one that pipelines good ones.
+                sink.send(cookie, Err(rejection.errno), inflight.acquire(0));
                 continue;
             }
         };
@@ -119,11 +119,9 @@ fn completion(
     read_len: Option<u32>,
 ) -> Completion {
     Box::new(move |result: BlockResult| {
-        match (result, read_len) {
-            (Ok(Some(data)), Some(len)) if data.len() == len as usize => {
-                sink.send(cookie, Ok(&data))
-            }
-            (Ok(_), None) => sink.send(cookie, Ok(&[])),
+        let outcome = match (result, read_len) {
+            (Ok(Some(data)), Some(len)) if data.len() == len as usize => Ok(data),
+            (Ok(_), None) => Ok(Bytes::new()),
             (Ok(data), Some(len)) => {
                 // Sending a wrong length would desynchronize the client; fail the read instead.
                 warn!(
@@ -132,15 +130,16 @@ fn completion(
                     got = data.map(|d| d.len()),
                     "device returned a short read"
                 );
-                sink.send(cookie, Err(Errno::Io));
+                Err(Errno::Io)
             }
             (Err(error), _) => {
                 debug!(cookie, %error, "request failed");
-                sink.send(cookie, Err(Errno::from(&error)));
+                Err(Errno::from(&error))
             }
-        }
-        // Only now may the reader (or a disconnect waiting for idle) proceed.
-        drop(permit);
+        };
+        // The permit is released once the reply is written: until then it still counts
+        // against the client's bounds (and a disconnect waits for it).
+        sink.send(cookie, outcome, permit);
     })
 }
 
