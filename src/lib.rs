@@ -4,7 +4,8 @@
 //! the daemon runs the [`engine`], whose drivers feed events into the pure state machines of
 //! [`core`], which use the on-disk formats of [`meta`] and the frame formats of [`wire`].
 //! [`frontend`] exposes the engine to hosts (NBD, ublk). Every disk access, data and metadata,
-//! goes through [`disk`]. Sockets read their handshakes through [`handshake_stream`].
+//! goes through [`disk`]. Sockets read their handshakes through [`handshake_stream`]. [`events`]
+//! turns consecutive status snapshots into `blkrepl events` lines; [`control`] carries them.
 
 pub mod config;
 pub mod control;
@@ -12,6 +13,7 @@ pub mod core;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
+pub mod events;
 pub mod frontend;
 pub mod handshake_stream;
 pub mod meta;

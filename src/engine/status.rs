@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 pub struct ResourceStatus {
     pub name: String,
     pub node: String,
+    /// This node's id (`[[node]] id`).
+    #[serde(default)]
+    pub node_id: u8,
     pub role: String,
     pub disk: String,
     /// Whether this node has quorum (always, while the policy is "off").
@@ -196,6 +199,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
     ResourceStatus {
         name: shared.config.name.clone(),
         node: shared.me.name.clone(),
+        node_id: shared.me.id,
         role: st.replica.role.to_string(),
         disk: st.replica.disk.to_string(),
         quorum: quorum.has_quorum,
