@@ -1,10 +1,13 @@
-//! The daemon's control socket: one JSON request line, one JSON response line.
+//! The daemon's control socket: one JSON request line, one JSON response line (for `events`,
+//! a stream of event lines follows the response).
 //!
 //! The socket lives in the run directory, is mode 0600, and the server also checks the caller's
 //! credentials (SO_PEERCRED): only root or the daemon's own user may drive a replicated device.
 
 pub mod client;
+pub mod event_stream;
 pub mod server;
+pub mod watch;
 
 use crate::engine::ResourceStatus;
 use serde::{Deserialize, Serialize};
@@ -24,6 +27,9 @@ pub enum Request {
     NewCurrentUuid { clear_bitmap: bool },
     Verify,
     Invalidate,
+    /// Keep the connection open: a `Response` line, then one [`crate::events::Event`] line per
+    /// change (`event_stream`), until the client goes away.
+    Events { statistics: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
