@@ -4,16 +4,20 @@
 //! error, 11 refused by the resource's state, 12 device in use, 13 permission denied.
 
 use blkrepl::config::{ConfigError, NodeConfig, ResourceConfig};
+use blkrepl::control::watch::{self, Source, WatchError};
 use blkrepl::control::{self, client, Request};
 use blkrepl::daemon;
 use blkrepl::disk::{Disk, FileDisk};
 use blkrepl::engine::{Engine, ResourceStatus};
 use blkrepl::meta::{MetaParams, MetaStore};
 use clap::{Parser, Subcommand};
-use std::io::{BufRead, BufReader};
+use status_view::{format_status, Detail};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+
+mod status_view;
 
 #[derive(Parser)]
 #[command(name = "blkrepl", version, about = "Replicated block device: admin commands and daemon")]
@@ -75,6 +79,30 @@ enum Cmd {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Every field: node ids, generation, quorum detail, each peer's last error.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Byte counters, out-of-sync amounts and resync rates.
+        #[arg(long, short)]
+        statistics: bool,
+        /// One resource (default: every resource file in the config directory).
+        resource: Option<String>,
+    },
+    /// Follow state changes as lines `exists|create|change|destroy OBJECT key:value ...`, as
+    /// `drbdsetup events2` does (docs/OPERATIONS.md, "Events").
+    Events {
+        /// Print the current state, up to the `exists -` marker, and exit.
+        #[arg(long)]
+        now: bool,
+        /// One JSON object per line (always with its time).
+        #[arg(long)]
+        json: bool,
+        /// Prefix each line with its time (ISO-8601, UTC).
+        #[arg(long)]
+        timestamps: bool,
+        /// Add byte counters and the resync rate to peer-device lines.
+        #[arg(long)]
+        statistics: bool,
         /// One resource (default: every resource file in the config directory).
         resource: Option<String>,
     },
@@ -148,7 +176,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::NewCurrentUuid { clear_bitmap, resource } => {
             request(&cli, resource, Request::NewCurrentUuid { clear_bitmap: *clear_bitmap }).map(|_| ())
         }
-        Cmd::Status { json, resource } => status(&cli, resource.as_deref(), *json),
+        Cmd::Status { json, verbose, statistics, resource } => {
+            status(&cli, resource.as_deref(), *json, Detail { verbose: *verbose, statistics: *statistics })
+        }
+        Cmd::Events { now, json, timestamps, statistics, resource } => {
+            events(&cli, resource.as_deref(), watch::Options { statistics: *statistics, now: *now, require_running: *now && resource.is_some() }, *json, *timestamps)
+        }
         Cmd::Verify { resource } => {
             let status = request(&cli, resource, Request::Verify)?;
             let peers: Vec<&str> = status
@@ -176,8 +209,41 @@ fn request(cli: &Cli, resource: &str, request: Request) -> Result<Option<Resourc
             None => Ok(response.status),
             Some(error) => Err(fail(format!("{resource}: {error}"), response.exit_code.clamp(1, 255) as u8)),
         },
-        Err(client::ClientError::NotRunning) => {
-            Err(fail(format!("{resource} is not up on node {} (start it with `blkrepl up {resource}`)", me.name), 3))
+        Err(client::ClientError::NotRunning) => Err(not_up(resource, &me.name)),
+        Err(e) => Err(fail(e.to_string(), 1)),
+    }
+}
+
+fn not_up(resource: &str, node: &str) -> Failure {
+    fail(format!("{resource} is not up on node {node} (start it with `blkrepl up {resource}`)"), 3)
+}
+
+/// Follows the resource (or every resource) until interrupted; with --now, prints its state
+/// and returns.
+fn events(cli: &Cli, resource: Option<&str>, options: watch::Options, json: bool, timestamps: bool) -> Result<(), Failure> {
+    let names: Vec<String> = match resource {
+        Some(name) => vec![name.to_owned()],
+        None => resource_names(&cli.config_dir)?,
+    };
+    let mut sources = Vec::new();
+    for name in &names {
+        let (config, me) = load(cli, name)?;
+        sources.push(Source { socket: control::socket_path(&cli.run_dir, &config.name, &me.name), resource: config.name });
+    }
+    let stdout = std::io::stdout();
+    let result = watch::watch(sources, options, |event| {
+        let line = if json { serde_json::to_string(event).expect("events serialize") } else { event.text(timestamps) };
+        let mut out = stdout.lock();
+        writeln!(out, "{line}")?;
+        out.flush()
+    });
+    match result {
+        Ok(()) => Ok(()),
+        Err(WatchError::NotRunning { resource }) => Err(not_up(&resource, &node_name(cli)?)),
+        // The consumer went away: nothing left to do.
+        Err(WatchError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e @ WatchError::Stream { source: client::ClientError::Refused { exit_code, .. }, .. }) => {
+            Err(fail(e.to_string(), exit_code.clamp(1, 255) as u8))
         }
         Err(e) => Err(fail(e.to_string(), 1)),
     }
@@ -301,7 +367,7 @@ fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
     }
 }
 
-fn status(cli: &Cli, resource: Option<&str>, json: bool) -> Result<(), Failure> {
+fn status(cli: &Cli, resource: Option<&str>, json: bool, detail: Detail) -> Result<(), Failure> {
     let names: Vec<String> = match resource {
         Some(name) => vec![name.to_owned()],
         None => resource_names(&cli.config_dir)?,
@@ -320,7 +386,7 @@ fn status(cli: &Cli, resource: Option<&str>, json: bool) -> Result<(), Failure> 
         println!("{}", serde_json::json!({ "resources": statuses }));
     } else {
         for status in &statuses {
-            print!("{}", format_status(status));
+            print!("{}", format_status(status, detail));
         }
         for name in down {
             println!("{name}: not running");
@@ -337,78 +403,4 @@ fn resource_names(dir: &Path) -> Result<Vec<String>, Failure> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-fn kib(bytes: u64) -> String {
-    format!("{}KiB", bytes / 1024)
-}
-
-/// The human form, in the layout of `drbdadm status`.
-fn format_status(s: &ResourceStatus) -> String {
-    let mut out = format!(
-        "{} node:{} role:{} disk:{} quorum:{} (votes {} of {}, need {}, {}) may-promote:{} promotion-score:{} protocol:{}",
-        s.name,
-        s.node,
-        s.role,
-        s.disk,
-        if s.quorum { "yes" } else { "no" },
-        s.quorum_votes,
-        s.quorum_voters,
-        s.quorum_needed,
-        s.quorum_policy,
-        if s.may_promote { "yes" } else { "no" },
-        s.promotion_score.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-        s.protocol
-    );
-    if s.suspended_writes > 0 {
-        out += &format!(" suspended-writes:{}", s.suspended_writes);
-    }
-    if let Some(device) = &s.device {
-        out += &format!(" device:{device}");
-    }
-    out.push('\n');
-    if let Some(io) = s.device_io.as_deref().filter(|io| *io != "serving") {
-        out += &format!("  device-io: {io}\n");
-    }
-    if let Some(why) = &s.stepped_down {
-        out += &format!("  stepped-down: {why}\n");
-    }
-    if let Some(why) = &s.local_write_failed {
-        out += &format!("  local-write-failed: {why}; every read and write fails: demote this node (`blkrepl secondary`)\n");
-    }
-    for p in &s.peers {
-        out += &format!("  {} node-id:{} connection:{}", p.name, p.node_id, p.connection);
-        if p.witness {
-            out += " witness";
-        }
-        if p.departed {
-            out += " departed";
-        }
-        if p.connection == "Connected" {
-            out += &format!(" role:{}", p.peer_role);
-        }
-        out.push('\n');
-        out += &format!("    replication:{} peer-disk:{}", p.replication, p.peer_disk);
-        if let Some(r) = &p.resync {
-            out += &format!(" done:{:.1}% rate:{}KiB/s", r.done_percent, r.rate_kib_per_s);
-            if let Some(eta) = r.eta_s {
-                out += &format!(" eta:{eta}s");
-            }
-        }
-        out.push('\n');
-        out += &format!("    out-of-sync:{} sent:{} received:{}\n", kib(p.out_of_sync_bytes), kib(p.sent_bytes), kib(p.received_bytes));
-        if let Some(v) = &p.verify {
-            out += &format!("    verify:{} done:{:.1}% found-out-of-sync:{}", v.state, v.done_percent, kib(v.out_of_sync_found_bytes));
-            for range in &v.first_out_of_sync {
-                out += &format!(" {}+{}", range.offset, range.len);
-            }
-            out.push('\n');
-        }
-        if p.connection != "Connected" {
-            if let Some(e) = &p.last_error {
-                out += &format!("    last-error: {e}\n");
-            }
-        }
-    }
-    out
 }
