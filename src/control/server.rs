@@ -111,7 +111,6 @@ pub fn serve(listener: &UnixListener, engine: &Engine) {
         let spawned = std::thread::Builder::new().name("control".into()).spawn(move || {
             let _slot = slot;
             if handle(&stream, &server) {
-                server.stopping.store(true, Ordering::SeqCst);
                 // Wake the accept loop: it returns at the next connection.
                 if let Some(path) = &server.path {
                     let _ = UnixStream::connect(path);
@@ -131,7 +130,7 @@ fn refuse(stream: &UnixStream, message: String) {
     answer(stream, &Response::failed(message, 1));
 }
 
-/// Answers one connection; true when the daemon should exit.
+/// Answers one connection; true when the daemon should exit (`stopping` is set then).
 fn handle(stream: &UnixStream, server: &Server) -> bool {
     let engine = &server.engine;
     let mut line = String::new();
@@ -180,6 +179,8 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
         Request::Invalidate => engine.invalidate().map(drop),
         Request::Down => match engine.shutdown() {
             Ok(()) => {
+                // Before the command lock is released: no command queued behind this one runs.
+                server.stopping.store(true, Ordering::SeqCst);
                 answer(stream, &Response::ok(None));
                 return true;
             }
