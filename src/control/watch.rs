@@ -158,3 +158,35 @@ fn follow(socket: &std::path::Path, statistics: bool, now: bool, report: impl Fn
         std::thread::sleep(RETRY);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::ConnectionObject;
+
+    fn connection(peer_node_id: u8, state: &str) -> Object {
+        Object::Connection(ConnectionObject {
+            name: "r0".into(),
+            peer_node_id,
+            conn_name: format!("n{peer_node_id}"),
+            connection: state.into(),
+            role: "Unknown".into(),
+        })
+    }
+
+    fn event(action: Action, object: Object) -> Event {
+        Event { time: String::new(), action, object }
+    }
+
+    #[test]
+    fn what_was_announced_is_what_gets_destroyed() {
+        let mut known = Vec::new();
+        remember(&mut known, &event(Action::Exists, connection(1, "Connecting")));
+        remember(&mut known, &event(Action::Create, connection(2, "Connecting")));
+        remember(&mut known, &event(Action::Change, connection(1, "Connected")));
+        assert_eq!(known, [connection(1, "Connected"), connection(2, "Connecting")]);
+        remember(&mut known, &event(Action::Destroy, connection(2, "Connecting")));
+        remember(&mut known, &event(Action::Destroy, connection(3, "Connecting")));
+        assert_eq!(known, [connection(1, "Connected")]);
+    }
+}
