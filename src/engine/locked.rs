@@ -4,10 +4,10 @@
 //! queued frame is written by the link's own thread). Links the replica gave up on are dropped
 //! once the lock is released.
 
-use super::state::State;
+use super::state::{Pending, State};
 use super::Shared;
 use crate::core::inflight::{AckLevel, LocalFailure};
-use crate::frontend::{BlockResult, Completion};
+use crate::frontend::BlockResult;
 use super::link::PeerLink;
 use crate::replica::{Action, IoTag, Lane, LocalIo, MetaWrite};
 use crate::wire::Message;
@@ -102,7 +102,7 @@ enum After {
     StreamIo(IoTag, LocalIo),
     /// Handed to the I/O pool.
     PoolIo(IoTag, LocalIo),
-    Complete(Completion, BlockResult),
+    Complete(Pending, BlockResult),
     Action(Action),
 }
 
@@ -126,6 +126,9 @@ fn carry_out_in_order(shared: &Shared, st: &mut State, stream_io_here: bool) -> 
                         st.meta.write_al_update(update, &st.replica.bitmaps).map_err(|e| e.to_string())
                     }
                 };
+                if written.is_ok() {
+                    shared.counters.metadata_written(&what, st.meta.bitmap_pages_written());
+                }
                 if let Err(e) = written {
                     st.replica.persist_failed(Instant::now(), what, &e, queue.collect());
                     queue = st.replica.take_actions().into_iter();
@@ -155,8 +158,8 @@ fn carry_out_in_order(shared: &Shared, st: &mut State, stream_io_here: bool) -> 
             }
             Action::Io { tag, op } => rest.push(After::PoolIo(tag, op)),
             Action::Complete { request, result } => {
-                if let Some(done) = st.requests.remove(&request) {
-                    rest.push(After::Complete(done, result));
+                if let Some(pending) = st.requests.remove(&request) {
+                    rest.push(After::Complete(pending, result));
                 }
             }
             other => rest.push(After::Action(other)),
@@ -198,7 +201,10 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                     }),
                 );
             }
-            After::Complete(done, result) => done(result),
+            After::Complete(Pending { done, arrived, timed }, result) => {
+                shared.counters.completed(timed, arrived);
+                done(result);
+            }
             After::Action(action) => {
                 let Some(shared) = &owner else { continue };
                 match action {

@@ -4,6 +4,7 @@
 mod admission;
 mod congestion;
 mod connection;
+mod counters;
 mod io_pool;
 mod link;
 mod locked;
@@ -14,6 +15,7 @@ mod status;
 mod verify;
 mod write_path;
 
+pub use counters::{CountersSnapshot, HistogramSnapshot};
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, UblkSettings};
@@ -118,6 +120,9 @@ pub(crate) struct Shared {
     pub data: Arc<dyn Disk>,
     pub data_size_bytes: u64,
     pub io: IoPool,
+    /// What the drivers count for the metrics endpoint (atomics: never under `state`'s lock
+    /// for their sake).
+    pub counters: counters::Counters,
     pub state: Mutex<State>,
     /// Signalled whenever in-flight writes, peers or roles change.
     pub changed: Condvar,
@@ -281,6 +286,7 @@ impl Engine {
             data,
             data_size_bytes,
             io,
+            counters: counters::Counters::new(),
             state: Mutex::new(state),
             changed: Condvar::new(),
             timer: Condvar::new(),
@@ -322,6 +328,12 @@ impl Engine {
 
     pub fn status(&self) -> ResourceStatus {
         status::build(&self.shared, &mut self.shared.lock())
+    }
+
+    /// The drivers' counters (latencies, writes in flight, metadata writes), read without the
+    /// engine lock.
+    pub fn counters(&self) -> CountersSnapshot {
+        self.shared.counters.snapshot()
     }
 
     /// Starts an online verify with every connected peer it can run against; returns their

@@ -3,12 +3,14 @@
 //! completions and the export. Methods here persist what the replica decided and answer
 //! requests; they never block on the network.
 
+use super::counters::Timed;
 use super::link::PeerLink;
 use crate::frontend::{Completion, Export};
 use crate::meta::{MetaError, MetaStore};
 use crate::replica::{Replica, RequestId};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What the engine guards with one mutex: the replica and what the drivers need beside it (the
 /// metadata store, the peers' links, the frontends' completions, the export).
@@ -18,7 +20,7 @@ pub struct State {
     /// One per peer, in the replica's order: the link while connected.
     pub links: Vec<Option<Arc<PeerLink>>>,
     /// The frontends' requests the replica has not answered yet.
-    pub requests: HashMap<RequestId, Completion>,
+    pub requests: HashMap<RequestId, Pending>,
     pub next_request: RequestId,
     /// The device as hosts see it (NBD server or /dev/ublkbN): while primary, or while failing
     /// every request after this node gave up a device left behind (see `left_behind`).
@@ -28,6 +30,13 @@ pub struct State {
     /// A ublk device a daemon of this node left behind when it died as primary, with its I/O
     /// held by the kernel until this node may be primary again (device id, why not yet).
     pub left_behind: Option<(u32, String)>,
+}
+
+/// A frontend request the replica has not answered yet, with what its latency is measured from.
+pub struct Pending {
+    pub done: Completion,
+    pub arrived: Instant,
+    pub timed: Timed,
 }
 
 impl State {

@@ -2,22 +2,28 @@
 //! `Action::Complete` (see `engine::locked`). What stays here is flow control: a writer waits
 //! while a peer's send queue is full (after the replica had its say on congestion).
 
+use super::counters::Timed;
 use super::link::BULK_QUEUE_LIMIT_BYTES;
 use super::locked::Locked;
-use super::state::State;
+use super::state::{Pending, State};
 use super::Shared;
 use crate::frontend::{BlockRequest, Completion};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// A request's latency runs from here (before any wait for the lock or for room in a send
+/// queue) to its answer (see `locked::run_after`).
 pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
+    let arrived = Instant::now();
+    let timed = Timed::of(&request);
+    shared.counters.arrived(timed);
     let mut st = shared.lock();
     if !matches!(request, BlockRequest::Read { .. } | BlockRequest::Flush) {
         st = wait_for_room(shared, st);
     }
     let id = st.next_request;
     st.next_request += 1;
-    st.requests.insert(id, done);
+    st.requests.insert(id, Pending { done, arrived, timed });
     let queued = queued_bytes(&st);
     st.replica.submit(Instant::now(), id, request, |peer| queued.iter().find(|(id, _)| *id == peer).map_or(0, |(_, q)| *q));
 }

@@ -44,6 +44,9 @@ pub struct MetaStore {
     /// The activity log on disk is known to be empty: the only state in which AL_CLEAN may be
     /// written.
     al_empty: bool,
+    /// Bitmap pages written durably since this store was opened: the metrics endpoint shows
+    /// the metadata traffic the write path causes (see `engine::counters`).
+    bitmap_pages_written: u64,
 }
 
 /// Reads both superblock slots and picks the current one.
@@ -144,6 +147,7 @@ impl MetaStore {
             seq: 0,
             slot: 1,
             al_empty: true,
+            bitmap_pages_written: 0,
         };
         store.write_superblock_as_is(superblock)?;
         Ok(store)
@@ -188,7 +192,7 @@ impl MetaStore {
             )));
         }
         let mut store =
-            MetaStore { disk, layout, superblock: superblock.clone(), seq, slot, al_empty: false };
+            MetaStore { disk, layout, superblock: superblock.clone(), seq, slot, al_empty: false, bitmap_pages_written: 0 };
         let bitmaps = (0..superblock.peers.len())
             .map(|i| store.read_bitmap(i))
             .collect::<Result<Vec<_>, _>>()?;
@@ -288,7 +292,15 @@ impl MetaStore {
             sb.peers[slot].bitmap_crc = None;
             self.write_superblock_as_is(sb)?;
         }
-        write_pages(&*self.disk, self.layout.bitmap_area_offset(slot), bitmap, &pages)
+        write_pages(&*self.disk, self.layout.bitmap_area_offset(slot), bitmap, &pages)?;
+        self.bitmap_pages_written += pages.len() as u64;
+        Ok(())
+    }
+
+    /// Bitmap pages written durably since the store was opened (evictions of activity-log
+    /// transactions and a clean stop included).
+    pub fn bitmap_pages_written(&self) -> u64 {
+        self.bitmap_pages_written
     }
 
     /// Writes the whole bitmap of peer slot `slot` durably.
