@@ -97,6 +97,8 @@ pub struct NodeConfig {
     pub meta_disk: Option<PathBuf>,
     /// How the device is exported while this node is primary.
     pub frontend: Frontend,
+    /// Where this node's daemon serves Prometheus scrapes (`GET /metrics`); `None`: it does not.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// A validated resource file.
@@ -206,6 +208,7 @@ struct RawNode {
     ublk_id: Option<u32>,
     ublk_queues: Option<u16>,
     ublk_depth: Option<u16>,
+    metrics_address: Option<String>,
 }
 
 fn default_protocol() -> String {
@@ -450,6 +453,11 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         }
         let address = parse_addr(&node.address).map_err(|p| invalid(path, key("address"), p))?;
         let nbd = node.nbd.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
+        let metrics_address = node.metrics_address.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("metrics_address"), p))?;
+        if let Some(taken) = metrics_address.filter(|m| *m == address || Some(*m) == nbd) {
+            let by = if taken == address { "address" } else { "nbd" };
+            return Err(invalid(path, key("metrics_address"), format!("{taken} is this node's `{by}` already: give the metrics endpoint a port of its own")));
+        }
         if node.disk.as_os_str().is_empty() {
             return Err(invalid(path, key("disk"), "is empty (a diskless witness says disk = \"none\")"));
         }
@@ -500,7 +508,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         if let Some(other) = nodes.iter().find(|n| n.address == address) {
             return Err(invalid(path, key("address"), format!("{address} is already node \"{}\"'s", other.name)));
         }
-        nodes.push(NodeConfig { id, name: node.name, address, disk, meta_disk: node.meta_disk, frontend });
+        nodes.push(NodeConfig { id, name: node.name, address, disk, meta_disk: node.meta_disk, frontend, metrics_address });
     }
     if nodes.iter().filter(|n| n.disk.is_some()).count() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two nodes with a disk (witnesses only vote)"));
@@ -672,6 +680,7 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(config.nodes[1].id, 1);
         assert_eq!(config.nodes[0].frontend, Frontend::Nbd("127.0.0.1:10809".parse().unwrap()));
         assert_eq!(config.nodes[1].frontend, Frontend::None);
+        assert_eq!(config.nodes[0].metrics_address, None, "metrics are off by default");
         assert_eq!(config.logical_block_size, 512);
         assert_eq!(config.node("beta").unwrap().address.port(), 7790);
         assert_eq!(config.bitmap_block_size, DEFAULT_BITMAP_BLOCK_SIZE);
@@ -711,10 +720,21 @@ disk = "/var/lib/blkrepl/beta.img"
             ("quorum = \"off\"", "quorum = \"majority\"\nafter_sb_0pri = \"discard-younger-primary\"", "after_sb_0pri"),
             ("quorum = \"off\"", "quorum = 2\nafter_sb_0pri = \"discard-least-changes\"", "after_sb_0pri"),
             ("quorum = \"off\"", "quorum = \"majority\"\nafter_sb_1pri = \"discard-secondary\"", "after_sb_1pri"),
+            ("nbd = \"127.0.0.1:10809\"", "nbd = \"127.0.0.1:10809\"\nmetrics_address = \"9942\"", "node[0].metrics_address"),
+            ("nbd = \"127.0.0.1:10809\"", "nbd = \"127.0.0.1:10809\"\nmetrics_address = \"127.0.0.1:10809\"", "node[0].metrics_address"),
+            ("nbd = \"127.0.0.1:10809\"", "nbd = \"127.0.0.1:10809\"\nmetrics_address = \"127.0.0.1:7789\"", "node[0].metrics_address"),
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn metrics_address_is_per_node() {
+        let text = GOOD.replace("nbd = \"127.0.0.1:10809\"", "nbd = \"127.0.0.1:10809\"\nmetrics_address = \"127.0.0.1:9942\"");
+        let config = parse(&text).unwrap();
+        assert_eq!(config.nodes[0].metrics_address, Some("127.0.0.1:9942".parse().unwrap()));
+        assert_eq!(config.nodes[1].metrics_address, None);
     }
 
     #[test]
