@@ -21,6 +21,8 @@ pub enum DaemonError {
     Control { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Tells the `up` command that started this daemon how start-up went (a pipe on stdout), so
@@ -88,8 +90,13 @@ fn start(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Start
         .map_err(|source| DaemonError::RunDir { path: run_dir.to_owned(), source })?;
     let lock = take_lock(&config.name, &me.name, run_dir)?;
     let socket = control::socket_path(run_dir, &config.name, &me.name);
+    // Bound before anything starts: a port in use is a start-up error `up` reports.
+    let metrics = me.metrics_address.map(crate::metrics::bind).transpose()?;
     let engine = Engine::open(config, me, run_dir)?;
     engine.start()?;
+    if let Some(listener) = metrics {
+        crate::metrics::spawn(listener, engine.clone())?;
+    }
     engine.resume_export();
     let listener = server::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
     Ok((engine, listener, lock))

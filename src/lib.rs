@@ -17,5 +17,6 @@ pub mod events;
 pub mod frontend;
 pub mod handshake_stream;
 pub mod meta;
+pub mod metrics;
 pub mod replica;
 pub mod wire;
