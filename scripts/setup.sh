@@ -32,9 +32,9 @@ needs_of() {
     # Host tests: real daemons driven by qemu-io, network namespaces with ip, the Pacemaker
     # agent under ocf-tester (resource-agents; xmllint checks its meta-data), a real Pacemaker
     # + Corosync cluster in namespaces (scripts/pacemaker: ext4 on top through nbdfuse, bc for
-    # the RTO); then the guest suite.
+    # the RTO), curl scraping the metrics endpoint (tests/metrics.rs); then the guest suite.
     test) needs_of vm
-          echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc ;;
+          echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
   esac

@@ -19,6 +19,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<String>,
     pub nbd_ports: Vec<u16>,
+    /// Each node's `metrics_address`, when [`Options::metrics`] is set.
+    pub metrics_addresses: Vec<String>,
     pub resource: String,
     /// Set when the nodes live in network namespaces (see [`netns::Net`]).
     pub net: Option<netns::Net>,
@@ -57,12 +59,14 @@ pub struct Options {
     pub witnesses: &'static [&'static str],
     /// Each node in its own network namespace (root only), so partitions can be made.
     pub netns: bool,
+    /// Each node serves Prometheus scrapes on a `metrics_address` of its own.
+    pub metrics: bool,
     pub extra: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { protocol: "C", disk_mib: 64, quorum: "off", witnesses: &[], netns: false, extra: "" }
+        Options { protocol: "C", disk_mib: 64, quorum: "off", witnesses: &[], netns: false, metrics: false, extra: "" }
     }
 }
 
@@ -73,6 +77,12 @@ impl Cluster {
         // In namespaces every node has its own address and the standard ports.
         let ports: Vec<u16> = if net.is_some() { [7789, 10809].repeat(nodes.len()) } else { free_ports(nodes.len() * 2) };
         let host = |i: usize| if net.is_some() { netns::Net::address(i) } else { "127.0.0.1".to_owned() };
+        let metrics_addresses: Vec<String> = match (options.metrics, net.is_some()) {
+            (false, _) => Vec::new(),
+            (true, true) => (0..nodes.len()).map(|i| format!("{}:9942", host(i))).collect(),
+            (true, false) => free_ports(nodes.len()).into_iter().map(|port| format!("127.0.0.1:{port}")).collect(),
+        };
+        let metrics_key = |i: usize| metrics_addresses.get(i).map_or(String::new(), |a| format!("metrics_address = \"{a}\"\n"));
         let mut text =
             format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{}\n", options.protocol, options.quorum, options.extra);
         for (i, name) in nodes.iter().enumerate() {
@@ -80,22 +90,24 @@ impl Cluster {
                 // As a witness should run: what it learns is kept in its metadata file.
                 let meta = dir.path().join(format!("{name}.meta"));
                 text += &format!(
-                    "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"none\"\nmeta_disk = \"{}\"\n",
+                    "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"none\"\nmeta_disk = \"{}\"\n{}",
                     host(i),
                     ports[2 * i],
-                    meta.display()
+                    meta.display(),
+                    metrics_key(i)
                 );
                 continue;
             }
             let disk = dir.path().join(format!("{name}.img"));
             std::fs::File::create(&disk).unwrap().set_len(options.disk_mib << 20).unwrap();
             text += &format!(
-                "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"{}\"\nnbd = \"{}:{}\"\n",
+                "[[node]]\nname = \"{name}\"\naddress = \"{}:{}\"\ndisk = \"{}\"\nnbd = \"{}:{}\"\n{}",
                 host(i),
                 ports[2 * i],
                 disk.display(),
                 host(i),
-                ports[2 * i + 1]
+                ports[2 * i + 1],
+                metrics_key(i)
             );
         }
         std::fs::create_dir_all(dir.path().join("etc")).unwrap();
@@ -103,6 +115,7 @@ impl Cluster {
         Cluster {
             nbd_ports: (0..nodes.len()).map(|i| ports[2 * i + 1]).collect(),
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            metrics_addresses,
             dir,
             resource: "r0".into(),
             net,
@@ -146,6 +159,18 @@ impl Cluster {
             }
             None => Command::new(program),
         }
+    }
+
+    /// `curl` on `node`'s metrics endpoint (from inside its namespace): `path` with `args`
+    /// (`-X POST`, say); curl's output and exit status.
+    pub fn curl_metrics(&self, node: &str, path: &str, args: &[&str]) -> Output {
+        let address = self.metrics_addresses.get(self.index(node)).expect("a cluster with Options::metrics");
+        self.command_for(node, "curl")
+            .args(["--silent", "--show-error", "--max-time", "20"])
+            .args(args)
+            .arg(format!("http://{address}{path}"))
+            .output()
+            .unwrap_or_else(|e| panic!("curl not runnable ({e}): scripts/setup.sh test installs it"))
     }
 
     /// Cuts `node` off from every other node.
