@@ -377,6 +377,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
             ),
         ));
     }
+    let raw_secret_file = raw.secret_file.is_some();
     let secret = match (raw.secret, raw.secret_file) {
         (Some(_), Some(_)) => return Err(invalid(path, "secret_file", "set either `secret` or `secret_file`, not both")),
         (Some(s), None) => Some(s.into_bytes()),
@@ -387,8 +388,10 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         }
         (None, None) => None,
     };
-    if secret.as_ref().is_some_and(|s| s.is_empty()) {
-        return Err(invalid(path, "secret", "is empty"));
+    let min = crate::wire::auth::MIN_SECRET_LEN;
+    if let Some(short) = secret.as_ref().filter(|s| s.len() < min) {
+        let key = if raw_secret_file { "secret_file" } else { "secret" };
+        return Err(invalid(path, key, format!("is {} bytes; a shared secret needs at least {min} (a short one can be guessed from one handshake)", short.len())));
     }
     let bitmap_block_size = raw.bitmap_block_size.unwrap_or(DEFAULT_BITMAP_BLOCK_SIZE);
     if !bitmap_block_size.is_power_of_two()
@@ -828,6 +831,15 @@ disk = "/var/lib/blkrepl/beta.img"
     fn secret_and_secret_file_are_exclusive() {
         let text = GOOD.replace("quorum = \"off\"", "secret = \"s\"\nsecret_file = \"/x\"");
         assert!(error_of(&text).contains("`secret_file`"));
+    }
+
+    #[test]
+    fn a_secret_short_enough_to_guess_is_refused() {
+        let short = GOOD.replace("quorum = \"off\"", "quorum = \"off\"\nsecret = \"hunter2\"");
+        let err = error_of(&short);
+        assert!(err.contains("`secret`") && err.contains("7 bytes") && err.contains("at least 16"), "{err}");
+        let long = GOOD.replace("quorum = \"off\"", "quorum = \"off\"\nsecret = \"sixteen bytes ok\"");
+        assert_eq!(parse(&long).unwrap().secret.as_deref(), Some(&b"sixteen bytes ok"[..]));
     }
 
     #[test]

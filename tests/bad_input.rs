@@ -146,11 +146,11 @@ fn peers_with_different_protocols_are_refused() {
 
 #[test]
 fn wrong_secret_is_refused_before_any_data() {
-    let c = Cluster::new(&["alpha", "beta"], Options { extra: "secret = \"right\"", ..Options::default() });
+    let c = Cluster::new(&["alpha", "beta"], Options { extra: "secret = \"the right shared secret\"", ..Options::default() });
     c.create_md_and_up();
     c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
     c.ok("beta", &["down", "r0"]);
-    edit_config(&c, "secret = \"right\"", "secret = \"wrong\"");
+    edit_config(&c, "secret = \"the right shared secret\"", "secret = \"the wrong shared secret\"");
     c.ok("beta", &["up", "r0"]);
     let s = c.wait_for("beta", "auth refusal", |s| {
         Cluster::peer(s, "alpha")["last_error"].as_str().is_some_and(|e| e.contains("authentication failed"))

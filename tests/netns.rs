@@ -97,14 +97,16 @@ fn witness_down_secondary_reboot_and_primary_crash_resync_only_what_differs() {
     c.ok("tie", &["up", "r0"]);
     c.wait_for("alpha", "tie back", |s| Cluster::peer(s, "tie")["connection"] == "Connected");
 
-    // Secondary reboot: only the 2 MiB written meanwhile move.
+    // Secondary crash: the 2 MiB written meanwhile move, and the activity-log extent of the
+    // last write beta applied (4 MiB at 0): the write a secondary applied last may be one no
+    // other node got, so its hot extents are resynced wherever it reconnects (seed 12660).
     // (The restarted daemon counts received bytes from zero.)
     c.kill("beta");
     c.write("alpha", &[(8 * MIB, 2 * MIB, 0x32)]);
     c.ok("beta", &["up", "r0"]);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");
     let moved = c.received("beta", "alpha");
-    assert!((2 * MIB..3 * MIB).contains(&moved), "secondary reboot moved {moved} bytes for 2 MiB written");
+    assert!((2 * MIB..=6 * MIB).contains(&moved), "secondary crash moved {moved} bytes for 2 MiB written and one hot extent");
 
     // Primary crash: beta takes over; alpha returns and resyncs only its activity log's hot
     // extents (4 MiB each) plus what beta wrote, never the 128 MiB device.

@@ -41,7 +41,7 @@ wait_dead() {
 resource() {
   local name=$1 nodes=($2) i
   {
-    printf 'name = "%s"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\nsecret = "guest-suite"\n' "$name"
+    printf 'name = "%s"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\nsecret = "guest-suite-shared-secret"\n' "$name"
     for ((i = 0; i < ${#nodes[@]}; i += 2)); do
       truncate -s "${DISK_SIZE:-256M}" "$WORK/$name.${nodes[i]}.img"
       printf '[[node]]\nname = "%s"\naddress = "%s"\ndisk = "%s"\n' "${nodes[i]}" "${nodes[i+1]}" "$WORK/$name.${nodes[i]}.img"

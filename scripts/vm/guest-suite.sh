@@ -227,7 +227,7 @@ t_partition() {
     i=$((i + 1))
   done
   truncate -s 256M "$WORK/$r.alpha.img" "$WORK/$r.beta.img"
-  printf 'name = "%s"\nprotocol = "C"\nquorum = "majority"\nfrontend = "ublk"\nsecret = "guest-suite"\n' $r > "$WORK/etc/$r.toml"
+  printf 'name = "%s"\nprotocol = "C"\nquorum = "majority"\nfrontend = "ublk"\nsecret = "guest-suite-shared-secret"\n' $r > "$WORK/etc/$r.toml"
   printf '[[node]]\nname = "%s"\naddress = "%s"\ndisk = "%s"\n' alpha 10.98.0.1:7789 "$WORK/$r.alpha.img" \
     beta 10.98.0.2:7789 "$WORK/$r.beta.img" tie 10.98.0.3:7789 none >> "$WORK/etc/$r.toml"
   for n in alpha beta tie; do

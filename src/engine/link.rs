@@ -1,7 +1,8 @@
 //! The sending half of a peer connection: one ordered stream, with control frames (acks, pings,
 //! barrier acks, state) overtaking queued bulk data so a large transfer never delays an ack.
 
-use crate::wire::{write_message, Message};
+use crate::wire::auth::FrameMac;
+use crate::wire::{write_message_with, Message};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
@@ -23,20 +24,34 @@ struct SendQueue {
     closed: bool,
 }
 
+/// The socket's buffered writer and, on an authenticated link, this direction's frame MAC:
+/// one lock, so frames are MACed in the order they go out.
+struct Out {
+    w: BufWriter<TcpStream>,
+    mac: Option<FrameMac>,
+}
+
+impl Out {
+    fn write(&mut self, msg: &Message) -> std::io::Result<()> {
+        write_message_with(&mut self.w, msg, self.mac.as_mut())
+    }
+}
+
 /// Lock order: `queue` before `out`. The writer thread takes `out` before it lets go of `queue`,
 /// so a frame it popped is on the wire before any frame sent directly after it.
 pub struct PeerLink {
     queue: Mutex<SendQueue>,
     changed: Condvar,
-    out: Mutex<Option<BufWriter<TcpStream>>>,
+    out: Mutex<Option<Out>>,
     stream: TcpStream,
     sent_bytes: AtomicU64,
 }
 
 /// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
 impl PeerLink {
-    pub fn new(stream: TcpStream) -> std::io::Result<PeerLink> {
-        let out = BufWriter::with_capacity(256 << 10, stream.try_clone()?);
+    /// The link over `stream`; `mac`: what this side MACs its frames with (authenticated links).
+    pub fn new(stream: TcpStream, mac: Option<FrameMac>) -> std::io::Result<PeerLink> {
+        let out = Out { w: BufWriter::with_capacity(256 << 10, stream.try_clone()?), mac };
         Ok(PeerLink {
             queue: Mutex::default(),
             changed: Condvar::new(),
@@ -65,7 +80,7 @@ impl PeerLink {
         if q.control.is_empty() {
             if let Ok(mut out) = self.out.try_lock() {
                 if let Some(out) = out.as_mut() {
-                    if write_message(out, &msg).and_then(|()| out.flush()).is_err() {
+                    if out.write(&msg).and_then(|()| out.w.flush()).is_err() {
                         // The writer thread finds the socket broken too and reports the loss.
                         let _ = self.stream.shutdown(Shutdown::Both);
                     }
@@ -129,7 +144,7 @@ impl PeerLink {
                 if let Some(out) = out.as_mut() {
                     let _ = self.stream.set_write_timeout(Some(Duration::from_millis(100)));
                     let goodbye = Message::Disconnect { reason: reason.to_owned() };
-                    let _ = q.control.iter().chain([&goodbye]).try_for_each(|msg| write_message(out, msg)).and_then(|()| out.flush());
+                    let _ = q.control.iter().chain([&goodbye]).try_for_each(|msg| out.write(msg)).and_then(|()| out.w.flush());
                 }
             }
         }
@@ -170,18 +185,18 @@ impl PeerLink {
             let result = match msg {
                 Some(msg) => {
                     let len = msg.payload_len() as u64;
-                    write_message(out, &msg).map(|()| {
+                    out.write(&msg).map(|()| {
                         self.sent_bytes.fetch_add(len, Ordering::Relaxed);
                     })
                 }
                 // Queue drained: push buffered frames to the kernel and report them sent.
-                None => out.flush(),
+                None => out.w.flush(),
             };
             if let Err(e) = result {
                 return format!("send failed: {e}");
             }
             sent_callbacks.extend(on_sent);
-            let flushed = out.buffer().is_empty();
+            let flushed = out.w.buffer().is_empty();
             drop(out_guard);
             if flushed {
                 sent_callbacks.drain(..).for_each(|callback| callback());
@@ -190,6 +205,6 @@ impl PeerLink {
     }
 
     fn out_has_buffered(&self) -> bool {
-        self.out.try_lock().map_or(true, |out| out.as_ref().is_some_and(|o| !o.buffer().is_empty()))
+        self.out.try_lock().map_or(true, |out| out.as_ref().is_some_and(|o| !o.w.buffer().is_empty()))
     }
 }

@@ -4,6 +4,7 @@
 mod admission;
 mod congestion;
 mod connection;
+mod handshake;
 mod counters;
 mod io_pool;
 mod link;

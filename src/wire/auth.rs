@@ -1,11 +1,20 @@
-//! Shared-secret peer authentication: HMAC-SHA256 challenge-response.
+//! Shared-secret peer authentication and the frame MACs that follow it (HMAC-SHA256).
 //!
-//! Each side sends a fresh random 32-byte nonce in `AuthChallenge`; the peer answers with
-//! `challenge_response(secret, nonce, resource, its own node id)`. Binding the resource and the
-//! responder's node id into the MAC means an answer cannot be replayed for another resource,
-//! nor reflected: an attacker who sends a node's own challenge back to it gets a MAC computed
-//! for that node's id, which does not verify as the answer of the node it claims to be.
-//! The nonce must come from a CSPRNG and never repeat; that is the caller's job (this module
+//! The handshake (PROTOCOL.md, "Handshake"): the dialer sends a fresh nonce, the acceptor
+//! answers with its own, the dialer proves it knows the secret, and only then does the acceptor
+//! prove it too. Both proofs cover a label naming the role, both nonces, the resource and both
+//! node ids, so:
+//! - an acceptor reveals nothing computed from the secret to anyone who has not proven it
+//!   first (no MAC over an attacker's nonce to guess the secret from offline);
+//! - a proof made for one connection verifies on no other: a dialer's proof names the node it
+//!   dialed, so an attacker who relays a real node's dial to a third node gets a proof that
+//!   node rejects; a proof cannot be reflected either (the roles' labels differ).
+//!
+//! Both sides then derive one key per direction from the same transcript, and every later
+//! frame carries a MAC under it over its sequence number and bytes ([`FrameMac`]): a frame
+//! changed, injected, dropped, replayed or reordered on the path fails the next check.
+//!
+//! The nonces must come from a CSPRNG and never repeat; that is the caller's job (this module
 //! has no randomness, so it stays testable).
 
 use hmac::{Hmac, Mac};
@@ -13,42 +22,121 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// The answer `responder_node` gives to `nonce` for `resource`:
-/// HMAC-SHA256(secret, nonce || resource || responder_node).
-pub fn challenge_response(
-    secret: &[u8],
-    nonce: &[u8; 32],
-    resource: &str,
-    responder_node: u8,
-) -> [u8; 32] {
-    keyed(secret, nonce, resource, responder_node)
-        .finalize()
-        .into_bytes()
-        .into()
+/// Bytes of the MAC appended to every frame once a link is authenticated.
+pub const FRAME_MAC_LEN: usize = 16;
+
+/// Fewest bytes a shared secret may have: a secret short enough to guess makes every proof
+/// above worthless.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Which side of the connection made a proof.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Dialer,
+    Acceptor,
 }
 
-/// Whether `mac` is the right answer from `responder_node` to our `nonce`. Compares in
-/// constant time, so response timing leaks nothing about the expected MAC.
-pub fn verify(
-    secret: &[u8],
-    nonce: &[u8; 32],
-    resource: &str,
-    responder_node: u8,
-    mac: &[u8; 32],
-) -> bool {
-    keyed(secret, nonce, resource, responder_node)
-        .verify_slice(mac)
-        .is_ok()
+impl Role {
+    fn proof_label(self) -> &'static [u8] {
+        match self {
+            Role::Dialer => b"blkrepl/2 dialer proof",
+            Role::Acceptor => b"blkrepl/2 acceptor proof",
+        }
+    }
 }
 
-/// The MAC state after absorbing nonce, resource and node. The node byte is last and the nonce
-/// is fixed-size, so the input decodes one way only: no two (resource, node) pairs collide.
-fn keyed(secret: &[u8], nonce: &[u8; 32], resource: &str, responder_node: u8) -> HmacSha256 {
-    let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
-    mac.update(nonce);
-    mac.update(resource.as_bytes());
-    mac.update(&[responder_node]);
-    mac
+/// What both sides of one handshake know once the nonces are exchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct Transcript<'a> {
+    pub resource: &'a str,
+    pub dialer_nonce: [u8; 32],
+    pub acceptor_nonce: [u8; 32],
+    pub dialer: u8,
+    pub acceptor: u8,
+}
+
+impl Transcript<'_> {
+    /// The MAC state keyed with `secret` after `label` and the transcript. Every field is
+    /// fixed-size or length-prefixed, so the input decodes one way only.
+    fn keyed(&self, secret: &[u8], label: &[u8]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");
+        mac.update(&[label.len() as u8]);
+        mac.update(label);
+        mac.update(&self.dialer_nonce);
+        mac.update(&self.acceptor_nonce);
+        mac.update(&[self.resource.len() as u8]);
+        mac.update(self.resource.as_bytes());
+        mac.update(&[self.dialer, self.acceptor]);
+        mac
+    }
+
+    /// The proof `role` sends on this connection.
+    pub fn proof(&self, secret: &[u8], role: Role) -> [u8; 32] {
+        self.keyed(secret, role.proof_label()).finalize().into_bytes().into()
+    }
+
+    /// Whether `mac` is the proof `role` must send on this connection. Compares in constant
+    /// time, so timing leaks nothing about the expected proof.
+    pub fn verify(&self, secret: &[u8], role: Role, mac: &[u8; 32]) -> bool {
+        self.keyed(secret, role.proof_label()).verify_slice(mac).is_ok()
+    }
+
+    /// The frame MACs of this connection once both proofs verified: (what this side sends
+    /// with, what it receives with), for a side in `role`.
+    pub fn frame_macs(&self, secret: &[u8], role: Role) -> (FrameMac, FrameMac) {
+        let key = |label: &[u8]| -> [u8; 32] { self.keyed(secret, label).finalize().into_bytes().into() };
+        let from_dialer = FrameMac::new(&key(b"blkrepl/2 frames from the dialer"));
+        let from_acceptor = FrameMac::new(&key(b"blkrepl/2 frames from the acceptor"));
+        match role {
+            Role::Dialer => (from_dialer, from_acceptor),
+            Role::Acceptor => (from_acceptor, from_dialer),
+        }
+    }
+}
+
+/// The MACs of one direction of an authenticated link: HMAC-SHA256 under the direction's key
+/// over the frame's sequence number (counted, never sent), its header and its payload,
+/// truncated to [`FRAME_MAC_LEN`] bytes.
+#[derive(Clone)]
+pub struct FrameMac {
+    keyed: HmacSha256,
+    seq: u64,
+}
+
+impl std::fmt::Debug for FrameMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameMac").field("seq", &self.seq).finish_non_exhaustive()
+    }
+}
+
+impl FrameMac {
+    fn new(key: &[u8; 32]) -> FrameMac {
+        FrameMac { keyed: HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length"), seq: 0 }
+    }
+
+    /// The MAC of the next frame, made of `parts` (header, fixed fields, data).
+    pub fn seal(&mut self, parts: &[&[u8]]) -> [u8; FRAME_MAC_LEN] {
+        let mut mac = self.next();
+        parts.iter().for_each(|part| mac.update(part));
+        let full: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut tag = [0; FRAME_MAC_LEN];
+        tag.copy_from_slice(&full[..FRAME_MAC_LEN]);
+        tag
+    }
+
+    /// Whether `tag` is the MAC of the next frame, made of `parts`; in constant time.
+    pub fn open(&mut self, parts: &[&[u8]], tag: &[u8; FRAME_MAC_LEN]) -> bool {
+        let mut mac = self.next();
+        parts.iter().for_each(|part| mac.update(part));
+        mac.verify_truncated_left(tag).is_ok()
+    }
+
+    fn next(&mut self) -> HmacSha256 {
+        let mut mac = self.keyed.clone();
+        mac.update(&self.seq.to_be_bytes());
+        self.seq += 1;
+        mac
+    }
 }
 
 #[cfg(test)]
@@ -56,35 +144,61 @@ mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"correct horse battery staple";
-    const NONCE: [u8; 32] = [7; 32];
 
-    #[test]
-    fn right_secret_verifies() {
-        let mac = challenge_response(SECRET, &NONCE, "r0", 2);
-        assert!(verify(SECRET, &NONCE, "r0", 2, &mac));
+    fn transcript() -> Transcript<'static> {
+        Transcript { resource: "r0", dialer_nonce: [7; 32], acceptor_nonce: [9; 32], dialer: 2, acceptor: 0 }
     }
 
     #[test]
-    fn any_changed_input_fails() {
-        let mac = challenge_response(SECRET, &NONCE, "r0", 2);
-        let mut other_nonce = NONCE;
-        other_nonce[31] ^= 1;
-        assert!(!verify(b"wrong secret", &NONCE, "r0", 2, &mac), "secret");
-        assert!(!verify(SECRET, &other_nonce, "r0", 2, &mac), "nonce");
-        assert!(!verify(SECRET, &NONCE, "r0", 1, &mac), "node");
-        assert!(!verify(SECRET, &NONCE, "r1", 2, &mac), "resource");
-        let mut flipped = mac;
+    fn a_proof_verifies_for_its_role_and_connection_only() {
+        let t = transcript();
+        let proof = t.proof(SECRET, Role::Dialer);
+        assert!(t.verify(SECRET, Role::Dialer, &proof));
+        assert!(!t.verify(SECRET, Role::Acceptor, &proof), "reflected as the other role");
+        assert!(!t.verify(b"another secret of some length", Role::Dialer, &proof), "secret");
+        let changed = [
+            Transcript { dialer_nonce: [8; 32], ..t },
+            Transcript { acceptor_nonce: [8; 32], ..t },
+            Transcript { resource: "r1", ..t },
+            Transcript { dialer: 1, ..t },
+            // A relayed dial: the real node dialed node 1, the attacker shows it to node 0.
+            Transcript { acceptor: 1, ..t },
+        ];
+        for other in changed {
+            assert!(!other.verify(SECRET, Role::Dialer, &proof), "{other:?}");
+        }
+        let mut flipped = proof;
         flipped[0] ^= 0x80;
-        assert!(!verify(SECRET, &NONCE, "r0", 2, &flipped), "mac");
+        assert!(!t.verify(SECRET, Role::Dialer, &flipped));
     }
 
-    /// A known answer computed independently (Python's `hmac` over nonce || resource || node)
+    #[test]
+    fn frames_verify_in_order_once_and_in_their_direction_only() {
+        let t = transcript();
+        let (mut dialer_tx, mut dialer_rx) = t.frame_macs(SECRET, Role::Dialer);
+        let (mut acceptor_tx, mut acceptor_rx) = t.frame_macs(SECRET, Role::Acceptor);
+        let first = dialer_tx.seal(&[b"header", b"payload"]);
+        let second = dialer_tx.seal(&[b"header", b"payload"]);
+        assert_ne!(first, second, "the sequence number is in every MAC");
+        let mut replayed = acceptor_rx.clone();
+        assert!(acceptor_rx.open(&[b"header", b"payload"], &first));
+        assert!(!acceptor_rx.clone().open(&[b"header", b"payload"], &first), "replayed");
+        assert!(!acceptor_rx.clone().open(&[b"header", b"payloaD"], &second), "changed");
+        assert!(acceptor_rx.open(&[b"header", b"payload"], &second));
+        assert!(!replayed.open(&[b"header", b"payload"], &second), "dropped the frame before it");
+        let back = acceptor_tx.seal(&[b"x"]);
+        assert!(!dialer_tx.clone().open(&[b"x"], &back), "a frame sent back in the other direction");
+        assert!(dialer_rx.open(&[b"x"], &back));
+    }
+
+    /// A known answer computed independently (Python's `hmac` over the documented encoding)
     /// pins the construction, so a change that breaks interoperability cannot slip in.
     #[test]
     fn known_answer() {
-        let expected = "9128418f5b8c627388ad6dcb8b743a71371c3747afee4c4ffe72a6bd174c4308";
-        let mac = challenge_response(SECRET, &NONCE, "r0", 2);
-        let hex: String = mac.iter().map(|byte| format!("{byte:02x}")).collect();
-        assert_eq!(hex, expected);
+        let proof = transcript().proof(SECRET, Role::Dialer);
+        let hex: String = proof.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(hex, KNOWN_DIALER_PROOF);
     }
+
+    const KNOWN_DIALER_PROOF: &str = "548b8de09676a3896881d1e0ef1c0fb57d14066d6239e0409f59f28258bdb32f";
 }

@@ -2,13 +2,16 @@
 //!
 //! Header (16 bytes, big-endian): magic u32, message type u16, flags u16, payload length u32,
 //! crc32c u32. The crc covers the header with the crc field zeroed, then the payload, so a
-//! corrupted type or length is caught as surely as corrupted data.
+//! corrupted type or length is caught as surely as corrupted data. On an authenticated link
+//! (flag [`FLAG_MAC`]) a MAC follows the payload (see [`super::auth::FrameMac`]): the crc
+//! catches what the network corrupts, the MAC what someone on the path changes.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use super::auth::{FrameMac, FRAME_MAC_LEN};
 use super::message::{Kind, Message, MAX_DATA_BYTES};
 
 /// First four bytes of every frame ("BLKR"): a stream that does not start with it is not a
@@ -19,6 +22,10 @@ pub const HEADER_LEN: usize = 16;
 /// Largest payload a receiver accepts: one maximal data chunk plus room for fixed fields.
 /// Checked before the payload buffer is allocated, so a hostile length costs nothing.
 pub const MAX_PAYLOAD: u32 = (MAX_DATA_BYTES + 64) as u32;
+
+/// Header flag: a MAC of [`FRAME_MAC_LEN`] bytes follows the payload. Set on every frame of an
+/// authenticated link, and on no other.
+pub const FLAG_MAC: u16 = 1;
 
 const LEN_RANGE: Range<usize> = 8..12;
 const CRC_RANGE: Range<usize> = 12..16;
@@ -46,6 +53,10 @@ pub enum WireError {
     BadCrc { expected: u32, found: u32 },
     #[error("unknown message type {0:#06x}")]
     UnknownType(u16),
+    #[error("frame MAC does not verify: changed, injected, dropped or replayed on the way")]
+    BadMac,
+    #[error("frame without the MAC every frame of this authenticated link carries")]
+    MissingMac,
     #[error("malformed {msg_type} frame: {reason}")]
     Malformed {
         msg_type: &'static str,
@@ -59,14 +70,24 @@ pub enum WireError {
 /// Refuses (with `InvalidInput`, before writing anything) a message the peer would reject as
 /// malformed, such as more than 1 MiB of data or an over-long resource name.
 pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
+    write_message_with(w, msg, None)
+}
+
+/// [`write_message`] on a link whose frames carry a MAC (`mac`: this direction's), or not.
+pub fn write_message_with<W: Write>(w: &mut W, msg: &Message, mac: Option<&mut FrameMac>) -> io::Result<()> {
     let mut head = BytesMut::with_capacity(HEADER_LEN + 128);
-    let data = put_head(msg, &mut head).map_err(|reason| {
+    let flags = if mac.is_some() { FLAG_MAC } else { 0 };
+    let data = put_head(msg, &mut head, flags).map_err(|reason| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("cannot send {}: {reason}", msg.name()),
         )
     })?;
-    write_both(w, &head, data)
+    write_both(w, &head, data)?;
+    match mac {
+        Some(mac) => w.write_all(&mac.seal(&[&head, data])),
+        None => Ok(()),
+    }
 }
 
 /// Appends one whole frame to `out`.
@@ -75,7 +96,7 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
 /// If `msg` breaks a limit the receiver enforces (see [`write_message`]): that is a bug in the
 /// caller, which builds messages, not input.
 pub fn encode(msg: &Message, out: &mut BytesMut) {
-    match put_head(msg, out) {
+    match put_head(msg, out, 0) {
         Ok(data) => out.extend_from_slice(data),
         Err(reason) => panic!("cannot encode {}: {reason}", msg.name()),
     }
@@ -87,6 +108,12 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
 /// A stream that ends before the first byte of a frame gives `Closed`; one that ends inside a
 /// frame gives `Io` with `UnexpectedEof`.
 pub fn read_message<R: Read>(r: &mut R) -> Result<Message, WireError> {
+    read_message_with(r, None)
+}
+
+/// [`read_message`] on a link whose frames carry a MAC (`mac`: this direction's), or not: the
+/// MAC is checked after the crc, before the frame is decoded.
+pub fn read_message_with<R: Read>(r: &mut R, mac: Option<&mut FrameMac>) -> Result<Message, WireError> {
     let header = read_header(r)?;
     let mut fields = &header[..];
     let magic = fields.get_u32();
@@ -114,15 +141,24 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, WireError> {
     if found != expected {
         return Err(WireError::BadCrc { expected, found });
     }
-    let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
-    // No flag is defined in v1; a later feature that defines one may change how the payload
-    // reads, so a set flag is refused rather than ignored.
-    if flags != 0 {
-        return Err(WireError::Malformed {
-            msg_type: kind.name(),
-            reason: "reserved header flags set",
-        });
+    match (mac, flags) {
+        (Some(mac), FLAG_MAC) => {
+            let mut tag = [0; FRAME_MAC_LEN];
+            r.read_exact(&mut tag)?;
+            if !mac.open(&[&header, &payload], &tag) {
+                return Err(WireError::BadMac);
+            }
+        }
+        (Some(_), _) => return Err(WireError::MissingMac),
+        (None, 0) => {}
+        // A flag this side did not agree to may change how the payload reads: refused rather
+        // than ignored.
+        (None, _) => {
+            let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
+            return Err(WireError::Malformed { msg_type: kind.name(), reason: "header flags set that this link did not agree to" });
+        }
     }
+    let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
     Message::decode_fields(kind, Bytes::from(payload))
 }
 
@@ -136,12 +172,12 @@ pub fn decode(frame: &[u8]) -> Result<(Message, usize), WireError> {
 
 /// Appends the header and fixed fields of `msg`, with length and crc filled in, and returns
 /// the data that must follow them. Checks the limits first, so on error nothing is appended.
-fn put_head<'m>(msg: &'m Message, out: &mut BytesMut) -> Result<&'m [u8], &'static str> {
+fn put_head<'m>(msg: &'m Message, out: &mut BytesMut, flags: u16) -> Result<&'m [u8], &'static str> {
     msg.check_limits()?;
     let start = out.len();
     out.put_u32(MAGIC);
     out.put_u16(msg.kind().code());
-    out.put_u16(0); // flags
+    out.put_u16(flags);
     out.put_u32(0); // payload length, set below
     out.put_u32(0); // crc, set below
     let data = msg.put_fields(out);

@@ -1,5 +1,5 @@
-//! The peer-to-peer wire format: frames, the messages they carry, and the HMAC helpers of the
-//! handshake.
+//! The peer-to-peer wire format: frames, the messages they carry, and the authentication of
+//! the handshake and of every frame after it.
 //!
 //! Encode/decode only: nothing here opens a socket, keeps connection state or decides what a
 //! message means for replication (that is `core`'s job). The readers and writers are generic
@@ -15,7 +15,8 @@ mod position;
 mod tests;
 
 pub use frame::{
-    decode, encode, read_message, write_message, WireError, HEADER_LEN, MAGIC, MAX_PAYLOAD,
+    decode, encode, read_message, read_message_with, write_message, write_message_with, WireError, FLAG_MAC,
+    HEADER_LEN, MAGIC, MAX_PAYLOAD,
 };
 pub use message::{
     DigestPurpose, Hello, Message, PeerState, DIGEST_BYTES, MAX_BITMAP_RUNS, MAX_DATA_BYTES,
@@ -25,4 +26,4 @@ pub use position::DataPosition;
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;

@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
+use super::auth::FrameMac;
 use super::*;
 
 /// A frame with the given header fields and payload and a correct crc.
@@ -620,11 +621,62 @@ fn unknown_type() {
 }
 
 #[test]
-fn reserved_flags_are_refused() {
+fn flags_the_link_did_not_agree_to_are_refused() {
     assert_eq!(
         malformed_reason(&raw_frame(0x30, 0x0001, &[])),
-        "reserved header flags set"
+        "header flags set that this link did not agree to"
     );
+}
+
+/// The frame MACs of both directions of one authenticated link, as the dialer and the
+/// acceptor hold them.
+fn link_macs() -> ((FrameMac, FrameMac), (FrameMac, FrameMac)) {
+    use super::auth::{Role, Transcript};
+    let t = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0 };
+    let secret = b"a shared secret of some length";
+    (t.frame_macs(secret, Role::Dialer), t.frame_macs(secret, Role::Acceptor))
+}
+
+fn sealed(msgs: &[Message], mac: &mut FrameMac) -> Vec<u8> {
+    let mut out = Vec::new();
+    for msg in msgs {
+        write_message_with(&mut out, msg, Some(mac)).unwrap();
+    }
+    out
+}
+
+#[test]
+fn an_authenticated_link_reads_its_frames_in_order() {
+    let ((mut dialer_tx, _), (_, mut acceptor_rx)) = link_macs();
+    let data = Message::Data { id: 7, offset: 4096, epoch: 1, fua: true, payload: Bytes::from(vec![0x5a; 4096]) };
+    let stream = sealed(&[Message::Ping, data.clone()], &mut dialer_tx);
+    let mut reader = stream.as_slice();
+    assert_eq!(read_message_with(&mut reader, Some(&mut acceptor_rx)).unwrap(), Message::Ping);
+    assert_eq!(read_message_with(&mut reader, Some(&mut acceptor_rx)).unwrap(), data);
+    assert!(reader.is_empty());
+}
+
+#[test]
+fn a_frame_changed_dropped_replayed_or_unsealed_on_the_path_is_refused() {
+    let ((mut dialer_tx, _), (_, acceptor_rx)) = link_macs();
+    let first = sealed(&[Message::PingAck], &mut dialer_tx);
+    let second = sealed(&[Message::Ping], &mut dialer_tx);
+    let read = |bytes: &[u8]| read_message_with(&mut &bytes[..], Some(&mut acceptor_rx.clone()));
+    // Changed: a byte of the payload flipped, the crc recomputed as an attacker would.
+    let mut changed = sealed(&[Message::Disconnect { reason: "bye".into() }], &mut link_macs().0 .0);
+    let payload_at = HEADER_LEN + 1;
+    changed[payload_at] ^= 1;
+    let crc_end = changed.len() - crate::wire::auth::FRAME_MAC_LEN;
+    reseal(&mut changed[..crc_end]);
+    assert!(matches!(read(&changed), Err(WireError::BadMac)), "changed");
+    assert!(matches!(read(&second), Err(WireError::BadMac)), "the frame before it dropped");
+    let replayed = [first.clone(), first.clone()].concat();
+    let mut reader = replayed.as_slice();
+    let mut rx = acceptor_rx.clone();
+    assert!(read_message_with(&mut reader, Some(&mut rx)).is_ok());
+    assert!(matches!(read_message_with(&mut reader, Some(&mut rx)), Err(WireError::BadMac)), "replayed");
+    let unsealed = encoded(&Message::Ping);
+    assert!(matches!(read(&unsealed), Err(WireError::MissingMac)), "injected without a MAC");
 }
 
 #[test]
