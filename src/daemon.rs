@@ -3,13 +3,16 @@
 
 use crate::config::{NodeConfig, ResourceConfig};
 use crate::control::{self, server};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, ResourceStatus};
+use crate::sd_notify::Notifier;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -25,14 +28,21 @@ pub enum DaemonError {
     Metrics(#[from] crate::metrics::MetricsError),
 }
 
-/// Tells the `up` command that started this daemon how start-up went (a pipe on stdout), so
-/// `up` returns only once the daemon listens, or prints why it could not.
-pub struct Readiness(Option<File>);
+/// Tells whoever started this daemon how start-up went: the `up` command through a pipe on
+/// stdout (so `up` returns only once the daemon listens, or prints why it could not), and
+/// systemd through `NOTIFY_SOCKET` (`Type=notify`: the unit is active, and units ordered after
+/// it start, only once the control socket answers).
+pub struct Readiness {
+    pipe: Option<File>,
+    systemd: Systemd,
+}
 
 impl Readiness {
-    /// With `BLKREPL_READY_PIPE=1`, stdout is the pipe back to `blkrepl up`.
+    /// With `BLKREPL_READY_PIPE=1`, stdout is the pipe back to `blkrepl up`; with
+    /// `NOTIFY_SOCKET`, systemd listens (the variable is consumed: see
+    /// [`Notifier::take_from_env`], which is why this runs before any thread starts).
     pub fn from_env() -> Readiness {
-        if std::env::var_os("BLKREPL_READY_PIPE").is_some() {
+        let pipe = std::env::var_os("BLKREPL_READY_PIPE").and_then(|_| {
             use std::os::fd::FromRawFd;
             let stdout = nix::unistd::dup(1).map(|fd| unsafe { File::from_raw_fd(fd) }).ok();
             // fd 1 now points at /dev/null: later prints must not keep the pipe open.
@@ -40,17 +50,96 @@ impl Readiness {
                 use std::os::fd::AsRawFd;
                 let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
             }
-            Readiness(stdout)
-        } else {
-            Readiness(None)
-        }
+            stdout
+        });
+        // A socket that cannot be used does not stop the daemon: it serves, and systemd, which
+        // never hears READY=1, fails the start after its timeout; the log says why.
+        let notifier = Notifier::take_from_env().unwrap_or_else(|e| {
+            tracing::error!("{e}");
+            None
+        });
+        Readiness { pipe, systemd: Systemd(notifier.map(Arc::new)) }
     }
 
     fn report(&mut self, line: &str) {
-        if let Some(mut pipe) = self.0.take() {
+        if let Some(mut pipe) = self.pipe.take() {
             let _ = writeln!(pipe, "{line}");
         }
     }
+
+    fn failed(&mut self, error: &DaemonError) {
+        self.report(&format!("ERROR: {error}"));
+        self.systemd.send(&format!("STATUS=cannot start: {error}"));
+    }
+
+    /// The control socket listens: requests are answered from now on.
+    fn ready(&mut self, engine: &Engine) {
+        self.report("READY");
+        let summary = summary(&engine.status());
+        self.systemd.send(&format!("READY=1\nMAINPID={}\nSTATUS={summary}", std::process::id()));
+        self.systemd.follow_status(engine.clone(), summary);
+    }
+}
+
+/// The service manager, when it started this daemon with `Type=notify`.
+#[derive(Clone)]
+struct Systemd(Option<Arc<Notifier>>);
+
+impl Systemd {
+    /// A message that cannot be sent is logged: systemd then misses a status line, or fails
+    /// the start after its timeout, and the log says why.
+    fn send(&self, message: &str) {
+        if let Some(notifier) = &self.0 {
+            if let Err(e) = notifier.notify(message) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Sent once the stop can no longer be refused (the device is free): from then on systemd
+    /// waits for the process to exit instead of treating its exit as a failure.
+    fn stopping(&self) {
+        self.send("STOPPING=1\nSTATUS=stopping: demoted, telling the peers, writing clean metadata");
+    }
+
+    /// `systemctl status` shows the role, disk, peers and quorum: a status line is sent whenever
+    /// they change. Checked once a second, which costs one status snapshot.
+    fn follow_status(&self, engine: Engine, mut last: String) {
+        if self.0.is_none() {
+            return;
+        }
+        let systemd = self.clone();
+        std::thread::Builder::new()
+            .name("sd-status".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let now = summary(&engine.status());
+                if now != last {
+                    systemd.send(&format!("STATUS={now}"));
+                    last = now;
+                }
+            })
+            .expect("spawn status thread");
+    }
+}
+
+/// One line for `systemctl status`: what an operator checks first.
+fn summary(s: &ResourceStatus) -> String {
+    let connected = s.peers.iter().filter(|p| p.connection == "Connected").count();
+    let mut line = format!(
+        "{}, disk {}, {connected} of {} peers connected, quorum {}",
+        s.role,
+        s.disk,
+        s.peers.len(),
+        if s.quorum { "yes" } else { "no" }
+    );
+    if s.peers.iter().any(|p| p.resync.is_some()) {
+        line += ", resyncing";
+    }
+    if let Some(device) = &s.device {
+        line += &format!(", device {device}");
+    }
+    line
 }
 
 /// Runs the daemon until `down` (or SIGTERM/SIGINT) stops it.
@@ -59,7 +148,7 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
     let (engine, listener, _lock) = match result {
         Ok(started) => started,
         Err(e) => {
-            ready.report(&format!("ERROR: {e}"));
+            ready.failed(&e);
             return Err(e);
         }
     };
@@ -70,9 +159,10 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
     if !engine.has_secret() {
         tracing::warn!(resource = engine.resource(), "no `secret` configured: any host that reaches the replication port can connect as a peer");
     }
-    spawn_signal_handler(engine.clone());
-    ready.report("READY");
-    server::serve(&listener, &engine);
+    spawn_signal_handler(engine.clone(), ready.systemd.clone());
+    ready.ready(&engine);
+    let systemd = ready.systemd.clone();
+    server::serve(&listener, &engine, move || systemd.stopping());
     // Stopped cleanly: nothing listens on the socket any more.
     if let Some(path) = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)) {
         let _ = std::fs::remove_file(path);
@@ -133,7 +223,7 @@ pub fn block_termination_signals() {
     let _ = set.thread_block();
 }
 
-fn spawn_signal_handler(engine: Engine) {
+fn spawn_signal_handler(engine: Engine, systemd: Systemd) {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -143,7 +233,7 @@ fn spawn_signal_handler(engine: Engine) {
             loop {
                 let Ok(signal) = set.wait() else { return };
                 tracing::info!(?signal, "stopping on signal");
-                match engine.shutdown() {
+                match engine.shutdown(|| systemd.stopping()) {
                     Ok(()) => std::process::exit(0),
                     Err(e) => tracing::error!(error = %e, "cannot stop: {e}"),
                 }

@@ -6,6 +6,7 @@
 //! [`frontend`] exposes the engine to hosts (NBD, ublk). Every disk access, data and metadata,
 //! goes through [`disk`]. Sockets read their handshakes through [`handshake_stream`]. [`events`]
 //! turns consecutive status snapshots into `blkrepl events` lines; [`control`] carries them.
+//! Under systemd the daemon reports readiness through [`sd_notify`].
 
 pub mod config;
 pub mod control;
@@ -19,4 +20,5 @@ pub mod handshake_stream;
 pub mod meta;
 pub mod metrics;
 pub mod replica;
+pub mod sd_notify;
 pub mod wire;

@@ -49,6 +49,9 @@ struct Server {
     commands: Mutex<()>,
     /// Set once `down` succeeded: the accept loop returns at its next connection.
     stopping: AtomicBool,
+    /// Runs once a `down` can no longer be refused (see [`Engine::shutdown`]): the daemon tells
+    /// systemd it is stopping.
+    on_stopping: Box<dyn Fn() + Send + Sync>,
     /// The socket's path, to wake the accept loop once stopping.
     path: Option<PathBuf>,
 }
@@ -74,8 +77,8 @@ impl Drop for Slot {
 }
 
 /// Serves requests until a `down` succeeds; returns then (threads still serving `events`
-/// streams end with the process).
-pub fn serve(listener: &UnixListener, engine: &Engine) {
+/// streams end with the process). `on_stopping` runs once a `down` can no longer be refused.
+pub fn serve(listener: &UnixListener, engine: &Engine, on_stopping: impl Fn() + Send + Sync + 'static) {
     let me = nix::unistd::geteuid().as_raw();
     let server = Arc::new(Server {
         engine: engine.clone(),
@@ -83,6 +86,7 @@ pub fn serve(listener: &UnixListener, engine: &Engine) {
         streams: Arc::default(),
         commands: Mutex::new(()),
         stopping: AtomicBool::new(false),
+        on_stopping: Box::new(on_stopping),
         path: listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)),
     });
     for stream in listener.incoming() {
@@ -177,7 +181,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
         Request::NewCurrentUuid { clear_bitmap } => engine.new_current_uuid(clear_bitmap),
         Request::Verify => engine.verify().map(drop),
         Request::Invalidate => engine.invalidate().map(drop),
-        Request::Down => match engine.shutdown() {
+        Request::Down => match engine.shutdown(&server.on_stopping) {
             Ok(()) => {
                 // Before the command lock is released: no command queued behind this one runs.
                 server.stopping.store(true, Ordering::SeqCst);

@@ -733,9 +733,12 @@ impl Engine {
     }
 
     /// Orderly stop: refuses while the device is in use; demotes, tells the peers, and leaves
-    /// clean metadata (bitmaps written with their checksums, activity log clean).
-    pub fn shutdown(&self) -> Result<(), EngineError> {
+    /// clean metadata (bitmaps written with their checksums, activity log clean). `stopping`
+    /// runs once the stop can no longer be refused (demoted, the device gone), so a service
+    /// manager told then that the daemon is stopping is never told wrong.
+    pub fn shutdown(&self, stopping: impl FnOnce()) -> Result<(), EngineError> {
         self.demote()?;
+        stopping();
         let shared = &self.shared;
         let mut st = shared.lock();
         st.replica.stopping = true;

@@ -1,0 +1,52 @@
+//! `Type=notify` without systemd: the test plays the service manager, a Unix datagram socket
+//! named in `NOTIFY_SOCKET`, and starts `up --foreground` as the unit's ExecStart does.
+
+mod common;
+
+use common::{Cluster, Options, BIN};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The next notification, as its `KEY=VALUE` lines.
+fn next(systemd: &UnixDatagram, c: &Cluster) -> Vec<String> {
+    let mut buf = [0u8; 4096];
+    let n = systemd.recv(&mut buf).unwrap_or_else(|e| panic!("no notification from the daemon ({e})\n{}", c.logs()));
+    String::from_utf8_lossy(&buf[..n]).lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn ready_once_the_control_socket_answers_and_stopping_at_down() {
+    let c = Cluster::new(&["alpha", "beta"], Options::default());
+    c.ok("alpha", &["create-md", "r0"]);
+    let path = c.dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    std::fs::create_dir_all(c.run_dir()).unwrap();
+    let log = std::fs::File::create(c.run_dir().join("r0.alpha.log")).unwrap();
+    let mut daemon = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(c.config_dir())
+        .arg("--run-dir")
+        .arg(c.run_dir())
+        .args(["--node", "alpha", "up", "--foreground", "r0"])
+        .env("NOTIFY_SOCKET", &path)
+        .stdin(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+
+    let ready = next(&systemd, &c);
+    assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
+    assert!(ready.contains(&format!("MAINPID={}", daemon.id())), "{ready:?}");
+    assert!(ready.iter().any(|l| l.starts_with("STATUS=Secondary, disk ")), "{ready:?}");
+    // Ready means the control socket answers: no retry, no wait.
+    let status = c.cli("alpha", &["status", "--json", "r0"]);
+    assert!(status.status.success(), "status right after READY=1: {}", common::text(&status.stderr));
+
+    c.ok("alpha", &["down", "r0"]);
+    // Status lines may come first (the peer never connects, but the daemon may say so).
+    let stopping = std::iter::repeat_with(|| next(&systemd, &c)).find(|m| m.contains(&"STOPPING=1".to_owned()));
+    assert!(stopping.is_some());
+    assert!(daemon.wait().unwrap().success(), "{}", c.logs());
+}
