@@ -17,6 +17,7 @@ pub mod engine;
 pub mod events;
 pub mod frontend;
 pub mod handshake_stream;
+pub mod manpage;
 pub mod meta;
 pub mod metrics;
 pub mod replica;

@@ -9,8 +9,9 @@ use blkrepl::control::{self, client, Request};
 use blkrepl::daemon;
 use blkrepl::disk::{Disk, FileDisk};
 use blkrepl::engine::{Engine, ResourceStatus};
+use blkrepl::manpage;
 use blkrepl::meta::{MetaParams, MetaStore};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use status_view::{format_status, Detail};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
@@ -117,6 +118,10 @@ enum Cmd {
     Verify { resource: String },
     /// Discard this node's data and resync all of it from a connected UpToDate peer.
     Invalidate { resource: String },
+    /// Print the shell completion script for SHELL (the package installs bash's, zsh's and fish's).
+    Completions { shell: clap_complete::Shell },
+    /// Print this manual page (roff): `blkrepl man | man -l -`.
+    Man,
 }
 
 /// A failure with the exit code it maps to.
@@ -198,7 +203,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{resource}: invalidated; all of this node's data is resynced from its UpToDate peer (`blkrepl status {resource}` shows progress)");
             Ok(())
         }
+        Cmd::Completions { shell } => {
+            // Into a buffer first: clap_complete panics when it cannot write.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "blkrepl", &mut script);
+            print_bytes(&script, "completion script")
+        }
+        Cmd::Man => {
+            let mut page = Vec::new();
+            manpage::render(Cli::command(), &mut page).map_err(|e| fail(format!("cannot render the manual page: {e}"), 1))?;
+            print_bytes(&page, "manual page")
+        }
     }
+}
+
+fn print_bytes(bytes: &[u8], what: &str) -> Result<(), Failure> {
+    std::io::stdout().write_all(bytes).map_err(|e| fail(format!("cannot write the {what}: {e}"), 1))
 }
 
 fn request(cli: &Cli, resource: &str, request: Request) -> Result<Option<ResourceStatus>, Failure> {
