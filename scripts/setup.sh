@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one place that installs what blkrepl's entry points need on a Debian machine. Every entry
 # point calls it first (scripts/demo.sh, scripts/test.sh, scripts/bench.sh, scripts/vm/*.sh,
-# .ci/run), so a fresh machine needs nothing but the Rust toolchain.
+# scripts/package-deb.sh, .ci/run), so a fresh machine needs nothing but the Rust toolchain.
 #
-#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench
+#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench package
 #
 # It is idempotent and quiet when everything is present (dpkg's status only, no network). What is
 # missing is installed with one `apt-get install`, said before it runs. Packages built from one
@@ -30,13 +30,18 @@ needs_of() {
     vm) needs_of build
         echo qemu-system-x86 qemu-utils busybox-static cpio kmod xz-utils zstd fio e2fsprogs iproute2 jq ;;
     # Host tests: real daemons driven by qemu-io, network namespaces with ip, the Pacemaker
-    # agent under ocf-tester (resource-agents; xmllint checks its meta-data), a real Pacemaker
-    # + Corosync cluster in namespaces (scripts/pacemaker: ext4 on top through nbdfuse, bc for
-    # the RTO), curl scraping the metrics endpoint (tests/metrics.rs); then the guest suite.
-    test) needs_of vm
-          echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl ;;
+    # agent under ocf-tester (resource-agents; xmllint checks its meta-data), the manual page
+    # rendered by man, the Debian package built, installed and its unit checked by
+    # systemd-analyze (scripts/package-test.sh), a real Pacemaker + Corosync cluster in
+    # namespaces (scripts/pacemaker: ext4 on top through nbdfuse, bc for the RTO), curl scraping
+    # the metrics endpoint (tests/metrics.rs); then the guest suite.
+    test) needs_of vm; needs_of package
+          echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl \
+            man-db:man systemd:systemd-analyze ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
+    # The Debian package (scripts/package-deb.sh): dpkg-shlibdeps computes its Depends.
+    package) needs_of build; echo dpkg-dev ;;
   esac
 }
 
@@ -52,8 +57,8 @@ done
 [ ${#purposes[@]} -gt 0 ] || usage
 for p in "${purposes[@]}"; do
   case $p in
-    build|demo|test|vm|bench) ;;
-    *) echo "setup: unknown purpose '$p' (build demo test vm bench)" >&2; exit 2 ;;
+    build|demo|test|vm|bench|package) ;;
+    *) echo "setup: unknown purpose '$p' (build demo test vm bench package)" >&2; exit 2 ;;
   esac
 done
 
@@ -102,7 +107,7 @@ source_of() { # package version -> "source source-version" of that binary versio
 installed=$(dpkg-query -W -f='${Package} ${Version} ${source:Package} ${source:Version} ${db:Status-Status}\n' |
             awk '$5 == "installed" { print $1, $2, $3, $4 }')
 args=()
-downgrade=""
+downgrade=()
 for pkg in "${missing[@]}"; do
   ver=$(candidate "$pkg")
   if [ -z "$ver" ] || [ "$ver" = "(none)" ]; then
@@ -113,7 +118,7 @@ for pkg in "${missing[@]}"; do
   args+=("$pkg=$ver")
   read -r src srcver < <(source_of "$pkg" "$ver")
   while read -r sib sibver sibsrc sibsrcver; do
-    [ -n "$sib" ] && [ "$sibsrc" = "$src" ] && [ "$sibsrcver" != "$srcver" ] || continue
+    if [ -z "$sib" ] || [ "$sibsrc" != "$src" ] || [ "$sibsrcver" = "$srcver" ]; then continue; fi
     case " ${missing[*]} " in *" $sib "*) continue ;; esac
     # The sibling's binary version from the same upload (binNMUs differ per package: +bN).
     want=""
@@ -127,11 +132,11 @@ for pkg in "${missing[@]}"; do
       exit 1
     fi
     echo "setup: $sib $sibver goes to $want, the version of $src that $pkg $ver comes from"
-    args+=("$sib=$want"); downgrade=--allow-downgrades
+    args+=("$sib=$want"); downgrade=(--allow-downgrades)
   done <<<"$installed"
 done
 
-cmd=(apt-get install -y -q --no-install-recommends $downgrade "${args[@]}")
+cmd=(apt-get install -y -q --no-install-recommends "${downgrade[@]}" "${args[@]}")
 if [ -n "$plan" ]; then echo "${cmd[*]}"; exit 0; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
