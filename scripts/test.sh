@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: unit, property, codec, simulator and multi-process cluster tests (real daemons
-# on 127.0.0.1, I/O through NBD with qemu-io), a real Pacemaker cluster in namespaces
+# on 127.0.0.1, I/O through NBD with qemu-io), the Debian package installed and checked
+# (scripts/package-test.sh), a real Pacemaker cluster in namespaces
 # (scripts/pacemaker/test.sh: failover with fencing, RTO printed), then the guest suite: the ublk
 # frontend on real kernels in qemu guests (scripts/vm/test.sh: /dev/ublkbN with ext4, kill -9,
 # failover).
@@ -21,6 +22,9 @@ cargo test --release --workspace -- --test-threads 2 --skip "$sim" 2>&1 | tee "$
 # weakened.
 BLKREPL_SIM_SEEDS="${BLKREPL_SIM_SEEDS:-10000}" cargo test --release --test replica_sim -- --nocapture 2>&1 | tee -a "$log" || status=$?
 cargo test --release --features weakened-rules --test replica_sim_weakened -- --nocapture 2>&1 | tee -a "$log" || status=$?
+# The Debian package: built, installed, its binary, unit, manual page and agent checked (the
+# agent's tests run against the installed copy), purged.
+scripts/package-test.sh 2>&1 | tee -a "$log" || status=$?
 # A real Pacemaker + Corosync cluster of three namespaced nodes: failover under the OCF agent,
 # with fencing, each scenario printing its RTO.
 scripts/pacemaker/test.sh 2>&1 | tee -a "$log" || status=$?

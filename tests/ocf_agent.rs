@@ -1,7 +1,7 @@
 //! The Pacemaker resource agent (`scripts/ocf/blkrepl`) against real daemons on 127.0.0.1:
 //! `ocf-tester` (Debian's resource-agents) runs every action on one node of a resource of two
 //! data nodes and a witness, and the agent's monitor codes and refusals are checked state by
-//! state.
+//! state. `BLKREPL_OCF_AGENT=PATH` tests an installed agent instead of the checkout's.
 
 mod common;
 
@@ -14,8 +14,12 @@ const OCF_ERR_GENERIC: i32 = 1;
 const OCF_NOT_RUNNING: i32 = 7;
 const OCF_RUNNING_PROMOTED: i32 = 8;
 
+/// The agent under test: the checkout's, or the one the Debian package installed
+/// (`BLKREPL_OCF_AGENT`, set by scripts/package-test.sh).
 fn agent() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/ocf/blkrepl")
+    std::env::var_os("BLKREPL_OCF_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/ocf/blkrepl"))
 }
 
 /// The agent's parameters for `node`, as Pacemaker passes them.

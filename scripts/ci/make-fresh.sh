@@ -12,12 +12,13 @@
 #                                                 (bookworm-backports', as seen on fresh images)
 #
 # Nothing is removed that other installed packages depend on: apt's plan is checked first and a
-# removal that would take anything else along is refused.
+# removal that would take anything else along is refused. Either way the blkrepl package is
+# purged if installed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 yes=""
 [ "${1:-}" != --yes ] || { yes=1; shift; }
-[ $# = 1 ] || { sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# = 1 ] || { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 if [ "${CI:-}" != true ] && [ -z "$yes" ]; then
   echo "make-fresh: this removes packages from the machine; run it under CI=true or with --yes" >&2
   exit 2
@@ -34,7 +35,7 @@ remove() {
   plan=$(apt-get -s purge "${present[@]}" | awk '/^Purg /{print $2}')
   extra=$(comm -23 <(sort <<<"$plan") <(printf '%s\n' "${present[@]}" | sort))
   if [ -n "$extra" ]; then
-    echo "make-fresh: removing ${present[*]} would also remove: $(echo $extra); refused" >&2
+    echo "make-fresh: removing ${present[*]} would also remove: ${extra//$'\n'/ }; refused" >&2
     exit 1
   fi
   echo "make-fresh: removing ${present[*]}"
@@ -44,6 +45,9 @@ remove() {
 QEMU_SYSTEM=(qemu-system-x86 qemu-system-gui qemu-system-common qemu-system-data qemu-block-extra)
 LIBCLANG=(libclang-dev libclang-14-dev libclang-common-14-dev libclang1-14)
 
+# blkrepl's own package (scripts/package-test.sh purges it, unless it was interrupted): a fresh
+# machine has no blkrepl but the one built from the checkout.
+remove blkrepl
 case $1 in
   missing)
     remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0 resource-agents libxml2-utils \
@@ -51,6 +55,7 @@ case $1 in
     ;;
   other-qemu)
     remove "${QEMU_SYSTEM[@]}"
+    # shellcheck source=scripts/lib/backports-apt.sh
     . scripts/lib/backports-apt.sh
     sources=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
     # bookworm-backports' (trixie-backports' needs trixie's libraries).
@@ -68,5 +73,5 @@ case $1 in
       rm -rf "$d"
     fi
     ;;
-  *) sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
