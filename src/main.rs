@@ -364,6 +364,10 @@ fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
         .arg(&cli.run_dir)
         .args(["up", "--foreground", resource])
         .env("BLKREPL_READY_PIPE", "1")
+        // This daemon reports to `up` through the pipe. A NOTIFY_SOCKET inherited from a service
+        // that runs `blkrepl up` (Pacemaker's, say) is that service's: READY=1 and MAINPID= from
+        // here would speak for it.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file)

@@ -50,3 +50,29 @@ fn ready_once_the_control_socket_answers_and_stopping_at_down() {
     assert!(stopping.is_some());
     assert!(daemon.wait().unwrap().success(), "{}", c.logs());
 }
+
+/// `blkrepl up` (not in the foreground) hears from its daemon through a pipe: a NOTIFY_SOCKET it
+/// inherited belongs to whatever service runs it, and the daemon must not speak for that service.
+#[test]
+fn a_daemon_started_by_up_leaves_an_inherited_notify_socket_alone() {
+    let c = Cluster::new(&["alpha", "beta"], Options::default());
+    c.ok("alpha", &["create-md", "r0"]);
+    let path = c.dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    let up = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(c.config_dir())
+        .arg("--run-dir")
+        .arg(c.run_dir())
+        .args(["--node", "alpha", "up", "r0"])
+        .env("NOTIFY_SOCKET", &path)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", common::text(&up.stderr));
+    // `up` returned: the daemon is at the point where it would send READY=1, or past it.
+    systemd.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 4096];
+    let heard = systemd.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+    assert!(heard.is_err(), "the daemon notified the inherited socket: {heard:?}");
+    c.ok("alpha", &["down", "r0"]);
+}
