@@ -5,7 +5,8 @@ mod common;
 
 use common::{Cluster, Options, BIN};
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The next notification, as its `KEY=VALUE` lines.
@@ -15,27 +16,43 @@ fn next(systemd: &UnixDatagram, c: &Cluster) -> Vec<String> {
     String::from_utf8_lossy(&buf[..n]).lines().map(str::to_owned).collect()
 }
 
-#[test]
-fn ready_once_the_control_socket_answers_and_stopping_at_down() {
+/// Node alpha of a fresh pair, its metadata created, and a socket for it to notify.
+fn alpha_and_socket() -> (Cluster, UnixDatagram, PathBuf) {
     let c = Cluster::new(&["alpha", "beta"], Options::default());
     c.ok("alpha", &["create-md", "r0"]);
     let path = c.dir.path().join("notify");
     let systemd = UnixDatagram::bind(&path).unwrap();
     systemd.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    (c, systemd, path)
+}
+
+/// `blkrepl ARGS` on alpha with `NOTIFY_SOCKET` naming `socket`.
+fn blkrepl_notifying(c: &Cluster, socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config-dir").arg(c.config_dir()).arg("--run-dir").arg(c.run_dir()).args(["--node", "alpha"]);
+    cmd.args(args).env("NOTIFY_SOCKET", socket).stdin(Stdio::null());
+    cmd
+}
+
+/// Alpha run as the unit runs it (`up --foreground`); its log goes where `Cluster::logs` reads.
+fn started_by_systemd() -> (Cluster, UnixDatagram, Child) {
+    let (c, systemd, path) = alpha_and_socket();
     std::fs::create_dir_all(c.run_dir()).unwrap();
     let log = std::fs::File::create(c.run_dir().join("r0.alpha.log")).unwrap();
-    let mut daemon = Command::new(BIN)
-        .arg("--config-dir")
-        .arg(c.config_dir())
-        .arg("--run-dir")
-        .arg(c.run_dir())
-        .args(["--node", "alpha", "up", "--foreground", "r0"])
-        .env("NOTIFY_SOCKET", &path)
-        .stdin(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let daemon = blkrepl_notifying(&c, &path, &["up", "--foreground", "r0"]).stderr(log).spawn().unwrap();
+    (c, systemd, daemon)
+}
 
+/// Waits for STOPPING=1 (status lines may come first), then for a clean exit.
+fn stops_cleanly(c: &Cluster, systemd: &UnixDatagram, mut daemon: Child) {
+    let stopping = std::iter::repeat_with(|| next(systemd, c)).find(|m| m.contains(&"STOPPING=1".to_owned()));
+    assert!(stopping.is_some());
+    assert!(daemon.wait().unwrap().success(), "{}", c.logs());
+}
+
+#[test]
+fn ready_once_the_control_socket_answers_and_stopping_at_down() {
+    let (c, systemd, daemon) = started_by_systemd();
     let ready = next(&systemd, &c);
     assert!(ready.contains(&"READY=1".to_owned()), "{ready:?}");
     assert!(ready.contains(&format!("MAINPID={}", daemon.id())), "{ready:?}");
@@ -43,31 +60,26 @@ fn ready_once_the_control_socket_answers_and_stopping_at_down() {
     // Ready means the control socket answers: no retry, no wait.
     let status = c.cli("alpha", &["status", "--json", "r0"]);
     assert!(status.status.success(), "status right after READY=1: {}", common::text(&status.stderr));
-
     c.ok("alpha", &["down", "r0"]);
-    // Status lines may come first (the peer never connects, but the daemon may say so).
-    let stopping = std::iter::repeat_with(|| next(&systemd, &c)).find(|m| m.contains(&"STOPPING=1".to_owned()));
-    assert!(stopping.is_some());
-    assert!(daemon.wait().unwrap().success(), "{}", c.logs());
+    stops_cleanly(&c, &systemd, daemon);
+}
+
+/// `systemctl stop` sends SIGTERM, which means `down`.
+#[test]
+fn stopping_on_sigterm() {
+    let (c, systemd, daemon) = started_by_systemd();
+    assert!(next(&systemd, &c).contains(&"READY=1".to_owned()));
+    let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    stops_cleanly(&c, &systemd, daemon);
 }
 
 /// `blkrepl up` (not in the foreground) hears from its daemon through a pipe: a NOTIFY_SOCKET it
 /// inherited belongs to whatever service runs it, and the daemon must not speak for that service.
 #[test]
 fn a_daemon_started_by_up_leaves_an_inherited_notify_socket_alone() {
-    let c = Cluster::new(&["alpha", "beta"], Options::default());
-    c.ok("alpha", &["create-md", "r0"]);
-    let path = c.dir.path().join("notify");
-    let systemd = UnixDatagram::bind(&path).unwrap();
-    let up = Command::new(BIN)
-        .arg("--config-dir")
-        .arg(c.config_dir())
-        .arg("--run-dir")
-        .arg(c.run_dir())
-        .args(["--node", "alpha", "up", "r0"])
-        .env("NOTIFY_SOCKET", &path)
-        .output()
-        .unwrap();
+    let (c, systemd, path) = alpha_and_socket();
+    let up = blkrepl_notifying(&c, &path, &["up", "r0"]).output().unwrap();
     assert!(up.status.success(), "{}", common::text(&up.stderr));
     // `up` returned: the daemon is at the point where it would send READY=1, or past it.
     systemd.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
