@@ -58,9 +58,10 @@ run_jobs() {
   run_fio "$prefix.seq1m" write 1M 4 "$@"
 }
 
-config() { # protocol, quorum ("off": alpha and beta; "majority": and the witness tie)
+config() { # protocol, quorum ("off": alpha and beta; "majority": and the witness tie), auth ("secret" or "plain")
   {
     echo "name = \"r0\""; echo "protocol = \"$1\""; echo "quorum = \"$2\""
+    if [ "${3:-secret}" = plain ]; then echo "trusted_network = true"; else echo "secret = \"the benchmark's shared secret\""; fi
     echo "[[node]]"; echo "name = \"alpha\""; echo "address = \"127.0.0.1:17789\""
     echo "disk = \"$DIR/alpha.img\""; echo "nbd = \"127.0.0.1:20809\""
     echo "[[node]]"; echo "name = \"beta\""; echo "address = \"127.0.0.1:17790\""
@@ -95,20 +96,24 @@ run_jobs qemunbd --ioengine=nbd --uri=nbd://127.0.0.1:20811/r0
 kill $QEMU_NBD; wait $QEMU_NBD 2>/dev/null || true; rm -f "$DIR/qemu.img"
 
 echo "== local-only: one daemon, its peer absent, quorum off"
-config C off; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node alpha up r0 >/dev/null
+config C off secret; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node alpha up r0 >/dev/null
 "$BIN" --node alpha primary --force r0
 run_jobs local "${NBD[@]}"
 stop_all
 
-for proto in C A; do
-  echo "== protocol $proto: two daemons in sync and a witness, quorum majority"
-  config $proto majority
+# protoC and protoA authenticate every frame (a secret, as a daemon requires by default);
+# protoCplain runs on a trusted network (`trusted_network = true`): what the frame MACs cost.
+for run in "C secret" "C plain" "A secret"; do
+  read -r proto auth <<< "$run"
+  name=proto$proto; [ "$auth" = plain ] && name=${name}plain
+  echo "== protocol $proto ($auth): two daemons in sync and a witness, quorum majority"
+  config "$proto" majority "$auth"
   for n in alpha beta tie; do "$BIN" --node $n create-md r0 >/dev/null; "$BIN" --node $n up r0 >/dev/null; done
   wait_json alpha '"quorum_votes":3'
   "$BIN" --node alpha new-current-uuid --clear-bitmap r0
   wait_json beta '"disk":"UpToDate"'
   "$BIN" --node alpha primary r0
-  run_jobs "proto$proto" "${NBD[@]}"
+  run_jobs "$name" "${NBD[@]}"
   "$BIN" --node alpha status r0 | sed 's/^/   /'
   stop_all
 done
@@ -120,7 +125,7 @@ for line in open(sys.argv[1]):
     k, iops, mib = line.split(); r[k] = (float(iops), float(mib))
 print()
 print(f"{'target':<10} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
-for t in ["raw", "qemunbd", "local", "protoC", "protoA"]:
+for t in ["raw", "qemunbd", "local", "protoC", "protoCplain", "protoA"]:
     print(f"{t:<10} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
 print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
 limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
@@ -129,6 +134,8 @@ print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['lo
 print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f}")
 print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
 print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
+print(f"protocol C with frame MACs / plain, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['protoCplain.rand4k.qd32'][0]:.2f} (target >= 0.90)")
+print(f"protocol C with frame MACs / plain, 1M seq MiB/s: {r['protoC.seq1m'][1]/r['protoCplain.seq1m'][1]:.2f}")
 print(f"local-only seq / raw file seq:         {r['local.seq1m'][1]/r['raw.seq1m'][1]:.2f}")
 print(f"local-only / qemu-nbd, 4k QD32 IOPS:   {r['local.rand4k.qd32'][0]/r['qemunbd.rand4k.qd32'][0]:.2f}")
 print(f"local-only / qemu-nbd, 1M seq MiB/s:   {r['local.seq1m'][1]/r['qemunbd.seq1m'][1]:.2f}")

@@ -113,6 +113,9 @@ pub struct ResourceConfig {
     pub split_brain: SplitBrainPolicies,
     /// Shared secret for peer authentication (HMAC challenge-response); `None` = no auth.
     pub secret: Option<Vec<u8>>,
+    /// Set on purpose where the network between the nodes is trusted: no secret, and peers are
+    /// not authenticated. Without it (or a secret) `up` refuses to start.
+    pub trusted_network: bool,
     /// Bytes of data per dirty-bitmap bit.
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
@@ -169,6 +172,8 @@ struct RawResource {
     after_sb_2pri: Option<String>,
     secret: Option<String>,
     secret_file: Option<PathBuf>,
+    #[serde(default)]
+    trusted_network: bool,
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
@@ -319,6 +324,21 @@ impl ResourceConfig {
         warnings
     }
 
+    /// Whether a daemon may start: peers authenticate with a secret, or the resource file says
+    /// on purpose that the network between the nodes is trusted.
+    pub fn check_authenticates(&self) -> Result<(), ConfigError> {
+        if self.secret.is_none() && !self.trusted_network {
+            return Err(invalid(
+                &self.path,
+                "secret",
+                "is missing: any host that reaches the replication port could connect as a peer. Give the resource a shared \
+                 secret of at least 16 bytes (`secret` or `secret_file`), or, if the network between the nodes is trusted on \
+                 purpose, set `trusted_network = true`",
+            ));
+        }
+        Ok(())
+    }
+
     /// Every node but `me`.
     pub fn peers_of<'a>(&'a self, me: &'a NodeConfig) -> impl Iterator<Item = &'a NodeConfig> + 'a {
         self.nodes.iter().filter(move |n| n.id != me.id)
@@ -384,10 +404,21 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         (None, Some(file)) => {
             let bytes = std::fs::read(&file)
                 .map_err(|e| invalid(path, "secret_file", format!("cannot read {}: {e}", file.display())))?;
+            let mode = std::fs::metadata(&file).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap_or(0);
+            if mode & 0o077 != 0 {
+                return Err(invalid(
+                    path,
+                    "secret_file",
+                    format!("{} is readable by other users (mode {:o}): `chmod 600` it", file.display(), mode & 0o777),
+                ));
+            }
             Some(trim_newline(bytes))
         }
         (None, None) => None,
     };
+    if raw.trusted_network && secret.is_some() {
+        return Err(invalid(path, "trusted_network", "is set beside a secret: peers authenticate with the secret; remove one of them"));
+    }
     let min = crate::wire::auth::MIN_SECRET_LEN;
     if let Some(short) = secret.as_ref().filter(|s| s.len() < min) {
         let key = if raw_secret_file { "secret_file" } else { "secret" };
@@ -524,6 +555,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         on_no_quorum,
         split_brain,
         secret,
+        trusted_network: raw.trusted_network,
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,

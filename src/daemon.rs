@@ -23,6 +23,8 @@ pub enum DaemonError {
     #[error("cannot bind control socket {path}: {source}")]
     Control { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
@@ -157,7 +159,7 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
         tracing::warn!(resource = engine.resource(), "{warning}");
     }
     if !engine.has_secret() {
-        tracing::warn!(resource = engine.resource(), "no `secret` configured: any host that reaches the replication port can connect as a peer");
+        tracing::warn!(resource = engine.resource(), "trusted_network = true: peers are not authenticated, and any host that reaches the replication port can connect as one");
     }
     spawn_signal_handler(engine.clone(), ready.systemd.clone());
     ready.ready(&engine);
@@ -173,6 +175,7 @@ pub fn run(config: ResourceConfig, me: NodeConfig, run_dir: &Path, mut ready: Re
 type Started = (Engine, std::os::unix::net::UnixListener, Flock<File>);
 
 fn start(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Started, DaemonError> {
+    config.check_authenticates()?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

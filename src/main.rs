@@ -336,6 +336,7 @@ fn create_md(cli: &Cli, resource: &str, force: bool) -> Result<(), Failure> {
 
 fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
     let (config, me) = load(cli, resource)?;
+    config.check_authenticates()?;
     if foreground {
         daemon::block_termination_signals();
         let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREPL_LOG").unwrap_or_else(|_| "info".into());

@@ -27,6 +27,20 @@ fn missing_config_names_the_file() {
     assert!(stderr_of(&out).contains("r9.toml"), "{}", stderr_of(&out));
 }
 
+/// Without a secret peers are not authenticated: `up` refuses unless the resource file says,
+/// on purpose, that the network is trusted, and then says so in the log at every start.
+#[test]
+fn up_without_a_secret_is_refused_unless_the_network_is_trusted() {
+    let c = Cluster::new(&["alpha", "beta"], Options { extra: "trusted_network = false", ..Options::default() });
+    c.ok("alpha", &["create-md", "r0"]);
+    let out = c.cli("alpha", &["up", "r0"]);
+    assert_eq!(out.status.code(), Some(10), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("`secret`") && stderr_of(&out).contains("trusted_network = true"), "{}", stderr_of(&out));
+    edit_config(&c, "trusted_network = false", "trusted_network = true");
+    c.ok("alpha", &["up", "r0"]);
+    assert!(c.logs().contains("trusted_network = true: peers are not authenticated"), "{}", c.logs());
+}
+
 #[test]
 fn malformed_config_names_the_key() {
     let c = Cluster::new(&["alpha", "beta"], Options { extra: "resync_rate = 5", ..Options::default() });

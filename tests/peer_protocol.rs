@@ -12,7 +12,7 @@ use std::time::Duration;
 
 /// alpha up alone (Secondary); returns the cluster and alpha's replication address.
 fn alpha_alone() -> (Cluster, String) {
-    let c = Cluster::new(&["alpha", "beta"], Options::default());
+    let c = Cluster::new(&["alpha", "beta"], Options { extra: "trusted_network = true", ..Options::default() });
     c.ok("alpha", &["create-md", "r0"]);
     c.ok("alpha", &["up", "r0"]);
     let text = std::fs::read_to_string(c.config_dir().join("r0.toml")).unwrap();

@@ -26,6 +26,9 @@ pub struct Cluster {
     pub net: Option<netns::Net>,
 }
 
+/// The shared secret of test clusters (see [`Cluster::new`]).
+pub const TEST_SECRET: &str = "secret = \"the test cluster's shared secret\"";
+
 /// `n` ports to give the daemons, below the kernel's ephemeral range (32768 and up by
 /// default). A port the kernel handed out for port 0 is free only until someone else asks: a
 /// daemon dialing its peers took one as its source port before another daemon bound its NBD
@@ -83,8 +86,12 @@ impl Cluster {
             (true, false) => free_ports(nodes.len()).into_iter().map(|port| format!("127.0.0.1:{port}")).collect(),
         };
         let metrics_key = |i: usize| metrics_addresses.get(i).map_or(String::new(), |a| format!("metrics_address = \"{a}\"\n"));
-        let mut text =
-            format!("name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{}\n", options.protocol, options.quorum, options.extra);
+        // Peers authenticate, as a daemon requires, unless a test sets its own terms.
+        let auth = if options.extra.contains("secret") || options.extra.contains("trusted_network") { "" } else { TEST_SECRET };
+        let mut text = format!(
+            "name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{auth}\n{}\n",
+            options.protocol, options.quorum, options.extra
+        );
         for (i, name) in nodes.iter().enumerate() {
             if options.witnesses.contains(name) {
                 // As a witness should run: what it learns is kept in its metadata file.
