@@ -133,7 +133,52 @@ pub struct ResourceConfig {
     pub on_superseded: OnSuperseded,
     pub timing: LinkTiming,
     pub nodes: Vec<NodeConfig>,
+    /// The `[promoter]` section: what `blkrepl promoter` starts where it promotes; `None`
+    /// without one (the promoter leaves the resource alone).
+    pub promoter: Option<PromoterConfig>,
 }
+
+/// The `[promoter]` section of a resource file (docs/OPERATIONS.md, "Running with the
+/// promoter").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromoterConfig {
+    /// Shell commands run in order once this node is primary, each with the command that
+    /// undoes it (`start[i]` and `stop[i]`), so a start that fails half-way stops exactly what
+    /// it had started.
+    pub commands: Vec<ServiceCommands>,
+    /// systemd units started after the commands (`systemctl start`), stopped before them.
+    pub units: Vec<String>,
+    /// The `systemctl` that starts and stops `units` (another program in tests).
+    pub systemctl: PathBuf,
+    /// How long one start may take before it counts as failed (and is killed).
+    pub start_timeout: Duration,
+    /// How long one stop may take.
+    pub stop_timeout: Duration,
+    /// The unit of the wait before a promotion: the best-placed node waits least, and the others
+    /// see its promotion before their own turn comes.
+    pub promote_delay: Duration,
+    pub on_stop_failure: OnStopFailure,
+}
+
+/// One `start` command and the `stop` command that undoes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceCommands {
+    pub start: String,
+    pub stop: String,
+}
+
+/// What the promoter does when a service does not stop (its process fails or times out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStopFailure {
+    /// Log it, demote anyway (refused while the device is still in use) and retry both.
+    Log,
+    /// Log it and exit with status 1, leaving the node primary: for systemd to escalate
+    /// (`FailureAction=reboot`); the daemon's quorum rules still hold its writes.
+    Exit,
+}
+
+pub const DEFAULT_PROMOTER_TIMEOUT_S: u64 = 60;
+pub const DEFAULT_PROMOTE_DELAY_MS: u64 = 1000;
 
 /// The `on_suspended_primary_outdated` setting (DRBD 9's name): what a primary without quorum
 /// does once a connected node reports that another node was promoted.
@@ -190,6 +235,23 @@ struct RawResource {
     peer_stall_timeout_ms: Option<u64>,
     #[serde(default)]
     node: Vec<RawNode>,
+    promoter: Option<RawPromoter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPromoter {
+    #[serde(default)]
+    start: Vec<String>,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    units: Vec<String>,
+    systemctl: Option<PathBuf>,
+    start_timeout_s: Option<u64>,
+    stop_timeout_s: Option<u64>,
+    promote_delay_ms: Option<u64>,
+    on_stop_failure: Option<String>,
 }
 
 /// `quorum = "majority"`, `quorum = "off"` or `quorum = 2`.
@@ -468,6 +530,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         }
     };
     let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms, raw.peer_stall_timeout_ms)?;
+    let promoter = raw.promoter.map(|p| promoter(path, p)).transpose()?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -566,6 +629,61 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         on_superseded,
         timing,
         nodes,
+        promoter,
+    })
+}
+
+/// The `[promoter]` section: every command non-empty and paired with its stop, units named
+/// with their suffix (and never like an option of systemctl), timeouts and delay bounded.
+fn promoter(path: &Path, raw: RawPromoter) -> Result<PromoterConfig, ConfigError> {
+    for (key, commands) in [("start", &raw.start), ("stop", &raw.stop)] {
+        if let Some(i) = commands.iter().position(|c| c.trim().is_empty()) {
+            return Err(invalid(path, format!("promoter.{key}[{i}]"), "is empty"));
+        }
+    }
+    if raw.start.len() != raw.stop.len() {
+        return Err(invalid(
+            path,
+            "promoter.stop",
+            format!(
+                "has {} command(s) for {} in `start`: stop[i] undoes start[i] (give a start that leaves nothing to undo the stop \"true\")",
+                raw.stop.len(),
+                raw.start.len()
+            ),
+        ));
+    }
+    for (i, unit) in raw.units.iter().enumerate() {
+        let named = !unit.starts_with('-') && !unit.contains(char::is_whitespace) && unit.rsplit_once('.').is_some_and(|(name, kind)| !name.is_empty() && !kind.is_empty());
+        if !named {
+            return Err(invalid(path, format!("promoter.units[{i}]"), format!("\"{unit}\" is not a unit name with its suffix, like \"srv.mount\" or \"app.service\"")));
+        }
+    }
+    if raw.systemctl.is_some() && raw.units.is_empty() {
+        return Err(invalid(path, "promoter.systemctl", "applies only with `units`"));
+    }
+    let seconds = |key: &str, value: Option<u64>| match value.unwrap_or(DEFAULT_PROMOTER_TIMEOUT_S) {
+        s @ 1..=3600 => Ok(Duration::from_secs(s)),
+        s => Err(invalid(path, format!("promoter.{key}"), format!("{s} is not from 1 to 3600 seconds"))),
+    };
+    // Below 100 ms the next node's turn could come before the events (sampled every 100 ms)
+    // show it the first one's promotion.
+    let promote_delay = match raw.promote_delay_ms.unwrap_or(DEFAULT_PROMOTE_DELAY_MS) {
+        ms @ 100..=60_000 => Duration::from_millis(ms),
+        ms => return Err(invalid(path, "promoter.promote_delay_ms", format!("{ms} is not from 100 to 60000"))),
+    };
+    let on_stop_failure = match raw.on_stop_failure.as_deref() {
+        None | Some("log") => OnStopFailure::Log,
+        Some("exit") => OnStopFailure::Exit,
+        Some(other) => return Err(invalid(path, "promoter.on_stop_failure", format!("\"{other}\" is not \"log\" or \"exit\""))),
+    };
+    Ok(PromoterConfig {
+        commands: raw.start.into_iter().zip(raw.stop).map(|(start, stop)| ServiceCommands { start, stop }).collect(),
+        units: raw.units,
+        systemctl: raw.systemctl.unwrap_or_else(|| PathBuf::from("systemctl")),
+        start_timeout: seconds("start_timeout_s", raw.start_timeout_s)?,
+        stop_timeout: seconds("stop_timeout_s", raw.stop_timeout_s)?,
+        promote_delay,
+        on_stop_failure,
     })
 }
 
@@ -863,6 +981,48 @@ disk = "/var/lib/blkrepl/beta.img"
     fn secret_and_secret_file_are_exclusive() {
         let text = GOOD.replace("quorum = \"off\"", "secret = \"s\"\nsecret_file = \"/x\"");
         assert!(error_of(&text).contains("`secret_file`"));
+    }
+
+    /// GOOD with a `[promoter]` section holding `body` (top-level keys must come before it).
+    fn with_promoter(body: &str) -> String {
+        GOOD.replacen("[[node]]", &format!("[promoter]\n{body}\n[[node]]"), 1)
+    }
+
+    #[test]
+    fn a_promoter_section_pairs_starts_with_stops_and_has_defaults() {
+        assert_eq!(parse(GOOD).unwrap().promoter, None, "no section, no promoter");
+        let config = parse(&with_promoter("start = [\"mount /dev/ublkb0 /srv\", \"true\"]\nstop = [\"umount /srv\", \"true\"]\nunits = [\"app.service\"]")).unwrap();
+        let promoter = config.promoter.unwrap();
+        assert_eq!(promoter.commands[0], ServiceCommands { start: "mount /dev/ublkb0 /srv".into(), stop: "umount /srv".into() });
+        assert_eq!(promoter.units, ["app.service"]);
+        assert_eq!(promoter.systemctl, Path::new("systemctl"));
+        assert_eq!((promoter.start_timeout, promoter.stop_timeout), (Duration::from_secs(60), Duration::from_secs(60)));
+        assert_eq!(promoter.promote_delay, Duration::from_millis(DEFAULT_PROMOTE_DELAY_MS));
+        assert_eq!(promoter.on_stop_failure, OnStopFailure::Log);
+        let empty = parse(&with_promoter("")).unwrap().promoter.unwrap();
+        assert!(empty.commands.is_empty() && empty.units.is_empty(), "a promoter may only promote and demote");
+        let exit = parse(&with_promoter("on_stop_failure = \"exit\"\npromote_delay_ms = 250")).unwrap().promoter.unwrap();
+        assert_eq!((exit.on_stop_failure, exit.promote_delay), (OnStopFailure::Exit, Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn bad_promoter_keys_name_their_key() {
+        for (body, key, says) in [
+            ("start = [\"a\"]", "promoter.stop", "undoes"),
+            ("start = [\"a\", \" \"]\nstop = [\"b\", \"c\"]", "promoter.start[1]", "empty"),
+            ("units = [\"app\"]", "promoter.units[0]", "suffix"),
+            ("units = [\"--now.service\"]", "promoter.units[0]", "suffix"),
+            ("systemctl = \"/bin/true\"", "promoter.systemctl", "only with"),
+            ("start_timeout_s = 0", "promoter.start_timeout_s", "from 1"),
+            ("stop_timeout_s = 4000", "promoter.stop_timeout_s", "from 1"),
+            ("promote_delay_ms = 10", "promoter.promote_delay_ms", "from 100"),
+            ("on_stop_failure = \"reboot\"", "promoter.on_stop_failure", "\"log\" or \"exit\""),
+        ] {
+            let err = error_of(&with_promoter(body));
+            assert!(err.contains(&format!("`{key}`")) && err.contains(says), "{key}: {err}");
+        }
+        let err = error_of(&with_promoter("stat = [\"a\"]"));
+        assert!(err.contains("stat"), "unknown keys are refused: {err}");
     }
 
     #[test]
