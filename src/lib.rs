@@ -6,7 +6,9 @@
 //! [`frontend`] exposes the engine to hosts (NBD, ublk). Every disk access, data and metadata,
 //! goes through [`disk`]. Sockets read their handshakes through [`handshake_stream`]. [`events`]
 //! turns consecutive status snapshots into `blkrepl events` lines; [`control`] carries them.
-//! Under systemd the daemon reports readiness through [`sd_notify`].
+//! [`promoter`] follows those lines and promotes, demotes and runs services as a client of the
+//! control socket, above everything else. Under systemd the daemon reports readiness through
+//! [`sd_notify`].
 
 pub mod config;
 pub mod control;
@@ -20,6 +22,7 @@ pub mod handshake_stream;
 pub mod manpage;
 pub mod meta;
 pub mod metrics;
+pub mod promoter;
 pub mod replica;
 pub mod sd_notify;
 pub mod wire;

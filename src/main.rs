@@ -11,6 +11,7 @@ use blkrepl::disk::{Disk, FileDisk};
 use blkrepl::engine::{Engine, ResourceStatus};
 use blkrepl::manpage;
 use blkrepl::meta::{MetaParams, MetaStore};
+use blkrepl::promoter;
 use clap::{CommandFactory, Parser, Subcommand};
 use status_view::{format_status, Detail};
 use std::io::{BufRead, BufReader, Write};
@@ -122,6 +123,13 @@ enum Cmd {
     Completions { shell: clap_complete::Shell },
     /// Print this manual page (roff): `blkrepl man | man -l -`.
     Man,
+    /// Stay in the foreground (systemd): promote this node when it may and nobody is primary,
+    /// run the `[promoter]` section's services on the primary, stop them and demote when
+    /// quorum goes or on SIGTERM (docs/OPERATIONS.md, "Running with the promoter").
+    Promoter {
+        /// Resources to look after (default: every one with a `[promoter]` section).
+        resources: Vec<String>,
+    },
 }
 
 /// A failure with the exit code it maps to.
@@ -198,6 +206,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             println!("{resource}: online verify started with {}; `blkrepl status {resource}` shows progress and findings", peers.join(", "));
             Ok(())
         }
+        Cmd::Promoter { resources } => promoter(&cli, resources),
         Cmd::Invalidate { resource } => {
             request(&cli, resource, Request::Invalidate)?;
             println!("{resource}: invalidated; all of this node's data is resynced from its UpToDate peer (`blkrepl status {resource}` shows progress)");
@@ -339,8 +348,7 @@ fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
     config.check_authenticates()?;
     if foreground {
         daemon::block_termination_signals();
-        let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREPL_LOG").unwrap_or_else(|_| "info".into());
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        init_logging();
         let ready = daemon::Readiness::from_env();
         return daemon::run(config, me, &cli.run_dir, ready).map_err(|e| fail(e.to_string(), 1));
     }
@@ -390,6 +398,33 @@ fn up(cli: &Cli, resource: &str, foreground: bool) -> Result<(), Failure> {
             Err(fail(format!("the daemon exited during start-up ({status}); see {}", log.display()), 1))
         }
     }
+}
+
+/// Looks after the named resources (or every one with a `[promoter]` section where this node
+/// holds data) until SIGTERM or SIGINT.
+fn promoter(cli: &Cli, resources: &[String]) -> Result<(), Failure> {
+    let named = !resources.is_empty();
+    let names = if named { resources.to_vec() } else { resource_names(&cli.config_dir)? };
+    let mut targets = Vec::new();
+    for name in &names {
+        let (config, me) = load(cli, name)?;
+        match promoter::Target::new(&config, &me, &cli.run_dir) {
+            Ok(target) => targets.push(target),
+            Err(unfit) if named => return Err(fail(unfit.to_string(), 10)),
+            Err(_) => {}
+        }
+    }
+    if targets.is_empty() {
+        return Err(fail(format!("no resource in {} has a [promoter] section for data node {}", cli.config_dir.display(), node_name(cli)?), 10));
+    }
+    init_logging();
+    promoter::driver::run(targets).map_err(|e| fail(e.to_string(), 1))
+}
+
+/// Logs to stderr (the journal under systemd), `BLKREPL_LOG` filtering.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREPL_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn status(cli: &Cli, resource: Option<&str>, json: bool, detail: Detail) -> Result<(), Failure> {
