@@ -421,10 +421,12 @@ fn promoter(cli: &Cli, resources: &[String]) -> Result<(), Failure> {
     promoter::driver::run(targets).map_err(|e| fail(e.to_string(), 1))
 }
 
-/// Logs to stderr (the journal under systemd), `BLKREPL_LOG` filtering.
+/// Logs to stderr (the journal under systemd, a log file under `up`), `BLKREPL_LOG` filtering;
+/// colours only on a terminal.
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLKREPL_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
 }
 
 fn status(cli: &Cli, resource: Option<&str>, json: bool, detail: Detail) -> Result<(), Failure> {
