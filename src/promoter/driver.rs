@@ -25,7 +25,7 @@ pub enum PromoterError {
 
 /// What a resource's deciding thread hears.
 enum Message {
-    Event(Event),
+    Event(Box<Event>),
     /// A new events subscription starts listing the state.
     Resubscribed,
     Shutdown,
@@ -118,7 +118,7 @@ fn follow(resource: String, socket: std::path::PathBuf, inbox: Sender<Message>) 
         let sources = vec![Source { resource: resource.clone(), socket: socket.clone() }];
         let options = watch::Options { statistics: false, now: false, require_running: false };
         let forward = |event: &Event| {
-            inbox.send(Message::Event(event.clone())).map_err(|_| std::io::Error::other("the promoter stopped listening"))
+            inbox.send(Message::Event(Box::new(event.clone()))).map_err(|_| std::io::Error::other("the promoter stopped listening"))
         };
         match watch::watch(sources, options, forward) {
             Ok(()) | Err(WatchError::Output(_)) => return,
