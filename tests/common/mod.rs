@@ -5,6 +5,7 @@
 
 pub mod nbd_client;
 pub mod netns;
+pub mod promoter;
 
 use serde_json::Value;
 use std::net::TcpListener;
