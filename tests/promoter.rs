@@ -104,3 +104,21 @@ fn a_partitioned_primary_stops_its_service_and_demotes_before_the_majority_takes
     assert!(samples.taken > 200, "the sampler ran {} times only", samples.taken);
     assert!(samples.overlaps.is_empty(), "both services ran at {:?}", samples.overlaps);
 }
+
+#[test]
+fn a_promoter_with_nothing_to_look_after_or_a_bad_key_is_a_configuration_error() {
+    let c = Cluster::new(&["alpha", "beta", "tie"], Options { quorum: "majority", witnesses: &["tie"], ..Options::default() });
+    let refused = |node: &str, args: &[&str], says: &str| {
+        let out = c.cli(node, args);
+        let stderr = common::text(&out.stderr);
+        assert_eq!(out.status.code(), Some(10), "{args:?} on {node}: {stderr}");
+        assert!(stderr.contains(says), "{args:?} on {node}: {stderr}");
+    };
+    refused("alpha", &["promoter", "r0"], "has no [promoter] section");
+    refused("alpha", &["promoter"], "no resource in");
+    c.add_promoter_section();
+    refused("tie", &["promoter", "r0"], "diskless witness");
+    refused("tie", &["promoter"], "no resource in");
+    c.edit_config("stop_timeout_s = 10", "stop_timeout_s = 0");
+    refused("alpha", &["promoter", "r0"], "`promoter.stop_timeout_s`");
+}
