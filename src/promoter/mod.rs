@@ -56,3 +56,40 @@ impl Target {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"
+name = "r0"
+[[node]]
+name = "tie"
+id = 0
+address = "127.0.0.1:7789"
+disk = "none"
+[[node]]
+name = "beta"
+id = 5
+address = "127.0.0.1:7790"
+disk = "/b"
+[[node]]
+name = "alpha"
+id = 2
+address = "127.0.0.1:7791"
+disk = "/a"
+[promoter]
+"#;
+
+    #[test]
+    fn data_nodes_take_turns_by_id_and_witnesses_get_no_promoter() {
+        let config = ResourceConfig::parse(Path::new("/etc/blkrepl/r0.toml"), TEXT).unwrap();
+        let target = |name: &str| Target::new(&config, config.node(name).unwrap(), Path::new("/run/blkrepl"));
+        let alpha = target("alpha").unwrap();
+        assert_eq!((alpha.placement, alpha.socket), (Placement { rank: 0, ranks: 2 }, PathBuf::from("/run/blkrepl/r0.alpha.sock")));
+        assert_eq!(target("beta").unwrap().placement, Placement { rank: 1, ranks: 2 });
+        assert!(matches!(target("tie"), Err(Unfit::Witness { .. })));
+        let without = ResourceConfig::parse(Path::new("/etc/blkrepl/r0.toml"), TEXT.trim_end().trim_end_matches("[promoter]")).unwrap();
+        assert!(matches!(Target::new(&without, without.node("alpha").unwrap(), Path::new("/run")), Err(Unfit::NoSection { .. })));
+    }
+}
