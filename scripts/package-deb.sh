@@ -6,9 +6,10 @@
 #   scripts/package-deb.sh          prints the path of the package it built
 #
 # Contents: /usr/sbin/blkrepl (stripped), the OCF agent as ocf:blkrepl:blkrepl
-# (/usr/lib/ocf/resource.d/blkrepl/blkrepl), the systemd unit blkrepl@.service, bash, zsh and fish
-# completions and the manual page blkrepl(8) (both made by the binary from its CLI definition),
-# README, OPERATIONS and copyright in /usr/share/doc/blkrepl, and /etc/blkrepl (empty: the
+# (/usr/lib/ocf/resource.d/blkrepl/blkrepl), the systemd units blkrepl@.service and
+# blkrepl-promoter.service, bash, zsh and fish completions and the manual page blkrepl(8) (both
+# made by the binary from its CLI definition), README, OPERATIONS and copyright in
+# /usr/share/doc/blkrepl, and /etc/blkrepl (empty: the
 # resource files are the administrator's, so there are no conffiles). Depends is what
 # dpkg-shlibdeps finds the binary linked against; the agent's needs (jq, resource-agents'
 # ocf-shellfuncs) are Recommends, since a node run by systemd alone has no use for them.
@@ -39,6 +40,7 @@ install -D -m 0755 "$binary" "$pkg/usr/sbin/blkrepl"
 strip --strip-unneeded "$pkg/usr/sbin/blkrepl"
 install -D -m 0755 scripts/ocf/blkrepl "$pkg/usr/lib/ocf/resource.d/blkrepl/blkrepl"
 install -D -m 0644 scripts/systemd/blkrepl@.service "$pkg/usr/lib/systemd/system/blkrepl@.service"
+install -D -m 0644 scripts/systemd/blkrepl-promoter.service "$pkg/usr/lib/systemd/system/blkrepl-promoter.service"
 install -d -m 0755 "$pkg/usr/share/bash-completion/completions" "$pkg/usr/share/zsh/vendor-completions" \
   "$pkg/usr/share/fish/vendor_completions.d" "$pkg/usr/share/man/man8" "$pkg/usr/share/doc/blkrepl" "$pkg/etc/blkrepl"
 "$binary" completions bash >"$pkg/usr/share/bash-completion/completions/blkrepl"
@@ -101,8 +103,9 @@ Description: $description
  A userspace daemon in the spirit of DRBD: the primary node exports a block
  device (/dev/ublkbN or an NBD export) and mirrors every write to its peers
  over TCP, with on-disk metadata so that a reconnect or a crash resyncs only
- the blocks that differ. Includes the systemd unit blkrepl@.service and the
- Pacemaker resource agent ocf:blkrepl:blkrepl (which needs jq).
+ the blocks that differ. Includes the systemd units blkrepl@.service and
+ blkrepl-promoter.service (promotion and services without a cluster manager)
+ and the Pacemaker resource agent ocf:blkrepl:blkrepl (which needs jq).
 EOF
 (cd "$pkg" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$pkg/DEBIAN/md5sums"
 

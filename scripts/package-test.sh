@@ -47,6 +47,7 @@ got=$(/usr/sbin/blkrepl --version)
 say "/usr/sbin/blkrepl --version: $got"
 
 for f in /usr/lib/ocf/resource.d/blkrepl/blkrepl /usr/lib/systemd/system/blkrepl@.service \
+  /usr/lib/systemd/system/blkrepl-promoter.service \
   /usr/share/bash-completion/completions/blkrepl /usr/share/zsh/vendor-completions/_blkrepl \
   /usr/share/fish/vendor_completions.d/blkrepl.fish /usr/share/man/man8/blkrepl.8.gz \
   /usr/share/doc/blkrepl/README.md /usr/share/doc/blkrepl/OPERATIONS.md /usr/share/doc/blkrepl/copyright; do
@@ -66,8 +67,10 @@ say "man -l /usr/share/man/man8/blkrepl.8.gz renders without warnings"
 
 # The template unit verifies as an instance; the check covers ExecStart's binary and the manual
 # page named in Documentation= too.
-systemd-analyze verify /usr/lib/systemd/system/blkrepl@.service || die "systemd-analyze verify failed (above)"
-say "systemd-analyze verify blkrepl@.service: clean"
+for unit in blkrepl@.service blkrepl-promoter.service; do
+  systemd-analyze verify "/usr/lib/systemd/system/$unit" || die "systemd-analyze verify $unit failed (above)"
+  say "systemd-analyze verify $unit: clean"
+done
 
 say "the agent's tests (ocf-tester among them) against /usr/lib/ocf/resource.d/blkrepl/blkrepl"
 BLKREPL_OCF_AGENT=/usr/lib/ocf/resource.d/blkrepl/blkrepl cargo test --release --test ocf_agent -- --test-threads 2
