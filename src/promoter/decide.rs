@@ -11,8 +11,8 @@ use super::view::View;
 use crate::config::{OnStopFailure, PromoterConfig};
 use std::time::{Duration, Instant};
 
-/// After a service failed to start (and everything was stopped and the node demoted), no
-/// promotion for this long, so that another node can take over.
+/// After a service failed to start, or a local write failed (and everything was stopped and the
+/// node demoted), no promotion for this long, so that another node can take over.
 pub const START_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A refused promotion is tried again at the next change of the view, or after this long when
@@ -135,11 +135,16 @@ impl Decider {
                     None => "the daemon went away",
                     Some(view) if !view.primary => "the daemon is no longer Primary",
                     Some(view) if !view.quorum => "quorum lost",
+                    Some(view) if view.write_failed => "a local write failed",
                     Some(_) if started => return Step::Wait(None),
                     Some(_) => return Step::Start,
                 };
                 // A daemon that went away or stepped down holds no role to give up.
                 let demote = self.view.as_ref().is_some_and(|v| v.primary);
+                if self.view.as_ref().is_some_and(|v| v.write_failed) {
+                    // Its disk may be dying: a node whose disk did not fail takes over.
+                    self.hold = Some(Hold::Until(now + START_FAILURE_BACKOFF));
+                }
                 self.clean_up(if started { self.services } else { 0 }, demote, why);
                 self.next(now)
             }
@@ -292,11 +297,11 @@ mod tests {
 
     /// A secondary that may promote, with the daemon's best score.
     fn candidate() -> View {
-        View { primary: false, quorum: true, may_promote: true, promotion_score: Some(10_000), peer_primary: false }
+        View { primary: false, quorum: true, may_promote: true, promotion_score: Some(10_000), peer_primary: false, write_failed: false }
     }
 
     fn primary() -> View {
-        View { primary: true, quorum: true, may_promote: false, promotion_score: Some(10_000), peer_primary: false }
+        View { primary: true, quorum: true, may_promote: false, promotion_score: Some(10_000), peer_primary: false, write_failed: false }
     }
 
     fn without_quorum(view: View) -> View {
@@ -429,6 +434,20 @@ mod tests {
         // Back, and another node is primary: it stays secondary.
         d.observe(Some(View { peer_primary: true, may_promote: false, promotion_score: None, ..candidate() }), t);
         assert_eq!(d.next(t + DELAY * 10), Step::Wait(None));
+    }
+
+    #[test]
+    fn a_failed_local_write_stops_the_services_demotes_and_backs_off() {
+        let t = Instant::now();
+        let mut d = decider(0);
+        running(&mut d, t);
+        d.observe(Some(View { write_failed: true, ..primary() }), t);
+        assert_eq!(d.next(t), Step::Stop { count: 2, why: "a local write failed" });
+        d.stopped(true);
+        assert_eq!(d.next(t), Step::Demote { why: "a local write failed" });
+        d.demoted(true, t);
+        d.observe(Some(candidate()), t + DELAY);
+        assert_eq!(d.next(t + DELAY), Step::Wait(Some(t + START_FAILURE_BACKOFF)), "the other node's turn first");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct View {
     pub promotion_score: Option<u32>,
     /// A connected peer reports itself Primary.
     pub peer_primary: bool,
+    /// A local write failed on this primary: it fails every read and write until demoted.
+    pub write_failed: bool,
 }
 
 /// Folds events into the current [`View`]; a consumer that joins late needs nothing else,
@@ -34,6 +36,8 @@ struct Known {
     resource: Option<ResourceObject>,
     /// Each peer's role by node id, as its `connection` line last said.
     peer_roles: BTreeMap<u8, String>,
+    /// The `device` line's `write_failed`.
+    write_failed: bool,
 }
 
 impl Tracker {
@@ -57,8 +61,9 @@ impl Tracker {
             Object::Resource(resource) => {
                 known.resource = (!gone).then(|| resource.clone());
                 if gone {
-                    // The daemon stopped or died: what it said of its peers goes with it.
+                    // The daemon stopped or died: what it said of its peers and disk goes with it.
                     known.peer_roles.clear();
+                    known.write_failed = false;
                 }
             }
             Object::Connection(connection) if gone => {
@@ -67,7 +72,8 @@ impl Tracker {
             Object::Connection(connection) => {
                 known.peer_roles.insert(connection.peer_node_id, connection.role.clone());
             }
-            Object::Device(_) | Object::PeerDevice(_) | Object::Marker => {}
+            Object::Device(device) => known.write_failed = !gone && device.write_failed,
+            Object::PeerDevice(_) | Object::Marker => {}
         }
     }
 
@@ -80,6 +86,7 @@ impl Tracker {
             may_promote: resource.may_promote,
             promotion_score: resource.promotion_score,
             peer_primary: self.shown.peer_roles.values().any(|role| role == "Primary"),
+            write_failed: self.shown.write_failed,
         })
     }
 }
@@ -87,7 +94,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::ConnectionObject;
+    use crate::events::{ConnectionObject, DeviceObject};
 
     fn resource(role: &str, quorum: bool) -> Object {
         Object::Resource(ResourceObject {
@@ -128,6 +135,21 @@ mod tests {
         assert!(tracker.view().unwrap().peer_primary);
         tracker.apply(&event(Action::Destroy, connection(1, "Primary")));
         assert!(!tracker.view().unwrap().peer_primary, "a peer that went away is not primary here");
+    }
+
+    #[test]
+    fn a_failed_local_write_shows_until_the_device_line_clears_it() {
+        let device = |write_failed| {
+            Object::Device(DeviceObject { name: "r0".into(), disk: "UpToDate".into(), export: None, io: None, write_failed })
+        };
+        let mut tracker = Tracker::default();
+        tracker.apply(&event(Action::Exists, resource("Primary", true)));
+        tracker.apply(&event(Action::Exists, device(false)));
+        assert!(!tracker.view().unwrap().write_failed);
+        tracker.apply(&event(Action::Change, device(true)));
+        assert!(tracker.view().unwrap().write_failed);
+        tracker.apply(&event(Action::Change, device(false)));
+        assert!(!tracker.view().unwrap().write_failed);
     }
 
     #[test]
