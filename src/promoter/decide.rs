@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 /// After a service failed to start, or a local write failed (and everything was stopped and the
 /// node demoted), no promotion for this long, so that another node can take over.
-pub const START_FAILURE_BACKOFF: Duration = Duration::from_secs(30);
+pub const BACK_OFF: Duration = Duration::from_secs(30);
 
 /// A refused promotion is tried again at the next change of the view, or after this long when
 /// nothing changes (the refusal's reason may not show in the events).
@@ -143,7 +143,7 @@ impl Decider {
                 let demote = self.view.as_ref().is_some_and(|v| v.primary);
                 if self.view.as_ref().is_some_and(|v| v.write_failed) {
                     // Its disk may be dying: a node whose disk did not fail takes over.
-                    self.hold = Some(Hold::Until(now + START_FAILURE_BACKOFF));
+                    self.hold = Some(Hold::Until(now + BACK_OFF));
                 }
                 self.clean_up(if started { self.services } else { 0 }, demote, why);
                 self.next(now)
@@ -238,7 +238,7 @@ impl Decider {
         match result {
             Ok(()) => self.phase = Phase::Primary { started: true },
             Err(tried) => {
-                self.hold = Some(Hold::Until(now + START_FAILURE_BACKOFF));
+                self.hold = Some(Hold::Until(now + BACK_OFF));
                 self.clean_up(tried, true, "a service failed to start");
             }
         }
@@ -447,7 +447,7 @@ mod tests {
         assert_eq!(d.next(t), Step::Demote { why: "a local write failed" });
         d.demoted(true, t);
         d.observe(Some(candidate()), t + DELAY);
-        assert_eq!(d.next(t + DELAY), Step::Wait(Some(t + START_FAILURE_BACKOFF)), "the other node's turn first");
+        assert_eq!(d.next(t + DELAY), Step::Wait(Some(t + BACK_OFF)), "the other node's turn first");
     }
 
     #[test]
@@ -464,8 +464,8 @@ mod tests {
         assert_eq!(d.next(t), Step::Demote { why: "a service failed to start" });
         d.demoted(true, t);
         d.observe(Some(candidate()), t + DELAY);
-        assert_eq!(d.next(t + DELAY), Step::Wait(Some(t + START_FAILURE_BACKOFF)));
-        assert_eq!(d.next(t + START_FAILURE_BACKOFF), Step::Promote, "then a new turn, the first-ranked one's");
+        assert_eq!(d.next(t + DELAY), Step::Wait(Some(t + BACK_OFF)));
+        assert_eq!(d.next(t + BACK_OFF), Step::Promote, "then a new turn, the first-ranked one's");
     }
 
     #[test]
