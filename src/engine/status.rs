@@ -4,7 +4,7 @@ use super::state::State;
 use crate::replica::{Replica, VerifyState};
 use super::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
-use crate::core::states::{DiskState, Role};
+use crate::core::states::{ConnState, DiskState, Role};
 use crate::core::sync_progress::SyncProgress;
 use std::time::Instant;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,10 @@ pub struct ResourceStatus {
     pub protocol: String,
     pub size_bytes: u64,
     pub generation_uuid: String,
+    /// Resyncs this node started as target since its daemon started: one that begins and ends
+    /// between two samples of the status still shows here (handlers count on it).
+    #[serde(default)]
+    pub resyncs_as_target: u64,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -80,7 +84,15 @@ pub struct PeerStatus {
     pub verify: Option<VerifyStatus>,
     /// Why the last connection attempt or connection ended, if it did.
     pub last_error: Option<String>,
+    /// The last connect found a split brain no policy resolved: the peer stays StandAlone until
+    /// the operator chooses a victim (`connect --discard-my-data`).
+    #[serde(default)]
+    pub split_brain: bool,
 }
+
+/// How the replica words the refusal of a split brain it could not resolve (its reason becomes
+/// the link's `last_error`); `tests/handlers.rs` checks it against a real one.
+const SPLIT_BRAIN_REFUSED: &str = "split brain detected";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResyncStatus {
@@ -184,6 +196,8 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 received_bytes: p.received_bytes,
                 resync,
                 verify,
+                split_brain: p.conn == ConnState::StandAlone
+                    && p.last_error.as_deref().is_some_and(|e| e.contains(SPLIT_BRAIN_REFUSED)),
                 last_error: p.last_error.clone(),
             }
         })
@@ -229,6 +243,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         protocol: shared.config.protocol.to_string(),
         size_bytes: shared.data_size_bytes,
         generation_uuid: format!("{:016X}", st.replica.sb.uuids.current),
+        resyncs_as_target: st.replica.resyncs_taken.iter().sum(),
         peers,
     }
 }

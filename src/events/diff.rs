@@ -99,6 +99,7 @@ mod tests {
             resync: None,
             verify: None,
             last_error: None,
+            split_brain: false,
         }
     }
 
@@ -127,6 +128,7 @@ mod tests {
             protocol: "C".into(),
             size_bytes: 64 << 20,
             generation_uuid: "0123456789ABCDEF".into(),
+            resyncs_as_target: 0,
             peers: vec![peer("beta", 1), peer("tie", 2)],
         }
     }
