@@ -15,14 +15,12 @@ use super::server::answer;
 use super::Response;
 use crate::engine::Engine;
 use crate::events::diff::{changes, objects};
+use crate::events::follow::{follow, SAMPLE_INTERVAL};
 use crate::events::{time, Action, Event, Object};
 use nix::sys::socket::{setsockopt, sockopt::SndBuf};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, SystemTime};
-
-/// How often a subscriber's status is sampled: how late a line may come.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A subscriber whose socket stays full this long has stopped reading and is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,35 +41,31 @@ pub fn publish(stream: &UnixStream, engine: &Engine, statistics: bool) {
     }
     answer(stream, &Response::ok(None));
     tracing::debug!(resource = engine.resource(), statistics, "events subscriber connected");
-    let mut before = engine.status();
-    let initial = objects(&before, statistics).into_iter().map(|o| (Action::Exists, o)).chain([(Action::Exists, Object::Marker)]);
+    let first = engine.status();
+    let initial = objects(&first, statistics).into_iter().map(|o| (Action::Exists, o)).chain([(Action::Exists, Object::Marker)]);
     if !send(stream, engine, initial.collect()) {
         return;
     }
-    loop {
-        // Sleeps one interval, and finds a subscriber that closed its end.
-        match (&*stream).read(&mut [0; 64]) {
-            Ok(0) => {
-                tracing::debug!(resource = engine.resource(), "events subscriber went away");
-                return;
-            }
-            Ok(_) => {
-                tracing::warn!(resource = engine.resource(), "events subscriber sent more than its request: dropped");
-                return;
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
-            Err(e) => {
-                tracing::debug!(resource = engine.resource(), error = %e, "events subscriber's connection failed");
-                return;
-            }
+    // Sleeps one interval, and finds a subscriber that closed its end.
+    let pause = || match (&*stream).read(&mut [0; 64]) {
+        Ok(0) => {
+            tracing::debug!(resource = engine.resource(), "events subscriber went away");
+            false
         }
-        let after = engine.status();
-        let lines = changes(&before, &after, statistics);
-        before = after;
-        if !lines.is_empty() && !send(stream, engine, lines) {
-            return;
+        Ok(_) => {
+            tracing::warn!(resource = engine.resource(), "events subscriber sent more than its request: dropped");
+            false
         }
-    }
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => true,
+        Err(e) => {
+            tracing::debug!(resource = engine.resource(), error = %e, "events subscriber's connection failed");
+            false
+        }
+    };
+    follow(engine, first, pause, |before, after| {
+        let lines = changes(before, after, statistics);
+        lines.is_empty() || send(stream, engine, lines)
+    });
 }
 
 /// Writes the lines, stamped now, in one write; false when the subscriber is to be dropped.

@@ -11,6 +11,9 @@
 //! [`ResourceStatus`]: crate::engine::ResourceStatus
 
 pub mod diff;
+#[cfg(test)]
+pub mod fixtures;
+pub mod follow;
 pub mod time;
 
 use serde::{Deserialize, Serialize};
