@@ -136,6 +136,44 @@ pub struct ResourceConfig {
     /// The `[promoter]` section: what `blkrepl promoter` starts where it promotes; `None`
     /// without one (the promoter leaves the resource alone).
     pub promoter: Option<PromoterConfig>,
+    /// Commands run on events (`[handlers]`).
+    pub handlers: HandlersConfig,
+}
+
+/// The `[handlers]` section: commands (run with `/bin/sh -c`) the daemon runs when something
+/// an operator must know about happens, as DRBD's handlers (docs/OPERATIONS.md, "Handlers").
+/// `None`: nothing runs for that event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlersConfig {
+    pub split_brain: Option<String>,
+    pub quorum_lost: Option<String>,
+    pub before_resync_target: Option<String>,
+    pub after_resync_target: Option<String>,
+    pub peer_unreachable: Option<String>,
+    /// A peer not connected this long is unreachable (`peer_unreachable_after_s`).
+    pub peer_unreachable_after: Duration,
+    /// A handler still running this long is killed, with its process group (`handler_timeout_s`).
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_PEER_UNREACHABLE_AFTER_S: u64 = 600;
+pub const DEFAULT_HANDLER_TIMEOUT_S: u64 = 30;
+/// Bounds that catch a unit mistake (milliseconds given as seconds) rather than limit anyone.
+const MAX_PEER_UNREACHABLE_AFTER_S: u64 = 7 * 86_400;
+const MAX_HANDLER_TIMEOUT_S: u64 = 3_600;
+
+impl Default for HandlersConfig {
+    fn default() -> Self {
+        HandlersConfig {
+            split_brain: None,
+            quorum_lost: None,
+            before_resync_target: None,
+            after_resync_target: None,
+            peer_unreachable: None,
+            peer_unreachable_after: Duration::from_secs(DEFAULT_PEER_UNREACHABLE_AFTER_S),
+            timeout: Duration::from_secs(DEFAULT_HANDLER_TIMEOUT_S),
+        }
+    }
 }
 
 /// The `[promoter]` section of a resource file (docs/OPERATIONS.md, "Running with the
@@ -234,6 +272,8 @@ struct RawResource {
     ping_timeout_ms: Option<u64>,
     peer_stall_timeout_ms: Option<u64>,
     #[serde(default)]
+    handlers: RawHandlers,
+    #[serde(default)]
     node: Vec<RawNode>,
     promoter: Option<RawPromoter>,
 }
@@ -252,6 +292,27 @@ struct RawPromoter {
     stop_timeout_s: Option<u64>,
     promote_delay_ms: Option<u64>,
     on_stop_failure: Option<String>,
+}
+
+/// `[handlers]` as written: DRBD's handler names (with `-`), then the two timings.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHandlers {
+    #[serde(rename = "split-brain")]
+    split_brain: Option<String>,
+    #[serde(rename = "quorum-lost")]
+    quorum_lost: Option<String>,
+    #[serde(rename = "before-resync-target")]
+    before_resync_target: Option<String>,
+    #[serde(rename = "after-resync-target")]
+    after_resync_target: Option<String>,
+    #[serde(rename = "peer-unreachable")]
+    peer_unreachable: Option<String>,
+    /// Known so that it is refused with the reason, not as a typo.
+    #[serde(rename = "fence-peer")]
+    fence_peer: Option<String>,
+    peer_unreachable_after_s: Option<u64>,
+    handler_timeout_s: Option<u64>,
 }
 
 /// `quorum = "majority"`, `quorum = "off"` or `quorum = 2`.
@@ -531,6 +592,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     };
     let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms, raw.peer_stall_timeout_ms)?;
     let promoter = raw.promoter.map(|p| promoter(path, p)).transpose()?;
+    let handlers = handlers(path, raw.handlers)?;
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -630,6 +692,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         timing,
         nodes,
         promoter,
+        handlers,
     })
 }
 
@@ -684,6 +747,54 @@ fn promoter(path: &Path, raw: RawPromoter) -> Result<PromoterConfig, ConfigError
         stop_timeout: seconds("stop_timeout_s", raw.stop_timeout_s)?,
         promote_delay,
         on_stop_failure,
+    })
+}
+
+/// `[handlers]`: every command non-empty; each timing within bounds, and only where it applies.
+fn handlers(path: &Path, raw: RawHandlers) -> Result<HandlersConfig, ConfigError> {
+    if raw.fence_peer.is_some() {
+        return Err(invalid(
+            path,
+            "handlers.fence-peer",
+            "is not supported yet: fencing needs the primary to freeze I/O until the handler answers, which blkrepl does not do yet; remove it (quorum with a witness keeps an isolated primary from completing writes)",
+        ));
+    }
+    let commands = [
+        ("split-brain", raw.split_brain),
+        ("quorum-lost", raw.quorum_lost),
+        ("before-resync-target", raw.before_resync_target),
+        ("after-resync-target", raw.after_resync_target),
+        ("peer-unreachable", raw.peer_unreachable),
+    ];
+    if let Some((name, _)) = commands.iter().find(|(_, command)| command.as_ref().is_some_and(|c| c.trim().is_empty())) {
+        return Err(invalid(path, format!("handlers.{name}"), "is empty: give a command (run with /bin/sh -c), or remove the key"));
+    }
+    let any_handler = commands.iter().any(|(_, command)| command.is_some());
+    let [(_, split_brain), (_, quorum_lost), (_, before_resync_target), (_, after_resync_target), (_, peer_unreachable)] = commands;
+    let seconds = |key: &str, value: Option<u64>, default: u64, max: u64| match value {
+        None => Ok(Duration::from_secs(default)),
+        Some(s @ 1..) if s <= max => Ok(Duration::from_secs(s)),
+        Some(s) => Err(invalid(path, format!("handlers.{key}"), format!("{s} is not from 1 to {max} seconds"))),
+    };
+    if raw.peer_unreachable_after_s.is_some() && peer_unreachable.is_none() {
+        return Err(invalid(path, "handlers.peer_unreachable_after_s", "applies only with a `peer-unreachable` handler"));
+    }
+    if raw.handler_timeout_s.is_some() && !any_handler {
+        return Err(invalid(path, "handlers.handler_timeout_s", "applies only when a handler is configured"));
+    }
+    Ok(HandlersConfig {
+        split_brain,
+        quorum_lost,
+        before_resync_target,
+        after_resync_target,
+        peer_unreachable,
+        peer_unreachable_after: seconds(
+            "peer_unreachable_after_s",
+            raw.peer_unreachable_after_s,
+            DEFAULT_PEER_UNREACHABLE_AFTER_S,
+            MAX_PEER_UNREACHABLE_AFTER_S,
+        )?,
+        timeout: seconds("handler_timeout_s", raw.handler_timeout_s, DEFAULT_HANDLER_TIMEOUT_S, MAX_HANDLER_TIMEOUT_S)?,
     })
 }
 
@@ -879,6 +990,39 @@ disk = "/var/lib/blkrepl/beta.img"
         ] {
             let err = error_of(&GOOD.replacen(from, to, 1));
             assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn handlers_are_parsed_with_their_defaults() {
+        assert_eq!(parse(GOOD).unwrap().handlers, HandlersConfig::default(), "no handlers by default");
+        let text = format!(
+            "{GOOD}[handlers]\nsplit-brain = \"/usr/lib/blkrepl/notify split-brain\"\npeer-unreachable = \"logger peer\"\npeer_unreachable_after_s = 5\n"
+        );
+        let handlers = parse(&text).unwrap().handlers;
+        assert_eq!(handlers.split_brain.as_deref(), Some("/usr/lib/blkrepl/notify split-brain"));
+        assert_eq!((handlers.quorum_lost, handlers.before_resync_target, handlers.after_resync_target), (None, None, None));
+        assert_eq!(handlers.peer_unreachable.as_deref(), Some("logger peer"));
+        assert_eq!(handlers.peer_unreachable_after, Duration::from_secs(5));
+        assert_eq!(handlers.timeout, Duration::from_secs(DEFAULT_HANDLER_TIMEOUT_S));
+        let timed = parse(&format!("{GOOD}[handlers]\nquorum-lost = \"true\"\nhandler_timeout_s = 2\n")).unwrap().handlers;
+        assert_eq!((timed.timeout, timed.peer_unreachable_after), (Duration::from_secs(2), Duration::from_secs(DEFAULT_PEER_UNREACHABLE_AFTER_S)));
+    }
+
+    #[test]
+    fn bad_handlers_name_their_key() {
+        for (section, key, says) in [
+            ("quorum-lots = \"true\"", "quorum-lots", "unknown field"),
+            ("fence-peer = \"/sbin/fence\"", "handlers.fence-peer", "not supported yet"),
+            ("split-brain = \" \"", "handlers.split-brain", "is empty"),
+            ("split-brain = 1", "split-brain", "invalid type"),
+            ("peer-unreachable = \"true\"\npeer_unreachable_after_s = 0", "handlers.peer_unreachable_after_s", "from 1 to"),
+            ("peer_unreachable_after_s = 60", "handlers.peer_unreachable_after_s", "only with a `peer-unreachable`"),
+            ("quorum-lost = \"true\"\nhandler_timeout_s = 7200", "handlers.handler_timeout_s", "from 1 to 3600"),
+            ("handler_timeout_s = 5", "handlers.handler_timeout_s", "only when a handler"),
+        ] {
+            let err = error_of(&format!("{GOOD}[handlers]\n{section}\n"));
+            assert!(err.contains(key) && err.contains(says), "{key}: {err}");
         }
     }
 
