@@ -28,6 +28,8 @@ pub enum DaemonError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("cannot start the threads that run handlers: {0}")]
+    Handlers(#[source] std::io::Error),
 }
 
 /// Tells whoever started this daemon how start-up went: the `up` command through a pipe on
@@ -46,7 +48,8 @@ impl Readiness {
     pub fn from_env() -> Readiness {
         let pipe = std::env::var_os("BLKREPL_READY_PIPE").and_then(|_| {
             use std::os::fd::FromRawFd;
-            let stdout = nix::unistd::dup(1).map(|fd| unsafe { File::from_raw_fd(fd) }).ok();
+            // Close-on-exec: a handler the daemon runs must not hold `up`'s pipe open.
+            let stdout = nix::fcntl::fcntl(1, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)).map(|fd| unsafe { File::from_raw_fd(fd) }).ok();
             // fd 1 now points at /dev/null: later prints must not keep the pipe open.
             if let Ok(null) = File::options().write(true).open("/dev/null") {
                 use std::os::fd::AsRawFd;
@@ -185,11 +188,13 @@ fn start(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Start
     let socket = control::socket_path(run_dir, &config.name, &me.name);
     // Bound before anything starts: a port in use is a start-up error `up` reports.
     let metrics = me.metrics_address.map(crate::metrics::bind).transpose()?;
+    let handlers = config.handlers.clone();
     let engine = Engine::open(config, me, run_dir)?;
     engine.start()?;
     if let Some(listener) = metrics {
         crate::metrics::spawn(listener, engine.clone())?;
     }
+    crate::handlers::spawn(&engine, handlers).map_err(DaemonError::Handlers)?;
     engine.resume_export();
     let listener = server::bind(&socket).map_err(|source| DaemonError::Control { path: socket, source })?;
     Ok((engine, listener, lock))

@@ -6,8 +6,9 @@
 //! [`frontend`] exposes the engine to hosts (NBD, ublk). Every disk access, data and metadata,
 //! goes through [`disk`]. Sockets read their handshakes through [`handshake_stream`]. [`events`]
 //! turns consecutive status snapshots into `blkrepl events` lines; [`control`] carries them.
-//! [`promoter`] follows those lines and promotes, demotes and runs services as a client of the
-//! control socket, above everything else. Under systemd the daemon reports readiness through
+//! [`handlers`] runs the resource file's commands on what those snapshots show; [`promoter`]
+//! follows those lines and promotes, demotes and runs services as a client of the control
+//! socket, above everything else. Under systemd the daemon reports readiness through
 //! [`sd_notify`].
 
 pub mod config;
@@ -18,6 +19,7 @@ pub mod disk;
 pub mod engine;
 pub mod events;
 pub mod frontend;
+pub mod handlers;
 pub mod handshake_stream;
 pub mod manpage;
 pub mod meta;
