@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{check_patterns, qemu_io, write_patterns, Cluster, Options};
+use common::{check_patterns, qemu_io, split_brain_pair, write_patterns, Cluster, Options};
 use std::process::Output;
 
 const MIB: u64 = 1 << 20;
@@ -160,25 +160,6 @@ fn a_peer_that_leaves_cleanly_stops_counting_and_comes_back_outdated() {
     assert_eq!(Cluster::peer(&alpha, "beta")["departed"], false);
 }
 
-/// Two nodes (quorum off) split: each is primary alone and writes; both are demoted again.
-/// alpha writes `alpha_bytes` at 0, beta 64 KiB at 40 MiB.
-fn split_brain(extra: &'static str, alpha_bytes: u64) -> Cluster {
-    let c = Cluster::new(&["alpha", "beta"], Options { extra, ..Options::default() });
-    c.create_md_and_up();
-    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
-    c.ok("alpha", &["primary", "--force", "r0"]);
-    c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    c.ok("alpha", &["disconnect", "r0"]);
-    c.ok("beta", &["disconnect", "r0"]);
-    write_patterns(&c.nbd_url("alpha"), &[(0, alpha_bytes, 0xA1)]);
-    c.ok("beta", &["primary", "r0"]);
-    write_patterns(&c.nbd_url("beta"), &[(40 * MIB, 64 << 10, 0xB2)]);
-    c.ok("alpha", &["secondary", "r0"]);
-    c.ok("beta", &["secondary", "r0"]);
-    c
-}
-
-
 /// After the resync the victim holds the survivor's data everywhere, and only the blocks both
 /// sides changed moved (not the whole device).
 fn assert_resynced(c: &Cluster, survivor: &str, victim: &str, received_before: u64, changed: u64) {
@@ -192,7 +173,7 @@ fn assert_resynced(c: &Cluster, survivor: &str, victim: &str, received_before: u
 
 #[test]
 fn a_split_brain_is_resolved_by_the_discard_least_changes_policy() {
-    let c = split_brain("after_sb_0pri = \"discard-least-changes\"", 2 * MIB);
+    let c = split_brain_pair("after_sb_0pri = \"discard-least-changes\"", 2 * MIB);
     let before = c.received("beta", "alpha");
     c.ok("alpha", &["connect", "r0"]);
     c.ok("beta", &["connect", "r0"]);
@@ -203,7 +184,7 @@ fn a_split_brain_is_resolved_by_the_discard_least_changes_policy() {
 
 #[test]
 fn a_split_brain_waits_for_the_operator_and_discard_my_data_resyncs_both_bitmaps() {
-    let c = split_brain("", MIB);
+    let c = split_brain_pair("", MIB);
     let before = c.received("alpha", "beta");
     c.ok("alpha", &["connect", "r0"]);
     c.ok("beta", &["connect", "r0"]);

@@ -404,6 +404,25 @@ pub fn synced_pair(options: Options) -> Cluster {
     c
 }
 
+/// Two nodes (quorum off) split: each is primary alone and writes; both are demoted again.
+/// alpha writes `alpha_bytes` at 0, beta 64 KiB at 40 MiB. Reconnecting them finds a split brain.
+pub fn split_brain_pair(extra: &'static str, alpha_bytes: u64) -> Cluster {
+    const MIB: u64 = 1 << 20;
+    let c = Cluster::new(&["alpha", "beta"], Options { extra, ..Options::default() });
+    c.create_md_and_up();
+    c.wait_for("alpha", "connection", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.ok("alpha", &["disconnect", "r0"]);
+    c.ok("beta", &["disconnect", "r0"]);
+    write_patterns(&c.nbd_url("alpha"), &[(0, alpha_bytes, 0xA1)]);
+    c.ok("beta", &["primary", "r0"]);
+    write_patterns(&c.nbd_url("beta"), &[(40 * MIB, 64 << 10, 0xB2)]);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["secondary", "r0"]);
+    c
+}
+
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
