@@ -140,3 +140,41 @@ fn run(resource: &str, job: &Job, timeout: Duration) {
         Err(e) => tracing::error!(resource, handler, peer, command, "handler {handler} failed: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::fixtures::status;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn a_job_carries_the_events_line_the_handler_and_the_environment() {
+        let mut gone = status();
+        gone.peers[1].connection = "Connecting".into();
+        let mut watch = Watch::new(Duration::ZERO);
+        let call = watch.step(&status(), &gone, Instant::now()).remove(0);
+        let job = Job::new(call, "notify", &gone, UNIX_EPOCH + Duration::from_millis(1_796_146_881_123));
+        assert_eq!(
+            job.stdin,
+            "{\"time\":\"2026-12-01T17:41:21.123Z\",\"action\":\"change\",\"object\":\"connection\",\"name\":\"r0\",\"peer_node_id\":2,\"conn_name\":\"tie\",\"connection\":\"Connecting\",\"role\":\"Secondary\",\"handler\":\"peer-unreachable\",\"node\":\"alpha\",\"recovered\":false}\n"
+        );
+        let env: Vec<(&str, &str)> = job.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            env,
+            [
+                ("BLKREPL_RESOURCE", "r0"),
+                ("BLKREPL_NODE", "alpha"),
+                ("BLKREPL_HANDLER", "peer-unreachable"),
+                ("BLKREPL_PEER", "tie"),
+                ("BLKREPL_PEER_NODE_ID", "2"),
+                ("BLKREPL_PEER_RECOVERED", "no"),
+            ]
+        );
+        let mut lost = status();
+        lost.quorum = false;
+        let call = watch.step(&status(), &lost, Instant::now()).remove(0);
+        let job = Job::new(call, "notify", &lost, UNIX_EPOCH);
+        assert!(job.stdin.contains("\"object\":\"resource\"") && job.stdin.ends_with("\"handler\":\"quorum-lost\",\"node\":\"alpha\"}\n"), "{}", job.stdin);
+        assert_eq!(job.env.len(), 3, "no peer: {:?}", job.env);
+    }
+}
