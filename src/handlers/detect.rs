@@ -86,22 +86,20 @@ impl Watch {
     /// In order: quorum lost, split brains, resyncs started, resyncs ended, unreachable peers.
     pub fn step(&mut self, before: &ResourceStatus, after: &ResourceStatus, now: Instant) -> Vec<Call> {
         let shown = objects(after, false);
-        let object = |key: (u8, u8)| shown.iter().find(|o| o.key() == key).cloned().expect("a snapshot shows every peer");
-        let call = |handler, peer: &PeerStatus, key_kind: u8, recovered| Call {
+        let call = |handler, p: &PeerStatus, which, recovered| Call {
             handler,
-            peer: Some(PeerRef { name: peer.name.clone(), node_id: peer.node_id }),
-            object: object((key_kind, peer.node_id)),
+            peer: Some(PeerRef { name: p.name.clone(), node_id: p.node_id }),
+            object: peer_object(&shown, which, p.node_id),
             recovered,
         };
-        const CONNECTION: u8 = 1;
-        const PEER_DEVICE: u8 = 3;
         let mut calls = Vec::new();
         if before.quorum && !after.quorum {
-            calls.push(Call { handler: Handler::QuorumLost, peer: None, object: object((0, 0)), recovered: None });
+            let object = shown.iter().find(|o| matches!(o, Object::Resource(_))).cloned().expect("a snapshot shows its resource");
+            calls.push(Call { handler: Handler::QuorumLost, peer: None, object, recovered: None });
         }
         let was = |p: &PeerStatus| before.peers.iter().find(|b| b.node_id == p.node_id);
         for p in after.peers.iter().filter(|p| p.split_brain && !was(p).is_some_and(|b| b.split_brain)) {
-            calls.push(call(Handler::SplitBrain, p, CONNECTION, None));
+            calls.push(call(Handler::SplitBrain, p, PeerObject::Connection, None));
         }
 
         // Resyncs as target: seen running, or counted as started though already over (one
@@ -112,7 +110,7 @@ impl Watch {
             if p.replication == ReplState::SyncTarget.as_str() && !watch.resyncing {
                 watch.resyncing = true;
                 unseen = unseen.saturating_sub(1);
-                calls.push(call(Handler::BeforeResyncTarget, p, PEER_DEVICE, None));
+                calls.push(call(Handler::BeforeResyncTarget, p, PeerObject::PeerDevice, None));
             }
         }
         if unseen > 0 {
@@ -126,7 +124,7 @@ impl Watch {
                 .max_by_key(|p| received(p));
             if let Some(p) = source {
                 self.peers.entry(p.node_id).or_default().resyncing = true;
-                calls.push(call(Handler::BeforeResyncTarget, p, PEER_DEVICE, None));
+                calls.push(call(Handler::BeforeResyncTarget, p, PeerObject::PeerDevice, None));
             }
         }
         for p in &after.peers {
@@ -136,7 +134,7 @@ impl Watch {
             }
             if after.disk == DiskState::UpToDate.as_str() {
                 watch.resyncing = false;
-                calls.push(call(Handler::AfterResyncTarget, p, PEER_DEVICE, None));
+                calls.push(call(Handler::AfterResyncTarget, p, PeerObject::PeerDevice, None));
             } else if p.connection != ConnState::Connected.as_str() {
                 // Cut off before it ended: not UpToDate, so no after-resync-target.
                 watch.resyncing = false;
@@ -148,18 +146,34 @@ impl Watch {
             if p.connection == ConnState::Connected.as_str() {
                 watch.down_since = None;
                 if std::mem::take(&mut watch.unreachable) {
-                    calls.push(call(Handler::PeerUnreachable, p, CONNECTION, Some(true)));
+                    calls.push(call(Handler::PeerUnreachable, p, PeerObject::Connection, Some(true)));
                 }
             } else {
                 let since = *watch.down_since.get_or_insert(now);
                 if !watch.unreachable && now.duration_since(since) >= self.unreachable_after {
                     watch.unreachable = true;
-                    calls.push(call(Handler::PeerUnreachable, p, CONNECTION, Some(false)));
+                    calls.push(call(Handler::PeerUnreachable, p, PeerObject::Connection, Some(false)));
                 }
             }
         }
         calls
     }
+}
+
+/// Which of a peer's objects a call carries.
+#[derive(Clone, Copy)]
+enum PeerObject {
+    Connection,
+    PeerDevice,
+}
+
+fn peer_object(shown: &[Object], which: PeerObject, node_id: u8) -> Object {
+    let found = shown.iter().find(|o| match (which, o) {
+        (PeerObject::Connection, Object::Connection(c)) => c.peer_node_id == node_id,
+        (PeerObject::PeerDevice, Object::PeerDevice(d)) => d.peer_node_id == node_id,
+        _ => false,
+    });
+    found.cloned().expect("a snapshot shows every peer's objects")
 }
 
 #[cfg(test)]
