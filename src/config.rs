@@ -162,20 +162,6 @@ pub const DEFAULT_HANDLER_TIMEOUT_S: u64 = 30;
 const MAX_PEER_UNREACHABLE_AFTER_S: u64 = 7 * 86_400;
 const MAX_HANDLER_TIMEOUT_S: u64 = 3_600;
 
-impl Default for HandlersConfig {
-    fn default() -> Self {
-        HandlersConfig {
-            split_brain: None,
-            quorum_lost: None,
-            before_resync_target: None,
-            after_resync_target: None,
-            peer_unreachable: None,
-            peer_unreachable_after: Duration::from_secs(DEFAULT_PEER_UNREACHABLE_AFTER_S),
-            timeout: Duration::from_secs(DEFAULT_HANDLER_TIMEOUT_S),
-        }
-    }
-}
-
 /// The `[promoter]` section of a resource file (docs/OPERATIONS.md, "Running with the
 /// promoter").
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -995,7 +981,10 @@ disk = "/var/lib/blkrepl/beta.img"
 
     #[test]
     fn handlers_are_parsed_with_their_defaults() {
-        assert_eq!(parse(GOOD).unwrap().handlers, HandlersConfig::default(), "no handlers by default");
+        let none = parse(GOOD).unwrap().handlers;
+        let commands = [none.split_brain, none.quorum_lost, none.before_resync_target, none.after_resync_target, none.peer_unreachable];
+        assert!(commands.iter().all(Option::is_none), "no handlers by default");
+        assert_eq!((none.peer_unreachable_after.as_secs(), none.timeout.as_secs()), (DEFAULT_PEER_UNREACHABLE_AFTER_S, DEFAULT_HANDLER_TIMEOUT_S));
         let text = format!(
             "{GOOD}[handlers]\nsplit-brain = \"/usr/lib/blkrepl/notify split-brain\"\npeer-unreachable = \"logger peer\"\npeer_unreachable_after_s = 5\n"
         );
