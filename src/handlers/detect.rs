@@ -27,6 +27,9 @@ pub enum Handler {
 }
 
 impl Handler {
+    pub const ALL: [Handler; 5] =
+        [Handler::SplitBrain, Handler::QuorumLost, Handler::BeforeResyncTarget, Handler::AfterResyncTarget, Handler::PeerUnreachable];
+
     /// The name in `[handlers]`, in `BLKREPL_HANDLER` and in the `handler` field of the JSON.
     pub fn name(self) -> &'static str {
         match self {

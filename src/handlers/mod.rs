@@ -86,14 +86,7 @@ impl Job {
 
 /// Starts the two handler threads (none when no handler is configured).
 pub fn spawn(engine: &Engine, config: HandlersConfig) -> std::io::Result<()> {
-    let handlers = [
-        Handler::SplitBrain,
-        Handler::QuorumLost,
-        Handler::BeforeResyncTarget,
-        Handler::AfterResyncTarget,
-        Handler::PeerUnreachable,
-    ];
-    if handlers.iter().all(|h| command(&config, *h).is_none()) {
+    if Handler::ALL.iter().all(|h| command(&config, *h).is_none()) {
         return Ok(());
     }
     let queue: Arc<Queue<Job>> = Arc::new(Queue::default());
