@@ -113,6 +113,13 @@ impl Replica {
                 if offset % block != 0 || last_start.is_none_or(|start| start >= self.sb.data_size) {
                     return Err(format!("digests for {} blocks at {offset} do not match the device's {block}-byte blocks", digests.len()));
                 }
+                // Each request costs this node a read of its span: no more than this node's own
+                // requests ever ask (the codec's bound on the count alone allows 4 GiB).
+                let span = digests.len() as u64 * block;
+                let most = super::verify::CHUNK_BYTES.max(block);
+                if span > most {
+                    return Err(format!("digests for {span} bytes in one request, more than the {most} this node reads for one"));
+                }
                 let expected = match purpose {
                     DigestPurpose::Verify => matches!(repl, ReplState::Established | ReplState::Behind),
                     DigestPurpose::Resync => matches!(repl, ReplState::SyncTarget | ReplState::Behind),
@@ -240,6 +247,10 @@ mod tests {
         assert_eq!(r.check_frame(1, 1, &request(4096, 4)), Ok(()));
         assert!(r.check_frame(1, 1, &request(100, 1)).is_err(), "unaligned");
         assert!(r.check_frame(1, 1, &request(r.sb.data_size, 1)).is_err(), "past the end");
+        // 4 KiB blocks: 256 digests are the most this node reads for one request.
+        assert_eq!(r.check_frame(1, 1, &request(0, 256)), Ok(()));
+        let too_much = r.check_frame(1, 1, &request(0, 257)).unwrap_err();
+        assert!(too_much.contains("1052672 bytes"), "{too_much}");
         let hello = Message::Hello(crate::wire::Hello {
             version: 1,
             features: 0,

@@ -18,8 +18,9 @@ use crate::core::states::{DiskState, ReplState, Role};
 use crate::wire::{DigestPurpose, Message, DIGEST_BYTES, MAX_DIGESTS};
 use std::time::{Duration, Instant};
 
-/// Bytes per verify request: 256 digests at 4 KiB blocks.
-const CHUNK_BYTES: u64 = 1 << 20;
+/// Bytes per verify request: 256 digests at 4 KiB blocks. Also the most a peer's digest request
+/// may ask this node to read (or one block, if larger): see `Replica::check_frame`.
+pub(super) const CHUNK_BYTES: u64 = 1 << 20;
 /// Requests sent and not yet answered, at most.
 const MAX_REQUESTS_IN_FLIGHT: usize = 16;
 
