@@ -16,12 +16,37 @@ pub type OnSent = Box<dyn FnOnce() + Send>;
 /// Bulk bytes queued before writers of new data wait: the send buffer of protocol A.
 pub const BULK_QUEUE_LIMIT_BYTES: usize = (crate::config::SEND_QUEUE_KIB * 1024) as usize;
 
+/// Control frames queued at most. Acks are queued as the peer's writes arrive; a peer that
+/// keeps sending and reads nothing back would otherwise grow this queue without end. Far above
+/// what a peer that reads ever leaves queued (its writes in flight are bounded by its own
+/// queue and the barriers it waits for).
+pub const CONTROL_QUEUE_LIMIT: usize = 65_536;
+
 #[derive(Default)]
 struct SendQueue {
     control: VecDeque<Message>,
     bulk: VecDeque<(Message, Option<OnSent>)>,
     bulk_bytes: usize,
     closed: bool,
+    /// Why the queue closed itself (see [`CONTROL_QUEUE_LIMIT`]).
+    overflowed: bool,
+}
+
+impl SendQueue {
+    /// Queues a control frame, unless the queue is closed or full (then it closes, and the
+    /// writer reports why). True when the frame was queued.
+    fn push_control(&mut self, msg: Message) -> bool {
+        if self.closed {
+            return false;
+        }
+        if self.control.len() >= CONTROL_QUEUE_LIMIT {
+            self.overflowed = true;
+            self.closed = true;
+            return false;
+        }
+        self.control.push_back(msg);
+        true
+    }
 }
 
 /// The socket's buffered writer and, on an authenticated link, this direction's frame MAC:
@@ -88,17 +113,31 @@ impl PeerLink {
                 }
             }
         }
-        q.control.push_back(msg);
-        self.changed.notify_all();
+        self.push_control(&mut q, msg);
     }
 
     /// Queues a control frame ahead of queued bulk data, never writing it from the calling
     /// thread (the engine queues frames under its lock).
     pub fn queue_control(&self, msg: Message) {
         let mut q = self.queue.lock().expect("link queue");
-        if !q.closed {
-            q.control.push_back(msg);
-            self.changed.notify_all();
+        self.push_control(&mut q, msg);
+    }
+
+    /// Queues a control frame; a queue that overflows breaks the socket, which also wakes a
+    /// writer blocked on it (see [`CONTROL_QUEUE_LIMIT`]).
+    fn push_control(&self, q: &mut SendQueue, msg: Message) {
+        if !q.push_control(msg) && q.overflowed {
+            let _ = self.stream.shutdown(Shutdown::Both);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Why the writer stopped: the overflow if that was it, else `other`.
+    fn stop_reason(&self, other: String) -> String {
+        if self.queue.lock().expect("link queue").overflowed {
+            format!("the peer reads nothing back: {CONTROL_QUEUE_LIMIT} acknowledgements and other control frames are queued for it")
+        } else {
+            other
         }
     }
 
@@ -164,7 +203,8 @@ impl PeerLink {
             let mut q = self.queue.lock().expect("link queue");
             let (msg, on_sent) = loop {
                 if q.closed {
-                    return "link closed".to_owned();
+                    drop(q);
+                    return self.stop_reason("link closed".to_owned());
                 }
                 if let Some(msg) = q.control.pop_front() {
                     break (Some(msg), None);
@@ -193,7 +233,8 @@ impl PeerLink {
                 None => out.w.flush(),
             };
             if let Err(e) = result {
-                return format!("send failed: {e}");
+                drop(out_guard);
+                return self.stop_reason(format!("send failed: {e}"));
             }
             sent_callbacks.extend(on_sent);
             let flushed = out.w.buffer().is_empty();
@@ -206,5 +247,29 @@ impl PeerLink {
 
     fn out_has_buffered(&self) -> bool {
         self.out.try_lock().map_or(true, |out| out.as_ref().is_some_and(|o| !o.w.buffer().is_empty()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_control_queue_that_reaches_its_limit_closes_and_says_why() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let link = PeerLink::new(stream, None).unwrap();
+        // No writer runs: nothing drains the queue, as when the peer reads nothing back.
+        for _ in 0..CONTROL_QUEUE_LIMIT {
+            link.queue_control(Message::Ping);
+        }
+        assert!(!link.queue.lock().unwrap().closed);
+        link.queue_control(Message::Ping);
+        assert!(link.queue.lock().unwrap().closed, "one more closes the link");
+        let reason = link.run_writer();
+        assert!(reason.contains("reads nothing back"), "{reason}");
+        let mut byte = [0u8; 1];
+        assert!(matches!(std::io::Read::read(&mut &peer, &mut byte), Ok(0) | Err(_)), "the socket was shut down");
     }
 }
