@@ -172,11 +172,15 @@ impl RawClient {
     /// Asserts the server closed the connection (EOF or reset, not a timeout).
     fn expect_closed(&mut self) {
         let mut byte = [0; 1];
-        match self.stream.read(&mut byte) {
-            Ok(0) => {}
-            Ok(_) => panic!("expected the server to close, got data"),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("expected the server to close, got {e}"),
+        loop {
+            match self.stream.read(&mut byte) {
+                Ok(0) => return,
+                Ok(_) => panic!("expected the server to close, got data"),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return,
+                // A read with a timeout fails so when the process is stopped and resumed.
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => panic!("expected the server to close, got {e}"),
+            }
         }
     }
 }
