@@ -42,9 +42,9 @@ pub const AL_MAX_UPDATES: usize = (BLOCK_SIZE - UPDATES_OFFSET) / UPDATE_SIZE;
 // A torn newest transaction must not lose part of the table.
 const _: () = assert!((AL_RING_BLOCKS - 1) * AL_CONTEXT_PER_TRANSACTION >= MAX_AL_EXTENTS as usize);
 
-const MAGIC: &[u8; 8] = b"BLKRPLAL";
+pub(super) const MAGIC: &[u8; 8] = b"BLKRPLAL";
 const VERSION: u32 = 1;
-const CRC_OFFSET: usize = 12;
+pub(super) const CRC_OFFSET: usize = 12;
 const CONTEXT_OFFSET: usize = 40;
 const UPDATES_OFFSET: usize = CONTEXT_OFFSET + AL_CONTEXT_PER_TRANSACTION * 8;
 const UPDATE_SIZE: usize = 10;

@@ -26,7 +26,7 @@ const WORDS_PER_PAGE: usize = BLOCK_SIZE / 8 - 1;
 /// Bits in one on-disk page.
 pub const BITS_PER_PAGE: u64 = WORDS_PER_PAGE as u64 * 64;
 /// Where a page's crc32c sits (computed with these 4 bytes as zero), then its index.
-const PAGE_CRC_OFFSET: usize = WORDS_PER_PAGE * 8;
+pub(super) const PAGE_CRC_OFFSET: usize = WORDS_PER_PAGE * 8;
 const PAGE_INDEX_OFFSET: usize = PAGE_CRC_OFFSET + 4;
 
 /// How a page read from disk was taken.

@@ -14,6 +14,8 @@ pub mod uuids;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 pub use activity_log::{
     extent_offset, extents_for, ActivityLog, AlError, AlPrepared, AlTransaction, AlUpdate,

@@ -27,10 +27,10 @@ use super::layout::{MetaParams, MAX_PEERS};
 use super::uuids::GenerationUuids;
 use super::{block_crc, le, Block, MetaError, BLOCK_SIZE};
 
-const MAGIC: &[u8; 8] = b"BLKRPLMD";
+pub(super) const MAGIC: &[u8; 8] = b"BLKRPLMD";
 /// 2: bitmap pages carry a checksum and their index (511 words of bits each, not 512).
 pub const FORMAT_VERSION: u32 = 2;
-const CRC_OFFSET: usize = 12;
+pub(super) const CRC_OFFSET: usize = 12;
 const NAME_OFFSET: usize = 88;
 const PEERS_OFFSET: usize = 152;
 const PEER_SIZE: usize = 16;
