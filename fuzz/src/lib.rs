@@ -1,0 +1,65 @@
+//! What the fuzz targets share: an allocator that turns an oversized allocation into a crash,
+//! and the input format of the metadata target (shared with `make-corpus`, which writes seeds
+//! in it).
+
+pub mod meta_input;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// The system allocator, with a cap on the size of any one allocation.
+///
+/// A length field that makes a parser allocate what it says, before checking it against what
+/// follows, lets a few bytes of hostile input cost gigabytes. libFuzzer only notices that when
+/// the process as a whole runs out of its RSS limit, and not at all when the memory is never
+/// touched; this cap makes any single allocation above what the target may need a crash, with
+/// the input that caused it.
+pub struct CappedAlloc;
+
+static CAP: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+#[global_allocator]
+static ALLOCATOR: CappedAlloc = CappedAlloc;
+
+/// Sets the largest allocation the target may make (called from its `init`).
+pub fn cap_allocations(bytes: usize) {
+    CAP.store(bytes, Ordering::Relaxed);
+}
+
+impl CappedAlloc {
+    fn check(layout: Layout) {
+        let cap = CAP.load(Ordering::Relaxed);
+        if layout.size() > cap {
+            // No allocation from here on: formatting integers into stderr needs none.
+            let _ = writeln!(
+                std::io::stderr(),
+                "blkrepl-fuzz: an allocation of {} bytes exceeds this target's cap of {cap} bytes",
+                layout.size()
+            );
+            std::process::abort();
+        }
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator after the size check.
+unsafe impl GlobalAlloc for CappedAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::check(layout);
+        System.alloc(layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::check(layout);
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::check(Layout::from_size_align_unchecked(new_size, layout.align()));
+        System.realloc(ptr, layout, new_size)
+    }
+}
