@@ -3,7 +3,7 @@
 # point calls it first (scripts/demo.sh, scripts/test.sh, scripts/bench.sh, scripts/vm/*.sh,
 # scripts/package-deb.sh, .ci/run), so a fresh machine needs nothing but the Rust toolchain.
 #
-#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench package
+#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench package fuzz
 #
 # It is idempotent and quiet when everything is present (dpkg's status only, no network). What is
 # missing is installed with one `apt-get install`, said before it runs. Packages built from one
@@ -42,6 +42,8 @@ needs_of() {
     bench) needs_of build; echo fio iperf3 qemu-utils python3:python3 ;;
     # The Debian package (scripts/package-deb.sh): dpkg-shlibdeps computes its Depends.
     package) needs_of build; echo dpkg-dev ;;
+    # The fuzz targets (scripts/fuzz.sh): libfuzzer-sys compiles libFuzzer, which is C++.
+    fuzz) needs_of build; echo g++:g++ ;;
   esac
 }
 
@@ -57,8 +59,8 @@ done
 [ ${#purposes[@]} -gt 0 ] || usage
 for p in "${purposes[@]}"; do
   case $p in
-    build|demo|test|vm|bench|package) ;;
-    *) echo "setup: unknown purpose '$p' (build demo test vm bench package)" >&2; exit 2 ;;
+    build|demo|test|vm|bench|package|fuzz) ;;
+    *) echo "setup: unknown purpose '$p' (build demo test vm bench package fuzz)" >&2; exit 2 ;;
   esac
 done
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The test suite: unit, property, codec, simulator and multi-process cluster tests (real daemons
 # on 127.0.0.1, I/O through NBD with qemu-io), the Debian package installed and checked
-# (scripts/package-test.sh), a real Pacemaker cluster in namespaces
-# (scripts/pacemaker/test.sh: failover with fencing, RTO printed), then the guest suite: the ublk
-# frontend on real kernels in qemu guests (scripts/vm/test.sh: /dev/ublkbN with ext4, kill -9,
-# failover).
+# (scripts/package-test.sh), short runs of the fuzz targets (scripts/fuzz.sh), a real Pacemaker
+# cluster in namespaces (scripts/pacemaker/test.sh: failover with fencing, RTO printed), then the
+# guest suite: the ublk frontend on real kernels in qemu guests (scripts/vm/test.sh:
+# /dev/ublkbN with ext4, kill -9, failover).
 # Installs what it needs first (scripts/setup.sh test). BLKREPL_SKIP_GUEST=1 leaves the guest
 # suite out, with a message saying so; in CI (CI=true) it is never left out.
 set -euo pipefail
@@ -25,6 +25,9 @@ cargo test --release --features weakened-rules --test replica_sim_weakened -- --
 # The Debian package: built, installed, its binary, unit, manual page and agent checked (the
 # agent's tests run against the installed copy), purged.
 scripts/package-test.sh 2>&1 | tee -a "$log" || status=$?
+# The fuzz targets (fuzz/): each for 20,000 inputs from its corpus, failing on any crash with
+# the reproducer's path (scripts/fuzz.sh; longer campaigns: scripts/fuzz.sh --time SECONDS).
+scripts/fuzz.sh 2>&1 | tee -a "$log" || status=$?
 # A real Pacemaker + Corosync cluster of three namespaced nodes: failover under the OCF agent,
 # with fencing, each scenario printing its RTO.
 scripts/pacemaker/test.sh 2>&1 | tee -a "$log" || status=$?
