@@ -1,6 +1,8 @@
-//! A peer's byte stream, whatever it holds, through `wire::read_message` frame after frame
-//! until the first error: reading must end in an error, never a panic, and no length field may
-//! make the reader allocate more than one maximal frame.
+//! A peer's byte stream, whatever it holds, through `wire::read_message_with` frame after frame
+//! until the first error, as the daemon reads it: before authentication without frame MACs,
+//! after it with one (the first input byte chooses: odd for a MAC'd link). Reading must end in
+//! an error, never a panic, and no length field may make the reader allocate more than one
+//! maximal frame.
 #![no_main]
 
 use blkrepl::wire::{self, HEADER_LEN, MAX_PAYLOAD};
@@ -12,9 +14,10 @@ fuzz_target!(
         blkrepl_fuzz::cap_allocations(2 * (HEADER_LEN + MAX_PAYLOAD as usize));
     },
     |data: &[u8]| {
-        let mut stream = data;
+        let Some((mode, mut stream)) = data.split_first() else { return };
+        let mut mac = (mode & 1 == 1).then(|| blkrepl_fuzz::link_macs().1);
         let mut frames = 0;
-        while wire::read_message(&mut stream).is_ok() {
+        while wire::read_message_with(&mut stream, mac.as_mut()).is_ok() {
             frames += 1;
             // Every frame takes at least its header: the loop cannot spin on the same bytes.
             assert!(frames * HEADER_LEN <= data.len());

@@ -1,8 +1,10 @@
-//! What the fuzz targets share: an allocator that turns an oversized allocation into a crash,
-//! and the input format of the metadata target (shared with `make-corpus`, which writes seeds
-//! in it).
+//! What the fuzz targets share with each other and with `make-corpus`, which writes their
+//! seeds: an allocator that turns an oversized allocation into a crash, the frame MACs of an
+//! authenticated link, and the input format of the metadata target.
 
 pub mod meta_input;
+
+use blkrepl::wire::auth::{FrameMac, Role, Transcript};
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
@@ -25,6 +27,23 @@ static ALLOCATOR: CappedAlloc = CappedAlloc;
 /// Sets the largest allocation the target may make (called from its `init`).
 pub fn cap_allocations(bytes: usize) {
     CAP.store(bytes, Ordering::Relaxed);
+}
+
+/// The frame MACs of one fixed authenticated link, as `(what the dialer sends with, what the
+/// acceptor receives with)`: the same key, both at the first frame. Seeds sealed with the first
+/// verify under the second, so the fuzzer starts from frames that pass the MAC.
+pub fn link_macs() -> (FrameMac, FrameMac) {
+    let transcript = Transcript {
+        resource: "r0",
+        dialer_nonce: [1; 32],
+        acceptor_nonce: [2; 32],
+        dialer: 0,
+        acceptor: 1,
+    };
+    let secret = b"a long shared secret";
+    let (dialer_sends, _) = transcript.frame_macs(secret, Role::Dialer);
+    let (_, acceptor_receives) = transcript.frame_macs(secret, Role::Acceptor);
+    (dialer_sends, acceptor_receives)
 }
 
 impl CappedAlloc {

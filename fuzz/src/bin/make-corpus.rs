@@ -23,9 +23,17 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let messages = messages();
     let frames: Vec<Vec<u8>> = messages.iter().map(|(_, msg)| frame(msg)).collect();
+    // The frame stream target's input: a mode byte (odd: the link's frames carry MACs), then
+    // the stream. The handshake travels without MACs, everything after it with them.
     let (handshake, rest) = frames.split_at(4);
-    write(&root, "frame_stream", "handshake", handshake.concat());
-    write(&root, "frame_stream", "replication", rest.concat());
+    write(&root, "frame_stream", "handshake", [&[0][..], &handshake.concat()].concat());
+    write(&root, "frame_stream", "replication", [&[0][..], &rest.concat()].concat());
+    let (mut seal, _) = blkrepl_fuzz::link_macs();
+    let mut authenticated = vec![1];
+    for (_, msg) in &messages[4..] {
+        wire::write_message_with(&mut authenticated, msg, Some(&mut seal)).expect("in memory");
+    }
+    write(&root, "frame_stream", "authenticated", authenticated);
     for ((name, _), frame) in messages.iter().zip(&frames) {
         // The roundtrip target's input: the message type, then the payload.
         let seed = [&frame[4..6], &frame[HEADER_LEN..]].concat();
