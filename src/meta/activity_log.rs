@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
 use super::layout::MAX_AL_EXTENTS;
-use super::{block_crc, le, Block, MetaError, BLOCK_SIZE};
+use super::{block_crc, le, Block, MetaError, BLOCK_SIZE, SEQ_LIMIT};
 
 /// Bytes per extent: the granularity of the hot set.
 pub const AL_EXTENT_SHIFT: u32 = 22;
@@ -455,6 +455,9 @@ impl Decoded {
         let seq = le::u64_at(b, 16);
         let bad =
             |what: String| MetaError::corrupt(format!("activity-log transaction {seq}: {what}"));
+        if seq >= SEQ_LIMIT {
+            return Err(bad("a sequence number beyond 2^63 transactions".into()));
+        }
         let written_for = le::u32_at(b, 24);
         if written_for != al_extents {
             return Err(bad(format!(
@@ -608,6 +611,26 @@ mod tests {
         assert!(recovered.check_within(3 * AL_EXTENT_SIZE + 1).is_ok(), "a last extent cut short");
         let err = recovered.check_within(3 * AL_EXTENT_SIZE).unwrap_err();
         assert!(matches!(&err, MetaError::Corrupt { .. }) && err.to_string().contains("extent 3"), "{err}");
+    }
+
+    /// A checksummed transaction whose sequence number leaves the counter no room (u64::MAX
+    /// overflowed `next_seq` at recovery, u64::MAX - 1 at the next transaction; a wrapped
+    /// sequence number then read as a gap) is refused at recovery.
+    #[test]
+    fn a_sequence_number_beyond_2_63_is_corruption() {
+        for seq in [SEQ_LIMIT, u64::MAX - 1] {
+            let mut al = ActivityLog::new(7);
+            al.next_seq = seq;
+            let mut ring = blank_ring();
+            make_hot(&mut al, &mut ring, 0..=0);
+            let err = ActivityLog::recover(7, &ring).unwrap_err();
+            assert!(matches!(&err, MetaError::Corrupt { .. }) && err.to_string().contains("2^63"), "{err}");
+        }
+        let mut al = ActivityLog::new(7);
+        al.next_seq = SEQ_LIMIT - 1;
+        let mut ring = blank_ring();
+        make_hot(&mut al, &mut ring, 0..=0);
+        assert_eq!(ActivityLog::recover(7, &ring).unwrap().next_seq, SEQ_LIMIT);
     }
 
     #[test]

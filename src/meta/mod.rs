@@ -33,6 +33,13 @@ pub const BLOCK_SIZE: usize = 4096;
 /// One metadata block.
 pub type Block = [u8; BLOCK_SIZE];
 
+/// Sequence numbers of superblock updates and activity-log transactions stay below this: 2^63
+/// writes are more than any device makes (millennia at a million a second). One at or beyond
+/// it was not written by a counter that started at 0; it would overflow as the counter goes
+/// on (and a wrapped superblock sequence number would make the older slot win, undoing an
+/// update), so loading refuses it as corruption.
+pub(crate) const SEQ_LIMIT: u64 = 1 << 63;
+
 /// What can go wrong with metadata. Every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {

@@ -25,7 +25,7 @@
 
 use super::layout::{MetaParams, MAX_PEERS};
 use super::uuids::GenerationUuids;
-use super::{block_crc, le, Block, MetaError, BLOCK_SIZE};
+use super::{block_crc, le, Block, MetaError, BLOCK_SIZE, SEQ_LIMIT};
 
 pub(super) const MAGIC: &[u8; 8] = b"BLKRPLMD";
 /// 2: bitmap pages carry a checksum and their index (511 words of bits each, not 512).
@@ -316,6 +316,9 @@ impl Slot {
         if version != FORMAT_VERSION {
             return Slot::Unsupported { version, seq };
         }
+        if seq >= SEQ_LIMIT {
+            return Slot::Invalid { seq, detail: format!("sequence number {seq}, beyond 2^63 updates") };
+        }
         match decode(b) {
             Ok(superblock) => Slot::Valid { superblock, seq },
             Err(detail) => Slot::Invalid { seq, detail },
@@ -475,6 +478,23 @@ mod tests {
         assert_eq!(pick([&a, &torn]).unwrap(), (sample(), 7, 0));
     }
 
+    /// The `meta_load` fuzz target's input `regression_superblock_seq_max` (the current slot's
+    /// sequence number set to u64::MAX, checksum recomputed): the store's next update
+    /// overflowed it (a panic with overflow checks, a wrap to 0 without, after which the older
+    /// slot won and the update was undone).
+    #[test]
+    fn a_sequence_number_beyond_2_63_is_corruption() {
+        let zero = [0; BLOCK_SIZE];
+        let older = sample().encode(3).unwrap();
+        for seq in [u64::MAX, SEQ_LIMIT] {
+            let exhausted = sample().encode(seq).unwrap();
+            let err = pick([&exhausted, &zero]).unwrap_err();
+            assert!(matches!(&err, MetaError::Corrupt { .. }) && err.to_string().contains("2^63"), "{err}");
+            assert!(matches!(pick([&older, &exhausted]), Err(MetaError::Corrupt { .. })), "no fallback");
+        }
+        assert_eq!(pick([&sample().encode(SEQ_LIMIT - 1).unwrap(), &zero]).unwrap().1, SEQ_LIMIT - 1);
+    }
+
     #[test]
     fn empty_torn_and_unknown_slots_give_clear_errors() {
         let zero = [0; BLOCK_SIZE];
@@ -573,7 +593,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn encode_decode_round_trip(sb in superblock(), seq in any::<u64>()) {
+        fn encode_decode_round_trip(sb in superblock(), seq in 0..SEQ_LIMIT) {
             let block = sb.encode(seq).unwrap();
             let zero = [0; BLOCK_SIZE];
             prop_assert_eq!(pick([&zero, &block]).unwrap(), (sb, seq, 1));
