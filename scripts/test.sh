@@ -16,7 +16,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 sim=real_replicas_under_partitions_and_power_losses
-cargo test --release --workspace -- --test-threads 2 --skip "$sim" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast -- --test-threads 2 --skip "$sim" 2>&1 | tee "$log" || status=$?
 # The simulator sweeps 10,000 seeds here (about 5 minutes on 2 cores; `cargo test` alone sweeps 200)
 # and prints what the runs exercised; then each of its checkers is shown to fire when a rule is
 # weakened.
