@@ -208,17 +208,22 @@ impl Cluster {
 
     /// Runs `blkrepl --node NODE ARGS...` and returns its output.
     pub fn cli(&self, node: &str, args: &[&str]) -> Output {
-        self.command_for(node, BIN)
+        self.blkrepl(node).args(args).output().unwrap()
+    }
+
+    /// `blkrepl` for `node` (in its namespace when the cluster has them), pointed at this
+    /// cluster's config and run directories, logging at debug level.
+    pub fn blkrepl(&self, node: &str) -> Command {
+        let mut command = self.command_for(node, BIN);
+        command
             .arg("--config-dir")
             .arg(self.config_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
             .arg("--node")
             .arg(node)
-            .args(args)
-            .env("BLKREPL_LOG", "debug")
-            .output()
-            .unwrap()
+            .env("BLKREPL_LOG", "debug");
+        command
     }
 
     /// Runs a command that must succeed.

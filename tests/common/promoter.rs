@@ -1,7 +1,7 @@
 //! `blkrepl promoter` processes for a test cluster, whose services are marker files: a node's
 //! marker exists exactly while the promoter there has its services started.
 
-use super::{Cluster, BIN};
+use super::Cluster;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,16 +44,9 @@ impl Cluster {
     pub fn promoter(&self, node: &str) -> Promoter {
         std::fs::create_dir_all(self.run_dir()).unwrap();
         let child = self
-            .command_for(node, BIN)
-            .arg("--config-dir")
-            .arg(self.config_dir())
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--node")
-            .arg(node)
+            .blkrepl(node)
             .args(["promoter", "r0"])
             .env("PROMOTER_MARKERS", self.markers())
-            .env("BLKREPL_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.promoter_log(node)).unwrap())
