@@ -19,7 +19,20 @@ die() { echo "package-test: $*" >&2; exit 1; }
 for cmd in systemd-analyze man ocf-tester; do
   command -v "$cmd" >/dev/null || die "$cmd is missing: scripts/setup.sh test installs it"
 done
+# One run at a time per machine (two CI checkouts may share it): the package is machine-wide.
+mkdir -p /run/lock
+exec 9>/run/lock/blkrepl-package-test.lock
+flock -w 1800 9 || die "another package test has held /run/lock/blkrepl-package-test.lock for 30 minutes"
+# A run killed between install and purge (SIGKILL skips the trap) leaves its package behind and
+# this marker, which says the package is the test's and not an administrator's.
+marker=/var/lib/blkrepl-package-test.installed
 state=$(dpkg-query -W -f='${db:Status-Status}' blkrepl 2>/dev/null || true)
+if [ -e "$marker" ] && [ -n "$state" ] && [ "$state" != not-installed ]; then
+  say "the package an interrupted run installed ($(cat "$marker")) is still here: purging it"
+  dpkg --purge blkrepl >/dev/null
+  state=$(dpkg-query -W -f='${db:Status-Status}' blkrepl 2>/dev/null || true)
+fi
+rm -f "$marker"
 if [ -n "$state" ] && [ "$state" != not-installed ]; then
   die "a blkrepl package is on this machine ($state): remove it first (dpkg --purge blkrepl)"
 fi
@@ -38,7 +51,8 @@ for p in "${paths[@]}"; do
   existed+=("$p")
 done
 
-trap 'dpkg --purge blkrepl >/dev/null 2>&1 || true' EXIT
+trap 'dpkg --purge blkrepl >/dev/null 2>&1 && rm -f "$marker" || true' EXIT
+echo "$deb" >"$marker"
 dpkg -i "$deb" >/dev/null
 say "installed: $(dpkg-query -W -f='${Package} ${Version} ${Architecture}, Depends: ${Depends}' blkrepl)"
 
@@ -76,6 +90,7 @@ say "the agent's tests (ocf-tester among them) against /usr/lib/ocf/resource.d/b
 BLKREPL_OCF_AGENT=/usr/lib/ocf/resource.d/blkrepl/blkrepl cargo test --release --test ocf_agent -- --test-threads 2
 
 dpkg --purge blkrepl >/dev/null
+rm -f "$marker"
 trap - EXIT
 state=$(dpkg-query -W -f='${db:Status-Status}' blkrepl 2>/dev/null || true)
 [ -z "$state" ] || [ "$state" = not-installed ] || die "after dpkg --purge the package is still $state"

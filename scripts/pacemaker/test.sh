@@ -12,18 +12,29 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 W=${BRPCM_WORK:-/tmp/brpcm}
 
+# The cluster's bridge, namespaces and subnet are machine-wide: one suite at a time per machine
+# (two CI checkouts may share one). Holding the lock, a cluster still up can only be left by a run
+# that was killed before its teardown: it is taken down, not reported as a failure of this run.
+mkdir -p /run/lock
+exec 9>/run/lock/blkrepl-pacemaker.lock
+flock -w 1800 9 || { echo "FAIL: pacemaker: another suite has held /run/lock/blkrepl-pacemaker.lock for 30 minutes" >&2; exit 1; }
+if [ -e "$W/up" ] || ip link show brpcm0 >/dev/null 2>&1; then
+	echo "pacemaker: a cluster an interrupted run left up ($W): taking it down first"
+	"$HERE/cluster.sh" down 9>&-
+fi
+
 run() { # name, environment for cluster.sh up, scenario
 	local name=$1 env=$2 mode=$3 status=0
 	echo "== pacemaker: $name"
 	# shellcheck disable=SC2086 # $env is a list of assignments
-	if ! env $env "$HERE/cluster.sh" up; then
+	if ! env $env "$HERE/cluster.sh" up 9>&-; then
 		echo "FAIL: pacemaker: $name: the cluster did not come up (logs in $W)" >&2
 		status=1
-	elif ! "$HERE/scenario-kill.sh" "$mode"; then
+	elif ! "$HERE/scenario-kill.sh" "$mode" 9>&-; then
 		echo "FAIL: pacemaker: $name (logs in $W)" >&2
 		status=1
 	fi
-	"$HERE/cluster.sh" down || { echo "FAIL: pacemaker: $name: teardown" >&2; status=1; }
+	"$HERE/cluster.sh" down 9>&- || { echo "FAIL: pacemaker: $name: teardown" >&2; status=1; }
 	return $status
 }
 
