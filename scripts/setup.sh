@@ -88,13 +88,17 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 verb=installing; [ -z "$plan" ] || verb="would install"
 echo "setup: $verb for ${purposes[*]}: ${missing[*]}"
+# Another apt on this machine (a second checkout's CI, unattended upgrades) holds dpkg's lock
+# for a while: wait for it rather than fail.
+apt_wait=(-o DPkg::Lock::Timeout=900)
 if [ "$(id -u)" = 0 ]; then
   # An earlier install that was interrupted leaves dpkg half done, and apt refuses to go on.
-  if [ -n "$(dpkg --audit 2>/dev/null)" ] && [ -z "$plan" ]; then
+  # (Half done while another apt or dpkg runs is that one's work in progress: apt waits for it.)
+  if [ -n "$(dpkg --audit 2>/dev/null)" ] && [ -z "$plan" ] && ! pgrep -x 'apt-get|apt|dpkg' >/dev/null; then
     echo "setup: an earlier package installation was interrupted: dpkg --configure -a"
     dpkg --configure -a >/dev/null 2>&1 || echo "setup: dpkg --configure -a failed; run it by hand" >&2
   fi
-  apt-get update -q >/dev/null || echo "setup: apt-get update failed; trying the package lists already here" >&2
+  apt-get "${apt_wait[@]}" update -q >/dev/null || echo "setup: apt-get update failed; trying the package lists already here" >&2
 fi
 
 candidate() { apt-cache policy "$1" 2>/dev/null | sed -n 's/^ *Candidate: //p'; }
@@ -138,7 +142,7 @@ for pkg in "${missing[@]}"; do
   done <<<"$installed"
 done
 
-cmd=(apt-get install -y -q --no-install-recommends "${downgrade[@]}" "${args[@]}")
+cmd=(apt-get "${apt_wait[@]}" install -y -q --no-install-recommends "${downgrade[@]}" "${args[@]}")
 if [ -n "$plan" ]; then echo "${cmd[*]}"; exit 0; fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
