@@ -10,13 +10,15 @@
 #
 #   scripts/bench.sh [--short]       RUNTIME=10 (s per job)  BENCH_DIR=/dev/shm/blkrepl-bench
 # --short runs every job for 1 s (CI runs it so the script cannot rot; its figures mean nothing).
-# Installs what it needs first (scripts/setup.sh bench: fio, iperf3, qemu-utils).
+# Then system calls per replicated write (strace) and each daemon's resident memory, also for a
+# 1 TiB device with two peers. Installs what it needs first (scripts/setup.sh bench: fio,
+# iperf3, qemu-utils, strace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case ${1:-} in
   --short) RUNTIME=1 ;;
   "") ;;
-  *) sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 scripts/setup.sh bench
 cargo build --release --bins -q
@@ -58,19 +60,51 @@ run_jobs() {
   run_fio "$prefix.seq1m" write 1M 4 "$@"
 }
 
-config() { # protocol, quorum ("off": alpha and beta; "majority": and the witness tie), auth ("secret" or "plain")
+# protocol, quorum ("off": alpha and beta; "majority": and the witness tie), auth ("secret" or
+# "plain"), disk size, data nodes (3: gamma instead of the witness, 4 KiB per bitmap bit)
+config() {
+  local size=${4:-$SIZE} data=${5:-2}
   {
     echo "name = \"r0\""; echo "protocol = \"$1\""; echo "quorum = \"$2\""
     if [ "${3:-secret}" = plain ]; then echo "trusted_network = true"; else echo "secret = \"the benchmark's shared secret\""; fi
+    [ "$data" = 3 ] && echo "bitmap_block_size = 4096"
     echo "[[node]]"; echo "name = \"alpha\""; echo "address = \"127.0.0.1:17789\""
     echo "disk = \"$DIR/alpha.img\""; echo "nbd = \"127.0.0.1:20809\""
     echo "[[node]]"; echo "name = \"beta\""; echo "address = \"127.0.0.1:17790\""
     echo "disk = \"$DIR/beta.img\""; echo "nbd = \"127.0.0.1:20810\""
-    if [ "$2" = majority ]; then
+    if [ "$data" = 3 ]; then
+      echo "[[node]]"; echo "name = \"gamma\""; echo "address = \"127.0.0.1:17791\""
+      echo "disk = \"$DIR/gamma.img\""; echo "nbd = \"127.0.0.1:20811\""
+    elif [ "$2" = majority ]; then
       echo "[[node]]"; echo "name = \"tie\""; echo "address = \"127.0.0.1:17791\""; echo "disk = \"none\""
     fi
   } > "$DIR/etc/r0.toml"
-  rm -f "$DIR"/*.img; truncate -s "$SIZE" "$DIR/alpha.img" "$DIR/beta.img"
+  rm -f "$DIR"/*.img; truncate -s "$size" "$DIR/alpha.img" "$DIR/beta.img"
+  [ "$data" != 3 ] || truncate -s "$size" "$DIR/gamma.img"
+}
+
+# Resident memory of each node's daemon: records "label.rss.node KiB".
+rss() {
+  local label=$1 n; shift
+  for n in "$@"; do
+    echo "$label.rss.$n 0 $(awk '/^VmRSS:/ {print $2}' "/proc/$(cat "$DIR/run/r0.$n.lock")/status")" >> "$RESULTS"
+  done
+}
+
+# System calls per replicated 4 KiB write at QD32 on each node (strace -c -f over a fixed
+# number of writes; strace slows the daemons, the count is what matters): records
+# "label.syscalls.node calls-per-write futex-per-write".
+count_syscalls() {
+  local label=$1 n writes=20000 pids=()
+  for n in alpha beta; do
+    strace -c -f -o "$DIR/$n.strace" -p "$(cat "$DIR/run/r0.$n.lock")" 2>/dev/null & pids+=($!)
+  done
+  sleep 1
+  fio --name=job --rw=randwrite --bs=4k --iodepth=32 --number_ios=$writes --size=512M "${NBD[@]}" >/dev/null 2>&1
+  sleep 0.5; kill -INT "${pids[@]}"; wait "${pids[@]}" || true
+  for n in alpha beta; do
+    awk -v label="$label.syscalls.$n" -v w=$writes '$NF == "futex" {f = $4} $NF == "total" {t = $4} END {printf "%s %.2f %.2f\n", label, t / w, f / w}' "$DIR/$n.strace" >> "$RESULTS"
+  done
 }
 
 wait_json() { local node=$1 needle=$2; for _ in $(seq 1 200); do "$BIN" --node "$node" status --json r0 | grep -qF "$needle" && return 0; sleep 0.1; done; echo "timeout: $needle" >&2; exit 1; }
@@ -114,9 +148,22 @@ for run in "C secret" "C plain" "A secret"; do
   wait_json beta '"disk":"UpToDate"'
   "$BIN" --node alpha primary r0
   run_jobs "$name" "${NBD[@]}"
+  if [ "$name" = protoC ]; then count_syscalls "$name"; fi
+  rss "$name" alpha beta
   "$BIN" --node alpha status r0 | sed 's/^/   /'
   stop_all
 done
+
+echo "== memory: three data nodes (two peers each) of a 1 TiB sparse device, 4 KiB per bitmap bit"
+config C majority secret 1T 3
+for n in alpha beta gamma; do "$BIN" --node $n create-md r0 >/dev/null; "$BIN" --node $n up r0 >/dev/null; done
+wait_json alpha '"quorum_votes":3'
+"$BIN" --node alpha new-current-uuid --clear-bitmap r0
+wait_json beta '"disk":"UpToDate"'; wait_json gamma '"disk":"UpToDate"'
+"$BIN" --node alpha primary r0
+run_fio tib.rand4k.qd32 randwrite 4k 32 "${NBD[@]}" --number_ios=20000
+rss tib alpha beta gamma
+stop_all
 
 python3 - "$RESULTS" <<'PY'
 import sys
@@ -139,4 +186,11 @@ print(f"protocol C with frame MACs / plain, 1M seq MiB/s: {r['protoC.seq1m'][1]/
 print(f"local-only seq / raw file seq:         {r['local.seq1m'][1]/r['raw.seq1m'][1]:.2f}")
 print(f"local-only / qemu-nbd, 4k QD32 IOPS:   {r['local.rand4k.qd32'][0]/r['qemunbd.rand4k.qd32'][0]:.2f}")
 print(f"local-only / qemu-nbd, 1M seq MiB/s:   {r['local.seq1m'][1]/r['qemunbd.seq1m'][1]:.2f}")
+print()
+for n in ["alpha", "beta"]:
+    calls, futex = r[f"protoC.syscalls.{n}"]
+    print(f"system calls per replicated 4k write at QD32, {n}: {calls:.2f} ({futex:.2f} of them futex; target <= 2)")
+for label, what in [("protoC", "protocol C runs above, 1 GiB, one peer and a witness"), ("tib", "1 TiB sparse, two peers, 4 KiB per bit")]:
+    rss = ", ".join(f"{k.split('.')[-1]} {v[1] / 1024:.0f} MiB" for k, v in r.items() if k.startswith(label + ".rss."))
+    print(f"daemon RSS, {what}: {rss}" + (" (target <= 80 MiB)" if label == "tib" else ""))
 PY
