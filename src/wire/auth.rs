@@ -1,4 +1,5 @@
-//! Shared-secret peer authentication and the frame MACs that follow it (HMAC-SHA256).
+//! Shared-secret peer authentication (HMAC-SHA256) and the frame MACs that follow it (keyed
+//! BLAKE3).
 //!
 //! The handshake (PROTOCOL.md, "Handshake"): the dialer sends a fresh nonce, the acceptor
 //! answers with its own, the dialer proves it knows the secret, and only then does the acceptor
@@ -11,8 +12,9 @@
 //!   node rejects; a proof cannot be reflected either (the roles' labels differ).
 //!
 //! Both sides then derive one key per direction from the same transcript, and every later
-//! frame carries a MAC under it over its sequence number and bytes ([`FrameMac`]): a frame
-//! changed, injected, dropped, replayed or reordered on the path fails the next check.
+//! frame carries a MAC under it over its sequence number and bytes ([`FrameMac`], keyed
+//! BLAKE3): a frame changed, injected, dropped, replayed or reordered on the path fails the
+//! next check.
 //!
 //! The nonces must come from a CSPRNG and never repeat; that is the caller's job (this module
 //! has no randomness, so it stays testable).
@@ -94,12 +96,15 @@ impl Transcript<'_> {
     }
 }
 
-/// The MACs of one direction of an authenticated link: HMAC-SHA256 under the direction's key
-/// over the frame's sequence number (counted, never sent), its header and its payload,
-/// truncated to [`FRAME_MAC_LEN`] bytes.
+/// The MACs of one direction of an authenticated link: BLAKE3 in keyed mode under the
+/// direction's key over the frame's sequence number (counted, never sent), its header and its
+/// payload, truncated to [`FRAME_MAC_LEN`] bytes. Keyed BLAKE3 is a PRF, so a truncated output
+/// is a sound MAC; it is chosen over HMAC-SHA256 for its cost per byte, which every replicated
+/// byte pays twice (HMAC-SHA256 took a third of protocol C's IOPS at 4 KiB and half its
+/// throughput at 1 MiB on the benchmark machine).
 #[derive(Clone)]
 pub struct FrameMac {
-    keyed: HmacSha256,
+    keyed: blake3::Hasher,
     seq: u64,
 }
 
@@ -111,31 +116,31 @@ impl std::fmt::Debug for FrameMac {
 
 impl FrameMac {
     fn new(key: &[u8; 32]) -> FrameMac {
-        FrameMac { keyed: HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length"), seq: 0 }
+        FrameMac { keyed: blake3::Hasher::new_keyed(key), seq: 0 }
     }
 
     /// The MAC of the next frame, made of `parts` (header, fixed fields, data).
     pub fn seal(&mut self, parts: &[&[u8]]) -> [u8; FRAME_MAC_LEN] {
-        let mut mac = self.next();
-        parts.iter().for_each(|part| mac.update(part));
-        let full: [u8; 32] = mac.finalize().into_bytes().into();
-        let mut tag = [0; FRAME_MAC_LEN];
-        tag.copy_from_slice(&full[..FRAME_MAC_LEN]);
-        tag
+        self.tag(parts)
     }
 
     /// Whether `tag` is the MAC of the next frame, made of `parts`; in constant time.
     pub fn open(&mut self, parts: &[&[u8]], tag: &[u8; FRAME_MAC_LEN]) -> bool {
-        let mut mac = self.next();
-        parts.iter().for_each(|part| mac.update(part));
-        mac.verify_truncated_left(tag).is_ok()
+        let expected = self.tag(parts);
+        // Constant time: every byte is compared whatever the first difference.
+        expected.iter().zip(tag).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
     }
 
-    fn next(&mut self) -> HmacSha256 {
+    fn tag(&mut self, parts: &[&[u8]]) -> [u8; FRAME_MAC_LEN] {
         let mut mac = self.keyed.clone();
         mac.update(&self.seq.to_be_bytes());
         self.seq += 1;
-        mac
+        parts.iter().for_each(|part| {
+            mac.update(part);
+        });
+        let mut tag = [0; FRAME_MAC_LEN];
+        mac.finalize_xof().fill(&mut tag);
+        tag
     }
 }
 
