@@ -138,6 +138,40 @@ pub struct ResourceConfig {
     pub promoter: Option<PromoterConfig>,
     /// Commands run on events (`[handlers]`).
     pub handlers: HandlersConfig,
+    /// What this node does when, as primary, it loses a data peer (`fencing`).
+    pub fencing: Fencing,
+}
+
+/// The `fencing` setting (DRBD's names): what a primary does when it loses the link to a data
+/// peer whose disk it does not know to be Outdated or Inconsistent. With anything but
+/// `dont-care` it runs the `fence-peer` handler, which must keep that peer from being promoted
+/// (or say why it need not); see docs/OPERATIONS.md, "Fencing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fencing {
+    /// No handler runs.
+    #[default]
+    DontCare,
+    /// The handler runs; I/O goes on meanwhile.
+    ResourceOnly,
+    /// The handler runs and writes are held until it answers; a handler that fails or times
+    /// out fails them (the peer may have been promoted), until the peer is back or `resume-io`.
+    ResourceAndStonith,
+}
+
+impl Fencing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fencing::DontCare => "dont-care",
+            Fencing::ResourceOnly => "resource-only",
+            Fencing::ResourceAndStonith => "resource-and-stonith",
+        }
+    }
+}
+
+impl std::fmt::Display for Fencing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The `[handlers]` section: commands (run with `/bin/sh -c`) the daemon runs when something
@@ -150,6 +184,8 @@ pub struct HandlersConfig {
     pub before_resync_target: Option<String>,
     pub after_resync_target: Option<String>,
     pub peer_unreachable: Option<String>,
+    /// Run by the replica's fencing rule, not by the status watch (see `handlers::fence`).
+    pub fence_peer: Option<String>,
     /// A peer not connected this long is unreachable (`peer_unreachable_after_s`).
     pub peer_unreachable_after: Duration,
     /// A handler still running this long is killed, with its process group (`handler_timeout_s`).
@@ -254,6 +290,7 @@ struct RawResource {
     on_congestion: Option<String>,
     congestion_fill_kib: Option<u64>,
     on_suspended_primary_outdated: Option<String>,
+    fencing: Option<String>,
     ping_interval_ms: Option<u64>,
     ping_timeout_ms: Option<u64>,
     peer_stall_timeout_ms: Option<u64>,
@@ -294,7 +331,6 @@ struct RawHandlers {
     after_resync_target: Option<String>,
     #[serde(rename = "peer-unreachable")]
     peer_unreachable: Option<String>,
-    /// Known so that it is refused with the reason, not as a typo.
     #[serde(rename = "fence-peer")]
     fence_peer: Option<String>,
     peer_unreachable_after_s: Option<u64>,
@@ -414,6 +450,12 @@ impl ResourceConfig {
         if self.quorum == QuorumPolicy::Off {
             warnings.push(format!(
                 "{}: quorum is off: two partitioned nodes can both be promoted (split brain); use fencing",
+                self.path.display()
+            ));
+        }
+        if self.fencing == Fencing::DontCare && self.handlers.fence_peer.is_some() {
+            warnings.push(format!(
+                "{}: [handlers] has a `fence-peer` but fencing is \"dont-care\": the handler is never called; set fencing = \"resource-only\" or \"resource-and-stonith\", or remove it",
                 self.path.display()
             ));
         }
@@ -579,6 +621,25 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     let timing = link_timing(path, raw.ping_interval_ms, raw.ping_timeout_ms, raw.peer_stall_timeout_ms)?;
     let promoter = raw.promoter.map(|p| promoter(path, p)).transpose()?;
     let handlers = handlers(path, raw.handlers)?;
+    let fencing = match raw.fencing.as_deref() {
+        None | Some("dont-care") => Fencing::DontCare,
+        Some("resource-only") => Fencing::ResourceOnly,
+        Some("resource-and-stonith") => Fencing::ResourceAndStonith,
+        Some(other) => {
+            return Err(invalid(
+                path,
+                "fencing",
+                format!("\"{other}\" is not \"dont-care\", \"resource-only\" or \"resource-and-stonith\""),
+            ))
+        }
+    };
+    if fencing != Fencing::DontCare && handlers.fence_peer.is_none() {
+        return Err(invalid(
+            path,
+            "fencing",
+            format!("is \"{fencing}\" but [handlers] has no `fence-peer`: give the command that fences a lost peer, or set fencing = \"dont-care\""),
+        ));
+    }
 
     if raw.node.len() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two [[node]] tables"));
@@ -679,6 +740,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         nodes,
         promoter,
         handlers,
+        fencing,
     })
 }
 
@@ -738,25 +800,20 @@ fn promoter(path: &Path, raw: RawPromoter) -> Result<PromoterConfig, ConfigError
 
 /// `[handlers]`: every command non-empty; each timing within bounds, and only where it applies.
 fn handlers(path: &Path, raw: RawHandlers) -> Result<HandlersConfig, ConfigError> {
-    if raw.fence_peer.is_some() {
-        return Err(invalid(
-            path,
-            "handlers.fence-peer",
-            "is not supported yet: fencing needs the primary to freeze I/O until the handler answers, which blkrepl does not do yet; remove it (quorum with a witness keeps an isolated primary from completing writes)",
-        ));
-    }
     let commands = [
         ("split-brain", raw.split_brain),
         ("quorum-lost", raw.quorum_lost),
         ("before-resync-target", raw.before_resync_target),
         ("after-resync-target", raw.after_resync_target),
         ("peer-unreachable", raw.peer_unreachable),
+        ("fence-peer", raw.fence_peer),
     ];
     if let Some((name, _)) = commands.iter().find(|(_, command)| command.as_ref().is_some_and(|c| c.trim().is_empty())) {
         return Err(invalid(path, format!("handlers.{name}"), "is empty: give a command (run with /bin/sh -c), or remove the key"));
     }
     let any_handler = commands.iter().any(|(_, command)| command.is_some());
-    let [(_, split_brain), (_, quorum_lost), (_, before_resync_target), (_, after_resync_target), (_, peer_unreachable)] = commands;
+    let [(_, split_brain), (_, quorum_lost), (_, before_resync_target), (_, after_resync_target), (_, peer_unreachable), (_, fence_peer)] =
+        commands;
     let seconds = |key: &str, value: Option<u64>, default: u64, max: u64| match value {
         None => Ok(Duration::from_secs(default)),
         Some(s @ 1..) if s <= max => Ok(Duration::from_secs(s)),
@@ -774,6 +831,7 @@ fn handlers(path: &Path, raw: RawHandlers) -> Result<HandlersConfig, ConfigError
         before_resync_target,
         after_resync_target,
         peer_unreachable,
+        fence_peer,
         peer_unreachable_after: seconds(
             "peer_unreachable_after_s",
             raw.peer_unreachable_after_s,
@@ -999,10 +1057,27 @@ disk = "/var/lib/blkrepl/beta.img"
     }
 
     #[test]
+    fn fencing_needs_a_fence_peer_handler_and_a_handler_without_fencing_is_a_warning() {
+        assert_eq!(parse(GOOD).unwrap().fencing, Fencing::DontCare);
+        let handler = "[handlers]\nfence-peer = \"/usr/lib/blkrepl/fence\"\n";
+        for (word, fencing) in [("resource-only", Fencing::ResourceOnly), ("resource-and-stonith", Fencing::ResourceAndStonith)] {
+            let config = parse(&format!("fencing = \"{word}\"\n{GOOD}{handler}")).unwrap();
+            assert_eq!((config.fencing, config.handlers.fence_peer.as_deref()), (fencing, Some("/usr/lib/blkrepl/fence")));
+            assert!(config.warnings().iter().all(|w| !w.contains("fence-peer")), "{:?}", config.warnings());
+            let err = error_of(&format!("fencing = \"{word}\"\n{GOOD}"));
+            assert!(err.contains("`fencing`") && err.contains("no `fence-peer`"), "{err}");
+        }
+        let err = error_of(&format!("fencing = \"stonith\"\n{GOOD}"));
+        assert!(err.contains("`fencing`") && err.contains("\"stonith\" is not"), "{err}");
+        let unused = parse(&format!("{GOOD}{handler}")).unwrap();
+        assert!(unused.warnings().iter().any(|w| w.contains("`fence-peer`") && w.contains("never called")), "{:?}", unused.warnings());
+    }
+
+    #[test]
     fn bad_handlers_name_their_key() {
         for (section, key, says) in [
             ("quorum-lots = \"true\"", "quorum-lots", "unknown field"),
-            ("fence-peer = \"/sbin/fence\"", "handlers.fence-peer", "not supported yet"),
+            ("fence-peer = \"\"", "handlers.fence-peer", "is empty"),
             ("split-brain = \" \"", "handlers.split-brain", "is empty"),
             ("split-brain = 1", "split-brain", "invalid type"),
             ("peer-unreachable = \"true\"\npeer_unreachable_after_s = 0", "handlers.peer_unreachable_after_s", "from 1 to"),

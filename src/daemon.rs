@@ -189,7 +189,10 @@ fn start(config: ResourceConfig, me: NodeConfig, run_dir: &Path) -> Result<Start
     // Bound before anything starts: a port in use is a start-up error `up` reports.
     let metrics = me.metrics_address.map(crate::metrics::bind).transpose()?;
     let handlers = config.handlers.clone();
+    let fencing = config.fencing;
     let engine = Engine::open(config, me, run_dir)?;
+    // Before any link is up: the first loss as primary may call for it.
+    crate::handlers::fence::install(&engine, fencing, &handlers);
     engine.start()?;
     if let Some(listener) = metrics {
         crate::metrics::spawn(listener, engine.clone())?;

@@ -9,7 +9,7 @@ use super::Shared;
 use crate::core::inflight::{AckLevel, LocalFailure};
 use crate::frontend::BlockResult;
 use super::link::PeerLink;
-use crate::replica::{Action, IoTag, Lane, LocalIo, MetaWrite};
+use crate::replica::{Action, FenceOutcome, IoTag, Lane, LocalIo, MetaWrite};
 use crate::wire::Message;
 use std::sync::Arc;
 use std::ops::{Deref, DerefMut};
@@ -210,6 +210,13 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                 match action {
                     Action::DropLink { peer, generation, reason } => super::connection::lost(shared, peer, generation, &reason),
                     Action::StartResync { peer, generation } => super::resync::spawn_source(shared.clone(), peer, generation),
+                    Action::FencePeer { peer, generation } => {
+                        let engine = super::Engine { shared: shared.clone() };
+                        match shared.fence_runner.get() {
+                            Some(run) => run(&engine, peer, generation),
+                            None => engine.fence_done(peer, generation, FenceOutcome::Failed("no fence-peer handler runs in this process".into())),
+                        }
+                    }
                     Action::Send { .. } | Action::Persist(_) | Action::Io { .. } | Action::Complete { .. } => {
                         unreachable!("carried out under the lock")
                     }

@@ -27,7 +27,7 @@ use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
 use io_pool::IoPool;
-use crate::replica::{Attached, Peer, PromoteRefusal, PromoteStep, Replica};
+use crate::replica::{Attached, FenceOutcome, Peer, PromoteRefusal, PromoteStep, Replica};
 use locked::Locked;
 use state::State;
 use std::collections::HashMap;
@@ -138,7 +138,14 @@ pub(crate) struct Shared {
     /// ublk device reads from the engine while it starts), so nothing else may change the role
     /// meanwhile.
     pub admin: Mutex<()>,
+    /// Runs the `fence-peer` handler (see [`Engine::set_fence_runner`]).
+    pub fence_runner: std::sync::OnceLock<FenceRunner>,
 }
+
+/// Starts a `fence-peer` run for a peer's lost connection (peer, connection generation); the
+/// outcome comes back through [`Engine::fence_done`]. It must not wait for the run: it is called
+/// from the thread that released the engine lock.
+pub type FenceRunner = Box<dyn Fn(&Engine, u8, u64) + Send + Sync>;
 
 impl Shared {
     pub fn lock(&self) -> Locked<'_> {
@@ -265,6 +272,7 @@ impl Engine {
             quorum_policy: config.quorum,
             on_no_quorum: config.on_no_quorum,
             split_brain: config.split_brain,
+            fencing: config.fencing,
             now: std::time::Instant::now(),
             uuid_seed: random_u64(),
             boot_id: machine_boot_id(),
@@ -294,6 +302,7 @@ impl Engine {
             dial: Condvar::new(),
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
+            fence_runner: std::sync::OnceLock::new(),
         });
         let engine = Engine { shared };
         // What attaching queued (the activity log emptied after a crash as primary) is written
@@ -335,6 +344,26 @@ impl Engine {
     /// engine lock.
     pub fn counters(&self) -> CountersSnapshot {
         self.shared.counters.snapshot()
+    }
+
+    /// Installs what runs the `fence-peer` handler (the daemon's `handlers::fence`); the first
+    /// one stays. Without one, a fence the replica asks for fails at once (as a handler that
+    /// cannot run).
+    pub fn set_fence_runner(&self, runner: FenceRunner) {
+        let _ = self.shared.fence_runner.set(runner);
+    }
+
+    /// The `fence-peer` run for `peer`'s lost connection `generation` ended with `outcome`.
+    pub fn fence_done(&self, peer: u8, generation: u64, outcome: FenceOutcome) {
+        self.shared.lock().replica.fence_done(Instant::now(), peer, generation, outcome);
+        self.shared.changed.notify_all();
+    }
+
+    /// `resume-io`: ends what fencing holds or fails (see `Replica::resume_io`).
+    pub fn resume_io(&self) -> Result<(), EngineError> {
+        self.shared.lock().replica.resume_io(Instant::now()).map_err(EngineError::Refused)?;
+        self.shared.changed.notify_all();
+        Ok(())
     }
 
     /// Starts an online verify with every connected peer it can run against; returns their

@@ -24,9 +24,13 @@ pub enum Handler {
     AfterResyncTarget,
     /// A peer not connected for `peer_unreachable_after_s`, and again when it is back.
     PeerUnreachable,
+    /// A primary lost a data peer under `fencing` (called by the replica's rule, not by a
+    /// snapshot: see `handlers::fence`).
+    FencePeer,
 }
 
 impl Handler {
+    /// The handlers the status watch calls (`fence-peer` is not one of them).
     pub const ALL: [Handler; 5] =
         [Handler::SplitBrain, Handler::QuorumLost, Handler::BeforeResyncTarget, Handler::AfterResyncTarget, Handler::PeerUnreachable];
 
@@ -38,6 +42,7 @@ impl Handler {
             Handler::BeforeResyncTarget => "before-resync-target",
             Handler::AfterResyncTarget => "after-resync-target",
             Handler::PeerUnreachable => "peer-unreachable",
+            Handler::FencePeer => "fence-peer",
         }
     }
 }
@@ -165,12 +170,12 @@ impl Watch {
 
 /// Which of a peer's objects a call carries.
 #[derive(Clone, Copy)]
-enum PeerObject {
+pub(super) enum PeerObject {
     Connection,
     PeerDevice,
 }
 
-fn peer_object(shown: &[Object], which: PeerObject, node_id: u8) -> Object {
+pub(super) fn peer_object(shown: &[Object], which: PeerObject, node_id: u8) -> Object {
     let found = shown.iter().find(|o| match (which, o) {
         (PeerObject::Connection, Object::Connection(c)) => c.peer_node_id == node_id,
         (PeerObject::PeerDevice, Object::PeerDevice(d)) => d.peer_node_id == node_id,

@@ -11,6 +11,7 @@
 //! (`before-resync-target` before its `after-resync-target`).
 
 pub mod detect;
+pub mod fence;
 pub mod process;
 pub mod queue;
 
@@ -55,6 +56,7 @@ fn command(config: &HandlersConfig, handler: Handler) -> Option<&str> {
         Handler::BeforeResyncTarget => config.before_resync_target.as_deref(),
         Handler::AfterResyncTarget => config.after_resync_target.as_deref(),
         Handler::PeerUnreachable => config.peer_unreachable.as_deref(),
+        Handler::FencePeer => config.fence_peer.as_deref(),
     }
 }
 

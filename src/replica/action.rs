@@ -84,4 +84,7 @@ pub enum Action {
     /// Start walking the bitmap for `peer` as its resync source on connection `generation`
     /// (the driver reads and paces; `Replica::resync_next` decides).
     StartResync { peer: u8, generation: u64 },
+    /// Run the `fence-peer` handler for `peer`, whose connection `generation` was lost; its
+    /// outcome comes back through `Replica::fence_done` with the same generation.
+    FencePeer { peer: u8, generation: u64 },
 }

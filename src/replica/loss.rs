@@ -13,9 +13,11 @@ impl Replica {
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
         let standing = |r: &Replica| (r.primaries(), r.demoting_peers(), r.sync_target_of(), r.resyncs_other_than(None));
         let before = standing(self);
-        let was_primary = self.peer(peer_id).role == Role::Primary;
+        let (was_primary, disk_before) = (self.peer(peer_id).role == Role::Primary, self.peer(peer_id).disk);
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
+        // Before the writes waiting for the peer complete: fencing may hold them.
+        self.fence_lost_peer(peer_id, disk_before);
         // A node this one was still resyncing has not taken its generation (a resync's end
         // does that, see `finish_resync_as_source`) and is tracked from an older one already.
         let tracked = self.sb.peers[self.peer(peer_id).slot].bitmap_uuid != 0;

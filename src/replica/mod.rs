@@ -15,6 +15,7 @@ mod compare;
 mod connect;
 mod disk_failure;
 mod election;
+mod fencing;
 pub mod frames;
 mod loss;
 mod pacing;
@@ -38,11 +39,12 @@ pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MA
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
 pub use election::PromoteStep;
+pub use fencing::FenceOutcome;
 pub use roles::{PromoteRefusal, Promotion};
 pub use verify::VerifyStep;
 pub use writes::{PendingFlush, Pieces, QueuedWrite, WriteKind};
 
-use crate::config::Protocol;
+use crate::config::{Fencing, Protocol};
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -207,6 +209,11 @@ pub struct Replica {
     /// counted meanwhile, or the rotation itself would cost quorum for a round trip (and fail
     /// writes under io-error). No other primary can hold it: it was this one's, with quorum.
     pub left_generation: u64,
+    /// What this primary does when it loses a data peer (see `replica/fencing.rs`).
+    pub fencing: Fencing,
+    /// Fence-peer runs asked for and not answered yet, and handlers that failed (see
+    /// `replica/fencing.rs`).
+    fences: Vec<fencing::Fence>,
     uuids: UuidSource,
     /// What the driver is to do next, in order (see [`Replica::take_actions`]).
     outbox: Vec<Action>,
@@ -230,6 +237,7 @@ pub struct Attached {
     pub quorum_policy: QuorumPolicy,
     pub on_no_quorum: OnNoQuorum,
     pub split_brain: SplitBrainPolicies,
+    pub fencing: Fencing,
     pub now: Instant,
     /// Where generation UUIDs come from (see [`UuidSource`]).
     pub uuid_seed: u64,
@@ -354,6 +362,8 @@ impl Replica {
             divergences_resolved: 0,
             resyncs_taken: [0; 3],
             left_generation: 0,
+            fencing: a.fencing,
+            fences: Vec::new(),
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),
         }
@@ -687,6 +697,8 @@ impl Replica {
         peer.rx_epoch_writes = 0;
         peer.lease.restart(now);
         peer.progress_at = Some(now);
+        // Its State will say what its disk is now.
+        peer.fenced_disk = None;
         let generation = peer.generation;
         self.set_departed(peer_id, false);
         self.send(peer_id, Message::State(state));

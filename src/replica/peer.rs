@@ -57,6 +57,10 @@ pub struct Peer {
     pub ahead_until: Option<u64>,
     /// The peer's stream as this node applies it (this node as the receiving side).
     pub applying: Applying,
+    /// What the fence-peer handler said of the peer's disk (Outdated or Inconsistent) since
+    /// its link went, until it is back (see `replica/fencing.rs`). Shown, never counted: no
+    /// vote and no promotion depends on it.
+    pub fenced_disk: Option<DiskState>,
 }
 
 impl Peer {
@@ -90,6 +94,7 @@ impl Peer {
             last_error: None,
             ahead_until: None,
             applying: Applying::default(),
+            fenced_disk: None,
         }
     }
 

@@ -50,6 +50,7 @@ impl Replica {
             }
             Message::State(state) => {
                 let result = self.peer_state_received(peer_id, state);
+                self.fence_ended_by_reconnect(peer_id);
                 self.release_suspended(now, false);
                 return result;
             }

@@ -82,8 +82,9 @@ impl Replica {
     /// Whether this primary would have quorum but for voters that have yet to confirm the
     /// generation it started last (they report the one it left; its `State` is on its way to
     /// them): completions wait for them, whatever `on_no_quorum` says.
+    /// Never while fencing fails requests: a failed handler's refusal is not quorum's.
     pub(super) fn confirming_generation(&self, now: Instant) -> bool {
-        if self.role != Role::Primary || self.left_generation == 0 {
+        if self.role != Role::Primary || self.left_generation == 0 || self.fence_admission().is_some() {
             return false;
         }
         let at = |p: &Peer, uuid: u64| p.last_state.is_some_and(|s| same_uuid(s.current_uuid, uuid));
@@ -148,7 +149,12 @@ impl Replica {
     /// as primary left to wait for (a flush taken before a demotion began completed without
     /// quorum once the cut-off peer's link went, and the write it made durable was not on the
     /// node promoted next; seed 7650).
+    /// Fencing decides first (see `replica/fencing.rs`): while it holds or fails requests,
+    /// quorum cannot let them through.
     pub fn admission(&self, now: Instant) -> Admission {
+        if let Some(fenced) = self.fence_admission() {
+            return fenced;
+        }
         if !self.answers_as_primary() || self.quorum_policy == QuorumPolicy::Off || is_weakened(Rule::IoWithoutQuorum) {
             return Admission::Proceed;
         }

@@ -136,8 +136,9 @@ impl Replica {
     fn submit_read(&mut self, now: Instant, request: RequestId, offset: u64, len: u32) {
         let refused = if self.role != Role::Primary {
             Err(BlockError::ReadOnly)
-        } else if self.io_failed.is_some() {
-            // A local write failed (see `Replica::local_write_failed`).
+        } else if self.io_failed.is_some() || self.disk == DiskState::Outdated {
+            // A local write failed (see `Replica::local_write_failed`), or this node outdated
+            // itself for a primary peer (see `replica/fencing.rs`): its data may be stale.
             Err(BlockError::Io)
         } else {
             self.in_bounds(offset, len.into())
@@ -185,7 +186,7 @@ impl Replica {
                 self.start_waiting();
             }
             Ok(_) => {
-                if self.held.is_empty() {
+                if self.held.is_empty() && self.fence_admission().is_none() {
                     tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
                         "no quorum, or an old primary still seen: holding new writes before they reach any disk");
                 }
@@ -421,7 +422,7 @@ impl Replica {
             // generation just started (released by their State, see `release_suspended`).
             Admission::Refuse if self.confirming_generation(now) => self.suspended.push((request, result)),
             Admission::Hold => {
-                if self.suspended.is_empty() {
+                if self.suspended.is_empty() && self.fence_admission().is_none() {
                     tracing::warn!(resource = %self.resource, quorum = ?self.quorum(now),
                         "no quorum, or an old primary still seen: holding write completions");
                 }
@@ -497,10 +498,10 @@ impl Replica {
         }
         if fail {
             tracing::error!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
-                "failing writes held without quorum: they were never acknowledged (another node may be primary now)");
+                "failing writes held without quorum or while fencing: they were never acknowledged (another node may be primary now)");
         } else {
             tracing::info!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
-                "quorum is back: completing held writes");
+                "quorum is back, or fencing answered: completing held writes");
             self.start_pending_generation();
         }
         for (request, result) in completions {
