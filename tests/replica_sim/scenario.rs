@@ -9,7 +9,7 @@
 
 use super::rng::Rng;
 use super::world::{DataDisk, Event, Options, Shape, Time, World, MS, PAGE, SEC};
-use blkrepl::config::Protocol;
+use blkrepl::config::{Fencing, Protocol};
 use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
@@ -89,6 +89,12 @@ pub struct Stats {
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
+    /// Seeds under `fencing = "resource-only"` and `"resource-and-stonith"`, the fence-peer
+    /// runs, those whose primary outdated itself (exit code 6), and `resume-io`s.
+    pub fencing_seeds: [u64; 2],
+    pub fence_runs: u64,
+    pub fence_self_outdated: u64,
+    pub resume_ios: u64,
     pub virtual_us: u64,
     /// Seeds run per shape, in the order of [`SHAPES`].
     pub seeds_by_shape: [u64; SHAPES.len()],
@@ -116,6 +122,12 @@ impl Stats {
         self.failed_writes += o.failed_writes;
         self.failed_reads += o.failed_reads;
         self.failed_flushes += o.failed_flushes;
+        for (mine, theirs) in self.fencing_seeds.iter_mut().zip(o.fencing_seeds) {
+            *mine += theirs;
+        }
+        self.fence_runs += o.fence_runs;
+        self.fence_self_outdated += o.fence_self_outdated;
+        self.resume_ios += o.resume_ios;
         self.virtual_us += o.virtual_us;
         for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
             *mine += theirs;
@@ -188,7 +200,8 @@ impl Scenario {
         let disk_fault = draw.percent(25).then(|| (draw.range(SEC, FAULTY), draw.below(usize::from(shape.data)) as u8, draw.range(200 * MS, 2 * SEC)));
         let resync_rate = if draw.percent(25) { SLOW_RESYNC } else { DEFAULT_RESYNC };
         let bitmap_block_size = if draw.percent(25) { draw.pick(&LARGE_BITMAP_BLOCKS) } else { 4096 };
-        let options = Options { csums, congestion_fill, resync_rate, bitmap_block_size };
+        let fencing = draw.pick(&[Fencing::DontCare, Fencing::ResourceOnly, Fencing::ResourceAndStonith]);
+        let options = Options { csums, congestion_fill, resync_rate, bitmap_block_size, fencing };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
@@ -201,6 +214,7 @@ impl Scenario {
             slow_resync_seeds: (options.resync_rate == SLOW_RESYNC).into(),
             large_block_seeds: (options.bitmap_block_size != 4096).into(),
             disk_fault_seeds: disk_fault.is_some().into(),
+            fencing_seeds: [(options.fencing == Fencing::ResourceOnly).into(), (options.fencing == Fencing::ResourceAndStonith).into()],
             ..Stats::default()
         };
         stats.seeds_by_shape[SHAPES.iter().position(|s| *s == shape).expect("one of the shapes")] = 1;
@@ -253,6 +267,7 @@ impl Scenario {
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
         (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes) =
             (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes);
+        (self.stats.fence_runs, self.stats.fence_self_outdated) = (self.world.fence_runs, self.world.fence_self_outdated);
         self.check_converged()?;
         self.check_verifies()
     }
@@ -378,10 +393,19 @@ impl Scenario {
     fn manager(&mut self) {
         let now = self.world.instant();
         for id in self.world.primaries() {
+            // A primary failing requests after its fence-peer handler failed: sometimes the
+            // operator runs `resume-io` (quorum still guards what completes).
+            let fence_failed = self.world.replica(id).is_some_and(|r| r.io_suspended() == Some("fence-failed"));
+            if fence_failed && self.world.rng.percent(10) {
+                self.world.replica_mut(id).expect("up").resume_io(now).expect("fencing failed requests");
+                self.stats.resume_ios += 1;
+                self.world.carry_out(id);
+            }
             let replica = self.world.replica_mut(id).expect("up");
-            // A primary whose disk failed a write serves nothing: the manager's monitor sees
-            // it (`status`) and demotes it, as Pacemaker would.
-            let failed = replica.io_failed.is_some();
+            // A primary whose disk failed a write serves nothing, nor one that outdated itself
+            // for a primary peer (fence-peer's exit code 6): the manager's monitor sees it
+            // (`status`) and demotes it, as Pacemaker would.
+            let failed = replica.io_failed.is_some() || replica.disk == DiskState::Outdated;
             if !self.demoting.iter().any(|(d, _)| *d == id) && (failed || replica.step_down(now).is_some()) {
                 replica.begin_demotion(now);
                 self.world.carry_out(id);

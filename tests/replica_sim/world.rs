@@ -8,7 +8,7 @@
 //! daemon sets them up (`blkrepl create-md` and `Engine::open_on`).
 
 use super::rng::Rng;
-use blkrepl::config::Protocol;
+use blkrepl::config::{Fencing, Protocol};
 use blkrepl::core::block_digest::block_digests;
 use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -18,7 +18,7 @@ use blkrepl::disk::{Disk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
 use blkrepl::meta::layout::MIN_AL_EXTENTS;
 use blkrepl::meta::{MetaParams, MetaStore};
-use blkrepl::replica::{Action, Attached, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep, VerifyState, VerifyStep};
+use blkrepl::replica::{Action, Attached, FenceOutcome, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep, VerifyState, VerifyStep};
 use blkrepl::wire::{read_message, write_message, Message};
 use bytes::Bytes;
 use std::cmp::Reverse;
@@ -53,6 +53,9 @@ pub struct Options {
     pub resync_rate: RateLimits,
     /// Bytes of data per bitmap bit (`bitmap_block_size`).
     pub bitmap_block_size: u32,
+    /// What a primary does when it loses a data peer (the `fence-peer` handler's answers are
+    /// drawn at random: see `World::fence_peer`).
+    pub fencing: Fencing,
 }
 
 /// Which nodes a world has: data nodes `0..data`, then witnesses.
@@ -173,6 +176,8 @@ pub enum Event {
     IoDone { node: u8, incarnation: u64, io: u64 },
     ResyncStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
     VerifyStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
+    /// The fence-peer handler node `node` ran for `peer`'s lost connection `generation` ended.
+    FenceDone { node: u8, incarnation: u64, peer: u8, generation: u64, outcome: FenceOutcome },
     Tick,
     /// The scenario's own timers.
     Scenario(u64),
@@ -263,6 +268,14 @@ pub struct World {
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
+    pub fencing: Fencing,
+    /// Draws the fence-peer handler's answers and delays: a generator of its own, so a seed
+    /// that never fences keeps its course.
+    fence_rng: Rng,
+    /// Fence-peer runs asked for, and those that answered that the peer is primary (the
+    /// primary then outdates itself).
+    pub fence_runs: u64,
+    pub fence_self_outdated: u64,
 }
 
 impl World {
@@ -295,6 +308,10 @@ impl World {
             failed_writes: 0,
             failed_reads: 0,
             failed_flushes: 0,
+            fencing: options.fencing,
+            fence_rng: Rng::new(seed.rotate_left(16)),
+            fence_runs: 0,
+            fence_self_outdated: 0,
         };
         for id in shape.nodes() {
             world.nodes.push(Node {
@@ -339,7 +356,7 @@ impl World {
         let shape = self.shape;
         let protocol = self.protocol;
         let quorum = self.quorum;
-        let (congestion_fill, resync_rate) = (self.congestion_fill, self.resync_rate);
+        let (congestion_fill, resync_rate, fencing) = (self.congestion_fill, self.resync_rate, self.fencing);
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
         let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), data_bytes, internal, RESOURCE, id).expect("open metadata");
@@ -368,6 +385,7 @@ impl World {
             quorum_policy: quorum,
             on_no_quorum: OnNoQuorum::SuspendIo,
             split_brain: Default::default(),
+            fencing,
             now,
             uuid_seed: seed,
             boot_id: boot_id(id, node.boots),
@@ -516,6 +534,14 @@ impl World {
                 Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
                 Event::ResyncStep { node, incarnation, peer, generation } => self.resync_step(node, incarnation, peer, generation),
                 Event::VerifyStep { node, incarnation, peer, generation } => self.verify_step(node, incarnation, peer, generation),
+                Event::FenceDone { node, incarnation, peer, generation, outcome } => {
+                    if self.nodes[usize::from(node)].incarnation == incarnation && self.is_up(node) {
+                        let now = self.instant();
+                        self.log(node, || format!("fence-peer for n{peer} #{generation}: {outcome:?}"));
+                        self.replica_mut(node).expect("up").fence_done(now, peer, generation, outcome);
+                        self.carry_out(node);
+                    }
+                }
             }
         }
         self.now = self.now.max(until);
@@ -867,6 +893,7 @@ impl World {
                             self.link_lost(id, peer, conn, &reason);
                         }
                     }
+                    Action::FencePeer { peer, generation } => self.fence_peer(id, peer, generation),
                     Action::StartResync { peer, generation } => {
                         let incarnation = self.nodes[usize::from(id)].incarnation;
                         let now = self.instant();
@@ -876,6 +903,28 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Runs node `id`'s fence-peer handler for `peer`: its answer is any of DRBD's exit codes
+    /// (true or not: the rule must stay safe whatever a handler says), another code, or a
+    /// timeout, after a random delay.
+    fn fence_peer(&mut self, id: u8, peer: u8, generation: u64) {
+        const TIMEOUT: Time = 3 * SEC;
+        self.fence_runs += 1;
+        let rng = &mut self.fence_rng;
+        let (outcome, after) = match rng.below(10) {
+            0 => (FenceOutcome::Exited(3), rng.range(MS, TIMEOUT)),
+            1 => (FenceOutcome::Exited(5), rng.range(MS, TIMEOUT)),
+            2 => (FenceOutcome::Exited(6), rng.range(MS, TIMEOUT)),
+            3 => (FenceOutcome::Exited(7), rng.range(MS, TIMEOUT)),
+            4 => (FenceOutcome::Exited(1), rng.range(MS, TIMEOUT)),
+            5 => (FenceOutcome::Failed("still running after 3 s: killed with its process group".into()), TIMEOUT),
+            _ => (FenceOutcome::Exited(4), rng.range(MS, TIMEOUT)),
+        };
+        self.fence_self_outdated += u64::from(outcome == FenceOutcome::Exited(6));
+        let incarnation = self.nodes[usize::from(id)].incarnation;
+        self.log(id, || format!("fence-peer for n{peer} #{generation} runs"));
+        self.at(self.now + after, Event::FenceDone { node: id, incarnation, peer, generation, outcome });
     }
 
     /// The nodes that are up and Primary.
