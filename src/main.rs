@@ -119,6 +119,9 @@ enum Cmd {
     Verify { resource: String },
     /// Discard this node's data and resync all of it from a connected UpToDate peer.
     Invalidate { resource: String },
+    /// End the I/O freeze of fencing: writes held for the fence-peer handler, or failing since
+    /// it failed, go on under the usual rules (quorum still holds them if it is lost).
+    ResumeIo { resource: String },
     /// Print the shell completion script for SHELL (the package installs bash's, zsh's and fish's).
     Completions { shell: clap_complete::Shell },
     /// Print this manual page (roff): `blkrepl man | man -l -`.
@@ -210,6 +213,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Invalidate { resource } => {
             request(&cli, resource, Request::Invalidate)?;
             println!("{resource}: invalidated; all of this node's data is resynced from its UpToDate peer (`blkrepl status {resource}` shows progress)");
+            Ok(())
+        }
+        Cmd::ResumeIo { resource } => {
+            request(&cli, resource, Request::ResumeIo)?;
+            println!("{resource}: I/O resumed; the fence-peer handler's answer, if it still comes, is ignored");
             Ok(())
         }
         Cmd::Completions { shell } => {

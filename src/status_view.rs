@@ -43,6 +43,9 @@ pub fn format_status(s: &ResourceStatus, detail: Detail) -> String {
     if s.suspended_writes > 0 {
         out += &format!(" suspended-writes:{}", s.suspended_writes);
     }
+    if let Some(why) = &s.io_suspended {
+        out += &format!(" io-suspended:{why}");
+    }
     if let Some(device) = &s.device {
         out += &format!(" device:{device}");
     }

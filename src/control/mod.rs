@@ -27,6 +27,8 @@ pub enum Request {
     NewCurrentUuid { clear_bitmap: bool },
     Verify,
     Invalidate,
+    /// End what fencing suspends or fails (drbdadm's `resume-io`).
+    ResumeIo,
     /// Keep the connection open: a `Response` line, then one [`crate::events::Event`] line per
     /// change (`event_stream`), until the client goes away.
     Events { statistics: bool },

@@ -181,6 +181,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
         Request::NewCurrentUuid { clear_bitmap } => engine.new_current_uuid(clear_bitmap),
         Request::Verify => engine.verify().map(drop),
         Request::Invalidate => engine.invalidate().map(drop),
+        Request::ResumeIo => engine.resume_io(),
         Request::Down => match engine.shutdown(&server.on_stopping) {
             Ok(()) => {
                 // Before the command lock is released: no command queued behind this one runs.

@@ -29,6 +29,11 @@ pub struct ResourceStatus {
     /// Writes held because this primary has no quorum (suspend-io): those in flight when quorum
     /// went (completed locally, not acknowledged) and new ones, not written anywhere yet.
     pub suspended_writes: usize,
+    /// Why this primary's I/O is frozen by fencing: `fencing` while it waits for the
+    /// fence-peer handler (writes held), `fence-failed` while it fails requests because the
+    /// handler failed (until the peer is back or `resume-io`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_suspended: Option<String>,
     /// Why this node last stepped down from primary by itself (another node was promoted while
     /// it had no quorum), until it is promoted again.
     #[serde(default)]
@@ -190,7 +195,8 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 connection: p.conn.to_string(),
                 replication: p.repl.to_string(),
                 peer_role: p.role.to_string(),
-                peer_disk: shown_peer_disk(*disk, p.disk, out_of_sync_bytes).to_string(),
+                // What the fence-peer handler said of it while its link is down.
+                peer_disk: shown_peer_disk(*disk, p.fenced_disk.unwrap_or(p.disk), out_of_sync_bytes).to_string(),
                 out_of_sync_bytes,
                 sent_bytes: p.sent_bytes_before + link_sent,
                 received_bytes: p.received_bytes,
@@ -223,6 +229,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         quorum_needed: quorum.needed,
         on_no_quorum: st.replica.on_no_quorum,
         suspended_writes: st.replica.held_count(),
+        io_suspended: st.replica.io_suspended().map(str::to_owned),
         stepped_down: st.replica.stepped_down.clone(),
         local_write_failed: st.replica.io_failed.clone(),
         may_promote: st.replica.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),

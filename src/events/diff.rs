@@ -13,7 +13,8 @@ pub fn objects(status: &ResourceStatus, statistics: bool) -> Vec<Object> {
     let mut objects = vec![Object::Resource(ResourceObject {
         name: name.clone(),
         role: status.role.clone(),
-        suspended: if suspended { "quorum" } else { "no" }.into(),
+        // Fencing first: while it decides, quorum cannot release anything.
+        suspended: status.io_suspended.clone().unwrap_or_else(|| if suspended { "quorum" } else { "no" }.into()),
         quorum: status.quorum,
         may_promote: status.may_promote,
         promotion_score: status.promotion_score,
@@ -222,6 +223,8 @@ mod tests {
         assert!(objects(&s, false)[0].text().contains(" suspended:quorum ") && objects(&s, false)[0].text().ends_with("promotion-score:none"));
         s.on_no_quorum = OnNoQuorum::IoError;
         assert!(objects(&s, false)[0].text().contains(" suspended:no "));
+        s.io_suspended = Some("fencing".into());
+        assert!(objects(&s, false)[0].text().contains(" suspended:fencing "), "fencing freezes I/O whatever quorum says");
     }
 
     #[test]

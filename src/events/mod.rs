@@ -58,7 +58,8 @@ pub enum Object {
 pub struct ResourceObject {
     pub name: String,
     pub role: String,
-    /// `no`, or `quorum` while this primary holds writes because it lacks quorum (suspend-io).
+    /// `no`; `quorum` while this primary holds writes because it lacks quorum (suspend-io);
+    /// `fencing` or `fence-failed` while fencing freezes its I/O (see `io_suspended` in status).
     pub suspended: String,
     pub quorum: bool,
     pub may_promote: bool,

@@ -111,7 +111,13 @@ impl Collector for Scrape {
         family(&mut e, "quorum_votes", "Voters this node reaches, itself included", Gauge, one(Value::Int(s.quorum_votes.into())))?;
         family(&mut e, "quorum_voters", "Voters counted (departed nodes are not)", Gauge, one(Value::Int(s.quorum_voters.into())))?;
         family(&mut e, "quorum_votes_needed", "Votes needed for quorum", Gauge, one(Value::Int(s.quorum_needed.into())))?;
-        family(&mut e, "suspended_writes", "Writes held because this primary has no quorum", Gauge, one(Value::Int(s.suspended_writes as u64)))?;
+        family(&mut e, "suspended_writes", "Writes held because this primary has no quorum or waits for its fence-peer handler", Gauge, one(Value::Int(s.suspended_writes as u64)))?;
+        let fencing = match s.io_suspended.as_deref() {
+            None => 0,
+            Some("fencing") => 1,
+            Some(_) => 2,
+        };
+        family(&mut e, "fencing_io_suspended", "1 while writes wait for the fence-peer handler, 2 while they fail because it failed (until the peer is back or resume-io), else 0", Gauge, one(Value::Int(fencing)))?;
         family(&mut e, "writes_in_flight", "Application writes received and not yet answered", Gauge, one(Value::Int(c.writes_in_flight)))?;
         family(&mut e, "activity_log_transactions", "Activity-log transactions written durably", Counter, one(Value::Int(c.al_transactions)))?;
         family(&mut e, "bitmap_page_writes", "Dirty-bitmap pages (4 KiB) written durably", Counter, one(Value::Int(c.bitmap_page_writes)))?;
