@@ -153,15 +153,11 @@ fn as_client<T: Send>(net: &netns::Net, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-fn address(c: &Cluster, node: &str) -> SocketAddr {
-    c.nbd_url(node).trim_start_matches("nbd://").split('/').next().unwrap().parse().unwrap()
-}
-
 /// Reads every block of the writer's region through `node` and checks it against the history:
 /// the newest acknowledged version or a later one that was tried, never anything older.
 fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
     let net = c.net.as_ref().unwrap();
-    let address = address(c, node);
+    let address = c.nbd_address(node);
     let data = as_client(net, || {
         let mut client = NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to the new primary");
         let mut data = vec![0u8; BLOCKS as usize * BLOCK];
@@ -221,7 +217,7 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
         let mut ctl = shared.0.lock().unwrap();
         ctl.history.acked = vec![0; BLOCKS as usize];
         ctl.history.tried = vec![Vec::new(); BLOCKS as usize];
-        ctl.target = Some(("alpha".into(), address(&c, "alpha")));
+        ctl.target = Some(("alpha".into(), c.nbd_address("alpha")));
     }
     std::thread::scope(|s| {
         let writer = s.spawn(|| run_writer(net, &shared));
@@ -243,7 +239,7 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
             }
             c.wait_for(secondary, "may promote", |s| s["may_promote"] == true);
             c.ok(secondary, &["primary", "r0"]);
-            let probe = address(&c, secondary);
+            let probe = c.nbd_address(secondary);
             as_client(net, || {
                 let mut client = NbdClient::connect(probe, "r0", Duration::from_secs(10)).expect("connect to the new primary");
                 let outcome = client.write(PROBE_OFFSET, &pattern(u64::MAX, cycle as u64));

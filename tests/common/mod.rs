@@ -148,6 +148,11 @@ impl Cluster {
         format!("nbd://{host}:{}/{}", self.nbd_ports[i], self.resource)
     }
 
+    /// The address of the node's NBD export.
+    pub fn nbd_address(&self, node: &str) -> std::net::SocketAddr {
+        self.nbd_url(node).trim_start_matches("nbd://").split('/').next().unwrap().parse().unwrap()
+    }
+
     fn index(&self, node: &str) -> usize {
         self.nodes.iter().position(|n| n == node).unwrap()
     }
