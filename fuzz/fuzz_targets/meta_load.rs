@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use blkrepl::disk::{Disk, MemDisk};
 use blkrepl::meta::fuzzing::seal_block;
-use blkrepl::meta::{Block, Loaded, MetaError, MetaStore, BLOCK_SIZE};
+use blkrepl::meta::{AlError, Block, Loaded, MetaError, MetaStore, BLOCK_SIZE};
 use blkrepl_fuzz::meta_input::{MetaInput, Patch, NODE_ID, RESOURCE};
 use libfuzzer_sys::fuzz_target;
 
@@ -71,9 +71,13 @@ fuzz_target!(
         }
 
         let (mut bitmaps, mut log) = (loaded.bitmaps, loaded.activity_log);
-        store
-            .clean_shutdown(&superblock, &mut bitmaps, &mut log)
-            .expect("loaded metadata takes a clean stop");
+        match store.clean_shutdown(&superblock, &mut bitmaps, &mut log) {
+            Ok(()) => {}
+            // Sequence numbers at the end of their range load, but nothing more may be written
+            // (it would not load): only crafted metadata has them.
+            Err(MetaError::SuperblockExhausted { .. } | MetaError::ActivityLog(AlError::Exhausted { .. })) => return,
+            Err(e) => panic!("loaded metadata takes a clean stop: {e}"),
+        }
         let (_, again) = open(&disk, data_disk_len, input.internal).expect("reopens after a clean stop");
         assert_eq!(again.bitmaps, bitmaps);
         assert!(again.activity_log.hot_extents().is_empty());

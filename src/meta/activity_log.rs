@@ -77,6 +77,11 @@ pub enum AlError {
         "the range spans {extents} activity-log extents, but one transaction holds at most {max}"
     )]
     TooLarge { extents: u64, max: u64 },
+    /// The next transaction's sequence number would reach 2^63 (see `SEQ_LIMIT`): only
+    /// metadata not written by this software gets here, and writing it would leave a log
+    /// that loading refuses.
+    #[error("the activity log's next sequence number {next} is beyond 2^63 transactions: the metadata was not written by blkrepl's counter; recreate it (`blkrepl create-md --force`, then a full resync)")]
+    Exhausted { next: u64 },
 }
 
 /// One transaction block, ready to be written at ring position `ring_index`.
@@ -271,6 +276,9 @@ impl ActivityLog {
         if !cold.is_empty() && self.pending.is_some() {
             return Err(AlError::Busy);
         }
+        if !cold.is_empty() {
+            self.check_room()?;
+        }
         let victims = self.choose_slots(cold.len(), first..=last).ok_or(AlError::Busy)?;
         self.tick += 1;
         let mut evicted = Vec::new();
@@ -345,6 +353,7 @@ impl ActivityLog {
         if self.pending.is_some() || self.hot.values().any(|h| h.refs > 0) {
             return Err(AlError::Busy);
         }
+        self.check_room()?;
         let evicted = self.hot_extents();
         self.hot.clear();
         self.slots.fill(None);
@@ -378,6 +387,14 @@ impl ActivityLog {
         candidates.truncate(n);
         candidates.sort_unstable();
         Some(candidates.into_iter().map(|(_, _, slot)| slot).collect())
+    }
+
+    /// Whether one more transaction stays below `SEQ_LIMIT` (so what is written loads again).
+    fn check_room(&self) -> Result<(), AlError> {
+        if self.next_seq >= SEQ_LIMIT {
+            return Err(AlError::Exhausted { next: self.next_seq });
+        }
+        Ok(())
     }
 
     /// Encodes the next transaction from the (already updated) slot table and marks it pending.
@@ -619,10 +636,14 @@ mod tests {
     #[test]
     fn a_sequence_number_beyond_2_63_is_corruption() {
         for seq in [SEQ_LIMIT, u64::MAX - 1] {
+            // The writer refuses such numbers: a transaction written with another, renumbered.
             let mut al = ActivityLog::new(7);
-            al.next_seq = seq;
             let mut ring = blank_ring();
             make_hot(&mut al, &mut ring, 0..=0);
+            let block = ring.iter_mut().find(|b| &b[..8] == MAGIC).expect("the transaction");
+            le::put_u64(block, 16, seq);
+            let crc = block_crc(block, CRC_OFFSET);
+            le::put_u32(block, CRC_OFFSET, crc);
             let err = ActivityLog::recover(7, &ring).unwrap_err();
             assert!(matches!(&err, MetaError::Corrupt { .. }) && err.to_string().contains("2^63"), "{err}");
         }
@@ -630,7 +651,14 @@ mod tests {
         al.next_seq = SEQ_LIMIT - 1;
         let mut ring = blank_ring();
         make_hot(&mut al, &mut ring, 0..=0);
-        assert_eq!(ActivityLog::recover(7, &ring).unwrap().next_seq, SEQ_LIMIT);
+        let mut recovered = ActivityLog::recover(7, &ring).unwrap();
+        assert_eq!(recovered.next_seq, SEQ_LIMIT);
+        // It loads, but no transaction may follow (it would not load): refused, log unchanged.
+        let hot = recovered.hot_extents();
+        assert!(matches!(recovered.mark_clean(), Err(AlError::Exhausted { next }) if next == SEQ_LIMIT));
+        assert!(matches!(recovered.prepare(3..=3), Err(AlError::Exhausted { .. })));
+        assert_eq!(recovered.hot_extents(), hot);
+        assert!(matches!(recovered.prepare(0..=0), Ok(AlPrepared::AllHot)), "a hot extent needs no transaction");
     }
 
     #[test]

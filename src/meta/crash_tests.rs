@@ -629,3 +629,25 @@ fn internal_metadata_round_trips_and_io_errors_name_the_operation() {
     let (_, reloaded) = MetaStore::open(faulty, len, true, "r", 0).unwrap();
     assert_eq!(reloaded.superblock, loaded.superblock);
 }
+
+/// The fuzzer's find: a superblock whose sequence number is the last below 2^63 loads (it may
+/// be the newest slot), but the update after it would not load, so it is refused with a clear
+/// error instead of written, and what is on disk still loads.
+#[test]
+fn a_superblock_at_the_end_of_its_sequence_loads_but_takes_no_update() {
+    let disk = meta_disk();
+    let store = create(disk.clone(), "r0", false).unwrap();
+    let offset = store.layout().superblock_offsets()[0];
+    let mut block: Block = [0; BLOCK_SIZE];
+    disk.read_at(&mut block, offset).unwrap();
+    block[16..24].copy_from_slice(&(SEQ_LIMIT - 1).to_le_bytes());
+    let crc = block_crc(&block, superblock::CRC_OFFSET);
+    block[superblock::CRC_OFFSET..superblock::CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
+    disk.write_at(&block, offset).unwrap();
+
+    let (mut store, loaded) = open(disk.clone(), "r0").expect("the last sequence number loads");
+    let err = store.write_superblock(&loaded.superblock).unwrap_err();
+    assert!(matches!(err, MetaError::SuperblockExhausted { seq } if seq == SEQ_LIMIT - 1), "{err}");
+    assert!(err.to_string().contains("create-md --force"), "says what to do: {err}");
+    open(disk, "r0").expect("the refused update left the metadata loadable");
+}

@@ -77,6 +77,10 @@ pub enum MetaError {
     ConfigMismatch(String),
     #[error("activity log: {0}")]
     ActivityLog(#[from] AlError),
+    /// The loaded superblock's sequence number is the last below `SEQ_LIMIT`: only metadata
+    /// not written by blkrepl gets here, and the next update would not load.
+    #[error("the superblock's sequence number {seq} leaves no room for another update (2^63 updates: the metadata was not written by blkrepl's counter); recreate it (`blkrepl create-md --force`, then a full resync)")]
+    SuperblockExhausted { seq: u64 },
     #[error("metadata I/O failed while {what}: {source}")]
     Io {
         what: &'static str,

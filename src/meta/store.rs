@@ -14,7 +14,7 @@ use super::bitmap::{DirtyBitmap, PageLoad};
 use super::layout::{layout, superblock_offsets, MetaLayout, MetaParams};
 use super::superblock::{newest_intact, pick, MetaFlags, PeerSlot, Superblock};
 use super::uuids::GenerationUuids;
-use super::{Block, MetaError, AL_RING_BLOCKS, BLOCK_SIZE};
+use super::{Block, MetaError, AL_RING_BLOCKS, BLOCK_SIZE, SEQ_LIMIT};
 
 const BLOCK: u64 = BLOCK_SIZE as u64;
 /// Most pages read or written with one call (1 MiB).
@@ -249,6 +249,10 @@ impl MetaStore {
             return Err(MetaError::ConfigMismatch(
                 "resource name, node id and geometry are fixed at create-md time".into(),
             ));
+        }
+        if self.seq + 1 >= SEQ_LIMIT {
+            // Loading refuses what this would write (see `SEQ_LIMIT`).
+            return Err(MetaError::SuperblockExhausted { seq: self.seq });
         }
         let slot = 1 - self.slot;
         let block = sb.encode(self.seq + 1)?;

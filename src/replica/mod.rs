@@ -305,8 +305,15 @@ impl Replica {
                 self.mark_out_of_sync(slot, offset, len);
             }
         }
-        let clean = self.al.mark_clean().expect("nothing is in flight at attach");
-        self.commit_al(clean);
+        match self.al.mark_clean() {
+            Ok(clean) => self.commit_al(clean),
+            // Nothing is in flight at attach: only metadata this software did not write (its
+            // log's sequence numbers exhausted) gets here, and it cannot be written again.
+            Err(e) => {
+                tracing::error!(resource = %self.resource, error = %e, "cannot write the activity log: the disk is Failed");
+                self.disk = DiskState::Failed;
+            }
+        }
     }
 
     fn attached(a: Attached) -> Replica {
