@@ -4,7 +4,9 @@
 //! comes. So each run gets a thread of its own instead of a place in the one-at-a-time queue:
 //! behind a slow unrelated handler (up to 64 waiting, each up to `handler_timeout_s`) frozen
 //! I/O would wait far longer than the fence handler's own timeout, which is the most a handler
-//! may hold it. Runs are few: one per lost link of a primary, each over by its timeout.
+//! may hold it. At most one run per peer at a time: a link that flaps while a run is going
+//! queues one more run, for its newest loss, started when the current one ends (the replica
+//! ignores the older loss's answer), so a flapping link never piles up handler processes.
 //!
 //! It reads the `events --json` line of the lost peer's connection on stdin, with the other
 //! handlers' environment plus `BLKREPL_FENCING`; its exit code is handed to
@@ -17,6 +19,8 @@ use crate::config::{Fencing, HandlersConfig};
 use crate::engine::Engine;
 use crate::events::diff::objects;
 use crate::replica::FenceOutcome;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 /// Makes `engine` run the configured `fence-peer` handler when its replica asks (nothing to do
@@ -24,18 +28,43 @@ use std::time::{Duration, Instant, SystemTime};
 pub fn install(engine: &Engine, fencing: Fencing, config: &HandlersConfig) {
     let Some(command) = config.fence_peer.clone().filter(|_| fencing != Fencing::DontCare) else { return };
     let timeout = config.timeout;
+    // Per peer with a run going: the loss (connection generation) to fence once it ends.
+    let running: Arc<Mutex<HashMap<u8, Option<u64>>>> = Arc::default();
     engine.set_fence_runner(Box::new(move |engine, peer, generation| {
-        let (runner, command) = (engine.clone(), command.clone());
-        let started = std::thread::Builder::new()
-            .name(format!("fence-peer-{peer}"))
-            .spawn(move || {
+        {
+            let mut runs = lock(&running);
+            if let Some(next) = runs.get_mut(&peer) {
+                *next = Some(generation);
+                return;
+            }
+            runs.insert(peer, None);
+        }
+        let (runner, command, runs) = (engine.clone(), command.clone(), running.clone());
+        let started = std::thread::Builder::new().name(format!("fence-peer-{peer}")).spawn(move || {
+            let mut generation = generation;
+            loop {
                 let outcome = run(&runner, &command, fencing, peer, timeout);
                 runner.fence_done(peer, generation, outcome);
-            });
+                let mut runs = lock(&runs);
+                match runs.get_mut(&peer).and_then(Option::take) {
+                    Some(newer) => generation = newer,
+                    None => {
+                        runs.remove(&peer);
+                        return;
+                    }
+                }
+            }
+        });
         if let Err(e) = started {
+            lock(&running).remove(&peer);
             engine.fence_done(peer, generation, FenceOutcome::Failed(format!("cannot start a thread for it: {e}")));
         }
     }));
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A map of plain values: a panic elsewhere cannot leave it inconsistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Runs the handler for `peer` once and says how it ended.
