@@ -22,7 +22,7 @@ case ${1:-} in
 esac
 scripts/setup.sh bench
 cargo build --release --bins -q
-BIN=$PWD/target/release/blkrepl
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/blkrepl
 RUNTIME=${RUNTIME:-10}
 DIR=${BENCH_DIR:-/dev/shm/blkrepl-bench}
 SIZE=${SIZE:-1G}
