@@ -67,10 +67,11 @@ fn read_stream(c: &mut Criterion) {
     group.finish();
 }
 
-/// A frame written and read back, plain and on an authenticated link (a MAC sealed by the
-/// sender and checked by the receiver): what authenticating every frame costs.
-fn frame_macs(c: &mut Criterion) {
-    let transcript = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0 };
+/// A frame written and read back, plain, on an authenticated plain link (a MAC made by the
+/// sender and checked by the receiver) and on a TLS link (sealed and opened): what
+/// authenticating, and encrypting, every frame costs.
+fn frame_protection(c: &mut Criterion) {
+    let transcript = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0, channel: None };
     let secret = b"the benchmark's shared secret";
     let mut group = c.benchmark_group("frame_write_read");
     for (name, len) in SIZES {
@@ -84,18 +85,21 @@ fn frame_macs(c: &mut Criterion) {
                 read_message(&mut out.as_slice()).expect("own frame reads")
             })
         });
-        let (mut tx, _) = transcript.frame_macs(secret, Role::Dialer);
-        let (_, mut rx) = transcript.frame_macs(secret, Role::Acceptor);
-        group.bench_function(format!("{name}_mac"), |b| {
-            b.iter(|| {
-                out.clear();
-                write_message_with(&mut out, black_box(&msg), Some(&mut tx)).expect("writing to a Vec succeeds");
-                read_message_with(&mut out.as_slice(), Some(&mut rx)).expect("own frame reads")
-            })
-        });
+        for (kind, channel) in [("mac", None), ("sealed", Some([3; 32]))] {
+            let transcript = Transcript { channel, ..transcript };
+            let (mut tx, _) = transcript.protection(secret, Role::Dialer);
+            let (_, mut rx) = transcript.protection(secret, Role::Acceptor);
+            group.bench_function(format!("{name}_{kind}"), |b| {
+                b.iter(|| {
+                    out.clear();
+                    write_message_with(&mut out, black_box(&msg), Some(&mut tx)).expect("writing to a Vec succeeds");
+                    read_message_with(&mut out.as_slice(), Some(&mut rx)).expect("own frame reads")
+                })
+            });
+        }
     }
     group.finish();
 }
 
-criterion_group!(benches, crc, encode_decode_data, read_stream, frame_macs);
+criterion_group!(benches, crc, encode_decode_data, read_stream, frame_protection);
 criterion_main!(benches);

@@ -116,6 +116,8 @@ pub struct ResourceConfig {
     /// Set on purpose where the network between the nodes is trusted: no secret, and peers are
     /// not authenticated. Without it (or a secret) `up` refuses to start.
     pub trusted_network: bool,
+    /// How the peer links carry their frames (`transport`).
+    pub transport: Transport,
     /// Bytes of data per dirty-bitmap bit.
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
@@ -171,6 +173,26 @@ impl Fencing {
 impl std::fmt::Display for Fencing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The `transport` setting: what the frames between the nodes are protected with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The default with a secret: a TLS 1.3 handshake, then every frame encrypted and
+    /// authenticated (docs/DESIGN.md, "Security").
+    Tls,
+    /// Frames in clear; with a secret each carries a MAC (integrity, no confidentiality), on a
+    /// trusted network nothing.
+    Plain,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Plain => "plain",
+        }
     }
 }
 
@@ -279,6 +301,7 @@ struct RawResource {
     secret_file: Option<PathBuf>,
     #[serde(default)]
     trusted_network: bool,
+    transport: Option<String>,
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
@@ -575,6 +598,18 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         let key = if raw_secret_file { "secret_file" } else { "secret" };
         return Err(invalid(path, key, format!("is {} bytes; a shared secret needs at least {min} (a short one can be guessed from one handshake)", short.len())));
     }
+    let transport = match (raw.transport.as_deref(), secret.is_some()) {
+        (None, true) | (Some("tls"), true) => Transport::Tls,
+        (None, false) | (Some("plain"), _) => Transport::Plain,
+        (Some("tls"), false) => {
+            return Err(invalid(
+                path,
+                "transport",
+                "is \"tls\" without a `secret`: TLS authenticates the peers with the shared secret; set one, or remove `transport` on a trusted network",
+            ))
+        }
+        (Some(other), _) => return Err(invalid(path, "transport", format!("\"{other}\" is not \"tls\" or \"plain\""))),
+    };
     let bitmap_block_size = raw.bitmap_block_size.unwrap_or(DEFAULT_BITMAP_BLOCK_SIZE);
     if !bitmap_block_size.is_power_of_two()
         || !(MIN_BITMAP_BLOCK_SIZE..=MAX_BITMAP_BLOCK_SIZE).contains(&bitmap_block_size)
@@ -728,6 +763,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         split_brain,
         secret,
         trusted_network: raw.trusted_network,
+        transport,
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,
@@ -1231,6 +1267,20 @@ disk = "/var/lib/blkrepl/beta.img"
         }
         let err = error_of(&with_promoter("stat = [\"a\"]"));
         assert!(err.contains("stat"), "unknown keys are refused: {err}");
+    }
+
+    #[test]
+    fn transport_is_tls_with_a_secret_unless_plain_is_asked_for() {
+        let secret = |extra: &str| GOOD.replace("quorum = \"off\"", &format!("quorum = \"off\"\nsecret = \"sixteen bytes ok\"\n{extra}"));
+        assert_eq!(parse(&secret("")).unwrap().transport, Transport::Tls);
+        assert_eq!(parse(&secret("transport = \"tls\"")).unwrap().transport, Transport::Tls);
+        assert_eq!(parse(&secret("transport = \"plain\"")).unwrap().transport, Transport::Plain);
+        let err = error_of(&secret("transport = \"tsl\""));
+        assert!(err.contains("`transport`") && err.contains("\"tsl\" is not \"tls\" or \"plain\""), "{err}");
+        let trusted = |extra: &str| GOOD.replace("quorum = \"off\"", &format!("quorum = \"off\"\n{extra}"));
+        assert_eq!(parse(&trusted("")).unwrap().transport, Transport::Plain);
+        let err = error_of(&trusted("transport = \"tls\""));
+        assert!(err.contains("`transport`") && err.contains("without a `secret`"), "{err}");
     }
 
     #[test]

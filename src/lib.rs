@@ -27,4 +27,5 @@ pub mod metrics;
 pub mod promoter;
 pub mod replica;
 pub mod sd_notify;
+pub mod tls;
 pub mod wire;

@@ -1,6 +1,7 @@
 //! A peer's byte stream, whatever it holds, through `wire::read_message_with` frame after frame
-//! until the first error, as the daemon reads it: before authentication without frame MACs,
-//! after it with one (the first input byte chooses: odd for a MAC'd link). Reading must end in
+//! until the first error, as the daemon reads it: before authentication unprotected, after it
+//! with a MAC per frame (plain links) or sealed (TLS links); the first input byte chooses:
+//! 0 unprotected, 1 MACed, 2 sealed (and so on modulo 3). Reading must end in
 //! an error, never a panic, and no length field may make the reader allocate more than one
 //! maximal frame.
 #![no_main]
@@ -15,9 +16,12 @@ fuzz_target!(
     },
     |data: &[u8]| {
         let Some((mode, mut stream)) = data.split_first() else { return };
-        let mut mac = (mode & 1 == 1).then(|| blkrepl_fuzz::link_macs().1);
+        let mut protection = match mode % 3 {
+            0 => None,
+            mode => Some(blkrepl_fuzz::link_protection(mode == 2).1),
+        };
         let mut frames = 0;
-        while wire::read_message_with(&mut stream, mac.as_mut()).is_ok() {
+        while wire::read_message_with(&mut stream, protection.as_mut()).is_ok() {
             frames += 1;
             // Every frame takes at least its header: the loop cannot spin on the same bytes.
             assert!(frames * HEADER_LEN <= data.len());

@@ -1,10 +1,11 @@
 //! What the fuzz targets share with each other and with `make-corpus`, which writes their
-//! seeds: an allocator that turns an oversized allocation into a crash, the frame MACs of an
-//! authenticated link, and the input format of the metadata target.
+//! seeds: an allocator that turns an oversized allocation into a crash, the frame protection of
+//! an authenticated link, and the input format of the metadata target.
 
 pub mod meta_input;
 
-use blkrepl::wire::auth::{FrameMac, Role, Transcript};
+use blkrepl::wire::auth::{Role, Transcript};
+use blkrepl::wire::seal::Protection;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::Write;
@@ -29,20 +30,22 @@ pub fn cap_allocations(bytes: usize) {
     CAP.store(bytes, Ordering::Relaxed);
 }
 
-/// The frame MACs of one fixed authenticated link, as `(what the dialer sends with, what the
-/// acceptor receives with)`: the same key, both at the first frame. Seeds sealed with the first
-/// verify under the second, so the fuzzer starts from frames that pass the MAC.
-pub fn link_macs() -> (FrameMac, FrameMac) {
+/// The frame protection of one fixed authenticated link, plain (frames MACed) or TLS (frames
+/// sealed), as `(what the dialer sends with, what the acceptor receives with)`: the same key,
+/// both at the first frame. Seeds written with the first pass the second, so the fuzzer starts
+/// from frames that pass the MAC or open.
+pub fn link_protection(tls: bool) -> (Protection, Protection) {
     let transcript = Transcript {
         resource: "r0",
         dialer_nonce: [1; 32],
         acceptor_nonce: [2; 32],
         dialer: 0,
         acceptor: 1,
+        channel: tls.then_some([3; 32]),
     };
     let secret = b"a long shared secret";
-    let (dialer_sends, _) = transcript.frame_macs(secret, Role::Dialer);
-    let (_, acceptor_receives) = transcript.frame_macs(secret, Role::Acceptor);
+    let (dialer_sends, _) = transcript.protection(secret, Role::Dialer);
+    let (_, acceptor_receives) = transcript.protection(secret, Role::Acceptor);
     (dialer_sends, acceptor_receives)
 }
 

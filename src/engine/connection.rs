@@ -7,7 +7,7 @@ use super::link::PeerLink;
 use super::state::State;
 use super::Shared;
 use crate::handshake_stream::HandshakeStream;
-use crate::wire::auth::FrameMac;
+use crate::wire::seal::Protection;
 use crate::wire::{read_message_with, Message, WireError};
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
@@ -183,7 +183,7 @@ fn run_reader(
     peer_id: u8,
     generation: u64,
     mut reader: BufReader<HandshakeStream>,
-    mut mac: Option<FrameMac>,
+    mut mac: Option<Protection>,
 ) -> String {
     loop {
         let msg = match read_message_with(&mut reader, mac.as_mut()) {

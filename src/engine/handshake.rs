@@ -1,6 +1,7 @@
-//! The handshake of a peer connection: with a shared secret, the proofs first (the dialer
-//! proves itself, then the acceptor; see `wire::auth`) and every frame MACed from then on;
-//! then the Hellos, checked against this node's configuration. Nothing about the
+//! The handshake of a peer connection: on a TLS link the TLS 1.3 handshake first (`crate::tls`);
+//! with a shared secret, the proofs (the dialer proves itself, then the acceptor; see
+//! `wire::auth`), bound to the TLS session, and every frame sealed (TLS) or MACed (plain) from
+//! then on; then the Hellos, checked against this node's configuration. Nothing about the
 //! configuration (names, sizes, paths) goes to a peer that has not proven it holds the secret.
 //!
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
@@ -9,7 +10,9 @@
 use super::connection::{attach, PEER_REFUSED, STAND_ALONE};
 use super::{random_bytes, Shared};
 use crate::handshake_stream::HandshakeStream;
-use crate::wire::auth::{FrameMac, Role, Transcript};
+use crate::tls::TlsError;
+use crate::wire::auth::{Role, Transcript};
+use crate::wire::seal::Protection;
 use crate::wire::{read_message_with, write_message_with, Hello, Message, WireError, PROTOCOL_VERSION};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
@@ -28,8 +31,8 @@ const AUTH_FAILED: &str = "authentication failed: the shared secrets differ, or 
 pub(super) struct Handshake {
     pub stream: TcpStream,
     pub reader: BufReader<HandshakeStream>,
-    pub tx: Option<FrameMac>,
-    pub rx: Option<FrameMac>,
+    pub tx: Option<Protection>,
+    pub rx: Option<Protection>,
 }
 
 impl Handshake {
@@ -53,6 +56,49 @@ impl Handshake {
         let _ = self.send(&Message::Disconnect { reason: reason.to_owned() });
         reason.to_owned()
     }
+
+    /// Runs the TLS handshake first when the links use TLS; returns the session's channel
+    /// binding (`None`: a plain link).
+    fn secure(&mut self, shared: &Shared, role: Role) -> Result<Option<[u8; 32]>, String> {
+        let Some(tls) = &shared.tls else { return Ok(None) };
+        debug_assert!(self.reader.buffer().is_empty(), "TLS comes before any frame is read");
+        let reader = self.reader.get_mut();
+        let done = match role {
+            Role::Dialer => tls.dial(reader, &self.stream),
+            Role::Acceptor => tls.accept(reader, &self.stream),
+        };
+        match done {
+            Ok(channel) => Ok(Some(channel)),
+            // In clear, so that the plain peer's log says why too; it names nothing.
+            Err(e @ TlsError::PlainPeer) => {
+                let reason = self.refuse(&e.to_string());
+                self.linger();
+                Err(reason)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Closes this side and reads what the peer still sends (at most 64 KiB, until the
+    /// handshake's deadline): closing a socket with unread bytes resets the connection, and
+    /// the peer would lose the refusal just sent.
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut std::io::Read::take(self.reader.get_mut(), 64 << 10), &mut std::io::sink());
+    }
+
+    /// Why reading `what` failed; a TLS peer on a plain link is told so (in clear) and named.
+    fn unreadable(&mut self, what: &str, e: WireError) -> String {
+        match e {
+            // 0x16: a TLS handshake record, the start of a ClientHello.
+            WireError::BadMagic { found } if found >> 24 == 0x16 => {
+                let reason = self.refuse("this node's peer links are plain and the peer speaks TLS: set the same `transport` on both nodes");
+                self.linger();
+                reason
+            }
+            e => format!("{what}: {e}"),
+        }
+    }
 }
 
 /// How long a whole handshake may take, from accept or connect to the link being up: a few
@@ -70,8 +116,9 @@ fn nonce() -> [u8; 32] {
 /// Takes a connection a peer dialed: its proof, then its Hello.
 pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
+    let channel = hs.secure(shared, Role::Acceptor)?;
     let proven = match &shared.config.secret {
-        Some(secret) => Some(prove_after_dialer(shared, secret, &mut hs)?),
+        Some(secret) => Some(prove_after_dialer(shared, secret, &mut hs, channel)?),
         None => None,
     };
     let hello = match hs.recv() {
@@ -80,7 +127,7 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
             return Err(hs.refuse("the peer authenticates and this node has no `secret`: configure the same secret on both nodes"))
         }
         Ok(other) => return Err(hs.refuse(&format!("expected Hello, got {}", other.name()))),
-        Err(e) => return Err(format!("handshake: {e}")),
+        Err(e) => return Err(hs.unreadable("handshake", e)),
     };
     let peer_id = check_hello(shared, &hello, proven).map_err(|reason| hs.refuse(&reason))?;
     if !shared.lock().replica.peer(peer_id).want_connect {
@@ -96,8 +143,9 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
 /// Connects to `peer_id` over a connection this node dialed: its proof first, then the Hellos.
 pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
+    let channel = hs.secure(shared, Role::Dialer)?;
     if let Some(secret) = &shared.config.secret {
-        prove_first(shared, secret, &mut hs, peer_id)?;
+        prove_first(shared, secret, &mut hs, peer_id, channel)?;
     }
     hs.send(&Message::Hello(my_hello(shared, peer_id)))?;
     let hello = match hs.recv() {
@@ -112,7 +160,7 @@ pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Resu
 
 /// The dialer's side of the proofs: it sends its nonce, takes the acceptor's, proves itself,
 /// then checks the acceptor's proof.
-fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8) -> Result<(), String> {
+fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8, channel: Option<[u8; 32]>) -> Result<(), String> {
     let dialer_nonce = nonce();
     hs.send(&Message::AuthChallenge { nonce: dialer_nonce })?;
     let acceptor_nonce = match hs.recv() {
@@ -122,7 +170,7 @@ fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8) 
         Err(e) => return Err(format!("authentication: {e}")),
     };
     let transcript =
-        Transcript { resource: &shared.config.name, dialer_nonce, acceptor_nonce, dialer: shared.me.id, acceptor: peer_id };
+        Transcript { resource: &shared.config.name, dialer_nonce, acceptor_nonce, dialer: shared.me.id, acceptor: peer_id, channel };
     hs.send(&Message::AuthResponse { mac: transcript.proof(secret, Role::Dialer) })?;
     match hs.recv() {
         Ok(Message::AuthResponse { mac }) if transcript.verify(secret, Role::Acceptor, &mac) => {}
@@ -131,21 +179,21 @@ fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8) 
         Ok(other) => return Err(hs.refuse(&format!("expected AuthResponse, got {}", other.name()))),
         Err(e) => return Err(format!("authentication: {e}")),
     }
-    let (tx, rx) = transcript.frame_macs(secret, Role::Dialer);
+    let (tx, rx) = transcript.protection(secret, Role::Dialer);
     (hs.tx, hs.rx) = (Some(tx), Some(rx));
     Ok(())
 }
 
 /// The acceptor's side of the proofs: nothing computed from the secret leaves this node before
 /// the dialer proved itself. Returns the node the dialer's proof names.
-fn prove_after_dialer(shared: &Shared, secret: &[u8], hs: &mut Handshake) -> Result<u8, String> {
+fn prove_after_dialer(shared: &Shared, secret: &[u8], hs: &mut Handshake, channel: Option<[u8; 32]>) -> Result<u8, String> {
     let dialer_nonce = match hs.recv() {
         Ok(Message::AuthChallenge { nonce }) => nonce,
         Ok(Message::Hello(_)) => {
             return Err(hs.refuse("this node requires authentication first: configure the same `secret` on both nodes"))
         }
         Ok(other) => return Err(hs.refuse(&format!("expected AuthChallenge, got {}", other.name()))),
-        Err(e) => return Err(format!("authentication: {e}")),
+        Err(e) => return Err(hs.unreadable("authentication", e)),
     };
     let acceptor_nonce = nonce();
     hs.send(&Message::AuthChallenge { nonce: acceptor_nonce })?;
@@ -160,6 +208,7 @@ fn prove_after_dialer(shared: &Shared, secret: &[u8], hs: &mut Handshake) -> Res
         acceptor_nonce,
         dialer,
         acceptor: shared.me.id,
+        channel,
     };
     // The proof names its dialer: whichever peer's id makes it verify (none: not a peer).
     let dialer = shared.config.peers_of(&shared.me).map(|p| p.id).find(|id| transcript(*id).verify(secret, Role::Dialer, &proof));
@@ -168,7 +217,7 @@ fn prove_after_dialer(shared: &Shared, secret: &[u8], hs: &mut Handshake) -> Res
     };
     let transcript = transcript(dialer);
     hs.send(&Message::AuthResponse { mac: transcript.proof(secret, Role::Acceptor) })?;
-    let (tx, rx) = transcript.frame_macs(secret, Role::Acceptor);
+    let (tx, rx) = transcript.protection(secret, Role::Acceptor);
     (hs.tx, hs.rx) = (Some(tx), Some(rx));
     Ok(dialer)
 }

@@ -1,7 +1,7 @@
 //! The sending half of a peer connection: one ordered stream, with control frames (acks, pings,
 //! barrier acks, state) overtaking queued bulk data so a large transfer never delays an ack.
 
-use crate::wire::auth::FrameMac;
+use crate::wire::seal::Protection;
 use crate::wire::{write_message_with, Message};
 use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
@@ -53,7 +53,7 @@ impl SendQueue {
 /// one lock, so frames are MACed in the order they go out.
 struct Out {
     w: BufWriter<TcpStream>,
-    mac: Option<FrameMac>,
+    mac: Option<Protection>,
 }
 
 impl Out {
@@ -75,7 +75,7 @@ pub struct PeerLink {
 /// The bytes of data a frame carries: what the send queue's limit and `sent_bytes` count.
 impl PeerLink {
     /// The link over `stream`; `mac`: what this side MACs its frames with (authenticated links).
-    pub fn new(stream: TcpStream, mac: Option<FrameMac>) -> std::io::Result<PeerLink> {
+    pub fn new(stream: TcpStream, mac: Option<Protection>) -> std::io::Result<PeerLink> {
         let out = Out { w: BufWriter::with_capacity(256 << 10, stream.try_clone()?), mac };
         Ok(PeerLink {
             queue: Mutex::default(),

@@ -19,7 +19,7 @@ mod write_path;
 pub use counters::{CountersSnapshot, HistogramSnapshot};
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
-use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, UblkSettings};
+use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, Transport, UblkSettings};
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
@@ -88,6 +88,8 @@ pub enum EngineError {
     DiskFailed,
     #[error("cannot start a thread: {0} (out of memory, or the process's thread limit)")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl From<PromoteRefusal> for EngineError {
@@ -140,6 +142,8 @@ pub(crate) struct Shared {
     pub admin: Mutex<()>,
     /// Runs the `fence-peer` handler (see [`Engine::set_fence_runner`]).
     pub fence_runner: std::sync::OnceLock<FenceRunner>,
+    /// The peer links' TLS (`transport = "tls"`), or `None` for plain links.
+    pub tls: Option<crate::tls::LinkTls>,
 }
 
 /// Starts a `fence-peer` run for a peer's lost connection (peer, connection generation); the
@@ -288,6 +292,10 @@ impl Engine {
             left_behind: None,
         };
         let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
+        let tls = match config.transport {
+            Transport::Tls => Some(crate::tls::LinkTls::for_this_run()?),
+            Transport::Plain => None,
+        };
         let shared = Arc::new_cyclic(|this| Shared {
             this: this.clone(),
             config,
@@ -303,6 +311,7 @@ impl Engine {
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
             fence_runner: std::sync::OnceLock::new(),
+            tls,
         });
         let engine = Engine { shared };
         // What attaching queued (the activity log emptied after a crash as primary) is written

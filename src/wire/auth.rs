@@ -13,14 +13,21 @@
 //!
 //! Both sides then derive one key per direction from the same transcript, and every later
 //! frame carries a MAC under it over its sequence number and bytes ([`FrameMac`], keyed
-//! BLAKE3): a frame changed, injected, dropped, replayed or reordered on the path fails the
-//! next check.
+//! BLAKE3), or on a TLS link is encrypted under it ([`super::seal::FrameSeal`]): a frame
+//! changed, injected, dropped, replayed or reordered on the path fails the next check.
+//!
+//! On a TLS link the transcript also holds a value exported from the TLS session (its
+//! channel binding), so the proofs and keys belong to that one TLS session: a man in the middle
+//! who ends one TLS session with each side has two different bindings, and neither side's
+//! proof verifies on the other.
 //!
 //! The nonces must come from a CSPRNG and never repeat; that is the caller's job (this module
 //! has no randomness, so it stays testable).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use super::seal::{FrameSeal, Protection};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -55,6 +62,8 @@ pub struct Transcript<'a> {
     pub acceptor_nonce: [u8; 32],
     pub dialer: u8,
     pub acceptor: u8,
+    /// On a TLS link, the value both ends exported from their TLS session.
+    pub channel: Option<[u8; 32]>,
 }
 
 impl Transcript<'_> {
@@ -69,6 +78,10 @@ impl Transcript<'_> {
         mac.update(&[self.resource.len() as u8]);
         mac.update(self.resource.as_bytes());
         mac.update(&[self.dialer, self.acceptor]);
+        if let Some(channel) = &self.channel {
+            mac.update(&[1]);
+            mac.update(channel);
+        }
         mac
     }
 
@@ -83,12 +96,17 @@ impl Transcript<'_> {
         self.keyed(secret, role.proof_label()).verify_slice(mac).is_ok()
     }
 
-    /// The frame MACs of this connection once both proofs verified: (what this side sends
-    /// with, what it receives with), for a side in `role`.
-    pub fn frame_macs(&self, secret: &[u8], role: Role) -> (FrameMac, FrameMac) {
+    /// What protects the frames of this connection once both proofs verified: (what this side
+    /// sends with, what it receives with), for a side in `role`. Frames are encrypted on a TLS
+    /// link (one with a channel binding), MACed on a plain one.
+    pub fn protection(&self, secret: &[u8], role: Role) -> (Protection, Protection) {
         let key = |label: &[u8]| -> [u8; 32] { self.keyed(secret, label).finalize().into_bytes().into() };
-        let from_dialer = FrameMac::new(&key(b"blkrepl/2 frames from the dialer"));
-        let from_acceptor = FrameMac::new(&key(b"blkrepl/2 frames from the acceptor"));
+        let [from_dialer, from_acceptor] = match self.channel {
+            Some(_) => [&b"blkrepl/2 sealed frames from the dialer"[..], b"blkrepl/2 sealed frames from the acceptor"]
+                .map(|label| Protection::Sealed(FrameSeal::new(key(label)))),
+            None => [&b"blkrepl/2 frames from the dialer"[..], b"blkrepl/2 frames from the acceptor"]
+                .map(|label| Protection::Mac(FrameMac::new(&key(label)))),
+        };
         match role {
             Role::Dialer => (from_dialer, from_acceptor),
             Role::Acceptor => (from_acceptor, from_dialer),
@@ -151,7 +169,14 @@ mod tests {
     const SECRET: &[u8] = b"correct horse battery staple";
 
     fn transcript() -> Transcript<'static> {
-        Transcript { resource: "r0", dialer_nonce: [7; 32], acceptor_nonce: [9; 32], dialer: 2, acceptor: 0 }
+        Transcript { resource: "r0", dialer_nonce: [7; 32], acceptor_nonce: [9; 32], dialer: 2, acceptor: 0, channel: None }
+    }
+
+    fn macs(t: &Transcript, role: Role) -> (FrameMac, FrameMac) {
+        match t.protection(SECRET, role) {
+            (Protection::Mac(tx), Protection::Mac(rx)) => (tx, rx),
+            other => panic!("a plain link's frames are MACed: {other:?}"),
+        }
     }
 
     #[test]
@@ -168,6 +193,8 @@ mod tests {
             Transcript { dialer: 1, ..t },
             // A relayed dial: the real node dialed node 1, the attacker shows it to node 0.
             Transcript { acceptor: 1, ..t },
+            // A man in the middle: each side's TLS session is with the attacker.
+            Transcript { channel: Some([1; 32]), ..t },
         ];
         for other in changed {
             assert!(!other.verify(SECRET, Role::Dialer, &proof), "{other:?}");
@@ -180,8 +207,8 @@ mod tests {
     #[test]
     fn frames_verify_in_order_once_and_in_their_direction_only() {
         let t = transcript();
-        let (mut dialer_tx, mut dialer_rx) = t.frame_macs(SECRET, Role::Dialer);
-        let (mut acceptor_tx, mut acceptor_rx) = t.frame_macs(SECRET, Role::Acceptor);
+        let (mut dialer_tx, mut dialer_rx) = macs(&t, Role::Dialer);
+        let (mut acceptor_tx, mut acceptor_rx) = macs(&t, Role::Acceptor);
         let first = dialer_tx.seal(&[b"header", b"payload"]);
         let second = dialer_tx.seal(&[b"header", b"payload"]);
         assert_ne!(first, second, "the sequence number is in every MAC");
@@ -194,6 +221,27 @@ mod tests {
         let back = acceptor_tx.seal(&[b"x"]);
         assert!(!dialer_tx.clone().open(&[b"x"], &back), "a frame sent back in the other direction");
         assert!(dialer_rx.open(&[b"x"], &back));
+    }
+
+    #[test]
+    fn a_tls_link_seals_its_frames_under_keys_of_its_own_session() {
+        let tls = Transcript { channel: Some([1; 32]), ..transcript() };
+        let (Protection::Sealed(mut tx), Protection::Sealed(mut rx)) = tls.protection(SECRET, Role::Dialer) else {
+            panic!("a TLS link's frames are sealed");
+        };
+        let (_, Protection::Sealed(mut acceptor_rx_of_another_session)) =
+            Transcript { channel: Some([2; 32]), ..tls }.protection(SECRET, Role::Acceptor)
+        else {
+            unreachable!()
+        };
+        let mut frame = b"payload".to_vec();
+        let tag = tx.seal(b"h", &mut frame);
+        frame.extend_from_slice(&tag);
+        assert_eq!(acceptor_rx_of_another_session.open(b"h", &mut frame.clone()), None, "another TLS session");
+        assert_eq!(rx.open(b"h", &mut frame.clone()), None, "sent back the other way");
+        let (_, Protection::Sealed(mut acceptor_rx)) = tls.protection(SECRET, Role::Acceptor) else { unreachable!() };
+        assert_eq!(acceptor_rx.open(b"h", &mut frame), Some(7));
+        assert_eq!(&frame[..7], b"payload");
     }
 
     /// A known answer computed independently (Python's `hmac` over the documented encoding)

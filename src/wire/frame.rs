@@ -2,16 +2,20 @@
 //!
 //! Header (16 bytes, big-endian): magic u32, message type u16, flags u16, payload length u32,
 //! crc32c u32. The crc covers the header with the crc field zeroed, then the payload, so a
-//! corrupted type or length is caught as surely as corrupted data. On an authenticated link
-//! (flag [`FLAG_MAC`]) a MAC follows the payload (see [`super::auth::FrameMac`]): the crc
-//! catches what the network corrupts, the MAC what someone on the path changes.
+//! corrupted type or length is caught as surely as corrupted data. On a link authenticated
+//! with `transport = "plain"` (flag [`FLAG_MAC`]) a MAC follows the payload (see
+//! [`super::auth::FrameMac`]): the crc catches what the network corrupts, the MAC what someone
+//! on the path changes. On a TLS link (flag [`FLAG_SEALED`]) the payload is encrypted and a tag
+//! follows it (see [`super::seal`]); the crc then covers the header only, since a crc of the
+//! payload in clear would let an eavesdropper test guesses of it.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::auth::{FrameMac, FRAME_MAC_LEN};
+use super::auth::FRAME_MAC_LEN;
+use super::seal::{FrameSeal, Protection, SEAL_TAG_LEN};
 use super::message::{Kind, Message, MAX_DATA_BYTES};
 
 /// First four bytes of every frame ("BLKR"): a stream that does not start with it is not a
@@ -26,6 +30,9 @@ pub const MAX_PAYLOAD: u32 = (MAX_DATA_BYTES + 64) as u32;
 /// Header flag: a MAC of [`FRAME_MAC_LEN`] bytes follows the payload. Set on every frame of an
 /// authenticated link, and on no other.
 pub const FLAG_MAC: u16 = 1;
+/// Header flag: the payload is encrypted and a tag of [`SEAL_TAG_LEN`] bytes follows it. Set
+/// on every frame of a TLS link, and on no other.
+pub const FLAG_SEALED: u16 = 2;
 
 const LEN_RANGE: Range<usize> = 8..12;
 const CRC_RANGE: Range<usize> = 12..16;
@@ -55,8 +62,10 @@ pub enum WireError {
     UnknownType(u16),
     #[error("frame MAC does not verify: changed, injected, dropped or replayed on the way")]
     BadMac,
-    #[error("frame without the MAC every frame of this authenticated link carries")]
-    MissingMac,
+    #[error("frame without the protection (MAC or encryption) every frame of this link carries")]
+    Unprotected,
+    #[error("frame does not decrypt: changed, injected, dropped or replayed on the way")]
+    BadSeal,
     #[error("malformed {msg_type} frame: {reason}")]
     Malformed {
         msg_type: &'static str,
@@ -73,21 +82,37 @@ pub fn write_message<W: Write>(w: &mut W, msg: &Message) -> io::Result<()> {
     write_message_with(w, msg, None)
 }
 
-/// [`write_message`] on a link whose frames carry a MAC (`mac`: this direction's), or not.
-pub fn write_message_with<W: Write>(w: &mut W, msg: &Message, mac: Option<&mut FrameMac>) -> io::Result<()> {
+/// [`write_message`] on a link whose frames are protected (`protection`: this direction's),
+/// or not.
+pub fn write_message_with<W: Write>(w: &mut W, msg: &Message, protection: Option<&mut Protection>) -> io::Result<()> {
     let mut head = BytesMut::with_capacity(HEADER_LEN + 128);
-    let flags = if mac.is_some() { FLAG_MAC } else { 0 };
-    let data = put_head(msg, &mut head, flags).map_err(|reason| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("cannot send {}: {reason}", msg.name()),
-        )
-    })?;
+    let flags = match protection {
+        None => 0,
+        Some(Protection::Mac(_)) => FLAG_MAC,
+        Some(Protection::Sealed(ref mut seal)) => return write_sealed(w, msg, seal, head),
+    };
+    let data = put_head(msg, &mut head, flags).map_err(|reason| cannot_send(msg, reason))?;
     write_both(w, &head, data)?;
-    match mac {
-        Some(mac) => w.write_all(&mac.seal(&[&head, data])),
-        None => Ok(()),
+    match protection {
+        Some(Protection::Mac(mac)) => w.write_all(&mac.seal(&[&head, data])),
+        _ => Ok(()),
     }
+}
+
+/// Writes `msg` encrypted: the whole frame is assembled in `frame` (the data has to be copied
+/// once to be encrypted without changing the caller's), sealed in place, and written at once.
+fn write_sealed<W: Write>(w: &mut W, msg: &Message, seal: &mut FrameSeal, mut frame: BytesMut) -> io::Result<()> {
+    let data = put_head(msg, &mut frame, FLAG_SEALED).map_err(|reason| cannot_send(msg, reason))?;
+    frame.reserve(data.len() + SEAL_TAG_LEN);
+    frame.extend_from_slice(data);
+    let (header, payload) = frame.split_at_mut(HEADER_LEN);
+    let tag = seal.seal(header, payload);
+    frame.extend_from_slice(&tag);
+    w.write_all(&frame)
+}
+
+fn cannot_send(msg: &Message, reason: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, format!("cannot send {}: {reason}", msg.name()))
 }
 
 /// Appends one whole frame to `out`.
@@ -111,9 +136,9 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, WireError> {
     read_message_with(r, None)
 }
 
-/// [`read_message`] on a link whose frames carry a MAC (`mac`: this direction's), or not: the
-/// MAC is checked after the crc, before the frame is decoded.
-pub fn read_message_with<R: Read>(r: &mut R, mac: Option<&mut FrameMac>) -> Result<Message, WireError> {
+/// [`read_message`] on a link whose frames are protected (`protection`: this direction's), or
+/// not: the MAC or the seal is checked after the crc, before the frame is decoded.
+pub fn read_message_with<R: Read>(r: &mut R, protection: Option<&mut Protection>) -> Result<Message, WireError> {
     let header = read_header(r)?;
     let mut fields = &header[..];
     let magic = fields.get_u32();
@@ -130,33 +155,43 @@ pub fn read_message_with<R: Read>(r: &mut R, mac: Option<&mut FrameMac>) -> Resu
             max: MAX_PAYLOAD,
         });
     }
+    let sealed = matches!(protection, Some(Protection::Sealed(_)));
+    let tag_len = if sealed { SEAL_TAG_LEN } else { 0 };
     // Filled through `take` + `read_to_end` rather than `read_exact` into a zeroed buffer:
     // skipping the zeroing makes reading a 4 KiB Data frame about a third cheaper.
-    let mut payload = Vec::with_capacity(len as usize);
-    r.take(u64::from(len)).read_to_end(&mut payload)?;
-    if payload.len() != len as usize {
+    let mut payload = Vec::with_capacity(len as usize + tag_len);
+    r.take(u64::from(len) + tag_len as u64).read_to_end(&mut payload)?;
+    if payload.len() != len as usize + tag_len {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
-    let found = frame_crc(&header, [&payload, &[]]);
+    let covered: &[u8] = if sealed { &[] } else { &payload };
+    let found = frame_crc(&header, [covered, &[]]);
     if found != expected {
         return Err(WireError::BadCrc { expected, found });
     }
-    match (mac, flags) {
-        (Some(mac), FLAG_MAC) => {
-            let mut tag = [0; FRAME_MAC_LEN];
-            r.read_exact(&mut tag)?;
-            if !mac.open(&[&header, &payload], &tag) {
-                return Err(WireError::BadMac);
-            }
-        }
-        (Some(_), _) => return Err(WireError::MissingMac),
-        (None, 0) => {}
+    match (&protection, flags) {
+        (Some(Protection::Mac(_)), FLAG_MAC) | (Some(Protection::Sealed(_)), FLAG_SEALED) | (None, 0) => {}
+        (Some(_), _) => return Err(WireError::Unprotected),
         // A flag this side did not agree to may change how the payload reads: refused rather
         // than ignored.
         (None, _) => {
             let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
             return Err(WireError::Malformed { msg_type: kind.name(), reason: "header flags set that this link did not agree to" });
         }
+    }
+    match protection {
+        Some(Protection::Mac(mac)) => {
+            let mut tag = [0; FRAME_MAC_LEN];
+            r.read_exact(&mut tag)?;
+            if !mac.open(&[&header, &payload], &tag) {
+                return Err(WireError::BadMac);
+            }
+        }
+        Some(Protection::Sealed(seal)) => {
+            let opened = seal.open(&header, &mut payload).ok_or(WireError::BadSeal)?;
+            payload.truncate(opened);
+        }
+        None => {}
     }
     let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
     Message::decode_fields(kind, Bytes::from(payload))
@@ -189,7 +224,7 @@ fn put_head<'m>(msg: &'m Message, out: &mut BytesMut, flags: u16) -> Result<&'m 
     );
     frame[LEN_RANGE].copy_from_slice(&(len as u32).to_be_bytes());
     let (header, fields) = frame.split_at(HEADER_LEN);
-    let crc = frame_crc(header, [fields, data]);
+    let crc = if flags == FLAG_SEALED { frame_crc(header, [&[], &[]]) } else { frame_crc(header, [fields, data]) };
     frame[CRC_RANGE].copy_from_slice(&crc.to_be_bytes());
     Ok(data)
 }

@@ -10,13 +10,14 @@ pub mod auth;
 mod frame;
 mod message;
 mod position;
+pub mod seal;
 
 #[cfg(test)]
 mod tests;
 
 pub use frame::{
     decode, encode, read_message, read_message_with, write_message, write_message_with, WireError, FLAG_MAC,
-    HEADER_LEN, MAGIC, MAX_PAYLOAD,
+    FLAG_SEALED,    HEADER_LEN, MAGIC, MAX_PAYLOAD,
 };
 pub use message::{
     DigestPurpose, Hello, Message, PeerState, DIGEST_BYTES, MAX_BITMAP_RUNS, MAX_DATA_BYTES,
@@ -26,4 +27,4 @@ pub use position::DataPosition;
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;

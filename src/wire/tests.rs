@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-use super::auth::FrameMac;
+use super::seal::Protection;
 use super::*;
 
 /// A frame with the given header fields and payload and a correct crc.
@@ -630,14 +630,19 @@ fn flags_the_link_did_not_agree_to_are_refused() {
 
 /// The frame MACs of both directions of one authenticated link, as the dialer and the
 /// acceptor hold them.
-fn link_macs() -> ((FrameMac, FrameMac), (FrameMac, FrameMac)) {
-    use super::auth::{Role, Transcript};
-    let t = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0 };
-    let secret = b"a shared secret of some length";
-    (t.frame_macs(secret, Role::Dialer), t.frame_macs(secret, Role::Acceptor))
+fn link_macs() -> ((Protection, Protection), (Protection, Protection)) {
+    link_protection(None)
 }
 
-fn sealed(msgs: &[Message], mac: &mut FrameMac) -> Vec<u8> {
+/// The same for a link whose TLS session exported `channel`, or a plain one.
+fn link_protection(channel: Option<[u8; 32]>) -> ((Protection, Protection), (Protection, Protection)) {
+    use super::auth::{Role, Transcript};
+    let t = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0, channel };
+    let secret = b"a shared secret of some length";
+    (t.protection(secret, Role::Dialer), t.protection(secret, Role::Acceptor))
+}
+
+fn sealed(msgs: &[Message], mac: &mut Protection) -> Vec<u8> {
     let mut out = Vec::new();
     for msg in msgs {
         write_message_with(&mut out, msg, Some(mac)).unwrap();
@@ -676,7 +681,61 @@ fn a_frame_changed_dropped_replayed_or_unsealed_on_the_path_is_refused() {
     assert!(read_message_with(&mut reader, Some(&mut rx)).is_ok());
     assert!(matches!(read_message_with(&mut reader, Some(&mut rx)), Err(WireError::BadMac)), "replayed");
     let unsealed = encoded(&Message::Ping);
-    assert!(matches!(read(&unsealed), Err(WireError::MissingMac)), "injected without a MAC");
+    assert!(matches!(read(&unsealed), Err(WireError::Unprotected)), "injected without a MAC");
+}
+
+#[test]
+fn a_tls_link_reads_its_frames_in_order_and_shows_no_byte_of_their_payload() {
+    let ((mut dialer_tx, _), (_, mut acceptor_rx)) = link_protection(Some([9; 32]));
+    let block: Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let data = Message::Data { id: 7, offset: 4096, epoch: 1, fua: true, payload: Bytes::from(block.clone()) };
+    let reason = Message::Disconnect { reason: "a reason in clear".into() };
+    let stream = sealed(&[data.clone(), reason.clone()], &mut dialer_tx);
+    assert!(!stream.windows(16).any(|w| block.windows(16).any(|b| b == w)), "no 16 bytes of the data in clear");
+    assert!(!stream.windows(6).any(|w| w == b"reason"));
+    // Nor a crc of the payload an eavesdropper could test a guess of the data against.
+    let crc_field = u32::from_be_bytes(stream[12..16].try_into().unwrap());
+    let mut header = stream[..HEADER_LEN].to_vec();
+    header[12..16].fill(0);
+    assert_eq!(crc_field, crc32c::crc32c(&header), "the crc covers the header alone");
+    let mut reader = stream.as_slice();
+    assert_eq!(read_message_with(&mut reader, Some(&mut acceptor_rx)).unwrap(), data);
+    assert_eq!(read_message_with(&mut reader, Some(&mut acceptor_rx)).unwrap(), reason);
+    assert!(reader.is_empty());
+}
+
+#[test]
+fn a_tls_frame_changed_dropped_replayed_injected_or_cut_on_the_path_is_refused() {
+    let ((mut dialer_tx, _), (_, acceptor_rx)) = link_protection(Some([9; 32]));
+    let first = sealed(&[Message::PingAck], &mut dialer_tx);
+    let second = sealed(&[Message::Disconnect { reason: "bye".into() }], &mut dialer_tx);
+    let read = |bytes: &[u8]| read_message_with(&mut &bytes[..], Some(&mut acceptor_rx.clone()));
+    assert!(matches!(read(&second), Err(WireError::BadSeal)), "the frame before it dropped");
+    for at in [HEADER_LEN, first.len() - 1] {
+        let mut changed = first.clone();
+        changed[at] ^= 1;
+        assert!(matches!(read(&changed), Err(WireError::BadSeal)), "byte {at} flipped");
+    }
+    // The type in the header, with the header's crc recomputed as an attacker would.
+    let mut retyped = sealed(&[Message::Ping], &mut link_protection(Some([9; 32])).0 .0);
+    retyped[5] ^= 1;
+    retyped[12..16].fill(0);
+    let crc = crc32c::crc32c(&retyped[..HEADER_LEN]);
+    retyped[12..16].copy_from_slice(&crc.to_be_bytes());
+    assert!(matches!(read(&retyped), Err(WireError::BadSeal)), "the header is authenticated");
+    let replayed = [first.clone(), first.clone()].concat();
+    let mut reader = replayed.as_slice();
+    let mut rx = acceptor_rx.clone();
+    assert!(read_message_with(&mut reader, Some(&mut rx)).is_ok());
+    assert!(matches!(read_message_with(&mut reader, Some(&mut rx)), Err(WireError::BadSeal)), "replayed");
+    let clear = [encoded(&Message::Ping), first.clone()].concat();
+    assert!(matches!(read(&clear), Err(WireError::Unprotected)), "injected in clear");
+    let maced = sealed(&[Message::Ping], &mut link_macs().0 .0);
+    assert!(matches!(read(&maced), Err(WireError::Unprotected)), "injected with a MAC");
+    match read(&first[..first.len() - 1]) {
+        Err(WireError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+        other => panic!("a frame cut short: {other:?}"),
+    }
 }
 
 #[test]

@@ -23,17 +23,20 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let messages = messages();
     let frames: Vec<Vec<u8>> = messages.iter().map(|(_, msg)| frame(msg)).collect();
-    // The frame stream target's input: a mode byte (odd: the link's frames carry MACs), then
-    // the stream. The handshake travels without MACs, everything after it with them.
+    // The frame stream target's input: a mode byte (1: the link's frames carry MACs, 2: they
+    // are sealed), then the stream. The handshake travels unprotected, everything after it
+    // protected.
     let (handshake, rest) = frames.split_at(4);
     write(&root, "frame_stream", "handshake", [&[0][..], &handshake.concat()].concat());
     write(&root, "frame_stream", "replication", [&[0][..], &rest.concat()].concat());
-    let (mut seal, _) = blkrepl_fuzz::link_macs();
-    let mut authenticated = vec![1];
-    for (_, msg) in &messages[4..] {
-        wire::write_message_with(&mut authenticated, msg, Some(&mut seal)).expect("in memory");
+    for (mode, name) in [(1u8, "authenticated"), (2, "sealed")] {
+        let (mut protection, _) = blkrepl_fuzz::link_protection(mode == 2);
+        let mut stream = vec![mode];
+        for (_, msg) in &messages[4..] {
+            wire::write_message_with(&mut stream, msg, Some(&mut protection)).expect("in memory");
+        }
+        write(&root, "frame_stream", name, stream);
     }
-    write(&root, "frame_stream", "authenticated", authenticated);
     for ((name, _), frame) in messages.iter().zip(&frames) {
         // The roundtrip target's input: the message type, then the payload.
         let seed = [&frame[4..6], &frame[HEADER_LEN..]].concat();
