@@ -1,0 +1,152 @@
+//! A TLS link seen from the path between the nodes, by a proxy that beta's resource file puts in
+//! front of alpha: an eavesdropper reads none of the replicated data (and on a plain link, to
+//! show that the probe can see it, all of it); a byte changed on the way drops the link with
+//! the reason and writes nothing, and the resync after it repairs what the write missed.
+
+mod common;
+
+use common::{free_ports, text, Cluster, Options, BIN};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+const MIB: u64 = 1 << 20;
+const PLAIN: &str = "transport = \"plain\"";
+
+/// What the proxy does with the bytes from alpha to beta.
+#[derive(Default)]
+struct Path {
+    /// Every byte alpha sent beta, in order.
+    heard: Mutex<Vec<u8>>,
+    /// Flip one byte of the next large read (a data frame), once; then stop passing new
+    /// connections until `open` is set again.
+    tamper: AtomicBool,
+    closed: AtomicBool,
+}
+
+/// Forwards connections from `listener` to `target`, recording and maybe changing what flows
+/// back from the target.
+fn proxy(listener: TcpListener, target: String, path: Arc<Path>) {
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            if path.closed.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(upstream) = TcpStream::connect(&target) else { continue };
+            let (client_r, upstream_w) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            std::thread::spawn(move || pump(client_r, upstream_w, None));
+            let path = path.clone();
+            std::thread::spawn(move || pump(upstream, client, Some(path)));
+        }
+    });
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, path: Option<Arc<Path>>) {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(path) = &path {
+            path.heard.lock().unwrap().extend_from_slice(&buf[..n]);
+            if n > 16 << 10 && path.tamper.swap(false, Ordering::SeqCst) {
+                path.closed.store(true, Ordering::SeqCst);
+                buf[n / 2] ^= 0x01;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+/// alpha and beta (`extra` in their resource file), with beta reaching alpha through a proxy;
+/// up, alpha Primary, beta UpToDate.
+fn pair_through_a_proxy(extra: &'static str) -> (Cluster, Arc<Path>) {
+    let c = Cluster::new(&["alpha", "beta"], Options { disk_mib: 16, extra, ..Options::default() });
+    let config = std::fs::read_to_string(c.config_dir().join("r0.toml")).unwrap();
+    let alpha = blkrepl::config::ResourceConfig::load(&c.config_dir(), "r0").unwrap().node("alpha").unwrap().address;
+    let via = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let listener = TcpListener::bind(&via).unwrap();
+    let beta_dir = beta_config_dir(&c);
+    std::fs::create_dir_all(&beta_dir).unwrap();
+    std::fs::write(beta_dir.join("r0.toml"), config.replace(&alpha.to_string(), &via)).unwrap();
+    let path = Arc::new(Path::default());
+    proxy(listener, alpha.to_string(), path.clone());
+    c.ok("alpha", &["create-md", "r0"]);
+    c.ok("alpha", &["up", "r0"]);
+    beta_ok(&c, &["create-md", "r0"]);
+    beta_ok(&c, &["up", "r0"]);
+    c.wait_for("alpha", "beta connected", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    (c, path)
+}
+
+fn beta_config_dir(c: &Cluster) -> PathBuf {
+    c.dir.path().join("etc-beta")
+}
+
+/// `blkrepl` on beta with its own resource file (alpha's address is the proxy's).
+fn beta_ok(c: &Cluster, args: &[&str]) {
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(beta_config_dir(c))
+        .arg("--run-dir")
+        .arg(c.run_dir())
+        .args(["--node", "beta"])
+        .args(args)
+        .env("BLKREPL_LOG", "debug")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "blkrepl {args:?} on beta failed: {}\n{}", text(&out.stderr), c.logs());
+}
+
+/// The longest run of `byte` in `bytes`.
+fn longest_run(bytes: &[u8], byte: u8) -> usize {
+    bytes.split(|b| *b != byte).map(<[u8]>::len).max().unwrap_or(0)
+}
+
+#[test]
+fn an_eavesdropper_reads_no_replicated_data_on_a_tls_link_and_all_of_it_on_a_plain_one() {
+    for (extra, tls) in [("", true), (PLAIN, false)] {
+        let (c, path) = pair_through_a_proxy(extra);
+        c.write("alpha", &[(4 * MIB, MIB, 0x3c)]);
+        assert!(c.data_of("beta", 5 * MIB)[4 * MIB as usize..].iter().all(|b| *b == 0x3c), "replicated");
+        let heard = path.heard.lock().unwrap();
+        assert!(heard.len() as u64 > MIB, "the data went through the proxy ({} bytes)", heard.len());
+        let run = longest_run(&heard, 0x3c);
+        if tls {
+            assert!(run < 16, "a run of {run} bytes of the data in clear on a TLS link");
+        } else {
+            assert!(run >= 4096, "the probe sees the data on a plain link (longest run {run})");
+        }
+    }
+}
+
+#[test]
+fn a_byte_changed_on_a_tls_link_drops_it_writes_nothing_and_the_resync_repairs_the_write() {
+    let (c, path) = pair_through_a_proxy("");
+    path.tamper.store(true, Ordering::SeqCst);
+    c.write("alpha", &[(2 * MIB, MIB, 0x5a)]);
+    assert!(!path.tamper.load(Ordering::SeqCst), "the proxy changed a byte of the write");
+    c.wait_for("alpha", "beta lost", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    let beta = c.data_of("beta", 3 * MIB);
+    assert!(!beta[2 * MIB as usize..].contains(&0x5a), "beta wrote something of the changed frame");
+    let log = std::fs::read_to_string(c.run_dir().join("r0.beta.log")).unwrap();
+    // The byte falls in the data (the frame does not open), or in a header (its crc fails).
+    assert!(log.contains("does not decrypt") || log.contains("crc mismatch"), "beta says why it dropped the link:\n{}", c.logs());
+    path.closed.store(false, Ordering::SeqCst);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    let (ok, out) = c.check("alpha", &[(2 * MIB, MIB, 0x5a)]);
+    assert!(ok, "{out}");
+    let beta = c.data_of("beta", 3 * MIB);
+    assert!(beta[2 * MIB as usize..].iter().all(|b| *b == 0x5a), "the resync brought the write to beta");
+}
