@@ -60,13 +60,18 @@ run_jobs() {
   run_fio "$prefix.seq1m" write 1M 4 "$@"
 }
 
-# protocol, quorum ("off": alpha and beta; "majority": and the witness tie), auth ("secret" or
-# "plain"), disk size, data nodes (3: gamma instead of the witness, 4 KiB per bitmap bit)
+# protocol, quorum ("off": alpha and beta; "majority": and the witness tie), auth ("secret":
+# TLS, the default; "mac": the secret with transport = "plain", frames MACed; "plain": a
+# trusted network), disk size, data nodes (3: gamma instead of the witness, 4 KiB per bitmap bit)
 config() {
   local size=${4:-$SIZE} data=${5:-2}
   {
     echo "name = \"r0\""; echo "protocol = \"$1\""; echo "quorum = \"$2\""
-    if [ "${3:-secret}" = plain ]; then echo "trusted_network = true"; else echo "secret = \"the benchmark's shared secret\""; fi
+    case ${3:-secret} in
+      plain) echo "trusted_network = true" ;;
+      mac) echo "secret = \"the benchmark's shared secret\""; echo "transport = \"plain\"" ;;
+      *) echo "secret = \"the benchmark's shared secret\"" ;;
+    esac
     [ "$data" = 3 ] && echo "bitmap_block_size = 4096"
     echo "[[node]]"; echo "name = \"alpha\""; echo "address = \"127.0.0.1:17789\""
     echo "disk = \"$DIR/alpha.img\""; echo "nbd = \"127.0.0.1:20809\""
@@ -135,11 +140,12 @@ config C off secret; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node 
 run_jobs local "${NBD[@]}"
 stop_all
 
-# protoC and protoA authenticate every frame (a secret, as a daemon requires by default);
-# protoCplain runs on a trusted network (`trusted_network = true`): what the frame MACs cost.
-for run in "C secret" "C plain" "A secret"; do
+# protoC and protoA run over TLS (a secret, as a daemon requires by default: every frame
+# encrypted); protoCmac has the secret with transport = "plain" (every frame MACed);
+# protoCplain runs on a trusted network (`trusted_network = true`): what TLS and MACs cost.
+for run in "C secret" "C mac" "C plain" "A secret"; do
   read -r proto auth <<< "$run"
-  name=proto$proto; [ "$auth" = plain ] && name=${name}plain
+  name=proto$proto; [ "$auth" != secret ] && name=$name$auth
   echo "== protocol $proto ($auth): two daemons in sync and a witness, quorum majority"
   config "$proto" majority "$auth"
   for n in alpha beta tie; do "$BIN" --node $n create-md r0 >/dev/null; "$BIN" --node $n up r0 >/dev/null; done
@@ -172,7 +178,7 @@ for line in open(sys.argv[1]):
     k, iops, mib = line.split(); r[k] = (float(iops), float(mib))
 print()
 print(f"{'target':<10} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
-for t in ["raw", "qemunbd", "local", "protoC", "protoCplain", "protoA"]:
+for t in ["raw", "qemunbd", "local", "protoC", "protoCmac", "protoCplain", "protoA"]:
     print(f"{t:<10} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
 print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
 limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
@@ -181,8 +187,10 @@ print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['lo
 print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f}")
 print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
 print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
-print(f"protocol C with frame MACs / plain, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['protoCplain.rand4k.qd32'][0]:.2f} (target >= 0.90)")
-print(f"protocol C with frame MACs / plain, 1M seq MiB/s: {r['protoC.seq1m'][1]/r['protoCplain.seq1m'][1]:.2f}")
+print(f"protocol C over TLS / plain, 4k QD32 IOPS:  {r['protoC.rand4k.qd32'][0]/r['protoCplain.rand4k.qd32'][0]:.2f} (target >= 0.90)")
+print(f"protocol C over TLS / plain, 1M seq MiB/s:   {r['protoC.seq1m'][1]/r['protoCplain.seq1m'][1]:.2f}")
+print(f"protocol C with MACs / plain, 4k QD32 IOPS: {r['protoCmac.rand4k.qd32'][0]/r['protoCplain.rand4k.qd32'][0]:.2f}")
+print(f"protocol C with MACs / plain, 1M seq MiB/s: {r['protoCmac.seq1m'][1]/r['protoCplain.seq1m'][1]:.2f}")
 print(f"local-only seq / raw file seq:         {r['local.seq1m'][1]/r['raw.seq1m'][1]:.2f}")
 print(f"local-only / qemu-nbd, 4k QD32 IOPS:   {r['local.rand4k.qd32'][0]/r['qemunbd.rand4k.qd32'][0]:.2f}")
 print(f"local-only / qemu-nbd, 1M seq MiB/s:   {r['local.seq1m'][1]/r['qemunbd.seq1m'][1]:.2f}")
