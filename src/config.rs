@@ -99,6 +99,17 @@ pub struct NodeConfig {
     pub frontend: Frontend,
     /// Where this node's daemon serves Prometheus scrapes (`GET /metrics`); `None`: it does not.
     pub metrics_address: Option<SocketAddr>,
+    /// What this node proves who it is with on TLS links, when the resource has a `tls_ca`.
+    pub certificate: Option<NodeCertificate>,
+}
+
+/// A node's `certificate` (PEM: its certificate, signed by the resource's `tls_ca` and naming
+/// the node, then any intermediates) and `certificate_key` (PEM: its private key, readable by
+/// its owner only). Read when the daemon starts, on that node only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCertificate {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
 /// A validated resource file.
@@ -118,6 +129,9 @@ pub struct ResourceConfig {
     pub trusted_network: bool,
     /// How the peer links carry their frames (`transport`).
     pub transport: Transport,
+    /// The certificate authority (PEM) that signs every node's certificate (`tls_ca`): peers
+    /// then authenticate with certificates that name them.
+    pub tls_ca: Option<PathBuf>,
     /// Bytes of data per dirty-bitmap bit.
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
@@ -302,6 +316,7 @@ struct RawResource {
     #[serde(default)]
     trusted_network: bool,
     transport: Option<String>,
+    tls_ca: Option<PathBuf>,
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
@@ -382,6 +397,8 @@ struct RawNode {
     ublk_queues: Option<u16>,
     ublk_depth: Option<u16>,
     metrics_address: Option<String>,
+    certificate: Option<PathBuf>,
+    certificate_key: Option<PathBuf>,
 }
 
 fn default_protocol() -> String {
@@ -498,16 +515,17 @@ impl ResourceConfig {
         warnings
     }
 
-    /// Whether a daemon may start: peers authenticate with a secret, or the resource file says
-    /// on purpose that the network between the nodes is trusted.
+    /// Whether a daemon may start: peers authenticate with a secret or certificates, or the
+    /// resource file says on purpose that the network between the nodes is trusted.
     pub fn check_authenticates(&self) -> Result<(), ConfigError> {
-        if self.secret.is_none() && !self.trusted_network {
+        if self.secret.is_none() && self.tls_ca.is_none() && !self.trusted_network {
             return Err(invalid(
                 &self.path,
                 "secret",
                 "is missing: any host that reaches the replication port could connect as a peer. Give the resource a shared \
-                 secret of at least 16 bytes (`secret` or `secret_file`), or, if the network between the nodes is trusted on \
-                 purpose, set `trusted_network = true`",
+                 secret of at least 16 bytes (`secret` or `secret_file`), or certificates (`tls_ca`, and each node's \
+                 `certificate` and `certificate_key`), or, if the network between the nodes is trusted on purpose, set \
+                 `trusted_network = true`",
             ));
         }
         Ok(())
@@ -593,19 +611,26 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     if raw.trusted_network && secret.is_some() {
         return Err(invalid(path, "trusted_network", "is set beside a secret: peers authenticate with the secret; remove one of them"));
     }
+    if raw.trusted_network && raw.tls_ca.is_some() {
+        return Err(invalid(path, "trusted_network", "is set beside `tls_ca`: peers authenticate with their certificates; remove one of them"));
+    }
     let min = crate::wire::auth::MIN_SECRET_LEN;
     if let Some(short) = secret.as_ref().filter(|s| s.len() < min) {
         let key = if raw_secret_file { "secret_file" } else { "secret" };
         return Err(invalid(path, key, format!("is {} bytes; a shared secret needs at least {min} (a short one can be guessed from one handshake)", short.len())));
     }
-    let transport = match (raw.transport.as_deref(), secret.is_some()) {
+    let authenticated = secret.is_some() || raw.tls_ca.is_some();
+    let transport = match (raw.transport.as_deref(), authenticated) {
         (None, true) | (Some("tls"), true) => Transport::Tls,
+        (Some("plain"), _) if raw.tls_ca.is_some() => {
+            return Err(invalid(path, "transport", "is \"plain\" beside `tls_ca`: certificates are used on TLS links only; remove one of them"))
+        }
         (None, false) | (Some("plain"), _) => Transport::Plain,
         (Some("tls"), false) => {
             return Err(invalid(
                 path,
                 "transport",
-                "is \"tls\" without a `secret`: TLS authenticates the peers with the shared secret; set one, or remove `transport` on a trusted network",
+                "is \"tls\" without a `secret` or `tls_ca`: TLS authenticates the peers with the shared secret or with certificates; set one, or remove `transport` on a trusted network",
             ))
         }
         (Some(other), _) => return Err(invalid(path, "transport", format!("\"{other}\" is not \"tls\" or \"plain\""))),
@@ -740,6 +765,23 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
                 return Err(invalid(path, key("ublk_depth"), format!("must be from 1 to {MAX_UBLK_DEPTH}")));
             }
         }
+        let certificate = match (&raw.tls_ca, node.certificate, node.certificate_key) {
+            (Some(_), Some(certificate), Some(certificate_key)) => {
+                if rustls::pki_types::DnsName::try_from(node.name.as_str()).is_err() {
+                    return Err(invalid(path, key("name"), format!("\"{}\" is not a DNS name, which a certificate must carry to name the node (with `tls_ca`)", node.name)));
+                }
+                Some(NodeCertificate { certificate, key: certificate_key })
+            }
+            (Some(_), None, _) => {
+                return Err(invalid(path, key("certificate"), "is missing: with `tls_ca` every node presents a certificate signed by it that names the node"))
+            }
+            (Some(_), Some(_), None) => return Err(invalid(path, key("certificate_key"), "is missing: the private key of this node's certificate")),
+            (None, None, None) => None,
+            (None, certificate, _) => {
+                let which = if certificate.is_some() { "certificate" } else { "certificate_key" };
+                return Err(invalid(path, key(which), "is set but the resource has no `tls_ca` to check it against: set `tls_ca`, or remove it"));
+            }
+        };
         if let Some(other) = nodes.iter().find(|n| n.name == node.name) {
             return Err(invalid(path, key("name"), format!("\"{}\" is used twice (node id {})", node.name, other.id)));
         }
@@ -749,7 +791,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         if let Some(other) = nodes.iter().find(|n| n.address == address) {
             return Err(invalid(path, key("address"), format!("{address} is already node \"{}\"'s", other.name)));
         }
-        nodes.push(NodeConfig { id, name: node.name, address, disk, meta_disk: node.meta_disk, frontend, metrics_address });
+        nodes.push(NodeConfig { id, name: node.name, address, disk, meta_disk: node.meta_disk, frontend, metrics_address, certificate });
     }
     if nodes.iter().filter(|n| n.disk.is_some()).count() < 2 {
         return Err(invalid(path, "node", "a resource needs at least two nodes with a disk (witnesses only vote)"));
@@ -764,6 +806,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         secret,
         trusted_network: raw.trusted_network,
         transport,
+        tls_ca: raw.tls_ca,
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,
@@ -1281,6 +1324,40 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(parse(&trusted("")).unwrap().transport, Transport::Plain);
         let err = error_of(&trusted("transport = \"tls\""));
         assert!(err.contains("`transport`") && err.contains("without a `secret`"), "{err}");
+    }
+
+    #[test]
+    fn certificates_need_a_ca_a_certificate_and_key_for_every_node_and_tls() {
+        let with = |resource: &str, alpha: &str, beta: &str| {
+            GOOD.replace("quorum = \"off\"", &format!("quorum = \"off\"\n{resource}"))
+                .replace("name = \"alpha\"\n", &format!("name = \"alpha\"\n{alpha}"))
+                .replace("name = \"beta\"\n", &format!("name = \"beta\"\n{beta}"))
+        };
+        let own = |node: &str| format!("certificate = \"/etc/blkrepl/{node}.crt\"\ncertificate_key = \"/etc/blkrepl/{node}.key\"\n");
+        let ca = "tls_ca = \"/etc/blkrepl/ca.pem\"";
+        let config = parse(&with(ca, &own("alpha"), &own("beta"))).unwrap();
+        assert_eq!(config.transport, Transport::Tls, "certificates without a secret authenticate");
+        assert_eq!(config.tls_ca.as_deref(), Some(Path::new("/etc/blkrepl/ca.pem")));
+        assert_eq!(
+            config.nodes[1].certificate,
+            Some(NodeCertificate { certificate: "/etc/blkrepl/beta.crt".into(), key: "/etc/blkrepl/beta.key".into() })
+        );
+        assert!(config.check_authenticates().is_ok());
+        let refused = [
+            (with(ca, &own("alpha"), ""), "node[1].certificate", "is missing"),
+            (with(ca, &own("alpha"), "certificate = \"/b.crt\"\n"), "node[1].certificate_key", "is missing"),
+            (with("", &own("alpha"), ""), "node[0].certificate", "no `tls_ca`"),
+            (with("", "certificate_key = \"/a.key\"\n", ""), "node[0].certificate_key", "no `tls_ca`"),
+            (with(&format!("{ca}\ntransport = \"plain\""), &own("alpha"), &own("beta")), "transport", "beside `tls_ca`"),
+            (with(&format!("{ca}\ntrusted_network = true"), &own("alpha"), &own("beta")), "trusted_network", "beside `tls_ca`"),
+        ];
+        for (text, key, why) in refused {
+            let err = error_of(&text);
+            assert!(err.contains(&format!("`{key}`")) && err.contains(why), "{key}: {err}");
+        }
+        let odd_name = with(ca, &own("alpha"), &own("beta")).replace("name = \"beta\"", "name = \"beta 2\"");
+        let err = error_of(&odd_name);
+        assert!(err.contains("`node[1].name`") && err.contains("not a DNS name"), "{err}");
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! A TLS link seen from the path between the nodes, by a proxy that beta's resource file puts in
-//! front of alpha: an eavesdropper reads none of the replicated data (and on a plain link, to
+//! TLS links. Seen from the path between the nodes, by a proxy that beta's resource file puts
+//! in front of alpha: an eavesdropper reads none of the replicated data (and on a plain link, to
 //! show that the probe can see it, all of it); a byte changed on the way drops the link with
-//! the reason and writes nothing, and the resync after it repairs what the write missed.
+//! the reason and writes nothing, and the resync after it repairs what the write missed. With
+//! certificates instead of a secret: nodes whose certificates one CA signed replicate, and a
+//! certificate another CA signed, or that names another node, is refused.
 
 mod common;
 
+use blkrepl::config::NodeCertificate;
+use blkrepl::tls::{LinkTls, TlsError};
+use common::pki::Pki;
 use common::{free_ports, text, Cluster, Options, BIN};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -149,4 +154,136 @@ fn a_byte_changed_on_a_tls_link_drops_it_writes_nothing_and_the_resync_repairs_t
     assert!(ok, "{out}");
     let beta = c.data_of("beta", 3 * MIB);
     assert!(beta[2 * MIB as usize..].iter().all(|b| *b == 0x5a), "the resync brought the write to beta");
+}
+
+/// A handshake between `dialer` and `acceptor` over loopback, the dialer naming `dialed`:
+/// what each side got.
+fn handshake(dialer: LinkTls, acceptor: LinkTls, dialed: &str) -> (Result<blkrepl::tls::Session, TlsError>, Result<blkrepl::tls::Session, TlsError>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (accepted, _) = listener.accept().unwrap();
+    for s in [&stream, &accepted] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    }
+    let accepting = std::thread::spawn(move || {
+        let session = acceptor.accept(&accepted, &accepted);
+        drop(accepted);
+        session
+    });
+    let dialed = dialer.dial(&stream, &stream, dialed);
+    drop(stream);
+    (dialed, accepting.join().unwrap())
+}
+
+#[test]
+fn certificates_from_the_resource_ca_that_name_their_node_are_all_a_link_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, other) = (Pki::new(dir.path(), "ca"), Pki::new(dir.path(), "other-ca"));
+    let tls = |own: &NodeCertificate, node: &str| LinkTls::with_certificates(&pki.ca, own, node).unwrap();
+    let (alpha, beta) = (pki.issue("alpha", &["alpha"]), pki.issue("beta", &["beta"]));
+
+    let (dialed, accepted) = handshake(tls(&beta, "beta"), tls(&alpha, "alpha"), "alpha");
+    let (dialed, accepted) = (dialed.unwrap(), accepted.unwrap());
+    assert_eq!(dialed.channel, accepted.channel);
+    assert!(accepted.names("beta"), "the dialer's certificate names it");
+    assert!(!accepted.names("alpha") && !accepted.names("gamma"), "and no other node");
+
+    // beta dials alpha's address, and a node holding gamma's certificate answers.
+    let gamma = pki.issue("gamma", &["gamma"]);
+    let (dialed, _) = handshake(tls(&beta, "beta"), tls(&gamma, "gamma"), "alpha");
+    assert!(matches!(dialed, Err(TlsError::Handshake(_))), "a certificate for another node");
+
+    // A certificate another CA signed, in either role.
+    let stranger = LinkTls::with_certificates(&other.ca, &other.issue("stranger", &["beta"]), "beta").unwrap();
+    let (dialed, accepted) = handshake(stranger, tls(&alpha, "alpha"), "alpha");
+    assert!(dialed.is_err() && matches!(accepted, Err(TlsError::Handshake(_))), "a dialer from another CA");
+    let stranger = LinkTls::with_certificates(&other.ca, &other.issue("stranger2", &["alpha"]), "alpha").unwrap();
+    let (dialed, _) = handshake(tls(&beta, "beta"), stranger, "alpha");
+    assert!(matches!(dialed, Err(TlsError::Handshake(_))), "an acceptor from another CA");
+    // A dialer with the secret's throwaway certificate and none from the CA. (In TLS 1.3 the
+    // client's side of the handshake ends before the server has checked its certificate: it
+    // hears the refusal at its first read.)
+    let (_, accepted) = handshake(LinkTls::for_this_run().unwrap(), tls(&alpha, "alpha"), "alpha");
+    assert!(matches!(accepted, Err(TlsError::Handshake(_))), "a dialer without a certificate from the CA");
+}
+
+#[test]
+fn a_node_whose_own_certificate_or_key_is_wrong_cannot_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, other) = (Pki::new(dir.path(), "ca"), Pki::new(dir.path(), "other-ca"));
+    let error = |own: &NodeCertificate, node: &str| LinkTls::with_certificates(&pki.ca, own, node).err().expect("refused").to_string();
+    let alpha = pki.issue("alpha", &["alpha"]);
+    assert!(error(&alpha, "beta").contains("does not pass the checks its peers make"), "{}", error(&alpha, "beta"));
+    let foreign = other.issue("foreign", &["alpha"]);
+    assert!(error(&foreign, "alpha").contains("does not pass the checks"), "{}", error(&foreign, "alpha"));
+    std::fs::set_permissions(&alpha.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = error(&alpha, "alpha");
+    assert!(err.contains("readable by other users") && err.contains("chmod 600"), "{err}");
+    let missing = NodeCertificate { certificate: dir.path().join("none.crt"), key: alpha.key.clone() };
+    assert!(error(&missing, "alpha").contains("cannot read"), "{}", error(&missing, "alpha"));
+    std::fs::write(dir.path().join("empty.pem"), "not a certificate\n").unwrap();
+    let empty = NodeCertificate { certificate: dir.path().join("empty.pem"), key: alpha.key.clone() };
+    assert!(error(&empty, "alpha").contains("no PEM certificate"), "{}", error(&empty, "alpha"));
+}
+
+/// alpha and beta authenticated by certificates (no secret): the resource's `tls_ca` is
+/// `pki`'s, alpha's certificate is from `pki` and beta's from `beta_pki`. Not up yet.
+fn pair_with_certificates(pki: &Pki, beta_pki: &Pki) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], Options { disk_mib: 16, extra: "tls_ca = \"@CA@\"", ..Options::default() });
+    c.edit_config("@CA@", &pki.ca.display().to_string());
+    for (node, issuer) in [("alpha", pki), ("beta", beta_pki)] {
+        let own = issuer.issue(node, &[node]);
+        let keys = format!("certificate = \"{}\"\ncertificate_key = \"{}\"\n", own.certificate.display(), own.key.display());
+        c.edit_config(&format!("name = \"{node}\"\n"), &format!("name = \"{node}\"\n{keys}"));
+    }
+    c
+}
+
+#[test]
+fn nodes_with_certificates_from_the_resource_ca_replicate_without_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "ca");
+    let c = pair_with_certificates(&pki, &pki);
+    c.create_md_and_up();
+    c.wait_for("alpha", "beta connected", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.write("alpha", &[(MIB, MIB, 0x6b)]);
+    assert!(c.data_of("beta", 2 * MIB)[MIB as usize..].iter().all(|b| *b == 0x6b), "the write reached beta");
+}
+
+#[test]
+fn a_node_whose_certificate_another_ca_signed_is_refused_and_both_logs_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, other) = (Pki::new(dir.path(), "ca"), Pki::new(dir.path(), "other-ca"));
+    // beta's file names the right CA, but its certificate is from another: it cannot start.
+    let c = pair_with_certificates(&pki, &other);
+    c.ok("alpha", &["create-md", "r0"]);
+    c.ok("alpha", &["up", "r0"]);
+    c.ok("beta", &["create-md", "r0"]);
+    let out = c.cli("beta", &["up", "r0"]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success() && err.contains("does not pass the checks its peers make"), "{err}");
+    // Started anyway with another CA in its own file (a misconfigured node): each side's
+    // handshake fails and says so.
+    let beta_dir = beta_config_dir(&c);
+    std::fs::create_dir_all(&beta_dir).unwrap();
+    let config = std::fs::read_to_string(c.config_dir().join("r0.toml")).unwrap();
+    std::fs::write(beta_dir.join("r0.toml"), config.replace(&pki.ca.display().to_string(), &other.ca.display().to_string())).unwrap();
+    beta_ok(&c, &["up", "r0"]);
+    let logs_say = |node: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(c.run_dir().join(format!("r0.{node}.log"))).unwrap_or_default();
+            if log.contains("TLS handshake") {
+                return log;
+            }
+            assert!(std::time::Instant::now() < deadline, "{node} never said why:\n{}", c.logs());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let (alpha_log, beta_log) = (logs_say("alpha"), logs_say("beta"));
+    assert!(alpha_log.contains("TLS handshake") && beta_log.contains("TLS handshake"));
+    assert_ne!(Cluster::peer(&c.status("alpha"), "beta")["connection"], "Connected");
 }

@@ -10,7 +10,7 @@
 use super::connection::{attach, PEER_REFUSED, STAND_ALONE};
 use super::{random_bytes, Shared};
 use crate::handshake_stream::HandshakeStream;
-use crate::tls::TlsError;
+use crate::tls::{Session, TlsError};
 use crate::wire::auth::{Role, Transcript};
 use crate::wire::seal::Protection;
 use crate::wire::{read_message_with, write_message_with, Hello, Message, WireError, PROTOCOL_VERSION};
@@ -57,18 +57,18 @@ impl Handshake {
         reason.to_owned()
     }
 
-    /// Runs the TLS handshake first when the links use TLS; returns the session's channel
-    /// binding (`None`: a plain link).
-    fn secure(&mut self, shared: &Shared, role: Role) -> Result<Option<[u8; 32]>, String> {
+    /// Runs the TLS handshake first when the links use TLS (`None`: a plain link). `dialed`:
+    /// the node this side dialed, whose certificate the acceptor must show.
+    fn secure(&mut self, shared: &Shared, dialed: Option<&str>) -> Result<Option<Session>, String> {
         let Some(tls) = &shared.tls else { return Ok(None) };
         debug_assert!(self.reader.buffer().is_empty(), "TLS comes before any frame is read");
         let reader = self.reader.get_mut();
-        let done = match role {
-            Role::Dialer => tls.dial(reader, &self.stream),
-            Role::Acceptor => tls.accept(reader, &self.stream),
+        let done = match dialed {
+            Some(peer) => tls.dial(reader, &self.stream, peer),
+            None => tls.accept(reader, &self.stream),
         };
         match done {
-            Ok(channel) => Ok(Some(channel)),
+            Ok(session) => Ok(Some(session)),
             // In clear, so that the plain peer's log says why too; it names nothing.
             Err(e @ TlsError::PlainPeer) => {
                 let reason = self.refuse(&e.to_string());
@@ -96,6 +96,11 @@ impl Handshake {
                 self.linger();
                 reason
             }
+            // 0x15: a TLS alert record, which a TLS 1.3 server sends a client whose certificate
+            // it refused after the client's side of the handshake had ended.
+            WireError::BadMagic { found } if found >> 24 == 0x15 => {
+                format!("{what}: the peer ended the TLS session with an alert: it refused this node's certificate (check `tls_ca` and `certificate` on both nodes)")
+            }
             e => format!("{what}: {e}"),
         }
     }
@@ -116,10 +121,13 @@ fn nonce() -> [u8; 32] {
 /// Takes a connection a peer dialed: its proof, then its Hello.
 pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
-    let channel = hs.secure(shared, Role::Acceptor)?;
+    let session = hs.secure(shared, None)?;
     let proven = match &shared.config.secret {
-        Some(secret) => Some(prove_after_dialer(shared, secret, &mut hs, channel)?),
-        None => None,
+        Some(secret) => Some(prove_after_dialer(shared, secret, &mut hs, session.as_ref().map(|s| s.channel))?),
+        None => {
+            protect_by_certificates(&mut hs, session.as_ref(), Role::Acceptor);
+            None
+        }
     };
     let hello = match hs.recv() {
         Ok(Message::Hello(hello)) => hello,
@@ -129,6 +137,11 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
         Ok(other) => return Err(hs.refuse(&format!("expected Hello, got {}", other.name()))),
         Err(e) => return Err(hs.unreadable("handshake", e)),
     };
+    // Before anything in the Hello is looked at: the dialer is the node its certificate names.
+    let named = shared.config.node_by_id(hello.from_node).filter(|peer| session.as_ref().is_none_or(|s| s.names(&peer.name)));
+    if named.is_none() {
+        return Err(hs.refuse(&format!("the peer's certificate does not name node id {}: check its `certificate`", hello.from_node)));
+    }
     let peer_id = check_hello(shared, &hello, proven).map_err(|reason| hs.refuse(&reason))?;
     if !shared.lock().replica.peer(peer_id).want_connect {
         return Err(hs.refuse(STAND_ALONE));
@@ -143,19 +156,30 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
 /// Connects to `peer_id` over a connection this node dialed: its proof first, then the Hellos.
 pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
-    let channel = hs.secure(shared, Role::Dialer)?;
-    if let Some(secret) = &shared.config.secret {
-        prove_first(shared, secret, &mut hs, peer_id, channel)?;
+    let peer_name = shared.config.node_by_id(peer_id).map(|peer| peer.name.clone()).unwrap_or_default();
+    let session = hs.secure(shared, Some(&peer_name))?;
+    match &shared.config.secret {
+        Some(secret) => prove_first(shared, secret, &mut hs, peer_id, session.map(|s| s.channel))?,
+        None => protect_by_certificates(&mut hs, session.as_ref(), Role::Dialer),
     }
     hs.send(&Message::Hello(my_hello(shared, peer_id)))?;
     let hello = match hs.recv() {
         Ok(Message::Hello(hello)) => hello,
         Ok(Message::Disconnect { reason }) => return Err(format!("{PEER_REFUSED}{reason}")),
         Ok(other) => return Err(hs.refuse(&format!("expected Hello, got {}", other.name()))),
-        Err(e) => return Err(format!("handshake: {e}")),
+        Err(e) => return Err(hs.unreadable("handshake", e)),
     };
     check_hello(shared, &hello, Some(peer_id)).map_err(|reason| hs.refuse(&reason))?;
     attach(shared, peer_id, hs)
+}
+
+/// On a link without a secret: its frames are sealed with keys from the TLS session (a link
+/// authenticated by certificates), or travel unprotected (a trusted network, no session).
+fn protect_by_certificates(hs: &mut Handshake, session: Option<&Session>, role: Role) {
+    if let Some(session) = session {
+        let (tx, rx) = session.protection(role);
+        (hs.tx, hs.rx) = (Some(tx), Some(rx));
+    }
 }
 
 /// The dialer's side of the proofs: it sends its nonce, takes the acceptor's, proves itself,
@@ -167,7 +191,7 @@ fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8, 
         Ok(Message::AuthChallenge { nonce }) => nonce,
         Ok(Message::Disconnect { reason }) => return Err(format!("{PEER_REFUSED}{reason}")),
         Ok(other) => return Err(hs.refuse(&format!("expected AuthChallenge, got {}", other.name()))),
-        Err(e) => return Err(format!("authentication: {e}")),
+        Err(e) => return Err(hs.unreadable("authentication", e)),
     };
     let transcript =
         Transcript { resource: &shared.config.name, dialer_nonce, acceptor_nonce, dialer: shared.me.id, acceptor: peer_id, channel };
@@ -177,7 +201,7 @@ fn prove_first(shared: &Shared, secret: &[u8], hs: &mut Handshake, peer_id: u8, 
         Ok(Message::AuthResponse { .. }) => return Err(hs.refuse(AUTH_FAILED)),
         Ok(Message::Disconnect { reason }) => return Err(format!("{PEER_REFUSED}{reason}")),
         Ok(other) => return Err(hs.refuse(&format!("expected AuthResponse, got {}", other.name()))),
-        Err(e) => return Err(format!("authentication: {e}")),
+        Err(e) => return Err(hs.unreadable("authentication", e)),
     }
     let (tx, rx) = transcript.protection(secret, Role::Dialer);
     (hs.tx, hs.rx) = (Some(tx), Some(rx));
@@ -200,7 +224,7 @@ fn prove_after_dialer(shared: &Shared, secret: &[u8], hs: &mut Handshake, channe
     let proof = match hs.recv() {
         Ok(Message::AuthResponse { mac }) => mac,
         Ok(other) => return Err(hs.refuse(&format!("expected AuthResponse, got {}", other.name()))),
-        Err(e) => return Err(format!("authentication: {e}")),
+        Err(e) => return Err(hs.unreadable("authentication", e)),
     };
     let transcript = |dialer: u8| Transcript {
         resource: &shared.config.name,

@@ -292,9 +292,10 @@ impl Engine {
             left_behind: None,
         };
         let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
-        let tls = match config.transport {
-            Transport::Tls => Some(crate::tls::LinkTls::for_this_run()?),
-            Transport::Plain => None,
+        let tls = match (config.transport, &config.tls_ca, &me.certificate) {
+            (Transport::Plain, _, _) => None,
+            (Transport::Tls, Some(ca), Some(own)) => Some(crate::tls::LinkTls::with_certificates(ca, own, &me.name)?),
+            (Transport::Tls, _, _) => Some(crate::tls::LinkTls::for_this_run()?),
         };
         let shared = Arc::new_cyclic(|this| Shared {
             this: this.clone(),

@@ -1,30 +1,50 @@
-//! TLS 1.3 on the peer links (rustls, `ring` provider): the key agreement and the channel
-//! binding the link's proofs and frame keys are tied to.
+//! TLS 1.3 on the peer links (rustls, `ring` provider): the key agreement, and either the
+//! peers' certificates or the channel binding the secret's proofs are tied to.
 //!
-//! With a shared secret (the only way peers authenticate today), the TLS certificates identify
-//! no one: each daemon makes a key pair and a self-signed certificate when it starts, and a
-//! dialer accepts any certificate whose key signed the handshake. Who the peer is, is proven
-//! afterwards inside the TLS session by the secret's proofs (`wire::auth`), over a value both
-//! ends export from their session ([`LinkTls::dial`], [`LinkTls::accept`]): a man in the
-//! middle holds two sessions with two different values, and no proof made for one verifies on
-//! the other. What TLS adds over the plain transport is confidentiality and forward secrecy
-//! (an ephemeral ECDHE exchange per connection); the frames are then sealed with keys from the
-//! same transcript (`wire::seal`).
+//! Peers authenticate in one of two ways:
+//! - **Certificates** (`tls_ca`, and each node's `certificate` and `certificate_key`,
+//!   [`LinkTls::with_certificates`]): both sides show a certificate that the resource's CA
+//!   signed; the dialer checks that the acceptor's names the node it dialed, the acceptor that
+//!   the dialer's names the node its Hello claims ([`Session::names`]). The frame keys are
+//!   exported from the session ([`Session::protection`]).
+//! - **A shared secret only** ([`LinkTls::for_this_run`]): the certificates identify no one.
+//!   Each daemon makes a key pair and a self-signed certificate when it starts, and a dialer
+//!   accepts any certificate whose key signed the handshake. Who the peer is, is proven
+//!   afterwards inside the TLS session by the secret's proofs (`wire::auth`), over a value both
+//!   ends export from their session ([`Session::channel`]): a man in the middle holds two
+//!   sessions with two different values, and no proof made for one verifies on the other.
+//!
+//! Either way TLS gives confidentiality and forward secrecy (an ephemeral ECDHE exchange per
+//! connection), and the frames are sealed per direction (`wire::seal`).
 
 mod record;
 
 use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, ConnectionCommon, DigitallySignedStruct, ServerConfig, ServerConnection, SignatureScheme};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    ClientConfig, ClientConnection, ConnectionCommon, DigitallySignedStruct, RootCertStore, ServerConfig, ServerConnection,
+    SignatureScheme,
+};
+
+use crate::config::NodeCertificate;
+use crate::wire::auth::Role;
+use crate::wire::seal::{FrameSeal, Protection};
 
 pub use record::RecordReader;
 
 /// The exporter label of the channel binding (RFC 8446, section 7.5).
 const CHANNEL_LABEL: &[u8] = b"EXPORTER-blkrepl-channel-binding";
+
+/// The exporter label of the frame keys of a link authenticated by certificates alone.
+const FRAME_KEYS_LABEL: &[u8] = b"EXPORTER-blkrepl-frame-keys";
 
 /// The name a dialer puts in its ClientHello; never checked (see the module documentation).
 const PEER_NAME: &str = "blkrepl-peer";
@@ -36,6 +56,14 @@ pub enum TlsError {
     Certificate(#[from] rcgen::Error),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("TLS configuration: {0:?}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("cannot read {}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("{} is readable by other users (mode {mode:o}): `chmod 600` it", path.display())]
+    KeyReadable { path: PathBuf, mode: u32 },
+    #[error("this node's certificate {} does not pass the checks its peers make: {reason}", path.display())]
+    OwnCertificate { path: PathBuf, reason: rustls::Error },
     #[error("the peer does not speak TLS: set the same `transport` on both nodes")]
     PlainPeer,
     #[error("TLS handshake: {0}")]
@@ -46,6 +74,50 @@ pub enum TlsError {
 pub struct LinkTls {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
+    /// With certificates: what checks that a peer's certificate names a node.
+    names: Option<Arc<WebPkiServerVerifier>>,
+}
+
+/// What one TLS handshake established.
+pub struct Session {
+    /// The channel binding: what the secret's proofs are bound to.
+    pub channel: [u8; 32],
+    /// Keys of both directions (from the dialer, from the acceptor), exported from the session.
+    frame_keys: [[u8; 32]; 2],
+    /// The certificate the peer showed, when the link uses certificates.
+    peer: Option<CertificateDer<'static>>,
+    names: Option<Arc<WebPkiServerVerifier>>,
+}
+
+/// Shows no key material.
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("peer_certificate", &self.peer.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// What protects the frames of a link authenticated by certificates alone: (what this side
+    /// sends with, what it receives with), for a side in `role`.
+    pub fn protection(&self, role: Role) -> (Protection, Protection) {
+        let [from_dialer, from_acceptor] = self.frame_keys.map(|key| Protection::Sealed(FrameSeal::new(key)));
+        match role {
+            Role::Dialer => (from_dialer, from_acceptor),
+            Role::Acceptor => (from_acceptor, from_dialer),
+        }
+    }
+
+    /// Whether the peer's certificate names `node` (always true on a link without
+    /// certificates, whose peers prove who they are with the secret). The CA already signed it:
+    /// the handshake checked that.
+    pub fn names(&self, node: &str) -> bool {
+        match (&self.names, &self.peer) {
+            (None, _) => true,
+            (Some(names), Some(peer)) => ServerName::try_from(node)
+                .is_ok_and(|name| names.verify_server_cert(peer, &[], &name, &[], UnixTime::now()).is_ok()),
+            (Some(_), None) => false,
+        }
+    }
 }
 
 impl LinkTls {
@@ -68,26 +140,96 @@ impl LinkTls {
             .with_no_client_auth();
         client.resumption = rustls::client::Resumption::disabled();
         client.enable_sni = false;
-        Ok(LinkTls { client: Arc::new(client), server: Arc::new(server) })
+        Ok(LinkTls { client: Arc::new(client), server: Arc::new(server), names: None })
     }
 
-    /// Runs the handshake of a connection this node dialed; returns its channel binding.
-    /// Reads no byte past the handshake.
-    pub fn dial<R: Read, W: Write>(&self, r: R, w: W) -> Result<[u8; 32], TlsError> {
-        let name = ServerName::try_from(PEER_NAME).expect("a valid DNS name");
+    /// Configurations for a node that proves who it is with `own` (its certificate and key)
+    /// and accepts peers whose certificates `ca` signed. Checks its own certificate as its
+    /// peers will (signed by `ca`, naming `node`), so a wrong file fails `up`, not every
+    /// handshake.
+    pub fn with_certificates(ca: &Path, own: &NodeCertificate, node: &str) -> Result<LinkTls, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for cert in certificates(ca)? {
+            roots.add(cert).map_err(|e| TlsError::File { path: ca.to_owned(), reason: e.to_string() })?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certificates(&own.certificate)?;
+        let key = private_key(&own.key)?;
+        let names = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let own_name = ServerName::try_from(node.to_owned()).map_err(|e| TlsError::File { path: own.certificate.clone(), reason: e.to_string() })?;
+        names
+            .verify_server_cert(&chain[0], &chain[1..], &own_name, &[], UnixTime::now())
+            .map_err(|reason| TlsError::OwnCertificate { path: own.certificate.clone(), reason })?;
+        let clients = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        server.send_tls13_tickets = 0;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        client.resumption = rustls::client::Resumption::disabled();
+        client.enable_sni = false;
+        Ok(LinkTls { client: Arc::new(client), server: Arc::new(server), names: Some(names) })
+    }
+
+    /// Runs the handshake of a connection this node dialed to `peer` (the node's name, which
+    /// its certificate must carry when the link uses certificates). Reads no byte past the
+    /// handshake.
+    pub fn dial<R: Read, W: Write>(&self, r: R, w: W, peer: &str) -> Result<Session, TlsError> {
+        let name = if self.names.is_some() { peer } else { PEER_NAME };
+        let name = ServerName::try_from(name.to_owned()).map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
         let mut conn = ClientConnection::new(self.client.clone(), name)?;
-        handshake(&mut conn, r, w)
+        self.handshake(&mut conn, r, w)
     }
 
-    /// Runs the handshake of a connection a peer dialed; returns its channel binding.
-    pub fn accept<R: Read, W: Write>(&self, r: R, w: W) -> Result<[u8; 32], TlsError> {
+    /// Runs the handshake of a connection a peer dialed.
+    pub fn accept<R: Read, W: Write>(&self, r: R, w: W) -> Result<Session, TlsError> {
         let mut conn = ServerConnection::new(self.server.clone())?;
-        handshake(&mut conn, r, w)
+        self.handshake(&mut conn, r, w)
+    }
+
+    fn handshake<Data>(&self, conn: &mut ConnectionCommon<Data>, r: impl Read, w: impl Write) -> Result<Session, TlsError> {
+        drive(conn, r, w)?;
+        let keys: [u8; 64] = conn.export_keying_material([0u8; 64], FRAME_KEYS_LABEL, None)?;
+        let (from_dialer, from_acceptor) = keys.split_at(32);
+        Ok(Session {
+            channel: conn.export_keying_material([0u8; 32], CHANNEL_LABEL, None)?,
+            frame_keys: [from_dialer.try_into().expect("32 bytes"), from_acceptor.try_into().expect("32 bytes")],
+            peer: conn.peer_certificates().and_then(|chain| chain.first()).map(|cert| cert.clone().into_owned()),
+            names: self.names.clone(),
+        })
     }
 }
 
+/// The certificates of a PEM file, at least one.
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let unreadable = |reason: String| TlsError::File { path: path.to_owned(), reason };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| unreadable(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(unreadable("no PEM certificate in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file that only its owner may read.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let meta = std::fs::metadata(path).map_err(|e| TlsError::File { path: path.to_owned(), reason: e.to_string() })?;
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyReadable { path: path.to_owned(), mode });
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File { path: path.to_owned(), reason: e.to_string() })
+}
+
 /// Drives `conn` through its handshake over a blocking reader and writer.
-fn handshake<Data>(conn: &mut ConnectionCommon<Data>, r: impl Read, w: impl Write) -> Result<[u8; 32], TlsError> {
+fn drive<Data>(conn: &mut ConnectionCommon<Data>, r: impl Read, w: impl Write) -> Result<(), TlsError> {
     let mut io = Duplex { r: RecordReader::new(r), w };
     let done = (|| {
         while conn.is_handshaking() {
@@ -102,7 +244,7 @@ fn handshake<Data>(conn: &mut ConnectionCommon<Data>, r: impl Read, w: impl Writ
     match done {
         Err(_) if io.r.saw_plain_frame() => Err(TlsError::PlainPeer),
         Err(e) => Err(TlsError::Handshake(e)),
-        Ok(()) => Ok(conn.export_keying_material([0u8; 32], CHANNEL_LABEL, None)?),
+        Ok(()) => Ok(()),
     }
 }
 
@@ -184,22 +326,25 @@ mod tests {
         let (dialer, acceptor) = pair();
         let (tls_a, tls_b) = (LinkTls::for_this_run().unwrap(), LinkTls::for_this_run().unwrap());
         let accepting = std::thread::spawn(move || {
-            let binding = tls_b.accept(&acceptor, &acceptor).unwrap();
+            let session = tls_b.accept(&acceptor, &acceptor).unwrap();
             let mut next = [0u8; 9];
             (&acceptor).read_exact(&mut next).unwrap();
-            (binding, next)
+            (session, next)
         });
-        let binding = tls_a.dial(&dialer, &dialer).unwrap();
+        let session = tls_a.dial(&dialer, &dialer, "beta").unwrap();
         // Sent right behind the client's Finished, as a dialer's first frame is.
         (&dialer).write_all(b"BLKR next").unwrap();
         let (accepted, next) = accepting.join().unwrap();
-        assert_eq!(binding, accepted);
+        assert_eq!(session.channel, accepted.channel);
+        assert_eq!(session.frame_keys, accepted.frame_keys);
+        assert_ne!(session.frame_keys[0], session.frame_keys[1], "a key per direction");
+        assert!(accepted.names("alpha") && accepted.names("anyone"), "without certificates the secret says who the peer is");
         assert_eq!(&next, b"BLKR next");
 
         let (dialer, acceptor) = pair();
         let (tls_a, tls_b) = (LinkTls::for_this_run().unwrap(), LinkTls::for_this_run().unwrap());
         let accepting = std::thread::spawn(move || tls_b.accept(&acceptor, &acceptor).unwrap());
-        assert_ne!(tls_a.dial(&dialer, &dialer).unwrap(), binding, "every session has its own binding");
+        assert_ne!(tls_a.dial(&dialer, &dialer, "beta").unwrap().channel, session.channel, "every session has its own binding");
         accepting.join().unwrap();
     }
 
@@ -212,7 +357,7 @@ mod tests {
         drop(dialer);
         let (dialer, acceptor) = pair();
         (&acceptor).write_all(b"BLKR\0\x30\0\0\0\0\0\0\0\0\0\0").unwrap();
-        let err = LinkTls::for_this_run().unwrap().dial(&dialer, &dialer).unwrap_err();
+        let err = LinkTls::for_this_run().unwrap().dial(&dialer, &dialer, "alpha").unwrap_err();
         assert!(matches!(err, TlsError::PlainPeer), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod nbd_client;
 pub mod netns;
+pub mod pki;
 pub mod promoter;
 
 use serde_json::Value;
@@ -88,7 +89,8 @@ impl Cluster {
         };
         let metrics_key = |i: usize| metrics_addresses.get(i).map_or(String::new(), |a| format!("metrics_address = \"{a}\"\n"));
         // Peers authenticate, as a daemon requires, unless a test sets its own terms.
-        let auth = if options.extra.contains("secret") || options.extra.contains("trusted_network") { "" } else { TEST_SECRET };
+        let auth = ["secret", "trusted_network", "tls_ca"].iter().any(|key| options.extra.contains(key));
+        let auth = if auth { "" } else { TEST_SECRET };
         let mut text = format!(
             "name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{auth}\n{}\n",
             options.protocol, options.quorum, options.extra
