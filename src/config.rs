@@ -132,6 +132,8 @@ pub struct ResourceConfig {
     /// The certificate authority (PEM) that signs every node's certificate (`tls_ca`): peers
     /// then authenticate with certificates that name them.
     pub tls_ca: Option<PathBuf>,
+    /// NBD clients must start TLS and show a certificate `tls_ca` signed (`nbd_tls`).
+    pub nbd_tls: bool,
     /// Bytes of data per dirty-bitmap bit.
     pub bitmap_block_size: u32,
     /// Activity-log slots (hot 4 MiB extents).
@@ -317,6 +319,8 @@ struct RawResource {
     trusted_network: bool,
     transport: Option<String>,
     tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    nbd_tls: bool,
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     resync_rate_max_kib: Option<u64>,
@@ -500,14 +504,15 @@ impl ResourceConfig {
             ));
         }
         let exposed = self.nodes.iter().filter_map(|n| match n.frontend {
-            Frontend::Nbd(address) if !address.ip().is_loopback() => Some((n, address)),
+            Frontend::Nbd(address) if !address.ip().is_loopback() && !self.nbd_tls => Some((n, address)),
             _ => None,
         });
         for (node, address) in exposed {
             warnings.push(format!(
                 "{}: node {} exports NBD on {address}, which other hosts can reach: NBD clients are neither \
-                 authenticated nor encrypted, so anyone who reaches it reads and writes the device; bind it to \
-                 127.0.0.1 (or a host-only address), or firewall it",
+                 authenticated nor encrypted, so anyone who reaches it reads and writes the device; set \
+                 nbd_tls = true (clients then need a certificate from `tls_ca`), bind it to 127.0.0.1 (or a \
+                 host-only address), or firewall it",
                 self.path.display(),
                 node.name
             ));
@@ -618,6 +623,13 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
     if let Some(short) = secret.as_ref().filter(|s| s.len() < min) {
         let key = if raw_secret_file { "secret_file" } else { "secret" };
         return Err(invalid(path, key, format!("is {} bytes; a shared secret needs at least {min} (a short one can be guessed from one handshake)", short.len())));
+    }
+    if raw.nbd_tls && raw.tls_ca.is_none() {
+        return Err(invalid(
+            path,
+            "nbd_tls",
+            "needs `tls_ca` and each node's `certificate`: an NBD client checks the node's certificate and shows one the CA signed",
+        ));
     }
     let authenticated = secret.is_some() || raw.tls_ca.is_some();
     let transport = match (raw.transport.as_deref(), authenticated) {
@@ -807,6 +819,7 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
         trusted_network: raw.trusted_network,
         transport,
         tls_ca: raw.tls_ca,
+        nbd_tls: raw.nbd_tls,
         bitmap_block_size,
         al_extents,
         resync_rate_max_kib,
@@ -1355,6 +1368,11 @@ disk = "/var/lib/blkrepl/beta.img"
             let err = error_of(&text);
             assert!(err.contains(&format!("`{key}`")) && err.contains(why), "{key}: {err}");
         }
+        let err = error_of(&with("nbd_tls = true", "", ""));
+        assert!(err.contains("`nbd_tls`") && err.contains("needs `tls_ca`"), "{err}");
+        let exported = with(&format!("{ca}\nnbd_tls = true"), &own("alpha"), &own("beta")).replace("127.0.0.1:10809", "0.0.0.0:10809");
+        let exported = parse(&exported).unwrap();
+        assert!(exported.nbd_tls && exported.warnings().iter().all(|w| !w.contains("exports NBD")), "TLS-only NBD is not warned about");
         let odd_name = with(ca, &own("alpha"), &own("beta")).replace("name = \"beta\"", "name = \"beta 2\"");
         let err = error_of(&odd_name);
         assert!(err.contains("`node[1].name`") && err.contains("not a DNS name"), "{err}");

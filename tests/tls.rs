@@ -227,10 +227,14 @@ fn a_node_whose_own_certificate_or_key_is_wrong_cannot_start() {
     assert!(error(&empty, "alpha").contains("no PEM certificate"), "{}", error(&empty, "alpha"));
 }
 
-/// alpha and beta authenticated by certificates (no secret): the resource's `tls_ca` is
-/// `pki`'s, alpha's certificate is from `pki` and beta's from `beta_pki`. Not up yet.
-fn pair_with_certificates(pki: &Pki, beta_pki: &Pki) -> Cluster {
-    let c = Cluster::new(&["alpha", "beta"], Options { disk_mib: 16, extra: "tls_ca = \"@CA@\"", ..Options::default() });
+const CERTIFICATES: &str = "tls_ca = \"@CA@\"";
+const CERTIFICATES_AND_NBD_TLS: &str = "tls_ca = \"@CA@\"\nnbd_tls = true";
+
+/// alpha and beta authenticated by certificates (no secret; `extra`: one of the above): the
+/// resource's `tls_ca` is `pki`'s, alpha's certificate is from `pki` and beta's from
+/// `beta_pki`. Not up yet.
+fn pair_with_certificates(pki: &Pki, beta_pki: &Pki, extra: &'static str) -> Cluster {
+    let c = Cluster::new(&["alpha", "beta"], Options { disk_mib: 16, extra, ..Options::default() });
     c.edit_config("@CA@", &pki.ca.display().to_string());
     for (node, issuer) in [("alpha", pki), ("beta", beta_pki)] {
         let own = issuer.issue(node, &[node]);
@@ -244,7 +248,7 @@ fn pair_with_certificates(pki: &Pki, beta_pki: &Pki) -> Cluster {
 fn nodes_with_certificates_from_the_resource_ca_replicate_without_a_secret() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "ca");
-    let c = pair_with_certificates(&pki, &pki);
+    let c = pair_with_certificates(&pki, &pki, CERTIFICATES);
     c.create_md_and_up();
     c.wait_for("alpha", "beta connected", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
     c.ok("alpha", &["primary", "--force", "r0"]);
@@ -258,7 +262,7 @@ fn a_node_whose_certificate_another_ca_signed_is_refused_and_both_logs_say_why()
     let dir = tempfile::tempdir().unwrap();
     let (pki, other) = (Pki::new(dir.path(), "ca"), Pki::new(dir.path(), "other-ca"));
     // beta's file names the right CA, but its certificate is from another: it cannot start.
-    let c = pair_with_certificates(&pki, &other);
+    let c = pair_with_certificates(&pki, &other, CERTIFICATES);
     c.ok("alpha", &["create-md", "r0"]);
     c.ok("alpha", &["up", "r0"]);
     c.ok("beta", &["create-md", "r0"]);
@@ -286,4 +290,71 @@ fn a_node_whose_certificate_another_ca_signed_is_refused_and_both_logs_say_why()
     let (alpha_log, beta_log) = (logs_say("alpha"), logs_say("beta"));
     assert!(alpha_log.contains("TLS handshake") && beta_log.contains("TLS handshake"));
     assert_ne!(Cluster::peer(&c.status("alpha"), "beta")["connection"], "Connected");
+}
+
+/// qemu-io on alpha's export with `commands`, over TLS with the credentials in `creds` (a
+/// directory as qemu wants it), or in clear: whether it succeeded, and what it said.
+fn qemu_io(c: &Cluster, creds: Option<&std::path::Path>, commands: &[&str]) -> (bool, String) {
+    let mut qemu = Command::new("qemu-io");
+    let port = c.nbd_ports[0];
+    match creds {
+        Some(dir) => {
+            qemu.arg("--object").arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", dir.display()));
+            qemu.args(["--image-opts", &format!("driver=nbd,host=127.0.0.1,port={port},export=r0,tls-creds=tls0,tls-hostname=alpha")]);
+        }
+        None => {
+            qemu.args(["-f", "raw", &format!("nbd://127.0.0.1:{port}/r0")]);
+        }
+    }
+    for command in commands {
+        qemu.args(["-c", command]);
+    }
+    let out = qemu.output().expect("qemu-io runs");
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    // qemu-io reports a failed command on stdout and still exits 0.
+    (out.status.success() && !said.contains("failed") && !said.contains("can't open"), said)
+}
+
+/// A directory of qemu client credentials: `ca`'s certificate, and a client certificate from
+/// `issuer` (none: the client has no certificate).
+fn qemu_credentials(dir: &std::path::Path, name: &str, ca: &Pki, issuer: Option<&Pki>) -> PathBuf {
+    let creds = dir.join(name);
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::copy(&ca.ca, creds.join("ca-cert.pem")).unwrap();
+    if let Some(issuer) = issuer {
+        let own = issuer.issue(&format!("{name}-client"), &[name]);
+        std::fs::copy(&own.certificate, creds.join("client-cert.pem")).unwrap();
+        std::fs::copy(&own.key, creds.join("client-key.pem")).unwrap();
+    }
+    creds
+}
+
+#[test]
+fn an_nbd_client_needs_tls_and_a_certificate_from_the_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, other) = (Pki::new(dir.path(), "ca"), Pki::new(dir.path(), "other-ca"));
+    let c = pair_with_certificates(&pki, &pki, CERTIFICATES_AND_NBD_TLS);
+    c.create_md_and_up();
+    c.wait_for("alpha", "beta connected", |s| Cluster::peer(s, "beta")["connection"] == "Connected");
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+
+    let vm = qemu_credentials(dir.path(), "vm1", &pki, Some(&pki));
+    let (ok, said) = qemu_io(&c, Some(&vm), &["write -P 0x4d 1M 1M", "read -P 0x4d 1M 1M"]);
+    assert!(ok, "a client with a certificate from the CA: {said}");
+
+    let (ok, said) = qemu_io(&c, None, &["write -P 0x11 1M 4k"]);
+    assert!(!ok && said.contains("requires TLS"), "a client in clear: {said}");
+    let no_certificate = qemu_credentials(dir.path(), "anonymous", &pki, None);
+    let (ok, said) = qemu_io(&c, Some(&no_certificate), &["write -P 0x12 1M 4k"]);
+    assert!(!ok, "a client without a certificate: {said}");
+    let foreign = qemu_credentials(dir.path(), "foreign", &pki, Some(&other));
+    let (ok, said) = qemu_io(&c, Some(&foreign), &["write -P 0x13 1M 4k"]);
+    assert!(!ok, "a client whose certificate another CA signed: {said}");
+
+    let (ok, said) = qemu_io(&c, Some(&vm), &["read -P 0x4d 1M 1M"]);
+    assert!(ok, "nothing the refused clients sent was written: {said}");
+    assert!(c.data_of("beta", 2 * MIB)[MIB as usize..].iter().all(|b| *b == 0x4d), "replicated");
+    let log = std::fs::read_to_string(c.run_dir().join("r0.alpha.log")).unwrap();
+    assert!(log.contains("peer sent no certificates"), "alpha says why it closed the anonymous client:\n{}", c.logs());
 }

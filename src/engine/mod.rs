@@ -454,8 +454,12 @@ impl Engine {
         match &shared.me.frontend {
             Frontend::None => Ok(None),
             Frontend::Nbd(address) => {
-                let server = NbdServer::bind(&address.to_string())
+                let mut server = NbdServer::bind(&address.to_string())
                     .map_err(|source| EngineError::Nbd { address: *address, source })?;
+                if shared.config.nbd_tls {
+                    let tls = shared.tls.as_ref().and_then(|tls| tls.export_config());
+                    server = server.require_tls(tls.expect("nbd_tls needs tls_ca, which makes the links' TLS use certificates"));
+                }
                 let export_name = shared.config.name.clone();
                 Ok(Some(Export::Nbd { handle: server.serve(&export_name, device), export_name }))
             }

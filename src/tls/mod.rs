@@ -17,6 +17,7 @@
 //! Either way TLS gives confidentiality and forward secrecy (an ephemeral ECDHE exchange per
 //! connection), and the frames are sealed per direction (`wire::seal`).
 
+pub mod channel;
 mod record;
 
 use std::io::{self, Read, Write};
@@ -174,6 +175,12 @@ impl LinkTls {
         client.resumption = rustls::client::Resumption::disabled();
         client.enable_sni = false;
         Ok(LinkTls { client: Arc::new(client), server: Arc::new(server), names: Some(names) })
+    }
+
+    /// What an NBD export that requires TLS serves with: this node's certificate, and client
+    /// certificates the resource's CA signed. `None` without certificates.
+    pub fn export_config(&self) -> Option<Arc<ServerConfig>> {
+        self.names.as_ref().map(|_| self.server.clone())
     }
 
     /// Runs the handshake of a connection this node dialed to `peer` (the node's name, which

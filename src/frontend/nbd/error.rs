@@ -21,6 +21,12 @@ pub enum SessionError {
     BadRequestMagic(u32),
     #[error("request of type {kind} has a {len}-byte length, over the maximum payload")]
     OversizedRequest { kind: u16, len: u32 },
+    #[error("client asked for the export with NBD_OPT_EXPORT_NAME without TLS, which this export requires")]
+    TlsRequired,
+    #[error("client sent data after NBD_OPT_STARTTLS before the TLS handshake")]
+    DataBeforeTls,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 impl SessionError {

@@ -1,8 +1,11 @@
 //! The fixed-newstyle handshake and option haggling, up to the transmission phase.
 //!
 //! We support the options a modern client needs to find and open our single export (`GO`,
-//! `INFO`, `LIST`, legacy `EXPORT_NAME`) and refuse everything else with `REP_ERR_UNSUP`,
-//! notably `STRUCTURED_REPLY`: we only ever send simple replies.
+//! `INFO`, `LIST`, legacy `EXPORT_NAME`), and `STARTTLS` where the export requires TLS, and
+//! refuse everything else with `REP_ERR_UNSUP`, notably `STRUCTURED_REPLY`: we only ever send
+//! simple replies. Where TLS is required, every option but `STARTTLS` and `ABORT` before it is
+//! refused with `REP_ERR_TLS_REQD` (and `EXPORT_NAME`, which has no error reply, ends the
+//! session), so nothing about the export is said in clear.
 
 use std::io::{Read, Write};
 
@@ -19,17 +22,24 @@ pub enum Outcome {
     Transmission,
     /// The client sent `OPT_ABORT`.
     Aborted,
+    /// The client sent `OPT_STARTTLS` and it was acknowledged: the TLS handshake follows, then
+    /// haggling goes on inside TLS.
+    StartTls,
 }
 
-/// Greets the client and answers its options until it picks our export or gives up.
-///
-/// Reads and writes are separate handles so the caller can read through a buffer that it keeps
-/// for the transmission phase (a client may pipeline its first request behind `OPT_GO`).
-pub fn negotiate<R: Read, W: Write>(
-    reader: &mut R,
-    writer: &mut W,
-    export: &Export,
-) -> Result<Outcome, SessionError> {
+/// Where the session stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// The export does not offer TLS.
+    Off,
+    /// The export requires TLS and the client has not started it yet.
+    Required,
+    /// Haggling goes on inside TLS.
+    On,
+}
+
+/// Greets the client and reads its flags; returns whether it asked for no zeroes.
+pub fn greet<R: Read, W: Write>(reader: &mut R, writer: &mut W) -> Result<bool, SessionError> {
     writer.write_all(&p::greeting())?;
     let client_flags = read_u32(reader)?;
     if client_flags & !(p::FLAG_C_FIXED_NEWSTYLE | p::FLAG_C_NO_ZEROES) != 0
@@ -37,8 +47,20 @@ pub fn negotiate<R: Read, W: Write>(
     {
         return Err(SessionError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & p::FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & p::FLAG_C_NO_ZEROES != 0)
+}
 
+/// Answers the client's options until it picks our export, gives up, or starts TLS.
+///
+/// Reads and writes are separate handles so the caller can read through a buffer that it keeps
+/// for the transmission phase (a client may pipeline its first request behind `OPT_GO`).
+pub fn haggle<R: Read, W: Write>(
+    reader: &mut R,
+    writer: &mut W,
+    export: &Export,
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Outcome, SessionError> {
     loop {
         let mut header = [0; OptionHeader::LEN];
         reader.read_exact(&mut header)?;
@@ -48,6 +70,28 @@ pub fn negotiate<R: Read, W: Write>(
         debug!(option, len, "client option");
 
         match option {
+            p::OPT_STARTTLS => match tls {
+                Tls::Off => reply_error(writer, option, p::REP_ERR_UNSUP, "this export does not offer TLS")?,
+                Tls::On => reply_error(writer, option, p::REP_ERR_INVALID, "TLS is already on")?,
+                Tls::Required if !payload.is_empty() => {
+                    reply_error(writer, option, p::REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?
+                }
+                Tls::Required => {
+                    writer.write_all(&p::option_reply(option, p::REP_ACK, &[]))?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
+            p::OPT_ABORT => {
+                // The client may already have hung up without waiting for our ACK.
+                if let Err(error) = writer.write_all(&p::option_reply(option, p::REP_ACK, &[])) {
+                    debug!(%error, "could not acknowledge OPT_ABORT");
+                }
+                return Ok(Outcome::Aborted);
+            }
+            p::OPT_EXPORT_NAME if tls == Tls::Required => return Err(SessionError::TlsRequired),
+            _ if tls == Tls::Required => {
+                reply_error(writer, option, p::REP_ERR_TLS_REQD, "this export requires TLS: send NBD_OPT_STARTTLS first")?
+            }
             p::OPT_EXPORT_NAME => {
                 // This legacy option has no error reply: an unknown name ends the session.
                 if !export.matches(&payload) {
@@ -63,13 +107,6 @@ pub fn negotiate<R: Read, W: Write>(
                 }
                 writer.write_all(&reply)?;
                 return Ok(Outcome::Transmission);
-            }
-            p::OPT_ABORT => {
-                // The client may already have hung up without waiting for our ACK.
-                if let Err(error) = writer.write_all(&p::option_reply(option, p::REP_ACK, &[])) {
-                    debug!(%error, "could not acknowledge OPT_ABORT");
-                }
-                return Ok(Outcome::Aborted);
             }
             p::OPT_LIST if !payload.is_empty() => {
                 reply_error(writer, option, p::REP_ERR_INVALID, "OPT_LIST takes no data")?;

@@ -1,8 +1,9 @@
 //! The NBD frontend: serves a [`BlockDevice`] to NBD clients (qemu, the Linux `nbd` driver).
 //!
 //! Plain blocking sockets and threads: one accept thread, and per client one thread that runs
-//! the handshake and then reads requests. Replies are written by whichever thread completes
-//! the request. We speak fixed newstyle with simple replies only, and export one device.
+//! the handshake and then reads requests, and one that writes its replies. We speak fixed
+//! newstyle with simple replies only, and export one device, over TLS (STARTTLS, the client
+//! showing a certificate the configured CA signed) where the server requires it.
 //!
 //! Modules, in the order a connection meets them: `handshake` (option haggling), `request`
 //! (validating a request), `inflight` (bounding outstanding work), `transmission` (the request
@@ -29,10 +30,13 @@ use std::time::Duration;
 
 use tracing::{debug, debug_span, warn};
 
+use rustls::ServerConfig;
+
 use self::error::SessionError;
-use self::handshake::Outcome;
+use self::handshake::{Outcome, Tls};
 use crate::frontend::BlockDevice;
 use crate::handshake_stream::HandshakeStream;
+use crate::tls::channel;
 
 /// Read buffer per client: large enough to batch small requests into one syscall.
 const READ_BUFFER: usize = 64 * 1024;
@@ -51,6 +55,7 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 pub struct NbdServer {
     listener: TcpListener,
     local_addr: SocketAddr,
+    tls: Option<Arc<ServerConfig>>,
 }
 
 impl NbdServer {
@@ -58,7 +63,13 @@ impl NbdServer {
     pub fn bind(addr: &str) -> io::Result<NbdServer> {
         let listener = TcpListener::bind(addr)?;
         let local_addr = listener.local_addr()?;
-        Ok(NbdServer { listener, local_addr })
+        Ok(NbdServer { listener, local_addr, tls: None })
+    }
+
+    /// Serves clients over TLS only: each must start it (`NBD_OPT_STARTTLS`) before anything
+    /// else, and `config` decides which client certificates it accepts.
+    pub fn require_tls(self, config: Arc<ServerConfig>) -> NbdServer {
+        NbdServer { tls: Some(config), ..self }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -76,6 +87,7 @@ impl NbdServer {
         let shared = Arc::new(Shared {
             export_name: export_name.to_owned(),
             device,
+            tls: self.tls,
             transmitting: AtomicUsize::new(0),
             clients: Mutex::new(Clients::default()),
         });
@@ -193,6 +205,8 @@ impl Export {
 struct Shared {
     export_name: String,
     device: Arc<dyn BlockDevice>,
+    /// Set when clients must speak TLS.
+    tls: Option<Arc<ServerConfig>>,
     transmitting: AtomicUsize,
     clients: Mutex<Clients>,
 }
@@ -283,15 +297,47 @@ fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
     let handshaking = HandshakeStream::handshaking(stream.try_clone()?, HANDSHAKE_DEADLINE)?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, handshaking);
     let mut writer = stream;
-    if handshake::negotiate(&mut reader, &mut writer, &export)? == Outcome::Aborted {
-        debug!("client aborted the handshake");
-        return Ok(());
+    let no_zeroes = handshake::greet(&mut reader, &mut writer)?;
+    let tls = if shared.tls.is_some() { Tls::Required } else { Tls::Off };
+    match handshake::haggle(&mut reader, &mut writer, &export, no_zeroes, tls)? {
+        Outcome::Aborted => debug!("client aborted the handshake"),
+        Outcome::Transmission => {
+            reader.get_mut().handshake_done(None)?;
+            transmit(&mut reader, Box::new(stream.try_clone()?), stream, shared, &export)?;
+        }
+        Outcome::StartTls => {
+            if !reader.buffer().is_empty() {
+                return Err(SessionError::DataBeforeTls);
+            }
+            let config = shared.tls.clone().expect("STARTTLS is acknowledged only when TLS is configured");
+            let (tls_reader, mut tls_writer) = channel::accept(config, reader.into_inner(), stream.try_clone()?)?;
+            let mut reader = BufReader::with_capacity(READ_BUFFER, tls_reader);
+            match handshake::haggle(&mut reader, &mut tls_writer, &export, no_zeroes, Tls::On)? {
+                Outcome::Aborted => debug!("client aborted the handshake"),
+                Outcome::StartTls => unreachable!("STARTTLS inside TLS is refused"),
+                Outcome::Transmission => {
+                    reader.get_mut().socket_mut().handshake_done(None)?;
+                    transmit(&mut reader, Box::new(tls_writer), stream, shared, &export)?;
+                }
+            }
+        }
     }
-    reader.get_mut().handshake_done(None)?;
-    debug!(size = export.size, block_size = export.block_size, "entering transmission");
+    Ok(())
+}
+
+/// The transmission phase: requests from `reader`, replies through `replies` (the socket, or
+/// the session's TLS writer).
+fn transmit(
+    reader: &mut impl io::Read,
+    replies: Box<dyn io::Write + Send>,
+    stream: &TcpStream,
+    shared: &Shared,
+    export: &Export,
+) -> Result<(), SessionError> {
+    debug!(size = export.size, block_size = export.block_size, tls = shared.tls.is_some(), "entering transmission");
     let _counted = Transmitting::enter(&shared.transmitting);
     let client = stream.peer_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    transmission::serve(&mut reader, stream.try_clone()?, &shared.device, &export, &client)
+    transmission::serve(reader, stream.try_clone()?, replies, &shared.device, export, &client)
 }
 
 /// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.

@@ -42,12 +42,13 @@ pub struct ReplySink {
 }
 
 impl ReplySink {
-    /// Starts the client's writer thread on `stream`.
-    pub fn new(stream: TcpStream, name: &str) -> io::Result<ReplySink> {
+    /// Starts the client's writer thread, writing through `out` to `stream` (the socket itself,
+    /// or a TLS session on it).
+    pub fn new(stream: TcpStream, out: Box<dyn Write + Send>, name: &str) -> io::Result<ReplySink> {
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let (tx, rx) = channel();
         let writer_stream = stream.try_clone()?;
-        let writer = thread::Builder::new().name(format!("nbd-w-{name}")).spawn(move || write_replies(&writer_stream, &rx))?;
+        let writer = thread::Builder::new().name(format!("nbd-w-{name}")).spawn(move || write_replies(&writer_stream, out, &rx))?;
         Ok(ReplySink { queue: Mutex::new(Some(tx)), writer: Mutex::new(Some(writer)), stream })
     }
 
@@ -77,14 +78,14 @@ impl ReplySink {
 
 /// The writer thread: sends replies in the order they were queued until the queue closes or a
 /// write fails (then the connection is shut down, which ends the client's reader too).
-fn write_replies(mut stream: &TcpStream, replies: &Receiver<Reply>) {
+fn write_replies(stream: &TcpStream, mut out: Box<dyn Write + Send>, replies: &Receiver<Reply>) {
     for reply in replies {
         let (error, data) = match &reply.outcome {
             Ok(data) => (None, &data[..]),
             Err(errno) => (Some(*errno), &[][..]),
         };
         let header = simple_reply(error, reply.cookie);
-        if let Err(error) = stream.write_all(&header).and_then(|()| stream.write_all(data)) {
+        if let Err(error) = out.write_all(&header).and_then(|()| out.write_all(data)) {
             let stalled = matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut);
             if stalled {
                 warn!(cookie = reply.cookie, "NBD client read no reply for {REPLY_TIMEOUT:?}: disconnecting it");

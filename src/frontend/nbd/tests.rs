@@ -297,12 +297,56 @@ fn unknown_and_structured_reply_options_are_unsupported_but_negotiation_goes_on(
     let (server, _) = serve_mem();
     let mut client = RawClient::connect(server.local_addr());
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
-    for option in [8 /* STRUCTURED_REPLY */, 5 /* STARTTLS */, 0x7fff_0000] {
+    for option in [8 /* STRUCTURED_REPLY */, OPT_STARTTLS /* TLS is not configured */, 0x7fff_0000] {
         client.send_option(option, &[1, 2, 3]);
         let reply = client.read_option_reply();
         assert_eq!((reply.option, reply.reply_type), (option, REP_ERR_UNSUP));
     }
     assert_eq!(client.go(b"disk").last().unwrap().reply_type, REP_ACK);
+}
+
+/// A server that requires TLS, with a certificate made for the test.
+fn serve_tls_only() -> NbdHandle {
+    let made = rcgen::generate_simple_self_signed(vec!["disk".to_owned()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(made.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![made.cert.der().clone()], key)
+        .unwrap();
+    let device = Arc::new(MemDevice::new(SIZE as usize));
+    NbdServer::bind("127.0.0.1:0").unwrap().require_tls(Arc::new(config)).serve("disk", device)
+}
+
+#[test]
+fn a_tls_only_export_says_nothing_before_starttls_and_then_expects_a_tls_handshake() {
+    let server = serve_tls_only();
+    let mut client = RawClient::connect(server.local_addr());
+    client.send_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    for option in [OPT_GO, OPT_INFO, OPT_LIST, 8 /* STRUCTURED_REPLY */] {
+        let payload: &[u8] = if option == OPT_LIST { &[] } else { &[0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 0] };
+        client.send_option(option, payload);
+        let reply = client.read_option_reply();
+        assert_eq!((reply.option, reply.reply_type), (option, REP_ERR_TLS_REQD));
+        assert!(!String::from_utf8_lossy(&reply.payload).contains("disk"), "the export is not named");
+    }
+    client.send_option(OPT_STARTTLS, &[1]);
+    assert_eq!(client.read_option_reply().reply_type, REP_ERR_INVALID, "STARTTLS takes no data");
+    client.send_option(OPT_STARTTLS, &[]);
+    let ack = client.read_option_reply();
+    assert_eq!((ack.option, ack.reply_type), (OPT_STARTTLS, REP_ACK));
+    // Anything but a TLS handshake now ends the session, with at most a TLS alert.
+    client.send_option(OPT_GO, &[0, 0, 0, 0, 0, 0]);
+    let mut rest = Vec::new();
+    let _ = client.stream.read_to_end(&mut rest);
+    assert!(rest.is_empty() || rest[0] == 0x15, "an alert record at most, then the end: {rest:?}");
+
+    let mut legacy = RawClient::connect(server.local_addr());
+    legacy.send_flags(FLAG_C_FIXED_NEWSTYLE);
+    legacy.send_option(OPT_EXPORT_NAME, b"disk");
+    legacy.expect_closed();
 }
 
 #[test]

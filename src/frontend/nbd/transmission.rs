@@ -25,15 +25,16 @@ use crate::frontend::{BlockDevice, BlockRequest, BlockResult, Completion};
 /// down; then waits for every submitted request to complete before closing.
 ///
 /// `reader` reads from `stream` (buffered, possibly holding bytes the client sent right after
-/// the handshake); `stream` is used for replies.
+/// the handshake); replies go through `replies`, which writes to `stream`.
 pub fn serve<R: Read>(
     reader: &mut R,
     stream: TcpStream,
+    replies: Box<dyn io::Write + Send>,
     device: &Arc<dyn BlockDevice>,
     export: &Export,
     client: &str,
 ) -> Result<(), SessionError> {
-    let sink = Arc::new(ReplySink::new(stream, client)?);
+    let sink = Arc::new(ReplySink::new(stream, replies, client)?);
     let inflight = InFlight::new();
     let result = read_requests(reader, &sink, &inflight, device.as_ref(), export);
     // Requests already submitted still get their replies if the client is listening; the
