@@ -28,7 +28,7 @@ fn connect(address: SocketAddr, tls: bool) -> TcpStream {
     let stream = TcpStream::connect(address).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     if tls {
-        LinkTls::for_this_run().unwrap().dial(&stream, &stream).unwrap();
+        LinkTls::for_this_run().unwrap().dial(&stream, &stream, "alpha").unwrap();
     }
     stream
 }
@@ -145,7 +145,7 @@ fn a_stranger_learns_nothing(extra: &'static str, tls: bool) {
     } else {
         let stream = TcpStream::connect(alpha).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let err = LinkTls::for_this_run().unwrap().dial(&stream, &stream).unwrap_err();
+        let err = LinkTls::for_this_run().unwrap().dial(&stream, &stream, "alpha").unwrap_err();
         assert!(err.to_string().contains("does not speak TLS"), "{err}");
         let mut heard = Vec::new();
         let _ = (&stream).read_to_end(&mut heard);
