@@ -45,10 +45,42 @@ pub enum Frontend {
     /// No export (a node without `nbd` and no `frontend` key, as before frontends were chosen).
     None,
     /// An NBD server on this address.
-    Nbd(SocketAddr),
+    Nbd(NbdAddress),
     /// A Linux ublk block device, `/dev/ublkbN`.
     Ublk(UblkSettings),
 }
+
+/// Where a node's NBD export listens (`nbd`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddress {
+    /// `"IP:PORT"`.
+    Tcp(SocketAddr),
+    /// `"unix:/ABSOLUTE/PATH"`: a Unix socket; only who may write the file (its `mode`, from
+    /// `nbd_socket_mode`) can connect.
+    Unix { path: PathBuf, mode: u32 },
+}
+
+impl NbdAddress {
+    /// The NBD URI of `export` here, as qemu and nbdinfo take it.
+    pub fn url(&self, export: &str) -> String {
+        match self {
+            NbdAddress::Tcp(address) => format!("nbd://{address}/{export}"),
+            NbdAddress::Unix { path, .. } => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+
+    /// The TCP address, for a TCP export.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            NbdAddress::Tcp(address) => Some(*address),
+            NbdAddress::Unix { .. } => None,
+        }
+    }
+}
+
+/// The mode of an NBD export's Unix socket unless `nbd_socket_mode` says otherwise: its owner
+/// (the daemon's user) only.
+pub const DEFAULT_NBD_SOCKET_MODE: u32 = 0o600;
 
 /// The ublk device of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +428,7 @@ struct RawNode {
     disk: PathBuf,
     meta_disk: Option<PathBuf>,
     nbd: Option<String>,
+    nbd_socket_mode: Option<String>,
     frontend: Option<String>,
     ublk_id: Option<u32>,
     ublk_queues: Option<u16>,
@@ -504,7 +537,7 @@ impl ResourceConfig {
             ));
         }
         let exposed = self.nodes.iter().filter_map(|n| match n.frontend {
-            Frontend::Nbd(address) if !address.ip().is_loopback() && !self.nbd_tls => Some((n, address)),
+            Frontend::Nbd(NbdAddress::Tcp(address)) if !address.ip().is_loopback() && !self.nbd_tls => Some((n, address)),
             _ => None,
         });
         for (node, address) in exposed {
@@ -730,9 +763,20 @@ fn validate(path: &Path, raw: RawResource) -> Result<ResourceConfig, ConfigError
             return Err(invalid(path, key("name"), "is empty"));
         }
         let address = parse_addr(&node.address).map_err(|p| invalid(path, key("address"), p))?;
-        let nbd = node.nbd.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
+        let nbd = node.nbd.as_deref().map(parse_nbd).transpose().map_err(|p| invalid(path, key("nbd"), p))?;
+        let nbd = match (nbd, node.nbd_socket_mode) {
+            (Some(NbdAddress::Unix { path: socket, .. }), Some(mode)) => {
+                let mode = u32::from_str_radix(&mode, 8)
+                    .ok()
+                    .filter(|m| *m & !0o777 == 0 && *m & 0o200 != 0)
+                    .ok_or_else(|| invalid(path, key("nbd_socket_mode"), format!("\"{mode}\" is not an octal mode like \"660\" that lets its owner write")))?;
+                Some(NbdAddress::Unix { path: socket, mode })
+            }
+            (_, Some(_)) => return Err(invalid(path, key("nbd_socket_mode"), "only applies to an NBD export on a Unix socket (nbd = \"unix:/PATH\")")),
+            (nbd, None) => nbd,
+        };
         let metrics_address = node.metrics_address.as_deref().map(parse_addr).transpose().map_err(|p| invalid(path, key("metrics_address"), p))?;
-        if let Some(taken) = metrics_address.filter(|m| *m == address || Some(*m) == nbd) {
+        if let Some(taken) = metrics_address.filter(|m| *m == address || Some(*m) == nbd.as_ref().and_then(NbdAddress::tcp)) {
             let by = if taken == address { "address" } else { "nbd" };
             return Err(invalid(path, key("metrics_address"), format!("{taken} is this node's `{by}` already: give the metrics endpoint a port of its own")));
         }
@@ -1025,6 +1069,17 @@ fn parse_choice<T: Default>(
     value.map_or(Ok(T::default()), |v| parse(v).map_err(|problem| invalid(path, key, problem)))
 }
 
+/// `nbd`: `"IP:PORT"` or `"unix:/ABSOLUTE/PATH"`.
+fn parse_nbd(text: &str) -> Result<NbdAddress, String> {
+    match text.strip_prefix("unix:") {
+        Some(socket) if socket.starts_with('/') && socket.len() > 1 => {
+            Ok(NbdAddress::Unix { path: PathBuf::from(socket), mode: DEFAULT_NBD_SOCKET_MODE })
+        }
+        Some(_) => Err(format!("\"{text}\" does not name an absolute path, like \"unix:/run/blkrepl/r0.nbd\"")),
+        None => parse_addr(text).map(NbdAddress::Tcp),
+    }
+}
+
 fn parse_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse().map_err(|_| format!("\"{text}\" is not an address like \"127.0.0.1:7789\" or \"[::1]:7789\""))
 }
@@ -1064,6 +1119,27 @@ disk = "/var/lib/blkrepl/beta.img"
     }
 
     #[test]
+    fn an_nbd_export_may_listen_on_a_unix_socket_with_a_mode() {
+        let unix = |line: &str| GOOD.replace("nbd = \"127.0.0.1:10809\"", line);
+        let config = parse(&unix("nbd = \"unix:/run/blkrepl/r0.nbd\"")).unwrap();
+        let socket = NbdAddress::Unix { path: "/run/blkrepl/r0.nbd".into(), mode: DEFAULT_NBD_SOCKET_MODE };
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd(socket.clone()));
+        assert_eq!(socket.url("r0"), "nbd+unix:///r0?socket=/run/blkrepl/r0.nbd");
+        assert!(config.warnings().iter().all(|w| !w.contains("exports NBD")), "a Unix socket is not reachable from other hosts");
+        let config = parse(&unix("nbd = \"unix:/run/r0.nbd\"\nnbd_socket_mode = \"660\"")).unwrap();
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd(NbdAddress::Unix { path: "/run/r0.nbd".into(), mode: 0o660 }));
+        for (line, key, why) in [
+            ("nbd = \"unix:run/r0.nbd\"", "node[0].nbd", "absolute path"),
+            ("nbd = \"unix:/r0\"\nnbd_socket_mode = \"999\"", "node[0].nbd_socket_mode", "octal mode"),
+            ("nbd = \"unix:/r0\"\nnbd_socket_mode = \"066\"", "node[0].nbd_socket_mode", "lets its owner write"),
+            ("nbd = \"127.0.0.1:10809\"\nnbd_socket_mode = \"660\"", "node[0].nbd_socket_mode", "only applies"),
+        ] {
+            let err = error_of(&unix(line));
+            assert!(err.contains(&format!("`{key}`")) && err.contains(why), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn an_nbd_export_other_hosts_reach_is_warned_about() {
         let quiet = |config: &ResourceConfig| config.warnings().iter().all(|w| !w.contains("exports NBD"));
         assert!(quiet(&parse(GOOD).unwrap()), "loopback is fine");
@@ -1078,7 +1154,7 @@ disk = "/var/lib/blkrepl/beta.img"
         assert_eq!(config.protocol, Protocol::C);
         assert_eq!(config.nodes.len(), 2);
         assert_eq!(config.nodes[1].id, 1);
-        assert_eq!(config.nodes[0].frontend, Frontend::Nbd("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd(NbdAddress::Tcp("127.0.0.1:10809".parse().unwrap())));
         assert_eq!(config.nodes[1].frontend, Frontend::None);
         assert_eq!(config.nodes[0].metrics_address, None, "metrics are off by default");
         assert_eq!(config.logical_block_size, 512);
@@ -1218,7 +1294,7 @@ disk = "/var/lib/blkrepl/beta.img"
             .replace("disk = \"/var/lib/blkrepl/beta.img\"", "disk = \"/var/lib/blkrepl/beta.img\"\nublk_id = 7\nublk_queues = 2");
         let config = parse(&ublk).unwrap();
         assert_eq!(config.logical_block_size, 4096);
-        assert_eq!(config.nodes[0].frontend, Frontend::Nbd("127.0.0.1:10809".parse().unwrap()));
+        assert_eq!(config.nodes[0].frontend, Frontend::Nbd(NbdAddress::Tcp("127.0.0.1:10809".parse().unwrap())));
         assert_eq!(
             config.nodes[1].frontend,
             Frontend::Ublk(UblkSettings { id: Some(7), queues: Some(2), depth: DEFAULT_UBLK_DEPTH })

@@ -9,17 +9,33 @@ use std::io::{self, Read};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+/// A socket whose reads and writes can be bounded in time.
+pub trait TimedSocket: Read {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedSocket for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
+}
+
 /// A socket as its reader sees it: during the handshake every read waits at most until the
 /// handshake's deadline; afterwards as long as the caller says.
-pub struct HandshakeStream {
-    stream: TcpStream,
+pub struct HandshakeStream<S = TcpStream> {
+    stream: S,
     deadline: Option<Instant>,
 }
 
-impl HandshakeStream {
+impl<S: TimedSocket> HandshakeStream<S> {
     /// `stream` at the start of a handshake that must end within `budget` (writes too: a
     /// client that never reads cannot hold a handshake's send either).
-    pub fn handshaking(stream: TcpStream, budget: Duration) -> io::Result<HandshakeStream> {
+    pub fn handshaking(stream: S, budget: Duration) -> io::Result<HandshakeStream<S>> {
         stream.set_write_timeout(Some(budget))?;
         Ok(HandshakeStream { stream, deadline: Some(Instant::now() + budget) })
     }
@@ -33,7 +49,7 @@ impl HandshakeStream {
     }
 }
 
-impl Read for HandshakeStream {
+impl<S: TimedSocket> Read for HandshakeStream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(deadline) = self.deadline {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use blkrepl::config::NbdAddress;
 use blkrepl::frontend::nbd::{NbdHandle, NbdServer};
 use blkrepl::frontend::{BlockDevice, BlockError, BlockRequest, Completion, MemDevice};
 
@@ -129,7 +130,7 @@ fn serve(device: Arc<dyn BlockDevice>) -> NbdHandle {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    NbdServer::bind("127.0.0.1:0").expect("bind").serve(EXPORT, device)
+    NbdServer::bind(&NbdAddress::Tcp("127.0.0.1:0".parse().unwrap())).expect("bind").serve(EXPORT, device)
 }
 
 fn serve_test_device(size: usize, delayed: bool) -> (NbdHandle, Arc<TestDevice>) {
@@ -138,7 +139,7 @@ fn serve_test_device(size: usize, delayed: bool) -> (NbdHandle, Arc<TestDevice>)
 }
 
 fn url(server: &NbdHandle) -> String {
-    format!("nbd://{}/{EXPORT}", server.local_addr())
+    server.address().url(EXPORT)
 }
 
 /// Runs a qemu tool, failing (not skipping) when qemu-utils is missing.
@@ -192,6 +193,24 @@ fn write_then_read_one_mebibyte() {
     let snapshot = device.mem.snapshot();
     assert_filled(&snapshot, 0, MIB, 0x5a);
     assert_filled(&snapshot, MIB, 3 * MIB, 0);
+}
+
+#[test]
+fn qemu_writes_and_reads_over_a_unix_socket_only_its_owner_may_open() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r0.nbd");
+    let device = TestDevice::new(2 * MIB, false);
+    let address = NbdAddress::Unix { path: path.clone(), mode: 0o600 };
+    let server = NbdServer::bind(&address).expect("bind").serve(EXPORT, Arc::new(Shared(device.clone())));
+    let meta = std::fs::metadata(&path).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "owner only, as configured");
+    assert!(url(&server).starts_with("nbd+unix:///"), "{}", url(&server));
+    qemu_io_ok(&server, &["write -P 0x3e 4096 64k", "read -P 0x3e 4096 64k"]);
+    assert_filled(&device.mem.snapshot(), 4096, 64 << 10, 0x3e);
+    server.shutdown();
+    assert!(!path.exists(), "the socket file goes with the server");
 }
 
 #[test]
@@ -357,7 +376,7 @@ fn qemu_img_info_reports_the_size() {
 #[test]
 fn an_unknown_export_name_is_refused() {
     let (server, _) = serve_test_device(MIB, false);
-    let url = format!("nbd://{}/no-such-export", server.local_addr());
+    let url = server.address().url("no-such-export");
     let (success, output) =
         run("qemu-io", &["-f".into(), "raw".into(), url, "-c".into(), "read 0 4k".into()]);
     assert!(!success, "{output}");

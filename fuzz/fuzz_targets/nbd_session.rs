@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
+use blkrepl::config::NbdAddress;
 use blkrepl::frontend::nbd::{NbdHandle, NbdServer};
 use blkrepl::frontend::MemDevice;
 use libfuzzer_sys::fuzz_target;
@@ -31,10 +32,13 @@ static SERVER: OnceLock<NbdHandle> = OnceLock::new();
 fn server() -> SocketAddr {
     SERVER
         .get_or_init(|| {
-            let server = NbdServer::bind("127.0.0.1:0").expect("bind a loopback port");
+            let loopback = NbdAddress::Tcp("127.0.0.1:0".parse().expect("an address"));
+            let server = NbdServer::bind(&loopback).expect("bind a loopback port");
             server.serve("disk", Arc::new(MemDevice::new(DEVICE_BYTES)))
         })
-        .local_addr()
+        .address()
+        .tcp()
+        .expect("a TCP export")
 }
 
 fuzz_target!(

@@ -76,8 +76,8 @@ pub enum EngineError {
     NoQuorum { votes: u8, voters: u8, needed: u8 },
     #[error("the device {device} is in use by {users}: stop using it (unmount it, close it, disconnect NBD clients) first")]
     InUse { device: String, users: String },
-    #[error("cannot export NBD on {address}: {source}")]
-    Nbd { address: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot export NBD on {url}: {source}")]
+    Nbd { url: String, source: std::io::Error },
     #[error("cannot export the ublk device: {0}")]
     Ublk(#[from] UblkError),
     #[error("{0}")]
@@ -454,8 +454,8 @@ impl Engine {
         match &shared.me.frontend {
             Frontend::None => Ok(None),
             Frontend::Nbd(address) => {
-                let mut server = NbdServer::bind(&address.to_string())
-                    .map_err(|source| EngineError::Nbd { address: *address, source })?;
+                let mut server =
+                    NbdServer::bind(address).map_err(|source| EngineError::Nbd { url: address.url(&shared.config.name), source })?;
                 if shared.config.nbd_tls {
                     let tls = shared.tls.as_ref().and_then(|tls| tls.export_config());
                     server = server.require_tls(tls.expect("nbd_tls needs tls_ca, which makes the links' TLS use certificates"));

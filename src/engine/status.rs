@@ -46,7 +46,7 @@ pub struct ResourceStatus {
     pub may_promote: bool,
     /// How good a primary this node would be (Pacemaker's scale): none without quorum.
     pub promotion_score: Option<u32>,
-    /// Where the device is exported while primary (`nbd://ADDR/NAME` or `/dev/ublkbN`).
+    /// Where the device is exported while primary (an NBD URI or `/dev/ublkbN`).
     pub device: Option<String>,
     /// "serving"; "suspended: WHY" for a ublk device left behind by a daemon that died as
     /// primary, its I/O held until this node is primary again; "failing: WHY" when this node

@@ -81,7 +81,7 @@ pub struct ConnectionObject {
 pub struct DeviceObject {
     pub name: String,
     pub disk: String,
-    /// `/dev/ublkbN` or `nbd://ADDR/NAME` while exported.
+    /// `/dev/ublkbN` or an NBD URI while exported.
     pub export: Option<String>,
     /// `serving`, `suspended` or `failing` (see `device_io` in `status --json`) while exported.
     pub io: Option<String>,

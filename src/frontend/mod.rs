@@ -19,10 +19,10 @@ pub enum Export {
 }
 
 impl Export {
-    /// Where hosts find the device: `nbd://ADDR/NAME` or `/dev/ublkbN`.
+    /// Where hosts find the device: `nbd://ADDR/NAME`, `nbd+unix:///NAME?socket=PATH` or `/dev/ublkbN`.
     pub fn device(&self) -> String {
         match self {
-            Export::Nbd { handle, export_name } => format!("nbd://{}/{export_name}", handle.local_addr()),
+            Export::Nbd { handle, export_name } => handle.address().url(export_name),
             Export::Ublk(ublk) => ublk.path().display().to_string(),
         }
     }

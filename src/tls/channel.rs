@@ -8,7 +8,6 @@
 //! write lock before it lets go of the session (lock order: session, then socket).
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rustls::{ServerConfig, ServerConnection};
@@ -18,12 +17,12 @@ use super::{drive, TlsError};
 /// Ciphertext read from the socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
 
-struct Channel {
+struct Channel<W> {
     session: Mutex<ServerConnection>,
-    socket: Mutex<TcpStream>,
+    socket: Mutex<W>,
 }
 
-impl Channel {
+impl<W: Write> Channel<W> {
     fn session(&self) -> MutexGuard<'_, ServerConnection> {
         self.session.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -42,8 +41,8 @@ impl Channel {
 
 /// The reading half: decrypts what arrives on the socket (read through `R`, which may bound
 /// the wait, as a handshake deadline does).
-pub struct TlsReader<R> {
-    channel: Arc<Channel>,
+pub struct TlsReader<R, W> {
+    channel: Arc<Channel<W>>,
     socket: R,
     ciphertext: Box<[u8]>,
     start: usize,
@@ -51,16 +50,15 @@ pub struct TlsReader<R> {
 }
 
 /// The writing half: encrypts and sends.
-#[derive(Clone)]
-pub struct TlsWriter {
-    channel: Arc<Channel>,
+pub struct TlsWriter<W> {
+    channel: Arc<Channel<W>>,
 }
 
-/// Runs the server side of a TLS handshake on `socket` (read through `reader`, which must not
-/// have read ahead), and splits the session into its two halves.
-pub fn accept<R: Read>(config: Arc<ServerConfig>, mut reader: R, socket: TcpStream) -> Result<(TlsReader<R>, TlsWriter), TlsError> {
+/// Runs the server side of a TLS handshake on a socket (read through `reader`, which must not
+/// have read ahead, and written through `socket`), and splits the session into its two halves.
+pub fn accept<R: Read, W: Write>(config: Arc<ServerConfig>, mut reader: R, mut socket: W) -> Result<(TlsReader<R, W>, TlsWriter<W>), TlsError> {
     let mut session = ServerConnection::new(config)?;
-    drive(&mut session, &mut reader, &socket)?;
+    drive(&mut session, &mut reader, &mut socket)?;
     // A reply may be as large as a read request (32 MiB): encrypted at once, sent at once.
     session.set_buffer_limit(None);
     let channel = Arc::new(Channel { session: Mutex::new(session), socket: Mutex::new(socket) });
@@ -68,14 +66,14 @@ pub fn accept<R: Read>(config: Arc<ServerConfig>, mut reader: R, socket: TcpStre
     Ok((TlsReader { channel, socket: reader, ciphertext: vec![0; READ_CHUNK].into_boxed_slice(), start: 0, end: 0 }, writer))
 }
 
-impl<R> TlsReader<R> {
+impl<R, W> TlsReader<R, W> {
     /// The socket's reader (to end a handshake deadline).
     pub fn socket_mut(&mut self) -> &mut R {
         &mut self.socket
     }
 }
 
-impl<R: Read> Read for TlsReader<R> {
+impl<R: Read, W: Write> Read for TlsReader<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut session = self.channel.session();
@@ -104,7 +102,7 @@ impl<R: Read> Read for TlsReader<R> {
     }
 }
 
-impl Write for TlsWriter {
+impl<W: Write> Write for TlsWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut session = self.channel.session();
         session.writer().write_all(buf)?;

@@ -16,13 +16,13 @@ mod inflight;
 mod protocol;
 mod reply;
 mod request;
+mod socket;
 #[cfg(test)]
 mod tests;
 mod transmission;
 
 use std::io::{self, BufReader};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::Shutdown;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -34,6 +34,8 @@ use rustls::ServerConfig;
 
 use self::error::SessionError;
 use self::handshake::{Outcome, Tls};
+use self::socket::{Listener, Stream};
+use crate::config::NbdAddress;
 use crate::frontend::BlockDevice;
 use crate::handshake_stream::HandshakeStream;
 use crate::tls::channel;
@@ -53,17 +55,20 @@ const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// A bound listener that has not started serving yet.
 #[derive(Debug)]
 pub struct NbdServer {
-    listener: TcpListener,
-    local_addr: SocketAddr,
+    listener: Listener,
+    address: NbdAddress,
     tls: Option<Arc<ServerConfig>>,
 }
 
 impl NbdServer {
-    /// Binds the listener (address like "127.0.0.1:10809"; port 0 allowed for tests).
-    pub fn bind(addr: &str) -> io::Result<NbdServer> {
-        let listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
-        Ok(NbdServer { listener, local_addr, tls: None })
+    /// Binds the listener: a TCP address (port 0 allowed for tests) or a Unix socket.
+    pub fn bind(address: &NbdAddress) -> io::Result<NbdServer> {
+        let listener = Listener::bind(address)?;
+        let address = match (listener.address()?, address) {
+            (NbdAddress::Tcp(bound), _) => NbdAddress::Tcp(bound),
+            (_, unix) => unix.clone(),
+        };
+        Ok(NbdServer { listener, address, tls: None })
     }
 
     /// Serves clients over TLS only: each must start it (`NBD_OPT_STARTTLS`) before anything
@@ -72,8 +77,8 @@ impl NbdServer {
         NbdServer { tls: Some(config), ..self }
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    pub fn address(&self) -> &NbdAddress {
+        &self.address
     }
 
     /// Starts serving `device` under `export_name` on a background accept thread.
@@ -99,9 +104,9 @@ impl NbdServer {
                 .spawn(move || accept_loop(&listener, &shared))
                 .expect("failed to start the NBD accept thread")
         };
-        debug!(addr = %self.local_addr, export = export_name, "NBD server listening");
+        debug!(url = %self.address.url(export_name), "NBD server listening");
         NbdHandle {
-            local_addr: self.local_addr,
+            address: self.address,
             shared,
             listener,
             accept_thread: Some(accept_thread),
@@ -111,16 +116,16 @@ impl NbdServer {
 
 /// A running server. Dropping it shuts it down like [`NbdHandle::shutdown`].
 pub struct NbdHandle {
-    local_addr: SocketAddr,
+    address: NbdAddress,
     shared: Arc<Shared>,
-    listener: Arc<TcpListener>,
+    listener: Arc<Listener>,
     /// `None` once shut down.
     accept_thread: Option<JoinHandle<()>>,
 }
 
 impl NbdHandle {
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    pub fn address(&self) -> &NbdAddress {
+        &self.address
     }
 
     /// Number of clients currently in the transmission phase (the daemon refuses to demote
@@ -144,11 +149,7 @@ impl NbdHandle {
             clients.closed = true;
             std::mem::take(&mut clients.live)
         };
-        // On Linux, shutting down a listening socket fails a blocked `accept` with EINVAL.
-        match nix::sys::socket::shutdown(
-            self.listener.as_raw_fd(),
-            nix::sys::socket::Shutdown::Read,
-        ) {
+        match self.listener.wake() {
             Ok(()) => join(accept_thread, "accept"),
             Err(error) => warn!(%error, "could not wake the NBD accept thread; leaving it behind"),
         }
@@ -158,14 +159,14 @@ impl NbdHandle {
         for client in clients {
             join(client.thread, "client");
         }
-        debug!(addr = %self.local_addr, "NBD server stopped");
+        debug!(url = %self.address.url(&self.shared.export_name), "NBD server stopped");
     }
 }
 
 impl std::fmt::Debug for NbdHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdHandle")
-            .field("local_addr", &self.local_addr)
+            .field("address", &self.address)
             .field("export_name", &self.shared.export_name)
             .field("connected_clients", &self.connected_clients())
             .finish_non_exhaustive()
@@ -227,11 +228,11 @@ struct Clients {
 #[derive(Debug)]
 struct Client {
     /// A second handle on the socket, so shutdown can unblock the client's thread.
-    stream: TcpStream,
+    stream: Stream,
     thread: JoinHandle<()>,
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+fn accept_loop(listener: &Listener, shared: &Arc<Shared>) {
     loop {
         let accepted = listener.accept();
         let mut clients = shared.lock_clients();
@@ -260,14 +261,14 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
             let _ = stream.shutdown(Shutdown::Both);
             continue;
         }
-        match spawn_client(stream, peer, shared) {
+        match spawn_client(stream, peer.clone(), shared) {
             Ok(client) => clients.live.push(client),
             Err(error) => warn!(%peer, %error, "could not start an NBD client thread"),
         }
     }
 }
 
-fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> io::Result<Client> {
+fn spawn_client(stream: Stream, peer: String, shared: &Arc<Shared>) -> io::Result<Client> {
     let handle = stream.try_clone()?;
     let shared = Arc::clone(shared);
     let thread = thread::Builder::new()
@@ -276,10 +277,10 @@ fn spawn_client(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) -> io
     Ok(Client { stream: handle, thread })
 }
 
-fn run_client(stream: &TcpStream, peer: SocketAddr, shared: &Shared) {
+fn run_client(stream: &Stream, peer: String, shared: &Shared) {
     let _span = debug_span!("nbd_client", %peer).entered();
     debug!("client connected");
-    match session(stream, shared) {
+    match session(stream, &peer, shared) {
         Ok(()) => debug!("client disconnected"),
         Err(error) if error.is_protocol_violation() => {
             warn!(reason = %error, "closing NBD connection: protocol violation");
@@ -290,9 +291,9 @@ fn run_client(stream: &TcpStream, peer: SocketAddr, shared: &Shared) {
     let _ = stream.shutdown(Shutdown::Both);
 }
 
-fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
+fn session(stream: &Stream, peer: &str, shared: &Shared) -> Result<(), SessionError> {
     // Replies are single small writes; do not hold them back waiting for more data.
-    stream.set_nodelay(true)?;
+    stream.set_nodelay()?;
     let export = Export::sample(&shared.export_name, shared.device.as_ref());
     let handshaking = HandshakeStream::handshaking(stream.try_clone()?, HANDSHAKE_DEADLINE)?;
     let mut reader = BufReader::with_capacity(READ_BUFFER, handshaking);
@@ -303,7 +304,7 @@ fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
         Outcome::Aborted => debug!("client aborted the handshake"),
         Outcome::Transmission => {
             reader.get_mut().handshake_done(None)?;
-            transmit(&mut reader, Box::new(stream.try_clone()?), stream, shared, &export)?;
+            transmit(&mut reader, Box::new(stream.try_clone()?), stream, peer, shared, &export)?;
         }
         Outcome::StartTls => {
             if !reader.buffer().is_empty() {
@@ -317,7 +318,7 @@ fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
                 Outcome::StartTls => unreachable!("STARTTLS inside TLS is refused"),
                 Outcome::Transmission => {
                     reader.get_mut().socket_mut().handshake_done(None)?;
-                    transmit(&mut reader, Box::new(tls_writer), stream, shared, &export)?;
+                    transmit(&mut reader, Box::new(tls_writer), stream, peer, shared, &export)?;
                 }
             }
         }
@@ -330,14 +331,14 @@ fn session(stream: &TcpStream, shared: &Shared) -> Result<(), SessionError> {
 fn transmit(
     reader: &mut impl io::Read,
     replies: Box<dyn io::Write + Send>,
-    stream: &TcpStream,
+    stream: &Stream,
+    peer: &str,
     shared: &Shared,
     export: &Export,
 ) -> Result<(), SessionError> {
     debug!(size = export.size, block_size = export.block_size, tls = shared.tls.is_some(), "entering transmission");
     let _counted = Transmitting::enter(&shared.transmitting);
-    let client = stream.peer_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
-    transmission::serve(reader, stream.try_clone()?, replies, &shared.device, export, &client)
+    transmission::serve(reader, stream.try_clone()?, replies, &shared.device, export, peer)
 }
 
 /// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.

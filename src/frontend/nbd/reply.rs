@@ -10,7 +10,7 @@
 //! because the client that wanted them is gone.
 
 use std::io::{self, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -21,6 +21,8 @@ use tracing::{debug, warn};
 
 use super::inflight::Permit;
 use super::protocol::{simple_reply, Errno};
+use super::socket::Stream;
+use crate::handshake_stream::TimedSocket;
 
 /// How long one reply may wait for the client to read: a client that reads nothing for this
 /// long while it has replies pending has stopped reading (a real client reads as it sends).
@@ -38,13 +40,13 @@ pub struct ReplySink {
     /// `None` once closed.
     queue: Mutex<Option<Sender<Reply>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    stream: TcpStream,
+    stream: Stream,
 }
 
 impl ReplySink {
     /// Starts the client's writer thread, writing through `out` to `stream` (the socket itself,
     /// or a TLS session on it).
-    pub fn new(stream: TcpStream, out: Box<dyn Write + Send>, name: &str) -> io::Result<ReplySink> {
+    pub fn new(stream: Stream, out: Box<dyn Write + Send>, name: &str) -> io::Result<ReplySink> {
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let (tx, rx) = channel();
         let writer_stream = stream.try_clone()?;
@@ -78,7 +80,7 @@ impl ReplySink {
 
 /// The writer thread: sends replies in the order they were queued until the queue closes or a
 /// write fails (then the connection is shut down, which ends the client's reader too).
-fn write_replies(stream: &TcpStream, mut out: Box<dyn Write + Send>, replies: &Receiver<Reply>) {
+fn write_replies(stream: &Stream, mut out: Box<dyn Write + Send>, replies: &Receiver<Reply>) {
     for reply in replies {
         let (error, data) = match &reply.outcome {
             Ok(data) => (None, &data[..]),

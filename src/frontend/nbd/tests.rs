@@ -12,13 +12,24 @@ use std::time::{Duration, Instant};
 use super::inflight::MAX_REQUESTS;
 use super::protocol::*;
 use super::{NbdHandle, NbdServer};
+use crate::config::NbdAddress;
 use crate::frontend::{BlockDevice, BlockError, BlockRequest, BlockResult, Completion, MemDevice};
 
 const SIZE: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A TCP port on loopback that the kernel picks.
+fn loopback() -> NbdAddress {
+    NbdAddress::Tcp("127.0.0.1:0".parse().unwrap())
+}
+
+/// The TCP address a test server listens on.
+fn addr(server: &NbdHandle) -> SocketAddr {
+    server.address().tcp().expect("a TCP export")
+}
+
 fn serve(device: Arc<dyn BlockDevice>) -> NbdHandle {
-    NbdServer::bind("127.0.0.1:0").expect("bind").serve("disk", device)
+    NbdServer::bind(&loopback()).expect("bind").serve("disk", device)
 }
 
 fn serve_mem() -> (NbdHandle, Arc<MemDevice>) {
@@ -259,9 +270,36 @@ impl BlockDevice for BigBlockDevice {
 // ---- handshake ----
 
 #[test]
+fn a_unix_socket_export_replaces_a_stale_socket_never_another_file_and_has_its_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("export.nbd");
+    // A socket file an earlier run left behind (its listener gone).
+    drop(UnixListener::bind(&path).unwrap());
+    let device = Arc::new(MemDevice::new(SIZE as usize));
+    let server = NbdServer::bind(&NbdAddress::Unix { path: path.clone(), mode: 0o660 }).unwrap().serve("disk", device.clone());
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    let mut client = UnixStream::connect(&path).unwrap();
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut greeting = [0u8; 16];
+    client.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..8], &NBDMAGIC.to_be_bytes());
+    drop(client);
+    server.shutdown();
+    assert!(!path.exists());
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no temporary file left");
+
+    std::fs::write(&path, b"someone's file").unwrap();
+    let err = NbdServer::bind(&NbdAddress::Unix { path: path.clone(), mode: 0o600 }).unwrap_err();
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"someone's file", "left alone");
+}
+
+#[test]
 fn unknown_client_flags_close_the_connection() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE | 1 << 5);
     client.expect_closed();
 }
@@ -269,7 +307,7 @@ fn unknown_client_flags_close_the_connection() {
 #[test]
 fn client_without_fixed_newstyle_is_closed() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(0);
     client.expect_closed();
 }
@@ -277,7 +315,7 @@ fn client_without_fixed_newstyle_is_closed() {
 #[test]
 fn bad_option_magic_closes_the_connection() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     client.send_option_header(NBDMAGIC, OPT_GO, 0);
     client.expect_closed();
@@ -286,7 +324,7 @@ fn bad_option_magic_closes_the_connection() {
 #[test]
 fn oversized_option_closes_the_connection() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     client.send_option_header(IHAVEOPT, OPT_GO, MAX_OPTION_LEN + 1);
     client.expect_closed();
@@ -295,7 +333,7 @@ fn oversized_option_closes_the_connection() {
 #[test]
 fn unknown_and_structured_reply_options_are_unsupported_but_negotiation_goes_on() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     for option in [8 /* STRUCTURED_REPLY */, OPT_STARTTLS /* TLS is not configured */, 0x7fff_0000] {
         client.send_option(option, &[1, 2, 3]);
@@ -317,13 +355,13 @@ fn serve_tls_only() -> NbdHandle {
         .with_single_cert(vec![made.cert.der().clone()], key)
         .unwrap();
     let device = Arc::new(MemDevice::new(SIZE as usize));
-    NbdServer::bind("127.0.0.1:0").unwrap().require_tls(Arc::new(config)).serve("disk", device)
+    NbdServer::bind(&loopback()).unwrap().require_tls(Arc::new(config)).serve("disk", device)
 }
 
 #[test]
 fn a_tls_only_export_says_nothing_before_starttls_and_then_expects_a_tls_handshake() {
     let server = serve_tls_only();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
     for option in [OPT_GO, OPT_INFO, OPT_LIST, 8 /* STRUCTURED_REPLY */] {
         let payload: &[u8] = if option == OPT_LIST { &[] } else { &[0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 0] };
@@ -343,7 +381,7 @@ fn a_tls_only_export_says_nothing_before_starttls_and_then_expects_a_tls_handsha
     let _ = client.stream.read_to_end(&mut rest);
     assert!(rest.is_empty() || rest[0] == 0x15, "an alert record at most, then the end: {rest:?}");
 
-    let mut legacy = RawClient::connect(server.local_addr());
+    let mut legacy = RawClient::connect(addr(&server));
     legacy.send_flags(FLAG_C_FIXED_NEWSTYLE);
     legacy.send_option(OPT_EXPORT_NAME, b"disk");
     legacy.expect_closed();
@@ -352,7 +390,7 @@ fn a_tls_only_export_says_nothing_before_starttls_and_then_expects_a_tls_handsha
 #[test]
 fn go_reports_export_size_flags_and_block_sizes() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     let replies = client.go(b"disk");
     assert_eq!(replies.len(), 3);
@@ -377,7 +415,7 @@ fn go_reports_export_size_flags_and_block_sizes() {
 #[test]
 fn block_size_follows_a_larger_device_block() {
     let server = serve(Arc::new(BigBlockDevice));
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     let replies = client.go(b"disk");
     assert_eq!(&replies[1].payload[2..6], &4096u32.to_be_bytes(), "minimum block size");
@@ -389,7 +427,7 @@ fn block_size_follows_a_larger_device_block() {
 #[test]
 fn unknown_export_gets_err_unknown_and_the_empty_name_is_the_default() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     let replies = client.info_or_go(OPT_INFO, b"nope");
     assert_eq!(replies.len(), 1);
@@ -406,7 +444,7 @@ fn unknown_export_gets_err_unknown_and_the_empty_name_is_the_default() {
 #[test]
 fn malformed_go_gets_err_invalid() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     // Name length claims more bytes than the option holds.
     let mut payload = 100u32.to_be_bytes().to_vec();
@@ -420,7 +458,7 @@ fn malformed_go_gets_err_invalid() {
 #[test]
 fn list_names_the_export() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     client.send_option(OPT_LIST, &[]);
     let server_reply = client.read_option_reply();
@@ -435,7 +473,7 @@ fn export_name_option_pads_with_zeroes_unless_told_not_to() {
     for (flags, padding) in
         [(FLAG_C_FIXED_NEWSTYLE, 124), (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 0)]
     {
-        let mut client = RawClient::connect(server.local_addr());
+        let mut client = RawClient::connect(addr(&server));
         client.send_flags(flags);
         client.send_option(OPT_EXPORT_NAME, b"disk");
         assert_eq!(client.read_u64(), SIZE);
@@ -449,7 +487,7 @@ fn export_name_option_pads_with_zeroes_unless_told_not_to() {
 #[test]
 fn export_name_option_with_unknown_name_closes() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     client.send_option(OPT_EXPORT_NAME, b"nope");
     client.expect_closed();
@@ -458,7 +496,7 @@ fn export_name_option_with_unknown_name_closes() {
 #[test]
 fn abort_is_acknowledged_then_closed() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.send_flags(FLAG_C_FIXED_NEWSTYLE);
     client.send_option(OPT_ABORT, &[]);
     let reply = client.read_option_reply();
@@ -472,7 +510,7 @@ fn abort_is_acknowledged_then_closed() {
 #[test]
 fn write_then_read_round_trips() {
     let (server, device) = serve_mem();
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
     client.write(1, 4096, &data);
     assert_eq!(client.reply(), (0, 1));
@@ -493,7 +531,7 @@ fn write_then_read_round_trips() {
 #[test]
 fn bad_requests_get_errors_and_the_stream_stays_in_sync() {
     let (server, device) = serve_mem();
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     client.request(0, CMD_READ, 1, SIZE, 512);
     assert_eq!(client.reply(), (Errno::Inval as u32, 1), "read past the end");
     client.request(0, CMD_READ, 2, 100, 512);
@@ -518,7 +556,7 @@ fn bad_requests_get_errors_and_the_stream_stays_in_sync() {
 #[test]
 fn oversized_write_gets_einval_then_the_connection_closes() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     client.request(0, CMD_WRITE, 1, 0, MAX_PAYLOAD + 512);
     assert_eq!(client.reply(), (Errno::Inval as u32, 1));
     client.expect_closed();
@@ -527,7 +565,7 @@ fn oversized_write_gets_einval_then_the_connection_closes() {
 #[test]
 fn bad_request_magic_closes_the_connection() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     client.request_with_magic(0x1234_5678, 0, CMD_READ, 1, 0, 512);
     client.expect_closed();
 }
@@ -543,7 +581,7 @@ fn device_errors_map_onto_nbd_errors() {
     ];
     for (error, errno) in cases {
         let server = serve(Arc::new(FixedDevice(Err(error.clone()))));
-        let mut client = RawClient::transmitting(server.local_addr());
+        let mut client = RawClient::transmitting(addr(&server));
         client.request(0, CMD_READ, 1, 0, 512);
         assert_eq!(client.reply(), (errno, 1), "{error:?} on read: no data follows");
         client.write(2, 0, &[1; 512]);
@@ -554,7 +592,7 @@ fn device_errors_map_onto_nbd_errors() {
 #[test]
 fn a_short_read_from_the_device_becomes_eio() {
     let server = serve(Arc::new(FixedDevice(Ok(Some(bytes::Bytes::from_static(&[0; 100]))))));
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     client.request(0, CMD_READ, 1, 0, 512);
     assert_eq!(client.reply(), (Errno::Io as u32, 1));
     client.request(0, CMD_FLUSH, 2, 0, 0);
@@ -565,7 +603,7 @@ fn a_short_read_from_the_device_becomes_eio() {
 fn replies_go_out_in_completion_order_matched_by_cookie() {
     let device = GatedDevice::new();
     let server = serve(device.clone());
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     for cookie in 0..4u64 {
         client.write(cookie, cookie * 512, &[cookie as u8 + 1; 512]);
     }
@@ -589,7 +627,7 @@ fn replies_go_out_in_completion_order_matched_by_cookie() {
 fn in_flight_requests_are_bounded_per_client() {
     let device = GatedDevice::new();
     let server = serve(device.clone());
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     let total = MAX_REQUESTS as u64 + 20;
     for cookie in 0..total {
         client.request(0, CMD_READ, cookie, 0, 512);
@@ -625,7 +663,7 @@ fn in_flight_requests_are_bounded_per_client() {
 fn disconnect_waits_for_in_flight_requests() {
     let device = GatedDevice::new();
     let server = serve(device.clone());
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     client.write(1, 0, &[7; 512]);
     client.request(0, CMD_DISC, 2, 0, 0);
     wait_until("write submitted", || device.held() == 1);
@@ -641,7 +679,7 @@ fn disconnect_waits_for_in_flight_requests() {
 fn a_client_vanishing_mid_flight_is_cleaned_up() {
     let device = GatedDevice::new();
     let server = serve(device.clone());
-    let mut client = RawClient::transmitting(server.local_addr());
+    let mut client = RawClient::transmitting(addr(&server));
     for cookie in 0..8 {
         client.request(0, CMD_READ, cookie, 0, 4096);
     }
@@ -652,7 +690,7 @@ fn a_client_vanishing_mid_flight_is_cleaned_up() {
     device.release_reversed();
     wait_until("client to leave", || server.connected_clients() == 0);
     // The server is still healthy for others.
-    let mut other = RawClient::transmitting(server.local_addr());
+    let mut other = RawClient::transmitting(addr(&server));
     other.request(0, CMD_FLUSH, 1, 0, 0);
     wait_until("flush submitted", || device.held() == 1);
     device.release_reversed();
@@ -663,10 +701,10 @@ fn a_client_vanishing_mid_flight_is_cleaned_up() {
 fn connected_clients_counts_only_the_transmission_phase() {
     let (server, _) = serve_mem();
     assert_eq!(server.connected_clients(), 0);
-    let mut negotiating = RawClient::connect(server.local_addr());
+    let mut negotiating = RawClient::connect(addr(&server));
     negotiating.send_flags(FLAG_C_FIXED_NEWSTYLE);
-    let mut first = RawClient::transmitting(server.local_addr());
-    let _second = RawClient::transmitting(server.local_addr());
+    let mut first = RawClient::transmitting(addr(&server));
+    let _second = RawClient::transmitting(addr(&server));
     wait_until("two clients", || server.connected_clients() == 2);
     first.request(0, CMD_DISC, 0, 0, 0);
     first.expect_closed();
@@ -677,8 +715,8 @@ fn connected_clients_counts_only_the_transmission_phase() {
 fn shutdown_closes_clients_and_waits_for_in_flight_completions() {
     let device = GatedDevice::new();
     let server = serve(device.clone());
-    let mut idle = RawClient::transmitting(server.local_addr());
-    let mut busy = RawClient::transmitting(server.local_addr());
+    let mut idle = RawClient::transmitting(addr(&server));
+    let mut busy = RawClient::transmitting(addr(&server));
     busy.write(1, 0, &[1; 512]);
     wait_until("write submitted", || device.held() == 1);
     let releaser = {
@@ -688,7 +726,7 @@ fn shutdown_closes_clients_and_waits_for_in_flight_completions() {
             device.release_reversed();
         })
     };
-    let addr = server.local_addr();
+    let addr = addr(&server);
     let started = Instant::now();
     server.shutdown();
     assert!(started.elapsed() >= Duration::from_millis(150), "shutdown returned before completion");
@@ -730,13 +768,13 @@ fn a_client_that_stops_reading_stalls_nobody_else() {
     let device = SerialDevice::new(Arc::new(MemDevice::new(SIZE as usize)));
     let server = serve(device);
     // Sixty reads of the whole device, replies never read: far more than the sockets buffer.
-    let mut stalled = RawClient::transmitting(server.local_addr());
+    let mut stalled = RawClient::transmitting(addr(&server));
     for cookie in 0..60 {
         stalled.request(0, CMD_READ, cookie, 0, SIZE as u32);
     }
     // The device thread completed those reads; their replies wait on the stalled client's
     // writer, not on it. Another client is served meanwhile.
-    let mut other = RawClient::transmitting(server.local_addr());
+    let mut other = RawClient::transmitting(addr(&server));
     other.write(1, 0, &[0x5a; 4096]);
     assert_eq!(other.reply(), (0, 1));
     other.request(0, CMD_READ, 2, 0, 4096);
@@ -748,15 +786,15 @@ fn a_client_that_stops_reading_stalls_nobody_else() {
 #[test]
 fn clients_beyond_the_cap_are_closed_at_once_and_places_come_back() {
     let (server, _) = serve_mem();
-    let held: Vec<RawClient> = (0..super::MAX_CLIENTS).map(|_| RawClient::connect(server.local_addr())).collect();
-    let mut refused = TcpStream::connect(server.local_addr()).unwrap();
+    let held: Vec<RawClient> = (0..super::MAX_CLIENTS).map(|_| RawClient::connect(addr(&server))).collect();
+    let mut refused = TcpStream::connect(addr(&server)).unwrap();
     refused.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut byte = [0; 1];
     assert!(matches!(refused.read(&mut byte), Ok(0) | Err(_)), "no greeting past the cap");
     drop(held);
     // The accept loop reaps finished clients as the next one arrives.
     wait_until("a place again", || {
-        let mut stream = TcpStream::connect(server.local_addr()).unwrap();
+        let mut stream = TcpStream::connect(addr(&server)).unwrap();
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         stream.read(&mut byte).is_ok_and(|n| n == 1)
     });
@@ -765,7 +803,7 @@ fn clients_beyond_the_cap_are_closed_at_once_and_places_come_back() {
 #[test]
 fn a_client_that_never_finishes_the_handshake_is_closed() {
     let (server, _) = serve_mem();
-    let mut client = RawClient::connect(server.local_addr());
+    let mut client = RawClient::connect(addr(&server));
     client.stream.set_read_timeout(Some(super::HANDSHAKE_DEADLINE + TIMEOUT)).unwrap();
     // The greeting was read; the client's flags never come.
     client.expect_closed();

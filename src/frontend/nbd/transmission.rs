@@ -7,7 +7,6 @@
 //! client.
 
 use std::io::{self, Read};
-use std::net::TcpStream;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,6 +16,7 @@ use super::error::SessionError;
 use super::inflight::{InFlight, Permit};
 use super::protocol::{Errno, RequestHeader};
 use super::reply::ReplySink;
+use super::socket::Stream;
 use super::request::{self, Command};
 use super::Export;
 use crate::frontend::{BlockDevice, BlockRequest, BlockResult, Completion};
@@ -28,7 +28,7 @@ use crate::frontend::{BlockDevice, BlockRequest, BlockResult, Completion};
 /// the handshake); replies go through `replies`, which writes to `stream`.
 pub fn serve<R: Read>(
     reader: &mut R,
-    stream: TcpStream,
+    stream: Stream,
     replies: Box<dyn io::Write + Send>,
     device: &Arc<dyn BlockDevice>,
     export: &Export,
