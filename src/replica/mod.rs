@@ -25,8 +25,9 @@ mod receive;
 mod recent;
 mod resync;
 mod roles;
-#[cfg(test)]
-pub(crate) mod testing;
+/// Replicas built as a node attaching would (unit tests, and the dispatch fuzz target).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 mod uuids;
 mod verify;
 mod votes;

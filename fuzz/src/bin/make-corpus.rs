@@ -37,6 +37,15 @@ fn main() {
         }
         write(&root, "frame_stream", name, stream);
     }
+    // The dispatch target's input: a setup byte (which replica, I/O failing or not, time
+    // between frames), then frames: each message alone, and all of them in a row, for each
+    // replica.
+    for setup in [0u8, 1, 2, 3, 4 | 1 | (5 << 3)] {
+        for ((name, _), frame) in messages.iter().zip(&frames) {
+            write(&root, "peer_dispatch", &format!("{setup}-{name}"), [&[setup][..], frame].concat());
+        }
+        write(&root, "peer_dispatch", &format!("{setup}-all"), [&[setup][..], &frames.concat()].concat());
+    }
     for ((name, _), frame) in messages.iter().zip(&frames) {
         // The roundtrip target's input: the message type, then the payload.
         let seed = [&frame[4..6], &frame[HEADER_LEN..]].concat();
