@@ -1,7 +1,8 @@
 //! TLS links. Seen from the path between the nodes, by a proxy that beta's resource file puts
 //! in front of alpha: an eavesdropper reads none of the replicated data (and on a plain link, to
-//! show that the probe can see it, all of it); a byte changed on the way drops the link with
-//! the reason and writes nothing, and the resync after it repairs what the write missed. With
+//! show that the probe can see it, all of it); a data frame changed, dropped or sent twice on
+//! the way drops the link with the reason, nothing of a changed or dropped frame is written,
+//! and the resync after the reconnect repairs what the write missed. With
 //! certificates instead of a secret: nodes whose certificates one CA signed replicate, and a
 //! certificate another CA signed, or that names another node, is refused.
 
@@ -21,15 +22,46 @@ use std::sync::{Arc, Mutex};
 const MIB: u64 = 1 << 20;
 const PLAIN: &str = "transport = \"plain\"";
 
+/// What the proxy does to the next data frame from alpha to beta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tamper {
+    /// Flips a bit in the middle of its payload.
+    Flip,
+    /// Leaves it out.
+    Drop,
+    /// Sends it twice.
+    Replay,
+}
+
 /// What the proxy does with the bytes from alpha to beta.
 #[derive(Default)]
 struct Path {
     /// Every byte alpha sent beta, in order.
     heard: Mutex<Vec<u8>>,
-    /// Flip one byte of the next large read (a data frame), once; then stop passing new
-    /// connections until `open` is set again.
-    tamper: AtomicBool,
+    /// Done to the next data frame, once; then new connections are refused until `closed` is
+    /// cleared.
+    tamper: Mutex<Option<Tamper>>,
     closed: AtomicBool,
+}
+
+/// Bytes of the unit at the start of `bytes` (a TLS record or a blkrepl frame with its MAC or
+/// tag), once its header is there.
+fn unit_len(bytes: &[u8]) -> Option<usize> {
+    if bytes.len() < 5 {
+        return None;
+    }
+    if bytes[..4] != *b"BLKR" {
+        return Some(5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]])));
+    }
+    let header = bytes.get(..16)?;
+    let flags = u16::from_be_bytes([header[6], header[7]]);
+    let len = u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize;
+    Some(16 + len + if flags != 0 { 16 } else { 0 })
+}
+
+/// Whether `unit` is a Data frame (message type 0x0010).
+fn is_data(unit: &[u8]) -> bool {
+    unit.starts_with(b"BLKR") && unit[4..6] == [0x00, 0x10]
 }
 
 /// Forwards connections from `listener` to `target`, recording and maybe changing what flows
@@ -50,21 +82,43 @@ fn proxy(listener: TcpListener, target: String, path: Arc<Path>) {
     });
 }
 
+/// Forwards `from` to `to`; with `path`, whole units (TLS records, frames), recorded, the next
+/// data frame tampered with as `path` says.
 fn pump(mut from: TcpStream, mut to: TcpStream, path: Option<Arc<Path>>) {
     let mut buf = vec![0u8; 256 << 10];
+    let mut pending = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(path) = &path {
-            path.heard.lock().unwrap().extend_from_slice(&buf[..n]);
-            if n > 16 << 10 && path.tamper.swap(false, Ordering::SeqCst) {
+        let Some(path) = &path else {
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            continue;
+        };
+        path.heard.lock().unwrap().extend_from_slice(&buf[..n]);
+        pending.extend_from_slice(&buf[..n]);
+        let mut out = Vec::new();
+        while let Some(len) = unit_len(&pending).filter(|len| *len <= pending.len()) {
+            let mut unit: Vec<u8> = pending.drain(..len).collect();
+            let tamper = if is_data(&unit) { path.tamper.lock().unwrap().take() } else { None };
+            if tamper.is_some() {
                 path.closed.store(true, Ordering::SeqCst);
-                buf[n / 2] ^= 0x01;
+            }
+            match tamper {
+                None => out.extend_from_slice(&unit),
+                Some(Tamper::Flip) => {
+                    let middle = unit.len() / 2;
+                    unit[middle] ^= 0x01;
+                    out.extend_from_slice(&unit);
+                }
+                Some(Tamper::Drop) => {}
+                Some(Tamper::Replay) => out.extend_from_slice(&[unit.clone(), unit].concat()),
             }
         }
-        if to.write_all(&buf[..n]).is_err() {
+        if to.write_all(&out).is_err() {
             break;
         }
     }
@@ -137,17 +191,24 @@ fn an_eavesdropper_reads_no_replicated_data_on_a_tls_link_and_all_of_it_on_a_pla
 }
 
 #[test]
-fn a_byte_changed_on_a_tls_link_drops_it_writes_nothing_and_the_resync_repairs_the_write() {
+fn a_data_frame_changed_dropped_or_replayed_on_a_tls_link_drops_it_and_the_resync_repairs_the_write() {
+    for tamper in [Tamper::Flip, Tamper::Drop, Tamper::Replay] {
+        tampered_write_is_caught(tamper);
+    }
+}
+
+fn tampered_write_is_caught(tamper: Tamper) {
     let (c, path) = pair_through_a_proxy("");
-    path.tamper.store(true, Ordering::SeqCst);
+    *path.tamper.lock().unwrap() = Some(tamper);
     c.write("alpha", &[(2 * MIB, MIB, 0x5a)]);
-    assert!(!path.tamper.load(Ordering::SeqCst), "the proxy changed a byte of the write");
+    assert_eq!(*path.tamper.lock().unwrap(), None, "{tamper:?}: the proxy saw the write's frame");
     c.wait_for("alpha", "beta lost", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
-    let beta = c.data_of("beta", 3 * MIB);
-    assert!(!beta[2 * MIB as usize..].contains(&0x5a), "beta wrote something of the changed frame");
+    if tamper != Tamper::Replay {
+        let beta = c.data_of("beta", 3 * MIB);
+        assert!(!beta[2 * MIB as usize..].contains(&0x5a), "{tamper:?}: beta wrote something of the frame");
+    }
     let log = std::fs::read_to_string(c.run_dir().join("r0.beta.log")).unwrap();
-    // The byte falls in the data (the frame does not open), or in a header (its crc fails).
-    assert!(log.contains("does not decrypt") || log.contains("crc mismatch"), "beta says why it dropped the link:\n{}", c.logs());
+    assert!(log.contains("does not decrypt"), "{tamper:?}: beta says why it dropped the link:\n{}", c.logs());
     path.closed.store(false, Ordering::SeqCst);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");
     let (ok, out) = c.check("alpha", &[(2 * MIB, MIB, 0x5a)]);
