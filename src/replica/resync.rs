@@ -368,21 +368,21 @@ mod tests {
         r.bitmaps[0].set_range(100 * BLOCK, BLOCK);
         r.resync_source_started(t0, 1);
         r.take_actions();
-        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
         r.resync_chunk_read(1, 0, 4 * BLOCK, ResyncChunk::Data(Bytes::from(vec![7; 4 * BLOCK as usize])));
-        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
         r.resync_chunk_read(1, 100 * BLOCK, BLOCK, ResyncChunk::Data(Bytes::from(vec![7; BLOCK as usize])));
         // The pass is over with bits still set: its epoch is closed, and the walk waits for the ack.
-        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Wait);
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Wait);
         let (epoch, writes) = *r.peer(1).barriers.back().expect("a barrier closes the pass");
         assert_eq!(writes, 2, "both chunks are in the closed epoch");
-        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Wait, "no new pass before the ack");
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Wait, "no new pass before the ack");
         // The ack: the target holds both ranges durably (the engine clears their bits then).
         r.peer_mut(1).barriers.pop_front();
         for crate::core::transfer_log::Settled { offset, len, .. } in r.peer_mut(1).tl.barrier_acked(epoch) {
             r.bitmaps[0].clear_range(offset, len);
         }
-        assert_eq!(r.resync_next(ticks.next(), 1, false), ResyncStep::Finished);
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Finished);
         let sent: Vec<String> = r.take_actions().into_iter().filter_map(|a| match a {
             Action::Send { msg, .. } => Some(msg.name().to_string()),
             _ => None,
@@ -400,7 +400,7 @@ mod tests {
             r.bitmaps[0].set_range(3 * block, 2 * block);
             r.resync_source_started(t0, 1);
             let mut read = 0;
-            while let ResyncStep::Read { offset, len, .. } = r.resync_next(ticks.next(), 1, false) {
+            while let ResyncStep::Read { offset, len, .. } = r.resync_next(ticks.advance(), 1, false) {
                 assert_eq!(offset, 3 * block + read, "{block}-byte blocks");
                 r.resync_chunk_read(1, offset, len, ResyncChunk::Data(Bytes::from(vec![0; len as usize])));
                 read += len;
@@ -448,13 +448,13 @@ mod tests {
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.bitmaps[0].set_range(0, 2 * BLOCK);
         r.resync_source_started(t0, 1);
-        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Read { offset: 0, len: 2 * BLOCK, digests: true });
+        assert_eq!(r.resync_next(ticks.advance(), 1, true), ResyncStep::Read { offset: 0, len: 2 * BLOCK, digests: true });
         r.resync_chunk_read(1, 0, 2 * BLOCK, ResyncChunk::Digests(vec![[0; 32]; 2]));
-        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Wait, "the answer may still ask for data");
+        assert_eq!(r.resync_next(ticks.advance(), 1, true), ResyncStep::Wait, "the answer may still ask for data");
         // The answer: block 1 differs (the engine queues it as wanted).
         r.peer_mut(1).sync.resync_digests.pop_front();
         r.peer_mut(1).sync.resync_wanted.push_back((BLOCK, BLOCK));
-        assert_eq!(r.resync_next(ticks.next(), 1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks.advance(), 1, true), ResyncStep::Read { offset: BLOCK, len: BLOCK, digests: false });
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })));
     }
 }

@@ -35,7 +35,7 @@ pub fn three_node_replica() -> (Replica, Instant) {
 pub struct Ticks(pub Instant);
 
 impl Ticks {
-    pub fn next(&mut self) -> Instant {
+    pub fn advance(&mut self) -> Instant {
         self.0 += std::time::Duration::from_secs(1);
         self.0
     }
