@@ -25,6 +25,7 @@ pub mod manpage;
 pub mod meta;
 pub mod metrics;
 pub mod promoter;
+pub mod quiet_condvar;
 pub mod replica;
 pub mod sd_notify;
 pub mod tls;

@@ -7,7 +7,9 @@ use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
+
+use crate::quiet_condvar::QuietCondvar;
 use std::time::Duration;
 
 /// Runs once the frame it belongs to has been handed to the kernel (protocol A's completion).
@@ -66,7 +68,7 @@ impl Out {
 /// so a frame it popped is on the wire before any frame sent directly after it.
 pub struct PeerLink {
     queue: Mutex<SendQueue>,
-    changed: Condvar,
+    changed: QuietCondvar,
     out: Mutex<Option<Out>>,
     stream: TcpStream,
     sent_bytes: AtomicU64,
@@ -79,7 +81,7 @@ impl PeerLink {
         let out = Out { w: BufWriter::with_capacity(256 << 10, stream.try_clone()?), mac };
         Ok(PeerLink {
             queue: Mutex::default(),
-            changed: Condvar::new(),
+            changed: QuietCondvar::new(),
             out: Mutex::new(Some(out)),
             stream,
             sent_bytes: AtomicU64::new(0),

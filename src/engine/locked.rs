@@ -13,7 +13,9 @@ use crate::replica::{Action, FenceOutcome, IoTag, Lane, LocalIo, MetaWrite};
 use crate::wire::Message;
 use std::sync::Arc;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Condvar, MutexGuard};
+use std::sync::MutexGuard;
+
+use crate::quiet_condvar::QuietCondvar;
 use std::time::{Duration, Instant};
 
 pub(crate) struct Locked<'a> {
@@ -65,7 +67,7 @@ impl<'a> Locked<'a> {
         self.wait_timeout_on(dial, timeout)
     }
 
-    fn wait_timeout_on(mut self, condvar: &Condvar, timeout: Duration) -> Locked<'a> {
+    fn wait_timeout_on(mut self, condvar: &QuietCondvar, timeout: Duration) -> Locked<'a> {
         match self.release_for_wait() {
             Some(guard) => {
                 let (guard, _) = condvar.wait_timeout(guard, timeout).expect("engine state lock poisoned");

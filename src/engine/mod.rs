@@ -26,6 +26,7 @@ use crate::frontend::nbd::NbdServer;
 use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
 use crate::meta::{MetaError, MetaFlags, MetaStore};
+use crate::quiet_condvar::QuietCondvar;
 use io_pool::IoPool;
 use crate::replica::{Attached, FenceOutcome, Peer, PromoteRefusal, PromoteStep, Replica};
 use locked::Locked;
@@ -34,7 +35,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// Threads doing local disk I/O for the frontends.
@@ -128,12 +129,12 @@ pub(crate) struct Shared {
     pub counters: counters::Counters,
     pub state: Mutex<State>,
     /// Signalled whenever in-flight writes, peers or roles change.
-    pub changed: Condvar,
+    pub changed: QuietCondvar,
     /// Wakes the timer thread (see `timer`) when a deadline may have moved closer.
-    pub timer: Condvar,
+    pub timer: QuietCondvar,
     /// Wakes the dialers (see `connection::spawn_dialers`) when a link went or `connect`
     /// wants one: not `changed`, which every frame signals.
-    pub dial: Condvar,
+    pub dial: QuietCondvar,
     /// Where this node's daemon keeps run-time files (the ublk device record).
     pub run_dir: PathBuf,
     /// Serializes role changes: a promotion starts the export without the state lock held (a
@@ -306,9 +307,9 @@ impl Engine {
             io,
             counters: counters::Counters::new(),
             state: Mutex::new(state),
-            changed: Condvar::new(),
-            timer: Condvar::new(),
-            dial: Condvar::new(),
+            changed: QuietCondvar::new(),
+            timer: QuietCondvar::new(),
+            dial: QuietCondvar::new(),
             run_dir: run_dir.to_owned(),
             admin: Mutex::new(()),
             fence_runner: std::sync::OnceLock::new(),

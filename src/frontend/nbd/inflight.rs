@@ -6,7 +6,9 @@
 //! (128 reads of 32 MiB would otherwise be 4 GiB). Because a permit releases on drop, a
 //! completion the device drops without calling still frees its slot.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::quiet_condvar::QuietCondvar;
 
 /// Most requests one client may have submitted and not yet answered.
 pub const MAX_REQUESTS: usize = 128;
@@ -24,7 +26,7 @@ struct Load {
 #[derive(Debug, Default)]
 pub struct InFlight {
     load: Mutex<Load>,
-    changed: Condvar,
+    changed: QuietCondvar,
 }
 
 impl InFlight {
