@@ -25,8 +25,8 @@ mod receive;
 mod recent;
 mod resync;
 mod roles;
-/// Replicas built as a node attaching would (unit tests, and the dispatch fuzz target).
-#[cfg(any(test, feature = "fuzzing"))]
+/// Replicas built as a node attaching would, for the unit tests, the dispatch fuzz target and
+/// the replica's benchmark.
 pub mod testing;
 mod uuids;
 mod verify;
