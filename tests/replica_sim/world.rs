@@ -398,7 +398,8 @@ impl World {
         self.carry_out(id);
     }
 
-    /// Node `id`'s data disk fails some of its reads and writes until `until`.
+    /// Node `id`'s data disk fails some of its reads and writes until `until` (with EIO, or
+    /// writes with ENOSPC as a thin pool that ran out does).
     pub fn fail_disk(&mut self, id: u8, until: Time) {
         self.nodes[usize::from(id)].failing_until = until;
     }
@@ -711,7 +712,11 @@ impl World {
                 println!("{:>4}.{:06} n{id} disk: {what} failed ({tag:?})", self.now / SEC, self.now % SEC);
             }
             let now = self.instant();
-            self.replica_mut(id).expect("up").io_done(now, tag, Err(LocalFailure::Io));
+            let failure = match op {
+                LocalIo::Write { .. } | LocalIo::Zeroes { .. } if self.disk_rng.percent(30) => LocalFailure::NoSpace,
+                _ => LocalFailure::Io,
+            };
+            self.replica_mut(id).expect("up").io_done(now, tag, Err(failure));
             self.carry_out(id);
             return;
         }
