@@ -249,6 +249,12 @@ fn certificates_from_the_resource_ca_that_name_their_node_are_all_a_link_accepts
     assert!(accepted.names("beta"), "the dialer's certificate names it");
     assert!(!accepted.names("alpha") && !accepted.names("gamma"), "and no other node");
 
+    // A dialer whose certificate an intermediate CA signed (its file carries the chain).
+    let through = pki.intermediate("intermediate").issue("beta-via", &["beta"]);
+    let (dialed, accepted) = handshake(tls(&through, "beta"), tls(&alpha, "alpha"), "alpha");
+    assert!(dialed.is_ok(), "{dialed:?}");
+    assert!(accepted.unwrap().names("beta"), "the chain through the intermediate names beta");
+
     // beta dials alpha's address, and a node holding gamma's certificate answers.
     let gamma = pki.issue("gamma", &["gamma"]);
     let (dialed, _) = handshake(tls(&beta, "beta"), tls(&gamma, "gamma"), "alpha");

@@ -85,8 +85,9 @@ pub struct Session {
     pub channel: [u8; 32],
     /// Keys of both directions (from the dialer, from the acceptor), exported from the session.
     frame_keys: [[u8; 32]; 2],
-    /// The certificate the peer showed, when the link uses certificates.
-    peer: Option<CertificateDer<'static>>,
+    /// The certificates the peer showed (its own first, then intermediates), when the link
+    /// uses certificates.
+    peer: Option<Vec<CertificateDer<'static>>>,
     names: Option<Arc<WebPkiServerVerifier>>,
 }
 
@@ -114,8 +115,11 @@ impl Session {
     pub fn names(&self, node: &str) -> bool {
         match (&self.names, &self.peer) {
             (None, _) => true,
-            (Some(names), Some(peer)) => ServerName::try_from(node)
-                .is_ok_and(|name| names.verify_server_cert(peer, &[], &name, &[], UnixTime::now()).is_ok()),
+            (Some(names), Some(chain)) => match chain.split_first() {
+                Some((own, intermediates)) => ServerName::try_from(node)
+                    .is_ok_and(|name| names.verify_server_cert(own, intermediates, &name, &[], UnixTime::now()).is_ok()),
+                None => false,
+            },
             (Some(_), None) => false,
         }
     }
@@ -206,7 +210,7 @@ impl LinkTls {
         Ok(Session {
             channel: conn.export_keying_material([0u8; 32], CHANNEL_LABEL, None)?,
             frame_keys: [from_dialer.try_into().expect("32 bytes"), from_acceptor.try_into().expect("32 bytes")],
-            peer: conn.peer_certificates().and_then(|chain| chain.first()).map(|cert| cert.clone().into_owned()),
+            peer: conn.peer_certificates().map(|chain| chain.iter().map(|cert| cert.clone().into_owned()).collect()),
             names: self.names.clone(),
         })
     }
