@@ -126,3 +126,54 @@ fn requests_outside_the_device_are_invalid() {
     assert_eq!(submit(&engine, write(size, 0, 4096)), Err(BlockError::Invalid));
     assert_eq!(submit(&engine, BlockRequest::Read { offset: size - 512, len: 4096 }), Err(BlockError::Invalid));
 }
+
+/// A primary whose data and metadata live on two faulty in-memory disks, as `meta_disk` puts
+/// them (opened again by `up` after `down`, see below).
+fn open_with_meta(data: &Arc<FaultyDisk<MemDisk>>, meta: &Arc<FaultyDisk<MemDisk>>) -> Engine {
+    let config = config();
+    let me = config.node("alpha").unwrap().clone();
+    Engine::open_on(config, me, data.clone() as Arc<dyn Disk>, Some(meta.clone() as Arc<dyn Disk>), Path::new("/nonexistent")).unwrap()
+}
+
+#[test]
+fn a_failed_metadata_write_detaches_the_disk_and_the_next_up_recovers_it() {
+    let data = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
+    let meta = Arc::new(FaultyDisk::new(MemDisk::new(4 << 20)));
+    let params = MetaParams { max_peers: 1, ..MetaParams::default() };
+    MetaStore::create(meta.clone(), DISK_BYTES as u64, false, params, "r0", 0, &[1], false).unwrap();
+    let engine = open_with_meta(&data, &meta);
+    engine.promote(true).unwrap();
+    submit(&engine, write(0, 0xAB, 65536)).unwrap();
+    submit(&engine, BlockRequest::Flush).unwrap();
+    // A thin pool ran out under the metadata: the activity-log transaction of a write into a
+    // cold extent fails, and the write never reaches the data disk.
+    meta.fail_nth_write(1, Fault::Enospc);
+    let data_writes = data.writes();
+    assert_eq!(submit(&engine, write(16 << 20, 0xCD, 4096)), Err(BlockError::Io));
+    assert_eq!(engine.status().disk, "Failed");
+    // Detached: every request fails, and neither disk is written again, room or not.
+    meta.heal();
+    let meta_writes = meta.writes();
+    assert_eq!(submit(&engine, write(0, 0x11, 4096)), Err(BlockError::Io));
+    assert_eq!(submit(&engine, write(20 << 20, 0x11, 4096)), Err(BlockError::Io));
+    assert_eq!(submit(&engine, BlockRequest::Read { offset: 0, len: 4096 }), Err(BlockError::Io));
+    assert_eq!(submit(&engine, BlockRequest::Flush), Err(BlockError::Io));
+    let why = engine.status().local_write_failed.expect("status says why");
+    assert!(why.contains("activity-log transaction") && why.contains("No space left"), "{why}");
+    // `down` demotes it and writes nothing either; it cannot be promoted meanwhile.
+    engine.demote().unwrap();
+    assert!(engine.promote(true).is_err(), "a Failed disk is promoted no more");
+    engine.shutdown(|| {}).unwrap();
+    drop(engine);
+    assert_eq!((meta.writes(), data.writes()), (meta_writes, data_writes), "a detached disk is written no more");
+    // `up`: the metadata is whole (no hole in the activity log's ring), recovered as after a
+    // crash of a primary, and the acknowledged data is there.
+    let engine = open_with_meta(&data, &meta);
+    assert_eq!(engine.status().disk, "Consistent");
+    engine.promote(true).unwrap();
+    let read = submit(&engine, BlockRequest::Read { offset: 0, len: 65536 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0xAB), "acknowledged data changed");
+    let read = submit(&engine, BlockRequest::Read { offset: 16 << 20, len: 4096 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0), "the failed write reached the disk");
+    submit(&engine, write(16 << 20, 0xCD, 4096)).unwrap();
+}

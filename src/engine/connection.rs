@@ -20,8 +20,6 @@ const DIAL_INTERVAL: Duration = Duration::from_millis(300);
 const REFUSED_RETRY: Duration = Duration::from_secs(2);
 /// How a dial that the peer refused is reported.
 pub(super) const PEER_REFUSED: &str = "peer refused: ";
-/// Why a StandAlone node refuses a peer (expected, so logged quietly by the refusing side).
-pub(super) const STAND_ALONE: &str = "node is StandAlone (disconnected; `blkrepl connect` reconnects it)";
 
 /// Accept errors (out of file descriptors, say) are retried after a pause that doubles up to
 /// a second: retrying at once would spin a core while nothing can be accepted.
@@ -71,7 +69,7 @@ fn run_listener(shared: &Arc<Shared>, listener: &TcpListener) {
         let spawned = std::thread::Builder::new().name("peer-handshake".into()).spawn(move || {
             let _admission = admission;
             match accept(&handshake, stream) {
-                Err(reason) if reason == STAND_ALONE => {
+                Err(reason) if reason == crate::replica::STAND_ALONE => {
                     tracing::debug!(resource = %handshake.config.name, %from, "refused a peer connection: {reason}");
                 }
                 Err(reason) => tracing::warn!(resource = %handshake.config.name, %from, "refused a peer connection: {reason}"),
@@ -103,8 +101,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                         if st.replica.stopping {
                             return;
                         }
-                        let peer = st.replica.peer(peer_id);
-                        if !peer.want_connect || peer.connected {
+                        if st.replica.link_refusal(peer_id).is_some() {
                             drop(st.wait_dial(DIAL_INTERVAL));
                             continue;
                         }
@@ -137,16 +134,7 @@ pub(super) fn attach(shared: &Arc<Shared>, peer_id: u8, mut hs: Handshake) -> Re
     let _ = hs.stream.set_nodelay(true);
     hs.reader.get_mut().handshake_done(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
     let mut st = shared.lock();
-    let refusal = if st.replica.stopping {
-        Some("node is going down")
-    } else if !st.replica.peer(peer_id).want_connect {
-        Some(STAND_ALONE)
-    } else if st.replica.peer(peer_id).connected {
-        Some("already connected")
-    } else {
-        None
-    };
-    if let Some(reason) = refusal {
+    if let Some(reason) = st.replica.link_refusal(peer_id) {
         drop(st);
         return Err(hs.refuse(reason));
     }

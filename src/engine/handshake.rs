@@ -7,7 +7,7 @@
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
 //! two connections into existence.
 
-use super::connection::{attach, PEER_REFUSED, STAND_ALONE};
+use super::connection::{attach, PEER_REFUSED};
 use super::{random_bytes, Shared};
 use crate::handshake_stream::HandshakeStream;
 use crate::tls::{Session, TlsError};
@@ -143,8 +143,8 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
         return Err(hs.refuse(&format!("the peer's certificate does not name node id {}: check its `certificate`", hello.from_node)));
     }
     let peer_id = check_hello(shared, &hello, proven).map_err(|reason| hs.refuse(&reason))?;
-    if !shared.lock().replica.peer(peer_id).want_connect {
-        return Err(hs.refuse(STAND_ALONE));
+    if let Some(reason) = shared.lock().replica.link_refusal(peer_id) {
+        return Err(hs.refuse(reason));
     }
     if peer_id < shared.me.id {
         return Err(hs.refuse("the node with the higher id dials: check the node ids in both resource files"));

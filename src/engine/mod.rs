@@ -606,6 +606,9 @@ impl Engine {
     /// node is no longer primary.
     fn leave_primary(&self, mut st: Locked<'_>, export: Option<Export>) -> Result<(), EngineError> {
         let shared = &self.shared;
+        // A detached disk (see `Replica::detach`) is written no more: its metadata keeps
+        // saying primary, which the next attach treats as a crash. The demotion itself holds.
+        let detached = st.replica.detached();
         st.replica.begin_demotion(Instant::now());
         // The export's removal waits for requests in flight: the held ones fail first (as the
         // lock is released).
@@ -616,6 +619,9 @@ impl Engine {
         st.replica.finish_demotion();
         drop(st);
         shared.changed.notify_all();
+        if detached {
+            return Ok(());
+        }
         self.refuse_if_disk_failed()
     }
 
@@ -809,8 +815,12 @@ impl Engine {
         }
         let crashed_primary = st.replica.crashed_primary;
         let State { meta, replica, .. } = &mut *st;
-        meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al)?;
-        if crashed_primary {
+        if replica.detached() {
+            tracing::warn!(resource = %shared.config.name, "the disk is Failed: its metadata stays as the failure left it, and the next `up` recovers it as after a crash");
+        } else {
+            meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al)?;
+        }
+        if crashed_primary && !st.replica.detached() {
             // The activity log's extents are in the bitmaps, but no resync has repaired them
             // yet: keep the marker that makes the next connection resync them.
             st.replica.sb.flags.insert(MetaFlags::PRIMARY_IND);

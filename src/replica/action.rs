@@ -37,6 +37,18 @@ pub enum MetaWrite {
     ActivityLog(crate::meta::activity_log::AlUpdate),
 }
 
+impl MetaWrite {
+    /// What is written, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MetaWrite::Superblock => "superblock",
+            MetaWrite::Bitmap(_) | MetaWrite::BitmapPages { .. } => "bitmap",
+            MetaWrite::DataFlush => "flush of the data disk",
+            MetaWrite::ActivityLog(_) => "activity-log transaction",
+        }
+    }
+}
+
 /// One operation on the local data disk.
 #[derive(Debug, Clone)]
 pub enum LocalIo {

@@ -770,9 +770,12 @@ mod tests {
         r.persist_failed(t0, MetaWrite::Superblock, "EIO", rest);
         assert_eq!(r.disk, DiskState::Failed);
         let actions = r.take_actions();
-        assert!(matches!(actions[0], Action::DropLink { .. }), "{actions:?}");
-        assert!(matches!(&actions[1], Action::Send { msg: Message::State(s), .. } if s.disk == DiskState::Failed.to_wire()));
-        assert_eq!(actions.len(), 2, "the queued ping and resync are dropped: {actions:?}");
+        assert!(actions.iter().all(|a| matches!(a, Action::DropLink { peer: 1, .. })), "the queued ping and resync are dropped: {actions:?}");
+        assert!(matches!(&actions[..], [_, Action::DropLink { reason, .. }] if reason == crate::replica::DETACHED), "{actions:?}");
+        r.peer_lost(t0, 1, "dropped", 0);
+        assert_eq!(r.link_refusal(1), Some(crate::replica::DETACHED), "no link until `down` and `up`");
+        r.new_current_uuid(false).ok();
+        assert!(r.take_actions().is_empty(), "a Failed disk is written no more");
     }
 
     #[test]

@@ -20,9 +20,16 @@
 //! write, so that the decision at the reconnect resyncs the blocks (bits left between two
 //! Established nodes are resynced only at a connect; without it the copies stayed different
 //! for as long as the link held: simulator seed 1587 with ENOSPC injected).
+//!
+//! A metadata write that fails (EIO, or ENOSPC from a thin pool) detaches the disk, as DRBD's
+//! `on-io-error detach` does: see [`Replica::detach`].
 
 use super::{extent_range, Replica};
 use crate::core::inflight::LocalFailure;
+use crate::core::states::DiskState;
+
+/// Why a detached node drops its links and refuses new ones.
+pub const DETACHED: &str = "this node's disk failed (a metadata write): it takes no part until `blkrepl down` and `up`";
 
 impl Replica {
     /// The local write of `len` bytes at `offset` failed with `failure`.
@@ -76,6 +83,30 @@ impl Replica {
         let slots: Vec<usize> = self.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
         for slot in slots {
             self.mark_out_of_sync(slot, offset, len);
+        }
+    }
+
+    /// A metadata write failed (`why`), or the activity log cannot be written at attach: the
+    /// metadata no longer follows what this node knows, and another write would make it
+    /// inconsistent (a later activity-log transaction behind a lost one is a hole in the ring,
+    /// which the next attach refuses as corrupt). So the disk is Failed and written no more,
+    /// neither metadata (`Replica::persist`) nor data: what is on it stays as the last
+    /// successful write left it, which the next attach recovers exactly as after a crash.
+    /// The node drops every link and takes none until `down` and `up` (`Replica::link_refusal`):
+    /// it can neither receive a stream nor be resynced, and its peers, witnesses included,
+    /// must see it gone so that they elect a primary without it. A primary fails every request
+    /// until it is demoted (no read from a peer: the protocol has no frame for it), as after a
+    /// failed data write. It fences nobody (`Replica::fence_lost_peer` needs an UpToDate disk):
+    /// the peers hold the good copies.
+    pub(super) fn detach(&mut self, why: String) {
+        tracing::error!(resource = %self.resource, "{why}: the disk is Failed; this node drops its links and takes no part until `down` and `up`");
+        self.disk = DiskState::Failed;
+        if self.answers_as_primary() {
+            self.io_failed.get_or_insert(why);
+        }
+        let connected: Vec<u8> = self.peers.iter().filter(|p| p.connected).map(|p| p.node_id).collect();
+        for peer_id in connected {
+            self.drop_link(peer_id, DETACHED.into());
         }
     }
 

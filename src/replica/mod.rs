@@ -40,6 +40,7 @@ pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MA
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
 pub use election::PromoteStep;
+pub use disk_failure::DETACHED;
 pub use fencing::FenceOutcome;
 pub use roles::{PromoteRefusal, Promotion};
 pub use verify::VerifyStep;
@@ -62,6 +63,11 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 use uuids::UuidSource;
 use weakened::{is_weakened, Rule};
+
+/// Why a node that is going down takes no link.
+pub const GOING_DOWN: &str = "node is going down";
+/// Why a StandAlone node takes no link (expected, so logged quietly by the refusing side).
+pub const STAND_ALONE: &str = "node is StandAlone (disconnected; `blkrepl connect` reconnects it)";
 
 /// State flag bits carried in `PeerState::flags`.
 pub const STATE_FLAG_CRASHED_PRIMARY: u32 = 1;
@@ -310,10 +316,7 @@ impl Replica {
             Ok(clean) => self.commit_al(clean),
             // Nothing is in flight at attach: only metadata this software did not write (its
             // log's sequence numbers exhausted) gets here, and it cannot be written again.
-            Err(e) => {
-                tracing::error!(resource = %self.resource, error = %e, "cannot write the activity log: the disk is Failed");
-                self.disk = DiskState::Failed;
-            }
+            Err(e) => self.detach(format!("the activity log cannot be written: {e}")),
         }
     }
 
@@ -393,8 +396,14 @@ impl Replica {
         self.outbox.append(&mut actions);
     }
 
-    /// Queues a metadata write: durable before anything queued after it is carried out.
+    /// Queues a metadata write: durable before anything queued after it is carried out. A
+    /// Failed disk is written no more (see `Replica::detach`): its metadata stays as the last
+    /// write that succeeded left it, which the next attach recovers as after a crash.
     pub fn persist(&mut self, what: MetaWrite) {
+        if self.detached() {
+            tracing::debug!(resource = %self.resource, ?what, "not written: the disk is Failed");
+            return;
+        }
         self.outbox.push(Action::Persist(what));
     }
 
@@ -412,26 +421,19 @@ impl Replica {
         self.persist(MetaWrite::ActivityLog(update));
     }
 
-    /// A metadata write failed: the disk is Failed (its metadata no longer follows what this
-    /// node knows). Of `rest`, the actions queued behind the write: metadata writes and frames
-    /// other than the write stream are dropped (they may announce what never became durable;
-    /// the peers hear of the Failed disk instead), local I/O fails without being submitted
-    /// (a write into an extent whose activity-log transaction failed must not reach the disk),
-    /// requests completed behind it fail (a write's new generation may not be durable), and a
-    /// resync decided behind it does not start.
-    /// The write stream goes on: the peers' copies do not depend on this node's metadata.
+    /// A metadata write failed: this node detaches from its disk (see `Replica::detach`). Of
+    /// `rest`, the actions queued behind the write, and of those queued since it was taken
+    /// (carrying out earlier ones fed the replica): metadata writes, frames and resyncs are
+    /// dropped (they may announce what never became durable, and the links go), local I/O
+    /// fails without being submitted (a write into an extent whose activity-log transaction
+    /// failed must not reach the disk), and requests completed behind it fail (a write's new
+    /// generation may not be durable).
     pub fn persist_failed(&mut self, now: Instant, what: MetaWrite, error: &str, rest: Vec<Action>) {
-        tracing::error!(resource = %self.resource, ?what, error, "metadata write failed: the disk is Failed");
-        self.disk = DiskState::Failed;
         let mut kept = Vec::new();
         let mut failed_io = Vec::new();
-        for action in rest {
+        let since = std::mem::take(&mut self.outbox);
+        for action in rest.into_iter().chain(since) {
             match action {
-                Action::Send { ref msg, .. } if matches!(msg, Message::Data { .. } | Message::Zeroes { .. } | Message::Barrier { .. }) => {
-                    kept.push(action)
-                }
-                // A resync whose decision never became durable does not start; the peer hears
-                // of the Failed disk and decides again.
                 Action::Send { .. } | Action::Persist(_) | Action::StartResync { .. } => {}
                 Action::Io { tag, .. } => failed_io.push(tag),
                 Action::Complete { request, result: Ok(_) } => kept.push(Action::Complete { request, result: Err(BlockError::Io) }),
@@ -439,20 +441,31 @@ impl Replica {
             }
         }
         self.requeue(kept);
+        self.detach(format!("a metadata write ({}) failed: {error}", what.name()));
         for tag in failed_io {
             self.io_done(now, tag, Err(LocalFailure::Io));
         }
-        self.broadcast_state();
     }
 
     /// Queues a control frame (acks, state, pings) for `peer`, dropped if it is not connected.
     pub fn send(&mut self, peer: u8, msg: Message) {
-        self.outbox.push(Action::Send { peer, msg, lane: Lane::Control, sent_write: None });
+        self.push_send(peer, msg, Lane::Control, None);
     }
 
     /// Queues a bulk frame for `peer` behind the bulk frames queued before it.
     pub fn send_bulk(&mut self, peer: u8, msg: Message, sent_write: Option<u64>) {
-        self.outbox.push(Action::Send { peer, msg, lane: Lane::Bulk, sent_write });
+        self.push_send(peer, msg, Lane::Bulk, sent_write);
+    }
+
+    /// A node whose disk is Failed sends nothing (its links are going, see `Replica::detach`):
+    /// what it would announce was never made durable, and a peer that learned it would act on
+    /// it (a witness that heard of a generation no disk holds counts no data node again:
+    /// simulator seed 228 with metadata write failures).
+    fn push_send(&mut self, peer: u8, msg: Message, lane: Lane, sent_write: Option<u64>) {
+        if self.detached() {
+            return;
+        }
+        self.outbox.push(Action::Send { peer, msg, lane, sent_write });
     }
 
     pub fn peer(&self, node_id: u8) -> &Peer {
@@ -675,7 +688,7 @@ impl Replica {
         let states: Vec<(u8, PeerState)> =
             self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
         for (peer, state) in states {
-            self.outbox.push(Action::Send { peer, msg: Message::State(state), lane, sent_write: None });
+            self.push_send(peer, Message::State(state), lane, None);
         }
     }
 
@@ -688,6 +701,29 @@ impl Replica {
             DiskState::Outdated
         } else {
             DiskState::Inconsistent
+        }
+    }
+
+    /// Whether this node detached from its disk (see `Replica::detach`): nothing is written to
+    /// it any more, neither by the replica nor by its driver (no clean shutdown either).
+    pub fn detached(&self) -> bool {
+        self.disk == DiskState::Failed
+    }
+
+    /// Why this node takes no link to `peer_id` now, if it takes none: what both its dialer and
+    /// its acceptor ask before a link comes up.
+    pub fn link_refusal(&self, peer_id: u8) -> Option<&'static str> {
+        let peer = self.peer(peer_id);
+        if self.stopping {
+            Some(GOING_DOWN)
+        } else if self.detached() {
+            Some(DETACHED)
+        } else if !peer.want_connect {
+            Some(STAND_ALONE)
+        } else if peer.connected {
+            Some("already connected")
+        } else {
+            None
         }
     }
 

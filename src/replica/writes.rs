@@ -306,6 +306,10 @@ impl Replica {
     /// them) and on every replicating peer (a barrier after everything sent so far, acked after
     /// the peer's flush).
     fn submit_flush(&mut self, request: RequestId) {
+        if self.detached() {
+            // No I/O reaches a detached disk (see `Replica::detach`).
+            return self.answer(request, Err(BlockError::Io));
+        }
         let peers_pending = self.peers.iter().filter(|p| self.receives_stream(p)).map(|p| p.node_id).collect();
         let epoch = self.close_epoch();
         self.next_flush_id += 1;
@@ -452,9 +456,10 @@ impl Replica {
 
     /// Starts the new generation owed to the data peers lost since the last one (see
     /// `Replica::generation_pending`), durable before any write under it completes (a failed
-    /// superblock write fails the completions queued behind it, see `persist_failed`).
+    /// superblock write fails the completions queued behind it, see `persist_failed`). A
+    /// Failed disk starts none: it could not be made durable, and no write completes there.
     fn start_pending_generation(&mut self) {
-        if self.generation_pending.is_empty() || self.role != Role::Primary {
+        if self.generation_pending.is_empty() || self.role != Role::Primary || self.detached() {
             return;
         }
         let slots = std::mem::take(&mut self.generation_pending);
@@ -483,7 +488,7 @@ impl Replica {
         // What waited for voters to confirm a new generation fails once quorum is gone instead
         // (`io-error` holds nothing else).
         let refused = admission == Admission::Refuse && !self.confirming_generation(now);
-        let fail = fail || refused || self.role != Role::Primary || self.superseded(now);
+        let fail = fail || refused || self.role != Role::Primary || self.io_failed.is_some() || self.superseded(now);
         if !fail && admission != Admission::Proceed {
             return;
         }
@@ -795,20 +800,29 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_activity_log_write_keeps_the_write_off_the_disk_and_fails_it() {
+    fn a_failed_activity_log_write_detaches_the_disk_and_fails_the_write_behind_it() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, write(0, 4096), no_queue);
         let mut actions = r.take_actions();
         let at = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))).expect("a transaction");
         let rest = actions.split_off(at + 1);
         let Some(Action::Persist(what)) = actions.pop() else { unreachable!() };
-        let id = rest.iter().find_map(write_id).expect("the write");
+        assert!(rest.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "{rest:?}");
         r.persist_failed(t0, what, "EIO", rest);
+        assert_eq!(r.disk, crate::core::states::DiskState::Failed);
         let actions = r.take_actions();
-        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. })), "nothing reaches the disk: {actions:?}");
-        assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "the peer still gets it");
-        r.peer_reached(t0, id, 1, AckLevel::Written);
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_))), "nothing reaches a disk or a peer: {actions:?}");
+        assert!(actions.iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })), "the node detaches: {actions:?}");
+        assert_eq!(r.link_refusal(1), Some(crate::replica::DETACHED));
+        r.peer_lost(t0, 1, crate::replica::DETACHED, 0);
         assert_eq!(answers(&r.take_actions()), vec![(1, Err(BlockError::Io))]);
+        // Until `down` and `up`, every request fails and nothing is written.
+        r.submit(t0, 2, BlockRequest::Flush, no_queue);
+        r.submit(t0, 3, BlockRequest::Read { offset: 0, len: 4096 }, no_queue);
+        r.submit(t0, 4, write(8192, 4096), no_queue);
+        let actions = r.take_actions();
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_))), "{actions:?}");
+        assert_eq!(answers(&actions), vec![(2, Err(BlockError::Io)), (3, Err(BlockError::Io)), (4, Err(BlockError::Io))]);
     }
 
     #[test]

@@ -84,11 +84,13 @@ pub struct Stats {
     /// Online verifies that ran to their end, and the bytes they found differing.
     pub verifies: u64,
     pub verify_found_bytes: u64,
-    /// Seeds with a failing disk, and the local writes, reads and flushes that failed.
+    /// Seeds with a failing disk, and the local writes, reads, flushes and metadata writes that
+    /// failed.
     pub disk_fault_seeds: u64,
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
+    pub failed_meta_writes: u64,
     /// Seeds under `fencing = "resource-only"` and `"resource-and-stonith"`, the fence-peer
     /// runs, those whose primary outdated itself (exit code 6), and `resume-io`s.
     pub fencing_seeds: [u64; 2],
@@ -122,6 +124,7 @@ impl Stats {
         self.failed_writes += o.failed_writes;
         self.failed_reads += o.failed_reads;
         self.failed_flushes += o.failed_flushes;
+        self.failed_meta_writes += o.failed_meta_writes;
         for (mine, theirs) in self.fencing_seeds.iter_mut().zip(o.fencing_seeds) {
             *mine += theirs;
         }
@@ -265,8 +268,8 @@ impl Scenario {
         self.stats.virtual_us = self.world.now;
         self.stats.divergences = self.world.divergences();
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
-        (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes) =
-            (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes);
+        (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes, self.stats.failed_meta_writes) =
+            (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes, self.world.failed_meta_writes);
         (self.stats.fence_runs, self.stats.fence_self_outdated) = (self.world.fence_runs, self.world.fence_self_outdated);
         self.check_converged()?;
         self.check_verifies()
@@ -302,7 +305,7 @@ impl Scenario {
     /// Fails the seed on what a replica asked that the world refused (see `World::violation`).
     fn world_kept_its_rules(&mut self) -> Result<(), String> {
         match self.world.violation.take() {
-            Some(violation) => Err(format!("witnesses hold no data: {violation}")),
+            Some(violation) => Err(format!("the world refused what a replica asked: {violation}")),
             None => Ok(()),
         }
     }
@@ -427,6 +430,25 @@ impl Scenario {
                 }
                 _ => self.demoting.push((id, flush)),
             }
+        }
+        // A detached node (a metadata write failed, see `Replica::detach`) takes no part until
+        // `down` and `up`: the operator, told by `status` and the log, runs them once it is
+        // Secondary. Its `down` writes nothing, as a killed process does not.
+        let detached: Vec<u8> = self
+            .world
+            .shape
+            .data_nodes()
+            .filter(|id| self.world.replica(*id).is_some_and(|r| r.detached() && r.role == Role::Secondary))
+            .filter(|id| !self.demoting.iter().any(|(d, _)| d == id))
+            .collect();
+        for id in detached {
+            self.world.log(id, || "detached: down and up".into());
+            self.world.crash(id, false);
+            self.pending.retain(|_, (node, _)| *node != id);
+            self.down.push(id);
+            let w = &mut self.world;
+            let restart = w.now + w.rng.range(300 * MS, 3 * SEC);
+            w.at(restart, Event::Scenario(RESTART));
         }
         // As a cluster manager on the majority's side would: a primary cut off from it does not
         // count (the replica refuses a promotion that would make two primaries).

@@ -14,7 +14,7 @@ use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::Role;
-use blkrepl::disk::{Disk, MemDisk};
+use blkrepl::disk::{Fault, FaultyDisk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
 use blkrepl::meta::layout::MIN_AL_EXTENTS;
 use blkrepl::meta::{MetaParams, MetaStore};
@@ -154,7 +154,8 @@ pub struct Node {
     pub replica: Option<Replica>,
     /// None on a witness: it has no data disk.
     pub data: Option<DataDisk>,
-    meta_disk: Arc<dyn Disk>,
+    /// Its metadata disk; it fails one write of a failing window (see [`World::fail_disk`]).
+    meta_disk: Arc<FaultyDisk<MemDisk>>,
     meta: Option<MetaStore>,
     /// Bumped per start, so the events of a crashed incarnation are dropped.
     pub incarnation: u64,
@@ -248,8 +249,8 @@ pub struct World {
     /// Resyncs (by bitmap, full, first syncs of fresh disks) taken by nodes that have since crashed.
     resyncs: [u64; 3],
     pub shape: Shape,
-    /// The first thing a replica asked that the world must not do (data I/O on a witness): the
-    /// scenario fails the seed on it.
+    /// The first thing a replica asked that the world must not do (data I/O on a witness, a
+    /// disk write or frame from a detached node): the scenario fails the seed on it.
     pub violation: Option<String>,
     /// Resyncs send block checksums first (`csums_resync`).
     pub csums: bool,
@@ -264,10 +265,11 @@ pub struct World {
     /// Decides which I/O of a failing disk fails: a generator of its own, so a seed whose
     /// disks never fail keeps its course.
     disk_rng: Rng,
-    /// Local writes, reads and flushes that failed.
+    /// Local writes, reads and flushes that failed, and metadata writes.
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
+    pub failed_meta_writes: u64,
     pub fencing: Fencing,
     /// Draws the fence-peer handler's answers and delays: a generator of its own, so a seed
     /// that never fences keeps its course.
@@ -308,6 +310,7 @@ impl World {
             failed_writes: 0,
             failed_reads: 0,
             failed_flushes: 0,
+            failed_meta_writes: 0,
             fencing: options.fencing,
             fence_rng: Rng::new(seed.rotate_left(16)),
             fence_runs: 0,
@@ -359,6 +362,9 @@ impl World {
         let (congestion_fill, resync_rate, fencing) = (self.congestion_fill, self.resync_rate, self.fencing);
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
+        // An injected metadata failure belongs to the failing window that armed it, not to the
+        // next incarnation.
+        node.meta_disk.heal();
         let (meta, loaded) = MetaStore::open(node.meta_disk.clone(), data_bytes, internal, RESOURCE, id).expect("open metadata");
         let peers = loaded
             .superblock
@@ -399,9 +405,18 @@ impl World {
     }
 
     /// Node `id`'s data disk fails some of its reads and writes until `until` (with EIO, or
-    /// writes with ENOSPC as a thin pool that ran out does).
+    /// writes with ENOSPC as a thin pool that ran out does), and one time in two one of its
+    /// next metadata writes fails too (which detaches the disk: see `Replica::detach`).
     pub fn fail_disk(&mut self, id: u8, until: Time) {
-        self.nodes[usize::from(id)].failing_until = until;
+        let meta = self.disk_rng.percent(50).then(|| {
+            let fault = if self.disk_rng.percent(50) { Fault::Eio } else { Fault::Enospc };
+            (self.disk_rng.range(1, 9), fault)
+        });
+        let node = &mut self.nodes[usize::from(id)];
+        node.failing_until = until;
+        if let Some((nth, fault)) = meta {
+            node.meta_disk.fail_nth_write(nth, fault);
+        }
     }
 
     /// Whether a walk's read on node `id` fails now (its disk is failing).
@@ -584,7 +599,7 @@ impl World {
         if linked(self, a, b) || linked(self, b, a) {
             return;
         }
-        let wants = |w: &World, x: u8, y: u8| w.replica(x).is_some_and(|r| r.peer(y).want_connect && !r.peer(y).connected);
+        let wants = |w: &World, x: u8, y: u8| w.replica(x).is_some_and(|r| r.link_refusal(y).is_none());
         if !wants(self, a, b) || !wants(self, b, a) {
             return;
         }
@@ -838,6 +853,9 @@ impl World {
     pub fn carry_out(&mut self, id: u8) {
         loop {
             let Some(replica) = self.replica_mut(id) else { return };
+            // Queued by a detached replica (not before its disk failed: those are carried out,
+            // in order, as a driver carries out what was queued before a failure).
+            let detached = replica.detached();
             let actions = replica.take_actions();
             if actions.is_empty() {
                 return;
@@ -846,9 +864,18 @@ impl World {
             while let Some(action) = queue.next() {
                 if self.shape.is_witness(id) {
                     if let Some(what) = data_action(&action) {
-                        self.violation.get_or_insert_with(|| format!("witness n{id} was asked for {what}"));
+                        self.violation.get_or_insert_with(|| format!("witnesses hold no data: witness n{id} was asked for {what}"));
                         continue;
                     }
+                }
+                if detached && matches!(action, Action::Io { .. } | Action::Persist(_) | Action::Send { .. }) {
+                    let what = match &action {
+                        Action::Persist(write) => format!("a metadata write ({})", write.name()),
+                        Action::Send { peer, msg, .. } => format!("a frame to n{peer} ({})", msg.name()),
+                        other => data_action(other).unwrap_or_default(),
+                    };
+                    self.violation.get_or_insert_with(|| format!("a detached node writes and sends nothing: n{id} asked for {what}"));
+                    continue;
                 }
                 match action {
                     Action::Persist(what) => {
@@ -867,6 +894,7 @@ impl World {
                             }
                         };
                         if let Err(e) = written {
+                            self.failed_meta_writes += 1;
                             let now = self.instant();
                             let rest: Vec<Action> = queue.collect();
                             self.replica_mut(id).expect("up").persist_failed(now, what, &e.to_string(), rest);
@@ -962,8 +990,8 @@ fn data_action(action: &Action) -> Option<String> {
 
 /// The metadata of node `id`, as `blkrepl create-md` makes it: a peer slot for every other node,
 /// witnesses too, and the smallest activity log (whose eviction the client's blocks exercise).
-fn create_metadata(shape: Shape, id: u8, bitmap_block_size: u32) -> Arc<dyn Disk> {
-    let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(META_BYTES as usize));
+fn create_metadata(shape: Shape, id: u8, bitmap_block_size: u32) -> Arc<FaultyDisk<MemDisk>> {
+    let disk = Arc::new(FaultyDisk::new(MemDisk::new(META_BYTES as usize)));
     let peers: Vec<u8> = shape.nodes().filter(|p| *p != id).collect();
     let params = MetaParams { al_extents: MIN_AL_EXTENTS, max_peers: peers.len() as u8, bitmap_block_size };
     let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
