@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Write-path benchmark, all in one run so the figures compare: 4 KiB random writes at queue depth
-# 1 and 32 and 1 MiB sequential writes through the NBD export (fio's nbd engine) for protocol C,
-# protocol A and the same daemon with no peer (local-only), against the limits: the raw backing
-# file (fio on the file) and raw TCP loopback bandwidth (iperf3).
+# 1 to 64 and 1 MiB sequential writes through the NBD export (fio's nbd engine) for protocols C,
+# B and A and the same daemon with no peer (local-only), against qemu-nbd and the limits: the
+# raw backing file (fio on the file) and raw TCP loopback bandwidth (iperf3). The table and a
+# plot of IOPS against queue depth (SVG) are written to BENCH_OUT (default target/bench).
 #
 # Quorum is set on purpose: local-only is the two-node resource with its peer absent and quorum
 # "off" (a lone node may write); the replicated runs add a diskless witness under quorum
 # "majority", the setup the README recommends.
 #
 #   scripts/bench.sh [--short]       RUNTIME=10 (s per job)  BENCH_DIR=/dev/shm/blkrepl-bench
+#                                    BENCH_OUT=target/bench
 # --short runs every job for 1 s (CI runs it so the script cannot rot; its figures mean nothing).
 # Then system calls per replicated write (strace) and each daemon's resident memory, also for a
 # 1 TiB device with two peers. Installs what it needs first (scripts/setup.sh bench: fio,
@@ -18,7 +20,7 @@ cd "$(dirname "$0")/.."
 case ${1:-} in
   --short) RUNTIME=1 ;;
   "") ;;
-  *) sed -n 2,15p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n 2,17p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
 scripts/setup.sh bench
 cargo build --release --bins -q
@@ -28,7 +30,9 @@ DIR=${BENCH_DIR:-/dev/shm/blkrepl-bench}
 SIZE=${SIZE:-1G}
 rm -rf "$DIR"; mkdir -p "$DIR/etc" "$DIR/run"
 export BLKREPL_CONFIG_DIR=$DIR/etc BLKREPL_RUN_DIR=$DIR/run BLKREPL_LOG=warn
-RESULTS=$DIR/results.txt; : > "$RESULTS"
+OUT=${BENCH_OUT:-$PWD/target/bench}
+mkdir -p "$OUT"
+RESULTS=$OUT/results.txt; : > "$RESULTS"
 
 stop_all() {
   for lock in "$DIR"/run/*.lock; do [ -f "$lock" ] && kill -9 "$(cat "$lock")" 2>/dev/null || true; done
@@ -52,11 +56,12 @@ print(f"{label} {w['iops']:.0f} {w['bw_bytes']/1048576:.1f}")
 PY
 }
 
-# Three jobs against one target.
+QUEUE_DEPTHS="1 2 4 8 16 32 64"
+
+# The jobs against one target: 4 KiB random writes at every queue depth, then 1 MiB sequential.
 run_jobs() {
-  local prefix=$1; shift
-  run_fio "$prefix.rand4k.qd1" randwrite 4k 1 "$@"
-  run_fio "$prefix.rand4k.qd32" randwrite 4k 32 "$@"
+  local prefix=$1 qd; shift
+  for qd in $QUEUE_DEPTHS; do run_fio "$prefix.rand4k.qd$qd" randwrite 4k "$qd" "$@"; done
   run_fio "$prefix.seq1m" write 1M 4 "$@"
 }
 
@@ -116,9 +121,7 @@ wait_json() { local node=$1 needle=$2; for _ in $(seq 1 200); do "$BIN" --node "
 
 echo "== limits: raw backing file ($DIR, tmpfs if /dev/shm) and raw TCP loopback"
 truncate -s "$SIZE" "$DIR/raw.img"
-run_fio raw.rand4k.qd1 randwrite 4k 1 --ioengine=psync --filename="$DIR/raw.img"
-run_fio raw.rand4k.qd32 randwrite 4k 32 --ioengine=libaio --filename="$DIR/raw.img"
-run_fio raw.seq1m write 1M 4 --ioengine=libaio --filename="$DIR/raw.img"
+run_jobs raw --ioengine=libaio --filename="$DIR/raw.img"
 rm -f "$DIR/raw.img"
 iperf3 -s -p 15201 -D >/dev/null; sleep 0.5
 tcp=$(iperf3 -c 127.0.0.1 -p 15201 -t "$RUNTIME" -J | python3 -c 'import json,sys; bps = json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]; print(round(bps / 8 / 1048576, 1))')
@@ -140,10 +143,10 @@ config C off secret; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node 
 run_jobs local "${NBD[@]}"
 stop_all
 
-# protoC and protoA run over TLS (a secret, as a daemon requires by default: every frame
+# protoC, protoB and protoA run over TLS (a secret, as a daemon requires by default: every frame
 # encrypted); protoCmac has the secret with transport = "plain" (every frame MACed);
 # protoCplain runs on a trusted network (`trusted_network = true`): what TLS and MACs cost.
-for run in "C secret" "C mac" "C plain" "A secret"; do
+for run in "C secret" "C mac" "C plain" "B secret" "A secret"; do
   read -r proto auth <<< "$run"
   name=proto$proto; [ "$auth" != secret ] && name=$name$auth
   echo "== protocol $proto ($auth): two daemons in sync and a witness, quorum majority"
@@ -171,21 +174,57 @@ run_fio tib.rand4k.qd32 randwrite 4k 32 "${NBD[@]}" --number_ios=20000
 rss tib alpha beta gamma
 stop_all
 
-python3 - "$RESULTS" <<'PY'
+python3 - "$RESULTS" "$QUEUE_DEPTHS" "$OUT/iops-vs-qd.svg" <<'PY' | tee "$OUT/table.txt"
 import sys
 r = {}
 for line in open(sys.argv[1]):
     k, iops, mib = line.split(); r[k] = (float(iops), float(mib))
+depths = [int(d) for d in sys.argv[2].split()]
+targets = ["raw", "qemunbd", "local", "protoC", "protoCmac", "protoCplain", "protoB", "protoA"]
 print()
-print(f"{'target':<10} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
-for t in ["raw", "qemunbd", "local", "protoC", "protoCmac", "protoCplain", "protoA"]:
-    print(f"{t:<10} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
+print(f"{'target':<12} {'4k QD1 IOPS':>12} {'4k QD32 IOPS':>13} {'1M seq MiB/s':>13}")
+for t in targets:
+    print(f"{t:<12} {r[t+'.rand4k.qd1'][0]:>12.0f} {r[t+'.rand4k.qd32'][0]:>13.0f} {r[t+'.seq1m'][1]:>13.1f}")
+print()
+print("4k random write IOPS by queue depth")
+print(f"{'target':<12}" + "".join(f"{'QD' + str(d):>9}" for d in depths))
+for t in targets:
+    print(f"{t:<12}" + "".join(f"{r[f'{t}.rand4k.qd{d}'][0]:>9.0f}" for d in depths))
+
+# The plot: IOPS against queue depth (log scale), one line per target but the raw file, whose
+# IOPS dwarf the others' (it is in the table).
+plotted = [t for t in targets if t != "raw"]
+colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+W, H, L, R, T, B = 760, 460, 70, 150, 30, 50
+top = max(r[f"{t}.rand4k.qd{d}"][0] for t in plotted for d in depths) * 1.05 or 1
+x = lambda i: L + (W - L - R) * i / (len(depths) - 1)
+y = lambda v: H - B - (H - T - B) * v / top
+svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+       f'<rect width="{W}" height="{H}" fill="white"/>',
+       f'<text x="{W / 2}" y="18" text-anchor="middle">4 KiB random writes through NBD: IOPS by queue depth</text>',
+       f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+       f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+       f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">queue depth</text>']
+for i, d in enumerate(depths):
+    svg.append(f'<text x="{x(i):.0f}" y="{H - B + 16}" text-anchor="middle">{d}</text>')
+for k in range(6):
+    v = top * k / 5
+    svg.append(f'<line x1="{L}" y1="{y(v):.0f}" x2="{W - R}" y2="{y(v):.0f}" stroke="#ddd"/>')
+    svg.append(f'<text x="{L - 6}" y="{y(v) + 4:.0f}" text-anchor="end">{v / 1000:.0f}k</text>')
+for n, t in enumerate(plotted):
+    c = colors[n % len(colors)]
+    points = " ".join(f"{x(i):.1f},{y(r[f'{t}.rand4k.qd{d}'][0]):.1f}" for i, d in enumerate(depths))
+    svg.append(f'<polyline points="{points}" fill="none" stroke="{c}" stroke-width="2"/>')
+    svg.append(f'<text x="{W - R + 10}" y="{T + 16 * n + 10}" fill="{c}">{t}</text>')
+svg.append("</svg>")
+open(sys.argv[3], "w").write("\n".join(svg) + "\n")
 print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
 limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
 print()
-print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f} (target >= 0.80)")
-print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f}")
+print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f} (target >= 0.90)")
+print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f} (target >= 0.80)")
 print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
+print(f"protocol B / local-only, 4k QD32 IOPS: {r['protoB.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
 print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
 print(f"protocol C over TLS / plain, 4k QD32 IOPS:  {r['protoC.rand4k.qd32'][0]/r['protoCplain.rand4k.qd32'][0]:.2f} (target >= 0.90)")
 print(f"protocol C over TLS / plain, 1M seq MiB/s:   {r['protoC.seq1m'][1]/r['protoCplain.seq1m'][1]:.2f}")
@@ -201,4 +240,6 @@ for n in ["alpha", "beta"]:
 for label, what in [("protoC", "protocol C runs above, 1 GiB, one peer and a witness"), ("tib", "1 TiB sparse, two peers, 4 KiB per bit")]:
     rss = ", ".join(f"{k.split('.')[-1]} {v[1] / 1024:.0f} MiB" for k, v in r.items() if k.startswith(label + ".rss."))
     print(f"daemon RSS, {what}: {rss}" + (" (target <= 80 MiB)" if label == "tib" else ""))
+print()
+print(f"written to {sys.argv[3].rsplit('/', 1)[0]}: table.txt, results.txt, iops-vs-qd.svg")
 PY
