@@ -1,14 +1,18 @@
 //! The NBD frontend: serves a [`BlockDevice`] to NBD clients (qemu, the Linux `nbd` driver).
 //!
-//! Plain blocking sockets and threads: one accept thread, and per client one thread that runs
-//! the handshake and then reads requests, and one that writes its replies. We speak fixed
-//! newstyle with simple replies only, and export one device, over TLS (STARTTLS, the client
-//! showing a certificate the configured CA signed) where the server requires it.
+//! One accept thread, and per client one thread that runs the handshake on a blocking socket.
+//! The transmission phase then runs on the export's io_uring thread (`ring_server`), the
+//! handshake's thread only waiting for the client to be gone; over TLS, or where io_uring
+//! cannot be set up, on that thread (reading requests) and one that writes its replies. We
+//! speak fixed newstyle with simple replies only, and export one device, over TLS (STARTTLS,
+//! the client showing a certificate the configured CA signed) where the server requires it.
 //!
 //! Modules, in the order a connection meets them: `handshake` (option haggling), `request`
-//! (validating a request), `inflight` (bounding outstanding work), `transmission` (the request
-//! loop), `reply` (the shared writer); `protocol` holds the wire format and `error` the
-//! reasons a session ends.
+//! (validating a request), `inflight` (bounding outstanding work); on the ring `decoder`
+//! (requests from bytes), `connection` (a client's requests and replies without I/O) and
+//! `ring_server` (the thread that moves their bytes); on threads `transmission` (the request
+//! loop) and `reply` (the writer); `protocol` holds the wire format, `socket` TCP or Unix
+//! sockets, and `error` the reasons a session ends.
 
 mod error;
 mod handshake;
@@ -17,6 +21,9 @@ mod protocol;
 mod reply;
 mod request;
 mod socket;
+mod decoder;
+mod connection;
+mod ring_server;
 #[cfg(test)]
 mod tests;
 mod transmission;
@@ -34,6 +41,7 @@ use rustls::ServerConfig;
 
 use self::error::SessionError;
 use self::handshake::{Outcome, Tls};
+use self::ring_server::RingServer;
 use self::socket::{Listener, Stream};
 use crate::config::NbdAddress;
 use crate::frontend::BlockDevice;
@@ -89,8 +97,16 @@ impl NbdServer {
     /// # Panics
     /// If the operating system refuses to start the accept thread, like [`thread::spawn`].
     pub fn serve(self, export_name: &str, device: Arc<dyn BlockDevice>) -> NbdHandle {
+        let ring = match RingServer::start(device.clone(), reply::REPLY_TIMEOUT) {
+            Ok(ring) => Some(ring),
+            Err(error) => {
+                warn!(%error, "io_uring is not available: NBD clients are served by threads of their own");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             export_name: export_name.to_owned(),
+            ring,
             device,
             tls: self.tls,
             transmitting: AtomicUsize::new(0),
@@ -159,6 +175,9 @@ impl NbdHandle {
         for client in clients {
             join(client.thread, "client");
         }
+        if let Some(ring) = &self.shared.ring {
+            ring.shutdown();
+        }
         debug!(url = %self.address.url(&self.shared.export_name), "NBD server stopped");
     }
 }
@@ -208,6 +227,9 @@ struct Shared {
     device: Arc<dyn BlockDevice>,
     /// Set when clients must speak TLS.
     tls: Option<Arc<ServerConfig>>,
+    /// Serves the transmission phase of the clients without TLS; `None` where io_uring is not
+    /// available (every client then has a reader and a reply-writer thread).
+    ring: Option<RingServer>,
     transmitting: AtomicUsize,
     clients: Mutex<Clients>,
 }
@@ -304,7 +326,10 @@ fn session(stream: &Stream, peer: &str, shared: &Shared) -> Result<(), SessionEr
         Outcome::Aborted => debug!("client aborted the handshake"),
         Outcome::Transmission => {
             reader.get_mut().handshake_done(None)?;
-            transmit(&mut reader, Box::new(stream.try_clone()?), stream, peer, shared, &export)?;
+            match &shared.ring {
+                Some(ring) => transmit_on_ring(ring, reader.buffer().to_vec(), stream, shared, export)?,
+                None => transmit(&mut reader, Box::new(stream.try_clone()?), stream, peer, shared, &export)?,
+            }
         }
         Outcome::StartTls => {
             if !reader.buffer().is_empty() {
@@ -339,6 +364,20 @@ fn transmit(
     debug!(size = export.size, block_size = export.block_size, tls = shared.tls.is_some(), "entering transmission");
     let _counted = Transmitting::enter(&shared.transmitting);
     transmission::serve(reader, stream.try_clone()?, replies, &shared.device, export, peer)
+}
+
+/// The transmission phase on the server's ring (`received`: what the handshake's reader took
+/// beyond the handshake). This thread only waits for the client to be gone: it keeps the
+/// client counted and joined on shutdown exactly as a threaded client is, and costs nothing per
+/// request.
+fn transmit_on_ring(ring: &RingServer, received: Vec<u8>, stream: &Stream, shared: &Shared, export: Export) -> Result<(), SessionError> {
+    debug!(size = export.size, block_size = export.block_size, "entering transmission on the ring");
+    let _counted = Transmitting::enter(&shared.transmitting);
+    let (done, gone) = std::sync::mpsc::channel();
+    ring.serve(stream.try_clone()?, export, received, done);
+    // The ring drops `done` when it lets the client go, whether or not it said so first.
+    let _ = gone.recv();
+    Ok(())
 }
 
 /// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.

@@ -222,6 +222,19 @@ impl RequestHeader {
         })
     }
 
+    /// The header as a client sends it (for tests, which play the client).
+    #[cfg(test)]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(Self::LEN);
+        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h.extend_from_slice(&self.flags.to_be_bytes());
+        h.extend_from_slice(&self.kind.to_be_bytes());
+        h.extend_from_slice(&self.cookie.to_be_bytes());
+        h.extend_from_slice(&self.offset.to_be_bytes());
+        h.extend_from_slice(&self.len.to_be_bytes());
+        h
+    }
+
     /// How many payload bytes follow this header: only WRITE carries data.
     pub fn payload_len(&self) -> u32 {
         if self.kind == CMD_WRITE {

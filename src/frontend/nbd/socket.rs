@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
@@ -79,7 +80,7 @@ impl Listener {
     pub fn wake(&self) -> io::Result<()> {
         match self {
             Listener::Tcp(listener) => {
-                nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(listener), nix::sys::socket::Shutdown::Read)
+                nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Read)
                     .map_err(io::Error::from)
             }
             Listener::Unix(_, path) => UnixStream::connect(path).map(drop),
@@ -122,6 +123,15 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nodelay(true),
             Stream::Unix(_) => Ok(()),
+        }
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
         }
     }
 }
