@@ -3,7 +3,7 @@
 # point calls it first (scripts/demo.sh, scripts/test.sh, scripts/bench.sh, scripts/vm/*.sh,
 # scripts/package-deb.sh, .ci/run), so a fresh machine needs nothing but the Rust toolchain.
 #
-#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench package fuzz
+#   scripts/setup.sh [--plan] PURPOSE...      PURPOSE: build demo test vm bench package fuzz drbd
 #
 # It is idempotent and quiet when everything is present (dpkg's status only, no network). What is
 # missing is installed with one `apt-get install`, said before it runs. Packages built from one
@@ -44,6 +44,9 @@ needs_of() {
     package) needs_of build; echo dpkg-dev ;;
     # The fuzz targets (scripts/fuzz.sh): libfuzzer-sys compiles libFuzzer, which is C++.
     fuzz) needs_of build; echo g++:g++ ;;
+    # DRBD 8.4 as the baseline of the two-guest benchmark (scripts/vm/pair-bench.sh): the guests
+    # run the host's drbdadm against the drbd.ko of the Debian kernel. Not part of any other purpose.
+    drbd) needs_of vm; echo drbd-utils ;;
   esac
 }
 
@@ -59,8 +62,8 @@ done
 [ ${#purposes[@]} -gt 0 ] || usage
 for p in "${purposes[@]}"; do
   case $p in
-    build|demo|test|vm|bench|package|fuzz) ;;
-    *) echo "setup: unknown purpose '$p' (build demo test vm bench package fuzz)" >&2; exit 2 ;;
+    build|demo|test|vm|bench|package|fuzz|drbd) ;;
+    *) echo "setup: unknown purpose '$p' (build demo test vm bench package fuzz drbd)" >&2; exit 2 ;;
   esac
 done
 

@@ -1,0 +1,202 @@
+#!/bin/bash
+# Inside one of the two guests of scripts/vm/pair-bench.sh (one vCPU each, linked by a qemu UDP
+# socket netdev): DRBD 8.4 protocol C, then blkrepl protocol C (then, unless told not to, blkrepl
+# protocol C with a shared secret, i.e. TLS) between node 1 (10.99.0.1, DRBD's node1 and blkrepl's
+# alpha, Primary, runs fio) and node 2 (10.99.0.2, node2 and beta, Secondary). Each system
+# replicates a file of 640 MiB in tmpfs (behind a loop device for DRBD); node 1 runs the same
+# fio jobs on /dev/drbd0 and on alpha's /dev/ublkbN and writes "SYSTEM|WORKLOAD|IOPS|MiB/s" lines
+# to /shared/results.txt. Under TCG the figures only mean something as ratios.
+#
+#   guest-pair-bench.sh NODE(1|2) REPO RUNTIME_SECONDS_PER_JOB [TLS_ROW(1|0, default 1)]
+#
+# The two guests move through the phases together with one-line messages sent with busybox nc
+# to the peer's TCP port 9000 (the sender retries until the peer listens); node 2 leaves only
+# after node 1 has taken each system down and needs nothing more from it. On a failure a node
+# sends "abort" to its peer (the peer fails at once if it is listening, else at its next wait's
+# timeout) and exits 1.
+set -uo pipefail
+usage() { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 3 ] || usage; [ $# -le 4 ] || usage
+N=$1 REPO=$2 RUNTIME=$3 TLS_ROW=${4:-1}
+case $N in 1|2) ;; *) usage ;; esac
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || usage
+case $TLS_ROW in 0|1) ;; *) usage ;; esac
+PEER=$((3 - N)) PEER_IP=10.99.0.$((3 - N)) PORT=9000
+BIN=$REPO/target/release/blkrepl
+DISK_SIZE=640M            # > fio's --size=512M once DRBD's and blkrepl's metadata are taken off
+BACK=/mnt/back            # a tmpfs holding the backing file of the system being measured
+WORK=/run/pair-bench
+export BLKREPL_CONFIG_DIR=$WORK/etc BLKREPL_RUN_DIR=$WORK/run
+RESULTS=/shared/results.txt NOTES=/shared/notes.txt
+# How long node 2 waits for node 1 to finish a system (setup, three fio jobs, teardown).
+PHASE_WAIT=$((300 + 6 * RUNTIME))
+
+log() { echo "N${N}[$(cut -d' ' -f1 /proc/uptime)] $*"; }
+note() { log "$*"; echo "node $N: $*" >> "$NOTES"; }
+# signal MSG [TRIES]: deliver one line to the peer's listener, retrying every 0.5 s until it listens.
+signal() {
+  local i
+  for i in $(seq 1 "${2:-600}"); do
+    echo "$1" | timeout 10 busybox nc "$PEER_IP" $PORT >/dev/null 2>&1 && return 0
+    [ $((i % 60)) != 0 ] || log "still waiting for node $PEER to take '$1'"
+    sleep 0.5
+  done
+  return 1
+}
+die() {
+  log "FAIL: $*"
+  [ -z "${ABORTING:-}" ] || exit 1
+  ABORTING=1
+  [ ! -d "$WORK/run" ] || for f in "$WORK"/run/*.log; do [ -f "$f" ] && { log "last lines of $f:"; tail -20 "$f"; }; done
+  grep -q drbd /proc/modules 2>/dev/null && { cat /proc/drbd; dmesg | grep -i drbd | tail -20; }
+  signal "abort from node $N: $*" 20 || log "could not tell node $PEER"
+  exit 1
+}
+# await MSG SECONDS: listen until the peer sends MSG (an earlier message seen again is a
+# duplicate from a retry and is skipped); "abort ..." fails this node too.
+await() {
+  local deadline=$((SECONDS + $2)) msg
+  while [ $SECONDS -lt $deadline ]; do
+    msg=$(timeout $((deadline - SECONDS)) busybox nc -l -p $PORT </dev/null 2>/dev/null)
+    case $msg in
+      "$1") log "node $PEER: $1"; return 0 ;;
+      abort*) ABORTING=1; die "node $PEER said: $msg" ;;
+      "") ;;
+      *) log "skipping message '$msg' (waiting for '$1')" ;;
+    esac
+  done
+  die "no '$1' from node $PEER within $2 s"
+}
+retrans() { awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["RetransSegs"] }' /proc/net/snmp; }
+
+# fio_job SYSTEM WORKLOAD RW BS QD DEVICE: appends "SYSTEM|WORKLOAD|IOPS|MiB/s" to the results.
+fio_job() {
+  local out line
+  out=$(fio --name=pair --filename="$6" --rw="$3" --bs="$4" --iodepth="$5" --ioengine=io_uring --direct=1 \
+            --time_based --runtime="$RUNTIME" --size=512M --output-format=json 2>&1) ||
+    die "fio $2 on $6 failed: $(echo "$out" | tail -5)"
+  line=$(echo "$out" | sed -n '/^{/,$p' | jq -r --arg s "$1" --arg w "$2" \
+           '.jobs[0].write | "\($s)|\($w)|\(.iops)|\(.bw_bytes / 1048576)"') || die "cannot read fio's output for $2"
+  echo "$line" >> "$RESULTS"
+  log "fio $1 $2: $(echo "$line" | awk -F'|' '{ printf "%.0f IOPS, %.1f MiB/s", $3, $4 }')"
+}
+workloads() { # SYSTEM DEVICE
+  local r0
+  r0=$(retrans)
+  fio_job "$1" "4k randwrite QD1" randwrite 4k 1 "$2"
+  fio_job "$1" "4k randwrite QD32" randwrite 4k 32 "$2"
+  fio_job "$1" "1M write QD4" write 1M 4 "$2"
+  note "$1: $(( $(retrans) - r0 )) TCP segments retransmitted during the fio jobs"
+}
+
+# --- network: the virtio interface on the UDP link, and the peer's answer -----------------------
+hostname "node$N"
+modprobe virtio_net || die "no virtio_net"
+IF=""
+for _ in $(seq 1 50); do
+  for d in /sys/class/net/*; do [ "${d##*/}" = lo ] || { IF=${d##*/}; break; }; done
+  [ -z "$IF" ] || break; sleep 0.2
+done
+[ -n "$IF" ] || die "no network interface"
+{ ip link set lo up && ip link set "$IF" up && ip addr add "10.99.0.$N/24" dev "$IF"; } || die "cannot configure $IF"
+log "kernel $(uname -r), $(nproc) CPU, $IF 10.99.0.$N/24, ${RUNTIME}s per fio job"
+for i in $(seq 1 300); do busybox ping -c1 -W1 "$PEER_IP" >/dev/null 2>&1 && break; [ "$i" != 300 ] || die "node $PEER does not answer pings"; done
+log "node $PEER answers: $(busybox ping -c5 -i 0.2 "$PEER_IP" 2>&1 | tail -1)"
+{ modprobe drbd && modprobe loop && modprobe ublk_drv; } || die "cannot load drbd, loop and ublk_drv"
+{ mkdir -p $BACK "$WORK/etc" "$WORK/run" && mount -t tmpfs -o size=800M tmpfs $BACK; } || die "cannot mount the tmpfs"
+: > "$NOTES"; [ "$N" != 1 ] || : > "$RESULTS"
+R_START=$(retrans)
+
+# --- phase 1: DRBD 8.4 protocol C on a loop device over a tmpfs file ----------------------------
+{ truncate -s $DISK_SIZE $BACK/drbd.img && LOOP=$(losetup -f --show $BACK/drbd.img); } || die "cannot set up the loop device"
+cat > /etc/drbd.conf <<EOF
+global { usage-count no; }
+resource r0 {
+  protocol C;
+  net { max-buffers 8000; sndbuf-size 0; }
+  disk { al-extents 3389; }
+  on node1 { device /dev/drbd0; disk $LOOP; address 10.99.0.1:7789; meta-disk internal; }
+  on node2 { device /dev/drbd0; disk $LOOP; address 10.99.0.2:7789; meta-disk internal; }
+}
+EOF
+log "DRBD $(sed -n 's/^version: \([^ ]*\).*/\1/p' /proc/drbd) on $LOOP"
+# `yes` is killed by SIGPIPE once drbdadm has read its answers: not a failure (no /dev/fd here
+# for a process substitution).
+out=$(set +o pipefail; yes yes | drbdadm create-md --force r0 2>&1) || die "drbdadm create-md failed: $out"
+drbdadm up r0 || die "drbdadm up failed"
+for i in $(seq 1 240); do grep -q 'cs:Connected' /proc/drbd && break; [ "$i" != 240 ] || die "DRBD did not connect"; sleep 0.5; done
+log "DRBD connected"
+if [ "$N" = 1 ]; then
+  drbdadm new-current-uuid --clear-bitmap r0 || die "drbdadm new-current-uuid --clear-bitmap failed"
+  drbdadm primary r0 || die "drbdadm primary failed"
+  for i in $(seq 1 240); do grep -q 'ds:UpToDate/UpToDate' /proc/drbd && break; [ "$i" != 240 ] || die "DRBD disks not UpToDate/UpToDate"; sleep 0.5; done
+  { size=$(blockdev --getsize64 /dev/drbd0) && [ "$size" -ge $((512 << 20)) ]; } || die "/dev/drbd0 is ${size:-?} bytes, under fio's 512M"
+  log "$(grep cs: /proc/drbd | sed 's/^ *//')"
+  workloads "DRBD 8.4 C" /dev/drbd0
+  grep -q 'cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate' /proc/drbd ||
+    note "DRBD 8.4 C: not Connected Primary/Secondary UpToDate/UpToDate after fio: $(grep cs: /proc/drbd)"
+  { drbdadm secondary r0 && drbdadm down r0; } || die "DRBD did not go down"
+  signal drbd-done || die "node 2 did not take drbd-done"
+  await drbd-down 120
+else
+  await drbd-done $PHASE_WAIT
+  drbdadm down r0 || die "DRBD did not go down"
+fi
+{ losetup -d "$LOOP" && rm -f $BACK/drbd.img; } || die "cannot free the loop device"
+[ "$N" = 1 ] || signal drbd-down || die "node 1 did not take drbd-down"
+log "DRBD down"
+
+# --- phase 2 (and 3): blkrepl protocol C on a file in tmpfs of the same size -------------------
+bl() { "$BIN" --node "$ME" "$@"; }
+status() { bl status --json r0 | jq -c '.resources[0]'; }
+wait_for() { # JQ-CONDITION: poll alpha's or beta's status for up to 120 s
+  local i
+  for i in $(seq 1 600); do
+    [ "$(status | jq -r "$1")" = true ] && return 0
+    sleep 0.2
+  done
+  die "$ME: timed out waiting for $1; status: $(status)"
+}
+# blkrepl_phase SYSTEM TAG AUTH_LINE
+blkrepl_phase() {
+  local dev size
+  {
+    printf 'name = "r0"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\n%s\n' "$3"
+    printf '[[node]]\nname = "alpha"\naddress = "10.99.0.1:7789"\ndisk = "%s/alpha.img"\n' $BACK
+    printf '[[node]]\nname = "beta"\naddress = "10.99.0.2:7789"\ndisk = "%s/beta.img"\n' $BACK
+  } > "$WORK/etc/r0.toml"
+  rm -f $BACK/*.img "$WORK"/run/*
+  truncate -s $DISK_SIZE "$BACK/$ME.img" || die "cannot create $BACK/$ME.img"
+  # (their warning that quorum is off is expected here: shown only on a failure)
+  out=$(bl create-md r0 2>&1) || die "$ME: create-md failed: $out"
+  out=$(bl up r0 2>&1) || die "$ME: up failed: $out"
+  wait_for '.peers[0].connection == "Connected"'
+  log "$1: $ME connected"
+  if [ "$N" = 1 ]; then
+    bl new-current-uuid --clear-bitmap r0 >/dev/null || die "new-current-uuid --clear-bitmap failed"
+    wait_for '.disk == "UpToDate" and .peers[0].peer_disk == "UpToDate"'
+    bl primary r0 >/dev/null || die "alpha refused promotion: $(status)"
+    dev=$(status | jq -r .device) size=$(status | jq -r .size_bytes)
+    [ -b "$dev" ] || die "alpha's device '$dev' is not a block device"
+    [ "$size" -ge $((512 << 20)) ] || die "alpha's device is $size bytes, under fio's 512M"
+    log "$1: alpha Primary on $dev ($(status | jq -r '(.ublk_features // [] | join(",")) + ", " + .peers[0].replication'))"
+    workloads "$1" "$dev"
+    status | jq -e '.peers[0].connection == "Connected" and .peers[0].peer_disk == "UpToDate"' >/dev/null ||
+      note "$1: after fio alpha's status is $(status)"
+    bl down r0 >/dev/null || die "alpha did not go down: $(status)"
+    signal "$2-done" || die "node 2 did not take $2-done"
+    await "$2-down" 120
+  else
+    wait_for '.disk == "UpToDate"'
+    await "$2-done" $PHASE_WAIT
+    bl down r0 >/dev/null || die "beta did not go down: $(status)"
+    signal "$2-down" || die "node 1 did not take $2-down"
+  fi
+  cp "$WORK/run/r0.$ME.log" "/shared/$2.r0.$ME.log" 2>/dev/null
+  log "$1: $ME down"
+}
+ME=alpha; [ "$N" = 1 ] || ME=beta
+blkrepl_phase "blkrepl C" plain "trusted_network = true"
+[ "$TLS_ROW" = 0 ] || blkrepl_phase "blkrepl C TLS" tls 'secret = "pair-bench shared secret, thirty-two bytes or more"'
+note "$(( $(retrans) - R_START )) TCP segments retransmitted in all; $IF: $(cat /sys/class/net/"$IF"/statistics/rx_dropped) rx dropped, $(cat /sys/class/net/"$IF"/statistics/tx_dropped) tx dropped"
+log "ok"
