@@ -222,6 +222,25 @@ pub struct VerifyDone {
     /// Bytes the verify found to differ, and the first ranges.
     pub found_bytes: u64,
     pub found_ranges: Vec<(u64, u64)>,
+    /// Local writes that failed on either node while the verify ran: a failed write leaves its
+    /// blocks unknown on that node (marked for its peers then, after the verify started), so
+    /// the copies may differ there by the rules too.
+    pub failed_writes: Vec<(u64, u64)>,
+}
+
+impl VerifyDone {
+    /// Whether the rules explain every difference the verify found: bits held when it started,
+    /// or writes that failed on either node while it ran (every range reported, each within
+    /// one of those writes' blocks).
+    pub fn explained(&self) -> bool {
+        let reported: u64 = self.found_ranges.iter().map(|(_, len)| len).sum();
+        let failed = |(offset, len): &(u64, u64)| {
+            self.failed_writes.iter().any(|(f_offset, f_len)| *f_offset < offset + len && *offset < f_offset + f_len)
+        };
+        self.found_bytes == 0
+            || self.marked_at_start > 0
+            || (reported == self.found_bytes && self.found_ranges.iter().all(failed))
+    }
 }
 
 pub struct World {
@@ -260,6 +279,9 @@ pub struct World {
     pub resync_rate: RateLimits,
     /// Per (node, peer), the blocks marked when its verify started.
     verify_marked: BTreeMap<(u8, u8), u64>,
+    /// Per verify under way (node, peer): local writes that failed on either node since it
+    /// started (see `VerifyDone::failed_writes`).
+    verify_failed: BTreeMap<(u8, u8), Vec<(u64, u64)>>,
     /// Verifies that ran to their end, for the scenario's checker.
     pub verifies: Vec<VerifyDone>,
     /// Decides which I/O of a failing disk fails: a generator of its own, so a seed whose
@@ -305,6 +327,7 @@ impl World {
             congestion_fill: options.congestion_fill,
             resync_rate: options.resync_rate,
             verify_marked: BTreeMap::new(),
+            verify_failed: BTreeMap::new(),
             verifies: Vec::new(),
             disk_rng: Rng::new(seed.rotate_left(32)),
             failed_writes: 0,
@@ -527,6 +550,7 @@ impl World {
             let replica = self.replica(id).expect("up");
             let marked = replica.bitmaps[replica.peer(peer).slot].weight();
             self.verify_marked.insert((id, peer), marked);
+            self.verify_failed.insert((id, peer), Vec::new());
             self.at(self.now, Event::VerifyStep { node: id, incarnation, peer, generation });
         }
         Ok(())
@@ -712,6 +736,16 @@ impl World {
                 LocalIo::Flush => disk.failed_flush(&mut self.disk_rng),
                 _ => {}
             }
+            let written = match &op {
+                LocalIo::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+                LocalIo::Zeroes { offset, len, .. } => Some((*offset, *len)),
+                LocalIo::Read { .. } | LocalIo::Flush => None,
+            };
+            for ((node, peer), failed) in self.verify_failed.iter_mut() {
+                if *node == id || *peer == id {
+                    failed.extend(written);
+                }
+            }
             match op {
                 LocalIo::Read { .. } => self.failed_reads += 1,
                 LocalIo::Flush => self.failed_flushes += 1,
@@ -842,7 +876,8 @@ impl World {
                 if run.state == VerifyState::Finished {
                     let (found_bytes, found_ranges) = (run.found_bytes, run.found_ranges.clone());
                     let marked_at_start = self.verify_marked.remove(&(id, peer)).unwrap_or(0);
-                    self.verifies.push(VerifyDone { node: id, peer, marked_at_start, found_bytes, found_ranges });
+                    let failed_writes = self.verify_failed.remove(&(id, peer)).unwrap_or_default();
+                    self.verifies.push(VerifyDone { node: id, peer, marked_at_start, found_bytes, found_ranges, failed_writes });
                 }
                 self.carry_out(id);
             }
