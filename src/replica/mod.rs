@@ -170,8 +170,8 @@ pub struct Replica {
     pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
-    /// Why this primary fails every request: a local write failed (see `disk_failure.rs`).
-    /// Until its demotion ends.
+    /// Why this primary fails every request: a local write or flush failed, or a metadata write
+    /// detached the disk (see `disk_failure.rs`). Until its demotion ends.
     pub io_failed: Option<String>,
     /// A flush of the data disk failed while this node was primary: no later flush vouches for
     /// what the failed one lost (Linux reports a writeback error to one fsync; the next one
