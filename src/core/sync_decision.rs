@@ -227,11 +227,22 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     }
     // A crash as primary leaves writes in the activity log's extents that may not have reached
     // the peer (or reached only the peer). Those extents are already in the crashed side's
-    // bitmap; they flow from the side that is primary now, else from the side that crashed.
+    // bitmap; they flow from the side that is primary now, else from the side that crashed,
+    // unless that side is Inconsistent: it was made the target of a resync since it crashed,
+    // which gave up what only it held, and it can be no source (seed 29991 of the long run:
+    // a primary detached by a failed metadata write kept its crash marker, became the target
+    // of the new primary, both lost power, and the two waited for each other for good).
     if me.crashed_primary || peer.crashed_primary {
         return match (me.is_primary, peer.is_primary) {
             (true, false) => BitmapSource,
             (false, true) => BitmapTarget,
+            _ if me.inconsistent != peer.inconsistent => {
+                if me.inconsistent {
+                    BitmapTarget
+                } else {
+                    BitmapSource
+                }
+            }
             _ => match (me.crashed_primary, peer.crashed_primary) {
                 (true, false) => BitmapSource,
                 (false, true) => BitmapTarget,
@@ -380,6 +391,20 @@ mod tests {
         let crashed = UuidView { crashed_primary: true, ..view(2, 0x51) };
         assert_eq!(decide(&target, &crashed), BitmapTarget);
         assert_eq!(decide(&crashed, &target), BitmapSource);
+    }
+
+    #[test]
+    fn a_crashed_primary_made_a_resync_target_since_is_no_source() {
+        // alpha crashed as primary, became beta's target and lost its source mid-resync; beta,
+        // primary meanwhile, crashed too: both carry the crash marker, alpha has the lower id.
+        let alpha = UuidView { crashed_primary: true, inconsistent: true, ..view(0, 0x51) };
+        let beta = UuidView { crashed_primary: true, ..view(1, 0x51) };
+        assert_eq!(decide(&alpha, &beta), BitmapTarget);
+        assert_eq!(decide(&beta, &alpha), BitmapSource);
+        // And with only the Inconsistent side marked.
+        let beta = view(1, 0x51);
+        assert_eq!(decide(&alpha, &beta), BitmapTarget);
+        assert_eq!(decide(&beta, &alpha), BitmapSource);
     }
 
     #[test]
