@@ -83,7 +83,7 @@ fn a_write_pending_when_the_secondary_dies_completes_after_the_fence_peer_handle
     let (c, mut client, outcome) = write_pending_when_the_secondary_dies(&steps, 30);
     assert!(matches!(outcome, Outcome::Answered(0)), "{outcome:?}");
     let lines = steps.lines();
-    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines.len(), 3, "{lines:?}\n{}", c.logs());
     assert!(lines[0].starts_with("fence-peer r0 beta resource-and-stonith {") && lines[0].contains("\"handler\":\"fence-peer\""), "{lines:?}");
     assert_eq!(lines[1..], ["handler answers 4", "write answered"], "the write completed only after the handler answered");
     let status = c.wait_for("alpha", "the fence over", |s| s.get("io_suspended").is_none());
