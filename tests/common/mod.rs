@@ -28,8 +28,13 @@ pub struct Cluster {
     pub net: Option<netns::Net>,
 }
 
-/// The shared secret of test clusters (see [`Cluster::new`]).
-pub const TEST_SECRET: &str = "secret = \"the test cluster's shared secret\"";
+/// The shared secret of a test cluster (see [`Cluster::new`]): one per cluster, so that a
+/// daemon of another cluster (another test running beside it, or one that outlived its test)
+/// that dials a port this cluster now uses is refused instead of taken for a node of it.
+fn test_secret() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("secret = \"the shared secret of test cluster {}-{}\"", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
 
 /// `n` ports to give the daemons, below the kernel's ephemeral range (32768 and up by
 /// default). A port the kernel handed out for port 0 is free only until someone else asks: a
@@ -90,7 +95,7 @@ impl Cluster {
         let metrics_key = |i: usize| metrics_addresses.get(i).map_or(String::new(), |a| format!("metrics_address = \"{a}\"\n"));
         // Peers authenticate, as a daemon requires, unless a test sets its own terms.
         let auth = ["secret", "trusted_network", "tls_ca"].iter().any(|key| options.extra.contains(key));
-        let auth = if auth { "" } else { TEST_SECRET };
+        let auth = if auth { String::new() } else { test_secret() };
         let mut text = format!(
             "name = \"r0\"\nprotocol = \"{}\"\nquorum = \"{}\"\n{auth}\n{}\n",
             options.protocol, options.quorum, options.extra
