@@ -58,7 +58,13 @@ pub fn format_status(s: &ResourceStatus, detail: Detail) -> String {
         out.push('\n');
     }
     if detail.statistics {
-        out += &format!("  size:{} nbd-clients:{} suspended-writes:{}\n", kib(s.size_bytes), s.nbd_clients, s.suspended_writes);
+        out += &format!(
+            "  size:{} nbd-clients:{} suspended-writes:{} waiting-for-room:{}\n",
+            kib(s.size_bytes),
+            s.nbd_clients,
+            s.suspended_writes,
+            s.writes_waiting_for_room
+        );
     }
     if let Some(io) = s.device_io.as_deref().filter(|io| detail.verbose || *io != "serving") {
         out += &format!("  device-io: {io}\n");

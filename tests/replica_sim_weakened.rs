@@ -72,6 +72,11 @@ fn checker_5_catches_a_secondary_that_never_flushes() {
 }
 
 #[test]
+fn checker_7_catches_writes_left_waiting_for_room() {
+    demonstrate(Rule::RoomNeverMade, 7);
+}
+
+#[test]
 fn checker_6_catches_a_verify_that_reads_beside_writes_in_flight() {
     demonstrate(Rule::VerifyBesideWrites, 6);
 }

@@ -2,7 +2,8 @@
 //! primary must not wait on it forever. Two engines in this process on 127.0.0.1, the
 //! secondary's disk made to hang: the primary's write completes once the peer is dropped as
 //! stalled, the peer's bitmap holds the write, and once the disk answers again the peer
-//! reconnects, is resynced and holds the bytes.
+//! reconnects, is resynced and holds the bytes. Before it is dropped, the writes that fill its
+//! send queue wait in the replica, and the frontend's thread keeps serving reads.
 
 mod common;
 
@@ -21,6 +22,10 @@ const DISK_BYTES: usize = 16 << 20;
 
 
 fn config(alpha_port: u16, beta_port: u16) -> ResourceConfig {
+    config_with_stall_timeout(alpha_port, beta_port, 1500)
+}
+
+fn config_with_stall_timeout(alpha_port: u16, beta_port: u16, stall_ms: u64) -> ResourceConfig {
     let text = format!(
         r#"
 name = "r0"
@@ -28,7 +33,7 @@ protocol = "C"
 quorum = "off"
 ping_interval_ms = 100
 ping_timeout_ms = 400
-peer_stall_timeout_ms = 1500
+peer_stall_timeout_ms = {stall_ms}
 [[node]]
 name = "alpha"
 address = "127.0.0.1:{alpha_port}"
@@ -43,10 +48,14 @@ disk = "/unused"
 }
 
 fn node(config: &ResourceConfig, name: &str) -> (Engine, Arc<FaultyDisk<MemDisk>>) {
+    node_of(config, name, DISK_BYTES)
+}
+
+fn node_of(config: &ResourceConfig, name: &str, disk_bytes: usize) -> (Engine, Arc<FaultyDisk<MemDisk>>) {
     let me = config.node(name).unwrap().clone();
     let peer = config.nodes.iter().find(|n| n.name != name).unwrap().id;
-    let disk = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
-    MetaStore::create(disk.clone(), DISK_BYTES as u64, true, MetaParams::default(), "r0", me.id, &[peer], false).unwrap();
+    let disk = Arc::new(FaultyDisk::new(MemDisk::new(disk_bytes)));
+    MetaStore::create(disk.clone(), disk_bytes as u64, true, MetaParams::default(), "r0", me.id, &[peer], false).unwrap();
     let engine = Engine::open_on(config.clone(), me, disk.clone() as Arc<dyn Disk>, None, Path::new("/nonexistent")).unwrap();
     engine.start().unwrap();
     (engine, disk)
@@ -103,5 +112,56 @@ fn a_peer_whose_disk_hangs_is_dropped_and_resynced_once_it_answers() {
     let mut block = vec![0u8; 4096];
     beta_disk.inner().read_at(&mut block, offset).unwrap();
     assert!(block.iter().all(|b| *b == 0x5A), "beta does not hold the write after its resync");
+    drop(beta);
+}
+
+#[test]
+fn writes_wait_for_room_behind_a_stalled_peer_while_reads_are_served() {
+    let ports = common::free_ports(2);
+    // Never dropped as stalled during the test: the writes wait until its disk answers.
+    let config = config_with_stall_timeout(ports[0], ports[1], 600_000);
+    let (alpha, _) = node_of(&config, "alpha", 64 << 20);
+    let (beta, beta_disk) = node_of(&config, "beta", 64 << 20);
+    alpha.promote(true).unwrap();
+    wait_for("initial sync", &alpha, in_sync);
+    let block = |byte: u8| Bytes::from(vec![byte; 4096]);
+    assert_eq!(submit(&alpha, BlockRequest::Write { offset: 0, data: block(0x33), fua: false }, Duration::from_secs(60)), Ok(None));
+    // The first write after the hang lands in an extent hot on beta (see above): beta's reader
+    // blocks on its data write and reads nothing more, so alpha's send queue fills.
+    let first = 1 << 20;
+    assert_eq!(submit(&alpha, BlockRequest::Write { offset: first, data: block(0x11), fua: false }, Duration::from_secs(60)), Ok(None));
+    beta_disk.hang_writes();
+
+    // 48 MiB of writes: more than the send queue (8 MiB) and the socket buffers (loopback's
+    // grow past 12 MiB) take.
+    const WRITES: u64 = 384;
+    const LEN: usize = 128 << 10;
+    let (tx, answered) = channel();
+    for i in 0..WRITES {
+        let tx = tx.clone();
+        let write = BlockRequest::Write { offset: first + i * LEN as u64, data: Bytes::from(vec![0xA0 ^ i as u8; LEN]), fua: false };
+        alpha.submit(write, Box::new(move |result| tx.send((i, result)).unwrap()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alpha.status().writes_waiting_for_room == 0 {
+        assert!(Instant::now() < deadline, "no write waits for room: {:?}", alpha.status().peers[0]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Submitting returned for every write, and a read is answered while they wait.
+    assert_eq!(submit(&alpha, BlockRequest::Read { offset: 0, len: 4096 }, Duration::from_secs(60)), Ok(Some(block(0x33))));
+    assert!(alpha.status().writes_waiting_for_room > 0, "the writes went on before beta's disk answered");
+    assert!(answered.try_recv().is_err(), "a protocol-C write completed while its peer's disk hangs");
+
+    beta_disk.release_writes();
+    for _ in 0..WRITES {
+        let (i, result) = answered.recv_timeout(Duration::from_secs(60)).expect("a write waiting for room was never answered");
+        assert_eq!(result, Ok(None), "write {i}");
+    }
+    assert_eq!(alpha.status().writes_waiting_for_room, 0);
+    wait_for("in sync after the writes", &alpha, in_sync);
+    let last = first + (WRITES - 1) * LEN as u64;
+    let mut data = vec![0u8; LEN];
+    beta_disk.inner().read_at(&mut data, last).unwrap();
+    assert!(data.iter().all(|b| *b == 0xA0 ^ (WRITES - 1) as u8), "beta does not hold the last write");
     drop(beta);
 }

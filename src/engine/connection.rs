@@ -151,7 +151,7 @@ pub(super) fn attach(shared: &Arc<Shared>, peer_id: u8, mut hs: Handshake) -> Re
     std::thread::Builder::new()
         .name(format!("send-{peer_id}"))
         .spawn(move || {
-            let reason = link_w.run_writer();
+            let reason = link_w.run_writer(|| super::write_path::room_made(&shared_w));
             lost(&shared_w, peer_id, generation, &reason);
         })
         .map_err(|e| e.to_string())?;

@@ -30,6 +30,8 @@ struct SendQueue {
     bulk: VecDeque<(Message, Option<OnSent>)>,
     bulk_bytes: usize,
     closed: bool,
+    /// Writes wait for room in this queue (see [`PeerLink::want_room`]).
+    room_wanted: bool,
     /// Why the queue closed itself (see [`CONTROL_QUEUE_LIMIT`]).
     overflowed: bool,
 }
@@ -159,10 +161,12 @@ impl PeerLink {
         self.queue.lock().expect("link queue").bulk_bytes
     }
 
-    /// Whether writers of new data must wait (see [`PeerLink::wait_for_room`]).
-    pub fn is_full(&self) -> bool {
-        let q = self.queue.lock().expect("link queue");
-        !q.closed && q.bulk_bytes > BULK_QUEUE_LIMIT_BYTES
+    /// Writes wait for room in some send queue (in the replica, see `replica/send_queue.rs`):
+    /// the writer calls its `on_room` once this queue holds no more than the limit, after the
+    /// next bulk frame it takes (writes wait only while a queue, with what the replica is about
+    /// to add to it, holds more, so that frame comes).
+    pub fn want_room(&self) {
+        self.queue.lock().expect("link queue").room_wanted = true;
     }
 
     /// Blocks while more than `limit_bytes` of bulk frames are queued (back-pressure: writers
@@ -197,12 +201,14 @@ impl PeerLink {
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    /// Sends everything queued, control first, until the link is closed or a write fails.
-    /// Returns why it stopped.
-    pub fn run_writer(&self) -> String {
+    /// Sends everything queued, control first, until the link is closed or a write fails;
+    /// `on_room` runs when writes wait for room and the queue has it (see
+    /// [`PeerLink::want_room`]). Returns why it stopped.
+    pub fn run_writer(&self, on_room: impl Fn()) -> String {
         let mut sent_callbacks: Vec<OnSent> = Vec::new();
         loop {
             let mut q = self.queue.lock().expect("link queue");
+            let mut room_made = false;
             let (msg, on_sent) = loop {
                 if q.closed {
                     drop(q);
@@ -213,6 +219,10 @@ impl PeerLink {
                 }
                 if let Some((msg, on_sent)) = q.bulk.pop_front() {
                     q.bulk_bytes -= msg.payload_len();
+                    if q.room_wanted && q.bulk_bytes <= BULK_QUEUE_LIMIT_BYTES {
+                        q.room_wanted = false;
+                        room_made = true;
+                    }
                     self.changed.notify_all();
                     break (Some(msg), on_sent);
                 }
@@ -241,6 +251,9 @@ impl PeerLink {
             sent_callbacks.extend(on_sent);
             let flushed = out.w.buffer().is_empty();
             drop(out_guard);
+            if room_made {
+                on_room();
+            }
             if flushed {
                 sent_callbacks.drain(..).for_each(|callback| callback());
             }
@@ -269,7 +282,7 @@ mod tests {
         assert!(!link.queue.lock().unwrap().closed);
         link.queue_control(Message::Ping);
         assert!(link.queue.lock().unwrap().closed, "one more closes the link");
-        let reason = link.run_writer();
+        let reason = link.run_writer(|| {});
         assert!(reason.contains("reads nothing back"), "{reason}");
         let mut byte = [0u8; 1];
         assert!(matches!(std::io::Read::read(&mut &peer, &mut byte), Ok(0) | Err(_)), "the socket was shut down");

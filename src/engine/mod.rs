@@ -257,7 +257,7 @@ impl Engine {
             })
             .collect();
         let data_size_bytes = sb.data_size;
-        let links = peers.iter().map(|_| None).collect();
+        let links = peers.iter().map(|p| (p.node_id, None)).collect();
         let replica = Replica::attach(Attached {
             resource: config.name.clone(),
             witness: me.disk.is_none(),
@@ -267,6 +267,7 @@ impl Engine {
                 OnCongestion::Block => None,
                 OnCongestion::PullAhead { fill_bytes } => Some(fill_bytes),
             },
+            send_queue_bytes: link::BULK_QUEUE_LIMIT_BYTES,
             resync_rate: config.resync_rate(),
             sb,
             bitmaps: loaded.bitmaps,

@@ -17,8 +17,8 @@ use std::time::Instant;
 pub struct State {
     pub replica: Replica,
     pub meta: MetaStore,
-    /// One per peer, in the replica's order: the link while connected.
-    pub links: Vec<Option<Arc<PeerLink>>>,
+    /// One per peer, by node id, in the replica's order: the link while connected.
+    pub links: Vec<(u8, Option<Arc<PeerLink>>)>,
     /// The frontends' requests the replica has not answered yet.
     pub requests: HashMap<RequestId, Pending>,
     pub next_request: RequestId,
@@ -39,17 +39,27 @@ pub struct Pending {
     pub timed: Timed,
 }
 
+/// The link to `node_id` in `links` (see [`State::links`]), while connected: apart from the
+/// state, so the replica can be borrowed beside it.
+pub fn link_of(links: &[(u8, Option<Arc<PeerLink>>)], node_id: u8) -> Option<&Arc<PeerLink>> {
+    links.iter().find(|(id, _)| *id == node_id).expect("configured peer").1.as_ref()
+}
+
+/// Bulk bytes waiting in the send queue of `node_id`'s link (none without a link).
+pub fn queued_bytes(links: &[(u8, Option<Arc<PeerLink>>)], node_id: u8) -> usize {
+    link_of(links, node_id).map_or(0, |l| l.queued_bytes())
+}
+
 impl State {
     /// The link to `node_id`, while connected.
     pub fn link(&self, node_id: u8) -> Option<&Arc<PeerLink>> {
-        let index = self.replica.peers.iter().position(|p| p.node_id == node_id).expect("configured peer");
-        self.links[index].as_ref()
+        link_of(&self.links, node_id)
     }
 
     /// Sets or clears the link to `node_id`; returns the one it replaces.
     pub fn set_link(&mut self, node_id: u8, link: Option<Arc<PeerLink>>) -> Option<Arc<PeerLink>> {
-        let index = self.replica.peers.iter().position(|p| p.node_id == node_id).expect("configured peer");
-        std::mem::replace(&mut self.links[index], link)
+        let (_, slot) = self.links.iter_mut().find(|(id, _)| *id == node_id).expect("configured peer");
+        std::mem::replace(slot, link)
     }
 
     pub fn persist(&mut self) -> Result<(), MetaError> {

@@ -29,6 +29,10 @@ pub struct ResourceStatus {
     /// Writes held because this primary has no quorum (suspend-io): those in flight when quorum
     /// went (completed locally, not acknowledged) and new ones, not written anywhere yet.
     pub suspended_writes: usize,
+    /// New writes waiting for room in a peer's send queue (back-pressure from a slow peer or
+    /// link), not written anywhere yet.
+    #[serde(default)]
+    pub writes_waiting_for_room: usize,
     /// Why this primary's I/O is frozen by fencing: `fencing` while it waits for the
     /// fence-peer handler (writes held), `fence-failed` while it fails requests because the
     /// handler failed (until the peer is back or `resume-io`); absent otherwise.
@@ -151,7 +155,7 @@ fn shown_peer_disk(my_disk: DiskState, peer_disk: DiskState, out_of_sync_bytes: 
 
 /// Takes the state mutably: reading resync progress records the bitmap's weight in it.
 pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
-    let link_sent: Vec<u64> = st.links.iter().map(|l| l.as_ref().map_or(0, |l| l.sent_bytes())).collect();
+    let link_sent: Vec<u64> = st.links.iter().map(|(_, l)| l.as_ref().map_or(0, |l| l.sent_bytes())).collect();
     let Replica { peers, bitmaps, disk, sb, .. } = &mut st.replica;
     let peers = peers
         .iter_mut()
@@ -229,6 +233,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         quorum_needed: quorum.needed,
         on_no_quorum: st.replica.on_no_quorum,
         suspended_writes: st.replica.held_count(),
+        writes_waiting_for_room: st.replica.awaiting_room(),
         io_suspended: st.replica.io_suspended().map(str::to_owned),
         stepped_down: st.replica.stepped_down.clone(),
         local_write_failed: st.replica.io_failed.clone(),

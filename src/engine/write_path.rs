@@ -1,11 +1,10 @@
 //! Requests from the frontends: handed to the replica, which answers each through an
-//! `Action::Complete` (see `engine::locked`). What stays here is flow control: a writer waits
-//! while a peer's send queue is full (after the replica had its say on congestion).
+//! `Action::Complete` (see `engine::locked`), with the peers' send queues as they are now (a
+//! write may wait for room in one, in the replica: see `replica/send_queue.rs`). Nothing here
+//! blocks the submitting thread beyond the engine lock.
 
 use super::counters::Timed;
-use super::link::BULK_QUEUE_LIMIT_BYTES;
-use super::locked::Locked;
-use super::state::{Pending, State};
+use super::state::{queued_bytes, Pending, State};
 use super::Shared;
 use crate::frontend::{BlockRequest, Completion};
 use std::sync::Arc;
@@ -18,40 +17,26 @@ pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
     let timed = Timed::of(&request);
     shared.counters.arrived(timed);
     let mut st = shared.lock();
-    if !matches!(request, BlockRequest::Read { .. } | BlockRequest::Flush) {
-        st = wait_for_room(shared, st);
-    }
     let id = st.next_request;
     st.next_request += 1;
     st.requests.insert(id, Pending { done, arrived, timed });
-    let queued = queued_bytes(&st);
-    st.replica.submit(Instant::now(), id, request, |peer| queued.iter().find(|(id, _)| *id == peer).map_or(0, |(_, q)| *q));
+    let State { replica, links, .. } = &mut *st;
+    replica.submit(Instant::now(), id, request, |peer| queued_bytes(links, peer));
+    want_room_if_waiting(&st);
 }
 
-/// How much waits in each connected peer's send queue, where pull-ahead asks.
-fn queued_bytes(st: &State) -> Vec<(u8, usize)> {
-    if st.replica.congestion_fill.is_none() {
-        return Vec::new();
-    }
-    st.replica.peers.iter().filter_map(|p| st.link(p.node_id).map(|l| (p.node_id, l.queued_bytes()))).collect()
+/// A link's send queue drained below its limit (see `PeerLink::run_writer`): the writes that
+/// wait for room may go on.
+pub fn room_made(shared: &Shared) {
+    let mut st = shared.lock();
+    let State { replica, links, .. } = &mut *st;
+    replica.send_queues(Instant::now(), |peer| queued_bytes(links, peer));
+    want_room_if_waiting(&st);
 }
 
-/// Back-pressure: a full send queue slows writers down (under pull-ahead the replica leaves the
-/// peer behind first). The wait happens outside the engine lock, so it never blocks the acks
-/// that drain the queue.
-fn wait_for_room<'a>(shared: &'a Shared, mut st: Locked<'a>) -> Locked<'a> {
-    loop {
-        let queued = queued_bytes(&st);
-        st.replica.send_queues(Instant::now(), &queued);
-        let replicating = st.replica.peers.iter().filter(|p| p.is_replicating());
-        let full = replicating.filter_map(|p| st.link(p.node_id)).find(|l| l.is_full()).cloned();
-        match full {
-            None => return st,
-            Some(link) => {
-                drop(st);
-                link.wait_for_room(BULK_QUEUE_LIMIT_BYTES);
-                st = shared.lock();
-            }
-        }
+/// Writes wait for room: every link is to say when it has some.
+fn want_room_if_waiting(st: &State) {
+    if st.replica.awaiting_room() > 0 {
+        st.links.iter().filter_map(|(_, link)| link.as_ref()).for_each(|link| link.want_room());
     }
 }

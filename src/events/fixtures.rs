@@ -41,6 +41,7 @@ pub fn status() -> ResourceStatus {
         quorum_needed: 2,
         on_no_quorum: OnNoQuorum::SuspendIo,
         suspended_writes: 0,
+        writes_waiting_for_room: 0,
         io_suspended: None,
         stepped_down: None,
         local_write_failed: None,

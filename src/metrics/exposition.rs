@@ -112,6 +112,7 @@ impl Collector for Scrape {
         family(&mut e, "quorum_voters", "Voters counted (departed nodes are not)", Gauge, one(Value::Int(s.quorum_voters.into())))?;
         family(&mut e, "quorum_votes_needed", "Votes needed for quorum", Gauge, one(Value::Int(s.quorum_needed.into())))?;
         family(&mut e, "suspended_writes", "Writes held because this primary has no quorum or waits for its fence-peer handler", Gauge, one(Value::Int(s.suspended_writes as u64)))?;
+        family(&mut e, "writes_waiting_for_room", "New writes waiting for room in a peer's send queue (back-pressure)", Gauge, one(Value::Int(s.writes_waiting_for_room as u64)))?;
         let fencing = match s.io_suspended.as_deref() {
             None => 0,
             Some("fencing") => 1,

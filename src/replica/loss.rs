@@ -29,6 +29,8 @@ impl Replica {
         if standing(self) != before {
             self.standing_changed(None);
         }
+        // Its queue no longer holds writes back.
+        self.release_for_room(now);
     }
 
     /// The peer no longer receives this node's writes. `last_generation`: the generation it

@@ -25,6 +25,7 @@ mod receive;
 mod recent;
 mod resync;
 mod roles;
+mod send_queue;
 /// Replicas built as a node attaching would, for the unit tests, the dispatch fuzz target and
 /// the replica's benchmark.
 pub mod testing;
@@ -127,6 +128,12 @@ pub struct Replica {
     write_requests: HashMap<u64, RequestId>,
     /// Requests split into several writes (see [`Pieces`]).
     pieces: HashMap<RequestId, Pieces>,
+    /// New writes waiting for room in a peer's send queue, in arrival order (see
+    /// `replica/send_queue.rs`).
+    awaiting_room: VecDeque<QueuedWrite>,
+    /// A replicating peer's send queue holds at most this many bytes of data before new
+    /// writes wait (protocol A's send buffer).
+    pub send_queue_bytes: usize,
     /// Admitted writes not started yet, in arrival order (see `Replica::start_waiting`).
     waiting: VecDeque<QueuedWrite>,
     /// Writes that arrived while this primary had no quorum (suspend-io), not yet written
@@ -233,6 +240,7 @@ pub struct Attached {
     pub timing: LinkTiming,
     pub protocol: Protocol,
     pub congestion_fill: Option<u64>,
+    pub send_queue_bytes: usize,
     pub resync_rate: RateLimits,
     pub sb: Superblock,
     pub bitmaps: Vec<DirtyBitmap>,
@@ -340,6 +348,8 @@ impl Replica {
             inflight: InflightWrites::new(),
             write_requests: HashMap::new(),
             pieces: HashMap::new(),
+            awaiting_room: VecDeque::new(),
+            send_queue_bytes: a.send_queue_bytes,
             waiting: VecDeque::new(),
             held: VecDeque::new(),
             held_reads: Vec::new(),
@@ -771,6 +781,7 @@ impl Replica {
         peer.barriers.clear();
         peer.ahead_until = None;
         peer.applying.link_down();
+        peer.queued_bytes = 0;
         peer.last_error = Some(reason.to_owned());
         (was, last_generation)
     }
@@ -785,6 +796,8 @@ impl Replica {
             self.send(peer, Message::Ping);
         }
         self.drop_stalled_peers(now);
+        // A wake-up for the writes waiting for room that no report brought.
+        self.release_for_room(now);
     }
 
     /// When [`Replica::tick`] has something to do next (none: nothing is connected).

@@ -48,6 +48,9 @@ pub struct Peer {
     pub resync: Option<ResyncProgress>,
     /// Online verify and checksum-based resync with this peer.
     pub sync: PeerSync,
+    /// Bulk bytes waiting in the link's send queue, as the driver last reported them (see
+    /// `replica/send_queue.rs`).
+    pub queued_bytes: usize,
     /// Bytes sent on earlier connections (the current link counts its own).
     pub sent_bytes_before: u64,
     pub received_bytes: u64,
@@ -89,6 +92,7 @@ impl Peer {
             resync_end_unconfirmed: None,
             resync: None,
             sync: PeerSync::default(),
+            queued_bytes: 0,
             sent_bytes_before: 0,
             received_bytes: 0,
             last_error: None,

@@ -185,6 +185,8 @@ impl Replica {
         self.superseded_latched = false;
         self.left_generation = 0;
         self.release_suspended(now, true);
+        // Writes waiting for room never started: they are refused, as any new one is now.
+        self.release_for_room(now);
         self.broadcast_state_in_stream();
     }
 

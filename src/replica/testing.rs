@@ -86,6 +86,7 @@ fn attach_disk(disk: Arc<dyn Disk>, ids: &[u8], boot_id: [u8; 16]) -> (Replica, 
         timing: LinkTiming::DEFAULT,
         protocol: Protocol::C,
         congestion_fill: None,
+        send_queue_bytes: crate::config::SEND_QUEUE_KIB as usize * 1024,
         resync_rate: RESYNC_RATE,
         sb: loaded.superblock,
         bitmaps: loaded.bitmaps,
@@ -117,6 +118,20 @@ fn established(role: Role, peer_role: Role) -> (Replica, Instant) {
     peer.disk = DiskState::UpToDate;
     r.take_actions();
     (r, t0)
+}
+
+/// A write of `len` bytes at `offset`.
+pub fn write(offset: u64, len: usize) -> crate::frontend::BlockRequest {
+    crate::frontend::BlockRequest::Write { offset, data: bytes::Bytes::from(vec![7u8; len]), fua: false }
+}
+
+/// The answers among `actions`: (request, result).
+pub fn answers(actions: &[super::Action]) -> Vec<(u64, crate::frontend::BlockResult)> {
+    let answer = |a: &super::Action| match a {
+        super::Action::Complete { request, result } => Some((*request, result.clone())),
+        _ => None,
+    };
+    actions.iter().filter_map(answer).collect()
 }
 
 /// A primary replicating to its peer.

@@ -20,6 +20,8 @@ pub enum Rule {
     SecondaryWithoutFlush,
     /// An online verify reads blocks a write in flight is still changing.
     VerifyBesideWrites,
+    /// Writes that wait for room in a send queue wait for ever.
+    RoomNeverMade,
 }
 
 #[cfg(feature = "weakened-rules")]

@@ -85,23 +85,19 @@ fn overlap((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
 }
 
 impl Replica {
-    /// A request from the frontend. `queued_bytes`: how much waits in each peer's send queue
-    /// (see [`Replica::send_queues`]).
+    /// A request from the frontend. `queued_bytes`: how much waits in each peer's send queue,
+    /// by its node id (see `replica/send_queue.rs`).
     pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest, queued_bytes: impl Fn(u8) -> usize) {
         let write = |offset, kind| QueuedWrite { request, offset, kind };
+        if !matches!(req, BlockRequest::Read { .. } | BlockRequest::Flush) {
+            self.note_send_queues(queued_bytes);
+        }
         match req {
             BlockRequest::Read { offset, len } => self.submit_read(now, request, offset, len),
             BlockRequest::Flush => self.submit_flush(request),
             BlockRequest::Write { offset, data, fua } => {
                 // Each piece may find a queue past the fill mark, counting the pieces before it.
-                let congestion = |r: &mut Replica| {
-                    if r.congestion_fill.is_none() {
-                        return;
-                    }
-                    let queued: Vec<(u8, usize)> = r.peers.iter().map(|p| (p.node_id, queued_bytes(p.node_id) + r.outbox_bulk_bytes(p.node_id))).collect();
-                    r.send_queues(now, &queued);
-                };
-                congestion(self);
+                self.pull_ahead(now);
                 if data.len() <= MAX_DATA_BYTES {
                     return self.submit_write(now, write(offset, WriteKind::Data { data, fua }));
                 }
@@ -109,7 +105,7 @@ impl Replica {
                 self.pieces.insert(request, Pieces { remaining: pieces, result: Ok(None) });
                 for start in (0..data.len()).step_by(MAX_DATA_BYTES) {
                     if start > 0 {
-                        congestion(self);
+                        self.pull_ahead(now);
                     }
                     let piece = data.slice(start..(start + MAX_DATA_BYTES).min(data.len()));
                     self.submit_write(now, write(offset + start as u64, WriteKind::Data { data: piece, fua }));
@@ -153,7 +149,7 @@ impl Replica {
     }
 
     /// Why no write may start on this node now, if none may.
-    fn write_refusal(&self) -> Option<BlockError> {
+    pub(super) fn write_refusal(&self) -> Option<BlockError> {
         if self.stopping {
             Some(BlockError::Shutdown)
         } else if self.role != Role::Primary {
@@ -165,7 +161,15 @@ impl Replica {
         }
     }
 
+    /// A new write: it may first wait for room in a send queue (see `replica/send_queue.rs`).
     fn submit_write(&mut self, now: Instant, write: QueuedWrite) {
+        if let Some(write) = self.waits_for_room(write) {
+            self.admit_write(now, write);
+        }
+    }
+
+    /// A write that goes on: refused, held without quorum, or waiting to start.
+    pub(super) fn admit_write(&mut self, now: Instant, write: QueuedWrite) {
         let admission = match self.write_refusal() {
             Some(e) => Err(e),
             None => self.in_bounds(write.offset, write.len()).and_then(|()| {
@@ -522,17 +526,6 @@ impl Replica {
         self.start_waiting();
     }
 
-    /// Bytes of bulk frames for `peer` queued here, not yet handed to its link.
-    fn outbox_bulk_bytes(&self, peer: u8) -> usize {
-        self.outbox
-            .iter()
-            .map(|a| match a {
-                Action::Send { peer: p, msg, lane: super::Lane::Bulk, .. } if *p == peer => msg.payload_len(),
-                _ => 0,
-            })
-            .sum()
-    }
-
     /// Writes and completions held without quorum.
     pub fn held_count(&self) -> usize {
         self.suspended.len() + self.held.len() + self.held_reads.len()
@@ -540,7 +533,7 @@ impl Replica {
 
     /// Whether no write is in flight or waiting to start (a demotion's final flush waits for it).
     pub fn writes_idle(&self) -> bool {
-        self.inflight.is_empty() && self.waiting.is_empty()
+        self.inflight.is_empty() && self.waiting.is_empty() && self.awaiting_room.is_empty()
     }
 
     /// A resync or verify reads `range`: writes into it wait until [`Replica::read_unlock`].
@@ -580,41 +573,6 @@ impl Replica {
         self.catch_up_if_drained(peer_id);
     }
 
-    /// How much waits in each peer's send queue, before a write is submitted. Protocol A on a
-    /// slow link (`on_congestion = "pull-ahead"`): every replicating peer whose send queue
-    /// passed the fill mark is left behind (an Established one: see below). This primary goes Ahead of it: it stops
-    /// sending it data and records the writes in its bitmap (a new generation starts, as for a
-    /// lost peer, so the peer can never be promoted as if it were current), and the peer goes
-    /// Behind and Outdated. Application writes never wait for the slow peer.
-    pub fn send_queues(&mut self, now: Instant, queued_bytes: &[(u8, usize)]) {
-        let Some(fill_bytes) = self.congestion_fill else { return };
-        let congested: Vec<(u8, usize)> = self
-            .peers
-            .iter()
-            // A peer whose bitmap exchange is under way is left alone: its resync decision
-            // stands. So is one this node resyncs: its queue holds the resync's own (paced)
-            // traffic, and going Ahead would start that resync over, full, every time.
-            .filter(|p| p.repl == ReplState::Established && p.pending_sync.is_none())
-            .filter_map(|p| queued_bytes.iter().find(|(id, _)| *id == p.node_id).copied())
-            .filter(|(_, queued)| *queued as u64 > fill_bytes)
-            .collect();
-        for (peer_id, queued) in congested {
-            // Close the epoch while the peer still counts as replicating: the writes already
-            // queued to it end with a barrier whose ack says it has taken in all of them.
-            let last_epoch = self.close_epoch();
-            let peer = self.peer_mut(peer_id);
-            let was = std::mem::replace(&mut peer.repl, ReplState::Ahead);
-            // A resync in progress stops and starts over once caught up.
-            peer.resync = None;
-            peer.ahead_until = Some(last_epoch);
-            let name = peer.name.clone();
-            tracing::warn!(resource = %self.resource, peer = %name, was = %was, queued_bytes = queued,
-                "send queue passed congestion_fill_kib: Ahead of {name}; its writes are recorded in the bitmap until it catches up");
-            self.stops_following(now, peer_id, None, true);
-            self.broadcast_state();
-        }
-    }
-
     /// The end of pull-ahead: once the peer acknowledged the barrier that closed what was
     /// queued to it (the ack, not an empty queue, is the signal: kernel socket buffers take
     /// megabytes from a peer that reads nothing), this node resyncs what it missed through the
@@ -649,14 +607,9 @@ impl From<LocalFailure> for BlockError {
 mod tests {
     use crate::core::inflight::{AckLevel, LocalFailure};
     use crate::frontend::{BlockError, BlockRequest};
-    use crate::replica::testing::primary_replicating;
+    use crate::replica::testing::{answers, primary_replicating, write};
     use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::{Message, MAX_DATA_BYTES};
-    use bytes::Bytes;
-
-    fn write(offset: u64, len: usize) -> BlockRequest {
-        BlockRequest::Write { offset, data: Bytes::from(vec![7u8; len]), fua: false }
-    }
 
     fn no_queue(_: u8) -> usize {
         0
@@ -672,13 +625,6 @@ mod tests {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }
-    }
-
-    fn answers(actions: &[Action]) -> Vec<(u64, crate::frontend::BlockResult)> {
-        actions.iter().filter_map(|a| match a {
-            Action::Complete { request, result } => Some((*request, result.clone())),
-            _ => None,
-        }).collect()
     }
 
     fn completions(actions: &[Action]) -> Vec<(u64, bool)> {
@@ -823,36 +769,5 @@ mod tests {
         let actions = r.take_actions();
         assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_))), "{actions:?}");
         assert_eq!(answers(&actions), vec![(2, Err(BlockError::Io)), (3, Err(BlockError::Io)), (4, Err(BlockError::Io))]);
-    }
-
-    #[test]
-    fn pull_ahead_leaves_a_congested_peer_behind_and_takes_it_back_once_it_drained() {
-        let (mut r, t0) = primary_replicating();
-        r.protocol = crate::config::Protocol::A;
-        r.congestion_fill = Some(1 << 20);
-        r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
-        let actions = r.take_actions();
-        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::Ahead);
-        let last = actions.iter().find_map(|a| match a {
-            Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
-            _ => None,
-        }).expect("the queue is closed with a barrier");
-        assert!(!actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "no data for it: {actions:?}");
-        assert!(r.bitmaps[0].weight() > 0, "the write is in its bitmap");
-        r.barrier_acked(t0, 1, last);
-        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::Off, "caught up: decided again");
-    }
-
-    #[test]
-    fn a_peer_being_resynced_is_never_left_behind() {
-        let (mut r, t0) = primary_replicating();
-        r.protocol = crate::config::Protocol::A;
-        r.congestion_fill = Some(1 << 20);
-        // Its queue holds the resync's own traffic: going Ahead would start the resync over.
-        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
-        r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
-        let actions = r.take_actions();
-        assert_eq!(r.peer(1).repl, crate::core::states::ReplState::SyncSource);
-        assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "it gets the write: {actions:?}");
     }
 }

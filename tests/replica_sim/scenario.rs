@@ -23,6 +23,9 @@ const BLOCK_STRIDE: u64 = 1 << 20;
 const FAULTY: Time = 20 * SEC;
 /// Pull-ahead's fill mark: sixteen 4 KiB writes queued to a peer (a cut link holds its frames).
 const PULL_AHEAD_FILL: u64 = 64 << 10;
+/// The daemon's send queue, and one that fills with three writes of a page.
+const SEND_QUEUE: usize = blkrepl::config::SEND_QUEUE_KIB as usize * 1024;
+const SMALL_SEND_QUEUE: usize = 3 * 4096;
 const SETTLE: Time = 30 * SEC;
 /// The configuration's default resync rate bounds, and slow ones for a quarter of the seeds: a
 /// full sync of the simulated device then takes 8 s or more, so faults strike mid-resync.
@@ -77,6 +80,9 @@ pub struct Stats {
     /// peer (protocol A).
     pub csums_seeds: u64,
     pub pull_ahead_seeds: u64,
+    /// Seeds whose send queues hold three pages, and the writes that waited for room in one.
+    pub small_queue_seeds: u64,
+    pub writes_waited_for_room: u64,
     /// Seeds whose resyncs and verifies are paced at `SLOW_RESYNC`, and with bitmap blocks
     /// from `LARGE_BITMAP_BLOCKS`.
     pub slow_resync_seeds: u64,
@@ -116,6 +122,8 @@ impl Stats {
         self.first_syncs += o.first_syncs;
         self.csums_seeds += o.csums_seeds;
         self.pull_ahead_seeds += o.pull_ahead_seeds;
+        self.small_queue_seeds += o.small_queue_seeds;
+        self.writes_waited_for_room += o.writes_waited_for_room;
         self.slow_resync_seeds += o.slow_resync_seeds;
         self.large_block_seeds += o.large_block_seeds;
         self.verifies += o.verifies;
@@ -138,6 +146,7 @@ impl Stats {
     }
 }
 
+#[derive(Debug)]
 enum Pending {
     Write { block: u64, version: u64, fua: bool },
     /// A read, with the version it must return at least.
@@ -204,7 +213,14 @@ impl Scenario {
         let resync_rate = if draw.percent(25) { SLOW_RESYNC } else { DEFAULT_RESYNC };
         let bitmap_block_size = if draw.percent(25) { draw.pick(&LARGE_BITMAP_BLOCKS) } else { 4096 };
         let fencing = draw.pick(&[Fencing::DontCare, Fencing::ResourceOnly, Fencing::ResourceAndStonith]);
-        let options = Options { csums, congestion_fill, resync_rate, bitmap_block_size, fencing };
+        // Above pull-ahead's fill mark, as the daemon's configuration requires; else writes
+        // wait for room behind three pages in half of the seeds.
+        let send_queue_bytes = match congestion_fill {
+            Some(fill) => 2 * fill as usize,
+            None if draw.percent(50) => SMALL_SEND_QUEUE,
+            None => SEND_QUEUE,
+        };
+        let options = Options { csums, congestion_fill, send_queue_bytes, resync_rate, bitmap_block_size, fencing };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
@@ -214,6 +230,7 @@ impl Scenario {
         let mut stats = Stats {
             csums_seeds: options.csums.into(),
             pull_ahead_seeds: options.congestion_fill.is_some().into(),
+            small_queue_seeds: (options.send_queue_bytes == SMALL_SEND_QUEUE).into(),
             slow_resync_seeds: (options.resync_rate == SLOW_RESYNC).into(),
             large_block_seeds: (options.bitmap_block_size != 4096).into(),
             disk_fault_seeds: disk_fault.is_some().into(),
@@ -270,9 +287,23 @@ impl Scenario {
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
         (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes, self.stats.failed_meta_writes) =
             (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes, self.world.failed_meta_writes);
+        self.stats.writes_waited_for_room = self.world.writes_waited_for_room;
         (self.stats.fence_runs, self.stats.fence_self_outdated) = (self.world.fence_runs, self.world.fence_self_outdated);
         self.check_converged()?;
+        self.check_answered()?;
         self.check_verifies()
+    }
+
+    /// After the faults healed: every request the client sent to a node that is still up was
+    /// answered (none waits for ever: for quorum, room in a send queue, a peer or a flush).
+    fn check_answered(&self) -> Result<(), String> {
+        match self.pending.iter().next() {
+            Some((request, (node, pending))) => Err(format!(
+                "checker 7 (every request answered): n{node} never answered request {request} ({pending:?}) nor the {} others after healing",
+                self.pending.len() - 1
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Fresh data nodes are declared in sync without copying, and node 0 is promoted (the

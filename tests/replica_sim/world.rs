@@ -49,6 +49,8 @@ pub struct Options {
     pub csums: bool,
     /// Pull-ahead's fill mark, protocol A only.
     pub congestion_fill: Option<u64>,
+    /// Bytes a lane holds before new writes wait for room (the daemon's send queue).
+    pub send_queue_bytes: usize,
     /// The bounds of the rate controller that paces resyncs and verifies.
     pub resync_rate: RateLimits,
     /// Bytes of data per bitmap bit (`bitmap_block_size`).
@@ -205,7 +207,25 @@ impl Ord for Queued {
 /// A directed lane: frames in order, each after its delay; a cut lane holds them.
 #[derive(Default)]
 struct Lane {
-    queue: VecDeque<(Time, u64, Bytes)>,
+    queue: VecDeque<Frame>,
+}
+
+/// A frame on its way.
+struct Frame {
+    due: Time,
+    /// The connection it was sent on: a frame of an earlier one is dropped on arrival.
+    conn: u64,
+    bytes: Bytes,
+    /// Sent on the bulk lane (data), which is what a send queue's limit counts.
+    bulk: bool,
+}
+
+/// Bytes of bulk frames from `from` that `to` has not taken in yet, on connection `conn` (the
+/// daemon's send queue of a link: a new link starts with an empty one).
+fn lane_bytes(lanes: &BTreeMap<(u8, u8), Lane>, from: u8, to: u8, conn: Option<u64>) -> usize {
+    let Some(conn) = conn else { return 0 };
+    let frames = lanes.get(&(from, to)).map(|lane| lane.queue.iter()).into_iter().flatten();
+    frames.filter(|f| f.bulk && f.conn == conn).map(|f| f.bytes.len()).sum()
 }
 
 /// What the client was told, per request id.
@@ -276,6 +296,7 @@ pub struct World {
     /// Pull-ahead (`on_congestion = "pull-ahead"`): a primary goes Ahead of a peer whose lane
     /// holds more than this many bytes.
     pub congestion_fill: Option<u64>,
+    pub send_queue_bytes: usize,
     pub resync_rate: RateLimits,
     /// Per (node, peer), the blocks marked when its verify started.
     verify_marked: BTreeMap<(u8, u8), u64>,
@@ -292,6 +313,8 @@ pub struct World {
     pub failed_reads: u64,
     pub failed_flushes: u64,
     pub failed_meta_writes: u64,
+    /// Writes that waited in a replica for room in a send queue.
+    pub writes_waited_for_room: u64,
     pub fencing: Fencing,
     /// Draws the fence-peer handler's answers and delays: a generator of its own, so a seed
     /// that never fences keeps its course.
@@ -325,6 +348,7 @@ impl World {
             violation: None,
             csums: options.csums,
             congestion_fill: options.congestion_fill,
+            send_queue_bytes: options.send_queue_bytes,
             resync_rate: options.resync_rate,
             verify_marked: BTreeMap::new(),
             verify_failed: BTreeMap::new(),
@@ -334,6 +358,7 @@ impl World {
             failed_reads: 0,
             failed_flushes: 0,
             failed_meta_writes: 0,
+            writes_waited_for_room: 0,
             fencing: options.fencing,
             fence_rng: Rng::new(seed.rotate_left(16)),
             fence_runs: 0,
@@ -382,7 +407,7 @@ impl World {
         let shape = self.shape;
         let protocol = self.protocol;
         let quorum = self.quorum;
-        let (congestion_fill, resync_rate, fencing) = (self.congestion_fill, self.resync_rate, self.fencing);
+        let (congestion_fill, send_queue_bytes, resync_rate, fencing) = (self.congestion_fill, self.send_queue_bytes, self.resync_rate, self.fencing);
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
         // An injected metadata failure belongs to the failing window that armed it, not to the
@@ -404,6 +429,7 @@ impl World {
             timing: LinkTiming::DEFAULT,
             protocol,
             congestion_fill,
+            send_queue_bytes,
             resync_rate,
             sb: loaded.superblock,
             bitmaps: loaded.bitmaps,
@@ -532,11 +558,24 @@ impl World {
     /// A frontend request to node `id` (it must be up).
     pub fn submit(&mut self, id: u8, request: u64, req: BlockRequest) {
         let now = self.instant();
-        // What the lane to each peer holds: the send queue pull-ahead measures.
-        let lanes = &self.lanes;
-        let queued = |peer: u8| lanes.get(&(id, peer)).map_or(0, |lane| lane.queue.iter().map(|(_, _, frame)| frame.len()).sum());
-        let replica = self.nodes[usize::from(id)].replica.as_mut().expect("up");
-        replica.submit(now, request, req, queued);
+        // What the lane to each peer holds: the send queue the replica measures.
+        let (lanes, node) = (&self.lanes, &mut self.nodes[usize::from(id)]);
+        let conns: BTreeMap<u8, u64> = node.links.iter().map(|(peer, (conn, _))| (*peer, *conn)).collect();
+        let replica = node.replica.as_mut().expect("up");
+        let waiting = replica.awaiting_room();
+        replica.submit(now, request, req, |peer| lane_bytes(lanes, id, peer, conns.get(&peer).copied()));
+        self.writes_waited_for_room += (replica.awaiting_room() > waiting) as u64;
+        self.carry_out(id);
+    }
+
+    /// A frame left node `id`'s lane: writes waiting there for room may go on (the daemon's
+    /// link writer reports as it takes frames from a queue).
+    fn report_send_queues(&mut self, id: u8) {
+        let now = self.instant();
+        let (lanes, node) = (&self.lanes, &mut self.nodes[usize::from(id)]);
+        let conns: BTreeMap<u8, u64> = node.links.iter().map(|(peer, (conn, _))| (*peer, *conn)).collect();
+        let Some(replica) = node.replica.as_mut().filter(|r| r.awaiting_room() > 0) else { return };
+        replica.send_queues(now, |peer| lane_bytes(lanes, id, peer, conns.get(&peer).copied()));
         self.carry_out(id);
     }
 
@@ -666,16 +705,17 @@ impl World {
         }
     }
 
-    /// Queues a frame on the link from `from` to `to`; false if there is none.
-    fn send(&mut self, from: u8, to: u8, msg: &Message) -> bool {
+    /// Queues a frame on the link from `from` to `to` (on the bulk lane: `bulk`); false if
+    /// there is none.
+    fn send(&mut self, from: u8, to: u8, msg: &Message, bulk: bool) -> bool {
         let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return false };
         let mut bytes = Vec::new();
         write_message(&mut bytes, msg).expect("encode a frame");
         let delay = self.rng.range(50, 2 * MS);
         let lane = self.lanes.entry((from, to)).or_default();
-        let due = lane.queue.back().map_or(0, |(t, _, _)| *t).max(self.now + delay);
+        let due = lane.queue.back().map_or(0, |f| f.due).max(self.now + delay);
         let first = lane.queue.is_empty();
-        lane.queue.push_back((due, conn, Bytes::from(bytes)));
+        lane.queue.push_back(Frame { due, conn, bytes: Bytes::from(bytes), bulk });
         if first && !self.is_cut(from, to) {
             self.at(due, Event::Deliver { from, to });
         }
@@ -687,14 +727,17 @@ impl World {
             return;
         }
         let Some(lane) = self.lanes.get_mut(&(from, to)) else { return };
-        let Some(&(due, _, _)) = lane.queue.front() else { return };
+        let Some(due) = lane.queue.front().map(|f| f.due) else { return };
         if due > self.now {
             self.at(due, Event::Deliver { from, to });
             return;
         }
-        let (_, conn, bytes) = lane.queue.pop_front().expect("front");
-        if let Some(&(next, _, _)) = lane.queue.front() {
+        let Frame { conn, bytes, bulk, .. } = lane.queue.pop_front().expect("front");
+        if let Some(next) = lane.queue.front().map(|f| f.due) {
             self.at(next.max(self.now), Event::Deliver { from, to });
+        }
+        if bulk {
+            self.report_send_queues(from);
         }
         let node = &mut self.nodes[usize::from(to)];
         let Some(link) = node.links.get_mut(&from).filter(|(c, _)| *c == conn) else { return };
@@ -936,9 +979,9 @@ impl World {
                             break;
                         }
                     }
-                    Action::Send { peer, msg, sent_write, .. } => {
+                    Action::Send { peer, msg, sent_write, lane } => {
                         // Handed to the network at once: protocol A's completion for the write.
-                        if self.send(id, peer, &msg) {
+                        if self.send(id, peer, &msg, lane == blkrepl::replica::Lane::Bulk) {
                             if let Some(write) = sent_write {
                                 let now = self.instant();
                                 self.replica_mut(id).expect("up").peer_reached(now, write, peer, AckLevel::Sent);
