@@ -814,18 +814,17 @@ impl Engine {
         for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
             connection::drop_peer(shared, &mut st, id, "going down");
         }
-        let crashed_primary = st.replica.crashed_primary;
         let State { meta, replica, .. } = &mut *st;
         if replica.detached() {
             tracing::warn!(resource = %shared.config.name, "the disk is Failed: its metadata stays as the failure left it, and the next `up` recovers it as after a crash");
         } else {
             meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al)?;
-        }
-        if crashed_primary && !st.replica.detached() {
-            // The activity log's extents are in the bitmaps, but no resync has repaired them
-            // yet: keep the marker that makes the next connection resync them.
-            st.replica.sb.flags.insert(MetaFlags::PRIMARY_IND);
-            st.persist()?;
+            if replica.crashed_primary {
+                // The activity log's extents are in the bitmaps, but no resync has repaired
+                // them yet: keep the marker that makes the next connection resync them.
+                replica.sb.flags.insert(MetaFlags::PRIMARY_IND);
+                meta.write_superblock(&replica.sb)?;
+            }
         }
         shared.changed.notify_all();
         drop(st);
