@@ -695,7 +695,7 @@ impl Engine {
             }
         }
         let (tx, rx) = std::sync::mpsc::channel();
-        write_path::submit(&self.shared, crate::frontend::BlockRequest::Flush, Box::new(move |result| drop(tx.send(result))));
+        write_path::submit(&self.shared, crate::frontend::BlockRequest::Flush, Box::new(move |result| drop(tx.send(result))), false);
         if let Ok(Err(e)) = rx.recv() {
             tracing::warn!(resource = %self.shared.config.name, error = %e, "flush at demotion failed");
         }
@@ -888,7 +888,11 @@ impl crate::frontend::BlockDevice for Engine {
     }
 
     fn submit(&self, request: crate::frontend::BlockRequest, done: crate::frontend::Completion) {
-        write_path::submit(&self.shared, request, done);
+        write_path::submit(&self.shared, request, done, false);
+    }
+
+    fn submit_from_loop(&self, request: crate::frontend::BlockRequest, done: crate::frontend::Completion) {
+        write_path::submit(&self.shared, request, done, true);
     }
 }
 

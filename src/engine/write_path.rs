@@ -11,12 +11,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A request's latency runs from here (before any wait for the lock or for room in a send
-/// queue) to its answer (see `locked::run_after`).
-pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion) {
+/// queue) to its answer (see `locked::run_after`). `small_writes_here`: the caller is an event
+/// loop that makes a small write itself (see `Locked::run_small_writes_here`).
+pub fn submit(shared: &Arc<Shared>, request: BlockRequest, done: Completion, small_writes_here: bool) {
     let arrived = Instant::now();
     let timed = Timed::of(&request);
     shared.counters.arrived(timed);
     let mut st = shared.lock();
+    if small_writes_here {
+        st.run_small_writes_here();
+    }
     let id = st.next_request;
     st.next_request += 1;
     st.requests.insert(id, Pending { done, arrived, timed });

@@ -109,8 +109,8 @@ pub type Completion = Box<dyn FnOnce(BlockResult) + Send>;
 /// The narrow interface between a frontend and the replication engine.
 ///
 /// `submit` must not block for the duration of the I/O: it queues the request and returns, so a
-/// frontend can keep many requests in flight. It may block briefly (e.g. while an overlapping
-/// write is in flight), which back-pressures the frontend.
+/// frontend can keep many requests in flight (writes that must wait, for an overlapping write or
+/// for room in a peer's send queue, wait in the engine, not in the caller).
 pub trait BlockDevice: Send + Sync {
     fn size_bytes(&self) -> u64;
     /// The smallest unit of addressing; requests are multiples of it.
@@ -118,6 +118,13 @@ pub trait BlockDevice: Send + Sync {
         512
     }
     fn submit(&self, request: BlockRequest, done: Completion);
+
+    /// [`BlockDevice::submit`] from an event loop that serves many clients: the device may
+    /// make a small write into the page cache on the calling thread rather than hand it over
+    /// (which costs more), so the call may take as long as such a write.
+    fn submit_from_loop(&self, request: BlockRequest, done: Completion) {
+        self.submit(request, done)
+    }
 }
 
 /// An in-memory device, completing every request synchronously: for frontend tests.

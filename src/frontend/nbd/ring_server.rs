@@ -3,7 +3,9 @@
 //! a request no longer crosses two threads and two wake-ups on its way in and out.
 //! The rules are [`Connection`]'s; this only moves bytes: one receive armed per client while it
 //! wants input, one vectored send per client while replies wait, completions of the device
-//! handed back through a queue and the ring's eventfd.
+//! handed back through a queue and the ring's eventfd (no wake-up for those the ring's own
+//! thread completes: a small write the device makes on it, see
+//! [`BlockDevice::submit_from_loop`]; the loop looks at the queue before it waits).
 //!
 //! A client that stops reading holds only its own replies (bounded by its in-flight permits):
 //! a send that has not completed for the reply deadline ([`REPLY_TIMEOUT`] in the daemon)
@@ -12,6 +14,7 @@
 //! pending. Shutting a client's socket down from outside (the server stopping) ends it the same
 //! way once what it has in flight is answered.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
@@ -40,6 +43,11 @@ const WAKE: u64 = u64::MAX;
 const TICK: u64 = u64::MAX - 1;
 const RECV: u64 = 0;
 const SEND: u64 = 1;
+
+thread_local! {
+    /// Set on a ring's own thread (see the module's documentation).
+    static ON_RING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Told when a client is gone (its socket closed, everything in flight answered).
 pub type Done = std::sync::mpsc::Sender<()>;
@@ -82,7 +90,10 @@ impl RingServer {
         let shared = inbox.clone();
         let thread = std::thread::Builder::new()
             .name("nbd-ring".into())
-            .spawn(move || Loop::new(ring, shared, device, reply_timeout).run())?;
+            .spawn(move || {
+                ON_RING.with(|on| on.set(true));
+                Loop::new(ring, shared, device, reply_timeout).run();
+            })?;
         Ok(RingServer { inbox, thread: Mutex::new(Some(thread)) })
     }
 
@@ -186,7 +197,9 @@ impl Loop {
             if closed && self.clients.iter().all(Option::is_none) {
                 self.inbox.wake();
             }
-            self.submit_and_wait();
+            // Completions this thread queued itself are answered before it waits.
+            let answered_here = !self.inbox.lock().completed.is_empty();
+            self.submit_and_wait(!answered_here);
             self.reap();
         }
     }
@@ -216,14 +229,14 @@ impl Loop {
         let Some(client) = self.clients[slot].as_mut() else { return };
         while let Some((cookie, request)) = client.conn.next_request() {
             let (inbox, generation) = (self.inbox.clone(), client.generation);
-            self.device.submit(
+            self.device.submit_from_loop(
                 request,
                 Box::new(move |result| {
                     let mut queue = inbox.lock();
                     let first = queue.completed.is_empty();
                     queue.completed.push((slot, generation, cookie, result));
                     drop(queue);
-                    if first {
+                    if first && !ON_RING.with(Cell::get) {
                         inbox.wake();
                     }
                 }),
@@ -276,7 +289,8 @@ impl Loop {
         }
     }
 
-    fn submit_and_wait(&mut self) {
+    /// Submits what is queued and, if `wait`, waits for a completion.
+    fn submit_and_wait(&mut self, wait: bool) {
         while let Some(entry) = self.overflow.front() {
             // SAFETY: as in `push`.
             if unsafe { self.ring.submission().push(entry) }.is_err() {
@@ -284,7 +298,7 @@ impl Loop {
             }
             self.overflow.pop_front();
         }
-        if let Err(e) = self.ring.submit_and_wait(1) {
+        if let Err(e) = self.ring.submit_and_wait(usize::from(wait)) {
             if e.raw_os_error() != Some(nix::libc::EINTR) && e.raw_os_error() != Some(nix::libc::EBUSY) {
                 tracing::error!("the NBD ring failed: {e}");
             }
