@@ -12,8 +12,9 @@
 #   scripts/bench.sh [--short]       RUNTIME=10 (s per job)  BENCH_DIR=/dev/shm/blkrepl-bench
 #                                    BENCH_OUT=target/bench
 # --short runs every job for 1 s (CI runs it so the script cannot rot; its figures mean nothing).
-# Then system calls per replicated write (strace) and each daemon's resident memory, also for a
-# 1 TiB device with two peers. Installs what it needs first (scripts/setup.sh bench: fio,
+# Then system calls per replicated write (strace), CPU time per 4 KiB write on each daemon and in
+# fio (local-only and protocol C: what bounds the ratio of the two on this machine) and each
+# daemon's resident memory, also for a 1 TiB device with two peers. Installs what it needs first (scripts/setup.sh bench: fio,
 # iperf3, qemu-utils, strace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +118,27 @@ count_syscalls() {
   done
 }
 
+# CPU time per 4 KiB write at QD32 in each daemon named and in fio, over a fixed number of
+# writes (the daemons' from /proc/PID/stat, fio's from its own report): records
+# "label.cpu.node microseconds-per-write 0" and "label.cpu.fio ...".
+proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$(cat "$DIR/run/r0.$1.lock")/stat"; }
+cpu_per_write() {
+  local label=$1 n writes=${CPU_WRITES:-200000} json; shift
+  local -A before
+  for n in "$@"; do before[$n]=$(proc_cpu "$n"); done
+  json=$(fio --name=job --rw=randwrite --bs=4k --iodepth=32 --number_ios="$writes" --size=512M --output-format=json "${NBD[@]}" 2>/dev/null)
+  for n in "$@"; do
+    echo "$label.cpu.$n $(python3 -c "print(f'{($(proc_cpu "$n") - ${before[$n]}) * 1e6 / $writes:.2f}')") 0" >> "$RESULTS"
+  done
+  python3 - "$label" "$json" "$writes" >> "$RESULTS" <<'PY'
+import json, sys
+label, text, writes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+job = json.loads(text[text.index("{"):])["jobs"][0]
+seconds = job["job_runtime"] / 1000 * (job["usr_cpu"] + job["sys_cpu"]) / 100
+print(f"{label}.cpu.fio {seconds * 1e6 / writes:.2f} 0")
+PY
+}
+
 wait_json() { local node=$1 needle=$2; for _ in $(seq 1 200); do "$BIN" --node "$node" status --json r0 | grep -qF "$needle" && return 0; sleep 0.1; done; echo "timeout: $needle" >&2; exit 1; }
 
 echo "== limits: raw backing file ($DIR, tmpfs if /dev/shm) and raw TCP loopback"
@@ -141,6 +163,7 @@ echo "== local-only: one daemon, its peer absent, quorum off"
 config C off secret; "$BIN" --node alpha create-md r0 >/dev/null; "$BIN" --node alpha up r0 >/dev/null
 "$BIN" --node alpha primary --force r0
 run_jobs local "${NBD[@]}"
+cpu_per_write local alpha
 stop_all
 
 # protoC, protoB and protoA run over TLS (a secret, as a daemon requires by default: every frame
@@ -157,7 +180,7 @@ for run in "C secret" "C mac" "C plain" "B secret" "A secret"; do
   wait_json beta '"disk":"UpToDate"'
   "$BIN" --node alpha primary r0
   run_jobs "$name" "${NBD[@]}"
-  if [ "$name" = protoC ]; then count_syscalls "$name"; fi
+  if [ "$name" = protoC ]; then count_syscalls "$name"; cpu_per_write "$name" alpha beta; fi
   rss "$name" alpha beta
   "$BIN" --node alpha status r0 | sed 's/^/   /'
   stop_all
@@ -237,6 +260,13 @@ print()
 for n in ["alpha", "beta"]:
     calls, futex = r[f"protoC.syscalls.{n}"]
     print(f"system calls per replicated 4k write at QD32, {n}: {calls:.2f} ({futex:.2f} of them futex; target <= 2)")
+cpu = lambda k: r[k][0]
+local_cpu = cpu("local.cpu.alpha") + cpu("local.cpu.fio")
+c_cpu = cpu("protoC.cpu.alpha") + cpu("protoC.cpu.beta") + cpu("protoC.cpu.fio")
+print(f"CPU per 4k write at QD32 (µs): local-only daemon {cpu('local.cpu.alpha'):.2f} + fio {cpu('local.cpu.fio'):.2f} = {local_cpu:.2f}; "
+      f"protocol C primary {cpu('protoC.cpu.alpha'):.2f} + secondary {cpu('protoC.cpu.beta'):.2f} + fio {cpu('protoC.cpu.fio'):.2f} = {c_cpu:.2f}")
+print(f"  on cores shared by all three, protocol C / local-only is at most {local_cpu / c_cpu:.2f} at this CPU cost, and "
+      f"{local_cpu / (local_cpu + cpu('protoC.cpu.beta')):.2f} were replication free on the primary (the secondary's cost alone)")
 for label, what in [("protoC", "protocol C runs above, 1 GiB, one peer and a witness"), ("tib", "1 TiB sparse, two peers, 4 KiB per bit")]:
     rss = ", ".join(f"{k.split('.')[-1]} {v[1] / 1024:.0f} MiB" for k, v in r.items() if k.startswith(label + ".rss."))
     print(f"daemon RSS, {what}: {rss}" + (" (target <= 80 MiB)" if label == "tib" else ""))
