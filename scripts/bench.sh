@@ -118,24 +118,24 @@ count_syscalls() {
   done
 }
 
-# CPU time per 4 KiB write at QD32 in each daemon named and in fio, over a fixed number of
-# writes (the daemons' from /proc/PID/stat, fio's from its own report): records
-# "label.cpu.node microseconds-per-write 0" and "label.cpu.fio ...".
+# CPU time per 4 KiB write at QD32 in each daemon named and in fio, over every block of a
+# 512 MiB range written once (the daemons' from /proc/PID/stat, fio's from its own report):
+# records "label.cpu.node microseconds-per-write 0" and "label.cpu.fio ...".
 proc_cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$(cat "$DIR/run/r0.$1.lock")/stat"; }
 cpu_per_write() {
-  local label=$1 n writes=${CPU_WRITES:-200000} json; shift
-  local -A before
-  for n in "$@"; do before[$n]=$(proc_cpu "$n"); done
-  json=$(fio --name=job --rw=randwrite --bs=4k --iodepth=32 --number_ios="$writes" --size=512M --output-format=json "${NBD[@]}" 2>/dev/null)
-  for n in "$@"; do
-    echo "$label.cpu.$n $(python3 -c "print(f'{($(proc_cpu "$n") - ${before[$n]}) * 1e6 / $writes:.2f}')") 0" >> "$RESULTS"
-  done
-  python3 - "$label" "$json" "$writes" >> "$RESULTS" <<'PY'
+  local label=$1 n json used=(); shift
+  for n in "$@"; do used+=("$n" "$(proc_cpu "$n")"); done
+  json=$(fio --name=job --rw=randwrite --bs=4k --iodepth=32 --size=512M --output-format=json "${NBD[@]}" 2>/dev/null)
+  for ((n = 1; n < ${#used[@]}; n += 2)); do used[n]=$(python3 -c "print($(proc_cpu "${used[n - 1]}") - ${used[n]})"); done
+  python3 - "$label" "$json" "${used[@]}" >> "$RESULTS" <<'PY'
 import json, sys
-label, text, writes = sys.argv[1], sys.argv[2], int(sys.argv[3])
+label, text, used = sys.argv[1], sys.argv[2], sys.argv[3:]
 job = json.loads(text[text.index("{"):])["jobs"][0]
-seconds = job["job_runtime"] / 1000 * (job["usr_cpu"] + job["sys_cpu"]) / 100
-print(f"{label}.cpu.fio {seconds * 1e6 / writes:.2f} 0")
+writes = job["write"]["total_ios"]
+for node, seconds in zip(used[::2], used[1::2]):
+    print(f"{label}.cpu.{node} {float(seconds) * 1e6 / writes:.2f} 0")
+fio = job["job_runtime"] / 1000 * (job["usr_cpu"] + job["sys_cpu"]) / 100
+print(f"{label}.cpu.fio {fio * 1e6 / writes:.2f} 0")
 PY
 }
 
