@@ -269,12 +269,50 @@ impl PeerLink {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_control_queue_that_reaches_its_limit_closes_and_says_why() {
+    /// A link over a loopback connection, and the peer's end of it.
+    fn link() -> (PeerLink, TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (stream, _) = listener.accept().unwrap();
-        let link = PeerLink::new(stream, None).unwrap();
+        (PeerLink::new(stream, None).unwrap(), peer)
+    }
+
+    #[test]
+    fn writes_waiting_for_room_hear_once_the_queue_is_back_at_its_limit() {
+        let (link, mut peer) = link();
+        let link = std::sync::Arc::new(link);
+        let rooms = std::sync::Arc::new(AtomicU64::new(0));
+        let writer = {
+            let (link, rooms) = (link.clone(), rooms.clone());
+            std::thread::spawn(move || link.run_writer(move || {
+                rooms.fetch_add(1, Ordering::SeqCst);
+            }))
+        };
+        // 24 MiB: more than the queue's limit and what the sockets buffer while the peer reads
+        // nothing.
+        let payload = bytes::Bytes::from(vec![0u8; 64 << 10]);
+        for id in 0..384 {
+            link.send_bulk(Message::Data { id, epoch: 1, offset: 0, fua: false, payload: payload.clone() }, None);
+        }
+        link.want_room();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(link.queued_bytes() > BULK_QUEUE_LIMIT_BYTES);
+        assert_eq!(rooms.load(Ordering::SeqCst), 0, "no room while the queue stays full");
+        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while link.queued_bytes() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the queue never drained");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(rooms.load(Ordering::SeqCst), 1, "told once, when the queue was back at its limit");
+        link.close("test over");
+        assert_eq!(writer.join().unwrap(), "link closed");
+        drop(reader);
+    }
+
+    #[test]
+    fn a_control_queue_that_reaches_its_limit_closes_and_says_why() {
+        let (link, peer) = link();
         // No writer runs: nothing drains the queue, as when the peer reads nothing back.
         for _ in 0..CONTROL_QUEUE_LIMIT {
             link.queue_control(Message::Ping);
