@@ -21,7 +21,7 @@
 //! diverged (a primary wrote after losing its quorum, before it knew), the later election's
 //! copy is kept, without an operator.
 
-use super::{MetaWrite, PromoteRefusal, Promotion, Replica};
+use super::{MetaWrite, Peer, PromoteRefusal, Promotion, Replica};
 use crate::core::quorum::QuorumPolicy;
 use crate::core::states::Role;
 use crate::wire::{DataPosition, Message};
@@ -78,7 +78,18 @@ impl Replica {
                 return Ok(PromoteStep::Waiting);
             }
         };
-        let count = self.count_votes(|p| p.connected && candidacy.granted & (1 << p.node_id) != 0 && self.votes_for_me(p));
+        // A later election began after this one asked (this node heard of it, or a voter took
+        // part in it): the votes given for this one are stale, and it asks again, in a term
+        // above it. A primary of the earlier term would be a lame duck: the voters of the later
+        // one never learn its generations, and once it lost a peer it could never count them
+        // again (seed 6423: elected in term 5 after a witness took part in term 7, it held its
+        // writes without quorum for good while every node was connected).
+        if self.sb.terms.highest > candidacy.term {
+            self.ask_for_votes(now, force);
+            return Ok(PromoteStep::Waiting);
+        }
+        let moved_on = |p: &Peer| p.last_state.is_some_and(|s| s.term > candidacy.term);
+        let count = self.count_votes(|p| p.connected && candidacy.granted & (1 << p.node_id) != 0 && !moved_on(p) && self.votes_for_me(p));
         if count.has_quorum && count.other_primary.is_none() {
             self.candidacy = None;
             self.elected = Some((candidacy.asked_at, candidacy.granted));
@@ -214,6 +225,45 @@ mod tests {
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)), "an answer to another ballot counts nothing");
         r.vote_received(1, ballot, true);
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
+    }
+
+    /// The ballot and term of the vote request among `r`'s actions.
+    fn vote_request(r: &mut Replica) -> (u64, u64) {
+        let actions = r.take_actions();
+        let request = actions.iter().find_map(|a| match a {
+            Action::Send { peer: 1, msg: Message::VoteRequest { ballot, term, .. }, .. } => Some((*ballot, *term)),
+            _ => None,
+        });
+        request.unwrap_or_else(|| panic!("no vote request in {actions:?}"))
+    }
+
+    #[test]
+    fn votes_given_before_a_later_election_began_elect_nobody() {
+        let (mut r, t0) = candidate();
+        let _ = r.promote(t0, false);
+        let (ballot, term) = vote_request(&mut r);
+        r.vote_received(1, ballot, true);
+        // The voter took part in a later election since it answered: its vote is stale.
+        let mut moved_on = secondary_state(r.sb.uuids.current, [0; 4]);
+        moved_on.term = term + 1;
+        r.peer_mut(1).last_state = Some(moved_on);
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::NoQuorum { votes: 1, .. })), "no promotion on a stale vote");
+
+        // A new candidacy; this node hears of a later election before the vote counts: it asks
+        // again, in a term above that one, and is elected in it.
+        r.peer_mut(1).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let (ballot, term) = vote_request(&mut r);
+        r.vote_received(1, ballot, true);
+        r.sb.terms.highest = term + 1;
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)), "not elected in the earlier term");
+        let (ballot, term) = vote_request(&mut r);
+        assert_eq!(term, r.sb.terms.highest + 1);
+        moved_on.term = term;
+        r.peer_mut(1).last_state = Some(moved_on);
+        r.vote_received(1, ballot, true);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
+        assert_eq!(r.data_position().term, term, "primary of the later term");
     }
 
     #[test]

@@ -296,14 +296,36 @@ impl Scenario {
 
     /// After the faults healed: every request the client sent to a node that is still up was
     /// answered (none waits for ever: for quorum, room in a send queue, a peer or a flush).
+    /// The message names what holds the node's requests: quorum (with each peer's view), fencing,
+    /// a send queue.
     fn check_answered(&self) -> Result<(), String> {
-        match self.pending.iter().next() {
-            Some((request, (node, pending))) => Err(format!(
-                "checker 7 (every request answered): n{node} never answered request {request} ({pending:?}) nor the {} others after healing",
-                self.pending.len() - 1
-            )),
-            None => Ok(()),
-        }
+        let Some((request, (node, pending))) = self.pending.iter().next() else { return Ok(()) };
+        let now = self.world.instant();
+        let state = self.world.replica(*node).map(|r| {
+            let view = |p: &blkrepl::replica::Peer| {
+                let state = p.last_state.map(|s| format!("term {}, current {:016X}", s.term, s.current_uuid));
+                format!("n{} {} ({}), queued {}", p.node_id, p.repl, state.unwrap_or_default(), p.queued_bytes)
+            };
+            let peers: Vec<String> = r.peers.iter().map(view).collect();
+            format!(
+                "{} {}, terms (highest, of data) {:?}, admission {:?} ({:?}, fencing: {:?}), {} writes waiting for room, {} held, writes idle: {}, peers: {}",
+                r.role,
+                r.disk,
+                (r.sb.terms.highest, r.sb.terms.of_data),
+                r.admission(now),
+                r.quorum(now),
+                r.io_suspended(),
+                r.awaiting_room(),
+                r.held_count(),
+                r.writes_idle(),
+                peers.join(", ")
+            )
+        });
+        Err(format!(
+            "checker 7 (every request answered): n{node} never answered request {request} ({pending:?}) nor the {} others after healing; n{node}: {}",
+            self.pending.len() - 1,
+            state.unwrap_or_else(|| "down".into())
+        ))
     }
 
     /// Fresh data nodes are declared in sync without copying, and node 0 is promoted (the
