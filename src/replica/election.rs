@@ -206,14 +206,7 @@ mod tests {
     }
 
     fn ballot_sent(r: &mut Replica) -> u64 {
-        let actions = r.take_actions();
-        actions
-            .iter()
-            .find_map(|a| match a {
-                Action::Send { peer: 1, msg: Message::VoteRequest { ballot, .. }, .. } => Some(*ballot),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("no vote request in {actions:?}"))
+        vote_request(r).0
     }
 
     #[test]
