@@ -203,10 +203,12 @@ impl Replica {
     /// A step's local I/O finished: it is answered on its connection if that is still the
     /// peer's, and the steps and marks waiting for it go on.
     pub(super) fn stream_step_done(&mut self, peer_id: u8, generation: u64, seq: u64, result: Result<Option<Bytes>, LocalFailure>) {
+        let detached = self.detached();
         let peer = self.peer_mut(peer_id);
         let Some(index) = peer.applying.running.iter().position(|a| a.generation == generation && a.seq == seq) else { return };
         let step = peer.applying.running.swap_remove(index);
-        let current = peer.connected && peer.generation == generation;
+        // A detached node's links are going even while the driver has not yet taken them down.
+        let current = peer.connected && peer.generation == generation && !detached;
         if let (true, Work::Resync { data, compare: true }, Ok(Some(old))) = (current, &step.work, &result) {
             match self.resync_block_read(peer_id, step.offset, data.clone(), old) {
                 // Still the same step: the steps and marks after it keep waiting.
@@ -450,6 +452,29 @@ mod tests {
         r.io_done(t0, barrier, Ok(None));
         let actions = r.take_actions();
         assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, writes: 3 }]), "{actions:?}");
+    }
+
+    #[test]
+    fn a_node_whose_metadata_write_failed_starts_no_more_of_its_stream_and_flushes_no_barrier() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, (2, 1), 4096, 4096, false, data(4096));
+        r.peer_write_received(t0, 1, (3, 1), 0, 4096, false, data(0));
+        r.peer_barrier_received(1, 7);
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![write(1), write(2)], "write 3 waits for write 1");
+        // The activity-log transaction queued before them fails: the writes behind it fail
+        // unsubmitted, and what waited for them must not reach the failed disk either.
+        let (meta, rest): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| matches!(a, Action::Persist(_)));
+        let Some(Action::Persist(what)) = meta.into_iter().next() else { panic!("an activity-log transaction") };
+        r.persist_failed(t0, what, "Input/output error", rest);
+        assert!(r.detached());
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![], "neither write 3 nor the barrier's flush");
+        assert!(sent(&actions).is_empty(), "{:?}", sent(&actions));
+        assert!(actions.iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })), "{actions:?}");
     }
 
     #[test]

@@ -108,6 +108,13 @@ impl Replica {
         for peer_id in connected {
             self.drop_link(peer_id, DETACHED.into());
         }
+        // The streams stop here, not when the driver has taken the links down: what waits in
+        // them (a step behind one still running, a barrier's flush) would reach the failed disk
+        // (simulator seeds 42077 and 64601: a barrier's flush asked for by the I/O failed
+        // behind the metadata write).
+        for peer in &mut self.peers {
+            peer.applying.link_down();
+        }
     }
 
     /// This primary's disk failed (`why`): every request fails until it is demoted.
