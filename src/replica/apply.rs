@@ -60,13 +60,14 @@ impl Step {
 #[derive(Debug)]
 enum Mark {
     /// A barrier: flushed, then acknowledged with the writes of its epoch (as counted here; the
-    /// primary checks them against its own count).
-    Barrier { epoch: u64, writes: u32, flushing: bool },
+    /// primary checks them against its own count). `term`: see `Replica::stream_term`.
+    Barrier { epoch: u64, writes: u32, flushing: bool, term: Option<u64> },
     /// The sync source's end of a resync.
     ResyncDone { current: u64, history: [u64; 4], position: DataPosition },
     /// A FUA write of epoch `epoch`, acknowledged in stream order once it is `durable`: this
-    /// node's data position then names it (see `Replica::fua_write_reached`).
-    FuaWrite { id: u64, epoch: u64, durable: bool },
+    /// node's data position then names it (see `Replica::fua_write_reached`). `term`: see
+    /// `Replica::stream_term`.
+    FuaWrite { id: u64, epoch: u64, durable: bool, term: Option<u64> },
 }
 
 /// The steps and marks of one peer's stream that are not done yet.
@@ -119,8 +120,9 @@ impl Replica {
         }
         self.stream_step(peer_id, offset, len, Work::Write { id, fua, op });
         if fua {
+            let term = self.stream_term(peer_id);
             let applying = &mut self.peer_mut(peer_id).applying;
-            applying.marks.push_back((applying.received, Mark::FuaWrite { id, epoch, durable: false }));
+            applying.marks.push_back((applying.received, Mark::FuaWrite { id, epoch, durable: false, term }));
         }
     }
 
@@ -169,9 +171,10 @@ impl Replica {
 
     /// A barrier in the primary's stream: its flush follows every write received before it.
     pub fn peer_barrier_received(&mut self, peer_id: u8, epoch: u64) {
+        let term = self.stream_term(peer_id);
         let peer = self.peer_mut(peer_id);
         let writes = std::mem::take(&mut peer.rx_epoch_writes);
-        peer.applying.marks.push_back((peer.applying.received, Mark::Barrier { epoch, writes, flushing: false }));
+        peer.applying.marks.push_back((peer.applying.received, Mark::Barrier { epoch, writes, flushing: false, term }));
         self.advance_marks(peer_id);
     }
 
@@ -336,34 +339,51 @@ impl Replica {
                     applying.marks.pop_front();
                     self.resync_done_received(peer_id, current, history, position);
                 }
-                Mark::FuaWrite { id, epoch, durable } => {
-                    let (id, epoch, durable) = (*id, *epoch, *durable);
+                Mark::FuaWrite { id, epoch, durable, term } => {
+                    let (id, epoch, durable, term) = (*id, *epoch, *durable, *term);
                     applying.marks.pop_front();
                     // A failed one was answered with its NegAck.
                     if durable {
-                        self.fua_write_reached(peer_id, id, epoch);
+                        self.fua_write_reached(peer_id, id, epoch, term);
                     }
                 }
             }
         }
     }
 
-    /// Whether this node's data is the stream of `peer_id`, a primary: it is UpToDate in that
-    /// primary's term. A node being resynced holds part of the stream over older data, and
-    /// its position (of another term) says nothing of it.
-    fn holds_stream_of(&self, peer_id: u8) -> bool {
+    /// The term of the primary stream a mark arriving from `peer_id` belongs to, when this
+    /// node's data is that stream: the peer is primary (or was, on this link: the last barrier
+    /// of its demotion may arrive after the State saying so, the control lane overtaking the
+    /// bulk one) and this node is UpToDate in its term. A node being resynced holds part of
+    /// the stream over older data, and its position (of another term) says nothing of it.
+    ///
+    /// Taken as the mark arrives, not once its flush or write is done: the primary may have
+    /// demoted meanwhile, and the epoch it closes is still one of its writes, acknowledged to
+    /// its clients. Seed 48329: a barrier's flush done after the demoting primary's State
+    /// left this node's position an epoch short, and it gave its vote to a candidate that
+    /// lacked the epoch's acknowledged writes.
+    fn stream_term(&self, peer_id: u8) -> Option<u64> {
         let peer = self.peer(peer_id);
-        peer.role == Role::Primary
+        let term = self.sb.terms.of_data;
+        let held = (peer.role == Role::Primary || peer.was_primary)
             && self.disk == DiskState::UpToDate
-            && peer.last_state.is_some_and(|s| s.data_position.term == self.sb.terms.of_data)
+            && peer.last_state.is_some_and(|s| s.data_position.term == term);
+        held.then_some(term)
+    }
+
+    /// Whether this node's data is still the stream of `term` (see `Replica::stream_term`) as
+    /// a mark of it is done: not if it has since followed another generation or is being
+    /// resynced.
+    fn still_holds_stream(&self, term: Option<u64>) -> bool {
+        term.is_some_and(|term| self.disk == DiskState::UpToDate && self.sb.terms.of_data == term)
     }
 
     /// A FUA write is durable here, and so is every write and barrier before it in the
     /// stream: from its primary, this node's data position moves to it, durably, before the
     /// `WriteAck` that lets the primary acknowledge it (two copies that differed by an
     /// acknowledged FUA write would otherwise tie, and the one without it could be chosen).
-    fn fua_write_reached(&mut self, peer_id: u8, id: u64, epoch: u64) {
-        if self.holds_stream_of(peer_id) {
+    fn fua_write_reached(&mut self, peer_id: u8, id: u64, epoch: u64, term: Option<u64>) {
+        if self.still_holds_stream(term) {
             let position = DataPosition { epoch: epoch.saturating_sub(1), fua: id, ..self.data_position() };
             if position > self.data_position() {
                 self.set_data_position(position);
@@ -380,11 +400,11 @@ impl Replica {
         if !peer.connected || peer.generation != generation {
             return;
         }
-        let Some((_, Mark::Barrier { epoch: flushed, writes, .. })) = peer.applying.marks.pop_front() else { return };
+        let Some((_, Mark::Barrier { epoch: flushed, writes, term, .. })) = peer.applying.marks.pop_front() else { return };
         debug_assert_eq!(flushed, epoch);
         match result {
             Ok(()) => {
-                if self.holds_stream_of(peer_id) {
+                if self.still_holds_stream(term) {
                     // Its primary's stream is durable here up to this epoch, and says so only
                     // once that is durable too (see `Terms::epoch_of_data`).
                     self.set_data_position(DataPosition { epoch, fua: 0, ..self.data_position() });
@@ -452,6 +472,32 @@ mod tests {
         r.io_done(t0, barrier, Ok(None));
         let actions = r.take_actions();
         assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, writes: 3 }]), "{actions:?}");
+    }
+
+    #[test]
+    fn a_barrier_flushed_after_its_primary_demoted_still_moves_the_position_this_node_votes_by() {
+        let (mut r, t0) = secondary_of_primary();
+        let current = r.sb.uuids.current;
+        let primary = PeerState { role: Role::Primary.to_wire(), ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, primary).expect("the primary's State");
+        let generation = r.peer(1).generation;
+        r.peer_write_received(t0, 1, (1, 5), 0, 4096, false, data(0));
+        r.peer_barrier_received(1, 5);
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Ok(None));
+        r.take_actions();
+        // The primary demotes: its State arrives while this node still flushes the barrier it
+        // sent before, which closes an epoch of its acknowledged writes.
+        r.peer_state_received(1, secondary_state(current, [0; 4])).expect("the demoted primary's State");
+        r.io_done(t0, IoTag::Barrier { peer: 1, generation, epoch: 5 }, Ok(None));
+        let actions = r.take_actions();
+        assert!(sent(&actions).iter().any(|m| matches!(m, Message::BarrierAck { epoch: 5, writes: 1 })), "{:?}", sent(&actions));
+        assert_eq!(r.data_position().epoch, 5);
+        assert!(actions.iter().any(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::Superblock))), "durably");
+        // A candidate a barrier short gets no vote from this node.
+        let behind = DataPosition { epoch: 4, ..r.data_position() };
+        r.vote_requested(t0, 1, 77, r.sb.terms.highest + 1, behind);
+        let actions = r.take_actions();
+        assert!(sent(&actions).iter().any(|m| matches!(m, Message::Vote { ballot: 77, granted: false })), "{:?}", sent(&actions));
     }
 
     #[test]
