@@ -88,6 +88,23 @@ impl Replica {
             self.ask_for_votes(now, force);
             return Ok(PromoteStep::Waiting);
         }
+        // Every data peer asked answers before the votes are counted, and its refusal ends the
+        // candidacy: it may hold acknowledged writes this node lacks (its data further on),
+        // and a majority of witnesses, which hold none, would elect this node without them
+        // (seed 48329: the votes of three witnesses made a candidate primary before the answer
+        // of the one data peer that held the last epoch of the demoted primary's writes).
+        let data_asked = self.peers.iter().filter(|p| !p.witness).fold(0u32, |m, p| m | 1 << p.node_id) & candidacy.asked;
+        let refused = data_asked & candidacy.answered & !candidacy.granted;
+        let unanswered = data_asked & !candidacy.answered;
+        if refused != 0 || (unanswered != 0 && !self.candidacy_open(&candidacy, now)) {
+            self.candidacy = None;
+            let id = (refused | unanswered).trailing_zeros() as u8;
+            let name = self.peer(id).name.clone();
+            return Err(if refused != 0 { PromoteRefusal::VoteRefused { name } } else { PromoteRefusal::VoteUnanswered { name } });
+        }
+        if unanswered != 0 {
+            return Ok(PromoteStep::Waiting);
+        }
         let moved_on = |p: &Peer| p.last_state.is_some_and(|s| s.term > candidacy.term);
         let count = self.count_votes(|p| p.connected && candidacy.granted & (1 << p.node_id) != 0 && !moved_on(p) && self.votes_for_me(p));
         if count.has_quorum && count.other_primary.is_none() {
@@ -184,8 +201,8 @@ impl Replica {
 mod tests {
     use super::PromoteStep;
     use crate::core::quorum::QuorumPolicy;
-    use crate::core::states::{DiskState, ReplState};
-    use crate::replica::testing::{secondary_state, two_node_replica};
+    use crate::core::states::{DiskState, ReplState, Role};
+    use crate::replica::testing::{secondary_state, three_node_replica, two_node_replica};
     use crate::replica::{Action, PromoteRefusal, Replica};
     use crate::wire::{DataPosition, Message};
     use std::time::{Duration, Instant};
@@ -269,7 +286,7 @@ mod tests {
         assert!(r.peer_mut(1).lease.ping_due(later, &timing));
         r.peer_mut(1).lease.answered();
         assert!(
-            matches!(r.promote(later, false), Err(PromoteRefusal::NoQuorum { votes: 1, .. })),
+            matches!(r.promote(later, false), Err(PromoteRefusal::VoteUnanswered { .. })),
             "refused once the lease is over, not asked again and again"
         );
         assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "a new request asks again");
@@ -281,7 +298,41 @@ mod tests {
         let _ = r.promote(t0, false);
         let ballot = ballot_sent(&mut r);
         r.vote_received(1, ballot, false);
-        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::NoQuorum { .. })));
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VoteRefused { .. })));
+    }
+
+    #[test]
+    fn a_majority_with_a_witness_waits_for_the_data_peer_whose_refusal_ends_the_candidacy() {
+        let (mut r, t0) = three_node_replica();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.disk = DiskState::UpToDate;
+        r.peer_mut(2).witness = true;
+        let timing = r.timing;
+        for id in [1, 2] {
+            r.link_up(id, t0);
+            r.peer_mut(id).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
+            r.peer_mut(id).repl = ReplState::Established;
+            assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
+            r.peer_mut(id).lease.answered();
+        }
+        r.take_actions();
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let ballot = ballot_sent(&mut r);
+        r.vote_received(2, ballot, true);
+        assert!(
+            matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)),
+            "two of three votes, but the data peer, which may hold writes this node lacks, has not answered"
+        );
+        r.vote_received(1, ballot, false);
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VoteRefused { name }) if name == "beta"));
+        assert_eq!(r.role, Role::Secondary);
+
+        // Granted, the same votes elect it.
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let ballot = ballot_sent(&mut r);
+        r.vote_received(2, ballot, true);
+        r.vote_received(1, ballot, true);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
     }
 
     #[test]
