@@ -196,6 +196,25 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_released_by_the_links_a_metadata_failure_drops_fails() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Ok(None));
+        assert_eq!(answers(&r.take_actions()), vec![], "the peer's barrier is still to be acknowledged");
+        r.persist_failed(t0, crate::replica::MetaWrite::Superblock, "No space left on device", Vec::new());
+        assert!(r.detached());
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })));
+        // The driver takes the link down: the flush waits for nothing more, and the peer,
+        // which may lack what it covers, could be elected next.
+        r.peer_lost(t0, 1, "this node's disk failed", 0);
+        assert_eq!(answers(&r.take_actions()), vec![(1, Some(BlockError::Io))]);
+    }
+
+    #[test]
     fn a_primary_whose_write_found_no_space_keeps_serving_and_reconnects_to_resync_the_blocks() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, BlockRequest::Write { offset: 8192, data: Bytes::from(vec![9u8; 4096]), fua: false }, |_| 0);

@@ -411,11 +411,14 @@ impl Replica {
             self.answer(request, Err(BlockError::Io));
             return;
         }
-        if self.demoting && !self.generation_pending.is_empty() {
+        if (self.demoting && !self.generation_pending.is_empty()) || self.detached() {
             // A data peer lacking this tenure's writes was lost, and a node being demoted starts
             // no generation to keep it from being elected: nothing completes as acknowledged
             // any more (seed 27534: a flush completed after the loss, the lost peer was
-            // elected without the write it covered).
+            // elected without the write it covered). Nor does a Failed disk, whose links are
+            // all going (seed 56289: a flush the links' loss released completed on the
+            // detached primary, and the peer elected next lacked the protocol A write it
+            // covered).
             self.answer(request, Err(BlockError::Io));
             return;
         }
