@@ -539,21 +539,23 @@ impl Replica {
     /// source's own writes but not with a third node's: a primary's write that reached the
     /// target before the source applied it would be overwritten by the source's older copy.
     /// So a node that sees a primary is resynced by that primary only, and a secondary
-    /// resyncs a node only while that node sees no primary (after the primary is gone, the
+    /// resyncs a node only while neither sees a primary (after the primary is gone, the
     /// source records every write of its own for the target until the end, see
-    /// `Replica::slots_not_following`). Two secondaries that both follow the same primary
+    /// `Replica::slots_not_following`). A source following a primary the target does not see
+    /// would end the resync with the target in that primary's generation but without its
+    /// writes since, which reach the source only: the witnesses, knowing that generation,
+    /// would vote for the target (seed 48329: resynced by a secondary of a primary it could
+    /// not reach, a node was elected without the writes that primary acknowledged next).
+    /// Two secondaries that both follow the same primary
     /// in the same generation hold the same data (each has all that primary's writes, or gets
     /// them in order on its stream from it), so what each recorded for the other is stale: it
     /// is forgotten and they are in sync. Returns `None` while the decision must wait.
     fn only_primary_resyncs(&mut self, peer_id: u8, peer_state: &PeerState, decision: SyncDecision) -> Option<SyncDecision> {
-        let target_sees = if decision.is_target() {
-            self.primaries()
-        } else if decision.is_source() {
-            peer_state.primaries
-        } else {
+        if !decision.is_target() && !decision.is_source() {
             return Some(decision);
-        };
-        let others = target_sees & !(1u32 << self.node_id()) & !(1u32 << peer_id);
+        }
+        let both_see = self.primaries() | peer_state.primaries;
+        let others = both_see & !(1u32 << self.node_id()) & !(1u32 << peer_id);
         if others == 0 {
             return Some(decision);
         }
@@ -733,6 +735,25 @@ mod tests {
         assert!(r.peer(1).pending_sync.is_none(), "the demoting primary's last writes may still land here");
         // The demotion is over: the decision is taken.
         r.peer_state_received(2, secondary_state(current, [0; 4])).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
+    }
+
+    #[test]
+    fn a_secondary_following_a_primary_this_node_cannot_see_does_not_resync_it() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        let current = r.sb.uuids.current;
+        r.link_up(1, t0);
+        r.take_actions();
+        // Node 1 holds bits for this node and follows node 2, a primary this node has no link
+        // to: the resync would give this node the generation without the primary's writes
+        // since, which reach node 1 only.
+        let follower = PeerState { bitmap_weight: 3, primaries: 1 << 2, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, follower).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "only that primary resyncs this node");
+        // The primary is gone: node 1's data is final, the decision is taken.
+        let alone = PeerState { bitmap_weight: 3, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, alone).expect("a fitting State");
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
     }
 
