@@ -33,6 +33,10 @@ pub struct Candidacy {
     ballot: u64,
     term: u64,
     asked_at: Instant,
+    /// When this promotion request first asked: a data peer that has not answered is waited
+    /// for, asking again, until a ping timeout after it (its link is dropped by then if it is
+    /// dead, and a peer no longer connected is not waited for).
+    since: Instant,
     force: bool,
     /// Peers asked, that answered, that gave their vote (one bit per node id).
     asked: u32,
@@ -74,7 +78,7 @@ impl Replica {
         let candidacy = match self.candidacy.filter(current) {
             Some(candidacy) => candidacy,
             None => {
-                self.ask_for_votes(now, force);
+                self.ask_for_votes(now, force, now);
                 return Ok(PromoteStep::Waiting);
             }
         };
@@ -85,7 +89,7 @@ impl Replica {
         // again (seed 6423: elected in term 5 after a witness took part in term 7, it held its
         // writes without quorum for good while every node was connected).
         if self.sb.terms.highest > candidacy.term {
-            self.ask_for_votes(now, force);
+            self.ask_for_votes(now, force, candidacy.since);
             return Ok(PromoteStep::Waiting);
         }
         // Every data peer asked answers before the votes are counted, and its refusal ends the
@@ -93,17 +97,26 @@ impl Replica {
         // and a majority of witnesses, which hold none, would elect this node without them
         // (seed 48329: the votes of three witnesses made a candidate primary before the answer
         // of the one data peer that held the last epoch of the demoted primary's writes).
-        let data_asked = self.peers.iter().filter(|p| !p.witness).fold(0u32, |m, p| m | 1 << p.node_id) & candidacy.asked;
+        let mask = |keep: &dyn Fn(&Peer) -> bool| self.peers.iter().filter(|p| keep(p)).fold(0u32, |m, p| m | 1 << p.node_id);
+        let data_asked = mask(&|p| !p.witness) & candidacy.asked;
         let refused = data_asked & candidacy.answered & !candidacy.granted;
-        let unanswered = data_asked & !candidacy.answered;
-        if refused != 0 || (unanswered != 0 && !self.candidacy_open(&candidacy, now)) {
+        let unanswered = data_asked & !candidacy.answered & mask(&|p| p.connected);
+        if refused != 0 {
             self.candidacy = None;
-            let id = (refused | unanswered).trailing_zeros() as u8;
-            let name = self.peer(id).name.clone();
-            return Err(if refused != 0 { PromoteRefusal::VoteRefused { name } } else { PromoteRefusal::VoteUnanswered { name } });
+            let name = self.peer(refused.trailing_zeros() as u8).name.clone();
+            return Err(PromoteRefusal::VoteRefused { name });
         }
         if unanswered != 0 {
-            return Ok(PromoteStep::Waiting);
+            if self.candidacy_open(&candidacy, now) {
+                return Ok(PromoteStep::Waiting);
+            }
+            if now.saturating_duration_since(candidacy.since) < self.timing.ping_timeout {
+                self.ask_for_votes(now, force, candidacy.since);
+                return Ok(PromoteStep::Waiting);
+            }
+            self.candidacy = None;
+            let name = self.peer(unanswered.trailing_zeros() as u8).name.clone();
+            return Err(PromoteRefusal::VoteUnanswered { name });
         }
         let moved_on = |p: &Peer| p.last_state.is_some_and(|s| s.term > candidacy.term);
         let count = self.count_votes(|p| p.connected && candidacy.granted & (1 << p.node_id) != 0 && !moved_on(p) && self.votes_for_me(p));
@@ -132,12 +145,14 @@ impl Replica {
         now.saturating_duration_since(candidacy.asked_at) < self.timing.lease()
     }
 
-    fn ask_for_votes(&mut self, now: Instant, force: bool) {
+    /// Asks the connected peers for their votes, in a term above any this node knows or asked
+    /// in (a voter that granted the last request holds its term).
+    fn ask_for_votes(&mut self, now: Instant, force: bool, since: Instant) {
         let ballot = self.uuids.next();
-        let term = self.sb.terms.highest + 1;
+        let term = self.sb.terms.highest.max(self.candidacy.map_or(0, |c| c.term)) + 1;
         let asked: Vec<u8> = self.peers.iter().filter(|p| p.connected && p.last_state.is_some()).map(|p| p.node_id).collect();
         let mask = asked.iter().fold(0u32, |m, id| m | 1 << id);
-        self.candidacy = Some(Candidacy { ballot, term, asked_at: now, force, asked: mask, answered: 0, granted: 0 });
+        self.candidacy = Some(Candidacy { ballot, term, asked_at: now, since, force, asked: mask, answered: 0, granted: 0 });
         let position = self.data_position();
         for peer in asked {
             self.send(peer, Message::VoteRequest { ballot, term, position });
@@ -277,19 +292,27 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_link_gives_no_vote_and_the_candidacy_ends_within_a_lease() {
+    fn a_data_peer_that_answers_no_request_is_asked_again_until_a_ping_timeout() {
         let (mut r, t0) = candidate();
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let (_, first_term) = vote_request(&mut r);
         // The peer still answers pings (its lease holds) but never the request.
         let later = t0 + r.timing.lease();
         let timing = r.timing;
         assert!(r.peer_mut(1).lease.ping_due(later, &timing));
         r.peer_mut(1).lease.answered();
+        assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "its votes lapsed: asked again");
+        let (_, term) = vote_request(&mut r);
+        assert!(term > first_term, "in a term above the one a voter may have granted");
+        let timeout = t0 + r.timing.ping_timeout;
+        assert!(r.peer_mut(1).lease.ping_due(timeout, &timing));
+        r.peer_mut(1).lease.answered();
+        let answer = r.promote(timeout, false);
         assert!(
-            matches!(r.promote(later, false), Err(PromoteRefusal::VoteUnanswered { .. })),
-            "refused once the lease is over, not asked again and again"
+            matches!(answer, Err(PromoteRefusal::VoteUnanswered { .. })),
+            "refused a ping timeout after the first request, not asked again and again: {answer:?}"
         );
-        assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "a new request asks again");
+        assert!(matches!(r.promote(timeout, false), Ok(PromoteStep::Waiting)), "a new request asks again");
     }
 
     #[test]
