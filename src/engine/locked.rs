@@ -28,7 +28,7 @@ pub(crate) struct Locked<'a> {
 /// Which of the local I/O queued under a guard the releasing thread runs itself, rather than
 /// hand it to the I/O pool (a handoff costs two context switches, more than a small write
 /// into the page cache).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub(crate) enum IoHere {
     None,
     /// See [`Locked::run_stream_io_here`].
