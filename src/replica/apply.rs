@@ -497,7 +497,11 @@ mod tests {
         let behind = DataPosition { epoch: 4, ..r.data_position() };
         r.vote_requested(t0, 1, 77, r.sb.terms.highest + 1, behind);
         let actions = r.take_actions();
-        assert!(sent(&actions).iter().any(|m| matches!(m, Message::Vote { ballot: 77, granted: false })), "{:?}", sent(&actions));
+        let answer = sent(&actions);
+        assert!(
+            matches!(answer[..], [Message::State(PeerState { data_position, .. }), Message::Vote { ballot: 77, granted: false }] if data_position.epoch == 5),
+            "the position it refuses by, then the refusal: {answer:?}"
+        );
     }
 
     #[test]

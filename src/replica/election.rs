@@ -92,14 +92,19 @@ impl Replica {
             self.ask_for_votes(now, force, candidacy.since);
             return Ok(PromoteStep::Waiting);
         }
-        // Every data peer asked answers before the votes are counted, and its refusal ends the
-        // candidacy: it may hold acknowledged writes this node lacks (its data further on),
-        // and a majority of witnesses, which hold none, would elect this node without them
-        // (seed 48329: the votes of three witnesses made a candidate primary before the answer
-        // of the one data peer that held the last epoch of the demoted primary's writes).
+        // Every data peer asked answers before the votes are counted, and a refusal for data
+        // further on than this node's ends the candidacy: that peer may hold acknowledged
+        // writes this node lacks, and a majority of witnesses, which hold none, would elect
+        // this node without them (seed 48329: the votes of three witnesses made a candidate
+        // primary before the answer of the one data peer that held the last epoch of the
+        // demoted primary's writes). Such a voter sends its State before its answer, so its
+        // position here is the one it refused by. A refusal for another reason (it is being
+        // resynced, or voted for another candidate) claims no data and only withholds a vote.
         let mask = |keep: &dyn Fn(&Peer) -> bool| self.peers.iter().filter(|p| keep(p)).fold(0u32, |m, p| m | 1 << p.node_id);
+        let mine = self.data_position();
         let data_asked = mask(&|p| !p.witness) & candidacy.asked;
-        let refused = data_asked & candidacy.answered & !candidacy.granted;
+        let further = mask(&|p| p.last_state.is_some_and(|s| s.data_position > mine));
+        let refused = data_asked & candidacy.answered & !candidacy.granted & further;
         let unanswered = data_asked & !candidacy.answered & mask(&|p| p.connected);
         if refused != 0 {
             self.candidacy = None;
@@ -196,10 +201,12 @@ impl Replica {
             tracing::info!(resource = %self.resource, candidate = %self.peer(candidate).name, term, known = self.sb.terms.highest,
                 busy_elsewhere, candidate_myself, being_resynced, further, primaries = self.primaries(), "vote refused");
         }
-        if stale_term {
+        if stale_term || further {
             // The candidate learns the later term from this node's State (`Vote` carries none):
             // asking again in a term the voters already hold would be refused forever (seed
-            // 5187 with a witness: two candidates that lost the same term).
+            // 5187 with a witness: two candidates that lost the same term). And the position
+            // this node refuses by: a refusal for data further on ends the candidacy (see
+            // `Replica::promote`).
             let state = self.peer_state_for(self.peer(candidate));
             self.send(candidate, Message::State(state));
         }
@@ -219,7 +226,7 @@ mod tests {
     use crate::core::states::{DiskState, ReplState, Role};
     use crate::replica::testing::{secondary_state, three_node_replica, two_node_replica};
     use crate::replica::{Action, PromoteRefusal, Replica};
-    use crate::wire::{DataPosition, Message};
+    use crate::wire::{DataPosition, Message, PeerState};
     use std::time::{Duration, Instant};
 
     fn candidate() -> (Replica, Instant) {
@@ -321,11 +328,11 @@ mod tests {
         let _ = r.promote(t0, false);
         let ballot = ballot_sent(&mut r);
         r.vote_received(1, ballot, false);
-        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VoteRefused { .. })));
+        assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::NoQuorum { .. })));
     }
 
     #[test]
-    fn a_majority_with_a_witness_waits_for_the_data_peer_whose_refusal_ends_the_candidacy() {
+    fn a_majority_with_a_witness_waits_for_the_data_peer_whose_refusal_for_further_data_ends_the_candidacy() {
         let (mut r, t0) = three_node_replica();
         r.quorum_policy = QuorumPolicy::Majority;
         r.disk = DiskState::UpToDate;
@@ -346,15 +353,20 @@ mod tests {
             matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)),
             "two of three votes, but the data peer, which may hold writes this node lacks, has not answered"
         );
+        // It refuses by data further on than this node's (its State, sent before the answer).
+        let further = DataPosition { epoch: r.data_position().epoch + 1, ..r.data_position() };
+        r.peer_mut(1).last_state = Some(PeerState { data_position: further, ..secondary_state(r.sb.uuids.current, [0; 4]) });
         r.vote_received(1, ballot, false);
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::VoteRefused { name }) if name == "beta"));
         assert_eq!(r.role, Role::Secondary);
 
-        // Granted, the same votes elect it.
+        // A refusal that claims no data (the peer is being resynced, say) withholds one vote:
+        // this node's and the witness's elect it.
+        r.peer_mut(1).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
         let ballot = ballot_sent(&mut r);
         r.vote_received(2, ballot, true);
-        r.vote_received(1, ballot, true);
+        r.vote_received(1, ballot, false);
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
     }
 
