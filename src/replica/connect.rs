@@ -572,6 +572,13 @@ impl Replica {
             self.sb.peers[slot].bitmap_uuid = 0;
             self.persist(MetaWrite::Bitmap(slot));
             self.persist(MetaWrite::Superblock);
+            // The peer hears it: its decision may wait for this node's States to drop that
+            // bitmap UUID (a resync from this node that just ended there, see
+            // `Peer::resync_end_unconfirmed`; seed 404: the UUID this node started tracking
+            // the peer from as it followed the primary was the resync's, and the peer waited
+            // for good).
+            let state = self.peer_state_for(self.peer(peer_id));
+            self.send(peer_id, Message::State(state));
         }
         Some(SyncDecision::InSync)
     }
@@ -736,6 +743,28 @@ mod tests {
         // The demotion is over: the decision is taken.
         r.peer_state_received(2, secondary_state(current, [0; 4])).expect("a fitting State");
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
+    }
+
+    #[test]
+    fn two_followers_of_one_primary_forget_their_bits_for_each_other_and_say_so() {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        let current = r.sb.uuids.current;
+        r.link_up(2, t0);
+        r.peer_state_received(2, PeerState { primaries: 1 << 2, ..primary_state(current, [0; 4]) }).expect("the primary's State");
+        assert!(r.follows_primary());
+        // Bits this node recorded for node 1 while it missed the primary's writes.
+        let slot = r.peer(1).slot;
+        r.bitmaps[slot].set_range(0, 4096);
+        r.sb.peers[slot].bitmap_uuid = current & !1;
+        r.link_up(1, t0);
+        r.take_actions();
+        let follower = PeerState { primaries: 1 << 2, flags: crate::replica::STATE_FLAG_FOLLOWING, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, follower).expect("a fitting State");
+        assert_eq!(r.peer(1).repl, ReplState::Established, "in sync: each has the primary's writes or gets them in order");
+        assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (0, 0));
+        let told = r.take_actions().into_iter().any(|a| matches!(a, Action::Send { peer: 1, msg: Message::State(s), .. } if s.bitmap_uuid == 0));
+        assert!(told, "node 1 hears that the bits are gone (its decision may wait for it)");
     }
 
     #[test]
