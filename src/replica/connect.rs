@@ -137,9 +137,6 @@ impl Replica {
     /// `wait_for_third_resync`) is taken now, before the peer's bitmap can arrive.
     pub fn standing_changed(&mut self, except: Option<u8>) {
         self.broadcast_state();
-        if is_weakened(Rule::NoDecidingAgain) {
-            return;
-        }
         for (id, reason) in self.reconsider_all_but(except) {
             self.drop_link(id, reason);
         }
@@ -577,8 +574,10 @@ impl Replica {
             // `Peer::resync_end_unconfirmed`; seed 404: the UUID this node started tracking
             // the peer from as it followed the primary was the resync's, and the peer waited
             // for good).
-            let state = self.peer_state_for(self.peer(peer_id));
-            self.send(peer_id, Message::State(state));
+            if !is_weakened(Rule::ForgetsBitsSilently) {
+                let state = self.peer_state_for(self.peer(peer_id));
+                self.send(peer_id, Message::State(state));
+            }
         }
         Some(SyncDecision::InSync)
     }

@@ -10,9 +10,9 @@ pub enum Rule {
     IoWithoutQuorum,
     /// A primary that was superseded does not step down.
     NoStepDown,
-    /// A node does not decide again with its waiting peers when its standing changes (a
-    /// resync ended, a primary stepped down).
-    NoDecidingAgain,
+    /// Two followers of one primary forget their bits for each other without a State saying
+    /// so (the peer may wait for it for good).
+    ForgetsBitsSilently,
     /// A resync block that changes what this node held is recorded for no other peer.
     ResyncRecordsForNobody,
     /// A secondary never flushes its disk: it acknowledges barriers, and lets extents leave its
