@@ -575,8 +575,7 @@ impl Replica {
             // the peer from as it followed the primary was the resync's, and the peer waited
             // for good).
             if !is_weakened(Rule::ForgetsBitsSilently) {
-                let state = self.peer_state_for(self.peer(peer_id));
-                self.send(peer_id, Message::State(state));
+                self.send_state_to(peer_id);
             }
         }
         Some(SyncDecision::InSync)

@@ -207,8 +207,7 @@ impl Replica {
             // 5187 with a witness: two candidates that lost the same term). And the position
             // this node refuses by: a refusal for data further on ends the candidacy (see
             // `Replica::promote`).
-            let state = self.peer_state_for(self.peer(candidate));
-            self.send(candidate, Message::State(state));
+            self.send_state_to(candidate);
         }
         self.send(candidate, Message::Vote { ballot, granted });
     }

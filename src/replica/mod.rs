@@ -694,6 +694,12 @@ impl Replica {
         self.broadcast_state_on(Lane::Bulk);
     }
 
+    /// Sends the current state to `peer_id` alone (dropped if it is not connected).
+    pub(super) fn send_state_to(&mut self, peer_id: u8) {
+        let state = self.peer_state_for(self.peer(peer_id));
+        self.send(peer_id, Message::State(state));
+    }
+
     fn broadcast_state_on(&mut self, lane: Lane) {
         let states: Vec<(u8, PeerState)> =
             self.peers.iter().filter(|p| p.connected).map(|p| (p.node_id, self.peer_state_for(p))).collect();
