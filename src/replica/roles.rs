@@ -31,7 +31,7 @@ pub enum PromoteRefusal {
     VotedFor { name: String },
     #[error("this node's demotion is still under way (its last writes and flush): try again once it is Secondary")]
     Demoting,
-    #[error("data node {name} refused its vote (it may hold writes this node lacks, vote for another node, or be resynced): try again later")]
+    #[error("data node {name} refused its vote: its data is further on than this node's (it may hold writes this node lacks); promote {name}, or try again once this node is resynced")]
     VoteRefused { name: String },
     #[error("data node {name} did not answer the request for votes in time: try again later")]
     VoteUnanswered { name: String },
