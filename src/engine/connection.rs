@@ -8,7 +8,7 @@ use super::state::State;
 use super::Shared;
 use crate::handshake_stream::HandshakeStream;
 use crate::wire::seal::Protection;
-use crate::wire::{read_message_with, Message, WireError};
+use crate::wire::{FrameReceiver, Message, WireError};
 use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -166,40 +166,66 @@ pub(super) fn attach(shared: &Arc<Shared>, peer_id: u8, mut hs: Handshake) -> Re
     Ok(())
 }
 
+/// Reads the peer's frames in bulk (see `FrameReceiver`) and hands each batch to the replica
+/// under one lock, until the link fails; returns why.
 fn run_reader(
     shared: &Arc<Shared>,
     peer_id: u8,
     generation: u64,
-    mut reader: BufReader<HandshakeStream>,
-    mut mac: Option<Protection>,
+    reader: BufReader<HandshakeStream>,
+    protection: Option<Protection>,
 ) -> String {
+    let mut frames = FrameReceiver::new(reader.buffer(), protection);
+    let mut stream = reader.into_inner();
+    let mut batch = Vec::new();
     loop {
-        let msg = match read_message_with(&mut reader, mac.as_mut()) {
-            Ok(msg) => msg,
-            Err(WireError::Closed) => return "peer closed the connection".into(),
+        let decoded = loop {
+            match frames.next_frame() {
+                Ok(Some(msg)) => batch.push(msg),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("receive failed: {e}")),
+            }
+        };
+        // The frames before a bad one are the peer's and are applied.
+        if let Err(reason) = dispatch(shared, peer_id, generation, &mut batch).and(decoded) {
+            return reason;
+        }
+        match frames.receive(&mut stream) {
+            Ok(true) => {}
+            Ok(false) if frames.inside_frame() => return "receive failed: the connection ended inside a frame".into(),
+            Ok(false) => return "peer closed the connection".into(),
             Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 let silent = shared.config.timing.ping_timeout;
                 return format!("nothing heard from the peer for {silent:?} (dead link or network partition)");
             }
             Err(e) => return format!("receive failed: {e}"),
-        };
-        if let Err(reason) = dispatch(shared, peer_id, generation, msg) {
-            return reason;
         }
     }
 }
 
-/// Hands one frame from the peer to the replica. An error drops the connection with that
-/// reason; nothing was applied for the offending frame.
-fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, msg: Message) -> Result<(), String> {
-    // Only a State or a ping's answer can show that another node was promoted past this one:
-    // the writes' frames and acks need no look at quorum.
-    let may_supersede = matches!(msg, Message::State(_) | Message::PingAck);
+/// Hands the frames received from the peer to the replica, in order, under one lock. An error
+/// drops the connection with that reason; nothing was applied for the offending frame or
+/// after it.
+fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, batch: &mut Vec<Message>) -> Result<(), String> {
+    if batch.is_empty() {
+        return Ok(());
+    }
     let mut st = shared.lock();
     st.run_stream_io_here();
-    let result = st.replica.receive(Instant::now(), peer_id, generation, msg);
-    if may_supersede {
-        super::step_down_if_superseded(shared, &mut st);
+    let mut result = Ok(());
+    for msg in batch.drain(..) {
+        if result.is_err() || st.replica.dropping(peer_id, generation) || st.replica.peer(peer_id).generation != generation {
+            // Refused, or the link is to go (a frame of this batch, say, led to a split brain):
+            // what is left is not applied, as if the link had gone after that frame.
+            continue;
+        }
+        // Only a State or a ping's answer can show that another node was promoted past this
+        // one: the writes' frames and acks need no look at quorum.
+        let may_supersede = matches!(msg, Message::State(_) | Message::PingAck);
+        result = st.replica.receive(Instant::now(), peer_id, generation, msg);
+        if may_supersede {
+            super::step_down_if_superseded(shared, &mut st);
+        }
     }
     shared.changed.notify_all();
     result

@@ -131,4 +131,31 @@ impl Replica {
         let generation = self.peer(peer_id).generation;
         self.outbox.push(Action::DropLink { peer: peer_id, generation, reason });
     }
+
+    /// Whether the driver was asked, in the actions not yet taken, to drop the link `generation`
+    /// to `peer_id`: a driver that hands over several frames at once stops there, as if the
+    /// link had gone after that frame.
+    pub fn dropping(&self, peer_id: u8, generation: u64) -> bool {
+        self.outbox.iter().any(|action| matches!(action, Action::DropLink { peer, generation: g, .. } if *peer == peer_id && *g == generation))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::three_node_replica;
+
+    #[test]
+    fn a_link_asked_to_drop_is_dropping_until_the_driver_takes_the_actions() {
+        let (mut replica, t0) = three_node_replica();
+        let first = replica.link_up(1, t0);
+        replica.link_up(2, t0);
+        replica.take_actions();
+        assert!(!replica.dropping(1, first));
+        replica.drop_link(1, "a frame of this batch said so".into());
+        assert!(replica.dropping(1, first));
+        assert!(!replica.dropping(2, replica.peer(2).generation), "only that peer");
+        assert!(!replica.dropping(1, first + 1), "only that link");
+        replica.take_actions();
+        assert!(!replica.dropping(1, first), "the driver took the request");
+    }
 }

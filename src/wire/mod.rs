@@ -10,6 +10,7 @@ pub mod auth;
 mod frame;
 mod message;
 mod position;
+mod receive;
 pub mod seal;
 
 #[cfg(test)]
@@ -24,6 +25,7 @@ pub use message::{
     MAX_DIGESTS, MAX_REASON_BYTES, MAX_RESOURCE_BYTES,
 };
 pub use position::DataPosition;
+pub use receive::FrameReceiver;
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.

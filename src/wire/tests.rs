@@ -635,7 +635,7 @@ fn link_macs() -> ((Protection, Protection), (Protection, Protection)) {
 }
 
 /// The same for a link whose TLS session exported `channel`, or a plain one.
-fn link_protection(channel: Option<[u8; 32]>) -> ((Protection, Protection), (Protection, Protection)) {
+pub(super) fn link_protection(channel: Option<[u8; 32]>) -> ((Protection, Protection), (Protection, Protection)) {
     use super::auth::{Role, Transcript};
     let t = Transcript { resource: "r0", dialer_nonce: [1; 32], acceptor_nonce: [2; 32], dialer: 1, acceptor: 0, channel };
     let secret = b"a shared secret of some length";
