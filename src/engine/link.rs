@@ -94,14 +94,14 @@ impl PeerLink {
         self.sent_bytes.load(Ordering::Relaxed)
     }
 
-    /// Sends an ack ahead of queued bulk data, written by the caller itself when nothing else
-    /// waits in the control queue and the socket is free: no thread handoff per write. Called
-    /// without the engine lock.
+    /// Sends acks ahead of queued bulk data, written by the caller itself when nothing else
+    /// waits in the control queue and the socket is free, all in one system call: no thread
+    /// handoff per write. Called without the engine lock.
     ///
     /// Acks are sent by the side that receives bulk data, and its reader keeps draining the
     /// peer's frames while another thread blocks writing one; so a thread blocked writing an
     /// ack always has a peer draining it, and two nodes can never wait on each other.
-    pub fn send_ack(&self, msg: Message) {
+    pub fn send_acks(&self, acks: Vec<Message>) {
         let mut q = self.queue.lock().expect("link queue");
         if q.closed {
             return;
@@ -109,7 +109,7 @@ impl PeerLink {
         if q.control.is_empty() {
             if let Ok(mut out) = self.out.try_lock() {
                 if let Some(out) = out.as_mut() {
-                    if out.write(&msg).and_then(|()| out.w.flush()).is_err() {
+                    if acks.iter().try_for_each(|msg| out.write(msg)).and_then(|()| out.w.flush()).is_err() {
                         // The writer thread finds the socket broken too and reports the loss.
                         let _ = self.stream.shutdown(Shutdown::Both);
                     }
@@ -117,7 +117,9 @@ impl PeerLink {
                 }
             }
         }
-        self.push_control(&mut q, msg);
+        for msg in acks {
+            self.push_control(&mut q, msg);
+        }
     }
 
     /// Queues a control frame ahead of queued bulk data, never writing it from the calling

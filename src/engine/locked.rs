@@ -122,8 +122,8 @@ impl<'a> Locked<'a> {
 
 /// What is left to do once the lock is released.
 enum After {
-    /// Written by this thread when the socket is free (see `PeerLink::send_ack`).
-    Ack(Arc<PeerLink>, Message),
+    /// Written by this thread when the socket is free, together (see `PeerLink::send_acks`).
+    Acks(Arc<PeerLink>, Vec<Message>),
     /// Run by this thread (see [`IoHere`]).
     IoHere(IoTag, LocalIo),
     /// Handed to the I/O pool.
@@ -136,6 +136,8 @@ enum After {
 /// every local I/O, in the replica's order; returns the rest, to run after the lock.
 fn carry_out_in_order(shared: &Shared, st: &mut State, io_here: IoHere) -> Vec<After> {
     let mut rest = Vec::new();
+    // Where in `rest` each link's acks are gathered.
+    let mut acks_at: Vec<usize> = Vec::new();
     let mut queue = st.replica.take_actions().into_iter();
     while let Some(action) = queue.next() {
         match action {
@@ -166,7 +168,16 @@ fn carry_out_in_order(shared: &Shared, st: &mut State, io_here: IoHere) -> Vec<A
                 match lane {
                     // Acks may overtake or follow other control frames: each is matched by
                     // what it answers, never by its place.
-                    Lane::Control if ack => rest.push(After::Ack(link.clone(), msg)),
+                    Lane::Control if ack => {
+                        let gathered = acks_at.iter().find(|at| matches!(&rest[**at], After::Acks(to, _) if Arc::ptr_eq(to, link)));
+                        match gathered.map(|at| &mut rest[*at]) {
+                            Some(After::Acks(_, acks)) => acks.push(msg),
+                            _ => {
+                                acks_at.push(rest.len());
+                                rest.push(After::Acks(link.clone(), vec![msg]));
+                            }
+                        }
+                    }
                     Lane::Control => link.queue_control(msg),
                     Lane::Bulk => {
                         let on_sent = sent_write.and_then(|id| {
@@ -218,13 +229,13 @@ fn run_after(shared: &Shared, after: Vec<After>) {
         return;
     }
     let owner = shared.this.upgrade();
+    let mut done_here = Vec::new();
     for after in after {
         match after {
-            After::Ack(link, msg) => link.send_ack(msg),
+            After::Acks(link, acks) => link.send_acks(acks),
             After::IoHere(tag, op) => {
                 let result = super::io_pool::execute(&*shared.data, op).map_err(|e| LocalFailure::of(&e));
-                shared.lock().replica.io_done(Instant::now(), tag, result);
-                shared.changed.notify_all();
+                done_here.push((tag, result));
             }
             After::PoolIo(tag, op) => {
                 let Some(owner) = owner.clone() else { continue };
@@ -258,6 +269,16 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                 }
             }
         }
+    }
+    // What this thread wrote (a peer's stream, say) is reported under one lock: their acks
+    // then leave together.
+    if !done_here.is_empty() {
+        let mut st = shared.lock();
+        for (tag, result) in done_here {
+            st.replica.io_done(Instant::now(), tag, result);
+        }
+        drop(st);
+        shared.changed.notify_all();
     }
 }
 
