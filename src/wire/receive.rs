@@ -57,20 +57,18 @@ impl FrameReceiver {
         if received.len() < HEADER_LEN {
             return Ok(None);
         }
-        let len = u32::from_be_bytes(received[8..12].try_into().expect("4 bytes"));
         let magic_ok = received[..4] == super::MAGIC.to_be_bytes();
-        if !magic_ok || len > MAX_PAYLOAD {
+        if !magic_ok || payload_len(received) > MAX_PAYLOAD {
             // The header alone is refused: no need to wait for what it announces.
             return Err(read_message_with(&mut &received[..HEADER_LEN], None).expect_err("a bad header is refused"));
         }
-        let whole = HEADER_LEN + len as usize + self.trailer();
+        let whole = self.frame_len_wanted();
         if received.len() < whole {
             return Ok(None);
         }
-        let mut frame = &received[..whole];
+        let mut frame = &self.buf[self.start..self.start + whole];
         let msg = read_message_with(&mut frame, self.protection.as_mut())?;
-        // A frame whose flags do not match the link's protection was refused above, so what
-        // was read is exactly the frame.
+        // A frame is given only once all of it was read, trailer included.
         debug_assert!(frame.is_empty(), "a frame is read whole");
         self.start += whole;
         Ok(Some(msg))
@@ -85,7 +83,8 @@ impl FrameReceiver {
             self.start = 0;
             self.end = 0;
         }
-        if self.frame_len_wanted() >= HEADER_LEN + DIRECT_BYTES {
+        let wanted = self.frame_len_wanted();
+        if wanted >= HEADER_LEN + DIRECT_BYTES {
             // What is buffered is the beginning of this frame (the frames before it were
             // taken): the frame's reader takes it, then the rest from the stream.
             let mut frame = (&self.buf[self.start..self.end]).chain(&mut *stream);
@@ -97,7 +96,6 @@ impl FrameReceiver {
         }
         // Room for the whole frame whose beginning is here (its length was checked against the
         // limit), from where it starts, and for a read of useful size.
-        let wanted = self.frame_len_wanted();
         if self.buf.len() < wanted {
             self.buf.resize(wanted, 0);
         }
@@ -125,8 +123,7 @@ impl FrameReceiver {
         if received.len() < HEADER_LEN {
             return HEADER_LEN;
         }
-        let len = u32::from_be_bytes(received[8..12].try_into().expect("4 bytes")).min(MAX_PAYLOAD);
-        HEADER_LEN + len as usize + self.trailer()
+        HEADER_LEN + payload_len(received).min(MAX_PAYLOAD) as usize + self.trailer()
     }
 
     /// Bytes that follow each frame's payload on this link: the MAC, or the seal's tag.
@@ -143,6 +140,11 @@ impl FrameReceiver {
     pub fn inside_frame(&self) -> bool {
         self.start < self.end
     }
+}
+
+/// The payload length a frame's header announces.
+fn payload_len(header: &[u8]) -> u32 {
+    u32::from_be_bytes(header[8..12].try_into().expect("a header holds the length"))
 }
 
 #[cfg(test)]
