@@ -17,6 +17,7 @@ pub mod core;
 pub mod daemon;
 pub mod disk;
 pub mod engine;
+pub mod event_loop;
 pub mod events;
 pub mod frontend;
 pub mod handlers;

@@ -97,7 +97,7 @@ impl NbdServer {
     /// # Panics
     /// If the operating system refuses to start the accept thread, like [`thread::spawn`].
     pub fn serve(self, export_name: &str, device: Arc<dyn BlockDevice>) -> NbdHandle {
-        let ring = match RingServer::start(device.clone(), reply::REPLY_TIMEOUT) {
+        let ring = match RingServer::start(device.clone(), reply::REPLY_TIMEOUT, None) {
             Ok(ring) => Some(ring),
             Err(error) => {
                 warn!(%error, "io_uring is not available: NBD clients are served by threads of their own");

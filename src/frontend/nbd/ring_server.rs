@@ -1,363 +1,164 @@
-//! NBD clients in their transmission phase served by one io_uring thread, in place of a reader
-//! and a reply-writer thread per client (issue 11, step 1: see DESIGN.md "The event loop"):
-//! a request no longer crosses two threads and two wake-ups on its way in and out.
-//! The rules are [`Connection`]'s; this only moves bytes: one receive armed per client while it
-//! wants input, one vectored send per client while replies wait, completions of the device
-//! handed back through a queue and the ring's eventfd (no wake-up for those the ring's own
-//! thread completes: a small write the device makes on it, see
-//! [`BlockDevice::submit_from_loop`]; the loop looks at the queue before it waits).
+//! NBD clients in their transmission phase served by an event loop (`crate::event_loop`), in
+//! place of a reader and a reply-writer thread per client (issue 11, step 1: see DESIGN.md "The
+//! event loop"): a request no longer crosses two threads and two wake-ups on its way in and
+//! out. The rules are [`Connection`]'s; a [`Client`] only hands bytes between it, the loop and
+//! the device. The device's completions come back through the client's queue and the loop's
+//! waker (no system call for those the loop's own thread completes: a small write the device
+//! makes on it, see [`BlockDevice::submit_from_loop`]).
 //!
 //! A client that stops reading holds only its own replies (bounded by its in-flight permits):
 //! a send that has not completed for the reply deadline ([`REPLY_TIMEOUT`] in the daemon)
 //! shuts the socket down, which fails the send and ends the client, as the threaded writer's
-//! socket timeout does. A one-second timeout on the ring checks the deadlines while a send is
-//! pending. Shutting a client's socket down from outside (the server stopping) ends it the same
-//! way once what it has in flight is answered.
+//! socket timeout does. Shutting a client's socket down from outside (the server stopping)
+//! ends it the same way once what it has in flight is answered.
 
-use std::cell::Cell;
-use std::collections::VecDeque;
 use std::io;
-use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{opcode, types, IoUring};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::libc;
 
 use super::connection::Connection;
 use super::socket::Stream;
 use super::Export;
+use crate::event_loop::{EventLoop, Socket, Waker};
 use crate::frontend::{BlockDevice, BlockResult};
 
 /// Bytes one receive may bring.
 const RECV_BYTES: usize = 256 << 10;
-/// Reply pieces one send takes.
-const SEND_PIECES: usize = 64;
-/// How often pending sends are checked against the reply deadline.
-const DEADLINE_CHECK: Duration = Duration::from_secs(1);
-/// `user_data`: the eventfd's read, the deadline check's timeout, else a client's slot and
-/// which operation.
-const WAKE: u64 = u64::MAX;
-const TICK: u64 = u64::MAX - 1;
-const RECV: u64 = 0;
-const SEND: u64 = 1;
-
-thread_local! {
-    /// Set on a ring's own thread (see the module's documentation).
-    static ON_RING: Cell<bool> = const { Cell::new(false) };
-}
 
 /// Told when a client is gone (its socket closed, everything in flight answered).
 pub type Done = std::sync::mpsc::Sender<()>;
 
-#[derive(Default)]
-struct Inboxed {
-    clients: Vec<(Stream, Export, Vec<u8>, Done)>,
-    /// (slot, the client's generation in it, cookie, result).
-    completed: Vec<(usize, u64, u64, BlockResult)>,
-    closed: bool,
-}
-
-struct Inbox {
-    queue: Mutex<Inboxed>,
-    wake: EventFd,
-}
-
-impl Inbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inboxed> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn wake(&self) {
-        let _ = self.wake.arm();
-    }
-}
-
 pub struct RingServer {
-    inbox: Arc<Inbox>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    event_loop: Arc<EventLoop>,
+    /// The loop was started for this server, which stops it.
+    own_loop: bool,
+    device: Arc<dyn BlockDevice>,
+    reply_timeout: Duration,
 }
 
 impl RingServer {
-    /// Starts the ring's thread for `device`; a client whose replies wait longer than
-    /// `reply_timeout` to be sent is disconnected. Fails where io_uring is not available (a
-    /// kernel without it, a seccomp filter): the caller serves its clients on threads then.
-    pub fn start(device: Arc<dyn BlockDevice>, reply_timeout: Duration) -> io::Result<RingServer> {
-        let inbox = Arc::new(Inbox { queue: Mutex::default(), wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC)? });
-        let ring = IoUring::new(256)?;
-        let shared = inbox.clone();
-        let thread = std::thread::Builder::new()
-            .name("nbd-ring".into())
-            .spawn(move || {
-                ON_RING.with(|on| on.set(true));
-                Loop::new(ring, shared, device, reply_timeout).run();
-            })?;
-        Ok(RingServer { inbox, thread: Mutex::new(Some(thread)) })
+    /// Serves clients of `device` on `event_loop`, or on a loop of its own if `None`; a client
+    /// whose replies wait longer than `reply_timeout` to be sent is disconnected. Fails where
+    /// io_uring is not available (a kernel without it, a seccomp filter): the caller serves its
+    /// clients on threads then.
+    pub fn start(device: Arc<dyn BlockDevice>, reply_timeout: Duration, event_loop: Option<Arc<EventLoop>>) -> io::Result<RingServer> {
+        let own_loop = event_loop.is_none();
+        let event_loop = match event_loop {
+            Some(shared) => shared,
+            None => Arc::new(EventLoop::start("nbd-ring")?),
+        };
+        Ok(RingServer { event_loop, own_loop, device, reply_timeout })
     }
 
     /// Serves `stream`, whose handshake is done, for `export`; `received`: bytes the client
     /// sent that the handshake's reader already took. `done` hears when the client is gone
     /// (its socket shut down, everything it had in flight answered or dropped).
     pub fn serve(&self, stream: Stream, export: Export, received: Vec<u8>, done: Done) {
-        self.inbox.lock().clients.push((stream, export, received, done));
-        self.inbox.wake();
+        let mut conn = Connection::new(export);
+        conn.received(&received);
+        self.event_loop.add(Box::new(Client {
+            stream,
+            done,
+            conn,
+            buf: vec![0; RECV_BYTES].into_boxed_slice(),
+            device: self.device.clone(),
+            completed: Arc::default(),
+            waker: self.event_loop.waker(),
+            reply_timeout: self.reply_timeout,
+        }));
     }
 
-    /// Stops the thread once every client has gone (the server shuts their sockets down
-    /// first, see `NbdHandle::stop`).
+    /// Stops the loop if it is this server's own, once every client has gone (the server shuts
+    /// their sockets down first, see `NbdHandle::stop`); a shared loop goes on.
     pub fn shutdown(&self) {
-        self.inbox.lock().closed = true;
-        self.inbox.wake();
-        if let Some(thread) = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
-            let _ = thread.join();
+        if self.own_loop {
+            self.event_loop.shutdown();
         }
     }
 }
 
+/// One client on the loop.
 struct Client {
     stream: Stream,
     done: Done,
     conn: Connection,
-    generation: u64,
     buf: Box<[u8]>,
-    recv_armed: bool,
-    /// The iovecs of the send in flight (they must live until it completes).
-    iov: Vec<nix::libc::iovec>,
-    /// Since when the send in flight has been waiting, if one is.
-    send_armed: Option<Instant>,
-}
-
-struct Loop {
-    ring: IoUring,
-    inbox: Arc<Inbox>,
     device: Arc<dyn BlockDevice>,
-    clients: Vec<Option<Client>>,
-    generations: u64,
-    wake_buf: u64,
-    wake_armed: bool,
+    /// The device's answers not yet handed to `conn`: (cookie, result).
+    completed: Arc<Mutex<Vec<(u64, BlockResult)>>>,
+    waker: Waker,
     reply_timeout: Duration,
-    /// The deadline check's timeout (it must live until its completion).
-    tick: types::Timespec,
-    tick_armed: bool,
-    overflow: VecDeque<io_uring::squeue::Entry>,
 }
 
-impl Loop {
-    fn new(ring: IoUring, inbox: Arc<Inbox>, device: Arc<dyn BlockDevice>, reply_timeout: Duration) -> Loop {
-        Loop {
-            ring,
-            inbox,
-            device,
-            clients: Vec::new(),
-            generations: 0,
-            wake_buf: 0,
-            wake_armed: false,
-            reply_timeout,
-            tick: types::Timespec::from(DEADLINE_CHECK),
-            tick_armed: false,
-            overflow: VecDeque::new(),
-        }
+impl Socket for Client {
+    fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
     }
 
-    fn run(mut self) {
-        loop {
-            let (new, completed, closed) = {
-                let mut inbox = self.inbox.lock();
-                (std::mem::take(&mut inbox.clients), std::mem::take(&mut inbox.completed), inbox.closed)
-            };
-            for (stream, export, received, done) in new {
-                self.add(stream, export, &received, done);
-            }
-            for (slot, generation, cookie, result) in completed {
-                if let Some(client) = self.clients[slot].as_mut().filter(|c| c.generation == generation) {
-                    client.conn.completed(cookie, result);
-                }
-            }
-            for slot in 0..self.clients.len() {
-                self.step(slot);
-            }
-            if closed && self.clients.iter().all(Option::is_none) && !self.wake_armed && !self.tick_armed {
-                return;
-            }
-            let sending = self.clients.iter().flatten().any(|c| c.send_armed.is_some());
-            if sending && !self.tick_armed {
-                let timeout = opcode::Timeout::new(std::ptr::addr_of!(self.tick)).build().user_data(TICK);
-                self.push(timeout);
-                self.tick_armed = true;
-            }
-            if !self.wake_armed {
-                let read = opcode::Read::new(types::Fd(self.inbox.wake.as_fd().as_raw_fd()), std::ptr::addr_of_mut!(self.wake_buf).cast(), 8)
-                    .build()
-                    .user_data(WAKE);
-                self.push(read);
-                self.wake_armed = true;
-            }
-            if closed && self.clients.iter().all(Option::is_none) {
-                self.inbox.wake();
-            }
-            // Completions this thread queued itself are answered before it waits.
-            let answered_here = !self.inbox.lock().completed.is_empty();
-            self.submit_and_wait(!answered_here);
-            self.reap();
-        }
-    }
-
-    fn add(&mut self, stream: Stream, export: Export, received: &[u8], done: Done) {
-        self.generations += 1;
-        let mut conn = Connection::new(export);
-        conn.received(received);
-        let client = Client {
-            stream,
-            done,
-            conn,
-            generation: self.generations,
-            buf: vec![0; RECV_BYTES].into_boxed_slice(),
-            recv_armed: false,
-            iov: Vec::with_capacity(SEND_PIECES),
-            send_armed: None,
-        };
-        match self.clients.iter().position(Option::is_none) {
-            Some(slot) => self.clients[slot] = Some(client),
-            None => self.clients.push(Some(client)),
-        }
-    }
-
-    /// Submits a client's decoded requests, arms its receive and send, closes it when done.
-    fn step(&mut self, slot: usize) {
-        let Some(client) = self.clients[slot].as_mut() else { return };
-        while let Some((cookie, request)) = client.conn.next_request() {
-            let (inbox, generation) = (self.inbox.clone(), client.generation);
+    fn step(&mut self) {
+        while let Some((cookie, request)) = self.conn.next_request() {
+            let (completed, waker) = (self.completed.clone(), self.waker.clone());
             self.device.submit_from_loop(
                 request,
                 Box::new(move |result| {
-                    let mut queue = inbox.lock();
-                    let first = queue.completed.is_empty();
-                    queue.completed.push((slot, generation, cookie, result));
-                    drop(queue);
-                    if first && !ON_RING.with(Cell::get) {
-                        inbox.wake();
-                    }
+                    completed.lock().unwrap_or_else(PoisonError::into_inner).push((cookie, result));
+                    waker.wake();
                 }),
             );
         }
-        let fd = types::Fd(client.stream.as_raw_fd());
-        let mut entries = Vec::new();
-        if client.conn.wants_input() && !client.recv_armed {
-            client.recv_armed = true;
-            entries.push(opcode::Recv::new(fd, client.buf.as_mut_ptr(), client.buf.len() as u32).build().user_data(tag(slot, RECV)));
-        }
-        if client.send_armed.is_none() {
-            client.iov.clear();
-            client.iov.extend(
-                client
-                    .conn
-                    .to_send()
-                    .take(SEND_PIECES)
-                    .map(|piece| nix::libc::iovec { iov_base: piece.as_ptr() as *mut _, iov_len: piece.len() }),
-            );
-            if !client.iov.is_empty() {
-                client.send_armed = Some(Instant::now());
-                entries.push(opcode::Writev::new(fd, client.iov.as_ptr(), client.iov.len() as u32).build().user_data(tag(slot, SEND)));
-            }
-        }
-        if client.conn.finished() && !client.recv_armed && client.send_armed.is_none() {
-            if let Some(error) = client.conn.error() {
-                tracing::warn!(%error, "NBD client broke the protocol; closing it");
-            }
-            let _ = client.stream.shutdown(Shutdown::Both);
-            let _ = client.done.send(());
-            self.clients[slot] = None;
-            return;
-        }
-        if client.conn.finished() && client.recv_armed {
-            // A receive still waits on the socket: shutting it down completes it.
-            let _ = client.stream.shutdown(Shutdown::Read);
-        }
-        for entry in entries {
-            self.push(entry);
+        // Those the device completed on this thread just now are answered at once.
+        let completed = std::mem::take(&mut *self.completed.lock().unwrap_or_else(PoisonError::into_inner));
+        for (cookie, result) in completed {
+            self.conn.completed(cookie, result);
         }
     }
 
-    fn push(&mut self, entry: io_uring::squeue::Entry) {
-        // SAFETY: every buffer an entry points to (a client's receive buffer and iovecs, the
-        // reply pieces they point to, `wake_buf`) lives until its completion is reaped: a client
-        // is removed only with nothing armed, and the pieces stay queued until `sent`.
-        if !self.overflow.is_empty() || unsafe { self.ring.submission().push(&entry) }.is_err() {
-            self.overflow.push_back(entry);
-        }
+    fn recv_buf(&mut self) -> Option<&mut [u8]> {
+        self.conn.wants_input().then_some(&mut self.buf[..])
     }
 
-    /// Submits what is queued and, if `wait`, waits for a completion.
-    fn submit_and_wait(&mut self, wait: bool) {
-        while let Some(entry) = self.overflow.front() {
-            // SAFETY: as in `push`.
-            if unsafe { self.ring.submission().push(entry) }.is_err() {
-                break;
-            }
-            self.overflow.pop_front();
-        }
-        if let Err(e) = self.ring.submit_and_wait(usize::from(wait)) {
-            if e.raw_os_error() != Some(nix::libc::EINTR) && e.raw_os_error() != Some(nix::libc::EBUSY) {
-                tracing::error!("the NBD ring failed: {e}");
-            }
-        }
+    fn received(&mut self, n: usize) {
+        self.conn.received(&self.buf[..n]);
     }
 
-    fn reap(&mut self) {
-        let cqes: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (user_data, result) in cqes {
-            if user_data == WAKE {
-                self.wake_armed = false;
-                continue;
-            }
-            if user_data == TICK {
-                self.tick_armed = false;
-                self.disconnect_stalled();
-                continue;
-            }
-            let (slot, op) = ((user_data >> 1) as usize, user_data & 1);
-            let Some(client) = self.clients[slot].as_mut() else { continue };
-            match (op, result) {
-                (RECV, n) if n > 0 => {
-                    client.recv_armed = false;
-                    client.conn.received(&client.buf[..n as usize]);
-                }
-                (RECV, n) if n == -nix::libc::EINTR || n == -nix::libc::EAGAIN => client.recv_armed = false,
-                (RECV, _) => {
-                    // End of stream or a failed socket: nothing more comes from this client.
-                    client.recv_armed = false;
-                    client.conn.input_closed();
-                }
-                (_, n) if n >= 0 => {
-                    client.send_armed = None;
-                    client.conn.sent(n as usize);
-                }
-                (_, n) if n == -nix::libc::EINTR || n == -nix::libc::EAGAIN => client.send_armed = None,
-                (_, _) => {
-                    client.send_armed = None;
-                    client.conn.broken();
-                }
-            }
-        }
+    fn input_closed(&mut self, _error: Option<io::Error>) {
+        // End of stream or a failed socket: nothing more comes from this client.
+        self.conn.input_closed();
     }
 
-    /// Shuts down the socket of every client whose send has waited past the reply deadline:
-    /// its send then fails, and the client ends (see `reap`).
-    fn disconnect_stalled(&mut self) {
-        let now = Instant::now();
-        for client in self.clients.iter().flatten() {
-            if client.send_armed.is_some_and(|since| now.duration_since(since) >= self.reply_timeout) {
-                tracing::warn!("NBD client read no reply for {:?}: disconnecting it", self.reply_timeout);
-                let _ = client.stream.shutdown(Shutdown::Both);
-            }
-        }
+    fn to_send(&mut self, iov: &mut Vec<libc::iovec>, max: usize) {
+        iov.extend(self.conn.to_send().take(max).map(|piece| libc::iovec { iov_base: piece.as_ptr() as *mut _, iov_len: piece.len() }));
     }
-}
 
-fn tag(slot: usize, op: u64) -> u64 {
-    (slot as u64) << 1 | op
+    fn sent(&mut self, n: usize) {
+        self.conn.sent(n);
+    }
+
+    fn send_failed(&mut self, _error: io::Error) {
+        self.conn.broken();
+    }
+
+    fn finished(&self) -> bool {
+        self.conn.finished()
+    }
+
+    fn overdue(&mut self, now: Instant, sending_since: Option<Instant>) -> bool {
+        let overdue = sending_since.is_some_and(|since| now.duration_since(since) >= self.reply_timeout);
+        if overdue {
+            tracing::warn!("NBD client read no reply for {:?}: disconnecting it", self.reply_timeout);
+        }
+        overdue
+    }
+
+    fn gone(self: Box<Self>) {
+        if let Some(error) = self.conn.error() {
+            tracing::warn!(%error, "NBD client broke the protocol; closing it");
+        }
+        let _ = self.done.send(());
+    }
 }
 
 #[cfg(test)]
@@ -403,7 +204,7 @@ mod tests {
     #[test]
     fn a_client_that_stops_reading_is_disconnected_at_the_deadline_and_stalls_nobody_else() {
         let device: Arc<dyn BlockDevice> = Arc::new(Memory(MemDisk::new(1 << 20)));
-        let server = RingServer::start(device, Duration::from_millis(500)).unwrap();
+        let server = RingServer::start(device, Duration::from_millis(500), None).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut stalled, stalled_gone) = connect(&server, &listener);
         // Reads of the whole device whose replies are never read: far more than the sockets
@@ -433,7 +234,7 @@ mod tests {
     #[test]
     fn pipelined_writes_and_reads_are_answered_over_the_ring() {
         let device: Arc<dyn BlockDevice> = Arc::new(Memory(MemDisk::new(1 << 20)));
-        let server = RingServer::start(device, Duration::from_secs(30)).unwrap();
+        let server = RingServer::start(device, Duration::from_secs(30), None).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut client, gone) = connect(&server, &listener);
 
