@@ -20,8 +20,13 @@ impl Replica {
         self.fence_lost_peer(peer_id, disk_before);
         // A node this one was still resyncing has not taken its generation (a resync's end
         // does that, see `finish_resync_as_source`) and is tracked from an older one already.
+        // Unless the resync's end went out: the target may have taken the generation and
+        // reported it UpToDate to the others before the link went, so it holds this node's
+        // generation as much as a peer in sync did (seed 124072: a primary wrote on in it, and
+        // the target, of the same generation, was elected without those writes).
         let tracked = self.sb.peers[self.peer(peer_id).slot].bitmap_uuid != 0;
-        let held_mine = !(was == ReplState::SyncSource && tracked);
+        let done_sent = self.peer(peer_id).sync.walk.done_sent.is_some();
+        let held_mine = !(was == ReplState::SyncSource && tracked && !done_sent);
         self.stops_following(now, peer_id, last_generation, held_mine);
         if was_primary {
             self.primary_lost(peer_id);
@@ -143,6 +148,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::super::testing::three_node_replica;
+    use super::{ReplState, Replica};
 
     #[test]
     fn a_link_asked_to_drop_is_dropping_until_the_driver_takes_the_actions() {
@@ -157,5 +163,30 @@ mod tests {
         assert!(!replica.dropping(1, first + 1), "only that link");
         replica.take_actions();
         assert!(!replica.dropping(1, first), "the driver took the request");
+    }
+
+    /// A primary resyncing a peer it tracks from an older generation, the resync's end sent
+    /// or not, then the link lost before the target's answer.
+    fn primary_losing_its_sync_target(finish: bool) -> Replica {
+        let (mut r, t0) = super::super::testing::primary_replicating();
+        let slot = r.peer(1).slot;
+        r.sb.peers[slot].bitmap_uuid = 0x50;
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.resync_source_started(t0, 1);
+        if finish {
+            assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Finished, "nothing to send");
+        }
+        r.take_actions();
+        r.peer_lost(t0, 1, "silence", 0);
+        r
+    }
+
+    #[test]
+    fn a_sync_target_told_the_resync_is_over_is_owed_a_new_generation() {
+        let r = primary_losing_its_sync_target(true);
+        assert_eq!(r.generation_pending, [r.peer(1).slot], "it may hold this generation and be elected in it");
+        assert_eq!(r.sb.peers[r.peer(1).slot].bitmap_uuid, 0x50, "still tracked from where its bits start");
+        let r = primary_losing_its_sync_target(false);
+        assert!(r.generation_pending.is_empty(), "mid-resync it holds an older generation already");
     }
 }
