@@ -48,9 +48,10 @@ pub trait Socket: Send {
     /// its I/O is armed: decoding what arrived, handing it on, taking what is to be sent.
     fn step(&mut self);
 
-    /// The buffer the next receive fills, while the socket wants input. It stays where it is,
-    /// untouched, until [`Socket::received`] or [`Socket::input_closed`].
-    fn recv_buf(&mut self) -> Option<&mut [u8]>;
+    /// The buffer the next receive fills, while the socket wants input (it need not be
+    /// initialized: the kernel writes it). It stays where it is, untouched, until
+    /// [`Socket::received`] or [`Socket::input_closed`].
+    fn recv_buf(&mut self) -> Option<&mut [std::mem::MaybeUninit<u8>]>;
 
     /// `n` bytes (at least one) arrived in the buffer.
     fn received(&mut self, n: usize);
@@ -257,7 +258,7 @@ impl Loop {
         if !slot.recv_armed {
             if let Some(buf) = slot.socket.recv_buf() {
                 slot.recv_armed = true;
-                entries.push(opcode::Recv::new(fd, buf.as_mut_ptr(), buf.len() as u32).build().user_data(tag(index, RECV)));
+                entries.push(opcode::Recv::new(fd, buf.as_mut_ptr().cast(), buf.len() as u32).build().user_data(tag(index, RECV)));
             }
         }
         if slot.send_armed.is_none() {

@@ -6,6 +6,7 @@
 //! length or an error, refusals answered in stream order, the session's end.
 
 use std::collections::{HashMap, VecDeque};
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes};
 
@@ -72,9 +73,25 @@ impl Connection {
         !self.ended && self.held.is_none() && self.decoder.buffered() < READ_AHEAD.max(self.decoder.needed())
     }
 
-    /// Bytes the client sent.
+    /// Bytes the client sent, read elsewhere (by the handshake).
     pub fn received(&mut self, bytes: &[u8]) {
         self.decoder.feed(bytes);
+    }
+
+    /// Where the next receive puts what the client sends: the decoder's own buffer, so a
+    /// WRITE's payload is not copied again (see [`RequestDecoder::lend`]). It stays in place
+    /// until [`Connection::received_in_place`] or [`Connection::input_closed`].
+    pub fn recv_space(&mut self) -> &mut [MaybeUninit<u8>] {
+        self.decoder.lend()
+    }
+
+    /// The receive wrote `n` bytes into [`Connection::recv_space`].
+    ///
+    /// # Safety
+    /// As [`RequestDecoder::filled`]: those `n` bytes were written.
+    pub unsafe fn received_in_place(&mut self, n: usize) {
+        // SAFETY: passed on from the caller.
+        unsafe { self.decoder.filled(n) }
     }
 
     /// The next request to submit under the bounds, with its cookie; refusals are answered on
@@ -168,6 +185,7 @@ impl Connection {
     /// The client closed its side: nothing more is decoded; what is in flight is still
     /// answered (a client may half-close and read on).
     pub fn input_closed(&mut self) {
+        self.decoder.unfilled();
         self.end(None);
     }
 

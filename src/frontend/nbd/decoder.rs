@@ -1,12 +1,16 @@
 //! The transmission phase's requests, decoded from bytes in whatever pieces they arrive: the
-//! sans-I/O half of a client connection. A reader that owns no socket (an event loop's receive
-//! buffers, issue 11) feeds what it received and takes decoded requests out; nothing here
-//! blocks, reads or allocates more than the request being decoded holds.
+//! sans-I/O half of a client connection. A reader that owns no socket (an event loop, issue 11)
+//! has its receives fill the decoder's own buffer in place ([`RequestDecoder::lend`]), so a
+//! WRITE's payload is the very memory the kernel copied it into, not a copy of it, and takes
+//! decoded requests out; nothing here blocks, reads or allocates more than the request being
+//! decoded and one receive hold.
 //!
 //! It applies the rules of [`request::validate`] in stream order: a refused WRITE's payload is
 //! skipped so the next header is found where it starts, a payload too large to skip safely
 //! ends the session after its refusal, and a header with the wrong magic means the framing is
 //! lost (the session ends at once).
+
+use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -14,6 +18,10 @@ use super::error::SessionError;
 use super::protocol::{Errno, RequestHeader};
 use super::request::{self, Command};
 use super::Export;
+
+/// The least room a receive is lent: several small requests at once, or a large payload's rest
+/// (then as much as it still needs).
+const RECV_ROOM: usize = 64 << 10;
 
 /// One request of the stream, in order.
 #[derive(Debug)]
@@ -45,20 +53,58 @@ pub struct RequestDecoder {
     state: State,
     /// Received and not yet decoded (or skipped).
     pending: BytesMut,
+    /// `pending`'s spare room is lent to a receive: nothing may move or free it until
+    /// [`RequestDecoder::filled`] or [`RequestDecoder::unfilled`].
+    lent: bool,
 }
 
 impl Default for RequestDecoder {
     fn default() -> Self {
-        RequestDecoder { state: State::Header, pending: BytesMut::new() }
+        RequestDecoder { state: State::Header, pending: BytesMut::new(), lent: false }
     }
 }
 
 impl RequestDecoder {
-    /// Adds bytes as they came from the client.
+    /// Adds bytes as they came from the client (those a handshake read ahead, say).
     pub fn feed(&mut self, bytes: &[u8]) {
+        debug_assert!(!self.lent, "bytes fed while a receive fills the room after them");
         if !matches!(self.state, State::Ended) {
             self.pending.extend_from_slice(bytes);
         }
+    }
+
+    /// Room after the bytes held for a receive to fill in place: at least what the request
+    /// being decoded still needs, and at least [`RECV_ROOM`]. It stays where it is (decoding
+    /// meanwhile neither moves nor frees it) until [`RequestDecoder::filled`] says how much
+    /// the receive wrote, or [`RequestDecoder::unfilled`] that it wrote nothing.
+    pub fn lend(&mut self) -> &mut [MaybeUninit<u8>] {
+        if !self.lent {
+            self.pending.reserve(self.needed().saturating_sub(self.pending.len()).max(RECV_ROOM));
+            self.lent = true;
+        }
+        self.pending.spare_capacity_mut()
+    }
+
+    /// The receive wrote the first `n` bytes of the room [`RequestDecoder::lend`] gave.
+    ///
+    /// # Safety
+    /// Those `n` bytes were written since that room was lent.
+    pub unsafe fn filled(&mut self, n: usize) {
+        assert!(self.lent, "filled without a loan");
+        self.lent = false;
+        if matches!(self.state, State::Ended) {
+            // The session is over: what arrived is not decoded.
+            return;
+        }
+        assert!(n <= self.pending.capacity() - self.pending.len(), "filled past the room lent");
+        // SAFETY: the room lent is `pending`'s spare capacity, unmoved since (see `lent`), and
+        // the caller vouches that its first `n` bytes were written.
+        unsafe { self.pending.set_len(self.pending.len() + n) };
+    }
+
+    /// The receive the room was lent to ended without writing to it.
+    pub fn unfilled(&mut self) {
+        self.lent = false;
     }
 
     /// Bytes received and not yet decoded: what the caller's receive bound counts.
@@ -93,8 +139,11 @@ impl RequestDecoder {
                 }
                 State::Payload { cookie, command, len } => {
                     if self.pending.len() < len {
-                        // Room for the rest in one allocation, not one per piece.
-                        self.pending.reserve(len - self.pending.len());
+                        // Room for the rest in one allocation, not one per piece (a loan
+                        // made it already, and must not be moved).
+                        if !self.lent {
+                            self.pending.reserve(len - self.pending.len());
+                        }
                         return Ok(None);
                     }
                     let payload = self.pending.split_to(len).freeze();
@@ -148,7 +197,12 @@ impl RequestDecoder {
 
     fn end(&mut self) {
         self.state = State::Ended;
-        self.pending = BytesMut::new();
+        if self.lent {
+            // A receive still writes into the room after these bytes: the buffer lives on.
+            self.pending.clear();
+        } else {
+            self.pending = BytesMut::new();
+        }
     }
 }
 
@@ -228,6 +282,96 @@ mod tests {
         out
     }
 
+    /// Has `bytes` arrive as receives into the room the decoder lends, each at most `cuts`
+    /// apart (and never more than the room), decoding as the event loop does: also while a
+    /// receive holds the room.
+    fn decode_in_place(bytes: &[u8], cuts: &[usize]) -> Vec<String> {
+        let mut decoder = RequestDecoder::default();
+        let mut out = Vec::new();
+        let mut ends: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        ends.push(bytes.len());
+        ends.sort_unstable();
+        let mut start = 0;
+        for end in ends {
+            while start < end {
+                let room = decoder.lend();
+                let n = (end - start).min(room.len());
+                // Decoding goes on while the receive is armed; the room must stay put.
+                let before = decoder.lend().as_ptr();
+                while let Some(decoded) = decoder.next(&export()).expect("no framing error") {
+                    out.push(describe(&decoded));
+                }
+                let room = decoder.lend();
+                assert_eq!(room.as_ptr(), before, "decoding moved the room lent to a receive");
+                for (slot, byte) in room.iter_mut().zip(&bytes[start..start + n]) {
+                    slot.write(*byte);
+                }
+                // SAFETY: the first `n` bytes of the room were just written.
+                unsafe { decoder.filled(n) };
+                start += n;
+            }
+            while let Some(decoded) = decoder.next(&export()).expect("no framing error") {
+                out.push(describe(&decoded));
+            }
+        }
+        assert_eq!(decoder.buffered(), 0, "everything received was decoded or skipped");
+        out
+    }
+
+    #[test]
+    fn receives_in_place_decode_the_same_and_a_payload_is_the_received_memory() {
+        let (bytes, expected) = stream();
+        assert_eq!(decode_in_place(&bytes, &[]), expected);
+        let cuts: Vec<usize> = (0..bytes.len()).step_by(7).collect();
+        assert_eq!(decode_in_place(&bytes, &cuts), expected);
+        // A large payload is received into the room lent, not copied out of it.
+        let mut decoder = RequestDecoder::default();
+        let w = write(1, 0, &[9; 256 << 10]);
+        decoder.feed(&w[..RequestHeader::LEN]);
+        assert!(matches!(decoder.next(&export()), Ok(None)));
+        let room = decoder.lend();
+        assert!(room.len() >= 256 << 10, "room for the whole payload in one receive");
+        let at = room.as_ptr() as usize;
+        for (slot, byte) in room.iter_mut().zip(&w[RequestHeader::LEN..]) {
+            slot.write(*byte);
+        }
+        // SAFETY: the payload's bytes were just written.
+        unsafe { decoder.filled(256 << 10) };
+        let Ok(Some(Decoded::Request { payload, .. })) = decoder.next(&export()) else { panic!() };
+        assert_eq!(payload.as_ptr() as usize, at, "the payload is where the receive put it");
+        assert!(payload.iter().all(|b| *b == 9));
+    }
+
+    /// A decoder fed a READ header whose magic is wrong.
+    fn fed_a_wrong_magic() -> RequestDecoder {
+        let mut decoder = RequestDecoder::default();
+        let mut bad = header(p::CMD_READ, 0, 1, 0, 512);
+        bad[0] ^= 0xFF;
+        decoder.feed(&bad);
+        decoder
+    }
+
+    #[test]
+    fn a_framing_error_while_a_receive_holds_the_room_keeps_the_room_alive_and_ignores_what_arrives() {
+        let mut decoder = fed_a_wrong_magic();
+        let room = decoder.lend();
+        let at = room.as_ptr();
+        assert!(matches!(decoder.next(&export()), Err(SessionError::BadRequestMagic(_))));
+        // The receive still completes into the room lent, which must still be the decoder's:
+        // the buffer was emptied, not freed (the room now starts where the bad header was).
+        let room = decoder.lend();
+        assert_eq!(room.as_ptr(), at.wrapping_sub(RequestHeader::LEN), "the buffer was kept");
+        // What the receive writes where the room was lent, a good header, is not decoded.
+        let good = header(p::CMD_READ, 0, 2, 0, 512);
+        for (slot, byte) in room.iter_mut().skip(RequestHeader::LEN).zip(&good) {
+            slot.write(*byte);
+        }
+        // SAFETY: the first LEN bytes of the room lent were written above.
+        unsafe { decoder.filled(RequestHeader::LEN) };
+        assert!(matches!(decoder.next(&export()), Ok(None)));
+        assert_eq!(decoder.buffered(), 0);
+    }
+
     #[test]
     fn a_stream_decodes_in_order_with_refused_payloads_skipped() {
         let (bytes, expected) = stream();
@@ -235,12 +379,13 @@ mod tests {
     }
 
     proptest! {
-        /// However the stream is cut into pieces (one byte at a time included), the same
-        /// requests come out.
+        /// However the stream is cut into pieces (one byte at a time included), fed or received
+        /// in place, the same requests come out.
         #[test]
         fn any_split_decodes_the_same(cuts in proptest::collection::vec(0usize..20_000, 0..40)) {
             let (bytes, expected) = stream();
-            prop_assert_eq!(decode_in_pieces(&bytes, &cuts), expected);
+            prop_assert_eq!(decode_in_pieces(&bytes, &cuts), expected.clone());
+            prop_assert_eq!(decode_in_place(&bytes, &cuts), expected);
         }
     }
 
@@ -253,10 +398,7 @@ mod tests {
 
     #[test]
     fn a_wrong_magic_ends_the_session_and_nothing_more_is_decoded() {
-        let mut decoder = RequestDecoder::default();
-        let mut bad = header(p::CMD_READ, 0, 1, 0, 512);
-        bad[0] ^= 0xFF;
-        decoder.feed(&bad);
+        let mut decoder = fed_a_wrong_magic();
         decoder.feed(&header(p::CMD_READ, 0, 2, 0, 512));
         assert!(matches!(decoder.next(&export()), Err(SessionError::BadRequestMagic(_))));
         assert!(matches!(decoder.next(&export()), Ok(None)));

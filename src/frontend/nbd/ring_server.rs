@@ -13,6 +13,7 @@
 //! ends it the same way once what it has in flight is answered.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,9 +25,6 @@ use super::socket::Stream;
 use super::Export;
 use crate::event_loop::{EventLoop, Socket, Waker};
 use crate::frontend::{BlockDevice, BlockResult};
-
-/// Bytes one receive may bring.
-const RECV_BYTES: usize = 256 << 10;
 
 /// Told when a client is gone (its socket closed, everything in flight answered).
 pub type Done = std::sync::mpsc::Sender<()>;
@@ -63,7 +61,6 @@ impl RingServer {
             stream,
             done,
             conn,
-            buf: vec![0; RECV_BYTES].into_boxed_slice(),
             device: self.device.clone(),
             completed: Arc::default(),
             waker: self.event_loop.waker(),
@@ -85,7 +82,6 @@ struct Client {
     stream: Stream,
     done: Done,
     conn: Connection,
-    buf: Box<[u8]>,
     device: Arc<dyn BlockDevice>,
     /// The device's answers not yet handed to `conn`: (cookie, result).
     completed: Arc<Mutex<Vec<(u64, BlockResult)>>>,
@@ -116,12 +112,13 @@ impl Socket for Client {
         }
     }
 
-    fn recv_buf(&mut self) -> Option<&mut [u8]> {
-        self.conn.wants_input().then_some(&mut self.buf[..])
+    fn recv_buf(&mut self) -> Option<&mut [MaybeUninit<u8>]> {
+        self.conn.wants_input().then(|| self.conn.recv_space())
     }
 
     fn received(&mut self, n: usize) {
-        self.conn.received(&self.buf[..n]);
+        // SAFETY: the loop's receive wrote `n` bytes into the buffer `recv_buf` gave.
+        unsafe { self.conn.received_in_place(n) }
     }
 
     fn input_closed(&mut self, _error: Option<io::Error>) {
