@@ -19,9 +19,9 @@ use super::protocol::{Errno, RequestHeader};
 use super::request::{self, Command};
 use super::Export;
 
-/// The least room a receive is lent: several small requests at once, or a large payload's rest
-/// (then as much as it still needs).
-const RECV_ROOM: usize = 64 << 10;
+/// The least room a receive is lent: a client's pipelined requests at once (32 writes of 4 KiB
+/// with their headers fit twice), or a large payload's rest (then as much as it still needs).
+const RECV_ROOM: usize = 256 << 10;
 
 /// One request of the stream, in order.
 #[derive(Debug)]
