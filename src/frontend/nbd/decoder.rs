@@ -23,6 +23,13 @@ use super::Export;
 /// with their headers fit twice), or a large payload's rest (then as much as it still needs).
 const RECV_ROOM: usize = 256 << 10;
 
+/// The smallest payload that stays in the receive's room rather than being copied out of it. A
+/// payload keeps its whole allocation for as long as the write is in flight (a peer's send
+/// queue included): a few KiB received alone would keep up to [`RECV_ROOM`], so small payloads
+/// are copied into their own (as every payload was before receives in place), and only those
+/// of at least half the room skip the copy, keeping at most twice their size.
+const IN_PLACE_PAYLOAD: usize = RECV_ROOM / 2;
+
 /// One request of the stream, in order.
 #[derive(Debug)]
 pub enum Decoded {
@@ -146,7 +153,13 @@ impl RequestDecoder {
                         }
                         return Ok(None);
                     }
-                    let payload = self.pending.split_to(len).freeze();
+                    let payload = if len >= IN_PLACE_PAYLOAD {
+                        self.pending.split_to(len).freeze()
+                    } else {
+                        let payload = Bytes::copy_from_slice(&self.pending[..len]);
+                        self.pending.advance(len);
+                        payload
+                    };
                     self.state = State::Header;
                     return Ok(Some(Decoded::Request { cookie, command, payload }));
                 }
@@ -340,6 +353,19 @@ mod tests {
         let Ok(Some(Decoded::Request { payload, .. })) = decoder.next(&export()) else { panic!() };
         assert_eq!(payload.as_ptr() as usize, at, "the payload is where the receive put it");
         assert!(payload.iter().all(|b| *b == 9));
+        // A small payload is copied out: it does not keep the room's allocation.
+        let w = write(2, 0, &[8; 4096]);
+        let room = decoder.lend();
+        let at = room.as_ptr() as usize;
+        for (slot, byte) in room.iter_mut().zip(&w) {
+            slot.write(*byte);
+        }
+        // SAFETY: the request's bytes were just written.
+        unsafe { decoder.filled(w.len()) };
+        let Ok(Some(Decoded::Request { payload, .. })) = decoder.next(&export()) else { panic!() };
+        assert_eq!(&payload[..], &[8; 4096][..]);
+        let payload_at = payload.as_ptr() as usize;
+        assert!(!(at..at + RECV_ROOM).contains(&payload_at), "a small payload has its own allocation");
     }
 
     /// A decoder fed a READ header whose magic is wrong.
