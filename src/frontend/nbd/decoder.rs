@@ -27,7 +27,9 @@ const RECV_ROOM: usize = 256 << 10;
 /// payload keeps its whole allocation for as long as the write is in flight (a peer's send
 /// queue included): a few KiB received alone would keep up to [`RECV_ROOM`], so small payloads
 /// are copied into their own (as every payload was before receives in place), and only those
-/// of at least half the room skip the copy, keeping at most twice their size.
+/// of at least half the room skip the copy. Such a payload keeps at most the allocation its
+/// receive filled: the bytes buffered before it (part of the payload) and the room lent, at most
+/// its size plus [`RECV_ROOM`], so at most three times its size.
 const IN_PLACE_PAYLOAD: usize = RECV_ROOM / 2;
 
 /// One request of the stream, in order.
