@@ -190,10 +190,11 @@ impl Replica {
 mod tests {
     use super::FenceOutcome;
     use crate::config::Fencing;
-    use crate::core::states::{DiskState, Role};
+    use crate::core::quorum::QuorumPolicy;
+    use crate::core::states::{DiskState, ReplState, Role};
     use crate::frontend::{BlockError, BlockRequest, BlockResult};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, secondary_state};
+    use crate::replica::testing::{primary_replicating, secondary_state, three_node_replica};
     use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
@@ -267,6 +268,51 @@ mod tests {
         }).expect("the held write starts");
         r.io_done(t0, IoTag::Write(id), Ok(None));
         assert_eq!(answers(&r.take_actions()), vec![(2, Ok(None))], "no peer left to wait for");
+    }
+
+    #[test]
+    fn writes_a_handler_releases_wait_for_a_majority_that_knows_the_new_generation() {
+        // Node 0 primary, node 1 its data peer, node 2 a witness: quorum two of three.
+        let (mut r, t0) = three_node_replica();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.fencing = Fencing::ResourceAndStonith;
+        r.role = Role::Primary;
+        r.disk = DiskState::UpToDate;
+        r.peer_mut(2).witness = true;
+        let timing = r.timing;
+        let left = r.sb.uuids.current;
+        for id in [1, 2] {
+            r.link_up(id, t0);
+            r.peer_mut(id).last_state = Some(secondary_state(left, [0; 4]));
+            assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
+            r.peer_mut(id).lease.answered();
+        }
+        let beta = r.peer_mut(1);
+        (beta.repl, beta.role, beta.disk) = (ReplState::Established, Role::Secondary, DiskState::UpToDate);
+        r.take_actions();
+        r.submit(t0, 1, BlockRequest::Write { offset: 0, data: Bytes::from(vec![7u8; 4096]), fua: true }, |_| 0);
+        let id = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
+            _ => None,
+        }).expect("the local write");
+        r.io_done(t0, IoTag::Write(id), Ok(None));
+        let generation = r.peer(1).generation;
+        r.peer_lost(t0, 1, "gone", 0);
+        assert!(answers(&r.take_actions()).is_empty(), "held for the handler");
+
+        // The handler answers while the witness, within its lease, still reports the
+        // generation this node leaves: the write is on no other node, and the witness could
+        // elect node 1 without it. It waits for the witness to confirm the new generation.
+        r.fence_done(t0, 1, generation, FenceOutcome::Exited(5));
+        let actions = r.take_actions();
+        assert!(actions.iter().any(|a| matches!(a, Action::Persist(MetaWrite::Superblock))), "a new generation: {actions:?}");
+        assert_ne!(r.sb.uuids.current, left);
+        assert!(answers(&actions).is_empty(), "nothing completes before a majority knows the new generation: {actions:?}");
+        assert_eq!(r.held_count(), 1);
+        let witness_link = r.peer(2).generation;
+        let confirmed = secondary_state(r.sb.uuids.current, [left, 0, 0, 0]);
+        r.receive(t0, 2, witness_link, Message::State(confirmed)).expect("the witness's State");
+        assert_eq!(answers(&r.take_actions()), vec![(1, Ok(None))], "the witness knows it now");
     }
 
     #[test]

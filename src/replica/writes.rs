@@ -491,6 +491,14 @@ impl Replica {
         if self.suspended.is_empty() && self.held.is_empty() && self.held_reads.is_empty() {
             return;
         }
+        // The generation owed to lost peers starts before anything held completes, and the
+        // quorum is then judged under it, as in `finish_request`: the voters that let the
+        // completions through under the generation left may never hear of the new one (seed
+        // 177658: a fence-peer answer released a FUA write the witnesses, cut off a moment
+        // before, never learned of; they elected the lost peer without it).
+        if !fail && self.admission(now) == Admission::Proceed {
+            self.start_pending_generation();
+        }
         let admission = self.admission(now);
         // What waited for voters to confirm a new generation fails once quorum is gone instead
         // (`io-error` holds nothing else).
@@ -514,7 +522,6 @@ impl Replica {
         } else {
             tracing::info!(resource = %self.resource, completions = completions.len(), writes = writes.len(),
                 "quorum is back, or fencing answered: completing held writes");
-            self.start_pending_generation();
         }
         for (request, result) in completions {
             self.answer(request, if fail { Err(BlockError::Io) } else { result });
