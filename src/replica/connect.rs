@@ -339,6 +339,16 @@ impl Replica {
         }
         let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
+            // No shared history left, under quorum, between copies of different elections: the
+            // generations since they parted outnumber what the histories keep (seed 218616: a
+            // node partitioned through six generations of two primaries refused the primary
+            // for good as a "wrong disk"). The election terms still order the copies, so the
+            // later election's copy flows in full, as for a split brain without bitmaps. A
+            // wrong disk of the same resource name is then overwritten if its copy is the
+            // older; between copies of one election, or without quorum, it is still refused.
+            SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.sb.terms.of_data != peer_state.data_position.term => {
+                self.after_split_brain(peer_id, SyncDecision::Unrelated)?
+            }
             // At connect only: blocks an online verify marked are resynced by reconnecting.
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
@@ -583,7 +593,8 @@ impl Replica {
 
     /// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose
     /// changes are then overwritten from the survivor. With shared bitmaps (`SplitBrain`) that
-    /// is a bitmap resync of both sides' changes; with only shared history, a full sync.
+    /// is a bitmap resync of both sides' changes; with only shared history (or, under quorum,
+    /// none left: `Unrelated` between two elections' copies), a full sync.
     /// Otherwise the link is refused and the node stays StandAlone.
     fn after_split_brain(&mut self, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
         let peer = self.peer(peer_id);
@@ -699,6 +710,52 @@ mod tests {
         );
         assert!(persisted.is_some() && persisted < announced, "{actions:?}");
         assert_eq!(r.peer(1).repl, ReplState::Established, "still in sync with its primary");
+    }
+
+    #[test]
+    fn under_quorum_copies_of_two_elections_with_no_history_left_in_common_sync_in_full_from_the_later() {
+        use crate::core::quorum::QuorumPolicy;
+        use crate::core::sync_decision::SyncDecision;
+        // This node parted at 0xA0, elected in term 3; the primary went through more
+        // generations since than a history holds, in term 4.
+        let gone_far = |quorum: QuorumPolicy, primary_term: u64| {
+            let (mut r, t0) = two_node_replica();
+            r.quorum_policy = quorum;
+            r.disk = DiskState::UpToDate;
+            r.sb.uuids.current = 0xA0;
+            r.sb.uuids.history = [0x90, 0, 0, 0];
+            r.sb.terms.of_data = 3;
+            r.link_up(1, t0);
+            r.take_actions();
+            let mut primary = primary_state(0xF0, [0xE0, 0xD0, 0xC0, 0xB0]);
+            primary.data_position.term = primary_term;
+            let result = r.peer_state_received(1, primary);
+            (r, result)
+        };
+        let (r, result) = gone_far(QuorumPolicy::Majority, 4);
+        assert_eq!(result, Ok(()));
+        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullTarget), "the later election's copy flows in full");
+        for (quorum, term) in [(QuorumPolicy::Majority, 3), (QuorumPolicy::Off, 4)] {
+            let (r, result) = gone_far(quorum, term);
+            assert!(result.as_ref().is_err_and(|why| why.contains("wrong disk")), "quorum {quorum}, term {term}: {result:?}");
+            assert!(!r.peer(1).want_connect, "refused for good");
+        }
+
+        // The mirror: the primary of the later election is the source, and stays primary.
+        let (mut r, t0) = two_node_replica();
+        r.quorum_policy = QuorumPolicy::Majority;
+        r.disk = DiskState::UpToDate;
+        r.role = Role::Primary;
+        r.sb.uuids.current = 0xF0;
+        r.sb.uuids.history = [0xE0, 0xD0, 0xC0, 0xB0];
+        r.sb.terms.of_data = 4;
+        r.link_up(1, t0);
+        r.take_actions();
+        let mut behind = secondary_state(0xA0, [0x90, 0, 0, 0]);
+        behind.data_position.term = 3;
+        r.peer_state_received(1, behind).expect("no refusal");
+        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullSource));
+        assert_eq!(r.role, Role::Primary);
     }
 
     #[test]
