@@ -792,8 +792,9 @@ impl Replica {
         (was, last_generation)
     }
 
-    /// Timers: pings that are due go out, and peers that stopped making progress are dropped
-    /// (see [`Replica::peer_progressed`]).
+    /// Timers: pings that are due go out, peers that stopped making progress are dropped (see
+    /// [`Replica::peer_progressed`]), and what was held is judged again under the leases that
+    /// still hold.
     pub fn tick(&mut self, now: Instant) {
         let timing = self.timing;
         let due: Vec<u8> =
@@ -804,6 +805,10 @@ impl Replica {
         self.drop_stalled_peers(now);
         // A wake-up for the writes waiting for room that no report brought.
         self.release_for_room(now);
+        // Leases lapse with no frame to say so: under `io-error`, completions that waited for
+        // voters to confirm a new generation fail once those voters' leases end, not a ping
+        // timeout later, when their links go (which releases nothing by itself).
+        self.release_suspended(now, false);
     }
 
     /// When [`Replica::tick`] has something to do next (none: nothing is connected).

@@ -10,6 +10,7 @@
 use super::rng::Rng;
 use super::world::{DataDisk, Event, Options, Shape, Time, World, MS, PAGE, SEC};
 use blkrepl::config::{Fencing, Protocol};
+use blkrepl::core::quorum::OnNoQuorum;
 use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
@@ -103,6 +104,8 @@ pub struct Stats {
     pub fence_runs: u64,
     pub fence_self_outdated: u64,
     pub resume_ios: u64,
+    /// Seeds under `on_no_quorum = "io-error"` (the others suspend I/O).
+    pub io_error_seeds: u64,
     pub virtual_us: u64,
     /// Seeds run per shape, in the order of [`SHAPES`].
     pub seeds_by_shape: [u64; SHAPES.len()],
@@ -139,6 +142,7 @@ impl Stats {
         self.fence_runs += o.fence_runs;
         self.fence_self_outdated += o.fence_self_outdated;
         self.resume_ios += o.resume_ios;
+        self.io_error_seeds += o.io_error_seeds;
         self.virtual_us += o.virtual_us;
         for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
             *mine += theirs;
@@ -220,7 +224,8 @@ impl Scenario {
             None if draw.percent(50) => SMALL_SEND_QUEUE,
             None => SEND_QUEUE,
         };
-        let options = Options { csums, congestion_fill, send_queue_bytes, resync_rate, bitmap_block_size, fencing };
+        let on_no_quorum = if draw.percent(25) { OnNoQuorum::IoError } else { OnNoQuorum::SuspendIo };
+        let options = Options { csums, congestion_fill, send_queue_bytes, resync_rate, bitmap_block_size, fencing, on_no_quorum };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
             println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
@@ -235,6 +240,7 @@ impl Scenario {
             large_block_seeds: (options.bitmap_block_size != 4096).into(),
             disk_fault_seeds: disk_fault.is_some().into(),
             fencing_seeds: [(options.fencing == Fencing::ResourceOnly).into(), (options.fencing == Fencing::ResourceAndStonith).into()],
+            io_error_seeds: (options.on_no_quorum == OnNoQuorum::IoError).into(),
             ..Stats::default()
         };
         stats.seeds_by_shape[SHAPES.iter().position(|s| *s == shape).expect("one of the shapes")] = 1;

@@ -58,6 +58,8 @@ pub struct Options {
     /// What a primary does when it loses a data peer (the `fence-peer` handler's answers are
     /// drawn at random: see `World::fence_peer`).
     pub fencing: Fencing,
+    /// What a primary without quorum does with writes.
+    pub on_no_quorum: OnNoQuorum,
 }
 
 /// Which nodes a world has: data nodes `0..data`, then witnesses.
@@ -316,6 +318,7 @@ pub struct World {
     /// Writes that waited in a replica for room in a send queue.
     pub writes_waited_for_room: u64,
     pub fencing: Fencing,
+    pub on_no_quorum: OnNoQuorum,
     /// Draws the fence-peer handler's answers and delays: a generator of its own, so a seed
     /// that never fences keeps its course.
     fence_rng: Rng,
@@ -360,6 +363,7 @@ impl World {
             failed_meta_writes: 0,
             writes_waited_for_room: 0,
             fencing: options.fencing,
+            on_no_quorum: options.on_no_quorum,
             fence_rng: Rng::new(seed.rotate_left(16)),
             fence_runs: 0,
             fence_self_outdated: 0,
@@ -408,6 +412,7 @@ impl World {
         let protocol = self.protocol;
         let quorum = self.quorum;
         let (congestion_fill, send_queue_bytes, resync_rate, fencing) = (self.congestion_fill, self.send_queue_bytes, self.resync_rate, self.fencing);
+        let on_no_quorum = self.on_no_quorum;
         let node = &mut self.nodes[usize::from(id)];
         let (data_bytes, internal) = meta_geometry(shape.is_witness(id));
         // An injected metadata failure belongs to the failing window that armed it, not to the
@@ -438,7 +443,7 @@ impl World {
             crash_repair_pending: if crashed_primary { shape.data_nodes().filter(|p| *p != id).collect() } else { Vec::new() },
             peers,
             quorum_policy: quorum,
-            on_no_quorum: OnNoQuorum::SuspendIo,
+            on_no_quorum,
             split_brain: Default::default(),
             fencing,
             now,
