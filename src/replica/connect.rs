@@ -686,7 +686,7 @@ impl Replica {
 mod tests {
     use crate::core::states::{DiskState, ReplState, Role};
     use crate::replica::testing::{secondary_state, two_node_replica};
-    use crate::replica::{Action, MetaWrite};
+    use crate::replica::{Action, MetaWrite, Replica};
     use crate::wire::{Message, PeerState};
 
     fn primary_state(current_uuid: u64, history: [u64; 4]) -> PeerState {
@@ -716,22 +716,30 @@ mod tests {
     fn under_quorum_copies_of_two_elections_with_no_history_left_in_common_sync_in_full_from_the_later() {
         use crate::core::quorum::QuorumPolicy;
         use crate::core::sync_decision::SyncDecision;
-        // This node parted at 0xA0, elected in term 3; the primary went through more
-        // generations since than a history holds, in term 4.
-        let gone_far = |quorum: QuorumPolicy, primary_term: u64| {
+        // One copy, at `uuids`, of the election of `term`, on a primary or not.
+        struct Copy {
+            uuids: (u64, [u64; 4]),
+            term: u64,
+            primary: bool,
+        }
+        fn meets(quorum: QuorumPolicy, me: Copy, peer: Copy) -> (Replica, Result<(), String>) {
             let (mut r, t0) = two_node_replica();
-            r.quorum_policy = quorum;
-            r.disk = DiskState::UpToDate;
-            r.sb.uuids.current = 0xA0;
-            r.sb.uuids.history = [0x90, 0, 0, 0];
-            r.sb.terms.of_data = 3;
+            (r.quorum_policy, r.disk) = (quorum, DiskState::UpToDate);
+            r.role = if me.primary { Role::Primary } else { Role::Secondary };
+            (r.sb.uuids.current, r.sb.uuids.history) = me.uuids;
+            r.sb.terms.of_data = me.term;
             r.link_up(1, t0);
             r.take_actions();
-            let mut primary = primary_state(0xF0, [0xE0, 0xD0, 0xC0, 0xB0]);
-            primary.data_position.term = primary_term;
-            let result = r.peer_state_received(1, primary);
+            let mut state = if peer.primary { primary_state(peer.uuids.0, peer.uuids.1) } else { secondary_state(peer.uuids.0, peer.uuids.1) };
+            state.data_position.term = peer.term;
+            let result = r.peer_state_received(1, state);
             (r, result)
-        };
+        }
+        // One node parted at 0xA0, elected in term 3; the other went through more generations
+        // since than a history holds.
+        let behind = |primary| Copy { uuids: (0xA0, [0x90, 0, 0, 0]), term: 3, primary };
+        let far = |term, primary| Copy { uuids: (0xF0, [0xE0, 0xD0, 0xC0, 0xB0]), term, primary };
+        let gone_far = |quorum, primary_term| meets(quorum, behind(false), far(primary_term, true));
         let (r, result) = gone_far(QuorumPolicy::Majority, 4);
         assert_eq!(result, Ok(()));
         assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullTarget), "the later election's copy flows in full");
@@ -742,18 +750,8 @@ mod tests {
         }
 
         // The mirror: the primary of the later election is the source, and stays primary.
-        let (mut r, t0) = two_node_replica();
-        r.quorum_policy = QuorumPolicy::Majority;
-        r.disk = DiskState::UpToDate;
-        r.role = Role::Primary;
-        r.sb.uuids.current = 0xF0;
-        r.sb.uuids.history = [0xE0, 0xD0, 0xC0, 0xB0];
-        r.sb.terms.of_data = 4;
-        r.link_up(1, t0);
-        r.take_actions();
-        let mut behind = secondary_state(0xA0, [0x90, 0, 0, 0]);
-        behind.data_position.term = 3;
-        r.peer_state_received(1, behind).expect("no refusal");
+        let (r, result) = meets(QuorumPolicy::Majority, far(4, true), behind(false));
+        assert_eq!(result, Ok(()));
         assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullSource));
         assert_eq!(r.role, Role::Primary);
     }

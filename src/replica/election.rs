@@ -223,7 +223,7 @@ mod tests {
     use super::PromoteStep;
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, ReplState, Role};
-    use crate::replica::testing::{secondary_state, three_node_replica, two_node_replica};
+    use crate::replica::testing::{secondary_state, two_node_replica, with_data_peer_and_witness};
     use crate::replica::{Action, PromoteRefusal, Replica};
     use crate::wire::{DataPosition, Message, PeerState};
     use std::time::{Duration, Instant};
@@ -332,19 +332,7 @@ mod tests {
 
     #[test]
     fn a_majority_with_a_witness_waits_for_the_data_peer_whose_refusal_for_further_data_ends_the_candidacy() {
-        let (mut r, t0) = three_node_replica();
-        r.quorum_policy = QuorumPolicy::Majority;
-        r.disk = DiskState::UpToDate;
-        r.peer_mut(2).witness = true;
-        let timing = r.timing;
-        for id in [1, 2] {
-            r.link_up(id, t0);
-            r.peer_mut(id).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
-            r.peer_mut(id).repl = ReplState::Established;
-            assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
-            r.peer_mut(id).lease.answered();
-        }
-        r.take_actions();
+        let (mut r, t0) = with_data_peer_and_witness(Role::Secondary);
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
         let ballot = ballot_sent(&mut r);
         r.vote_received(2, ballot, true);

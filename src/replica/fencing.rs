@@ -190,11 +190,10 @@ impl Replica {
 mod tests {
     use super::FenceOutcome;
     use crate::config::Fencing;
-    use crate::core::quorum::QuorumPolicy;
-    use crate::core::states::{DiskState, ReplState, Role};
+    use crate::core::states::{DiskState, Role};
     use crate::frontend::{BlockError, BlockRequest, BlockResult};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, secondary_state, three_node_replica};
+    use crate::replica::testing::{primary_replicating, primary_with_data_peer_and_witness, secondary_state};
     use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
@@ -272,24 +271,10 @@ mod tests {
 
     #[test]
     fn writes_a_handler_releases_wait_for_a_majority_that_knows_the_new_generation() {
-        // Node 0 primary, node 1 its data peer, node 2 a witness: quorum two of three.
-        let (mut r, t0) = three_node_replica();
-        r.quorum_policy = QuorumPolicy::Majority;
+        // Quorum two of three: this node and either its data peer or the witness.
+        let (mut r, t0) = primary_with_data_peer_and_witness();
         r.fencing = Fencing::ResourceAndStonith;
-        r.role = Role::Primary;
-        r.disk = DiskState::UpToDate;
-        r.peer_mut(2).witness = true;
-        let timing = r.timing;
         let left = r.sb.uuids.current;
-        for id in [1, 2] {
-            r.link_up(id, t0);
-            r.peer_mut(id).last_state = Some(secondary_state(left, [0; 4]));
-            assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
-            r.peer_mut(id).lease.answered();
-        }
-        let beta = r.peer_mut(1);
-        (beta.repl, beta.role, beta.disk) = (ReplState::Established, Role::Secondary, DiskState::UpToDate);
-        r.take_actions();
         r.submit(t0, 1, BlockRequest::Write { offset: 0, data: Bytes::from(vec![7u8; 4096]), fua: true }, |_| 0);
         let id = r.take_actions().iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),

@@ -144,6 +144,33 @@ pub fn secondary_of_primary() -> (Replica, Instant) {
     established(Role::Secondary, Role::Primary)
 }
 
+/// Node 0 primary under quorum "majority" with node 1, its data peer, Established, and node 2 a
+/// witness; both peers report this node's generation and answered a ping at the instant
+/// returned, so their leases hold from it.
+pub fn primary_with_data_peer_and_witness() -> (Replica, Instant) {
+    with_data_peer_and_witness(Role::Primary)
+}
+
+/// [`primary_with_data_peer_and_witness`], with node 0 in `role`.
+pub fn with_data_peer_and_witness(role: Role) -> (Replica, Instant) {
+    let (mut r, t0) = three_node_replica();
+    r.quorum_policy = QuorumPolicy::Majority;
+    r.role = role;
+    r.disk = DiskState::UpToDate;
+    r.peer_mut(2).witness = true;
+    let timing = r.timing;
+    for id in [1, 2] {
+        r.link_up(id, t0);
+        r.peer_mut(id).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
+        assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
+        r.peer_mut(id).lease.answered();
+    }
+    let data_peer = r.peer_mut(1);
+    (data_peer.repl, data_peer.role, data_peer.disk) = (ReplState::Established, Role::Secondary, DiskState::UpToDate);
+    r.take_actions();
+    (r, t0)
+}
+
 /// A peer's State: Secondary, UpToDate, at `current_uuid` with `history`, seeing no primary.
 pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::PeerState {
     crate::wire::PeerState {

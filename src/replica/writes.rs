@@ -627,25 +627,12 @@ mod tests {
 
     #[test]
     fn under_io_error_a_completion_waiting_for_voters_to_confirm_a_new_generation_fails_once_their_lease_lapses() {
-        use crate::core::quorum::{OnNoQuorum, QuorumPolicy};
-        use crate::core::states::{DiskState, ReplState, Role};
+        use crate::core::quorum::OnNoQuorum;
         use crate::frontend::BlockResult;
-        use crate::replica::testing::{secondary_state, three_node_replica};
-        // Node 0 primary, node 1 its data peer, node 2 a witness.
-        let (mut r, t0) = three_node_replica();
-        (r.quorum_policy, r.on_no_quorum) = (QuorumPolicy::Majority, OnNoQuorum::IoError);
-        (r.role, r.disk) = (Role::Primary, DiskState::UpToDate);
-        r.peer_mut(2).witness = true;
+        use crate::replica::testing::primary_with_data_peer_and_witness;
+        let (mut r, t0) = primary_with_data_peer_and_witness();
+        r.on_no_quorum = OnNoQuorum::IoError;
         let timing = r.timing;
-        for id in [1, 2] {
-            r.link_up(id, t0);
-            r.peer_mut(id).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
-            assert!(r.peer_mut(id).lease.ping_due(t0, &timing));
-            r.peer_mut(id).lease.answered();
-        }
-        let beta = r.peer_mut(1);
-        (beta.repl, beta.role, beta.disk) = (ReplState::Established, Role::Secondary, DiskState::UpToDate);
-        r.take_actions();
         r.submit(t0, 1, write(0, 4096), no_queue);
         let id = local_writes(&r.take_actions())[0];
         r.io_done(t0, IoTag::Write(id), Ok(None));
