@@ -754,6 +754,12 @@ mod tests {
         assert_eq!(result, Ok(()));
         assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullSource));
         assert_eq!(r.role, Role::Primary);
+        // A primary is never overwritten so (a disk of another cluster, of a later term, says
+        // nothing of this one's elections): the link waits idle, and the primary goes on.
+        let (r, result) = meets(QuorumPolicy::Majority, behind(true), far(4, false));
+        assert_eq!(result, Ok(()));
+        assert_eq!((r.peer(1).pending_sync, r.role), (None, Role::Primary));
+        assert!(r.peer(1).want_connect);
     }
 
     #[test]
