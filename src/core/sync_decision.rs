@@ -294,7 +294,9 @@ fn finish_interrupted_resync(decision: SyncDecision, me: &UuidView, peer: &UuidV
     }
 }
 
-fn check_states(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
+/// Refuses what the nodes' states forbid: an Inconsistent source, a primary as target. Also
+/// applied to a split brain's resolution, which the UUIDs alone do not decide.
+pub fn check_states(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
     use SyncDecision::*;
     if decision.is_source() && me.inconsistent || decision.is_target() && me.is_primary {
         return Refused(if me.inconsistent && decision.is_source() {

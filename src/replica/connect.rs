@@ -11,7 +11,7 @@ use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
 use crate::core::split_brain::{self, SbResolution, SbSide, SplitBrainPolicies};
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::core::sync_decision::{decide, same_uuid, Refusal, SyncDecision, UuidView};
+use crate::core::sync_decision::{check_states, decide, same_uuid, Refusal, SyncDecision, UuidView};
 use crate::meta::MetaFlags;
 use crate::wire::{DataPosition, Message, PeerState};
 
@@ -338,7 +338,9 @@ impl Replica {
             self.declared_with &= !(1 << peer_id);
         }
         let decision = match decided {
-            d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
+            // The resolution passes the same state checks as any decision: an Inconsistent copy
+            // is never a source, whatever its election (a resync into it was cut off).
+            d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => check_states(self.after_split_brain(peer_id, d)?, &mine, &theirs),
             // No shared history left, under quorum, between copies of different elections: the
             // generations since they parted outnumber what the histories keep (seed 218616: a
             // node partitioned through six generations of two primaries refused the primary
@@ -347,7 +349,7 @@ impl Replica {
             // wrong disk of the same resource name is then overwritten if its copy is the
             // older; between copies of one election, or without quorum, it is still refused.
             SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.sb.terms.of_data != peer_state.data_position.term => {
-                self.after_split_brain(peer_id, SyncDecision::Unrelated)?
+                check_states(self.after_split_brain(peer_id, SyncDecision::Unrelated)?, &mine, &theirs)
             }
             // At connect only: blocks an online verify marked are resynced by reconnecting.
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
@@ -721,24 +723,26 @@ mod tests {
             uuids: (u64, [u64; 4]),
             term: u64,
             primary: bool,
+            disk: DiskState,
         }
         fn meets(quorum: QuorumPolicy, me: Copy, peer: Copy) -> (Replica, Result<(), String>) {
             let (mut r, t0) = two_node_replica();
-            (r.quorum_policy, r.disk) = (quorum, DiskState::UpToDate);
+            (r.quorum_policy, r.disk) = (quorum, me.disk);
             r.role = if me.primary { Role::Primary } else { Role::Secondary };
             (r.sb.uuids.current, r.sb.uuids.history) = me.uuids;
             r.sb.terms.of_data = me.term;
             r.link_up(1, t0);
             r.take_actions();
             let mut state = if peer.primary { primary_state(peer.uuids.0, peer.uuids.1) } else { secondary_state(peer.uuids.0, peer.uuids.1) };
-            state.data_position.term = peer.term;
+            (state.data_position.term, state.disk) = (peer.term, peer.disk.to_wire());
             let result = r.peer_state_received(1, state);
             (r, result)
         }
         // One node parted at 0xA0, elected in term 3; the other went through more generations
         // since than a history holds.
-        let behind = |primary| Copy { uuids: (0xA0, [0x90, 0, 0, 0]), term: 3, primary };
-        let far = |term, primary| Copy { uuids: (0xF0, [0xE0, 0xD0, 0xC0, 0xB0]), term, primary };
+        let behind = |primary| Copy { uuids: (0xA0, [0x90, 0, 0, 0]), term: 3, primary, disk: DiskState::UpToDate };
+        let far = |term, primary| Copy { uuids: (0xF0, [0xE0, 0xD0, 0xC0, 0xB0]), term, primary, disk: DiskState::UpToDate };
+        let inconsistent = |copy: Copy| Copy { disk: DiskState::Inconsistent, ..copy };
         let gone_far = |quorum, primary_term| meets(quorum, behind(false), far(primary_term, true));
         let (r, result) = gone_far(QuorumPolicy::Majority, 4);
         assert_eq!(result, Ok(()));
@@ -760,6 +764,14 @@ mod tests {
         assert_eq!(result, Ok(()));
         assert_eq!((r.peer(1).pending_sync, r.role), (None, Role::Primary));
         assert!(r.peer(1).want_connect);
+        // Nor is a copy of the later election the source while Inconsistent (a resync into it
+        // was cut off): the link waits idle for a node that holds the whole copy.
+        for (me, peer) in [(inconsistent(far(4, false)), behind(false)), (behind(false), inconsistent(far(4, false)))] {
+            let (r, result) = meets(QuorumPolicy::Majority, me, peer);
+            assert_eq!(result, Ok(()));
+            assert_eq!(r.peer(1).pending_sync, None);
+            assert!(r.peer(1).want_connect);
+        }
     }
 
     #[test]
