@@ -338,9 +338,7 @@ impl Replica {
             self.declared_with &= !(1 << peer_id);
         }
         let decision = match decided {
-            // The resolution passes the same state checks as any decision: an Inconsistent copy
-            // is never a source, whatever its election (a resync into it was cut off).
-            d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => check_states(self.after_split_brain(peer_id, d)?, &mine, &theirs),
+            d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
             // No shared history left, under quorum, between copies of different elections: the
             // generations since they parted outnumber what the histories keep (seed 218616: a
             // node partitioned through six generations of two primaries refused the primary
@@ -349,7 +347,7 @@ impl Replica {
             // wrong disk of the same resource name is then overwritten if its copy is the
             // older; between copies of one election, or without quorum, it is still refused.
             SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.sb.terms.of_data != peer_state.data_position.term => {
-                check_states(self.after_split_brain(peer_id, SyncDecision::Unrelated)?, &mine, &theirs)
+                self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
             // At connect only: blocks an online verify marked are resynced by reconnecting.
             d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
@@ -654,6 +652,13 @@ impl Replica {
                 return Err(reason);
             }
         };
+        // The resolution passes the same state checks as any decision (an Inconsistent copy is
+        // never a source, whatever its election: a resync into it was cut off), before anything
+        // is logged, counted or cleared for it.
+        let resolved = check_states(resolved, &mine, &peer_view(peer_id, &theirs));
+        if let SyncDecision::Refused(_) = resolved {
+            return Ok(resolved);
+        }
         let victim = if resolved.is_target() { "this node" } else { name.as_str() };
         if by_term.is_some() {
             // Not a split brain of acknowledged data: under quorum the side of the earlier
@@ -771,6 +776,7 @@ mod tests {
             assert_eq!(result, Ok(()));
             assert_eq!(r.peer(1).pending_sync, None);
             assert!(r.peer(1).want_connect);
+            assert_eq!(r.divergences_resolved, 0, "nothing was resolved");
         }
     }
 
