@@ -193,7 +193,7 @@ mod tests {
     use crate::core::states::{DiskState, Role};
     use crate::frontend::{BlockError, BlockRequest, BlockResult};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, primary_with_data_peer_and_witness, secondary_state};
+    use crate::replica::testing::{primary_replicating, secondary_state, with_data_peer_and_witness};
     use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
@@ -272,7 +272,7 @@ mod tests {
     #[test]
     fn writes_a_handler_releases_wait_for_a_majority_that_knows_the_new_generation() {
         // Quorum two of three: this node and either its data peer or the witness.
-        let (mut r, t0) = primary_with_data_peer_and_witness();
+        let (mut r, t0) = with_data_peer_and_witness(Role::Primary);
         r.fencing = Fencing::ResourceAndStonith;
         let left = r.sb.uuids.current;
         r.submit(t0, 1, BlockRequest::Write { offset: 0, data: Bytes::from(vec![7u8; 4096]), fua: true }, |_| 0);

@@ -144,14 +144,9 @@ pub fn secondary_of_primary() -> (Replica, Instant) {
     established(Role::Secondary, Role::Primary)
 }
 
-/// Node 0 primary under quorum "majority" with node 1, its data peer, Established, and node 2 a
-/// witness; both peers report this node's generation and answered a ping at the instant
-/// returned, so their leases hold from it.
-pub fn primary_with_data_peer_and_witness() -> (Replica, Instant) {
-    with_data_peer_and_witness(Role::Primary)
-}
-
-/// [`primary_with_data_peer_and_witness`], with node 0 in `role`.
+/// Node 0 in `role` under quorum "majority" with node 1, its data peer (Secondary, UpToDate,
+/// Established), and node 2 a witness; both peers report this node's generation and answered a
+/// ping at the instant returned, so their leases hold from it.
 pub fn with_data_peer_and_witness(role: Role) -> (Replica, Instant) {
     let (mut r, t0) = three_node_replica();
     r.quorum_policy = QuorumPolicy::Majority;

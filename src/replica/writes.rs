@@ -422,12 +422,7 @@ impl Replica {
             self.answer(request, Err(BlockError::Io));
             return;
         }
-        // The generation owed to lost peers starts first; the quorum is then judged under it
-        // (the voters that count are those that know it, see `Replica::votes_for_me`).
-        if self.admission(now) == Admission::Proceed {
-            self.start_pending_generation();
-        }
-        match self.admission(now) {
+        match self.admission_in_owed_generation(now) {
             Admission::Proceed => self.answer(request, result),
             // Under `io-error` too: the voters are there, they have yet to hear of the
             // generation just started (released by their State, see `release_suspended`).
@@ -441,6 +436,16 @@ impl Replica {
             }
             Admission::Refuse => self.answer(request, Err(BlockError::Io)),
         }
+    }
+
+    /// [`Replica::admission`] under the generation owed to lost peers: when quorum lets writes
+    /// complete, that generation starts first and quorum is judged again under it (the voters
+    /// that count are then those that know it, see `Replica::votes_for_me`).
+    fn admission_in_owed_generation(&mut self, now: Instant) -> Admission {
+        if self.admission(now) == Admission::Proceed {
+            self.start_pending_generation();
+        }
+        self.admission(now)
     }
 
     /// Queues the answer to `request` (or counts a piece of it, see [`Pieces`]).
@@ -491,15 +496,11 @@ impl Replica {
         if self.suspended.is_empty() && self.held.is_empty() && self.held_reads.is_empty() {
             return;
         }
-        // The generation owed to lost peers starts before anything held completes, and the
-        // quorum is then judged under it, as in `finish_request`: the voters that let the
-        // completions through under the generation left may never hear of the new one (seed
-        // 177658: a fence-peer answer released a FUA write the witnesses, cut off a moment
-        // before, never learned of; they elected the lost peer without it).
-        if !fail && self.admission(now) == Admission::Proceed {
-            self.start_pending_generation();
-        }
-        let admission = self.admission(now);
+        // Judged under the generation owed to lost peers, as a completion is (seed 177658: a
+        // fence-peer answer released a FUA write judged under the generation left, which the
+        // witnesses, cut off a moment before, never learned of; they elected the lost peer
+        // without it).
+        let admission = if fail { self.admission(now) } else { self.admission_in_owed_generation(now) };
         // What waited for voters to confirm a new generation fails once quorum is gone instead
         // (`io-error` holds nothing else).
         let refused = admission == Admission::Refuse && !self.confirming_generation(now);
@@ -629,8 +630,9 @@ mod tests {
     fn under_io_error_a_completion_waiting_for_voters_to_confirm_a_new_generation_fails_once_their_lease_lapses() {
         use crate::core::quorum::OnNoQuorum;
         use crate::frontend::BlockResult;
-        use crate::replica::testing::primary_with_data_peer_and_witness;
-        let (mut r, t0) = primary_with_data_peer_and_witness();
+        use crate::core::states::Role;
+        use crate::replica::testing::with_data_peer_and_witness;
+        let (mut r, t0) = with_data_peer_and_witness(Role::Primary);
         r.on_no_quorum = OnNoQuorum::IoError;
         let timing = r.timing;
         r.submit(t0, 1, write(0, 4096), no_queue);
