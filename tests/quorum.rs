@@ -88,6 +88,23 @@ fn a_primary_without_quorum_fails_writes_under_io_error_until_quorum_returns() {
 }
 
 #[test]
+fn under_io_error_a_write_waiting_for_a_silent_witness_fails_once_its_lease_lapses() {
+    let c = trio("on_no_quorum = \"io-error\"");
+    // The witness hangs (its link goes silent, as in a partition) and beta dies: alpha's write
+    // waits for the witness to confirm the generation started without beta while the witness's
+    // lease holds, and must fail once it lapses, not wait for a frame that never comes.
+    c.signal("tie", "STOP");
+    c.kill("beta");
+    let url = c.nbd_url("alpha");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(qemu_io(&url, &["write -P 0x46 0 64k".into()])));
+    let answer = rx.recv_timeout(std::time::Duration::from_secs(30));
+    c.signal("tie", "CONT");
+    let (ok, out) = answer.expect("the write was neither completed nor failed within 30 s: held for good");
+    assert!(!ok, "a write completed without quorum: {out}");
+}
+
+#[test]
 fn suspended_writes_complete_when_quorum_returns() {
     let c = trio("");
     c.kill("beta");
