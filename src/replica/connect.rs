@@ -339,14 +339,16 @@ impl Replica {
         }
         let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,
-            // No shared history left, under quorum, between copies of different elections: the
-            // generations since they parted outnumber what the histories keep (seed 218616: a
-            // node partitioned through six generations of two primaries refused the primary
-            // for good as a "wrong disk"). The election terms still order the copies, so the
-            // later election's copy flows in full, as for a split brain without bitmaps. A
-            // wrong disk of the same resource name is then overwritten if its copy is the
-            // older; between copies of one election, or without quorum, it is still refused.
-            SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.sb.terms.of_data != peer_state.data_position.term => {
+            // No shared history left, under quorum: the generations since the copies parted
+            // outnumber what the histories keep (seed 218616: a node partitioned through six
+            // generations of two primaries refused the primary for good as a "wrong disk"; a
+            // primary that starts a generation for each data peer it loses does the same in
+            // one election while a node stays away). The data positions still order the
+            // copies: the later election's, or within one election the one further into its
+            // stream, flows in full, as for a split brain without bitmaps. A wrong disk of the
+            // same resource name is then overwritten if its copy is the older; copies at the
+            // same position, or without quorum, are still refused.
+            SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.data_position() != peer_state.data_position => {
                 self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
             // At connect only: blocks an online verify marked are resynced by reconnecting.
@@ -594,7 +596,7 @@ impl Replica {
     /// A split brain: the policies or the operator's `--discard-my-data` pick the victim, whose
     /// changes are then overwritten from the survivor. With shared bitmaps (`SplitBrain`) that
     /// is a bitmap resync of both sides' changes; with only shared history (or, under quorum,
-    /// none left: `Unrelated` between two elections' copies), a full sync.
+    /// none left: `Unrelated` between copies at different data positions), a full sync.
     /// Otherwise the link is refused and the node stays StandAlone.
     fn after_split_brain(&mut self, peer_id: u8, decision: SyncDecision) -> Result<SyncDecision, String> {
         let peer = self.peer(peer_id);
@@ -624,21 +626,27 @@ impl Replica {
         );
         // Under quorum the copy of the later election wins (see `replica/election.rs`): the
         // other's changes since they parted were never acknowledged, or acknowledged under
-        // protocol A by a primary that had lost its quorum without knowing.
-        let (my_term, their_term) = (self.sb.terms.of_data, theirs.data_position.term);
-        if self.quorum_policy != QuorumPolicy::Off && my_term != their_term {
+        // protocol A by a primary that had lost its quorum without knowing. Two copies of one
+        // election with no history left in common are ordered by how far each goes into that
+        // election's stream: the further holds every durable write of the nearer (see
+        // `DataPosition`), and only that election's primary wrote.
+        let (my_position, their_position) = (self.data_position(), theirs.data_position);
+        let same_election = my_position.term == their_position.term;
+        let ordered = self.quorum_policy != QuorumPolicy::Off
+            && (!same_election || decision == SyncDecision::Unrelated && my_position != their_position);
+        if ordered {
             // A primary of the earlier election steps down first (it was superseded); the link
             // waits idle meanwhile (see the refusals in `reconsider`).
-            if my_term < their_term && me.is_primary {
+            if my_position < their_position && me.is_primary {
                 return Ok(SyncDecision::Refused(Refusal::PrimaryWouldBeTarget));
             }
-            if their_term < my_term && them.is_primary {
+            if their_position < my_position && them.is_primary {
                 return Ok(SyncDecision::Refused(Refusal::PeerCannotFollow));
             }
         }
-        let later = if my_term > their_term { SbResolution::DiscardTheirs } else { SbResolution::DiscardMine };
-        let by_term = (self.quorum_policy != QuorumPolicy::Off && my_term != their_term).then_some(later);
-        let resolved = match by_term.unwrap_or_else(|| split_brain::resolve(&policies, &me, &them)) {
+        let later = if my_position > their_position { SbResolution::DiscardTheirs } else { SbResolution::DiscardMine };
+        let by_position = ordered.then_some(later);
+        let resolved = match by_position.unwrap_or_else(|| split_brain::resolve(&policies, &me, &them)) {
             SbResolution::DiscardMine if bitmaps_usable => SyncDecision::BitmapTarget,
             SbResolution::DiscardMine => SyncDecision::FullTarget,
             SbResolution::DiscardTheirs if bitmaps_usable => SyncDecision::BitmapSource,
@@ -660,11 +668,12 @@ impl Replica {
             return Ok(resolved);
         }
         let victim = if resolved.is_target() { "this node" } else { name.as_str() };
-        if by_term.is_some() {
+        if by_position.is_some() {
             // Not a split brain of acknowledged data: under quorum the side of the earlier
             // election never completed a write after they parted.
+            let kept = if same_election { "the copy further into the election's stream is kept" } else { "the later election's data is kept" };
             tracing::warn!(resource = %self.resource,
-                "diverged from {name} ({both}): the later election's data is kept; {victim}'s changes since they parted are discarded (under quorum none was acknowledged, but under protocol A what was in flight when its quorum ended)");
+                "diverged from {name} ({both}): {kept}; {victim}'s changes since they parted are discarded (under quorum none was acknowledged, but under protocol A what was in flight when its quorum ended)");
         } else {
             tracing::warn!(resource = %self.resource, "split brain with {name} ({both}): resolved, {victim}'s changes are discarded ({resolved:?})");
         }
@@ -720,13 +729,16 @@ mod tests {
     }
 
     #[test]
-    fn under_quorum_copies_of_two_elections_with_no_history_left_in_common_sync_in_full_from_the_later() {
+    fn under_quorum_copies_with_no_history_left_in_common_sync_in_full_from_the_further_data_position() {
         use crate::core::quorum::QuorumPolicy;
         use crate::core::sync_decision::SyncDecision;
-        // One copy, at `uuids`, of the election of `term`, on a primary or not.
+        use crate::wire::DataPosition;
+        // One copy, at `uuids`, of the election of `term`, `epoch` epochs into its stream, on a
+        // primary or not.
         struct Copy {
             uuids: (u64, [u64; 4]),
             term: u64,
+            epoch: u64,
             primary: bool,
             disk: DiskState,
         }
@@ -735,34 +747,46 @@ mod tests {
             (r.quorum_policy, r.disk) = (quorum, me.disk);
             r.role = if me.primary { Role::Primary } else { Role::Secondary };
             (r.sb.uuids.current, r.sb.uuids.history) = me.uuids;
-            r.sb.terms.of_data = me.term;
+            // A primary's position is its open epoch; a secondary's, what it holds durably.
+            (r.sb.terms.of_data, r.sb.terms.epoch_of_data, r.epoch) = (me.term, me.epoch, me.epoch);
             r.link_up(1, t0);
             r.take_actions();
             let mut state = if peer.primary { primary_state(peer.uuids.0, peer.uuids.1) } else { secondary_state(peer.uuids.0, peer.uuids.1) };
-            (state.data_position.term, state.disk) = (peer.term, peer.disk.to_wire());
+            state.data_position = DataPosition { term: peer.term, epoch: peer.epoch, fua: 0 };
+            state.disk = peer.disk.to_wire();
             let result = r.peer_state_received(1, state);
             (r, result)
         }
-        // One node parted at 0xA0, elected in term 3; the other went through more generations
-        // since than a history holds.
-        let behind = |primary| Copy { uuids: (0xA0, [0x90, 0, 0, 0]), term: 3, primary, disk: DiskState::UpToDate };
-        let far = |term, primary| Copy { uuids: (0xF0, [0xE0, 0xD0, 0xC0, 0xB0]), term, primary, disk: DiskState::UpToDate };
+        // One node parted at 0xA0, elected in term 3, 5 epochs into its stream; the other went
+        // through more generations since than a history holds (a primary starts one for each
+        // data peer it loses).
+        let behind = |primary| Copy { uuids: (0xA0, [0x90, 0, 0, 0]), term: 3, epoch: 5, primary, disk: DiskState::UpToDate };
+        let far = |term, primary| Copy { uuids: (0xF0, [0xE0, 0xD0, 0xC0, 0xB0]), term, epoch: 9, primary, disk: DiskState::UpToDate };
         let inconsistent = |copy: Copy| Copy { disk: DiskState::Inconsistent, ..copy };
-        let gone_far = |quorum, primary_term| meets(quorum, behind(false), far(primary_term, true));
-        let (r, result) = gone_far(QuorumPolicy::Majority, 4);
-        assert_eq!(result, Ok(()));
-        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullTarget), "the later election's copy flows in full");
-        for (quorum, term) in [(QuorumPolicy::Majority, 3), (QuorumPolicy::Off, 4)] {
-            let (r, result) = gone_far(quorum, term);
-            assert!(result.as_ref().is_err_and(|why| why.contains("wrong disk")), "quorum {quorum}, term {term}: {result:?}");
+        // The later election's copy flows in full; within one election, the copy further into
+        // its stream (the primary's, which holds everything it wrote).
+        for term in [4, 3] {
+            let (r, result) = meets(QuorumPolicy::Majority, behind(false), far(term, true));
+            assert_eq!(result, Ok(()));
+            assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullTarget), "term {term}");
+            assert_eq!(r.divergences_resolved, 1);
+        }
+        // Without quorum nothing orders them, nor do two copies at one position.
+        let level = Copy { epoch: 5, ..far(3, false) };
+        for (quorum, peer) in [(QuorumPolicy::Off, far(4, true)), (QuorumPolicy::Majority, level)] {
+            let (r, result) = meets(quorum, behind(false), peer);
+            assert!(result.as_ref().is_err_and(|why| why.contains("wrong disk")), "quorum {quorum}: {result:?}");
             assert!(!r.peer(1).want_connect, "refused for good");
         }
 
-        // The mirror: the primary of the later election is the source, and stays primary.
-        let (r, result) = meets(QuorumPolicy::Majority, far(4, true), behind(false));
-        assert_eq!(result, Ok(()));
-        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullSource));
-        assert_eq!(r.role, Role::Primary);
+        // The mirror: the primary of the later election, or further into the same one, is the
+        // source, and stays primary.
+        for term in [4, 3] {
+            let (r, result) = meets(QuorumPolicy::Majority, far(term, true), behind(false));
+            assert_eq!(result, Ok(()));
+            assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::FullSource), "term {term}");
+            assert_eq!(r.role, Role::Primary);
+        }
         // A primary is never overwritten so (a disk of another cluster, of a later term, says
         // nothing of this one's elections): the link waits idle, and the primary goes on.
         let (r, result) = meets(QuorumPolicy::Majority, behind(true), far(4, false));
