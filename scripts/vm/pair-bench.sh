@@ -95,8 +95,9 @@ if [ -s "$results" ]; then
   awk -F'|' '
     { v[$1, $2] = ($2 ~ /^1M/) ? $4 : $3; if (!($1 in seen)) { seen[$1] = 1; sys[++n] = $1 } }
     function cell(s, w) { return ((s, w) in v) ? sprintf(w ~ /^1M/ ? "%.1f" : "%.0f", v[s, w]) : "-" }
-    function ratio(s, w) { return ((s, w) in v && ("DRBD 8.4 C", w) in v && v["DRBD 8.4 C", w] > 0) ?
-                             sprintf("%.2f", v[s, w] / v["DRBD 8.4 C", w]) : "-" }
+    # One line each: mawk (a fresh Debian machine'"'"'s awk) takes no line break after "?".
+    function ratio(s, w) { if (!((s, w) in v && ("DRBD 8.4 C", w) in v && v["DRBD 8.4 C", w] > 0)) return "-"
+                           return sprintf("%.2f", v[s, w] / v["DRBD 8.4 C", w]) }
     END {
       split("4k randwrite QD1|4k randwrite QD32|1M write QD4", w, "|")
       printf "%-28s %14s %14s %14s\n", "system", "4k QD1 IOPS", "4k QD32 IOPS", "1M QD4 MiB/s"

@@ -34,6 +34,12 @@ shift $((OPTIND-1))
 
 . "$(dirname "$0")/../lib/backports-apt.sh"
 
+# Guests started together (scripts/vm/pair-bench.sh starts two) share the cache: one at a time
+# fetches the apt lists and the kernel and builds the initramfs, the others wait and find them
+# ready (on a fresh machine two fetches into one directory failed both guests).
+mkdir -p "$CACHE"
+exec 9>"$CACHE/prepare.lock"
+flock 9
 # A series (6.12, 7) stands for its newest kernel: 6.x kernels are packaged as
 # linux-image-KVER-unsigned, 7.x ones as linux-binary-KVER.
 case ${KVER:-6.12} in
@@ -103,6 +109,8 @@ EOF
   (cd $R && find . | cpio -o -H newc 2>/dev/null | gzip -1) > $INITRD.tmp && mv $INITRD.tmp $INITRD
   rm -rf $R
 fi
+flock -u 9
+exec 9>&-
 
 [ -n "$SHARED" ] || { mkdir -p $CACHE/runs; SHARED=$(mktemp -d $CACHE/runs/run.XXXX); }
 mkdir -p $SHARED; rm -f $SHARED/rc
