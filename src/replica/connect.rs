@@ -347,8 +347,9 @@ impl Replica {
             // copies: the later election's, or within one election the one further into its
             // stream, flows in full, as for a split brain without bitmaps. A wrong disk of the
             // same resource name is then overwritten if its copy is the older; copies at the
-            // same position, or without quorum, are still refused.
-            SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off && self.data_position() != peer_state.data_position => {
+            // same position, or without quorum, are still refused (`after_split_brain` says
+            // which).
+            SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off => {
                 self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
             // At connect only: blocks an online verify marked are resynced by reconnecting.
@@ -634,6 +635,10 @@ impl Replica {
         let same_election = my_position.term == their_position.term;
         let ordered = self.quorum_policy != QuorumPolicy::Off
             && (!same_election || decision == SyncDecision::Unrelated && my_position != their_position);
+        if decision == SyncDecision::Unrelated && !ordered {
+            // Nothing orders them: refused as unrelated data (see `reconsider`).
+            return Ok(SyncDecision::Unrelated);
+        }
         if ordered {
             // A primary of the earlier election steps down first (it was superseded); the link
             // waits idle meanwhile (see the refusals in `reconsider`).
