@@ -10,7 +10,8 @@
 //! only copy of its generation, with nobody to resync from.
 //!
 //! On an I/O error a primary fails every read and write from then on (it would serve those
-//! blocks as if they were good; the disk may be dying) until it is demoted: `status` says why
+//! blocks as if they were good; the disk may be dying), and reads nothing more for a resync it
+//! sources (`Replica::resync_next`), until it is demoted: `status` says why
 //! (`local_write_failed`, until the demotion), the cluster manager moves the service as after a
 //! crash, and the demoted node reconnects to its peers so the decision at connect resyncs the
 //! blocks. DRBD's
@@ -149,9 +150,10 @@ mod tests {
     use crate::core::states::DiskState;
     use crate::frontend::{BlockError, BlockRequest};
     use crate::replica::testing::{primary_replicating, secondary_of_primary};
-    use crate::replica::{Action, IoTag};
+    use crate::replica::{Action, IoTag, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
+    use std::time::Instant;
 
     fn answers(actions: &[Action]) -> Vec<(u64, Option<BlockError>)> {
         actions.iter().filter_map(|a| match a {
@@ -160,20 +162,25 @@ mod tests {
         }).collect()
     }
 
-    #[test]
-    fn a_primary_whose_write_failed_marks_it_for_every_peer_and_serves_nothing_until_demoted() {
-        let (mut r, t0) = primary_replicating();
-        let data = Bytes::from(vec![9u8; 4096]);
-        r.submit(t0, 1, BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
+    /// Writes block 2 on primary `r`, which replicates it to its peer, and fails the local
+    /// write with `failure` once the peer has it: what the primary does then.
+    fn write_failing_here(r: &mut Replica, t0: Instant, failure: LocalFailure) -> Vec<Action> {
+        r.submit(t0, 1, BlockRequest::Write { offset: 8192, data: Bytes::from(vec![9u8; 4096]), fua: false }, |_| 0);
         let actions = r.take_actions();
         assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "the peer gets it");
         let id = actions.iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("the local write");
-        r.io_done(t0, IoTag::Write(id), Err(LocalFailure::Io));
+        r.io_done(t0, IoTag::Write(id), Err(failure));
         r.peer_reached(t0, id, 1, AckLevel::Written);
-        let actions = r.take_actions();
+        r.take_actions()
+    }
+
+    #[test]
+    fn a_primary_whose_write_failed_marks_it_for_every_peer_and_serves_nothing_until_demoted() {
+        let (mut r, t0) = primary_replicating();
+        let actions = write_failing_here(&mut r, t0, LocalFailure::Io);
         assert_eq!(answers(&actions), vec![(1, Some(BlockError::Io))]);
         assert!(r.bitmaps[0].test_block(2), "the peer holds what this node may not");
         assert_eq!(r.disk, DiskState::UpToDate, "its other blocks are good");
@@ -193,6 +200,23 @@ mod tests {
         // demotion's last flush tells the peers this node is no longer primary.
         r.submit(t0, 4, BlockRequest::Flush, |_| 0);
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Barrier { .. }, .. })));
+    }
+
+    #[test]
+    fn a_primary_whose_write_failed_reads_nothing_more_for_the_peer_it_resyncs() {
+        let (mut r, t0) = primary_replicating();
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
+        r.bitmaps[0].set_range(64 * 4096, 4096);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        let actions = write_failing_here(&mut r, t0, LocalFailure::Io);
+        assert_eq!(answers(&actions), vec![(1, Some(BlockError::Io))], "the write is over");
+        assert!(r.bitmaps[0].test_block(2), "marked for the target too");
+        // Neither the failed block (the target holds the newer copy from the stream) nor any
+        // other is read from the failing disk, and the resync does not end.
+        assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Wait);
+        assert!(!r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::ResyncDone { .. }, .. })));
+        assert!(r.bitmaps[0].test_block(2) && r.bitmaps[0].test_block(64), "both wait for the decision at the reconnect");
     }
 
     #[test]
@@ -217,14 +241,7 @@ mod tests {
     #[test]
     fn a_primary_whose_write_found_no_space_keeps_serving_and_reconnects_to_resync_the_blocks() {
         let (mut r, t0) = primary_replicating();
-        r.submit(t0, 1, BlockRequest::Write { offset: 8192, data: Bytes::from(vec![9u8; 4096]), fua: false }, |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
-            _ => None,
-        }).expect("the local write");
-        r.io_done(t0, IoTag::Write(id), Err(LocalFailure::NoSpace));
-        r.peer_reached(t0, id, 1, AckLevel::Written);
-        let actions = r.take_actions();
+        let actions = write_failing_here(&mut r, t0, LocalFailure::NoSpace);
         assert_eq!(answers(&actions), vec![(1, Some(BlockError::NoSpace))]);
         assert!(r.bitmaps[0].test_block(2), "the peer may hold what this node does not");
         assert!(

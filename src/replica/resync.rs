@@ -256,6 +256,16 @@ impl Replica {
     /// The next step of the resync of `peer_id` (this node its source). `csums`: checksum
     /// resync.
     pub fn resync_next(&mut self, now: Instant, peer_id: u8, csums: bool) -> ResyncStep {
+        if self.io_failed.is_some() {
+            // A primary whose disk failed reads nothing for its targets: its copy of the blocks
+            // it failed to write is the one it refuses its own clients, while the stream
+            // carried the new data to the peers. The failure marks those blocks for the target
+            // too, and sending them from here left the target older than the other peers,
+            // which then forgot their bits for it as followers of one primary (seed 86969 of
+            // the long run). The target stays Inconsistent; the demotion drops the links and
+            // the decision at the reconnect resyncs it.
+            return ResyncStep::Wait;
+        }
         let paced = self.pace_wait(peer_id, now);
         let data_size = self.sb.data_size;
         let peer = self.peer(peer_id);
