@@ -43,14 +43,19 @@ impl BitsHolder {
             && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
     }
 
-    /// A primary with good data resyncs a peer whenever either side holds bits for the other:
-    /// nothing goes into a primary, and what the peer holds that the primary lacks was never
-    /// acknowledged in the primary's term (both holding bits once left them "in sync"; seed
-    /// 3117).
+    /// A primary resyncs a peer whenever either side holds bits for the other: nothing goes
+    /// into a primary, and what the peer holds that the primary lacks was never acknowledged
+    /// in the primary's term (both holding bits once left them "in sync"; seed 3117).
+    /// An Outdated primary too: a fence-peer answer "the peer is primary" (exit code 6)
+    /// outdates a primary (a verify runs on the primary, so it outdates a secondary), and a peer of the same generation that is not primary shows the
+    /// answer wrong (one promoted since would hold a newer generation), while the primary
+    /// holds every write acknowledged in it. Left "in sync", each side's bits stayed set, the
+    /// other confirmed the Outdated primary UpToDate, and a block the peer failed to write
+    /// after a protocol B acknowledgement stayed different for good (seed 214903).
     fn is_primary_with_bits(&self, other: &BitsHolder) -> bool {
         self.is_primary
             && !other.is_primary
-            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated)
             && (self.bits_for_other > 0 || other.bits_for_other > 0)
     }
 
@@ -135,6 +140,18 @@ mod tests {
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, &primary), SyncDecision::BitmapTarget);
         let empty = BitsHolder { bits_for_other: 0, ..primary };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &empty, &b), SyncDecision::BitmapSource, "the peer's bits alone");
+    }
+
+    #[test]
+    fn an_outdated_primary_resyncs_its_peer_when_either_holds_bits() {
+        let peer = side(448, DiskState::UpToDate);
+        let primary = BitsHolder { is_primary: true, position: (at(1, 4, 0), 1), ..side(19, DiskState::Outdated) };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &primary, &peer), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &peer, &primary), SyncDecision::BitmapTarget);
+        let secondary = BitsHolder { is_primary: false, ..primary };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &secondary, &peer), SyncDecision::BitmapTarget, "an Outdated secondary is the target");
+        let inconsistent = BitsHolder { disk: DiskState::Inconsistent, ..primary };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &inconsistent, &peer), SyncDecision::InSync, "never out of an Inconsistent disk");
     }
 
     #[test]
