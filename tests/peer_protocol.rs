@@ -172,6 +172,7 @@ fn frames_out_of_turn_drop_the_connection_and_change_nothing() {
         (Message::Barrier { epoch: 1 }, "but is not primary"),
         (Message::BitmapRuns { last: true, runs: vec![(0, 16)] }, "no sync decision is pending"),
         (Message::ResyncData { offset: 0, payload: Bytes::from(vec![0xEE; 4096]) }, "resync data from beta while replication is Off"),
+        (Message::ResyncZeroes { offset: 0, len: 4096 }, "resync data from beta while replication is Off"),
         (Message::ResyncDone { current_uuid: 0x1234_5678, history: [0; 4], position: blkrepl::wire::DataPosition::default() }, "ended a resync it does not run"),
         (Message::BarrierAck { epoch: 7, writes: 0 }, "never sent"),
     ];

@@ -8,6 +8,7 @@ pub mod inflight;
 pub mod transfer_log;
 pub mod generation;
 pub mod block_digest;
+pub mod zero_runs;
 pub mod leftover_bits;
 pub mod resync_rate;
 pub mod sync_progress;

@@ -53,10 +53,12 @@ impl TransferLog {
         self.open_epoch_writes += 1;
     }
 
-    /// Resync data sent in `epoch` (it counts as a write of the epoch on the peer).
-    pub fn record(&mut self, epoch: u64, offset: u64, len: u64) {
+    /// Resync data sent in `epoch` in `frames` frames (each counts as a write of the epoch on
+    /// the peer). One range for all of them: a bit is cleared only by a range that covers its
+    /// whole block, and the frames of one chunk may each cover a part of one.
+    pub fn record(&mut self, epoch: u64, offset: u64, len: u64, frames: u32) {
         self.entries.push_back(Entry { epoch, offset, len, void: false, write: false });
-        self.open_epoch_writes += 1;
+        self.open_epoch_writes += frames;
     }
 
     /// A range the peer already holds (checksum-based resync found it equal): it counts as
@@ -127,7 +129,7 @@ mod tests {
     fn barrier_ack_releases_only_its_epochs() {
         let mut log = TransferLog::default();
         log.record_write(1, 0, 4096);
-        log.record(1, 4096, 4096);
+        log.record(1, 4096, 4096, 1);
         assert_eq!(log.close_epoch(), 2);
         log.record_write(2, 8192, 4096);
         let acked = log.barrier_acked(1);
@@ -141,11 +143,11 @@ mod tests {
     #[test]
     fn a_range_marked_again_after_it_was_sent_is_not_cleared_by_its_ack() {
         let mut log = TransferLog::default();
-        log.record(1, 0, 8192);
-        log.record(1, 1 << 20, 4096);
+        log.record(1, 0, 8192, 1);
+        log.record(1, 1 << 20, 4096, 1);
         log.void_overlapping(4096, 512);
         assert_eq!(ranges(&log.barrier_acked(1)), vec![(0, 8192, false), (1 << 20, 4096, true)]);
-        log.record(2, 0, 4096);
+        log.record(2, 0, 4096, 1);
         log.void_overlapping(0, 4096);
         assert_eq!(ranges(&log.drain_lost()), vec![(0, 4096, false)], "a lost link still re-marks it");
     }
@@ -153,7 +155,7 @@ mod tests {
     #[test]
     fn a_held_range_clears_with_its_epoch_but_is_not_counted() {
         let mut log = TransferLog::default();
-        log.record(3, 0, 4096);
+        log.record(3, 0, 4096, 1);
         log.record_held(3, 1 << 20, 1 << 18);
         assert_eq!(log.close_epoch(), 1, "the peer counts only the write");
         log.record_held(4, 8192, 4096);

@@ -151,10 +151,22 @@ impl Replica {
 
     /// A block from this node's sync source (`check_frame` saw it as one).
     pub fn resync_data_received(&mut self, peer_id: u8, offset: u64, data: Bytes) {
+        self.resync_step(peer_id, offset, data.len() as u64, data);
+    }
+
+    /// A `ResyncZeroes` (`check_frame` found it fitting): written as resync data of zeroes, of
+    /// which only the frame's fields crossed the wire.
+    pub fn resync_zeroes_received(&mut self, peer_id: u8, offset: u64, len: u32) {
+        let received = crate::wire::RESYNC_ZEROES_BYTES as u64;
+        self.resync_step(peer_id, offset, received, crate::wire::zero_bytes(len as usize));
+    }
+
+    /// Resync data for `offset` (`received` bytes of it came over the wire).
+    fn resync_step(&mut self, peer_id: u8, offset: u64, received: u64, data: Bytes) {
         let peer = self.peer_mut(peer_id);
         let len = data.len() as u64;
         peer.rx_epoch_writes += 1;
-        peer.received_bytes += len;
+        peer.received_bytes += received;
         // With another data peer, what the block held is compared first (see
         // `Replica::resync_block_read`).
         let compare = self.peers.iter().any(|p| p.node_id != peer_id && !p.witness);

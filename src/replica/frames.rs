@@ -84,8 +84,12 @@ impl Replica {
             Message::PingAck => Err("ping answer without a ping".into()),
             Message::BitmapRuns { .. } if peer.pending_sync.is_some() => Ok(()),
             Message::BitmapRuns { .. } => Err(format!("{name} sent its bitmap while no sync decision is pending")),
-            Message::ResyncData { offset, payload } => {
-                inside(*offset, payload.len() as u64)?;
+            Message::ResyncData { offset, .. } | Message::ResyncZeroes { offset, .. } => {
+                let len = match msg {
+                    Message::ResyncZeroes { len, .. } => u64::from(*len),
+                    _ => msg.payload_len() as u64,
+                };
+                inside(*offset, len)?;
                 if primary_here || !matches!(repl, ReplState::SyncTarget | ReplState::Behind) {
                     return Err(format!("resync data from {name} while replication is {repl}"));
                 }
@@ -200,14 +204,19 @@ mod tests {
     fn a_sync_source_sends_resync_data_and_ends_the_resync_nobody_else_does() {
         let mut r = linked_to_primary();
         let resync_data = Message::ResyncData { offset: 0, payload: Bytes::from(vec![0u8; 4096]) };
+        let zeroes = Message::ResyncZeroes { offset: 0, len: 4096 };
         let done = Message::ResyncDone { current_uuid: 5, history: [0; 4], position: DataPosition::default() };
         assert!(r.check_frame(1, 1, &resync_data).is_err());
+        assert!(r.check_frame(1, 1, &zeroes).unwrap_err().contains("resync data"));
         assert_eq!(r.check_frame(1, 1, &done), Ok(()), "two fresh nodes declared in sync (new-current-uuid --clear-bitmap)");
         r.sb.uuids.current = 0xABC0;
         assert!(r.check_frame(1, 1, &done).unwrap_err().contains("does not run"));
         r.peer_mut(1).role = Role::Secondary;
         r.peer_mut(1).repl = ReplState::SyncTarget;
         assert_eq!(r.check_frame(1, 1, &resync_data), Ok(()));
+        assert_eq!(r.check_frame(1, 1, &zeroes), Ok(()));
+        let past_the_end = Message::ResyncZeroes { offset: r.sb.data_size - 4096, len: 8192 };
+        assert!(r.check_frame(1, 1, &past_the_end).is_err(), "bounded by the device");
         assert_eq!(r.check_frame(1, 1, &Message::Barrier { epoch: 1 }), Ok(()), "the source's epochs");
         assert_eq!(r.check_frame(1, 1, &done), Ok(()));
     }

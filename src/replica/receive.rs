@@ -38,6 +38,7 @@ impl Replica {
             Message::Barrier { epoch } => self.peer_barrier_received(peer_id, epoch),
             Message::BarrierAck { epoch, .. } => self.barrier_acked(now, peer_id, epoch),
             Message::ResyncData { offset, payload } => self.resync_data_received(peer_id, offset, payload),
+            Message::ResyncZeroes { offset, len } => self.resync_zeroes_received(peer_id, offset, len),
             Message::ResyncDone { current_uuid, history, position } => {
                 self.resync_done_in_stream(peer_id, current_uuid, history, position)
             }

@@ -9,6 +9,7 @@ use super::{Action, MetaWrite, Replica, ResyncProgress};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, SyncDecision};
 use crate::core::sync_progress::SyncProgress;
+use crate::core::zero_runs::zero_runs;
 use crate::meta::MetaFlags;
 use crate::wire::{DataPosition, DigestPurpose, Message, DIGEST_BYTES, MAX_BITMAP_RUNS};
 use bytes::Bytes;
@@ -331,19 +332,31 @@ impl Replica {
         self.paced(peer_id, len);
         let epoch = self.epoch;
         let peer = self.peer_mut(peer_id);
-        let msg = match chunk {
+        let msgs = match chunk {
+            // Runs of zeroes go as their length alone (see `core::zero_runs`); each frame is a
+            // write of the epoch on the target.
             ResyncChunk::Data(payload) => {
-                peer.tl.record(epoch, offset, len);
-                Message::ResyncData { offset, payload }
+                let runs = zero_runs(&payload);
+                peer.tl.record(epoch, offset, len, runs.len() as u32);
+                runs.into_iter().map(|(start, run, zeroes)| {
+                    let at = offset + start as u64;
+                    if zeroes {
+                        Message::ResyncZeroes { offset: at, len: run as u32 }
+                    } else {
+                        Message::ResyncData { offset: at, payload: payload.slice(start..start + run) }
+                    }
+                }).collect()
             }
             ResyncChunk::Digests(digests) => {
                 peer.sync.resync_digests.push_back((offset, digests.len() as u32));
-                Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }
+                vec![Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }]
             }
         };
         peer.sync.walk.frames_in_epoch += 1;
         let close = peer.sync.walk.frames_in_epoch >= CHUNKS_PER_EPOCH;
-        self.send_bulk(peer_id, msg, None);
+        for msg in msgs {
+            self.send_bulk(peer_id, msg, None);
+        }
         if close {
             self.close_epoch();
             self.peer_mut(peer_id).sync.walk.frames_in_epoch = 0;
@@ -398,6 +411,36 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn a_source_sends_runs_of_zeroes_as_their_length_and_counts_each_frame_in_the_epoch() {
+        let (mut r, t0) = crate::replica::testing::two_node_replica_with_blocks_of(1 << 20);
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[0].set_range(0, 1 << 20);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Read { offset: 0, len: 1 << 20, digests: false });
+        // A 1 MiB block of which one page was ever written.
+        let mut chunk = vec![0u8; 1 << 20];
+        chunk[20 * BLOCK as usize..21 * BLOCK as usize].fill(0xC3);
+        r.resync_chunk_read(1, 0, 1 << 20, ResyncChunk::Data(Bytes::from(chunk)));
+        let sent: Vec<Message> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Send { msg, .. } => Some(msg),
+            _ => None,
+        }).collect();
+        let names: Vec<&str> = sent.iter().map(Message::name).collect();
+        assert!(matches!(&sent[..], [
+            Message::ResyncZeroes { offset: 0, len: 81920 },
+            Message::ResyncData { offset: 81920, payload },
+            Message::ResyncZeroes { offset: 86016, len },
+        ] if payload[..] == [0xC3; 4096][..] && *len == (1 << 20) - 86016), "{names:?}");
+        let epoch = r.close_epoch();
+        assert_eq!(r.peer(1).barriers.back(), Some(&(epoch, 3)), "three writes of the epoch on the target, as it counts them");
+        // The ack covers the whole 1 MiB block, though no frame alone did.
+        r.barrier_acked(t0, 1, epoch);
+        assert_eq!(r.bitmaps[0].weight(), 0);
     }
 
     #[test]
@@ -477,14 +520,20 @@ mod ends {
     use crate::replica::{Action, MetaWrite};
     use crate::wire::{DataPosition, Message};
 
-    #[test]
-    fn a_target_is_inconsistent_on_disk_before_the_resync_and_its_data_durable_before_its_end() {
+    /// An Outdated node made the target of a bitmap resync of the first `blocks` blocks.
+    fn resync_target(blocks: u64) -> (crate::replica::Replica, std::time::Instant) {
         let (mut r, t0) = two_node_replica();
         r.disk = DiskState::Outdated;
         r.link_up(1, t0);
         r.peer_mut(1).pending_sync = Some(SyncDecision::BitmapTarget);
         r.take_actions();
-        r.bitmap_received(1, true, &[(0, 4)], t0).unwrap();
+        r.bitmap_received(1, true, &[(0, blocks)], t0).unwrap();
+        (r, t0)
+    }
+
+    #[test]
+    fn a_target_is_inconsistent_on_disk_before_the_resync_and_its_data_durable_before_its_end() {
+        let (mut r, _) = resync_target(4);
         assert_eq!((r.disk, r.peer(1).repl), (DiskState::Inconsistent, ReplState::SyncTarget));
         let started = r.take_actions();
         assert!(matches!(started[0], Action::Persist(MetaWrite::Superblock)), "{started:?}");
@@ -496,6 +545,21 @@ mod ends {
             other => format!("{other:?}"),
         }).collect();
         assert_eq!(order[..4], ["DataFlush", "Bitmap(0)", "Superblock", "State"], "{order:?}");
+    }
+
+    #[test]
+    fn a_target_writes_zeroes_where_the_source_sent_their_length() {
+        let (mut r, t0) = resync_target(16);
+        r.take_actions();
+        let generation = r.peer(1).generation;
+        r.receive(t0, 1, generation, Message::ResyncZeroes { offset: 8192, len: 40960 }).expect("from the source");
+        let writes: Vec<_> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Io { op: crate::replica::LocalIo::Write { offset, data, fua: false }, .. } => Some((offset, data)),
+            _ => None,
+        }).collect();
+        assert!(matches!(&writes[..], [(8192, data)] if data.len() == 40960 && data.iter().all(|b| *b == 0)), "{writes:?}");
+        assert_eq!(r.peer(1).received_bytes, 12, "only the frame's fields crossed the wire");
+        assert_eq!(r.peer(1).rx_epoch_writes, 1, "a write of the source's epoch");
     }
 
     #[test]

@@ -13,6 +13,20 @@ pub const MAX_RESOURCE_BYTES: usize = 63;
 pub const MAX_REASON_BYTES: usize = 1024;
 /// Most data one `Data` or `ResyncData` frame carries; the engine splits larger requests.
 pub const MAX_DATA_BYTES: usize = 1 << 20;
+
+/// The content of a [`Message::ResyncZeroes`] (offset and length), counted as the data it
+/// carries by both ends.
+pub const RESYNC_ZEROES_BYTES: usize = 12;
+
+/// Zeroes for [`zero_bytes`]; in the zero-filled data segment, so it costs no file size, and no
+/// memory until read.
+static ZEROES: [u8; MAX_DATA_BYTES] = [0; MAX_DATA_BYTES];
+
+/// `len` zero bytes (at most [`MAX_DATA_BYTES`]) without an allocation: what a
+/// [`Message::ResyncZeroes`] stands for, written like received data.
+pub fn zero_bytes(len: usize) -> Bytes {
+    Bytes::from_static(&ZEROES[..len])
+}
 /// Most runs one `BitmapRuns` frame carries (16 bytes each, so 1 MiB of runs); a longer
 /// bitmap is sent as several frames, the final one marked `last`.
 pub const MAX_BITMAP_RUNS: usize = 65_536;
@@ -161,6 +175,10 @@ pub enum Message {
     BarrierAck { epoch: u64, writes: u32 },
     /// Resync: the source's current content of the blocks at byte `offset`.
     ResyncData { offset: u64, payload: Bytes },
+    /// Resync: the source's `len` bytes at `offset` are all zeroes (space never written on a
+    /// thin or fresh device, a filesystem's freed space): the target writes zeroes there
+    /// without the bytes crossing the wire.
+    ResyncZeroes { offset: u64, len: u32 },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids
     /// and this position of the data.
     ResyncDone {
@@ -221,6 +239,7 @@ pub(super) enum Kind {
     ResyncData = 0x0020,
     ResyncDone = 0x0022,
     ThirdPeerBits = 0x0025,
+    ResyncZeroes = 0x0026,
     DigestRequest = 0x0023,
     DigestReply = 0x0024,
     Ping = 0x0030,
@@ -231,7 +250,7 @@ pub(super) enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 22] = [
+    const ALL: [Kind; 23] = [
         Kind::Hello,
         Kind::AuthChallenge,
         Kind::AuthResponse,
@@ -245,6 +264,7 @@ impl Kind {
         Kind::NegAck,
         Kind::BarrierAck,
         Kind::ResyncData,
+        Kind::ResyncZeroes,
         Kind::ResyncDone,
         Kind::ThirdPeerBits,
         Kind::DigestRequest,
@@ -279,6 +299,7 @@ impl Kind {
             Kind::NegAck => "NegAck",
             Kind::BarrierAck => "BarrierAck",
             Kind::ResyncData => "ResyncData",
+            Kind::ResyncZeroes => "ResyncZeroes",
             Kind::ResyncDone => "ResyncDone",
             Kind::ThirdPeerBits => "ThirdPeerBits",
             Kind::DigestRequest => "DigestRequest",
@@ -298,6 +319,8 @@ impl Message {
         match self {
             Message::Data { payload, .. } | Message::ResyncData { payload, .. } => payload.len(),
             Message::DigestRequest { digests, .. } => digests.len() * DIGEST_BYTES,
+            // What stands for the zeroes on the wire: their offset and length.
+            Message::ResyncZeroes { .. } => RESYNC_ZEROES_BYTES,
             _ => 0,
         }
     }
@@ -340,6 +363,7 @@ impl Message {
             Message::NegAck { .. } => Kind::NegAck,
             Message::BarrierAck { .. } => Kind::BarrierAck,
             Message::ResyncData { .. } => Kind::ResyncData,
+            Message::ResyncZeroes { .. } => Kind::ResyncZeroes,
             Message::ResyncDone { .. } => Kind::ResyncDone,
             Message::ThirdPeerBits { .. } => Kind::ThirdPeerBits,
             Message::DigestRequest { .. } => Kind::DigestRequest,
@@ -370,6 +394,9 @@ impl Message {
                 if payload.len() > MAX_DATA_BYTES =>
             {
                 Err("data longer than 1 MiB")
+            }
+            Message::ResyncZeroes { len, .. } if *len == 0 || *len as usize > MAX_DATA_BYTES => {
+                Err("zeroes of no bytes or longer than 1 MiB")
             }
             Message::Disconnect { reason } if reason.len() > MAX_REASON_BYTES => {
                 Err("reason longer than 1024 bytes")
@@ -470,6 +497,10 @@ impl Message {
             Message::ResyncData { offset, payload } => {
                 out.put_u64(*offset);
                 return payload;
+            }
+            Message::ResyncZeroes { offset, len } => {
+                out.put_u64(*offset);
+                out.put_u32(*len);
             }
             Message::ResyncDone {
                 current_uuid,
@@ -600,6 +631,10 @@ impl Message {
             Kind::ResyncData => Message::ResyncData {
                 offset: fields.u64()?,
                 payload: fields.rest(),
+            },
+            Kind::ResyncZeroes => Message::ResyncZeroes {
+                offset: fields.u64()?,
+                len: fields.u32()?,
             },
             Kind::ResyncDone => Message::ResyncDone {
                 current_uuid: fields.u64()?,

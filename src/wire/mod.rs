@@ -22,11 +22,11 @@ pub use frame::{
 };
 pub use message::{
     DigestPurpose, Hello, Message, PeerState, DIGEST_BYTES, MAX_BITMAP_RUNS, MAX_DATA_BYTES,
-    MAX_DIGESTS, MAX_REASON_BYTES, MAX_RESOURCE_BYTES,
+    MAX_DIGESTS, MAX_REASON_BYTES, MAX_RESOURCE_BYTES, RESYNC_ZEROES_BYTES, zero_bytes,
 };
 pub use position::DataPosition;
 pub use receive::FrameReceiver;
 
 /// The protocol version carried in [`Hello`]. Version 1 requires both sides to send the same
 /// value; later versions may negotiate down.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;

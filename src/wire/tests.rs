@@ -187,6 +187,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(epoch, writes)| Message::BarrierAck { epoch, writes }),
         (any::<u64>(), arb_bytes(8192))
             .prop_map(|(offset, payload)| Message::ResyncData { offset, payload }),
+        (any::<u64>(), 1..=MAX_DATA_BYTES as u32).prop_map(|(offset, len)| Message::ResyncZeroes { offset, len }),
         (any::<u64>(), any::<[u64; 4]>(), arb_position())
             .prop_map(|(current_uuid, history, position)| Message::ResyncDone { current_uuid, history, position }),
         (
@@ -372,7 +373,7 @@ fn payload_sizes_are_as_documented() {
         data_position: DataPosition::default(),
         resynced_by: None,
     };
-    let cases: [(Message, usize); 22] = [
+    let cases: [(Message, usize); 23] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
@@ -414,6 +415,7 @@ fn payload_sizes_are_as_documented() {
             },
             8 + 512,
         ),
+        (Message::ResyncZeroes { offset: 0, len: 1 << 20 }, 12),
         (
             Message::ResyncDone {
                 current_uuid: 1,
@@ -506,6 +508,7 @@ fn control_messages_are_the_small_acks() {
             offset: 0,
             payload: Bytes::new(),
         },
+        Message::ResyncZeroes { offset: 0, len: 1 },
         Message::Disconnect {
             reason: String::new(),
         },
@@ -931,6 +934,15 @@ fn malformed_text() {
         malformed_reason(&raw_frame(0x32, 0, &[0xc3])),
         "text is not UTF-8"
     );
+}
+
+#[test]
+fn resync_zeroes_of_no_bytes_or_over_one_mib_are_malformed() {
+    for len in [0, MAX_DATA_BYTES as u32 + 1] {
+        let mut fields = 4096u64.to_be_bytes().to_vec();
+        fields.extend_from_slice(&len.to_be_bytes());
+        assert_eq!(malformed_reason(&raw_frame(0x26, 0, &fields)), "zeroes of no bytes or longer than 1 MiB", "{len}");
+    }
 }
 
 #[test]

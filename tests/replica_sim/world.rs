@@ -751,7 +751,7 @@ impl World {
         let generation = self.replica(to).expect("linked nodes are up").peer(from).generation;
         let now = self.instant();
         let name = msg.name();
-        if !matches!(msg, Message::Data { .. } | Message::Ping | Message::PingAck | Message::WriteAck { .. } | Message::RecvAck { .. } | Message::ResyncData { .. }) {
+        if !matches!(msg, Message::Data { .. } | Message::Ping | Message::PingAck | Message::WriteAck { .. } | Message::RecvAck { .. } | Message::ResyncData { .. } | Message::ResyncZeroes { .. }) {
             self.log(to, || format!("<- n{from} #{conn} {}", describe(&msg)));
         }
         let result = self.replica_mut(to).expect("up").receive(now, from, generation, msg);

@@ -136,6 +136,7 @@ fn messages() -> Vec<(&'static str, Message)> {
         ("neg_ack", Message::NegAck { id: 2, errno: 5 }),
         ("barrier_ack", Message::BarrierAck { epoch: 41, writes: 2 }),
         ("resync_data", Message::ResyncData { offset: 4096, payload: Bytes::from(vec![7; 512]) }),
+        ("resync_zeroes", Message::ResyncZeroes { offset: 8192, len: 65536 }),
         (
             "resync_done",
             Message::ResyncDone { current_uuid: 0x77, history: [0x66, 0x55, 0, 0], position },
