@@ -5,7 +5,9 @@
 # alpha, Primary, runs fio) and node 2 (10.99.0.2, node2 and beta, Secondary). Each system
 # replicates a file of 640 MiB in tmpfs (behind a loop device for DRBD); node 1 runs the same
 # fio jobs on /dev/drbd0 and on alpha's /dev/ublkbN and writes "SYSTEM|WORKLOAD|IOPS|MiB/s" lines
-# to /shared/results.txt. Under TCG the figures only mean something as ratios.
+# to /shared/results.txt. Node 1 also runs them first on a bare loop device and last on blkrepl
+# with its peer absent: the bounds, no replication at all and blkrepl's replication at no cost.
+# Under TCG the figures only mean something as ratios.
 #
 #   guest-pair-bench.sh NODE(1|2) REPO RUNTIME_SECONDS_PER_JOB [TLS_ROW(1|0, default 1)]
 #
@@ -15,7 +17,7 @@
 # sends "abort" to its peer (the peer fails at once if it is listening, else at its next wait's
 # timeout) and exits 1.
 set -uo pipefail
-usage() { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n 2,17p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 3 ] || usage; [ $# -le 4 ] || usage
 N=$1 REPO=$2 RUNTIME=$3 TLS_ROW=${4:-1}
 case $N in 1|2) ;; *) usage ;; esac
@@ -107,6 +109,16 @@ log "node $PEER answers: $(busybox ping -c5 -i 0.2 "$PEER_IP" 2>&1 | tail -1)"
 : > "$NOTES"; [ "$N" != 1 ] || : > "$RESULTS"
 R_START=$(retrans)
 
+# --- phase 0: a loop device alone on node 1 (no replication, all in the kernel) ----------------
+# What neither system can pass. On a file of its own, gone before DRBD's is made, so that DRBD
+# writes into a fresh file as blkrepl does. Node 2 meanwhile waits for DRBD's connection (that
+# wait allows for these jobs).
+if [ "$N" = 1 ]; then
+  { truncate -s $DISK_SIZE $BACK/loop.img && L=$(losetup -f --show $BACK/loop.img); } || die "cannot set up the bare loop device"
+  workloads "loop device" "$L"
+  { losetup -d "$L" && rm -f $BACK/loop.img; } || die "cannot free the bare loop device"
+fi
+
 # --- phase 1: DRBD 8.4 protocol C on a loop device over a tmpfs file ----------------------------
 { truncate -s $DISK_SIZE $BACK/drbd.img && LOOP=$(losetup -f --show $BACK/drbd.img); } || die "cannot set up the loop device"
 cat > /etc/drbd.conf <<EOF
@@ -124,7 +136,8 @@ log "DRBD $(sed -n 's/^version: \([^ ]*\).*/\1/p' /proc/drbd) on $LOOP"
 # for a process substitution).
 out=$(set +o pipefail; yes yes | drbdadm create-md --force r0 2>&1) || die "drbdadm create-md failed: $out"
 drbdadm up r0 || die "drbdadm up failed"
-for i in $(seq 1 240); do grep -q 'cs:Connected' /proc/drbd && break; [ "$i" != 240 ] || die "DRBD did not connect"; sleep 0.5; done
+tries=$((240 + 8 * RUNTIME))
+for i in $(seq 1 $tries); do grep -q 'cs:Connected' /proc/drbd && break; [ "$i" != $tries ] || die "DRBD did not connect"; sleep 0.5; done
 log "DRBD connected"
 if [ "$N" = 1 ]; then
   drbdadm new-current-uuid --clear-bitmap r0 || die "drbdadm new-current-uuid --clear-bitmap failed"
@@ -157,11 +170,10 @@ wait_for() { # JQ-CONDITION: poll alpha's or beta's status for up to 120 s
   done
   die "$ME: timed out waiting for $1; status: $(status)"
 }
-# blkrepl_phase SYSTEM TAG AUTH_LINE
-blkrepl_phase() {
-  local dev size
+# setup_node AUTH_LINE: the resource's configuration on this node, a fresh backing file, up.
+setup_node() {
   {
-    printf 'name = "r0"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\n%s\n' "$3"
+    printf 'name = "r0"\nprotocol = "C"\nquorum = "off"\nfrontend = "ublk"\n%s\n' "$1"
     printf '[[node]]\nname = "alpha"\naddress = "10.99.0.1:7789"\ndisk = "%s/alpha.img"\n' $BACK
     printf '[[node]]\nname = "beta"\naddress = "10.99.0.2:7789"\ndisk = "%s/beta.img"\n' $BACK
   } > "$WORK/etc/r0.toml"
@@ -170,17 +182,26 @@ blkrepl_phase() {
   # (their warning that quorum is off is expected here: shown only on a failure)
   out=$(bl create-md r0 2>&1) || die "$ME: create-md failed: $out"
   out=$(bl up r0 2>&1) || die "$ME: up failed: $out"
+}
+# alpha_device: DEV becomes alpha's /dev/ublkbN, checked to be a block device fio's jobs fit in.
+alpha_device() {
+  local size
+  DEV=$(status | jq -r .device) size=$(status | jq -r .size_bytes)
+  [ -b "$DEV" ] || die "alpha's device '$DEV' is not a block device"
+  [ "$size" -ge $((512 << 20)) ] || die "alpha's device is $size bytes, under fio's 512M"
+}
+# blkrepl_phase SYSTEM TAG AUTH_LINE
+blkrepl_phase() {
+  setup_node "$3"
   wait_for '.peers[0].connection == "Connected"'
   log "$1: $ME connected"
   if [ "$N" = 1 ]; then
     bl new-current-uuid --clear-bitmap r0 >/dev/null || die "new-current-uuid --clear-bitmap failed"
     wait_for '.disk == "UpToDate" and .peers[0].peer_disk == "UpToDate"'
     bl primary r0 >/dev/null || die "alpha refused promotion: $(status)"
-    dev=$(status | jq -r .device) size=$(status | jq -r .size_bytes)
-    [ -b "$dev" ] || die "alpha's device '$dev' is not a block device"
-    [ "$size" -ge $((512 << 20)) ] || die "alpha's device is $size bytes, under fio's 512M"
-    log "$1: alpha Primary on $dev ($(status | jq -r '(.ublk_features // [] | join(",")) + ", " + .peers[0].replication'))"
-    workloads "$1" "$dev"
+    alpha_device
+    log "$1: alpha Primary on $DEV ($(status | jq -r '(.ublk_features // [] | join(",")) + ", " + .peers[0].replication'))"
+    workloads "$1" "$DEV"
     status | jq -e '.peers[0].connection == "Connected" and .peers[0].peer_disk == "UpToDate"' >/dev/null ||
       note "$1: after fio alpha's status is $(status)"
     bl down r0 >/dev/null || die "alpha did not go down: $(status)"
@@ -198,5 +219,19 @@ blkrepl_phase() {
 ME=alpha; [ "$N" = 1 ] || ME=beta
 blkrepl_phase "blkrepl C" plain "trusted_network = true"
 [ "$TLS_ROW" = 0 ] || blkrepl_phase "blkrepl C TLS" tls 'secret = "pair-bench shared secret, thirty-two bytes or more"'
+
+# --- last phase: blkrepl with no peer on node 1 (its peer absent, quorum off) ------------------
+# The same daemon and ublk path with replication at no cost: no protocol C figure can pass it.
+if [ "$N" = 1 ]; then
+  setup_node "trusted_network = true"
+  bl primary --force r0 >/dev/null || die "alpha refused a forced promotion alone: $(status)"
+  alpha_device
+  workloads "blkrepl local-only" "$DEV"
+  bl down r0 >/dev/null || die "alpha did not go down: $(status)"
+  cp "$WORK/run/r0.$ME.log" "/shared/local.r0.$ME.log" 2>/dev/null
+  signal local-done || die "node 2 did not take local-done"
+else
+  await local-done $PHASE_WAIT
+fi
 note "$(( $(retrans) - R_START )) TCP segments retransmitted in all; $IF: $(cat /sys/class/net/"$IF"/statistics/rx_dropped) rx dropped, $(cat /sys/class/net/"$IF"/statistics/tx_dropped) tx dropped"
 log "ok"

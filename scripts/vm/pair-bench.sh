@@ -3,7 +3,9 @@
 # run-guest.sh) linked by a qemu UDP socket netdev, in one run: fio 4 KiB random writes at queue
 # depth 1 and 32 and 1 MiB sequential writes at depth 4, on /dev/drbd0 and then on blkrepl's
 # /dev/ublkbN (scripts/vm/guest-pair-bench.sh), each over a file in tmpfs; then blkrepl with a
-# shared secret (TLS) as an extra row. Prints one row per system and blkrepl/DRBD ratios.
+# shared secret (TLS) as an extra row; node 1 also runs the jobs on a bare loop device first and on
+# blkrepl with no peer last (the bounds: no replication at all, replication at no cost). Prints
+# one row per system and each one's ratio to DRBD.
 # The guests run under TCG (no KVM here) and share the host's cores: only the ratios mean
 # something, and only between systems measured in the same run.
 #
