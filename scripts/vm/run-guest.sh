@@ -143,7 +143,8 @@ for attempt in 1 2; do
   set -e
   echo "run-guest: qemu exit $qrc, wall $(( $(date +%s) - T0 ))s" >&2
   [ -f $SHARED/rc ] && exit $(cat $SHARED/rc)
-  if grep -q '^GUEST: start' $LOG || [ $attempt = 2 ]; then break; fi
+  # (not anchored: the console's terminal resets precede it on its line)
+  if grep -aq 'GUEST: start' $LOG || [ $attempt = 2 ]; then break; fi
   mv $LOG $LOG.boot-failure
   echo "run-guest: the kernel died before the guest script started (a boot failure, log in $LOG.boot-failure): booting again" >&2
 done
