@@ -45,8 +45,9 @@ needs_of() {
     # The fuzz targets (scripts/fuzz.sh): libfuzzer-sys compiles libFuzzer, which is C++.
     fuzz) needs_of build; echo g++:g++ ;;
     # DRBD 8.4 as the baseline of the two-guest benchmark (scripts/vm/pair-bench.sh): the guests
-    # run the host's drbdadm against the drbd.ko of the Debian kernel. Not part of any other purpose.
-    drbd) needs_of vm; echo drbd-utils ;;
+    # run the host's drbdadm against the drbd.ko of the Debian kernel, and iperf3 for the link's
+    # bound. Not part of any other purpose.
+    drbd) needs_of vm; echo drbd-utils iperf3 ;;
   esac
 }
 

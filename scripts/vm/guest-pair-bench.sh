@@ -5,8 +5,9 @@
 # alpha, Primary, runs fio) and node 2 (10.99.0.2, node2 and beta, Secondary). Each system
 # replicates a file of 640 MiB in tmpfs (behind a loop device for DRBD); node 1 runs the same
 # fio jobs on /dev/drbd0 and on alpha's /dev/ublkbN and writes "SYSTEM|WORKLOAD|IOPS|MiB/s" lines
-# to /shared/results.txt. Node 1 also runs them first on a bare loop device and last on blkrepl
-# with its peer absent: the bounds, no replication at all and blkrepl's replication at no cost.
+# to /shared/results.txt. Node 1 also measures the bounds: first the link alone (raw TCP to node 2
+# with iperf3, and the ping's round trip) and the jobs on a bare loop device, last the jobs on
+# blkrepl with its peer absent: the link, no replication at all, blkrepl's replication at no cost.
 # Under TCG the figures only mean something as ratios.
 #
 #   guest-pair-bench.sh NODE(1|2) REPO RUNTIME_SECONDS_PER_JOB [TLS_ROW(1|0, default 1)]
@@ -17,7 +18,7 @@
 # sends "abort" to its peer (the peer fails at once if it is listening, else at its next wait's
 # timeout) and exits 1.
 set -uo pipefail
-usage() { sed -n 2,17p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n 2,19p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 3 ] || usage; [ $# -le 4 ] || usage
 N=$1 REPO=$2 RUNTIME=$3 TLS_ROW=${4:-1}
 case $N in 1|2) ;; *) usage ;; esac
@@ -69,11 +70,20 @@ await() {
   done
   die "no '$1' from node $PEER within $2 s"
 }
+# cpu_mark: this vCPU's ticks so far, all and idle (iowait counts as idle); cpu_busy MARK: the
+# busy share since MARK, in percent. Which node a system is bound by, with one vCPU each.
+cpu_mark() { awk '$1 == "cpu" { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+cpu_busy() {
+  local all0 idle0 all1 idle1
+  read -r all0 idle0 <<<"$1"; read -r all1 idle1 <<<"$(cpu_mark)"
+  echo $(( all1 > all0 ? 100 - 100 * (idle1 - idle0) / (all1 - all0) : 0 ))
+}
 retrans() { awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["RetransSegs"] }' /proc/net/snmp; }
 
 # fio_job SYSTEM WORKLOAD RW BS QD DEVICE: appends "SYSTEM|WORKLOAD|IOPS|MiB/s" to the results.
 fio_job() {
-  local out line
+  local out line mark
+  mark=$(cpu_mark)
   out=$(fio --name=pair --filename="$6" --rw="$3" --bs="$4" --iodepth="$5" --ioengine=io_uring --direct=1 \
             --time_based --runtime="$RUNTIME" --size=512M --output-format=json 2>&1) ||
     die "fio $2 on $6 failed: $(echo "$out" | tail -5)"
@@ -81,6 +91,7 @@ fio_job() {
            '.jobs[0].write | "\($s)|\($w)|\(.iops)|\(.bw_bytes / 1048576)"') || die "cannot read fio's output for $2"
   echo "$line" >> "$RESULTS"
   log "fio $1 $2: $(echo "$line" | awk -F'|' '{ printf "%.0f IOPS, %.1f MiB/s", $3, $4 }')"
+  note "$1, $2: CPU $(cpu_busy "$mark") % busy"
 }
 workloads() { # SYSTEM DEVICE
   local r0
@@ -93,6 +104,7 @@ workloads() { # SYSTEM DEVICE
 
 # --- network: the virtio interface on the UDP link, and the peer's answer -----------------------
 hostname "node$N"
+: > "$NOTES"; [ "$N" != 1 ] || : > "$RESULTS"
 modprobe virtio_net || die "no virtio_net"
 IF=""
 for _ in $(seq 1 50); do
@@ -103,16 +115,45 @@ done
 { ip link set lo up && ip link set "$IF" up && ip addr add "10.99.0.$N/24" dev "$IF"; } || die "cannot configure $IF"
 log "kernel $(uname -r), $(nproc) CPU, $IF 10.99.0.$N/24, ${RUNTIME}s per fio job"
 for i in $(seq 1 300); do busybox ping -c1 -W1 "$PEER_IP" >/dev/null 2>&1 && break; [ "$i" != 300 ] || die "node $PEER does not answer pings"; done
-log "node $PEER answers: $(busybox ping -c5 -i 0.2 "$PEER_IP" 2>&1 | tail -1)"
+note "node $PEER answers pings: $(busybox ping -c20 -i 0.2 "$PEER_IP" 2>&1 | tail -1)"
 { modprobe drbd && modprobe loop && modprobe ublk_drv; } || die "cannot load drbd, loop and ublk_drv"
 { mkdir -p $BACK "$WORK/etc" "$WORK/run" && mount -t tmpfs -o size=800M tmpfs $BACK; } || die "cannot mount the tmpfs"
-: > "$NOTES"; [ "$N" != 1 ] || : > "$RESULTS"
 R_START=$(retrans)
 
-# --- phase 0: a loop device alone on node 1 (no replication, all in the kernel) ----------------
+# --- phase 0: the link alone: raw TCP from node 1 to node 2 (iperf3) ------------------------------
+# What a process that does nothing but send memory over the link reaches, as each replicated byte
+# crosses it once (as the ping's round trip above is part of what a protocol C write at QD1 waits
+# for): copied from user memory, as blkrepl sends, and sent from the page cache (-Z: sendfile, no
+# copy, closer to how DRBD sends its pages from the kernel). Node 2's server takes one test and
+# leaves, twice, before node 2 goes on (so that nothing else runs there meanwhile); node 1
+# retries until it listens.
+iperf_row() { # SYSTEM [IPERF3_FLAGS...]
+  local sys=$1 out i mib; shift
+  # (iperf3 3.12 exits 0 with -J when it cannot connect: its "error" field says so)
+  for i in $(seq 1 120); do
+    out=$(iperf3 -c "$PEER_IP" -p 5201 -t "$RUNTIME" -J "$@" 2>&1)
+    mib=$(echo "$out" | jq -er 'select(.error == null) | .end.sum_received.bits_per_second / 8 / 1048576') && break
+    [ "$i" != 120 ] || die "$sys: $(echo "$out" | jq -r '.error // empty' 2>/dev/null || echo "$out" | tail -3)"
+    sleep 0.5
+  done
+  echo "$sys|1M write QD4|0|$mib" >> "$RESULTS"
+  log "$sys: $mib MiB/s"
+  note "$sys: iperf3's CPU $(echo "$out" | jq -r '.end.cpu_utilization_percent |
+    "\(.host_total | floor) % on node 1 (sending), \(.remote_total | floor) % on node 2 (receiving)"')"
+}
+if [ "$N" = 2 ]; then
+  for _ in 1 2; do
+    timeout $PHASE_WAIT iperf3 -s -1 -p 5201 >/dev/null || die "iperf3's server failed or was not reached"
+  done
+else
+  iperf_row "raw TCP (iperf3)"
+  iperf_row "raw TCP, sendfile (iperf3 -Z)" -Z
+fi
+
+# --- phase 0b: a loop device alone on node 1 (no replication, all in the kernel) ---------------
 # What neither system can pass. On a file of its own, gone before DRBD's is made, so that DRBD
 # writes into a fresh file as blkrepl does. Node 2 meanwhile waits for DRBD's connection (that
-# wait allows for these jobs).
+# wait allows for these jobs and the link's).
 if [ "$N" = 1 ]; then
   { truncate -s $DISK_SIZE $BACK/loop.img && L=$(losetup -f --show $BACK/loop.img); } || die "cannot set up the bare loop device"
   workloads "loop device" "$L"
@@ -136,7 +177,7 @@ log "DRBD $(sed -n 's/^version: \([^ ]*\).*/\1/p' /proc/drbd) on $LOOP"
 # for a process substitution).
 out=$(set +o pipefail; yes yes | drbdadm create-md --force r0 2>&1) || die "drbdadm create-md failed: $out"
 drbdadm up r0 || die "drbdadm up failed"
-tries=$((240 + 8 * RUNTIME))
+tries=$((240 + 12 * RUNTIME))
 for i in $(seq 1 $tries); do grep -q 'cs:Connected' /proc/drbd && break; [ "$i" != $tries ] || die "DRBD did not connect"; sleep 0.5; done
 log "DRBD connected"
 if [ "$N" = 1 ]; then
@@ -152,7 +193,9 @@ if [ "$N" = 1 ]; then
   signal drbd-done || die "node 2 did not take drbd-done"
   await drbd-down 120
 else
+  mark=$(cpu_mark)
   await drbd-done $PHASE_WAIT
+  note "DRBD 8.4 C: CPU $(cpu_busy "$mark") % busy while node 1 set up and ran its jobs"
   drbdadm down r0 || die "DRBD did not go down"
 fi
 { losetup -d "$LOOP" && rm -f $BACK/drbd.img; } || die "cannot free the loop device"
@@ -209,7 +252,9 @@ blkrepl_phase() {
     await "$2-down" 120
   else
     wait_for '.disk == "UpToDate"'
+    mark=$(cpu_mark)
     await "$2-done" $PHASE_WAIT
+    note "$1: CPU $(cpu_busy "$mark") % busy while node 1 set up and ran its jobs"
     bl down r0 >/dev/null || die "beta did not go down: $(status)"
     signal "$2-down" || die "node 1 did not take $2-down"
   fi

@@ -3,16 +3,18 @@
 # run-guest.sh) linked by a qemu UDP socket netdev, in one run: fio 4 KiB random writes at queue
 # depth 1 and 32 and 1 MiB sequential writes at depth 4, on /dev/drbd0 and then on blkrepl's
 # /dev/ublkbN (scripts/vm/guest-pair-bench.sh), each over a file in tmpfs; then blkrepl with a
-# shared secret (TLS) as an extra row; node 1 also runs the jobs on a bare loop device first and on
-# blkrepl with no peer last (the bounds: no replication at all, replication at no cost). Prints
-# one row per system and each one's ratio to DRBD.
+# shared secret (TLS) as an extra row; node 1 also measures the link alone first (iperf3: raw TCP,
+# shown in the 1 MiB column), runs the jobs on a bare loop device and, last, on blkrepl with no
+# peer (the bounds: the link, no replication at all, replication at no cost). Prints one row per
+# system and each one's ratio to DRBD, then each node's notes: the ping's round trip, how busy each
+# vCPU was during each job (node 1) or system (node 2), iperf3's own CPU, TCP retransmissions.
 # The guests run under TCG (no KVM here) and share the host's cores: only the ratios mean
 # something, and only between systems measured in the same run.
 #
 #   scripts/vm/pair-bench.sh [-k KVER|SERIES] [-T] [RUNTIME_SECONDS_PER_JOB]   (default 6.12, 10 s)
 #     -T   no TLS row (blkrepl with trusted_network only)
 #
-# Installs what it needs (scripts/setup.sh drbd: the vm packages and drbd-utils), builds blkrepl.
+# Installs what it needs (scripts/setup.sh drbd: the vm packages, drbd-utils, iperf3), builds blkrepl.
 # The guests' console logs and results stay under the run directory it prints. Exits non-zero
 # if either guest fails (each has run-guest.sh's timeout).
 set -euo pipefail
@@ -102,10 +104,10 @@ if [ -s "$results" ]; then
                            return sprintf("%.2f", v[s, w] / v["DRBD 8.4 C", w]) }
     END {
       split("4k randwrite QD1|4k randwrite QD32|1M write QD4", w, "|")
-      printf "%-28s %14s %14s %14s\n", "system", "4k QD1 IOPS", "4k QD32 IOPS", "1M QD4 MiB/s"
-      for (i = 1; i <= n; i++) printf "%-28s %14s %14s %14s\n", sys[i], cell(sys[i], w[1]), cell(sys[i], w[2]), cell(sys[i], w[3])
+      printf "%-44s %14s %14s %14s\n", "system", "4k QD1 IOPS", "4k QD32 IOPS", "1M QD4 MiB/s"
+      for (i = 1; i <= n; i++) printf "%-44s %14s %14s %14s\n", sys[i], cell(sys[i], w[1]), cell(sys[i], w[2]), cell(sys[i], w[3])
       for (i = 1; i <= n; i++) if (sys[i] != "DRBD 8.4 C")
-        printf "%-28s %14s %14s %14s\n", sys[i] " / DRBD 8.4 C", ratio(sys[i], w[1]), ratio(sys[i], w[2]), ratio(sys[i], w[3])
+        printf "%-44s %14s %14s %14s\n", sys[i] " / DRBD 8.4 C", ratio(sys[i], w[1]), ratio(sys[i], w[2]), ratio(sys[i], w[3])
     }' "$results"
   echo "(TCG: absolute figures are not those of real hardware; compare the ratios only)"
 else
