@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DRBD 8.4 protocol C against blkrepl protocol C on two hosts: two qemu guests (one vCPU each,
-# run-guest.sh) linked by a qemu UDP socket netdev, in one run: fio 4 KiB random writes at queue
+# run-guest.sh) linked by a qemu UDP socket netdev (or a tap bridge: -L), in one run: fio 4 KiB random writes at queue
 # depth 1 and 32 and 1 MiB sequential writes at depth 4, on /dev/drbd0 and then on blkrepl's
 # /dev/ublkbN (scripts/vm/guest-pair-bench.sh), each over a file in tmpfs; then blkrepl with a
 # shared secret (TLS) as an extra row; node 1 also measures the link alone first (iperf3: raw TCP,
@@ -11,17 +11,22 @@
 # The guests run under TCG (no KVM here) and share the host's cores: only the ratios mean
 # something, and only between systems measured in the same run.
 #
-#   scripts/vm/pair-bench.sh [-k KVER|SERIES] [-T] [RUNTIME_SECONDS_PER_JOB]   (default 6.12, 10 s)
-#     -T   no TLS row (blkrepl with trusted_network only)
+#   scripts/vm/pair-bench.sh [-k KVER|SERIES] [-T] [-L udp|tap] [RUNTIME_SECONDS_PER_JOB]
+#     -T   no TLS row (blkrepl with trusted_network only)      (default: 6.12, udp, 10 s)
+#     -L   the link: udp (qemu UDP sockets; NICs without offloads: every send is copied) or tap
+#          (a host bridge and two taps with virtio's header; NICs with checksum offload,
+#          scatter-gather and TSO, as real ones; needs root and /dev/net/tun)
 #
 # Installs what it needs (scripts/setup.sh drbd: the vm packages, drbd-utils, iperf3), builds blkrepl.
 # The guests' console logs and results stay under the run directory it prints. Exits non-zero
 # if either guest fails (each has run-guest.sh's timeout).
 set -euo pipefail
-usage() { sed -n 2,15p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n 2,18p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 cd "$(dirname "$0")/../.."
-kernel=6.12 tls=1
-while getopts "k:Th" o; do case $o in k) kernel=$OPTARG;; T) tls=0;; *) usage;; esac; done
+kernel=6.12 tls=1 link=udp
+while getopts "k:TL:h" o; do case $o in k) kernel=$OPTARG;; T) tls=0;; L) link=$OPTARG;; *) usage;; esac; done
+case $link in udp|tap) ;; *) usage ;; esac
+tag=pb$$   # the tap link's interfaces: pbPIDbr, pbPIDt1, pbPIDt2
 shift $((OPTIND - 1))
 [ $# -le 1 ] || usage
 runtime=${1:-10}
@@ -40,7 +45,9 @@ run=$(mkdir -p "${VM_CACHE:-$HOME/.cache/blkrepl-vm}/runs" && mktemp -d "${VM_CA
 # Boot (~8 s each, longer as two guests share two cores), DRBD and up to three blkrepl setups, and
 # nine fio jobs on node 1.
 timeout=$((900 + 12 * runtime))
-echo "pair-bench: kernel series $kernel, ${runtime}s per fio job, UDP link 127.0.0.1:$p1 <-> 127.0.0.1:$p2," \
+desc="UDP link 127.0.0.1:$p1 <-> 127.0.0.1:$p2"
+[ "$link" != tap ] || desc="tap link (bridge ${tag}br)"
+echo "pair-bench: kernel series $kernel, ${runtime}s per fio job, $desc," \
      "run directory $run, guest timeout ${timeout}s"
 
 declare -A pid=() rc=()
@@ -50,13 +57,29 @@ stop_guests() {
     [ -n "${rc[$g]:-}" ] || kill -- "-${pid[$g]}" 2>/dev/null || true
   done
 }
-trap stop_guests EXIT
+# The tap link: a bridge on the host and a tap per guest with virtio's header, so the guests'
+# NICs offer checksum offload, scatter-gather and TSO as real ones do (the UDP link has none).
+stop_link() { [ "$link" != tap ] || { ip link del "${tag}t1"; ip link del "${tag}t2"; ip link del "${tag}br"; } 2>/dev/null || true; }
+trap 'stop_guests; stop_link' EXIT
+make_tap_link() {
+  local g
+  { ip link add "${tag}br" type bridge && ip link set "${tag}br" up; } || return 1
+  for g in 1 2; do
+    { ip tuntap add dev "${tag}t$g" mode tap vnet_hdr && ip link set "${tag}t$g" master "${tag}br" up; } || return 1
+  done
+}
+if [ "$link" = tap ] && ! make_tap_link; then
+  echo "pair-bench: cannot make the tap link (root and /dev/net/tun needed; -L udp does without)" >&2
+  exit 1
+fi
 trap 'exit 130' INT TERM
 # start G MY_PORT PEER_PORT: guest G in its own session (so that its process group, qemu and
 # run-guest's timeout included, can be stopped as one), its output prefixed and kept in gG.out.
 start() {
   mkdir -p "$run/g$1"
-  QEMU_EXTRA="-netdev socket,id=n0,udp=127.0.0.1:$3,localaddr=127.0.0.1:$2 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:0$1" \
+  local netdev="socket,id=n0,udp=127.0.0.1:$3,localaddr=127.0.0.1:$2"
+  [ "$link" != tap ] || netdev="tap,id=n0,ifname=${tag}t$1,script=no,downscript=no,vnet_hdr=on"
+  QEMU_EXTRA="-netdev $netdev -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:0$1" \
   VMNAME=pair-bench-$1 setsid scripts/vm/run-guest.sh -k "$kernel" -c 1 -m 2G -t "$timeout" -s "$run/g$1" \
     scripts/vm/guest-pair-bench.sh "$1" "$PWD" "$runtime" "$tls" \
     > >(sed -u "s/^/g$1| /" | tee "$run/g$1.out") 2>&1 < /dev/null &
@@ -93,7 +116,7 @@ wall=$(( $(date +%s) - t0 ))
 sleep 0.5   # the prefixing sed of each guest flushes its last lines
 
 echo
-echo "pair-bench: two guests (1 vCPU each, TCG) on a qemu UDP link, fio io_uring direct, ${runtime}s per job, wall ${wall}s"
+echo "pair-bench: two guests (1 vCPU each, TCG) on a qemu $link link, fio io_uring direct, ${runtime}s per job, wall ${wall}s"
 results=$run/g1/results.txt
 if [ -s "$results" ]; then
   awk -F'|' '
