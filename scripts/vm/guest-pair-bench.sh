@@ -128,9 +128,10 @@ R_START=$(retrans)
 # leaves, twice, before node 2 goes on (so that nothing else runs there meanwhile); node 1
 # retries until it listens.
 iperf_row() { # SYSTEM [IPERF3_FLAGS...]
-  local sys=$1 out i mib; shift
+  local sys=$1 out i mib mark; shift
   # (iperf3 3.12 exits 0 with -J when it cannot connect: its "error" field says so)
   for i in $(seq 1 120); do
+    mark=$(cpu_mark)
     out=$(iperf3 -c "$PEER_IP" -p 5201 -t "$RUNTIME" -J "$@" 2>&1)
     mib=$(echo "$out" | jq -er 'select(.error == null) | .end.sum_received.bits_per_second / 8 / 1048576') && break
     [ "$i" != 120 ] || die "$sys: $(echo "$out" | jq -r '.error // empty' 2>/dev/null || echo "$out" | tail -3)"
@@ -138,7 +139,9 @@ iperf_row() { # SYSTEM [IPERF3_FLAGS...]
   done
   echo "$sys|1M write QD4|0|$mib" >> "$RESULTS"
   log "$sys: $mib MiB/s"
-  note "$sys: iperf3's CPU $(echo "$out" | jq -r '.end.cpu_utilization_percent |
+  # The vCPU's share counts what the kernel does for the send outside iperf3's own time too
+  # (softirqs); iperf3's own figures are its processes'.
+  note "$sys: CPU $(cpu_busy "$mark") % busy; iperf3's own CPU $(echo "$out" | jq -r '.end.cpu_utilization_percent |
     "\(.host_total | floor) % on node 1 (sending), \(.remote_total | floor) % on node 2 (receiving)"')"
 }
 if [ "$N" = 2 ]; then
