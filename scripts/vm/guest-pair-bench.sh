@@ -124,9 +124,10 @@ R_START=$(retrans)
 # What a process that does nothing but send memory over the link reaches, as each replicated byte
 # crosses it once (as the ping's round trip above is part of what a protocol C write at QD1 waits
 # for): copied from user memory, as blkrepl sends, and sent from the page cache (-Z: sendfile, no
-# copy, closer to how DRBD sends its pages from the kernel). Node 2's server takes one test and
-# leaves, twice, before node 2 goes on (so that nothing else runs there meanwhile); node 1
-# retries until it listens.
+# copy from user memory, closer to how DRBD sends its pages from the kernel; on the UDP link the
+# NIC has no scatter-gather, so the kernel still copies both into its buffers). Node 2's server
+# takes one test and leaves, twice, before node 2 goes on (so that nothing else runs there
+# meanwhile); node 1 retries until it listens.
 iperf_row() { # SYSTEM [IPERF3_FLAGS...]
   local sys=$1 out i mib mark; shift
   # (iperf3 3.12 exits 0 with -J when it cannot connect: its "error" field says so)

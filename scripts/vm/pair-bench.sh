@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # DRBD 8.4 protocol C against blkrepl protocol C on two hosts: two qemu guests (one vCPU each,
-# run-guest.sh) linked by a qemu UDP socket netdev (or a tap bridge: -L), in one run: fio 4 KiB random writes at queue
-# depth 1 and 32 and 1 MiB sequential writes at depth 4, on /dev/drbd0 and then on blkrepl's
-# /dev/ublkbN (scripts/vm/guest-pair-bench.sh), each over a file in tmpfs; then blkrepl with a
-# shared secret (TLS) as an extra row; node 1 also measures the link alone first (iperf3: raw TCP,
-# shown in the 1 MiB column), runs the jobs on a bare loop device and, last, on blkrepl with no
-# peer (the bounds: the link, no replication at all, replication at no cost). Prints one row per
-# system and each one's ratio to DRBD, then each node's notes: the ping's round trip, how busy each
-# vCPU was during each job (node 1) or system (node 2), iperf3's own CPU, TCP retransmissions.
+# run-guest.sh) linked by a qemu UDP socket netdev (or a tap bridge: -L), in one run: fio 4 KiB
+# random writes at queue depth 1 and 32 and 1 MiB sequential writes at depth 4, on /dev/drbd0 and
+# then on blkrepl's /dev/ublkbN (scripts/vm/guest-pair-bench.sh), each over a file in tmpfs; then
+# blkrepl with a shared secret (TLS) as an extra row; node 1 also measures the link alone first
+# (iperf3: raw TCP, shown in the 1 MiB column), runs the jobs on a bare loop device and, last, on
+# blkrepl with no peer (the bounds: the link, no replication at all, replication at no cost).
+# Prints one row per system and each one's ratio to DRBD, then each node's notes: the ping's round
+# trip, how busy each vCPU was during each job (node 1) or system (node 2) and during iperf3, TCP
+# retransmissions.
 # The guests run under TCG (no KVM here) and share the host's cores: only the ratios mean
 # something, and only between systems measured in the same run.
 #
@@ -21,7 +22,7 @@
 # The guests' console logs and results stay under the run directory it prints. Exits non-zero
 # if either guest fails (each has run-guest.sh's timeout).
 set -euo pipefail
-usage() { sed -n 2,18p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n 2,19p "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 cd "$(dirname "$0")/../.."
 kernel=6.12 tls=1 link=udp
 while getopts "k:TL:h" o; do case $o in k) kernel=$OPTARG;; T) tls=0;; L) link=$OPTARG;; *) usage;; esac; done
