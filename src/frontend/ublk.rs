@@ -130,7 +130,11 @@ impl Handler for Adapter {
         }
         let request = match request {
             Request::Read { offset, len } => BlockRequest::Read { offset, len },
-            Request::Write { offset, data, fua } => BlockRequest::Write { offset, data: Bytes::from(data), fua },
+            Request::Write { offset, data, fua } => {
+                // A pooled buffer goes back to the device's pool when the engine drops the data.
+                let data = data.into_vec().map_or_else(Bytes::from_owner, Bytes::from);
+                BlockRequest::Write { offset, data, fua }
+            }
             Request::Flush => BlockRequest::Flush,
             Request::Discard { offset, len } => BlockRequest::Discard { offset, len },
             Request::WriteZeroes { offset, len, fua } => BlockRequest::WriteZeroes { offset, len, fua },

@@ -6,6 +6,7 @@
 //! first makes sure the calling thread has a ring, so a device can be created on one thread and
 //! removed on another.
 
+use crate::buffers::BufferPool;
 use crate::error::{control, to_io, Error};
 use crate::features::Features;
 use crate::holders::{holders, Holder};
@@ -345,8 +346,9 @@ impl Device {
     fn start_queues(&mut self, dev: &Arc<UblkDev>, handler: Arc<dyn Handler>) -> Result<(), Error> {
         let user_copy = self.features.user_copy();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let pool = Arc::new(BufferPool::default());
         for qid in 0..dev.dev_info.nr_hw_queues {
-            let shared = QueueShared::new(Arc::clone(dev), qid, user_copy)
+            let shared = QueueShared::new(Arc::clone(dev), qid, user_copy, Arc::clone(&pool))
                 .map_err(|source| Error::Queue { id: self.id, queue: qid, source })?;
             let (shared, handler, ready) = (Arc::new(shared), Arc::clone(&handler), ready_tx.clone());
             let thread = std::thread::Builder::new()

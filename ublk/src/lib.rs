@@ -11,10 +11,12 @@
 //! - `queue`: one thread and one io_uring per hardware queue; requests go to the handler,
 //!   completions come back through a per-queue list and an eventfd.
 //! - `request`: the request type and the completion handle.
+//! - `buffers`: the reused memory of large writes' data.
 //! - `holders`: who keeps a block device busy (mounts, stacked devices, open file descriptors).
 //!
 //! The crate knows nothing of replication.
 
+mod buffers;
 mod device;
 mod error;
 mod features;
@@ -22,6 +24,7 @@ mod holders;
 mod queue;
 mod request;
 
+pub use buffers::WriteData;
 pub use device::{CopyMode, Device, DeviceConfig, DeviceState, DeviceStatus};
 pub use error::Error;
 pub use features::Features;

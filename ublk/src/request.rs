@@ -1,5 +1,6 @@
 //! Requests as the block layer sends them, and the handle that completes one.
 
+use crate::buffers::WriteData;
 use crate::queue::QueueShared;
 use libublk::sys;
 use std::fmt;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 pub enum Request {
     Read { offset: u64, len: u32 },
     /// `fua`: complete only once the data is durable.
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Write { offset: u64, data: WriteData, fua: bool },
     /// Complete only once every write completed before it is durable.
     Flush,
     /// The range's content becomes unspecified.
