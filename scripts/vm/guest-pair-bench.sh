@@ -70,20 +70,47 @@ await() {
   done
   die "no '$1' from node $PEER within $2 s"
 }
-# cpu_mark: this vCPU's ticks so far, all and idle (iowait counts as idle); cpu_busy MARK: the
-# busy share since MARK, in percent. Which node a system is bound by, with one vCPU each.
-cpu_mark() { awk '$1 == "cpu" { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+# cpu_mark: this vCPU's ticks so far: all, idle (iowait counts as idle), user (with nice), system,
+# interrupts (hard and soft). cpu_busy MARK: "B % busy (user U, system S, interrupts I)" since
+# MARK, in percent of all ticks: which node a system is bound by with one vCPU each, and whether
+# by its own code, the kernel's system calls or the network stack's softirqs.
+cpu_mark() { awk '$1 == "cpu" { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6, $2 + $3, $4, $7 + $8 }' /proc/stat; }
 cpu_busy() {
-  local all0 idle0 all1 idle1
-  read -r all0 idle0 <<<"$1"; read -r all1 idle1 <<<"$(cpu_mark)"
-  echo $(( all1 > all0 ? 100 - 100 * (idle1 - idle0) / (all1 - all0) : 0 ))
+  local a0 i0 u0 s0 q0 a1 i1 u1 s1 q1 all
+  read -r a0 i0 u0 s0 q0 <<<"$1"; read -r a1 i1 u1 s1 q1 <<<"$(cpu_mark)"
+  all=$((a1 > a0 ? a1 - a0 : 1))
+  echo "$((100 - 100 * (i1 - i0) / all)) % busy (user $((100 * (u1 - u0) / all)), system $((100 * (s1 - s0) / all)), interrupts $((100 * (q1 - q0) / all)))"
 }
 retrans() { awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["RetransSegs"] }' /proc/net/snmp; }
 
+# daemon_mark: the user and system ticks of blkrepl's daemon (pid $DAEMON) so far, if one runs,
+# and then of each of its threads ("tid:name:user:system" words).
+daemon_mark() {
+  [ -n "${DAEMON:-}" ] || return 0
+  awk '{ print $14, $15 }' "/proc/$DAEMON/stat" 2>/dev/null
+  for t in /proc/"$DAEMON"/task/*; do
+    awk -v tid="${t##*/}" '{ sub(/^.*\) /, ""); print tid ":" name ":" $12 ":" $13 }' name="$(cat "$t/comm" 2>/dev/null)" "$t/stat" 2>/dev/null
+  done | tr '\n' ' '
+}
+# daemon_cpu MARK IOS: the daemon's CPU since MARK per I/O, and its three busiest threads', as
+# "; the daemon U + S us per write (thread U + S, ...)".
+daemon_cpu() {
+  local u0 s0 u1 s1 hz now
+  [ -n "$1" ] && [ "$2" -gt 0 ] && now=$(daemon_mark) && read -r u1 s1 <<<"$(head -1 <<<"$now")" && [ -n "$u1" ] || return 0
+  read -r u0 s0 <<<"$(head -1 <<<"$1")"; hz=$(getconf CLK_TCK)
+  echo -n "; the daemon $((1000000 * (u1 - u0) / hz / $2)) us user + $((1000000 * (s1 - s0) / hz / $2)) us system per write ("
+  # Threads by their ticks since MARK (a thread started since counts from zero).
+  awk -v before="$(sed -n 2p <<<"$1")" -v hz="$hz" -v n="$2" 'BEGIN {
+        k = split(before, b, " "); for (i = 1; i <= k; i++) { split(b[i], f, ":"); u[f[1]] = f[3]; s[f[1]] = f[4] } }
+      { for (i = 1; i <= NF; i++) { split($i, f, ":"); du = f[3] - u[f[1]]; ds = f[4] - s[f[1]]
+          if (du + ds > 0) printf "%d %s %d + %d\n", du + ds, f[2], 1000000 * du / hz / n, 1000000 * ds / hz / n } }' \
+    <<<"$(sed -n 2p <<<"$now")" | sort -rn | head -3 | cut -d' ' -f2- | paste -sd, | sed 's/,/, /g' | tr -d '\n'
+  echo ")"
+}
 # fio_job SYSTEM WORKLOAD RW BS QD DEVICE: appends "SYSTEM|WORKLOAD|IOPS|MiB/s" to the results.
 fio_job() {
-  local out line mark
-  mark=$(cpu_mark)
+  local out line mark dmark
+  mark=$(cpu_mark) dmark=$(daemon_mark)
   out=$(fio --name=pair --filename="$6" --rw="$3" --bs="$4" --iodepth="$5" --ioengine=io_uring --direct=1 \
             --time_based --runtime="$RUNTIME" --size=512M --output-format=json 2>&1) ||
     die "fio $2 on $6 failed: $(echo "$out" | tail -5)"
@@ -91,7 +118,7 @@ fio_job() {
            '.jobs[0].write | "\($s)|\($w)|\(.iops)|\(.bw_bytes / 1048576)"') || die "cannot read fio's output for $2"
   echo "$line" >> "$RESULTS"
   log "fio $1 $2: $(echo "$line" | awk -F'|' '{ printf "%.0f IOPS, %.1f MiB/s", $3, $4 }')"
-  note "$1, $2: CPU $(cpu_busy "$mark") % busy"
+  note "$1, $2: CPU $(cpu_busy "$mark")$(daemon_cpu "$dmark" "$(echo "$out" | sed -n '/^{/,$p' | jq '.jobs[0].write.total_ios')")"
 }
 workloads() { # SYSTEM DEVICE
   local r0
@@ -142,7 +169,7 @@ iperf_row() { # SYSTEM [IPERF3_FLAGS...]
   log "$sys: $mib MiB/s"
   # The vCPU's share counts what the kernel does for the send outside iperf3's own time too
   # (softirqs); iperf3's own figures are its processes'.
-  note "$sys: CPU $(cpu_busy "$mark") % busy; iperf3's own CPU $(echo "$out" | jq -r '.end.cpu_utilization_percent |
+  note "$sys: CPU $(cpu_busy "$mark"); iperf3's own CPU $(echo "$out" | jq -r '.end.cpu_utilization_percent |
     "\(.host_total | floor) % on node 1 (sending), \(.remote_total | floor) % on node 2 (receiving)"')"
 }
 if [ "$N" = 2 ]; then
@@ -199,7 +226,7 @@ if [ "$N" = 1 ]; then
 else
   mark=$(cpu_mark)
   await drbd-done $PHASE_WAIT
-  note "DRBD 8.4 C: CPU $(cpu_busy "$mark") % busy while node 1 set up and ran its jobs"
+  note "DRBD 8.4 C: CPU $(cpu_busy "$mark") while node 1 set up and ran its jobs"
   drbdadm down r0 || die "DRBD did not go down"
 fi
 { losetup -d "$LOOP" && rm -f $BACK/drbd.img; } || die "cannot free the loop device"
@@ -236,6 +263,7 @@ alpha_device() {
   DEV=$(status | jq -r .device) size=$(status | jq -r .size_bytes)
   [ -b "$DEV" ] || die "alpha's device '$DEV' is not a block device"
   [ "$size" -ge $((512 << 20)) ] || die "alpha's device is $size bytes, under fio's 512M"
+  DAEMON=$(cat "$WORK/run/r0.alpha.lock")
 }
 # blkrepl_phase SYSTEM TAG AUTH_LINE
 blkrepl_phase() {
@@ -258,7 +286,7 @@ blkrepl_phase() {
     wait_for '.disk == "UpToDate"'
     mark=$(cpu_mark)
     await "$2-done" $PHASE_WAIT
-    note "$1: CPU $(cpu_busy "$mark") % busy while node 1 set up and ran its jobs"
+    note "$1: CPU $(cpu_busy "$mark") while node 1 set up and ran its jobs"
     bl down r0 >/dev/null || die "beta did not go down: $(status)"
     signal "$2-down" || die "node 1 did not take $2-down"
   fi
