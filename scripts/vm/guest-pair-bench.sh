@@ -84,16 +84,17 @@ cpu_busy() {
 retrans() { awk '$1 == "Tcp:" { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["RetransSegs"] }' /proc/net/snmp; }
 
 # daemon_mark: the user and system ticks of blkrepl's daemon (pid $DAEMON) so far, if one runs,
-# and then of each of its threads ("tid:name:user:system" words).
+# and then of each of its threads with its context switches ("tid:name:user:system:switches").
 daemon_mark() {
   [ -n "${DAEMON:-}" ] || return 0
   awk '{ print $14, $15 }' "/proc/$DAEMON/stat" 2>/dev/null
   for t in /proc/"$DAEMON"/task/*; do
-    awk -v tid="${t##*/}" '{ sub(/^.*\) /, ""); print tid ":" name ":" $12 ":" $13 }' name="$(cat "$t/comm" 2>/dev/null)" "$t/stat" 2>/dev/null
+    awk -v tid="${t##*/}" '{ sub(/^.*\) /, ""); print tid ":" name ":" $12 ":" $13 ":" switches }' name="$(cat "$t/comm" 2>/dev/null)" \
+      switches="$(awk '/ctxt_switches/ { n += $2 } END { print n + 0 }' "$t/status" 2>/dev/null)" "$t/stat" 2>/dev/null
   done | tr '\n' ' '
 }
-# daemon_cpu MARK IOS: the daemon's CPU since MARK per I/O, and its three busiest threads', as
-# "; the daemon U + S us per write (thread U + S, ...)".
+# daemon_cpu MARK IOS: the daemon's CPU since MARK per I/O, and its three busiest threads' with
+# their context switches, as "; the daemon U + S us per write (thread U + S us C switches, ...)".
 daemon_cpu() {
   local u0 s0 u1 s1 hz now
   [ -n "$1" ] && [ "$2" -gt 0 ] && now=$(daemon_mark) && read -r u1 s1 <<<"$(head -1 <<<"$now")" && [ -n "$u1" ] || return 0
@@ -101,9 +102,9 @@ daemon_cpu() {
   echo -n "; the daemon $((1000000 * (u1 - u0) / hz / $2)) us user + $((1000000 * (s1 - s0) / hz / $2)) us system per write ("
   # Threads by their ticks since MARK (a thread started since counts from zero).
   awk -v before="$(sed -n 2p <<<"$1")" -v hz="$hz" -v n="$2" 'BEGIN {
-        k = split(before, b, " "); for (i = 1; i <= k; i++) { split(b[i], f, ":"); u[f[1]] = f[3]; s[f[1]] = f[4] } }
+        k = split(before, b, " "); for (i = 1; i <= k; i++) { split(b[i], f, ":"); u[f[1]] = f[3]; s[f[1]] = f[4]; c[f[1]] = f[5] } }
       { for (i = 1; i <= NF; i++) { split($i, f, ":"); du = f[3] - u[f[1]]; ds = f[4] - s[f[1]]
-          if (du + ds > 0) printf "%d %s %d + %d\n", du + ds, f[2], 1000000 * du / hz / n, 1000000 * ds / hz / n } }' \
+          if (du + ds > 0) printf "%d %s %d + %d us %.1f switches\n", du + ds, f[2], 1000000 * du / hz / n, 1000000 * ds / hz / n, (f[5] - c[f[1]]) / n } }' \
     <<<"$(sed -n 2p <<<"$now")" | sort -rn | head -3 | cut -d' ' -f2- | paste -sd, | sed 's/,/, /g' | tr -d '\n'
   echo ")"
 }
