@@ -99,5 +99,7 @@ for ((first = 0; first < last; first += chunk)); do
   summary=$(grep -m1 '^replica_sim: ' <<<"$out" || echo "no summary (the sweep did not finish)")
   { echo "$rules $first $chunk rc=$rc ${took}s $summary"; grep '^seed [0-9]* (shape' <<<"$out" | sed 's/^/  /' || true; } >> "$log"
   echo "seeds $first-$((first + chunk - 1)): rc=$rc in ${took}s"
+  # A failing seed is said where the progress is read, not only in the log.
+  [ "$rc" = 0 ] || { grep '^seed [0-9]* (shape' <<<"$out" || echo "$summary"; } | sed 's/^/  FAILED: /' >&2
 done
 sum
