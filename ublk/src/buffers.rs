@@ -88,8 +88,8 @@ pub struct WriteData {
 }
 
 impl WriteData {
-    /// Data of its own, from no pool (tests, and handlers that build requests).
-    pub fn from_vec(data: Vec<u8>) -> WriteData {
+    /// Data of its own, from no pool (a copy: see `Clone`).
+    fn from_vec(data: Vec<u8>) -> WriteData {
         WriteData { data, pool: None }
     }
 
