@@ -131,6 +131,10 @@ pub fn decide(me: &UuidView, peer: &UuidView) -> SyncDecision {
 /// third node still carries the generation it had, which a peer that moved on through more
 /// generations than its history holds no longer knows (simulator seed 9664: the pair refused
 /// each other for good as "wrong disk"); a wrong disk attached by mistake is Consistent.
+/// Both sides Inconsistent: neither holds usable data, so neither is a source and nothing
+/// diverged that a policy or an operator must judge; they wait for a third node to resync them
+/// (seed 490911: two targets of one source that lost power, their histories too short to
+/// relate them, refused each other as a split brain for good).
 fn inconsistent_side_loses(decision: SyncDecision, me: &UuidView, peer: &UuidView) -> SyncDecision {
     // Not when the Inconsistent side was being resynced with a later election's data than the
     // other holds: part of it is acknowledged writes the other lacks (seed 35721: an
@@ -138,6 +142,9 @@ fn inconsistent_side_loses(decision: SyncDecision, me: &UuidView, peer: &UuidVie
     let (inconsistent, consistent) = if me.inconsistent { (me, peer) } else { (peer, me) };
     let older_copy = consistent.data_position.term < inconsistent.data_position.term;
     match decision {
+        SyncDecision::SplitBrain | SyncDecision::SplitBrainManual | SyncDecision::Unrelated if me.inconsistent && peer.inconsistent => {
+            SyncDecision::Refused(Refusal::InconsistentSource)
+        }
         SyncDecision::SplitBrain | SyncDecision::SplitBrainManual | SyncDecision::Unrelated if me.inconsistent != peer.inconsistent && !older_copy => {
             if me.inconsistent {
                 SyncDecision::FullTarget
@@ -383,6 +390,19 @@ mod tests {
         let other = UuidView { history: [0x30, 0, 0, 0], ..view(1, 0x50) };
         assert_eq!(decide(&target, &other), FullTarget);
         assert_eq!(decide(&other, &target), FullSource);
+    }
+
+    #[test]
+    fn two_inconsistent_nodes_are_no_split_brain_and_neither_is_a_source() {
+        // Seed 490911: two targets of one source that lost power; each tracked the other from
+        // the same generation, and their currents are too far apart for the histories.
+        let a = UuidView { inconsistent: true, bitmap_for_peer: 0x5F2E, ..view(1, 0xC36C) };
+        let b = UuidView { inconsistent: true, bitmap_for_peer: 0x5F2E, ..view(2, 0x3D6E) };
+        assert_eq!(decide_by_uuids(&a, &b), SplitBrain, "the UUIDs alone diverge");
+        assert_eq!(decide(&a, &b), Refused(Refusal::InconsistentSource));
+        assert_eq!(decide(&b, &a), Refused(Refusal::InconsistentSource));
+        let unrelated = UuidView { bitmap_for_peer: 0, ..b };
+        assert_eq!(decide(&UuidView { bitmap_for_peer: 0, ..a }, &unrelated), Refused(Refusal::InconsistentSource));
     }
 
     #[test]
