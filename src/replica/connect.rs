@@ -207,18 +207,16 @@ impl Replica {
         }
     }
 
-    /// The target confirmed it is UpToDate: the resync is over. A secondary source that
-    /// followed its primary into a newer generation since its `ResyncDone` keeps tracking the
-    /// target from the generation that named (the target does not follow a secondary, and
-    /// without a bitmap UUID their next decision copied the whole disk). A primary's target
-    /// follows it.
+    /// The target confirmed it is UpToDate: the resync is over. A source that moved into a
+    /// newer generation since its `ResyncDone` keeps tracking the target from the generation
+    /// that named: a secondary that followed its primary (the target does not follow a
+    /// secondary, and without a bitmap UUID their next decision copied the whole disk), or a
+    /// primary that started one as another resync ended (seed 474: the decision, taken at once
+    /// on the target's State of the older generation, copied the whole disk; from the bitmap
+    /// UUID it resyncs what was written since, and the target then holds the new generation).
     pub fn finish_resync_as_source(&mut self, peer_id: u8) {
         let slot = self.peer(peer_id).slot;
-        let current = self.sb.uuids.current;
-        let target_at = match self.role {
-            Role::Primary => current,
-            _ => self.peer(peer_id).sync.walk.done_sent.unwrap_or(current),
-        };
+        let target_at = self.peer(peer_id).sync.walk.done_sent.unwrap_or(self.sb.uuids.current);
         let mut generation = self.generation();
         generation.resync_finished_as_source(slot, target_at);
         self.set_generation(generation);
@@ -559,7 +557,10 @@ impl Replica {
     /// Two secondaries that both follow the same primary
     /// in the same generation hold the same data (each has all that primary's writes, or gets
     /// them in order on its stream from it), so what each recorded for the other is stale: it
-    /// is forgotten and they are in sync. Returns `None` while the decision must wait.
+    /// is forgotten and they are in sync. Unless the primary says it does not keep the peer
+    /// in step (see [`Replica::lagging_peers`]): they are in sync as far as the primary's
+    /// stream goes, and what this node recorded is what the peer lacks, kept for the resync
+    /// that primary or a later decision starts. Returns `None` while the decision must wait.
     fn only_primary_resyncs(&mut self, peer_id: u8, peer_state: &PeerState, decision: SyncDecision) -> Option<SyncDecision> {
         if !decision.is_target() && !decision.is_source() {
             return Some(decision);
@@ -569,12 +570,27 @@ impl Replica {
         if others == 0 {
             return Some(decision);
         }
-        let same_primary = self.primaries() & peer_state.primaries & !(1u32 << self.node_id()) & !(1u32 << peer_id) != 0;
+        let common = self.primaries() & peer_state.primaries & !(1u32 << self.node_id()) & !(1u32 << peer_id);
         let both_follow = self.follows_primary() && peer_state.flags & STATE_FLAG_FOLLOWING != 0;
-        if !(same_primary && both_follow && same_uuid(peer_state.current_uuid, self.sb.uuids.current)) {
+        if !(common != 0 && both_follow && same_uuid(peer_state.current_uuid, self.sb.uuids.current)) {
             return None;
         }
         let slot = self.peer(peer_id).slot;
+        // Unless such a primary says it does not keep the peer in step: the peer's State
+        // predates that, and what this node recorded for it is what it lacks (seed 421356).
+        // The bits stay; their bitmap UUID goes, as the peer is at this node's generation: an
+        // older one would outlive the generations both follow from here and no longer name
+        // the peer's at their next decision, a full sync (seed 786). A generation started
+        // without the peer sets a new one (`Generation::follow`).
+        let lags = |p: &super::Peer| common & (1 << p.node_id) != 0 && p.last_state.is_some_and(|s| s.lagging & (1 << peer_id) != 0);
+        if self.peers.iter().any(lags) {
+            if self.sb.peers[slot].bitmap_uuid != 0 {
+                self.sb.peers[slot].bitmap_uuid = 0;
+                self.persist(MetaWrite::Superblock);
+                self.send_state_to(peer_id);
+            }
+            return Some(SyncDecision::InSync);
+        }
         if self.bitmaps[slot].weight() > 0 || self.sb.peers[slot].bitmap_uuid != 0 {
             tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, blocks = self.bitmaps[slot].weight(),
                 "both follow the same primary in the same generation: what this node recorded for the peer is stale, forgotten");
@@ -851,26 +867,71 @@ mod tests {
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget));
     }
 
-    #[test]
-    fn two_followers_of_one_primary_forget_their_bits_for_each_other_and_say_so() {
+    /// A follower of node 2 (primary, lagging the nodes in `lagging`) with bits for node 1,
+    /// which it recorded while node 1 missed the primary's writes, and node 1 connected; and
+    /// node 1's State saying it follows node 2 too.
+    fn follower_with_bits_for_a_follower(lagging: u32) -> (Replica, std::time::Instant, PeerState) {
         let (mut r, t0) = crate::replica::testing::three_node_replica();
         r.disk = DiskState::UpToDate;
         let current = r.sb.uuids.current;
         r.link_up(2, t0);
-        r.peer_state_received(2, PeerState { primaries: 1 << 2, ..primary_state(current, [0; 4]) }).expect("the primary's State");
+        r.peer_state_received(2, PeerState { primaries: 1 << 2, lagging, ..primary_state(current, [0; 4]) }).expect("the primary's State");
         assert!(r.follows_primary());
-        // Bits this node recorded for node 1 while it missed the primary's writes.
         let slot = r.peer(1).slot;
         r.bitmaps[slot].set_range(0, 4096);
         r.sb.peers[slot].bitmap_uuid = current & !1;
         r.link_up(1, t0);
         r.take_actions();
         let follower = PeerState { primaries: 1 << 2, flags: crate::replica::STATE_FLAG_FOLLOWING, ..secondary_state(current, [0; 4]) };
+        (r, t0, follower)
+    }
+
+    #[test]
+    fn two_followers_of_one_primary_forget_their_bits_for_each_other_and_say_so() {
+        let (mut r, _, follower) = follower_with_bits_for_a_follower(0);
+        let slot = r.peer(1).slot;
         r.peer_state_received(1, follower).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::Established, "in sync: each has the primary's writes or gets them in order");
         assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (0, 0));
         let told = r.take_actions().into_iter().any(|a| matches!(a, Action::Send { peer: 1, msg: Message::State(s), .. } if s.bitmap_uuid == 0));
         assert!(told, "node 1 hears that the bits are gone (its decision may wait for it)");
+    }
+
+    #[test]
+    fn a_primary_with_a_new_generation_since_its_resync_done_resyncs_the_target_by_bitmap() {
+        // Seed 474: the target confirms the end at the generation the ResyncDone named, which
+        // the primary has left since; without a bitmap UUID at it, a full sync.
+        let (mut r, _) = crate::replica::testing::primary_replicating();
+        let named = r.sb.uuids.current;
+        let slot = r.peer(1).slot;
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.peer_mut(1).sync.walk.done_sent = Some(named);
+        let mut generation = r.generation();
+        generation.new_current(0x7700, true, true, &[slot]);
+        r.set_generation(generation);
+        let confirmed = PeerState { history: [named & !1, 0, 0, 0], ..secondary_state(named, [0; 4]) };
+        r.peer_state_received(1, PeerState { primaries: 1, ..confirmed }).expect("the target's State");
+        assert_eq!(r.sb.peers[slot].bitmap_uuid, named & !1, "tracks the target from the generation it holds");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapSource));
+    }
+
+    #[test]
+    fn a_follower_keeps_its_bits_for_a_peer_the_primary_says_it_lags_and_records_for_it() {
+        // Seed 421356: the peer's State says it follows, but the primary lost it (or is Ahead
+        // of it) since: the bits are what the peer lacks.
+        let (mut r, t0, follower) = follower_with_bits_for_a_follower(1 << 1);
+        let (slot, current) = (r.peer(1).slot, r.sb.uuids.current);
+        r.peer_state_received(1, follower).expect("a fitting State");
+        assert_eq!(r.peer(1).repl, ReplState::Established, "no resync but the primary's");
+        assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (1, 0), "the bits kept, their anchor the peer's generation");
+        assert_eq!(r.slots_not_following(2), vec![slot], "what it applies from the primary is recorded for the peer");
+        // The primary keeps the peer in step again: the next decision forgets them.
+        r.peer_state_received(2, PeerState { primaries: 1 << 2, ..primary_state(current, [0; 4]) }).expect("the primary's State");
+        assert!(r.slots_not_following(2).is_empty());
+        r.link_down(1, "test", 0);
+        r.link_up(1, t0);
+        r.peer_state_received(1, follower).expect("a fitting State");
+        assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (0, 0), "forgotten");
     }
 
     #[test]

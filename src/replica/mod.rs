@@ -231,6 +231,8 @@ pub struct Replica {
     uuids: UuidSource,
     /// What the driver is to do next, in order (see [`Replica::take_actions`]).
     outbox: Vec<Action>,
+    /// The lagging peers (see [`Replica::lagging_peers`]) the last State this node sent said.
+    lagging_reported: u32,
 }
 
 /// What a replica starts from: the node's metadata as loaded (and repaired after a crash).
@@ -387,11 +389,19 @@ impl Replica {
             fences: Vec::new(),
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),
+            lagging_reported: 0,
         }
     }
 
-    /// The actions pushed since the last call, in order.
+    /// The actions pushed since the last call, in order. A primary whose set of lagging peers
+    /// changed while it handled the events says so first (see [`Replica::lagging_peers`]):
+    /// every path that changes the set is covered, whatever event it took.
     pub fn take_actions(&mut self) -> Vec<Action> {
+        let lagging = self.lagging_peers();
+        if lagging != self.lagging_reported {
+            self.lagging_reported = lagging;
+            self.broadcast_state();
+        }
         std::mem::take(&mut self.outbox)
     }
 
@@ -512,15 +522,17 @@ impl Replica {
 
     /// Bitmap slots of the data peers that do not receive `sender`'s writes as far as this node
     /// can tell (not connected here, not reporting `sender` as a primary they see, or not in
-    /// sync with it: being resynced, say, when the primary sends them nothing): a secondary
-    /// records the writes it applies for them, so it can resync them itself if the primary
-    /// dies. Over-reporting only costs resync.
+    /// sync with it: being resynced, say, when the primary sends them nothing; or lagging by
+    /// `sender`'s own word, see [`Replica::lagging_peers`]): a secondary records the writes it
+    /// applies for them, so it can resync them itself if the primary dies. Over-reporting
+    /// only costs resync.
     pub fn slots_not_following(&self, sender: u8) -> Vec<usize> {
         let follows = |s: &PeerState| s.primaries & (1 << sender) != 0 && s.flags & STATE_FLAG_FOLLOWING != 0;
+        let lagging = self.peers.iter().find(|p| p.node_id == sender).and_then(|p| p.last_state).map_or(0, |s| s.lagging);
         self.peers
             .iter()
             .filter(|p| p.node_id != sender && !p.witness)
-            .filter(|p| !p.connected || p.last_state.is_none_or(|s| !follows(&s)))
+            .filter(|p| !p.connected || lagging & (1 << p.node_id) != 0 || p.last_state.is_none_or(|s| !follows(&s)))
             .map(|p| p.slot)
             .collect()
     }
@@ -618,6 +630,7 @@ impl Replica {
                 | if self.resyncs_other_than(Some(peer.node_id)) { STATE_FLAG_RESYNCS_OTHER } else { 0 }
                 | if self.crash_unrepaired_with(peer) { STATE_FLAG_CRASHED_PRIMARY } else { 0 }
                 | if self.cache_repair_pending.contains(&peer.node_id) { STATE_FLAG_CACHE_LOST } else { 0 },
+            lagging: self.lagging_peers(),
             current_uuid: self.sb.uuids.current,
             bitmap_uuid: self.sb.peers[peer.slot].bitmap_uuid,
             history: self.sb.uuids.history,
@@ -670,6 +683,20 @@ impl Replica {
     fn set_data_position(&mut self, position: DataPosition) {
         let terms = &mut self.sb.terms;
         (terms.of_data, terms.epoch_of_data, terms.fua_of_data) = (position.term, position.epoch, position.fua);
+    }
+
+    /// The data peers this primary does not keep in step with its writes, as a mask of node
+    /// ids: it records writes for them in its bitmap (pull-ahead, a lost link, a resync not
+    /// done), or has no established stream to them. A follower cannot tell from a peer's own
+    /// State, which may be older than the primary's loss of that peer (seed 421356: a node
+    /// cut off while the primary was Ahead of it still said it followed; its neighbour forgot
+    /// the blocks it lacked). A secondary has none.
+    pub fn lagging_peers(&self) -> u32 {
+        if self.role != Role::Primary {
+            return 0;
+        }
+        let lags = |p: &&Peer| !p.witness && (p.repl != ReplState::Established || self.bitmaps[p.slot].weight() > 0);
+        self.peers.iter().filter(lags).fold(0, |mask, p| mask | 1 << p.node_id)
     }
 
     /// Whether this node is a secondary, UpToDate, in sync with every primary it sees, and
@@ -828,6 +855,28 @@ mod tests {
     /// The bytes marked out of sync, per peer slot.
     fn marked(r: &super::Replica) -> Vec<u64> {
         r.bitmaps.iter().map(|b| b.weight_bytes()).collect()
+    }
+
+    #[test]
+    fn a_primary_tells_its_peers_which_data_peers_it_lags_whenever_that_changes() {
+        let (mut r, _) = super::testing::with_data_peer_and_witness(crate::core::states::Role::Primary);
+        let lagging_sent = |actions: Vec<super::Action>| -> Vec<(u8, u32)> {
+            let state = |a: super::Action| match a {
+                super::Action::Send { peer, msg: crate::wire::Message::State(s), .. } => Some((peer, s.lagging)),
+                _ => None,
+            };
+            actions.into_iter().filter_map(state).collect()
+        };
+        assert!(lagging_sent(r.take_actions()).is_empty(), "nothing changed");
+        let slot = r.peer(1).slot;
+        r.mark_out_of_sync(slot, 0, 4096);
+        assert_eq!(lagging_sent(r.take_actions()), vec![(1, 1 << 1), (2, 1 << 1)], "it records writes for node 1");
+        r.bitmaps[slot].clear_all();
+        assert_eq!(lagging_sent(r.take_actions()), vec![(1, 0), (2, 0)]);
+        r.link_down(1, "test", 0);
+        assert_eq!(lagging_sent(r.take_actions()), vec![(2, 1 << 1)], "no stream to node 1");
+        r.role = crate::core::states::Role::Secondary;
+        assert_eq!(lagging_sent(r.take_actions()), vec![(2, 0)], "a secondary lags nobody");
     }
 
     #[test]

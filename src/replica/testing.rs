@@ -180,5 +180,6 @@ pub fn secondary_state(current_uuid: u64, history: [u64; 4]) -> crate::wire::Pee
         term: 0,
         data_position: DataPosition::default(),
         resynced_by: None,
+        lagging: 0,
     }
 }

@@ -119,6 +119,11 @@ pub struct PeerState {
     /// The node resyncing the sender (its source), or about to: decisions with the sender
     /// wait for that resync to end, unless the receiver is that source.
     pub resynced_by: Option<u8>,
+    /// The data peers a primary does not keep in step with its writes, one bit per node id:
+    /// it records writes for them in its bitmap, or has no established stream to them. Its
+    /// followers must not take such a peer for one holding the primary's data, however
+    /// recently that peer said it follows. A secondary reports none.
+    pub lagging: u32,
 }
 
 /// One frame's worth of meaning. The doc comment of each variant says what it asks of the
@@ -447,6 +452,7 @@ impl Message {
                 out.put_u64(state.term);
                 put_position(out, &state.data_position);
                 out.put_u8(state.resynced_by.unwrap_or(NO_NODE));
+                out.put_u32(state.lagging);
             }
             Message::BitmapRuns { last, runs } => {
                 out.put_u8(u8::from(*last));
@@ -595,6 +601,7 @@ impl Message {
                 term: fields.u64()?,
                 data_position: fields.position()?,
                 resynced_by: Some(fields.u8()?).filter(|id| *id != NO_NODE),
+                lagging: fields.u32()?,
             }),
             Kind::BitmapRuns => Message::BitmapRuns {
                 last: fields.bool()?,

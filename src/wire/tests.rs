@@ -117,10 +117,10 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
         any::<u64>(),
         any::<[u64; 4]>(),
         (any::<u64>(), any::<u32>(), any::<u64>(), arb_position()),
-        proptest::option::of(0..u8::MAX),
+        (proptest::option::of(0..u8::MAX), any::<u32>()),
     )
         .prop_map(
-            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_position), resynced_by)| PeerState {
+            |(role, disk, flags, current_uuid, bitmap_uuid, history, (bitmap_weight, primaries, term, data_position), (resynced_by, lagging))| PeerState {
                 role,
                 disk,
                 flags,
@@ -132,6 +132,7 @@ fn arb_state() -> impl Strategy<Value = PeerState> {
                 term,
                 data_position,
                 resynced_by,
+                lagging,
             },
         )
 }
@@ -372,12 +373,13 @@ fn payload_sizes_are_as_documented() {
         term: 0,
         data_position: DataPosition::default(),
         resynced_by: None,
+        lagging: 0,
     };
     let cases: [(Message, usize); 23] = [
         (Message::Hello(hello("r0")), 91),
         (Message::AuthChallenge { nonce: [0; 32] }, 32),
         (Message::AuthResponse { mac: [0; 32] }, 32),
-        (Message::State(state), 99),
+        (Message::State(state), 103),
         (
             Message::BitmapRuns {
                 last: true,

@@ -97,6 +97,7 @@ fn messages() -> Vec<(&'static str, Message)> {
         term: 3,
         data_position: position,
         resynced_by: Some(2),
+        lagging: 1 << 3,
     };
     vec![
         (
