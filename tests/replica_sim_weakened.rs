@@ -55,8 +55,10 @@ fn checker_2_catches_a_superseded_primary_that_stays() {
 
 #[test]
 fn checker_3_catches_decisions_that_wait_forever() {
-    // Three data nodes and a witness, the shape of seed 404 that found the rule.
-    demonstrate_within(Rule::ForgetsBitsSilently, 3, SEEDS, Shape { data: 3, witnesses: 1 });
+    // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
+    // primary's State says which peers it lags (followers keep their bits for those), the
+    // first seed that shows it is 3441; about 80 seconds.
+    demonstrate_within(Rule::ForgetsBitsSilently, 3, 5000, Shape { data: 3, witnesses: 1 });
 }
 
 #[test]

@@ -583,20 +583,15 @@ impl Replica {
         // the peer's at their next decision, a full sync (seed 786). A generation started
         // without the peer sets a new one (`Generation::follow`).
         let lags = |p: &super::Peer| common & (1 << p.node_id) != 0 && p.last_state.is_some_and(|s| s.lagging & (1 << peer_id) != 0);
-        if self.peers.iter().any(lags) {
-            if self.sb.peers[slot].bitmap_uuid != 0 {
-                self.sb.peers[slot].bitmap_uuid = 0;
-                self.persist(MetaWrite::Superblock);
-                self.send_state_to(peer_id);
+        let stale_bits = self.bitmaps[slot].weight() > 0 && !self.peers.iter().any(lags);
+        if stale_bits || self.sb.peers[slot].bitmap_uuid != 0 {
+            if stale_bits {
+                tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, blocks = self.bitmaps[slot].weight(),
+                    "both follow the same primary in the same generation: what this node recorded for the peer is stale, forgotten");
+                self.bitmaps[slot].clear_all();
+                self.persist(MetaWrite::Bitmap(slot));
             }
-            return Some(SyncDecision::InSync);
-        }
-        if self.bitmaps[slot].weight() > 0 || self.sb.peers[slot].bitmap_uuid != 0 {
-            tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, blocks = self.bitmaps[slot].weight(),
-                "both follow the same primary in the same generation: what this node recorded for the peer is stale, forgotten");
-            self.bitmaps[slot].clear_all();
             self.sb.peers[slot].bitmap_uuid = 0;
-            self.persist(MetaWrite::Bitmap(slot));
             self.persist(MetaWrite::Superblock);
             // The peer hears it: its decision may wait for this node's States to drop that
             // bitmap UUID (a resync from this node that just ended there, see
