@@ -5,7 +5,7 @@
 use super::weakened::{is_weakened, Rule};
 use super::{
     MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_BESIDE_DEMOTION, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DEMOTING, STATE_FLAG_DISCARD_MY_DATA,
-    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_RESYNCS_OTHER,
+    STATE_FLAG_FOLLOWING, STATE_FLAG_LEAVING, STATE_FLAG_REPAIR_PENDING, STATE_FLAG_RESYNCS_OTHER,
 };
 use crate::core::leftover_bits::{resync_leftover_bits, BitsHolder};
 use crate::core::quorum::QuorumPolicy;
@@ -46,9 +46,12 @@ impl Replica {
         peer.role = Role::from_wire(state.role).ok_or("State with an unknown role")?;
         peer.was_primary |= peer.role == Role::Primary;
         let disk_before = std::mem::replace(&mut peer.disk, DiskState::from_wire(state.disk).ok_or("State with an unknown disk state")?);
-        // A third node that turned out Inconsistent may be what a decision with a node that lost
-        // its cache waited for (see `reconsider`): that decision is taken again below.
-        let now_inconsistent = !peer.witness && disk_before != DiskState::Inconsistent && peer.disk == DiskState::Inconsistent;
+        // A third node that turned out Inconsistent, or waiting for its own lost cache's repair,
+        // may be what a decision with a node that lost its cache waited for (see `reconsider`):
+        // that decision is taken again below.
+        let pending = |s: Option<PeerState>| s.is_some_and(|s| s.flags & STATE_FLAG_REPAIR_PENDING != 0);
+        let now_no_better = !peer.witness
+            && (disk_before != DiskState::Inconsistent && peer.disk == DiskState::Inconsistent || !pending(peer.last_state) && pending(Some(state)));
         if peer.role == Role::Primary && self.vote_given.is_some_and(|v| v.candidate == peer_id) {
             // The candidate won and says so: from here on it is a primary this node sees, and
             // when it goes, another election may start at once.
@@ -122,7 +125,7 @@ impl Replica {
         let result = self.reconsider(peer_id);
         if (self.primaries(), self.demoting_peers()) != standing_before {
             self.standing_changed(Some(peer_id));
-        } else if now_inconsistent {
+        } else if now_no_better {
             for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
                 self.drop_link(id, reason);
             }
@@ -389,13 +392,14 @@ impl Replica {
         // the other; both wait for a third node (seed 44941: the node that lost its cache
         // overwrote an acknowledged write the Inconsistent one held).
         // With two data nodes no third comes, nor when every other data node is here and
-        // Inconsistent too (seed 1861: the source that lost its cache was resyncing both): the
-        // node that lost its cache is then the source (its disk holds everything but its
-        // extents' last unflushed writes, which no FLUSH made durable).
-        let third_data_node = self
-            .peers
-            .iter()
-            .any(|p| !p.witness && p.node_id != peer_id && !(p.connected && p.disk == DiskState::Inconsistent));
+        // Inconsistent too (seed 1861: the source that lost its cache was resyncing both), or
+        // waiting for its own lost cache's repair (seed 26872: two such nodes each waited for
+        // the other): the node that lost its cache is then the source (its disk holds
+        // everything but its extents' last unflushed writes, which no FLUSH made durable).
+        let no_better = |p: &super::Peer| {
+            p.connected && (p.disk == DiskState::Inconsistent || p.last_state.is_some_and(|s| s.flags & STATE_FLAG_REPAIR_PENDING != 0))
+        };
+        let third_data_node = self.peers.iter().any(|p| !p.witness && p.node_id != peer_id && !no_better(p));
         let peer_inconsistent = self.peer(peer_id).disk == DiskState::Inconsistent;
         let lost_cache_into_inconsistent = third_data_node
             && (decision.is_source() && self.cache_repair_pending.contains(&peer_id) && peer_inconsistent
@@ -927,6 +931,30 @@ mod tests {
         r.link_up(1, t0);
         r.peer_state_received(1, follower).expect("a fitting State");
         assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (0, 0), "forgotten");
+    }
+
+    #[test]
+    fn a_node_that_lost_its_cache_resyncs_an_inconsistent_peer_once_the_third_awaits_its_own_repair() {
+        // Seed 26872: nodes 0 and 2 lost their caches and repaired each other; node 1, still to
+        // repair both, is Inconsistent. Each waited for the other to resync it.
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        let current = r.sb.uuids.current;
+        r.cache_repair_pending = vec![1];
+        r.link_up(2, t0);
+        r.peer_state_received(2, secondary_state(current, [0; 4])).expect("node 2's State");
+        let slot = r.peer(1).slot;
+        r.bitmaps[slot].set_range(0, 4096);
+        r.sb.peers[slot].bitmap_uuid = current & !1;
+        r.link_up(1, t0);
+        r.take_actions();
+        let inconsistent = PeerState { disk: DiskState::Inconsistent.to_wire(), ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(1, inconsistent).expect("node 1's State");
+        assert!(r.peer(1).pending_sync.is_none(), "node 2 may be a better source: waiting for it");
+        let repair_pending = PeerState { flags: super::STATE_FLAG_REPAIR_PENDING, ..secondary_state(current, [0; 4]) };
+        r.peer_state_received(2, repair_pending).expect("node 2's State");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapSource), "nobody better comes");
+        assert_ne!(r.peer_state_for(r.peer(2)).flags & super::STATE_FLAG_REPAIR_PENDING, 0, "this node's States say its own repair is pending");
     }
 
     #[test]

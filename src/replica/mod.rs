@@ -94,6 +94,11 @@ pub const STATE_FLAG_DEMOTING: u32 = 128;
 /// that primary's last writes may still reach the sender, so no third node resyncs it until
 /// the demotion is over (see `Replica::reconsider`).
 pub const STATE_FLAG_BESIDE_DEMOTION: u32 = 256;
+/// The sender lost its disk's cache and a data peer is still to resync it (its
+/// `cache_repair_pending` is not empty, whichever the peer): no better source for an
+/// Inconsistent node than the receiver, which must not wait for it (see `Replica::reconsider`;
+/// seed 26872: two such nodes each waited for the other to resync the third).
+pub const STATE_FLAG_REPAIR_PENDING: u32 = 512;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -658,6 +663,9 @@ impl Replica {
         }
         if self.demoting_peers() != 0 {
             flags |= STATE_FLAG_BESIDE_DEMOTION;
+        }
+        if !self.cache_repair_pending.is_empty() {
+            flags |= STATE_FLAG_REPAIR_PENDING;
         }
         flags
     }
