@@ -21,8 +21,25 @@ use std::process::{Command, ExitCode, Stdio};
 
 mod status_view;
 
+/// `blkrepl --version`: the release and the two formats an upgrade may change. Nodes connect
+/// only when their peer protocol versions are equal, so an operator compares these before
+/// upgrading one node at a time (OPERATIONS.md, "Upgrading").
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (peer protocol {}, metadata format {})",
+        env!("CARGO_PKG_VERSION"),
+        blkrepl::wire::PROTOCOL_VERSION,
+        blkrepl::meta::superblock::FORMAT_VERSION
+    )
+});
+
 #[derive(Parser)]
-#[command(name = "blkrepl", version, about = "Replicated block device: admin commands and daemon")]
+#[command(
+    name = "blkrepl",
+    version,
+    long_version = LONG_VERSION.as_str(),
+    about = "Replicated block device: admin commands and daemon"
+)]
 struct Cli {
     /// Directory of resource files (`<resource>.toml`).
     #[arg(long, global = true, env = "BLKREPL_CONFIG_DIR", default_value = "/etc/blkrepl")]

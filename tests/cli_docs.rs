@@ -60,3 +60,18 @@ fn the_manual_page_renders_and_describes_every_command() {
     }
     assert!(shown.contains("EXIT STATUS"), "{shown}");
 }
+
+#[test]
+fn the_long_version_names_the_peer_protocol_and_the_metadata_format() {
+    // What an operator compares before upgrading one node at a time: nodes of different peer
+    // protocol versions refuse each other at the handshake.
+    let long = blkrepl(&["--version"]);
+    let expected = format!(
+        "blkrepl {} (peer protocol {}, metadata format {})",
+        env!("CARGO_PKG_VERSION"),
+        blkrepl::wire::PROTOCOL_VERSION,
+        blkrepl::meta::superblock::FORMAT_VERSION
+    );
+    assert_eq!(long.trim_end(), expected);
+    assert_eq!(blkrepl(&["-V"]).trim_end(), format!("blkrepl {}", env!("CARGO_PKG_VERSION")));
+}
