@@ -168,3 +168,25 @@ fn secondary_crash_and_restart_resyncs_only_what_it_missed() {
     let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(100 * MIB, MIB, 0x99)]);
     assert!(ok, "{out}");
 }
+
+#[test]
+fn a_planned_stop_of_every_node_comes_back_in_sync_without_a_resync() {
+    // The upgrade across a peer protocol version (OPERATIONS.md, "Upgrading"): demote, `down`
+    // everywhere, `up` everywhere. The nodes were in sync when they stopped, so nothing moves.
+    let c = synced_pair(Options { disk_mib: 256, ..Options::default() });
+    let data = patterns();
+    write_patterns(&c.nbd_url("alpha"), &data);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("alpha", &["down", "r0"]);
+    c.ok("beta", &["down", "r0"]);
+    c.ok("beta", &["up", "r0"]);
+    c.ok("alpha", &["up", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
+    // Both daemons count from zero: whatever either received since is a resync.
+    assert_eq!(c.received("beta", "alpha"), 0, "beta was resynced after a clean stop");
+    assert_eq!(c.received("alpha", "beta"), 0, "alpha was resynced after a clean stop\n{}", c.logs());
+    c.ok("alpha", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("alpha"), &data);
+    assert!(ok, "{out}");
+}

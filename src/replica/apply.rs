@@ -110,7 +110,7 @@ impl Replica {
         for &slot in &absent {
             self.mark_out_of_sync(slot, offset, len);
         }
-        self.recent.record(offset, len, now);
+        self.recent.record(offset, len, now, peer_id);
         self.note_in_activity_log(offset, len, &absent);
         let peer = self.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;

@@ -160,7 +160,7 @@ impl Replica {
             return;
         }
         let slot = peer.slot;
-        for (offset, len) in self.recent.ranges() {
+        for (offset, len) in self.recent.missed_by(peer_id) {
             self.mark_out_of_sync(slot, offset, len);
         }
         if let Some(uuid) = peer_generation.filter(|uuid| self.sb.peers[slot].bitmap_uuid == 0 && self.sb.uuids.held(*uuid)) {
@@ -586,7 +586,7 @@ impl Replica {
         // older one would outlive the generations both follow from here and no longer name
         // the peer's at their next decision, a full sync (seed 786). A generation started
         // without the peer sets a new one (`Generation::follow`).
-        let lags = |p: &super::Peer| common & (1 << p.node_id) != 0 && p.last_state.is_some_and(|s| s.lagging & (1 << peer_id) != 0);
+        let lags = |p: &super::Peer| common & (1 << p.node_id) != 0 && p.says_lagging(peer_id);
         let stale_bits = self.bitmaps[slot].weight() > 0 && !self.peers.iter().any(lags);
         if stale_bits || self.sb.peers[slot].bitmap_uuid != 0 {
             if stale_bits {

@@ -147,8 +147,36 @@ impl Replica {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::three_node_replica;
-    use super::{ReplState, Replica};
+    use super::super::testing::{secondary_state, three_node_replica};
+    use super::super::{LocalIo, STATE_FLAG_FOLLOWING};
+    use super::{ReplState, Replica, Role};
+    use crate::core::states::DiskState;
+
+    #[test]
+    fn a_secondary_marks_its_recent_writes_for_a_peer_it_loses_but_not_for_the_primary_that_sent_them() {
+        // Node 0, Secondary; node 1 its primary; node 2 another secondary that follows node 1.
+        let (mut r, t0) = three_node_replica();
+        r.disk = DiskState::UpToDate;
+        for (id, role) in [(1, Role::Primary), (2, Role::Secondary)] {
+            r.link_up(id, t0);
+            let mut state = secondary_state(r.sb.uuids.current, [0; 4]);
+            (state.role, state.primaries, state.flags) = (role.to_wire(), 1 << 1, STATE_FLAG_FOLLOWING);
+            let peer = r.peer_mut(id);
+            (peer.repl, peer.role, peer.disk, peer.last_state) = (ReplState::Established, role, DiskState::UpToDate, Some(state));
+        }
+        r.take_actions();
+        let write = LocalIo::Write { offset: 8192, data: bytes::Bytes::from(vec![1u8; 4096]), fua: false };
+        r.peer_write_received(t0, 1, (1, 1), 8192, 4096, false, write);
+        let marked = |r: &Replica, id: u8| r.bitmaps[r.peer(id).slot].weight();
+        assert_eq!((marked(&r, 1), marked(&r, 2)), (0, 0), "both follow the primary");
+        // The primary goes: node 2 may have missed its last write, the primary did not.
+        r.peer_lost(t0, 1, "link lost", 0);
+        assert_eq!(marked(&r, 1), 0, "the primary sent the write itself");
+        assert_eq!(marked(&r, 2), 1, "node 2 may lack it");
+        // Node 2 goes too: still nothing for node 1.
+        r.peer_lost(t0, 2, "link lost", 0);
+        assert_eq!(marked(&r, 1), 0);
+    }
 
     #[test]
     fn a_link_asked_to_drop_is_dropping_until_the_driver_takes_the_actions() {

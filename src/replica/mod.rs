@@ -533,11 +533,11 @@ impl Replica {
     /// only costs resync.
     pub fn slots_not_following(&self, sender: u8) -> Vec<usize> {
         let follows = |s: &PeerState| s.primaries & (1 << sender) != 0 && s.flags & STATE_FLAG_FOLLOWING != 0;
-        let lagging = self.peers.iter().find(|p| p.node_id == sender).and_then(|p| p.last_state).map_or(0, |s| s.lagging);
+        let lags = |node: u8| self.peers.iter().any(|p| p.node_id == sender && p.says_lagging(node));
         self.peers
             .iter()
             .filter(|p| p.node_id != sender && !p.witness)
-            .filter(|p| !p.connected || lagging & (1 << p.node_id) != 0 || p.last_state.is_none_or(|s| !follows(&s)))
+            .filter(|p| !p.connected || lags(p.node_id) || p.last_state.is_none_or(|s| !follows(&s)))
             .map(|p| p.slot)
             .collect()
     }

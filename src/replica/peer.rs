@@ -102,6 +102,12 @@ impl Peer {
         }
     }
 
+    /// Whether this peer's last `State` says that, as a primary, it does not keep `node` in step
+    /// (see [`super::Replica::lagging_peers`]).
+    pub fn says_lagging(&self, node: u8) -> bool {
+        self.last_state.is_some_and(|s| s.lagging & (1 << node) != 0)
+    }
+
     pub fn is_replicating(&self) -> bool {
         !self.witness && self.connected && matches!(self.repl, ReplState::Established | ReplState::SyncSource)
     }
