@@ -19,13 +19,13 @@ mod write_path;
 pub use counters::{CountersSnapshot, HistogramSnapshot};
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
-use crate::config::{Frontend, NodeConfig, OnCongestion, OnSuperseded, ResourceConfig, Transport, UblkSettings};
-use crate::core::states::{ConnState, DiskState, ReplState, Role};
+use crate::config::{Frontend, NodeConfig, OnCongestion, ResourceConfig, Transport, UblkSettings};
+use crate::core::states::{DiskState, ReplState, Role};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
 use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
-use crate::meta::{MetaError, MetaFlags, MetaStore};
+use crate::meta::{MetaError, MetaStore};
 use crate::quiet_condvar::QuietCondvar;
 use io_pool::IoPool;
 use crate::replica::{Attached, FenceOutcome, Peer, PromoteRefusal, PromoteStep, Replica};
@@ -273,12 +273,12 @@ impl Engine {
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
             crashed_primary,
-            crash_repair_pending: if crashed_primary { config.data_nodes().map(|n| n.id).filter(|id| *id != me.id).collect() } else { Vec::new() },
             peers,
             quorum_policy: config.quorum,
             on_no_quorum: config.on_no_quorum,
             split_brain: config.split_brain,
             fencing: config.fencing,
+            on_superseded: config.on_superseded,
             now: std::time::Instant::now(),
             uuid_seed: random_u64(),
             boot_id: machine_boot_id(),
@@ -292,6 +292,7 @@ impl Engine {
             export: None,
             export_failing: None,
             left_behind: None,
+            stepping_down: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
         let tls = match (config.transport, &config.tls_ca, &me.certificate) {
@@ -638,7 +639,7 @@ impl Engine {
         let shared = &self.shared;
         let _admin = shared.admin();
         let mut st = shared.lock();
-        st.replica.stepping_down = false;
+        st.stepping_down = false;
         let Some(why) = st.replica.step_down(Instant::now()) else { return };
         // A device in use cannot go at once: it fails every request until nothing holds it.
         let keep_failing = matches!(&st.export, Some(Export::Ublk(ublk)) if ublk.users().is_some());
@@ -651,10 +652,10 @@ impl Engine {
         } else {
             st.export.take()
         };
+        // The demotion's end decides again with every peer (`Replica::finish_demotion`).
         if let Err(e) = self.leave_primary(st, export) {
             tracing::error!(resource = %shared.config.name, error = %e, "stepping down failed");
         }
-        shared.lock().replica.reconsider_all_or_drop();
         if keep_failing {
             self.retire_export_when_unused();
         }
@@ -704,22 +705,7 @@ impl Engine {
     /// Lets the node (re)connect to every peer. With `discard_my_data`, this node offers
     /// itself as the victim of a split brain: its changes since the split are overwritten.
     pub fn connect(&self, discard_my_data: bool) -> Result<(), EngineError> {
-        let mut st = self.shared.lock();
-        if discard_my_data {
-            if st.replica.role == Role::Primary {
-                return Err(EngineError::Refused("--discard-my-data on a primary: demote it first (its data is live)".into()));
-            }
-            tracing::warn!(resource = %self.shared.config.name, "connect --discard-my-data: this node's changes since a split brain will be overwritten");
-            st.replica.discard_my_data = true;
-        }
-        for peer in st.replica.peers.iter_mut() {
-            peer.want_connect = true;
-            if !peer.connected {
-                peer.conn = ConnState::Connecting;
-                peer.last_error = None;
-            }
-        }
-        st.replica.broadcast_state();
+        self.shared.lock().replica.connect_wanted(discard_my_data).map_err(EngineError::Refused)?;
         self.shared.changed.notify_all();
         self.shared.dial.notify_all();
         Ok(())
@@ -742,8 +728,8 @@ impl Engine {
 
     /// Drops every peer connection and stays StandAlone until `connect`.
     pub fn disconnect(&self) {
-        let mut st = self.shared.lock();
-        stand_alone(&self.shared, &mut st, "disconnected by the operator");
+        self.shared.lock().replica.stand_alone("disconnected by the operator");
+        self.shared.dial.notify_all();
     }
 
     /// Starts a new data generation on two fresh nodes and declares them in sync without copying
@@ -769,16 +755,7 @@ impl Engine {
                 running.path.display()
             )));
         }
-        let mut st = self.shared.lock();
-        tracing::warn!(
-            resource = %running.name,
-            "adjust: quorum {} -> {}, on_no_quorum {:?} -> {:?}, split-brain policies {:?} -> {:?}",
-            st.replica.quorum_policy, new.quorum, st.replica.on_no_quorum, new.on_no_quorum, st.replica.split_brain, new.split_brain
-        );
-        st.replica.quorum_policy = new.quorum;
-        st.replica.on_no_quorum = new.on_no_quorum;
-        st.replica.split_brain = new.split_brain;
-        st.replica.release_suspended(Instant::now(), false);
+        self.shared.lock().replica.adjust_policies(Instant::now(), new.quorum, new.on_no_quorum, new.split_brain);
         self.shared.changed.notify_all();
         Ok(())
     }
@@ -791,24 +768,8 @@ impl Engine {
         self.demote()?;
         stopping();
         let shared = &self.shared;
-        let mut st = shared.lock();
-        st.replica.stopping = true;
-        // Peers that stay up go on without this node: it is Outdated from now on, tells them
-        // so (the leaving flag), and they stop counting it for quorum.
-        let data_peer_stays = st.replica.peers.iter().any(|p| !p.witness && p.connected && p.repl == ReplState::Established);
-        if data_peer_stays && shared.me.disk.is_some() && st.replica.disk == DiskState::UpToDate {
-            st.replica.disk = DiskState::Outdated;
-            st.replica.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-            tracing::info!(resource = %shared.config.name, "leaving while peers stay up: this node is Outdated until it reconnects");
-        }
-        st.replica.broadcast_state();
-        let ids: Vec<u8> = st.replica.peers.iter().map(|p| p.node_id).collect();
-        for id in ids {
-            st.replica.send(id, crate::wire::Message::Disconnect { reason: "peer is going down".into() });
-            st.replica.peer_mut(id).want_connect = false;
-        }
+        shared.lock().replica.leave();
         // Give the writers a moment to put the goodbye on the wire.
-        drop(st);
         std::thread::sleep(Duration::from_millis(50));
         let mut st = shared.lock();
         for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
@@ -818,13 +779,9 @@ impl Engine {
         if replica.detached() {
             tracing::warn!(resource = %shared.config.name, "the disk is Failed: its metadata stays as the failure left it, and the next `up` recovers it as after a crash");
         } else {
+            // A crash marker not yet repaired stays in `sb` (see `Replica::clear_crash_marker`):
+            // the next connection resyncs the activity log's extents, which are in the bitmaps.
             meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al)?;
-            if replica.crashed_primary {
-                // The activity log's extents are in the bitmaps, but no resync has repaired
-                // them yet: keep the marker that makes the next connection resync them.
-                replica.sb.flags.insert(MetaFlags::PRIMARY_IND);
-                meta.write_superblock(&replica.sb)?;
-            }
         }
         shared.changed.notify_all();
         drop(st);
@@ -834,35 +791,16 @@ impl Engine {
     }
 }
 
-/// Drops every peer connection and stays StandAlone until `connect`.
-fn stand_alone(shared: &Shared, st: &mut State, reason: &str) {
-    for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
-        st.replica.peer_mut(id).want_connect = false;
-        connection::drop_peer(shared, st, id, reason);
-        st.replica.peer_mut(id).conn = ConnState::StandAlone;
-    }
-}
-
-/// Once this primary was superseded: starts a step-down (see [`Engine::step_down`]), or, when
-/// the resource says to stay primary (`on_suspended_primary_outdated = "disconnect"`), fails
-/// what it holds and goes StandAlone until an operator acts, so that nobody sees it as a
-/// primary any more (the primary with quorum would otherwise wait for it, holding writes).
+/// Once this primary was superseded, what `Replica::superseded_action` says: a step-down
+/// (see [`Engine::step_down`]) runs on a thread of its own, once at a time.
 pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State) {
-    if st.replica.stepping_down || !st.replica.superseded(Instant::now()) {
+    if st.stepping_down || !st.replica.superseded_action(Instant::now()) {
         return;
     }
-    if shared.config.on_superseded == OnSuperseded::Disconnect {
-        tracing::error!(resource = %shared.config.name,
-            "another node was promoted while this node had no quorum: failing what it holds and disconnecting (on_suspended_primary_outdated is disconnect); demote it, then `connect`");
-        st.replica.superseded_latched = true;
-        st.replica.release_suspended(Instant::now(), true);
-        stand_alone(shared, st, "superseded by a newer primary (on_suspended_primary_outdated is disconnect)");
-        return;
-    }
-    st.replica.stepping_down = true;
+    st.stepping_down = true;
     let engine = Engine { shared: shared.clone() };
     if let Err(e) = std::thread::Builder::new().name("step-down".into()).spawn(move || engine.step_down()) {
-        st.replica.stepping_down = false;
+        st.stepping_down = false;
         tracing::error!(resource = %shared.config.name, error = %e, "cannot start stepping down; retried at the next state change");
     }
 }

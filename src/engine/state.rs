@@ -30,6 +30,8 @@ pub struct State {
     /// A ublk device a daemon of this node left behind when it died as primary, with its I/O
     /// held by the kernel until this node may be primary again (device id, why not yet).
     pub left_behind: Option<(u32, String)>,
+    /// A step-down's thread is on its way (see `engine::step_down_if_superseded`).
+    pub stepping_down: bool,
 }
 
 /// A frontend request the replica has not answered yet, with what its latency is measured from.

@@ -356,8 +356,10 @@ impl MetaStore {
     }
 
     /// Persists everything for a clean stop: the dirty bitmap pages, an empty activity log, then
-    /// a superblock (based on `sb`) with AL_CLEAN, without PRIMARY_IND, and with each bitmap's
-    /// checksum. Fails with `AlError::Busy` if I/O still holds activity-log extents.
+    /// a superblock (based on `sb`) with AL_CLEAN and with each bitmap's checksum. Its other
+    /// flags are `sb`'s: PRIMARY_IND stays when the caller keeps a crash as primary to repair,
+    /// in one write with the rest (a second write to put it back would leave a window in which
+    /// a crash forgets it). Fails with `AlError::Busy` if I/O still holds activity-log extents.
     pub fn clean_shutdown(
         &mut self,
         sb: &Superblock,
@@ -387,7 +389,6 @@ impl MetaStore {
         activity_log.commit(update);
         let mut sb = sb.clone();
         sb.flags.insert(MetaFlags::AL_CLEAN);
-        sb.flags.remove(MetaFlags::PRIMARY_IND);
         for (peer, bitmap) in sb.peers.iter_mut().zip(bitmaps.iter()) {
             peer.bitmap_crc = Some(bitmap.crc32c());
         }

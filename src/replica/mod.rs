@@ -18,6 +18,7 @@ mod election;
 mod fencing;
 pub mod frames;
 mod loss;
+mod operator;
 mod pacing;
 mod progress;
 pub mod peer;
@@ -47,7 +48,7 @@ pub use roles::{PromoteRefusal, Promotion};
 pub use verify::VerifyStep;
 pub use writes::{PendingFlush, Pieces, QueuedWrite, WriteKind};
 
-use crate::config::{Fencing, Protocol};
+use crate::config::{Fencing, OnSuperseded, Protocol};
 use crate::core::generation::Generation;
 use crate::core::inflight::InflightWrites;
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -178,8 +179,6 @@ pub struct Replica {
     /// under way (a demoting node starts no generation: what it still completes fails instead,
     /// see `Replica::finish_request`), dropped when it ends.
     pub generation_pending: Vec<usize>,
-    /// A step-down (see `Engine::step_down`) is on its way.
-    pub stepping_down: bool,
     /// Why this node last stepped down by itself, until it is promoted again.
     pub stepped_down: Option<String>,
     /// Why this primary fails every request: a local write or flush failed, or a metadata write
@@ -230,6 +229,8 @@ pub struct Replica {
     pub left_generation: u64,
     /// What this primary does when it loses a data peer (see `replica/fencing.rs`).
     pub fencing: Fencing,
+    /// What this primary does once superseded (see [`Replica::superseded_action`]).
+    on_superseded: OnSuperseded,
     /// Fence-peer runs asked for and not answered yet, and handlers that failed (see
     /// `replica/fencing.rs`).
     fences: Vec<fencing::Fence>,
@@ -252,14 +253,15 @@ pub struct Attached {
     pub sb: Superblock,
     pub bitmaps: Vec<DirtyBitmap>,
     pub al: ActivityLog,
+    /// The metadata says this node crashed as primary: every data peer is resynced before the
+    /// crash marker clears.
     pub crashed_primary: bool,
-    /// Data peers to resync before the crash marker clears.
-    pub crash_repair_pending: Vec<u8>,
     pub peers: Vec<Peer>,
     pub quorum_policy: QuorumPolicy,
     pub on_no_quorum: OnNoQuorum,
     pub split_brain: SplitBrainPolicies,
     pub fencing: Fencing,
+    pub on_superseded: OnSuperseded,
     pub now: Instant,
     /// Where generation UUIDs come from (see [`UuidSource`]).
     pub uuid_seed: u64,
@@ -338,6 +340,7 @@ impl Replica {
     fn attached(a: Attached) -> Replica {
         let window = RecentWrites::window_for(&a.timing);
         let recent = RecentWrites::new(a.sb.data_size, a.sb.params.bitmap_block_size, window, a.now);
+        let crash_repair_pending = if a.crashed_primary { a.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect() } else { Vec::new() };
         Replica {
             resource: a.resource,
             witness: a.witness,
@@ -351,7 +354,7 @@ impl Replica {
             bitmaps: a.bitmaps,
             al: a.al,
             crashed_primary: a.crashed_primary,
-            crash_repair_pending: a.crash_repair_pending,
+            crash_repair_pending,
             inflight: InflightWrites::new(),
             write_requests: HashMap::new(),
             pieces: HashMap::new(),
@@ -375,7 +378,6 @@ impl Replica {
             split_brain: a.split_brain,
             discard_my_data: false,
             generation_pending: Vec::new(),
-            stepping_down: false,
             stepped_down: None,
             io_failed: None,
             cache_lost: false,
@@ -391,6 +393,7 @@ impl Replica {
             resyncs_taken: [0; 3],
             left_generation: 0,
             fencing: a.fencing,
+            on_superseded: a.on_superseded,
             fences: Vec::new(),
             uuids: UuidSource::new(a.uuid_seed),
             outbox: Vec::new(),

@@ -31,6 +31,8 @@ pub enum PromoteRefusal {
     VotedFor { name: String },
     #[error("this node's demotion is still under way (its last writes and flush): try again once it is Secondary")]
     Demoting,
+    #[error("this node is going down (`down` is under way)")]
+    Stopping,
     #[error("data node {name} refused its vote: its data is further on than this node's (it may hold writes this node lacks); promote {name}, or try again once this node is resynced")]
     VoteRefused { name: String },
     #[error("data node {name} did not answer the request for votes in time: try again later")]
@@ -57,6 +59,10 @@ impl Replica {
         // was never resynced).
         if self.demoting {
             return Err(PromoteRefusal::Demoting);
+        }
+        // Its peers stopped counting it when it said it leaves (see `Replica::leave`).
+        if self.stopping {
+            return Err(PromoteRefusal::Stopping);
         }
         if let Some(peer) = self.peers.iter().find(|p| p.connected && p.role == Role::Primary) {
             return Err(PromoteRefusal::PeerIsPrimary { peer: peer.name.clone() });
@@ -200,7 +206,11 @@ impl Replica {
         self.demotion_stream.clear();
         self.demoting = false;
         self.generation_pending.clear();
-        self.sb.flags.remove(MetaFlags::PRIMARY_IND);
+        // Unless a crash as primary is still to be repaired with some peer (see
+        // `Replica::clear_crash_marker`): a crash after this demotion must not forget it.
+        if !self.crashed_primary {
+            self.sb.flags.remove(MetaFlags::PRIMARY_IND);
+        }
         // Its data holds its whole stream, flushed by the last barrier (the epoch before the
         // open one): as far as a secondary that acknowledged that barrier, no further.
         self.set_data_position(DataPosition { epoch: self.epoch - 1, ..self.data_position() });
@@ -380,6 +390,14 @@ mod tests {
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::Demoting)));
         r.finish_demotion();
         assert!(!matches!(r.promote(t0, false), Err(PromoteRefusal::Demoting)));
+    }
+
+    #[test]
+    fn no_promotion_once_the_node_is_leaving() {
+        let (mut r, t0) = two_node_replica();
+        r.disk = DiskState::UpToDate;
+        r.leave();
+        assert!(matches!(r.promote(t0, true), Err(PromoteRefusal::Stopping)));
     }
 
     #[test]

@@ -51,6 +51,8 @@ const CAMPAIGN: u64 = 6;
 const VERIFY: u64 = 7;
 /// A data node's disk starts failing some reads and writes for a while.
 const DISK_FAULT: u64 = 8;
+/// A clean stop's second half: the goodbye had time to arrive (see `World::stop`).
+const STOP: u64 = 9;
 
 /// The cluster shapes a seed chooses from.
 pub const SHAPES: [Shape; 8] = [
@@ -71,6 +73,8 @@ pub struct Stats {
     pub promotions: u64,
     pub power_losses: u64,
     pub kills: u64,
+    /// `down` of a secondary or witness (`Replica::leave`, metadata written clean) and `up`.
+    pub clean_stops: u64,
     pub partitions: u64,
     pub divergences: u64,
     pub bitmap_resyncs: u64,
@@ -118,6 +122,7 @@ impl Stats {
         self.promotions += o.promotions;
         self.power_losses += o.power_losses;
         self.kills += o.kills;
+        self.clean_stops += o.clean_stops;
         self.partitions += o.partitions;
         self.divergences += o.divergences;
         self.bitmap_resyncs += o.bitmap_resyncs;
@@ -189,6 +194,8 @@ pub struct Scenario {
     tenure: Vec<u64>,
     /// Down nodes, restarted by a RESTART timer.
     down: Vec<u8>,
+    /// A node between the two halves of a clean stop.
+    stopping: Option<u8>,
     /// Primaries stepping down: once their writes are done, a last flush (its request id once
     /// sent), then the end of the demotion, as the daemon does.
     demoting: Vec<(u8, Option<u64>)>,
@@ -255,6 +262,7 @@ impl Scenario {
             durable: vec![0; BLOCKS as usize],
             tenure: vec![0; usize::from(shape.data)],
             down: Vec::new(),
+            stopping: None,
             demoting: Vec::new(),
             flushed: Vec::new(),
             campaigns: Vec::new(),
@@ -280,8 +288,12 @@ impl Scenario {
         }
         let end_of_faults = self.world.now + FAULTY;
         self.run_until(end_of_faults)?;
-        // Everything heals: links, nodes; the client stops writing.
+        // Everything heals: links, nodes; the client stops writing. A clean stop under way
+        // ends first (its second half is due within 50 ms).
         self.faults_on = false;
+        if self.stopping.is_some() {
+            self.run_until(self.world.now + 50 * MS)?;
+        }
         self.world.heal_all();
         for id in std::mem::take(&mut self.down) {
             self.world.start(id);
@@ -385,6 +397,11 @@ impl Scenario {
                     }
                 }
                 Some(HEAL) => self.world.heal_all(),
+                Some(STOP) => {
+                    if let Some(id) = self.stopping.take() {
+                        self.world.stop(id);
+                    }
+                }
                 Some(CAMPAIGN) => self.campaign(),
                 Some(VERIFY) => self.verify(),
                 Some(DISK_FAULT) => {
@@ -468,7 +485,10 @@ impl Scenario {
             // for a primary peer (fence-peer's exit code 6): the manager's monitor sees it
             // (`status`) and demotes it, as Pacemaker would.
             let failed = replica.io_failed.is_some() || replica.disk == DiskState::Outdated;
-            if !self.demoting.iter().any(|(d, _)| *d == id) && (failed || replica.step_down(now).is_some()) {
+            // A superseded primary steps down as the daemon's `on_suspended_primary_outdated =
+            // "force-secondary"` has it (`superseded_action`, then `step_down`).
+            let mut superseded = || replica.superseded_action(now) && replica.step_down(now).is_some();
+            if !self.demoting.iter().any(|(d, _)| *d == id) && (failed || superseded()) {
                 replica.begin_demotion(now);
                 self.world.carry_out(id);
                 self.demoting.push((id, None));
@@ -484,7 +504,6 @@ impl Scenario {
                 }
                 Some(request) if self.flushed.contains(&request) => {
                     r.finish_demotion();
-                    r.reconsider_all_or_drop();
                     self.world.carry_out(id);
                 }
                 _ => self.demoting.push((id, flush)),
@@ -662,6 +681,26 @@ impl Scenario {
                 let w = &mut self.world;
                 let heal = w.now + w.rng.range(SEC, 6 * SEC);
                 w.at(heal, Event::Scenario(HEAL));
+            }
+            // Sometimes an operator's `down` of a secondary or a witness, a restart a little
+            // later. Not of a primary: its `down` is refused while the device is in use, and a
+            // manager demotes it first (as here for one that steps down).
+            _ if up.len() == nodes.len() && self.world.rng.percent(20) => {
+                let primaries = self.world.primaries();
+                let candidates: Vec<u8> = up.iter().copied().filter(|id| !primaries.contains(id) && !self.demoting.iter().any(|(d, _)| d == id)).collect();
+                if candidates.is_empty() {
+                    return;
+                }
+                let id = self.world.rng.pick(&candidates);
+                self.world.leave(id);
+                self.stats.clean_stops += 1;
+                self.stopping = Some(id);
+                self.pending.retain(|_, (node, _)| *node != id);
+                self.down.push(id);
+                let w = &mut self.world;
+                w.at(w.now + 50 * MS, Event::Scenario(STOP));
+                let restart = w.now + w.rng.range(300 * MS, 3 * SEC);
+                w.at(restart, Event::Scenario(RESTART));
             }
             // A power loss or a killed process (one time in three), and a restart a little
             // later (at most one node down at a time).

@@ -8,7 +8,7 @@
 //! daemon sets them up (`blkrepl create-md` and `Engine::open_on`).
 
 use super::rng::Rng;
-use blkrepl::config::{Fencing, Protocol};
+use blkrepl::config::{Fencing, OnSuperseded, Protocol};
 use blkrepl::core::block_digest::block_digests;
 use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -440,12 +440,12 @@ impl World {
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
             crashed_primary,
-            crash_repair_pending: if crashed_primary { shape.data_nodes().filter(|p| *p != id).collect() } else { Vec::new() },
             peers,
             quorum_policy: quorum,
             on_no_quorum,
             split_brain: Default::default(),
             fencing,
+            on_superseded: OnSuperseded::ForceSecondary,
             now,
             uuid_seed: seed,
             boot_id: boot_id(id, node.boots),
@@ -517,6 +517,38 @@ impl World {
                 self.close_at(peer, id, conn, "peer closed the connection");
             }
         }
+    }
+
+    /// A clean stop's first half, as `blkrepl down` of a Secondary runs it: the replica says
+    /// goodbye ([`Replica::leave`]) and its frames go out.
+    pub fn leave(&mut self, id: u8) {
+        let Some(replica) = self.replica_mut(id) else { return };
+        replica.leave();
+        self.log(id, || "down".into());
+        self.carry_out(id);
+    }
+
+    /// A clean stop's second half, once the goodbye had time to arrive (the daemon waits 50
+    /// ms): the links close, the metadata is written clean (`MetaStore::clean_shutdown`, not
+    /// on a detached disk), and the process ends; what the kernel still had to write lands.
+    pub fn stop(&mut self, id: u8) {
+        if !self.is_up(id) {
+            return;
+        }
+        let links: Vec<(u8, u64)> = self.nodes[usize::from(id)].links.iter().map(|(p, (conn, _))| (*p, *conn)).collect();
+        for (peer, conn) in links {
+            self.link_lost(id, peer, conn, "going down");
+        }
+        let node = &mut self.nodes[usize::from(id)];
+        if let (Some(replica), Some(meta)) = (node.replica.as_mut(), node.meta.as_mut()) {
+            if !replica.detached() {
+                // A failing disk may refuse it: the metadata is then as a crash leaves it.
+                if let Err(e) = meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al) {
+                    self.log(id, || format!("clean metadata not written: {e}"));
+                }
+            }
+        }
+        self.crash(id, false);
     }
 
     pub fn is_up(&self, id: u8) -> bool {
