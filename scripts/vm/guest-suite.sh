@@ -260,17 +260,28 @@ t_partition() {
   wait_for alpha $r '(.device_io // "") | startswith("failing")' || return 1
   echo "  alpha: $(field alpha $r .stepped_down); device: $(field alpha $r .device_io)"
   timeout 120 tail --pid="$writer_pid" -f /dev/null || die "the writer on alpha's filesystem did not fail"
+  wait_for alpha $r '.disk == "UpToDate"' || return 1
+  wait_for beta $r '[.peers[] | select(.name == "alpha")][0] | .replication == "Established" and .peer_disk == "UpToDate"' || return 1
+  [ "$(field beta $r .role)" = Primary ] || die "beta is no longer primary"
+  grep -q "split brain" "$WORK"/run/$r.*.log && die "a split brain was logged"
+  # Resynced, alpha may be primary again, but never on the device its filesystem still holds:
+  # what that filesystem cached is not what the disk holds since beta wrote.
+  umount $mntb && bl beta secondary $r >/dev/null || die "beta's demotion failed"
+  local refused; refused=$(bl alpha primary $r 2>&1) && die "alpha was promoted with its failing $adev still mounted"
+  echo "$refused" | grep -q "never serves again" || die "alpha's promotion was refused for another reason: $refused"
   umount $mnt || umount -l $mnt || die "cannot unmount alpha's failing device"
   local k
   for k in $(seq 1 100); do [ -e "$adev" ] || break; sleep 0.2; done
   [ ! -e "$adev" ] || die "$adev still exists 20 s after it was unmounted"
   [ "$(field alpha $r .device)" = null ] || die "alpha's status still shows a device"
-  wait_for alpha $r '.disk == "UpToDate"' || return 1
-  wait_for beta $r '[.peers[] | select(.name == "alpha")][0] | .replication == "Established" and .peer_disk == "UpToDate"' || return 1
-  [ "$(field beta $r .role)" = Primary ] || die "beta is no longer primary"
-  grep -q "split brain" "$WORK"/run/$r.*.log && die "a split brain was logged"
-  umount $mntb || return 1
-  result "alpha stepped down by itself; its mounted $adev failed I/O and went once unmounted; it resynced from beta; no split brain"
+  # Unmounted and gone, it is promoted with a device exported afresh, holding beta's data.
+  bl alpha primary $r >/dev/null || die "alpha refused promotion after its failing device went: $(status alpha $r)"
+  adev=$(field alpha $r .device)
+  mount -o ro "$adev" $mnt || die "cannot mount alpha's new $adev"
+  sha256sum --quiet -c "$WORK/r5.synced.sums" || die "a file synced before the partition differs on alpha's new device"
+  umount $mnt || return 1
+  bl alpha secondary $r >/dev/null || die "alpha's demotion failed"
+  result "alpha stepped down by itself; its mounted $adev failed I/O, refused to serve again while mounted, and went once unmounted; it resynced from beta and was promoted on a fresh device; no split brain"
 }
 
 # --- runner --------------------------------------------------------------------------------

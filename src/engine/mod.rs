@@ -77,6 +77,8 @@ pub enum EngineError {
     NoQuorum { votes: u8, voters: u8, needed: u8 },
     #[error("the device {device} is in use by {users}: stop using it (unmount it, close it, disconnect NBD clients) first")]
     InUse { device: String, users: String },
+    #[error("the device {device} fails every request ({why}) and is still in use by {users}: the data under it may have changed since they read it, so it never serves again; unmount it (it then goes away) and promote again")]
+    FailingDeviceInUse { device: String, why: String, users: String },
     #[error("cannot export NBD on {url}: {source}")]
     Nbd { url: String, source: std::io::Error },
     #[error("cannot export the ublk device: {0}")]
@@ -109,7 +111,7 @@ impl EngineError {
     pub fn exit_code(&self) -> i32 {
         match self {
             EngineError::NotUpToDate { .. } | EngineError::PeerIsPrimary { .. } | EngineError::Refused(_) => 11,
-            EngineError::InUse { .. } => 12,
+            EngineError::InUse { .. } | EngineError::FailingDeviceInUse { .. } => 12,
             EngineError::NoQuorum { .. } => 14,
             _ => 1,
         }
@@ -396,6 +398,24 @@ impl Engine {
         Ok(name)
     }
 
+    /// Before a promotion (with the admin lock): a device that fails every request (this node
+    /// stepped down, or gave up a device a crashed daemon left behind) never serves again, as
+    /// what its holders cached may no longer be what the disk holds (another primary wrote,
+    /// and this node was resynced). Refused while it is in use; otherwise it goes now, and the
+    /// promotion exports a device afresh.
+    fn retire_failing_export(&self) -> Result<(), EngineError> {
+        let mut st = self.shared.lock();
+        let Some(why) = st.export_failing.clone() else { return Ok(()) };
+        if let Some((device, users)) = st.export.as_ref().and_then(|e| e.users().map(|users| (e.device(), users))) {
+            return Err(EngineError::FailingDeviceInUse { device, why, users });
+        }
+        let export = st.export.take();
+        st.export_failing = None;
+        drop(st);
+        stop_export(&self.shared.config.name, export);
+        Ok(())
+    }
+
     /// After a command whose metadata writes were carried out as the lock was released: a
     /// failed one left the disk Failed.
     fn refuse_if_disk_failed(&self) -> Result<(), EngineError> {
@@ -409,6 +429,7 @@ impl Engine {
     pub fn promote(&self, force: bool) -> Result<(), EngineError> {
         let shared = &self.shared;
         let _admin = shared.admin();
+        self.retire_failing_export()?;
         let mut st = self.wait_for_quorum(shared.lock());
         if st.replica.role == Role::Primary {
             return Ok(());
@@ -420,21 +441,13 @@ impl Engine {
                 PromoteStep::Waiting => st = st.wait_timeout(Duration::from_millis(5)),
             }
         };
-        // A device that was failing every request stays attached and starts serving.
-        let attached = st.export.is_some();
         drop(st);
         // The promotion's metadata write was carried out as the lock was released.
-        let started = match self.refuse_if_disk_failed() {
-            Ok(()) if !attached => self.start_export(false),
-            other => other.map(|()| None),
-        };
+        let started = self.refuse_if_disk_failed().and_then(|()| self.start_export(false));
         let mut st = shared.lock();
         match started {
             Ok(export) => {
-                st.export = st.export.take().or(export);
-                if let Some(Export::Ublk(ublk)) = &st.export {
-                    ublk.set_failing(false);
-                }
+                st.export = export;
                 st.export_failing = None;
                 st.left_behind = None;
             }
