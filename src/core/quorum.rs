@@ -211,9 +211,10 @@ pub struct PromotionInputs {
 }
 
 impl PromotionInputs {
-    /// Whether `primary` (without `--force`) would succeed now.
+    /// Whether `primary` (without `--force`) would promote this node now (not already primary).
     pub fn may_promote(&self) -> bool {
-        self.quorum.has_quorum && self.quorum.other_primary.is_none() && self.disk == DiskState::UpToDate
+        self.role != Role::Primary
+            && self.quorum.has_quorum && self.quorum.other_primary.is_none() && self.disk == DiskState::UpToDate
     }
 
     /// The preference a cluster manager gives this node as primary (higher is better), in the
@@ -362,6 +363,9 @@ mod tests {
         let mut outdated = base;
         outdated.disk = DiskState::Outdated;
         assert!(!outdated.may_promote());
+        let primary = PromotionInputs { role: Role::Primary, ..base };
+        assert!(!primary.may_promote(), "already primary");
+        assert_eq!(primary.promotion_score(), Some(10_000), "kept where it is");
     }
 
     proptest! {

@@ -4,7 +4,7 @@ use super::state::State;
 use crate::replica::{Replica, VerifyState};
 use super::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
-use crate::core::states::{ConnState, DiskState, Role};
+use crate::core::states::{ConnState, DiskState};
 use crate::core::sync_progress::SyncProgress;
 use std::time::Instant;
 use serde::{Deserialize, Serialize};
@@ -212,14 +212,9 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
             }
         })
         .collect();
-    let quorum = st.replica.quorum(Instant::now());
-    let promotion = PromotionInputs {
-        role: st.replica.role,
-        disk: st.replica.disk,
-        quorum,
-        all_data_peers_known: st.replica.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
-        peer_up_to_date: st.replica.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
-    };
+    let now = Instant::now();
+    let quorum = st.replica.quorum(now);
+    let promotion = st.replica.promotion_inputs(now);
     ResourceStatus {
         name: shared.config.name.clone(),
         node: shared.me.name.clone(),
@@ -237,8 +232,8 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         io_suspended: st.replica.io_suspended().map(str::to_owned),
         stepped_down: st.replica.stepped_down.clone(),
         local_write_failed: st.replica.io_failed.clone(),
-        may_promote: st.replica.role != Role::Primary && shared.me.disk.is_some() && promotion.may_promote(),
-        promotion_score: promotion.promotion_score().filter(|_| shared.me.disk.is_some()),
+        may_promote: promotion.as_ref().is_some_and(PromotionInputs::may_promote),
+        promotion_score: promotion.as_ref().and_then(PromotionInputs::promotion_score),
         device: match (&st.export, &st.left_behind) {
             (Some(export), _) => Some(export.device()),
             (None, Some((id, _))) => Some(blkrepl_ublk::block_device_path(*id).display().to_string()),

@@ -4,6 +4,7 @@
 
 use super::weakened::{is_weakened, Rule};
 use super::{MetaWrite, Replica};
+use crate::core::quorum::PromotionInputs;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, UUID_JUST_CREATED};
 use crate::meta::{MetaFlags, Superblock};
@@ -169,6 +170,22 @@ impl Replica {
         self.disk = undo.disk_before;
         self.sb = undo.sb_before;
         self.persist(MetaWrite::Superblock);
+    }
+
+    /// What a cluster manager reads (`status`: `may_promote`, `promotion_score`): whether a
+    /// `primary` without `--force` would succeed now, and how much this node is preferred.
+    /// None on a witness, which is never a candidate.
+    pub fn promotion_inputs(&self, now: Instant) -> Option<PromotionInputs> {
+        if self.witness {
+            return None;
+        }
+        Some(PromotionInputs {
+            role: self.role,
+            disk: self.disk,
+            quorum: self.quorum(now),
+            all_data_peers_known: self.peers.iter().filter(|p| !p.witness).all(|p| p.last_state.is_some()),
+            peer_up_to_date: self.peers.iter().any(|p| p.last_state.is_some() && p.disk == DiskState::UpToDate),
+        })
     }
 
     /// Whether this node answers requests as the primary: it is one, or its demotion is under
