@@ -658,7 +658,7 @@ impl Engine {
         let keep_failing = matches!(&st.export, Some(Export::Ublk(ublk)) if ublk.users().is_some());
         let export = if keep_failing {
             if let Some(Export::Ublk(ublk)) = &st.export {
-                ublk.set_failing(true);
+                ublk.fail_from_now_on();
             }
             st.export_failing = Some(format!("{why}; it fails every request until it is unmounted, then goes away"));
             None

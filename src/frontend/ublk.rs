@@ -218,9 +218,10 @@ impl UblkExport {
         }
     }
 
-    /// Starts or stops failing every request.
-    pub fn set_failing(&self, failing: bool) {
-        self.adapter.failing.store(failing, Ordering::SeqCst);
+    /// Fails every request from now on: the device never serves again (see
+    /// `Engine::retire_failing_export`), it only waits to be unused and removed.
+    pub fn fail_from_now_on(&self) {
+        self.adapter.failing.store(true, Ordering::SeqCst);
     }
 
     /// Removes the device (check [`UblkExport::users`] first) and its record.
