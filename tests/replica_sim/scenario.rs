@@ -75,6 +75,8 @@ pub struct Stats {
     pub kills: u64,
     /// `down` of a secondary or witness (`Replica::leave`, metadata written clean) and `up`.
     pub clean_stops: u64,
+    /// `disconnect` of a node, and its `connect` at the next heal.
+    pub disconnects: u64,
     pub partitions: u64,
     pub divergences: u64,
     pub bitmap_resyncs: u64,
@@ -123,6 +125,7 @@ impl Stats {
         self.power_losses += o.power_losses;
         self.kills += o.kills;
         self.clean_stops += o.clean_stops;
+        self.disconnects += o.disconnects;
         self.partitions += o.partitions;
         self.divergences += o.divergences;
         self.bitmap_resyncs += o.bitmap_resyncs;
@@ -194,6 +197,8 @@ pub struct Scenario {
     tenure: Vec<u64>,
     /// Down nodes, restarted by a RESTART timer.
     down: Vec<u8>,
+    /// Nodes the operator disconnected (`connect` at the next heal).
+    disconnected: Vec<u8>,
     /// A node between the two halves of a clean stop.
     stopping: Option<u8>,
     /// Primaries stepping down: once their writes are done, a last flush (its request id once
@@ -262,6 +267,7 @@ impl Scenario {
             durable: vec![0; BLOCKS as usize],
             tenure: vec![0; usize::from(shape.data)],
             down: Vec::new(),
+            disconnected: Vec::new(),
             stopping: None,
             demoting: Vec::new(),
             flushed: Vec::new(),
@@ -294,7 +300,7 @@ impl Scenario {
         if self.stopping.is_some() {
             self.run_until(self.world.now + 50 * MS)?;
         }
-        self.world.heal_all();
+        self.heal();
         for id in std::mem::take(&mut self.down) {
             self.world.start(id);
         }
@@ -396,7 +402,7 @@ impl Scenario {
                         self.world.start(id);
                     }
                 }
-                Some(HEAL) => self.world.heal_all(),
+                Some(HEAL) => self.heal(),
                 Some(STOP) => {
                     if let Some(id) = self.stopping.take() {
                         self.world.stop(id);
@@ -656,6 +662,15 @@ impl Scenario {
         Ok(())
     }
 
+    /// The cut links heal, and the operator runs `connect` where it ran `disconnect` (on a node
+    /// restarted since, which wants every peer again anyway, there is nothing to do).
+    fn heal(&mut self) {
+        self.world.heal_all();
+        for id in std::mem::take(&mut self.disconnected) {
+            self.world.connect(id);
+        }
+    }
+
     fn fault(&mut self) {
         if !self.faults_on {
             return;
@@ -668,16 +683,24 @@ impl Scenario {
         match self.world.rng.below(3) {
             // A node, data node or witness, cut off from the others (the primary more often
             // than not).
+            // Sometimes the operator's `disconnect` there instead (StandAlone until `connect`,
+            // which the heal runs).
             0 | 1 => {
                 let id = match self.target.filter(|_| self.world.rng.percent(60)) {
                     Some(primary) => primary,
                     None => self.world.rng.pick(&nodes),
                 };
-                for other in nodes.iter().copied().filter(|o| *o != id) {
-                    self.world.cut(id, other);
+                if self.world.is_up(id) && self.world.rng.percent(15) {
+                    self.world.disconnect(id);
+                    self.stats.disconnects += 1;
+                    self.disconnected.push(id);
+                } else {
+                    for other in nodes.iter().copied().filter(|o| *o != id) {
+                        self.world.cut(id, other);
+                    }
+                    self.stats.partitions += 1;
+                    self.world.log(id, || "partitioned".into());
                 }
-                self.stats.partitions += 1;
-                self.world.log(id, || "partitioned".into());
                 let w = &mut self.world;
                 let heal = w.now + w.rng.range(SEC, 6 * SEC);
                 w.at(heal, Event::Scenario(HEAL));

@@ -551,6 +551,22 @@ impl World {
         self.crash(id, false);
     }
 
+    /// The operator's `disconnect` ([`Replica::stand_alone`]).
+    pub fn disconnect(&mut self, id: u8) {
+        let Some(replica) = self.replica_mut(id) else { return };
+        replica.stand_alone("disconnected by the operator");
+        self.log(id, || "disconnect".into());
+        self.carry_out(id);
+    }
+
+    /// The operator's `connect` ([`Replica::connect_wanted`]).
+    pub fn connect(&mut self, id: u8) {
+        let Some(replica) = self.replica_mut(id) else { return };
+        replica.connect_wanted(false).expect("connect without --discard-my-data is never refused");
+        self.log(id, || "connect".into());
+        self.carry_out(id);
+    }
+
     pub fn is_up(&self, id: u8) -> bool {
         self.nodes[usize::from(id)].replica.is_some()
     }
