@@ -293,20 +293,39 @@ mod tests {
         // 24 MiB: more than the queue's limit and what the sockets buffer while the peer reads
         // nothing.
         let payload = bytes::Bytes::from(vec![0u8; 64 << 10]);
+        let frame = |id| Message::Data { id, epoch: 1, offset: 0, fua: false, payload: payload.clone() };
+        let mut encoded = Vec::new();
+        crate::wire::write_message(&mut encoded, &frame(0)).unwrap();
+        let total = 384 * encoded.len() as u64;
         for id in 0..384 {
-            link.send_bulk(Message::Data { id, epoch: 1, offset: 0, fua: false, payload: payload.clone() }, None);
+            link.send_bulk(frame(id), None);
         }
         link.want_room();
         std::thread::sleep(Duration::from_millis(100));
         assert!(link.queued_bytes() > BULK_QUEUE_LIMIT_BYTES);
         assert_eq!(rooms.load(Ordering::SeqCst), 0, "no room while the queue stays full");
-        let reader = std::thread::spawn(move || std::io::copy(&mut peer, &mut std::io::sink()));
+        let received = std::sync::Arc::new(AtomicU64::new(0));
+        let reader = {
+            let received = received.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n @ 1..) = std::io::Read::read(&mut peer, &mut buf) {
+                    received.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            })
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while link.queued_bytes() > 0 {
             assert!(std::time::Instant::now() < deadline, "the queue never drained");
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(rooms.load(Ordering::SeqCst), 1, "told once, when the queue was back at its limit");
+        // The last frame left the queue before its send ended: closed meanwhile, the writer
+        // would end on the send's error instead.
+        while received.load(Ordering::SeqCst) < total {
+            assert!(std::time::Instant::now() < deadline, "the peer never got every frame");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         link.close("test over");
         assert_eq!(writer.join().unwrap(), "link closed");
         drop(reader);
