@@ -23,7 +23,7 @@ target=${CARGO_TARGET_DIR:-target}
 binary=$target/release/blkrepl
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
-built=$("$binary" --version)
+built=$("$binary" -V)
 if [ "$built" != "blkrepl $version" ]; then
   echo "package-deb: $binary says '$built', Cargo.toml says $version" >&2
   exit 1

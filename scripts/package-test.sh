@@ -56,9 +56,11 @@ echo "$deb" >"$marker"
 dpkg -i "$deb" >/dev/null
 say "installed: $(dpkg-query -W -f='${Package} ${Version} ${Architecture}, Depends: ${Depends}' blkrepl)"
 
-got=$(/usr/sbin/blkrepl --version)
-[ "$got" = "blkrepl $version" ] || die "/usr/sbin/blkrepl --version says '$got', Cargo.toml says $version"
-say "/usr/sbin/blkrepl --version: $got"
+got=$(/usr/sbin/blkrepl -V)
+[ "$got" = "blkrepl $version" ] || die "/usr/sbin/blkrepl -V says '$got', Cargo.toml says $version"
+long=$(/usr/sbin/blkrepl --version)
+case "$long" in "blkrepl $version (peer protocol "*", metadata format "*")") ;; *) die "/usr/sbin/blkrepl --version says '$long'" ;; esac
+say "/usr/sbin/blkrepl --version: $long"
 
 for f in /usr/lib/ocf/resource.d/blkrepl/blkrepl /usr/lib/systemd/system/blkrepl@.service \
   /usr/lib/systemd/system/blkrepl-promoter.service \
