@@ -92,3 +92,8 @@ fn checker_7_catches_writes_left_waiting_for_room() {
 fn checker_6_catches_a_verify_that_reads_beside_writes_in_flight() {
     demonstrate(Rule::VerifyBesideWrites, 6);
 }
+
+#[test]
+fn checker_8_catches_a_device_left_behind_serving_over_changed_data() {
+    demonstrate(Rule::LeftBehindOnAnyData, 8);
+}

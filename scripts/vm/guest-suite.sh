@@ -11,7 +11,8 @@
 #              while writers run; the writers see no error and the data verifies (user recovery)
 #   failover   two nodes: kill -9 the primary mid-write, promote the other; e2fsck clean, synced
 #              files intact, fio verifies every acknowledged write; the old primary's device,
-#              re-attached failing, is unmounted and removed
+#              re-attached failing, stays failing when its daemon is killed and restarted again
+#              (nobody primary then), and is unmounted and removed
 #   demote     demotion and `down` refused while mounted (the message names the mount); after
 #              umount the device is gone
 #   partition  two data nodes and a witness under quorum, each in its own namespace on a bridge:
@@ -184,12 +185,24 @@ t_failover() {
   [ "$err" = 0 ] && [ "${read_kb:-0}" -gt 0 ] || die "fio verify: error $err after reading ${read_kb} KiB"
   cd / || return 1
 
+  # Once alpha holds beta's data and nobody is primary, a daemon of alpha's killed and
+  # restarted keeps the still mounted device failing (its record says so): it must not take it
+  # for a device left behind as primary and serve beta's data to alpha's stale filesystem.
+  wait_for alpha $r '.disk == "UpToDate" and .peers[0].replication == "Established"' || return 1
+  umount $mntb && bl beta secondary $r >/dev/null || die "cannot demote beta"
+  pid=$(daemon_pid alpha $r)
+  kill -9 "$pid" && wait_dead "$pid" || return 1
+  ip netns exec nsA "$BIN" --node alpha up $r >/dev/null || die "alpha did not restart a second time"
+  wait_for alpha $r '(.device_io // "") | startswith("failing")' || return 1
+  [ "$(field alpha $r .role)" = Secondary ] || die "alpha's second daemon promoted it: $(status alpha $r)"
+  if dd if="$adev" of=/dev/null bs=4k count=1 iflag=direct 2>/dev/null; then die "alpha's stale $adev served a read"; fi
+
   # The old primary's stale device: unmounted (its I/O fails), then demotion removes it.
   umount $mnt || umount -l $mnt || die "cannot unmount alpha's failing device"
   local out; out=$(bl alpha secondary $r 2>&1) || die "alpha's demotion failed: $out"
   [ "$(field alpha $r .device)" = null ] || die "alpha's status still shows a device"
   [ ! -e "$adev" ] || die "$adev still exists after alpha's demotion"
-  result "e2fsck -fn clean; $synced synced files intact; fio verified ${read_kb} KiB it had acknowledged; alpha's stale $adev failed I/O, then went away"
+  result "e2fsck -fn clean; $synced synced files intact; fio verified ${read_kb} KiB it had acknowledged; alpha's stale $adev failed I/O (across a second restart too), then went away"
 }
 
 t_demote() {

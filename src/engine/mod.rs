@@ -20,7 +20,7 @@ pub use counters::{CountersSnapshot, HistogramSnapshot};
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
 
 use crate::config::{Frontend, NodeConfig, OnCongestion, ResourceConfig, Transport, UblkSettings};
-use crate::core::states::{DiskState, ReplState, Role};
+use crate::core::states::{DiskState, Role};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
 use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
@@ -249,6 +249,14 @@ impl Engine {
         }
 
         let crashed_primary = loaded.crashed_as_primary;
+        // Before any link is up: the replica decides whether that device serves again from
+        // the generation it served (see `replica/left_behind.rs`).
+        let left_behind = match &me.frontend {
+            Frontend::Ublk(settings) => {
+                UblkPlan::new(*settings, &config.name, &me.name, run_dir, sb.data_size, config.logical_block_size).left_behind()
+            }
+            _ => None,
+        };
         let peers: Vec<Peer> = sb
             .peers
             .iter()
@@ -275,6 +283,7 @@ impl Engine {
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
             crashed_primary,
+            left_behind_device: left_behind.is_some_and(|d| !d.failing),
             peers,
             quorum_policy: config.quorum,
             on_no_quorum: config.on_no_quorum,
@@ -293,7 +302,7 @@ impl Engine {
             next_request: 0,
             export: None,
             export_failing: None,
-            left_behind: None,
+            left_behind: left_behind.map(|d| (d.id, "waiting for the peers' state".into())),
             stepping_down: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
@@ -436,9 +445,15 @@ impl Engine {
         }
         // Under quorum the votes are asked for; their answers arrive on the reader threads.
         let undo = loop {
-            match st.replica.promote(Instant::now(), force)? {
-                PromoteStep::Promoted(undo) => break undo,
-                PromoteStep::Waiting => st = st.wait_timeout(Duration::from_millis(5)),
+            match st.replica.promote(Instant::now(), force) {
+                Ok(PromoteStep::Promoted(undo)) => break undo,
+                Ok(PromoteStep::Waiting) => st = st.wait_timeout(Duration::from_millis(5)),
+                Err(PromoteRefusal::LeftBehindStale { why }) => {
+                    drop(st);
+                    self.fail_left_behind(&why)?;
+                    return Err(PromoteRefusal::LeftBehindStale { why }.into());
+                }
+                Err(refusal) => return Err(refusal.into()),
             }
         };
         drop(st);
@@ -499,29 +514,37 @@ impl Engine {
     }
 
     /// After a restart: a ublk device the previous daemon left behind when it died as primary
-    /// (its I/O held by the kernel) is re-attached as soon as this node may be primary again
-    /// under the usual rules (after a resync from a peer of the same generation, if the peer
-    /// decides so), so a filesystem mounted on it carries on. If another node became primary,
-    /// or this node takes data of a newer generation from a peer, it is attached failing every
-    /// request instead: a filesystem that survived on it must never see its data change under it.
+    /// (its I/O held by the kernel, found by [`Engine::open_on`]) is re-attached by a promotion
+    /// as soon as this node may be primary again, so a filesystem mounted on it carries on. The
+    /// replica refuses that promotion for good once the data may have changed under the device
+    /// (another node was primary meanwhile): the device is then attached failing every request
+    /// (see `replica/left_behind.rs`).
     pub fn resume_export(&self) {
-        let Frontend::Ublk(settings) = &self.shared.me.frontend else { return };
-        let Some(id) = self.ublk_plan(settings).left_behind() else { return };
-        let generation = {
-            let mut st = self.shared.lock();
-            st.left_behind = Some((id, "waiting for the peers' state".into()));
-            st.replica.sb.uuids.current
+        let (found, resumable) = {
+            let st = self.shared.lock();
+            (st.left_behind.clone(), st.replica.has_left_behind())
         };
+        let Some((id, _)) = found else { return };
+        if !resumable {
+            let _admin = self.shared.admin();
+            let why = "the previous daemon had stopped serving it (it failed every request, or that daemon was not primary when it died)";
+            if let Err(e) = self.fail_left_behind(why) {
+                tracing::error!(resource = %self.shared.config.name, error = %e, "cannot attach the device left behind");
+            }
+            return;
+        }
         tracing::warn!(resource = %self.shared.config.name, device = id,
             "the previous daemon died as primary and left /dev/ublkb{id} behind with its I/O held; re-attaching it once this node may be primary again");
         let engine = self.clone();
         std::thread::Builder::new()
             .name("resume-export".into())
-            .spawn(move || engine.resume(generation))
+            .spawn(move || engine.resume())
             .expect("failed to start the thread that resumes the export");
     }
 
-    fn resume(&self, generation: u64) {
+    /// Tries the promotion that re-attaches the device left behind once a second, until it is
+    /// re-attached or given up (by this promotion, an operator's, or a demotion).
+    fn resume(&self) {
         let shared = &self.shared;
         loop {
             {
@@ -529,22 +552,9 @@ impl Engine {
                 if st.left_behind.is_none() || st.replica.stopping {
                     return;
                 }
-                // A resync from a peer of the same generation only brings back what this node
-                // may have lost (its activity-log extents), and the requests the filesystem
-                // still waits for are re-issued after it: the device may come back. A peer of
-                // another generation wrote while this daemon was down.
-                let same = |uuid: u64| crate::core::sync_decision::same_uuid(uuid, generation);
-                let newer = st.replica.peers.iter().any(|p| p.repl == ReplState::SyncTarget && !p.last_state.is_some_and(|s| same(s.current_uuid)));
-                if newer || !same(st.replica.sb.uuids.current) {
-                    drop(st);
-                    return self.give_up_left_behind("this node is taking newer data from a peer (another node was primary while this daemon was down)");
-                }
             }
             match self.promote(false) {
                 Ok(()) => return,
-                Err(EngineError::PeerIsPrimary { peer }) => {
-                    return self.give_up_left_behind(&format!("{peer} became primary while this daemon was down"));
-                }
                 Err(e) => {
                     let mut st = shared.lock();
                     if let Some((_, why)) = st.left_behind.as_mut() {
@@ -556,16 +566,8 @@ impl Engine {
         }
     }
 
-    /// Attaches a device left behind failing every request (a host can then unmount it).
-    fn give_up_left_behind(&self, why: &str) {
-        let shared = &self.shared;
-        let _admin = shared.admin();
-        if let Err(e) = self.fail_left_behind(why) {
-            tracing::error!(resource = %shared.config.name, error = %e, "cannot attach the device left behind");
-        }
-    }
-
-    /// Needs the admin lock.
+    /// Attaches a device left behind failing every request (a host can then unmount it), and
+    /// tells the replica it is given up. Needs the admin lock.
     fn fail_left_behind(&self, why: &str) -> Result<(), EngineError> {
         let shared = &self.shared;
         let Some((id, _)) = shared.lock().left_behind.clone() else { return Ok(()) };
@@ -576,6 +578,7 @@ impl Engine {
         st.export = export;
         st.export_failing = Some(reason);
         st.left_behind = None;
+        st.replica.give_up_left_behind();
         Ok(())
     }
 

@@ -5,7 +5,9 @@
 //! device's number in the run directory (`<run>/<resource>.<node>.ublk`): a daemon killed while
 //! primary leaves the device quiesced, with its I/O held by the kernel, and the next daemon
 //! re-attaches to the same device through that record (ublk user recovery), so a filesystem
-//! mounted on it never notices.
+//! mounted on it never notices. The record also says when the device fails every request (its
+//! data may have changed under its users): such a device never serves again, even after a
+//! restart.
 
 use super::{BlockDevice, BlockError, BlockRequest};
 use crate::config::UblkSettings;
@@ -19,6 +21,17 @@ use std::sync::Arc;
 
 /// Largest discard and write-zeroes request: a few activity-log extents at a time.
 const MAX_DISCARD_BYTES: u32 = 16 << 20;
+
+/// The record's second word for a device that fails every request.
+const FAILING: &str = "failing";
+
+/// A device a previous daemon of this node left in the kernel, as its record describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeftBehind {
+    pub id: u32,
+    /// It was failing every request: it never serves again.
+    pub failing: bool,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UblkError {
@@ -76,18 +89,29 @@ impl UblkPlan {
         config
     }
 
-    fn recorded_id(&self) -> Option<u32> {
-        std::fs::read_to_string(&self.record).ok()?.trim().parse().ok()
+    /// The device number recorded, and whether the device was failing every request (a record
+    /// of the number alone, as earlier builds wrote it, is a serving device's).
+    fn recorded(&self) -> Option<LeftBehind> {
+        let text = std::fs::read_to_string(&self.record).ok()?;
+        let mut words = text.split_whitespace();
+        let id = words.next()?.parse().ok()?;
+        Some(LeftBehind { id, failing: words.next() == Some(FAILING) })
+    }
+
+    fn write_record(&self, id: u32, failing: bool) -> Result<(), UblkError> {
+        let record = if failing { format!("{id} {FAILING}\n") } else { format!("{id}\n") };
+        std::fs::write(&self.record, record).map_err(|source| UblkError::Record { path: self.record.clone(), source })
     }
 
     fn forget(&self) {
         let _ = std::fs::remove_file(&self.record);
     }
 
-    /// The device a previous daemon of this node left behind when it died as primary, if the
-    /// kernel still holds it for us (its I/O waiting). Stale records are cleaned up.
-    pub fn left_behind(&self) -> Option<u32> {
-        let id = self.recorded_id().or(self.settings.id)?;
+    /// The device a previous daemon of this node left behind when it died, if the kernel still
+    /// holds it for us (its I/O waiting). Stale records are cleaned up.
+    pub fn left_behind(&self) -> Option<LeftBehind> {
+        let found = self.recorded().or(self.settings.id.map(|id| LeftBehind { id, failing: false }))?;
+        let id = found.id;
         let status = match Device::status(id) {
             Ok(Some(status)) if status.owner_tag == self.owner_tag => status,
             Ok(_) => {
@@ -106,7 +130,7 @@ impl UblkPlan {
             self.forget();
             return None;
         }
-        Some(id)
+        Some(found)
     }
 }
 
@@ -178,7 +202,7 @@ impl UblkExport {
         let adapter = Arc::new(Adapter { device, failing: AtomicBool::new(failing) });
         let config = plan.device_config();
         let handler: Arc<dyn Handler> = adapter.clone();
-        let recovered = match plan.recorded_id().or(plan.settings.id) {
+        let recovered = match plan.recorded().map(|r| r.id).or(plan.settings.id) {
             Some(id) => match Device::recover(id, &config, handler.clone()) {
                 Ok(device) => {
                     tracing::info!(device = %device.path().display(), "re-attached to the ublk device a previous daemon left behind");
@@ -193,10 +217,7 @@ impl UblkExport {
             Some(device) => device,
             None => Device::create(&config, handler)?,
         };
-        let record = format!("{}\n", device.id());
-        if let Err(source) = std::fs::write(&plan.record, record) {
-            return Err(UblkError::Record { path: plan.record.clone(), source });
-        }
+        plan.write_record(device.id(), failing)?;
         Ok(UblkExport { device, adapter, plan: plan.clone() })
     }
 
@@ -219,8 +240,12 @@ impl UblkExport {
     }
 
     /// Fails every request from now on: the device never serves again (see
-    /// `Engine::retire_failing_export`), it only waits to be unused and removed.
+    /// `Engine::retire_failing_export`), it only waits to be unused and removed. The record
+    /// says so first, so a daemon that dies now leaves a device the next one keeps failing.
     pub fn fail_from_now_on(&self) {
+        if let Err(error) = self.plan.write_record(self.device.id(), true) {
+            tracing::error!(%error, "cannot record that the device fails every request: a daemon restarted before it is removed takes it for one left behind as primary");
+        }
         self.adapter.failing.store(true, Ordering::SeqCst);
     }
 
@@ -260,6 +285,24 @@ mod tests {
         for e in [BlockError::Io, BlockError::ReadOnly, BlockError::Shutdown] {
             assert_eq!(errno(&e), Errno::EIO);
         }
+    }
+
+    #[test]
+    fn the_record_says_whether_the_device_fails_every_request() {
+        let dir = std::env::temp_dir().join(format!("blkrepl-ublk-record-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plan = UblkPlan::new(UblkSettings { id: None, queues: None, depth: 64 }, "r0", "alpha", &dir, 1 << 30, 4096);
+        assert_eq!(plan.recorded(), None);
+        plan.write_record(3, false).unwrap();
+        assert_eq!(plan.recorded(), Some(LeftBehind { id: 3, failing: false }));
+        plan.write_record(3, true).unwrap();
+        assert_eq!(plan.recorded(), Some(LeftBehind { id: 3, failing: true }));
+        // A record of the number alone (earlier builds) is a serving device's.
+        std::fs::write(&plan.record, "5\n").unwrap();
+        assert_eq!(plan.recorded(), Some(LeftBehind { id: 5, failing: false }));
+        std::fs::write(&plan.record, "garbage\n").unwrap();
+        assert_eq!(plan.recorded(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -67,6 +67,7 @@ impl Replica {
     /// first call asks every connected peer for its vote and the driver calls again until the
     /// answer is no longer [`PromoteStep::Waiting`].
     pub fn promote(&mut self, now: Instant, force: bool) -> Result<PromoteStep, PromoteRefusal> {
+        self.check_left_behind(now)?;
         self.promote_checks(now, force)?;
         if self.quorum_policy == QuorumPolicy::Off {
             self.sb.terms.highest += 1;
@@ -109,7 +110,7 @@ impl Replica {
         if refused != 0 {
             self.candidacy = None;
             let name = self.peer(refused.trailing_zeros() as u8).name.clone();
-            return Err(PromoteRefusal::VoteRefused { name });
+            return Err(self.vote_refused(name));
         }
         if unanswered != 0 {
             if self.candidacy_open(&candidacy, now) {

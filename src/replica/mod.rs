@@ -17,6 +17,7 @@ mod disk_failure;
 mod election;
 mod fencing;
 pub mod frames;
+mod left_behind;
 mod loss;
 mod operator;
 mod pacing;
@@ -129,6 +130,9 @@ pub struct Replica {
     pub crashed_primary: bool,
     /// Data peers not yet resynced since the crash as primary.
     pub crash_repair_pending: Vec<u8>,
+    /// The generation a device left behind by the previous daemon served, while it waits to
+    /// serve again (see `replica/left_behind.rs`).
+    left_behind: Option<u64>,
     pub inflight: InflightWrites,
     /// The frontend request of each write in flight (by its id in `inflight`).
     write_requests: HashMap<u64, RequestId>,
@@ -256,6 +260,10 @@ pub struct Attached {
     /// The metadata says this node crashed as primary: every data peer is resynced before the
     /// crash marker clears.
     pub crashed_primary: bool,
+    /// The kernel still holds a device the previous daemon served, not failing (found before
+    /// any link is up). If that daemon died as primary, the device may serve again, only on the
+    /// data it served (see `replica/left_behind.rs`); otherwise it is given up at once.
+    pub left_behind_device: bool,
     pub peers: Vec<Peer>,
     pub quorum_policy: QuorumPolicy,
     pub on_no_quorum: OnNoQuorum,
@@ -341,6 +349,9 @@ impl Replica {
         let window = RecentWrites::window_for(&a.timing);
         let recent = RecentWrites::new(a.sb.data_size, a.sb.params.bitmap_block_size, window, a.now);
         let crash_repair_pending = if a.crashed_primary { a.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect() } else { Vec::new() };
+        // A daemon that was not primary any more served nothing through it: its users' view
+        // is already gone (it failed, or was stopped with the role).
+        let left_behind = (a.left_behind_device && a.crashed_primary).then_some(a.sb.uuids.current);
         Replica {
             resource: a.resource,
             witness: a.witness,
@@ -355,6 +366,7 @@ impl Replica {
             al: a.al,
             crashed_primary: a.crashed_primary,
             crash_repair_pending,
+            left_behind,
             inflight: InflightWrites::new(),
             write_requests: HashMap::new(),
             pieces: HashMap::new(),

@@ -38,6 +38,8 @@ pub enum PromoteRefusal {
     VoteRefused { name: String },
     #[error("data node {name} did not answer the request for votes in time: try again later")]
     VoteUnanswered { name: String },
+    #[error("the device the previous daemon left behind cannot serve again: {why}")]
+    LeftBehindStale { why: String },
 }
 
 /// What a promotion changed, to undo it if the export cannot start.
@@ -146,6 +148,8 @@ impl Replica {
     /// behind.
     pub fn promoted(&mut self) {
         self.stepped_down = None;
+        // The export started on the device left behind, if there was one: it serves again.
+        self.left_behind = None;
         tracing::info!(resource = %self.resource, uuid = format_args!("{:016X}", self.sb.uuids.current), "promoted to Primary");
         self.broadcast_state();
         // A peer the promotion started tracking (see `promote_now`) is decided again too.

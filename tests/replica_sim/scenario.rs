@@ -14,7 +14,7 @@ use blkrepl::core::quorum::OnNoQuorum;
 use blkrepl::core::resync_rate::RateLimits;
 use blkrepl::core::states::{DiskState, ReplState, Role};
 use blkrepl::frontend::BlockRequest;
-use blkrepl::replica::PromoteStep;
+use blkrepl::replica::{PromoteRefusal, PromoteStep};
 use std::collections::BTreeMap;
 
 /// Blocks the client writes: one 4 KiB page at the start of each MiB (eight activity-log
@@ -77,6 +77,10 @@ pub struct Stats {
     pub clean_stops: u64,
     /// `disconnect` of a node, and its `connect` at the next heal.
     pub disconnects: u64,
+    /// Devices left behind by a primary's killed process that served again (their filesystem
+    /// carried on), and those given up (another node may have written).
+    pub resumed_devices: u64,
+    pub given_up_devices: u64,
     pub partitions: u64,
     pub divergences: u64,
     pub bitmap_resyncs: u64,
@@ -126,6 +130,8 @@ impl Stats {
         self.kills += o.kills;
         self.clean_stops += o.clean_stops;
         self.disconnects += o.disconnects;
+        self.resumed_devices += o.resumed_devices;
+        self.given_up_devices += o.given_up_devices;
         self.partitions += o.partitions;
         self.divergences += o.divergences;
         self.bitmap_resyncs += o.bitmap_resyncs;
@@ -195,6 +201,11 @@ pub struct Scenario {
     durable: Vec<u64>,
     /// Per node, its primary tenures so far.
     tenure: Vec<u64>,
+    /// Nodes killed as primary whose device the kernel still holds, with the versions of the
+    /// client's blocks on their disk then: what the filesystem on the device last saw.
+    left_behind: Vec<(u8, Vec<u64>)>,
+    /// A checker that failed inside a step whose own result is a refusal's reason (a promotion).
+    broken: Option<String>,
     /// Down nodes, restarted by a RESTART timer.
     down: Vec<u8>,
     /// Nodes the operator disconnected (`connect` at the next heal).
@@ -266,6 +277,8 @@ impl Scenario {
             acked: vec![(0, 0, 0); BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
             tenure: vec![0; usize::from(shape.data)],
+            left_behind: Vec::new(),
+            broken: None,
             down: Vec::new(),
             disconnected: Vec::new(),
             stopping: None,
@@ -391,6 +404,9 @@ impl Scenario {
         loop {
             let step = self.world.run_until(until);
             self.take_answers()?;
+            if let Some(failed) = self.broken.take() {
+                return Err(failed);
+            }
             match step {
                 None => return Ok(()),
                 Some(CLIENT) => self.client(),
@@ -455,22 +471,64 @@ impl Scenario {
     }
 
     /// One step of `id`'s promotion: whether it is primary now (`false`: still waiting for votes).
+    /// A node whose device was left behind resumes it with this promotion, or gives it up.
     fn promote(&mut self, id: u8) -> Result<bool, String> {
         let now = self.world.instant();
         let replica = self.world.replica_mut(id).ok_or("down")?;
-        let step = replica.promote(now, false).map_err(|e| e.to_string());
+        let resuming = replica.has_left_behind();
+        let step = replica.promote(now, false);
         self.world.carry_out(id);
-        if !matches!(step?, PromoteStep::Promoted(_)) {
+        let step = match step {
+            Err(PromoteRefusal::LeftBehindStale { why }) => {
+                self.stats.given_up_devices += 1;
+                self.left_behind.retain(|(n, _)| *n != id);
+                return Err(why);
+            }
+            step => step.map_err(|e| e.to_string())?,
+        };
+        if !matches!(step, PromoteStep::Promoted(_)) {
             return Ok(false);
         }
         let replica = self.world.replica_mut(id).expect("up");
         replica.promoted();
         self.world.carry_out(id);
-        self.world.log(id, || "promoted".into());
         self.stats.promotions += 1;
-        self.tenure[usize::from(id)] += 1;
+        if resuming {
+            self.world.log(id, || "promoted: the device left behind serves again".into());
+            if let Err(failed) = self.check_resumed(id) {
+                self.broken.get_or_insert(failed);
+            }
+        } else {
+            self.world.log(id, || "promoted".into());
+            self.tenure[usize::from(id)] += 1;
+        }
         self.target = Some(id);
         Ok(true)
+    }
+
+    /// Checker 8: a device left behind serves again only over the data its filesystem last
+    /// saw (nobody wrote meanwhile, no resync took a block back); its tenure goes on, so
+    /// checker 1 then holds its reads to what it acknowledged before its process died.
+    fn check_resumed(&mut self, id: u8) -> Result<(), String> {
+        self.stats.resumed_devices += 1;
+        let Some(at) = self.left_behind.iter().position(|(n, _)| *n == id) else {
+            return Err(format!("n{id} resumed a device left behind that no killed primary left"));
+        };
+        let (_, then) = self.left_behind.remove(at);
+        let now = self.versions_on(id);
+        match (0..BLOCKS as usize).find(|b| now[*b] != then[*b]) {
+            Some(block) => Err(format!(
+                "checker 8 (a device left behind serves again only on its own data): n{id} resumed its device with version {} of block {block}, its filesystem last saw version {}",
+                now[block], then[block]
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The version of each of the client's blocks on data node `id`'s disk.
+    fn versions_on(&self, id: u8) -> Vec<u64> {
+        let disk = self.world.nodes[usize::from(id)].data.as_ref().expect("a data node");
+        (0..BLOCKS).map(|block| version_in(&disk.read(block * BLOCK_STRIDE, 16))).collect()
     }
 
     /// The cluster manager: a primary that was superseded steps down; with no primary, a node
@@ -533,6 +591,28 @@ impl Scenario {
             let w = &mut self.world;
             let restart = w.now + w.rng.range(300 * MS, 3 * SEC);
             w.at(restart, Event::Scenario(RESTART));
+        }
+        // The daemon's own retries (`Engine::resume`): a node whose device was left behind tries
+        // the promotion that re-attaches it, whoever else is primary (the replica gives the
+        // device up once another node may have written).
+        let resuming: Vec<u8> = self
+            .world
+            .shape
+            .data_nodes()
+            .filter(|id| self.world.replica(*id).is_some_and(|r| r.has_left_behind()) && !self.campaigns.contains(id))
+            .collect();
+        for id in resuming {
+            match self.promote(id) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if self.campaigns.is_empty() {
+                        let w = &mut self.world;
+                        w.at(w.now + MS, Event::Scenario(CAMPAIGN));
+                    }
+                    self.campaigns.push(id);
+                }
+                Err(why) => self.world.log(id, || format!("device left behind not resumed: {why}")),
+            }
         }
         // As a cluster manager on the majority's side would: a primary cut off from it does not
         // count (the replica refuses a promotion that would make two primaries).
@@ -730,7 +810,17 @@ impl Scenario {
             _ if up.len() == nodes.len() => {
                 let id = self.world.rng.pick(&up);
                 let power = !self.world.rng.percent(33);
+                let primary = self.world.replica(id).is_some_and(|r| r.role == Role::Primary);
                 self.world.crash(id, power);
+                if power {
+                    self.left_behind.retain(|(n, _)| *n != id);
+                } else if primary {
+                    // What the kernel had been given landed (`World::crash`): the filesystem
+                    // saw it written.
+                    let versions = self.versions_on(id);
+                    self.left_behind.retain(|(n, _)| *n != id);
+                    self.left_behind.push((id, versions));
+                }
                 if power {
                     self.stats.power_losses += 1;
                     self.world.log(id, || "power loss".into());

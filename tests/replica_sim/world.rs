@@ -172,6 +172,10 @@ pub struct Node {
     next_io: u64,
     /// Until when its data disk fails some reads and writes.
     failing_until: Time,
+    /// While it is down: the kernel holds the device it served, its process killed while
+    /// primary, or before a device left behind that way came back (a power loss takes the
+    /// device with the machine; see `replica/left_behind.rs`).
+    device_left_behind: bool,
 }
 
 /// Something that happens at a time.
@@ -380,6 +384,7 @@ impl World {
                 io: BTreeMap::new(),
                 next_io: 0,
                 failing_until: 0,
+                device_left_behind: false,
             });
         }
         for id in shape.nodes() {
@@ -440,6 +445,7 @@ impl World {
             bitmaps: loaded.bitmaps,
             al: loaded.activity_log,
             crashed_primary,
+            left_behind_device: node.device_left_behind,
             peers,
             quorum_policy: quorum,
             on_no_quorum,
@@ -450,6 +456,8 @@ impl World {
             uuid_seed: seed,
             boot_id: boot_id(id, node.boots),
         });
+        // The daemon attaches a device it may not resume failing (its users unmount it).
+        node.device_left_behind = replica.has_left_behind();
         node.meta = Some(meta);
         node.replica = Some(replica);
         node.incarnation += 1;
@@ -485,6 +493,8 @@ impl World {
     /// leaves the machine up, and the writes it had submitted land in the cache.
     pub fn crash(&mut self, id: u8, power: bool) {
         let node = &mut self.nodes[usize::from(id)];
+        let serving = node.replica.as_ref().is_some_and(|r| r.role == Role::Primary || r.has_left_behind());
+        node.device_left_behind = !power && serving;
         if let Some(replica) = &node.replica {
             self.divergences += replica.divergences_resolved;
             for (total, taken) in self.resyncs.iter_mut().zip(replica.resyncs_taken) {
@@ -541,6 +551,9 @@ impl World {
         }
         let node = &mut self.nodes[usize::from(id)];
         if let (Some(replica), Some(meta)) = (node.replica.as_mut(), node.meta.as_mut()) {
+            // `down` demotes first, which attaches a device left behind failing (its users
+            // unmount it before `down` can go on).
+            replica.give_up_left_behind();
             if !replica.detached() {
                 // A failing disk may refuse it: the metadata is then as a crash leaves it.
                 if let Err(e) = meta.clean_shutdown(&replica.sb, &mut replica.bitmaps, &mut replica.al) {
