@@ -585,6 +585,8 @@ impl Scenario {
             .collect();
         for id in detached {
             self.world.log(id, || "detached: down and up".into());
+            // `down` demotes first, which gives up a device left behind (see `World::stop`).
+            self.world.replica_mut(id).expect("up").give_up_left_behind();
             self.world.crash(id, false);
             self.pending.retain(|_, (node, _)| *node != id);
             self.down.push(id);
