@@ -438,6 +438,15 @@ impl Engine {
     pub fn promote(&self, force: bool) -> Result<(), EngineError> {
         let shared = &self.shared;
         let _admin = shared.admin();
+        // A device left behind that the replica gave up, and that could not be attached failing
+        // then: attached failing first, so this promotion never re-attaches it serving.
+        let given_up = {
+            let st = shared.lock();
+            st.left_behind.is_some() && !st.replica.has_left_behind()
+        };
+        if given_up {
+            self.fail_left_behind("given up earlier: the data may have changed under it")?;
+        }
         self.retire_failing_export()?;
         let mut st = self.wait_for_quorum(shared.lock());
         if st.replica.role == Role::Primary {
