@@ -7,6 +7,13 @@
 //! the daemon's own retries and an operator's or cluster manager's `primary` alike, so no
 //! promotion can re-attach it over data that changed under it between a check and the
 //! promotion.
+//!
+//! The generation the device served is the metadata's current one at attach, kept in memory
+//! only. That is enough across further restarts: the current generation changes only through
+//! a resync that adopts another one (or a promotion, which re-attaches the device first), and
+//! the superblock write that adopts it also clears the crash marker, so a daemon started after
+//! it finds a device it may not resume (see `Attached::left_behind_device`) and attaches it
+//! failing.
 
 use super::weakened::{is_weakened, Rule};
 use super::{PromoteRefusal, Replica};
