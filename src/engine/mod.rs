@@ -44,6 +44,10 @@ const IO_THREADS: usize = 4;
 /// How long `secondary` waits for the device's last user to finish going before it refuses.
 const IN_USE_GRACE: Duration = Duration::from_secs(1);
 
+/// Why a device a previous daemon left behind is attached failing at once.
+const NOT_SERVING_WHEN_LEFT: &str =
+    "the previous daemon had stopped serving it (it failed every request, or that daemon was not primary when it died)";
+
 /// A witness's metadata store: big enough for the smallest layout, its "data" never used.
 const WITNESS_STORE_BYTES: u64 = 4 << 20;
 
@@ -294,6 +298,10 @@ impl Engine {
             uuid_seed: random_u64(),
             boot_id: machine_boot_id(),
         });
+        let left_behind = left_behind.map(|d| {
+            let waiting = if replica.has_left_behind() { "waiting for the peers' state" } else { NOT_SERVING_WHEN_LEFT };
+            (d.id, waiting.to_owned())
+        });
         let state = State {
             replica,
             meta,
@@ -302,7 +310,7 @@ impl Engine {
             next_request: 0,
             export: None,
             export_failing: None,
-            left_behind: left_behind.map(|d| (d.id, "waiting for the peers' state".into())),
+            left_behind,
             stepping_down: false,
         };
         let io = IoPool::new(data.clone(), IO_THREADS).map_err(EngineError::Thread)?;
@@ -536,8 +544,7 @@ impl Engine {
         let Some((id, _)) = found else { return };
         if !resumable {
             let _admin = self.shared.admin();
-            let why = "the previous daemon had stopped serving it (it failed every request, or that daemon was not primary when it died)";
-            if let Err(e) = self.fail_left_behind(why) {
+            if let Err(e) = self.fail_left_behind(NOT_SERVING_WHEN_LEFT) {
                 tracing::error!(resource = %self.shared.config.name, error = %e, "cannot attach the device left behind");
             }
             return;
