@@ -67,8 +67,14 @@ impl MetaFlags {
     /// extents may have been lost with its disk's cache, so it is resynced there from every
     /// data peer before the flag clears.
     pub const CACHE_LOST: MetaFlags = MetaFlags(1 << 7);
+    /// The data's term (`Terms::of_data`) is this node's own election's, and its data holds
+    /// every write of that term's stream it made: set with PRIMARY_IND at a promotion, dropped
+    /// with the write that gives the data another term, by a resync into this node, and by a
+    /// failed flush (the page cache may have dropped writes). A primary whose process died with
+    /// the machine up then holds its whole stream (see `Replica::position_after_crash`).
+    pub const OWN_STREAM: MetaFlags = MetaFlags(1 << 8);
 
-    const NAMES: [(MetaFlags, &'static str); 8] = [
+    const NAMES: [(MetaFlags, &'static str); 9] = [
         (MetaFlags::CONSISTENT, "CONSISTENT"),
         (MetaFlags::WAS_UP_TO_DATE, "WAS_UP_TO_DATE"),
         (MetaFlags::PRIMARY_IND, "PRIMARY_IND"),
@@ -77,6 +83,7 @@ impl MetaFlags {
         (MetaFlags::PEER_OUTDATED, "PEER_OUTDATED"),
         (MetaFlags::VERIFY_DIFFERS, "VERIFY_DIFFERS"),
         (MetaFlags::CACHE_LOST, "CACHE_LOST"),
+        (MetaFlags::OWN_STREAM, "OWN_STREAM"),
     ];
 
     pub const fn empty() -> MetaFlags {

@@ -25,7 +25,8 @@
 //! A metadata write that fails (EIO, or ENOSPC from a thin pool) detaches the disk, as DRBD's
 //! `on-io-error detach` does: see [`Replica::detach`].
 
-use super::{extent_range, Replica};
+use super::{extent_range, MetaWrite, Replica};
+use crate::meta::MetaFlags;
 use crate::core::inflight::LocalFailure;
 use crate::core::states::DiskState;
 
@@ -70,6 +71,12 @@ impl Replica {
         for extent in self.al.hot_extents() {
             let (offset, len) = extent_range(extent, data_size);
             self.mark_for_every_data_peer(offset, len);
+        }
+        // The page cache may have dropped writes of this node's stream: after a crash it is not
+        // to count as holding all of it (see `Replica::position_after_crash`).
+        if self.sb.flags.contains(MetaFlags::OWN_STREAM) {
+            self.sb.flags.remove(MetaFlags::OWN_STREAM);
+            self.persist(MetaWrite::Superblock);
         }
         if self.answers_as_primary() {
             // Demoting too: the flushes still to complete are its own (seed 25368).
@@ -150,7 +157,8 @@ mod tests {
     use crate::core::states::DiskState;
     use crate::frontend::{BlockError, BlockRequest};
     use crate::replica::testing::{primary_replicating, secondary_of_primary};
-    use crate::replica::{Action, IoTag, Replica};
+    use crate::meta::MetaFlags;
+    use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
     use std::time::Instant;
@@ -256,6 +264,7 @@ mod tests {
     #[test]
     fn a_failed_flush_marks_every_hot_extent_for_every_peer_and_the_primary_serves_nothing() {
         let (mut r, t0) = primary_replicating();
+        r.sb.flags.insert(MetaFlags::OWN_STREAM);
         let data = Bytes::from(vec![9u8; 4096]);
         r.submit(t0, 1, BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
         let id = r.take_actions().iter().find_map(|a| match a {
@@ -272,6 +281,8 @@ mod tests {
             _ => None,
         }).expect("the local flush");
         r.io_done(t0, flush, Err(LocalFailure::Io));
+        assert!(!r.sb.flags.contains(MetaFlags::OWN_STREAM), "after a crash it must not count as holding its whole stream");
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Persist(MetaWrite::Superblock))), "durably");
         let extent_blocks = crate::meta::activity_log::AL_EXTENT_SIZE / 4096;
         assert!(r.bitmaps[0].test_block(2) && r.bitmaps[0].test_block(extent_blocks - 1), "the write's whole extent");
         assert!(!r.bitmaps[0].test_block(extent_blocks), "not a cold one");

@@ -307,6 +307,7 @@ impl Replica {
             tracing::warn!(resource = %replica.resource, extents = hot.len(), "crashed while primary: marking the activity log's extents out of sync");
             let slots: Vec<usize> = replica.peers.iter().map(|p| p.slot).collect();
             replica.mark_extents_and_empty_log(&hot, &slots);
+            replica.position_after_crash(cache_survived);
         } else if !hot.is_empty() && cache_survived {
             let data: Vec<usize> = replica.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
             tracing::info!(resource = %replica.resource, extents = hot.len(), peers = data.len(),
@@ -326,6 +327,30 @@ impl Replica {
             replica.cache_repair_pending = replica.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect();
         }
         replica
+    }
+
+    /// A primary records its data position at its promotion only (where its term's stream
+    /// begins), its followers theirs at every barrier. Its process killed with the machine up,
+    /// it holds every write of its own stream (the page cache kept them: `MetaFlags::OWN_STREAM`
+    /// says nothing took part of it since), so its position is the end of that stream: further
+    /// than any follower's, it is the source of the crash repair and wins their votes. Recorded
+    /// at its term's beginning, followers further on became its source and took back writes
+    /// only it held, and the repair's end set a follower's position back to that beginning, so a
+    /// node that had missed the last writes became the source of one that held them (seeds
+    /// 99790, 215705). After a power loss the writes it had not flushed may be gone: the
+    /// position goes back to where the term began.
+    fn position_after_crash(&mut self, cache_survived: bool) {
+        let whole = cache_survived && self.sb.flags.contains(MetaFlags::OWN_STREAM);
+        let term = self.sb.terms.of_data;
+        if whole {
+            self.set_data_position(DataPosition { term, epoch: u64::MAX, fua: u64::MAX });
+        } else {
+            self.sb.flags.remove(MetaFlags::OWN_STREAM);
+            if self.sb.terms.epoch_of_data == u64::MAX {
+                self.set_data_position(DataPosition { term, ..DataPosition::default() });
+            }
+        }
+        self.persist(MetaWrite::Superblock);
     }
 
     /// Marks `extents` out of sync in the bitmaps of `slots`, then empties the activity log (its
@@ -703,7 +728,11 @@ impl Replica {
     }
 
     /// Records how far this node's data goes (made durable with the next superblock write).
+    /// Data of another term is not this node's own stream (see `MetaFlags::OWN_STREAM`).
     fn set_data_position(&mut self, position: DataPosition) {
+        if position.term != self.sb.terms.of_data {
+            self.sb.flags.remove(MetaFlags::OWN_STREAM);
+        }
         let terms = &mut self.sb.terms;
         (terms.of_data, terms.epoch_of_data, terms.fua_of_data) = (position.term, position.epoch, position.fua);
     }
@@ -878,6 +907,24 @@ mod tests {
     /// The bytes marked out of sync, per peer slot.
     fn marked(r: &super::Replica) -> Vec<u64> {
         r.bitmaps.iter().map(|b| b.weight_bytes()).collect()
+    }
+
+    #[test]
+    fn a_primary_killed_with_the_machine_up_holds_its_whole_stream_and_after_a_power_loss_where_its_term_began() {
+        use super::testing::three_node_primary_restarted;
+        use crate::wire::DataPosition;
+        let boot = [7; 16];
+        let (r, _) = three_node_primary_restarted(true, boot, boot);
+        assert!(r.crashed_primary);
+        assert_eq!(r.data_position(), DataPosition { term: 3, epoch: u64::MAX, fua: u64::MAX }, "further than any follower of term 3");
+        assert!(r.sb.flags.contains(MetaFlags::OWN_STREAM));
+
+        let (r, _) = three_node_primary_restarted(true, boot, [8; 16]);
+        assert_eq!(r.data_position(), DataPosition { term: 3, epoch: 0, fua: 0 }, "the writes it had not flushed may be gone");
+        assert!(!r.sb.flags.contains(MetaFlags::OWN_STREAM), "and a later restart must not claim them either");
+
+        let (r, _) = three_node_primary_restarted(false, boot, boot);
+        assert_eq!(r.data_position(), DataPosition { term: 3, epoch: 0, fua: 0 }, "a failed flush or a resync took part of its stream");
     }
 
     #[test]

@@ -224,6 +224,8 @@ impl Replica {
         self.bitmaps[slot].clear_all();
         self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
+        // Its data holds the source's blocks now, not only its own stream.
+        self.sb.flags.remove(MetaFlags::OWN_STREAM);
         self.clear_crash_marker(peer_id, left_crashed_generation);
         self.cache_repair_pending.retain(|id| *id != peer_id);
         if self.cache_repair_pending.is_empty() {

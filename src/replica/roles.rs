@@ -128,7 +128,7 @@ impl Replica {
             }
         }
         self.disk = DiskState::UpToDate;
-        self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND);
+        self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE | MetaFlags::PRIMARY_IND | MetaFlags::OWN_STREAM);
         // Promoted (with --force, if verify had marked it): this copy is the good one now. So
         // with a disk cache lost in a crash: the writes it may lack were never flushed (an
         // election weighs flushed data), and its copy now overwrites the others'.

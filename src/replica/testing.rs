@@ -69,6 +69,22 @@ pub fn three_node_secondary_restarted(hot_offset: u64, stopped_in: [u8; 16], boo
     attach_disk(disk, &ids, boot_id)
 }
 
+/// Node 0 of [`three_node_replica`] restarted after its process died as the primary of term 3
+/// (`own_stream`: its metadata says the data's term is its own election's, see
+/// `MetaFlags::OWN_STREAM`); the machine's boot id was `stopped_in` then and is `boot_id` now.
+pub fn three_node_primary_restarted(own_stream: bool, stopped_in: [u8; 16], boot_id: [u8; 16]) -> (Replica, Instant) {
+    let ids = [1, 2];
+    let disk = created_disk(&ids, MetaParams::default().bitmap_block_size);
+    let (mut store, loaded) = MetaStore::open(disk.clone(), DISK_BYTES, true, "r0", 0).expect("open metadata");
+    let mut sb = loaded.superblock;
+    sb.boot_id = stopped_in;
+    sb.flags.insert(crate::meta::MetaFlags::PRIMARY_IND);
+    sb.flags.set(crate::meta::MetaFlags::OWN_STREAM, own_stream);
+    (sb.terms.highest, sb.terms.of_data, sb.terms.epoch_of_data) = (3, 3, 0);
+    store.write_superblock(&sb).expect("write the superblock");
+    attach_disk(disk, &ids, boot_id)
+}
+
 fn created_disk(ids: &[u8], bitmap_block_size: u32) -> Arc<dyn Disk> {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
     let params = MetaParams { max_peers: ids.len() as u8, bitmap_block_size, ..MetaParams::default() };
@@ -91,7 +107,7 @@ fn attach_disk(disk: Arc<dyn Disk>, ids: &[u8], boot_id: [u8; 16]) -> (Replica, 
         sb: loaded.superblock,
         bitmaps: loaded.bitmaps,
         al: loaded.activity_log,
-        crashed_primary: false,
+        crashed_primary: loaded.crashed_as_primary,
         left_behind_device: false,
         peers: ids.iter().enumerate().map(|(slot, id)| Peer::new(*id, names[usize::from(*id)].into(), slot, false)).collect(),
         quorum_policy: QuorumPolicy::Off,

@@ -18,17 +18,40 @@ impl Replica {
     /// [`Replica::quorum`], choosing whether leases count (they always do, but a promotion waits
     /// for the first ping of a peer that connected a moment ago: see `Engine::promote`).
     pub fn quorum_with_leases(&self, now: Instant, leases: bool) -> QuorumState {
-        // A vote won in this node's election is an answer to a request sent less than a lease
-        // ago, like a ping's: it counts until then, even before the voter has taken the new
-        // generation (a witness takes it from the State this primary sends once its export
-        // runs, and a starting ublk device reads its partition table before that).
-        // Not a data node this primary resyncs, though: it lacks what it is being sent.
+        self.quorum_counting(now, leases, true)
+    }
+
+    /// `unconfirmed`: whether a witness's vote in this node's election counts before the
+    /// witness reports the generation this node's promotion started. A vote won in this node's
+    /// election is an answer to a request sent less than a lease ago, like a ping's: it counts
+    /// until then, even before the voter has taken the new generation (a witness takes it from
+    /// the State this primary sends once its export runs, and a starting ublk device reads its
+    /// partition table before that). Not a data node this primary resyncs, though: it lacks
+    /// what it is being sent. Write completions do not count such a witness (see
+    /// [`Replica::election_unconfirmed`]).
+    fn quorum_counting(&self, now: Instant, leases: bool, unconfirmed: bool) -> QuorumState {
         let elected = |p: &Peer| {
             self.role == Role::Primary
-                && (p.witness || p.repl == ReplState::Established)
+                && (if p.witness { unconfirmed || self.votes_for_me(p) } else { p.repl == ReplState::Established })
                 && self.elected.is_some_and(|(asked, granted)| granted & (1 << p.node_id) != 0 && now.saturating_duration_since(asked) < self.timing.lease())
         };
         self.count_votes(|p| p.connected && (elected(p) || ((!leases || p.lease.holds(now, &self.timing)) && self.votes_for_me(p))))
+    }
+
+    /// Whether this primary has quorum only by counting witnesses that voted for it and have
+    /// not yet reported the generation its promotion started. Reads may go on (they change
+    /// nothing), but a write must not complete yet: a witness holds no data, so such a write
+    /// lives on this node alone, and if this node is cut off before its State reaches the
+    /// witness, the witness never learns that generation and elects a data node that lacks
+    /// it (simulator seed 180326: a primary cut off 2 ms after its promotion acknowledged a
+    /// second of writes and flushes the next primary never had). Completions wait for the
+    /// witness's State, which releases them (or fail with the lease, under `io-error`).
+    pub(super) fn election_unconfirmed(&self, now: Instant) -> bool {
+        self.role == Role::Primary
+            && self.quorum_policy != QuorumPolicy::Off
+            && self.elected.is_some()
+            && self.quorum(now).has_quorum
+            && !self.quorum_counting(now, true, false).has_quorum
     }
 
     /// Counts the votes of the peers `counts` accepts (with every peer's departure and the
@@ -176,7 +199,10 @@ impl Replica {
 mod tests {
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, ReplState, Role};
-    use crate::replica::testing::{primary_replicating, secondary_state, two_node_replica};
+    use crate::frontend::BlockRequest;
+    use crate::replica::testing::{answers, primary_replicating, secondary_state, two_node_replica, with_data_peer_and_witness, write};
+    use crate::replica::{Action, LocalIo, PromoteStep};
+    use crate::wire::Message;
 
     #[test]
     fn a_primary_without_quorum_next_to_newer_data_was_superseded() {
@@ -194,6 +220,46 @@ mod tests {
         assert!(r.superseded(t0), "the peer's generation descends from this node's");
         r.peer_mut(1).last_state = Some(state(0x7770, [0x1230, 0, 0, 0]));
         assert!(!r.superseded(t0), "unrelated newer data proves nothing about a promotion past this node");
+    }
+
+    #[test]
+    fn a_primary_elected_by_a_witness_alone_completes_writes_once_the_witness_reports_its_generation() {
+        let (mut r, t0) = with_data_peer_and_witness(Role::Secondary);
+        // The data peer is gone: the promotion starts a generation it lacks.
+        r.peer_lost(t0, 1, "gone", 0);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
+        let ballot = r
+            .take_actions()
+            .iter()
+            .find_map(|a| match a {
+                Action::Send { peer: 2, msg: Message::VoteRequest { ballot, .. }, .. } => Some(*ballot),
+                _ => None,
+            })
+            .expect("votes asked for");
+        let left = r.sb.uuids.current;
+        r.vote_received(2, ballot, true);
+        assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
+        r.promoted();
+        assert_ne!(r.sb.uuids.current, left, "a new generation, for the data peer that is gone");
+        r.take_actions();
+        // Reads go on: they change nothing (a starting ublk device reads its partition table).
+        r.submit(t0, 1, BlockRequest::Read { offset: 0, len: 4096 }, |_| 0);
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Io { op: LocalIo::Read { .. }, .. })), "the read is made");
+        // A write is made, but its completion waits for the witness to know the generation.
+        r.submit(t0, 2, write(0, 4096), |_| 0);
+        let tag = r
+            .take_actions()
+            .into_iter()
+            .find_map(|a| match a {
+                Action::Io { tag, op: LocalIo::Write { .. } } => Some(tag),
+                _ => None,
+            })
+            .expect("the local write");
+        r.io_done(t0, tag, Ok(None));
+        assert!(answers(&r.take_actions()).is_empty(), "the witness still reports the generation left: cut off now, it would elect the data peer without this write");
+        let generation = r.peer(2).generation;
+        r.receive(t0, 2, generation, Message::State(secondary_state(r.sb.uuids.current, [left, 0, 0, 0]))).expect("a State");
+        assert_eq!(answers(&r.take_actions()), vec![(2, Ok(None))], "the witness knows the generation now");
     }
 
     #[test]

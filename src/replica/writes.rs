@@ -423,6 +423,7 @@ impl Replica {
             return;
         }
         match self.admission_in_owed_generation(now) {
+            Admission::Proceed if self.election_unconfirmed(now) => self.suspended.push((request, result)),
             Admission::Proceed => self.answer(request, result),
             // Under `io-error` too: the voters are there, they have yet to hear of the
             // generation just started (released by their State, see `release_suspended`).
@@ -505,7 +506,7 @@ impl Replica {
         // (`io-error` holds nothing else).
         let refused = admission == Admission::Refuse && !self.confirming_generation(now);
         let fail = fail || refused || self.role != Role::Primary || self.io_failed.is_some() || self.superseded(now);
-        if !fail && admission != Admission::Proceed {
+        if !fail && (admission != Admission::Proceed || self.election_unconfirmed(now)) {
             return;
         }
         let completions = std::mem::take(&mut self.suspended);

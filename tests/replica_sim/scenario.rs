@@ -204,6 +204,9 @@ pub struct Scenario {
     /// Nodes killed as primary whose device the kernel still holds, with the versions of the
     /// client's blocks on their disk then: what the filesystem on the device last saw.
     left_behind: Vec<(u8, Vec<u64>)>,
+    /// Per data node, its disk's failed flushes when its last tenure began: a tenure whose
+    /// disk failed a flush told its filesystem (EIO) that unflushed writes may be gone.
+    flushes_failed_before: Vec<u64>,
     /// A checker that failed inside a step whose own result is a refusal's reason (a promotion).
     broken: Option<String>,
     /// Down nodes, restarted by a RESTART timer.
@@ -278,6 +281,7 @@ impl Scenario {
             durable: vec![0; BLOCKS as usize],
             tenure: vec![0; usize::from(shape.data)],
             left_behind: Vec::new(),
+            flushes_failed_before: vec![0; usize::from(shape.data)],
             broken: None,
             down: Vec::new(),
             disconnected: Vec::new(),
@@ -493,14 +497,21 @@ impl Scenario {
         replica.promoted();
         self.world.carry_out(id);
         self.stats.promotions += 1;
-        if resuming {
+        let failed_flushes = self.world.nodes[usize::from(id)].data.as_ref().expect("a data node").failed_flushes;
+        let cache_dropped = failed_flushes > self.flushes_failed_before[usize::from(id)];
+        if resuming && !cache_dropped {
             self.world.log(id, || "promoted: the device left behind serves again".into());
             if let Err(failed) = self.check_resumed(id) {
                 self.broken.get_or_insert(failed);
             }
         } else {
-            self.world.log(id, || "promoted".into());
+            // A device that failed a flush serves again as a new tenure would: its filesystem
+            // knows unflushed writes may be gone (checkers 1 and 5 still hold what was durable).
+            self.stats.resumed_devices += u64::from(resuming);
+            self.left_behind.retain(|(n, _)| *n != id);
+            self.world.log(id, || if resuming { "promoted: the device left behind serves again (its disk failed a flush)" } else { "promoted" }.into());
             self.tenure[usize::from(id)] += 1;
+            self.flushes_failed_before[usize::from(id)] = failed_flushes;
         }
         self.target = Some(id);
         Ok(true)

@@ -101,6 +101,8 @@ impl fmt::Display for Shape {
 pub struct DataDisk {
     durable: BTreeMap<u64, Bytes>,
     cache: BTreeMap<u64, Bytes>,
+    /// Flushes that failed so far (each may have dropped part of the cache).
+    pub failed_flushes: u64,
 }
 
 impl DataDisk {
@@ -137,6 +139,7 @@ impl DataDisk {
     /// A flush that failed: each page the cache held reached the medium, or is gone (a
     /// writeback error, a controller that lost its cache).
     fn failed_flush(&mut self, rng: &mut Rng) {
+        self.failed_flushes += 1;
         for (index, page) in std::mem::take(&mut self.cache) {
             if rng.percent(50) {
                 self.durable.insert(index, page);
