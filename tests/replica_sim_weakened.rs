@@ -68,9 +68,8 @@ fn checker_3_catches_decisions_that_wait_forever() {
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the
     // old copy and is then the one compared. The first seed that shows it is 16980 since a killed
-    // primary holds its whole stream (15977 when the simulator began keeping the devices of
-    // killed primaries, 16980 with operators' `disconnect`s
-    // (7814 with clean stops alone, 50239 before them,
+    // primary holds its whole stream; 15977 when the simulator began keeping the devices of
+    // killed primaries, 16980 with operators' `disconnect`s (7814 with clean stops alone, 50239 before them,
     // 5631 before runs of zeroes went as their length: each moved every seed's draws); the
     // bound leaves room for the next such move.
     demonstrate_within(Rule::ResyncRecordsForNobody, 4, 60000, SHAPE);
