@@ -25,7 +25,7 @@
 //! A metadata write that fails (EIO, or ENOSPC from a thin pool) detaches the disk, as DRBD's
 //! `on-io-error detach` does: see [`Replica::detach`].
 
-use super::{extent_range, MetaWrite, Replica};
+use super::{extent_range, Replica};
 use crate::meta::MetaFlags;
 use crate::core::inflight::LocalFailure;
 use crate::core::states::DiskState;
@@ -73,11 +73,11 @@ impl Replica {
             self.mark_for_every_data_peer(offset, len);
         }
         // The page cache may have dropped writes of this node's stream: after a crash it is not
-        // to count as holding all of it (see `Replica::position_after_crash`).
-        if self.sb.flags.contains(MetaFlags::OWN_STREAM) {
-            self.sb.flags.remove(MetaFlags::OWN_STREAM);
-            self.persist(MetaWrite::Superblock);
-        }
+        // to count as holding all of it (see `Replica::position_after_crash`). Made durable by
+        // the next superblock write (the demotion's at the latest), not one of its own: on a
+        // disk that fails its writes too, that write would fail and detach the node, which
+        // then could not serve again after its demotion.
+        self.sb.flags.remove(MetaFlags::OWN_STREAM);
         if self.answers_as_primary() {
             // Demoting too: the flushes still to complete are its own (seed 25368).
             self.cache_lost = true;
@@ -158,7 +158,7 @@ mod tests {
     use crate::frontend::{BlockError, BlockRequest};
     use crate::replica::testing::{primary_replicating, secondary_of_primary};
     use crate::meta::MetaFlags;
-    use crate::replica::{Action, IoTag, MetaWrite, Replica};
+    use crate::replica::{Action, IoTag, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
     use std::time::Instant;
@@ -282,7 +282,6 @@ mod tests {
         }).expect("the local flush");
         r.io_done(t0, flush, Err(LocalFailure::Io));
         assert!(!r.sb.flags.contains(MetaFlags::OWN_STREAM), "after a crash it must not count as holding its whole stream");
-        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Persist(MetaWrite::Superblock))), "durably");
         let extent_blocks = crate::meta::activity_log::AL_EXTENT_SIZE / 4096;
         assert!(r.bitmaps[0].test_block(2) && r.bitmaps[0].test_block(extent_blocks - 1), "the write's whole extent");
         assert!(!r.bitmaps[0].test_block(extent_blocks), "not a cold one");
