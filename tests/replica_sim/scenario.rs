@@ -203,7 +203,9 @@ pub struct Scenario {
     tenure: Vec<u64>,
     /// Nodes killed as primary whose device the kernel still holds, with the versions of the
     /// client's blocks on their disk then: what the filesystem on the device last saw.
-    left_behind: Vec<(u8, Vec<u64>)>,
+    /// Each block's versions that may be found: the one on disk then, and those of the writes
+    /// still unanswered, which the kernel re-issues to the device once it serves again.
+    left_behind: Vec<(u8, Vec<Vec<u64>>)>,
     /// Per data node, its disk's failed flushes when its last tenure began: a tenure whose
     /// disk failed a flush told its filesystem (EIO) that unflushed writes may be gone.
     flushes_failed_before: Vec<u64>,
@@ -527,9 +529,9 @@ impl Scenario {
         };
         let (_, then) = self.left_behind.remove(at);
         let now = self.versions_on(id);
-        match (0..BLOCKS as usize).find(|b| now[*b] != then[*b]) {
+        match (0..BLOCKS as usize).find(|b| !then[*b].contains(&now[*b])) {
             Some(block) => Err(format!(
-                "checker 8 (a device left behind serves again only on its own data): n{id} resumed its device with version {} of block {block}, its filesystem last saw version {}",
+                "checker 8 (a device left behind serves again only on its own data): n{id} resumed its device with version {} of block {block}, its filesystem last saw {:?} (on disk, or unanswered)",
                 now[block], then[block]
             )),
             None => Ok(()),
@@ -830,7 +832,12 @@ impl Scenario {
                 } else if primary {
                     // What the kernel had been given landed (`World::crash`): the filesystem
                     // saw it written.
-                    let versions = self.versions_on(id);
+                    let mut versions: Vec<Vec<u64>> = self.versions_on(id).into_iter().map(|v| vec![v]).collect();
+                    for (node, pending) in self.pending.values() {
+                        if let (true, Pending::Write { block, version, .. }) = (*node == id, pending) {
+                            versions[*block as usize].push(*version);
+                        }
+                    }
                     self.left_behind.retain(|(n, _)| *n != id);
                     self.left_behind.push((id, versions));
                 }
