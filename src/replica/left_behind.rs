@@ -26,8 +26,8 @@ impl Replica {
     /// given up for good and the refusal says why (the driver then attaches it failing every
     /// request, so the filesystem on it can be unmounted).
     pub(super) fn check_left_behind(&mut self, now: Instant) -> Result<(), PromoteRefusal> {
-        let Some(generation) = self.left_behind else { return Ok(()) };
-        let Some(why) = self.left_behind_stale(now, generation) else { return Ok(()) };
+        let Some(served) = self.left_behind else { return Ok(()) };
+        let Some(why) = self.left_behind_stale(now, served) else { return Ok(()) };
         tracing::warn!(resource = %self.resource, %why, "the device left behind by the previous daemon cannot serve again");
         self.left_behind = None;
         Err(PromoteRefusal::LeftBehindStale { why })
@@ -36,10 +36,16 @@ impl Replica {
     /// Why the data is no longer the data the device left behind served (`generation`), if it
     /// is not. A resync from a peer of the same generation does not count: it only brings back
     /// the writes of the activity log's extents, and a promotion waits for its end anyway.
-    fn left_behind_stale(&self, now: Instant, generation: u64) -> Option<String> {
+    fn left_behind_stale(&self, now: Instant, (generation, term): (u64, u64)) -> Option<String> {
         let any_data = is_weakened(Rule::LeftBehindOnAnyData);
         if !same_uuid(self.sb.uuids.current, generation) && !any_data {
             return Some("this node took newer data from a peer (another node was primary while this daemon was down)".into());
+        }
+        // A peer promoted while every node was in sync starts no generation, but its election
+        // gives the data its term (simulator seed 11442: this node followed it and applied its
+        // writes in the same generation).
+        if self.sb.terms.of_data != term && !any_data {
+            return Some("this node applied the writes of another primary elected while this daemon was down".into());
         }
         let newer = |p: &&super::Peer| !p.last_state.is_some_and(|s| same_uuid(s.current_uuid, generation));
         let target = |p: &&super::Peer| p.repl == ReplState::SyncTarget || p.pending_sync.is_some_and(|d| d.is_target());
@@ -92,7 +98,7 @@ mod tests {
     /// served as primary left behind (on its current generation).
     fn left_behind() -> (Replica, Instant) {
         let (mut r, t0) = with_data_peer_and_witness(Role::Secondary);
-        r.left_behind = Some(r.sb.uuids.current);
+        r.left_behind = Some((r.sb.uuids.current, r.sb.terms.of_data));
         (r, t0)
     }
 
@@ -136,6 +142,16 @@ mod tests {
         assert!(!r.has_left_behind());
         // Given up for good: the next promotion is an ordinary one, on a fresh device.
         assert!(matches!(elect(&mut r, t0), Ok(PromoteStep::Promoted(_))));
+    }
+
+    #[test]
+    fn a_device_left_behind_is_given_up_once_this_node_followed_a_primary_elected_in_the_same_generation() {
+        let (mut r, t0) = left_behind();
+        // A peer promoted while every node was in sync keeps the generation; its term is the data's.
+        r.sb.terms.of_data += 1;
+        let refusal = r.promote(t0, false);
+        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why }) if why.contains("another primary")), "{refusal:?}");
+        assert!(!r.has_left_behind());
     }
 
     #[test]

@@ -130,9 +130,9 @@ pub struct Replica {
     pub crashed_primary: bool,
     /// Data peers not yet resynced since the crash as primary.
     pub crash_repair_pending: Vec<u8>,
-    /// The generation a device left behind by the previous daemon served, while it waits to
-    /// serve again (see `replica/left_behind.rs`).
-    left_behind: Option<u64>,
+    /// The generation and the data's term a device left behind by the previous daemon served,
+    /// while it waits to serve again (see `replica/left_behind.rs`).
+    left_behind: Option<(u64, u64)>,
     pub inflight: InflightWrites,
     /// The frontend request of each write in flight (by its id in `inflight`).
     write_requests: HashMap<u64, RequestId>,
@@ -376,7 +376,7 @@ impl Replica {
         let crash_repair_pending = if a.crashed_primary { a.peers.iter().filter(|p| !p.witness).map(|p| p.node_id).collect() } else { Vec::new() };
         // A daemon that was not primary any more served nothing through it: its users' view
         // is already gone (it failed, or was stopped with the role).
-        let left_behind = (a.left_behind_device && a.crashed_primary).then_some(a.sb.uuids.current);
+        let left_behind = (a.left_behind_device && a.crashed_primary).then_some((a.sb.uuids.current, a.sb.terms.of_data));
         Replica {
             resource: a.resource,
             witness: a.witness,
