@@ -112,6 +112,13 @@ mod tests {
         ballot.expect("votes asked for")
     }
 
+    /// A promotion now gives the device up, saying `why`, and it is not looked at again.
+    fn assert_given_up(r: &mut Replica, t0: Instant, why: &str) {
+        let refusal = r.promote(t0, false);
+        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why: said }) if said.contains(why)), "{refusal:?}");
+        assert!(!r.has_left_behind());
+    }
+
     /// Runs the election to its end with both peers granting their vote.
     fn elect(r: &mut Replica, t0: Instant) -> Result<PromoteStep, PromoteRefusal> {
         match r.promote(t0, false)? {
@@ -137,9 +144,7 @@ mod tests {
     fn a_device_left_behind_is_given_up_once_this_node_holds_another_generation() {
         let (mut r, t0) = left_behind();
         r.sb.uuids.current ^= 0x10;
-        let refusal = r.promote(t0, false);
-        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why }) if why.contains("newer data")), "{refusal:?}");
-        assert!(!r.has_left_behind());
+        assert_given_up(&mut r, t0, "newer data");
         // Given up for good: the next promotion is an ordinary one, on a fresh device.
         assert!(matches!(elect(&mut r, t0), Ok(PromoteStep::Promoted(_))));
     }
@@ -149,9 +154,7 @@ mod tests {
         let (mut r, t0) = left_behind();
         // A peer promoted while every node was in sync keeps the generation; its term is the data's.
         r.sb.terms.of_data += 1;
-        let refusal = r.promote(t0, false);
-        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why }) if why.contains("another primary")), "{refusal:?}");
-        assert!(!r.has_left_behind());
+        assert_given_up(&mut r, t0, "another primary");
     }
 
     #[test]
@@ -160,9 +163,7 @@ mod tests {
         let newer = r.sb.uuids.current ^ 0x10;
         r.peer_mut(1).last_state = Some(secondary_state(newer, [r.sb.uuids.current, 0, 0, 0]));
         r.peer_mut(1).repl = ReplState::SyncTarget;
-        let refusal = r.promote(t0, false);
-        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why }) if why.contains("beta")), "{refusal:?}");
-        assert!(!r.has_left_behind());
+        assert_given_up(&mut r, t0, "beta");
     }
 
     #[test]
@@ -179,9 +180,7 @@ mod tests {
     fn a_device_left_behind_is_given_up_when_a_peer_is_primary() {
         let (mut r, t0) = left_behind();
         r.peer_mut(1).role = Role::Primary;
-        let refusal = r.promote(t0, false);
-        assert!(matches!(&refusal, Err(PromoteRefusal::LeftBehindStale { why }) if why.contains("beta became primary")), "{refusal:?}");
-        assert!(!r.has_left_behind());
+        assert_given_up(&mut r, t0, "beta became primary");
         assert!(matches!(r.promote(t0, false), Err(PromoteRefusal::PeerIsPrimary { .. })), "and the ordinary refusal after it");
     }
 
