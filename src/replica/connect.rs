@@ -643,13 +643,15 @@ impl Replica {
         // Under quorum the copy of the later election wins (see `replica/election.rs`): the
         // other's changes since they parted were never acknowledged, or acknowledged under
         // protocol A by a primary that had lost its quorum without knowing. Two copies of one
-        // election with no history left in common are ordered by how far each goes into that
-        // election's stream: the further holds every durable write of the nearer (see
-        // `DataPosition`), and only that election's primary wrote.
+        // election are ordered by how far each goes into that election's stream: the further
+        // holds every durable write of the nearer (see `DataPosition`), and only that
+        // election's primary wrote. Their "changes" are that primary's writes each took while
+        // the other was away, under generations the other never saw (seed 302406: a primary
+        // that started a generation for each peer it lost; a follower cut off in one of them
+        // and one resynced in a later one were refused as a split brain, for good).
         let (my_position, their_position) = (self.data_position(), theirs.data_position);
         let same_election = my_position.term == their_position.term;
-        let ordered = self.quorum_policy != QuorumPolicy::Off
-            && (!same_election || decision == SyncDecision::Unrelated && my_position != their_position);
+        let ordered = self.quorum_policy != QuorumPolicy::Off && my_position != their_position;
         if decision == SyncDecision::Unrelated && !ordered {
             // Nothing orders them: refused as unrelated data (see `reconsider`).
             return Ok(SyncDecision::Unrelated);
@@ -821,6 +823,51 @@ mod tests {
             assert_eq!(r.peer(1).pending_sync, None);
             assert!(r.peer(1).want_connect);
             assert_eq!(r.divergences_resolved, 0, "nothing was resolved");
+        }
+    }
+
+    #[test]
+    fn under_quorum_two_copies_of_one_election_that_both_changed_since_they_parted_are_ordered_by_data_position() {
+        use crate::core::quorum::QuorumPolicy;
+        use crate::core::sync_decision::SyncDecision;
+        use crate::wire::DataPosition;
+        // Seed 302406: a primary started a generation for each peer it lost. This node holds
+        // its generation 0xB0, the peer 0xC0; each tracks the other from 0xA0, where they
+        // parted, and each took some of that one primary's writes the other did not.
+        fn meets(quorum: QuorumPolicy, my_epoch: u64, their_epoch: u64) -> (Replica, Result<(), String>) {
+            let (mut r, t0) = two_node_replica();
+            (r.quorum_policy, r.disk) = (quorum, DiskState::UpToDate);
+            (r.sb.uuids.current, r.sb.uuids.history) = (0xB0, [0xA0, 0x90, 0, 0]);
+            let slot = r.peer(1).slot;
+            r.sb.peers[slot].bitmap_uuid = 0xA0;
+            r.bitmaps[slot].set_range(0, 8192);
+            (r.sb.terms.of_data, r.sb.terms.epoch_of_data, r.epoch) = (3, my_epoch, my_epoch);
+            r.link_up(1, t0);
+            r.take_actions();
+            let state = PeerState {
+                bitmap_uuid: 0xA0,
+                bitmap_weight: 2,
+                data_position: DataPosition { term: 3, epoch: their_epoch, fua: 0 },
+                ..secondary_state(0xC0, [0xA0, 0x90, 0, 0])
+            };
+            let result = r.peer_state_received(1, state);
+            (r, result)
+        }
+        // The copy further into the election's stream holds the other's writes: a resync of
+        // both sides' bits from it, without an operator.
+        let (r, result) = meets(QuorumPolicy::Majority, 9, 5);
+        assert_eq!(result, Ok(()));
+        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::BitmapSource));
+        let (r, result) = meets(QuorumPolicy::Majority, 5, 9);
+        assert_eq!(result, Ok(()));
+        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::BitmapTarget));
+        assert_eq!(r.divergences_resolved, 1);
+        // At one position, or without quorum, nothing orders them: the split-brain policies
+        // decide (here: disconnect).
+        for (quorum, mine, theirs) in [(QuorumPolicy::Majority, 7, 7), (QuorumPolicy::Off, 9, 5)] {
+            let (r, result) = meets(quorum, mine, theirs);
+            assert!(result.as_ref().is_err_and(|why| why.contains("split brain detected")), "quorum {quorum}: {result:?}");
+            assert!(!r.peer(1).want_connect, "refused for good");
         }
     }
 
