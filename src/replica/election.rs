@@ -224,7 +224,7 @@ mod tests {
     use super::PromoteStep;
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, ReplState, Role};
-    use crate::replica::testing::{secondary_state, two_node_replica, with_data_peer_and_witness};
+    use crate::replica::testing::{secondary_state, two_node_replica, vote_request, with_data_peer_and_witness};
     use crate::replica::{Action, PromoteRefusal, Replica};
     use crate::wire::{DataPosition, Message, PeerState};
     use std::time::{Duration, Instant};
@@ -245,7 +245,7 @@ mod tests {
     }
 
     fn ballot_sent(r: &mut Replica) -> u64 {
-        vote_request(r).0
+        vote_request(r, 1).0
     }
 
     #[test]
@@ -259,21 +259,11 @@ mod tests {
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
     }
 
-    /// The ballot and term of the vote request among `r`'s actions.
-    fn vote_request(r: &mut Replica) -> (u64, u64) {
-        let actions = r.take_actions();
-        let request = actions.iter().find_map(|a| match a {
-            Action::Send { peer: 1, msg: Message::VoteRequest { ballot, term, .. }, .. } => Some((*ballot, *term)),
-            _ => None,
-        });
-        request.unwrap_or_else(|| panic!("no vote request in {actions:?}"))
-    }
-
     #[test]
     fn votes_given_before_a_later_election_began_elect_nobody() {
         let (mut r, t0) = candidate();
         let _ = r.promote(t0, false);
-        let (ballot, term) = vote_request(&mut r);
+        let (ballot, term) = vote_request(&mut r, 1);
         r.vote_received(1, ballot, true);
         // The voter took part in a later election since it answered: its vote is stale.
         let mut moved_on = secondary_state(r.sb.uuids.current, [0; 4]);
@@ -285,11 +275,11 @@ mod tests {
         // again, in a term above that one, and is elected in it.
         r.peer_mut(1).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
-        let (ballot, term) = vote_request(&mut r);
+        let (ballot, term) = vote_request(&mut r, 1);
         r.vote_received(1, ballot, true);
         r.sb.terms.highest = term + 1;
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)), "not elected in the earlier term");
-        let (ballot, term) = vote_request(&mut r);
+        let (ballot, term) = vote_request(&mut r, 1);
         assert_eq!(term, r.sb.terms.highest + 1);
         moved_on.term = term;
         r.peer_mut(1).last_state = Some(moved_on);
@@ -302,14 +292,14 @@ mod tests {
     fn a_data_peer_that_answers_no_request_is_asked_again_until_a_ping_timeout() {
         let (mut r, t0) = candidate();
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
-        let (_, first_term) = vote_request(&mut r);
+        let (_, first_term) = vote_request(&mut r, 1);
         // The peer still answers pings (its lease holds) but never the request.
         let later = t0 + r.timing.lease();
         let timing = r.timing;
         assert!(r.peer_mut(1).lease.ping_due(later, &timing));
         r.peer_mut(1).lease.answered();
         assert!(matches!(r.promote(later, false), Ok(PromoteStep::Waiting)), "its votes lapsed: asked again");
-        let (_, term) = vote_request(&mut r);
+        let (_, term) = vote_request(&mut r, 1);
         assert!(term > first_term, "in a term above the one a voter may have granted");
         let timeout = t0 + r.timing.ping_timeout;
         assert!(r.peer_mut(1).lease.ping_due(timeout, &timing));

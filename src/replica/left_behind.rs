@@ -88,10 +88,10 @@ impl Replica {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{secondary_state, with_data_peer_and_witness};
-    use super::super::{Action, PromoteRefusal, PromoteStep, Replica};
+    use super::super::testing::{secondary_state, vote_request, with_data_peer_and_witness};
+    use super::super::{PromoteRefusal, PromoteStep, Replica};
     use crate::core::states::{ReplState, Role};
-    use crate::wire::{DataPosition, Message, PeerState};
+    use crate::wire::{DataPosition, PeerState};
     use std::time::Instant;
 
     /// A secondary under quorum with a data peer and a witness, restarted with the device it
@@ -100,16 +100,6 @@ mod tests {
         let (mut r, t0) = with_data_peer_and_witness(Role::Secondary);
         r.left_behind = Some((r.sb.uuids.current, r.sb.terms.of_data));
         (r, t0)
-    }
-
-    /// The ballot of the vote request among `r`'s actions.
-    fn ballot(r: &mut Replica) -> u64 {
-        let actions = r.take_actions();
-        let ballot = actions.iter().find_map(|a| match a {
-            Action::Send { msg: Message::VoteRequest { ballot, .. }, .. } => Some(*ballot),
-            _ => None,
-        });
-        ballot.expect("votes asked for")
     }
 
     /// A promotion now gives the device up, saying `why`, and it is not looked at again.
@@ -125,7 +115,7 @@ mod tests {
             PromoteStep::Waiting => {}
             promoted => return Ok(promoted),
         }
-        let ballot = ballot(r);
+        let (ballot, _) = vote_request(r, 1);
         r.vote_received(1, ballot, true);
         r.vote_received(2, ballot, true);
         r.promote(t0, false)
@@ -188,7 +178,7 @@ mod tests {
     fn a_device_left_behind_is_given_up_when_a_data_peer_refuses_its_vote_for_further_data() {
         let (mut r, t0) = left_behind();
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
-        let ballot = ballot(&mut r);
+        let (ballot, _) = vote_request(&mut r, 1);
         let further = DataPosition { epoch: r.data_position().epoch + 1, ..r.data_position() };
         r.peer_mut(1).last_state = Some(PeerState { data_position: further, ..secondary_state(r.sb.uuids.current, [0; 4]) });
         r.vote_received(2, ballot, true);

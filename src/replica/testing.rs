@@ -1,6 +1,6 @@
 //! Replicas for unit tests: real metadata, created and loaded as a node attaching would.
 
-use super::{Attached, Peer, Replica};
+use super::{Action, Attached, Peer, Replica};
 use crate::config::Protocol;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
@@ -138,6 +138,17 @@ fn established(role: Role, peer_role: Role) -> (Replica, Instant) {
 }
 
 /// A write of `len` bytes at `offset`.
+/// The ballot and term of the vote request `r` queued for `peer` (its actions are taken): what
+/// an election's test answers.
+pub fn vote_request(r: &mut Replica, peer: u8) -> (u64, u64) {
+    let actions = r.take_actions();
+    let request = actions.iter().find_map(|a| match a {
+        Action::Send { peer: to, msg: crate::wire::Message::VoteRequest { ballot, term, .. }, .. } if *to == peer => Some((*ballot, *term)),
+        _ => None,
+    });
+    request.unwrap_or_else(|| panic!("no vote request to node {peer} in {actions:?}"))
+}
+
 pub fn write(offset: u64, len: usize) -> crate::frontend::BlockRequest {
     crate::frontend::BlockRequest::Write { offset, data: bytes::Bytes::from(vec![7u8; len]), fua: false }
 }

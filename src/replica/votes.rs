@@ -200,7 +200,7 @@ mod tests {
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, ReplState, Role};
     use crate::frontend::BlockRequest;
-    use crate::replica::testing::{answers, primary_replicating, secondary_state, two_node_replica, with_data_peer_and_witness, write};
+    use crate::replica::testing::{answers, primary_replicating, secondary_state, two_node_replica, vote_request, with_data_peer_and_witness, write};
     use crate::replica::{Action, LocalIo, PromoteStep};
     use crate::wire::Message;
 
@@ -228,14 +228,7 @@ mod tests {
         // The data peer is gone: the promotion starts a generation it lacks.
         r.peer_lost(t0, 1, "gone", 0);
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Waiting)));
-        let ballot = r
-            .take_actions()
-            .iter()
-            .find_map(|a| match a {
-                Action::Send { peer: 2, msg: Message::VoteRequest { ballot, .. }, .. } => Some(*ballot),
-                _ => None,
-            })
-            .expect("votes asked for");
+        let (ballot, _) = vote_request(&mut r, 2);
         let left = r.sb.uuids.current;
         r.vote_received(2, ballot, true);
         assert!(matches!(r.promote(t0, false), Ok(PromoteStep::Promoted(_))));
