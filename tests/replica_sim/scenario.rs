@@ -833,8 +833,8 @@ impl Scenario {
                     // What the kernel had been given landed (`World::crash`): the filesystem
                     // saw it written.
                     let mut versions: Vec<Vec<u64>> = self.versions_on(id).into_iter().map(|v| vec![v]).collect();
-                    for (node, pending) in self.pending.values() {
-                        if let (true, Pending::Write { block, version, .. }) = (*node == id, pending) {
+                    for (_, pending) in self.pending.values().filter(|(node, _)| *node == id) {
+                        if let Pending::Write { block, version, .. } = pending {
                             versions[*block as usize].push(*version);
                         }
                     }
