@@ -312,9 +312,7 @@ fn down(cli: &Cli, resource: &str) -> Result<(), Failure> {
     request(cli, resource, Request::Down)?;
     let Some(pid) = pid else { return Ok(()) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    // Gone, or a zombie (its files, and their locks, are closed by then).
-    let exited = || std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')));
-    while !exited() {
+    while !control::process_gone(pid) {
         if std::time::Instant::now() >= deadline {
             return Err(fail(format!("{resource}: the daemon (pid {pid}) stopped but has not exited after 30 s"), 1));
         }

@@ -64,7 +64,42 @@ pub fn lock_path(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
     run_dir.join(format!("{resource}.{node}.lock"))
 }
 
+/// Whether process `pid` has closed every file it had, and so released its locks.
+///
+/// A process nobody reaps stays a zombie, so "gone" includes one. But its leader thread turns
+/// zombie as soon as it exits, while the other threads may still be exiting and holding the
+/// files they share: only a zombie leader with no thread left beside it has closed them all.
+pub fn process_gone(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
+    let zombie = stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z'));
+    zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |tasks| tasks.count() <= 1)
+}
+
 /// The daemon's log when it runs detached.
 pub fn log_path(run_dir: &Path, resource: &str, node: &str) -> PathBuf {
     run_dir.join(format!("{resource}.{node}.log"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_gone;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_running_process_is_not_gone_and_an_unreaped_dead_one_is() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        assert!(!process_gone(pid), "a running sleep counts as gone");
+        child.kill().unwrap();
+        // Not reaped yet: a zombie, which has closed its files.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !process_gone(pid) {
+            assert!(Instant::now() < deadline, "a killed sleep never counted as gone");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok(), "the zombie was reaped by someone else");
+        child.wait().unwrap();
+        assert!(process_gone(pid));
+    }
 }

@@ -10,7 +10,7 @@ pub mod promoter;
 
 use serde_json::Value;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -301,15 +301,9 @@ impl Cluster {
         let pid = self.pid(node);
         Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            // A zombie is not ours to reap (it has a process group of its own): it is dead once
-            // its other threads are gone too. Until then they still hold its files, and with
-            // them its run-dir lock (the leader turns zombie before the last thread exits).
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "));
-            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
-            if zombie && threads <= 1 {
-                break;
-            }
+        // Not ours to reap (it has a process group of its own): gone, or a zombie whose
+        // threads have all closed its files, and with them its run-dir lock.
+        while !blkrepl::control::process_gone(pid as u32) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
