@@ -27,6 +27,7 @@ const PULL_AHEAD_FILL: u64 = 64 << 10;
 /// The daemon's send queue, and one that fills with three writes of a page.
 const SEND_QUEUE: usize = blkrepl::config::SEND_QUEUE_KIB as usize * 1024;
 const SMALL_SEND_QUEUE: usize = 3 * 4096;
+/// How long the cluster has to converge after the heal, or after a fault that struck later.
 const SETTLE: Time = 30 * SEC;
 /// The configuration's default resync rate bounds, and slow ones for a quarter of the seeds: a
 /// full sync of the simulated device then takes 8 s or more, so faults strike mid-resync.
@@ -101,9 +102,10 @@ pub struct Stats {
     /// Online verifies that ran to their end, and the bytes they found differing.
     pub verifies: u64,
     pub verify_found_bytes: u64,
-    /// Seeds with a failing disk, and the local writes, reads, flushes and metadata writes that
-    /// failed.
+    /// Seeds with a failing disk, those where it failed something after the heal, and the
+    /// local writes, reads, flushes and metadata writes that failed.
     pub disk_fault_seeds: u64,
+    pub late_fault_seeds: u64,
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
@@ -146,6 +148,7 @@ impl Stats {
         self.verifies += o.verifies;
         self.verify_found_bytes += o.verify_found_bytes;
         self.disk_fault_seeds += o.disk_fault_seeds;
+        self.late_fault_seeds += o.late_fault_seeds;
         self.failed_writes += o.failed_writes;
         self.failed_reads += o.failed_reads;
         self.failed_flushes += o.failed_flushes;
@@ -323,9 +326,23 @@ impl Scenario {
         for id in std::mem::take(&mut self.down) {
             self.world.start(id);
         }
-        let settled = self.world.now + SETTLE;
-        self.run_until(settled)?;
+        // The cluster settles from the last fault, which may strike after the heal: a failing
+        // disk's I/O fails until its time is up, and the metadata write it dooms (the nth
+        // after it began to fail, see `World::fail_disk`) fails whenever it comes. Seed
+        // 292079: that write detached a disk 8 s after the heal; the whole-disk resyncs that
+        // followed, at 1-4 MiB/s, ended 23 s after it, past a window timed from the heal.
+        let healed = self.world.now;
+        let mut settled = healed + SETTLE;
+        loop {
+            self.run_until(settled)?;
+            let after_last_fault = self.world.last_fault + SETTLE;
+            if after_last_fault <= settled {
+                break;
+            }
+            settled = after_last_fault;
+        }
         self.stats.virtual_us = self.world.now;
+        self.stats.late_fault_seeds = (self.world.last_fault > healed).into();
         self.stats.divergences = self.world.divergences();
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
         (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes, self.stats.failed_meta_writes) =

@@ -322,6 +322,9 @@ pub struct World {
     pub failed_reads: u64,
     pub failed_flushes: u64,
     pub failed_meta_writes: u64,
+    /// When the last of those failures struck: the cluster settles from then (see
+    /// `Scenario::run`).
+    pub last_fault: Time,
     /// Writes that waited in a replica for room in a send queue.
     pub writes_waited_for_room: u64,
     pub fencing: Fencing,
@@ -368,6 +371,7 @@ impl World {
             failed_reads: 0,
             failed_flushes: 0,
             failed_meta_writes: 0,
+            last_fault: 0,
             writes_waited_for_room: 0,
             fencing: options.fencing,
             on_no_quorum: options.on_no_quorum,
@@ -488,6 +492,9 @@ impl World {
     fn walk_read_fails(&mut self, id: u8) -> bool {
         let failed = self.now < self.nodes[usize::from(id)].failing_until && self.disk_rng.percent(10);
         self.failed_reads += u64::from(failed);
+        if failed {
+            self.last_fault = self.now;
+        }
         failed
     }
 
@@ -858,6 +865,7 @@ impl World {
                     failed.extend(written);
                 }
             }
+            self.last_fault = self.now;
             match op {
                 LocalIo::Read { .. } => self.failed_reads += 1,
                 LocalIo::Flush => self.failed_flushes += 1,
@@ -1042,6 +1050,7 @@ impl World {
                         };
                         if let Err(e) = written {
                             self.failed_meta_writes += 1;
+                            self.last_fault = self.now;
                             let now = self.instant();
                             let rest: Vec<Action> = queue.collect();
                             self.replica_mut(id).expect("up").persist_failed(now, what, &e.to_string(), rest);
