@@ -118,8 +118,11 @@ impl Replica {
         // UUID at it) must not end the resync: only a State after this node's ResyncDone can,
         // carrying the generation that ResyncDone named (this node, a primary, may have started
         // a newer one since: the target follows it once the resync is over here).
+        // Outdated is a target's end too when this node is not UpToDate: a copy is no better
+        // than its source (see `Replica::resync_done_received`).
         let adopted = peer.sync.walk.done_sent.is_some_and(|sent| same_uuid(state.current_uuid, sent));
-        if peer.repl == ReplState::SyncSource && peer.disk == DiskState::UpToDate && peer.pending_sync.is_none() && adopted {
+        let ended = peer.disk == DiskState::UpToDate || peer.disk == DiskState::Outdated && self.disk != DiskState::UpToDate;
+        if peer.repl == ReplState::SyncSource && ended && peer.pending_sync.is_none() && adopted {
             self.finish_resync_as_source(peer_id);
         }
         let result = self.reconsider(peer_id);
@@ -210,7 +213,8 @@ impl Replica {
         }
     }
 
-    /// The target confirmed it is UpToDate: the resync is over. A source that moved into a
+    /// The target confirmed it holds this node's data (UpToDate, or Outdated as this node is):
+    /// the resync is over. A source that moved into a
     /// newer generation since its `ResyncDone` keeps tracking the target from the generation
     /// that named: a secondary that followed its primary (the target does not follow a
     /// secondary, and without a bitmap UUID their next decision copied the whole disk), or a
@@ -229,7 +233,7 @@ impl Replica {
         let peer = self.peer_mut(peer_id);
         peer.repl = ReplState::Established;
         peer.resync = None;
-        tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: peer UpToDate");
+        tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: the peer holds this node's data");
         // A resync into this node that waited for this one is decided now, before its
         // source's bitmap can arrive.
         self.standing_changed(Some(peer_id));

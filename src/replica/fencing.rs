@@ -33,7 +33,6 @@ use super::{Action, MetaWrite, Replica};
 use crate::config::Fencing;
 use crate::core::quorum::Admission;
 use crate::core::states::{DiskState, Role};
-use crate::meta::MetaFlags;
 use std::time::Instant;
 
 /// How a fence-peer run ended, as the driver reports it.
@@ -157,9 +156,9 @@ impl Replica {
     fn outdate_self_for(&mut self, peer: &str, now: Instant) {
         tracing::error!(resource = %self.resource, peer,
             "fence-peer says the peer is primary: outdating this node; its requests fail until it is demoted and resynced");
-        self.disk = DiskState::Outdated;
-        self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
-        self.persist(MetaWrite::Superblock);
+        if self.outdate() {
+            self.persist(MetaWrite::Superblock);
+        }
         self.release_suspended(now, true);
         self.broadcast_state();
     }
@@ -381,6 +380,16 @@ mod tests {
         assert_eq!(answers(&r.take_actions()), vec![(1, Ok(None))], "the reconnect decided: quorum is off, the write completes");
         r.fence_done(t0, 1, generation, FenceOutcome::Exited(4));
         assert_eq!(r.peer(1).fenced_disk, None, "still ignored");
+    }
+
+    #[test]
+    fn a_detached_node_told_its_peer_is_primary_stays_failed_and_writes_no_metadata() {
+        let (mut r, t0, generation) = lost_with_a_write_in_flight(Fencing::ResourceOnly);
+        r.detach("a metadata write failed".into());
+        r.take_actions();
+        r.fence_done(t0, 1, generation, FenceOutcome::Exited(6));
+        assert_eq!(r.disk, DiskState::Failed, "Outdated would let it connect again over the failed disk");
+        assert!(!r.take_actions().iter().any(|a| matches!(a, Action::Persist(_))), "a detached node writes no metadata");
     }
 
     #[test]

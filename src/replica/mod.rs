@@ -805,6 +805,20 @@ impl Replica {
         self.disk == DiskState::Failed
     }
 
+    /// This node learned its data is not the newest: Outdated, without WAS_UP_TO_DATE in the
+    /// flags (the caller persists them). Returns whether it changed anything: a detached node
+    /// stays Failed, or it would connect again over a disk whose metadata writes fail (seed
+    /// 1849: a fence-peer answer after a failed activity-log write made the node a resync
+    /// source, and its next restart found the ring with transactions lost).
+    pub(super) fn outdate(&mut self) -> bool {
+        if self.detached() {
+            return false;
+        }
+        self.disk = DiskState::Outdated;
+        self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        true
+    }
+
     /// Why this node takes no link to `peer_id` now, if it takes none: what both its dialer and
     /// its acceptor ask before a link comes up.
     pub fn link_refusal(&self, peer_id: u8) -> Option<&'static str> {

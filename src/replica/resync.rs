@@ -200,10 +200,19 @@ impl Replica {
     }
 
     /// The source ended the resync into this node (or, for two fresh nodes, declared them in
-    /// sync): its data, then its generation, made durable here, and this node UpToDate. The
-    /// other peers' decisions waited for this (see `Replica::reconsider`).
+    /// sync): its data, then its generation, made durable here, and this node as good as its
+    /// source. The other peers' decisions waited for this (see `Replica::reconsider`).
+    ///
+    /// A copy is no better than its source: from an Outdated source (a node that left while
+    /// its peers wrote on) this node holds data that may lack writes a primary acknowledged
+    /// since, so it is Outdated too, and only a State from an UpToDate peer in sync confirms
+    /// it later (see `Replica::confirmed_up_to_date_by`). Seed 333014 of the long run: a node
+    /// resynced from an Outdated one came out UpToDate, confirmed its source UpToDate in turn,
+    /// and the two elected it without the last primary's acknowledged FUA write.
     pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
-        if self.peer(peer_id).repl != ReplState::SyncTarget {
+        let declared = self.peer(peer_id).repl != ReplState::SyncTarget;
+        let up_to_date = declared || self.peer(peer_id).disk == DiskState::UpToDate;
+        if declared {
             // Declared in sync (`new-current-uuid --clear-bitmap`): the declaring node declared
             // every fresh node it was connected to, so the fresh peers here are about to take
             // the same generation; a full sync into them would copy the disk for nothing.
@@ -222,7 +231,8 @@ impl Replica {
         self.set_data_position(position);
         self.sb.terms.highest = self.sb.terms.highest.max(position.term);
         self.bitmaps[slot].clear_all();
-        self.sb.flags.insert(MetaFlags::CONSISTENT | MetaFlags::WAS_UP_TO_DATE);
+        self.sb.flags.insert(MetaFlags::CONSISTENT);
+        self.sb.flags.set(MetaFlags::WAS_UP_TO_DATE, up_to_date);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
         // Its data holds the source's blocks now, not only its own stream.
         self.sb.flags.remove(MetaFlags::OWN_STREAM);
@@ -233,12 +243,16 @@ impl Replica {
         }
         self.persist(MetaWrite::Bitmap(slot));
         self.persist(MetaWrite::Superblock);
-        self.disk = DiskState::UpToDate;
+        self.disk = if up_to_date { DiskState::UpToDate } else { DiskState::Outdated };
         let peer = self.peer_mut(peer_id);
         peer.repl = ReplState::Established;
         peer.resync = None;
         peer.resync_end_unconfirmed = peer.last_state.map(|s| s.bitmap_uuid).filter(|uuid| *uuid != 0);
-        tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: UpToDate");
+        if up_to_date {
+            tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: UpToDate");
+        } else {
+            tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished from an Outdated source: Outdated until an UpToDate peer in sync confirms it");
+        }
         self.broadcast_state();
         for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
             let generation = self.peer(id).generation;
@@ -527,6 +541,7 @@ mod ends {
         let (mut r, t0) = two_node_replica();
         r.disk = DiskState::Outdated;
         r.link_up(1, t0);
+        r.peer_mut(1).disk = DiskState::UpToDate;
         r.peer_mut(1).pending_sync = Some(SyncDecision::BitmapTarget);
         r.take_actions();
         r.bitmap_received(1, true, &[(0, blocks)], t0).unwrap();
@@ -547,6 +562,18 @@ mod ends {
             other => format!("{other:?}"),
         }).collect();
         assert_eq!(order[..4], ["DataFlush", "Bitmap(0)", "Superblock", "State"], "{order:?}");
+    }
+
+    #[test]
+    fn a_target_resynced_from_an_outdated_source_is_outdated_not_up_to_date() {
+        let (mut r, _) = resync_target(4);
+        r.peer_mut(1).disk = DiskState::Outdated;
+        r.resync_done_received(1, 0xC0, [0xB0, 0, 0, 0], DataPosition::default());
+        assert_eq!((r.disk, r.sb.uuids.current, r.peer(1).repl), (DiskState::Outdated, 0xC0, ReplState::Established));
+        assert!(r.sb.flags.contains(crate::meta::MetaFlags::CONSISTENT));
+        // Durably: a restart finds it Outdated, not Consistent (which a peer's State confirms).
+        assert_eq!(crate::replica::Replica::disk_state_from_flags(r.sb.flags), DiskState::Outdated);
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Persist(MetaWrite::Superblock))));
     }
 
     #[test]

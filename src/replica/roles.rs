@@ -274,8 +274,7 @@ impl Replica {
         };
         tracing::error!(resource = %self.resource,
             "stepping down to Secondary: {why}; the writes held here were never acknowledged and fail; this node resyncs from the new primary");
-        self.disk = DiskState::Outdated;
-        self.sb.flags.remove(MetaFlags::WAS_UP_TO_DATE);
+        self.outdate();
         self.stepped_down = Some(why.clone());
         Some(why)
     }
