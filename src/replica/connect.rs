@@ -119,9 +119,9 @@ impl Replica {
         // carrying the generation that ResyncDone named (this node, a primary, may have started
         // a newer one since: the target follows it once the resync is over here).
         // Outdated is a target's end too when this node is not UpToDate: a copy is no better
-        // than its source (see `Replica::resync_done_received`).
+        // than its source (see `resync::resynced_disk`).
         let adopted = peer.sync.walk.done_sent.is_some_and(|sent| same_uuid(state.current_uuid, sent));
-        let ended = peer.disk == DiskState::UpToDate || peer.disk == DiskState::Outdated && self.disk != DiskState::UpToDate;
+        let ended = peer.disk == DiskState::UpToDate || peer.disk == super::resync::resynced_disk(self.disk);
         if peer.repl == ReplState::SyncSource && ended && peer.pending_sync.is_none() && adopted {
             self.finish_resync_as_source(peer_id);
         }

@@ -59,6 +59,16 @@ pub enum ResyncChunk {
     Digests(Vec<[u8; DIGEST_BYTES]>),
 }
 
+/// What a resync target's disk is at the end, from its source's: a copy is no better than its
+/// source (see `Replica::resync_done_received`), so only an UpToDate source makes it UpToDate.
+pub(super) fn resynced_disk(source: DiskState) -> DiskState {
+    if source == DiskState::UpToDate {
+        DiskState::UpToDate
+    } else {
+        DiskState::Outdated
+    }
+}
+
 impl Replica {
     /// Whether `peer` receives this node's stream, so epochs close towards it: every peer a
     /// primary replicates to (never another primary), and for a secondary only the nodes it
@@ -211,7 +221,7 @@ impl Replica {
     /// and the two elected it without the last primary's acknowledged FUA write.
     pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
         let declared = self.peer(peer_id).repl != ReplState::SyncTarget;
-        let up_to_date = declared || self.peer(peer_id).disk == DiskState::UpToDate;
+        let disk = if declared { DiskState::UpToDate } else { resynced_disk(self.peer(peer_id).disk) };
         if declared {
             // Declared in sync (`new-current-uuid --clear-bitmap`): the declaring node declared
             // every fresh node it was connected to, so the fresh peers here are about to take
@@ -232,7 +242,7 @@ impl Replica {
         self.sb.terms.highest = self.sb.terms.highest.max(position.term);
         self.bitmaps[slot].clear_all();
         self.sb.flags.insert(MetaFlags::CONSISTENT);
-        self.sb.flags.set(MetaFlags::WAS_UP_TO_DATE, up_to_date);
+        self.sb.flags.set(MetaFlags::WAS_UP_TO_DATE, disk == DiskState::UpToDate);
         self.sb.flags.remove(MetaFlags::VERIFY_DIFFERS);
         // Its data holds the source's blocks now, not only its own stream.
         self.sb.flags.remove(MetaFlags::OWN_STREAM);
@@ -243,12 +253,12 @@ impl Replica {
         }
         self.persist(MetaWrite::Bitmap(slot));
         self.persist(MetaWrite::Superblock);
-        self.disk = if up_to_date { DiskState::UpToDate } else { DiskState::Outdated };
+        self.disk = disk;
         let peer = self.peer_mut(peer_id);
         peer.repl = ReplState::Established;
         peer.resync = None;
         peer.resync_end_unconfirmed = peer.last_state.map(|s| s.bitmap_uuid).filter(|uuid| *uuid != 0);
-        if up_to_date {
+        if disk == DiskState::UpToDate {
             tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished: UpToDate");
         } else {
             tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, "resync finished from an Outdated source: Outdated until an UpToDate peer in sync confirms it");
