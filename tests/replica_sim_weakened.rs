@@ -60,8 +60,7 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
     // seed that shows it is 8193 since a resync target is no better than its source (8565
     // since a killed primary holds its whole stream, 15932 with operators' `disconnect`s,
-    // 11401 before); about 3 minutes. The bound leaves room for the
-    // next move of the draws.
+    // 11401 before); about 3 minutes. The bound leaves room for the next move of the draws.
     demonstrate_within(Rule::ForgetsBitsSilently, 3, 30000, Shape { data: 3, witnesses: 1 });
 }
 
@@ -70,9 +69,9 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the
     // old copy and is then the one compared. The first seed that shows it is 19166 since a
     // resync target is no better than its source (16980 before, 15977 when the simulator began
-    // keeping the devices of killed primaries, 16980 with operators' `disconnect`s, 7814 with clean stops alone, 50239 before them, 5631 before runs of zeroes
-    // went as their length: each moved every seed's draws); the bound leaves room for the next
-    // such move.
+    // keeping the devices of killed primaries, 16980 with operators' `disconnect`s, 7814 with
+    // clean stops alone, 50239 before them, 5631 before runs of zeroes went as their length:
+    // each moved every seed's draws); the bound leaves room for the next such move.
     demonstrate_within(Rule::ResyncRecordsForNobody, 4, 60000, SHAPE);
 }
 
