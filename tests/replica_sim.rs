@@ -28,7 +28,11 @@ const SEEDS: u64 = 200;
 fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_and_converge() {
     if let Some(seed) = std::env::var("BLKREPL_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         let _ = tracing_subscriber::fmt().without_time().with_target(false).with_test_writer().try_init();
-        Scenario::new(seed, shape_of(seed), true).run().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let mut scenario = Scenario::new(seed, shape_of(seed), true);
+        let outcome = scenario.run();
+        // Two replays of a seed (other runs, other machines) print the same fingerprint.
+        println!("seed {seed}: fingerprint {:08x} (every frame sent, with its time)", scenario.world.fingerprint());
+        outcome.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         return;
     }
     let env = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());

@@ -10,6 +10,8 @@ mod rng;
 mod scenario;
 #[path = "replica_sim/sweep.rs"]
 mod sweep;
+// `World::fingerprint` is for replays (`replica_sim`, `replica_sim_replay`), not read here.
+#[allow(dead_code)]
 #[path = "replica_sim/world.rs"]
 mod world;
 

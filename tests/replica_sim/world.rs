@@ -292,6 +292,10 @@ pub struct World {
     pub tracing: bool,
     /// The device offset whose writes are printed when tracing (`BLKREPL_SIM_TRACE_BLOCK`).
     pub trace_offset: u64,
+    /// A checksum over every frame sent, with its time, sender and receiver, in the order sent:
+    /// two runs of a seed that send the same frames at the same times give the same value
+    /// (what `tests/replica_sim_replay.rs` compares; see `World::fingerprint`).
+    fingerprint: u32,
     /// Divergences resolved by nodes that have since crashed (see `World::divergences`).
     divergences: u64,
     /// Resyncs (by bitmap, full, first syncs of fresh disks) taken by nodes that have since crashed.
@@ -355,6 +359,7 @@ impl World {
             answers: Vec::new(),
             tracing,
             trace_offset: 0,
+            fingerprint: 0,
             divergences: 0,
             resyncs: [0; 3],
             shape,
@@ -787,6 +792,8 @@ impl World {
         let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return false };
         let mut bytes = Vec::new();
         write_message(&mut bytes, msg).expect("encode a frame");
+        let header = [&self.now.to_le_bytes()[..], &[from, to]].concat();
+        self.fingerprint = crc32c::crc32c_append(crc32c::crc32c_append(self.fingerprint, &header), &bytes);
         let delay = self.rng.range(50, 2 * MS);
         let lane = self.lanes.entry((from, to)).or_default();
         let due = lane.queue.back().map_or(0, |f| f.due).max(self.now + delay);
@@ -1119,6 +1126,13 @@ impl World {
     /// The nodes that are up and Primary.
     /// Diverged copies reconciled so far (counted by the nodes whose changes were discarded), in
     /// this run.
+    /// What the run has sent so far, as one checksum: a seed replays exactly when every run of
+    /// it ends with the same value (a replica whose choices depend on anything but its inputs,
+    /// such as a hash map's iteration order, sends other frames or at other times).
+    pub fn fingerprint(&self) -> u32 {
+        self.fingerprint
+    }
+
     pub fn divergences(&self) -> u64 {
         self.divergences + self.nodes.iter().filter_map(|n| n.replica.as_ref()).map(|r| r.divergences_resolved).sum::<u64>()
     }
