@@ -2,7 +2,8 @@
 # Write-path benchmark, all in one run so the figures compare: 4 KiB random writes at queue depth
 # 1 to 64 and 1 MiB sequential writes through the NBD export (fio's nbd engine) for protocols C,
 # B and A and the same daemon with no peer (local-only), against qemu-nbd and the limits: the
-# raw backing file (fio on the file) and raw TCP loopback bandwidth (iperf3). The table and a
+# raw backing file (fio on the file), raw TCP loopback bandwidth (iperf3) and round trip
+# (sockperf's ping-pong of 4 KiB: what a write that waits for its peer adds). The table and a
 # plot of IOPS against queue depth (SVG) are written to BENCH_OUT (default target/bench).
 #
 # Quorum is set on purpose: local-only is the two-node resource with its peer absent and quorum
@@ -15,7 +16,7 @@
 # Then system calls per replicated write (strace), CPU time per 4 KiB write on each daemon and in
 # fio (local-only and protocol C: what bounds the ratio of the two on this machine) and each
 # daemon's resident memory, also for a 1 TiB device with two peers. Installs what it needs first (scripts/setup.sh bench: fio,
-# iperf3, qemu-utils, strace).
+# iperf3, sockperf, qemu-utils, strace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case ${1:-} in
@@ -39,7 +40,7 @@ stop_all() {
   for lock in "$DIR"/run/*.lock; do [ -f "$lock" ] && kill -9 "$(cat "$lock")" 2>/dev/null || true; done
   sleep 0.3; rm -f "$DIR"/run/*
 }
-trap 'stop_all; pkill -f "iperf3 -s -p 15201" || true' EXIT
+trap 'stop_all; pkill -f "iperf3 -s -p 15201" || true; pkill -f "sockperf sr --tcp -i 127.0.0.1 -p 15301" || true' EXIT
 
 # fio job: name, target args... ; records "name iops mibps"
 run_fio() {
@@ -149,6 +150,13 @@ iperf3 -s -p 15201 -D >/dev/null; sleep 0.5
 tcp=$(iperf3 -c 127.0.0.1 -p 15201 -t "$RUNTIME" -J | python3 -c 'import json,sys; bps = json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]; print(round(bps / 8 / 1048576, 1))')
 echo "tcp.loopback 0 $tcp" >> "$RESULTS"
 pkill -f "iperf3 -s -p 15201" || true
+# sockperf prints half the round trip ("Latency is X usec"); recorded as "tcp.rtt microseconds 0".
+sockperf sr --tcp -i 127.0.0.1 -p 15301 >/dev/null 2>&1 &
+sleep 0.5
+half=$(sockperf pp --tcp -i 127.0.0.1 -p 15301 -m 4096 -t "$RUNTIME" 2>&1 | sed -n 's/.*Summary: Latency is \([0-9.]*\) usec.*/\1/p')
+[ -n "$half" ] || { echo "bench: sockperf printed no latency" >&2; exit 1; }
+echo "tcp.rtt $(python3 -c "print(2 * $half)") 0" >> "$RESULTS"
+pkill -f "sockperf sr --tcp -i 127.0.0.1 -p 15301" || true
 
 NBD=(--ioengine=nbd --uri=nbd://127.0.0.1:20809/r0)
 
@@ -242,10 +250,16 @@ for n, t in enumerate(plotted):
 svg.append("</svg>")
 open(sys.argv[3], "w").write("\n".join(svg) + "\n")
 print(f"{'tcp':<10} {'':>12} {'':>13} {r['tcp.loopback'][1]:>13.1f}")
+print(f"TCP round trip of 4 KiB over loopback (sockperf ping-pong): {r['tcp.rtt'][0]:.1f} µs")
 limit = min(r['raw.seq1m'][1], r['tcp.loopback'][1])
 print()
 print(f"protocol C / local-only, 4k QD32 IOPS: {r['protoC.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f} (target >= 0.90)")
 print(f"protocol C / local-only, 4k QD1 IOPS:  {r['protoC.rand4k.qd1'][0]/r['local.rand4k.qd1'][0]:.2f} (target >= 0.80)")
+# A write that waits for its peer takes a local-only write's time and a round trip to the peer.
+local_us = 1e6 / r['local.rand4k.qd1'][0]
+print(f"  local-only takes {local_us:.1f} µs per write at QD1: the target leaves protocols B and C {local_us / 4:.1f} µs "
+      f"more for the round trip to their peer (sockperf's alone: {r['tcp.rtt'][0]:.1f} µs; protocol C took "
+      f"{1e6 / r['protoC.rand4k.qd1'][0] - local_us:.1f} µs more)")
 print(f"protocol C seq / min(raw file, TCP):   {r['protoC.seq1m'][1]/limit:.2f} (target >= 0.85)")
 print(f"protocol B / local-only, 4k QD32 IOPS: {r['protoB.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")
 print(f"protocol A / local-only, 4k QD32 IOPS: {r['protoA.rand4k.qd32'][0]/r['local.rand4k.qd32'][0]:.2f}")

@@ -38,8 +38,9 @@ needs_of() {
     test) needs_of vm; needs_of package
           echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl \
             man-db:man systemd:systemd-analyze ;;
-    # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP, python3 for the table.
-    bench) needs_of build; echo fio iperf3 qemu-utils strace python3:python3 ;;
+    # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP bandwidth, sockperf
+    # for its round trip, python3 for the table.
+    bench) needs_of build; echo fio iperf3 sockperf qemu-utils strace python3:python3 ;;
     # The Debian package (scripts/package-deb.sh): dpkg-shlibdeps computes its Depends.
     package) needs_of build; echo dpkg-dev ;;
     # The fuzz targets (scripts/fuzz.sh): libfuzzer-sys compiles libFuzzer, which is C++.
