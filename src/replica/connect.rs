@@ -118,10 +118,11 @@ impl Replica {
         // UUID at it) must not end the resync: only a State after this node's ResyncDone can,
         // carrying the generation that ResyncDone named (this node, a primary, may have started
         // a newer one since: the target follows it once the resync is over here).
-        // Outdated is a target's end too when this node is not UpToDate: a copy is no better
-        // than its source (see `resync::resynced_disk`).
-        let adopted = peer.sync.walk.done_sent.is_some_and(|sent| same_uuid(state.current_uuid, sent));
-        let ended = peer.disk == DiskState::UpToDate || peer.disk == super::resync::resynced_disk(self.disk);
+        // Outdated is a target's end too when this node was not UpToDate as the ResyncDone
+        // went out: a copy is no better than its source (see `resync::resynced_disk`).
+        let done = peer.sync.walk.done_sent;
+        let adopted = done.is_some_and(|sent| same_uuid(state.current_uuid, sent.uuid));
+        let ended = peer.disk == DiskState::UpToDate || done.is_some_and(|sent| peer.disk == sent.disk);
         if peer.repl == ReplState::SyncSource && ended && peer.pending_sync.is_none() && adopted {
             self.finish_resync_as_source(peer_id);
         }
@@ -223,7 +224,7 @@ impl Replica {
     /// UUID it resyncs what was written since, and the target then holds the new generation).
     pub fn finish_resync_as_source(&mut self, peer_id: u8) {
         let slot = self.peer(peer_id).slot;
-        let target_at = self.peer(peer_id).sync.walk.done_sent.unwrap_or(self.sb.uuids.current);
+        let target_at = self.peer(peer_id).sync.walk.done_sent.map_or(self.sb.uuids.current, |sent| sent.uuid);
         let mut generation = self.generation();
         generation.resync_finished_as_source(slot, target_at);
         self.set_generation(generation);
@@ -955,7 +956,7 @@ mod tests {
         let named = r.sb.uuids.current;
         let slot = r.peer(1).slot;
         r.peer_mut(1).repl = ReplState::SyncSource;
-        r.peer_mut(1).sync.walk.done_sent = Some(named);
+        r.peer_mut(1).sync.walk.done_sent = Some(crate::replica::resync::DoneSent { uuid: named, disk: DiskState::UpToDate });
         let mut generation = r.generation();
         generation.new_current(0x7700, true, true, &[slot]);
         r.set_generation(generation);
@@ -1082,6 +1083,26 @@ mod tests {
         r.peer_state_received(1, up_to_date).expect("a fitting State");
         assert_eq!(r.peer(1).repl, ReplState::Established);
         let _ = t0;
+    }
+
+    #[test]
+    fn a_source_whose_disk_changed_after_its_resync_done_ends_the_resync_on_the_disk_it_announced() {
+        // Seed 242792: Outdated as the ResyncDone went out (a primary stepping down), the
+        // source was confirmed UpToDate again by a third node before its Outdated target
+        // answered; it waited for an UpToDate answer for ever, and the two never linked.
+        for (at_done, after) in [(DiskState::Outdated, DiskState::UpToDate), (DiskState::UpToDate, DiskState::Outdated)] {
+            let (mut r, t0) = crate::replica::testing::secondary_of_primary();
+            r.peer_mut(1).role = Role::Secondary;
+            r.peer_mut(1).repl = ReplState::SyncSource;
+            r.disk = at_done;
+            r.resync_source_started(t0, 1);
+            assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Finished, "nothing to send");
+            r.disk = after;
+            let target_took = if at_done == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Outdated };
+            let answer = PeerState { disk: target_took.to_wire(), ..secondary_state(r.sb.uuids.current, [0; 4]) };
+            r.peer_state_received(1, answer).expect("a fitting State");
+            assert_eq!(r.peer(1).repl, ReplState::Established, "{at_done} at the ResyncDone, {after} at the answer");
+        }
     }
 
     #[test]

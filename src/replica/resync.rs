@@ -34,9 +34,23 @@ pub struct ResyncWalk {
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
-    /// `ResyncDone` went out, naming this generation: only a State after it can end the
-    /// resync (see `Replica::peer_state_received`).
-    pub(super) done_sent: Option<u64>,
+    /// `ResyncDone` went out: only a State after it can end the resync (see
+    /// `Replica::peer_state_received`).
+    pub(super) done_sent: Option<DoneSent>,
+}
+
+/// What a `ResyncDone` told its target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DoneSent {
+    /// The generation it named, which the target adopts.
+    pub(super) uuid: u64,
+    /// The disk state the target takes from it: this node's as it went out (the target knows
+    /// it from this node's States, which precede the `ResyncDone` on the link). This node's
+    /// own may change before the target's answer: a source that stepped down after an
+    /// UpToDate end, or was confirmed UpToDate again after an Outdated one, must still
+    /// recognise that answer (seed 242792: an Outdated source made UpToDate again by a third
+    /// node waited for an UpToDate target that stayed Outdated, and the two never linked).
+    pub(super) disk: DiskState,
 }
 
 /// What a resync source does next.
@@ -341,7 +355,7 @@ impl Replica {
             let uuids = self.sb.uuids;
             let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.data_position() };
             self.send_bulk(peer_id, done, None);
-            walk.done_sent = Some(uuids.current);
+            walk.done_sent = Some(DoneSent { uuid: uuids.current, disk: resynced_disk(self.disk) });
             ResyncStep::Finished
         } else {
             walk.draining = Some(self.close_epoch());
