@@ -29,6 +29,11 @@ const SEND_QUEUE: usize = blkrepl::config::SEND_QUEUE_KIB as usize * 1024;
 const SMALL_SEND_QUEUE: usize = 3 * 4096;
 /// How long the cluster has to converge after the heal, or after a fault that struck later.
 const SETTLE: Time = 30 * SEC;
+/// Windows of `SETTLE` more, at most, for resyncs still moving at the end of one: a chain of
+/// whole-device resyncs at the slow rate (each waiting for the last, one target at a time) can
+/// outlast a window (seed 205246: four, the last 8 s long, begun 22 s after the heal). A resync
+/// that stalls gets none and fails the convergence checker as before.
+const MORE_WINDOWS_FOR_RESYNCS: u32 = 3;
 /// The configuration's default resync rate bounds, and slow ones for a quarter of the seeds: a
 /// full sync of the simulated device then takes 8 s or more, so faults strike mid-resync.
 const DEFAULT_RESYNC: RateLimits = RateLimits {
@@ -106,6 +111,8 @@ pub struct Stats {
     /// local writes, reads, flushes and metadata writes that failed.
     pub disk_fault_seeds: u64,
     pub late_fault_seeds: u64,
+    /// Seeds whose resyncs still moved at the end of the window (see `MORE_WINDOWS_FOR_RESYNCS`).
+    pub long_resync_seeds: u64,
     pub failed_writes: u64,
     pub failed_reads: u64,
     pub failed_flushes: u64,
@@ -149,6 +156,7 @@ impl Stats {
         self.verify_found_bytes += o.verify_found_bytes;
         self.disk_fault_seeds += o.disk_fault_seeds;
         self.late_fault_seeds += o.late_fault_seeds;
+        self.long_resync_seeds += o.long_resync_seeds;
         self.failed_writes += o.failed_writes;
         self.failed_reads += o.failed_reads;
         self.failed_flushes += o.failed_flushes;
@@ -333,13 +341,21 @@ impl Scenario {
         // followed, at 1-4 MiB/s, ended 23 s after it, past a window timed from the heal.
         let healed = self.world.now;
         let mut settled = healed + SETTLE;
+        let (mut more_windows, mut resynced) = (MORE_WINDOWS_FOR_RESYNCS, self.world.resync_bytes_sent);
         loop {
             self.run_until(settled)?;
             let after_last_fault = self.world.last_fault + SETTLE;
-            if after_last_fault <= settled {
+            if after_last_fault > settled {
+                settled = after_last_fault;
+                continue;
+            }
+            let moving = self.world.resyncing() && self.world.resync_bytes_sent > resynced;
+            if !moving || more_windows == 0 {
                 break;
             }
-            settled = after_last_fault;
+            (more_windows, resynced) = (more_windows - 1, self.world.resync_bytes_sent);
+            self.stats.long_resync_seeds = 1;
+            settled += SETTLE;
         }
         self.stats.virtual_us = self.world.now;
         self.stats.late_fault_seeds = (self.world.last_fault > healed).into();

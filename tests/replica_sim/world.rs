@@ -13,7 +13,7 @@ use blkrepl::core::block_digest::block_digests;
 use blkrepl::core::inflight::{AckLevel, LocalFailure};
 use blkrepl::core::quorum::{LinkTiming, OnNoQuorum, QuorumPolicy};
 use blkrepl::core::resync_rate::RateLimits;
-use blkrepl::core::states::Role;
+use blkrepl::core::states::{ReplState, Role};
 use blkrepl::disk::{Fault, FaultyDisk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
 use blkrepl::meta::layout::MIN_AL_EXTENTS;
@@ -296,6 +296,9 @@ pub struct World {
     /// two runs of a seed that send the same frames at the same times give the same value
     /// (what `tests/replica_sim_replay.rs` compares; see `World::fingerprint`).
     fingerprint: u32,
+    /// The resync data sent so far (runs of zeroes by their length): whether the resyncs under
+    /// way still move (see `Scenario::run`).
+    pub resync_bytes_sent: u64,
     /// Divergences resolved by nodes that have since crashed (see `World::divergences`).
     divergences: u64,
     /// Resyncs (by bitmap, full, first syncs of fresh disks) taken by nodes that have since crashed.
@@ -360,6 +363,7 @@ impl World {
             tracing,
             trace_offset: 0,
             fingerprint: 0,
+            resync_bytes_sent: 0,
             divergences: 0,
             resyncs: [0; 3],
             shape,
@@ -792,8 +796,13 @@ impl World {
         let Some(&(conn, _)) = self.nodes[usize::from(from)].links.get(&to) else { return false };
         let mut bytes = Vec::new();
         write_message(&mut bytes, msg).expect("encode a frame");
-        let header = [&self.now.to_le_bytes()[..], &[from, to]].concat();
-        self.fingerprint = crc32c::crc32c_append(crc32c::crc32c_append(self.fingerprint, &header), &bytes);
+        let fingerprint = crc32c::crc32c_append(self.fingerprint, &self.now.to_le_bytes());
+        self.fingerprint = crc32c::crc32c_append(crc32c::crc32c_append(fingerprint, &[from, to]), &bytes);
+        match msg {
+            Message::ResyncData { payload, .. } => self.resync_bytes_sent += payload.len() as u64,
+            Message::ResyncZeroes { len, .. } => self.resync_bytes_sent += u64::from(*len),
+            _ => {}
+        }
         let delay = self.rng.range(50, 2 * MS);
         let lane = self.lanes.entry((from, to)).or_default();
         let due = lane.queue.back().map_or(0, |f| f.due).max(self.now + delay);
@@ -1131,6 +1140,12 @@ impl World {
     /// such as a hash map's iteration order, sends other frames or at other times).
     pub fn fingerprint(&self) -> u32 {
         self.fingerprint
+    }
+
+    /// Whether a data node is resyncing a peer, being resynced, or about to be.
+    pub fn resyncing(&self) -> bool {
+        let syncing = |p: &Peer| p.pending_sync.is_some() || matches!(p.repl, ReplState::SyncSource | ReplState::SyncTarget);
+        self.nodes.iter().filter_map(|n| n.replica.as_ref()).any(|r| r.peers.iter().any(syncing))
     }
 
     pub fn divergences(&self) -> u64 {
