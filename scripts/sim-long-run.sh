@@ -16,8 +16,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The frontends' code is not the simulator's: only their request types (src/frontend/mod.rs).
-rules_paths=(src/config.rs src/core src/disk.rs src/frontend/mod.rs src/meta src/replica src/wire
+# The frontends' code is not the simulator's: only their request types (src/frontend/request.rs).
+rules_paths=(src/config.rs src/core src/disk.rs src/frontend/request.rs src/meta src/replica src/wire
   src/lib.rs tests/replica_sim.rs tests/replica_sim Cargo.lock Cargo.toml)
 log=docs/sim-long-run.log
 usage() { sed -n 5,7p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
