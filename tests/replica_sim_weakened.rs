@@ -60,9 +60,10 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 8193 since a resync target is no better than its source (8565
-    // since a killed primary holds its whole stream, 15932 with operators' `disconnect`s,
-    // 11401 before); about 3 minutes. The bound leaves room for the next move of the draws.
+    // seed that shows it is 8565 since a resync source ends on the disk its ResyncDone
+    // announced and the settle window grows for resyncs still moving (8193 since a resync
+    // target is no better than its source, 8565 since a killed primary holds its whole
+    // stream, 15932 with operators' `disconnect`s, 11401 before); about 3 minutes. The bound leaves room for the next move of the draws.
     demonstrate_within(Rule::ForgetsBitsSilently, 3, 30000, Shape { data: 3, witnesses: 1 });
 }
 
