@@ -39,8 +39,9 @@ needs_of() {
           echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl \
             man-db:man systemd:systemd-analyze ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP bandwidth, sockperf
-    # for its round trip, python3 for the table.
-    bench) needs_of build; echo fio iperf3 sockperf qemu-utils strace python3:python3 ;;
+    # for its round trip, perf to count the daemons' system calls without stopping them (strace
+    # where perf may not), python3 for the table.
+    bench) needs_of build; echo fio iperf3 sockperf qemu-utils linux-perf:perf strace python3:python3 ;;
     # The Debian package (scripts/package-deb.sh): dpkg-shlibdeps computes its Depends.
     package) needs_of build; echo dpkg-dev ;;
     # The fuzz targets (scripts/fuzz.sh): libfuzzer-sys compiles libFuzzer, which is C++.

@@ -50,7 +50,7 @@ LIBCLANG=(libclang-dev libclang-14-dev libclang-common-14-dev libclang1-14)
 remove blkrepl
 case $1 in
   missing)
-    remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0 sockperf resource-agents libxml2-utils \
+    remove "${QEMU_SYSTEM[@]}" qemu-utils "${LIBCLANG[@]}" busybox-static fio iperf3 libiperf0 sockperf linux-perf resource-agents libxml2-utils \
       pacemaker pacemaker-cli-utils pacemaker-resource-agents corosync libnbd-bin fuse3
     ;;
   other-qemu)
