@@ -7,7 +7,7 @@
 //!
 //! Other threads add sockets and wake the loop through a queue and an eventfd ([`Waker`]); a
 //! wake from the loop's own thread costs no system call (the loop looks again before it waits).
-//! A tick every [`TICK`] lets each socket check its deadlines ([`Socket::overdue`]): a socket
+//! A tick every `TICK` lets each socket check its deadlines ([`Socket::overdue`]): a socket
 //! that is overdue is shut down, which completes what it has armed with an error.
 
 use std::cell::Cell;

@@ -212,7 +212,7 @@ impl Engine {
         Engine::open_on(config, me, store, None, run_dir)
     }
 
-    /// Creates a witness's metadata file at its `meta_disk` (see [`Engine::open_witness`]);
+    /// Creates a witness's metadata file at its `meta_disk` (see `Engine::open_witness`);
     /// an existing one is kept unless `force`.
     pub fn create_witness_metadata(config: &ResourceConfig, me: &NodeConfig, force: bool) -> Result<PathBuf, EngineError> {
         let path = me.meta_disk.clone().ok_or_else(|| EngineError::Refused("this witness has no meta_disk".into()))?;
