@@ -40,7 +40,9 @@ stop_all() {
   for lock in "$DIR"/run/*.lock; do [ -f "$lock" ] && kill -9 "$(cat "$lock")" 2>/dev/null || true; done
   sleep 0.3; rm -f "$DIR"/run/*
 }
-trap 'stop_all; pkill -f "iperf3 -s -p 15201" || true; pkill -f "sockperf sr --tcp -i 127.0.0.1 -p 15301" || true' EXIT
+# The servers of the raw TCP figures, while they run (stopped by their PID, not their name).
+servers=()
+trap 'stop_all; [ ${#servers[@]} = 0 ] || kill "${servers[@]}" 2>/dev/null || true' EXIT
 
 # fio job: name, target args... ; records "name iops mibps"
 run_fio() {
@@ -159,17 +161,16 @@ echo "== limits: raw backing file ($DIR, tmpfs if /dev/shm) and raw TCP loopback
 truncate -s "$SIZE" "$DIR/raw.img"
 run_jobs raw --ioengine=libaio --filename="$DIR/raw.img"
 rm -f "$DIR/raw.img"
-iperf3 -s -p 15201 -D >/dev/null; sleep 0.5
+iperf3 -s -p 15201 >/dev/null 2>&1 & servers=($!); sleep 0.5
 tcp=$(iperf3 -c 127.0.0.1 -p 15201 -t "$RUNTIME" -J | python3 -c 'import json,sys; bps = json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]; print(round(bps / 8 / 1048576, 1))')
 echo "tcp.loopback 0 $tcp" >> "$RESULTS"
-pkill -f "iperf3 -s -p 15201" || true
 # sockperf prints half the round trip ("Latency is X usec"); recorded as "tcp.rtt microseconds 0".
-sockperf sr --tcp -i 127.0.0.1 -p 15301 >/dev/null 2>&1 &
+sockperf sr --tcp -i 127.0.0.1 -p 15301 >/dev/null 2>&1 & servers+=($!)
 sleep 0.5
 half=$(sockperf pp --tcp -i 127.0.0.1 -p 15301 -m 4096 -t "$RUNTIME" 2>&1 | sed -n 's/.*Summary: Latency is \([0-9.]*\) usec.*/\1/p')
 [ -n "$half" ] || { echo "bench: sockperf printed no latency" >&2; exit 1; }
 echo "tcp.rtt $(python3 -c "print(2 * $half)") 0" >> "$RESULTS"
-pkill -f "sockperf sr --tcp -i 127.0.0.1 -p 15301" || true
+kill "${servers[@]}" 2>/dev/null || true; wait "${servers[@]}" 2>/dev/null || true; servers=()
 
 NBD=(--ioengine=nbd --uri=nbd://127.0.0.1:20809/r0)
 
