@@ -111,6 +111,7 @@ impl Replica {
                 self.persist(MetaWrite::Superblock);
             }
         }
+        self.abandon_decision_on_a_stale_state(peer_id, &state);
         let peer = self.peer(peer_id);
         // The target reports UpToDate under this node's generation only after it applied the
         // whole resync (ResyncDone); an UpToDate from before it started (a State already in
@@ -135,6 +136,48 @@ impl Replica {
             }
         }
         result
+    }
+
+    /// Two nodes decide on each other's States, and either may decide on one that is out of
+    /// date: this node decided a resync with `peer_id` and sent its bitmap while the peer,
+    /// unknown to it, already waited for a resync with a third node, so it decided nothing (its
+    /// State saying so was on its way). The peer declines the bitmap and answers with its State
+    /// (see [`Replica::bitmap_declined`]); on that State this node drops its decision too, as
+    /// `reconsider` would not have taken it, and both wait for that resync's end, whose State
+    /// decides again. No bitmap of the peer's can be under way: it decided nothing. (Such links
+    /// were dropped as violations and reconnected, an operator seeing a lost connection each
+    /// time: seed 205246 twice; over seeds 0-199, 53 of the 125 such drops.)
+    fn abandon_decision_on_a_stale_state(&mut self, peer_id: u8, state: &PeerState) {
+        let Some(decided) = self.peer(peer_id).pending_sync else { return };
+        let resynced_by_third = state.resynced_by.is_some_and(|source| source != self.node_id());
+        if !(resynced_by_third || decided.is_source() && state.flags & STATE_FLAG_RESYNCS_OTHER != 0) {
+            return;
+        }
+        let name = self.peer(peer_id).name.clone();
+        tracing::info!(resource = %self.resource, peer = %name, decision = ?decided, "{name} waits for a resync with a third node: the decision taken on its earlier State is dropped");
+        self.peer_mut(peer_id).pending_sync = None;
+        // Links paused for a resync into this node, and what this node's State says, come back.
+        self.standing_changed(Some(peer_id));
+    }
+
+    /// Whether this node waits for a resync with a third node in a way its States show
+    /// `peer_id` (see [`Replica::abandon_decision_on_a_stale_state`]): it is being resynced by
+    /// a third node, which stops any decision, or it resyncs one and the peer decided to be
+    /// its source (a peer that decided to be its target names this node in its State as its
+    /// source, before its bitmap).
+    pub(super) fn waits_for_a_third_resync_seen_by(&self, peer_id: u8) -> bool {
+        let peer_is_target = self.peer(peer_id).last_state.is_some_and(|s| s.resynced_by == Some(self.node_id()));
+        self.sync_target_of().is_some_and(|source| source != peer_id) || !peer_is_target && self.resyncs_other_than(Some(peer_id))
+    }
+
+    /// A bitmap from `peer_id`, which decided a resync on an out-of-date State of this node's
+    /// (see [`Replica::waits_for_a_third_resync_seen_by`]): nothing of it is applied, and with
+    /// its last part this node's State goes to the peer, which drops its decision on it.
+    pub(super) fn bitmap_declined(&mut self, peer_id: u8, last: bool) {
+        if last {
+            tracing::debug!(resource = %self.resource, peer = %self.peer(peer_id).name, "a bitmap sent on an out-of-date State: declined, this node waits for a third node's resync");
+            self.send_state_to(peer_id);
+        }
     }
 
     /// The primaries this node sees, or whether a third node resyncs it, changed (`except`:
@@ -1103,6 +1146,56 @@ mod tests {
             r.peer_state_received(1, answer).expect("a fitting State");
             assert_eq!(r.peer(1).repl, ReplState::Established, "{at_done} at the ResyncDone, {after} at the answer");
         }
+    }
+
+    /// Node 0 of three data nodes, UpToDate, linked to nodes 1 and 2 (both in its generation),
+    /// with nothing decided yet.
+    fn three_linked() -> (Replica, std::time::Instant) {
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.disk = DiskState::UpToDate;
+        for id in [1, 2] {
+            r.link_up(id, t0);
+            r.peer_mut(id).last_state = Some(secondary_state(r.sb.uuids.current, [0; 4]));
+        }
+        r.take_actions();
+        (r, t0)
+    }
+
+    #[test]
+    fn a_bitmap_sent_on_a_state_from_before_a_third_nodes_resync_is_declined_with_this_nodes_state() {
+        // Seed 205246: node 1 decided to resync this node while node 2 already was about to;
+        // its bitmap dropped the link as a violation, and the pair reconnected.
+        let (mut r, t0) = three_linked();
+        r.peer_mut(2).pending_sync = Some(crate::core::sync_decision::SyncDecision::BitmapTarget);
+        let generation = r.peer(1).generation;
+        let runs = Message::BitmapRuns { last: true, runs: vec![(0, 8)] };
+        r.receive(t0, 1, generation, runs.clone()).expect("declined, not a violation");
+        let slot = r.peer(1).slot;
+        assert_eq!(r.bitmaps[slot].weight(), 0, "nothing of it applied");
+        let told = r.take_actions().into_iter().any(|a| matches!(a, Action::Send { peer: 1, msg: Message::State(s), .. } if s.resynced_by == Some(2)));
+        assert!(told, "node 1 hears that node 2 resyncs this node");
+        // Not waiting for anyone, the same bitmap is a violation, as before.
+        r.peer_mut(2).pending_sync = None;
+        assert!(r.receive(t0, 1, generation, runs).unwrap_err().contains("no sync decision"));
+    }
+
+    #[test]
+    fn a_decision_taken_on_a_state_from_before_the_peers_wait_for_a_third_resync_is_dropped_on_its_next() {
+        let (mut r, _) = three_linked();
+        r.peer_mut(1).pending_sync = Some(crate::core::sync_decision::SyncDecision::BitmapSource);
+        let waits = PeerState { resynced_by: Some(2), ..secondary_state(r.sb.uuids.current, [0; 4]) };
+        r.peer_state_received(1, waits).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, None);
+        assert_eq!(r.peer(1).repl, ReplState::Off, "idle until that resync ends");
+        // A peer that resyncs a third node cannot be this node's target meanwhile, but may be its
+        // source.
+        let resyncs_other = PeerState { flags: super::STATE_FLAG_RESYNCS_OTHER, ..secondary_state(r.sb.uuids.current, [0; 4]) };
+        r.peer_mut(1).pending_sync = Some(crate::core::sync_decision::SyncDecision::BitmapTarget);
+        r.peer_state_received(1, resyncs_other).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapTarget), "its source may resync others");
+        r.peer_mut(1).pending_sync = Some(crate::core::sync_decision::SyncDecision::BitmapSource);
+        r.peer_state_received(1, resyncs_other).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, None);
     }
 
     #[test]

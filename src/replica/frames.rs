@@ -83,6 +83,9 @@ impl Replica {
             Message::PingAck if peer.lease.awaits_answer() => Ok(()),
             Message::PingAck => Err("ping answer without a ping".into()),
             Message::BitmapRuns { .. } if peer.pending_sync.is_some() => Ok(()),
+            // Decided on a State of this node's from before it began to wait for a third node's
+            // resync: declined (see `Replica::bitmap_declined`).
+            Message::BitmapRuns { .. } if self.waits_for_a_third_resync_seen_by(peer_id) => Ok(()),
             Message::BitmapRuns { .. } => Err(format!("{name} sent its bitmap while no sync decision is pending")),
             Message::ResyncData { offset, .. } | Message::ResyncZeroes { offset, .. } => {
                 let len = match msg {

@@ -55,6 +55,7 @@ impl Replica {
                 self.release_suspended(now, false);
                 return result;
             }
+            Message::BitmapRuns { last, .. } if self.peer(peer_id).pending_sync.is_none() => self.bitmap_declined(peer_id, last),
             Message::BitmapRuns { last, runs } => return self.bitmap_received(peer_id, last, &runs, now),
             Message::ThirdPeerBits { node, runs } => return self.third_peer_bits_received(peer_id, node, &runs),
             Message::Ping => self.send(peer_id, Message::PingAck),
