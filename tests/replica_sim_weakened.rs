@@ -60,30 +60,33 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 8565 since a resync source ends on the disk its ResyncDone
-    // announced and the settle window grows for resyncs still moving (8193 since a resync
-    // target is no better than its source, 8565 since a killed primary holds its whole
-    // stream, 15932 with operators' `disconnect`s, 11401 before); about 3 minutes. The bound leaves room for the next move of the draws.
+    // seed that shows it is 4946 since a bitmap sent on an out-of-date State is declined
+    // (8565 since a resync source ends on the disk its ResyncDone announced, 8193 since a
+    // resync target is no better than its source, 8565 since a killed primary holds its whole
+    // stream, 15932 with operators' `disconnect`s, 11401 before). The bound leaves room for
+    // the next move of the draws.
     demonstrate_within(Rule::ForgetsBitsSilently, 3, 30000, Shape { data: 3, witnesses: 1 });
 }
 
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the
-    // old copy and is then the one compared. The first seed that shows it is 19166 since a
-    // resync target is no better than its source (16980 before, 15977 when the simulator began
-    // keeping the devices of killed primaries, 16980 with operators' `disconnect`s, 7814 with
-    // clean stops alone, 50239 before them, 5631 before runs of zeroes went as their length:
-    // each moved every seed's draws); the bound leaves room for the next such move.
+    // old copy and is then the one compared. The first seed that shows it is 13001 since a
+    // bitmap sent on an out-of-date State is declined (19166 since a resync target is no better
+    // than its source, 16980 before, 15977 when the simulator began keeping the devices of
+    // killed primaries, 16980 with operators' `disconnect`s, 7814 with clean stops alone, 50239
+    // before them, 5631 before runs of zeroes went as their length: each moved every seed's
+    // draws); the bound leaves room for the next such move.
     demonstrate_within(Rule::ResyncRecordsForNobody, 4, 60000, SHAPE);
 }
 
 #[test]
 fn checker_5_catches_a_secondary_that_never_flushes() {
     // Rarer than the others: since the seeds draw large bitmap blocks and failing flushes, the
-    // first seed that shows it is 1405 since a killed primary holds its whole stream (1380 with
-    // operators' `disconnect`s, 983 with clean stops alone, 3408 before): a secondary's lost
-    // cache must hold a write a flush made durable, and then be the copy that survives.
+    // first seed that shows it is 452 since a bitmap sent on an out-of-date State is declined
+    // (1405 since a killed primary holds its whole stream, 1380 with operators' `disconnect`s,
+    // 983 with clean stops alone, 3408 before): a secondary's lost cache must hold a write a
+    // flush made durable, and then be the copy that survives.
     demonstrate_within(Rule::SecondaryWithoutFlush, 5, 5000, SHAPE);
 }
 
