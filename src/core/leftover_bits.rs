@@ -66,6 +66,18 @@ impl BitsHolder {
     }
 }
 
+/// Two Outdated copies, either holding bits for the other: neither is better, and left "in
+/// sync" their blocks there stayed different while the rule that brings an all-Outdated cluster
+/// back confirmed them UpToDate (seed 143529). Ordered like two good copies: the further one
+/// holds every flushed write of the nearer.
+fn both_outdated_with_bits(me: &BitsHolder, peer: &BitsHolder) -> bool {
+    me.disk == DiskState::Outdated
+        && peer.disk == DiskState::Outdated
+        && !me.is_primary
+        && !peer.is_primary
+        && (me.bits_for_other > 0 || peer.bits_for_other > 0)
+}
+
 /// Turns an "in sync" decision into a bitmap resync when one side holds out-of-sync bits for the
 /// other and may be its source (see the module documentation). Any other decision stands.
 pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &BitsHolder) -> SyncDecision {
@@ -77,7 +89,7 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
         (false, true) => SyncDecision::BitmapTarget,
         _ if me.is_primary_with_bits(peer) => SyncDecision::BitmapSource,
         _ if peer.is_primary_with_bits(me) => SyncDecision::BitmapTarget,
-        _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) => {
+        _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) || both_outdated_with_bits(me, peer) => {
             let (mine, theirs) = (me.position, peer.position);
             // The node ids differ, so the order is total: one side sends.
             if (mine.0, theirs.1) > (theirs.0, mine.1) {
@@ -114,6 +126,17 @@ mod tests {
         // An acknowledged FUA write past the last barrier is further on than the barrier.
         let fua = BitsHolder { position: (at(1, 5, 17), 1), ..near };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &fua), SyncDecision::BitmapTarget);
+    }
+
+    #[test]
+    fn two_outdated_copies_with_bits_for_either_resync_from_the_further() {
+        // Seed 143529: left "in sync", their blocks stayed different.
+        let near = side(32, DiskState::Outdated);
+        let far = BitsHolder { bits_for_other: 0, position: (at(5, 45, 0), 1), ..near };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &near, &far), SyncDecision::BitmapTarget);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &far, &near), SyncDecision::BitmapSource);
+        let none = BitsHolder { bits_for_other: 0, ..near };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &none, &far), SyncDecision::InSync, "no bits, nothing to resync");
     }
 
     #[test]

@@ -1162,6 +1162,27 @@ mod tests {
     }
 
     #[test]
+    fn outdated_peers_in_sync_confirm_no_one_while_either_side_holds_bits() {
+        // Seed 143529: every data peer in sync, Outdated, in this generation confirmed this
+        // node UpToDate although it held bits for one of them.
+        let (mut r, _) = three_linked();
+        (r.disk, r.sb.uuids.current) = (DiskState::Outdated, 0xA0);
+        for id in [1, 2] {
+            let peer = r.peer_mut(id);
+            (peer.repl, peer.disk) = (ReplState::Established, DiskState::Outdated);
+            peer.last_state = Some(secondary_state(0xA0, [0; 4]));
+        }
+        assert!(r.confirmed_up_to_date_by(1), "all in sync, no bits: the cluster comes back");
+        let slot = r.peer(2).slot;
+        r.bitmaps[slot].set_range(0, 4096);
+        assert!(!r.confirmed_up_to_date_by(1), "bits for node 2");
+        r.bitmaps[slot].clear_all();
+        r.peer_mut(1).disk = DiskState::UpToDate;
+        r.peer_mut(1).last_state = Some(PeerState { bitmap_weight: 1, ..secondary_state(0xA0, [0; 4]) });
+        assert!(!r.confirmed_up_to_date_by(1), "an UpToDate peer that holds bits for this node");
+    }
+
+    #[test]
     fn a_bitmap_sent_on_a_state_from_before_a_third_nodes_resync_is_declined_with_this_nodes_state() {
         // Seed 205246: node 1 decided to resync this node while node 2 already was about to;
         // its bitmap dropped the link as a violation, and the pair reconnected.

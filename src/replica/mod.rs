@@ -584,20 +584,26 @@ impl Replica {
 
     /// Whether connecting in sync with `peer_id` proves this node's data is the newest: the
     /// peer is UpToDate, or every data peer is connected in sync with the same generation (so
-    /// no node anywhere can hold newer data). Two fresh nodes prove nothing.
+    /// no node anywhere can hold newer data). Two fresh nodes prove nothing, and neither does a
+    /// peer "in sync" while either side holds bits for the other: their blocks there may differ
+    /// (seed 143529: a node resynced from an Outdated third node took that node's older blocks
+    /// and its bits for the peer, and the two confirmed each other UpToDate over them; two
+    /// Outdated copies with bits now resync, see `core::leftover_bits`).
     pub fn confirmed_up_to_date_by(&self, peer_id: u8) -> bool {
         let good = |d: DiskState| matches!(d, DiskState::Consistent | DiskState::Outdated);
         // Known to differ (online verify): equal generations prove nothing; a resync must run.
         if !good(self.disk) || self.sb.flags.contains(MetaFlags::VERIFY_DIFFERS) {
             return false;
         }
+        let no_bits = |p: &Peer| self.bitmaps[p.slot].weight() == 0 && p.last_state.is_some_and(|s| s.bitmap_weight == 0);
         if self.peer(peer_id).disk == DiskState::UpToDate {
-            return true;
+            return no_bits(self.peer(peer_id));
         }
         let fresh = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED);
         !fresh
             && self.peers.iter().filter(|p| !p.witness).all(|p| {
                 p.repl == ReplState::Established
+                    && no_bits(p)
                     && good(p.disk)
                     && p.last_state.is_some_and(|s| same_uuid(s.current_uuid, self.sb.uuids.current))
             })
