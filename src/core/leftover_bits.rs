@@ -15,6 +15,11 @@
 //! left two UpToDate copies different for good (simulator seed 459). A primary is the source
 //! whenever either side holds bits.
 //!
+//! Nodes weigh such bits when they connect, and on a live link once neither side sees a
+//! primary (then no write changes them; DRBD resyncs what its secondaries marked when they
+//! lose their primary too). An Outdated copy further into the stream than a good one, holding
+//! bits for it, sends them: it holds every flushed write of the good copy and more.
+//!
 //! Both nodes evaluate this on the same inputs (each side's bitmap weight and disk state travel
 //! in `State`), so they agree on the direction without another round trip.
 
@@ -64,12 +69,37 @@ impl BitsHolder {
     fn may_send_either_way(&self, target: &BitsHolder) -> bool {
         self.bits_for_other > 0 && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) && !target.is_primary
     }
+
+    /// An Outdated copy further into the stream than a good one that holds no bits for it,
+    /// while it holds bits for the good one: it holds every flushed write of the good copy and
+    /// blocks the good copy lacks. Left "in sync", the good copy could not be elected (the
+    /// further voters refuse it: they may hold acknowledged writes it lacks), the Outdated ones
+    /// could not either, and no one was primary for good (seeds 14903, 28685, 34613, 38129: an
+    /// Outdated primary resynced a node, which took its bits for a third; the third, UpToDate
+    /// but behind, was never written again). The good copy ends Outdated, a copy of an Outdated
+    /// source; the rule that brings an all-Outdated cluster back then confirms them all.
+    fn outdated_but_further(&self, target: &BitsHolder) -> bool {
+        self.disk == DiskState::Outdated
+            && self.bits_for_other > 0
+            && !self.is_primary
+            && !target.is_primary
+            && matches!(target.disk, DiskState::UpToDate | DiskState::Consistent)
+            && target.bits_for_other == 0
+            && self.position.0 > target.position.0
+    }
+
+    /// The order between two sides that may both send: further into the stream first, then
+    /// (equally far) the side holding bits, then the lower node id.
+    fn sends_before(&self, other: &BitsHolder) -> bool {
+        let key = |s: &BitsHolder| (s.position.0, s.bits_for_other > 0, std::cmp::Reverse(s.position.1));
+        key(self) > key(other)
+    }
 }
 
 /// Two Outdated copies, either holding bits for the other: neither is better, and left "in
 /// sync" their blocks there stayed different while the rule that brings an all-Outdated cluster
 /// back confirmed them UpToDate (seed 143529). Ordered like two good copies: the further one
-/// holds every flushed write of the nearer.
+/// holds every flushed write of the nearer; of two equally far, the one holding bits.
 fn both_outdated_with_bits(me: &BitsHolder, peer: &BitsHolder) -> bool {
     me.disk == DiskState::Outdated
         && peer.disk == DiskState::Outdated
@@ -89,10 +119,11 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
         (false, true) => SyncDecision::BitmapTarget,
         _ if me.is_primary_with_bits(peer) => SyncDecision::BitmapSource,
         _ if peer.is_primary_with_bits(me) => SyncDecision::BitmapTarget,
+        _ if me.outdated_but_further(peer) => SyncDecision::BitmapSource,
+        _ if peer.outdated_but_further(me) => SyncDecision::BitmapTarget,
+        // The node ids differ, so the order is total: one side sends.
         _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) || both_outdated_with_bits(me, peer) => {
-            let (mine, theirs) = (me.position, peer.position);
-            // The node ids differ, so the order is total: one side sends.
-            if (mine.0, theirs.1) > (theirs.0, mine.1) {
+            if me.sends_before(peer) {
                 SyncDecision::BitmapSource
             } else {
                 SyncDecision::BitmapTarget
@@ -137,6 +168,28 @@ mod tests {
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &far, &near), SyncDecision::BitmapSource);
         let none = BitsHolder { bits_for_other: 0, ..near };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &none, &far), SyncDecision::InSync, "no bits, nothing to resync");
+    }
+
+    #[test]
+    fn an_outdated_copy_further_than_a_good_one_without_bits_sends_it_its_bits() {
+        // Seeds 14903, 28685, 34613, 38129: left "in sync", no one could be elected.
+        let behind = BitsHolder { position: (at(1, 30, 0), 1), ..side(0, DiskState::UpToDate) };
+        let further = BitsHolder { position: (at(1, 31, 0), 0), ..side(1, DiskState::Outdated) };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &further, &behind), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &behind, &further), SyncDecision::BitmapTarget);
+        let level = BitsHolder { position: behind.position, ..further };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &level, &behind), SyncDecision::InSync, "not further: no sign it holds more");
+        let with_bits = BitsHolder { bits_for_other: 2, ..behind };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &with_bits, &further), SyncDecision::BitmapSource, "a good copy with bits sends");
+    }
+
+    #[test]
+    fn of_two_outdated_copies_equally_far_the_one_holding_bits_sends() {
+        let with = BitsHolder { position: (at(1, 5, 0), 1), ..side(4, DiskState::Outdated) };
+        let without = BitsHolder { position: (at(1, 5, 0), 0), ..side(0, DiskState::Outdated) };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &with, &without), SyncDecision::BitmapSource);
+        let both = BitsHolder { bits_for_other: 1, ..without };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &with, &both), SyncDecision::BitmapTarget, "both: the lower node id");
     }
 
     #[test]

@@ -149,8 +149,7 @@ impl Replica {
     /// time: seed 205246 twice; over seeds 0-199, 53 of the 125 such drops.)
     fn abandon_decision_on_a_stale_state(&mut self, peer_id: u8, state: &PeerState) {
         let Some(decided) = self.peer(peer_id).pending_sync else { return };
-        let resynced_by_third = state.resynced_by.is_some_and(|source| source != self.node_id());
-        if !(resynced_by_third || decided.is_source() && state.flags & STATE_FLAG_RESYNCS_OTHER != 0) {
+        if !busy_with_a_third_node(state, self.node_id(), decided) {
             return;
         }
         let name = self.peer(peer_id).name.clone();
@@ -335,7 +334,13 @@ impl Replica {
             }
             return Ok(());
         }
-        let at_connect = peer.repl == ReplState::Off;
+        // Leftover bits are weighed at connect, and on an established link once neither side
+        // sees a primary: no write changes the bits then, and nothing else would resync them
+        // (seed 14903: a node resynced from an Outdated primary took that primary's bits for
+        // a third node it was already connected to, and the two never weighed them). While a
+        // primary writes, bits on a live link are its stream's business (a lost write, a
+        // lagging peer), not a reason to resync between its secondaries.
+        let weigh_bits = peer.repl == ReplState::Off || self.primaries() == 0 && peer_state.primaries == 0;
         let my_bits = BitsHolder {
             bits_for_other: self.bitmaps[peer.slot].weight(),
             disk: self.disk,
@@ -371,8 +376,7 @@ impl Replica {
         // not change under the walk (a block that arrived after the walk read it was lost to
         // the target; seed 224).
         let busy = |r: &Replica, d: SyncDecision| {
-            let peer_busy = peer_state.resynced_by.is_some_and(|source| source != r.node_id())
-                || d.is_source() && peer_state.flags & STATE_FLAG_RESYNCS_OTHER != 0;
+            let peer_busy = busy_with_a_third_node(&peer_state, r.node_id(), d);
             let me_busy = third_source.is_some() || d.is_target() && r.resyncs_other_than(Some(peer_id));
             me_busy || peer_busy
         };
@@ -401,8 +405,8 @@ impl Replica {
             SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off => {
                 self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
-            // At connect only: blocks an online verify marked are resynced by reconnecting.
-            d if at_connect => resync_leftover_bits(d, &my_bits, &peer_bits),
+            // Blocks an online verify marked are resynced by reconnecting.
+            d if weigh_bits => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
         };
         // Leftover bits turn "in sync" into a resync: the rules above hold for it too (seed
@@ -766,6 +770,14 @@ impl Replica {
             self.send(peer, Message::BitmapRuns { last: chunks.peek().is_none(), runs: chunk.to_vec() });
         }
     }
+}
+
+/// Whether the node whose State this is waits for a resync with a third node in a way that
+/// rules out `decided` between it and `me`: a third node resyncs it (one source at a time), or
+/// it resyncs a third node and `me` would resync it (what it reads for its target must not
+/// change under the walk).
+fn busy_with_a_third_node(state: &PeerState, me: u8, decided: SyncDecision) -> bool {
+    state.resynced_by.is_some_and(|source| source != me) || decided.is_source() && state.flags & STATE_FLAG_RESYNCS_OTHER != 0
 }
 
 #[cfg(test)]
@@ -1180,6 +1192,27 @@ mod tests {
         r.peer_mut(1).disk = DiskState::UpToDate;
         r.peer_mut(1).last_state = Some(PeerState { bitmap_weight: 1, ..secondary_state(0xA0, [0; 4]) });
         assert!(!r.confirmed_up_to_date_by(1), "an UpToDate peer that holds bits for this node");
+    }
+
+    #[test]
+    fn leftover_bits_on_an_established_link_are_weighed_once_neither_side_sees_a_primary() {
+        // Seed 14903: this node, Outdated and further on, took bits for node 1 (UpToDate,
+        // behind) from a resync while already linked to it; no one weighed them, and no one
+        // could be elected.
+        use crate::wire::DataPosition;
+        let (mut r, _) = three_linked();
+        r.disk = DiskState::Outdated;
+        r.set_data_position(DataPosition { term: 1, epoch: 31, fua: 0 });
+        let slot = r.peer(1).slot;
+        r.bitmaps[slot].set_range(0, 4096);
+        r.peer_mut(1).repl = ReplState::Established;
+        let behind = PeerState { data_position: DataPosition { term: 1, epoch: 30, fua: 0 }, ..secondary_state(r.sb.uuids.current, [0; 4]) };
+        let following = PeerState { primaries: 1 << 2, ..behind };
+        r.peer_state_received(1, following).expect("a fitting State");
+        assert!(r.peer(1).pending_sync.is_none(), "a primary writes: bits on a live link are its stream's");
+        assert_eq!(r.peer(1).repl, ReplState::Established);
+        r.peer_state_received(1, behind).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapSource), "the further copy sends its bits");
     }
 
     #[test]
