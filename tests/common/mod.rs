@@ -202,6 +202,15 @@ impl Cluster {
         self.net.as_ref().expect("a netns cluster").heal(self.index(node));
     }
 
+    /// Cuts the link between `a` and `b` alone; both keep their other links.
+    pub fn cut(&self, a: &str, b: &str) {
+        self.net.as_ref().expect("a netns cluster").cut(self.index(a), self.index(b));
+    }
+
+    pub fn mend(&self, a: &str, b: &str) {
+        self.net.as_ref().expect("a netns cluster").mend(self.index(a), self.index(b));
+    }
+
     /// qemu-io on `node`'s export, from inside its namespace.
     pub fn qemu_io(&self, node: &str, commands: &[String]) -> (bool, String) {
         run_qemu_io(self.command_for(node, "qemu-io"), &self.nbd_url(node), commands)

@@ -1,7 +1,8 @@
 //! Network namespaces for a test cluster: one per node, each joined by a veth pair to a bridge
 //! in a switch namespace, and one for clients on the same bridge. Cutting a node's switch port
 //! partitions it from every other node and from the clients; raising it again heals the
-//! partition. Addresses are private to these namespaces.
+//! partition. A blackhole route on both ends cuts one link alone. Addresses are private to
+//! these namespaces.
 
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -98,6 +99,22 @@ impl Net {
 
     pub fn heal(&self, i: usize) {
         ip(&["-n", &self.switch(), "link", "set", &format!("port{i}"), "up"]);
+    }
+
+    /// Cuts the link between nodes `i` and `j` alone (a blackhole route to the other on each
+    /// side: packets vanish), while both still reach every other node and the clients.
+    pub fn cut(&self, i: usize, j: usize) {
+        self.routes("add", i, j);
+    }
+
+    pub fn mend(&self, i: usize, j: usize) {
+        self.routes("del", i, j);
+    }
+
+    fn routes(&self, verb: &str, i: usize, j: usize) {
+        for (from, to) in [(i, j), (j, i)] {
+            ip(&["-n", &self.ns(from), "route", verb, "blackhole", &format!("{}/32", Net::address(to))]);
+        }
     }
 }
 
