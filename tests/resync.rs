@@ -32,7 +32,7 @@ fn assert_replicas_equal(c: &Cluster) {
 }
 
 #[test]
-fn verify_reports_the_corrupted_block_and_a_reconnect_repairs_it() {
+fn verify_reports_the_corrupted_block_and_a_reconnect_or_a_demotion_repairs_it() {
     let c = synced_pair(Options::default());
     write_patterns(&c.nbd_url("alpha"), &patterns());
     let corrupted = 17 * MIB + 3 * 4096 + 100;
@@ -57,11 +57,7 @@ fn verify_reports_the_corrupted_block_and_a_reconnect_repairs_it() {
     let human = c.ok("alpha", &["status", "r0"]);
     assert!(human.contains("verify:finished") && human.contains(&format!("{}+4096", 17 * MIB + 3 * 4096)), "{human}");
 
-    // Verify repaired nothing. Between two secondaries a reconnect resyncs the block.
-    c.ok("alpha", &["secondary", "r0"]);
-    // The demotion's State reached beta before its final barrier did: being in sync with an
-    // UpToDate peer does not make a copy known to differ UpToDate.
-    assert_eq!(c.status("beta")["disk"], "Outdated");
+    // Verify repaired nothing. A reconnect resyncs the block.
     let received = c.received("beta", "alpha");
     c.ok("alpha", &["disconnect", "r0"]);
     c.ok("alpha", &["connect", "r0"]);
@@ -80,6 +76,19 @@ fn verify_reports_the_corrupted_block_and_a_reconnect_repairs_it() {
     let s = c.wait_for("alpha", "verify finished", |s| Cluster::peer(s, "beta")["verify"]["state"] == "finished");
     assert_eq!(Cluster::peer(&s, "beta")["verify"]["out_of_sync_found_bytes"], 0);
     assert_eq!(c.status("beta")["disk"], "UpToDate");
+
+    // Between two secondaries no reconnect is needed: once neither sees a primary, they weigh
+    // the bits on their live link, and the block moves.
+    c.corrupt_byte("beta", corrupted);
+    c.ok("alpha", &["verify", "r0"]);
+    let s = c.wait_for("alpha", "verify finished", |s| Cluster::peer(s, "beta")["verify"]["state"] == "finished");
+    assert_eq!(Cluster::peer(&s, "beta")["verify"]["out_of_sync_found_bytes"], 4096);
+    assert_eq!(c.status("beta")["disk"], "Outdated");
+    c.ok("alpha", &["secondary", "r0"]);
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    c.wait_for("alpha", "in sync", |s| Cluster::peer(s, "beta")["out_of_sync_bytes"] == 0);
+    assert_eq!(c.status("alpha")["disk"], "UpToDate");
+    assert_replicas_equal(&c);
 }
 
 #[test]
