@@ -405,7 +405,8 @@ impl Replica {
             SyncDecision::Unrelated if self.quorum_policy != QuorumPolicy::Off => {
                 self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
-            // Blocks an online verify marked are resynced by reconnecting.
+            // Blocks an online verify marked are resynced by reconnecting, or between two
+            // secondaries once neither sees a primary.
             d if weigh_bits => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
         };
