@@ -277,8 +277,17 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
         (false, true) => return BitmapTarget,
         _ => {}
     }
-    // A leftover bitmap UUID means the end of a resync was missed: finish it.
+    // A leftover bitmap UUID means the end of a resync was missed: finish it. Unless the
+    // other copy is further into the stream: then the bitmap UUID is older than the copy it
+    // would overwrite. A secondary recorded what it applied for a peer that was away, and the
+    // peer came to this generation through a third node that was further still; as the
+    // source, the nearer copy took back blocks of the further one (seed 18564: an Outdated
+    // secondary resynced a node that held a killed primary's whole stream, and the device that
+    // primary left behind served again with a block older than its filesystem had seen). The
+    // further copy holds every flushed write of the nearer one, and the bitmaps are merged.
     match (me.bitmap_for_peer != 0, peer.bitmap_for_peer != 0) {
+        (true, false) if peer.data_position > me.data_position => BitmapTarget,
+        (false, true) if me.data_position > peer.data_position => BitmapSource,
         (true, false) => BitmapSource,
         (false, true) => BitmapTarget,
         // Each recorded for the other (two secondaries that lost their primary, each marking
@@ -489,6 +498,17 @@ mod tests {
         a.bitmap_for_peer = 0x0800;
         let b = view(1, 0x1000);
         assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    #[test]
+    fn a_bitmap_uuid_on_the_nearer_copy_does_not_make_it_the_source_of_a_further_one() {
+        // The holder recorded for the peer while it was away; the peer caught up through a
+        // third node further into the stream than the holder.
+        let holder = UuidView { bitmap_for_peer: 0x0800, data_position: position(2, 9), ..view(0, 0x1000) };
+        let further = UuidView { data_position: position(2, 12), ..view(1, 0x1000) };
+        assert_eq!(both(&holder, &further), BitmapTarget);
+        let equally_far = UuidView { data_position: position(2, 9), ..further };
+        assert_eq!(both(&holder, &equally_far), BitmapSource, "a missed resync end, as before");
     }
 
     #[test]
