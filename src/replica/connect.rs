@@ -59,6 +59,7 @@ impl Replica {
         }
         let peer = self.peer_mut(peer_id);
         let saw_before = peer.last_state.map_or(0, |s| s.primaries);
+        let lagged_before = peer.last_state.filter(|_| peer.role == Role::Primary).map_or(0, |s| s.lagging);
         peer.last_state = Some(state);
         if peer.resync_end_unconfirmed.is_some_and(|uuid| !same_uuid(uuid, state.bitmap_uuid)) {
             peer.resync_end_unconfirmed = None;
@@ -133,6 +134,18 @@ impl Replica {
         } else if now_no_better {
             for (id, reason) in self.reconsider_all_but(Some(peer_id)) {
                 self.drop_link(id, reason);
+            }
+        } else if lagged_before & !state.lagging != 0 {
+            // The primary keeps those peers in step again: what this node kept for them while
+            // it did not may be stale now, which only a decision with them tells (see
+            // `only_primary_resyncs`; after a three-node first sync, the first node resynced
+            // kept the primary's bits for the other, and showed it Outdated while the primary
+            // stayed).
+            let caught_up: Vec<u8> = self.peers.iter().filter(|p| lagged_before & !state.lagging & (1 << p.node_id) != 0).map(|p| p.node_id).collect();
+            for id in caught_up {
+                if let Err(reason) = self.reconsider(id) {
+                    self.drop_link(id, reason);
+                }
             }
         }
         result
@@ -334,13 +347,15 @@ impl Replica {
             }
             return Ok(());
         }
-        // Leftover bits are weighed at connect, and on an established link once neither side
-        // sees a primary: no write changes the bits then, and nothing else would resync them
-        // (seed 14903: a node resynced from an Outdated primary took that primary's bits for
-        // a third node it was already connected to, and the two never weighed them). While a
-        // primary writes, bits on a live link are its stream's business (a lost write, a
-        // lagging peer), not a reason to resync between its secondaries.
-        let weigh_bits = peer.repl == ReplState::Off || self.primaries() == 0 && peer_state.primaries == 0;
+        // Leftover bits are weighed at connect, and on an established link between two
+        // secondaries. Once neither sees a primary, no write changes the bits, and nothing
+        // else would resync them (seed 14903: a node resynced from an Outdated primary took
+        // that primary's bits for a third node it was already connected to, and the two never
+        // weighed them). While a primary writes, a resync between its secondaries waits, and
+        // what they recorded for each other while both follow it is stale and forgotten (see
+        // `only_primary_resyncs`). Bits on a primary's own live link are its stream's business
+        // (a lost write, a lagging peer, an online verify's marks).
+        let weigh_bits = peer.repl == ReplState::Off || self.role != Role::Primary && peer.role != Role::Primary;
         let my_bits = BitsHolder {
             bits_for_other: self.bitmaps[peer.slot].weight(),
             disk: self.disk,
@@ -406,7 +421,7 @@ impl Replica {
                 self.after_split_brain(peer_id, SyncDecision::Unrelated)?
             }
             // Blocks an online verify marked are resynced by reconnecting, or between two
-            // secondaries once neither sees a primary.
+            // secondaries (once neither sees a primary: see `only_primary_resyncs`).
             d if weigh_bits => resync_leftover_bits(d, &my_bits, &peer_bits),
             d => d,
         };
@@ -1002,6 +1017,23 @@ mod tests {
         assert_eq!((r.bitmaps[slot].weight(), r.sb.peers[slot].bitmap_uuid), (0, 0));
         let told = r.take_actions().into_iter().any(|a| matches!(a, Action::Send { peer: 1, msg: Message::State(s), .. } if s.bitmap_uuid == 0));
         assert!(told, "node 1 hears that the bits are gone (its decision may wait for it)");
+    }
+
+    #[test]
+    fn bits_kept_while_the_primary_lagged_a_follower_are_forgotten_once_it_no_longer_does() {
+        // A three-node first sync: this node's resync ended first and took the primary's bits
+        // for node 1, whose own resync was not over when the primary's last State left; the
+        // two linked "in sync" with the bits kept, and this node showed node 1 Outdated for as
+        // long as the primary stayed.
+        let (mut r, _, follower) = follower_with_bits_for_a_follower(1 << 1);
+        let slot = r.peer(1).slot;
+        r.peer_state_received(1, follower).expect("a fitting State");
+        assert_eq!(r.peer(1).repl, ReplState::Established);
+        assert_eq!(r.bitmaps[slot].weight(), 1, "the primary says it lags node 1: what node 1 lacks is kept");
+        let current = r.sb.uuids.current;
+        r.peer_state_received(2, PeerState { primaries: 1 << 2, ..primary_state(current, [0; 4]) }).expect("the primary's State");
+        assert_eq!(r.bitmaps[slot].weight(), 0, "both follow the primary, which keeps node 1 in step: stale");
+        assert_eq!((r.peer(1).repl, r.peer(1).pending_sync), (ReplState::Established, None));
     }
 
     #[test]
