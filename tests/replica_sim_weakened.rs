@@ -72,9 +72,11 @@ fn checker_3_catches_decisions_that_wait_forever() {
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the
-    // old copy and is then the one compared. The first seed that shows it is 12598 since
-    // secondaries weigh leftover bits on a live link once no one sees a primary (3698 since
-    // two Outdated copies with bits resync, 13001 since a bitmap sent on an out-of-date State is
+    // old copy and is then the one compared. The first seed that shows it is 3660 since a
+    // bitmap UUID on the nearer copy no longer makes it the source of a further one, and
+    // secondaries weigh leftover bits on a live link again when a primary stops lagging a
+    // peer (12598 since they weigh them once no one sees a primary, 3698 since two Outdated
+    // copies with bits resync, 13001 since a bitmap sent on an out-of-date State is
     // declined, 19166 since a resync target is no better than its source, 16980 before, 15977
     // when the simulator began keeping the devices of killed primaries, 16980 with operators'
     // `disconnect`s, 7814 with clean stops alone, 50239 before them, 5631 before runs of zeroes
@@ -86,10 +88,11 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 #[test]
 fn checker_5_catches_a_secondary_that_never_flushes() {
     // Rarer than the others: since the seeds draw large bitmap blocks and failing flushes, the
-    // first seed that shows it is 452 since a bitmap sent on an out-of-date State is declined
-    // (1405 since a killed primary holds its whole stream, 1380 with operators' `disconnect`s,
-    // 983 with clean stops alone, 3408 before): a secondary's lost cache must hold a write a
-    // flush made durable, and then be the copy that survives.
+    // first seed that shows it is 2059 since secondaries weigh leftover bits on a live link
+    // again when a primary stops lagging a peer (452 since a bitmap sent on an out-of-date
+    // State is declined, 1405 since a killed primary holds its whole stream, 1380 with
+    // operators' `disconnect`s, 983 with clean stops alone, 3408 before): a secondary's lost
+    // cache must hold a write a flush made durable, and then be the copy that survives.
     demonstrate_within(Rule::SecondaryWithoutFlush, 5, 5000, SHAPE);
 }
 
