@@ -1,7 +1,7 @@
 //! Real daemons in network namespaces (root only): partitions that drop packets silently, as a
 //! failed switch port does, instead of the clean resets of killed processes on loopback.
 //! Two data nodes and a diskless witness under quorum "majority", and three data nodes where
-//! one link alone fails.
+//! the primary, or one link alone, fails.
 
 mod common;
 
@@ -124,6 +124,76 @@ fn witness_down_secondary_reboot_and_primary_crash_resync_only_what_differs() {
     assert!(ok, "{out}");
 }
 
+/// Three data nodes: the primary drops off the network silently while a client writes to it.
+/// The two others hold the majority, one is promoted and writes on; at the heal the old primary
+/// fails what it held, steps down and is resynced, and every node ends showing every other
+/// in sync, with nothing recorded out of sync (a copy shown UpToDate must hold what this node
+/// holds) and the same bytes on all three disks.
+#[test]
+fn three_data_nodes_heal_a_silently_isolated_primary_into_one_primary_and_three_equal_copies() {
+    if !netns::usable() {
+        return;
+    }
+    let nodes = ["alpha", "beta", "gamma"];
+    let c = Cluster::new(&nodes, Options { netns: true, quorum: "majority", ..Options::default() });
+    c.create_md_and_up();
+    c.wait_connected("alpha", &["beta", "gamma"]);
+    c.ok("alpha", &["primary", "--force", "r0"]);
+    all_in_sync(&c, &nodes);
+    let before = (0, MIB, 0x41);
+    c.write("alpha", &[before]);
+
+    c.isolate("alpha");
+    let held = {
+        let (ns, url) = (c.ns("alpha").unwrap(), c.nbd_url("alpha"));
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "qemu-io", "-f", "raw", "-t", "writeback", &url])
+                .args(["-c", "write -P 0x42 4M 1M", "-c", "flush"])
+                .output()
+                .unwrap()
+        })
+    };
+    c.wait_for("alpha", "quorum lost", |s| s["quorum"] == false);
+    c.wait_for("beta", "may promote", |s| s["may_promote"] == true);
+    c.ok("beta", &["primary", "r0"]);
+    let after = (8 * MIB, 2 * MIB, 0x43);
+    c.write("beta", &[after]);
+    assert!(!held.is_finished(), "the isolated primary acknowledged a write");
+
+    c.heal("alpha");
+    let out = held.join().unwrap();
+    assert!(!out.status.success(), "the old primary acknowledged a write after the heal: {}", common::text(&out.stdout));
+    c.wait_for("alpha", "stepped down", |s| s["role"] == "Secondary");
+    all_in_sync(&c, &nodes);
+    let primaries: Vec<&str> = nodes.iter().copied().filter(|n| c.status(n)["role"] == "Primary").collect();
+    assert_eq!(primaries, ["beta"], "{}", c.logs());
+    // What alpha held is gone everywhere: 4 MiB..5 MiB reads back as zeroes.
+    let (ok, out) = c.check("beta", &[before, after, (4 * MIB, MIB, 0)]);
+    assert!(ok, "{out}");
+    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
+    let beta = c.data_of("beta", size);
+    for node in ["alpha", "gamma"] {
+        assert!(c.data_of(node, size) == beta, "{node}'s copy differs from beta's\n{}", c.logs());
+    }
+}
+
+/// Waits until every node shows every other Established and UpToDate, then checks that none
+/// holds a bit for another.
+fn all_in_sync(c: &Cluster, nodes: &[&str]) {
+    for node in nodes {
+        for peer in nodes.iter().filter(|p| *p != node) {
+            c.wait_peer(node, peer, "Established", "UpToDate");
+        }
+    }
+    for node in nodes {
+        let status = c.status(node);
+        for peer in nodes.iter().filter(|p| *p != node) {
+            assert_eq!(Cluster::peer(&status, peer)["out_of_sync_bytes"], 0, "{node} holds bits for {peer}: {status}");
+        }
+    }
+}
+
 /// One link alone fails: the primary loses a peer that its other secondary still reaches. That
 /// secondary follows the primary into the generation it starts without the peer and records
 /// the writes it applies for the peer, and does not resync it while the primary writes (only
@@ -138,14 +208,8 @@ fn secondaries_resync_what_they_recorded_for_each_other_once_no_one_is_primary()
     c.create_md_and_up();
     c.wait_connected("alpha", &["beta", "gamma"]);
     c.ok("alpha", &["primary", "--force", "r0"]);
-    for node in ["beta", "gamma"] {
-        c.wait_peer("alpha", node, "Established", "UpToDate");
-    }
     // alpha resynced both at once: neither keeps for the other what both got from alpha.
-    for (node, peer) in [("beta", "gamma"), ("gamma", "beta")] {
-        c.wait_peer(node, peer, "Established", "UpToDate");
-        assert_eq!(Cluster::peer(&c.status(node), peer)["out_of_sync_bytes"], 0);
-    }
+    all_in_sync(&c, &["alpha", "beta", "gamma"]);
 
     c.cut("alpha", "gamma");
     let gone = |s: &serde_json::Value| Cluster::peer(s, "gamma")["connection"] != "Connected";
