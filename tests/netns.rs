@@ -139,7 +139,7 @@ fn three_data_nodes_heal_a_silently_isolated_primary_into_one_primary_and_three_
     c.create_md_and_up();
     c.wait_connected("alpha", &["beta", "gamma"]);
     c.ok("alpha", &["primary", "--force", "r0"]);
-    all_in_sync(&c, &nodes);
+    c.wait_all_in_sync(&nodes);
     let before = (0, MIB, 0x41);
     c.write("alpha", &[before]);
 
@@ -165,7 +165,7 @@ fn three_data_nodes_heal_a_silently_isolated_primary_into_one_primary_and_three_
     let out = held.join().unwrap();
     assert!(!out.status.success(), "the old primary acknowledged a write after the heal: {}", common::text(&out.stdout));
     c.wait_for("alpha", "stepped down", |s| s["role"] == "Secondary");
-    all_in_sync(&c, &nodes);
+    c.wait_all_in_sync(&nodes);
     let primaries: Vec<&str> = nodes.iter().copied().filter(|n| c.status(n)["role"] == "Primary").collect();
     assert_eq!(primaries, ["beta"], "{}", c.logs());
     // What alpha held is gone everywhere: 4 MiB..5 MiB reads back as zeroes.
@@ -175,22 +175,6 @@ fn three_data_nodes_heal_a_silently_isolated_primary_into_one_primary_and_three_
     let beta = c.data_of("beta", size);
     for node in ["alpha", "gamma"] {
         assert!(c.data_of(node, size) == beta, "{node}'s copy differs from beta's\n{}", c.logs());
-    }
-}
-
-/// Waits until every node shows every other Established and UpToDate, then checks that none
-/// holds a bit for another.
-fn all_in_sync(c: &Cluster, nodes: &[&str]) {
-    for node in nodes {
-        for peer in nodes.iter().filter(|p| *p != node) {
-            c.wait_peer(node, peer, "Established", "UpToDate");
-        }
-    }
-    for node in nodes {
-        let status = c.status(node);
-        for peer in nodes.iter().filter(|p| *p != node) {
-            assert_eq!(Cluster::peer(&status, peer)["out_of_sync_bytes"], 0, "{node} holds bits for {peer}: {status}");
-        }
     }
 }
 
@@ -209,7 +193,7 @@ fn secondaries_resync_what_they_recorded_for_each_other_once_no_one_is_primary()
     c.wait_connected("alpha", &["beta", "gamma"]);
     c.ok("alpha", &["primary", "--force", "r0"]);
     // alpha resynced both at once: neither keeps for the other what both got from alpha.
-    all_in_sync(&c, &["alpha", "beta", "gamma"]);
+    c.wait_all_in_sync(&["alpha", "beta", "gamma"]);
 
     c.cut("alpha", "gamma");
     let gone = |s: &serde_json::Value| Cluster::peer(s, "gamma")["connection"] != "Connected";

@@ -294,6 +294,22 @@ impl Cluster {
         })
     }
 
+    /// Waits until each of `nodes` shows every other Established and UpToDate, then checks
+    /// that none holds a bit for another: a copy shown UpToDate holds what this node holds.
+    pub fn wait_all_in_sync(&self, nodes: &[&str]) {
+        for node in nodes {
+            for peer in nodes.iter().filter(|p| *p != node) {
+                self.wait_peer(node, peer, "Established", "UpToDate");
+            }
+        }
+        for node in nodes {
+            let status = self.status(node);
+            for peer in nodes.iter().filter(|p| *p != node) {
+                assert_eq!(Cluster::peer(&status, peer)["out_of_sync_bytes"], 0, "{node} holds bits for {peer}: {status}\n{}", self.logs());
+            }
+        }
+    }
+
     pub fn pid(&self, node: &str) -> i32 {
         let lock = self.run_dir().join(format!("r0.{node}.lock"));
         std::fs::read_to_string(lock).unwrap().trim().parse().unwrap()
