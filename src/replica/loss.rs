@@ -13,7 +13,12 @@ impl Replica {
     pub fn peer_lost(&mut self, now: Instant, peer_id: u8, reason: &str, sent_bytes: u64) {
         let standing = |r: &Replica| (r.primaries(), r.demoting_peers(), r.sync_target_of(), r.resyncs_other_than(None));
         let before = standing(self);
-        let (was_primary, disk_before) = (self.peer(peer_id).role == Role::Primary, self.peer(peer_id).disk);
+        // A primary that stepped down without waiting for its writes in flight (its disk
+        // failed) told so in a State that overtook them, and its link went before they
+        // arrived: it was primary for what this node and the others hold (seed 127200: one
+        // secondary had its last write, the other not, and neither recorded it for the other).
+        let was_primary = self.peer(peer_id).role == Role::Primary || self.recent.came_from(peer_id, now);
+        let disk_before = self.peer(peer_id).disk;
         let (was, last_generation) = self.link_down(peer_id, reason, sent_bytes);
         tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, was = %was, "connection lost: {reason}");
         // Before the writes waiting for the peer complete: fencing may hold them.
@@ -148,7 +153,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{secondary_state, three_node_replica};
-    use super::super::{LocalIo, STATE_FLAG_FOLLOWING};
+    use super::super::{LocalIo, RecentWrites, STATE_FLAG_FOLLOWING};
     use super::{ReplState, Replica, Role};
     use crate::core::states::DiskState;
 
@@ -176,6 +181,37 @@ mod tests {
         // Node 2 goes too: still nothing for node 1.
         r.peer_lost(t0, 2, "link lost", 0);
         assert_eq!(marked(&r, 1), 0);
+    }
+
+    #[test]
+    fn a_primary_that_stepped_down_just_before_its_link_went_is_lost_as_a_primary() {
+        // Seed 127200: node 1's disk failed; its State saying it is Secondary overtook its last
+        // write to node 2, and its link went before that write arrived.
+        let following_node_1 = || {
+            let (mut r, t0) = three_node_replica();
+            r.disk = DiskState::UpToDate;
+            for (id, role) in [(1, Role::Primary), (2, Role::Secondary)] {
+                r.link_up(id, t0);
+                let mut state = secondary_state(r.sb.uuids.current, [0; 4]);
+                (state.role, state.primaries, state.flags) = (role.to_wire(), 1 << 1, STATE_FLAG_FOLLOWING);
+                let peer = r.peer_mut(id);
+                (peer.repl, peer.role, peer.disk, peer.last_state) = (ReplState::Established, role, DiskState::UpToDate, Some(state));
+            }
+            r.take_actions();
+            let write = LocalIo::Write { offset: 8192, data: bytes::Bytes::from(vec![1u8; 4096]), fua: false };
+            r.peer_write_received(t0, 1, (1, 1), 8192, 4096, false, write);
+            r.peer_mut(1).role = Role::Secondary;
+            (r, t0)
+        };
+        let marked = |r: &Replica, id: u8| r.bitmaps[r.peer(id).slot].weight();
+        let (mut r, t0) = following_node_1();
+        r.peer_lost(t0, 1, "link lost", 0);
+        assert_eq!(marked(&r, 2), 1, "node 2 may lack the write node 1 streamed here lately");
+        // Long after its last write, a node that stepped down is an ordinary secondary.
+        let (mut r, t0) = following_node_1();
+        let later = t0 + 2 * RecentWrites::window_for(&r.timing);
+        r.peer_lost(later, 1, "link lost", 0);
+        assert_eq!(marked(&r, 2), 0, "nothing streamed here lately");
     }
 
     #[test]

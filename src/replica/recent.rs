@@ -57,6 +57,12 @@ impl RecentWrites {
         self.current_from |= 1 << from;
     }
 
+    /// Whether writes of `peer`'s stream were applied here in the last two windows before `now`:
+    /// it was primary lately, whatever its role is now.
+    pub fn came_from(&self, peer: u8, now: Instant) -> bool {
+        now.saturating_duration_since(self.since) < 2 * self.window && (self.current_from | self.previous_from) & (1 << peer) != 0
+    }
+
     /// The recently written ranges `peer` may lack: none when every one came from its own stream.
     pub fn missed_by(&self, peer: u8) -> Vec<(u64, u64)> {
         if (self.current_from | self.previous_from) & !(1 << peer) == 0 {
