@@ -60,9 +60,10 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 2804 since secondaries weigh leftover bits on a live link once no
-    // one sees a primary (3883 since two Outdated copies with bits resync, 4946 since a
-    // bitmap sent on an out-of-date State is declined, 8565 since a resync source ends on the
+    // seed that shows it is 1402 since a peer whose stream was applied lately is lost as a
+    // primary (2804 since secondaries weigh leftover bits on a live link once no one sees a
+    // primary, 3883 since two Outdated copies with bits resync, 4946 since a bitmap sent on
+    // an out-of-date State is declined, 8565 since a resync source ends on the
     // disk its ResyncDone announced, 8193 since a resync target is no better than its source,
     // 8565 since a killed primary holds its whole stream, 15932 with operators' `disconnect`s,
     // 11401 before). The bound leaves room for the next move of the draws.
@@ -72,12 +73,12 @@ fn checker_3_catches_decisions_that_wait_forever() {
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the
-    // old copy and is then the one compared. The first seed that shows it is 3660 since a
-    // bitmap UUID on the nearer copy no longer makes it the source of a further one, and
-    // secondaries weigh leftover bits on a live link again when a primary stops lagging a
-    // peer (12598 since they weigh them once no one sees a primary, 3698 since two Outdated
-    // copies with bits resync, 13001 since a bitmap sent on an out-of-date State is
-    // declined, 19166 since a resync target is no better than its source, 16980 before, 15977
+    // old copy and is then the one compared. The first seed that shows it is 133 since a
+    // peer whose stream was applied lately is lost as a primary (3660 since a bitmap UUID on
+    // the nearer copy no longer makes it the source of a further one, and secondaries weigh
+    // leftover bits on a live link again when a primary stops lagging a peer, 12598 since
+    // they weigh them once no one sees a primary, 3698 since two Outdated copies with bits
+    // resync, 13001 since a bitmap sent on an out-of-date State is declined, 19166 since a resync target is no better than its source, 16980 before, 15977
     // when the simulator began keeping the devices of killed primaries, 16980 with operators'
     // `disconnect`s, 7814 with clean stops alone, 50239 before them, 5631 before runs of zeroes
     // went as their length: each moved every seed's draws); the bound leaves room for the next
