@@ -156,10 +156,11 @@ mod tests {
     use super::super::{LocalIo, RecentWrites, STATE_FLAG_FOLLOWING};
     use super::{ReplState, Replica, Role};
     use crate::core::states::DiskState;
+    use std::time::Instant;
 
-    #[test]
-    fn a_secondary_marks_its_recent_writes_for_a_peer_it_loses_but_not_for_the_primary_that_sent_them() {
-        // Node 0, Secondary; node 1 its primary; node 2 another secondary that follows node 1.
+    /// Node 0, Secondary; node 1 its primary; node 2 another secondary that follows node 1.
+    /// Node 0 has applied one write of node 1's stream.
+    fn following_node_1() -> (Replica, Instant) {
         let (mut r, t0) = three_node_replica();
         r.disk = DiskState::UpToDate;
         for (id, role) in [(1, Role::Primary), (2, Role::Secondary)] {
@@ -172,7 +173,16 @@ mod tests {
         r.take_actions();
         let write = LocalIo::Write { offset: 8192, data: bytes::Bytes::from(vec![1u8; 4096]), fua: false };
         r.peer_write_received(t0, 1, (1, 1), 8192, 4096, false, write);
-        let marked = |r: &Replica, id: u8| r.bitmaps[r.peer(id).slot].weight();
+        (r, t0)
+    }
+
+    fn marked(r: &Replica, id: u8) -> u64 {
+        r.bitmaps[r.peer(id).slot].weight()
+    }
+
+    #[test]
+    fn a_secondary_marks_its_recent_writes_for_a_peer_it_loses_but_not_for_the_primary_that_sent_them() {
+        let (mut r, t0) = following_node_1();
         assert_eq!((marked(&r, 1), marked(&r, 2)), (0, 0), "both follow the primary");
         // The primary goes: node 2 may have missed its last write, the primary did not.
         r.peer_lost(t0, 1, "link lost", 0);
@@ -187,28 +197,16 @@ mod tests {
     fn a_primary_that_stepped_down_just_before_its_link_went_is_lost_as_a_primary() {
         // Seed 127200: node 1's disk failed; its State saying it is Secondary overtook its last
         // write to node 2, and its link went before that write arrived.
-        let following_node_1 = || {
-            let (mut r, t0) = three_node_replica();
-            r.disk = DiskState::UpToDate;
-            for (id, role) in [(1, Role::Primary), (2, Role::Secondary)] {
-                r.link_up(id, t0);
-                let mut state = secondary_state(r.sb.uuids.current, [0; 4]);
-                (state.role, state.primaries, state.flags) = (role.to_wire(), 1 << 1, STATE_FLAG_FOLLOWING);
-                let peer = r.peer_mut(id);
-                (peer.repl, peer.role, peer.disk, peer.last_state) = (ReplState::Established, role, DiskState::UpToDate, Some(state));
-            }
-            r.take_actions();
-            let write = LocalIo::Write { offset: 8192, data: bytes::Bytes::from(vec![1u8; 4096]), fua: false };
-            r.peer_write_received(t0, 1, (1, 1), 8192, 4096, false, write);
+        let stepped_down = || {
+            let (mut r, t0) = following_node_1();
             r.peer_mut(1).role = Role::Secondary;
             (r, t0)
         };
-        let marked = |r: &Replica, id: u8| r.bitmaps[r.peer(id).slot].weight();
-        let (mut r, t0) = following_node_1();
+        let (mut r, t0) = stepped_down();
         r.peer_lost(t0, 1, "link lost", 0);
         assert_eq!(marked(&r, 2), 1, "node 2 may lack the write node 1 streamed here lately");
         // Long after its last write, a node that stepped down is an ordinary secondary.
-        let (mut r, t0) = following_node_1();
+        let (mut r, t0) = stepped_down();
         let later = t0 + 2 * RecentWrites::window_for(&r.timing);
         r.peer_lost(later, 1, "link lost", 0);
         assert_eq!(marked(&r, 2), 0, "nothing streamed here lately");
