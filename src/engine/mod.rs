@@ -465,7 +465,7 @@ impl Engine {
             return Ok(());
         }
         // Under quorum the votes are asked for; their answers arrive on the reader threads.
-        let resync_deadline = std::time::Instant::now() + RESYNC_GRACE;
+        let resync_deadline = Instant::now() + RESYNC_GRACE;
         let undo = loop {
             match st.replica.promote(Instant::now(), force) {
                 Ok(PromoteStep::Promoted(undo)) => break undo,
@@ -482,11 +482,11 @@ impl Engine {
                 // `tests/chaos.rs` with three data nodes). The resync is short (a few seconds of
                 // writes), so the promotion waits for it and asks again, rather than fail.
                 Err(refusal @ (PromoteRefusal::NoQuorum { .. } | PromoteRefusal::BeingResynced { .. })) => {
-                    if !in_resync(&st.replica) || std::time::Instant::now() >= resync_deadline {
+                    if !in_resync(&st.replica) || Instant::now() >= resync_deadline {
                         return Err(refusal.into());
                     }
                     tracing::info!(resource = %shared.config.name, %refusal, "promotion waits for a resync with a peer to end");
-                    while in_resync(&st.replica) && std::time::Instant::now() < resync_deadline {
+                    while in_resync(&st.replica) && Instant::now() < resync_deadline {
                         st = st.wait_timeout(Duration::from_millis(20));
                     }
                 }
