@@ -93,6 +93,9 @@ pub struct Stats {
     pub full_resyncs: u64,
     /// Full syncs into a disk that never held data (no bitmap could replace them).
     pub first_syncs: u64,
+    /// Resync data sent, runs of zeroes by their length: what the resyncs cost, resent blocks
+    /// included.
+    pub resync_bytes: u64,
     /// Seeds whose resyncs send checksums first, and whose primaries pull ahead of a congested
     /// peer (protocol A).
     pub csums_seeds: u64,
@@ -146,6 +149,7 @@ impl Stats {
         self.bitmap_resyncs += o.bitmap_resyncs;
         self.full_resyncs += o.full_resyncs;
         self.first_syncs += o.first_syncs;
+        self.resync_bytes += o.resync_bytes;
         self.csums_seeds += o.csums_seeds;
         self.pull_ahead_seeds += o.pull_ahead_seeds;
         self.small_queue_seeds += o.small_queue_seeds;
@@ -361,6 +365,7 @@ impl Scenario {
         self.stats.late_fault_seeds = (self.world.last_fault > healed).into();
         self.stats.divergences = self.world.divergences();
         [self.stats.bitmap_resyncs, self.stats.full_resyncs, self.stats.first_syncs] = self.world.resyncs();
+        self.stats.resync_bytes = self.world.resync_bytes_sent;
         (self.stats.failed_writes, self.stats.failed_reads, self.stats.failed_flushes, self.stats.failed_meta_writes) =
             (self.world.failed_writes, self.world.failed_reads, self.world.failed_flushes, self.world.failed_meta_writes);
         self.stats.writes_waited_for_room = self.world.writes_waited_for_room;
