@@ -73,19 +73,19 @@ fn checker_3_catches_decisions_that_wait_forever() {
 
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
-    // Rare: a resync block must change what its target held while a third data node holds the
-    // old copy and is then the one compared. The first seed that shows it is 8034 since a
-    // resync's epoch also closes after a second and a resync taken up again brings only its
-    // source's bits (927 since a resync target clears its bits as the resync data becomes
-    // durable, 133 since a peer whose stream was applied lately is lost as a primary, 3660
-    // since a bitmap UUID on the nearer copy no longer makes it the source of a further one, and secondaries weigh
-    // leftover bits on a live link again when a primary stops lagging a peer, 12598 since
-    // they weigh them once no one sees a primary, 3698 since two Outdated copies with bits
-    // resync, 13001 since a bitmap sent on an out-of-date State is declined, 19166 since a resync target is no better than its source, 16980 before, 15977
-    // when the simulator began keeping the devices of killed primaries, 16980 with operators'
-    // `disconnect`s, 7814 with clean stops alone, 50239 before them, 5631 before runs of zeroes
-    // went as their length: each moved every seed's draws); the bound leaves room for the next
-    // such move.
+    // Rare: a resync block must change what its target held while a third data node holds the old
+    // copy and is then the one compared. The first seed that shows it is 8034 since a resync's
+    // epoch also closes after a second and a resync taken up again brings only its source's bits
+    // (927 since a resync target clears its bits as the resync data becomes durable, 133 since a
+    // peer whose stream was applied lately is lost as a primary, 3660 since a bitmap UUID on the
+    // nearer copy no longer makes it the source of a further one, and secondaries weigh leftover
+    // bits on a live link again when a primary stops lagging a peer, 12598 since they weigh them
+    // once no one sees a primary, 3698 since two Outdated copies with bits resync, 13001 since a
+    // bitmap sent on an out-of-date State is declined, 19166 since a resync target is no better
+    // than its source, 16980 before, 15977 when the simulator began keeping the devices of killed
+    // primaries, 16980 with operators' `disconnect`s, 7814 with clean stops alone, 50239 before
+    // them, 5631 before runs of zeroes went as their length: each moved every seed's draws); the
+    // bound leaves room for the next such move.
     demonstrate_within(Rule::ResyncRecordsForNobody, 4, 60000, SHAPE);
 }
 
