@@ -260,8 +260,16 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
             },
         };
     }
-    // An Inconsistent side is the target of a resync that was interrupted: it stays one.
+    // An Inconsistent side is the target of a resync that was interrupted: it stays one, of a
+    // copy at least as far into the stream as its own. Outside that resync's blocks it holds
+    // its own copy, and what that copy holds beyond a nearer peer's position the peer lacks
+    // (writes acknowledged with this node's ack among them): a resync from the nearer peer
+    // would take those blocks back to its older data. Neither is a source then; they wait for
+    // a third node (seed 40857: cut off mid-resync from a primary of a newer generation, a
+    // node was resynced from an Outdated node of its own generation that had left before the
+    // last writes, and was elected without one it had acknowledged).
     match (me.inconsistent, peer.inconsistent) {
+        (true, false) | (false, true) if inconsistent_further(me, peer) => return Refused(Refusal::InconsistentSource),
         (true, false) => return BitmapTarget,
         (false, true) => return BitmapSource,
         _ => {}
@@ -294,6 +302,13 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
         // what it applied lately): the bits decide (see `leftover_bits`).
         _ => InSync,
     }
+}
+
+/// Of two nodes one of which is Inconsistent, the Inconsistent one's own copy goes further
+/// into the stream than the other's (see `decide_same_current`).
+fn inconsistent_further(me: &UuidView, peer: &UuidView) -> bool {
+    let (inconsistent, consistent) = if me.inconsistent { (me, peer) } else { (peer, me) };
+    inconsistent.data_position > consistent.data_position
 }
 
 /// Same UUIDs but one side Inconsistent: a resync into it was interrupted after its UUIDs were
@@ -609,6 +624,24 @@ mod tests {
         let mut b = view(1, 0x1000);
         b.inconsistent = true;
         assert_eq!(both(&a, &b), BitmapSource);
+    }
+
+    #[test]
+    fn an_inconsistent_node_further_into_the_stream_takes_nothing_from_a_nearer_copy() {
+        // Seed 40857: n1, cut off mid-resync from a primary of a newer generation, still holds
+        // its own copy at epoch 24 outside that resync's blocks; n0, Outdated, left at epoch 6.
+        let cut_off = UuidView { inconsistent: true, bitmap_for_peer: 0x50, data_position: position(3, 24), ..view(1, 0x51) };
+        let nearer = UuidView { bitmap_for_peer: 0x50, data_position: position(3, 6), ..view(0, 0x51) };
+        assert_eq!(decide(&cut_off, &nearer), Refused(Refusal::InconsistentSource));
+        assert_eq!(decide(&nearer, &cut_off), Refused(Refusal::InconsistentSource));
+        // A copy as far, or further, resyncs it.
+        for epoch in [24, 30] {
+            let source = UuidView { data_position: position(3, epoch), ..nearer };
+            assert_eq!(both(&source, &cut_off), BitmapSource, "from epoch {epoch}");
+        }
+        // So does a later election's copy, whatever its epoch.
+        let later = UuidView { data_position: position(4, 1), ..nearer };
+        assert_eq!(both(&later, &cut_off), BitmapSource);
     }
 
     fn arb_uuid() -> impl Strategy<Value = u64> {

@@ -140,6 +140,17 @@ impl Replica {
             self.resyncs_taken[if !full { 0 } else if first { 2 } else { 1 }] += 1;
             self.disk = DiskState::Inconsistent;
             self.sb.flags.remove(MetaFlags::CONSISTENT);
+            // A copy is no better than its source, from the start: what this node holds beyond
+            // a nearer source's data position it gives up to that source, which rewrites it
+            // where they differ. Should the resync be cut off, a position kept further would
+            // make it refuse that source as nearer than its own copy (see
+            // `sync_decision::decide_same_current`), and a pair with no third node would wait
+            // for good (seed 3580).
+            if let Some(source) = self.peer(peer_id).last_state.map(|s| s.data_position) {
+                if source < self.data_position() {
+                    self.set_data_position(source);
+                }
+            }
             self.persist(MetaWrite::Superblock);
             self.broadcast_state();
             tracing::info!(resource = %self.resource, peer = peer_id, bytes = total_bytes, full, "resync started as target");
@@ -556,7 +567,7 @@ mod tests {
 mod ends {
     use crate::core::states::{DiskState, ReplState};
     use crate::core::sync_decision::SyncDecision;
-    use crate::replica::testing::two_node_replica;
+    use crate::replica::testing::{secondary_state, two_node_replica};
     use crate::replica::{Action, MetaWrite};
     use crate::wire::{DataPosition, Message};
 
@@ -586,6 +597,25 @@ mod ends {
             other => format!("{other:?}"),
         }).collect();
         assert_eq!(order[..4], ["DataFlush", "Bitmap(0)", "Superblock", "State"], "{order:?}");
+    }
+
+    #[test]
+    fn a_target_of_a_nearer_source_gives_up_its_further_position_durably_at_the_start() {
+        for (source_epoch, kept) in [(20, 20), (40, 30)] {
+            let (mut r, t0) = two_node_replica();
+            r.disk = DiskState::Outdated;
+            r.set_data_position(DataPosition { term: 3, epoch: 30, fua: 7 });
+            r.link_up(1, t0);
+            let source = DataPosition { term: 3, epoch: source_epoch, fua: 0 };
+            r.peer_mut(1).last_state = Some(crate::wire::PeerState { data_position: source, ..secondary_state(r.sb.uuids.current, [0; 4]) });
+            r.peer_mut(1).pending_sync = Some(SyncDecision::BitmapTarget);
+            r.take_actions();
+            r.bitmap_received(1, true, &[(0, 4)], t0).unwrap();
+            // Cut off now, it must not count itself further than the source it gave its copy up to.
+            assert_eq!(r.data_position().epoch, kept, "from a source at epoch {source_epoch}");
+            let started = r.take_actions();
+            assert!(matches!(started[0], Action::Persist(MetaWrite::Superblock)), "with the Inconsistent disk: {started:?}");
+        }
     }
 
     #[test]
