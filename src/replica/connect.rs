@@ -542,6 +542,12 @@ impl Replica {
             SyncDecision::Refused(Refusal::InconsistentSource | Refusal::PeerCannotFollow)
                 if self.disk == DiskState::Inconsistent || self.peer(peer_id).disk == DiskState::Inconsistent =>
             {
+                if self.disk == DiskState::Inconsistent && self.give_up_further_copy() {
+                    tracing::warn!(resource = %self.resource, position = ?self.data_position(),
+                        "every data peer is here and none holds a copy as far as this Inconsistent node's: what only it held is lost; resyncing from the furthest of them");
+                    self.broadcast_state();
+                    return self.reconsider(peer_id);
+                }
                 tracing::info!(resource = %self.resource, peer = %name, "no source between this node and {name} while one is Inconsistent: waiting for a third node to resync it");
                 Ok(())
             }
@@ -551,6 +557,32 @@ impl Replica {
             }
             _ => unreachable!("every decision is handled"),
         }
+    }
+
+    /// An Inconsistent node whose own copy goes further than a peer's of its generation takes
+    /// nothing from it and waits for a node at least as far (see
+    /// `sync_decision::decide_same_current`). With every data peer connected, in that
+    /// generation and each nearer, no such node exists: what went beyond their copies
+    /// is held by this node alone, mixed with an interrupted resync's blocks, and is lost
+    /// whatever it waits for. It gives that copy up: its data position becomes the furthest
+    /// peer's, durably, and the peers decide again on its next State (seed 1753: a node cut off
+    /// mid-resync from a copy that a nearer one then overwrote waited for good). Returns
+    /// whether it did.
+    fn give_up_further_copy(&mut self) -> bool {
+        let (mine, current) = (self.data_position(), self.sb.uuids.current);
+        let mut furthest = None;
+        for peer in self.peers.iter().filter(|p| !p.witness) {
+            match peer.last_state.filter(|_| peer.connected) {
+                Some(state) if same_uuid(state.current_uuid, current) && state.data_position < mine => {
+                    furthest = furthest.max(Some(state.data_position))
+                }
+                _ => return false,
+            }
+        }
+        let Some(furthest) = furthest else { return false };
+        self.set_data_position(furthest);
+        self.persist(MetaWrite::Superblock);
+        true
     }
 
     /// A resync with a third node runs into this node or into the peer: nothing flows between
@@ -1246,6 +1278,34 @@ mod tests {
         assert_eq!(r.peer(1).repl, ReplState::Established);
         r.peer_state_received(1, behind).expect("a fitting State");
         assert_eq!(r.peer(1).pending_sync, Some(crate::core::sync_decision::SyncDecision::BitmapSource), "the further copy sends its bits");
+    }
+
+    #[test]
+    fn an_inconsistent_node_further_than_every_data_peer_gives_its_copy_up_once_all_are_here() {
+        // Seed 1753: cut off mid-resync from a copy that a nearer one overwrote since, a node
+        // further than both its peers waited for a node as far, which no longer existed.
+        use crate::core::sync_decision::SyncDecision;
+        use crate::wire::DataPosition;
+        let (mut r, t0) = three_linked();
+        (r.disk, r.sb.uuids.current) = (DiskState::Inconsistent, 0xA0);
+        r.set_data_position(DataPosition { term: 1, epoch: 43, fua: 308 });
+        let at = |epoch| PeerState { data_position: DataPosition { term: 1, epoch, fua: 0 }, ..secondary_state(r.sb.uuids.current, [0; 4]) };
+        let (nearer, nearest) = (at(41), at(40));
+        r.link_down(2, "cut", 0);
+        r.peer_state_received(1, nearer).expect("waits, the link stays");
+        assert_eq!((r.peer(1).pending_sync, r.data_position().epoch), (None, 43), "node 2 is away: it may hold a copy as far");
+        r.take_actions();
+        r.link_up(2, t0);
+        r.peer_state_received(2, nearest).expect("a fitting State");
+        assert_eq!(r.data_position(), DataPosition { term: 1, epoch: 41, fua: 0 }, "the furthest peer's");
+        let actions = r.take_actions();
+        let persisted = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::Superblock)));
+        let told = actions.iter().position(|a| matches!(a, Action::Send { msg: Message::State(s), .. } if s.data_position.epoch == 41));
+        assert!(persisted.is_some() && persisted < told, "durably before the peers hear of it: {actions:?}");
+        assert_eq!(r.peer(2).pending_sync, None, "node 2 is still nearer");
+        // Node 1, as far now, resyncs it.
+        r.peer_state_received(1, nearer).expect("a fitting State");
+        assert_eq!(r.peer(1).pending_sync, Some(SyncDecision::BitmapTarget));
     }
 
     #[test]
