@@ -192,6 +192,21 @@ impl DirtyBitmap {
         Some((start, self.find_clear(start, limit) - start))
     }
 
+    /// The runs of set bits within blocks `[start, end)`, cut at its edges, in order.
+    pub fn runs_within(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = end.min(self.blocks);
+        let mut from = start;
+        std::iter::from_fn(move || {
+            let (at, len) = self.next_run(from, end.checked_sub(from)?)?;
+            if at >= end {
+                return None;
+            }
+            let len = len.min(end - at);
+            from = at + len;
+            Some((at, len))
+        })
+    }
+
     /// All runs of set bits as `(start_block, len_blocks)`, in order: the compact form for
     /// sending a bitmap to a peer.
     pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {

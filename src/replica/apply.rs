@@ -6,7 +6,7 @@
 
 use super::weakened::{is_weakened, Rule};
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
-use crate::core::states::{DiskState, Role};
+use crate::core::states::{DiskState, ReplState, Role};
 use crate::meta::activity_log::{extents_for, AlPrepared};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
@@ -61,7 +61,8 @@ impl Step {
 enum Mark {
     /// A barrier: flushed, then acknowledged with the writes of its epoch (as counted here; the
     /// primary checks them against its own count). `term`: see `Replica::stream_term`.
-    Barrier { epoch: u64, writes: u32, flushing: bool, term: Option<u64> },
+    /// `resynced`: the ranges the sync source's resync data of the epoch rewrote.
+    Barrier { epoch: u64, writes: u32, flushing: bool, term: Option<u64>, resynced: Vec<(u64, u64)> },
     /// The sync source's end of a resync.
     ResyncDone { current: u64, history: [u64; 4], position: DataPosition },
     /// A FUA write of epoch `epoch`, acknowledged in stream order once it is `durable`: this
@@ -80,6 +81,8 @@ pub struct Applying {
     waiting: VecDeque<Step>,
     /// With the stream position of the last step before each.
     marks: VecDeque<(u64, Mark)>,
+    /// The ranges resync data rewrote in the source's open epoch, for its barrier.
+    resynced: Vec<(u64, u64)>,
 }
 
 impl Applying {
@@ -93,6 +96,27 @@ impl Applying {
     pub fn link_down(&mut self) {
         self.waiting.clear();
         self.marks.clear();
+        self.resynced.clear();
+    }
+
+    /// `[offset, offset + len)` was marked out of sync with the peer after resync data rewrote
+    /// it: the barriers to come must not clear it.
+    pub fn void_resynced(&mut self, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let cut = |ranges: &mut Vec<(u64, u64)>| {
+            *ranges = ranges
+                .iter()
+                .flat_map(|&(at, n)| [(at, offset.min(at + n)), (end.max(at), at + n)])
+                .filter(|(from, to)| from < to)
+                .map(|(from, to)| (from, to - from))
+                .collect();
+        };
+        cut(&mut self.resynced);
+        for (_, mark) in self.marks.iter_mut() {
+            if let Mark::Barrier { resynced, .. } = mark {
+                cut(resynced);
+            }
+        }
     }
 
     fn done_through(&self, seq: u64) -> bool {
@@ -167,6 +191,7 @@ impl Replica {
         let len = data.len() as u64;
         peer.rx_epoch_writes += 1;
         peer.received_bytes += received;
+        peer.applying.resynced.push((offset, len));
         // With another data peer, what the block held is compared first (see
         // `Replica::resync_block_read`).
         let compare = self.peers.iter().any(|p| p.node_id != peer_id && !p.witness);
@@ -186,7 +211,8 @@ impl Replica {
         let term = self.stream_term(peer_id);
         let peer = self.peer_mut(peer_id);
         let writes = std::mem::take(&mut peer.rx_epoch_writes);
-        peer.applying.marks.push_back((peer.applying.received, Mark::Barrier { epoch, writes, flushing: false, term }));
+        let resynced = std::mem::take(&mut peer.applying.resynced);
+        peer.applying.marks.push_back((peer.applying.received, Mark::Barrier { epoch, writes, flushing: false, term, resynced }));
         self.advance_marks(peer_id);
     }
 
@@ -304,10 +330,8 @@ impl Replica {
                 self.send(peer_id, Message::NegAck { id, errno: failure.errno() });
                 self.local_write_failed(step.offset, step.len, failure);
             }
-            // The resync's bits stay here until its end clears them all: should it be
-            // interrupted, they say where this node holds the source's data rather than its
-            // own, which the next source resends and other peers are told of (see
-            // `Replica::take_over_interrupted_resyncs`).
+            // The block's bit clears once the barrier after it made it durable (see
+            // `Replica::barrier_flushed`).
             (Work::Resync { .. }, Ok(_)) => {}
             (Work::Compare { purpose, digests }, Ok(Some(data))) => {
                 let block_size = self.sb.params.bitmap_block_size as usize;
@@ -412,10 +436,13 @@ impl Replica {
         if !peer.connected || peer.generation != generation {
             return;
         }
-        let Some((_, Mark::Barrier { epoch: flushed, writes, term, .. })) = peer.applying.marks.pop_front() else { return };
+        let Some((_, Mark::Barrier { epoch: flushed, writes, term, resynced, .. })) = peer.applying.marks.pop_front() else { return };
         debug_assert_eq!(flushed, epoch);
         match result {
             Ok(()) => {
+                if peer.repl == ReplState::SyncTarget {
+                    self.resync_durable(peer_id, resynced);
+                }
                 if self.still_holds_stream(term) {
                     // Its primary's stream is durable here up to this epoch, and says so only
                     // once that is durable too (see `Terms::epoch_of_data`).
@@ -429,6 +456,31 @@ impl Replica {
                 let reason = format!("local flush for barrier {epoch} failed: {failure:?}");
                 self.outbox.push(Action::DropLink { peer: peer_id, generation, reason });
             }
+        }
+    }
+
+    /// The resync data of one of the source's epochs is durable here: those blocks hold the
+    /// source's data, and their bits for the source clear, so a resync interrupted from now on
+    /// resumes where it stood instead of resending them (the source clears its own bits as
+    /// the barrier's ack reaches it; until both have, the union both resync keeps them). What
+    /// those bits said for the other peers was recorded before: the source's bits for each
+    /// third node over a chunk come ahead of it (see `Replica::send_third_peer_bits`), and a
+    /// block the resync changed was marked for every other data peer before it was written
+    /// (see `Replica::resync_block_read`). The bits clear in memory only: after a crash the
+    /// last bitmap written stands, which over-reports. Ranges are joined first, since runs of
+    /// zeroes cut a block into frames that cover it only together.
+    fn resync_durable(&mut self, source: u8, mut resynced: Vec<(u64, u64)>) {
+        resynced.sort_unstable();
+        let mut joined: Vec<(u64, u64)> = Vec::new();
+        for (offset, len) in resynced {
+            match joined.last_mut() {
+                Some((at, n)) if offset <= *at + *n => *n = (*n).max(offset + len - *at),
+                _ => joined.push((offset, len)),
+            }
+        }
+        let slot = self.peer(source).slot;
+        for (offset, len) in joined {
+            self.bitmaps[slot].clear_range(offset, len);
         }
     }
 }

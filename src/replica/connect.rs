@@ -615,10 +615,13 @@ impl Replica {
     }
 
     /// An Inconsistent node (a resync into it was interrupted) holds, where that resync's bits
-    /// are, another source's data or its own older data: the new source resends all of it.
-    /// Those bits are still in the slot of the interrupted resync's source (a target clears
-    /// them only at the end); which slot that was is not known, so every slot's bits go in
-    /// (a block resent that was equal costs only its transfer).
+    /// are, its own older data: the new source resends all of it. Those bits are still in the
+    /// slot of the interrupted resync's source (a target clears them as the blocks become
+    /// durable, see `Replica::resync_durable`); which slot that was is not known, so every
+    /// slot's bits go in (a block resent that was equal costs only its transfer). Where the
+    /// interrupted resync already rewrote the node, it holds the old source's data, which
+    /// differs from the new source's where the old one's bits for it said (recorded here as
+    /// they came) or where the resync changed the block (recorded for every peer).
     fn take_over_interrupted_resyncs(&mut self, slot: usize) {
         let block = u64::from(self.bitmaps[slot].block_size());
         let others: Vec<(u64, u64)> = self

@@ -556,11 +556,13 @@ impl Replica {
     /// Marks a range out of sync for a peer (in memory: the activity log covers it on disk).
     /// A witness's slot stays empty: it holds no data to be out of sync.
     /// What is in flight to that peer for the range no longer clears it when acked (see
-    /// `TransferLog::void_overlapping`).
+    /// `TransferLog::void_overlapping`), nor does resync data from it not yet durable here
+    /// (see `Applying::void_resynced`).
     pub fn mark_out_of_sync(&mut self, slot: usize, offset: u64, len: u64) {
         let Some(peer) = self.peers.iter_mut().find(|p| p.slot == slot) else { return };
         if !peer.witness {
             peer.tl.void_overlapping(offset, len);
+            peer.applying.void_resynced(offset, len);
             self.bitmaps[slot].set_range(offset, len);
         }
     }

@@ -176,15 +176,18 @@ impl Replica {
         Ok(())
     }
 
-    /// The resync into `target` ends: where it rewrote the target, the target holds this
-    /// node's data, which differs from a third node's where this node's bits for it say. Two
-    /// copies of one generation can differ in places no generation tells apart (a lost
-    /// primary's last writes, a crashed primary's activity log, a lost cache), so the target
-    /// takes those bits over (see `Replica::third_peer_bits_received`); without them a
-    /// resync from one node and then another left the target "in sync" with a node it
-    /// differed from (seeds 691, 1388). A node this one holds no bits for holds its data
+    /// The resync rewrites the target's `blocks`: there the target holds this node's data,
+    /// which differs from a third node's where this node's bits for it say. Two copies of one
+    /// generation can differ in places no generation tells apart (a lost primary's last
+    /// writes, a crashed primary's activity log, a lost cache), so the target takes those bits
+    /// over (see `Replica::third_peer_bits_received`); without them a resync from one node and
+    /// then another left the target "in sync" with a node it differed from (seeds 691, 1388).
+    /// Sent before each chunk of the walk, while the target still holds the chunk's bits (it
+    /// clears them as the chunk becomes durable there, see `Replica::barrier_flushed`), and
+    /// once more for the whole disk before the end, for what the target has not cleared (the
+    /// blocks a checksum resync found equal). A node this one holds no bits for holds its data
     /// there: nothing is sent, so bits never travel in a ring.
-    fn send_third_peer_bits(&mut self, target: u8) {
+    fn send_third_peer_bits(&mut self, target: u8, blocks: std::ops::Range<u64>) {
         let thirds: Vec<(u8, usize)> = self
             .peers
             .iter()
@@ -192,7 +195,7 @@ impl Replica {
             .map(|p| (p.node_id, p.slot))
             .collect();
         for (node, slot) in thirds {
-            let runs: Vec<(u64, u64)> = self.bitmaps[slot].runs().collect();
+            let runs: Vec<(u64, u64)> = self.bitmaps[slot].runs_within(blocks.start, blocks.end).collect();
             for chunk in runs.chunks(MAX_BITMAP_RUNS) {
                 self.send_bulk(target, Message::ThirdPeerBits { node, runs: chunk.to_vec() }, None);
             }
@@ -215,15 +218,7 @@ impl Replica {
         let mut overlap = Vec::new();
         for &(start, count) in runs {
             let end = start.checked_add(count).filter(|end| *end <= blocks).ok_or_else(|| format!("bits for node {node} past the device: {start}+{count}"))?;
-            let mut from = start;
-            while let Some((at, len)) = self.bitmaps[covered].next_run(from, end - from) {
-                if at >= end {
-                    break;
-                }
-                let len = len.min(end - at);
-                overlap.push((at, len));
-                from = at + len;
-            }
+            overlap.extend(self.bitmaps[covered].runs_within(start, end));
         }
         for (at, len) in overlap.iter().copied() {
             self.mark_out_of_sync(slot, at * block, len * block);
@@ -356,13 +351,15 @@ impl Replica {
                 return ResyncStep::Wait;
             }
             walk.cursor = start + blocks;
+            self.send_third_peer_bits(peer_id, start..start + blocks);
             ResyncStep::Read { offset, len, digests: csums }
         } else if awaiting > 0 {
             // Answers still to come may ask for data.
             ResyncStep::Wait
         } else if walk.cursor == 0 {
             // Every bit is clear: each block was resent (or matched) and barrier-acked.
-            self.send_third_peer_bits(peer_id);
+            let blocks = self.bitmaps[slot].blocks();
+            self.send_third_peer_bits(peer_id, 0..blocks);
             let uuids = self.sb.uuids;
             let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.data_position() };
             self.send_bulk(peer_id, done, None);
@@ -530,6 +527,27 @@ mod tests {
     }
 
     #[test]
+    fn a_source_sends_its_bits_for_a_third_node_over_each_chunk_ahead_of_the_chunk() {
+        let (mut r, t0) = three_node_replica();
+        let mut ticks = Ticks(t0);
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[0].set_range(0, 4 * BLOCK);
+        // Bits for gamma: block 1, within the chunk, and block 100, outside it.
+        r.bitmaps[1].set_range(BLOCK, BLOCK);
+        r.bitmaps[1].set_range(100 * BLOCK, BLOCK);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        r.resync_chunk_read(1, 0, 4 * BLOCK, ResyncChunk::Data(Bytes::from(vec![7; 4 * BLOCK as usize])));
+        let sent: Vec<Message> = r.take_actions().into_iter().filter_map(|a| match a {
+            Action::Send { msg, .. } => Some(msg),
+            _ => None,
+        }).collect();
+        assert!(matches!(&sent[..], [Message::ThirdPeerBits { node: 2, runs }, Message::ResyncData { offset: 0, .. }] if runs == &[(1, 1)]), "{sent:?}");
+    }
+
+    #[test]
     fn a_target_records_for_a_third_node_where_its_source_differs_from_it_within_the_resync() {
         let (mut r, t0) = three_node_replica();
         r.link_up(1, t0);
@@ -570,6 +588,7 @@ mod ends {
     use crate::replica::testing::{secondary_state, two_node_replica};
     use crate::replica::{Action, MetaWrite};
     use crate::wire::{DataPosition, Message};
+    use bytes::Bytes;
 
     /// An Outdated node made the target of a bitmap resync of the first `blocks` blocks.
     fn resync_target(blocks: u64) -> (crate::replica::Replica, std::time::Instant) {
@@ -628,6 +647,67 @@ mod ends {
         // Durably: a restart finds it Outdated, not Consistent (which a peer's State confirms).
         assert_eq!(crate::replica::Replica::disk_state_from_flags(r.sb.flags), DiskState::Outdated);
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Persist(MetaWrite::Superblock))));
+    }
+
+    /// Completes the local I/O the replica asks for, and what follows, but the barriers'
+    /// flushes, which it returns.
+    fn complete_writes(r: &mut crate::replica::Replica, t0: std::time::Instant) -> Vec<crate::replica::IoTag> {
+        let mut flushes = Vec::new();
+        for action in r.take_actions() {
+            match action {
+                Action::Io { tag: tag @ crate::replica::IoTag::Barrier { .. }, .. } => flushes.push(tag),
+                Action::Io { tag, .. } => {
+                    r.io_done(t0, tag, Ok(None));
+                    flushes.extend(complete_writes(r, t0));
+                }
+                _ => {}
+            }
+        }
+        flushes
+    }
+
+    #[test]
+    fn a_target_clears_its_bits_for_the_source_once_the_resync_data_is_durable() {
+        let (mut r, t0) = resync_target(16);
+        r.take_actions();
+        let generation = r.peer(1).generation;
+        let data = |len: usize| Bytes::from(vec![7u8; len]);
+        // Block 0 in two frames (data, then a run of zeroes) and block 1 whole, then the
+        // source's barrier; block 2 in the next epoch.
+        for msg in [
+            Message::ResyncData { offset: 0, payload: data(1024) },
+            Message::ResyncZeroes { offset: 1024, len: 3072 },
+            Message::ResyncData { offset: 4096, payload: data(4096) },
+            Message::Barrier { epoch: 3 },
+            Message::ResyncData { offset: 8192, payload: data(4096) },
+        ] {
+            r.receive(t0, 1, generation, msg).expect("from the source");
+        }
+        let flushes = complete_writes(&mut r, t0);
+        assert_eq!(r.bitmaps[0].weight(), 16, "written, not yet durable: every bit kept");
+        assert_eq!(flushes.len(), 1, "{flushes:?}");
+        r.io_done(t0, flushes[0], Ok(None));
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::BarrierAck { epoch: 3, .. }, .. })));
+        assert_eq!(r.bitmaps[0].runs().collect::<Vec<_>>(), vec![(2, 14)], "blocks 0 and 1 are the source's now, durably");
+        assert_eq!(r.disk, DiskState::Inconsistent, "until the end");
+    }
+
+    #[test]
+    fn a_block_marked_for_the_source_after_its_resync_data_keeps_its_bit_at_the_barrier() {
+        let (mut r, t0) = resync_target(16);
+        r.take_actions();
+        let generation = r.peer(1).generation;
+        for msg in [
+            Message::ResyncData { offset: 0, payload: Bytes::from(vec![7u8; 8192]) },
+            Message::Barrier { epoch: 3 },
+        ] {
+            r.receive(t0, 1, generation, msg).expect("from the source");
+        }
+        let flushes = complete_writes(&mut r, t0);
+        // Block 1 changed again here (say a failed local write marked it for every peer).
+        r.mark_out_of_sync(0, 4096, 4096);
+        r.io_done(t0, flushes[0], Ok(None));
+        assert_eq!(r.bitmaps[0].runs().collect::<Vec<_>>(), vec![(1, 15)], "only block 0 clears");
     }
 
     #[test]
