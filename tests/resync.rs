@@ -215,6 +215,35 @@ fn resync_progress_never_runs_backwards_and_no_copy_shows_up_to_date_while_out_o
     assert_replicas_equal(&c);
 }
 
+#[test]
+fn an_interrupted_resync_resumes_where_it_stood() {
+    let c = fresh_pair(Options { extra: "resync_rate_max_kib = 4096\nresync_rate_min_kib = 4096", ..Options::default() });
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    let written = 24 * MIB;
+    write_patterns(&c.nbd_url("alpha"), &[(0, written, 0x5e)]);
+    c.ok("beta", &["connect", "r0"]);
+    // The source clears its bits as barrier acks come back (an epoch of resync data is 8 MiB
+    // here): cut the link once at least one came back, while the rest is still to send.
+    c.wait_for("alpha", "an epoch of the resync acknowledged", |s| {
+        Cluster::peer(s, "beta")["out_of_sync_bytes"].as_u64().is_some_and(|left| left <= written - 8 * MIB)
+    });
+    c.ok("beta", &["disconnect", "r0"]);
+    let beta = c.wait_for("beta", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] != "Connected");
+    assert_eq!(beta["disk"], "Inconsistent", "the resync was cut off before its end:\n{}", c.logs());
+    let left_on_target = Cluster::peer(&beta, "alpha")["out_of_sync_bytes"].as_u64().unwrap();
+    assert!(left_on_target < written, "the target kept every bit of the resync: {left_on_target} bytes");
+    let received_before = c.received("beta", "alpha");
+    c.ok("beta", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    c.wait_for("beta", "UpToDate", |s| s["disk"] == "UpToDate");
+    let resent = c.received("beta", "alpha") - received_before;
+    // What the first resync made durable on beta and acknowledged to alpha stays done.
+    assert!(resent <= written - 8 * MIB, "the second resync moved {resent} of the {written} bytes: some of them again");
+    assert_eq!(peer_of(&c, "alpha", "beta")["out_of_sync_bytes"], 0);
+    assert_replicas_equal(&c);
+}
+
 /// Stops (or resumes) a daemon: a peer that neither reads nor answers, as on a saturated link.
 fn signal(c: &Cluster, node: &str, signal: &str) {
     let status = std::process::Command::new("kill").args([signal, &c.pid(node).to_string()]).status().unwrap();
