@@ -617,17 +617,22 @@ impl Replica {
     /// An Inconsistent node (a resync into it was interrupted) holds, where that resync's bits
     /// are, its own older data: the new source resends all of it. Those bits are still in the
     /// slot of the interrupted resync's source (a target clears them as the blocks become
-    /// durable, see `Replica::resync_durable`); which slot that was is not known, so every
-    /// slot's bits go in (a block resent that was equal costs only its transfer). Where the
-    /// interrupted resync already rewrote the node, it holds the old source's data, which
-    /// differs from the new source's where the old one's bits for it said (recorded here as
-    /// they came) or where the resync changed the block (recorded for every peer).
+    /// durable, see `Replica::resync_durable`). Where the interrupted resync already rewrote
+    /// the node, it holds the old source's data, which differs from the new source's where the
+    /// old one's bits for it said (recorded here as they came) or where the resync changed the
+    /// block (recorded for every peer). Only the old source's slot goes in while this process
+    /// knows which it was (`resynced_from`; nothing when the same source takes it up
+    /// again): the other slots' bits say where this node differs from their peers, among them
+    /// every block the resync changed, which the new source may hold already. After a restart
+    /// that is not known, and every slot's bits go in (a block resent that was equal costs
+    /// only its transfer).
     fn take_over_interrupted_resyncs(&mut self, slot: usize) {
         let block = u64::from(self.bitmaps[slot].block_size());
+        let from = self.resynced_from;
         let others: Vec<(u64, u64)> = self
             .peers
             .iter()
-            .filter(|p| p.slot != slot && !p.witness)
+            .filter(|p| p.slot != slot && !p.witness && from.is_none_or(|id| id == p.node_id))
             .flat_map(|p| self.bitmaps[p.slot].runs().collect::<Vec<_>>())
             .collect();
         if others.is_empty() {
@@ -837,6 +842,26 @@ mod tests {
     use crate::replica::testing::{secondary_state, two_node_replica};
     use crate::replica::{Action, MetaWrite, Replica};
     use crate::wire::{Message, PeerState};
+
+    #[test]
+    fn an_interrupted_resync_taken_up_again_brings_only_what_its_source_had_left() {
+        let (mut r, _) = crate::replica::testing::three_node_replica();
+        let (beta, gamma) = (r.peer(1).slot, r.peer(2).slot);
+        let runs = |r: &Replica, slot: usize| r.bitmaps[slot].runs().collect::<Vec<_>>();
+        // Left of a resync from beta, cut off; where this node differs from gamma (blocks the
+        // resync changed among them).
+        r.bitmaps[beta].set_range(0, 4 * 4096);
+        r.bitmaps[gamma].set_range(100 * 4096, 4096);
+        r.resynced_from = Some(1);
+        r.take_over_interrupted_resyncs(beta);
+        assert_eq!(runs(&r, beta), [(0, 4)], "beta again: where it stood");
+        r.take_over_interrupted_resyncs(gamma);
+        assert_eq!(runs(&r, gamma), [(0, 4), (100, 1)], "gamma: also what beta had left");
+        // After a restart the source is not known: every slot's bits.
+        r.resynced_from = None;
+        r.take_over_interrupted_resyncs(beta);
+        assert_eq!(runs(&r, beta), [(0, 4), (100, 1)]);
+    }
 
     fn primary_state(current_uuid: u64, history: [u64; 4]) -> PeerState {
         PeerState { role: Role::Primary.to_wire(), primaries: 1 << 1, ..secondary_state(current_uuid, history) }

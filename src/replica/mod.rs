@@ -212,6 +212,10 @@ pub struct Replica {
     /// `Replica::resync_done_received`): while one of them still reports a fresh disk, no
     /// decision is taken with it; it leaves the set when its link goes or its State moves on.
     pub declared_with: u32,
+    /// The source of the resync into this node that started last, until one ends: should it
+    /// be cut off, its slot holds the bits it had left (see
+    /// `Replica::take_over_interrupted_resyncs`). Unknown after a restart.
+    pub resynced_from: Option<u8>,
     /// Data peers not yet resynced into this node since it lost its disk's cache (see
     /// `MetaFlags::CACHE_LOST`).
     pub cache_repair_pending: Vec<u8>,
@@ -424,6 +428,7 @@ impl Replica {
             vote_given: None,
             elected: None,
             declared_with: 0,
+            resynced_from: None,
             cache_repair_pending: Vec::new(),
             superseded_latched: false,
             divergences_resolved: 0,
@@ -879,6 +884,7 @@ impl Replica {
         peer.conn = if peer.want_connect { ConnState::Connecting } else { ConnState::StandAlone };
         let was = std::mem::replace(&mut peer.repl, ReplState::Off);
         let last_generation = peer.last_state.filter(|_| was == ReplState::Established).map(|s| s.current_uuid);
+
         peer.role = Role::Unknown;
         peer.disk = DiskState::DUnknown;
         peer.last_state = None;

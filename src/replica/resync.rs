@@ -21,6 +21,10 @@ const MAX_CHUNK_BYTES: u64 = 256 << 10;
 /// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
 /// progress advance) in steps of this many chunks.
 const CHUNKS_PER_EPOCH: u32 = 32;
+/// How long a resync's epoch stays open at most: on a slow link `CHUNKS_PER_EPOCH` chunks take
+/// long to send, and bits clear only as barriers come back (on both sides), so an epoch left
+/// open is progress a cut link throws away. One barrier a second costs the target a flush.
+const EPOCH_SPAN: Duration = Duration::from_secs(1);
 /// Digest requests of a checksum-based resync left unanswered at most: enough to keep the link
 /// busy, and a bound on the answers still to come when the pass ends.
 const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
@@ -31,6 +35,8 @@ pub struct ResyncWalk {
     /// The next bitmap block to look at.
     cursor: u64,
     frames_in_epoch: u32,
+    /// When the walk sent the first frame of the open epoch.
+    epoch_opened: Option<Instant>,
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
@@ -136,6 +142,7 @@ impl Replica {
         peer.resync = Some(ResyncProgress { started: now, progress: SyncProgress::start(total_bytes), full });
         if decision.is_target() {
             peer.repl = ReplState::SyncTarget;
+            self.resynced_from = Some(peer_id);
             let first = same_uuid(self.sb.uuids.current, crate::core::sync_decision::UUID_JUST_CREATED);
             self.resyncs_taken[if !full { 0 } else if first { 2 } else { 1 }] += 1;
             self.disk = DiskState::Inconsistent;
@@ -268,6 +275,7 @@ impl Replica {
         self.sb.flags.remove(MetaFlags::OWN_STREAM);
         self.clear_crash_marker(peer_id, left_crashed_generation);
         self.cache_repair_pending.retain(|id| *id != peer_id);
+        self.resynced_from = None;
         if self.cache_repair_pending.is_empty() {
             self.sb.flags.remove(MetaFlags::CACHE_LOST);
         }
@@ -315,6 +323,7 @@ impl Replica {
         }
         let paced = self.pace_wait(peer_id, now);
         let data_size = self.sb.data_size;
+        self.close_a_long_epoch(peer_id, now);
         let peer = self.peer(peer_id);
         let slot = peer.slot;
         let mut walk = peer.sync.walk;
@@ -370,8 +379,22 @@ impl Replica {
             walk.frames_in_epoch = 0;
             ResyncStep::Wait
         };
+        if matches!(step, ResyncStep::Read { .. }) && walk.frames_in_epoch == 0 {
+            walk.epoch_opened = Some(now);
+        }
         self.peer_mut(peer_id).sync.walk = walk;
         step
+    }
+
+    /// The resync's open epoch closes once it has been open `EPOCH_SPAN`, however few frames
+    /// it holds.
+    fn close_a_long_epoch(&mut self, peer_id: u8, now: Instant) {
+        let walk = &self.peer(peer_id).sync.walk;
+        let long = walk.epoch_opened.is_some_and(|at| now.saturating_duration_since(at) >= EPOCH_SPAN);
+        if walk.frames_in_epoch > 0 && walk.draining.is_none() && long {
+            self.close_epoch();
+            self.peer_mut(peer_id).sync.walk.frames_in_epoch = 0;
+        }
     }
 
     /// The range of a [`ResyncStep::Read`] was read: it goes out, ahead of any later write to
@@ -432,33 +455,60 @@ mod tests {
     #[test]
     fn the_source_walks_the_bitmap_closes_the_pass_and_ends_once_every_bit_cleared() {
         let (mut r, t0) = two_node_replica();
-        let mut ticks = Ticks(t0);
+        // Steps well within an epoch's span.
+        let mut at = t0;
+        let mut ticks = || {
+            at += std::time::Duration::from_millis(100);
+            at
+        };
         r.link_up(1, t0);
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.bitmaps[0].set_range(0, 4 * BLOCK);
         r.bitmaps[0].set_range(100 * BLOCK, BLOCK);
         r.resync_source_started(t0, 1);
         r.take_actions();
-        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks(), 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
         r.resync_chunk_read(1, 0, 4 * BLOCK, ResyncChunk::Data(Bytes::from(vec![7; 4 * BLOCK as usize])));
-        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
+        assert_eq!(r.resync_next(ticks(), 1, false), ResyncStep::Read { offset: 100 * BLOCK, len: BLOCK, digests: false });
         r.resync_chunk_read(1, 100 * BLOCK, BLOCK, ResyncChunk::Data(Bytes::from(vec![7; BLOCK as usize])));
         // The pass is over with bits still set: its epoch is closed, and the walk waits for the ack.
-        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Wait);
+        assert_eq!(r.resync_next(ticks(), 1, false), ResyncStep::Wait);
         let (epoch, writes) = *r.peer(1).barriers.back().expect("a barrier closes the pass");
         assert_eq!(writes, 2, "both chunks are in the closed epoch");
-        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Wait, "no new pass before the ack");
+        assert_eq!(r.resync_next(ticks(), 1, false), ResyncStep::Wait, "no new pass before the ack");
         // The ack: the target holds both ranges durably (the engine clears their bits then).
         r.peer_mut(1).barriers.pop_front();
         for crate::core::transfer_log::Settled { offset, len, .. } in r.peer_mut(1).tl.barrier_acked(epoch) {
             r.bitmaps[0].clear_range(offset, len);
         }
-        assert_eq!(r.resync_next(ticks.advance(), 1, false), ResyncStep::Finished);
+        assert_eq!(r.resync_next(ticks(), 1, false), ResyncStep::Finished);
         let sent: Vec<String> = r.take_actions().into_iter().filter_map(|a| match a {
             Action::Send { msg, .. } => Some(msg.name().to_string()),
             _ => None,
         }).collect();
         assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn a_source_closes_an_epoch_open_for_a_second_however_few_its_chunks() {
+        let (mut r, t0) = two_node_replica();
+        r.link_up(1, t0);
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        // Three chunks of 64 blocks.
+        r.bitmaps[0].set_range(0, 192 * BLOCK);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let chunk = |n: u64| ResyncStep::Read { offset: n * 64 * BLOCK, len: 64 * BLOCK, digests: false };
+        let data = || ResyncChunk::Data(Bytes::from(vec![7; 64 * BLOCK as usize]));
+        assert_eq!(r.resync_next(ms(1), 1, false), chunk(0));
+        r.resync_chunk_read(1, 0, 64 * BLOCK, data());
+        assert_eq!(r.resync_next(ms(500), 1, false), chunk(1));
+        r.resync_chunk_read(1, 64 * BLOCK, 64 * BLOCK, data());
+        assert!(r.peer(1).barriers.is_empty(), "open for less than a second");
+        assert_eq!(r.resync_next(ms(1001), 1, false), chunk(2));
+        assert_eq!(r.peer(1).barriers.iter().map(|(_, writes)| *writes).collect::<Vec<_>>(), [2], "the first two chunks' epoch is closed");
+        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::Barrier { .. }, .. })));
     }
 
     #[test]
