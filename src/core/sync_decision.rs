@@ -232,6 +232,24 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
     if me.data_position.term != peer.data_position.term && !me.inconsistent && !peer.inconsistent {
         return if me.data_position.term > peer.data_position.term { BitmapSource } else { BitmapTarget };
     }
+    // An Inconsistent side is the target of a resync that was interrupted: it stays one, of a
+    // copy at least as far into the stream as its own. Outside that resync's blocks it holds
+    // its own copy, and what that copy holds beyond a nearer peer's position the peer lacks
+    // (writes acknowledged with this node's ack among them): a resync from the nearer peer
+    // would take those blocks back to its older data. Neither is a source then; they wait for
+    // a third node (seed 40857: cut off mid-resync from a primary of a newer generation, a
+    // node was resynced from an Outdated node of its own generation that had left before the
+    // last writes, and was elected without one it had acknowledged). So too when the peer
+    // crashed as primary of an earlier election and follows a later one (seed 2311), but not
+    // when its position is where its term began: a primary records no more than that, and
+    // after a power loss that is all its position says, however far its disk goes.
+    if me.inconsistent != peer.inconsistent && inconsistent_further(me, peer) {
+        let consistent = if me.inconsistent { peer } else { me };
+        let at_term_start = consistent.data_position.epoch == 0 && consistent.data_position.fua == 0;
+        if !(consistent.crashed_primary && at_term_start) {
+            return Refused(Refusal::InconsistentSource);
+        }
+    }
     // A crash as primary leaves writes in the activity log's extents that may not have reached
     // the peer (or reached only the peer). Those extents are already in the crashed side's
     // bitmap; they flow from the side that is primary now, else from the side that crashed,
@@ -260,16 +278,9 @@ fn decide_same_current(me: &UuidView, peer: &UuidView) -> SyncDecision {
             },
         };
     }
-    // An Inconsistent side is the target of a resync that was interrupted: it stays one, of a
-    // copy at least as far into the stream as its own. Outside that resync's blocks it holds
-    // its own copy, and what that copy holds beyond a nearer peer's position the peer lacks
-    // (writes acknowledged with this node's ack among them): a resync from the nearer peer
-    // would take those blocks back to its older data. Neither is a source then; they wait for
-    // a third node (seed 40857: cut off mid-resync from a primary of a newer generation, a
-    // node was resynced from an Outdated node of its own generation that had left before the
-    // last writes, and was elected without one it had acknowledged).
+    // An Inconsistent side is the target of a resync that was interrupted: it stays one (of a
+    // copy as far as its own, see above).
     match (me.inconsistent, peer.inconsistent) {
-        (true, false) | (false, true) if inconsistent_further(me, peer) => return Refused(Refusal::InconsistentSource),
         (true, false) => return BitmapTarget,
         (false, true) => return BitmapSource,
         _ => {}
@@ -642,6 +653,15 @@ mod tests {
         // So does a later election's copy, whatever its epoch.
         let later = UuidView { data_position: position(4, 1), ..nearer };
         assert_eq!(both(&later, &cut_off), BitmapSource);
+        // Seed 2311: the nearer copy crashed as primary of an earlier election and follows this
+        // one; no source either.
+        let crashed = UuidView { crashed_primary: true, data_position: position(3, 4), ..nearer };
+        assert_eq!(decide(&cut_off, &crashed), Refused(Refusal::InconsistentSource));
+        assert_eq!(decide(&crashed, &cut_off), Refused(Refusal::InconsistentSource));
+        // But a crashed primary at its term's start (all a power loss leaves it to say) still
+        // resyncs its activity log's extents into it.
+        let own_term = UuidView { data_position: position(3, 0), ..crashed };
+        assert_eq!(both(&own_term, &cut_off), BitmapSource);
     }
 
     fn arb_uuid() -> impl Strategy<Value = u64> {
