@@ -244,6 +244,55 @@ fn an_interrupted_resync_resumes_where_it_stood() {
     assert_replicas_equal(&c);
 }
 
+#[test]
+fn a_node_cut_off_mid_resync_waits_for_its_source_and_a_fresh_metadata_gives_its_copy_up() {
+    // gamma, further than beta, is cut off mid-resync by the loss of alpha: beta is no source
+    // for it (it lacks what gamma took in while beta was away). The escape OPERATIONS gives for
+    // a source gone for good: new metadata on gamma, which joins as a fresh disk.
+    let c = Cluster::new(&["alpha", "beta", "gamma"], Options { extra: "resync_rate_max_kib = 2048\nresync_rate_min_kib = 2048", ..Options::default() });
+    c.create_md_and_up();
+    c.wait_connected("alpha", &["beta", "gamma"]);
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    for node in ["alpha", "beta", "gamma"] {
+        c.wait_for(node, "UpToDate", |s| s["disk"] == "UpToDate");
+    }
+    c.ok("alpha", &["primary", "r0"]);
+    let first = [(0, MIB, 0x61)];
+    write_patterns(&c.nbd_url("alpha"), &first);
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    // Not zeroes: a run of zeroes is resynced as its length alone, at once.
+    let second = [(8 * MIB, 32 * MIB, 0x62)];
+    write_patterns(&c.nbd_url("alpha"), &second);
+    // gamma holds both; a full resync of it from alpha, cut off by alpha's death.
+    c.ok("gamma", &["invalidate", "r0"]);
+    c.wait_for("gamma", "the resync under way", |s| {
+        Cluster::peer(s, "alpha")["out_of_sync_bytes"].as_u64().is_some_and(|left| left > 8 * MIB && left < 60 * MIB)
+    });
+    c.kill("alpha");
+    c.wait_for("gamma", "alpha gone", |s| Cluster::peer(s, "alpha")["connection"] != "Connected");
+    c.ok("beta", &["connect", "r0"]);
+    let log = c.run_dir().join("r0.gamma.log");
+    let waits = "no source between this node and beta while one is Inconsistent: waiting for a third node";
+    c.wait_for("gamma", "waiting for a third node", |_| std::fs::read_to_string(&log).unwrap().contains(waits));
+    let gamma = c.status("gamma");
+    assert_eq!(gamma["disk"], "Inconsistent", "{gamma:#}");
+    assert_eq!(Cluster::peer(&gamma, "beta")["connection"], "Connected");
+    assert_ne!(Cluster::peer(&gamma, "beta")["replication"], "SyncTarget", "beta lacks what gamma took in since it left");
+
+    c.ok("gamma", &["down", "r0"]);
+    c.ok("gamma", &["create-md", "--force", "r0"]);
+    c.ok("gamma", &["up", "r0"]);
+    let gamma = c.wait_for("gamma", "synced in full from beta", |s| {
+        s["disk"] != "Inconsistent" && Cluster::peer(s, "beta")["replication"] == "Established"
+    });
+    let size = gamma["size_bytes"].as_u64().unwrap();
+    let data = c.data_of("gamma", size);
+    assert!(data == c.data_of("beta", size), "gamma holds beta's copy\n{}", c.logs());
+    assert!(data[..MIB as usize].iter().all(|b| *b == 0x61), "what beta held");
+    assert!(data[8 * MIB as usize..40 * MIB as usize].iter().all(|b| *b == 0), "what only alpha and gamma held is given up");
+}
+
 /// Stops (or resumes) a daemon: a peer that neither reads nor answers, as on a saturated link.
 fn signal(c: &Cluster, node: &str, signal: &str) {
     let status = std::process::Command::new("kill").args([signal, &c.pid(node).to_string()]).status().unwrap();
