@@ -134,6 +134,16 @@ pub struct AlUpdate {
     added: Vec<u64>,
 }
 
+/// The outcome of [`ActivityLog::join`]; either way the range's reference counts are taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlJoined {
+    /// Every extent was already durably hot: submit the I/O now.
+    AllHot,
+    /// Some extent is hot only in the open batch: submit the I/O once the batch's transaction
+    /// ([`ActivityLog::seal`]) is durable and committed.
+    Batched,
+}
+
 /// The outcome of [`ActivityLog::prepare`]; either way the range's reference counts are taken.
 #[derive(Debug)]
 pub enum AlPrepared {
@@ -152,13 +162,24 @@ struct Hot {
     pending: bool,
 }
 
+/// The slot updates gathered for the next transaction (see [`ActivityLog::join`]).
+#[derive(Debug, Default)]
+struct Batch {
+    updates: Vec<(usize, u64)>,
+    evicted: Vec<u64>,
+    added: Vec<u64>,
+}
+
 /// The in-memory activity log.
 pub struct ActivityLog {
     slots: Vec<Option<u64>>,
     hot: HashMap<u64, Hot>,
     tick: u64,
     next_seq: u64,
+    /// The sealed transaction not yet committed.
     pending: Option<u64>,
+    /// Updates not yet sealed into a transaction; empty while one is pending.
+    open: Batch,
 }
 
 impl ActivityLog {
@@ -170,6 +191,7 @@ impl ActivityLog {
             tick: 0,
             next_seq: 1,
             pending: None,
+            open: Batch::default(),
         }
     }
 
@@ -254,11 +276,26 @@ impl ActivityLog {
     }
 
     /// Takes a reference on every extent of the range for an I/O about to be submitted, making
-    /// cold extents hot. Nothing is taken on error.
+    /// cold extents hot by a transaction of their own. Nothing is taken on error.
     pub fn prepare(&mut self, extents: RangeInclusive<u64>) -> Result<AlPrepared, AlError> {
+        if !self.open.updates.is_empty() {
+            return Err(AlError::Busy);
+        }
+        match self.join(extents)? {
+            AlJoined::AllHot => Ok(AlPrepared::AllHot),
+            AlJoined::Batched => Ok(AlPrepared::Transaction(self.seal().expect("a batch was joined"))),
+        }
+    }
+
+    /// Takes a reference on every extent of the range for an I/O about to be submitted; cold
+    /// extents join the open batch, which one transaction makes durable for every I/O that
+    /// joined it ([`ActivityLog::seal`]): writes that arrive together share one metadata write
+    /// and one flush instead of paying one each. Nothing is taken on error; `Busy` while a
+    /// sealed transaction is pending and the range needs a cold extent or one it adds.
+    pub fn join(&mut self, extents: RangeInclusive<u64>) -> Result<AlJoined, AlError> {
         let (first, last) = (*extents.start(), *extents.end());
         if first > last {
-            return Ok(AlPrepared::AllHot);
+            return Ok(AlJoined::AllHot);
         }
         let count = last - first + 1;
         let max = self.max_extents_per_prepare();
@@ -266,30 +303,32 @@ impl ActivityLog {
             return Err(AlError::TooLarge { extents: count, max });
         }
         let mut cold = Vec::new();
+        let mut batched = false;
         for e in first..=last {
             match self.hot.get(&e) {
-                Some(h) if h.pending => return Err(AlError::Busy),
-                Some(_) => {}
+                Some(h) if h.pending && self.pending.is_some() => return Err(AlError::Busy),
+                Some(h) => batched |= h.pending,
                 None => cold.push(e),
             }
         }
-        if !cold.is_empty() && self.pending.is_some() {
-            return Err(AlError::Busy);
-        }
         if !cold.is_empty() {
+            if self.pending.is_some() || self.open.updates.len() + cold.len() > AL_MAX_UPDATES {
+                return Err(AlError::Busy);
+            }
             self.check_room()?;
         }
         let victims = self.choose_slots(cold.len(), first..=last).ok_or(AlError::Busy)?;
         self.tick += 1;
-        let mut evicted = Vec::new();
-        let mut updates = Vec::new();
         for (&slot, &e) in victims.iter().zip(&cold) {
             if let Some(old) = self.slots[slot].replace(e) {
                 self.hot.remove(&old);
-                evicted.push(old);
+                self.open.evicted.push(old);
             }
             self.hot.insert(e, Hot { refs: 0, last_use: 0, pending: true });
-            updates.push((slot, e));
+            self.open.updates.push((slot, e));
+            // An extent evicted earlier in this batch and wanted again stays: it never left.
+            self.open.evicted.retain(|&old| old != e);
+            self.open.added.push(e);
         }
         for e in first..=last {
             if let Some(h) = self.hot.get_mut(&e) {
@@ -297,12 +336,24 @@ impl ActivityLog {
                 h.last_use = self.tick;
             }
         }
-        if cold.is_empty() {
-            return Ok(AlPrepared::AllHot);
+        Ok(if cold.is_empty() && !batched { AlJoined::AllHot } else { AlJoined::Batched })
+    }
+
+    /// Whether I/O waits for the open batch (see [`ActivityLog::seal`]).
+    pub fn batch_open(&self) -> bool {
+        !self.open.updates.is_empty()
+    }
+
+    /// The open batch as one transaction, now pending: make it durable (see [`AlUpdate`]),
+    /// then [`ActivityLog::commit`] it. `None` when no I/O joined a batch.
+    pub fn seal(&mut self) -> Option<AlUpdate> {
+        if self.open.updates.is_empty() {
+            return None;
         }
+        let Batch { updates, mut evicted, added } = std::mem::take(&mut self.open);
         evicted.sort_unstable();
         let transaction = self.transaction(KIND_UPDATE, &updates);
-        Ok(AlPrepared::Transaction(AlUpdate { transaction, evicted, added: cold }))
+        Some(AlUpdate { transaction, evicted, added })
     }
 
     /// Records that `update`'s transaction is durable: its extents may now be relied upon.
@@ -350,7 +401,7 @@ impl ActivityLog {
     /// A transaction that empties the log (clean shutdown, or after the hot extents were marked
     /// out of sync following a crash). `evicted` lists every extent that was hot.
     pub fn mark_clean(&mut self) -> Result<AlUpdate, AlError> {
-        if self.pending.is_some() || self.hot.values().any(|h| h.refs > 0) {
+        if self.pending.is_some() || self.batch_open() || self.hot.values().any(|h| h.refs > 0) {
             return Err(AlError::Busy);
         }
         self.check_room()?;
@@ -598,6 +649,75 @@ mod tests {
         assert_eq!(al.mark_clean().unwrap_err(), AlError::Busy);
         al.commit(update);
         assert!(matches!(al.prepare(3..=3), Ok(AlPrepared::AllHot)));
+    }
+
+    /// Writes `update`'s transaction into `ring` and commits it.
+    fn write_and_commit(al: &mut ActivityLog, ring: &mut [Block], update: AlUpdate) {
+        ring[update.transaction.ring_index()] = *update.transaction.bytes();
+        al.commit(update);
+    }
+
+    #[test]
+    fn writes_that_arrive_together_share_one_transaction() {
+        let mut al = ActivityLog::new(64);
+        let mut ring = blank_ring();
+        make_hot(&mut al, &mut ring, 1..=1);
+        assert_eq!(al.join(1..=1), Ok(AlJoined::AllHot), "durably hot");
+        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched));
+        assert_eq!(al.join(5..=6), Ok(AlJoined::Batched));
+        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched), "hot only in the open batch");
+        assert_eq!(al.join(1..=2), Ok(AlJoined::Batched));
+        assert_eq!(al.prepare(9..=9).unwrap_err(), AlError::Busy, "no transaction of its own beside a batch");
+        assert_eq!(al.mark_clean().unwrap_err(), AlError::Busy);
+        let update = al.seal().expect("a batch");
+        assert_eq!(update.added, vec![2, 5, 6]);
+        assert!(update.evicted.is_empty());
+        assert!(al.seal().is_none(), "one transaction for the whole batch");
+        assert_eq!(al.join(9..=9).unwrap_err(), AlError::Busy, "one transaction at a time");
+        assert_eq!(al.join(5..=5).unwrap_err(), AlError::Busy, "not durable yet");
+        assert_eq!(al.join(1..=1), Ok(AlJoined::AllHot), "durable ones proceed");
+        write_and_commit(&mut al, &mut ring, update);
+        assert_eq!(al.join(5..=5), Ok(AlJoined::AllHot));
+        assert_eq!(ActivityLog::recover(64, &ring).unwrap().hot_extents(), vec![1, 2, 5, 6]);
+    }
+
+    #[test]
+    fn a_batch_evicts_only_what_it_does_not_take_back() {
+        let mut al = ActivityLog::new(3);
+        let mut ring = blank_ring();
+        for e in 0..3 {
+            make_hot(&mut al, &mut ring, e..=e);
+            al.release(e..=e);
+        }
+        assert_eq!(al.join(10..=11), Ok(AlJoined::Batched));
+        // 0 left for 10 and comes back in the same transaction, in the slot 2 leaves: it never
+        // left the log on disk, so it needs no bitmap pages and no flush.
+        assert_eq!(al.join(0..=0), Ok(AlJoined::Batched));
+        let update = al.seal().expect("a batch");
+        assert_eq!(update.evicted, vec![1, 2]);
+        assert_eq!(update.added, vec![10, 11, 0]);
+        write_and_commit(&mut al, &mut ring, update);
+        assert_eq!(al.hot_extents(), vec![0, 10, 11]);
+        assert_eq!(ActivityLog::recover(3, &ring).unwrap().hot_extents(), vec![0, 10, 11]);
+    }
+
+    #[test]
+    fn a_batch_holds_what_one_transaction_can_carry() {
+        let mut al = ActivityLog::new(300);
+        let mut ring = blank_ring();
+        make_hot(&mut al, &mut ring, 1000..=1000);
+        for e in 0..AL_MAX_UPDATES as u64 {
+            assert_eq!(al.join(e..=e), Ok(AlJoined::Batched));
+        }
+        assert_eq!(al.join(500..=500).unwrap_err(), AlError::Busy, "for the next transaction");
+        assert_eq!(al.join(1000..=1000), Ok(AlJoined::AllHot));
+        let update = al.seal().expect("a batch");
+        assert_eq!(update.added.len(), AL_MAX_UPDATES);
+        write_and_commit(&mut al, &mut ring, update);
+        assert_eq!(al.join(500..=500), Ok(AlJoined::Batched));
+        let update = al.seal().expect("the next batch");
+        write_and_commit(&mut al, &mut ring, update);
+        assert_eq!(ActivityLog::recover(300, &ring).unwrap().hot_extents().len(), AL_MAX_UPDATES + 2);
     }
 
     #[test]

@@ -18,7 +18,7 @@ mod crash_tests;
 pub mod fuzzing;
 
 pub use activity_log::{
-    extent_offset, extents_for, ActivityLog, AlError, AlPrepared, AlTransaction, AlUpdate,
+    extent_offset, extents_for, ActivityLog, AlError, AlJoined, AlPrepared, AlTransaction, AlUpdate,
     AL_EXTENT_SIZE, AL_RING_BLOCKS,
 };
 pub use bitmap::DirtyBitmap;
