@@ -130,9 +130,18 @@ impl Counters {
     /// writes the pages of the extents it evicts, a page named twice is written once).
     pub fn metadata_written(&self, what: &MetaWrite, bitmap_pages_total: u64) {
         if matches!(what, MetaWrite::ActivityLog(_)) {
-            self.al_transactions.fetch_add(1, Ordering::Relaxed);
+            self.al_transaction_written();
         }
-        self.bitmap_page_writes.store(bitmap_pages_total, Ordering::Relaxed);
+        self.bitmap_pages_written(bitmap_pages_total);
+    }
+
+    pub fn al_transaction_written(&self) {
+        self.al_transactions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `total`: the metadata store's count since it was opened.
+    pub fn bitmap_pages_written(&self, total: u64) {
+        self.bitmap_page_writes.store(total, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> CountersSnapshot {

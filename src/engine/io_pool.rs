@@ -11,8 +11,11 @@ use std::thread::JoinHandle;
 
 pub type IoDone = Box<dyn FnOnce(io::Result<Option<Bytes>>) + Send>;
 
+/// Work for a pool thread, given the disk.
+pub type Job = Box<dyn FnOnce(&dyn Disk) + Send>;
+
 pub struct IoPool {
-    jobs: Mutex<Option<Sender<(LocalIo, IoDone)>>>,
+    jobs: Mutex<Option<Sender<Job>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -21,7 +24,7 @@ const ZERO_CHUNK: usize = 1 << 20;
 
 impl IoPool {
     pub fn new(disk: Arc<dyn Disk>, threads: usize) -> std::io::Result<IoPool> {
-        let (tx, rx) = channel::<(LocalIo, IoDone)>();
+        let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let handles = (0..threads)
             .map(|i| {
@@ -35,9 +38,14 @@ impl IoPool {
     }
 
     pub fn submit(&self, op: LocalIo, done: IoDone) {
+        self.run(Box::new(move |disk| done(execute(disk, op))));
+    }
+
+    /// Runs `job` on a pool thread (a job that waits for the disk, off the caller's thread).
+    pub fn run(&self, job: Job) {
         let jobs = self.jobs.lock().expect("io pool lock");
         match jobs.as_ref() {
-            Some(tx) if tx.send((op, done)).is_ok() => {}
+            Some(tx) if tx.send(job).is_ok() => {}
             _ => {}
         }
     }
@@ -51,11 +59,11 @@ impl IoPool {
     }
 }
 
-fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<(LocalIo, IoDone)>>) {
+fn worker(disk: &dyn Disk, rx: &Mutex<Receiver<Job>>) {
     loop {
         let job = rx.lock().expect("io pool queue").recv();
-        let Ok((op, done)) = job else { return };
-        done(execute(disk, op));
+        let Ok(job) = job else { return };
+        job(disk);
     }
 }
 

@@ -9,6 +9,7 @@ use super::Shared;
 use crate::core::inflight::{AckLevel, LocalFailure};
 use crate::frontend::BlockResult;
 use super::link::PeerLink;
+use crate::meta::AlWrite;
 use crate::replica::{Action, FenceOutcome, IoTag, Lane, LocalIo, MetaWrite};
 use crate::wire::Message;
 use std::sync::Arc;
@@ -128,6 +129,8 @@ enum After {
     IoHere(IoTag, LocalIo),
     /// Handed to the I/O pool.
     PoolIo(IoTag, LocalIo),
+    /// An activity-log transaction finished on the I/O pool (see `Action::WriteLog`).
+    Log { seq: u64, write: AlWrite, flush_data: bool },
     Complete(Pending, BlockResult),
     Action(Action),
 }
@@ -160,6 +163,22 @@ fn carry_out_in_order(shared: &Shared, st: &mut State, io_here: IoHere) -> Vec<A
                 if let Err(e) = written {
                     st.replica.persist_failed(Instant::now(), what, &e, queue.collect());
                     queue = st.replica.take_actions().into_iter();
+                }
+            }
+            Action::WriteLog { update, flush_data } => {
+                let seq = update.transaction.seq();
+                let State { meta, replica, .. } = &mut *st;
+                match meta.begin_al_update(&update, &replica.bitmaps) {
+                    Ok(write) => {
+                        shared.counters.bitmap_pages_written(meta.bitmap_pages_written());
+                        rest.push(After::Log { seq, write, flush_data });
+                    }
+                    Err(e) => {
+                        st.replica.log_written(seq, Err(e.to_string()));
+                        let mut behind: Vec<Action> = queue.collect();
+                        behind.extend(st.replica.take_actions());
+                        queue = behind.into_iter();
+                    }
                 }
             }
             Action::Send { peer, msg, lane, sent_write } => {
@@ -247,6 +266,17 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                     }),
                 );
             }
+            After::Log { seq, write, flush_data } => {
+                let Some(owner) = owner.clone() else { continue };
+                shared.io.run(Box::new(move |data| {
+                    let result = write.finish(flush_data.then_some(data)).map_err(|e| e.to_string());
+                    if result.is_ok() {
+                        owner.counters.al_transaction_written();
+                    }
+                    owner.lock().replica.log_written(seq, result);
+                    owner.changed.notify_all();
+                }));
+            }
             After::Complete(Pending { done, arrived, timed }, result) => {
                 shared.counters.completed(timed, arrived);
                 done(result);
@@ -263,7 +293,7 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                             None => engine.fence_done(peer, generation, FenceOutcome::Failed("no fence-peer handler runs in this process".into())),
                         }
                     }
-                    Action::Send { .. } | Action::Persist(_) | Action::Io { .. } | Action::Complete { .. } => {
+                    Action::Send { .. } | Action::Persist(_) | Action::WriteLog { .. } | Action::Io { .. } | Action::Complete { .. } => {
                         unreachable!("carried out under the lock")
                     }
                 }

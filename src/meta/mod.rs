@@ -23,7 +23,7 @@ pub use activity_log::{
 };
 pub use bitmap::DirtyBitmap;
 pub use layout::{layout, MetaLayout, MetaParams};
-pub use store::{Loaded, MetaStore};
+pub use store::{AlWrite, Loaded, MetaStore};
 pub use superblock::{MetaFlags, PeerSlot, Superblock, Terms};
 pub use uuids::GenerationUuids;
 

@@ -49,6 +49,29 @@ pub struct MetaStore {
     bitmap_pages_written: u64,
 }
 
+/// An activity-log transaction whose bitmap pages are written but not yet durable (see
+/// [`MetaStore::begin_al_update`]).
+pub struct AlWrite {
+    disk: Arc<dyn Disk>,
+    offset: u64,
+    block: Vec<u8>,
+}
+
+impl AlWrite {
+    /// Makes the transaction durable: `data`, the data disk, flushed first when given (the
+    /// transaction evicts extents, whose writes must be durable before the log stops naming
+    /// them), then the bitmap pages, then the transaction block, each durable before the next.
+    pub fn finish(self, data: Option<&dyn Disk>) -> Result<(), MetaError> {
+        if let Some(data) = data {
+            data.sync().map_err(MetaError::io("flushing the data disk before an activity-log transaction"))?;
+        }
+        self.disk.sync().map_err(MetaError::io("writing bitmap pages"))?;
+        let what = "writing an activity-log transaction";
+        self.disk.write_at(&self.block, self.offset).map_err(MetaError::io(what))?;
+        self.disk.sync().map_err(MetaError::io(what))
+    }
+}
+
 /// Reads both superblock slots and picks the current one.
 fn read_superblock(disk: &dyn Disk, meta_len: u64) -> Result<(Superblock, u64, usize), MetaError> {
     let slots = read_slots(disk, meta_len)?;
@@ -140,6 +163,7 @@ impl MetaStore {
         for slot in 0..superblock.peers.len() {
             write_pages(&*disk, layout.bitmap_area_offset(slot), &clear, &pages)?;
         }
+        disk.sync().map_err(MetaError::io("writing bitmap pages"))?;
         let mut store = MetaStore {
             disk,
             layout,
@@ -277,6 +301,19 @@ impl MetaStore {
         bitmap: &DirtyBitmap,
         pages: impl IntoIterator<Item = usize>,
     ) -> Result<(), MetaError> {
+        if self.put_bitmap_pages(slot, bitmap, pages)? {
+            self.disk.sync().map_err(MetaError::io("writing bitmap pages"))?;
+        }
+        Ok(())
+    }
+
+    /// [`MetaStore::write_bitmap_pages`] without the final sync: whether any page was written.
+    fn put_bitmap_pages(
+        &mut self,
+        slot: usize,
+        bitmap: &DirtyBitmap,
+        pages: impl IntoIterator<Item = usize>,
+    ) -> Result<bool, MetaError> {
         self.check_bitmap(slot, bitmap)?;
         let mut pages: Vec<usize> = pages.into_iter().collect();
         pages.sort_unstable();
@@ -289,7 +326,7 @@ impl MetaStore {
                 )));
             }
         } else {
-            return Ok(());
+            return Ok(false);
         }
         if self.superblock.peers[slot].bitmap_crc.is_some() {
             let mut sb = self.superblock.clone();
@@ -298,7 +335,7 @@ impl MetaStore {
         }
         write_pages(&*self.disk, self.layout.bitmap_area_offset(slot), bitmap, &pages)?;
         self.bitmap_pages_written += pages.len() as u64;
-        Ok(())
+        Ok(true)
     }
 
     /// Bitmap pages written durably since the store was opened (evictions of activity-log
@@ -315,6 +352,23 @@ impl MetaStore {
     /// Writes an activity-log transaction durably at its ring position. A transaction that makes
     /// extents hot first durably removes AL_CLEAN from the superblock, if set.
     pub fn write_al_transaction(&mut self, transaction: &AlTransaction) -> Result<(), MetaError> {
+        let write = self.before_al_transaction(transaction)?;
+        self.finish_al_write(write, transaction)
+    }
+
+    /// Finishes `write` here (see [`AlWrite::finish`]); once a transaction that empties the log
+    /// is durable, AL_CLEAN may be written.
+    fn finish_al_write(&mut self, write: AlWrite, transaction: &AlTransaction) -> Result<(), MetaError> {
+        write.finish(None)?;
+        if transaction.empties_log() {
+            self.al_empty = true;
+        }
+        Ok(())
+    }
+
+    /// What must be on disk before `transaction` is written: a transaction that makes extents
+    /// hot removes AL_CLEAN from the superblock first, durably. Returns the transaction's write.
+    fn before_al_transaction(&mut self, transaction: &AlTransaction) -> Result<AlWrite, MetaError> {
         if !transaction.empties_log() {
             self.al_empty = false;
             if self.superblock.flags.contains(MetaFlags::AL_CLEAN) {
@@ -323,14 +377,11 @@ impl MetaStore {
                 self.write_superblock_as_is(sb)?;
             }
         }
-        let what = "writing an activity-log transaction";
-        let offset = self.layout.al_block_offset(transaction.ring_index());
-        self.disk.write_at(transaction.bytes(), offset).map_err(MetaError::io(what))?;
-        self.disk.sync().map_err(MetaError::io(what))?;
-        if transaction.empties_log() {
-            self.al_empty = true;
-        }
-        Ok(())
+        Ok(AlWrite {
+            disk: self.disk.clone(),
+            offset: self.layout.al_block_offset(transaction.ring_index()),
+            block: transaction.bytes().to_vec(),
+        })
     }
 
     /// Makes an activity-log update durable in the required order: first the bitmap pages
@@ -341,6 +392,17 @@ impl MetaStore {
         update: &AlUpdate,
         bitmaps: &[DirtyBitmap],
     ) -> Result<(), MetaError> {
+        let write = self.begin_al_update(update, bitmaps)?;
+        self.finish_al_write(write, &update.transaction)
+    }
+
+    /// The part of [`MetaStore::write_al_update`] that reads `bitmaps`: the bitmap pages of the
+    /// evicted extents are written (not yet durably) as they stand now, so whoever holds the
+    /// bitmaps may change them again at once, and any later write of those pages is newer.
+    /// [`AlWrite::finish`] does the rest, and may run on another thread meanwhile. A
+    /// transaction that empties the log goes through [`MetaStore::write_al_update`], which
+    /// records that the log is empty once it is durable.
+    pub fn begin_al_update(&mut self, update: &AlUpdate, bitmaps: &[DirtyBitmap]) -> Result<AlWrite, MetaError> {
         self.check_bitmap_count(bitmaps)?;
         if !update.evicted.is_empty() {
             for (slot, bitmap) in bitmaps.iter().enumerate() {
@@ -349,10 +411,10 @@ impl MetaStore {
                     .iter()
                     .flat_map(|&e| bitmap.pages_for_range(extent_offset(e), AL_EXTENT_SIZE))
                     .collect();
-                self.write_bitmap_pages(slot, bitmap, pages)?;
+                self.put_bitmap_pages(slot, bitmap, pages)?;
             }
         }
-        self.write_al_transaction(&update.transaction)
+        self.before_al_transaction(&update.transaction)
     }
 
     /// Persists everything for a clean stop: the dirty bitmap pages, an empty activity log, then
@@ -486,8 +548,8 @@ impl MetaStore {
         Ok(log)
     }
 }
-/// Writes `pages` (sorted, distinct) of `bitmap` durably into the bitmap area at `area`,
-/// consecutive pages coalesced into one write.
+/// Writes `pages` (sorted, distinct) of `bitmap` into the bitmap area at `area`, consecutive
+/// pages coalesced into one write; the caller makes them durable.
 fn write_pages(disk: &dyn Disk, area: u64, bitmap: &DirtyBitmap, pages: &[usize]) -> Result<(), MetaError> {
     let what = "writing bitmap pages";
     let mut i = 0;
@@ -503,6 +565,6 @@ fn write_pages(disk: &dyn Disk, area: u64, bitmap: &DirtyBitmap, pages: &[usize]
         disk.write_at(&buf, area + pages[i] as u64 * BLOCK).map_err(MetaError::io(what))?;
         i += run;
     }
-    disk.sync().map_err(MetaError::io(what))
+    Ok(())
 }
 

@@ -81,6 +81,14 @@ pub enum Action {
     /// Make `MetaWrite` durable; on failure the driver hands the actions queued behind it to
     /// [`crate::replica::Replica::persist_failed`] instead of carrying them out.
     Persist(MetaWrite),
+    /// Make an activity-log transaction durable without holding back the actions queued after
+    /// it (the writes that need it wait in the replica, which is how writes arriving meanwhile
+    /// gather into the next one): write the bitmap pages of the extents it evicts, for every
+    /// peer slot, as they stand when this is carried out; then, off the hot path, flush the
+    /// data disk if `flush_data` (an extent leaves the log only with its writes durable), make
+    /// those pages durable, and write the transaction durably, in that order. The result goes
+    /// to [`crate::replica::Replica::log_written`] with the transaction's sequence number.
+    WriteLog { update: crate::meta::AlUpdate, flush_data: bool },
     /// Send `msg` to `peer` if its link is still up. `sent_write`: protocol A's completion,
     /// reported back for this write once the frame has been handed to the kernel.
     Send { peer: u8, msg: Message, lane: Lane, sent_write: Option<u64> },

@@ -146,6 +146,8 @@ pub struct Replica {
     pub send_queue_bytes: usize,
     /// Admitted writes not started yet, in arrival order (see `Replica::start_waiting`).
     waiting: VecDeque<QueuedWrite>,
+    /// The activity-log transaction being written (see [`Action::WriteLog`]).
+    log_in_flight: Option<AlUpdate>,
     /// Writes that arrived while this primary had no quorum (suspend-io), not yet written
     /// anywhere, in arrival order.
     held: VecDeque<QueuedWrite>,
@@ -402,6 +404,7 @@ impl Replica {
             awaiting_room: VecDeque::new(),
             send_queue_bytes: a.send_queue_bytes,
             waiting: VecDeque::new(),
+            log_in_flight: None,
             held: VecDeque::new(),
             held_reads: Vec::new(),
             suspended: Vec::new(),
@@ -505,6 +508,8 @@ impl Replica {
         for action in rest.into_iter().chain(since) {
             match action {
                 Action::Send { .. } | Action::Persist(_) | Action::StartResync { .. } => {}
+                // Never written: the writes waiting for it fail with the disk.
+                Action::WriteLog { .. } => self.log_in_flight = None,
                 Action::Io { tag, .. } => failed_io.push(tag),
                 Action::Complete { request, result: Ok(_) } => kept.push(Action::Complete { request, result: Err(BlockError::Io) }),
                 other => kept.push(other),

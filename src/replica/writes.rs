@@ -12,7 +12,7 @@ use crate::core::inflight::{AckLevel, Finished, LocalFailure, PeerSet};
 use crate::core::quorum::Admission;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::frontend::{BlockError, BlockRequest, BlockResult};
-use crate::meta::activity_log::{extents_for, AlError, AlPrepared};
+use crate::meta::activity_log::{extents_for, AlError, AlJoined};
 use crate::wire::{Message, MAX_DATA_BYTES};
 use bytes::Bytes;
 use std::time::Instant;
@@ -36,6 +36,18 @@ pub struct QueuedWrite {
     pub request: RequestId,
     pub offset: u64,
     pub kind: WriteKind,
+    log: LogStep,
+}
+
+/// Where a waiting write stands with the activity log (see `Replica::start_waiting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogStep {
+    /// No reference taken on its extents yet.
+    NotJoined,
+    /// Its extents are referenced, some hot only in the transaction being written.
+    Awaiting,
+    /// Its extents are referenced and durably hot: it starts as soon as nothing overlaps it.
+    Hot,
 }
 
 impl QueuedWrite {
@@ -88,7 +100,7 @@ impl Replica {
     /// A request from the frontend. `queued_bytes`: how much waits in each peer's send queue,
     /// by its node id (see `replica/send_queue.rs`).
     pub fn submit(&mut self, now: Instant, request: RequestId, req: BlockRequest, queued_bytes: impl Fn(u8) -> usize) {
-        let write = |offset, kind| QueuedWrite { request, offset, kind };
+        let write = |offset, kind| QueuedWrite { request, offset, kind, log: LogStep::NotJoined };
         if !matches!(req, BlockRequest::Read { .. } | BlockRequest::Flush) {
             self.note_send_queues(queued_bytes);
         }
@@ -201,7 +213,10 @@ impl Replica {
 
     /// Starts every waiting write that may start: none overlapping an earlier waiting one (so
     /// overlapping writes start in arrival order), a write in flight or a resync read, and
-    /// each with its activity-log extents hot or made hot.
+    /// each with its activity-log extents durably hot. The writes that need cold extents join
+    /// one batch, made durable by one transaction for all of them ([`Action::WriteLog`]),
+    /// while the writes into hot extents go on; writes that need a cold extent while that
+    /// transaction is written wait for the next one, so writes arriving together share it.
     pub(super) fn start_waiting(&mut self) {
         let mut blocked: Vec<(u64, u64)> = Vec::new();
         let mut i = 0;
@@ -209,12 +224,19 @@ impl Replica {
             let range = (self.waiting[i].offset, self.waiting[i].len());
             if let Some(e) = self.write_refusal() {
                 let write = self.waiting.remove(i).expect("indexed");
+                self.leave_log(&write);
                 self.answer(write.request, Err(e));
                 continue;
             }
-            if blocked.iter().any(|&b| overlap(b, range)) || self.overlaps_busy(range.0, range.1) {
+            let awaiting = self.waiting[i].log == LogStep::Awaiting;
+            if awaiting || blocked.iter().any(|&b| overlap(b, range)) || self.overlaps_busy(range.0, range.1) {
                 blocked.push(range);
                 i += 1;
+                continue;
+            }
+            if self.waiting[i].log == LogStep::Hot {
+                let write = self.waiting.remove(i).expect("indexed");
+                self.start_write(write);
                 continue;
             }
             let Some(extents) = extents_for(range.0, range.1) else {
@@ -222,15 +244,22 @@ impl Replica {
                 self.answer(write.request, Err(BlockError::Invalid));
                 continue;
             };
-            match self.al.prepare(extents) {
-                Ok(prepared) => {
+            match self.al.join(extents) {
+                Ok(AlJoined::AllHot) => {
                     let write = self.waiting.remove(i).expect("indexed");
-                    self.start_write(write, prepared);
+                    self.start_write(write);
+                }
+                Ok(AlJoined::Batched) => {
+                    self.waiting[i].log = LogStep::Awaiting;
+                    blocked.push(range);
+                    i += 1;
                 }
                 Err(AlError::Busy) => {
                     // Every extent is held, some by writes whose epoch no barrier closed yet:
-                    // close it, so their acks free extents (nothing else might).
-                    if self.peers.iter().any(|p| p.is_replicating() && p.tl.open_epoch_writes() > 0) {
+                    // close it, so their acks free extents (nothing else might). Not while a
+                    // transaction is being written or gathered: the writes behind it free none.
+                    let log_busy = self.log_in_flight.is_some() || self.al.batch_open();
+                    if !log_busy && self.peers.iter().any(|p| p.is_replicating() && p.tl.open_epoch_writes() > 0) {
                         self.close_epoch();
                     }
                     blocked.push(range);
@@ -243,16 +272,42 @@ impl Replica {
                 }
             }
         }
+        if let Some(update) = self.al.seal() {
+            let flush_data = !update.evicted.is_empty();
+            self.outbox.push(Action::WriteLog { update: update.clone(), flush_data });
+            self.log_in_flight = Some(update);
+        }
+    }
+
+    /// The activity-log transaction `seq` was written ([`Action::WriteLog`]): the writes that
+    /// waited for it start, or, if it failed, this node detaches from its disk and they fail
+    /// with it.
+    pub fn log_written(&mut self, seq: u64, result: Result<(), String>) {
+        let Some(update) = self.log_in_flight.take_if(|update| update.transaction.seq() == seq) else { return };
+        match result {
+            Ok(()) => {
+                self.al.commit(update);
+                for write in self.waiting.iter_mut().filter(|w| w.log == LogStep::Awaiting) {
+                    write.log = LogStep::Hot;
+                }
+            }
+            Err(e) => self.detach(format!("a metadata write (activity-log transaction) failed: {e}")),
+        }
+        self.start_waiting();
+    }
+
+    /// Drops the activity-log references a waiting write took, if it took any.
+    fn leave_log(&mut self, write: &QueuedWrite) {
+        if write.log != LogStep::NotJoined {
+            if let Some(extents) = extents_for(write.offset, write.len()) {
+                self.al.release(extents);
+            }
+        }
     }
 
     /// Sends a write to the replicating peers (the others get it in their bitmap) and to the
-    /// local disk, behind the activity-log transaction that makes its extents hot if one is due.
-    fn start_write(&mut self, write: QueuedWrite, prepared: AlPrepared) {
-        if let AlPrepared::Transaction(update) = prepared {
-            // Committed in memory now; the driver makes it durable before anything queued after
-            // it, the local write included.
-            self.commit_al(update);
-        }
+    /// local disk; its activity-log extents are durably hot and referenced for it.
+    fn start_write(&mut self, write: QueuedWrite) {
         let (offset, len, fua) = (write.offset, write.len(), write.fua());
         let level = if fua { AckLevel::Written } else { ack_level(self.protocol) };
         let mut targets = PeerSet::default();
@@ -545,7 +600,7 @@ impl Replica {
 
     /// Whether no write is in flight or waiting to start (a demotion's final flush waits for it).
     pub fn writes_idle(&self) -> bool {
-        self.inflight.is_empty() && self.waiting.is_empty() && self.awaiting_room.is_empty()
+        self.inflight.is_empty() && self.waiting.is_empty() && self.awaiting_room.is_empty() && self.log_in_flight.is_none()
     }
 
     /// A resync or verify reads `range`: writes into it wait until [`Replica::read_unlock`].
