@@ -134,6 +134,13 @@ pub struct AlUpdate {
     added: Vec<u64>,
 }
 
+impl AlUpdate {
+    /// The extents it makes hot.
+    pub fn added(&self) -> &[u64] {
+        &self.added
+    }
+}
+
 /// The outcome of [`ActivityLog::join`]; either way the range's reference counts are taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlJoined {

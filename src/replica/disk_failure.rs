@@ -156,7 +156,7 @@ mod tests {
     use crate::core::inflight::{AckLevel, LocalFailure};
     use crate::core::states::DiskState;
     use crate::frontend::{BlockError, BlockRequest};
-    use crate::replica::testing::{primary_replicating, secondary_of_primary};
+    use crate::replica::testing::{primary_replicating, secondary_of_primary, settled};
     use crate::meta::MetaFlags;
     use crate::replica::{Action, IoTag, Replica};
     use crate::wire::Message;
@@ -174,7 +174,7 @@ mod tests {
     /// write with `failure` once the peer has it: what the primary does then.
     fn write_failing_here(r: &mut Replica, t0: Instant, failure: LocalFailure) -> Vec<Action> {
         r.submit(t0, 1, BlockRequest::Write { offset: 8192, data: Bytes::from(vec![9u8; 4096]), fua: false }, |_| 0);
-        let actions = r.take_actions();
+        let actions = settled(r);
         assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "the peer gets it");
         let id = actions.iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
@@ -195,7 +195,7 @@ mod tests {
         assert!(r.io_failed.is_some());
         r.submit(t0, 2, BlockRequest::Read { offset: 0, len: 4096 }, |_| 0);
         r.submit(t0, 3, BlockRequest::Write { offset: 0, data: Bytes::from(vec![1u8; 4096]), fua: false }, |_| 0);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. })), "{actions:?}");
         assert_eq!(answers(&actions), vec![(2, Some(BlockError::Io)), (3, Some(BlockError::Io))]);
         // Demoted, it reconnects: the decision at connect resyncs the marked blocks.
@@ -267,7 +267,7 @@ mod tests {
         r.sb.flags.insert(MetaFlags::OWN_STREAM);
         let data = Bytes::from(vec![9u8; 4096]);
         r.submit(t0, 1, BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
+        let id = settled(&mut r).iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("the local write");

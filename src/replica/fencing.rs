@@ -192,7 +192,7 @@ mod tests {
     use crate::core::states::{DiskState, Role};
     use crate::frontend::{BlockError, BlockRequest, BlockResult};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, secondary_state, with_data_peer_and_witness};
+    use crate::replica::testing::{primary_replicating, secondary_state, settled, with_data_peer_and_witness};
     use crate::replica::{Action, IoTag, MetaWrite, Replica};
     use crate::wire::Message;
     use bytes::Bytes;
@@ -222,7 +222,7 @@ mod tests {
         let (mut r, t0) = primary_replicating();
         r.fencing = fencing;
         r.submit(t0, 1, write(0), |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
+        let id = settled(&mut r).iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("the local write");
@@ -241,7 +241,7 @@ mod tests {
         assert!(answers(&actions).is_empty(), "the write in flight is held: {actions:?}");
         r.submit(t0, 2, write(8192), |_| 0);
         r.submit(t0, 3, BlockRequest::Flush, |_| 0);
-        for a in r.take_actions() {
+        for a in settled(&mut r) {
             if let Action::Io { tag: tag @ IoTag::Flush(_), .. } = a {
                 r.io_done(t0, tag, Ok(None));
             }
@@ -275,7 +275,7 @@ mod tests {
         r.fencing = Fencing::ResourceAndStonith;
         let left = r.sb.uuids.current;
         r.submit(t0, 1, BlockRequest::Write { offset: 0, data: Bytes::from(vec![7u8; 4096]), fua: true }, |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
+        let id = settled(&mut r).iter().find_map(|a| match a {
             Action::Io { tag: IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("the local write");
@@ -323,7 +323,7 @@ mod tests {
             }
             r.submit(t0, 2, write(8192), |_| 0);
             r.submit(t0, 3, BlockRequest::Read { offset: 0, len: 4096 }, |_| 0);
-            let actions = r.take_actions();
+            let actions = settled(&mut r);
             if ok {
                 assert!(answers(&actions).is_empty(), "exit code {code}: served as before: {actions:?}");
             } else {
@@ -351,12 +351,12 @@ mod tests {
         assert_eq!(answers(&r.take_actions()), vec![(1, Err(BlockError::Io))], "the held write fails");
         assert_eq!(r.io_suspended(), Some("fence-failed"));
         r.submit(t0, 2, write(8192), |_| 0);
-        assert_eq!(answers(&r.take_actions()), vec![(2, Err(BlockError::Io))], "so do new ones");
+        assert_eq!(answers(&settled(&mut r)), vec![(2, Err(BlockError::Io))], "so do new ones");
         r.resume_io(t0).expect("something to resume");
         assert_eq!(r.io_suspended(), None);
         assert!(r.resume_io(t0).is_err(), "nothing left to resume");
         r.submit(t0, 3, write(8192), |_| 0);
-        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Io { tag: IoTag::Write(_), .. })), "writes go on");
+        assert!(settled(&mut r).iter().any(|a| matches!(a, Action::Io { tag: IoTag::Write(_), .. })), "writes go on");
 
         // The same, ended by the peer's return instead.
         let (mut r, t0, generation) = lost_with_a_write_in_flight(Fencing::ResourceAndStonith);
@@ -401,7 +401,7 @@ mod tests {
         assert_eq!(r.io_suspended(), None);
         r.fence_done(t0, 1, generation, FenceOutcome::Failed("killed by signal 9".into()));
         r.submit(t0, 2, write(8192), |_| 0);
-        assert!(r.take_actions().iter().any(|a| matches!(a, Action::Io { tag: IoTag::Write(_), .. })), "a broken handler is only logged");
+        assert!(settled(&mut r).iter().any(|a| matches!(a, Action::Io { tag: IoTag::Write(_), .. })), "a broken handler is only logged");
     }
 
     #[test]

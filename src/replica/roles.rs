@@ -285,7 +285,7 @@ mod tests {
     use super::PromoteRefusal;
     use crate::core::states::{DiskState, Role};
     use crate::meta::MetaFlags;
-    use crate::replica::testing::{primary_replicating, secondary_state, two_node_replica};
+    use crate::replica::testing::{primary_replicating, secondary_state, settled, two_node_replica};
     use crate::replica::{Action, MetaWrite, Replica};
     use std::time::Instant;
     use crate::wire::Message;
@@ -337,7 +337,7 @@ mod tests {
     fn demotion_empties_the_activity_log_before_the_superblock_says_clean() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, crate::frontend::BlockRequest::Write { offset: 0, data: vec![1u8; 4096].into(), fua: false }, |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
+        let id = settled(&mut r).iter().find_map(|a| match a {
             Action::Io { tag: crate::replica::IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("written");

@@ -42,7 +42,9 @@ impl Replica {
     }
 
     /// Bulk bytes waiting for `peer`: in its link's queue as last reported, and here, queued
-    /// for the driver and not yet handed to the link.
+    /// for the driver and not yet handed to the link, or the data of writes admitted and not
+    /// started yet (waiting for an activity-log transaction, say), which every replicating
+    /// peer is sent when they start.
     fn queued_for(&self, peer: &Peer) -> usize {
         let outbox: usize = self
             .outbox
@@ -52,7 +54,7 @@ impl Replica {
                 _ => 0,
             })
             .sum();
-        peer.queued_bytes + outbox
+        peer.queued_bytes + outbox + self.waiting_data_bytes()
     }
 
     fn send_queue_full(&self) -> bool {
@@ -120,18 +122,9 @@ impl Replica {
 mod tests {
     use crate::core::states::ReplState;
     use crate::frontend::{BlockError, BlockRequest};
-    use crate::replica::testing::{answers, primary_replicating, write};
+    use crate::replica::testing::{answers, data_sent, primary_replicating, settled, write};
     use crate::replica::{Action, IoTag, Replica};
     use crate::wire::Message;
-
-    /// The data frames to the peer among `actions`, by offset.
-    fn data_sent(actions: &[Action]) -> Vec<u64> {
-        let offset = |a: &Action| match a {
-            Action::Send { msg: Message::Data { offset, .. }, .. } => Some(*offset),
-            _ => None,
-        };
-        actions.iter().filter_map(offset).collect()
-    }
 
     /// The local writes among `actions`.
     fn local_writes(actions: &[Action]) -> usize {
@@ -165,7 +158,7 @@ mod tests {
         // A write starts while the queue holds no more than the limit: at 4 KiB below it, the
         // first two go, in order; the third waits for the next report.
         r.send_queues(t0, |_| (64 << 10) - 4096);
-        assert_eq!(data_sent(&r.take_actions()), vec![0, 8192]);
+        assert_eq!(data_sent(&settled(&mut r)), vec![0, 8192]);
         assert_eq!(r.awaiting_room(), 1);
         r.send_queues(t0, |_| 0);
         assert_eq!(data_sent(&r.take_actions()), vec![16384]);
@@ -178,7 +171,7 @@ mod tests {
         r.submit(t0, 1, write(0, 4096), |_| 1 << 20);
         assert_eq!(r.awaiting_room(), 1);
         r.peer_lost(t0, 1, "test", 0);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert_eq!(local_writes(&actions), 1, "written here, marked for the peer: {actions:?}");
         assert!(data_sent(&actions).is_empty());
         assert!(r.bitmaps[0].weight() > 0);
@@ -202,7 +195,7 @@ mod tests {
         r.protocol = crate::config::Protocol::A;
         r.congestion_fill = Some(1 << 20);
         r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert_eq!(r.peer(1).repl, ReplState::Ahead);
         let last = actions.iter().find_map(|a| match a {
             Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
@@ -223,7 +216,7 @@ mod tests {
         // Its queue holds the resync's own traffic: going Ahead would start the resync over.
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.submit(t0, 1, write(0, 4096), |_| 2 << 20);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert_eq!(r.peer(1).repl, ReplState::SyncSource);
         assert_eq!(data_sent(&actions), vec![0], "it gets the write: {actions:?}");
     }

@@ -30,6 +30,38 @@ pub fn three_node_replica() -> (Replica, Instant) {
     replica_with_peers(&[1, 2], MetaParams::default().bitmap_block_size)
 }
 
+/// The replica's actions, with every activity-log transaction among them written as a driver
+/// writes it (reported by `Replica::log_written`), followed by what that let go.
+pub fn settled(r: &mut Replica) -> Vec<Action> {
+    let mut all = Vec::new();
+    loop {
+        let actions = r.take_actions();
+        if actions.is_empty() {
+            return all;
+        }
+        let written: Vec<u64> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::WriteLog { update, .. } => Some(update.transaction.seq()),
+                _ => None,
+            })
+            .collect();
+        all.extend(actions);
+        for seq in written {
+            r.log_written(seq, Ok(()));
+        }
+    }
+}
+
+/// The data frames to peers among `actions`, by offset.
+pub fn data_sent(actions: &[Action]) -> Vec<u64> {
+    let offset = |a: &Action| match a {
+        Action::Send { msg: crate::wire::Message::Data { offset, .. }, .. } => Some(*offset),
+        _ => None,
+    };
+    actions.iter().filter_map(offset).collect()
+}
+
 /// A clock for tests of what a paced walk (a resync, a verify) does rather than how fast: each
 /// reading is a second after the last, so the rate controller never holds the walk back.
 pub struct Ticks(pub Instant);

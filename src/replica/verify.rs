@@ -164,7 +164,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::VerifyStep;
-    use crate::replica::testing::primary_replicating;
+    use crate::replica::testing::{primary_replicating, settled};
     use crate::replica::{Action, VerifyState};
     use crate::wire::Message;
 
@@ -219,7 +219,7 @@ mod tests {
         let generation = r.verify_start(t0).unwrap()[0].1;
         let data = bytes::Bytes::from(vec![7u8; 4096]);
         r.submit(t0, 1, crate::frontend::BlockRequest::Write { offset: 8192, data, fua: false }, |_| 0);
-        let id = r.take_actions().iter().find_map(|a| match a {
+        let id = settled(&mut r).iter().find_map(|a| match a {
             Action::Io { tag: crate::replica::IoTag::Write(id), .. } => Some(*id),
             _ => None,
         }).expect("the local write");

@@ -200,7 +200,7 @@ mod tests {
     use crate::core::quorum::QuorumPolicy;
     use crate::core::states::{DiskState, ReplState, Role};
     use crate::frontend::BlockRequest;
-    use crate::replica::testing::{answers, primary_replicating, secondary_state, two_node_replica, vote_request, with_data_peer_and_witness, write};
+    use crate::replica::testing::{answers, primary_replicating, secondary_state, settled, two_node_replica, vote_request, with_data_peer_and_witness, write};
     use crate::replica::{Action, LocalIo, PromoteStep};
     use crate::wire::Message;
 
@@ -240,8 +240,7 @@ mod tests {
         assert!(r.take_actions().iter().any(|a| matches!(a, Action::Io { op: LocalIo::Read { .. }, .. })), "the read is made");
         // A write is made, but its completion waits for the witness to know the generation.
         r.submit(t0, 2, write(0, 4096), |_| 0);
-        let tag = r
-            .take_actions()
+        let tag = settled(&mut r)
             .into_iter()
             .find_map(|a| match a {
                 Action::Io { tag, op: LocalIo::Write { .. } } => Some(tag),

@@ -58,6 +58,14 @@ impl QueuedWrite {
         }
     }
 
+    /// The bytes its Data frame carries (none for zeroes).
+    fn payload_len(&self) -> usize {
+        match &self.kind {
+            WriteKind::Data { data, .. } => data.len(),
+            WriteKind::Zeroes { .. } => 0,
+        }
+    }
+
     fn fua(&self) -> bool {
         match &self.kind {
             WriteKind::Data { fua, .. } | WriteKind::Zeroes { fua, .. } => *fua,
@@ -598,6 +606,11 @@ impl Replica {
         self.suspended.len() + self.held.len() + self.held_reads.len()
     }
 
+    /// The data of the admitted writes not started yet.
+    pub(super) fn waiting_data_bytes(&self) -> usize {
+        self.waiting.iter().map(QueuedWrite::payload_len).sum()
+    }
+
     /// Whether no write is in flight or waiting to start (a demotion's final flush waits for it).
     pub fn writes_idle(&self) -> bool {
         self.inflight.is_empty() && self.waiting.is_empty() && self.awaiting_room.is_empty() && self.log_in_flight.is_none()
@@ -674,8 +687,8 @@ impl From<LocalFailure> for BlockError {
 mod tests {
     use crate::core::inflight::{AckLevel, LocalFailure};
     use crate::frontend::{BlockError, BlockRequest};
-    use crate::replica::testing::{answers, primary_replicating, write};
-    use crate::replica::{Action, IoTag, MetaWrite, Replica};
+    use crate::replica::testing::{answers, data_sent, primary_replicating, settled, write};
+    use crate::replica::{Action, IoTag, Replica};
     use crate::wire::{Message, MAX_DATA_BYTES};
 
     fn no_queue(_: u8) -> usize {
@@ -692,7 +705,7 @@ mod tests {
         r.on_no_quorum = OnNoQuorum::IoError;
         let timing = r.timing;
         r.submit(t0, 1, write(0, 4096), no_queue);
-        let id = local_writes(&r.take_actions())[0];
+        let id = local_writes(&settled(&mut r))[0];
         r.io_done(t0, IoTag::Write(id), Ok(None));
         // The data peer's link goes; the witness, silent from now on, still reports the
         // generation this node leaves for it.
@@ -733,8 +746,8 @@ mod tests {
         r.submit(t0, 10, write(0, 4096), no_queue);
         r.submit(t0, 11, write(0, 4096), no_queue);
         r.submit(t0, 12, write(8192, 4096), no_queue);
-        let actions = r.take_actions();
-        let first = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))).expect("a cold extent");
+        let actions = settled(&mut r);
+        let first = actions.iter().position(|a| matches!(a, Action::WriteLog { .. })).expect("a cold extent");
         let io = actions.iter().position(|a| matches!(a, Action::Io { .. })).expect("a local write");
         assert!(first < io, "the activity log's transaction goes before the write into its extent: {actions:?}");
         let started = local_writes(&actions);
@@ -760,7 +773,7 @@ mod tests {
     fn a_write_larger_than_a_frame_goes_in_pieces_and_completes_once_with_the_first_error() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 5, write(0, 2 * MAX_DATA_BYTES + 4096), no_queue);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         let ids = local_writes(&actions);
         assert_eq!(ids.len(), 3);
         r.io_done(t0, IoTag::Write(ids[1]), Err(LocalFailure::NoSpace));
@@ -788,7 +801,7 @@ mod tests {
     fn a_flush_waits_for_the_local_flush_and_the_barrier_ack() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, write(0, 4096), no_queue);
-        let id = local_writes(&r.take_actions())[0];
+        let id = local_writes(&settled(&mut r))[0];
         finish(&mut r, t0, id);
         r.take_actions();
         r.submit(t0, 2, BlockRequest::Flush, no_queue);
@@ -807,12 +820,77 @@ mod tests {
         assert_eq!(completions(&r.take_actions()), vec![(2, true)]);
     }
 
+    /// The activity-log transactions among `actions`, by sequence number, with what they add.
+    fn log_writes(actions: &[Action]) -> Vec<(u64, Vec<u64>)> {
+        actions.iter().filter_map(|a| match a {
+            Action::WriteLog { update, .. } => {
+                let mut added = update.added().to_vec();
+                added.sort_unstable();
+                Some((update.transaction.seq(), added))
+            }
+            _ => None,
+        }).collect()
+    }
+
+    #[test]
+    fn writes_arriving_while_a_transaction_is_written_share_the_next_and_hot_ones_go_on() {
+        let (mut r, t0) = primary_replicating();
+        let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let actions = r.take_actions();
+        let logs = log_writes(&actions);
+        let [(first, added)] = &logs[..] else { panic!("one transaction: {actions:?}") };
+        assert_eq!(added, &[0]);
+        assert!(local_writes(&actions).is_empty() && data_sent(&actions).is_empty(), "the write waits for it: {actions:?}");
+        // Meanwhile: two writes into other cold extents, one more into the extent being made hot.
+        r.submit(t0, 2, write(extent, 4096), no_queue);
+        r.submit(t0, 3, write(2 * extent, 4096), no_queue);
+        r.submit(t0, 4, write(8192, 4096), no_queue);
+        let actions = r.take_actions();
+        assert!(log_writes(&actions).is_empty(), "one transaction at a time: {actions:?}");
+        assert!(local_writes(&actions).is_empty() && data_sent(&actions).is_empty(), "{actions:?}");
+        r.log_written(*first, Ok(()));
+        let actions = r.take_actions();
+        assert_eq!(data_sent(&actions), vec![0, 8192], "the writes into extent 0 start");
+        assert_eq!(local_writes(&actions).len(), 2);
+        let logs = log_writes(&actions);
+        let [(second, added)] = &logs[..] else { panic!("one transaction for both: {actions:?}") };
+        assert_eq!(added, &[1, 2]);
+        // A write into a durably hot extent does not wait for the transaction being written.
+        r.submit(t0, 5, write(16384, 4096), no_queue);
+        let actions = r.take_actions();
+        assert_eq!(data_sent(&actions), vec![16384], "{actions:?}");
+        r.log_written(*second, Ok(()));
+        let actions = r.take_actions();
+        assert_eq!(data_sent(&actions), vec![extent, 2 * extent]);
+        assert!(log_writes(&actions).is_empty());
+    }
+
+    #[test]
+    fn a_demotion_waits_for_the_transaction_being_written_and_empties_the_log() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let logs = log_writes(&r.take_actions());
+        let [(seq, _)] = logs[..] else { panic!("a transaction") };
+        r.begin_demotion(t0);
+        r.take_actions();
+        assert!(!r.writes_idle(), "the transaction is still being written");
+        r.log_written(seq, Ok(()));
+        let actions = r.take_actions();
+        assert_eq!(answers(&actions), vec![(1, Err(BlockError::ReadOnly))], "the write that waited is refused");
+        assert!(local_writes(&actions).is_empty() && data_sent(&actions).is_empty(), "and never started: {actions:?}");
+        assert!(r.writes_idle());
+        r.finish_demotion();
+        assert!(r.al.hot_extents().is_empty(), "the refused write held no extent");
+        assert!(r.sb.flags.contains(crate::meta::MetaFlags::AL_CLEAN));
+    }
+
     #[test]
     fn an_extent_leaves_the_activity_log_only_after_the_data_disk_was_flushed() {
         let (mut r, t0) = primary_replicating();
         r.al = crate::meta::ActivityLog::new(1);
         r.submit(t0, 1, write(0, 4096), no_queue);
-        let id = local_writes(&r.take_actions())[0];
+        let id = local_writes(&settled(&mut r))[0];
         finish(&mut r, t0, id);
         // A flush frees the extent (the peer's barrier ack covers the write); the local
         // flush is left pending, as a driver that has not carried it out yet.
@@ -822,41 +900,44 @@ mod tests {
         r.take_actions();
         let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
         r.submit(t0, 3, write(extent, 4096), no_queue);
-        let actions = r.take_actions();
-        let flushed = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::DataFlush))).expect("a data flush");
-        let logged = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(u)) if u.evicted == [0])).expect("extent 0 evicted");
+        let actions = settled(&mut r);
+        let logged = actions
+            .iter()
+            .position(|a| matches!(a, Action::WriteLog { update, flush_data: true } if update.evicted == [0]))
+            .expect("extent 0 evicted behind a flush of the data disk");
         let written = actions.iter().position(|a| matches!(a, Action::Io { op: crate::replica::LocalIo::Write { .. }, .. })).expect("the write");
-        assert!(flushed < logged && logged < written, "{actions:?}");
+        assert!(logged < written, "{actions:?}");
         // A transaction that evicts nothing flushes nothing.
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, write(0, 4096), no_queue);
-        let actions = r.take_actions();
-        assert!(actions.iter().any(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))));
-        assert!(!actions.iter().any(|a| matches!(a, Action::Persist(MetaWrite::DataFlush))), "{actions:?}");
+        let actions = settled(&mut r);
+        assert!(actions.iter().any(|a| matches!(a, Action::WriteLog { flush_data: false, .. })), "{actions:?}");
     }
 
     #[test]
     fn a_failed_activity_log_write_detaches_the_disk_and_fails_the_write_behind_it() {
         let (mut r, t0) = primary_replicating();
         r.submit(t0, 1, write(0, 4096), no_queue);
-        let mut actions = r.take_actions();
-        let at = actions.iter().position(|a| matches!(a, Action::Persist(MetaWrite::ActivityLog(_)))).expect("a transaction");
-        let rest = actions.split_off(at + 1);
-        let Some(Action::Persist(what)) = actions.pop() else { unreachable!() };
-        assert!(rest.iter().any(|a| matches!(a, Action::Send { msg: Message::Data { .. }, .. })), "{rest:?}");
-        r.persist_failed(t0, what, "EIO", rest);
+        let actions = r.take_actions();
+        let seq = actions.iter().find_map(|a| match a {
+            Action::WriteLog { update, .. } => Some(update.transaction.seq()),
+            _ => None,
+        }).expect("a transaction");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. })), "the write waits for it: {actions:?}");
+        r.log_written(seq, Err("EIO".into()));
         assert_eq!(r.disk, crate::core::states::DiskState::Failed);
         let actions = r.take_actions();
-        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_))), "nothing reaches a disk or a peer: {actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_) | Action::WriteLog { .. })), "nothing reaches a disk or a peer: {actions:?}");
         assert!(actions.iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })), "the node detaches: {actions:?}");
+        assert_eq!(answers(&actions), vec![(1, Err(BlockError::Io))], "the write that waited fails");
         assert_eq!(r.link_refusal(1), Some(crate::replica::DETACHED));
         r.peer_lost(t0, 1, crate::replica::DETACHED, 0);
-        assert_eq!(answers(&r.take_actions()), vec![(1, Err(BlockError::Io))]);
+        assert!(r.writes_idle());
         // Until `down` and `up`, every request fails and nothing is written.
         r.submit(t0, 2, BlockRequest::Flush, no_queue);
         r.submit(t0, 3, BlockRequest::Read { offset: 0, len: 4096 }, no_queue);
         r.submit(t0, 4, write(8192, 4096), no_queue);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert!(!actions.iter().any(|a| matches!(a, Action::Io { .. } | Action::Send { .. } | Action::Persist(_))), "{actions:?}");
         assert_eq!(answers(&actions), vec![(2, Err(BlockError::Io)), (3, Err(BlockError::Io)), (4, Err(BlockError::Io))]);
     }
