@@ -115,3 +115,8 @@ fn checker_6_catches_a_verify_that_reads_beside_writes_in_flight() {
 fn checker_8_catches_a_device_left_behind_serving_over_changed_data() {
     demonstrate(Rule::LeftBehindOnAnyData, 8);
 }
+
+#[test]
+fn checker_4_catches_writes_made_before_their_activity_log_transaction() {
+    demonstrate(Rule::WritesBeforeTheirLog, 4);
+}

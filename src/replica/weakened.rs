@@ -22,6 +22,9 @@ pub enum Rule {
     VerifyBesideWrites,
     /// Writes that wait for room in a send queue wait for ever.
     RoomNeverMade,
+    /// A primary's writes into cold extents start before their activity-log transaction is
+    /// durable.
+    WritesBeforeTheirLog,
     /// A device left behind by a daemon killed as primary serves again whatever data this node
     /// holds by then (only a primary seen, or a vote refused, gives it up).
     LeftBehindOnAnyData,

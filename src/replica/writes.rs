@@ -13,6 +13,7 @@ use crate::core::quorum::Admission;
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::frontend::{BlockError, BlockRequest, BlockResult};
 use crate::meta::activity_log::{extents_for, AlError, AlJoined};
+use super::weakened::{is_weakened, Rule};
 use crate::wire::{Message, MAX_DATA_BYTES};
 use bytes::Bytes;
 use std::time::Instant;
@@ -253,11 +254,11 @@ impl Replica {
                 continue;
             };
             match self.al.join(extents) {
-                Ok(AlJoined::AllHot) => {
+                Ok(joined) if joined == AlJoined::AllHot || is_weakened(Rule::WritesBeforeTheirLog) => {
                     let write = self.waiting.remove(i).expect("indexed");
                     self.start_write(write);
                 }
-                Ok(AlJoined::Batched) => {
+                Ok(_) => {
                     self.waiting[i].log = LogStep::Awaiting;
                     blocked.push(range);
                     i += 1;

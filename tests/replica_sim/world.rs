@@ -17,7 +17,7 @@ use blkrepl::core::states::{ReplState, Role};
 use blkrepl::disk::{Fault, FaultyDisk, MemDisk};
 use blkrepl::frontend::{BlockRequest, BlockResult};
 use blkrepl::meta::layout::MIN_AL_EXTENTS;
-use blkrepl::meta::{MetaParams, MetaStore};
+use blkrepl::meta::{AlWrite, MetaParams, MetaStore};
 use blkrepl::replica::{Action, Attached, FenceOutcome, IoTag, LocalIo, MetaWrite, Peer, Replica, ResyncChunk, ResyncStep, VerifyState, VerifyStep};
 use blkrepl::wire::{read_message, write_message, Message};
 use bytes::Bytes;
@@ -172,6 +172,9 @@ pub struct Node {
     links: BTreeMap<u8, (u64, Time)>,
     /// Local I/O submitted and not completed.
     io: BTreeMap<u64, (IoTag, LocalIo)>,
+    /// The activity-log transaction being written (see `Action::WriteLog`): its sequence
+    /// number, the rest of its write, and whether the data disk is flushed first.
+    log_write: Option<(u64, AlWrite, bool)>,
     next_io: u64,
     /// Until when its data disk fails some reads and writes.
     failing_until: Time,
@@ -186,6 +189,8 @@ pub struct Node {
 pub enum Event {
     Deliver { from: u8, to: u8 },
     IoDone { node: u8, incarnation: u64, io: u64 },
+    /// Node `node`'s activity-log transaction `seq` is durable, unless its disk fails it.
+    LogWritten { node: u8, incarnation: u64, seq: u64 },
     ResyncStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
     VerifyStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
     /// The fence-peer handler node `node` ran for `peer`'s lost connection `generation` ended.
@@ -398,6 +403,7 @@ impl World {
                 boots: 0,
                 links: BTreeMap::new(),
                 io: BTreeMap::new(),
+                log_write: None,
                 next_io: 0,
                 failing_until: 0,
                 device_left_behind: false,
@@ -479,6 +485,7 @@ impl World {
         node.incarnation += 1;
         node.links.clear();
         node.io.clear();
+        node.log_write = None;
         self.carry_out(id);
     }
 
@@ -696,6 +703,7 @@ impl World {
                 }
                 Event::Deliver { from, to } => self.deliver(from, to),
                 Event::IoDone { node, incarnation, io } => self.io_done(node, incarnation, io),
+                Event::LogWritten { node, incarnation, seq } => self.log_written(node, incarnation, seq),
                 Event::ResyncStep { node, incarnation, peer, generation } => self.resync_step(node, incarnation, peer, generation),
                 Event::VerifyStep { node, incarnation, peer, generation } => self.verify_step(node, incarnation, peer, generation),
                 Event::FenceDone { node, incarnation, peer, generation, outcome } => {
@@ -847,6 +855,26 @@ impl World {
             self.link_lost(to, from, conn, &reason);
         }
         self.carry_out(to);
+    }
+
+    /// The rest of node `id`'s activity-log transaction `seq`: the data disk flushed first if it
+    /// evicts extents, then its bitmap pages and its block made durable.
+    fn log_written(&mut self, id: u8, incarnation: u64, seq: u64) {
+        let node = &mut self.nodes[usize::from(id)];
+        if node.incarnation != incarnation || node.replica.is_none() {
+            return;
+        }
+        let Some((written, write, flush_data)) = node.log_write.take_if(|(s, _, _)| *s == seq) else { return };
+        if flush_data {
+            node.data.as_mut().expect("only a primary writes its activity log").flush();
+        }
+        let result = write.finish(None).map_err(|e| e.to_string());
+        if result.is_err() {
+            self.failed_meta_writes += 1;
+            self.last_fault = self.now;
+        }
+        self.replica_mut(id).expect("up").log_written(written, result);
+        self.carry_out(id);
     }
 
     fn io_done(&mut self, id: u8, incarnation: u64, io: u64) {
@@ -1039,9 +1067,10 @@ impl World {
                         continue;
                     }
                 }
-                if detached && matches!(action, Action::Io { .. } | Action::Persist(_) | Action::Send { .. }) {
+                if detached && matches!(action, Action::Io { .. } | Action::Persist(_) | Action::WriteLog { .. } | Action::Send { .. }) {
                     let what = match &action {
                         Action::Persist(write) => format!("a metadata write ({})", write.name()),
+                        Action::WriteLog { .. } => "an activity-log transaction".into(),
                         Action::Send { peer, msg, .. } => format!("a frame to n{peer} ({})", msg.name()),
                         other => data_action(other).unwrap_or_default(),
                     };
@@ -1071,6 +1100,24 @@ impl World {
                             let rest: Vec<Action> = queue.collect();
                             self.replica_mut(id).expect("up").persist_failed(now, what, &e.to_string(), rest);
                             break;
+                        }
+                    }
+                    Action::WriteLog { update, flush_data } => {
+                        let seq = update.transaction.seq();
+                        let node = &mut self.nodes[usize::from(id)];
+                        let (replica, meta) = (node.replica.as_ref().expect("up"), node.meta.as_mut().expect("up"));
+                        match meta.begin_al_update(&update, &replica.bitmaps) {
+                            Ok(write) => {
+                                node.log_write = Some((seq, write, flush_data));
+                                let incarnation = node.incarnation;
+                                let due = self.now + self.rng.range(20, 3 * MS);
+                                self.at(due, Event::LogWritten { node: id, incarnation, seq });
+                            }
+                            Err(e) => {
+                                self.failed_meta_writes += 1;
+                                self.last_fault = self.now;
+                                self.replica_mut(id).expect("up").log_written(seq, Err(e.to_string()));
+                            }
                         }
                     }
                     Action::Send { peer, msg, sent_write, lane } => {
@@ -1168,6 +1215,7 @@ fn data_action(action: &Action) -> Option<String> {
     match action {
         Action::Io { tag, .. } => Some(format!("data I/O ({tag:?})")),
         Action::Persist(MetaWrite::DataFlush) => Some("a data flush".into()),
+        Action::WriteLog { .. } => Some("an activity-log transaction".into()),
         Action::StartResync { peer, .. } => Some(format!("a resync of n{peer}")),
         _ => None,
     }
