@@ -146,9 +146,9 @@ impl AlUpdate {
 pub enum AlJoined {
     /// Every extent was already durably hot: submit the I/O now.
     AllHot,
-    /// Some extent is hot only in the open batch: submit the I/O once the batch's transaction
-    /// ([`ActivityLog::seal`]) is durable and committed.
-    Batched,
+    /// Some extent is hot only in a transaction not yet durable: submit the I/O once
+    /// transaction `seq` is committed (the pending one, or the open batch sealed after it).
+    Batched { seq: u64 },
 }
 
 /// The outcome of [`ActivityLog::prepare`]; either way the range's reference counts are taken.
@@ -165,8 +165,9 @@ struct Hot {
     /// In-flight I/O holding the extent; only an unreferenced extent may be evicted.
     refs: u32,
     last_use: u64,
-    /// Added by the transaction not yet committed: not durable, so no I/O may rely on it.
-    pending: bool,
+    /// Added by transaction `seq`, not yet committed: not durable, so no I/O may rely on it
+    /// before that.
+    pending: Option<u64>,
 }
 
 /// The slot updates gathered for the next transaction (see [`ActivityLog::join`]).
@@ -185,7 +186,8 @@ pub struct ActivityLog {
     next_seq: u64,
     /// The sealed transaction not yet committed.
     pending: Option<u64>,
-    /// Updates not yet sealed into a transaction; empty while one is pending.
+    /// Updates not yet sealed, for transaction `next_seq`: gathered while the pending one is
+    /// written, sealed once it is committed.
     open: Batch,
 }
 
@@ -244,7 +246,7 @@ impl ActivityLog {
                 match log.hot.entry(e) {
                     Entry::Occupied(_) => *extent = None,
                     Entry::Vacant(v) => {
-                        v.insert(Hot { refs: 0, last_use: 0, pending: false });
+                        v.insert(Hot { refs: 0, last_use: 0, pending: None });
                     }
                 }
             }
@@ -283,22 +285,24 @@ impl ActivityLog {
     }
 
     /// Takes a reference on every extent of the range for an I/O about to be submitted, making
-    /// cold extents hot by a transaction of their own. Nothing is taken on error.
+    /// cold extents hot by a transaction of their own. Nothing is taken on error; `Busy` while
+    /// another transaction is pending or gathered and the range is not durably hot.
     pub fn prepare(&mut self, extents: RangeInclusive<u64>) -> Result<AlPrepared, AlError> {
-        if !self.open.updates.is_empty() {
+        let durably_hot = extents.clone().all(|e| self.hot.get(&e).is_some_and(|h| h.pending.is_none()));
+        if !durably_hot && (self.pending.is_some() || self.batch_open()) {
             return Err(AlError::Busy);
         }
         match self.join(extents)? {
             AlJoined::AllHot => Ok(AlPrepared::AllHot),
-            AlJoined::Batched => Ok(AlPrepared::Transaction(self.seal().expect("a batch was joined"))),
+            AlJoined::Batched { .. } => Ok(AlPrepared::Transaction(self.seal().expect("a batch was joined"))),
         }
     }
 
     /// Takes a reference on every extent of the range for an I/O about to be submitted; cold
     /// extents join the open batch, which one transaction makes durable for every I/O that
-    /// joined it ([`ActivityLog::seal`]): writes that arrive together share one metadata write
-    /// and one flush instead of paying one each. Nothing is taken on error; `Busy` while a
-    /// sealed transaction is pending and the range needs a cold extent or one it adds.
+    /// joined it ([`ActivityLog::seal`]): writes that arrive together, or while the pending
+    /// transaction is written, share one metadata write and one flush instead of paying one
+    /// each. Nothing is taken on error; `Busy` when no slot is free or the batch is full.
     pub fn join(&mut self, extents: RangeInclusive<u64>) -> Result<AlJoined, AlError> {
         let (first, last) = (*extents.start(), *extents.end());
         if first > last {
@@ -310,19 +314,19 @@ impl ActivityLog {
             return Err(AlError::TooLarge { extents: count, max });
         }
         let mut cold = Vec::new();
-        let mut batched = false;
+        let mut durable_after = None;
         for e in first..=last {
             match self.hot.get(&e) {
-                Some(h) if h.pending && self.pending.is_some() => return Err(AlError::Busy),
-                Some(h) => batched |= h.pending,
+                Some(h) => durable_after = durable_after.max(h.pending),
                 None => cold.push(e),
             }
         }
         if !cold.is_empty() {
-            if self.pending.is_some() || self.open.updates.len() + cold.len() > AL_MAX_UPDATES {
+            if self.open.updates.len() + cold.len() > AL_MAX_UPDATES {
                 return Err(AlError::Busy);
             }
             self.check_room()?;
+            durable_after = Some(self.next_seq);
         }
         let victims = self.choose_slots(cold.len(), first..=last).ok_or(AlError::Busy)?;
         self.tick += 1;
@@ -331,7 +335,7 @@ impl ActivityLog {
                 self.hot.remove(&old);
                 self.open.evicted.push(old);
             }
-            self.hot.insert(e, Hot { refs: 0, last_use: 0, pending: true });
+            self.hot.insert(e, Hot { refs: 0, last_use: 0, pending: Some(self.next_seq) });
             self.open.updates.push((slot, e));
             // An extent evicted earlier in this batch and wanted again stays: it never left.
             self.open.evicted.retain(|&old| old != e);
@@ -343,7 +347,10 @@ impl ActivityLog {
                 h.last_use = self.tick;
             }
         }
-        Ok(if cold.is_empty() && !batched { AlJoined::AllHot } else { AlJoined::Batched })
+        Ok(match durable_after {
+            None => AlJoined::AllHot,
+            Some(seq) => AlJoined::Batched { seq },
+        })
     }
 
     /// Whether I/O waits for the open batch (see [`ActivityLog::seal`]).
@@ -352,9 +359,10 @@ impl ActivityLog {
     }
 
     /// The open batch as one transaction, now pending: make it durable (see [`AlUpdate`]),
-    /// then [`ActivityLog::commit`] it. `None` when no I/O joined a batch.
+    /// then [`ActivityLog::commit`] it. `None` when no I/O joined a batch, or while another
+    /// transaction is pending (the ring takes them one after the other).
     pub fn seal(&mut self) -> Option<AlUpdate> {
-        if self.open.updates.is_empty() {
+        if self.open.updates.is_empty() || self.pending.is_some() {
             return None;
         }
         let Batch { updates, mut evicted, added } = std::mem::take(&mut self.open);
@@ -368,11 +376,12 @@ impl ActivityLog {
     /// # Panics
     /// If `update` is not the pending transaction of this log.
     pub fn commit(&mut self, update: AlUpdate) {
-        assert_eq!(self.pending, Some(update.transaction.seq), "commit of a foreign AL update");
+        let seq = update.transaction.seq;
+        assert_eq!(self.pending, Some(seq), "commit of a foreign AL update");
         self.pending = None;
         for e in update.added {
-            if let Some(h) = self.hot.get_mut(&e) {
-                h.pending = false;
+            if let Some(h) = self.hot.get_mut(&e).filter(|h| h.pending == Some(seq)) {
+                h.pending = None;
             }
         }
     }
@@ -433,7 +442,7 @@ impl ActivityLog {
                 None => Some((false, 0, slot)),
                 Some(e) => {
                     let h = self.hot.get(e)?;
-                    (h.refs == 0 && !h.pending && !keep.contains(e))
+                    (h.refs == 0 && h.pending.is_none() && !keep.contains(e))
                         .then_some((true, h.last_use, slot))
                 }
             })
@@ -669,23 +678,33 @@ mod tests {
         let mut al = ActivityLog::new(64);
         let mut ring = blank_ring();
         make_hot(&mut al, &mut ring, 1..=1);
+        // Transaction 1 made extent 1 hot; the next one is 2.
         assert_eq!(al.join(1..=1), Ok(AlJoined::AllHot), "durably hot");
-        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched));
-        assert_eq!(al.join(5..=6), Ok(AlJoined::Batched));
-        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched), "hot only in the open batch");
-        assert_eq!(al.join(1..=2), Ok(AlJoined::Batched));
+        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched { seq: 2 }));
+        assert_eq!(al.join(5..=6), Ok(AlJoined::Batched { seq: 2 }));
+        assert_eq!(al.join(2..=2), Ok(AlJoined::Batched { seq: 2 }), "hot only in the open batch");
+        assert_eq!(al.join(1..=2), Ok(AlJoined::Batched { seq: 2 }));
         assert_eq!(al.prepare(9..=9).unwrap_err(), AlError::Busy, "no transaction of its own beside a batch");
         assert_eq!(al.mark_clean().unwrap_err(), AlError::Busy);
         let update = al.seal().expect("a batch");
+        assert_eq!(update.transaction.seq(), 2);
         assert_eq!(update.added, vec![2, 5, 6]);
         assert!(update.evicted.is_empty());
         assert!(al.seal().is_none(), "one transaction for the whole batch");
-        assert_eq!(al.join(9..=9).unwrap_err(), AlError::Busy, "one transaction at a time");
-        assert_eq!(al.join(5..=5).unwrap_err(), AlError::Busy, "not durable yet");
+        // While it is written, writes gather for the next one.
+        assert_eq!(al.join(5..=5), Ok(AlJoined::Batched { seq: 2 }), "not durable before 2");
+        assert_eq!(al.join(9..=9), Ok(AlJoined::Batched { seq: 3 }));
+        assert_eq!(al.join(5..=9), Ok(AlJoined::Batched { seq: 3 }));
         assert_eq!(al.join(1..=1), Ok(AlJoined::AllHot), "durable ones proceed");
+        assert!(al.seal().is_none(), "the ring takes one transaction after the other");
+        assert_eq!(al.mark_clean().unwrap_err(), AlError::Busy);
         write_and_commit(&mut al, &mut ring, update);
         assert_eq!(al.join(5..=5), Ok(AlJoined::AllHot));
-        assert_eq!(ActivityLog::recover(64, &ring).unwrap().hot_extents(), vec![1, 2, 5, 6]);
+        assert_eq!(al.join(9..=9), Ok(AlJoined::Batched { seq: 3 }));
+        let next = al.seal().expect("the batch gathered meanwhile");
+        assert_eq!((next.transaction.seq(), next.added.clone()), (3, vec![9, 7, 8]));
+        write_and_commit(&mut al, &mut ring, next);
+        assert_eq!(ActivityLog::recover(64, &ring).unwrap().hot_extents(), vec![1, 2, 5, 6, 7, 8, 9]);
     }
 
     #[test]
@@ -696,13 +715,15 @@ mod tests {
             make_hot(&mut al, &mut ring, e..=e);
             al.release(e..=e);
         }
-        assert_eq!(al.join(10..=11), Ok(AlJoined::Batched));
+        assert_eq!(al.join(10..=11), Ok(AlJoined::Batched { seq: 4 }));
         // 0 left for 10 and comes back in the same transaction, in the slot 2 leaves: it never
         // left the log on disk, so it needs no bitmap pages and no flush.
-        assert_eq!(al.join(0..=0), Ok(AlJoined::Batched));
+        assert_eq!(al.join(0..=0), Ok(AlJoined::Batched { seq: 4 }));
         let update = al.seal().expect("a batch");
         assert_eq!(update.evicted, vec![1, 2]);
         assert_eq!(update.added, vec![10, 11, 0]);
+        // Nothing pending is evicted: a fourth extent finds no slot.
+        assert_eq!(al.join(12..=12).unwrap_err(), AlError::Busy);
         write_and_commit(&mut al, &mut ring, update);
         assert_eq!(al.hot_extents(), vec![0, 10, 11]);
         assert_eq!(ActivityLog::recover(3, &ring).unwrap().hot_extents(), vec![0, 10, 11]);
@@ -714,14 +735,14 @@ mod tests {
         let mut ring = blank_ring();
         make_hot(&mut al, &mut ring, 1000..=1000);
         for e in 0..AL_MAX_UPDATES as u64 {
-            assert_eq!(al.join(e..=e), Ok(AlJoined::Batched));
+            assert_eq!(al.join(e..=e), Ok(AlJoined::Batched { seq: 2 }));
         }
         assert_eq!(al.join(500..=500).unwrap_err(), AlError::Busy, "for the next transaction");
         assert_eq!(al.join(1000..=1000), Ok(AlJoined::AllHot));
         let update = al.seal().expect("a batch");
         assert_eq!(update.added.len(), AL_MAX_UPDATES);
+        assert_eq!(al.join(500..=500), Ok(AlJoined::Batched { seq: 3 }));
         write_and_commit(&mut al, &mut ring, update);
-        assert_eq!(al.join(500..=500), Ok(AlJoined::Batched));
         let update = al.seal().expect("the next batch");
         write_and_commit(&mut al, &mut ring, update);
         assert_eq!(ActivityLog::recover(300, &ring).unwrap().hot_extents().len(), AL_MAX_UPDATES + 2);

@@ -6,8 +6,9 @@
 
 use super::weakened::{is_weakened, Rule};
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
+use super::writes::LogStep;
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::meta::activity_log::{extents_for, AlPrepared};
+use crate::meta::activity_log::{extents_for, AlJoined};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
 use crate::core::inflight::LocalFailure;
@@ -37,6 +38,8 @@ struct Step {
     offset: u64,
     len: u64,
     work: Work,
+    /// A write waits for the activity-log transaction that makes its extents hot.
+    log: LogStep,
 }
 
 impl Step {
@@ -91,6 +94,18 @@ impl Applying {
         self.running.iter().chain(&self.waiting).any(|a| offset < a.offset + a.len && a.offset < offset + len)
     }
 
+    /// Transaction `seq` is durable: the steps that waited for it may start (`durable` makes
+    /// their `log` say so).
+    pub(super) fn log_durable(&mut self, durable: impl Fn(&mut LogStep)) {
+        self.waiting.iter_mut().for_each(|step| durable(&mut step.log));
+    }
+
+    /// A step taken out of `running` waits again, in its place in the stream.
+    fn wait_again(&mut self, step: Step) {
+        let at = self.waiting.iter().position(|w| w.seq > step.seq).unwrap_or(self.waiting.len());
+        self.waiting.insert(at, step);
+    }
+
     /// The link went: steps not yet submitted and marks are dropped (the source resyncs
     /// whatever it did not hear back about); steps submitted finish, unanswered.
     pub fn link_down(&mut self) {
@@ -135,14 +150,14 @@ impl Replica {
             self.mark_out_of_sync(slot, offset, len);
         }
         self.recent.record(offset, len, now, peer_id);
-        self.note_in_activity_log(offset, len, &absent);
+        let log = self.note_in_activity_log(offset, len, &absent);
         let peer = self.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
         if self.protocol == Protocol::B {
             self.send(peer_id, Message::RecvAck { id });
         }
-        self.stream_step(peer_id, offset, len, Work::Write { id, fua, op });
+        self.stream_step(peer_id, offset, len, Work::Write { id, fua, op }, log);
         if fua {
             let term = self.stream_term(peer_id);
             let applying = &mut self.peer_mut(peer_id).applying;
@@ -155,20 +170,25 @@ impl Replica {
     /// records for peers that miss the primary's writes (and the recent writes it marks when
     /// one goes) live in memory until a bitmap page is written, and after a crash the hot
     /// extents stand for them (see `Replica::attach`). No reference is kept: a secondary's
-    /// extent may be evicted at any time, its bitmap pages written first. A write the log
-    /// cannot take writes the bitmaps of the peers it is recorded for instead.
-    fn note_in_activity_log(&mut self, offset: u64, len: u64, absent: &[usize]) {
-        let Some(extents) = extents_for(offset, len) else { return };
-        match self.al.prepare(extents.clone()) {
-            Ok(AlPrepared::Transaction(update)) => {
-                self.commit_al(update);
+    /// extent may be evicted at any time, its bitmap pages written first (a pending one is
+    /// not). Writes arriving together share one transaction, which the write waits for (see
+    /// [`Action::WriteLog`]). A write the log cannot take writes the bitmaps of the peers it is
+    /// recorded for instead.
+    fn note_in_activity_log(&mut self, offset: u64, len: u64, absent: &[usize]) -> LogStep {
+        let Some(extents) = extents_for(offset, len) else { return LogStep::Hot };
+        match self.al.join(extents.clone()) {
+            Ok(joined) => {
                 self.al.release(extents);
+                match joined {
+                    AlJoined::AllHot => LogStep::Hot,
+                    AlJoined::Batched { seq } => LogStep::Awaiting(seq),
+                }
             }
-            Ok(AlPrepared::AllHot) => self.al.release(extents),
             Err(_) => {
                 for &slot in absent {
                     self.persist(MetaWrite::Bitmap(slot));
                 }
+                LogStep::Hot
             }
         }
     }
@@ -195,7 +215,7 @@ impl Replica {
         // With another data peer, what the block held is compared first (see
         // `Replica::resync_block_read`).
         let compare = self.peers.iter().any(|p| p.node_id != peer_id && !p.witness);
-        self.stream_step(peer_id, offset, len, Work::Resync { data, compare });
+        self.stream_step(peer_id, offset, len, Work::Resync { data, compare }, LogStep::Hot);
     }
 
     /// A `DigestRequest` (`check_frame` found it fitting): this node reads the blocks at this
@@ -203,7 +223,7 @@ impl Replica {
     pub fn digest_request_received(&mut self, peer_id: u8, purpose: DigestPurpose, offset: u64, digests: Vec<[u8; DIGEST_BYTES]>) {
         self.peer_mut(peer_id).received_bytes += (digests.len() * DIGEST_BYTES) as u64;
         let (offset, len) = self.block_range(offset, (0, digests.len() as u32));
-        self.stream_step(peer_id, offset, len, Work::Compare { purpose, digests });
+        self.stream_step(peer_id, offset, len, Work::Compare { purpose, digests }, LogStep::Hot);
     }
 
     /// A barrier in the primary's stream: its flush follows every write received before it.
@@ -223,12 +243,12 @@ impl Replica {
         self.advance_marks(peer_id);
     }
 
-    fn stream_step(&mut self, peer_id: u8, offset: u64, len: u64, work: Work) {
+    fn stream_step(&mut self, peer_id: u8, offset: u64, len: u64, work: Work, log: LogStep) {
         let peer = self.peer_mut(peer_id);
         peer.applying.received += 1;
-        let step = Step { seq: peer.applying.received, generation: peer.generation, offset, len, work };
+        let step = Step { seq: peer.applying.received, generation: peer.generation, offset, len, work, log };
         let applying = &mut peer.applying;
-        if applying.running.iter().chain(&applying.waiting).any(|earlier| step.waits_for(earlier)) {
+        if step.log != LogStep::Hot || applying.running.iter().chain(&applying.waiting).any(|earlier| step.waits_for(earlier)) {
             applying.waiting.push_back(step);
         } else {
             self.submit_step(peer_id, step);
@@ -253,7 +273,8 @@ impl Replica {
         if let (true, Work::Resync { data, compare: true }, Ok(Some(old))) = (current, &step.work, &result) {
             match self.resync_block_read(peer_id, step.offset, data.clone(), old) {
                 // Still the same step: the steps and marks after it keep waiting.
-                Some(write) => return self.submit_step(peer_id, Step { work: write, ..step }),
+                Some((write, LogStep::Hot)) => return self.submit_step(peer_id, Step { work: write, ..step }),
+                Some((write, log)) => return self.peer_mut(peer_id).applying.wait_again(Step { work: write, log, ..step }),
                 None => return self.stream_step_finished(peer_id),
             }
         }
@@ -269,8 +290,9 @@ impl Replica {
     /// changes, it is recorded for every other data peer, durably before the write, as a
     /// primary's write is for a peer that misses it; where it does not, nothing is written or
     /// recorded, so a block resent around three nodes stops after one round. Returns the
-    /// write, or nothing when the block already holds the data.
-    fn resync_block_read(&mut self, source: u8, offset: u64, data: Bytes, old: &Bytes) -> Option<Work> {
+    /// write (and whether it waits for the activity log), or nothing when the block already
+    /// holds the data.
+    fn resync_block_read(&mut self, source: u8, offset: u64, data: Bytes, old: &Bytes) -> Option<(Work, LogStep)> {
         if *old == data {
             return None;
         }
@@ -283,13 +305,13 @@ impl Replica {
         for &slot in &others {
             self.mark_out_of_sync(slot, offset, len);
         }
-        self.note_in_activity_log(offset, len, &others);
-        Some(Work::Resync { data, compare: false })
+        let log = self.note_in_activity_log(offset, len, &others);
+        Some((Work::Resync { data, compare: false }, log))
     }
 
     /// The steps waiting for a step that finished start if nothing earlier holds them, and
     /// the marks go on.
-    fn stream_step_finished(&mut self, peer_id: u8) {
+    pub(super) fn stream_step_finished(&mut self, peer_id: u8) {
         // The waiting steps that no longer wait for anything earlier start now; each joins the
         // running ones at once, so a later step to the same blocks still waits for it.
         let applying = &mut self.peer_mut(peer_id).applying;
@@ -298,7 +320,7 @@ impl Replica {
         while i < applying.waiting.len() {
             let step = &applying.waiting[i];
             let mut earlier = applying.running.iter().chain(applying.waiting.iter().take(i));
-            if earlier.any(|e| step.waits_for(e)) {
+            if step.log != LogStep::Hot || earlier.any(|e| step.waits_for(e)) {
                 i += 1;
                 continue;
             }
@@ -490,7 +512,7 @@ mod tests {
     use crate::core::block_digest::block_digests;
     use crate::core::inflight::LocalFailure;
     use crate::core::states::Role;
-    use crate::replica::testing::{secondary_of_primary, secondary_state};
+    use crate::replica::testing::{secondary_of_primary, secondary_state, settled};
     use crate::replica::{Action, IoTag, LocalIo, Replica};
     use crate::wire::{DataPosition, DigestPurpose, Message, PeerState};
     use bytes::Bytes;
@@ -521,7 +543,7 @@ mod tests {
         r.peer_write_received(t0, 1, (2, 1), 0, 4096, false, data(0));
         r.peer_write_received(t0, 1, (3, 1), 8192, 4096, false, data(8192));
         r.peer_barrier_received(1, 7);
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         let write = |seq| IoTag::Stream { peer: 1, generation, seq };
         assert_eq!(io_tags(&actions), vec![write(1), write(3)], "write 2 waits for write 1");
         r.io_done(t0, write(3), Ok(None));
@@ -576,19 +598,57 @@ mod tests {
         r.peer_write_received(t0, 1, (2, 1), 4096, 4096, false, data(4096));
         r.peer_write_received(t0, 1, (3, 1), 0, 4096, false, data(0));
         r.peer_barrier_received(1, 7);
-        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
         let actions = r.take_actions();
-        assert_eq!(io_tags(&actions), vec![write(1), write(2)], "write 3 waits for write 1");
-        // The activity-log transaction queued before them fails: the writes behind it fail
-        // unsubmitted, and what waited for them must not reach the failed disk either.
-        let (meta, rest): (Vec<Action>, Vec<Action>) = actions.into_iter().partition(|a| matches!(a, Action::Persist(_)));
-        let Some(Action::Persist(what)) = meta.into_iter().next() else { panic!("an activity-log transaction") };
-        r.persist_failed(t0, what, "Input/output error", rest);
+        assert_eq!(io_tags(&actions), vec![], "the writes wait for their activity-log transaction");
+        // It fails: no write reaches the failed disk, nor what waited for them.
+        let seq = actions.iter().find_map(|a| match a {
+            Action::WriteLog { update, .. } => Some(update.transaction.seq()),
+            _ => None,
+        }).expect("an activity-log transaction");
+        r.log_written(seq, Err("Input/output error".into()));
         assert!(r.detached());
         let actions = r.take_actions();
-        assert_eq!(io_tags(&actions), vec![], "neither write 3 nor the barrier's flush");
+        assert_eq!(io_tags(&actions), vec![], "no write, nor the barrier's flush");
         assert!(sent(&actions).is_empty(), "{:?}", sent(&actions));
         assert!(actions.iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })), "{actions:?}");
+    }
+
+    /// The sequence numbers of the activity-log transactions among `actions`.
+    fn log_writes(actions: &[Action]) -> Vec<u64> {
+        actions.iter().filter_map(|a| match a {
+            Action::WriteLog { update, .. } => Some(update.transaction.seq()),
+            _ => None,
+        }).collect()
+    }
+
+    #[test]
+    fn writes_arriving_while_a_transaction_is_written_share_the_next_and_the_barrier_waits_for_them() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        let actions = r.take_actions();
+        let [first] = log_writes(&actions)[..] else { panic!("one transaction: {actions:?}") };
+        assert_eq!(io_tags(&actions), vec![], "the write waits for it");
+        r.peer_write_received(t0, 1, (2, 1), extent, 4096, false, data(extent));
+        r.peer_write_received(t0, 1, (3, 1), 2 * extent, 4096, false, data(2 * extent));
+        r.peer_write_received(t0, 1, (4, 1), 8192, 4096, false, data(8192));
+        r.peer_barrier_received(1, 7);
+        let actions = r.take_actions();
+        assert!(log_writes(&actions).is_empty() && io_tags(&actions).is_empty(), "one transaction at a time: {actions:?}");
+        r.log_written(first, Ok(()));
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![write(1), write(4)], "the writes into extent 0");
+        let [second] = log_writes(&actions)[..] else { panic!("one transaction for the others: {actions:?}") };
+        r.io_done(t0, write(1), Ok(None));
+        r.io_done(t0, write(4), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![], "the barrier waits for writes 2 and 3");
+        r.log_written(second, Ok(()));
+        assert_eq!(io_tags(&r.take_actions()), vec![write(2), write(3)]);
+        r.io_done(t0, write(2), Ok(None));
+        r.io_done(t0, write(3), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![IoTag::Barrier { peer: 1, generation, epoch: 7 }]);
     }
 
     #[test]
@@ -599,7 +659,7 @@ mod tests {
             r.peer_write_received(t0, 1, (id, 1), 0, 4096, false, data(0));
         }
         let write = |seq| IoTag::Stream { peer: 1, generation, seq };
-        assert_eq!(io_tags(&r.take_actions()), vec![write(1)]);
+        assert_eq!(io_tags(&settled(&mut r)), vec![write(1)]);
         r.io_done(t0, write(1), Ok(None));
         assert_eq!(io_tags(&r.take_actions()), vec![write(2)], "write 3 still waits for write 2");
         r.io_done(t0, write(2), Ok(None));
@@ -612,7 +672,7 @@ mod tests {
         let generation = r.peer(1).generation;
         r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
         r.peer_write_received(t0, 1, (2, 1), 4096, 4096, false, data(4096));
-        r.take_actions();
+        settled(&mut r);
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::NoSpace));
         assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 1, errno: 28 }]));
         r.link_down(1, "gone", 0);
@@ -636,7 +696,7 @@ mod tests {
         r.peer_barrier_received(1, 4);
         r.peer_write_received(t0, 1, (11, 5), 4096, 4096, true, fua(4096));
         r.peer_write_received(t0, 1, (12, 5), 8192, 4096, true, fua(8192));
-        assert_eq!(io_tags(&r.take_actions()), vec![step(1), step(2), step(3)]);
+        assert_eq!(io_tags(&settled(&mut r)), vec![step(1), step(2), step(3)]);
         r.io_done(t0, step(3), Ok(None));
         r.io_done(t0, step(2), Ok(None));
         assert!(sent(&r.take_actions()).is_empty(), "not before the FUA write and the barrier before them");
@@ -660,7 +720,7 @@ mod tests {
         let (mut r, t0) = secondary_of_primary();
         let generation = r.peer(1).generation;
         r.peer_write_received(t0, 1, (7, 2), 0, 4096, true, LocalIo::Write { offset: 0, data: Bytes::from(vec![2u8; 4096]), fua: true });
-        r.take_actions();
+        settled(&mut r);
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::NoSpace));
         assert!(matches!(sent(&r.take_actions())[..], [Message::NegAck { id: 7, errno: 28 }]));
         assert_eq!(r.data_position().fua, 0);
@@ -671,16 +731,16 @@ mod tests {
         let (mut r, t0) = crate::replica::testing::three_node_replica();
         r.link_up(1, t0);
         sync_target(&mut r);
-        r.take_actions();
+        settled(&mut r);
         let generation = r.peer(1).generation;
         let step = IoTag::Stream { peer: 1, generation, seq: 1 };
         let new = Bytes::from(vec![5u8; 4096]);
         r.resync_data_received(1, 8192, new.clone());
         assert!(matches!(r.take_actions()[..], [Action::Io { op: LocalIo::Read { offset: 8192, len: 4096 }, .. }]), "read first");
         r.io_done(t0, step, Ok(Some(Bytes::from(vec![1u8; 4096]))));
-        let actions = r.take_actions();
+        let actions = settled(&mut r);
         assert!(r.bitmaps[1].test_block(2), "gamma held this node's old copy");
-        let logged = actions.iter().position(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::ActivityLog(_))));
+        let logged = actions.iter().position(|a| matches!(a, Action::WriteLog { .. }));
         let written = actions.iter().position(|a| matches!(a, Action::Io { op: LocalIo::Write { offset: 8192, .. }, .. }));
         assert!(logged.is_some() && logged < written, "durable before the write: {actions:?}");
         r.io_done(t0, step, Ok(None));
@@ -711,8 +771,12 @@ mod tests {
         r.resync_data_received(1, 0, block.clone());
         r.resync_data_received(1, 4096, block);
         r.resync_done_in_stream(1, 0x1234, [0; 4], DataPosition::default());
-        let actions = r.take_actions();
-        assert_eq!(io_tags(&actions), vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
+        let mut started = io_tags(&settled(&mut r));
+        started.sort_by_key(|tag| match tag {
+            IoTag::Stream { seq, .. } => *seq,
+            _ => u64::MAX,
+        });
+        assert_eq!(started, vec![step(1), step(3)], "the resync block of block 0 waits for the write to it");
         r.io_done(t0, step(1), Ok(None));
         r.io_done(t0, step(3), Ok(None));
         assert_eq!(io_tags(&r.take_actions()), vec![step(2)]);

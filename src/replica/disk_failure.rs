@@ -310,7 +310,7 @@ mod tests {
         let generation = r.peer(1).generation;
         let data = Bytes::from(vec![9u8; 4096]);
         r.receive(t0, 1, generation, Message::Data { id: 7, epoch: 1, offset: 4096, fua: false, payload: data }).expect("in order");
-        r.take_actions();
+        settled(&mut r);
         r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Err(LocalFailure::Io));
         let actions = r.take_actions();
         assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::NegAck { id: 7, .. }, .. })), "{actions:?}");

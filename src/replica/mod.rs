@@ -455,6 +455,7 @@ impl Replica {
             self.lagging_reported = lagging;
             self.broadcast_state();
         }
+        self.seal_log();
         std::mem::take(&mut self.outbox)
     }
 
@@ -487,11 +488,15 @@ impl Replica {
     /// differed there and no resync knew it).
     fn commit_al(&mut self, update: AlUpdate) {
         self.al.commit(update.clone());
-        let weakened = self.role != Role::Primary && is_weakened(Rule::SecondaryWithoutFlush);
-        if !update.evicted.is_empty() && !weakened {
+        if !update.evicted.is_empty() && !self.secondary_skips_flushes() {
             self.persist(MetaWrite::DataFlush);
         }
         self.persist(MetaWrite::ActivityLog(update));
+    }
+
+    /// The weakened rule [`Rule::SecondaryWithoutFlush`], on a secondary.
+    fn secondary_skips_flushes(&self) -> bool {
+        self.role != Role::Primary && is_weakened(Rule::SecondaryWithoutFlush)
     }
 
     /// A metadata write failed: this node detaches from its disk (see `Replica::detach`). Of

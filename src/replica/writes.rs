@@ -40,14 +40,14 @@ pub struct QueuedWrite {
     log: LogStep,
 }
 
-/// Where a waiting write stands with the activity log (see `Replica::start_waiting`).
+/// Where a write waiting to start, or a step of a peer's stream, stands with the activity log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LogStep {
-    /// No reference taken on its extents yet.
+pub(super) enum LogStep {
+    /// No reference taken on its extents yet (the primary's writes only).
     NotJoined,
-    /// Its extents are referenced, some hot only in the transaction being written.
-    Awaiting,
-    /// Its extents are referenced and durably hot: it starts as soon as nothing overlaps it.
+    /// Some of its extents are hot only once transaction `seq` is committed.
+    Awaiting(u64),
+    /// Its extents are durably hot: it starts as soon as nothing earlier holds it.
     Hot,
 }
 
@@ -237,7 +237,7 @@ impl Replica {
                 self.answer(write.request, Err(e));
                 continue;
             }
-            let awaiting = self.waiting[i].log == LogStep::Awaiting;
+            let awaiting = matches!(self.waiting[i].log, LogStep::Awaiting(_));
             if awaiting || blocked.iter().any(|&b| overlap(b, range)) || self.overlaps_busy(range.0, range.1) {
                 blocked.push(range);
                 i += 1;
@@ -254,14 +254,14 @@ impl Replica {
                 continue;
             };
             match self.al.join(extents) {
-                Ok(joined) if joined == AlJoined::AllHot || is_weakened(Rule::WritesBeforeTheirLog) => {
-                    let write = self.waiting.remove(i).expect("indexed");
-                    self.start_write(write);
-                }
-                Ok(_) => {
-                    self.waiting[i].log = LogStep::Awaiting;
+                Ok(AlJoined::Batched { seq }) if !is_weakened(Rule::WritesBeforeTheirLog) => {
+                    self.waiting[i].log = LogStep::Awaiting(seq);
                     blocked.push(range);
                     i += 1;
+                }
+                Ok(_) => {
+                    let write = self.waiting.remove(i).expect("indexed");
+                    self.start_write(write);
                 }
                 Err(AlError::Busy) => {
                     // Every extent is held, some by writes whose epoch no barrier closed yet:
@@ -281,28 +281,41 @@ impl Replica {
                 }
             }
         }
-        if let Some(update) = self.al.seal() {
-            let flush_data = !update.evicted.is_empty();
-            self.outbox.push(Action::WriteLog { update: update.clone(), flush_data });
-            self.log_in_flight = Some(update);
-        }
     }
 
-    /// The activity-log transaction `seq` was written ([`Action::WriteLog`]): the writes that
-    /// waited for it start, or, if it failed, this node detaches from its disk and they fail
-    /// with it.
+    /// The activity-log transaction `seq` was written ([`Action::WriteLog`]): the writes and
+    /// stream steps that waited for it start, or, if it failed, this node detaches from its
+    /// disk and they fail with it. The batch gathered meanwhile is sealed next.
     pub fn log_written(&mut self, seq: u64, result: Result<(), String>) {
         let Some(update) = self.log_in_flight.take_if(|update| update.transaction.seq() == seq) else { return };
         match result {
             Ok(()) => {
                 self.al.commit(update);
-                for write in self.waiting.iter_mut().filter(|w| w.log == LogStep::Awaiting) {
-                    write.log = LogStep::Hot;
+                let durable = |log: &mut LogStep| {
+                    if matches!(*log, LogStep::Awaiting(s) if s <= seq) {
+                        *log = LogStep::Hot;
+                    }
+                };
+                self.waiting.iter_mut().for_each(|w| durable(&mut w.log));
+                let streams: Vec<u8> = self.peers.iter().map(|p| p.node_id).collect();
+                for peer_id in streams {
+                    self.peer_mut(peer_id).applying.log_durable(durable);
+                    self.stream_step_finished(peer_id);
                 }
             }
             Err(e) => self.detach(format!("a metadata write (activity-log transaction) failed: {e}")),
         }
         self.start_waiting();
+    }
+
+    /// The batch of activity-log updates gathered during this step, as one transaction written
+    /// next (see [`Action::WriteLog`]), unless one is still being written.
+    pub(super) fn seal_log(&mut self) {
+        if let Some(update) = self.al.seal() {
+            let flush_data = !update.evicted.is_empty() && !self.secondary_skips_flushes();
+            self.outbox.push(Action::WriteLog { update: update.clone(), flush_data });
+            self.log_in_flight = Some(update);
+        }
     }
 
     /// Drops the activity-log references a waiting write took, if it took any.

@@ -866,7 +866,7 @@ impl World {
         }
         let Some((written, write, flush_data)) = node.log_write.take_if(|(s, _, _)| *s == seq) else { return };
         if flush_data {
-            node.data.as_mut().expect("only a primary writes its activity log").flush();
+            node.data.as_mut().expect("a witness keeps no activity log").flush();
         }
         let result = write.finish(None).map_err(|e| e.to_string());
         if result.is_err() {
