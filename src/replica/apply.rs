@@ -593,7 +593,6 @@ mod tests {
     #[test]
     fn a_node_whose_metadata_write_failed_starts_no_more_of_its_stream_and_flushes_no_barrier() {
         let (mut r, t0) = secondary_of_primary();
-        let generation = r.peer(1).generation;
         r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
         r.peer_write_received(t0, 1, (2, 1), 4096, 4096, false, data(4096));
         r.peer_write_received(t0, 1, (3, 1), 0, 4096, false, data(0));
