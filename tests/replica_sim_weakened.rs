@@ -60,8 +60,9 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 573 since a resync target clears its bits as the resync data
-    // becomes durable (1402 since a peer whose stream was applied lately is lost as a
+    // seed that shows it is 414 since the writes that arrive while an activity-log transaction
+    // is written share the next one (573 since a resync target clears its bits as the resync
+    // data becomes durable, 1402 since a peer whose stream was applied lately is lost as a
     // primary, 2804 since secondaries weigh leftover bits on a live link once no one sees a
     // primary, 3883 since two Outdated copies with bits resync, 4946 since a bitmap sent on
     // an out-of-date State is declined, 8565 since a resync source ends on the
@@ -74,9 +75,10 @@ fn checker_3_catches_decisions_that_wait_forever() {
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the old
-    // copy and is then the one compared. The first seed that shows it is 8034 since a resync's
-    // epoch also closes after a second and a resync taken up again brings only its source's bits
-    // (927 since a resync target clears its bits as the resync data becomes durable, 133 since a
+    // copy and is then the one compared. The first seed that shows it is 20482 since the writes
+    // that arrive while an activity-log transaction is written share the next one (8034 since a
+    // resync's epoch also closes after a second and a resync taken up again brings only its
+    // source's bits, 927 since a resync target clears its bits as the resync data becomes durable, 133 since a
     // peer whose stream was applied lately is lost as a primary, 3660 since a bitmap UUID on the
     // nearer copy no longer makes it the source of a further one, and secondaries weigh leftover
     // bits on a live link again when a primary stops lagging a peer, 12598 since they weigh them
@@ -92,8 +94,9 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 #[test]
 fn checker_5_catches_a_secondary_that_never_flushes() {
     // Rarer than the others: since the seeds draw large bitmap blocks and failing flushes, the
-    // first seed that shows it is 3317 since a resync target clears its bits as the resync
-    // data becomes durable (2059 since secondaries weigh leftover bits on a live link again
+    // first seed that shows it is 2010 since the writes that arrive while an activity-log
+    // transaction is written share the next one (3317 since a resync target clears its bits as
+    // the resync data becomes durable, 2059 since secondaries weigh leftover bits on a live link again
     // when a primary stops lagging a peer, 452 since a bitmap sent on an out-of-date
     // State is declined, 1405 since a killed primary holds its whole stream, 1380 with
     // operators' `disconnect`s, 983 with clean stops alone, 3408 before): a secondary's lost
