@@ -827,6 +827,11 @@ impl Engine {
         for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
             connection::drop_peer(shared, &mut st, id, "going down");
         }
+        // An activity-log transaction still being written (for a peer's write that came just
+        // before its link went) ends first: the log is emptied after it.
+        while !st.replica.writes_idle() {
+            st = st.wait();
+        }
         let State { meta, replica, .. } = &mut *st;
         if replica.detached() {
             tracing::warn!(resource = %shared.config.name, "the disk is Failed: its metadata stays as the failure left it, and the next `up` recovers it as after a crash");

@@ -575,6 +575,11 @@ impl World {
         for (peer, conn) in links {
             self.link_lost(id, peer, conn, "going down");
         }
+        // The daemon waits for an activity-log transaction still being written.
+        while let Some(&(seq, _, _)) = self.nodes[usize::from(id)].log_write.as_ref() {
+            let incarnation = self.nodes[usize::from(id)].incarnation;
+            self.log_written(id, incarnation, seq);
+        }
         let node = &mut self.nodes[usize::from(id)];
         if let (Some(replica), Some(meta)) = (node.replica.as_mut(), node.meta.as_mut()) {
             // `down` demotes first, which attaches a device left behind failing (its users
