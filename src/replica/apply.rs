@@ -512,7 +512,7 @@ mod tests {
     use crate::core::block_digest::block_digests;
     use crate::core::inflight::LocalFailure;
     use crate::core::states::Role;
-    use crate::replica::testing::{secondary_of_primary, secondary_state, settled};
+    use crate::replica::testing::{log_writes, secondary_of_primary, secondary_state, settled};
     use crate::replica::{Action, IoTag, LocalIo, Replica};
     use crate::wire::{DataPosition, DigestPurpose, Message, PeerState};
     use bytes::Bytes;
@@ -612,14 +612,6 @@ mod tests {
         assert!(actions.iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. })), "{actions:?}");
     }
 
-    /// The sequence numbers of the activity-log transactions among `actions`.
-    fn log_writes(actions: &[Action]) -> Vec<u64> {
-        actions.iter().filter_map(|a| match a {
-            Action::WriteLog { update, .. } => Some(update.transaction.seq()),
-            _ => None,
-        }).collect()
-    }
-
     #[test]
     fn writes_arriving_while_a_transaction_is_written_share_the_next_and_the_barrier_waits_for_them() {
         let (mut r, t0) = secondary_of_primary();
@@ -628,7 +620,8 @@ mod tests {
         let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
         r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
         let actions = r.take_actions();
-        let [first] = log_writes(&actions)[..] else { panic!("one transaction: {actions:?}") };
+        let logs = log_writes(&actions);
+        let [(first, _)] = &logs[..] else { panic!("one transaction: {actions:?}") };
         assert_eq!(io_tags(&actions), vec![], "the write waits for it");
         r.peer_write_received(t0, 1, (2, 1), extent, 4096, false, data(extent));
         r.peer_write_received(t0, 1, (3, 1), 2 * extent, 4096, false, data(2 * extent));
@@ -636,14 +629,15 @@ mod tests {
         r.peer_barrier_received(1, 7);
         let actions = r.take_actions();
         assert!(log_writes(&actions).is_empty() && io_tags(&actions).is_empty(), "one transaction at a time: {actions:?}");
-        r.log_written(first, Ok(()));
+        r.log_written(*first, Ok(()));
         let actions = r.take_actions();
         assert_eq!(io_tags(&actions), vec![write(1), write(4)], "the writes into extent 0");
-        let [second] = log_writes(&actions)[..] else { panic!("one transaction for the others: {actions:?}") };
+        let logs = log_writes(&actions);
+        let [(second, _)] = &logs[..] else { panic!("one transaction for the others: {actions:?}") };
         r.io_done(t0, write(1), Ok(None));
         r.io_done(t0, write(4), Ok(None));
         assert_eq!(io_tags(&r.take_actions()), vec![], "the barrier waits for writes 2 and 3");
-        r.log_written(second, Ok(()));
+        r.log_written(*second, Ok(()));
         assert_eq!(io_tags(&r.take_actions()), vec![write(2), write(3)]);
         r.io_done(t0, write(2), Ok(None));
         r.io_done(t0, write(3), Ok(None));

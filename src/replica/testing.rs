@@ -62,6 +62,20 @@ pub fn data_sent(actions: &[Action]) -> Vec<u64> {
     actions.iter().filter_map(offset).collect()
 }
 
+/// The activity-log transactions among `actions`: each one's sequence number and the extents
+/// it makes hot, sorted.
+pub fn log_writes(actions: &[Action]) -> Vec<(u64, Vec<u64>)> {
+    let log_write = |a: &Action| match a {
+        Action::WriteLog { update, .. } => {
+            let mut added = update.added().to_vec();
+            added.sort_unstable();
+            Some((update.transaction.seq(), added))
+        }
+        _ => None,
+    };
+    actions.iter().filter_map(log_write).collect()
+}
+
 /// A clock for tests of what a paced walk (a resync, a verify) does rather than how fast: each
 /// reading is a second after the last, so the rate controller never holds the walk back.
 pub struct Ticks(pub Instant);

@@ -701,7 +701,7 @@ impl From<LocalFailure> for BlockError {
 mod tests {
     use crate::core::inflight::{AckLevel, LocalFailure};
     use crate::frontend::{BlockError, BlockRequest};
-    use crate::replica::testing::{answers, data_sent, primary_replicating, settled, write};
+    use crate::replica::testing::{answers, data_sent, log_writes, primary_replicating, settled, write};
     use crate::replica::{Action, IoTag, Replica};
     use crate::wire::{Message, MAX_DATA_BYTES};
 
@@ -832,18 +832,6 @@ mod tests {
         assert!(completions(&r.take_actions()).is_empty(), "the peer has not flushed yet");
         r.barrier_acked(t0, 1, epoch);
         assert_eq!(completions(&r.take_actions()), vec![(2, true)]);
-    }
-
-    /// The activity-log transactions among `actions`, by sequence number, with what they add.
-    fn log_writes(actions: &[Action]) -> Vec<(u64, Vec<u64>)> {
-        actions.iter().filter_map(|a| match a {
-            Action::WriteLog { update, .. } => {
-                let mut added = update.added().to_vec();
-                added.sort_unstable();
-                Some((update.transaction.seq(), added))
-            }
-            _ => None,
-        }).collect()
     }
 
     #[test]
