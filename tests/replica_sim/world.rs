@@ -975,7 +975,13 @@ impl World {
         }
         let next = self.now + self.rng.range(100, 2 * MS);
         let (csums, now) = (self.csums, self.instant());
-        match self.replica_mut(id).expect("up").resync_next(now, peer, csums) {
+        let step = self.replica_mut(id).expect("up").resync_next(now, peer, csums);
+        // What deciding the step queued (a barrier closing the resync's epoch, say) goes out
+        // now, as the daemon's guard carries it out: left queued, it went out with the node's
+        // next event, after a failure of its disk in between (seed 974 of the change that
+        // gathered activity-log transactions).
+        self.carry_out(id);
+        match step {
             ResyncStep::Finished => {}
             ResyncStep::Wait => self.at(next + 20 * MS, Event::ResyncStep { node: id, incarnation, peer, generation }),
             ResyncStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::ResyncStep { node: id, incarnation, peer, generation }),
@@ -1018,6 +1024,7 @@ impl World {
         let next = self.now + self.rng.range(100, 2 * MS);
         let now = self.instant();
         let step = self.replica_mut(id).expect("up").verify_next(now, peer, generation);
+        self.carry_out(id);
         match step {
             VerifyStep::Wait => self.at(next + 20 * MS, Event::VerifyStep { node: id, incarnation, peer, generation }),
             VerifyStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::VerifyStep { node: id, incarnation, peer, generation }),
