@@ -309,8 +309,12 @@ impl Replica {
     }
 
     /// The batch of activity-log updates gathered during this step, as one transaction written
-    /// next (see [`Action::WriteLog`]), unless one is still being written.
+    /// next (see [`Action::WriteLog`]), unless one is still being written. A detached node
+    /// writes none: the writes that gathered fail with its disk.
     pub(super) fn seal_log(&mut self) {
+        if self.detached() {
+            return;
+        }
         if let Some(update) = self.al.seal() {
             let flush_data = !update.evicted.is_empty() && !self.secondary_skips_flushes();
             self.outbox.push(Action::WriteLog { update: update.clone(), flush_data });
@@ -866,6 +870,27 @@ mod tests {
         let actions = r.take_actions();
         assert_eq!(data_sent(&actions), vec![extent, 2 * extent]);
         assert!(log_writes(&actions).is_empty());
+    }
+
+    #[test]
+    fn a_node_detached_while_a_transaction_is_written_seals_none_of_what_gathered() {
+        let (mut r, t0) = primary_replicating();
+        let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let logs = log_writes(&r.take_actions());
+        let [(first, _)] = &logs[..] else { panic!("a transaction") };
+        r.submit(t0, 2, write(extent, 4096), no_queue);
+        assert!(log_writes(&r.take_actions()).is_empty(), "gathered for the next one");
+        r.persist_failed(t0, crate::replica::MetaWrite::Superblock, "EIO", Vec::new());
+        assert!(r.detached());
+        assert!(log_writes(&r.take_actions()).is_empty(), "a failed disk is written no more");
+        r.log_written(*first, Ok(()));
+        let actions = r.take_actions();
+        assert!(log_writes(&actions).is_empty() && local_writes(&actions).is_empty() && data_sent(&actions).is_empty(), "{actions:?}");
+        let mut failed = answers(&actions);
+        failed.sort_by_key(|(request, _)| *request);
+        assert_eq!(failed, vec![(1, Err(BlockError::Io)), (2, Err(BlockError::Io))]);
+        assert!(r.writes_idle());
     }
 
     #[test]
