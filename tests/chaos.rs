@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: usize = 4096;
-/// The writer's region: 4 MiB at the start of the device.
+/// The writer's blocks, one every `STRIDE` bytes from the start of the device: 32 MiB, eight
+/// activity-log extents, one more than `SMALL_ACTIVITY_LOG` holds.
 const BLOCKS: u64 = 1024;
+const STRIDE: u64 = 32 << 10;
 /// The failover probe writes here, outside the writer's region.
-const PROBE_OFFSET: u64 = 8 * MIB;
+const PROBE_OFFSET: u64 = 48 * MIB;
 /// Cycles in CI (two data nodes and a witness, then three data nodes); `BLKREPL_CHAOS_CYCLES`
 /// runs more of each.
 const CYCLES: usize = 21;
@@ -126,7 +128,7 @@ fn run_writer(net: &netns::Net, shared: &Shared) {
                 h.tried[block as usize].push(v);
                 v
             };
-            let outcome = client.write(block * BLOCK as u64, &pattern(block, version));
+            let outcome = client.write(block * STRIDE, &pattern(block, version));
             let mut ctl = shared.0.lock().unwrap();
             let h = &mut ctl.history;
             match outcome {
@@ -181,7 +183,7 @@ fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
     let address = c.nbd_address(node);
     let data = as_client(net, || {
         let mut client = NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to the new primary");
-        let mut data = vec![0u8; BLOCKS as usize * BLOCK];
+        let mut data = vec![0u8; (BLOCKS * STRIDE) as usize];
         for (i, chunk) in data.chunks_mut(256 << 10).enumerate() {
             let outcome = client.read(i as u64 * (256 << 10), chunk);
             assert!(matches!(outcome, Outcome::Answered(0)), "read through {node}: {outcome:?}");
@@ -191,7 +193,7 @@ fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
     let ctl = shared.0.lock().unwrap();
     let h = &ctl.history;
     for block in 0..BLOCKS {
-        let bytes = &data[block as usize * BLOCK..][..BLOCK];
+        let bytes = &data[(block * STRIDE) as usize..][..BLOCK];
         let version = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
         let acked = h.acked[block as usize];
         if version == 0 && bytes.iter().all(|b| *b == 0) {
@@ -226,12 +228,17 @@ fn wait_until(c: &Cluster, what: &str, deadline_s: u64, mut cond: impl FnMut() -
     }
 }
 
+/// An activity log of 7 extents (28 MiB) over the 64 MiB devices: the writes keep evicting
+/// extents, so transactions that flush, evict and gather writes are written while the faults
+/// strike, on the primary and on the secondaries.
+const SMALL_ACTIVITY_LOG: &str = "al_extents = 7";
+
 #[test]
 fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
     if !netns::usable() {
         return;
     }
-    let c = Cluster::witness_trio(Options { netns: true, disk_mib: 64, ..Options::default() });
+    let c = Cluster::witness_trio(Options { netns: true, disk_mib: 64, extra: SMALL_ACTIVITY_LOG, ..Options::default() });
     run_cycles(&c, &["alpha", "beta"], CYCLES);
 }
 
@@ -244,7 +251,7 @@ fn faults_on_the_primary_of_three_data_nodes_heal_without_split_brain_or_lost_wr
         return;
     }
     let nodes = ["alpha", "beta", "gamma"];
-    let c = Cluster::new(&nodes, Options { netns: true, disk_mib: 64, quorum: "majority", ..Options::default() });
+    let c = Cluster::new(&nodes, Options { netns: true, disk_mib: 64, quorum: "majority", extra: SMALL_ACTIVITY_LOG, ..Options::default() });
     c.create_md_and_up();
     c.wait_connected("alpha", &["beta", "gamma"]);
     c.ok("alpha", &["primary", "--force", "r0"]);
