@@ -60,7 +60,7 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 414 since the writes that arrive while an activity-log transaction
+    // seed that shows it is 6387 since the writes that arrive while an activity-log transaction
     // is written share the next one (573 since a resync target clears its bits as the resync
     // data becomes durable, 1402 since a peer whose stream was applied lately is lost as a
     // primary, 2804 since secondaries weigh leftover bits on a live link once no one sees a
@@ -75,7 +75,7 @@ fn checker_3_catches_decisions_that_wait_forever() {
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the old
-    // copy and is then the one compared. The first seed that shows it is 20482 since the writes
+    // copy and is then the one compared. The first seed that shows it is 4334 since the writes
     // that arrive while an activity-log transaction is written share the next one (8034 since a
     // resync's epoch also closes after a second and a resync taken up again brings only its
     // source's bits, 927 since a resync target clears its bits as the resync data becomes durable, 133 since a
@@ -94,7 +94,7 @@ fn checker_4_catches_a_resync_recorded_for_no_third_node() {
 #[test]
 fn checker_5_catches_a_secondary_that_never_flushes() {
     // Rarer than the others: since the seeds draw large bitmap blocks and failing flushes, the
-    // first seed that shows it is 2010 since the writes that arrive while an activity-log
+    // first seed that shows it is 231 since the writes that arrive while an activity-log
     // transaction is written share the next one (3317 since a resync target clears its bits as
     // the resync data becomes durable, 2059 since secondaries weigh leftover bits on a live link again
     // when a primary stops lagging a peer, 452 since a bitmap sent on an out-of-date
