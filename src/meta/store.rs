@@ -55,6 +55,8 @@ pub struct AlWrite {
     disk: Arc<dyn Disk>,
     offset: u64,
     block: Vec<u8>,
+    /// Bitmap pages were written for it, not yet durably.
+    pages: bool,
 }
 
 impl AlWrite {
@@ -65,7 +67,9 @@ impl AlWrite {
         if let Some(data) = data {
             data.sync().map_err(MetaError::io("flushing the data disk before an activity-log transaction"))?;
         }
-        self.disk.sync().map_err(MetaError::io("writing bitmap pages"))?;
+        if self.pages {
+            self.disk.sync().map_err(MetaError::io("writing bitmap pages"))?;
+        }
         let what = "writing an activity-log transaction";
         self.disk.write_at(&self.block, self.offset).map_err(MetaError::io(what))?;
         self.disk.sync().map_err(MetaError::io(what))
@@ -381,6 +385,7 @@ impl MetaStore {
             disk: self.disk.clone(),
             offset: self.layout.al_block_offset(transaction.ring_index()),
             block: transaction.bytes().to_vec(),
+            pages: false,
         })
     }
 
@@ -404,6 +409,7 @@ impl MetaStore {
     /// records that the log is empty once it is durable.
     pub fn begin_al_update(&mut self, update: &AlUpdate, bitmaps: &[DirtyBitmap]) -> Result<AlWrite, MetaError> {
         self.check_bitmap_count(bitmaps)?;
+        let mut written = false;
         if !update.evicted.is_empty() {
             for (slot, bitmap) in bitmaps.iter().enumerate() {
                 let pages: Vec<usize> = update
@@ -411,10 +417,11 @@ impl MetaStore {
                     .iter()
                     .flat_map(|&e| bitmap.pages_for_range(extent_offset(e), AL_EXTENT_SIZE))
                     .collect();
-                self.put_bitmap_pages(slot, bitmap, pages)?;
+                written |= self.put_bitmap_pages(slot, bitmap, pages)?;
             }
         }
-        self.before_al_transaction(&update.transaction)
+        let write = self.before_al_transaction(&update.transaction)?;
+        Ok(AlWrite { pages: written, ..write })
     }
 
     /// Persists everything for a clean stop: the dirty bitmap pages, an empty activity log, then
