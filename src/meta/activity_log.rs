@@ -354,7 +354,7 @@ impl ActivityLog {
     }
 
     /// Whether I/O waits for the open batch (see [`ActivityLog::seal`]).
-    pub fn batch_open(&self) -> bool {
+    fn batch_open(&self) -> bool {
         !self.open.updates.is_empty()
     }
 

@@ -224,8 +224,8 @@ impl Replica {
     /// overlapping writes start in arrival order), a write in flight or a resync read, and
     /// each with its activity-log extents durably hot. The writes that need cold extents join
     /// one batch, made durable by one transaction for all of them ([`Action::WriteLog`]),
-    /// while the writes into hot extents go on; writes that need a cold extent while that
-    /// transaction is written wait for the next one, so writes arriving together share it.
+    /// while the writes into hot extents go on; the writes that need a cold extent while that
+    /// transaction is written gather in the next one.
     pub(super) fn start_waiting(&mut self) {
         let mut blocked: Vec<(u64, u64)> = Vec::new();
         let mut i = 0;
@@ -265,10 +265,9 @@ impl Replica {
                 }
                 Err(AlError::Busy) => {
                     // Every extent is held, some by writes whose epoch no barrier closed yet:
-                    // close it, so their acks free extents (nothing else might). Not while a
-                    // transaction is being written or gathered: the writes behind it free none.
-                    let log_busy = self.log_in_flight.is_some() || self.al.batch_open();
-                    if !log_busy && self.peers.iter().any(|p| p.is_replicating() && p.tl.open_epoch_writes() > 0) {
+                    // close it, so their acks free extents (nothing else might). Or the next
+                    // transaction is full: the write waits for the one after.
+                    if self.peers.iter().any(|p| p.is_replicating() && p.tl.open_epoch_writes() > 0) {
                         self.close_epoch();
                     }
                     blocked.push(range);
