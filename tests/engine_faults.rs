@@ -177,3 +177,42 @@ fn a_failed_metadata_write_detaches_the_disk_and_the_next_up_recovers_it() {
     assert!(read.iter().all(|b| *b == 0), "the failed write reached the disk");
     submit(&engine, write(16 << 20, 0xCD, 4096)).unwrap();
 }
+
+#[test]
+fn a_failed_bitmap_page_of_an_evicting_transaction_detaches_the_disk_before_the_write() {
+    let data = Arc::new(FaultyDisk::new(MemDisk::new(DISK_BYTES)));
+    let meta = Arc::new(FaultyDisk::new(MemDisk::new(4 << 20)));
+    // Seven slots for the device's eight extents: the eighth extent written evicts one.
+    let params = MetaParams { max_peers: 1, al_extents: 7, ..MetaParams::default() };
+    MetaStore::create(meta.clone(), DISK_BYTES as u64, false, params, "r0", 0, &[1], false).unwrap();
+    let engine = open_with_meta(&data, &meta);
+    engine.promote(true).unwrap();
+    let extent = 4u64 << 20;
+    for e in 0..7 {
+        submit(&engine, write(e * extent, 0xAB, 4096)).unwrap();
+    }
+    // The eviction writes the bitmap pages of the extent leaving the log (after a superblock
+    // that no longer vouches for the bitmap's checksum) before the transaction block, as it
+    // carries out the action; the first of those writes fails. (The test above fails the
+    // block itself, written later on the I/O pool.)
+    meta.fail_nth_write(1, Fault::Eio);
+    let data_writes = data.writes();
+    assert_eq!(submit(&engine, write(7 * extent, 0xCD, 4096)), Err(BlockError::Io));
+    assert_eq!(engine.status().disk, "Failed");
+    assert_eq!(data.writes(), data_writes, "the write reached the data disk without its transaction");
+    let why = engine.status().local_write_failed.expect("status says why");
+    assert!(why.contains("activity-log transaction") && why.contains("Input/output error"), "{why}");
+    meta.heal();
+    engine.demote().unwrap();
+    engine.shutdown(|| {}).unwrap();
+    drop(engine);
+    // `up` again: what was acknowledged is there, and the failed write is not.
+    let engine = open_with_meta(&data, &meta);
+    engine.promote(true).unwrap();
+    for e in 0..7 {
+        let read = submit(&engine, BlockRequest::Read { offset: e * extent, len: 4096 }).unwrap().unwrap();
+        assert!(read.iter().all(|b| *b == 0xAB), "acknowledged data changed in extent {e}");
+    }
+    let read = submit(&engine, BlockRequest::Read { offset: 7 * extent, len: 4096 }).unwrap().unwrap();
+    assert!(read.iter().all(|b| *b == 0), "the failed write reached the disk");
+}

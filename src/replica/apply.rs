@@ -8,7 +8,7 @@ use super::weakened::{is_weakened, Rule};
 use super::{Action, IoTag, LocalIo, MetaWrite, Replica};
 use super::writes::LogStep;
 use crate::core::states::{DiskState, ReplState, Role};
-use crate::meta::activity_log::{extents_for, AlJoined};
+use crate::meta::activity_log::{extents_for, ActivityLog, AlError, AlJoined};
 use crate::config::Protocol;
 use crate::core::block_digest::{block_digests, differing_runs};
 use crate::core::inflight::LocalFailure;
@@ -139,6 +139,18 @@ impl Applying {
     }
 }
 
+/// Makes `[offset, offset + len)` hot in the activity log for a step of a peer's stream. No
+/// reference is kept (see `Replica::note_in_activity_log`).
+fn join_log(al: &mut ActivityLog, offset: u64, len: u64) -> Result<LogStep, AlError> {
+    let Some(extents) = extents_for(offset, len) else { return Ok(LogStep::Hot) };
+    let joined = al.join(extents.clone())?;
+    al.release(extents);
+    Ok(match joined {
+        AlJoined::AllHot => LogStep::Hot,
+        AlJoined::Batched { seq } => LogStep::Awaiting(seq),
+    })
+}
+
 impl Replica {
     /// A write in the primary's stream (`check_frame` passed it): recorded for the peers that
     /// do not follow the primary, acknowledged as received under protocol B, and applied in
@@ -172,24 +184,52 @@ impl Replica {
     /// extents stand for them (see `Replica::attach`). No reference is kept: a secondary's
     /// extent may be evicted at any time, its bitmap pages written first (a pending one is
     /// not). Writes arriving together share one transaction, which the write waits for (see
-    /// [`Action::WriteLog`]). A write the log cannot take writes the bitmaps of the peers it is
-    /// recorded for instead.
+    /// [`Action::WriteLog`]). A write the log has no room for now waits until it has
+    /// ([`Replica::rejoin_stream_steps`]); one it can never take writes the bitmaps of the
+    /// peers it is recorded for instead.
     fn note_in_activity_log(&mut self, offset: u64, len: u64, absent: &[usize]) -> LogStep {
-        let Some(extents) = extents_for(offset, len) else { return LogStep::Hot };
-        match self.al.join(extents.clone()) {
-            Ok(joined) => {
-                self.al.release(extents);
-                match joined {
-                    AlJoined::AllHot => LogStep::Hot,
-                    AlJoined::Batched { seq } => LogStep::Awaiting(seq),
-                }
-            }
+        match join_log(&mut self.al, offset, len) {
+            Ok(log) => log,
+            Err(AlError::Busy) => LogStep::NotJoined,
             Err(_) => {
                 for &slot in absent {
                     self.persist(MetaWrite::Bitmap(slot));
                 }
                 LogStep::Hot
             }
+        }
+    }
+
+    /// The stream steps the activity log could not take when they arrived (the next
+    /// transaction was full, or every slot was pending) join it in stream order, as far as it
+    /// has room now: a transaction was committed or extents were released. One that can never
+    /// join writes the bitmaps instead, of every data peer, as it would have on arrival.
+    pub(super) fn rejoin_stream_steps(&mut self) {
+        let mut write_bitmaps = false;
+        let mut started = Vec::new();
+        'peers: for peer in self.peers.iter_mut() {
+            for step in peer.applying.waiting.iter_mut().filter(|step| step.log == LogStep::NotJoined) {
+                step.log = match join_log(&mut self.al, step.offset, step.len) {
+                    Ok(log) => log,
+                    Err(AlError::Busy) => break 'peers,
+                    Err(_) => {
+                        write_bitmaps = true;
+                        LogStep::Hot
+                    }
+                };
+                if step.log == LogStep::Hot && !started.contains(&peer.node_id) {
+                    started.push(peer.node_id);
+                }
+            }
+        }
+        if write_bitmaps {
+            let slots: Vec<usize> = self.peers.iter().filter(|p| !p.witness).map(|p| p.slot).collect();
+            for slot in slots {
+                self.persist(MetaWrite::Bitmap(slot));
+            }
+        }
+        for peer_id in started {
+            self.stream_step_finished(peer_id);
         }
     }
 
@@ -512,7 +552,7 @@ mod tests {
     use crate::core::block_digest::block_digests;
     use crate::core::inflight::LocalFailure;
     use crate::core::states::Role;
-    use crate::replica::testing::{log_writes, secondary_of_primary, secondary_state, settled};
+    use crate::replica::testing::{log_writes, secondary_of_primary, secondary_of_primary_with_al_extents, secondary_state, settled};
     use crate::replica::{Action, IoTag, LocalIo, Replica};
     use crate::wire::{DataPosition, DigestPurpose, Message, PeerState};
     use bytes::Bytes;
@@ -641,6 +681,49 @@ mod tests {
         assert_eq!(io_tags(&r.take_actions()), vec![write(2), write(3)]);
         r.io_done(t0, write(2), Ok(None));
         r.io_done(t0, write(3), Ok(None));
+        assert_eq!(io_tags(&r.take_actions()), vec![IoTag::Barrier { peer: 1, generation, epoch: 7 }]);
+    }
+
+    #[test]
+    fn a_write_the_log_has_no_room_for_waits_for_a_slot_and_evicts_what_became_durable() {
+        let (mut r, t0) = secondary_of_primary_with_al_extents(7);
+        let generation = r.peer(1).generation;
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let extent = crate::meta::activity_log::AL_EXTENT_SIZE;
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        let logs = log_writes(&r.take_actions());
+        let [(first, _)] = &logs[..] else { panic!("one transaction: {logs:?}") };
+        // Six more extents fill the other slots in the next batch; the eighth finds every slot
+        // pending, so it waits, and nothing is written for it yet.
+        for id in 2..=8 {
+            let offset = (id - 1) * extent;
+            r.peer_write_received(t0, 1, (id, 1), offset, 4096, false, data(offset));
+        }
+        r.peer_barrier_received(1, 7);
+        let actions = r.take_actions();
+        assert!(io_tags(&actions).is_empty() && log_writes(&actions).is_empty(), "{actions:?}");
+        assert!(!actions.iter().any(|a| matches!(a, Action::Persist(_))), "no bitmap written in its place: {actions:?}");
+        // The first transaction is durable: extent 0 may be evicted now, and the eighth write
+        // takes its slot in the batch the others wait in.
+        r.log_written(*first, Ok(()));
+        let actions = r.take_actions();
+        assert_eq!(io_tags(&actions), vec![write(1)]);
+        let update = actions.iter().find_map(|a| match a {
+            Action::WriteLog { update, flush_data } => Some((update.clone(), *flush_data)),
+            _ => None,
+        });
+        let Some((update, flush_data)) = update else { panic!("the second transaction: {actions:?}") };
+        let mut added = update.added().to_vec();
+        added.sort_unstable();
+        assert_eq!(added, (1..=7).collect::<Vec<u64>>());
+        assert!(flush_data, "it evicts extent 0, whose write must be on disk first");
+        r.io_done(t0, write(1), Ok(None));
+        assert!(io_tags(&r.take_actions()).is_empty(), "the barrier waits for the seven others");
+        r.log_written(update.transaction.seq(), Ok(()));
+        assert_eq!(io_tags(&r.take_actions()), (2..=8).map(write).collect::<Vec<_>>());
+        for seq in 2..=8 {
+            r.io_done(t0, write(seq), Ok(None));
+        }
         assert_eq!(io_tags(&r.take_actions()), vec![IoTag::Barrier { peer: 1, generation, epoch: 7 }]);
     }
 

@@ -16,18 +16,18 @@ const DISK_BYTES: u64 = 32 << 20;
 /// Node 0 of two data nodes (its peer is node 1, "beta"), Secondary, quorum off; and the
 /// instant it attached.
 pub fn two_node_replica() -> (Replica, Instant) {
-    replica_with_peers(&[1], MetaParams::default().bitmap_block_size)
+    replica_with_peers(&[1], MetaParams::default())
 }
 
 /// [`two_node_replica`] whose bitmap bit stands for `bitmap_block_size` bytes.
 pub fn two_node_replica_with_blocks_of(bitmap_block_size: u32) -> (Replica, Instant) {
-    replica_with_peers(&[1], bitmap_block_size)
+    replica_with_peers(&[1], MetaParams { bitmap_block_size, ..MetaParams::default() })
 }
 
 /// Node 0 of three data nodes (node 1 "beta" in slot 0, node 2 "gamma" in slot 1), otherwise
 /// as [`two_node_replica`].
 pub fn three_node_replica() -> (Replica, Instant) {
-    replica_with_peers(&[1, 2], MetaParams::default().bitmap_block_size)
+    replica_with_peers(&[1, 2], MetaParams::default())
 }
 
 /// The replica's actions, with every activity-log transaction among them written as a driver
@@ -93,8 +93,8 @@ pub const RESYNC_RATE: RateLimits = RateLimits {
     min_bytes_per_s: crate::config::DEFAULT_RESYNC_RATE_MIN_KIB * 1024,
 };
 
-fn replica_with_peers(ids: &[u8], bitmap_block_size: u32) -> (Replica, Instant) {
-    let disk = created_disk(ids, bitmap_block_size);
+fn replica_with_peers(ids: &[u8], params: MetaParams) -> (Replica, Instant) {
+    let disk = created_disk(ids, params);
     attach_disk(disk, ids, [0; 16])
 }
 
@@ -103,7 +103,7 @@ fn replica_with_peers(ids: &[u8], bitmap_block_size: u32) -> (Replica, Instant) 
 /// `stopped_in` then and is `boot_id` now.
 pub fn three_node_secondary_restarted(hot_offset: u64, stopped_in: [u8; 16], boot_id: [u8; 16]) -> (Replica, Instant) {
     let ids = [1, 2];
-    let disk = created_disk(&ids, MetaParams::default().bitmap_block_size);
+    let disk = created_disk(&ids, MetaParams::default());
     let (mut store, loaded) = MetaStore::open(disk.clone(), DISK_BYTES, true, "r0", 0).expect("open metadata");
     let mut al = loaded.activity_log;
     let extents = crate::meta::extents_for(hot_offset, 4096).expect("one extent");
@@ -120,7 +120,7 @@ pub fn three_node_secondary_restarted(hot_offset: u64, stopped_in: [u8; 16], boo
 /// `MetaFlags::OWN_STREAM`); the machine's boot id was `stopped_in` then and is `boot_id` now.
 pub fn three_node_primary_restarted(own_stream: bool, stopped_in: [u8; 16], boot_id: [u8; 16]) -> (Replica, Instant) {
     let ids = [1, 2];
-    let disk = created_disk(&ids, MetaParams::default().bitmap_block_size);
+    let disk = created_disk(&ids, MetaParams::default());
     let (mut store, loaded) = MetaStore::open(disk.clone(), DISK_BYTES, true, "r0", 0).expect("open metadata");
     let mut sb = loaded.superblock;
     sb.boot_id = stopped_in;
@@ -131,9 +131,9 @@ pub fn three_node_primary_restarted(own_stream: bool, stopped_in: [u8; 16], boot
     attach_disk(disk, &ids, boot_id)
 }
 
-fn created_disk(ids: &[u8], bitmap_block_size: u32) -> Arc<dyn Disk> {
+fn created_disk(ids: &[u8], params: MetaParams) -> Arc<dyn Disk> {
     let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(DISK_BYTES as usize));
-    let params = MetaParams { max_peers: ids.len() as u8, bitmap_block_size, ..MetaParams::default() };
+    let params = MetaParams { max_peers: ids.len() as u8, ..params };
     MetaStore::create(disk.clone(), DISK_BYTES, true, params, "r0", 0, ids, false).expect("create metadata");
     disk
 }
@@ -171,7 +171,10 @@ fn attach_disk(disk: Arc<dyn Disk>, ids: &[u8], boot_id: [u8; 16]) -> (Replica, 
 /// [`two_node_replica`] connected to its peer, Established, with this node and the peer in the
 /// given roles, both UpToDate; the actions of getting there are taken.
 fn established(role: Role, peer_role: Role) -> (Replica, Instant) {
-    let (mut r, t0) = two_node_replica();
+    established_on(two_node_replica(), role, peer_role)
+}
+
+fn established_on((mut r, t0): (Replica, Instant), role: Role, peer_role: Role) -> (Replica, Instant) {
     r.role = role;
     r.disk = DiskState::UpToDate;
     r.link_up(1, t0);
@@ -216,6 +219,13 @@ pub fn primary_replicating() -> (Replica, Instant) {
 /// A secondary whose peer is its primary.
 pub fn secondary_of_primary() -> (Replica, Instant) {
     established(Role::Secondary, Role::Primary)
+}
+
+/// [`secondary_of_primary`] whose activity log has `al_extents` slots (its disk holds 8
+/// extents).
+pub fn secondary_of_primary_with_al_extents(al_extents: u32) -> (Replica, Instant) {
+    let two_nodes = replica_with_peers(&[1], MetaParams { al_extents, ..MetaParams::default() });
+    established_on(two_nodes, Role::Secondary, Role::Primary)
 }
 
 /// Node 0 in `role` under quorum "majority" with node 1, its data peer (Secondary, UpToDate,

@@ -43,7 +43,9 @@ pub struct QueuedWrite {
 /// Where a write waiting to start, or a step of a peer's stream, stands with the activity log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LogStep {
-    /// No reference taken on its extents yet (the primary's writes only).
+    /// Not in the activity log yet: a primary's write takes its references when it may
+    /// start; a stream step the log had no room for joins once it has
+    /// (`Replica::rejoin_stream_steps`).
     NotJoined,
     /// Some of its extents are hot only once transaction `seq` is committed.
     Awaiting(u64),
@@ -227,6 +229,8 @@ impl Replica {
     /// while the writes into hot extents go on; the writes that need a cold extent while that
     /// transaction is written gather in the next one.
     pub(super) fn start_waiting(&mut self) {
+        // What makes room for a waiting write makes room for a waiting stream step too.
+        self.rejoin_stream_steps();
         let mut blocked: Vec<(u64, u64)> = Vec::new();
         let mut i = 0;
         while i < self.waiting.len() {
