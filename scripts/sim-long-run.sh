@@ -8,7 +8,7 @@
 #
 # Each chunk appends one line to docs/sim-long-run.log: the rules' commit, its first seed, its
 # seed count, the sweep's exit status, its seconds and the simulator's summary line (failing
-# seeds, if any, follow it on lines of their own). The rules' commit is the last one that
+# seeds, if any, follow it on lines of their own, and the run stops there). The rules' commit is the last one that
 # touched what the simulator compiles (the modules below, the simulator, Cargo.lock); a chunk
 # counts only for those rules, so any change to them starts the count again from seed 0, and
 # uncommitted changes there are refused. Commit the log as chunks finish: a machine may not
@@ -99,7 +99,13 @@ for ((first = 0; first < last; first += chunk)); do
   summary=$(grep -m1 '^replica_sim: ' <<<"$out" || echo "no summary (the sweep did not finish)")
   { echo "$rules $first $chunk rc=$rc ${took}s $summary"; grep '^seed [0-9]* (shape' <<<"$out" | sed 's/^/  /' || true; } >> "$log"
   echo "seeds $first-$((first + chunk - 1)): rc=$rc in ${took}s"
-  # A failing seed is said where the progress is read, not only in the log.
-  [ "$rc" = 0 ] || { grep '^seed [0-9]* (shape' <<<"$out" || echo "$summary"; } | sed 's/^/  FAILED: /' >&2
+  # A failing seed stops the run, said where the progress is read and by the exit status, not
+  # only in the log: the rules need a fix, and the fix starts the count again.
+  if [ "$rc" != 0 ]; then
+    { grep '^seed [0-9]* (shape' <<<"$out" || echo "$summary"; } | sed 's/^/  FAILED: /' >&2
+    sum
+    echo "sim-long-run: seeds $first-$((first + chunk - 1)) failed: stopped (replay one with BLKREPL_SIM_SEED=N)" >&2
+    exit 1
+  fi
 done
 sum

@@ -151,8 +151,9 @@ impl Replica {
     }
 
     /// Exit code 6: the peer is primary. This node's disk is Outdated, durably (a restart
-    /// comes back Outdated, never Consistent); what it holds fails, and so does every later
-    /// request while it stays primary (see `Replica::write_refusal`).
+    /// comes back Outdated, never Consistent); what it holds fails, and so do what is in
+    /// flight, as it completes (see `Replica::finish_request`), and every later request while
+    /// it stays primary (see `Replica::write_refusal`).
     fn outdate_self_for(&mut self, peer: &str, now: Instant) {
         tracing::error!(resource = %self.resource, peer,
             "fence-peer says the peer is primary: outdating this node; its requests fail until it is demoted and resynced");
@@ -419,6 +420,29 @@ mod tests {
         r.peer_lost(t0, 1, "gone", 0);
         assert!(fence_asked(&r.take_actions()).is_empty(), "its disk is known to be Outdated");
         assert_eq!(r.io_suspended(), None);
+    }
+
+    #[test]
+    fn what_is_in_flight_when_the_handler_says_the_peer_is_primary_fails_too() {
+        let (mut r, t0, generation) = lost_with_a_write_in_flight(Fencing::ResourceOnly);
+        r.take_actions();
+        r.submit(t0, 2, write(8192), |_| 0);
+        r.submit(t0, 3, BlockRequest::Flush, |_| 0);
+        let in_flight: Vec<IoTag> = r.take_actions().iter().filter_map(|a| match a {
+            Action::Io { tag, .. } => Some(*tag),
+            _ => None,
+        }).collect();
+        assert_eq!(in_flight.len(), 2, "the write and the flush reach the disk: {in_flight:?}");
+        r.fence_done(t0, 1, generation, FenceOutcome::Exited(6));
+        assert_eq!(r.disk, DiskState::Outdated);
+        // The disk completes them: this node's data is given up (the peer may be primary and
+        // be elected without them), so neither is acknowledged (seed 194070: a flush that
+        // completed here made a protocol A write durable in the checker's eyes, and the node
+        // elected next lacked it).
+        for tag in in_flight {
+            r.io_done(t0, tag, Ok(None));
+        }
+        assert_eq!(answers(&r.take_actions()), vec![(2, Err(BlockError::Io)), (3, Err(BlockError::Io))]);
     }
 
     #[test]

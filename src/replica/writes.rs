@@ -495,14 +495,16 @@ impl Replica {
             self.answer(request, Err(BlockError::Io));
             return;
         }
-        if (self.demoting && !self.generation_pending.is_empty()) || self.detached() {
+        if (self.demoting && !self.generation_pending.is_empty()) || self.disk != DiskState::UpToDate {
             // A data peer lacking this tenure's writes was lost, and a node being demoted starts
             // no generation to keep it from being elected: nothing completes as acknowledged
             // any more (seed 27534: a flush completed after the loss, the lost peer was
-            // elected without the write it covered). Nor does a Failed disk, whose links are
-            // all going (seed 56289: a flush the links' loss released completed on the
-            // detached primary, and the peer elected next lacked the protocol A write it
-            // covered).
+            // elected without the write it covered). Nor on a disk whose data is no longer
+            // the one to keep: a Failed one, whose links are all going (seed 56289: a flush
+            // the links' loss released completed on the detached primary, and the peer elected
+            // next lacked the protocol A write it covered), or one Outdated because the
+            // fence-peer handler said the peer is primary (seed 194070: a flush in flight
+            // then completed, and the node elected next lacked the write it covered).
             self.answer(request, Err(BlockError::Io));
             return;
         }
