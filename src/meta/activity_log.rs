@@ -66,8 +66,9 @@ pub fn extent_offset(extent: u64) -> u64 {
 /// Why `prepare` or `mark_clean` cannot proceed now.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AlError {
-    /// Every slot that could be reused is held by in-flight I/O, or a transaction is still being
-    /// written. Retry after a `release` or `commit`.
+    /// Every slot that could be reused is held by in-flight I/O or waits for a transaction, a
+    /// transaction is still being written, or the next one is full. Retry after a `release` or
+    /// `commit`.
     #[error(
         "activity log busy: retry after in-flight I/O completes or the pending transaction commits"
     )]
