@@ -18,6 +18,23 @@ const DIAL_INTERVAL: Duration = Duration::from_millis(300);
 /// After a peer refused the connection (it is StandAlone, or refuses this node): it will not
 /// change its mind within a dial interval, and each refusal costs it a handshake.
 const REFUSED_RETRY: Duration = Duration::from_secs(2);
+/// A link this node dialed that goes within `FLAP_WINDOW` of coming up went for a reason a
+/// moment does not change (a secondary whose disk is full fails the first writes of every
+/// resync; a peer that breaks the protocol again): the next dial waits twice as long as the last
+/// wait, up to `FLAP_WAIT_MAX`, so a flapping link costs a handshake, a resync's first blocks and
+/// two log lines every few seconds, not three times a second. A link that lasts resets the wait.
+const FLAP_WINDOW: Duration = Duration::from_secs(10);
+const FLAP_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// The wait before the next dial once a link that lasted `lasted` went, after a wait of `wait`.
+fn wait_after_link(wait: Duration, lasted: Duration) -> Duration {
+    if lasted < FLAP_WINDOW {
+        (wait * 2).clamp(DIAL_INTERVAL, FLAP_WAIT_MAX)
+    } else {
+        DIAL_INTERVAL
+    }
+}
+
 /// How a dial that the peer refused is reported.
 pub(super) const PEER_REFUSED: &str = "peer refused: ";
 
@@ -90,12 +107,10 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
             .spawn(move || {
                 let mut last_error = String::new();
                 let mut last_attempt: Option<Instant> = None;
+                // When the last dial made a link, and the wait before the next one.
+                let mut linked_at: Option<Instant> = None;
+                let mut wait = DIAL_INTERVAL;
                 loop {
-                    // At most one attempt per dial interval, also when the last one connected
-                    // and was closed at once (a peer that refuses after its handshake).
-                    if let Some(wait) = last_attempt.and_then(|t| DIAL_INTERVAL.checked_sub(t.elapsed())) {
-                        std::thread::sleep(wait);
-                    }
                     {
                         let st = shared.lock();
                         if st.replica.stopping {
@@ -103,6 +118,15 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                         }
                         if st.replica.link_refusal(peer_id).is_some() {
                             drop(st.wait_dial(DIAL_INTERVAL));
+                            continue;
+                        }
+                        if let Some(at) = linked_at.take() {
+                            wait = wait_after_link(wait, at.elapsed());
+                        }
+                        // At most one attempt per wait, also when the last one connected and
+                        // was closed at once (a peer that refuses after its handshake).
+                        if let Some(rest) = last_attempt.and_then(|t| wait.checked_sub(t.elapsed())) {
+                            drop(st.wait_dial(rest));
                             continue;
                         }
                     }
@@ -122,6 +146,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                         std::thread::sleep(if refused { REFUSED_RETRY } else { DIAL_INTERVAL });
                     } else {
                         last_error.clear();
+                        linked_at = last_attempt;
                     }
                 }
             })?;
@@ -247,4 +272,22 @@ pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) {
     st.replica.peer_lost(Instant::now(), peer_id, reason, link.sent_bytes());
     shared.changed.notify_all();
     shared.dial.notify_all();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_link_that_goes_at_once_makes_the_next_dial_wait_longer_and_one_that_lasts_resets_it() {
+        let quick = Duration::from_millis(50);
+        let mut wait = DIAL_INTERVAL;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            wait = wait_after_link(wait, quick);
+            waits.push(wait.as_millis());
+        }
+        assert_eq!(waits, [600, 1200, 2400, 4800, 5000, 5000]);
+        assert_eq!(wait_after_link(wait, FLAP_WINDOW), DIAL_INTERVAL, "a link that lasted resets the wait");
+    }
 }
