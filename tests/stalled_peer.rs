@@ -12,6 +12,7 @@ use blkrepl::disk::{Disk, FaultyDisk, MemDisk};
 use blkrepl::engine::{Engine, PeerStatus};
 use blkrepl::frontend::{BlockDevice, BlockRequest, BlockResult};
 use blkrepl::meta::{MetaParams, MetaStore};
+use blkrepl::replica::STREAM_BACKLOG_BYTES;
 use bytes::Bytes;
 use std::path::Path;
 use std::sync::mpsc::channel;
@@ -163,5 +164,66 @@ fn writes_wait_for_room_behind_a_stalled_peer_while_reads_are_served() {
     let mut data = vec![0u8; LEN];
     beta_disk.inner().read_at(&mut data, last).unwrap();
     assert!(data.iter().all(|b| *b == 0xA0 ^ (WRITES - 1) as u8), "beta does not hold the last write");
+    drop(beta);
+}
+
+#[test]
+fn a_secondary_whose_activity_log_waits_for_its_hung_disk_takes_in_no_more_than_it_may_hold() {
+    let ports = common::free_ports(2);
+    let config = config_with_stall_timeout(ports[0], ports[1], 600_000);
+    let disk_bytes = 256 << 20;
+    let (alpha, _) = node_of(&config, "alpha", disk_bytes);
+    let (beta, beta_disk) = node_of(&config, "beta", disk_bytes);
+    // Two fresh nodes declared in sync: every extent is cold in beta's activity log.
+    wait_for("connected", &alpha, |p| p.replication == "Established");
+    alpha.new_current_uuid(true).unwrap();
+    alpha.promote(true).unwrap();
+    wait_for("in sync", &alpha, in_sync);
+    // A first write takes beta's log out of its clean state (a superblock write made under
+    // the engine's lock): after the hang, only the transactions' blocks wait for the disk,
+    // written off the lock, and beta keeps answering pings.
+    let warm = BlockRequest::Write { offset: 0, data: Bytes::from(vec![0x11; 4096]), fua: false };
+    assert_eq!(submit(&alpha, warm, Duration::from_secs(60)), Ok(None));
+    beta_disk.hang_writes();
+
+    // 96 MiB into extents cold on beta: each waits there for a transaction that cannot be
+    // written. Beta holds at most 32 MiB of them (`STREAM_BACKLOG_BYTES`), then reads no more:
+    // the socket buffers and alpha's send queue (8 MiB) fill, and alpha's writes wait for room.
+    const WRITES: u64 = 384;
+    const LEN: usize = 256 << 10;
+    let first = 4 << 20;
+    let (tx, answered) = channel();
+    for i in 0..WRITES {
+        let tx = tx.clone();
+        let write = BlockRequest::Write { offset: first + i * LEN as u64, data: Bytes::from(vec![0xB0 ^ i as u8; LEN]), fua: false };
+        alpha.submit(write, Box::new(move |result| tx.send((i, result)).unwrap()));
+    }
+    let held = || beta.status().peers[0].unwritten_bytes as usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held() < STREAM_BACKLOG_BYTES {
+        assert!(Instant::now() < deadline, "beta holds only {} bytes: {:?}", held(), beta.status().peers[0]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Watched for a second: beta takes in no more (but for the frames of the receive that
+    // reached the bound, at most 256 KiB and a frame), and the rest waits on alpha.
+    for _ in 0..50 {
+        assert!(held() <= STREAM_BACKLOG_BYTES + (512 << 10), "beta took in {} bytes while its disk hangs", held());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(alpha.status().writes_waiting_for_room > 0, "no write waits on alpha: {:?}", alpha.status().peers[0]);
+    assert_eq!(alpha.status().peers[0].replication, "Established", "beta was dropped instead");
+    assert!(answered.try_recv().is_err(), "a protocol-C write completed while its peer's disk hangs");
+
+    beta_disk.release_writes();
+    for _ in 0..WRITES {
+        let (i, result) = answered.recv_timeout(Duration::from_secs(60)).expect("a write was never answered");
+        assert_eq!(result, Ok(None), "write {i}");
+    }
+    wait_for("in sync after the writes", &alpha, in_sync);
+    for i in [0, WRITES / 2, WRITES - 1] {
+        let mut data = vec![0u8; LEN];
+        beta_disk.inner().read_at(&mut data, first + i * LEN as u64).unwrap();
+        assert!(data.iter().all(|b| *b == 0xB0 ^ i as u8), "beta does not hold write {i}");
+    }
     drop(beta);
 }

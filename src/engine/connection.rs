@@ -215,6 +215,7 @@ fn run_reader(
         if let Err(reason) = dispatch(shared, peer_id, generation, &mut batch).and(decoded) {
             return reason;
         }
+        wait_for_room_to_take_more(shared, peer_id, generation);
         match frames.receive(&mut stream) {
             Ok(true) => {}
             Ok(false) if frames.inside_frame() => return "receive failed: the connection ended inside a frame".into(),
@@ -225,6 +226,21 @@ fn run_reader(
             }
             Err(e) => return format!("receive failed: {e}"),
         }
+    }
+}
+
+/// Reads nothing more while this node holds as much of the peer's stream, not yet written, as
+/// it takes in (`Replica::takes_more_of`): the peer's send queue fills instead of this node's
+/// memory. Ends too once the link is going (the receive then finds it closed).
+fn wait_for_room_to_take_more(shared: &Shared, peer_id: u8, generation: u64) {
+    let mut st = shared.lock();
+    loop {
+        let peer = st.replica.peer(peer_id);
+        let current = peer.connected && peer.generation == generation && !st.replica.dropping(peer_id, generation);
+        if !current || st.replica.stopping || st.replica.takes_more_of(peer_id) {
+            return;
+        }
+        st = st.wait_timeout(Duration::from_millis(100));
     }
 }
 

@@ -88,6 +88,10 @@ pub struct PeerStatus {
     pub out_of_sync_bytes: u64,
     pub sent_bytes: u64,
     pub received_bytes: u64,
+    /// Data of the peer's stream received and not yet written here (at most
+    /// `STREAM_BACKLOG_BYTES`, then this node reads no more of it).
+    #[serde(default)]
+    pub unwritten_bytes: u64,
     pub resync: Option<ResyncStatus>,
     /// The last online verify with this peer run from this node.
     pub verify: Option<VerifyStatus>,
@@ -204,6 +208,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 out_of_sync_bytes,
                 sent_bytes: p.sent_bytes_before + link_sent,
                 received_bytes: p.received_bytes,
+                unwritten_bytes: p.applying.held_bytes() as u64,
                 resync,
                 verify,
                 split_brain: p.conn == ConnState::StandAlone

@@ -19,6 +19,7 @@ pub fn peer(name: &str, node_id: u8) -> PeerStatus {
         out_of_sync_bytes: 0,
         sent_bytes: 0,
         received_bytes: 0,
+        unwritten_bytes: 0,
         resync: None,
         verify: None,
         last_error: None,

@@ -134,6 +134,7 @@ impl Collector for Scrape {
         family(&mut e, "peer_out_of_sync_bytes", "Bytes that differ (or may) between this node and the peer", Gauge, per_peer(peers, |p| Some(Value::Int(p.out_of_sync_bytes))))?;
         family(&mut e, "peer_sent_bytes", "Bytes sent to the peer", Counter, per_peer(peers, |p| Some(Value::Int(p.sent_bytes))))?;
         family(&mut e, "peer_received_bytes", "Bytes received from the peer", Counter, per_peer(peers, |p| Some(Value::Int(p.received_bytes))))?;
+        family(&mut e, "peer_unwritten_bytes", "Data of the peer's stream received and not yet written here", Gauge, per_peer(peers, |p| Some(Value::Int(p.unwritten_bytes))))?;
         family(&mut e, "peer_resync_rate_bytes_per_second", "Resync rate with the peer (KiB resolution), while a resync runs", Gauge,
             per_peer(peers, |p| p.resync.as_ref().map(|r| Value::Int(r.rate_kib_per_s * 1024))))?;
         family(&mut e, "peer_resync_eta_seconds", "Estimated time left of the resync with the peer, once known", Gauge,

@@ -49,6 +49,14 @@ impl Step {
         both_compare || (self.offset < earlier.offset + earlier.len && earlier.offset < self.offset + self.len)
     }
 
+    /// The data it carries from the peer, not yet written.
+    fn held_bytes(&self) -> usize {
+        match &self.work {
+            Work::Write { op: LocalIo::Write { data, .. }, .. } | Work::Resync { data, .. } => data.len(),
+            Work::Write { .. } | Work::Compare { .. } => 0,
+        }
+    }
+
     fn io(&self) -> LocalIo {
         match &self.work {
             Work::Write { op, .. } => op.clone(),
@@ -73,6 +81,15 @@ enum Mark {
     /// `Replica::stream_term`.
     FuaWrite { id: u64, epoch: u64, durable: bool, term: Option<u64> },
 }
+
+/// How much of a peer's stream's data a node holds, received and not yet written, before its
+/// driver stops reading that peer's frames ([`Replica::takes_more_of`]). The steps waiting for
+/// an activity-log transaction, or behind a slow disk, no longer hold the reader up (the
+/// transaction is written elsewhere), so without a bound a primary under protocol A, whose
+/// writes complete once sent, could fill this node's memory for as long as its disk lags;
+/// with it the peer's send queue fills and paces (or pulls ahead of) this node. A protocol C
+/// primary never has more in flight than its clients' queue depths.
+pub const STREAM_BACKLOG_BYTES: usize = 32 << 20;
 
 /// The steps and marks of one peer's stream that are not done yet.
 #[derive(Debug, Default)]
@@ -134,6 +151,11 @@ impl Applying {
         }
     }
 
+    /// The stream's data received and not yet written.
+    pub fn held_bytes(&self) -> usize {
+        self.running.iter().chain(&self.waiting).map(Step::held_bytes).sum()
+    }
+
     fn done_through(&self, seq: u64) -> bool {
         !self.running.iter().chain(&self.waiting).any(|a| a.seq <= seq)
     }
@@ -152,6 +174,14 @@ fn join_log(al: &mut ActivityLog, offset: u64, len: u64) -> Result<LogStep, AlEr
 }
 
 impl Replica {
+    /// Whether the driver may read more of `peer_id`'s frames: this node holds less than
+    /// [`STREAM_BACKLOG_BYTES`] of its stream's data not yet written. Once it holds more, the
+    /// driver reads again when steps finish. (The simulator's world delivers regardless: its
+    /// devices are a few MiB.)
+    pub fn takes_more_of(&self, peer_id: u8) -> bool {
+        self.peer(peer_id).applying.held_bytes() < STREAM_BACKLOG_BYTES
+    }
+
     /// A write in the primary's stream (`check_frame` passed it): recorded for the peers that
     /// do not follow the primary, acknowledged as received under protocol B, and applied in
     /// stream order.
@@ -553,7 +583,7 @@ mod tests {
     use crate::core::inflight::LocalFailure;
     use crate::core::states::Role;
     use crate::replica::testing::{log_writes, secondary_of_primary, secondary_of_primary_with_al_extents, secondary_state, settled};
-    use crate::replica::{Action, IoTag, LocalIo, Replica};
+    use crate::replica::{Action, IoTag, LocalIo, Replica, STREAM_BACKLOG_BYTES};
     use crate::wire::{DataPosition, DigestPurpose, Message, PeerState};
     use bytes::Bytes;
 
@@ -725,6 +755,26 @@ mod tests {
             r.io_done(t0, write(seq), Ok(None));
         }
         assert_eq!(io_tags(&r.take_actions()), vec![IoTag::Barrier { peer: 1, generation, epoch: 7 }]);
+    }
+
+    #[test]
+    fn a_node_holding_a_full_backlog_of_a_stream_takes_no_more_of_it_until_a_step_is_written() {
+        let (mut r, t0) = secondary_of_primary();
+        let generation = r.peer(1).generation;
+        let len = 1 << 20;
+        let writes = (STREAM_BACKLOG_BYTES / len) as u64;
+        // Writes to the same MiB: the first runs, the others wait for it.
+        for id in 1..=writes {
+            assert!(r.takes_more_of(1), "{} MiB held", id - 1);
+            let op = LocalIo::Write { offset: 0, data: Bytes::from(vec![id as u8; len]), fua: false };
+            r.peer_write_received(t0, 1, (id, 1), 0, len as u64, false, op);
+        }
+        assert!(!r.takes_more_of(1), "{writes} MiB held, none written");
+        let first = IoTag::Stream { peer: 1, generation, seq: 1 };
+        assert_eq!(io_tags(&settled(&mut r)), vec![first]);
+        assert!(!r.takes_more_of(1), "a write on its way to the disk is held too");
+        r.io_done(t0, first, Ok(None));
+        assert!(r.takes_more_of(1));
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub mod weakened;
 mod writes;
 
 pub use action::{Action, IoTag, Lane, LocalIo, MetaWrite, RequestId};
-pub use apply::Applying;
+pub use apply::{Applying, STREAM_BACKLOG_BYTES};
 pub use peer::{Lease, Peer, PeerSync, ResyncProgress, VerifyRun, VerifyState, MAX_REPORTED_RANGES};
 pub use recent::RecentWrites;
 pub use resync::{ResyncChunk, ResyncStep, ResyncWalk};
