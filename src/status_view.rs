@@ -111,6 +111,7 @@ fn format_peer(p: &PeerStatus, detail: Detail) -> String {
     }
     out += &format!("    out-of-sync:{} sent:{} received:{}", kib(p.out_of_sync_bytes), kib(p.sent_bytes), kib(p.received_bytes));
     if detail.statistics {
+        out += &format!(" unwritten:{}", kib(p.unwritten_bytes));
         if let Some(r) = &p.resync {
             out += &format!(" resync-done:{} resync-total:{} resync-full:{}", kib(r.done_bytes), kib(r.total_bytes), yes_no(r.full));
         }

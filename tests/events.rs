@@ -165,6 +165,7 @@ fn a_stream_shows_a_promotion_a_disconnect_a_reconnect_and_its_resync_in_order()
     let bar = human.lines().find(|l| l.trim_start().starts_with('[')).unwrap_or_else(|| panic!("no progress bar: {human}"));
     assert!(bar.contains("] sync'ed: ") && bar.contains("/32768)K finish: ") && bar.contains(" K/sec"), "{bar}");
     assert!(human.contains("resync-done:") && human.contains("resync-total:32768KiB"), "{human}");
+    assert!(human.contains(" unwritten:0KiB"), "a sync source holds none of its target's stream: {human}");
     let end = s.expect(&c, "the resync's end", |l| {
         l.starts_with("change peer-device ") && l.contains(" replication:Established peer-disk:UpToDate out-of-sync:0")
     });
