@@ -212,10 +212,11 @@ fn run_reader(
             }
         };
         // The frames before a bad one are the peer's and are applied.
-        if let Err(reason) = dispatch(shared, peer_id, generation, &mut batch).and(decoded) {
-            return reason;
+        match dispatch(shared, peer_id, generation, &mut batch).and_then(|takes_more| decoded.map(|()| takes_more)) {
+            Err(reason) => return reason,
+            Ok(false) => wait_for_room_to_take_more(shared, peer_id, generation),
+            Ok(true) => {}
         }
-        wait_for_room_to_take_more(shared, peer_id, generation);
         match frames.receive(&mut stream) {
             Ok(true) => {}
             Ok(false) if frames.inside_frame() => return "receive failed: the connection ended inside a frame".into(),
@@ -246,10 +247,11 @@ fn wait_for_room_to_take_more(shared: &Shared, peer_id: u8, generation: u64) {
 
 /// Hands the frames received from the peer to the replica, in order, under one lock. An error
 /// drops the connection with that reason; nothing was applied for the offending frame or
-/// after it.
-fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, batch: &mut Vec<Message>) -> Result<(), String> {
+/// after it. Returns whether the node takes in more of the peer's stream now (asked under the
+/// same lock, see `wait_for_room_to_take_more`).
+fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, batch: &mut Vec<Message>) -> Result<bool, String> {
     if batch.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     let mut st = shared.lock();
     st.run_stream_io_here();
@@ -269,7 +271,7 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, batch: &mut Vec<
         }
     }
     shared.changed.notify_all();
-    result
+    result.map(|()| st.replica.takes_more_of(peer_id))
 }
 
 /// The link to `peer_id` (of `generation`) died.
