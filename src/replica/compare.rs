@@ -95,9 +95,11 @@ impl Replica {
         if peer.repl == ReplState::Ahead {
             return;
         }
-        peer.sync.resync_digests.pop_front();
-        for (start, len) in matching {
-            peer.tl.record_held(epoch, start, len);
+        let awaited = peer.sync.resync_digests.pop_front().expect("checked: a digest request awaits this answer");
+        if !awaited.stale {
+            for (start, len) in matching {
+                peer.tl.record_held(epoch, start, len);
+            }
         }
         peer.sync.resync_wanted.extend(wanted);
     }

@@ -158,8 +158,8 @@ mod tests {
     use crate::frontend::{BlockError, BlockRequest};
     use crate::replica::testing::{primary_replicating, secondary_of_primary, settled};
     use crate::meta::MetaFlags;
-    use crate::replica::{Action, IoTag, Replica};
-    use crate::wire::Message;
+    use crate::replica::{Action, IoTag, Replica, ResyncChunk, ResyncStep};
+    use crate::wire::{DigestPurpose, Message, DIGEST_BYTES};
     use bytes::Bytes;
     use std::time::Instant;
 
@@ -225,6 +225,28 @@ mod tests {
         assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Wait);
         assert!(!r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::ResyncDone { .. }, .. })));
         assert!(r.bitmaps[0].test_block(2) && r.bitmaps[0].test_block(64), "both wait for the decision at the reconnect");
+    }
+
+    #[test]
+    fn a_digest_found_equal_after_the_write_there_failed_clears_no_bit() {
+        let (mut r, t0) = primary_replicating();
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
+        r.bitmaps[0].set_range(8192, 4096);
+        r.resync_source_started(t0, 1);
+        let read = ResyncStep::Read { offset: 8192, len: 4096, digests: true };
+        assert_eq!(r.resync_next(t0, 1, true), read);
+        r.resync_chunk_read(1, 8192, 4096, ResyncChunk::Digests(vec![[0; DIGEST_BYTES]]));
+        // The block's digest is on its way when a write to it fails here: the peer holds the
+        // write (it got it in the stream after the digest request), this node may not.
+        write_failing_here(&mut r, t0, LocalFailure::Io);
+        assert!(r.bitmaps[0].test_block(2));
+        // The peer found its copy equal to what this node had read, before the write.
+        let generation = r.peer(1).generation;
+        let reply = Message::DigestReply { purpose: DigestPurpose::Resync, offset: 8192, blocks: 1, differing: vec![] };
+        r.receive(t0, 1, generation, reply).expect("the answer awaited");
+        let epoch = r.close_epoch();
+        r.barrier_acked(t0, 1, epoch);
+        assert!(r.bitmaps[0].test_block(2), "the block stays marked for the decision at the reconnect");
     }
 
     #[test]

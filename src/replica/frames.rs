@@ -147,7 +147,7 @@ impl Replica {
                 // The resync stopped when this node went Ahead; the answer changes nothing.
                 ReplState::Ahead => Ok(()),
                 ReplState::SyncSource => match peer.sync.resync_digests.front() {
-                    Some(&expected) if expected == (*offset, *blocks) => Ok(()),
+                    Some(expected) if (expected.offset, expected.blocks) == (*offset, *blocks) => Ok(()),
                     expected => Err(format!("resync digest answer for {offset} ({blocks} blocks), expected {expected:?}")),
                 },
                 _ => Err(format!("resync digest answer from {name} while replication is {repl}")),

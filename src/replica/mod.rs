@@ -572,12 +572,15 @@ impl Replica {
     /// A witness's slot stays empty: it holds no data to be out of sync.
     /// What is in flight to that peer for the range no longer clears it when acked (see
     /// `TransferLog::void_overlapping`), nor does resync data from it not yet durable here
-    /// (see `Applying::void_resynced`).
+    /// (see `Applying::void_resynced`), nor does a digest found equal in an answer still to
+    /// come (see `AwaitedDigests::stale`).
     pub fn mark_out_of_sync(&mut self, slot: usize, offset: u64, len: u64) {
+        let block_size = u64::from(self.sb.params.bitmap_block_size);
         let Some(peer) = self.peers.iter_mut().find(|p| p.slot == slot) else { return };
         if !peer.witness {
             peer.tl.void_overlapping(offset, len);
             peer.applying.void_resynced(offset, len);
+            peer.sync.digests_overtaken(offset, len, block_size);
             self.bitmaps[slot].set_range(offset, len);
         }
     }

@@ -189,15 +189,42 @@ pub struct ResyncProgress {
 pub struct PeerSync {
     /// The last online verify with this peer (running, finished or aborted).
     pub verify: Option<VerifyRun>,
-    /// Digest requests of a checksum-based resync awaiting their answer, in stream order:
-    /// `(offset, blocks)`.
-    pub resync_digests: VecDeque<(u64, u32)>,
+    /// Digest requests of a checksum-based resync awaiting their answer, in stream order.
+    pub resync_digests: VecDeque<AwaitedDigests>,
     /// Ranges whose digests differed: their data goes out next.
     pub resync_wanted: VecDeque<(u64, u64)>,
     /// Where this node, as the peer's resync source, is in its walk.
     pub walk: super::ResyncWalk,
     /// The rate controller of the resync or verify walk with this peer (see `pacing.rs`).
     pub pace: Option<crate::core::resync_rate::ResyncRate>,
+}
+
+/// A digest request of a checksum-based resync that awaits the peer's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwaitedDigests {
+    pub offset: u64,
+    pub blocks: u32,
+    /// Part of its range was marked out of sync for the peer after its blocks were read (a
+    /// local write failed there, say): a match in the answer compares the peer with data this
+    /// node no longer vouches for, so none clears a bit, and the walk's next pass compares
+    /// the range again. (Simulator seed 145416: a primary's write failed on a block whose
+    /// digest was on its way; the peer's "equal", recorded after the failure's mark, cleared it
+    /// with the next barrier ack, and the block was never resynced into that peer.)
+    pub stale: bool,
+}
+
+impl PeerSync {
+    /// `[offset, offset + len)` was marked out of sync for the peer: the answers still to come
+    /// for digests read before then must not clear it (see [`AwaitedDigests::stale`]).
+    pub fn digests_overtaken(&mut self, offset: u64, len: u64, block_size: u64) {
+        let end = offset.saturating_add(len);
+        for awaited in &mut self.resync_digests {
+            let awaited_end = awaited.offset.saturating_add(u64::from(awaited.blocks) * block_size);
+            if awaited.offset < end && offset < awaited_end {
+                awaited.stale = true;
+            }
+        }
+    }
 }
 
 /// Differing ranges a verify keeps for `status` (the log has every one).

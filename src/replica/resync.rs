@@ -5,6 +5,7 @@
 //! finds every bit clear. The driver reads the ranges and paces the walk; what to send, and
 //! when the resync is over, is decided here.
 
+use super::peer::AwaitedDigests;
 use super::{Action, MetaWrite, Replica, ResyncProgress};
 use crate::core::states::{DiskState, ReplState, Role};
 use crate::core::sync_decision::{same_uuid, SyncDecision};
@@ -419,7 +420,7 @@ impl Replica {
                 }).collect()
             }
             ResyncChunk::Digests(digests) => {
-                peer.sync.resync_digests.push_back((offset, digests.len() as u32));
+                peer.sync.resync_digests.push_back(AwaitedDigests { offset, blocks: digests.len() as u32, stale: false });
                 vec![Message::DigestRequest { purpose: DigestPurpose::Resync, offset, digests }]
             }
         };
