@@ -11,6 +11,8 @@ pub struct TransferLog {
     entries: VecDeque<Entry>,
     /// Writes sent in the current (open) epoch.
     open_epoch_writes: u32,
+    /// Bytes of the application writes among them.
+    open_epoch_bytes: u64,
 }
 
 /// A barrier ack whose count disagrees with what was sent: the streams are out of step.
@@ -51,6 +53,7 @@ impl TransferLog {
     pub fn record_write(&mut self, epoch: u64, offset: u64, len: u64) {
         self.entries.push_back(Entry { epoch, offset, len, void: false, write: true });
         self.open_epoch_writes += 1;
+        self.open_epoch_bytes += len;
     }
 
     /// Resync data sent in `epoch` in `frames` frames (each counts as a write of the epoch on
@@ -91,8 +94,14 @@ impl TransferLog {
         self.open_epoch_writes
     }
 
+    /// Bytes of the application writes in the open epoch.
+    pub fn open_epoch_bytes(&self) -> u64 {
+        self.open_epoch_bytes
+    }
+
     /// The open epoch is closed by a barrier; returns its write count.
     pub fn close_epoch(&mut self) -> u32 {
+        self.open_epoch_bytes = 0;
         std::mem::take(&mut self.open_epoch_writes)
     }
 
@@ -112,6 +121,7 @@ impl TransferLog {
     /// The connection is gone: every range the peer might lack (none durable).
     pub fn drain_lost(&mut self) -> Vec<Settled> {
         self.open_epoch_writes = 0;
+        self.open_epoch_bytes = 0;
         self.entries.drain(..).map(|e| Settled { offset: e.offset, len: e.len, durable: false, write: e.write }).collect()
     }
 }

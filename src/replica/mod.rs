@@ -159,6 +159,9 @@ pub struct Replica {
     pub flushes: Vec<PendingFlush>,
     pub next_flush_id: u64,
     pub epoch: u64,
+    /// The open epoch, and when it was first seen holding writes or resync frames (see
+    /// `Replica::close_an_old_epoch`).
+    epoch_open_since: Option<(u64, Instant)>,
     pub peers: Vec<Peer>,
     /// Block ranges being read for resync or verify: writes into them wait (see
     /// `engine::resync::read_range_then`).
@@ -411,6 +414,7 @@ impl Replica {
             flushes: Vec::new(),
             next_flush_id: 0,
             epoch: 1,
+            epoch_open_since: None,
             peers: a.peers,
             read_locks: Vec::new(),
             app_write_bytes: 0,
@@ -913,8 +917,8 @@ impl Replica {
     }
 
     /// Timers: pings that are due go out, peers that stopped making progress are dropped (see
-    /// [`Replica::peer_progressed`]), and what was held is judged again under the leases that
-    /// still hold.
+    /// [`Replica::peer_progressed`]), an epoch open too long is closed, and what was held is
+    /// judged again under the leases that still hold.
     pub fn tick(&mut self, now: Instant) {
         let timing = self.timing;
         let due: Vec<u8> =
@@ -923,6 +927,7 @@ impl Replica {
             self.send(peer, Message::Ping);
         }
         self.drop_stalled_peers(now);
+        self.close_an_old_epoch(now);
         // A wake-up for the writes waiting for room that no report brought.
         self.release_for_room(now);
         // Leases lapse with no frame to say so: under `io-error`, completions that waited for
@@ -934,7 +939,7 @@ impl Replica {
     /// When [`Replica::tick`] has something to do next (none: nothing is connected).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pings = self.peers.iter().filter(|p| p.connected).filter_map(|p| p.lease.next_ping());
-        pings.chain(self.stall_deadlines()).min()
+        pings.chain(self.stall_deadlines()).chain(self.epoch_deadline()).min()
     }
 }
 

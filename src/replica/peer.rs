@@ -217,10 +217,8 @@ impl PeerSync {
     /// `[offset, offset + len)` was marked out of sync for the peer: the answers still to come
     /// for digests read before then must not clear it (see [`AwaitedDigests::stale`]).
     pub fn digests_overtaken(&mut self, offset: u64, len: u64, block_size: u64) {
-        let end = offset.saturating_add(len);
         for awaited in &mut self.resync_digests {
-            let awaited_end = awaited.offset.saturating_add(u64::from(awaited.blocks) * block_size);
-            if awaited.offset < end && offset < awaited_end {
+            if super::writes::overlap((awaited.offset, u64::from(awaited.blocks) * block_size), (offset, len)) {
                 awaited.stale = true;
             }
         }

@@ -22,9 +22,13 @@ const MAX_CHUNK_BYTES: u64 = 256 << 10;
 /// Resync frames (data or digests) per epoch before a barrier, which lets bits clear (and
 /// progress advance) in steps of this many chunks.
 const CHUNKS_PER_EPOCH: u32 = 32;
-/// How long a resync's epoch stays open at most: on a slow link `CHUNKS_PER_EPOCH` chunks take
-/// long to send, and bits clear only as barriers come back (on both sides), so an epoch left
-/// open is progress a cut link throws away. One barrier a second costs the target a flush.
+/// How long an epoch holding writes or resync frames stays open at most, FLUSH or not. Bits
+/// clear, and activity-log extents free, only as barriers come back: an epoch left open is
+/// what a cut link makes the peer resync. On a slow link `CHUNKS_PER_EPOCH` resync chunks take
+/// long to send; a trickle of writes with no FLUSH (a database on the raw device, a VM whose
+/// guest flushes rarely) would keep its last epoch open until the next 4096 writes, and every
+/// disconnect after a quiet spell would resync them. One barrier a second costs the peer a
+/// flush.
 const EPOCH_SPAN: Duration = Duration::from_secs(1);
 /// Digest requests of a checksum-based resync left unanswered at most: enough to keep the link
 /// busy, and a bound on the answers still to come when the pass ends.
@@ -35,9 +39,8 @@ const MAX_DIGEST_REQUESTS_IN_FLIGHT: usize = 64;
 pub struct ResyncWalk {
     /// The next bitmap block to look at.
     cursor: u64,
+    /// Frames sent in the open epoch (`Replica::close_epoch` zeroes it).
     frames_in_epoch: u32,
-    /// When the walk sent the first frame of the open epoch.
-    epoch_opened: Option<Instant>,
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
@@ -113,6 +116,7 @@ impl Replica {
         let mut closed = Vec::new();
         for peer in self.peers.iter_mut().filter(|p| receiving.contains(&p.node_id)) {
             let writes = peer.tl.close_epoch();
+            peer.sync.walk.frames_in_epoch = 0;
             peer.barriers.push_back((epoch, writes));
             closed.push(peer.node_id);
         }
@@ -324,7 +328,7 @@ impl Replica {
         }
         let paced = self.pace_wait(peer_id, now);
         let data_size = self.sb.data_size;
-        self.close_a_long_epoch(peer_id, now);
+        self.close_an_old_epoch(now);
         let peer = self.peer(peer_id);
         let slot = peer.slot;
         let mut walk = peer.sync.walk;
@@ -380,22 +384,42 @@ impl Replica {
             walk.frames_in_epoch = 0;
             ResyncStep::Wait
         };
-        if matches!(step, ResyncStep::Read { .. }) && walk.frames_in_epoch == 0 {
-            walk.epoch_opened = Some(now);
-        }
         self.peer_mut(peer_id).sync.walk = walk;
+        if matches!(step, ResyncStep::Read { .. }) {
+            self.epoch_seen_open(now);
+        }
         step
     }
 
-    /// The resync's open epoch closes once it has been open `EPOCH_SPAN`, however few frames
-    /// it holds.
-    fn close_a_long_epoch(&mut self, peer_id: u8, now: Instant) {
-        let walk = &self.peer(peer_id).sync.walk;
-        let long = walk.epoch_opened.is_some_and(|at| now.saturating_duration_since(at) >= EPOCH_SPAN);
-        if walk.frames_in_epoch > 0 && walk.draining.is_none() && long {
-            self.close_epoch();
-            self.peer_mut(peer_id).sync.walk.frames_in_epoch = 0;
+    /// The open epoch closes once it has been seen holding something for `EPOCH_SPAN`
+    /// (called by `tick`, and by the resync walk before each step).
+    pub(super) fn close_an_old_epoch(&mut self, now: Instant) {
+        let holds = self.peers.iter().any(|p| self.receives_stream(p) && p.tl.open_epoch_writes() > 0);
+        match self.epoch_open_since {
+            Some((epoch, since)) if epoch == self.epoch && now.saturating_duration_since(since) >= EPOCH_SPAN => {
+                // Cleared either way: a deadline left in the past would make `poll_timeout`
+                // ask for ticks at once, forever.
+                self.epoch_open_since = None;
+                if holds {
+                    self.close_epoch();
+                }
+            }
+            _ if holds => self.epoch_seen_open(now),
+            _ => {}
         }
+    }
+
+    /// The open epoch holds something, or is about to (a resync frame being read): its span
+    /// starts now unless it started earlier.
+    fn epoch_seen_open(&mut self, now: Instant) {
+        if self.epoch_open_since.is_none_or(|(epoch, _)| epoch != self.epoch) {
+            self.epoch_open_since = Some((self.epoch, now));
+        }
+    }
+
+    /// When the open epoch's span ends, if something started it.
+    pub(super) fn epoch_deadline(&self) -> Option<Instant> {
+        self.epoch_open_since.filter(|(epoch, _)| *epoch == self.epoch).map(|(_, since)| since + EPOCH_SPAN)
     }
 
     /// The range of a [`ResyncStep::Read`] was read: it goes out, ahead of any later write to
@@ -431,7 +455,6 @@ impl Replica {
         }
         if close {
             self.close_epoch();
-            self.peer_mut(peer_id).sync.walk.frames_in_epoch = 0;
         }
     }
 

@@ -21,6 +21,12 @@ use std::time::Instant;
 /// An epoch is closed with a barrier after this many writes even without a FLUSH, which bounds
 /// the transfer log (and so the resync after a lost connection).
 const MAX_EPOCH_WRITES: u32 = 4096;
+/// ... or once its writes carry this many bytes: large writes with no FLUSH (a sequential copy
+/// through the page cache of the device, `dd` without `conv=fsync`) would otherwise leave the
+/// peer up to 4096 of them, up to 4 GiB at 1 MiB each, to resync after a lost link. A trial
+/// wrote 2 GiB at 1 MiB and saw the whole device marked at the disconnect. The cost is the
+/// peer's writeback, which a durable stream owes anyway (DESIGN, "Epochs").
+const MAX_EPOCH_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub enum WriteKind {
@@ -103,7 +109,8 @@ fn ack_level(protocol: Protocol) -> AckLevel {
     }
 }
 
-fn overlap((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
+/// Whether two `(offset, len)` ranges share a byte.
+pub(super) fn overlap((a, alen): (u64, u64), (b, blen): (u64, u64)) -> bool {
     a < b + blen && b < a + alen
 }
 
@@ -374,7 +381,7 @@ impl Replica {
         }
         for peer in self.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
             peer.tl.record_write(epoch, offset, len);
-            close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES;
+            close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES || peer.tl.open_epoch_bytes() >= MAX_EPOCH_BYTES;
             sent_to.push(peer.node_id);
         }
         for peer in sent_to {
@@ -841,6 +848,64 @@ mod tests {
         assert!(completions(&r.take_actions()).is_empty(), "the peer has not flushed yet");
         r.barrier_acked(t0, 1, epoch);
         assert_eq!(completions(&r.take_actions()), vec![(2, true)]);
+    }
+
+    #[test]
+    fn large_writes_without_a_flush_close_their_epoch_every_64_mib() {
+        let (mut r, t0) = primary_replicating();
+        let mib = 1u64 << 20;
+        let mut barriers_after = Vec::new();
+        for n in 1..=130u64 {
+            r.submit(t0, n, write((n % 16) * mib, mib as usize), no_queue);
+            let actions = settled(&mut r);
+            let id = local_writes(&actions)[0];
+            finish(&mut r, t0, id);
+            let barrier = actions.iter().find_map(|a| match a {
+                Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
+                _ => None,
+            });
+            if let Some(epoch) = barrier {
+                barriers_after.push(n);
+                r.barrier_acked(t0, 1, epoch);
+            }
+            assert_eq!(completions(&r.take_actions()), vec![(n, true)]);
+        }
+        assert_eq!(barriers_after, vec![64, 128], "a barrier after each 64 MiB of writes");
+        assert_eq!(r.peer(1).tl.len(), 2, "the transfer log holds only the open epoch's writes once the barriers are acked");
+    }
+
+    #[test]
+    fn an_epoch_holding_writes_closes_a_second_after_a_tick_saw_it_so_a_later_disconnect_resyncs_nothing() {
+        use std::time::Duration;
+        let barrier = |actions: &[Action]| {
+            actions.iter().find_map(|a| match a {
+                Action::Send { msg: Message::Barrier { epoch }, .. } => Some(*epoch),
+                _ => None,
+            })
+        };
+        let (mut r, t0) = primary_replicating();
+        r.tick(t0);
+        assert!(barrier(&r.take_actions()).is_none());
+        assert_eq!(r.epoch_deadline(), None, "an empty epoch has no span");
+        r.submit(t0, 1, write(0, 4096), no_queue);
+        let id = local_writes(&settled(&mut r))[0];
+        finish(&mut r, t0, id);
+        r.take_actions();
+        let seen = t0 + Duration::from_millis(300);
+        r.tick(seen);
+        assert!(barrier(&r.take_actions()).is_none(), "no FLUSH came, and the epoch is young");
+        assert_eq!(r.epoch_deadline(), Some(seen + Duration::from_secs(1)));
+        assert!(r.poll_timeout() <= r.epoch_deadline(), "a tick is due when its span ends");
+        r.tick(seen + Duration::from_millis(999));
+        assert!(barrier(&r.take_actions()).is_none());
+        r.tick(seen + Duration::from_secs(1));
+        let epoch = barrier(&r.take_actions()).expect("the epoch closes a second after a tick saw it hold a write");
+        r.barrier_acked(seen, 1, epoch);
+        assert!(r.peer(1).tl.is_empty(), "the peer flushed the write");
+        assert_eq!(r.epoch_deadline(), None, "no deadline is left behind");
+        r.peer_lost(seen, 1, "gone", 0);
+        let slot = r.peer(1).slot;
+        assert_eq!(r.bitmaps[slot].weight_bytes(), 0, "nothing for the peer to resync");
     }
 
     #[test]
