@@ -899,16 +899,16 @@ impl Scenario {
 
     /// Checker 6: an online verify that ran to its end found blocks differing only where its
     /// node held bits for the peer when it started, or where a local write failed on either
-    /// node while it ran (the rules say the copies are identical everywhere else, and a verify
-    /// compares both at the same point of the write stream; seed 5708: a primary's write
-    /// failed in the middle of its verify).
+    /// node while it ran, or a failed flush dropped a page from its cache (the rules say the
+    /// copies are identical everywhere else, and a verify compares both at the same point of
+    /// the write stream; seed 5708: a primary's write failed in the middle of its verify).
     fn check_verifies(&mut self) -> Result<(), String> {
         for done in &self.world.verifies {
             self.stats.verifies += 1;
             self.stats.verify_found_bytes += done.found_bytes;
             if !done.explained() {
                 return Err(format!(
-                    "checker 6 (verify finds only marked differences): n{}'s verify with n{} found {} bytes differing (first ranges {:?}) where it held no bit and no write failed ({:?})",
+                    "checker 6 (verify finds only marked differences): n{}'s verify with n{} found {} bytes differing (first ranges {:?}) where it held no bit and no write failed nor a flush dropped a page ({:?})",
                     done.node, done.peer, done.found_bytes, done.found_ranges, done.failed_writes
                 ));
             }

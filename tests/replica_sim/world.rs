@@ -137,14 +137,18 @@ impl DataDisk {
     }
 
     /// A flush that failed: each page the cache held reached the medium, or is gone (a
-    /// writeback error, a controller that lost its cache).
-    fn failed_flush(&mut self, rng: &mut Rng) {
+    /// writeback error, a controller that lost its cache). Returns the ranges of the pages gone.
+    fn failed_flush(&mut self, rng: &mut Rng) -> Vec<(u64, u64)> {
         self.failed_flushes += 1;
+        let mut gone = Vec::new();
         for (index, page) in std::mem::take(&mut self.cache) {
             if rng.percent(50) {
                 self.durable.insert(index, page);
+            } else {
+                gone.push((index * PAGE, PAGE));
             }
         }
+        gone
     }
 
     fn power_loss(&mut self, rng: &mut Rng) {
@@ -256,9 +260,11 @@ pub struct VerifyDone {
     /// Bytes the verify found to differ, and the first ranges.
     pub found_bytes: u64,
     pub found_ranges: Vec<(u64, u64)>,
-    /// Local writes that failed on either node while the verify ran: a failed write leaves its
-    /// blocks unknown on that node (marked for its peers then, after the verify started), so
-    /// the copies may differ there by the rules too.
+    /// Local writes that failed on either node while the verify ran, and the pages a failed
+    /// flush dropped from either node's cache then: either leaves its blocks unknown on that
+    /// node (marked for its peers then, after the verify started: a failed flush marks every
+    /// hot extent), so the copies may differ there by the rules too (seed 78085 of the long
+    /// run: a primary's failed flush dropped a page of a write its peer held).
     pub failed_writes: Vec<(u64, u64)>,
 }
 
@@ -322,7 +328,7 @@ pub struct World {
     /// Per (node, peer), the blocks marked when its verify started.
     verify_marked: BTreeMap<(u8, u8), u64>,
     /// Per verify under way (node, peer): local writes that failed on either node since it
-    /// started (see `VerifyDone::failed_writes`).
+    /// started, and pages failed flushes dropped (see `VerifyDone::failed_writes`).
     verify_failed: BTreeMap<(u8, u8), Vec<(u64, u64)>>,
     /// Verifies that ran to their end, for the scenario's checker.
     pub verifies: Vec<VerifyDone>,
@@ -898,20 +904,25 @@ impl World {
         };
         let disk = node.data.as_mut().expect("I/O is queued on data nodes only");
         if let Some(landed) = failed {
-            match &op {
-                LocalIo::Write { offset, data, fua } if landed => disk.write(*offset, data, *fua),
-                LocalIo::Zeroes { offset, len, .. } if landed => disk.write(*offset, &vec![0u8; *len as usize], false),
+            let unknown = match &op {
+                LocalIo::Write { offset, data, fua } => {
+                    if landed {
+                        disk.write(*offset, data, *fua);
+                    }
+                    vec![(*offset, data.len() as u64)]
+                }
+                LocalIo::Zeroes { offset, len, .. } => {
+                    if landed {
+                        disk.write(*offset, &vec![0u8; *len as usize], false);
+                    }
+                    vec![(*offset, *len)]
+                }
                 LocalIo::Flush => disk.failed_flush(&mut self.disk_rng),
-                _ => {}
-            }
-            let written = match &op {
-                LocalIo::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
-                LocalIo::Zeroes { offset, len, .. } => Some((*offset, *len)),
-                LocalIo::Read { .. } | LocalIo::Flush => None,
+                LocalIo::Read { .. } => Vec::new(),
             };
             for ((node, peer), failed) in self.verify_failed.iter_mut() {
                 if *node == id || *peer == id {
-                    failed.extend(written);
+                    failed.extend(&unknown);
                 }
             }
             self.last_fault = self.now;
