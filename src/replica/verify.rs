@@ -86,8 +86,17 @@ impl Replica {
         } else if peer.repl != ReplState::Established {
             Some(format!("replication with {} became {}", peer.name, peer.repl))
         } else {
-            None
+            self.disk_failed_under_verify()
         }
+    }
+
+    /// This primary's disk failed under its verify (a write or a flush, `io_failed`): its copy
+    /// of the blocks written lately is unknown (already marked for every data peer), so
+    /// comparing it says nothing of the peer's, and a difference would make the peer, which
+    /// may hold the newer copy, Outdated, and the source of the next resync this node (seed
+    /// 78085 of the long run).
+    fn disk_failed_under_verify(&self) -> Option<String> {
+        self.io_failed.as_ref().map(|why| format!("this node's disk failed ({why})"))
     }
 
     /// The next step of the verify with `peer_id` (see [`VerifyStep`]).
@@ -121,6 +130,11 @@ impl Replica {
     /// The digests of the blocks read at `offset` (under the range lock, before any later
     /// write to them): the request goes out and the walk moves on.
     pub fn verify_chunk_read(&mut self, peer_id: u8, offset: u64, len: u64, digests: Vec<[u8; DIGEST_BYTES]>) {
+        if self.disk_failed_under_verify().is_some() {
+            // Read after the failure, maybe from a cache it emptied: not sent; the next step
+            // stops the verify.
+            return;
+        }
         self.paced(peer_id, len);
         let run = self.peer_mut(peer_id).sync.verify.as_mut().expect("a running verify");
         run.awaiting.push_back((offset, digests.len() as u32));
@@ -229,6 +243,23 @@ mod tests {
         r.io_done(t0, crate::replica::IoTag::Write(id), Ok(None));
         r.peer_reached(t0, id, 1, crate::core::inflight::AckLevel::Written);
         assert!(matches!(r.verify_next(t0, 1, generation), VerifyStep::Read { offset: 0, .. }));
+    }
+
+    #[test]
+    fn a_verify_stops_when_a_flush_of_its_disk_fails_and_sends_nothing_read_after() {
+        let (mut r, t0) = primary_replicating();
+        let generation = r.verify_start(t0).unwrap()[0].1;
+        let VerifyStep::Read { offset, len } = r.verify_next(t0, 1, generation) else { panic!("a first read") };
+        r.submit(t0, 1, crate::frontend::BlockRequest::Flush, |_| 0);
+        let flush = settled(&mut r).iter().find_map(|a| match a {
+            Action::Io { tag: tag @ crate::replica::IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Err(crate::core::inflight::LocalFailure::Io));
+        r.take_actions();
+        r.verify_chunk_read(1, offset, len, vec![[0u8; 32]; (len / 4096) as usize]);
+        assert!(!r.take_actions().iter().any(|a| matches!(a, Action::Send { msg: Message::DigestRequest { .. }, .. })), "what it read after the failure is not compared");
+        assert!(matches!(r.verify_next(t0, 1, generation), VerifyStep::Stop(reason) if reason.contains("disk failed")));
     }
 
     #[test]
