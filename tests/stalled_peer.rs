@@ -179,11 +179,15 @@ fn a_secondary_whose_activity_log_waits_for_its_hung_disk_takes_in_no_more_than_
     alpha.new_current_uuid(true).unwrap();
     alpha.promote(true).unwrap();
     wait_for("in sync", &alpha, in_sync);
-    // A first write takes beta's log out of its clean state (a superblock write made under
-    // the engine's lock): after the hang, only the transactions' blocks wait for the disk,
-    // written off the lock, and beta keeps answering pings.
+    // A first write takes beta's log out of its clean state, and a FLUSH closes its epoch
+    // (both write beta's superblock, under the engine's lock: a barrier's ack records the
+    // stream's position there). Left open, the epoch would close a second later with no
+    // FLUSH, during the hang, and that superblock write would stall beta's engine. After the
+    // hang, only the transactions' blocks wait for the disk, written off the lock (a later
+    // epoch's barrier waits for its hung writes), and beta keeps answering pings.
     let warm = BlockRequest::Write { offset: 0, data: Bytes::from(vec![0x11; 4096]), fua: false };
     assert_eq!(submit(&alpha, warm, Duration::from_secs(60)), Ok(None));
+    assert_eq!(submit(&alpha, BlockRequest::Flush, Duration::from_secs(60)), Ok(None));
     beta_disk.hang_writes();
 
     // 96 MiB into extents cold on beta: each waits there for a transaction that cannot be
