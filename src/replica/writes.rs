@@ -25,7 +25,7 @@ const MAX_EPOCH_WRITES: u32 = 4096;
 /// through the page cache of the device, `dd` without `conv=fsync`) would otherwise leave the
 /// peer up to 4096 of them, up to 4 GiB at 1 MiB each, to resync after a lost link. A trial
 /// wrote 2 GiB at 1 MiB and saw the whole device marked at the disconnect. The cost is the
-/// peer's writeback, which a durable stream owes anyway (DESIGN, "Epochs").
+/// peer's writeback, which a durable stream owes anyway (DESIGN, "Epochs without a FLUSH").
 const MAX_EPOCH_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone)]
