@@ -114,17 +114,19 @@ impl Replica {
         }
         self.abandon_decision_on_a_stale_state(peer_id, &state);
         let peer = self.peer(peer_id);
-        // The target reports UpToDate under this node's generation only after it applied the
-        // whole resync (ResyncDone); an UpToDate from before it started (a State already in
-        // flight, which can carry the same generation when the resync is decided by a bitmap
-        // UUID at it) must not end the resync: only a State after this node's ResyncDone can,
-        // carrying the generation that ResyncDone named (this node, a primary, may have started
-        // a newer one since: the target follows it once the resync is over here).
-        // Outdated is a target's end too when this node was not UpToDate as the ResyncDone
-        // went out: a copy is no better than its source (see `resync::resynced_disk`).
-        let done = peer.sync.walk.done_sent;
-        let adopted = done.is_some_and(|sent| same_uuid(state.current_uuid, sent.uuid));
-        let ended = peer.disk == DiskState::UpToDate || done.is_some_and(|sent| peer.disk == sent.disk);
+        // The resync is over here once the target's State says it applied this node's
+        // ResyncDone: it no longer names this node as its source (every State it sent from its
+        // bitmap to that point did, so none from before the end can pass for it), it holds
+        // the generation the ResyncDone named (this node, a primary, may have started a newer
+        // one since: the target follows it once the resync is over here), and its disk is a
+        // resync's end, UpToDate or Outdated. Which of the two is the target's to say: a copy
+        // is no better than its source as the target last saw it (see
+        // `Replica::resync_done_received`), and this node's disk may have changed both ways
+        // since its ResyncDone went out; waiting for one of them in particular left a source
+        // SyncSource for good (seeds 242792, 153553).
+        let named = peer.sync.walk.done_sent;
+        let adopted = named.is_some_and(|uuid| same_uuid(state.current_uuid, uuid));
+        let ended = state.resynced_by != Some(self.node_id()) && matches!(peer.disk, DiskState::UpToDate | DiskState::Outdated);
         if peer.repl == ReplState::SyncSource && ended && peer.pending_sync.is_none() && adopted {
             self.finish_resync_as_source(peer_id);
         }
@@ -279,7 +281,7 @@ impl Replica {
     /// UUID it resyncs what was written since, and the target then holds the new generation).
     pub fn finish_resync_as_source(&mut self, peer_id: u8) {
         let slot = self.peer(peer_id).slot;
-        let target_at = self.peer(peer_id).sync.walk.done_sent.map_or(self.sb.uuids.current, |sent| sent.uuid);
+        let target_at = self.peer(peer_id).sync.walk.done_sent.unwrap_or(self.sb.uuids.current);
         let mut generation = self.generation();
         generation.resync_finished_as_source(slot, target_at);
         self.set_generation(generation);
@@ -1104,7 +1106,7 @@ mod tests {
         let named = r.sb.uuids.current;
         let slot = r.peer(1).slot;
         r.peer_mut(1).repl = ReplState::SyncSource;
-        r.peer_mut(1).sync.walk.done_sent = Some(crate::replica::resync::DoneSent { uuid: named, disk: DiskState::UpToDate });
+        r.peer_mut(1).sync.walk.done_sent = Some(named);
         let mut generation = r.generation();
         generation.new_current(0x7700, true, true, &[slot]);
         r.set_generation(generation);
@@ -1234,22 +1236,31 @@ mod tests {
     }
 
     #[test]
-    fn a_source_whose_disk_changed_after_its_resync_done_ends_the_resync_on_the_disk_it_announced() {
+    fn a_source_ends_its_resync_on_the_targets_first_state_that_no_longer_names_it_whatever_disk_each_took() {
         // Seed 242792: Outdated as the ResyncDone went out (a primary stepping down), the
         // source was confirmed UpToDate again by a third node before its Outdated target
         // answered; it waited for an UpToDate answer for ever, and the two never linked.
-        for (at_done, after) in [(DiskState::Outdated, DiskState::UpToDate), (DiskState::UpToDate, DiskState::Outdated)] {
-            let (mut r, t0) = crate::replica::testing::secondary_of_primary();
-            r.peer_mut(1).role = Role::Secondary;
-            r.peer_mut(1).repl = ReplState::SyncSource;
-            r.disk = at_done;
-            r.resync_source_started(t0, 1);
-            assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Finished, "nothing to send");
-            r.disk = after;
-            let target_took = if at_done == DiskState::UpToDate { DiskState::UpToDate } else { DiskState::Outdated };
-            let answer = PeerState { disk: target_took.to_wire(), ..secondary_state(r.sb.uuids.current, [0; 4]) };
-            r.peer_state_received(1, answer).expect("a fitting State");
-            assert_eq!(r.peer(1).repl, ReplState::Established, "{at_done} at the ResyncDone, {after} at the answer");
+        // Seed 153553: UpToDate as it went out, the source stepped down (Outdated) before the
+        // target had written the resync's last blocks; the target took the Outdated it saw
+        // then, the source (UpToDate again) waited for an UpToDate answer, and it stayed
+        // SyncSource through two partitions, the target idle with it for good.
+        let answers = [DiskState::UpToDate, DiskState::Outdated];
+        for (at_done, after) in [(DiskState::Outdated, DiskState::UpToDate), (DiskState::UpToDate, DiskState::Outdated), (DiskState::UpToDate, DiskState::UpToDate)] {
+            for target_took in answers {
+                let (mut r, t0) = crate::replica::testing::secondary_of_primary();
+                r.peer_mut(1).role = Role::Secondary;
+                r.peer_mut(1).repl = ReplState::SyncSource;
+                r.disk = at_done;
+                r.resync_source_started(t0, 1);
+                assert_eq!(r.resync_next(t0, 1, false), crate::replica::ResyncStep::Finished, "nothing to send");
+                r.disk = after;
+                let answer = PeerState { disk: target_took.to_wire(), ..secondary_state(r.sb.uuids.current, [0; 4]) };
+                let applying = PeerState { resynced_by: Some(r.node_id()), ..answer };
+                r.peer_state_received(1, applying).expect("a fitting State");
+                assert_eq!(r.peer(1).repl, ReplState::SyncSource, "a State naming this node its source was sent before the end");
+                r.peer_state_received(1, answer).expect("a fitting State");
+                assert_eq!(r.peer(1).repl, ReplState::Established, "{at_done} at the ResyncDone, {after} at the answer, {target_took} taken");
+            }
         }
     }
 

@@ -44,23 +44,9 @@ pub struct ResyncWalk {
     /// A pass ended with bits still set: the epoch whose barrier must be acked before the
     /// bitmap is scanned again from the start.
     draining: Option<u64>,
-    /// `ResyncDone` went out: only a State after it can end the resync (see
-    /// `Replica::peer_state_received`).
-    pub(super) done_sent: Option<DoneSent>,
-}
-
-/// What a `ResyncDone` told its target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct DoneSent {
-    /// The generation it named, which the target adopts.
-    pub(super) uuid: u64,
-    /// The disk state the target takes from it: this node's as it went out (the target knows
-    /// it from this node's States, which precede the `ResyncDone` on the link). This node's
-    /// own may change before the target's answer: a source that stepped down after an
-    /// UpToDate end, or was confirmed UpToDate again after an Outdated one, must still
-    /// recognise that answer (seed 242792: an Outdated source made UpToDate again by a third
-    /// node waited for an UpToDate target that stayed Outdated, and the two never linked).
-    pub(super) disk: DiskState,
+    /// `ResyncDone` went out, naming this generation: only a State after it can end the
+    /// resync (see `Replica::peer_state_received`).
+    pub(super) done_sent: Option<u64>,
 }
 
 /// What a resync source does next.
@@ -85,7 +71,7 @@ pub enum ResyncChunk {
 
 /// What a resync target's disk is at the end, from its source's: a copy is no better than its
 /// source (see `Replica::resync_done_received`), so only an UpToDate source makes it UpToDate.
-pub(super) fn resynced_disk(source: DiskState) -> DiskState {
+fn resynced_disk(source: DiskState) -> DiskState {
     if source == DiskState::UpToDate {
         DiskState::UpToDate
     } else {
@@ -251,6 +237,10 @@ impl Replica {
     /// it later (see `Replica::confirmed_up_to_date_by`). Seed 333014 of the long run: a node
     /// resynced from an Outdated one came out UpToDate, confirmed its source UpToDate in turn,
     /// and the two elected it without the last primary's acknowledged FUA write.
+    /// The source's disk is the one its States showed last, when the resync's writes before
+    /// the `ResyncDone` are done: a source that stepped down meanwhile may have learnt its
+    /// data is older than another primary's, and the copy is not vouched for by the earlier
+    /// UpToDate. The source takes either answer as the end (see `Replica::peer_state_received`).
     pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
         let declared = self.peer(peer_id).repl != ReplState::SyncTarget;
         let disk = if declared { DiskState::UpToDate } else { resynced_disk(self.peer(peer_id).disk) };
@@ -377,7 +367,7 @@ impl Replica {
             let uuids = self.sb.uuids;
             let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.data_position() };
             self.send_bulk(peer_id, done, None);
-            walk.done_sent = Some(DoneSent { uuid: uuids.current, disk: resynced_disk(self.disk) });
+            walk.done_sent = Some(uuids.current);
             ResyncStep::Finished
         } else {
             walk.draining = Some(self.close_epoch());
