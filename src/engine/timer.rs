@@ -3,6 +3,7 @@
 //! that came up) wakes it through `Shared::timer`, which it waits on with the lock held, so no
 //! wake-up is lost.
 
+use super::state::{queued_bytes, State};
 use super::Shared;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,8 @@ fn run(shared: &Shared) {
         if st.replica.stopping {
             return;
         }
-        st.replica.tick(Instant::now());
+        let State { replica, links, .. } = &mut *st;
+        replica.tick(Instant::now(), |peer| queued_bytes(links, peer));
         // Released: frames queued, stalled links dropped.
         drop(st);
         let st = shared.lock();

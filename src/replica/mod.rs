@@ -917,9 +917,11 @@ impl Replica {
     }
 
     /// Timers: pings that are due go out, peers that stopped making progress are dropped (see
-    /// [`Replica::peer_progressed`]), an epoch open too long is closed, and what was held is
-    /// judged again under the leases that still hold.
-    pub fn tick(&mut self, now: Instant) {
+    /// [`Replica::peer_progressed`]), an epoch open too long is closed, writes waiting for room
+    /// are judged again on the send queues as they are now (`queued_bytes`, as for
+    /// [`Replica::submit`]), and what was held is judged again under the leases that still
+    /// hold.
+    pub fn tick(&mut self, now: Instant, queued_bytes: impl Fn(u8) -> usize) {
         let timing = self.timing;
         let due: Vec<u8> =
             self.peers.iter_mut().filter(|p| p.connected).filter_map(|p| p.lease.ping_due(now, &timing).then_some(p.node_id)).collect();
@@ -928,7 +930,13 @@ impl Replica {
         }
         self.drop_stalled_peers(now);
         self.close_an_old_epoch(now);
-        // A wake-up for the writes waiting for room that no report brought.
+        // A wake-up for the writes waiting for room that no report brought, on the queues'
+        // figures of now: those of the last report leave out every frame handed over since.
+        // Judged on them, a tick after the writes that waited for an activity-log transaction
+        // had all started at once found room that was not there, and each tick let another
+        // limit's worth go, until a hung peer's whole backlog sat in its queue (96 MiB in
+        // `tests/stalled_peer.rs`, 1 run in 10 to 20).
+        self.note_send_queues(queued_bytes);
         self.release_for_room(now);
         // Leases lapse with no frame to say so: under `io-error`, completions that waited for
         // voters to confirm a new generation fail once those voters' leases end, not a ping

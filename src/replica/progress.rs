@@ -68,7 +68,7 @@ mod tests {
         replica.link_up(1, t0);
         replica.take_actions();
         // Idle for a long time: owing nothing is progress.
-        replica.tick(t0 + 3 * stall);
+        replica.tick(t0 + 3 * stall, |_| 0);
         let mut peers = PeerSet::default();
         peers.insert(1);
         replica.inflight.start(0, 4096, AckLevel::Written, peers);
@@ -76,16 +76,16 @@ mod tests {
         let drops = |r: &mut crate::replica::Replica| {
             r.take_actions().into_iter().filter(|a| matches!(a, Action::DropLink { .. })).count()
         };
-        replica.tick(t1);
+        replica.tick(t1, |_| 0);
         assert_eq!(drops(&mut replica), 0, "the write was just sent");
         assert!(replica.poll_timeout().is_some_and(|at| at <= t1 + stall), "the stall bound is a deadline");
-        replica.tick(t1 + stall / 2);
+        replica.tick(t1 + stall / 2, |_| 0);
         replica.peer_progressed(1, t1 + stall / 2);
-        replica.tick(t1 + stall);
+        replica.tick(t1 + stall, |_| 0);
         assert_eq!(drops(&mut replica), 0, "an ack restarts the clock");
-        replica.tick(t1 + stall / 2 + stall);
+        replica.tick(t1 + stall / 2 + stall, |_| 0);
         assert_eq!(drops(&mut replica), 1);
-        replica.tick(t1 + 3 * stall);
+        replica.tick(t1 + 3 * stall, |_| 0);
         assert_eq!(drops(&mut replica), 0, "dropped once, not at every tick");
     }
 
@@ -94,10 +94,10 @@ mod tests {
         let (mut replica, t0) = two_node_replica();
         let stall = replica.timing.stall_timeout;
         replica.link_up(1, t0);
-        replica.tick(t0);
+        replica.tick(t0, |_| 0);
         replica.peer_mut(1).barriers.push_back((1, 0));
         replica.take_actions();
-        replica.tick(t0 + stall);
+        replica.tick(t0 + stall, |_| 0);
         let dropped = replica.take_actions().into_iter().any(|a| matches!(a, Action::DropLink { peer: 1, .. }));
         assert!(dropped);
     }

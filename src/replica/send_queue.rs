@@ -166,6 +166,32 @@ mod tests {
     }
 
     #[test]
+    fn a_tick_lets_waiting_writes_go_only_on_the_queues_as_they_are_now() {
+        // tests/stalled_peer.rs, 1 run in 10 to 20: a peer whose disk hangs takes in nothing,
+        // and the writes that waited for their activity-log transaction start at once when it
+        // is written, past the limit; judged on the figure the last write had found, each tick
+        // let another limit's worth go, until the whole backlog sat in the peer's queue.
+        let (mut r, t0) = primary_with_queue();
+        for i in 0..24 {
+            r.submit(t0, i, write(i * 4096, 4096), |_| 0);
+        }
+        let waiting = r.awaiting_room();
+        assert!(waiting > 0, "the writes waiting for the activity log count as queued");
+        let sent = data_sent(&settled(&mut r));
+        let queued = sent.len() * 4096;
+        assert!(queued > 64 << 10, "the transaction started them all: {sent:?}");
+        // The peer takes in nothing: its queue holds what was sent.
+        let tick = t0 + std::time::Duration::from_millis(100);
+        r.tick(tick, |_| queued);
+        assert!(data_sent(&settled(&mut r)).is_empty(), "no room: nothing more goes to the queue");
+        assert_eq!(r.awaiting_room(), waiting);
+        // Once it drains, a tick lets them go even if no report came.
+        r.tick(tick + std::time::Duration::from_millis(100), |_| 0);
+        assert_eq!(data_sent(&settled(&mut r)).len(), waiting);
+        assert_eq!(r.awaiting_room(), 0);
+    }
+
+    #[test]
     fn writes_waiting_for_a_lost_peer_go_on_without_it() {
         let (mut r, t0) = primary_with_queue();
         r.submit(t0, 1, write(0, 4096), |_| 1 << 20);

@@ -741,9 +741,9 @@ mod tests {
         // generation this node leaves for it.
         r.peer_lost(t0, 1, "gone", 0);
         assert!(answers(&r.take_actions()).is_empty(), "waits for the witness to confirm the new generation");
-        r.tick(t0 + timing.lease() / 2);
+        r.tick(t0 + timing.lease() / 2, |_| 0);
         assert!(answers(&r.take_actions()).is_empty(), "the witness may still answer within its lease");
-        r.tick(t0 + timing.lease());
+        r.tick(t0 + timing.lease(), |_| 0);
         let failed: Vec<(u64, BlockResult)> = answers(&r.take_actions());
         assert_eq!(failed, vec![(1, Err(BlockError::Io))], "io-error: no quorum, so the write fails at once, before any link times out");
     }
@@ -884,7 +884,7 @@ mod tests {
             })
         };
         let (mut r, t0) = primary_replicating();
-        r.tick(t0);
+        r.tick(t0, |_| 0);
         assert!(barrier(&r.take_actions()).is_none());
         assert_eq!(r.epoch_deadline(), None, "an empty epoch has no span");
         r.submit(t0, 1, write(0, 4096), no_queue);
@@ -892,13 +892,13 @@ mod tests {
         finish(&mut r, t0, id);
         r.take_actions();
         let seen = t0 + Duration::from_millis(300);
-        r.tick(seen);
+        r.tick(seen, |_| 0);
         assert!(barrier(&r.take_actions()).is_none(), "no FLUSH came, and the epoch is young");
         assert_eq!(r.epoch_deadline(), Some(seen + Duration::from_secs(1)));
         assert!(r.poll_timeout() <= r.epoch_deadline(), "a tick is due when its span ends");
-        r.tick(seen + Duration::from_millis(999));
+        r.tick(seen + Duration::from_millis(999), |_| 0);
         assert!(barrier(&r.take_actions()).is_none());
-        r.tick(seen + Duration::from_secs(1));
+        r.tick(seen + Duration::from_secs(1), |_| 0);
         let epoch = barrier(&r.take_actions()).expect("the epoch closes a second after a tick saw it hold a write");
         r.barrier_acked(seen, 1, epoch);
         assert!(r.peer(1).tl.is_empty(), "the peer flushed the write");

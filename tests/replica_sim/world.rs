@@ -238,14 +238,6 @@ struct Frame {
     bulk: bool,
 }
 
-/// Bytes of bulk frames from `from` that `to` has not taken in yet, on connection `conn` (the
-/// daemon's send queue of a link: a new link starts with an empty one).
-fn lane_bytes(lanes: &BTreeMap<(u8, u8), Lane>, from: u8, to: u8, conn: Option<u64>) -> usize {
-    let Some(conn) = conn else { return 0 };
-    let frames = lanes.get(&(from, to)).map(|lane| lane.queue.iter()).into_iter().flatten();
-    frames.filter(|f| f.bulk && f.conn == conn).map(|f| f.bytes.len()).sum()
-}
-
 /// What the client was told, per request id.
 pub type Answers = Vec<(u8, u64, BlockResult)>;
 
@@ -625,6 +617,18 @@ impl World {
         self.nodes[usize::from(id)].replica.as_ref()
     }
 
+    /// What each link of node `id` holds: the bytes of bulk frames to each peer that it has
+    /// not taken in yet, on the link's current connection (the daemon's send queue of a link,
+    /// which the replica measures: a new link starts with an empty one).
+    fn send_queues_of(&self, id: u8) -> BTreeMap<u8, usize> {
+        let links = &self.nodes[usize::from(id)].links;
+        let queued = |peer: u8, conn: u64| {
+            let frames = self.lanes.get(&(id, peer)).map(|lane| lane.queue.iter()).into_iter().flatten();
+            frames.filter(|f| f.bulk && f.conn == conn).map(|f| f.bytes.len()).sum()
+        };
+        links.iter().map(|(peer, (conn, _))| (*peer, queued(*peer, *conn))).collect()
+    }
+
     pub fn replica_mut(&mut self, id: u8) -> Option<&mut Replica> {
         self.nodes[usize::from(id)].replica.as_mut()
     }
@@ -661,12 +665,10 @@ impl World {
     /// A frontend request to node `id` (it must be up).
     pub fn submit(&mut self, id: u8, request: u64, req: BlockRequest) {
         let now = self.instant();
-        // What the lane to each peer holds: the send queue the replica measures.
-        let (lanes, node) = (&self.lanes, &mut self.nodes[usize::from(id)]);
-        let conns: BTreeMap<u8, u64> = node.links.iter().map(|(peer, (conn, _))| (*peer, *conn)).collect();
-        let replica = node.replica.as_mut().expect("up");
+        let queued = self.send_queues_of(id);
+        let replica = self.replica_mut(id).expect("up");
         let waiting = replica.awaiting_room();
-        replica.submit(now, request, req, |peer| lane_bytes(lanes, id, peer, conns.get(&peer).copied()));
+        replica.submit(now, request, req, |peer| queued.get(&peer).copied().unwrap_or(0));
         self.writes_waited_for_room += (replica.awaiting_room() > waiting) as u64;
         self.carry_out(id);
     }
@@ -675,10 +677,9 @@ impl World {
     /// link writer reports as it takes frames from a queue).
     fn report_send_queues(&mut self, id: u8) {
         let now = self.instant();
-        let (lanes, node) = (&self.lanes, &mut self.nodes[usize::from(id)]);
-        let conns: BTreeMap<u8, u64> = node.links.iter().map(|(peer, (conn, _))| (*peer, *conn)).collect();
-        let Some(replica) = node.replica.as_mut().filter(|r| r.awaiting_room() > 0) else { return };
-        replica.send_queues(now, |peer| lane_bytes(lanes, id, peer, conns.get(&peer).copied()));
+        let queued = self.send_queues_of(id);
+        let Some(replica) = self.replica_mut(id).filter(|r| r.awaiting_room() > 0) else { return };
+        replica.send_queues(now, |peer| queued.get(&peer).copied().unwrap_or(0));
         self.carry_out(id);
     }
 
@@ -737,8 +738,9 @@ impl World {
         let now = self.instant();
         let timeout = LinkTiming::DEFAULT.ping_timeout.as_micros() as Time;
         for id in 0..self.nodes.len() as u8 {
+            let queued = self.send_queues_of(id);
             let Some(replica) = self.replica_mut(id) else { continue };
-            replica.tick(now);
+            replica.tick(now, |peer| queued.get(&peer).copied().unwrap_or(0));
             let silent: Vec<(u8, u64)> = self.nodes[usize::from(id)]
                 .links
                 .iter()
