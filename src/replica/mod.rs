@@ -460,7 +460,19 @@ impl Replica {
             self.broadcast_state();
         }
         self.seal_log();
-        std::mem::take(&mut self.outbox)
+        let actions = std::mem::take(&mut self.outbox);
+        // What goes to a link's queue counts there until the driver's next figures: a write
+        // waiting for room, judged on the figures from before these frames (a link lost, say),
+        // would find room they take (see `Replica::tick`).
+        for action in &actions {
+            if let Action::Send { peer, msg, lane: Lane::Bulk, .. } = action {
+                let peer = self.peer_mut(*peer);
+                if peer.connected {
+                    peer.queued_bytes += msg.payload_len();
+                }
+            }
+        }
+        actions
     }
 
     /// Puts actions back at the front of the queue (a driver that could not carry them out yet).

@@ -48,8 +48,9 @@ pub struct Peer {
     pub resync: Option<ResyncProgress>,
     /// Online verify and checksum-based resync with this peer.
     pub sync: PeerSync,
-    /// Bulk bytes waiting in the link's send queue, as the driver last reported them (see
-    /// `replica/send_queue.rs`).
+    /// Bulk bytes waiting in the link's send queue, as the driver last reported them, and the
+    /// bulk frames handed to it since (`Replica::take_actions`): never less than the queue
+    /// holds, as it only drains between reports (see `replica/send_queue.rs`).
     pub queued_bytes: usize,
     /// Bytes sent on earlier connections (the current link counts its own).
     pub sent_bytes_before: u64,

@@ -41,10 +41,10 @@ impl Replica {
         self.awaiting_room.len()
     }
 
-    /// Bulk bytes waiting for `peer`: in its link's queue as last reported, and here, queued
-    /// for the driver and not yet handed to the link, or the data of writes admitted and not
-    /// started yet (waiting for an activity-log transaction, say), which every replicating
-    /// peer is sent when they start.
+    /// Bulk bytes waiting for `peer`: in its link's queue (as last reported, with the frames
+    /// handed over since), and here, queued for the driver and not yet handed to the link, or
+    /// the data of writes admitted and not started yet (waiting for an activity-log
+    /// transaction, say), which every replicating peer is sent when they start.
     fn queued_for(&self, peer: &Peer) -> usize {
         let outbox: usize = self
             .outbox
@@ -189,6 +189,34 @@ mod tests {
         r.tick(tick + std::time::Duration::from_millis(100), |_| 0);
         assert_eq!(data_sent(&settled(&mut r)).len(), waiting);
         assert_eq!(r.awaiting_room(), 0);
+    }
+
+    #[test]
+    fn a_lost_link_lets_writes_waiting_for_room_go_only_where_the_other_queues_have_it() {
+        // Every frame handed over since the driver's last figures counts: the other peer's
+        // queue holds them, and a link lost frees no room there.
+        let (mut r, t0) = crate::replica::testing::three_node_replica();
+        r.role = crate::core::states::Role::Primary;
+        r.disk = crate::core::states::DiskState::UpToDate;
+        r.send_queue_bytes = 64 << 10;
+        for peer in [1, 2] {
+            r.link_up(peer, t0);
+            let p = r.peer_mut(peer);
+            p.repl = ReplState::Established;
+            p.disk = crate::core::states::DiskState::UpToDate;
+        }
+        r.take_actions();
+        for i in 0..24 {
+            r.submit(t0, i, write(i * 4096, 4096), |_| 0);
+        }
+        let waiting = r.awaiting_room();
+        let sent = data_sent(&settled(&mut r));
+        assert!(waiting > 0 && sent.len() * 4096 > 2 * (64 << 10), "both peers were sent what the transaction started: {sent:?}");
+        r.peer_lost(t0, 2, "test", 0);
+        assert!(data_sent(&settled(&mut r)).is_empty(), "node 1's queue still holds more than the limit");
+        assert_eq!(r.awaiting_room(), waiting);
+        r.tick(t0, |_| 0);
+        assert_eq!(data_sent(&settled(&mut r)).len(), waiting, "drained: the tick finds room");
     }
 
     #[test]
