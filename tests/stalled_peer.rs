@@ -178,7 +178,17 @@ fn a_secondary_whose_activity_log_waits_for_its_hung_disk_takes_in_no_more_than_
     wait_for("connected", &alpha, |p| p.replication == "Established");
     alpha.new_current_uuid(true).unwrap();
     alpha.promote(true).unwrap();
-    wait_for("in sync", &alpha, in_sync);
+    // Both sides settled in one generation. Promoted before beta's answer to the declaration
+    // came, alpha starts a generation without beta and resyncs nothing into it, which its
+    // status shows as Established while the two exchange bitmaps; the end of that resync
+    // writes beta's metadata, and after the hang below that write stopped beta's engine (1
+    // run in 60 on a loaded machine: alpha saw beta SyncSource, or beta's `status` waited for
+    // ever). Beta holds alpha's generation once it is over, its metadata written.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(in_sync(&alpha.status().peers[0]) && in_sync(&beta.status().peers[0]) && beta.status().generation_uuid == alpha.status().generation_uuid) {
+        assert!(Instant::now() < deadline, "not in sync: {:?}, {:?}", alpha.status(), beta.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // A first write takes beta's log out of its clean state, and a FLUSH closes its epoch
     // (both write beta's superblock, under the engine's lock: a barrier's ack records the
     // stream's position there). Left open, the epoch would close a second later with no
