@@ -195,17 +195,8 @@ mod tests {
     fn a_lost_link_lets_writes_waiting_for_room_go_only_where_the_other_queues_have_it() {
         // Every frame handed over since the driver's last figures counts: the other peer's
         // queue holds them, and a link lost frees no room there.
-        let (mut r, t0) = crate::replica::testing::three_node_replica();
-        r.role = crate::core::states::Role::Primary;
-        r.disk = crate::core::states::DiskState::UpToDate;
+        let (mut r, t0) = crate::replica::testing::primary_replicating_to_two();
         r.send_queue_bytes = 64 << 10;
-        for peer in [1, 2] {
-            r.link_up(peer, t0);
-            let p = r.peer_mut(peer);
-            p.repl = ReplState::Established;
-            p.disk = crate::core::states::DiskState::UpToDate;
-        }
-        r.take_actions();
         for i in 0..24 {
             r.submit(t0, i, write(i * 4096, 4096), |_| 0);
         }

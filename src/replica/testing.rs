@@ -174,16 +174,26 @@ fn established(role: Role, peer_role: Role) -> (Replica, Instant) {
     established_on(two_node_replica(), role, peer_role)
 }
 
+/// `r` connected to every peer, Established, in the given roles, all UpToDate; the actions of
+/// getting there are taken.
 fn established_on((mut r, t0): (Replica, Instant), role: Role, peer_role: Role) -> (Replica, Instant) {
     r.role = role;
     r.disk = DiskState::UpToDate;
-    r.link_up(1, t0);
-    let peer = r.peer_mut(1);
-    peer.repl = ReplState::Established;
-    peer.role = peer_role;
-    peer.disk = DiskState::UpToDate;
+    let ids: Vec<u8> = r.peers.iter().map(|p| p.node_id).collect();
+    for id in ids {
+        r.link_up(id, t0);
+        let peer = r.peer_mut(id);
+        peer.repl = ReplState::Established;
+        peer.role = peer_role;
+        peer.disk = DiskState::UpToDate;
+    }
     r.take_actions();
     (r, t0)
+}
+
+/// A primary replicating to both peers of [`three_node_replica`].
+pub fn primary_replicating_to_two() -> (Replica, Instant) {
+    established_on(three_node_replica(), Role::Primary, Role::Secondary)
 }
 
 /// A write of `len` bytes at `offset`.
