@@ -69,13 +69,21 @@ fn submit(engine: &Engine, request: BlockRequest, timeout: Duration) -> BlockRes
 }
 
 fn wait_for(what: &str, engine: &Engine, done: impl Fn(&PeerStatus) -> bool) {
+    wait_until(what, || {
+        let peer = engine.status().peers.swap_remove(0);
+        if done(&peer) { Ok(()) } else { Err(format!("{peer:?}")) }
+    });
+}
+
+/// Polls `done` for up to 60 s; its error says what it still sees.
+fn wait_until(what: &str, done: impl Fn() -> Result<(), String>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let status = engine.status();
-        if done(&status.peers[0]) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {:?}", status.peers[0]);
+        let still = match done() {
+            Ok(()) => return,
+            Err(still) => still,
+        };
+        assert!(Instant::now() < deadline, "{what}: still {still}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -184,11 +192,11 @@ fn a_secondary_whose_activity_log_waits_for_its_hung_disk_takes_in_no_more_than_
     // writes beta's metadata, and after the hang below that write stopped beta's engine (1
     // run in 60 on a loaded machine: alpha saw beta SyncSource, or beta's `status` waited for
     // ever). Beta holds alpha's generation once it is over, its metadata written.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !(in_sync(&alpha.status().peers[0]) && in_sync(&beta.status().peers[0]) && beta.status().generation_uuid == alpha.status().generation_uuid) {
-        assert!(Instant::now() < deadline, "not in sync: {:?}, {:?}", alpha.status(), beta.status());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("in sync in one generation", || {
+        let (a, b) = (alpha.status(), beta.status());
+        let settled = in_sync(&a.peers[0]) && in_sync(&b.peers[0]) && a.generation_uuid == b.generation_uuid;
+        if settled { Ok(()) } else { Err(format!("{a:?}, {b:?}")) }
+    });
     // A first write takes beta's log out of its clean state, and a FLUSH closes its epoch
     // (both write beta's superblock, under the engine's lock: a barrier's ack records the
     // stream's position there). Left open, the epoch would close a second later with no
