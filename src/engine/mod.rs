@@ -17,7 +17,7 @@ mod verify;
 mod write_path;
 
 pub use counters::{CountersSnapshot, HistogramSnapshot};
-pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus};
+pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus, WAITING_FOR_BITMAPS};
 
 use crate::config::{Frontend, NodeConfig, OnCongestion, ResourceConfig, Transport, UblkSettings};
 use crate::core::states::{DiskState, Role};

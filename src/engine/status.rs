@@ -4,7 +4,8 @@ use super::state::State;
 use crate::replica::{Replica, VerifyState};
 use super::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
-use crate::core::states::{ConnState, DiskState};
+use crate::core::states::{ConnState, DiskState, ReplState};
+use crate::core::sync_decision::SyncDecision;
 use crate::core::sync_progress::SyncProgress;
 use std::time::Instant;
 use serde::{Deserialize, Serialize};
@@ -79,6 +80,7 @@ pub struct PeerStatus {
     /// Left cleanly and no longer counted for quorum until it returns.
     pub departed: bool,
     pub connection: String,
+    /// [`ReplState`], or one of [`WAITING_FOR_BITMAPS`] (see `shown_replication`).
     pub replication: String,
     pub peer_role: String,
     /// The peer's disk as this node knows it: never UpToDate while this UpToDate node holds
@@ -146,6 +148,24 @@ fn progress_figures(progress: &SyncProgress, started: Instant) -> (f64, u64, Opt
     (progress.done_percent(), progress.rate_bytes_per_s(elapsed_ms) / 1024, progress.eta_s(elapsed_ms))
 }
 
+/// The replication states shown beside [`ReplState`]'s, in DRBD's words: a resync with the peer
+/// is decided and waits for the exchange of bitmaps, with this node as its source (`WFBitMapS`)
+/// or its target (`WFBitMapT`).
+pub const WAITING_FOR_BITMAPS: [&str; 2] = ["WFBitMapS", "WFBitMapT"];
+
+/// The replication shown with a peer. Between the connect decision and the arrival of the
+/// bitmaps (`Peer::pending_sync`) the link runs but the resync has not begun: shown as its
+/// state of before (Established, or Off), a resync of nothing yet would pass for "in sync", and
+/// a script or a test that waits for Established would go on while the resync, and its
+/// metadata writes, are still to come.
+fn shown_replication(repl: ReplState, pending: Option<SyncDecision>) -> &'static str {
+    match pending {
+        Some(decision) if decision.is_source() => WAITING_FOR_BITMAPS[0],
+        Some(_) => WAITING_FOR_BITMAPS[1],
+        None => repl.as_str(),
+    }
+}
+
 /// Two copies shown UpToDate must be equal: a peer that lacks blocks this UpToDate node holds is
 /// shown Outdated, whatever it last reported, until the resync brings them (it reports
 /// Inconsistent itself as soon as the resync starts). Without this a reconnect would show
@@ -201,7 +221,7 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
                 witness: p.witness,
                 departed: sb.peers[p.slot].departed,
                 connection: p.conn.to_string(),
-                replication: p.repl.to_string(),
+                replication: shown_replication(p.repl, p.pending_sync).to_owned(),
                 peer_role: p.role.to_string(),
                 // What the fence-peer handler said of it while its link is down.
                 peer_disk: shown_peer_disk(*disk, p.fenced_disk.unwrap_or(p.disk), out_of_sync_bytes).to_string(),
@@ -257,5 +277,22 @@ pub fn build(shared: &Shared, st: &mut State) -> ResourceStatus {
         generation_uuid: format!("{:016X}", st.replica.sb.uuids.current),
         resyncs_as_target: st.replica.resyncs_taken.iter().sum(),
         peers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decided_resync_waiting_for_the_bitmaps_is_shown_with_its_direction_not_as_the_link_state() {
+        use SyncDecision::*;
+        assert_eq!(shown_replication(ReplState::Established, Some(BitmapSource)), "WFBitMapS");
+        assert_eq!(shown_replication(ReplState::Off, Some(FullSource)), "WFBitMapS");
+        assert_eq!(shown_replication(ReplState::Established, Some(BitmapTarget)), "WFBitMapT");
+        assert_eq!(shown_replication(ReplState::Off, Some(FullTarget)), "WFBitMapT");
+        for repl in [ReplState::Off, ReplState::Established, ReplState::SyncSource, ReplState::Behind] {
+            assert_eq!(shown_replication(repl, None), repl.as_str());
+        }
     }
 }

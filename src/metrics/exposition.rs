@@ -7,7 +7,7 @@
 //! ("Metrics") lists them all.
 
 use crate::core::states::{ConnState, DiskState, ReplState, Role};
-use crate::engine::{CountersSnapshot, HistogramSnapshot, PeerStatus, ResourceStatus};
+use crate::engine::{CountersSnapshot, HistogramSnapshot, PeerStatus, ResourceStatus, WAITING_FOR_BITMAPS};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{prometheus_text, DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -127,7 +127,8 @@ impl Collector for Scrape {
 
         let peers = &s.peers;
         let connections = every(ConnState::from_wire, ConnState::as_str);
-        let replications = every(ReplState::from_wire, ReplState::as_str);
+        let mut replications = every(ReplState::from_wire, ReplState::as_str);
+        replications.extend(WAITING_FOR_BITMAPS);
         family(&mut e, "peer_connection_state", "The connection to the peer: 1 for the current state", Gauge, per_peer_states(peers, &connections, |p| &p.connection))?;
         family(&mut e, "peer_replication_state", "Replication with the peer: 1 for the current state", Gauge, per_peer_states(peers, &replications, |p| &p.replication))?;
         family(&mut e, "peer_disk_state", "The peer's disk as this node knows it: 1 for the current state", Gauge, per_peer_states(peers, &disks, |p| &p.peer_disk))?;
@@ -155,6 +156,20 @@ mod tests {
         assert_eq!(roles.len(), 3);
         assert!(roles.contains(&"Primary") && roles.contains(&"Secondary"));
         assert!(every(ReplState::from_wire, ReplState::as_str).contains(&"SyncTarget"));
+    }
+
+    #[test]
+    fn a_peer_waiting_for_the_bitmaps_is_in_a_state_of_its_own() {
+        let mut status = crate::events::fixtures::status();
+        status.peers[0].replication = WAITING_FOR_BITMAPS[1].into();
+        let none = HistogramSnapshot { sum_s: 0.0, count: 0, buckets: Vec::new() };
+        let counters = CountersSnapshot { write_latency: none.clone(), flush_latency: none, writes_in_flight: 0, al_transactions: 0, bitmap_page_writes: 0 };
+        let text = render(status, counters).unwrap();
+        let value = |state: &str| {
+            let series = format!("blkrepl_peer_replication_state{{resource=\"r0\",peer=\"beta\",state=\"{state}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&series)).unwrap_or_else(|| panic!("no {series}in {text}")).to_owned()
+        };
+        assert_eq!((value("WFBitMapT").as_str(), value("WFBitMapS").as_str(), value("Established").as_str()), ("1", "0", "0"));
     }
 
     #[test]
