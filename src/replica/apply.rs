@@ -57,6 +57,15 @@ impl Step {
         }
     }
 
+    /// What starting it issues: its I/O, tagged, and the id of the write it applies, if any.
+    fn started(&self, peer: u8) -> (IoTag, LocalIo, Option<u64>) {
+        let write = match self.work {
+            Work::Write { id, .. } => Some(id),
+            Work::Resync { .. } | Work::Compare { .. } => None,
+        };
+        (IoTag::Stream { peer, generation: self.generation, seq: self.seq }, self.io(), write)
+    }
+
     fn io(&self) -> LocalIo {
         match &self.work {
             Work::Write { op, .. } => op.clone(),
@@ -183,8 +192,8 @@ impl Replica {
     }
 
     /// A write in the primary's stream (`check_frame` passed it): recorded for the peers that
-    /// do not follow the primary, acknowledged as received under protocol B, and applied in
-    /// stream order.
+    /// do not follow the primary, and applied in stream order (acknowledged as received under
+    /// protocol B as it goes to the disk, see `Replica::issue_step`).
     #[allow(clippy::too_many_arguments)]
     pub fn peer_write_received(&mut self, now: Instant, peer_id: u8, (id, epoch): (u64, u64), offset: u64, len: u64, fua: bool, op: LocalIo) {
         let absent = self.slots_not_following(peer_id);
@@ -196,7 +205,7 @@ impl Replica {
         let peer = self.peer_mut(peer_id);
         peer.rx_epoch_writes += 1;
         peer.received_bytes += len;
-        if self.protocol == Protocol::B {
+        if self.protocol == Protocol::B && is_weakened(Rule::RecvAckOnArrival) {
             self.send(peer_id, Message::RecvAck { id });
         }
         self.stream_step(peer_id, offset, len, Work::Write { id, fua, op }, log);
@@ -326,9 +335,25 @@ impl Replica {
     }
 
     fn submit_step(&mut self, peer_id: u8, step: Step) {
-        let tag = IoTag::Stream { peer: peer_id, generation: step.generation, seq: step.seq };
-        self.outbox.push(Action::Io { tag, op: step.io() });
+        let started = step.started(peer_id);
         self.peer_mut(peer_id).applying.running.push(step);
+        self.issue_step(peer_id, started);
+    }
+
+    /// A step of `peer_id`'s stream goes to the disk. Protocol B acknowledges a write as
+    /// received here, not as it arrives: the primary completes the write on that ack, so the
+    /// write must then reach this disk whatever becomes of the link, and a step still waiting
+    /// (for an earlier write to its blocks, or for the activity log) is dropped when the link
+    /// goes (`Applying::link_down`), while one submitted finishes. Acknowledged on arrival, a
+    /// write waiting here when its primary's daemon was killed was on neither secondary of
+    /// three, and the one promoted had never had it (`tests/chaos.rs` under protocol B).
+    fn issue_step(&mut self, peer_id: u8, (tag, op, write): (IoTag, LocalIo, Option<u64>)) {
+        self.outbox.push(Action::Io { tag, op });
+        if let (Protocol::B, Some(id)) = (self.protocol, write) {
+            if !is_weakened(Rule::RecvAckOnArrival) {
+                self.send(peer_id, Message::RecvAck { id });
+            }
+        }
     }
 
     /// A step's local I/O finished: it is answered on its connection if that is still the
@@ -395,11 +420,11 @@ impl Replica {
                 continue;
             }
             let step = applying.waiting.remove(i).expect("indexed");
-            started.push((IoTag::Stream { peer: peer_id, generation: step.generation, seq: step.seq }, step.io()));
+            started.push(step.started(peer_id));
             applying.running.push(step);
         }
-        for (tag, op) in started {
-            self.outbox.push(Action::Io { tag, op });
+        for step in started {
+            self.issue_step(peer_id, step);
         }
         self.advance_marks(peer_id);
     }
@@ -628,6 +653,38 @@ mod tests {
         r.io_done(t0, barrier, Ok(None));
         let actions = r.take_actions();
         assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, writes: 3 }]), "{actions:?}");
+    }
+
+    /// Protocol B acknowledges a write as received, and the primary completes it on that: the
+    /// write must then reach this disk whatever becomes of the link. A step still waiting (for
+    /// an earlier write to its blocks, or for the activity log) is dropped when the link goes,
+    /// so it is acknowledged only as it goes to the disk. Before, both acks left at once, and
+    /// `tests/chaos.rs` under protocol B (three data nodes, the primary's daemon killed) found
+    /// an acknowledged write on neither secondary.
+    #[test]
+    fn under_protocol_b_a_write_is_acknowledged_as_received_only_as_it_goes_to_the_disk() {
+        let (mut r, t0) = secondary_of_primary();
+        r.protocol = crate::config::Protocol::B;
+        let generation = r.peer(1).generation;
+        let write = |seq| IoTag::Stream { peer: 1, generation, seq };
+        let recv_acks = |actions: &[Action]| -> Vec<u64> {
+            sent(actions).into_iter().filter_map(|m| match m { Message::RecvAck { id } => Some(*id), _ => None }).collect()
+        };
+        r.peer_write_received(t0, 1, (1, 1), 0, 4096, false, data(0));
+        r.peer_write_received(t0, 1, (2, 1), 0, 4096, false, data(0));
+        let actions = settled(&mut r);
+        assert_eq!((io_tags(&actions), recv_acks(&actions)), (vec![write(1)], vec![1]), "write 2 waits for write 1, unacknowledged");
+        r.io_done(t0, write(1), Ok(None));
+        let actions = r.take_actions();
+        assert_eq!((io_tags(&actions), recv_acks(&actions)), (vec![write(2)], vec![2]));
+
+        // The link goes while a write waits: it is dropped, and was never acknowledged.
+        r.peer_write_received(t0, 1, (3, 1), 0, 4096, false, data(0));
+        assert!(recv_acks(&r.take_actions()).is_empty());
+        r.peer_lost(t0, 1, "peer closed the connection", 0);
+        r.io_done(t0, write(2), Ok(None));
+        let actions = r.take_actions();
+        assert_eq!((io_tags(&actions), recv_acks(&actions)), (vec![], vec![]));
     }
 
     #[test]

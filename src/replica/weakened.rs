@@ -28,6 +28,9 @@ pub enum Rule {
     /// A device left behind by a daemon killed as primary serves again whatever data this node
     /// holds by then (only a primary seen, or a vote refused, gives it up).
     LeftBehindOnAnyData,
+    /// Under protocol B a secondary acknowledges a write as received as it arrives, before it
+    /// goes to the disk (a step still waiting then is dropped if the link goes).
+    RecvAckOnArrival,
 }
 
 #[cfg(feature = "weakened-rules")]
