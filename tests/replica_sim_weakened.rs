@@ -50,6 +50,15 @@ fn checker_1_catches_a_primary_serving_without_quorum() {
     demonstrate(Rule::IoWithoutQuorum, 1);
 }
 
+/// Under protocol B only (a third of the seeds), and rare: the primary's process killed while
+/// an acknowledged write still waits on the secondary that is promoted next, then a read of
+/// that block before it is written again. Two data nodes and a witness: seed 11,722 (three
+/// data nodes: 11,131).
+#[test]
+fn checker_9_catches_a_received_write_acknowledged_before_it_goes_to_the_disk() {
+    demonstrate_within(Rule::RecvAckOnArrival, 9, 15_000, Shape { data: 2, witnesses: 1 });
+}
+
 #[test]
 fn checker_2_catches_a_superseded_primary_that_stays() {
     demonstrate(Rule::NoStepDown, 2);

@@ -182,8 +182,9 @@ impl Stats {
 #[derive(Debug)]
 enum Pending {
     Write { block: u64, version: u64, fua: bool },
-    /// A read, with the version it must return at least.
-    Read { block: u64, at_least: u64 },
+    /// A read, with the version it must return at least, and the newest version every data
+    /// node had (see `Scenario::everywhere`).
+    Read { block: u64, at_least: u64, everywhere: u64 },
     /// A FLUSH, with the acknowledged versions it makes durable.
     Flush { covers: Vec<u64> },
 }
@@ -214,6 +215,12 @@ pub struct Scenario {
     /// every later primary holds it, whatever the protocol and power losses (volatile caches
     /// and protocol A may lose the others at a failover, as DRBD's do).
     durable: Vec<u64>,
+    /// Per block, the newest version acknowledged under protocol B or C while every data node
+    /// followed its primary (`World::every_data_peer_follows`), in a seed with no failing disk,
+    /// since the last power loss: every node had it, and kept it through a lost primary, a
+    /// killed process (what was handed to the kernel lands), a partition. Only a power loss
+    /// (volatile caches) or a failing disk may take it from a node, as they may from DRBD's.
+    everywhere: Vec<u64>,
     /// Per node, its primary tenures so far.
     tenure: Vec<u64>,
     /// Nodes killed as primary whose device the kernel still holds, with the versions of the
@@ -296,6 +303,7 @@ impl Scenario {
             pending: BTreeMap::new(),
             acked: vec![(0, 0, 0); BLOCKS as usize],
             durable: vec![0; BLOCKS as usize],
+            everywhere: vec![0; BLOCKS as usize],
             tenure: vec![0; usize::from(shape.data)],
             left_behind: Vec::new(),
             flushes_failed_before: vec![0; usize::from(shape.data)],
@@ -726,7 +734,8 @@ impl Scenario {
             let (version, by, tenure) = self.acked[block as usize];
             let same_tenure = by == node && tenure == self.tenure[usize::from(node)];
             let at_least = if same_tenure { version } else { self.durable[block as usize] };
-            self.pending.insert(request, (node, Pending::Read { block, at_least }));
+            let everywhere = self.everywhere[block as usize];
+            self.pending.insert(request, (node, Pending::Read { block, at_least, everywhere }));
             self.world.submit(node, request, BlockRequest::Read { offset, len: PAGE as u32 });
         } else if busy || self.world.rng.percent(10) {
             // A flush covers what this tenure acknowledged (another primary's writes may never
@@ -747,7 +756,7 @@ impl Scenario {
     /// Checks every answer the client got: an acknowledged write raises its block's floor, a
     /// read on the primary never returns a version below the floor at its submission.
     fn take_answers(&mut self) -> Result<(), String> {
-        for (node, request, result) in std::mem::take(&mut self.world.answers) {
+        for (node, request, result, everywhere) in std::mem::take(&mut self.world.answers) {
             let Some((sent_to, pending)) = self.pending.remove(&request) else {
                 // A demotion's flush: its outcome does not matter, only that it is over.
                 self.flushed.push(request);
@@ -756,7 +765,7 @@ impl Scenario {
             if self.world.tracing {
                 let what = match &pending {
                     Pending::Write { block, version, fua } => format!("write block {block} v{version} fua {fua}"),
-                    Pending::Read { block, at_least } => format!("read block {block} (at least v{at_least})"),
+                    Pending::Read { block, at_least, .. } => format!("read block {block} (at least v{at_least})"),
                     Pending::Flush { .. } => "flush".into(),
                 };
                 let ok = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
@@ -774,18 +783,27 @@ impl Scenario {
                         let durable = &mut self.durable[block as usize];
                         *durable = (*durable).max(version);
                     }
+                    if everywhere && self.disk_fault.is_none() {
+                        let held = &mut self.everywhere[block as usize];
+                        *held = (*held).max(version);
+                    }
                 }
                 (Pending::Flush { covers }, Ok(_)) => {
                     for (durable, covered) in self.durable.iter_mut().zip(covers) {
                         *durable = (*durable).max(covered);
                     }
                 }
-                (Pending::Read { block, at_least }, Ok(Some(data))) => {
+                (Pending::Read { block, at_least, everywhere }, Ok(Some(data))) => {
                     self.stats.reads_checked += 1;
                     let found = version_in(&data);
                     if found < at_least {
                         return Err(format!(
                             "checker 1 (reads never stale): n{node} returned version {found} of block {block}, {at_least} was acknowledged (by this primary, or durably) before the read"
+                        ));
+                    }
+                    if found < everywhere {
+                        return Err(format!(
+                            "checker 9 (a write every data node had stays): n{node} returned version {found} of block {block}, {everywhere} was on every data node before the read"
                         ));
                     }
                 }
@@ -867,6 +885,7 @@ impl Scenario {
                 self.world.crash(id, power);
                 if power {
                     self.left_behind.retain(|(n, _)| *n != id);
+                    self.everywhere.fill(0);
                 } else if primary {
                     // What the kernel had been given landed (`World::crash`): the filesystem
                     // saw it written.
@@ -952,6 +971,12 @@ impl Scenario {
                 return Err(format!(
                     "checker 5 (no durable write lost): block {block} holds version {} everywhere, {} was made durable",
                     versions[0], self.durable[block as usize]
+                ));
+            }
+            if versions[0] < self.everywhere[block as usize] {
+                return Err(format!(
+                    "checker 9 (a write every data node had stays): block {block} holds version {} everywhere, {} was on every data node",
+                    versions[0], self.everywhere[block as usize]
                 ));
             }
         }

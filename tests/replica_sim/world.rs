@@ -238,8 +238,18 @@ struct Frame {
     bulk: bool,
 }
 
-/// What the client was told, per request id.
-pub type Answers = Vec<(u8, u64, BlockResult)>;
+/// What the client was told, per request id: (node, request, result, whether every data node
+/// had the request's write, see [`every_data_peer_follows`]).
+pub type Answers = Vec<(u8, u64, BlockResult, bool)>;
+
+/// Whether a write `r` completes now was on every data node: under protocol B or C a write
+/// completes once each connected peer has it (received and on its way to the disk, or written),
+/// and here every data peer is connected and in sync, none to be resynced. Such a write
+/// survives the loss of its primary while no node loses power (checker 9).
+fn every_data_peer_follows(r: &Replica) -> bool {
+    r.protocol != Protocol::A
+        && r.peers.iter().filter(|p| !p.witness).all(|p| p.connected && p.repl == ReplState::Established && p.pending_sync.is_none())
+}
 
 /// An online verify that ran to its end between `node` (which ran it) and `peer`.
 #[derive(Debug)]
@@ -288,7 +298,7 @@ pub struct World {
     next_conn: u64,
     pub protocol: Protocol,
     pub quorum: QuorumPolicy,
-    /// Answers to client requests since the scenario last took them: (node, request, result).
+    /// Answers to client requests since the scenario last took them.
     pub answers: Answers,
     /// Whether what happens is printed (a seed replayed for a report; the replicas' own log
     /// goes to the same output).
@@ -1163,7 +1173,10 @@ impl World {
                         let due = self.now + self.rng.range(20, 3 * MS);
                         self.at(due, Event::IoDone { node: id, incarnation, io });
                     }
-                    Action::Complete { request, result } => self.answers.push((id, request, result)),
+                    Action::Complete { request, result } => {
+                        let everywhere = self.replica(id).is_some_and(every_data_peer_follows);
+                        self.answers.push((id, request, result, everywhere));
+                    }
                     Action::DropLink { peer, generation, reason } => {
                         let current = self.replica(id).is_some_and(|r| r.peer(peer).generation == generation);
                         if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer).filter(|_| current) {
