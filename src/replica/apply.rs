@@ -349,10 +349,8 @@ impl Replica {
     /// three, and the one promoted had never had it (`tests/chaos.rs` under protocol B).
     fn issue_step(&mut self, peer_id: u8, (tag, op, write): (IoTag, LocalIo, Option<u64>)) {
         self.outbox.push(Action::Io { tag, op });
-        if let (Protocol::B, Some(id)) = (self.protocol, write) {
-            if !is_weakened(Rule::RecvAckOnArrival) {
-                self.send(peer_id, Message::RecvAck { id });
-            }
+        if let (Protocol::B, Some(id), false) = (self.protocol, write, is_weakened(Rule::RecvAckOnArrival)) {
+            self.send(peer_id, Message::RecvAck { id });
         }
     }
 
