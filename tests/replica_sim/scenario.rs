@@ -216,7 +216,7 @@ pub struct Scenario {
     /// and protocol A may lose the others at a failover, as DRBD's do).
     durable: Vec<u64>,
     /// Per block, the newest version acknowledged under protocol B or C while every data node
-    /// followed its primary (`World::every_data_peer_follows`), in a seed with no failing disk,
+    /// followed its primary (`world::every_data_peer_follows`), in a seed with no failing disk,
     /// since the last power loss: every node had it, and kept it through a lost primary, a
     /// killed process (what was handed to the kernel lands), a partition. Only a power loss
     /// (volatile caches) or a failing disk may take it from a node, as they may from DRBD's.

@@ -245,7 +245,8 @@ pub type Answers = Vec<(u8, u64, BlockResult, bool)>;
 /// Whether a write `r` completes now was on every data node: under protocol B or C a write
 /// completes once each connected peer has it (received and on its way to the disk, or written),
 /// and here every data peer is connected and in sync, none to be resynced. Such a write
-/// survives the loss of its primary while no node loses power (checker 9).
+/// survives the loss of its primary while no node loses power (checker 9). Stated here rather
+/// than taken from `Replica::lagging_peers`: the checker must not trust the rules it checks.
 fn every_data_peer_follows(r: &Replica) -> bool {
     r.protocol != Protocol::A
         && r.peers.iter().filter(|p| !p.witness).all(|p| p.connected && p.repl == ReplState::Established && p.pending_sync.is_none())
