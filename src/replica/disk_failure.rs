@@ -10,7 +10,8 @@
 //! only copy of its generation, with nobody to resync from.
 //!
 //! On an I/O error a primary fails every read and write from then on (it would serve those
-//! blocks as if they were good; the disk may be dying), and reads nothing more for a resync it
+//! blocks as if they were good; the disk may be dying), a read already submitted included
+//! (it may read what a lost cache left behind), and reads nothing more for a resync it
 //! sources (`Replica::resync_next`), until it is demoted: `status` says why
 //! (`local_write_failed`, until the demotion), the cluster manager moves the service as after a
 //! crash, and the demoted node reconnects to its peers so the decision at connect resyncs the
@@ -228,6 +229,28 @@ mod tests {
     }
 
     #[test]
+    fn a_resync_chunk_read_before_a_flush_failed_is_not_sent() {
+        let (mut r, t0) = primary_replicating();
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
+        r.bitmaps[0].set_range(64 * 4096, 4096);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Read { offset: 64 * 4096, len: 4096, digests: false });
+        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.io_done(t0, flush, Err(LocalFailure::Io));
+        r.take_actions();
+        // The daemon read the chunk off the lock, after the flush lost the disk's cache.
+        r.resync_chunk_read(1, 64 * 4096, 4096, ResyncChunk::Data(Bytes::from(vec![0u8; 4096])));
+        let actions = r.take_actions();
+        assert!(!actions.iter().any(|a| matches!(a, Action::Send { msg: Message::ResyncData { .. } | Message::ResyncZeroes { .. }, .. })), "{actions:?}");
+        assert!(r.bitmaps[0].test_block(64), "the block waits for the decision at the reconnect");
+    }
+
+    #[test]
     fn a_digest_found_equal_after_the_write_there_failed_clears_no_bit() {
         let (mut r, t0) = primary_replicating();
         r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
@@ -324,6 +347,26 @@ mod tests {
         r.barrier_acked(t0, 1, epoch);
         let actions = r.take_actions();
         assert!(answers(&actions).contains(&(4, Some(BlockError::Io))), "{actions:?}");
+    }
+
+    #[test]
+    fn a_read_under_way_when_a_flush_fails_fails_too() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
+        let flush = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush");
+        r.submit(t0, 2, BlockRequest::Read { offset: 8192, len: 4096 }, |_| 0);
+        let read = r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Read(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the read goes to the disk");
+        r.io_done(t0, flush, Err(LocalFailure::Io));
+        r.take_actions();
+        // The read reached the disk after the flush lost its cache: it found the old data.
+        r.io_done(t0, read, Ok(Some(Bytes::from(vec![0u8; 4096]))));
+        assert_eq!(answers(&r.take_actions()), vec![(2, Some(BlockError::Io))]);
     }
 
     #[test]

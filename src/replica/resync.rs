@@ -415,6 +415,13 @@ impl Replica {
     /// The range of a [`ResyncStep::Read`] was read: it goes out, ahead of any later write to
     /// those blocks (the driver calls this before letting one through).
     pub fn resync_chunk_read(&mut self, peer_id: u8, offset: u64, len: u64, chunk: ResyncChunk) {
+        if self.io_failed.is_some() {
+            // Read before this primary's disk failed, handed over after (the daemon reads off
+            // the lock): it may hold what a lost cache left behind, older than the stream gave
+            // the target. It is not sent; the failure marked its blocks, and the walk reads
+            // nothing more (see `Replica::resync_next`).
+            return;
+        }
         self.paced(peer_id, len);
         let epoch = self.epoch;
         let peer = self.peer_mut(peer_id);

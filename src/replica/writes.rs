@@ -417,10 +417,17 @@ impl Replica {
     pub fn io_done(&mut self, now: Instant, tag: IoTag, result: Result<Option<Bytes>, LocalFailure>) {
         match tag {
             IoTag::Read(request) => {
-                let result = result.map_err(|failure| {
-                    tracing::error!(resource = %self.resource, ?failure, "local read failed");
-                    BlockError::from(failure)
-                });
+                let result = match result {
+                    Err(failure) => {
+                        tracing::error!(resource = %self.resource, ?failure, "local read failed");
+                        Err(BlockError::from(failure))
+                    }
+                    // Submitted before this primary's disk failed, done after: it may have
+                    // read what the failure left (a flush that lost the disk's cache takes a
+                    // write acknowledged before this read began; simulator seed 252578).
+                    Ok(_) if self.io_failed.is_some() => Err(BlockError::Io),
+                    Ok(data) => Ok(data),
+                };
                 self.answer(request, result);
             }
             IoTag::Write(id) => {
