@@ -171,6 +171,25 @@ mod tests {
         }).collect()
     }
 
+    /// A primary that started resyncing its peer, the source of the block at `offset` only.
+    fn primary_resyncing(offset: u64) -> (Replica, Instant) {
+        let (mut r, t0) = primary_replicating();
+        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
+        r.bitmaps[0].set_range(offset, 4096);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        (r, t0)
+    }
+
+    /// Submits FLUSH request `request` on `r`: the tag of its local flush.
+    fn submit_flush(r: &mut Replica, t0: Instant, request: u64) -> IoTag {
+        r.submit(t0, request, BlockRequest::Flush, |_| 0);
+        r.take_actions().iter().find_map(|a| match a {
+            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
+            _ => None,
+        }).expect("the local flush")
+    }
+
     /// Writes block 2 on primary `r`, which replicates it to its peer, and fails the local
     /// write with `failure` once the peer has it: what the primary does then.
     fn write_failing_here(r: &mut Replica, t0: Instant, failure: LocalFailure) -> Vec<Action> {
@@ -213,11 +232,7 @@ mod tests {
 
     #[test]
     fn a_primary_whose_write_failed_reads_nothing_more_for_the_peer_it_resyncs() {
-        let (mut r, t0) = primary_replicating();
-        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
-        r.bitmaps[0].set_range(64 * 4096, 4096);
-        r.resync_source_started(t0, 1);
-        r.take_actions();
+        let (mut r, t0) = primary_resyncing(64 * 4096);
         let actions = write_failing_here(&mut r, t0, LocalFailure::Io);
         assert_eq!(answers(&actions), vec![(1, Some(BlockError::Io))], "the write is over");
         assert!(r.bitmaps[0].test_block(2), "marked for the target too");
@@ -230,17 +245,9 @@ mod tests {
 
     #[test]
     fn a_resync_chunk_read_before_a_flush_failed_is_not_sent() {
-        let (mut r, t0) = primary_replicating();
-        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
-        r.bitmaps[0].set_range(64 * 4096, 4096);
-        r.resync_source_started(t0, 1);
-        r.take_actions();
+        let (mut r, t0) = primary_resyncing(64 * 4096);
         assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Read { offset: 64 * 4096, len: 4096, digests: false });
-        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
-        let flush = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
-            _ => None,
-        }).expect("the local flush");
+        let flush = submit_flush(&mut r, t0, 1);
         r.io_done(t0, flush, Err(LocalFailure::Io));
         r.take_actions();
         // The daemon read the chunk off the lock, after the flush lost the disk's cache.
@@ -252,10 +259,7 @@ mod tests {
 
     #[test]
     fn a_digest_found_equal_after_the_write_there_failed_clears_no_bit() {
-        let (mut r, t0) = primary_replicating();
-        r.peer_mut(1).repl = crate::core::states::ReplState::SyncSource;
-        r.bitmaps[0].set_range(8192, 4096);
-        r.resync_source_started(t0, 1);
+        let (mut r, t0) = primary_resyncing(8192);
         let read = ResyncStep::Read { offset: 8192, len: 4096, digests: true };
         assert_eq!(r.resync_next(t0, 1, true), read);
         r.resync_chunk_read(1, 8192, 4096, ResyncChunk::Digests(vec![[0; DIGEST_BYTES]]));
@@ -275,11 +279,7 @@ mod tests {
     #[test]
     fn a_flush_released_by_the_links_a_metadata_failure_drops_fails() {
         let (mut r, t0) = primary_replicating();
-        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
-        let flush = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
-            _ => None,
-        }).expect("the local flush");
+        let flush = submit_flush(&mut r, t0, 1);
         r.io_done(t0, flush, Ok(None));
         assert_eq!(answers(&r.take_actions()), vec![], "the peer's barrier is still to be acknowledged");
         r.persist_failed(t0, crate::replica::MetaWrite::Superblock, "No space left on device", Vec::new());
@@ -320,11 +320,7 @@ mod tests {
         r.peer_reached(t0, id, 1, AckLevel::Written);
         assert_eq!(answers(&r.take_actions()), vec![(1, None)], "acknowledged, in the disk's cache");
         assert!(!r.bitmaps[0].test_block(2));
-        r.submit(t0, 2, BlockRequest::Flush, |_| 0);
-        let flush = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
-            _ => None,
-        }).expect("the local flush");
+        let flush = submit_flush(&mut r, t0, 2);
         r.io_done(t0, flush, Err(LocalFailure::Io));
         assert!(!r.sb.flags.contains(MetaFlags::OWN_STREAM), "after a crash it must not count as holding its whole stream");
         let extent_blocks = crate::meta::activity_log::AL_EXTENT_SIZE / 4096;
@@ -352,11 +348,7 @@ mod tests {
     #[test]
     fn a_read_under_way_when_a_flush_fails_fails_too() {
         let (mut r, t0) = primary_replicating();
-        r.submit(t0, 1, BlockRequest::Flush, |_| 0);
-        let flush = r.take_actions().iter().find_map(|a| match a {
-            Action::Io { tag: tag @ IoTag::Flush(_), .. } => Some(*tag),
-            _ => None,
-        }).expect("the local flush");
+        let flush = submit_flush(&mut r, t0, 1);
         r.submit(t0, 2, BlockRequest::Read { offset: 8192, len: 4096 }, |_| 0);
         let read = r.take_actions().iter().find_map(|a| match a {
             Action::Io { tag: tag @ IoTag::Read(_), .. } => Some(*tag),
