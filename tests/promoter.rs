@@ -1,7 +1,7 @@
 //! `blkrepl promoter` on real daemons: two data nodes and a witness under quorum "majority",
 //! a promoter on each data node whose service is a marker file (tests/common/promoter.rs).
 //! Exactly one node promotes and runs its service; a crash or a partition moves both to the
-//! other; never are both markers there at once.
+//! other, and so does a primary daemon that hangs; never are both markers there at once.
 
 mod common;
 
@@ -103,6 +103,36 @@ fn a_partitioned_primary_stops_its_service_and_demotes_before_the_majority_takes
     // Two settling windows alone are 200 samples: the sampler watched the whole scenario.
     assert!(samples.taken > 200, "the sampler ran {} times only", samples.taken);
     assert!(samples.overlaps.is_empty(), "both services ran at {:?}", samples.overlaps);
+}
+
+#[test]
+fn a_hung_primary_daemon_loses_its_service_before_the_majority_takes_over() {
+    let c = Cluster::fresh_witness_trio();
+    c.add_promoter_section();
+    let sampler = MarkerSampler::start(vec![c.marker("alpha"), c.marker("beta")]);
+    let (mut alpha, mut beta) = (c.promoter("alpha"), c.promoter("beta"));
+    c.wait_until("alpha's service started", || c.marker("alpha").exists());
+    assert_stays(&c, "alpha", "beta");
+
+    // The daemon hangs (SIGSTOP): its events stop as a quiet daemon's do, but it answers no
+    // probe. Its promoter stops the service, with no demotion (nothing would answer it),
+    // before the majority, which drops it after the ping timeout, starts the service there.
+    c.signal("alpha", "STOP");
+    c.wait_until("the hung primary's service stopped", || !c.marker("alpha").exists());
+    c.wait_until("the majority promoted with its service", || c.marker("beta").exists());
+    assert_eq!(role(&c, "beta"), "Primary");
+    assert!(!c.marker("alpha").exists(), "the hung daemon's service came back");
+
+    // It resumes, superseded: its promoter, which waited for it to settle, starts nothing, and
+    // it ends Secondary, resynced from the new primary.
+    c.signal("alpha", "CONT");
+    c.wait_for("alpha", "stepped down", |s| s["role"] == "Secondary");
+    c.wait_peer("beta", "alpha", "Established", "UpToDate");
+    assert_stays(&c, "beta", "alpha");
+    assert!(alpha.running() && beta.running(), "a promoter gave up\n{}", c.promoter_logs());
+    assert!(alpha.stop().success() && beta.stop().success());
+    let samples = sampler.finish();
+    assert!(samples.overlaps.is_empty(), "both services ran at {:?}\n{}", samples.overlaps, c.promoter_logs());
 }
 
 #[test]

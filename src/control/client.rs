@@ -24,9 +24,14 @@ pub enum ClientError {
 /// Sends one request and waits for its answer (promotion or demotion may take a while: they
 /// wait for in-flight writes and flushes).
 pub fn call(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    call_within(socket, request, Duration::from_secs(120))
+}
+
+/// [`call`], giving up on an answer that takes longer than `timeout` (an `Io` error).
+pub fn call_within(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
     let path = socket.display().to_string();
     let stream = connect(socket, request)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|source| ClientError::Io { path: path.clone(), source })?;
+    stream.set_read_timeout(Some(timeout)).map_err(|source| ClientError::Io { path: path.clone(), source })?;
     read_response(&mut BufReader::new(stream), &path)
 }
 

@@ -7,6 +7,7 @@
 //! services above the device: started only on a primary with quorum, stopped before a demotion,
 //! and stopped as soon as quorum goes.
 
+use super::liveness::{Answers, Liveness};
 use super::view::View;
 use crate::config::{OnStopFailure, PromoterConfig};
 use std::time::{Duration, Instant};
@@ -89,10 +90,13 @@ pub struct Decider {
     /// A stop failed since the last successful one (the exit status says so).
     stop_failed: bool,
     shutting_down: bool,
+    /// Whether the daemon answers its probes (a hung one sends no events either).
+    liveness: Liveness,
 }
 
 impl Decider {
-    pub fn new(config: &PromoterConfig, placement: Placement) -> Decider {
+    /// `liveness`: how the daemon's answers to the driver's probes are judged.
+    pub fn new(config: &PromoterConfig, placement: Placement, liveness: Liveness) -> Decider {
         Decider {
             services: config.commands.len() + config.units.len(),
             promote_delay: config.promote_delay,
@@ -105,6 +109,7 @@ impl Decider {
             hold: None,
             stop_failed: false,
             shutting_down: false,
+            liveness,
         }
     }
 
@@ -116,6 +121,16 @@ impl Decider {
             (Some(_), _) => self.expected = None,
         }
         self.view = view;
+    }
+
+    /// A probe of the daemon went out at `at`.
+    pub fn probe_sent(&mut self, at: Instant) {
+        self.liveness.probe_sent(at);
+    }
+
+    /// The daemon answered a probe at `at`.
+    pub fn probe_answered(&mut self, at: Instant) {
+        self.liveness.probe_answered(at);
     }
 
     /// SIGTERM or SIGINT: stop the services and demote if primary, then exit.
@@ -130,17 +145,25 @@ impl Decider {
             Phase::Cleanup { stop, why, .. } if stop > 0 => Step::Stop { count: stop, why },
             Phase::Cleanup { why, .. } => Step::Demote { why },
             Phase::Primary { started } => {
+                let answers = self.liveness.answers(now);
                 let why = match &self.view {
                     _ if self.shutting_down => "shutting down",
                     None => "the daemon went away",
+                    _ if answers == Answers::Silent => "the daemon does not answer",
                     Some(view) if !view.primary => "the daemon is no longer Primary",
                     Some(view) if !view.quorum => "quorum lost",
                     Some(view) if view.write_failed => "a local write failed",
-                    Some(_) if started => return Step::Wait(None),
+                    Some(_) if started => {
+                        return Step::Wait(match answers {
+                            Answers::Awaited(deadline) => Some(deadline),
+                            _ => None,
+                        })
+                    }
                     Some(_) => return Step::Start,
                 };
-                // A daemon that went away or stepped down holds no role to give up.
-                let demote = self.view.as_ref().is_some_and(|v| v.primary);
+                // A daemon that went away or stepped down holds no role to give up; a silent
+                // one would not answer the demotion.
+                let demote = self.view.as_ref().is_some_and(|v| v.primary) && answers != Answers::Silent;
                 if self.view.as_ref().is_some_and(|v| v.write_failed) {
                     // Its disk may be dying: a node whose disk did not fail takes over.
                     self.hold = Some(Hold::Until(now + BACK_OFF));
@@ -161,6 +184,19 @@ impl Decider {
             self.candidate_since = None;
             return Step::Wait(None);
         };
+        match self.liveness.answers(now) {
+            // What the view says may be stale: nothing is started or promoted on it until the
+            // daemon answers, and has had its time to learn what happened meanwhile.
+            Answers::Silent => {
+                self.candidate_since = None;
+                return Step::Wait(None);
+            }
+            Answers::Settling(until) => {
+                self.candidate_since = None;
+                return Step::Wait(Some(until));
+            }
+            Answers::Answering | Answers::Awaited(_) => {}
+        }
         if view.primary {
             // Primary without this promoter's doing: promoted by hand, or by a promoter that ran
             // before this one. Its services follow the role as if this one had promoted it; without
@@ -278,6 +314,12 @@ mod tests {
     use crate::config::ServiceCommands;
 
     const DELAY: Duration = Duration::from_secs(1);
+    const PROBE_DEADLINE: Duration = Duration::from_secs(1);
+    const SETTLE: Duration = Duration::from_secs(2);
+
+    fn liveness() -> Liveness {
+        Liveness::new(PROBE_DEADLINE, SETTLE)
+    }
 
     fn config(services: usize, on_stop_failure: OnStopFailure) -> PromoterConfig {
         PromoterConfig {
@@ -292,7 +334,7 @@ mod tests {
     }
 
     fn decider(rank: u32) -> Decider {
-        Decider::new(&config(2, OnStopFailure::Log), Placement { rank, ranks: 2 })
+        Decider::new(&config(2, OnStopFailure::Log), Placement { rank, ranks: 2 }, liveness())
     }
 
     /// A secondary that may promote, with the daemon's best score.
@@ -471,7 +513,7 @@ mod tests {
     #[test]
     fn a_failed_stop_exits_or_retries_as_configured() {
         let t = Instant::now();
-        let mut exits = Decider::new(&config(1, OnStopFailure::Exit), Placement { rank: 0, ranks: 1 });
+        let mut exits = Decider::new(&config(1, OnStopFailure::Exit), Placement { rank: 0, ranks: 1 }, liveness());
         running(&mut exits, t);
         exits.observe(Some(without_quorum(primary())), t);
         assert_eq!(exits.next(t), Step::Stop { count: 1, why: "quorum lost" });
@@ -491,6 +533,60 @@ mod tests {
         assert_eq!(logs.next(t + DEMOTE_RETRY), Step::Demote { why: "retrying the demotion" });
         logs.demoted(true, t + DEMOTE_RETRY);
         assert_eq!(logs.next(t + DEMOTE_RETRY), Step::Wait(None));
+    }
+
+    /// Runs `d`'s services from `t`, then its daemon leaves a probe sent at `t` unanswered: the
+    /// services are stopped. Returns when the silence was judged.
+    fn silenced(d: &mut Decider, t: Instant) -> Instant {
+        running(d, t);
+        d.probe_sent(t);
+        assert_eq!(d.next(t), Step::Wait(Some(t + PROBE_DEADLINE)), "woken to judge the probe");
+        let hung = t + PROBE_DEADLINE;
+        assert_eq!(d.next(hung), Step::Stop { count: 2, why: "the daemon does not answer" });
+        d.stopped(true);
+        hung
+    }
+
+    #[test]
+    fn a_silent_daemon_loses_its_services_without_a_demotion_and_gets_them_back_once_settled() {
+        let t = Instant::now();
+        let mut d = decider(0);
+        let hung = silenced(&mut d, t);
+        assert_eq!(d.next(hung), Step::Wait(None), "no demotion asked of a silent daemon, nothing started on its stale view");
+        // It answers again, still saying Primary with quorum: that may be from before.
+        let back = hung + DELAY * 10;
+        d.probe_answered(back);
+        assert_eq!(d.next(back), Step::Wait(Some(back + SETTLE)));
+        assert_eq!(d.next(back + SETTLE), Step::Start, "still Primary once settled: its services again");
+    }
+
+    #[test]
+    fn a_daemon_superseded_while_silent_gets_no_services_back() {
+        let t = Instant::now();
+        let mut d = decider(0);
+        silenced(&mut d, t);
+        let back = t + DELAY * 10;
+        d.probe_answered(back);
+        d.observe(Some(without_quorum(primary())), back + SETTLE / 2);
+        d.observe(Some(View { peer_primary: true, may_promote: false, promotion_score: None, ..candidate() }), back + SETTLE / 2);
+        assert_eq!(d.next(back + SETTLE), Step::Wait(None));
+    }
+
+    #[test]
+    fn a_silent_daemon_is_not_promoted() {
+        let t = Instant::now();
+        let mut d = decider(0);
+        d.observe(Some(candidate()), t);
+        d.probe_sent(t);
+        assert_eq!(d.next(t), Step::Promote, "a probe out is no silence yet");
+        let mut silent = decider(0);
+        silent.observe(Some(candidate()), t);
+        silent.probe_sent(t);
+        assert_eq!(silent.next(t + PROBE_DEADLINE), Step::Wait(None));
+        silent.probe_answered(t + PROBE_DEADLINE * 2);
+        let settled = t + PROBE_DEADLINE * 2 + SETTLE;
+        assert_eq!(silent.next(t + PROBE_DEADLINE * 2), Step::Wait(Some(settled)));
+        assert_eq!(silent.next(settled), Step::Promote);
     }
 
     #[test]

@@ -1,19 +1,28 @@
 //! The promoter's process side: per resource, one thread follows the daemon's events (the same
 //! [`watch`] as `blkrepl events`, so a daemon that stops or dies is seen and waited for) into a
-//! channel, and one feeds them to its [`Decider`] and carries out its steps; one more thread
-//! waits for SIGTERM and SIGINT. No status is polled: the promoter wakes for a line, a signal,
-//! or the end of a wait the decider asked for.
+//! channel, one probes whether the daemon answers (see [`super::liveness`]: the events cannot
+//! tell a hung daemon from a quiet one) into the same channel, and one feeds them to its
+//! [`Decider`] and carries out its steps; one more thread waits for SIGTERM and SIGINT. The
+//! promoter wakes for a line, a probe, a signal, or the end of a wait the decider asked for.
 
 use super::decide::{Decider, Step};
+use super::liveness::Liveness;
 use super::role;
 use super::services::Services;
 use super::view::Tracker;
 use super::Target;
+use crate::control::client::{self, ClientError};
 use crate::control::watch::{self, Source, WatchError};
+use crate::control::Request;
 use crate::events::Event;
 use nix::sys::signal::{SigSet, Signal};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long a probe waits for its answer before the next one is sent (the decider judges the
+/// silence much earlier, by when the probe went out).
+const PROBE_GIVE_UP: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PromoterError {
@@ -28,6 +37,10 @@ enum Message {
     Event(Box<Event>),
     /// A new events subscription starts listing the state.
     Resubscribed,
+    /// A status probe went out at this instant.
+    ProbeSent(Instant),
+    /// The daemon answered a probe at this instant.
+    ProbeAnswered(Instant),
     Shutdown,
 }
 
@@ -55,6 +68,11 @@ pub fn run(targets: Vec<Target>) -> Result<(), PromoterError> {
         std::thread::Builder::new()
             .name(format!("events-{resource}"))
             .spawn(move || follow(follower, socket, events))
+            .map_err(thread_error)?;
+        let (socket, probes, every) = (target.socket.clone(), tx.clone(), target.timing.ping_interval);
+        std::thread::Builder::new()
+            .name(format!("probe-{resource}"))
+            .spawn(move || probe(socket, every, probes))
             .map_err(thread_error)?;
         let done = done_tx.clone();
         std::thread::Builder::new()
@@ -130,11 +148,33 @@ fn follow(resource: String, socket: std::path::PathBuf, inbox: Sender<Message>) 
     }
 }
 
+/// Asks the daemon for its status every `every`, one request at a time, for as long as the
+/// deciding thread listens, and tells it when each went out and when it was answered.
+fn probe(socket: PathBuf, every: Duration, inbox: Sender<Message>) {
+    loop {
+        if inbox.send(Message::ProbeSent(Instant::now())).is_err() {
+            return;
+        }
+        let answered = match client::call_within(&socket, &Request::Status, PROBE_GIVE_UP) {
+            // A daemon not running answers for itself: the events say it went away.
+            Ok(_) | Err(ClientError::NotRunning | ClientError::Refused { .. } | ClientError::Malformed { .. }) => true,
+            // No answer in time, or the connection broke before one.
+            Err(ClientError::Io { .. }) => false,
+        };
+        if answered && inbox.send(Message::ProbeAnswered(Instant::now())).is_err() {
+            return;
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// Decides and acts for one resource until the decider says to exit; true if it failed.
 fn drive(target: &Target, inbox: &Receiver<Message>) -> bool {
     let resource = target.resource.as_str();
     let services = Services::new(&target.promoter, resource, &target.node);
-    let mut decider = Decider::new(&target.promoter, target.placement);
+    // Silent past the quorum lease, settled after a ping timeout (see `liveness`).
+    let liveness = Liveness::new(target.timing.lease(), target.timing.ping_timeout);
+    let mut decider = Decider::new(&target.promoter, target.placement, liveness);
     let mut tracker = Tracker::default();
     tracing::info!(resource, node = target.node, rank = target.placement.rank, "promoter following the resource");
     loop {
@@ -186,6 +226,8 @@ fn take(message: Message, tracker: &mut Tracker, decider: &mut Decider) {
             decider.observe(tracker.view(), Instant::now());
         }
         Message::Resubscribed => tracker.resubscribe(),
+        Message::ProbeSent(at) => decider.probe_sent(at),
+        Message::ProbeAnswered(at) => decider.probe_answered(at),
         Message::Shutdown => decider.shutdown(),
     }
 }

@@ -6,16 +6,19 @@
 //! be primary.
 //!
 //! [`decide`] holds every decision, pure and tested on its own; [`view`] folds event lines into
-//! what it decides on; [`services`] and [`role`] carry its steps out; [`driver`] wires them to
-//! the event streams, the clock and the signals.
+//! what it decides on, and [`liveness`] the answers to the driver's status probes; [`services`]
+//! and [`role`] carry its steps out; [`driver`] wires them to the event streams, the probes,
+//! the clock and the signals.
 
 pub mod decide;
 pub mod driver;
+pub mod liveness;
 pub mod role;
 pub mod services;
 pub mod view;
 
 use crate::config::{NodeConfig, PromoterConfig, ResourceConfig};
+use crate::core::quorum::LinkTiming;
 use decide::Placement;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +30,9 @@ pub struct Target {
     pub socket: PathBuf,
     pub promoter: PromoterConfig,
     pub placement: Placement,
+    /// The resource's ping timing: how often the daemon is probed, and for how long a silence
+    /// is borne (see [`liveness`]).
+    pub timing: LinkTiming,
 }
 
 /// Why a resource gets no promoter on this node.
@@ -53,6 +59,7 @@ impl Target {
             socket: crate::control::socket_path(run_dir, &config.name, &me.name),
             promoter,
             placement: Placement { rank, ranks: data_nodes },
+            timing: config.timing,
         })
     }
 }
