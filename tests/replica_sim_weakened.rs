@@ -52,8 +52,8 @@ fn checker_1_catches_a_primary_serving_without_quorum() {
 
 /// Under protocol B only (a third of the seeds), and rare: the primary's process killed while
 /// an acknowledged write still waits on the secondary that is promoted next, then a read of
-/// that block before it is written again. Two data nodes and a witness: seed 11,722 (three
-/// data nodes: 11,131).
+/// that block before it is written again. Two data nodes and a witness: seed 8,641 since the
+/// walks read off the engine's lock as the daemon's do (11,722 before; three data nodes: 11,131).
 #[test]
 fn checker_9_catches_a_received_write_acknowledged_before_it_goes_to_the_disk() {
     demonstrate_within(Rule::RecvAckOnArrival, 9, 15_000, Shape { data: 2, witnesses: 1 });
@@ -69,8 +69,9 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 6387 since the writes that arrive while an activity-log transaction
-    // is written share the next one (573 since a resync target clears its bits as the resync
+    // seed that shows it is 12346 since the walks read off the engine's lock as the daemon's do
+    // (6387 since the writes that arrive while an activity-log transaction is written share the
+    // next one, 573 since a resync target clears its bits as the resync
     // data becomes durable, 1402 since a peer whose stream was applied lately is lost as a
     // primary, 2804 since secondaries weigh leftover bits on a live link once no one sees a
     // primary, 3883 since two Outdated copies with bits resync, 4946 since a bitmap sent on
@@ -84,8 +85,9 @@ fn checker_3_catches_decisions_that_wait_forever() {
 #[test]
 fn checker_4_catches_a_resync_recorded_for_no_third_node() {
     // Rare: a resync block must change what its target held while a third data node holds the old
-    // copy and is then the one compared. The first seed that shows it is 4334 since the writes
-    // that arrive while an activity-log transaction is written share the next one (8034 since a
+    // copy and is then the one compared. The first seed that shows it is 1412 since the walks
+    // read off the engine's lock as the daemon's do (4334 since the writes that arrive while an
+    // activity-log transaction is written share the next one, 8034 since a
     // resync's epoch also closes after a second and a resync taken up again brings only its
     // source's bits, 927 since a resync target clears its bits as the resync data becomes durable, 133 since a
     // peer whose stream was applied lately is lost as a primary, 3660 since a bitmap UUID on the

@@ -197,11 +197,21 @@ pub enum Event {
     LogWritten { node: u8, incarnation: u64, seq: u64 },
     ResyncStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
     VerifyStep { node: u8, incarnation: u64, peer: u8, generation: u64 },
+    /// A resync or verify walk's read of `offset`+`len` on node `node`, for `peer`, is done.
+    WalkRead { node: u8, incarnation: u64, peer: u8, generation: u64, walk: Walk, offset: u64, len: u64 },
     /// The fence-peer handler node `node` ran for `peer`'s lost connection `generation` ended.
     FenceDone { node: u8, incarnation: u64, peer: u8, generation: u64, outcome: FenceOutcome },
     Tick,
     /// The scenario's own timers.
     Scenario(u64),
+}
+
+/// Which walk a read is for.
+#[derive(Debug, Clone, Copy)]
+pub enum Walk {
+    /// A resync's; `digests`: a checksum resync's digests rather than the data.
+    Resync { digests: bool },
+    Verify,
 }
 
 struct Queued(Time, u64, Event);
@@ -729,6 +739,9 @@ impl World {
                 Event::LogWritten { node, incarnation, seq } => self.log_written(node, incarnation, seq),
                 Event::ResyncStep { node, incarnation, peer, generation } => self.resync_step(node, incarnation, peer, generation),
                 Event::VerifyStep { node, incarnation, peer, generation } => self.verify_step(node, incarnation, peer, generation),
+                Event::WalkRead { node, incarnation, peer, generation, walk, offset, len } => {
+                    self.walk_read(node, incarnation, peer, generation, walk, (offset, len))
+                }
                 Event::FenceDone { node, incarnation, peer, generation, outcome } => {
                     if self.nodes[usize::from(node)].incarnation == incarnation && self.is_up(node) {
                         let now = self.instant();
@@ -1009,34 +1022,67 @@ impl World {
             ResyncStep::Finished => {}
             ResyncStep::Wait => self.at(next + 20 * MS, Event::ResyncStep { node: id, incarnation, peer, generation }),
             ResyncStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::ResyncStep { node: id, incarnation, peer, generation }),
-            ResyncStep::Read { offset, len, digests } => {
-                if self.walk_read_fails(id) {
-                    // The daemon's resync ends on a failed read and drops the link.
-                    let reason = format!("read at {offset}+{len} failed: Io");
-                    if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer) {
-                        self.link_lost(id, peer, conn, &reason);
-                    }
-                    return;
-                }
-                // Read and queued in one step: no write can come between (the engine holds the
-                // range lock for it).
-                let data = self.read_for_walk(id, offset, len);
-                let replica = self.replica_mut(id).expect("up");
-                let chunk = match digests {
-                    true => ResyncChunk::Digests(block_digests(&data, replica.sb.params.bitmap_block_size as usize)),
-                    false => ResyncChunk::Data(Bytes::from(data)),
-                };
-                replica.resync_chunk_read(peer, offset, len, chunk);
-                self.carry_out(id);
-                self.at(next, Event::ResyncStep { node: id, incarnation, peer, generation });
-            }
+            ResyncStep::Read { offset, len, digests } => self.walk_read_starts(id, incarnation, peer, generation, Walk::Resync { digests }, (offset, len)),
         }
     }
 
-    /// What a resync or verify walk reads: the disk as it is, read and queued in one step (the
-    /// engine holds the range lock for it).
-    fn read_for_walk(&self, id: u8, offset: u64, len: u64) -> Vec<u8> {
-        self.nodes[usize::from(id)].data.as_ref().expect("walks run on data nodes only").read(offset, len)
+    /// A walk reads `range` as the daemon's does (`read_range_then`): under the replica's range
+    /// lock, which holds back writes to it, and off the engine's lock, so whatever else comes
+    /// meanwhile (a flush that fails, a link lost) comes before the chunk is handed over.
+    fn walk_read_starts(&mut self, id: u8, incarnation: u64, peer: u8, generation: u64, walk: Walk, range: (u64, u64)) {
+        self.replica_mut(id).expect("up").read_lock(range);
+        let due = self.now + self.rng.range(20, 3 * MS);
+        let (offset, len) = range;
+        self.at(due, Event::WalkRead { node: id, incarnation, peer, generation, walk, offset, len });
+    }
+
+    /// A walk's read is done: the chunk goes to the replica if its walk still runs (the
+    /// daemon's `still`), then the range lock goes, so the writes it held follow the chunk.
+    fn walk_read(&mut self, id: u8, incarnation: u64, peer: u8, generation: u64, walk: Walk, range: (u64, u64)) {
+        if self.nodes[usize::from(id)].incarnation != incarnation || !self.is_up(id) {
+            return;
+        }
+        let (offset, len) = range;
+        let next = self.now + self.rng.range(100, 2 * MS);
+        let failed = self.walk_read_fails(id);
+        let data = self.nodes[usize::from(id)].data.as_ref().expect("walks run on data nodes only").read(offset, len);
+        let replica = self.replica_mut(id).expect("up");
+        let block_size = replica.sb.params.bitmap_block_size as usize;
+        match walk {
+            // The daemon's resync ends on a failed read and drops the link.
+            Walk::Resync { .. } if failed => {
+                replica.read_unlock(range);
+                self.carry_out(id);
+                if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer) {
+                    self.link_lost(id, peer, conn, &format!("read at {offset}+{len} failed: Io"));
+                }
+                return;
+            }
+            Walk::Resync { digests } => {
+                if replica.resyncing(peer, generation) {
+                    let chunk = match digests {
+                        true => ResyncChunk::Digests(block_digests(&data, block_size)),
+                        false => ResyncChunk::Data(Bytes::from(data)),
+                    };
+                    replica.resync_chunk_read(peer, offset, len, chunk);
+                }
+                replica.read_unlock(range);
+                self.at(next, Event::ResyncStep { node: id, incarnation, peer, generation });
+            }
+            // The daemon's verify ends on a failed read.
+            Walk::Verify if failed => {
+                replica.read_unlock(range);
+                replica.verify_ended(peer, Err(format!("read at {offset}+{len} failed: Io")));
+            }
+            Walk::Verify => {
+                if replica.verify_interrupted(peer, generation).is_none() {
+                    replica.verify_chunk_read(peer, offset, len, block_digests(&data, block_size));
+                }
+                replica.read_unlock(range);
+                self.at(next, Event::VerifyStep { node: id, incarnation, peer, generation });
+            }
+        }
+        self.carry_out(id);
     }
 
     /// The verify driver, as the resync's: asks the replica what next, reads, hands the
@@ -1052,19 +1098,7 @@ impl World {
         match step {
             VerifyStep::Wait => self.at(next + 20 * MS, Event::VerifyStep { node: id, incarnation, peer, generation }),
             VerifyStep::Pace(wait) => self.at(self.now + wait.as_micros() as Time, Event::VerifyStep { node: id, incarnation, peer, generation }),
-            VerifyStep::Read { offset, len } if self.walk_read_fails(id) => {
-                // The daemon's verify ends on a failed read.
-                self.replica_mut(id).expect("up").verify_ended(peer, Err(format!("read at {offset}+{len} failed: Io")));
-                self.carry_out(id);
-            }
-            VerifyStep::Read { offset, len } => {
-                let data = self.read_for_walk(id, offset, len);
-                let replica = self.replica_mut(id).expect("up");
-                let digests = block_digests(&data, replica.sb.params.bitmap_block_size as usize);
-                replica.verify_chunk_read(peer, offset, len, digests);
-                self.carry_out(id);
-                self.at(next, Event::VerifyStep { node: id, incarnation, peer, generation });
-            }
+            VerifyStep::Read { offset, len } => self.walk_read_starts(id, incarnation, peer, generation, Walk::Verify, (offset, len)),
             VerifyStep::Finished | VerifyStep::Stop(_) => {
                 let outcome = match step {
                     VerifyStep::Stop(reason) => Err(reason),
