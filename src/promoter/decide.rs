@@ -153,12 +153,8 @@ impl Decider {
                     Some(view) if !view.primary => "the daemon is no longer Primary",
                     Some(view) if !view.quorum => "quorum lost",
                     Some(view) if view.write_failed => "a local write failed",
-                    Some(_) if started => {
-                        return Step::Wait(match answers {
-                            Answers::Awaited(deadline) => Some(deadline),
-                            _ => None,
-                        })
-                    }
+                    // Woken when a probe out would become a silence.
+                    Some(_) if started => return Step::Wait(self.liveness.probe_deadline()),
                     Some(_) => return Step::Start,
                 };
                 // A daemon that went away or stepped down holds no role to give up; a silent
@@ -195,7 +191,7 @@ impl Decider {
                 self.candidate_since = None;
                 return Step::Wait(Some(until));
             }
-            Answers::Answering | Answers::Awaited(_) => {}
+            Answers::Answering => {}
         }
         if view.primary {
             // Primary without this promoter's doing: promoted by hand, or by a promoter that ran
@@ -558,6 +554,21 @@ mod tests {
         d.probe_answered(back);
         assert_eq!(d.next(back), Step::Wait(Some(back + SETTLE)));
         assert_eq!(d.next(back + SETTLE), Step::Start, "still Primary once settled: its services again");
+    }
+
+    #[test]
+    fn a_primary_answered_late_while_its_promoter_was_busy_is_still_watched() {
+        let t = Instant::now();
+        let mut d = decider(0);
+        running(&mut d, t);
+        // A probe answered past its deadline while the decider was carrying out a step: the
+        // daemon settles, and the next probe's deadline still wakes the decider.
+        d.probe_sent(t);
+        d.probe_answered(t + PROBE_DEADLINE * 2);
+        let next_probe = t + PROBE_DEADLINE * 2;
+        d.probe_sent(next_probe);
+        assert_eq!(d.next(next_probe), Step::Wait(Some(next_probe + PROBE_DEADLINE)));
+        assert_eq!(d.next(next_probe + PROBE_DEADLINE), Step::Stop { count: 2, why: "the daemon does not answer" });
     }
 
     #[test]

@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 /// What the daemon's answers allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answers {
-    /// Every probe so far was answered in time.
+    /// Every probe so far was answered in time (one may be out, within its deadline: see
+    /// [`Liveness::probe_deadline`]).
     Answering,
-    /// A probe is out: silent if unanswered at the instant given.
-    Awaited(Instant),
     /// A probe went unanswered past its deadline.
     Silent,
     /// Silent, then answered: not to be trusted as primary before the instant given.
@@ -36,14 +35,15 @@ pub struct Liveness {
     settle: Duration,
     /// When the probe awaiting its answer went out.
     out_since: Option<Instant>,
-    settled_at: Option<Instant>,
+    /// After a silence: when the daemon is trusted again.
+    trusted_from: Option<Instant>,
 }
 
 impl Liveness {
     /// `deadline`: how long a probe may go unanswered; `settle`: how long after a silence the
     /// daemon is not trusted as primary.
     pub fn new(deadline: Duration, settle: Duration) -> Liveness {
-        Liveness { deadline, settle, out_since: None, settled_at: None }
+        Liveness { deadline, settle, out_since: None, trusted_from: None }
     }
 
     /// A probe went out at `at` (one already out keeps its earlier start).
@@ -55,18 +55,23 @@ impl Liveness {
     pub fn probe_answered(&mut self, at: Instant) {
         if let Some(since) = self.out_since.take() {
             if at >= since + self.deadline {
-                self.settled_at = Some(at + self.settle);
+                self.trusted_from = Some(at + self.settle);
             }
         }
     }
 
     pub fn answers(&self, now: Instant) -> Answers {
-        match (self.out_since, self.settled_at) {
+        match (self.out_since, self.trusted_from) {
             (Some(since), _) if now >= since + self.deadline => Answers::Silent,
             (_, Some(until)) if now < until => Answers::Settling(until),
-            (Some(since), _) => Answers::Awaited(since + self.deadline),
-            (None, _) => Answers::Answering,
+            _ => Answers::Answering,
         }
+    }
+
+    /// When the probe out now becomes a silence, if one is out: a primary's decider wakes then,
+    /// settling or not.
+    pub fn probe_deadline(&self) -> Option<Instant> {
+        self.out_since.map(|since| since + self.deadline)
     }
 }
 
@@ -83,9 +88,9 @@ mod tests {
         let mut l = Liveness::new(DEADLINE, SETTLE);
         assert_eq!(l.answers(t), Answers::Answering);
         l.probe_sent(t);
-        assert_eq!(l.answers(t), Answers::Awaited(t + DEADLINE));
+        assert_eq!((l.answers(t), l.probe_deadline()), (Answers::Answering, Some(t + DEADLINE)));
         l.probe_answered(t + DEADLINE / 2);
-        assert_eq!(l.answers(t + DEADLINE * 10), Answers::Answering);
+        assert_eq!((l.answers(t + DEADLINE * 10), l.probe_deadline()), (Answers::Answering, None));
     }
 
     #[test]
