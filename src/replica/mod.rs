@@ -761,11 +761,31 @@ impl Replica {
     /// How far this node's data goes into its primary's stream (see `DataPosition`): a
     /// primary's is its own stream's open epoch, past every barrier and FUA write it sent.
     /// Further data holds every write the nearer holds durably (see `replica/election.rs`).
+    /// A node being demoted still holds its whole stream: until `finish_demotion` records
+    /// where it ends, the recorded position is the one of its promotion (its term, epoch 0),
+    /// and its States told peers it was nearer than any copy of its stream.
     pub fn data_position(&self) -> DataPosition {
         let terms = &self.sb.terms;
-        match self.role {
-            Role::Primary => DataPosition { term: terms.of_data, epoch: self.epoch, fua: 0 },
-            _ => DataPosition { term: terms.of_data, epoch: terms.epoch_of_data, fua: terms.fua_of_data },
+        if self.answers_as_primary() {
+            DataPosition { term: terms.of_data, epoch: self.epoch, fua: 0 }
+        } else {
+            DataPosition { term: terms.of_data, epoch: terms.epoch_of_data, fua: terms.fua_of_data }
+        }
+    }
+
+    /// How far a copy that followed this node's stream until now holds it for certain: for a
+    /// primary (or one being demoted), the epochs its barriers closed, not the open one, whose
+    /// later writes the copy lacks until the barrier that closes it; otherwise this node's own
+    /// position. A resync's `ResyncDone` hands it to the target, which may lose the link before
+    /// that barrier. Handed the open epoch, such a target tied with the primary demoted after
+    /// more writes in that epoch, and the demoted primary's bits for those writes were
+    /// resynced by no rule (seed 35913).
+    pub(super) fn position_of_a_follower(&self) -> DataPosition {
+        let own = self.data_position();
+        if self.answers_as_primary() {
+            DataPosition { epoch: own.epoch.saturating_sub(1), ..own }
+        } else {
+            own
         }
     }
 

@@ -365,7 +365,7 @@ impl Replica {
             let blocks = self.bitmaps[slot].blocks();
             self.send_third_peer_bits(peer_id, 0..blocks);
             let uuids = self.sb.uuids;
-            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.data_position() };
+            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.position_of_a_follower() };
             self.send_bulk(peer_id, done, None);
             walk.done_sent = Some(uuids.current);
             ResyncStep::Finished

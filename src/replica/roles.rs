@@ -283,10 +283,10 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::PromoteRefusal;
-    use crate::core::states::{DiskState, Role};
+    use crate::core::states::{DiskState, ReplState, Role};
     use crate::meta::MetaFlags;
     use crate::replica::testing::{primary_replicating, secondary_state, settled, two_node_replica};
-    use crate::replica::{Action, MetaWrite, Replica};
+    use crate::replica::{Action, MetaWrite, Replica, ResyncStep};
     use std::time::Instant;
     use crate::wire::Message;
 
@@ -431,6 +431,43 @@ mod tests {
         assert!(actions.iter().any(|a| matches!(a, Action::Send { msg: Message::State(_), .. })), "{actions:?}");
         assert!(!actions.iter().any(|a| matches!(a, Action::Send { msg: Message::BitmapRuns { .. }, .. })), "it follows: {actions:?}");
         assert!(r.peer(1).pending_sync.is_none());
+    }
+
+    #[test]
+    fn a_node_being_demoted_tells_how_far_its_whole_stream_goes() {
+        let (mut r, t0) = primary_replicating();
+        r.submit(t0, 1, crate::replica::testing::write(0, 4096), |_| 0);
+        let open = r.data_position();
+        r.begin_demotion(t0);
+        assert_eq!(r.data_position(), open, "not the position recorded at its promotion (epoch 0)");
+        let sent = r.take_actions().into_iter().find_map(|a| match a {
+            Action::Send { msg: Message::State(state), .. } => Some(state.data_position),
+            _ => None,
+        });
+        assert_eq!(sent, Some(open), "its peers hear it too");
+    }
+
+    #[test]
+    fn a_primary_demoted_after_writes_a_resynced_peer_missed_is_further_than_that_peer() {
+        // Seed 35913: the target took the primary's open epoch with the ResyncDone, lost the
+        // link before the writes that followed in that epoch, and tied with the demoted
+        // primary, whose bits for those writes were then resynced by no rule.
+        let (mut r, t0) = primary_replicating();
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.resync_source_started(t0, 1);
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Finished, "nothing to send");
+        let handed = r.take_actions().into_iter().find_map(|a| match a {
+            Action::Send { msg: Message::ResyncDone { position, .. }, .. } => Some(position),
+            _ => None,
+        }).expect("the ResyncDone");
+        r.submit(t0, 1, crate::replica::testing::write(0, 4096), |_| 0);
+        assert_eq!(crate::replica::testing::data_sent(&settled(&mut r)), vec![0], "sent to the peer");
+        r.peer_lost(t0, 1, "gone", 0);
+        assert!(r.bitmaps[0].weight() > 0, "the write is marked for the lost peer");
+        r.begin_demotion(t0);
+        r.submit(t0, 2, crate::frontend::BlockRequest::Flush, |_| 0);
+        r.finish_demotion();
+        assert!(r.data_position() > handed, "demoted at {:?}, the resynced copy at {handed:?}", r.data_position());
     }
 
 }
