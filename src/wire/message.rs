@@ -185,7 +185,8 @@ pub enum Message {
     /// without the bytes crossing the wire.
     ResyncZeroes { offset: u64, len: u32 },
     /// Source -> target: every block is sent and covered by a barrier ack; adopt these uuids
-    /// and this position of the data.
+    /// and this position of the data (a primary source's last closed epoch: the target holds
+    /// its open epoch's writes only so far).
     ResyncDone {
         current_uuid: u64,
         history: [u64; 4],
