@@ -13,6 +13,8 @@ pub struct TransferLog {
     open_epoch_writes: u32,
     /// Bytes of the application writes among them.
     open_epoch_bytes: u64,
+    /// The epoch and id of the last FUA write sent (ids grow along the stream).
+    last_fua: Option<(u64, u64)>,
 }
 
 /// A barrier ack whose count disagrees with what was sent: the streams are out of step.
@@ -49,11 +51,20 @@ pub struct Settled {
 }
 
 impl TransferLog {
-    /// An application write sent in `epoch`.
-    pub fn record_write(&mut self, epoch: u64, offset: u64, len: u64) {
+    /// An application write sent in `epoch`; `fua`: its id, if it is a FUA write.
+    pub fn record_write(&mut self, epoch: u64, offset: u64, len: u64, fua: Option<u64>) {
         self.entries.push_back(Entry { epoch, offset, len, void: false, write: true });
         self.open_epoch_writes += 1;
         self.open_epoch_bytes += len;
+        if let Some(id) = fua {
+            self.last_fua = Some((epoch, id));
+        }
+    }
+
+    /// The id of the last FUA write sent in `epoch`, 0 for none (the `fua` of a
+    /// `DataPosition` one epoch before it).
+    pub fn last_fua_of(&self, epoch: u64) -> u64 {
+        self.last_fua.filter(|(of, _)| *of == epoch).map_or(0, |(_, id)| id)
     }
 
     /// Resync data sent in `epoch` in `frames` frames (each counts as a write of the epoch on
@@ -138,10 +149,10 @@ mod tests {
     #[test]
     fn barrier_ack_releases_only_its_epochs() {
         let mut log = TransferLog::default();
-        log.record_write(1, 0, 4096);
+        log.record_write(1, 0, 4096, None);
         log.record(1, 4096, 4096, 1);
         assert_eq!(log.close_epoch(), 2);
-        log.record_write(2, 8192, 4096);
+        log.record_write(2, 8192, 4096, None);
         let acked = log.barrier_acked(1);
         assert_eq!(ranges(&acked), vec![(0, 4096, true), (4096, 4096, true)]);
         assert_eq!(acked.iter().map(|s| s.write).collect::<Vec<_>>(), vec![true, false], "only the write holds extents");

@@ -513,11 +513,23 @@ impl Replica {
     /// its clients. Seed 48329: a barrier's flush done after the demoting primary's State
     /// left this node's position an epoch short, and it gave its vote to a candidate that
     /// lacked the epoch's acknowledged writes.
+    ///
+    /// A `ResyncDone` of the peer's not done yet comes first in the stream: by the time this
+    /// mark is done this node holds the stream of that end's term (unless the end leaves it
+    /// short of UpToDate, see `Replica::still_holds_stream`). The end names the last epoch
+    /// closed before it, so the barrier closing the next, arriving while the resync's last
+    /// blocks were still being written, is this node's to record; left unrecorded, its ack
+    /// counted towards a FLUSH this node then did not claim, and a candidate without that
+    /// epoch could win its vote.
     fn stream_term(&self, peer_id: u8) -> Option<u64> {
         let peer = self.peer(peer_id);
-        let term = self.sb.terms.of_data;
+        let ending = peer.applying.marks.iter().rev().find_map(|(_, mark)| match mark {
+            Mark::ResyncDone { position, .. } => Some(position.term),
+            _ => None,
+        });
+        let term = ending.unwrap_or(self.sb.terms.of_data);
         let held = (peer.role == Role::Primary || peer.was_primary)
-            && self.disk == DiskState::UpToDate
+            && (self.disk == DiskState::UpToDate || ending.is_some())
             && peer.last_state.is_some_and(|s| s.data_position.term == term);
         held.then_some(term)
     }
@@ -968,6 +980,28 @@ mod tests {
         assert!(actions.iter().any(|a| matches!(a, Action::Persist(crate::replica::MetaWrite::DataFlush))), "{actions:?}");
         assert_eq!(r.generation().current, 0x1234);
         assert_eq!(r.disk, crate::core::states::DiskState::UpToDate);
+    }
+
+    #[test]
+    fn a_barrier_behind_the_end_of_a_resync_moves_on_from_the_position_the_end_gave() {
+        // The end names the primary's last closed epoch (6); the barrier closing the next one
+        // arrives while the resync's last block is still being written.
+        let (mut r, t0) = secondary_of_primary();
+        let at = |epoch| DataPosition { term: 3, epoch, fua: 0 };
+        r.peer_mut(1).last_state = Some(PeerState { role: Role::Primary.to_wire(), data_position: at(7), ..secondary_state(r.sb.uuids.current, [0; 4]) });
+        sync_target(&mut r);
+        let generation = r.peer(1).generation;
+        r.resync_data_received(1, 0, Bytes::from(vec![3u8; 4096]));
+        r.resync_done_in_stream(1, r.sb.uuids.current, [0; 4], at(6));
+        r.peer_barrier_received(1, 7);
+        settled(&mut r);
+        r.io_done(t0, IoTag::Stream { peer: 1, generation, seq: 1 }, Ok(None));
+        settled(&mut r);
+        assert_eq!((r.disk, r.data_position()), (crate::core::states::DiskState::UpToDate, at(6)), "the end is taken");
+        r.io_done(t0, IoTag::Barrier { peer: 1, generation, epoch: 7 }, Ok(None));
+        let actions = r.take_actions();
+        assert!(matches!(sent(&actions)[..], [Message::BarrierAck { epoch: 7, .. }]), "{actions:?}");
+        assert_eq!(r.data_position(), at(7), "its ack counts towards a FLUSH: this node holds the epoch");
     }
 
     #[test]

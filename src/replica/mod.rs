@@ -773,17 +773,18 @@ impl Replica {
         }
     }
 
-    /// How far a copy that followed this node's stream until now holds it for certain: for a
-    /// primary (or one being demoted), the epochs its barriers closed, not the open one, whose
-    /// later writes the copy lacks until the barrier that closes it; otherwise this node's own
-    /// position. A resync's `ResyncDone` hands it to the target, which may lose the link before
-    /// that barrier. Handed the open epoch, such a target tied with the primary demoted after
-    /// more writes in that epoch, and the demoted primary's bits for those writes were
-    /// resynced by no rule (seed 35913).
-    pub(super) fn position_of_a_follower(&self) -> DataPosition {
+    /// How far `peer`, which followed this node's stream until now, holds it for certain: for
+    /// a primary (or one being demoted), the epochs its barriers closed and the FUA writes sent
+    /// to the peer in the open one, not the open epoch's writes still to come, which the peer
+    /// lacks until the barrier that closes it; otherwise this node's own position. A resync's
+    /// `ResyncDone` hands it to the target, which may lose the link before that barrier. Handed
+    /// the open epoch, such a target tied with the primary demoted after more writes in that
+    /// epoch, and the demoted primary's bits for those writes were resynced by no rule (seed
+    /// 35913).
+    pub(super) fn position_of_a_follower(&self, peer: u8) -> DataPosition {
         let own = self.data_position();
         if self.answers_as_primary() {
-            DataPosition { epoch: own.epoch.saturating_sub(1), ..own }
+            DataPosition { epoch: own.epoch.saturating_sub(1), fua: self.peer(peer).tl.last_fua_of(own.epoch), ..own }
         } else {
             own
         }

@@ -365,7 +365,7 @@ impl Replica {
             let blocks = self.bitmaps[slot].blocks();
             self.send_third_peer_bits(peer_id, 0..blocks);
             let uuids = self.sb.uuids;
-            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.position_of_a_follower() };
+            let done = Message::ResyncDone { current_uuid: uuids.current, history: uuids.history, position: self.position_of_a_follower(peer_id) };
             self.send_bulk(peer_id, done, None);
             walk.done_sent = Some(uuids.current);
             ResyncStep::Finished
@@ -560,6 +560,26 @@ mod tests {
         // The ack covers the whole 1 MiB block, though no frame alone did.
         r.barrier_acked(t0, 1, epoch);
         assert_eq!(r.bitmaps[0].weight(), 0);
+    }
+
+    #[test]
+    fn a_primary_ends_a_resync_at_its_last_closed_epoch_and_the_fua_writes_sent_since() {
+        let (mut r, t0) = crate::replica::testing::primary_replicating();
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.resync_source_started(t0, 1);
+        let fua = crate::frontend::BlockRequest::Write { offset: 0, data: vec![1u8; 4096].into(), fua: true };
+        r.submit(t0, 1, fua, |_| 0);
+        let id = crate::replica::testing::settled(&mut r).iter().find_map(|a| match a {
+            Action::Send { peer: 1, msg: Message::Data { id, fua: true, .. }, .. } => Some(*id),
+            _ => None,
+        }).expect("the FUA write goes to the target");
+        let open = r.data_position();
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Finished, "nothing to send");
+        let handed = r.take_actions().into_iter().find_map(|a| match a {
+            Action::Send { msg: Message::ResyncDone { position, .. }, .. } => Some(position),
+            _ => None,
+        }).expect("the ResyncDone");
+        assert_eq!(handed, crate::wire::DataPosition { epoch: open.epoch - 1, fua: id, ..open }, "not the open epoch: its writes to come are not the target's yet");
     }
 
     #[test]

@@ -369,6 +369,7 @@ impl Replica {
             }
         };
         let sent_write = (level == AckLevel::Sent).then_some(id);
+        let fua_id = fua.then_some(id);
         let mut close_epoch = false;
         let mut sent_to = Vec::new();
         // Each peer's copy holds the extents too, until its barrier ack says it is durable
@@ -380,7 +381,7 @@ impl Replica {
             }
         }
         for peer in self.peers.iter_mut().filter(|p| targets.contains(p.node_id)) {
-            peer.tl.record_write(epoch, offset, len);
+            peer.tl.record_write(epoch, offset, len, fua_id);
             close_epoch |= peer.tl.open_epoch_writes() >= MAX_EPOCH_WRITES || peer.tl.open_epoch_bytes() >= MAX_EPOCH_BYTES;
             sent_to.push(peer.node_id);
         }
