@@ -440,7 +440,10 @@ cmd_up() {
 		in_node alpha sh -c "ip addr add $VIP/24 dev eth0 && (nbdfuse -P /run/nbdf.pid /run/nbdf nbd://$VIP:$NBD_PORT/$RES &) \
 			&& for i in \$(seq 50); do [ -s /run/nbdf.pid ] && break; sleep 0.1; done \
 			&& mkfs.ext4 -q -F /run/nbdf/nbd && fusermount3 -u /run/nbdf && ip addr del $VIP/24 dev eth0"
-		in_node alpha blkrepl secondary "$RES" >/dev/null
+		# fusermount3 returns before nbdfuse has closed its NBD connections, and the daemon
+		# refuses to demote while clients hold the export (one CI run met it): retried until
+		# they are gone.
+		wait_for 30 "nbdfuse's NBD clients to leave alpha's export" in_node alpha sh -c "blkrepl secondary $RES 2>/dev/null"
 	fi
 	# beta first: a node leaving while its peers stay up is Outdated until it reconnects, and the
 	# first promotion should go to alpha.
