@@ -59,16 +59,14 @@ pub(super) fn read_range_then<P, T>(
 }
 
 /// Starts the resync source's walk on a thread of its own (after the engine lock is released).
-/// A thread that cannot be started drops the link, and the resync starts again at the next
-/// connect.
+/// A walk that cannot go on (a failed read) is reported to the replica, which decides what
+/// becomes of the resync; a thread that cannot be started drops the link, and the resync
+/// starts again at the next connect.
 pub fn spawn_source(shared: Arc<Shared>, peer_id: u8, generation: u64) {
     let walker = shared.clone();
     let spawned = std::thread::Builder::new().name(format!("resync-{peer_id}")).spawn(move || {
         if let Err(reason) = run_source(&walker, peer_id, generation) {
-            let mut st = walker.lock();
-            if st.replica.peer(peer_id).generation == generation {
-                connection::drop_peer(&walker, &mut st, peer_id, &reason);
-            }
+            walker.lock().replica.resync_walk_failed(peer_id, generation, reason);
         }
     });
     if let Err(e) = spawned {

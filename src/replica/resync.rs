@@ -460,6 +460,17 @@ impl Replica {
         let peer = self.peer(peer_id);
         !self.stopping && peer.generation == generation && peer.repl == ReplState::SyncSource
     }
+
+    /// The walk for `peer_id` on connection `generation` cannot go on (a read of this node's
+    /// disk failed, say): the resync ends with its link. Nothing is lost by that: every block
+    /// not yet proven durable on the target keeps its bit, and the next connect decides the
+    /// resync again from the bitmaps. A walk of a link already gone changes nothing.
+    pub fn resync_walk_failed(&mut self, peer_id: u8, generation: u64, reason: String) {
+        if self.resyncing(peer_id, generation) {
+            tracing::warn!(resource = %self.resource, peer = %self.peer(peer_id).name, %reason, "resync interrupted");
+            self.outbox.push(Action::DropLink { peer: peer_id, generation, reason });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -508,6 +519,28 @@ mod tests {
             _ => None,
         }).collect();
         assert_eq!(sent, ["ResyncData", "ResyncData", "Barrier", "ResyncDone"]);
+    }
+
+    #[test]
+    fn a_walk_that_cannot_read_ends_the_resync_with_its_link_and_keeps_every_bit() {
+        let (mut r, t0) = two_node_replica();
+        r.link_up(1, t0);
+        let generation = r.peer(1).generation;
+        r.peer_mut(1).repl = ReplState::SyncSource;
+        r.bitmaps[0].set_range(0, 4 * BLOCK);
+        r.resync_source_started(t0, 1);
+        r.take_actions();
+        assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Read { offset: 0, len: 4 * BLOCK, digests: false });
+        // A walk of an earlier link asks nothing of this one.
+        r.resync_walk_failed(1, generation - 1, "read at 0+16384 failed: Io".into());
+        assert!(r.take_actions().is_empty());
+        r.resync_walk_failed(1, generation, "read at 0+16384 failed: Io".into());
+        let actions = r.take_actions();
+        assert!(
+            matches!(&actions[..], [Action::DropLink { peer: 1, generation: g, reason }] if *g == generation && reason.contains("read at 0+16384")),
+            "{actions:?}"
+        );
+        assert_eq!(r.bitmaps[0].weight(), 4, "the blocks not sent stay marked for the next resync");
     }
 
     #[test]
@@ -575,10 +608,7 @@ mod tests {
         }).expect("the FUA write goes to the target");
         let open = r.data_position();
         assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Finished, "nothing to send");
-        let handed = r.take_actions().into_iter().find_map(|a| match a {
-            Action::Send { msg: Message::ResyncDone { position, .. }, .. } => Some(position),
-            _ => None,
-        }).expect("the ResyncDone");
+        let handed = crate::replica::testing::resync_done_position(r.take_actions());
         assert_eq!(handed, crate::wire::DataPosition { epoch: open.epoch - 1, fua: id, ..open }, "not the open epoch: its writes to come are not the target's yet");
     }
 

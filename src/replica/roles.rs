@@ -456,10 +456,7 @@ mod tests {
         r.peer_mut(1).repl = ReplState::SyncSource;
         r.resync_source_started(t0, 1);
         assert_eq!(r.resync_next(t0, 1, false), ResyncStep::Finished, "nothing to send");
-        let handed = r.take_actions().into_iter().find_map(|a| match a {
-            Action::Send { msg: Message::ResyncDone { position, .. }, .. } => Some(position),
-            _ => None,
-        }).expect("the ResyncDone");
+        let handed = crate::replica::testing::resync_done_position(r.take_actions());
         r.submit(t0, 1, crate::replica::testing::write(0, 4096), |_| 0);
         assert_eq!(crate::replica::testing::data_sent(&settled(&mut r)), vec![0], "sent to the peer");
         r.peer_lost(t0, 1, "gone", 0);

@@ -62,6 +62,15 @@ pub fn data_sent(actions: &[Action]) -> Vec<u64> {
     actions.iter().filter_map(offset).collect()
 }
 
+/// The position the `ResyncDone` among `actions` hands its target.
+pub fn resync_done_position(actions: Vec<Action>) -> DataPosition {
+    let position = |a: Action| match a {
+        Action::Send { msg: crate::wire::Message::ResyncDone { position, .. }, .. } => Some(position),
+        _ => None,
+    };
+    actions.into_iter().find_map(position).expect("a ResyncDone among the actions")
+}
+
 /// The activity-log transactions among `actions`: each one's sequence number and the extents
 /// it makes hot, sorted.
 pub fn log_writes(actions: &[Action]) -> Vec<(u64, Vec<u64>)> {

@@ -1049,13 +1049,10 @@ impl World {
         let replica = self.replica_mut(id).expect("up");
         let block_size = replica.sb.params.bitmap_block_size as usize;
         match walk {
-            // The daemon's resync ends on a failed read and drops the link.
             Walk::Resync { .. } if failed => {
                 replica.read_unlock(range);
+                replica.resync_walk_failed(peer, generation, format!("read at {offset}+{len} failed: Io"));
                 self.carry_out(id);
-                if let Some(&(conn, _)) = self.nodes[usize::from(id)].links.get(&peer) {
-                    self.link_lost(id, peer, conn, &format!("read at {offset}+{len} failed: Io"));
-                }
                 return;
             }
             Walk::Resync { digests } => {
