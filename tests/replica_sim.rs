@@ -49,7 +49,7 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
     let secs = started.elapsed().as_secs_f64();
     let ran = total.seeds_by_shape.iter().sum::<u64>();
     println!(
-        "replica_sim: {ran} seeds in {secs:.1} s on {threads} threads ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} killed processes ({} devices left behind served again, {} given up), {} clean stops, {} partitions, {} disconnects, {} split brains (diverged copies), each reconciled by election term (unacknowledged changes discarded), {} bitmap resyncs, {} full resyncs, {} first syncs of fresh disks, {} MiB of resync data sent; {} seeds with checksum resync, {} with pull-ahead, {} with a send queue of three pages ({} writes waited for room), {} with a slow resync rate ({} with resyncs still moving a window after the heal, given more), {} with bitmap blocks over 4 KiB, {} online verifies run to their end ({} bytes found differing), {} with a failing disk ({} failing after the heal; {} local writes, {} reads, {} flushes and {} metadata writes failed); {} seeds fencing resource-only and {} resource-and-stonith, {} fence-peer runs ({} answered that the peer is primary), {} resume-io; {} seeds with on-no-quorum io-error; {}",
+        "replica_sim: {ran} seeds in {secs:.1} s on {threads} threads ({:.0} seeds/s), {:.1} virtual hours, {} acknowledged writes, {} reads checked, {} promotions, {} power losses, {} killed processes ({} devices left behind served again, {} given up), {} clean stops, {} partitions, {} disconnects, {} split brains (diverged copies), each reconciled by election term (unacknowledged changes discarded), {} bitmap resyncs, {} full resyncs, {} first syncs of fresh disks, {} MiB of resync data sent; {} seeds with checksum resync, {} with pull-ahead, {} with a send queue of three pages ({} writes waited for room), {} with a slow resync rate ({} with resyncs still moving a window after the heal, given more), {} with bitmap blocks over 4 KiB, {} online verifies run to their end ({} bytes found differing), {} with a failing disk ({} failing after the heal; {} local writes, {} reads, {} flushes and {} metadata writes failed); {} seeds fencing resource-only and {} resource-and-stonith, {} fence-peer runs ({} answered that the peer is primary), {} resume-io; {} seeds with on-no-quorum io-error; {} seeds writing zeroes and discards too ({} of them acknowledged); {}",
         ran as f64 / secs,
         total.virtual_us as f64 / 3.6e9,
         total.acked_writes,
@@ -88,6 +88,8 @@ fn real_replicas_under_partitions_and_power_losses_lose_no_acknowledged_write_an
         total.fence_self_outdated,
         total.resume_ios,
         total.io_error_seeds,
+        total.zeroes_seeds,
+        total.acked_zeroes,
         by_shape(&total, &swept.failures)
     );
     let failing: Vec<u64> = swept.failures.iter().map(|(seed, _)| *seed).collect();

@@ -128,6 +128,10 @@ pub struct Stats {
     pub resume_ios: u64,
     /// Seeds under `on_no_quorum = "io-error"` (the others suspend I/O).
     pub io_error_seeds: u64,
+    /// Seeds whose client also writes zeroes and discards, and how many of those it had
+    /// acknowledged.
+    pub zeroes_seeds: u64,
+    pub acked_zeroes: u64,
     pub virtual_us: u64,
     /// Seeds run per shape, in the order of [`SHAPES`].
     pub seeds_by_shape: [u64; SHAPES.len()],
@@ -172,6 +176,8 @@ impl Stats {
         self.fence_self_outdated += o.fence_self_outdated;
         self.resume_ios += o.resume_ios;
         self.io_error_seeds += o.io_error_seeds;
+        self.zeroes_seeds += o.zeroes_seeds;
+        self.acked_zeroes += o.acked_zeroes;
         self.virtual_us += o.virtual_us;
         for (mine, theirs) in self.seeds_by_shape.iter_mut().zip(o.seeds_by_shape) {
             *mine += theirs;
@@ -181,7 +187,9 @@ impl Stats {
 
 #[derive(Debug)]
 enum Pending {
-    Write { block: u64, version: u64, fua: bool },
+    /// A write of `version` to `span` blocks from `block` on: one block's page of data, or
+    /// zeroes (a write-zeroes or a discard) over whole blocks and the gaps between them.
+    Write { block: u64, span: u64, version: u64, fua: bool, zeroes: bool },
     /// A read, with the version it must return at least, and the newest version every data
     /// node had (see `Scenario::everywhere`).
     Read { block: u64, at_least: u64, everywhere: u64 },
@@ -196,6 +204,8 @@ fn page(block: u64, version: u64) -> Vec<u8> {
     data
 }
 
+/// The version a page of data holds: 0 for zeroes (never written, or zeroed; see
+/// [`Scenario::version_of`]).
 fn version_in(data: &[u8]) -> u64 {
     u64::from_le_bytes(data[..8].try_into().expect("8 bytes"))
 }
@@ -251,6 +261,10 @@ pub struct Scenario {
     verify_at: Option<Time>,
     /// When a data node's disk starts failing, which one, and for how long, if one does.
     disk_fault: Option<(Time, u8, Time)>,
+    /// Whether the client writes zeroes and discards too.
+    zeroes: bool,
+    /// Per block, the versions of the zeroes written to it so far (acknowledged or not).
+    zeroed: Vec<Vec<u64>>,
 }
 
 impl Scenario {
@@ -275,10 +289,11 @@ impl Scenario {
             None => SEND_QUEUE,
         };
         let on_no_quorum = if draw.percent(25) { OnNoQuorum::IoError } else { OnNoQuorum::SuspendIo };
+        let zeroes = draw.percent(33);
         let options = Options { csums, congestion_fill, send_queue_bytes, resync_rate, bitmap_block_size, fencing, on_no_quorum };
         if tracing {
             let (data, witnesses): (Vec<u8>, Vec<u8>) = (shape.data_nodes().collect(), shape.witness_nodes().collect());
-            println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
+            println!("seed {seed}: shape {shape}: data nodes {data:?}, witnesses {witnesses:?}, protocol {protocol:?}, {options:?}, zeroes {zeroes}, verify at {verify_at:?}, failing disk (at, node, for) {disk_fault:?}, µs after the first promotion");
         }
         let mut world = World::new(seed, shape, protocol, options, tracing);
         world.trace_offset = std::env::var("BLKREPL_SIM_TRACE_BLOCK").ok().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0) * BLOCK_STRIDE;
@@ -291,6 +306,7 @@ impl Scenario {
             disk_fault_seeds: disk_fault.is_some().into(),
             fencing_seeds: [(options.fencing == Fencing::ResourceOnly).into(), (options.fencing == Fencing::ResourceAndStonith).into()],
             io_error_seeds: (options.on_no_quorum == OnNoQuorum::IoError).into(),
+            zeroes_seeds: zeroes.into(),
             ..Stats::default()
         };
         stats.seeds_by_shape[SHAPES.iter().position(|s| *s == shape).expect("one of the shapes")] = 1;
@@ -317,6 +333,8 @@ impl Scenario {
             faults_on: true,
             verify_at,
             disk_fault,
+            zeroes,
+            zeroed: vec![Vec::new(); BLOCKS as usize],
         }
     }
 
@@ -575,7 +593,8 @@ impl Scenario {
         };
         let (_, then) = self.left_behind.remove(at);
         let now = self.versions_on(id);
-        match (0..BLOCKS as usize).find(|b| !then[*b].contains(&now[*b])) {
+        let found = |b: usize| then[b].iter().any(|v| self.same_bytes_as(b as u64, *v) == self.same_bytes_as(b as u64, now[b]));
+        match (0..BLOCKS as usize).find(|b| !found(*b)) {
             Some(block) => Err(format!(
                 "checker 8 (a device left behind serves again only on its own data): n{id} resumed its device with version {} of block {block}, its filesystem last saw {:?} (on disk, or unanswered)",
                 now[block], then[block]
@@ -587,7 +606,7 @@ impl Scenario {
     /// The version of each of the client's blocks on data node `id`'s disk.
     fn versions_on(&self, id: u8) -> Vec<u64> {
         let disk = self.world.nodes[usize::from(id)].data.as_ref().expect("a data node");
-        (0..BLOCKS).map(|block| version_in(&disk.read(block * BLOCK_STRIDE, 16))).collect()
+        (0..BLOCKS).map(|block| self.version_of(block, &disk.read(block * BLOCK_STRIDE, 16))).collect()
     }
 
     /// The cluster manager: a primary that was superseded steps down; with no primary, a node
@@ -726,7 +745,7 @@ impl Scenario {
             return;
         }
         let block = self.world.rng.range(0, BLOCKS);
-        let busy = self.pending.values().any(|(_, p)| matches!(p, Pending::Write { block: b, .. } if *b == block));
+        let busy = self.busy(block);
         self.next_request += 1;
         let request = self.next_request;
         let offset = block * BLOCK_STRIDE;
@@ -748,9 +767,49 @@ impl Scenario {
             self.next_version += 1;
             let version = self.next_version;
             let fua = self.world.rng.percent(10);
-            self.pending.insert(request, (node, Pending::Write { block, version, fua }));
-            self.world.submit(node, request, BlockRequest::Write { offset, data: page(block, version).into(), fua });
+            if self.zeroes && self.world.rng.percent(20) {
+                // Zeroes over one to three blocks (a request of up to 2 MiB, in pieces), the
+                // blocks after the first only while no write to them is pending.
+                let most = self.world.rng.range(1, 4).min(BLOCKS - block);
+                let span = (1..most).take_while(|i| !self.busy(block + i)).count() as u64 + 1;
+                let len = ((span - 1) * BLOCK_STRIDE + PAGE) as u32;
+                for zeroed in &mut self.zeroed[block as usize..(block + span) as usize] {
+                    zeroed.push(version);
+                }
+                let discard = self.world.rng.percent(50);
+                self.pending.insert(request, (node, Pending::Write { block, span, version, fua: fua && !discard, zeroes: true }));
+                let zeroes = match discard {
+                    true => BlockRequest::Discard { offset, len },
+                    false => BlockRequest::WriteZeroes { offset, len, fua },
+                };
+                self.world.submit(node, request, zeroes);
+            } else {
+                self.pending.insert(request, (node, Pending::Write { block, span: 1, version, fua, zeroes: false }));
+                self.world.submit(node, request, BlockRequest::Write { offset, data: page(block, version).into(), fua });
+            }
         }
+    }
+
+    /// Whether a write to `block` is pending (the client never has two at once).
+    fn busy(&self, block: u64) -> bool {
+        self.pending.values().any(|(_, p)| matches!(p, Pending::Write { block: b, span, .. } if (*b..*b + *span).contains(&block)))
+    }
+
+    /// The version block `block`'s page `data` holds. Zeroes are the newest zeroes written to
+    /// the block so far, acknowledged or not (a checker asks whether the page may be what the
+    /// client wrote last, and zeroes cannot tell which of them it is); a block never zeroed
+    /// and never written is version 0.
+    fn version_of(&self, block: u64, data: &[u8]) -> u64 {
+        match version_in(data) {
+            0 => self.zeroed[block as usize].last().copied().unwrap_or(0),
+            version => version,
+        }
+    }
+
+    /// `version` of `block`, with every version of zeroes (and 0, never written) taken as one:
+    /// the same bytes.
+    fn same_bytes_as(&self, block: u64, version: u64) -> u64 {
+        if self.zeroed[block as usize].contains(&version) { 0 } else { version }
     }
 
     /// Checks every answer the client got: an acknowledged write raises its block's floor, a
@@ -764,7 +823,8 @@ impl Scenario {
             };
             if self.world.tracing {
                 let what = match &pending {
-                    Pending::Write { block, version, fua } => format!("write block {block} v{version} fua {fua}"),
+                    Pending::Write { block, span, version, fua, zeroes: false } => format!("write block {block} ({span}) v{version} fua {fua}"),
+                    Pending::Write { block, span, version, fua, zeroes: true } => format!("zeroes blocks {block}+{span} v{version} fua {fua}"),
                     Pending::Read { block, at_least, .. } => format!("read block {block} (at least v{at_least})"),
                     Pending::Flush { .. } => "flush".into(),
                 };
@@ -773,19 +833,22 @@ impl Scenario {
             }
             debug_assert_eq!(sent_to, node);
             match (pending, result) {
-                (Pending::Write { block, version, fua }, Ok(_)) => {
+                (Pending::Write { block, span, version, fua, zeroes }, Ok(_)) => {
                     self.stats.acked_writes += 1;
-                    let acked = &mut self.acked[block as usize];
-                    if version > acked.0 {
-                        *acked = (version, node, self.tenure[usize::from(node)]);
-                    }
-                    if fua {
-                        let durable = &mut self.durable[block as usize];
-                        *durable = (*durable).max(version);
-                    }
-                    if everywhere && self.disk_fault.is_none() {
-                        let held = &mut self.everywhere[block as usize];
-                        *held = (*held).max(version);
+                    self.stats.acked_zeroes += u64::from(zeroes);
+                    for block in (block..block + span).map(|b| b as usize) {
+                        let acked = &mut self.acked[block];
+                        if version > acked.0 {
+                            *acked = (version, node, self.tenure[usize::from(node)]);
+                        }
+                        if fua {
+                            let durable = &mut self.durable[block];
+                            *durable = (*durable).max(version);
+                        }
+                        if everywhere && self.disk_fault.is_none() {
+                            let held = &mut self.everywhere[block];
+                            *held = (*held).max(version);
+                        }
                     }
                 }
                 (Pending::Flush { covers }, Ok(_)) => {
@@ -795,7 +858,7 @@ impl Scenario {
                 }
                 (Pending::Read { block, at_least, everywhere }, Ok(Some(data))) => {
                     self.stats.reads_checked += 1;
-                    let found = version_in(&data);
+                    let found = self.version_of(block, &data);
                     if found < at_least {
                         return Err(format!(
                             "checker 1 (reads never stale): n{node} returned version {found} of block {block}, {at_least} was acknowledged (by this primary, or durably) before the read"
@@ -891,8 +954,10 @@ impl Scenario {
                     // saw it written.
                     let mut versions: Vec<Vec<u64>> = self.versions_on(id).into_iter().map(|v| vec![v]).collect();
                     for (_, pending) in self.pending.values().filter(|(node, _)| *node == id) {
-                        if let Pending::Write { block, version, .. } = pending {
-                            versions[*block as usize].push(*version);
+                        if let Pending::Write { block, span, version, .. } = pending {
+                            for versions in &mut versions[*block as usize..(*block + *span) as usize] {
+                                versions.push(*version);
+                            }
                         }
                     }
                     self.left_behind.retain(|(n, _)| *n != id);
@@ -963,7 +1028,7 @@ impl Scenario {
         let disks: Vec<&DataDisk> = shape.data_nodes().map(|id| self.world.nodes[usize::from(id)].data.as_ref().expect("a data node")).collect();
         for block in 0..BLOCKS {
             let offset = block * BLOCK_STRIDE;
-            let versions: Vec<u64> = disks.iter().map(|disk| version_in(&disk.read(offset, 16))).collect();
+            let versions: Vec<u64> = disks.iter().map(|disk| self.version_of(block, &disk.read(offset, 16))).collect();
             if versions.iter().any(|v| *v != versions[0]) {
                 return Err(format!("checker 4 (replicas identical): block {block} holds versions {versions:?} on n0..n{}", shape.data - 1));
             }

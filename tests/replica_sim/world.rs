@@ -105,22 +105,39 @@ pub struct DataDisk {
     pub failed_flushes: u64,
 }
 
+/// What a page of zeroes holds: shared by every zeroed page, so that zeroing megabytes
+/// allocates and copies nothing.
+static ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
+
 impl DataDisk {
     fn write(&mut self, offset: u64, data: &[u8], fua: bool) {
         for (i, page) in data.chunks(PAGE as usize).enumerate() {
-            let index = offset / PAGE + i as u64;
-            let page = Bytes::copy_from_slice(page);
-            if fua {
-                self.cache.remove(&index);
-                self.durable.insert(index, page);
-            } else {
-                self.cache.insert(index, page);
-            }
+            self.put(offset / PAGE + i as u64, Bytes::copy_from_slice(page), fua);
+        }
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, fua: bool) {
+        for i in 0..len.div_ceil(PAGE) {
+            let n = (len - i * PAGE).min(PAGE) as usize;
+            self.put(offset / PAGE + i, Bytes::from_static(&ZERO_PAGE[..n]), fua);
+        }
+    }
+
+    fn put(&mut self, index: u64, page: Bytes, fua: bool) {
+        if fua {
+            self.cache.remove(&index);
+            self.durable.insert(index, page);
+        } else {
+            self.cache.insert(index, page);
         }
     }
 
     fn flush(&mut self) {
-        self.durable.append(&mut self.cache);
+        // Page by page, not `BTreeMap::append`, which rebuilds the whole durable map (megabytes
+        // of zeroed pages) at every flush.
+        for (index, page) in std::mem::take(&mut self.cache) {
+            self.durable.insert(index, page);
+        }
     }
 
     pub fn read(&self, offset: u64, len: u64) -> Vec<u8> {
@@ -556,7 +573,7 @@ impl World {
                 for (_, op) in std::mem::take(&mut node.io).into_values() {
                     match op {
                         LocalIo::Write { offset, data, fua } => disk.write(offset, &data, fua),
-                        LocalIo::Zeroes { offset, len, .. } => disk.write(offset, &vec![0u8; len as usize], false),
+                        LocalIo::Zeroes { offset, len, fua, .. } => disk.write_zeroes(offset, len, fua),
                         LocalIo::Read { .. } | LocalIo::Flush => {}
                     }
                 }
@@ -937,9 +954,9 @@ impl World {
                     }
                     vec![(*offset, data.len() as u64)]
                 }
-                LocalIo::Zeroes { offset, len, .. } => {
+                LocalIo::Zeroes { offset, len, fua, .. } => {
                     if landed {
-                        disk.write(*offset, &vec![0u8; *len as usize], false);
+                        disk.write_zeroes(*offset, *len, *fua);
                     }
                     vec![(*offset, *len)]
                 }
@@ -987,8 +1004,11 @@ impl World {
                 }
                 Ok(None)
             }
-            LocalIo::Zeroes { offset, len, .. } => {
-                disk.write(offset, &vec![0u8; len as usize], false);
+            LocalIo::Zeroes { offset, len, fua, .. } => {
+                disk.write_zeroes(offset, len, fua);
+                if self.tracing && self.trace_offset.wrapping_sub(offset) < len {
+                    println!("{:>4}.{:06} n{id} disk: {:#x} <- zeroes ({tag:?})", self.now / SEC, self.now % SEC, self.trace_offset);
+                }
                 Ok(None)
             }
             LocalIo::Flush => {
