@@ -2,8 +2,8 @@
 //! reader that applies the peer's stream, and what happens when a link dies.
 
 use super::admission::HandshakeGate;
-use super::handshake::{accept, dial, Handshake};
-use super::link::PeerLink;
+use super::handshake::{accept, dial, Handshake, PEER_REFUSED};
+use super::link::{Closing, PeerLink};
 use super::state::State;
 use super::Shared;
 use crate::handshake_stream::HandshakeStream;
@@ -34,9 +34,6 @@ fn wait_after_link(wait: Duration, lasted: Duration) -> Duration {
         DIAL_INTERVAL
     }
 }
-
-/// How a dial that the peer refused is reported.
-pub(super) const PEER_REFUSED: &str = "peer refused: ";
 
 /// Accept errors (out of file descriptors, say) are retried after a pause that doubles up to
 /// a second: retrying at once would spin a core while nothing can be accepted.
@@ -85,7 +82,7 @@ fn run_listener(shared: &Arc<Shared>, listener: &TcpListener) {
         let handshake = shared.clone();
         let spawned = std::thread::Builder::new().name("peer-handshake".into()).spawn(move || {
             let _admission = admission;
-            match accept(&handshake, stream) {
+            match accept(&handshake, stream).and_then(|(peer_id, hs)| attach(&handshake, peer_id, hs)) {
                 Err(reason) if reason == crate::replica::STAND_ALONE => {
                     tracing::debug!(resource = %handshake.config.name, %from, "refused a peer connection: {reason}");
                 }
@@ -133,7 +130,8 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                     last_attempt = Some(Instant::now());
                     let result = TcpStream::connect_timeout(&address, shared.config.timing.ping_timeout)
                         .map_err(|e| format!("cannot reach {address}: {e}"))
-                        .and_then(|stream| dial(&shared, peer_id, stream));
+                        .and_then(|stream| dial(&shared, peer_id, stream))
+                        .and_then(|hs| attach(&shared, peer_id, hs));
                     if let Err(reason) = result {
                         // Log a failure once, not every retry: a peer that is down for an hour
                         // must not fill the log.
@@ -155,7 +153,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
 }
 
 /// The handshake is done: the connection becomes this peer's link.
-pub(super) fn attach(shared: &Arc<Shared>, peer_id: u8, mut hs: Handshake) -> Result<(), String> {
+fn attach(shared: &Arc<Shared>, peer_id: u8, mut hs: Handshake) -> Result<(), String> {
     let _ = hs.stream.set_nodelay(true);
     hs.reader.get_mut().handshake_done(Some(shared.config.timing.ping_timeout)).map_err(|e| e.to_string())?;
     let mut st = shared.lock();
@@ -280,16 +278,23 @@ pub(super) fn lost(shared: &Arc<Shared>, peer_id: u8, generation: u64, reason: &
     if st.replica.peer(peer_id).generation != generation {
         return;
     }
-    drop_peer(shared, &mut st, peer_id, reason);
+    let closing = drop_peer(shared, &mut st, peer_id, reason);
+    drop(st);
+    if let Some(closing) = closing {
+        closing.finish();
+    }
 }
 
-/// Tears down the link to a peer (see `Replica::peer_lost`).
-pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) {
-    let Some(link) = st.set_link(peer_id, None) else { return };
-    link.close(reason);
+/// Tears down the link to a peer (see `Replica::peer_lost`); the socket is written to and
+/// broken by the caller, once it released the lock (`Closing::finish`).
+#[must_use = "the socket stays open until `Closing::finish` runs"]
+pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) -> Option<Closing> {
+    let link = st.set_link(peer_id, None)?;
+    let closing = link.close(reason);
     st.replica.peer_lost(Instant::now(), peer_id, reason, link.sent_bytes());
     shared.changed.notify_all();
     shared.dial.notify_all();
+    Some(closing)
 }
 
 #[cfg(test)]

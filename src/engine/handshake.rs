@@ -7,7 +7,6 @@
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
 //! two connections into existence.
 
-use super::connection::{attach, PEER_REFUSED};
 use super::{random_bytes, Shared};
 use crate::handshake_stream::HandshakeStream;
 use crate::tls::{Session, TlsError};
@@ -118,8 +117,12 @@ fn nonce() -> [u8; 32] {
     nonce
 }
 
-/// Takes a connection a peer dialed: its proof, then its Hello.
-pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), String> {
+/// How a dial that the peer refused is reported.
+pub(super) const PEER_REFUSED: &str = "peer refused: ";
+
+/// Takes a connection a peer dialed: its proof, then its Hello. Returns the peer and the
+/// finished handshake, for the caller to make it that peer's link.
+pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(u8, Handshake), String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
     let session = hs.secure(shared, None)?;
     let proven = match &shared.config.secret {
@@ -150,11 +153,12 @@ pub(super) fn accept(shared: &Arc<Shared>, stream: TcpStream) -> Result<(), Stri
         return Err(hs.refuse("the node with the higher id dials: check the node ids in both resource files"));
     }
     hs.send(&Message::Hello(my_hello(shared, peer_id)))?;
-    attach(shared, peer_id, hs)
+    Ok((peer_id, hs))
 }
 
 /// Connects to `peer_id` over a connection this node dialed: its proof first, then the Hellos.
-pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<(), String> {
+/// Returns the finished handshake, for the caller to make it the peer's link.
+pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Result<Handshake, String> {
     let mut hs = Handshake::new(stream, handshake_budget(shared))?;
     let peer_name = shared.config.node_by_id(peer_id).map(|peer| peer.name.clone()).unwrap_or_default();
     let session = hs.secure(shared, Some(&peer_name))?;
@@ -170,7 +174,7 @@ pub(super) fn dial(shared: &Arc<Shared>, peer_id: u8, stream: TcpStream) -> Resu
         Err(e) => return Err(hs.unreadable("handshake", e)),
     };
     check_hello(shared, &hello, Some(peer_id)).map_err(|reason| hs.refuse(&reason))?;
-    attach(shared, peer_id, hs)
+    Ok(hs)
 }
 
 /// On a link without a secret: its frames are sealed with keys from the TLS session (a link

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::io::{BufWriter, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::quiet_condvar::QuietCondvar;
 use std::time::Duration;
@@ -23,6 +23,29 @@ pub const BULK_QUEUE_LIMIT_BYTES: usize = (crate::config::SEND_QUEUE_KIB * 1024)
 /// what a peer that reads ever leaves queued (its writes in flight are bounded by its own
 /// queue and the barriers it waits for).
 pub const CONTROL_QUEUE_LIMIT: usize = 65_536;
+
+/// A link whose queue [`PeerLink::close`] closed, with its last words still to send.
+#[must_use = "the socket stays open until `finish` runs"]
+pub struct Closing {
+    link: Arc<PeerLink>,
+    last_words: Option<Vec<Message>>,
+}
+
+impl Closing {
+    /// Sends the last words, best effort and without waiting on a stuck socket (at most
+    /// 100 ms, and not at all while the writer is in the middle of a frame), then breaks the
+    /// socket, which also wakes the reader.
+    pub fn finish(self) {
+        let link = &self.link;
+        if let (Some(words), Ok(mut out)) = (self.last_words, link.out.try_lock()) {
+            if let Some(out) = out.as_mut() {
+                let _ = link.stream.set_write_timeout(Some(Duration::from_millis(100)));
+                let _ = words.iter().try_for_each(|msg| out.write(msg)).and_then(|()| out.w.flush());
+            }
+        }
+        let _ = link.stream.shutdown(Shutdown::Both);
+    }
+}
 
 #[derive(Default)]
 struct SendQueue {
@@ -196,27 +219,25 @@ impl PeerLink {
         }
     }
 
-    /// Stops the writer and breaks the socket, which also wakes the reader. First, best
-    /// effort and without waiting on a stuck socket, the queued control frames (this node's
-    /// State among them) and a Disconnect with `reason` go out, so the peer learns why and
-    /// reaches the same decision (a split brain is then reported on both sides).
-    pub fn close(&self, reason: &str) {
+    /// Closes the queue: the writer takes nothing more, and threads waiting for room go on.
+    /// No system call but a wake-up, so it runs under the engine's lock; the socket is written
+    /// and broken by [`Closing::finish`], once that lock is released. The last words are the
+    /// queued control frames (this node's State among them) and a Disconnect with `reason`, so
+    /// the peer learns why and reaches the same decision (a split brain is then reported on
+    /// both sides); a queue closed before has none.
+    pub fn close(self: &Arc<Self>, reason: &str) -> Closing {
         let mut q = self.queue.lock().expect("link queue");
-        if !q.closed {
-            if let Ok(mut out) = self.out.try_lock() {
-                if let Some(out) = out.as_mut() {
-                    let _ = self.stream.set_write_timeout(Some(Duration::from_millis(100)));
-                    let goodbye = Message::Disconnect { reason: reason.to_owned() };
-                    let _ = q.control.iter().chain([&goodbye]).try_for_each(|msg| out.write(msg)).and_then(|()| out.w.flush());
-                }
-            }
-        }
+        let last_words = (!q.closed).then(|| {
+            let mut words: Vec<Message> = q.control.drain(..).collect();
+            words.push(Message::Disconnect { reason: reason.to_owned() });
+            words
+        });
         q.closed = true;
         q.control.clear();
         q.bulk.clear();
         q.bulk_bytes = 0;
         self.changed.notify_all();
-        let _ = self.stream.shutdown(Shutdown::Both);
+        Closing { link: self.clone(), last_words }
     }
 
     /// Sends everything queued, control first, until the link is closed or a write fails;
@@ -344,7 +365,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the peer never got every frame");
             std::thread::sleep(Duration::from_millis(10));
         }
-        link.close("test over");
+        link.close("test over").finish();
         assert_eq!(writer.join().unwrap(), "link closed");
         drop(reader);
     }
@@ -373,8 +394,32 @@ mod tests {
                 assert!(matches!(msg, Message::Data { id: got, .. } if got == id), "{msg:?}");
             }
         }
-        link.close("test over");
+        link.close("test over").finish();
         assert_eq!(writer.join().unwrap(), "link closed");
+    }
+
+    /// Closing runs under the engine's lock and writes nothing; the last words leave, and the
+    /// socket breaks, only with `finish`.
+    #[test]
+    fn a_closed_link_says_its_last_words_only_once_finished() {
+        let (link, mut peer) = link();
+        let link = std::sync::Arc::new(link);
+        link.queue_control(Message::Ping);
+        link.send_bulk(Message::Data { id: 1, epoch: 1, offset: 0, fua: false, payload: bytes::Bytes::from(vec![7u8; 4096]) }, None);
+        let closing = link.close("split brain");
+        assert_eq!(link.queued_bytes(), 0, "the bulk frames are dropped at once");
+        peer.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        let before = std::io::Read::read(&mut peer, &mut byte);
+        assert!(matches!(&before, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "nothing sent yet: {before:?}");
+        assert!(matches!(link.close("again").last_words, None), "a closed link has nothing more to say");
+        closing.finish();
+        peer.set_nonblocking(false).unwrap();
+        let first = crate::wire::read_message(&mut peer).expect("the queued control frame");
+        assert!(matches!(first, Message::Ping), "{first:?}");
+        let goodbye = crate::wire::read_message(&mut peer).expect("the goodbye");
+        assert!(matches!(&goodbye, Message::Disconnect { reason } if reason == "split brain"), "{goodbye:?}");
+        assert!(crate::wire::read_message(&mut peer).is_err(), "then the socket is shut down");
     }
 
     #[test]

@@ -824,9 +824,11 @@ impl Engine {
         // Give the writers a moment to put the goodbye on the wire.
         std::thread::sleep(Duration::from_millis(50));
         let mut st = shared.lock();
-        for id in st.replica.peers.iter().map(|p| p.node_id).collect::<Vec<_>>() {
-            connection::drop_peer(shared, &mut st, id, "going down");
-        }
+        let ids: Vec<u8> = st.replica.peers.iter().map(|p| p.node_id).collect();
+        let closing: Vec<_> = ids.into_iter().filter_map(|id| connection::drop_peer(shared, &mut st, id, "going down")).collect();
+        drop(st);
+        closing.into_iter().for_each(|link| link.finish());
+        let mut st = shared.lock();
         // An activity-log transaction still being written (for a peer's write that came just
         // before its link went) ends first: the log is emptied after it.
         while !st.replica.writes_idle() {
