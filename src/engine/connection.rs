@@ -5,7 +5,7 @@ use super::admission::HandshakeGate;
 use super::handshake::{accept, dial, Handshake, PEER_REFUSED};
 use super::link::{Closing, PeerLink};
 use super::state::State;
-use super::Shared;
+use super::shared::{step_down_if_superseded, Shared};
 use crate::handshake_stream::HandshakeStream;
 use crate::wire::seal::Protection;
 use crate::wire::{FrameReceiver, Message, WireError};
@@ -265,7 +265,7 @@ fn dispatch(shared: &Arc<Shared>, peer_id: u8, generation: u64, batch: &mut Vec<
         let may_supersede = matches!(msg, Message::State(_) | Message::PingAck);
         result = st.replica.receive(Instant::now(), peer_id, generation, msg);
         if may_supersede {
-            super::step_down_if_superseded(shared, &mut st);
+            step_down_if_superseded(shared, &mut st);
         }
     }
     shared.changed.notify_all();

@@ -7,7 +7,8 @@
 //! The node with the higher id dials; the lower one accepts. One rule, so two nodes never race
 //! two connections into existence.
 
-use super::{random_bytes, Shared};
+use super::host::random_bytes;
+use super::shared::Shared;
 use crate::handshake_stream::HandshakeStream;
 use crate::tls::{Session, TlsError};
 use crate::wire::auth::{Role, Transcript};

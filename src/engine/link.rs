@@ -412,7 +412,7 @@ mod tests {
         let mut byte = [0u8; 1];
         let before = std::io::Read::read(&mut peer, &mut byte);
         assert!(matches!(&before, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "nothing sent yet: {before:?}");
-        assert!(matches!(link.close("again").last_words, None), "a closed link has nothing more to say");
+        assert!(link.close("again").last_words.is_none(), "a closed link has nothing more to say");
         closing.finish();
         peer.set_nonblocking(false).unwrap();
         let first = crate::wire::read_message(&mut peer).expect("the queued control frame");

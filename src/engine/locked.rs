@@ -5,7 +5,7 @@
 //! once the lock is released.
 
 use super::state::{Pending, State};
-use super::Shared;
+use super::shared::{Engine, Shared};
 use crate::core::inflight::{AckLevel, LocalFailure};
 use crate::frontend::BlockResult;
 use super::link::PeerLink;
@@ -42,8 +42,16 @@ pub(crate) enum IoHere {
 /// [`Locked::run_small_writes_here`]).
 const SMALL_WRITE_BYTES: usize = 64 << 10;
 
+impl Shared {
+    /// The engine's state, for as long as the guard lives; what the replica queued meanwhile
+    /// is carried out as it is released (see [`Locked`]).
+    pub fn lock(&self) -> Locked<'_> {
+        Locked::new(self, self.state.lock().expect("engine state lock poisoned"))
+    }
+}
+
 impl<'a> Locked<'a> {
-    pub fn new(shared: &'a Shared, guard: MutexGuard<'a, State>) -> Locked<'a> {
+    fn new(shared: &'a Shared, guard: MutexGuard<'a, State>) -> Locked<'a> {
         Locked { shared, guard: Some(guard), io_here: IoHere::None }
     }
 
@@ -287,7 +295,7 @@ fn run_after(shared: &Shared, after: Vec<After>) {
                     Action::DropLink { peer, generation, reason } => super::connection::lost(shared, peer, generation, &reason),
                     Action::StartResync { peer, generation } => super::resync::spawn_source(shared.clone(), peer, generation),
                     Action::FencePeer { peer, generation } => {
-                        let engine = super::Engine { shared: shared.clone() };
+                        let engine = Engine { shared: shared.clone() };
                         match shared.fence_runner.get() {
                             Some(run) => run(&engine, peer, generation),
                             None => engine.fence_done(peer, generation, FenceOutcome::Failed("no fence-peer handler runs in this process".into())),

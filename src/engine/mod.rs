@@ -4,11 +4,14 @@
 mod admission;
 mod congestion;
 mod connection;
+mod error;
 mod handshake;
 mod counters;
+mod host;
 mod io_pool;
 mod link;
 mod locked;
+mod shared;
 mod timer;
 mod resync;
 mod state;
@@ -17,25 +20,28 @@ mod verify;
 mod write_path;
 
 pub use counters::{CountersSnapshot, HistogramSnapshot};
+pub use error::EngineError;
+pub use shared::{Engine, FenceRunner};
 pub use status::{ByteRange, PeerStatus, ResourceStatus, ResyncStatus, VerifyStatus, WAITING_FOR_BITMAPS};
 
 use crate::config::{Frontend, NodeConfig, OnCongestion, ResourceConfig, Transport, UblkSettings};
 use crate::core::states::{DiskState, Role};
 use crate::disk::{Disk, DiskError, FileDisk};
 use crate::frontend::nbd::NbdServer;
-use crate::frontend::ublk::{UblkError, UblkExport, UblkPlan};
+use crate::frontend::ublk::{UblkExport, UblkPlan};
 use crate::frontend::{BlockDevice, Export};
-use crate::meta::{MetaError, MetaStore};
+use crate::meta::MetaStore;
 use crate::quiet_condvar::QuietCondvar;
 use io_pool::IoPool;
 use crate::replica::{Attached, FenceOutcome, Peer, PromoteRefusal, PromoteStep, Replica};
+use host::{machine_boot_id, random_u64};
 use locked::Locked;
+use shared::Shared;
 use state::State;
 use std::collections::HashMap;
-use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Threads doing local disk I/O for the frontends.
@@ -67,116 +73,8 @@ fn create_witness_store(config: &ResourceConfig, me: &NodeConfig, store: Arc<dyn
     Ok(())
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Disk(#[from] DiskError),
-    #[error(transparent)]
-    Meta(#[from] MetaError),
-    #[error("cannot listen on {address} for peers: {source} (is another daemon using this address?)")]
-    Listen { address: std::net::SocketAddr, source: std::io::Error },
-    #[error("metadata on {disk} was created for peer node ids {in_meta:?}, the resource file has {in_config:?}: run `blkrepl create-md --force` on this node (its data will be fully resynced)")]
-    PeersChanged { disk: String, in_meta: Vec<u8>, in_config: Vec<u8> },
-    #[error("this node's data is {disk}, not UpToDate: promote only a node with good data, or use `primary --force` to declare this node's data the good copy")]
-    NotUpToDate { disk: DiskState },
-    #[error("peer {peer} is primary: demote it first (`blkrepl secondary` there)")]
-    PeerIsPrimary { peer: String },
-    #[error("no quorum: this node reaches {votes} of {voters} voters and needs {needed}; bring more nodes (or the witness) up and connected. --force does not override quorum: if the majority is lost for good, change `quorum` in the resource file on purpose and run `blkrepl adjust`")]
-    NoQuorum { votes: u8, voters: u8, needed: u8 },
-    #[error("the device {device} is in use by {users}: stop using it (unmount it, close it, disconnect NBD clients) first")]
-    InUse { device: String, users: String },
-    #[error("the device {device} fails every request ({why}) and is still in use by {users}: the data under it may have changed since they read it, so it never serves again; unmount it (it then goes away) and promote again")]
-    FailingDeviceInUse { device: String, why: String, users: String },
-    #[error("cannot export NBD on {url}: {source}")]
-    Nbd { url: String, source: std::io::Error },
-    #[error("cannot export the ublk device: {0}")]
-    Ublk(#[from] UblkError),
-    #[error("{0}")]
-    Refused(String),
-    #[error("writing metadata failed: {0}; the disk is marked Failed")]
-    MetaWrite(MetaError),
-    #[error("a metadata write failed and the disk is marked Failed (the log has the error)")]
-    DiskFailed,
-    #[error("cannot start a thread: {0} (out of memory, or the process's thread limit)")]
-    Thread(std::io::Error),
-    #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
-}
 
-impl From<PromoteRefusal> for EngineError {
-    fn from(refusal: PromoteRefusal) -> EngineError {
-        match refusal {
-            PromoteRefusal::PeerIsPrimary { peer } => EngineError::PeerIsPrimary { peer },
-            PromoteRefusal::NoQuorum { votes, voters, needed } => EngineError::NoQuorum { votes, voters, needed },
-            PromoteRefusal::NotUpToDate { disk } => EngineError::NotUpToDate { disk },
-            other => EngineError::Refused(other.to_string()),
-        }
-    }
-}
 
-impl EngineError {
-    /// The CLI's exit code for this error (documented in docs/OPERATIONS.md).
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            EngineError::NotUpToDate { .. } | EngineError::PeerIsPrimary { .. } | EngineError::Refused(_) => 11,
-            EngineError::InUse { .. } | EngineError::FailingDeviceInUse { .. } => 12,
-            EngineError::NoQuorum { .. } => 14,
-            _ => 1,
-        }
-    }
-}
-
-pub(crate) struct Shared {
-    /// This, for what must outlive a borrow of it (protocol A's sent notifications).
-    pub this: std::sync::Weak<Shared>,
-    pub config: ResourceConfig,
-    pub me: NodeConfig,
-    pub data: Arc<dyn Disk>,
-    pub data_size_bytes: u64,
-    pub io: IoPool,
-    /// What the drivers count for the metrics endpoint (atomics: never under `state`'s lock
-    /// for their sake).
-    pub counters: counters::Counters,
-    pub state: Mutex<State>,
-    /// Signalled whenever in-flight writes, peers or roles change.
-    pub changed: QuietCondvar,
-    /// Wakes the timer thread (see `timer`) when a deadline may have moved closer.
-    pub timer: QuietCondvar,
-    /// Wakes the dialers (see `connection::spawn_dialers`) when a link went or `connect`
-    /// wants one: not `changed`, which every frame signals.
-    pub dial: QuietCondvar,
-    /// Where this node's daemon keeps run-time files (the ublk device record).
-    pub run_dir: PathBuf,
-    /// Serializes role changes: a promotion starts the export without the state lock held (a
-    /// ublk device reads from the engine while it starts), so nothing else may change the role
-    /// meanwhile.
-    pub admin: Mutex<()>,
-    /// Runs the `fence-peer` handler (see [`Engine::set_fence_runner`]).
-    pub fence_runner: std::sync::OnceLock<FenceRunner>,
-    /// The peer links' TLS (`transport = "tls"`), or `None` for plain links.
-    pub tls: Option<crate::tls::LinkTls>,
-}
-
-/// Starts a `fence-peer` run for a peer's lost connection (peer, connection generation); the
-/// outcome comes back through [`Engine::fence_done`]. It must not wait for the run: it is called
-/// from the thread that released the engine lock.
-pub type FenceRunner = Box<dyn Fn(&Engine, u8, u64) + Send + Sync>;
-
-impl Shared {
-    pub fn lock(&self) -> Locked<'_> {
-        Locked::new(self, self.state.lock().expect("engine state lock poisoned"))
-    }
-
-    fn admin(&self) -> MutexGuard<'_, ()> {
-        self.admin.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The replication engine of one resource on this node. Cheap to clone (a handle).
-#[derive(Clone)]
-pub struct Engine {
-    shared: Arc<Shared>,
-}
 
 impl Engine {
     /// Opens the disks and metadata, recovers from a crash as primary, and starts as Secondary.
@@ -850,19 +748,6 @@ impl Engine {
     }
 }
 
-/// Once this primary was superseded, what `Replica::superseded_action` says: a step-down
-/// (see [`Engine::step_down`]) runs on a thread of its own, once at a time.
-pub(crate) fn step_down_if_superseded(shared: &Arc<Shared>, st: &mut State) {
-    if st.stepping_down || !st.replica.superseded_action(Instant::now()) {
-        return;
-    }
-    st.stepping_down = true;
-    let engine = Engine { shared: shared.clone() };
-    if let Err(e) = std::thread::Builder::new().name("step-down".into()).spawn(move || engine.step_down()) {
-        st.stepping_down = false;
-        tracing::error!(resource = %shared.config.name, error = %e, "cannot start stepping down; retried at the next state change");
-    }
-}
 
 /// Whether this node resyncs a peer or is resynced by one (or is about to): what a promotion
 /// refused for want of votes, or for being resynced, waits out (see `Engine::promote`).
@@ -899,31 +784,3 @@ impl crate::frontend::BlockDevice for Engine {
     }
 }
 
-/// A fresh random value for generation UUIDs and auth nonces.
-/// The machine's boot id, zero if the kernel does not say (the replica then assumes a restart:
-/// see `Attached::boot_id`).
-fn machine_boot_id() -> [u8; 16] {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let hex: String = text.trim().chars().filter(|c| *c != '-').collect();
-    let mut id = [0u8; 16];
-    if hex.len() != 32 {
-        tracing::warn!("no boot id from the kernel: an unclean stop counts as a machine restart (its disk cache lost)");
-        return id;
-    }
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap_or(0);
-    }
-    id
-}
-
-pub(crate) fn random_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    random_bytes(&mut bytes);
-    u64::from_le_bytes(bytes)
-}
-
-pub(crate) fn random_bytes(buf: &mut [u8]) {
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .expect("the kernel's random source /dev/urandom must be readable");
-}

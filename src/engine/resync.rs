@@ -12,7 +12,8 @@
 
 use super::state::State;
 use crate::replica::{ResyncChunk, ResyncStep};
-use super::{congestion, connection, Shared};
+use super::shared::Shared;
+use super::{congestion, connection};
 use crate::core::block_digest::block_digests;
 use bytes::Bytes;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 
 use super::state::State;
 use crate::replica::{Replica, VerifyState};
-use super::Shared;
+use super::shared::Shared;
 use crate::core::quorum::{OnNoQuorum, PromotionInputs};
 use crate::core::states::{ConnState, DiskState, ReplState};
 use crate::core::sync_decision::SyncDecision;

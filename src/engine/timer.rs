@@ -4,7 +4,7 @@
 //! wake-up is lost.
 
 use super::state::{queued_bytes, State};
-use super::Shared;
+use super::shared::Shared;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,9 @@
 //! (`replica/verify.rs`).
 
 use super::resync::{read_range_then, WAIT_SLICE};
-use super::{congestion, EngineError, Shared};
+use super::error::EngineError;
+use super::shared::Shared;
+use super::congestion;
 use crate::core::block_digest::block_digests;
 use crate::replica::VerifyStep;
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 
 use super::counters::Timed;
 use super::state::{queued_bytes, Pending, State};
-use super::Shared;
+use super::shared::Shared;
 use crate::frontend::{BlockRequest, Completion};
 use std::sync::Arc;
 use std::time::Instant;
