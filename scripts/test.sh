@@ -15,8 +15,10 @@ cargo build --release --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
+# No two modules that name each other (a self-test first shows the check finds one).
+{ scripts/check-module-cycles.py --self-test && for tree in src ublk/src tests benches; do scripts/check-module-cycles.py "$tree" || exit 1; done; } 2>&1 | tee "$log" || status=1
 sim=real_replicas_under_partitions_and_power_losses
-cargo test --release --workspace --no-fail-fast -- --test-threads 2 --skip "$sim" 2>&1 | tee "$log" || status=$?
+cargo test --release --workspace --no-fail-fast -- --test-threads 2 --skip "$sim" 2>&1 | tee -a "$log" || status=$?
 # The simulator sweeps 10,000 seeds here (about 5 minutes on 2 cores; `cargo test` alone sweeps 200)
 # and prints what the runs exercised; then each of its checkers is shown to fire when a rule is
 # weakened.

@@ -11,7 +11,6 @@
 //! is never held while writing to it, its socket's kernel buffer is small, and a write that
 //! cannot complete within [`WRITE_TIMEOUT`] drops it, logged.
 
-use super::server::answer;
 use super::Response;
 use crate::engine::Engine;
 use crate::events::diff::{changes, objects};
@@ -36,10 +35,10 @@ pub fn publish(stream: &UnixStream, engine: &Engine, statistics: bool) {
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
         .and_then(|()| stream.set_read_timeout(Some(SAMPLE_INTERVAL)));
     if let Err(e) = configured {
-        answer(stream, &Response::failed(format!("cannot set up the events stream: {e}"), 1));
+        Response::failed(format!("cannot set up the events stream: {e}"), 1).send_to(stream);
         return;
     }
-    answer(stream, &Response::ok(None));
+    Response::ok(None).send_to(stream);
     tracing::debug!(resource = engine.resource(), statistics, "events subscriber connected");
     let first = engine.status();
     let initial = objects(&first, statistics).into_iter().map(|o| (Action::Exists, o)).chain([(Action::Exists, Object::Marker)]);

@@ -44,6 +44,14 @@ pub struct Response {
 }
 
 impl Response {
+    /// Writes this response to a client as one line of JSON, best effort: a client gone
+    /// meanwhile loses only its own answer.
+    pub(crate) fn send_to(&self, mut stream: &std::os::unix::net::UnixStream) {
+        let mut line = serde_json::to_string(self).expect("responses serialize");
+        line.push('\n');
+        let _ = std::io::Write::write_all(&mut stream, line.as_bytes());
+    }
+
     pub fn ok(status: Option<ResourceStatus>) -> Response {
         Response { error: None, exit_code: 0, status }
     }

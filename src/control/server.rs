@@ -11,7 +11,7 @@
 use super::{event_stream, Request, Response};
 use crate::engine::Engine;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ pub fn serve(listener: &UnixListener, engine: &Engine, on_stopping: impl Fn() + 
             Ok(cred) if cred.uid() == 0 || cred.uid() == me => {}
             Ok(cred) => {
                 tracing::warn!(uid = cred.uid(), "control request from an unprivileged user refused");
-                answer(&stream, &Response::failed("permission denied: run blkrepl as root".into(), 13));
+                Response::failed("permission denied: run blkrepl as root".into(), 13).send_to(&stream);
                 continue;
             }
             Err(e) => {
@@ -131,7 +131,7 @@ pub fn serve(listener: &UnixListener, engine: &Engine, on_stopping: impl Fn() + 
 /// buffer is empty), the timeout is there all the same since this runs on the accept loop.
 fn refuse(stream: &UnixStream, message: String) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    answer(stream, &Response::failed(message, 1));
+    Response::failed(message, 1).send_to(stream);
 }
 
 /// Answers one connection; true when the daemon should exit (`stopping` is set then).
@@ -144,7 +144,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
     let request: Request = match serde_json::from_str(&line) {
         Ok(request) => request,
         Err(e) => {
-            answer(stream, &Response::failed(format!("malformed request: {e}"), 2));
+            Response::failed(format!("malformed request: {e}"), 2).send_to(stream);
             return false;
         }
     };
@@ -155,7 +155,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
                 Some(_stream_slot) => event_stream::publish(stream, engine, statistics),
                 None => {
                     tracing::warn!(max = MAX_STREAMS, "events stream refused: too many open");
-                    answer(stream, &Response::failed(format!("too many events streams ({MAX_STREAMS} open): try again later"), 1));
+                    Response::failed(format!("too many events streams ({MAX_STREAMS} open): try again later"), 1).send_to(stream);
                 }
             }
             return false;
@@ -164,7 +164,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
         _ => Some(server.commands.lock().unwrap_or_else(PoisonError::into_inner)),
     };
     if command.is_some() && server.stopping.load(Ordering::SeqCst) {
-        answer(stream, &Response::failed("the daemon is going down".into(), 3));
+        Response::failed("the daemon is going down".into(), 3).send_to(stream);
         return false;
     }
     let result = match request {
@@ -186,7 +186,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
             Ok(()) => {
                 // Before the command lock is released: no command queued behind this one runs.
                 server.stopping.store(true, Ordering::SeqCst);
-                answer(stream, &Response::ok(None));
+                Response::ok(None).send_to(stream);
                 return true;
             }
             Err(e) => Err(e),
@@ -196,12 +196,7 @@ fn handle(stream: &UnixStream, server: &Server) -> bool {
         Ok(()) => Response::ok(Some(engine.status())),
         Err(e) => Response::failed(e.to_string(), e.exit_code()),
     };
-    answer(stream, &response);
+    response.send_to(stream);
     false
 }
 
-pub(super) fn answer(mut stream: &UnixStream, response: &Response) {
-    let mut line = serde_json::to_string(response).expect("responses serialize");
-    line.push('\n');
-    let _ = stream.write_all(line.as_bytes());
-}

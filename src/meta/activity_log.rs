@@ -26,14 +26,12 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ops::RangeInclusive;
 
-use super::layout::MAX_AL_EXTENTS;
+use super::layout::{AL_RING_BLOCKS, MAX_AL_EXTENTS};
 use super::{block_crc, le, Block, MetaError, BLOCK_SIZE, SEQ_LIMIT};
 
 /// Bytes per extent: the granularity of the hot set.
 pub const AL_EXTENT_SHIFT: u32 = 22;
 pub const AL_EXTENT_SIZE: u64 = 1 << AL_EXTENT_SHIFT;
-/// Transactions kept on disk.
-pub const AL_RING_BLOCKS: usize = 32;
 /// Slot-table entries each transaction repeats.
 pub const AL_CONTEXT_PER_TRANSACTION: usize = 256;
 /// Slot updates one transaction can carry, i.e. the most cold extents one `prepare` can add.

@@ -25,7 +25,6 @@
 //! For example 1 TiB, 4 KiB blocks, one peer: 32.07 MiB of bitmap + 136 KiB. The usable data size
 //! is a multiple of 4 KiB and must not be 0.
 
-use super::activity_log::AL_RING_BLOCKS;
 use super::bitmap::pages_for_blocks;
 use super::{MetaError, BLOCK_SIZE};
 
@@ -39,6 +38,9 @@ pub const MIN_AL_EXTENTS: u32 = 7;
 /// Bounded so that the ring's rotating context always rebuilds the whole table (see
 /// `activity_log`).
 pub const MAX_AL_EXTENTS: u32 = 6433;
+
+/// Activity-log transactions kept on disk: the ring's blocks (see `activity_log`).
+pub const AL_RING_BLOCKS: usize = 32;
 
 /// The choices fixed at `create-md` time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,10 +19,10 @@ pub mod fuzzing;
 
 pub use activity_log::{
     extent_offset, extents_for, ActivityLog, AlError, AlJoined, AlPrepared, AlTransaction, AlUpdate,
-    AL_EXTENT_SIZE, AL_RING_BLOCKS,
+    AL_EXTENT_SIZE,
 };
 pub use bitmap::DirtyBitmap;
-pub use layout::{layout, MetaLayout, MetaParams};
+pub use layout::{layout, MetaLayout, MetaParams, AL_RING_BLOCKS};
 pub use store::{AlWrite, Loaded, MetaStore};
 pub use superblock::{MetaFlags, PeerSlot, Superblock, Terms};
 pub use uuids::GenerationUuids;

@@ -4,7 +4,7 @@
 //! crc32c u32. The crc covers the header with the crc field zeroed, then the payload, so a
 //! corrupted type or length is caught as surely as corrupted data. On a link authenticated
 //! with `transport = "plain"` (flag [`FLAG_MAC`]) a MAC follows the payload (see
-//! [`super::auth::FrameMac`]): the crc catches what the network corrupts, the MAC what someone
+//! [`super::mac::FrameMac`]): the crc catches what the network corrupts, the MAC what someone
 //! on the path changes. On a TLS link (flag [`FLAG_SEALED`]) the payload is encrypted and a tag
 //! follows it (see [`super::seal`]); the crc then covers the header only, since a crc of the
 //! payload in clear would let an eavesdropper test guesses of it.
@@ -14,9 +14,9 @@ use std::ops::Range;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::auth::FRAME_MAC_LEN;
+use super::mac::FRAME_MAC_LEN;
 use super::seal::{FrameSeal, Protection, SEAL_TAG_LEN};
-use super::message::{Kind, Message, MAX_DATA_BYTES};
+use super::message::{Kind, Malformed, Message, MAX_DATA_BYTES};
 
 /// First four bytes of every frame ("BLKR"): a stream that does not start with it is not a
 /// blkrepl peer, or has lost its framing.
@@ -71,6 +71,12 @@ pub enum WireError {
         msg_type: &'static str,
         reason: &'static str,
     },
+}
+
+impl From<Malformed> for WireError {
+    fn from(Malformed { msg_type, reason }: Malformed) -> WireError {
+        WireError::Malformed { msg_type, reason }
+    }
 }
 
 /// Writes one frame. The header and fixed fields go into one small buffer; the data of `Data`
@@ -194,7 +200,7 @@ pub fn read_message_with<R: Read>(r: &mut R, protection: Option<&mut Protection>
         None => {}
     }
     let kind = Kind::from_code(code).ok_or(WireError::UnknownType(code))?;
-    Message::decode_fields(kind, Bytes::from(payload))
+    Ok(Message::decode_fields(kind, Bytes::from(payload))?)
 }
 
 /// Reads the first frame in `frame`, returning it and the number of bytes it took. Errors as

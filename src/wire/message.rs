@@ -3,7 +3,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::frame::WireError;
 use super::position::DataPosition;
 
 /// Longest resource name a `Hello` carries; the name travels in a fixed 64-byte field.
@@ -561,7 +560,7 @@ impl Message {
 
     /// Reads a `kind` payload. Takes the payload as `Bytes` so that data is sliced out of the
     /// receive buffer, not copied.
-    pub(super) fn decode_fields(kind: Kind, payload: Bytes) -> Result<Message, WireError> {
+    pub(super) fn decode_fields(kind: Kind, payload: Bytes) -> Result<Message, Malformed> {
         let mut fields = Fields {
             payload,
             pos: 0,
@@ -727,6 +726,15 @@ fn put_resource(out: &mut BytesMut, resource: &str) {
 }
 
 /// A cursor over a payload that turns every shortfall into `Malformed` instead of a panic.
+/// A message whose fields do not decode: which message, and what is wrong with it (the frame
+/// around it was whole; see `WireError::Malformed`).
+#[derive(Debug, thiserror::Error)]
+#[error("malformed {msg_type} frame: {reason}")]
+pub struct Malformed {
+    pub msg_type: &'static str,
+    pub reason: &'static str,
+}
+
 struct Fields {
     payload: Bytes,
     pos: usize,
@@ -734,14 +742,11 @@ struct Fields {
 }
 
 impl Fields {
-    fn malformed(&self, reason: &'static str) -> WireError {
-        WireError::Malformed {
-            msg_type: self.kind.name(),
-            reason,
-        }
+    fn malformed(&self, reason: &'static str) -> Malformed {
+        Malformed { msg_type: self.kind.name(), reason }
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], Malformed> {
         let field = self.payload[self.pos..]
             .first_chunk::<N>()
             .copied()
@@ -750,21 +755,21 @@ impl Fields {
         Ok(field)
     }
 
-    fn u8(&mut self) -> Result<u8, WireError> {
+    fn u8(&mut self) -> Result<u8, Malformed> {
         self.array().map(u8::from_be_bytes)
     }
 
-    fn u32(&mut self) -> Result<u32, WireError> {
+    fn u32(&mut self) -> Result<u32, Malformed> {
         self.array().map(u32::from_be_bytes)
     }
 
-    fn u64(&mut self) -> Result<u64, WireError> {
+    fn u64(&mut self) -> Result<u64, Malformed> {
         self.array().map(u64::from_be_bytes)
     }
 
     /// A bool is one byte, 0 or 1; anything else means the sender and receiver disagree about
     /// the layout, which is better caught than guessed at.
-    fn bool(&mut self) -> Result<bool, WireError> {
+    fn bool(&mut self) -> Result<bool, Malformed> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -772,16 +777,16 @@ impl Fields {
         }
     }
 
-    fn uuids(&mut self) -> Result<[u64; 4], WireError> {
+    fn uuids(&mut self) -> Result<[u64; 4], Malformed> {
         Ok([self.u64()?, self.u64()?, self.u64()?, self.u64()?])
     }
 
-    fn position(&mut self) -> Result<DataPosition, WireError> {
+    fn position(&mut self) -> Result<DataPosition, Malformed> {
         Ok(DataPosition { term: self.u64()?, epoch: self.u64()?, fua: self.u64()? })
     }
 
     /// The fixed resource field: a length byte, the name, zero padding to 64 bytes.
-    fn resource(&mut self) -> Result<String, WireError> {
+    fn resource(&mut self) -> Result<String, Malformed> {
         let field: [u8; RESOURCE_FIELD_BYTES] = self.array()?;
         let (len, name_and_padding) = (usize::from(field[0]), &field[1..]);
         let name = name_and_padding
@@ -794,16 +799,16 @@ impl Fields {
     }
 
     /// Runs of `BitmapRuns`: `(first block, block count)`, 16 bytes each.
-    fn runs(&mut self) -> Result<Vec<(u64, u64)>, WireError> {
+    fn runs(&mut self) -> Result<Vec<(u64, u64)>, Malformed> {
         self.counted(RUN_BYTES, |f| Ok((f.u64()?, f.u64()?)))
     }
 
-    fn purpose(&mut self) -> Result<DigestPurpose, WireError> {
+    fn purpose(&mut self) -> Result<DigestPurpose, Malformed> {
         DigestPurpose::from_byte(self.u8()?).ok_or_else(|| self.malformed("unknown digest purpose"))
     }
 
     /// The rest of the payload as whole digests (their count is bounded by `check_limits`).
-    fn digests(&mut self) -> Result<Vec<[u8; DIGEST_BYTES]>, WireError> {
+    fn digests(&mut self) -> Result<Vec<[u8; DIGEST_BYTES]>, Malformed> {
         let bytes = self.rest();
         if bytes.len() % DIGEST_BYTES != 0 {
             return Err(self.malformed("digest bytes are not a multiple of 32"));
@@ -815,7 +820,7 @@ impl Fields {
     }
 
     /// Runs of differing blocks of `DigestReply`: `(first, count)`, 8 bytes each.
-    fn block_runs(&mut self) -> Result<Vec<(u32, u32)>, WireError> {
+    fn block_runs(&mut self) -> Result<Vec<(u32, u32)>, Malformed> {
         self.counted(BLOCK_RUN_BYTES, |f| Ok((f.u32()?, f.u32()?)))
     }
 
@@ -825,8 +830,8 @@ impl Fields {
     fn counted<T>(
         &mut self,
         item_bytes: usize,
-        mut item: impl FnMut(&mut Self) -> Result<T, WireError>,
-    ) -> Result<Vec<T>, WireError> {
+        mut item: impl FnMut(&mut Self) -> Result<T, Malformed>,
+    ) -> Result<Vec<T>, Malformed> {
         let count = self.u32()? as usize;
         let remaining = self.payload.len() - self.pos;
         if remaining % item_bytes != 0 || remaining / item_bytes != count {
@@ -841,7 +846,7 @@ impl Fields {
 
     /// The rest of the payload as UTF-8 (its length is bounded by the frame limit and then by
     /// `check_limits`).
-    fn text(&mut self) -> Result<String, WireError> {
+    fn text(&mut self) -> Result<String, Malformed> {
         let bytes = self.rest();
         String::from_utf8(bytes.to_vec()).map_err(|_| self.malformed("text is not UTF-8"))
     }
@@ -854,7 +859,7 @@ impl Fields {
     }
 
     /// Trailing bytes mean the peer's idea of the layout differs from ours.
-    fn finish(&self) -> Result<(), WireError> {
+    fn finish(&self) -> Result<(), Malformed> {
         if self.pos == self.payload.len() {
             Ok(())
         } else {

@@ -7,6 +7,7 @@
 //! specified in `docs/PROTOCOL.md`; the tests in `tests.rs` pin it.
 
 pub mod auth;
+pub mod mac;
 mod frame;
 mod message;
 mod position;

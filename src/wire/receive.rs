@@ -10,7 +10,7 @@
 
 use std::io::{self, Read};
 
-use super::auth::FRAME_MAC_LEN;
+use super::mac::FRAME_MAC_LEN;
 use super::frame::{read_message_with, WireError, HEADER_LEN, MAX_PAYLOAD};
 use super::message::Message;
 use super::seal::{Protection, SEAL_TAG_LEN};

@@ -19,7 +19,7 @@
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
-use super::auth::FrameMac;
+use super::mac::FrameMac;
 
 /// Bytes of the tag after every sealed frame.
 pub const SEAL_TAG_LEN: usize = 16;

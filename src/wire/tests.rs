@@ -676,7 +676,7 @@ fn a_frame_changed_dropped_replayed_or_unsealed_on_the_path_is_refused() {
     let mut changed = sealed(&[Message::Disconnect { reason: "bye".into() }], &mut link_macs().0 .0);
     let payload_at = HEADER_LEN + 1;
     changed[payload_at] ^= 1;
-    let crc_end = changed.len() - crate::wire::auth::FRAME_MAC_LEN;
+    let crc_end = changed.len() - crate::wire::mac::FRAME_MAC_LEN;
     reseal(&mut changed[..crc_end]);
     assert!(matches!(read(&changed), Err(WireError::BadMac)), "changed");
     assert!(matches!(read(&second), Err(WireError::BadMac)), "the frame before it dropped");

@@ -23,6 +23,7 @@ mod features;
 mod holders;
 mod queue;
 mod request;
+mod shared;
 
 pub use buffers::WriteData;
 pub use device::{CopyMode, Device, DeviceConfig, DeviceState, DeviceStatus};

@@ -1,7 +1,7 @@
 //! Requests as the block layer sends them, and the handle that completes one.
 
 use crate::buffers::WriteData;
-use crate::queue::QueueShared;
+use crate::shared::QueueShared;
 use libublk::sys;
 use std::fmt;
 use std::sync::Arc;
