@@ -33,15 +33,25 @@ fn demonstrate(rule: Rule, checker: u8) {
 
 /// [`demonstrate`], sweeping at most `seeds` seeds of `shape`.
 fn demonstrate_within(rule: Rule, checker: u8, seeds: u64, shape: Shape) {
+    demonstrate_from(rule, checker, 0, seeds, shape);
+}
+
+/// [`demonstrate_within`] from seed `first` on: for a checker whose weakened rule breaks one
+/// seed in tens of thousands, the sweep starts shortly before the first seed a sweep from 0
+/// found (which each test names), so CI does not spend twenty minutes reaching it. When the
+/// draws move (a change of the rules or the world), no seed of the window fails any more: the
+/// search from 0 starts again (`demonstrate_within` with a larger bound), and the window
+/// moves to what it finds.
+fn demonstrate_from(rule: Rule, checker: u8, first: u64, seeds: u64, shape: Shape) {
     let expected = format!("checker {checker} ");
-    let swept = sweep::sweep(0, seeds, |_| shape, || weaken(Some(rule)), |error| error.starts_with(&expected));
+    let swept = sweep::sweep(first, seeds, |_| shape, || weaken(Some(rule)), |error| error.starts_with(&expected));
     let found = swept.failures.iter().find(|(_, error)| error.starts_with(&expected));
     let others: Vec<&(u64, String)> = swept.failures.iter().filter(|(_, error)| !error.starts_with(&expected)).collect();
     match found {
         Some((seed, error)) => {
             println!("{rule:?}: seed {seed} fails {error} ({} other failures on the way, {} threads)", others.len(), swept.threads)
         }
-        None => panic!("with {rule:?} weakened no seed of {seeds} failed checker {checker}; other failures: {others:?}"),
+        None => panic!("with {rule:?} weakened no seed of {first}..{} failed checker {checker}; other failures: {others:?}", first + seeds),
     }
 }
 
@@ -52,11 +62,13 @@ fn checker_1_catches_a_primary_serving_without_quorum() {
 
 /// Under protocol B only (a third of the seeds), and rare: the primary's process killed while
 /// an acknowledged write still waits on the secondary that is promoted next, then a read of
-/// that block before it is written again. Two data nodes and a witness: seed 8,641 since the
-/// walks read off the engine's lock as the daemon's do (11,722 before; three data nodes: 11,131).
+/// that block before it is written again. Two data nodes and a witness: seed 27,661 since the
+/// client writes zeroes in a third of the seeds (a sweep from 0 found none before it; 8,641
+/// since the walks read off the engine's lock as the daemon's do, 11,722 before; three data
+/// nodes: 11,131).
 #[test]
 fn checker_9_catches_a_received_write_acknowledged_before_it_goes_to_the_disk() {
-    demonstrate_within(Rule::RecvAckOnArrival, 9, 100_000, Shape { data: 2, witnesses: 1 });
+    demonstrate_from(Rule::RecvAckOnArrival, 9, 27_000, 2_000, Shape { data: 2, witnesses: 1 });
 }
 
 #[test]
@@ -69,8 +81,9 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // Three data nodes and a witness, the shape of seed 404 that found the rule. Since a
     // primary's State says which peers it lags (followers keep their bits for those), and a
     // secondary marks nothing for the peer that sent every recent write, it is rare: the first
-    // seed that shows it is 12346 since the walks read off the engine's lock as the daemon's do
-    // (6387 since the writes that arrive while an activity-log transaction is written share the
+    // seed that shows it is 71103 since the client writes zeroes in a third of the seeds (a
+    // sweep from 0 took 18 minutes to reach it, so this one starts near it), 12346 since the
+    // walks read off the engine's lock as the daemon's do (6387 since the writes that arrive while an activity-log transaction is written share the
     // next one, 573 since a resync target clears its bits as the resync
     // data becomes durable, 1402 since a peer whose stream was applied lately is lost as a
     // primary, 2804 since secondaries weigh leftover bits on a live link once no one sees a
@@ -78,8 +91,8 @@ fn checker_3_catches_decisions_that_wait_forever() {
     // an out-of-date State is declined, 8565 since a resync source ends on the
     // disk its ResyncDone announced, 8193 since a resync target is no better than its source,
     // 8565 since a killed primary holds its whole stream, 15932 with operators' `disconnect`s,
-    // 11401 before). The bound leaves room for the next move of the draws.
-    demonstrate_within(Rule::ForgetsBitsSilently, 3, 100000, Shape { data: 3, witnesses: 1 });
+    // 11401 before).
+    demonstrate_from(Rule::ForgetsBitsSilently, 3, 71_000, 2_000, Shape { data: 3, witnesses: 1 });
 }
 
 #[test]
