@@ -150,6 +150,46 @@ fn writes_larger_than_a_frame_replicate_without_reconnecting() {
     assert!(ok, "large writes did not reach beta intact: {out}");
 }
 
+/// The two replicas' data areas are equal byte for byte (the metadata at the end of each disk
+/// differs by nature); panics at the first byte that differs, with the daemons' logs.
+fn assert_replicas_equal(c: &Cluster) {
+    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
+    let (alpha, beta) = (c.data_of("alpha", size), c.data_of("beta", size));
+    if let Some(at) = alpha.iter().zip(&beta).position(|(a, b)| a != b) {
+        panic!("the replicas differ first at byte {at}: alpha {:#04x}, beta {:#04x}\n{}", alpha[at], beta[at], c.logs());
+    }
+}
+
+#[test]
+fn write_zeroes_and_discards_replicate_and_resync() {
+    let c = synced_pair(Options::default());
+    let url = c.nbd_url("alpha");
+    write_patterns(&url, &[(0, 2 * MIB, 0x11), (4 * MIB, 2 * MIB, 0x22), (8 * MIB, MIB, 0x33)]);
+    // Zeroes with and without FUA, a discard (a hole punched on each node's file), one larger
+    // than a frame's data.
+    let commands = ["write -z 256k 256k", "write -z -f 4M 512k", "discard 8M 256k", "write -z 12M 3M"].map(String::from);
+    let (ok, out) = c.qemu_io("alpha", &commands);
+    assert!(ok, "{out}");
+    let expected = [(0, 256 << 10, 0x11), (256 << 10, 256 << 10, 0), (512 << 10, 1536 << 10, 0x11), (4 * MIB, 512 << 10, 0), (4 * MIB + (512 << 10), 1536 << 10, 0x22), (8 * MIB, 256 << 10, 0), (8 * MIB + (256 << 10), 768 << 10, 0x33), (12 * MIB, 3 * MIB, 0)];
+    let (ok, out) = check_patterns(&url, &expected);
+    assert!(ok, "alpha reads back something else: {out}");
+    assert_replicas_equal(&c);
+
+    // Zeroes and a discard while beta is away go to the bitmap and reach beta by resync.
+    c.ok("beta", &["disconnect", "r0"]);
+    c.wait_for("alpha", "beta gone", |s| Cluster::peer(s, "beta")["connection"] != "Connected");
+    let (ok, out) = c.qemu_io("alpha", &["write -z 1M 512k", "discard 5M 512k"].map(String::from));
+    assert!(ok, "{out}");
+    assert_eq!(Cluster::peer(&c.status("alpha"), "beta")["out_of_sync_bytes"], MIB, "the zeroed blocks are marked for beta");
+    c.ok("beta", &["connect", "r0"]);
+    c.wait_peer("alpha", "beta", "Established", "UpToDate");
+    assert_replicas_equal(&c);
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(MIB, 512 << 10, 0), (5 * MIB, 512 << 10, 0), (MIB + (512 << 10), 512 << 10, 0x11), (5 * MIB + (512 << 10), 512 << 10, 0x22)]);
+    assert!(ok, "beta after the resync: {out}");
+}
+
 #[test]
 fn secondary_crash_and_restart_resyncs_only_what_it_missed() {
     let c = synced_pair(Options { disk_mib: 256, ..Options::default() });
