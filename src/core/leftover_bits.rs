@@ -48,6 +48,24 @@ impl BitsHolder {
             && (target.bits_for_other == 0 || target.disk == DiskState::Outdated)
     }
 
+    /// Further into the election's stream than `target`, with usable data, while either side
+    /// holds bits for the other, and neither is a primary: the further copy is the source,
+    /// whatever the two disk states say. It holds every flushed write of the nearer copy, and
+    /// flushed writes of its own the nearer copy lacks; the bitmaps are merged, so every block
+    /// either side marked flows from it. An Outdated copy is Outdated to the primary that went
+    /// on without it, not to a nearer copy (simulator seed 79004: a node that lost its cache at
+    /// a power loss, Consistent at 2/13, resynced an Outdated one at 2/15, both holding bits,
+    /// and took from it a FLUSHed write only the Outdated copy and the lost primary held).
+    /// Copies of different elections never get here: the later election's is the source
+    /// (`sync_decision::decide_same_current`).
+    fn further_with_bits(&self, target: &BitsHolder) -> bool {
+        matches!(self.disk, DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated)
+            && !self.is_primary
+            && !target.is_primary
+            && (self.bits_for_other > 0 || target.bits_for_other > 0)
+            && self.position.0 > target.position.0
+    }
+
     /// A primary resyncs a peer whenever either side holds bits for the other: nothing goes
     /// into a primary, and what the peer holds that the primary lacks was never acknowledged
     /// in the primary's term (both holding bits once left them "in sync"; seed 3117).
@@ -114,6 +132,12 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
     if decision != SyncDecision::InSync {
         return decision;
     }
+    if me.further_with_bits(peer) {
+        return SyncDecision::BitmapSource;
+    }
+    if peer.further_with_bits(me) {
+        return SyncDecision::BitmapTarget;
+    }
     match (me.may_send_to(peer), peer.may_send_to(me)) {
         (true, false) => SyncDecision::BitmapSource,
         (false, true) => SyncDecision::BitmapTarget,
@@ -179,8 +203,9 @@ mod tests {
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &behind, &further), SyncDecision::BitmapTarget);
         let level = BitsHolder { position: behind.position, ..further };
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &level, &behind), SyncDecision::InSync, "not further: no sign it holds more");
+        // A good copy behind it that holds bits too takes them from the further one (seed 79004).
         let with_bits = BitsHolder { bits_for_other: 2, ..behind };
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &with_bits, &further), SyncDecision::BitmapSource, "a good copy with bits sends");
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &with_bits, &further), SyncDecision::BitmapTarget);
     }
 
     #[test]
@@ -200,12 +225,30 @@ mod tests {
     }
 
     #[test]
-    fn with_bits_on_both_sides_the_outdated_one_is_the_target() {
+    fn with_bits_on_both_sides_equally_far_the_outdated_one_is_the_target() {
         let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
         assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource);
-        let (a, b) = (side(1, DiskState::UpToDate), side(7, DiskState::Outdated));
-        let b = BitsHolder { position: (at(9, 9, 0), 1), ..b };
-        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &a, &b), SyncDecision::BitmapSource, "even if it is further");
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &b, &a), SyncDecision::BitmapTarget);
+    }
+
+    #[test]
+    fn a_further_copy_is_the_source_whatever_the_disk_states_say() {
+        // Seed 79004: n2 (Consistent after a power loss, 2/13, 32 bits for n0) resynced n0
+        // (Outdated, 2/15, 28 bits for n2), and a FLUSHed write only n0 held was lost.
+        let nearer = BitsHolder { position: (at(2, 13, 0), 2), ..side(32, DiskState::Consistent) };
+        let further = BitsHolder { position: (at(2, 15, 0), 0), ..side(28, DiskState::Outdated) };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &further, &nearer), SyncDecision::BitmapSource);
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &nearer, &further), SyncDecision::BitmapTarget);
+        // Bits on one side only, either side: the further copy still sends (the bitmaps merge).
+        let further_without = BitsHolder { bits_for_other: 0, ..further };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &further_without, &nearer), SyncDecision::BitmapSource);
+        let good_further_without = BitsHolder { disk: DiskState::UpToDate, ..further_without };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &good_further_without, &nearer), SyncDecision::BitmapSource);
+        // Never out of an Inconsistent copy, nor into or out of a primary by this rule.
+        let inconsistent = BitsHolder { disk: DiskState::Inconsistent, ..further };
+        assert_ne!(resync_leftover_bits(SyncDecision::InSync, &inconsistent, &nearer), SyncDecision::BitmapSource);
+        let primary = BitsHolder { is_primary: true, ..nearer };
+        assert_eq!(resync_leftover_bits(SyncDecision::InSync, &further, &primary), SyncDecision::BitmapTarget, "the primary sends");
     }
 
     #[test]
