@@ -8,12 +8,12 @@
 //! peer ends UpToDate again.
 //!
 //! Equal generations mean both nodes applied the same primary's writes, though not
-//! necessarily all of them: when both hold bits (secondaries mark the writes they applied
-//! lately when they lose the primary), the side that is not Outdated sends; if neither is, the
-//! copy further into the primary's stream does (its data position: it holds every flushed
-//! write of the other), and of two equally far the lower node id. Leaving both as they were
-//! left two UpToDate copies different for good (simulator seed 459). A primary is the source
-//! whenever either side holds bits.
+//! necessarily all of them: when either holds bits (secondaries mark the writes they applied
+//! lately when they lose the primary), the copy further into the primary's stream sends (its
+//! data position: it holds every flushed write of the other), Outdated or not (seed 79004);
+//! of two equally far, the side that is not Outdated, then the one holding bits, then the
+//! lower node id. Leaving both as they were left two UpToDate copies different for good
+//! (simulator seed 459). A primary is the source whenever either side holds bits.
 //!
 //! Nodes weigh such bits when they connect, and on a live link once neither side sees a
 //! primary (then no write changes them; DRBD resyncs what its secondaries marked when they
