@@ -56,6 +56,10 @@ impl BitsHolder {
     /// on without it, not to a nearer copy (simulator seed 79004: a node that lost its cache at
     /// a power loss, Consistent at 2/13, resynced an Outdated one at 2/15, both holding bits,
     /// and took from it a FLUSHed write only the Outdated copy and the lost primary held).
+    /// Left "in sync" instead, the good copy could not be elected (the further voters refuse
+    /// it), the Outdated ones could not either, and no one was primary for good (seeds 14903,
+    /// 28685, 34613, 38129); a good copy that takes an Outdated source's data ends Outdated,
+    /// and the rule that brings an all-Outdated cluster back then confirms them all.
     /// Copies of different elections never get here: the later election's is the source
     /// (`sync_decision::decide_same_current`).
     fn further_with_bits(&self, target: &BitsHolder) -> bool {
@@ -86,24 +90,6 @@ impl BitsHolder {
     /// the way (both sides are then ordered by position).
     fn may_send_either_way(&self, target: &BitsHolder) -> bool {
         self.bits_for_other > 0 && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) && !target.is_primary
-    }
-
-    /// An Outdated copy further into the stream than a good one that holds no bits for it,
-    /// while it holds bits for the good one: it holds every flushed write of the good copy and
-    /// blocks the good copy lacks. Left "in sync", the good copy could not be elected (the
-    /// further voters refuse it: they may hold acknowledged writes it lacks), the Outdated ones
-    /// could not either, and no one was primary for good (seeds 14903, 28685, 34613, 38129: an
-    /// Outdated primary resynced a node, which took its bits for a third; the third, UpToDate
-    /// but behind, was never written again). The good copy ends Outdated, a copy of an Outdated
-    /// source; the rule that brings an all-Outdated cluster back then confirms them all.
-    fn outdated_but_further(&self, target: &BitsHolder) -> bool {
-        self.disk == DiskState::Outdated
-            && self.bits_for_other > 0
-            && !self.is_primary
-            && !target.is_primary
-            && matches!(target.disk, DiskState::UpToDate | DiskState::Consistent)
-            && target.bits_for_other == 0
-            && self.position.0 > target.position.0
     }
 
     /// The order between two sides that may both send: further into the stream first, then
@@ -143,8 +129,6 @@ pub fn resync_leftover_bits(decision: SyncDecision, me: &BitsHolder, peer: &Bits
         (false, true) => SyncDecision::BitmapTarget,
         _ if me.is_primary_with_bits(peer) => SyncDecision::BitmapSource,
         _ if peer.is_primary_with_bits(me) => SyncDecision::BitmapTarget,
-        _ if me.outdated_but_further(peer) => SyncDecision::BitmapSource,
-        _ if peer.outdated_but_further(me) => SyncDecision::BitmapTarget,
         // The node ids differ, so the order is total: one side sends.
         _ if me.may_send_either_way(peer) && peer.may_send_either_way(me) || both_outdated_with_bits(me, peer) => {
             if me.sends_before(peer) {
