@@ -34,10 +34,11 @@ needs_of() {
     # rendered by man, the Debian package built, installed and its unit checked by
     # systemd-analyze (scripts/package-test.sh), a real Pacemaker + Corosync cluster in
     # namespaces (scripts/pacemaker: ext4 on top through nbdfuse, bc for the RTO), curl scraping
-    # the metrics endpoint (tests/metrics.rs); then the guest suite.
+    # the metrics endpoint (tests/metrics.rs), python3 for the module-cycle check
+    # (scripts/check-module-cycles.py); then the guest suite.
     test) needs_of vm; needs_of package
           echo resource-agents libxml2-utils pacemaker pacemaker-cli-utils corosync libnbd-bin fuse3 bc curl \
-            man-db:man systemd:systemd-analyze ;;
+            man-db:man systemd:systemd-analyze python3:python3 ;;
     # fio's nbd engine against the export and qemu-nbd, iperf3 for raw TCP bandwidth, sockperf
     # for its round trip, perf to count the daemons' system calls without stopping them (strace
     # where perf may not), python3 for the table.
