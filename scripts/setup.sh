@@ -13,6 +13,8 @@
 # --plan prints the apt-get command instead of running it. When it cannot install, it exits 1
 # naming the packages and the command to run by hand.
 set -euo pipefail
+# shellcheck source=scripts/lib/dpkg-state.sh
+. "$(dirname "$0")/lib/dpkg-state.sh"
 
 usage() { sed -n 2,14p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
@@ -100,11 +102,7 @@ echo "setup: $verb for ${purposes[*]}: ${missing[*]}"
 apt_wait=(-o DPkg::Lock::Timeout=900)
 if [ "$(id -u)" = 0 ]; then
   # An earlier install that was interrupted leaves dpkg half done, and apt refuses to go on.
-  # (Half done while another apt or dpkg runs is that one's work in progress: apt waits for it.)
-  if [ -n "$(dpkg --audit 2>/dev/null)" ] && [ -z "$plan" ] && ! pgrep -x 'apt-get|apt|dpkg' >/dev/null; then
-    echo "setup: an earlier package installation was interrupted: dpkg --configure -a"
-    dpkg --configure -a >/dev/null 2>&1 || echo "setup: dpkg --configure -a failed; run it by hand" >&2
-  fi
+  [ -n "$plan" ] || dpkg_finish_interrupted setup
   apt-get "${apt_wait[@]}" update -q >/dev/null || echo "setup: apt-get update failed; trying the package lists already here" >&2
 fi
 

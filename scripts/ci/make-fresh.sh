@@ -25,12 +25,17 @@ if [ "${CI:-}" != true ] && [ -z "$yes" ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 
-installed() { dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null | grep -qx installed; }
+# shellcheck source=scripts/lib/dpkg-state.sh
+. scripts/lib/dpkg-state.sh
+# An image saved in the middle of an installation has packages only unpacked: finish it, so that
+# what is removed below is what a machine would have, and apt plans over a consistent database.
+dpkg_finish_interrupted make-fresh
 
-# Purges the installed ones of the named packages, and nothing else.
+# Purges the named packages that dpkg holds (in any state: one left unpacked by an interrupted
+# installation is removed too), and nothing else.
 remove() {
   local present=() p plan extra
-  for p in "$@"; do installed "$p" && present+=("$p"); done
+  for p in "$@"; do dpkg_present "$p" && present+=("$p"); done
   [ ${#present[@]} -gt 0 ] || return 0
   plan=$(apt-get -s purge "${present[@]}" | awk '/^Purg /{print $2}')
   extra=$(comm -23 <(sort <<<"$plan") <(printf '%s\n' "${present[@]}" | sort))
