@@ -2,6 +2,7 @@
 //! reader that applies the peer's stream, and what happens when a link dies.
 
 use super::admission::HandshakeGate;
+use super::dial_pacing::{DialPacing, DIAL_INTERVAL, REFUSED_RETRY};
 use super::handshake::{accept, dial, Handshake, PEER_REFUSED};
 use super::link::{Closing, PeerLink};
 use super::state::State;
@@ -13,27 +14,6 @@ use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const DIAL_INTERVAL: Duration = Duration::from_millis(300);
-/// After a peer refused the connection (it is StandAlone, or refuses this node): it will not
-/// change its mind within a dial interval, and each refusal costs it a handshake.
-const REFUSED_RETRY: Duration = Duration::from_secs(2);
-/// A link this node dialed that goes within `FLAP_WINDOW` of coming up went for a reason a
-/// moment does not change (a secondary whose disk is full fails the first writes of every
-/// resync; a peer that breaks the protocol again): the next dial waits twice as long as the last
-/// wait, up to `FLAP_WAIT_MAX`, so a flapping link costs a handshake, a resync's first blocks and
-/// two log lines every few seconds, not three times a second. A link that lasts resets the wait.
-const FLAP_WINDOW: Duration = Duration::from_secs(10);
-const FLAP_WAIT_MAX: Duration = Duration::from_secs(5);
-
-/// The wait before the next dial once a link that lasted `lasted` went, after a wait of `wait`.
-fn wait_after_link(wait: Duration, lasted: Duration) -> Duration {
-    if lasted < FLAP_WINDOW {
-        (wait * 2).clamp(DIAL_INTERVAL, FLAP_WAIT_MAX)
-    } else {
-        DIAL_INTERVAL
-    }
-}
 
 /// Accept errors (out of file descriptors, say) are retried after a pause that doubles up to
 /// a second: retrying at once would spin a core while nothing can be accepted.
@@ -103,10 +83,7 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
             .name(format!("dial-{}", peer.name))
             .spawn(move || {
                 let mut last_error = String::new();
-                let mut last_attempt: Option<Instant> = None;
-                // When the last dial made a link, and the wait before the next one.
-                let mut linked_at: Option<Instant> = None;
-                let mut wait = DIAL_INTERVAL;
+                let mut pacing = DialPacing::default();
                 loop {
                     {
                         let st = shared.lock();
@@ -117,17 +94,12 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                             drop(st.wait_dial(DIAL_INTERVAL));
                             continue;
                         }
-                        if let Some(at) = linked_at.take() {
-                            wait = wait_after_link(wait, at.elapsed());
-                        }
-                        // At most one attempt per wait, also when the last one connected and
-                        // was closed at once (a peer that refuses after its handshake).
-                        if let Some(rest) = last_attempt.and_then(|t| wait.checked_sub(t.elapsed())) {
+                        if let Some(rest) = pacing.wait_before_attempt(Instant::now()) {
                             drop(st.wait_dial(rest));
                             continue;
                         }
                     }
-                    last_attempt = Some(Instant::now());
+                    pacing.attempting(Instant::now());
                     let result = TcpStream::connect_timeout(&address, shared.config.timing.ping_timeout)
                         .map_err(|e| format!("cannot reach {address}: {e}"))
                         .and_then(|stream| dial(&shared, peer_id, stream))
@@ -139,12 +111,13 @@ pub fn spawn_dialers(shared: &Arc<Shared>) -> std::io::Result<()> {
                             tracing::info!(resource = %shared.config.name, peer = peer_id, "connecting: {reason}");
                             last_error = reason.clone();
                         }
+                        pacing.failed();
                         let refused = reason.starts_with(PEER_REFUSED);
                         shared.lock().replica.peer_mut(peer_id).last_error = Some(reason);
                         std::thread::sleep(if refused { REFUSED_RETRY } else { DIAL_INTERVAL });
                     } else {
                         last_error.clear();
-                        linked_at = last_attempt;
+                        pacing.linked();
                     }
                 }
             })?;
@@ -295,22 +268,4 @@ pub fn drop_peer(shared: &Shared, st: &mut State, peer_id: u8, reason: &str) -> 
     shared.changed.notify_all();
     shared.dial.notify_all();
     Some(closing)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_link_that_goes_at_once_makes_the_next_dial_wait_longer_and_one_that_lasts_resets_it() {
-        let quick = Duration::from_millis(50);
-        let mut wait = DIAL_INTERVAL;
-        let mut waits = Vec::new();
-        for _ in 0..6 {
-            wait = wait_after_link(wait, quick);
-            waits.push(wait.as_millis());
-        }
-        assert_eq!(waits, [600, 1200, 2400, 4800, 5000, 5000]);
-        assert_eq!(wait_after_link(wait, FLAP_WINDOW), DIAL_INTERVAL, "a link that lasted resets the wait");
-    }
 }

@@ -4,6 +4,7 @@
 mod admission;
 mod congestion;
 mod connection;
+mod dial_pacing;
 mod error;
 mod handshake;
 mod counters;
