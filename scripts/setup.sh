@@ -97,9 +97,6 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 verb=installing; [ -z "$plan" ] || verb="would install"
 echo "setup: $verb for ${purposes[*]}: ${missing[*]}"
-# Another apt on this machine (a second checkout's CI, unattended upgrades) holds dpkg's lock
-# for a while: wait for it rather than fail.
-apt_wait=(-o DPkg::Lock::Timeout=900)
 if [ "$(id -u)" = 0 ]; then
   # An earlier install that was interrupted leaves dpkg half done, and apt refuses to go on.
   [ -n "$plan" ] || dpkg_finish_interrupted setup

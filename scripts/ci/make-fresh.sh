@@ -44,7 +44,7 @@ remove() {
     exit 1
   fi
   echo "make-fresh: removing ${present[*]}"
-  apt-get purge -y -q "${present[@]}" >/dev/null
+  apt-get "${apt_wait[@]}" purge -y -q "${present[@]}" >/dev/null
 }
 
 QEMU_SYSTEM=(qemu-system-x86 qemu-system-gui qemu-system-common qemu-system-data qemu-block-extra)
@@ -72,9 +72,9 @@ case $1 in
     if [ "$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null)" != "$other" ]; then
       d=$(mktemp -d)
       (cd "$d" && backports_apt apt-get download -q "qemu-utils=$other" >/dev/null)
-      apt-get update -q >/dev/null
+      apt-get "${apt_wait[@]}" update -q >/dev/null
       echo "make-fresh: installing qemu-utils $other from bookworm-backports (the sources' qemu-system-x86 is $sources)"
-      apt-get install -y -q --no-install-recommends --allow-downgrades "$d"/qemu-utils_*.deb >/dev/null
+      apt-get "${apt_wait[@]}" install -y -q --no-install-recommends --allow-downgrades "$d"/qemu-utils_*.deb >/dev/null
       rm -rf "$d"
     fi
     ;;

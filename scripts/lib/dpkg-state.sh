@@ -1,4 +1,4 @@
-# Sourced, not run: what dpkg's database says on a machine whose image may have been saved in the
+# Sourced, not run: dpkg and apt on a machine whose image may have been saved in the
 # middle of an installation (seen on a CI machine: libraries configured, the packages that use
 # them only unpacked). scripts/setup.sh and scripts/ci/make-fresh.sh use it.
 #
@@ -7,6 +7,11 @@
 #   dpkg_finish_interrupted WHO    runs dpkg --configure -a when an earlier installation was
 #                                  interrupted (apt refuses to work until it is); WHO prefixes
 #                                  the messages. Needs root.
+#   apt-get "${apt_wait[@]}" ...   apt waits for another apt (a second checkout's CI, unattended
+#                                  upgrades on a machine just booted) rather than fail
+
+# shellcheck disable=SC2034 # used by the scripts that source this
+apt_wait=(-o DPkg::Lock::Timeout=900)
 
 dpkg_present() {
   case $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) in
