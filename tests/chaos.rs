@@ -10,6 +10,9 @@
 //! bytes are equal. Under quorum there must be no split brain,
 //! no lost acknowledged write, and no write failed by the primary that has quorum.
 //!
+//! A third test puts the faults on the secondary and the witness instead, one at a time: the
+//! primary keeps quorum with the node left and must fail no write.
+//!
 //! Two data nodes run protocol C, three run protocol B: every fault here leaves the peers'
 //! daemons running, so B promises as much as C (a write acknowledged as received reaches the
 //! peers' disks). Under B, a write still waiting on a secondary when its primary was killed
@@ -36,6 +39,8 @@ const PROBE_OFFSET: u64 = 48 * MIB;
 /// runs more of each.
 const CYCLES: usize = 21;
 const CYCLES_OF_THREE: usize = 12;
+/// Cycles of faults on the secondary and the witness: each of the three faults on each.
+const CYCLES_OFF_THE_PRIMARY: usize = 6;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,6 +69,8 @@ struct Control {
     /// Where to write (node name, NBD address); `None`: nowhere for now.
     target: Option<(String, SocketAddr)>,
     paused: bool,
+    /// How long the writer waits for an answer (`None`: `CLIENT_TIMEOUT`).
+    client_timeout: Option<Duration>,
     /// The writer is between writes, waiting (set while `paused` or without a target).
     idle: bool,
     stop: bool,
@@ -95,7 +102,7 @@ fn run_writer(net: &netns::Net, shared: &Shared) {
     net.enter_client();
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
     loop {
-        let (node, address) = {
+        let (node, address, timeout) = {
             let (lock, cv) = &**shared;
             let mut ctl = lock.lock().unwrap();
             loop {
@@ -103,7 +110,7 @@ fn run_writer(net: &netns::Net, shared: &Shared) {
                     return;
                 }
                 match (&ctl.target, ctl.paused) {
-                    (Some(target), false) => break target.clone(),
+                    (Some((node, address)), false) => break (node.clone(), *address, ctl.client_timeout.unwrap_or(CLIENT_TIMEOUT)),
                     _ => {
                         ctl.idle = true;
                         cv.notify_all();
@@ -113,7 +120,7 @@ fn run_writer(net: &netns::Net, shared: &Shared) {
             }
         };
         shared.0.lock().unwrap().idle = false;
-        let Ok(mut client) = NbdClient::connect(address, "r0", CLIENT_TIMEOUT) else {
+        let Ok(mut client) = NbdClient::connect(address, "r0", timeout) else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
@@ -166,6 +173,68 @@ fn promote_one<'a>(c: &Cluster, candidates: &[&'a str]) -> &'a str {
         }
         assert!(Instant::now() < deadline, "no node may promote\n{}", c.logs());
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The writer's state, its target `node`.
+fn writer_for(c: &Cluster, node: &str) -> Shared {
+    let shared: Shared = Arc::default();
+    {
+        let mut ctl = shared.0.lock().unwrap();
+        ctl.history.acked = vec![0; BLOCKS as usize];
+        ctl.history.tried = vec![Vec::new(); BLOCKS as usize];
+        ctl.target = Some((node.to_owned(), c.nbd_address(node)));
+    }
+    shared
+}
+
+fn pause_writer(c: &Cluster, shared: &Shared) {
+    {
+        let mut ctl = shared.0.lock().unwrap();
+        ctl.paused = true;
+        shared.1.notify_all();
+    }
+    wait_until(c, "the writer to pause", 30, || shared.0.lock().unwrap().idle);
+}
+
+fn resume_writer(shared: &Shared) {
+    let mut ctl = shared.0.lock().unwrap();
+    ctl.paused = false;
+    shared.1.notify_all();
+}
+
+fn inflict(c: &Cluster, node: &str, fault: Fault) {
+    match fault {
+        Fault::Kill => c.kill(node),
+        Fault::Partition => c.isolate(node),
+        Fault::Stop => c.signal(node, "STOP"),
+    }
+}
+
+/// Undoes `fault` as a service manager or the network would: a killed daemon is started again.
+fn mend(c: &Cluster, node: &str, fault: Fault) {
+    match fault {
+        Fault::Kill => drop(c.ok(node, &["up", "r0"])),
+        Fault::Partition => c.heal(node),
+        Fault::Stop => c.signal(node, "CONT"),
+    }
+}
+
+/// With the writer paused: every acknowledged write reads back through `reader`, every data
+/// node shows the others in sync with no bit held, and their data areas are equal.
+fn check_quiet_replicas(c: &Cluster, shared: &Shared, reader: &str, data_nodes: &[&str], when: &str) {
+    check_blocks(c, reader, shared);
+    c.wait_all_in_sync(data_nodes);
+    // The data area: the metadata at the end of each disk differs by nature.
+    let size = c.status(reader)["size_bytes"].as_u64().unwrap();
+    let reference = c.data_of(reader, size);
+    for node in data_nodes.iter().filter(|n| **n != reader) {
+        let other = c.data_of(node, size);
+        if let Some(at) = other.iter().zip(&reference).position(|(a, b)| a != b) {
+            let block = at / BLOCK * BLOCK;
+            let show = |d: &[u8]| format!("{:?}", &d[block..block + 16]);
+            panic!("{when}: the replicas differ, first at byte {at}: {node} {} {reader} {}\n{}", show(&other), show(&reference), c.logs());
+        }
     }
 }
 
@@ -247,6 +316,56 @@ fn faults_on_the_primary_heal_without_split_brain_or_lost_writes() {
     run_cycles(&c, &["alpha", "beta"], CYCLES);
 }
 
+/// Faults on the others, never the primary: the secondary or the witness is killed, cut off
+/// silently or stopped past the ping timeout, one at a time, while the writer goes on. The
+/// primary keeps quorum with the node left, so it fails no write and answers every one (under
+/// protocol C a silent secondary holds the writes until its link is declared dead, then the
+/// primary records for it), and the node comes back in sync by itself once the fault is undone.
+#[test]
+fn faults_on_the_secondary_or_the_witness_fail_no_write_of_the_primary() {
+    if !netns::usable() {
+        return;
+    }
+    let c = Cluster::witness_trio(Options { netns: true, disk_mib: 64, extra: SMALL_ACTIVITY_LOG, ..Options::default() });
+    let net = c.net.as_ref().unwrap();
+    let shared = writer_for(&c, "alpha");
+    // Protocol C holds the writes while a silent secondary is not yet declared dead: the
+    // writer waits that out rather than give up on an answer that comes.
+    shared.0.lock().unwrap().client_timeout = Some(Duration::from_secs(30));
+    let acked = || shared.0.lock().unwrap().history.acked_writes;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| run_writer(net, &shared));
+        let stop_writer = StopWriter(&shared);
+        let cycles = std::env::var("BLKREPL_CHAOS_CYCLES").ok().and_then(|n| n.parse().ok()).unwrap_or(CYCLES_OFF_THE_PRIMARY);
+        for cycle in 0..cycles {
+            let node = ["beta", "tie"][cycle % 2];
+            let fault = [Fault::Kill, Fault::Partition, Fault::Stop][cycle / 2 % 3];
+            let before = acked();
+            inflict(&c, node, fault);
+            wait_until(&c, "writes while the fault holds", 30, || acked() > before + 50);
+            mend(&c, node, fault);
+            match node {
+                "beta" => drop(c.wait_peer("alpha", "beta", "Established", "UpToDate")),
+                _ => drop(c.wait_for("alpha", "the witness back", |st| Cluster::peer(st, node)["connection"] == "Connected")),
+            }
+            let after = acked();
+            wait_until(&c, "writes after the fault", 30, || acked() > after + 50);
+            pause_writer(&c, &shared);
+            check_quiet_replicas(&c, &shared, "alpha", &["alpha", "beta"], &format!("cycle {cycle}, {fault:?} on {node}"));
+            let (failed, unanswered) = {
+                let h = &shared.0.lock().unwrap().history;
+                (h.failed.clone(), h.unanswered.clone())
+            };
+            say(&format!("chaos off the primary: cycle {cycle:2} {fault:?} on {node}: acknowledged {}, failed {failed:?}, unanswered {unanswered:?}", acked()));
+            assert!(failed.is_empty() && unanswered.is_empty(), "cycle {cycle}: the primary with quorum failed or left writes unanswered\n{}", c.logs());
+            assert_eq!(c.status("alpha")["role"], "Primary", "cycle {cycle}");
+            resume_writer(&shared);
+        }
+        drop(stop_writer);
+        writer.join().unwrap();
+    });
+}
+
 /// The two secondaries of three data nodes follow the primary, record for each other what one
 /// lacks, and one of them is promoted each cycle: the old primary then comes back to two nodes
 /// that both moved on.
@@ -269,13 +388,7 @@ fn run_cycles(c: &Cluster, data_nodes: &[&str], default_cycles: usize) {
     let net = c.net.as_ref().unwrap();
     // Data nodes + witnesses, as the simulator names its shapes: the two tests' lines interleave.
     let shape = format!("{}+{}", data_nodes.len(), c.nodes.len() - data_nodes.len());
-    let shared: Shared = Arc::default();
-    {
-        let mut ctl = shared.0.lock().unwrap();
-        ctl.history.acked = vec![0; BLOCKS as usize];
-        ctl.history.tried = vec![Vec::new(); BLOCKS as usize];
-        ctl.target = Some((data_nodes[0].to_owned(), c.nbd_address(data_nodes[0])));
-    }
+    let shared = writer_for(c, data_nodes[0]);
     std::thread::scope(|s| {
         let writer = s.spawn(|| run_writer(net, &shared));
         let stop_writer = StopWriter(&shared);
@@ -292,11 +405,7 @@ fn run_cycles(c: &Cluster, data_nodes: &[&str], default_cycles: usize) {
             wait_until(c, "the writer to make progress", 30, || shared.0.lock().unwrap().history.acked_writes > acked_before + 50);
 
             let t0 = Instant::now();
-            match fault {
-                Fault::Kill => c.kill(primary),
-                Fault::Partition => c.isolate(primary),
-                Fault::Stop => c.signal(primary, "STOP"),
-            }
+            inflict(c, primary, fault);
             let secondary = promote_one(c, &candidates);
             let probe = c.nbd_address(secondary);
             as_client(net, || {
@@ -319,41 +428,15 @@ fn run_cycles(c: &Cluster, data_nodes: &[&str], default_cycles: usize) {
 
             // Heal while the writer goes on: the old primary must come back as a secondary by
             // itself, and the new one must keep serving.
-            match fault {
-                Fault::Kill => drop(c.ok(primary, &["up", "r0"])),
-                Fault::Partition => c.heal(primary),
-                Fault::Stop => c.signal(primary, "CONT"),
-            }
+            mend(c, primary, fault);
             c.wait_for(primary, "the old primary back as a secondary", |s| s["role"] == "Secondary" && s["disk"] == "UpToDate");
             let acked_now = shared.0.lock().unwrap().history.acked_writes;
             wait_until(c, "writes after the heal", 30, || shared.0.lock().unwrap().history.acked_writes > acked_now + 50);
 
-            // Quiet: every acknowledged write reads back through the new primary, and the two
+            // Quiet: every acknowledged write reads back through the new primary, and the
             // replicas are identical.
-            {
-                let mut ctl = shared.0.lock().unwrap();
-                ctl.paused = true;
-                shared.1.notify_all();
-            }
-            wait_until(c, "the writer to pause", 30, || shared.0.lock().unwrap().idle);
-            check_blocks(c, secondary, &shared);
-            c.wait_all_in_sync(data_nodes);
-            // The data area: the metadata at the end of each disk differs by nature.
-            let size = c.status(secondary)["size_bytes"].as_u64().unwrap();
-            let new = c.data_of(secondary, size);
-            for node in data_nodes.iter().filter(|n| **n != secondary) {
-                let old = c.data_of(node, size);
-                if let Some(at) = old.iter().zip(&new).position(|(a, b)| a != b) {
-                    let block = at / BLOCK * BLOCK;
-                    let show = |d: &[u8]| format!("{:?}", &d[block..block + 16]);
-                    panic!(
-                        "cycle {cycle}: the replicas differ after the rejoin, first at byte {at}: {node} {} {secondary} {}\n{}",
-                        show(&old),
-                        show(&new),
-                        c.logs()
-                    );
-                }
-            }
+            pause_writer(c, &shared);
+            check_quiet_replicas(c, &shared, secondary, data_nodes, &format!("cycle {cycle}"));
             let (failed, unanswered, acked, failed_new) = {
                 let ctl = shared.0.lock().unwrap();
                 let h = &ctl.history;
@@ -366,11 +449,7 @@ fn run_cycles(c: &Cluster, data_nodes: &[&str], default_cycles: usize) {
                 failover.as_secs_f64()
             ));
             assert_eq!(brains, 0, "split brain in cycle {cycle}\n{}", c.logs());
-            {
-                let mut ctl = shared.0.lock().unwrap();
-                ctl.paused = false;
-                shared.1.notify_all();
-            }
+            resume_writer(&shared);
             primary = secondary;
         }
         drop(stop_writer);
