@@ -10,6 +10,11 @@
 #   scripts/ci/make-fresh.sh [--yes] other-qemu   remove qemu-system-x86 and put in a qemu-utils of
 #                                                 another upload than the apt sources' qemu-system-x86
 #                                                 (bookworm-backports', as seen on fresh images)
+#   scripts/ci/make-fresh.sh [--yes] interrupted  leave iperf3 as an image saved in the middle of
+#                                                 its installation has it (seen on a CI machine):
+#                                                 its library configured, iperf3 only unpacked, so
+#                                                 that dpkg --audit reports it and apt refuses to
+#                                                 install anything until it is finished
 #
 # Nothing is removed that other installed packages depend on: apt's plan is checked first and a
 # removal that would take anything else along is refused. Either way the blkrepl package is
@@ -18,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 yes=""
 [ "${1:-}" != --yes ] || { yes=1; shift; }
-[ $# = 1 ] || { sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[ $# = 1 ] || { sed -n 2,21p "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 if [ "${CI:-}" != true ] && [ -z "$yes" ]; then
   echo "make-fresh: this removes packages from the machine; run it under CI=true or with --yes" >&2
   exit 2
@@ -45,6 +50,12 @@ remove() {
   fi
   echo "make-fresh: removing ${present[*]}"
   apt-get "${apt_wait[@]}" purge -y -q "${present[@]}" >/dev/null
+}
+
+# Runs a command whose chatter (maintainer scripts' notes) is shown only if it fails.
+quietly() {
+  local out
+  out=$("$@" 2>&1) || { echo "$out" >&2; echo "make-fresh: $* failed" >&2; exit 1; }
 }
 
 QEMU_SYSTEM=(qemu-system-x86 qemu-system-gui qemu-system-common qemu-system-data qemu-block-extra)
@@ -78,5 +89,26 @@ case $1 in
       rm -rf "$d"
     fi
     ;;
-  *) sed -n 2,16p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  interrupted)
+    # iperf3 installed first brings its dependencies (libsctp1, libssl3), so that only the
+    # library's and iperf3's own configuration is left to dpkg.
+    if ! apt-get "${apt_wait[@]}" install -y -q --no-install-recommends iperf3 >/dev/null 2>&1; then
+      apt-get "${apt_wait[@]}" update -q >/dev/null
+      apt-get "${apt_wait[@]}" install -y -q --no-install-recommends iperf3 >/dev/null
+    fi
+    d=$(mktemp -d)
+    # apt downloads as _apt where it may.
+    chown _apt "$d" 2>/dev/null || true
+    (cd "$d" && apt-get download -q iperf3 libiperf0 >/dev/null)
+    quietly dpkg --purge iperf3 libiperf0
+    quietly dpkg --unpack "$d"/*.deb
+    quietly dpkg --configure libiperf0
+    rm -rf "$d"
+    if [ "$(dpkg-query -W -f='${db:Status-Status}' iperf3)" != unpacked ] || [ -z "$(dpkg --audit)" ]; then
+      echo "make-fresh: iperf3 is not left half installed: $(dpkg-query -W -f='${db:Status-Status}' iperf3)" >&2
+      exit 1
+    fi
+    echo "make-fresh: iperf3 left unpacked and not configured, as an interrupted installation leaves it"
+    ;;
+  *) sed -n 2,21p "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
