@@ -225,17 +225,7 @@ fn mend(c: &Cluster, node: &str, fault: Fault) {
 fn check_quiet_replicas(c: &Cluster, shared: &Shared, reader: &str, data_nodes: &[&str], when: &str) {
     check_blocks(c, reader, shared);
     c.wait_all_in_sync(data_nodes);
-    // The data area: the metadata at the end of each disk differs by nature.
-    let size = c.status(reader)["size_bytes"].as_u64().unwrap();
-    let reference = c.data_of(reader, size);
-    for node in data_nodes.iter().filter(|n| **n != reader) {
-        let other = c.data_of(node, size);
-        if let Some(at) = other.iter().zip(&reference).position(|(a, b)| a != b) {
-            let block = at / BLOCK * BLOCK;
-            let show = |d: &[u8]| format!("{:?}", &d[block..block + 16]);
-            panic!("{when}: the replicas differ, first at byte {at}: {node} {} {reader} {}\n{}", show(&other), show(&reference), c.logs());
-        }
-    }
+    c.assert_data_equal(reader, data_nodes, when);
 }
 
 /// Runs `f` on a thread inside the clients' namespace.

@@ -152,14 +152,6 @@ fn writes_larger_than_a_frame_replicate_without_reconnecting() {
 
 /// The two replicas' data areas are equal byte for byte (the metadata at the end of each disk
 /// differs by nature); panics at the first byte that differs, with the daemons' logs.
-fn assert_replicas_equal(c: &Cluster) {
-    let size = c.status("alpha")["size_bytes"].as_u64().unwrap();
-    let (alpha, beta) = (c.data_of("alpha", size), c.data_of("beta", size));
-    if let Some(at) = alpha.iter().zip(&beta).position(|(a, b)| a != b) {
-        panic!("the replicas differ first at byte {at}: alpha {:#04x}, beta {:#04x}\n{}", alpha[at], beta[at], c.logs());
-    }
-}
-
 #[test]
 fn write_zeroes_and_discards_replicate_and_resync() {
     let c = synced_pair(Options::default());
@@ -173,7 +165,7 @@ fn write_zeroes_and_discards_replicate_and_resync() {
     let expected = [(0, 256 << 10, 0x11), (256 << 10, 256 << 10, 0), (512 << 10, 1536 << 10, 0x11), (4 * MIB, 512 << 10, 0), (4 * MIB + (512 << 10), 1536 << 10, 0x22), (8 * MIB, 256 << 10, 0), (8 * MIB + (256 << 10), 768 << 10, 0x33), (12 * MIB, 3 * MIB, 0)];
     let (ok, out) = check_patterns(&url, &expected);
     assert!(ok, "alpha reads back something else: {out}");
-    assert_replicas_equal(&c);
+    c.assert_data_equal("alpha", &["beta"], "zeroes and a discard replicated");
 
     // Zeroes and a discard while beta is away go to the bitmap and reach beta by resync.
     c.ok("beta", &["disconnect", "r0"]);
@@ -183,7 +175,7 @@ fn write_zeroes_and_discards_replicate_and_resync() {
     assert_eq!(Cluster::peer(&c.status("alpha"), "beta")["out_of_sync_bytes"], MIB, "the zeroed blocks are marked for beta");
     c.ok("beta", &["connect", "r0"]);
     c.wait_peer("alpha", "beta", "Established", "UpToDate");
-    assert_replicas_equal(&c);
+    c.assert_data_equal("alpha", &["beta"], "zeroes and a discard resynced");
     c.ok("alpha", &["secondary", "r0"]);
     c.ok("beta", &["primary", "r0"]);
     let (ok, out) = check_patterns(&c.nbd_url("beta"), &[(MIB, 512 << 10, 0), (5 * MIB, 512 << 10, 0), (MIB + (512 << 10), 512 << 10, 0x11), (5 * MIB + (512 << 10), 512 << 10, 0x22)]);

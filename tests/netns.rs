@@ -171,11 +171,7 @@ fn three_data_nodes_heal_a_silently_isolated_primary_into_one_primary_and_three_
     // What alpha held is gone everywhere: 4 MiB..5 MiB reads back as zeroes.
     let (ok, out) = c.check("beta", &[before, after, (4 * MIB, MIB, 0)]);
     assert!(ok, "{out}");
-    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
-    let beta = c.data_of("beta", size);
-    for node in ["alpha", "gamma"] {
-        assert!(c.data_of(node, size) == beta, "{node}'s copy differs from beta's\n{}", c.logs());
-    }
+    c.assert_data_equal("beta", &["alpha", "gamma"], "after the heal");
 }
 
 /// One link alone fails: the primary loses a peer that its other secondary still reaches. That
@@ -212,8 +208,7 @@ fn secondaries_resync_what_they_recorded_for_each_other_once_no_one_is_primary()
         gamma["replication"] == "Established" && gamma["out_of_sync_bytes"] == 0
     });
     c.wait_for("gamma", "UpToDate", |s| s["disk"] == "UpToDate");
-    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
-    assert!(c.data_of("gamma", size) == c.data_of("beta", size), "gamma lacks what beta recorded for it\n{}", c.logs());
+    c.assert_data_equal("beta", &["gamma"], "gamma given what beta recorded for it");
     let (offset, len, byte) = written;
     assert!(c.data_of("gamma", offset + len)[offset as usize..].iter().all(|b| *b == byte), "the write reached gamma");
     assert_ne!(Cluster::peer(&c.status("gamma"), "alpha")["connection"], "Connected", "the cut held: beta was the source");

@@ -184,8 +184,7 @@ fn a_peer_that_leaves_cleanly_stops_counting_and_comes_back_outdated() {
 fn assert_resynced(c: &Cluster, survivor: &str, victim: &str, received_before: u64, kept: u64, discarded: u64) {
     c.wait_peer(survivor, victim, "Established", "UpToDate");
     c.wait_for(victim, "UpToDate", |s| s["disk"] == "UpToDate");
-    let size = c.status(survivor)["size_bytes"].as_u64().unwrap();
-    assert!(c.data_of(survivor, size) == c.data_of(victim, size), "{victim} differs from {survivor} after the resync");
+    c.assert_data_equal(survivor, &[victim], "after the resync");
     let moved = c.received(victim, survivor) - received_before;
     assert!((kept..kept + discarded / 2).contains(&moved), "moved {moved} bytes for {kept} kept and {discarded} discarded");
     // A full resync would move little more (the rest is zeroes): the log says which kind ran.
@@ -265,14 +264,13 @@ fn five_nodes_a_secondary_keeps_the_bitmap_for_a_peer_the_dead_primary_left_behi
     let log = std::fs::read_to_string(c.run_dir().join("r0.gamma.log")).expect("gamma's log");
     let started: Vec<&str> = log.lines().filter(|l| l.contains("resync started as target")).collect();
     assert!(!started.is_empty() && started.iter().all(|l| l.contains("full=false")), "gamma was resynced in full where a bitmap suffices: {started:?}");
-    let size = c.status("beta")["size_bytes"].as_u64().unwrap();
     // alpha returns after its crash as primary and follows beta.
     c.ok("alpha", &["up", "r0"]);
     c.wait_peer("beta", "alpha", "Established", "UpToDate");
     c.ok("beta", &["secondary", "r0"]);
     for node in ["alpha", "gamma"] {
         c.wait_for(node, "UpToDate", |s| s["disk"] == "UpToDate");
-        assert!(c.data_of(node, size) == c.data_of("beta", size), "{node} differs from beta");
+        c.assert_data_equal("beta", &[node], "after alpha's return");
     }
 }
 

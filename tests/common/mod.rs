@@ -400,6 +400,22 @@ impl Cluster {
         data
     }
 
+    /// Panics unless the data areas of `others` equal `reference`'s byte for byte, naming the
+    /// first byte that differs. `when` says which moment of the test is checked.
+    #[track_caller]
+    pub fn assert_data_equal(&self, reference: &str, others: &[&str], when: &str) {
+        let size = self.status(reference)["size_bytes"].as_u64().unwrap();
+        let expected = self.data_of(reference, size);
+        for node in others.iter().filter(|n| **n != reference) {
+            let data = self.data_of(node, size);
+            assert_eq!(data.len(), expected.len(), "{when}: {node}'s disk is shorter than {reference}'s data area");
+            if let Some(at) = data.iter().zip(&expected).position(|(a, b)| a != b) {
+                let block = at / 4096 * 4096;
+                let show = |d: &[u8]| format!("{:?}", &d[block..(block + 16).min(d.len())]);
+                panic!("{when}: {node}'s data differs from {reference}'s, first at byte {at}: {node} {} {reference} {}\n{}", show(&data), show(&expected), self.logs());
+            }
+        }
+    }
 
     pub fn logs(&self) -> String {
         let mut out = String::new();
