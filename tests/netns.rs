@@ -5,7 +5,9 @@
 
 mod common;
 
+use common::nbd_client::{NbdClient, Outcome};
 use common::{netns, Cluster, Options};
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -307,4 +309,38 @@ fn a_flood_of_idle_connections_does_not_keep_a_peer_out() {
 fn open_and_idle(s: &std::net::TcpStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn a_client_whose_network_vanished_is_let_go_and_the_primary_can_step_down() {
+    // A cluster manager demotes a primary whose NBD clients are gone; one whose host lost power
+    // says nothing (no FIN, no reset), and without keepalive probes it would hold the export,
+    // and so the primary, for ever.
+    let Some(c) = trio("") else { return };
+    let net = c.net.as_ref().unwrap();
+    let address = c.nbd_address("alpha");
+    let mut client = std::thread::scope(|s| {
+        s.spawn(|| {
+            net.enter_client();
+            NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to alpha's export")
+        })
+        .join()
+        .unwrap()
+    });
+    let outcome = client.write(0, &[0x5a; 4096]);
+    assert!(matches!(outcome, Outcome::Answered(0)), "{outcome:?}");
+    assert_eq!(c.status("alpha")["nbd_clients"], 1);
+
+    net.cut_clients();
+    let refused = c.cli("alpha", &["secondary", "r0"]);
+    assert_eq!(refused.status.code(), Some(12), "demoted under a client that may still be there");
+    assert!(common::text(&refused.stderr).contains("1 NBD client"), "{}", common::text(&refused.stderr));
+    c.wait_for("alpha", "the silent client given up", |s| s["nbd_clients"] == 0);
+    let log = std::fs::read_to_string(c.run_dir().join("r0.alpha.log")).unwrap();
+    assert!(log.contains("NBD client stopped answering"), "alpha says why it let the client go\n{}", c.logs());
+    c.ok("alpha", &["secondary", "r0"]);
+    c.ok("beta", &["primary", "r0"]);
+    net.mend_clients();
+    let (ok, out) = c.check("beta", &[(0, 4096, 0x5a)]);
+    assert!(ok, "the client's acknowledged write on beta: {out}");
 }

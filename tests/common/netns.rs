@@ -101,6 +101,16 @@ impl Net {
         ip(&["-n", &self.switch(), "link", "set", &format!("port{i}"), "up"]);
     }
 
+    /// Cuts the clients off from every node (packets vanish: no FIN, no reset), as when a
+    /// client's host loses power.
+    pub fn cut_clients(&self) {
+        ip(&["-n", &self.switch(), "link", "set", "client", "down"]);
+    }
+
+    pub fn mend_clients(&self) {
+        ip(&["-n", &self.switch(), "link", "set", "client", "up"]);
+    }
+
     /// Cuts the link between nodes `i` and `j` alone (a blackhole route to the other on each
     /// side: packets vanish), while both still reach every other node and the clients.
     pub fn cut(&self, i: usize, j: usize) {

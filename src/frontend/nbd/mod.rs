@@ -307,6 +307,9 @@ fn run_client(stream: &Stream, peer: String, shared: &Shared) {
         Err(error) if error.is_protocol_violation() => {
             warn!(reason = %error, "closing NBD connection: protocol violation");
         }
+        Err(SessionError::Io(error)) if socket::went_silent(&error) => {
+            warn!(reason = %error, "NBD client stopped answering (its host or network is gone): let go");
+        }
         Err(error) => debug!(reason = %error, "NBD connection closed"),
     }
     // The accept loop holds a clone of the socket, so dropping ours would not close it.
@@ -376,8 +379,10 @@ fn transmit_on_ring(ring: &RingServer, received: Vec<u8>, stream: &Stream, share
     let (done, gone) = std::sync::mpsc::channel();
     ring.serve(stream.try_clone()?, export, received, done);
     // The ring drops `done` when it lets the client go, whether or not it said so first.
-    let _ = gone.recv();
-    Ok(())
+    match gone.recv() {
+        Ok(Some(error)) => Err(SessionError::Io(error)),
+        _ => Ok(()),
+    }
 }
 
 /// Counts a client in [`NbdHandle::connected_clients`] for as long as it lives.

@@ -26,8 +26,9 @@ use super::Export;
 use crate::event_loop::{EventLoop, Socket, Waker};
 use crate::frontend::{BlockDevice, BlockResult};
 
-/// Told when a client is gone (its socket closed, everything in flight answered).
-pub type Done = std::sync::mpsc::Sender<()>;
+/// Told when a client is gone (its socket closed, everything in flight answered), with the
+/// socket's error if one ended it.
+pub type Done = std::sync::mpsc::Sender<Option<io::Error>>;
 
 pub struct RingServer {
     event_loop: Arc<EventLoop>,
@@ -65,6 +66,7 @@ impl RingServer {
             completed: Arc::default(),
             waker: self.event_loop.waker(),
             reply_timeout: self.reply_timeout,
+            socket_error: None,
         }));
     }
 
@@ -87,6 +89,9 @@ struct Client {
     completed: Arc<Mutex<Vec<(u64, BlockResult)>>>,
     waker: Waker,
     reply_timeout: Duration,
+    /// The error a receive or a send failed with (a client that stopped answering, see
+    /// `socket::went_silent`), reported through `done`.
+    socket_error: Option<io::Error>,
 }
 
 impl Socket for Client {
@@ -121,8 +126,9 @@ impl Socket for Client {
         unsafe { self.conn.received_in_place(n) }
     }
 
-    fn input_closed(&mut self, _error: Option<io::Error>) {
+    fn input_closed(&mut self, error: Option<io::Error>) {
         // End of stream or a failed socket: nothing more comes from this client.
+        self.socket_error = self.socket_error.take().or(error);
         self.conn.input_closed();
     }
 
@@ -134,7 +140,8 @@ impl Socket for Client {
         self.conn.sent(n);
     }
 
-    fn send_failed(&mut self, _error: io::Error) {
+    fn send_failed(&mut self, error: io::Error) {
+        self.socket_error.get_or_insert(error);
         self.conn.broken();
     }
 
@@ -154,7 +161,7 @@ impl Socket for Client {
         if let Some(error) = self.conn.error() {
             tracing::warn!(%error, "NBD client broke the protocol; closing it");
         }
-        let _ = self.done.send(());
+        let _ = self.done.send(self.socket_error);
     }
 }
 
@@ -190,7 +197,7 @@ mod tests {
     }
 
     /// A client of `server`, through `listener`; the receiver hears when the server let it go.
-    fn connect(server: &RingServer, listener: &TcpListener) -> (TcpStream, std::sync::mpsc::Receiver<()>) {
+    fn connect(server: &RingServer, listener: &TcpListener) -> (TcpStream, std::sync::mpsc::Receiver<Option<io::Error>>) {
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         let (done, gone) = std::sync::mpsc::channel();

@@ -11,6 +11,20 @@ use std::time::Duration;
 use crate::config::NbdAddress;
 use crate::handshake_stream::TimedSocket;
 
+/// How a TCP client that vanished without a word (its host lost power, its network went: no
+/// FIN, no reset) is found out: its connection idle this long, the kernel probes it every
+/// [`KEEPALIVE_INTERVAL`] and gives it up after [`KEEPALIVE_PROBES`] unanswered; and a reply it
+/// never acknowledged (the ack of the last one lost with the network) is given up after
+/// [`UNACKED_LIMIT`], not after TCP's fifteen minutes of retransmissions. Without them the
+/// export would count such a client for ever, and a node whose export has clients refuses to
+/// demote (`secondary`, a cluster manager's demote, `down`).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_PROBES: u32 = 3;
+/// As long as the probes take; a client that reads nothing but whose host answers is another
+/// matter (its kernel acknowledges, then advertises a zero window), left to the reply deadline.
+const UNACKED_LIMIT: Duration = Duration::from_secs(25);
+
 /// A bound listening socket.
 #[derive(Debug)]
 pub enum Listener {
@@ -65,7 +79,11 @@ impl Listener {
     /// Waits for a client: its socket, and who it is for the log.
     pub fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
-            Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| (Stream::Tcp(stream), peer.to_string())),
+            Listener::Tcp(listener) => {
+                let (stream, peer) = listener.accept()?;
+                probe_when_idle(&stream)?;
+                Ok((Stream::Tcp(stream), peer.to_string()))
+            }
             Listener::Unix(listener, _) => {
                 let (stream, _) = listener.accept()?;
                 let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
@@ -94,6 +112,45 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Whether a connection ended because its client stopped answering: the keepalive probes or a
+/// reply went unacknowledged (see [`KEEPALIVE_IDLE`]). The kernel then reports the last network
+/// error it met meanwhile (no route to the client's host, seen when its link went), or
+/// ETIMEDOUT if none.
+pub fn went_silent(error: &io::Error) -> bool {
+    use nix::libc::{EHOSTUNREACH, ENETUNREACH, ETIMEDOUT};
+    matches!(error.raw_os_error(), Some(ETIMEDOUT | EHOSTUNREACH | ENETUNREACH))
+}
+
+/// Turns on the keepalive probes and the limit of [`KEEPALIVE_IDLE`].
+fn probe_when_idle(stream: &TcpStream) -> io::Result<()> {
+    use nix::libc::{IPPROTO_TCP, SOL_SOCKET, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT};
+    let seconds = |d: Duration| d.as_secs() as nix::libc::c_int;
+    let milliseconds = |d: Duration| d.as_millis() as nix::libc::c_int;
+    for (level, option, value) in [
+        (SOL_SOCKET, SO_KEEPALIVE, 1),
+        (IPPROTO_TCP, TCP_KEEPIDLE, seconds(KEEPALIVE_IDLE)),
+        (IPPROTO_TCP, TCP_KEEPINTVL, seconds(KEEPALIVE_INTERVAL)),
+        (IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES as nix::libc::c_int),
+        (IPPROTO_TCP, TCP_USER_TIMEOUT, milliseconds(UNACKED_LIMIT)),
+    ] {
+        // SAFETY: the socket is open for the call (borrowed), and the option's value is a
+        // c_int that outlives it, its size passed along.
+        let set = unsafe {
+            nix::libc::setsockopt(
+                stream.as_raw_fd(),
+                level,
+                option,
+                (&value as *const nix::libc::c_int).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A client's connection.
