@@ -234,6 +234,13 @@ kill_node() {
 	pid=$(init_pid "$n")
 	u=$(cat "$W/$n/unshare.pid" 2>/dev/null || true)
 	if [ -n "$pid" ]; then
+		# The daemons' logs live in the node's /run (a tmpfs, gone with it): kept beside the
+		# node's other logs, one boot after another.
+		local f
+		for f in "/proc/$pid/root/run/blkrepl/"*.log; do
+			[ -e "$f" ] || continue
+			{ echo "=== $(basename "$f") until $(date +%T) (node killed or taken down)"; cat "$f"; } >>"$W/$n/log/blkrepl-$(basename "$f")" 2>/dev/null || true
+		done
 		# The kernel kills every process of the PID namespace with its init.
 		kill -KILL "$pid" 2>/dev/null || true
 	fi
@@ -439,9 +446,14 @@ cmd_up() {
 		in_node alpha blkrepl primary "$RES" >/dev/null
 		in_node alpha sh -c "ip addr add $VIP/24 dev eth0 && (nbdfuse -P /run/nbdf.pid /run/nbdf nbd://$VIP:$NBD_PORT/$RES &) \
 			&& for i in \$(seq 50); do [ -s /run/nbdf.pid ] && break; sleep 0.1; done \
-			&& mkfs.ext4 -q -F /run/nbdf/nbd && fusermount3 -u /run/nbdf && ip addr del $VIP/24 dev eth0"
-		# fusermount3 returns before nbdfuse has closed its NBD connections, and the daemon
-		# refuses to demote while clients hold the export (one CI run met it): retried until
+			&& mkfs.ext4 -q -F /run/nbdf/nbd && fusermount3 -u /run/nbdf \
+			&& for i in \$(seq 100); do kill -0 \$(cat /run/nbdf.pid) 2>/dev/null || break; sleep 0.1; done \
+			&& ip addr del $VIP/24 dev eth0"
+		# fusermount3 returns before nbdfuse has closed its NBD connections, so the address
+		# goes only once nbdfuse has exited: taken away under an open connection, it would
+		# leave the daemon a client that never says goodbye (one CI run met it: the daemon
+		# lets such a client go only after its keepalive probes, about 25 s). And the daemon
+		# refuses to demote while clients hold the export (another run met it): retried until
 		# they are gone.
 		wait_for 30 "nbdfuse's NBD clients to leave alpha's export" in_node alpha sh -c "blkrepl secondary $RES 2>/dev/null"
 	fi
