@@ -91,9 +91,11 @@ config() {
       echo "disk = \"$DIR/gamma.img\""; echo "nbd = \"127.0.0.1:20811\""
     elif [ "$2" = majority ]; then
       echo "[[node]]"; echo "name = \"tie\""; echo "address = \"127.0.0.1:17791\""; echo "disk = \"none\""
+      # As a witness should be set up (without it every command warns about it).
+      echo "meta_disk = \"$DIR/tie.meta\""
     fi
   } > "$DIR/etc/r0.toml"
-  rm -f "$DIR"/*.img; truncate -s "$size" "$DIR/alpha.img" "$DIR/beta.img"
+  rm -f "$DIR"/*.img "$DIR/tie.meta"; truncate -s "$size" "$DIR/alpha.img" "$DIR/beta.img"
   [ "$data" != 3 ] || truncate -s "$size" "$DIR/gamma.img"
 }
 
