@@ -251,6 +251,10 @@ fn a_node_cut_off_mid_resync_waits_for_its_source_and_a_fresh_metadata_gives_its
     for node in ["alpha", "beta", "gamma"] {
         c.wait_for(node, "UpToDate", |s| s["disk"] == "UpToDate");
     }
+    // The declaration can reach one secondary after it hears of the other's new generation,
+    // and links then drop and come back (DESIGN "Known gaps"); the scenario starts once every
+    // link is up, so that the first write reaches every node.
+    c.wait_all_in_sync(&["alpha", "beta", "gamma"]);
     c.ok("alpha", &["primary", "r0"]);
     let first = [(0, MIB, 0x61)];
     write_patterns(&c.nbd_url("alpha"), &first);
@@ -284,8 +288,9 @@ fn a_node_cut_off_mid_resync_waits_for_its_source_and_a_fresh_metadata_gives_its
     let size = gamma["size_bytes"].as_u64().unwrap();
     c.assert_data_equal("beta", &["gamma"], "gamma synced in full from beta");
     let data = c.data_of("gamma", size);
-    assert!(data[..MIB as usize].iter().all(|b| *b == 0x61), "what beta held");
-    assert!(data[8 * MIB as usize..40 * MIB as usize].iter().all(|b| *b == 0), "what only alpha and gamma held is given up");
+    let first_other = data[..MIB as usize].iter().position(|b| *b != 0x61);
+    assert!(first_other.is_none(), "what beta held: byte {first_other:?} differs; gamma {:#}\nbeta {:#}\n{}", c.status("gamma"), c.status("beta"), c.logs());
+    assert!(data[8 * MIB as usize..40 * MIB as usize].iter().all(|b| *b == 0), "what only alpha and gamma held is given up\n{}", c.logs());
 }
 
 /// Stops (or resumes) a daemon: a peer that neither reads nor answers, as on a saturated link.
