@@ -13,8 +13,8 @@
 #   scripts/ci/make-fresh.sh [--yes] interrupted  leave iperf3 as an image saved in the middle of
 #                                                 its installation has it (seen on a CI machine):
 #                                                 its library configured, iperf3 only unpacked, so
-#                                                 that dpkg --audit reports it and apt refuses to
-#                                                 install anything until it is finished
+#                                                 that dpkg --audit reports it and the removals of
+#                                                 `missing` must finish it first
 #
 # Nothing is removed that other installed packages depend on: apt's plan is checked first and a
 # removal that would take anything else along is refused. Either way the blkrepl package is
