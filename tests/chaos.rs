@@ -228,24 +228,12 @@ fn check_quiet_replicas(c: &Cluster, shared: &Shared, reader: &str, data_nodes: 
     c.assert_data_equal(reader, data_nodes, when);
 }
 
-/// Runs `f` on a thread inside the clients' namespace.
-fn as_client<T: Send>(net: &netns::Net, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            net.enter_client();
-            f()
-        })
-        .join()
-        .unwrap()
-    })
-}
-
 /// Reads every block of the writer's region through `node` and checks it against the history:
 /// the newest acknowledged version or a later one that was tried, never anything older.
 fn check_blocks(c: &Cluster, node: &str, shared: &Shared) {
     let net = c.net.as_ref().unwrap();
     let address = c.nbd_address(node);
-    let data = as_client(net, || {
+    let data = net.as_client(|| {
         let mut client = NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to the new primary");
         let mut data = vec![0u8; (BLOCKS * STRIDE) as usize];
         for (i, chunk) in data.chunks_mut(256 << 10).enumerate() {
@@ -398,7 +386,7 @@ fn run_cycles(c: &Cluster, data_nodes: &[&str], default_cycles: usize) {
             inflict(c, primary, fault);
             let secondary = promote_one(c, &candidates);
             let probe = c.nbd_address(secondary);
-            as_client(net, || {
+            net.as_client(|| {
                 let mut client = NbdClient::connect(probe, "r0", Duration::from_secs(10)).expect("connect to the new primary");
                 let outcome = client.write(PROBE_OFFSET, &pattern(u64::MAX, cycle as u64));
                 assert!(matches!(outcome, Outcome::Answered(0)), "the new primary refused a write: {outcome:?}");

@@ -319,14 +319,7 @@ fn a_client_whose_network_vanished_is_let_go_and_the_primary_can_step_down() {
     let Some(c) = trio("") else { return };
     let net = c.net.as_ref().unwrap();
     let address = c.nbd_address("alpha");
-    let mut client = std::thread::scope(|s| {
-        s.spawn(|| {
-            net.enter_client();
-            NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to alpha's export")
-        })
-        .join()
-        .unwrap()
-    });
+    let mut client = net.as_client(|| NbdClient::connect(address, "r0", Duration::from_secs(10)).expect("connect to alpha's export"));
     let outcome = client.write(0, &[0x5a; 4096]);
     assert!(matches!(outcome, Outcome::Answered(0)), "{outcome:?}");
     assert_eq!(c.status("alpha")["nbd_clients"], 1);

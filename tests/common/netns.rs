@@ -79,6 +79,18 @@ impl Net {
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the clients' namespace");
     }
 
+    /// Runs `f` on a thread inside the clients' namespace (sockets it opens stay there).
+    pub fn as_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter_client();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
     fn switch(&self) -> String {
         format!("{}sw", self.prefix)
     }
