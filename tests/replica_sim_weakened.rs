@@ -147,3 +147,8 @@ fn checker_8_catches_a_device_left_behind_serving_over_changed_data() {
 fn checker_4_catches_writes_made_before_their_activity_log_transaction() {
     demonstrate(Rule::WritesBeforeTheirLog, 4);
 }
+
+#[test]
+fn checker_10_catches_a_fresh_node_deciding_against_a_declared_peer() {
+    demonstrate(Rule::DeclarationNotPassedOn, 10);
+}

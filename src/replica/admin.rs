@@ -46,6 +46,9 @@ impl Replica {
             for peer in data_peers {
                 self.send(peer, Message::ResyncDone { current_uuid, history, position });
             }
+            // A State a peer sent before its declaration landed shows it fresh still: no
+            // decision on it (see `replica/declaration.rs`).
+            self.declared_with = self.declared_peers_but(None);
         }
         self.broadcast_state();
         Ok(())

@@ -2,6 +2,7 @@
 //! resync goes, a split brain and its policies, or a refusal. Also where a secondary follows
 //! its primary's new generation, and where a resync ends on the source's side.
 
+use super::declaration::DeclarationStep;
 use super::weakened::{is_weakened, Rule};
 use super::{
     MetaWrite, Replica, STATE_FLAG_AHEAD, STATE_FLAG_BESIDE_DEMOTION, STATE_FLAG_CACHE_LOST, STATE_FLAG_CRASHED_PRIMARY, STATE_FLAG_DEMOTING, STATE_FLAG_DISCARD_MY_DATA,
@@ -400,12 +401,10 @@ impl Replica {
         if busy(self, decided) {
             return self.wait_for_third_resync(peer_id, decided);
         }
-        if self.declared_with & (1 << peer_id) != 0 {
-            if same_uuid(peer_state.current_uuid, crate::core::sync_decision::UUID_JUST_CREATED) {
-                tracing::debug!(resource = %self.resource, peer = %name, "declared in sync with it: waiting for its declaration");
-                return Ok(());
-            }
-            self.declared_with &= !(1 << peer_id);
+        match self.declaration_step(peer_id, &peer_state) {
+            DeclarationStep::Decide => {}
+            DeclarationStep::WaitForPeer => return Ok(()),
+            DeclarationStep::TookIt => return self.reconsider(peer_id),
         }
         let decision = match decided {
             d @ (SyncDecision::SplitBrain | SyncDecision::SplitBrainManual) => self.after_split_brain(peer_id, d)?,

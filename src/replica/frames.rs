@@ -104,10 +104,12 @@ impl Replica {
                 }
                 Ok(())
             }
-            Message::ResyncDone { .. } => {
-                // Two fresh nodes are declared in sync by `new-current-uuid --clear-bitmap` on one.
-                let fresh = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED) && repl == ReplState::Established;
-                if primary_here || self.witness || !(repl == ReplState::SyncTarget || fresh) {
+            Message::ResyncDone { current_uuid, .. } => {
+                // Two fresh nodes are declared in sync by `new-current-uuid --clear-bitmap` on one;
+                // a declared peer may have passed the generation on before (see
+                // `replica/declaration.rs`).
+                let declared = same_uuid(self.sb.uuids.current, UUID_JUST_CREATED) || same_uuid(self.sb.uuids.current, *current_uuid);
+                if primary_here || self.witness || !(repl == ReplState::SyncTarget || declared && repl == ReplState::Established) {
                     return Err(format!("{name} ended a resync it does not run (replication is {repl}, this node {})", self.role));
                 }
                 Ok(())

@@ -13,6 +13,7 @@ mod admin;
 mod apply;
 mod compare;
 mod connect;
+mod declaration;
 mod disk_failure;
 mod election;
 mod fencing;
@@ -101,6 +102,10 @@ pub const STATE_FLAG_BESIDE_DEMOTION: u32 = 256;
 /// Inconsistent node than the receiver, which must not wait for it (see `Replica::reconsider`;
 /// seed 26872: two such nodes each waited for the other to resync the third).
 pub const STATE_FLAG_REPAIR_PENDING: u32 = 512;
+/// The sender was declared in sync with fresh peers (`new-current-uuid --clear-bitmap`, on it
+/// or on another node) that have not taken the declared generation yet: a fresh peer in sync
+/// with it takes that generation from its State (see `replica/declaration.rs`).
+pub const STATE_FLAG_DECLARED: u32 = 1024;
 
 /// The byte range of an activity-log extent, clipped to the device.
 pub fn extent_range(extent: u64, data_size_bytes: u64) -> (u64, u64) {
@@ -213,9 +218,10 @@ pub struct Replica {
     /// When this node, elected primary, asked for the votes it won, and who gave them: they
     /// count like ping answers for a lease from the request (see `Replica::quorum`).
     pub elected: Option<(Instant, u32)>,
-    /// The peers connected when another node declared this one in sync with them (see
-    /// `Replica::resync_done_received`): while one of them still reports a fresh disk, no
-    /// decision is taken with it; it leaves the set when its link goes or its State moves on.
+    /// The data peers this node declared in sync, or that were connected when another node
+    /// declared this one in sync with them (see `replica/declaration.rs`): while one of them
+    /// still reports a fresh disk, no decision is taken with it; it leaves the set when its
+    /// link goes or its State moves on.
     pub declared_with: u32,
     /// The source of the resync into this node that started last, until one ends: should it
     /// be cut off, its slot holds the bits it had left (see
@@ -748,6 +754,9 @@ impl Replica {
         }
         if !self.cache_repair_pending.is_empty() {
             flags |= STATE_FLAG_REPAIR_PENDING;
+        }
+        if self.declared_with != 0 {
+            flags |= STATE_FLAG_DECLARED;
         }
         flags
     }

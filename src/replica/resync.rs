@@ -244,11 +244,17 @@ impl Replica {
     pub fn resync_done_received(&mut self, peer_id: u8, current: u64, history: [u64; 4], position: DataPosition) {
         let declared = self.peer(peer_id).repl != ReplState::SyncTarget;
         let disk = if declared { DiskState::UpToDate } else { resynced_disk(self.peer(peer_id).disk) };
+        if declared && same_uuid(self.sb.uuids.current, current) {
+            // This node's own declaration, behind the one a declared peer passed on: the same
+            // generation, already taken (see `replica/declaration.rs`).
+            tracing::debug!(resource = %self.resource, peer = %self.peer(peer_id).name, "declared in sync again: this node holds that generation already");
+            return;
+        }
         if declared {
             // Declared in sync (`new-current-uuid --clear-bitmap`): the declaring node declared
             // every fresh node it was connected to, so the fresh peers here are about to take
             // the same generation; a full sync into them would copy the disk for nothing.
-            self.declared_with = self.peers.iter().filter(|p| p.connected && p.node_id != peer_id).fold(0, |m, p| m | 1 << p.node_id);
+            self.declared_with = self.declared_peers_but(Some(peer_id));
         }
         self.persist(MetaWrite::DataFlush);
         let slot = self.peer(peer_id).slot;

@@ -31,6 +31,9 @@ pub enum Rule {
     /// Under protocol B a secondary acknowledges a write as received as it arrives, before it
     /// goes to the disk (a step still waiting then is dropped if the link goes).
     RecvAckOnArrival,
+    /// A fresh node in sync with a node declared in sync decides on its State (a full sync
+    /// into itself) instead of taking the declared generation from it.
+    DeclarationNotPassedOn,
 }
 
 #[cfg(feature = "weakened-rules")]

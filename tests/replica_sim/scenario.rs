@@ -444,10 +444,16 @@ impl Scenario {
         if !connected {
             return Err("the nodes did not connect".into());
         }
+        self.world.refused = None;
         self.world.replica_mut(0).expect("up").new_current_uuid(true).map_err(|e| format!("new-current-uuid: {e}"))?;
         self.world.carry_out(0);
         let until = self.world.now + SEC;
         self.world.run_until(until);
+        // Every node takes the declared generation as it is; the declarations race the States
+        // of the nodes already declared, and no decision taken on them may refuse a link.
+        if let Some(refused) = self.world.refused.take() {
+            return Err(format!("checker 10 (the declaration in sync drops no link): {refused}"));
+        }
         self.campaigns.push(0);
         let until = self.world.now + SEC;
         while !self.campaigns.is_empty() && self.world.now < until {

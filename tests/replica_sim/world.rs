@@ -348,6 +348,9 @@ pub struct World {
     /// The first thing a replica asked that the world must not do (data I/O on a witness, a
     /// disk write or frame from a detached node): the scenario fails the seed on it.
     pub violation: Option<String>,
+    /// The last frame a replica refused (its link dropped as a protocol violation), with its
+    /// time, nodes and reason, until a scenario takes it.
+    pub refused: Option<String>,
     /// Resyncs send block checksums first (`csums_resync`).
     pub csums: bool,
     /// Pull-ahead (`on_congestion = "pull-ahead"`): a primary goes Ahead of a peer whose lane
@@ -409,6 +412,7 @@ impl World {
             resyncs: [0; 3],
             shape,
             violation: None,
+            refused: None,
             csums: options.csums,
             congestion_fill: options.congestion_fill,
             send_queue_bytes: options.send_queue_bytes,
@@ -906,6 +910,7 @@ impl World {
         let result = self.replica_mut(to).expect("up").receive(now, from, generation, msg);
         if let Err(reason) = result {
             self.log(to, || format!("dropping n{from} on {name}: {reason}"));
+            self.refused = Some(format!("at {} µs n{to} refused n{from}'s {name}: {reason}", self.now));
             self.link_lost(to, from, conn, &reason);
         }
         self.carry_out(to);
