@@ -125,31 +125,13 @@ pub fn went_silent(error: &io::Error) -> bool {
 
 /// Turns on the keepalive probes and the limit of [`KEEPALIVE_IDLE`].
 fn probe_when_idle(stream: &TcpStream) -> io::Result<()> {
-    use nix::libc::{IPPROTO_TCP, SOL_SOCKET, SO_KEEPALIVE, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT};
-    let seconds = |d: Duration| d.as_secs() as nix::libc::c_int;
-    let milliseconds = |d: Duration| d.as_millis() as nix::libc::c_int;
-    for (level, option, value) in [
-        (SOL_SOCKET, SO_KEEPALIVE, 1),
-        (IPPROTO_TCP, TCP_KEEPIDLE, seconds(KEEPALIVE_IDLE)),
-        (IPPROTO_TCP, TCP_KEEPINTVL, seconds(KEEPALIVE_INTERVAL)),
-        (IPPROTO_TCP, TCP_KEEPCNT, KEEPALIVE_PROBES as nix::libc::c_int),
-        (IPPROTO_TCP, TCP_USER_TIMEOUT, milliseconds(UNACKED_LIMIT)),
-    ] {
-        // SAFETY: the socket is open for the call (borrowed), and the option's value is a
-        // c_int that outlives it, its size passed along.
-        let set = unsafe {
-            nix::libc::setsockopt(
-                stream.as_raw_fd(),
-                level,
-                option,
-                (&value as *const nix::libc::c_int).cast(),
-                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-            )
-        };
-        if set != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
+    use nix::sys::socket::{setsockopt, sockopt};
+    let seconds = |d: Duration| d.as_secs() as u32;
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &seconds(KEEPALIVE_IDLE))?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &seconds(KEEPALIVE_INTERVAL))?;
+    setsockopt(stream, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)?;
+    setsockopt(stream, sockopt::TcpUserTimeout, &(UNACKED_LIMIT.as_millis() as u32))?;
     Ok(())
 }
 
