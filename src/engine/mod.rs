@@ -365,7 +365,13 @@ impl Engine {
         }
         // Under quorum the votes are asked for; their answers arrive on the reader threads.
         let resync_deadline = Instant::now() + RESYNC_GRACE;
+        // Whether a resync ran while the votes were asked: it can end, on the reader thread,
+        // between a target's refusal and this thread's next look (CI, `tests/chaos.rs`: the
+        // target refused its vote, then sent the State that ended the resync; the promotion
+        // saw no resync and failed).
+        let mut resync_seen = false;
         let undo = loop {
+            resync_seen |= in_resync(&st.replica);
             match st.replica.promote(Instant::now(), force) {
                 Ok(PromoteStep::Promoted(undo)) => break undo,
                 Ok(PromoteStep::Waiting) => st = st.wait_timeout(Duration::from_millis(5)),
@@ -381,13 +387,14 @@ impl Engine {
                 // `tests/chaos.rs` with three data nodes). The resync is short (a few seconds of
                 // writes), so the promotion waits for it and asks again, rather than fail.
                 Err(refusal @ (PromoteRefusal::NoQuorum { .. } | PromoteRefusal::BeingResynced { .. })) => {
-                    if !in_resync(&st.replica) || Instant::now() >= resync_deadline {
+                    if !(resync_seen || in_resync(&st.replica)) || Instant::now() >= resync_deadline {
                         return Err(refusal.into());
                     }
                     tracing::info!(resource = %shared.config.name, %refusal, "promotion waits for a resync with a peer to end");
                     while in_resync(&st.replica) && Instant::now() < resync_deadline {
                         st = st.wait_timeout(Duration::from_millis(20));
                     }
+                    resync_seen = false;
                 }
                 Err(refusal) => return Err(refusal.into()),
             }
