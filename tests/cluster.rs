@@ -169,6 +169,44 @@ fn skip_initial_sync_of_three_fresh_disks_drops_no_link_and_copies_nothing() {
     }
 }
 
+/// Planned switchovers of three data nodes: each primary in turn writes, steps down, and the
+/// next one is promoted. The secondaries hold every write of the primary that stepped down, so
+/// nothing is resynced between them and no link drops. (Each secondary heard the demotion on
+/// its own link; the first to hear it was taken by the other for a node that lost the primary,
+/// and the two resynced its last writes, often dropping a link on decisions taken on either
+/// side of the demotion.)
+#[test]
+fn planned_switchovers_of_three_data_nodes_resync_nothing() {
+    let nodes = ["alpha", "beta", "gamma"];
+    let c = Cluster::new(&nodes, Options::default());
+    c.create_md_and_up();
+    c.wait_connected("alpha", &["beta", "gamma"]);
+    c.wait_connected("beta", &["gamma"]);
+    c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
+    c.wait_all_in_sync(&nodes);
+    let logs = |node: &str| std::fs::read_to_string(c.run_dir().join(format!("r0.{node}.log"))).unwrap_or_default();
+    let before: Vec<usize> = nodes.iter().map(|node| logs(node).len()).collect();
+    let mut written = Vec::new();
+    for round in 0..6u8 {
+        let primary = nodes[usize::from(round) % 3];
+        c.ok(primary, &["primary", "r0"]);
+        let pattern = (u64::from(round) * 5 * MIB, 5 * MIB, 0x70 + round);
+        write_patterns(&c.nbd_url(primary), &[pattern]);
+        written.push(pattern);
+        c.ok(primary, &["secondary", "r0"]);
+    }
+    c.wait_all_in_sync(&nodes);
+    for (node, from) in nodes.iter().zip(before) {
+        let since = logs(node)[from..].to_string();
+        let unwanted = ["connection lost", "resync started"];
+        let found: Vec<&str> = since.lines().filter(|l| unwanted.iter().any(|u| l.contains(u))).collect();
+        assert!(found.is_empty(), "{node} over the switchovers:\n{}\n{}", found.join("\n"), c.logs());
+    }
+    c.ok("gamma", &["primary", "r0"]);
+    let (ok, out) = check_patterns(&c.nbd_url("gamma"), &written);
+    assert!(ok, "the writes of every tenure, read through gamma: {out}");
+}
+
 #[test]
 fn writes_larger_than_a_frame_replicate_without_reconnecting() {
     let c = synced_pair(Options::default());

@@ -71,11 +71,13 @@ impl Replica {
             self.sb.terms.highest = state.term;
             self.persist(MetaWrite::Superblock);
         }
-        if saw_before & !state.primaries & self.primaries() != 0 {
-            // It no longer sees a primary it saw and this node still sees (that primary did not
-            // just demote): what that primary sent lately may have missed it.
-            self.mark_recent_for(peer_id, Some(state.current_uuid));
+        if self.peer(peer_id).role != Role::Primary {
+            // Whatever a peer's loss of this one was excused by, this node hears for itself now.
+            for peer in self.peers.iter_mut() {
+                peer.demotion_excused &= !(1 << peer_id);
+            }
         }
+        self.peer_stopped_seeing(peer_id, saw_before & !state.primaries, &state);
         if state.flags & STATE_FLAG_LEAVING != 0 && !self.departed(self.peer(peer_id)) {
             self.set_departed(peer_id, true);
             tracing::info!(resource = %self.resource, peer = %self.peer(peer_id).name, "peer is leaving cleanly (Outdated): no longer counted for quorum");
@@ -228,6 +230,31 @@ impl Replica {
         if let Some(uuid) = peer_generation.filter(|uuid| self.sb.peers[slot].bitmap_uuid == 0 && self.sb.uuids.held(*uuid)) {
             self.sb.peers[slot].bitmap_uuid = uuid & !1;
             self.persist(MetaWrite::Superblock);
+        }
+    }
+
+    /// `peer_id`'s State says it no longer sees the primaries `stopped` (node-id bits). Those
+    /// this node still sees did not just demote as far as it knows, so the peer lost them, and
+    /// what they sent lately may have missed it: this node's recent writes are marked for it.
+    /// Unless the State says a demotion goes on beside the peer: that primary told it, behind
+    /// its last writes, that it steps down, and told this node the same on another link, not
+    /// here yet; its last writes reach the peer before the demotion ends. The mark then waits:
+    /// this node hearing that primary step down clears it, and a State of the peer's with no
+    /// demotion beside it while this node still sees that primary marks as before (as does
+    /// this node losing the primary, see `Replica::primary_lost`). Marked at once, every clean
+    /// switchover of three data nodes resynced the last writes between the two secondaries,
+    /// and often dropped a link on decisions taken on either side of the demotion.
+    fn peer_stopped_seeing(&mut self, peer_id: u8, stopped: u32, state: &PeerState) {
+        let still = self.primaries();
+        let peer = self.peer_mut(peer_id);
+        let lost = (peer.demotion_excused | stopped) & still;
+        if state.flags & STATE_FLAG_BESIDE_DEMOTION != 0 {
+            peer.demotion_excused = lost;
+            return;
+        }
+        peer.demotion_excused = 0;
+        if lost != 0 {
+            self.mark_recent_for(peer_id, Some(state.current_uuid));
         }
     }
 

@@ -153,7 +153,7 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{secondary_state, three_node_replica};
-    use super::super::{LocalIo, RecentWrites, STATE_FLAG_FOLLOWING};
+    use super::super::{LocalIo, RecentWrites, STATE_FLAG_BESIDE_DEMOTION, STATE_FLAG_DEMOTING, STATE_FLAG_FOLLOWING};
     use super::{ReplState, Replica, Role};
     use crate::core::states::DiskState;
     use std::time::Instant;
@@ -191,6 +191,35 @@ mod tests {
         // Node 2 goes too: still nothing for node 1.
         r.peer_lost(t0, 2, "link lost", 0);
         assert_eq!(marked(&r, 1), 0);
+    }
+
+    /// A State of node 2's that sees no primary, `flags` set.
+    fn sees_no_primary(r: &Replica, flags: u32) -> crate::wire::PeerState {
+        crate::wire::PeerState { flags, primaries: 0, ..secondary_state(r.sb.uuids.current, [0; 4]) }
+    }
+
+    #[test]
+    fn a_peer_that_hears_the_primary_step_down_first_is_not_taken_for_one_that_lost_it() {
+        let (mut r, _) = following_node_1();
+        r.peer_state_received(2, sees_no_primary(&r, STATE_FLAG_BESIDE_DEMOTION)).expect("a fitting State");
+        assert_eq!(marked(&r, 2), 0, "node 1 steps down beside node 2: no loss");
+        // Node 1's State saying so reaches this node, behind its writes.
+        let demoting = crate::wire::PeerState { flags: STATE_FLAG_DEMOTING, ..secondary_state(r.sb.uuids.current, [0; 4]) };
+        r.peer_state_received(1, demoting).expect("a fitting State");
+        r.peer_state_received(2, sees_no_primary(&r, 0)).expect("a fitting State");
+        assert_eq!(marked(&r, 2), 0, "node 2 took node 1's last writes before the demotion ended");
+        assert_eq!(r.peer(2).demotion_excused, 0);
+    }
+
+    #[test]
+    fn a_peer_that_shows_no_demotion_beside_it_while_the_primary_stays_lost_it() {
+        let (mut r, _) = following_node_1();
+        r.peer_state_received(2, sees_no_primary(&r, STATE_FLAG_BESIDE_DEMOTION)).expect("a fitting State");
+        assert_eq!(marked(&r, 2), 0);
+        // Node 1 is still primary here, and node 2 no longer says it steps down beside it: its
+        // link to node 1 went.
+        r.peer_state_received(2, sees_no_primary(&r, 0)).expect("a fitting State");
+        assert_eq!(marked(&r, 2), 1, "node 2 may lack node 1's last write");
     }
 
     #[test]

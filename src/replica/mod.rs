@@ -918,6 +918,7 @@ impl Replica {
         peer.conn = ConnState::Connected;
         peer.repl = ReplState::Off;
         peer.was_primary = false;
+        peer.demotion_excused = 0;
         peer.last_error = None;
         peer.rx_epoch_writes = 0;
         peer.lease.restart(now);

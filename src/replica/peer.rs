@@ -26,6 +26,10 @@ pub struct Peer {
     /// The peer said it was Primary at some point of this connection: its last epoch's barrier
     /// may follow the State in which it demoted.
     pub was_primary: bool,
+    /// Primaries (node-id bits) this node still sees that the peer said it no longer sees while
+    /// a demotion went on beside it: this node's recent writes are not marked for it unless
+    /// that turns out to be a loss (see `Replica::peer_stopped_seeing`).
+    pub demotion_excused: u32,
     pub disk: DiskState,
     /// Bumped per connection, so events from a dead connection's threads are ignored.
     pub generation: u64,
@@ -81,6 +85,7 @@ impl Peer {
             repl: ReplState::Off,
             role: Role::Unknown,
             was_primary: false,
+            demotion_excused: 0,
             disk: DiskState::DUnknown,
             generation: 0,
             lease: Lease::default(),
