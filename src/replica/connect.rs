@@ -377,6 +377,13 @@ impl Replica {
             }
             return Ok(());
         }
+        if self.stopping || peer_state.flags & STATE_FLAG_LEAVING != 0 {
+            // A node going down decides nothing and is given no decision: its Disconnect
+            // follows its State on the same link, and a bitmap sent to it arrived as it left
+            // (it refused it and logged a lost connection, at every `down` of three nodes).
+            // Their next connect decides.
+            return Ok(());
+        }
         // Leftover bits are weighed at connect, and on an established link between two
         // secondaries. Once neither sees a primary, no write changes the bits, and nothing
         // else would resync them (seed 14903: a node resynced from an Outdated primary took
@@ -1244,6 +1251,26 @@ mod tests {
         assert_eq!(r.link_refusal(1), Some(crate::replica::DETACHED), "no link until `down` and `up`");
         r.new_current_uuid(false).ok();
         assert!(r.take_actions().is_empty(), "a Failed disk is written no more");
+    }
+
+    #[test]
+    fn a_peer_going_down_is_given_no_resync_decision() {
+        // This node holds bits for beta: a decision with it is a bitmap resync, this node the
+        // source, unless beta says it is leaving.
+        let decide_on = |flags: u32| {
+            let (mut r, t0) = two_node_replica();
+            r.disk = DiskState::UpToDate;
+            let slot = r.peer(1).slot;
+            r.sb.peers[slot].bitmap_uuid = r.sb.uuids.current;
+            r.mark_out_of_sync(slot, 0, 4096);
+            r.link_up(1, t0);
+            r.take_actions();
+            let state = PeerState { flags, ..secondary_state(r.sb.uuids.current, [0; 4]) };
+            r.peer_state_received(1, state).expect("a fitting State");
+            r.take_actions().iter().filter(|a| matches!(a, Action::Send { msg: Message::BitmapRuns { .. }, .. })).count()
+        };
+        assert_eq!(decide_on(0), 1, "a bitmap resync of beta");
+        assert_eq!(decide_on(super::STATE_FLAG_LEAVING), 0, "its Disconnect follows: nothing is decided");
     }
 
     #[test]
