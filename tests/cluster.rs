@@ -154,18 +154,15 @@ fn skip_initial_sync_of_three_fresh_disks_drops_no_link_and_copies_nothing() {
         }
         c.wait_connected("alpha", &["beta", "gamma"]);
         c.wait_connected("beta", &["gamma"]);
-        let logs = |node: &str| std::fs::read_to_string(c.run_dir().join(format!("r0.{node}.log"))).unwrap_or_default();
-        let before: Vec<usize> = nodes.iter().map(|node| logs(node).len()).collect();
+        let marks = c.log_marks(&nodes);
         c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
         c.wait_all_in_sync(&nodes);
         let generation = c.status("alpha")["generation_uuid"].clone();
-        for (node, from) in nodes.iter().zip(before) {
+        for node in nodes {
             assert_eq!(c.status(node)["generation_uuid"], generation, "round {round}: {node}'s generation");
-            let since = logs(node)[from..].to_string();
-            let unwanted = ["connection lost", "resync needed", "resync started"];
-            let found: Vec<&str> = since.lines().filter(|l| unwanted.iter().any(|u| l.contains(u))).collect();
-            assert!(found.is_empty(), "round {round}: {node} after the declaration:\n{}\n{}", found.join("\n"), c.logs());
         }
+        let unwanted = ["connection lost", "resync needed", "resync started"];
+        c.assert_logs_lack_since(&nodes, &marks, &unwanted, &format!("round {round}, after the declaration"));
     }
 }
 
@@ -184,8 +181,7 @@ fn planned_switchovers_of_three_data_nodes_resync_nothing() {
     c.wait_connected("beta", &["gamma"]);
     c.ok("alpha", &["new-current-uuid", "--clear-bitmap", "r0"]);
     c.wait_all_in_sync(&nodes);
-    let logs = |node: &str| std::fs::read_to_string(c.run_dir().join(format!("r0.{node}.log"))).unwrap_or_default();
-    let before: Vec<usize> = nodes.iter().map(|node| logs(node).len()).collect();
+    let marks = c.log_marks(&nodes);
     let mut written = Vec::new();
     for round in 0..6u8 {
         let primary = nodes[usize::from(round) % 3];
@@ -196,12 +192,7 @@ fn planned_switchovers_of_three_data_nodes_resync_nothing() {
         c.ok(primary, &["secondary", "r0"]);
     }
     c.wait_all_in_sync(&nodes);
-    for (node, from) in nodes.iter().zip(before) {
-        let since = logs(node)[from..].to_string();
-        let unwanted = ["connection lost", "resync started"];
-        let found: Vec<&str> = since.lines().filter(|l| unwanted.iter().any(|u| l.contains(u))).collect();
-        assert!(found.is_empty(), "{node} over the switchovers:\n{}\n{}", found.join("\n"), c.logs());
-    }
+    c.assert_logs_lack_since(&nodes, &marks, &["connection lost", "resync started"], "over the switchovers");
     c.ok("gamma", &["primary", "r0"]);
     let (ok, out) = check_patterns(&c.nbd_url("gamma"), &written);
     assert!(ok, "the writes of every tenure, read through gamma: {out}");

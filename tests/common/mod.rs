@@ -417,11 +417,31 @@ impl Cluster {
         }
     }
 
+    /// The node's daemon log so far (empty before its first `up`).
+    pub fn log_of(&self, node: &str) -> String {
+        std::fs::read_to_string(self.run_dir().join(format!("r0.{node}.log"))).unwrap_or_default()
+    }
+
+    /// How far each of `nodes`' logs goes now: the marks for [`Cluster::assert_logs_lack_since`].
+    pub fn log_marks(&self, nodes: &[&str]) -> Vec<usize> {
+        nodes.iter().map(|node| self.log_of(node).len()).collect()
+    }
+
+    /// Fails, naming the lines and with the logs, if a line any of `nodes` logged since `marks`
+    /// contains one of `unwanted`.
+    #[track_caller]
+    pub fn assert_logs_lack_since(&self, nodes: &[&str], marks: &[usize], unwanted: &[&str], when: &str) {
+        for (node, from) in nodes.iter().zip(marks) {
+            let log = self.log_of(node);
+            let found: Vec<&str> = log[*from..].lines().filter(|l| unwanted.iter().any(|u| l.contains(u))).collect();
+            assert!(found.is_empty(), "{when}: {node} logged\n{}\n{}", found.join("\n"), self.logs());
+        }
+    }
+
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for node in &self.nodes {
-            let log = self.run_dir().join(format!("r0.{node}.log"));
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = self.log_of(node);
             // The harness polls status: those lines would hide everything else.
             let tail: Vec<&str> = text.lines().rev().filter(|l| !l.contains("control request")).take(40).collect();
             out += &format!("--- log of {node} (last 40 lines) ---\n");
